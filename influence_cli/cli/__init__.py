@@ -1,0 +1,13 @@
+"""The `influence` command: thin Typer commands over the core.
+
+Each command parses its options, calls one core function and renders the result.
+Errors from the core are typed (errors.py) and formatted here once.
+"""
+
+from __future__ import annotations
+
+from influence_cli.cli.app import app, main
+from influence_cli.cli import fit_factors as _fit_factors  # noqa: F401  (registers commands)
+from influence_cli.cli import info as _info  # noqa: F401
+
+__all__ = ["app", "main"]

@@ -1,0 +1,110 @@
+"""`influence fit-factors` and `influence inspect`."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from influence_cli.cli.app import ConfigArg, JsonOpt, OverwriteOpt, ResumeOpt, SetOpt, command, load
+from influence_cli.cli.render import RichProgress, err_console, human_bytes, new_table, print_json, print_table
+
+FIT_EPILOG = """\
+**Examples**
+
+  influence fit-factors configs/digits.yaml
+
+  influence fit-factors configs/mnist.yaml --set factors.strategy=kfac --set factors.fisher=ggn --overwrite
+
+  torchrun --nproc_per_node=4 -m influence_cli fit-factors configs/mnist.yaml --set device=cuda
+"""
+
+
+@command("fit-factors", epilog=FIT_EPILOG)
+def fit_factors_cmd(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Fit the curvature (EKFAC by default) on data.train and save it as OUTPUT_DIR/factors.safetensors.
+
+    Streams the training set in two passes (covariances A and G, then the eigenvalue
+    correction), with progress bars on stderr, and prints a summary of what was fitted.
+    """
+    from influence_cli.distributed import init_distributed
+    from influence_cli.fit import fit_factors
+
+    cfg = load(config, set_)
+    state = init_distributed(cfg.device)
+    report = fit_factors(cfg, overwrite=overwrite, resume=resume, state=state, progress=RichProgress(not json_))
+    if not state.is_main:
+        return
+    if json_:
+        print_json(
+            {
+                "path": str(report.path),
+                "strategy": report.strategy,
+                "fisher": report.fisher,
+                "num_examples": report.num_examples,
+                "seconds": report.seconds,
+                "resumed_from": report.resumed_from,
+                "layers": [dataclasses.asdict(layer) for layer in report.layers],
+            }
+        )
+        return
+    if report.resumed_from:
+        err_console.print(f"resumed from {report.resumed_from}")
+    table = new_table(
+        f"{report.strategy} factors ({report.fisher} Fisher) on {report.num_examples:,} examples",
+        [("layer", "left"), ("kind", "left"), ("weight", "left"), ("A", "right"), ("G", "right"), ("Λ", "right")],
+    )
+    for layer in report.layers:
+        table.add_row(
+            layer.name,
+            layer.kind,
+            "×".join(map(str, layer.weight_shape)),
+            f"{layer.d_in}²" if layer.a_size else "-",
+            f"{layer.d_out}²" if layer.g_size else "-",
+            f"{layer.d_out}×{layer.d_in}" if layer.eigenvalue_size else "-",
+        )
+    print_table(table)
+    timing = ", ".join(f"{k} {v:.2f}s" for k, v in report.seconds.items())
+    size = Path(report.path).stat().st_size
+    err_console.print(f"[green]saved[/] {report.path} ({human_bytes(size)}){'; ' + timing if timing else ''}")
+
+
+INSPECT_EPILOG = """\
+**Examples**
+
+  influence inspect configs/digits.yaml
+
+  influence inspect configs/mnist.yaml --set 'factors.modules=["fc*"]' --json
+"""
+
+
+@command("inspect", epilog=INSPECT_EPILOG)
+def inspect_cmd(config: ConfigArg, set_: SetOpt = None, json_: JsonOpt = False) -> None:
+    """List the layers fit-factors would track, with their shapes and factor sizes (nothing is computed)."""
+    from influence_cli.context import prepare
+    from influence_cli.fit import describe_layers
+
+    cfg = load(config, set_)
+    ctx = prepare(cfg)
+    rows = describe_layers(ctx.tracked, cfg.factors.strategy)
+    if json_:
+        print_json({"strategy": cfg.factors.strategy, "layers": [dataclasses.asdict(r) for r in rows]})
+        return
+    table = new_table(
+        f"tracked layers ({cfg.factors.strategy})",
+        [("layer", "left"), ("kind", "left"), ("weight", "left"), ("d_in (+bias)", "right"), ("d_out", "right"),
+         ("params", "right"), ("factor floats", "right"), ("factor size", "right")],
+    )
+    total = 0
+    for r in rows:
+        floats = r.a_size + r.g_size + r.eigenvalue_size
+        total += floats
+        table.add_row(r.name, r.kind, "×".join(map(str, r.weight_shape)), str(r.d_in), str(r.d_out),
+                      f"{r.d_in * r.d_out:,}", f"{floats:,}", human_bytes(4 * floats))
+    print_table(table)
+    err_console.print(f"{len(rows)} layers, factors {human_bytes(4 * total)} in float32")

@@ -1,0 +1,538 @@
+"""The YAML config: typed settings blocks, `--set` overrides, strict validation.
+
+One dataclass per block, every field documented by its `help` metadata. The loader
+builds them strictly (unknown keys, wrong types and impossible values are errors)
+and collects every problem into one `ConfigError` naming the file and key.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from influence_cli.errors import ConfigError
+
+TASK_KINDS = ("classification", "regression")
+MEASUREMENTS = ("loss", "margin")
+STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")
+FISHER_KINDS = ("sampled", "empirical", "ggn")
+SIMILARITY_METHODS = ("fisher-kernel", "task2vec")
+AMP_DTYPES = ("none", "bfloat16", "float16")
+SCORE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class NormalizeSpec:
+    """Per-channel normalization applied after scaling: (x - mean) / std."""
+
+    mean: list[float] = _help("Per-channel (or single) mean.", default_factory=lambda: [0.0])
+    std: list[float] = _help("Per-channel (or single) standard deviation.", default_factory=lambda: [1.0])
+
+
+@dataclass
+class TransformSpec:
+    """Basic input transforms, applied in the order scale -> normalize -> flatten."""
+
+    scale: float | None = _help("Divide raw inputs by this number (255.0 for 8-bit images).", default=None)
+    normalize: NormalizeSpec | None = _help("Per-channel mean/std normalization.", default=None)
+    flatten: bool = _help("Flatten each example to a vector.", default=False)
+    resize: list[int] | None = _help("Resize images to [height, width] (image sources).", default=None)
+
+
+@dataclass
+class DataSpec:
+    """One dataset: where it comes from and which of its examples to use."""
+
+    source: str = _help(
+        "mnist | fashion_mnist | cifar10 | idx | tensors | image_folder | package.module:function",
+        default="",
+    )
+    images: str | None = _help("IDX images file (source: idx).", default=None)
+    labels: str | None = _help("IDX labels file (source: idx).", default=None)
+    root: str | None = _help("Dataset root folder (torchvision sources, image_folder).", default=None)
+    path: str | None = _help("Tensors file: .safetensors, .npz or .pt (source: tensors).", default=None)
+    inputs_key: str = _help("Key of the inputs tensor in a tensors file.", default="inputs")
+    labels_key: str = _help("Key of the labels tensor in a tensors file.", default="labels")
+    split: Literal["train", "test"] = _help("Split of a torchvision dataset.", default="train")
+    download: bool = _help("Let torchvision download the dataset into root if absent.", default=False)
+    kwargs: dict[str, Any] = _help("Keyword arguments for a factory source.", default_factory=dict)
+    range: list[int] | None = _help("Keep examples [start, stop) of the source.", default=None)
+    indices: list[int] | None = _help("Keep these source indices, in this order.", default=None)
+    indices_file: str | None = _help("File of source indices (text, one per line, or .json list).", default=None)
+    labels_in: list[int] | None = _help("Keep only examples whose label is in this list.", default=None)
+    limit: int | None = _help("Keep at most this many examples (after the other filters).", default=None)
+    label_noise: float = _help(
+        "Share of examples whose label is replaced by a random other class (seeded); 0 = none.",
+        default=0.0,
+    )
+    transform: TransformSpec = _help("Input transforms.", default_factory=TransformSpec)
+
+
+@dataclass
+class ModelConfig:
+    """The trained model: architecture, its keyword arguments and its weights."""
+
+    architecture: str = _help("Built-in name (mlp, cnn) | torchvision:<name> | package.module:function", default="")
+    kwargs: dict[str, Any] = _help("Keyword arguments of the architecture.", default_factory=dict)
+    checkpoint: str | None = _help("Weights: .safetensors | .pt | .pth (state dict, common wrappers accepted).", default=None)
+
+
+@dataclass
+class TaskConfig:
+    """What the model does and which quantity of a query is attributed."""
+
+    kind: Literal["classification", "regression"] = _help("classification | regression", default="classification")
+    measurement: Literal["loss", "margin"] = _help(
+        "Query quantity differentiated: loss, or margin (classification; minus the margin is used).",
+        default="loss",
+    )
+
+
+@dataclass
+class DataConfig:
+    """Training and query data, and how batches are formed."""
+
+    train: DataSpec | None = _help("The training set the factors and scores are about.", default=None)
+    query: DataSpec | None = _help("The query set (compute-scores).", default=None)
+    batch_size: int = _help("Examples per batch for every pass.", default=256)
+    num_workers: int = _help("DataLoader worker processes.", default=0)
+
+
+@dataclass
+class FactorsConfig:
+    """How the curvature (Fisher / Gauss-Newton) is approximated."""
+
+    strategy: Literal["ekfac", "kfac", "diagonal", "identity"] = _help("ekfac | kfac | diagonal | identity", default="ekfac")
+    fisher: Literal["sampled", "empirical", "ggn"] = _help(
+        "sampled (true Fisher, seeded label samples) | empirical (real labels) | ggn (exact expectation)",
+        default="sampled",
+    )
+    modules: list[str] = _help("fnmatch patterns of module names to track.", default_factory=lambda: ["*"])
+    max_examples: int | None = _help("Cap on training examples used per pass (None = all).", default=None)
+    amp: Literal["none", "bfloat16", "float16"] = _help("Autocast dtype for the data passes on GPU.", default="none")
+    checkpoint_every: int = _help("Save resumable progress every N batches (0 = never).", default=50)
+
+
+@dataclass
+class ScoresConfig:
+    """How influence scores are computed and stored."""
+
+    damping: float | str = _help("auto (0.1 x mean eigenvalue per layer) or a non-negative number.", default="auto")
+    damping_factor: float = _help("The factor used by damping: auto.", default=0.1)
+    relative: bool = _help("RelatIF: divide by the norm of the train example's preconditioned gradient.", default=False)
+    max_memory_mb: float = _help("Memory budget for the score matrix; larger runs are written as shards.", default=1024.0)
+    query_chunk: int | None = _help("Queries preconditioned and scored together (None = fit the budget).", default=None)
+    dtype: Literal["float32", "bfloat16", "float16"] = _help("Storage dtype of the scores.", default="float32")
+    checkpoints: list[str] = _help(
+        "Extra checkpoints to ensemble over (each needs its own factors: see docs).", default_factory=list
+    )
+
+
+@dataclass
+class SimilarityConfig:
+    """Datasets compared by dataset-similarity and how."""
+
+    method: Literal["fisher-kernel", "task2vec"] = _help("fisher-kernel | task2vec", default="fisher-kernel")
+    datasets: dict[str, DataSpec] = _help("Two or more named data specs (same keys as data.train).", default_factory=dict)
+
+
+@dataclass
+class Config:
+    """The whole config file."""
+
+    model: ModelConfig = _help("The model.", default_factory=ModelConfig)
+    task: TaskConfig = _help("The task.", default_factory=TaskConfig)
+    data: DataConfig = _help("The data.", default_factory=DataConfig)
+    factors: FactorsConfig = _help("Curvature approximation.", default_factory=FactorsConfig)
+    scores: ScoresConfig = _help("Score computation.", default_factory=ScoresConfig)
+    similarity: SimilarityConfig = _help("Dataset similarity.", default_factory=SimilarityConfig)
+    output_dir: str = _help("Folder for factors, scores and reports.", default="runs/default")
+    device: str = _help("auto | cpu | cuda | cuda:N", default="auto")
+    seed: int = _help("Seed for sampled labels and label noise.", default=0)
+    base_dir: str = field(default=".", metadata={"help": "Folder relative paths resolve against.", "internal": True})
+    source: str = field(default="<config>", metadata={"help": "Where the config came from.", "internal": True})
+
+    def resolve(self, path: str | None) -> Path | None:
+        """Resolves a path from the config against the config file's folder."""
+        if path is None:
+            return None
+        p = Path(path).expanduser()
+        return Path(os.path.normpath(p if p.is_absolute() else Path(self.base_dir) / p))
+
+    @property
+    def output_path(self) -> Path:
+        return self.resolve(self.output_dir)  # type: ignore[return-value]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as plain data (internal fields left out)."""
+        return _to_plain(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {
+            f.name: _to_plain(getattr(obj, f.name))
+            for f in dataclasses.fields(obj)
+            if not f.metadata.get("internal")
+        }
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(str(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    if tp is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, str(tp))
+
+
+_FAIL = object()
+
+
+def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
+    """Checks `value` against type `tp`; returns the value or _FAIL (problem recorded)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            sub: list[str] = []
+            out = _coerce(value, arg, key, sub)
+            if not sub:
+                return out
+        problems.append(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        return _FAIL
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        problems.append(f"{key}: expected one of {_type_name(tp)}, got {value!r}")
+        return _FAIL
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            problems.append(f"{key}: expected {_type_name(tp)}, got {value!r}")
+            return _FAIL
+        (arg,) = typing.get_args(tp)
+        out = [_coerce(v, arg, f"{key}[{i}]", problems) for i, v in enumerate(value)]
+        return _FAIL if any(v is _FAIL for v in out) else out
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{key}: expected a mapping, got {value!r}")
+            return _FAIL
+        _, varg = typing.get_args(tp)
+        out = {str(k): _coerce(v, varg, f"{key}.{k}", problems) for k, v in value.items()}
+        return _FAIL if any(v is _FAIL for v in out.values()) else out
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            problems.append(f"{key}: expected a mapping, got {value!r}")
+            return _FAIL
+        return _build(tp, value, key, problems)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    problems.append(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    return _FAIL
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if name not in fields:
+            known = ", ".join(sorted(fields))
+            problems.append(f"{key}: unknown key (known keys: {known})")
+            continue
+        out = _coerce(value, hints[name], key, problems)
+        if out is not _FAIL:
+            kwargs[name] = out
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # pragma: no cover - every field has a default
+        problems.append(f"{prefix}: {exc}")
+        return _FAIL
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parses one `--set a.b.c=value` override; the value is read as YAML.
+
+    Returns:
+        (key path, value).
+    """
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key.path=value (for example factors.strategy=kfac)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    parts = key.split(".")
+    if not key or any(not p.strip() for p in parts):
+        raise ConfigError(f"--set {text!r}: the key {key!r} is not a dotted key path")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({_yaml_reason(exc)})") from None
+    return [p.strip() for p in parts], value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Returns a copy of `data` with every `key.path=value` override applied."""
+    data = copy.deepcopy(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                path = ".".join(parts[: i + 1])
+                raise ConfigError(f"--set {text!r}: {path} is {child!r}, not a mapping")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _yaml_reason(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    if mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return str(problem)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, check_files: bool = True) -> Config:
+    """Reads, overrides and validates a config file.
+
+    Args:
+        path: The YAML file.
+        overrides: `key.path=value` strings applied on top of the file.
+        check_files: Also check that the files the config names exist.
+
+    Raises:
+        ConfigError: listing every problem, each with its key.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist", hint="pass the path of a YAML config file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"not valid YAML ({_yaml_reason(exc)})", source=str(path)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the file ({exc})", source=str(path)) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("the top level must be a mapping of keys (model:, data:, ...)", source=str(path))
+    return config_from_dict(data, overrides or [], base_dir=path.resolve().parent, source=str(path), check_files=check_files)
+
+
+def config_from_dict(
+    data: dict[str, Any],
+    overrides: list[str] | None = None,
+    base_dir: str | Path = ".",
+    source: str = "<config>",
+    check_files: bool = True,
+) -> Config:
+    """Builds a validated `Config` from plain data (the Python API's entry point)."""
+    try:
+        data = apply_overrides(data, overrides or [])
+    except ConfigError as exc:
+        raise ConfigError(exc.problems, source=source) from None
+    problems: list[str] = []
+    cfg = _build(Config, data, "", problems)
+    if cfg is not _FAIL:
+        cfg.base_dir = str(base_dir)
+        cfg.source = source
+        problems.extend(validate(cfg, check_files=check_files))
+    if problems:
+        raise ConfigError(problems, source=source, hint="fix the keys above in the file or with --set key=value")
+    return cfg
+
+
+def _check_data_spec(cfg: Config, spec: DataSpec, key: str, check_files: bool) -> list[str]:
+    problems: list[str] = []
+    builtin = ("mnist", "fashion_mnist", "cifar10", "idx", "tensors", "image_folder")
+    if not spec.source:
+        problems.append(f"{key}.source: missing (one of {', '.join(builtin)} or package.module:function)")
+    elif spec.source not in builtin and ":" not in spec.source:
+        problems.append(f"{key}.source: {spec.source!r} is not one of {', '.join(builtin)} or package.module:function")
+    required = {
+        "idx": ["images", "labels"],
+        "tensors": ["path"],
+        "image_folder": ["root"],
+        "mnist": ["root"],
+        "fashion_mnist": ["root"],
+        "cifar10": ["root"],
+    }.get(spec.source, [])
+    for name in required:
+        value = getattr(spec, name)
+        if value is None:
+            problems.append(f"{key}.{name}: required for source {spec.source}")
+        elif check_files and not (spec.source in ("mnist", "fashion_mnist", "cifar10") and spec.download):
+            resolved = cfg.resolve(value)
+            if resolved is not None and not resolved.exists():
+                problems.append(f"{key}.{name}: {str(resolved)!r} does not exist")
+    if spec.indices_file is not None and check_files:
+        resolved = cfg.resolve(spec.indices_file)
+        if resolved is not None and not resolved.is_file():
+            problems.append(f"{key}.indices_file: {str(resolved)!r} does not exist")
+    if spec.range is not None:
+        if len(spec.range) != 2 or spec.range[0] < 0 or spec.range[1] <= spec.range[0]:
+            problems.append(f"{key}.range: expected [start, stop) with 0 <= start < stop, got {spec.range}")
+    if spec.indices is not None and any(i < 0 for i in spec.indices):
+        problems.append(f"{key}.indices: indices must be >= 0")
+    selectors = [n for n in ("range", "indices", "indices_file") if getattr(spec, n) is not None]
+    if len(selectors) > 1:
+        problems.append(f"{key}: use one of range, indices, indices_file (got {', '.join(selectors)})")
+    if spec.limit is not None and spec.limit <= 0:
+        problems.append(f"{key}.limit: must be > 0, got {spec.limit}")
+    if not 0.0 <= spec.label_noise < 1.0:
+        problems.append(f"{key}.label_noise: must be in [0, 1), got {spec.label_noise}")
+    t = spec.transform
+    if t.scale is not None and (t.scale == 0 or not math.isfinite(t.scale)):
+        problems.append(f"{key}.transform.scale: must be a finite non-zero number, got {t.scale}")
+    if t.normalize is not None:
+        n = t.normalize
+        if len(n.mean) != len(n.std) or not n.mean:
+            problems.append(f"{key}.transform.normalize: mean and std need the same non-zero length")
+        if any(s <= 0 for s in n.std):
+            problems.append(f"{key}.transform.normalize.std: every std must be > 0")
+    if t.resize is not None and (len(t.resize) != 2 or min(t.resize) <= 0):
+        problems.append(f"{key}.transform.resize: expected [height, width] > 0, got {t.resize}")
+    return problems
+
+
+def validate(cfg: Config, check_files: bool = True) -> list[str]:
+    """Value checks beyond types; returns every problem found."""
+    problems: list[str] = []
+    if not cfg.model.architecture:
+        problems.append("model.architecture: missing (mlp, cnn, torchvision:<name> or package.module:function)")
+    if cfg.model.checkpoint is not None and check_files:
+        ckpt = cfg.resolve(cfg.model.checkpoint)
+        if ckpt is not None and not ckpt.is_file():
+            problems.append(f"model.checkpoint: {str(ckpt)!r} does not exist")
+        elif ckpt is not None and ckpt.suffix not in (".safetensors", ".pt", ".pth", ".bin"):
+            problems.append(f"model.checkpoint: {ckpt.name!r} is not .safetensors, .pt or .pth")
+    if cfg.task.measurement == "margin" and cfg.task.kind != "classification":
+        problems.append("task.measurement: margin needs task.kind: classification")
+    d = cfg.data
+    if d.batch_size <= 0:
+        problems.append(f"data.batch_size: must be > 0, got {d.batch_size}")
+    if d.num_workers < 0:
+        problems.append(f"data.num_workers: must be >= 0, got {d.num_workers}")
+    if d.train is None:
+        problems.append("data.train: missing (the training set, with a source: key)")
+    else:
+        problems.extend(_check_data_spec(cfg, d.train, "data.train", check_files))
+    if d.query is not None:
+        problems.extend(_check_data_spec(cfg, d.query, "data.query", check_files))
+    f = cfg.factors
+    if not f.modules:
+        problems.append("factors.modules: needs at least one pattern (\"*\" tracks every supported layer)")
+    if f.max_examples is not None and f.max_examples <= 0:
+        problems.append(f"factors.max_examples: must be > 0, got {f.max_examples}")
+    if f.checkpoint_every < 0:
+        problems.append(f"factors.checkpoint_every: must be >= 0, got {f.checkpoint_every}")
+    s = cfg.scores
+    if isinstance(s.damping, str):
+        if s.damping != "auto":
+            problems.append(f"scores.damping: expected auto or a number >= 0, got {s.damping!r}")
+    elif not math.isfinite(s.damping) or s.damping < 0:
+        problems.append(f"scores.damping: expected auto or a finite number >= 0, got {s.damping}")
+    if not math.isfinite(s.damping_factor) or s.damping_factor < 0:
+        problems.append(f"scores.damping_factor: must be a finite number >= 0, got {s.damping_factor}")
+    if not math.isfinite(s.max_memory_mb) or s.max_memory_mb <= 0:
+        problems.append(f"scores.max_memory_mb: must be > 0, got {s.max_memory_mb}")
+    if s.query_chunk is not None and s.query_chunk <= 0:
+        problems.append(f"scores.query_chunk: must be > 0, got {s.query_chunk}")
+    for i, ckpt_path in enumerate(s.checkpoints):
+        resolved = cfg.resolve(ckpt_path)
+        if check_files and resolved is not None and not resolved.is_file():
+            problems.append(f"scores.checkpoints[{i}]: {str(resolved)!r} does not exist")
+    for name, spec in cfg.similarity.datasets.items():
+        problems.extend(_check_data_spec(cfg, spec, f"similarity.datasets.{name}", check_files))
+    dev = cfg.device
+    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        problems.append(f"device: expected auto, cpu, cuda or cuda:N, got {dev!r}")
+    if not cfg.output_dir:
+        problems.append("output_dir: must not be empty")
+    return problems
+
+
+def field_docs(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key, type, default, help) for every documented key, for docs and `--help`."""
+    rows: list[tuple[str, str, str, str]] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("internal"):
+            continue
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+        target = tp if dataclasses.is_dataclass(tp) else (inner[0] if inner else None)
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            made = f.default_factory()  # type: ignore[misc]
+            default = "" if dataclasses.is_dataclass(made) else repr(made)
+        else:
+            default = ""
+        rows.append((key, _type_name(tp), default, f.metadata.get("help", "")))
+        if target is not None and target is not Config:
+            rows.extend(field_docs(target, key + "."))
+    return rows

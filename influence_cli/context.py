@@ -1,0 +1,69 @@
+"""What every command starts from: the config, the distributed state, the model and its layers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from influence_cli.config import Config, DataSpec
+from influence_cli.data import IndexedDataset, load_dataset, make_loader
+from influence_cli.distributed import DistState, resolve_device
+from influence_cli.models import load_model, model_fingerprint
+from influence_cli.tracking import TrackedModule, find_tracked_modules
+
+
+@dataclass
+class RunContext:
+    """A loaded model on its device, its tracked layers and the run's settings."""
+
+    cfg: Config
+    state: DistState
+    model: nn.Module
+    model_fingerprint: str
+    tracked: list[TrackedModule]
+
+    @property
+    def device(self) -> torch.device:
+        return self.state.device
+
+    @property
+    def output_dir(self) -> Path:
+        return self.cfg.output_path
+
+    def dataset(self, spec: DataSpec | None, name: str) -> IndexedDataset:
+        """Loads one data spec of the config (`name` is its key, e.g. data.train)."""
+        if spec is None:
+            from influence_cli.errors import ConfigError
+
+            raise ConfigError(f"{name}: missing in the config", source=self.cfg.source, hint=f"add a {name} block with a source: key")
+        return load_dataset(spec, self.cfg.base_dir, name=name, seed=self.cfg.seed)
+
+    def batches(self, dataset: IndexedDataset, start_batch: int = 0, limit: int | None = None):
+        """This rank's contiguous shard of `dataset` (optionally its first `limit` examples) as batches."""
+        return make_loader(
+            dataset,
+            self.cfg.data.batch_size,
+            num_workers=self.cfg.data.num_workers,
+            pin_memory=self.device.type == "cuda",
+            shard=(self.state.rank, self.state.world_size),
+            start_batch=start_batch,
+            limit=limit,
+        )
+
+    def num_batches(self, dataset: IndexedDataset, limit: int | None = None) -> int:
+        n = len(dataset) if limit is None else min(limit, len(dataset))
+        start, stop = self.state.shard(n)
+        return -(-(stop - start) // self.cfg.data.batch_size)
+
+
+def prepare(cfg: Config, state: DistState | None = None, checkpoint: str | Path | None = None) -> RunContext:
+    """Builds the model, loads its checkpoint, moves it to the device and finds its tracked layers."""
+    state = state or DistState(device=resolve_device(cfg.device))
+    model = load_model(cfg.model, cfg.base_dir, checkpoint=checkpoint)
+    fingerprint = model_fingerprint(model)
+    model = model.to(state.device).eval()
+    tracked = find_tracked_modules(model, cfg.factors.modules)
+    return RunContext(cfg, state, model, fingerprint, tracked)

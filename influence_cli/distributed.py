@@ -1,0 +1,93 @@
+"""One object that knows the distributed state: rank, world size and device.
+
+Under `torchrun` the environment names the rank and world size; the process
+group uses nccl on GPUs and gloo on the CPU. Only rank 0 writes files; every
+rank meets at a barrier after a write.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from influence_cli.errors import ConfigError
+
+
+def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
+    """`auto` → cuda:<local_rank> when a GPU is visible, else cpu."""
+    if preference == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if preference.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device: {preference!r} requested but no CUDA device is visible", hint="use --set device=cpu")
+        if preference == "cuda":
+            return torch.device(f"cuda:{local_rank}")
+    return torch.device(preference)
+
+
+@dataclass
+class DistState:
+    """Rank, world size and device of this process."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sums `tensor` over ranks in place (no-op in one process)."""
+        if self.distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def all_gather_object(self, obj: object) -> list[object]:
+        if not self.distributed:
+            return [obj]
+        out: list[object] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj: object) -> object:
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def shard(self, n: int) -> tuple[int, int]:
+        """This rank's contiguous block [start, stop) of n items."""
+        return self.rank * n // self.world_size, (self.rank + 1) * n // self.world_size
+
+
+def init_distributed(device_preference: str = "auto") -> DistState:
+    """Joins the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_preference, local_rank)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend)
+    return DistState(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,77 @@
+"""Typed errors raised by the core and formatted once by the CLI.
+
+Each error carries a one-line message that names the file, key or flag at fault,
+an optional hint (the next step), and the process exit code the CLI uses.
+"""
+
+from __future__ import annotations
+
+
+class InfluenceError(Exception):
+    """Base class of every error the tool reports to a user."""
+
+    exit_code: int = 1
+    kind: str = "error"
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class ConfigError(InfluenceError):
+    """The config file or a `--set` override is invalid; lists every problem."""
+
+    exit_code = 2
+    kind = "config error"
+
+    def __init__(self, problems: list[str] | str, source: str | None = None, hint: str | None = None):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        where = f"{source}: " if source else ""
+        if len(self.problems) == 1:
+            message = f"{where}{self.problems[0]}"
+        else:
+            message = f"{where}{len(self.problems)} problems: " + "; ".join(self.problems)
+        super().__init__(message, hint)
+
+
+class UsageError(InfluenceError):
+    """A command-line flag has an impossible value."""
+
+    exit_code = 2
+    kind = "usage error"
+
+
+class DataError(InfluenceError):
+    """A dataset cannot be loaded or does not fit the model."""
+
+    exit_code = 3
+    kind = "data error"
+
+
+class ModelError(InfluenceError):
+    """The model cannot be built or its checkpoint does not match it."""
+
+    exit_code = 4
+    kind = "model error"
+
+
+class OutputError(InfluenceError):
+    """Outputs on disk are missing, from another run, or would be overwritten."""
+
+    exit_code = 5
+    kind = "output error"
+
+
+class NumericalError(InfluenceError):
+    """A NaN or Inf appeared in a loss, a gradient or an accumulator."""
+
+    exit_code = 6
+    kind = "numerical error"
+
+
+class DistributedError(InfluenceError):
+    """Another rank of a distributed job failed."""
+
+    exit_code = 7
+    kind = "distributed error"

@@ -1,0 +1,258 @@
+"""Kronecker-factored curvature: accumulators, eigendecomposition and the inverse.
+
+For one tracked layer with activations a and output gradients g (see tracking.py),
+the Fisher block is approximated (Martens & Grosse 2015, K-FAC; Grosse & Martens
+2016, KFC for positions) as A ⊗ G with
+
+    A = E_n[Σ_t a_t a_tᵀ]         (d_in × d_in)
+    G = E_n[(1/T) Σ_t g_t g_tᵀ]   (d_out × d_out)
+
+EKFAC (George et al. 2018) keeps the eigenbases U_A, U_G and replaces the
+eigenvalue products by the Fisher's diagonal in that basis:
+
+    Λ*[i, j] = E_n[(U_Gᵀ ∇W_n U_A)[i, j]²]   (d_out × d_in)
+
+`diagonal` is the same quantity in the parameter basis (U = I); `identity` has
+no curvature at all (plain gradient dot products).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from influence_cli import storage
+from influence_cli.passes import BatchGradients
+from influence_cli.tracking import TrackedModule
+
+_MAX_BMM_ELEMENTS = 1 << 25  # per-example gradient chunk for sequence/conv layers
+
+
+@dataclass
+class LayerFactors:
+    """Curvature of one layer.
+
+    Attributes:
+        a_eigenvectors: U_A [d_in, d_in] (None = identity basis).
+        g_eigenvectors: U_G [d_out, d_out] (None = identity basis).
+        eigenvalues: Curvature diagonal in the basis [d_out, d_in]; None for `identity`.
+        a_eigenvalues, g_eigenvalues: λ_A [d_in], λ_G [d_out] (K-FAC / EKFAC).
+        a_covariance, g_covariance: A and G themselves (K-FAC / EKFAC).
+        num_examples: Examples averaged over.
+    """
+
+    name: str
+    eigenvalues: torch.Tensor | None = None
+    a_eigenvectors: torch.Tensor | None = None
+    g_eigenvectors: torch.Tensor | None = None
+    a_eigenvalues: torch.Tensor | None = None
+    g_eigenvalues: torch.Tensor | None = None
+    a_covariance: torch.Tensor | None = None
+    g_covariance: torch.Tensor | None = None
+    num_examples: int = 0
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> LayerFactors:
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device=device, dtype=dtype or t.dtype)
+
+        return LayerFactors(
+            self.name,
+            move(self.eigenvalues),
+            move(self.a_eigenvectors),
+            move(self.g_eigenvectors),
+            move(self.a_eigenvalues),
+            move(self.g_eigenvalues),
+            move(self.a_covariance),
+            move(self.g_covariance),
+            self.num_examples,
+        )
+
+    def rotate(self, v: torch.Tensor) -> torch.Tensor:
+        """Into the eigenbasis: U_Gᵀ V U_A for V [..., d_out, d_in]."""
+        if self.g_eigenvectors is not None:
+            v = self.g_eigenvectors.T @ v
+        if self.a_eigenvectors is not None:
+            v = v @ self.a_eigenvectors
+        return v
+
+    def unrotate(self, v: torch.Tensor) -> torch.Tensor:
+        """Back from the eigenbasis: U_G Ṽ U_Aᵀ."""
+        if self.g_eigenvectors is not None:
+            v = self.g_eigenvectors @ v
+        if self.a_eigenvectors is not None:
+            v = v @ self.a_eigenvectors.T
+        return v
+
+    def damping(self, damping: float | str, factor: float = 0.1) -> float:
+        """λ for this layer: `auto` is factor × mean(eigenvalues) (0 without curvature)."""
+        if self.eigenvalues is None:
+            return 0.0
+        if damping == "auto":
+            return float(factor * self.eigenvalues.double().mean())
+        return float(damping)
+
+    def inverse_eigenvalues(self, damping: float, power: int = 1) -> torch.Tensor | None:
+        """1 / (Λ + λ)^power [d_out, d_in]; None means the identity (no curvature)."""
+        if self.eigenvalues is None:
+            return None
+        return (self.eigenvalues.double() + damping).pow(-power).to(self.eigenvalues.dtype)
+
+    def precondition(self, v: torch.Tensor, damping: float) -> torch.Tensor:
+        """(F + λ)⁻¹ V for V [..., d_out, d_in] (DESIGN.md: rotate, divide, rotate back)."""
+        inv = self.inverse_eigenvalues(damping)
+        if inv is None:
+            return v
+        return self.unrotate(self.rotate(v) * inv)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The on-disk tensors, keyed `<layer>.<factor>`."""
+        out = {f"{self.name}.{storage.NUM_EXAMPLES}": torch.tensor([self.num_examples], dtype=torch.int64)}
+        for key in (
+            storage.EIGENVALUES,
+            storage.A_EIGENVECTORS,
+            storage.G_EIGENVECTORS,
+            storage.A_EIGENVALUES,
+            storage.G_EIGENVALUES,
+            storage.A_COVARIANCE,
+            storage.G_COVARIANCE,
+        ):
+            value = getattr(self, key)
+            if value is not None:
+                out[f"{self.name}.{key}"] = value.float()
+        return out
+
+    @classmethod
+    def from_tensors(cls, name: str, tensors: dict[str, torch.Tensor]) -> LayerFactors:
+        def get(key: str) -> torch.Tensor | None:
+            return tensors.get(f"{name}.{key}")
+
+        n = get(storage.NUM_EXAMPLES)
+        return cls(
+            name,
+            get(storage.EIGENVALUES),
+            get(storage.A_EIGENVECTORS),
+            get(storage.G_EIGENVECTORS),
+            get(storage.A_EIGENVALUES),
+            get(storage.G_EIGENVALUES),
+            get(storage.A_COVARIANCE),
+            get(storage.G_COVARIANCE),
+            int(n.item()) if n is not None else 0,
+        )
+
+
+@dataclass
+class Factors:
+    """Every tracked layer's curvature plus what produced it."""
+
+    strategy: str
+    fisher: str
+    layers: dict[str, LayerFactors]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Factors:
+        return Factors(self.strategy, self.fisher, {k: v.to(device, dtype) for k, v in self.layers.items()}, self.metadata)
+
+
+# ----------------------------------------------------------------------------- accumulators
+
+
+class CovarianceAccumulator:
+    """Pass 1: running sums of Σ_t a aᵀ and (1/T) Σ_t g gᵀ over examples."""
+
+    def __init__(self, tracked: list[TrackedModule], dtype: torch.dtype, device: torch.device) -> None:
+        self.a = {tm.name: torch.zeros(tm.d_in, tm.d_in, dtype=dtype, device=device) for tm in tracked}
+        self.g = {tm.name: torch.zeros(tm.d_out, tm.d_out, dtype=dtype, device=device) for tm in tracked}
+        self.count = torch.zeros((), dtype=torch.float64, device=device)
+
+    def update(self, batch: BatchGradients) -> None:
+        for name, acc in self.a.items():
+            a = batch.activations[name]
+            flat = a.reshape(-1, a.shape[-1])
+            acc.addmm_(flat.T, flat)
+            for grads in batch.gradients:
+                g = grads[name]
+                gflat = g.reshape(-1, g.shape[-1])
+                self.g[name].addmm_(gflat.T, gflat, alpha=1.0 / g.shape[1])
+        self.count += len(batch.global_indices)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        out = {f"{k}.a": v for k, v in self.a.items()} | {f"{k}.g": v for k, v in self.g.items()}
+        return out | {"count": self.count}
+
+
+class DiagonalAccumulator:
+    """Pass 2: Σ_n (U_Gᵀ ∇W_n U_A)² (EKFAC), or Σ_n ∇W_n² with identity bases (diagonal).
+
+    For a layer without positions (T = 1) the per-example gradient in the basis is
+    the outer product g̃ ãᵀ, so the sum of its squares is one matmul,
+    (g̃²)ᵀ (ã²); with positions the per-example gradient is formed by bmm in chunks.
+    """
+
+    def __init__(
+        self,
+        tracked: list[TrackedModule],
+        bases: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.bases = bases
+        self.sums = {tm.name: torch.zeros(tm.d_out, tm.d_in, dtype=dtype, device=device) for tm in tracked}
+        self.count = torch.zeros((), dtype=torch.float64, device=device)
+
+    def update(self, batch: BatchGradients) -> None:
+        for name, acc in self.sums.items():
+            u_a, u_g = self.bases[name]
+            a = batch.activations[name]
+            a_rot = a @ u_a if u_a is not None else a
+            for grads in batch.gradients:
+                g = grads[name]
+                g_rot = g @ u_g if u_g is not None else g
+                accumulate_squared_gradients(acc, a_rot, g_rot)
+        self.count += len(batch.global_indices)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {f"{k}.diag": v for k, v in self.sums.items()} | {"count": self.count}
+
+
+def accumulate_squared_gradients(acc: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> None:
+    """acc [d_out, d_in] += Σ_n (Σ_t g_nt a_ntᵀ)² for a [B, T, d_in], g [B, T, d_out]."""
+    if a.shape[1] == 1:
+        acc.addmm_(g[:, 0].square().T, a[:, 0].square())
+        return
+    per_example = acc.shape[0] * acc.shape[1]
+    chunk = max(1, _MAX_BMM_ELEMENTS // per_example)
+    for s in range(0, a.shape[0], chunk):
+        grads = torch.bmm(g[s : s + chunk].transpose(1, 2), a[s : s + chunk])
+        acc.add_(grads.square().sum(dim=0))
+
+
+def eigendecompose(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (clamped at 0) and eigenvectors of a symmetric matrix, computed in float64."""
+    sym = matrix.double()
+    sym = 0.5 * (sym + sym.T)
+    try:
+        values, vectors = torch.linalg.eigh(sym)
+    except RuntimeError:  # some device builds lack a float64 eigh; the CPU always has it
+        values, vectors = torch.linalg.eigh(sym.cpu())
+        values, vectors = values.to(matrix.device), vectors.to(matrix.device)
+    return values.clamp_min(0.0), vectors
+
+
+def kronecker_layer_factors(
+    name: str, a_cov: torch.Tensor, g_cov: torch.Tensor, num_examples: int, out_dtype: torch.dtype
+) -> LayerFactors:
+    """K-FAC factors of one layer from its mean covariances (eigenvalues = λ_G λ_Aᵀ)."""
+    a_vals, a_vecs = eigendecompose(a_cov)
+    g_vals, g_vecs = eigendecompose(g_cov)
+    return LayerFactors(
+        name=name,
+        eigenvalues=torch.outer(g_vals, a_vals).to(out_dtype),
+        a_eigenvectors=a_vecs.to(out_dtype),
+        g_eigenvectors=g_vecs.to(out_dtype),
+        a_eigenvalues=a_vals.to(out_dtype),
+        g_eigenvalues=g_vals.to(out_dtype),
+        a_covariance=a_cov.to(out_dtype),
+        g_covariance=g_cov.to(out_dtype),
+        num_examples=num_examples,
+    )

@@ -1,0 +1,364 @@
+"""`fit-factors`: stream the training set through the curvature passes and save the factors.
+
+Pass 1 (kfac, ekfac) accumulates A and G; the eigendecomposition runs in float64;
+pass 2 (ekfac) accumulates the corrected eigenvalues Λ* in the Kronecker
+eigenbasis; `diagonal` has one pass (squared gradients in the parameter basis);
+`identity` has none. Memory is model + factors + one batch, whatever the dataset size.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from influence_cli import __version__, storage
+from influence_cli.config import Config
+from influence_cli.context import RunContext, prepare
+from influence_cli.data import IndexedDataset
+from influence_cli.distributed import DistState
+from influence_cli.errors import NumericalError, OutputError
+from influence_cli.factors import (
+    CovarianceAccumulator,
+    DiagonalAccumulator,
+    Factors,
+    LayerFactors,
+    kronecker_layer_factors,
+)
+from influence_cli.passes import BatchGradients, accumulator_dtype, stream_gradients
+from influence_cli.progress import NullProgress, Progress
+from influence_cli.resume import PassCheckpoint, Snapshot, run_key
+from influence_cli.tracking import TrackedModule
+
+
+@dataclass
+class LayerInfo:
+    """What is tracked in one layer and how big its factors are (elements)."""
+
+    name: str
+    kind: str
+    weight_shape: tuple[int, ...]
+    d_in: int
+    d_out: int
+    a_size: int
+    g_size: int
+    eigenvalue_size: int
+
+
+@dataclass
+class FitReport:
+    """The outcome of fit-factors."""
+
+    path: Path
+    strategy: str
+    fisher: str
+    num_examples: int
+    layers: list[LayerInfo]
+    seconds: dict[str, float] = field(default_factory=dict)
+    resumed_from: str | None = None
+
+
+def describe_layers(tracked: list[TrackedModule], strategy: str) -> list[LayerInfo]:
+    """Factor sizes each tracked layer needs under `strategy`."""
+    rows = []
+    for tm in tracked:
+        kron = strategy in ("kfac", "ekfac")
+        rows.append(
+            LayerInfo(
+                tm.name,
+                tm.kind,
+                tm.weight_shape,
+                tm.d_in,
+                tm.d_out,
+                tm.d_in**2 if kron else 0,
+                tm.d_out**2 if kron else 0,
+                tm.num_params if strategy != "identity" else 0,
+            )
+        )
+    return rows
+
+
+class _NonFiniteWatch:
+    """Remembers, on the device, the first batch whose outputs or gradients were not finite."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.bad = torch.full((3,), -1, dtype=torch.int64, device=device)  # batch, min index, max index
+
+    def observe(self, batch: BatchGradients) -> None:
+        tensors = [batch.outputs] + [g for grads in batch.gradients for g in grads.values()]
+        ok = torch.stack([torch.isfinite(t.sum()) for t in tensors]).all()
+        idx = batch.global_indices
+        info = torch.stack([torch.full_like(idx[0], batch.index), idx.min(), idx.max()])
+        self.bad = torch.where((self.bad[0] < 0) & ~ok, info, self.bad)
+
+    def check(self, what: str) -> None:
+        batch, lo, hi = self.bad.tolist()
+        if batch >= 0:
+            raise NumericalError(
+                f"non-finite loss or gradient in the {what} pass at batch {batch} (examples with global indices {lo}..{hi})",
+                hint="check those examples and the checkpoint for NaN/Inf; no factors were written",
+            )
+
+
+@dataclass
+class PassPlan:
+    """How to stream one rank's data through the passes.
+
+    Attributes:
+        batches: batches(start_batch) -> iterable of (inputs, targets, global_indices) from that batch on.
+        num_batches: Batches in this rank's shard.
+        num_examples: Examples in this rank's shard.
+        task_kind, fisher, seed, amp: Settings of the passes.
+        device: Where the model lives.
+        all_reduce: Sums a tensor over ranks in place (identity in one process).
+    """
+
+    batches: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
+    num_batches: int
+    num_examples: int
+    task_kind: str
+    fisher: str
+    seed: int = 0
+    amp: str = "none"
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    all_reduce: Callable[[torch.Tensor], object] = lambda t: t
+
+
+def _run_pass(
+    model: nn.Module,
+    tracked: list[TrackedModule],
+    plan: PassPlan,
+    accumulator: CovarianceAccumulator | DiagonalAccumulator,
+    phase: str,
+    checkpoint: PassCheckpoint | None,
+    snapshot: Snapshot | None,
+    extra: dict[str, torch.Tensor],
+    progress: Progress,
+) -> None:
+    """Streams the shard once into `accumulator`, snapshotting progress; then all-reduces it."""
+    acc_state = accumulator.state()
+    start = 0
+    if snapshot is not None and snapshot.phase == phase:
+        for k, v in acc_state.items():
+            v.copy_(snapshot.tensors[k])
+        start = snapshot.batches_done
+    progress.start(PHASE_TITLES[phase], plan.num_examples)
+    watch = _NonFiniteWatch(plan.device)
+    for batch in stream_gradients(
+        model,
+        tracked,
+        plan.batches(start),
+        task_kind=plan.task_kind,
+        mode="fisher",
+        fisher=plan.fisher,
+        seed=plan.seed,
+        device=plan.device,
+        amp=plan.amp,
+        start_batch=start,
+    ):
+        if batch.index == start and start:
+            progress.advance(min(plan.num_examples, start * len(batch.global_indices)))
+        accumulator.update(batch)
+        watch.observe(batch)
+        done = batch.index + 1
+        if checkpoint is not None and checkpoint.due(done) and done < plan.num_batches:
+            watch.check(phase)
+            checkpoint.save(phase, done, acc_state | extra)
+        progress.advance(len(batch.global_indices))
+    progress.stop()
+    watch.check(phase)
+    for v in acc_state.values():
+        plan.all_reduce(v)
+        if not bool(torch.isfinite(v).all()):
+            raise NumericalError(f"non-finite accumulator after the {phase} pass", hint="no factors were written")
+
+
+PHASE_TITLES = {"diagonal": "diagonal Fisher", "covariance": "covariances A, G", "correction": "eigenvalue correction"}
+
+
+def compute_factors(
+    model: nn.Module,
+    tracked: list[TrackedModule],
+    strategy: str,
+    plan: PassPlan,
+    *,
+    checkpoint: PassCheckpoint | None = None,
+    snapshot: Snapshot | None = None,
+    progress: Progress | None = None,
+    seconds: dict[str, float] | None = None,
+) -> dict[str, LayerFactors]:
+    """Runs the passes `strategy` needs and returns every tracked layer's factors.
+
+    Accumulators are float32 (float64 for a float64 model); eigendecompositions float64.
+    """
+    progress = progress or NullProgress()
+    seconds = seconds if seconds is not None else {}
+    dtype = accumulator_dtype(model)
+    device = plan.device
+    if strategy == "identity":
+        total = plan.all_reduce(torch.tensor(float(plan.num_examples), dtype=torch.float64, device=device))
+        return {tm.name: LayerFactors(tm.name, num_examples=int(total)) for tm in tracked}  # type: ignore[arg-type]
+
+    def timed(phase: str, acc, extra: dict[str, torch.Tensor]) -> None:
+        t0 = time.perf_counter()
+        _run_pass(model, tracked, plan, acc, phase, checkpoint, snapshot, extra, progress)
+        seconds[phase] = time.perf_counter() - t0
+
+    if strategy == "diagonal":
+        diag = DiagonalAccumulator(tracked, {tm.name: (None, None) for tm in tracked}, dtype, device)
+        timed("diagonal", diag, {})
+        count = float(diag.count)
+        return {name: LayerFactors(name, eigenvalues=s / count, num_examples=int(count)) for name, s in diag.sums.items()}
+
+    cov = CovarianceAccumulator(tracked, dtype, device)
+    if snapshot is not None and snapshot.phase == "correction":
+        for k, v in cov.state().items():
+            v.copy_(snapshot.tensors[f"covariance.{k}"])
+    else:
+        timed("covariance", cov, {})
+    count = float(cov.count)
+    t0 = time.perf_counter()
+    layers = {
+        tm.name: kronecker_layer_factors(tm.name, cov.a[tm.name] / count, cov.g[tm.name] / count, int(count), dtype)
+        for tm in tracked
+    }
+    seconds["eigendecomposition"] = time.perf_counter() - t0
+    if strategy == "kfac":
+        return layers
+
+    bases = {name: (lf.a_eigenvectors, lf.g_eigenvectors) for name, lf in layers.items()}
+    corr = DiagonalAccumulator(tracked, bases, dtype, device)
+    timed("correction", corr, {f"covariance.{k}": v for k, v in cov.state().items()})
+    count2 = float(corr.count)
+    for name, lf in layers.items():
+        lf.eigenvalues = corr.sums[name] / count2
+    return layers
+
+
+def plan_for(ctx: RunContext, dataset: IndexedDataset, limit: int | None = None) -> PassPlan:
+    """The PassPlan of this rank's shard of `dataset` under the config's settings."""
+    cfg = ctx.cfg
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    start, stop = ctx.state.shard(n)
+    return PassPlan(
+        batches=lambda start_batch: ctx.batches(dataset, start_batch=start_batch, limit=limit),
+        num_batches=ctx.num_batches(dataset, limit),
+        num_examples=stop - start,
+        task_kind=cfg.task.kind,
+        fisher=cfg.factors.fisher,
+        seed=cfg.seed,
+        amp=cfg.factors.amp,
+        device=ctx.device,
+        all_reduce=ctx.state.all_reduce_,
+    )
+
+
+def factors_metadata(ctx: RunContext, dataset: IndexedDataset, num_examples: int) -> dict[str, object]:
+    """What produced a factors file (checked by every later command)."""
+    cfg = ctx.cfg
+    return {
+        storage.FORMAT_KEY: storage.FACTORS_FORMAT,
+        "tool_version": __version__,
+        "torch_version": torch.__version__,
+        "strategy": cfg.factors.strategy,
+        "fisher": cfg.factors.fisher,
+        "model_fingerprint": ctx.model_fingerprint,
+        "dataset_fingerprint": dataset.fingerprint(),
+        "num_examples": num_examples,
+        "modules": [tm.name for tm in ctx.tracked],
+        "device": str(ctx.device),
+        "world_size": ctx.state.world_size,
+        "seed": cfg.seed,
+        "config": cfg.to_dict(),
+    }
+
+
+def fit_factors(
+    cfg: Config,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    state: DistState | None = None,
+    progress: Progress | None = None,
+) -> FitReport:
+    """Fits the configured curvature on `data.train` and writes `<output_dir>/factors.safetensors`.
+
+    Raises:
+        OutputError: the factors exist (without `overwrite`), or leftover progress
+            exists without `resume`/`overwrite`, or it belongs to other settings.
+    """
+    ctx = prepare(cfg, state)
+    out_dir = cfg.output_path
+    path = out_dir / storage.FACTORS_FILE
+    storage.ensure_writable_dir(out_dir)
+    storage.check_can_write(path, overwrite, "factors")
+    dataset = ctx.dataset(cfg.data.train, "data.train")
+    n = len(dataset) if cfg.factors.max_examples is None else min(cfg.factors.max_examples, len(dataset))
+    key = run_key(
+        {
+            "model": ctx.model_fingerprint,
+            "data": dataset.fingerprint(),
+            "strategy": cfg.factors.strategy,
+            "fisher": cfg.factors.fisher,
+            "modules": [tm.name for tm in ctx.tracked],
+            "batch_size": cfg.data.batch_size,
+            "n": n,
+            "seed": cfg.seed,
+            "world": ctx.state.world_size,
+            "amp": cfg.factors.amp,
+        }
+    )
+    rank_suffix = f".rank{ctx.state.rank}" if ctx.state.distributed else ""
+    checkpoint = PassCheckpoint(out_dir / storage.FACTORS_PARTIAL.format(rank=rank_suffix), key, cfg.factors.checkpoint_every)
+    snapshot = checkpoint.check_start(resume, overwrite)
+    resumed_from = None if snapshot is None else f"{snapshot.phase} pass, batch {snapshot.batches_done}"
+    seconds: dict[str, float] = {}
+    progress = progress if (progress is not None and ctx.state.is_main) else NullProgress()
+    plan = plan_for(ctx, dataset, cfg.factors.max_examples)
+    layers = compute_factors(
+        ctx.model, ctx.tracked, cfg.factors.strategy, plan, checkpoint=checkpoint, snapshot=snapshot, progress=progress, seconds=seconds
+    )
+    factors = Factors(cfg.factors.strategy, cfg.factors.fisher, layers)
+    if ctx.state.is_main:
+        tensors: dict[str, torch.Tensor] = {}
+        for lf in factors.layers.values():
+            tensors.update(lf.tensors())
+        storage.save_tensors(path, tensors, factors_metadata(ctx, dataset, n))
+    ctx.state.barrier()
+    checkpoint.clear()
+    return FitReport(path, cfg.factors.strategy, cfg.factors.fisher, n, describe_layers(ctx.tracked, cfg.factors.strategy), seconds, resumed_from)
+
+
+def load_factors(path: Path) -> Factors:
+    """Reads a factors file written by fit-factors."""
+    if not path.is_file():
+        raise OutputError(f"no factors at {str(path)!r}", hint="run `influence fit-factors` with this config first")
+    tensors, meta = storage.load_tensors(path, storage.FACTORS_FORMAT)
+    names = storage.meta_json(meta, "modules", [])
+    layers = {name: LayerFactors.from_tensors(name, tensors) for name in names}
+    return Factors(meta.get("strategy", ""), meta.get("fisher", ""), layers, meta)
+
+
+def check_factors_match(factors: Factors, ctx: RunContext, path: Path, dataset_fingerprint: str | None = None) -> None:
+    """Refuses factors of another model, other layers, or (when given) another training set."""
+    meta = factors.metadata
+    if meta.get("model_fingerprint") != ctx.model_fingerprint:
+        raise OutputError(
+            f"{str(path)!r} was fitted for another model (fingerprint {meta.get('model_fingerprint')} vs {ctx.model_fingerprint})",
+            hint="rerun `influence fit-factors` for this checkpoint (with --overwrite)",
+        )
+    names = [tm.name for tm in ctx.tracked]
+    if list(factors.layers) != names:
+        raise OutputError(
+            f"{str(path)!r} tracks layers {list(factors.layers)}, the config tracks {names}",
+            hint="use the same factors.modules as fit-factors, or refit with --overwrite",
+        )
+    if dataset_fingerprint is not None and meta.get("dataset_fingerprint") != dataset_fingerprint:
+        raise OutputError(
+            f"{str(path)!r} was fitted on another training set than data.train",
+            hint="use the data.train of fit-factors, or refit with --overwrite",
+        )

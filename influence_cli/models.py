@@ -1,0 +1,499 @@
+"""Models: built-in architectures, torchvision and factory models, strict checkpoint loading.
+
+`model.architecture` is one of:
+
+- a built-in name (`mlp`, `cnn`, see `BUILTIN_ARCHITECTURES`);
+- `torchvision:<name>` (built with `weights=None`: nothing is downloaded);
+- `package.module:function`, imported with the config's folder on `sys.path` and
+  called with `model.kwargs`; it must return an `nn.Module`.
+
+Checkpoints are `.safetensors` files or `.pt`/`.pth`/`.bin` files holding a state dict
+(the usual `{"state_dict": ...}`-style wrappers and `module.`/`_orig_mod.` prefixes are
+accepted). Loading is strict: every key and shape must match the built model.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib
+import inspect
+import sys
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from influence_cli.config import ModelConfig
+from influence_cli.errors import ModelError
+
+__all__ = [
+    "BUILTIN_ARCHITECTURES",
+    "build_model",
+    "load_checkpoint",
+    "load_model",
+    "model_fingerprint",
+    "read_state_dict",
+]
+
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
+_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
+_STRIP_PREFIXES = ("module.", "_orig_mod.")
+_KWARGS_HINT = "check model.architecture and model.kwargs: they must describe the network the checkpoint was saved from"
+
+
+# ----------------------------------------------------------------------------- built-in architectures
+
+
+def _check_int(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ModelError(f"model.kwargs.{name}: expected an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_int_list(name: str, value: Any, allow_empty: bool = True) -> list[int]:
+    if not isinstance(value, (list, tuple)) or (not allow_empty and not value):
+        raise ModelError(f"model.kwargs.{name}: expected a list of positive integers, got {value!r}")
+    return [_check_int(f"{name}[{i}]", v) for i, v in enumerate(value)]
+
+
+def mlp(
+    input_dim: int,
+    hidden: list[int] | tuple[int, ...] = (128, 128),
+    num_classes: int = 10,
+    activation: str = "relu",
+) -> nn.Sequential:
+    """A multilayer perceptron; inputs [B, ...] are flattened to [B, input_dim] first.
+
+    Layers are named `flatten`, `fc1`, `act1`, ..., `fcN`, `actN`, `head`.
+
+    Args:
+        input_dim: Features per example after flattening.
+        hidden: Widths of the hidden layers (may be empty: a linear model).
+        num_classes: Outputs (classes, or regression targets).
+        activation: relu | tanh | gelu.
+    """
+    input_dim = _check_int("input_dim", input_dim)
+    hidden = _check_int_list("hidden", hidden)
+    num_classes = _check_int("num_classes", num_classes)
+    if activation not in _ACTIVATIONS:
+        raise ModelError(f"model.kwargs.activation: expected one of {', '.join(_ACTIVATIONS)}, got {activation!r}")
+    layers: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
+    width = input_dim
+    for i, h in enumerate(hidden, start=1):
+        layers[f"fc{i}"] = nn.Linear(width, h)
+        layers[f"act{i}"] = _ACTIVATIONS[activation]()
+        width = h
+    layers["head"] = nn.Linear(width, num_classes)
+    return nn.Sequential(layers)
+
+
+def cnn(
+    in_channels: int = 1,
+    num_classes: int = 10,
+    channels: list[int] | tuple[int, ...] = (16, 32),
+    image_size: int | list[int] | tuple[int, int] = 28,
+    kernel_size: int = 3,
+    padding: int = 1,
+    fc_dim: int = 64,
+) -> nn.Sequential:
+    """A small CNN: (Conv2d -> ReLU -> MaxPool2d(2)) per entry of `channels`, then a 2-layer head.
+
+    Layers are named `conv1`, `relu1`, `pool1`, ..., `flatten`, `fc`, `relu`, `head`.
+
+    Args:
+        in_channels: Input image channels.
+        num_classes: Outputs.
+        channels: Output channels of each conv block.
+        image_size: Input height and width (an int for square images, or [height, width]).
+        kernel_size: Conv kernel size.
+        padding: Conv padding.
+        fc_dim: Width of the hidden fully connected layer.
+    """
+    in_channels = _check_int("in_channels", in_channels)
+    num_classes = _check_int("num_classes", num_classes)
+    channels = _check_int_list("channels", channels, allow_empty=False)
+    kernel_size = _check_int("kernel_size", kernel_size)
+    padding = _check_int("padding", padding, minimum=0)
+    fc_dim = _check_int("fc_dim", fc_dim)
+    if isinstance(image_size, (list, tuple)):
+        if len(image_size) != 2:
+            raise ModelError(f"model.kwargs.image_size: expected an integer or [height, width], got {image_size!r}")
+        height, width = (_check_int(f"image_size[{i}]", v) for i, v in enumerate(image_size))
+    else:
+        height = width = _check_int("image_size", image_size)
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    c = in_channels
+    for i, out in enumerate(channels, start=1):
+        layers[f"conv{i}"] = nn.Conv2d(c, out, kernel_size=kernel_size, padding=padding)
+        layers[f"relu{i}"] = nn.ReLU()
+        layers[f"pool{i}"] = nn.MaxPool2d(2)
+        c = out
+        height = (height + 2 * padding - kernel_size + 1) // 2
+        width = (width + 2 * padding - kernel_size + 1) // 2
+        if height < 1 or width < 1:
+            raise ModelError(
+                f"model.kwargs: image_size {image_size!r} is too small for {len(channels)} conv blocks "
+                f"(the feature map vanishes after block {i})",
+                hint="use fewer entries in model.kwargs.channels or a larger model.kwargs.image_size",
+            )
+    layers["flatten"] = nn.Flatten()
+    layers["fc"] = nn.Linear(c * height * width, fc_dim)
+    layers["relu"] = nn.ReLU()
+    layers["head"] = nn.Linear(fc_dim, num_classes)
+    return nn.Sequential(layers)
+
+
+BUILTIN_ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "cnn": cnn}
+
+
+# ----------------------------------------------------------------------------- building
+
+
+@contextmanager
+def _seeded(seed: int = 0) -> Iterator[None]:
+    """Seeds the CPU generator for the block and restores the caller's RNG state afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextmanager
+def _on_sys_path(folder: Path) -> Iterator[None]:
+    entry = str(folder)
+    added = entry not in sys.path
+    if added:
+        sys.path.insert(0, entry)
+    try:
+        yield
+    finally:
+        if added and entry in sys.path:
+            sys.path.remove(entry)
+
+
+def _forget_stale_module(module_name: str, folder: Path) -> None:
+    """Drops a cached module of the same name that was imported from another folder than `folder`."""
+    top = module_name.split(".")[0]
+    local = folder / f"{top}.py"
+    if not (local.is_file() or (folder / top).is_dir()):
+        return
+    cached = sys.modules.get(top)
+    cached_file = getattr(cached, "__file__", None) if cached is not None else None
+    if cached is None or cached_file is None:
+        return
+    try:
+        if Path(cached_file).resolve().is_relative_to(folder.resolve()):
+            return
+    except OSError:  # pragma: no cover - unreadable paths
+        return
+    for name in list(sys.modules):
+        if name == top or name.startswith(top + "."):
+            del sys.modules[name]
+
+
+def _import_factory(spec: str, base_dir: Path) -> Callable[..., Any]:
+    module_name, _, func_name = spec.partition(":")
+    if not module_name or not func_name or ":" in func_name:
+        raise ModelError(
+            f"model.architecture: {spec!r} is not a built-in name, torchvision:<name> or package.module:function",
+            hint=f"built-in architectures: {', '.join(BUILTIN_ARCHITECTURES)}",
+        )
+    with _on_sys_path(base_dir):
+        _forget_stale_module(module_name, base_dir)
+        importlib.invalidate_caches()
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            raise ModelError(
+                f"model.architecture: cannot import {module_name!r} ({exc})",
+                hint=f"put {module_name.replace('.', '/')}.py beside the config ({base_dir}) or on PYTHONPATH",
+            ) from None
+        except Exception as exc:  # any import-time failure is reported the same way
+            raise ModelError(
+                f"model.architecture: importing {module_name!r} failed: {type(exc).__name__}: {exc}"
+            ) from exc
+    func: Any = module
+    for part in func_name.split("."):
+        if not hasattr(func, part):
+            raise ModelError(f"model.architecture: module {module_name!r} has no attribute {func_name!r}")
+        func = getattr(func, part)
+    if not callable(func):
+        raise ModelError(f"model.architecture: {spec!r} is not callable")
+    return func
+
+
+def _check_signature(func: Callable[..., Any], kwargs: dict[str, Any], label: str) -> None:
+    try:
+        sig = inspect.signature(func)
+    except (TypeError, ValueError):  # builtins without signatures: let the call decide
+        return
+    try:
+        sig.bind(**kwargs)
+    except TypeError as exc:
+        params = [p for p in sig.parameters if p not in ("self", "args", "kwargs")]
+        raise ModelError(
+            f"model.kwargs: {label} rejects the keyword arguments ({exc})",
+            hint=f"{label} takes: {', '.join(params) if params else 'no arguments'}",
+        ) from None
+
+
+def _call_builder(func: Callable[..., Any], kwargs: dict[str, Any], label: str) -> Any:
+    _check_signature(func, kwargs, label)
+    try:
+        return func(**kwargs)
+    except ModelError:
+        raise
+    except TypeError as exc:
+        raise ModelError(f"model.kwargs: {label} failed with these keyword arguments: {exc}") from exc
+    except Exception as exc:  # user factories can raise anything
+        raise ModelError(f"model.architecture: {label} raised {type(exc).__name__}: {exc}") from exc
+
+
+def _torchvision_builder(name: str) -> Callable[..., nn.Module]:
+    try:
+        import torchvision
+    except ImportError as exc:  # pragma: no cover - torchvision is a dependency
+        raise ModelError(f"model.architecture: torchvision:{name} needs torchvision ({exc})") from None
+    available = sorted(torchvision.models.list_models())
+    if name not in available:
+        close = difflib.get_close_matches(name, available, n=5, cutoff=0.5)
+        hint = f"close names: {', '.join(close)}" if close else f"for example: {', '.join(available[:8])}"
+        raise ModelError(f"model.architecture: torchvision has no model {name!r}", hint=hint)
+
+    def build(**kwargs: Any) -> nn.Module:
+        return torchvision.models.get_model(name, weights=None, **kwargs)
+
+    return build
+
+
+def build_model(cfg: ModelConfig, base_dir: str | Path) -> nn.Module:
+    """Builds the model `cfg` describes, randomly initialized with a fixed seed (0).
+
+    The global RNG state of the caller is left unchanged.
+
+    Args:
+        cfg: The model block of the config.
+        base_dir: The config file's folder (put on `sys.path` for `package.module:function`).
+
+    Raises:
+        ModelError: naming `model.architecture` or `model.kwargs`.
+    """
+    arch = (cfg.architecture or "").strip()
+    kwargs = dict(cfg.kwargs or {})
+    base = Path(base_dir)
+    if not arch:
+        raise ModelError(
+            "model.architecture: missing",
+            hint=f"use one of {', '.join(BUILTIN_ARCHITECTURES)}, torchvision:<name> or package.module:function",
+        )
+    if arch in BUILTIN_ARCHITECTURES:
+        func: Callable[..., Any] = BUILTIN_ARCHITECTURES[arch]
+        label = f"built-in {arch!r}"
+    elif arch.startswith("torchvision:"):
+        name = arch.split(":", 1)[1]
+        func = _torchvision_builder(name)
+        label = f"torchvision model {name!r}"
+    elif ":" in arch:
+        func = _import_factory(arch, base)
+        label = f"factory {arch!r}"
+    else:
+        close = difflib.get_close_matches(arch, list(BUILTIN_ARCHITECTURES), n=3)
+        if close:
+            hint = f"did you mean {', '.join(close)}?"
+        else:
+            hint = (
+                f"built-in names: {', '.join(BUILTIN_ARCHITECTURES)}; or torchvision:<name> or package.module:function"
+            )
+        raise ModelError(f"model.architecture: unknown architecture {arch!r}", hint=hint)
+    with _seeded(0):
+        model = _call_builder(func, kwargs, label)
+    if not isinstance(model, nn.Module):
+        raise ModelError(
+            f"model.architecture: {label} returned {type(model).__name__}, not a torch.nn.Module",
+            hint="the factory must return the model object (an nn.Module)",
+        )
+    return model
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _is_tensor_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _unwrap(obj: Any, where: str) -> dict[str, torch.Tensor]:
+    for _ in range(4):  # wrappers can nest ({"model": {"state_dict": ...}})
+        if _is_tensor_dict(obj):
+            return {str(k): v for k, v in obj.items()}
+        if not isinstance(obj, Mapping):
+            break
+        inner = next((obj[k] for k in _WRAPPER_KEYS if k in obj and isinstance(obj[k], Mapping)), None)
+        if inner is None:
+            break
+        obj = inner
+    if isinstance(obj, Mapping):
+        keys = list(obj)
+        shown = ", ".join(repr(k) for k in keys[:8]) + (", ..." if len(keys) > 8 else "")
+        what = f"a mapping with keys {shown}" if keys else "an empty mapping"
+    else:
+        what = f"a {type(obj).__name__}"
+    raise ModelError(
+        f"{where} holds {what}, not a state dict of tensors",
+        hint="save model.state_dict() (optionally as {'state_dict': ...}) or a .safetensors file",
+    )
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    changed = True
+    while changed and state:
+        changed = False
+        for prefix in _STRIP_PREFIXES:
+            if all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix) :]: v for k, v in state.items()}
+                changed = True
+    return state
+
+
+def read_state_dict(path: str | Path, key: str = "model.checkpoint") -> dict[str, torch.Tensor]:
+    """Reads a checkpoint file into a plain state dict on the CPU (wrappers and prefixes removed).
+
+    Args:
+        path: A .safetensors, .pt, .pth or .bin file.
+        key: The config key the path came from, used in error messages.
+
+    Raises:
+        ModelError: the file is missing, unreadable, corrupt or holds no state dict.
+    """
+    path = Path(path)
+    where = f"{key}: {str(path)!r}"
+    if not path.is_file():
+        raise ModelError(f"{where} does not exist")
+    suffix = path.suffix.lower()
+    if suffix not in (".safetensors", ".pt", ".pth", ".bin"):
+        with path.open("rb") as fh:
+            magic = fh.read(4)
+        suffix = ".pt" if magic.startswith(b"PK") or magic[:1] == b"\x80" else ".safetensors"
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj: Any = load_file(str(path), device="cpu")
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - corrupt files raise many kinds of errors
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = "the file may be truncated or not a checkpoint; re-save it from the trained model"
+        if suffix != ".safetensors" and ("weights_only" in str(exc) or "Unsupported global" in str(exc)):
+            hint = "the file holds pickled objects other than tensors: save model.state_dict() instead of the model"
+        raise ModelError(
+            f"{where}: cannot read the checkpoint ({type(exc).__name__}: {reason[:300]})", hint=hint
+        ) from None
+    return _strip_prefixes(_unwrap(obj, where))
+
+
+def _listing(items: list[str], noun: str) -> str:
+    plural = noun if len(items) == 1 else noun + "s"
+    shown = ", ".join(items[:5]) + (f", ... ({len(items) - 5} more)" if len(items) > 5 else "")
+    return f"{len(items)} {plural} ({shown})"
+
+
+def _match_extra_prefix(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+    """Strips one common leading component (e.g. Lightning's `model.`) when that makes the keys match exactly."""
+    if set(state) == expected or not state:
+        return state
+    first = {k.split(".", 1)[0] for k in state}
+    if len(first) == 1 and all("." in k for k in state):
+        prefix = next(iter(first)) + "."
+        stripped = {k[len(prefix) :]: v for k, v in state.items()}
+        if set(stripped) == expected:
+            return stripped
+    return state
+
+
+def load_checkpoint(model: nn.Module, path: str | Path, key: str = "model.checkpoint") -> None:
+    """Loads a checkpoint into `model` in place, strictly (every key and shape must match).
+
+    Args:
+        model: The built model.
+        path: A .safetensors, .pt, .pth or .bin file.
+        key: The config key the path came from, used in error messages.
+
+    Raises:
+        ModelError: unreadable file, or missing/unexpected keys or shape mismatches (listed).
+    """
+    state = read_state_dict(path, key)
+    own = model.state_dict()
+    state = _match_extra_prefix(state, set(own))
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [
+        f"{k}: checkpoint {list(state[k].shape)} vs model {list(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append("missing " + _listing(missing, "key"))
+        if unexpected:
+            parts.append("unexpected " + _listing(unexpected, "key"))
+        if mismatched:
+            parts.append(_listing(mismatched, "shape mismatch").replace("mismatchs", "mismatches"))
+        raise ModelError(f"{key}: {str(Path(path))!r} does not match the model: " + "; ".join(parts), hint=_KWARGS_HINT)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # pragma: no cover - keys and shapes were checked above
+        raise ModelError(f"{key}: {str(Path(path))!r} cannot be loaded: {exc}", hint=_KWARGS_HINT) from None
+
+
+def load_model(
+    cfg: ModelConfig,
+    base_dir: str | Path,
+    checkpoint: str | Path | None = None,
+    *,
+    key: str = "model.checkpoint",
+) -> nn.Module:
+    """Builds the model, loads its weights and puts it in eval mode, on the CPU in float32.
+
+    Args:
+        cfg: The model block of the config.
+        base_dir: The config file's folder; a relative `cfg.checkpoint` resolves against it.
+        checkpoint: Weights to load instead of `cfg.checkpoint` (used as given).
+        key: The config key named in checkpoint errors.
+
+    Raises:
+        ModelError: the model cannot be built or the checkpoint does not fit it.
+    """
+    model = build_model(cfg, base_dir)
+    if checkpoint is None and cfg.checkpoint:
+        ckpt = Path(cfg.checkpoint).expanduser()
+        checkpoint = ckpt if ckpt.is_absolute() else Path(base_dir) / ckpt
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint, key=key)
+    return model.to(device="cpu", dtype=torch.float32).eval()
+
+
+# ----------------------------------------------------------------------------- fingerprint
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A short hash of the model's state dict: names, shapes, dtypes and the bytes of every tensor.
+
+    Returns:
+        The first 16 hex characters of a sha256 digest; any weight change changes it.
+    """
+    h = hashlib.sha256()
+    state = model.state_dict()
+    for name in sorted(state):
+        t = state[name].detach()
+        h.update(f"{name}|{list(t.shape)}|{str(t.dtype).removeprefix('torch.')}\n".encode())
+        if t.numel() == 0:
+            continue
+        flat = t.to("cpu").contiguous().reshape(-1)
+        h.update(memoryview(flat.view(torch.uint8).numpy()))
+    return h.hexdigest()[:16]

@@ -1,0 +1,152 @@
+"""Streaming passes: batches in, per-layer activations and output gradients out.
+
+`stream_gradients` runs the model forward once per batch and back-propagates one
+or more vectors from the model output to every tracked layer's output: the
+Fisher's vectors (fit-factors), the training loss gradient (train side of the
+scores) or the query measurement's gradient (query side).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from influence_cli import task as task_lib
+from influence_cli.errors import DataError, NumericalError
+from influence_cli.tracking import Capture, TrackedModule, tracked_grad_enabled
+
+
+@dataclass
+class BatchGradients:
+    """What one batch contributes to a pass.
+
+    Attributes:
+        index: Batch number within this rank's pass (resumed passes count on).
+        global_indices: [B] source indices of the examples.
+        targets: [B] (or [B, ...]) the real targets.
+        outputs: [B, C] model outputs (detached).
+        activations: {layer: a [B, T, d_in]}.
+        gradients: One dict per back-propagated vector: {layer: g [B, T, d_out]}.
+    """
+
+    index: int
+    global_indices: torch.Tensor
+    targets: torch.Tensor
+    outputs: torch.Tensor
+    activations: dict[str, torch.Tensor]
+    gradients: list[dict[str, torch.Tensor]]
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def accumulator_dtype(model: nn.Module) -> torch.dtype:
+    """float64 for float64 models (the exactness tests), float32 otherwise."""
+    return torch.float64 if model_dtype(model) == torch.float64 else torch.float32
+
+
+def autocast_context(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    if amp == "none" or device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cuda", dtype=getattr(torch, amp))
+
+
+def stream_gradients(
+    model: nn.Module,
+    tracked: list[TrackedModule],
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    *,
+    task_kind: str,
+    mode: str,
+    fisher: str = "empirical",
+    measurement: str = "loss",
+    seed: int = 0,
+    device: torch.device | None = None,
+    amp: str = "none",
+    start_batch: int = 0,
+    max_examples: int | None = None,
+    dataset_name: str = "data.train",
+) -> Iterator[BatchGradients]:
+    """Yields, batch by batch, each tracked layer's activations and output gradients.
+
+    Args:
+        batches: (inputs, targets, global_indices) triples, in a fixed order.
+        mode: "fisher" (vectors of `fisher`: sampled / empirical / ggn),
+            "loss" (per-example loss gradient at the real targets) or
+            "measurement" (gradient of the query measurement).
+        start_batch: Number given to the first batch (for resumed passes).
+        max_examples: Stop after this many examples (the last batch is cut).
+    """
+    device = device or torch.device("cpu")
+    dtype = model_dtype(model)
+    acc_dtype = accumulator_dtype(model)
+    seen = 0
+    for offset, (x, y, idx) in enumerate(batches):
+        if max_examples is not None:
+            if seen >= max_examples:
+                return
+            if seen + len(idx) > max_examples:
+                keep = max_examples - seen
+                x, y, idx = x[:keep], y[:keep], idx[:keep]
+        seen += len(idx)
+        y_cpu = y
+        x = x.to(device, non_blocking=True)
+        if x.is_floating_point():
+            x = x.to(dtype)
+        y = y.to(device, non_blocking=True)
+        idx = idx.to(device, non_blocking=True)
+        with tracked_grad_enabled(tracked), Capture(tracked) as cap:
+            with autocast_context(device, amp):
+                out = model(x)
+            out_f = out.to(acc_dtype) if out.is_floating_point() else out
+            _check_outputs(out_f, y_cpu, task_kind, dataset_name)
+            if mode == "fisher":
+                vectors = task_lib.fisher_output_vectors(out_f, y, idx, task_kind, fisher, seed)
+            elif mode == "loss":
+                vectors = task_lib.loss_output_gradient(out_f, y, task_kind)[None]
+            else:
+                vectors = task_lib.loss_output_gradient(out_f, y, task_kind, measurement)[None]
+            acts = {k: v.to(acc_dtype) for k, v in cap.activations().items()}
+            grads = []
+            for k in range(vectors.shape[0]):
+                g = cap.output_gradients(out, vectors[k].to(out.dtype), retain_graph=k + 1 < vectors.shape[0])
+                grads.append({name: v.to(acc_dtype) for name, v in g.items()})
+        yield BatchGradients(start_batch + offset, idx, y, out_f.detach(), acts, grads)
+
+
+def _check_outputs(out: torch.Tensor, y: torch.Tensor, task_kind: str, dataset_name: str) -> None:
+    """Shape and label checks; `y` is the CPU copy of the targets, so no device sync."""
+    if task_kind == "classification":
+        if out.dim() != 2:
+            raise DataError(
+                f"task.kind: classification expects model outputs [batch, classes], got {list(out.shape)}",
+                hint="set task.kind: regression or change the model",
+            )
+        if y.dtype.is_floating_point:
+            raise DataError(f"{dataset_name}: classification needs integer labels, got {y.dtype}", hint="set task.kind: regression")
+        if y.device.type != "cpu":  # a check here would stall the device; the loss reports it instead
+            return
+        bad = y[(y < 0) | (y >= out.shape[1])]
+        if bad.numel():
+            raise DataError(
+                f"{dataset_name}: label {int(bad[0])} is outside the model's {out.shape[1]} classes",
+                hint="check model.kwargs.num_classes or filter with labels_in",
+            )
+
+
+def check_finite(tensor: torch.Tensor, what: str, batch: BatchGradients) -> None:
+    """Raises NumericalError naming the batch and its example indices when `tensor` has NaN/Inf."""
+    if not bool(torch.isfinite(tensor).all()):
+        idx = batch.global_indices
+        raise NumericalError(
+            f"non-finite value in {what} at batch {batch.index} (examples {int(idx.min())}..{int(idx.max())})",
+            hint="check these examples and the checkpoint for NaN/Inf; nothing was written",
+        )

@@ -1,0 +1,160 @@
+"""One place for on-disk names and atomic safetensors I/O with metadata.
+
+Every output is written to a temporary name in its folder and renamed, so a file
+with a final name is always complete. Metadata values are strings (safetensors'
+rule); structured values are stored as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from influence_cli.errors import OutputError
+
+FACTORS_FILE = "factors.safetensors"
+FACTORS_PARTIAL = "factors.partial{rank}.safetensors"
+SCORES_FILE = "scores.safetensors"
+SCORES_INDEX = "scores.index.json"
+SCORES_SHARD = "scores.shard-{shard:05d}.safetensors"
+SCORES_PARTIAL = "scores.partial{rank}.safetensors"
+SELF_INFLUENCE_FILE = "self_influence.safetensors"
+SIMILARITY_FILE = "similarity.safetensors"
+
+FORMAT_KEY = "format"
+FACTORS_FORMAT = "influence_cli.factors/1"
+SCORES_FORMAT = "influence_cli.scores/1"
+SELF_FORMAT = "influence_cli.self_influence/1"
+SIMILARITY_FORMAT = "influence_cli.similarity/1"
+PARTIAL_FORMAT = "influence_cli.partial/1"
+
+# Per-layer factor keys: "<module>.<name>".
+A_COVARIANCE = "a_covariance"
+G_COVARIANCE = "g_covariance"
+A_EIGENVECTORS = "a_eigenvectors"
+A_EIGENVALUES = "a_eigenvalues"
+G_EIGENVECTORS = "g_eigenvectors"
+G_EIGENVALUES = "g_eigenvalues"
+EIGENVALUES = "eigenvalues"  # curvature diagonal in the eigenbasis: EKFAC-corrected, K-FAC product or diagonal
+NUM_EXAMPLES = "num_examples"
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def ensure_writable_dir(folder: Path, key: str = "output_dir") -> None:
+    """Creates `folder` if needed; OutputError naming `key` when it cannot be written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{key}: cannot create {str(folder)!r} ({exc.strerror})", hint=f"set {key} to a writable folder") from None
+    if not os.access(folder, os.W_OK):
+        raise OutputError(f"{key}: {str(folder)!r} is not writable", hint=f"set {key} to a writable folder")
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+    """Writes a safetensors file atomically (temporary file in the same folder + rename).
+
+    Args:
+        path: Final file name.
+        tensors: Name → tensor (moved to CPU, made contiguous).
+        metadata: Values that are not strings are stored as JSON.
+    """
+    path = Path(path)
+    ensure_writable_dir(path.parent)
+    meta = {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in metadata.items()}
+    meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(cpu, tmp, metadata=meta)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def save_json(path: Path, data: Any) -> None:
+    """Writes JSON atomically."""
+    path = Path(path)
+    ensure_writable_dir(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The raw (string) metadata of a safetensors file."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except Exception as exc:  # safetensors raises several types for corrupt files
+        raise OutputError(f"{str(path)!r} is not a readable safetensors file ({exc})", hint="rerun with --overwrite") from None
+
+
+def load_tensors(path: Path, expected_format: str | None = None, keys: list[str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Reads tensors (all, or `keys`) and metadata; checks the `format` field when asked."""
+    path = Path(path)
+    if not path.is_file():
+        raise OutputError(f"{str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = dict(fh.metadata() or {})
+            if expected_format is not None and meta.get(FORMAT_KEY) != expected_format:
+                raise OutputError(
+                    f"{str(path)!r} is not a {expected_format} file (format: {meta.get(FORMAT_KEY)!r})",
+                    hint="point the command at the output_dir of a matching run",
+                )
+            names = list(fh.keys()) if keys is None else keys
+            tensors = {k: fh.get_tensor(k) for k in names}
+    except OutputError:
+        raise
+    except Exception as exc:
+        raise OutputError(f"{str(path)!r} is not a readable safetensors file ({exc})", hint="rerun with --overwrite") from None
+    return tensors, meta
+
+
+def meta_json(meta: dict[str, str], key: str, default: Any = None) -> Any:
+    """A JSON-encoded metadata value."""
+    if key not in meta:
+        return default
+    try:
+        return json.loads(meta[key])
+    except json.JSONDecodeError:
+        return meta[key]
+
+
+def check_can_write(path: Path, overwrite: bool, what: str) -> None:
+    """Refuses to replace a finished output unless `overwrite`."""
+    if path.exists() and not overwrite:
+        raise OutputError(f"{str(path)!r} already holds {what} from a finished run", hint="pass --overwrite to replace it")

@@ -1,0 +1,150 @@
+"""The task: per-example losses, the query measurement and the Fisher's output vectors.
+
+Everything here acts on model outputs ([B, C] logits for classification, [B] or
+[B, K] predictions for regression). The per-example regression loss is
+Σ_k (f_k − y_k)² (c = 1 in DESIGN.md), so its Gauss-Newton matrix is 2·JᵀJ.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_MASK32 = 0xFFFFFFFF
+
+
+def per_example_loss(outputs: torch.Tensor, targets: torch.Tensor, kind: str) -> torch.Tensor:
+    """Loss of each example.
+
+    Args:
+        outputs: [B, C] logits (classification) or [B, ...] predictions (regression).
+        targets: [B] class indices, or [B, ...] regression targets.
+        kind: "classification" or "regression".
+
+    Returns:
+        [B] losses.
+    """
+    if kind == "classification":
+        return F.cross_entropy(outputs, targets.long(), reduction="none")
+    diff = outputs - targets.to(outputs.dtype).reshape(outputs.shape)
+    return diff.pow(2).reshape(diff.shape[0], -1).sum(dim=1)
+
+
+def per_example_measurement(outputs: torch.Tensor, targets: torch.Tensor, kind: str, measurement: str) -> torch.Tensor:
+    """The loss-like quantity attributed for each query ([B]).
+
+    `loss` is the per-example loss; `margin` is minus the margin
+    (correct logit − logsumexp of the other logits), so that a positive influence
+    score always means "lowers this quantity" (Park et al., 2023, TRAK's margin).
+    """
+    if measurement == "loss":
+        return per_example_loss(outputs, targets, kind)
+    targets = targets.long()
+    correct = outputs.gather(1, targets[:, None]).squeeze(1)
+    others = outputs.scatter(1, targets[:, None], float("-inf"))
+    return -(correct - torch.logsumexp(others, dim=1))
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixer (lowbias32) on int64 tensors holding values < 2**32."""
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def counter_uniform(seed: int, global_indices: torch.Tensor, width: int, stream: int = 0) -> torch.Tensor:
+    """Uniform(0, 1) numbers that depend only on (seed, stream, example index, column).
+
+    Counter-based, so sampled labels do not depend on batch size, data order,
+    the number of ranks or where a resumed pass restarts.
+
+    Returns:
+        [B, width] float64 in (0, 1).
+    """
+    idx = global_indices.to(torch.int64)
+    cols = torch.arange(width, device=idx.device, dtype=torch.int64)
+    h = _hash32(torch.full_like(idx, (seed * 0x9E3779B1 + stream * 0x85EBCA77) & _MASK32))
+    h = _hash32(h ^ (idx & _MASK32))
+    h = _hash32(h ^ (idx >> 32))
+    h = _hash32(h[:, None] ^ (cols[None, :] * 0x27D4EB2F & _MASK32))
+    return (h.to(torch.float64) + 0.5) / 2.0**32
+
+
+def sample_targets(outputs: torch.Tensor, global_indices: torch.Tensor, kind: str, seed: int) -> torch.Tensor:
+    """Targets drawn from the model's own predictive distribution (the true Fisher).
+
+    Classification: y ~ Categorical(softmax(outputs)) by the Gumbel-max trick.
+    Regression: y ~ N(f, 1/2), the distribution whose negative log-likelihood is the
+    loss (f − y)² up to a constant.
+
+    Returns:
+        [B] class indices or targets shaped like `outputs`.
+    """
+    outputs = outputs.detach()
+    if kind == "classification":
+        u = counter_uniform(seed, global_indices, outputs.shape[1])
+        gumbel = -torch.log(-torch.log(u))
+        return (outputs.double() + gumbel).argmax(dim=1)
+    flat = outputs.reshape(outputs.shape[0], -1)
+    width = flat.shape[1]
+    u = counter_uniform(seed, global_indices, 2 * width)
+    normal = torch.sqrt(-2.0 * torch.log(u[:, :width])) * torch.cos(2.0 * torch.pi * u[:, width:])
+    return (flat + normal.to(flat.dtype) * 0.5**0.5).reshape(outputs.shape)
+
+
+def loss_output_gradient(outputs: torch.Tensor, targets: torch.Tensor, kind: str, measurement: str = "loss") -> torch.Tensor:
+    """d(per-example measurement)/d(outputs), one row per example ([B, ...] like outputs)."""
+    out = outputs.detach().requires_grad_(True)
+    with torch.enable_grad():
+        value = per_example_measurement(out, targets, kind, measurement).sum()
+        (grad,) = torch.autograd.grad(value, out)
+    return grad
+
+
+def ggn_output_factors(outputs: torch.Tensor, kind: str) -> torch.Tensor:
+    """Square root of the output Hessian of the loss: K vectors s_k with Σ_k s_k s_kᵀ = H.
+
+    Classification (softmax cross-entropy): H = diag(p) − ppᵀ and
+    s_c = √p_c (e_c − p), one per class. Regression ((f − y)²): H = 2I and
+    s_k = √2 e_k.
+
+    Returns:
+        [K, B, ...] with K = number of outputs per example.
+    """
+    outputs = outputs.detach()
+    if kind == "classification":
+        p = torch.softmax(outputs.double(), dim=1)
+        eye = torch.eye(p.shape[1], dtype=p.dtype, device=p.device)
+        s = p.sqrt().T[:, :, None] * (eye[:, None, :] - p[None, :, :])
+        return s.to(outputs.dtype)
+    flat = outputs.reshape(outputs.shape[0], -1)
+    k = flat.shape[1]
+    eye = torch.eye(k, dtype=flat.dtype, device=flat.device) * 2.0**0.5
+    return eye[:, None, :].expand(k, flat.shape[0], k).reshape(k, *outputs.shape)
+
+
+def fisher_output_vectors(
+    outputs: torch.Tensor,
+    targets: torch.Tensor,
+    global_indices: torch.Tensor,
+    kind: str,
+    fisher: str,
+    seed: int,
+) -> torch.Tensor:
+    """The vectors back-propagated to form the Fisher's gradients.
+
+    `empirical`: the loss gradient at the real targets. `sampled`: the loss gradient
+    at targets sampled from the model. `ggn`: the square root of the output Hessian,
+    so that Σ_k (Jᵀ s_k)(Jᵀ s_k)ᵀ is the exact Gauss-Newton matrix.
+
+    Returns:
+        [K, B, ...] (K = 1 except for `ggn`).
+    """
+    if fisher == "ggn":
+        return ggn_output_factors(outputs, kind)
+    if fisher == "sampled":
+        targets = sample_targets(outputs, global_indices, kind, seed)
+    return loss_output_gradient(outputs, targets, kind)[None]

@@ -1,0 +1,76 @@
+"""Explicit (slow, per-example autograd) reference computations for the float64 math tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from influence_cli import task as task_lib
+from influence_cli.factors import LayerFactors
+from influence_cli.fit import PassPlan, compute_factors
+from influence_cli.tracking import Capture, TrackedModule, find_tracked_modules, tracked_grad_enabled
+
+
+def batches_of(x: torch.Tensor, y: torch.Tensor, batch_size: int):
+    """A PassPlan-style batch factory over in-memory tensors (global index = position)."""
+    n = len(x)
+    idx = torch.arange(n)
+
+    def make(start_batch: int):
+        for s in range(start_batch * batch_size, n, batch_size):
+            yield x[s : s + batch_size], y[s : s + batch_size], idx[s : s + batch_size]
+
+    return make
+
+
+def fit(model: nn.Module, x, y, *, strategy="ekfac", fisher="empirical", batch_size=4, kind="classification", seed=0, modules=("*",)):
+    tracked = find_tracked_modules(model, list(modules))
+    plan = PassPlan(batches_of(x, y, batch_size), -(-len(x) // batch_size), len(x), kind, fisher, seed)
+    return tracked, compute_factors(model, tracked, strategy, plan)
+
+
+def per_example_layer_grads(model, tracked: list[TrackedModule], x, y, vectors_fn):
+    """{layer: [N, K, d_out, d_in]} per-example gradient matrices, one per back-propagated vector, by autograd."""
+    out: dict[str, list[torch.Tensor]] = {tm.name: [] for tm in tracked}
+    for n in range(len(x)):
+        xn = x[n : n + 1]
+        with tracked_grad_enabled(tracked), Capture(tracked):
+            o = model(xn)
+            vecs = vectors_fn(o, y[n : n + 1], torch.tensor([n]))
+            per_k = {tm.name: [] for tm in tracked}
+            for k in range(vecs.shape[0]):
+                params = [p for tm in tracked for p in tm.module.parameters(recurse=False)]
+                grads = torch.autograd.grad(o, params, grad_outputs=vecs[k], retain_graph=True)
+                it = iter(grads)
+                for tm in tracked:
+                    gw = next(it)
+                    gb = next(it) if tm.has_bias else None
+                    per_k[tm.name].append(tm.gradient_matrix(gw, gb))
+        for name, mats in per_k.items():
+            out[name].append(torch.stack(mats))
+    return {name: torch.stack(v) for name, v in out.items()}
+
+
+def empirical_vectors(kind="classification"):
+    return lambda o, y, idx: task_lib.loss_output_gradient(o, y, kind)[None]
+
+
+def fisher_vectors(kind, fisher, seed=0):
+    return lambda o, y, idx: task_lib.fisher_output_vectors(o, y, idx, kind, fisher, seed)
+
+
+def dense_fisher(grads: torch.Tensor) -> torch.Tensor:
+    """E_n Σ_k vec(G_nk) vec(G_nk)ᵀ from [N, K, d_out, d_in] (row-major vec)."""
+    flat = grads.reshape(grads.shape[0] * grads.shape[1], -1)
+    return flat.T @ flat / grads.shape[0]
+
+
+def kron_dense(lf: LayerFactors, damping: float) -> torch.Tensor:
+    """Dense (P + λI) of one layer from its factors, in row-major vec order (vec(W)[i*d_in + j] = W[i, j])."""
+    u = torch.kron(lf.g_eigenvectors, lf.a_eigenvectors)
+    return u @ torch.diag(lf.eigenvalues.reshape(-1) + damping) @ u.T
+
+
+def tiny_mlp(d_in=5, hidden=4, d_out=3, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, d_out)).double()

@@ -1,0 +1,627 @@
+"""Tests of influence_cli.data: sources, subsets, label noise, transforms, loaders, errors."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import pickle
+import struct
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from influence_cli.config import DataSpec, NormalizeSpec, TransformSpec
+from influence_cli.data import IndexedDataset, example_image, load_dataset, make_loader
+from influence_cli.errors import DataError
+
+MNIST_DIR = Path("/work/shared/data/mnist")
+N = 30  # examples in the synthetic IDX files
+H = W = 4
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool | None = None) -> Path:
+    """Writes `array` as an IDX file (gzipped when the name ends in .gz)."""
+    codes = {np.dtype("uint8"): 0x08, np.dtype("int8"): 0x09, np.dtype(">i2"): 0x0B, np.dtype(">i4"): 0x0C,
+             np.dtype(">f4"): 0x0D, np.dtype(">f8"): 0x0E}  # fmt: skip
+    if array.dtype.itemsize > 1:
+        array = array.astype(array.dtype.newbyteorder(">"))
+    header = struct.pack(">BBBB", 0, 0, codes[array.dtype], array.ndim)
+    header += struct.pack(f">{array.ndim}I", *array.shape)
+    raw = header + array.tobytes()
+    compress = path.suffix == ".gz" if compress is None else compress
+    path.write_bytes(gzip.compress(raw) if compress else raw)
+    return path
+
+
+def synthetic_images(n: int = N) -> np.ndarray:
+    """uint8 [n, H, W]; pixel (0, 0) of image i is i, so examples are recognisable."""
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, size=(n, H, W), dtype=np.uint8)
+    imgs[:, 0, 0] = np.arange(n)
+    return imgs
+
+
+def synthetic_labels(n: int = N) -> np.ndarray:
+    return (np.arange(n) % 3).astype(np.uint8)  # 0, 1, 2, 0, 1, 2, ...
+
+
+@pytest.fixture
+def idx_files(tmp_path: Path) -> tuple[Path, Path]:
+    images = write_idx(tmp_path / "imgs-idx3-ubyte.gz", synthetic_images())
+    labels = write_idx(tmp_path / "labs-idx1-ubyte.gz", synthetic_labels())
+    return images, labels
+
+
+def idx_spec(files: tuple[Path, Path], **kwargs) -> DataSpec:
+    return DataSpec(source="idx", images=str(files[0]), labels=str(files[1]), **kwargs)
+
+
+def error_of(spec: DataSpec, base_dir: Path | str = ".", **kwargs) -> str:
+    with pytest.raises(DataError) as info:
+        load_dataset(spec, base_dir, **kwargs)
+    msg = info.value.message
+    assert "\n" not in msg, msg
+    return msg
+
+
+def write_module(tmp_path: Path, body: str) -> str:
+    """Writes a factory module into tmp_path; returns its (unique) module name."""
+    name = f"user_data_{uuid.uuid4().hex[:10]}"
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(body))
+    return name
+
+
+# ----------------------------------------------------------------------------- idx source
+
+
+@pytest.mark.parametrize("compressed", [True, False], ids=["gzip", "plain"])
+def test_idx_reads_images_and_labels(tmp_path: Path, compressed: bool) -> None:
+    suffix = ".gz" if compressed else ""
+    files = (
+        write_idx(tmp_path / f"i{suffix}", synthetic_images()),
+        write_idx(tmp_path / f"l{suffix}", synthetic_labels()),
+    )
+    ds = load_dataset(idx_spec(files), tmp_path)
+    assert isinstance(ds, IndexedDataset) and len(ds) == N and ds.name == "data.train"
+    x, y, gi = ds[7]
+    assert x.shape == (1, H, W) and x.dtype == torch.float32
+    assert torch.equal(x[0], torch.from_numpy(synthetic_images()[7]).float())  # raw 0..255 values
+    assert y.dtype == torch.int64 and y.ndim == 0 and int(y) == 7 % 3
+    assert gi == 7
+    assert torch.equal(ds.global_indices, torch.arange(N))
+    assert torch.equal(ds.labels, torch.from_numpy(synthetic_labels()).long())
+    assert ds.input_shape == (1, H, W) and ds.in_memory
+
+
+def test_idx_relative_paths_and_other_layouts(tmp_path: Path) -> None:
+    vectors = np.arange(N * 5, dtype=np.float32).reshape(N, 5)
+    write_idx(tmp_path / "vec.idx", vectors)
+    write_idx(tmp_path / "targets.idx", np.linspace(0, 1, N).astype(np.float64))
+    ds = load_dataset(DataSpec(source="idx", images="vec.idx", labels="targets.idx"), tmp_path)
+    x, y, _ = ds[3]
+    assert x.shape == (5,) and torch.equal(x, torch.from_numpy(vectors[3]))  # 2-D IDX: no channel dim added
+    assert y.dtype == torch.float32 and ds.labels.dtype == torch.float32  # float labels: regression
+
+
+def test_real_mnist_first_hundred() -> None:
+    images, labels = MNIST_DIR / "t10k-images-idx3-ubyte.gz", MNIST_DIR / "t10k-labels-idx1-ubyte.gz"
+    if not (images.is_file() and labels.is_file()):
+        pytest.skip(f"real MNIST test split not found in {MNIST_DIR}")
+    ds = load_dataset(DataSpec(source="idx", images=str(images), labels=str(labels), range=[0, 100]), ".")
+    assert len(ds) == 100
+    x, _, _ = ds[0]
+    assert x.shape == (1, 28, 28) and 0 <= float(x.min()) and float(x.max()) <= 255
+    raw = gzip.decompress(labels.read_bytes())
+    assert raw[:4] == b"\x00\x00\x08\x01"
+    expected = torch.tensor(list(raw[8:108]), dtype=torch.int64)
+    assert torch.equal(ds.labels, expected)
+    xb, yb, gb = next(iter(make_loader(ds, 100)))
+    assert xb.shape == (100, 1, 28, 28) and torch.equal(yb, expected) and torch.equal(gb, torch.arange(100))
+    # the same split through source: mnist, with root pointing at the folder of IDX files
+    same = load_dataset(DataSpec(source="mnist", root=str(MNIST_DIR), split="test", range=[0, 100]), ".")
+    assert torch.equal(same.labels, expected) and torch.equal(same[5][0], ds[5][0])
+
+
+# ----------------------------------------------------------------------------- tensors source
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "npz", "pt"])
+def test_tensors_file_formats(tmp_path: Path, fmt: str) -> None:
+    inputs = torch.randn(12, 3, dtype=torch.float64)
+    labels = torch.arange(12) % 4
+    path = tmp_path / f"data.{fmt}"
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file({"x": inputs.contiguous(), "y": labels.contiguous()}, str(path))
+    elif fmt == "npz":
+        np.savez(path, x=inputs.numpy(), y=labels.numpy().astype(np.int32))
+    else:
+        torch.save({"x": inputs, "y": labels.to(torch.int16)}, path)
+    ds = load_dataset(DataSpec(source="tensors", path=str(path), inputs_key="x", labels_key="y"), tmp_path)
+    assert len(ds) == 12
+    x, y, gi = ds[5]
+    assert x.dtype == torch.float32 and torch.allclose(x, inputs[5].float())
+    assert y.dtype == torch.int64 and int(y) == 1 and gi == 5
+
+
+def test_tensors_regression_targets(tmp_path: Path) -> None:
+    path = tmp_path / "reg.pt"
+    torch.save({"inputs": torch.randn(8, 2), "labels": torch.randn(8)}, path)
+    ds = load_dataset(DataSpec(source="tensors", path="reg.pt"), tmp_path)
+    assert ds.labels.dtype == torch.float32
+    _, yb, _ = next(iter(make_loader(ds, 8)))
+    assert yb.shape == (8,) and yb.dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------- image folder
+
+
+def write_image_folder(root: Path, sizes: list[tuple[int, int]] | None = None) -> Path:
+    from PIL import Image
+
+    sizes = sizes or [(6, 5)] * 5
+    k = 0
+    for cls, color in (("cat", (250, 10, 10)), ("dog", (10, 10, 250))):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(len(sizes) // 2 + (cls == "cat") * (len(sizes) % 2)):
+            h, w = sizes[k]
+            k += 1
+            Image.new("RGB", (w, h), color).save(root / cls / f"{i}.png")
+    return root
+
+
+def test_image_folder(tmp_path: Path) -> None:
+    root = write_image_folder(tmp_path / "imgs")
+    ds = load_dataset(DataSpec(source="image_folder", root="imgs"), tmp_path)
+    assert len(ds) == 5 and not ds.in_memory and ds.class_names == ["cat", "dog"]
+    assert ds.labels.tolist() == [0, 0, 0, 1, 1]
+    x, y, gi = ds[4]
+    assert x.shape == (3, 6, 5) and x.dtype == torch.float32 and int(y) == 1 and gi == 4
+    assert torch.equal(x[:, 0, 0], torch.tensor([10.0, 10.0, 250.0]))
+    resized = load_dataset(
+        DataSpec(source="image_folder", root=str(root), labels_in=[1], transform=TransformSpec(resize=[3, 2])), "."
+    )
+    assert len(resized) == 2 and resized.global_indices.tolist() == [3, 4]
+    xb, yb, gb = next(iter(make_loader(resized, 4)))  # per-item path, collated by default_collate
+    assert xb.shape == (2, 3, 3, 2) and yb.tolist() == [1, 1] and gb.tolist() == [3, 4]
+    img = example_image(resized, 0)
+    assert img.shape == (3, 3, 2) and torch.allclose(img[:, 0, 0], torch.tensor([10, 10, 250]) / 255.0)
+
+
+def test_image_folder_mixed_sizes_need_resize(tmp_path: Path) -> None:
+    write_image_folder(tmp_path / "imgs", sizes=[(4, 4), (5, 5), (4, 4), (4, 4)])
+    ds = load_dataset(DataSpec(source="image_folder", root="imgs"), tmp_path)
+    with pytest.raises(DataError, match=r"data\.train\.transform\.resize"):
+        next(iter(make_loader(ds, 4)))
+
+
+# ----------------------------------------------------------------------------- factory source
+
+
+def test_factory_returning_tensors(tmp_path: Path) -> None:
+    mod = write_module(
+        tmp_path,
+        """
+        import torch
+
+        def make(n, dim=3):
+            return torch.arange(n * dim, dtype=torch.float32).reshape(n, dim), torch.arange(n) % 2
+        """,
+    )
+    ds = load_dataset(DataSpec(source=f"{mod}:make", kwargs={"n": 10}, range=[4, 10]), tmp_path)
+    assert len(ds) == 6 and ds.in_memory and ds.global_indices.tolist() == list(range(4, 10))
+    x, y, gi = ds[0]
+    assert x.tolist() == [12.0, 13.0, 14.0] and int(y) == 0 and gi == 4
+
+
+def test_factory_returning_dataset(tmp_path: Path) -> None:
+    mod = write_module(
+        tmp_path,
+        """
+        import torch
+
+        class Squares(torch.utils.data.Dataset):
+            def __len__(self):
+                return 9
+
+            def __getitem__(self, i):
+                return torch.full((2,), float(i)), i % 3
+
+        def make():
+            return Squares()
+        """,
+    )
+    ds = load_dataset(DataSpec(source=f"{mod}:make"), tmp_path)
+    assert not ds.in_memory and ds.labels is None  # no targets attribute: labels only through items
+    x, y, gi = ds[4]
+    assert x.tolist() == [4.0, 4.0] and y.dtype == torch.int64 and int(y) == 1 and gi == 4
+    batches = list(make_loader(ds, 4))
+    assert [b[0].shape[0] for b in batches] == [4, 4, 1]
+    assert torch.cat([b[2] for b in batches]).tolist() == list(range(9))
+    filtered = load_dataset(DataSpec(source=f"{mod}:make", labels_in=[2]), tmp_path)  # labels read from the items
+    assert filtered.global_indices.tolist() == [2, 5, 8] and filtered.labels.tolist() == [2, 2, 2]
+
+
+def test_factory_dataset_with_targets_and_label_noise(tmp_path: Path) -> None:
+    mod = write_module(
+        tmp_path,
+        """
+        import torch
+
+        class WithTargets(torch.utils.data.Dataset):
+            targets = [i % 2 for i in range(20)]
+
+            def __len__(self):
+                return 20
+
+            def __getitem__(self, i):
+                return torch.zeros(3), self.targets[i]
+
+        def make():
+            return WithTargets()
+        """,
+    )
+    ds = load_dataset(DataSpec(source=f"{mod}:make", label_noise=0.5), tmp_path, seed=3)
+    assert int(ds.noisy_mask.sum()) == 10
+    ys = torch.stack([ds[i][1] for i in range(len(ds))])
+    assert torch.equal(ys, ds.labels)  # items report the noisy labels
+    _, yb, _ = next(iter(make_loader(ds, 20)))
+    assert torch.equal(yb, ds.labels)
+
+
+# ----------------------------------------------------------------------------- torchvision sources
+
+
+def test_mnist_source_from_torchvision_layout(tmp_path: Path) -> None:
+    raw = tmp_path / "root" / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    write_idx(raw / "train-images-idx3-ubyte", synthetic_images())
+    write_idx(raw / "train-labels-idx1-ubyte", synthetic_labels())
+    ds = load_dataset(DataSpec(source="fashion_mnist", root="root", split="train"), tmp_path)
+    assert len(ds) == N and ds[0][0].shape == (1, H, W) and ds.class_names[0] == "T-shirt/top"
+
+
+def test_cifar10_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision.datasets as tvd
+    import torchvision.datasets.cifar as tv_cifar
+
+    folder = tmp_path / "cifar" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    data = rng.integers(0, 256, size=(6, 3 * 32 * 32), dtype=np.uint8)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({"data": data, "labels": [0, 1, 2, 3, 4, 5]}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
+    monkeypatch.setattr(tvd.CIFAR10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *a, **k: True)
+    spec = DataSpec(source="cifar10", root="cifar", split="test", transform=TransformSpec(flatten=True, scale=255.0))
+    ds = load_dataset(spec, tmp_path)
+    assert len(ds) == 6 and ds.input_shape == (3072,) and ds.labels.tolist() == list(range(6))
+    expected = torch.from_numpy(data[2].reshape(3, 32, 32)).float()
+    assert torch.allclose(ds[2][0], expected.reshape(-1) / 255.0)
+    assert torch.allclose(example_image(ds, 2), expected / 255.0)  # 3072 -> [3, 32, 32]
+    assert ds.class_names[1] == "class1"
+
+
+def test_torchvision_missing_files_error(tmp_path: Path) -> None:
+    msg = error_of(DataSpec(source="mnist", root=str(tmp_path / "nothing"), split="test"), name="data.query")
+    assert msg.startswith("data.query.root:") and "not found" in msg
+    with pytest.raises(DataError) as info:
+        load_dataset(DataSpec(source="cifar10", root=str(tmp_path)), ".")
+    assert "download: true" in info.value.hint
+
+
+# ----------------------------------------------------------------------------- subsets
+
+
+def test_subsets_and_global_indices(idx_files: tuple[Path, Path], tmp_path: Path) -> None:
+    ds = load_dataset(idx_spec(idx_files, range=[5, 15]), ".")
+    assert ds.global_indices.tolist() == list(range(5, 15))
+    assert [int(ds[i][0][0, 0, 0]) for i in range(3)] == [5, 6, 7]  # pixel (0, 0) carries the source index
+    ds = load_dataset(idx_spec(idx_files, indices=[9, 2, 20]), ".")
+    assert ds.global_indices.tolist() == [9, 2, 20] and ds.labels.tolist() == [0, 2, 2]
+    (tmp_path / "keep.txt").write_text("# chosen\n4\n\n11\n")
+    ds = load_dataset(idx_spec(idx_files, indices_file="keep.txt"), tmp_path)
+    assert ds.global_indices.tolist() == [4, 11]
+    (tmp_path / "keep.json").write_text(json.dumps([29, 0]))
+    ds = load_dataset(idx_spec(idx_files, indices_file="keep.json"), tmp_path)
+    assert ds.global_indices.tolist() == [29, 0] and int(ds[0][0][0, 0, 0]) == 29
+
+
+def test_subset_order_selector_then_labels_then_limit(idx_files: tuple[Path, Path]) -> None:
+    ds = load_dataset(idx_spec(idx_files, range=[3, 30], labels_in=[1, 2], limit=5), ".")
+    # range keeps 3..29, labels 1 or 2 keeps 4, 5, 7, 8, 10, ...; limit takes the first five of those
+    assert ds.global_indices.tolist() == [4, 5, 7, 8, 10]
+    assert ds.labels.tolist() == [1, 2, 1, 2, 1]
+    ds = load_dataset(idx_spec(idx_files, indices=[27, 3, 1, 0], labels_in=[0], limit=2), ".")
+    assert ds.global_indices.tolist() == [27, 3]
+
+
+def test_position_of(idx_files: tuple[Path, Path]) -> None:
+    ds = load_dataset(idx_spec(idx_files, indices=[9, 2, 20, 14]), ".")
+    assert ds.position_of(torch.tensor([20, 9, 14])).tolist() == [2, 0, 3]
+    assert ds.position_of(torch.tensor([[2, 20]])).shape == (1, 2)
+    with pytest.raises(DataError, match=r"data\.train: global indices 3, 5 are not among its 4 examples"):
+        ds.position_of(torch.tensor([9, 3, 5]))
+
+
+# ----------------------------------------------------------------------------- label noise
+
+
+def test_label_noise_exact_fraction_and_determinism(idx_files: tuple[Path, Path]) -> None:
+    spec = idx_spec(idx_files, range=[0, 20], label_noise=0.25)
+    a = load_dataset(spec, ".", seed=7)
+    b = load_dataset(spec, ".", seed=7)
+    c = load_dataset(spec, ".", seed=8)
+    clean = torch.from_numpy(synthetic_labels()[:20]).long()
+    assert torch.equal(a.clean_labels, clean)
+    changed = a.labels != clean
+    assert int(changed.sum()) == 5 and torch.equal(changed, a.noisy_mask)  # round(0.25 * 20), always a new class
+    assert set(a.labels.tolist()) <= {0, 1, 2}
+    assert torch.equal(a.labels, b.labels) and a.fingerprint() == b.fingerprint()
+    assert not torch.equal(a.labels, c.labels) and a.fingerprint() != c.fingerprint()
+    _, yb, _ = next(iter(make_loader(a, 20)))
+    assert torch.equal(yb, a.labels)
+    assert int(a[int(torch.nonzero(changed)[0])][1]) != int(clean[changed][0])
+
+
+def test_label_noise_only_among_present_classes(idx_files: tuple[Path, Path]) -> None:
+    ds = load_dataset(idx_spec(idx_files, labels_in=[0, 2], label_noise=0.5), ".")
+    assert set(ds.labels.tolist()) == {0, 2} and int(ds.noisy_mask.sum()) == 10
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+def test_transforms_scale_normalize_flatten_and_example_image(idx_files: tuple[Path, Path]) -> None:
+    transform = TransformSpec(scale=255.0, normalize=NormalizeSpec(mean=[0.5], std=[0.25]), flatten=True)
+    ds = load_dataset(idx_spec(idx_files, transform=transform), ".")
+    raw = torch.from_numpy(synthetic_images()).float()
+    x, _, _ = ds[3]
+    assert x.shape == (H * W,) and torch.allclose(x, ((raw[3] / 255.0 - 0.5) / 0.25).reshape(-1))
+    assert ds.input_shape == (H * W,)
+    img = example_image(ds, 3)
+    assert img.shape == (1, H, W) and torch.allclose(img[0], raw[3] / 255.0, atol=1e-6)  # 16 -> [1, 4, 4]
+
+
+def test_per_channel_normalize(tmp_path: Path) -> None:
+    inputs = torch.rand(4, 3, 2, 2) * 255
+    torch.save({"inputs": inputs, "labels": torch.zeros(4, dtype=torch.long)}, tmp_path / "rgb.pt")
+    norm = NormalizeSpec(mean=[0.1, 0.2, 0.3], std=[0.5, 1.0, 2.0])
+    spec = DataSpec(source="tensors", path="rgb.pt", transform=TransformSpec(scale=255.0, normalize=norm))
+    ds = load_dataset(spec, tmp_path)
+    mean, std = torch.tensor(norm.mean).view(3, 1, 1), torch.tensor(norm.std).view(3, 1, 1)
+    assert torch.allclose(ds[1][0], (inputs[1] / 255.0 - mean) / std, atol=1e-6)
+    xb, _, _ = next(iter(make_loader(ds, 4)))
+    assert torch.allclose(xb, (inputs / 255.0 - mean) / std, atol=1e-6)
+    assert torch.allclose(example_image(ds, 1), inputs[1] / 255.0, atol=1e-5)
+
+
+def test_example_image_flat_square_and_errors(tmp_path: Path) -> None:
+    torch.save({"inputs": torch.rand(3, 64), "labels": torch.zeros(3, dtype=torch.long)}, tmp_path / "a.pt")
+    torch.save({"inputs": torch.rand(3, 10), "labels": torch.zeros(3, dtype=torch.long)}, tmp_path / "b.pt")
+    ds = load_dataset(DataSpec(source="tensors", path="a.pt"), tmp_path)
+    img = example_image(ds, 0)
+    assert img.shape == (1, 8, 8) and torch.allclose(img.reshape(-1), ds[0][0])  # values in [0, 1] kept as is
+    bad = load_dataset(DataSpec(source="tensors", path="b.pt"), tmp_path, name="data.query")
+    with pytest.raises(DataError, match=r"^data\.query: inputs of 10 values"):
+        example_image(bad, 0)
+    with pytest.raises(DataError, match="position 5"):
+        example_image(bad, 5)
+
+
+# ----------------------------------------------------------------------------- loader
+
+
+def test_loader_batches_and_fast_path(idx_files: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    ds = load_dataset(idx_spec(idx_files, range=[2, 25], transform=TransformSpec(flatten=True)), ".")
+    calls = {"getitems": 0}
+    original = IndexedDataset.__getitems__
+
+    def counting(self, positions):
+        calls["getitems"] += 1
+        return original(self, positions)
+
+    monkeypatch.setattr(IndexedDataset, "__getitems__", counting)
+    monkeypatch.setattr(IndexedDataset, "__getitem__", lambda self, i: pytest.fail("per-item path used"))
+    batches = list(make_loader(ds, 10))
+    assert calls["getitems"] == 3 and [len(b[0]) for b in batches] == [10, 10, 3]
+    x, y, gi = batches[0]
+    assert x.shape == (10, H * W) and x.dtype == torch.float32
+    assert y.shape == (10,) and y.dtype == torch.int64 and gi.dtype == torch.int64
+    assert torch.cat([b[2] for b in batches]).tolist() == list(range(2, 25))  # never shuffled
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 7])
+def test_loader_shards_are_contiguous_disjoint_and_cover(idx_files: tuple[Path, Path], world: int) -> None:
+    ds = load_dataset(idx_spec(idx_files, range=[0, 23]), ".")
+    seen = []
+    for rank in range(world):
+        gis = [int(g) for _, _, gb in make_loader(ds, 4, shard=(rank, world)) for g in gb]
+        lo, hi = rank * 23 // world, (rank + 1) * 23 // world
+        assert gis == list(range(lo, hi))
+        seen.extend(gis)
+    assert seen == list(range(23))
+    with pytest.raises(ValueError):
+        make_loader(ds, 4, shard=(2, 2))
+
+
+def test_loader_with_worker_process(idx_files: tuple[Path, Path]) -> None:
+    ds = load_dataset(idx_spec(idx_files), ".")
+    gis = torch.cat([gb for _, _, gb in make_loader(ds, 8, num_workers=1)])
+    assert gis.tolist() == list(range(N))
+
+
+def test_loader_throughput(tmp_path: Path) -> None:
+    n = 20000
+    images = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8).numpy()
+    write_idx(tmp_path / "big-images", images, compress=False)
+    write_idx(tmp_path / "big-labels", (np.arange(n) % 10).astype(np.uint8), compress=False)
+    spec = DataSpec(
+        source="idx", images="big-images", labels="big-labels", transform=TransformSpec(flatten=True, scale=255.0)
+    )
+    ds = load_dataset(spec, tmp_path)
+    start = time.perf_counter()
+    count = sum(len(x) for x, _, _ in make_loader(ds, 256))
+    rate = count / (time.perf_counter() - start)
+    assert count == n and rate > 50_000, f"{rate:.0f} examples/s"
+
+
+# ----------------------------------------------------------------------------- fingerprint
+
+
+def test_fingerprint_stable_and_sensitive(idx_files: tuple[Path, Path], tmp_path: Path) -> None:
+    base = idx_spec(idx_files, range=[0, 20])
+    fp = load_dataset(base, ".").fingerprint()
+    assert len(fp) == 16 and int(fp, 16) >= 0
+    assert load_dataset(base, ".", name="data.query").fingerprint() == fp  # independent of the key
+    assert load_dataset(idx_spec(idx_files, range=[0, 20]), tmp_path).fingerprint() == fp
+    others = [
+        idx_spec(idx_files, range=[0, 19]),
+        idx_spec(idx_files, range=[0, 20], labels_in=[0, 1]),
+        idx_spec(idx_files, range=[0, 20], limit=10),
+        idx_spec(idx_files, indices=list(range(20))[::-1]),
+        idx_spec(idx_files, range=[0, 20], transform=TransformSpec(flatten=True)),
+        idx_spec(idx_files, range=[0, 20], label_noise=0.1),
+    ]
+    fps = {load_dataset(spec, ".").fingerprint() for spec in others}
+    assert fp not in fps and len(fps) == len(others)
+    write_idx(idx_files[0], synthetic_images(N + 1))  # the same first 20 examples, but the file changed size
+    write_idx(idx_files[1], synthetic_labels(N + 1))
+    assert load_dataset(base, ".").fingerprint() != fp
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_range_outside_source(idx_files: tuple[Path, Path]) -> None:
+    msg = error_of(idx_spec(idx_files, range=[0, 200]))
+    assert msg == "data.train.range: [0, 200] is outside the 30 examples of imgs-idx3-ubyte.gz"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        ({"indices": [1, 30]}, r"^data\.train\.indices: index 30 is outside the 30 examples"),
+        ({"indices": [1, 4, 1]}, r"^data\.train\.indices: index 1 appears more than once"),
+        ({"indices": [1], "range": [0, 2]}, r"^data\.train: use one of range, indices"),
+        ({"labels_in": [7]}, r"^data\.train: no examples left after labels_in \[7\]"),
+        ({"range": [5, 2]}, r"^data\.train\.range: expected \[start, stop\)"),
+        ({"label_noise": 0.1, "labels_in": [2]}, r"^data\.train\.label_noise: label noise needs two or more"),
+        ({"transform": TransformSpec(normalize=NormalizeSpec([0.1, 0.2], [1.0, 1.0]))},
+         r"^data\.train\.transform\.normalize: 2 values given for inputs with 1 channels"),
+    ],
+    ids=["index-out-of-range", "duplicate", "two-selectors", "labels-empty", "bad-range", "noise-one-class",
+         "normalize-channels"],
+)  # fmt: skip
+def test_subset_and_transform_errors(idx_files: tuple[Path, Path], kwargs: dict, pattern: str) -> None:
+    assert pytest.raises(DataError, load_dataset, idx_spec(idx_files, **kwargs), ".").match(pattern)
+
+
+def test_indices_file_errors(idx_files: tuple[Path, Path], tmp_path: Path) -> None:
+    (tmp_path / "bad.txt").write_text("1\ntwo\n")
+    assert "line 2 of bad.txt" in error_of(idx_spec(idx_files, indices_file="bad.txt"), tmp_path)
+    (tmp_path / "far.txt").write_text("1\n99\n")
+    assert error_of(idx_spec(idx_files, indices_file="far.txt"), tmp_path).startswith(
+        "data.train.indices_file: index 99 is outside the 30 examples"
+    )
+    (tmp_path / "bad.json").write_text('{"a": 1}')
+    assert error_of(idx_spec(idx_files, indices_file="bad.json"), tmp_path).startswith("data.train.indices_file:")
+    assert error_of(idx_spec(idx_files, indices_file="absent.txt"), tmp_path).startswith("data.train.indices_file:")
+
+
+def test_idx_file_errors(tmp_path: Path) -> None:
+    labels = write_idx(tmp_path / "l.gz", synthetic_labels())
+    images = write_idx(tmp_path / "i.gz", synthetic_images())
+    assert error_of(DataSpec(source="idx", images="missing.gz", labels=str(labels)), tmp_path).startswith(
+        "data.train.images: "
+    )
+    (tmp_path / "corrupt.gz").write_bytes(b"\x1f\x8b" + b"garbage" * 10)
+    assert "not a valid gzip file" in error_of(DataSpec(source="idx", images="corrupt.gz", labels="l.gz"), tmp_path)
+    (tmp_path / "magic").write_bytes(b"\x12\x34\x56\x78" + bytes(20))
+    assert error_of(DataSpec(source="idx", images="magic", labels="l.gz"), tmp_path).startswith(
+        "data.train.images: magic is not an IDX file"
+    )
+    full = gzip.decompress(images.read_bytes())
+    (tmp_path / "short").write_bytes(full[:-5])
+    assert "truncated" in error_of(DataSpec(source="idx", images="short", labels="l.gz"), tmp_path)
+    write_idx(tmp_path / "l10", synthetic_labels(10))
+    msg = error_of(DataSpec(source="idx", images="i.gz", labels="l10"), tmp_path)
+    assert msg == "data.train.labels: l10 has 10 labels but i.gz has 30 images"
+    assert error_of(DataSpec(source="idx", labels="l10"), tmp_path).startswith("data.train.images: required")
+
+
+def test_tensors_file_errors(tmp_path: Path) -> None:
+    torch.save({"inputs": torch.zeros(4, 2), "labels": torch.zeros(3)}, tmp_path / "mismatch.pt")
+    assert error_of(DataSpec(source="tensors", path="mismatch.pt"), tmp_path).startswith(
+        "data.train.labels_key: mismatch.pt has 3 labels"
+    )
+    np.savez(tmp_path / "keys.npz", a=np.zeros(3))
+    msg = error_of(DataSpec(source="tensors", path="keys.npz"), tmp_path)
+    assert msg == "data.train.inputs_key: 'inputs' is not in keys.npz (keys: a)"
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    assert error_of(DataSpec(source="tensors", path="junk.safetensors"), tmp_path).startswith(
+        "data.train.path: cannot read junk.safetensors"
+    )
+    (tmp_path / "junk.pt").write_bytes(b"nope")
+    assert error_of(DataSpec(source="tensors", path="junk.pt"), tmp_path).startswith("data.train.path: cannot read")
+    (tmp_path / "data.csv").write_text("1,2\n")
+    assert "not a .safetensors, .npz, .pt or .pth" in error_of(DataSpec(source="tensors", path="data.csv"), tmp_path)
+    torch.save([torch.zeros(2)], tmp_path / "list.pt")
+    assert "expected a dict of tensors" in error_of(DataSpec(source="tensors", path="list.pt"), tmp_path)
+
+
+def test_factory_errors(tmp_path: Path) -> None:
+    mod = write_module(
+        tmp_path,
+        """
+        def boom():
+            raise ValueError("no data today")
+
+        def wrong():
+            return 42
+
+        def takes(n):
+            return None
+        """,
+    )
+    cases = {
+        "no_such_module_xyz:make": "data.train.source: cannot import 'no_such_module_xyz'",
+        f"{mod}:missing": f"data.train.source: module '{mod}' has no function 'missing'",
+        f"{mod}:boom": f"data.train.source: {mod}:boom raised ValueError: no data today",
+        f"{mod}:wrong": f"data.train.source: {mod}:wrong returned a int",
+        "nocolon": "data.train.source: 'nocolon' is not one of",
+    }
+    for source, prefix in cases.items():
+        assert error_of(DataSpec(source=source), tmp_path).startswith(prefix), source
+    assert error_of(DataSpec(source=f"{mod}:takes", kwargs={"m": 1}), tmp_path).startswith("data.train.kwargs:")
+
+
+def test_image_folder_errors(tmp_path: Path) -> None:
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    assert error_of(DataSpec(source="image_folder", root="empty"), tmp_path).startswith("data.train.root: no images")
+    assert error_of(DataSpec(source="image_folder", root="absent"), tmp_path).startswith("data.train.root:")
+
+
+def test_label_noise_needs_class_labels(tmp_path: Path) -> None:
+    torch.save({"inputs": torch.zeros(6, 2), "labels": torch.rand(6)}, tmp_path / "reg.pt")
+    msg = error_of(DataSpec(source="tensors", path="reg.pt", label_noise=0.5), tmp_path)
+    assert msg.startswith("data.train.label_noise: label noise needs integer class labels")
+    msg = error_of(DataSpec(source="tensors", path="reg.pt", labels_in=[1]), tmp_path)
+    assert msg.startswith("data.train.labels_in: needs integer class labels")
+
+
+def test_resize_needs_images(tmp_path: Path) -> None:
+    torch.save({"inputs": torch.zeros(6, 5), "labels": torch.zeros(6, dtype=torch.long)}, tmp_path / "v.pt")
+    msg = error_of(DataSpec(source="tensors", path="v.pt", transform=TransformSpec(resize=[2, 2])), tmp_path)
+    assert msg.startswith("data.train.transform.resize: inputs of shape [5] are not images")

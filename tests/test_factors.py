@@ -1,0 +1,248 @@
+"""Float64 checks of the factors against explicit per-example autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from exact import batches_of, dense_fisher, empirical_vectors, fisher_vectors, fit, kron_dense, per_example_layer_grads, tiny_mlp
+from influence_cli.fit import PassPlan, compute_factors
+from influence_cli.tracking import Capture, find_tracked_modules, layer_activations, tracked_grad_enabled
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    """Every tensor made in these tests is float64 (restored afterwards)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+@pytest.fixture
+def data():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(13, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (13,), generator=g)
+    return x, y
+
+
+def explicit_covariances(model, tracked, x, y, vectors_fn):
+    """A = mean_n Σ_t a aᵀ and G = mean_n Σ_k (1/T) Σ_t g gᵀ, one example at a time."""
+    a_sum = {tm.name: 0 for tm in tracked}
+    g_sum = {tm.name: 0 for tm in tracked}
+    for n in range(len(x)):
+        with tracked_grad_enabled(tracked), Capture(tracked) as cap:
+            o = model(x[n : n + 1])
+            acts = cap.activations()
+            vecs = vectors_fn(o, y[n : n + 1], torch.tensor([n]))
+            for k in range(vecs.shape[0]):
+                gs = cap.output_gradients(o, vecs[k], retain_graph=True)
+                for tm in tracked:
+                    g = gs[tm.name][0]
+                    g_sum[tm.name] = g_sum[tm.name] + g.T @ g / g.shape[0]
+        for tm in tracked:
+            a = acts[tm.name][0]
+            a_sum[tm.name] = a_sum[tm.name] + a.T @ a
+    return {k: v / len(x) for k, v in a_sum.items()}, {k: v / len(x) for k, v in g_sum.items()}
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "sampled", "ggn"])
+def test_covariances_equal_explicit_expectations(data, fisher):
+    x, y = data
+    model = tiny_mlp()
+    tracked, layers = fit(model, x, y, strategy="kfac", fisher=fisher)
+    a_ref, g_ref = explicit_covariances(model, tracked, x, y, fisher_vectors("classification", fisher))
+    for tm in tracked:
+        torch.testing.assert_close(layers[tm.name].a_covariance, a_ref[tm.name], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(layers[tm.name].g_covariance, g_ref[tm.name], rtol=1e-10, atol=1e-12)
+
+
+def test_mlp_activations_are_inputs_with_bias_column(data):
+    x, y = data
+    model = tiny_mlp()
+    tracked, layers = fit(model, x, y, strategy="kfac")
+    xa = torch.cat([x, torch.ones(len(x), 1)], dim=1)
+    torch.testing.assert_close(layers["0"].a_covariance, xa.T @ xa / len(x))
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "sampled", "ggn"])
+def test_ekfac_eigenvalues_are_fisher_diagonal_in_eigenbasis(data, fisher):
+    x, y = data
+    model = tiny_mlp()
+    tracked, layers = fit(model, x, y, strategy="ekfac", fisher=fisher)
+    grads = per_example_layer_grads(model, tracked, x, y, fisher_vectors("classification", fisher))
+    for tm in tracked:
+        lf = layers[tm.name]
+        rotated = lf.g_eigenvectors.T @ grads[tm.name] @ lf.a_eigenvectors  # [N, K, d_out, d_in]
+        expected = rotated.square().sum(dim=1).mean(dim=0)
+        torch.testing.assert_close(lf.eigenvalues, expected, rtol=1e-10, atol=1e-12)
+        # ... which is also the diagonal of the dense Fisher rotated into the Kronecker eigenbasis
+        u = torch.kron(lf.g_eigenvectors, lf.a_eigenvectors)
+        dense = dense_fisher(grads[tm.name])
+        torch.testing.assert_close(lf.eigenvalues.reshape(-1), torch.diagonal(u.T @ dense @ u), rtol=1e-9, atol=1e-12)
+
+
+def test_diagonal_strategy_is_mean_squared_gradient(data):
+    x, y = data
+    model = tiny_mlp()
+    tracked, layers = fit(model, x, y, strategy="diagonal", fisher="empirical")
+    grads = per_example_layer_grads(model, tracked, x, y, empirical_vectors())
+    for tm in tracked:
+        assert layers[tm.name].a_eigenvectors is None
+        torch.testing.assert_close(layers[tm.name].eigenvalues, grads[tm.name][:, 0].square().mean(0))
+
+
+def test_kfac_eigenvalues_are_products(data):
+    x, y = data
+    tracked, layers = fit(tiny_mlp(), x, y, strategy="kfac")
+    lf = layers["2"]
+    torch.testing.assert_close(lf.eigenvalues, torch.outer(lf.g_eigenvalues, lf.a_eigenvalues))
+    # and A ⊗ G reassembled from the eigendecomposition is the covariance product
+    torch.testing.assert_close(kron_dense(lf, 0.0), torch.kron(lf.g_covariance, lf.a_covariance), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("strategy", ["kfac", "ekfac", "diagonal"])
+@pytest.mark.parametrize("fisher", ["empirical", "sampled", "ggn"])
+def test_invariant_to_batch_size(data, strategy, fisher):
+    x, y = data
+    _, one = fit(tiny_mlp(), x, y, strategy=strategy, fisher=fisher, batch_size=1)
+    _, many = fit(tiny_mlp(), x, y, strategy=strategy, fisher=fisher, batch_size=13)
+    _, odd = fit(tiny_mlp(), x, y, strategy=strategy, fisher=fisher, batch_size=5)
+    for name in one:
+        torch.testing.assert_close(one[name].eigenvalues, many[name].eigenvalues)
+        torch.testing.assert_close(one[name].eigenvalues, odd[name].eigenvalues)
+
+
+class TinyCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(2, 3, kernel_size=3, padding=1, stride=2)
+        self.conv2 = nn.Conv2d(3, 2, kernel_size=2, bias=False, dilation=1)
+        self.fc = nn.Linear(2 * 2 * 2, 3)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(torch.relu(self.conv2(torch.relu(self.conv(x)))), 1))
+
+
+def test_conv2d_factors_equal_explicit_unfold():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 2, 6, 6, generator=g)
+    y = torch.randint(0, 3, (6,), generator=g)
+    model = TinyCNN().double()
+    tracked, layers = fit(model, x, y, strategy="ekfac", fisher="empirical", batch_size=4)
+    # A from an explicit unfold of the conv input
+    cols = F.unfold(x, 3, padding=1, stride=2).transpose(1, 2)  # [N, L, C*k*k]
+    cols = torch.cat([cols, torch.ones(6, cols.shape[1], 1)], dim=2)
+    a_ref = torch.einsum("nti,ntj->ij", cols, cols) / 6
+    torch.testing.assert_close(layers["conv"].a_covariance, a_ref)
+    # Λ* against autograd per-example gradients (which sum over positions)
+    grads = per_example_layer_grads(model, tracked, x, y, empirical_vectors())
+    for tm in tracked:
+        lf = layers[tm.name]
+        rotated = lf.g_eigenvectors.T @ grads[tm.name][:, 0] @ lf.a_eigenvectors
+        torch.testing.assert_close(lf.eigenvalues, rotated.square().mean(0), rtol=1e-10, atol=1e-12)
+    # G averages over positions: explicit from the output gradient
+    with tracked_grad_enabled(tracked), Capture(tracked) as cap:
+        o = model(x)
+        from influence_cli import task as task_lib
+
+        gs = cap.output_gradients(o, task_lib.loss_output_gradient(o, y, "classification"), retain_graph=False)
+    g1 = gs["conv"]  # [N, L, C_out]
+    g_ref = torch.einsum("nto,ntp->op", g1, g1) / g1.shape[1] / 6
+    torch.testing.assert_close(layers["conv"].g_covariance, g_ref)
+
+
+class SeqModel(nn.Module):
+    """Linear layers applied to [B, T, d], mean-pooled over T."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Linear(4, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.proj(x))).mean(dim=1)
+
+
+def test_sequence_inputs_sum_over_positions():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(7, 6, 4, generator=g)
+    y = torch.randint(0, 3, (7,), generator=g)
+    model = SeqModel().double()
+    tracked, layers = fit(model, x, y, strategy="ekfac", fisher="empirical", batch_size=3)
+    grads = per_example_layer_grads(model, tracked, x, y, empirical_vectors())
+    xa = torch.cat([x, torch.ones(7, 6, 1)], dim=2)
+    torch.testing.assert_close(layers["proj"].a_covariance, torch.einsum("nti,ntj->ij", xa, xa) / 7)
+    for tm in tracked:
+        lf = layers[tm.name]
+        rotated = lf.g_eigenvectors.T @ grads[tm.name][:, 0] @ lf.a_eigenvectors
+        torch.testing.assert_close(lf.eigenvalues, rotated.square().mean(0), rtol=1e-10, atol=1e-12)
+
+
+def test_layer_called_twice_counts_as_positions():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.lin(torch.tanh(self.lin(x)))
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(5, 3, generator=g)
+    y = torch.randint(0, 3, (5,), generator=g)
+    model = Shared().double()
+    tracked, layers = fit(model, x, y, strategy="ekfac")
+    grads = per_example_layer_grads(model, tracked, x, y, empirical_vectors())
+    lf = layers["lin"]
+    rotated = lf.g_eigenvectors.T @ grads["lin"][:, 0] @ lf.a_eigenvectors
+    torch.testing.assert_close(lf.eigenvalues, rotated.square().mean(0))
+
+
+def test_least_squares_ggn_is_exact():
+    """For nn.Linear with loss (y − f)², A ⊗ G with the ggn Fisher is 2·XᵀX/N exactly."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(20, 4, generator=g)
+    y = torch.randn(20, 1, generator=g)
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1).double()
+    tracked, layers = fit(model, x, y, strategy="ekfac", fisher="ggn", kind="regression", batch_size=6)
+    xa = torch.cat([x, torch.ones(20, 1)], dim=1)
+    exact = 2 * xa.T @ xa / 20
+    torch.testing.assert_close(kron_dense(layers[""], 0.0), exact, rtol=1e-9, atol=1e-12)
+
+
+def test_module_patterns_select_layers():
+    model = tiny_mlp()
+    assert [tm.name for tm in find_tracked_modules(model, ["2"])] == ["2"]
+    from influence_cli.errors import ModelError
+
+    with pytest.raises(ModelError, match="matches no"):
+        find_tracked_modules(model, ["encoder.*"])
+
+
+def test_activation_layout_matches_weight_layout():
+    conv = nn.Conv2d(2, 3, 3, padding=1).double()
+    tm = find_tracked_modules(nn.Sequential(conv), ["*"])[0]
+    x = torch.randn(2, 2, 5, 5)
+    a = layer_activations(tm, x)  # [B, L, C*k*k + 1]
+    w = tm.gradient_matrix(conv.weight, conv.bias)  # [C_out, C*k*k + 1]
+    out = (a @ w.T).transpose(1, 2).reshape(2, 3, 5, 5)
+    torch.testing.assert_close(out, conv(x))
+
+
+def test_plan_resumes_from_start_batch(data):
+    x, y = data
+    model = tiny_mlp()
+    tracked = find_tracked_modules(model, ["*"])
+    make = batches_of(x, y, 4)
+    assert sum(len(b[2]) for b in make(2)) == 13 - 8
+    plan = PassPlan(make, 4, 13, "classification", "empirical")
+    layers = compute_factors(model, tracked, "kfac", plan)
+    assert layers["0"].num_examples == 13

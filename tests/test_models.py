@@ -1,0 +1,336 @@
+"""Tests for influence_cli.models: architectures, factories, checkpoints, fingerprints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from influence_cli.config import ModelConfig
+from influence_cli.errors import ModelError
+from influence_cli.models import (
+    BUILTIN_ARCHITECTURES,
+    build_model,
+    load_checkpoint,
+    load_model,
+    model_fingerprint,
+)
+
+SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
+MLP_KWARGS = {"input_dim": 64, "hidden": [64, 32], "num_classes": 10}
+
+
+def _mlp() -> nn.Module:
+    return build_model(ModelConfig(architecture="mlp", kwargs=MLP_KWARGS), ".")
+
+
+def _assert_same_weights(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+# ----------------------------------------------------------------------------- architectures
+
+
+def test_builtins_registered() -> None:
+    assert {"mlp", "cnn"} <= set(BUILTIN_ARCHITECTURES)
+
+
+def test_mlp_flat_and_image_inputs() -> None:
+    model = _mlp()
+    assert model(torch.randn(5, 64)).shape == (5, 10)
+    assert model(torch.randn(5, 1, 8, 8)).shape == (5, 10)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    assert names == ["fc1", "fc2", "head"]
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "gelu"])
+def test_mlp_activations(activation: str) -> None:
+    model = build_model(ModelConfig("mlp", {"input_dim": 784, "activation": activation}), ".")
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_mlp_without_hidden_layers_is_linear() -> None:
+    model = build_model(ModelConfig("mlp", {"input_dim": 3, "hidden": [], "num_classes": 1}), ".")
+    assert [type(m) for m in model] == [nn.Flatten, nn.Linear]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "shape"),
+    [
+        ({"in_channels": 1, "image_size": 8, "channels": [8, 16]}, (4, 1, 8, 8)),
+        ({}, (4, 1, 28, 28)),
+        ({"in_channels": 3, "image_size": 32}, (4, 3, 32, 32)),
+        ({"in_channels": 3, "image_size": [32, 16]}, (4, 3, 32, 16)),
+    ],
+)
+def test_cnn_shapes(kwargs: dict, shape: tuple[int, ...]) -> None:
+    model = build_model(ModelConfig("cnn", kwargs), ".")
+    assert model(torch.randn(*shape)).shape == (4, 10)
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    assert convs == [f"conv{i + 1}" for i in range(len(kwargs.get("channels", [16, 32])))]
+
+
+def test_cnn_too_small_image() -> None:
+    with pytest.raises(ModelError, match="image_size"):
+        build_model(ModelConfig("cnn", {"image_size": 4, "channels": [8, 8, 8]}), ".")
+
+
+def test_build_is_seeded_and_keeps_global_rng() -> None:
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    a, b = _mlp(), _mlp()
+    assert torch.equal(torch.rand(3), expected)
+    _assert_same_weights(a, b)
+
+
+def test_torchvision_resnet18() -> None:
+    model = build_model(ModelConfig("torchvision:resnet18", {"num_classes": 10}), ".")
+    assert model.fc.out_features == 10
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_torchvision_unknown_name_suggests() -> None:
+    with pytest.raises(ModelError, match="model.architecture") as info:
+        build_model(ModelConfig("torchvision:resnet19"), ".")
+    assert "resnet18" in (info.value.hint or "")
+
+
+def test_unknown_architecture() -> None:
+    with pytest.raises(ModelError, match="model.architecture") as info:
+        build_model(ModelConfig("mpl", {"input_dim": 4}), ".")
+    assert "mlp" in (info.value.hint or "")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"input_dim": 4, "widht": 3}, "model.kwargs.*widht"),
+        ({}, "model.kwargs.*input_dim"),
+        ({"input_dim": "4"}, "model.kwargs.input_dim"),
+        ({"input_dim": 4, "activation": "swish"}, "model.kwargs.activation"),
+    ],
+)
+def test_bad_kwargs(kwargs: dict, match: str) -> None:
+    with pytest.raises(ModelError, match=match):
+        build_model(ModelConfig("mlp", kwargs), ".")
+
+
+def test_torchvision_bad_kwargs() -> None:
+    with pytest.raises(ModelError, match="model.kwargs"):
+        build_model(ModelConfig("torchvision:resnet18", {"num_clases": 10}), ".")
+
+
+# ----------------------------------------------------------------------------- factories
+
+
+def _write_factory(folder: Path, module: str, body: str) -> None:
+    (folder / f"{module}.py").write_text(body)
+
+
+FACTORY = """
+from torch import nn
+
+def make(width=4, out=2):
+    return nn.Sequential(nn.Linear(3, width), nn.ReLU(), nn.Linear(width, out))
+
+def not_a_model():
+    return 42
+
+def broken():
+    raise RuntimeError("boom")
+"""
+
+
+def test_factory_from_config_folder(tmp_path: Path) -> None:
+    _write_factory(tmp_path, "my_model", FACTORY)
+    model = build_model(ModelConfig("my_model:make", {"width": 5}), tmp_path)
+    assert model(torch.randn(2, 3)).shape == (2, 2)
+    assert str(tmp_path) not in __import__("sys").path
+
+
+def test_factory_same_name_other_folder(tmp_path: Path) -> None:
+    for sub, out in (("a", 2), ("b", 7)):
+        folder = tmp_path / sub
+        folder.mkdir()
+        _write_factory(folder, "my_model", FACTORY.replace("out=2", f"out={out}"))
+        model = build_model(ModelConfig("my_model:make"), folder)
+        assert model(torch.randn(1, 3)).shape == (1, out)
+
+
+@pytest.mark.parametrize(
+    ("arch", "kwargs", "match"),
+    [
+        ("my_model:not_a_model", {}, "model.architecture.*not a torch.nn.Module"),
+        ("my_model:missing", {}, "model.architecture.*no attribute"),
+        ("my_model:broken", {}, "model.architecture.*boom"),
+        ("no_such_module_xyz:make", {}, "model.architecture.*cannot import"),
+        ("my_model:make", {"depth": 3}, "model.kwargs.*depth"),
+    ],
+)
+def test_factory_errors(tmp_path: Path, arch: str, kwargs: dict, match: str) -> None:
+    _write_factory(tmp_path, "my_model", FACTORY)
+    with pytest.raises(ModelError, match=match):
+        build_model(ModelConfig(arch, kwargs), tmp_path)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _trained_like(model: nn.Module) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(7)
+    return {k: torch.randn(v.shape, generator=gen) for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    ("suffix", "wrap"),
+    [
+        (".safetensors", lambda s: s),
+        (".pt", lambda s: s),
+        (".pth", lambda s: {"state_dict": s, "epoch": 3}),
+        (".pt", lambda s: {"model": s, "optimizer": {"lr": 0.1}}),
+        (".bin", lambda s: {"model_state_dict": s}),
+        (".pt", lambda s: {f"module.{k}": v for k, v in s.items()}),
+        (".pt", lambda s: {"state_dict": {f"module._orig_mod.{k}": v for k, v in s.items()}}),
+        (".safetensors", lambda s: {f"_orig_mod.{k}": v for k, v in s.items()}),
+        (".ckpt", lambda s: {"state_dict": {f"model.{k}": v for k, v in s.items()}}),
+    ],
+)
+def test_checkpoint_round_trip(tmp_path: Path, suffix: str, wrap) -> None:
+    source = _mlp()
+    state = _trained_like(source)
+    source.load_state_dict(state)
+    path = tmp_path / f"weights{suffix}"
+    obj = wrap(state)
+    if suffix == ".safetensors":
+        save_file(obj, str(path))
+    else:
+        torch.save(obj, path)
+    target = _mlp()
+    load_checkpoint(target, path)
+    _assert_same_weights(source, target)
+
+
+def test_load_model_resolves_against_base_dir(tmp_path: Path) -> None:
+    source = _mlp()
+    source.load_state_dict(_trained_like(source))
+    (tmp_path / "ckpt").mkdir()
+    save_file(source.state_dict(), str(tmp_path / "ckpt" / "w.safetensors"))
+    cfg = ModelConfig("mlp", MLP_KWARGS, checkpoint="ckpt/w.safetensors")
+    model = load_model(cfg, tmp_path)
+    assert not model.training
+    assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in model.parameters())
+    _assert_same_weights(source, model)
+    other = load_model(cfg, tmp_path, checkpoint=SAMPLE / "mlp.safetensors")
+    assert model_fingerprint(other) != model_fingerprint(model)
+
+
+def test_mismatch_lists_keys(tmp_path: Path) -> None:
+    state = _trained_like(_mlp())
+    state["extra.weight"] = torch.zeros(2)
+    del state["head.bias"]
+    state["fc1.weight"] = torch.zeros(128, 64)
+    path = tmp_path / "bad.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(ModelError) as info:
+        load_checkpoint(_mlp(), path)
+    msg = info.value.message
+    assert "bad.safetensors" in msg and "\n" not in msg
+    assert "missing 1 key (head.bias)" in msg
+    assert "unexpected 1 key (extra.weight)" in msg
+    assert "fc1.weight: checkpoint [128, 64] vs model [64, 64]" in msg
+    assert "model.kwargs" in (info.value.hint or "")
+
+
+def test_mismatch_truncates_long_lists(tmp_path: Path) -> None:
+    path = tmp_path / "other.pt"
+    torch.save({f"layer{i}.weight": torch.zeros(1) for i in range(9)}, path)
+    with pytest.raises(ModelError, match=r"unexpected 9 keys \(.*\(4 more\)\)"):
+        load_checkpoint(_mlp(), path, key="scores.checkpoints[0]")
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_corrupt_checkpoint(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"corrupt{suffix}"
+    path.write_bytes(b"\x00\x01garbage" * 10)
+    with pytest.raises(ModelError, match=f"model.checkpoint: .*corrupt{suffix}.*cannot read"):
+        load_checkpoint(_mlp(), path)
+
+
+def test_truncated_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "w.pt"
+    torch.save(_mlp().state_dict(), path)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ModelError, match="w.pt"):
+        load_checkpoint(_mlp(), path)
+
+
+def test_whole_pickled_model_is_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "whole.pt"
+    torch.save(_mlp(), path)
+    with pytest.raises(ModelError, match="whole.pt"):
+        load_checkpoint(_mlp(), path)
+
+
+def test_missing_and_non_state_dict_files(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="does not exist"):
+        load_checkpoint(_mlp(), tmp_path / "nope.pt")
+    path = tmp_path / "meta.pt"
+    torch.save({"epoch": 3, "lr": 0.1}, path)
+    with pytest.raises(ModelError, match="not a state dict"):
+        load_checkpoint(_mlp(), path)
+
+
+# ----------------------------------------------------------------------------- fingerprint
+
+
+def test_fingerprint_stable_and_sensitive(tmp_path: Path) -> None:
+    model = _mlp()
+    fp = model_fingerprint(model)
+    assert len(fp) == 16 and int(fp, 16) >= 0
+    path = tmp_path / "w.safetensors"
+    save_file(model.state_dict(), str(path))
+    assert model_fingerprint(load_model(ModelConfig("mlp", MLP_KWARGS), ".", checkpoint=path)) == fp
+    assert model_fingerprint(load_model(ModelConfig("mlp", MLP_KWARGS), ".", checkpoint=path)) == fp
+    with torch.no_grad():
+        model.fc2.weight[3, 5] += 1e-6
+    assert model_fingerprint(model) != fp
+    other = build_model(ModelConfig("mlp", {**MLP_KWARGS, "hidden": [32, 64]}), ".")
+    assert model_fingerprint(other) != fp
+
+
+# ----------------------------------------------------------------------------- shipped sample data
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "min_accuracy"),
+    [
+        ("mlp", MLP_KWARGS, 0.88),
+        ("cnn", {"in_channels": 1, "image_size": 8, "channels": [8, 16], "num_classes": 10}, 0.9),
+    ],
+)
+def test_sample_checkpoints(name: str, kwargs: dict, min_accuracy: float) -> None:
+    path = SAMPLE / f"{name}.safetensors"
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata()
+    assert meta["architecture"] == name and json.loads(meta["kwargs"]) == kwargs
+    model = build_model(ModelConfig(architecture=name, kwargs=kwargs), SAMPLE)
+    load_checkpoint(model, path)
+    model.eval()
+    with safe_open(str(SAMPLE / "digits.safetensors"), "pt") as fh:
+        inputs, labels = fh.get_tensor("inputs"), fh.get_tensor("labels")
+    assert inputs.shape == (1797, 1, 8, 8) and labels.shape == (1797,)
+    assert inputs.dtype == torch.float32 and labels.dtype == torch.int64
+    with torch.no_grad():
+        accuracy = (model(inputs[1500:] / 16.0).argmax(1) == labels[1500:]).float().mean().item()
+    assert accuracy >= min_accuracy
+    assert accuracy == pytest.approx(float(meta["test_accuracy"]), abs=1e-3)
