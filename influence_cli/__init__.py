@@ -13,13 +13,23 @@ from influence_cli.config import Config, load_config  # noqa: E402
 from influence_cli.errors import InfluenceError  # noqa: E402
 
 
-def __getattr__(name: str):
-    # Heavy modules load on first use, so `influence --help` stays fast.
-    if name in ("fit_factors", "load_factors"):
-        from influence_cli import fit
+_LAZY = {
+    "fit_factors": "influence_cli.fit",
+    "load_factors": "influence_cli.fit",
+    "compute_scores": "influence_cli.scores",
+    "top_k": "influence_cli.topk",
+    "self_top_k": "influence_cli.topk",
+    "dataset_similarity": "influence_cli.similarity",
+}
 
-        return getattr(fit, name)
+
+def __getattr__(name: str):
+    # Heavy modules (torch) load on first use, so `influence --help` stays fast.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'influence_cli' has no attribute {name!r}")
 
 
-__all__ = ["Config", "InfluenceError", "__version__", "fit_factors", "load_config", "load_factors"]
+__all__ = ["Config", "InfluenceError", "__version__", "load_config", *_LAZY]

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import json
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,6 +31,8 @@ FISHER_KINDS = ("sampled", "empirical", "ggn")
 SIMILARITY_METHODS = ("fisher-kernel", "task2vec")
 AMP_DTYPES = ("none", "bfloat16", "float16")
 SCORE_DTYPES = ("float32", "bfloat16", "float16")
+SPECTRUM_ORDERS = ("kfac", "ekfac")
+EDIT_KEEP = ("mass", "share")
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -95,7 +99,10 @@ class ModelConfig:
 class TaskConfig:
     """What the model does and which quantity of a query is attributed."""
 
-    kind: Literal["classification", "regression"] = _help("classification | regression", default="classification")
+    kind: Literal["classification", "regression"] = _help(
+        "classification (logits [batch, classes], cross-entropy) | regression (predictions, summed squared error)",
+        default="classification",
+    )
     measurement: Literal["loss", "margin"] = _help(
         "Query quantity differentiated: loss, or margin (classification; minus the margin is used).",
         default="loss",
@@ -116,13 +123,15 @@ class DataConfig:
 class FactorsConfig:
     """How the curvature (Fisher / Gauss-Newton) is approximated."""
 
-    strategy: Literal["ekfac", "kfac", "diagonal", "identity"] = _help("ekfac | kfac | diagonal | identity", default="ekfac")
+    strategy: Literal["ekfac", "kfac", "diagonal", "identity"] = _help(
+        "ekfac (eigenvalue-corrected K-FAC) | kfac | diagonal | identity (no curvature)", default="ekfac"
+    )
     fisher: Literal["sampled", "empirical", "ggn"] = _help(
         "sampled (true Fisher, seeded label samples) | empirical (real labels) | ggn (exact expectation)",
         default="sampled",
     )
     modules: list[str] = _help("fnmatch patterns of module names to track.", default_factory=lambda: ["*"])
-    max_examples: int | None = _help("Cap on training examples used per pass (None = all).", default=None)
+    max_examples: int | None = _help("Cap on training examples used per pass (null = all).", default=None)
     amp: Literal["none", "bfloat16", "float16"] = _help("Autocast dtype for the data passes on GPU.", default="none")
     checkpoint_every: int = _help("Save resumable progress every N batches (0 = never).", default=50)
 
@@ -131,11 +140,11 @@ class FactorsConfig:
 class ScoresConfig:
     """How influence scores are computed and stored."""
 
-    damping: float | str = _help("auto (0.1 x mean eigenvalue per layer) or a non-negative number.", default="auto")
-    damping_factor: float = _help("The factor used by damping: auto.", default=0.1)
+    damping: float | str = _help("auto (damping_factor x mean eigenvalue, per layer) or a number >= 0 used for every layer.", default="auto")
+    damping_factor: float = _help("λ = damping_factor x mean eigenvalue of each layer, when damping is auto.", default=0.1)
     relative: bool = _help("RelatIF: divide by the norm of the train example's preconditioned gradient.", default=False)
     max_memory_mb: float = _help("Memory budget for the score matrix; larger runs are written as shards.", default=1024.0)
-    query_chunk: int | None = _help("Queries preconditioned and scored together (None = fit the budget).", default=None)
+    query_chunk: int | None = _help("Queries preconditioned and scored together (null = fit the budget).", default=None)
     dtype: Literal["float32", "bfloat16", "float16"] = _help("Storage dtype of the scores.", default="float32")
     checkpoints: list[str] = _help(
         "Extra checkpoints to ensemble over (each needs its own factors: see docs).", default_factory=list
@@ -146,8 +155,44 @@ class ScoresConfig:
 class SimilarityConfig:
     """Datasets compared by dataset-similarity and how."""
 
-    method: Literal["fisher-kernel", "task2vec"] = _help("fisher-kernel | task2vec", default="fisher-kernel")
+    method: Literal["fisher-kernel", "task2vec"] = _help(
+        "fisher-kernel (mean gradients through the damped Fisher) | task2vec (diagonal Fisher embeddings, cosine)",
+        default="fisher-kernel",
+    )
     datasets: dict[str, DataSpec] = _help("Two or more named data specs (same keys as data.train).", default_factory=dict)
+
+
+@dataclass
+class SpectrumEditConfig:
+    """What `influence edit` keeps of each layer's weights in the curvature eigenbasis (Merullo et al. 2025)."""
+
+    keep: Literal["mass", "share"] = _help(
+        "mass: the smallest set of highest-curvature directions holding rho of the curvature | share: the top `share` of directions",
+        default="mass",
+    )
+    rho: float = _help("Share of the curvature mass kept with keep: mass (0.6 in Merullo et al. 2025).", default=0.6)
+    share: float = _help("Share of the directions kept (highest curvature first) with keep: share.", default=0.5)
+    layers: list[str] | None = _help("fnmatch patterns of the layers edited (null = spectrum.layers).", default=None)
+
+
+@dataclass
+class SpectrumConfig:
+    """How `influence spectrum` splits the curvature eigenbasis into bands, and on which datasets."""
+
+    layers: list[str] = _help("fnmatch patterns of the tracked layers analysed.", default_factory=lambda: ["*"])
+    order: Literal["kfac", "ekfac"] = _help(
+        "Curvature of direction (i, j): kfac (the products λ_G[i]·λ_A[j]) | ekfac (the corrected eigenvalues Λ*[i, j])",
+        default="kfac",
+    )
+    bottom: float = _help("Share of the directions (or of the curvature mass, with mass: true) in the bottom band.", default=0.5)
+    top: float = _help("Share of the directions (or of the curvature mass, with mass: true) in the top band.", default=0.1)
+    mass: bool = _help("Bands by cumulative curvature mass instead of by share of directions.", default=False)
+    bins: int = _help("Curvature-percentile bins of the energy profile (--plot).", default=20)
+    baseline: str | None = _help(
+        "Dataset the others are compared to (a name, or name:noisy / name:clean); null = the last one listed.", default=None
+    )
+    datasets: dict[str, DataSpec] = _help("Named data specs (same keys as data.train); empty = data.train as `train`.", default_factory=dict)
+    edit: SpectrumEditConfig = _help("influence edit.", default_factory=SpectrumEditConfig)
 
 
 @dataclass
@@ -160,6 +205,7 @@ class Config:
     factors: FactorsConfig = _help("Curvature approximation.", default_factory=FactorsConfig)
     scores: ScoresConfig = _help("Score computation.", default_factory=ScoresConfig)
     similarity: SimilarityConfig = _help("Dataset similarity.", default_factory=SimilarityConfig)
+    spectrum: SpectrumConfig = _help("Curvature spectrum (memorization) and weight editing.", default_factory=SpectrumConfig)
     output_dir: str = _help("Folder for factors, scores and reports.", default="runs/default")
     device: str = _help("auto | cpu | cuda | cuda:N", default="auto")
     seed: int = _help("Seed for sampled labels and label noise.", default=0)
@@ -170,7 +216,7 @@ class Config:
         """Resolves a path from the config against the config file's folder."""
         if path is None:
             return None
-        p = Path(path).expanduser()
+        p = Path(os.path.expanduser(path))  # unlike Path.expanduser, leaves an unknown ~user as is
         return Path(os.path.normpath(p if p.is_absolute() else Path(self.base_dir) / p))
 
     @property
@@ -209,7 +255,9 @@ def _type_name(tp: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+        item = typing.get_args(tp)[0]
+        plural = {int: "integers", float: "numbers", str: "strings", bool: "true/false values"}.get(item)
+        return f"a list of {plural}" if plural else f"a list of ({_type_name(item)})"
     if origin is dict:
         return "a mapping"
     if dataclasses.is_dataclass(tp):
@@ -231,6 +279,13 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        others = [a for a in args if a is not type(None)]
+        if len(others) == 1:
+            arm = others[0]
+            is_map = dataclasses.is_dataclass(arm) or typing.get_origin(arm) is dict
+            if (is_map and isinstance(value, dict)) or (typing.get_origin(arm) is list and isinstance(value, (list, tuple))):
+                # X | None given an X-shaped value: report the problems inside it, by their own keys
+                return _coerce(value, arm, key, problems)
         for arg in args:
             if arg is type(None):
                 continue
@@ -274,7 +329,11 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:
+                problems.append(f"{key}: {value} is too large for a number")
+                return _FAIL
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -290,7 +349,9 @@ def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str]) ->
         key = f"{prefix}.{name}" if prefix else str(name)
         if name not in fields:
             known = ", ".join(sorted(fields))
-            problems.append(f"{key}: unknown key (known keys: {known})")
+            close = difflib.get_close_matches(str(name), list(fields), n=1)
+            guess = f"did you mean {close[0]}? " if close else ""
+            problems.append(f"{key}: unknown key ({guess}known keys: {known})")
             continue
         out = _coerce(value, hints[name], key, problems)
         if out is not _FAIL:
@@ -302,7 +363,28 @@ def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str]) ->
         return _FAIL
 
 
-# ----------------------------------------------------------------------------- overrides
+# ----------------------------------------------------------------------------- YAML and overrides
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.SafeLoader that also reads YAML 1.2 exponent floats without a dot (1e-3) as numbers."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _short(text: Any, limit: int = 80) -> str:
+    """repr(text), cut to `limit` characters for one-line messages."""
+    r = repr(text)
+    return r if len(r) <= limit else r[: limit - 4] + "...'"
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -311,17 +393,20 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     Returns:
         (key path, value).
     """
+    shown = _short(text)
     if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected key.path=value (for example factors.strategy=kfac)")
+        raise ConfigError(f"--set {shown}: expected key.path=value (for example factors.strategy=kfac)")
     key, raw = text.split("=", 1)
     key = key.strip()
     parts = key.split(".")
     if not key or any(not p.strip() for p in parts):
-        raise ConfigError(f"--set {text!r}: the key {key!r} is not a dotted key path")
+        raise ConfigError(f"--set {shown}: the key {_short(key)} is not a dotted key path")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({_yaml_reason(exc)})") from None
+        raise ConfigError(f"--set {shown}: the value is not valid YAML ({_yaml_reason(exc)})") from None
+    except RecursionError:
+        raise ConfigError(f"--set {shown}: the value is nested too deeply") from None
     return [p.strip() for p in parts], value
 
 
@@ -337,7 +422,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 child = node[part] = {}
             if not isinstance(child, dict):
                 path = ".".join(parts[: i + 1])
-                raise ConfigError(f"--set {text!r}: {path} is {child!r}, not a mapping")
+                raise ConfigError(f"--set {_short(text)}: {path} is {_short(child)}, not a mapping")
             node = child
         node[parts[-1]] = value
     return data
@@ -366,12 +451,14 @@ def load_config(path: str | Path, overrides: list[str] | None = None, check_file
         ConfigError: listing every problem, each with its key.
     """
     path = Path(path)
-    if not path.is_file():
+    if not _exists(path, "file"):
         raise ConfigError(f"config file {str(path)!r} does not exist", hint="pass the path of a YAML config file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = _yaml_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"not valid YAML ({_yaml_reason(exc)})", source=str(path)) from None
+    except RecursionError:
+        raise ConfigError("not valid YAML (nested too deeply)", source=str(path)) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read the file ({exc})", source=str(path)) from None
     if data is None:
@@ -388,9 +475,17 @@ def config_from_dict(
     source: str = "<config>",
     check_files: bool = True,
 ) -> Config:
-    """Builds a validated `Config` from plain data (the Python API's entry point)."""
+    """Builds a validated `Config` from plain data (the Python API's entry point).
+
+    Raises:
+        ConfigError: listing every problem (type problems and value problems together), each with its key.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"the top level must be a mapping of keys (model:, data:, ...), got {type(data).__name__}", source=source)
+    _check_structure(data, source)
     try:
         data = apply_overrides(data, overrides or [])
+        _check_structure(data, source)
     except ConfigError as exc:
         raise ConfigError(exc.problems, source=source) from None
     problems: list[str] = []
@@ -398,10 +493,62 @@ def config_from_dict(
     if cfg is not _FAIL:
         cfg.base_dir = str(base_dir)
         cfg.source = source
-        problems.extend(validate(cfg, check_files=check_files))
+        # A key that failed its type check fell back to its default: drop value problems
+        # about that default (e.g. "data.train: missing" after "data.train: expected a mapping").
+        failed = {p.split(": ", 1)[0] for p in problems}
+        problems.extend(p for p in validate(cfg, check_files=check_files) if not _under(p.split(": ", 1)[0], failed))
     if problems:
         raise ConfigError(problems, source=source, hint="fix the keys above in the file or with --set key=value")
     return cfg
+
+
+def _under(key: str, roots: set[str]) -> bool:
+    """Whether `key` is one of `roots` or nested below one of them."""
+    return any(key == r or key.startswith((r + ".", r + "[")) for r in roots)
+
+
+MAX_DEPTH = 64
+MAX_VALUES = 1_000_000
+
+
+def _check_structure(data: Any, source: str) -> None:
+    """Rejects self-referencing YAML aliases, absurd nesting and alias bombs before anything walks the data."""
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+
+    def walk(node: Any, key: str, depth: int) -> int:
+        if not isinstance(node, (dict, list, tuple)):
+            return 1
+        nid = id(node)
+        if nid in on_path:
+            raise ConfigError(f"{key or 'the top level'}: contains itself (a YAML alias inside its own anchor)", source=source)
+        if nid in sizes:
+            return sizes[nid]
+        if depth > MAX_DEPTH:
+            raise ConfigError(f"{key}: nested more than {MAX_DEPTH} levels deep", source=source)
+        on_path.add(nid)
+        if isinstance(node, dict):
+            items = [(f"{key}.{k}" if key else str(k), v) for k, v in node.items()]
+        else:
+            items = [(f"{key}[{i}]", v) for i, v in enumerate(node)]
+        total = 1 + sum(walk(v, k, depth + 1) for k, v in items)
+        on_path.discard(nid)
+        sizes[nid] = total
+        return total
+
+    total = walk(data, "", 0)
+    if total > MAX_VALUES:
+        raise ConfigError(f"the config expands to {total:,} values (YAML aliases?); the limit is {MAX_VALUES:,}", source=source)
+
+
+def _exists(path: Path | None, kind: str = "any") -> bool:
+    """Path.exists / is_file that answer False (not raise) for names the OS rejects (too long, NUL bytes)."""
+    if path is None:
+        return True
+    try:
+        return path.is_file() if kind == "file" else path.exists()
+    except (OSError, ValueError):
+        return False
 
 
 def _check_data_spec(cfg: Config, spec: DataSpec, key: str, check_files: bool) -> list[str]:
@@ -425,11 +572,11 @@ def _check_data_spec(cfg: Config, spec: DataSpec, key: str, check_files: bool) -
             problems.append(f"{key}.{name}: required for source {spec.source}")
         elif check_files and not (spec.source in ("mnist", "fashion_mnist", "cifar10") and spec.download):
             resolved = cfg.resolve(value)
-            if resolved is not None and not resolved.exists():
+            if not _exists(resolved):
                 problems.append(f"{key}.{name}: {str(resolved)!r} does not exist")
     if spec.indices_file is not None and check_files:
         resolved = cfg.resolve(spec.indices_file)
-        if resolved is not None and not resolved.is_file():
+        if not _exists(resolved, "file"):
             problems.append(f"{key}.indices_file: {str(resolved)!r} does not exist")
     if spec.range is not None:
         if len(spec.range) != 2 or spec.range[0] < 0 or spec.range[1] <= spec.range[0]:
@@ -450,8 +597,10 @@ def _check_data_spec(cfg: Config, spec: DataSpec, key: str, check_files: bool) -
         n = t.normalize
         if len(n.mean) != len(n.std) or not n.mean:
             problems.append(f"{key}.transform.normalize: mean and std need the same non-zero length")
-        if any(s <= 0 for s in n.std):
-            problems.append(f"{key}.transform.normalize.std: every std must be > 0")
+        if not all(math.isfinite(m) for m in n.mean):
+            problems.append(f"{key}.transform.normalize.mean: every mean must be a finite number")
+        if not all(math.isfinite(s) and s > 0 for s in n.std):
+            problems.append(f"{key}.transform.normalize.std: every std must be a finite number > 0")
     if t.resize is not None and (len(t.resize) != 2 or min(t.resize) <= 0):
         problems.append(f"{key}.transform.resize: expected [height, width] > 0, got {t.resize}")
     return problems
@@ -464,7 +613,7 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
         problems.append("model.architecture: missing (mlp, cnn, torchvision:<name> or package.module:function)")
     if cfg.model.checkpoint is not None and check_files:
         ckpt = cfg.resolve(cfg.model.checkpoint)
-        if ckpt is not None and not ckpt.is_file():
+        if not _exists(ckpt, "file"):
             problems.append(f"model.checkpoint: {str(ckpt)!r} does not exist")
         elif ckpt is not None and ckpt.suffix not in (".safetensors", ".pt", ".pth", ".bin"):
             problems.append(f"model.checkpoint: {ckpt.name!r} is not .safetensors, .pt or .pth")
@@ -502,15 +651,54 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
         problems.append(f"scores.query_chunk: must be > 0, got {s.query_chunk}")
     for i, ckpt_path in enumerate(s.checkpoints):
         resolved = cfg.resolve(ckpt_path)
-        if check_files and resolved is not None and not resolved.is_file():
+        if check_files and not _exists(resolved, "file"):
             problems.append(f"scores.checkpoints[{i}]: {str(resolved)!r} does not exist")
     for name, spec in cfg.similarity.datasets.items():
         problems.extend(_check_data_spec(cfg, spec, f"similarity.datasets.{name}", check_files))
+    problems.extend(_check_spectrum(cfg, check_files))
     dev = cfg.device
-    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+    if not (dev in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:[0-9]+", dev)):
         problems.append(f"device: expected auto, cpu, cuda or cuda:N, got {dev!r}")
     if not cfg.output_dir:
         problems.append("output_dir: must not be empty")
+    return problems
+
+
+def _yaml_repr(value: Any) -> str:
+    """A default as it would be written in the YAML file (null, false, ekfac, ['*'])."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    return text.removesuffix("...").strip()
+
+
+def _check_spectrum(cfg: Config, check_files: bool) -> list[str]:
+    """Value checks of the spectrum block."""
+    sp, problems = cfg.spectrum, []
+    if not sp.layers:
+        problems.append('spectrum.layers: needs at least one pattern ("*" = every tracked layer)')
+    if not 0.0 <= sp.bottom <= 1.0:
+        problems.append(f"spectrum.bottom: must be in [0, 1], got {sp.bottom}")
+    if not 0.0 <= sp.top <= 1.0:
+        problems.append(f"spectrum.top: must be in [0, 1], got {sp.top}")
+    if 0.0 <= sp.bottom <= 1.0 and 0.0 <= sp.top <= 1.0 and sp.bottom + sp.top > 1.0:
+        problems.append(f"spectrum.bottom + spectrum.top: must be <= 1, got {sp.bottom} + {sp.top}")
+    if not 1 <= sp.bins <= 1000:
+        problems.append(f"spectrum.bins: must be in [1, 1000], got {sp.bins}")
+    names = list(sp.datasets) or ["train"]
+    if sp.baseline is not None:
+        base, _, group = sp.baseline.partition(":")
+        if base not in names or group not in ("", "noisy", "clean"):
+            problems.append(f"spectrum.baseline: {sp.baseline!r} is not one of {', '.join(names)} (optionally with :noisy or :clean)")
+    for name, spec in sp.datasets.items():
+        if ":" in name:
+            problems.append(f"spectrum.datasets.{name}: names must not contain ':'")
+        problems.extend(_check_data_spec(cfg, spec, f"spectrum.datasets.{name}", check_files))
+    e = sp.edit
+    if not 0.0 < e.rho <= 1.0:
+        problems.append(f"spectrum.edit.rho: must be in (0, 1], got {e.rho}")
+    if not 0.0 <= e.share <= 1.0:
+        problems.append(f"spectrum.edit.share: must be in [0, 1], got {e.share}")
+    if e.layers is not None and not e.layers:
+        problems.append("spectrum.edit.layers: needs at least one pattern, or null for spectrum.layers")
     return problems
 
 
@@ -525,14 +713,17 @@ def field_docs(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str
         tp = hints[f.name]
         inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
         target = tp if dataclasses.is_dataclass(tp) else (inner[0] if inner else None)
+        child_prefix = key + "."
+        if typing.get_origin(tp) is dict:
+            child_prefix = key + ".<name>."  # a mapping of user-chosen names to blocks
         if f.default is not dataclasses.MISSING:
-            default = repr(f.default)
+            default = _yaml_repr(f.default)
         elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             made = f.default_factory()  # type: ignore[misc]
-            default = "" if dataclasses.is_dataclass(made) else repr(made)
+            default = "" if dataclasses.is_dataclass(made) else _yaml_repr(made)
         else:
             default = ""
         rows.append((key, _type_name(tp), default, f.metadata.get("help", "")))
         if target is not None and target is not Config:
-            rows.extend(field_docs(target, key + "."))
+            rows.extend(field_docs(target, child_prefix))
     return rows

@@ -7,13 +7,15 @@ rank meets at a barrier after a write.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from influence_cli.errors import ConfigError
+from influence_cli.errors import ConfigError, DistributedError
 
 
 def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
@@ -26,6 +28,19 @@ def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
         if preference == "cuda":
             return torch.device(f"cuda:{local_rank}")
     return torch.device(preference)
+
+
+@contextlib.contextmanager
+def _collective(what: str, rank: int) -> Iterator[None]:
+    """Turns a collective that fails because another rank died into a DistributedError."""
+    try:
+        yield
+    except RuntimeError as exc:  # gloo/nccl report a lost peer as RuntimeError (DistBackendError)
+        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise DistributedError(
+            f"rank {rank}: {what} failed, another rank probably stopped ({reason})",
+            hint="the failing rank's own message is above ([rank N] ...); fix that and rerun",
+        ) from exc
 
 
 @dataclass
@@ -48,26 +63,30 @@ class DistState:
     def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sums `tensor` over ranks in place (no-op in one process)."""
         if self.distributed:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            with _collective("all-reduce", self.rank):
+                dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
     def all_gather_object(self, obj: object) -> list[object]:
         if not self.distributed:
             return [obj]
         out: list[object] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
+        with _collective("all-gather", self.rank):
+            dist.all_gather_object(out, obj)
         return out
 
     def broadcast_object(self, obj: object) -> object:
         if not self.distributed:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=0)
+        with _collective("broadcast", self.rank):
+            dist.broadcast_object_list(box, src=0)
         return box[0]
 
     def barrier(self) -> None:
         if self.distributed:
-            dist.barrier()
+            with _collective("barrier", self.rank):
+                dist.barrier()
 
     def shard(self, n: int) -> tuple[int, int]:
         """This rank's contiguous block [start, stop) of n items."""

@@ -31,7 +31,7 @@ from influence_cli.factors import (
 )
 from influence_cli.passes import BatchGradients, accumulator_dtype, stream_gradients
 from influence_cli.progress import NullProgress, Progress
-from influence_cli.resume import PassCheckpoint, Snapshot, run_key
+from influence_cli.resume import PassCheckpoint, Snapshot, remove_stale_temp_files, run_key
 from influence_cli.tracking import TrackedModule
 
 
@@ -142,11 +142,33 @@ def _run_pass(
     """Streams the shard once into `accumulator`, snapshotting progress; then all-reduces it."""
     acc_state = accumulator.state()
     start = 0
-    if snapshot is not None and snapshot.phase == phase:
+    if snapshot is not None and snapshot.phase == phase and snapshot.batches_done > 0:
         for k, v in acc_state.items():
             v.copy_(snapshot.tensors[k])
         start = snapshot.batches_done
     progress.start(PHASE_TITLES[phase], plan.num_examples)
+    try:
+        _stream_into(model, tracked, plan, accumulator, phase, checkpoint, start, acc_state | extra, progress)
+    finally:
+        progress.stop()  # also on Ctrl-C, so the terminal is left clean for the message
+    for v in acc_state.values():
+        plan.all_reduce(v)
+        if not bool(torch.isfinite(v).all()):
+            raise NumericalError(f"non-finite accumulator after the {phase} pass", hint="no factors were written")
+
+
+def _stream_into(
+    model: nn.Module,
+    tracked: list[TrackedModule],
+    plan: PassPlan,
+    accumulator: CovarianceAccumulator | DiagonalAccumulator,
+    phase: str,
+    checkpoint: PassCheckpoint | None,
+    start: int,
+    to_save: dict[str, torch.Tensor],
+    progress: Progress,
+) -> None:
+    """The batch loop of `_run_pass`, from batch `start` on."""
     watch = _NonFiniteWatch(plan.device)
     for batch in stream_gradients(
         model,
@@ -167,14 +189,9 @@ def _run_pass(
         done = batch.index + 1
         if checkpoint is not None and checkpoint.due(done) and done < plan.num_batches:
             watch.check(phase)
-            checkpoint.save(phase, done, acc_state | extra)
+            checkpoint.save(phase, done, to_save)
         progress.advance(len(batch.global_indices))
-    progress.stop()
     watch.check(phase)
-    for v in acc_state.values():
-        plan.all_reduce(v)
-        if not bool(torch.isfinite(v).all()):
-            raise NumericalError(f"non-finite accumulator after the {phase} pass", hint="no factors were written")
 
 
 PHASE_TITLES = {"diagonal": "diagonal Fisher", "covariance": "covariances A, G", "correction": "eigenvalue correction"}
@@ -220,6 +237,11 @@ def compute_factors(
             v.copy_(snapshot.tensors[f"covariance.{k}"])
     else:
         timed("covariance", cov, {})
+        if strategy == "ekfac" and checkpoint is not None and checkpoint.every > 0:
+            # The summed covariances exist only now: keep them at once, so that a run stopped
+            # before the first correction snapshot (e.g. in a long eigendecomposition) does
+            # not redo pass 1, and so that all ranks' progress is from the same pass.
+            checkpoint.save("correction", 0, {f"covariance.{k}": v for k, v in cov.state().items()})
     count = float(cov.count)
     t0 = time.perf_counter()
     layers = {
@@ -277,6 +299,19 @@ def factors_metadata(ctx: RunContext, dataset: IndexedDataset, num_examples: int
     }
 
 
+def _check_ranks_agree(state: DistState, snapshot: Snapshot | None, path: Path) -> None:
+    """Refuses to resume when the ranks' progress is from different passes (they would all-reduce different tensors)."""
+    if not state.distributed:
+        return
+    phases = state.all_gather_object(None if snapshot is None else snapshot.phase)
+    if "correction" in phases and len(set(phases)) > 1:
+        at = ", ".join(f"rank {r}: {p or 'none'}" for r, p in enumerate(phases))
+        raise OutputError(
+            f"the ranks' saved progress is from different passes ({at}); cannot resume it consistently",
+            hint=f"pass --overwrite to start over (progress files: {path.parent / storage.FACTORS_PARTIAL.format(rank='.rank*')})",
+        )
+
+
 def fit_factors(
     cfg: Config,
     *,
@@ -304,6 +339,7 @@ def fit_factors(
             "data": dataset.fingerprint(),
             "strategy": cfg.factors.strategy,
             "fisher": cfg.factors.fisher,
+            "task": cfg.task.kind,
             "modules": [tm.name for tm in ctx.tracked],
             "batch_size": cfg.data.batch_size,
             "n": n,
@@ -315,6 +351,9 @@ def fit_factors(
     rank_suffix = f".rank{ctx.state.rank}" if ctx.state.distributed else ""
     checkpoint = PassCheckpoint(out_dir / storage.FACTORS_PARTIAL.format(rank=rank_suffix), key, cfg.factors.checkpoint_every)
     snapshot = checkpoint.check_start(resume, overwrite)
+    if ctx.state.is_main:
+        remove_stale_temp_files(path)
+    _check_ranks_agree(ctx.state, snapshot, checkpoint.path)
     resumed_from = None if snapshot is None else f"{snapshot.phase} pass, batch {snapshot.batches_done}"
     seconds: dict[str, float] = {}
     progress = progress if (progress is not None and ctx.state.is_main) else NullProgress()

@@ -104,8 +104,17 @@ def stream_gradients(
         y = y.to(device, non_blocking=True)
         idx = idx.to(device, non_blocking=True)
         with tracked_grad_enabled(tracked), Capture(tracked) as cap:
-            with autocast_context(device, amp):
-                out = model(x)
+            try:
+                with autocast_context(device, amp):
+                    out = model(x)
+            except (RuntimeError, ValueError) as exc:
+                if offset > 0 or isinstance(exc, torch.cuda.OutOfMemoryError):
+                    raise
+                reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+                raise DataError(
+                    f"{dataset_name}: inputs of shape {list(x.shape)} do not fit the model ({reason})",
+                    hint="check model.kwargs and data transform (flatten/resize)",
+                ) from exc
             out_f = out.to(acc_dtype) if out.is_floating_point() else out
             _check_outputs(out_f, y_cpu, task_kind, dataset_name)
             if mode == "fisher":

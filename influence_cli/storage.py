@@ -28,12 +28,15 @@ SCORES_SHARD = "scores.shard-{shard:05d}.safetensors"
 SCORES_PARTIAL = "scores.partial{rank}.safetensors"
 SELF_INFLUENCE_FILE = "self_influence.safetensors"
 SIMILARITY_FILE = "similarity.safetensors"
+SPECTRUM_FILE = "spectrum.safetensors"
 
 FORMAT_KEY = "format"
 FACTORS_FORMAT = "influence_cli.factors/1"
 SCORES_FORMAT = "influence_cli.scores/1"
 SELF_FORMAT = "influence_cli.self_influence/1"
 SIMILARITY_FORMAT = "influence_cli.similarity/1"
+SPECTRUM_FORMAT = "influence_cli.spectrum/1"
+EDITED_CHECKPOINT_FORMAT = "influence_cli.edited_checkpoint/1"
 PARTIAL_FORMAT = "influence_cli.partial/1"
 
 # Per-layer factor keys: "<module>.<name>".

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from exact import batches_of, dense_fisher, empirical_vectors, fisher_vectors, fit, kron_dense, per_example_layer_grads, tiny_mlp
 from torch import nn
 
-from exact import batches_of, dense_fisher, empirical_vectors, fisher_vectors, fit, kron_dense, per_example_layer_grads, tiny_mlp
 from influence_cli.fit import PassPlan, compute_factors
 from influence_cli.tracking import Capture, find_tracked_modules, layer_activations, tracked_grad_enabled
 

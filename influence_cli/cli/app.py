@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from influence_cli import __version__
 from influence_cli.cli.render import err_console
@@ -59,17 +60,17 @@ def _root(
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
-    if debug:
-        _DEBUG["on"] = True
+    # set on every invocation: a --debug run must not leak into the next one in the same process (tests, notebooks)
+    _DEBUG["on"] = debug or os.environ.get("INFLUENCE_DEBUG", "") not in ("", "0")
 
 
 def report_error(exc: InfluenceError) -> int:
     """Prints one line (plus the next step) to stderr; returns the exit code."""
     rank = os.environ.get("RANK")
-    prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
-    err_console.print(f"[bold red]{prefix}{exc.kind}:[/] {exc.message}", highlight=False, markup=True, soft_wrap=True)
+    prefix = escape(f"[rank {rank}] ") if rank not in (None, "0") else ""  # the markup would swallow "[rank 1]"
+    err_console.print(f"[bold red]{prefix}{exc.kind}:[/] {escape(exc.message)}", highlight=False, markup=True, soft_wrap=True)
     if exc.hint:
-        err_console.print(f"[dim]hint:[/] {exc.hint}", highlight=False, soft_wrap=True)
+        err_console.print(f"[dim]hint:[/] {escape(exc.hint)}", highlight=False, soft_wrap=True)
     if _DEBUG["on"]:
         err_console.print(traceback.format_exc(), markup=False, highlight=False)
     return exc.exit_code
@@ -87,10 +88,11 @@ def command(name: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable
                 code = report_error(exc)
                 raise typer.Exit(code) from None
             except KeyboardInterrupt:
-                err_console.print(
-                    "[bold yellow]interrupted.[/] Progress up to the last saved batch is kept; "
-                    "rerun the same command with --resume to continue."
-                )
+                if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets the signal; say it once
+                    err_console.print(
+                        "[bold yellow]interrupted.[/] Progress up to the last saved batch is kept; "
+                        "rerun the same command with --resume to continue."
+                    )
                 raise typer.Exit(EXIT_INTERRUPTED) from None
             finally:
                 from influence_cli.distributed import shutdown_distributed

@@ -37,7 +37,12 @@ def fit_factors_cmd(
 
     cfg = load(config, set_)
     state = init_distributed(cfg.device)
-    report = fit_factors(cfg, overwrite=overwrite, resume=resume, state=state, progress=RichProgress(not json_))
+    progress = RichProgress(not json_)
+    try:
+        report = fit_factors(cfg, overwrite=overwrite, resume=resume, state=state, progress=progress)
+    except BaseException:
+        progress.abort()  # a pass that fails mid-way would leave its bar running
+        raise
     if not state.is_main:
         return
     if json_:

@@ -86,8 +86,17 @@ class RichProgress:
 
     def stop(self) -> None:
         if self._progress is not None:
+            failure = sys.exc_info()[0]
+            if failure is not None and not issubclass(failure, KeyboardInterrupt):
+                self._progress.live.transient = True  # stopped by an error: the error line says what happened
             self._progress.stop()
             self._progress = None
+
+    def abort(self) -> None:
+        """Stops after a failure, erasing the unfinished bar: the error line that follows says what happened."""
+        if self._progress is not None:
+            self._progress.live.transient = True
+            self.stop()
 
 
 def human_count(n: float) -> str:

@@ -1,0 +1,172 @@
+"""compute-scores on real MNIST against one forward+backward pass, the GEMM floor and the machine's GEMM rate.
+
+    python benchmarks/bench_scores.py [--train 8000] [--queries 1000] [--repeats 1] [--device cpu]
+
+MLP 784-128-128-10 trained here with the seeded recipe (3 epochs, seed 0) on MNIST
+test-split images 0..8000 from ../shared/data/mnist; queries are images 9000..9999;
+EKFAC factors with the sampled Fisher; batch size 256. Reports:
+
+- the scoring pass (streaming the training set against all preconditioned queries):
+  wall time, training examples/s, (query, train) pairs/s;
+- its ratio to one forward+backward pass over the same training examples;
+- the achieved GFLOP/s against the floor of 2 · n_query · n_train · n_params flops
+  (one multiply-add per parameter per pair), and the machine's measured fp32 GEMM
+  rate (square 2048³ and the scoring GEMM's own shape).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from mnist_common import IMAGES, LABELS, MLP_KWARGS, header, load_mnist
+
+from influence_cli.config import ModelConfig, config_from_dict
+from influence_cli.context import prepare
+from influence_cli.data import make_loader
+from influence_cli.fit import fit_factors
+from influence_cli.models import build_model
+from influence_cli.scores import compute_scores
+from influence_cli.storage import save_tensors
+from influence_cli.training import TrainRecipe, accuracy, train_model
+
+
+def make_config(out_dir: Path, n_train: int, q0: int, q1: int, device: str, batch_size: int = 256) -> dict:
+    transform = {"flatten": True, "scale": 255.0}
+    return {
+        "model": {"architecture": "mlp", "kwargs": MLP_KWARGS, "checkpoint": str(out_dir / "model.safetensors")},
+        "data": {
+            "train": {"source": "idx", "images": str(IMAGES), "labels": str(LABELS), "range": [0, n_train], "transform": transform},
+            "query": {"source": "idx", "images": str(IMAGES), "labels": str(LABELS), "range": [q0, q1], "transform": transform},
+            "batch_size": batch_size,
+        },
+        "factors": {"strategy": "ekfac", "fisher": "sampled", "checkpoint_every": 0},
+        "output_dir": str(out_dir / "run"),
+        "device": device,
+    }
+
+
+def forward_backward_seconds(cfg) -> float:
+    """One forward + backward pass (loss gradient w.r.t. all parameters) over data.train, no optimizer step."""
+    ctx = prepare(cfg)
+    dataset = ctx.dataset(cfg.data.train, "data.train")
+    batches = [(x.to(ctx.device), y.to(ctx.device)) for x, y, _ in make_loader(dataset, cfg.data.batch_size)]
+    model = ctx.model
+    _sync(ctx.device)
+    t0 = time.perf_counter()
+    for x, y in batches:
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+    _sync(ctx.device)
+    return time.perf_counter() - t0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gemm_gflops(m: int, k: int, n: int, device: torch.device, transposed_b: bool = False, repeats: int = 3) -> float:
+    """Measured fp32 rate of [m, k] @ [k, n] (best of `repeats`)."""
+    a = torch.randn(m, k, device=device)
+    b = torch.randn(n, k, device=device) if transposed_b else torch.randn(k, n, device=device)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        _ = a @ (b.T if transposed_b else b)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * m * k * n / best / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train", type=int, default=8000)
+    parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    if not IMAGES.exists():
+        raise SystemExit(f"MNIST not found at {IMAGES}")
+    q0, q1 = 9000, 9000 + args.queries
+    tmp = Path(tempfile.mkdtemp(prefix="bench_scores_"))
+    x, y = load_mnist(0, args.train)
+    torch.manual_seed(0)
+    model = train_model(build_model(ModelConfig(architecture="mlp", kwargs=MLP_KWARGS), "."), x, y, TrainRecipe(epochs=3, seed=0))
+    xq, yq = load_mnist(q0, q1)
+    acc = accuracy(model, xq, yq)
+    save_tensors(tmp / "model.safetensors", model.state_dict(), {})
+    cfg = config_from_dict(make_config(tmp, args.train, q0, q1, args.device), base_dir=tmp)
+    ctx = prepare(cfg)
+    device = ctx.device
+    n_params = sum(tm.num_params for tm in ctx.tracked)
+
+    t0 = time.perf_counter()
+    fit_factors(cfg, overwrite=True)
+    fit_seconds = time.perf_counter() - t0
+    runs = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        report = compute_scores(cfg, overwrite=True)
+        runs.append((report, time.perf_counter() - t0))
+    fb = statistics.median(forward_backward_seconds(cfg) for _ in range(3))
+    report, wall = min(runs, key=lambda r: r[0].seconds["scores"])
+    scoring = report.seconds["scores"]
+    flops = 2 * args.queries * args.train * n_params
+    achieved = flops / scoring / 1e9
+    square = gemm_gflops(2048, 2048, 2048, device)
+    shaped = gemm_gflops(args.queries, n_params, 256, device, transposed_b=True)
+    result = {
+        "n_train": args.train,
+        "n_query": args.queries,
+        "n_params": n_params,
+        "query_accuracy": acc,
+        "fit_factors_seconds": fit_seconds,
+        "compute_scores_wall_seconds": wall,
+        "query_gradient_seconds": report.seconds["queries"],
+        "scoring_seconds": scoring,
+        "train_examples_per_second": args.train / scoring,
+        "pairs_per_second": args.queries * args.train / scoring,
+        "forward_backward_seconds": fb,
+        "scoring_over_forward_backward": scoring / fb,
+        "floor_gflop": flops / 1e9,
+        "achieved_gflops": achieved,
+        "gemm_gflops_square_2048": square,
+        "gemm_gflops_scoring_shape": shaped,
+        "floor_seconds_at_square_gemm_rate": flops / square / 1e9,
+    }
+    cmd = f"python benchmarks/bench_scores.py --train {args.train} --queries {args.queries} --device {args.device}"
+    print(header(cmd))
+    print()
+    print(f"MLP 784-128-128-10 ({n_params:,} parameters in tracked layers, query accuracy {acc:.3f}), EKFAC (sampled Fisher), "
+          f"{args.train:,} training examples × {args.queries:,} queries, batch size 256, device {device}.")
+    print()
+    print("| quantity | value |")
+    print("|---|---:|")
+    print(f"| fit-factors (both passes) | {fit_seconds:.2f} s |")
+    print(f"| compute-scores, whole command | {wall:.2f} s |")
+    print(f"| query gradients + preconditioning ({args.queries:,} queries) | {report.seconds['queries']:.2f} s |")
+    print(f"| scoring pass over the training set | {scoring:.2f} s |")
+    print(f"| training examples / s (scoring pass) | {args.train / scoring:,.0f} |")
+    print(f"| (query, train) pairs / s | {args.queries * args.train / scoring:,.0f} |")
+    print(f"| one forward+backward pass over the {args.train:,} training examples | {fb:.3f} s |")
+    print(f"| scoring pass / forward+backward pass | **{scoring / fb:.0f}x** |")
+    print(f"| floor: 2 · n_query · n_train · n_params | {flops / 1e9:,.0f} GFLOP |")
+    print(f"| achieved (floor flops / scoring time) | {achieved:.1f} GFLOP/s |")
+    print(f"| machine fp32 GEMM, 2048³ | {square:.1f} GFLOP/s |")
+    print(f"| machine fp32 GEMM, scoring shape [{args.queries}, {n_params}] @ [{n_params}, 256] | {shaped:.1f} GFLOP/s |")
+    print(f"| floor time at the 2048³ GEMM rate | {flops / square / 1e9:.2f} s ({achieved / square:.0%} of peak achieved) |")
+    print()
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

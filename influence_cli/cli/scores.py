@@ -1,0 +1,298 @@
+"""`influence compute-scores` and `influence top-k`."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from influence_cli.cli.app import ConfigArg, JsonOpt, OverwriteOpt, ResumeOpt, SetOpt, command, load
+from influence_cli.cli.render import RichProgress, err_console, human_bytes, new_table, out_console, print_json, print_table
+from influence_cli.errors import UsageError
+
+SCORES_EPILOG = """\
+**Examples**
+
+  influence compute-scores configs/digits.yaml
+
+  influence compute-scores configs/mnist.yaml --relative --set scores.max_memory_mb=256 --overwrite
+
+  torchrun --nproc_per_node=4 -m influence_cli compute-scores configs/mnist.yaml --self --set device=cuda
+"""
+
+TOPK_EPILOG = """\
+**Examples**
+
+  influence top-k configs/digits.yaml --query 0:5 --k 5
+
+  influence top-k configs/mnist.yaml --query 3 --query 10:12 --image-grid runs/mnist/top5.png
+
+  influence top-k configs/mnist.yaml --self --k 20 --json
+"""
+
+
+@command("compute-scores", epilog=SCORES_EPILOG)
+def compute_scores_cmd(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    self_: Annotated[
+        bool, typer.Option("--self", help="Self-influence ∇L(x)ᵀ(F+λ)⁻¹∇L(x) of every training example instead (no queries).")
+    ] = False,
+    relative: Annotated[
+        bool | None,
+        typer.Option(
+            "--relative/--no-relative",
+            help="RelatIF: divide each score by ‖(F+λ)⁻¹∇L(x)‖ of the training example (default: scores.relative).",
+            show_default=False,
+        ),
+    ] = None,
+    overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Score every (query, training example) pair with the fitted factors and save OUTPUT_DIR/scores.safetensors.
+
+    I(z, x) = ∇L(z)ᵀ (F + λ)⁻¹ ∇L(x), summed over the tracked layers, with z from data.query
+    (gradient of task.measurement: loss or margin) and x from data.train. The query gradients are
+    preconditioned once; the training set is streamed with one matrix product per layer and batch.
+    Score matrices larger than scores.max_memory_mb are written as shards by train range plus
+    scores.index.json. Read them with `influence top-k`.
+
+    Sign convention: a positive score means the training example helps the query: up-weighting it
+    lowers the query's loss (a proponent); negative means it hurts (an opponent). A score is N × the
+    classical per-example influence (N = training examples): removing the example changes the query's
+    measurement by about −score/N.
+    """
+    from influence_cli.distributed import init_distributed
+    from influence_cli.scores import compute_scores
+
+    cfg = load(config, set_)
+    state = init_distributed(cfg.device)
+    report = compute_scores(
+        cfg, overwrite=overwrite, resume=resume, self_influence=self_, relative=relative, state=state, progress=RichProgress(not json_)
+    )
+    if not state.is_main:
+        return
+    if json_:
+        data = dataclasses.asdict(report)
+        data["paths"] = [str(p) for p in report.paths]
+        print_json(data)
+        return
+    if report.resumed_from:
+        err_console.print(f"resumed from {report.resumed_from}")
+    if report.kind == "self":
+        title = f"self-influence of {report.n_train:,} training examples ({report.strategy})"
+    else:
+        variant = "relative influence (RelatIF)" if report.relative else "influence"
+        title = (
+            f"{variant}: {report.n_query:,} queries × {report.n_train:,} training examples "
+            f"({report.strategy}, measurement {report.measurement})"
+        )
+    out_console().print(title, markup=False)
+    table = new_table("", [("layer", "left"), ("parameters", "right"), ("damping λ", "right")])
+    for name, lam in report.damping.items():
+        table.add_row(name or "(model)", f"{report.layer_params.get(name, 0):,}", f"{lam:.4g}")
+    print_table(table)
+    size = sum(Path(p).stat().st_size for p in report.paths if Path(p).is_file())
+    where = str(report.paths[0]) + (f" + {report.num_shards} shards" if report.sharded else "")
+    timing = ", ".join(f"{k} {v:.2f}s" for k, v in report.seconds.items())
+    err_console.print(
+        f"[green]saved[/] {where} ({human_bytes(size)}); {report.examples_per_second:,.0f} training examples/s; {timing}"
+    )
+
+
+def parse_query_option(values: list[str] | None) -> list[int | slice] | None:
+    """`--query 3`, `--query 0:10`, `--query 5:` (repeatable) → positions and slices; None = all."""
+    if not values:
+        return None
+    out: list[int | slice] = []
+    for text in values:
+        for part in text.split(","):
+            part = part.strip()
+            try:
+                if ":" in part:
+                    a, b = part.split(":", 1)
+                    out.append(slice(int(a) if a.strip() else None, int(b) if b.strip() else None))
+                else:
+                    out.append(int(part))
+            except ValueError:
+                raise UsageError(f"--query {text!r}: expected N or START:STOP (e.g. --query 3 or --query 0:10)") from None
+    return out
+
+
+def _label_text(label: Any, class_names: list[str] | None = None) -> str:
+    if label is None:
+        return "-"
+    if isinstance(label, float):
+        return f"{label:.4g}"
+    if isinstance(label, list):
+        return "[" + ", ".join(_label_text(v) for v in label[:4]) + (", …]" if len(label) > 4 else "]")
+    if class_names is not None and isinstance(label, int) and 0 <= label < len(class_names):
+        return f"{label} ({class_names[label]})"
+    return str(label)
+
+
+@command("top-k", epilog=TOPK_EPILOG)
+def top_k_cmd(
+    config: ConfigArg,
+    query: Annotated[
+        list[str] | None,
+        typer.Option("--query", "-q", help="Query positions (rows of the scores): 3, 0:10, 5: (repeatable; default: all)."),
+    ] = None,
+    k: Annotated[int, typer.Option("--k", "-k", min=1, help="Examples per ranking.")] = 5,
+    self_: Annotated[bool, typer.Option("--self", help="Rank training examples by self-influence (from compute-scores --self).")] = False,
+    opponents: Annotated[
+        bool, typer.Option("--opponents/--no-opponents", help="Also list the opponents (most negative scores).")
+    ] = True,
+    image_grid: Annotated[
+        Path | None,
+        typer.Option("--image-grid", help="Also draw the rankings as a picture (PNG): one row per query.", show_default=False),
+    ] = None,
+    set_: SetOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Print each query's top-k proponents and opponents from the scores of compute-scores.
+
+    Reads the scores of any size, streaming over shards, and prints one table per query:
+    rank, training index, label and score, under a line with the query's index, label and
+    prediction. With --self, lists the most self-influential training examples (candidates for
+    mislabeled or memorized data).
+
+    Sign convention: a positive score means the training example helps the query: up-weighting it
+    lowers the query's loss (a proponent); negative means it hurts (an opponent). A score is N × the
+    classical per-example influence (N = training examples): removing the example changes the query's
+    measurement by about −score/N.
+    """
+    from influence_cli import topk
+
+    cfg = load(config, set_)
+    out_dir = cfg.output_path
+    if self_:
+        if query:
+            raise UsageError("--query: not used with --self (self-influence ranks the training set)")
+        ranked = topk.self_top_k(out_dir, k)
+        grid_path = _self_grid(cfg, ranked, image_grid) if image_grid is not None else None
+        if json_:
+            print_json(
+                {"output_dir": str(out_dir), "k": k, "self_influence": [dataclasses.asdict(r) for r in ranked]}
+                | ({"image_grid": str(grid_path)} if grid_path else {})
+            )
+            return
+        table = new_table(f"most self-influential training examples (top {k})", [("rank", "right"), ("train index", "right"),
+                                                                                   ("label", "left"), ("self-influence", "right")])
+        for r in ranked:
+            table.add_row(str(r.rank), str(r.train_index), _label_text(r.train_label), f"{r.score:.5g}")
+        print_table(table)
+        if grid_path:
+            err_console.print(f"[green]saved[/] {grid_path}")
+        return
+
+    meta = topk.load_scores_meta(out_dir)
+    selection = parse_query_option(query)
+    rankings = topk.top_k(out_dir, selection, k, largest=True, smallest=opponents)
+    grid_path = _pairwise_grid(cfg, meta, selection, k, opponents, rankings, image_grid) if image_grid is not None else None
+    if json_:
+        print_json(
+            {
+                "output_dir": str(out_dir),
+                "relative": meta.relative,
+                "measurement": meta.metadata.get("measurement"),
+                "strategy": meta.metadata.get("strategy"),
+                "k": k,
+                "queries": [dataclasses.asdict(r) for r in rankings],
+            }
+            | ({"image_grid": str(grid_path)} if grid_path else {})
+        )
+        return
+    variant = "relative influence" if meta.relative else "influence"
+    for r in rankings:
+        title = (
+            f"query {r.query_position} · index {r.query_index} · label {_label_text(r.query_label)} · "
+            f"predicted {_label_text(r.query_prediction)}"
+        )
+        table = new_table(title, [("", "left"), ("rank", "right"), ("train index", "right"), ("label", "left"), (variant, "right")])
+        for e in r.proponents:
+            table.add_row("[green]proponent[/]", str(e.rank), str(e.train_index), _label_text(e.train_label), f"{e.score:+.5g}")
+        if r.opponents:
+            table.add_section()
+        for e in r.opponents:
+            table.add_row("[red]opponent[/]", str(e.rank), str(e.train_index), _label_text(e.train_label), f"{e.score:+.5g}")
+        print_table(table)
+    if grid_path:
+        err_console.print(f"[green]saved[/] {grid_path}")
+
+
+def _datasets(cfg, meta_fingerprints: dict[str, str | None], which: list[str]):
+    """The data specs named in `which` (data.train / data.query), checked against the fingerprints the scores recorded."""
+    from influence_cli.data import load_dataset
+    from influence_cli.errors import OutputError
+
+    out = []
+    for key in which:
+        spec = cfg.data.train if key == "data.train" else cfg.data.query
+        if spec is None:
+            from influence_cli.errors import ConfigError
+
+            raise ConfigError(f"{key}: missing in the config (needed for --image-grid)", source=cfg.source)
+        ds = load_dataset(spec, cfg.base_dir, name=key, seed=cfg.seed)
+        recorded = meta_fingerprints.get(key)
+        if recorded is not None and recorded != ds.fingerprint():
+            raise OutputError(
+                f"{key} differs from the data the scores were computed on",
+                hint="use the config of compute-scores, or rerun compute-scores with --overwrite",
+            )
+        out.append(ds)
+    return out
+
+
+def _train_tiles(train, entries, kind: str):
+    from influence_cli.data import example_image
+    from influence_cli.image_grid import Tile
+
+    names = train.class_names
+    return [
+        Tile(example_image(train, e.train_position), [f"#{e.train_index} · {_label_text(e.train_label, names)}", f"{e.score:+.3g}"], kind)
+        for e in entries
+    ]
+
+
+def _pairwise_grid(cfg, meta, selection, k: int, opponents: bool, rankings, path: Path) -> Path:
+    from influence_cli import topk
+    from influence_cli.data import example_image
+    from influence_cli.image_grid import GridGroup, GridRow, Tile, save_image_grid
+
+    fps = {"data.train": meta.metadata.get("train_fingerprint"), "data.query": meta.metadata.get("query_fingerprint")}
+    train, queries = _datasets(cfg, fps, ["data.train", "data.query"])
+
+    def rows(ranks) -> list[GridRow]:
+        out = []
+        for r in ranks:
+            q = Tile(
+                example_image(queries, r.query_position),
+                [f"query #{r.query_index}", f"y {_label_text(r.query_label, queries.class_names)} · pred {_label_text(r.query_prediction)}"],
+                "query",
+            )
+            out.append(GridRow(q, _train_tiles(train, r.proponents, "proponent"), _train_tiles(train, r.opponents, "opponent")))
+        return out
+
+    groups = []
+    if meta.relative and meta.has_norms:
+        plain = topk.top_k(cfg.output_path, selection, k, largest=True, smallest=opponents, plain=True)
+        groups.append(GridGroup("influence", rows(plain)))
+        groups.append(GridGroup("relative influence (RelatIF)", rows(rankings)))
+    else:
+        groups.append(GridGroup("relative influence (RelatIF)" if meta.relative else "influence", rows(rankings)))
+    title = f"{meta.metadata.get('strategy')} · measurement {meta.metadata.get('measurement')} · positive = helpful"
+    return save_image_grid(path, groups, title=title)
+
+
+def _self_grid(cfg, ranked, path: Path) -> Path:
+    from influence_cli import topk
+    from influence_cli.image_grid import GridGroup, GridRow, save_image_grid
+
+    meta = topk.load_self_influence(cfg.output_path).metadata
+    (train,) = _datasets(cfg, {"data.train": meta.get("train_fingerprint")}, ["data.train"])
+    row = GridRow(None, _train_tiles(train, ranked, "proponent"))
+    return save_image_grid(path, GridGroup("most self-influential training examples", [row], proponents_label="self-influence"))

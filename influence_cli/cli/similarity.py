@@ -1,0 +1,110 @@
+"""`influence dataset-similarity`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+
+from influence_cli.cli.app import ConfigArg, JsonOpt, OverwriteOpt, SetOpt, command, load
+from influence_cli.cli.render import RichProgress, err_console, new_table, print_json, print_table
+
+SIMILARITY_EPILOG = """\
+**Examples**
+
+  influence dataset-similarity configs/digits.yaml --heatmap runs/digits/similarity.png
+
+  influence dataset-similarity configs/mnist_similarity.yaml --method task2vec --json --overwrite
+
+  torchrun --nproc_per_node=4 -m influence_cli dataset-similarity configs/mnist_similarity.yaml --set device=cuda
+"""
+
+TITLES = {
+    "kernel_normalized": "normalized Fisher kernel K(S,T)/√(K(S,S)·K(T,T))",
+    "task2vec_cosine": "Task2Vec cosine similarity of the Fisher diagonals",
+    "task2vec_distance": "Task2Vec normalized distance",
+}
+
+
+PLAIN_TITLES = {  # the heatmap's default font has no √
+    "kernel_normalized": "normalized Fisher kernel K(S,T) / sqrt(K(S,S) K(T,T))",
+    "task2vec_cosine": "Task2Vec: cosine similarity of the Fisher diagonals",
+}
+
+
+def _cell(value: float) -> str:
+    return f"{value:.3f}"
+
+
+def _matrix_table(title: str, names: list[str], matrix, extra: list[tuple[str, list[str]]] = ()):
+    """Names on both axes, the matrix in the cells, then `extra` (header, one value per row) columns."""
+    table = new_table(title, [("", "left")] + [(name, "right") for name in names] + [(h, "right") for h, _ in extra])
+    for i, name in enumerate(names):
+        table.add_row(name, *[_cell(float(matrix[i, j])) for j in range(len(names))], *[values[i] for _, values in extra])
+    return table
+
+
+@command("dataset-similarity", epilog=SIMILARITY_EPILOG)
+def dataset_similarity_cmd(
+    config: ConfigArg,
+    method: Annotated[
+        Literal["fisher-kernel", "task2vec"] | None,
+        typer.Option(
+            "--method", help="Headline matrix: fisher-kernel or task2vec (default: similarity.method). Both are always saved."
+        ),
+    ] = None,
+    heatmap: Annotated[
+        Path | None, typer.Option("--heatmap", help="Also write the headline matrix as a labelled PNG heatmap here.")
+    ] = None,
+    set_: SetOpt = None,
+    overwrite: OverwriteOpt = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Compare the datasets of similarity.datasets through the model's Fisher, using the factors of fit-factors.
+
+    Each dataset is streamed once. **fisher-kernel** (default): K(S,T) is the mean influence score
+    ∇L(s)ᵀ(F+λ)⁻¹∇L(t) over all pairs s in S, t in T, i.e. the datasets' mean loss gradients compared
+    through the inverse curvature; the table shows the normalized form K(S,T)/√(K(S,S)·K(T,T)) in [-1, 1]
+    (1 = same direction, 0 = unrelated, negative = training on one raises the other's loss) and the raw
+    K(S,S) (how strongly the model would still change to fit S). **task2vec**: each dataset is embedded by
+    its diagonal Fisher in the eigenbasis; the table shows their cosine similarity in [0, 1] and the
+    Task2Vec normalized distance (0 = same). The diagonal uses the factors' Fisher kind; a one-sample
+    `sampled` Fisher is noisy on small datasets, factors.fisher=ggn removes that noise. Everything, with
+    per-dataset embeddings, is saved to OUTPUT_DIR/similarity.safetensors.
+    """
+    from influence_cli.distributed import init_distributed
+    from influence_cli.similarity import dataset_similarity
+
+    cfg = load(config, set_)
+    if heatmap is not None:
+        from influence_cli.storage import ensure_writable_dir
+
+        ensure_writable_dir(heatmap.parent, key="--heatmap")  # fail before the passes, not after
+    state = init_distributed(cfg.device)
+    report = dataset_similarity(cfg, method=method, overwrite=overwrite, state=state, progress=RichProgress(not json_))
+    if not state.is_main:
+        return
+    if heatmap is not None:
+        from influence_cli.heatmap import save_heatmap
+
+        save_heatmap(heatmap, report.headline, report.names, PLAIN_TITLES[report.headline_name])
+    if json_:
+        data = report.to_dict()
+        if heatmap is not None:
+            data["heatmap"] = str(heatmap)
+        print_json(data)
+        return
+    sizes = [f"{n:,}" for n in report.sizes]
+    if report.method == "fisher-kernel":
+        raw = [f"{float(report.kernel[i, i]):.4g}" for i in range(len(report.names))]
+        print_table(
+            _matrix_table(TITLES["kernel_normalized"], report.names, report.kernel_normalized, [("K(S,S)", raw), ("n", sizes)])
+        )
+    else:
+        print_table(_matrix_table(TITLES["task2vec_cosine"], report.names, report.task2vec_cosine, [("n", sizes)]))
+        print_table(_matrix_table(TITLES["task2vec_distance"], report.names, report.task2vec_distance))
+    sizes_text = ", ".join(f"{name} {n}" for name, n in zip(report.names, sizes, strict=True))
+    err_console.print(f"examples: {sizes_text}; {report.strategy} factors, {report.fisher} Fisher")
+    saved = f"[green]saved[/] {report.path}" + (f" and {heatmap}" if heatmap is not None else "")
+    err_console.print(f"{saved} ({report.seconds.get('total', 0.0):.2f}s)")

@@ -1,0 +1,188 @@
+"""`influence spectrum` and `influence edit`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+
+from influence_cli.cli.app import ConfigArg, JsonOpt, OverwriteOpt, SetOpt, command, load
+from influence_cli.cli.render import RichProgress, err_console, new_table, out_console, print_json, print_table
+
+LayersOpt = Annotated[
+    list[str] | None, typer.Option("--layers", help="fnmatch pattern of the layers analysed (repeatable; default: spectrum.layers).")
+]
+EditLayersOpt = Annotated[
+    list[str] | None,
+    typer.Option("--layers", help="fnmatch pattern of the layers edited (repeatable; default: spectrum.edit.layers, else spectrum.layers)."),
+]
+OrderOpt = Annotated[
+    Literal["kfac", "ekfac"] | None,
+    typer.Option("--order", help="Curvature of a direction: kfac (λ_G·λ_A) or ekfac (corrected Λ*). Default: spectrum.order."),
+]
+
+SPECTRUM_EPILOG = """\
+**Examples**
+
+  influence spectrum configs/mnist_memorization.yaml --plot runs/memorization/spectrum.png
+
+  influence spectrum configs/mnist_memorization.yaml --top 20 --order ekfac --overwrite
+
+  influence spectrum configs/mnist.yaml --layers head --set spectrum.mass=true --set spectrum.top=0.6 --json --overwrite
+"""
+
+EDIT_EPILOG = """\
+**Examples**
+
+  influence edit configs/mnist_memorization.yaml --out runs/memorization/edited.safetensors --keep-share 0.1
+
+  influence edit configs/mnist.yaml --out runs/mnist/edited.safetensors --rho 0.6 --layers 'fc*' --overwrite
+
+  influence fit-factors configs/mnist.yaml --set model.checkpoint=../runs/mnist/edited.safetensors --set output_dir=../runs/mnist_edited
+"""
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.2f}%" if abs(value) < 0.1 else f"{100 * value:.1f}%"
+
+
+def _ratio(value: float) -> str:
+    return "n/a" if value != value else f"{100 * value:+.0f}%"
+
+
+@command("spectrum", epilog=SPECTRUM_EPILOG)
+def spectrum_cmd(
+    config: ConfigArg,
+    layers: LayersOpt = None,
+    order: OrderOpt = None,
+    top: Annotated[int, typer.Option("--top", min=0, help="List each dataset's N most memorization-like examples (largest bottom-band share).")] = 0,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG of the energy per curvature percentile, one line per dataset.")] = None,
+    set_: SetOpt = None,
+    overwrite: OverwriteOpt = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Measure where in the curvature spectrum each dataset's examples act (memorization), using the factors of fit-factors.
+
+    Orders each layer's Kronecker eigenbasis directions by curvature and splits them into
+    bands (spectrum.bottom / spectrum.top: shares of the directions, or of the curvature mass
+    with spectrum.mass). Each dataset of spectrum.datasets (default: data.train) is streamed
+    once; the table shows, per band, the mean share of an example's loss-gradient energy that
+    falls in it, and how much larger or smaller it is than on the baseline dataset. Datasets
+    with label noise are also split into name:noisy and name:clean. Memorized examples lean on
+    low-curvature directions (Merullo et al. 2025). Per-example scores (bottom-band share) go
+    to OUTPUT_DIR/spectrum.safetensors.
+    """
+    from influence_cli.distributed import init_distributed
+    from influence_cli.spectrum import BANDS, save_spectrum_plot, spectrum
+
+    cfg = load(config, set_)
+    state = init_distributed(cfg.device)
+    report = spectrum(cfg, layers=layers, order=order, overwrite=overwrite, state=state, progress=RichProgress(not json_))
+    if not state.is_main:
+        return
+    if plot is not None:
+        save_spectrum_plot(plot, report)
+    if json_:
+        data = report.to_dict(top)
+        if plot is not None:
+            data["plot"] = str(plot)
+        print_json(data)
+        return
+    names = report.band_names()
+    used = [k for k in range(3) if any(b.counts[k] for b in report.bands)]
+    basis = "λ_G·λ_A" if report.order == "kfac" else "Λ*"
+    table = new_table(
+        f"curvature bands ({report.order} order: {basis}; share of directions / of curvature)",
+        [("layer", "left"), ("directions", "right")] + [(BANDS[k], "right") for k in used],
+    )
+    for b in report.bands:
+        table.add_row(b.name, f"{b.shape[0]}×{b.shape[1]}", *[f"{_pct(b.counts[k] / max(1, sum(b.counts)))} / {_pct(b.mass[k])}" for k in used])
+    print_table(table)
+    ratios = report.ratios()
+    others = [g.name for g in report.groups if g.name != report.baseline]
+    table = new_table(
+        f"share of gradient energy per band (mean over examples; layers {', '.join(report.layers)})",
+        [("band", "left")] + [(f"{g.name} (n={g.size:,})", "right") for g in report.groups] + [(f"{o} vs {report.baseline}", "right") for o in others],
+    )
+    for k in used:
+        table.add_row(names[k], *[_pct(float(g.share[k])) for g in report.groups], *[_ratio(ratios[o][k]) for o in others])
+    print_table(table)
+    table = new_table(
+        "bottom-band share per layer: gradient energy | input energy (A-directions by λ_A)",
+        [("layer", "left")] + [(g.name, "right") for g in report.groups],
+    )
+    for i, name in enumerate(report.layers):
+        table.add_row(name, *[f"{_pct(float(g.layer_share[i, 0]))} | {_pct(float(g.layer_input_share[i, 0]))}" for g in report.groups])
+    print_table(table)
+    console = out_console()
+    for o in others:
+        console.print(f"{names[0]}: {_ratio(ratios[o][0])} on {o} vs {report.baseline}", highlight=False, markup=False)
+    if top:
+        for ds_name, rows in report.top_examples(top).items():
+            ds = next(d for d in report.datasets if d.name == ds_name)
+            noisy = bool(ds.noisy.any())
+            table = new_table(
+                f"most memorization-like examples of {ds_name} (largest {names[0]} share)",
+                [("rank", "right"), ("global index", "right"), ("label", "right")] + ([("noisy", "left")] if noisy else [])
+                + [("bottom share", "right"), ("gradient energy", "right")],
+            )  # fmt: skip
+            for r, row in enumerate(rows, start=1):
+                cells = [str(r), str(row["global_index"]), str(row["label"])] + (["yes" if row["noisy"] else ""] if noisy else [])
+                table.add_row(*cells, _pct(row["bottom_share"]), f"{row['energy']:.3g}")
+            print_table(table)
+    extra = f" and {plot}" if plot is not None else ""
+    err_console.print(f"[green]saved[/] {report.path}{extra} ({report.strategy} factors, {report.fisher} Fisher; {report.seconds.get('total', 0.0):.2f}s)")
+
+
+@command("edit", epilog=EDIT_EPILOG)
+def edit_cmd(
+    config: ConfigArg,
+    out: Annotated[Path, typer.Option("--out", "-o", help="The edited checkpoint to write (.safetensors).", show_default=False)],
+    rho: Annotated[
+        float | None, typer.Option("--rho", help="Keep the smallest set of highest-curvature directions holding this share of the curvature mass.")
+    ] = None,
+    keep_share: Annotated[float | None, typer.Option("--keep-share", help="Keep this share of the directions, highest curvature first.")] = None,
+    layers: EditLayersOpt = None,
+    order: OrderOpt = None,
+    set_: SetOpt = None,
+    overwrite: OverwriteOpt = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Write a checkpoint whose chosen layers keep only their high-curvature components (suppresses memorization).
+
+    Each chosen layer's [W | b] becomes U_G (C ⊙ M) U_Aᵀ with C = U_Gᵀ [W | b] U_A in the
+    Kronecker eigenbasis of the factors and M keeping the highest-curvature directions: the
+    smallest set holding a share rho of the curvature mass (spectrum.edit.keep: mass, rho 0.6 as
+    in Merullo et al. 2025) or a fixed share of the directions (keep: share). Every other weight
+    is copied unchanged, so the file loads with the same config via --set model.checkpoint=OUT
+    (fit new factors for it in another output_dir).
+    """
+    from influence_cli.distributed import init_distributed
+    from influence_cli.edit import edit_checkpoint
+
+    cfg = load(config, set_)
+    state = init_distributed(cfg.device)
+    report = edit_checkpoint(cfg, out, rho=rho, share=keep_share, layers=layers, order=order, overwrite=overwrite, state=state)
+    if not state.is_main:
+        return
+    if json_:
+        print_json(report.to_dict())
+        return
+    kept = f"rho = {report.rho:g} of the curvature mass" if report.keep == "mass" else f"{report.share:.0%} of the directions"
+    table = new_table(
+        f"removed low-curvature components ({report.order} order; kept {kept})",
+        [("layer", "left"), ("[W | b]", "left"), ("directions", "right"), ("removed", "right"), ("removed %", "right"),
+         ("‖W‖² removed", "right"), ("curvature kept", "right")],
+    )  # fmt: skip
+    for layer in report.layers:
+        table.add_row(
+            layer.name, f"{layer.shape[0]}×{layer.shape[1]}", f"{layer.directions:,}", f"{layer.removed:,}",
+            _pct(layer.removed / max(1, layer.directions)), _pct(layer.weight_share_removed), _pct(layer.curvature_share_kept),
+        )  # fmt: skip
+    print_table(table)
+    err_console.print(f"[green]saved[/] {report.path} (fingerprint {report.fingerprint}; {report.seconds.get('total', 0.0):.2f}s)")
+    err_console.print(
+        f"[dim]hint:[/] run any command on it with --set model.checkpoint={report.path.resolve()} --set output_dir=<a new folder>",
+        soft_wrap=True,
+    )

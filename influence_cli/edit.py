@@ -1,0 +1,249 @@
+"""`edit`: remove the low-curvature components of chosen layers' weights.
+
+Following Merullo et al. 2025 ("From Memorization to Reasoning in the Spectrum of Loss
+Curvature"), each chosen layer's [W | b] (d_out × d_in, bias as the last column,
+tracking.py) is written in the Kronecker eigenbasis of its factors and only the
+high-curvature components are kept:
+
+    W' = U_G (C ⊙ M) U_Aᵀ,   C = U_Gᵀ [W | b] U_A,
+
+with M [d_out, d_in] the 0/1 mask of the kept directions (spectrum.keep_mask): the
+smallest set of highest-curvature directions holding a share ρ of Σc (ρ = 0.6 in the
+paper), or a fixed share of the directions. It is computed as
+W' = W − U_G (C ⊙ (1 − M)) U_Aᵀ, the same for orthogonal U, so that kept layers and an
+all-ones mask return W bit for bit even with float32-stored eigenvectors. The edited
+checkpoint has every other weight unchanged and loads with the same config.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from influence_cli import __version__, storage
+from influence_cli.config import EDIT_KEEP, Config
+from influence_cli.context import prepare
+from influence_cli.distributed import DistState
+from influence_cli.errors import UsageError
+from influence_cli.factors import LayerFactors
+from influence_cli.models import model_fingerprint
+from influence_cli.spectrum import _check_order, direction_curvature, keep_mask, load_kronecker_factors, select_layers
+from influence_cli.tracking import TrackedModule
+
+
+@dataclass
+class LayerEdit:
+    """What was removed from one layer.
+
+    Attributes:
+        directions: d_out·d_in directions of the eigenbasis.
+        removed: Directions removed (low curvature).
+        weight_share_removed: ‖C ⊙ (1 − M)‖² / ‖C‖², the share of ‖[W | b]‖² removed.
+        curvature_share_kept: Σ_{kept} c / Σ c.
+    """
+
+    name: str
+    shape: tuple[int, int]
+    directions: int
+    removed: int
+    weight_share_removed: float
+    curvature_share_kept: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "shape": list(self.shape),
+            "directions": self.directions,
+            "removed": self.removed,
+            "removed_share": self.removed / max(1, self.directions),
+            "weight_share_removed": self.weight_share_removed,
+            "curvature_share_kept": self.curvature_share_kept,
+        }
+
+
+@dataclass
+class EditReport:
+    """The outcome of `edit`."""
+
+    path: Path
+    source: str
+    keep: str
+    rho: float
+    share: float
+    order: str
+    layers: list[LayerEdit]
+    source_fingerprint: str
+    fingerprint: str
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "source": self.source,
+            "keep": self.keep,
+            "rho": self.rho if self.keep == "mass" else None,
+            "share": self.share if self.keep == "share" else None,
+            "order": self.order,
+            "layers": [layer.to_dict() for layer in self.layers],
+            "source_fingerprint": self.source_fingerprint,
+            "fingerprint": self.fingerprint,
+            "seconds": self.seconds,
+        }
+
+
+def project_weights(w: torch.Tensor, lf: LayerFactors, mask: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Keeps the components of w along the directions of `mask` (float64 inside).
+
+    Args:
+        w: [d_out, d_in] the layer's [W | b].
+        lf: The layer's factors (U_A [d_in, d_in], U_G [d_out, d_out]).
+        mask: bool or 0/1 [d_out, d_in], True = keep.
+
+    Returns:
+        (W − U_G (C ⊙ (1 − M)) U_Aᵀ in w's dtype, ‖C ⊙ (1 − M)‖² / ‖C‖²) with C = U_Gᵀ w U_A.
+    """
+    w64 = w.detach().double()
+    u_a = lf.a_eigenvectors.to(w.device, torch.float64)  # type: ignore[union-attr]
+    u_g = lf.g_eigenvectors.to(w.device, torch.float64)  # type: ignore[union-attr]
+    c = u_g.T @ w64 @ u_a
+    dropped = c * (1.0 - mask.to(w.device, torch.float64))
+    norm = float(c.square().sum())
+    removed = float(dropped.square().sum()) / norm if norm > 0 else 0.0
+    return (w64 - u_g @ dropped @ u_a.T).to(w.dtype), removed
+
+
+def _param_key(tm: TrackedModule, what: str) -> str:
+    return f"{tm.name}.{what}" if tm.name else what
+
+
+def edit_model(
+    model: nn.Module,
+    layers: list[TrackedModule],
+    factors: dict[str, LayerFactors],
+    *,
+    keep: str = "mass",
+    rho: float = 0.6,
+    share: float = 0.5,
+    order: str = "kfac",
+) -> tuple[dict[str, torch.Tensor], list[LayerEdit]]:
+    """The model's state dict with `layers` projected onto their high-curvature directions (the model is not changed).
+
+    Returns:
+        (state dict, one LayerEdit per layer).
+    """
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    edits = []
+    for tm in layers:
+        lf = factors[tm.name]
+        c = direction_curvature(lf, order)
+        mask = keep_mask(c, keep, rho=rho, share=share)
+        weight = tm.module.weight
+        bias = tm.module.bias if tm.has_bias else None
+        w = tm.gradient_matrix(weight.detach(), None if bias is None else bias.detach())
+        new, removed = project_weights(w, lf, mask.to(w.device))
+        new_w, new_b = tm.split_matrix(new)
+        state[_param_key(tm, "weight")] = new_w.to(weight.dtype).cpu()
+        if new_b is not None:
+            state[_param_key(tm, "bias")] = new_b.to(bias.dtype).cpu()  # type: ignore[union-attr]
+        total = float(c.clamp_min(0).sum())
+        kept_mass = float(c.clamp_min(0)[mask.cpu()].sum()) / total if total > 0 else 0.0
+        edits.append(LayerEdit(tm.name, (tm.d_out, tm.d_in), c.numel(), int((~mask).sum()), removed, kept_mass))
+    return state, edits
+
+
+def edit_checkpoint(
+    cfg: Config,
+    out: str | Path,
+    *,
+    keep: str | None = None,
+    rho: float | None = None,
+    share: float | None = None,
+    layers: list[str] | None = None,
+    order: str | None = None,
+    overwrite: bool = False,
+    state: DistState | None = None,
+) -> EditReport:
+    """Writes a checkpoint (safetensors, atomic) with the chosen layers' low-curvature components removed.
+
+    Needs the factors of fit-factors for the config's model. Settings default to
+    spectrum.edit (keep, rho, share, layers, which default to spectrum.layers) and spectrum.order;
+    `rho` alone implies keep mass, `share` alone keep share.
+
+    Raises:
+        UsageError: impossible --rho / --keep-share / --out.
+        OutputError: no matching kfac/ekfac factors, or `out` exists without `overwrite`.
+        ConfigError: the layer patterns match no tracked layer.
+    """
+    t0 = time.perf_counter()
+    e = cfg.spectrum.edit
+    if rho is not None and share is not None:
+        raise UsageError("--rho and --keep-share: give one (keep a share of the curvature mass, or a share of the directions)")
+    keep = keep or ("mass" if rho is not None else "share" if share is not None else e.keep)
+    if keep not in EDIT_KEEP:
+        raise UsageError(f"keep: expected one of {', '.join(EDIT_KEEP)}, got {keep!r}")
+    rho = e.rho if rho is None else rho
+    share = e.share if share is None else share
+    if not 0.0 < rho <= 1.0:
+        raise UsageError(f"--rho: must be in (0, 1], got {rho}")
+    if not 0.0 <= share <= 1.0:
+        raise UsageError(f"--keep-share: must be in [0, 1], got {share}")
+    order = order or cfg.spectrum.order
+    _check_order(order, "--order")
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise UsageError(f"--out: {str(out)!r} must end in .safetensors")
+    source = cfg.resolve(cfg.model.checkpoint)
+    if source is not None and out.resolve() == source.resolve():
+        raise UsageError(f"--out: {str(out)!r} is the model's own checkpoint", hint="write the edited weights to a new file")
+    storage.check_can_write(out, overwrite, "a checkpoint")
+    ctx = prepare(cfg, state)
+    factors, factors_path = load_kronecker_factors(ctx)
+    if layers:
+        patterns, key = layers, "--layers"
+    elif e.layers is not None:
+        patterns, key = e.layers, "spectrum.edit.layers"
+    else:
+        patterns, key = cfg.spectrum.layers, "spectrum.layers"
+    chosen = select_layers(ctx.tracked, patterns, key)
+    state_dict, edits = edit_model(ctx.model, chosen, factors.layers, keep=keep, rho=rho, share=share, order=order)
+    fingerprint = _fingerprint(ctx.model, state_dict)
+    if ctx.state.is_main:
+        storage.save_tensors(
+            out,
+            state_dict,
+            {
+                storage.FORMAT_KEY: storage.EDITED_CHECKPOINT_FORMAT,
+                "tool_version": __version__,
+                "torch_version": torch.__version__,
+                "source_checkpoint": str(source) if source is not None else "",
+                "source_fingerprint": ctx.model_fingerprint,
+                "model_fingerprint": fingerprint,
+                "factors": str(factors_path),
+                "keep": keep,
+                "rho": rho,
+                "share": share,
+                "order": order,
+                "layers": [ed.to_dict() for ed in edits],
+                "config": cfg.to_dict(),
+            },
+        )
+    ctx.state.barrier()
+    return EditReport(
+        out, str(source) if source is not None else "", keep, rho, share, order, edits, ctx.model_fingerprint, fingerprint,
+        {"total": time.perf_counter() - t0},
+    )  # fmt: skip
+
+
+def _fingerprint(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> str:
+    """models.model_fingerprint of `model` as it would be with `state_dict` loaded (the model is restored)."""
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    try:
+        model.load_state_dict(state_dict, strict=True)
+        return model_fingerprint(model)
+    finally:
+        model.load_state_dict(saved, strict=True)

@@ -1,0 +1,453 @@
+"""`dataset-similarity`: compare whole datasets through the model's own loss geometry.
+
+Each named dataset S is streamed once. Per tracked layer, in the factors'
+Kronecker eigenbasis (U_A, U_G from fit-factors; see factors.py), it yields
+
+    M̃_S = U_Gᵀ (mean_n ∇W_n) U_A                      (d_out × d_in), the mean loss gradient
+    D_S = mean_n Σ_k (U_Gᵀ ∇W_nk U_A)²                (d_out × d_in), the diagonal Fisher
+
+with ∇W_n = Σ_t g_nt a_ntᵀ the per-example gradient at the real labels and ∇W_nk
+the gradients of the Fisher's vectors (the factors' Fisher kind: sampled,
+empirical or ggn). From them:
+
+- Fisher kernel (Jaakkola & Haussler 1999, between dataset means):
+  K(S, T) = Σ_layers Σ_ij M̃_S[i,j] M̃_T[i,j] / (Λ*[i,j] + λ), which is exactly the
+  mean over all pairs (s ∈ S, t ∈ T) of the influence score ∇L(s)ᵀ (F + λ)⁻¹ ∇L(t)
+  (DESIGN.md); normalized K(S,T) / √(K(S,S) K(T,T)) ∈ [-1, 1].
+- Task2Vec (Achille et al. 2019, "Task2Vec: Task Embedding for Meta-Learning"):
+  the embedding of S is D_S over all layers; similarity is the cosine, and the
+  normalized distance is d(S, T) = 1 − cos(D_S / (D_S + D_T), D_T / (D_S + D_T)).
+
+Both are computed in the one pass; `method` only picks the headline matrix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from influence_cli import __version__, storage
+from influence_cli import task as task_lib
+from influence_cli.config import SIMILARITY_METHODS, Config
+from influence_cli.context import prepare
+from influence_cli.distributed import DistState
+from influence_cli.errors import ConfigError, DataError, NumericalError, OutputError, UsageError
+from influence_cli.factors import DiagonalAccumulator, LayerFactors
+from influence_cli.fit import PassPlan, _NonFiniteWatch, check_factors_match, load_factors, plan_for
+from influence_cli.passes import BatchGradients, _check_outputs, accumulator_dtype, autocast_context, model_dtype
+from influence_cli.progress import NullProgress, Progress
+from influence_cli.tracking import Capture, TrackedModule, tracked_grad_enabled
+
+HEADLINE = {"fisher-kernel": "kernel_normalized", "task2vec": "task2vec_cosine"}
+
+
+@dataclass
+class DatasetStatistics:
+    """What one dataset contributes, per tracked layer (float64, CPU).
+
+    Attributes:
+        mean_gradient: {layer: M̃_S [d_out, d_in]} the mean loss gradient in the eigenbasis.
+        fisher_diagonal: {layer: D_S [d_out, d_in]} the diagonal Fisher in the eigenbasis.
+        num_examples: Examples averaged over (all ranks).
+    """
+
+    mean_gradient: dict[str, torch.Tensor]
+    fisher_diagonal: dict[str, torch.Tensor]
+    num_examples: int
+
+
+@dataclass
+class SimilarityResult:
+    """The matrices between S datasets, in the order of `names` (float64 [S, S])."""
+
+    names: list[str]
+    statistics: list[DatasetStatistics]
+    kernel: torch.Tensor
+    kernel_normalized: torch.Tensor
+    task2vec_cosine: torch.Tensor
+    task2vec_distance: torch.Tensor
+    layer_kernels: dict[str, torch.Tensor]
+    inverse_curvature: dict[str, torch.Tensor]  # {layer: 1 / (Λ* + λ) [d_out, d_in]}
+
+
+@dataclass
+class SimilarityReport:
+    """The outcome of dataset-similarity."""
+
+    path: Path
+    method: str
+    names: list[str]
+    sizes: list[int]
+    kernel: torch.Tensor
+    kernel_normalized: torch.Tensor
+    task2vec_cosine: torch.Tensor
+    task2vec_distance: torch.Tensor
+    damping: dict[str, float]
+    strategy: str
+    fisher: str
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def headline_name(self) -> str:
+        return HEADLINE[self.method]
+
+    @property
+    def headline(self) -> torch.Tensor:
+        """The matrix `method` is about: normalized kernel or Task2Vec cosine."""
+        return getattr(self, self.headline_name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON."""
+        return {
+            "path": str(self.path),
+            "method": self.method,
+            "headline": self.headline_name,
+            "names": self.names,
+            "sizes": dict(zip(self.names, self.sizes, strict=True)),
+            "kernel": self.kernel.tolist(),
+            "kernel_normalized": self.kernel_normalized.tolist(),
+            "task2vec_cosine": self.task2vec_cosine.tolist(),
+            "task2vec_distance": self.task2vec_distance.tolist(),
+            "damping": self.damping,
+            "strategy": self.strategy,
+            "fisher": self.fisher,
+            "seconds": self.seconds,
+        }
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+def _stream(model: nn.Module, tracked: list[TrackedModule], plan: PassPlan, name: str) -> Iterator[BatchGradients]:
+    """One forward pass per batch; back-propagates the loss gradient and the Fisher's vectors.
+
+    Yields BatchGradients whose `gradients[0]` is {layer: g [B, T, d_out]} of the loss at
+    the real labels and `gradients[1:]` those of the Fisher's vectors (`plan.fisher`);
+    for the empirical Fisher the two coincide and only `gradients[0]` is formed.
+    """
+    device = plan.device
+    dtype, acc_dtype = model_dtype(model), accumulator_dtype(model)
+    for i, (x, y, idx) in enumerate(plan.batches(0)):
+        y_cpu = y
+        x = x.to(device, non_blocking=True)
+        if x.is_floating_point():
+            x = x.to(dtype)
+        y, idx = y.to(device, non_blocking=True), idx.to(device, non_blocking=True)
+        with tracked_grad_enabled(tracked), Capture(tracked) as cap:
+            try:
+                with autocast_context(device, plan.amp):
+                    out = model(x)
+            except (RuntimeError, ValueError) as exc:  # as in passes.stream_gradients: a first batch that does not fit
+                if i > 0 or isinstance(exc, torch.cuda.OutOfMemoryError):
+                    raise
+                reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+                raise DataError(
+                    f"{name}: inputs of shape {list(x.shape)} do not fit the model ({reason})",
+                    hint="check model.kwargs and the dataset's transform (flatten/resize)",
+                ) from exc
+            out_f = out.to(acc_dtype) if out.is_floating_point() else out
+            _check_outputs(out_f, y_cpu, plan.task_kind, name)
+            vectors = task_lib.loss_output_gradient(out_f, y, plan.task_kind)[None]
+            if plan.fisher != "empirical":
+                fisher = task_lib.fisher_output_vectors(out_f, y, idx, plan.task_kind, plan.fisher, plan.seed)
+                vectors = torch.cat([vectors, fisher.to(vectors.dtype)])
+            acts = {k: v.to(acc_dtype) for k, v in cap.activations().items()}
+            grads = []
+            for k in range(vectors.shape[0]):
+                g = cap.output_gradients(out, vectors[k].to(out.dtype), retain_graph=k + 1 < vectors.shape[0])
+                grads.append({n: v.to(acc_dtype) for n, v in g.items()})
+        yield BatchGradients(i, idx, y, out_f.detach(), acts, grads)
+
+
+def dataset_statistics(
+    model: nn.Module,
+    tracked: list[TrackedModule],
+    factors: dict[str, LayerFactors],
+    plan: PassPlan,
+    *,
+    name: str = "dataset",
+    title: str | None = None,
+    progress: Progress | None = None,
+) -> DatasetStatistics:
+    """Streams one dataset once and returns its mean rotated gradient and diagonal Fisher.
+
+    Per batch and layer: Σ_n ∇W_n is one GEMM gᵀa over the B·T flattened rows (rotated
+    once at the end, rotation being linear); the diagonal Fisher reuses
+    factors.DiagonalAccumulator ((g̃²)ᵀ(ã²) for T = 1, chunked bmm otherwise).
+    Sums and counts are all-reduced over ranks. `name` (a config key) is named in
+    errors, `title` (default `name`) on the progress bar.
+    """
+    progress = progress or NullProgress()
+    device, dtype = plan.device, accumulator_dtype(model)
+    basis = {k: lf.to(device, dtype) for k, lf in factors.items()}
+    grad_sum = {tm.name: torch.zeros(tm.d_out, tm.d_in, dtype=dtype, device=device) for tm in tracked}
+    diag = DiagonalAccumulator(tracked, {k: (lf.a_eigenvectors, lf.g_eigenvectors) for k, lf in basis.items()}, dtype, device)
+    watch = _NonFiniteWatch(device)
+    progress.start(title or name, plan.num_examples)
+    try:
+        for batch in _stream(model, tracked, plan, name):
+            watch.observe(batch)
+            for tm in tracked:
+                a, g = batch.activations[tm.name], batch.gradients[0][tm.name]
+                grad_sum[tm.name].addmm_(g.reshape(-1, g.shape[-1]).T, a.reshape(-1, a.shape[-1]))
+            diag.update(batch if plan.fisher == "empirical" else dataclasses.replace(batch, gradients=batch.gradients[1:]))
+            progress.advance(len(batch.global_indices))
+    finally:
+        progress.stop()  # also on errors and Ctrl-C, so the terminal is clean for the message
+    for t in [*grad_sum.values(), *diag.sums.values(), diag.count]:
+        plan.all_reduce(t)  # before any check, so that a NaN on one rank reaches (and stops) every rank
+    try:
+        watch.check(name)
+    except NumericalError as exc:
+        raise NumericalError(
+            exc.message, hint="check those examples and the checkpoint for NaN/Inf; nothing was written"
+        ) from None
+    count = float(diag.count)
+    if count == 0:  # pragma: no cover - load_dataset refuses empty datasets
+        raise NumericalError(f"{name}: no examples were streamed")
+    means, diagonals = {}, {}
+    for tm in tracked:
+        lf64 = factors[tm.name].to(device, torch.float64)
+        means[tm.name] = lf64.rotate(grad_sum[tm.name].double() / count).cpu()
+        diagonals[tm.name] = (diag.sums[tm.name].double() / count).cpu()
+        if not (bool(torch.isfinite(means[tm.name]).all()) and bool(torch.isfinite(diagonals[tm.name]).all())):
+            raise NumericalError(
+                f"{name}: non-finite mean gradient or Fisher diagonal in layer {tm.name!r}", hint="nothing was written"
+            )
+    return DatasetStatistics(means, diagonals, int(count))
+
+
+# ----------------------------------------------------------------------------- the matrices
+
+
+def inverse_curvature(lf: LayerFactors, damping: float, shape: tuple[int, int]) -> torch.Tensor:
+    """1 / (Λ* + λ) [d_out, d_in] in float64 (ones for the identity strategy).
+
+    Raises:
+        NumericalError: a direction has no curvature and no damping (division by zero).
+    """
+    if lf.eigenvalues is None:
+        return torch.ones(shape, dtype=torch.float64)
+    denom = lf.eigenvalues.double().cpu() + damping
+    if bool((denom <= 0).any()):
+        raise NumericalError(
+            f"layer {lf.name!r} has directions with zero curvature and scores.damping is {damping:g}",
+            hint="set scores.damping to auto or a number > 0",
+        )
+    return 1.0 / denom
+
+
+def fisher_kernel(
+    stats: list[DatasetStatistics], inverse: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """K [S, S] = Σ_layers X_l diag(1/(Λ*+λ)) X_lᵀ with X_l [S, d_out·d_in] the stacked M̃_S; also each layer's part."""
+    per_layer = {}
+    for name, inv in inverse.items():
+        x = torch.stack([s.mean_gradient[name].reshape(-1) for s in stats])
+        per_layer[name] = (x * inv.reshape(-1)) @ x.T
+    kernel = torch.stack(list(per_layer.values())).sum(0)
+    return 0.5 * (kernel + kernel.T), per_layer
+
+
+def normalize_kernel(kernel: torch.Tensor) -> torch.Tensor:
+    """K(S,T) / √(K(S,S) K(T,T)); 0 where a dataset's mean gradient is exactly zero."""
+    d = kernel.diagonal().clamp_min(0).sqrt()
+    denom = torch.outer(d, d)
+    return torch.where(denom > 0, kernel / denom.clamp_min(torch.finfo(kernel.dtype).tiny), torch.zeros_like(kernel))
+
+
+def noise_floor(dtype: torch.dtype) -> float:
+    """Relative size below which a Fisher-diagonal entry is rounding noise for accumulators of `dtype`.
+
+    A rotated gradient entry carries an absolute error of about eps·‖∇W‖, so its square
+    one of about eps²·‖∇W‖², and ‖∇W‖² summed over a layer is the layer's Σ D.
+    """
+    return 1e3 * torch.finfo(dtype).eps ** 2
+
+
+def task2vec_matrices(stats: list[DatasetStatistics], floor: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine similarity [S, S] of the Fisher diagonals, and the Task2Vec normalized distance [S, S].
+
+    d(S, T) = 1 − cos(D_S / (D_S + D_T), D_T / (D_S + D_T)) (Achille et al. 2019, sec. 3.3).
+    The ratio is left out where D_S + D_T is at most `floor` × its sum over the layer:
+    there both are zero up to rounding (e.g. the softmax's null direction of G) and
+    their ratio would be noise.
+    """
+    layers = list(stats[0].fisher_diagonal)
+    n = len(stats)
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    for name in layers:
+        x = torch.stack([s.fisher_diagonal[name].reshape(-1) for s in stats])
+        gram += x @ x.T
+    cosine = normalize_kernel(gram)
+    distance = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(n):
+        for j in range(i + 1, n):
+            uv = uu = vv = torch.zeros((), dtype=torch.float64)
+            for name in layers:
+                u, v = stats[i].fisher_diagonal[name], stats[j].fisher_diagonal[name]
+                total = u + v
+                keep = total > floor * total.sum()
+                u, v = u[keep] / total[keep], v[keep] / total[keep]
+                uv, uu, vv = uv + u @ v, uu + u @ u, vv + v @ v
+            denom = (uu * vv).sqrt()
+            distance[i, j] = distance[j, i] = 1.0 - uv / denom if denom > 0 else 0.0
+    return cosine, distance
+
+
+def compute_similarity(
+    model: nn.Module,
+    tracked: list[TrackedModule],
+    factors: dict[str, LayerFactors],
+    plans: dict[str, PassPlan],
+    damping: dict[str, float],
+    *,
+    progress: Progress | None = None,
+    keys: dict[str, str] | None = None,
+) -> SimilarityResult:
+    """Streams each dataset once and returns every similarity matrix between them.
+
+    Args:
+        factors: {layer: factors} from fit-factors (bases and Λ*).
+        plans: {dataset name: PassPlan}; `plan.fisher` is the Fisher kind of the diagonal.
+        damping: {layer: λ} added to Λ* in the kernel.
+        keys: {dataset name: config key} named in errors (default: the name).
+    """
+    keys = keys or {}
+    stats = [
+        dataset_statistics(model, tracked, factors, plan, name=keys.get(n, n), title=n, progress=progress)
+        for n, plan in plans.items()
+    ]
+    inverse = {tm.name: inverse_curvature(factors[tm.name], damping[tm.name], (tm.d_out, tm.d_in)) for tm in tracked}
+    kernel, per_layer = fisher_kernel(stats, inverse)
+    cosine, distance = task2vec_matrices(stats, noise_floor(accumulator_dtype(model)))
+    return SimilarityResult(list(plans), stats, kernel, normalize_kernel(kernel), cosine, distance, per_layer, inverse)
+
+
+# ----------------------------------------------------------------------------- the command's core
+
+
+def _flat(parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Layers' [d_out, d_in] tensors flattened row-major and concatenated in order, as float32."""
+    return torch.cat([t.reshape(-1) for t in parts.values()]).float()
+
+
+def dataset_similarity(
+    cfg: Config,
+    *,
+    method: str | None = None,
+    overwrite: bool = False,
+    state: DistState | None = None,
+    progress: Progress | None = None,
+) -> SimilarityReport:
+    """Compares the datasets of `similarity.datasets` and writes `<output_dir>/similarity.safetensors`.
+
+    Needs the factors of fit-factors for this model (any training set). The file holds
+    `kernel`, `kernel_normalized`, `task2vec_cosine`, `task2vec_distance` ([S, S]),
+    `kernel_layer.<layer>` ([S, S] per layer), per dataset `embedding.<name>` (M̃_S
+    flattened, layers concatenated) and `fisher_diagonal.<name>` (D_S, same layout),
+    and `inverse_curvature` (1/(Λ*+λ), same layout), so that K(S,T) =
+    Σ embedding.S · embedding.T · inverse_curvature.
+
+    Raises:
+        ConfigError: fewer than two datasets.
+        OutputError: no factors; factors of another model, layers, strategy or Fisher kind
+            (the datasets need not be the factors' training set); the output exists without `overwrite`.
+    """
+    t_start = time.perf_counter()
+    method = method or cfg.similarity.method
+    if method not in SIMILARITY_METHODS:
+        raise UsageError(f"--method: expected one of {', '.join(SIMILARITY_METHODS)}, got {method!r}")
+    specs = cfg.similarity.datasets
+    if len(specs) < 2:
+        raise ConfigError(
+            f"similarity.datasets: needs two or more named datasets, got {len(specs)}",
+            source=cfg.source,
+            hint="add named data specs (same keys as data.train) under similarity.datasets",
+        )
+    out_dir = cfg.output_path
+    path = out_dir / storage.SIMILARITY_FILE
+    storage.check_can_write(path, overwrite, "a similarity result")
+    factors_path = out_dir / storage.FACTORS_FILE
+    factors = load_factors(factors_path)
+    ctx = prepare(cfg, state)
+    check_factors_match(factors, ctx, factors_path)
+    if factors.strategy != cfg.factors.strategy or factors.fisher != cfg.factors.fisher:
+        raise OutputError(
+            f"{str(factors_path)!r} holds {factors.strategy} factors ({factors.fisher} Fisher), the config asks for "
+            f"{cfg.factors.strategy} ({cfg.factors.fisher})",
+            hint="set factors.strategy/factors.fisher to match, or refit with `influence fit-factors --overwrite`",
+        )
+    storage.ensure_writable_dir(out_dir)
+    keys = {name: f"similarity.datasets.{name}" for name in specs}
+    datasets = {name: ctx.dataset(spec, keys[name]) for name, spec in specs.items()}
+    fisher = factors.fisher
+    plans = {name: dataclasses.replace(plan_for(ctx, ds), fisher=fisher) for name, ds in datasets.items()}
+    damping = {tm.name: factors.layers[tm.name].damping(cfg.scores.damping, cfg.scores.damping_factor) for tm in ctx.tracked}
+    progress = progress if (progress is not None and ctx.state.is_main) else NullProgress()
+    layers = {tm.name: factors.layers[tm.name].to(ctx.device) for tm in ctx.tracked}
+    t0 = time.perf_counter()
+    result = compute_similarity(ctx.model, ctx.tracked, layers, plans, damping, progress=progress, keys=keys)
+    seconds = {"passes": time.perf_counter() - t0}
+    names = result.names
+    sizes = [s.num_examples for s in result.statistics]
+    if ctx.state.is_main:
+        tensors = {
+            "kernel": result.kernel,
+            "kernel_normalized": result.kernel_normalized,
+            "task2vec_cosine": result.task2vec_cosine,
+            "task2vec_distance": result.task2vec_distance,
+            "inverse_curvature": _flat(result.inverse_curvature),
+        }
+        tensors |= {f"kernel_layer.{k}": v for k, v in result.layer_kernels.items()}
+        for name, s in zip(names, result.statistics, strict=True):
+            tensors[f"embedding.{name}"] = _flat(s.mean_gradient)
+            tensors[f"fisher_diagonal.{name}"] = _flat(s.fisher_diagonal)
+        offset, layout = 0, []
+        for tm in ctx.tracked:
+            layout.append({"name": tm.name, "shape": [tm.d_out, tm.d_in], "offset": offset})
+            offset += tm.d_out * tm.d_in
+        storage.save_tensors(
+            path,
+            tensors,
+            {
+                storage.FORMAT_KEY: storage.SIMILARITY_FORMAT,
+                "tool_version": __version__,
+                "torch_version": torch.__version__,
+                "method": method,
+                "names": names,
+                "sizes": sizes,
+                "dataset_fingerprints": {n: ds.fingerprint() for n, ds in datasets.items()},
+                "strategy": factors.strategy,
+                "fisher": fisher,
+                "damping": damping,
+                "layout": layout,
+                "model_fingerprint": ctx.model_fingerprint,
+                "factors_dataset_fingerprint": factors.metadata.get("dataset_fingerprint", ""),
+                "world_size": ctx.state.world_size,
+                "config": cfg.to_dict(),
+            },
+        )
+    ctx.state.barrier()
+    seconds["total"] = time.perf_counter() - t_start
+    return SimilarityReport(
+        path,
+        method,
+        names,
+        sizes,
+        result.kernel,
+        result.kernel_normalized,
+        result.task2vec_cosine,
+        result.task2vec_distance,
+        damping,
+        factors.strategy,
+        fisher,
+        seconds,
+    )

@@ -1,0 +1,393 @@
+"""Reading scores of any size: metadata, block-by-block streaming over shards, top-k rankings.
+
+Nothing here loads the whole score matrix: `iter_score_blocks` reads the rows of
+the selected queries one column block at a time (safetensors slices), and
+`top_k` keeps only the k best candidates per query, merging blocks and shards as
+it goes. Ties are broken by train position (lower first), so sharded and
+unsharded runs of the same scores rank identically.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from influence_cli import storage
+from influence_cli.errors import OutputError, UsageError
+
+_BLOCK_ELEMENTS = 1 << 24  # scores read at once (64 MiB in float32)
+_NO_SCORES_HINT = "run `influence compute-scores CONFIG` first (with the same output_dir)"
+
+
+@dataclass
+class ScoreFile:
+    """One file of a scores run and the train positions [train_start, train_stop) it holds."""
+
+    path: Path
+    train_start: int
+    train_stop: int
+
+
+@dataclass
+class ScoresMeta:
+    """What a scores run holds, without its score matrix.
+
+    Attributes:
+        files: The single scores file, or the shards in train order.
+        metadata: Decoded metadata (strategy, damping, measurement, relative, fingerprints, config, ...).
+        query_indices: [n_query] global indices of the queries.
+        query_labels: [n_query, ...] labels, or None.
+        query_predictions: [n_query] arg-max predictions (classification) or [n_query, K] outputs, or None.
+        has_norms: The files hold `train_norms` (relative runs), so plain scores can be recovered.
+    """
+
+    output_dir: Path
+    files: list[ScoreFile]
+    n_query: int
+    n_train: int
+    relative: bool
+    metadata: dict[str, Any]
+    query_indices: torch.Tensor
+    query_labels: torch.Tensor | None
+    query_predictions: torch.Tensor | None
+    has_norms: bool = False
+
+    @property
+    def sharded(self) -> bool:
+        return len(self.files) > 1 or self.files[0].path.name != storage.SCORES_FILE
+
+
+@dataclass
+class ScoreBlock:
+    """Scores of the selected queries against train positions [train_start, train_stop).
+
+    Attributes:
+        scores: float32 [n_selected, train_stop - train_start].
+        train_indices: int64 [train_stop - train_start] global indices.
+        train_labels: [train_stop - train_start, ...] or None.
+    """
+
+    train_start: int
+    train_stop: int
+    scores: torch.Tensor
+    train_indices: torch.Tensor
+    train_labels: torch.Tensor | None
+
+
+@dataclass
+class RankedExample:
+    """One training example in a ranking (score: its influence on the query, or its self-influence)."""
+
+    rank: int
+    train_index: int
+    train_position: int
+    train_label: Any
+    score: float
+
+
+@dataclass
+class QueryRanking:
+    """The top proponents (largest scores) and opponents (smallest) of one query."""
+
+    query_position: int
+    query_index: int
+    query_label: Any
+    query_prediction: Any
+    proponents: list[RankedExample] = field(default_factory=list)
+    opponents: list[RankedExample] = field(default_factory=list)
+
+
+def _plain(value: torch.Tensor | None) -> Any:
+    """A label or prediction as plain Python (int, float or list) for tables and JSON."""
+    return None if value is None else value.tolist()
+
+
+def _decode(meta: dict[str, str]) -> dict[str, Any]:
+    return {k: storage.meta_json(meta, k) for k in meta}
+
+
+def load_scores_meta(output_dir: str | Path) -> ScoresMeta:
+    """Reads the index (or the single scores file) and the query tensors of a scores run.
+
+    Raises:
+        OutputError: no scores in `output_dir`, or a listed shard is missing or of another format.
+    """
+    out = Path(output_dir)
+    index, single = out / storage.SCORES_INDEX, out / storage.SCORES_FILE
+    if index.is_file():
+        try:
+            data = json.loads(index.read_text())
+            files = [ScoreFile(out / s["file"], int(s["train_start"]), int(s["train_stop"])) for s in data["shards"]]
+            n_query, n_train, metadata = int(data["n_query"]), int(data["n_train"]), dict(data["metadata"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise OutputError(f"{str(index)!r} is not a readable scores index ({exc})", hint="rerun compute-scores with --overwrite") from None
+        if data.get(storage.FORMAT_KEY) != storage.SCORES_FORMAT:
+            raise OutputError(f"{str(index)!r} is not a {storage.SCORES_FORMAT} index", hint="rerun compute-scores with --overwrite")
+        for f in files:
+            if not f.path.is_file():
+                raise OutputError(f"{str(f.path)!r} (listed in {index.name}) is missing", hint="rerun compute-scores with --overwrite")
+    elif single.is_file():
+        raw = storage.read_metadata(single)
+        if raw.get(storage.FORMAT_KEY) != storage.SCORES_FORMAT:
+            raise OutputError(f"{str(single)!r} is not a {storage.SCORES_FORMAT} file", hint="rerun compute-scores with --overwrite")
+        metadata = _decode(raw)
+        with safe_open(str(single), framework="pt") as fh:
+            n_query, n_train = fh.get_slice("scores").get_shape()
+        files = [ScoreFile(single, 0, n_train)]
+    else:
+        raise OutputError(f"no scores in {str(out)!r} ({storage.SCORES_FILE} or {storage.SCORES_INDEX})", hint=_NO_SCORES_HINT)
+    with safe_open(str(files[0].path), framework="pt") as fh:
+        keys = set(fh.keys())
+
+        def get(key: str) -> torch.Tensor | None:
+            return fh.get_tensor(key) if key in keys else None
+
+        query_indices = get("query_indices")
+        labels, preds = get("query_labels"), get("query_predictions")
+    if query_indices is None:
+        query_indices = torch.arange(n_query)
+    return ScoresMeta(
+        out, files, int(n_query), int(n_train), bool(metadata.get("relative", False)), metadata, query_indices, labels, preds,
+        has_norms="train_norms" in keys,
+    )
+
+
+def select_queries(n_query: int, queries: slice | int | Sequence[int | slice] | None) -> list[int]:
+    """Query positions (rows of the scores) from an int, a slice, a list of both, or None (all).
+
+    Raises:
+        UsageError: naming --query and the valid range when a position is outside [0, n_query).
+    """
+    if queries is None:
+        return list(range(n_query))
+    items = [queries] if isinstance(queries, (int, slice)) else list(queries)
+    out: list[int] = []
+    valid = f"valid: 0..{n_query - 1}" if n_query else "there are no queries"
+    for item in items:
+        if isinstance(item, slice):
+            start = 0 if item.start is None else item.start
+            stop = n_query if item.stop is None else item.stop
+            if start < 0 or stop < 0 or start >= n_query or stop <= start or (item.step or 1) <= 0:
+                raise UsageError(f"--query {_slice_text(item)}: outside the {n_query} queries ({valid}, e.g. --query 0:{min(n_query, 10)})")
+            out.extend(range(start, min(stop, n_query), item.step or 1))
+        else:
+            q = int(item)
+            if not 0 <= q < n_query:
+                raise UsageError(f"--query {q}: outside the {n_query} queries ({valid})")
+            out.append(q)
+    return list(dict.fromkeys(out))
+
+
+def _slice_text(s: slice) -> str:
+    text = f"{'' if s.start is None else s.start}:{'' if s.stop is None else s.stop}"
+    return text + (f":{s.step}" if s.step not in (None, 1) else "")
+
+
+def _row_runs(positions: torch.Tensor) -> list[tuple[int, int]]:
+    """Contiguous [start, stop) runs of sorted unique positions."""
+    runs: list[tuple[int, int]] = []
+    for p in positions.tolist():
+        if runs and runs[-1][1] == p:
+            runs[-1] = (runs[-1][0], p + 1)
+        else:
+            runs.append((p, p + 1))
+    return runs
+
+
+def iter_score_blocks(
+    source: str | Path | ScoresMeta,
+    query_positions: Sequence[int],
+    *,
+    plain: bool = False,
+    max_elements: int = _BLOCK_ELEMENTS,
+) -> Iterator[ScoreBlock]:
+    """Scores of the given query rows, streamed in train order one column block at a time.
+
+    Args:
+        source: An output_dir or its `load_scores_meta`.
+        query_positions: Rows to read (any order; rows come back in this order).
+        plain: For a relative run, undo the RelatIF division (scores × train_norms).
+        max_elements: Scores per block (bounds the memory).
+
+    Yields:
+        ScoreBlock with float32 scores [len(query_positions), block columns].
+    """
+    meta = source if isinstance(source, ScoresMeta) else load_scores_meta(source)
+    wanted = torch.as_tensor(list(query_positions), dtype=torch.int64)
+    unique, inverse = torch.unique(wanted, sorted=True, return_inverse=True)
+    runs = _row_runs(unique)
+    step = max(1, max_elements // max(1, len(unique)))
+    undo = plain and meta.relative and meta.has_norms
+    for f in meta.files:
+        with safe_open(str(f.path), framework="pt") as fh:
+            keys = set(fh.keys())
+            scores = fh.get_slice("scores")
+            width = f.train_stop - f.train_start
+            for c0 in range(0, width, step):
+                c1 = min(width, c0 + step)
+                parts = [scores[r0:r1, c0:c1] for r0, r1 in runs]
+                block = (torch.cat(parts) if parts else torch.zeros(0, c1 - c0)).float()[inverse]
+                if undo:
+                    block = block * fh.get_slice("train_norms")[c0:c1].float()
+                labels = fh.get_slice("train_labels")[c0:c1] if "train_labels" in keys else None
+                yield ScoreBlock(f.train_start + c0, f.train_start + c1, block, fh.get_slice("train_indices")[c0:c1], labels)
+
+
+def _best(values: torch.Tensor, positions: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best per row by (value descending, position ascending), sorted that way.
+
+    Args:
+        values: [R, M] scores; positions: [R, M] int64 train positions.
+    """
+    m = values.shape[1]
+    k = min(k, m)
+    if m > 4 * k:
+        # positions ascend along each row of a block: among values tied with the k-th, keep the first ones
+        kth = values.topk(k, dim=1).values[:, -1:]
+        better = values > kth
+        tie = values == kth
+        need = k - better.sum(1, keepdim=True)
+        keep = better | (tie & (tie.cumsum(1) <= need))
+        values = values[keep].view(-1, k)
+        positions = positions[keep].view(-1, k)
+    order = positions.argsort(dim=1, stable=True)
+    values, positions = values.gather(1, order), positions.gather(1, order)
+    order = values.argsort(dim=1, descending=True, stable=True)
+    return values.gather(1, order)[:, :k], positions.gather(1, order)[:, :k]
+
+
+class _Running:
+    """The k best (value, train position) per row seen so far, plus the labels and indices of those positions."""
+
+    def __init__(self, rows: int, k: int, sign: float) -> None:
+        self.k, self.sign = k, sign
+        self.values = torch.empty(rows, 0)
+        self.positions = torch.empty(rows, 0, dtype=torch.int64)
+        self.index: dict[int, tuple[int, Any]] = {}
+
+    def update(self, block: ScoreBlock) -> None:
+        width = block.train_stop - block.train_start
+        pos = torch.arange(block.train_start, block.train_stop).expand(block.scores.shape[0], width)
+        v, p = _best(block.scores * self.sign, pos, self.k)
+        self.values, self.positions = _best(torch.cat([self.values, v], 1), torch.cat([self.positions, p], 1), self.k)
+        for q in p.unique().tolist():
+            local = q - block.train_start
+            label = None if block.train_labels is None else _plain(block.train_labels[local])
+            self.index[q] = (int(block.train_indices[local]), label)
+        keep = set(self.positions.unique().tolist())
+        self.index = {q: v for q, v in self.index.items() if q in keep}
+
+    def ranked(self, row: int) -> list[RankedExample]:
+        out = []
+        for r, (v, q) in enumerate(zip(self.values[row].tolist(), self.positions[row].tolist(), strict=True), start=1):
+            idx, label = self.index[q]
+            out.append(RankedExample(r, idx, q, label, v * self.sign))
+        return out
+
+
+def top_k(
+    output_dir: str | Path,
+    queries: slice | int | Sequence[int | slice] | None = None,
+    k: int = 5,
+    *,
+    largest: bool = True,
+    smallest: bool = True,
+    plain: bool = False,
+    max_elements: int = _BLOCK_ELEMENTS,
+) -> list[QueryRanking]:
+    """The k largest (proponents) and k smallest (opponents) scores of each selected query.
+
+    Memory: one block of `max_elements` scores plus 2k candidates per query, whatever n_train.
+
+    Args:
+        queries: Query positions (rows): an int, a slice, a list of them, or None for all.
+        largest, smallest: Compute proponents / opponents.
+        plain: For a relative run, rank by the plain influence instead (scores × train_norms).
+
+    Raises:
+        OutputError: no scores in `output_dir` (run compute-scores first).
+        UsageError: a query position outside the run's queries (names --query).
+    """
+    if k <= 0:
+        raise UsageError(f"--k {k}: must be at least 1")
+    meta = load_scores_meta(output_dir)
+    rows = select_queries(meta.n_query, queries)
+    best = _Running(len(rows), k, 1.0) if largest else None
+    worst = _Running(len(rows), k, -1.0) if smallest else None
+    for block in iter_score_blocks(meta, rows, plain=plain, max_elements=max_elements):
+        for running in (best, worst):
+            if running is not None:
+                running.update(block)
+    out = []
+    for i, q in enumerate(rows):
+        out.append(
+            QueryRanking(
+                q,
+                int(meta.query_indices[q]),
+                None if meta.query_labels is None else _plain(meta.query_labels[q]),
+                None if meta.query_predictions is None else _plain(meta.query_predictions[q]),
+                best.ranked(i) if best is not None else [],
+                worst.ranked(i) if worst is not None else [],
+            )
+        )
+    return out
+
+
+@dataclass
+class SelfInfluence:
+    """A self-influence file: values [n_train] and what produced them."""
+
+    values: torch.Tensor
+    train_indices: torch.Tensor
+    train_labels: torch.Tensor | None
+    metadata: dict[str, Any]
+
+
+def load_self_influence(output_dir: str | Path) -> SelfInfluence:
+    """Reads `<output_dir>/self_influence.safetensors` (OutputError if absent: run compute-scores --self)."""
+    path = Path(output_dir) / storage.SELF_INFLUENCE_FILE
+    if not path.is_file():
+        raise OutputError(f"no self-influence scores at {str(path)!r}", hint="run `influence compute-scores CONFIG --self` first")
+    tensors, meta = storage.load_tensors(path, storage.SELF_FORMAT)
+    return SelfInfluence(tensors["self_influence"], tensors["train_indices"], tensors.get("train_labels"), _decode(meta))
+
+
+def self_top_k(output_dir: str | Path, k: int = 5, *, largest: bool = True) -> list[RankedExample]:
+    """The k most (or, with largest=False, least) self-influential training examples, ties by position."""
+    if k <= 0:
+        raise UsageError(f"--k {k}: must be at least 1")
+    si = load_self_influence(output_dir)
+    sign = 1.0 if largest else -1.0
+    n = si.values.numel()
+    v, p = _best(si.values.double()[None] * sign, torch.arange(n)[None], k)
+    return [
+        RankedExample(
+            r,
+            int(si.train_indices[q]),
+            q,
+            None if si.train_labels is None else _plain(si.train_labels[q]),
+            float(val) * sign,
+        )
+        for r, (val, q) in enumerate(zip(v[0].tolist(), p[0].tolist(), strict=True), start=1)
+    ]
+
+
+__all__ = [
+    "QueryRanking",
+    "RankedExample",
+    "ScoreBlock",
+    "ScoresMeta",
+    "SelfInfluence",
+    "iter_score_blocks",
+    "load_scores_meta",
+    "load_self_influence",
+    "select_queries",
+    "self_top_k",
+    "top_k",
+]

@@ -1,0 +1,383 @@
+"""CLI tests through typer's CliRunner: help, outputs, and one clear line per bad input.
+
+The runner pins the terminal width (COLUMNS=120) and keeps stdout and stderr apart
+(this typer's CliRunner always separates them), so each test can check that results
+go to stdout and everything else to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner, Result
+
+from influence_cli import __version__
+from influence_cli.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "configs" / "digits.yaml"
+DIGITS_CNN = ROOT / "configs" / "digits_cnn.yaml"
+FACTORS = "factors.safetensors"
+EXIT = {"config": 2, "data": 3, "model": 4, "output": 5, "numerical": 6}
+
+
+@pytest.fixture(scope="module")
+def runner() -> CliRunner:
+    return CliRunner(env={"COLUMNS": "120", "INFLUENCE_DEBUG": None, "RANK": None})
+
+
+def invoke(runner: CliRunner, *args: str | Path) -> Result:
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_clean_error(result: Result, code: int, *needles: str) -> str:
+    """A typed error: the exit code, one message line (+ one hint line) on stderr, nothing on stdout, no traceback."""
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr, result.exception)
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert result.stdout == ""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert 1 <= len(lines) <= 2, result.stderr
+    assert lines[0].split(":", 1)[0] in ("config error", "usage error", "data error", "model error", "output error", "numerical error")
+    if len(lines) == 2:
+        assert lines[1].startswith("hint: ")
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def fitted(runner: CliRunner, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Result]:
+    """configs/digits.yaml fitted once into a temporary output_dir."""
+    out = tmp_path_factory.mktemp("digits")
+    result = invoke(runner, "fit-factors", DIGITS, "--set", f"output_dir={out}")
+    return out, result
+
+
+# ----------------------------------------------------------------------------- help and version
+
+
+def test_root_help_states_the_sign_convention_and_the_flow(runner: CliRunner):
+    result = invoke(runner, "--help")
+    assert result.exit_code == 0
+    text = " ".join(result.stdout.split())
+    assert "Sign convention: a positive score means up-weighting the training example lowers the query's loss" in text
+    assert "proponent" in text and "opponent" in text
+    assert "influence fit-factors CONFIG" in text
+    for command in ("fit-factors", "inspect", "info"):
+        assert command in text
+    assert "--debug" in text and "--version" in text
+
+
+@pytest.mark.parametrize(
+    "command, example",
+    [
+        ("fit-factors", "influence fit-factors configs/digits.yaml"),
+        ("inspect", "influence inspect configs/digits.yaml"),
+        ("info", "influence info runs/digits/factors.safetensors"),
+    ],
+)
+def test_command_help_has_examples(runner: CliRunner, command: str, example: str):
+    result = invoke(runner, command, "--help")
+    assert result.exit_code == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert "Examples" in text and example in text
+    assert "--json" in text
+    if command != "info":
+        assert "--set" in text and "docs/CONFIG.md" in text
+
+
+def test_fit_factors_help_shows_the_torchrun_example(runner: CliRunner):
+    text = " ".join(invoke(runner, "fit-factors", "--help").stdout.split())
+    assert "torchrun --nproc_per_node=4 -m influence_cli fit-factors" in text
+    assert "--overwrite" in text and "--resume" in text
+
+
+def test_version(runner: CliRunner):
+    result = invoke(runner, "--version")
+    assert result.exit_code == 0
+    assert result.stdout == f"influence_cli {__version__}\n"
+
+
+def test_unknown_command_is_a_usage_error(runner: CliRunner):
+    result = invoke(runner, "fit-factor", DIGITS)
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert "fit-factor" in result.stderr
+
+
+# ----------------------------------------------------------------------------- fit-factors
+
+
+def test_fit_factors_writes_factors_and_prints_a_summary(fitted: tuple[Path, Result]):
+    out, result = fitted
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    assert (out / FACTORS).is_file()
+    assert sorted(p.name for p in out.iterdir()) == [FACTORS]  # no temporary or progress files left
+    text = result.stdout
+    assert "ekfac factors (sampled Fisher)" in " ".join(text.split())
+    for layer in ("fc1", "fc2", "head"):
+        assert layer in text
+    assert "65²" in text and "64×65" in text  # fc1: A over 64 inputs + bias, Λ over [64, 65]
+    assert "saved" in result.stderr and str(out / FACTORS) in " ".join(result.stderr.split())
+    assert "saved" not in text
+
+
+def test_fit_factors_refuses_to_overwrite(runner: CliRunner, fitted: tuple[Path, Result]):
+    out, _ = fitted
+    before = (out / FACTORS).read_bytes()
+    result = invoke(runner, "fit-factors", DIGITS, "--set", f"output_dir={out}")
+    line = assert_clean_error(result, EXIT["output"], "already holds factors", str(out / FACTORS))
+    assert "--overwrite" in result.stderr.split(line, 1)[1]
+    assert (out / FACTORS).read_bytes() == before
+
+
+def test_fit_factors_json_and_overwrite(runner: CliRunner, tmp_path: Path):
+    out = tmp_path
+    first = invoke(runner, "fit-factors", DIGITS, "--set", f"output_dir={out}", "--set", "data.train.range=[0, 100]", "--json")
+    assert first.exit_code == 0 and json.loads(first.stdout)["strategy"] == "ekfac"
+    result = invoke(runner, "fit-factors", DIGITS, "--set", f"output_dir={out}", "--overwrite", "--json",
+                    "--set", "factors.strategy=kfac", "--set", "data.train.range=[0, 300]")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)  # nothing but JSON on stdout
+    assert data["path"] == str(out / FACTORS)
+    assert data["strategy"] == "kfac" and data["fisher"] == "sampled" and data["num_examples"] == 300
+    assert [layer["name"] for layer in data["layers"]] == ["fc1", "fc2", "head"]
+    assert data["layers"][0]["weight_shape"] == [64, 64]
+    assert "covariance" in data["seconds"]
+    assert "━" not in result.stderr  # no progress bars with --json
+    # the overwrite really replaced the file
+    info = json.loads(invoke(runner, "info", out / FACTORS, "--json").stdout)
+    assert info["metadata"]["strategy"] == "kfac" and info["metadata"]["num_examples"] == 300
+
+
+def test_fit_factors_cnn_with_margin_and_ggn(runner: CliRunner, tmp_path: Path):
+    result = invoke(runner, "fit-factors", DIGITS_CNN, "--set", f"output_dir={tmp_path}", "--set", "data.train.range=[0, 64]",
+                    "--set", "data.batch_size=32", "--json")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["fisher"] == "ggn" and data["num_examples"] == 64
+    assert {layer["kind"] for layer in data["layers"]} == {"conv2d", "linear"}
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _pixels(n: int, side: int) -> torch.Tensor:
+    """Digit-like inputs [n, 1, side, side] in 0..16, from a fixed generator (the global RNG is left alone)."""
+    return torch.rand(n, 1, side, side, generator=torch.Generator().manual_seed(0)) * 16
+
+
+def _tensors(tmp: Path, name: str, inputs: torch.Tensor, labels: torch.Tensor) -> Path:
+    path = tmp / name
+    save_file({"inputs": inputs, "labels": labels}, str(path))
+    return path
+
+
+def _bad_yaml(tmp: Path) -> list[str]:
+    path = tmp / "bad.yaml"
+    path.write_text("model:\n  architecture: mlp\n kwargs: {\n", encoding="utf-8")
+    return [str(path)]
+
+
+def _labels_outside(tmp: Path) -> list[str]:
+    path = _tensors(tmp, "labels12.safetensors", _pixels(20, 8), torch.tensor([1, 2, 12, 3] * 5))
+    return [str(DIGITS), "--set", f"data.train.path={path}", "--set", "data.train.range=null"]
+
+
+def _wrong_shape(tmp: Path) -> list[str]:
+    path = _tensors(tmp, "tens.safetensors", _pixels(20, 10), torch.arange(20) % 10)
+    return [str(DIGITS), "--set", f"data.train.path={path}", "--set", "data.train.range=null"]
+
+
+def _train_file(name: str, inputs: torch.Tensor | None, labels: torch.Tensor | None) -> Callable[[Path], list[str]]:
+    """A config whose data.train is a tensors file written for the test (None: a file that is not safetensors)."""
+
+    def build(tmp: Path) -> list[str]:
+        path = tmp / name
+        if inputs is None:
+            path.write_bytes(b"not a safetensors file")
+        else:
+            save_file({"inputs": inputs} | ({} if labels is None else {"labels": labels}), str(path))
+        return [str(DIGITS), "--set", f"data.train.path={path}", "--set", "data.train.range=null", "--set", "data.batch_size=16"]
+
+    return build
+
+
+def _nan_inputs() -> torch.Tensor:
+    x = _pixels(40, 8)
+    x[33, 0, 2, 2] = float("nan")
+    return x
+
+
+def _output_under_a_file(tmp: Path) -> list[str]:
+    (tmp / "a_file").write_text("not a folder")
+    return [str(DIGITS), "--set", f"output_dir={tmp / 'a_file' / 'out'}"]
+
+
+def _cfg(*sets: str) -> Callable[[Path], list[str]]:
+    def build(tmp: Path) -> list[str]:
+        args = [str(DIGITS)]
+        for s in sets:
+            args += ["--set", s]
+        return args
+
+    return build
+
+
+# (id, args builder, exit code, words the error line must contain)
+BAD_INPUTS = [
+    ("malformed-yaml", _bad_yaml, EXIT["config"], ["bad.yaml", "not valid YAML", "line 3, column 2"]),
+    ("missing-config", lambda tmp: [str(tmp / "nope.yaml")], EXIT["config"], ["nope.yaml", "does not exist"]),
+    ("unknown-key", _cfg("data.train.sourc=x"), EXIT["config"], ["digits.yaml", "data.train.sourc", "unknown key", "did you mean source"]),
+    ("wrong-type", _cfg("data.batch_size=ten"), EXIT["config"], ["digits.yaml", "data.batch_size", "expected an integer"]),
+    ("wrong-type-strategy", _cfg("factors.strategy=3"), EXIT["config"], ["factors.strategy", "ekfac | kfac"]),
+    ("batch-size-0", _cfg("data.batch_size=0"), EXIT["config"], ["data.batch_size", "must be > 0"]),
+    ("batch-size-negative", _cfg("data.batch_size=-8"), EXIT["config"], ["data.batch_size", "must be > 0"]),
+    ("damping-negative", _cfg("scores.damping=-1"), EXIT["config"], ["scores.damping", "-1"]),
+    ("damping-nan", _cfg("scores.damping=.nan"), EXIT["config"], ["scores.damping", "nan"]),
+    ("bad-override", _cfg("data.batch_size"), EXIT["config"], ["--set 'data.batch_size'", "key.path=value"]),
+    ("override-through-scalar", _cfg("seed.x=1"), EXIT["config"], ["--set 'seed.x=1'", "not a mapping"]),
+    ("missing-checkpoint", _cfg("model.checkpoint=nope.safetensors"), EXIT["config"], ["model.checkpoint", "nope.safetensors", "does not exist"]),
+    ("missing-dataset", _cfg("data.train.path=nope.safetensors"), EXIT["config"], ["data.train.path", "nope.safetensors", "does not exist"]),
+    ("several-problems", _cfg("data.batch_size=0", "scores.damping=-1", "factors.fisher=exact"), EXIT["config"],
+     ["3 problems", "data.batch_size", "scores.damping", "factors.fisher"]),  # fmt: skip
+    ("other-architecture", _cfg("model.kwargs.hidden=[8]"), EXIT["model"], ["model.checkpoint", "does not match the model", "fc1.weight"]),
+    ("other-input-dim", _cfg("model.kwargs.input_dim=100"), EXIT["model"], ["model.checkpoint", "fc1.weight: checkpoint [64, 64] vs model [64, 100]"]),
+    ("module-pattern-matches-nothing", _cfg("factors.modules=[conv*]"), EXIT["model"], ["factors.modules", "conv*", "fc1, fc2, head"]),
+    ("range-beyond-data", _cfg("data.train.range=[0, 5000]"), EXIT["data"], ["data.train.range", "1797 examples"]),
+    ("indices-beyond-data", _cfg("data.train.range=null", "data.train.indices=[0, 1797]"), EXIT["data"], ["data.train.indices", "1797"]),
+    ("empty-after-labels_in", _cfg("data.train.labels_in=[42]"), EXIT["data"], ["data.train", "no examples left", "labels_in"]),
+    ("labels-outside-classes", _labels_outside, EXIT["data"], ["data.train", "label 12", "10 classes"]),
+    ("wrong-image-shape", _wrong_shape, EXIT["data"], ["data.train", "inputs of shape [20, 1, 10, 10]", "do not fit the model"]),
+    ("wrong-input-dim-untrained", _cfg("model.kwargs.input_dim=100", "model.checkpoint=null"), EXIT["data"],
+     ["data.train", "do not fit the model", "100"]),  # fmt: skip
+    ("empty-dataset", _train_file("empty.safetensors", torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.int64)), EXIT["data"],
+     ["data.train", "no examples left", "empty.safetensors"]),  # fmt: skip
+    ("dataset-without-labels", _train_file("nolabels.safetensors", torch.zeros(5, 1, 8, 8), None), EXIT["data"],
+     ["data.train.labels_key", "'labels' is not in nolabels.safetensors"]),  # fmt: skip
+    ("dataset-not-safetensors", _train_file("garbage.safetensors", None, None), EXIT["data"], ["data.train.path", "garbage.safetensors"]),
+    ("nan-input", _train_file("nan.safetensors", _nan_inputs(), torch.arange(40) % 10), EXIT["numerical"],
+     ["covariance pass", "batch 2", "32..39"]),  # fmt: skip
+    ("output-under-a-file", _output_under_a_file, EXIT["output"], ["output_dir", "a_file"]),
+]
+
+
+@pytest.mark.parametrize("build, code, needles", [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_gives_one_clear_line_and_writes_nothing(
+    runner: CliRunner, tmp_path: Path, build: Callable[[Path], list[str]], code: int, needles: list[str]
+):
+    out = tmp_path / "out"
+    args = build(tmp_path)
+    if not any(a.startswith("output_dir=") for a in args):
+        args += ["--set", f"output_dir={out}"]
+    result = invoke(runner, "fit-factors", *args)
+    assert_clean_error(result, code, *needles)
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write into read-only folders")
+def test_read_only_output_dir(runner: CliRunner, tmp_path: Path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        result = invoke(runner, "fit-factors", DIGITS, "--set", f"output_dir={locked / 'out'}")
+        assert_clean_error(result, EXIT["output"], "output_dir")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_debug_shows_the_traceback_and_does_not_stick(runner: CliRunner, tmp_path: Path):
+    args = ["fit-factors", DIGITS, "--set", "data.batch_size=0", "--set", f"output_dir={tmp_path}"]
+    result = invoke(runner, "--debug", *args)
+    assert result.exit_code == EXIT["config"]
+    assert "config error:" in result.stderr and "Traceback" in result.stderr and "ConfigError" in result.stderr
+    assert "Traceback" not in invoke(runner, *args).stderr
+
+
+def test_debug_from_the_environment(tmp_path: Path):
+    runner = CliRunner(env={"COLUMNS": "120", "INFLUENCE_DEBUG": "1"})
+    result = runner.invoke(app, ["fit-factors", str(DIGITS), "--set", "data.batch_size=0", "--set", f"output_dir={tmp_path}"])
+    assert result.exit_code == EXIT["config"] and "Traceback" in result.stderr
+
+
+def test_debug_traceback_of_a_wrong_shape_keeps_the_torch_error(runner: CliRunner, tmp_path: Path):
+    result = invoke(runner, "--debug", "fit-factors", *_wrong_shape(tmp_path), "--set", f"output_dir={tmp_path / 'out'}")
+    assert result.exit_code == EXIT["data"]
+    assert "RuntimeError" in result.stderr and "DataError" in result.stderr
+
+
+# ----------------------------------------------------------------------------- inspect
+
+
+def test_inspect_table(runner: CliRunner):
+    result = invoke(runner, "inspect", DIGITS)
+    assert result.exit_code == 0, result.stderr
+    text = result.stdout
+    assert "tracked layers (ekfac)" in text
+    for layer in ("fc1", "fc2", "head"):
+        assert layer in text
+    assert "4,160" in text  # fc1 parameters: 64 x (64 + 1)
+    assert "3 layers" in result.stderr and "3 layers" not in text
+
+
+def test_inspect_json(runner: CliRunner):
+    result = invoke(runner, "inspect", DIGITS_CNN, "--json", "--set", "factors.modules=[conv*]", "--set", "factors.strategy=diagonal")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["strategy"] == "diagonal"
+    assert data["layers"] and all(layer["name"].startswith("conv") for layer in data["layers"])
+    assert all(layer["kind"] == "conv2d" and layer["a_size"] == 0 for layer in data["layers"])
+
+
+def test_inspect_bad_pattern(runner: CliRunner):
+    result = invoke(runner, "inspect", DIGITS, "--set", "factors.modules=[nothing*]")
+    assert_clean_error(result, EXIT["model"], "factors.modules", "nothing*")
+
+
+def test_inspect_reports_config_errors(runner: CliRunner):
+    assert_clean_error(invoke(runner, "inspect", DIGITS, "--set", "data.batch_size=0"), EXIT["config"], "data.batch_size")
+
+
+# ----------------------------------------------------------------------------- info
+
+
+def test_info_table(runner: CliRunner, fitted: tuple[Path, Result]):
+    out, _ = fitted
+    result = invoke(runner, "info", out / FACTORS)
+    assert result.exit_code == 0, result.stderr
+    text = result.stdout
+    for field in ("strategy", "fisher", "model_fingerprint", "dataset_fingerprint", "tool_version", "torch_version", "tensors"):
+        assert field in text, field
+    assert __version__ in text
+
+
+def test_info_json(runner: CliRunner, fitted: tuple[Path, Result]):
+    out, _ = fitted
+    result = invoke(runner, "info", out / FACTORS, "--json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    meta = data["metadata"]
+    assert meta["format"].startswith("influence_cli.factors/")
+    assert meta["strategy"] == "ekfac" and meta["fisher"] == "sampled" and meta["num_examples"] == 1500
+    assert len(meta["model_fingerprint"]) >= 16 and len(meta["dataset_fingerprint"]) >= 16
+    assert meta["modules"] == ["fc1", "fc2", "head"]
+    config = meta["config"]
+    assert config["model"]["architecture"] == "mlp" and config["output_dir"] == str(out)
+    assert config["data"]["train"]["source"] == "tensors"
+    assert all(key.split(".", 1)[0] in ("fc1", "fc2", "head") for key in data["tensors"])
+
+
+@pytest.mark.parametrize("name", ["missing.safetensors", "config.yaml"])
+def test_info_on_a_file_that_is_not_an_output(runner: CliRunner, tmp_path: Path, name: str):
+    path = tmp_path / name
+    if name == "config.yaml":
+        path.write_text(DIGITS.read_text())
+    assert_clean_error(invoke(runner, "info", path), EXIT["output"], name)

@@ -1,0 +1,188 @@
+"""`influence compute-scores` and `influence top-k` through typer's CliRunner, and a 2-process gloo run."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import yaml
+from PIL import Image
+from test_scores import N_QUERY, N_TRAIN, write_project
+from typer.testing import CliRunner
+
+from influence_cli import storage
+from influence_cli.cli import app
+from influence_cli.topk import iter_score_blocks, top_k
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def runner() -> CliRunner:
+    return CliRunner(env={"COLUMNS": "120", "INFLUENCE_DEBUG": None, "RANK": None, "WORLD_SIZE": None})
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, runner) -> Path:
+    """The tiny project with 16-feature inputs (shown as 4×4 images), its config file and fitted factors."""
+    folder = tmp_path_factory.mktemp("cli")
+    data = write_project(folder, dim=16)
+    (folder / "config.yaml").write_text(yaml.safe_dump(data))
+    result = runner.invoke(app, ["fit-factors", str(folder / "config.yaml")])
+    assert result.exit_code == 0, result.stderr
+    return folder / "config.yaml"
+
+
+def invoke(runner: CliRunner, *args: str | Path):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_help_states_sign_convention_and_examples(runner):
+    for command in ("compute-scores", "top-k"):
+        result = invoke(runner, command, "--help")
+        assert result.exit_code == 0
+        text = " ".join(result.stdout.split())
+        assert "positive score means the training example helps the query" in text
+        assert "up-weighting it lowers the query's loss" in text and "−score/N" in text
+        assert "Examples" in text
+    assert "torchrun --nproc_per_node=4 -m influence_cli compute-scores" in " ".join(invoke(runner, "compute-scores", "--help").stdout.split())
+
+
+def test_compute_scores_then_top_k(runner, project):
+    result = invoke(runner, "compute-scores", project, "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["kind"] == "pairwise" and report["n_query"] == N_QUERY and report["n_train"] == N_TRAIN
+    out = project.parent / "out"
+    assert report["paths"] == [str(out / storage.SCORES_FILE)]
+
+    result = invoke(runner, "top-k", project, "--query", "0:2", "--query", "5", "--k", "3", "--json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)  # nothing but JSON on stdout
+    assert [q["query_position"] for q in data["queries"]] == [0, 1, 5]
+    api = top_k(out, [0, 1, 5], 3)
+    for q, ref in zip(data["queries"], api, strict=True):
+        scores = [e["score"] for e in q["proponents"]]
+        assert scores == sorted(scores, reverse=True) and len(scores) == 3
+        lows = [e["score"] for e in q["opponents"]]
+        assert lows == sorted(lows)
+        assert [e["train_index"] for e in q["proponents"]] == [e.train_index for e in ref.proponents]
+        assert q["query_index"] == 50 + q["query_position"]
+    full = next(iter_score_blocks(out, [0])).scores[0]
+    assert data["queries"][0]["proponents"][0]["score"] == pytest.approx(float(full.max()))
+
+    result = invoke(runner, "top-k", project, "--query", "1", "--k", "2", "--no-opponents")
+    assert result.exit_code == 0, result.stderr
+    assert "query 1 · index 51 · label" in result.stdout and "predicted" in result.stdout
+    assert "proponent" in result.stdout and "opponent " not in result.stdout
+    assert "train index" in result.stdout
+
+    result = invoke(runner, "compute-scores", project)
+    assert result.exit_code == 5 and "already holds scores" in result.stderr and "--overwrite" in result.stderr
+
+
+def test_top_k_query_out_of_range_is_one_line(runner, project):
+    if not (project.parent / "out" / storage.SCORES_FILE).exists():
+        assert invoke(runner, "compute-scores", project).exit_code == 0
+    result = invoke(runner, "top-k", project, "--query", "99")
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert "usage error: --query 99: outside the 7 queries (valid: 0..6)" in result.stderr
+    result = invoke(runner, "top-k", project, "--query", "two")
+    assert result.exit_code == 2 and "--query 'two'" in result.stderr
+
+
+def test_top_k_without_scores_hints_compute_scores(runner, tmp_path):
+    data = write_project(tmp_path)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(data))
+    result = invoke(runner, "top-k", tmp_path / "c.yaml")
+    assert result.exit_code == 5 and "no scores in" in result.stderr and "compute-scores" in result.stderr
+
+
+def test_self_influence_and_image_grids(runner, project, tmp_path):
+    result = invoke(runner, "compute-scores", project, "--self")
+    assert result.exit_code == 0, result.stderr
+    assert "self-influence" in result.stdout
+    result = invoke(runner, "top-k", project, "--self", "--k", "4", "--json", "--image-grid", tmp_path / "self.png")
+    assert result.exit_code == 0, result.stderr
+    ranked = json.loads(result.stdout)["self_influence"]
+    assert [e["rank"] for e in ranked] == [1, 2, 3, 4]
+    assert [e["score"] for e in ranked] == sorted((e["score"] for e in ranked), reverse=True)
+    assert Image.open(tmp_path / "self.png").size[0] > 4 * 84
+
+    # plain scores: one row group; relative scores (with their norms): plain and relative side by side
+    out = project.parent / "out"
+    if not (out / storage.SCORES_FILE).exists():
+        assert invoke(runner, "compute-scores", project).exit_code == 0
+    result = invoke(runner, "top-k", project, "--query", "0:3", "--k", "3", "--image-grid", tmp_path / "plain.png")
+    assert result.exit_code == 0, result.stderr
+    result = invoke(runner, "compute-scores", project, "--relative", "--overwrite")
+    assert result.exit_code == 0, result.stderr
+    assert "relative influence" in result.stdout
+    result = invoke(runner, "top-k", project, "--query", "0:3", "--k", "3", "--image-grid", tmp_path / "both.png")
+    assert result.exit_code == 0, result.stderr
+    plain, both = Image.open(tmp_path / "plain.png"), Image.open(tmp_path / "both.png")
+    assert both.size[0] == plain.size[0] and both.size[1] > 1.8 * plain.size[1] - 60
+    assert not list(tmp_path.glob(".*.tmp"))
+    invoke(runner, "compute-scores", project, "--overwrite")  # leave plain scores for the other tests
+
+
+# ----------------------------------------------------------------------------- two processes (gloo)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, config: str, out: str, extra: list[str]) -> None:
+    """One rank: pairwise scores (sharded by rank) then self-influence, as under torchrun."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from influence_cli.config import load_config
+        from influence_cli.distributed import DistState
+        from influence_cli.scores import compute_scores
+
+        cfg = load_config(config, [f"output_dir={out}", *extra])
+        compute_scores(cfg, state=DistState(rank=rank, world_size=world))
+        compute_scores(cfg, state=DistState(rank=rank, world_size=world), self_influence=True)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_two_processes_write_rank_shards_matching_one_process(project, tmp_path, runner):
+    out = tmp_path / "dist"
+    out.mkdir()
+    (out / storage.FACTORS_FILE).write_bytes((project.parent / "out" / storage.FACTORS_FILE).read_bytes())
+    budget = str(N_QUERY * 16 * 4 / 2**20)  # 16 columns per shard: ranks [0, 22) and [22, 45) get 2 shards each
+    mp.spawn(_rank_main, args=(2, _free_port(), str(project), str(out), [f"scores.max_memory_mb={budget}"]), nprocs=2)
+    index = json.loads((out / storage.SCORES_INDEX).read_text())
+    assert [(s["train_start"], s["train_stop"]) for s in index["shards"]] == [(0, 16), (16, 22), (22, 38), (38, 45)]
+    assert not list(out.glob("scores.partial*"))
+    got = torch.cat([b.scores for b in iter_score_blocks(out, range(N_QUERY))], 1)
+    ref = torch.cat([b.scores for b in iter_score_blocks(project.parent / "out", range(N_QUERY))], 1)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / storage.FACTORS_FILE).write_bytes((project.parent / "out" / storage.FACTORS_FILE).read_bytes())
+    assert invoke(runner, "compute-scores", project, "--self", "--set", f"output_dir={single}").exit_code == 0
+    a = storage.load_tensors(out / storage.SELF_INFLUENCE_FILE)[0]
+    b = storage.load_tensors(single / storage.SELF_INFLUENCE_FILE)[0]
+    torch.testing.assert_close(a["self_influence"], b["self_influence"], rtol=1e-5, atol=1e-6)
+    assert torch.equal(a["train_labels"], b["train_labels"]) and torch.equal(a["train_indices"], b["train_indices"])

@@ -1,0 +1,584 @@
+"""Tests for influence_cli.config: shipped configs, strict loading, `--set`, property tests, docs."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import string
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from influence_cli.config import (
+    Config,
+    DataSpec,
+    apply_overrides,
+    config_from_dict,
+    field_docs,
+    load_config,
+    parse_override,
+)
+from influence_cli.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+# Configs whose files all ship in the repository (sample_data/); the others name a checkpoint a run produces.
+SELF_CONTAINED = {"digits.yaml", "digits_cnn.yaml"}
+SAMPLE = ROOT / "sample_data"
+
+
+def minimal(**extra) -> dict:
+    """The smallest valid config: an MLP and the bundled digits (files exist)."""
+    data = {
+        "model": {"architecture": "mlp", "kwargs": {"input_dim": 64, "hidden": [8], "num_classes": 10}},
+        "data": {"train": {"source": "tensors", "path": str(SAMPLE / "digits.safetensors")}},
+    }
+    data.update(extra)
+    return data
+
+
+def write(tmp_path: Path, data: dict | str, name: str = "config.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def problems_of(exc: pytest.ExceptionInfo[ConfigError]) -> dict[str, str]:
+    """{key: problem} of a ConfigError (the key is what comes before the first ': ')."""
+    return {p.split(": ", 1)[0]: p for p in exc.value.problems}
+
+
+# ----------------------------------------------------------------------------- shipped configs
+
+
+def test_configs_folder_is_not_empty():
+    assert {p.name for p in CONFIGS} >= SELF_CONTAINED
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_config_loads_and_validates(path: Path):
+    cfg = load_config(path, check_files=path.name in SELF_CONTAINED)
+    assert cfg.model.architecture
+    assert cfg.data.train is not None and cfg.data.train.source
+    assert cfg.source == str(path)
+    assert cfg.base_dir == str(path.parent)
+    # relative paths resolve against the config's folder, not the working directory
+    assert cfg.output_path.is_absolute() and cfg.output_path.parent.parent == ROOT
+
+
+@pytest.mark.parametrize("name", sorted(SELF_CONTAINED))
+def test_self_contained_configs_name_existing_files(name: str):
+    cfg = load_config(ROOT / "configs" / name, check_files=True)
+    assert cfg.resolve(cfg.model.checkpoint).is_file()
+    assert cfg.resolve(cfg.data.train.path).is_file()
+
+
+# ----------------------------------------------------------------------------- strictness
+
+
+def test_minimal_config_builds_with_defaults():
+    cfg = config_from_dict(minimal())
+    assert cfg.factors.strategy == "ekfac" and cfg.factors.fisher == "sampled"
+    assert cfg.scores.damping == "auto" and cfg.task.kind == "classification"
+    assert cfg.data.batch_size == 256 and cfg.factors.modules == ["*"]
+
+
+@pytest.mark.parametrize(
+    "patch, key",
+    [
+        pytest.param({"modle": {}}, "modle", id="top-level"),
+        pytest.param({"data": {"train": {"source": "tensors", "sourc": "x"}}}, "data.train.sourc", id="data.train.sourc"),
+        pytest.param({"factors": {"strategyy": "kfac"}}, "factors.strategyy", id="factors.strategyy"),
+        pytest.param(
+            {"data": {"train": {"source": "tensors", "path": "x", "transform": {"sclae": 2.0}}}},
+            "data.train.transform.sclae",
+            id="transform.sclae",
+        ),
+        pytest.param({"similarity": {"datasets": {"a": {"source": "tensors", "pth": "x"}}}}, "similarity.datasets.a.pth", id="similarity"),
+    ],
+)
+def test_unknown_keys_are_named(patch: dict, key: str):
+    data = minimal()
+    for block, value in patch.items():
+        if isinstance(value, dict) and isinstance(data.get(block), dict):
+            data[block] = {**data[block], **value}
+        else:
+            data[block] = value
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict(data, check_files=False)
+    found = problems_of(exc)
+    assert key in found and "unknown key" in found[key]
+    # one problem per fault: a bad key inside data.train must not also claim data.train is missing
+    assert "data.train" not in found
+
+
+def test_unknown_key_suggests_the_close_one():
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict(minimal(seeed=1))
+    assert "did you mean seed?" in exc.value.problems[0]
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        pytest.param("data.batch_size=ten", "data.batch_size", id="batch_size-str"),
+        pytest.param("factors.strategy=3", "factors.strategy", id="strategy-int"),
+        pytest.param("factors.strategy=eekfac", "factors.strategy", id="strategy-unknown"),
+        pytest.param("factors.modules=fc1", "factors.modules", id="modules-not-list"),
+        pytest.param("data.train.range=[0, a]", "data.train.range[1]", id="range-item"),
+        pytest.param("data.train=3", "data.train", id="train-not-mapping"),
+        pytest.param("seed=1.5", "seed", id="seed-float"),
+        pytest.param("data.train.transform.flatten=1", "data.train.transform.flatten", id="bool-int"),
+        pytest.param("task.kind=[classification]", "task.kind", id="literal-list"),
+        pytest.param("scores.damping_factor=1" + "0" * 400, "scores.damping_factor", id="huge-int"),
+    ],
+)
+def test_wrong_types_are_named(override: str, key: str):
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict(minimal(), [override])
+    found = problems_of(exc)
+    assert list(found) == [key], exc.value.problems
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        pytest.param("data.batch_size=0", "data.batch_size", id="batch_size-0"),
+        pytest.param("data.batch_size=-4", "data.batch_size", id="batch_size-negative"),
+        pytest.param("scores.damping=-1", "scores.damping", id="damping-negative"),
+        pytest.param("scores.damping=.nan", "scores.damping", id="damping-nan"),
+        pytest.param("scores.damping=.inf", "scores.damping", id="damping-inf"),
+        pytest.param("scores.damping=lots", "scores.damping", id="damping-word"),
+        pytest.param("data.train.range=[5, 2]", "data.train.range", id="range-reversed"),
+        pytest.param("data.train.range=[-1, 2]", "data.train.range", id="range-negative"),
+        pytest.param("data.train.range=[1, 2, 3]", "data.train.range", id="range-three"),
+        pytest.param("data.train.limit=0", "data.train.limit", id="limit-0"),
+        pytest.param("data.train.label_noise=1.0", "data.train.label_noise", id="label_noise-1"),
+        pytest.param("data.train.transform.normalize={mean: [0.5], std: [0]}", "data.train.transform.normalize.std", id="std-0"),
+        pytest.param("data.train.transform.normalize={mean: [.nan], std: [1]}", "data.train.transform.normalize.mean", id="mean-nan"),
+        pytest.param("data.train.source=csv", "data.train.source", id="source-unknown"),
+        pytest.param("factors.modules=[]", "factors.modules", id="modules-empty"),
+        pytest.param("device=gpu", "device", id="device-gpu"),
+        pytest.param("device=cuda:²", "device", id="device-superscript"),
+        pytest.param("output_dir=", "output_dir", id="output_dir-empty"),
+        pytest.param("task.kind=regression", "task.measurement", id="margin-with-regression"),
+    ],
+)
+def test_impossible_values_are_named(override: str, key: str):
+    overrides = [override]
+    if key == "task.measurement":
+        overrides.append("task.measurement=margin")
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict(minimal(), overrides)
+    assert list(problems_of(exc)) == [key], exc.value.problems
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        pytest.param("model.checkpoint=nope.safetensors", "model.checkpoint", id="checkpoint"),
+        pytest.param("data.train.path=nope.safetensors", "data.train.path", id="tensors-path"),
+        pytest.param("data.train.indices_file=nope.txt", "data.train.indices_file", id="indices_file"),
+        pytest.param("scores.checkpoints=[nope.pt]", "scores.checkpoints[0]", id="ensemble-checkpoint"),
+        pytest.param("model.checkpoint=" + "a" * 5000, "model.checkpoint", id="name-too-long"),
+        pytest.param("model.checkpoint=~no_such_user_xyz/model.pt", "model.checkpoint", id="unknown-home"),
+    ],
+)
+def test_missing_files_are_named(tmp_path: Path, override: str, key: str):
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict(minimal(), [override], base_dir=tmp_path)
+    assert list(problems_of(exc)) == [key]
+    assert "does not exist" in exc.value.problems[0]
+    config_from_dict(minimal(), [override], base_dir=tmp_path, check_files=False)  # only the file check fails
+
+
+def test_checkpoint_with_an_unknown_suffix(tmp_path: Path):
+    (tmp_path / "weights.ckpt").write_bytes(b"")
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict(minimal(), ["model.checkpoint=weights.ckpt"], base_dir=tmp_path)
+    assert list(problems_of(exc)) == ["model.checkpoint"]
+
+
+def test_every_problem_is_reported_together_with_the_file(tmp_path: Path):
+    data = minimal()
+    data["model"]["checkpoint"] = "missing.safetensors"
+    data["data"]["train"]["sourc"] = "typo"
+    data["data"]["train"]["range"] = [5, 2]
+    data["data"]["batch_size"] = "ten"
+    data["data"]["num_workers"] = -1
+    data["factors"] = {"strategy": 3}
+    data["scores"] = {"damping": -1}
+    data["task"] = {"kind": "regression", "measurement": "margin"}
+    data["colour"] = "blue"
+    path = write(tmp_path, data)
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    expected = {
+        "model.checkpoint",
+        "data.train.sourc",
+        "data.train.range",
+        "data.batch_size",
+        "data.num_workers",
+        "factors.strategy",
+        "scores.damping",
+        "task.measurement",
+        "colour",
+    }
+    assert set(problems_of(exc)) == expected
+    assert str(path) in exc.value.message
+    assert f"{len(expected)} problems" in exc.value.message
+    assert exc.value.exit_code == 2
+    assert "\n" not in exc.value.message
+
+
+def test_paths_resolve_against_the_config_folder(tmp_path: Path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "w.safetensors").write_bytes(b"")
+    cfg_path = write(tmp_path / "sub", minimal(model={"architecture": "mlp", "checkpoint": "w.safetensors"}, output_dir="../out"))
+    cfg = load_config(cfg_path)
+    assert cfg.resolve(cfg.model.checkpoint) == tmp_path / "sub" / "w.safetensors"
+    assert cfg.output_path == tmp_path / "out"
+    assert cfg.resolve(str(tmp_path / "abs")) == tmp_path / "abs"
+
+
+# ----------------------------------------------------------------------------- YAML errors
+
+
+@pytest.mark.parametrize(
+    "text, line",
+    [
+        pytest.param("model:\n  architecture: mlp\n kwargs: {\n", 3, id="bad-indent"),
+        pytest.param("model: {architecture: mlp\ndata: 1\n", 2, id="unclosed-flow"),
+        pytest.param("model:\n\tarchitecture: mlp\n", 2, id="tab"),
+        pytest.param("a: 1\na: [1, 2\n", 3, id="unclosed-list"),
+    ],
+)
+def test_malformed_yaml_names_file_line_and_column(tmp_path: Path, text: str, line: int):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    msg = exc.value.message
+    assert str(path) in msg and "not valid YAML" in msg
+    assert f"line {line}, column" in msg
+
+
+@pytest.mark.parametrize(
+    "text", ["- model\n- data\n", "just a string\n", "42\n"], ids=["list", "string", "number"]
+)
+def test_top_level_must_be_a_mapping(tmp_path: Path, text: str):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert str(path) in exc.value.message and "mapping" in exc.value.message
+
+
+def test_empty_file_reports_the_missing_blocks(tmp_path: Path):
+    path = write(tmp_path, "# nothing yet\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert {"model.architecture", "data.train"} <= set(problems_of(exc))
+
+
+def test_missing_config_file(tmp_path: Path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_not_utf8(tmp_path: Path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"output_dir: caf\xe9\n")
+    with pytest.raises(ConfigError, match=str(path)):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        pytest.param("model: &m {architecture: mlp, kwargs: {self: *m}}\n", "model.kwargs.self", id="self-alias"),
+        pytest.param("model: {kwargs: {x: " + "[" * 100 + "]" * 100 + "}}\n", "model.kwargs.x", id="deep"),
+    ],
+)
+def test_pathological_yaml_is_a_config_error(tmp_path: Path, text: str, key: str):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert key in exc.value.message
+
+
+def test_alias_bomb_is_refused(tmp_path: Path):
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, 9)]
+    path = write(tmp_path, "\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match="expands to"):
+        load_config(path)
+
+
+def test_nesting_too_deep_for_the_parser(tmp_path: Path):
+    path = write(tmp_path, "model: " + "[" * 5000 + "\n")
+    with pytest.raises(ConfigError, match=str(path)):
+        load_config(path)
+
+
+# ----------------------------------------------------------------------------- --set
+
+
+@pytest.mark.parametrize(
+    "text, parts, value",
+    [
+        pytest.param("factors.strategy=kfac", ["factors", "strategy"], "kfac", id="string"),
+        pytest.param("data.batch_size=32", ["data", "batch_size"], 32, id="int"),
+        pytest.param("scores.damping=1e-3", ["scores", "damping"], 0.001, id="exponent-without-dot"),
+        pytest.param("scores.damping=0.001", ["scores", "damping"], 0.001, id="float"),
+        pytest.param("data.train.range=[0, 10]", ["data", "train", "range"], [0, 10], id="list"),
+        pytest.param("factors.modules=['fc*', head]", ["factors", "modules"], ["fc*", "head"], id="list-of-str"),
+        pytest.param("model.checkpoint=null", ["model", "checkpoint"], None, id="null"),
+        pytest.param("model.kwargs={hidden: [8]}", ["model", "kwargs"], {"hidden": [8]}, id="mapping"),
+        pytest.param("output_dir=runs/a=b", ["output_dir"], "runs/a=b", id="equals-in-value"),
+        pytest.param(" seed = 3", ["seed"], 3, id="spaces"),
+        pytest.param("output_dir=", ["output_dir"], "", id="empty-value"),
+        pytest.param("data.train.transform.flatten=true", ["data", "train", "transform", "flatten"], True, id="bool"),
+    ],
+)
+def test_parse_override(text: str, parts: list[str], value: object):
+    assert parse_override(text) == (parts, value)
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        pytest.param("factors.strategy", "expected key.path=value", id="no-equals"),
+        pytest.param("=3", "not a dotted key path", id="empty-key"),
+        pytest.param("data..batch_size=3", "not a dotted key path", id="empty-part"),
+        pytest.param("data.batch_size.=3", "not a dotted key path", id="trailing-dot"),
+        pytest.param(".seed=3", "not a dotted key path", id="leading-dot"),
+        pytest.param("model.kwargs=[1, 2", "not valid YAML", id="bad-yaml"),
+        pytest.param("seed=" + "[" * 5000, "--set", id="deep-yaml"),
+    ],
+)
+def test_malformed_overrides(text: str, match: str):
+    with pytest.raises(ConfigError, match=match) as exc:
+        parse_override(text)
+    assert "--set" in exc.value.message
+
+
+def test_overrides_create_missing_intermediate_mappings():
+    data = apply_overrides({"model": {"architecture": "mlp"}}, ["data.train.transform.scale=16", "task.kind=regression"])
+    assert data["data"] == {"train": {"transform": {"scale": 16}}}
+    assert data["task"] == {"kind": "regression"}
+    assert data["model"] == {"architecture": "mlp"}
+
+
+def test_overrides_replace_null_blocks_and_do_not_touch_the_input():
+    original = {"data": {"train": None}}
+    data = apply_overrides(original, ["data.train.source=tensors"])
+    assert data == {"data": {"train": {"source": "tensors"}}}
+    assert original == {"data": {"train": None}}
+
+
+def test_overrides_apply_in_order():
+    data = apply_overrides({}, ["seed=1", "seed=2", "model={architecture: cnn}", "model.kwargs.channels=[4]"])
+    assert data == {"seed": 2, "model": {"architecture": "cnn", "kwargs": {"channels": [4]}}}
+
+
+@pytest.mark.parametrize(
+    "data, text",
+    [
+        pytest.param({"seed": 0}, "seed.value=1", id="through-int"),
+        pytest.param({"data": {"train": {"range": [0, 10]}}}, "data.train.range.start=1", id="through-list"),
+        pytest.param({"model": {"architecture": "mlp"}}, "model.architecture.name=cnn", id="through-string"),
+    ],
+)
+def test_override_through_a_scalar_is_an_error(data: dict, text: str):
+    with pytest.raises(ConfigError, match="not a mapping"):
+        apply_overrides(data, [text])
+
+
+def test_override_errors_name_the_config_file(tmp_path: Path):
+    path = write(tmp_path, minimal())
+    with pytest.raises(ConfigError) as exc:
+        load_config(path, ["seed"])
+    assert str(path) in exc.value.message and "--set 'seed'" in exc.value.message
+
+
+def test_overrides_are_validated_like_the_file(tmp_path: Path):
+    path = write(tmp_path, minimal())
+    cfg = load_config(path, ["factors.strategy=kfac", "data.train.range=[0, 10]", "model.checkpoint=null"])
+    assert cfg.factors.strategy == "kfac" and cfg.data.train.range == [0, 10]
+    with pytest.raises(ConfigError) as exc:
+        load_config(path, ["data.batch_size=0", "factors.fisher=exact"])
+    assert set(problems_of(exc)) == {"data.batch_size", "factors.fisher"}
+
+
+# ----------------------------------------------------------------------------- round trip
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_to_dict_round_trips(path: Path):
+    cfg = load_config(path, check_files=False)
+    again = config_from_dict(cfg.to_dict(), base_dir=cfg.base_dir, source=cfg.source, check_files=False)
+    assert again == cfg
+    assert again.to_json() == cfg.to_json()
+    assert "base_dir" not in cfg.to_dict() and "source" not in cfg.to_dict()
+
+
+def test_to_dict_round_trips_through_yaml(tmp_path: Path):
+    cfg = config_from_dict(
+        minimal(),
+        ["scores.damping=0.5", "similarity.datasets.a={source: tensors, path: x.safetensors, labels_in: [1]}"],
+        check_files=False,
+    )
+    path = write(tmp_path, cfg.to_dict())
+    again = load_config(path, check_files=False)
+    assert again.to_dict() == cfg.to_dict()
+    assert isinstance(again.similarity.datasets["a"], DataSpec)
+
+
+# ----------------------------------------------------------------------------- property tests
+
+PROPERTY = settings(max_examples=int(os.environ.get("INFLUENCE_PROPERTY_EXAMPLES", "150")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@PROPERTY
+@given(text=st.text(max_size=200) | st.from_regex(r"[a-z_.]{1,12}: ?[\[\]{}\-:,&*!|>'\" a-z0-9.\n]{0,40}", fullmatch=True))
+def test_any_yaml_text_loads_or_raises_config_error(tmp_path_factory: pytest.TempPathFactory, text: str):
+    path = tmp_path_factory.mktemp("yaml") / "config.yaml"
+    path.write_text(text, encoding="utf-8")
+    try:
+        cfg = load_config(path, check_files=False)
+    except ConfigError as exc:
+        assert exc.problems and exc.exit_code == 2
+    else:
+        assert isinstance(cfg, Config)
+
+
+@PROPERTY
+@given(text=st.text(max_size=80))
+def test_any_override_parses_or_raises_config_error(text: str):
+    try:
+        parts, _ = parse_override(text)
+    except ConfigError as exc:
+        assert exc.message.startswith("--set")
+    else:
+        assert parts and all(parts)
+
+
+@PROPERTY
+@given(texts=st.lists(st.text(alphabet="ab.=[]{}: 0", max_size=12), max_size=4))
+def test_any_overrides_apply_or_raise_config_error(texts: list[str]):
+    try:
+        config_from_dict(minimal(), texts, check_files=False)
+    except ConfigError:
+        pass
+
+
+KEYS = st.sampled_from(
+    ["model", "data", "train", "query", "source", "path", "range", "batch_size", "factors", "strategy", "scores",
+     "damping", "transform", "scale", "normalize", "std", "kwargs", "datasets", "similarity", "x", "seed", "device"]
+)
+SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**400), max_value=10**400)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.sampled_from(["", "ekfac", "tensors", "auto", "cuda:0", "mlp", "x.safetensors", "*"])
+)
+VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(KEYS, inner, max_size=4), max_leaves=12)
+
+
+@PROPERTY
+@given(data=st.dictionaries(KEYS, VALUES, max_size=6))
+def test_any_nested_dict_builds_or_raises_config_error(data: dict):
+    try:
+        cfg = config_from_dict(data, check_files=False)
+    except ConfigError as exc:
+        assert exc.problems
+        assert all(p.strip() for p in exc.problems)
+    else:
+        assert isinstance(cfg, Config)
+        config_from_dict(cfg.to_dict(), check_files=False)
+
+
+@PROPERTY
+@given(
+    patch=st.fixed_dictionaries(
+        {},
+        optional={
+            "batch_size": st.integers(-3, 3) | st.text(max_size=3),
+            "damping": st.floats() | st.sampled_from(["auto", "x"]),
+            "range": st.lists(st.integers(-2, 5), max_size=3),
+        },
+    )
+)
+def test_value_problems_name_their_key(patch: dict):
+    data = minimal()
+    if "batch_size" in patch:
+        data["data"]["batch_size"] = patch["batch_size"]
+    if "damping" in patch:
+        data["scores"] = {"damping": patch["damping"]}
+    if "range" in patch:
+        data["data"]["train"]["range"] = patch["range"]
+    try:
+        cfg = config_from_dict(data)
+    except ConfigError as exc:
+        allowed = ("data.batch_size", "scores.damping", "data.train.range")
+        assert all(p.startswith(allowed) for p in exc.problems), exc.problems
+    else:
+        assert cfg.data.batch_size > 0
+        assert cfg.scores.damping == "auto" or (math.isfinite(cfg.scores.damping) and cfg.scores.damping >= 0)
+
+
+# ----------------------------------------------------------------------------- docs
+
+
+def test_field_docs_cover_every_key_with_help():
+    rows = field_docs()
+    keys = [r[0] for r in rows]
+    assert len(keys) == len(set(keys))
+    assert all(help_ for *_, help_ in rows), [r[0] for r in rows if not r[3]]
+    assert "similarity.datasets.<name>.source" in keys
+    assert "data.train.transform.normalize.std" in keys
+
+
+def _load_doc_generator():
+    spec = importlib.util.spec_from_file_location("gen_config_docs", ROOT / "docs" / "gen_config_docs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def test_config_docs_are_up_to_date():
+    gen = _load_doc_generator()
+    current = (ROOT / "docs" / "CONFIG.md").read_text(encoding="utf-8")
+    assert current == gen.render(), "docs/CONFIG.md is out of date: run `.venv/bin/python docs/gen_config_docs.py`"
+
+
+def test_config_docs_mention_every_key():
+    text = (ROOT / "docs" / "CONFIG.md").read_text(encoding="utf-8")
+    for key, *_ in field_docs():
+        short = key.split(".", 2)[-1] if key.startswith(("data.train.", "data.query.")) else key
+        short = short.split("<name>.")[-1]
+        assert f"`{key}`" in text or f"`{short}`" in text, key
+
+
+def test_config_docs_examples_are_valid():
+    """Every ```yaml block in docs/CONFIG.md that is a whole config parses, and the full example validates."""
+    text = (ROOT / "docs" / "CONFIG.md").read_text(encoding="utf-8")
+    blocks = [b.split("```", 1)[0] for b in text.split("```yaml\n")[1:]]
+    assert blocks
+    for block in blocks:
+        yaml.safe_load(block)  # every snippet is at least valid YAML
+    full = [b for b in blocks if b.lstrip().startswith("model:")]
+    assert full
+    config_from_dict(yaml.safe_load(full[0]), check_files=False)
+
+
+def test_field_docs_keys_parse_as_overrides():
+    for key, *_ in field_docs():
+        if "<name>" in key:
+            continue
+        assert parse_override(f"{key}=1")[0] == key.split(".")
+    assert all(c in string.ascii_lowercase + "_.<>" for key, *_ in field_docs() for c in key)

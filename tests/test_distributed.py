@@ -1,0 +1,337 @@
+"""fit-factors under torchrun with 2 CPU processes (gloo), against one process (issue 5).
+
+Each rank streams a disjoint half of the data and the accumulators are all-reduced,
+so the factors match a single-process run up to float summation order. The sampled
+labels depend only on (seed, example index), so the sampled Fisher matches too.
+Every run is a real `torchrun` subprocess (via `python -m torch.distributed.run`).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import influence_cli.fit as fit
+from influence_cli import storage
+from influence_cli.config import load_config
+from influence_cli.distributed import DistState
+from influence_cli.errors import DistributedError
+
+pytestmark = pytest.mark.distributed
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "digits.yaml"
+SAMPLE = ROOT / "sample_data"
+WORLD = 2
+
+# The real CLI with each batch slowed down, so that a kill lands mid-pass whatever the machine.
+SLOW_CLI = """
+import sys, time
+import influence_cli.fit as fit
+
+_stream = fit.stream_gradients
+
+def slow_stream(*args, **kwargs):
+    for batch in _stream(*args, **kwargs):
+        time.sleep(0.05)
+        yield batch
+
+fit.stream_gradients = slow_stream
+from influence_cli.cli import main
+sys.argv[0] = "influence"
+main()
+"""
+
+
+def _env() -> dict[str, str]:
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in (*launcher, "INFLUENCE_DEBUG") and not k.startswith("TORCHELASTIC_")}
+    env.update(OMP_NUM_THREADS="1", COLUMNS="120", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _torchrun_cmd(*args: str, script: Path | None = None) -> list[str]:
+    target = [str(script)] if script is not None else ["-m", "influence_cli"]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", *target, *args]
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=2 -m influence_cli ARGS`."""
+    return subprocess.run(_torchrun_cmd(*args), env=_env(), capture_output=True, text=True, timeout=120)
+
+
+def fit_args(config: Path, out: Path, *sets: str) -> list[str]:
+    args = ["fit-factors", str(config), "--set", f"output_dir={out}", "--set", "device=cpu"]
+    for item in sets:
+        args += ["--set", item]
+    return args
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread for the in-process runs (more only spin on a small shared CPU)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def single_process(out: Path, *sets: str) -> dict[str, torch.Tensor]:
+    fit.fit_factors(load_config(CONFIG, [f"output_dir={out}", "device=cpu", *sets]))
+    return load_file(out / storage.FACTORS_FILE)
+
+
+def assert_same_eigenvectors(u1: torch.Tensor, u2: torch.Tensor, eigenvalues: torch.Tensor, what: str) -> None:
+    """Columns agree up to sign wherever the eigenvalue is well separated from its neighbours.
+
+    (Within a (near-)degenerate eigenspace, e.g. the null space of A from always-blank
+    pixels, any orthonormal basis is right; the products checked elsewhere cover those.)
+    """
+    lam = eigenvalues.double()
+    gaps = torch.full_like(lam, float("inf"))
+    gaps[1:] = torch.minimum(gaps[1:], lam[1:] - lam[:-1])
+    gaps[:-1] = torch.minimum(gaps[:-1], lam[1:] - lam[:-1])
+    separated = gaps.abs() > 1e-3 * lam.abs().max()
+    assert int(separated.sum()) > 0, what
+    dots = (u1.double() * u2.double()).sum(0).abs()[separated]
+    assert bool((dots > 1 - 1e-4).all()), f"{what}: eigenvectors differ, |u1·u2| = {dots.min().item()}"
+
+
+def assert_factors_close(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:
+    """Every tensor of the two factor files agrees to float32 summation-order tolerance."""
+    assert sorted(got) == sorted(ref)
+    layers = sorted({k.rsplit(".", 1)[0] for k in ref})
+    for key in ref:
+        name = key.rsplit(".", 1)[1]
+        if name == storage.NUM_EXAMPLES:
+            assert torch.equal(got[key], ref[key]), key
+        elif name not in (storage.A_EIGENVECTORS, storage.G_EIGENVECTORS):
+            scale = ref[key].abs().max().item()
+            torch.testing.assert_close(got[key], ref[key], rtol=1e-4, atol=1e-5 * scale, msg=key)
+    for layer in layers:
+        for side in ("a", "g"):
+            vectors = f"{layer}.{side}_eigenvectors"
+            if vectors in ref:
+                assert_same_eigenvectors(got[vectors], ref[vectors], ref[f"{layer}.{side}_eigenvalues"], vectors)
+        if f"{layer}.g_eigenvectors" in ref:
+            # The curvature itself is basis-independent.
+            v = torch.randn(ref[f"{layer}.eigenvalues"].shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+            a, b = curvature_times(got, layer, v), curvature_times(ref, layer, v)
+            assert (a - b).norm() <= 1e-4 * b.norm(), f"{layer}: curvature-vector products differ"
+
+
+def curvature_times(f: dict[str, torch.Tensor], layer: str, v: torch.Tensor) -> torch.Tensor:
+    """F v = U_G ((U_Gᵀ V U_A) ⊙ Λ) U_Aᵀ for one layer's [d_out, d_in] V."""
+    ua, ug = f[f"{layer}.a_eigenvectors"].double(), f[f"{layer}.g_eigenvectors"].double()
+    return ug @ ((ug.T @ v @ ua) * f[f"{layer}.eigenvalues"].double()) @ ua.T
+
+
+def metadata(path: Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as fh:
+        return dict(fh.metadata())
+
+
+# 750 examples per rank in batches of 32: 24 batches per rank and pass, a snapshot every 5.
+SETTINGS = {
+    "ekfac-sampled": ["factors.strategy=ekfac", "factors.fisher=sampled", "data.batch_size=32", "factors.checkpoint_every=5"],
+    "diagonal-empirical": ["factors.strategy=diagonal", "factors.fisher=empirical", "data.batch_size=32"],
+}
+
+
+@pytest.fixture(scope="module")
+def distributed_run(tmp_path_factory):
+    """name -> (torchrun result, its output_dir) for SETTINGS[name], run once per module."""
+    runs: dict[str, tuple[subprocess.CompletedProcess, Path]] = {}
+
+    def get(name: str) -> tuple[subprocess.CompletedProcess, Path]:
+        if name not in runs:
+            out = tmp_path_factory.mktemp(f"torchrun-{name}")
+            runs[name] = torchrun(*fit_args(CONFIG, out, *SETTINGS[name])), out
+        return runs[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_two_ranks_match_one_process(tmp_path, distributed_run, name):
+    sets = SETTINGS[name]
+    run, dist_out = distributed_run(name)
+    assert run.returncode == 0, run.stderr  # every rank exited 0
+    ref = single_process(tmp_path / "single", *sets)
+    assert_factors_close(load_file(dist_out / storage.FACTORS_FILE), ref)
+
+    # Only rank 0 wrote: one finished file, no progress or temporary files from any rank.
+    assert sorted(p.name for p in dist_out.iterdir()) == [storage.FACTORS_FILE]
+    meta = metadata(dist_out / storage.FACTORS_FILE)
+    assert meta["world_size"] == "2" and meta["num_examples"] == "1500"
+    single_meta = metadata(tmp_path / "single" / storage.FACTORS_FILE)
+    for key in ("model_fingerprint", "dataset_fingerprint", "strategy", "fisher", "modules"):
+        assert meta[key] == single_meta[key], key
+
+    # Progress, the summary and the log lines come from rank 0 only.
+    strategy = sets[0].split("=")[1]
+    assert run.stdout.count(f"{strategy} factors") == 1, run.stdout
+    passes = ["covariances A, G", "eigenvalue correction"] if strategy == "ekfac" else ["diagonal Fisher"]
+    for title in passes:
+        assert run.stderr.count(title) == 1, run.stderr
+    assert run.stderr.count("saved ") == 1, run.stderr
+    assert "[rank" not in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+def test_failing_rank_fails_the_job_with_its_message(tmp_path):
+    """Rank 1's half of the data has a label the model does not have: the job fails, nothing is written."""
+    digits = load_file(SAMPLE / "digits.safetensors")
+    labels = digits["labels"][:400].clone()
+    labels[300] = 12  # in the second half: only rank 1 streams it
+    data = tmp_path / "bad_labels.safetensors"
+    save_file({"inputs": digits["inputs"][:400].contiguous(), "labels": labels}, str(data))
+    config = tmp_path / "bad.yaml"
+    config.write_text(
+        f"""\
+model:
+  architecture: mlp
+  kwargs: {{input_dim: 64, hidden: [64, 32], num_classes: 10}}
+  checkpoint: {SAMPLE / "mlp.safetensors"}
+task: {{kind: classification}}
+data:
+  train: {{source: tensors, path: {data}, transform: {{scale: 16.0}}}}
+  batch_size: 64
+factors: {{checkpoint_every: 2}}
+output_dir: {tmp_path / "out"}
+"""
+    )
+    run = torchrun(*fit_args(config, tmp_path / "out"))
+    assert run.returncode != 0
+    assert "[rank 1] data error: data.train: label 12 is outside the model's 10 classes" in run.stderr, run.stderr
+    # Rank 0 stops with a typed error (or torchrun stops it first), never a traceback from the collective.
+    assert "[rank0]: Traceback" not in run.stderr and "RuntimeError" not in run.stderr, run.stderr
+    out = tmp_path / "out"
+    assert not (out / storage.FACTORS_FILE).exists()
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".factors") or p.name.endswith(".tmp")]
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (torchrun starts each rank in a session of its own)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
+
+
+def _progress(partial: Path) -> tuple[str, int] | None:
+    try:
+        with safe_open(str(partial), framework="pt") as fh:
+            meta = fh.metadata()
+        return meta["phase"], int(meta["batches_done"])
+    except Exception:  # not there yet, or just renamed over
+        return None
+
+
+def _start_slow_job(script: Path, out: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        _torchrun_cmd(*fit_args(CONFIG, out, *SETTINGS["ekfac-sampled"]), *args, script=script),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_until(proc: subprocess.Popen, partials: list[Path], ready, what: str) -> None:
+    """Polls the ranks' progress files until `ready([(phase, batches) or None per rank])`."""
+    deadline = time.monotonic() + 90
+    while not ready([_progress(p) for p in partials]):
+        if proc.poll() is not None:
+            pytest.fail(f"the job ended (rc {proc.returncode}) before {what}:\n{proc.stderr.read()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"no {what} within 90 s")
+        time.sleep(0.005)
+
+
+def test_interrupted_job_resumes_to_the_same_factors(tmp_path, distributed_run):
+    """Ctrl-C in pass 1, --resume, SIGKILL to the whole job in pass 2, --resume: the factors of an uninterrupted job."""
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("finding the ranks to kill needs /proc")
+    script = tmp_path / "slow_cli.py"
+    script.write_text(SLOW_CLI)
+    out = tmp_path / "resumed"
+    partials = [out / storage.FACTORS_PARTIAL.format(rank=f".rank{r}") for r in range(WORLD)]
+
+    # Ctrl-C: torchrun passes SIGINT on to the ranks; one message, progress kept.
+    proc = _start_slow_job(script, out)
+    _wait_until(proc, partials, lambda seen: all(s is not None for s in seen), "the first progress")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert err.count("interrupted.") == 1 and "--resume" in err, err
+    assert all(p.is_file() for p in partials) and not (out / storage.FACTORS_FILE).exists()
+    after_ctrl_c = [_progress(p) for p in partials]
+
+    # SIGKILL to the launcher and both ranks at once, as when the scheduler kills the job.
+    proc = _start_slow_job(script, out, "--resume")
+
+    def in_correction(seen: list) -> bool:
+        return seen != after_ctrl_c and all(s is not None and s[0] == "correction" and s[1] > 0 for s in seen)
+
+    try:
+        _wait_until(proc, partials, in_correction, "progress in the correction pass")
+    finally:
+        for pid in [proc.pid, *_descendants(proc.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.communicate(timeout=30)
+    assert not (out / storage.FACTORS_FILE).exists()
+
+    resumed = torchrun(*fit_args(CONFIG, out, *SETTINGS["ekfac-sampled"]), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stderr.count("resumed from correction pass") == 1, resumed.stderr
+    assert sorted(p.name for p in out.iterdir()) == [storage.FACTORS_FILE]
+
+    fresh, fresh_out = distributed_run("ekfac-sampled")  # the same job, never interrupted
+    assert fresh.returncode == 0, fresh.stderr
+    got, ref = load_file(out / storage.FACTORS_FILE), load_file(fresh_out / storage.FACTORS_FILE)
+    assert sorted(got) == sorted(ref)
+    assert [k for k in ref if not torch.equal(got[k], ref[k])] == []
+
+
+def test_lost_peer_in_a_collective_is_a_distributed_error(monkeypatch):
+    """What rank 0 sees when rank 1 died: gloo's RuntimeError becomes one typed message (exit code 7)."""
+
+    def lost_peer(*args, **kwargs):
+        raise RuntimeError("[../gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:4260\nmore")
+
+    for name in ("all_reduce", "barrier", "all_gather_object", "broadcast_object_list"):
+        monkeypatch.setattr(torch.distributed, name, lost_peer)
+    state = DistState(rank=0, world_size=2)
+    calls = {
+        "all-reduce": lambda: state.all_reduce_(torch.zeros(2)),
+        "barrier": state.barrier,
+        "all-gather": lambda: state.all_gather_object(1),
+        "broadcast": lambda: state.broadcast_object(1),
+    }
+    for what, call in calls.items():
+        with pytest.raises(DistributedError, match=f"rank 0: {what} failed, another rank probably stopped") as info:
+            call()
+        assert "Connection closed by peer" in info.value.message and "more" not in info.value.message
+        assert info.value.exit_code == 7

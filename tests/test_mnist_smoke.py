@@ -1,0 +1,71 @@
+"""End-to-end smoke run on real MNIST (../shared/data/mnist): train a small MLP in seconds, then the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from influence_cli.cli import app
+from influence_cli.config import ModelConfig, load_config
+from influence_cli.data import load_dataset, make_loader
+from influence_cli.models import build_model
+from influence_cli.storage import load_tensors, save_tensors
+from influence_cli.training import TrainRecipe, accuracy, train_model
+
+ROOT = Path(__file__).resolve().parents[1]
+MNIST = ROOT.parent / "shared" / "data" / "mnist"
+CONFIG = ROOT / "configs" / "mnist.yaml"
+
+pytestmark = pytest.mark.skipif(
+    not (MNIST / "t10k-images-idx3-ubyte.gz").exists(), reason=f"real MNIST files not found in {MNIST}"
+)
+
+
+@pytest.fixture(scope="module")
+def mnist_run(tmp_path_factory):
+    """A 784-64-10 MLP trained on MNIST images 0..2000, saved as a checkpoint; overrides pointing at it."""
+    tmp = tmp_path_factory.mktemp("mnist")
+    overrides = [
+        "model.kwargs.hidden=[64]",
+        f"model.checkpoint={tmp / 'model.safetensors'}",
+        "data.train.range=[0, 2000]",
+        "data.query.range=[9000, 9020]",
+        f"output_dir={tmp / 'run'}",
+        "device=cpu",
+    ]
+    cfg = load_config(CONFIG, overrides, check_files=False)
+    ds = load_dataset(cfg.data.train, cfg.base_dir)
+    x, y = (torch.cat(t) for t in zip(*[(bx, by) for bx, by, _ in make_loader(ds, 2000)], strict=True))
+    model = build_model(ModelConfig(architecture="mlp", kwargs={"input_dim": 784, "hidden": [64], "num_classes": 10}), ".")
+    train_model(model, x, y, TrainRecipe(epochs=3, batch_size=64, lr=2e-3, seed=0))
+    assert accuracy(model, x, y) > 0.9
+    save_tensors(tmp / "model.safetensors", model.state_dict(), {})
+    return tmp, overrides
+
+
+def invoke(*args: str):
+    result = CliRunner().invoke(app, list(args), env={"COLUMNS": "120"})
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_fit_factors_on_mnist(mnist_run):
+    tmp, overrides = mnist_run
+    sets = [a for o in overrides for a in ("--set", o)]
+    result = invoke("fit-factors", str(CONFIG), *sets, "--json")
+    report = json.loads(result.stdout)
+    assert report["num_examples"] == 2000 and report["strategy"] == "ekfac"
+    assert [layer["name"] for layer in report["layers"]] == ["fc1", "head"]
+    tensors, meta = load_tensors(tmp / "run" / "factors.safetensors")
+    assert tensors["fc1.a_eigenvectors"].shape == (785, 785)
+    assert tensors["fc1.eigenvalues"].shape == (64, 785)
+    assert tensors["head.g_eigenvectors"].shape == (10, 10)
+    for name, t in tensors.items():
+        assert torch.isfinite(t.float()).all(), name
+    # EKFAC's corrected eigenvalues are a second moment: non-negative, and not all zero
+    assert (tensors["fc1.eigenvalues"] >= 0).all() and tensors["fc1.eigenvalues"].sum() > 0
+    assert json.loads(meta["config"])["data"]["train"]["range"] == [0, 2000]

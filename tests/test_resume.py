@@ -1,0 +1,373 @@
+"""Interruption and resume of fit-factors, atomic outputs, and bit-identical reruns (issue 8).
+
+In-process tests interrupt the pass by raising KeyboardInterrupt from inside the
+batch stream; subprocess tests kill a real `influence fit-factors` with SIGKILL or
+stop it with SIGINT (Ctrl-C). A resumed run must give factors bit-identical
+(torch.equal) to an uninterrupted one: the data order is fixed and the sampled
+labels depend only on (seed, example index).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import influence_cli.fit as fit
+from influence_cli import storage
+from influence_cli.config import load_config
+from influence_cli.distributed import DistState
+from influence_cli.errors import OutputError
+from influence_cli.resume import Snapshot
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "digits.yaml"
+PARTIAL = storage.FACTORS_PARTIAL.format(rank="")
+
+# 1500 digits in batches of 64: 24 batches per pass, a snapshot every 2 batches.
+FAST = ["device=cpu", "data.batch_size=64", "factors.checkpoint_every=2"]
+BATCHES_PER_PASS = 24
+
+# The subprocess runs: 47 batches per pass, a snapshot every 5, slowed down (see SLOW_CLI).
+SLOW = ["device=cpu", "data.batch_size=32", "factors.checkpoint_every=5"]
+BATCH_DELAY_S = 0.03
+
+# The real CLI with each batch slowed down, so that a signal lands mid-pass whatever the machine.
+SLOW_CLI = f"""
+import sys, time
+import influence_cli.fit as fit
+
+_stream = fit.stream_gradients
+
+def slow_stream(*args, **kwargs):
+    for batch in _stream(*args, **kwargs):
+        time.sleep({BATCH_DELAY_S})
+        yield batch
+
+fit.stream_gradients = slow_stream
+from influence_cli.cli import main
+sys.argv[0] = "influence"
+main()
+"""
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a small, shared CPU more threads only spin (runs get 10x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def config(out: Path, *overrides: str):
+    return load_config(CONFIG, [f"output_dir={out}", *FAST, *overrides])
+
+
+def factors_of(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / storage.FACTORS_FILE)
+
+
+def assert_bit_identical(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:
+    assert sorted(got) == sorted(ref)
+    different = [k for k in ref if not torch.equal(got[k], ref[k])]
+    assert not different, f"tensors differ: {different}"
+
+
+def leftovers(out: Path) -> list[str]:
+    """Files that look like factors but are not a finished, complete factors file."""
+    return sorted(p.name for p in out.iterdir() if p.name.startswith(".factors") or p.name.endswith(".tmp"))
+
+
+def interrupt_after(monkeypatch: pytest.MonkeyPatch, batches: int) -> None:
+    """Ctrl-C (KeyboardInterrupt) after `batches` batches, counted over all passes."""
+    real = fit.stream_gradients
+    seen = [0]
+
+    def stream(*args, **kwargs):
+        for batch in real(*args, **kwargs):
+            if seen[0] == batches:
+                raise KeyboardInterrupt
+            seen[0] += 1
+            yield batch
+
+    monkeypatch.setattr(fit, "stream_gradients", stream)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict[str, dict[str, torch.Tensor]]:
+    """Uninterrupted factors under the FAST settings, per strategy."""
+    out = {}
+    for strategy in ("ekfac", "diagonal"):
+        folder = tmp_path_factory.mktemp(f"reference-{strategy}")
+        fit.fit_factors(config(folder, f"factors.strategy={strategy}"))
+        out[strategy] = factors_of(folder)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# In process: KeyboardInterrupt inside the pass.
+
+
+@pytest.mark.parametrize(
+    ("strategy", "cut", "resumed_from"),
+    [
+        ("ekfac", 7, "covariance pass, batch 6"),
+        ("ekfac", BATCHES_PER_PASS + 1, "correction pass, batch 0"),
+        ("ekfac", BATCHES_PER_PASS + 7, "correction pass, batch 6"),
+        ("diagonal", 11, "diagonal pass, batch 10"),
+    ],
+    ids=["ekfac-covariance-pass", "ekfac-before-first-correction-snapshot", "ekfac-correction-pass", "diagonal"],
+)
+def test_interrupted_run_resumes_bit_identically(tmp_path, monkeypatch, reference, strategy, cut, resumed_from):
+    cfg = config(tmp_path, f"factors.strategy={strategy}")
+    interrupt_after(monkeypatch, cut)
+    with pytest.raises(KeyboardInterrupt):
+        fit.fit_factors(cfg)
+    monkeypatch.undo()
+
+    assert (tmp_path / PARTIAL).is_file()
+    assert not (tmp_path / storage.FACTORS_FILE).exists()
+    assert leftovers(tmp_path) == []
+
+    with pytest.raises(OutputError, match="interrupted run") as info:
+        fit.fit_factors(cfg)
+    assert "--resume" in info.value.hint
+
+    report = fit.fit_factors(cfg, resume=True)
+    assert report.resumed_from == resumed_from
+    assert_bit_identical(factors_of(tmp_path), reference[strategy])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [storage.FACTORS_FILE]
+
+
+def test_resume_survives_a_second_interruption(tmp_path, monkeypatch, reference):
+    cfg = config(tmp_path)
+    interrupt_after(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        fit.fit_factors(cfg)
+    monkeypatch.undo()
+    interrupt_after(monkeypatch, BATCHES_PER_PASS)  # covariance batches 4..23, then correction batches 0..3
+    with pytest.raises(KeyboardInterrupt):
+        fit.fit_factors(cfg, resume=True)
+    monkeypatch.undo()
+    assert fit.fit_factors(cfg, resume=True).resumed_from == "correction pass, batch 4"
+    assert_bit_identical(factors_of(tmp_path), reference["ekfac"])
+
+
+def test_overwrite_discards_progress(tmp_path, monkeypatch, reference):
+    cfg = config(tmp_path)
+    interrupt_after(monkeypatch, 9)
+    with pytest.raises(KeyboardInterrupt):
+        fit.fit_factors(cfg)
+    monkeypatch.undo()
+    report = fit.fit_factors(cfg, overwrite=True)
+    assert report.resumed_from is None
+    assert_bit_identical(factors_of(tmp_path), reference["ekfac"])
+    assert not (tmp_path / PARTIAL).exists()
+
+
+@pytest.mark.parametrize(
+    "changed",
+    ["data.batch_size=32", "factors.strategy=kfac", "seed=1", "data.train.range=[0, 1400]"],
+    ids=["batch_size", "strategy", "seed", "train_range"],
+)
+def test_resume_with_other_settings_is_refused(tmp_path, monkeypatch, changed):
+    interrupt_after(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        fit.fit_factors(config(tmp_path))
+    monkeypatch.undo()
+    with pytest.raises(OutputError, match="other settings") as info:
+        fit.fit_factors(config(tmp_path, changed), resume=True)
+    assert "--overwrite" in info.value.hint
+    assert (tmp_path / PARTIAL).is_file()  # the progress is kept
+    assert not (tmp_path / storage.FACTORS_FILE).exists()
+
+
+def test_resume_without_progress_starts_fresh(tmp_path, reference):
+    report = fit.fit_factors(config(tmp_path), resume=True)
+    assert report.resumed_from is None
+    assert_bit_identical(factors_of(tmp_path), reference["ekfac"])
+
+
+def test_finished_factors_are_not_replaced_without_overwrite(tmp_path, reference):
+    fit.fit_factors(config(tmp_path))
+    with pytest.raises(OutputError, match="finished run"):
+        fit.fit_factors(config(tmp_path), resume=True)
+
+
+def test_stale_temporary_files_are_removed(tmp_path, monkeypatch, reference):
+    """A SIGKILL between writing and renaming leaves `.name.xxx.tmp`; the next run removes it."""
+    cfg = config(tmp_path)
+    interrupt_after(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        fit.fit_factors(cfg)
+    monkeypatch.undo()
+    for name in (PARTIAL, storage.FACTORS_FILE):
+        (tmp_path / f".{name}.abc123.tmp").write_bytes(b"half a file")
+    fit.fit_factors(cfg, resume=True)
+    assert leftovers(tmp_path) == []
+    assert_bit_identical(factors_of(tmp_path), reference["ekfac"])
+
+
+def test_same_config_and_seed_give_bit_identical_factors(tmp_path, reference):
+    for run in ("a", "b"):
+        fit.fit_factors(config(tmp_path / run))
+    a, b = factors_of(tmp_path / "a"), factors_of(tmp_path / "b")
+    assert_bit_identical(a, b)
+    assert_bit_identical(a, reference["ekfac"])
+    meta = [storage.read_metadata(tmp_path / run / storage.FACTORS_FILE) for run in ("a", "b")]
+    for m in meta:
+        m.pop("created")
+        m["config"] = json.loads(m["config"]) | {"output_dir": None}
+    assert meta[0] == meta[1]
+    # ... and another seed samples other labels, so the Fisher differs.
+    fit.fit_factors(config(tmp_path / "c", "seed=1"))
+    c = factors_of(tmp_path / "c")
+    assert not torch.equal(c["fc1.g_covariance"], a["fc1.g_covariance"])
+
+
+class _FakeRanks(DistState):
+    """Two ranks whose saved progress is `phases` (all_gather_object answers for both)."""
+
+    def __init__(self, phases: list[str | None]) -> None:
+        super().__init__(rank=0, world_size=2)
+        self.phases = phases
+
+    def all_gather_object(self, obj: object) -> list[object]:
+        return list(self.phases)
+
+
+@pytest.mark.parametrize(
+    ("phases", "ok"),
+    [
+        ([None, None], True),
+        (["covariance", None], True),  # each rank's pass-1 sums are its own until the all-reduce
+        (["correction", "correction"], True),
+        (["correction", "covariance"], False),
+        ([None, "correction"], False),
+    ],
+)
+def test_ranks_must_resume_from_the_same_pass(tmp_path, phases, ok):
+    snapshot = None if phases[0] is None else Snapshot(phases[0], 5, {})
+    if ok:
+        fit._check_ranks_agree(_FakeRanks(phases), snapshot, tmp_path / PARTIAL)
+        return
+    with pytest.raises(OutputError, match="different passes") as info:
+        fit._check_ranks_agree(_FakeRanks(phases), snapshot, tmp_path / PARTIAL)
+    assert "--overwrite" in info.value.hint
+
+
+# ---------------------------------------------------------------------------
+# Subprocesses: SIGKILL and Ctrl-C on the real CLI.
+
+
+def _env() -> dict[str, str]:
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in (*launcher, "INFLUENCE_DEBUG") and not k.startswith("TORCHELASTIC_")}
+    env.update(OMP_NUM_THREADS="1", COLUMNS="120", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _cli_args(out: Path, *extra: str) -> list[str]:
+    args = ["fit-factors", str(CONFIG), "--set", f"output_dir={out}"]
+    for item in SLOW:
+        args += ["--set", item]
+    return args + list(extra)
+
+
+def run_cli(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """The real CLI, not slowed down."""
+    cmd = [sys.executable, "-m", "influence_cli", *_cli_args(out, *extra)]
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+
+
+def start_slow_cli(out: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-c", SLOW_CLI, *_cli_args(out, *extra)]
+    return subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def progress_of(partial: Path) -> tuple[str, int] | None:
+    """(phase, batches done) of a progress file, None while there is none."""
+    try:
+        with safe_open(str(partial), framework="pt") as fh:
+            meta = fh.metadata()
+        return meta["phase"], int(meta["batches_done"])
+    except Exception:  # not there yet, or just renamed over
+        return None
+
+
+def wait_for_progress(proc: subprocess.Popen, partial: Path, phase: str, timeout: float = 60.0) -> int:
+    """Polls until `proc` has saved progress in `phase` past batch 0; returns the batches done."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        seen = progress_of(partial)
+        if seen is not None and seen[0] == phase and seen[1] > 0:
+            return seen[1]
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"the run ended (rc {proc.returncode}) before saving {phase} progress:\n{err}")
+        time.sleep(0.005)
+    proc.kill()
+    pytest.fail(f"no {phase} progress within {timeout}s")
+
+
+@pytest.fixture(scope="module")
+def cli_reference(tmp_path_factory) -> dict[str, torch.Tensor]:
+    """An uninterrupted CLI run under the SLOW settings (without the delay)."""
+    out = tmp_path_factory.mktemp("cli-reference")
+    done = run_cli(out)
+    assert done.returncode == 0, done.stderr
+    return factors_of(out)
+
+
+def test_sigkill_mid_pass_then_resume_is_bit_identical(tmp_path, cli_reference):
+    proc = start_slow_cli(tmp_path)
+    done_at_kill = wait_for_progress(proc, tmp_path / PARTIAL, "correction")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+
+    assert not (tmp_path / storage.FACTORS_FILE).exists()
+    assert (tmp_path / PARTIAL).is_file()
+
+    again = run_cli(tmp_path)  # no --resume: refused, progress kept
+    assert again.returncode == 5, again.stderr
+    assert "--resume" in again.stderr
+    assert (tmp_path / PARTIAL).is_file()
+
+    resumed = run_cli(tmp_path, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    phase, batches = progress_of_message(resumed.stderr)
+    assert phase == "correction" and batches >= done_at_kill
+    assert_bit_identical(factors_of(tmp_path), cli_reference)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [storage.FACTORS_FILE]
+
+
+def progress_of_message(stderr: str) -> tuple[str, int]:
+    """The pass and batch of the CLI's "resumed from <phase> pass, batch <n>" line."""
+    line = next((x for x in stderr.splitlines() if "resumed from" in x), None)
+    assert line is not None, stderr
+    words = line.split("resumed from", 1)[1].replace(",", " ").split()
+    return words[0], int(words[-1])
+
+
+def test_ctrl_c_exits_130_with_a_resume_hint(tmp_path):
+    proc = start_slow_cli(tmp_path)
+    wait_for_progress(proc, tmp_path / PARTIAL, "covariance")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "--resume" in err
+    assert "Traceback" not in err
+    # Only complete files under final names: the progress file, no factors, no temp files.
+    assert not (tmp_path / storage.FACTORS_FILE).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [PARTIAL]

@@ -1,0 +1,536 @@
+"""compute-scores: float64 math against explicit answers, then the streaming pipeline on a tiny project.
+
+The math tests build every quantity explicitly: per-example gradients by autograd one
+example at a time (exact.per_example_layer_grads), the curvature densely from the
+factors with torch.kron (exact.kron_dense, row-major vec), and its inverse with
+torch.linalg.inv. The pipeline tests run `compute_scores` from a config (float32, as
+every loaded model is) and check files, sharding, chunking, refusals and resume.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from exact import batches_of, fit, kron_dense, per_example_layer_grads, tiny_mlp
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import influence_cli.scores as scores_mod
+from influence_cli import storage
+from influence_cli import task as task_lib
+from influence_cli.config import config_from_dict
+from influence_cli.context import prepare
+from influence_cli.data import make_loader
+from influence_cli.errors import NumericalError, OutputError
+from influence_cli.factors import LayerFactors
+from influence_cli.fit import fit_factors, load_factors
+from influence_cli.models import mlp
+from influence_cli.scores import compute_scores, pairwise_scores, plan_layout, plan_shards, self_influence_scores
+from influence_cli.topk import iter_score_blocks, top_k
+from influence_cli.tracking import find_tracked_modules
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a small shared CPU, more threads only spin."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------- explicit references
+
+
+def loss_vectors(kind="classification", measurement="loss"):
+    return lambda o, y, idx: task_lib.loss_output_gradient(o, y, kind, measurement)[None]
+
+
+def explicit_grads(model, tracked, x, y, kind="classification", measurement="loss") -> dict[str, torch.Tensor]:
+    """{layer: [N, P]} per-example gradients of the loss (or measurement), row-major vec."""
+    grads = per_example_layer_grads(model, tracked, x, y, loss_vectors(kind, measurement))
+    return {name: g[:, 0].reshape(len(x), -1) for name, g in grads.items()}
+
+
+def damping_of(lf: LayerFactors, damping) -> float:
+    if lf.eigenvalues is None:
+        return 0.0
+    return float(0.1 * lf.eigenvalues.mean()) if damping == "auto" else float(damping)
+
+
+def dense_inverse(lf: LayerFactors, damping) -> torch.Tensor:
+    """(P + λ)⁻¹ of one layer, built densely: Kronecker (kfac/ekfac), diagonal, or I (identity)."""
+    lam = damping_of(lf, damping)
+    if lf.eigenvalues is None:
+        n = lf.name  # identity: the size comes from the caller's gradients
+        raise AssertionError(n)
+    if lf.a_eigenvectors is None:
+        return torch.diag(1.0 / (lf.eigenvalues.reshape(-1) + lam))
+    return torch.linalg.inv(kron_dense(lf, lam))
+
+
+def preconditioner(lf: LayerFactors, damping, size: int) -> torch.Tensor:
+    return torch.eye(size, dtype=F64) if lf.eigenvalues is None else dense_inverse(lf, damping)
+
+
+def explicit_scores(layers, gq, gt, damping) -> torch.Tensor:
+    """Σ_l ∇L(z)ᵀ (P_l + λ_l)⁻¹ ∇L(x): [Q, N]."""
+    return sum(gq[n] @ preconditioner(lf, damping, gq[n].shape[1]) @ gt[n].T for n, lf in layers.items())
+
+
+def explicit_self_and_norms(layers, gt, damping) -> tuple[torch.Tensor, torch.Tensor]:
+    """(∇Lᵀ P⁻¹ ∇L [N], ‖P⁻¹ ∇L‖ [N]) summed over layers."""
+    self_inf, sq = 0, 0
+    for n, lf in layers.items():
+        pinv = preconditioner(lf, damping, gt[n].shape[1])
+        pre = gt[n] @ pinv  # P⁻¹ symmetric
+        self_inf = self_inf + (pre * gt[n]).sum(1)
+        sq = sq + pre.square().sum(1)
+    return self_inf, sq.sqrt()
+
+
+@pytest.fixture
+def data():
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(13, 5, generator=g, dtype=F64)
+    y = torch.randint(0, 3, (13,), generator=g)
+    xq = torch.randn(4, 5, generator=g, dtype=F64)
+    yq = torch.randint(0, 3, (4,), generator=g)
+    return x, y, xq, yq
+
+
+def run_pairwise(model, tracked, layers, data, bs=4, **kw):
+    x, y, xq, yq = data
+    return pairwise_scores(model, tracked, layers, batches_of(xq, yq, 3)(0), batches_of(x, y, bs)(0), **kw)
+
+
+def fitted(model, data, strategy, fisher="empirical", kind="classification"):
+    x, y, *_ = data
+    if strategy == "identity":
+        tracked = find_tracked_modules(model, ["*"])
+        return tracked, {tm.name: LayerFactors(tm.name) for tm in tracked}
+    return fit(model, x, y, strategy=strategy, fisher=fisher, batch_size=5, kind=kind)
+
+
+# ----------------------------------------------------------------------------- the math (float64)
+
+
+def test_identity_scores_are_gradient_dot_products(data):
+    x, y, xq, yq = data
+    model = tiny_mlp()
+    tracked, layers = fitted(model, data, "identity")
+    got = run_pairwise(model, tracked, layers, data)
+    gq, gt = explicit_grads(model, tracked, xq, yq), explicit_grads(model, tracked, x, y)
+    ref = sum(gq[n] @ gt[n].T for n in gq)
+    assert got.dtype == F64 and got.shape == (4, 13)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("damping", ["auto", 0.05], ids=["damping-auto", "damping-0.05"])
+@pytest.mark.parametrize("strategy,fisher", [("ekfac", "empirical"), ("ekfac", "sampled"), ("kfac", "ggn"), ("diagonal", "empirical")])
+def test_scores_equal_dense_curvature_inverse(data, strategy, fisher, damping):
+    x, y, xq, yq = data
+    model = tiny_mlp()
+    tracked, layers = fitted(model, data, strategy, fisher)
+    got = run_pairwise(model, tracked, layers, data, damping=damping)
+    ref = explicit_scores(layers, explicit_grads(model, tracked, xq, yq), explicit_grads(model, tracked, x, y), damping)
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("strategy", ["identity", "diagonal", "kfac", "ekfac"])
+def test_relative_and_self_influence_equal_their_definitions(data, strategy):
+    x, y, xq, yq = data
+    model = tiny_mlp()
+    tracked, layers = fitted(model, data, strategy)
+    gq, gt = explicit_grads(model, tracked, xq, yq), explicit_grads(model, tracked, x, y)
+    self_ref, norms = explicit_self_and_norms(layers, gt, "auto")
+    rel = run_pairwise(model, tracked, layers, data, relative=True)
+    torch.testing.assert_close(rel, explicit_scores(layers, gq, gt, "auto") / norms, rtol=1e-9, atol=1e-10)
+    got_self = self_influence_scores(model, tracked, layers, batches_of(x, y, 4)(0))
+    torch.testing.assert_close(got_self, self_ref, rtol=1e-9, atol=1e-10)
+    assert bool((got_self > 0).all())
+
+
+class SeqModel(nn.Module):
+    """Linear layers applied to [B, T, d] (positions), mean-pooled: the bmm path of the quadratic forms."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Linear(4, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.proj(x))).mean(dim=1)
+
+
+def test_sequence_layers_relative_and_self_influence():
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(7, 6, 4, generator=g, dtype=F64), torch.randint(0, 3, (7,), generator=g)
+    xq, yq = torch.randn(3, 6, 4, generator=g, dtype=F64), torch.randint(0, 3, (3,), generator=g)
+    model = SeqModel().double()
+    tracked, layers = fit(model, x, y, strategy="ekfac", fisher="empirical", batch_size=3)
+    gq, gt = explicit_grads(model, tracked, xq, yq), explicit_grads(model, tracked, x, y)
+    self_ref, norms = explicit_self_and_norms(layers, gt, "auto")
+    got = run_pairwise(model, tracked, layers, (x, y, xq, yq), bs=3, relative=True)
+    torch.testing.assert_close(got, explicit_scores(layers, gq, gt, "auto") / norms, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(self_influence_scores(model, tracked, layers, batches_of(x, y, 2)(0)), self_ref, rtol=1e-9, atol=1e-10)
+
+
+def test_self_influence_is_the_diagonal_of_pairwise_scores(data):
+    x, y, *_ = data
+    model = tiny_mlp()
+    tracked, layers = fitted(model, data, "ekfac")
+    pair = pairwise_scores(model, tracked, layers, batches_of(x, y, 4)(0), batches_of(x, y, 5)(0))
+    torch.testing.assert_close(torch.diagonal(pair), self_influence_scores(model, tracked, layers, batches_of(x, y, 6)(0)))
+
+
+def least_squares_problem():
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.randn(30, 4, generator=g, dtype=F64), torch.randn(30, 1, generator=g, dtype=F64)
+    xq, yq = torch.randn(5, 4, generator=g, dtype=F64), torch.randn(5, 1, generator=g, dtype=F64)
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1).double()
+    xa, xqa = torch.cat([x, torch.ones(30, 1, dtype=F64)], 1), torch.cat([xq, torch.ones(5, 1, dtype=F64)], 1)
+    with torch.no_grad():  # ∇W of (f − y)² is 2 (f − y) [x, 1]
+        gt = 2 * (model(x) - y) * xa
+        gq = 2 * (model(xq) - yq) * xqa
+    return model, (x, y, xq, yq), xa, gq, gt
+
+
+def test_least_squares_kfac_matches_closed_form_up_to_one_scale():
+    """K-FAC with the empirical Fisher: G is the scalar mean squared residual, so (F + λ)⁻¹ ∝ (XᵀX/N + λ')⁻¹."""
+    model, data, xa, gq, gt = least_squares_problem()
+    tracked, layers = fit(model, data[0], data[1], strategy="kfac", fisher="empirical", kind="regression", batch_size=7)
+    got = run_pairwise(model, tracked, layers, data, task_kind="regression")
+    gram = xa.T @ xa / 30
+    lam = 0.1 * torch.linalg.eigvalsh(gram).mean()  # auto damping, in units of the Gram matrix
+    closed = gq @ torch.linalg.inv(gram + lam * torch.eye(5, dtype=F64)) @ gt.T
+    corr = torch.corrcoef(torch.stack([got.flatten(), closed.flatten()]))[0, 1]
+    assert corr > 0.9999
+    scale = float(layers[""].g_covariance)  # the one global factor: mean of (2 r)²
+    torch.testing.assert_close(got * scale, closed, rtol=1e-9, atol=1e-10)
+
+
+def test_least_squares_ggn_ekfac_is_exact():
+    """Gauss-Newton of (f − y)² is 2XᵀX/N exactly: scores = ∇L(z)ᵀ (2XᵀX/N + λ)⁻¹ ∇L(x)."""
+    model, data, xa, gq, gt = least_squares_problem()
+    tracked, layers = fit(model, data[0], data[1], strategy="ekfac", fisher="ggn", kind="regression", batch_size=7)
+    got = run_pairwise(model, tracked, layers, data, task_kind="regression", damping=0.01)
+    closed = gq @ torch.linalg.inv(2 * xa.T @ xa / 30 + 0.01 * torch.eye(5, dtype=F64)) @ gt.T
+    torch.testing.assert_close(got, closed, rtol=1e-9, atol=1e-10)
+
+
+def test_margin_measurement_equals_explicit_gradient_of_minus_margin(data):
+    x, y, xq, yq = data
+    model = tiny_mlp()
+    tracked, layers = fitted(model, data, "ekfac")
+    got = run_pairwise(model, tracked, layers, data, measurement="margin")
+    gq = explicit_grads(model, tracked, xq, yq, measurement="margin")
+    ref = explicit_scores(layers, gq, explicit_grads(model, tracked, x, y), "auto")
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-10)
+
+
+def test_margin_sign_binary_is_loss_influence_over_error_probability():
+    """Two classes: ∇(−margin) = ∇loss / (1 − p_correct), so margin scores keep the loss scores' sign."""
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(12, 5, generator=g, dtype=F64), torch.randint(0, 2, (12,), generator=g)
+    xq, yq = torch.randn(4, 5, generator=g, dtype=F64), torch.randint(0, 2, (4,), generator=g)
+    model = tiny_mlp(d_out=2)
+    tracked, layers = fit(model, x, y, strategy="ekfac", fisher="empirical", batch_size=5)
+    loss = run_pairwise(model, tracked, layers, (x, y, xq, yq))
+    margin = run_pairwise(model, tracked, layers, (x, y, xq, yq), measurement="margin")
+    with torch.no_grad():
+        p_wrong = 1 - torch.softmax(model(xq), 1).gather(1, yq[:, None])
+    torch.testing.assert_close(margin, loss / p_wrong, rtol=1e-9, atol=1e-10)
+    assert torch.equal(torch.sign(margin), torch.sign(loss))
+
+
+def test_plan_shards_cover_every_rank_range_batch_aligned():
+    shards = plan_shards(103, 3, 8, shard_len=16)
+    for rank in range(3):
+        lo, hi = rank * 103 // 3, (rank + 1) * 103 // 3
+        mine = [s for s in shards if s.rank == rank]
+        assert mine[0].start == lo and mine[-1].stop == hi
+        assert all(a.stop == b.start for a, b in zip(mine, mine[1:], strict=False))
+        assert all(s.first_batch * 8 == s.start - lo for s in mine)
+        assert sum(s.num_batches for s in mine) == -(-(hi - lo) // 8)
+    assert [s.number for s in shards] == list(range(len(shards)))
+    one = plan_layout(10, 1000, 50, batch_size=8, max_memory_mb=1.0)
+    assert not one.sharded and len(one.shards) == 1 and one.query_chunks == [(0, 10)]
+    many = plan_layout(100, 10_000, 10_000, batch_size=8, max_memory_mb=1.0)
+    assert many.sharded and all((s.stop - s.start) * 100 * 4 <= 2**20 for s in many.shards)
+    assert all((q1 - q0) * 10_000 * 4 <= 2**20 for q0, q1 in many.query_chunks)
+
+
+# ----------------------------------------------------------------------------- the pipeline (config, float32)
+
+
+N_TRAIN, N_QUERY = 45, 7
+
+
+def write_project(folder: Path, dim: int = 6) -> dict:
+    """A tensors dataset (60 examples, `dim` features in [0, 1)) and an mlp checkpoint in `folder`; returns the config dict."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(60, dim, generator=g)
+    y = torch.randint(0, 3, (60,), generator=g)
+    save_file({"inputs": x, "labels": y}, folder / "data.safetensors")
+    torch.manual_seed(0)
+    model = mlp(input_dim=dim, hidden=[5], num_classes=3)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
+    return {
+        "model": {"architecture": "mlp", "kwargs": {"input_dim": dim, "hidden": [5], "num_classes": 3}, "checkpoint": "model.safetensors"},
+        "data": {
+            "train": {"source": "tensors", "path": "data.safetensors", "range": [0, N_TRAIN]},
+            "query": {"source": "tensors", "path": "data.safetensors", "range": [50, 50 + N_QUERY]},
+            "batch_size": 8,
+        },
+        "factors": {"strategy": "ekfac", "fisher": "empirical", "checkpoint_every": 1},
+        "output_dir": "out",
+        "device": "cpu",
+    }
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> tuple[Path, dict]:
+    """The tiny project with its factors fitted once (into <folder>/out)."""
+    folder = tmp_path_factory.mktemp("project")
+    data = write_project(folder)
+    fit_factors(config_from_dict(data, base_dir=folder))
+    return folder, data
+
+
+def make_cfg(project, out: str, *overrides: str, copy_factors: bool = True):
+    """A config of the project writing to <folder>/<out>, with the fitted factors copied there."""
+    folder, data = project
+    (folder / out).mkdir(exist_ok=True)
+    if copy_factors and not (folder / out / storage.FACTORS_FILE).exists():
+        shutil.copy(folder / "out" / storage.FACTORS_FILE, folder / out / storage.FACTORS_FILE)
+    return config_from_dict(data, [f"output_dir={out}", *overrides], base_dir=folder)
+
+
+def all_scores(out: Path, n_query: int = N_QUERY) -> torch.Tensor:
+    return torch.cat([b.scores for b in iter_score_blocks(out, range(n_query))], 1)
+
+
+def in_memory_reference(cfg, relative=False) -> torch.Tensor:
+    ctx = prepare(cfg)
+    factors = load_factors(cfg.output_path / storage.FACTORS_FILE)
+    train, query = ctx.dataset(cfg.data.train, "data.train"), ctx.dataset(cfg.data.query, "data.query")
+    return pairwise_scores(
+        ctx.model, ctx.tracked, factors.layers, make_loader(query, 8), make_loader(train, 8), relative=relative
+    )
+
+
+def test_compute_scores_writes_scores_matching_the_in_memory_math(project):
+    cfg = make_cfg(project, "plain")
+    report = compute_scores(cfg)
+    assert report.paths == [cfg.output_path / storage.SCORES_FILE] and not report.sharded
+    tensors, meta = storage.load_tensors(report.paths[0], storage.SCORES_FORMAT)
+    assert tensors["scores"].shape == (N_QUERY, N_TRAIN) and tensors["scores"].dtype == torch.float32
+    torch.testing.assert_close(tensors["scores"], in_memory_reference(cfg))
+    assert tensors["query_indices"].tolist() == list(range(50, 50 + N_QUERY))
+    assert tensors["train_indices"].tolist() == list(range(N_TRAIN))
+    data = load_file(project[0] / "data.safetensors")
+    assert torch.equal(tensors["train_labels"], data["labels"][:N_TRAIN])
+    assert torch.equal(tensors["query_labels"], data["labels"][50 : 50 + N_QUERY])
+    ctx = prepare(cfg)
+    with torch.no_grad():
+        assert torch.equal(tensors["query_predictions"], ctx.model(data["inputs"][50 : 50 + N_QUERY]).argmax(1))
+    decoded = {k: storage.meta_json(meta, k) for k in meta}
+    assert decoded["strategy"] == "ekfac" and decoded["measurement"] == "loss" and decoded["relative"] is False
+    assert set(decoded["damping"]) == {"fc1", "head"} and all(v > 0 for v in decoded["damping"].values())
+    assert decoded["model_fingerprint"] == ctx.model_fingerprint
+    assert decoded["config"]["scores"]["damping"] == "auto" and decoded["factors"]["file"] == storage.FACTORS_FILE
+
+
+def test_sharded_and_chunked_runs_give_identical_top_k(project):
+    plain = make_cfg(project, "unsharded", "scores.query_chunk=7")
+    compute_scores(plain)
+    ref, ref_top = all_scores(plain.output_path), top_k(plain.output_path, None, 4)
+    budget = 7 * 16 * 4 / 2**20  # 16 training columns per shard
+    sharded = make_cfg(project, "sharded", f"scores.max_memory_mb={budget}", "scores.query_chunk=7")
+    report = compute_scores(sharded)
+    assert report.sharded and report.num_shards == 3 and (sharded.output_path / storage.SCORES_INDEX).is_file()
+    assert not (sharded.output_path / storage.SCORES_FILE).exists()
+    assert torch.equal(all_scores(sharded.output_path), ref)  # same batches, same GEMMs: bit-identical
+    assert top_k(sharded.output_path, None, 4, max_elements=20) == ref_top
+    chunked = make_cfg(project, "chunked", f"scores.max_memory_mb={budget}", "scores.query_chunk=3")
+    report = compute_scores(chunked)
+    assert report.query_chunks == 3
+    torch.testing.assert_close(all_scores(chunked.output_path), ref)
+    got = top_k(chunked.output_path, None, 4)
+    assert [[e.train_index for e in r.proponents + r.opponents] for r in got] == [
+        [e.train_index for e in r.proponents + r.opponents] for r in ref_top
+    ]
+
+
+def test_relative_run_stores_norms_and_matches_the_math(project):
+    cfg = make_cfg(project, "relative", "scores.relative=true")
+    compute_scores(cfg)
+    tensors, meta = storage.load_tensors(cfg.output_path / storage.SCORES_FILE)
+    assert storage.meta_json(meta, "relative") is True and tensors["train_norms"].shape == (N_TRAIN,)
+    torch.testing.assert_close(tensors["scores"], in_memory_reference(cfg, relative=True))
+    plain = make_cfg(project, "relative-plain")
+    compute_scores(plain)
+    torch.testing.assert_close(tensors["scores"] * tensors["train_norms"], all_scores(plain.output_path))
+
+
+def test_self_influence_file(project):
+    cfg = make_cfg(project, "self")
+    report = compute_scores(cfg, self_influence=True)
+    tensors, meta = storage.load_tensors(report.paths[0], storage.SELF_FORMAT)
+    ctx = prepare(cfg)
+    factors = load_factors(cfg.output_path / storage.FACTORS_FILE)
+    ref = self_influence_scores(ctx.model, ctx.tracked, factors.layers, make_loader(ctx.dataset(cfg.data.train, "data.train"), 8))
+    torch.testing.assert_close(tensors["self_influence"], ref)
+    assert tensors["train_indices"].tolist() == list(range(N_TRAIN)) and tensors["train_labels"].shape == (N_TRAIN,)
+
+
+def test_identity_needs_no_factors(project):
+    cfg = make_cfg(project, "identity", "factors.strategy=identity", copy_factors=False)
+    report = compute_scores(cfg)
+    assert report.damping == {"fc1": 0.0, "head": 0.0}
+    assert storage.load_tensors(report.paths[0])[0]["scores"].shape == (N_QUERY, N_TRAIN)
+
+
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        ("missing", "no factors"),
+        ("model", "another model"),
+        ("train", "another training set"),
+        ("strategy", "the config asks for kfac"),
+        ("layers", "tracks layers"),
+    ],
+)
+def test_mismatched_or_missing_factors_are_refused(project, change, needle):
+    folder, data = project
+    overrides = {
+        "missing": [],
+        "model": ["model.checkpoint=other.safetensors"],
+        "train": ["data.train.range=[0, 40]"],
+        "strategy": ["factors.strategy=kfac"],
+        "layers": ["factors.modules=[head]"],
+    }[change]
+    if change == "model":
+        state = load_file(folder / "model.safetensors")
+        save_file({k: v * 1.01 for k, v in state.items()}, folder / "other.safetensors")
+    cfg = make_cfg(project, f"mismatch-{change}", *overrides, copy_factors=change != "missing")
+    with pytest.raises(OutputError, match=needle) as info:
+        compute_scores(cfg)
+    assert "fit-factors" in info.value.hint or "factors." in info.value.hint
+    assert not (cfg.output_path / storage.SCORES_FILE).exists()
+
+
+def test_finished_scores_are_not_replaced_without_overwrite(project):
+    cfg = make_cfg(project, "existing")
+    compute_scores(cfg)
+    with pytest.raises(OutputError, match="already holds scores") as info:
+        compute_scores(cfg)
+    assert "--overwrite" in info.value.hint
+    # --overwrite into a sharded layout removes the single file
+    budget = 7 * 16 * 4 / 2**20
+    sharded = make_cfg(project, "existing", f"scores.max_memory_mb={budget}")
+    compute_scores(sharded, overwrite=True)
+    assert not (cfg.output_path / storage.SCORES_FILE).exists() and (cfg.output_path / storage.SCORES_INDEX).exists()
+    with pytest.raises(OutputError, match="already holds scores"):
+        compute_scores(sharded)
+    compute_scores(cfg, overwrite=True)
+    assert (cfg.output_path / storage.SCORES_FILE).exists() and not (cfg.output_path / storage.SCORES_INDEX).exists()
+    assert not list(cfg.output_path.glob("scores.shard-*"))
+
+
+def interrupt_after(monkeypatch, method: str, calls: int) -> None:
+    """KeyboardInterrupt on the `calls`-th call of ScoreKernel.<method> (after `calls` batches were scored)."""
+    real = getattr(scores_mod.ScoreKernel, method)
+    seen = [0]
+
+    def wrapped(*args, **kwargs):
+        if seen[0] == calls:
+            raise KeyboardInterrupt
+        seen[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scores_mod.ScoreKernel, method, staticmethod(wrapped) if method == "pairwise" else wrapped)
+
+
+@pytest.mark.parametrize(
+    "name,overrides,cut",
+    [
+        ("single", [], 3),
+        ("sharded-chunked", [f"scores.max_memory_mb={7 * 16 * 4 / 2**20}", "scores.query_chunk=4"], 9),
+        ("relative", ["scores.relative=true", "scores.query_chunk=4"], 8),
+    ],
+)
+def test_resume_after_interruption_is_bit_identical(project, monkeypatch, name, overrides, cut):
+    ref_cfg = make_cfg(project, f"resume-ref-{name}", *overrides)
+    compute_scores(ref_cfg)
+    ref = all_scores(ref_cfg.output_path)
+    cfg = make_cfg(project, f"resume-{name}", *overrides)
+    with monkeypatch.context() as m:
+        interrupt_after(m, "pairwise", cut)
+        with pytest.raises(KeyboardInterrupt):
+            compute_scores(cfg)
+    assert not (cfg.output_path / storage.SCORES_FILE).exists() and not (cfg.output_path / storage.SCORES_INDEX).exists()
+    with pytest.raises(OutputError, match="interrupted run"):
+        compute_scores(cfg)
+    report = compute_scores(cfg, resume=True)
+    assert report.resumed_from is not None
+    assert torch.equal(all_scores(cfg.output_path), ref)
+    assert not list(cfg.output_path.glob("scores.partial*"))
+
+
+def test_self_influence_resume_is_bit_identical(project, monkeypatch):
+    ref_cfg = make_cfg(project, "self-ref")
+    ref = storage.load_tensors(compute_scores(ref_cfg, self_influence=True).paths[0])[0]["self_influence"]
+    cfg = make_cfg(project, "self-resume")
+    with monkeypatch.context() as m:
+        interrupt_after(m, "self_influence", 4)
+        with pytest.raises(KeyboardInterrupt):
+            compute_scores(cfg, self_influence=True)
+    report = compute_scores(cfg, self_influence=True, resume=True)
+    assert report.resumed_from == "batch 4"
+    assert torch.equal(storage.load_tensors(report.paths[0])[0]["self_influence"], ref)
+
+
+def test_overwrite_discards_interrupted_progress(project, monkeypatch):
+    budget = 7 * 16 * 4 / 2**20
+    cfg = make_cfg(project, "discard", f"scores.max_memory_mb={budget}", "scores.query_chunk=7")
+    with monkeypatch.context() as m:
+        interrupt_after(m, "pairwise", 3)  # shard 0 (2 batches) written, shard 1 in progress
+        with pytest.raises(KeyboardInterrupt):
+            compute_scores(cfg)
+    assert list(cfg.output_path.glob("scores.shard-*"))
+    report = compute_scores(cfg, overwrite=True)
+    assert report.resumed_from is None and (cfg.output_path / storage.SCORES_INDEX).exists()
+
+
+def test_non_finite_gradient_names_batch_and_examples(project, tmp_path):
+    folder, data = project
+    d = load_file(folder / "data.safetensors")
+    d["inputs"][19, 2] = float("nan")
+    save_file(d, tmp_path / "data.safetensors")
+    shutil.copy(folder / "model.safetensors", tmp_path / "model.safetensors")
+    cfg = config_from_dict(data | {"output_dir": "out"}, base_dir=tmp_path)
+    cfg2 = config_from_dict(data | {"output_dir": "out"}, ["factors.strategy=identity"], base_dir=tmp_path)
+    with pytest.raises(NumericalError, match=r"batch 2 \(examples with global indices 19\)"):
+        compute_scores(cfg2)
+    with pytest.raises(NumericalError, match="19"):
+        compute_scores(cfg2, self_influence=True)
+    assert not (cfg.output_path / storage.SCORES_FILE).exists()
+
+
+def test_storage_dtype_and_overflow(project):
+    cfg = make_cfg(project, "bf16", "scores.dtype=bfloat16")
+    compute_scores(cfg)
+    stored = storage.load_tensors(cfg.output_path / storage.SCORES_FILE)[0]["scores"]
+    assert stored.dtype == torch.bfloat16
+    torch.testing.assert_close(stored.float(), in_memory_reference(cfg), rtol=1e-2, atol=1e-3)
+    with pytest.raises(NumericalError, match="float16 cannot hold scores up to 1e"):
+        scores_mod._check_storable(torch.tensor([[1.0, -1e6]]), "float16")

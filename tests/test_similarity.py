@@ -1,0 +1,428 @@
+"""dataset-similarity: float64 identities against explicit per-example autograd, real MNIST, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from exact import batches_of, empirical_vectors, fisher_vectors, fit, per_example_layer_grads, tiny_mlp
+from PIL import Image
+from torch import nn
+from typer.testing import CliRunner
+
+from influence_cli.cli import app
+from influence_cli.config import ModelConfig, config_from_dict, load_config
+from influence_cli.data import load_dataset, make_loader
+from influence_cli.errors import NumericalError
+from influence_cli.factors import LayerFactors
+from influence_cli.fit import PassPlan, fit_factors
+from influence_cli.models import build_model
+from influence_cli.similarity import compute_similarity, dataset_similarity
+from influence_cli.storage import SIMILARITY_FILE, load_tensors, meta_json, save_tensors
+from influence_cli.training import TrainRecipe, accuracy, train_model
+
+ROOT = Path(__file__).resolve().parents[1]
+MNIST = ROOT.parent / "shared" / "data" / "mnist"
+DIGITS = ROOT / "configs" / "digits.yaml"
+F64 = torch.float64
+
+
+# ----------------------------------------------------------------------------- tiny float64 problems
+
+
+class TinyCNN(nn.Module):
+    """Conv (positions: unfolded patches) then a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(2, 3, kernel_size=3, padding=1, stride=2)
+        self.fc = nn.Linear(3 * 3 * 3, 3)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(torch.tanh(self.conv(x)), 1))
+
+
+class SeqModel(nn.Module):
+    """Linear layers over [B, T, d], mean-pooled over T."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Linear(4, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.proj(x))).mean(dim=1)
+
+
+def _problem(kind: str, n: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    shape = {"mlp": (n, 5), "cnn": (n, 2, 5, 5), "seq": (n, 6, 4)}[kind]
+    return torch.randn(*shape, generator=g, dtype=F64), torch.randint(0, 3, (n,), generator=g)
+
+
+MODELS = {"mlp": lambda: tiny_mlp(), "cnn": lambda: TinyCNN().double(), "seq": lambda: SeqModel().double()}
+
+
+def _setup(kind: str, strategy: str = "ekfac", fisher: str = "sampled", sizes=(5, 7, 4)):
+    """A float64 model, factors fitted on a reference set, and three other datasets (one PassPlan each)."""
+    model = MODELS[kind]()
+    x_ref, y_ref = _problem(kind, 11, seed=1)
+    tracked, factors = fit(model, x_ref, y_ref, strategy=strategy, fisher=fisher, batch_size=4)
+    data = {f"set{i}": _problem(kind, n, seed=10 + i) for i, n in enumerate(sizes)}
+    plans = {
+        name: PassPlan(batches_of(x, y, 3), -(-len(x) // 3), len(x), "classification", fisher, seed=0)
+        for name, (x, y) in data.items()
+    }
+    damping = {name: lf.damping("auto", 0.1) for name, lf in factors.items()}
+    return model, tracked, factors, data, plans, damping
+
+
+def _dense_curvature(lf: LayerFactors, damping: float, d_out: int, d_in: int) -> torch.Tensor:
+    """(F + λI) of one layer as a dense matrix in row-major vec order."""
+    p = d_out * d_in
+    diag = torch.ones(p, dtype=F64) if lf.eigenvalues is None else lf.eigenvalues.reshape(-1) + damping
+    u_g = torch.eye(d_out, dtype=F64) if lf.g_eigenvectors is None else lf.g_eigenvectors
+    u_a = torch.eye(d_in, dtype=F64) if lf.a_eigenvectors is None else lf.a_eigenvectors
+    u = torch.kron(u_g, u_a)
+    return u @ torch.diag(diag) @ u.T
+
+
+def _pairwise_scores(tracked, factors, damping, gs, gt) -> torch.Tensor:
+    """[|S|, |T|] of ∇L(s)ᵀ (F + λ)⁻¹ ∇L(t) from per-example gradients {layer: [N, 1, d_out, d_in]}, a dense solve per layer."""
+    n_s, n_t = len(next(iter(gs.values()))), len(next(iter(gt.values())))
+    total = torch.zeros(n_s, n_t, dtype=F64)
+    for tm in tracked:
+        dense = _dense_curvature(factors[tm.name], damping[tm.name], tm.d_out, tm.d_in)
+        a, b = gs[tm.name][:, 0].reshape(n_s, -1), gt[tm.name][:, 0].reshape(n_t, -1)
+        total += a @ torch.linalg.solve(dense, b.T)
+    return total
+
+
+# ----------------------------------------------------------------------------- (a) the exact identity
+
+
+@pytest.mark.parametrize(
+    "kind,strategy,fisher",
+    [
+        ("mlp", "ekfac", "sampled"),
+        ("mlp", "ekfac", "ggn"),
+        ("mlp", "kfac", "empirical"),
+        ("mlp", "diagonal", "sampled"),
+        ("mlp", "identity", "empirical"),
+        ("cnn", "ekfac", "ggn"),
+        ("seq", "ekfac", "sampled"),
+    ],
+    ids=lambda v: str(v),
+)
+def test_kernel_is_mean_pairwise_influence(kind, strategy, fisher):
+    model, tracked, factors, data, plans, damping = _setup(kind, strategy, fisher)
+    result = compute_similarity(model, tracked, factors, plans, damping)
+    grads = [per_example_layer_grads(model, tracked, x, y, empirical_vectors()) for x, y in data.values()]
+    for i, gs in enumerate(grads):
+        for j, gt in enumerate(grads):
+            expected = _pairwise_scores(tracked, factors, damping, gs, gt).mean()
+            torch.testing.assert_close(result.kernel[i, j], expected, rtol=1e-9, atol=1e-12)
+    # the per-layer parts add up to the kernel
+    torch.testing.assert_close(sum(result.layer_kernels.values()), result.kernel, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("kind,strategy", [("mlp", "ekfac"), ("cnn", "kfac")], ids=str)
+def test_kernel_is_mean_of_compute_scores_matrix(kind, strategy):
+    """K(S, T) = mean of compute-scores' [|S|, |T|] matrix with query = S, train = T (same factors and damping)."""
+    scores = pytest.importorskip("influence_cli.scores", reason="compute-scores (influence_cli.scores) is not there yet")
+    model, tracked, factors, data, plans, damping = _setup(kind, strategy, "sampled")
+    result = compute_similarity(model, tracked, factors, plans, damping)
+    names = list(data)
+    for i, s in enumerate(names):
+        for j, t in enumerate(names):
+            matrix = scores.pairwise_scores(
+                model,
+                tracked,
+                factors,
+                batches_of(*data[s], 2)(0),
+                batches_of(*data[t], 3)(0),
+                damping="auto",
+                damping_factor=0.1,
+            )
+            assert matrix.shape == (len(data[s][0]), len(data[t][0]))
+            torch.testing.assert_close(result.kernel[i, j], matrix.mean(), rtol=1e-9, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- (b) structure
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_matrices_are_symmetric_with_unit_diagonal(kind):
+    model, tracked, factors, _, plans, damping = _setup(kind)
+    r = compute_similarity(model, tracked, factors, plans, damping)
+    for m in (r.kernel, r.kernel_normalized, r.task2vec_cosine, r.task2vec_distance):
+        torch.testing.assert_close(m, m.T, rtol=0, atol=1e-12)
+    ones = torch.ones(len(plans), dtype=F64)
+    torch.testing.assert_close(r.kernel_normalized.diagonal(), ones)
+    torch.testing.assert_close(r.task2vec_cosine.diagonal(), ones)
+    torch.testing.assert_close(r.task2vec_distance.diagonal(), torch.zeros_like(ones))
+    assert torch.linalg.eigvalsh(r.kernel).min() > -1e-10 * r.kernel.abs().max()  # a Gram matrix
+    assert (r.kernel_normalized.abs() <= 1 + 1e-12).all()
+    assert ((r.task2vec_cosine >= 0) & (r.task2vec_cosine <= 1 + 1e-12)).all()
+
+
+def test_batch_size_and_dataset_order_do_not_matter():
+    model, tracked, factors, data, plans, damping = _setup("mlp")
+    base = compute_similarity(model, tracked, factors, plans, damping)
+    names = list(data)[::-1]
+    one_batch = {n: PassPlan(batches_of(*data[n], 100), 1, len(data[n][0]), "classification", "sampled") for n in names}
+    r = compute_similarity(model, tracked, factors, one_batch, damping)
+    flip = torch.arange(len(names) - 1, -1, -1)
+    torch.testing.assert_close(r.kernel, base.kernel[flip][:, flip])
+    torch.testing.assert_close(r.task2vec_distance, base.task2vec_distance[flip][:, flip])
+
+
+def _sharded_run(rank: int, world: int, init_file: str, out_file: str) -> None:
+    """One rank of a gloo job: each dataset's contiguous shard, global indices kept; rank 0 saves the matrices."""
+    import torch.distributed as dist
+
+    from influence_cli.distributed import DistState
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        state = DistState(rank=rank, world_size=world)
+        model, tracked, factors, data, _, damping = _setup("mlp", "ekfac", "sampled")
+        plans = {}
+        for name, (x, y) in data.items():
+            lo, hi = state.shard(len(x))
+            idx = torch.arange(lo, hi)
+
+            def batches(start_batch, x=x[lo:hi], y=y[lo:hi], idx=idx):
+                for s in range(start_batch * 2, len(x), 2):
+                    yield x[s : s + 2], y[s : s + 2], idx[s : s + 2]
+
+            plans[name] = PassPlan(
+                batches, -(-(hi - lo) // 2), hi - lo, "classification", "sampled", all_reduce=state.all_reduce_
+            )
+        r = compute_similarity(model, tracked, factors, plans, damping)
+        if rank == 0:
+            torch.save(
+                {"kernel": r.kernel, "distance": r.task2vec_distance, "sizes": [s.num_examples for s in r.statistics]}, out_file
+            )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_two_ranks_match_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_sharded_run, args=(2, str(tmp_path / "init"), str(tmp_path / "out.pt")), nprocs=2, join=True)
+    got = torch.load(tmp_path / "out.pt")
+    model, tracked, factors, data, plans, damping = _setup("mlp", "ekfac", "sampled")
+    r = compute_similarity(model, tracked, factors, plans, damping)
+    assert got["sizes"] == [len(x) for x, _ in data.values()]
+    torch.testing.assert_close(got["kernel"], r.kernel, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(got["distance"], r.task2vec_distance, rtol=1e-10, atol=1e-14)
+
+
+def test_non_finite_inputs_name_the_batch():
+    model, tracked, factors, data, plans, damping = _setup("mlp")
+    x, y = data["set1"]
+    x = x.clone()
+    x[4] = float("nan")
+    plans["set1"] = PassPlan(batches_of(x, y, 3), 3, len(x), "classification", "sampled")
+    with pytest.raises(NumericalError, match=r"set1 pass at batch 1 \(examples with global indices 3\.\.5\)"):
+        compute_similarity(model, tracked, factors, plans, damping)
+
+
+# ----------------------------------------------------------------------------- (c) Task2Vec
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "seq"])
+@pytest.mark.parametrize("fisher", ["empirical", "sampled", "ggn"])
+def test_task2vec_embedding_is_explicit_fisher_diagonal(kind, fisher):
+    model, tracked, factors, data, plans, damping = _setup(kind, "ekfac", fisher)
+    r = compute_similarity(model, tracked, factors, plans, damping)
+    embeddings = []
+    for (x, y), stats in zip(data.values(), r.statistics, strict=True):
+        grads = per_example_layer_grads(model, tracked, x, y, fisher_vectors("classification", fisher))
+        loss_grads = per_example_layer_grads(model, tracked, x, y, empirical_vectors())
+        flat = []
+        for tm in tracked:
+            lf = factors[tm.name]
+            rotated = lf.g_eigenvectors.T @ grads[tm.name] @ lf.a_eigenvectors  # [N, K, d_out, d_in]
+            expected = rotated.square().sum(dim=1).mean(dim=0)
+            torch.testing.assert_close(stats.fisher_diagonal[tm.name], expected, rtol=1e-10, atol=1e-14)
+            mean = lf.g_eigenvectors.T @ loss_grads[tm.name][:, 0].mean(0) @ lf.a_eigenvectors
+            torch.testing.assert_close(stats.mean_gradient[tm.name], mean, rtol=1e-10, atol=1e-14)
+            flat.append(expected.reshape(-1))
+        embeddings.append(torch.cat(flat))
+    e = torch.stack(embeddings)
+    cos = (e @ e.T) / torch.outer(e.norm(dim=1), e.norm(dim=1))
+    torch.testing.assert_close(r.task2vec_cosine, cos)
+    sizes = [tm.d_out * tm.d_in for tm in tracked]
+    for i in range(len(e)):
+        for j in range(len(e)):
+            total = e[i] + e[j]
+            # entries that are zero up to rounding (the softmax's null direction of G) are left out
+            keep = torch.cat([part > 1e-20 * part.sum() for part in total.split(sizes)])
+            u, v = e[i][keep] / total[keep], e[j][keep] / total[keep]
+            torch.testing.assert_close(r.task2vec_distance[i, j], 1 - u @ v / (u.norm() * v.norm()))
+
+
+# ----------------------------------------------------------------------------- (d) real MNIST
+
+
+def _mnist_spec(start: int, stop: int, labels: list[int] | None = None) -> dict:
+    return {
+        "source": "idx",
+        "images": str(MNIST / "t10k-images-idx3-ubyte.gz"),
+        "labels": str(MNIST / "t10k-labels-idx1-ubyte.gz"),
+        "range": [start, stop],
+        "labels_in": labels,
+        "transform": {"flatten": True, "scale": 255.0},
+    }
+
+
+@pytest.mark.skipif(not (MNIST / "t10k-images-idx3-ubyte.gz").exists(), reason=f"real MNIST files not found in {MNIST}")
+def test_mnist_same_digits_are_more_similar(tmp_path):
+    """A 784-64-10 MLP trained on images 0..3000; {0,6} from 3000..6000 is closer to {0,6} from 6000..9000 than to {1,7}."""
+    kwargs = {"input_dim": 784, "hidden": [64], "num_classes": 10}
+    data = {
+        "model": {"architecture": "mlp", "kwargs": kwargs, "checkpoint": str(tmp_path / "model.safetensors")},
+        "data": {"train": _mnist_spec(0, 3000), "batch_size": 512},
+        "similarity": {
+            "datasets": {
+                "zeros_sixes": _mnist_spec(3000, 6000, [0, 6]),
+                "zeros_sixes_b": _mnist_spec(6000, 9000, [0, 6]),
+                "ones_sevens": _mnist_spec(3000, 6000, [1, 7]),
+            }
+        },
+        "output_dir": str(tmp_path / "run"),
+        "device": "cpu",
+    }
+    cfg = config_from_dict(data, check_files=False)
+    x, y, _ = next(iter(make_loader(load_dataset(cfg.data.train, "."), 3000)))
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(architecture="mlp", kwargs=kwargs), ".").float()
+    train_model(model, x, y, TrainRecipe(epochs=3, batch_size=64, lr=2e-3, seed=0))
+    assert accuracy(model, x, y) > 0.85
+    save_tensors(tmp_path / "model.safetensors", model.state_dict(), {})
+    fit_factors(cfg)
+    r = dataset_similarity(cfg)
+    k = r.kernel_normalized
+    assert r.names == ["zeros_sixes", "zeros_sixes_b", "ones_sevens"]
+    assert k[0, 1] > 0.2 and k[0, 1] > k[0, 2] + 0.2 and k[1, 0] > k[1, 2] + 0.2, k
+    assert r.task2vec_cosine[0, 1] > r.task2vec_cosine[0, 2], r.task2vec_cosine
+    assert r.task2vec_distance[0, 1] < r.task2vec_distance[0, 2], r.task2vec_distance
+    assert (tmp_path / "run" / SIMILARITY_FILE).is_file()
+
+
+# ----------------------------------------------------------------------------- (e) the command
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """Factors of the bundled digits sample in a temporary output_dir; `--set` arguments pointing at it."""
+    out = tmp_path_factory.mktemp("digits")
+    fit_factors(load_config(DIGITS, [f"output_dir={out}", "device=cpu"]))
+    return out, ["--set", f"output_dir={out}", "--set", "device=cpu"]
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, list(args), env={"COLUMNS": "120"})
+
+
+def test_cli_table_json_and_heatmap(digits_run, tmp_path):
+    out, sets = digits_run
+    result = invoke("dataset-similarity", str(DIGITS), *sets, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert "normalized Fisher kernel" in result.stdout and "K(S,S)" in result.stdout
+    for name in ("zeros_sixes", "ones_sevens", "zeros_sixes_heldout"):
+        assert name in result.stdout
+    assert "saved" in result.stderr and "saved" not in result.stdout
+
+    png = tmp_path / "plots" / "similarity.png"
+    result = invoke(
+        "dataset-similarity", str(DIGITS), *sets, "--overwrite", "--json", "--method", "task2vec", "--heatmap", str(png)
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["method"] == "task2vec" and report["headline"] == "task2vec_cosine"
+    assert report["names"] == ["zeros_sixes", "ones_sevens", "zeros_sixes_heldout", "ones_sevens_heldout"]
+    assert len(report["kernel_normalized"]) == 4 and report["heatmap"] == str(png)
+    with Image.open(png) as img:
+        assert img.format == "PNG" and img.width > 3 * 60 and img.height > 3 * 60
+    assert not [p for p in png.parent.iterdir() if p.name.endswith(".tmp")]
+
+    tensors, meta = load_tensors(out / SIMILARITY_FILE)
+    names = meta_json(meta, "names")
+    assert names == report["names"] and meta_json(meta, "method") == "task2vec"
+    torch.testing.assert_close(tensors["kernel"], torch.tensor(report["kernel"], dtype=F64))
+    # the saved embeddings reproduce the kernel: K(S,T) = Σ e_S e_T / (Λ* + λ)
+    e = torch.stack([tensors[f"embedding.{n}"].double() for n in names])
+    inv = tensors["inverse_curvature"].double()
+    torch.testing.assert_close((e * inv) @ e.T, tensors["kernel"], rtol=1e-4, atol=0)
+    assert tensors["fisher_diagonal.zeros_sixes"].shape == e[0].shape and (tensors["fisher_diagonal.zeros_sixes"] >= 0).all()
+    layout = meta_json(meta, "layout")
+    assert [entry["name"] for entry in layout] == ["fc1", "fc2", "head"]
+
+
+def test_kernel_agrees_with_compute_scores_end_to_end(digits_run, tmp_path):
+    """Float32, through both commands' core: K(query set, train set) = mean of compute-scores' matrix."""
+    scores = pytest.importorskip("influence_cli.scores", reason="compute-scores (influence_cli.scores) is not there yet")
+    out, _ = digits_run
+    shutil.copy(out / "factors.safetensors", tmp_path / "factors.safetensors")
+    query = "{source: tensors, path: ../sample_data/digits.safetensors, range: [1500, 1797], labels_in: [0, 6], transform: {scale: 16.0}}"
+    train = "{source: tensors, path: ../sample_data/digits.safetensors, range: [0, 1500], transform: {scale: 16.0}}"
+    overrides = [f"output_dir={tmp_path}", "device=cpu", f"data.query={query}", f"similarity.datasets={{q: {query}, t: {train}}}"]
+    cfg = load_config(DIGITS, overrides)
+    scores.compute_scores(cfg)
+    matrix = load_tensors(tmp_path / "scores.safetensors")[0]["scores"].double()
+    assert matrix.shape == (57, 1500)
+    report = dataset_similarity(cfg)
+    assert abs(float(report.kernel[0, 1]) - float(matrix.mean())) <= 1e-4 * float(matrix.abs().mean())
+
+
+def test_cli_errors(digits_run, tmp_path):
+    out, sets = digits_run
+    missing = invoke("dataset-similarity", str(DIGITS), "--set", f"output_dir={tmp_path / 'none'}")
+    assert missing.exit_code == 5
+    assert missing.stderr.splitlines()[0].startswith("output error: no factors at ")
+    assert "fit-factors" in missing.stderr and missing.stdout == ""
+
+    invoke("dataset-similarity", str(DIGITS), *sets, "--overwrite", "--json")
+    again = invoke("dataset-similarity", str(DIGITS), *sets)
+    assert again.exit_code == 5 and "--overwrite" in again.stderr
+
+    one = invoke(
+        "dataset-similarity", str(DIGITS), *sets, "--overwrite", "--set", "similarity.datasets={a: {source: tensors, path: x}}"
+    )
+    assert one.exit_code == 2, one.output
+    two = invoke("dataset-similarity", str(DIGITS), *sets, "--overwrite", "--set", "similarity.datasets={}")
+    assert two.exit_code == 2 and "similarity.datasets: needs two or more" in two.stderr
+
+    small = "{source: tensors, path: ../sample_data/digits.safetensors, range: [0, 10], transform: {scale: 16.0, resize: [4, 4]}}"
+    bad = invoke("dataset-similarity", str(DIGITS), *sets, "--overwrite", "--set", f"similarity.datasets.zeros_sixes={small}")
+    assert bad.exit_code == 3, bad.output
+    assert bad.stderr.lstrip().startswith("data error: similarity.datasets.zeros_sixes: inputs of shape [10, 1, 4, 4] do not fit")
+
+    other_kind = invoke("dataset-similarity", str(DIGITS), *sets, "--overwrite", "--set", "factors.strategy=kfac")
+    assert other_kind.exit_code == 5 and "holds ekfac factors" in other_kind.stderr
+
+    other_layers = invoke("dataset-similarity", str(DIGITS), *sets, "--overwrite", "--set", 'factors.modules=["fc*"]')
+    assert other_layers.exit_code == 5 and "tracks layers" in other_layers.stderr
+
+
+def test_help_explains_the_numbers():
+    result = invoke("dataset-similarity", "--help")
+    assert result.exit_code == 0
+    for text in ("fisher-kernel", "task2vec", "torchrun", "--heatmap"):
+        assert text in result.stdout
+
+
+def test_shipped_similarity_configs_load():
+    for path in (ROOT / "configs" / "mnist_similarity.yaml", DIGITS):
+        cfg = load_config(path, check_files=False)
+        assert len(cfg.similarity.datasets) >= 2, path

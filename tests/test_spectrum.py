@@ -1,0 +1,416 @@
+"""spectrum and edit: float64 identities against explicit per-example rotations, the CLI, and real MNIST."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from exact import batches_of, empirical_vectors, fit, per_example_layer_grads, tiny_mlp
+from PIL import Image
+from torch import nn
+from typer.testing import CliRunner, Result
+
+from influence_cli.cli import app
+from influence_cli.config import load_config
+from influence_cli.data import load_dataset, make_loader
+from influence_cli.edit import edit_model, project_weights
+from influence_cli.errors import ConfigError
+from influence_cli.fit import fit_factors
+from influence_cli.models import build_model, load_model, model_fingerprint
+from influence_cli.spectrum import (
+    MaskedEnergy,
+    band_labels,
+    band_sizes,
+    dataset_spectrum,
+    direction_curvature,
+    groups_of,
+    keep_mask,
+    layer_bands,
+    load_spectrum_scores,
+    spectrum,
+)
+from influence_cli.storage import FACTORS_FILE, SPECTRUM_FILE, load_tensors, save_tensors
+from influence_cli.training import TrainRecipe, accuracy, train_model
+
+ROOT = Path(__file__).resolve().parents[1]
+MNIST = Path(__file__).resolve().parents[1].parent / "shared/data/mnist"
+DIGITS = ROOT / "configs" / "digits.yaml"
+F64 = torch.float64
+
+
+# ----------------------------------------------------------------------------- bands from known spectra
+
+
+@pytest.mark.parametrize(
+    "bottom, top, n_bottom, n_top",
+    [(0.5, 0.1, 5, 1), (0.3, 0.3, 3, 3), (0.0, 0.0, 0, 0), (1.0, 0.0, 10, 0), (0.6, 0.4, 6, 4), (0.29, 0.71, 3, 7)],
+    ids=["p50-q10", "p30-q30", "none", "all-bottom", "p60-q40", "rounding"],
+)
+def test_bands_by_share_of_directions(bottom, top, n_bottom, n_top):
+    values = torch.tensor([7.0, 2.0, 9.0, 1.0, 10.0, 4.0, 3.0, 8.0, 6.0, 5.0], dtype=F64)  # 1..10 shuffled
+    labels = band_labels(values.reshape(2, 5), bottom, top).reshape(-1)
+    assert band_sizes(values, bottom, top) == (n_bottom, n_top)
+    order = values.argsort()
+    assert set(order[:n_bottom].tolist()) == set(torch.nonzero(labels == 0).flatten().tolist())
+    assert set(order[10 - n_top :].tolist()) == set(torch.nonzero(labels == 2).flatten().tolist())
+    assert int((labels == 1).sum()) == 10 - n_bottom - n_top
+
+
+def test_bands_by_share_round_half_up_and_never_overlap():
+    values = torch.arange(1.0, 4.0, dtype=F64)  # 3 directions; 0.5 each rounds up to 2 + 2 > 3
+    assert band_sizes(values, 0.5, 0.5) == (1, 2)
+    assert band_sizes(torch.arange(11.0), 0.5, 0.1) == (6, 1)  # ⌊5.5 + ½⌋ = 6, ⌊1.1 + ½⌋ = 1
+
+
+def test_bands_by_mass():
+    values = torch.arange(1.0, 11.0, dtype=F64)  # Σ = 55
+    # top 60% of 55 = 33: 10 + 9 + 8 = 27 < 33, + 7 = 34 >= 33 -> {7, 8, 9, 10}
+    # bottom 10% of 55 = 5.5: 1 + 2 = 3 <= 5.5, + 3 = 6 > 5.5 -> {1, 2}
+    assert band_sizes(values, 0.1, 0.6, mass=True) == (2, 4)
+    labels = band_labels(values, 0.1, 0.6, mass=True)
+    assert labels.tolist() == [0, 0, 1, 1, 1, 1, 2, 2, 2, 2]
+    assert band_sizes(torch.arange(1.0, 5.0), 0.0, 0.7, mass=True) == (0, 2)  # 4 + 3 = 7 = 0.7 · 10 exactly
+    assert band_sizes(values, 0.4, 0.6, mass=True) == (6, 4)  # 1..6 hold 21 <= 22; never overlapping the top band
+    assert band_sizes(torch.zeros(4), 0.5, 0.5, mass=True) == (4, 0)  # no curvature at all: nothing is "high"
+
+
+def test_keep_mask_mass_is_the_smallest_set_holding_rho():
+    g = torch.Generator().manual_seed(0)
+    c = torch.rand(7, 9, generator=g, dtype=F64) ** 4
+    total = float(c.sum())
+    for rho in (0.05, 0.3, 0.6, 0.9, 1.0):
+        mask = keep_mask(c, "mass", rho=rho)
+        kept = float(c[mask].sum())
+        assert kept >= rho * total * (1 - 1e-12)
+        assert float(c[mask].min()) >= float(c[~mask].max()) if (~mask).any() else True  # the highest ones
+        assert kept - float(c[mask].min()) < rho * total  # one fewer direction would not hold rho
+    assert keep_mask(torch.arange(1.0, 11.0), "mass", rho=0.6).tolist() == [False] * 6 + [True] * 4
+    assert keep_mask(torch.arange(1.0, 11.0), "share", share=0.3).tolist() == [False] * 7 + [True] * 3
+    assert int(keep_mask(c, "share", share=1.0).sum()) == c.numel()
+
+
+# ----------------------------------------------------------------------------- energies: exact against explicit rotations
+
+
+class TinyCNN(nn.Module):
+    """A conv layer (positions = unfolded patches, T > 1) then a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(2, 3, kernel_size=3, padding=1, stride=2)
+        self.fc = nn.Linear(3 * 3 * 3, 3)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(torch.tanh(self.conv(x)), 1))
+
+
+def _problem(kind: str):
+    g = torch.Generator().manual_seed(3)
+    if kind == "mlp":
+        model, x = tiny_mlp(), torch.randn(11, 5, generator=g, dtype=F64)
+    else:
+        model, x = TinyCNN().double(), torch.randn(9, 2, 5, 5, generator=g, dtype=F64)
+    y = torch.randint(0, 3, (len(x),), generator=g)
+    return model, x, y
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("order", ["kfac", "ekfac"])
+@pytest.mark.parametrize("mass", [False, True], ids=["share", "mass"])
+def test_band_energy_equals_explicit_rotation(kind, order, mass):
+    model, x, y = _problem(kind)
+    tracked, factors = fit(model, x, y, strategy="ekfac", fisher="empirical", batch_size=4)
+    bins = 4
+    bands = {tm.name: layer_bands(factors[tm.name], order=order, bottom=0.4, top=0.3, mass=mass, bins=bins) for tm in tracked}
+    noisy = torch.zeros(len(x), dtype=torch.bool)
+    noisy[[1, 4]] = True
+    ds = dataset_spectrum(
+        model, tracked, factors, bands, batches_of(x, y, 4)(0), bins=bins, task_kind="classification", name="t",
+        noisy_of=lambda gi: noisy[gi],
+    )  # fmt: skip
+    grads = per_example_layer_grads(model, tracked, x, y, empirical_vectors())  # [N, 1, d_out, d_in] per layer
+    assert ds.global_indices.tolist() == list(range(len(x))) and ds.noisy.tolist() == noisy.tolist()
+    for li, tm in enumerate(tracked):
+        lf, b = factors[tm.name], bands[tm.name]
+        rotated = (lf.g_eigenvectors.T @ grads[tm.name][:, 0] @ lf.a_eigenvectors).square()  # [N, d_out, d_in]
+        expected = torch.stack([(rotated * (b.band == k)).sum((1, 2)) for k in range(3)], 1)
+        torch.testing.assert_close(ds.band_energy[:, li], expected, rtol=1e-10, atol=1e-14)
+        expected_bins = torch.stack([(rotated * (b.bin == k)).sum((1, 2)) for k in range(bins)], 1)
+        torch.testing.assert_close(ds.bin_energy[:, li], expected_bins, rtol=1e-10, atol=1e-14)
+        # the bands partition the directions: energies add up to ‖∇W_n‖² (the rotation is orthogonal)
+        torch.testing.assert_close(ds.band_energy[:, li].sum(1), grads[tm.name][:, 0].square().sum((1, 2)), rtol=1e-10, atol=1e-14)
+        # input energy: Σ_t ã_t² per band of A-directions, adding up to Σ_t ‖a_t‖²
+        assert ds.input_energy[:, li].sum(1).min() > 0
+    # curvature of a direction: λ_G λ_Aᵀ (kfac) or Λ* (ekfac)
+    lf = factors[tracked[0].name]
+    expected_c = torch.outer(lf.g_eigenvalues, lf.a_eigenvalues) if order == "kfac" else lf.eigenvalues
+    torch.testing.assert_close(direction_curvature(lf, order), expected_c)
+
+
+def test_input_energy_equals_explicit_projection():
+    model, x, y = _problem("mlp")
+    tracked, factors = fit(model, x, y, strategy="kfac", fisher="empirical")
+    tm = tracked[0]
+    bands = {t.name: layer_bands(factors[t.name], order="kfac", bottom=0.5, top=0.2, mass=False, bins=3) for t in tracked}
+    ds = dataset_spectrum(model, tracked, factors, bands, batches_of(x, y, 5)(0), bins=3, task_kind="classification", name="t")
+    a = torch.cat([x, torch.ones(len(x), 1, dtype=F64)], 1)  # the first layer's input with its bias column
+    a_rot = (a @ factors[tm.name].a_eigenvectors).square()
+    expected = torch.stack([(a_rot * (bands[tm.name].input_band == k)).sum(1) for k in range(3)], 1)
+    torch.testing.assert_close(ds.input_energy[:, 0], expected, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(ds.input_energy[:, 0].sum(1), a.square().sum(1))
+
+
+@pytest.mark.parametrize("positions", [1, 3])
+def test_masked_matmul_equals_per_example_outer_products(positions):
+    g = torch.Generator().manual_seed(5)
+    a, gr = torch.randn(6, positions, 7, generator=g, dtype=F64), torch.randn(6, positions, 4, generator=g, dtype=F64)
+    masks = (torch.rand(4, 5, 7, generator=g) > 0.5).to(F64)  # any 0/1 masks, overlapping or not
+    per_example = torch.einsum("bti,btj->bij", gr, a)  # Σ_t g_t a_tᵀ, [B, d_out, d_in]
+    expected = torch.einsum("bij,ikj->bk", per_example.square(), masks)
+    torch.testing.assert_close(MaskedEnergy(masks)(a, gr), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_shares_sum_to_one_and_groups_split_noisy_examples():
+    model, x, y = _problem("mlp")
+    tracked, factors = fit(model, x, y, strategy="ekfac", fisher="empirical")
+    bands = {t.name: layer_bands(factors[t.name], order="ekfac", bottom=0.5, top=0.1, mass=False, bins=5) for t in tracked}
+    noisy = torch.zeros(len(x), dtype=torch.bool)
+    noisy[:3] = True
+    ds = dataset_spectrum(
+        model, tracked, factors, bands, batches_of(x, y, 3)(0), bins=5, task_kind="classification", name="d", noisy_of=lambda gi: noisy[gi]
+    )
+    groups = groups_of([ds])
+    assert [gr.name for gr in groups] == ["d", "d:noisy", "d:clean"] and [gr.size for gr in groups] == [11, 3, 8]
+    for gr in groups:
+        for shares in (gr.share, gr.bin_share, gr.input_share, *gr.layer_share, *gr.layer_input_share):
+            torch.testing.assert_close(shares.sum(), torch.tensor(1.0, dtype=F64))
+    # the share of the whole dataset is the mean of the per-example scores
+    torch.testing.assert_close(groups[0].share[0], ds.bottom_share().mean())
+    torch.testing.assert_close(groups[1].share[0], ds.bottom_share()[:3].mean())
+
+
+# ----------------------------------------------------------------------------- edit: the projection is exact
+
+
+def test_edit_with_all_ones_mask_returns_w_and_projects_exactly():
+    model, x, y = _problem("mlp")
+    tracked, factors = fit(model, x, y, strategy="ekfac", fisher="empirical")
+    tm, lf = tracked[0], factors[tracked[0].name]
+    w = tm.gradient_matrix(tm.module.weight.detach(), tm.module.bias.detach())
+    same, removed = project_weights(w, lf, torch.ones_like(w, dtype=torch.bool))
+    assert torch.equal(same, w) and removed == 0.0
+    u_g, u_a = lf.g_eigenvectors, lf.a_eigenvectors
+    torch.testing.assert_close(u_g @ (u_g.T @ w @ u_a) @ u_a.T, w, rtol=0, atol=1e-13)  # U_G (C ⊙ 1) U_Aᵀ = W
+    mask = keep_mask(direction_curvature(lf, "kfac"), "share", share=0.4)
+    edited, removed = project_weights(w, lf, mask)
+    c = u_g.T @ w @ u_a
+    torch.testing.assert_close(edited, u_g @ (c * mask) @ u_a.T, rtol=0, atol=1e-13)  # W' = U_G (C ⊙ M) U_Aᵀ
+    torch.testing.assert_close(u_g.T @ edited @ u_a, c * mask, rtol=0, atol=1e-13)  # only the kept components remain
+    torch.testing.assert_close(project_weights(edited, lf, mask)[0], edited, rtol=0, atol=1e-13)  # a projection
+    assert removed == pytest.approx(float((c * ~mask).square().sum() / c.square().sum()), rel=1e-12)
+
+
+def test_edit_model_changes_only_the_chosen_layers():
+    model, x, y = _problem("mlp")
+    tracked, factors = fit(model, x, y, strategy="kfac", fisher="empirical")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state, edits = edit_model(model, tracked[:1], factors, keep="mass", rho=0.6, order="kfac")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the model itself is untouched
+    assert torch.equal(state["2.weight"], before["2.weight"]) and torch.equal(state["2.bias"], before["2.bias"])
+    assert not torch.equal(state["0.weight"], before["0.weight"])
+    (e,) = edits
+    c = direction_curvature(factors["0"], "kfac")
+    mask = keep_mask(c, "mass", rho=0.6)
+    assert (e.directions, e.removed) == (c.numel(), int((~mask).sum()))
+    assert e.curvature_share_kept >= 0.6 and 0 < e.weight_share_removed < 1
+
+
+# ----------------------------------------------------------------------------- CLI on the bundled digits sample
+
+
+def invoke(*args: str | Path) -> Result:
+    return CliRunner(env={"COLUMNS": "120", "INFLUENCE_DEBUG": None, "RANK": None}).invoke(app, [str(a) for a in args])
+
+
+def assert_error(result: Result, code: int, *needles: str) -> str:
+    """A typed error: its exit code, one message line (+ a hint line) on stderr, nothing on stdout."""
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
+    assert result.stdout == ""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert 1 <= len(lines) <= 2 and "Traceback" not in result.stderr, result.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+NOISY_SPEC = "{source: tensors, path: ../sample_data/digits.safetensors, range: [0, 400], label_noise: 0.1, transform: {scale: 16.0}}"
+HELD_SPEC = "{source: tensors, path: ../sample_data/digits.safetensors, range: [1500, 1700], transform: {scale: 16.0}}"
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> tuple[Path, list[str]]:
+    """configs/digits.yaml on 600 examples, factors fitted; --set arguments for spectrum datasets with label noise."""
+    out = tmp_path_factory.mktemp("spectrum")
+    sets = ["--set", f"output_dir={out}", "--set", "data.train.range=[0, 600]", "--set", "device=cpu"]
+    result = invoke("fit-factors", DIGITS, *sets)
+    assert result.exit_code == 0, result.stderr
+    sets += ["--set", f"spectrum.datasets={{noisy_train: {NOISY_SPEC}, heldout: {HELD_SPEC}}}"]
+    return out, sets
+
+
+def test_cli_spectrum_table_top_and_plot(digits):
+    out, sets = digits
+    plot = out / "plots" / "spectrum.png"
+    result = invoke("spectrum", DIGITS, *sets, "--top", "3", "--plot", plot, "--overwrite")
+    assert result.exit_code == 0, result.stderr
+    text = result.stdout
+    for needle in ("bottom 50%", "middle 40%", "top 10%", "noisy_train:noisy", "noisy_train:clean", "vs heldout",
+                   "most memorization-like examples of heldout", "bottom 50%: "):  # fmt: skip
+        assert needle in text, needle
+    assert "saved" in result.stderr and "saved" not in text
+    img = Image.open(plot)
+    assert img.format == "PNG" and img.width > 600 and img.height > 400
+    scores = load_spectrum_scores(out / SPECTRUM_FILE)
+    assert set(scores) == {"noisy_train", "heldout"}
+    assert scores["noisy_train"]["global_indices"].tolist() == list(range(400))
+    assert int(scores["noisy_train"]["noisy"].sum()) == 40
+    assert scores["heldout"]["global_indices"].tolist() == list(range(1500, 1700))
+    tensors, _ = load_tensors(out / SPECTRUM_FILE)
+    assert tensors["heldout.band_energy"].shape == (200, 3, 3) and tensors["heldout.bin_energy"].shape == (200, 3, 20)
+
+
+def test_cli_spectrum_json(digits):
+    out, sets = digits
+    result = invoke("spectrum", DIGITS, *sets, "--set", "spectrum.baseline=noisy_train:clean", "--layers", "fc2", "--layers", "head",
+                    "--order", "ekfac", "--top", "2", "--json", "--overwrite")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["layers"] == ["fc2", "head"] and data["order"] == "ekfac" and data["baseline"] == "noisy_train:clean"
+    assert [g["name"] for g in data["groups"]] == ["noisy_train", "noisy_train:noisy", "noisy_train:clean", "heldout"]
+    for g in data["groups"]:
+        assert sum(g["share"].values()) == pytest.approx(1.0)
+        assert sum(g["bin_share"]) == pytest.approx(1.0)
+    assert set(data["ratio_vs_baseline"]) == {"noisy_train", "noisy_train:noisy", "heldout"}
+    assert [len(v) for v in data["top_examples"].values()] == [2, 2]
+    assert data["layer_bands"][0]["shape"] == [32, 65]  # fc2: 32 × (64 + bias) directions
+    assert data["layer_bands"][0]["directions"] == {"bottom": 1040, "middle": 832, "top": 208}
+
+
+def test_cli_spectrum_by_mass_defaults_to_data_train(tmp_path, digits):
+    out, _ = digits
+    sets = ["--set", f"output_dir={out}", "--set", "data.train.range=[0, 600]", "--set", "device=cpu"]
+    result = invoke("spectrum", DIGITS, *sets, "--set", "spectrum.mass=true", "--set", "spectrum.top=0.6", "--set", "spectrum.bottom=0.1",
+                    "--json", "--overwrite")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert [g["name"] for g in data["groups"]] == ["train"] and data["groups"][0]["size"] == 600
+    for layer in data["layer_bands"]:
+        assert layer["curvature_share"]["top"] >= 0.6 and layer["curvature_share"]["bottom"] <= 0.1
+
+
+def test_cli_edit_and_the_edited_checkpoint_runs_everywhere(tmp_path, digits):
+    out, sets = digits
+    edited = tmp_path / "edited.safetensors"
+    result = invoke("edit", DIGITS, *sets, "--out", edited, "--keep-share", "0.5", "--layers", "fc*")
+    assert result.exit_code == 0, result.stderr
+    assert "removed low-curvature components" in result.stdout and "fc1" in result.stdout and "head" not in result.stdout
+    result = invoke("edit", DIGITS, *sets, "--out", edited, "--rho", "0.6", "--json", "--overwrite")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["keep"] == "mass" and data["rho"] == 0.6 and [layer["name"] for layer in data["layers"]] == ["fc1", "fc2", "head"]
+    for layer in data["layers"]:
+        assert layer["curvature_share_kept"] >= 0.6 and 0 < layer["removed"] < layer["directions"]
+    # the edited checkpoint loads with the same config; every other weight is unchanged
+    cfg = load_config(DIGITS, [f"model.checkpoint={edited}"])
+    model = load_model(cfg.model, cfg.base_dir)
+    assert model_fingerprint(model) == data["fingerprint"] != data["source_fingerprint"]
+    original = load_model(load_config(DIGITS).model, ROOT / "configs")
+    for name, value in original.state_dict().items():
+        assert value.shape == model.state_dict()[name].shape
+    # and other commands run on it (new factors, in another output_dir)
+    sets2 = ["--set", f"model.checkpoint={edited}", "--set", f"output_dir={tmp_path / 'edited_run'}", "--set", "data.train.range=[0, 300]"]
+    assert invoke("fit-factors", DIGITS, *sets2).exit_code == 0
+    result = invoke("spectrum", DIGITS, *sets2, "--json")
+    assert result.exit_code == 0, result.stderr
+    # the original run's factors belong to the original model
+    assert_error(invoke("spectrum", DIGITS, "--set", f"model.checkpoint={edited}", "--set", f"output_dir={out}", "--overwrite"),
+                 5, "another model")  # fmt: skip
+
+
+def test_cli_errors(tmp_path, digits):
+    out, sets = digits
+    empty = ["--set", f"output_dir={tmp_path / 'nothing'}"]
+    line = assert_error(invoke("spectrum", DIGITS, *empty), 5, "no factors")
+    assert "fit-factors" in invoke("spectrum", DIGITS, *empty).stderr
+    assert line.startswith("output error:")
+    assert_error(invoke("edit", DIGITS, *empty, "--out", tmp_path / "e.safetensors"), 5, "no factors")
+    assert_error(invoke("edit", DIGITS, *sets, "--out", tmp_path / "e.safetensors", "--rho", "0.5", "--keep-share", "0.2"), 2, "--rho", "--keep-share")
+    assert_error(invoke("edit", DIGITS, *sets, "--out", tmp_path / "e.safetensors", "--rho", "1.5"), 2, "--rho")
+    assert_error(invoke("edit", DIGITS, *sets, "--out", tmp_path / "e.pt"), 2, "--out", ".safetensors")
+    assert_error(invoke("edit", DIGITS, *sets, "--out", ROOT / "sample_data" / "mlp.safetensors", "--overwrite"), 2, "own checkpoint")
+    taken = tmp_path / "taken.safetensors"
+    taken.write_bytes(b"x")
+    assert_error(invoke("edit", DIGITS, *sets, "--out", taken), 5, "already holds")
+    assert_error(invoke("spectrum", DIGITS, *sets, "--layers", "conv*"), 2, "--layers", "matches none")
+    assert_error(invoke("spectrum", DIGITS, *sets, "--set", "spectrum.bottom=0.8", "--set", "spectrum.top=0.3"), 2, "spectrum.bottom + spectrum.top")
+    assert_error(invoke("spectrum", DIGITS, *sets, "--set", "spectrum.baseline=heldout:noisy", "--overwrite"), 2, "spectrum.baseline")
+    invoke("spectrum", DIGITS, *sets, "--overwrite")
+    assert_error(invoke("spectrum", DIGITS, *sets), 5, "already holds")
+    diag = tmp_path / "diag"
+    assert invoke("fit-factors", DIGITS, "--set", f"output_dir={diag}", "--set", "factors.strategy=diagonal",
+                  "--set", "data.train.range=[0, 200]").exit_code == 0  # fmt: skip
+    assert_error(invoke("spectrum", DIGITS, "--set", f"output_dir={diag}"), 5, "kfac or ekfac")
+    assert (out / FACTORS_FILE).exists()
+
+
+def test_config_problems_name_their_keys():
+    with pytest.raises(ConfigError) as err:
+        load_config(DIGITS, ["spectrum.bottom=1.5", "spectrum.bins=0", "spectrum.edit.rho=0", "spectrum.edit.keep=all", "spectrum.order=x"])
+    text = str(err.value)
+    for key in ("spectrum.bottom", "spectrum.bins", "spectrum.edit.rho", "spectrum.edit.keep", "spectrum.order"):
+        assert key in text, key
+
+
+# ----------------------------------------------------------------------------- real MNIST: the direction of the effect
+
+
+@pytest.mark.skipif(not (MNIST / "t10k-images-idx3-ubyte.gz").exists(), reason=f"real MNIST files not found in {MNIST}")
+def test_mnist_memorized_random_labels_lean_on_low_curvature(tmp_path):
+    """MLP 784-128-10 memorizes 100 random labels among 2,000 images; the 90% lowest-curvature
+    directions carry a larger share of their gradient energy, and removing them forgets them."""
+    images = "../../shared/data/mnist/t10k-images-idx3-ubyte.gz"
+    labels = "../../shared/data/mnist/t10k-labels-idx1-ubyte.gz"
+    spec = f"{{source: idx, images: {images}, labels: {labels}, range: [0, 2000], label_noise: 0.05, transform: {{flatten: true, scale: 255.0}}}}"
+    held = f"{{source: idx, images: {images}, labels: {labels}, range: [9000, 10000], transform: {{flatten: true, scale: 255.0}}}}"
+    overrides = [
+        "model.kwargs.hidden=[128]", f"model.checkpoint={tmp_path / 'model.safetensors'}", f"data.train={spec}",
+        f"spectrum.datasets={{train: {spec}, heldout: {held}}}", f"output_dir={tmp_path}", "device=cpu",
+    ]  # fmt: skip
+    cfg = load_config(ROOT / "configs" / "mnist_memorization.yaml", overrides, check_files=False)
+    train = load_dataset(cfg.data.train, cfg.base_dir, seed=cfg.seed)
+    x, y = (torch.cat(t) for t in zip(*[(bx, by) for bx, by, _ in make_loader(train, 2000)], strict=True))
+    noisy = train.noisy_mask
+    model = build_model(cfg.model, cfg.base_dir)
+    train_model(model, x, y, TrainRecipe(epochs=30, batch_size=128, lr=3e-3, seed=0))
+    assert accuracy(model, x[noisy], y[noisy]) > 0.85  # the random labels are memorized
+    save_tensors(tmp_path / "model.safetensors", model.state_dict(), {})
+    fit_factors(cfg)
+    report = spectrum(cfg)
+    g = {grp.name: grp for grp in report.groups}
+    assert g["train:noisy"].size == 100
+    head = report.layers.index("head")
+    assert float(g["train:noisy"].share[0]) > 1.05 * float(g["train:clean"].share[0])
+    assert float(g["train:noisy"].layer_share[head, 0]) > 1.1 * float(g["train:clean"].layer_share[head, 0])
+    # removing the low-curvature 90% forgets the random labels much more than it hurts held-out accuracy
+    from influence_cli.edit import edit_checkpoint
+
+    edit_checkpoint(cfg, tmp_path / "edited.safetensors", share=0.1)
+    edited = load_model(cfg.model, cfg.base_dir, checkpoint=tmp_path / "edited.safetensors")
+    held_ds = load_dataset(cfg.spectrum.datasets["heldout"], cfg.base_dir)
+    xh, yh = (torch.cat(t) for t in zip(*[(bx, by) for bx, by, _ in make_loader(held_ds, 1000)], strict=True))
+    drop_memorized = accuracy(model, x[noisy], y[noisy]) - accuracy(edited, x[noisy], y[noisy])
+    drop_heldout = accuracy(model, xh, yh) - accuracy(edited, xh, yh)
+    assert drop_memorized > 0.3 and drop_memorized > drop_heldout + 0.25

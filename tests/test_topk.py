@@ -1,0 +1,158 @@
+"""Reading scores: top-k against a full sort, ties, shards vs one file, block sizes, selections and errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from influence_cli import storage
+from influence_cli.errors import OutputError, UsageError
+from influence_cli.topk import _best, iter_score_blocks, load_scores_meta, select_queries, self_top_k, top_k
+
+
+def write_scores(out: Path, scores: torch.Tensor, shard_len: int | None = None, relative: bool = False) -> None:
+    """A scores run written by hand: one file, or shards of `shard_len` train columns plus the index."""
+    n_query, n_train = scores.shape
+    common = {
+        "query_indices": torch.arange(100, 100 + n_query),
+        "query_labels": torch.arange(n_query) % 3,
+        "query_predictions": (torch.arange(n_query) + 1) % 3,
+    }
+    meta = {storage.FORMAT_KEY: storage.SCORES_FORMAT, "relative": relative, "measurement": "loss"}
+    train_indices = torch.arange(n_train) * 2 + 1  # global indices differ from positions
+    if shard_len is None:
+        storage.save_tensors(
+            out / storage.SCORES_FILE,
+            common | {"scores": scores, "train_indices": train_indices, "train_labels": torch.arange(n_train) % 5},
+            meta,
+        )
+        return
+    shards = []
+    for number, c0 in enumerate(range(0, n_train, shard_len)):
+        c1 = min(n_train, c0 + shard_len)
+        name = storage.SCORES_SHARD.format(shard=number)
+        tensors = common | {
+            "scores": scores[:, c0:c1],
+            "train_indices": train_indices[c0:c1],
+            "train_labels": torch.arange(c0, c1) % 5,
+        }
+        storage.save_tensors(out / name, tensors, meta)
+        shards.append({"file": name, "shard": number, "train_start": c0, "train_stop": c1})
+    storage.save_json(out / storage.SCORES_INDEX, {storage.FORMAT_KEY: storage.SCORES_FORMAT, "n_query": n_query, "n_train": n_train,
+                                                   "shards": shards, "metadata": {"relative": relative, "measurement": "loss"}})
+
+
+def brute_force(scores: torch.Tensor, k: int, largest: bool) -> tuple[list[list[int]], list[list[float]]]:
+    """Full sort per row by (score, then position ascending)."""
+    pos, vals = [], []
+    for row in scores.float():
+        order = sorted(range(len(row)), key=lambda j: (-row[j].item() if largest else row[j].item(), j))[:k]
+        pos.append(order)
+        vals.append([row[j].item() for j in order])
+    return pos, vals
+
+
+def test_best_breaks_ties_by_position_and_keeps_exactly_k():
+    v = torch.tensor([[1.0, 3.0, 3.0, 3.0, 2.0, 3.0] + [0.0] * 20, [5.0] * 26])
+    p = torch.arange(26).expand(2, 26)
+    values, positions = _best(v, p, 3)
+    assert positions.tolist() == [[1, 2, 3], [0, 1, 2]]
+    assert values.tolist() == [[3.0, 3.0, 3.0], [5.0, 5.0, 5.0]]
+    # the small-block path (full sort) agrees
+    values2, positions2 = _best(v[:, :6], p[:, :6], 3)
+    assert positions2.tolist() == [[1, 2, 3], [0, 1, 2]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shard_len", [None, 7, 16], ids=["one-file", "shards-of-7", "shards-of-16"])
+def test_top_k_equals_a_full_sort(tmp_path, dtype, shard_len):
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(-6, 7, (5, 40), generator=g).to(dtype) / 4  # many exact ties
+    if dtype == torch.float32:
+        scores = scores + torch.randn(5, 40, generator=g) * 1e-3
+    write_scores(tmp_path, scores, shard_len)
+    for max_elements in (5 * 3, 5 * 40):
+        got = top_k(tmp_path, None, 6, max_elements=max_elements)
+        top_pos, top_val = brute_force(scores, 6, True)
+        low_pos, low_val = brute_force(scores, 6, False)
+        for q, r in enumerate(got):
+            assert [e.train_position for e in r.proponents] == top_pos[q]
+            assert [e.score for e in r.proponents] == top_val[q]
+            assert [e.train_position for e in r.opponents] == low_pos[q]
+            assert [e.score for e in r.opponents] == low_val[q]
+            assert [e.train_index for e in r.proponents] == [2 * j + 1 for j in top_pos[q]]
+            assert [e.train_label for e in r.proponents] == [j % 5 for j in top_pos[q]]
+            assert [e.rank for e in r.proponents] == list(range(1, 7))
+            assert (r.query_index, r.query_label, r.query_prediction) == (100 + q, q % 3, (q + 1) % 3)
+
+
+def test_sharded_and_single_file_rank_identically(tmp_path):
+    scores = torch.randn(4, 50, generator=torch.Generator().manual_seed(1))
+    (tmp_path / "one").mkdir()
+    (tmp_path / "many").mkdir()
+    write_scores(tmp_path / "one", scores)
+    write_scores(tmp_path / "many", scores, shard_len=8)
+    assert top_k(tmp_path / "one", [1, slice(2, 4)], 5) == top_k(tmp_path / "many", [1, slice(2, 4)], 5, max_elements=12)
+    assert load_scores_meta(tmp_path / "many").sharded and not load_scores_meta(tmp_path / "one").sharded
+
+
+def test_blocks_follow_the_requested_query_order(tmp_path):
+    scores = torch.randn(6, 20, generator=torch.Generator().manual_seed(2))
+    write_scores(tmp_path, scores, shard_len=9)
+    blocks = list(iter_score_blocks(tmp_path, [4, 1, 4, 0], max_elements=4 * 3))
+    # 3 distinct rows read, 4 columns per block, blocks never cross a shard
+    assert [(b.train_start, b.train_stop) for b in blocks] == [(0, 4), (4, 8), (8, 9), (9, 13), (13, 17), (17, 18), (18, 20)]
+    assert torch.equal(torch.cat([b.scores for b in blocks], 1), scores[[4, 1, 4, 0]])
+
+
+def test_only_proponents_or_opponents(tmp_path):
+    write_scores(tmp_path, torch.randn(3, 10))
+    only_best = top_k(tmp_path, 0, 2, smallest=False)
+    assert len(only_best) == 1 and len(only_best[0].proponents) == 2 and only_best[0].opponents == []
+    assert top_k(tmp_path, 0, 20)[0].proponents.__len__() == 10  # k larger than n_train: everything, ranked
+
+
+@pytest.mark.parametrize(
+    "selection,needle",
+    [(7, "--query 7: outside the 7 queries (valid: 0..6)"), (slice(9, 12), "--query 9:12"), ([-1], "--query -1"), (slice(3, 3), "--query 3:3")],
+)
+def test_query_selection_out_of_range_names_the_flag(selection, needle):
+    with pytest.raises(UsageError) as info:
+        select_queries(7, selection)
+    assert needle in info.value.message and "0..6" in info.value.message
+
+
+def test_query_selection_forms():
+    assert select_queries(5, None) == [0, 1, 2, 3, 4]
+    assert select_queries(5, [3, slice(0, 2), 3, slice(4, None)]) == [3, 0, 1, 4]
+    assert select_queries(20, slice(15, 99)) == [15, 16, 17, 18, 19]
+
+
+def test_missing_scores_say_how_to_make_them(tmp_path):
+    with pytest.raises(OutputError, match="no scores in") as info:
+        top_k(tmp_path, None, 3)
+    assert "compute-scores" in info.value.hint
+    with pytest.raises(OutputError, match="no self-influence") as info:
+        self_top_k(tmp_path, 3)
+    assert "--self" in info.value.hint
+
+
+def test_missing_shard_is_reported(tmp_path):
+    write_scores(tmp_path, torch.randn(2, 10), shard_len=4)
+    (tmp_path / storage.SCORES_SHARD.format(shard=1)).unlink()
+    with pytest.raises(OutputError, match="scores.shard-00001.safetensors"):
+        top_k(tmp_path, None, 3)
+
+
+def test_self_top_k_orders_by_self_influence(tmp_path):
+    values = torch.tensor([0.5, 3.0, -1.0, 3.0, 2.0])
+    storage.save_tensors(
+        tmp_path / storage.SELF_INFLUENCE_FILE,
+        {"self_influence": values, "train_indices": torch.arange(10, 15), "train_labels": torch.tensor([0, 1, 2, 3, 4])},
+        {storage.FORMAT_KEY: storage.SELF_FORMAT},
+    )
+    got = self_top_k(tmp_path, 3)
+    assert [(e.rank, e.train_index, e.train_label, e.score) for e in got] == [(1, 11, 1, 3.0), (2, 13, 3, 3.0), (3, 14, 4, 2.0)]
+    assert [e.train_index for e in self_top_k(tmp_path, 2, largest=False)] == [12, 10]
