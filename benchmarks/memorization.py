@@ -97,7 +97,8 @@ def run(seed: int, epochs: int, weight_decay: float, out_dir: Path | None) -> di
     ds = report.datasets[0]
     score = ds.bottom_share()
     head = ds.band_energy[:, report.layers.index("head")]  # the score of `influence spectrum --layers head`
-    head_score = head[:, 0] / head.sum(1).clamp_min(1e-300)
+    energy = ds.band_energy.sum((1, 2))  # rank as `spectrum --top` does: skip rounding-noise gradients
+    head_score = torch.where(energy > 1e-6 * energy.mean(), head[:, 0] / head.sum(1).clamp_min(1e-300), -1.0)
     top_k = 100
 
     # 4. edits
@@ -112,7 +113,7 @@ def run(seed: int, epochs: int, weight_decay: float, out_dir: Path | None) -> di
         path.unlink()
     return {
         "cfg": cfg, "report": report, "ekfac": ekfac, "plot": plot, "n": len(x), "n_noisy": int(noisy.sum()),
-        "auroc": auroc(score, ds.noisy), "top_noisy": float(ds.noisy[torch.topk(score, top_k).indices].double().mean()),
+        "auroc": auroc(score, ds.noisy), "top_noisy": sum(row["noisy"] for row in report.top_examples(top_k)["train"]) / top_k,
         "auroc_head": auroc(head_score, ds.noisy), "top_noisy_head": float(ds.noisy[torch.topk(head_score, top_k).indices].double().mean()),
         "top_k": top_k, "base_rate": float(noisy.double().mean()), "base": base, "edits": edits,
         "seconds": {"train": t_train, "fit": t_fit, "spectrum": t_spec, "total": time.perf_counter() - t_all},

@@ -12,7 +12,6 @@ __version__ = "0.1.0"
 from influence_cli.config import Config, load_config  # noqa: E402
 from influence_cli.errors import InfluenceError  # noqa: E402
 
-
 _LAZY = {
     "fit_factors": "influence_cli.fit",
     "load_factors": "influence_cli.fit",

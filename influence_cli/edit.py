@@ -200,7 +200,6 @@ def edit_checkpoint(
     source = cfg.resolve(cfg.model.checkpoint)
     if source is not None and out.resolve() == source.resolve():
         raise UsageError(f"--out: {str(out)!r} is the model's own checkpoint", hint="write the edited weights to a new file")
-    storage.check_can_write(out, overwrite, "a checkpoint")
     ctx = prepare(cfg, state)
     factors, factors_path = load_kronecker_factors(ctx)
     if layers:
@@ -210,6 +209,7 @@ def edit_checkpoint(
     else:
         patterns, key = cfg.spectrum.layers, "spectrum.layers"
     chosen = select_layers(ctx.tracked, patterns, key)
+    storage.check_can_write(out, overwrite, "a checkpoint")
     state_dict, edits = edit_model(ctx.model, chosen, factors.layers, keep=keep, rho=rho, share=share, order=order)
     fingerprint = _fingerprint(ctx.model, state_dict)
     if ctx.state.is_main:

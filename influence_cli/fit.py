@@ -31,7 +31,7 @@ from influence_cli.factors import (
 )
 from influence_cli.passes import BatchGradients, accumulator_dtype, stream_gradients
 from influence_cli.progress import NullProgress, Progress
-from influence_cli.resume import PassCheckpoint, Snapshot, remove_stale_temp_files, run_key
+from influence_cli.resume import PassCheckpoint, Snapshot, run_key
 from influence_cli.tracking import TrackedModule
 
 
@@ -352,7 +352,7 @@ def fit_factors(
     checkpoint = PassCheckpoint(out_dir / storage.FACTORS_PARTIAL.format(rank=rank_suffix), key, cfg.factors.checkpoint_every)
     snapshot = checkpoint.check_start(resume, overwrite)
     if ctx.state.is_main:
-        remove_stale_temp_files(path)
+        storage.remove_stale_temp_files(path)
     _check_ranks_agree(ctx.state, snapshot, checkpoint.path)
     resumed_from = None if snapshot is None else f"{snapshot.phase} pass, batch {snapshot.batches_done}"
     seconds: dict[str, float] = {}

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -108,16 +106,7 @@ def save_heatmap(
         OutputError: the folder cannot be created or written.
     """
     path = Path(path)
-    storage.ensure_writable_dir(path.parent if str(path.parent) else Path("."), key="--heatmap")
     img = render_heatmap(matrix, names, title, off_diagonal_scale)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            img.save(fh, format="PNG")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with storage.atomic_path(path, key="--heatmap") as tmp:
+        img.save(tmp, format="PNG")
     return path

@@ -8,14 +8,13 @@ under its own title. Written atomically (temporary file + rename).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from influence_cli import storage
 from influence_cli.errors import OutputError
 
 _COLORS = {"query": (40, 90, 200), "proponent": (30, 150, 60), "opponent": (200, 50, 40)}
@@ -173,18 +172,8 @@ def _draw_tile(canvas, draw, font, tile: Tile, x: int, y: int, size: int, text_w
 
 
 def _save_atomic(image: Image.Image, path: Path, fmt: str) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise OutputError(f"--image-grid {str(path)!r}: cannot write there ({exc.strerror})", hint="choose a writable folder") from None
-    os.close(fd)
-    try:
+    with storage.atomic_path(path, key="--image-grid") as tmp:
         image.save(tmp, format=fmt)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 __all__ = ["GridGroup", "GridRow", "Tile", "save_image_grid"]

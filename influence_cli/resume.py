@@ -19,16 +19,6 @@ from influence_cli import storage
 from influence_cli.errors import OutputError
 
 
-def remove_stale_temp_files(path: Path) -> None:
-    """Deletes temporary files of `path` that a killed process left behind.
-
-    storage.save_tensors writes `.<name>.<random>.tmp` in the same folder and renames it;
-    a SIGKILL between the two leaves the temporary file. Only this process writes `path`.
-    """
-    for tmp in Path(path).parent.glob(f".{Path(path).name}.*.tmp"):
-        tmp.unlink(missing_ok=True)
-
-
 def run_key(fields: dict[str, Any]) -> str:
     """A short hash of the settings a result depends on."""
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:20]
@@ -54,7 +44,7 @@ class PassCheckpoint:
 
     def check_start(self, resume: bool, overwrite: bool) -> Snapshot | None:
         """The snapshot to resume from, None to start fresh; refuses to silently drop progress."""
-        remove_stale_temp_files(self.path)
+        storage.remove_stale_temp_files(self.path)
         if not self.path.exists():
             return None
         if overwrite and not resume:

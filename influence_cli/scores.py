@@ -52,7 +52,7 @@ from influence_cli.factors import LayerFactors
 from influence_cli.fit import check_factors_match, load_factors
 from influence_cli.passes import BatchGradients, accumulator_dtype, autocast_context, model_dtype, stream_gradients
 from influence_cli.progress import NullProgress, Progress
-from influence_cli.resume import PassCheckpoint, Snapshot, remove_stale_temp_files, run_key
+from influence_cli.resume import PassCheckpoint, Snapshot, run_key
 from influence_cli.tracking import TrackedModule, per_example_gradients
 
 _MAX_BMM_ELEMENTS = 1 << 25  # rotated per-example gradients formed at once (sequence / conv layers)
@@ -737,8 +737,7 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
         if not resume:
             for stale in out_dir.glob(_shard_glob()):
                 stale.unlink(missing_ok=True)
-        for stale in out_dir.glob(".scores.*.tmp"):  # temporary files of a killed run (storage.save_tensors)
-            stale.unlink(missing_ok=True)
+        storage.remove_stale_temp_files(out_dir / "scores*")  # every scores file's temporaries
     st.barrier()
 
     t0 = time.perf_counter()
@@ -897,7 +896,7 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
 
     snapshot = _agree(st, start_checks)
     if st.is_main:
-        remove_stale_temp_files(path)
+        storage.remove_stale_temp_files(path)
     start, stop = st.shard(n_t)
     shard = ShardSpec(st.rank, st.rank, start, stop, 0, -(-(stop - start) // scorer.bs))
     values = torch.zeros(n_t, dtype=scorer.dtype, device=ctx.device)

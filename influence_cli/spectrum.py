@@ -31,8 +31,6 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -54,6 +52,7 @@ from influence_cli.progress import NullProgress, Progress
 from influence_cli.tracking import TrackedModule
 
 BANDS = ("bottom", "middle", "top")
+MIN_RELATIVE_ENERGY = 1e-6  # rankings skip examples whose gradient energy is below this share of the dataset mean
 _MAX_ELEMENTS = 1 << 25  # bound on the intermediates of one masked GEMM
 
 
@@ -165,12 +164,12 @@ class LayerBands:
     mass: list[float]
     input_counts: list[int]
 
-    def masks(self, bins: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-        """0/1 masks of the 3 bands then the `bins` bins, stacked as [d_out, 3 + bins, d_in]."""
-        onehot = torch.cat(
-            [torch.nn.functional.one_hot(self.band, 3), torch.nn.functional.one_hot(self.bin, bins)], dim=-1
-        )  # [d_out, d_in, K]
-        return onehot.transpose(1, 2).to(device=device, dtype=dtype).contiguous()
+    def masks(self, bins: int, dtype: torch.dtype, device: torch.device | str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """0/1 masks of the sets [start, stop) of (3 bands, then `bins` bins), stacked as [d_out, stop − start, d_in]."""
+        stop = 3 + bins if stop is None else stop
+        sets = torch.arange(start, stop, device=device)
+        band, bin_ = self.band.to(device), self.bin.to(device) + 3
+        return ((band[:, None, :] == sets[None, :, None]) | (bin_[:, None, :] == sets[None, :, None])).to(dtype)
 
 
 def layer_bands(lf: LayerFactors, *, order: str, bottom: float, top: float, mass: bool, bins: int) -> LayerBands:
@@ -230,6 +229,26 @@ class MaskedEnergy:
             grads = torch.bmm(g_rot[s : s + step].transpose(1, 2), a_rot[s : s + step])  # [c, d_out, d_in]
             parts.append(grads.square().reshape(grads.shape[0], -1) @ self._flat)
         return torch.cat(parts)
+
+
+class LayerEnergy:
+    """Per-example energies of one layer in its 3 bands and `bins` percentile bins: [B, 3 + bins].
+
+    The masks are built in chunks of at most 2^25 elements; they are kept when all of them
+    fit in 2^27 elements and rebuilt per batch otherwise, so memory stays bounded for wide layers.
+    """
+
+    def __init__(self, bands: LayerBands, bins: int, dtype: torch.dtype, device: torch.device | str) -> None:
+        self.bands, self.bins, self.dtype, self.device = bands, bins, dtype, device
+        d_out, d_in = bands.band.shape
+        per = max(1, _MAX_ELEMENTS // (d_out * d_in))
+        self.ranges = [(s, min(s + per, 3 + bins)) for s in range(0, 3 + bins, per)]
+        self.cached = d_out * d_in * (3 + bins) <= 4 * _MAX_ELEMENTS
+        self._parts = [MaskedEnergy(bands.masks(bins, dtype, device, s, e)) for s, e in self.ranges] if self.cached else None
+
+    def __call__(self, a_rot: torch.Tensor, g_rot: torch.Tensor) -> torch.Tensor:
+        parts = self._parts or (MaskedEnergy(self.bands.masks(self.bins, self.dtype, self.device, s, e)) for s, e in self.ranges)
+        return torch.cat([part(a_rot, g_rot) for part in parts], dim=1)
 
 
 @dataclass
@@ -375,7 +394,7 @@ def dataset_spectrum(
     progress = progress or NullProgress()
     dtype = accumulator_dtype(model)
     rot = {tm.name: factors[tm.name].to(device, dtype) for tm in layers}
-    energy = {tm.name: MaskedEnergy(bands[tm.name].masks(bins, dtype, device)) for tm in layers}
+    energy = {tm.name: LayerEnergy(bands[tm.name], bins, dtype, device) for tm in layers}
     input_masks = {tm.name: torch.nn.functional.one_hot(bands[tm.name].input_band, 3).to(device, dtype) for tm in layers}
     idx_parts, label_parts, band_parts, bin_parts, input_parts = [], [], [], [], []
     watch = _NonFiniteWatch(device)
@@ -484,12 +503,17 @@ class SpectrumReport:
         return out
 
     def top_examples(self, n: int) -> dict[str, list[dict[str, Any]]]:
-        """Per dataset, its n examples with the largest bottom-band share (most memorization-like)."""
+        """Per dataset, its n examples with the largest bottom-band share (most memorization-like).
+
+        Examples whose gradient energy is below MIN_RELATIVE_ENERGY × the dataset's mean are
+        left out: their gradient is rounding noise (a saturated softmax) and so is its share.
+        """
         out = {}
         for ds in self.datasets:
-            score = ds.bottom_share()
             total = ds.band_energy.sum(dim=(1, 2))
-            k = min(n, ds.size)
+            floor = MIN_RELATIVE_ENERGY * float(total.mean()) if ds.size else 0.0
+            score = torch.where(total > floor, ds.bottom_share(), -1.0)
+            k = min(n, int((total > floor).sum()))
             values, pos = torch.topk(score, k) if k else (score[:0], torch.zeros(0, dtype=torch.int64))
             out[ds.name] = [
                 {
@@ -601,10 +625,10 @@ def spectrum(
     _check_order(order, "--order")
     out_dir = cfg.output_path
     path = out_dir / storage.SPECTRUM_FILE
-    storage.check_can_write(path, overwrite, "a spectrum result")
     ctx = prepare(cfg, state)
     factors, _ = load_kronecker_factors(ctx)
     chosen = select_layers(ctx.tracked, layers or sp.layers, "--layers" if layers else "spectrum.layers")
+    storage.check_can_write(path, overwrite, "a spectrum result")
     storage.ensure_writable_dir(out_dir)
     bands = {
         tm.name: layer_bands(factors.layers[tm.name], order=order, bottom=sp.bottom, top=sp.top, mass=sp.mass, bins=sp.bins)
@@ -827,16 +851,7 @@ def save_spectrum_plot(path: str | Path, report: SpectrumReport) -> Path:
         OutputError: the folder cannot be created or written.
     """
     path = Path(path)
-    storage.ensure_writable_dir(path.parent if str(path.parent) else Path("."), key="--plot")
     img = render_spectrum_plot(report)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            img.save(fh, format="PNG")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with storage.atomic_path(path, key="--plot") as tmp:
+        img.save(tmp, format="PNG")
     return path

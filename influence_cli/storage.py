@@ -11,6 +11,8 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +65,49 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _temp_pattern(path: Path) -> str:
+    """Glob of the temporary names `save_tensors`/`save_json` use for `path`."""
+    return f".{Path(path).name}.*.tmp"
+
+
+def remove_stale_temp_files(path: Path) -> None:
+    """Deletes temporary files a killed writer of `path` left behind (never a finished file).
+
+    The name of `path` may be a glob (`scores*`) to cover a family of outputs.
+    """
+    for tmp in Path(path).parent.glob(_temp_pattern(path)):
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_path(path: Path, key: str = "output_dir") -> Iterator[Path]:
+    """Yields a temporary name beside `path`; on success it is fsynced, given the usual
+    permissions (mkstemp makes it 0600) and renamed to `path`; on failure it is removed.
+
+    Usage::
+
+        with atomic_path(out) as tmp:
+            image.save(tmp, format="PNG")
+    """
+    path = Path(path)
+    ensure_writable_dir(path.parent, key=key)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
 def ensure_writable_dir(folder: Path, key: str = "output_dir") -> None:
     """Creates `folder` if needed; OutputError naming `key` when it cannot be written."""
     try:
@@ -81,39 +126,17 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
         tensors: Name → tensor (moved to CPU, made contiguous).
         metadata: Values that are not strings are stored as JSON.
     """
-    path = Path(path)
-    ensure_writable_dir(path.parent)
     meta = {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in metadata.items()}
     meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(cpu, tmp, metadata=meta)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_path(path) as tmp:
+        save_file(cpu, str(tmp), metadata=meta)
 
 
 def save_json(path: Path, data: Any) -> None:
     """Writes JSON atomically."""
-    path = Path(path)
-    ensure_writable_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
 
 
 def read_metadata(path: Path) -> dict[str, str]:

@@ -173,6 +173,26 @@ def test_masked_matmul_equals_per_example_outer_products(positions):
     torch.testing.assert_close(MaskedEnergy(masks)(a, gr), expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_chunked_masks_give_the_same_energies(kind, monkeypatch):
+    """Wide layers: masks built a few sets at a time (and rebuilt per batch) change nothing."""
+    import influence_cli.spectrum as spectrum_module
+
+    model, x, y = _problem(kind)
+    tracked, factors = fit(model, x, y, strategy="ekfac", fisher="empirical")
+    bands = {t.name: layer_bands(factors[t.name], order="ekfac", bottom=0.5, top=0.2, mass=False, bins=6) for t in tracked}
+
+    def run():
+        return dataset_spectrum(model, tracked, factors, bands, batches_of(x, y, 4)(0), bins=6, task_kind="classification", name="t")
+
+    whole = run()
+    smallest = min(tm.d_out * tm.d_in for tm in tracked)
+    monkeypatch.setattr(spectrum_module, "_MAX_ELEMENTS", smallest)  # one set per chunk, nothing cached for the larger layers
+    chunked = run()
+    torch.testing.assert_close(chunked.band_energy, whole.band_energy, rtol=1e-12, atol=0)
+    torch.testing.assert_close(chunked.bin_energy, whole.bin_energy, rtol=1e-12, atol=0)
+
+
 def test_shares_sum_to_one_and_groups_split_noisy_examples():
     model, x, y = _problem("mlp")
     tracked, factors = fit(model, x, y, strategy="ekfac", fisher="empirical")

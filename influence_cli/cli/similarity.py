@@ -38,10 +38,19 @@ def _cell(value: float) -> str:
 
 
 def _matrix_table(title: str, names: list[str], matrix, extra: list[tuple[str, list[str]]] = ()):
-    """Names on both axes, the matrix in the cells, then `extra` (header, one value per row) columns."""
-    table = new_table(title, [("", "left")] + [(name, "right") for name in names] + [(h, "right") for h, _ in extra])
+    """Names on both axes, the matrix in the cells, then `extra` (header, one value per row) columns.
+
+    Columns are headed by number ("(1)", ...) and rows by number and full name, so that long
+    dataset names stay readable on narrow terminals.
+    """
+    columns = [("dataset", "left")] + [(f"({j + 1})", "right") for j in range(len(names))] + [(h, "right") for h, _ in extra]
+    table = new_table(title, columns)
+    table.columns[0].overflow = "fold"
+    for col in table.columns[1:]:
+        col.no_wrap = True
     for i, name in enumerate(names):
-        table.add_row(name, *[_cell(float(matrix[i, j])) for j in range(len(names))], *[values[i] for _, values in extra])
+        cells = [_cell(float(matrix[i, j])) for j in range(len(names))]
+        table.add_row(f"({i + 1}) {name}", *cells, *[values[i] for _, values in extra])
     return table
 
 

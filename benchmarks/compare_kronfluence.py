@@ -1,0 +1,370 @@
+"""influence_cli against Kronfluence 1.0.x: same model, data, strategy (EKFAC), Fisher and damping.
+
+    make bench-install          # once: .venv-bench with kronfluence (a benchmark-only extra)
+    .venv-bench/bin/python benchmarks/compare_kronfluence.py [--repeats 2] [--skip-speed] [--skip-processes]
+
+MLP 784-128-128-10 trained here (seed 0, 10 epochs, Adam 1e-3, batch 64) on real MNIST
+(../shared/data/mnist, test split). Every run is its own process, tools alternating back to
+back (influence_cli, Kronfluence, influence_cli, ...), so peak memory is per run. Batch size
+256 on both sides, all queries preconditioned at once (one pass over the training set).
+
+1. Fidelity, 5,000 training × 100 queries (images 9000..9099), loss measurement, for the
+   empirical Fisher (deterministic: the two score matrices must agree to float precision)
+   and the true (sampled) Fisher (each tool draws its own labels: they agree only in
+   expectation; the agreement of influence_cli with itself under another seed is shown as
+   the sampling-noise reference). Damping: one absolute λ on both sides
+   (`scores.damping: λ` / `ScoreArguments(damping_factor=λ)`), and each tool's
+   0.1 × mean-eigenvalue heuristic (`auto` / `damping_factor=None`).
+2. Speed, 9,000 training × 1,000 queries (images 9000..9999), sampled Fisher, heuristic
+   damping: in-process wall time per phase, and whole processes the way a user runs them
+   (`influence fit-factors` + `influence compute-scores` vs one Kronfluence script),
+   start-up included; against one plain training epoch and the GEMM floor
+   2 · n_query · n_train · n_params at the machine's measured fp32 GEMM rate.
+
+Without kronfluence installed, the Kronfluence half is skipped with a message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from field_common import RESULTS, Timer, idx_spec, peak_rss_mb, pearson, rss_mb, spearman, trained_checkpoint
+from kronfluence_task import kronfluence_missing
+from mnist_common import IMAGES, MLP_KWARGS, ROOT, header, load_mnist
+
+OUT = RESULTS / "compare"
+FIDELITY = {"train": (0, 5000), "query": (9000, 9100)}
+SPEED = {"train": (0, 9000), "query": (9000, 10000)}
+BATCH = 256
+FIXED_DAMPING = 1e-3  # absolute λ for the like-for-like comparison (between the layers' 0.1 × mean(Λ), see the table)
+
+
+# ----------------------------------------------------------------------------- one run (its own process)
+
+
+def our_config(run_dir: Path, model: Path, workload: dict, fisher: str, damping: float | str, seed: int = 0) -> dict:
+    return {
+        "model": {"architecture": "mlp", "kwargs": MLP_KWARGS, "checkpoint": str(model)},
+        "task": {"kind": "classification", "measurement": "loss"},
+        "data": {"train": idx_spec(*workload["train"]), "query": idx_spec(*workload["query"]), "batch_size": BATCH},
+        "factors": {"strategy": "ekfac", "fisher": fisher},
+        "scores": {"damping": damping},
+        "output_dir": str(run_dir),
+        "device": "cpu",
+        "seed": seed,
+    }
+
+
+def plain_epoch_seconds(model_path: Path, workload: dict) -> float:
+    """One plain training epoch (forward, backward, Adam step) over the same batches of 256 as the passes."""
+    from field_common import new_mlp
+
+    from influence_cli.models import load_checkpoint
+
+    x, y = load_mnist(*workload["train"])
+    model = new_mlp(0)
+    load_checkpoint(model, model_path)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    times = []
+    for _ in range(3):  # the first epoch warms up
+        t0 = time.perf_counter()
+        for s in range(0, len(x), BATCH):
+            loss = torch.nn.functional.cross_entropy(model(x[s : s + BATCH]), y[s : s + BATCH])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        times.append(time.perf_counter() - t0)
+    return min(times[1:])
+
+
+def worker(spec: dict) -> dict:
+    """Fits and scores once with one tool; returns seconds per phase and memory, saves the scores."""
+    torch.set_num_threads(spec["threads"])
+    model_path, workload, run_dir = Path(spec["model"]), spec["workload"], Path(spec["run_dir"])
+    result: dict = {"tool": spec["tool"]}
+    if spec["tool"] == "influence_cli":
+        from influence_cli.config import config_from_dict
+        from influence_cli.fit import fit_factors
+        from influence_cli.scores import compute_scores
+        from influence_cli.storage import SCORES_FILE, load_tensors
+
+        cfg = config_from_dict(our_config(run_dir, model_path, workload, spec["fisher"], spec["damping"], spec["seed"]), base_dir=ROOT)
+        result["rss_before_mb"] = rss_mb()
+        with Timer() as fit:
+            fit_factors(cfg, overwrite=True)
+        with Timer() as score:
+            report = compute_scores(cfg, overwrite=True)
+        result["seconds"] = {"fit": fit.seconds, "scores": score.seconds} | {f"scores.{k}": v for k, v in report.seconds.items()}
+        scores = load_tensors(run_dir / SCORES_FILE)[0]["scores"]
+    else:
+        from field_common import new_mlp
+        from kronfluence_task import kronfluence_version, run_kronfluence
+
+        from influence_cli.models import load_checkpoint
+
+        model = new_mlp(0)
+        load_checkpoint(model, model_path)
+        train, query = load_mnist(*workload["train"]), load_mnist(*workload["query"])
+        result["kronfluence_version"] = kronfluence_version()
+        result["rss_before_mb"] = rss_mb()
+        damping = None if spec["damping"] == "auto" else float(spec["damping"])
+        run = run_kronfluence(
+            model.eval(), train, query, run_dir, empirical=spec["fisher"] == "empirical", damping=damping, batch_size=BATCH, seed=spec["seed"]
+        )
+        result["seconds"] = run.seconds
+        scores = run.scores
+    result["peak_rss_mb"] = peak_rss_mb()
+    if spec.get("epoch"):
+        result["seconds"]["plain_epoch"] = plain_epoch_seconds(model_path, workload)
+    torch.save(scores, spec["scores_out"])
+    return result
+
+
+def run_worker(spec: dict) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, cwd=ROOT)
+    if out.returncode != 0:
+        raise SystemExit(f"worker {spec['tool']} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- whole processes
+
+
+KRONFLUENCE_SCRIPT = '''
+import sys, torch
+sys.path.insert(0, {bench!r})
+from field_common import new_mlp
+from kronfluence_task import run_kronfluence
+from mnist_common import load_mnist
+from influence_cli.models import load_checkpoint
+model = new_mlp(0)
+load_checkpoint(model, {model!r})
+run = run_kronfluence(model.eval(), load_mnist({t0}, {t1}), load_mnist({q0}, {q1}), {out!r}, damping=None, batch_size={bs})
+torch.save(run.scores, {out!r} + "/scores.pt")
+'''
+
+
+def whole_process_seconds(cmd: list[str], env: dict) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def whole_processes(model: Path, repeats: int, with_kf: bool) -> dict[str, list[float]]:
+    import yaml
+
+    folder = OUT / "processes"
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / "mnist_9000x1000.yaml"
+    config.write_text(yaml.safe_dump(our_config(folder / "influence_cli", model, SPEED, "sampled", "auto")))
+    script = folder / "kronfluence_9000x1000.py"
+    script.write_text(
+        KRONFLUENCE_SCRIPT.format(
+            bench=str(ROOT / "benchmarks"), model=str(model), out=str(folder / "kronfluence"), bs=BATCH,
+            t0=SPEED["train"][0], t1=SPEED["train"][1], q0=SPEED["query"][0], q1=SPEED["query"][1],
+        )
+    )
+    env = dict(os.environ)
+    cli = [sys.executable, "-m", "influence_cli"]  # the `influence` entry point, in this interpreter
+    times: dict[str, list[float]] = {"influence_cli": [], "influence fit-factors": [], "influence compute-scores": [], "kronfluence": []}
+    for _ in range(repeats):
+        fit = whole_process_seconds(cli + ["fit-factors", str(config), "--overwrite"], env)
+        score = whole_process_seconds(cli + ["compute-scores", str(config), "--overwrite"], env)
+        times["influence fit-factors"].append(fit)
+        times["influence compute-scores"].append(score)
+        times["influence_cli"].append(fit + score)
+        if with_kf:
+            times["kronfluence"].append(whole_process_seconds([sys.executable, str(script)], env))
+    return times
+
+
+# ----------------------------------------------------------------------------- the machine's GEMM rate
+
+
+def gemm_gflops(m: int, k: int, n: int, repeats: int = 5) -> float:
+    """Best fp32 rate of [m, k] @ [k, n]ᵀ-shaped products (the scoring GEMM is [Q, P] @ [P, B])."""
+    a, b = torch.randn(m, k), torch.randn(n, k)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        _ = a @ b.T
+        best = min(best, time.perf_counter() - t0)
+    return 2 * m * k * n / best / 1e9
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def fmt_runs(values: list[float], unit: str = "s") -> str:
+    return " / ".join(f"{v:.2f}" for v in values) + f" {unit}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=2, help="Runs of each tool per setting (back to back, alternating).")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--skip-fidelity", action="store_true")
+    parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--skip-processes", action="store_true")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    if not IMAGES.exists():
+        raise SystemExit(f"MNIST not found at {IMAGES} (set INFLUENCE_MNIST_DIR)")
+    missing = kronfluence_missing()
+    if missing:
+        print(f"NOTE: Kronfluence half skipped: {missing}", file=sys.stderr)
+    tools = ["influence_cli"] + ([] if missing else ["kronfluence"])
+    OUT.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    model_small, acc_small = trained_checkpoint(OUT / "mlp_5000.safetensors", 5000)
+    model_large, acc_large = trained_checkpoint(OUT / "mlp_9000.safetensors", 9000)
+    results: dict = {"threads": args.threads, "accuracy": {"5000": acc_small, "9000": acc_large}}
+    lines = [header(f"{Path(sys.executable).parent.parent.name}/bin/python benchmarks/compare_kronfluence.py --repeats {args.repeats}"), ""]
+    if not missing:
+        from kronfluence_task import kronfluence_version
+
+        lines.append(f"Kronfluence {kronfluence_version()}; influence_cli from this tree; {args.threads} threads on both sides.")
+        lines.append("")
+
+    def spec(tool: str, workload: dict, fisher: str, damping, tag: str, seed: int = 0, epoch: bool = False) -> dict:
+        return {
+            "tool": tool, "model": str(model_small if workload is FIDELITY else model_large), "workload": workload,
+            "fisher": fisher, "damping": damping, "seed": seed, "threads": args.threads, "epoch": epoch,
+            "run_dir": str(OUT / "runs" / f"{tool}_{tag}"), "scores_out": str(OUT / f"scores_{tool}_{tag}.pt"),
+        }
+
+    if not args.skip_fidelity:
+        lines += [
+            f"### Fidelity: 5,000 training × 100 queries (MLP test accuracy {acc_small:.3f})",
+            "",
+            "| Fisher | damping | tool | fit (runs) | scores (runs) | peak RSS | Pearson vs influence_cli | Spearman vs influence_cli |",
+            "|---|---|---|---:|---:|---:|---:|---:|",
+        ]
+        fidelity: dict = {}
+        for fisher in ("empirical", "sampled"):
+            for damping in (FIXED_DAMPING, "auto"):
+                tag = f"{fisher}_{damping}"
+                runs: dict[str, list[dict]] = {t: [] for t in tools}
+                for _ in range(args.repeats):
+                    for tool in tools:
+                        runs[tool].append(run_worker(spec(tool, FIDELITY, fisher, damping, tag)))
+                ours = torch.load(OUT / f"scores_influence_cli_{tag}.pt")
+                row: dict = {"runs": runs}
+                if fisher == "sampled":
+                    run_worker(spec("influence_cli", FIDELITY, fisher, damping, tag + "_seed1", seed=1))
+                    ours1 = torch.load(OUT / f"scores_influence_cli_{tag}_seed1.pt")
+                    row["seed_noise"] = {"pearson": pearson(ours, ours1), "spearman": spearman(ours, ours1)}
+                for tool in tools:
+                    s = torch.load(OUT / f"scores_{tool}_{tag}.pt")
+                    corr = (pearson(ours, s), spearman(ours, s)) if tool != "influence_cli" else None
+                    row[tool] = {"pearson": corr[0], "spearman": corr[1]} if corr else {}
+                    fits = [r["seconds"]["fit"] for r in runs[tool]]
+                    scs = [r["seconds"]["scores"] for r in runs[tool]]
+                    mem = max(r["peak_rss_mb"] for r in runs[tool])
+                    lam = f"λ = {damping:g}" if damping != "auto" else ("0.1·mean(Λ) (auto)" if tool == "influence_cli" else "0.1·mean(Λ) (None)")
+                    c = f"{corr[0]:.6f} | {corr[1]:.6f}" if corr else "— | —"
+                    lines.append(f"| {fisher} | {lam} | {tool} | {fmt_runs(fits)} | {fmt_runs(scs)} | {mem:.0f} MB | {c} |")
+                if "seed_noise" in row:
+                    n = row["seed_noise"]
+                    lines.append(f"| {fisher} | (same) | influence_cli seed 1 vs seed 0 | | | | {n['pearson']:.6f} | {n['spearman']:.6f} |")
+                fidelity[tag] = row
+        results["fidelity"] = fidelity
+        lines += ["", "Peak RSS: the whole run's process (Python, torch, data, model, factors, scores)."]
+        lines.append("")
+
+    if not args.skip_speed:
+        n_train, n_query = SPEED["train"][1] - SPEED["train"][0], SPEED["query"][1] - SPEED["query"][0]
+        from influence_cli.models import mlp
+
+        n_params = sum(p.numel() for p in mlp(**MLP_KWARGS).parameters())
+        flops = 2 * n_query * n_train * n_params
+        torch.set_num_threads(args.threads)
+        rate_square = gemm_gflops(2048, 2048, 2048)
+        rate_shape = gemm_gflops(n_query, 784 * 128 + 128, BATCH)
+        rate = max(rate_square, rate_shape)
+        floor = flops / rate / 1e9
+        runs = {t: [] for t in tools}
+        for i in range(args.repeats):
+            for tool in tools:
+                runs[tool].append(run_worker(spec(tool, SPEED, "sampled", "auto", "speed", epoch=(tool == "influence_cli" and i == 0))))
+        best = {t: {k: min(r["seconds"][k] for r in runs[t] if k in r["seconds"]) for k in runs[t][0]["seconds"]} for t in tools}
+        results["speed"] = {"runs": runs, "best": best, "gemm_gflops": {"square_2048": rate_square, "scoring_shape": rate_shape},
+                            "floor_seconds": floor, "floor_gflop": flops / 1e9}
+        ours = best["influence_cli"]
+        scoring = ours["scores.scores"]
+        lines += [
+            f"### Speed: {n_train:,} training × {n_query:,} queries, sampled Fisher, heuristic damping (MLP test accuracy {acc_large:.3f})",
+            "",
+            f"In-process wall time, best of {args.repeats} runs per tool (all runs in the JSON below).",
+            "",
+            "| phase | influence_cli | Kronfluence | ratio | goal |",
+            "|---|---:|---:|---:|---|",
+        ]
+        kf = best.get("kronfluence")
+        for key, label, goal in (("fit", "fit factors (both passes + eigendecomposition)", "≤ 0.10×"), ("scores", "pairwise scores (whole call)", "≤ 0.50×")):
+            k = f"{kf[key]:.2f} s" if kf else "—"
+            ratio = f"**{ours[key] / kf[key]:.3f}×**" if kf else "—"
+            lines.append(f"| {label} | {ours[key]:.2f} s | {k} | {ratio} | {goal} |")
+        fs = ours["fit"] + ours["scores"]
+        fk = (kf["fit"] + kf["scores"]) if kf else None
+        lines.append(f"| fit + scores | {fs:.2f} s | {f'{fk:.2f} s' if fk else '—'} | {f'{fs / fk:.3f}×' if fk else '—'} | |")
+        mem = {t: max(r["peak_rss_mb"] for r in runs[t]) for t in tools}
+        kf_mem = f"{mem['kronfluence']:.0f} MB" if kf else "—"
+        lines.append(f"| peak RSS (process) | {mem['influence_cli']:.0f} MB | {kf_mem} | | |")
+        lines += [
+            "",
+            "| influence_cli against its floors | value |",
+            "|---|---:|",
+            f"| one plain training epoch (forward, backward, Adam; batch {BATCH}) | {ours['plain_epoch']:.3f} s |",
+            f"| fit-factors / one training epoch | **{ours['fit'] / ours['plain_epoch']:.1f}×** |",
+            f"| query gradients + preconditioning | {ours['scores.queries']:.2f} s |",
+            f"| scoring pass over the training set | {scoring:.2f} s |",
+            f"| floor 2 · n_query · n_train · n_params ({n_params:,} parameters) | {flops / 1e9:,.0f} GFLOP |",
+            f"| machine fp32 GEMM: 2048³ / scoring shape [{n_query}, 100480] @ [100480, {BATCH}] | {rate_square:.1f} / {rate_shape:.1f} GFLOP/s |",
+            f"| floor time at {rate:.1f} GFLOP/s | {floor:.2f} s |",
+            f"| scoring pass / floor | **{scoring / floor:.2f}×** |",
+            f"| whole compute-scores call / floor | **{ours['scores'] / floor:.2f}×** (goal ≤ 1.2×) |",
+        ]
+        if kf:
+            lines.append(f"| Kronfluence's scores / floor | {kf['scores'] / floor:.2f}× ({flops / kf['scores'] / 1e9:.1f} GFLOP/s) |")
+        lines.append("")
+
+    if not args.skip_processes:
+        times = whole_processes(model_large, args.repeats, not missing)
+        results["processes"] = times
+        best = {k: min(v) for k, v in times.items() if v}
+        lines += [
+            "### Whole processes, 9,000 × 1,000 (start-up, data loading, files included)",
+            "",
+            "| command | wall time (runs) |",
+            "|---|---:|",
+            f"| `influence fit-factors mnist_9000x1000.yaml` | {fmt_runs(times['influence fit-factors'])} |",
+            f"| `influence compute-scores mnist_9000x1000.yaml` | {fmt_runs(times['influence compute-scores'])} |",
+            f"| both | {fmt_runs(times['influence_cli'])} |",
+        ]
+        if times["kronfluence"]:
+            lines.append(f"| `python kronfluence_9000x1000.py` (fit + scores) | {fmt_runs(times['kronfluence'])} |")
+            lines.append(f"| ratio (best runs) | **{best['influence_cli'] / best['kronfluence']:.3f}×** (goal ≤ 0.35×) |")
+        lines.append("")
+    results["seconds_total"] = time.perf_counter() - t_start
+    lines.append(f"Benchmark wall time: {results['seconds_total'] / 60:.1f} min.")
+    (OUT / "compare_kronfluence.json").write_text(json.dumps(results, indent=1))
+    print("\n".join(lines))
+    print()
+    print(json.dumps({k: v for k, v in results.items() if k != "fidelity"} | {"fidelity": {
+        tag: {k: v for k, v in row.items() if k != "runs"} for tag, row in results.get("fidelity", {}).items()}}, default=str))
+
+
+if __name__ == "__main__":
+    main()
