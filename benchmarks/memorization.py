@@ -97,8 +97,7 @@ def run(seed: int, epochs: int, weight_decay: float, out_dir: Path | None) -> di
     ds = report.datasets[0]
     score = ds.bottom_share()
     head = ds.band_energy[:, report.layers.index("head")]  # the score of `influence spectrum --layers head`
-    energy = ds.band_energy.sum((1, 2))  # rank as `spectrum --top` does: skip rounding-noise gradients
-    head_score = torch.where(energy > 1e-6 * energy.mean(), head[:, 0] / head.sum(1).clamp_min(1e-300), -1.0)
+    head_score = head[:, 0] / head.sum(1).clamp_min(1e-300)
     top_k = 100
 
     # 4. edits

@@ -329,25 +329,28 @@ def fit_factors(
     ctx = prepare(cfg, state)
     out_dir = cfg.output_path
     path = out_dir / storage.FACTORS_FILE
-    storage.ensure_writable_dir(out_dir)
-    storage.check_can_write(path, overwrite, "factors")
     dataset = ctx.dataset(cfg.data.train, "data.train")
     n = len(dataset) if cfg.factors.max_examples is None else min(cfg.factors.max_examples, len(dataset))
-    key = run_key(
-        {
-            "model": ctx.model_fingerprint,
-            "data": dataset.fingerprint(),
-            "strategy": cfg.factors.strategy,
-            "fisher": cfg.factors.fisher,
-            "task": cfg.task.kind,
-            "modules": [tm.name for tm in ctx.tracked],
-            "batch_size": cfg.data.batch_size,
-            "n": n,
-            "seed": cfg.seed,
-            "world": ctx.state.world_size,
-            "amp": cfg.factors.amp,
-        }
-    )
+    result = {
+        "model": ctx.model_fingerprint,
+        "data": dataset.fingerprint(),
+        "strategy": cfg.factors.strategy,
+        "fisher": cfg.factors.fisher,
+        "task": cfg.task.kind,
+        "modules": [tm.name for tm in ctx.tracked],
+        "n": n,
+        "seed": cfg.seed,
+        "amp": cfg.factors.amp,
+    }
+    # Progress is only resumable with the same batches on the same ranks; a finished result is
+    # "the same" whatever the batch size and rank count were.
+    key = run_key(result | {"batch_size": cfg.data.batch_size, "world": ctx.state.world_size})
+    layers_info = describe_layers(ctx.tracked, cfg.factors.strategy)
+    if resume and not overwrite and path.exists():
+        if storage.read_metadata(path).get("result_key") == run_key(result):
+            return FitReport(path, cfg.factors.strategy, cfg.factors.fisher, n, layers_info, {}, "already complete")
+    storage.check_can_write(path, overwrite, "factors")
+    storage.ensure_writable_dir(out_dir)
     rank_suffix = f".rank{ctx.state.rank}" if ctx.state.distributed else ""
     checkpoint = PassCheckpoint(out_dir / storage.FACTORS_PARTIAL.format(rank=rank_suffix), key, cfg.factors.checkpoint_every)
     snapshot = checkpoint.check_start(resume, overwrite)
@@ -366,10 +369,10 @@ def fit_factors(
         tensors: dict[str, torch.Tensor] = {}
         for lf in factors.layers.values():
             tensors.update(lf.tensors())
-        storage.save_tensors(path, tensors, factors_metadata(ctx, dataset, n))
+        storage.save_tensors(path, tensors, factors_metadata(ctx, dataset, n) | {"result_key": run_key(result)})
     ctx.state.barrier()
     checkpoint.clear()
-    return FitReport(path, cfg.factors.strategy, cfg.factors.fisher, n, describe_layers(ctx.tracked, cfg.factors.strategy), seconds, resumed_from)
+    return FitReport(path, cfg.factors.strategy, cfg.factors.fisher, n, layers_info, seconds, resumed_from)
 
 
 def load_factors(path: Path) -> Factors:

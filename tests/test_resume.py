@@ -201,7 +201,9 @@ def test_resume_without_progress_starts_fresh(tmp_path, reference):
 def test_finished_factors_are_not_replaced_without_overwrite(tmp_path, reference):
     fit.fit_factors(config(tmp_path))
     with pytest.raises(OutputError, match="finished run"):
-        fit.fit_factors(config(tmp_path), resume=True)
+        fit.fit_factors(config(tmp_path))
+    with pytest.raises(OutputError, match="finished run"):
+        fit.fit_factors(config(tmp_path, "seed=1"), resume=True)
 
 
 def test_stale_temporary_files_are_removed(tmp_path, monkeypatch, reference):
@@ -371,3 +373,20 @@ def test_ctrl_c_exits_130_with_a_resume_hint(tmp_path):
     # Only complete files under final names: the progress file, no factors, no temp files.
     assert not (tmp_path / storage.FACTORS_FILE).exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [PARTIAL]
+
+
+def test_resume_of_a_finished_run_is_a_no_op(tmp_path, monkeypatch):
+    """A requeued batch job reruns with --resume: finished factors of the same settings are kept as they are."""
+    out = tmp_path / "run"
+    fit.fit_factors(config(out))
+    before = (out / storage.FACTORS_FILE).stat().st_mtime_ns
+
+    def fail(*args, **kwargs):
+        raise AssertionError("no pass should run")
+
+    monkeypatch.setattr(fit, "compute_factors", fail)
+    report = fit.fit_factors(config(out, "data.batch_size=32"), resume=True)  # batch size does not change the result
+    assert report.resumed_from == "already complete"
+    assert (out / storage.FACTORS_FILE).stat().st_mtime_ns == before
+    with pytest.raises(OutputError, match="already holds factors"):
+        fit.fit_factors(config(out, "factors.strategy=kfac"), resume=True)

@@ -58,7 +58,9 @@ def fit_factors_cmd(
             }
         )
         return
-    if report.resumed_from:
+    if report.resumed_from == "already complete":
+        err_console.print(f"{report.path} is already complete for these settings; nothing to do (--overwrite refits)")
+    elif report.resumed_from:
         err_console.print(f"resumed from {report.resumed_from}")
     table = new_table(
         f"{report.strategy} factors ({report.fisher} Fisher) on {report.num_examples:,} examples",

@@ -8,7 +8,8 @@ from typing import Annotated, Literal
 import typer
 
 from influence_cli.cli.app import ConfigArg, JsonOpt, OverwriteOpt, SetOpt, command, load
-from influence_cli.cli.render import RichProgress, err_console, new_table, out_console, print_json, print_table
+from influence_cli.cli.render import RichProgress, err_console, out_console, print_json, print_table
+from influence_cli.cli.render import new_table as _new_table
 
 LayersOpt = Annotated[
     list[str] | None, typer.Option("--layers", help="fnmatch pattern of the layers analysed (repeatable; default: spectrum.layers).")
@@ -41,6 +42,13 @@ EDIT_EPILOG = """\
 
   influence fit-factors configs/mnist.yaml --set model.checkpoint=../runs/mnist/edited.safetensors --set output_dir=../runs/mnist_edited
 """
+
+
+def new_table(title: str, columns: list[tuple[str, str]]):
+    """render.new_table, at least as wide as its title (so the title stays on one line)."""
+    table = _new_table(title, columns)
+    table.min_width = len(title) + 2
+    return table
 
 
 def _pct(value: float) -> str:
@@ -102,14 +110,14 @@ def spectrum_cmd(
     ratios = report.ratios()
     others = [g.name for g in report.groups if g.name != report.baseline]
     table = new_table(
-        f"share of gradient energy per band (mean over examples; layers {', '.join(report.layers)})",
+        f"share of gradient energy per band (mean over examples; {', '.join(report.layers)})",
         [("band", "left")] + [(f"{g.name} (n={g.size:,})", "right") for g in report.groups] + [(f"{o} vs {report.baseline}", "right") for o in others],
     )
     for k in used:
         table.add_row(names[k], *[_pct(float(g.share[k])) for g in report.groups], *[_ratio(ratios[o][k]) for o in others])
     print_table(table)
     table = new_table(
-        "bottom-band share per layer: gradient energy | input energy (A-directions by λ_A)",
+        f"{names[0]} share per layer: gradient energy | input energy (A-directions by λ_A)",
         [("layer", "left")] + [(g.name, "right") for g in report.groups],
     )
     for i, name in enumerate(report.layers):
