@@ -33,6 +33,7 @@ Large runs: the score matrix is written as shards by train range (each
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -416,6 +417,18 @@ class ScoresReport:
     layer_params: dict[str, int] = field(default_factory=dict)
 
 
+def _finished_key(path: Path) -> str | None:
+    """The run key recorded by a finished scores file or index (None when absent)."""
+    if not path.exists():
+        return None
+    if path.suffix == ".json":
+        try:
+            return json.loads(path.read_text()).get("metadata", {}).get("run_key")
+        except (OSError, ValueError):
+            return None
+    return storage.read_metadata(path).get("run_key")
+
+
 def _shard_glob() -> str:
     return storage.SCORES_SHARD.split("{", 1)[0] + "*" + storage.SCORES_SHARD.rsplit("}", 1)[1]
 
@@ -713,6 +726,13 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
            "chunks": layout.query_chunks, "shards": [(s.start, s.stop) for s in layout.shards]}
     )
     metadata["run_key"] = key
+    paths = ([index] + [out_dir / storage.SCORES_SHARD.format(shard=s.number) for s in layout.shards]) if layout.sharded else [single]
+    if resume and not overwrite and _finished_key(paths[0]) == key:  # a requeued job whose scores are done
+        return ScoresReport(
+            "pairwise", paths, n_q, n_t, layout.sharded, len(layout.shards), len(layout.query_chunks), relative,
+            cfg.factors.strategy, cfg.task.measurement, common["damping"], {}, 0.0, "already complete",
+            {tm.name: tm.num_params for tm in ctx.tracked},
+        )
     rank_suffix = f".rank{st.rank}" if st.distributed else ""
     checkpoint = PassCheckpoint(out_dir / storage.SCORES_PARTIAL.format(rank=rank_suffix), key, cfg.factors.checkpoint_every)
 
@@ -847,7 +867,6 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
     checkpoint.clear()
     seconds["total"] = time.perf_counter() - t0 + seconds["setup"]
     rate = scored / len(chunks) / seconds["scores"] if seconds["scores"] > 0 else 0.0
-    paths = ([index] + [out_dir / storage.SCORES_SHARD.format(shard=s.number) for s in layout.shards]) if layout.sharded else [single]
     return ScoresReport(
         "pairwise",
         paths,
@@ -887,6 +906,12 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
         {k: common[k] for k in ("model_fingerprint", "train_fingerprint", "damping", "strategy")}
         | {"factors": common["factors"].get("created"), "bs": scorer.bs, "world": st.world_size, "amp": cfg.factors.amp, "kind": "self"}
     )
+    metadata["run_key"] = key
+    if resume and not overwrite and _finished_key(path) == key:  # a requeued job whose scores are done
+        return ScoresReport(
+            "self", [path], 0, n_t, False, 1, 0, False, cfg.factors.strategy, cfg.task.measurement, common["damping"],
+            {}, 0.0, "already complete", {tm.name: tm.num_params for tm in ctx.tracked},
+        )
     rank_suffix = (f".rank{st.rank}" if st.distributed else "") + ".self"
     checkpoint = PassCheckpoint(out_dir / storage.SCORES_PARTIAL.format(rank=rank_suffix), key, cfg.factors.checkpoint_every)
 

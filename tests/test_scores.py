@@ -534,3 +534,18 @@ def test_storage_dtype_and_overflow(project):
     torch.testing.assert_close(stored.float(), in_memory_reference(cfg), rtol=1e-2, atol=1e-3)
     with pytest.raises(NumericalError, match="float16 cannot hold scores up to 1e"):
         scores_mod._check_storable(torch.tensor([[1.0, -1e6]]), "float16")
+
+
+@pytest.mark.parametrize("self_influence", [False, True], ids=["pairwise", "self"])
+@pytest.mark.parametrize("overrides", [(), ("scores.max_memory_mb=0.001",)], ids=["single", "sharded"])
+def test_resume_of_finished_scores_is_a_no_op(project, self_influence, overrides):
+    """A requeued job reruns with --resume: finished scores of the same run are kept as they are."""
+    name = f"noop-{int(self_influence)}-{len(overrides)}"
+    cfg = make_cfg(project, name, *overrides)
+    first = compute_scores(cfg, self_influence=self_influence)
+    stamp = first.paths[0].stat().st_mtime_ns
+    again = compute_scores(cfg, self_influence=self_influence, resume=True)
+    assert again.resumed_from == "already complete" and again.paths == first.paths
+    assert first.paths[0].stat().st_mtime_ns == stamp
+    with pytest.raises(OutputError, match="finished run"):
+        compute_scores(make_cfg(project, name, *overrides, "scores.damping=0.5"), self_influence=self_influence, resume=True)

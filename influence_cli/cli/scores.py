@@ -80,6 +80,9 @@ def compute_scores_cmd(
         data["paths"] = [str(p) for p in report.paths]
         print_json(data)
         return
+    if report.resumed_from == "already complete":
+        err_console.print(f"{report.paths[0]} is already complete for these settings; nothing to do (--overwrite recomputes)")
+        return
     if report.resumed_from:
         err_console.print(f"resumed from {report.resumed_from}")
     if report.kind == "self":
