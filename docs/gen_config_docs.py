@@ -194,8 +194,13 @@ training example x.
   changes the query's measurement by about −score / N.
 - `scores.relative: true` divides by ‖(F + λ)⁻¹ ∇L(x)‖ (RelatIF), so examples with huge
   gradients do not top every query's list.
-- `scores.checkpoints` (ensembles over several checkpoints) is reserved: `compute-scores`
-  refuses a non-empty list for now; run it once per checkpoint, each with its own `output_dir`.
+- `scores.checkpoints` makes an **ensemble**: more checkpoints of the same architecture
+  (e.g. trained with other seeds). `fit-factors` fits every model's own factors (member i ≥ 1
+  in `output_dir/members/<i>/`), and `compute-scores` averages the scores of
+  `model.checkpoint` and every listed checkpoint, each with its own gradients, factors and
+  damping, in one pass over the training set. Averaging over seeds removes part of a single
+  model's seed-to-seed noise (see docs/BENCHMARKS.md, "Ensembles"). With `relative: true`
+  each model's scores are divided by its own norm before averaging.
 
 """
 
@@ -208,6 +213,7 @@ commands wrote there:
 | file | written by | what |
 |---|---|---|
 | `factors.safetensors` | `fit-factors` | per layer `<module>.<factor>` tensors (A, G, their eigenvectors / eigenvalues, the corrected eigenvalues) |
+| `members/<i>/factors.safetensors` | `fit-factors` (with `scores.checkpoints`) | the factors of ensemble member i, i.e. of `scores.checkpoints[i - 1]` |
 | `scores.safetensors` | `compute-scores` | the [queries × train] score matrix with both sides' global indices |
 | `scores.index.json` + `scores.shard-NNNNN.safetensors` | `compute-scores` | the same, as shards by training range, for runs larger than `scores.max_memory_mb` or under torchrun |
 | `self_influence.safetensors` | `compute-scores --self` | I(x, x) for every training example |

@@ -147,7 +147,9 @@ class ScoresConfig:
     query_chunk: int | None = _help("Queries preconditioned and scored together (null = fit the budget).", default=None)
     dtype: Literal["float32", "bfloat16", "float16"] = _help("Storage dtype of the scores.", default="float32")
     checkpoints: list[str] = _help(
-        "Extra checkpoints to ensemble over (each needs its own factors: see docs).", default_factory=list
+        "Extra checkpoints of the same architecture to ensemble over: fit-factors fits each one's factors, "
+        "compute-scores averages the scores of all models.",
+        default_factory=list,
     )
 
 

@@ -59,10 +59,13 @@ class RunContext:
         return -(-(stop - start) // self.cfg.data.batch_size)
 
 
-def prepare(cfg: Config, state: DistState | None = None, checkpoint: str | Path | None = None) -> RunContext:
-    """Builds the model, loads its checkpoint, moves it to the device and finds its tracked layers."""
+def prepare(
+    cfg: Config, state: DistState | None = None, checkpoint: str | Path | None = None, key: str = "model.checkpoint"
+) -> RunContext:
+    """Builds the model, loads its checkpoint (`checkpoint` instead of model.checkpoint when given,
+    named `key` in errors), moves it to the device and finds its tracked layers."""
     state = state or DistState(device=resolve_device(cfg.device))
-    model = load_model(cfg.model, cfg.base_dir, checkpoint=checkpoint)
+    model = load_model(cfg.model, cfg.base_dir, checkpoint=checkpoint, key=key)
     fingerprint = model_fingerprint(model)
     model = model.to(state.device).eval()
     tracked = find_tracked_modules(model, cfg.factors.modules)

@@ -18,9 +18,10 @@ from torch import nn
 
 from influence_cli import __version__, storage
 from influence_cli.config import Config
-from influence_cli.context import RunContext, prepare
+from influence_cli.context import RunContext
 from influence_cli.data import IndexedDataset
 from influence_cli.distributed import DistState
+from influence_cli.ensemble import Member, describe_member, ensemble_members, prepare_member
 from influence_cli.errors import NumericalError, OutputError
 from influence_cli.factors import (
     CovarianceAccumulator,
@@ -60,6 +61,8 @@ class FitReport:
     layers: list[LayerInfo]
     seconds: dict[str, float] = field(default_factory=dict)
     resumed_from: str | None = None
+    members: list[FitReport] = field(default_factory=list)  # ensembles: the factors of scores.checkpoints
+    member: int = 0  # which ensemble member this report is about (0 = model.checkpoint)
 
 
 def describe_layers(tracked: list[TrackedModule], strategy: str) -> list[LayerInfo]:
@@ -322,12 +325,34 @@ def fit_factors(
 ) -> FitReport:
     """Fits the configured curvature on `data.train` and writes `<output_dir>/factors.safetensors`.
 
+    With `scores.checkpoints` (an ensemble), also fits every extra checkpoint's own factors
+    into `<output_dir>/members/<i>/factors.safetensors` (ensemble.py); the report of
+    model.checkpoint is returned, with the others in `members`.
+
     Raises:
         OutputError: the factors exist (without `overwrite`), or leftover progress
             exists without `resume`/`overwrite`, or it belongs to other settings.
     """
-    ctx = prepare(cfg, state)
-    out_dir = cfg.output_path
+    first, *others = ensemble_members(cfg)
+    report = _fit_member(cfg, first, overwrite=overwrite, resume=resume, state=state, progress=progress)
+    report.members = [
+        _fit_member(cfg, m, overwrite=overwrite, resume=resume, state=state, progress=progress) for m in others
+    ]
+    return report
+
+
+def _fit_member(
+    cfg: Config,
+    member: Member,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    state: DistState | None = None,
+    progress: Progress | None = None,
+) -> FitReport:
+    """fit-factors for one model of the ensemble (member 0: model.checkpoint into output_dir)."""
+    ctx = prepare_member(cfg, member, state)
+    out_dir = member.out_dir
     path = out_dir / storage.FACTORS_FILE
     dataset = ctx.dataset(cfg.data.train, "data.train")
     n = len(dataset) if cfg.factors.max_examples is None else min(cfg.factors.max_examples, len(dataset))
@@ -348,7 +373,7 @@ def fit_factors(
     layers_info = describe_layers(ctx.tracked, cfg.factors.strategy)
     if resume and not overwrite and path.exists():
         if storage.read_metadata(path).get("result_key") == run_key(result):
-            return FitReport(path, cfg.factors.strategy, cfg.factors.fisher, n, layers_info, {}, "already complete")
+            return FitReport(path, cfg.factors.strategy, cfg.factors.fisher, n, layers_info, {}, "already complete", member=member.index)
     storage.check_can_write(path, overwrite, "factors")
     storage.ensure_writable_dir(out_dir)
     rank_suffix = f".rank{ctx.state.rank}" if ctx.state.distributed else ""
@@ -369,10 +394,13 @@ def fit_factors(
         tensors: dict[str, torch.Tensor] = {}
         for lf in factors.layers.values():
             tensors.update(lf.tensors())
-        storage.save_tensors(path, tensors, factors_metadata(ctx, dataset, n) | {"result_key": run_key(result)})
+        meta = factors_metadata(ctx, dataset, n) | {"result_key": run_key(result)}
+        if member.index or cfg.scores.checkpoints:
+            meta["ensemble_member"] = describe_member(member, ctx)
+        storage.save_tensors(path, tensors, meta)
     ctx.state.barrier()
     checkpoint.clear()
-    return FitReport(path, cfg.factors.strategy, cfg.factors.fisher, n, layers_info, seconds, resumed_from)
+    return FitReport(path, cfg.factors.strategy, cfg.factors.fisher, n, layers_info, seconds, resumed_from, member=member.index)
 
 
 def load_factors(path: Path) -> Factors:

@@ -80,8 +80,10 @@ def stream_gradients(
     Args:
         batches: (inputs, targets, global_indices) triples, in a fixed order.
         mode: "fisher" (vectors of `fisher`: sampled / empirical / ggn),
-            "loss" (per-example loss gradient at the real targets) or
-            "measurement" (gradient of the query measurement).
+            "loss" (per-example loss gradient at the real targets),
+            "measurement" (gradient of the query measurement) or
+            "loss+fisher" (the loss gradient first, then the Fisher's vectors, from one
+            forward pass; for the empirical Fisher the two coincide and only the first is formed).
         start_batch: Number given to the first batch (for resumed passes).
         max_examples: Stop after this many examples (the last batch is cut).
     """
@@ -119,8 +121,11 @@ def stream_gradients(
             _check_outputs(out_f, y_cpu, task_kind, dataset_name)
             if mode == "fisher":
                 vectors = task_lib.fisher_output_vectors(out_f, y, idx, task_kind, fisher, seed)
-            elif mode == "loss":
+            elif mode in ("loss", "loss+fisher"):
                 vectors = task_lib.loss_output_gradient(out_f, y, task_kind)[None]
+                if mode == "loss+fisher" and fisher != "empirical":
+                    extra = task_lib.fisher_output_vectors(out_f, y, idx, task_kind, fisher, seed)
+                    vectors = torch.cat([vectors, extra.to(vectors.dtype)])
             else:
                 vectors = task_lib.loss_output_gradient(out_f, y, task_kind, measurement)[None]
             acts = {k: v.to(acc_dtype) for k, v in cap.activations().items()}

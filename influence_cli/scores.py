@@ -35,7 +35,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,8 @@ from influence_cli.config import Config
 from influence_cli.context import RunContext, prepare
 from influence_cli.data import IndexedDataset, make_loader
 from influence_cli.distributed import DistState
-from influence_cli.errors import ConfigError, DistributedError, InfluenceError, NumericalError, OutputError
+from influence_cli.ensemble import Member, describe_member, ensemble_members, prepare_member
+from influence_cli.errors import DistributedError, InfluenceError, NumericalError, OutputError
 from influence_cli.factors import LayerFactors
 from influence_cli.fit import check_factors_match, load_factors
 from influence_cli.passes import BatchGradients, accumulator_dtype, autocast_context, model_dtype, stream_gradients
@@ -230,6 +231,50 @@ def pairwise_scores(
         if relative:
             s = s / _safe(kernel.norms(batch))
         columns.append(s)
+    return torch.cat(columns, dim=1)
+
+
+def ensemble_pairwise_scores(
+    members: Sequence[tuple[nn.Module, list[TrackedModule], dict[str, LayerFactors]]],
+    query_batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    train_batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    *,
+    task_kind: str = "classification",
+    measurement: str = "loss",
+    damping: float | str = "auto",
+    damping_factor: float = 0.1,
+    relative: bool = False,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """In-memory scores averaged over an ensemble of models, each with its own factors: [n_query, n_train].
+
+    (1/M) Σ_m ∇L_m(z)ᵀ (F_m + λ_m)⁻¹ ∇L_m(x) (ensemble.py), the mean of `pairwise_scores` over
+    the members, computed in one pass over each dataset (every batch goes through every model).
+
+    Args:
+        members: (model, tracked layers, {layer: LayerFactors}) of every member.
+        query_batches, train_batches: (inputs, targets, global_indices) triples.
+    """
+    kernels = [_kernel(model, layers, damping, damping_factor, device) for model, _, layers in members]
+    kw: dict[str, Any] = {"task_kind": task_kind, "device": device}
+    queries: list[dict[str, list[torch.Tensor]]] = [{name: [] for name in layers} for _, _, layers in members]
+    for item in query_batches:
+        for (model, tracked, _), kernel, out in zip(members, kernels, queries, strict=True):
+            for batch in stream_gradients(model, tracked, [item], mode="measurement", measurement=measurement, **kw):
+                for name, v in kernel.preconditioned(batch).items():
+                    out[name].append(v)
+    stacked = [{name: torch.cat(v) for name, v in out.items()} for out in queries]
+    columns = []
+    for item in train_batches:
+        total: torch.Tensor | None = None
+        for (model, tracked, _), kernel, vq in zip(members, kernels, stacked, strict=True):
+            for batch in stream_gradients(model, tracked, [item], mode="loss", dataset_name="data.train", **kw):
+                s = kernel.pairwise(vq, kernel.gradients(batch))
+                if relative:
+                    s = s / _safe(kernel.norms(batch))
+                total = s if total is None else total + s
+        assert total is not None
+        columns.append(total / len(members))
     return torch.cat(columns, dim=1)
 
 
@@ -415,6 +460,14 @@ class ScoresReport:
     examples_per_second: float = 0.0
     resumed_from: str | None = None
     layer_params: dict[str, int] = field(default_factory=dict)
+    members: int = 1  # models averaged over (ensemble.py): 1 + len(scores.checkpoints)
+
+
+def _members_key(common: dict[str, Any]) -> dict[str, Any]:
+    """The ensemble's part of a run key: every extra member's model and factors (nothing for one model)."""
+    if "members" not in common:
+        return {}
+    return {"members": [(m["model_fingerprint"], m["factors"].get("created"), m["damping"]) for m in common["members"]]}
 
 
 def _finished_key(path: Path) -> str | None:
@@ -452,12 +505,17 @@ def _agree(state: DistState, fn) -> Any:
     return result
 
 
-def _load_layers(ctx: RunContext, train: IndexedDataset) -> tuple[dict[str, LayerFactors], dict[str, Any]]:
-    """The curvature of every tracked layer (none for `identity`) and what describes its file."""
+def _load_layers(ctx: RunContext, train: IndexedDataset, member: Member) -> tuple[dict[str, LayerFactors], dict[str, Any]]:
+    """The curvature of every tracked layer (none for `identity`) of one ensemble member and what describes its file."""
     cfg = ctx.cfg
     if cfg.factors.strategy == "identity":
         return {tm.name: LayerFactors(tm.name) for tm in ctx.tracked}, {"strategy": "identity", "file": None}
-    path = cfg.output_path / storage.FACTORS_FILE
+    path = member.factors_path
+    if member.index and not path.is_file():
+        raise OutputError(
+            f"{member.key}: no factors at {str(path)!r} for this ensemble member",
+            hint="run `influence fit-factors` with this config: it fits the factors of every checkpoint in scores.checkpoints",
+        )
     factors = load_factors(path)
     check_factors_match(factors, ctx, path, train.fingerprint())
     if factors.strategy != cfg.factors.strategy or factors.fisher != cfg.factors.fisher:
@@ -469,7 +527,7 @@ def _load_layers(ctx: RunContext, train: IndexedDataset) -> tuple[dict[str, Laye
     meta = factors.metadata
     stat = path.stat()
     info = {
-        "file": path.name,
+        "file": str(path.relative_to(cfg.output_path)) if path.is_relative_to(cfg.output_path) else str(path),
         "created": meta.get("created"),
         "bytes": stat.st_size,
         "strategy": factors.strategy,
@@ -511,17 +569,31 @@ def _collect(labels: torch.Tensor | None, length: int, c0: int, targets: torch.T
     return labels
 
 
-class _Scorer:
-    """One run of compute-scores on this rank: the model, the kernel, the datasets and the passes."""
+@dataclass
+class _ScoringMember:
+    """One model of the ensemble (the only one without scores.checkpoints): its context and kernel."""
 
-    def __init__(self, ctx: RunContext, kernel: ScoreKernel, train: IndexedDataset, progress: Progress) -> None:
-        self.ctx = ctx
-        self.cfg = ctx.cfg
-        self.kernel = kernel
+    ctx: RunContext
+    kernel: ScoreKernel
+
+
+class _Scorer:
+    """One run of compute-scores on this rank: the models, their kernels, the datasets and the passes.
+
+    With an ensemble (ensemble.py), every batch of examples is run through every member
+    (`member_batches`) and the members' scores are averaged (`pairwise`, `self_influence`).
+    `ctx` and `kernel` are member 0's (model.checkpoint).
+    """
+
+    def __init__(self, members: list[_ScoringMember], train: IndexedDataset, progress: Progress) -> None:
+        self.members = members
+        self.ctx = members[0].ctx
+        self.cfg = self.ctx.cfg
+        self.kernel = members[0].kernel
         self.train = train
         self.progress = progress
-        self.dtype = accumulator_dtype(ctx.model)
-        self.bs = ctx.cfg.data.batch_size
+        self.dtype = accumulator_dtype(self.ctx.model)
+        self.bs = self.cfg.data.batch_size
 
     def loader(self, dataset: IndexedDataset, start_batch: int = 0):
         """Every example of `dataset` (not sharded by rank), from `start_batch` on."""
@@ -534,10 +606,11 @@ class _Scorer:
             start_batch=start_batch,
         )
 
-    def stream(self, batches, *, mode: str, start_batch: int, name: str) -> Iterator[BatchGradients]:
+    def stream(self, batches, *, mode: str, start_batch: int, name: str, member: _ScoringMember | None = None) -> Iterator[BatchGradients]:
+        ctx = (member or self.members[0]).ctx
         return stream_gradients(
-            self.ctx.model,
-            self.ctx.tracked,
+            ctx.model,
+            ctx.tracked,
             batches,
             task_kind=self.cfg.task.kind,
             mode=mode,
@@ -549,11 +622,45 @@ class _Scorer:
             dataset_name=name,
         )
 
-    def train_batches(self, shard: ShardSpec, skip_batches: int) -> Iterator[BatchGradients]:
-        """This rank's batches of one train range, from its `skip_batches`-th batch on."""
+    def member_batches(self, batches, *, mode: str, start_batch: int, name: str) -> Iterator[list[BatchGradients]]:
+        """Each batch of (inputs, targets, indices) through every member: [BatchGradients per member]."""
+        if len(self.members) == 1:
+            for batch in self.stream(batches, mode=mode, start_batch=start_batch, name=name):
+                yield [batch]
+            return
+        for offset, item in enumerate(batches):
+            yield [b for m in self.members for b in self.stream([item], mode=mode, start_batch=start_batch + offset, name=name, member=m)]
+
+    def train_batches(self, shard: ShardSpec, skip_batches: int) -> Iterator[list[BatchGradients]]:
+        """This rank's batches of one train range, from its `skip_batches`-th batch on (one per member)."""
         first = shard.first_batch + skip_batches
         batches = itertools.islice(self.ctx.batches(self.train, start_batch=first), shard.num_batches - skip_batches)
-        return self.stream(batches, mode="loss", start_batch=first, name="data.train")
+        return self.member_batches(batches, mode="loss", start_batch=first, name="data.train")
+
+    def pairwise(
+        self, queries: list[dict[str, torch.Tensor]], batches: list[BatchGradients], norms: torch.Tensor | None, c0: int, first: bool
+    ) -> torch.Tensor:
+        """The [Q, B] block of one training batch, averaged over the members.
+
+        RelatIF (`norms` [M, width] given): each member's scores are divided by its own
+        ‖(F_m + λ_m)⁻¹∇L_m(x)‖, computed into `norms` on the `first` query chunk.
+        """
+        total: torch.Tensor | None = None
+        n = len(batches[0].global_indices)
+        for m, (member, vq, batch) in enumerate(zip(self.members, queries, batches, strict=True)):
+            s = member.kernel.pairwise(vq, member.kernel.gradients(batch))
+            if norms is not None:
+                if first:
+                    norms[m, c0 : c0 + n] = member.kernel.norms(batch)
+                s = s / _safe(norms[m, c0 : c0 + n])
+            total = s if total is None else total.add_(s)
+        assert total is not None
+        return total if len(self.members) == 1 else total.div_(len(self.members))
+
+    def self_influence(self, batches: list[BatchGradients]) -> torch.Tensor:
+        """∇L(x)ᵀ (F + λ)⁻¹ ∇L(x) of one training batch, averaged over the members: [B]."""
+        values = [m.kernel.self_influence(b) for m, b in zip(self.members, batches, strict=True)]
+        return values[0] if len(values) == 1 else torch.stack(values).mean(0)
 
     @torch.no_grad()
     def query_info(self, queries: IndexedDataset) -> dict[str, torch.Tensor]:
@@ -576,25 +683,27 @@ class _Scorer:
             "query_predictions": torch.cat(preds),
         }
 
-    def precondition(self, queries: IndexedDataset, q0: int, q1: int, title: str) -> dict[str, torch.Tensor]:
-        """{layer: (F + λ)⁻¹ ∇(measurement) [q1 - q0, P]} for query positions [q0, q1)."""
-        out = {
-            tm.name: torch.empty(q1 - q0, tm.num_params, dtype=self.dtype, device=self.ctx.device) for tm in self.ctx.tracked
-        }
+    def precondition(self, queries: IndexedDataset, q0: int, q1: int, title: str) -> list[dict[str, torch.Tensor]]:
+        """Per member, {layer: (F + λ)⁻¹ ∇(measurement) [q1 - q0, P]} for query positions [q0, q1)."""
+        outs = [
+            {tm.name: torch.empty(q1 - q0, tm.num_params, dtype=self.dtype, device=m.ctx.device) for tm in m.ctx.tracked}
+            for m in self.members
+        ]
         watch = _NonFiniteWatch(self.ctx.device, self.bs)
         self.progress.start(title, q1 - q0)
         row = 0
         batches = _rows(self.loader(queries, start_batch=q0 // self.bs), q0 % self.bs, q1 - q0)
-        for batch in self.stream(batches, mode="measurement", start_batch=q0 // self.bs, name="data.query"):
-            n = len(batch.global_indices)
-            for name, v in self.kernel.preconditioned(batch).items():
-                out[name][row : row + n] = v
-            watch.observe(batch)
+        for per_member in self.member_batches(batches, mode="measurement", start_batch=q0 // self.bs, name="data.query"):
+            n = len(per_member[0].global_indices)
+            for member, out, batch in zip(self.members, outs, per_member, strict=True):
+                for name, v in member.kernel.preconditioned(batch).items():
+                    out[name][row : row + n] = v
+                watch.observe(batch)
             row += n
             self.progress.advance(n)
         self.progress.stop()
         watch.check("query gradient")
-        return out
+        return outs
 
 
 def _check_storable(block: torch.Tensor, dtype: str) -> None:
@@ -652,12 +761,6 @@ def compute_scores(
             `resume`/`overwrite`.
         NumericalError: a non-finite loss or gradient (names the batch and examples).
     """
-    if cfg.scores.checkpoints:
-        raise ConfigError(
-            "scores.checkpoints: ensembling over checkpoints is not supported by compute-scores yet",
-            source=cfg.source,
-            hint="remove scores.checkpoints and run compute-scores once per checkpoint (each with its own output_dir)",
-        )
     t_start = time.perf_counter()
     ctx = prepare(cfg, state)
     out_dir = cfg.output_path
@@ -665,12 +768,18 @@ def compute_scores(
     relative = cfg.scores.relative if relative is None else relative
     progress = progress if (progress is not None and ctx.state.is_main) else NullProgress()
     train = ctx.dataset(cfg.data.train, "data.train")
-    layers, factors_info = _load_layers(ctx, train)
-    _check_factors_finite(layers, cfg.output_path / storage.FACTORS_FILE)
-    dtype = accumulator_dtype(ctx.model)
-    layers = {name: lf.to(ctx.device, dtype) for name, lf in layers.items()}
-    damping = resolve_damping(layers, cfg.scores.damping, cfg.scores.damping_factor)
-    scorer = _Scorer(ctx, ScoreKernel(layers, damping), train, progress)
+    members: list[_ScoringMember] = []
+    described: list[dict[str, Any]] = []
+    for member in ensemble_members(cfg):  # model.checkpoint, then scores.checkpoints (each with its own factors)
+        mctx = ctx if member.index == 0 else prepare_member(cfg, member, ctx.state)
+        layers, factors_info = _load_layers(mctx, train, member)
+        _check_factors_finite(layers, member.factors_path)
+        dtype = accumulator_dtype(mctx.model)
+        layers = {name: lf.to(mctx.device, dtype) for name, lf in layers.items()}
+        damping = resolve_damping(layers, cfg.scores.damping, cfg.scores.damping_factor)
+        members.append(_ScoringMember(mctx, ScoreKernel(layers, damping)))
+        described.append(describe_member(member, mctx) | {"factors": factors_info, "damping": damping})
+    scorer = _Scorer(members, train, progress)
     seconds = {"setup": time.perf_counter() - t_start}
     common = {
         "tool_version": __version__,
@@ -678,31 +787,34 @@ def compute_scores(
         "strategy": cfg.factors.strategy,
         "fisher": cfg.factors.fisher,
         "task_kind": cfg.task.kind,
-        "damping": damping,
+        "damping": described[0]["damping"],
         "damping_setting": cfg.scores.damping,
         "model_fingerprint": ctx.model_fingerprint,
         "train_fingerprint": train.fingerprint(),
-        "factors": factors_info,
+        "factors": described[0]["factors"],
         "modules": [tm.name for tm in ctx.tracked],
         "world_size": ctx.state.world_size,
         "config": cfg.to_dict(),
     }
+    if len(members) > 1:
+        common["members"] = described  # fingerprints, factors and damping of every model averaged over
     if self_influence:
         return _run_self(scorer, common, overwrite, resume, seconds)
     return _run_pairwise(scorer, common, relative, overwrite, resume, seconds)
 
 
 def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overwrite: bool, resume: bool, seconds: dict[str, float]) -> ScoresReport:
-    ctx, cfg, kernel, train = scorer.ctx, scorer.cfg, scorer.kernel, scorer.train
+    ctx, cfg, train = scorer.ctx, scorer.cfg, scorer.train
     st = ctx.state
     out_dir = cfg.output_path
     queries = ctx.dataset(cfg.data.query, "data.query")
+    n_members = len(scorer.members)
     n_q, n_t = len(queries), len(train)
     element_bytes = torch.finfo(scorer.dtype).bits // 8
     layout = plan_layout(
         n_q,
         n_t,
-        sum(tm.num_params for tm in ctx.tracked),
+        sum(tm.num_params for tm in ctx.tracked) * n_members,  # every member's preconditioned queries
         batch_size=scorer.bs,
         world_size=st.world_size,
         max_memory_mb=cfg.scores.max_memory_mb,
@@ -724,6 +836,7 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
         {k: metadata[k] for k in ("model_fingerprint", "train_fingerprint", "query_fingerprint", "damping", "relative", "measurement", "strategy", "dtype")}
         | {"factors": common["factors"].get("created"), "bs": scorer.bs, "world": st.world_size, "amp": cfg.factors.amp,
            "chunks": layout.query_chunks, "shards": [(s.start, s.stop) for s in layout.shards]}
+        | _members_key(common)
     )
     metadata["run_key"] = key
     paths = ([index] + [out_dir / storage.SCORES_SHARD.format(shard=s.number) for s in layout.shards]) if layout.sharded else [single]
@@ -731,7 +844,7 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
         return ScoresReport(
             "pairwise", paths, n_q, n_t, layout.sharded, len(layout.shards), len(layout.query_chunks), relative,
             cfg.factors.strategy, cfg.task.measurement, common["damping"], {}, 0.0, "already complete",
-            {tm.name: tm.num_params for tm in ctx.tracked},
+            {tm.name: tm.num_params for tm in ctx.tracked}, n_members,
         )
     rank_suffix = f".rank{st.rank}" if st.distributed else ""
     checkpoint = PassCheckpoint(out_dir / storage.SCORES_PARTIAL.format(rank=rank_suffix), key, cfg.factors.checkpoint_every)
@@ -775,7 +888,7 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
             continue
         width = shard.stop - shard.start
         block = torch.zeros(n_q, width, dtype=scorer.dtype, device=ctx.device)
-        norms = torch.zeros(width, dtype=scorer.dtype, device=ctx.device) if relative else None
+        norms = torch.zeros(n_members, width, dtype=scorer.dtype, device=ctx.device) if relative else None
         labels = _known_labels(train, shard.start, shard.stop, ctx.device)
         collect = labels is None
         start_chunk, start_batch = 0, 0
@@ -806,19 +919,16 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
             if skip:
                 scorer.progress.advance(min(width, skip * scorer.bs))
             tp = time.perf_counter()
-            for batch in scorer.train_batches(shard, skip):
+            for batches in scorer.train_batches(shard, skip):
+                batch = batches[0]
                 j = batch.index - shard.first_batch
                 c0 = j * scorer.bs
                 n = len(batch.global_indices)
-                s = kernel.pairwise(vq, kernel.gradients(batch))
-                if norms is not None:
-                    if ci == 0:
-                        norms[c0 : c0 + n] = kernel.norms(batch)
-                    s = s / _safe(norms[c0 : c0 + n])
-                block[q0:q1, c0 : c0 + n] = s
+                block[q0:q1, c0 : c0 + n] = scorer.pairwise(vq, batches, norms, c0, first=ci == 0)
                 if collect:
                     labels = _collect(labels, width, c0, batch.targets)
-                watch.observe(batch)
+                for b in batches:
+                    watch.observe(b)
                 steps += 1
                 scored += n
                 if checkpoint.due(steps):
@@ -841,8 +951,8 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
         }
         if labels is not None:
             tensors["train_labels"] = labels
-        if norms is not None:
-            tensors["train_norms"] = norms
+        if norms is not None and n_members == 1:  # an ensemble's RelatIF has one norm per member: plain scores are not recoverable
+            tensors["train_norms"] = norms[0]
         shard_meta = metadata | {"train_start": shard.start, "train_stop": shard.stop, "shard": shard.number}
         storage.save_tensors(shard_path, tensors, shard_meta)
         seconds["write"] += time.perf_counter() - tw
@@ -883,6 +993,7 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
         rate * st.world_size,
         resumed_from,
         {tm.name: tm.num_params for tm in ctx.tracked},
+        n_members,
     )
 
 
@@ -896,7 +1007,7 @@ def _pass_title(shard: ShardSpec, layout: ScoresLayout, chunk: int, num_chunks: 
 
 
 def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: bool, seconds: dict[str, float]) -> ScoresReport:
-    ctx, cfg, kernel, train = scorer.ctx, scorer.cfg, scorer.kernel, scorer.train
+    ctx, cfg, train = scorer.ctx, scorer.cfg, scorer.train
     st = ctx.state
     out_dir = cfg.output_path
     n_t = len(train)
@@ -905,12 +1016,13 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
     key = run_key(
         {k: common[k] for k in ("model_fingerprint", "train_fingerprint", "damping", "strategy")}
         | {"factors": common["factors"].get("created"), "bs": scorer.bs, "world": st.world_size, "amp": cfg.factors.amp, "kind": "self"}
+        | _members_key(common)
     )
     metadata["run_key"] = key
     if resume and not overwrite and _finished_key(path) == key:  # a requeued job whose scores are done
         return ScoresReport(
             "self", [path], 0, n_t, False, 1, 0, False, cfg.factors.strategy, cfg.task.measurement, common["damping"],
-            {}, 0.0, "already complete", {tm.name: tm.num_params for tm in ctx.tracked},
+            {}, 0.0, "already complete", {tm.name: tm.num_params for tm in ctx.tracked}, len(scorer.members),
         )
     rank_suffix = (f".rank{st.rank}" if st.distributed else "") + ".self"
     checkpoint = PassCheckpoint(out_dir / storage.SCORES_PARTIAL.format(rank=rank_suffix), key, cfg.factors.checkpoint_every)
@@ -940,13 +1052,15 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
         scorer.progress.advance(min(stop - start, skip * scorer.bs))
     t0 = time.perf_counter()
     steps = 0
-    for batch in scorer.train_batches(shard, skip):
+    for batches in scorer.train_batches(shard, skip):
+        batch = batches[0]
         c0 = batch.index * scorer.bs
         n = len(batch.global_indices)
-        values[start + c0 : start + c0 + n] = kernel.self_influence(batch)
+        values[start + c0 : start + c0 + n] = scorer.self_influence(batches)
         if collect:
             labels = _collect(labels, stop - start, c0, batch.targets)
-        watch.observe(batch)
+        for b in batches:
+            watch.observe(b)
         steps += 1
         if checkpoint.due(steps):
             watch.check("self-influence")
@@ -969,7 +1083,7 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
     rate = (stop - start) / seconds["self"] if seconds["self"] > 0 else 0.0
     return ScoresReport(
         "self", [path], 0, n_t, False, 1, 0, False, cfg.factors.strategy, "loss", common["damping"], seconds, rate * st.world_size,
-        resumed_from, {tm.name: tm.num_params for tm in ctx.tracked},
+        resumed_from, {tm.name: tm.num_params for tm in ctx.tracked}, len(scorer.members),
     )
 
 
@@ -979,6 +1093,7 @@ __all__ = [
     "ScoresReport",
     "ShardSpec",
     "compute_scores",
+    "ensemble_pairwise_scores",
     "pairwise_scores",
     "plan_layout",
     "plan_shards",

@@ -34,16 +34,15 @@ import torch
 from torch import nn
 
 from influence_cli import __version__, storage
-from influence_cli import task as task_lib
 from influence_cli.config import SIMILARITY_METHODS, Config
 from influence_cli.context import prepare
 from influence_cli.distributed import DistState
-from influence_cli.errors import ConfigError, DataError, NumericalError, OutputError, UsageError
+from influence_cli.errors import ConfigError, NumericalError, OutputError, UsageError
 from influence_cli.factors import DiagonalAccumulator, LayerFactors
 from influence_cli.fit import PassPlan, _NonFiniteWatch, check_factors_match, load_factors, plan_for
-from influence_cli.passes import BatchGradients, _check_outputs, accumulator_dtype, autocast_context, model_dtype
+from influence_cli.passes import BatchGradients, accumulator_dtype, stream_gradients
 from influence_cli.progress import NullProgress, Progress
-from influence_cli.tracking import Capture, TrackedModule, tracked_grad_enabled
+from influence_cli.tracking import TrackedModule
 
 HEADLINE = {"fisher-kernel": "kernel_normalized", "task2vec": "task2vec_cosine"}
 
@@ -132,38 +131,10 @@ def _stream(model: nn.Module, tracked: list[TrackedModule], plan: PassPlan, name
     the real labels and `gradients[1:]` those of the Fisher's vectors (`plan.fisher`);
     for the empirical Fisher the two coincide and only `gradients[0]` is formed.
     """
-    device = plan.device
-    dtype, acc_dtype = model_dtype(model), accumulator_dtype(model)
-    for i, (x, y, idx) in enumerate(plan.batches(0)):
-        y_cpu = y
-        x = x.to(device, non_blocking=True)
-        if x.is_floating_point():
-            x = x.to(dtype)
-        y, idx = y.to(device, non_blocking=True), idx.to(device, non_blocking=True)
-        with tracked_grad_enabled(tracked), Capture(tracked) as cap:
-            try:
-                with autocast_context(device, plan.amp):
-                    out = model(x)
-            except (RuntimeError, ValueError) as exc:  # as in passes.stream_gradients: a first batch that does not fit
-                if i > 0 or isinstance(exc, torch.cuda.OutOfMemoryError):
-                    raise
-                reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-                raise DataError(
-                    f"{name}: inputs of shape {list(x.shape)} do not fit the model ({reason})",
-                    hint="check model.kwargs and the dataset's transform (flatten/resize)",
-                ) from exc
-            out_f = out.to(acc_dtype) if out.is_floating_point() else out
-            _check_outputs(out_f, y_cpu, plan.task_kind, name)
-            vectors = task_lib.loss_output_gradient(out_f, y, plan.task_kind)[None]
-            if plan.fisher != "empirical":
-                fisher = task_lib.fisher_output_vectors(out_f, y, idx, plan.task_kind, plan.fisher, plan.seed)
-                vectors = torch.cat([vectors, fisher.to(vectors.dtype)])
-            acts = {k: v.to(acc_dtype) for k, v in cap.activations().items()}
-            grads = []
-            for k in range(vectors.shape[0]):
-                g = cap.output_gradients(out, vectors[k].to(out.dtype), retain_graph=k + 1 < vectors.shape[0])
-                grads.append({n: v.to(acc_dtype) for n, v in g.items()})
-        yield BatchGradients(i, idx, y, out_f.detach(), acts, grads)
+    return stream_gradients(
+        model, tracked, plan.batches(0), task_kind=plan.task_kind, mode="loss+fisher", fisher=plan.fisher,
+        seed=plan.seed, device=plan.device, amp=plan.amp, dataset_name=name,
+    )
 
 
 def dataset_statistics(

@@ -32,7 +32,7 @@ import dataclasses
 import fnmatch
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,16 +41,15 @@ import torch
 from torch import nn
 
 from influence_cli import __version__, storage
-from influence_cli import task as task_lib
 from influence_cli.config import SPECTRUM_ORDERS, Config
 from influence_cli.context import RunContext, prepare
 from influence_cli.distributed import DistState
-from influence_cli.errors import ConfigError, DataError, NumericalError, OutputError, UsageError
+from influence_cli.errors import ConfigError, NumericalError, OutputError, UsageError
 from influence_cli.factors import Factors, LayerFactors
 from influence_cli.fit import _NonFiniteWatch, check_factors_match, load_factors
-from influence_cli.passes import BatchGradients, _check_outputs, accumulator_dtype, model_dtype
+from influence_cli.passes import accumulator_dtype, stream_gradients
 from influence_cli.progress import NullProgress, Progress
-from influence_cli.tracking import Capture, TrackedModule, tracked_grad_enabled
+from influence_cli.tracking import TrackedModule
 
 BANDS = ("bottom", "middle", "top")
 _MAX_ELEMENTS = 1 << 25  # bound on the intermediates of one masked GEMM
@@ -251,60 +250,6 @@ class LayerEnergy:
         return torch.cat([part(a_rot, g_rot) for part in parts], dim=1)
 
 
-def loss_output_gradient(outputs: torch.Tensor, targets: torch.Tensor, kind: str) -> torch.Tensor:
-    """∂loss/∂outputs [B, C], with the rounding of a saturated softmax kept out of the shares.
-
-    For classification it is p − e_y with the y entry computed as −Σ_{k≠y} p_k: equal in exact
-    arithmetic, but when p_y rounds to 1 the usual p_y − 1 leaves an error of the size of the
-    whole residual along the all-ones direction, which has no curvature, and that example's
-    bottom-band share would be rounding noise. Regression: task.loss_output_gradient.
-    """
-    if kind != "classification":
-        return task_lib.loss_output_gradient(outputs, targets, kind)
-    y = targets.long()[:, None]
-    others = torch.softmax(outputs.detach(), dim=1).scatter(1, y, 0.0)
-    return others.scatter(1, y, -others.sum(1, keepdim=True))
-
-
-def stream_loss_gradients(
-    model: nn.Module,
-    layers: list[TrackedModule],
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-    *,
-    task_kind: str,
-    device: torch.device,
-    name: str,
-) -> Iterator[BatchGradients]:
-    """passes.stream_gradients(mode="loss"), with the loss gradient of `loss_output_gradient`.
-
-    Yields BatchGradients whose `gradients[0]` is {layer: g [B, T, d_out]}.
-    """
-    dtype, acc_dtype = model_dtype(model), accumulator_dtype(model)
-    for i, (x, y, idx) in enumerate(batches):
-        y_cpu = y
-        x = x.to(device, non_blocking=True)
-        if x.is_floating_point():
-            x = x.to(dtype)
-        y, idx = y.to(device, non_blocking=True), idx.to(device, non_blocking=True)
-        with tracked_grad_enabled(layers), Capture(layers) as cap:
-            try:
-                out = model(x)
-            except (RuntimeError, ValueError) as exc:
-                if i > 0 or isinstance(exc, torch.OutOfMemoryError):
-                    raise
-                reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-                raise DataError(
-                    f"{name}: inputs of shape {list(x.shape)} do not fit the model ({reason})",
-                    hint="check model.kwargs and data transform (flatten/resize)",
-                ) from exc
-            out_f = out.to(acc_dtype) if out.is_floating_point() else out
-            _check_outputs(out_f, y_cpu, task_kind, name)
-            vector = loss_output_gradient(out_f, y, task_kind)
-            acts = {k: v.to(acc_dtype) for k, v in cap.activations().items()}
-            grads = {k: v.to(acc_dtype) for k, v in cap.output_gradients(out, vector.to(out.dtype), retain_graph=False).items()}
-        yield BatchGradients(i, idx, y, out_f.detach(), acts, [grads])
-
-
 @dataclass
 class DatasetSpectrum:
     """Per-example energies of one dataset (float64, CPU), examples in dataset order.
@@ -453,7 +398,7 @@ def dataset_spectrum(
     idx_parts, label_parts, band_parts, bin_parts, input_parts = [], [], [], [], []
     watch = _NonFiniteWatch(device)
     progress.start(title or name, num_examples)
-    for batch in stream_loss_gradients(model, layers, batches, task_kind=task_kind, device=device, name=name):
+    for batch in stream_gradients(model, layers, batches, task_kind=task_kind, mode="loss", device=device, dataset_name=name):
         watch.observe(batch)
         per_layer, per_input = [], []
         for tm in layers:

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from influence_cli.errors import OutputError
 
 FACTORS_FILE = "factors.safetensors"
+MEMBERS_DIR = "members"  # ensembles: member i >= 1 (scores.checkpoints[i - 1]) keeps its factors in <output_dir>/members/<i>/
 FACTORS_PARTIAL = "factors.partial{rank}.safetensors"
 SCORES_FILE = "scores.safetensors"
 SCORES_INDEX = "scores.index.json"
@@ -178,6 +179,11 @@ def meta_json(meta: dict[str, str], key: str, default: Any = None) -> Any:
         return json.loads(meta[key])
     except json.JSONDecodeError:
         return meta[key]
+
+
+def member_dir(out_dir: Path, member: int) -> Path:
+    """The folder of ensemble member `member`'s factors: output_dir itself for member 0 (model.checkpoint)."""
+    return Path(out_dir) if member == 0 else Path(out_dir) / MEMBERS_DIR / str(member)
 
 
 def check_can_write(path: Path, overwrite: bool, what: str) -> None:

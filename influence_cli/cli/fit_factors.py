@@ -55,6 +55,7 @@ def fit_factors_cmd(
                 "seconds": report.seconds,
                 "resumed_from": report.resumed_from,
                 "layers": [dataclasses.asdict(layer) for layer in report.layers],
+                "members": [{"member": m.member, "path": str(m.path), "seconds": m.seconds, "resumed_from": m.resumed_from} for m in report.members],
             }
         )
         return
@@ -76,9 +77,12 @@ def fit_factors_cmd(
             f"{layer.d_out}×{layer.d_in}" if layer.eigenvalue_size else "-",
         )
     print_table(table)
-    timing = ", ".join(f"{k} {v:.2f}s" for k, v in report.seconds.items())
-    size = Path(report.path).stat().st_size
-    err_console.print(f"[green]saved[/] {report.path} ({human_bytes(size)}){'; ' + timing if timing else ''}")
+    for r in [report, *report.members]:
+        timing = ", ".join(f"{k} {v:.2f}s" for k, v in r.seconds.items())
+        size = Path(r.path).stat().st_size
+        which = f"ensemble member {r.member}: " if report.members else ""
+        done = " (already complete)" if r.member and r.resumed_from == "already complete" else ""
+        err_console.print(f"[green]saved[/] {which}{r.path} ({human_bytes(size)}){done}{'; ' + timing if timing else ''}")
 
 
 INSPECT_EPILOG = """\

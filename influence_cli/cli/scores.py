@@ -58,7 +58,9 @@ def compute_scores_cmd(
     (gradient of task.measurement: loss or margin) and x from data.train. The query gradients are
     preconditioned once; the training set is streamed with one matrix product per layer and batch.
     Score matrices larger than scores.max_memory_mb are written as shards by train range plus
-    scores.index.json. Read them with `influence top-k`.
+    scores.index.json. Read them with `influence top-k`. With scores.checkpoints (an ensemble), the
+    scores are averaged over model.checkpoint and every listed checkpoint, each with the factors
+    fit-factors fitted for it.
 
     Sign convention: a positive score means the training example helps the query: up-weighting it
     lowers the query's loss (a proponent); negative means it hurts (an opponent). A score is N × the
@@ -93,6 +95,8 @@ def compute_scores_cmd(
             f"{variant}: {report.n_query:,} queries × {report.n_train:,} training examples "
             f"({report.strategy}, measurement {report.measurement})"
         )
+    if report.members > 1:
+        title += f", averaged over an ensemble of {report.members} models (damping below: model.checkpoint's)"
     out_console().print(title, markup=False)
     table = new_table("", [("layer", "left"), ("parameters", "right"), ("damping λ", "right")])
     for name, lam in report.damping.items():

@@ -1,0 +1,89 @@
+"""Memory stays bounded as the data grows: peak RSS of whole CLI processes on real MNIST.
+
+    python benchmarks/bench_memory.py
+
+1. fit-factors with 2,000 vs 8,000 training examples (goal: within 10%).
+2. compute-scores + top-k for 8,000 train × 1,000 queries (a 32 MB float32 score matrix) with
+   scores.max_memory_mb = 4, so the matrix is written as shards and top-k merges them, against
+   the same run unsharded.
+Each measurement is a separate process (ru_maxrss of the child, measured by a wrapper process).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from mnist_common import IMAGES, LABELS, MLP_KWARGS, ROOT, header, load_mnist
+
+from influence_cli.config import ModelConfig
+from influence_cli.models import build_model
+from influence_cli.storage import save_tensors
+from influence_cli.training import TrainRecipe, train_model
+
+INFLUENCE = [sys.executable, "-m", "influence_cli"]
+
+
+def peak(args: list[str]) -> float:
+    code = (
+        "import resource, subprocess, sys;"
+        f"subprocess.run({INFLUENCE + args!r}, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL);"
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT)
+    return float(out.stdout.strip())
+
+
+def write_config(path: Path, checkpoint: Path, out: Path, n_train: int) -> Path:
+    spec = {"source": "idx", "images": str(IMAGES), "labels": str(LABELS), "transform": {"flatten": True, "scale": 255.0}}
+    train = spec | {"range": [0, n_train]}
+    cfg = {
+        "model": {"architecture": "mlp", "kwargs": MLP_KWARGS, "checkpoint": str(checkpoint)},
+        "data": {"train": train, "query": spec | {"range": [9000, 10000]}, "batch_size": 256},
+        "factors": {"checkpoint_every": 0},
+        "output_dir": str(out),
+        "device": "cpu",
+    }
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def main() -> None:
+    if not IMAGES.exists():
+        raise SystemExit(f"MNIST not found at {IMAGES}")
+    tmp = Path(tempfile.mkdtemp(prefix="bench_memory_"))
+    x, y = load_mnist(0, 8000)
+    torch.manual_seed(0)
+    model = train_model(build_model(ModelConfig(architecture="mlp", kwargs=MLP_KWARGS), "."), x, y, TrainRecipe(epochs=3))
+    ckpt = tmp / "model.safetensors"
+    save_tensors(ckpt, model.state_dict(), {})
+
+    rows = []
+    for n in (2000, 8000):
+        cfg = write_config(tmp / f"fit{n}.json", ckpt, tmp / f"fit{n}", n)
+        rows.append((f"fit-factors, {n:,} train", peak(["fit-factors", str(cfg)])))
+    fit_ratio = rows[1][1] / rows[0][1]
+
+    cfg = write_config(tmp / "scores.json", ckpt, tmp / "fit8000", 8000)
+    rows.append(("compute-scores 8,000 × 1,000, one file (32 MB matrix)", peak(["compute-scores", str(cfg), "--overwrite"])))
+    rows.append(("top-k --k 10, one file", peak(["top-k", str(cfg), "--k", "10", "--json"])))
+    rows.append(("compute-scores, score budget 4 MB (shards; query chunk 1,000)",
+                 peak(["compute-scores", str(cfg), "--overwrite", "--set", "scores.max_memory_mb=4", "--set", "scores.query_chunk=1000"])))
+    shards = len(list((tmp / "fit8000").glob("scores.shard-*")))
+    rows.append((f"top-k --k 10 over {shards} shards", peak(["top-k", str(cfg), "--k", "10", "--json"])))
+
+    print(header("python benchmarks/bench_memory.py"))
+    print()
+    print("| process | peak RSS (MB) |")
+    print("|---|---:|")
+    for name, mb in rows:
+        print(f"| {name} | {mb:,.0f} |")
+    print(f"\nfit-factors peak RSS, 8,000 vs 2,000 examples: {fit_ratio:.3f}x")
+
+
+if __name__ == "__main__":
+    main()

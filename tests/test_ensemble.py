@@ -1,0 +1,301 @@
+"""Ensembles over checkpoints (scores.checkpoints): scores averaged over models, each with its own factors.
+
+float64 math first (the one-pass ensemble against the mean of the members' explicit, dense
+influence), then the pipeline on the tiny project (float32, as every loaded model is): the
+ensemble run of fit-factors + compute-scores against separate single-model runs, the files,
+the metadata, the refusals, and a CLI round trip.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from exact import batches_of, tiny_mlp
+from safetensors.torch import save_file
+from test_scores import (
+    N_QUERY,
+    N_TRAIN,
+    all_scores,
+    explicit_grads,
+    explicit_scores,
+    explicit_self_and_norms,
+    fitted,
+    write_project,
+)
+from typer.testing import CliRunner
+
+from influence_cli import storage
+from influence_cli.cli import app
+from influence_cli.config import config_from_dict
+from influence_cli.errors import OutputError
+from influence_cli.fit import fit_factors
+from influence_cli.models import mlp
+from influence_cli.scores import compute_scores, ensemble_pairwise_scores, pairwise_scores
+from influence_cli.topk import load_self_influence, top_k
+
+F64 = torch.float64
+SEEDS = (0, 1, 2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------- the math (float64)
+
+
+@pytest.fixture
+def data():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(13, 5, generator=g, dtype=F64)
+    y = torch.randint(0, 3, (13,), generator=g)
+    xq = torch.randn(4, 5, generator=g, dtype=F64)
+    yq = torch.randint(0, 3, (4,), generator=g)
+    return x, y, xq, yq
+
+
+def members_of(data, strategy: str = "ekfac"):
+    """Three float64 MLPs (seeds 0, 1, 2), each with its own factors fitted on the same data."""
+    out = []
+    for seed in SEEDS:
+        model = tiny_mlp(seed=seed)
+        tracked, layers = fitted(model, data, strategy)
+        out.append((model, tracked, layers))
+    return out
+
+
+@pytest.mark.parametrize("damping", ["auto", 0.05], ids=["damping-auto", "damping-0.05"])
+@pytest.mark.parametrize("strategy", ["ekfac", "kfac", "identity"])
+def test_ensemble_is_the_mean_of_the_members_dense_influence(data, strategy, damping):
+    x, y, xq, yq = data
+    members = members_of(data, strategy)
+    got = ensemble_pairwise_scores(members, batches_of(xq, yq, 3)(0), batches_of(x, y, 4)(0), damping=damping)
+    refs = []
+    for model, tracked, layers in members:
+        gq, gt = explicit_grads(model, tracked, xq, yq), explicit_grads(model, tracked, x, y)
+        refs.append(explicit_scores(layers, gq, gt, damping) if strategy != "identity" else sum(gq[n] @ gt[n].T for n in gq))
+    assert got.dtype == F64 and got.shape == (4, 13)
+    torch.testing.assert_close(got, torch.stack(refs).mean(0), rtol=1e-9, atol=1e-10)
+    separately = [pairwise_scores(m, t, lf, batches_of(xq, yq, 3)(0), batches_of(x, y, 4)(0), damping=damping) for m, t, lf in members]
+    torch.testing.assert_close(got, torch.stack(separately).mean(0), rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(refs[0], refs[1])  # the members really differ
+
+
+def test_ensemble_relative_divides_each_member_by_its_own_norm(data):
+    x, y, xq, yq = data
+    members = members_of(data)
+    got = ensemble_pairwise_scores(members, batches_of(xq, yq, 3)(0), batches_of(x, y, 4)(0), relative=True)
+    refs = []
+    for model, tracked, layers in members:
+        gq, gt = explicit_grads(model, tracked, xq, yq), explicit_grads(model, tracked, x, y)
+        _, norms = explicit_self_and_norms(layers, gt, "auto")
+        refs.append(explicit_scores(layers, gq, gt, "auto") / norms)
+    torch.testing.assert_close(got, torch.stack(refs).mean(0), rtol=1e-9, atol=1e-10)
+
+
+def test_one_member_ensemble_is_the_single_model(data):
+    x, y, xq, yq = data
+    (member,) = members_of(data)[:1]
+    got = ensemble_pairwise_scores([member], batches_of(xq, yq, 3)(0), batches_of(x, y, 4)(0))
+    torch.testing.assert_close(got, pairwise_scores(*member, batches_of(xq, yq, 3)(0), batches_of(x, y, 4)(0)), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- the pipeline (config, float32)
+
+
+def write_members(folder: Path, dim: int = 6) -> list[str]:
+    """Checkpoints of the tiny project's MLP with seeds 1 and 2 (member 0 is write_project's seed 0)."""
+    names = []
+    for seed in SEEDS[1:]:
+        torch.manual_seed(seed)
+        model = mlp(input_dim=dim, hidden=[5], num_classes=3)
+        name = f"model_seed{seed}.safetensors"
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / name)
+        names.append(name)
+    return names
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> tuple[Path, dict]:
+    """The tiny project as a 3-model ensemble, with its factors fitted once (into <folder>/out)."""
+    folder = tmp_path_factory.mktemp("ensemble")
+    data = write_project(folder)
+    data["scores"] = {"checkpoints": write_members(folder)}
+    report = fit_factors(config_from_dict(data, base_dir=folder))
+    assert [m.member for m in report.members] == [1, 2]
+    return folder, data
+
+
+def ensemble_cfg(project, out: str, *overrides: str):
+    """The ensemble config writing to <folder>/<out>, with the fitted factors of every member copied there."""
+    folder, data = project
+    if out != "out" and not (folder / out).exists():
+        shutil.copytree(folder / "out", folder / out, ignore=shutil.ignore_patterns("scores*", "self_influence*"))
+    return config_from_dict(data, [f"output_dir={out}", *overrides], base_dir=folder)
+
+
+def single_cfg(project, member: int, *overrides: str):
+    """A one-model config of ensemble member `member`, in its own output_dir (with its factors copied)."""
+    folder, data = project
+    out = folder / f"single{member}"
+    out.mkdir(exist_ok=True)
+    src = storage.member_dir(folder / "out", member) / storage.FACTORS_FILE
+    shutil.copy(src, out / storage.FACTORS_FILE)
+    plain = {k: v for k, v in data.items() if k != "scores"}
+    ckpt = "model.safetensors" if member == 0 else data["scores"]["checkpoints"][member - 1]
+    return config_from_dict(plain, [f"output_dir=single{member}", f"model.checkpoint={ckpt}", *overrides], base_dir=folder)
+
+
+def test_fit_factors_writes_every_members_factors_with_its_fingerprint(project):
+    folder, data = project
+    out = folder / "out"
+    fingerprints = []
+    for i in range(len(SEEDS)):
+        path = storage.member_dir(out, i) / storage.FACTORS_FILE
+        meta = storage.read_metadata(path)
+        member = storage.meta_json(meta, "ensemble_member")
+        assert member["member"] == i and member["model_fingerprint"] == meta["model_fingerprint"]
+        assert member["key"] == ("model.checkpoint" if i == 0 else f"scores.checkpoints[{i - 1}]")
+        fingerprints.append(meta["model_fingerprint"])
+    assert len(set(fingerprints)) == len(SEEDS)
+    assert (out / storage.MEMBERS_DIR / "1" / storage.FACTORS_FILE).is_file()
+
+
+def test_adding_a_checkpoint_later_fits_only_its_factors_with_resume(tmp_path):
+    data = write_project(tmp_path)
+    first, second = write_members(tmp_path)
+    data["scores"] = {"checkpoints": [first]}
+    fit_factors(config_from_dict(data, base_dir=tmp_path))
+    data["scores"] = {"checkpoints": [first, second]}
+    cfg = config_from_dict(data, base_dir=tmp_path)
+    with pytest.raises(OutputError, match="already holds factors"):
+        fit_factors(cfg)
+    report = fit_factors(cfg, resume=True)
+    assert report.resumed_from == "already complete" and report.members[0].resumed_from == "already complete"
+    assert report.members[1].resumed_from is None and report.members[1].path.is_file()
+    assert compute_scores(cfg).members == 3
+
+
+@pytest.mark.parametrize("relative", [False, True], ids=["plain", "relative"])
+def test_ensemble_scores_equal_the_mean_of_single_model_runs(project, relative):
+    flag = f"scores.relative={str(relative).lower()}"
+    cfg = ensemble_cfg(project, "ens_" + ("rel" if relative else "plain"), flag)
+    report = compute_scores(cfg)
+    assert report.members == 3 and report.n_query == N_QUERY and report.n_train == N_TRAIN
+    got = all_scores(cfg.output_path)
+    singles = []
+    for i in range(len(SEEDS)):
+        single = single_cfg(project, i, flag)
+        compute_scores(single, overwrite=True)
+        singles.append(all_scores(single.output_path))
+    torch.testing.assert_close(got, torch.stack(singles).mean(0), rtol=1e-5, atol=1e-6 * float(got.abs().max()))
+    tensors, meta = storage.load_tensors(report.paths[0], storage.SCORES_FORMAT)
+    assert ("train_norms" in tensors) is False  # per-member norms do not combine into one
+    members = storage.meta_json(meta, "members")
+    assert [m["member"] for m in members] == [0, 1, 2]
+    assert [m["model_fingerprint"] for m in members] == [
+        storage.read_metadata(storage.member_dir(cfg.output_path, i) / storage.FACTORS_FILE)["model_fingerprint"] for i in range(3)
+    ]
+    assert members[2]["factors"]["file"] == f"{storage.MEMBERS_DIR}/2/{storage.FACTORS_FILE}"
+
+
+def test_ensemble_self_influence_is_the_mean_of_the_members(project):
+    cfg = ensemble_cfg(project, "ens_self")
+    assert compute_scores(cfg, self_influence=True).members == 3
+    got = load_self_influence(cfg.output_path).values
+    singles = []
+    for i in range(len(SEEDS)):
+        single = single_cfg(project, i)
+        compute_scores(single, self_influence=True, overwrite=True)
+        singles.append(load_self_influence(single.output_path).values)
+    torch.testing.assert_close(got, torch.stack(singles).mean(0), rtol=1e-5, atol=1e-6 * float(got.abs().max()))
+
+
+def test_sharded_and_chunked_ensemble_equals_one_block(project):
+    whole = ensemble_cfg(project, "ens_whole")
+    compute_scores(whole)
+    cfg = ensemble_cfg(project, "ens_sharded", "scores.query_chunk=3", "scores.max_memory_mb=0.0005")
+    report = compute_scores(cfg)
+    assert report.sharded and report.query_chunks == 3 and report.members == 3
+    expected = all_scores(whole.output_path)
+    torch.testing.assert_close(all_scores(cfg.output_path), expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+
+
+def test_missing_member_factors_are_a_clear_error(project):
+    cfg = ensemble_cfg(project, "ens_missing")
+    (storage.member_dir(cfg.output_path, 2) / storage.FACTORS_FILE).unlink()
+    with pytest.raises(OutputError) as info:
+        compute_scores(cfg)
+    assert "scores.checkpoints[1]" in info.value.message and "members/2/factors.safetensors" in info.value.message
+    assert "fit-factors" in (info.value.hint or "")
+
+
+def test_member_factors_of_another_model_are_refused(project):
+    cfg = ensemble_cfg(project, "ens_swapped")
+    one, two = (storage.member_dir(cfg.output_path, i) / storage.FACTORS_FILE for i in (1, 2))
+    shutil.copy(one, two)
+    with pytest.raises(OutputError, match="fitted for another model"):
+        compute_scores(cfg)
+
+
+def test_another_member_checkpoint_is_not_already_complete_for_resume(project):
+    folder, data = project
+    cfg = ensemble_cfg(project, "ens_resume")
+    compute_scores(cfg)
+    assert compute_scores(cfg, resume=True).resumed_from == "already complete"
+    torch.manual_seed(3)
+    model = mlp(input_dim=6, hidden=[5], num_classes=3)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model_seed3.safetensors")
+    other = ensemble_cfg(project, "ens_resume", "scores.checkpoints=[model_seed1.safetensors, model_seed3.safetensors]")
+    with pytest.raises(OutputError, match="fitted for another model"):
+        compute_scores(other, resume=True)  # member 2's factors belong to seed 2
+    fit_factors(other, overwrite=True)
+    report = compute_scores(other, resume=True, overwrite=True)
+    assert report.resumed_from != "already complete" and report.members == 3
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+def test_cli_round_trip(tmp_path):
+    runner = CliRunner(env={"COLUMNS": "120", "INFLUENCE_DEBUG": None, "RANK": None, "WORLD_SIZE": None})
+    data = write_project(tmp_path, dim=16)
+    data["scores"] = {"checkpoints": write_members(tmp_path, dim=16)}
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(data))
+
+    result = runner.invoke(app, ["fit-factors", str(config), "--json"])
+    assert result.exit_code == 0, result.stderr
+    fitted_report = json.loads(result.stdout)
+    assert [m["path"] for m in fitted_report["members"]] == [
+        str(tmp_path / "out" / storage.MEMBERS_DIR / str(i) / storage.FACTORS_FILE) for i in (1, 2)
+    ]
+    result = runner.invoke(app, ["fit-factors", str(config), "--overwrite"])
+    assert result.exit_code == 0, result.stderr
+    assert "ensemble member 2" in " ".join(result.stderr.split())
+
+    result = runner.invoke(app, ["compute-scores", str(config), "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["members"] == 3
+    result = runner.invoke(app, ["compute-scores", str(config), "--overwrite"])
+    assert result.exit_code == 0, result.stderr
+    assert "ensemble of 3 models" in " ".join(result.stdout.split())
+    result = runner.invoke(app, ["top-k", str(config), "--query", "0", "--k", "3", "--json"])
+    assert result.exit_code == 0, result.stderr
+    (ranking,) = json.loads(result.stdout)["queries"]
+    assert [e["train_index"] for e in ranking["proponents"]] == [e.train_index for e in top_k(tmp_path / "out", [0], 3)[0].proponents]
+
+    (tmp_path / "out" / storage.MEMBERS_DIR / "1" / storage.FACTORS_FILE).unlink()
+    result = runner.invoke(app, ["compute-scores", str(config), "--overwrite"])
+    assert result.exit_code != 0
+    message = " ".join(result.stderr.split())
+    assert "scores.checkpoints[0]" in message and "fit-factors" in message
