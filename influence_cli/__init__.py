@@ -19,6 +19,8 @@ _LAZY = {
     "top_k": "influence_cli.topk",
     "self_top_k": "influence_cli.topk",
     "dataset_similarity": "influence_cli.similarity",
+    "spectrum": "influence_cli.spectrum",
+    "edit_checkpoint": "influence_cli.edit",
 }
 
 

@@ -1,0 +1,122 @@
+"""GPU check: fit-factors and compute-scores on real MNIST on one GPU, throughput and peak memory.
+
+    python benchmarks/gpu_check.py [--train 8000] [--queries 1000] [--amp none|bfloat16] [--repeats 3]
+
+Runs the same workload as the CPU benchmarks (MLP 784-128-128-10, EKFAC, sampled Fisher,
+batch size 256) on `cuda`, in float32 and with bf16 autocast for the data passes, and prints
+examples/s per pass, the scoring pass's achieved TFLOP/s against the 2·Q·N·P floor and the GPU's
+measured fp32 GEMM rate, and torch.cuda.max_memory_allocated. When kronfluence is importable,
+the same workload through Kronfluence (benchmarks/kronfluence_task.py) is timed in the same run.
+Prints a markdown table for docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from mnist_common import MLP_KWARGS, header, load_mnist
+
+from influence_cli.config import ModelConfig, config_from_dict
+from influence_cli.context import prepare
+from influence_cli.fit import compute_factors, fit_factors, plan_for
+from influence_cli.models import build_model
+from influence_cli.scores import compute_scores
+from influence_cli.storage import save_tensors
+from influence_cli.training import TrainRecipe, train_model
+
+
+def gemm_tflops(device: torch.device, n: int = 8192) -> float:
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n**3 * 10 / (time.perf_counter() - t0) / 1e12
+
+
+def timed(fn) -> tuple[float, float]:
+    """(seconds, peak GiB) of fn() on the GPU."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0, torch.cuda.max_memory_allocated() / 2**30
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train", type=int, default=8000)
+    parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("no CUDA device visible")
+    device = torch.device("cuda")
+    tmp = Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    x, y = load_mnist(0, args.train)
+    torch.manual_seed(0)
+    model = train_model(build_model(ModelConfig(architecture="mlp", kwargs=MLP_KWARGS), "."), x, y, TrainRecipe(epochs=3))
+    save_tensors(tmp / "model.safetensors", model.state_dict(), {})
+    from bench_scores import make_config
+
+    rows, results = [], {}
+    n_params = None
+    for amp in ("none", "bfloat16"):
+        raw = make_config(tmp, args.train, 9000, 9000 + args.queries, "cuda")
+        raw["factors"]["amp"] = amp
+        raw["output_dir"] = str(tmp / f"run-{amp}")
+        cfg = config_from_dict(raw, base_dir=tmp)
+        ctx = prepare(cfg)
+        n_params = sum(tm.num_params for tm in ctx.tracked)
+        dataset = ctx.dataset(cfg.data.train, "data.train")
+        fit_times, fit_mem = [], 0.0
+        for _ in range(args.repeats + 1):
+            secs: dict[str, float] = {}
+            t, mem = timed(lambda secs=secs: compute_factors(ctx.model, ctx.tracked, "ekfac", plan_for(ctx, dataset), seconds=secs))
+            fit_times.append((t, secs))
+            fit_mem = max(fit_mem, mem)
+        med = {k: statistics.median(s[k] for _, s in fit_times[1:]) for k in fit_times[1][1]}
+        med["fit_total"] = statistics.median(t for t, _ in fit_times[1:])
+        fit_factors(cfg, overwrite=True)
+        score_runs = []
+        for _ in range(args.repeats):
+            t, mem = timed(lambda: score_runs.append(compute_scores(cfg, overwrite=True)))
+        report = score_runs[-1]
+        score_s = statistics.median(r.seconds["scores"] for r in score_runs)
+        tflops = 2 * args.queries * args.train * n_params / score_s / 1e12
+        results[amp] = {"fit": med, "fit_peak_gib": fit_mem, "score_seconds": score_s, "score_peak_gib": mem, "score_tflops": tflops,
+                        "report_seconds": report.seconds}
+        rows.append((amp, med, fit_mem, score_s, mem, tflops))
+    peak = gemm_tflops(device)
+    print(header(f"python benchmarks/gpu_check.py --train {args.train} --queries {args.queries}") + f"  gpu: {torch.cuda.get_device_name()}")
+    print()
+    print("| autocast | covariance ex/s | correction ex/s | fit total (s) | fit peak GiB | scoring (s) | train ex/s scored | scoring TFLOP/s | score peak GiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for amp, med, fit_mem, score_s, mem, tflops in rows:
+        print(f"| {amp} | {args.train / med['covariance']:,.0f} | {args.train / med['correction']:,.0f} | {med['fit_total']:.3f} | "
+              f"{fit_mem:.2f} | {score_s:.3f} | {args.train / score_s:,.0f} | {tflops:.1f} | {mem:.2f} |")
+    print(f"\nfp32 GEMM 8192³: {peak:.1f} TFLOP/s; scoring floor 2·Q·N·P = {2 * args.queries * args.train * n_params / 1e9:,.0f} GFLOP")
+    try:
+        import kronfluence  # noqa: F401
+    except ImportError:
+        print("kronfluence not installed: skipped (pip install -e '.[bench]')")
+    else:
+        from kronfluence_task import run_kronfluence_timed
+
+        kf = run_kronfluence_timed(tmp / "model.safetensors", args.train, args.queries, device="cuda")
+        print(f"kronfluence: {json.dumps(kf)}")
+    print("\n" + json.dumps(results, default=str))
+
+
+if __name__ == "__main__":
+    main()

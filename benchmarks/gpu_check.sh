@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# One prepared GPU check: fit-factors and compute-scores on real MNIST on one GPU (float32 and
+# bf16 autocast), throughput per pass and peak GPU memory, and Kronfluence on the same workload
+# when it is installed. Also a 2-GPU torchrun smoke run when two GPUs are visible.
+#   bash benchmarks/gpu_check.sh            (from the repository root; PYTHON=... to pick the interpreter)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+"$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no CUDA'; print('torch', torch.__version__, torch.cuda.get_device_name())"
+"$PYTHON" -c "import influence_cli" 2>/dev/null || "$PYTHON" -m pip install -q --no-deps -e .
+"$PYTHON" benchmarks/gpu_check.py "$@"
+if [ "$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+  out=$(mktemp -d)
+  "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node=2 -m influence_cli fit-factors configs/digits.yaml \
+      --set device=cuda --set output_dir="$out" --json | tail -n 5
+fi
