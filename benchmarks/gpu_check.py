@@ -43,14 +43,14 @@ def gemm_tflops(device: torch.device, n: int = 8192) -> float:
     return 2 * n**3 * 10 / (time.perf_counter() - t0) / 1e12
 
 
-def timed(fn) -> tuple[float, float]:
-    """(seconds, peak GiB) of fn() on the GPU."""
+def timed(fn, *args, **kwargs) -> tuple[object, float, float]:
+    """(result, seconds, peak GiB) of fn(*args, **kwargs) on the GPU."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    fn()
+    out = fn(*args, **kwargs)
     torch.cuda.synchronize()
-    return time.perf_counter() - t0, torch.cuda.max_memory_allocated() / 2**30
+    return out, time.perf_counter() - t0, torch.cuda.max_memory_allocated() / 2**30
 
 
 def main() -> None:
@@ -82,7 +82,7 @@ def main() -> None:
         fit_times, fit_mem = [], 0.0
         for _ in range(args.repeats + 1):
             secs: dict[str, float] = {}
-            t, mem = timed(lambda secs=secs: compute_factors(ctx.model, ctx.tracked, "ekfac", plan_for(ctx, dataset), seconds=secs))
+            _, t, mem = timed(compute_factors, ctx.model, ctx.tracked, "ekfac", plan_for(ctx, dataset), seconds=secs)
             fit_times.append((t, secs))
             fit_mem = max(fit_mem, mem)
         med = {k: statistics.median(s[k] for _, s in fit_times[1:]) for k in fit_times[1][1]}
@@ -90,7 +90,8 @@ def main() -> None:
         fit_factors(cfg, overwrite=True)
         score_runs = []
         for _ in range(args.repeats):
-            t, mem = timed(lambda: score_runs.append(compute_scores(cfg, overwrite=True)))
+            run, _, mem = timed(compute_scores, cfg, overwrite=True)
+            score_runs.append(run)
         report = score_runs[-1]
         score_s = statistics.median(r.seconds["scores"] for r in score_runs)
         tflops = 2 * args.queries * args.train * n_params / score_s / 1e12
