@@ -1,0 +1,106 @@
+"""compute-scores killed mid-pass (a real SIGKILL) resumes to bit-identical scores; runs are reproducible."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from influence_cli import storage
+from influence_cli.config import load_config
+from influence_cli.fit import fit_factors
+from influence_cli.scores import compute_scores
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "digits.yaml"
+# 1500 training digits in batches of 32 (47 batches), 200 queries, progress saved every 4 batches.
+SETTINGS = ["device=cpu", "data.batch_size=32", "factors.checkpoint_every=4", "data.query.range=[1500, 1700]"]
+PARTIAL = storage.SCORES_PARTIAL.format(rank="")
+
+# The real CLI with each scored batch slowed down, so that the kill lands mid-pass on any machine.
+SLOW_CLI = """
+import sys, time
+import influence_cli.scores as scores
+
+_stream = scores.stream_gradients
+
+def slow_stream(*args, **kwargs):
+    for batch in _stream(*args, **kwargs):
+        if kwargs.get("mode") == "loss":
+            time.sleep(0.03)
+        yield batch
+
+scores.stream_gradients = slow_stream
+from influence_cli.cli import main
+sys.argv[0] = "influence"
+main()
+"""
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The subprocesses run with one thread; so does the in-process reference (same GEMM blocking, same bits)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def cli(out: Path, *extra: str) -> list[str]:
+    sets = [a for s in [*SETTINGS, f"output_dir={out}"] for a in ("--set", s)]
+    return [sys.executable, "-c", SLOW_CLI, "compute-scores", str(CONFIG), *sets, *extra]
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory) -> Path:
+    """Factors of the digits sample, and the scores of one uninterrupted run."""
+    out = tmp_path_factory.mktemp("scores-ref")
+    cfg = load_config(CONFIG, [*SETTINGS, f"output_dir={out}"])
+    fit_factors(cfg)
+    compute_scores(cfg)
+    return out
+
+
+def test_same_config_gives_bit_identical_scores(fitted, tmp_path):
+    (tmp_path / storage.FACTORS_FILE).write_bytes((fitted / storage.FACTORS_FILE).read_bytes())
+    compute_scores(load_config(CONFIG, [*SETTINGS, f"output_dir={tmp_path}"]))
+    ref, again = load_file(fitted / storage.SCORES_FILE), load_file(tmp_path / storage.SCORES_FILE)
+    assert ref.keys() == again.keys()
+    for name in ref:
+        assert torch.equal(ref[name], again[name]), name
+
+
+def test_sigkill_mid_pass_then_resume_is_bit_identical(fitted, tmp_path):
+    (tmp_path / storage.FACTORS_FILE).write_bytes((fitted / storage.FACTORS_FILE).read_bytes())
+    env = os.environ | {"OMP_NUM_THREADS": "1", "COLUMNS": "120"}
+    proc = subprocess.Popen(cli(tmp_path), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 90
+    while not (tmp_path / PARTIAL).exists():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (rc {proc.returncode}) before saving progress:\n{proc.communicate()[1]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("no progress saved within 90 s")
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / storage.SCORES_FILE).exists()  # nothing that looks finished
+
+    refused = subprocess.run(cli(tmp_path), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert refused.returncode == 5 and "--resume" in refused.stderr, refused.stderr
+
+    resumed = subprocess.run(cli(tmp_path, "--resume"), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stderr
+    ref, got = load_file(fitted / storage.SCORES_FILE), load_file(tmp_path / storage.SCORES_FILE)
+    for name in ref:
+        assert torch.equal(ref[name], got[name]), name
+    assert sorted(p.name for p in tmp_path.iterdir()) == [storage.FACTORS_FILE, storage.SCORES_FILE]
