@@ -1,4 +1,21 @@
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module.
+
+    On a small shared CPU more threads only spin (runs get many times slower), and the
+    bit-identity tests compare in-process runs with one-thread subprocesses: the same GEMM
+    blocking gives the same bits.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

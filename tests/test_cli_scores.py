@@ -20,13 +20,9 @@ from influence_cli import storage
 from influence_cli.cli import app
 from influence_cli.topk import iter_score_blocks, top_k
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from influence_cli.config import load_config
 from influence_cli.distributed import DistState
 from influence_cli.errors import DistributedError
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.usefixtures("one_thread")]
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "digits.yaml"
@@ -76,13 +76,6 @@ def fit_args(config: Path, out: Path, *sets: str) -> list[str]:
     return args
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread for the in-process runs (more only spin on a small shared CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def single_process(out: Path, *sets: str) -> dict[str, torch.Tensor]:

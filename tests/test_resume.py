@@ -29,6 +29,8 @@ from influence_cli.distributed import DistState
 from influence_cli.errors import OutputError
 from influence_cli.resume import Snapshot
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "digits.yaml"
 PARTIAL = storage.FACTORS_PARTIAL.format(rank="")
@@ -60,13 +62,6 @@ main()
 """
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a small, shared CPU more threads only spin (runs get 10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def config(out: Path, *overrides: str):

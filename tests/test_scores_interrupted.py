@@ -18,6 +18,8 @@ from influence_cli.config import load_config
 from influence_cli.fit import fit_factors
 from influence_cli.scores import compute_scores
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "digits.yaml"
 # 1500 training digits in batches of 32 (47 batches), 200 queries, progress saved every 4 batches.
@@ -44,13 +46,6 @@ main()
 """
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The subprocesses run with one thread; so does the in-process reference (same GEMM blocking, same bits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def cli(out: Path, *extra: str) -> list[str]:
