@@ -6,11 +6,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+BENCH_VENV ?= .venv-bench
+BENCH_PY := $(BENCH_VENV)/bin/python
+BENCH_STAMP := $(BENCH_VENV)/.installed
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 DEMO := configs/digits.yaml
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-all lint bench mnist-model clean
+.PHONY: help install demo test test-all lint bench bench-install bench-field mnist-model clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -49,6 +52,21 @@ mnist-model: $(STAMP) ## Train the MNIST MLP used by configs/mnist*.yaml (runs/m
 bench: $(STAMP) mnist-model ## Run the CPU benchmarks (results go to stdout; see docs/BENCHMARKS.md)
 	$(PY) benchmarks/bench_fit.py
 	$(PY) benchmarks/bench_scores.py
+
+# Kronfluence is a benchmark-only extra (pyproject `bench`): it goes into .venv-bench, a venv that
+# sees .venv's packages (torch, influence_cli) through a .pth file, never into .venv itself.
+$(BENCH_STAMP): $(STAMP)
+	test -x $(BENCH_PY) || $(PY) -m venv $(BENCH_VENV)
+	printf 'import site; site.addsitedir(%s)\n' "'$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')'" \
+		> "$$($(BENCH_PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zz_influence_main_venv.pth"
+	$(BENCH_PY) -m pip install -q 'kronfluence>=1.0,<1.1'
+	touch $(BENCH_STAMP)
+
+bench-install: $(BENCH_STAMP) ## Create .venv-bench: .venv's packages plus Kronfluence (for the benchmarks against it)
+
+bench-field: $(BENCH_STAMP) ## Benchmarks against Kronfluence: scores agreement, speed, LDS, ensembles (~15 min; docs/BENCHMARKS.md)
+	$(BENCH_PY) benchmarks/compare_kronfluence.py
+	$(BENCH_PY) benchmarks/lds.py
 
 clean: ## Remove runs/ and caches (keeps .venv)
 	rm -rf runs .pytest_cache .ruff_cache

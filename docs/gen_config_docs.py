@@ -179,6 +179,11 @@ Scores use (F + λ)⁻¹. `scores.damping: auto` (the default) sets, per layer,
 damping follows each layer's scale. A number sets the same λ ≥ 0 for every layer. Larger λ
 moves scores toward plain gradient dot products; smaller λ trusts the low-curvature
 directions more (and their noise). Negative, NaN or infinite values are config errors.
+`scores.damping_scope: model` makes `auto` one λ for the whole model instead:
+`damping_factor` × the mean eigenvalue over every tracked parameter, the classical
+(F + λI)⁻¹. Per layer, the layers with the largest curvature (usually the last) are damped
+far more than the others; on the MNIST LDS benchmark the model-wide λ attributes better
+(docs/BENCHMARKS.md, "LDS").
 
 ## Sign convention and scale of scores
 

@@ -142,6 +142,10 @@ class ScoresConfig:
 
     damping: float | str = _help("auto (damping_factor x mean eigenvalue, per layer) or a number >= 0 used for every layer.", default="auto")
     damping_factor: float = _help("λ = damping_factor x mean eigenvalue of each layer, when damping is auto.", default=0.1)
+    damping_scope: Literal["layer", "model"] = _help(
+        "auto damping: layer (each layer's own mean eigenvalue) | model (one λ from the mean over all tracked parameters).",
+        default="layer",
+    )
     relative: bool = _help("RelatIF: divide by the norm of the train example's preconditioned gradient.", default=False)
     max_memory_mb: float = _help("Memory budget for the score matrix; larger runs are written as shards.", default=1024.0)
     query_chunk: int | None = _help("Queries preconditioned and scored together (null = fit the budget).", default=None)

@@ -141,6 +141,24 @@ class LayerFactors:
         )
 
 
+def layer_damping(layers: dict[str, LayerFactors], damping: float | str, factor: float = 0.1, scope: str = "layer") -> dict[str, float]:
+    """λ of every layer (0 for layers without curvature).
+
+    A number is used as given. `auto` is `factor` × a mean of the curvature diagonal Λ:
+    with scope `layer`, each layer's own mean (Grosse et al. 2023; Kronfluence's heuristic),
+    so each block is damped relative to its own scale; with scope `model`, the mean over every
+    tracked parameter (Σ_l ΣΛ_l / Σ_l P_l), one λ for the whole block-diagonal F, i.e. the
+    Tikhonov damping (F + λI)⁻¹ of the classical influence function (Koh & Liang 2017).
+    """
+    if damping != "auto" or scope == "layer":
+        return {name: lf.damping(damping, factor) for name, lf in layers.items()}
+    curved = [lf.eigenvalues for lf in layers.values() if lf.eigenvalues is not None]
+    total = sum(float(v.double().sum()) for v in curved)
+    count = sum(v.numel() for v in curved)
+    lam = factor * total / count if count else 0.0
+    return {name: (lam if lf.eigenvalues is not None else 0.0) for name, lf in layers.items()}
+
+
 @dataclass
 class Factors:
     """Every tracked layer's curvature plus what produced it."""

@@ -16,7 +16,16 @@ V' = U_G [(U_Gᵀ V U_A) / (Λ* + λ)] U_Aᵀ, and kept as [Q, P] matrices; the 
 set is streamed and each batch costs one GEMM per layer, [Q, P] @ [P, B]. Layers
 without positions do both sides in the Kronecker eigenbasis instead (ScoreKernel),
 where a per-example gradient is an outer product of rotated vectors: the same
-scores without the O(P·(d_in + d_out)) rotation of every query.
+scores without the O(P·(d_in + d_out)) rotation of every query. For those layers
+the outer products of a training batch are formed a block of rows of [d_out, d_in]
+at a time, right before the GEMM of that block (queries are stored in the same
+column blocks), so the [B, P] gradient matrix never round-trips through memory and
+the pass runs within about 10% of 2·Q·N·P FLOPs at the machine's GEMM rate
+(docs/BENCHMARKS.md).
+
+Ensembles (scores.checkpoints, ensemble.py): every model has its own gradients,
+factors and damping; each training batch goes through every model and the blocks
+are averaged, in one pass over the training set.
 
 Variants:
 - relative (RelatIF, Barshan et al. 2020, θ-relative): I(z, x) / ‖(F + λ)⁻¹ ∇L(x)‖;
@@ -50,7 +59,7 @@ from influence_cli.data import IndexedDataset, make_loader
 from influence_cli.distributed import DistState
 from influence_cli.ensemble import Member, describe_member, ensemble_members, prepare_member
 from influence_cli.errors import DistributedError, InfluenceError, NumericalError, OutputError
-from influence_cli.factors import LayerFactors
+from influence_cli.factors import LayerFactors, layer_damping
 from influence_cli.fit import check_factors_match, load_factors
 from influence_cli.passes import BatchGradients, accumulator_dtype, autocast_context, model_dtype, stream_gradients
 from influence_cli.progress import NullProgress, Progress
@@ -58,15 +67,17 @@ from influence_cli.resume import PassCheckpoint, Snapshot, run_key
 from influence_cli.tracking import TrackedModule, per_example_gradients
 
 _MAX_BMM_ELEMENTS = 1 << 25  # rotated per-example gradients formed at once (sequence / conv layers)
+_BLOCK_ELEMENTS = 1 << 13  # per-example gradient elements formed at once in the scoring GEMM (layers without positions)
 _SCORE_BYTES = 4  # the score block is computed in float32 (float64 for float64 models), see sizing
 
 
 # ----------------------------------------------------------------------------- the math
 
 
-def resolve_damping(layers: dict[str, LayerFactors], damping: float | str, factor: float = 0.1) -> dict[str, float]:
-    """λ per layer: `auto` = factor × mean(Λ*), a number as given, 0 for layers without curvature."""
-    return {name: lf.damping(damping, factor) for name, lf in layers.items()}
+def resolve_damping(layers: dict[str, LayerFactors], damping: float | str, factor: float = 0.1, scope: str = "layer") -> dict[str, float]:
+    """λ per layer: `auto` = factor × mean(Λ*) of the layer (scope `layer`) or of the whole model
+    (scope `model`), a number as given, 0 for layers without curvature (factors.layer_damping)."""
+    return layer_damping(layers, damping, factor, scope)
 
 
 class ScoreKernel:
@@ -109,16 +120,21 @@ class ScoreKernel:
             g = g @ lf.g_eigenvectors
         return a, g
 
-    def gradients(self, batch: BatchGradients) -> dict[str, torch.Tensor]:
-        """{layer: ∇W [B, P]} in the layer's basis (row-major vec of [d_out, d_in], P = d_out·d_in)."""
-        out = {}
+    def gradients(self, batch: BatchGradients) -> dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+        """{layer: ∇W} of every example in the layer's basis, for `pairwise`.
+
+        Layers with positions: the matrix [B, P] (row-major vec of [d_out, d_in], P = d_out·d_in).
+        Layers without (T = 1): the factors (g [B, d_out], a [B, d_in]) of the outer products
+        ∇W = g aᵀ, which `pairwise` forms block by block next to its GEMM.
+        """
+        out: dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = {}
         for name in self.layers:
             a = batch.activations[name]
             if self._in_eigenbasis(name, a):
                 a, g = self._rotated(name, batch)
             else:
                 g = batch.gradients[0][name]
-            out[name] = per_example_gradients(a, g).reshape(a.shape[0], -1)
+            out[name] = (g[:, 0], a[:, 0]) if a.shape[1] == 1 else per_example_gradients(a, g).reshape(a.shape[0], -1)
         return out
 
     def preconditioned(self, batch: BatchGradients) -> dict[str, torch.Tensor]:
@@ -136,13 +152,84 @@ class ScoreKernel:
             out[name] = grad.reshape(a.shape[0], -1)
         return out
 
+    def store_queries(self, out: dict[str, torch.Tensor | list[torch.Tensor]], row: int, total: int, batch: BatchGradients) -> None:
+        """Writes a query batch's preconditioned vectors into rows [row, row + B) of `out`.
+
+        Each layer's storage is allocated at the first batch: [total, P], or, for layers
+        without positions, the same matrix cut into column blocks of whole rows of
+        [d_out, d_in] (`row_blocks`), the layout `pairwise` multiplies block by block.
+        """
+        for name, v in self.preconditioned(batch).items():
+            n, d_in = v.shape[0], batch.activations[name].shape[-1]
+            dest = out.get(name)
+            if dest is None:
+                blocks = batch.activations[name].shape[1] == 1
+                dest = out[name] = (
+                    [v.new_empty(total, (r1 - r0) * d_in) for r0, r1 in row_blocks(v.shape[1] // d_in, d_in)]
+                    if blocks
+                    else v.new_empty(total, v.shape[1])
+                )
+            if isinstance(dest, list):
+                rows = v.view(n, -1, d_in)
+                r0 = 0
+                for block in dest:
+                    r1 = r0 + block.shape[1] // d_in
+                    block[row : row + n] = rows[:, r0:r1].reshape(n, -1)
+                    r0 = r1
+            else:
+                dest[row : row + n] = v
+
+    def blocked(self, queries: dict[str, torch.Tensor], batch: BatchGradients) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+        """[Q, P] preconditioned queries in the layout of `store_queries` (`batch`: any batch, for the layers' shapes)."""
+        out: dict[str, torch.Tensor | list[torch.Tensor]] = {}
+        for name, v in queries.items():
+            a = batch.activations[name]
+            if a.shape[1] != 1:
+                out[name] = v
+                continue
+            d_in = a.shape[-1]
+            out[name] = [v[:, r0 * d_in : r1 * d_in].contiguous() for r0, r1 in row_blocks(v.shape[1] // d_in, d_in)]
+        return out
+
     @staticmethod
-    def pairwise(queries: dict[str, torch.Tensor], train: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Σ_layers V'_q ∇W_xᵀ: [Q, B] from {layer: [Q, P]} and {layer: [B, P]} (one GEMM per layer)."""
+    def pairwise(
+        queries: dict[str, torch.Tensor | list[torch.Tensor]], train: dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
+    ) -> torch.Tensor:
+        """Σ_layers V'_q ∇W_xᵀ: [Q, B] (one GEMM per layer, or per row block).
+
+        Args:
+            queries: {layer: V' [Q, P]}, or its column blocks (`store_queries`).
+            train: {layer: ∇W [B, P]}, or the factors (g, a) of ∇W = g aᵀ (`gradients`).
+
+        With blocks and factors, the per-example gradients are formed one block of rows of
+        [d_out, d_in] at a time, [B, rows·d_in] (a few MB, in cache), and multiplied at once:
+        the [B, P] matrix never exists, so the pass runs at the GEMM's rate.
+        """
         out: torch.Tensor | None = None
         for name, q in queries.items():
-            g = train[name]
-            out = q @ g.T if out is None else out.addmm_(q, g.T)
+            t = train[name]
+            if isinstance(q, list):
+                buf: torch.Tensor | None = None
+                c0 = r0 = 0
+                for block in q:
+                    width = block.shape[1]
+                    if isinstance(t, tuple):
+                        g, a = t
+                        r1 = r0 + width // a.shape[1]
+                        if buf is None:
+                            buf = g.new_empty(g.shape[0] * max(b.shape[1] for b in q))
+                        grad = buf[: g.shape[0] * width].view(g.shape[0], r1 - r0, a.shape[1])
+                        torch.mul(g[:, r0:r1, None], a[:, None, :], out=grad)
+                        grad = grad.view(g.shape[0], width)
+                        r0 = r1
+                    else:  # a [B, P] matrix: its matching columns
+                        grad = t[:, c0 : c0 + width]
+                    c0 += width
+                    out = block @ grad.T if out is None else out.addmm_(block, grad.T)
+                continue
+            if isinstance(t, tuple):
+                t = (t[0][:, :, None] * t[1][:, None, :]).reshape(t[0].shape[0], -1)
+            out = q @ t.T if out is None else out.addmm_(q, t.T)
         assert out is not None
         return out
 
@@ -172,6 +259,12 @@ class ScoreKernel:
     def norms(self, batch: BatchGradients) -> torch.Tensor:
         """‖(F + λ)⁻¹ ∇L(x)‖ per example (the RelatIF denominator): [B]."""
         return self.quadratic(batch, 2).clamp_min(0).sqrt()
+
+
+def row_blocks(d_out: int, d_in: int, elements: int | None = None) -> list[tuple[int, int]]:
+    """Ranges [r0, r1) of the rows of a [d_out, d_in] gradient, each about `elements` entries (at least one row)."""
+    rows = max(1, (elements or _BLOCK_ELEMENTS) // max(1, d_in))
+    return [(r0, min(d_out, r0 + rows)) for r0 in range(0, d_out, rows)]
 
 
 def _weighted_square_norms(a: torch.Tensor, g: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
@@ -206,6 +299,7 @@ def pairwise_scores(
     measurement: str = "loss",
     damping: float | str = "auto",
     damping_factor: float = 0.1,
+    damping_scope: str = "layer",
     relative: bool = False,
     device: torch.device | None = None,
 ) -> torch.Tensor:
@@ -218,13 +312,16 @@ def pairwise_scores(
         layers: {layer: LayerFactors} (converted to the model's dtype and device here).
         query_batches, train_batches: (inputs, targets, global_indices) triples.
     """
-    kernel = _kernel(model, layers, damping, damping_factor, device)
+    kernel = _kernel(model, layers, damping, damping_factor, device, damping_scope)
     kw: dict[str, Any] = {"task_kind": task_kind, "device": device}
     queries: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
-    for batch in stream_gradients(model, tracked, query_batches, mode="measurement", measurement=measurement, **kw):
-        for name, v in kernel.preconditioned(batch).items():
+    last = None
+    for last in stream_gradients(model, tracked, query_batches, mode="measurement", measurement=measurement, **kw):
+        for name, v in kernel.preconditioned(last).items():
             queries[name].append(v)
-    stacked = {name: torch.cat(v) for name, v in queries.items()}
+    if last is None:
+        raise ValueError("no query batches")
+    stacked = kernel.blocked({name: torch.cat(v) for name, v in queries.items()}, last)
     columns = []
     for batch in stream_gradients(model, tracked, train_batches, mode="loss", dataset_name="data.train", **kw):
         s = kernel.pairwise(stacked, kernel.gradients(batch))
@@ -243,6 +340,7 @@ def ensemble_pairwise_scores(
     measurement: str = "loss",
     damping: float | str = "auto",
     damping_factor: float = 0.1,
+    damping_scope: str = "layer",
     relative: bool = False,
     device: torch.device | None = None,
 ) -> torch.Tensor:
@@ -255,15 +353,20 @@ def ensemble_pairwise_scores(
         members: (model, tracked layers, {layer: LayerFactors}) of every member.
         query_batches, train_batches: (inputs, targets, global_indices) triples.
     """
-    kernels = [_kernel(model, layers, damping, damping_factor, device) for model, _, layers in members]
+    kernels = [_kernel(model, layers, damping, damping_factor, device, damping_scope) for model, _, layers in members]
     kw: dict[str, Any] = {"task_kind": task_kind, "device": device}
     queries: list[dict[str, list[torch.Tensor]]] = [{name: [] for name in layers} for _, _, layers in members]
+    last: list[BatchGradients] = []
     for item in query_batches:
+        last = []
         for (model, tracked, _), kernel, out in zip(members, kernels, queries, strict=True):
             for batch in stream_gradients(model, tracked, [item], mode="measurement", measurement=measurement, **kw):
                 for name, v in kernel.preconditioned(batch).items():
                     out[name].append(v)
-    stacked = [{name: torch.cat(v) for name, v in out.items()} for out in queries]
+                last.append(batch)
+    if not last:
+        raise ValueError("no query batches")
+    stacked = [k.blocked({name: torch.cat(v) for name, v in out.items()}, b) for k, out, b in zip(kernels, queries, last, strict=True)]
     columns = []
     for item in train_batches:
         total: torch.Tensor | None = None
@@ -287,10 +390,11 @@ def self_influence_scores(
     task_kind: str = "classification",
     damping: float | str = "auto",
     damping_factor: float = 0.1,
+    damping_scope: str = "layer",
     device: torch.device | None = None,
 ) -> torch.Tensor:
     """In-memory self-influence ∇L(x)ᵀ (F + λ)⁻¹ ∇L(x) of every training example: [n_train]."""
-    kernel = _kernel(model, layers, damping, damping_factor, device)
+    kernel = _kernel(model, layers, damping, damping_factor, device, damping_scope)
     out = [
         kernel.self_influence(batch)
         for batch in stream_gradients(model, tracked, train_batches, task_kind=task_kind, mode="loss", device=device)
@@ -298,10 +402,12 @@ def self_influence_scores(
     return torch.cat(out)
 
 
-def _kernel(model: nn.Module, layers: dict[str, LayerFactors], damping: float | str, factor: float, device: torch.device | None) -> ScoreKernel:
+def _kernel(
+    model: nn.Module, layers: dict[str, LayerFactors], damping: float | str, factor: float, device: torch.device | None, scope: str = "layer"
+) -> ScoreKernel:
     dtype = accumulator_dtype(model)
     moved = {name: lf.to(device or torch.device("cpu"), dtype) for name, lf in layers.items()}
-    return ScoreKernel(moved, resolve_damping(moved, damping, factor))
+    return ScoreKernel(moved, resolve_damping(moved, damping, factor, scope))
 
 
 # ----------------------------------------------------------------------------- sizing and sharding
@@ -638,7 +744,7 @@ class _Scorer:
         return self.member_batches(batches, mode="loss", start_batch=first, name="data.train")
 
     def pairwise(
-        self, queries: list[dict[str, torch.Tensor]], batches: list[BatchGradients], norms: torch.Tensor | None, c0: int, first: bool
+        self, queries: list[dict[str, torch.Tensor | list[torch.Tensor]]], batches: list[BatchGradients], norms: torch.Tensor | None, c0: int, first: bool
     ) -> torch.Tensor:
         """The [Q, B] block of one training batch, averaged over the members.
 
@@ -683,12 +789,10 @@ class _Scorer:
             "query_predictions": torch.cat(preds),
         }
 
-    def precondition(self, queries: IndexedDataset, q0: int, q1: int, title: str) -> list[dict[str, torch.Tensor]]:
-        """Per member, {layer: (F + λ)⁻¹ ∇(measurement) [q1 - q0, P]} for query positions [q0, q1)."""
-        outs = [
-            {tm.name: torch.empty(q1 - q0, tm.num_params, dtype=self.dtype, device=m.ctx.device) for tm in m.ctx.tracked}
-            for m in self.members
-        ]
+    def precondition(self, queries: IndexedDataset, q0: int, q1: int, title: str) -> list[dict[str, torch.Tensor | list[torch.Tensor]]]:
+        """Per member, {layer: (F + λ)⁻¹ ∇(measurement) [q1 - q0, P]} for query positions [q0, q1)
+        (layers without positions: in column blocks, ScoreKernel.store_queries)."""
+        outs: list[dict[str, torch.Tensor | list[torch.Tensor]]] = [{} for _ in self.members]
         watch = _NonFiniteWatch(self.ctx.device, self.bs)
         self.progress.start(title, q1 - q0)
         row = 0
@@ -696,8 +800,7 @@ class _Scorer:
         for per_member in self.member_batches(batches, mode="measurement", start_batch=q0 // self.bs, name="data.query"):
             n = len(per_member[0].global_indices)
             for member, out, batch in zip(self.members, outs, per_member, strict=True):
-                for name, v in member.kernel.preconditioned(batch).items():
-                    out[name][row : row + n] = v
+                member.kernel.store_queries(out, row, q1 - q0, batch)
                 watch.observe(batch)
             row += n
             self.progress.advance(n)
@@ -776,7 +879,7 @@ def compute_scores(
         _check_factors_finite(layers, member.factors_path)
         dtype = accumulator_dtype(mctx.model)
         layers = {name: lf.to(mctx.device, dtype) for name, lf in layers.items()}
-        damping = resolve_damping(layers, cfg.scores.damping, cfg.scores.damping_factor)
+        damping = resolve_damping(layers, cfg.scores.damping, cfg.scores.damping_factor, cfg.scores.damping_scope)
         members.append(_ScoringMember(mctx, ScoreKernel(layers, damping)))
         described.append(describe_member(member, mctx) | {"factors": factors_info, "damping": damping})
     scorer = _Scorer(members, train, progress)
@@ -877,7 +980,7 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
     query_info = scorer.query_info(queries)
     chunks = layout.query_chunks
     mine = [s for s in layout.shards if s.rank == st.rank]
-    cached: dict[str, torch.Tensor] | None = None
+    cached: list[dict[str, torch.Tensor | list[torch.Tensor]]] | None = None
     watch = _NonFiniteWatch(ctx.device, scorer.bs)
     steps, scored, resumed_from = 0, 0, None
     seconds.update(queries=time.perf_counter() - t0, scores=0.0, write=0.0)

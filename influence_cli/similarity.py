@@ -38,7 +38,7 @@ from influence_cli.config import SIMILARITY_METHODS, Config
 from influence_cli.context import prepare
 from influence_cli.distributed import DistState
 from influence_cli.errors import ConfigError, NumericalError, OutputError, UsageError
-from influence_cli.factors import DiagonalAccumulator, LayerFactors
+from influence_cli.factors import DiagonalAccumulator, LayerFactors, layer_damping
 from influence_cli.fit import PassPlan, _NonFiniteWatch, check_factors_match, load_factors, plan_for
 from influence_cli.passes import BatchGradients, accumulator_dtype, stream_gradients
 from influence_cli.progress import NullProgress, Progress
@@ -361,7 +361,8 @@ def dataset_similarity(
     datasets = {name: ctx.dataset(spec, keys[name]) for name, spec in specs.items()}
     fisher = factors.fisher
     plans = {name: dataclasses.replace(plan_for(ctx, ds), fisher=fisher) for name, ds in datasets.items()}
-    damping = {tm.name: factors.layers[tm.name].damping(cfg.scores.damping, cfg.scores.damping_factor) for tm in ctx.tracked}
+    tracked_layers = {tm.name: factors.layers[tm.name] for tm in ctx.tracked}
+    damping = layer_damping(tracked_layers, cfg.scores.damping, cfg.scores.damping_factor, cfg.scores.damping_scope)
     progress = progress if (progress is not None and ctx.state.is_main) else NullProgress()
     layers = {tm.name: factors.layers[tm.name].to(ctx.device) for tm in ctx.tracked}
     t0 = time.perf_counter()

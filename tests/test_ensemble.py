@@ -38,16 +38,12 @@ from influence_cli.models import mlp
 from influence_cli.scores import compute_scores, ensemble_pairwise_scores, pairwise_scores
 from influence_cli.topk import load_self_influence, top_k
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 F64 = torch.float64
 SEEDS = (0, 1, 2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------- the math (float64)

@@ -32,16 +32,11 @@ from influence_cli.scores import compute_scores, pairwise_scores, plan_layout, p
 from influence_cli.topk import iter_score_blocks, top_k
 from influence_cli.tracking import find_tracked_modules
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a small shared CPU, more threads only spin."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------- explicit references

@@ -1,0 +1,60 @@
+"""The scoring GEMM in row blocks (layers without positions): the same scores as one GEMM over [B, P] gradients.
+
+compute-scores forms a training batch's per-example gradients g ãᵀ a block of rows of
+[d_out, d_in] at a time, against the matching column block of the preconditioned queries
+(ScoreKernel.store_queries / pairwise). Here the blocks are made tiny (one or two rows),
+so every layer is cut in many; float64 against the dense math, float32 against the unblocked pipeline.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from exact import batches_of, tiny_mlp
+from test_scores import all_scores, explicit_grads, explicit_scores, fitted, make_cfg, project  # noqa: F401 (project is a fixture)
+
+import influence_cli.scores as scores_mod
+from influence_cli.scores import compute_scores, pairwise_scores, row_blocks
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def data():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(13, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (13,), generator=g)
+    xq = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    yq = torch.randint(0, 3, (4,), generator=g)
+    return x, y, xq, yq
+
+
+def test_row_blocks_cover_every_row_once():
+    assert row_blocks(5, 3, elements=7) == [(0, 2), (2, 4), (4, 5)]
+    assert row_blocks(5, 30, elements=7) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]  # at least one row
+    assert row_blocks(4, 2, elements=100) == [(0, 4)]
+
+
+@pytest.mark.parametrize("elements", [1, 12])
+@pytest.mark.parametrize("strategy", ["ekfac", "diagonal", "identity"])
+def test_blocked_scores_equal_the_dense_inverse(data, monkeypatch, strategy, elements):
+    monkeypatch.setattr(scores_mod, "_BLOCK_ELEMENTS", elements)
+    x, y, xq, yq = data
+    model = tiny_mlp()
+    tracked, layers = fitted(model, data, strategy)
+    got = pairwise_scores(model, tracked, layers, batches_of(xq, yq, 3)(0), batches_of(x, y, 4)(0), damping=0.05)
+    gq, gt = explicit_grads(model, tracked, xq, yq), explicit_grads(model, tracked, x, y)
+    ref = explicit_scores(layers, gq, gt, 0.05) if strategy != "identity" else sum(gq[n] @ gt[n].T for n in gq)
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("overrides", [[], ["scores.query_chunk=3"]], ids=["one-chunk", "query-chunks"])
+def test_blocked_pipeline_equals_unblocked(project, monkeypatch, overrides):  # noqa: F811
+    whole = make_cfg(project, "blocks-whole-" + "-".join(overrides), *overrides)
+    monkeypatch.setattr(scores_mod, "_BLOCK_ELEMENTS", 1 << 30)  # one block per layer: the plain GEMM
+    compute_scores(whole)
+    monkeypatch.setattr(scores_mod, "_BLOCK_ELEMENTS", 8)  # one or two rows per block
+    cfg = make_cfg(project, "blocks-rows-" + "-".join(overrides), *overrides)
+    compute_scores(cfg)
+    expected = all_scores(whole.output_path)
+    torch.testing.assert_close(all_scores(cfg.output_path), expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
