@@ -52,6 +52,9 @@ mnist-model: $(STAMP) ## Train the MNIST MLP used by configs/mnist*.yaml (runs/m
 bench: $(STAMP) mnist-model ## Run the CPU benchmarks (results go to stdout; see docs/BENCHMARKS.md)
 	$(PY) benchmarks/bench_fit.py
 	$(PY) benchmarks/bench_scores.py
+	$(PY) benchmarks/bench_memory.py
+	$(PY) benchmarks/memorization.py
+	$(PY) tests/test_exactness.py
 
 # Kronfluence is a benchmark-only extra (pyproject `bench`): it goes into .venv-bench, a venv that
 # sees .venv's packages (torch, influence_cli) through a .pth file, never into .venv itself.

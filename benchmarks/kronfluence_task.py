@@ -98,8 +98,9 @@ def run_kronfluence(
     query_batch_size: int | None = None,
     factors: str | None = None,
     seed: int = 0,
+    cpu: bool = True,
 ) -> KronfluenceRun:
-    """Fits Kronfluence's factors on `train` and scores every (query, train) pair, on the CPU.
+    """Fits Kronfluence's factors on `train` and scores every (query, train) pair (on the CPU unless `cpu=False`).
 
     Args:
         model: The trained model (deep-copied: prepare_model wraps its layers in place).
@@ -118,7 +119,7 @@ def run_kronfluence(
     logging.getLogger("kronfluence").setLevel(logging.WARNING)
     task = make_task(measurement)
     wrapped = prepare_model(copy.deepcopy(model).eval(), task)
-    analyzer = Analyzer("bench", wrapped, task, cpu=True, disable_tqdm=True, output_dir=str(out_dir), log_level=logging.WARNING)
+    analyzer = Analyzer("bench", wrapped, task, cpu=cpu, disable_tqdm=True, output_dir=str(out_dir), log_level=logging.WARNING)
     seconds: dict[str, float] = {}
     name = factors or f"{strategy}_{'empirical' if empirical else 'sampled'}"
     if factors is None:

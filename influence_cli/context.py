@@ -33,6 +33,18 @@ class RunContext:
     def output_dir(self) -> Path:
         return self.cfg.output_path
 
+    def provenance(self) -> dict[str, object]:
+        """What every output records about the run that produced it (read by `influence info`)."""
+        from influence_cli import __version__
+
+        return {
+            "tool_version": __version__,
+            "torch_version": torch.__version__,
+            "device": str(self.device),
+            "world_size": self.state.world_size,
+            "config": self.cfg.to_dict(),
+        }
+
     def dataset(self, spec: DataSpec | None, name: str) -> IndexedDataset:
         """Loads one data spec of the config (`name` is its key, e.g. data.train)."""
         if spec is None:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from influence_cli import __version__, storage
+from influence_cli import storage
 from influence_cli.config import EDIT_KEEP, Config
 from influence_cli.context import prepare
 from influence_cli.distributed import DistState
@@ -218,8 +218,7 @@ def edit_checkpoint(
             state_dict,
             {
                 storage.FORMAT_KEY: storage.EDITED_CHECKPOINT_FORMAT,
-                "tool_version": __version__,
-                "torch_version": torch.__version__,
+                **ctx.provenance(),
                 "source_checkpoint": str(source) if source is not None else "",
                 "source_fingerprint": ctx.model_fingerprint,
                 "model_fingerprint": fingerprint,
@@ -229,7 +228,6 @@ def edit_checkpoint(
                 "share": share,
                 "order": order,
                 "layers": [ed.to_dict() for ed in edits],
-                "config": cfg.to_dict(),
             },
         )
     ctx.state.barrier()

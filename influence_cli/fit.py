@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from influence_cli import __version__, storage
+from influence_cli import storage
 from influence_cli.config import Config
 from influence_cli.context import RunContext
 from influence_cli.data import IndexedDataset
@@ -287,18 +287,14 @@ def factors_metadata(ctx: RunContext, dataset: IndexedDataset, num_examples: int
     cfg = ctx.cfg
     return {
         storage.FORMAT_KEY: storage.FACTORS_FORMAT,
-        "tool_version": __version__,
-        "torch_version": torch.__version__,
+        **ctx.provenance(),
         "strategy": cfg.factors.strategy,
         "fisher": cfg.factors.fisher,
         "model_fingerprint": ctx.model_fingerprint,
         "dataset_fingerprint": dataset.fingerprint(),
         "num_examples": num_examples,
         "modules": [tm.name for tm in ctx.tracked],
-        "device": str(ctx.device),
-        "world_size": ctx.state.world_size,
         "seed": cfg.seed,
-        "config": cfg.to_dict(),
     }
 
 

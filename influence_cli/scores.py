@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from influence_cli import __version__, storage
+from influence_cli import storage
 from influence_cli.config import Config
 from influence_cli.context import RunContext, prepare
 from influence_cli.data import IndexedDataset, make_loader
@@ -885,8 +885,7 @@ def compute_scores(
     scorer = _Scorer(members, train, progress)
     seconds = {"setup": time.perf_counter() - t_start}
     common = {
-        "tool_version": __version__,
-        "torch_version": torch.__version__,
+        **ctx.provenance(),
         "strategy": cfg.factors.strategy,
         "fisher": cfg.factors.fisher,
         "task_kind": cfg.task.kind,
@@ -896,8 +895,6 @@ def compute_scores(
         "train_fingerprint": train.fingerprint(),
         "factors": described[0]["factors"],
         "modules": [tm.name for tm in ctx.tracked],
-        "world_size": ctx.state.world_size,
-        "config": cfg.to_dict(),
     }
     if len(members) > 1:
         common["members"] = described  # fingerprints, factors and damping of every model averaged over

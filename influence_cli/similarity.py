@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from influence_cli import __version__, storage
+from influence_cli import storage
 from influence_cli.config import SIMILARITY_METHODS, Config
 from influence_cli.context import prepare
 from influence_cli.distributed import DistState
@@ -391,8 +391,7 @@ def dataset_similarity(
             tensors,
             {
                 storage.FORMAT_KEY: storage.SIMILARITY_FORMAT,
-                "tool_version": __version__,
-                "torch_version": torch.__version__,
+                **ctx.provenance(),
                 "method": method,
                 "names": names,
                 "sizes": sizes,
@@ -403,8 +402,6 @@ def dataset_similarity(
                 "layout": layout,
                 "model_fingerprint": ctx.model_fingerprint,
                 "factors_dataset_fingerprint": factors.metadata.get("dataset_fingerprint", ""),
-                "world_size": ctx.state.world_size,
-                "config": cfg.to_dict(),
             },
         )
     ctx.state.barrier()

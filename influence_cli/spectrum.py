@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from influence_cli import __version__, storage
+from influence_cli import storage
 from influence_cli.config import SPECTRUM_ORDERS, Config
 from influence_cli.context import RunContext, prepare
 from influence_cli.distributed import DistState
@@ -691,8 +691,7 @@ def _save(report: SpectrumReport, ctx: RunContext, cfg: Config, fingerprints: di
         tensors,
         {
             storage.FORMAT_KEY: storage.SPECTRUM_FORMAT,
-            "tool_version": __version__,
-            "torch_version": torch.__version__,
+            **ctx.provenance(),
             "layers": report.layers,
             "order": report.order,
             "bottom": report.bottom,
@@ -706,8 +705,6 @@ def _save(report: SpectrumReport, ctx: RunContext, cfg: Config, fingerprints: di
             "strategy": report.strategy,
             "fisher": report.fisher,
             "model_fingerprint": ctx.model_fingerprint,
-            "world_size": ctx.state.world_size,
-            "config": cfg.to_dict(),
         },
     )
 
