@@ -312,23 +312,10 @@ def pairwise_scores(
         layers: {layer: LayerFactors} (converted to the model's dtype and device here).
         query_batches, train_batches: (inputs, targets, global_indices) triples.
     """
-    kernel = _kernel(model, layers, damping, damping_factor, device, damping_scope)
-    kw: dict[str, Any] = {"task_kind": task_kind, "device": device}
-    queries: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
-    last = None
-    for last in stream_gradients(model, tracked, query_batches, mode="measurement", measurement=measurement, **kw):
-        for name, v in kernel.preconditioned(last).items():
-            queries[name].append(v)
-    if last is None:
-        raise ValueError("no query batches")
-    stacked = kernel.blocked({name: torch.cat(v) for name, v in queries.items()}, last)
-    columns = []
-    for batch in stream_gradients(model, tracked, train_batches, mode="loss", dataset_name="data.train", **kw):
-        s = kernel.pairwise(stacked, kernel.gradients(batch))
-        if relative:
-            s = s / _safe(kernel.norms(batch))
-        columns.append(s)
-    return torch.cat(columns, dim=1)
+    return ensemble_pairwise_scores(
+        [(model, tracked, layers)], query_batches, train_batches, task_kind=task_kind, measurement=measurement,
+        damping=damping, damping_factor=damping_factor, damping_scope=damping_scope, relative=relative, device=device,
+    )
 
 
 def ensemble_pairwise_scores(
