@@ -24,13 +24,7 @@ import yaml
 
 from influence_cli.errors import ConfigError
 
-TASK_KINDS = ("classification", "regression")
-MEASUREMENTS = ("loss", "margin")
-STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")
-FISHER_KINDS = ("sampled", "empirical", "ggn")
 SIMILARITY_METHODS = ("fisher-kernel", "task2vec")
-AMP_DTYPES = ("none", "bfloat16", "float16")
-SCORE_DTYPES = ("float32", "bfloat16", "float16")
 SPECTRUM_ORDERS = ("kfac", "ekfac")
 EDIT_KEEP = ("mass", "share")
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from influence_cli import task as task_lib
-from influence_cli.errors import DataError, NumericalError
+from influence_cli.errors import DataError
 from influence_cli.tracking import Capture, TrackedModule, tracked_grad_enabled
 
 
@@ -154,13 +154,3 @@ def _check_outputs(out: torch.Tensor, y: torch.Tensor, task_kind: str, dataset_n
                 f"{dataset_name}: label {int(bad[0])} is outside the model's {out.shape[1]} classes",
                 hint="check model.kwargs.num_classes or filter with labels_in",
             )
-
-
-def check_finite(tensor: torch.Tensor, what: str, batch: BatchGradients) -> None:
-    """Raises NumericalError naming the batch and its example indices when `tensor` has NaN/Inf."""
-    if not bool(torch.isfinite(tensor).all()):
-        idx = batch.global_indices
-        raise NumericalError(
-            f"non-finite value in {what} at batch {batch.index} (examples {int(idx.min())}..{int(idx.max())})",
-            hint="check these examples and the checkpoint for NaN/Inf; nothing was written",
-        )
