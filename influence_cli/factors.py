@@ -106,7 +106,11 @@ class LayerFactors:
         return self.unrotate(self.rotate(v) * inv)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The on-disk tensors, keyed `<layer>.<factor>`."""
+        """The on-disk tensors, keyed `<layer>.<factor>`.
+
+        A and G themselves are not written: U diag(λ) Uᵀ gives them back, and leaving them out
+        halves the file (DESIGN.md: eigenvectors, eigenvalues, corrected eigenvalues, counts).
+        """
         out = {f"{self.name}.{storage.NUM_EXAMPLES}": torch.tensor([self.num_examples], dtype=torch.int64)}
         for key in (
             storage.EIGENVALUES,
@@ -114,8 +118,6 @@ class LayerFactors:
             storage.G_EIGENVECTORS,
             storage.A_EIGENVALUES,
             storage.G_EIGENVALUES,
-            storage.A_COVARIANCE,
-            storage.G_COVARIANCE,
         ):
             value = getattr(self, key)
             if value is not None:
@@ -135,8 +137,8 @@ class LayerFactors:
             get(storage.G_EIGENVECTORS),
             get(storage.A_EIGENVALUES),
             get(storage.G_EIGENVALUES),
-            get(storage.A_COVARIANCE),
-            get(storage.G_COVARIANCE),
+            None,  # A and G are not stored (see `tensors`)
+            None,
             int(n.item()) if n is not None else 0,
         )
 

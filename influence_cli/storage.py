@@ -43,8 +43,6 @@ EDITED_CHECKPOINT_FORMAT = "influence_cli.edited_checkpoint/1"
 PARTIAL_FORMAT = "influence_cli.partial/1"
 
 # Per-layer factor keys: "<module>.<name>".
-A_COVARIANCE = "a_covariance"
-G_COVARIANCE = "g_covariance"
 A_EIGENVECTORS = "a_eigenvectors"
 A_EIGENVALUES = "a_eigenvalues"
 G_EIGENVECTORS = "g_eigenvectors"

@@ -108,14 +108,15 @@ def inspect_cmd(config: ConfigArg, set_: SetOpt = None, json_: JsonOpt = False) 
         return
     table = new_table(
         f"tracked layers ({cfg.factors.strategy})",
-        [("layer", "left"), ("kind", "left"), ("weight", "left"), ("d_in (+bias)", "right"), ("d_out", "right"),
-         ("params", "right"), ("factor floats", "right"), ("factor size", "right")],
+        [("layer", "left"), ("kind", "left"), ("weight", "left"), ("[W | b]", "right"), ("params", "right"), ("factors", "right")],
     )
+    table.columns[0].overflow = "fold"
     total = 0
     for r in rows:
         floats = r.a_size + r.g_size + r.eigenvalue_size
         total += floats
-        table.add_row(r.name, r.kind, "×".join(map(str, r.weight_shape)), str(r.d_in), str(r.d_out),
-                      f"{r.d_in * r.d_out:,}", f"{floats:,}", human_bytes(4 * floats))
+        table.add_row(
+            r.name, r.kind, "×".join(map(str, r.weight_shape)), f"{r.d_out}×{r.d_in}", f"{r.d_in * r.d_out:,}", human_bytes(4 * floats)
+        )
     print_table(table)
     err_console.print(f"{len(rows)} layers, factors {human_bytes(4 * total)} in float32")
