@@ -74,3 +74,29 @@ def kron_dense(lf: LayerFactors, damping: float) -> torch.Tensor:
 def tiny_mlp(d_in=5, hidden=4, d_out=3, seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, d_out)).double()
+
+
+class SeqModel(nn.Module):
+    """Linear layers applied to [B, T, d] (positions), mean-pooled over T."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Linear(4, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.proj(x))).mean(dim=1)
+
+
+class ConvHead(nn.Module):
+    """A conv layer (positions = unfolded patches, T > 1) then a linear head; inputs [B, 2, 5, 5]."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(2, 3, kernel_size=3, padding=1, stride=2)
+        self.fc = nn.Linear(3 * 3 * 3, 3)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(torch.tanh(self.conv(x)), 1))

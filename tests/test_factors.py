@@ -5,7 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from exact import batches_of, dense_fisher, empirical_vectors, fisher_vectors, fit, kron_dense, per_example_layer_grads, tiny_mlp
+from exact import (
+    SeqModel,
+    batches_of,
+    dense_fisher,
+    empirical_vectors,
+    fisher_vectors,
+    fit,
+    kron_dense,
+    per_example_layer_grads,
+    tiny_mlp,
+)
 from torch import nn
 
 from influence_cli.fit import PassPlan, compute_factors
@@ -154,19 +164,6 @@ def test_conv2d_factors_equal_explicit_unfold():
     g1 = gs["conv"]  # [N, L, C_out]
     g_ref = torch.einsum("nto,ntp->op", g1, g1) / g1.shape[1] / 6
     torch.testing.assert_close(layers["conv"].g_covariance, g_ref)
-
-
-class SeqModel(nn.Module):
-    """Linear layers applied to [B, T, d], mean-pooled over T."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.proj = nn.Linear(4, 5)
-        self.head = nn.Linear(5, 3)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.proj(x))).mean(dim=1)
 
 
 def test_sequence_inputs_sum_over_positions():

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from exact import batches_of, fit, kron_dense, per_example_layer_grads, tiny_mlp
+from exact import SeqModel, batches_of, fit, kron_dense, per_example_layer_grads, tiny_mlp
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -149,19 +149,6 @@ def test_relative_and_self_influence_equal_their_definitions(data, strategy):
     got_self = self_influence_scores(model, tracked, layers, batches_of(x, y, 4)(0))
     torch.testing.assert_close(got_self, self_ref, rtol=1e-9, atol=1e-10)
     assert bool((got_self > 0).all())
-
-
-class SeqModel(nn.Module):
-    """Linear layers applied to [B, T, d] (positions), mean-pooled: the bmm path of the quadratic forms."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.proj = nn.Linear(4, 5)
-        self.head = nn.Linear(5, 3)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.proj(x))).mean(dim=1)
 
 
 def test_sequence_layers_relative_and_self_influence():

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from exact import batches_of, empirical_vectors, fisher_vectors, fit, per_example_layer_grads, tiny_mlp
+from exact import ConvHead, SeqModel, batches_of, empirical_vectors, fisher_vectors, fit, per_example_layer_grads, tiny_mlp
 from PIL import Image
-from torch import nn
 from typer.testing import CliRunner
 
 from influence_cli.cli import app
@@ -33,39 +32,13 @@ F64 = torch.float64
 # ----------------------------------------------------------------------------- tiny float64 problems
 
 
-class TinyCNN(nn.Module):
-    """Conv (positions: unfolded patches) then a linear head."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = nn.Conv2d(2, 3, kernel_size=3, padding=1, stride=2)
-        self.fc = nn.Linear(3 * 3 * 3, 3)
-
-    def forward(self, x):
-        return self.fc(torch.flatten(torch.tanh(self.conv(x)), 1))
-
-
-class SeqModel(nn.Module):
-    """Linear layers over [B, T, d], mean-pooled over T."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.proj = nn.Linear(4, 5)
-        self.head = nn.Linear(5, 3)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.proj(x))).mean(dim=1)
-
-
 def _problem(kind: str, n: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     shape = {"mlp": (n, 5), "cnn": (n, 2, 5, 5), "seq": (n, 6, 4)}[kind]
     return torch.randn(*shape, generator=g, dtype=F64), torch.randint(0, 3, (n,), generator=g)
 
 
-MODELS = {"mlp": lambda: tiny_mlp(), "cnn": lambda: TinyCNN().double(), "seq": lambda: SeqModel().double()}
+MODELS = {"mlp": lambda: tiny_mlp(), "cnn": lambda: ConvHead().double(), "seq": lambda: SeqModel().double()}
 
 
 def _setup(kind: str, strategy: str = "ekfac", fisher: str = "sampled", sizes=(5, 7, 4)):

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from exact import batches_of, empirical_vectors, fit, per_example_layer_grads, tiny_mlp
+from exact import ConvHead, batches_of, empirical_vectors, fit, per_example_layer_grads, tiny_mlp
 from PIL import Image
-from torch import nn
 from typer.testing import CliRunner, Result
 
 from influence_cli.cli import app
@@ -94,25 +93,12 @@ def test_keep_mask_mass_is_the_smallest_set_holding_rho():
 # ----------------------------------------------------------------------------- energies: exact against explicit rotations
 
 
-class TinyCNN(nn.Module):
-    """A conv layer (positions = unfolded patches, T > 1) then a linear head."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = nn.Conv2d(2, 3, kernel_size=3, padding=1, stride=2)
-        self.fc = nn.Linear(3 * 3 * 3, 3)
-
-    def forward(self, x):
-        return self.fc(torch.flatten(torch.tanh(self.conv(x)), 1))
-
-
 def _problem(kind: str):
     g = torch.Generator().manual_seed(3)
     if kind == "mlp":
         model, x = tiny_mlp(), torch.randn(11, 5, generator=g, dtype=F64)
     else:
-        model, x = TinyCNN().double(), torch.randn(9, 2, 5, 5, generator=g, dtype=F64)
+        model, x = ConvHead().double(), torch.randn(9, 2, 5, 5, generator=g, dtype=F64)
     y = torch.randint(0, 3, (len(x),), generator=g)
     return model, x, y
 
