@@ -111,6 +111,11 @@ class DataConfig:
     query: DataSpec | None = _help("The query set (compute-scores).", default=None)
     batch_size: int = _help("Examples per batch for every pass.", default=256)
     num_workers: int = _help("DataLoader worker processes.", default=0)
+    padding_value: float | None = _help(
+        "Input value marking padding positions of sequence inputs (token ids [batch, seq], or [batch, seq, features] "
+        "rows equal to it everywhere); they are left out of every factor and gradient (null = no padding).",
+        default=None,
+    )
 
 
 @dataclass

@@ -7,6 +7,8 @@ the Fisher block is approximated (Martens & Grosse 2015, K-FAC; Grosse & Martens
     A = E_n[Σ_t a_t a_tᵀ]         (d_in × d_in)
     G = E_n[(1/T) Σ_t g_t g_tᵀ]   (d_out × d_out)
 
+with t over an example's real positions (T of them) when padding is masked.
+
 EKFAC (George et al. 2018) keeps the eigenbases U_A, U_G and replaces the
 eigenvalue products by the Fisher's diagonal in that basis:
 
@@ -190,10 +192,15 @@ class CovarianceAccumulator:
             a = batch.activations[name]
             flat = a.reshape(-1, a.shape[-1])
             acc.addmm_(flat.T, flat)
+            positions = batch.positions.get(name)
             for grads in batch.gradients:
                 g = grads[name]
-                gflat = g.reshape(-1, g.shape[-1])
-                self.g[name].addmm_(gflat.T, gflat, alpha=1.0 / g.shape[1])
+                if positions is None:
+                    gflat = g.reshape(-1, g.shape[-1])
+                    self.g[name].addmm_(gflat.T, gflat, alpha=1.0 / g.shape[1])
+                else:  # each example averages over its own real positions
+                    gflat = (g * positions.rsqrt()[:, None, None]).reshape(-1, g.shape[-1])
+                    self.g[name].addmm_(gflat.T, gflat)
         self.count += len(batch.global_indices)
 
     def state(self) -> dict[str, torch.Tensor]:

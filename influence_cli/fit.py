@@ -115,7 +115,7 @@ class PassPlan:
         batches: batches(start_batch) -> iterable of (inputs, targets, global_indices) from that batch on.
         num_batches: Batches in this rank's shard.
         num_examples: Examples in this rank's shard.
-        task_kind, fisher, seed, amp: Settings of the passes.
+        task_kind, fisher, seed, amp, padding_value: Settings of the passes.
         device: Where the model lives.
         all_reduce: Sums a tensor over ranks in place (identity in one process).
     """
@@ -128,6 +128,7 @@ class PassPlan:
     seed: int = 0
     amp: str = "none"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    padding_value: float | None = None
     all_reduce: Callable[[torch.Tensor], object] = lambda t: t
 
 
@@ -184,6 +185,7 @@ def _stream_into(
         device=plan.device,
         amp=plan.amp,
         start_batch=start,
+        padding_value=plan.padding_value,
     ):
         if batch.index == start and start:
             progress.advance(min(plan.num_examples, start * len(batch.global_indices)))
@@ -278,6 +280,7 @@ def plan_for(ctx: RunContext, dataset: IndexedDataset, limit: int | None = None)
         seed=cfg.seed,
         amp=cfg.factors.amp,
         device=ctx.device,
+        padding_value=cfg.data.padding_value,
         all_reduce=ctx.state.all_reduce_,
     )
 
@@ -295,6 +298,7 @@ def factors_metadata(ctx: RunContext, dataset: IndexedDataset, num_examples: int
         "num_examples": num_examples,
         "modules": [tm.name for tm in ctx.tracked],
         "seed": cfg.seed,
+        "padding_value": cfg.data.padding_value,
     }
 
 
@@ -362,6 +366,7 @@ def _fit_member(
         "n": n,
         "seed": cfg.seed,
         "amp": cfg.factors.amp,
+        "padding_value": cfg.data.padding_value,
     }
     # Progress is only resumable with the same batches on the same ranks; a finished result is
     # "the same" whatever the batch size and rank count were.
@@ -410,7 +415,7 @@ def load_factors(path: Path) -> Factors:
 
 
 def check_factors_match(factors: Factors, ctx: RunContext, path: Path, dataset_fingerprint: str | None = None) -> None:
-    """Refuses factors of another model, other layers, or (when given) another training set."""
+    """Refuses factors of another model, other layers, other padding, or (when given) another training set."""
     meta = factors.metadata
     if meta.get("model_fingerprint") != ctx.model_fingerprint:
         raise OutputError(
@@ -427,4 +432,10 @@ def check_factors_match(factors: Factors, ctx: RunContext, path: Path, dataset_f
         raise OutputError(
             f"{str(path)!r} was fitted on another training set than data.train",
             hint="use the data.train of fit-factors, or refit with --overwrite",
+        )
+    fitted_padding = storage.meta_json(meta, "padding_value")
+    if fitted_padding != ctx.cfg.data.padding_value:
+        raise OutputError(
+            f"{str(path)!r} was fitted with data.padding_value={fitted_padding}, the config has {ctx.cfg.data.padding_value}",
+            hint="use the padding of fit-factors, or refit with --overwrite",
         )

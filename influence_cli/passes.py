@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from influence_cli import task as task_lib
 from influence_cli.errors import DataError
-from influence_cli.tracking import Capture, TrackedModule, tracked_grad_enabled
+from influence_cli.tracking import Capture, TrackedModule, mask_padding, padding_mask, tracked_grad_enabled
 
 
 @dataclass
@@ -31,6 +31,8 @@ class BatchGradients:
         outputs: [B, C] model outputs (detached).
         activations: {layer: a [B, T, d_in]}.
         gradients: One dict per back-propagated vector: {layer: g [B, T, d_out]}.
+        positions: {layer: [B] real (unpadded) positions per example} for the layers whose
+            padding positions were masked out (`padding_value`); empty otherwise.
     """
 
     index: int
@@ -39,6 +41,7 @@ class BatchGradients:
     outputs: torch.Tensor
     activations: dict[str, torch.Tensor]
     gradients: list[dict[str, torch.Tensor]]
+    positions: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
@@ -74,6 +77,7 @@ def stream_gradients(
     start_batch: int = 0,
     max_examples: int | None = None,
     dataset_name: str = "data.train",
+    padding_value: float | None = None,
 ) -> Iterator[BatchGradients]:
     """Yields, batch by batch, each tracked layer's activations and output gradients.
 
@@ -86,6 +90,9 @@ def stream_gradients(
             forward pass; for the empirical Fisher the two coincide and only the first is formed).
         start_batch: Number given to the first batch (for resumed passes).
         max_examples: Stop after this many examples (the last batch is cut).
+        padding_value: The input value that marks padding positions of sequence inputs
+            (`data.padding_value`): those positions are zeroed in every layer's a and g that
+            has them, so they are left out of the factors and of every gradient.
     """
     device = device or torch.device("cpu")
     dtype = model_dtype(model)
@@ -105,6 +112,7 @@ def stream_gradients(
             x = x.to(dtype)
         y = y.to(device, non_blocking=True)
         idx = idx.to(device, non_blocking=True)
+        mask = None if padding_value is None else padding_mask(x, padding_value, dataset_name)
         with tracked_grad_enabled(tracked), Capture(tracked) as cap:
             try:
                 with autocast_context(device, amp):
@@ -133,7 +141,8 @@ def stream_gradients(
             for k in range(vectors.shape[0]):
                 g = cap.output_gradients(out, vectors[k].to(out.dtype), retain_graph=k + 1 < vectors.shape[0])
                 grads.append({name: v.to(acc_dtype) for name, v in g.items()})
-        yield BatchGradients(start_batch + offset, idx, y, out_f.detach(), acts, grads)
+        positions = {} if mask is None else mask_padding(tracked, mask, acts, grads)
+        yield BatchGradients(start_batch + offset, idx, y, out_f.detach(), acts, grads, positions)
 
 
 def _check_outputs(out: torch.Tensor, y: torch.Tensor, task_kind: str, dataset_name: str) -> None:

@@ -302,6 +302,7 @@ def pairwise_scores(
     damping_scope: str = "layer",
     relative: bool = False,
     device: torch.device | None = None,
+    padding_value: float | None = None,
 ) -> torch.Tensor:
     """In-memory scores of every (query, train) pair: [n_query, n_train].
 
@@ -315,6 +316,7 @@ def pairwise_scores(
     return ensemble_pairwise_scores(
         [(model, tracked, layers)], query_batches, train_batches, task_kind=task_kind, measurement=measurement,
         damping=damping, damping_factor=damping_factor, damping_scope=damping_scope, relative=relative, device=device,
+        padding_value=padding_value,
     )
 
 
@@ -330,6 +332,7 @@ def ensemble_pairwise_scores(
     damping_scope: str = "layer",
     relative: bool = False,
     device: torch.device | None = None,
+    padding_value: float | None = None,
 ) -> torch.Tensor:
     """In-memory scores averaged over an ensemble of models, each with its own factors: [n_query, n_train].
 
@@ -341,7 +344,7 @@ def ensemble_pairwise_scores(
         query_batches, train_batches: (inputs, targets, global_indices) triples.
     """
     kernels = [_kernel(model, layers, damping, damping_factor, device, damping_scope) for model, _, layers in members]
-    kw: dict[str, Any] = {"task_kind": task_kind, "device": device}
+    kw: dict[str, Any] = {"task_kind": task_kind, "device": device, "padding_value": padding_value}
     queries: list[dict[str, list[torch.Tensor]]] = [{name: [] for name in layers} for _, _, layers in members]
     last: list[BatchGradients] = []
     for item in query_batches:
@@ -379,12 +382,15 @@ def self_influence_scores(
     damping_factor: float = 0.1,
     damping_scope: str = "layer",
     device: torch.device | None = None,
+    padding_value: float | None = None,
 ) -> torch.Tensor:
     """In-memory self-influence ∇L(x)ᵀ (F + λ)⁻¹ ∇L(x) of every training example: [n_train]."""
     kernel = _kernel(model, layers, damping, damping_factor, device, damping_scope)
     out = [
         kernel.self_influence(batch)
-        for batch in stream_gradients(model, tracked, train_batches, task_kind=task_kind, mode="loss", device=device)
+        for batch in stream_gradients(
+            model, tracked, train_batches, task_kind=task_kind, mode="loss", device=device, padding_value=padding_value
+        )
     ]
     return torch.cat(out)
 
@@ -713,6 +719,7 @@ class _Scorer:
             amp=self.cfg.factors.amp,
             start_batch=start_batch,
             dataset_name=name,
+            padding_value=self.cfg.data.padding_value,
         )
 
     def member_batches(self, batches, *, mode: str, start_batch: int, name: str) -> Iterator[list[BatchGradients]]:

@@ -134,6 +134,7 @@ def _stream(model: nn.Module, tracked: list[TrackedModule], plan: PassPlan, name
     return stream_gradients(
         model, tracked, plan.batches(0), task_kind=plan.task_kind, mode="loss+fisher", fisher=plan.fisher,
         seed=plan.seed, device=plan.device, amp=plan.amp, dataset_name=name,
+        padding_value=plan.padding_value,
     )
 
 

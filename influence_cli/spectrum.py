@@ -378,6 +378,7 @@ def dataset_spectrum(
     num_examples: int | None = None,
     title: str | None = None,
     progress: Progress | None = None,
+    padding_value: float | None = None,
 ) -> DatasetSpectrum:
     """Streams one dataset once (loss gradients at its labels) and returns every example's band energies.
 
@@ -388,6 +389,7 @@ def dataset_spectrum(
         batches: (inputs, targets, global_indices) triples.
         noisy_of: global indices [B] -> bool [B] (label noise); default all False.
         name: The dataset's config key, named in errors.
+        padding_value: Masks padding positions (`data.padding_value`).
     """
     device = device or torch.device("cpu")
     progress = progress or NullProgress()
@@ -398,7 +400,9 @@ def dataset_spectrum(
     idx_parts, label_parts, band_parts, bin_parts, input_parts = [], [], [], [], []
     watch = _NonFiniteWatch(device)
     progress.start(title or name, num_examples)
-    for batch in stream_gradients(model, layers, batches, task_kind=task_kind, mode="loss", device=device, dataset_name=name):
+    for batch in stream_gradients(
+        model, layers, batches, task_kind=task_kind, mode="loss", device=device, dataset_name=name, padding_value=padding_value
+    ):
         watch.observe(batch)
         per_layer, per_input = [], []
         for tm in layers:
@@ -654,6 +658,7 @@ def spectrum(
             ctx.model, chosen, layer_factors, bands, ctx.batches(ds),
             bins=sp.bins, task_kind=cfg.task.kind, name=keys[name], device=ctx.device,
             noisy_of=lambda gi, ds=ds: ds.noisy_mask[ds.position_of(gi)], num_examples=stop - start, title=name, progress=progress,
+            padding_value=cfg.data.padding_value,
         )  # fmt: skip
         results.append(_gather(dataclasses.replace(part, name=name), ctx.state))
     seconds = {"passes": time.perf_counter() - t0}

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from influence_cli.errors import ModelError
+from influence_cli.errors import DataError, ModelError
 
 
 @dataclass
@@ -171,6 +171,65 @@ class Capture:
         for (tm, o), g in zip(flat, grads, strict=True):
             per_layer[tm.name].append(output_gradients(tm, torch.zeros_like(o) if g is None else g))
         return {name: parts[0] if len(parts) == 1 else torch.cat(parts, dim=1) for name, parts in per_layer.items()}
+
+
+def padding_mask(x: torch.Tensor, padding_value: float, dataset_name: str = "data.train") -> torch.Tensor:
+    """[B, L] bool, True at real positions, of sequence inputs.
+
+    Integer inputs [B, L] (token ids) are padding where they equal `padding_value`;
+    floating inputs [B, L, F] where every feature of the position equals it.
+
+    Raises:
+        DataError: for inputs without a sequence dimension.
+    """
+    if not x.is_floating_point() and x.dim() == 2:
+        return x != padding_value
+    if x.is_floating_point() and x.dim() == 3:
+        return (x != padding_value).any(dim=-1)
+    raise DataError(
+        f"data.padding_value: {dataset_name} inputs of shape {list(x.shape)} ({x.dtype}) have no sequence positions",
+        hint="padding needs integer token ids [batch, seq] or features [batch, seq, features]; otherwise set data.padding_value: null",
+    )
+
+
+def mask_padding(
+    tracked: Sequence[TrackedModule],
+    mask: torch.Tensor,
+    activations: dict[str, torch.Tensor],
+    gradients: list[dict[str, torch.Tensor]],
+) -> dict[str, torch.Tensor]:
+    """Zeroes padding positions in place of the dicts; returns {layer: [B] real positions}.
+
+    A Linear layer is masked when its positions are the inputs' L positions (or k·L, for a
+    layer called k times); one position means the sequence was pooled before it, and Conv2d
+    positions are patches, so neither is masked.
+
+    Args:
+        mask: [B, L] bool from `padding_mask`.
+        activations: {layer: a [B, T, d_in]}; gradients: dicts {layer: g [B, T, d_out]}.
+
+    Raises:
+        ModelError: for a Linear layer whose positions do not line up with the inputs'.
+    """
+    length = mask.shape[1]
+    positions = {}
+    for tm in tracked:
+        a = activations[tm.name]
+        t = a.shape[1]
+        if tm.kind == "conv2d" or (t == 1 and length != 1):
+            continue
+        if t % length:
+            raise ModelError(
+                f"data.padding_value: layer {tm.name!r} sees {t} positions per example, the inputs have {length}; "
+                "its padding positions cannot be told apart",
+                hint=f"leave {tm.name!r} out of factors.modules, or set data.padding_value: null",
+            )
+        m = mask.repeat(1, t // length).to(a.dtype)
+        activations[tm.name] = a * m[..., None]
+        for grads in gradients:
+            grads[tm.name] = grads[tm.name] * m[..., None]
+        positions[tm.name] = m.sum(dim=1).clamp_min(1.0)
+    return positions
 
 
 @contextmanager

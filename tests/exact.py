@@ -100,3 +100,29 @@ class ConvHead(nn.Module):
 
     def forward(self, x):
         return self.fc(torch.flatten(torch.tanh(self.conv(x)), 1))
+
+
+class PaddedSeqModel(nn.Module):
+    """Linear layers applied to [B, T, 4] that ignore padding rows (all zeros): a masked mean over T."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Linear(4, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        mask = (x != 0).any(dim=-1, keepdim=True).to(x.dtype)
+        return (self.head(torch.tanh(self.proj(x))) * mask).sum(dim=1) / mask.sum(dim=1)
+
+
+def variable_length_sequences(n=10, max_len=6, d=4, seed=0):
+    """n sequences of lengths 1..max_len: as a zero-padded [n, max_len, d] tensor and as a list of [1, L, d]."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [1 + (k * 5) % max_len for k in range(n)]
+    seqs = [torch.randn(1, length, d, generator=g, dtype=torch.float64) for length in lengths]
+    padded = torch.zeros(n, max_len, d, dtype=torch.float64)
+    for k, s in enumerate(seqs):
+        padded[k, : s.shape[1]] = s[0]
+    labels = torch.randint(0, 3, (n,), generator=g)
+    return padded, seqs, labels

@@ -1,0 +1,168 @@
+"""Padding positions of sequence inputs are masked out (DESIGN.md): a padded batch of
+variable-length sequences gives exactly the factors and scores of each sequence run alone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from exact import PaddedSeqModel, batches_of, variable_length_sequences
+from torch import nn
+
+from influence_cli.errors import DataError, ModelError
+from influence_cli.fit import PassPlan, compute_factors
+from influence_cli.passes import stream_gradients
+from influence_cli.scores import pairwise_scores, self_influence_scores
+from influence_cli.tracking import find_tracked_modules, padding_mask
+
+
+def _singletons(seqs, labels):
+    """One unpadded sequence per batch (each keeps its global index)."""
+
+    def make(start_batch: int):
+        for k in range(start_batch, len(seqs)):
+            yield seqs[k], labels[k : k + 1], torch.tensor([k])
+
+    return make
+
+
+def _fit(model, batches, n, num_batches, *, fisher, strategy="ekfac", padding_value=None):
+    tracked = find_tracked_modules(model, ["*"])
+    plan = PassPlan(batches, num_batches, n, "classification", fisher, 0, padding_value=padding_value)
+    return tracked, compute_factors(model, tracked, strategy, plan)
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "ggn", "sampled"])
+def test_padded_batches_give_the_factors_of_unpadded_sequences(fisher):
+    model = PaddedSeqModel().double()
+    padded, seqs, labels = variable_length_sequences()
+    n = len(seqs)
+    _, masked = _fit(model, batches_of(padded, labels, 4), n, 3, fisher=fisher, padding_value=0.0)
+    _, alone = _fit(model, _singletons(seqs, labels), n, n, fisher=fisher)
+    for name in ("proj", "head"):
+        for key in ("a_covariance", "g_covariance", "eigenvalues"):
+            torch.testing.assert_close(getattr(masked[name], key), getattr(alone[name], key), rtol=1e-10, atol=1e-12)
+
+
+def test_without_the_mask_padding_changes_the_factors():
+    """The test above can fail: unmasked padding rows add bias-only activations to A."""
+    model = PaddedSeqModel().double()
+    padded, seqs, labels = variable_length_sequences()
+    _, unmasked = _fit(model, batches_of(padded, labels, 4), len(seqs), 3, fisher="empirical")
+    _, alone = _fit(model, _singletons(seqs, labels), len(seqs), len(seqs), fisher="empirical")
+    assert not torch.allclose(unmasked["proj"].a_covariance, alone["proj"].a_covariance)
+    assert not torch.allclose(unmasked["head"].g_covariance, alone["head"].g_covariance)
+
+
+def test_padded_scores_equal_scores_of_unpadded_sequences():
+    model = PaddedSeqModel().double()
+    padded, seqs, labels = variable_length_sequences()
+    n = len(seqs)
+    tracked, masked = _fit(model, batches_of(padded, labels, 4), n, 3, fisher="ggn", padding_value=0.0)
+    q_pad, q_seqs, q_labels = variable_length_sequences(n=5, seed=1)
+    got = pairwise_scores(
+        model, tracked, masked, batches_of(q_pad, q_labels, 2)(0), batches_of(padded, labels, 4)(0), padding_value=0.0
+    )
+    want = pairwise_scores(model, tracked, masked, _singletons(q_seqs, q_labels)(0), _singletons(seqs, labels)(0))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    got_self = self_influence_scores(model, tracked, masked, batches_of(padded, labels, 4)(0), padding_value=0.0)
+    want_self = self_influence_scores(model, tracked, masked, _singletons(seqs, labels)(0))
+    torch.testing.assert_close(got_self, want_self, rtol=1e-10, atol=1e-12)
+
+
+def test_token_id_padding_mask():
+    tokens = torch.tensor([[5, 3, 0, 0], [1, 0, 2, 0]])
+    assert padding_mask(tokens, 0).tolist() == [[True, True, False, False], [True, False, True, False]]
+
+
+def test_padding_needs_sequence_inputs():
+    with pytest.raises(DataError, match=r"data.padding_value: data.train inputs of shape \[2, 4\]"):
+        padding_mask(torch.zeros(2, 4), 0.0)
+
+
+def test_layer_with_other_positions_is_refused():
+    class Widen(nn.Module):  # 3 input positions become 2: no position of the layer is an input position
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(x[:, :2] + x[:, 1:]).mean(dim=1)
+
+    model = Widen().double()
+    tracked = find_tracked_modules(model, ["*"])
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    batches = [(x, torch.tensor([0, 1]), torch.arange(2))]
+    with pytest.raises(ModelError, match="layer 'fc' sees 2 positions per example, the inputs have 3"):
+        next(stream_gradients(model, tracked, batches, task_kind="classification", mode="loss", padding_value=0.0))
+
+
+SEQ_MODULE = '''
+import torch
+from torch import nn
+
+
+class PaddedSeq(nn.Module):
+    def __init__(self, hidden: int = 5):
+        super().__init__()
+        self.proj = nn.Linear(4, hidden)
+        self.head = nn.Linear(hidden, 3)
+
+    def forward(self, x):
+        mask = (x != 0).any(dim=-1, keepdim=True).to(x.dtype)
+        return (self.head(torch.tanh(self.proj(x))) * mask).sum(dim=1) / mask.sum(dim=1)
+
+
+def make(hidden: int = 5):
+    return PaddedSeq(hidden)
+'''
+
+
+def test_cli_runs_padded_sequences_end_to_end(tmp_path, monkeypatch):
+    """fit-factors → compute-scores → top-k on a tensors file of zero-padded sequences and a factory model."""
+    import yaml
+    from safetensors.torch import save_file
+    from typer.testing import CliRunner
+
+    from influence_cli import storage
+    from influence_cli.cli import app
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "seqmod_padding.py").write_text(SEQ_MODULE)
+    padded, _, labels = variable_length_sequences(n=24)
+    save_file({"inputs": padded.float(), "labels": labels}, tmp_path / "seqs.safetensors")
+    torch.manual_seed(0)
+    import seqmod_padding
+
+    save_file(seqmod_padding.make().state_dict(), tmp_path / "model.safetensors")
+    config = {
+        "model": {"architecture": "seqmod_padding:make", "checkpoint": "model.safetensors"},
+        "data": {
+            "train": {"source": "tensors", "path": "seqs.safetensors", "range": [0, 20]},
+            "query": {"source": "tensors", "path": "seqs.safetensors", "range": [20, 24]},
+            "batch_size": 8,
+            "padding_value": 0,
+        },
+        "factors": {"fisher": "ggn"},
+        "output_dir": "out",
+        "device": "cpu",
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    runner = CliRunner(env={"COLUMNS": "120", "INFLUENCE_DEBUG": None, "RANK": None, "WORLD_SIZE": None})
+    cfg = str(tmp_path / "config.yaml")
+    for command in (["fit-factors", cfg], ["compute-scores", cfg], ["top-k", cfg, "--k", "3", "--json"]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 0, result.stderr
+    top = json.loads(result.stdout)
+    assert len(top["queries"]) == 4
+
+    scores, _ = storage.load_tensors(tmp_path / "out" / storage.SCORES_FILE, storage.SCORES_FORMAT)
+    assert scores["scores"].shape == (4, 20)
+    assert torch.isfinite(scores["scores"]).all() and scores["scores"].abs().max() > 0
+    assert storage.meta_json(storage.read_metadata(tmp_path / "out" / storage.FACTORS_FILE), "padding_value") == 0.0
+
+    result = runner.invoke(app, ["compute-scores", cfg, "--overwrite", "--set", "data.padding_value=null"])
+    assert result.exit_code == 5
+    assert "was fitted with data.padding_value=0.0, the config has None" in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 2
