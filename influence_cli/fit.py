@@ -31,7 +31,7 @@ from influence_cli.factors import (
     kronecker_layer_factors,
 )
 from influence_cli.passes import BatchGradients, accumulator_dtype, stream_gradients
-from influence_cli.progress import NullProgress, Progress
+from influence_cli.progress import NullProgress, Progress, for_rank
 from influence_cli.resume import PassCheckpoint, Snapshot, run_key
 from influence_cli.tracking import TrackedModule
 
@@ -385,7 +385,7 @@ def _fit_member(
     _check_ranks_agree(ctx.state, snapshot, checkpoint.path)
     resumed_from = None if snapshot is None else f"{snapshot.phase} pass, batch {snapshot.batches_done}"
     seconds: dict[str, float] = {}
-    progress = progress if (progress is not None and ctx.state.is_main) else NullProgress()
+    progress = for_rank(progress, ctx.state.rank, ctx.state.world_size)
     plan = plan_for(ctx, dataset, cfg.factors.max_examples)
     layers = compute_factors(
         ctx.model, ctx.tracked, cfg.factors.strategy, plan, checkpoint=checkpoint, snapshot=snapshot, progress=progress, seconds=seconds

@@ -26,3 +26,27 @@ class NullProgress:
 
     def stop(self) -> None:
         pass
+
+
+class _ShardProgress:
+    """Rank 0's bars under torchrun, labelled as its shard (every rank streams an equal share)."""
+
+    def __init__(self, inner: Progress, world_size: int) -> None:
+        self.inner = inner
+        self.world_size = world_size
+
+    def start(self, description: str, total: int | None) -> None:
+        self.inner.start(f"{description} (rank 0's shard of {self.world_size})", total)
+
+    def advance(self, n: int) -> None:
+        self.inner.advance(n)
+
+    def stop(self) -> None:
+        self.inner.stop()
+
+
+def for_rank(progress: Progress | None, rank: int, world_size: int) -> Progress:
+    """What a rank reports to: rank 0 draws (its shard, under torchrun), the others stay silent."""
+    if progress is None or rank != 0:
+        return NullProgress()
+    return progress if world_size == 1 else _ShardProgress(progress, world_size)

@@ -62,7 +62,7 @@ from influence_cli.errors import DistributedError, InfluenceError, NumericalErro
 from influence_cli.factors import LayerFactors, layer_damping
 from influence_cli.fit import check_factors_match, load_factors
 from influence_cli.passes import BatchGradients, accumulator_dtype, autocast_context, model_dtype, stream_gradients
-from influence_cli.progress import NullProgress, Progress
+from influence_cli.progress import Progress, for_rank
 from influence_cli.resume import PassCheckpoint, Snapshot, run_key
 from influence_cli.tracking import TrackedModule, per_example_gradients
 
@@ -863,7 +863,7 @@ def compute_scores(
     out_dir = cfg.output_path
     storage.ensure_writable_dir(out_dir)
     relative = cfg.scores.relative if relative is None else relative
-    progress = progress if (progress is not None and ctx.state.is_main) else NullProgress()
+    progress = for_rank(progress, ctx.state.rank, ctx.state.world_size)
     train = ctx.dataset(cfg.data.train, "data.train")
     members: list[_ScoringMember] = []
     described: list[dict[str, Any]] = []

@@ -41,7 +41,7 @@ from influence_cli.errors import ConfigError, NumericalError, OutputError, Usage
 from influence_cli.factors import DiagonalAccumulator, LayerFactors, layer_damping
 from influence_cli.fit import PassPlan, _NonFiniteWatch, check_factors_match, load_factors, plan_for
 from influence_cli.passes import BatchGradients, accumulator_dtype, stream_gradients
-from influence_cli.progress import NullProgress, Progress
+from influence_cli.progress import NullProgress, Progress, for_rank
 from influence_cli.tracking import TrackedModule
 
 HEADLINE = {"fisher-kernel": "kernel_normalized", "task2vec": "task2vec_cosine"}
@@ -364,7 +364,7 @@ def dataset_similarity(
     plans = {name: dataclasses.replace(plan_for(ctx, ds), fisher=fisher) for name, ds in datasets.items()}
     tracked_layers = {tm.name: factors.layers[tm.name] for tm in ctx.tracked}
     damping = layer_damping(tracked_layers, cfg.scores.damping, cfg.scores.damping_factor, cfg.scores.damping_scope)
-    progress = progress if (progress is not None and ctx.state.is_main) else NullProgress()
+    progress = for_rank(progress, ctx.state.rank, ctx.state.world_size)
     layers = {tm.name: factors.layers[tm.name].to(ctx.device) for tm in ctx.tracked}
     t0 = time.perf_counter()
     result = compute_similarity(ctx.model, ctx.tracked, layers, plans, damping, progress=progress, keys=keys)

@@ -48,7 +48,7 @@ from influence_cli.errors import ConfigError, NumericalError, OutputError, Usage
 from influence_cli.factors import Factors, LayerFactors
 from influence_cli.fit import _NonFiniteWatch, check_factors_match, load_factors
 from influence_cli.passes import accumulator_dtype, stream_gradients
-from influence_cli.progress import NullProgress, Progress
+from influence_cli.progress import NullProgress, Progress, for_rank
 from influence_cli.tracking import TrackedModule
 
 BANDS = ("bottom", "middle", "top")
@@ -635,7 +635,7 @@ def spectrum(
     }
     specs = dict(sp.datasets) or {"train": cfg.data.train}
     keys = {name: f"spectrum.datasets.{name}" if sp.datasets else "data.train" for name in specs}
-    progress = progress if (progress is not None and ctx.state.is_main) else NullProgress()
+    progress = for_rank(progress, ctx.state.rank, ctx.state.world_size)
     layer_factors = {tm.name: factors.layers[tm.name] for tm in chosen}
     datasets = {name: ctx.dataset(spec, keys[name]) for name, spec in specs.items()}
     names = []

@@ -295,3 +295,56 @@ def test_cli_round_trip(tmp_path):
     assert result.exit_code != 0
     message = " ".join(result.stderr.split())
     assert "scores.checkpoints[0]" in message and "fit-factors" in message
+
+
+# ----------------------------------------------------------------------------- 2 processes (gloo)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ensemble_rank(rank: int, world: int, port: int, data: dict, folder: str, out: str) -> None:
+    """One rank of an ensemble job: fit-factors for all members, then pairwise scores, as under torchrun."""
+    import os
+
+    import torch.distributed as dist
+
+    from influence_cli.distributed import DistState
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        cfg = config_from_dict(data, [f"output_dir={out}"], base_dir=folder)
+        state = DistState(rank=rank, world_size=world)
+        fit_factors(cfg, state=state)
+        compute_scores(cfg, state=state)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_two_processes_fit_and_score_an_ensemble_like_one_process(project):
+    """Every member's factors are all-reduced over the ranks' shards; the ranks' score shards are the one-process matrix."""
+    import torch.multiprocessing as mp
+
+    folder, data = project
+    mp.spawn(_ensemble_rank, args=(2, _free_port(), data, str(folder), "dist2"), nprocs=2)
+    dist_out, ref_out = folder / "dist2", folder / "out"
+    for member in range(len(SEEDS)):
+        got = storage.load_tensors(storage.member_dir(dist_out, member) / storage.FACTORS_FILE, storage.FACTORS_FORMAT)[0]
+        ref = storage.load_tensors(storage.member_dir(ref_out, member) / storage.FACTORS_FILE, storage.FACTORS_FORMAT)[0]
+        assert got.keys() == ref.keys()
+        for key in (k for k in ref if not k.endswith("eigenvectors")):  # eigenvectors: up to sign
+            torch.testing.assert_close(got[key], ref[key], rtol=1e-4, atol=1e-6 * float(ref[key].abs().max()))
+    index = json.loads((dist_out / storage.SCORES_INDEX).read_text())
+    assert len(index["shards"]) == 2  # one per rank
+    single = ensemble_cfg(project, "single_ens")
+    compute_scores(single)
+    ref_scores = all_scores(single.output_path)
+    torch.testing.assert_close(all_scores(dist_out), ref_scores, rtol=1e-4, atol=1e-5 * float(ref_scores.abs().max()))
