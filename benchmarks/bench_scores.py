@@ -1,6 +1,6 @@
 """compute-scores on real MNIST against one forward+backward pass, the GEMM floor and the machine's GEMM rate.
 
-    python benchmarks/bench_scores.py [--train 8000] [--queries 1000] [--repeats 1] [--device cpu]
+    python benchmarks/bench_scores.py [--train 8000] [--queries 1000] [--repeats 1] [--device cpu] [--amp bfloat16]
 
 MLP 784-128-128-10 trained here with the seeded recipe (3 epochs, seed 0) on MNIST
 test-split images 0..8000 from ../shared/data/mnist; queries are images 9000..9999;
@@ -12,6 +12,10 @@ EKFAC factors with the sampled Fisher; batch size 256. Reports:
 - the achieved GFLOP/s against the floor of 2 · n_query · n_train · n_params flops
   (one multiply-add per parameter per pair), and the machine's measured fp32 GEMM
   rate (square 2048³ and the scoring GEMM's own shape).
+
+With `--amp bfloat16` the same workload also runs under `factors.amp: bfloat16` (fit-factors and
+compute-scores), timed in the same run, with the agreement of its scores with the float32 ones
+(Pearson over all pairs, mean per-query Spearman, top-10 proponent overlap) and the bf16 GEMM rate.
 """
 
 from __future__ import annotations
@@ -34,10 +38,11 @@ from influence_cli.fit import fit_factors
 from influence_cli.models import build_model
 from influence_cli.scores import compute_scores
 from influence_cli.storage import save_tensors
+from influence_cli.topk import iter_score_blocks
 from influence_cli.training import TrainRecipe, accuracy, train_model
 
 
-def make_config(out_dir: Path, n_train: int, q0: int, q1: int, device: str, batch_size: int = 256) -> dict:
+def make_config(out_dir: Path, n_train: int, q0: int, q1: int, device: str, batch_size: int = 256, amp: str = "none") -> dict:
     transform = {"flatten": True, "scale": 255.0}
     return {
         "model": {"architecture": "mlp", "kwargs": MLP_KWARGS, "checkpoint": str(out_dir / "model.safetensors")},
@@ -46,8 +51,8 @@ def make_config(out_dir: Path, n_train: int, q0: int, q1: int, device: str, batc
             "query": {"source": "idx", "images": str(IMAGES), "labels": str(LABELS), "range": [q0, q1], "transform": transform},
             "batch_size": batch_size,
         },
-        "factors": {"strategy": "ekfac", "fisher": "sampled", "checkpoint_every": 0},
-        "output_dir": str(out_dir / "run"),
+        "factors": {"strategy": "ekfac", "fisher": "sampled", "checkpoint_every": 0, "amp": amp},
+        "output_dir": str(out_dir / ("run" if amp == "none" else f"run-{amp}")),
         "device": device,
     }
 
@@ -73,10 +78,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def gemm_gflops(m: int, k: int, n: int, device: torch.device, transposed_b: bool = False, repeats: int = 3) -> float:
-    """Measured fp32 rate of [m, k] @ [k, n] (best of `repeats`)."""
-    a = torch.randn(m, k, device=device)
-    b = torch.randn(n, k, device=device) if transposed_b else torch.randn(k, n, device=device)
+def gemm_gflops(
+    m: int, k: int, n: int, device: torch.device, transposed_b: bool = False, repeats: int = 3, dtype: torch.dtype = torch.float32
+) -> float:
+    """Measured rate of [m, k] @ [k, n] in `dtype` (best of `repeats`)."""
+    a = torch.randn(m, k, device=device, dtype=dtype)
+    b = torch.randn(n, k, device=device, dtype=dtype) if transposed_b else torch.randn(k, n, device=device, dtype=dtype)
     best = float("inf")
     for _ in range(repeats + 1):
         _sync(device)
@@ -93,6 +100,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--amp", default="none", help="also run under this factors.amp (bfloat16) and compare")
     args = parser.parse_args()
     if not IMAGES.exists():
         raise SystemExit(f"MNIST not found at {IMAGES}")
@@ -164,8 +172,67 @@ def main() -> None:
     print(f"| machine fp32 GEMM, 2048³ | {square:.1f} GFLOP/s |")
     print(f"| machine fp32 GEMM, scoring shape [{args.queries}, {n_params}] @ [{n_params}, 256] | {shaped:.1f} GFLOP/s |")
     print(f"| floor time at the 2048³ GEMM rate | {flops / square / 1e9:.2f} s ({achieved / square:.0%} of peak achieved) |")
+    if args.amp != "none":
+        result["amp"] = low_precision_run(args, tmp, q0, q1, cfg, wall, scoring, fit_seconds, flops)
     print()
     print(json.dumps(result))
+
+
+def all_scores(out_dir: Path, n_query: int) -> torch.Tensor:
+    return torch.cat([b.scores for b in iter_score_blocks(out_dir, range(n_query))], dim=1)
+
+
+def spearman_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    ra = a.argsort(1).argsort(1).double()
+    rb = b.argsort(1).argsort(1).double()
+    ra, rb = ra - ra.mean(1, keepdim=True), rb - rb.mean(1, keepdim=True)
+    return (ra * rb).sum(1) / (ra.norm(dim=1) * rb.norm(dim=1))
+
+
+def low_precision_run(args, tmp: Path, q0: int, q1: int, cfg32, wall32: float, scoring32: float, fit32: float, flops: int) -> dict:
+    """fit-factors + compute-scores under factors.amp, timed as above, and their scores against float32's."""
+    cfg = config_from_dict(make_config(tmp, args.train, q0, q1, args.device, amp=args.amp), base_dir=tmp)
+    t0 = time.perf_counter()
+    fit_factors(cfg, overwrite=True)
+    fit_seconds = time.perf_counter() - t0
+    runs = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        report = compute_scores(cfg, overwrite=True)
+        runs.append((report, time.perf_counter() - t0))
+    report, wall = min(runs, key=lambda r: r[0].seconds["scores"])
+    scoring = report.seconds["scores"]
+    ref, got = all_scores(cfg32.output_path, args.queries).double(), all_scores(cfg.output_path, args.queries).double()
+    pearson = float(torch.corrcoef(torch.stack([ref.flatten(), got.flatten()]))[0, 1])
+    spearman = spearman_rows(ref, got)
+    top_ref, top_got = ref.topk(10, dim=1).indices, got.topk(10, dim=1).indices
+    overlap = float(torch.tensor([len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(top_ref, top_got, strict=True)]).mean())
+    rate = gemm_gflops(args.queries, flops // (2 * args.queries * args.train), 256, torch.device(args.device), True, dtype=getattr(torch, args.amp))
+    out = {
+        "fit_factors_seconds": fit_seconds,
+        "compute_scores_wall_seconds": wall,
+        "scoring_seconds": scoring,
+        "achieved_gflops": flops / scoring / 1e9,
+        "gemm_gflops_scoring_shape": rate,
+        "pearson_vs_float32": pearson,
+        "spearman_per_query_mean": float(spearman.mean()),
+        "spearman_per_query_min": float(spearman.min()),
+        "top10_overlap": overlap,
+    }
+    print()
+    print(f"factors.amp={args.amp} on the same workload (same run):")
+    print()
+    print(f"| quantity | float32 | {args.amp} | ratio |")
+    print("|---|---:|---:|---:|")
+    print(f"| fit-factors (both passes) | {fit32:.2f} s | {fit_seconds:.2f} s | {fit_seconds / fit32:.2f}x |")
+    print(f"| compute-scores, whole command | {wall32:.2f} s | {wall:.2f} s | {wall / wall32:.2f}x |")
+    print(f"| scoring pass | {scoring32:.2f} s | {scoring:.2f} s | {scoring / scoring32:.2f}x |")
+    print(f"| achieved (floor flops / scoring time) | {flops / scoring32 / 1e9:.1f} GFLOP/s | {flops / scoring / 1e9:.1f} GFLOP/s | |")
+    print(f"| machine GEMM rate, scoring shape | | {rate:.1f} GFLOP/s | |")
+    print()
+    print(f"agreement with float32: Pearson {pearson:.5f}; per-query Spearman mean {float(spearman.mean()):.5f} "
+          f"(worst {float(spearman.min()):.5f}); top-10 proponents shared {overlap:.1%}")
+    return out
 
 
 if __name__ == "__main__":

@@ -131,7 +131,12 @@ class FactorsConfig:
     )
     modules: list[str] = _help("fnmatch patterns of module names to track.", default_factory=lambda: ["*"])
     max_examples: int | None = _help("Cap on training examples used per pass (null = all).", default=None)
-    amp: Literal["none", "bfloat16", "float16"] = _help("Autocast dtype for the data passes on GPU.", default="none")
+    amp: Literal["none", "bfloat16", "float16"] = _help(
+        "Low precision for the data passes (fit-factors and compute-scores): the forward runs under autocast and the "
+        "per-batch matrix products (covariances, rotations, scoring GEMMs) in this dtype, summed in float32 accumulators; "
+        "eigendecompositions stay float64. bfloat16 on GPUs and CPUs with bf16 units; float16 on GPUs only.",
+        default="none",
+    )
     checkpoint_every: int = _help("Save resumable progress every N batches (0 = never).", default=50)
 
 

@@ -179,28 +179,58 @@ class Factors:
 # ----------------------------------------------------------------------------- accumulators
 
 
-class CovarianceAccumulator:
-    """Pass 1: running sums of Σ_t a aᵀ and (1/T) Σ_t g gᵀ over examples."""
+def low_precision_mm(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, out_dtype: torch.dtype) -> torch.Tensor:
+    """x @ y with both operands in `dtype` (bfloat16 / float16): the fast matrix units, half the traffic.
 
-    def __init__(self, tracked: list[TrackedModule], dtype: torch.dtype, device: torch.device) -> None:
+    On CUDA the product is returned in `out_dtype` straight from the fp32 accumulation of the
+    GEMM; elsewhere it is rounded to `dtype` (8 significant bits for bfloat16) and converted.
+    """
+    x, y = x.to(dtype), y.to(dtype)
+    if x.is_cuda:
+        try:
+            return torch.mm(x, y, out_dtype=out_dtype)
+        except (TypeError, RuntimeError, NotImplementedError):  # builds without mm.dtype
+            pass
+    return torch.mm(x, y).to(out_dtype)
+
+
+def add_product_(acc: torch.Tensor, x: torch.Tensor, y: torch.Tensor, matmul_dtype: torch.dtype | None, alpha: float = 1.0) -> None:
+    """acc += alpha · x @ y, the product in `matmul_dtype` when given (None: in acc's dtype), the sum in acc's dtype."""
+    if matmul_dtype is None or matmul_dtype == acc.dtype:
+        acc.addmm_(x.to(acc.dtype), y.to(acc.dtype), alpha=alpha)
+    else:
+        acc.add_(low_precision_mm(x, y, matmul_dtype, acc.dtype), alpha=alpha)
+
+
+class CovarianceAccumulator:
+    """Pass 1: running sums of Σ_t a aᵀ and (1/T) Σ_t g gᵀ over examples.
+
+    `matmul_dtype` (bfloat16 / float16, `factors.amp`) runs each batch's products in that
+    dtype; the sums stay in `dtype`.
+    """
+
+    def __init__(
+        self, tracked: list[TrackedModule], dtype: torch.dtype, device: torch.device, matmul_dtype: torch.dtype | None = None
+    ) -> None:
         self.a = {tm.name: torch.zeros(tm.d_in, tm.d_in, dtype=dtype, device=device) for tm in tracked}
         self.g = {tm.name: torch.zeros(tm.d_out, tm.d_out, dtype=dtype, device=device) for tm in tracked}
         self.count = torch.zeros((), dtype=torch.float64, device=device)
+        self.matmul_dtype = matmul_dtype
 
     def update(self, batch: BatchGradients) -> None:
         for name, acc in self.a.items():
             a = batch.activations[name]
             flat = a.reshape(-1, a.shape[-1])
-            acc.addmm_(flat.T, flat)
+            add_product_(acc, flat.T, flat, self.matmul_dtype)
             positions = batch.positions.get(name)
             for grads in batch.gradients:
                 g = grads[name]
                 if positions is None:
                     gflat = g.reshape(-1, g.shape[-1])
-                    self.g[name].addmm_(gflat.T, gflat, alpha=1.0 / g.shape[1])
+                    add_product_(self.g[name], gflat.T, gflat, self.matmul_dtype, alpha=1.0 / g.shape[1])
                 else:  # each example averages over its own real positions
                     gflat = (g * positions.rsqrt()[:, None, None]).reshape(-1, g.shape[-1])
-                    self.g[name].addmm_(gflat.T, gflat)
+                    add_product_(self.g[name], gflat.T, gflat, self.matmul_dtype)
         self.count += len(batch.global_indices)
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -222,18 +252,23 @@ class DiagonalAccumulator:
         bases: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]],
         dtype: torch.dtype,
         device: torch.device,
+        matmul_dtype: torch.dtype | None = None,
     ) -> None:
-        self.bases = bases
+        low = matmul_dtype is not None and matmul_dtype != dtype
+        self.matmul_dtype = matmul_dtype if low else None
+        cast = (lambda u: None if u is None else u.to(matmul_dtype)) if low else (lambda u: u)
+        self.bases = {name: (cast(u_a), cast(u_g)) for name, (u_a, u_g) in bases.items()}
         self.sums = {tm.name: torch.zeros(tm.d_out, tm.d_in, dtype=dtype, device=device) for tm in tracked}
         self.count = torch.zeros((), dtype=torch.float64, device=device)
 
     def update(self, batch: BatchGradients) -> None:
+        low = self.matmul_dtype
         for name, acc in self.sums.items():
             u_a, u_g = self.bases[name]
-            a = batch.activations[name]
+            a = batch.activations[name] if low is None else batch.activations[name].to(low)
             a_rot = a @ u_a if u_a is not None else a
             for grads in batch.gradients:
-                g = grads[name]
+                g = grads[name] if low is None else grads[name].to(low)
                 g_rot = g @ u_g if u_g is not None else g
                 accumulate_squared_gradients(acc, a_rot, g_rot)
         self.count += len(batch.global_indices)
@@ -243,15 +278,18 @@ class DiagonalAccumulator:
 
 
 def accumulate_squared_gradients(acc: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> None:
-    """acc [d_out, d_in] += Σ_n (Σ_t g_nt a_ntᵀ)² for a [B, T, d_in], g [B, T, d_out]."""
+    """acc [d_out, d_in] += Σ_n (Σ_t g_nt a_ntᵀ)² for a [B, T, d_in], g [B, T, d_out].
+
+    a and g in a lower precision than acc (bfloat16 / float16) keep the products in theirs.
+    """
     if a.shape[1] == 1:
-        acc.addmm_(g[:, 0].square().T, a[:, 0].square())
+        add_product_(acc, g[:, 0].square().T, a[:, 0].square(), a.dtype)
         return
     per_example = acc.shape[0] * acc.shape[1]
     chunk = max(1, _MAX_BMM_ELEMENTS // per_example)
     for s in range(0, a.shape[0], chunk):
         grads = torch.bmm(g[s : s + chunk].transpose(1, 2), a[s : s + chunk])
-        acc.add_(grads.square().sum(dim=0))
+        acc.add_(grads.to(acc.dtype).square().sum(dim=0))
 
 
 def eigendecompose(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,7 +30,7 @@ from influence_cli.factors import (
     LayerFactors,
     kronecker_layer_factors,
 )
-from influence_cli.passes import BatchGradients, accumulator_dtype, stream_gradients
+from influence_cli.passes import BatchGradients, accumulator_dtype, matmul_dtype, stream_gradients
 from influence_cli.progress import NullProgress, Progress, for_rank
 from influence_cli.resume import PassCheckpoint, Snapshot, run_key
 from influence_cli.tracking import TrackedModule
@@ -231,12 +231,14 @@ def compute_factors(
         seconds[phase] = time.perf_counter() - t0
 
     if strategy == "diagonal":
-        diag = DiagonalAccumulator(tracked, {tm.name: (None, None) for tm in tracked}, dtype, device)
+        low = matmul_dtype(plan.amp) if dtype == torch.float32 else None
+        diag = DiagonalAccumulator(tracked, {tm.name: (None, None) for tm in tracked}, dtype, device, low)
         timed("diagonal", diag, {})
         count = float(diag.count)
         return {name: LayerFactors(name, eigenvalues=s / count, num_examples=int(count)) for name, s in diag.sums.items()}
 
-    cov = CovarianceAccumulator(tracked, dtype, device)
+    low = matmul_dtype(plan.amp) if dtype == torch.float32 else None
+    cov = CovarianceAccumulator(tracked, dtype, device, low)
     if snapshot is not None and snapshot.phase == "correction":
         for k, v in cov.state().items():
             v.copy_(snapshot.tensors[f"covariance.{k}"])
@@ -258,7 +260,7 @@ def compute_factors(
         return layers
 
     bases = {name: (lf.a_eigenvectors, lf.g_eigenvectors) for name, lf in layers.items()}
-    corr = DiagonalAccumulator(tracked, bases, dtype, device)
+    corr = DiagonalAccumulator(tracked, bases, dtype, device, low)
     timed("correction", corr, {f"covariance.{k}": v for k, v in cov.state().items()})
     count2 = float(corr.count)
     for name, lf in layers.items():

@@ -56,10 +56,16 @@ def accumulator_dtype(model: nn.Module) -> torch.dtype:
     return torch.float64 if model_dtype(model) == torch.float64 else torch.float32
 
 
+def matmul_dtype(amp: str) -> torch.dtype | None:
+    """The dtype of the passes' matrix products under `factors.amp` (None: the accumulators' own)."""
+    return None if amp == "none" else getattr(torch, amp)
+
+
 def autocast_context(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    if amp == "none" or device.type != "cuda":
+    """Autocast for the model's forward under `factors.amp` (CUDA, or bfloat16 on CPU)."""
+    if amp == "none" or device.type not in ("cuda", "cpu") or (device.type == "cpu" and amp != "bfloat16"):
         return contextlib.nullcontext()
-    return torch.autocast(device_type="cuda", dtype=getattr(torch, amp))
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, amp))
 
 
 def stream_gradients(

@@ -59,9 +59,9 @@ from influence_cli.data import IndexedDataset, make_loader
 from influence_cli.distributed import DistState
 from influence_cli.ensemble import Member, describe_member, ensemble_members, prepare_member
 from influence_cli.errors import DistributedError, InfluenceError, NumericalError, OutputError
-from influence_cli.factors import LayerFactors, layer_damping
+from influence_cli.factors import LayerFactors, layer_damping, low_precision_mm
 from influence_cli.fit import check_factors_match, load_factors
-from influence_cli.passes import BatchGradients, accumulator_dtype, autocast_context, model_dtype, stream_gradients
+from influence_cli.passes import BatchGradients, accumulator_dtype, autocast_context, matmul_dtype, model_dtype, stream_gradients
 from influence_cli.progress import Progress, for_rank
 from influence_cli.resume import PassCheckpoint, Snapshot, run_key
 from influence_cli.tracking import TrackedModule, per_example_gradients
@@ -94,11 +94,14 @@ class ScoreKernel:
     Args:
         layers: {layer: LayerFactors} on the model's device and in its accumulator dtype.
         damping: {layer: λ}.
+        matmul_dtype: bfloat16 / float16 (`factors.amp`): the preconditioned queries are stored,
+            and the scoring GEMMs run, in that dtype; scores are summed in float32.
     """
 
-    def __init__(self, layers: dict[str, LayerFactors], damping: dict[str, float]) -> None:
+    def __init__(self, layers: dict[str, LayerFactors], damping: dict[str, float], matmul_dtype: torch.dtype | None = None) -> None:
         self.layers = layers
         self.damping = damping
+        self.matmul_dtype = matmul_dtype
         self._inverse = {name: lf.inverse_eigenvalues(damping[name], 1) for name, lf in layers.items()}
         self._inverse_sq = {name: lf.inverse_eigenvalues(damping[name], 2) for name, lf in layers.items()}
         self.eigenbasis: dict[str, bool] = {}
@@ -135,7 +138,15 @@ class ScoreKernel:
             else:
                 g = batch.gradients[0][name]
             out[name] = (g[:, 0], a[:, 0]) if a.shape[1] == 1 else per_example_gradients(a, g).reshape(a.shape[0], -1)
+        if self.matmul_dtype is not None:
+            return {name: self._low(v) for name, v in out.items()}
         return out
+
+    def _low(self, v: Any) -> Any:
+        """A tensor, or a tuple / list of them, in the scoring GEMMs' dtype."""
+        if isinstance(v, torch.Tensor):
+            return v.to(self.matmul_dtype)
+        return type(v)(t.to(self.matmul_dtype) for t in v)
 
     def preconditioned(self, batch: BatchGradients) -> dict[str, torch.Tensor]:
         """{layer: (F + λ)⁻¹ ∇W [B, P]} in the layer's basis (see the class docstring)."""
@@ -160,6 +171,7 @@ class ScoreKernel:
         [d_out, d_in] (`row_blocks`), the layout `pairwise` multiplies block by block.
         """
         for name, v in self.preconditioned(batch).items():
+            v = v if self.matmul_dtype is None else v.to(self.matmul_dtype)
             n, d_in = v.shape[0], batch.activations[name].shape[-1]
             dest = out.get(name)
             if dest is None:
@@ -183,6 +195,7 @@ class ScoreKernel:
         """[Q, P] preconditioned queries in the layout of `store_queries` (`batch`: any batch, for the layers' shapes)."""
         out: dict[str, torch.Tensor | list[torch.Tensor]] = {}
         for name, v in queries.items():
+            v = v if self.matmul_dtype is None else v.to(self.matmul_dtype)
             a = batch.activations[name]
             if a.shape[1] != 1:
                 out[name] = v
@@ -225,11 +238,11 @@ class ScoreKernel:
                     else:  # a [B, P] matrix: its matching columns
                         grad = t[:, c0 : c0 + width]
                     c0 += width
-                    out = block @ grad.T if out is None else out.addmm_(block, grad.T)
+                    out = _add_scores(out, block, grad.T)
                 continue
             if isinstance(t, tuple):
                 t = (t[0][:, :, None] * t[1][:, None, :]).reshape(t[0].shape[0], -1)
-            out = q @ t.T if out is None else out.addmm_(q, t.T)
+            out = _add_scores(out, q, t.T)
         assert out is not None
         return out
 
@@ -259,6 +272,14 @@ class ScoreKernel:
     def norms(self, batch: BatchGradients) -> torch.Tensor:
         """‖(F + λ)⁻¹ ∇L(x)‖ per example (the RelatIF denominator): [B]."""
         return self.quadratic(batch, 2).clamp_min(0).sqrt()
+
+
+def _add_scores(out: torch.Tensor | None, q: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """out + q @ t; a bfloat16 / float16 product is summed into a float32 `out`."""
+    if q.dtype in (torch.float32, torch.float64):
+        return q @ t if out is None else out.addmm_(q, t)
+    prod = low_precision_mm(q, t, q.dtype, torch.float32)
+    return prod if out is None else out.add_(prod)
 
 
 def row_blocks(d_out: int, d_in: int, elements: int | None = None) -> list[tuple[int, int]]:
@@ -303,6 +324,7 @@ def pairwise_scores(
     relative: bool = False,
     device: torch.device | None = None,
     padding_value: float | None = None,
+    amp: str = "none",
 ) -> torch.Tensor:
     """In-memory scores of every (query, train) pair: [n_query, n_train].
 
@@ -312,11 +334,12 @@ def pairwise_scores(
     Args:
         layers: {layer: LayerFactors} (converted to the model's dtype and device here).
         query_batches, train_batches: (inputs, targets, global_indices) triples.
+        amp: `factors.amp`: bfloat16 / float16 run the passes and the scoring GEMMs in that dtype.
     """
     return ensemble_pairwise_scores(
         [(model, tracked, layers)], query_batches, train_batches, task_kind=task_kind, measurement=measurement,
         damping=damping, damping_factor=damping_factor, damping_scope=damping_scope, relative=relative, device=device,
-        padding_value=padding_value,
+        padding_value=padding_value, amp=amp,
     )
 
 
@@ -333,6 +356,7 @@ def ensemble_pairwise_scores(
     relative: bool = False,
     device: torch.device | None = None,
     padding_value: float | None = None,
+    amp: str = "none",
 ) -> torch.Tensor:
     """In-memory scores averaged over an ensemble of models, each with its own factors: [n_query, n_train].
 
@@ -343,8 +367,8 @@ def ensemble_pairwise_scores(
         members: (model, tracked layers, {layer: LayerFactors}) of every member.
         query_batches, train_batches: (inputs, targets, global_indices) triples.
     """
-    kernels = [_kernel(model, layers, damping, damping_factor, device, damping_scope) for model, _, layers in members]
-    kw: dict[str, Any] = {"task_kind": task_kind, "device": device, "padding_value": padding_value}
+    kernels = [_kernel(model, layers, damping, damping_factor, device, damping_scope, amp) for model, _, layers in members]
+    kw: dict[str, Any] = {"task_kind": task_kind, "device": device, "padding_value": padding_value, "amp": amp}
     queries: list[dict[str, list[torch.Tensor]]] = [{name: [] for name in layers} for _, _, layers in members]
     last: list[BatchGradients] = []
     for item in query_batches:
@@ -396,11 +420,18 @@ def self_influence_scores(
 
 
 def _kernel(
-    model: nn.Module, layers: dict[str, LayerFactors], damping: float | str, factor: float, device: torch.device | None, scope: str = "layer"
+    model: nn.Module,
+    layers: dict[str, LayerFactors],
+    damping: float | str,
+    factor: float,
+    device: torch.device | None,
+    scope: str = "layer",
+    amp: str = "none",
 ) -> ScoreKernel:
     dtype = accumulator_dtype(model)
     moved = {name: lf.to(device or torch.device("cpu"), dtype) for name, lf in layers.items()}
-    return ScoreKernel(moved, resolve_damping(moved, damping, factor, scope))
+    low = matmul_dtype(amp) if dtype == torch.float32 else None
+    return ScoreKernel(moved, resolve_damping(moved, damping, factor, scope), low)
 
 
 # ----------------------------------------------------------------------------- sizing and sharding
@@ -874,7 +905,8 @@ def compute_scores(
         dtype = accumulator_dtype(mctx.model)
         layers = {name: lf.to(mctx.device, dtype) for name, lf in layers.items()}
         damping = resolve_damping(layers, cfg.scores.damping, cfg.scores.damping_factor, cfg.scores.damping_scope)
-        members.append(_ScoringMember(mctx, ScoreKernel(layers, damping)))
+        low = matmul_dtype(cfg.factors.amp) if dtype == torch.float32 else None
+        members.append(_ScoringMember(mctx, ScoreKernel(layers, damping, low)))
         described.append(describe_member(member, mctx) | {"factors": factors_info, "damping": damping})
     scorer = _Scorer(members, train, progress)
     seconds = {"setup": time.perf_counter() - t_start}

@@ -1,0 +1,113 @@
+"""`factors.amp: bfloat16`: the passes' matrix products (covariances, rotations, Λ*, the scoring
+GEMMs) in bfloat16 with float32 sums, against the same run in float32.
+
+bfloat16 keeps 8 significant bits, so a single product is off by about 0.4%; sums over batches
+stay float32. These tests bound the resulting error of factors and scores on a small float32 model.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from exact import batches_of
+from test_scores import write_project
+from torch import nn
+from typer.testing import CliRunner
+
+from influence_cli.cli import app
+from influence_cli.factors import add_product_, low_precision_mm
+from influence_cli.fit import PassPlan, compute_factors
+from influence_cli.scores import ScoreKernel, pairwise_scores
+from influence_cli.tracking import find_tracked_modules
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _problem(n=96, d=12):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(d, 16), nn.ReLU(), nn.Linear(16, 4))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, d, generator=g)
+    y = torch.randint(0, 4, (n,), generator=g)
+    return model, x, y
+
+
+def _fit(model, x, y, amp, strategy="ekfac"):
+    tracked = find_tracked_modules(model, ["*"])
+    plan = PassPlan(batches_of(x, y, 16), -(-len(x) // 16), len(x), "classification", "empirical", 0, amp=amp)
+    return tracked, compute_factors(model, tracked, strategy, plan)
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).norm() / want.norm())
+
+
+def test_low_precision_product_is_close_and_summed_in_float32():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 40, generator=g), torch.randn(40, 30, generator=g)
+    prod = low_precision_mm(x, y, torch.bfloat16, torch.float32)
+    assert prod.dtype == torch.float32
+    assert _relative_error(prod, x @ y) < 1e-2
+    acc = torch.zeros(64, 30)
+    add_product_(acc, x, y, torch.bfloat16, alpha=0.5)
+    assert acc.dtype == torch.float32 and _relative_error(acc, 0.5 * (x @ y)) < 1e-2
+
+
+@pytest.mark.parametrize("strategy", ["ekfac", "kfac", "diagonal"])
+def test_bfloat16_factors_are_close_to_float32(strategy):
+    model, x, y = _problem()
+    _, ref = _fit(model, x, y, "none", strategy)
+    _, low = _fit(model, x, y, "bfloat16", strategy)
+    for name, lf in ref.items():
+        assert low[name].eigenvalues.dtype == torch.float32
+        assert not torch.equal(low[name].eigenvalues, lf.eigenvalues)  # the products did run in bfloat16
+        assert _relative_error(low[name].eigenvalues, lf.eigenvalues) < 3e-2, name
+        if lf.a_covariance is not None:
+            assert _relative_error(low[name].a_covariance, lf.a_covariance) < 1e-2
+            # g comes from a bfloat16 forward and backward (autocast), hence a little further off
+            assert _relative_error(low[name].g_covariance, lf.g_covariance) < 3e-2
+
+
+def test_bfloat16_scores_agree_with_float32():
+    model, x, y = _problem()
+    tracked, ref_factors = _fit(model, x, y, "none")
+    _, low_factors = _fit(model, x, y, "bfloat16")
+    xq, yq = x[:10] + 0.1, y[:10]
+    ref = pairwise_scores(model, tracked, ref_factors, batches_of(xq, yq, 5)(0), batches_of(x, y, 16)(0))
+    low = pairwise_scores(model, tracked, low_factors, batches_of(xq, yq, 5)(0), batches_of(x, y, 16)(0), amp="bfloat16")
+    assert low.dtype == torch.float32
+    pearson = torch.corrcoef(torch.stack([ref.flatten(), low.flatten()]))[0, 1]
+    assert pearson > 0.995
+    assert (ref.argmax(1) == low.argmax(1)).float().mean() >= 0.9  # the top proponent of almost every query
+
+
+def test_scoring_gemm_runs_on_bfloat16_queries():
+    model, x, y = _problem(n=32)
+    _, factors = _fit(model, x, y, "none")
+    kernel = ScoreKernel(factors, {name: 1e-3 for name in factors}, torch.bfloat16)
+    from influence_cli.passes import stream_gradients
+
+    tracked = find_tracked_modules(model, ["*"])
+    batch = next(stream_gradients(model, tracked, [(x[:8], y[:8], torch.arange(8))], task_kind="classification", mode="loss"))
+    out: dict = {}
+    kernel.store_queries(out, 0, 8, batch)
+    for stored in out.values():
+        for block in stored if isinstance(stored, list) else [stored]:
+            assert block.dtype == torch.bfloat16
+    scores = kernel.pairwise(out, kernel.gradients(batch))
+    assert scores.dtype == torch.float32 and scores.shape == (8, 8)
+
+
+def test_cli_bfloat16_run_and_float16_on_cpu_refused(tmp_path):
+    runner = CliRunner(env={"COLUMNS": "120", "INFLUENCE_DEBUG": None, "RANK": None, "WORLD_SIZE": None})
+    data = write_project(tmp_path, dim=16)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
+    cfg = str(tmp_path / "config.yaml")
+    for command in ("fit-factors", "compute-scores"):
+        result = runner.invoke(app, [command, cfg, "--set", "factors.amp=bfloat16"])
+        assert result.exit_code == 0, result.stderr
+    result = runner.invoke(app, ["fit-factors", cfg, "--overwrite", "--set", "factors.amp=float16"])
+    assert result.exit_code == 2
+    assert "factors.amp: float16 needs a GPU (the device is cpu)" in result.stderr
+    assert "bfloat16" in result.stderr
