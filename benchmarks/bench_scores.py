@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from field_common import rowwise_spearman
 from mnist_common import IMAGES, LABELS, MLP_KWARGS, header, load_mnist
 
 from influence_cli.config import ModelConfig, config_from_dict
@@ -182,13 +183,6 @@ def all_scores(out_dir: Path, n_query: int) -> torch.Tensor:
     return torch.cat([b.scores for b in iter_score_blocks(out_dir, range(n_query))], dim=1)
 
 
-def spearman_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    ra = a.argsort(1).argsort(1).double()
-    rb = b.argsort(1).argsort(1).double()
-    ra, rb = ra - ra.mean(1, keepdim=True), rb - rb.mean(1, keepdim=True)
-    return (ra * rb).sum(1) / (ra.norm(dim=1) * rb.norm(dim=1))
-
-
 def low_precision_run(args, tmp: Path, q0: int, q1: int, cfg32, wall32: float, scoring32: float, fit32: float, flops: int) -> dict:
     """fit-factors + compute-scores under factors.amp, timed as above, and their scores against float32's."""
     cfg = config_from_dict(make_config(tmp, args.train, q0, q1, args.device, amp=args.amp), base_dir=tmp)
@@ -204,7 +198,7 @@ def low_precision_run(args, tmp: Path, q0: int, q1: int, cfg32, wall32: float, s
     scoring = report.seconds["scores"]
     ref, got = all_scores(cfg32.output_path, args.queries).double(), all_scores(cfg.output_path, args.queries).double()
     pearson = float(torch.corrcoef(torch.stack([ref.flatten(), got.flatten()]))[0, 1])
-    spearman = spearman_rows(ref, got)
+    spearman = rowwise_spearman(got, ref)
     top_ref, top_got = ref.topk(10, dim=1).indices, got.topk(10, dim=1).indices
     overlap = float(torch.tensor([len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(top_ref, top_got, strict=True)]).mean())
     rate = gemm_gflops(args.queries, flops // (2 * args.queries * args.train), 256, torch.device(args.device), True, dtype=getattr(torch, args.amp))

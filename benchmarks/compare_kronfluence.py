@@ -49,12 +49,12 @@ FIXED_DAMPING = 1e-3  # absolute λ for the like-for-like comparison (between th
 # ----------------------------------------------------------------------------- one run (its own process)
 
 
-def our_config(run_dir: Path, model: Path, workload: dict, fisher: str, damping: float | str, seed: int = 0) -> dict:
+def our_config(run_dir: Path, model: Path, workload: dict, fisher: str, damping: float | str, seed: int = 0, amp: str = "none") -> dict:
     return {
         "model": {"architecture": "mlp", "kwargs": MLP_KWARGS, "checkpoint": str(model)},
         "task": {"kind": "classification", "measurement": "loss"},
         "data": {"train": idx_spec(*workload["train"]), "query": idx_spec(*workload["query"]), "batch_size": BATCH},
-        "factors": {"strategy": "ekfac", "fisher": fisher},
+        "factors": {"strategy": "ekfac", "fisher": fisher, "amp": amp},
         "scores": {"damping": damping},
         "output_dir": str(run_dir),
         "device": "cpu",
@@ -96,7 +96,9 @@ def worker(spec: dict) -> dict:
         from influence_cli.scores import compute_scores
         from influence_cli.storage import SCORES_FILE, load_tensors
 
-        cfg = config_from_dict(our_config(run_dir, model_path, workload, spec["fisher"], spec["damping"], spec["seed"]), base_dir=ROOT)
+        cfg = config_from_dict(
+            our_config(run_dir, model_path, workload, spec["fisher"], spec["damping"], spec["seed"], spec.get("amp", "none")), base_dir=ROOT
+        )
         result["rss_before_mb"] = rss_mb()
         with Timer() as fit:
             fit_factors(cfg, overwrite=True)
@@ -117,7 +119,8 @@ def worker(spec: dict) -> dict:
         result["rss_before_mb"] = rss_mb()
         damping = None if spec["damping"] == "auto" else float(spec["damping"])
         run = run_kronfluence(
-            model.eval(), train, query, run_dir, empirical=spec["fisher"] == "empirical", damping=damping, batch_size=BATCH, seed=spec["seed"]
+            model.eval(), train, query, run_dir, empirical=spec["fisher"] == "empirical", damping=damping, batch_size=BATCH, seed=spec["seed"],
+            low_precision=spec.get("amp", "none") != "none",
         )
         result["seconds"] = run.seconds
         scores = run.scores
@@ -172,7 +175,8 @@ from mnist_common import load_mnist
 from influence_cli.models import load_checkpoint
 model = new_mlp(0)
 load_checkpoint(model, {model!r})
-run = run_kronfluence(model.eval(), load_mnist({t0}, {t1}), load_mnist({q0}, {q1}), {out!r}, damping=None, batch_size={bs})
+run = run_kronfluence(model.eval(), load_mnist({t0}, {t1}), load_mnist({q0}, {q1}), {out!r}, damping=None, batch_size={bs},
+                      low_precision={low})
 torch.save(run.scores, {out!r} + "/scores.pt")
 '''
 
@@ -183,18 +187,19 @@ def whole_process_seconds(cmd: list[str], env: dict) -> float:
     return time.perf_counter() - t0
 
 
-def whole_processes(model: Path, repeats: int, with_kf: bool) -> dict[str, list[float]]:
+def whole_processes(model: Path, repeats: int, with_kf: bool, amp: str = "none") -> dict[str, list[float]]:
+    """Wall times of the two CLI processes and of one Kronfluence script (both in `amp` precision)."""
     import yaml
 
-    folder = OUT / "processes"
+    folder = OUT / ("processes" if amp == "none" else f"processes_{amp}")
     folder.mkdir(parents=True, exist_ok=True)
     config = folder / "mnist_9000x1000.yaml"
-    config.write_text(yaml.safe_dump(our_config(folder / "influence_cli", model, SPEED, "sampled", "auto")))
+    config.write_text(yaml.safe_dump(our_config(folder / "influence_cli", model, SPEED, "sampled", "auto", amp=amp)))
     script = folder / "kronfluence_9000x1000.py"
     script.write_text(
         KRONFLUENCE_SCRIPT.format(
             bench=str(ROOT / "benchmarks"), model=str(model), out=str(folder / "kronfluence"), bs=BATCH,
-            t0=SPEED["train"][0], t1=SPEED["train"][1], q0=SPEED["query"][0], q1=SPEED["query"][1],
+            t0=SPEED["train"][0], t1=SPEED["train"][1], q0=SPEED["query"][0], q1=SPEED["query"][1], low=amp != "none",
         )
     )
     env = dict(os.environ)
@@ -237,6 +242,47 @@ def fmt_runs(values: list[float], unit: str = "s") -> str:
     return " / ".join(f"{v:.2f}" for v in values) + f" {unit}"
 
 
+def low_precision_section(args, tools: list[str], spec, best32: dict, n_train: int, n_query: int, flops: int, results: dict) -> list[str]:
+    """Both tools again in bf16 on the speed workload: times, and each tool's agreement with its own float32 scores."""
+    runs: dict[str, list[dict]] = {t: [] for t in tools}
+    for _ in range(args.repeats):
+        for tool in tools:
+            runs[tool].append(run_worker(spec(tool, SPEED, "sampled", "auto", f"speed_{args.amp}", amp=args.amp)))
+    best = {t: {k: min(r["seconds"][k] for r in runs[t] if k in r["seconds"]) for k in ("fit", "scores")} for t in tools}
+    agree = {}
+    for tool in tools:
+        s32, s16 = torch.load(OUT / f"scores_{tool}_speed.pt"), torch.load(OUT / f"scores_{tool}_speed_{args.amp}.pt")
+        rows = rowwise_spearman(s16.double(), s32.double())
+        agree[tool] = {"pearson": pearson(s32, s16), "spearman_mean": float(rows.mean()), "spearman_min": float(rows.min())}
+    results["speed_low_precision"] = {"amp": args.amp, "runs": runs, "best": best, "agreement_with_float32": agree}
+    ours, kf = best["influence_cli"], best.get("kronfluence")
+    lines = [
+        f"### Speed in {args.amp}: {n_train:,} × {n_query:,}, `factors.amp: {args.amp}` vs Kronfluence's smart low precision",
+        "",
+        "| phase | influence_cli | Kronfluence | ratio |",
+        "|---|---:|---:|---:|",
+    ]
+    for key, label in (("fit", "fit factors"), ("scores", "pairwise scores (whole call)")):
+        k = f"{kf[key]:.2f} s" if kf else "—"
+        lines.append(f"| {label} | {ours[key]:.2f} s | {k} | {f'**{ours[key] / kf[key]:.3f}×**' if kf else '—'} |")
+    fs = ours["fit"] + ours["scores"]
+    fk = (kf["fit"] + kf["scores"]) if kf else None
+    lines.append(f"| fit + scores | {fs:.2f} s | {f'{fk:.2f} s' if fk else '—'} | {f'{fs / fk:.3f}×' if fk else '—'} |")
+    for tool in tools:
+        b32 = best32[tool]
+        lines.append(f"| {tool}: {args.amp} / float32, fit · scores | {ours['fit'] / b32['fit']:.2f}× · {ours['scores'] / b32['scores']:.2f}× | | |"
+                     if tool == "influence_cli" else
+                     f"| {tool}: {args.amp} / float32, fit · scores | | {kf['fit'] / b32['fit']:.2f}× · {kf['scores'] / b32['scores']:.2f}× | |")
+    lines += ["", f"Each tool's {args.amp} scores against its own float32 scores (same sampled-Fisher seed):", "",
+              "| tool | Pearson | per-query Spearman, mean | worst query |", "|---|---:|---:|---:|"]
+    for tool in tools:
+        a = agree[tool]
+        lines.append(f"| {tool} | {a['pearson']:.5f} | {a['spearman_mean']:.5f} | {a['spearman_min']:.5f} |")
+    lines.append(f"\nscoring floor flops / influence_cli's {args.amp} scores call: {flops / ours['scores'] / 1e9:.0f} GFLOP/s")
+    lines.append("")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=2, help="Runs of each tool per setting (back to back, alternating).")
@@ -244,6 +290,7 @@ def main() -> None:
     parser.add_argument("--skip-fidelity", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-processes", action="store_true")
+    parser.add_argument("--amp", default="none", help="Also time both tools in bf16 (bfloat16): factors.amp vs Kronfluence's smart low precision.")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -267,10 +314,10 @@ def main() -> None:
         lines.append(f"Kronfluence {kronfluence_version()}; influence_cli from this tree; {args.threads} threads on both sides.")
         lines.append("")
 
-    def spec(tool: str, workload: dict, fisher: str, damping, tag: str, seed: int = 0, epoch: bool = False) -> dict:
+    def spec(tool: str, workload: dict, fisher: str, damping, tag: str, seed: int = 0, epoch: bool = False, amp: str = "none") -> dict:
         return {
             "tool": tool, "model": str(model_small if workload is FIDELITY else model_large), "workload": workload,
-            "fisher": fisher, "damping": damping, "seed": seed, "threads": args.threads, "epoch": epoch,
+            "fisher": fisher, "damping": damping, "seed": seed, "threads": args.threads, "epoch": epoch, "amp": amp,
             "run_dir": str(OUT / "runs" / f"{tool}_{tag}"), "scores_out": str(OUT / f"scores_{tool}_{tag}.pt"),
         }
 
@@ -390,24 +437,28 @@ def main() -> None:
         if kf:
             lines.append(f"| Kronfluence's scores / floor | {kf['scores'] / floor:.2f}× ({flops / kf['scores'] / 1e9:.1f} GFLOP/s) |")
         lines.append("")
+        if args.amp != "none":
+            lines += low_precision_section(args, tools, spec, best, n_train, n_query, flops, results)
 
     if not args.skip_processes:
-        times = whole_processes(model_large, args.repeats, not missing)
-        results["processes"] = times
-        best = {k: min(v) for k, v in times.items() if v}
-        lines += [
-            "### Whole processes, 9,000 × 1,000 (start-up, data loading, files included)",
-            "",
-            "| command | wall time (runs) |",
-            "|---|---:|",
-            f"| `influence fit-factors mnist_9000x1000.yaml` | {fmt_runs(times['influence fit-factors'])} |",
-            f"| `influence compute-scores mnist_9000x1000.yaml` | {fmt_runs(times['influence compute-scores'])} |",
-            f"| both | {fmt_runs(times['influence_cli'])} |",
-        ]
-        if times["kronfluence"]:
-            lines.append(f"| `python kronfluence_9000x1000.py` (fit + scores) | {fmt_runs(times['kronfluence'])} |")
-            lines.append(f"| ratio (best runs) | **{best['influence_cli'] / best['kronfluence']:.3f}×** (goal ≤ 0.35×) |")
-        lines.append("")
+        for amp in ["none"] + ([args.amp] if args.amp != "none" else []):
+            times = whole_processes(model_large, args.repeats, not missing, amp)
+            results["processes" if amp == "none" else f"processes_{amp}"] = times
+            best = {k: min(v) for k, v in times.items() if v}
+            precision = "" if amp == "none" else f", {amp} (`factors.amp` / Kronfluence's smart low precision)"
+            lines += [
+                f"### Whole processes, 9,000 × 1,000 (start-up, data loading, files included){precision}",
+                "",
+                "| command | wall time (runs) |",
+                "|---|---:|",
+                f"| `influence fit-factors mnist_9000x1000.yaml` | {fmt_runs(times['influence fit-factors'])} |",
+                f"| `influence compute-scores mnist_9000x1000.yaml` | {fmt_runs(times['influence compute-scores'])} |",
+                f"| both | {fmt_runs(times['influence_cli'])} |",
+            ]
+            if times["kronfluence"]:
+                lines.append(f"| `python kronfluence_9000x1000.py` (fit + scores) | {fmt_runs(times['kronfluence'])} |")
+                lines.append(f"| ratio (best runs) | **{best['influence_cli'] / best['kronfluence']:.3f}×** (goal ≤ 0.35×) |")
+            lines.append("")
     results["seconds_total"] = time.perf_counter() - t_start
     lines.append(f"Benchmark wall time: {results['seconds_total'] / 60:.1f} min.")
     (OUT / "compare_kronfluence.json").write_text(json.dumps(results, indent=1))

@@ -84,6 +84,22 @@ class KronfluenceRun:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+def _factor_args(strategy: str, empirical: bool, low_precision: bool):
+    from kronfluence.arguments import FactorArguments
+    from kronfluence.utils.common.factor_arguments import smart_low_precision_factor_arguments
+
+    args = smart_low_precision_factor_arguments(strategy) if low_precision else FactorArguments(strategy=strategy)
+    args.use_empirical_fisher = empirical
+    return args
+
+
+def _score_args(damping: float | None, low_precision: bool):
+    from kronfluence.arguments import ScoreArguments
+    from kronfluence.utils.common.score_arguments import smart_low_precision_score_arguments
+
+    return smart_low_precision_score_arguments(damping_factor=damping) if low_precision else ScoreArguments(damping_factor=damping)
+
+
 def run_kronfluence(
     model: nn.Module,
     train: tuple[torch.Tensor, torch.Tensor],
@@ -99,6 +115,7 @@ def run_kronfluence(
     factors: str | None = None,
     seed: int = 0,
     cpu: bool = True,
+    low_precision: bool = False,
 ) -> KronfluenceRun:
     """Fits Kronfluence's factors on `train` and scores every (query, train) pair (on the CPU unless `cpu=False`).
 
@@ -110,11 +127,13 @@ def run_kronfluence(
         query_batch_size: Queries preconditioned together (None = all at once: one pass over train).
         factors: Reuse the factors of this name (already fitted in `out_dir`) instead of fitting.
         seed: torch.manual_seed before fitting (the sampled Fisher's labels).
+        low_precision: Kronfluence's own bf16 recipe (`smart_low_precision_factor_arguments` and
+            `smart_low_precision_score_arguments`: bf16 autocast, covariances, per-sample gradients
+            and scores; float32 Λ and preconditioning), the counterpart of `factors.amp: bfloat16`.
     """
     import copy
 
     from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments, ScoreArguments
 
     logging.getLogger("kronfluence").setLevel(logging.WARNING)
     task = make_task(measurement)
@@ -129,7 +148,7 @@ def run_kronfluence(
             factors_name=name,
             dataset=TensorDataset(*train),
             per_device_batch_size=batch_size,
-            factor_args=FactorArguments(strategy=strategy, use_empirical_fisher=empirical),
+            factor_args=_factor_args(strategy, empirical, low_precision),
             overwrite_output_dir=True,
         )
         seconds["fit"] = time.perf_counter() - t0
@@ -141,7 +160,7 @@ def run_kronfluence(
         train_dataset=TensorDataset(*train),
         per_device_query_batch_size=query_batch_size or len(query[0]),
         per_device_train_batch_size=batch_size,
-        score_args=ScoreArguments(damping_factor=damping),
+        score_args=_score_args(damping, low_precision),
         overwrite_output_dir=True,
     )
     seconds["scores"] = time.perf_counter() - t0

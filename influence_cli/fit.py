@@ -186,6 +186,7 @@ def _stream_into(
         amp=plan.amp,
         start_batch=start,
         padding_value=plan.padding_value,
+        tensor_dtype=accumulator.matmul_dtype,
     ):
         if batch.index == start and start:
             progress.advance(min(plan.num_examples, start * len(batch.global_indices)))

@@ -84,6 +84,7 @@ def stream_gradients(
     max_examples: int | None = None,
     dataset_name: str = "data.train",
     padding_value: float | None = None,
+    tensor_dtype: torch.dtype | None = None,
 ) -> Iterator[BatchGradients]:
     """Yields, batch by batch, each tracked layer's activations and output gradients.
 
@@ -99,10 +100,13 @@ def stream_gradients(
         padding_value: The input value that marks padding positions of sequence inputs
             (`data.padding_value`): those positions are zeroed in every layer's a and g that
             has them, so they are left out of the factors and of every gradient.
+        tensor_dtype: dtype of the yielded a and g (default: the accumulators' dtype); the fit
+            passes under `factors.amp` take them in bfloat16 / float16, as their products use them.
     """
     device = device or torch.device("cpu")
     dtype = model_dtype(model)
     acc_dtype = accumulator_dtype(model)
+    out_dtype = tensor_dtype or acc_dtype
     seen = 0
     for offset, (x, y, idx) in enumerate(batches):
         if max_examples is not None:
@@ -142,11 +146,11 @@ def stream_gradients(
                     vectors = torch.cat([vectors, extra.to(vectors.dtype)])
             else:
                 vectors = task_lib.loss_output_gradient(out_f, y, task_kind, measurement)[None]
-            acts = {k: v.to(acc_dtype) for k, v in cap.activations().items()}
+            acts = {k: v.to(out_dtype) for k, v in cap.activations().items()}
             grads = []
             for k in range(vectors.shape[0]):
                 g = cap.output_gradients(out, vectors[k].to(out.dtype), retain_graph=k + 1 < vectors.shape[0])
-                grads.append({name: v.to(acc_dtype) for name, v in g.items()})
+                grads.append({name: v.to(out_dtype) for name, v in g.items()})
         positions = {} if mask is None else mask_padding(tracked, mask, acts, grads)
         yield BatchGradients(start_batch + offset, idx, y, out_f.detach(), acts, grads, positions)
 

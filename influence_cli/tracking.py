@@ -224,11 +224,12 @@ def mask_padding(
                 "its padding positions cannot be told apart",
                 hint=f"leave {tm.name!r} out of factors.modules, or set data.padding_value: null",
             )
-        m = mask.repeat(1, t // length).to(a.dtype)
-        activations[tm.name] = a * m[..., None]
+        real = mask.repeat(1, t // length)
+        m = real.to(a.dtype)[..., None]
+        activations[tm.name] = a * m
         for grads in gradients:
-            grads[tm.name] = grads[tm.name] * m[..., None]
-        positions[tm.name] = m.sum(dim=1).clamp_min(1.0)
+            grads[tm.name] = grads[tm.name] * m
+        positions[tm.name] = real.sum(dim=1).to(torch.promote_types(a.dtype, torch.float32)).clamp_min(1.0)
     return positions
 
 
