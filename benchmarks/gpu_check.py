@@ -3,9 +3,10 @@
     python benchmarks/gpu_check.py [--train 8000] [--queries 1000] [--amp none|bfloat16] [--repeats 3]
 
 Runs the same workload as the CPU benchmarks (MLP 784-128-128-10, EKFAC, sampled Fisher,
-batch size 256) on `cuda`, in float32 and with bf16 autocast for the data passes, and prints
+batch size 256) on `cuda`, in float32 and under `factors.amp: bfloat16` (bf16 autocast and bf16 products, float32 sums), and prints
 examples/s per pass, the scoring pass's achieved TFLOP/s against the 2·Q·N·P floor and the GPU's
-measured fp32 GEMM rate, and torch.cuda.max_memory_allocated. When kronfluence is importable,
+measured fp32 and bf16 GEMM rates, the bf16 scores' Pearson correlation with the float32 ones,
+and torch.cuda.max_memory_allocated. When kronfluence is importable,
 the same workload through Kronfluence (benchmarks/kronfluence_task.py) is timed in the same run.
 Prints a markdown table for docs/BENCHMARKS.md.
 """
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from field_common import pearson
 from mnist_common import MLP_KWARGS, header, load_mnist
 
 from influence_cli.config import ModelConfig, config_from_dict
@@ -28,11 +30,12 @@ from influence_cli.fit import compute_factors, fit_factors, plan_for
 from influence_cli.models import build_model
 from influence_cli.scores import compute_scores
 from influence_cli.storage import save_tensors
+from influence_cli.topk import iter_score_blocks
 from influence_cli.training import TrainRecipe, train_model
 
 
-def gemm_tflops(device: torch.device, n: int = 8192) -> float:
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def gemm_tflops(device: torch.device, n: int = 8192, dtype: torch.dtype = torch.float32) -> float:
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
     torch.cuda.synchronize()
@@ -99,6 +102,12 @@ def main() -> None:
                         "report_seconds": report.seconds}
         rows.append((amp, med, fit_mem, score_s, mem, tflops))
     peak = gemm_tflops(device)
+    peak_bf16 = gemm_tflops(device, dtype=torch.bfloat16)
+    def scores_of(amp: str) -> torch.Tensor:
+        return torch.cat([b.scores for b in iter_score_blocks(tmp / f"run-{amp}", range(args.queries))], dim=1)
+
+    agreement = pearson(scores_of("none"), scores_of("bfloat16"))
+    results["bf16_vs_fp32_pearson"] = agreement
     print(header(f"python benchmarks/gpu_check.py --train {args.train} --queries {args.queries}") + f"  gpu: {torch.cuda.get_device_name()}")
     print()
     print("| autocast | covariance ex/s | correction ex/s | fit total (s) | fit peak GiB | scoring (s) | train ex/s scored | scoring TFLOP/s | score peak GiB |")
@@ -106,7 +115,9 @@ def main() -> None:
     for amp, med, fit_mem, score_s, mem, tflops in rows:
         print(f"| {amp} | {args.train / med['covariance']:,.0f} | {args.train / med['correction']:,.0f} | {med['fit_total']:.3f} | "
               f"{fit_mem:.2f} | {score_s:.3f} | {args.train / score_s:,.0f} | {tflops:.1f} | {mem:.2f} |")
-    print(f"\nfp32 GEMM 8192³: {peak:.1f} TFLOP/s; scoring floor 2·Q·N·P = {2 * args.queries * args.train * n_params / 1e9:,.0f} GFLOP")
+    print(f"\nfp32 GEMM 8192³: {peak:.1f} TFLOP/s; bf16: {peak_bf16:.1f} TFLOP/s; "
+          f"scoring floor 2·Q·N·P = {2 * args.queries * args.train * n_params / 1e9:,.0f} GFLOP")
+    print(f"bf16 scores against float32 scores: Pearson {agreement:.5f}")
     try:
         import kronfluence  # noqa: F401
     except ImportError:
