@@ -1,6 +1,8 @@
 """GPU check: fit-factors and compute-scores on real MNIST on one GPU, throughput and peak memory.
 
-    python benchmarks/gpu_check.py [--train 8000] [--queries 1000] [--amp none|bfloat16] [--repeats 3]
+    python benchmarks/gpu_check.py [--train 8000] [--queries 1000] [--repeats 3] [--device cuda]
+
+(`--device cpu --train 500 --queries 20 --repeats 1` is a dry run of the script itself, without a GPU.)
 
 Runs the same workload as the CPU benchmarks (MLP 784-128-128-10, EKFAC, sampled Fisher,
 batch size 256) on `cuda`, in float32 and under `factors.amp: bfloat16` (bf16 autocast and bf16 products, float32 sums), and prints
@@ -33,27 +35,36 @@ from influence_cli.storage import save_tensors
 from influence_cli.topk import iter_score_blocks
 from influence_cli.training import TrainRecipe, train_model
 
+ON_GPU = True  # False for a --device cpu dry run
+
+
+def _sync() -> None:
+    if ON_GPU:
+        torch.cuda.synchronize()
+
 
 def gemm_tflops(device: torch.device, n: int = 8192, dtype: torch.dtype = torch.float32) -> float:
+    n = n if ON_GPU else 512
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
-    torch.cuda.synchronize()
+    _sync()
     t0 = time.perf_counter()
     for _ in range(10):
         a @ b
-    torch.cuda.synchronize()
+    _sync()
     return 2 * n**3 * 10 / (time.perf_counter() - t0) / 1e12
 
 
 def timed(fn, *args, **kwargs) -> tuple[object, float, float]:
     """(result, seconds, peak GiB) of fn(*args, **kwargs) on the GPU."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    _sync()
+    if ON_GPU:
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     out = fn(*args, **kwargs)
-    torch.cuda.synchronize()
-    return out, time.perf_counter() - t0, torch.cuda.max_memory_allocated() / 2**30
+    _sync()
+    return out, time.perf_counter() - t0, (torch.cuda.max_memory_allocated() / 2**30 if ON_GPU else 0.0)
 
 
 def main() -> None:
@@ -61,10 +72,13 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=8000)
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    global ON_GPU
+    ON_GPU = args.device != "cpu"
+    if ON_GPU and not torch.cuda.is_available():
         raise SystemExit("no CUDA device visible")
-    device = torch.device("cuda")
+    device = torch.device(args.device)
     tmp = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     x, y = load_mnist(0, args.train)
     torch.manual_seed(0)
@@ -75,7 +89,7 @@ def main() -> None:
     rows, results = [], {}
     n_params = None
     for amp in ("none", "bfloat16"):
-        raw = make_config(tmp, args.train, 9000, 9000 + args.queries, "cuda")
+        raw = make_config(tmp, args.train, 9000, 9000 + args.queries, args.device)
         raw["factors"]["amp"] = amp
         raw["output_dir"] = str(tmp / f"run-{amp}")
         cfg = config_from_dict(raw, base_dir=tmp)
@@ -108,7 +122,7 @@ def main() -> None:
 
     agreement = pearson(scores_of("none"), scores_of("bfloat16"))
     results["bf16_vs_fp32_pearson"] = agreement
-    print(header(f"python benchmarks/gpu_check.py --train {args.train} --queries {args.queries}") + f"  gpu: {torch.cuda.get_device_name()}")
+    print(header(f"python benchmarks/gpu_check.py --train {args.train} --queries {args.queries}") + f"  gpu: {torch.cuda.get_device_name() if ON_GPU else 'none (dry run)'}")
     print()
     print("| autocast | covariance ex/s | correction ex/s | fit total (s) | fit peak GiB | scoring (s) | train ex/s scored | scoring TFLOP/s | score peak GiB |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -126,7 +140,7 @@ def main() -> None:
         from kronfluence_task import run_kronfluence
 
         query = load_mnist(9000, 9000 + args.queries)
-        kf_runs = [run_kronfluence(model, (x, y), query, tmp / "kronfluence", damping=None, cpu=False) for _ in range(2)]
+        kf_runs = [run_kronfluence(model, (x, y), query, tmp / "kronfluence", damping=None, cpu=not ON_GPU) for _ in range(2)]
         kf = kf_runs[-1].seconds
         ours = results["none"]
         print(f"kronfluence (same workload, GPU, second run): fit {kf['fit']:.3f}s, scores {kf['scores']:.3f}s; "
