@@ -13,7 +13,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 DEMO := configs/digits.yaml
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-all lint bench bench-install bench-field mnist-model clean
+.PHONY: help install demo test test-all lint bench bench-install bench-field gpu-check mnist-model clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -50,8 +50,8 @@ mnist-model: $(STAMP) ## Train the MNIST MLP used by configs/mnist*.yaml (runs/m
 	$(PY) benchmarks/train_mnist.py --out runs/mnist/model.safetensors
 
 bench: $(STAMP) mnist-model ## Run the CPU benchmarks (results go to stdout; see docs/BENCHMARKS.md)
-	$(PY) benchmarks/bench_fit.py
-	$(PY) benchmarks/bench_scores.py
+	$(PY) benchmarks/bench_fit.py --amp none,bfloat16
+	$(PY) benchmarks/bench_scores.py --amp bfloat16
 	$(PY) benchmarks/bench_memory.py
 	$(PY) benchmarks/memorization.py
 	$(PY) tests/test_exactness.py
@@ -68,8 +68,11 @@ $(BENCH_STAMP): $(STAMP)
 bench-install: $(BENCH_STAMP) ## Create .venv-bench: .venv's packages plus Kronfluence (for the benchmarks against it)
 
 bench-field: $(BENCH_STAMP) ## Benchmarks against Kronfluence: scores agreement, speed, LDS, ensembles (~15 min; docs/BENCHMARKS.md)
-	$(BENCH_PY) benchmarks/compare_kronfluence.py
+	$(BENCH_PY) benchmarks/compare_kronfluence.py --amp bfloat16
 	$(BENCH_PY) benchmarks/lds.py
+
+gpu-check: $(STAMP) ## On a machine with a GPU: fit-factors and compute-scores on MNIST, float32 and bf16 (docs/BENCHMARKS.md)
+	PYTHON=$(PY) bash benchmarks/gpu_check.sh
 
 clean: ## Remove runs/ and caches (keeps .venv)
 	rm -rf runs .pytest_cache .ruff_cache
