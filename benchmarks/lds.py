@@ -145,12 +145,12 @@ def lds(scores: torch.Tensor, masks: torch.Tensor, actual: torch.Tensor) -> floa
 # ----------------------------------------------------------------------------- scores
 
 
-def our_config(name: str, strategy: str, fisher: str, members: list[Path] | None = None) -> dict:
+def our_config(name: str, strategy: str, fisher: str, members: list[Path] | None = None, amp: str = "none") -> dict:
     return {
         "model": {"architecture": "mlp", "kwargs": MLP_KWARGS, "checkpoint": str(OUT / "mlp_seed0.safetensors")},
         "task": {"kind": "classification", "measurement": "margin"},
         "data": {"train": idx_spec(0, N_TRAIN), "query": idx_spec(*QUERIES), "batch_size": 256},
-        "factors": {"strategy": strategy, "fisher": fisher},
+        "factors": {"strategy": strategy, "fisher": fisher, "amp": amp},
         "scores": {"checkpoints": [str(p) for p in members or []]},
         "output_dir": str(OUT / "runs" / name),
         "device": "cpu",
@@ -160,15 +160,15 @@ def our_config(name: str, strategy: str, fisher: str, members: list[Path] | None
 SCOPES = ("layer", "model")
 
 
-def our_scores(strategy: str, fisher: str, members: list[Path] | None = None) -> dict[tuple[str, bool], torch.Tensor]:
+def our_scores(strategy: str, fisher: str, members: list[Path] | None = None, amp: str = "none") -> dict[tuple[str, bool], torch.Tensor]:
     """{(damping scope, relative): scores [Q, N]} of influence_cli: one fit-factors, then compute-scores per variant."""
     from influence_cli.config import config_from_dict
     from influence_cli.fit import fit_factors
     from influence_cli.scores import compute_scores
     from influence_cli.storage import SCORES_FILE, load_tensors
 
-    name = f"{strategy}_{fisher}" + (f"_ensemble{1 + len(members)}" if members else "")
-    base = our_config(name, strategy, fisher, members)
+    name = f"{strategy}_{fisher}" + (f"_ensemble{1 + len(members)}" if members else "") + ("" if amp == "none" else f"_{amp}")
+    base = our_config(name, strategy, fisher, members, amp)
     if strategy != "identity":
         fit_factors(config_from_dict(base, base_dir=ROOT), overwrite=True)
     out = {}
@@ -242,6 +242,10 @@ def main() -> None:
             for scope in [s for s in SCOPES if (s, False) in got]:
                 rows.append((strategy, "—" if strategy == "identity" else fisher, "—" if strategy == "identity" else f"auto, {scope}",
                              f"{strategy}/{fisher}/{scope}"))
+        for scope_relative, scores in our_scores("ekfac", "sampled", amp="bfloat16").items():
+            scope, relative = scope_relative
+            record(f"ekfac-bf16/sampled/{scope}/{'relative' if relative else 'plain'}", scores)
+        rows += [("ekfac, `factors.amp: bfloat16`", "sampled", f"auto, {scope}", f"ekfac-bf16/sampled/{scope}") for scope in SCOPES]
     ensemble_rows = []
     if not args.skip_ensemble:
         with Timer() as t_ens:
@@ -303,6 +307,7 @@ def main() -> None:
         ):
             gap = diff(key, f"kronfluence/{best}")
             lines.append(f"| {label} | {mean(key):.4f} | {gap} | {'met' if mean(key) >= kf[best] else 'missed'} |")
+    lines += ["", f"bfloat16 against float32 (defaults otherwise): {diff('ekfac-bf16/sampled/layer/plain', default)} LDS."]
     if ensemble_rows:
         lines += [
             "",
