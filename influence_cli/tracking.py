@@ -164,8 +164,11 @@ class Capture:
         the weight-gradient GEMMs entirely.
         """
         flat = [(tm, o) for tm in self.tracked for o in self._outputs[tm.name]]
+        # The vector-Jacobian product as the gradient of the scalar Σ out·v (the same numbers: the
+        # sum and product pass v through exactly); unlike grad_outputs=v, this does not import
+        # torch's symbolic-shapes machinery (and sympy, 0.3 s) in every process's first pass.
         grads = torch.autograd.grad(
-            model_output, [o for _, o in flat], grad_outputs=vector, retain_graph=retain_graph, allow_unused=True
+            (model_output * vector.detach()).sum(), [o for _, o in flat], retain_graph=retain_graph, allow_unused=True
         )
         per_layer: dict[str, list[torch.Tensor]] = {tm.name: [] for tm in self.tracked}
         for (tm, o), g in zip(flat, grads, strict=True):
