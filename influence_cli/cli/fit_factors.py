@@ -15,6 +15,8 @@ FIT_EPILOG = """\
 
   influence fit-factors configs/mnist.yaml --set factors.strategy=kfac --set factors.fisher=ggn --overwrite
 
+  influence fit-factors configs/mnist.yaml --set factors.amp=bfloat16 --overwrite
+
   torchrun --nproc_per_node=4 -m influence_cli fit-factors configs/mnist.yaml --set device=cuda
 """
 

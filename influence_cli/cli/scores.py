@@ -19,6 +19,8 @@ SCORES_EPILOG = """\
 
   influence compute-scores configs/mnist.yaml --relative --set scores.max_memory_mb=256 --overwrite
 
+  influence compute-scores configs/mnist.yaml --set factors.amp=bfloat16 --overwrite
+
   torchrun --nproc_per_node=4 -m influence_cli compute-scores configs/mnist.yaml --self --set device=cuda
 """
 
