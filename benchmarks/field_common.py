@@ -24,35 +24,54 @@ TRANSFORM = {"flatten": True, "scale": 255.0}
 RECIPE = TrainRecipe(epochs=10, batch_size=64, lr=1e-3, seed=0)  # the MLP recipe of these benchmarks
 
 
-def new_mlp(seed: int) -> torch.nn.Module:
+CNN_KWARGS = {"channels": [8, 16], "fc_dim": 64}  # the small CNN of lds.py --arch cnn (two conv layers, two linear)
+
+
+def model_kwargs(arch: str) -> dict:
+    return {"mlp": MLP_KWARGS, "cnn": CNN_KWARGS}[arch]
+
+
+def as_inputs(x: torch.Tensor, arch: str = "mlp") -> torch.Tensor:
+    """Flat MNIST images [n, 784] as the architecture's inputs (images [n, 1, 28, 28] for the CNN)."""
+    return x if arch == "mlp" else x.view(-1, 1, 28, 28)
+
+
+def new_model(seed: int, arch: str = "mlp") -> torch.nn.Module:
     torch.manual_seed(seed)
-    return build_model(ModelConfig(architecture="mlp", kwargs=MLP_KWARGS), ".")
+    return build_model(ModelConfig(architecture=arch, kwargs=model_kwargs(arch)), ".")
 
 
-def train_mlp(x: torch.Tensor, y: torch.Tensor, seed: int = 0, epochs: int = RECIPE.epochs) -> torch.nn.Module:
-    """The benchmarks' recipe: init and data order from `seed`, Adam 1e-3, batch 64."""
+def new_mlp(seed: int) -> torch.nn.Module:
+    return new_model(seed, "mlp")
+
+
+def train_seeded(x: torch.Tensor, y: torch.Tensor, seed: int = 0, epochs: int = RECIPE.epochs, arch: str = "mlp") -> torch.nn.Module:
+    """The benchmarks' recipe: init and data order from `seed`, Adam 1e-3, batch 64 (`arch`: mlp or cnn)."""
     recipe = TrainRecipe(epochs=epochs, batch_size=RECIPE.batch_size, lr=RECIPE.lr, seed=seed)
-    return train_model(new_mlp(seed), x, y, recipe)
+    return train_model(new_model(seed, arch), as_inputs(x, arch), y, recipe)
 
 
-def trained_checkpoint(path: Path, n_train: int, seed: int = 0, epochs: int = RECIPE.epochs) -> tuple[Path, float]:
-    """Trains (or reuses, when `path` exists) the MLP on images [0, n_train); returns the path and the test accuracy."""
+def trained_checkpoint(path: Path, n_train: int, seed: int = 0, epochs: int = RECIPE.epochs, arch: str = "mlp") -> tuple[Path, float]:
+    """Trains (or reuses, when `path` exists) the model on images [0, n_train); returns the path and the test accuracy."""
     from influence_cli.storage import read_metadata
 
+    key = f"{n_train}:{seed}:{epochs}" + ("" if arch == "mlp" else f":{arch}")
     if path.is_file():
         meta = read_metadata(path)
-        if meta.get("recipe") == f"{n_train}:{seed}:{epochs}":
+        if meta.get("recipe") == key:
             return path, float(meta["test_accuracy"])
     x, y = load_mnist(0, n_train)
-    model = train_mlp(x, y, seed, epochs)
-    acc = accuracy(model, *load_mnist(9000, 10000))
-    save_tensors(path, model.state_dict(), {"recipe": f"{n_train}:{seed}:{epochs}", "test_accuracy": f"{acc:.4f}"})
+    model = train_seeded(x, y, seed, epochs, arch)
+    xt, yt = load_mnist(9000, 10000)
+    acc = accuracy(model, as_inputs(xt, arch), yt)
+    save_tensors(path, model.state_dict(), {"recipe": key, "test_accuracy": f"{acc:.4f}"})
     return path, acc
 
 
-def idx_spec(start: int, stop: int) -> dict:
-    """A config data spec of MNIST test-split images [start, stop)."""
-    return {"source": "idx", "images": str(IMAGES), "labels": str(LABELS), "range": [start, stop], "transform": dict(TRANSFORM)}
+def idx_spec(start: int, stop: int, arch: str = "mlp") -> dict:
+    """A config data spec of MNIST test-split images [start, stop) (flat for the MLP, [1, 28, 28] for the CNN)."""
+    transform = dict(TRANSFORM) if arch == "mlp" else {"scale": 255.0}
+    return {"source": "idx", "images": str(IMAGES), "labels": str(LABELS), "range": [start, stop], "transform": transform}
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:

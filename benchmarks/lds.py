@@ -1,6 +1,6 @@
 """The linear datamodeling score (LDS) of influence_cli (and Kronfluence) on real MNIST.
 
-    .venv-bench/bin/python benchmarks/lds.py [--subsets 100] [--retrain-seeds 3] [--jobs 2] [--skip-kronfluence]
+    .venv-bench/bin/python benchmarks/lds.py [--subsets 100] [--retrain-seeds 3] [--jobs 2] [--skip-kronfluence] [--arch mlp|cnn]
 
 Setup (Park et al. 2023, TRAK; the LDS of Bae et al. 2024): an MLP 784-128-128-10 trained
 with the benchmarks' seeded recipe (10 epochs, Adam 1e-3, batch 64, seed 0) on MNIST
@@ -24,6 +24,10 @@ Methods: identity, K-FAC and EKFAC, plain and relative (RelatIF), `auto` damping
 (the default) and the `ggn` Fisher; Kronfluence's EKFAC (true Fisher) at its default damping
 (1e-8) and over a damping sweep; and an ensemble of 5 models (seeds 0..4, `scores.checkpoints`)
 against the single model.
+
+`--arch cnn` runs the same protocol with a small CNN (conv 8 and 16 channels, 3×3, max-pooling,
+then a 64-unit linear layer and the head; the same recipe) on [1, 28, 28] images, cached in
+benchmarks/results/lds_cnn/, so that the damping and Fisher choices are checked on conv layers too.
 """
 
 from __future__ import annotations
@@ -36,11 +40,23 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
-from field_common import RECIPE, RESULTS, Timer, idx_spec, rowwise_spearman, train_mlp, trained_checkpoint
+from field_common import (
+    RECIPE,
+    RESULTS,
+    Timer,
+    as_inputs,
+    idx_spec,
+    model_kwargs,
+    new_model,
+    rowwise_spearman,
+    train_seeded,
+    trained_checkpoint,
+)
 from kronfluence_task import kronfluence_missing
-from mnist_common import IMAGES, MLP_KWARGS, ROOT, header, load_mnist
+from mnist_common import IMAGES, ROOT, header, load_mnist
 
-OUT = RESULTS / "lds"
+ARCH = "mlp"  # --arch: mlp | cnn (set in main)
+OUT = RESULTS / "lds"  # RESULTS / "lds_<arch>" for other architectures
 N_TRAIN = 5000
 QUERIES = (9000, 9100)
 ENSEMBLE_SEEDS = (0, 1, 2, 3, 4)
@@ -61,18 +77,20 @@ def margins(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
 _DATA: dict[str, torch.Tensor] = {}
 
 
-def _init_worker() -> None:
+def _init_worker(arch: str) -> None:
+    global ARCH
+    ARCH = arch
     torch.set_num_threads(1)
     x, y = load_mnist(0, N_TRAIN)
     xq, yq = load_mnist(*QUERIES)
-    _DATA.update(x=x, y=y, xq=xq, yq=yq)
+    _DATA.update(x=x, y=y, xq=as_inputs(xq, arch), yq=yq)
 
 
 def _retrain(job: tuple[list[int], int]) -> torch.Tensor:
     """Query margins of the recipe retrained on one subset (a worker process)."""
     keep, seed = job
     idx = torch.tensor(keep)
-    model = train_mlp(_DATA["x"][idx], _DATA["y"][idx], seed=seed)
+    model = train_seeded(_DATA["x"][idx], _DATA["y"][idx], seed=seed, arch=ARCH)
     return margins(model, _DATA["xq"], _DATA["yq"])
 
 
@@ -92,7 +110,7 @@ def ground_truth(n_subsets: int, jobs: int, retrain_seeds: int = 1, seed: int = 
     t0 = time.perf_counter()
     if todo:
         ctx = torch.multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=jobs, initializer=_init_worker, mp_context=ctx) as pool:
+        with ProcessPoolExecutor(max_workers=jobs, initializer=_init_worker, initargs=(ARCH,), mp_context=ctx) as pool:
             new = list(pool.map(_retrain, [(masks[k].nonzero().flatten().tolist(), r) for k, r in todo]))
         for r in range(retrain_seeds):
             extra = [m for (k, rr), m in zip(todo, new, strict=True) if rr == r]
@@ -128,7 +146,8 @@ def _save_margins(retrain_seed: int, seed: int, masks: torch.Tensor, margins: to
 def _setup_key(seed: int) -> str:
     from field_common import RECIPE
 
-    return json.dumps({"n_train": N_TRAIN, "queries": QUERIES, "recipe": [RECIPE.epochs, RECIPE.batch_size, RECIPE.lr], "seed": seed})
+    setup = {"n_train": N_TRAIN, "queries": QUERIES, "recipe": [RECIPE.epochs, RECIPE.batch_size, RECIPE.lr], "seed": seed}
+    return json.dumps(setup if ARCH == "mlp" else setup | {"arch": ARCH, "kwargs": model_kwargs(ARCH)})
 
 
 def lds_per_query(scores: torch.Tensor, masks: torch.Tensor, actual: torch.Tensor) -> torch.Tensor:
@@ -147,9 +166,9 @@ def lds(scores: torch.Tensor, masks: torch.Tensor, actual: torch.Tensor) -> floa
 
 def our_config(name: str, strategy: str, fisher: str, members: list[Path] | None = None, amp: str = "none") -> dict:
     return {
-        "model": {"architecture": "mlp", "kwargs": MLP_KWARGS, "checkpoint": str(OUT / "mlp_seed0.safetensors")},
+        "model": {"architecture": ARCH, "kwargs": model_kwargs(ARCH), "checkpoint": str(OUT / f"{ARCH}_seed0.safetensors")},
         "task": {"kind": "classification", "measurement": "margin"},
-        "data": {"train": idx_spec(0, N_TRAIN), "query": idx_spec(*QUERIES), "batch_size": 256},
+        "data": {"train": idx_spec(0, N_TRAIN, ARCH), "query": idx_spec(*QUERIES, ARCH), "batch_size": 256},
         "factors": {"strategy": strategy, "fisher": fisher, "amp": amp},
         "scores": {"checkpoints": [str(p) for p in members or []]},
         "output_dir": str(OUT / "runs" / name),
@@ -182,14 +201,14 @@ def our_scores(strategy: str, fisher: str, members: list[Path] | None = None, am
 
 def kronfluence_scores() -> dict[str, torch.Tensor]:
     """Kronfluence's EKFAC scores (true Fisher, margin measurement) for every damping of the sweep (one fit)."""
-    from field_common import new_mlp
     from kronfluence_task import run_kronfluence
 
     from influence_cli.models import load_checkpoint
 
-    model = new_mlp(0)
-    load_checkpoint(model, OUT / "mlp_seed0.safetensors")
-    train, query = load_mnist(0, N_TRAIN), load_mnist(*QUERIES)
+    model = new_model(0, ARCH)
+    load_checkpoint(model, OUT / f"{ARCH}_seed0.safetensors")
+    (x, y), (xq, yq) = load_mnist(0, N_TRAIN), load_mnist(*QUERIES)
+    train, query = (as_inputs(x, ARCH), y), (as_inputs(xq, ARCH), yq)
     out: dict[str, torch.Tensor] = {}
     factors = None
     for damping in KRONFLUENCE_DAMPINGS:
@@ -209,7 +228,10 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="Retraining processes (1 thread each).")
     parser.add_argument("--skip-kronfluence", action="store_true")
     parser.add_argument("--skip-ensemble", action="store_true")
+    parser.add_argument("--arch", choices=("mlp", "cnn"), default="mlp", help="The model: the MLP (default) or the small CNN.")
     args = parser.parse_args()
+    global ARCH, OUT
+    ARCH, OUT = args.arch, RESULTS / ("lds" if args.arch == "mlp" else f"lds_{args.arch}")
     if not IMAGES.exists():
         raise SystemExit(f"MNIST not found at {IMAGES} (set INFLUENCE_MNIST_DIR)")
     missing = "--skip-kronfluence was given" if args.skip_kronfluence else kronfluence_missing()
@@ -221,7 +243,7 @@ def main() -> None:
     checkpoints, accuracies = [], []
     with Timer() as t_models:
         for s in seeds:
-            path, acc = trained_checkpoint(OUT / f"mlp_seed{s}.safetensors", N_TRAIN, seed=s)
+            path, acc = trained_checkpoint(OUT / f"{ARCH}_seed{s}.safetensors", N_TRAIN, seed=s, arch=ARCH)
             checkpoints.append(path)
             accuracies.append(acc)
     masks, actual, retrain_seconds = ground_truth(args.subsets, args.jobs, args.retrain_seeds)
@@ -272,11 +294,12 @@ def main() -> None:
         return f"{float(d.mean()):+.4f} ± {float(d.std() / len(d) ** 0.5):.4f}"
 
     q = QUERIES[1] - QUERIES[0]
-    cmd = f"benchmarks/lds.py --subsets {args.subsets} --retrain-seeds {args.retrain_seeds} --jobs {args.jobs}"
+    cmd = f"benchmarks/lds.py --subsets {args.subsets} --retrain-seeds {args.retrain_seeds} --jobs {args.jobs} --arch {ARCH}"
+    model_name = "MLP 784-128-128-10" if ARCH == "mlp" else f"CNN (conv {model_kwargs(ARCH)['channels']} channels, fc {model_kwargs(ARCH)['fc_dim']})"
     lines = [
         header(f"{Path(sys.executable).parent.parent.name}/bin/python {cmd}"),
         "",
-        f"MLP 784-128-128-10, {N_TRAIN:,} training images (test accuracy {accuracies[0]:.3f}), {q} queries, margin measurement; "
+        f"{model_name}, {N_TRAIN:,} training images (test accuracy {accuracies[0]:.3f}), {q} queries, margin measurement; "
         f"{len(masks)} random half subsets, each retrained {args.retrain_seeds}× (seeds 0..{args.retrain_seeds - 1}, "
         f"{RECIPE.epochs} epochs) and the margins averaged. LDS = mean over queries of the Spearman correlation across subsets "
         "(higher is better); differences are paired over queries (± standard error).",
