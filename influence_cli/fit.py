@@ -231,14 +231,13 @@ def compute_factors(
         _run_pass(model, tracked, plan, acc, phase, checkpoint, snapshot, extra, progress)
         seconds[phase] = time.perf_counter() - t0
 
+    low = matmul_dtype(plan.amp) if dtype == torch.float32 else None  # factors.amp: the products in bf16 / fp16
     if strategy == "diagonal":
-        low = matmul_dtype(plan.amp) if dtype == torch.float32 else None
         diag = DiagonalAccumulator(tracked, {tm.name: (None, None) for tm in tracked}, dtype, device, low)
         timed("diagonal", diag, {})
         count = float(diag.count)
         return {name: LayerFactors(name, eigenvalues=s / count, num_examples=int(count)) for name, s in diag.sums.items()}
 
-    low = matmul_dtype(plan.amp) if dtype == torch.float32 else None
     cov = CovarianceAccumulator(tracked, dtype, device, low)
     if snapshot is not None and snapshot.phase == "correction":
         for k, v in cov.state().items():
