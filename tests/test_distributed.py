@@ -181,6 +181,24 @@ def test_two_ranks_match_one_process(tmp_path, distributed_run, name):
     assert "[rank" not in run.stderr and "Traceback" not in run.stderr, run.stderr
 
 
+def test_two_ranks_in_bfloat16_match_one_process(tmp_path):
+    """factors.amp=bfloat16 under torchrun: float32 accumulators are all-reduced like any other run.
+
+    Each rank's last batch differs from the one-process batches, and bf16 rounds per batch, so the
+    curvature agrees to bf16 accuracy rather than to float32 summation order.
+    """
+    sets = ["factors.amp=bfloat16", "data.batch_size=32"]
+    run = torchrun(*fit_args(CONFIG, tmp_path / "dist", *sets))
+    assert run.returncode == 0, run.stderr
+    got = load_file(tmp_path / "dist" / storage.FACTORS_FILE)
+    ref = single_process(tmp_path / "single", *sets)
+    assert torch.equal(got["fc1.num_examples"], ref["fc1.num_examples"])
+    for layer in sorted({k.rsplit(".", 1)[0] for k in ref}):
+        v = torch.randn(ref[f"{layer}.eigenvalues"].shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        a, b = curvature_times(got, layer, v), curvature_times(ref, layer, v)
+        assert (a - b).norm() <= 1e-2 * b.norm(), f"{layer}: curvature-vector products differ"  # bf16 vs float32: ~3e-2
+
+
 def test_failing_rank_fails_the_job_with_its_message(tmp_path):
     """Rank 1's half of the data has a label the model does not have: the job fails, nothing is written."""
     digits = load_file(SAMPLE / "digits.safetensors")
