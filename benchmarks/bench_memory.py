@@ -71,6 +71,8 @@ def main() -> None:
     cfg = write_config(tmp / "scores.json", ckpt, tmp / "fit8000", 8000)
     rows.append(("compute-scores 8,000 × 1,000, one file (32 MB matrix)", peak(["compute-scores", str(cfg), "--overwrite"])))
     rows.append(("top-k --k 10, one file", peak(["top-k", str(cfg), "--k", "10", "--json"])))
+    rows.append(("compute-scores 8,000 × 1,000, one file, factors.amp=bfloat16 (bf16 queries)",
+                 peak(["compute-scores", str(cfg), "--overwrite", "--set", "factors.amp=bfloat16"])))
     rows.append(("compute-scores, score budget 4 MB (shards; query chunk 1,000)",
                  peak(["compute-scores", str(cfg), "--overwrite", "--set", "scores.max_memory_mb=4", "--set", "scores.query_chunk=1000"])))
     shards = len(list((tmp / "fit8000").glob("scores.shard-*")))
