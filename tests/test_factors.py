@@ -243,3 +243,18 @@ def test_plan_resumes_from_start_batch(data):
     plan = PassPlan(make, 4, 13, "classification", "empirical")
     layers = compute_factors(model, tracked, "kfac", plan)
     assert layers["0"].num_examples == 13
+
+
+def test_output_gradients_are_exactly_the_vector_jacobian_product():
+    """Capture back-propagates Σ out·v; the result is bitwise autograd's vᵀJ with grad_outputs=v."""
+    model = tiny_mlp()
+    x = torch.randn(7, 5, dtype=torch.float64)
+    v = torch.randn(7, 3, dtype=torch.float64)
+    tracked = find_tracked_modules(model, ["*"])
+    with tracked_grad_enabled(tracked), Capture(tracked) as cap:
+        out = model(x)
+        got = cap.output_gradients(out, v, retain_graph=True)
+        outputs = [cap._outputs[tm.name][0] for tm in tracked]
+        want = torch.autograd.grad(out, outputs, grad_outputs=v)
+    for tm, w in zip(tracked, want, strict=True):
+        assert torch.equal(got[tm.name][:, 0], w)
