@@ -252,7 +252,7 @@ def compute_factors(
     count = float(cov.count)
     t0 = time.perf_counter()
     layers = {
-        tm.name: kronecker_layer_factors(tm.name, cov.a[tm.name] / count, cov.g[tm.name] / count, int(count), dtype)
+        tm.name: kronecker_layer_factors(tm.name, *(c / count for c in cov.covariances(tm.name)), int(count), dtype)
         for tm in tracked
     }
     seconds["eigendecomposition"] = time.perf_counter() - t0

@@ -258,3 +258,29 @@ def test_output_gradients_are_exactly_the_vector_jacobian_product():
         want = torch.autograd.grad(out, outputs, grad_outputs=v)
     for tm, w in zip(tracked, want, strict=True):
         assert torch.equal(got[tm.name][:, 0], w)
+
+
+@pytest.mark.parametrize("width", [100, 512, 785, 1030])
+def test_wide_covariances_summed_by_upper_blocks_are_exact(width):
+    """A = Σ aaᵀ accumulated block-triangularly (wide layers), mirrored by `covariances`, equals the explicit sum."""
+    from influence_cli.factors import CovarianceAccumulator, gram_blocks
+    from influence_cli.passes import BatchGradients
+    from influence_cli.tracking import TrackedModule
+
+    blocks = gram_blocks(width)
+    assert blocks[0][0] == 0 and blocks[-1][1] == width and all(a[1] == b[0] for a, b in zip(blocks, blocks[1:], strict=False))
+    assert (len(blocks) > 1) == (width >= 512)
+    tm = TrackedModule("layer", nn.Identity(), "linear", width, 600, False)
+    acc = CovarianceAccumulator([tm], torch.float64, torch.device("cpu"))
+    g_ = torch.Generator().manual_seed(width)
+    a_all, g_all = [], []
+    for index in range(3):
+        a = torch.randn(5, 2, width, generator=g_, dtype=torch.float64)
+        g = torch.randn(5, 2, 600, generator=g_, dtype=torch.float64)
+        acc.update(BatchGradients(index, torch.arange(5), torch.zeros(5), torch.zeros(5, 1), {"layer": a}, [{"layer": g}]))
+        a_all.append(a)
+        g_all.append(g)
+    a, g = torch.cat(a_all).reshape(-1, width), torch.cat(g_all).reshape(-1, 600)
+    got_a, got_g = acc.covariances("layer")
+    torch.testing.assert_close(got_a, a.T @ a, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(got_g, g.T @ g / 2, rtol=1e-12, atol=1e-10)
