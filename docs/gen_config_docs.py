@@ -189,7 +189,9 @@ rotations, the corrected eigenvalues, the scoring GEMMs) on bf16 operands summed
 accumulators; the preconditioned queries are stored in bf16. On GPUs and on CPUs with bf16
 units this is several times faster (3.5x for compute-scores on the benchmark CPU), with scores
 whose Pearson correlation with float32 is about 0.997 and the same LDS (docs/BENCHMARKS.md).
-`float16` is for GPUs only. A factors file fitted either way can be scored either way.
+`float16` is for GPUs only, and its narrow range (no loss scaling is applied) can flush very
+small output gradients to zero in deep models: prefer `bfloat16`. A factors file fitted either
+way can be scored either way.
 
 ## Damping
 
