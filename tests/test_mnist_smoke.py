@@ -69,3 +69,18 @@ def test_fit_factors_on_mnist(mnist_run):
     # EKFAC's corrected eigenvalues are a second moment: non-negative, and not all zero
     assert (tensors["fc1.eigenvalues"] >= 0).all() and tensors["fc1.eigenvalues"].sum() > 0
     assert json.loads(meta["config"])["data"]["train"]["range"] == [0, 2000]
+
+
+def test_gpu_check_script_dry_runs_on_the_cpu(tmp_path):
+    """The prepared GPU check (benchmarks/gpu_check.py) runs end to end with --device cpu, so a GPU session finds it working."""
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--train", "300", "--queries", "10", "--repeats", "1"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "| autocast | covariance ex/s |" in out.stdout
+    assert "| bfloat16 |" in out.stdout and "bf16 scores against float32 scores: Pearson" in out.stdout
