@@ -95,6 +95,20 @@ def gemm_gflops(
     return 2 * m * k * n / best / 1e9
 
 
+def fit_then_score(cfg, repeats: int):
+    """(fit-factors seconds, the compute-scores report with the fastest scoring pass, its whole-call seconds)."""
+    t0 = time.perf_counter()
+    fit_factors(cfg, overwrite=True)
+    fit_seconds = time.perf_counter() - t0
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        report = compute_scores(cfg, overwrite=True)
+        runs.append((report, time.perf_counter() - t0))
+    report, wall = min(runs, key=lambda r: r[0].seconds["scores"])
+    return fit_seconds, report, wall
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train", type=int, default=8000)
@@ -118,16 +132,8 @@ def main() -> None:
     device = ctx.device
     n_params = sum(tm.num_params for tm in ctx.tracked)
 
-    t0 = time.perf_counter()
-    fit_factors(cfg, overwrite=True)
-    fit_seconds = time.perf_counter() - t0
-    runs = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        report = compute_scores(cfg, overwrite=True)
-        runs.append((report, time.perf_counter() - t0))
+    fit_seconds, report, wall = fit_then_score(cfg, args.repeats)
     fb = statistics.median(forward_backward_seconds(cfg) for _ in range(3))
-    report, wall = min(runs, key=lambda r: r[0].seconds["scores"])
     scoring = report.seconds["scores"]
     flops = 2 * args.queries * args.train * n_params
     achieved = flops / scoring / 1e9
@@ -186,15 +192,7 @@ def all_scores(out_dir: Path, n_query: int) -> torch.Tensor:
 def low_precision_run(args, tmp: Path, q0: int, q1: int, cfg32, wall32: float, scoring32: float, fit32: float, flops: int) -> dict:
     """fit-factors + compute-scores under factors.amp, timed as above, and their scores against float32's."""
     cfg = config_from_dict(make_config(tmp, args.train, q0, q1, args.device, amp=args.amp), base_dir=tmp)
-    t0 = time.perf_counter()
-    fit_factors(cfg, overwrite=True)
-    fit_seconds = time.perf_counter() - t0
-    runs = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        report = compute_scores(cfg, overwrite=True)
-        runs.append((report, time.perf_counter() - t0))
-    report, wall = min(runs, key=lambda r: r[0].seconds["scores"])
+    fit_seconds, report, wall = fit_then_score(cfg, args.repeats)
     scoring = report.seconds["scores"]
     ref, got = all_scores(cfg32.output_path, args.queries).double(), all_scores(cfg.output_path, args.queries).double()
     pearson = float(torch.corrcoef(torch.stack([ref.flatten(), got.flatten()]))[0, 1])

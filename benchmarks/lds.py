@@ -264,8 +264,7 @@ def main() -> None:
             for scope in [s for s in SCOPES if (s, False) in got]:
                 rows.append((strategy, "—" if strategy == "identity" else fisher, "—" if strategy == "identity" else f"auto, {scope}",
                              f"{strategy}/{fisher}/{scope}"))
-        for scope_relative, scores in our_scores("ekfac", "sampled", amp="bfloat16").items():
-            scope, relative = scope_relative
+        for (scope, relative), scores in our_scores("ekfac", "sampled", amp="bfloat16").items():
             record(f"ekfac-bf16/sampled/{scope}/{'relative' if relative else 'plain'}", scores)
         rows += [("ekfac, `factors.amp: bfloat16`", "sampled", f"auto, {scope}", f"ekfac-bf16/sampled/{scope}") for scope in SCOPES]
     ensemble_rows = []

@@ -186,12 +186,12 @@ def low_precision_mm(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, out_d
     GEMM; elsewhere it is rounded to `dtype` (8 significant bits for bfloat16) and converted.
     """
     x, y = x.to(dtype), y.to(dtype)
-    if x.is_cuda:
-        try:
-            return torch.mm(x, y, out_dtype=out_dtype)
-        except (TypeError, RuntimeError, NotImplementedError):  # builds without mm.dtype
-            pass
-    return torch.mm(x, y).to(out_dtype)
+    if not x.is_cuda:
+        return torch.mm(x, y).to(out_dtype)
+    try:
+        return torch.mm(x, y, out_dtype=out_dtype)
+    except (TypeError, RuntimeError, NotImplementedError):  # a torch build without mm(out_dtype=): round, then convert
+        return torch.mm(x, y).to(out_dtype)
 
 
 def add_product_(acc: torch.Tensor, x: torch.Tensor, y: torch.Tensor, matmul_dtype: torch.dtype | None, alpha: float = 1.0) -> None:

@@ -102,14 +102,8 @@ class ConvHead(nn.Module):
         return self.fc(torch.flatten(torch.tanh(self.conv(x)), 1))
 
 
-class PaddedSeqModel(nn.Module):
-    """Linear layers applied to [B, T, 4] that ignore padding rows (all zeros): a masked mean over T."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.proj = nn.Linear(4, 5)
-        self.head = nn.Linear(5, 3)
+class PaddedSeqModel(SeqModel):
+    """SeqModel that ignores padding rows (all zeros): a masked mean over T."""
 
     def forward(self, x):
         mask = (x != 0).any(dim=-1, keepdim=True).to(x.dtype)

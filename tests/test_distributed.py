@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from test_resume import progress_of
 
 import influence_cli.fit as fit
 from influence_cli import storage
@@ -248,15 +249,6 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def _progress(partial: Path) -> tuple[str, int] | None:
-    try:
-        with safe_open(str(partial), framework="pt") as fh:
-            meta = fh.metadata()
-        return meta["phase"], int(meta["batches_done"])
-    except Exception:  # not there yet, or just renamed over
-        return None
-
-
 def _start_slow_job(script: Path, out: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen(
         _torchrun_cmd(*fit_args(CONFIG, out, *SETTINGS["ekfac-sampled"]), *args, script=script),
@@ -270,7 +262,7 @@ def _start_slow_job(script: Path, out: Path, *args: str) -> subprocess.Popen:
 def _wait_until(proc: subprocess.Popen, partials: list[Path], ready, what: str) -> None:
     """Polls the ranks' progress files until `ready([(phase, batches) or None per rank])`."""
     deadline = time.monotonic() + 90
-    while not ready([_progress(p) for p in partials]):
+    while not ready([progress_of(p) for p in partials]):
         if proc.poll() is not None:
             pytest.fail(f"the job ended (rc {proc.returncode}) before {what}:\n{proc.stderr.read()}")
         if time.monotonic() > deadline:
@@ -296,7 +288,7 @@ def test_interrupted_job_resumes_to_the_same_factors(tmp_path, distributed_run):
     assert proc.returncode != 0
     assert err.count("interrupted.") == 1 and "--resume" in err, err
     assert all(p.is_file() for p in partials) and not (out / storage.FACTORS_FILE).exists()
-    after_ctrl_c = [_progress(p) for p in partials]
+    after_ctrl_c = [progress_of(p) for p in partials]
 
     # SIGKILL to the launcher and both ranks at once, as when the scheduler kills the job.
     proc = _start_slow_job(script, out, "--resume")
