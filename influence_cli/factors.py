@@ -327,16 +327,52 @@ def accumulate_squared_gradients(acc: torch.Tensor, a: torch.Tensor, g: torch.Te
         acc.add_(grads.to(acc.dtype).square().sum(dim=0))
 
 
+def null_rows(matrix: torch.Tensor) -> torch.Tensor:
+    """Indices [k] of the rows of a square matrix that are exactly zero.
+
+    A covariance has one for every input (or output) that is zero on every example:
+    MNIST's blank border pixels, a dead ReLU unit, an unused one-hot column.
+    """
+    return (matrix.abs().amax(dim=1) == 0).nonzero().flatten()
+
+
 def eigendecompose(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues (clamped at 0) and eigenvectors of a symmetric matrix, computed in float64."""
+    """Eigenvalues [n] (ascending, clamped at 0) and eigenvectors [n, n] of a symmetric matrix, in float64.
+
+    The k exactly-zero rows (`null_rows`) are deflated: their eigenvectors are the unit vectors
+    e_i (eigenvalue exactly 0, the first k columns, in row order), and eigh runs on the remaining
+    (n − k)² block only, so that its cost falls by ((n − k) / n)³. It is an exact eigendecomposition
+    of the same matrix, with exact zeros where LAPACK would return rounding noise.
+    """
     sym = matrix.double()
     sym = 0.5 * (sym + sym.T)
+    null = null_rows(sym)
+    if len(null) == 0:
+        return _eigh(sym)
+    keep = _complement(null, len(sym))
+    values, vectors = torch.zeros_like(sym[0]), torch.zeros_like(sym)
+    k = len(null)
+    vectors[null, torch.arange(k, device=sym.device)] = 1.0
+    if len(keep):
+        sub_values, sub_vectors = _eigh(sym[keep][:, keep])
+        values[k:] = sub_values
+        vectors[keep.unsqueeze(1), torch.arange(k, len(sym), device=sym.device)] = sub_vectors
+    return values, vectors
+
+
+def _eigh(sym: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     try:
         values, vectors = torch.linalg.eigh(sym)
     except RuntimeError:  # some device builds lack a float64 eigh; the CPU always has it
         values, vectors = torch.linalg.eigh(sym.cpu())
-        values, vectors = values.to(matrix.device), vectors.to(matrix.device)
+        values, vectors = values.to(sym.device), vectors.to(sym.device)
     return values.clamp_min(0.0), vectors
+
+
+def _complement(indices: torch.Tensor, n: int) -> torch.Tensor:
+    mask = torch.ones(n, dtype=torch.bool, device=indices.device)
+    mask[indices] = False
+    return mask.nonzero().flatten()
 
 
 def kronecker_layer_factors(

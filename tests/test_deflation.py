@@ -1,0 +1,94 @@
+"""Float64 checks of the deflated eigendecomposition: exactly-zero rows of A or G (blank pixels,
+dead ReLU units) get unit eigenvectors and exact zero eigenvalues, without changing the factors'
+meaning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from exact import fisher_vectors, fit, per_example_layer_grads
+from torch import nn
+
+from influence_cli import factors as factors_lib
+from influence_cli.factors import eigendecompose, null_rows
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def psd_with_zero_rows(n: int, null: list[int], seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3 * n, n, generator=g)
+    x[:, null] = 0.0
+    return x.T @ x
+
+
+@pytest.mark.parametrize("null", [[], [0], [3, 7, 8, 19], list(range(20))])
+def test_eigendecompose_is_exact_with_zero_rows(null):
+    m = psd_with_zero_rows(20, null)
+    values, vectors = eigendecompose(m)
+    torch.testing.assert_close(vectors.T @ vectors, torch.eye(20), rtol=0, atol=1e-12)
+    torch.testing.assert_close(vectors @ torch.diag(values) @ vectors.T, m, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(values, torch.linalg.eigvalsh(m).clamp_min(0), rtol=1e-10, atol=1e-10)
+    assert bool((values[1:] >= values[:-1]).all())
+    k = len(null)
+    assert torch.equal(values[:k], torch.zeros(k))
+    assert torch.equal(vectors[:, :k], torch.eye(20)[:, null])
+    assert torch.equal(null_rows(m), torch.tensor(null, dtype=torch.long))
+
+
+class DeadUnitMLP(nn.Sequential):
+    """5 → 6 → 3 with ReLU; hidden unit 2 never fires (zero weights, negative bias)."""
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        super().__init__(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3))
+        with torch.no_grad():
+            self[0].weight[2] = 0.0
+            self[0].bias[2] = -1.0
+
+
+@pytest.fixture
+def blank_data():
+    """Inputs whose features 1 and 3 are 0 on every example (like MNIST's border pixels)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(17, 5, generator=g)
+    x[:, [1, 3]] = 0.0
+    return x, torch.randint(0, 3, (17,), generator=g)
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "sampled", "ggn"])
+def test_ekfac_with_blank_inputs_and_a_dead_unit(blank_data, fisher):
+    x, y = blank_data
+    model = DeadUnitMLP()
+    tracked, layers = fit(model, x, y, strategy="ekfac", fisher=fisher)
+    # fc1's A has the blank inputs as null rows, fc2's A the dead unit, fc1's G the dead unit
+    dead = (model[1](model[0](x)).amax(dim=0) == 0).nonzero().flatten().tolist()
+    assert 2 in dead
+    assert null_rows(layers["0"].a_covariance).tolist() == [1, 3]
+    assert null_rows(layers["2"].a_covariance).tolist() == dead
+    assert null_rows(layers["0"].g_covariance).tolist() == dead
+    grads = per_example_layer_grads(model, tracked, x, y, fisher_vectors("classification", fisher))
+    for tm in tracked:
+        lf = layers[tm.name]
+        rotated = lf.g_eigenvectors.T @ grads[tm.name] @ lf.a_eigenvectors
+        torch.testing.assert_close(lf.eigenvalues, rotated.square().sum(dim=1).mean(dim=0), rtol=1e-10, atol=1e-14)
+
+
+def test_deflation_does_not_change_the_preconditioner(blank_data, monkeypatch):
+    """(F + λ)⁻¹ v is the same as with LAPACK's own basis of the null space, even for v that is
+    not zero there (a query with a pixel the fitting data never lit)."""
+    x, y = blank_data
+    _, deflated = fit(DeadUnitMLP(), x, y, strategy="ekfac", fisher="ggn")
+    monkeypatch.setattr(factors_lib, "null_rows", lambda m: torch.zeros(0, dtype=torch.long))  # LAPACK's basis
+    _, plain = fit(DeadUnitMLP(), x, y, strategy="ekfac", fisher="ggn")
+    v = {"0": torch.randn(4, 6, 6), "2": torch.randn(4, 3, 7)}
+    for name, lf in deflated.items():
+        damping = lf.damping("auto")
+        assert damping == pytest.approx(plain[name].damping("auto"), rel=1e-12)
+        torch.testing.assert_close(lf.precondition(v[name], damping), plain[name].precondition(v[name], damping), rtol=1e-9, atol=1e-9)
