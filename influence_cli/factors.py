@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 import torch
 
 from influence_cli import storage
+from influence_cli.errors import NumericalError
 from influence_cli.passes import BatchGradients
+from influence_cli.squares import add_squared_gradients_
 from influence_cli.tracking import TrackedModule
-
-_MAX_BMM_ELEMENTS = 1 << 25  # per-example gradient chunk for sequence/conv layers
 
 
 @dataclass
@@ -278,7 +278,7 @@ class DiagonalAccumulator:
 
     For a layer without positions (T = 1) the per-example gradient in the basis is
     the outer product g̃ ãᵀ, so the sum of its squares is one matmul,
-    (g̃²)ᵀ (ã²); with positions the per-example gradient is formed by bmm in chunks.
+    (g̃²)ᵀ (ã²); with positions see squares.py (position pairs, or bmm in chunks).
     """
 
     def __init__(
@@ -313,18 +313,15 @@ class DiagonalAccumulator:
 
 
 def accumulate_squared_gradients(acc: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> None:
-    """acc [d_out, d_in] += Σ_n (Σ_t g_nt a_ntᵀ)² for a [B, T, d_in], g [B, T, d_out].
+    """acc [d_out, d_in] += Σ_n (Σ_t g_nt a_ntᵀ)² for a [B, T, d_in], g [B, T, d_out] (squares.py).
 
-    a and g in a lower precision than acc (bfloat16 / float16) keep the products in theirs.
+    a and g in a lower precision than acc (bfloat16 / float16) keep the product in theirs when
+    T = 1, where every term is a square; with positions the cross terms cancel, and it runs in acc's.
     """
-    if a.shape[1] == 1:
+    if a.shape[1] == 1 and a.dtype != acc.dtype:
         add_product_(acc, g[:, 0].square().T, a[:, 0].square(), a.dtype)
-        return
-    per_example = acc.shape[0] * acc.shape[1]
-    chunk = max(1, _MAX_BMM_ELEMENTS // per_example)
-    for s in range(0, a.shape[0], chunk):
-        grads = torch.bmm(g[s : s + chunk].transpose(1, 2), a[s : s + chunk])
-        acc.add_(grads.to(acc.dtype).square().sum(dim=0))
+    else:
+        add_squared_gradients_(acc, a, g)
 
 
 def null_rows(matrix: torch.Tensor) -> torch.Tensor:
@@ -375,12 +372,22 @@ def _complement(indices: torch.Tensor, n: int) -> torch.Tensor:
     return mask.nonzero().flatten()
 
 
+def _layer_eigendecompose(layer: str, which: str, matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        return eigendecompose(matrix)
+    except RuntimeError as exc:  # LAPACK's "failed to converge" (torch.linalg.LinAlgError)
+        raise NumericalError(
+            f"the float64 eigendecomposition of layer {layer!r}'s {which} ({len(matrix)}×{len(matrix)}) did not converge",
+            hint="fit on more examples, or leave the layer out of factors.modules (`influence inspect CONFIG` lists the layers)",
+        ) from exc
+
+
 def kronecker_layer_factors(
     name: str, a_cov: torch.Tensor, g_cov: torch.Tensor, num_examples: int, out_dtype: torch.dtype
 ) -> LayerFactors:
     """K-FAC factors of one layer from its mean covariances (eigenvalues = λ_G λ_Aᵀ)."""
-    a_vals, a_vecs = eigendecompose(a_cov)
-    g_vals, g_vecs = eigendecompose(g_cov)
+    a_vals, a_vecs = _layer_eigendecompose(name, "A", a_cov)
+    g_vals, g_vecs = _layer_eigendecompose(name, "G", g_cov)
     return LayerFactors(
         name=name,
         eigenvalues=torch.outer(g_vals, a_vals).to(out_dtype),

@@ -236,7 +236,7 @@ def compute_factors(
         diag = DiagonalAccumulator(tracked, {tm.name: (None, None) for tm in tracked}, dtype, device, low)
         timed("diagonal", diag, {})
         count = float(diag.count)
-        return {name: LayerFactors(name, eigenvalues=s / count, num_examples=int(count)) for name, s in diag.sums.items()}
+        return {name: LayerFactors(name, eigenvalues=(s / count).clamp_min(0), num_examples=int(count)) for name, s in diag.sums.items()}
 
     cov = CovarianceAccumulator(tracked, dtype, device, low)
     if snapshot is not None and snapshot.phase == "correction":
@@ -264,7 +264,7 @@ def compute_factors(
     timed("correction", corr, {f"covariance.{k}": v for k, v in cov.state().items()})
     count2 = float(corr.count)
     for name, lf in layers.items():
-        lf.eigenvalues = corr.sums[name] / count2
+        lf.eigenvalues = (corr.sums[name] / count2).clamp_min(0)  # the position-pair sums can round below 0
     return layers
 
 

@@ -41,6 +41,7 @@ Large runs: the score matrix is written as shards by train range (each
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import time
@@ -64,9 +65,9 @@ from influence_cli.fit import check_factors_match, load_factors
 from influence_cli.passes import BatchGradients, accumulator_dtype, autocast_context, matmul_dtype, model_dtype, stream_gradients
 from influence_cli.progress import Progress, for_rank
 from influence_cli.resume import PassCheckpoint, Snapshot, run_key
+from influence_cli.squares import weighted_squares
 from influence_cli.tracking import TrackedModule, per_example_gradients
 
-_MAX_BMM_ELEMENTS = 1 << 25  # rotated per-example gradients formed at once (sequence / conv layers)
 _BLOCK_ELEMENTS = 1 << 13  # per-example gradient elements formed at once in the scoring GEMM (layers without positions)
 _SCORE_BYTES = 4  # the score block is computed in float32 (float64 for float64 models), see sizing
 
@@ -123,24 +124,31 @@ class ScoreKernel:
             g = g @ lf.g_eigenvectors
         return a, g
 
-    def gradients(self, batch: BatchGradients) -> dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+    def gradients(self, batch: BatchGradients) -> dict[str, Any]:
         """{layer: ∇W} of every example in the layer's basis, for `pairwise`.
 
-        Layers with positions: the matrix [B, P] (row-major vec of [d_out, d_in], P = d_out·d_in).
+        Layers with positions: a function returning the matrix [B, P] (row-major vec of
+        [d_out, d_in], P = d_out·d_in), called by `pairwise` right before the layer's GEMM.
         Layers without (T = 1): the factors (g [B, d_out], a [B, d_in]) of the outer products
         ∇W = g aᵀ, which `pairwise` forms block by block next to its GEMM.
         """
-        out: dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = {}
+        out: dict[str, Any] = {}
         for name in self.layers:
             a = batch.activations[name]
             if self._in_eigenbasis(name, a):
                 a, g = self._rotated(name, batch)
             else:
                 g = batch.gradients[0][name]
-            out[name] = (g[:, 0], a[:, 0]) if a.shape[1] == 1 else per_example_gradients(a, g).reshape(a.shape[0], -1)
-        if self.matmul_dtype is not None:
-            return {name: self._low(v) for name, v in out.items()}
+            if a.shape[1] == 1:
+                out[name] = (g[:, 0], a[:, 0]) if self.matmul_dtype is None else self._low((g[:, 0], a[:, 0]))
+            else:  # formed when its GEMM runs, so only one layer's [B, P] exists at a time
+                out[name] = functools.partial(self._flat_gradients, a, g)
         return out
+
+    def _flat_gradients(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """[B, P] per-example gradients of a layer with positions, in the scoring GEMMs' dtype."""
+        grads = per_example_gradients(a, g).reshape(a.shape[0], -1)
+        return grads if self.matmul_dtype is None else grads.to(self.matmul_dtype)
 
     def _low(self, v: Any) -> Any:
         """A tensor, or a tuple / list of them, in the scoring GEMMs' dtype."""
@@ -206,13 +214,14 @@ class ScoreKernel:
 
     @staticmethod
     def pairwise(
-        queries: dict[str, torch.Tensor | list[torch.Tensor]], train: dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
+        queries: dict[str, torch.Tensor | list[torch.Tensor]], train: dict[str, Any]
     ) -> torch.Tensor:
         """Σ_layers V'_q ∇W_xᵀ: [Q, B] (one GEMM per layer, or per row block).
 
         Args:
             queries: {layer: V' [Q, P]}, or its column blocks (`store_queries`).
-            train: {layer: ∇W [B, P]}, or the factors (g, a) of ∇W = g aᵀ (`gradients`).
+            train: {layer: ∇W [B, P]} (or a function returning it), or the factors (g, a) of
+                ∇W = g aᵀ (`gradients`).
 
         With blocks and factors, the per-example gradients are formed one block of rows of
         [d_out, d_in] at a time, [B, rows·d_in] (a few MB, in cache), and multiplied at once:
@@ -221,6 +230,8 @@ class ScoreKernel:
         out: torch.Tensor | None = None
         for name, q in queries.items():
             t = train[name]
+            if callable(t):
+                t = t()
             if isinstance(q, list):
                 buf: torch.Tensor | None = None
                 c0 = r0 = 0
@@ -260,7 +271,7 @@ class ScoreKernel:
                 w = self._inverse_sq[name]
             else:
                 w = lf.inverse_eigenvalues(self.damping[name], power)
-            value = _weighted_square_norms(*self._rotated(name, batch), w)
+            value = weighted_squares(*self._rotated(name, batch), None if w is None else w[:, None, :])[:, 0]
             total = value if total is None else total + value
         assert total is not None
         return total
@@ -286,22 +297,6 @@ def row_blocks(d_out: int, d_in: int, elements: int | None = None) -> list[tuple
     """Ranges [r0, r1) of the rows of a [d_out, d_in] gradient, each about `elements` entries (at least one row)."""
     rows = max(1, (elements or _BLOCK_ELEMENTS) // max(1, d_in))
     return [(r0, min(d_out, r0 + rows)) for r0 in range(0, d_out, rows)]
-
-
-def _weighted_square_norms(a: torch.Tensor, g: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
-    """Σ_ij (Σ_t g_ti a_tj)² w_ij per example: [B] from a [B, T, d_in], g [B, T, d_out], w [d_out, d_in] or None (= 1)."""
-    if a.shape[1] == 1:
-        g2, a2 = g[:, 0].square(), a[:, 0].square()
-        if w is None:
-            return g2.sum(1) * a2.sum(1)
-        return ((g2 @ w) * a2).sum(1)
-    per_example = g.shape[2] * a.shape[2]
-    chunk = max(1, _MAX_BMM_ELEMENTS // per_example)
-    parts = []
-    for s in range(0, a.shape[0], chunk):
-        r = torch.bmm(g[s : s + chunk].transpose(1, 2), a[s : s + chunk]).square()
-        parts.append(r.sum((1, 2)) if w is None else (r * w).sum((1, 2)))
-    return torch.cat(parts)
 
 
 def _safe(norms: torch.Tensor) -> torch.Tensor:

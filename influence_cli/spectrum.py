@@ -20,7 +20,7 @@ its energy in a set b of directions (a band, or a curvature-percentile bin) is
 
 For layers without positions (T = 1) G̃_n = g̃ ãᵀ, so e_n(b) = (g̃²)ᵀ M_b (ã²) with the 0/1
 mask M_b of the set: one GEMM per batch for all sets, never a per-example outer product.
-Layers with positions form G̃_n by chunked bmm. The input energy of a band of A-directions
+Layers with positions use position pairs or chunked bmm (squares.py). The input energy of a band of A-directions
 (ordered by λ_A) is Σ_t Σ_{j ∈ b} ã_tj². Energies of a partition add up to ‖∇W_n‖² (‖a‖²),
 so shares over the bands sum to 1. An example's score is its share of gradient energy in
 the bottom bands of all analysed layers together.
@@ -49,6 +49,7 @@ from influence_cli.factors import Factors, LayerFactors
 from influence_cli.fit import _NonFiniteWatch, check_factors_match, load_factors
 from influence_cli.passes import accumulator_dtype, stream_gradients
 from influence_cli.progress import NullProgress, Progress, for_rank
+from influence_cli.squares import weighted_squares
 from influence_cli.tracking import TrackedModule
 
 BANDS = ("bottom", "middle", "top")
@@ -201,33 +202,11 @@ class MaskedEnergy:
     """
 
     def __init__(self, masks: torch.Tensor) -> None:
-        self.d_out, self.k, self.d_in = masks.shape
         self.masks = masks
-        self._flat: torch.Tensor | None = None
 
     def __call__(self, a_rot: torch.Tensor, g_rot: torch.Tensor) -> torch.Tensor:
-        """[B, K] energies from ã [B, T, d_in] and g̃ [B, T, d_out] (already rotated).
-
-        T == 1: (g̃²)ᵀ M_k (ã²) for every k at once: [B, d_out] @ [d_out, K·d_in], then a
-        batched dot with ã². T > 1: G̃_n by bmm in chunks, then [chunk, d_out·d_in] @ [d_out·d_in, K].
-        """
-        b = a_rot.shape[0]
-        if a_rot.shape[1] == 1:
-            ga, aa = g_rot[:, 0].square(), a_rot[:, 0].square()
-            step = max(1, _MAX_ELEMENTS // max(1, self.k * self.d_in))
-            parts = []
-            for s in range(0, b, step):
-                per = (ga[s : s + step] @ self.masks.reshape(self.d_out, -1)).view(-1, self.k, self.d_in)
-                parts.append(torch.bmm(per, aa[s : s + step, :, None])[:, :, 0])
-            return torch.cat(parts)
-        if self._flat is None:
-            self._flat = self.masks.permute(0, 2, 1).reshape(self.d_out * self.d_in, self.k)
-        step = max(1, _MAX_ELEMENTS // (self.d_out * self.d_in))
-        parts = []
-        for s in range(0, b, step):
-            grads = torch.bmm(g_rot[s : s + step].transpose(1, 2), a_rot[s : s + step])  # [c, d_out, d_in]
-            parts.append(grads.square().reshape(grads.shape[0], -1) @ self._flat)
-        return torch.cat(parts)
+        """[B, K] energies Σ_ij M_k,ij G̃_n,ij² from ã [B, T, d_in] and g̃ [B, T, d_out] (squares.py)."""
+        return weighted_squares(a_rot, g_rot, self.masks)
 
 
 class LayerEnergy:

@@ -92,3 +92,36 @@ def test_deflation_does_not_change_the_preconditioner(blank_data, monkeypatch):
         damping = lf.damping("auto")
         assert damping == pytest.approx(plain[name].damping("auto"), rel=1e-12)
         torch.testing.assert_close(lf.precondition(v[name], damping), plain[name].precondition(v[name], damping), rtol=1e-9, atol=1e-9)
+
+
+def test_conv_patches_that_are_mostly_padding_are_deflated():
+    """A 3×3 conv on a 1×1 feature map (a ResNet's last stage at 32×32 inputs) sees only its
+    centre tap: 8 of 9 patch columns are zero on every example. LAPACK's eigh can fail to
+    converge on such a matrix at scale; deflated, only the centre tap's block is decomposed."""
+    from influence_cli.factors import CovarianceAccumulator
+    from influence_cli.passes import stream_gradients
+    from influence_cli.tracking import find_tracked_modules
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 3, 3, padding=1), nn.Flatten(), nn.Linear(3, 2)).double()
+    x, y = torch.randn(10, 4, 1, 1), torch.randint(0, 2, (10,))
+    tracked = find_tracked_modules(model, ["*"])
+    cov = CovarianceAccumulator(tracked, torch.float64, torch.device("cpu"))
+    for batch in stream_gradients(model, tracked, [(x, y, torch.arange(10))], task_kind="classification", mode="fisher", fisher="empirical", seed=0):
+        cov.update(batch)
+    a_cov, _ = cov.covariances("0")
+    assert len(null_rows(a_cov)) == 8 * 4  # every input channel's 8 off-centre taps
+    values, vectors = eigendecompose(a_cov)
+    torch.testing.assert_close(vectors @ torch.diag(values) @ vectors.T, a_cov, rtol=1e-12, atol=1e-12)
+
+
+def test_an_eigendecomposition_that_fails_is_a_one_line_numerical_error(monkeypatch):
+    from influence_cli.errors import NumericalError
+    from influence_cli.factors import kronecker_layer_factors
+
+    def fail(_):
+        raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "eigh", fail)
+    with pytest.raises(NumericalError, match=r"layer 'fc1'.s A \(3×3\) did not converge"):
+        kronecker_layer_factors("fc1", torch.eye(3), torch.eye(2), 10, torch.float64)
