@@ -52,6 +52,7 @@ mnist-model: $(STAMP) ## Train the MNIST MLP used by configs/mnist*.yaml (runs/m
 bench: $(STAMP) mnist-model ## Run the CPU benchmarks (results go to stdout; see docs/BENCHMARKS.md)
 	$(PY) benchmarks/bench_fit.py --amp none,bfloat16
 	$(PY) benchmarks/bench_scores.py --amp bfloat16
+	$(PY) benchmarks/bench_conv.py --skip-kronfluence
 	$(PY) benchmarks/bench_memory.py
 	$(PY) benchmarks/memorization.py
 	$(PY) tests/test_exactness.py
@@ -69,6 +70,7 @@ bench-install: $(BENCH_STAMP) ## Create .venv-bench: .venv's packages plus Kronf
 
 bench-field: $(BENCH_STAMP) ## Benchmarks against Kronfluence: scores agreement, speed, LDS, ensembles (~15 min; docs/BENCHMARKS.md)
 	$(BENCH_PY) benchmarks/compare_kronfluence.py --amp bfloat16
+	$(BENCH_PY) benchmarks/bench_conv.py
 	$(BENCH_PY) benchmarks/lds.py
 
 gpu-check: $(STAMP) ## On a machine with a GPU: fit-factors and compute-scores on MNIST, float32 and bf16 (docs/BENCHMARKS.md)

@@ -112,7 +112,7 @@ def main() -> None:
     dataset = ctx.dataset(cfg.data.train, "data.train")
     rows: dict[str, list[float]] = {}
     kf_scores, kf_error = None, None
-    for r in range(args.repeats + 1):  # the first round warms up
+    for r in range(args.repeats + 1 if args.repeats else 1):  # the first round warms up (--repeats 0: one cold round)
         part: dict[str, float] = {}
         t0 = time.perf_counter()
         compute_factors(ctx.model, ctx.tracked, "ekfac", plan_for(ctx, dataset), seconds=part)
@@ -136,7 +136,7 @@ def main() -> None:
             else:
                 part["kronfluence fit"], part["kronfluence scores"] = run.seconds["fit"], run.seconds["scores"]
                 kf_scores = run.scores
-        if r:
+        if r or not args.repeats:
             for k, v in part.items():
                 rows.setdefault(k, []).append(v)
     med = {k: statistics.median(v) for k, v in rows.items()}

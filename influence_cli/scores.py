@@ -60,7 +60,7 @@ from influence_cli.data import IndexedDataset, make_loader
 from influence_cli.distributed import DistState
 from influence_cli.ensemble import Member, describe_member, ensemble_members, prepare_member
 from influence_cli.errors import DistributedError, InfluenceError, NumericalError, OutputError
-from influence_cli.factors import LayerFactors, layer_damping, low_precision_mm
+from influence_cli.factors import LayerFactors, Rotation, layer_damping, low_precision_mm
 from influence_cli.fit import check_factors_match, load_factors
 from influence_cli.passes import BatchGradients, accumulator_dtype, autocast_context, matmul_dtype, model_dtype, stream_gradients
 from influence_cli.progress import Progress, for_rank
@@ -106,6 +106,9 @@ class ScoreKernel:
         self._inverse = {name: lf.inverse_eigenvalues(damping[name], 1) for name, lf in layers.items()}
         self._inverse_sq = {name: lf.inverse_eigenvalues(damping[name], 2) for name, lf in layers.items()}
         self.eigenbasis: dict[str, bool] = {}
+        self._rotations = {
+            name: tuple(None if u is None else Rotation(u) for u in (lf.a_eigenvectors, lf.g_eigenvectors)) for name, lf in layers.items()
+        }
 
     def _in_eigenbasis(self, name: str, a: torch.Tensor) -> bool:
         if name not in self.eigenbasis:
@@ -116,13 +119,9 @@ class ScoreKernel:
 
     def _rotated(self, name: str, batch: BatchGradients) -> tuple[torch.Tensor, torch.Tensor]:
         """(a U_A [B, T, d_in], g U_G [B, T, d_out]): the layer's vectors in its eigenbasis."""
-        lf = self.layers[name]
+        rot_a, rot_g = self._rotations[name]
         a, g = batch.activations[name], batch.gradients[0][name]
-        if lf.a_eigenvectors is not None:
-            a = a @ lf.a_eigenvectors
-        if lf.g_eigenvectors is not None:
-            g = g @ lf.g_eigenvectors
-        return a, g
+        return (a if rot_a is None else rot_a(a)), (g if rot_g is None else rot_g(g))
 
     def gradients(self, batch: BatchGradients) -> dict[str, Any]:
         """{layer: ∇W} of every example in the layer's basis, for `pairwise`.

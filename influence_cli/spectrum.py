@@ -45,7 +45,7 @@ from influence_cli.config import SPECTRUM_ORDERS, Config
 from influence_cli.context import RunContext, prepare
 from influence_cli.distributed import DistState
 from influence_cli.errors import ConfigError, NumericalError, OutputError, UsageError
-from influence_cli.factors import Factors, LayerFactors
+from influence_cli.factors import Factors, LayerFactors, Rotation
 from influence_cli.fit import _NonFiniteWatch, check_factors_match, load_factors
 from influence_cli.passes import accumulator_dtype, stream_gradients
 from influence_cli.progress import NullProgress, Progress, for_rank
@@ -373,7 +373,8 @@ def dataset_spectrum(
     device = device or torch.device("cpu")
     progress = progress or NullProgress()
     dtype = accumulator_dtype(model)
-    rot = {tm.name: factors[tm.name].to(device, dtype) for tm in layers}
+    moved = {tm.name: factors[tm.name].to(device, dtype) for tm in layers}
+    rot = {name: (Rotation(lf.a_eigenvectors), Rotation(lf.g_eigenvectors)) for name, lf in moved.items()}  # type: ignore[arg-type]
     energy = {tm.name: LayerEnergy(bands[tm.name], bins, dtype, device) for tm in layers}
     input_masks = {tm.name: torch.nn.functional.one_hot(bands[tm.name].input_band, 3).to(device, dtype) for tm in layers}
     idx_parts, label_parts, band_parts, bin_parts, input_parts = [], [], [], [], []
@@ -385,9 +386,8 @@ def dataset_spectrum(
         watch.observe(batch)
         per_layer, per_input = [], []
         for tm in layers:
-            lf = rot[tm.name]
-            a_rot = batch.activations[tm.name] @ lf.a_eigenvectors
-            g_rot = batch.gradients[0][tm.name] @ lf.g_eigenvectors
+            rot_a, rot_g = rot[tm.name]
+            a_rot, g_rot = rot_a(batch.activations[tm.name]), rot_g(batch.gradients[0][tm.name])
             per_layer.append(energy[tm.name](a_rot, g_rot))
             per_input.append(a_rot.square().sum(1) @ input_masks[tm.name])
         e = torch.stack(per_layer, dim=1)  # [B, L, 3 + bins]

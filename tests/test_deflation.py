@@ -1,6 +1,6 @@
 """Float64 checks of the deflated eigendecomposition: exactly-zero rows of A or G (blank pixels,
-dead ReLU units) get unit eigenvectors and exact zero eigenvalues, without changing the factors'
-meaning."""
+dead ReLU units, conv padding) get unit eigenvectors and exact zero eigenvalues, which `Rotation`
+skips, without changing the factors' meaning."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from exact import fisher_vectors, fit, per_example_layer_grads
 from torch import nn
 
 from influence_cli import factors as factors_lib
-from influence_cli.factors import eigendecompose, null_rows
+from influence_cli.factors import Rotation, eigendecompose, null_rows
 
 
 @pytest.fixture(autouse=True)
@@ -40,6 +40,25 @@ def test_eigendecompose_is_exact_with_zero_rows(null):
     assert torch.equal(values[:k], torch.zeros(k))
     assert torch.equal(vectors[:, :k], torch.eye(20)[:, null])
     assert torch.equal(null_rows(m), torch.tensor(null, dtype=torch.long))
+
+
+@pytest.mark.parametrize("k", [2, 8, 30])
+def test_rotation_equals_the_full_matmul(k):
+    n = 32
+    null = torch.randperm(n, generator=torch.Generator().manual_seed(k))[:k].sort().values.tolist()
+    _, vectors = eigendecompose(psd_with_zero_rows(n, null))
+    rotation = Rotation(vectors)
+    assert (rotation.null is not None) == (k >= Rotation.MIN_NULL_FRACTION * n)
+    x = torch.randn(6, 3, n)  # not zero on the null rows: the rotation stays exact anyway
+    torch.testing.assert_close(rotation(x), x @ vectors, rtol=1e-13, atol=1e-13)
+
+
+def test_rotation_without_unit_columns_is_the_plain_matmul():
+    vectors = torch.linalg.eigh(psd_with_zero_rows(16, [])).eigenvectors
+    rotation = Rotation(vectors)
+    assert rotation.null is None
+    x = torch.randn(5, 16)
+    assert torch.equal(rotation(x), x @ vectors)
 
 
 class DeadUnitMLP(nn.Sequential):

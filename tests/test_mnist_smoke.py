@@ -84,3 +84,19 @@ def test_gpu_check_script_dry_runs_on_the_cpu(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| autocast | covariance ex/s |" in out.stdout
     assert "| bfloat16 |" in out.stdout and "bf16 scores against float32 scores: Pearson" in out.stdout
+
+
+def test_resnet18_benchmark_runs_end_to_end():
+    """benchmarks/bench_conv.py: torchvision's ResNet-18 on 32 × 32 digits, whose last stage's
+    3 × 3 convolutions see a 1 × 1 map (8 of 9 taps always padding: the deflated eigh and
+    `Rotation`), its late layers few positions (the position-pair route), fit and scored."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_conv.py"), "--train", "64", "--queries", "2", "--repeats", "0", "--skip-kronfluence"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {"covariance", "eigendecomposition", "correction", "compute-scores"} <= set(result["median_seconds"])
