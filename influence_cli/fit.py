@@ -29,6 +29,7 @@ from influence_cli.factors import (
     Factors,
     LayerFactors,
     kronecker_layer_factors,
+    null_rows,
 )
 from influence_cli.passes import BatchGradients, accumulator_dtype, matmul_dtype, stream_gradients
 from influence_cli.progress import NullProgress, Progress, for_rank
@@ -48,6 +49,8 @@ class LayerInfo:
     a_size: int
     g_size: int
     eigenvalue_size: int
+    zero_inputs: int | None = None  # rows of A that are 0 on every example (blank inputs, dead units before)
+    zero_outputs: int | None = None  # rows of G that are 0 on every example (dead units)
 
 
 @dataclass
@@ -393,6 +396,10 @@ def _fit_member(
         ctx.model, ctx.tracked, cfg.factors.strategy, plan, checkpoint=checkpoint, snapshot=snapshot, progress=progress, seconds=seconds
     )
     factors = Factors(cfg.factors.strategy, cfg.factors.fisher, layers)
+    for info in layers_info:
+        lf = layers[info.name]
+        if lf.a_covariance is not None and lf.g_covariance is not None:
+            info.zero_inputs, info.zero_outputs = len(null_rows(lf.a_covariance)), len(null_rows(lf.g_covariance))
     if ctx.state.is_main:
         tensors: dict[str, torch.Tensor] = {}
         for lf in factors.layers.values():

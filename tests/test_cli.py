@@ -157,6 +157,23 @@ def test_fit_factors_json_and_overwrite(runner: CliRunner, tmp_path: Path):
     assert info["metadata"]["strategy"] == "kfac" and info["metadata"]["num_examples"] == 300
 
 
+def test_fit_factors_counts_inputs_and_units_that_are_always_zero(runner: CliRunner, tmp_path: Path):
+    """Blank pixels are always-0 inputs of fc1; a dead unit of one layer is an always-0 input of the next."""
+    from safetensors.torch import load_file
+
+    result = invoke(runner, "fit-factors", DIGITS, "--set", f"output_dir={tmp_path}", "--json")
+    assert result.exit_code == 0, result.stderr
+    layers = {layer["name"]: layer for layer in json.loads(result.stdout)["layers"]}
+    pixels = load_file(ROOT / "sample_data" / "digits.safetensors")["inputs"][:1500].reshape(1500, -1)
+    assert layers["fc1"]["zero_inputs"] == int((pixels.abs().amax(0) == 0).sum()) > 0
+    assert layers["fc1"]["zero_outputs"] == layers["fc2"]["zero_inputs"] > 0
+    assert layers["fc2"]["zero_outputs"] == layers["head"]["zero_inputs"]
+    assert layers["head"]["zero_outputs"] == 0
+    table = invoke(runner, "fit-factors", DIGITS, "--set", f"output_dir={tmp_path}", "--overwrite")
+    assert "always 0: in / out" in table.stdout and f"{layers['fc1']['zero_inputs']} / {layers['fc1']['zero_outputs']}" in table.stdout
+    assert "dead units" in " ".join(table.stderr.split())
+
+
 def test_fit_factors_cnn_with_margin_and_ggn(runner: CliRunner, tmp_path: Path):
     result = invoke(runner, "fit-factors", DIGITS_CNN, "--set", f"output_dir={tmp_path}", "--set", "data.train.range=[0, 64]",
                     "--set", "data.batch_size=32", "--json")  # fmt: skip

@@ -65,20 +65,28 @@ def fit_factors_cmd(
         err_console.print(f"{report.path} is already complete for these settings; nothing to do (--overwrite refits)")
     elif report.resumed_from:
         err_console.print(f"resumed from {report.resumed_from}")
+    zeros = any(layer.zero_inputs or layer.zero_outputs for layer in report.layers)
+    columns = [("layer", "left"), ("kind", "left"), ("weight", "left"), ("A", "right"), ("G", "right"), ("Λ", "right")]
     table = new_table(
         f"{report.strategy} factors ({report.fisher} Fisher) on {report.num_examples:,} examples",
-        [("layer", "left"), ("kind", "left"), ("weight", "left"), ("A", "right"), ("G", "right"), ("Λ", "right")],
+        columns + ([("always 0: in / out", "right")] if zeros else []),
     )
     for layer in report.layers:
-        table.add_row(
+        row = [
             layer.name,
             layer.kind,
             "×".join(map(str, layer.weight_shape)),
             f"{layer.d_in}²" if layer.a_size else "-",
             f"{layer.d_out}²" if layer.g_size else "-",
             f"{layer.d_out}×{layer.d_in}" if layer.eigenvalue_size else "-",
-        )
+        ]
+        table.add_row(*row, *([f"{layer.zero_inputs or 0} / {layer.zero_outputs or 0}"] if zeros else []))
     print_table(table)
+    if zeros:
+        err_console.print(
+            "always 0: inputs (columns of [W | b]) and outputs that were 0 on every example: blank pixels, "
+            "zero padding, dead units; their curvature is exactly 0 and they are left out of the eigendecompositions"
+        )
     for r in [report, *report.members]:
         timing = ", ".join(f"{k} {v:.2f}s" for k, v in r.seconds.items())
         size = Path(r.path).stat().st_size
