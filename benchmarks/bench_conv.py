@@ -1,6 +1,6 @@
 """EKFAC on a convolutional network: a torchvision ResNet-18 at 32 × 32, against one training epoch and Kronfluence.
 
-    python benchmarks/bench_conv.py [--train 1024] [--queries 8] [--repeats 2] [--skip-kronfluence] [--inputs mnist|random]
+    python benchmarks/bench_conv.py [--train 1024] [--queries 8] [--repeats 2] [--skip-kronfluence] [--inputs mnist|random] [--size 32]
     .venv-bench/bin/python benchmarks/bench_conv.py          # with Kronfluence 1.0.x (`make bench-install`)
 
 Real MNIST digits (../shared/data/mnist, test split) padded to 32 × 32 and repeated to 3
@@ -8,6 +8,8 @@ channels; `torchvision:resnet18` with 10 classes (seed 0) trained here for one e
 batch 64), which is also the timed training epoch. 21 tracked layers (20 Conv2d, 1 Linear), 11.2M
 parameters; the positions per example fall from 256 (conv1) to 64, 16, 4 and 1 (layer4), so
 the late, wide layers have few positions: the case the position-pair route of squares.py is for.
+
+`--size 64` resizes the digits to 64 × 64 (layer4 then sees 2 × 2 maps, and Kronfluence fits).
 
 Reports, median of `--repeats` after a warm-up, per phase: influence_cli's fit-factors (both
 passes and the float64 eigendecompositions) and compute-scores, Kronfluence's fit_all_factors
@@ -40,11 +42,13 @@ BATCH = 64
 ARCH = "torchvision:resnet18"
 
 
-def digits_32(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """MNIST images [start, stop) as [n, 3, 32, 32] in [0, 1], and their labels."""
+def digits_32(start: int, stop: int, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """MNIST images [start, stop) as [n, 3, size, size] in [0, 1] (padded to 32, then resized), and their labels."""
     x, y = load_mnist(start, stop)
-    x = F.pad(x.view(-1, 1, 28, 28), (2, 2, 2, 2)).expand(-1, 3, -1, -1).contiguous()
-    return x, y
+    x = F.pad(x.view(-1, 1, 28, 28), (2, 2, 2, 2))
+    if size != 32:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return x.expand(-1, 3, -1, -1).contiguous(), y
 
 
 def train_one_epoch(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -82,6 +86,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip-kronfluence", action="store_true")
+    parser.add_argument("--size", type=int, default=32, help="image side (64: layer4 sees 2 × 2 maps)")
     parser.add_argument("--inputs", choices=("mnist", "random"), default="mnist",
                         help="random: Gaussian images with MNIST's labels (no always-zero inputs, for A/B runs of older versions)")
     args = parser.parse_args()
@@ -92,7 +97,7 @@ def main() -> None:
         print(f"Kronfluence skipped: {missing}")
     with_kf = not args.skip_kronfluence and missing is None
     tmp = Path(tempfile.mkdtemp(prefix="bench_conv_"))
-    x, y = digits_32(0, args.train + args.queries)
+    x, y = digits_32(0, args.train + args.queries, args.size)
     if args.inputs == "random":
         x = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
     save_tensors(tmp / "data.safetensors", {"inputs": x, "labels": y}, {})
@@ -142,8 +147,8 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in rows.items()}
     ours = load_tensors(tmp / "run" / SCORES_FILE)[0]["scores"]
 
-    print(header(f"python benchmarks/bench_conv.py --train {args.train} --queries {args.queries} --repeats {args.repeats} --inputs {args.inputs}"))
-    print(f"\nResNet-18 (11.2M parameters, 21 tracked layers), {args.train:,} training images at 32×32, {args.queries} queries, "
+    print(header(f"python benchmarks/bench_conv.py --train {args.train} --queries {args.queries} --repeats {args.repeats} --inputs {args.inputs} --size {args.size}"))
+    print(f"\nResNet-18 (11.2M parameters, 21 tracked layers), {args.train:,} training images at {args.size}×{args.size}, {args.queries} queries, "
           f"batch {BATCH}, empirical Fisher, `auto` damping; one epoch of training: {epoch:.2f} s (query accuracy {accuracy:.2f})\n")
     print("| phase | median s | per example (ms) | / one training epoch |")
     print("|---|---:|---:|---:|")
