@@ -146,7 +146,7 @@ def float64_reference(run_dir: Path, model_path: Path, damping: float) -> torch.
     from influence_cli.context import prepare
     from influence_cli.data import make_loader
     from influence_cli.fit import load_factors
-    from influence_cli.scores import pairwise_scores
+    from influence_cli.kernel import pairwise_scores
     from influence_cli.storage import FACTORS_FILE
 
     cfg = config_from_dict(our_config(run_dir, model_path, FIDELITY, "empirical", damping), base_dir=ROOT)

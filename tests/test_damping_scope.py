@@ -11,7 +11,8 @@ from influence_cli import storage
 from influence_cli.config import config_from_dict
 from influence_cli.errors import ConfigError
 from influence_cli.factors import LayerFactors, layer_damping
-from influence_cli.scores import compute_scores, pairwise_scores
+from influence_cli.kernel import pairwise_scores
+from influence_cli.scores import compute_scores
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

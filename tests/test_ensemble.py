@@ -34,8 +34,9 @@ from influence_cli.cli import app
 from influence_cli.config import config_from_dict
 from influence_cli.errors import OutputError
 from influence_cli.fit import fit_factors
+from influence_cli.kernel import ensemble_pairwise_scores, pairwise_scores
 from influence_cli.models import mlp
-from influence_cli.scores import compute_scores, ensemble_pairwise_scores, pairwise_scores
+from influence_cli.scores import compute_scores
 from influence_cli.topk import load_self_influence, top_k
 
 pytestmark = pytest.mark.usefixtures("one_thread")

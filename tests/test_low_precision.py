@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from influence_cli.cli import app
 from influence_cli.factors import add_product_, low_precision_mm
 from influence_cli.fit import PassPlan, compute_factors
-from influence_cli.scores import ScoreKernel, pairwise_scores
+from influence_cli.kernel import ScoreKernel, pairwise_scores
 from influence_cli.tracking import find_tracked_modules
 
 pytestmark = pytest.mark.usefixtures("one_thread")

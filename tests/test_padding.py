@@ -12,8 +12,8 @@ from torch import nn
 
 from influence_cli.errors import DataError, ModelError
 from influence_cli.fit import PassPlan, compute_factors
+from influence_cli.kernel import pairwise_scores, self_influence_scores
 from influence_cli.passes import stream_gradients
-from influence_cli.scores import pairwise_scores, self_influence_scores
 from influence_cli.tracking import find_tracked_modules, padding_mask
 
 

@@ -27,8 +27,9 @@ from influence_cli.data import make_loader
 from influence_cli.errors import NumericalError, OutputError
 from influence_cli.factors import LayerFactors
 from influence_cli.fit import fit_factors, load_factors
+from influence_cli.kernel import pairwise_scores, self_influence_scores
 from influence_cli.models import mlp
-from influence_cli.scores import compute_scores, pairwise_scores, plan_layout, plan_shards, self_influence_scores
+from influence_cli.scores import compute_scores, plan_layout, plan_shards
 from influence_cli.topk import iter_score_blocks, top_k
 from influence_cli.tracking import find_tracked_modules
 

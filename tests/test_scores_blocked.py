@@ -13,8 +13,9 @@ import torch
 from exact import batches_of, tiny_mlp
 from test_scores import all_scores, explicit_grads, explicit_scores, fitted, make_cfg, project  # noqa: F401 (project is a fixture)
 
-import influence_cli.scores as scores_mod
-from influence_cli.scores import compute_scores, contracts, pairwise_scores, query_row_blocks, row_blocks
+import influence_cli.kernel as kernel_mod
+from influence_cli.kernel import contracts, pairwise_scores, query_row_blocks, row_blocks
+from influence_cli.scores import compute_scores
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -44,15 +45,15 @@ def test_few_queries_are_contracted_in_large_blocks():
 @pytest.fixture(params=["gradient-blocks", "contracted"])
 def form(request, monkeypatch):
     """Both scoring forms of layers without positions: per-example gradient blocks, or (V'a)·g."""
-    monkeypatch.setattr(scores_mod, "contracts", lambda n_query, d_in: request.param == "contracted")
+    monkeypatch.setattr(kernel_mod, "contracts", lambda n_query, d_in: request.param == "contracted")
     return request.param
 
 
 @pytest.mark.parametrize("elements", [1, 12])
 @pytest.mark.parametrize("strategy", ["ekfac", "diagonal", "identity"])
 def test_blocked_scores_equal_the_dense_inverse(data, monkeypatch, strategy, elements, form):
-    monkeypatch.setattr(scores_mod, "_BLOCK_ELEMENTS", elements)
-    monkeypatch.setattr(scores_mod, "_CONTRACT_ELEMENTS", 4 * elements)  # 4 queries: `elements` entries of each per block
+    monkeypatch.setattr(kernel_mod, "_BLOCK_ELEMENTS", elements)
+    monkeypatch.setattr(kernel_mod, "_CONTRACT_ELEMENTS", 4 * elements)  # 4 queries: `elements` entries of each per block
     x, y, xq, yq = data
     model = tiny_mlp()
     tracked, layers = fitted(model, data, strategy)
@@ -65,12 +66,12 @@ def test_blocked_scores_equal_the_dense_inverse(data, monkeypatch, strategy, ele
 @pytest.mark.parametrize("overrides", [[], ["scores.query_chunk=3"]], ids=["one-chunk", "query-chunks"])
 def test_blocked_pipeline_equals_unblocked(project, monkeypatch, overrides):  # noqa: F811
     whole = make_cfg(project, "blocks-whole-" + "-".join(overrides), *overrides)
-    monkeypatch.setattr(scores_mod, "contracts", lambda n_query, d_in: False)
-    monkeypatch.setattr(scores_mod, "_BLOCK_ELEMENTS", 1 << 30)  # one block per layer: the plain GEMM
+    monkeypatch.setattr(kernel_mod, "contracts", lambda n_query, d_in: False)
+    monkeypatch.setattr(kernel_mod, "_BLOCK_ELEMENTS", 1 << 30)  # one block per layer: the plain GEMM
     compute_scores(whole)
-    monkeypatch.setattr(scores_mod, "contracts", contracts)  # few queries: the contracted form, in small blocks
-    monkeypatch.setattr(scores_mod, "_BLOCK_ELEMENTS", 8)  # one or two rows per block
-    monkeypatch.setattr(scores_mod, "_CONTRACT_ELEMENTS", 8)
+    monkeypatch.setattr(kernel_mod, "contracts", contracts)  # few queries: the contracted form, in small blocks
+    monkeypatch.setattr(kernel_mod, "_BLOCK_ELEMENTS", 8)  # one or two rows per block
+    monkeypatch.setattr(kernel_mod, "_CONTRACT_ELEMENTS", 8)
     cfg = make_cfg(project, "blocks-rows-" + "-".join(overrides), *overrides)
     compute_scores(cfg)
     expected = all_scores(whole.output_path)

@@ -107,7 +107,7 @@ def test_kernel_is_mean_pairwise_influence(kind, strategy, fisher):
 @pytest.mark.parametrize("kind,strategy", [("mlp", "ekfac"), ("cnn", "kfac")], ids=str)
 def test_kernel_is_mean_of_compute_scores_matrix(kind, strategy):
     """K(S, T) = mean of compute-scores' [|S|, |T|] matrix with query = S, train = T (same factors and damping)."""
-    scores = pytest.importorskip("influence_cli.scores", reason="compute-scores (influence_cli.scores) is not there yet")
+    from influence_cli import kernel as scores
     model, tracked, factors, data, plans, damping = _setup(kind, strategy, "sampled")
     result = compute_similarity(model, tracked, factors, plans, damping)
     names = list(data)
@@ -344,7 +344,7 @@ def test_cli_table_json_and_heatmap(digits_run, tmp_path):
 
 def test_kernel_agrees_with_compute_scores_end_to_end(digits_run, tmp_path):
     """Float32, through both commands' core: K(query set, train set) = mean of compute-scores' matrix."""
-    scores = pytest.importorskip("influence_cli.scores", reason="compute-scores (influence_cli.scores) is not there yet")
+    from influence_cli import scores
     out, _ = digits_run
     shutil.copy(out / "factors.safetensors", tmp_path / "factors.safetensors")
     query = "{source: tensors, path: ../sample_data/digits.safetensors, range: [1500, 1797], labels_in: [0, 6], transform: {scale: 16.0}}"

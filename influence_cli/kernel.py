@@ -1,0 +1,456 @@
+"""The scoring math: query gradients preconditioned once, training gradients streamed against them.
+
+For a query z and a training example x (DESIGN.md, Koh & Liang 2017 with the
+EKFAC curvature of Grosse et al. 2023),
+
+    I(z, x) = Σ_layers ∇L(z)ᵀ (F + λ)⁻¹ ∇L(x)
+
+where ∇L(z) is the gradient of the query measurement (the loss, or minus the
+margin) and ∇L(x) the gradient of the training loss. Positive means up-weighting
+x lowers z's loss (x is a proponent). F is the mean over training examples and
+per-example losses are summed, so a score is N × the classical per-example
+influence: removing x changes the query's measurement by about −score / N.
+
+Cost (DESIGN.md): the query gradients are preconditioned once per layer,
+V' = U_G [(U_Gᵀ V U_A) / (Λ* + λ)] U_Aᵀ, and kept as [Q, P] matrices; the training
+set is streamed and each batch costs one GEMM per layer, [Q, P] @ [P, B]. Layers
+without positions do both sides in the Kronecker eigenbasis instead (ScoreKernel),
+where a per-example gradient is an outer product of rotated vectors: the same
+scores without the O(P·(d_in + d_out)) rotation of every query. For those layers
+the outer products of a training batch are formed a block of rows of [d_out, d_in]
+at a time, right before the GEMM of that block (queries are stored in the same
+column blocks), so the [B, P] gradient matrix never round-trips through memory and
+the pass runs within about 10% of 2·Q·N·P FLOPs at the machine's GEMM rate
+(docs/BENCHMARKS.md); with fewer queries than d_in the queries are contracted with
+the activations first and nothing per example is formed (`contracts`).
+
+Variants:
+- relative (RelatIF, Barshan et al. 2020, θ-relative): I(z, x) / ‖(F + λ)⁻¹ ∇L(x)‖;
+- self-influence: I(x, x) = ∇L(x)ᵀ (F + λ)⁻¹ ∇L(x) for every training example.
+Both need Σ_ij R_ij² / (Λ* + λ)_ij^p with R = U_Gᵀ ∇W U_A the rotated per-example
+gradient (squares.py; for layers without positions one matmul, ((g̃²) @ W · ã²).sum(-1),
+with W = (Λ* + λ)^-p).
+
+`pairwise_scores`, `ensemble_pairwise_scores` and `self_influence_scores` run the math on
+in-memory batches (tests, notebooks); scores.py runs it as the command, sharded and resumable.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from influence_cli.factors import LayerFactors, Rotation, layer_damping, low_precision_mm
+from influence_cli.passes import BatchGradients, accumulator_dtype, matmul_dtype, stream_gradients
+from influence_cli.squares import weighted_squares
+from influence_cli.tracking import TrackedModule, per_example_gradients
+
+_BLOCK_ELEMENTS = 1 << 13  # per-example gradient elements formed at once in the scoring GEMM (layers without positions)
+_CONTRACT_ELEMENTS = 1 << 20  # query entries per block in the contracted scoring form (few queries)
+
+
+
+def resolve_damping(layers: dict[str, LayerFactors], damping: float | str, factor: float = 0.1, scope: str = "layer") -> dict[str, float]:
+    """λ per layer: `auto` = factor × mean(Λ*) of the layer (scope `layer`) or of the whole model
+    (scope `model`), a number as given, 0 for layers without curvature (factors.layer_damping)."""
+    return layer_damping(layers, damping, factor, scope)
+
+
+class ScoreKernel:
+    """Turns the gradients of a batch into preconditioned vectors, pairwise scores and quadratic forms.
+
+    Each layer's query and train vectors share one basis, chosen at the first batch a
+    layer is seen (the query side): for layers without positions (T = 1) the Kronecker
+    eigenbasis, where the per-example gradient is the outer product g̃ ãᵀ of rotated
+    vectors (g̃ = U_Gᵀ g, ã = U_Aᵀ a), so preconditioning is one division and nothing is
+    rotated back; for sequence / conv layers the parameter basis, where the query side
+    is rotated back once, U_G [(U_Gᵀ V U_A) / (Λ* + λ)] U_Aᵀ, and training gradients
+    are used as they are. Scores are the same in either basis (U_A, U_G orthogonal).
+
+    Args:
+        layers: {layer: LayerFactors} on the model's device and in its accumulator dtype.
+        damping: {layer: λ}.
+        matmul_dtype: bfloat16 / float16 (`factors.amp`): the preconditioned queries are stored,
+            and the scoring GEMMs run, in that dtype; scores are summed in float32.
+    """
+
+    def __init__(self, layers: dict[str, LayerFactors], damping: dict[str, float], matmul_dtype: torch.dtype | None = None) -> None:
+        self.layers = layers
+        self.damping = damping
+        self.matmul_dtype = matmul_dtype
+        self._inverse = {name: lf.inverse_eigenvalues(damping[name], 1) for name, lf in layers.items()}
+        self._inverse_sq = {name: lf.inverse_eigenvalues(damping[name], 2) for name, lf in layers.items()}
+        self.eigenbasis: dict[str, bool] = {}
+        self._rotations = {
+            name: tuple(None if u is None else Rotation(u) for u in (lf.a_eigenvectors, lf.g_eigenvectors)) for name, lf in layers.items()
+        }
+
+    def _in_eigenbasis(self, name: str, a: torch.Tensor) -> bool:
+        if name not in self.eigenbasis:
+            lf = self.layers[name]
+            rotates = lf.a_eigenvectors is not None or lf.g_eigenvectors is not None
+            self.eigenbasis[name] = rotates and a.shape[1] == 1
+        return self.eigenbasis[name]
+
+    def _rotated(self, name: str, batch: BatchGradients) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a U_A [B, T, d_in], g U_G [B, T, d_out]): the layer's vectors in its eigenbasis."""
+        rot_a, rot_g = self._rotations[name]
+        a, g = batch.activations[name], batch.gradients[0][name]
+        return (a if rot_a is None else rot_a(a)), (g if rot_g is None else rot_g(g))
+
+    def gradients(self, batch: BatchGradients) -> dict[str, Any]:
+        """{layer: ∇W} of every example in the layer's basis, for `pairwise`.
+
+        Layers with positions: a function returning the matrix [B, P] (row-major vec of
+        [d_out, d_in], P = d_out·d_in), called by `pairwise` right before the layer's GEMM.
+        Layers without (T = 1): the factors (g [B, d_out], a [B, d_in]) of the outer products
+        ∇W = g aᵀ, which `pairwise` forms block by block next to its GEMM.
+        """
+        out: dict[str, Any] = {}
+        for name in self.layers:
+            a = batch.activations[name]
+            if self._in_eigenbasis(name, a):
+                a, g = self._rotated(name, batch)
+            else:
+                g = batch.gradients[0][name]
+            if a.shape[1] == 1:
+                out[name] = (g[:, 0], a[:, 0]) if self.matmul_dtype is None else self._low((g[:, 0], a[:, 0]))
+            else:  # formed when its GEMM runs, so only one layer's [B, P] exists at a time
+                out[name] = functools.partial(self._flat_gradients, a, g)
+        return out
+
+    def _flat_gradients(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """[B, P] per-example gradients of a layer with positions, in the scoring GEMMs' dtype."""
+        grads = per_example_gradients(a, g).reshape(a.shape[0], -1)
+        return grads if self.matmul_dtype is None else grads.to(self.matmul_dtype)
+
+    def _low(self, v: Any) -> Any:
+        """A tensor, or a tuple / list of them, in the scoring GEMMs' dtype."""
+        if isinstance(v, torch.Tensor):
+            return v.to(self.matmul_dtype)
+        return type(v)(t.to(self.matmul_dtype) for t in v)
+
+    def preconditioned(self, batch: BatchGradients) -> dict[str, torch.Tensor]:
+        """{layer: (F + λ)⁻¹ ∇W [B, P]} in the layer's basis (see the class docstring)."""
+        out = {}
+        for name, lf in self.layers.items():
+            a, inv = batch.activations[name], self._inverse[name]
+            if self._in_eigenbasis(name, a):
+                grad = per_example_gradients(*self._rotated(name, batch))
+                grad = grad * inv if inv is not None else grad
+            else:
+                grad = per_example_gradients(a, batch.gradients[0][name])
+                if inv is not None:
+                    grad = lf.unrotate(lf.rotate(grad) * inv)
+            out[name] = grad.reshape(a.shape[0], -1)
+        return out
+
+    def store_queries(self, out: dict[str, torch.Tensor | list[torch.Tensor]], row: int, total: int, batch: BatchGradients) -> None:
+        """Writes a query batch's preconditioned vectors into rows [row, row + B) of `out`.
+
+        Each layer's storage is allocated at the first batch: [total, P], or, for layers
+        without positions, the same matrix cut into column blocks of whole rows of
+        [d_out, d_in] (`row_blocks`), the layout `pairwise` multiplies block by block.
+        """
+        for name, v in self.preconditioned(batch).items():
+            v = v if self.matmul_dtype is None else v.to(self.matmul_dtype)
+            n, d_in = v.shape[0], batch.activations[name].shape[-1]
+            dest = out.get(name)
+            if dest is None:
+                blocks = batch.activations[name].shape[1] == 1
+                dest = out[name] = (
+                    [v.new_empty(total, (r1 - r0) * d_in) for r0, r1 in query_row_blocks(total, v.shape[1] // d_in, d_in)]
+                    if blocks
+                    else v.new_empty(total, v.shape[1])
+                )
+            if isinstance(dest, list):
+                rows = v.view(n, -1, d_in)
+                r0 = 0
+                for block in dest:
+                    r1 = r0 + block.shape[1] // d_in
+                    block[row : row + n] = rows[:, r0:r1].reshape(n, -1)
+                    r0 = r1
+            else:
+                dest[row : row + n] = v
+
+    def blocked(self, queries: dict[str, torch.Tensor], batch: BatchGradients) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+        """[Q, P] preconditioned queries in the layout of `store_queries` (`batch`: any batch, for the layers' shapes)."""
+        out: dict[str, torch.Tensor | list[torch.Tensor]] = {}
+        for name, v in queries.items():
+            v = v if self.matmul_dtype is None else v.to(self.matmul_dtype)
+            a = batch.activations[name]
+            if a.shape[1] != 1:
+                out[name] = v
+                continue
+            d_in = a.shape[-1]
+            out[name] = [v[:, r0 * d_in : r1 * d_in].contiguous() for r0, r1 in query_row_blocks(len(v), v.shape[1] // d_in, d_in)]
+        return out
+
+    @staticmethod
+    def pairwise(
+        queries: dict[str, torch.Tensor | list[torch.Tensor]], train: dict[str, Any]
+    ) -> torch.Tensor:
+        """Σ_layers V'_q ∇W_xᵀ: [Q, B] (one GEMM per layer, or per row block).
+
+        Args:
+            queries: {layer: V' [Q, P]}, or its column blocks (`store_queries`).
+            train: {layer: ∇W [B, P]} (or a function returning it), or the factors (g, a) of
+                ∇W = g aᵀ (`gradients`).
+
+        With blocks and factors, the per-example gradients are formed one block of rows of
+        [d_out, d_in] at a time, [B, rows·d_in] (a few MB, in cache), and multiplied at once:
+        the [B, P] matrix never exists, so the pass runs at the GEMM's rate. With fewer queries
+        than d_in (`contracts`) nothing per example is formed at all: V'_q a_b first, one GEMM
+        [Q·rows, d_in] @ [d_in, B], then its dot with g_b (`_contracted`).
+        """
+        out: torch.Tensor | None = None
+        for name, q in queries.items():
+            t = train[name]
+            if callable(t):
+                t = t()
+            if isinstance(q, list):
+                buf: torch.Tensor | None = None
+                c0 = r0 = 0
+                for block in q:
+                    width = block.shape[1]
+                    if isinstance(t, tuple) and contracts(block.shape[0], t[1].shape[1]):
+                        g, a = t
+                        r1 = r0 + width // a.shape[1]
+                        part = _contracted(block, g[:, r0:r1], a)
+                        out = part if out is None else out.add_(part)
+                        r0 = r1
+                        continue
+                    if isinstance(t, tuple):
+                        g, a = t
+                        r1 = r0 + width // a.shape[1]
+                        if buf is None:
+                            buf = g.new_empty(g.shape[0] * max(b.shape[1] for b in q))
+                        grad = buf[: g.shape[0] * width].view(g.shape[0], r1 - r0, a.shape[1])
+                        torch.mul(g[:, r0:r1, None], a[:, None, :], out=grad)
+                        grad = grad.view(g.shape[0], width)
+                        r0 = r1
+                    else:  # a [B, P] matrix: its matching columns
+                        grad = t[:, c0 : c0 + width]
+                    c0 += width
+                    out = _add_scores(out, block, grad.T)
+                continue
+            if isinstance(t, tuple):
+                t = (t[0][:, :, None] * t[1][:, None, :]).reshape(t[0].shape[0], -1)
+            out = _add_scores(out, q, t.T)
+        assert out is not None
+        return out
+
+    def quadratic(self, batch: BatchGradients, power: int) -> torch.Tensor:
+        """Σ_layers Σ_ij R_ij² (Λ* + λ)_ij^-power per example: [B], R = U_Gᵀ ∇W U_A.
+
+        power = 1: the self-influence ∇Lᵀ (F + λ)⁻¹ ∇L; power = 2: ‖(F + λ)⁻¹ ∇L‖².
+        Without curvature (identity) the weight is 1: ‖∇W‖².
+        """
+        total: torch.Tensor | None = None
+        for name, lf in self.layers.items():
+            if power == 1:
+                w = self._inverse[name]
+            elif power == 2:
+                w = self._inverse_sq[name]
+            else:
+                w = lf.inverse_eigenvalues(self.damping[name], power)
+            value = weighted_squares(*self._rotated(name, batch), None if w is None else w[:, None, :])[:, 0]
+            total = value if total is None else total + value
+        assert total is not None
+        return total
+
+    def self_influence(self, batch: BatchGradients) -> torch.Tensor:
+        """∇L(x)ᵀ (F + λ)⁻¹ ∇L(x) per example: [B]."""
+        return self.quadratic(batch, 1)
+
+    def norms(self, batch: BatchGradients) -> torch.Tensor:
+        """‖(F + λ)⁻¹ ∇L(x)‖ per example (the RelatIF denominator): [B]."""
+        return self.quadratic(batch, 2).clamp_min(0).sqrt()
+
+
+def _add_scores(out: torch.Tensor | None, q: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """out + q @ t; a bfloat16 / float16 product is summed into a float32 `out`."""
+    if q.dtype in (torch.float32, torch.float64):
+        return q @ t if out is None else out.addmm_(q, t)
+    prod = low_precision_mm(q, t, q.dtype, torch.float32)
+    return prod if out is None else out.add_(prod)
+
+
+def contracts(n_query: int, d_in: int) -> bool:
+    """True when a layer without positions is scored as (V'_q a_b)·g_b rather than ⟨V'_q, g_b a_bᵀ⟩.
+
+    Both cost 2·Q·B·P flops in their GEMM; around it, forming the per-example gradients writes
+    B·P numbers per batch and the contracted form reduces Q·d_out·B, so it wins when Q < d_in
+    (one query: 30× faster on the MLP's first layer, the same at 1,000 queries).
+    """
+    return n_query < d_in
+
+
+def query_row_blocks(n_query: int, d_out: int, d_in: int) -> list[tuple[int, int]]:
+    """The row blocks [r0, r1) of a layer's stored queries: about 2^20 query entries per block
+    for the contracted form (`contracts`), `row_blocks` (cache-sized gradient blocks) otherwise."""
+    if contracts(n_query, d_in):
+        return row_blocks(d_out, d_in, _CONTRACT_ELEMENTS // max(1, n_query))
+    return row_blocks(d_out, d_in)
+
+
+def _contracted(block: torch.Tensor, g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Σ_ij V'_q[i, j] g_b[i] a_b[j]: [Q, B] from block [Q, rows·d_in] (rows of V'_q), g [B, rows], a [B, d_in]."""
+    n, d_in = block.shape[0], a.shape[1]
+    rows = block.shape[1] // d_in
+    flat = block.view(n * rows, d_in)
+    va = flat @ a.T if flat.dtype in (torch.float32, torch.float64) else low_precision_mm(flat, a.T, flat.dtype, torch.float32)
+    return (va.view(n, rows, -1) * g.T.to(va.dtype)).sum(dim=1)
+
+
+def row_blocks(d_out: int, d_in: int, elements: int | None = None) -> list[tuple[int, int]]:
+    """Ranges [r0, r1) of the rows of a [d_out, d_in] gradient, each about `elements` entries (at least one row)."""
+    rows = max(1, (elements or _BLOCK_ELEMENTS) // max(1, d_in))
+    return [(r0, min(d_out, r0 + rows)) for r0 in range(0, d_out, rows)]
+
+
+def safe_norms(norms: torch.Tensor) -> torch.Tensor:
+    """RelatIF denominators with zeros replaced by 1 (a zero gradient scores 0 either way)."""
+    return torch.where(norms > 0, norms, torch.ones_like(norms))
+
+
+def pairwise_scores(
+    model: nn.Module,
+    tracked: list[TrackedModule],
+    layers: dict[str, LayerFactors],
+    query_batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    train_batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    *,
+    task_kind: str = "classification",
+    measurement: str = "loss",
+    damping: float | str = "auto",
+    damping_factor: float = 0.1,
+    damping_scope: str = "layer",
+    relative: bool = False,
+    device: torch.device | None = None,
+    padding_value: float | None = None,
+    amp: str = "none",
+) -> torch.Tensor:
+    """In-memory scores of every (query, train) pair: [n_query, n_train].
+
+    A small-problem entry point (notebooks, tests): everything is held in memory.
+    `compute_scores` is the streaming, sharded, resumable version of the same math.
+
+    Args:
+        layers: {layer: LayerFactors} (converted to the model's dtype and device here).
+        query_batches, train_batches: (inputs, targets, global_indices) triples.
+        amp: `factors.amp`: bfloat16 / float16 run the passes and the scoring GEMMs in that dtype.
+    """
+    return ensemble_pairwise_scores(
+        [(model, tracked, layers)], query_batches, train_batches, task_kind=task_kind, measurement=measurement,
+        damping=damping, damping_factor=damping_factor, damping_scope=damping_scope, relative=relative, device=device,
+        padding_value=padding_value, amp=amp,
+    )
+
+
+def ensemble_pairwise_scores(
+    members: Sequence[tuple[nn.Module, list[TrackedModule], dict[str, LayerFactors]]],
+    query_batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    train_batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    *,
+    task_kind: str = "classification",
+    measurement: str = "loss",
+    damping: float | str = "auto",
+    damping_factor: float = 0.1,
+    damping_scope: str = "layer",
+    relative: bool = False,
+    device: torch.device | None = None,
+    padding_value: float | None = None,
+    amp: str = "none",
+) -> torch.Tensor:
+    """In-memory scores averaged over an ensemble of models, each with its own factors: [n_query, n_train].
+
+    (1/M) Σ_m ∇L_m(z)ᵀ (F_m + λ_m)⁻¹ ∇L_m(x) (ensemble.py), the mean of `pairwise_scores` over
+    the members, computed in one pass over each dataset (every batch goes through every model).
+
+    Args:
+        members: (model, tracked layers, {layer: LayerFactors}) of every member.
+        query_batches, train_batches: (inputs, targets, global_indices) triples.
+    """
+    kernels = [_kernel(model, layers, damping, damping_factor, device, damping_scope, amp) for model, _, layers in members]
+    kw: dict[str, Any] = {"task_kind": task_kind, "device": device, "padding_value": padding_value, "amp": amp}
+    queries: list[dict[str, list[torch.Tensor]]] = [{name: [] for name in layers} for _, _, layers in members]
+    last: list[BatchGradients] = []
+    for item in query_batches:
+        last = []
+        for (model, tracked, _), kernel, out in zip(members, kernels, queries, strict=True):
+            for batch in stream_gradients(model, tracked, [item], mode="measurement", measurement=measurement, **kw):
+                for name, v in kernel.preconditioned(batch).items():
+                    out[name].append(v)
+                last.append(batch)
+    if not last:
+        raise ValueError("no query batches")
+    stacked = [k.blocked({name: torch.cat(v) for name, v in out.items()}, b) for k, out, b in zip(kernels, queries, last, strict=True)]
+    columns = []
+    for item in train_batches:
+        total: torch.Tensor | None = None
+        for (model, tracked, _), kernel, vq in zip(members, kernels, stacked, strict=True):
+            for batch in stream_gradients(model, tracked, [item], mode="loss", dataset_name="data.train", **kw):
+                s = kernel.pairwise(vq, kernel.gradients(batch))
+                if relative:
+                    s = s / safe_norms(kernel.norms(batch))
+                total = s if total is None else total + s
+        assert total is not None
+        columns.append(total / len(members))
+    return torch.cat(columns, dim=1)
+
+
+def self_influence_scores(
+    model: nn.Module,
+    tracked: list[TrackedModule],
+    layers: dict[str, LayerFactors],
+    train_batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    *,
+    task_kind: str = "classification",
+    damping: float | str = "auto",
+    damping_factor: float = 0.1,
+    damping_scope: str = "layer",
+    device: torch.device | None = None,
+    padding_value: float | None = None,
+) -> torch.Tensor:
+    """In-memory self-influence ∇L(x)ᵀ (F + λ)⁻¹ ∇L(x) of every training example: [n_train]."""
+    kernel = _kernel(model, layers, damping, damping_factor, device, damping_scope)
+    out = [
+        kernel.self_influence(batch)
+        for batch in stream_gradients(
+            model, tracked, train_batches, task_kind=task_kind, mode="loss", device=device, padding_value=padding_value
+        )
+    ]
+    return torch.cat(out)
+
+
+def _kernel(
+    model: nn.Module,
+    layers: dict[str, LayerFactors],
+    damping: float | str,
+    factor: float,
+    device: torch.device | None,
+    scope: str = "layer",
+    amp: str = "none",
+) -> ScoreKernel:
+    dtype = accumulator_dtype(model)
+    moved = {name: lf.to(device or torch.device("cpu"), dtype) for name, lf in layers.items()}
+    low = matmul_dtype(amp) if dtype == torch.float32 else None
+    return ScoreKernel(moved, resolve_damping(moved, damping, factor, scope), low)
+
+
+__all__ = [
+    "ScoreKernel",
+    "contracts",
+    "ensemble_pairwise_scores",
+    "pairwise_scores",
+    "query_row_blocks",
+    "resolve_damping",
+    "row_blocks",
+    "safe_norms",
+    "self_influence_scores",
+]
