@@ -324,16 +324,7 @@ def pairwise_scores(
     layers: dict[str, LayerFactors],
     query_batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     train_batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-    *,
-    task_kind: str = "classification",
-    measurement: str = "loss",
-    damping: float | str = "auto",
-    damping_factor: float = 0.1,
-    damping_scope: str = "layer",
-    relative: bool = False,
-    device: torch.device | None = None,
-    padding_value: float | None = None,
-    amp: str = "none",
+    **options: Any,
 ) -> torch.Tensor:
     """In-memory scores of every (query, train) pair: [n_query, n_train].
 
@@ -343,13 +334,10 @@ def pairwise_scores(
     Args:
         layers: {layer: LayerFactors} (converted to the model's dtype and device here).
         query_batches, train_batches: (inputs, targets, global_indices) triples.
-        amp: `factors.amp`: bfloat16 / float16 run the passes and the scoring GEMMs in that dtype.
+        options: task_kind, measurement, damping, damping_factor, damping_scope, relative,
+            device, padding_value, amp, as in `ensemble_pairwise_scores`.
     """
-    return ensemble_pairwise_scores(
-        [(model, tracked, layers)], query_batches, train_batches, task_kind=task_kind, measurement=measurement,
-        damping=damping, damping_factor=damping_factor, damping_scope=damping_scope, relative=relative, device=device,
-        padding_value=padding_value, amp=amp,
-    )
+    return ensemble_pairwise_scores([(model, tracked, layers)], query_batches, train_batches, **options)
 
 
 def ensemble_pairwise_scores(
