@@ -170,6 +170,10 @@ class SimilarityConfig:
         default="fisher-kernel",
     )
     datasets: dict[str, DataSpec] = _help("Two or more named data specs (same keys as data.train).", default_factory=dict)
+    fisher: Literal["sampled", "empirical", "ggn"] | None = _help(
+        "Fisher of each dataset's Task2Vec diagonal: sampled | empirical | ggn (no label-sampling noise) | null (= factors.fisher)",
+        default=None,
+    )
 
 
 @dataclass

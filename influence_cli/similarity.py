@@ -360,7 +360,7 @@ def dataset_similarity(
     storage.ensure_writable_dir(out_dir)
     keys = {name: f"similarity.datasets.{name}" for name in specs}
     datasets = {name: ctx.dataset(spec, keys[name]) for name, spec in specs.items()}
-    fisher = factors.fisher
+    fisher = cfg.similarity.fisher or factors.fisher  # the Task2Vec diagonals' Fisher; the kernel uses the factors
     plans = {name: dataclasses.replace(plan_for(ctx, ds), fisher=fisher) for name, ds in datasets.items()}
     tracked_layers = {tm.name: factors.layers[tm.name] for tm in ctx.tracked}
     damping = layer_damping(tracked_layers, cfg.scores.damping, cfg.scores.damping_factor, cfg.scores.damping_scope)

@@ -307,6 +307,22 @@ def invoke(*args: str):
     return CliRunner().invoke(app, list(args), env={"COLUMNS": "120"})
 
 
+def test_task2vec_with_the_ggn_places_held_out_digits_beside_their_training_split(digits_run):
+    """similarity.fisher: ggn (no label-sampling noise in the diagonals) on the bundled digits:
+    each held-out split's Task2Vec embedding is closest to the training split of the same digits."""
+    _, sets = digits_run
+    result = invoke("dataset-similarity", str(DIGITS), *sets, "--overwrite", "--json",
+                    "--set", "similarity.method=task2vec", "--set", "similarity.fisher=ggn")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["fisher"] == "ggn"
+    names, cosine = data["names"], torch.tensor(data["task2vec_cosine"])
+    for held_out, own in (("zeros_sixes_heldout", "zeros_sixes"), ("ones_sevens_heldout", "ones_sevens")):
+        row = cosine[names.index(held_out)].clone()
+        row[names.index(held_out)] = -1
+        assert names[int(row.argmax())] == own
+
+
 def test_cli_table_json_and_heatmap(digits_run, tmp_path):
     out, sets = digits_run
     result = invoke("dataset-similarity", str(DIGITS), *sets, "--overwrite")
