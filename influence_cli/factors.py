@@ -358,12 +358,28 @@ def eigendecompose(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _eigh(sym: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    try:
-        values, vectors = torch.linalg.eigh(sym)
-    except RuntimeError:  # some device builds lack a float64 eigh; the CPU always has it
-        values, vectors = torch.linalg.eigh(sym.cpu())
-        values, vectors = values.to(sym.device), vectors.to(sym.device)
-    return values.clamp_min(0.0), vectors
+    """eigh of a symmetric PSD matrix, with two fall-backs: the CPU (some device builds lack a
+    float64 eigh), then the SVD (LAPACK's divide-and-conquer eigh can fail to converge on
+    matrices with many repeated eigenvalues; a PSD matrix's SVD U S Uᵀ is its eigendecomposition)."""
+    attempts = [lambda: torch.linalg.eigh(sym)]
+    if sym.device.type != "cpu":
+        attempts.append(lambda: torch.linalg.eigh(sym.cpu()))
+    attempts.append(lambda: _eigh_by_svd(sym.cpu()))
+    for attempt in attempts:
+        try:
+            values, vectors = attempt()
+            break
+        except RuntimeError as exc:  # torch.linalg.LinAlgError included
+            error = exc
+    else:
+        raise error
+    return values.to(sym.device).clamp_min(0.0), vectors.to(sym.device)
+
+
+def _eigh_by_svd(sym: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ascending eigenvalues and eigenvectors of a symmetric PSD matrix from its SVD."""
+    u, s, _ = torch.linalg.svd(sym)
+    return s.flip(0), u.flip(1)
 
 
 def _complement(indices: torch.Tensor, n: int) -> torch.Tensor:

@@ -134,6 +134,20 @@ def test_conv_patches_that_are_mostly_padding_are_deflated():
     torch.testing.assert_close(vectors @ torch.diag(values) @ vectors.T, a_cov, rtol=1e-12, atol=1e-12)
 
 
+def test_when_eigh_does_not_converge_the_svd_gives_the_eigendecomposition(monkeypatch):
+    m = psd_with_zero_rows(12, [])
+    expected = torch.linalg.eigvalsh(m)
+
+    def fail(_):
+        raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "eigh", fail)
+    values, vectors = eigendecompose(m)
+    torch.testing.assert_close(values, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(vectors @ torch.diag(values) @ vectors.T, m, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(vectors.T @ vectors, torch.eye(12), rtol=0, atol=1e-12)
+
+
 def test_an_eigendecomposition_that_fails_is_a_one_line_numerical_error(monkeypatch):
     from influence_cli.errors import NumericalError
     from influence_cli.factors import kronecker_layer_factors
@@ -142,5 +156,6 @@ def test_an_eigendecomposition_that_fails_is_a_one_line_numerical_error(monkeypa
         raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
 
     monkeypatch.setattr(torch.linalg, "eigh", fail)
+    monkeypatch.setattr(torch.linalg, "svd", fail)
     with pytest.raises(NumericalError, match=r"layer 'fc1'.s A \(3×3\) did not converge"):
         kronecker_layer_factors("fc1", torch.eye(3), torch.eye(2), 10, torch.float64)
