@@ -89,8 +89,13 @@ def _square_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """‖Σ_t g_t a_tᵀ‖² per example [B] = Σ_{t,s} (g_t·g_s)(a_t·a_s): T² (d_in + d_out) flops instead of T d_in d_out."""
     b, t, d_in = a.shape
     d_out = g.shape[2]
-    if t * (d_in + d_out) <= d_in * d_out:
-        return (torch.bmm(g, g.transpose(1, 2)) * torch.bmm(a, a.transpose(1, 2))).sum((1, 2)).clamp_min(0)
+    if t * (d_in + d_out) <= d_in * d_out:  # Gram matrices of the positions, [chunk, T, T] each
+        step = _bmm_step(t * t)
+        parts = [
+            (torch.bmm(g[s : s + step], g[s : s + step].transpose(1, 2)) * torch.bmm(a[s : s + step], a[s : s + step].transpose(1, 2))).sum((1, 2))
+            for s in range(0, b, step)
+        ]
+        return torch.cat(parts).clamp_min(0)
     step = _bmm_step(d_out * d_in)
     parts = [torch.bmm(g[s : s + step].transpose(1, 2), a[s : s + step]).square_().sum((1, 2)) for s in range(0, b, step)]
     return torch.cat(parts)
