@@ -61,10 +61,12 @@ def train_one_epoch(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) ->
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    if x.is_cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
-def make_config(tmp: Path, n_train: int, n_query: int) -> dict:
+def make_config(tmp: Path, n_train: int, n_query: int, device: str = "cpu") -> dict:
     data = str(tmp / "data.safetensors")
     return {
         "model": {"architecture": ARCH, "kwargs": {"num_classes": 10}, "checkpoint": str(tmp / "model.safetensors")},
@@ -76,7 +78,7 @@ def make_config(tmp: Path, n_train: int, n_query: int) -> dict:
         "factors": {"strategy": "ekfac", "fisher": "empirical", "checkpoint_every": 0},
         "scores": {"damping": "auto"},
         "output_dir": str(tmp / "run"),
-        "device": "cpu",
+        "device": device,
     }
 
 
@@ -86,6 +88,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip-kronfluence", action="store_true")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda: where influence_cli runs (training and Kronfluence stay on the CPU)")
     parser.add_argument("--size", type=int, default=32, help="image side (64: layer4 sees 2 × 2 maps)")
     parser.add_argument("--inputs", choices=("mnist", "random"), default="mnist",
                         help="random: Gaussian images with MNIST's labels (no always-zero inputs, for A/B runs of older versions)")
@@ -106,12 +109,18 @@ def main() -> None:
 
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10)
-    epoch = train_one_epoch(model, x[: args.train], y[: args.train])
-    model.eval()
+    device = torch.device(args.device)
+    xt, yt = x[: args.train].to(device), y[: args.train].to(device)
+    if device.type == "cuda":  # a throw-away epoch on a copy first: CUDA start-up is not training time
+        import copy
+
+        train_one_epoch(copy.deepcopy(model).to(device), xt, yt)
+    epoch = train_one_epoch(model.to(device), xt, yt)
+    model.cpu().eval()
     save_tensors(tmp / "model.safetensors", {k: v.contiguous() for k, v in model.state_dict().items()}, {})
     with torch.no_grad():
         accuracy = float((model(x[args.train :]).argmax(1) == y[args.train :]).float().mean())
-    cfg = config_from_dict(make_config(tmp, args.train, args.queries), base_dir=tmp)
+    cfg = config_from_dict(make_config(tmp, args.train, args.queries, args.device), base_dir=tmp)
 
     ctx = prepare(cfg)
     dataset = ctx.dataset(cfg.data.train, "data.train")
@@ -121,6 +130,8 @@ def main() -> None:
         part: dict[str, float] = {}
         t0 = time.perf_counter()
         compute_factors(ctx.model, ctx.tracked, "ekfac", plan_for(ctx, dataset), seconds=part)
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize()
         part["fit (in-process)"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         fit_factors(cfg, overwrite=True)
@@ -147,7 +158,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in rows.items()}
     ours = load_tensors(tmp / "run" / SCORES_FILE)[0]["scores"]
 
-    print(header(f"python benchmarks/bench_conv.py --train {args.train} --queries {args.queries} --repeats {args.repeats} --inputs {args.inputs} --size {args.size}"))
+    print(header(f"python benchmarks/bench_conv.py --train {args.train} --queries {args.queries} --repeats {args.repeats} --inputs {args.inputs} --size {args.size} --device {args.device}"))
     print(f"\nResNet-18 (11.2M parameters, 21 tracked layers), {args.train:,} training images at {args.size}×{args.size}, {args.queries} queries, "
           f"batch {BATCH}, empirical Fisher, `auto` damping; one epoch of training: {epoch:.2f} s (query accuracy {accuracy:.2f})\n")
     print("| phase | median s | per example (ms) | / one training epoch |")
