@@ -19,3 +19,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def float64_default():
+    """Every tensor made in a test is float64 (restored afterwards); modules opt in with
+    `pytestmark = pytest.mark.usefixtures("float64_default")`."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)

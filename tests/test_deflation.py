@@ -12,13 +12,7 @@ from torch import nn
 from influence_cli import factors as factors_lib
 from influence_cli.factors import Rotation, eigendecompose, null_rows
 
-
-@pytest.fixture(autouse=True)
-def float64_default():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")  # conftest.py
 
 
 def psd_with_zero_rows(n: int, null: list[int], seed: int = 0) -> torch.Tensor:

@@ -21,14 +21,7 @@ from torch import nn
 from influence_cli.fit import PassPlan, compute_factors
 from influence_cli.tracking import Capture, find_tracked_modules, layer_activations, tracked_grad_enabled
 
-
-@pytest.fixture(autouse=True)
-def float64_default():
-    """Every tensor made in these tests is float64 (restored afterwards)."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")  # conftest.py
 
 
 @pytest.fixture
