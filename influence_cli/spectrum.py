@@ -194,25 +194,11 @@ def layer_bands(lf: LayerFactors, *, order: str, bottom: float, top: float, mass
 # ----------------------------------------------------------------------------- energies
 
 
-class MaskedEnergy:
-    """Per-example energy of G̃_n = U_Gᵀ ∇W_n U_A in K sets of directions given by 0/1 masks.
-
-    Args:
-        masks: [d_out, K, d_in] (LayerBands.masks).
-    """
-
-    def __init__(self, masks: torch.Tensor) -> None:
-        self.masks = masks
-
-    def __call__(self, a_rot: torch.Tensor, g_rot: torch.Tensor) -> torch.Tensor:
-        """[B, K] energies Σ_ij M_k,ij G̃_n,ij² from ã [B, T, d_in] and g̃ [B, T, d_out] (squares.py)."""
-        return weighted_squares(a_rot, g_rot, self.masks)
-
-
 class LayerEnergy:
     """Per-example energies of one layer in its 3 bands and `bins` percentile bins: [B, 3 + bins].
 
-    The masks are built in chunks of at most 2^25 elements; they are kept when all of them
+    An example's energy in a set of directions is Σ_ij M_ij G̃_n,ij² with the set's 0/1 mask M
+    (`squares.weighted_squares` over the masks [d_out, K, d_in] of `LayerBands.masks`). The masks are built in chunks of at most 2^25 elements; they are kept when all of them
     fit in 2^27 elements and rebuilt per batch otherwise, so memory stays bounded for wide layers.
     """
 
@@ -222,11 +208,12 @@ class LayerEnergy:
         per = max(1, _MAX_ELEMENTS // (d_out * d_in))
         self.ranges = [(s, min(s + per, 3 + bins)) for s in range(0, 3 + bins, per)]
         self.cached = d_out * d_in * (3 + bins) <= 4 * _MAX_ELEMENTS
-        self._parts = [MaskedEnergy(bands.masks(bins, dtype, device, s, e)) for s, e in self.ranges] if self.cached else None
+        self._masks = [bands.masks(bins, dtype, device, s, e) for s, e in self.ranges] if self.cached else None
 
     def __call__(self, a_rot: torch.Tensor, g_rot: torch.Tensor) -> torch.Tensor:
-        parts = self._parts or (MaskedEnergy(self.bands.masks(self.bins, self.dtype, self.device, s, e)) for s, e in self.ranges)
-        return torch.cat([part(a_rot, g_rot) for part in parts], dim=1)
+        """[B, 3 + bins] from ã [B, T, d_in] and g̃ [B, T, d_out] (already rotated)."""
+        masks = self._masks or (self.bands.masks(self.bins, self.dtype, self.device, s, e) for s, e in self.ranges)
+        return torch.cat([weighted_squares(a_rot, g_rot, m) for m in masks], dim=1)
 
 
 @dataclass

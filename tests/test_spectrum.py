@@ -19,7 +19,6 @@ from influence_cli.errors import ConfigError
 from influence_cli.fit import fit_factors
 from influence_cli.models import build_model, load_model, model_fingerprint
 from influence_cli.spectrum import (
-    MaskedEnergy,
     band_labels,
     band_sizes,
     dataset_spectrum,
@@ -30,6 +29,7 @@ from influence_cli.spectrum import (
     load_spectrum_scores,
     spectrum,
 )
+from influence_cli.squares import weighted_squares
 from influence_cli.storage import FACTORS_FILE, SPECTRUM_FILE, load_tensors, save_tensors
 from influence_cli.training import TrainRecipe, accuracy, train_model
 
@@ -156,7 +156,7 @@ def test_masked_matmul_equals_per_example_outer_products(positions):
     masks = (torch.rand(4, 5, 7, generator=g) > 0.5).to(F64)  # any 0/1 masks, overlapping or not
     per_example = torch.einsum("bti,btj->bij", gr, a)  # Σ_t g_t a_tᵀ, [B, d_out, d_in]
     expected = torch.einsum("bij,ikj->bk", per_example.square(), masks)
-    torch.testing.assert_close(MaskedEnergy(masks)(a, gr), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(weighted_squares(a, gr, masks), expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
