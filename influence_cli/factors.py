@@ -190,7 +190,7 @@ def low_precision_mm(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, out_d
         return torch.mm(x, y).to(out_dtype)
     try:
         return torch.mm(x, y, out_dtype=out_dtype)
-    except (TypeError, RuntimeError, NotImplementedError):  # a torch build without mm(out_dtype=): round, then convert
+    except (TypeError, RuntimeError):  # a torch build without mm(out_dtype=) (its missing kernels raise a RuntimeError subclass): round, then convert
         return torch.mm(x, y).to(out_dtype)
 
 
