@@ -388,25 +388,43 @@ def _complement(indices: torch.Tensor, n: int) -> torch.Tensor:
     return mask.nonzero().flatten()
 
 
+def deflated_columns(vectors: torch.Tensor, chunk: int = 256) -> int:
+    """How many leading columns of an eigenbasis U [n, n] are unit vectors e_i (`eigendecompose`'s
+    deflated null rows): columns holding a single nonzero entry, ±1. Reads only the leading run
+    and one chunk of columns past it."""
+    k = 0
+    while k < vectors.shape[1]:
+        block = vectors[:, k : k + chunk]
+        unit = (block.abs().amax(dim=0) == 1) & ((block != 0).sum(dim=0) == 1)
+        run = int(unit.int().cumprod(0).sum())
+        k += run
+        if run < block.shape[1]:
+            break
+    return k
+
+
 class Rotation:
     """x ↦ x U [..., n] for an eigenbasis U [n, n], skipping the unit vectors `eigendecompose` deflated.
 
     When U's first k columns are unit vectors e_i (the null rows of the matrix), (x U)[..., :k]
     is x[..., null] and (x U)[..., k:] = x[..., rest] U[rest, k:]: an (n − k)² matmul instead of n².
     A ResNet's last stage at 32 × 32 inputs has 90% such rows (the zero padding of a 1 × 1 feature
-    map). Exact for any x. Below `MIN_NULL_FRACTION` the gathers cost more than they save, and
-    the plain matmul runs.
+    map), MNIST's first layer 15% (blank pixels). Exact for any x. The gathers cost more than they
+    save below n = `MIN_WIDTH` or k < n · `MIN_NULL_FRACTION` (measured on CPU), where the plain
+    matmul runs.
+
+    Attributes:
+        deflated: k, the number of leading unit-vector columns of U (whether skipped or not).
     """
 
-    MIN_NULL_FRACTION = 0.25
+    MIN_NULL_FRACTION = 0.125
+    MIN_WIDTH = 512
 
     def __init__(self, vectors: torch.Tensor) -> None:
         self.vectors = vectors
         self.null: torch.Tensor | None = None
-        k = int((torch.linalg.vector_norm(vectors, ord=float("inf"), dim=0) == 1).int().cumprod(0).sum())
-        if k:  # leading columns holding a ±1: unit vectors if nothing else in them is nonzero
-            k = int(((vectors[:, :k] != 0).sum(dim=0) == 1).int().cumprod(0).sum())
-        if k >= self.MIN_NULL_FRACTION * len(vectors):
+        k = self.deflated = deflated_columns(vectors)
+        if k and len(vectors) >= self.MIN_WIDTH and k >= self.MIN_NULL_FRACTION * len(vectors):
             self.null = vectors[:, :k].abs().argmax(dim=0)
             self.rest = _complement(self.null, len(vectors))
             self.block = vectors[self.rest][:, k:].contiguous()

@@ -22,7 +22,10 @@ at a time, right before the GEMM of that block (queries are stored in the same
 column blocks), so the [B, P] gradient matrix never round-trips through memory and
 the pass runs within about 10% of 2·Q·N·P FLOPs at the machine's GEMM rate
 (docs/BENCHMARKS.md); with fewer queries than d_in the queries are contracted with
-the activations first and nothing per example is formed (`contracts`).
+the activations first and nothing per example is formed (`contracts`). In the
+eigenbasis, the rows and columns deflated at the fit (units and inputs that were 0
+on every example) are exact zeros of every training gradient of the fit; they are
+split off (`_Piece`) and multiplied only on batches that are nonzero there.
 
 Variants:
 - relative (RelatIF, Barshan et al. 2020, θ-relative): I(z, x) / ‖(F + λ)⁻¹ ∇L(x)‖;
@@ -39,18 +42,57 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from influence_cli.factors import LayerFactors, Rotation, layer_damping, low_precision_mm
+from influence_cli.factors import LayerFactors, Rotation, deflated_columns, layer_damping, low_precision_mm
 from influence_cli.passes import BatchGradients, accumulator_dtype, matmul_dtype, stream_gradients
 from influence_cli.squares import weighted_squares
 from influence_cli.tracking import TrackedModule, per_example_gradients
 
 _BLOCK_ELEMENTS = 1 << 13  # per-example gradient elements formed at once in the scoring GEMM (layers without positions)
 _CONTRACT_ELEMENTS = 1 << 20  # query entries per block in the contracted scoring form (few queries)
+_MIN_SPLIT = 1 / 64  # split a layer into pieces when its deflated rows and columns hold at least this share of P
+
+StoredQueries = dict[str, list[Any]]
+"""{layer: one entry per piece (`_Piece`): the row blocks [Q, rows·cols] of a layer without positions, or V' [Q, P]}."""
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """A rectangle [rows, cols] of a layer's per-example gradient in its eigenbasis ([d_out, d_in]).
+
+    The eigendecomposition deflates outputs and inputs that were 0 on every example of the fit
+    (dead units, blank pixels, padding: `factors.eigendecompose`) into the leading k_g rows and k_a
+    columns of the eigenbasis, where a training example of the fit therefore has exact zeros.
+    The rest of the matrix is the `support` piece, scored on every batch; the deflated rows and
+    columns are one piece each, scored only on batches whose gradients are nonzero there (a
+    training set other than the fit's), so that the scores stay exact and skip 2·Q·B flops for
+    every entry that is always 0 (MNIST's MLP: 19% of its weights).
+    """
+
+    rows: slice
+    cols: slice
+    support: bool
+
+
+def _pieces(d_out: int, d_in: int, k_g: int, k_a: int) -> list[_Piece]:
+    """The pieces of a [d_out, d_in] gradient whose first k_g rows and k_a columns are deflated."""
+    whole = slice(None)
+    if (k_g * d_in + k_a * d_out) < _MIN_SPLIT * d_out * d_in:
+        return [_Piece(whole, whole, True)]
+    pieces = [_Piece(slice(k_g, d_out), slice(k_a, d_in), True), _Piece(slice(0, k_g), whole, False), _Piece(slice(k_g, d_out), slice(0, k_a), False)]
+    return [p for p in pieces if len(range(d_out)[p.rows]) and len(range(d_in)[p.cols])]
+
+
+def support_entries(lf: LayerFactors, d_out: int, d_in: int) -> int:
+    """Entries of a layer's [d_out, d_in] gradient in its support `_Piece` (without positions): what
+    scoring a (query, training example of the fit) pair multiplies, P less the deflated rows and columns."""
+    k_a, k_g = (0 if u is None else deflated_columns(u) for u in (lf.a_eigenvectors, lf.g_eigenvectors))
+    return sum(len(range(d_out)[p.rows]) * len(range(d_in)[p.cols]) for p in _pieces(d_out, d_in, k_g, k_a) if p.support)
 
 
 
@@ -85,6 +127,7 @@ class ScoreKernel:
         self._inverse = {name: lf.inverse_eigenvalues(damping[name], 1) for name, lf in layers.items()}
         self._inverse_sq = {name: lf.inverse_eigenvalues(damping[name], 2) for name, lf in layers.items()}
         self.eigenbasis: dict[str, bool] = {}
+        self.pieces: dict[str, list[_Piece]] = {}
         self._rotations = {
             name: tuple(None if u is None else Rotation(u) for u in (lf.a_eigenvectors, lf.g_eigenvectors)) for name, lf in layers.items()
         }
@@ -96,31 +139,51 @@ class ScoreKernel:
             self.eigenbasis[name] = rotates and a.shape[1] == 1
         return self.eigenbasis[name]
 
+    def _layer_pieces(self, name: str, a: torch.Tensor, d_out: int) -> list[_Piece]:
+        """The layer's `_Piece`s, fixed at the first batch it is seen (the query side)."""
+        if name not in self.pieces:
+            if self._in_eigenbasis(name, a):
+                k_a, k_g = (0 if r is None else r.deflated for r in self._rotations[name])
+                self.pieces[name] = _pieces(d_out, a.shape[-1], k_g, k_a)
+            else:
+                self.pieces[name] = [_Piece(slice(None), slice(None), True)]
+        return self.pieces[name]
+
     def _rotated(self, name: str, batch: BatchGradients) -> tuple[torch.Tensor, torch.Tensor]:
         """(a U_A [B, T, d_in], g U_G [B, T, d_out]): the layer's vectors in its eigenbasis."""
         rot_a, rot_g = self._rotations[name]
         a, g = batch.activations[name], batch.gradients[0][name]
         return (a if rot_a is None else rot_a(a)), (g if rot_g is None else rot_g(g))
 
-    def gradients(self, batch: BatchGradients) -> dict[str, Any]:
-        """{layer: ∇W} of every example in the layer's basis, for `pairwise`.
+    def gradients(self, batch: BatchGradients) -> dict[str, list[Any]]:
+        """{layer: [∇W of every example, per `_Piece`]} in the layer's basis, for `pairwise`.
 
-        Layers with positions: a function returning the matrix [B, P] (row-major vec of
+        Layers with positions: one function returning the matrix [B, P] (row-major vec of
         [d_out, d_in], P = d_out·d_in), called by `pairwise` right before the layer's GEMM.
-        Layers without (T = 1): the factors (g [B, d_out], a [B, d_in]) of the outer products
-        ∇W = g aᵀ, which `pairwise` forms block by block next to its GEMM.
+        Layers without (T = 1): per piece, the factors (g [B, rows], a [B, cols]) of the outer
+        products ∇W = g aᵀ, which `pairwise` forms block by block next to its GEMM; None for a
+        piece outside the support on which this batch's gradients are 0 (one host sync per batch).
         """
-        out: dict[str, Any] = {}
+        out: dict[str, list[Any]] = {}
+        checks: list[tuple[str, int, torch.Tensor]] = []
         for name in self.layers:
             a = batch.activations[name]
+            g = batch.gradients[0][name]
+            pieces = self._layer_pieces(name, a, g.shape[-1])
             if self._in_eigenbasis(name, a):
                 a, g = self._rotated(name, batch)
-            else:
-                g = batch.gradients[0][name]
-            if a.shape[1] == 1:
-                out[name] = (g[:, 0], a[:, 0]) if self.matmul_dtype is None else self._low((g[:, 0], a[:, 0]))
-            else:  # formed when its GEMM runs, so only one layer's [B, P] exists at a time
-                out[name] = functools.partial(self._flat_gradients, a, g)
+            if a.shape[1] != 1:  # formed when its GEMM runs, so only one layer's [B, P] exists at a time
+                out[name] = [functools.partial(self._flat_gradients, a, g)]
+                continue
+            g, a = (g[:, 0], a[:, 0]) if self.matmul_dtype is None else self._low((g[:, 0], a[:, 0]))
+            out[name] = [(g[:, p.rows], a[:, p.cols]) for p in pieces]
+            checks += [(name, i, gp.any() & ap.any()) for i, (p, (gp, ap)) in enumerate(zip(pieces, out[name], strict=True)) if not p.support]
+        if checks:
+            skipped = [(name, i) for (name, i, _), nonzero in zip(checks, torch.stack([c for *_, c in checks]).tolist(), strict=True) if not nonzero]
+            if len(skipped) == sum(len(entries) for entries in out.values()):
+                skipped = skipped[1:]  # a model with no support at all: one (zero) piece keeps the [Q, B] shape
+            for name, i in skipped:
+                out[name][i] = None
         return out
 
     def _flat_gradients(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -149,57 +212,49 @@ class ScoreKernel:
             out[name] = grad.reshape(a.shape[0], -1)
         return out
 
-    def store_queries(self, out: dict[str, torch.Tensor | list[torch.Tensor]], row: int, total: int, batch: BatchGradients) -> None:
+    def store_queries(self, out: StoredQueries, row: int, total: int, batch: BatchGradients) -> None:
         """Writes a query batch's preconditioned vectors into rows [row, row + B) of `out`.
 
         Each layer's storage is allocated at the first batch: [total, P], or, for layers
-        without positions, the same matrix cut into column blocks of whole rows of
-        [d_out, d_in] (`row_blocks`), the layout `pairwise` multiplies block by block.
+        without positions, each `_Piece` of the matrix cut into column blocks of whole rows
+        (`query_row_blocks`), the layout `pairwise` multiplies block by block.
         """
-        for name, v in self.preconditioned(batch).items():
-            v = v if self.matmul_dtype is None else v.to(self.matmul_dtype)
-            n, d_in = v.shape[0], batch.activations[name].shape[-1]
-            dest = out.get(name)
-            if dest is None:
-                blocks = batch.activations[name].shape[1] == 1
-                dest = out[name] = (
-                    [v.new_empty(total, (r1 - r0) * d_in) for r0, r1 in query_row_blocks(total, v.shape[1] // d_in, d_in)]
-                    if blocks
-                    else v.new_empty(total, v.shape[1])
-                )
-            if isinstance(dest, list):
-                rows = v.view(n, -1, d_in)
-                r0 = 0
-                for block in dest:
-                    r1 = r0 + block.shape[1] // d_in
-                    block[row : row + n] = rows[:, r0:r1].reshape(n, -1)
-                    r0 = r1
-            else:
-                dest[row : row + n] = v
+        self._store(out, row, total, self.preconditioned(batch), batch)
 
-    def blocked(self, queries: dict[str, torch.Tensor], batch: BatchGradients) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+    def blocked(self, queries: dict[str, torch.Tensor], batch: BatchGradients) -> StoredQueries:
         """[Q, P] preconditioned queries in the layout of `store_queries` (`batch`: any batch, for the layers' shapes)."""
-        out: dict[str, torch.Tensor | list[torch.Tensor]] = {}
-        for name, v in queries.items():
-            v = v if self.matmul_dtype is None else v.to(self.matmul_dtype)
-            a = batch.activations[name]
-            if a.shape[1] != 1:
-                out[name] = v
-                continue
-            d_in = a.shape[-1]
-            out[name] = [v[:, r0 * d_in : r1 * d_in].contiguous() for r0, r1 in query_row_blocks(len(v), v.shape[1] // d_in, d_in)]
+        out: StoredQueries = {}
+        total = len(next(iter(queries.values())))
+        self._store(out, 0, total, queries, batch)
         return out
 
+    def _store(self, out: StoredQueries, row: int, total: int, vectors: dict[str, torch.Tensor], batch: BatchGradients) -> None:
+        for name, v in vectors.items():
+            v = v if self.matmul_dtype is None else v.to(self.matmul_dtype)
+            n, a = v.shape[0], batch.activations[name]
+            if a.shape[1] != 1:
+                dest = out.setdefault(name, [v.new_empty(total, v.shape[1])])
+                dest[0][row : row + n] = v
+                continue
+            matrix = v.view(n, -1, a.shape[-1])
+            parts = [matrix[:, p.rows, p.cols] for p in self._layer_pieces(name, a, matrix.shape[1])]
+            if name not in out:
+                out[name] = [[v.new_empty(total, (r1 - r0) * part.shape[2]) for r0, r1 in query_row_blocks(total, *part.shape[1:])] for part in parts]
+            for part, blocks in zip(parts, out[name], strict=True):
+                r0 = 0
+                for block in blocks:
+                    r1 = r0 + block.shape[1] // part.shape[2]
+                    block[row : row + n] = part[:, r0:r1].reshape(n, -1)
+                    r0 = r1
+
     @staticmethod
-    def pairwise(
-        queries: dict[str, torch.Tensor | list[torch.Tensor]], train: dict[str, Any]
-    ) -> torch.Tensor:
-        """Σ_layers V'_q ∇W_xᵀ: [Q, B] (one GEMM per layer, or per row block).
+    def pairwise(queries: StoredQueries, train: dict[str, list[Any]]) -> torch.Tensor:
+        """Σ_layers V'_q ∇W_xᵀ: [Q, B] (one GEMM per layer piece, or per row block).
 
         Args:
-            queries: {layer: V' [Q, P]}, or its column blocks (`store_queries`).
-            train: {layer: ∇W [B, P]} (or a function returning it), or the factors (g, a) of
-                ∇W = g aᵀ (`gradients`).
+            queries: {layer: per piece, V' [Q, P] or its column blocks} (`store_queries`).
+            train: {layer: per piece, ∇W [B, P] (or a function returning it), the factors (g, a)
+                of ∇W = g aᵀ, or None for a piece where the batch is 0} (`gradients`).
 
         With blocks and factors, the per-example gradients are formed one block of rows of
         [d_out, d_in] at a time, [B, rows·d_in] (a few MB, in cache), and multiplied at once:
@@ -208,39 +263,10 @@ class ScoreKernel:
         [Q·rows, d_in] @ [d_in, B], then its dot with g_b (`_contracted`).
         """
         out: torch.Tensor | None = None
-        for name, q in queries.items():
-            t = train[name]
-            if callable(t):
-                t = t()
-            if isinstance(q, list):
-                buf: torch.Tensor | None = None
-                c0 = r0 = 0
-                for block in q:
-                    width = block.shape[1]
-                    if isinstance(t, tuple) and contracts(block.shape[0], t[1].shape[1]):
-                        g, a = t
-                        r1 = r0 + width // a.shape[1]
-                        part = _contracted(block, g[:, r0:r1], a)
-                        out = part if out is None else out.add_(part)
-                        r0 = r1
-                        continue
-                    if isinstance(t, tuple):
-                        g, a = t
-                        r1 = r0 + width // a.shape[1]
-                        if buf is None:
-                            buf = g.new_empty(g.shape[0] * max(b.shape[1] for b in q))
-                        grad = buf[: g.shape[0] * width].view(g.shape[0], r1 - r0, a.shape[1])
-                        torch.mul(g[:, r0:r1, None], a[:, None, :], out=grad)
-                        grad = grad.view(g.shape[0], width)
-                        r0 = r1
-                    else:  # a [B, P] matrix: its matching columns
-                        grad = t[:, c0 : c0 + width]
-                    c0 += width
-                    out = _add_scores(out, block, grad.T)
-                continue
-            if isinstance(t, tuple):
-                t = (t[0][:, :, None] * t[1][:, None, :]).reshape(t[0].shape[0], -1)
-            out = _add_scores(out, q, t.T)
+        for name, pieces in queries.items():
+            for q, t in zip(pieces, train[name], strict=True):
+                if t is not None:
+                    out = _piece_scores(out, q, t() if callable(t) else t)
         assert out is not None
         return out
 
@@ -270,6 +296,41 @@ class ScoreKernel:
     def norms(self, batch: BatchGradients) -> torch.Tensor:
         """‖(F + λ)⁻¹ ∇L(x)‖ per example (the RelatIF denominator): [B]."""
         return self.quadratic(batch, 2).clamp_min(0).sqrt()
+
+
+def _piece_scores(out: torch.Tensor | None, q: torch.Tensor | list[torch.Tensor], t: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """out + the [Q, B] scores of one layer piece (`ScoreKernel.pairwise`).
+
+    q: V' [Q, P], or its column blocks of whole rows; t: ∇W [B, P], or the factors (g [B, rows], a [B, cols]).
+    """
+    if not isinstance(q, list):
+        if isinstance(t, tuple):
+            t = (t[0][:, :, None] * t[1][:, None, :]).reshape(t[0].shape[0], -1)
+        return _add_scores(out, q, t.T)
+    buf: torch.Tensor | None = None
+    c0 = r0 = 0
+    for block in q:
+        width = block.shape[1]
+        if isinstance(t, tuple):
+            g, a = t
+            r1 = r0 + width // a.shape[1]
+            if contracts(block.shape[0], a.shape[1]):
+                part = _contracted(block, g[:, r0:r1], a)
+                out = part if out is None else out.add_(part)
+                r0 = r1
+                continue
+            if buf is None:
+                buf = g.new_empty(g.shape[0] * max(b.shape[1] for b in q))
+            grad = buf[: g.shape[0] * width].view(g.shape[0], r1 - r0, a.shape[1])
+            torch.mul(g[:, r0:r1, None], a[:, None, :], out=grad)
+            grad = grad.view(g.shape[0], width)
+            r0 = r1
+        else:  # a [B, P] matrix: its matching columns
+            grad = t[:, c0 : c0 + width]
+        c0 += width
+        out = _add_scores(out, block, grad.T)
+    assert out is not None
+    return out
 
 
 def _add_scores(out: torch.Tensor | None, q: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -433,6 +494,7 @@ def _kernel(
 
 __all__ = [
     "ScoreKernel",
+    "StoredQueries",
     "contracts",
     "ensemble_pairwise_scores",
     "pairwise_scores",
@@ -441,4 +503,5 @@ __all__ = [
     "row_blocks",
     "safe_norms",
     "self_influence_scores",
+    "support_entries",
 ]

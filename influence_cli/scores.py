@@ -33,7 +33,7 @@ from influence_cli.ensemble import Member, describe_member, ensemble_members, pr
 from influence_cli.errors import DistributedError, InfluenceError, NumericalError, OutputError
 from influence_cli.factors import LayerFactors
 from influence_cli.fit import check_factors_match, load_factors
-from influence_cli.kernel import ScoreKernel, resolve_damping, safe_norms
+from influence_cli.kernel import ScoreKernel, StoredQueries, resolve_damping, safe_norms
 from influence_cli.passes import BatchGradients, accumulator_dtype, autocast_context, matmul_dtype, model_dtype, stream_gradients
 from influence_cli.progress import Progress, for_rank
 from influence_cli.resume import PassCheckpoint, Snapshot, run_key
@@ -376,7 +376,7 @@ class _Scorer:
         return self.member_batches(batches, mode="loss", start_batch=first, name="data.train")
 
     def pairwise(
-        self, queries: list[dict[str, torch.Tensor | list[torch.Tensor]]], batches: list[BatchGradients], norms: torch.Tensor | None, c0: int, first: bool
+        self, queries: list[StoredQueries], batches: list[BatchGradients], norms: torch.Tensor | None, c0: int, first: bool
     ) -> torch.Tensor:
         """The [Q, B] block of one training batch, averaged over the members.
 
@@ -421,10 +421,10 @@ class _Scorer:
             "query_predictions": torch.cat(preds),
         }
 
-    def precondition(self, queries: IndexedDataset, q0: int, q1: int, title: str) -> list[dict[str, torch.Tensor | list[torch.Tensor]]]:
+    def precondition(self, queries: IndexedDataset, q0: int, q1: int, title: str) -> list[StoredQueries]:
         """Per member, {layer: (F + λ)⁻¹ ∇(measurement) [q1 - q0, P]} for query positions [q0, q1)
         (layers without positions: in column blocks, ScoreKernel.store_queries)."""
-        outs: list[dict[str, torch.Tensor | list[torch.Tensor]]] = [{} for _ in self.members]
+        outs: list[StoredQueries] = [{} for _ in self.members]
         watch = _NonFiniteWatch(self.ctx.device, self.bs)
         self.progress.start(title, q1 - q0)
         row = 0
@@ -610,7 +610,7 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
     query_info = scorer.query_info(queries)
     chunks = layout.query_chunks
     mine = [s for s in layout.shards if s.rank == st.rank]
-    cached: list[dict[str, torch.Tensor | list[torch.Tensor]]] | None = None
+    cached: list[StoredQueries] | None = None
     watch = _NonFiniteWatch(ctx.device, scorer.bs)
     steps, scored, resumed_from = 0, 0, None
     seconds.update(queries=time.perf_counter() - t0, scores=0.0, write=0.0)

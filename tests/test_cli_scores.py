@@ -173,7 +173,8 @@ def test_two_processes_write_rank_shards_matching_one_process(project, tmp_path,
     assert not list(out.glob("scores.partial*"))
     got = torch.cat([b.scores for b in iter_score_blocks(out, range(N_QUERY))], 1)
     ref = torch.cat([b.scores for b in iter_score_blocks(project.parent / "out", range(N_QUERY))], 1)
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    # float32 sums over other batch shapes: rounding relative to the largest scores, not to each one
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
     single = tmp_path / "single"
     single.mkdir()
     (single / storage.FACTORS_FILE).write_bytes((project.parent / "out" / storage.FACTORS_FILE).read_bytes())

@@ -37,11 +37,13 @@ def test_eigendecompose_is_exact_with_zero_rows(null):
 
 
 @pytest.mark.parametrize("k", [2, 8, 30])
-def test_rotation_equals_the_full_matmul(k):
+def test_rotation_equals_the_full_matmul(k, monkeypatch):
     n = 32
+    monkeypatch.setattr(Rotation, "MIN_WIDTH", n)  # small enough for the skipping route
     null = torch.randperm(n, generator=torch.Generator().manual_seed(k))[:k].sort().values.tolist()
     _, vectors = eigendecompose(psd_with_zero_rows(n, null))
     rotation = Rotation(vectors)
+    assert rotation.deflated == k
     assert (rotation.null is not None) == (k >= Rotation.MIN_NULL_FRACTION * n)
     x = torch.randn(6, 3, n)  # not zero on the null rows: the rotation stays exact anyway
     torch.testing.assert_close(rotation(x), x @ vectors, rtol=1e-13, atol=1e-13)
@@ -50,7 +52,7 @@ def test_rotation_equals_the_full_matmul(k):
 def test_rotation_without_unit_columns_is_the_plain_matmul():
     vectors = torch.linalg.eigh(psd_with_zero_rows(16, [])).eigenvectors
     rotation = Rotation(vectors)
-    assert rotation.null is None
+    assert rotation.null is None and rotation.deflated == 0
     x = torch.randn(5, 16)
     assert torch.equal(rotation(x), x @ vectors)
 
@@ -153,3 +155,65 @@ def test_an_eigendecomposition_that_fails_is_a_one_line_numerical_error(monkeypa
     monkeypatch.setattr(torch.linalg, "svd", fail)
     with pytest.raises(NumericalError, match=r"layer 'fc1'.s A \(3×3\) did not converge"):
         kronecker_layer_factors("fc1", torch.eye(3), torch.eye(2), 10, torch.float64)
+
+
+class GatedUnitMLP(nn.Sequential):
+    """5 → 6 → 3 with ReLU; hidden unit 2 reads only input 1 (blank in the fitting data), so it is
+    dead on the fit and alive on inputs where feature 1 is lit."""
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        super().__init__(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3))
+        with torch.no_grad():
+            self[0].weight[2] = torch.tensor([0.0, 3.0, 0.0, 0.0, 0.0])
+            self[0].bias[2] = -0.5
+
+
+def dense_scores(model, tracked, layers, damping, xq, yq, xt, yt) -> torch.Tensor:
+    """Σ_layers ⟨(F + λ)⁻¹ ∇L(z), ∇L(x)⟩ from per-example autograd gradients: [Q, N]."""
+    from exact import empirical_vectors
+
+    gq = per_example_layer_grads(model, tracked, xq, yq, empirical_vectors())
+    gt = per_example_layer_grads(model, tracked, xt, yt, empirical_vectors())
+    return sum(
+        layers[n].precondition(gq[n][:, 0], damping[n]).flatten(1) @ gt[n][:, 0].flatten(1).T for n in layers
+    )
+
+
+@pytest.mark.parametrize("n_query", [3, 9])  # fewer queries than d_in (the contracted form), and more
+def test_scores_skip_the_deflated_rows_and_columns_and_stay_exact(blank_data, n_query):
+    """compute-scores splits a layer's gradient into its support and the deflated rows (units dead
+    on the fit) and columns (inputs blank on the fit): on the fit's own examples the deflated pieces
+    are 0 and skipped; on other examples (feature 1 lit, unit 2 alive) they are scored."""
+    from influence_cli.kernel import ScoreKernel, pairwise_scores, resolve_damping
+    from influence_cli.passes import stream_gradients
+
+    x, y = blank_data
+    model = GatedUnitMLP()
+    tracked, layers = fit(model, x, y, strategy="ekfac", fisher="empirical")
+    g = torch.Generator().manual_seed(5)
+    other = torch.randn(11, 5, generator=g).abs(), torch.randint(0, 3, (11,), generator=g)
+    xq, yq = torch.randn(n_query, 5, generator=g), torch.randint(0, 3, (n_query,), generator=g)
+    damping = resolve_damping(layers, "auto")
+    kernel = ScoreKernel(layers, damping)
+    for train, skipped in ((blank_data, True), (other, False)):
+        batch = next(stream_gradients(model, tracked, [(train[0], train[1], torch.arange(len(train[0])))], task_kind="classification", mode="loss"))
+        grads = kernel.gradients(batch)
+        assert [p.support for p in kernel.pieces["0"]] == [True, False, False]  # fc1: unit 2 dead, inputs 1 and 3 blank
+        assert all((entry is None) == skipped for entry in grads["0"][1:])
+        got = pairwise_scores(model, tracked, layers, [(xq, yq, torch.arange(n_query))], [(train[0][:6], train[1][:6], torch.arange(6)), (train[0][6:], train[1][6:], torch.arange(6, len(train[0])))])
+        torch.testing.assert_close(got, dense_scores(model, tracked, layers, damping, xq, yq, *train), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("k", [0, 1, 5, 9, 10])
+def test_deflated_columns_counts_the_leading_unit_vectors_across_chunks(k):
+    from influence_cli.factors import deflated_columns
+
+    n = 10
+    vectors = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(k)))[0]
+    vectors[:, :k] = 0.0
+    vectors[torch.arange(k), torch.arange(k)] = -1.0 if k % 2 else 1.0
+    if k < n:
+        vectors[0, k] = 1.0  # a ±1 entry alone does not make a unit vector: the others are nonzero
+    assert deflated_columns(vectors, chunk=3) == k
+    assert deflated_columns(vectors) == k

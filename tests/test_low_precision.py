@@ -92,9 +92,10 @@ def test_scoring_gemm_runs_on_bfloat16_queries():
     batch = next(stream_gradients(model, tracked, [(x[:8], y[:8], torch.arange(8))], task_kind="classification", mode="loss"))
     out: dict = {}
     kernel.store_queries(out, 0, 8, batch)
-    for stored in out.values():
-        for block in stored if isinstance(stored, list) else [stored]:
-            assert block.dtype == torch.bfloat16
+    for pieces in out.values():
+        for piece in pieces:
+            for block in piece if isinstance(piece, list) else [piece]:
+                assert block.dtype == torch.bfloat16
     scores = kernel.pairwise(out, kernel.gradients(batch))
     assert scores.dtype == torch.float32 and scores.shape == (8, 8)
 
