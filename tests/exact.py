@@ -67,7 +67,7 @@ def dense_fisher(grads: torch.Tensor) -> torch.Tensor:
 
 def kron_dense(lf: LayerFactors, damping: float) -> torch.Tensor:
     """Dense (P + λI) of one layer from its factors, in row-major vec order (vec(W)[i*d_in + j] = W[i, j])."""
-    u = torch.kron(lf.g_eigenvectors, lf.a_eigenvectors)
+    u = torch.kron(lf.g_eigenvectors.contiguous(), lf.a_eigenvectors.contiguous())
     return u @ torch.diag(lf.eigenvalues.reshape(-1) + damping) @ u.T
 
 

@@ -82,6 +82,24 @@ def test_bfloat16_scores_agree_with_float32():
     assert (ref.argmax(1) == low.argmax(1)).float().mean() >= 0.9  # the top proponent of almost every query
 
 
+@pytest.mark.parametrize("contracted", [False, True], ids=["formed", "contracted"])
+def test_bfloat16_conv_scores_agree_with_float32_in_both_forms(monkeypatch, contracted):
+    """Layers with positions: per-example gradients formed, or the queries contracted with a first."""
+    import influence_cli.kernel as kernel_mod
+
+    monkeypatch.setattr(kernel_mod, "contracts_positions", lambda n_query, positions: contracted)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 3))
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(48, 2, 5, 5, generator=g), torch.randint(0, 3, (48,), generator=g)
+    tracked, factors = _fit(model, x, y, "none")
+    xq, yq = x[:6] + 0.1, y[:6]
+    ref = pairwise_scores(model, tracked, factors, batches_of(xq, yq, 3)(0), batches_of(x, y, 16)(0))
+    low = pairwise_scores(model, tracked, factors, batches_of(xq, yq, 3)(0), batches_of(x, y, 16)(0), amp="bfloat16")
+    assert low.dtype == torch.float32 and not torch.equal(low, ref)
+    assert torch.corrcoef(torch.stack([ref.flatten(), low.flatten()]))[0, 1] > 0.995
+
+
 def test_scoring_gemm_runs_on_bfloat16_queries():
     model, x, y = _problem(n=32)
     _, factors = _fit(model, x, y, "none")

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from exact import batches_of, tiny_mlp
+from exact import SeqModel, batches_of, fit, tiny_mlp
 from test_scores import all_scores, explicit_grads, explicit_scores, fitted, make_cfg, project  # noqa: F401 (project is a fixture)
+from torch import nn
 
 import influence_cli.kernel as kernel_mod
-from influence_cli.kernel import contracts, pairwise_scores, query_row_blocks, row_blocks
+from influence_cli.kernel import contracts, contracts_positions, pairwise_scores, query_row_blocks, row_blocks
 from influence_cli.scores import compute_scores
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -60,6 +61,31 @@ def test_blocked_scores_equal_the_dense_inverse(data, monkeypatch, strategy, ele
     got = pairwise_scores(model, tracked, layers, batches_of(xq, yq, 3)(0), batches_of(x, y, 4)(0), damping=0.05)
     gq, gt = explicit_grads(model, tracked, xq, yq), explicit_grads(model, tracked, x, y)
     ref = explicit_scores(layers, gq, gt, 0.05) if strategy != "identity" else sum(gq[n] @ gt[n].T for n in gq)
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-10)
+
+
+def test_layers_with_few_positions_and_queries_are_contracted():
+    assert contracts_positions(1, 64) and contracts_positions(16, 4) and not contracts_positions(2, 64)
+
+
+def tiny_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 3)).double()
+
+
+@pytest.mark.parametrize("contracted", [False, True], ids=["formed", "contracted"])
+@pytest.mark.parametrize("arch", ["conv", "sequence"])
+def test_layers_with_positions_score_the_same_in_both_forms(monkeypatch, arch, contracted):
+    """Σ_t (V'_q a_bt)·g_bt (few queries) and ⟨V'_q, Σ_t g_bt a_btᵀ⟩: the dense scores either way."""
+    monkeypatch.setattr(kernel_mod, "contracts_positions", lambda n_query, positions: contracted)
+    g = torch.Generator().manual_seed(6)
+    shape = (2, 4, 4) if arch == "conv" else (6, 4)
+    x, y = torch.randn(9, *shape, generator=g, dtype=torch.float64), torch.randint(0, 3, (9,), generator=g)
+    xq, yq = torch.randn(4, *shape, generator=g, dtype=torch.float64), torch.randint(0, 3, (4,), generator=g)
+    model = tiny_cnn() if arch == "conv" else SeqModel().double()
+    tracked, layers = fit(model, x, y, strategy="ekfac", fisher="empirical", batch_size=3)
+    got = pairwise_scores(model, tracked, layers, batches_of(xq, yq, 3)(0), batches_of(x, y, 4)(0), damping=0.05)
+    ref = explicit_scores(layers, explicit_grads(model, tracked, xq, yq), explicit_grads(model, tracked, x, y), 0.05)
     torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-10)
 
 
