@@ -22,7 +22,8 @@ at a time, right before the GEMM of that block (queries are stored in the same
 column blocks), so the [B, P] gradient matrix never round-trips through memory and
 the pass runs within about 10% of 2·Q·N·P FLOPs at the machine's GEMM rate
 (docs/BENCHMARKS.md); with fewer queries than d_in the queries are contracted with
-the activations first and nothing per example is formed (`contracts`). In the
+the activations first and nothing per example is formed (`contracts`), and so are
+layers with positions when Q·T is small (`contracts_positions`). In the
 eigenbasis, the rows and columns deflated at the fit (units and inputs that were 0
 on every example) are exact zeros of every training gradient of the fit; they are
 split off (`_Piece`) and multiplied only on batches that are nonzero there.
@@ -217,10 +218,14 @@ class ScoreKernel:
             if self._in_eigenbasis(name, a):
                 grad = per_example_gradients(*self._rotated(name, batch))
                 grad = grad * inv if inv is not None else grad
-            else:
+            elif inv is None:
                 grad = per_example_gradients(a, batch.gradients[0][name])
-                if inv is not None:
-                    grad = lf.unrotate(lf.rotate(grad) * inv)
+            else:  # U_Gᵀ (Σ_t g_t a_tᵀ) U_A from the rotated vectors when T is small, then back
+                if rotates_vectors(a.shape[1], *inv.shape):
+                    rotated = per_example_gradients(*self._rotated(name, batch))
+                else:
+                    rotated = lf.rotate(per_example_gradients(a, batch.gradients[0][name]))
+                grad = lf.unrotate(rotated * inv)
             out[name] = grad.reshape(a.shape[0], -1)
         return out
 
@@ -403,6 +408,12 @@ def _contracted_positions(q: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> 
     flat, rows = q.view(n * d_out, d_in), a.reshape(b * t, d_in).T
     va = flat @ rows.to(flat.dtype) if flat.dtype in (torch.float32, torch.float64) else low_precision_mm(flat, rows, flat.dtype, torch.float32)
     return (va.view(n, d_out, b * t) * g.reshape(b * t, d_out).T.to(va.dtype)).sum(dim=1).view(n, b, t).sum(dim=2)
+
+
+def rotates_vectors(positions: int, d_out: int, d_in: int) -> bool:
+    """True when U_Gᵀ (Σ_t g_t a_tᵀ) U_A is cheaper from the rotated vectors (T·(d_in² + d_out²)
+    multiply-adds) than by rotating the formed gradient (d_out·d_in·(d_in + d_out)): few positions."""
+    return positions * (d_in * d_in + d_out * d_out) < d_out * d_in * (d_in + d_out)
 
 
 def row_blocks(d_out: int, d_in: int, elements: int | None = None) -> list[tuple[int, int]]:

@@ -73,11 +73,14 @@ def tiny_cnn() -> nn.Module:
     return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 3)).double()
 
 
+@pytest.mark.parametrize("rotates_vectors", [False, True], ids=["query-rotated", "vectors-rotated"])
 @pytest.mark.parametrize("contracted", [False, True], ids=["formed", "contracted"])
 @pytest.mark.parametrize("arch", ["conv", "sequence"])
-def test_layers_with_positions_score_the_same_in_both_forms(monkeypatch, arch, contracted):
-    """Σ_t (V'_q a_bt)·g_bt (few queries) and ⟨V'_q, Σ_t g_bt a_btᵀ⟩: the dense scores either way."""
+def test_layers_with_positions_score_the_same_in_both_forms(monkeypatch, arch, contracted, rotates_vectors):
+    """Σ_t (V'_q a_bt)·g_bt (few queries) and ⟨V'_q, Σ_t g_bt a_btᵀ⟩, with each query rotated into the
+    eigenbasis as a matrix or through its vectors (few positions): the dense scores every way."""
     monkeypatch.setattr(kernel_mod, "contracts_positions", lambda n_query, positions: contracted)
+    monkeypatch.setattr(kernel_mod, "rotates_vectors", lambda positions, d_out, d_in: rotates_vectors)
     g = torch.Generator().manual_seed(6)
     shape = (2, 4, 4) if arch == "conv" else (6, 4)
     x, y = torch.randn(9, *shape, generator=g, dtype=torch.float64), torch.randint(0, 3, (9,), generator=g)
