@@ -270,8 +270,8 @@ class ScoreKernel:
 
         Args:
             queries: {layer: per piece, V' [Q, P] or its column blocks} (`store_queries`).
-            train: {layer: per piece, ∇W [B, P] (or a function returning it), the factors (g, a)
-                of ∇W = g aᵀ, or None for a piece where the batch is 0} (`gradients`).
+            train: {layer: per piece, ∇W [B, P], the factors (g, a) of ∇W = g aᵀ, the (a, g) of a
+                layer with positions (`_Positions`), or None for a piece where the batch is 0} (`gradients`).
 
         With blocks and factors, the per-example gradients are formed one block of rows of
         [d_out, d_in] at a time, [B, rows·d_in] (a few MB, in cache), and multiplied at once:
@@ -283,7 +283,7 @@ class ScoreKernel:
         for name, pieces in queries.items():
             for q, t in zip(pieces, train[name], strict=True):
                 if t is not None:
-                    out = _piece_scores(out, q, t() if callable(t) else t)
+                    out = _piece_scores(out, q, t)
         assert out is not None
         return out
 
