@@ -217,3 +217,17 @@ def test_deflated_columns_counts_the_leading_unit_vectors_across_chunks(k):
         vectors[0, k] = 1.0  # a ±1 entry alone does not make a unit vector: the others are nonzero
     assert deflated_columns(vectors, chunk=3) == k
     assert deflated_columns(vectors) == k
+
+
+def test_pieces_cover_the_matrix_once():
+    """Support + deflated rows + deflated columns tile [d_out, d_in] exactly, whatever k_g and k_a."""
+    from influence_cli.kernel import _pieces
+
+    for d_out, d_in, k_g, k_a in [(6, 7, 1, 2), (6, 7, 0, 3), (6, 7, 2, 0), (6, 7, 6, 0), (6, 7, 0, 7), (64, 64, 0, 0), (64, 64, 0, 1)]:
+        pieces = _pieces(d_out, d_in, k_g, k_a)
+        cover = torch.zeros(d_out, d_in, dtype=torch.int64)
+        for p in pieces:
+            cover[p.rows, p.cols] += 1
+        assert torch.equal(cover, torch.ones_like(cover)), (d_out, d_in, k_g, k_a)
+        assert sum(p.support for p in pieces) <= 1
+    assert len(_pieces(128, 128, 0, 1)) == 1  # a sliver under 1/64 of the layer is not worth a split
