@@ -88,21 +88,46 @@ def _pieces(d_out: int, d_in: int, k_g: int, k_a: int) -> list[_Piece]:
     return [p for p in pieces if len(range(d_out)[p.rows]) and len(range(d_in)[p.cols])]
 
 
+class _Scratch:
+    """One reusable buffer for the largest per-batch temporary, a layer's [B, P] per-example gradients.
+
+    A fresh allocation of that size each batch costs more than filling it: glibc maps every block
+    over 32 MB anew, so each of its pages faults on first write (a ResNet's third stage at batch 64:
+    151 MB, 81 ms to form against 8 ms into a reused buffer).
+    """
+
+    def __init__(self) -> None:
+        self.buffer: torch.Tensor | None = None
+
+    def get(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        n = 1
+        for size in shape:
+            n *= size
+        buf = self.buffer
+        if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != device:
+            buf = self.buffer = torch.empty(n, dtype=dtype, device=device)
+        return buf[:n].view(shape)
+
+
 @dataclass
 class _Positions:
     """The per-example gradients ∇W_b = Σ_t g_bt a_btᵀ of a layer with positions, not formed yet.
 
-    a [B, T, d_in], g [B, T, d_out]; `matmul_dtype`: the scoring GEMMs' dtype (None: a's own).
+    a [B, T, d_in], g [B, T, d_out]; `matmul_dtype`: the scoring GEMMs' dtype (None: a's own);
+    `scratch`: where `flat` forms them (valid until the next layer's `flat`).
     """
 
     a: torch.Tensor
     g: torch.Tensor
     matmul_dtype: torch.dtype | None = None
+    scratch: _Scratch | None = None
 
     def flat(self) -> torch.Tensor:
         """[B, P] (row-major vec of [d_out, d_in]), in the scoring GEMMs' dtype."""
-        grads = per_example_gradients(self.a, self.g).reshape(self.a.shape[0], -1)
-        return grads if self.matmul_dtype is None else grads.to(self.matmul_dtype)
+        a, g = (self.a, self.g) if self.matmul_dtype is None else (self.a.to(self.matmul_dtype), self.g.to(self.matmul_dtype))
+        shape = (a.shape[0], g.shape[-1], a.shape[-1])
+        out = (self.scratch or _Scratch()).get(shape, a.dtype, a.device)
+        return torch.bmm(g.transpose(1, 2), a, out=out).view(shape[0], -1)
 
 
 def support_entries(lf: LayerFactors, d_out: int, d_in: int) -> int:
@@ -128,7 +153,9 @@ class ScoreKernel:
     vectors (g̃ = U_Gᵀ g, ã = U_Aᵀ a), so preconditioning is one division and nothing is
     rotated back; for sequence / conv layers the parameter basis, where the query side
     is rotated back once, U_G [(U_Gᵀ V U_A) / (Λ* + λ)] U_Aᵀ, and training gradients
-    are used as they are. Scores are the same in either basis (U_A, U_G orthogonal).
+    are used as they are, unless the workload (`plan`) makes rotating every training
+    example's vectors cheaper than rotating every query back (`eigenbasis_cheaper`).
+    Scores are the same in either basis (U_A, U_G orthogonal).
 
     Args:
         layers: {layer: LayerFactors} on the model's device and in its accumulator dtype.
@@ -145,21 +172,31 @@ class ScoreKernel:
         self._inverse_sq = {name: lf.inverse_eigenvalues(damping[name], 2) for name, lf in layers.items()}
         self.eigenbasis: dict[str, bool] = {}
         self.pieces: dict[str, list[_Piece]] = {}
+        self._scratch = _Scratch()
+        self.workload: tuple[int, int] | None = None
         self._rotations = {
             name: tuple(None if u is None else Rotation(u) for u in (lf.a_eigenvectors, lf.g_eigenvectors)) for name, lf in layers.items()
         }
+
+    def plan(self, n_query: int, n_train: int) -> None:
+        """The workload: `n_query` queries preconditioned together, `n_train` training examples
+        streamed against them. Layers with positions are then scored in the basis that costs less
+        (`eigenbasis_cheaper`); without a plan, in the parameter basis."""
+        self.workload = (n_query, n_train)
 
     def _in_eigenbasis(self, name: str, a: torch.Tensor) -> bool:
         if name not in self.eigenbasis:
             lf = self.layers[name]
             rotates = lf.a_eigenvectors is not None or lf.g_eigenvectors is not None
-            self.eigenbasis[name] = rotates and a.shape[1] == 1
+            positions = a.shape[1]
+            cheaper = positions == 1 or (lf.eigenvalues is not None and eigenbasis_cheaper(self.workload, positions, *lf.eigenvalues.shape))
+            self.eigenbasis[name] = rotates and cheaper
         return self.eigenbasis[name]
 
     def _layer_pieces(self, name: str, a: torch.Tensor, d_out: int) -> list[_Piece]:
         """The layer's `_Piece`s, fixed at the first batch it is seen (the query side)."""
         if name not in self.pieces:
-            if self._in_eigenbasis(name, a):
+            if self._in_eigenbasis(name, a) and a.shape[1] == 1:
                 k_a, k_g = (0 if r is None else r.deflated for r in self._rotations[name])
                 self.pieces[name] = _pieces(d_out, a.shape[-1], k_g, k_a)
             else:
@@ -191,7 +228,7 @@ class ScoreKernel:
             if self._in_eigenbasis(name, a):
                 a, g = self._rotated(name, batch)
             if a.shape[1] != 1:  # formed (if at all) when its GEMM runs, so only one layer's [B, P] exists at a time
-                out[name] = [_Positions(a, g, self.matmul_dtype)]
+                out[name] = [_Positions(a, g, self.matmul_dtype, self._scratch)]
                 continue
             g, a = (g[:, 0], a[:, 0]) if self.matmul_dtype is None else self._low((g[:, 0], a[:, 0]))
             out[name] = [(g[:, p.rows], a[:, p.cols]) for p in pieces]
@@ -395,11 +432,11 @@ def contracts_positions(n_query: int, positions: int) -> bool:
     """True when a layer with T positions is scored as Σ_t (V'_q a_bt)·g_bt rather than ⟨V'_q, Σ_t g_bt a_btᵀ⟩.
 
     Forming the per-example gradients is a bmm over only T terms per entry, bound by writing B·P
-    numbers (on a ResNet's third stage, T = 4: 55 ms per batch of 64 against 1.6 ms contracted with
-    one query); the contracted form is one well-shaped GEMM of Q·T·B·P multiply-adds. Measured on
-    CPU, contracting wins while Q·T ≤ 64.
+    numbers, then a GEMM of Q·B·P multiply-adds (on a ResNet's third stage, T = 4, batch 64:
+    14 ms with one query against 1.6 ms contracted); the contracted form is one well-shaped GEMM
+    of Q·T·B·P. Measured on CPU, contracting wins while Q·T ≤ 32.
     """
-    return n_query * positions <= 64
+    return n_query * positions <= 32
 
 
 def _contracted_positions(q: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -408,6 +445,21 @@ def _contracted_positions(q: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> 
     flat, rows = q.view(n * d_out, d_in), a.reshape(b * t, d_in).T
     va = flat @ rows.to(flat.dtype) if flat.dtype in (torch.float32, torch.float64) else low_precision_mm(flat, rows, flat.dtype, torch.float32)
     return (va.view(n, d_out, b * t) * g.reshape(b * t, d_out).T.to(va.dtype)).sum(dim=1).view(n, b, t).sum(dim=2)
+
+
+def eigenbasis_cheaper(workload: tuple[int, int] | None, positions: int, d_out: int, d_in: int) -> bool:
+    """True when a layer with positions costs less scored in its Kronecker eigenbasis than in the parameter basis.
+
+    Both bases cost the same scoring GEMMs; the eigenbasis rotates the vectors of every streamed
+    training example, n_train·T·(d_in² + d_out²) multiply-adds, the parameter basis rotates every
+    preconditioned query back, n_query·d_out·d_in·(d_in + d_out). A ResNet's third stage (T = 4,
+    2304 → 256) favours the eigenbasis up to about 70 training examples per query; its first
+    (T = 64) up to about one. `workload` = (n_query, n_train), None when unknown (parameter basis).
+    """
+    if workload is None:
+        return False
+    n_query, n_train = workload
+    return n_train * positions * (d_in * d_in + d_out * d_out) < n_query * d_out * d_in * (d_in + d_out)
 
 
 def rotates_vectors(positions: int, d_out: int, d_in: int) -> bool:
@@ -545,6 +597,7 @@ __all__ = [
     "StoredQueries",
     "contracts",
     "contracts_positions",
+    "eigenbasis_cheaper",
     "ensemble_pairwise_scores",
     "pairwise_scores",
     "query_row_blocks",

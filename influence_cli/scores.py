@@ -554,6 +554,9 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
         query_chunk=cfg.scores.query_chunk,
         element_bytes=element_bytes,
     )
+    chunk = max(q1 - q0 for q0, q1 in layout.query_chunks)
+    for member in scorer.members:  # each chunk of queries is streamed against this rank's share of the training set
+        member.kernel.plan(chunk, -(-n_t // st.world_size))
     single, index = out_dir / storage.SCORES_FILE, out_dir / storage.SCORES_INDEX
     metadata = common | {
         storage.FORMAT_KEY: storage.SCORES_FORMAT,

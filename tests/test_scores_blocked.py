@@ -15,7 +15,7 @@ from test_scores import all_scores, explicit_grads, explicit_scores, fitted, mak
 from torch import nn
 
 import influence_cli.kernel as kernel_mod
-from influence_cli.kernel import contracts, contracts_positions, pairwise_scores, query_row_blocks, row_blocks
+from influence_cli.kernel import contracts, contracts_positions, eigenbasis_cheaper, pairwise_scores, query_row_blocks, row_blocks
 from influence_cli.scores import compute_scores
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -65,7 +65,15 @@ def test_blocked_scores_equal_the_dense_inverse(data, monkeypatch, strategy, ele
 
 
 def test_layers_with_few_positions_and_queries_are_contracted():
-    assert contracts_positions(1, 64) and contracts_positions(16, 4) and not contracts_positions(2, 64)
+    assert contracts_positions(1, 32) and contracts_positions(8, 4) and not contracts_positions(1, 64) and not contracts_positions(16, 4)
+
+
+def test_the_cheaper_basis_of_a_layer_with_positions():
+    """A ResNet's third stage at 32 × 32 (T = 4, 2304 → 256): the eigenbasis up to ~70 training
+    examples per query; its first stage (T = 64, 576 → 64) barely ever; unknown workload: parameters."""
+    assert eigenbasis_cheaper((8, 512), 4, 256, 2304) and not eigenbasis_cheaper((8, 1024), 4, 256, 2304)
+    assert not eigenbasis_cheaper((8, 512), 64, 64, 576)
+    assert not eigenbasis_cheaper(None, 4, 256, 2304)
 
 
 def tiny_cnn() -> nn.Module:
@@ -73,14 +81,17 @@ def tiny_cnn() -> nn.Module:
     return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 3)).double()
 
 
+@pytest.mark.parametrize("basis", ["parameter", "eigen"])
 @pytest.mark.parametrize("rotates_vectors", [False, True], ids=["query-rotated", "vectors-rotated"])
 @pytest.mark.parametrize("contracted", [False, True], ids=["formed", "contracted"])
 @pytest.mark.parametrize("arch", ["conv", "sequence"])
-def test_layers_with_positions_score_the_same_in_both_forms(monkeypatch, arch, contracted, rotates_vectors):
-    """Σ_t (V'_q a_bt)·g_bt (few queries) and ⟨V'_q, Σ_t g_bt a_btᵀ⟩, with each query rotated into the
-    eigenbasis as a matrix or through its vectors (few positions): the dense scores every way."""
+def test_layers_with_positions_score_the_same_in_both_forms(monkeypatch, arch, contracted, rotates_vectors, basis):
+    """Σ_t (V'_q a_bt)·g_bt (few queries) and ⟨V'_q, Σ_t g_bt a_btᵀ⟩, in the parameter basis (each query
+    rotated into the eigenbasis as a matrix or through its vectors, and back) or in the eigenbasis
+    (the training vectors rotated too): the dense scores every way."""
     monkeypatch.setattr(kernel_mod, "contracts_positions", lambda n_query, positions: contracted)
     monkeypatch.setattr(kernel_mod, "rotates_vectors", lambda positions, d_out, d_in: rotates_vectors)
+    monkeypatch.setattr(kernel_mod, "eigenbasis_cheaper", lambda workload, positions, d_out, d_in: basis == "eigen")
     g = torch.Generator().manual_seed(6)
     shape = (2, 4, 4) if arch == "conv" else (6, 4)
     x, y = torch.randn(9, *shape, generator=g, dtype=torch.float64), torch.randint(0, 3, (9,), generator=g)
