@@ -99,7 +99,8 @@ def main() -> None:
     if missing:
         print(f"Kronfluence skipped: {missing}")
     with_kf = not args.skip_kronfluence and missing is None
-    tmp = Path(tempfile.mkdtemp(prefix="bench_conv_"))
+    workdir = tempfile.TemporaryDirectory(prefix="bench_conv_")  # removed when the script ends
+    tmp = Path(workdir.name)
     x, y = digits_32(0, args.train + args.queries, args.size)
     if args.inputs == "random":
         x = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))

@@ -79,7 +79,8 @@ def main() -> None:
     args = parser.parse_args()
     if not IMAGES.exists():
         raise SystemExit(f"MNIST not found at {IMAGES}")
-    tmp = Path(tempfile.mkdtemp(prefix="bench_fit_"))
+    workdir = tempfile.TemporaryDirectory(prefix="bench_fit_")  # removed when the script ends
+    tmp = Path(workdir.name)
     x, y = load_mnist(0, args.train)
     torch.manual_seed(0)
     from influence_cli.config import ModelConfig

@@ -55,7 +55,8 @@ def write_config(path: Path, checkpoint: Path, out: Path, n_train: int) -> Path:
 def main() -> None:
     if not IMAGES.exists():
         raise SystemExit(f"MNIST not found at {IMAGES}")
-    tmp = Path(tempfile.mkdtemp(prefix="bench_memory_"))
+    workdir = tempfile.TemporaryDirectory(prefix="bench_memory_")  # removed when the script ends
+    tmp = Path(workdir.name)
     x, y = load_mnist(0, 8000)
     torch.manual_seed(0)
     model = train_model(build_model(ModelConfig(architecture="mlp", kwargs=MLP_KWARGS), "."), x, y, TrainRecipe(epochs=3))

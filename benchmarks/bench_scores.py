@@ -121,7 +121,8 @@ def main() -> None:
     if not IMAGES.exists():
         raise SystemExit(f"MNIST not found at {IMAGES}")
     q0, q1 = 9000, 9000 + args.queries
-    tmp = Path(tempfile.mkdtemp(prefix="bench_scores_"))
+    workdir = tempfile.TemporaryDirectory(prefix="bench_scores_")  # removed when the script ends
+    tmp = Path(workdir.name)
     x, y = load_mnist(0, args.train)
     torch.manual_seed(0)
     model = train_model(build_model(ModelConfig(architecture="mlp", kwargs=MLP_KWARGS), "."), x, y, TrainRecipe(epochs=3, seed=0))

@@ -79,7 +79,8 @@ def main() -> None:
     if ON_GPU and not torch.cuda.is_available():
         raise SystemExit("no CUDA device visible")
     device = torch.device(args.device)
-    tmp = Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    workdir = tempfile.TemporaryDirectory(prefix="gpu_check_")  # removed when the script ends
+    tmp = Path(workdir.name)
     x, y = load_mnist(0, args.train)
     torch.manual_seed(0)
     model = train_model(build_model(ModelConfig(architecture="mlp", kwargs=MLP_KWARGS), "."), x, y, TrainRecipe(epochs=3))
