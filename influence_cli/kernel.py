@@ -352,7 +352,7 @@ class ScoreKernel:
         return self.quadratic(batch, 2).clamp_min(0).sqrt()
 
 
-def _piece_scores(out: torch.Tensor | None, q: torch.Tensor | list[torch.Tensor], t: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def _piece_scores(out: torch.Tensor | None, q: torch.Tensor | list[torch.Tensor], t: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | _Positions) -> torch.Tensor:
     """out + the [Q, B] scores of one layer piece (`ScoreKernel.pairwise`).
 
     q: V' [Q, P], or its column blocks of whole rows; t: ∇W [B, P], the factors (g [B, rows], a [B, cols]),
