@@ -169,22 +169,13 @@ class GatedUnitMLP(nn.Sequential):
             self[0].bias[2] = -0.5
 
 
-def dense_scores(model, tracked, layers, damping, xq, yq, xt, yt) -> torch.Tensor:
-    """Σ_layers ⟨(F + λ)⁻¹ ∇L(z), ∇L(x)⟩ from per-example autograd gradients: [Q, N]."""
-    from exact import empirical_vectors
-
-    gq = per_example_layer_grads(model, tracked, xq, yq, empirical_vectors())
-    gt = per_example_layer_grads(model, tracked, xt, yt, empirical_vectors())
-    return sum(
-        layers[n].precondition(gq[n][:, 0], damping[n]).flatten(1) @ gt[n][:, 0].flatten(1).T for n in layers
-    )
-
-
 @pytest.mark.parametrize("n_query", [3, 9])  # fewer queries than d_in (the contracted form), and more
 def test_scores_skip_the_deflated_rows_and_columns_and_stay_exact(blank_data, n_query):
     """compute-scores splits a layer's gradient into its support and the deflated rows (units dead
     on the fit) and columns (inputs blank on the fit): on the fit's own examples the deflated pieces
     are 0 and skipped; on other examples (feature 1 lit, unit 2 alive) they are scored."""
+    from test_scores import explicit_grads, explicit_scores
+
     from influence_cli.kernel import ScoreKernel, pairwise_scores, resolve_damping
     from influence_cli.passes import stream_gradients
 
@@ -202,7 +193,8 @@ def test_scores_skip_the_deflated_rows_and_columns_and_stay_exact(blank_data, n_
         assert [p.support for p in kernel.pieces["0"]] == [True, False, False]  # fc1: unit 2 dead, inputs 1 and 3 blank
         assert all((entry is None) == skipped for entry in grads["0"][1:])
         got = pairwise_scores(model, tracked, layers, [(xq, yq, torch.arange(n_query))], [(train[0][:6], train[1][:6], torch.arange(6)), (train[0][6:], train[1][6:], torch.arange(6, len(train[0])))])
-        torch.testing.assert_close(got, dense_scores(model, tracked, layers, damping, xq, yq, *train), rtol=1e-9, atol=1e-12)
+        ref = explicit_scores(layers, explicit_grads(model, tracked, xq, yq), explicit_grads(model, tracked, *train), "auto")
+        torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("k", [0, 1, 5, 9, 10])
