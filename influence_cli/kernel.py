@@ -287,8 +287,9 @@ class ScoreKernel:
             v = v if self.matmul_dtype is None else v.to(self.matmul_dtype)
             n, a = v.shape[0], batch.activations[name]
             if a.shape[1] != 1:
-                dest = out.setdefault(name, [v.new_empty(total, v.shape[1])])
-                dest[0][row : row + n] = v
+                if name not in out:
+                    out[name] = [v.new_empty(total, v.shape[1])]
+                out[name][0][row : row + n] = v
                 continue
             matrix = v.view(n, -1, a.shape[-1])
             parts = [matrix[:, p.rows, p.cols] for p in self._layer_pieces(name, a, matrix.shape[1])]
