@@ -20,7 +20,11 @@ accumulator's precision (float32 or float64), and results are clamped at 0.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
+
+from influence_cli.tracking import per_example_gradients
 
 PAIR_MAX_POSITIONS = 6
 _CHUNK_ELEMENTS = 1 << 20  # per-example gradients formed at once on the bmm route (4 MiB in float32)
@@ -40,9 +44,8 @@ def add_squared_gradients_(acc: torch.Tensor, a: torch.Tensor, g: torch.Tensor) 
             gg, aa = position_pairs(a[s : s + step], g[s : s + step])
             acc.addmm_(gg.reshape(-1, d_out).T, aa.reshape(-1, d_in))
         return
-    step = _bmm_step(d_out * d_in)
-    for s in range(0, b, step):
-        acc.add_(torch.bmm(g[s : s + step].transpose(1, 2), a[s : s + step]).square_().sum(dim=0))
+    for squares in _squared_gradients(a, g):
+        acc.add_(squares.sum(dim=0))
 
 
 def weighted_squares(a: torch.Tensor, g: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
@@ -70,10 +73,7 @@ def weighted_squares(a: torch.Tensor, g: torch.Tensor, w: torch.Tensor | None) -
             parts.append(torch.bmm(per, aa.reshape(-1, d_in, 1)).view(c, n_pairs, k).sum(dim=1))
     else:
         flat = w.permute(0, 2, 1).reshape(d_out * d_in, k)
-        step = _bmm_step(d_out * d_in)
-        for s in range(0, b, step):
-            grads = torch.bmm(g[s : s + step].transpose(1, 2), a[s : s + step])
-            parts.append(grads.square_().reshape(grads.shape[0], -1) @ flat)
+        parts += [squares.reshape(squares.shape[0], -1) @ flat for squares in _squared_gradients(a, g)]
     return torch.cat(parts).clamp_min(0)
 
 
@@ -96,9 +96,14 @@ def _square_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
             for s in range(0, b, step)
         ]
         return torch.cat(parts).clamp_min(0)
-    step = _bmm_step(d_out * d_in)
-    parts = [torch.bmm(g[s : s + step].transpose(1, 2), a[s : s + step]).square_().sum((1, 2)) for s in range(0, b, step)]
-    return torch.cat(parts)
+    return torch.cat([squares.sum((1, 2)) for squares in _squared_gradients(a, g)])
+
+
+def _squared_gradients(a: torch.Tensor, g: torch.Tensor) -> Iterator[torch.Tensor]:
+    """(Σ_t g_t a_tᵀ)² elementwise, [c, d_out, d_in] for each cache-sized chunk of c examples (the bmm route)."""
+    step = _bmm_step(g.shape[2] * a.shape[2])
+    for s in range(0, a.shape[0], step):
+        yield per_example_gradients(a[s : s + step], g[s : s + step]).square_()
 
 
 def _bmm_step(per_example: int) -> int:
