@@ -526,7 +526,7 @@ def ensemble_pairwise_scores(
         members: (model, tracked layers, {layer: LayerFactors}) of every member.
         query_batches, train_batches: (inputs, targets, global_indices) triples.
     """
-    kernels = [_kernel(model, layers, damping, damping_factor, device, damping_scope, amp) for model, _, layers in members]
+    kernels = [build_kernel(model, layers, damping, damping_factor, device, damping_scope, amp) for model, _, layers in members]
     kw: dict[str, Any] = {"task_kind": task_kind, "device": device, "padding_value": padding_value, "amp": amp}
     queries: list[dict[str, list[torch.Tensor]]] = [{name: [] for name in layers} for _, _, layers in members]
     last: list[BatchGradients] = []
@@ -568,7 +568,7 @@ def self_influence_scores(
     padding_value: float | None = None,
 ) -> torch.Tensor:
     """In-memory self-influence ∇L(x)ᵀ (F + λ)⁻¹ ∇L(x) of every training example: [n_train]."""
-    kernel = _kernel(model, layers, damping, damping_factor, device, damping_scope)
+    kernel = build_kernel(model, layers, damping, damping_factor, device, damping_scope)
     out = [
         kernel.self_influence(batch)
         for batch in stream_gradients(
@@ -578,7 +578,7 @@ def self_influence_scores(
     return torch.cat(out)
 
 
-def _kernel(
+def build_kernel(
     model: nn.Module,
     layers: dict[str, LayerFactors],
     damping: float | str,
@@ -587,15 +587,17 @@ def _kernel(
     scope: str = "layer",
     amp: str = "none",
 ) -> ScoreKernel:
+    """The ScoreKernel of `model`: its factors on `device` in the model's accumulator dtype, λ per
+    layer (`resolve_damping`) and the scoring GEMMs' dtype under `factors.amp`."""
     dtype = accumulator_dtype(model)
     moved = {name: lf.to(device or torch.device("cpu"), dtype) for name, lf in layers.items()}
-    low = matmul_dtype(amp) if dtype == torch.float32 else None
-    return ScoreKernel(moved, resolve_damping(moved, damping, factor, scope), low)
+    return ScoreKernel(moved, resolve_damping(moved, damping, factor, scope), matmul_dtype(amp, dtype))
 
 
 __all__ = [
     "ScoreKernel",
     "StoredQueries",
+    "build_kernel",
     "contracts",
     "contracts_positions",
     "eigenbasis_cheaper",

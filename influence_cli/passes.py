@@ -56,9 +56,12 @@ def accumulator_dtype(model: nn.Module) -> torch.dtype:
     return torch.float64 if model_dtype(model) == torch.float64 else torch.float32
 
 
-def matmul_dtype(amp: str) -> torch.dtype | None:
-    """The dtype of the passes' matrix products under `factors.amp` (None: the accumulators' own)."""
-    return None if amp == "none" else getattr(torch, amp)
+def matmul_dtype(amp: str, accumulator: torch.dtype = torch.float32) -> torch.dtype | None:
+    """The dtype of the passes' matrix products under `factors.amp` (None: the accumulators' own).
+
+    Only float32 accumulators take a lower precision; a float64 model (the exactness tests) keeps its own.
+    """
+    return None if amp == "none" or accumulator != torch.float32 else getattr(torch, amp)
 
 
 def autocast_context(device: torch.device, amp: str) -> contextlib.AbstractContextManager:

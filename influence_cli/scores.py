@@ -33,8 +33,8 @@ from influence_cli.ensemble import Member, describe_member, ensemble_members, pr
 from influence_cli.errors import DistributedError, InfluenceError, NumericalError, OutputError
 from influence_cli.factors import LayerFactors
 from influence_cli.fit import check_factors_match, load_factors
-from influence_cli.kernel import ScoreKernel, StoredQueries, resolve_damping, safe_norms
-from influence_cli.passes import BatchGradients, accumulator_dtype, autocast_context, matmul_dtype, model_dtype, stream_gradients
+from influence_cli.kernel import ScoreKernel, StoredQueries, build_kernel, safe_norms
+from influence_cli.passes import BatchGradients, accumulator_dtype, autocast_context, model_dtype, stream_gradients
 from influence_cli.progress import Progress, for_rank
 from influence_cli.resume import PassCheckpoint, Snapshot, run_key
 
@@ -509,12 +509,10 @@ def compute_scores(
         mctx = ctx if member.index == 0 else prepare_member(cfg, member, ctx.state)
         layers, factors_info = _load_layers(mctx, train, member)
         _check_factors_finite(layers, member.factors_path)
-        dtype = accumulator_dtype(mctx.model)
-        layers = {name: lf.to(mctx.device, dtype) for name, lf in layers.items()}
-        damping = resolve_damping(layers, cfg.scores.damping, cfg.scores.damping_factor, cfg.scores.damping_scope)
-        low = matmul_dtype(cfg.factors.amp) if dtype == torch.float32 else None
-        members.append(_ScoringMember(mctx, ScoreKernel(layers, damping, low)))
-        described.append(describe_member(member, mctx) | {"factors": factors_info, "damping": damping})
+        s = cfg.scores
+        kernel = build_kernel(mctx.model, layers, s.damping, s.damping_factor, mctx.device, s.damping_scope, cfg.factors.amp)
+        members.append(_ScoringMember(mctx, kernel))
+        described.append(describe_member(member, mctx) | {"factors": factors_info, "damping": kernel.damping})
     scorer = _Scorer(members, train, progress)
     seconds = {"setup": time.perf_counter() - t_start}
     common = {
