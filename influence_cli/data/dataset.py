@@ -1,0 +1,348 @@
+"""IndexedDataset and load_dataset: a data spec opened, subset, noised and transformed."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from influence_cli.config import DataSpec
+from influence_cli.data.factory import open_factory
+from influence_cli.data.idx import open_idx
+from influence_cli.data.source import Source, item_label
+from influence_cli.data.subsets import apply_label_noise, labels_of, select_indices
+from influence_cli.data.tensors_file import open_tensors
+from influence_cli.data.torchvision_sets import TORCHVISION_SOURCES, open_image_folder, open_torchvision
+from influence_cli.data.transforms import Transform, resize_images
+from influence_cli.errors import DataError
+
+BUILTIN_SOURCES = ("mnist", "fashion_mnist", "cifar10", "idx", "tensors", "image_folder")
+
+
+def open_source(spec: DataSpec, base_dir: Path, name: str) -> Source:
+    """The reader of `spec.source`: a built-in format or a `package.module:function` factory."""
+    source = spec.source
+    if source == "idx":
+        return open_idx(spec, base_dir, name)
+    if source == "tensors":
+        return open_tensors(spec, base_dir, name)
+    if source in TORCHVISION_SOURCES:
+        return open_torchvision(spec, base_dir, name)
+    if source == "image_folder":
+        return open_image_folder(spec, base_dir, name)
+    if ":" in source:
+        return open_factory(spec, base_dir, name)
+    known = ", ".join(BUILTIN_SOURCES)
+    raise DataError(f"{name}.source: {source!r} is not one of {known} or package.module:function")
+
+
+class Batch(tuple):
+    """A batch collated by `IndexedDataset.__getitems__`: (x [B, ...], y [B], global_index int64 [B])."""
+
+    __slots__ = ()
+
+
+class IndexedDataset(Dataset):
+    """Examples of one data spec, each carrying its global index in the original source.
+
+    `ds[i]` is `(x, y, global_index)`: x float32 (transformed), y an int64 scalar (class
+    label) or float32 (regression target), global_index an int. Build it with `load_dataset`.
+
+    Attributes:
+        global_indices: int64 [n], the index of each kept example in the original source.
+        labels: [n] labels of the kept examples in order (after label noise), or None when
+            a lazy factory dataset exposes no `targets`.
+        clean_labels: [n] labels before label noise (the same tensor as `labels` without noise).
+        noisy_mask: bool [n], True where label noise changed the label (all False without noise).
+        name: the config key of the spec, e.g. "data.train".
+        input_shape: shape of one transformed x.
+        class_names: class names when the source knows them (image folders, torchvision), else None.
+        source_description: the source as named in messages, e.g. "t10k-images-idx3-ubyte.gz".
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        global_indices: torch.Tensor,
+        labels: torch.Tensor | None,
+        clean_labels: torch.Tensor | None,
+        noisy_mask: torch.Tensor,
+        transform: Transform,
+        inputs: torch.Tensor | None,
+        items: Callable[[int], tuple[torch.Tensor, Any]] | None,
+        canonical: dict[str, Any],
+        source_description: str,
+        class_names: list[str] | None,
+        raw_255: bool,
+    ) -> None:
+        self.name = name
+        self.global_indices = global_indices
+        self.labels = labels
+        self.clean_labels = clean_labels
+        self.noisy_mask = noisy_mask
+        self.class_names = class_names
+        self.source_description = source_description
+        self._transform = transform
+        self._inputs = inputs  # [n, ...] raw values of the kept examples (in-memory sources)
+        self._items = items  # lazy loader by source index (image folders, factory datasets)
+        self._canonical = canonical
+        self._raw_255 = raw_255
+        self._sorted: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._fingerprint: str | None = None
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self._transform.out_shape)
+
+    @property
+    def in_memory(self) -> bool:
+        """True when batches are sliced from one tensor (fast path), False for per-example loading."""
+        return self._inputs is not None
+
+    def __len__(self) -> int:
+        return int(self.global_indices.numel())
+
+    def __repr__(self) -> str:
+        return f"IndexedDataset({self.name!r}, n={len(self)}, source={self.source_description!r})"
+
+    def _position(self, position: int) -> int:
+        n = len(self)
+        p = int(position)
+        if p < 0:
+            p += n
+        if not 0 <= p < n:
+            raise IndexError(f"{self.name}: position {position} is outside the {n} examples")
+        return p
+
+    def _load_item(self, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw input and label of position p (lazy sources)."""
+        assert self._items is not None
+        x, y = self._items(int(self.global_indices[p]))
+        label = self.labels[p] if self.labels is not None else item_label(y)
+        return x, label
+
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """One example: (x float32 [*input_shape], y int64 [] or float32, global index)."""
+        p = self._position(position)
+        if self._inputs is not None:
+            x = self._transform(self._inputs[[p]])[0]  # advanced indexing copies: x never aliases storage
+            y = self.labels[p]  # type: ignore[index]
+        else:
+            raw, y = self._load_item(p)
+            x = self._transform(raw.unsqueeze(0))[0]
+        return x, y, int(self.global_indices[p])
+
+    def __getitems__(self, positions: list[int]) -> Any:
+        """A batch for the DataLoader's fetcher.
+
+        In-memory sources return it already collated, as (x [B, *input_shape], y [B], global
+        index int64 [B]) in a `Batch`, which `collate_batch` passes through. Lazy sources
+        return a list of `__getitem__` tuples for `collate_batch` to stack.
+        """
+        if self._inputs is not None:
+            idx = torch.as_tensor(positions, dtype=torch.int64)
+            x = self._transform(self._inputs[idx])
+            return Batch((x, self.labels[idx], self.global_indices[idx]))  # type: ignore[index]
+        items = [self[p] for p in positions]
+        shapes = {tuple(it[0].shape) for it in items}
+        if len(shapes) > 1:
+            a, b = sorted(shapes)[:2]
+            raise DataError(
+                f"{self.name}.transform.resize: examples of shapes {list(a)} and {list(b)} cannot form one batch",
+                hint=f"set {self.name}.transform.resize: [height, width] so every image has the same size",
+            )
+        return items
+
+    def position_of(self, global_indices: torch.Tensor) -> torch.Tensor:
+        """Positions in this dataset of the given global indices.
+
+        Args:
+            global_indices: int64 tensor of any shape (or a list).
+
+        Returns:
+            int64 tensor of the same shape.
+
+        Raises:
+            DataError: naming the global indices that this dataset does not hold.
+        """
+        gi = torch.as_tensor(global_indices, dtype=torch.int64)
+        shape = gi.shape
+        flat = gi.reshape(-1)
+        if self._sorted is None:
+            self._sorted = torch.sort(self.global_indices)
+        values, order = self._sorted
+        if flat.numel() == 0:
+            return torch.zeros(shape, dtype=torch.int64)
+        pos = torch.searchsorted(values, flat).clamp(max=max(len(self) - 1, 0))
+        found = values[pos] == flat if len(self) else torch.zeros_like(flat, dtype=torch.bool)
+        if not bool(found.all()):
+            missing = flat[~found]
+            shown = ", ".join(str(int(v)) for v in missing[:10]) + (", ..." if missing.numel() > 10 else "")
+            raise DataError(
+                f"{self.name}: global indices {shown} are not among its {len(self)} examples "
+                f"({missing.numel()} missing)"
+            )
+        return order[pos].reshape(shape)
+
+    def fingerprint(self) -> str:
+        """Short sha256 hex of the spec, the kept global indices and the labels; never reads the inputs."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            h.update(json.dumps(self._canonical, sort_keys=True, default=str).encode())
+            h.update(f"|n={len(self)}|".encode())
+            h.update(self.global_indices.contiguous().numpy().tobytes())
+            if self.labels is not None:
+                h.update(str(self.labels.dtype).encode())
+                h.update(self.labels.contiguous().numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+    def raw_example(self, position: int) -> torch.Tensor:
+        """The untransformed (but resized) input of one example, float32 [*image_shape]."""
+        p = self._position(position)
+        raw = self._inputs[p : p + 1] if self._inputs is not None else self._load_item(p)[0].unsqueeze(0)
+        x = raw.to(torch.float32)
+        if self._transform.resize is not None:
+            x = resize_images(x, self._transform.resize)
+        return x[0]
+
+
+def load_dataset(spec: DataSpec, base_dir: str | Path, name: str = "data.train", seed: int = 0) -> IndexedDataset:
+    """Opens the source of `spec`, applies its subsets and label noise, and sets up its transforms.
+
+    Subsets apply in the order selector (range | indices | indices_file) -> labels_in -> limit.
+
+    Args:
+        spec: The data spec.
+        base_dir: Folder that relative paths (and factory modules) resolve against.
+        name: The spec's config key, used in every error message (e.g. "data.query").
+        seed: Seed of the label-noise generator.
+
+    Raises:
+        DataError: naming the config key at fault.
+    """
+    base = Path(base_dir)
+    src = open_source(spec, base, name)
+    sel, subset_info = select_indices(spec, src, base, name)
+    labels = src.labels[sel] if src.labels is not None else None
+    if spec.labels_in is not None:
+        key = f"{name}.labels_in"
+        if labels is None:
+            labels = labels_of(src, sel)
+        if labels is None or labels.is_floating_point() or labels.ndim != 1:
+            dtype = None if labels is None else labels.dtype
+            raise DataError(f"{key}: needs integer class labels, the source has {dtype} labels")
+        keep = torch.isin(labels, torch.as_tensor(list(spec.labels_in), dtype=torch.int64))
+        if not bool(keep.any()):
+            present = torch.unique(labels).tolist()
+            shown = present[:20] + (["..."] if len(present) > 20 else [])
+            raise DataError(
+                f"{name}: no examples left after labels_in {list(spec.labels_in)}",
+                hint=f"the selected examples have labels {shown}",
+            )
+        sel, labels = sel[keep], labels[keep]
+    if spec.limit is not None:
+        if spec.limit <= 0:
+            raise DataError(f"{name}.limit: must be > 0, got {spec.limit}")
+        sel = sel[: spec.limit]
+        labels = labels[: spec.limit] if labels is not None else None
+    if sel.numel() == 0:
+        raise DataError(f"{name}: no examples left after range/labels_in/limit (source: {src.desc}, {src.n} examples)")
+    if not 0.0 <= spec.label_noise < 1.0:
+        raise DataError(f"{name}.label_noise: must be in [0, 1), got {spec.label_noise}")
+    n = sel.numel()
+    noisy_mask = torch.zeros(n, dtype=torch.bool)
+    clean = labels
+    if spec.label_noise > 0:
+        if labels is None:
+            labels = labels_of(src, sel)
+            clean = labels
+        labels, noisy_mask = apply_label_noise(labels, spec.label_noise, seed, f"{name}.label_noise")  # type: ignore[arg-type]
+    if labels is not None:
+        labels = labels.clone().contiguous()
+        clean = labels if clean is None or not bool(noisy_mask.any()) else clean.clone().contiguous()
+    inputs = None
+    if src.inputs is not None:
+        start = int(sel[0])
+        contiguous = bool((sel == torch.arange(start, start + n)).all())
+        inputs = src.inputs[start : start + n] if contiguous else src.inputs[sel]
+        raw_shape = tuple(src.inputs.shape[1:])
+    else:
+        assert src.items is not None
+        first, _ = src.items(int(sel[0]))
+        raw_shape = tuple(first.shape)
+        src.raw_255 = src.raw_255 or first.dtype == torch.uint8
+    transform = Transform(spec.transform, name, raw_shape, src.resize_in_items)
+    canonical = {
+        "source": spec.source,
+        "files": src.files,
+        "subset": {**subset_info, "labels_in": spec.labels_in, "limit": spec.limit, "label_noise": spec.label_noise},
+        "transform": dataclasses.asdict(spec.transform),
+    }
+    return IndexedDataset(
+        name=name,
+        global_indices=sel.contiguous(),
+        labels=labels,
+        clean_labels=clean,
+        noisy_mask=noisy_mask,
+        transform=transform,
+        inputs=inputs,
+        items=src.items,
+        canonical=canonical,
+        source_description=src.desc,
+        class_names=src.class_names,
+        raw_255=src.raw_255,
+    )
+
+
+def example_image(dataset: IndexedDataset, position: int) -> torch.Tensor:
+    """One example as an image for display: float32 [C, H, W] in [0, 1], C in {1, 3}.
+
+    Shown from the untransformed input (what undoing flatten, normalize and scale gives back).
+    Flattened square inputs are reshaped: 784 -> [1, 28, 28], 64 -> [1, 8, 8], 3072 -> [3, 32, 32].
+
+    Raises:
+        DataError: if the example cannot be shown as an image.
+    """
+    try:
+        x = dataset.raw_example(position)
+    except IndexError as exc:
+        raise DataError(str(exc)) from None
+    shape = list(x.shape)
+    if x.ndim == 1:
+        d = x.numel()
+        side, side3 = math.isqrt(d), math.isqrt(d // 3)
+        if side * side == d:
+            x = x.reshape(1, side, side)
+        elif d % 3 == 0 and side3 * side3 * 3 == d:
+            x = x.reshape(3, side3, side3)
+        else:
+            raise DataError(f"{dataset.name}: inputs of {d} values are not a square image (C x H x W with C = 1 or 3)")
+    elif x.ndim == 2:
+        x = x.unsqueeze(0)
+    elif x.ndim == 3 and x.shape[0] not in (1, 3) and x.shape[-1] in (1, 3):
+        x = x.permute(2, 0, 1)  # stored channels last
+    if x.ndim != 3 or x.shape[0] not in (1, 3):
+        raise DataError(f"{dataset.name}: inputs of shape {shape} cannot be shown as an image")
+    scale = dataset._transform.scale
+    if dataset._raw_255:
+        x = x / 255.0
+    elif scale is not None and float(x.min()) / scale >= -1e-6 and float(x.max()) / scale <= 1 + 1e-6:
+        x = x / scale
+    else:
+        lo, hi = float(x.min()), float(x.max())
+        if lo >= 0.0 and hi <= 1.0:
+            pass
+        elif lo >= 0.0 and hi <= 255.0:
+            x = x / 255.0
+        else:
+            x = (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)
+    return x.clamp(0.0, 1.0).to(torch.float32).contiguous()

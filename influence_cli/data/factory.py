@@ -1,0 +1,125 @@
+"""User factories: `package.module:function` returning a Dataset of (x, y) or a pair (inputs, labels)."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from influence_cli.config import DataSpec
+from influence_cli.data.source import Source, file_info, item_input, item_label, to_inputs, to_labels
+from influence_cli.errors import DataError
+
+
+class _FactoryItems:
+    """Loads item `i` of a user's Dataset as (raw input tensor, label); picklable if the dataset is."""
+
+    def __init__(self, dataset: Any, key: str):
+        self.dataset = dataset
+        self.key = key
+
+    def __call__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            item = self.dataset[index]
+        except Exception as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else ""
+            raise DataError(f"{self.key}: item {index} raised {type(exc).__name__}: {reason}") from None
+        if not isinstance(item, (tuple, list)) or len(item) < 2:
+            raise DataError(f"{self.key}: item {index} is a {type(item).__name__}, expected a pair (x, y)")
+        try:
+            return item_input(item[0]), item_label(item[1])
+        except TypeError as exc:
+            raise DataError(f"{self.key}: item {index}: {exc}") from None
+
+
+@contextlib.contextmanager
+def _on_sys_path(folder: Path):
+    entry = str(folder.resolve())
+    added = entry not in sys.path
+    if added:
+        sys.path.insert(0, entry)
+    try:
+        yield
+    finally:
+        if added:
+            with contextlib.suppress(ValueError):
+                sys.path.remove(entry)
+
+
+def open_factory(spec: DataSpec, base_dir: Path, name: str) -> Source:
+    key = f"{name}.source"
+    module_name, _, func_name = spec.source.rpartition(":")
+    if not module_name or not func_name:
+        raise DataError(f"{key}: {spec.source!r} is not of the form package.module:function")
+    with _on_sys_path(base_dir):
+        importlib.invalidate_caches()
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise DataError(
+                f"{key}: cannot import {module_name!r} ({type(exc).__name__}: {reason})",
+                hint=f"put {module_name.split('.')[0]}.py beside the config file or on PYTHONPATH",
+            ) from None
+        func = getattr(module, func_name, None)
+        if not callable(func):
+            raise DataError(f"{key}: module {module_name!r} has no function {func_name!r}")
+        with contextlib.suppress(TypeError, ValueError):  # builtins may have no signature
+            try:
+                inspect.signature(func).bind(**spec.kwargs)
+            except TypeError as exc:
+                raise DataError(f"{name}.kwargs: do not fit {spec.source} ({exc})") from None
+        try:
+            result = func(**spec.kwargs)
+        except DataError:
+            raise
+        except Exception as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else ""
+            raise DataError(f"{key}: {spec.source} raised {type(exc).__name__}: {reason}") from None
+    mod_file = getattr(module, "__file__", None)
+    files: dict[str, Any] = {"function": spec.source, "kwargs": spec.kwargs}
+    if mod_file:
+        files["module"] = file_info(Path(mod_file))
+    where = f"the result of {spec.source}"
+    tensors = getattr(result, "tensors", None)  # a TensorDataset is served from memory
+    if isinstance(result, torch.utils.data.TensorDataset) and isinstance(tensors, tuple) and len(tensors) == 2:
+        result = tensors
+    if (
+        isinstance(result, (tuple, list))
+        and len(result) == 2
+        and all(isinstance(r, (torch.Tensor, np.ndarray)) for r in result)
+    ):
+        inputs = to_inputs(result[0], key, where)
+        labels = to_labels(result[1], key, where)
+        if labels.shape[0] != inputs.shape[0]:
+            raise DataError(f"{key}: {where} has {inputs.shape[0]} inputs but {labels.shape[0]} labels")
+        return Source(
+            n=inputs.shape[0], desc=spec.source, inputs=inputs, labels=labels, files=files,
+            raw_255=inputs.dtype == torch.uint8,
+        )  # fmt: skip
+    if not (hasattr(result, "__getitem__") and hasattr(result, "__len__")):
+        raise DataError(
+            f"{key}: {spec.source} returned a {type(result).__name__}; expected a torch Dataset of (x, y) items "
+            "or a tuple (inputs, labels)"
+        )
+    n = len(result)
+    labels = None
+    targets = getattr(result, "targets", None)
+    if targets is not None:
+        with contextlib.suppress(DataError):
+            t = to_labels(targets, key, where)
+            labels = t if t.shape[0] == n else None
+    return Source(
+        n=n,
+        desc=spec.source,
+        labels=labels,
+        items=_FactoryItems(result, key),
+        files=files,
+        class_names=[str(c) for c in getattr(result, "classes", [])] or None,
+    )

@@ -1,0 +1,129 @@
+"""What a data source provides before subsetting, and the conversions every reader shares."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from influence_cli.errors import DataError
+
+
+@dataclasses.dataclass
+class Source:
+    """What a source provides before subsetting.
+
+    Exactly one of `inputs` (in memory, [N, ...] raw values) and `items` (a lazy
+    per-example loader called with a source index) is set.
+    """
+
+    n: int
+    desc: str  # for messages: "t10k-images-idx3-ubyte.gz", "MNIST test split", ...
+    inputs: torch.Tensor | None = None
+    labels: torch.Tensor | None = None  # [N] int64 (classes) or [N, ...] float32 (regression), or unknown
+    items: Callable[[int], tuple[torch.Tensor, Any]] | None = None
+    files: dict[str, Any] = dataclasses.field(default_factory=dict)  # canonical file info for the fingerprint
+    class_names: list[str] | None = None
+    raw_255: bool = False  # raw values are 8-bit pixel values (0..255)
+    resize_in_items: bool = False  # `items` already applies transform.resize
+    label_key: str = "source"  # spec key blamed for bad labels
+
+
+def resolve_path(path: str, base_dir: Path) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else base_dir / p
+
+
+def file_info(path: Path) -> list[Any]:
+    """[resolved path, size in bytes] of a file, for the fingerprint."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        size = -1
+    return [str(path.resolve()), size]
+
+
+def existing_file(spec_value: str | None, key: str, base_dir: Path, what: str) -> Path:
+    if spec_value is None:
+        raise DataError(f"{key}: required ({what})")
+    path = resolve_path(spec_value, base_dir)
+    if not path.exists():
+        raise DataError(f"{key}: {str(path)!r} does not exist", hint="paths resolve against the config file's folder")
+    if not path.is_file():
+        raise DataError(f"{key}: {str(path)!r} is not a file")
+    return path
+
+
+def to_inputs(value: Any, key: str, where: str) -> torch.Tensor:
+    """Raw inputs [N, ...]: uint8 kept as is (compact), every other real dtype as float32."""
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "biuf":
+            raise DataError(f"{key}: the inputs in {where} have dtype {value.dtype}, not numbers")
+        value = torch.from_numpy(np.ascontiguousarray(value))
+    if not isinstance(value, torch.Tensor):
+        raise DataError(f"{key}: the inputs in {where} are a {type(value).__name__}, not a tensor")
+    if value.is_complex():
+        raise DataError(f"{key}: the inputs in {where} are complex numbers")
+    if value.ndim == 0:
+        raise DataError(f"{key}: the inputs in {where} are a single number, expected a tensor [N, ...]")
+    return value if value.dtype == torch.uint8 else value.to(torch.float32)
+
+
+def to_labels(value: Any, key: str, where: str) -> torch.Tensor:
+    """Labels [N]: int64 for integer (class) labels, float32 for regression targets."""
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "biuf":
+            raise DataError(f"{key}: the labels in {where} have dtype {value.dtype}, not numbers")
+        value = torch.from_numpy(np.ascontiguousarray(value))
+    elif isinstance(value, (list, tuple)):
+        try:
+            value = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise DataError(f"{key}: the labels in {where} are not numbers ({exc})") from None
+    if not isinstance(value, torch.Tensor):
+        raise DataError(f"{key}: the labels in {where} are a {type(value).__name__}, not a tensor")
+    if value.ndim == 0:
+        raise DataError(f"{key}: the labels in {where} are a single number, expected a tensor [N]")
+    if value.dtype == torch.bool or not (value.is_floating_point() or value.is_complex()):
+        return value.to(torch.int64)
+    if value.is_complex():
+        raise DataError(f"{key}: the labels in {where} are complex numbers")
+    return value.to(torch.float32)
+
+
+def item_label(y: Any) -> torch.Tensor:
+    """One example's label: int64 scalar for classes, float32 for regression targets."""
+    if isinstance(y, torch.Tensor):
+        return y.to(torch.int64) if (y.dtype == torch.bool or not y.is_floating_point()) else y.to(torch.float32)
+    if isinstance(y, (bool, int, np.integer)):
+        return torch.tensor(int(y), dtype=torch.int64)
+    if isinstance(y, (float, np.floating)):
+        return torch.tensor(float(y), dtype=torch.float32)
+    if isinstance(y, np.ndarray):
+        return item_label(torch.from_numpy(np.ascontiguousarray(y)))
+    raise TypeError(f"a label must be a number or a tensor, got {type(y).__name__}")
+
+
+def item_input(x: Any) -> torch.Tensor:
+    """One example's raw input as a tensor (PIL images become [C, H, W] 0..255)."""
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(x))
+    if isinstance(x, (int, float)):
+        return torch.tensor(float(x))
+    if hasattr(x, "getbands") and hasattr(x, "size"):  # a PIL image
+        return pil_to_tensor(x)
+    raise TypeError(f"an input must be a tensor, an array or a PIL image, got {type(x).__name__}")
+
+
+def pil_to_tensor(img: Any) -> torch.Tensor:
+    """PIL image -> uint8 tensor [C, H, W]."""
+    arr = np.array(img)  # a writable copy
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()

@@ -1,0 +1,117 @@
+"""Subsets of a source (range, indices, indices file) and seeded label noise."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from influence_cli.config import DataSpec
+from influence_cli.data.source import Source, existing_file, file_info, item_label
+from influence_cli.errors import DataError
+
+
+def _read_indices_file(spec: DataSpec, base_dir: Path, key: str) -> tuple[list[int], list[Any]]:
+    """Indices listed in a text (one per line) or .json file; also returns its fingerprint info."""
+    path = existing_file(spec.indices_file, key, base_dir, "a file of indices")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{key}: cannot read {path.name} ({exc})") from None
+    if path.suffix.lower() == ".json":
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{key}: {path.name} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise DataError(f"{key}: {path.name} must hold a JSON list of integers")
+        return values, file_info(path)
+    out: list[int] = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            out.append(int(line))
+        except ValueError:
+            raise DataError(f"{key}: line {lineno} of {path.name} is {line!r}, not an integer") from None
+    return out, file_info(path)
+
+
+def _check_indices(values: Sequence[int], n: int, key: str, desc: str) -> torch.Tensor:
+    idx = torch.as_tensor(list(values), dtype=torch.int64)
+    if idx.numel() == 0:
+        raise DataError(f"{key}: the list of indices is empty")
+    bad = idx[(idx < 0) | (idx >= n)]
+    if bad.numel():
+        raise DataError(f"{key}: index {int(bad[0])} is outside the {n} examples of {desc} (valid: 0..{n - 1})")
+    uniq, counts = torch.unique(idx, return_counts=True)
+    if uniq.numel() != idx.numel():
+        raise DataError(f"{key}: index {int(uniq[counts > 1][0])} appears more than once")
+    return idx
+
+
+def select_indices(spec: DataSpec, src: Source, base_dir: Path, name: str) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Source indices chosen by range / indices / indices_file (in that key's order); int64 [m]."""
+    chosen = [k for k in ("range", "indices", "indices_file") if getattr(spec, k) is not None]
+    if len(chosen) > 1:
+        raise DataError(f"{name}: use one of range, indices, indices_file (got {', '.join(chosen)})")
+    info: dict[str, Any] = {}
+    if spec.range is not None:
+        key = f"{name}.range"
+        r = list(spec.range)
+        if len(r) != 2 or not all(isinstance(v, int) for v in r) or r[0] < 0 or r[1] <= r[0]:
+            raise DataError(f"{key}: expected [start, stop) with 0 <= start < stop, got {r}")
+        if r[1] > src.n:
+            raise DataError(f"{key}: {r} is outside the {src.n} examples of {src.desc}")
+        info["range"] = r
+        return torch.arange(r[0], r[1], dtype=torch.int64), info
+    if spec.indices is not None:
+        info["indices"] = hashlib.sha256(json.dumps(list(spec.indices)).encode()).hexdigest()
+        return _check_indices(spec.indices, src.n, f"{name}.indices", src.desc), info
+    if spec.indices_file is not None:
+        values, file_info = _read_indices_file(spec, base_dir, f"{name}.indices_file")
+        info["indices_file"] = file_info
+        return _check_indices(values, src.n, f"{name}.indices_file", src.desc), info
+    return torch.arange(src.n, dtype=torch.int64), info
+
+
+def labels_of(src: Source, idx: torch.Tensor) -> torch.Tensor | None:
+    """Labels [m] of source examples `idx`; loads the items when the source keeps no label list."""
+    if src.labels is not None:
+        return src.labels[idx]
+    if src.items is None:  # pragma: no cover - every source has labels or items
+        return None
+    ys = [src.items(int(i))[1] for i in idx]
+    return torch.stack([item_label(y) for y in ys]) if ys else torch.zeros(0, dtype=torch.int64)
+
+
+def apply_label_noise(labels: torch.Tensor, p: float, seed: int, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replaces the labels of round(p * n) seeded-random positions by a random other class.
+
+    Args:
+        labels: int64 [n] class labels.
+
+    Returns:
+        (noisy labels int64 [n], mask bool [n] of the changed positions).
+    """
+    if labels.is_floating_point() or labels.ndim != 1:
+        raise DataError(f"{key}: label noise needs integer class labels (classification), got {labels.dtype} labels")
+    classes = torch.unique(labels)
+    if classes.numel() < 2:
+        raise DataError(f"{key}: label noise needs two or more classes, the kept examples have {classes.tolist()}")
+    n = labels.numel()
+    k = int(round(p * n))
+    gen = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(n, generator=gen)[:k]
+    current = torch.searchsorted(classes, labels[chosen])
+    r = torch.randint(0, classes.numel() - 1, (k,), generator=gen)
+    noisy = labels.clone()
+    noisy[chosen] = classes[r + (r >= current).to(torch.int64)]
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[chosen] = True
+    return noisy, mask

@@ -1,0 +1,66 @@
+"""Tensors files: .safetensors, .npz, .pt or .pth holding inputs and labels under named keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from influence_cli.config import DataSpec
+from influence_cli.data.source import Source, existing_file, file_info, to_inputs, to_labels
+from influence_cli.errors import DataError
+
+
+def open_tensors(spec: DataSpec, base_dir: Path, name: str) -> Source:
+    path = existing_file(spec.path, f"{name}.path", base_dir, "the tensors file of source tensors")
+    suffix = path.suffix.lower()
+    where = path.name
+    content: dict[str, Any]
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            content = dict(load_file(str(path)))
+        elif suffix == ".npz":
+            loaded = np.load(str(path), allow_pickle=False)
+            if not isinstance(loaded, np.lib.npyio.NpzFile):
+                raise DataError(f"{name}.path: {where} holds one array, expected an .npz archive of named arrays")
+            with loaded:
+                content = {k: loaded[k] for k in loaded.files}
+        elif suffix in (".pt", ".pth"):
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            if not isinstance(obj, dict):
+                raise DataError(
+                    f"{name}.path: {where} holds a {type(obj).__name__}, expected a dict of tensors "
+                    f"with keys {spec.inputs_key!r} and {spec.labels_key!r}"
+                )
+            content = obj
+        else:
+            raise DataError(f"{name}.path: {where} is not a .safetensors, .npz, .pt or .pth file")
+    except DataError:
+        raise
+    except Exception as exc:  # any reader failure on a user file becomes one readable line
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{name}.path: cannot read {where} ({type(exc).__name__}: {reason})") from None
+    keys = ", ".join(sorted(map(str, content))) or "none"
+    for key_name, key in (("inputs_key", spec.inputs_key), ("labels_key", spec.labels_key)):
+        if key not in content:
+            raise DataError(f"{name}.{key_name}: {key!r} is not in {where} (keys: {keys})")
+    inputs = to_inputs(content[spec.inputs_key], f"{name}.inputs_key", where)
+    labels = to_labels(content[spec.labels_key], f"{name}.labels_key", where)
+    if labels.shape[0] != inputs.shape[0]:
+        raise DataError(
+            f"{name}.labels_key: {where} has {labels.shape[0]} labels ({spec.labels_key!r}) "
+            f"but {inputs.shape[0]} inputs ({spec.inputs_key!r})"
+        )
+    return Source(
+        n=inputs.shape[0],
+        desc=where,
+        inputs=inputs,
+        labels=labels,
+        files={"path": file_info(path), "inputs_key": spec.inputs_key, "labels_key": spec.labels_key},
+        raw_255=inputs.dtype == torch.uint8,
+        label_key="labels_key",
+    )

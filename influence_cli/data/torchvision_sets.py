@@ -1,0 +1,174 @@
+"""torchvision datasets (MNIST, FashionMNIST, CIFAR-10) from a local root, and image folders."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from influence_cli.config import DataSpec
+from influence_cli.data.idx import idx_images, read_idx
+from influence_cli.data.source import Source, file_info, pil_to_tensor, resolve_path, to_inputs, to_labels
+from influence_cli.errors import DataError
+
+_MNIST_CLASSES = [str(i) for i in range(10)]
+_FASHION_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]  # fmt: skip
+TORCHVISION_SOURCES = {
+    "mnist": ("MNIST", "MNIST"),
+    "fashion_mnist": ("FashionMNIST", "FashionMNIST"),
+    "cifar10": ("CIFAR10", "CIFAR-10"),
+}
+
+
+def _find_mnist_files(root: Path, source: str, split: str) -> tuple[Path, Path] | None:
+    """Local MNIST-style IDX files for a split, in root or root/<Class>/raw (torchvision's layout)."""
+    prefix = "train" if split == "train" else "t10k"
+    folders = [root, root / TORCHVISION_SOURCES[source][0] / "raw"]
+    for folder in folders:
+        found = []
+        for kind, dims in (("images", 3), ("labels", 1)):
+            stem = folder / f"{prefix}-{kind}-idx{dims}-ubyte"
+            hit = next((p for p in (stem, stem.with_name(stem.name + ".gz")) if p.is_file()), None)
+            found.append(hit)
+        if found[0] is not None and found[1] is not None:
+            return found[0], found[1]
+    return None
+
+
+def open_torchvision(spec: DataSpec, base_dir: Path, name: str) -> Source:
+    if spec.root is None:
+        raise DataError(f"{name}.root: required for source {spec.source} (the dataset folder)")
+    root = resolve_path(spec.root, base_dir)
+    cls_name, label = TORCHVISION_SOURCES[spec.source]
+    desc = f"{label} {spec.split} split"
+    if spec.source in ("mnist", "fashion_mnist"):
+        local = _find_mnist_files(root, spec.source, spec.split)
+        if local is not None:
+            images = read_idx(local[0], f"{name}.root")
+            labels = read_idx(local[1], f"{name}.root")
+            if images.shape[0] != labels.shape[0] or images.ndim != 3:
+                raise DataError(
+                    f"{name}.root: {local[0].name} ({list(images.shape)}) and {local[1].name} "
+                    f"({list(labels.shape)}) do not form an {label} split"
+                )
+            return Source(
+                n=images.shape[0],
+                desc=desc,
+                inputs=to_inputs(idx_images(images), f"{name}.root", local[0].name),
+                labels=to_labels(labels, f"{name}.root", local[1].name),
+                files={"images": file_info(local[0]), "labels": file_info(local[1]), "split": spec.split},
+                class_names=_MNIST_CLASSES if spec.source == "mnist" else _FASHION_CLASSES,
+                raw_255=True,
+                label_key="root",
+            )
+    try:
+        import torchvision.datasets as tvd
+    except ImportError:
+        raise DataError(f"{name}.source: {spec.source} needs torchvision", hint="pip install torchvision") from None
+    try:
+        # torchvision reports download progress on stdout, which is reserved for results
+        with contextlib.redirect_stdout(sys.stderr):
+            ds = getattr(tvd, cls_name)(str(root), train=spec.split == "train", download=spec.download)
+    except Exception as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if spec.download:
+            raise DataError(
+                f"{name}.root: could not download or read {label} into {str(root)!r} ({reason})",
+                hint="check the network, or download the files elsewhere and point root at them",
+            ) from None
+        raise DataError(
+            f"{name}.root: {label} ({spec.split}) files not found under {str(root)!r}",
+            hint=f"set {name}.download: true, or point {name}.root at the folder holding the files",
+        ) from None
+    data = torch.as_tensor(np.asarray(ds.data)) if not isinstance(ds.data, torch.Tensor) else ds.data
+    if spec.source == "cifar10":
+        data = data.permute(0, 3, 1, 2).contiguous()  # [N, H, W, C] -> [N, C, H, W]
+    else:
+        data = idx_images(data)
+    targets = torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)
+    return Source(
+        n=data.shape[0],
+        desc=desc,
+        inputs=to_inputs(data, f"{name}.root", desc),
+        labels=targets,
+        files={"root": str(root.resolve()), "split": spec.split},
+        class_names=[str(c) for c in getattr(ds, "classes", [])] or None,
+        raw_255=True,
+        label_key="root",
+    )
+
+
+# ------------------------------------------------------------------ image folders
+
+
+class _ImageFolderItems:
+    """Loads image `i` of an ImageFolder as uint8 [C, H, W] (resized if asked); picklable for workers."""
+
+    def __init__(self, samples: list[tuple[str, int]], mode: str, resize: tuple[int, int] | None, key: str):
+        self.samples = samples
+        self.mode = mode
+        self.resize = resize
+        self.key = key
+
+    def __call__(self, index: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        path, target = self.samples[index]
+        try:
+            with Image.open(path) as img:
+                img = img.convert(self.mode)
+                if self.resize is not None and (img.height, img.width) != self.resize:
+                    img = img.resize((self.resize[1], self.resize[0]), Image.Resampling.BILINEAR)
+                return pil_to_tensor(img), target
+        except OSError as exc:
+            raise DataError(f"{self.key}: cannot read image {path!r} ({exc})") from None
+
+
+def open_image_folder(spec: DataSpec, base_dir: Path, name: str) -> Source:
+    if spec.root is None:
+        raise DataError(f"{name}.root: required for source image_folder (a folder with one sub-folder per class)")
+    root = resolve_path(spec.root, base_dir)
+    if not root.is_dir():
+        raise DataError(f"{name}.root: {str(root)!r} is not a folder")
+    try:
+        import torchvision.datasets as tvd
+    except ImportError:
+        raise DataError(f"{name}.source: image_folder needs torchvision", hint="pip install torchvision") from None
+    try:
+        ds = tvd.ImageFolder(str(root))
+    except (FileNotFoundError, OSError) as exc:
+        raise DataError(
+            f"{name}.root: no images found under {str(root)!r} ({exc})",
+            hint="image_folder expects root/<class name>/<image files>",
+        ) from None
+    samples = [(str(p), int(t)) for p, t in ds.samples]
+    from PIL import Image
+
+    try:
+        with Image.open(samples[0][0]) as first:
+            mode = "L" if first.mode in ("1", "L", "I", "I;16", "F") else "RGB"
+    except OSError as exc:
+        raise DataError(f"{name}.root: cannot read image {samples[0][0]!r} ({exc})") from None
+    resize = tuple(spec.transform.resize) if spec.transform.resize else None
+    rel = [str(Path(p).relative_to(root)) for p, _ in samples]
+    return Source(
+        n=len(samples),
+        desc=f"image folder {root.name or str(root)}",
+        labels=torch.tensor([t for _, t in samples], dtype=torch.int64),
+        items=_ImageFolderItems(samples, mode, resize, f"{name}.root"),  # type: ignore[arg-type]
+        files={
+            "root": str(root.resolve()),
+            "samples": hashlib.sha256("\n".join(rel).encode()).hexdigest(),
+            "classes": list(ds.classes),
+        },
+        class_names=list(ds.classes),
+        raw_255=True,
+        resize_in_items=True,
+        label_key="root",
+    )

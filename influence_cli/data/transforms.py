@@ -1,0 +1,81 @@
+"""resize -> scale -> normalize -> flatten on float32 batches."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from influence_cli.config import TransformSpec
+from influence_cli.errors import DataError
+
+
+def resize_images(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear (antialiased) resize of float images [B, C, H, W] or [B, H, W] to size (H', W')."""
+    if tuple(x.shape[-2:]) == size:
+        return x
+    squeeze = x.ndim == 3
+    x = x.unsqueeze(1) if squeeze else x
+    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return x.squeeze(1) if squeeze else x
+
+
+class Transform:
+    """resize -> scale -> normalize -> flatten, applied out of place on float32 batches [B, *raw_shape]."""
+
+    def __init__(self, spec: TransformSpec, name: str, raw_shape: tuple[int, ...], resize_in_items: bool):
+        key = f"{name}.transform"
+        self.scale = spec.scale
+        self.flatten = spec.flatten
+        self.resize: tuple[int, int] | None = None
+        shape = tuple(raw_shape)
+        if spec.resize is not None:
+            if len(spec.resize) != 2 or min(spec.resize) <= 0:
+                raise DataError(f"{key}.resize: expected [height, width] > 0, got {spec.resize}")
+            if len(shape) not in (2, 3):
+                raise DataError(f"{key}.resize: inputs of shape {list(shape)} are not images ([C, H, W] or [H, W])")
+            if not resize_in_items:
+                self.resize = (int(spec.resize[0]), int(spec.resize[1]))
+            shape = shape[:-2] + (int(spec.resize[0]), int(spec.resize[1]))
+        if self.scale is not None and (self.scale == 0 or not math.isfinite(self.scale)):
+            raise DataError(f"{key}.scale: must be a finite non-zero number, got {self.scale}")
+        self.mean: torch.Tensor | None = None
+        self.std: torch.Tensor | None = None
+        if spec.normalize is not None:
+            mean, std = list(spec.normalize.mean), list(spec.normalize.std)
+            if len(mean) != len(std) or not mean:
+                raise DataError(f"{key}.normalize: mean and std need the same non-zero length")
+            if any(s <= 0 for s in std):
+                raise DataError(f"{key}.normalize.std: every std must be > 0, got {std}")
+            if len(mean) == 1:
+                self.mean, self.std = torch.tensor(mean[0]), torch.tensor(std[0])
+            elif len(shape) < 2:
+                raise DataError(
+                    f"{key}.normalize: {len(mean)} values given but the inputs of shape {list(shape)} have no "
+                    "channel dimension; give a single mean and std"
+                )
+            elif shape[0] != len(mean):
+                raise DataError(
+                    f"{key}.normalize: {len(mean)} values given for inputs with {shape[0]} channels "
+                    f"(shape {list(shape)}, channels first)"
+                )
+            else:
+                view = (len(mean),) + (1,) * (len(shape) - 1)
+                self.mean = torch.tensor(mean).view(view)
+                self.std = torch.tensor(std).view(view)
+        self.image_shape = shape  # one example before flattening
+        self.out_shape = (math.prod(shape),) if self.flatten else shape
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Transforms raw inputs [B, *raw_shape] (any real dtype) into float32 [B, *out_shape]."""
+        x = x.to(torch.float32)
+        if self.resize is not None:
+            x = resize_images(x, self.resize)
+        if self.scale is not None:
+            x = x / self.scale
+        if self.mean is not None:
+            x = (x - self.mean) / self.std
+        if self.flatten:
+            x = x.reshape(x.shape[0], -1)
+        return x
