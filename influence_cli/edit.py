@@ -7,7 +7,7 @@ high-curvature components are kept:
 
     W' = U_G (C ⊙ M) U_Aᵀ,   C = U_Gᵀ [W | b] U_A,
 
-with M [d_out, d_in] the 0/1 mask of the kept directions (spectrum.keep_mask): the
+with M [d_out, d_in] the 0/1 mask of the kept directions (bands.keep_mask): the
 smallest set of highest-curvature directions holding a share ρ of Σc (ρ = 0.6 in the
 paper), or a fixed share of the directions. It is computed as
 W' = W − U_G (C ⊙ (1 − M)) U_Aᵀ, the same for orthogonal U, so that kept layers and an
@@ -26,13 +26,13 @@ import torch
 from torch import nn
 
 from influence_cli import storage
+from influence_cli.bands import check_order, direction_curvature, keep_mask, load_kronecker_factors, select_layers
 from influence_cli.config import EDIT_KEEP, Config
 from influence_cli.context import prepare
 from influence_cli.distributed import DistState
 from influence_cli.errors import UsageError
 from influence_cli.factors import LayerFactors
 from influence_cli.models import model_fingerprint
-from influence_cli.spectrum import _check_order, direction_curvature, keep_mask, load_kronecker_factors, select_layers
 from influence_cli.tracking import TrackedModule
 
 
@@ -193,7 +193,7 @@ def edit_checkpoint(
     if not 0.0 <= share <= 1.0:
         raise UsageError(f"--keep-share: must be in [0, 1], got {share}")
     order = order or cfg.spectrum.order
-    _check_order(order, "--order")
+    check_order(order, "--order")
     out = Path(out)
     if out.suffix != ".safetensors":
         raise UsageError(f"--out: {str(out)!r} must end in .safetensors")

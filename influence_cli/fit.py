@@ -31,7 +31,7 @@ from influence_cli.factors import (
     kronecker_layer_factors,
     null_rows,
 )
-from influence_cli.passes import BatchGradients, accumulator_dtype, matmul_dtype, stream_gradients
+from influence_cli.passes import NonFiniteWatch, accumulator_dtype, matmul_dtype, stream_gradients
 from influence_cli.progress import NullProgress, Progress, for_rank
 from influence_cli.resume import PassCheckpoint, Snapshot, run_key
 from influence_cli.tracking import TrackedModule
@@ -86,28 +86,6 @@ def describe_layers(tracked: list[TrackedModule], strategy: str) -> list[LayerIn
             )
         )
     return rows
-
-
-class _NonFiniteWatch:
-    """Remembers, on the device, the first batch whose outputs or gradients were not finite."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.bad = torch.full((3,), -1, dtype=torch.int64, device=device)  # batch, min index, max index
-
-    def observe(self, batch: BatchGradients) -> None:
-        tensors = [batch.outputs] + [g for grads in batch.gradients for g in grads.values()]
-        ok = torch.stack([torch.isfinite(t.sum()) for t in tensors]).all()
-        idx = batch.global_indices
-        info = torch.stack([torch.full_like(idx[0], batch.index), idx.min(), idx.max()])
-        self.bad = torch.where((self.bad[0] < 0) & ~ok, info, self.bad)
-
-    def check(self, what: str) -> None:
-        batch, lo, hi = self.bad.tolist()
-        if batch >= 0:
-            raise NumericalError(
-                f"non-finite loss or gradient in the {what} pass at batch {batch} (examples with global indices {lo}..{hi})",
-                hint="check those examples and the checkpoint for NaN/Inf; no factors were written",
-            )
 
 
 @dataclass
@@ -176,7 +154,7 @@ def _stream_into(
     progress: Progress,
 ) -> None:
     """The batch loop of `_run_pass`, from batch `start` on."""
-    watch = _NonFiniteWatch(plan.device)
+    watch = NonFiniteWatch(plan.device, "no factors were written")
     for batch in stream_gradients(
         model,
         tracked,

@@ -6,9 +6,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from influence_cli import storage
+from influence_cli.drawing import default_font, text_size
 
 # Viridis at 9 evenly spaced stops (Smith & van der Walt, matplotlib's default colormap).
 _VIRIDIS = [
@@ -19,13 +20,6 @@ _CELL = 72
 _PAD = 12
 
 
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError):  # Pillow < 10.1 or no FreeType: the fixed bitmap font
-        return ImageFont.load_default()
-
-
 def _color(t: float) -> tuple[int, int, int]:
     """Viridis at t ∈ [0, 1], linearly interpolated between stops."""
     t = min(max(t, 0.0), 1.0) * (len(_VIRIDIS) - 1)
@@ -33,11 +27,6 @@ def _color(t: float) -> tuple[int, int, int]:
     f = t - i
     a, b = _VIRIDIS[i], _VIRIDIS[i + 1]
     return tuple(round(x + (y - x) * f) for x, y in zip(a, b, strict=True))  # type: ignore[return-value]
-
-
-def _text_size(draw: ImageDraw.ImageDraw, text: str, font) -> tuple[int, int]:
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    return right - left, bottom - top
 
 
 def _format(value: float) -> str:
@@ -58,11 +47,11 @@ def render_heatmap(matrix: torch.Tensor, names: Sequence[str], title: str, off_d
     n = len(names)
     if m.shape != (n, n):
         raise ValueError(f"matrix of shape {list(m.shape)} does not match {n} names")
-    font, title_font = _font(13), _font(16)
+    font, title_font = default_font(13), default_font(16)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_w = max(_text_size(probe, s, font)[0] for s in names)
-    label_h = max(_text_size(probe, s, font)[1] for s in names)
-    title_w, title_h = _text_size(probe, title, title_font)
+    label_w = max(text_size(probe, s, font)[0] for s in names)
+    label_h = max(text_size(probe, s, font)[1] for s in names)
+    title_w, title_h = text_size(probe, title, title_font)
     left = _PAD + label_w + _PAD
     top = _PAD + title_h + _PAD + label_w + _PAD  # column labels are drawn rotated by 90°
     width = max(left + n * _CELL + _PAD, _PAD + title_w + _PAD)
@@ -75,7 +64,7 @@ def render_heatmap(matrix: torch.Tensor, names: Sequence[str], title: str, off_d
     lo, hi = (float(finite.min()), float(finite.max())) if finite.numel() else (0.0, 1.0)
     span = hi - lo if hi > lo else 1.0
     for i in range(n):
-        w, h = _text_size(draw, names[i], font)
+        w, h = text_size(draw, names[i], font)
         draw.text((left - _PAD - w, top + i * _CELL + (_CELL - h) // 2), names[i], fill="black", font=font)
         # column label: drawn on its own strip, rotated, pasted above column i
         strip = Image.new("RGB", (label_w + 4, label_h + 6), "white")
@@ -89,7 +78,7 @@ def render_heatmap(matrix: torch.Tensor, names: Sequence[str], title: str, off_d
             x0, y0 = left + j * _CELL, top + i * _CELL
             draw.rectangle([x0, y0, x0 + _CELL - 1, y0 + _CELL - 1], fill=fill, outline="white")
             text = _format(value)
-            tw, th = _text_size(draw, text, font)
+            tw, th = text_size(draw, text, font)
             ink = "black" if t > 0.6 else "white"
             draw.text((x0 + (_CELL - tw) // 2, y0 + (_CELL - th) // 2), text, fill=ink, font=font)
     return img

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from influence_cli import task as task_lib
-from influence_cli.errors import DataError
+from influence_cli.errors import DataError, NumericalError
 from influence_cli.tracking import Capture, TrackedModule, mask_padding, padding_mask, tracked_grad_enabled
 
 
@@ -42,6 +42,46 @@ class BatchGradients:
     activations: dict[str, torch.Tensor]
     gradients: list[dict[str, torch.Tensor]]
     positions: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class NonFiniteWatch:
+    """Remembers, on the device, the first batch with a non-finite output or gradient, and its examples.
+
+    No host synchronization per batch: `check` reads it (at checkpoints and at the end of a pass).
+
+    Args:
+        device: Where the batches' tensors live.
+        unwritten: What the error's hint says was not written, e.g. "no factors were written".
+    """
+
+    def __init__(self, device: torch.device, unwritten: str = "nothing was written") -> None:
+        self.hint = f"check those examples and the checkpoint for NaN/Inf; {unwritten}"
+        self.bad_batch = torch.full((), -1, dtype=torch.int64, device=device)
+        self.bad_examples = torch.full((0,), -1, dtype=torch.int64, device=device)  # global indices, -1 = none
+
+    def observe(self, batch: BatchGradients) -> None:
+        n = len(batch.global_indices)
+        if n > self.bad_examples.numel():  # sizes are known on the host: growing the record needs no sync
+            self.bad_examples = torch.nn.functional.pad(self.bad_examples, (0, n - self.bad_examples.numel()), value=-1)
+        tensors = [batch.outputs] + [g for grads in batch.gradients for g in grads.values()]
+        ok = torch.stack([torch.isfinite(t.reshape(n, -1).sum(1)) for t in tensors]).all(0)  # [B]
+        marked = torch.where(ok, torch.full_like(batch.global_indices, -1), batch.global_indices.to(torch.int64))
+        marked = torch.nn.functional.pad(marked, (0, self.bad_examples.numel() - n), value=-1)
+        first = (self.bad_batch < 0) & ~ok.all()
+        self.bad_batch = torch.where(first, torch.full_like(self.bad_batch, batch.index), self.bad_batch)
+        self.bad_examples = torch.where(first, marked, self.bad_examples)
+
+    def check(self, what: str) -> None:
+        """Raises NumericalError naming the batch and the examples if any batch so far was not finite."""
+        batch = int(self.bad_batch)
+        if batch < 0:
+            return
+        bad = [int(i) for i in self.bad_examples.tolist() if i >= 0]
+        shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+        raise NumericalError(
+            f"non-finite loss or gradient in the {what} pass at batch {batch} (examples with global indices {shown})",
+            hint=self.hint,
+        )
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:

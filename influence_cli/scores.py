@@ -34,7 +34,14 @@ from influence_cli.errors import DistributedError, InfluenceError, NumericalErro
 from influence_cli.factors import LayerFactors
 from influence_cli.fit import check_factors_match, load_factors
 from influence_cli.kernel import ScoreKernel, StoredQueries, build_kernel, safe_norms
-from influence_cli.passes import BatchGradients, accumulator_dtype, autocast_context, model_dtype, stream_gradients
+from influence_cli.passes import (
+    BatchGradients,
+    NonFiniteWatch,
+    accumulator_dtype,
+    autocast_context,
+    model_dtype,
+    stream_gradients,
+)
 from influence_cli.progress import Progress, for_rank
 from influence_cli.resume import PassCheckpoint, Snapshot, run_key
 
@@ -122,42 +129,6 @@ def plan_layout(
         per_shard = budget // (n_query * _SCORE_BYTES)
         shard_len = max(batch_size, per_shard // batch_size * batch_size)
     return ScoresLayout(chunks, plan_shards(n_train, world_size, batch_size, shard_len), sharded=world_size > 1 or not fits)
-
-
-# ----------------------------------------------------------------------------- non-finite values
-
-
-class _NonFiniteWatch:
-    """Remembers, on the device, the first batch with a non-finite output or gradient and which examples.
-
-    No host synchronization per batch: `check` reads it (at checkpoints and pass ends).
-    """
-
-    def __init__(self, device: torch.device, batch_size: int) -> None:
-        self.batch_size = batch_size
-        self.bad_batch = torch.full((), -1, dtype=torch.int64, device=device)
-        self.bad_examples = torch.full((batch_size,), -1, dtype=torch.int64, device=device)
-
-    def observe(self, batch: BatchGradients) -> None:
-        n = len(batch.global_indices)
-        tensors = [batch.outputs] + [g for grads in batch.gradients for g in grads.values()]
-        ok = torch.stack([torch.isfinite(t.reshape(n, -1).sum(1)) for t in tensors]).all(0)  # [B]
-        marked = torch.where(ok, torch.full_like(batch.global_indices, -1), batch.global_indices.to(torch.int64))
-        marked = torch.nn.functional.pad(marked, (0, self.batch_size - n), value=-1)
-        first = (self.bad_batch < 0) & ~ok.all()
-        self.bad_batch = torch.where(first, torch.full_like(self.bad_batch, batch.index), self.bad_batch)
-        self.bad_examples = torch.where(first, marked, self.bad_examples)
-
-    def check(self, what: str) -> None:
-        batch = int(self.bad_batch)
-        if batch < 0:
-            return
-        bad = [int(i) for i in self.bad_examples.tolist() if i >= 0]
-        shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
-        raise NumericalError(
-            f"non-finite loss or gradient in the {what} pass at batch {batch} (examples with global indices {shown})",
-            hint="check those examples and the checkpoint for NaN/Inf; no scores were written",
-        )
 
 
 # ----------------------------------------------------------------------------- the command
@@ -425,7 +396,7 @@ class _Scorer:
         """Per member, {layer: (F + λ)⁻¹ ∇(measurement) [q1 - q0, P]} for query positions [q0, q1)
         (layers without positions: in column blocks, ScoreKernel.store_queries)."""
         outs: list[StoredQueries] = [{} for _ in self.members]
-        watch = _NonFiniteWatch(self.ctx.device, self.bs)
+        watch = NonFiniteWatch(self.ctx.device, "no scores were written")
         self.progress.start(title, q1 - q0)
         row = 0
         batches = _rows(self.loader(queries, start_batch=q0 // self.bs), q0 % self.bs, q1 - q0)
@@ -612,7 +583,7 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
     chunks = layout.query_chunks
     mine = [s for s in layout.shards if s.rank == st.rank]
     cached: list[StoredQueries] | None = None
-    watch = _NonFiniteWatch(ctx.device, scorer.bs)
+    watch = NonFiniteWatch(ctx.device, "no scores were written")
     steps, scored, resumed_from = 0, 0, None
     seconds.update(queries=time.perf_counter() - t0, scores=0.0, write=0.0)
     for shard in mine:
@@ -780,7 +751,7 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
         if collect and "labels" in snapshot.tensors:
             labels = snapshot.tensors["labels"].to(ctx.device)
         resumed_from = f"batch {skip}"
-    watch = _NonFiniteWatch(ctx.device, scorer.bs)
+    watch = NonFiniteWatch(ctx.device, "no scores were written")
     scorer.progress.start("self-influence", stop - start)
     if skip:
         scorer.progress.advance(min(stop - start, skip * scorer.bs))

@@ -39,8 +39,8 @@ from influence_cli.context import prepare
 from influence_cli.distributed import DistState
 from influence_cli.errors import ConfigError, NumericalError, OutputError, UsageError
 from influence_cli.factors import DiagonalAccumulator, LayerFactors, layer_damping
-from influence_cli.fit import PassPlan, _NonFiniteWatch, check_factors_match, load_factors, plan_for
-from influence_cli.passes import BatchGradients, accumulator_dtype, stream_gradients
+from influence_cli.fit import PassPlan, check_factors_match, load_factors, plan_for
+from influence_cli.passes import BatchGradients, NonFiniteWatch, accumulator_dtype, stream_gradients
 from influence_cli.progress import NullProgress, Progress, for_rank
 from influence_cli.tracking import TrackedModule
 
@@ -161,7 +161,7 @@ def dataset_statistics(
     basis = {k: lf.to(device, dtype) for k, lf in factors.items()}
     grad_sum = {tm.name: torch.zeros(tm.d_out, tm.d_in, dtype=dtype, device=device) for tm in tracked}
     diag = DiagonalAccumulator(tracked, {k: (lf.a_eigenvectors, lf.g_eigenvectors) for k, lf in basis.items()}, dtype, device)
-    watch = _NonFiniteWatch(device)
+    watch = NonFiniteWatch(device)
     progress.start(title or name, plan.num_examples)
     try:
         for batch in _stream(model, tracked, plan, name):
@@ -175,12 +175,7 @@ def dataset_statistics(
         progress.stop()  # also on errors and Ctrl-C, so the terminal is clean for the message
     for t in [*grad_sum.values(), *diag.sums.values(), diag.count]:
         plan.all_reduce(t)  # before any check, so that a NaN on one rank reaches (and stops) every rank
-    try:
-        watch.check(name)
-    except NumericalError as exc:
-        raise NumericalError(
-            exc.message, hint="check those examples and the checkpoint for NaN/Inf; nothing was written"
-        ) from None
+    watch.check(name)
     count = float(diag.count)
     if count == 0:  # pragma: no cover - load_dataset refuses empty datasets
         raise NumericalError(f"{name}: no examples were streamed")

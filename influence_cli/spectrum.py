@@ -1,17 +1,10 @@
 """`spectrum`: where in the curvature spectrum do examples act? (memorization in the eigenbasis)
 
-Per tracked layer, the Kronecker eigenbasis of the factors (U_A, U_G; factors.py) has
-d_out·d_in directions (i, j), each with a curvature
-
-    c[i, j] = λ_G[i]·λ_A[j]   (order: kfac, the K-FAC products)   or   Λ*[i, j]   (order: ekfac)
-
-Sorted by c they split into three bands: the bottom p and top q share of the directions
-(the middle is the rest), or, with `mass`, the largest set of lowest-curvature directions
-holding at most p of Σc and the smallest set of highest-curvature directions holding at
-least q of it. Merullo et al. 2025 ("From Memorization to Reasoning in the Spectrum of
-Loss Curvature") find that memorized examples act mostly along low-curvature directions,
-which the rest of the data does not share, and that removing those directions from the
-weights suppresses memorization (edit.py).
+Per tracked layer, the d_out·d_in directions of the Kronecker eigenbasis split by curvature
+into bottom, middle and top bands (bands.py). Merullo et al. 2025 ("From Memorization to
+Reasoning in the Spectrum of Loss Curvature") find that memorized examples act mostly along
+low-curvature directions, which the rest of the data does not share, and that removing those
+directions from the weights suppresses memorization (edit.py).
 
 For an example n with loss gradient ∇W_n = Σ_t g_t a_tᵀ ([W | b] layout, tracking.py),
 its energy in a set b of directions (a band, or a curvature-percentile bin) is
@@ -29,8 +22,6 @@ the bottom bands of all analysed layers together.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
-import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -41,154 +32,19 @@ import torch
 from torch import nn
 
 from influence_cli import storage
-from influence_cli.config import SPECTRUM_ORDERS, Config
+from influence_cli.bands import LayerBands, check_order, layer_bands, load_kronecker_factors, select_layers
+from influence_cli.config import Config
 from influence_cli.context import RunContext, prepare
 from influence_cli.distributed import DistState
-from influence_cli.errors import ConfigError, NumericalError, OutputError, UsageError
-from influence_cli.factors import Factors, LayerFactors, Rotation
-from influence_cli.fit import _NonFiniteWatch, check_factors_match, load_factors
-from influence_cli.passes import accumulator_dtype, stream_gradients
+from influence_cli.errors import ConfigError
+from influence_cli.factors import LayerFactors, Rotation
+from influence_cli.passes import NonFiniteWatch, accumulator_dtype, stream_gradients
 from influence_cli.progress import NullProgress, Progress, for_rank
 from influence_cli.squares import weighted_squares
 from influence_cli.tracking import TrackedModule
 
 BANDS = ("bottom", "middle", "top")
 _MAX_ELEMENTS = 1 << 25  # bound on the intermediates of one masked GEMM
-
-
-# ----------------------------------------------------------------------------- bands
-
-
-def _count(share: float, n: int) -> int:
-    """⌊share·n + ½⌋, the number of n directions a share stands for."""
-    return min(n, max(0, math.floor(share * n + 0.5)))
-
-
-def band_sizes(curvature: torch.Tensor, bottom: float, top: float, mass: bool = False) -> tuple[int, int]:
-    """(n_bottom, n_top): how many of the lowest and of the highest-curvature directions the bands hold.
-
-    By share: ⌊p·N + ½⌋ and ⌊q·N + ½⌋ of the N directions. By mass (Merullo et al. 2025):
-    the top band is the smallest set of highest-curvature directions holding at least q of
-    Σc, the bottom band the largest set of lowest-curvature directions holding at most p of
-    it. The bands never overlap (the top band keeps a shared direction).
-
-    Args:
-        curvature: c of every direction, any shape (negative values count as 0).
-    """
-    values = torch.sort(curvature.detach().reshape(-1).double().clamp_min(0).cpu()).values
-    n = values.numel()
-    if not mass:
-        n_top = _count(top, n)
-        return min(_count(bottom, n), n - n_top), n_top
-    total = float(values.sum())
-    n_top = 0
-    if top > 0 and total > 0:
-        desc = torch.cumsum(values.flip(0), 0)
-        n_top = min(n, int(torch.searchsorted(desc, torch.tensor(top * total * (1 - 1e-12), dtype=torch.float64))) + 1)
-    asc = torch.cumsum(values, 0)
-    n_bottom = int(torch.searchsorted(asc, torch.tensor(bottom * total * (1 + 1e-12), dtype=torch.float64), right=True))
-    return min(n_bottom, n - n_top), n_top
-
-
-def _ranks(curvature: torch.Tensor) -> torch.Tensor:
-    """Rank of each entry in ascending order (ties by position), same shape, int64."""
-    flat = curvature.detach().reshape(-1).double()
-    order = torch.argsort(flat, stable=True)
-    ranks = torch.empty_like(order)
-    ranks[order] = torch.arange(flat.numel(), device=flat.device)
-    return ranks.reshape(curvature.shape)
-
-
-def band_labels(curvature: torch.Tensor, bottom: float, top: float, mass: bool = False) -> torch.Tensor:
-    """Band of every direction: 0 bottom, 1 middle, 2 top (int64, shape of `curvature`); see `band_sizes`."""
-    n_bottom, n_top = band_sizes(curvature, bottom, top, mass)
-    ranks = _ranks(curvature)
-    labels = torch.ones_like(ranks)
-    labels[ranks < n_bottom] = 0
-    labels[ranks >= ranks.numel() - n_top] = 2
-    return labels
-
-
-def percentile_bins(curvature: torch.Tensor, bins: int) -> torch.Tensor:
-    """Curvature-percentile bin of every direction: ⌊rank·bins / N⌋ in 0..bins−1, lowest first (int64)."""
-    return _ranks(curvature) * bins // max(1, curvature.numel())
-
-
-def keep_mask(curvature: torch.Tensor, keep: str, rho: float = 0.6, share: float = 0.5) -> torch.Tensor:
-    """The directions `edit` keeps (bool, shape of `curvature`): the highest-curvature ones.
-
-    keep "mass": the smallest set holding at least ρ of Σc (Merullo et al. 2025 keep ρ = 0.6);
-    keep "share": the top ⌊share·N + ½⌋ directions.
-    """
-    if keep == "mass":
-        return band_labels(curvature, 0.0, rho, mass=True) == 2
-    return band_labels(curvature, 0.0, share, mass=False) == 2
-
-
-def direction_curvature(lf: LayerFactors, order: str) -> torch.Tensor:
-    """c [d_out, d_in] (float64): λ_G λ_Aᵀ (order kfac) or Λ* (order ekfac).
-
-    Raises:
-        OutputError: the factors have no Kronecker eigenbasis (strategies diagonal, identity).
-    """
-    if lf.a_eigenvectors is None or lf.g_eigenvectors is None or lf.a_eigenvalues is None or lf.g_eigenvalues is None:
-        raise OutputError(
-            f"layer {lf.name!r}: the factors have no Kronecker eigenbasis (fitted with strategy diagonal or identity)",
-            hint="rerun `influence fit-factors` with --set factors.strategy=ekfac --overwrite",
-        )
-    if order == "kfac":
-        return torch.outer(lf.g_eigenvalues.double(), lf.a_eigenvalues.double())
-    if lf.eigenvalues is None:  # pragma: no cover - kfac and ekfac factors always have them
-        raise OutputError(f"layer {lf.name!r}: the factors have no eigenvalues", hint="rerun `influence fit-factors` --overwrite")
-    return lf.eigenvalues.double()
-
-
-@dataclass
-class LayerBands:
-    """Which band and percentile bin each direction of one layer falls in.
-
-    Attributes:
-        band: int64 [d_out, d_in], 0 bottom / 1 middle / 2 top (by c).
-        bin: int64 [d_out, d_in], curvature-percentile bin, lowest first.
-        input_band: int64 [d_in], band of each A-direction (by λ_A).
-        counts: Directions per band.
-        mass: Share of Σc per band.
-        input_counts: A-directions per band.
-    """
-
-    name: str
-    band: torch.Tensor
-    bin: torch.Tensor
-    input_band: torch.Tensor
-    counts: list[int]
-    mass: list[float]
-    input_counts: list[int]
-
-    def masks(self, bins: int, dtype: torch.dtype, device: torch.device | str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """0/1 masks of the sets [start, stop) of (3 bands, then `bins` bins), stacked as [d_out, stop − start, d_in]."""
-        stop = 3 + bins if stop is None else stop
-        sets = torch.arange(start, stop, device=device)
-        band, bin_ = self.band.to(device), self.bin.to(device) + 3
-        return ((band[:, None, :] == sets[None, :, None]) | (bin_[:, None, :] == sets[None, :, None])).to(dtype)
-
-
-def layer_bands(lf: LayerFactors, *, order: str, bottom: float, top: float, mass: bool, bins: int) -> LayerBands:
-    """The bands and percentile bins of one layer's directions under `order`."""
-    c = direction_curvature(lf, order).cpu()
-    band = band_labels(c, bottom, top, mass)
-    total = float(c.clamp_min(0).sum())
-    mass_share = [float(c.clamp_min(0)[band == k].sum()) / total if total > 0 else 0.0 for k in range(3)]
-    lam_a = lf.a_eigenvalues.double().cpu()  # type: ignore[union-attr]
-    input_band = band_labels(lam_a, bottom, top, mass)
-    return LayerBands(
-        lf.name,
-        band,
-        percentile_bins(c, bins),
-        input_band,
-        [int((band == k).sum()) for k in range(3)],
-        mass_share,
-        [int((input_band == k).sum()) for k in range(3)],
-    )
 
 
 # ----------------------------------------------------------------------------- energies
@@ -365,7 +221,7 @@ def dataset_spectrum(
     energy = {tm.name: LayerEnergy(bands[tm.name], bins, dtype, device) for tm in layers}
     input_masks = {tm.name: torch.nn.functional.one_hot(bands[tm.name].input_band, 3).to(device, dtype) for tm in layers}
     idx_parts, label_parts, band_parts, bin_parts, input_parts = [], [], [], [], []
-    watch = _NonFiniteWatch(device)
+    watch = NonFiniteWatch(device)
     progress.start(title or name, num_examples)
     for batch in stream_gradients(
         model, layers, batches, task_kind=task_kind, mode="loss", device=device, dataset_name=name, padding_value=padding_value
@@ -385,10 +241,7 @@ def dataset_spectrum(
         label_parts.append(batch.targets)
         progress.advance(len(batch.global_indices))
     progress.stop()
-    try:
-        watch.check(name)
-    except NumericalError as exc:
-        raise NumericalError(exc.message, hint="check those examples and the checkpoint for NaN/Inf; nothing was written") from None
+    watch.check(name)
     if not idx_parts:
         empty = torch.zeros(0, len(layers), 3, dtype=torch.float64)
         return DatasetSpectrum(
@@ -525,41 +378,6 @@ class SpectrumReport:
         return data
 
 
-def select_layers(tracked: list[TrackedModule], patterns: list[str], key: str) -> list[TrackedModule]:
-    """The tracked layers whose names match any fnmatch pattern, in model order.
-
-    Raises:
-        ConfigError: no tracked layer matches (names the key or flag).
-    """
-    chosen = [tm for tm in tracked if any(fnmatch.fnmatchcase(tm.name, p) for p in patterns)]
-    if not chosen:
-        names = ", ".join(tm.name for tm in tracked[:8])
-        raise ConfigError(f"{key}: {list(patterns)} matches none of the tracked layers ({names})", hint="use '*' or names from `influence inspect`")
-    return chosen
-
-
-def load_kronecker_factors(ctx: RunContext) -> tuple[Factors, Path]:
-    """The factors of fit-factors for this model, checked to hold a Kronecker eigenbasis.
-
-    Raises:
-        OutputError: missing, of another model or layers, or fitted with strategy diagonal / identity.
-    """
-    path = ctx.output_dir / storage.FACTORS_FILE
-    factors = load_factors(path)
-    check_factors_match(factors, ctx, path)
-    if factors.strategy not in ("kfac", "ekfac"):
-        raise OutputError(
-            f"{str(path)!r} holds {factors.strategy or 'unknown'} factors; the curvature eigenbasis needs kfac or ekfac factors",
-            hint="rerun `influence fit-factors` with --set factors.strategy=ekfac --overwrite",
-        )
-    return factors, path
-
-
-def _check_order(order: str, key: str) -> None:
-    if order not in SPECTRUM_ORDERS:
-        raise UsageError(f"{key}: expected one of {', '.join(SPECTRUM_ORDERS)}, got {order!r}")
-
-
 def spectrum(
     cfg: Config,
     *,
@@ -587,7 +405,7 @@ def spectrum(
     t_start = time.perf_counter()
     sp = cfg.spectrum
     order = order or sp.order
-    _check_order(order, "--order")
+    check_order(order, "--order")
     out_dir = cfg.output_path
     path = out_dir / storage.SPECTRUM_FILE
     ctx = prepare(cfg, state)
@@ -689,132 +507,3 @@ def load_spectrum_scores(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     }
 
 
-# ----------------------------------------------------------------------------- plot
-
-_COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207), (140, 86, 75), (227, 119, 194)]
-
-
-def _font(size: int) -> Any:
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError):  # Pillow < 10.1 or no FreeType: the fixed bitmap font
-        return ImageFont.load_default()
-
-
-def _text_size(draw: Any, text: str, font: Any) -> tuple[int, int]:
-    x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font)
-    return x1 - x0, y1 - y0
-
-
-def _nice_step(span: float) -> float:
-    """A 1-2-5 tick step giving about 5 ticks over `span`."""
-    raw = span / 5 if span > 0 else 1.0
-    mag = 10 ** math.floor(math.log10(raw))
-    return next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
-
-
-def render_spectrum_plot(report: SpectrumReport) -> Any:
-    """A PIL image with two panels over the curvature percentile of the directions (x, low to high).
-
-    Top: mean share of gradient energy per percentile bin (log scale, 6 decades), one line per
-    dataset or group. Bottom: the same relative to the baseline (linear, 1 = same).
-    """
-    from PIL import Image, ImageDraw
-
-    font, title_font = _font(13), _font(16)
-    groups = report.groups
-    series = [g.bin_share.clamp_min(0) for g in groups]
-    positive = torch.cat([s[s > 0] for s in series])
-    hi = math.ceil(math.log10(float(positive.max()))) if positive.numel() else 0
-    lo = hi - 6
-    base = report.group(report.baseline).bin_share
-    ratios = [torch.where(base > 0, s / base.clamp_min(1e-300), torch.nan) for s in series]
-    finite = torch.cat([r[torch.isfinite(r) & (base >= 10.0**lo)] for r in ratios])
-    r_lo, r_hi = (float(finite.min()), float(finite.max())) if finite.numel() else (0.5, 1.5)
-    r_lo, r_hi = min(r_lo, 0.9), max(r_hi, 1.1)
-    step = _nice_step(r_hi - r_lo)
-    r_lo, r_hi = step * math.floor(r_lo / step), step * math.ceil(r_hi / step)
-
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    legend_w = max(_text_size(probe, g.name, font)[0] for g in groups) + 40
-    left, plot_w, top1, h1, gap, h2 = 90, 620, 50, 300, 60, 170
-    top2 = top1 + h1 + gap
-    width, height = left + plot_w + 30 + legend_w, top2 + h2 + 60
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    title = f"gradient energy per curvature percentile ({report.order} order; layers {', '.join(report.layers)})"
-    draw.text((left, 14), title, fill="black", font=title_font)
-
-    def x_of(p: float) -> float:
-        return left + plot_w * p / 100.0
-
-    def y_log(v: float) -> float:
-        lv = math.log10(v) if v > 0 else lo
-        return top1 + h1 * (hi - min(max(lv, lo), hi)) / (hi - lo)
-
-    def y_lin(v: float) -> float:
-        return top2 + h2 * (r_hi - min(max(v, r_lo), r_hi)) / (r_hi - r_lo)
-
-    def ylabel(text: str, top: int, h: int) -> None:
-        w, th = _text_size(draw, text, font)
-        strip = Image.new("RGB", (w + 4, th + 6), "white")
-        ImageDraw.Draw(strip).text((0, 0), text, fill="black", font=font)
-        strip = strip.rotate(90, expand=True)
-        img.paste(strip, (14, int(top + (h - strip.height) / 2)))
-
-    for top, h in ((top1, h1), (top2, h2)):
-        if not report.mass:  # shade the bottom and top bands
-            draw.rectangle([x_of(0), top, x_of(100 * report.bottom), top + h], fill=(236, 242, 250))
-            draw.rectangle([x_of(100 * (1 - report.top)), top, x_of(100), top + h], fill=(250, 238, 236))
-        draw.rectangle([left, top, left + plot_w, top + h], outline="black")
-        for p in range(0, 101, 10):
-            draw.line([x_of(p), top + h, x_of(p), top + h + 5], fill="black")
-            w, _ = _text_size(draw, str(p), font)
-            draw.text((x_of(p) - w / 2, top + h + 8), str(p), fill="black", font=font)
-    for e in range(lo, hi + 1):
-        y = y_log(10.0**e)
-        draw.line([left + 1, y, left + plot_w - 1, y], fill=(215, 215, 215))
-        w, th = _text_size(draw, f"1e{e}", font)
-        draw.text((left - 8 - w, y - th / 2 - 2), f"1e{e}", fill="black", font=font)
-    t = r_lo
-    while t <= r_hi + 1e-9:
-        y = y_lin(t)
-        draw.line([left + 1, y, left + plot_w - 1, y], fill=(150, 150, 150) if abs(t - 1) < 1e-9 else (215, 215, 215))
-        label = f"{t:g}"
-        w, th = _text_size(draw, label, font)
-        draw.text((left - 8 - w, y - th / 2 - 2), label, fill="black", font=font)
-        t += step
-    ylabel("share of gradient energy (log)", top1, h1)
-    ylabel(f"relative to {report.baseline}", top2, h2)
-    xlabel = "curvature percentile of the eigenbasis direction (low to high)"
-    w, _ = _text_size(draw, xlabel, font)
-    draw.text((left + (plot_w - w) / 2, top2 + h2 + 30), xlabel, fill="black", font=font)
-    n_bins = report.bins
-    for k, (g, s, r) in enumerate(zip(groups, series, ratios, strict=True)):
-        color = _COLORS[k % len(_COLORS)]
-        xs = [x_of(100 * (i + 0.5) / n_bins) for i in range(n_bins)]
-        for y_of, values in ((y_log, s.tolist()), (y_lin, r.tolist())):
-            pts = [(x, y_of(v)) for x, v in zip(xs, values, strict=True) if v == v]
-            if len(pts) > 1:
-                draw.line(pts, fill=color, width=2)
-            for x, y in pts:
-                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
-        ly, lx = top1 + 10 + 22 * k, left + plot_w + 30
-        draw.line([lx, ly + 7, lx + 24, ly + 7], fill=color, width=3)
-        draw.text((lx + 30, ly), g.name, fill="black", font=font)
-    return img
-
-
-def save_spectrum_plot(path: str | Path, report: SpectrumReport) -> Path:
-    """Writes `render_spectrum_plot` to `path` as a PNG, atomically (temporary file + rename).
-
-    Raises:
-        OutputError: the folder cannot be created or written.
-    """
-    path = Path(path)
-    img = render_spectrum_plot(report)
-    with storage.atomic_path(path, key="--plot") as tmp:
-        img.save(tmp, format="PNG")
-    return path

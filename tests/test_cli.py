@@ -281,7 +281,7 @@ BAD_INPUTS = [
      ["data.train.labels_key", "'labels' is not in nolabels.safetensors"]),  # fmt: skip
     ("dataset-not-safetensors", _train_file("garbage.safetensors", None, None), EXIT["data"], ["data.train.path", "garbage.safetensors"]),
     ("nan-input", _train_file("nan.safetensors", _nan_inputs(), torch.arange(40) % 10), EXIT["numerical"],
-     ["covariance pass", "batch 2", "32..39"]),  # fmt: skip
+     ["covariance pass", "batch 2", "global indices 33)"]),  # fmt: skip
     ("output-under-a-file", _output_under_a_file, EXIT["output"], ["output_dir", "a_file"]),
 ]
 

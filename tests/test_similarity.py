@@ -205,7 +205,7 @@ def test_non_finite_inputs_name_the_batch():
     x = x.clone()
     x[4] = float("nan")
     plans["set1"] = PassPlan(batches_of(x, y, 3), 3, len(x), "classification", "sampled")
-    with pytest.raises(NumericalError, match=r"set1 pass at batch 1 \(examples with global indices 3\.\.5\)"):
+    with pytest.raises(NumericalError, match=r"set1 pass at batch 1 \(examples with global indices 4\)"):
         compute_similarity(model, tracked, factors, plans, damping)
 
 

@@ -11,6 +11,7 @@ from exact import ConvHead, batches_of, empirical_vectors, fit, per_example_laye
 from PIL import Image
 from typer.testing import CliRunner, Result
 
+from influence_cli.bands import band_labels, band_sizes, direction_curvature, keep_mask, layer_bands
 from influence_cli.cli import app
 from influence_cli.config import load_config
 from influence_cli.data import load_dataset, make_loader
@@ -18,17 +19,7 @@ from influence_cli.edit import edit_model, project_weights
 from influence_cli.errors import ConfigError
 from influence_cli.fit import fit_factors
 from influence_cli.models import build_model, load_model, model_fingerprint
-from influence_cli.spectrum import (
-    band_labels,
-    band_sizes,
-    dataset_spectrum,
-    direction_curvature,
-    groups_of,
-    keep_mask,
-    layer_bands,
-    load_spectrum_scores,
-    spectrum,
-)
+from influence_cli.spectrum import dataset_spectrum, groups_of, load_spectrum_scores, spectrum
 from influence_cli.squares import weighted_squares
 from influence_cli.storage import FACTORS_FILE, SPECTRUM_FILE, load_tensors, save_tensors
 from influence_cli.training import TrainRecipe, accuracy, train_model

@@ -82,7 +82,8 @@ def spectrum_cmd(
     to OUTPUT_DIR/spectrum.safetensors.
     """
     from influence_cli.distributed import init_distributed
-    from influence_cli.spectrum import BANDS, save_spectrum_plot, spectrum
+    from influence_cli.spectrum import BANDS, spectrum
+    from influence_cli.spectrum_plot import save_spectrum_plot
 
     cfg = load(config, set_)
     state = init_distributed(cfg.device)
