@@ -95,10 +95,17 @@ class LayerFactors:
         return float(damping)
 
     def inverse_eigenvalues(self, damping: float, power: int = 1) -> torch.Tensor | None:
-        """1 / (Λ + λ)^power [d_out, d_in]; None means the identity (no curvature)."""
+        """1 / (Λ + λ)^power [d_out, d_in], 0 where Λ + λ = 0; None means the identity (no curvature).
+
+        Directions without curvature (Λ = 0, such as a layer whose output never reaches the loss)
+        under λ = 0 take the pseudo-inverse's 0 instead of 1/0: the fit's gradients are 0 there,
+        so they carry no influence, and 0·∞ would turn every score into NaN.
+        """
         if self.eigenvalues is None:
             return None
-        return (self.eigenvalues.double() + damping).pow(-power).to(self.eigenvalues.dtype)
+        shifted = self.eigenvalues.double() + damping
+        inverse = torch.where(shifted > 0, shifted, 1.0).pow(-power).masked_fill_(shifted <= 0, 0.0)
+        return inverse.to(self.eigenvalues.dtype)
 
     def precondition(self, v: torch.Tensor, damping: float) -> torch.Tensor:
         """(F + λ)⁻¹ V for V [..., d_out, d_in] (DESIGN.md: rotate, divide, rotate back)."""

@@ -172,6 +172,7 @@ class ScoreKernel:
         self._inverse_sq = {name: lf.inverse_eigenvalues(damping[name], 2) for name, lf in layers.items()}
         self.eigenbasis: dict[str, bool] = {}
         self.pieces: dict[str, list[_Piece]] = {}
+        self.flat: dict[str, bool] = {}
         self._scratch = _Scratch()
         self.workload: tuple[int, int] | None = None
         self._rotations = {
@@ -194,9 +195,15 @@ class ScoreKernel:
         return self.eigenbasis[name]
 
     def _layer_pieces(self, name: str, a: torch.Tensor, d_out: int) -> list[_Piece]:
-        """The layer's `_Piece`s, fixed at the first batch it is seen (the query side)."""
+        """The layer's `_Piece`s and query layout, fixed at the first batch it is seen (the query side).
+
+        Queries with one position are stored cut into pieces and row blocks (`flat[name]` False),
+        queries with positions as one [Q, P] matrix (`flat[name]` True); training batches follow
+        that layout whatever their own number of positions.
+        """
         if name not in self.pieces:
-            if self._in_eigenbasis(name, a) and a.shape[1] == 1:
+            self.flat[name] = a.shape[1] != 1
+            if self._in_eigenbasis(name, a) and not self.flat[name]:
                 k_a, k_g = (0 if r is None else r.deflated for r in self._rotations[name])
                 self.pieces[name] = _pieces(d_out, a.shape[-1], k_g, k_a)
             else:
@@ -227,8 +234,12 @@ class ScoreKernel:
             pieces = self._layer_pieces(name, a, g.shape[-1])
             if self._in_eigenbasis(name, a):
                 a, g = self._rotated(name, batch)
-            if a.shape[1] != 1:  # formed (if at all) when its GEMM runs, so only one layer's [B, P] exists at a time
+            if a.shape[1] != 1 and self.flat[name]:  # formed (if at all) when its GEMM runs, so only one layer's [B, P] exists at a time
                 out[name] = [_Positions(a, g, self.matmul_dtype, self._scratch)]
+                continue
+            if a.shape[1] != 1:  # queries of one position, stored in pieces: this batch's gradients cut the same way
+                grad = per_example_gradients(a, g) if self.matmul_dtype is None else per_example_gradients(*self._low((a, g)))
+                out[name] = [grad[:, p.rows, p.cols].reshape(len(grad), -1) for p in pieces]
                 continue
             g, a = (g[:, 0], a[:, 0]) if self.matmul_dtype is None else self._low((g[:, 0], a[:, 0]))
             out[name] = [(g[:, p.rows], a[:, p.cols]) for p in pieces]
@@ -286,13 +297,14 @@ class ScoreKernel:
         for name, v in vectors.items():
             v = v if self.matmul_dtype is None else v.to(self.matmul_dtype)
             n, a = v.shape[0], batch.activations[name]
-            if a.shape[1] != 1:
+            pieces = self._layer_pieces(name, a, v.shape[1] // a.shape[-1])
+            if self.flat[name]:
                 if name not in out:
                     out[name] = [v.new_empty(total, v.shape[1])]
                 out[name][0][row : row + n] = v
                 continue
             matrix = v.view(n, -1, a.shape[-1])
-            parts = [matrix[:, p.rows, p.cols] for p in self._layer_pieces(name, a, matrix.shape[1])]
+            parts = [matrix[:, p.rows, p.cols] for p in pieces]
             if name not in out:
                 out[name] = [[v.new_empty(total, (r1 - r0) * part.shape[2]) for r0, r1 in query_row_blocks(total, *part.shape[1:])] for part in parts]
             for part, blocks in zip(parts, out[name], strict=True):

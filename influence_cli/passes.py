@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from influence_cli import task as task_lib
-from influence_cli.errors import DataError, NumericalError
+from influence_cli.errors import DataError, ModelError, NumericalError
 from influence_cli.tracking import Capture, TrackedModule, mask_padding, padding_mask, tracked_grad_enabled
 
 
@@ -166,18 +166,8 @@ def stream_gradients(
         y = y.to(device, non_blocking=True)
         idx = idx.to(device, non_blocking=True)
         mask = None if padding_value is None else padding_mask(x, padding_value, dataset_name)
-        with tracked_grad_enabled(tracked), Capture(tracked) as cap:
-            try:
-                with autocast_context(device, amp):
-                    out = model(x)
-            except (RuntimeError, ValueError) as exc:
-                if offset > 0 or isinstance(exc, torch.cuda.OutOfMemoryError):
-                    raise
-                reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-                raise DataError(
-                    f"{dataset_name}: inputs of shape {list(x.shape)} do not fit the model ({reason})",
-                    hint="check model.kwargs and data transform (flatten/resize)",
-                ) from exc
+        with tracked_grad_enabled(tracked):
+            out, cap = _forward(model, tracked, x, amp, first=offset == 0, dataset_name=dataset_name)
             out_f = out.to(acc_dtype) if out.is_floating_point() else out
             _check_outputs(out_f, y_cpu, task_kind, dataset_name)
             if mode == "fisher":
@@ -190,12 +180,54 @@ def stream_gradients(
             else:
                 vectors = task_lib.loss_output_gradient(out_f, y, task_kind, measurement)[None]
             acts = {k: v.to(out_dtype) for k, v in cap.activations().items()}
+            _check_batch_dim(acts, len(idx))
             grads = []
             for k in range(vectors.shape[0]):
                 g = cap.output_gradients(out, vectors[k].to(out.dtype), retain_graph=k + 1 < vectors.shape[0])
                 grads.append({name: v.to(out_dtype) for name, v in g.items()})
         positions = {} if mask is None else mask_padding(tracked, mask, acts, grads)
         yield BatchGradients(start_batch + offset, idx, y, out_f.detach(), acts, grads, positions)
+
+
+def _forward(model: nn.Module, tracked: list[TrackedModule], x: torch.Tensor, amp: str, *, first: bool, dataset_name: str) -> tuple[torch.Tensor, Capture]:
+    """model(x) with the tracked layers' inputs and outputs recorded (`Capture`).
+
+    Runs the batch a second time when the forward modified a tracked layer's input or output in
+    place (the layer is then recorded through copies, from this batch on).
+    """
+    version = x._version
+    for _ in range(2):
+        with Capture(tracked) as cap:
+            try:
+                with autocast_context(x.device, amp):
+                    out = model(x)
+            except (RuntimeError, ValueError) as exc:
+                if not first or isinstance(exc, torch.cuda.OutOfMemoryError):
+                    raise
+                reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+                raise DataError(
+                    f"{dataset_name}: inputs of shape {list(x.shape)} do not fit the model ({reason})",
+                    hint="check model.kwargs and data transform (flatten/resize)",
+                ) from exc
+        if not cap.modified_in_place():
+            break
+        if x._version != version:
+            raise ModelError(
+                "the model modifies its input batch in place, so the batch cannot be run again to record its tracked layers",
+                hint="make the model's first operation on its input out of place (e.g. x = x * s instead of x.mul_(s))",
+            )
+    return out, cap
+
+
+def _check_batch_dim(acts: dict[str, torch.Tensor], batch_size: int) -> None:
+    """Every tracked layer must see the examples along dim 0 of its input ([B, ..., d_in] or [B, C, H, W])."""
+    for name, a in acts.items():
+        if a.shape[0] != batch_size:
+            raise ModelError(
+                f"layer {name!r} receives inputs whose first dimension is {a.shape[0]}, not the batch size {batch_size}: "
+                "a tracked layer must see one example per row of dim 0 ([batch, ..., features])",
+                hint="leave it out of factors.modules, or keep the batch first in the model (e.g. batch_first=True, no reshape(-1, features) before it)",
+            )
 
 
 def _check_outputs(out: torch.Tensor, y: torch.Tensor, task_kind: str, dataset_name: str) -> None:

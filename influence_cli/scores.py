@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -412,12 +413,19 @@ class _Scorer:
         return outs
 
 
-def _check_storable(block: torch.Tensor, dtype: str) -> None:
-    """Refuses to store scores that overflow the storage dtype (float16 tops out at 65504)."""
-    if dtype == "float32":
+def _check_storable(block: torch.Tensor, dtype: str, what: str = "scores") -> None:
+    """Refuses to store non-finite scores, or scores that overflow the storage dtype (float16 tops out at 65504)."""
+    if not block.numel():
         return
+    peak = float(block.abs().max())  # NaN when any score is NaN
+    if not math.isfinite(peak):
+        first = [int(i) for i in torch.nonzero(~torch.isfinite(block))[0]]
+        where = f"query row {first[0]}, training position {first[1]}" if block.ndim == 2 else f"training position {first[0]}"
+        raise NumericalError(
+            f"{what}: non-finite values ({where})",
+            hint="check the factors (`influence info`) and raise scores.damping if it is 0",
+        )
     limit = torch.finfo(getattr(torch, dtype)).max
-    peak = float(block.abs().max()) if block.numel() else 0.0
     if peak > limit:
         raise NumericalError(
             f"scores.dtype: {dtype} cannot hold scores up to {peak:.3g} (its max is {limit:.3g})",
@@ -778,6 +786,7 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
     if collect and st.distributed:  # each rank collected its own range
         parts = [p for p in st.all_gather_object(None if labels is None else labels.cpu()) if p is not None]
         labels = torch.cat(parts) if parts else None  # type: ignore[arg-type]
+    _check_storable(values, "float32", "self-influence")
     if st.is_main:
         tensors = {"self_influence": values, "train_indices": train.global_indices.clone()}
         if labels is not None:

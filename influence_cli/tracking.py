@@ -31,6 +31,7 @@ class TrackedModule:
     d_in: int  # input features per position, +1 when the layer has a bias
     d_out: int
     has_bias: bool
+    copy_io: bool = False  # set by Capture when the forward modifies this layer's input or output in place
 
     @property
     def num_params(self) -> int:
@@ -54,47 +55,116 @@ class TrackedModule:
         return mat.reshape(self.weight_shape), None
 
 
+def _is_name(pattern: str) -> bool:
+    """A pattern without wildcards names one layer."""
+    return not any(c in pattern for c in "*?[")
+
+
+def _conv_padding(module: nn.Conv2d) -> tuple[int, int] | None:
+    """The Conv2d's zero padding per side as numbers ('valid' = 0, symmetric 'same'), or None if unsupported."""
+    if module.padding == "valid":
+        return (0, 0)
+    if module.padding == "same":
+        total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size, strict=True)]
+        return None if any(p % 2 for p in total) else (total[0] // 2, total[1] // 2)
+    return tuple(module.padding)  # type: ignore[return-value]
+
+
+def unsupported_reason(module: nn.Module) -> str | None:
+    """Why a Linear / Conv2d cannot be tracked (None if it can)."""
+    if not isinstance(module, nn.Conv2d):
+        return None
+    if module.groups != 1:
+        return f"groups={module.groups}"
+    if module.padding_mode != "zeros":
+        return f"padding_mode={module.padding_mode!r}"
+    if _conv_padding(module) is None:
+        return f"padding={module.padding!r} with an even kernel (asymmetric)"
+    return None
+
+
 def find_tracked_modules(model: nn.Module, patterns: Sequence[str], key: str = "factors.modules") -> list[TrackedModule]:
     """The supported layers whose names match any fnmatch pattern, in model order.
 
+    A Conv2d the factors cannot model (grouped, non-zero padding modes, asymmetric 'same'
+    padding) is skipped when only a wildcard pattern matches it, and an error when named.
+
     Raises:
-        ModelError: when no supported layer matches, or a matched Conv2d is unsupported.
+        ModelError: when no supported layer matches, a named layer is unsupported, or two
+            tracked layers share a parameter (tied weights: one gradient, not two blocks).
     """
     tracked: list[TrackedModule] = []
     supported_names: list[str] = []
+    owners: dict[int, str] = {}
     for name, module in model.named_modules():
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             continue
         supported_names.append(name)
-        if not any(fnmatch.fnmatchcase(name, p) for p in patterns):
+        matched = [p for p in patterns if fnmatch.fnmatchcase(name, p)]
+        if not matched:
             continue
+        reason = unsupported_reason(module)
+        if reason is not None:
+            if any(_is_name(p) for p in matched):
+                raise ModelError(
+                    f"{key}: Conv2d {name!r} uses {reason}; only groups=1 with zero padding (numbers, 'valid' or symmetric 'same') is supported",
+                    hint=f"leave it out of {key}",
+                )
+            continue
+        for param in module.parameters(recurse=False):
+            if id(param) in owners:
+                raise ModelError(
+                    f"{key}: layers {owners[id(param)]!r} and {name!r} share a parameter (tied weights); its gradient is the sum over both uses, which two separate blocks cannot model",
+                    hint=f"track one of them in {key}",
+                )
+            owners[id(param)] = name
         has_bias = module.bias is not None
         if isinstance(module, nn.Linear):
             tracked.append(TrackedModule(name, module, "linear", module.in_features + has_bias, module.out_features, has_bias))
         else:
-            if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
-                raise ModelError(
-                    f"{key}: Conv2d {name!r} uses groups={module.groups}, padding={module.padding!r}, "
-                    f"padding_mode={module.padding_mode!r}; only groups=1 with numeric zero padding is supported",
-                    hint=f"leave it out of {key}",
-                )
             kh, kw = module.kernel_size
             d_in = module.in_channels * kh * kw + has_bias
             tracked.append(TrackedModule(name, module, "conv2d", d_in, module.out_channels, has_bias))
     if not tracked:
         shown = ", ".join(supported_names[:8]) or "none"
         raise ModelError(
-            f"{key}: {list(patterns)} matches no nn.Linear or nn.Conv2d layer (layers: {shown})",
+            f"{key}: {list(patterns)} matches no nn.Linear or nn.Conv2d layer that can be tracked (layers: {shown})",
             hint="use '*' or patterns from `influence inspect`",
         )
     return tracked
+
+
+@dataclass
+class UntrackedModule:
+    """A module holding parameters that influence scores leave out, and why."""
+
+    name: str
+    kind: str  # the module's class name
+    num_params: int
+    reason: str
+
+
+def untracked_modules(model: nn.Module, tracked: Sequence[TrackedModule], key: str = "factors.modules") -> list[UntrackedModule]:
+    """Modules with parameters of their own (trainable or not) outside every tracked layer, in model order."""
+    tracked_ids = {id(p) for tm in tracked for p in tm.module.parameters(recurse=False)}
+    out = []
+    for name, module in model.named_modules():
+        params = [p for p in module.parameters(recurse=False) if id(p) not in tracked_ids]
+        if not params:
+            continue
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            reason = unsupported_reason(module) or f"not matched by {key}"
+        else:
+            reason = "not an nn.Linear or nn.Conv2d"
+        out.append(UntrackedModule(name or "(model)", type(module).__name__, sum(p.numel() for p in params), reason))
+    return out
 
 
 def layer_activations(tm: TrackedModule, x: torch.Tensor) -> torch.Tensor:
     """The layer's input as activations [B, T, d_in] (bias column of ones appended)."""
     m = tm.module
     if tm.kind == "conv2d":
-        cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)  # type: ignore[arg-type]
+        cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=_conv_padding(m), stride=m.stride)  # type: ignore[arg-type]
         a = cols.transpose(1, 2)
     else:
         a = x.reshape(x.shape[0], -1, x.shape[-1])
@@ -117,21 +187,32 @@ class Capture:
 
         with Capture(tracked) as cap:
             out = model(x)
+        if cap.modified_in_place():              # e.g. Linear -> nn.ReLU(inplace=True): redo this forward
+            ...
         a = cap.activations()                    # {name: [B, T, d_in]}
         g = cap.output_gradients(out, v)         # {name: [B, T, d_out]} for dL/dout = v
+
+    An operation that modifies a layer's output in place (nn.ReLU(inplace=True) right after
+    it, as in VGG) would turn the gradient taken w.r.t. that output into the gradient w.r.t.
+    the op's result; one that modifies its input in place would change the recorded a.
+    Version counters reveal both after the forward; `modified_in_place` then marks those
+    layers (`TrackedModule.copy_io`), whose hooks from then on record a copy of the input
+    and hand the rest of the forward a copy of the output.
     """
 
     def __init__(self, tracked: Sequence[TrackedModule]) -> None:
         self.tracked = list(tracked)
         self._inputs: dict[str, list[torch.Tensor]] = {}
         self._outputs: dict[str, list[torch.Tensor]] = {}
+        self._versions: dict[str, list[tuple[int, int]]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def __enter__(self) -> Capture:
         self._inputs = {tm.name: [] for tm in self.tracked}
         self._outputs = {tm.name: [] for tm in self.tracked}
+        self._versions = {tm.name: [] for tm in self.tracked}
         for tm in self.tracked:
-            self._handles.append(tm.module.register_forward_hook(self._make_hook(tm.name)))
+            self._handles.append(tm.module.register_forward_hook(self._make_hook(tm)))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -139,12 +220,30 @@ class Capture:
             h.remove()
         self._handles.clear()
 
-    def _make_hook(self, name: str):
-        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            self._inputs[name].append(inputs[0].detach())
+    def _make_hook(self, tm: TrackedModule):
+        name = tm.name
+
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor | None:
+            x = inputs[0].detach().clone() if tm.copy_io else inputs[0].detach()
+            self._inputs[name].append(x)
             self._outputs[name].append(output)
+            self._versions[name].append((x._version, output._version))
+            return output.clone() if tm.copy_io else None
 
         return hook
+
+    def modified_in_place(self) -> bool:
+        """True if the forward modified a tracked layer's recorded input or output in place.
+
+        Marks those layers `copy_io`, so that the next forward records them intact: the
+        caller runs the batch again.
+        """
+        found = False
+        for tm in self.tracked:
+            now = [(x._version, o._version) for x, o in zip(self._inputs[tm.name], self._outputs[tm.name], strict=True)]
+            if now != self._versions[tm.name] and not tm.copy_io:
+                tm.copy_io = found = True
+        return found
 
     def activations(self) -> dict[str, torch.Tensor]:
         """{name: a [B, T, d_in]}; several calls of one layer are concatenated along T."""

@@ -517,6 +517,10 @@ def test_storage_dtype_and_overflow(project):
     torch.testing.assert_close(stored.float(), in_memory_reference(cfg), rtol=1e-2, atol=1e-3)
     with pytest.raises(NumericalError, match="float16 cannot hold scores up to 1e"):
         scores_mod._check_storable(torch.tensor([[1.0, -1e6]]), "float16")
+    with pytest.raises(NumericalError, match=r"scores: non-finite values \(query row 1, training position 0\)"):
+        scores_mod._check_storable(torch.tensor([[1.0, 2.0], [float("nan"), 1.0]]), "float32")
+    with pytest.raises(NumericalError, match=r"self-influence: non-finite values \(training position 2\)"):
+        scores_mod._check_storable(torch.tensor([1.0, 2.0, float("inf")]), "float32", "self-influence")
 
 
 @pytest.mark.parametrize("self_influence", [False, True], ids=["pairwise", "self"])

@@ -116,3 +116,25 @@ def test_blocked_pipeline_equals_unblocked(project, monkeypatch, overrides):  # 
     compute_scores(cfg)
     expected = all_scores(whole.output_path)
     torch.testing.assert_close(all_scores(cfg.output_path), expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("basis", ["parameter", "eigen"])
+@pytest.mark.parametrize(("t_query", "t_train"), [(1, 4), (4, 1), (1, 1), (3, 4)])
+def test_queries_and_training_data_with_different_positions(monkeypatch, t_query, t_train, basis):
+    """A sequence layer's queries fix its layout (pieces and row blocks for one position, a
+    [Q, P] matrix otherwise); training batches with another number of positions follow it:
+    on the fit's data and on data that is nonzero where the fit's was always 0."""
+    monkeypatch.setattr(kernel_mod, "eigenbasis_cheaper", lambda workload, positions, d_out, d_in: basis == "eigen")
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(9, t_train, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (9,), generator=g)
+    xq, yq = torch.randn(3, t_query, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (3,), generator=g)
+    x[:, :, 0] = 0.0  # an input the fit never sees: a deflated column, a piece of its own
+    model = SeqModel().double()
+    tracked, layers = fit(model, x, y, strategy="ekfac", fisher="empirical", batch_size=4)
+    gq = explicit_grads(model, tracked, xq, yq)
+    lit = x.clone()
+    lit[:, :, 0] = 1.0
+    for train_x in (x, lit):
+        got = pairwise_scores(model, tracked, layers, batches_of(xq, yq, 2)(0), batches_of(train_x, y, 4)(0), damping=0.05)
+        ref = explicit_scores(layers, gq, explicit_grads(model, tracked, train_x, y), 0.05)
+        torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-10)

@@ -109,12 +109,18 @@ def inspect_cmd(config: ConfigArg, set_: SetOpt = None, json_: JsonOpt = False) 
     """List the layers fit-factors would track, with their shapes and factor sizes (nothing is computed)."""
     from influence_cli.context import prepare
     from influence_cli.fit import describe_layers
+    from influence_cli.tracking import untracked_modules
 
     cfg = load(config, set_)
     ctx = prepare(cfg)
     rows = describe_layers(ctx.tracked, cfg.factors.strategy)
+    untracked = untracked_modules(ctx.model, ctx.tracked)
     if json_:
-        print_json({"strategy": cfg.factors.strategy, "layers": [dataclasses.asdict(r) for r in rows]})
+        print_json({
+            "strategy": cfg.factors.strategy,
+            "layers": [dataclasses.asdict(r) for r in rows],
+            "untracked": [dataclasses.asdict(u) for u in untracked],
+        })  # fmt: skip
         return
     table = new_table(
         f"tracked layers ({cfg.factors.strategy})",
@@ -129,4 +135,19 @@ def inspect_cmd(config: ConfigArg, set_: SetOpt = None, json_: JsonOpt = False) 
             r.name, r.kind, "×".join(map(str, r.weight_shape)), f"{r.d_out}×{r.d_in}", f"{r.d_in * r.d_out:,}", human_bytes(4 * floats)
         )
     print_table(table)
-    err_console.print(f"{len(rows)} layers, factors {human_bytes(4 * total)} in float32")
+    if untracked:  # grouped by kind and reason: a deep model has many norms
+        groups: dict[tuple[str, str], list] = {}
+        for u in untracked:
+            groups.setdefault((u.kind, u.reason), []).append(u)
+        table = new_table("parameters left out of the scores", [("kind", "left"), ("modules", "left"), ("params", "right"), ("why", "left")])
+        table.columns[1].overflow = "fold"
+        for (kind, reason), members in groups.items():
+            names = ", ".join(u.name for u in members[:3]) + (f", … ({len(members)} in all)" if len(members) > 3 else "")
+            table.add_row(kind, names, f"{sum(u.num_params for u in members):,}", reason)
+        print_table(table)
+    tracked_params = sum(r.d_in * r.d_out for r in rows)
+    left_out = sum(u.num_params for u in untracked)
+    err_console.print(
+        f"{len(rows)} layers, factors {human_bytes(4 * total)} in float32; "
+        f"{tracked_params:,} of {tracked_params + left_out:,} parameters tracked"
+    )

@@ -1,0 +1,197 @@
+"""Which layers are tracked, and models whose forward could fool the hooks (float64).
+
+In-place ops on a tracked layer's input or output, inputs whose dim 0 is not the batch,
+tied weights, Conv2d padding forms and layers without curvature: each either gives the
+dense per-example answer or a one-line error naming the layer.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from exact import batches_of, fit
+from test_scores import explicit_grads, explicit_scores
+from torch import nn
+
+from influence_cli.errors import ModelError
+from influence_cli.factors import LayerFactors
+from influence_cli.kernel import pairwise_scores, self_influence_scores
+from influence_cli.tracking import find_tracked_modules, untracked_modules
+
+pytestmark = pytest.mark.usefixtures("float64_default")
+
+
+@pytest.fixture
+def data():
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(10, 4, generator=g), torch.randint(0, 3, (10,), generator=g)
+    xq, yq = torch.randn(3, 4, generator=g), torch.randint(0, 3, (3,), generator=g)
+    return x, y, xq, yq
+
+
+def relu_mlp(inplace: bool) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=inplace), nn.Linear(6, 3))
+
+
+class ScalesItsInput(nn.Module):
+    """Modifies a layer's input in place after the layer has read it."""
+
+    def __init__(self, inplace: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2, self.inplace = nn.Linear(4, 6), nn.Linear(4, 3), inplace
+
+    def forward(self, x):
+        x = x + 1.0
+        h = torch.tanh(self.fc1(x))
+        x = x.mul_(2.0) if self.inplace else x * 2.0
+        return self.fc2(x) + h[:, :3]
+
+
+@pytest.mark.parametrize("make", [relu_mlp, ScalesItsInput], ids=["output-relu_", "input-mul_"])
+def test_in_place_ops_on_a_tracked_layer_are_seen_and_undone(data, make):
+    """nn.ReLU(inplace=True) right after a Linear (as in VGG) would turn g into the gradient after
+    the ReLU; x.mul_() after a layer read x would change its a. Both forwards are detected and rerun."""
+    x, y, xq, yq = data
+    results = []
+    for inplace in (False, True):
+        model = make(inplace)
+        tracked, layers = fit(model, x.clone(), y, strategy="ekfac", batch_size=4)
+        scores = pairwise_scores(model, tracked, layers, batches_of(xq.clone(), yq, 2)(0), batches_of(x.clone(), y, 4)(0), damping=0.05)
+        results.append((tracked, layers, scores))
+    (_, ref_layers, ref), (tracked, layers, got) = results
+    assert any(tm.copy_io for tm in tracked)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    for name, lf in layers.items():
+        torch.testing.assert_close(lf.eigenvalues, ref_layers[name].eigenvalues, rtol=1e-10, atol=1e-14)
+
+
+class SequenceFirst(nn.Module):
+    """A Linear applied to [T, B, F] (nn.Transformer's default layout)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.head = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):  # x [B, T, F]
+        return self.head(torch.tanh(self.proj(x.transpose(0, 1))).mean(0))
+
+
+def test_a_layer_whose_dim_0_is_not_the_batch_is_refused():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 3, 4, generator=g), torch.randint(0, 3, (4,), generator=g)
+    with pytest.raises(ModelError, match=r"layer 'proj' receives inputs whose first dimension is 3, not the batch size 4"):
+        fit(SequenceFirst(), x, y, batch_size=4)
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc, self.dec = nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False)
+        self.dec.weight = self.enc.weight
+
+    def forward(self, x):
+        return self.dec(torch.tanh(self.enc(x)))
+
+
+def test_tied_weights_are_refused_unless_one_layer_is_tracked():
+    with pytest.raises(ModelError, match=r"layers 'enc' and 'dec' share a parameter"):
+        find_tracked_modules(Tied(), ["*"])
+    assert [tm.name for tm in find_tracked_modules(Tied(), ["dec"])] == ["dec"]
+
+
+def conv_net(**conv) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 3, **({"kernel_size": 3} | conv)), nn.Tanh(), nn.Flatten(), nn.LazyLinear(3))
+
+
+@pytest.mark.parametrize(
+    ("named", "numeric"),
+    [
+        (dict(padding="valid"), dict(padding=0)),
+        (dict(padding="same"), dict(padding=1)),
+        (dict(padding="same", dilation=2), dict(padding=2, dilation=2)),
+        (dict(padding="same", kernel_size=(1, 3)), dict(padding=(0, 1), kernel_size=(1, 3))),
+    ],
+)
+def test_conv_padding_by_name_equals_the_numbers(named, numeric):
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 2, 5, 5, generator=g), torch.randint(0, 3, (6,), generator=g)
+    factors = []
+    for kw in (named, numeric):
+        model = conv_net(**kw)
+        model(x[:1])  # materialise the lazy head
+        factors.append(fit(model, x, y, strategy="ekfac", batch_size=3)[1])
+    for name, lf in factors[0].items():
+        torch.testing.assert_close(lf.eigenvalues, factors[1][name].eigenvalues, rtol=1e-10, atol=1e-14)
+
+
+def test_unsupported_convs_are_skipped_by_wildcards_and_refused_by_name():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 2, 2, padding="same"), nn.Flatten(), nn.Linear(8, 3))
+    tracked = find_tracked_modules(model, ["*"])
+    assert [tm.name for tm in tracked] == ["3"]
+    assert [(u.name, u.reason) for u in untracked_modules(model, tracked)] == [
+        ("0", "groups=2"),
+        ("1", "padding='same' with an even kernel (asymmetric)"),
+    ]
+    with pytest.raises(ModelError, match=r"Conv2d '0' uses groups=2"):
+        find_tracked_modules(model, ["0", "3"])
+
+
+def test_untracked_modules_name_what_the_scores_leave_out():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 3))
+    tracked = find_tracked_modules(model, ["0"])
+    rows = [(u.name, u.kind, u.num_params, u.reason) for u in untracked_modules(model, tracked)]
+    assert rows == [("1", "LayerNorm", 12, "not an nn.Linear or nn.Conv2d"), ("2", "Linear", 21, "not matched by factors.modules")]
+
+
+class AuxiliaryHead(nn.Module):
+    """`aux` is computed in the forward but never reaches the output: no curvature, zero gradients."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc, self.head, self.aux = nn.Linear(4, 5), nn.Linear(5, 3), nn.Linear(5, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x))
+        self.aux_out = self.aux(h)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("strategy", ["ekfac", "kfac", "diagonal"])
+def test_a_layer_without_curvature_adds_nothing_instead_of_nan(data, strategy):
+    """`auto` damping of a layer whose Λ is all 0 is 0: its 1/(Λ + λ) is taken as the
+    pseudo-inverse's 0, not ∞ (0·∞ made every score NaN)."""
+    x, y, xq, yq = data
+    model = AuxiliaryHead()
+    tracked, layers = fit(model, x, y, strategy=strategy, batch_size=4)
+    assert float(layers["aux"].eigenvalues.abs().max()) == 0.0
+    got = pairwise_scores(model, tracked, layers, batches_of(xq, yq, 2)(0), batches_of(x, y, 4)(0))
+    self_inf = self_influence_scores(model, tracked, layers, batches_of(x, y, 4)(0))
+    without = {k: v for k, v in layers.items() if k != "aux"}
+    reached = [tm for tm in tracked if tm.name != "aux"]
+    gq, gt = explicit_grads(model, reached, xq, yq), explicit_grads(model, reached, x, y)
+    torch.testing.assert_close(got, explicit_scores(without, gq, gt, "auto"), rtol=1e-9, atol=1e-10)
+    assert bool(torch.isfinite(self_inf).all())
+
+
+def test_zero_damping_is_the_pseudo_inverse():
+    lf = LayerFactors("l", eigenvalues=torch.tensor([[0.0, 2.0], [4.0, 0.0]]))
+    torch.testing.assert_close(lf.inverse_eigenvalues(0.0), torch.tensor([[0.0, 0.5], [0.25, 0.0]]))
+    torch.testing.assert_close(lf.inverse_eigenvalues(0.0, 2), torch.tensor([[0.0, 0.25], [0.0625, 0.0]]))
+
+
+class ScalesTheBatch(ScalesItsInput):
+    def forward(self, x):
+        h = torch.tanh(self.fc1(x))
+        return self.fc2(x.mul_(2.0)) + h[:, :3]
+
+
+def test_a_model_that_modifies_its_input_batch_in_place_is_refused(data):
+    x, y, *_ = data
+    with pytest.raises(ModelError, match="modifies its input batch in place"):
+        fit(ScalesTheBatch(True), x.clone(), y, batch_size=4)
