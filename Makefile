@@ -40,13 +40,13 @@ test: $(STAMP) ## Run the test suite (includes the real-MNIST smoke run and 2-pr
 	$(BIN)/ruff check influence_cli tests benchmarks sample_data
 	$(PY) -m pytest -q
 
-test-all: $(STAMP) ## Run every test, the slow ones too (nightly)
+test-all: $(STAMP) ## Run every test, including any marked slow (nightly; none are today: the whole suite fits CI)
 	$(PY) -m pytest -q -m ''
 
 lint: $(STAMP) ## ruff
 	$(BIN)/ruff check influence_cli tests benchmarks sample_data
 
-mnist-model: $(STAMP) ## Train the MNIST MLP used by configs/mnist*.yaml (runs/mnist/model.safetensors)
+mnist-model: $(STAMP) ## Train the MNIST MLP of configs/mnist.yaml and mnist_similarity.yaml (runs/mnist/model.safetensors)
 	$(PY) benchmarks/train_mnist.py --out runs/mnist/model.safetensors
 
 bench: $(STAMP) mnist-model ## Run the CPU benchmarks (results go to stdout; see docs/BENCHMARKS.md)

@@ -36,7 +36,7 @@ config error: configs/mine.yaml: 3 problems: data.train.sourc: unknown key (did 
 hint: fix the keys above in the file or with --set key=value
 ```
 
-A complete example (the bundled digits sample, `configs/digits.yaml`):
+An example (the bundled digits sample, `configs/digits.yaml`, abridged):
 
 ```yaml
 model:
@@ -105,7 +105,7 @@ influence fit-factors configs/digits.yaml --set 'data.train={source: tensors, pa
 DATA_PROSE = """\
 ## Data sources and subsets
 
-A *data spec* (`data.train`, `data.query`, each entry of `similarity.datasets`) names a source
+A *data spec* (`data.train`, `data.query`, each entry of `similarity.datasets` and `spectrum.datasets`) names a source
 and optionally a subset of it. Every kept example keeps its **global index** (its position in
 the source) in every output, so `range: [1500, 1520]` reports query indices 1500..1519.
 
@@ -187,7 +187,7 @@ eigendecompositions. `factors.amp: bfloat16` runs fit-factors and compute-scores
 the forward under autocast, and every per-batch matrix product (covariances, eigenbasis
 rotations, the corrected eigenvalues, the scoring GEMMs) on bf16 operands summed into float32
 accumulators; the preconditioned queries are stored in bf16. On GPUs and on CPUs with bf16
-units this is several times faster (3.5x for compute-scores on the benchmark CPU), with scores
+units this is several times faster (3.3x for compute-scores on the benchmark CPU), with scores
 whose Pearson correlation with float32 is about 0.997 and the same LDS (docs/BENCHMARKS.md).
 `float16` is for GPUs only, and its narrow range (no loss scaling is applied) can flush very
 small output gradients to zero in deep models: prefer `bfloat16`. A factors file fitted either
@@ -234,21 +234,22 @@ OUTPUT_PROSE = """\
 ## The output folder
 
 Every command writes into `output_dir` (relative to the config file) and reads what earlier
-commands wrote there:
+commands wrote there; only `edit` writes elsewhere, to its `--out` checkpoint:
 
 | file | written by | what |
 |---|---|---|
-| `factors.safetensors` | `fit-factors` | per layer `<module>.<factor>` tensors (A, G, their eigenvectors / eigenvalues, the corrected eigenvalues) |
+| `factors.safetensors` | `fit-factors` | per layer `<module>.<factor>` tensors: the eigenvectors and eigenvalues of A and G, the corrected eigenvalues, the example count (A and G themselves are U diag(λ) Uᵀ) |
 | `members/<i>/factors.safetensors` | `fit-factors` (with `scores.checkpoints`) | the factors of ensemble member i, i.e. of `scores.checkpoints[i - 1]` |
 | `scores.safetensors` | `compute-scores` | the [queries × train] score matrix with both sides' global indices |
 | `scores.index.json` + `scores.shard-NNNNN.safetensors` | `compute-scores` | the same, as shards by training range, for runs larger than `scores.max_memory_mb` or under torchrun |
 | `self_influence.safetensors` | `compute-scores --self` | I(x, x) for every training example |
 | `similarity.safetensors` | `dataset-similarity` | the kernel between the datasets of `similarity.datasets` |
+| `spectrum.safetensors` | `spectrum` | each example's gradient energy per curvature band, per dataset of `spectrum.datasets` |
 | `factors.partial*.safetensors`, `scores.partial*.safetensors` | an interrupted run | saved progress, every `factors.checkpoint_every` batches; `--resume` continues from it |
 
 Each file's metadata records the tool and torch versions, the device, the strategy and Fisher
 kind, fingerprints of the model and the data, and the resolved config: `influence info FILE`
-prints them. Files are written under a temporary name and renamed, so a file with a final name
+prints them (`--json` includes the resolved config). Files are written under a temporary name and renamed, so a file with a final name
 is complete; a finished output is only replaced with `--overwrite`, and later commands refuse
 factors or scores of another model or dataset.
 """

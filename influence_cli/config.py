@@ -43,7 +43,7 @@ class NormalizeSpec:
 
 @dataclass
 class TransformSpec:
-    """Basic input transforms, applied in the order scale -> normalize -> flatten."""
+    """Basic input transforms, applied in the order resize -> scale -> normalize -> flatten."""
 
     scale: float | None = _help("Divide raw inputs by this number (255.0 for 8-bit images).", default=None)
     normalize: NormalizeSpec | None = _help("Per-channel mean/std normalization.", default=None)
@@ -130,7 +130,7 @@ class FactorsConfig:
         default="sampled",
     )
     modules: list[str] = _help("fnmatch patterns of module names to track.", default_factory=lambda: ["*"])
-    max_examples: int | None = _help("Cap on training examples used per pass (null = all).", default=None)
+    max_examples: int | None = _help("fit-factors only: cap on the training examples of each pass (null = all); compute-scores scores all of data.train.", default=None)
     amp: Literal["none", "bfloat16", "float16"] = _help(
         "Low precision for the data passes (fit-factors and compute-scores): the forward runs under autocast and the "
         "per-batch matrix products (covariances, rotations, scoring GEMMs) in this dtype, summed in float32 accumulators; "

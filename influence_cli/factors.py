@@ -108,7 +108,7 @@ class LayerFactors:
         return inverse.to(self.eigenvalues.dtype)
 
     def precondition(self, v: torch.Tensor, damping: float) -> torch.Tensor:
-        """(F + λ)⁻¹ V for V [..., d_out, d_in] (DESIGN.md: rotate, divide, rotate back)."""
+        """(F + λ)⁻¹ V for V [..., d_out, d_in] (George et al. 2018: rotate, divide, rotate back)."""
         inv = self.inverse_eigenvalues(damping)
         if inv is None:
             return v
@@ -118,7 +118,7 @@ class LayerFactors:
         """The on-disk tensors, keyed `<layer>.<factor>`.
 
         A and G themselves are not written: U diag(λ) Uᵀ gives them back, and leaving them out
-        halves the file (DESIGN.md: eigenvectors, eigenvalues, corrected eigenvalues, counts).
+        halves the file (docs/CONFIG.md, the output folder: eigenvectors, eigenvalues, corrected eigenvalues, counts).
         """
         out = {f"{self.name}.{storage.NUM_EXAMPLES}": torch.tensor([self.num_examples], dtype=torch.int64)}
         for key in (

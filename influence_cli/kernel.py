@@ -1,6 +1,6 @@
 """The scoring math: query gradients preconditioned once, training gradients streamed against them.
 
-For a query z and a training example x (DESIGN.md, Koh & Liang 2017 with the
+For a query z and a training example x (Koh & Liang 2017 with the
 EKFAC curvature of Grosse et al. 2023),
 
     I(z, x) = Σ_layers ∇L(z)ᵀ (F + λ)⁻¹ ∇L(x)
@@ -11,7 +11,7 @@ x lowers z's loss (x is a proponent). F is the mean over training examples and
 per-example losses are summed, so a score is N × the classical per-example
 influence: removing x changes the query's measurement by about −score / N.
 
-Cost (DESIGN.md): the query gradients are preconditioned once per layer,
+Cost: the query gradients are preconditioned once per layer,
 V' = U_G [(U_Gᵀ V U_A) / (Λ* + λ)] U_Aᵀ, and kept as [Q, P] matrices; the training
 set is streamed and each batch costs one GEMM per layer, [Q, P] @ [P, B]. Layers
 without positions do both sides in the Kronecker eigenbasis instead (ScoreKernel),

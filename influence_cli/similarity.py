@@ -13,7 +13,7 @@ empirical or ggn). From them:
 - Fisher kernel (Jaakkola & Haussler 1999, between dataset means):
   K(S, T) = Σ_layers Σ_ij M̃_S[i,j] M̃_T[i,j] / (Λ*[i,j] + λ), which is exactly the
   mean over all pairs (s ∈ S, t ∈ T) of the influence score ∇L(s)ᵀ (F + λ)⁻¹ ∇L(t)
-  (DESIGN.md); normalized K(S,T) / √(K(S,S) K(T,T)) ∈ [-1, 1].
+  (expand the means); normalized K(S,T) / √(K(S,S) K(T,T)) ∈ [-1, 1].
 - Task2Vec (Achille et al. 2019, "Task2Vec: Task Embedding for Meta-Learning"):
   the embedding of S is D_S over all layers; similarity is the cosine, and the
   normalized distance is d(S, T) = 1 − cos(D_S / (D_S + D_T), D_T / (D_S + D_T)).

@@ -2,7 +2,7 @@
 
 Everything here acts on model outputs ([B, C] logits for classification, [B] or
 [B, K] predictions for regression). The per-example regression loss is
-Σ_k (f_k − y_k)² (c = 1 in DESIGN.md), so its Gauss-Newton matrix is 2·JᵀJ.
+Σ_k (f_k − y_k)² (a Gaussian likelihood with c = 1, no ½), so its Gauss-Newton matrix is 2·JᵀJ.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Padding positions of sequence inputs are masked out (DESIGN.md): a padded batch of
+"""Padding positions of sequence inputs are masked out (`data.padding_value`): a padded batch of
 variable-length sequences gives exactly the factors and scores of each sequence run alone."""
 
 from __future__ import annotations

@@ -31,8 +31,9 @@ def fit_factors_cmd(
 ) -> None:
     """Fit the curvature (EKFAC by default) on data.train and save it as OUTPUT_DIR/factors.safetensors.
 
-    Streams the training set in two passes (covariances A and G, then the eigenvalue
-    correction), with progress bars on stderr, and prints a summary of what was fitted.
+    Streams the training set in two passes for ekfac (covariances A and G, then the eigenvalue
+    correction; one pass for kfac and diagonal, none for identity), with progress bars on stderr,
+    and prints a summary of what was fitted.
     """
     from influence_cli.distributed import init_distributed
     from influence_cli.fit import fit_factors

@@ -24,7 +24,7 @@ def info_cmd(
     path: Annotated[Path, typer.Argument(help="A factors, scores or similarity file written by this tool.")],
     json_: JsonOpt = False,
 ) -> None:
-    """Show the metadata of an output: format, versions, strategy, fingerprints, resolved config, tensors."""
+    """Show the metadata of an output: format, versions, strategy, fingerprints, tensors (--json adds the resolved config)."""
     from safetensors import safe_open
 
     from influence_cli import storage

@@ -78,8 +78,8 @@ def dataset_similarity_cmd(
     (1 = same direction, 0 = unrelated, negative = training on one raises the other's loss) and the raw
     K(S,S) (how strongly the model would still change to fit S). **task2vec**: each dataset is embedded by
     its diagonal Fisher in the eigenbasis; the table shows their cosine similarity in [0, 1] and the
-    Task2Vec normalized distance (0 = same). The diagonal uses the factors' Fisher kind; a one-sample
-    `sampled` Fisher is noisy on small datasets, factors.fisher=ggn removes that noise. Everything, with
+    Task2Vec normalized distance (0 = same). The diagonal uses similarity.fisher (null = the factors'
+    Fisher kind); a one-sample `sampled` Fisher is noisy on small datasets, similarity.fisher=ggn removes that noise. Everything, with
     per-dataset embeddings, is saved to OUTPUT_DIR/similarity.safetensors.
     """
     from influence_cli.distributed import init_distributed

@@ -26,11 +26,11 @@ OrderOpt = Annotated[
 SPECTRUM_EPILOG = """\
 **Examples**
 
-  influence spectrum configs/mnist_memorization.yaml --plot runs/memorization/spectrum.png
+  influence spectrum configs/mnist_memorization.yaml --plot runs/memorization/spectrum.png --overwrite
 
   influence spectrum configs/mnist_memorization.yaml --top 20 --order ekfac --overwrite
 
-  influence spectrum configs/mnist.yaml --layers head --set spectrum.mass=true --set spectrum.top=0.6 --json --overwrite
+  influence spectrum configs/mnist.yaml --layers head --set spectrum.mass=true --set spectrum.bottom=0.3 --set spectrum.top=0.6 --json --overwrite
 """
 
 EDIT_EPILOG = """\
