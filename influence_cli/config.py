@@ -381,7 +381,19 @@ def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str]) ->
 
 
 class _Loader(yaml.SafeLoader):
-    """yaml.SafeLoader that also reads YAML 1.2 exponent floats without a dot (1e-3) as numbers."""
+    """yaml.SafeLoader that also reads YAML 1.2 exponent floats without a dot (1e-3) as numbers,
+    and refuses a key given twice in one mapping (PyYAML would keep the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark, f"the key {key!r} appears twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -465,6 +477,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None, check_file
         ConfigError: listing every problem, each with its key.
     """
     path = Path(path)
+    if _exists(path) and not _exists(path, "file"):
+        raise ConfigError(f"config file {str(path)!r} is a folder", hint="pass the path of a YAML config file")
     if not _exists(path, "file"):
         raise ConfigError(f"config file {str(path)!r} does not exist", hint="pass the path of a YAML config file")
     try:
@@ -709,8 +723,8 @@ def _check_spectrum(cfg: Config, check_files: bool) -> list[str]:
     e = sp.edit
     if not 0.0 < e.rho <= 1.0:
         problems.append(f"spectrum.edit.rho: must be in (0, 1], got {e.rho}")
-    if not 0.0 <= e.share <= 1.0:
-        problems.append(f"spectrum.edit.share: must be in [0, 1], got {e.share}")
+    if not 0.0 < e.share <= 1.0:
+        problems.append(f"spectrum.edit.share: must be in (0, 1], got {e.share}")
     if e.layers is not None and not e.layers:
         problems.append("spectrum.edit.layers: needs at least one pattern, or null for spectrum.layers")
     return problems

@@ -190,8 +190,8 @@ def edit_checkpoint(
     share = e.share if share is None else share
     if not 0.0 < rho <= 1.0:
         raise UsageError(f"--rho: must be in (0, 1], got {rho}")
-    if not 0.0 <= share <= 1.0:
-        raise UsageError(f"--keep-share: must be in [0, 1], got {share}")
+    if not 0.0 < share <= 1.0:
+        raise UsageError(f"--keep-share: must be in (0, 1] (0 would zero every edited weight), got {share}")
     order = order or cfg.spectrum.order
     check_order(order, "--order")
     out = Path(out)

@@ -353,7 +353,7 @@ def _fit_member(
     }
     # Progress is only resumable with the same batches on the same ranks; a finished result is
     # "the same" whatever the batch size and rank count were.
-    key = run_key(result | {"batch_size": cfg.data.batch_size, "world": ctx.state.world_size})
+    settings = result | {"batch_size": cfg.data.batch_size, "world": ctx.state.world_size}
     layers_info = describe_layers(ctx.tracked, cfg.factors.strategy)
     if resume and not overwrite and path.exists():
         if storage.read_metadata(path).get("result_key") == run_key(result):
@@ -361,7 +361,7 @@ def _fit_member(
     storage.check_can_write(path, overwrite, "factors")
     storage.ensure_writable_dir(out_dir)
     rank_suffix = f".rank{ctx.state.rank}" if ctx.state.distributed else ""
-    checkpoint = PassCheckpoint(out_dir / storage.FACTORS_PARTIAL.format(rank=rank_suffix), key, cfg.factors.checkpoint_every)
+    checkpoint = PassCheckpoint(out_dir / storage.FACTORS_PARTIAL.format(rank=rank_suffix), settings, cfg.factors.checkpoint_every)
     snapshot = checkpoint.check_start(resume, overwrite)
     if ctx.state.is_main:
         storage.remove_stale_temp_files(path)

@@ -96,6 +96,7 @@ def save_heatmap(
     """
     path = Path(path)
     img = render_heatmap(matrix, names, title, off_diagonal_scale)
+    fmt = storage.check_image_path(path, "--heatmap")
     with storage.atomic_path(path, key="--heatmap") as tmp:
-        img.save(tmp, format="PNG")
+        img.save(tmp, format=fmt)
     return path

@@ -15,7 +15,6 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from influence_cli import storage
-from influence_cli.errors import OutputError
 
 _COLORS = {"query": (40, 90, 200), "proponent": (30, 150, 60), "opponent": (200, 50, 40)}
 _BACKGROUND = (255, 255, 255)
@@ -111,9 +110,7 @@ def save_image_grid(
     """
     path = Path(path)
     groups = [groups] if isinstance(groups, GridGroup) else list(groups)
-    fmt = Image.registered_extensions().get(path.suffix.lower())
-    if fmt is None:
-        raise OutputError(f"--image-grid {str(path)!r}: unknown image format {path.suffix!r}", hint="use a .png file name")
+    fmt = storage.check_image_path(path, "--image-grid")
     font = ImageFont.load_default()
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     line_h = max(12, int(probe.textbbox((0, 0), "Hg#0", font=font)[3]) + 3)

@@ -386,9 +386,13 @@ def read_state_dict(path: str | Path, key: str = "model.checkpoint") -> dict[str
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - corrupt files raise many kinds of errors
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = str(exc).strip()
+        reason = text.splitlines()[0] if text else type(exc).__name__
         hint = "the file may be truncated or not a checkpoint; re-save it from the trained model"
-        if suffix != ".safetensors" and ("weights_only" in str(exc) or "Unsupported global" in str(exc)):
+        if "WeightsUnpickler error:" in text:  # torch's weights-only unpickler: the line after its preamble says why
+            reason = next((line.strip() for line in text.split("WeightsUnpickler error:", 1)[1].splitlines() if line.strip()), reason)
+        if suffix != ".safetensors" and "Unsupported global" in text:
+            reason = reason.split(" was not an allowed global", 1)[0] + " (not a tensor)"
             hint = "the file holds pickled objects other than tensors: save model.state_dict() instead of the model"
         raise ModelError(
             f"{where}: cannot read the checkpoint ({type(exc).__name__}: {reason[:300]})", hint=hint

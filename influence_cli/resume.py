@@ -34,9 +34,11 @@ class Snapshot:
 class PassCheckpoint:
     """Saves and restores one rank's progress to `path` (atomic writes)."""
 
-    def __init__(self, path: Path, key: str, every: int) -> None:
+    def __init__(self, path: Path, settings: dict[str, Any], every: int) -> None:
+        """`settings`: everything the pass's result depends on (its `run_key` identifies the run)."""
         self.path = path
-        self.key = key
+        self.settings = json.loads(json.dumps(settings, sort_keys=True, default=str))
+        self.key = run_key(settings)
         self.every = every
 
     def exists(self) -> bool:
@@ -57,9 +59,10 @@ class PassCheckpoint:
             )
         tensors, meta = storage.load_tensors(self.path, storage.PARTIAL_FORMAT)
         if meta.get("run_key") != self.key:
+            changed = _changed(storage.meta_json(meta, "settings", None), self.settings)
             raise OutputError(
-                f"{str(self.path)!r} is progress of a run with other settings (model, data, strategy or batch size changed)",
-                hint="pass --overwrite to start over with the current settings",
+                f"{str(self.path)!r} is progress of a run with other settings ({changed})",
+                hint="resume with the interrupted run's settings, or pass --overwrite to start over with these",
             )
         return Snapshot(meta["phase"], int(meta["batches_done"]), tensors)
 
@@ -67,8 +70,30 @@ class PassCheckpoint:
         return self.every > 0 and batches_done % self.every == 0
 
     def save(self, phase: str, batches_done: int, tensors: dict[str, torch.Tensor]) -> None:
-        meta = {storage.FORMAT_KEY: storage.PARTIAL_FORMAT, "run_key": self.key, "phase": phase, "batches_done": str(batches_done)}
+        meta = {
+            storage.FORMAT_KEY: storage.PARTIAL_FORMAT, "run_key": self.key, "phase": phase, "batches_done": str(batches_done),
+            "settings": self.settings,
+        }  # fmt: skip
         storage.save_tensors(self.path, tensors, meta)
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+_NAMES = {"bs": "batch size", "batch_size": "batch size", "world": "number of ranks", "n": "examples", "chunks": "query chunks",
+          "shards": "score shards", "factors": "factors file", "model_fingerprint": "model", "train_fingerprint": "data.train",
+          "query_fingerprint": "data.query"}  # fmt: skip
+
+
+def _changed(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
+    """Which settings differ, in words: "batch size 256 -> 64, model"."""
+    if not isinstance(old, dict):
+        return "model, data, strategy or batch size changed"
+    parts = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a != b:
+            name = _NAMES.get(key, key)
+            short = all(isinstance(v, (int, float, str, bool)) and len(str(v)) <= 12 for v in (a, b))
+            parts.append(f"{name} {a} -> {b}" if short else name)
+    return ", ".join(parts) or "unknown change"

@@ -545,12 +545,13 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
         "n_train": n_t,
         "dtype": cfg.scores.dtype,
     }
-    key = run_key(
+    settings = (
         {k: metadata[k] for k in ("model_fingerprint", "train_fingerprint", "query_fingerprint", "damping", "relative", "measurement", "strategy", "dtype")}
         | {"factors": common["factors"].get("created"), "bs": scorer.bs, "world": st.world_size, "amp": cfg.factors.amp,
            "chunks": layout.query_chunks, "shards": [(s.start, s.stop) for s in layout.shards]}
         | _members_key(common)
     )
+    key = run_key(settings)
     metadata["run_key"] = key
     paths = ([index] + [out_dir / storage.SCORES_SHARD.format(shard=s.number) for s in layout.shards]) if layout.sharded else [single]
     if resume and not overwrite and _finished_key(paths[0]) == key:  # a requeued job whose scores are done
@@ -560,7 +561,7 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
             {tm.name: tm.num_params for tm in ctx.tracked}, n_members,
         )
     rank_suffix = f".rank{st.rank}" if st.distributed else ""
-    checkpoint = PassCheckpoint(out_dir / storage.SCORES_PARTIAL.format(rank=rank_suffix), key, cfg.factors.checkpoint_every)
+    checkpoint = PassCheckpoint(out_dir / storage.SCORES_PARTIAL.format(rank=rank_suffix), settings, cfg.factors.checkpoint_every)
 
     def start_checks() -> Snapshot | None:
         storage.check_can_write(single, overwrite, "scores")
@@ -726,11 +727,12 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
     n_t = len(train)
     path = out_dir / storage.SELF_INFLUENCE_FILE
     metadata = common | {storage.FORMAT_KEY: storage.SELF_FORMAT, "kind": "self", "n_train": n_t}
-    key = run_key(
+    settings = (
         {k: common[k] for k in ("model_fingerprint", "train_fingerprint", "damping", "strategy")}
         | {"factors": common["factors"].get("created"), "bs": scorer.bs, "world": st.world_size, "amp": cfg.factors.amp, "kind": "self"}
         | _members_key(common)
     )
+    key = run_key(settings)
     metadata["run_key"] = key
     if resume and not overwrite and _finished_key(path) == key:  # a requeued job whose scores are done
         return ScoresReport(
@@ -738,7 +740,7 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
             {}, 0.0, "already complete", {tm.name: tm.num_params for tm in ctx.tracked}, len(scorer.members),
         )
     rank_suffix = (f".rank{st.rank}" if st.distributed else "") + ".self"
-    checkpoint = PassCheckpoint(out_dir / storage.SCORES_PARTIAL.format(rank=rank_suffix), key, cfg.factors.checkpoint_every)
+    checkpoint = PassCheckpoint(out_dir / storage.SCORES_PARTIAL.format(rank=rank_suffix), settings, cfg.factors.checkpoint_every)
 
     def start_checks() -> Snapshot | None:
         storage.check_can_write(path, overwrite, "self-influence scores")

@@ -90,7 +90,12 @@ def atomic_path(path: Path, key: str = "output_dir") -> Iterator[Path]:
     """
     path = Path(path)
     ensure_writable_dir(path.parent, key=key)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if path.is_dir():
+        raise OutputError(f"{key}: {str(path)!r} is a folder", hint="give a file name")
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise OutputError(f"{key}: cannot write in {str(path.parent)!r} ({exc.strerror})", hint=f"set {key} to a writable place") from None
     os.close(fd)
     tmp = Path(name)
     try:
@@ -101,10 +106,37 @@ def atomic_path(path: Path, key: str = "output_dir") -> Iterator[Path]:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise OutputError(f"{key}: cannot write {str(path)!r} ({exc.strerror or exc})", hint=f"set {key} to a writable place") from None
         raise
     _fsync_dir(path.parent)
+
+
+def check_image_path(path: Path, key: str) -> str:
+    """Checks, before any work, that a picture can be written at `path`; returns its image format.
+
+    The format comes from the suffix (.png, .jpg, ...); the folder is created if needed.
+
+    Raises:
+        OutputError: unknown suffix, `path` is a folder, or its folder cannot be written.
+    """
+    from PIL import Image
+
+    path = Path(path)
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise OutputError(f"{key} {str(path)!r}: unknown image format {path.suffix!r}", hint="use a .png file name")
+    if path.is_dir():
+        raise OutputError(f"{key}: {str(path)!r} is a folder", hint="give a file name, such as grid.png")
+    ensure_writable_dir(path.parent, key=key)
+    try:
+        with tempfile.NamedTemporaryFile(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent):
+            pass
+    except OSError as exc:
+        raise OutputError(f"{key}: cannot write in {str(path.parent)!r} ({exc.strerror})", hint=f"set {key} to a writable place") from None
+    return fmt
 
 
 def ensure_writable_dir(folder: Path, key: str = "output_dir") -> None:
@@ -138,13 +170,13 @@ def save_json(path: Path, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
 
 
-def read_metadata(path: Path) -> dict[str, str]:
+def read_metadata(path: Path, hint: str = "rerun with --overwrite") -> dict[str, str]:
     """The raw (string) metadata of a safetensors file."""
     try:
         with safe_open(str(path), framework="pt") as fh:
             return dict(fh.metadata() or {})
     except Exception as exc:  # safetensors raises several types for corrupt files
-        raise OutputError(f"{str(path)!r} is not a readable safetensors file ({exc})", hint="rerun with --overwrite") from None
+        raise OutputError(f"{str(path)!r} is not a readable safetensors file ({exc})", hint=hint) from None
 
 
 def load_tensors(path: Path, expected_format: str | None = None, keys: list[str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from influence_cli import storage
+from influence_cli.config import Config
 from influence_cli.errors import OutputError, UsageError
 
 _BLOCK_ELEMENTS = 1 << 24  # scores read at once (64 MiB in float32)
@@ -141,7 +142,9 @@ def load_scores_meta(output_dir: str | Path) -> ScoresMeta:
             n_query, n_train = fh.get_slice("scores").get_shape()
         files = [ScoreFile(single, 0, n_train)]
     else:
-        raise OutputError(f"no scores in {str(out)!r} ({storage.SCORES_FILE} or {storage.SCORES_INDEX})", hint=_NO_SCORES_HINT)
+        interrupted = any(out.glob(storage.SCORES_PARTIAL.format(rank="*")))
+        hint = "compute-scores was interrupted: rerun it with --resume to finish" if interrupted else _NO_SCORES_HINT
+        raise OutputError(f"no scores in {str(out)!r} ({storage.SCORES_FILE} or {storage.SCORES_INDEX})", hint=hint)
     with safe_open(str(files[0].path), framework="pt") as fh:
         keys = set(fh.keys())
 
@@ -158,11 +161,52 @@ def load_scores_meta(output_dir: str | Path) -> ScoresMeta:
     )
 
 
-def select_queries(n_query: int, queries: slice | int | Sequence[int | slice] | None) -> list[int]:
-    """Query positions (rows of the scores) from an int, a slice, a list of both, or None (all).
+def check_scores_match(metadata: dict[str, Any], cfg: Config, path: Path, *, pairwise: bool = True) -> None:
+    """Refuses scores that the config does not describe.
+
+    Compares what compute-scores recorded with the config: strategy, Fisher kind, damping and
+    (pairwise) measurement, then the model (fingerprint of the checkpoint's weights), data.train
+    and (pairwise) data.query (dataset fingerprints). Scores of an older tool version that lack a
+    field are not refused for it.
 
     Raises:
-        UsageError: naming --query and the valid range when a position is outside [0, n_query).
+        OutputError: naming the first setting that differs.
+    """
+    from influence_cli.data import load_dataset
+    from influence_cli.models import load_model, model_fingerprint
+
+    hint = "use the config (and --set overrides) of compute-scores, or rerun compute-scores with --overwrite"
+    settings = [("factors.strategy", "strategy", cfg.factors.strategy), ("factors.fisher", "fisher", cfg.factors.fisher),
+                ("scores.damping", "damping_setting", cfg.scores.damping)]  # fmt: skip
+    if pairwise:
+        settings.append(("task.measurement", "measurement", cfg.task.measurement))
+    for key, field_name, value in settings:
+        recorded = metadata.get(field_name)
+        if recorded is not None and recorded != value:
+            raise OutputError(f"{str(path)!r} holds scores computed with {key}={recorded}; the config has {value}", hint=hint)
+    recorded = metadata.get("model_fingerprint")
+    if recorded is not None:
+        current = model_fingerprint(load_model(cfg.model, cfg.base_dir))
+        if recorded != current:
+            raise OutputError(f"{str(path)!r} holds scores of another model (fingerprint {recorded}; model.checkpoint's is {current})", hint=hint)
+    specs = [("data.train", cfg.data.train, "train_fingerprint")] + ([("data.query", cfg.data.query, "query_fingerprint")] if pairwise else [])
+    for key, spec, field_name in specs:
+        recorded = metadata.get(field_name)
+        if recorded is not None and spec is not None and recorded != load_dataset(spec, cfg.base_dir, name=key, seed=cfg.seed).fingerprint():
+            raise OutputError(f"{str(path)!r} holds scores computed on another {key}", hint=hint)
+
+
+def select_queries(
+    n_query: int, queries: slice | int | Sequence[int | slice] | None, query_indices: torch.Tensor | None = None
+) -> list[int]:
+    """Query positions (rows of the scores) from an int, a slice, a list of both, or None (all).
+
+    Slices are clipped to the queries like Python's (`15:99` of 20 is 15..19); a position outside
+    them is an error, which names the position of a query whose global index was given instead
+    (`query_indices`, int64 [n_query]).
+
+    Raises:
+        UsageError: naming --query and the valid range.
     """
     if queries is None:
         return list(range(n_query))
@@ -173,13 +217,20 @@ def select_queries(n_query: int, queries: slice | int | Sequence[int | slice] | 
         if isinstance(item, slice):
             start = 0 if item.start is None else item.start
             stop = n_query if item.stop is None else item.stop
-            if start < 0 or stop < 0 or start >= n_query or stop <= start or (item.step or 1) <= 0:
+            if start < 0 or stop < 0 or (item.step or 1) <= 0:
+                raise UsageError(f"--query {_slice_text(item)}: expected START:STOP with 0 <= START < STOP ({valid})")
+            if stop <= start:
+                raise UsageError(f"--query {_slice_text(item)}: an empty range (STOP must be larger than START)")
+            if start >= n_query:
                 raise UsageError(f"--query {_slice_text(item)}: outside the {n_query} queries ({valid}, e.g. --query 0:{min(n_query, 10)})")
             out.extend(range(start, min(stop, n_query), item.step or 1))
         else:
             q = int(item)
             if not 0 <= q < n_query:
-                raise UsageError(f"--query {q}: outside the {n_query} queries ({valid})")
+                hint = None
+                if query_indices is not None and bool((query_indices == q).any()):
+                    hint = f"--query takes positions (rows of the scores), not dataset indices: index {q} is at position {int((query_indices == q).nonzero()[0])}"
+                raise UsageError(f"--query {q}: outside the {n_query} queries ({valid})", hint=hint)
             out.append(q)
     return list(dict.fromkeys(out))
 
@@ -317,7 +368,7 @@ def top_k(
     if k <= 0:
         raise UsageError(f"--k {k}: must be at least 1")
     meta = load_scores_meta(output_dir)
-    rows = select_queries(meta.n_query, queries)
+    rows = select_queries(meta.n_query, queries, meta.query_indices)
     best = _Running(len(rows), k, 1.0) if largest else None
     worst = _Running(len(rows), k, -1.0) if smallest else None
     for block in iter_score_blocks(meta, rows, plain=plain, max_elements=max_elements):
@@ -384,6 +435,7 @@ __all__ = [
     "ScoreBlock",
     "ScoresMeta",
     "SelfInfluence",
+    "check_scores_match",
     "iter_score_blocks",
     "load_scores_meta",
     "load_self_influence",

@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from test_scores import N_QUERY, N_TRAIN, write_project
 from typer.testing import CliRunner
 
@@ -105,6 +106,59 @@ def test_top_k_without_scores_hints_compute_scores(runner, tmp_path):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(data))
     result = invoke(runner, "top-k", tmp_path / "c.yaml")
     assert result.exit_code == 5 and "no scores in" in result.stderr and "compute-scores" in result.stderr
+
+
+def test_top_k_refuses_scores_the_config_does_not_describe(runner, project, tmp_path):
+    """Scores of another model, data or setting are never ranked as if they were the config's."""
+    out = project.parent / "out"
+    if not (out / storage.SCORES_FILE).exists():
+        assert invoke(runner, "compute-scores", project).exit_code == 0
+    assert invoke(runner, "top-k", project, "--query", "0", "--k", "1").exit_code == 0
+    model = project.parent / "model.safetensors"
+    perturbed = {k: v + 0.01 for k, v in load_file(model).items()}
+    save_file(perturbed, tmp_path / "perturbed.safetensors")
+    cases = [
+        (["--set", "scores.damping=0.5"], "computed with scores.damping=auto; the config has 0.5"),
+        (["--set", "factors.strategy=kfac"], "computed with factors.strategy=ekfac; the config has kfac"),
+        (["--set", "task.measurement=margin"], "computed with task.measurement=loss"),
+        (["--set", f"model.checkpoint={tmp_path / 'perturbed.safetensors'}"], "holds scores of another model"),
+        (["--set", "data.query.range=[50, 53]"], "computed on another data.query"),
+    ]
+    for extra, needle in cases:
+        result = invoke(runner, "top-k", project, "--query", "0", "--k", "1", *extra)
+        assert result.exit_code == 5 and needle in result.stderr and result.stdout == "", (extra, result.stderr)
+
+
+def test_top_k_after_an_interrupted_run_hints_resume(runner, tmp_path):
+    data = write_project(tmp_path)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(data))
+    (tmp_path / data["output_dir"]).mkdir(parents=True, exist_ok=True)
+    (tmp_path / data["output_dir"] / storage.SCORES_PARTIAL.format(rank="")).write_bytes(b"")
+    result = invoke(runner, "top-k", tmp_path / "c.yaml")
+    assert result.exit_code == 5 and "rerun it with --resume" in result.stderr
+
+
+def test_picture_paths_are_checked_before_any_work(runner, project, tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "a_folder.png").mkdir()
+    cases = [(tmp_path / "a_file" / "grid.png", "cannot create"), (tmp_path / "a_folder.png", "is a folder"), (tmp_path / "grid.txt", "unknown image format")]
+    for path, needle in cases:
+        result = invoke(runner, "top-k", project, "--query", "0", "--image-grid", path)
+        assert result.exit_code == 5 and "--image-grid" in result.stderr and needle in result.stderr, result.stderr
+        assert result.stdout == ""
+
+
+def test_a_terminated_run_says_so_and_exits_143(runner, project, monkeypatch):
+    """SIGTERM (a scheduler's requeue) is handled like Ctrl-C, with its own exit code."""
+    from influence_cli import scores as scores_mod
+    from influence_cli.cli.app import Terminated
+
+    def terminated(*args, **kwargs):
+        raise Terminated()
+
+    monkeypatch.setattr(scores_mod, "compute_scores", terminated)
+    result = invoke(runner, "compute-scores", project)
+    assert result.exit_code == 143 and "terminated." in result.stderr and "--resume" in result.stderr
 
 
 def test_self_influence_and_image_grids(runner, project, tmp_path):

@@ -286,6 +286,17 @@ def test_empty_file_reports_the_missing_blocks(tmp_path: Path):
 def test_missing_config_file(tmp_path: Path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_config(tmp_path)
+
+
+def test_a_key_given_twice_is_an_error(tmp_path: Path):
+    """PyYAML keeps the last of two equal keys silently; the strict loader names it."""
+    path = write(tmp_path, "seed: 0\nfactors: {strategy: ekfac}\nseed: 1\n")
+    with pytest.raises(ConfigError, match=r"the key 'seed' appears twice at line 3"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"the key 'strategy' appears twice"):
+        load_config(write(tmp_path, "factors: {strategy: ekfac, strategy: kfac}\n"))
 
 
 def test_not_utf8(tmp_path: Path):

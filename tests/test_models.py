@@ -277,8 +277,17 @@ def test_truncated_checkpoint(tmp_path: Path) -> None:
 def test_whole_pickled_model_is_rejected(tmp_path: Path) -> None:
     path = tmp_path / "whole.pt"
     torch.save(_mlp(), path)
-    with pytest.raises(ModelError, match="whole.pt"):
+    with pytest.raises(ModelError, match=r"whole.pt.*Unsupported global: GLOBAL \S+ \(not a tensor\)\)$") as info:
         load_checkpoint(_mlp(), path)
+    assert "state_dict()" in info.value.hint
+
+
+def test_a_text_file_named_pt_is_not_a_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "notes.pt"
+    path.write_text("model: mlp\nlr: 0.1\n")
+    with pytest.raises(ModelError, match=r"notes.pt.*cannot read the checkpoint \(UnpicklingError: Unsupported operand") as info:
+        load_checkpoint(_mlp(), path)
+    assert "not a checkpoint" in info.value.hint
 
 
 def test_missing_and_non_state_dict_files(tmp_path: Path) -> None:

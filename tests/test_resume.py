@@ -171,16 +171,17 @@ def test_overwrite_discards_progress(tmp_path, monkeypatch, reference):
 
 
 @pytest.mark.parametrize(
-    "changed",
-    ["data.batch_size=32", "factors.strategy=kfac", "seed=1", "data.train.range=[0, 1400]"],
+    ("changed", "named"),
+    [("data.batch_size=32", "batch size 64 -> 32"), ("factors.strategy=kfac", "strategy ekfac -> kfac"), ("seed=1", "seed 0 -> 1"),
+     ("data.train.range=[0, 1400]", "examples")],  # fmt: skip
     ids=["batch_size", "strategy", "seed", "train_range"],
 )
-def test_resume_with_other_settings_is_refused(tmp_path, monkeypatch, changed):
+def test_resume_with_other_settings_is_refused(tmp_path, monkeypatch, changed, named):
     interrupt_after(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         fit.fit_factors(config(tmp_path))
     monkeypatch.undo()
-    with pytest.raises(OutputError, match="other settings") as info:
+    with pytest.raises(OutputError, match=f"other settings \\(.*{named}") as info:
         fit.fit_factors(config(tmp_path, changed), resume=True)
     assert "--overwrite" in info.value.hint
     assert (tmp_path / PARTIAL).is_file()  # the progress is kept

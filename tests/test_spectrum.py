@@ -361,6 +361,10 @@ def test_cli_errors(tmp_path, digits):
     assert_error(invoke("edit", DIGITS, *empty, "--out", tmp_path / "e.safetensors"), 5, "no factors")
     assert_error(invoke("edit", DIGITS, *sets, "--out", tmp_path / "e.safetensors", "--rho", "0.5", "--keep-share", "0.2"), 2, "--rho", "--keep-share")
     assert_error(invoke("edit", DIGITS, *sets, "--out", tmp_path / "e.safetensors", "--rho", "1.5"), 2, "--rho")
+    assert_error(invoke("edit", DIGITS, *sets, "--out", tmp_path / "e.safetensors", "--keep-share", "0"), 2, "--keep-share", "(0, 1]")
+    assert_error(invoke("spectrum", DIGITS, *sets, "--plot", tmp_path / "plot.txt"), 5, "--plot", "unknown image format")
+    (tmp_path / "a_folder.png").mkdir()
+    assert_error(invoke("spectrum", DIGITS, *sets, "--plot", tmp_path / "a_folder.png"), 5, "--plot", "is a folder")
     assert_error(invoke("edit", DIGITS, *sets, "--out", tmp_path / "e.pt"), 2, "--out", ".safetensors")
     assert_error(invoke("edit", DIGITS, *sets, "--out", ROOT / "sample_data" / "mlp.safetensors", "--overwrite"), 2, "own checkpoint")
     taken = tmp_path / "taken.safetensors"

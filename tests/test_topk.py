@@ -116,12 +116,20 @@ def test_only_proponents_or_opponents(tmp_path):
 
 @pytest.mark.parametrize(
     "selection,needle",
-    [(7, "--query 7: outside the 7 queries (valid: 0..6)"), (slice(9, 12), "--query 9:12"), ([-1], "--query -1"), (slice(3, 3), "--query 3:3")],
+    [(7, "--query 7: outside the 7 queries (valid: 0..6)"), (slice(9, 12), "--query 9:12: outside the 7 queries (valid: 0..6"),
+     ([-1], "--query -1: outside the 7 queries (valid: 0..6)"), (slice(-1, 3), "--query -1:3: expected START:STOP"),
+     (slice(3, 3), "--query 3:3: an empty range")],  # fmt: skip
 )
 def test_query_selection_out_of_range_names_the_flag(selection, needle):
     with pytest.raises(UsageError) as info:
         select_queries(7, selection)
-    assert needle in info.value.message and "0..6" in info.value.message
+    assert needle in info.value.message
+
+
+def test_a_dataset_index_given_as_a_position_is_pointed_out():
+    with pytest.raises(UsageError) as info:
+        select_queries(3, 1501, torch.tensor([1500, 1501, 1502]))
+    assert "not dataset indices: index 1501 is at position 1" in info.value.hint
 
 
 def test_query_selection_forms():

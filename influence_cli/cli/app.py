@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from influence_cli.cli.render import err_console
 from influence_cli.errors import InfluenceError
 
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 app = typer.Typer(
     name="influence",
@@ -40,11 +42,11 @@ _DEBUG = {"on": os.environ.get("INFLUENCE_DEBUG", "") not in ("", "0")}
 ConfigArg = Annotated[Path, typer.Argument(help="YAML config file (see docs/CONFIG.md).", show_default=False)]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", "-s", help="Override a config key: --set factors.strategy=kfac (repeatable; values are YAML)."),
+    typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override a config key: --set factors.strategy=kfac (repeatable; values are YAML)."),
 ]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace outputs of a finished run (and leftover progress).")]
-ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last saved progress.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (nothing else goes to stdout).")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", metavar="", help="Replace outputs of a finished run (and leftover progress).")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", metavar="", help="Continue an interrupted run from its last saved progress.")]
+JsonOpt = Annotated[bool, typer.Option("--json", metavar="", help="Print the result as JSON on stdout (nothing else goes to stdout).")]
 
 
 def _version(value: bool) -> None:
@@ -55,9 +57,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks (or set INFLUENCE_DEBUG=1).")] = False,
+    debug: Annotated[bool, typer.Option("--debug", metavar="", help="Show full tracebacks (or set INFLUENCE_DEBUG=1).")] = False,
     version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+        bool, typer.Option("--version", metavar="", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
     # set on every invocation: a --debug run must not leak into the next one in the same process (tests, notebooks)
@@ -76,8 +78,19 @@ def report_error(exc: InfluenceError) -> int:
     return exc.exit_code
 
 
-def command(name: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Registers a command whose typed errors become one message and an exit code."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what a scheduler sends before it requeues or kills a job), handled like Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def command(name: str, resumable: bool = False, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Registers a command whose typed errors become one message and an exit code.
+
+    `resumable`: the command saves progress that --resume continues (said when it is interrupted).
+    """
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
@@ -87,17 +100,19 @@ def command(name: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable
             except InfluenceError as exc:
                 code = report_error(exc)
                 raise typer.Exit(code) from None
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as exc:
                 if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets the signal; say it once
-                    err_console.print(
-                        "[bold yellow]interrupted.[/] Progress up to the last saved batch is kept; "
-                        "rerun the same command with --resume to continue."
+                    what = "terminated" if isinstance(exc, Terminated) else "interrupted"
+                    more = (
+                        " Progress saved every factors.checkpoint_every batches is kept; rerun the same command with --resume to continue."
+                        if resumable
+                        else ""
                     )
-                raise typer.Exit(EXIT_INTERRUPTED) from None
+                    err_console.print(f"[bold yellow]{what}.[/]{more}", soft_wrap=True)
+                raise typer.Exit(EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED) from None
             finally:
-                from influence_cli.distributed import shutdown_distributed
-
-                shutdown_distributed()
+                if "influence_cli.distributed" in sys.modules:  # never import torch here: a Ctrl-C may have cut its import short
+                    sys.modules["influence_cli.distributed"].shutdown_distributed()
 
         return app.command(name, **kwargs)(wrapper)
 
@@ -111,9 +126,39 @@ def load(config: Path, overrides: list[str] | None):
     return load_config(config, overrides or [])
 
 
-def main() -> None:
-    """Console-script entry point."""
+def _debug_first(argv: list[str]) -> list[str]:
+    """`--debug` is an option of `influence` itself; accept it after the command too."""
+    if "--debug" in argv[1:] and "--" not in argv[: argv.index("--debug")]:
+        argv = [a for a in argv if a != "--debug"]
+        argv.insert(0, "--debug")
+    return argv
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: usage errors are one line too, SIGTERM is handled like Ctrl-C."""
+    try:  # typer >= 0.25 vendors click
+        from typer._click import exceptions as click
+    except ImportError:  # pragma: no cover - older typer depends on click itself
+        from click import exceptions as click  # type: ignore[no-redef]
+
+    args = _debug_first(list(sys.argv[1:] if argv is None else argv))
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        app(prog_name="influence")
+        code = app(prog_name="influence", args=args, standalone_mode=False)
+    except click.NoArgsIsHelpError as exc:  # the help is already printed
+        code = exc.exit_code
+    except click.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx is not None else "influence"
+        err_console.print(f"[bold red]usage error:[/] {escape(exc.format_message())}", highlight=False, soft_wrap=True)
+        err_console.print(f"[dim]hint:[/] {escape(f'{where} --help')} lists the arguments and options", highlight=False, soft_wrap=True)
+        code = exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        code = exc.exit_code
+    except (typer.Abort, getattr(click, "Abort", typer.Abort)):  # pragma: no cover - Ctrl-C outside a command
+        code = EXIT_INTERRUPTED
+    except Terminated:  # pragma: no cover - SIGTERM outside a command
+        code = EXIT_TERMINATED
     except KeyboardInterrupt:  # pragma: no cover - interrupted outside a command
-        sys.exit(EXIT_INTERRUPTED)
+        code = EXIT_INTERRUPTED
+    sys.exit(code if isinstance(code, int) else 0)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from influence_cli.cli.app import ConfigArg, JsonOpt, OverwriteOpt, ResumeOpt, SetOpt, command, load
 from influence_cli.cli.render import RichProgress, err_console, human_bytes, new_table, print_json, print_table
+from influence_cli.errors import UsageError
 
 FIT_EPILOG = """\
 **Examples**
@@ -21,7 +22,7 @@ FIT_EPILOG = """\
 """
 
 
-@command("fit-factors", epilog=FIT_EPILOG)
+@command("fit-factors", resumable=True, epilog=FIT_EPILOG)
 def fit_factors_cmd(
     config: ConfigArg,
     set_: SetOpt = None,
@@ -38,6 +39,8 @@ def fit_factors_cmd(
     from influence_cli.distributed import init_distributed
     from influence_cli.fit import fit_factors
 
+    if resume and overwrite:
+        raise UsageError("--resume, --overwrite: pass one (--resume continues saved progress, --overwrite starts over)")
     cfg = load(config, set_)
     state = init_distributed(cfg.device)
     progress = RichProgress(not json_)
@@ -62,8 +65,11 @@ def fit_factors_cmd(
             }
         )
         return
-    if report.resumed_from == "already complete":
+    if all(r.resumed_from == "already complete" for r in [report, *report.members]):
         err_console.print(f"{report.path} is already complete for these settings; nothing to do (--overwrite refits)")
+        return
+    if report.resumed_from == "already complete":
+        err_console.print(f"{report.path} is already complete for these settings")
     elif report.resumed_from:
         err_console.print(f"resumed from {report.resumed_from}")
     zeros = any(layer.zero_inputs or layer.zero_outputs for layer in report.layers)

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from influence_cli.cli.app import JsonOpt, command
-from influence_cli.cli.render import new_table, print_json, print_table
+from influence_cli.cli.render import new_table, out_console, print_json, print_table
 
 INFO_EPILOG = """\
 **Examples**
@@ -21,25 +21,45 @@ INFO_EPILOG = """\
 
 @command("info", epilog=INFO_EPILOG)
 def info_cmd(
-    path: Annotated[Path, typer.Argument(help="A factors, scores or similarity file written by this tool.")],
+    path: Annotated[Path, typer.Argument(help="A factors, scores (or scores.index.json), similarity or spectrum file written by this tool.")],
     json_: JsonOpt = False,
 ) -> None:
-    """Show the metadata of an output: format, versions, strategy, fingerprints, tensors (--json adds the resolved config)."""
+    """Show what produced an output: format, versions, strategy, fingerprints, the resolved config, tensors."""
+    import json
+
     from safetensors import safe_open
 
     from influence_cli import storage
+    from influence_cli.errors import OutputError
 
-    meta = storage.read_metadata(path)
-    with safe_open(str(path), framework="pt") as fh:
-        shapes = {k: list(fh.get_slice(k).get_shape()) for k in fh.keys()}
-    decoded = {k: storage.meta_json(meta, k) for k in meta}
+    if path.is_dir():
+        raise OutputError(f"{str(path)!r} is a folder", hint="give one of its files, such as factors.safetensors")
+    if not path.is_file():
+        raise OutputError(f"{str(path)!r} does not exist")
+    if path.suffix == ".json":  # a sharded scores run's index
+        try:
+            index = json.loads(path.read_text())
+            decoded = dict(index["metadata"]) | {storage.FORMAT_KEY: index.get(storage.FORMAT_KEY)}
+            shapes = {s["file"]: [int(index["n_query"]), int(s["train_stop"]) - int(s["train_start"])] for s in index["shards"]}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise OutputError(f"{str(path)!r} is not a scores index written by this tool ({exc})") from None
+    else:
+        meta = storage.read_metadata(path, hint="point info at a .safetensors file or scores.index.json written by this tool")
+        with safe_open(str(path), framework="pt") as fh:
+            shapes = {k: list(fh.get_slice(k).get_shape()) for k in fh.keys()}
+        decoded = {k: storage.meta_json(meta, k) for k in meta}
     if json_:
         print_json({"path": str(path), "metadata": decoded, "tensors": shapes})
         return
+    config = decoded.pop("config", None)
     table = new_table(str(path), [("field", "left"), ("value", "left")])
     for key, value in sorted(decoded.items()):
-        if key == "config":
-            continue
         table.add_row(key, str(value))
     table.add_row("tensors", f"{len(shapes)} ({', '.join(list(shapes)[:6])}{', …' if len(shapes) > 6 else ''})")
     print_table(table)
+    if config is not None:
+        import yaml
+
+        console = out_console()
+        console.print("resolved config:", markup=False)
+        console.print(yaml.safe_dump(config, sort_keys=False, default_flow_style=None, width=100).rstrip(), markup=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -87,9 +88,17 @@ class RichProgress:
     def stop(self) -> None:
         if self._progress is not None:
             failure = sys.exc_info()[0]
-            if failure is not None and not issubclass(failure, KeyboardInterrupt):
-                self._progress.live.transient = True  # stopped by an error: the error line says what happened
-            self._progress.stop()
+            quiet = failure is not None and not issubclass(failure, KeyboardInterrupt)  # the error line says what happened
+            if quiet:
+                self._progress.live.transient = True
+            if quiet and not err_console.is_terminal:  # a log file: rich would still write the last frame (or an empty line)
+                err_console.file = io.StringIO()
+                try:
+                    self._progress.stop()
+                finally:
+                    err_console.file = None  # type: ignore[assignment] # back to following sys.stderr, as constructed
+            else:
+                self._progress.stop()
             self._progress = None
 
     def abort(self) -> None:

@@ -35,12 +35,12 @@ TOPK_EPILOG = """\
 """
 
 
-@command("compute-scores", epilog=SCORES_EPILOG)
+@command("compute-scores", resumable=True, epilog=SCORES_EPILOG)
 def compute_scores_cmd(
     config: ConfigArg,
     set_: SetOpt = None,
     self_: Annotated[
-        bool, typer.Option("--self", help="Self-influence ∇L(x)ᵀ(F+λ)⁻¹∇L(x) of every training example instead (no queries).")
+        bool, typer.Option("--self", metavar="", help="Self-influence ∇L(x)ᵀ(F+λ)⁻¹∇L(x) of every training example instead (no queries).")
     ] = False,
     relative: Annotated[
         bool | None,
@@ -72,6 +72,10 @@ def compute_scores_cmd(
     from influence_cli.distributed import init_distributed
     from influence_cli.scores import compute_scores
 
+    if resume and overwrite:
+        raise UsageError("--resume, --overwrite: pass one (--resume continues saved progress, --overwrite starts over)")
+    if self_ and relative is not None:
+        raise UsageError("--relative: not used with --self (self-influence is ∇L(x)ᵀ(F+λ)⁻¹∇L(x), one number per example)")
     cfg = load(config, set_)
     state = init_distributed(cfg.device)
     report = compute_scores(
@@ -148,16 +152,16 @@ def top_k_cmd(
     config: ConfigArg,
     query: Annotated[
         list[str] | None,
-        typer.Option("--query", "-q", help="Query positions (rows of the scores): 3, 0:10, 5: (repeatable; default: all)."),
+        typer.Option("--query", "-q", metavar="ROWS", help="Query positions (rows of the scores): 3, 0:10, 5: (repeatable; default: all)."),
     ] = None,
-    k: Annotated[int, typer.Option("--k", "-k", min=1, help="Examples per ranking.")] = 5,
-    self_: Annotated[bool, typer.Option("--self", help="Rank training examples by self-influence (from compute-scores --self).")] = False,
+    k: Annotated[int, typer.Option("--k", "-k", min=1, metavar="N", help="Examples per ranking.")] = 5,
+    self_: Annotated[bool, typer.Option("--self", metavar="", help="Rank training examples by self-influence (from compute-scores --self).")] = False,
     opponents: Annotated[
-        bool, typer.Option("--opponents/--no-opponents", help="Also list the opponents (most negative scores).")
+        bool, typer.Option("--opponents/--no-opponents", metavar="", help="Also list the opponents (most negative scores).")
     ] = True,
     image_grid: Annotated[
         Path | None,
-        typer.Option("--image-grid", help="Also draw the rankings as a picture (PNG): one row per query.", show_default=False),
+        typer.Option("--image-grid", help="Also draw the rankings as a picture (PNG; replaced if it exists): one row per query.", show_default=False),
     ] = None,
     set_: SetOpt = None,
     json_: JsonOpt = False,
@@ -174,13 +178,16 @@ def top_k_cmd(
     classical per-example influence (N = training examples): removing the example changes the query's
     measurement by about −score/N.
     """
-    from influence_cli import topk
+    from influence_cli import storage, topk
 
     cfg = load(config, set_)
     out_dir = cfg.output_path
+    if image_grid is not None:
+        storage.check_image_path(image_grid, "--image-grid")  # before any reading
     if self_:
         if query:
             raise UsageError("--query: not used with --self (self-influence ranks the training set)")
+        topk.check_scores_match(topk.load_self_influence(out_dir).metadata, cfg, out_dir / storage.SELF_INFLUENCE_FILE, pairwise=False)
         ranked = topk.self_top_k(out_dir, k)
         grid_path = _self_grid(cfg, ranked, image_grid) if image_grid is not None else None
         if json_:
@@ -199,6 +206,7 @@ def top_k_cmd(
         return
 
     meta = topk.load_scores_meta(out_dir)
+    topk.check_scores_match(meta.metadata, cfg, meta.files[0].path if len(meta.files) == 1 else out_dir / storage.SCORES_INDEX)
     selection = parse_query_option(query)
     rankings = topk.top_k(out_dir, selection, k, largest=True, smallest=opponents)
     grid_path = _pairwise_grid(cfg, meta, selection, k, opponents, rankings, image_grid) if image_grid is not None else None
@@ -233,10 +241,9 @@ def top_k_cmd(
         err_console.print(f"[green]saved[/] {grid_path}")
 
 
-def _datasets(cfg, meta_fingerprints: dict[str, str | None], which: list[str]):
-    """The data specs named in `which` (data.train / data.query), checked against the fingerprints the scores recorded."""
+def _datasets(cfg, which: list[str]):
+    """The data specs named in `which` (data.train / data.query); `topk.check_scores_match` has matched them to the scores."""
     from influence_cli.data import load_dataset
-    from influence_cli.errors import OutputError
 
     out = []
     for key in which:
@@ -245,14 +252,7 @@ def _datasets(cfg, meta_fingerprints: dict[str, str | None], which: list[str]):
             from influence_cli.errors import ConfigError
 
             raise ConfigError(f"{key}: missing in the config (needed for --image-grid)", source=cfg.source)
-        ds = load_dataset(spec, cfg.base_dir, name=key, seed=cfg.seed)
-        recorded = meta_fingerprints.get(key)
-        if recorded is not None and recorded != ds.fingerprint():
-            raise OutputError(
-                f"{key} differs from the data the scores were computed on",
-                hint="use the config of compute-scores, or rerun compute-scores with --overwrite",
-            )
-        out.append(ds)
+        out.append(load_dataset(spec, cfg.base_dir, name=key, seed=cfg.seed))
     return out
 
 
@@ -272,8 +272,7 @@ def _pairwise_grid(cfg, meta, selection, k: int, opponents: bool, rankings, path
     from influence_cli.data import example_image
     from influence_cli.image_grid import GridGroup, GridRow, Tile, save_image_grid
 
-    fps = {"data.train": meta.metadata.get("train_fingerprint"), "data.query": meta.metadata.get("query_fingerprint")}
-    train, queries = _datasets(cfg, fps, ["data.train", "data.query"])
+    train, queries = _datasets(cfg, ["data.train", "data.query"])
 
     def rows(ranks) -> list[GridRow]:
         out = []
@@ -298,10 +297,8 @@ def _pairwise_grid(cfg, meta, selection, k: int, opponents: bool, rankings, path
 
 
 def _self_grid(cfg, ranked, path: Path) -> Path:
-    from influence_cli import topk
     from influence_cli.image_grid import GridGroup, GridRow, save_image_grid
 
-    meta = topk.load_self_influence(cfg.output_path).metadata
-    (train,) = _datasets(cfg, {"data.train": meta.get("train_fingerprint")}, ["data.train"])
+    (train,) = _datasets(cfg, ["data.train"])
     row = GridRow(None, _train_tiles(train, ranked, "proponent"))
     return save_image_grid(path, GridGroup("most self-influential training examples", [row], proponents_label="self-influence"))

@@ -87,9 +87,9 @@ def dataset_similarity_cmd(
 
     cfg = load(config, set_)
     if heatmap is not None:
-        from influence_cli.storage import ensure_writable_dir
+        from influence_cli.storage import check_image_path
 
-        ensure_writable_dir(heatmap.parent, key="--heatmap")  # fail before the passes, not after
+        check_image_path(heatmap, "--heatmap")  # fail before the passes, not after
     state = init_distributed(cfg.device)
     report = dataset_similarity(cfg, method=method, overwrite=overwrite, state=state, progress=RichProgress(not json_))
     if not state.is_main:

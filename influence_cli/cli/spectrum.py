@@ -64,7 +64,7 @@ def spectrum_cmd(
     config: ConfigArg,
     layers: LayersOpt = None,
     order: OrderOpt = None,
-    top: Annotated[int, typer.Option("--top", min=0, help="List each dataset's N most memorization-like examples (largest bottom-band share).")] = 0,
+    top: Annotated[int, typer.Option("--top", min=0, metavar="N", help="List each dataset's N most memorization-like examples (largest bottom-band share).")] = 0,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG of the energy per curvature percentile, one line per dataset.")] = None,
     set_: SetOpt = None,
     overwrite: OverwriteOpt = False,
@@ -86,6 +86,10 @@ def spectrum_cmd(
     from influence_cli.spectrum_plot import save_spectrum_plot
 
     cfg = load(config, set_)
+    if plot is not None:
+        from influence_cli.storage import check_image_path
+
+        check_image_path(plot, "--plot")  # fail before the pass, not after
     state = init_distributed(cfg.device)
     report = spectrum(cfg, layers=layers, order=order, overwrite=overwrite, state=state, progress=RichProgress(not json_))
     if not state.is_main:
