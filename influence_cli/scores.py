@@ -180,15 +180,15 @@ def _members_key(common: dict[str, Any]) -> dict[str, Any]:
 
 
 def _finished_key(path: Path) -> str | None:
-    """The run key recorded by a finished scores file or index (None when absent)."""
+    """The result key recorded by a finished scores file or index (None when absent)."""
     if not path.exists():
         return None
     if path.suffix == ".json":
         try:
-            return json.loads(path.read_text()).get("metadata", {}).get("run_key")
+            return json.loads(path.read_text()).get("metadata", {}).get("result_key")
         except (OSError, ValueError):
             return None
-    return storage.read_metadata(path).get("run_key")
+    return storage.read_metadata(path).get("result_key")
 
 
 def _shard_glob() -> str:
@@ -545,18 +545,18 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
         "n_train": n_t,
         "dtype": cfg.scores.dtype,
     }
-    settings = (
+    result = (  # what the scores are (the same whatever the batch size, ranks or shards)
         {k: metadata[k] for k in ("model_fingerprint", "train_fingerprint", "query_fingerprint", "damping", "relative", "measurement", "strategy", "dtype")}
-        | {"factors": common["factors"].get("created"), "bs": scorer.bs, "world": st.world_size, "amp": cfg.factors.amp,
-           "chunks": layout.query_chunks, "shards": [(s.start, s.stop) for s in layout.shards]}
+        | {"factors": common["factors"].get("created"), "amp": cfg.factors.amp}
         | _members_key(common)
     )
-    key = run_key(settings)
-    metadata["run_key"] = key
+    settings = result | {"bs": scorer.bs, "world": st.world_size, "chunks": layout.query_chunks, "shards": [(s.start, s.stop) for s in layout.shards]}
+    metadata["run_key"], metadata["result_key"] = run_key(settings), run_key(result)
     paths = ([index] + [out_dir / storage.SCORES_SHARD.format(shard=s.number) for s in layout.shards]) if layout.sharded else [single]
-    if resume and not overwrite and _finished_key(paths[0]) == key:  # a requeued job whose scores are done
+    finished = [p for p in (single, index) if _finished_key(p) == metadata["result_key"]]
+    if resume and not overwrite and finished:  # a requeued job whose scores are done
         return ScoresReport(
-            "pairwise", paths, n_q, n_t, layout.sharded, len(layout.shards), len(layout.query_chunks), relative,
+            "pairwise", paths if finished[0] == paths[0] else finished, n_q, n_t, finished[0] == index, len(layout.shards), len(layout.query_chunks), relative,
             cfg.factors.strategy, cfg.task.measurement, common["damping"], {}, 0.0, "already complete",
             {tm.name: tm.num_params for tm in ctx.tracked}, n_members,
         )
@@ -597,7 +597,7 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
     seconds.update(queries=time.perf_counter() - t0, scores=0.0, write=0.0)
     for shard in mine:
         shard_path = out_dir / storage.SCORES_SHARD.format(shard=shard.number) if layout.sharded else single
-        if layout.sharded and resume and shard_path.is_file() and storage.read_metadata(shard_path).get("run_key") == key:
+        if layout.sharded and resume and shard_path.is_file() and storage.read_metadata(shard_path).get("run_key") == metadata["run_key"]:
             resumed_from = resumed_from or f"shard {shard.number}"
             continue
         width = shard.stop - shard.start
@@ -727,14 +727,14 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
     n_t = len(train)
     path = out_dir / storage.SELF_INFLUENCE_FILE
     metadata = common | {storage.FORMAT_KEY: storage.SELF_FORMAT, "kind": "self", "n_train": n_t}
-    settings = (
+    result = (
         {k: common[k] for k in ("model_fingerprint", "train_fingerprint", "damping", "strategy")}
-        | {"factors": common["factors"].get("created"), "bs": scorer.bs, "world": st.world_size, "amp": cfg.factors.amp, "kind": "self"}
+        | {"factors": common["factors"].get("created"), "amp": cfg.factors.amp, "kind": "self"}
         | _members_key(common)
     )
-    key = run_key(settings)
-    metadata["run_key"] = key
-    if resume and not overwrite and _finished_key(path) == key:  # a requeued job whose scores are done
+    settings = result | {"bs": scorer.bs, "world": st.world_size}
+    metadata["run_key"], metadata["result_key"] = run_key(settings), run_key(result)
+    if resume and not overwrite and _finished_key(path) == metadata["result_key"]:  # a requeued job whose scores are done
         return ScoresReport(
             "self", [path], 0, n_t, False, 1, 0, False, cfg.factors.strategy, cfg.task.measurement, common["damping"],
             {}, 0.0, "already complete", {tm.name: tm.num_params for tm in ctx.tracked}, len(scorer.members),

@@ -534,5 +534,8 @@ def test_resume_of_finished_scores_is_a_no_op(project, self_influence, overrides
     again = compute_scores(cfg, self_influence=self_influence, resume=True)
     assert again.resumed_from == "already complete" and again.paths == first.paths
     assert first.paths[0].stat().st_mtime_ns == stamp
+    other_batches = compute_scores(make_cfg(project, name, *overrides, "data.batch_size=3"), self_influence=self_influence, resume=True)
+    assert other_batches.resumed_from == "already complete"  # the same scores, whatever the batch size
+    assert first.paths[0].stat().st_mtime_ns == stamp
     with pytest.raises(OutputError, match="finished run"):
         compute_scores(make_cfg(project, name, *overrides, "scores.damping=0.5"), self_influence=self_influence, resume=True)
