@@ -263,6 +263,12 @@ class Capture:
         the weight-gradient GEMMs entirely.
         """
         flat = [(tm, o) for tm in self.tracked for o in self._outputs[tm.name]]
+        for tm, o in flat:
+            if not o.requires_grad:
+                raise ModelError(
+                    f"layer {tm.name!r} ran without autograd (under torch.no_grad, or inside torch.utils.checkpoint with use_reentrant=True)",
+                    hint=f"use checkpoint(..., use_reentrant=False), or leave {tm.name!r} out of factors.modules",
+                )
         # The vector-Jacobian product as the gradient of the scalar Σ out·v (the same numbers: the
         # sum and product pass v through exactly); unlike grad_outputs=v, this does not import
         # torch's symbolic-shapes machinery (and sympy, 0.3 s) in every process's first pass.

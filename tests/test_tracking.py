@@ -195,3 +195,27 @@ def test_a_model_that_modifies_its_input_batch_in_place_is_refused(data):
     x, y, *_ = data
     with pytest.raises(ModelError, match="modifies its input batch in place"):
         fit(ScalesTheBatch(True), x.clone(), y, batch_size=4)
+
+
+class Checkpointed(nn.Module):
+    def __init__(self, reentrant: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2, self.reentrant = nn.Linear(4, 5), nn.Linear(5, 3), reentrant
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        return self.fc2(checkpoint(lambda z: torch.tanh(self.fc1(z)), x, use_reentrant=self.reentrant))
+
+
+def test_activation_checkpointing(data):
+    """Non-reentrant checkpointing is transparent; the reentrant kind hides fc1 from autograd: a named error."""
+    x, y, xq, yq = data
+    model = Checkpointed(False)
+    tracked, layers = fit(model, x, y, strategy="ekfac", batch_size=4)
+    got = pairwise_scores(model, tracked, layers, batches_of(xq, yq, 2)(0), batches_of(x, y, 4)(0), damping=0.05)
+    ref = explicit_scores(layers, explicit_grads(model, tracked, xq, yq), explicit_grads(model, tracked, x, y), 0.05)
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-10)
+    with pytest.raises(ModelError, match=r"layer 'fc1' ran without autograd"), pytest.warns(UserWarning):
+        fit(Checkpointed(True), x, y, batch_size=4)
