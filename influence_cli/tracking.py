@@ -142,14 +142,20 @@ class UntrackedModule:
     kind: str  # the module's class name
     num_params: int
     reason: str
+    shared_with: str | None = None  # the tracked layer whose weight this module also uses (its parameters are tracked)
 
 
 def untracked_modules(model: nn.Module, tracked: Sequence[TrackedModule], key: str = "factors.modules") -> list[UntrackedModule]:
     """Modules with parameters of their own (trainable or not) outside every tracked layer, in model order."""
-    tracked_ids = {id(p) for tm in tracked for p in tm.module.parameters(recurse=False)}
+    owner = {id(p): tm for tm in tracked for p in tm.module.parameters(recurse=False)}
     out = []
     for name, module in model.named_modules():
-        params = [p for p in module.parameters(recurse=False) if id(p) not in tracked_ids]
+        own = list(module.parameters(recurse=False))
+        params = [p for p in own if id(p) not in owner]
+        shared = [owner[id(p)].name for p in own if id(p) in owner and owner[id(p)].module is not module]
+        if shared:  # a weight tied to a tracked layer (input embeddings and an output head, say)
+            n = sum(p.numel() for p in own if id(p) in owner)
+            out.append(UntrackedModule(name or "(model)", type(module).__name__, n, f"its use of the weight shared with tracked {shared[0]!r}", shared[0]))
         if not params:
             continue
         if isinstance(module, (nn.Linear, nn.Conv2d)):

@@ -140,6 +140,24 @@ def test_unsupported_convs_are_skipped_by_wildcards_and_refused_by_name():
         find_tracked_modules(model, ["0", "3"])
 
 
+class TiedEmbedding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(7, 4), nn.Linear(4, 7, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.head(self.embed(tokens).mean(1))
+
+
+def test_a_weight_tied_to_an_untracked_module_is_reported():
+    model = TiedEmbedding()
+    tracked = find_tracked_modules(model, ["*"])
+    assert [(u.name, u.num_params, u.reason) for u in untracked_modules(model, tracked)] == [
+        ("embed", 28, "its use of the weight shared with tracked 'head'")
+    ]
+
+
 def test_untracked_modules_name_what_the_scores_leave_out():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 3))

@@ -153,7 +153,7 @@ def inspect_cmd(config: ConfigArg, set_: SetOpt = None, json_: JsonOpt = False) 
             table.add_row(kind, names, f"{sum(u.num_params for u in members):,}", reason)
         print_table(table)
     tracked_params = sum(r.d_in * r.d_out for r in rows)
-    left_out = sum(u.num_params for u in untracked)
+    left_out = sum(u.num_params for u in untracked if u.shared_with is None)
     err_console.print(
         f"{len(rows)} layers, factors {human_bytes(4 * total)} in float32; "
         f"{tracked_params:,} of {tracked_params + left_out:,} parameters tracked"
