@@ -192,11 +192,12 @@ def stream_gradients(
 def _forward(model: nn.Module, tracked: list[TrackedModule], x: torch.Tensor, amp: str, *, first: bool, dataset_name: str) -> tuple[torch.Tensor, Capture]:
     """model(x) with the tracked layers' inputs and outputs recorded (`Capture`).
 
-    Runs the batch a second time when the forward modified a tracked layer's input or output in
-    place (the layer is then recorded through copies, from this batch on).
+    Runs the batch again when the forward modified a tracked layer's input or output in place
+    (the layer is then recorded through copies, from this batch on), until a run modifies no
+    layer that is not copied yet: at most once per tracked layer.
     """
     version = x._version
-    for _ in range(2):
+    for _ in range(len(tracked) + 1):
         with Capture(tracked) as cap:
             try:
                 with autocast_context(x.device, amp):

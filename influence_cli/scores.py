@@ -501,6 +501,8 @@ def compute_scores(
         "task_kind": cfg.task.kind,
         "damping": described[0]["damping"],
         "damping_setting": cfg.scores.damping,
+        "damping_factor": cfg.scores.damping_factor,
+        "damping_scope": cfg.scores.damping_scope,
         "model_fingerprint": ctx.model_fingerprint,
         "train_fingerprint": train.fingerprint(),
         "factors": described[0]["factors"],

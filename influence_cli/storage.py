@@ -125,9 +125,11 @@ def check_image_path(path: Path, key: str) -> str:
     from PIL import Image
 
     path = Path(path)
+    Image.init()
     fmt = Image.registered_extensions().get(path.suffix.lower())
-    if fmt is None:
-        raise OutputError(f"{key} {str(path)!r}: unknown image format {path.suffix!r}", hint="use a .png file name")
+    if fmt is None or fmt not in Image.SAVE:
+        what = "unknown image format" if fmt is None else "an image format Pillow cannot write:"
+        raise OutputError(f"{key} {str(path)!r}: {what} {path.suffix!r}", hint="use a .png file name")
     if path.is_dir():
         raise OutputError(f"{key}: {str(path)!r} is a folder", hint="give a file name, such as grid.png")
     ensure_writable_dir(path.parent, key=key)

@@ -164,9 +164,11 @@ def load_scores_meta(output_dir: str | Path) -> ScoresMeta:
 def check_scores_match(metadata: dict[str, Any], cfg: Config, path: Path, *, pairwise: bool = True) -> None:
     """Refuses scores that the config does not describe.
 
-    Compares what compute-scores recorded with the config: strategy, Fisher kind, damping and
-    (pairwise) measurement, then the model (fingerprint of the checkpoint's weights), data.train
-    and (pairwise) data.query (dataset fingerprints). Scores of an older tool version that lack a
+    Compares what compute-scores recorded with the config: strategy, Fisher kind, damping (with
+    `auto`, its factor and scope), (pairwise) measurement and the number of ensemble models, then
+    the model (fingerprint of the checkpoint's weights), data.train and (pairwise) data.query
+    (dataset fingerprints). `relative` is not compared: `compute-scores --relative` may override
+    the config, and the rankings say which they are. Scores of an older tool version that lack a
     field are not refused for it.
 
     Raises:
@@ -180,6 +182,15 @@ def check_scores_match(metadata: dict[str, Any], cfg: Config, path: Path, *, pai
                 ("scores.damping", "damping_setting", cfg.scores.damping)]  # fmt: skip
     if pairwise:
         settings.append(("task.measurement", "measurement", cfg.task.measurement))
+    if cfg.scores.damping == "auto":
+        settings += [("scores.damping_factor", "damping_factor", cfg.scores.damping_factor), ("scores.damping_scope", "damping_scope", cfg.scores.damping_scope)]
+    recorded_models = len(metadata.get("members") or [None])  # an ensemble lists every model it averaged
+    if "model_fingerprint" in metadata and recorded_models != 1 + len(cfg.scores.checkpoints):
+        raise OutputError(
+            f"{str(path)!r} holds scores averaged over {recorded_models} model(s); the config names {1 + len(cfg.scores.checkpoints)} "
+            "(model.checkpoint and scores.checkpoints)",
+            hint=hint,
+        )
     for key, field_name, value in settings:
         recorded = metadata.get(field_name)
         if recorded is not None and recorded != value:

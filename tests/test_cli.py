@@ -434,3 +434,15 @@ def test_debug_works_after_the_command_too(capsys):
     assert code == 2 and "config error" in err and "Traceback" in err
     code, _, err = run_main(capsys, "inspect", str(DIGITS), "--set", "data.batch_size=0")
     assert code == 2 and "Traceback" not in err
+
+
+def test_sigterm_outside_an_import_stops_like_ctrl_c(monkeypatch):
+    import importlib
+
+    app_mod = importlib.import_module("influence_cli.cli.app")  # the module (influence_cli.cli.app is also the Typer app's name)
+
+    monkeypatch.setitem(app_mod._TERMINATED, "hit", False)
+    assert not app_mod._importing()
+    with pytest.raises(app_mod.Terminated):
+        app_mod._on_sigterm(15, None)
+    assert app_mod._TERMINATED["hit"]  # main() then exits 143 even if click turned it into its own abort

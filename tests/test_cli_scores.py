@@ -119,6 +119,9 @@ def test_top_k_refuses_scores_the_config_does_not_describe(runner, project, tmp_
     save_file(perturbed, tmp_path / "perturbed.safetensors")
     cases = [
         (["--set", "scores.damping=0.5"], "computed with scores.damping=auto; the config has 0.5"),
+        (["--set", "scores.damping_factor=0.5"], "computed with scores.damping_factor=0.1; the config has 0.5"),
+        (["--set", "scores.damping_scope=model"], "computed with scores.damping_scope=layer"),
+        (["--set", f"scores.checkpoints=[{model}]"], "averaged over 1 model(s); the config names 2"),
         (["--set", "factors.strategy=kfac"], "computed with factors.strategy=ekfac; the config has kfac"),
         (["--set", "task.measurement=margin"], "computed with task.measurement=loss"),
         (["--set", f"model.checkpoint={tmp_path / 'perturbed.safetensors'}"], "holds scores of another model"),
@@ -141,7 +144,8 @@ def test_top_k_after_an_interrupted_run_hints_resume(runner, tmp_path):
 def test_picture_paths_are_checked_before_any_work(runner, project, tmp_path):
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "a_folder.png").mkdir()
-    cases = [(tmp_path / "a_file" / "grid.png", "cannot create"), (tmp_path / "a_folder.png", "is a folder"), (tmp_path / "grid.txt", "unknown image format")]
+    cases = [(tmp_path / "a_file" / "grid.png", "cannot create"), (tmp_path / "a_folder.png", "is a folder"), (tmp_path / "grid.txt", "unknown image format"),
+             (tmp_path / "grid.psd", "Pillow cannot write")]  # fmt: skip
     for path, needle in cases:
         result = invoke(runner, "top-k", project, "--query", "0", "--image-grid", path)
         assert result.exit_code == 5 and "--image-grid" in result.stderr and needle in result.stderr, result.stderr

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from influence_cli.config import (
     Config,
     DataSpec,
+    _yaml_load,
     apply_overrides,
     config_from_dict,
     field_docs,
@@ -288,6 +289,19 @@ def test_missing_config_file(tmp_path: Path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="is a folder"):
         load_config(tmp_path)
+
+
+def test_yaml_merge_keys_still_work(tmp_path: Path):
+    """`<<: *anchor` brings keys in that an explicit key may override; that is not a duplicate."""
+    path = tmp_path / "merge.yaml"
+    path.write_text(
+        "base: &train {source: tensors, path: data.safetensors, range: [0, 10]}\n"
+        "data:\n  train: *train\n  query: {<<: *train, range: [10, 12]}\n"
+    )
+    data = _yaml_load(path.read_text())
+    assert data["data"]["query"] == {"source": "tensors", "path": "data.safetensors", "range": [10, 12]}
+    with pytest.raises(yaml.YAMLError, match="appears twice"):
+        _yaml_load("a: {<<: {x: 1}, y: 2, y: 3}\n")
 
 
 def test_a_key_given_twice_is_an_error(tmp_path: Path):

@@ -507,6 +507,12 @@ def test_fingerprint_stable_and_sensitive(idx_files: tuple[Path, Path], tmp_path
     ]
     fps = {load_dataset(spec, ".").fingerprint() for spec in others}
     assert fp not in fps and len(fps) == len(others)
+    moved = tmp_path / "moved"  # the same files in another folder (a project copied to another machine)
+    moved.mkdir()
+    copies = tuple(moved / f.name for f in idx_files)
+    for f, c in zip(idx_files, copies, strict=True):
+        c.write_bytes(f.read_bytes())
+    assert load_dataset(idx_spec(copies, range=[0, 20]), ".").fingerprint() == fp
     write_idx(idx_files[0], synthetic_images(N + 1))  # the same first 20 examples, but the file changed size
     write_idx(idx_files[1], synthetic_labels(N + 1))
     assert load_dataset(base, ".").fingerprint() != fp

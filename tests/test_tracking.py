@@ -67,6 +67,36 @@ def test_in_place_ops_on_a_tracked_layer_are_seen_and_undone(data, make):
         torch.testing.assert_close(lf.eigenvalues, ref_layers[name].eigenvalues, rtol=1e-10, atol=1e-14)
 
 
+class Alternating(nn.Module):
+    """Modifies fc1's output in place on odd calls and fc2's on even ones (a stateful forward)."""
+
+    def __init__(self, inplace: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2, self.fc3, self.inplace, self.calls = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3), inplace, 0
+
+    def forward(self, x):
+        self.calls += 1
+        odd = self.calls % 2 == 1
+        h = self.fc1(x)
+        h = h.tanh_() if self.inplace and odd else torch.tanh(h)
+        h = self.fc2(h)
+        h = h.tanh_() if self.inplace and not odd else torch.tanh(h)
+        return self.fc3(h)
+
+
+def test_a_forward_that_modifies_other_layers_on_each_run_is_rerun_until_all_are_copied(data):
+    x, y, xq, yq = data
+    results = []
+    for inplace in (False, True):
+        model = Alternating(inplace)
+        tracked, layers = fit(model, x, y, strategy="ekfac", batch_size=4)
+        scores = pairwise_scores(model, tracked, layers, batches_of(xq, yq, 2)(0), batches_of(x, y, 4)(0), damping=0.05)
+        results.append((tracked, scores))
+    assert [tm.copy_io for tm in results[1][0]] == [True, True, False]
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-10, atol=1e-12)
+
+
 class SequenceFirst(nn.Module):
     """A Linear applied to [T, B, F] (nn.Transformer's default layout)."""
 

@@ -82,7 +82,21 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (what a scheduler sends before it requeues or kills a job), handled like Ctrl-C."""
 
 
-def _raise_terminated(signum: int, frame: Any) -> None:
+_TERMINATED = {"hit": False}
+
+
+def _importing() -> bool:
+    """True while a module is being imported: an exception raised then can leave torch or numpy half-initialised."""
+    return any(getattr(getattr(m, "__spec__", None), "_initializing", False) for m in list(sys.modules.values()))
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM: a clean stop like Ctrl-C (exit 143); during an import, the default action (nothing is written yet)."""
+    if _importing():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    _TERMINATED["hit"] = True
     raise Terminated()
 
 
@@ -142,13 +156,16 @@ def main(argv: list[str] | None = None) -> None:
         from click import exceptions as click  # type: ignore[no-redef]
 
     args = _debug_first(list(sys.argv[1:] if argv is None else argv))
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         code = app(prog_name="influence", args=args, standalone_mode=False)
     except click.NoArgsIsHelpError as exc:  # the help is already printed
         code = exc.exit_code
     except click.UsageError as exc:
         where = exc.ctx.command_path if exc.ctx is not None else "influence"
+        if where == "influence":  # an option error seen before the command's context existed
+            command_names = {c.name for c in app.registered_commands}
+            where = next((f"influence {a}" for a in args if a in command_names), where)
         err_console.print(f"[bold red]usage error:[/] {escape(exc.format_message())}", highlight=False, soft_wrap=True)
         err_console.print(f"[dim]hint:[/] {escape(f'{where} --help')} lists the arguments and options", highlight=False, soft_wrap=True)
         code = exc.exit_code
@@ -161,4 +178,6 @@ def main(argv: list[str] | None = None) -> None:
         code = EXIT_TERMINATED
     except KeyboardInterrupt:  # pragma: no cover - interrupted outside a command
         code = EXIT_INTERRUPTED
+    if _TERMINATED["hit"]:  # also when click turned it into its own abort (exit 130) while parsing
+        code = EXIT_TERMINATED
     sys.exit(code if isinstance(code, int) else 0)

@@ -46,6 +46,7 @@ def compute_scores_cmd(
         bool | None,
         typer.Option(
             "--relative/--no-relative",
+            metavar="",
             help="RelatIF: divide each score by ‖(F+λ)⁻¹∇L(x)‖ of the training example (default: scores.relative).",
             show_default=False,
         ),
@@ -75,7 +76,7 @@ def compute_scores_cmd(
     if resume and overwrite:
         raise UsageError("--resume, --overwrite: pass one (--resume continues saved progress, --overwrite starts over)")
     if self_ and relative is not None:
-        raise UsageError("--relative: not used with --self (self-influence is ∇L(x)ᵀ(F+λ)⁻¹∇L(x), one number per example)")
+        raise UsageError("--relative/--no-relative: not used with --self (self-influence is ∇L(x)ᵀ(F+λ)⁻¹∇L(x), one number per example)")
     cfg = load(config, set_)
     state = init_distributed(cfg.device)
     report = compute_scores(
@@ -205,9 +206,9 @@ def top_k_cmd(
             err_console.print(f"[green]saved[/] {grid_path}")
         return
 
+    selection = parse_query_option(query)
     meta = topk.load_scores_meta(out_dir)
     topk.check_scores_match(meta.metadata, cfg, meta.files[0].path if len(meta.files) == 1 else out_dir / storage.SCORES_INDEX)
-    selection = parse_query_option(query)
     rankings = topk.top_k(out_dir, selection, k, largest=True, smallest=opponents)
     grid_path = _pairwise_grid(cfg, meta, selection, k, opponents, rankings, image_grid) if image_grid is not None else None
     if json_:

@@ -39,12 +39,16 @@ def resolve_path(path: str, base_dir: Path) -> Path:
 
 
 def file_info(path: Path) -> list[Any]:
-    """[resolved path, size in bytes] of a file, for the fingerprint."""
+    """[file name, size in bytes] of a file, for the fingerprint.
+
+    Not its folder: a project moved to another machine or mount keeps its fingerprints (and so
+    its factors and scores); the labels and kept indices are hashed as well (`IndexedDataset.fingerprint`).
+    """
     try:
         size = path.stat().st_size
     except OSError:
         size = -1
-    return [str(path.resolve()), size]
+    return [path.name, size]
 
 
 def existing_file(spec_value: str | None, key: str, base_dir: Path, what: str) -> Path:

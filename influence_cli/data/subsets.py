@@ -74,8 +74,8 @@ def select_indices(spec: DataSpec, src: Source, base_dir: Path, name: str) -> tu
         info["indices"] = hashlib.sha256(json.dumps(list(spec.indices)).encode()).hexdigest()
         return _check_indices(spec.indices, src.n, f"{name}.indices", src.desc), info
     if spec.indices_file is not None:
-        values, file_info = _read_indices_file(spec, base_dir, f"{name}.indices_file")
-        info["indices_file"] = file_info
+        values, listed = _read_indices_file(spec, base_dir, f"{name}.indices_file")
+        info["indices_file"] = listed
         return _check_indices(values, src.n, f"{name}.indices_file", src.desc), info
     return torch.arange(src.n, dtype=torch.int64), info
 

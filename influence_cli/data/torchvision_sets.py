@@ -97,7 +97,7 @@ def open_torchvision(spec: DataSpec, base_dir: Path, name: str) -> Source:
         desc=desc,
         inputs=to_inputs(data, f"{name}.root", desc),
         labels=targets,
-        files={"root": str(root.resolve()), "split": spec.split},
+        files={"root": root.resolve().name, "split": spec.split},
         class_names=[str(c) for c in getattr(ds, "classes", [])] or None,
         raw_255=True,
         label_key="root",
@@ -163,7 +163,7 @@ def open_image_folder(spec: DataSpec, base_dir: Path, name: str) -> Source:
         labels=torch.tensor([t for _, t in samples], dtype=torch.int64),
         items=_ImageFolderItems(samples, mode, resize, f"{name}.root"),  # type: ignore[arg-type]
         files={
-            "root": str(root.resolve()),
+            "root": root.resolve().name,
             "samples": hashlib.sha256("\n".join(rel).encode()).hexdigest(),
             "classes": list(ds.classes),
         },
