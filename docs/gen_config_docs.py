@@ -249,9 +249,12 @@ commands wrote there; only `edit` writes elsewhere, to its `--out` checkpoint:
 
 Each file's metadata records the tool and torch versions, the device, the strategy and Fisher
 kind, fingerprints of the model and the data, and the resolved config: `influence info FILE`
-prints them (`--json` includes the resolved config). Files are written under a temporary name and renamed, so a file with a final name
-is complete; a finished output is only replaced with `--overwrite`, and later commands refuse
-factors or scores of another model or dataset.
+prints them. The model's fingerprint hashes the checkpoint's tensors; a dataset's hashes its
+spec, its files' names and sizes (not their folders, so a project moved to another machine keeps
+its outputs), the kept indices and the labels. Files are written under a temporary name and
+renamed, so a file with a final name is complete; a finished output is only replaced with
+`--overwrite`, and later commands (`top-k` included) refuse factors or scores of another model,
+dataset or setting.
 """
 
 

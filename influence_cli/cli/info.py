@@ -16,6 +16,8 @@ INFO_EPILOG = """\
   influence info runs/digits/factors.safetensors
 
   influence info runs/digits/scores.safetensors --json
+
+  influence info runs/mnist/scores.index.json
 """
 
 
