@@ -95,16 +95,20 @@ class LayerFactors:
         return float(damping)
 
     def inverse_eigenvalues(self, damping: float, power: int = 1) -> torch.Tensor | None:
-        """1 / (Λ + λ)^power [d_out, d_in], 0 where Λ + λ = 0; None means the identity (no curvature).
+        """1 / (Λ + λ)^power [d_out, d_in]; None means the identity (no curvature).
 
-        Directions without curvature (Λ = 0, such as a layer whose output never reaches the loss)
-        under λ = 0 take the pseudo-inverse's 0 instead of 1/0: the fit's gradients are 0 there,
-        so they carry no influence, and 0·∞ would turn every score into NaN.
+        With λ = 0 it is the pseudo-inverse: directions whose Λ is at most
+        max(Λ)·eps·max(d_out, d_in) (numpy.linalg.pinv's rule; in float32 such a Λ is a zero
+        blurred by rounding, e.g. the softmax's null direction) take 0 instead of a huge 1/Λ.
+        They have no curvature, the fit's gradients are 0 there, and 0·(1/0) would be NaN.
         """
         if self.eigenvalues is None:
             return None
-        shifted = self.eigenvalues.double() + damping
-        inverse = torch.where(shifted > 0, shifted, 1.0).pow(-power).masked_fill_(shifted <= 0, 0.0)
+        lam = self.eigenvalues.double()
+        shifted = lam + damping
+        tol = float(lam.abs().max()) * torch.finfo(self.eigenvalues.dtype).eps * max(lam.shape) if damping <= 0 else 0.0
+        keep = shifted > tol
+        inverse = torch.where(keep, shifted, 1.0).pow(-power).masked_fill_(~keep, 0.0)
         return inverse.to(self.eigenvalues.dtype)
 
     def precondition(self, v: torch.Tensor, damping: float) -> torch.Tensor:

@@ -488,8 +488,9 @@ def row_blocks(d_out: int, d_in: int, elements: int | None = None) -> list[tuple
 
 
 def safe_norms(norms: torch.Tensor) -> torch.Tensor:
-    """RelatIF denominators with zeros replaced by 1 (a zero gradient scores 0 either way)."""
-    return torch.where(norms > 0, norms, torch.ones_like(norms))
+    """RelatIF denominators with zeros replaced by 1 (a zero gradient scores 0 either way); NaN and inf
+    are kept, for the checks before writing to refuse (compute-scores checks the norms and the scores)."""
+    return torch.where(norms == 0, torch.ones_like(norms), norms)
 
 
 def pairwise_scores(

@@ -195,20 +195,13 @@ def dataset_statistics(
 
 
 def inverse_curvature(lf: LayerFactors, damping: float, shape: tuple[int, int]) -> torch.Tensor:
-    """1 / (Λ* + λ) [d_out, d_in] in float64 (ones for the identity strategy).
-
-    Raises:
-        NumericalError: a direction has no curvature and no damping (division by zero).
-    """
+    """1 / (Λ* + λ) [d_out, d_in] in float64 (ones for the identity strategy); with λ = 0 the
+    pseudo-inverse, as compute-scores uses (`LayerFactors.inverse_eigenvalues`)."""
     if lf.eigenvalues is None:
         return torch.ones(shape, dtype=torch.float64)
-    denom = lf.eigenvalues.double().cpu() + damping
-    if bool((denom <= 0).any()):
-        raise NumericalError(
-            f"layer {lf.name!r} has directions with zero curvature and scores.damping is {damping:g}",
-            hint="set scores.damping to auto or a number > 0",
-        )
-    return 1.0 / denom
+    inverse = lf.inverse_eigenvalues(damping)
+    assert inverse is not None
+    return inverse.double().cpu()
 
 
 def fisher_kernel(

@@ -509,6 +509,22 @@ def test_non_finite_gradient_names_batch_and_examples(project, tmp_path):
     assert not (cfg.output_path / storage.SCORES_FILE).exists()
 
 
+def test_relative_scores_with_zero_damping_are_finite(tmp_path):
+    """float32 factors hold zeros blurred by rounding (on the digits MLP, Λ* down to 1e-28 where
+    dead units and the softmax have no curvature); with λ = 0 the pseudo-inverse drops them, so
+    every RelatIF norm is finite (1/Λ*² overflowed to inf and NaN, and the scores were wrong)."""
+    from influence_cli.config import load_config
+    from influence_cli.fit import fit_factors
+
+    digits = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
+    cfg = load_config(digits, [f"output_dir={tmp_path}", "scores.damping=0", "scores.relative=true", "data.query.range=[1500, 1505]"])
+    fit_factors(cfg)
+    compute_scores(cfg)
+    tensors = storage.load_tensors(cfg.output_path / storage.SCORES_FILE)[0]
+    assert bool(torch.isfinite(tensors["train_norms"]).all()) and bool((tensors["train_norms"] > 0).all())
+    assert bool(torch.isfinite(tensors["scores"]).all())
+
+
 def test_storage_dtype_and_overflow(project):
     cfg = make_cfg(project, "bf16", "scores.dtype=bfloat16")
     compute_scores(cfg)

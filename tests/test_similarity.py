@@ -372,6 +372,12 @@ def test_kernel_agrees_with_compute_scores_end_to_end(digits_run, tmp_path):
     assert matrix.shape == (57, 1500)
     report = dataset_similarity(cfg)
     assert abs(float(report.kernel[0, 1]) - float(matrix.mean())) <= 1e-4 * float(matrix.abs().mean())
+    # with λ = 0 both use the pseudo-inverse (similarity used to refuse it)
+    cfg0 = load_config(DIGITS, [*overrides, "scores.damping=0"])
+    scores.compute_scores(cfg0, overwrite=True)
+    matrix0 = load_tensors(tmp_path / "scores.safetensors")[0]["scores"].double()
+    report0 = dataset_similarity(cfg0, overwrite=True)
+    assert abs(float(report0.kernel[0, 1]) - float(matrix0.mean())) <= 1e-3 * float(matrix0.abs().mean())
 
 
 def test_cli_errors(digits_run, tmp_path):

@@ -231,6 +231,10 @@ def test_zero_damping_is_the_pseudo_inverse():
     lf = LayerFactors("l", eigenvalues=torch.tensor([[0.0, 2.0], [4.0, 0.0]]))
     torch.testing.assert_close(lf.inverse_eigenvalues(0.0), torch.tensor([[0.0, 0.5], [0.25, 0.0]]))
     torch.testing.assert_close(lf.inverse_eigenvalues(0.0, 2), torch.tensor([[0.0, 0.25], [0.0625, 0.0]]))
+    # a zero blurred by float32 rounding (below max(Λ)·eps·max(d_out, d_in)) is a zero too; any λ > 0 keeps it
+    noisy = LayerFactors("l", eigenvalues=torch.tensor([[1e-28, 2.0], [4.0, 3e-7]], dtype=torch.float32))
+    assert noisy.inverse_eigenvalues(0.0, 2).tolist() == [[0.0, 0.25], [0.0625, 0.0]]
+    assert float(noisy.inverse_eigenvalues(1e-3)[0, 0]) == pytest.approx(1e3, rel=1e-6)
 
 
 class ScalesTheBatch(ScalesItsInput):

@@ -72,7 +72,7 @@ def dataset_similarity_cmd(
 ) -> None:
     """Compare the datasets of similarity.datasets through the model's Fisher, using the factors of fit-factors.
 
-    Each dataset is streamed once. **fisher-kernel** (default): K(S,T) is the mean influence score
+    Each dataset is streamed once. **fisher-kernel** (default): K(S,T) is the mean (plain, loss) influence score
     ∇L(s)ᵀ(F+λ)⁻¹∇L(t) over all pairs s in S, t in T, i.e. the datasets' mean loss gradients compared
     through the inverse curvature; the table shows the normalized form K(S,T)/√(K(S,S)·K(T,T)) in [-1, 1]
     (1 = same direction, 0 = unrelated, negative = training on one raises the other's loss) and the raw

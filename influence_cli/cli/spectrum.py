@@ -153,7 +153,7 @@ def edit_cmd(
     config: ConfigArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="The edited checkpoint to write (.safetensors).", show_default=False)],
     rho: Annotated[
-        float | None, typer.Option("--rho", help="Keep the smallest set of highest-curvature directions holding this share of the curvature mass.")
+        float | None, typer.Option("--rho", help="Keep the smallest set of highest-curvature directions holding this share of the curvature mass (directions of zero curvature are dropped even at 1; --keep-share 1 keeps every weight).")
     ] = None,
     keep_share: Annotated[float | None, typer.Option("--keep-share", help="Keep this share of the directions, highest curvature first.")] = None,
     layers: EditLayersOpt = None,
