@@ -94,13 +94,14 @@ class LayerFactors:
             return float(factor * self.eigenvalues.double().mean())
         return float(damping)
 
-    def inverse_eigenvalues(self, damping: float, power: int = 1) -> torch.Tensor | None:
+    def inverse_eigenvalues(self, damping: float, power: int = 1, dtype: torch.dtype | None = None) -> torch.Tensor | None:
         """1 / (Λ + λ)^power [d_out, d_in]; None means the identity (no curvature).
 
         With λ = 0 it is the pseudo-inverse: directions whose Λ is at most
         max(Λ)·eps·max(d_out, d_in) (numpy.linalg.pinv's rule; in float32 such a Λ is a zero
         blurred by rounding, e.g. the softmax's null direction) take 0 instead of a huge 1/Λ.
         They have no curvature, the fit's gradients are 0 there, and 0·(1/0) would be NaN.
+        `dtype`: of the result (default: the eigenvalues'); it is computed in float64.
         """
         if self.eigenvalues is None:
             return None
@@ -109,7 +110,7 @@ class LayerFactors:
         tol = float(lam.abs().max()) * torch.finfo(self.eigenvalues.dtype).eps * max(lam.shape) if damping <= 0 else 0.0
         keep = shifted > tol
         inverse = torch.where(keep, shifted, 1.0).pow(-power).masked_fill_(~keep, 0.0)
-        return inverse.to(self.eigenvalues.dtype)
+        return inverse.to(dtype or self.eigenvalues.dtype)
 
     def precondition(self, v: torch.Tensor, damping: float) -> torch.Tensor:
         """(F + λ)⁻¹ V for V [..., d_out, d_in] (George et al. 2018: rotate, divide, rotate back)."""

@@ -169,7 +169,7 @@ class ScoreKernel:
         self.damping = damping
         self.matmul_dtype = matmul_dtype
         self._inverse = {name: lf.inverse_eigenvalues(damping[name], 1) for name, lf in layers.items()}
-        self._inverse_sq = {name: lf.inverse_eigenvalues(damping[name], 2) for name, lf in layers.items()}
+        self._quadratic_weights = {power: {name: _scaled_weights(lf, damping[name], power) for name, lf in layers.items()} for power in (1, 2)}
         self.eigenbasis: dict[str, bool] = {}
         self.pieces: dict[str, list[_Piece]] = {}
         self.flat: dict[str, bool] = {}
@@ -344,17 +344,15 @@ class ScoreKernel:
         Without curvature (identity) the weight is 1: ‖∇W‖².
         """
         total: torch.Tensor | None = None
+        dtype = None
         for name, lf in self.layers.items():
-            if power == 1:
-                w = self._inverse[name]
-            elif power == 2:
-                w = self._inverse_sq[name]
-            else:
-                w = lf.inverse_eigenvalues(self.damping[name], power)
+            w, scale = self._quadratic_weights[power][name] if power in self._quadratic_weights else _scaled_weights(lf, self.damping[name], power)
             value = weighted_squares(*self._rotated(name, batch), None if w is None else w[:, None, :])[:, 0]
+            dtype = value.dtype
+            value = value.double() * scale  # the weights were divided by `scale`: multiplied back in float64
             total = value if total is None else total + value
-        assert total is not None
-        return total
+        assert total is not None and dtype is not None
+        return total.to(dtype)
 
     def self_influence(self, batch: BatchGradients) -> torch.Tensor:
         """∇L(x)ᵀ (F + λ)⁻¹ ∇L(x) per example: [B]."""
@@ -363,6 +361,19 @@ class ScoreKernel:
     def norms(self, batch: BatchGradients) -> torch.Tensor:
         """‖(F + λ)⁻¹ ∇L(x)‖ per example (the RelatIF denominator): [B]."""
         return self.quadratic(batch, 2).clamp_min(0).sqrt()
+
+
+def _scaled_weights(lf: LayerFactors, damping: float, power: int) -> tuple[torch.Tensor | None, float]:
+    """(1/(Λ + λ)^power divided by its largest entry, in the factors' dtype; that entry).
+
+    The quadratic forms Σ R²/(Λ + λ)^power are summed from the scaled weights and multiplied
+    by the scale in float64, so a small λ (1/λ² beyond float32's 3e38) does not overflow.
+    """
+    w = lf.inverse_eigenvalues(damping, power, torch.float64)
+    if w is None:
+        return None, 1.0
+    scale = float(w.max()) if bool((w > 0).any()) else 1.0
+    return (w / scale).to(lf.eigenvalues.dtype), scale  # type: ignore[union-attr]
 
 
 def _piece_scores(out: torch.Tensor | None, q: torch.Tensor | list[torch.Tensor], t: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | _Positions) -> torch.Tensor:

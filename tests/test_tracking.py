@@ -7,6 +7,8 @@ dense per-example answer or a one-line error naming the layer.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from exact import batches_of, fit
@@ -271,3 +273,21 @@ def test_activation_checkpointing(data):
     torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-10)
     with pytest.raises(ModelError, match=r"layer 'fc1' ran without autograd"), pytest.warns(UserWarning):
         fit(Checkpointed(True), x, y, batch_size=4)
+
+
+def test_quadratic_forms_of_a_tiny_damping_do_not_overflow_float32(data):
+    """RelatIF norms ‖(F+λ)⁻¹∇L‖ and self-influence with curvature and λ near 1e-22 (1/λ² is far
+    beyond float32's range): the weights are scaled per layer and the scale applied in float64."""
+    x, y, xq, yq = data
+    model = relu_mlp(False)
+    tracked, layers = fit(model, x, y, strategy="ekfac", batch_size=4)
+    tiny = {k: dataclasses.replace(lf, eigenvalues=lf.eigenvalues * 1e-20) for k, lf in layers.items()}
+    ref = self_influence_scores(model, tracked, tiny, batches_of(x, y, 4)(0), damping=1e-22)
+    model32 = relu_mlp(False).float()
+    tracked32 = find_tracked_modules(model32, ["*"])
+    tiny32 = {k: lf.to("cpu", torch.float32) for k, lf in tiny.items()}
+    got = self_influence_scores(model32, tracked32, tiny32, batches_of(x.float(), y, 4)(0), damping=1e-22)
+    assert bool(torch.isfinite(got).all())
+    torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=0)
+    scores = pairwise_scores(model32, tracked32, tiny32, batches_of(xq.float(), yq, 2)(0), batches_of(x.float(), y, 4)(0), damping=1e-22, relative=True)
+    assert bool(torch.isfinite(scores).all())
