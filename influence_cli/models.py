@@ -359,7 +359,7 @@ def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return state
 
 
-def read_state_dict(path: str | Path, key: str = "model.checkpoint") -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path, key: str = "model.checkpoint", strip: bool = True) -> dict[str, torch.Tensor]:
     """Reads a checkpoint file into a plain state dict on the CPU (wrappers and prefixes removed).
 
     Args:
@@ -397,7 +397,8 @@ def read_state_dict(path: str | Path, key: str = "model.checkpoint") -> dict[str
         raise ModelError(
             f"{where}: cannot read the checkpoint ({type(exc).__name__}: {reason[:300]})", hint=hint
         ) from None
-    return _strip_prefixes(_unwrap(obj, where))
+    state = _unwrap(obj, where)
+    return _strip_prefixes(state) if strip else state
 
 
 def _listing(items: list[str], noun: str) -> str:
@@ -430,9 +431,10 @@ def load_checkpoint(model: nn.Module, path: str | Path, key: str = "model.checkp
     Raises:
         ModelError: unreadable file, or missing/unexpected keys or shape mismatches (listed).
     """
-    state = read_state_dict(path, key)
+    raw = read_state_dict(path, key, strip=False)
     own = model.state_dict()
-    state = _match_extra_prefix(state, set(own))
+    # wrapper prefixes ("module.", ...) are removed unless the model's own keys carry them
+    state = raw if set(raw) == set(own) else _match_extra_prefix(_strip_prefixes(raw), set(own))
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     mismatched = [

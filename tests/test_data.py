@@ -642,3 +642,101 @@ def test_resize_needs_images(tmp_path: Path) -> None:
     torch.save({"inputs": torch.zeros(6, 5), "labels": torch.zeros(6, dtype=torch.long)}, tmp_path / "v.pt")
     msg = error_of(DataSpec(source="tensors", path="v.pt", transform=TransformSpec(resize=[2, 2])), tmp_path)
     assert msg.startswith("data.train.transform.resize: inputs of shape [5] are not images")
+
+
+# ----------------------------------------------------------------------------- what the files really hold
+
+
+def test_factory_targets_are_used_only_when_the_items_carry_them(tmp_path: Path) -> None:
+    """A dataset may keep raw `targets` while its items carry other labels (target_transform,
+    relabelling): the items' labels win."""
+    mod = write_module(
+        tmp_path,
+        """
+        import torch
+
+        class Relabelled(torch.utils.data.Dataset):
+            targets = list(range(8))
+
+            def __init__(self, with_transform):
+                self.target_transform = (lambda y: int(y >= 4)) if with_transform else None
+
+            def __len__(self):
+                return 8
+
+            def __getitem__(self, i):
+                return torch.zeros(2), int(self.targets[i] >= 4)
+
+        def make(with_transform=False):
+            return Relabelled(with_transform)
+        """,
+    )
+    for kwargs in ({}, {"with_transform": True}):
+        ds = load_dataset(DataSpec(source=f"{mod}:make", kwargs=kwargs), tmp_path)
+        _, yb, _ = next(iter(make_loader(ds, 8)))
+        assert yb.tolist() == [0, 0, 0, 0, 1, 1, 1, 1], kwargs
+
+
+def test_image_folder_colour_and_depth(tmp_path: Path) -> None:
+    """One grayscale image first no longer turns the colour images gray; 16-bit images are refused, not clipped."""
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    (root / "a").mkdir(parents=True)
+    Image.new("L", (4, 4), 100).save(root / "a" / "0.png")
+    Image.new("RGB", (4, 4), (255, 0, 0)).save(root / "a" / "1.png")
+    ds = load_dataset(DataSpec(source="image_folder", root="imgs"), tmp_path)
+    assert ds[0][0].shape == (3, 4, 4) and ds[1][0][:, 0, 0].tolist() == [255.0, 0.0, 0.0]
+    assert ds[0][0][:, 0, 0].tolist() == [100.0, 100.0, 100.0]
+    Image.fromarray(np.full((4, 4), 30000, dtype=np.uint16)).save(root / "a" / "2.png")
+    with pytest.raises(DataError, match=r"2.png' is a I;16 image \(16-bit or float\)"):
+        load_dataset(DataSpec(source="image_folder", root="imgs"), tmp_path)
+
+
+def test_image_folder_fingerprint_sees_a_replaced_image(tmp_path: Path) -> None:
+    from PIL import Image
+
+    root = write_image_folder(tmp_path / "imgs")
+    before = load_dataset(DataSpec(source="image_folder", root="imgs"), tmp_path).fingerprint()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (6, 5, 3), dtype=np.uint8)).save(root / "cat" / "0.png")
+    assert load_dataset(DataSpec(source="image_folder", root="imgs"), tmp_path).fingerprint() != before
+
+
+def test_fashion_mnist_is_not_read_from_mnist_files_beside_it(tmp_path: Path) -> None:
+    """MNIST and FashionMNIST share file names: torchvision's <Class>/raw folder comes first."""
+    root = tmp_path / "root"
+    root.mkdir()
+    write_idx(root / "train-images-idx3-ubyte", synthetic_images())
+    write_idx(root / "train-labels-idx1-ubyte", np.zeros(N, dtype=np.uint8))
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    write_idx(raw / "train-images-idx3-ubyte", synthetic_images())
+    write_idx(raw / "train-labels-idx1-ubyte", synthetic_labels())
+    ds = load_dataset(DataSpec(source="fashion_mnist", root="root", split="train"), tmp_path)
+    assert ds.labels.tolist() == synthetic_labels().tolist()
+
+
+def test_resize_refuses_channels_last_inputs(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"inputs": torch.zeros(4, 8, 6, 3), "labels": torch.zeros(4, dtype=torch.int64)}, tmp_path / "d.safetensors")
+    spec = DataSpec(source="tensors", path="d.safetensors", transform=TransformSpec(resize=[4, 3]))
+    assert "look channels-last ([H, W, C])" in error_of(spec, tmp_path)
+
+
+def test_factory_pil_images_show_their_colours(tmp_path: Path) -> None:
+    mod = write_module(
+        tmp_path,
+        """
+        from PIL import Image
+
+        def make():
+            pal = Image.new("P", (2, 2))
+            pal.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+            rgba = Image.new("RGBA", (2, 2), (0, 255, 0, 128))
+            return [(pal, 0), (rgba, 1)]
+        """,
+    )
+    ds = load_dataset(DataSpec(source=f"{mod}:make"), tmp_path)
+    assert ds[0][0].shape == (3, 2, 2) and ds[0][0][:, 0, 0].tolist() == [255.0, 0.0, 0.0]
+    assert ds[1][0].shape == (3, 2, 2) and ds[1][0][:, 0, 0].tolist() == [0.0, 255.0, 0.0]

@@ -343,3 +343,22 @@ def test_sample_checkpoints(name: str, kwargs: dict, min_accuracy: float) -> Non
         accuracy = (model(inputs[1500:] / 16.0).argmax(1) == labels[1500:]).float().mean().item()
     assert accuracy >= min_accuracy
     assert accuracy == pytest.approx(float(meta["test_accuracy"]), abs=1e-3)
+
+
+def test_a_model_whose_own_keys_start_with_module_loads_its_checkpoint(tmp_path: Path) -> None:
+    """The DDP prefix "module." is only stripped when the model's own keys do not carry it."""
+
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.module = nn.Linear(3, 2)
+
+    saved = Wrapper()
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in saved.state_dict().items()}, str(path))
+    model = Wrapper()
+    load_checkpoint(model, path)
+    assert torch.equal(model.module.weight, saved.module.weight)
+    ddp = tmp_path / "ddp.pt"
+    torch.save({f"module.{k}": v for k, v in _mlp().state_dict().items()}, ddp)
+    load_checkpoint(_mlp(), ddp)  # a DDP checkpoint of a plain model still loads

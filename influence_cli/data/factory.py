@@ -52,6 +52,20 @@ def _on_sys_path(folder: Path):
                 sys.path.remove(entry)
 
 
+def _targets_match_items(dataset: Any, targets: torch.Tensor, key: str, checks: int = 8) -> bool:
+    """Whether `dataset.targets` are the labels its items carry, on a few items spread over it.
+
+    A dataset may keep raw `targets` while its items carry transformed ones (target_transform,
+    relabelled subsets); then the items' labels are used, loaded with the items.
+    """
+    n = len(targets)
+    for i in sorted({round(k * (n - 1) / max(checks - 1, 1)) for k in range(checks)}):
+        y = _FactoryItems(dataset, key)(i)[1]
+        if y.shape != targets[i].shape or not bool(torch.equal(y.to(targets.dtype), targets[i])):
+            return False
+    return True
+
+
 def open_factory(spec: DataSpec, base_dir: Path, name: str) -> Source:
     key = f"{name}.source"
     module_name, _, func_name = spec.source.rpartition(":")
@@ -111,10 +125,10 @@ def open_factory(spec: DataSpec, base_dir: Path, name: str) -> Source:
     n = len(result)
     labels = None
     targets = getattr(result, "targets", None)
-    if targets is not None:
+    if targets is not None and getattr(result, "target_transform", None) is None:
         with contextlib.suppress(DataError):
             t = to_labels(targets, key, where)
-            labels = t if t.shape[0] == n else None
+            labels = t if t.shape[0] == n and _targets_match_items(result, t, key) else None
     return Source(
         n=n,
         desc=spec.source,

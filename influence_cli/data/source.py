@@ -126,7 +126,16 @@ def item_input(x: Any) -> torch.Tensor:
 
 
 def pil_to_tensor(img: Any) -> torch.Tensor:
-    """PIL image -> uint8 tensor [C, H, W]."""
+    """PIL image -> uint8 tensor [C, H, W]: grayscale modes as one channel, every other mode
+    (palette, RGBA, CMYK, ...) as RGB, the colours the image shows.
+
+    Raises:
+        TypeError: 16-bit or float images (converting them to 8 bits would clip them).
+    """
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        raise TypeError(f"a {img.mode} image (16-bit or float) cannot be read as 8-bit; return a tensor instead")
+    if img.mode not in ("L", "RGB"):
+        img = img.convert("L" if img.mode in ("1", "LA") else "RGB")
     arr = np.array(img)  # a writable copy
     if arr.ndim == 2:
         arr = arr[:, :, None]

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ TORCHVISION_SOURCES = {
 def _find_mnist_files(root: Path, source: str, split: str) -> tuple[Path, Path] | None:
     """Local MNIST-style IDX files for a split, in root or root/<Class>/raw (torchvision's layout)."""
     prefix = "train" if split == "train" else "t10k"
-    folders = [root, root / TORCHVISION_SOURCES[source][0] / "raw"]
+    folders = [root / TORCHVISION_SOURCES[source][0] / "raw", root]  # torchvision's layout first: MNIST and FashionMNIST share file names
     for folder in folders:
         found = []
         for kind, dims in (("images", 3), ("labels", 1)):
@@ -83,8 +84,8 @@ def open_torchvision(spec: DataSpec, base_dir: Path, name: str) -> Source:
                 hint="check the network, or download the files elsewhere and point root at them",
             ) from None
         raise DataError(
-            f"{name}.root: {label} ({spec.split}) files not found under {str(root)!r}",
-            hint=f"set {name}.download: true, or point {name}.root at the folder holding the files",
+            f"{name}.root: cannot read {label} ({spec.split}) under {str(root)!r} ({reason})",
+            hint=f"point {name}.root at the folder holding torchvision's files (checked against their md5 sums), or set {name}.download: true",
         ) from None
     data = torch.as_tensor(np.asarray(ds.data)) if not isinstance(ds.data, torch.Tensor) else ds.data
     if spec.source == "cifar10":
@@ -130,6 +131,41 @@ class _ImageFolderItems:
             raise DataError(f"{self.key}: cannot read image {path!r} ({exc})") from None
 
 
+_GRAY_MODES = ("1", "L", "LA")  # palette images (P) are gray when their palette is
+_HIGH_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def _folder_mode(samples: list[tuple[str, int]], key: str) -> str:
+    """"L" when every image is grayscale, else "RGB" (as torchvision's loader); reads the headers only.
+
+    Raises:
+        DataError: an unreadable image, or 16-bit / float images (8-bit conversion would clip them).
+    """
+    from PIL import Image
+
+    gray = True
+    for path, _ in samples:
+        try:
+            with Image.open(path) as img:
+                if img.mode in _HIGH_BIT_MODES:
+                    raise DataError(
+                        f"{key}: {path!r} is a {img.mode} image (16-bit or float); image folders are read as 8-bit",
+                        hint="export 8-bit images, or save the arrays in a tensors file (source: tensors)",
+                    )
+                if img.mode == "P":
+                    gray = gray and _palette_is_gray(img)
+                else:
+                    gray = gray and img.mode in _GRAY_MODES
+        except OSError as exc:
+            raise DataError(f"{key}: cannot read image {path!r} ({exc})") from None
+    return "L" if gray else "RGB"
+
+
+def _palette_is_gray(img: Any) -> bool:
+    palette = img.getpalette() or []
+    return all(palette[i] == palette[i + 1] == palette[i + 2] for i in range(0, len(palette) - 2, 3))
+
+
 def open_image_folder(spec: DataSpec, base_dir: Path, name: str) -> Source:
     if spec.root is None:
         raise DataError(f"{name}.root: required for source image_folder (a folder with one sub-folder per class)")
@@ -148,15 +184,9 @@ def open_image_folder(spec: DataSpec, base_dir: Path, name: str) -> Source:
             hint="image_folder expects root/<class name>/<image files>",
         ) from None
     samples = [(str(p), int(t)) for p, t in ds.samples]
-    from PIL import Image
-
-    try:
-        with Image.open(samples[0][0]) as first:
-            mode = "L" if first.mode in ("1", "L", "I", "I;16", "F") else "RGB"
-    except OSError as exc:
-        raise DataError(f"{name}.root: cannot read image {samples[0][0]!r} ({exc})") from None
+    mode = _folder_mode(samples, f"{name}.root")
     resize = tuple(spec.transform.resize) if spec.transform.resize else None
-    rel = [str(Path(p).relative_to(root)) for p, _ in samples]
+    rel = [f"{Path(p).relative_to(root)}|{Path(p).stat().st_size}" for p, _ in samples]  # names and sizes, for the fingerprint
     return Source(
         n=len(samples),
         desc=f"image folder {root.name or str(root)}",

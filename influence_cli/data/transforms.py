@@ -35,6 +35,11 @@ class Transform:
                 raise DataError(f"{key}.resize: expected [height, width] > 0, got {spec.resize}")
             if len(shape) not in (2, 3):
                 raise DataError(f"{key}.resize: inputs of shape {list(shape)} are not images ([C, H, W] or [H, W])")
+            if len(shape) == 3 and shape[-1] in (1, 3, 4) and shape[0] not in (1, 3, 4):
+                raise DataError(
+                    f"{key}.resize: inputs of shape {list(shape)} look channels-last ([H, W, C]); resize works on [C, H, W]",
+                    hint="store the images channels first (e.g. permute(0, 3, 1, 2) before saving)",
+                )
             if not resize_in_items:
                 self.resize = (int(spec.resize[0]), int(spec.resize[1]))
             shape = shape[:-2] + (int(spec.resize[0]), int(spec.resize[1]))
