@@ -114,7 +114,7 @@ the source) in every output, so `range: [1500, 1520]` reports query indices 1500
 | `idx` | `images`, `labels` | raw IDX files (`.gz` or not), e.g. the MNIST `t10k-images-idx3-ubyte.gz` |
 | `tensors` | `path` | a `.safetensors`, `.npz` or `.pt` file holding an inputs tensor `[N, ...]` and a labels tensor `[N]` (keys `inputs_key`, `labels_key`) |
 | `mnist`, `fashion_mnist`, `cifar10` | `root` | the torchvision dataset under `root` (`split: train` or `test`); downloaded only with `download: true` |
-| `image_folder` | `root` | a folder with one sub-folder of images per class (sorted class names are labels 0, 1, ...) |
+| `image_folder` | `root` | a folder with one sub-folder of images per class (sorted class names are labels 0, 1, ...); 8-bit images, read as one channel when every image is grayscale, else as RGB |
 | `package.module:function` | | your function, called with `kwargs`; it returns a torch Dataset of `(x, y)` items or a tuple `(inputs, labels)`. The module is looked up next to the config file first. |
 
 Subsets apply in this order: one selector (`range`, `indices` or `indices_file`, at most one),
