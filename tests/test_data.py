@@ -740,3 +740,23 @@ def test_factory_pil_images_show_their_colours(tmp_path: Path) -> None:
     ds = load_dataset(DataSpec(source=f"{mod}:make"), tmp_path)
     assert ds[0][0].shape == (3, 2, 2) and ds[0][0][:, 0, 0].tolist() == [255.0, 0.0, 0.0]
     assert ds[1][0].shape == (3, 2, 2) and ds[1][0][:, 0, 0].tolist() == [0.0, 255.0, 0.0]
+
+
+def test_factory_returning_lists_of_inputs_and_labels(tmp_path: Path) -> None:
+    """(list of inputs, list of labels) is stacked into a dataset, not taken for two (x, y) items."""
+    mod = write_module(
+        tmp_path,
+        """
+        import torch
+
+        def make():
+            return [torch.full((3,), float(i)) for i in range(12)], [i % 3 for i in range(12)]
+
+        def pairs():
+            return [(torch.zeros(3), 0), (torch.ones(3), 1)]
+        """,
+    )
+    ds = load_dataset(DataSpec(source=f"{mod}:make"), tmp_path)
+    assert len(ds) == 12 and ds.labels.tolist() == [i % 3 for i in range(12)] and ds[5][0].tolist() == [5.0, 5.0, 5.0]
+    two = load_dataset(DataSpec(source=f"{mod}:pairs"), tmp_path)
+    assert len(two) == 2 and two[1][0].tolist() == [1.0, 1.0, 1.0] and int(two[1][1]) == 1

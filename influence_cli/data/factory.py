@@ -66,6 +66,14 @@ def _targets_match_items(dataset: Any, targets: torch.Tensor, key: str, checks: 
     return True
 
 
+def _lists_of_inputs_and_labels(result: Any) -> bool:
+    """A pair (list of inputs, list of numeric labels) of equal lengths, as opposed to a list of (x, y) items."""
+    if not (isinstance(result, (tuple, list)) and len(result) == 2 and all(isinstance(r, (list, tuple)) for r in result)):
+        return False
+    inputs, labels = result
+    return len(inputs) == len(labels) > 0 and all(isinstance(y, (bool, int, float, np.number)) for y in labels)
+
+
 def open_factory(spec: DataSpec, base_dir: Path, name: str) -> Source:
     key = f"{name}.source"
     module_name, _, func_name = spec.source.rpartition(":")
@@ -104,6 +112,11 @@ def open_factory(spec: DataSpec, base_dir: Path, name: str) -> Source:
     tensors = getattr(result, "tensors", None)  # a TensorDataset is served from memory
     if isinstance(result, torch.utils.data.TensorDataset) and isinstance(tensors, tuple) and len(tensors) == 2:
         result = tensors
+    if _lists_of_inputs_and_labels(result):  # ([x_0, ..., x_n], [y_0, ..., y_n]): stacked, not a 2-item dataset
+        try:
+            result = (torch.stack([item_input(x) for x in result[0]]), torch.stack([item_label(y) for y in result[1]]))
+        except (TypeError, RuntimeError) as exc:
+            raise DataError(f"{key}: the inputs listed by {spec.source} cannot form one tensor ({exc})") from None
     if (
         isinstance(result, (tuple, list))
         and len(result) == 2
