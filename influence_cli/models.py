@@ -432,6 +432,9 @@ def load_checkpoint(model: nn.Module, path: str | Path, key: str = "model.checkp
         ModelError: unreadable file, or missing/unexpected keys or shape mismatches (listed).
     """
     raw = read_state_dict(path, key, strip=False)
+    floating = [v for v in raw.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    if floating and all(v.dtype == torch.float64 for v in floating):
+        model.double()  # a float64 checkpoint is not rounded to float32
     own = model.state_dict()
     # wrapper prefixes ("module.", ...) are removed unless the model's own keys carry them
     state = raw if set(raw) == set(own) else _match_extra_prefix(_strip_prefixes(raw), set(own))
@@ -464,7 +467,10 @@ def load_model(
     *,
     key: str = "model.checkpoint",
 ) -> nn.Module:
-    """Builds the model, loads its weights and puts it in eval mode, on the CPU in float32.
+    """Builds the model, loads its weights and puts it in eval mode, on the CPU.
+
+    The model keeps the precision of its checkpoint when every floating tensor there is
+    float64 (its curvature and scores are then computed in float64), else it is float32.
 
     Args:
         cfg: The model block of the config.
@@ -479,9 +485,10 @@ def load_model(
     if checkpoint is None and cfg.checkpoint:
         ckpt = Path(cfg.checkpoint).expanduser()
         checkpoint = ckpt if ckpt.is_absolute() else Path(base_dir) / ckpt
+    model = model.to(device="cpu", dtype=torch.float32)
     if checkpoint is not None:
         load_checkpoint(model, checkpoint, key=key)
-    return model.to(device="cpu", dtype=torch.float32).eval()
+    return model.eval()
 
 
 # ----------------------------------------------------------------------------- fingerprint

@@ -362,3 +362,18 @@ def test_a_model_whose_own_keys_start_with_module_loads_its_checkpoint(tmp_path:
     ddp = tmp_path / "ddp.pt"
     torch.save({f"module.{k}": v for k, v in _mlp().state_dict().items()}, ddp)
     load_checkpoint(_mlp(), ddp)  # a DDP checkpoint of a plain model still loads
+
+
+def test_a_float64_checkpoint_stays_float64(tmp_path: Path) -> None:
+    """Weights that differ by 1e-12 are different models: a float64 checkpoint is not rounded to float32."""
+    weights = {k: v.double() for k, v in _mlp().state_dict().items()}
+    nudged = {k: v + 1e-12 for k, v in weights.items()}
+    save_file(weights, str(tmp_path / "a.safetensors"))
+    save_file(nudged, str(tmp_path / "b.safetensors"))
+    cfg = ModelConfig(architecture="mlp", kwargs=MLP_KWARGS, checkpoint="a.safetensors")
+    a = load_model(cfg, tmp_path)
+    b = load_model(ModelConfig(architecture="mlp", kwargs=MLP_KWARGS, checkpoint="b.safetensors"), tmp_path)
+    assert all(p.dtype == torch.float64 for p in a.parameters())
+    assert model_fingerprint(a) != model_fingerprint(b)
+    save_file({k: v.float() for k, v in weights.items()}, str(tmp_path / "c.safetensors"))
+    assert all(p.dtype == torch.float32 for p in load_model(ModelConfig(architecture="mlp", kwargs=MLP_KWARGS, checkpoint="c.safetensors"), tmp_path).parameters())

@@ -555,3 +555,26 @@ def test_resume_of_finished_scores_is_a_no_op(project, self_influence, overrides
     assert first.paths[0].stat().st_mtime_ns == stamp
     with pytest.raises(OutputError, match="finished run"):
         compute_scores(make_cfg(project, name, *overrides, "scores.damping=0.5"), self_influence=self_influence, resume=True)
+
+
+def test_a_float64_checkpoint_runs_in_float64_end_to_end(tmp_path):
+    """fit-factors and compute-scores on a float64 checkpoint (computed in float64, stored as the files' dtypes), close to the float32 run's."""
+    from safetensors.torch import load_file as load_st
+
+    from influence_cli.config import load_config
+    from influence_cli.fit import fit_factors, load_factors
+
+    root = Path(__file__).resolve().parents[1]
+    save_file({k: v.double() for k, v in load_st(root / "sample_data" / "mlp.safetensors").items()}, tmp_path / "mlp64.safetensors")
+    common = [f"output_dir={tmp_path}/64", "data.query.range=[1500, 1504]", "data.train.range=[0, 300]"]
+    cfg64 = load_config(root / "configs" / "digits.yaml", [*common, f"model.checkpoint={tmp_path / 'mlp64.safetensors'}"])
+    fit_factors(cfg64)
+    compute_scores(cfg64)
+    assert load_factors(cfg64.output_path / storage.FACTORS_FILE).metadata["model_fingerprint"] != ""
+    s64 = storage.load_tensors(cfg64.output_path / storage.SCORES_FILE)[0]["scores"]
+    cfg32 = load_config(root / "configs" / "digits.yaml", [*common[1:], f"output_dir={tmp_path}/32"])
+    fit_factors(cfg32)
+    compute_scores(cfg32)
+    s32 = storage.load_tensors(cfg32.output_path / storage.SCORES_FILE)[0]["scores"]
+    assert s64.dtype == torch.float32  # stored in scores.dtype
+    torch.testing.assert_close(s64, s32, rtol=2e-3, atol=2e-3 * float(s32.abs().max()))
