@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import importlib
 import inspect
-import sys
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -30,6 +28,7 @@ from torch import nn
 
 from influence_cli.config import ModelConfig
 from influence_cli.errors import ModelError
+from influence_cli.user_code import import_from
 
 __all__ = [
     "BUILTIN_ARCHITECTURES",
@@ -162,39 +161,6 @@ def _seeded(seed: int = 0) -> Iterator[None]:
         yield
 
 
-@contextmanager
-def _on_sys_path(folder: Path) -> Iterator[None]:
-    entry = str(folder)
-    added = entry not in sys.path
-    if added:
-        sys.path.insert(0, entry)
-    try:
-        yield
-    finally:
-        if added and entry in sys.path:
-            sys.path.remove(entry)
-
-
-def _forget_stale_module(module_name: str, folder: Path) -> None:
-    """Drops a cached module of the same name that was imported from another folder than `folder`."""
-    top = module_name.split(".")[0]
-    local = folder / f"{top}.py"
-    if not (local.is_file() or (folder / top).is_dir()):
-        return
-    cached = sys.modules.get(top)
-    cached_file = getattr(cached, "__file__", None) if cached is not None else None
-    if cached is None or cached_file is None:
-        return
-    try:
-        if Path(cached_file).resolve().is_relative_to(folder.resolve()):
-            return
-    except OSError:  # pragma: no cover - unreadable paths
-        return
-    for name in list(sys.modules):
-        if name == top or name.startswith(top + "."):
-            del sys.modules[name]
-
-
 def _import_factory(spec: str, base_dir: Path) -> Callable[..., Any]:
     module_name, _, func_name = spec.partition(":")
     if not module_name or not func_name or ":" in func_name:
@@ -202,20 +168,17 @@ def _import_factory(spec: str, base_dir: Path) -> Callable[..., Any]:
             f"model.architecture: {spec!r} is not a built-in name, torchvision:<name> or package.module:function",
             hint=f"built-in architectures: {', '.join(BUILTIN_ARCHITECTURES)}",
         )
-    with _on_sys_path(base_dir):
-        _forget_stale_module(module_name, base_dir)
-        importlib.invalidate_caches()
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            raise ModelError(
-                f"model.architecture: cannot import {module_name!r} ({exc})",
-                hint=f"put {module_name.replace('.', '/')}.py beside the config ({base_dir}) or on PYTHONPATH",
-            ) from None
-        except Exception as exc:  # any import-time failure is reported the same way
-            raise ModelError(
-                f"model.architecture: importing {module_name!r} failed: {type(exc).__name__}: {exc}"
-            ) from exc
+    try:
+        module = import_from(module_name, base_dir)
+    except ModuleNotFoundError as exc:
+        raise ModelError(
+            f"model.architecture: cannot import {module_name!r} ({exc})",
+            hint=f"put {module_name.replace('.', '/')}.py beside the config ({base_dir}) or on PYTHONPATH",
+        ) from None
+    except Exception as exc:  # any import-time failure is reported the same way
+        raise ModelError(
+            f"model.architecture: importing {module_name!r} failed: {type(exc).__name__}: {exc}"
+        ) from exc
     func: Any = module
     for part in func_name.split("."):
         if not hasattr(func, part):

@@ -760,3 +760,12 @@ def test_factory_returning_lists_of_inputs_and_labels(tmp_path: Path) -> None:
     assert len(ds) == 12 and ds.labels.tolist() == [i % 3 for i in range(12)] and ds[5][0].tolist() == [5.0, 5.0, 5.0]
     two = load_dataset(DataSpec(source=f"{mod}:pairs"), tmp_path)
     assert len(two) == 2 and two[1][0].tolist() == [1.0, 1.0, 1.0] and int(two[1][1]) == 1
+
+
+def test_data_factories_of_the_same_name_in_two_folders(tmp_path: Path) -> None:
+    """Two configs in two folders may both name `my_data:make`: each gets its own module."""
+    for sub, n in (("a", 3), ("b", 5)):
+        folder = tmp_path / sub
+        folder.mkdir()
+        (folder / "my_data_same_name.py").write_text(f"import torch\n\ndef make():\n    return torch.zeros({n}, 2), torch.zeros({n}, dtype=torch.int64)\n")
+        assert len(load_dataset(DataSpec(source="my_data_same_name:make"), folder)) == n

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import importlib
 import inspect
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +13,7 @@ import torch
 from influence_cli.config import DataSpec
 from influence_cli.data.source import Source, file_info, item_input, item_label, to_inputs, to_labels
 from influence_cli.errors import DataError
+from influence_cli.user_code import import_from, on_sys_path
 
 
 class _FactoryItems:
@@ -36,20 +35,6 @@ class _FactoryItems:
             return item_input(item[0]), item_label(item[1])
         except TypeError as exc:
             raise DataError(f"{self.key}: item {index}: {exc}") from None
-
-
-@contextlib.contextmanager
-def _on_sys_path(folder: Path):
-    entry = str(folder.resolve())
-    added = entry not in sys.path
-    if added:
-        sys.path.insert(0, entry)
-    try:
-        yield
-    finally:
-        if added:
-            with contextlib.suppress(ValueError):
-                sys.path.remove(entry)
 
 
 def _targets_match_items(dataset: Any, targets: torch.Tensor, key: str, checks: int = 8) -> bool:
@@ -79,16 +64,15 @@ def open_factory(spec: DataSpec, base_dir: Path, name: str) -> Source:
     module_name, _, func_name = spec.source.rpartition(":")
     if not module_name or not func_name:
         raise DataError(f"{key}: {spec.source!r} is not of the form package.module:function")
-    with _on_sys_path(base_dir):
-        importlib.invalidate_caches()
-        try:
-            module = importlib.import_module(module_name)
-        except Exception as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise DataError(
-                f"{key}: cannot import {module_name!r} ({type(exc).__name__}: {reason})",
-                hint=f"put {module_name.split('.')[0]}.py beside the config file or on PYTHONPATH",
-            ) from None
+    try:
+        module = import_from(module_name, base_dir)
+    except Exception as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(
+            f"{key}: cannot import {module_name!r} ({type(exc).__name__}: {reason})",
+            hint=f"put {module_name.split('.')[0]}.py beside the config file or on PYTHONPATH",
+        ) from None
+    with on_sys_path(base_dir):  # the factory may import its neighbours when called
         func = getattr(module, func_name, None)
         if not callable(func):
             raise DataError(f"{key}: module {module_name!r} has no function {func_name!r}")

@@ -1,0 +1,57 @@
+"""The user's own code (model and data factories), imported from the config file's folder."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+
+@contextlib.contextmanager
+def on_sys_path(folder: Path) -> Iterator[None]:
+    """`folder` first on sys.path for the duration (removed again unless it was there before)."""
+    entry = str(Path(folder).resolve())
+    added = entry not in sys.path
+    if added:
+        sys.path.insert(0, entry)
+    try:
+        yield
+    finally:
+        if added and entry in sys.path:
+            sys.path.remove(entry)
+
+
+def forget_stale_module(module_name: str, folder: Path) -> None:
+    """Drops a cached module of the same name that was imported from another folder than `folder`."""
+    top = module_name.split(".")[0]
+    local = folder / f"{top}.py"
+    if not (local.is_file() or (folder / top).is_dir()):
+        return
+    cached = sys.modules.get(top)
+    cached_file = getattr(cached, "__file__", None) if cached is not None else None
+    if cached is None or cached_file is None:
+        return
+    try:
+        if Path(cached_file).resolve().is_relative_to(folder.resolve()):
+            return
+    except OSError:  # pragma: no cover - unreadable paths
+        return
+    for name in list(sys.modules):
+        if name == top or name.startswith(top + "."):
+            del sys.modules[name]
+
+
+def import_from(module_name: str, folder: Path) -> ModuleType:
+    """Imports `module_name` with `folder` first on sys.path, dropping a module of the same name
+    cached from another folder (two configs in two folders may both name `my_model`).
+
+    Raises:
+        Whatever the import raises: callers report it under their config key.
+    """
+    with on_sys_path(folder):
+        forget_stale_module(module_name, folder)
+        importlib.invalidate_caches()
+        return importlib.import_module(module_name)
