@@ -89,15 +89,7 @@ def atomic_path(path: Path, key: str = "output_dir") -> Iterator[Path]:
             image.save(tmp, format="PNG")
     """
     path = Path(path)
-    ensure_writable_dir(path.parent, key=key)
-    if path.is_dir():
-        raise OutputError(f"{key}: {str(path)!r} is a folder", hint="give a file name")
-    try:
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise OutputError(f"{key}: cannot write in {str(path.parent)!r} ({exc.strerror})", hint=f"set {key} to a writable place") from None
-    os.close(fd)
-    tmp = Path(name)
+    tmp = _temp_beside(path, key)
     try:
         yield tmp
         with open(tmp, "rb") as fh:
@@ -130,15 +122,25 @@ def check_image_path(path: Path, key: str) -> str:
     if fmt is None or fmt not in Image.SAVE:
         what = "unknown image format" if fmt is None else "an image format Pillow cannot write:"
         raise OutputError(f"{key} {str(path)!r}: {what} {path.suffix!r}", hint="use a .png file name")
-    if path.is_dir():
-        raise OutputError(f"{key}: {str(path)!r} is a folder", hint="give a file name, such as grid.png")
+    _temp_beside(path, key).unlink()  # the folder can be written
+    return fmt
+
+
+def _temp_beside(path: Path, key: str) -> Path:
+    """A new empty temporary file in `path`'s folder (created if needed), for an atomic write of `path`.
+
+    Raises:
+        OutputError: naming `key`, when `path` is a folder or its folder cannot be written.
+    """
     ensure_writable_dir(path.parent, key=key)
+    if path.is_dir():
+        raise OutputError(f"{key}: {str(path)!r} is a folder", hint="give a file name")
     try:
-        with tempfile.NamedTemporaryFile(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent):
-            pass
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
         raise OutputError(f"{key}: cannot write in {str(path.parent)!r} ({exc.strerror})", hint=f"set {key} to a writable place") from None
-    return fmt
+    os.close(fd)
+    return Path(name)
 
 
 def ensure_writable_dir(folder: Path, key: str = "output_dir") -> None:

@@ -174,10 +174,8 @@ def main(argv: list[str] | None = None) -> None:
         code = exc.exit_code
     except (typer.Abort, getattr(click, "Abort", typer.Abort)):  # pragma: no cover - Ctrl-C outside a command
         code = EXIT_INTERRUPTED
-    except Terminated:  # pragma: no cover - SIGTERM outside a command
-        code = EXIT_TERMINATED
     except KeyboardInterrupt:  # pragma: no cover - interrupted outside a command
         code = EXIT_INTERRUPTED
-    if _TERMINATED["hit"]:  # also when click turned it into its own abort (exit 130) while parsing
+    if _TERMINATED["hit"]:  # SIGTERM, also when click turned it into its own abort (exit 130) while parsing
         code = EXIT_TERMINATED
     sys.exit(code if isinstance(code, int) else 0)
