@@ -20,6 +20,7 @@ from safetensors import safe_open
 
 from influence_cli import storage
 from influence_cli.config import Config
+from influence_cli.data import IndexedDataset
 from influence_cli.errors import OutputError, UsageError
 
 _BLOCK_ELEMENTS = 1 << 24  # scores read at once (64 MiB in float32)
@@ -161,7 +162,7 @@ def load_scores_meta(output_dir: str | Path) -> ScoresMeta:
     )
 
 
-def check_scores_match(metadata: dict[str, Any], cfg: Config, path: Path, *, pairwise: bool = True) -> None:
+def check_scores_match(metadata: dict[str, Any], cfg: Config, path: Path, *, pairwise: bool = True) -> dict[str, IndexedDataset]:
     """Refuses scores that the config does not describe.
 
     Compares what compute-scores recorded with the config: strategy, Fisher kind, damping (with
@@ -170,6 +171,9 @@ def check_scores_match(metadata: dict[str, Any], cfg: Config, path: Path, *, pai
     (dataset fingerprints). `relative` is not compared: `compute-scores --relative` may override
     the config, and the rankings say which they are. Scores of an older tool version that lack a
     field are not refused for it.
+
+    Returns:
+        The datasets it loaded to compare, by config key ("data.train", "data.query"), for reuse.
 
     Raises:
         OutputError: naming the first setting that differs.
@@ -201,10 +205,15 @@ def check_scores_match(metadata: dict[str, Any], cfg: Config, path: Path, *, pai
         if recorded != current:
             raise OutputError(f"{str(path)!r} holds scores of another model (fingerprint {recorded}; model.checkpoint's is {current})", hint=hint)
     specs = [("data.train", cfg.data.train, "train_fingerprint")] + ([("data.query", cfg.data.query, "query_fingerprint")] if pairwise else [])
+    loaded = {}
     for key, spec, field_name in specs:
         recorded = metadata.get(field_name)
-        if recorded is not None and spec is not None and recorded != load_dataset(spec, cfg.base_dir, name=key, seed=cfg.seed).fingerprint():
+        if recorded is None or spec is None:
+            continue
+        loaded[key] = load_dataset(spec, cfg.base_dir, name=key, seed=cfg.seed)
+        if recorded != loaded[key].fingerprint():
             raise OutputError(f"{str(path)!r} holds scores computed on another {key}", hint=hint)
+    return loaded
 
 
 def select_queries(
@@ -420,11 +429,14 @@ def load_self_influence(output_dir: str | Path) -> SelfInfluence:
     return SelfInfluence(tensors["self_influence"], tensors["train_indices"], tensors.get("train_labels"), _decode(meta))
 
 
-def self_top_k(output_dir: str | Path, k: int = 5, *, largest: bool = True) -> list[RankedExample]:
-    """The k most (or, with largest=False, least) self-influential training examples, ties by position."""
+def self_top_k(source: str | Path | SelfInfluence, k: int = 5, *, largest: bool = True) -> list[RankedExample]:
+    """The k most (or, with largest=False, least) self-influential training examples, ties by position.
+
+    `source`: an output_dir, or its self-influence already read (`load_self_influence`).
+    """
     if k <= 0:
         raise UsageError(f"--k {k}: must be at least 1")
-    si = load_self_influence(output_dir)
+    si = source if isinstance(source, SelfInfluence) else load_self_influence(source)
     sign = 1.0 if largest else -1.0
     n = si.values.numel()
     v, p = _best(si.values.double()[None] * sign, torch.arange(n)[None], k)

@@ -188,9 +188,10 @@ def top_k_cmd(
     if self_:
         if query:
             raise UsageError("--query: not used with --self (self-influence ranks the training set)")
-        topk.check_scores_match(topk.load_self_influence(out_dir).metadata, cfg, out_dir / storage.SELF_INFLUENCE_FILE, pairwise=False)
-        ranked = topk.self_top_k(out_dir, k)
-        grid_path = _self_grid(cfg, ranked, image_grid) if image_grid is not None else None
+        self_influence = topk.load_self_influence(out_dir)
+        loaded = topk.check_scores_match(self_influence.metadata, cfg, out_dir / storage.SELF_INFLUENCE_FILE, pairwise=False)
+        ranked = topk.self_top_k(self_influence, k)
+        grid_path = _self_grid(cfg, ranked, image_grid, loaded) if image_grid is not None else None
         if json_:
             print_json(
                 {"output_dir": str(out_dir), "k": k, "self_influence": [dataclasses.asdict(r) for r in ranked]}
@@ -208,9 +209,9 @@ def top_k_cmd(
 
     selection = parse_query_option(query)
     meta = topk.load_scores_meta(out_dir)
-    topk.check_scores_match(meta.metadata, cfg, meta.files[0].path if len(meta.files) == 1 else out_dir / storage.SCORES_INDEX)
+    loaded = topk.check_scores_match(meta.metadata, cfg, meta.files[0].path if len(meta.files) == 1 else out_dir / storage.SCORES_INDEX)
     rankings = topk.top_k(out_dir, selection, k, largest=True, smallest=opponents)
-    grid_path = _pairwise_grid(cfg, meta, selection, k, opponents, rankings, image_grid) if image_grid is not None else None
+    grid_path = _pairwise_grid(cfg, meta, selection, k, opponents, rankings, image_grid, loaded) if image_grid is not None else None
     if json_:
         print_json(
             {
@@ -242,8 +243,9 @@ def top_k_cmd(
         err_console.print(f"[green]saved[/] {grid_path}")
 
 
-def _datasets(cfg, which: list[str]):
-    """The data specs named in `which` (data.train / data.query); `topk.check_scores_match` has matched them to the scores."""
+def _datasets(cfg, which: list[str], loaded: dict):
+    """The data specs named in `which` (data.train / data.query): those `topk.check_scores_match` loaded
+    (and matched to the scores), the others loaded here."""
     from influence_cli.data import load_dataset
 
     out = []
@@ -253,7 +255,7 @@ def _datasets(cfg, which: list[str]):
             from influence_cli.errors import ConfigError
 
             raise ConfigError(f"{key}: missing in the config (needed for --image-grid)", source=cfg.source)
-        out.append(load_dataset(spec, cfg.base_dir, name=key, seed=cfg.seed))
+        out.append(loaded[key] if key in loaded else load_dataset(spec, cfg.base_dir, name=key, seed=cfg.seed))
     return out
 
 
@@ -268,12 +270,12 @@ def _train_tiles(train, entries, kind: str):
     ]
 
 
-def _pairwise_grid(cfg, meta, selection, k: int, opponents: bool, rankings, path: Path) -> Path:
+def _pairwise_grid(cfg, meta, selection, k: int, opponents: bool, rankings, path: Path, loaded: dict) -> Path:
     from influence_cli import topk
     from influence_cli.data import example_image
     from influence_cli.image_grid import GridGroup, GridRow, Tile, save_image_grid
 
-    train, queries = _datasets(cfg, ["data.train", "data.query"])
+    train, queries = _datasets(cfg, ["data.train", "data.query"], loaded)
 
     def rows(ranks) -> list[GridRow]:
         out = []
@@ -297,9 +299,9 @@ def _pairwise_grid(cfg, meta, selection, k: int, opponents: bool, rankings, path
     return save_image_grid(path, groups, title=title)
 
 
-def _self_grid(cfg, ranked, path: Path) -> Path:
+def _self_grid(cfg, ranked, path: Path, loaded: dict) -> Path:
     from influence_cli.image_grid import GridGroup, GridRow, save_image_grid
 
-    (train,) = _datasets(cfg, ["data.train"])
+    (train,) = _datasets(cfg, ["data.train"], loaded)
     row = GridRow(None, _train_tiles(train, ranked, "proponent"))
     return save_image_grid(path, GridGroup("most self-influential training examples", [row], proponents_label="self-influence"))
