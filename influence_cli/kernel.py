@@ -169,7 +169,7 @@ class ScoreKernel:
         self.damping = damping
         self.matmul_dtype = matmul_dtype
         self._inverse = {name: lf.inverse_eigenvalues(damping[name], 1) for name, lf in layers.items()}
-        self._quadratic_weights = {power: {name: _scaled_weights(lf, damping[name], power) for name, lf in layers.items()} for power in (1, 2)}
+        self._quadratic_weights: dict[tuple[str, int], tuple[torch.Tensor | None, float]] = {}  # filled by `quadratic` when used
         self.eigenbasis: dict[str, bool] = {}
         self.pieces: dict[str, list[_Piece]] = {}
         self.flat: dict[str, bool] = {}
@@ -346,7 +346,9 @@ class ScoreKernel:
         total: torch.Tensor | None = None
         dtype = None
         for name, lf in self.layers.items():
-            w, scale = self._quadratic_weights[power][name] if power in self._quadratic_weights else _scaled_weights(lf, self.damping[name], power)
+            if (name, power) not in self._quadratic_weights:
+                self._quadratic_weights[name, power] = _scaled_weights(lf, self.damping[name], power)
+            w, scale = self._quadratic_weights[name, power]
             value = weighted_squares(*self._rotated(name, batch), None if w is None else w[:, None, :])[:, 0]
             dtype = value.dtype
             value = value.double() * scale  # the weights were divided by `scale`: multiplied back in float64

@@ -668,7 +668,7 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
         if labels is not None:
             tensors["train_labels"] = labels
         if norms is not None:
-            _check_storable(norms[:, :width], "float32", "RelatIF norms ‖(F+λ)⁻¹∇L(x)‖")
+            _check_storable(norms, "float32", "RelatIF norms ‖(F+λ)⁻¹∇L(x)‖")
         if norms is not None and n_members == 1:  # an ensemble's RelatIF has one norm per member: plain scores are not recoverable
             tensors["train_norms"] = norms[0]
         shard_meta = metadata | {"train_start": shard.start, "train_stop": shard.stop, "shard": shard.number}

@@ -43,9 +43,9 @@ def _targets_match_items(dataset: Any, targets: torch.Tensor, key: str, checks: 
     A dataset may keep raw `targets` while its items carry transformed ones (target_transform,
     relabelled subsets); then the items' labels are used, loaded with the items.
     """
-    n = len(targets)
+    n, items = len(targets), _FactoryItems(dataset, key)
     for i in sorted({round(k * (n - 1) / max(checks - 1, 1)) for k in range(checks)}):
-        y = _FactoryItems(dataset, key)(i)[1]
+        y = items(i)[1]
         if y.shape != targets[i].shape or not bool(torch.equal(y.to(targets.dtype), targets[i])):
             return False
     return True
