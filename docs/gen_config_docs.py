@@ -122,6 +122,12 @@ then `labels_in`, then `limit`. Then `label_noise` (seeded by `seed`) may flip l
 experiments that plant mislabeled examples. Transforms apply as resize → scale → normalize →
 flatten.
 
+The model receives float32 inputs, except token ids: integer inputs other than `uint8` (which
+are read as 8-bit pixels) stay `int64` when the spec sets no `scale`, `normalize` or `resize`,
+so an `nn.Embedding` model runs from a tensors file of token ids as it is.
+`transform.dtype: int64` asks for token ids explicitly (byte-level `uint8` data, ids stored as
+floats); `transform.dtype: float32` feeds integer data to a model that takes numbers.
+
 ```yaml
 data:
   train:

@@ -49,6 +49,11 @@ class TransformSpec:
     normalize: NormalizeSpec | None = _help("Per-channel mean/std normalization.", default=None)
     flatten: bool = _help("Flatten each example to a vector.", default=False)
     resize: list[int] | None = _help("Resize images to [height, width] (image sources).", default=None)
+    dtype: Literal["auto", "float32", "int64"] = _help(
+        "Dtype the model receives: auto (integer inputs other than uint8 stay int64 token ids when no scale, normalize "
+        "or resize is set; everything else float32) | float32 | int64 (token ids, e.g. uint8 bytes).",
+        default="auto",
+    )
 
 
 @dataclass

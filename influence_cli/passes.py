@@ -207,8 +207,8 @@ def _forward(model: nn.Module, tracked: list[TrackedModule], x: torch.Tensor, am
                     raise
                 reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
                 raise DataError(
-                    f"{dataset_name}: inputs of shape {list(x.shape)} do not fit the model ({reason})",
-                    hint="check model.kwargs and data transform (flatten/resize)",
+                    f"{dataset_name}: inputs of shape {list(x.shape)}{_kind(x)} do not fit the model ({reason})",
+                    hint=_input_hint(x, reason, dataset_name),
                 ) from exc
         if not cap.modified_in_place():
             break
@@ -218,6 +218,20 @@ def _forward(model: nn.Module, tracked: list[TrackedModule], x: torch.Tensor, am
                 hint="make the model's first operation on its input out of place (e.g. x = x * s instead of x.mul_(s))",
             )
     return out, cap
+
+
+def _kind(x: torch.Tensor) -> str:
+    """' (token ids)' for integer inputs, '' for numbers."""
+    return "" if x.is_floating_point() else " (token ids)"
+
+
+def _input_hint(x: torch.Tensor, reason: str, dataset_name: str) -> str:
+    """What to change when the first batch does not fit the model."""
+    if not x.is_floating_point():
+        return f"the inputs are int64 token ids; for a model that takes numbers set {dataset_name}.transform.dtype: float32"
+    if "indices" in reason or "Long" in reason:
+        return f"the model seems to take token ids; set {dataset_name}.transform.dtype: int64"
+    return "check model.kwargs and data transform (flatten/resize)"
 
 
 def _check_batch_dim(acts: dict[str, torch.Tensor], batch_size: int) -> None:

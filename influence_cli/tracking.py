@@ -300,9 +300,13 @@ def padding_mask(x: torch.Tensor, padding_value: float, dataset_name: str = "dat
         return x != padding_value
     if x.is_floating_point() and x.dim() == 3:
         return (x != padding_value).any(dim=-1)
+    hint = "padding needs integer token ids [batch, seq] or features [batch, seq, features]; otherwise set data.padding_value: null"
+    if x.is_floating_point() and x.dim() == 2:
+        hint = f"for token ids stored as numbers set {dataset_name}.transform.dtype: int64; otherwise set data.padding_value: null"
     raise DataError(
-        f"data.padding_value: {dataset_name} inputs of shape {list(x.shape)} ({x.dtype}) have no sequence positions",
-        hint="padding needs integer token ids [batch, seq] or features [batch, seq, features]; otherwise set data.padding_value: null",
+        f"data.padding_value: {dataset_name} inputs of shape {list(x.shape)} ({str(x.dtype).removeprefix('torch.')}) "
+        "have no sequence positions",
+        hint=hint,
     )
 
 

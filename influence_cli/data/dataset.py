@@ -52,7 +52,7 @@ class Batch(tuple):
 class IndexedDataset(Dataset):
     """Examples of one data spec, each carrying its global index in the original source.
 
-    `ds[i]` is `(x, y, global_index)`: x float32 (transformed), y an int64 scalar (class
+    `ds[i]` is `(x, y, global_index)`: x float32 (transformed) or int64 token ids, y an int64 scalar (class
     label) or float32 (regression target), global_index an int. Build it with `load_dataset`.
 
     Attributes:
@@ -101,6 +101,11 @@ class IndexedDataset(Dataset):
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self._transform.out_shape)
+
+    @property
+    def token_inputs(self) -> bool:
+        """True when x holds int64 token ids (`transform.dtype`), False for float32 inputs."""
+        return self._transform.tokens
 
     @property
     def in_memory(self) -> bool:
@@ -274,18 +279,22 @@ def load_dataset(spec: DataSpec, base_dir: str | Path, name: str = "data.train",
         start = int(sel[0])
         contiguous = bool((sel == torch.arange(start, start + n)).all())
         inputs = src.inputs[start : start + n] if contiguous else src.inputs[sel]
-        raw_shape = tuple(src.inputs.shape[1:])
+        raw_shape, raw_dtype = tuple(src.inputs.shape[1:]), src.inputs.dtype
     else:
         assert src.items is not None
         first, _ = src.items(int(sel[0]))
-        raw_shape = tuple(first.shape)
+        raw_shape, raw_dtype = tuple(first.shape), first.dtype
         src.raw_255 = src.raw_255 or first.dtype == torch.uint8
-    transform = Transform(spec.transform, name, raw_shape, src.resize_in_items)
+    transform = Transform(spec.transform, name, raw_shape, src.resize_in_items, raw_dtype)
+    transform_spec = dataclasses.asdict(spec.transform)
+    del transform_spec["dtype"]  # only the resolved kind counts: float32 inputs add no key, token ids "tokens"
+    if transform.tokens:
+        transform_spec["tokens"] = True
     canonical = {
         "source": spec.source,
         "files": src.files,
         "subset": {**subset_info, "labels_in": spec.labels_in, "limit": spec.limit, "label_noise": spec.label_noise},
-        "transform": dataclasses.asdict(spec.transform),
+        "transform": transform_spec,
     }
     return IndexedDataset(
         name=name,
@@ -312,6 +321,8 @@ def example_image(dataset: IndexedDataset, position: int) -> torch.Tensor:
     Raises:
         DataError: if the example cannot be shown as an image.
     """
+    if dataset.token_inputs:
+        raise DataError(f"{dataset.name}: the inputs are token ids, not images", hint="leave out --image-grid for this data")
     try:
         x = dataset.raw_example(position)
     except IndexError as exc:

@@ -63,7 +63,7 @@ def existing_file(spec_value: str | None, key: str, base_dir: Path, what: str) -
 
 
 def to_inputs(value: Any, key: str, where: str) -> torch.Tensor:
-    """Raw inputs [N, ...]: uint8 kept as is (compact), every other real dtype as float32."""
+    """Raw inputs [N, ...]: integer dtypes kept as they are (compact), bool and floats as float32."""
     if isinstance(value, np.ndarray):
         if value.dtype.kind not in "biuf":
             raise DataError(f"{key}: the inputs in {where} have dtype {value.dtype}, not numbers")
@@ -74,7 +74,9 @@ def to_inputs(value: Any, key: str, where: str) -> torch.Tensor:
         raise DataError(f"{key}: the inputs in {where} are complex numbers")
     if value.ndim == 0:
         raise DataError(f"{key}: the inputs in {where} are a single number, expected a tensor [N, ...]")
-    return value if value.dtype == torch.uint8 else value.to(torch.float32)
+    if value.is_floating_point() or value.dtype == torch.bool:
+        return value.to(torch.float32)
+    return value
 
 
 def to_labels(value: Any, key: str, where: str) -> torch.Tensor:

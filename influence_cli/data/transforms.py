@@ -1,4 +1,4 @@
-"""resize -> scale -> normalize -> flatten on float32 batches."""
+"""resize -> scale -> normalize -> flatten on float32 batches; integer token ids pass through as int64."""
 
 from __future__ import annotations
 
@@ -21,11 +21,39 @@ def resize_images(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return x.squeeze(1) if squeeze else x
 
 
-class Transform:
-    """resize -> scale -> normalize -> flatten, applied out of place on float32 batches [B, *raw_shape]."""
+def token_inputs(spec: TransformSpec, raw_dtype: torch.dtype, key: str) -> bool:
+    """Whether the model receives the inputs as int64 token ids (`transform.dtype`, auto or int64).
 
-    def __init__(self, spec: TransformSpec, name: str, raw_shape: tuple[int, ...], resize_in_items: bool):
+    auto keeps integer inputs other than uint8 (8-bit images) as token ids when no transform
+    needs floats; int64 asks for it (uint8 bytes, or ids stored as floats).
+    """
+    float_ops = [k for k in ("scale", "normalize", "resize") if getattr(spec, k) is not None]
+    if spec.dtype == "int64":
+        if float_ops:
+            raise DataError(
+                f"{key}.dtype: int64 token ids cannot be combined with {', '.join(float_ops)}",
+                hint=f"drop {key}.{float_ops[0]}, or set {key}.dtype: float32",
+            )
+        return True
+    if spec.dtype == "float32":
+        return False
+    integer = not (raw_dtype.is_floating_point or raw_dtype.is_complex or raw_dtype in (torch.uint8, torch.bool))
+    return integer and not float_ops
+
+
+class Transform:
+    """resize -> scale -> normalize -> flatten, applied out of place on batches [B, *raw_shape].
+
+    The result is float32, or int64 when the inputs are token ids (`token_inputs`): those are
+    only flattened (when asked).
+    """
+
+    def __init__(
+        self, spec: TransformSpec, name: str, raw_shape: tuple[int, ...], resize_in_items: bool, raw_dtype: torch.dtype
+    ):
         key = f"{name}.transform"
+        self.key = key
+        self.tokens = token_inputs(spec, raw_dtype, key)
         self.scale = spec.scale
         self.flatten = spec.flatten
         self.resize: tuple[int, int] | None = None
@@ -73,7 +101,13 @@ class Transform:
         self.out_shape = (math.prod(shape),) if self.flatten else shape
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Transforms raw inputs [B, *raw_shape] (any real dtype) into float32 [B, *out_shape]."""
+        """Transforms raw inputs [B, *raw_shape] (any real dtype) into float32 (or int64 token ids) [B, *out_shape]."""
+        if self.tokens:
+            if x.is_floating_point() and not bool((x == x.round()).all()):
+                bad = x[x != x.round()][0].item()
+                raise DataError(f"{self.key}.dtype: int64 token ids must be whole numbers, the inputs hold {bad}")
+            x = x.to(torch.int64)
+            return x.reshape(x.shape[0], -1) if self.flatten else x
         x = x.to(torch.float32)
         if self.resize is not None:
             x = resize_images(x, self.resize)

@@ -1,0 +1,229 @@
+"""Integer token-id inputs reach the model as int64 (`transform.dtype`), so embedding models run
+from a config, and padded token batches give exactly the numbers of each sequence run alone."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from exact import batches_of
+from safetensors.torch import save_file
+from torch import nn
+from typer.testing import CliRunner
+
+from influence_cli.cli import app
+from influence_cli.config import DataSpec, TransformSpec
+from influence_cli.data import example_image, load_dataset
+from influence_cli.errors import DataError
+from influence_cli.fit import PassPlan, compute_factors
+from influence_cli.kernel import pairwise_scores, self_influence_scores
+from influence_cli.tracking import find_tracked_modules
+
+VOCAB, PAD = 11, 0
+
+
+class TokenModel(nn.Module):
+    """Embedding -> Linear over positions -> masked mean -> head; token 0 is padding."""
+
+    def __init__(self, d: int = 4, classes: int = 3):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, d)
+        self.proj = nn.Linear(d, 5)
+        self.head = nn.Linear(5, classes)
+
+    def forward(self, tokens):
+        mask = (tokens != PAD).unsqueeze(-1).to(self.proj.weight.dtype)
+        h = torch.tanh(self.proj(self.embed(tokens)))
+        return (self.head(h) * mask).sum(dim=1) / mask.sum(dim=1)
+
+
+def token_sequences(n=12, max_len=6, seed=0):
+    """n token sequences of lengths 1..max_len: zero-padded int64 [n, max_len] and a list of [1, L]."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(1, VOCAB, (1, 1 + (k * 5) % max_len), generator=g) for k in range(n)]
+    padded = torch.full((n, max_len), PAD, dtype=torch.int64)
+    for k, s in enumerate(seqs):
+        padded[k, : s.shape[1]] = s[0]
+    return padded, seqs, torch.randint(0, 3, (n,), generator=g)
+
+
+def _singletons(seqs, labels):
+    def make(start_batch: int):
+        for k in range(start_batch, len(seqs)):
+            yield seqs[k], labels[k : k + 1], torch.tensor([k])
+
+    return make
+
+
+def test_padded_token_batches_give_the_numbers_of_unpadded_sequences():
+    torch.manual_seed(0)
+    model = TokenModel().double()
+    tracked = find_tracked_modules(model, ["*"])
+    assert [t.name for t in tracked] == ["proj", "head"]
+    padded, seqs, labels = token_sequences()
+    n = len(seqs)
+
+    def fit(batches, num_batches, padding_value):
+        plan = PassPlan(batches, num_batches, n, "classification", "ggn", 0, padding_value=padding_value)
+        return compute_factors(model, tracked, "ekfac", plan)
+
+    masked = fit(batches_of(padded, labels, 5), 3, PAD)
+    alone = fit(_singletons(seqs, labels), n, None)
+    for name in ("proj", "head"):
+        for key in ("a_covariance", "g_covariance", "eigenvalues"):
+            torch.testing.assert_close(getattr(masked[name], key), getattr(alone[name], key), rtol=1e-10, atol=1e-12)
+
+    q_pad, q_seqs, q_labels = token_sequences(n=4, seed=1)
+    got = pairwise_scores(
+        model, tracked, masked, batches_of(q_pad, q_labels, 2)(0), batches_of(padded, labels, 5)(0), padding_value=PAD
+    )
+    want = pairwise_scores(model, tracked, masked, _singletons(q_seqs, q_labels)(0), _singletons(seqs, labels)(0))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    got_self = self_influence_scores(model, tracked, masked, batches_of(padded, labels, 5)(0), padding_value=PAD)
+    want_self = self_influence_scores(model, tracked, masked, _singletons(seqs, labels)(0))
+    torch.testing.assert_close(got_self, want_self, rtol=1e-10, atol=1e-12)
+
+
+def _tensors_dataset(tmp_path, inputs, **transform):
+    np.savez(tmp_path / "data.npz", inputs=inputs, labels=np.arange(len(inputs)) % 3)
+    spec = DataSpec(source="tensors", path="data.npz", transform=TransformSpec(**transform))
+    return load_dataset(spec, tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.int32, np.int64, np.uint16])
+def test_integer_inputs_stay_token_ids(tmp_path, dtype):
+    ds = _tensors_dataset(tmp_path, np.array([[3, 1, 0], [2, 0, 0]], dtype=dtype))
+    assert ds.token_inputs
+    x, _, _ = ds[0]
+    assert x.dtype == torch.int64 and x.tolist() == [3, 1, 0]
+    batch = ds.__getitems__([0, 1])
+    assert batch[0].dtype == torch.int64 and batch[0].tolist() == [[3, 1, 0], [2, 0, 0]]
+
+
+def test_pixels_and_scaled_integers_stay_float(tmp_path):
+    assert _tensors_dataset(tmp_path, np.full((2, 4), 200, dtype=np.uint8))[0][0].dtype == torch.float32
+    scaled = _tensors_dataset(tmp_path, np.full((2, 4), 200, dtype=np.int32), scale=255.0)
+    assert not scaled.token_inputs
+    torch.testing.assert_close(scaled[0][0], torch.full((4,), 200 / 255.0))
+    assert _tensors_dataset(tmp_path, np.ones((2, 4), dtype=np.int64), dtype="float32")[0][0].dtype == torch.float32
+
+
+def test_explicit_int64_reads_bytes_and_whole_floats(tmp_path):
+    assert _tensors_dataset(tmp_path, np.array([[255, 7]], dtype=np.uint8), dtype="int64")[0][0].tolist() == [255, 7]
+    ids = _tensors_dataset(tmp_path, np.array([[4.0, 2.0]], dtype=np.float32), dtype="int64")[0][0]
+    assert ids.dtype == torch.int64 and ids.tolist() == [4, 2]
+    halves = _tensors_dataset(tmp_path, np.array([[4.5, 2.0]], dtype=np.float32), dtype="int64")
+    with pytest.raises(DataError, match=r"data.train.transform.dtype: int64 token ids must be whole numbers, the inputs hold 4.5"):
+        halves[0]
+
+
+def test_int64_with_a_float_transform_is_refused(tmp_path):
+    with pytest.raises(DataError, match="data.train.transform.dtype: int64 token ids cannot be combined with scale") as err:
+        _tensors_dataset(tmp_path, np.ones((2, 4), dtype=np.int64), dtype="int64", scale=2.0)
+    assert "set data.train.transform.dtype: float32" in err.value.hint
+
+
+def test_token_ids_are_not_images(tmp_path):
+    ds = _tensors_dataset(tmp_path, np.ones((2, 16), dtype=np.int64))
+    with pytest.raises(DataError, match="data.train: the inputs are token ids, not images"):
+        example_image(ds, 0)
+
+
+def test_fingerprints_of_float_inputs_do_not_depend_on_the_dtype_key(tmp_path):
+    floats = np.ones((2, 4), dtype=np.float32)
+    assert _tensors_dataset(tmp_path, floats).fingerprint() == _tensors_dataset(tmp_path, floats, dtype="float32").fingerprint()
+    ints = np.ones((2, 4), dtype=np.int64)
+    assert _tensors_dataset(tmp_path, ints).fingerprint() != _tensors_dataset(tmp_path, ints, dtype="float32").fingerprint()
+
+
+TOKEN_MODULE = '''
+import torch
+from torch import nn
+
+
+class Tokens(nn.Module):
+    def __init__(self, vocab: int = 11):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, 4)
+        self.proj = nn.Linear(4, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, tokens):
+        mask = (tokens != 0).unsqueeze(-1).to(self.proj.weight.dtype)
+        return (self.head(torch.tanh(self.proj(self.embed(tokens)))) * mask).sum(dim=1) / mask.sum(dim=1)
+
+
+def make(vocab: int = 11):
+    return Tokens(vocab)
+'''
+
+
+@pytest.fixture
+def token_project(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "tokmod_cli.py").write_text(TOKEN_MODULE)
+    padded, _, labels = token_sequences(n=24)
+    torch.save({"inputs": padded, "labels": labels}, tmp_path / "tokens.pt")
+    torch.manual_seed(0)
+    import tokmod_cli
+
+    save_file(tokmod_cli.make().state_dict(), tmp_path / "model.safetensors")
+    config = {
+        "model": {"architecture": "tokmod_cli:make", "checkpoint": "model.safetensors"},
+        "data": {
+            "train": {"source": "tensors", "path": "tokens.pt", "range": [0, 20]},
+            "query": {"source": "tensors", "path": "tokens.pt", "range": [20, 24]},
+            "batch_size": 8,
+            "padding_value": 0,
+        },
+        "output_dir": "out",
+        "device": "cpu",
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    return str(tmp_path / "config.yaml")
+
+
+def _runner():
+    return CliRunner(env={"COLUMNS": "120", "INFLUENCE_DEBUG": None, "RANK": None, "WORLD_SIZE": None})
+
+
+def test_cli_runs_an_embedding_model_on_token_ids(token_project):
+    runner = _runner()
+    for command in (["fit-factors", token_project], ["compute-scores", token_project], ["top-k", token_project, "--k", "2", "--json"]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 0, result.stderr
+    top = json.loads(result.stdout)
+    assert len(top["queries"]) == 4
+    result = runner.invoke(app, ["inspect", token_project])
+    assert result.exit_code == 0, result.stderr
+    assert "embed" in result.stdout  # listed among the parameters left out of the scores
+
+
+def test_token_ids_fed_to_a_float_model_name_the_key(token_project):
+    as_floats = ["--set", "data.train.transform.dtype=float32"]
+    result = _runner().invoke(app, ["fit-factors", token_project, *as_floats])
+    assert result.exit_code == 3
+    assert "data.padding_value: data.train inputs of shape [8, 6] (float32) have no sequence positions" in result.stderr
+    assert "set data.train.transform.dtype: int64" in result.stderr
+    result = _runner().invoke(app, ["fit-factors", token_project, *as_floats, "--set", "data.padding_value=null"])
+    assert result.exit_code == 3
+    assert "data.train: inputs of shape [8, 6] do not fit the model" in result.stderr
+    assert "set data.train.transform.dtype: int64" in result.stderr
+
+
+def test_token_ids_fed_to_a_model_that_takes_numbers_name_the_key(tmp_path):
+    np.savez(tmp_path / "ids.npz", inputs=np.ones((4, 64), dtype=np.int64), labels=np.arange(4) % 3)
+    config = {
+        "model": {"architecture": "mlp", "kwargs": {"input_dim": 64, "hidden": [8], "num_classes": 3}},
+        "data": {"train": {"source": "tensors", "path": "ids.npz"}},
+        "output_dir": "out",
+        "device": "cpu",
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    result = _runner().invoke(app, ["fit-factors", str(tmp_path / "config.yaml")])
+    assert result.exit_code == 3, result.output
+    assert "data.train: inputs of shape [4, 64] (token ids) do not fit the model" in result.stderr
+    assert "set data.train.transform.dtype: float32" in result.stderr
