@@ -70,8 +70,22 @@ def _conv_padding(module: nn.Conv2d) -> tuple[int, int] | None:
     return tuple(module.padding)  # type: ignore[return-value]
 
 
-def unsupported_reason(module: nn.Module) -> str | None:
-    """Why a Linear / Conv2d cannot be tracked (None if it can)."""
+ATTENTION_OUTPUT = "applied by nn.MultiheadAttention through its weight, never called as a layer"
+
+
+def attention_projections(model: nn.Module) -> set[int]:
+    """ids of the `out_proj` Linears of nn.MultiheadAttention modules.
+
+    MultiheadAttention passes `out_proj.weight` to F.multi_head_attention_forward and never calls
+    `out_proj`, so no hook sees that layer's input or output.
+    """
+    return {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+
+
+def unsupported_reason(module: nn.Module, attention_outputs: set[int] = frozenset()) -> str | None:  # type: ignore[assignment]
+    """Why a Linear / Conv2d cannot be tracked (None if it can); `attention_outputs` from `attention_projections`."""
+    if id(module) in attention_outputs:
+        return ATTENTION_OUTPUT
     if not isinstance(module, nn.Conv2d):
         return None
     if module.groups != 1:
@@ -86,8 +100,9 @@ def unsupported_reason(module: nn.Module) -> str | None:
 def find_tracked_modules(model: nn.Module, patterns: Sequence[str], key: str = "factors.modules") -> list[TrackedModule]:
     """The supported layers whose names match any fnmatch pattern, in model order.
 
-    A Conv2d the factors cannot model (grouped, non-zero padding modes, asymmetric 'same'
-    padding) is skipped when only a wildcard pattern matches it, and an error when named.
+    A layer the factors cannot model (a grouped Conv2d, non-zero padding modes, asymmetric
+    'same' padding; the `out_proj` of nn.MultiheadAttention, which is never called) is skipped
+    when only a wildcard pattern matches it, and an error when named.
 
     Raises:
         ModelError: when no supported layer matches, a named layer is unsupported, or two
@@ -96,6 +111,7 @@ def find_tracked_modules(model: nn.Module, patterns: Sequence[str], key: str = "
     tracked: list[TrackedModule] = []
     supported_names: list[str] = []
     owners: dict[int, str] = {}
+    attention_outputs = attention_projections(model)
     for name, module in model.named_modules():
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             continue
@@ -103,13 +119,14 @@ def find_tracked_modules(model: nn.Module, patterns: Sequence[str], key: str = "
         matched = [p for p in patterns if fnmatch.fnmatchcase(name, p)]
         if not matched:
             continue
-        reason = unsupported_reason(module)
+        reason = unsupported_reason(module, attention_outputs)
         if reason is not None:
             if any(_is_name(p) for p in matched):
-                raise ModelError(
-                    f"{key}: Conv2d {name!r} uses {reason}; only groups=1 with zero padding (numbers, 'valid' or symmetric 'same') is supported",
-                    hint=f"leave it out of {key}",
-                )
+                if reason == ATTENTION_OUTPUT:
+                    detail = f"Linear {name!r} is {reason}, so its inputs cannot be recorded"
+                else:
+                    detail = f"Conv2d {name!r} uses {reason}; only groups=1 with zero padding (numbers, 'valid' or symmetric 'same') is supported"
+                raise ModelError(f"{key}: {detail}", hint=f"leave it out of {key}")
             continue
         for param in module.parameters(recurse=False):
             if id(param) in owners:
@@ -148,6 +165,7 @@ class UntrackedModule:
 def untracked_modules(model: nn.Module, tracked: Sequence[TrackedModule], key: str = "factors.modules") -> list[UntrackedModule]:
     """Modules with parameters of their own (trainable or not) outside every tracked layer, in model order."""
     owner = {id(p): tm for tm in tracked for p in tm.module.parameters(recurse=False)}
+    attention_outputs = attention_projections(model)
     out = []
     for name, module in model.named_modules():
         own = list(module.parameters(recurse=False))
@@ -159,7 +177,7 @@ def untracked_modules(model: nn.Module, tracked: Sequence[TrackedModule], key: s
         if not params:
             continue
         if isinstance(module, (nn.Linear, nn.Conv2d)):
-            reason = unsupported_reason(module) or f"not matched by {key}"
+            reason = unsupported_reason(module, attention_outputs) or f"not matched by {key}"
         else:
             reason = "not an nn.Linear or nn.Conv2d"
         out.append(UntrackedModule(name or "(model)", type(module).__name__, sum(p.numel() for p in params), reason))

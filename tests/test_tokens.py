@@ -17,10 +17,11 @@ from typer.testing import CliRunner
 from influence_cli.cli import app
 from influence_cli.config import DataSpec, TransformSpec
 from influence_cli.data import example_image, load_dataset
-from influence_cli.errors import DataError
+from influence_cli.errors import DataError, ModelError
+from influence_cli.factors import LayerFactors
 from influence_cli.fit import PassPlan, compute_factors
 from influence_cli.kernel import pairwise_scores, self_influence_scores
-from influence_cli.tracking import find_tracked_modules
+from influence_cli.tracking import find_tracked_modules, untracked_modules
 
 VOCAB, PAD = 11, 0
 
@@ -85,6 +86,70 @@ def test_padded_token_batches_give_the_numbers_of_unpadded_sequences():
     got_self = self_influence_scores(model, tracked, masked, batches_of(padded, labels, 5)(0), padding_value=PAD)
     want_self = self_influence_scores(model, tracked, masked, _singletons(seqs, labels)(0))
     torch.testing.assert_close(got_self, want_self, rtol=1e-10, atol=1e-12)
+
+
+class TinyEncoder(nn.Module):
+    """Embedding -> one nn.TransformerEncoderLayer (padding keys masked) -> masked mean -> head."""
+
+    def __init__(self, d: int = 4, classes: int = 3):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, d)
+        self.enc = nn.TransformerEncoderLayer(d, nhead=2, dim_feedforward=6, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, tokens):
+        pad = tokens == PAD
+        h = self.enc(self.embed(tokens), src_key_padding_mask=pad)
+        keep = (~pad).unsqueeze(-1).to(h.dtype)
+        return self.head((h * keep).sum(dim=1) / keep.sum(dim=1))
+
+
+def test_attention_output_projection_is_left_out_under_wildcards():
+    """nn.MultiheadAttention never calls its out_proj, so no hook could record that layer."""
+    model = TinyEncoder()
+    tracked = find_tracked_modules(model, ["*"])
+    assert [t.name for t in tracked] == ["enc.linear1", "enc.linear2", "head"]
+    left_out = {u.name: u.reason for u in untracked_modules(model, tracked)}
+    assert "never called as a layer" in left_out["enc.self_attn.out_proj"]
+    with pytest.raises(ModelError, match="factors.modules: Linear 'enc.self_attn.out_proj' is applied by nn.MultiheadAttention"):
+        find_tracked_modules(model, ["enc.self_attn.out_proj"])
+
+
+def _per_example_gradients(model, tracked, seqs, labels):
+    """[N, P] gradients of each unpadded sequence's loss over the tracked parameters, by autograd."""
+    params = [p for tm in tracked for p in tm.module.parameters(recurse=False)]
+    rows = []
+    for s, y in zip(seqs, labels, strict=True):
+        loss = nn.functional.cross_entropy(model(s), y[None], reduction="sum")
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
+    return torch.stack(rows)
+
+
+def test_padded_transformer_batches_are_exact():
+    """Gradient dot products (identity) equal autograd's, and EKFAC numbers equal each sequence alone."""
+    torch.manual_seed(0)
+    model = TinyEncoder().double().eval()
+    tracked = find_tracked_modules(model, ["*"])
+    padded, seqs, labels = token_sequences()
+    q_pad, q_seqs, q_labels = token_sequences(n=4, seed=1)
+    identity = {tm.name: LayerFactors(tm.name) for tm in tracked}
+    got = pairwise_scores(
+        model, tracked, identity, batches_of(q_pad, q_labels, 2)(0), batches_of(padded, labels, 5)(0), padding_value=PAD
+    )
+    want = _per_example_gradients(model, tracked, q_seqs, q_labels) @ _per_example_gradients(model, tracked, seqs, labels).T
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+    n = len(seqs)
+    masked = compute_factors(model, tracked, "ekfac", PassPlan(batches_of(padded, labels, 5), 3, n, "classification", "ggn", 0, padding_value=PAD))
+    alone = compute_factors(model, tracked, "ekfac", PassPlan(_singletons(seqs, labels), n, n, "classification", "ggn", 0))
+    for name in masked:
+        for key in ("a_covariance", "g_covariance", "eigenvalues"):
+            torch.testing.assert_close(getattr(masked[name], key), getattr(alone[name], key), rtol=1e-9, atol=1e-12)
+    got = pairwise_scores(
+        model, tracked, masked, batches_of(q_pad, q_labels, 2)(0), batches_of(padded, labels, 5)(0), padding_value=PAD
+    )
+    want = pairwise_scores(model, tracked, alone, _singletons(q_seqs, q_labels)(0), _singletons(seqs, labels)(0))
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
 
 
 def _tensors_dataset(tmp_path, inputs, **transform):
