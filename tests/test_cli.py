@@ -93,6 +93,15 @@ def test_command_help_has_examples(runner: CliRunner, command: str, example: str
         assert "--set" in text and "docs/CONFIG.md" in text
 
 
+def test_no_help_shows_a_type_on_flags(runner: CliRunner):
+    from influence_cli.cli import app
+
+    for command in [[], *[[c.name] for c in app.registered_commands]]:
+        result = invoke(runner, *command, "--help")
+        assert result.exit_code == 0, command
+        assert "<bool>" not in result.stdout, command
+
+
 def test_fit_factors_help_shows_the_torchrun_example(runner: CliRunner):
     text = " ".join(invoke(runner, "fit-factors", "--help").stdout.split())
     assert "torchrun --nproc_per_node=4 -m influence_cli fit-factors" in text

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
+from typer.core import TyperCommand, TyperGroup
 
 from influence_cli import __version__
 from influence_cli.cli.render import err_console
@@ -21,8 +22,29 @@ from influence_cli.errors import InfluenceError
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM
 
+class _Group(TyperGroup):
+    """The app's group; its -h/--help shows no `<bool>` type (like every other flag here)."""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        return _no_metavar(super().get_help_option(ctx))
+
+
+class _Command(TyperCommand):
+    """Every subcommand; its -h/--help shows no `<bool>` type."""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        return _no_metavar(super().get_help_option(ctx))
+
+
+def _no_metavar(option: Any) -> Any:
+    if option is not None:
+        option.metavar = ""
+    return option
+
+
 app = typer.Typer(
     name="influence",
+    cls=_Group,
     help=(
         "Which training examples made the model predict this? Influence functions under an EKFAC "
         "approximation of the Fisher, driven by one YAML config.\n\n"
@@ -128,7 +150,7 @@ def command(name: str, resumable: bool = False, **kwargs: Any) -> Callable[[Call
                 if "influence_cli.distributed" in sys.modules:  # never import torch here: a Ctrl-C may have cut its import short
                     sys.modules["influence_cli.distributed"].shutdown_distributed()
 
-        return app.command(name, **kwargs)(wrapper)
+        return app.command(name, cls=_Command, **kwargs)(wrapper)
 
     return decorate
 
