@@ -61,7 +61,7 @@ app = typer.Typer(
 
 _DEBUG = {"on": os.environ.get("INFLUENCE_DEBUG", "") not in ("", "0")}
 
-ConfigArg = Annotated[Path, typer.Argument(help="YAML config file (see docs/CONFIG.md).", show_default=False)]
+ConfigArg = Annotated[Path, typer.Argument(metavar="CONFIG", help="YAML config file (see docs/CONFIG.md).", show_default=False)]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override a config key: --set factors.strategy=kfac (repeatable; values are YAML)."),

@@ -12,11 +12,11 @@ from influence_cli.cli.render import RichProgress, err_console, out_console, pri
 from influence_cli.cli.render import new_table as _new_table
 
 LayersOpt = Annotated[
-    list[str] | None, typer.Option("--layers", help="fnmatch pattern of the layers analysed (repeatable; default: spectrum.layers).")
+    list[str] | None, typer.Option("--layers", metavar="PATTERN", help="fnmatch pattern of the layers analysed (repeatable; default: spectrum.layers).")
 ]
 EditLayersOpt = Annotated[
     list[str] | None,
-    typer.Option("--layers", help="fnmatch pattern of the layers edited (repeatable; default: spectrum.edit.layers, else spectrum.layers)."),
+    typer.Option("--layers", metavar="PATTERN", help="fnmatch pattern of the layers edited (repeatable; default: spectrum.edit.layers, else spectrum.layers)."),
 ]
 OrderOpt = Annotated[
     Literal["kfac", "ekfac"] | None,
