@@ -426,7 +426,7 @@ def run_main(capsys, *argv: str) -> tuple[int, str, str]:
     [
         (["top-k", str(DIGITS), "--kk", "3"], "No such option: --kk"),
         (["top-k", str(DIGITS), "--k", "abc"], "Invalid value for '--k'"),
-        (["top-k"], "Missing argument 'config'"),
+        (["top-k"], "Missing argument 'CONFIG'"),
         (["no-such-command"], "No such command 'no-such-command'"),
     ],
 )
