@@ -189,7 +189,8 @@ padding they were fitted with, and later commands refuse a config with another.
 ## Precision
 
 Everything runs in float32 (in float64 for a checkpoint whose floating tensors are all float64,
-or a float64 model from Python; the files are written in their usual dtypes), with float64
+or a float64 model from Python, which then also receives float64 inputs and targets as stored;
+the files are written in their usual dtypes: factors and scores in float32), with float64
 eigendecompositions. `factors.amp: bfloat16` runs fit-factors and compute-scores in bfloat16:
 the forward under autocast, and every per-batch matrix product (covariances, eigenbasis
 rotations, the corrected eigenvalues, the scoring GEMMs) on bf16 operands summed into float32

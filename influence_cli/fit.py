@@ -276,6 +276,7 @@ def factors_metadata(ctx: RunContext, dataset: IndexedDataset, num_examples: int
         **ctx.provenance(),
         "strategy": cfg.factors.strategy,
         "fisher": cfg.factors.fisher,
+        "task": cfg.task.kind,
         "model_fingerprint": ctx.model_fingerprint,
         "dataset_fingerprint": dataset.fingerprint(),
         "num_examples": num_examples,
@@ -402,8 +403,14 @@ def load_factors(path: Path) -> Factors:
 
 
 def check_factors_match(factors: Factors, ctx: RunContext, path: Path, dataset_fingerprint: str | None = None) -> None:
-    """Refuses factors of another model, other layers, other padding, or (when given) another training set."""
+    """Refuses factors of another model, task, other layers, other padding, or (when given) another training set."""
     meta = factors.metadata
+    fitted_task = meta.get("task")  # absent from files written before the task was recorded
+    if fitted_task is not None and fitted_task != ctx.cfg.task.kind:
+        raise OutputError(
+            f"{str(path)!r} was fitted for task.kind={fitted_task}, the config has {ctx.cfg.task.kind}",
+            hint="use the task of fit-factors, or refit with --overwrite",
+        )
     if meta.get("model_fingerprint") != ctx.model_fingerprint:
         raise OutputError(
             f"{str(path)!r} was fitted for another model (fingerprint {meta.get('model_fingerprint')} vs {ctx.model_fingerprint})",

@@ -210,6 +210,7 @@ def _forward(model: nn.Module, tracked: list[TrackedModule], x: torch.Tensor, am
                     f"{dataset_name}: inputs of shape {list(x.shape)}{_kind(x)} do not fit the model ({reason})",
                     hint=_input_hint(x, reason, dataset_name),
                 ) from exc
+        check_model_output(out, x.shape[0])
         if not cap.modified_in_place():
             break
         if x._version != version:
@@ -245,8 +246,35 @@ def _check_batch_dim(acts: dict[str, torch.Tensor], batch_size: int) -> None:
             )
 
 
+def check_model_output(out: object, batch_size: int) -> None:
+    """The model must return one tensor with the batch along dim 0.
+
+    Raises:
+        ModelError: for a tuple/dict output, or outputs whose dim 0 is not the batch (a final
+            `squeeze()` turns the outputs of a one-example batch into those of no batch).
+    """
+    if not isinstance(out, torch.Tensor):
+        raise ModelError(
+            f"the model returned a {type(out).__name__}, not a tensor of outputs",
+            hint="return the logits (classification) or predictions (regression) alone, e.g. through a factory that wraps the model",
+        )
+    if out.dim() == 0 or out.shape[0] != batch_size:
+        raise ModelError(
+            f"the model returned outputs of shape {list(out.shape)} for a batch of {batch_size}: dim 0 must be the batch",
+            hint="a final .squeeze() drops it on a batch of one; use .squeeze(-1)",
+        )
+
+
 def _check_outputs(out: torch.Tensor, y: torch.Tensor, task_kind: str, dataset_name: str) -> None:
     """Shape and label checks; `y` is the CPU copy of the targets, so no device sync."""
+    if task_kind == "regression":
+        if y.dim() == 0 or y[:1].numel() != out[:1].numel():
+            raise DataError(
+                f"{dataset_name}: regression targets of shape {list(y.shape[1:])} per example do not match the model's "
+                f"outputs of shape {list(out.shape[1:])} per example",
+                hint="store as many target values per example as the model outputs",
+            )
+        return
     if task_kind == "classification":
         if out.dim() != 2:
             raise DataError(
@@ -255,6 +283,11 @@ def _check_outputs(out: torch.Tensor, y: torch.Tensor, task_kind: str, dataset_n
             )
         if y.dtype.is_floating_point:
             raise DataError(f"{dataset_name}: classification needs integer labels, got {y.dtype}", hint="set task.kind: regression")
+        if y.dim() != 1:
+            raise DataError(
+                f"{dataset_name}: classification needs one class index per example, got labels of shape {list(y.shape[1:])} each",
+                hint="store the labels as a 1-D tensor [N] (e.g. labels.squeeze(1)), or set task.kind: regression",
+            )
         if y.device.type != "cpu":  # a check here would stall the device; the loss reports it instead
             return
         bad = y[(y < 0) | (y >= out.shape[1])]

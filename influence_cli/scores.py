@@ -39,7 +39,7 @@ from influence_cli.passes import (
     BatchGradients,
     NonFiniteWatch,
     accumulator_dtype,
-    autocast_context,
+    check_model_output,
     model_dtype,
     stream_gradients,
 )
@@ -382,9 +382,8 @@ class _Scorer:
             x = x.to(self.ctx.device)
             if x.is_floating_point():
                 x = x.to(dtype)
-            with autocast_context(self.ctx.device, self.cfg.factors.amp):
-                out = model(x)
-            out = out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
+            out = model(x)  # in the model's dtype, not under factors.amp: predictions are shown as they are
+            check_model_output(out, x.shape[0])
             preds.append(out.argmax(1).cpu() if self.cfg.task.kind == "classification" else out.cpu())
             labels.append(y)
         return {

@@ -107,7 +107,7 @@ def test_idx_relative_paths_and_other_layouts(tmp_path: Path) -> None:
     ds = load_dataset(DataSpec(source="idx", images="vec.idx", labels="targets.idx"), tmp_path)
     x, y, _ = ds[3]
     assert x.shape == (5,) and torch.equal(x, torch.from_numpy(vectors[3]))  # 2-D IDX: no channel dim added
-    assert y.dtype == torch.float32 and ds.labels.dtype == torch.float32  # float labels: regression
+    assert y.dtype == torch.float64 and ds.labels.dtype == torch.float64  # float labels: regression targets, as stored
 
 
 def test_real_mnist_first_hundred() -> None:
@@ -148,7 +148,7 @@ def test_tensors_file_formats(tmp_path: Path, fmt: str) -> None:
     ds = load_dataset(DataSpec(source="tensors", path=str(path), inputs_key="x", labels_key="y"), tmp_path)
     assert len(ds) == 12
     x, y, gi = ds[5]
-    assert x.dtype == torch.float32 and torch.allclose(x, inputs[5].float())
+    assert x.dtype == torch.float64 and torch.equal(x, inputs[5])  # float64 inputs stay float64 (cast to the model dtype in the passes)
     assert y.dtype == torch.int64 and int(y) == 1 and gi == 5
 
 
@@ -754,12 +754,27 @@ def test_factory_returning_lists_of_inputs_and_labels(tmp_path: Path) -> None:
 
         def pairs():
             return [(torch.zeros(3), 0), (torch.ones(3), 1)]
+
+        def tensor_labels():
+            return [torch.full((3,), float(i)) for i in range(12)], [torch.tensor(i % 3) for i in range(12)]
+
+        def vector_targets():
+            return [torch.full((3,), float(i)) for i in range(12)], [torch.full((2,), i / 2) for i in range(12)]
+
+        def tensor_pairs():
+            return [(torch.zeros(3), torch.tensor(0)), (torch.ones(3), torch.tensor(1))]
         """,
     )
     ds = load_dataset(DataSpec(source=f"{mod}:make"), tmp_path)
     assert len(ds) == 12 and ds.labels.tolist() == [i % 3 for i in range(12)] and ds[5][0].tolist() == [5.0, 5.0, 5.0]
     two = load_dataset(DataSpec(source=f"{mod}:pairs"), tmp_path)
     assert len(two) == 2 and two[1][0].tolist() == [1.0, 1.0, 1.0] and int(two[1][1]) == 1
+    ids = load_dataset(DataSpec(source=f"{mod}:tensor_labels", range=[0, 12]), tmp_path)
+    assert len(ids) == 12 and ids.labels.dtype == torch.int64 and ids.labels.tolist() == [i % 3 for i in range(12)]
+    targets = load_dataset(DataSpec(source=f"{mod}:vector_targets"), tmp_path)
+    assert len(targets) == 12 and targets.labels.shape == (12, 2) and targets.labels[5].tolist() == [2.5, 2.5]
+    items = load_dataset(DataSpec(source=f"{mod}:tensor_pairs"), tmp_path)
+    assert len(items) == 2 and items[1][0].tolist() == [1.0, 1.0, 1.0] and int(items[1][1]) == 1
 
 
 def test_data_factories_of_the_same_name_in_two_folders(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from influence_cli.cli.app import ConfigArg, JsonOpt, OverwriteOpt, ResumeOpt, SetOpt, command, load
-from influence_cli.cli.render import RichProgress, err_console, human_bytes, new_table, print_json, print_table
+from influence_cli.cli.render import RichProgress, err_console, human_bytes, layer_label, new_table, print_json, print_table
 from influence_cli.errors import UsageError
 
 FIT_EPILOG = """\
@@ -80,7 +80,7 @@ def fit_factors_cmd(
     )
     for layer in report.layers:
         row = [
-            layer.name,
+            layer_label(layer.name),
             layer.kind,
             "×".join(map(str, layer.weight_shape)),
             f"{layer.d_in}²" if layer.a_size else "-",
@@ -139,7 +139,7 @@ def inspect_cmd(config: ConfigArg, set_: SetOpt = None, json_: JsonOpt = False) 
         floats = r.a_size + r.g_size + r.eigenvalue_size
         total += floats
         table.add_row(
-            r.name, r.kind, "×".join(map(str, r.weight_shape)), f"{r.d_out}×{r.d_in}", f"{r.d_in * r.d_out:,}", human_bytes(4 * floats)
+            layer_label(r.name), r.kind, "×".join(map(str, r.weight_shape)), f"{r.d_out}×{r.d_in}", f"{r.d_in * r.d_out:,}", human_bytes(4 * floats)
         )
     print_table(table)
     if untracked:  # grouped by kind and reason: a deep model has many norms

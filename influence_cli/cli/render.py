@@ -108,6 +108,24 @@ class RichProgress:
             self.stop()
 
 
+def layer_label(name: str) -> str:
+    """A tracked layer's name for tables; the root module (a bare nn.Linear model) has the name ''."""
+    return name or "(model)"
+
+
+def label_text(label: Any, class_names: list[str] | None = None) -> str:
+    """A label for a table cell: class index (with its name), regression value(s) to 4 digits, or '-'."""
+    if label is None:
+        return "-"
+    if isinstance(label, float):
+        return f"{label:.4g}"
+    if isinstance(label, list):
+        return "[" + ", ".join(label_text(v) for v in label[:4]) + (", …]" if len(label) > 4 else "]")
+    if class_names is not None and isinstance(label, int) and 0 <= label < len(class_names):
+        return f"{label} ({class_names[label]})"
+    return str(label)
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024:

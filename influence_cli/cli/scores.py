@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from influence_cli.cli.app import ConfigArg, JsonOpt, OverwriteOpt, ResumeOpt, SetOpt, command, load
-from influence_cli.cli.render import RichProgress, err_console, human_bytes, new_table, out_console, print_json, print_table
+from influence_cli.cli.render import (
+    RichProgress,
+    err_console,
+    human_bytes,
+    label_text,
+    layer_label,
+    new_table,
+    out_console,
+    print_json,
+    print_table,
+)
 from influence_cli.errors import UsageError
 
 SCORES_EPILOG = """\
@@ -107,7 +117,7 @@ def compute_scores_cmd(
     out_console().print(title, markup=False)
     table = new_table("", [("layer", "left"), ("parameters", "right"), ("damping λ", "right")])
     for name, lam in report.damping.items():
-        table.add_row(name or "(model)", f"{report.layer_params.get(name, 0):,}", f"{lam:.4g}")
+        table.add_row(layer_label(name), f"{report.layer_params.get(name, 0):,}", f"{lam:.4g}")
     print_table(table)
     size = sum(Path(p).stat().st_size for p in report.paths if Path(p).is_file())
     where = str(report.paths[0]) + (f" + {report.num_shards} shards" if report.sharded else "")
@@ -134,18 +144,6 @@ def parse_query_option(values: list[str] | None) -> list[int | slice] | None:
             except ValueError:
                 raise UsageError(f"--query {text!r}: expected N or START:STOP (e.g. --query 3 or --query 0:10)") from None
     return out
-
-
-def _label_text(label: Any, class_names: list[str] | None = None) -> str:
-    if label is None:
-        return "-"
-    if isinstance(label, float):
-        return f"{label:.4g}"
-    if isinstance(label, list):
-        return "[" + ", ".join(_label_text(v) for v in label[:4]) + (", …]" if len(label) > 4 else "]")
-    if class_names is not None and isinstance(label, int) and 0 <= label < len(class_names):
-        return f"{label} ({class_names[label]})"
-    return str(label)
 
 
 @command("top-k", epilog=TOPK_EPILOG)
@@ -201,7 +199,7 @@ def top_k_cmd(
         table = new_table(f"most self-influential training examples (top {k})", [("rank", "right"), ("train index", "right"),
                                                                                    ("label", "left"), ("self-influence", "right")])
         for r in ranked:
-            table.add_row(str(r.rank), str(r.train_index), _label_text(r.train_label), f"{r.score:.5g}")
+            table.add_row(str(r.rank), str(r.train_index), label_text(r.train_label), f"{r.score:.5g}")
         print_table(table)
         if grid_path:
             err_console.print(f"[green]saved[/] {grid_path}")
@@ -228,16 +226,16 @@ def top_k_cmd(
     variant = "relative influence" if meta.relative else "influence"
     for r in rankings:
         title = (
-            f"query {r.query_position} · index {r.query_index} · label {_label_text(r.query_label)} · "
-            f"predicted {_label_text(r.query_prediction)}"
+            f"query {r.query_position} · index {r.query_index} · label {label_text(r.query_label)} · "
+            f"predicted {label_text(r.query_prediction)}"
         )
         table = new_table(title, [("", "left"), ("rank", "right"), ("train index", "right"), ("label", "left"), (variant, "right")])
         for e in r.proponents:
-            table.add_row("[green]proponent[/]", str(e.rank), str(e.train_index), _label_text(e.train_label), f"{e.score:+.5g}")
+            table.add_row("[green]proponent[/]", str(e.rank), str(e.train_index), label_text(e.train_label), f"{e.score:+.5g}")
         if r.opponents:
             table.add_section()
         for e in r.opponents:
-            table.add_row("[red]opponent[/]", str(e.rank), str(e.train_index), _label_text(e.train_label), f"{e.score:+.5g}")
+            table.add_row("[red]opponent[/]", str(e.rank), str(e.train_index), label_text(e.train_label), f"{e.score:+.5g}")
         print_table(table)
     if grid_path:
         err_console.print(f"[green]saved[/] {grid_path}")
@@ -265,7 +263,7 @@ def _train_tiles(train, entries, kind: str):
 
     names = train.class_names
     return [
-        Tile(example_image(train, e.train_position), [f"#{e.train_index} · {_label_text(e.train_label, names)}", f"{e.score:+.3g}"], kind)
+        Tile(example_image(train, e.train_position), [f"#{e.train_index} · {label_text(e.train_label, names)}", f"{e.score:+.3g}"], kind)
         for e in entries
     ]
 
@@ -282,7 +280,7 @@ def _pairwise_grid(cfg, meta, selection, k: int, opponents: bool, rankings, path
         for r in ranks:
             q = Tile(
                 example_image(queries, r.query_position),
-                [f"query #{r.query_index}", f"y {_label_text(r.query_label, queries.class_names)} · pred {_label_text(r.query_prediction)}"],
+                [f"query #{r.query_index}", f"y {label_text(r.query_label, queries.class_names)} · pred {label_text(r.query_prediction)}"],
                 "query",
             )
             out.append(GridRow(q, _train_tiles(train, r.proponents, "proponent"), _train_tiles(train, r.opponents, "opponent")))

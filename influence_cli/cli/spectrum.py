@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 import typer
 
 from influence_cli.cli.app import ConfigArg, JsonOpt, OverwriteOpt, SetOpt, command, load
-from influence_cli.cli.render import RichProgress, err_console, out_console, print_json, print_table
+from influence_cli.cli.render import RichProgress, err_console, label_text, layer_label, out_console, print_json, print_table
 from influence_cli.cli.render import new_table as _new_table
 
 LayersOpt = Annotated[
@@ -110,12 +110,12 @@ def spectrum_cmd(
         [("layer", "left"), ("directions", "right")] + [(BANDS[k], "right") for k in used],
     )
     for b in report.bands:
-        table.add_row(b.name, f"{b.shape[0]}×{b.shape[1]}", *[f"{_pct(b.counts[k] / max(1, sum(b.counts)))} / {_pct(b.mass[k])}" for k in used])
+        table.add_row(layer_label(b.name), f"{b.shape[0]}×{b.shape[1]}", *[f"{_pct(b.counts[k] / max(1, sum(b.counts)))} / {_pct(b.mass[k])}" for k in used])
     print_table(table)
     ratios = report.ratios()
     others = [g.name for g in report.groups if g.name != report.baseline]
     table = new_table(
-        f"share of gradient energy per band (mean over examples; {', '.join(report.layers)})",
+        f"share of gradient energy per band (mean over examples; {', '.join(map(layer_label, report.layers))})",
         [("band", "left")] + [(f"{g.name} (n={g.size:,})", "right") for g in report.groups] + [(f"{o} vs {report.baseline}", "right") for o in others],
     )
     for k in used:
@@ -126,7 +126,7 @@ def spectrum_cmd(
         [("layer", "left")] + [(g.name, "right") for g in report.groups],
     )
     for i, name in enumerate(report.layers):
-        table.add_row(name, *[f"{_pct(float(g.layer_share[i, 0]))} | {_pct(float(g.layer_input_share[i, 0]))}" for g in report.groups])
+        table.add_row(layer_label(name), *[f"{_pct(float(g.layer_share[i, 0]))} | {_pct(float(g.layer_input_share[i, 0]))}" for g in report.groups])
     print_table(table)
     console = out_console()
     for o in others:
@@ -141,7 +141,7 @@ def spectrum_cmd(
                 + [("bottom share", "right"), ("gradient energy", "right")],
             )  # fmt: skip
             for r, row in enumerate(rows, start=1):
-                cells = [str(r), str(row["global_index"]), str(row["label"])] + (["yes" if row["noisy"] else ""] if noisy else [])
+                cells = [str(r), str(row["global_index"]), label_text(row["label"])] + (["yes" if row["noisy"] else ""] if noisy else [])
                 table.add_row(*cells, _pct(row["bottom_share"]), f"{row['energy']:.3g}")
             print_table(table)
     extra = f" and {plot}" if plot is not None else ""
@@ -190,7 +190,7 @@ def edit_cmd(
     )  # fmt: skip
     for layer in report.layers:
         table.add_row(
-            layer.name, f"{layer.shape[0]}×{layer.shape[1]}", f"{layer.directions:,}", f"{layer.removed:,}",
+            layer_label(layer.name), f"{layer.shape[0]}×{layer.shape[1]}", f"{layer.directions:,}", f"{layer.removed:,}",
             _pct(layer.removed / max(1, layer.directions)), _pct(layer.weight_share_removed), _pct(layer.curvature_share_kept),
         )  # fmt: skip
     print_table(table)

@@ -52,11 +52,27 @@ def _targets_match_items(dataset: Any, targets: torch.Tensor, key: str, checks: 
 
 
 def _lists_of_inputs_and_labels(result: Any) -> bool:
-    """A pair (list of inputs, list of numeric labels) of equal lengths, as opposed to a list of (x, y) items."""
+    """A pair (list of inputs, list of labels) of equal lengths, as opposed to a list of (x, y) items.
+
+    Labels are numbers, or (in two lists) tensors / arrays of one shape: class indices as 0-d
+    tensors, regression targets as vectors. A list of two (x, y) items is told apart by its
+    entries being tuples, or by an x and a y of different shapes.
+    """
     if not (isinstance(result, (tuple, list)) and len(result) == 2 and all(isinstance(r, (list, tuple)) for r in result)):
         return False
     inputs, labels = result
-    return len(inputs) == len(labels) > 0 and all(isinstance(y, (bool, int, float, np.number)) for y in labels)
+    if not len(inputs) == len(labels) > 0:
+        return False
+    if all(isinstance(y, (bool, int, float, np.number)) for y in labels):
+        return True
+    arrays = (torch.Tensor, np.ndarray)
+    return (
+        isinstance(inputs, list)
+        and isinstance(labels, list)
+        and all(isinstance(x, arrays) for x in inputs)
+        and all(isinstance(y, arrays) for y in labels)
+        and len({tuple(y.shape) for y in labels}) == 1
+    )
 
 
 def open_factory(spec: DataSpec, base_dir: Path, name: str) -> Source:

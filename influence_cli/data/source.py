@@ -63,7 +63,7 @@ def existing_file(spec_value: str | None, key: str, base_dir: Path, what: str) -
 
 
 def to_inputs(value: Any, key: str, where: str) -> torch.Tensor:
-    """Raw inputs [N, ...]: integer dtypes kept as they are (compact), bool and floats as float32."""
+    """Raw inputs [N, ...]: integer dtypes and float64 kept as they are, bool and other floats as float32."""
     if isinstance(value, np.ndarray):
         if value.dtype.kind not in "biuf":
             raise DataError(f"{key}: the inputs in {where} have dtype {value.dtype}, not numbers")
@@ -74,13 +74,13 @@ def to_inputs(value: Any, key: str, where: str) -> torch.Tensor:
         raise DataError(f"{key}: the inputs in {where} are complex numbers")
     if value.ndim == 0:
         raise DataError(f"{key}: the inputs in {where} are a single number, expected a tensor [N, ...]")
-    if value.is_floating_point() or value.dtype == torch.bool:
+    if value.dtype == torch.bool or (value.is_floating_point() and value.dtype != torch.float64):
         return value.to(torch.float32)
     return value
 
 
 def to_labels(value: Any, key: str, where: str) -> torch.Tensor:
-    """Labels [N]: int64 for integer (class) labels, float32 for regression targets."""
+    """Labels [N]: int64 for integer (class) labels; regression targets float64 if stored so, else float32."""
     if isinstance(value, np.ndarray):
         if value.dtype.kind not in "biuf":
             raise DataError(f"{key}: the labels in {where} have dtype {value.dtype}, not numbers")
@@ -98,13 +98,15 @@ def to_labels(value: Any, key: str, where: str) -> torch.Tensor:
         return value.to(torch.int64)
     if value.is_complex():
         raise DataError(f"{key}: the labels in {where} are complex numbers")
-    return value.to(torch.float32)
+    return value if value.dtype == torch.float64 else value.to(torch.float32)
 
 
 def item_label(y: Any) -> torch.Tensor:
-    """One example's label: int64 scalar for classes, float32 for regression targets."""
+    """One example's label: int64 scalar for classes; regression targets float64 if given so, else float32."""
     if isinstance(y, torch.Tensor):
-        return y.to(torch.int64) if (y.dtype == torch.bool or not y.is_floating_point()) else y.to(torch.float32)
+        if y.dtype == torch.bool or not y.is_floating_point():
+            return y.to(torch.int64)
+        return y if y.dtype == torch.float64 else y.to(torch.float32)
     if isinstance(y, (bool, int, np.integer)):
         return torch.tensor(int(y), dtype=torch.int64)
     if isinstance(y, (float, np.floating)):

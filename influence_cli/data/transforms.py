@@ -101,14 +101,15 @@ class Transform:
         self.out_shape = (math.prod(shape),) if self.flatten else shape
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Transforms raw inputs [B, *raw_shape] (any real dtype) into float32 (or int64 token ids) [B, *out_shape]."""
+        """Transforms raw inputs [B, *raw_shape] (any real dtype) into float32 [B, *out_shape] (float64 inputs stay
+        float64 for float64 models; passes cast floats to the model's dtype), or int64 token ids."""
         if self.tokens:
             if x.is_floating_point() and not bool((x == x.round()).all()):
                 bad = x[x != x.round()][0].item()
                 raise DataError(f"{self.key}.dtype: int64 token ids must be whole numbers, the inputs hold {bad}")
             x = x.to(torch.int64)
             return x.reshape(x.shape[0], -1) if self.flatten else x
-        x = x.to(torch.float32)
+        x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
         if self.resize is not None:
             x = resize_images(x, self.resize)
         if self.scale is not None:

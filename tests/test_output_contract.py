@@ -1,0 +1,204 @@
+"""What the model must return and the labels must look like: one tensor with the batch on
+dim 0, targets shaped like the outputs (regression), one class index per example
+(classification); a task.kind of the factors; float64 data stays float64."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from exact import batches_of
+from safetensors.torch import save_file
+from torch import nn
+from typer.testing import CliRunner
+
+from influence_cli import storage
+from influence_cli.cli import app
+from influence_cli.errors import DataError, ModelError
+from influence_cli.models import mlp
+from influence_cli.passes import stream_gradients
+from influence_cli.tracking import find_tracked_modules
+
+
+class Squeezed(nn.Module):
+    """Regression with a final .squeeze(): a batch of one loses its batch dimension."""
+
+    def __init__(self, outputs: int = 3):
+        super().__init__()
+        self.fc = nn.Linear(4, outputs)
+
+    def forward(self, x):
+        return self.fc(x).squeeze()
+
+
+class Pair(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return y, y.detach()
+
+
+def _first(model, x, y, kind="regression", fisher="ggn"):
+    tracked = find_tracked_modules(model, ["*"])
+    batches = batches_of(x, y, 8)(0)
+    return list(stream_gradients(model, tracked, batches, task_kind=kind, mode="fisher", fisher=fisher))
+
+
+def test_outputs_that_lose_the_batch_dimension_are_refused():
+    x, y = torch.randn(9, 4), torch.randn(9, 3)  # batches of 8 and 1
+    with pytest.raises(ModelError, match=r"the model returned outputs of shape \[3\] for a batch of 1: dim 0 must be the batch") as err:
+        _first(Squeezed(), x, y)
+    assert ".squeeze(-1)" in err.value.hint
+    with pytest.raises(ModelError, match=r"outputs of shape \[\] for a batch of 1"):
+        _first(Squeezed(outputs=1), x, y[:, 0])
+
+
+def test_a_model_returning_a_tuple_is_refused():
+    with pytest.raises(ModelError, match="the model returned a tuple, not a tensor of outputs"):
+        _first(Pair(), torch.randn(4, 4), torch.randn(4, 3))
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "sampled", "ggn"])
+def test_regression_targets_must_match_the_outputs(fisher):
+    model = nn.Linear(4, 3)
+    with pytest.raises(DataError, match=r"data.train: regression targets of shape \[\] per example do not match the model's outputs of shape \[3\]"):
+        _first(model, torch.randn(4, 4), torch.randn(4), fisher=fisher)
+    with pytest.raises(DataError, match=r"targets of shape \[3\] per example do not match the model's outputs of shape \[1\]"):
+        _first(nn.Linear(4, 1), torch.randn(4, 4), torch.randn(4, 3), fisher=fisher)
+    assert len(_first(nn.Linear(4, 1), torch.randn(4, 4), torch.randn(4), fisher=fisher)) == 1  # [B] targets for [B, 1] outputs
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "sampled"])
+def test_classification_needs_one_class_index_per_example(fisher):
+    with pytest.raises(DataError, match=r"classification needs one class index per example, got labels of shape \[1\] each") as err:
+        _first(nn.Linear(4, 3), torch.randn(4, 4), torch.zeros(4, 1, dtype=torch.int64), kind="classification", fisher=fisher)
+    assert "labels.squeeze(1)" in err.value.hint
+
+
+def _project(tmp_path, inputs, labels, width=None, model=None, **config):
+    save_file({"inputs": inputs, "labels": labels}, tmp_path / "data.safetensors")
+    torch.manual_seed(0)
+    width = width or (labels.shape[1] if labels.dim() > 1 else 1)
+    model = model or mlp(inputs.shape[1], [5], width, "tanh").to(inputs.dtype)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "model.safetensors")
+    n = len(inputs)
+    base = {
+        "model": {
+            "architecture": "mlp",
+            "kwargs": {"input_dim": inputs.shape[1], "hidden": [5], "num_classes": width, "activation": "tanh"},
+            "checkpoint": "model.safetensors",
+        },
+        "task": {"kind": "regression"},
+        "data": {
+            "train": {"source": "tensors", "path": "data.safetensors", "range": [0, n - 3]},
+            "query": {"source": "tensors", "path": "data.safetensors", "range": [n - 3, n]},
+            "batch_size": 8,
+        },
+        "factors": {"fisher": "empirical"},
+        "scores": {"damping": 0.1},
+        "output_dir": "out",
+        "device": "cpu",
+    }
+    for key, value in config.items():
+        base[key] = base.get(key, {}) | value if isinstance(value, dict) else value
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(base))
+    return str(tmp_path / "config.yaml")
+
+
+def _invoke(*args):
+    return CliRunner(env={"COLUMNS": "120", "INFLUENCE_DEBUG": None, "RANK": None}).invoke(app, list(args))
+
+
+def test_factors_remember_the_task(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    config = _project(tmp_path, torch.randn(20, 4, generator=g), torch.randint(0, 2, (20,), generator=g), width=2)
+    assert _invoke("fit-factors", config, "--set", "task.kind=classification").exit_code == 0
+    meta = storage.read_metadata(tmp_path / "out" / storage.FACTORS_FILE)
+    assert meta["task"] == "classification"
+    result = _invoke("compute-scores", config)
+    assert result.exit_code == 5
+    assert "was fitted for task.kind=classification, the config has regression" in result.stderr
+
+
+def test_float64_data_and_model_score_in_float64(tmp_path):
+    """Targets near 1000 fitted to 1e-2: rounding them to float32 (steps of 6e-5) would move the
+    residuals, and so the scores, by about 1e-3."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    net = mlp(4, [5], 2, "tanh").double()
+    with torch.no_grad():
+        net.head.bias.fill_(1000.0)
+        x = torch.randn(23, 4, generator=g, dtype=torch.float64)
+        y = net(x) + 1e-2 * torch.randn(23, 2, generator=g, dtype=torch.float64)
+    config = _project(tmp_path, x, y, model=net, factors={"strategy": "identity"})
+    for command in ("fit-factors", "compute-scores"):
+        result = _invoke(command, config)
+        assert result.exit_code == 0, result.stderr
+    scores, _ = storage.load_tensors(tmp_path / "out" / storage.SCORES_FILE, storage.SCORES_FORMAT)
+
+    from safetensors.torch import load_file
+
+    state = load_file(tmp_path / "model.safetensors")
+    model = mlp(4, [5], 2, "tanh").double()
+    model.load_state_dict(state)
+
+    def grads(rows):
+        out = []
+        for i in rows:
+            loss = (model(x[i : i + 1]) - y[i : i + 1]).pow(2).sum()
+            out.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))]))
+        return torch.stack(out)
+
+    want = grads(range(20, 23)) @ grads(range(20)).T
+    got = scores["scores"].double()
+    assert scores["scores"].dtype == torch.float32  # scores.dtype: the storage dtype
+    torch.testing.assert_close(got, want.float().double(), rtol=1e-6, atol=0)
+
+
+def test_query_predictions_are_not_rounded_by_amp(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    config = _project(tmp_path, torch.randn(20, 4, generator=g), torch.randn(20, 1, generator=g), factors={"amp": "bfloat16"})
+    for command in ("fit-factors", "compute-scores"):
+        assert _invoke(command, config).exit_code == 0
+    scores, _ = storage.load_tensors(tmp_path / "out" / storage.SCORES_FILE, storage.SCORES_FORMAT)
+    from safetensors.torch import load_file
+
+    data = load_file(tmp_path / "data.safetensors")
+    model = mlp(4, [5], 1, "tanh")
+    model.load_state_dict(load_file(tmp_path / "model.safetensors"))
+    with torch.no_grad():
+        want = model(data["inputs"][17:20])
+    torch.testing.assert_close(scores["query_predictions"].reshape(want.shape), want, rtol=1e-6, atol=1e-7)
+
+
+def test_regression_labels_and_the_root_layer_show_in_tables(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    np.random.seed(0)
+    save_file({"inputs": torch.randn(12, 4, generator=g), "labels": torch.randn(12, 2, generator=g)}, tmp_path / "d.safetensors")
+    (tmp_path / "bare_linear_model.py").write_text("from torch import nn\n\ndef make():\n    return nn.Linear(4, 2)\n")
+    config = {
+        "model": {"architecture": "bare_linear_model:make"},
+        "task": {"kind": "regression"},
+        "data": {"train": {"source": "tensors", "path": "d.safetensors"}, "batch_size": 4},
+        "output_dir": "out",
+        "device": "cpu",
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    path = str(tmp_path / "c.yaml")
+    result = _invoke("inspect", path)
+    assert result.exit_code == 0, result.stderr
+    assert "(model)" in result.stdout
+    assert _invoke("fit-factors", path).exit_code == 0
+    result = _invoke("spectrum", path, "--top", "2")
+    assert result.exit_code == 0, result.stderr
+    assert "(model)" in result.stdout
+    rows = [line for line in result.stdout.splitlines() if line.startswith("│") and "[" in line]
+    assert rows and all(len(cell) < 40 for row in rows for cell in row.split("│")), rows  # labels to 4 digits
+    data = json.loads(_invoke("spectrum", path, "--top", "2", "--json", "--overwrite").stdout)
+    assert data
