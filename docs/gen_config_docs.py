@@ -183,8 +183,12 @@ For padded sequences set `data.padding_value`: the pad token id of `[batch, seq]
 or the value that fills every feature of a padded position of `[batch, seq, features]` inputs.
 Padded positions are then zeroed in the activations and output gradients of every layer whose
 positions are the inputs' (G averages over each example's real positions), so a padded batch
-gives exactly the factors and scores of its sequences run one at a time. Factors remember the
-padding they were fitted with, and later commands refuse a config with another.
+gives exactly the factors and scores of its sequences run one at a time. That needs a model that
+ignores padding (attention key masks, masked pooling): the first batch with padding checks that
+the loss has no gradient at the masked positions of each masked layer, and refuses a model or
+layer that fails it (a layer that reads the sequence in another order fails it too). Factors and
+scores remember the padding they were computed with, and later commands refuse a config with
+another.
 
 ## Precision
 

@@ -414,6 +414,11 @@ def _yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
+def yaml_text(value: Any) -> str:
+    """A config value as it is written in YAML (None is null), for messages."""
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def _short(text: Any, limit: int = 80) -> str:
     """repr(text), cut to `limit` characters for one-line messages."""
     r = repr(text)

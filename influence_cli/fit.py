@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from influence_cli import storage
-from influence_cli.config import Config
+from influence_cli.config import Config, yaml_text
 from influence_cli.context import RunContext
 from influence_cli.data import IndexedDataset
 from influence_cli.distributed import DistState
@@ -430,6 +430,6 @@ def check_factors_match(factors: Factors, ctx: RunContext, path: Path, dataset_f
     fitted_padding = storage.meta_json(meta, "padding_value")
     if fitted_padding != ctx.cfg.data.padding_value:
         raise OutputError(
-            f"{str(path)!r} was fitted with data.padding_value={fitted_padding}, the config has {ctx.cfg.data.padding_value}",
+            f"{str(path)!r} was fitted with data.padding_value={yaml_text(fitted_padding)}, the config has {yaml_text(ctx.cfg.data.padding_value)}",
             hint="use the padding of fit-factors, or refit with --overwrite",
         )

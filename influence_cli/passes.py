@@ -151,6 +151,7 @@ def stream_gradients(
     acc_dtype = accumulator_dtype(model)
     out_dtype = tensor_dtype or acc_dtype
     seen = 0
+    padding_checked = False  # the first batch with padding verifies that the model ignores it (mask_padding)
     for offset, (x, y, idx) in enumerate(batches):
         if max_examples is not None:
             if seen >= max_examples:
@@ -161,13 +162,13 @@ def stream_gradients(
         seen += len(idx)
         y_cpu = y
         x = x.to(device, non_blocking=True)
+        mask = None if padding_value is None else padding_mask(x, padding_value, dataset_name)  # on the data's own dtype
         if x.is_floating_point():
             x = x.to(dtype)
         y = y.to(device, non_blocking=True)
         idx = idx.to(device, non_blocking=True)
-        mask = None if padding_value is None else padding_mask(x, padding_value, dataset_name)
         with tracked_grad_enabled(tracked):
-            out, cap = _forward(model, tracked, x, amp, first=offset == 0, dataset_name=dataset_name)
+            out, cap = _forward(model, tracked, x, idx, amp, first=offset == 0, dataset_name=dataset_name)
             out_f = out.to(acc_dtype) if out.is_floating_point() else out
             _check_outputs(out_f, y_cpu, task_kind, dataset_name)
             if mode == "fisher":
@@ -185,11 +186,15 @@ def stream_gradients(
             for k in range(vectors.shape[0]):
                 g = cap.output_gradients(out, vectors[k].to(out.dtype), retain_graph=k + 1 < vectors.shape[0])
                 grads.append({name: v.to(out_dtype) for name, v in g.items()})
-        positions = {} if mask is None else mask_padding(tracked, mask, acts, grads)
+        check = mask is not None and not padding_checked and bool((~mask).any())
+        padding_checked = padding_checked or check
+        positions = {} if mask is None else mask_padding(tracked, mask, acts, grads, check=check)
         yield BatchGradients(start_batch + offset, idx, y, out_f.detach(), acts, grads, positions)
 
 
-def _forward(model: nn.Module, tracked: list[TrackedModule], x: torch.Tensor, amp: str, *, first: bool, dataset_name: str) -> tuple[torch.Tensor, Capture]:
+def _forward(
+    model: nn.Module, tracked: list[TrackedModule], x: torch.Tensor, idx: torch.Tensor, amp: str, *, first: bool, dataset_name: str
+) -> tuple[torch.Tensor, Capture]:
     """model(x) with the tracked layers' inputs and outputs recorded (`Capture`).
 
     Runs the batch again when the forward modified a tracked layer's input or output in place
@@ -199,17 +204,8 @@ def _forward(model: nn.Module, tracked: list[TrackedModule], x: torch.Tensor, am
     version = x._version
     for _ in range(len(tracked) + 1):
         with Capture(tracked) as cap:
-            try:
-                with autocast_context(x.device, amp):
-                    out = model(x)
-            except (RuntimeError, ValueError) as exc:
-                if not first or isinstance(exc, torch.cuda.OutOfMemoryError):
-                    raise
-                reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-                raise DataError(
-                    f"{dataset_name}: inputs of shape {list(x.shape)}{_kind(x)} do not fit the model ({reason})",
-                    hint=_input_hint(x, reason, dataset_name),
-                ) from exc
+            with autocast_context(x.device, amp), inputs_named(x, idx, dataset_name, first=first):
+                out = model(x)
         check_model_output(out, x.shape[0])
         if not cap.modified_in_place():
             break
@@ -219,6 +215,41 @@ def _forward(model: nn.Module, tracked: list[TrackedModule], x: torch.Tensor, am
                 hint="make the model's first operation on its input out of place (e.g. x = x * s instead of x.mul_(s))",
             )
     return out, cap
+
+
+@contextlib.contextmanager
+def inputs_named(x: torch.Tensor, idx: torch.Tensor, dataset_name: str, *, first: bool) -> Iterator[None]:
+    """Turns the model's rejection of a batch into a DataError naming the data spec.
+
+    Token ids outside an embedding table (IndexError) are named on any batch, with the
+    examples holding them; other failures only on the first batch, where they mean that the
+    inputs do not fit the model (later ones are the model's own errors).
+    """
+    try:
+        yield
+    except IndexError as exc:
+        if x.is_floating_point():
+            raise
+        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        lo, hi = int(x.min()), int(x.max())
+        raise DataError(
+            f"{dataset_name}: the model rejected the token ids of the batch with global indices "
+            f"{_index_span(idx)} ({reason}); its ids run from {lo} to {hi}",
+            hint="check the vocabulary size in model.kwargs, the pad id and the data",
+        ) from exc
+    except (RuntimeError, ValueError) as exc:
+        if not first or isinstance(exc, torch.cuda.OutOfMemoryError):
+            raise
+        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise DataError(
+            f"{dataset_name}: inputs of shape {list(x.shape)}{_kind(x)} do not fit the model ({reason})",
+            hint=_input_hint(x, reason, dataset_name),
+        ) from exc
+
+
+def _index_span(idx: torch.Tensor) -> str:
+    values = idx.tolist()
+    return ", ".join(map(str, values)) if len(values) <= 4 else f"{values[0]}, {values[1]}, ..., {values[-1]}"
 
 
 def _kind(x: torch.Tensor) -> str:

@@ -40,6 +40,7 @@ from influence_cli.passes import (
     NonFiniteWatch,
     accumulator_dtype,
     check_model_output,
+    inputs_named,
     model_dtype,
     stream_gradients,
 )
@@ -378,11 +379,12 @@ class _Scorer:
         labels, preds = [], []
         model = self.ctx.model
         dtype = model_dtype(model)
-        for x, y, _ in self.loader(queries):
+        for offset, (x, y, idx) in enumerate(self.loader(queries)):
             x = x.to(self.ctx.device)
             if x.is_floating_point():
                 x = x.to(dtype)
-            out = model(x)  # in the model's dtype, not under factors.amp: predictions are shown as they are
+            with inputs_named(x, idx, queries.name, first=offset == 0):
+                out = model(x)  # in the model's dtype, not under factors.amp: predictions are shown as they are
             check_model_output(out, x.shape[0])
             preds.append(out.argmax(1).cpu() if self.cfg.task.kind == "classification" else out.cpu())
             labels.append(y)
@@ -498,6 +500,7 @@ def compute_scores(
         "strategy": cfg.factors.strategy,
         "fisher": cfg.factors.fisher,
         "task_kind": cfg.task.kind,
+        "padding_value": cfg.data.padding_value,
         "damping": described[0]["damping"],
         "damping_setting": cfg.scores.damping,
         "damping_factor": cfg.scores.damping_factor,

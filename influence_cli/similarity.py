@@ -289,7 +289,11 @@ def compute_similarity(
     ]
     inverse = {tm.name: inverse_curvature(factors[tm.name], damping[tm.name], (tm.d_out, tm.d_in)) for tm in tracked}
     kernel, per_layer = fisher_kernel(stats, inverse)
-    cosine, distance = task2vec_matrices(stats, noise_floor(accumulator_dtype(model)))
+    # rounding comes from the accumulators and from the bases as stored (float32 files, also for float64 models)
+    dtypes = {accumulator_dtype(model)} | {
+        basis.dtype for lf in factors.values() for basis in (lf.a_eigenvectors, lf.g_eigenvectors) if basis is not None
+    }
+    cosine, distance = task2vec_matrices(stats, max(noise_floor(d) for d in dtypes))
     return SimilarityResult(list(plans), stats, kernel, normalize_kernel(kernel), cosine, distance, per_layer, inverse)
 
 

@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 from influence_cli import storage
-from influence_cli.config import Config
+from influence_cli.config import Config, yaml_text
 from influence_cli.data import IndexedDataset
 from influence_cli.errors import OutputError, UsageError
 
@@ -182,7 +182,8 @@ def check_scores_match(metadata: dict[str, Any], cfg: Config, path: Path, *, pai
     from influence_cli.models import load_model, model_fingerprint
 
     hint = "use the config (and --set overrides) of compute-scores, or rerun compute-scores with --overwrite"
-    settings = [("factors.strategy", "strategy", cfg.factors.strategy), ("factors.fisher", "fisher", cfg.factors.fisher),
+    settings = [("task.kind", "task_kind", cfg.task.kind),
+                ("factors.strategy", "strategy", cfg.factors.strategy), ("factors.fisher", "fisher", cfg.factors.fisher),
                 ("scores.damping", "damping_setting", cfg.scores.damping)]  # fmt: skip
     if pairwise:
         settings.append(("task.measurement", "measurement", cfg.task.measurement))
@@ -199,6 +200,9 @@ def check_scores_match(metadata: dict[str, Any], cfg: Config, path: Path, *, pai
         recorded = metadata.get(field_name)
         if recorded is not None and recorded != value:
             raise OutputError(f"{str(path)!r} holds scores computed with {key}={recorded}; the config has {value}", hint=hint)
+    if "padding_value" in metadata and metadata["padding_value"] != cfg.data.padding_value:
+        recorded, value = (yaml_text(v) for v in (metadata["padding_value"], cfg.data.padding_value))
+        raise OutputError(f"{str(path)!r} holds scores computed with data.padding_value={recorded}; the config has {value}", hint=hint)
     recorded = metadata.get("model_fingerprint")
     if recorded is not None:
         current = model_fingerprint(load_model(cfg.model, cfg.base_dir))
@@ -355,8 +359,11 @@ class _Running:
         self.index = {q: v for q, v in self.index.items() if q in keep}
 
     def ranked(self, row: int) -> list[RankedExample]:
+        """The row's ranking, cut where the sign turns: a proponent has a positive score, an opponent a negative one."""
         out = []
         for r, (v, q) in enumerate(zip(self.values[row].tolist(), self.positions[row].tolist(), strict=True), start=1):
+            if not v > 0:  # values are sorted descending (times the sign); NaN never reaches here (refused at write)
+                break
             idx, label = self.index[q]
             out.append(RankedExample(r, idx, q, label, v * self.sign))
         return out
@@ -373,6 +380,9 @@ def top_k(
     max_elements: int = _BLOCK_ELEMENTS,
 ) -> list[QueryRanking]:
     """The k largest (proponents) and k smallest (opponents) scores of each selected query.
+
+    Proponents are positive scores and opponents negative ones, so either list may be shorter
+    than k (a training set of 5 examples has no 4 proponents and 4 opponents).
 
     Memory: one block of `max_elements` scores plus 2k candidates per query, whatever n_train.
 

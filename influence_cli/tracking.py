@@ -111,6 +111,7 @@ def find_tracked_modules(model: nn.Module, patterns: Sequence[str], key: str = "
     tracked: list[TrackedModule] = []
     supported_names: list[str] = []
     owners: dict[int, str] = {}
+    skipped: list[str] = []  # matched by a wildcard but not trackable, with the reason
     attention_outputs = attention_projections(model)
     for name, module in model.named_modules():
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
@@ -121,6 +122,7 @@ def find_tracked_modules(model: nn.Module, patterns: Sequence[str], key: str = "
             continue
         reason = unsupported_reason(module, attention_outputs)
         if reason is not None:
+            skipped.append(f"{name} ({reason})")
             if any(_is_name(p) for p in matched):
                 if reason == ATTENTION_OUTPUT:
                     detail = f"Linear {name!r} is {reason}, so its inputs cannot be recorded"
@@ -143,9 +145,13 @@ def find_tracked_modules(model: nn.Module, patterns: Sequence[str], key: str = "
             d_in = module.in_channels * kh * kw + has_bias
             tracked.append(TrackedModule(name, module, "conv2d", d_in, module.out_channels, has_bias))
     if not tracked:
-        shown = ", ".join(supported_names[:8]) or "none"
+        if skipped:
+            shown = "; ".join(skipped[:3]) + (f"; ... ({len(skipped)} in all)" if len(skipped) > 3 else "")
+            detail = f"it matches only layers that cannot be tracked: {shown}"
+        else:
+            detail = f"layers: {', '.join(supported_names[:8]) or 'none'}"
         raise ModelError(
-            f"{key}: {list(patterns)} matches no nn.Linear or nn.Conv2d layer that can be tracked (layers: {shown})",
+            f"{key}: {list(patterns)} matches no nn.Linear or nn.Conv2d layer that can be tracked ({detail})",
             hint="use '*' or patterns from `influence inspect`",
         )
     return tracked
@@ -315,15 +321,21 @@ def padding_mask(x: torch.Tensor, padding_value: float, dataset_name: str = "dat
         DataError: for inputs without a sequence dimension.
     """
     if not x.is_floating_point() and x.dim() == 2:
+        if padding_value != int(padding_value):
+            raise DataError(
+                f"data.padding_value: {padding_value} is not a whole number, and {dataset_name} holds integer token ids",
+                hint="set data.padding_value to the pad token id",
+            )
         return x != padding_value
     if x.is_floating_point() and x.dim() == 3:
         return (x != padding_value).any(dim=-1)
     hint = "padding needs integer token ids [batch, seq] or features [batch, seq, features]; otherwise set data.padding_value: null"
     if x.is_floating_point() and x.dim() == 2:
         hint = f"for token ids stored as numbers set {dataset_name}.transform.dtype: int64; otherwise set data.padding_value: null"
+    what = "float inputs" if x.is_floating_point() else "integer inputs"
     raise DataError(
-        f"data.padding_value: {dataset_name} inputs of shape {list(x.shape)} ({str(x.dtype).removeprefix('torch.')}) "
-        "have no sequence positions",
+        f"data.padding_value: {dataset_name} {what} of shape {list(x.shape)} ({str(x.dtype).removeprefix('torch.')}) "
+        "are neither token ids [batch, seq] nor features [batch, seq, features]",
         hint=hint,
     )
 
@@ -333,19 +345,25 @@ def mask_padding(
     mask: torch.Tensor,
     activations: dict[str, torch.Tensor],
     gradients: list[dict[str, torch.Tensor]],
+    check: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Zeroes padding positions in place of the dicts; returns {layer: [B] real positions}.
 
     A Linear layer is masked when its positions are the inputs' L positions (or k·L, for a
-    layer called k times); one position means the sequence was pooled before it, and Conv2d
-    positions are patches, so neither is masked.
+    layer called k times, in that order); one position means the sequence was pooled before
+    it, and Conv2d positions are patches, so neither is masked.
 
     Args:
         mask: [B, L] bool from `padding_mask`.
         activations: {layer: a [B, T, d_in]}; gradients: dicts {layer: g [B, T, d_out]}.
+        check: Also verify that the loss does not depend on the masked positions (their output
+            gradients are exact zeros when the model ignores padding); one host sync. A layer
+            whose positions are the inputs' in another order (a flip, positions interleaved
+            with heads) fails it.
 
     Raises:
-        ModelError: for a Linear layer whose positions do not line up with the inputs'.
+        ModelError: for a Linear layer whose positions do not line up with the inputs', or
+            (with `check`) whose masked positions carry gradient.
     """
     length = mask.shape[1]
     positions = {}
@@ -361,6 +379,14 @@ def mask_padding(
                 hint=f"leave {tm.name!r} out of factors.modules, or set data.padding_value: null",
             )
         real = mask.repeat(1, t // length)
+        if check and any(bool(grads[tm.name][~real].any()) for grads in gradients):
+            raise ModelError(
+                f"data.padding_value: the loss depends on positions of layer {tm.name!r} that the inputs mark as padding: "
+                "the model does not ignore padding there, or the layer's positions are not the inputs' in order "
+                "(a flip, positions interleaved with heads)",
+                hint=f"mask padding in the model (attention key mask, masked pooling), leave {tm.name!r} out of factors.modules, "
+                "or set data.padding_value: null",
+            )
         m = real.to(a.dtype)[..., None]
         activations[tm.name] = a * m
         for grads in gradients:

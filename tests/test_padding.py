@@ -76,8 +76,13 @@ def test_token_id_padding_mask():
     assert padding_mask(tokens, 0).tolist() == [[True, True, False, False], [True, False, True, False]]
 
 
+def test_a_fractional_pad_id_is_refused_for_token_ids():
+    with pytest.raises(DataError, match="data.padding_value: 0.5 is not a whole number, and data.train holds integer token ids"):
+        padding_mask(torch.tensor([[5, 3, 0]]), 0.5)
+
+
 def test_padding_needs_sequence_inputs():
-    with pytest.raises(DataError, match=r"data.padding_value: data.train inputs of shape \[2, 4\]"):
+    with pytest.raises(DataError, match=r"data.padding_value: data.train float inputs of shape \[2, 4\]"):
         padding_mask(torch.zeros(2, 4), 0.0)
 
 
@@ -162,7 +167,45 @@ def test_cli_runs_padded_sequences_end_to_end(tmp_path, monkeypatch):
     assert torch.isfinite(scores["scores"]).all() and scores["scores"].abs().max() > 0
     assert storage.meta_json(storage.read_metadata(tmp_path / "out" / storage.FACTORS_FILE), "padding_value") == 0.0
 
+    result = runner.invoke(app, ["top-k", cfg, "--set", "data.padding_value=null"])
+    assert result.exit_code == 5
+    assert "holds scores computed with data.padding_value=0.0; the config has null" in result.stderr
+
     result = runner.invoke(app, ["compute-scores", cfg, "--overwrite", "--set", "data.padding_value=null"])
     assert result.exit_code == 5
-    assert "was fitted with data.padding_value=0.0, the config has None" in result.stderr
+    assert "was fitted with data.padding_value=0.0, the config has null" in result.stderr
     assert len(result.stderr.strip().splitlines()) <= 2
+
+
+class Reversed(nn.Module):
+    """Reads the sequence right to left: proj's positions are the inputs' in reverse order."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        mask = (x != 0).any(dim=-1, keepdim=True).to(x.dtype).flip(1)
+        return (self.head(torch.tanh(self.proj(x.flip(1)))) * mask).sum(dim=1) / mask.sum(dim=1)
+
+
+class Unmasked(nn.Module):
+    """Averages over every position, padding included: its loss depends on the padding."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.proj(x))).mean(dim=1)
+
+
+@pytest.mark.parametrize("model", [Reversed, Unmasked])
+def test_padding_the_model_does_not_ignore_is_refused(model):
+    """Masking such positions would silently change the gradients (Reversed: 70% off the scores)."""
+    padded, seqs, labels = variable_length_sequences()
+    m = model().double()
+    with pytest.raises(ModelError, match="data.padding_value: the loss depends on positions of layer 'proj' that the inputs mark as padding"):
+        _fit(m, batches_of(padded, labels, 4), len(seqs), 3, fisher="empirical", padding_value=0.0)

@@ -421,3 +421,19 @@ def test_shipped_similarity_configs_load():
     for path in (ROOT / "configs" / "mnist_similarity.yaml", DIGITS):
         cfg = load_config(path, check_files=False)
         assert len(cfg.similarity.datasets) >= 2, path
+
+
+def test_task2vec_noise_floor_follows_the_stored_bases(monkeypatch):
+    """Factors files hold float32 bases, also for float64 models: directions that are null in exact
+    arithmetic then carry float32 rounding (about 1e-14 of a layer's Fisher diagonal after a
+    LayerNorm), far above float64's floor, so the floor must be float32's."""
+    import influence_cli.similarity as sim
+
+    model, tracked, factors, _, plans, damping = _setup("mlp", "ekfac", "ggn")
+    floors = []
+    real = sim.task2vec_matrices
+    monkeypatch.setattr(sim, "task2vec_matrices", lambda stats, floor: floors.append(floor) or real(stats, floor))
+    compute_similarity(model, tracked, factors, plans, damping)
+    stored = {name: LayerFactors.from_tensors(name, {k: v.float() for k, v in lf.tensors().items()}) for name, lf in factors.items()}
+    compute_similarity(model, tracked, stored, plans, damping)
+    assert floors == [sim.noise_floor(torch.float64), sim.noise_floor(torch.float32)]

@@ -180,6 +180,8 @@ def test_explicit_int64_reads_bytes_and_whole_floats(tmp_path):
     assert _tensors_dataset(tmp_path, np.array([[255, 7]], dtype=np.uint8), dtype="int64")[0][0].tolist() == [255, 7]
     ids = _tensors_dataset(tmp_path, np.array([[4.0, 2.0]], dtype=np.float32), dtype="int64")[0][0]
     assert ids.dtype == torch.int64 and ids.tolist() == [4, 2]
+    big = _tensors_dataset(tmp_path, np.array([[16777217.0]], dtype=np.float64), dtype="int64")[0][0]
+    assert big.tolist() == [16777217]  # read as stored, not through float32
     halves = _tensors_dataset(tmp_path, np.array([[4.5, 2.0]], dtype=np.float32), dtype="int64")
     with pytest.raises(DataError, match=r"data.train.transform.dtype: int64 token ids must be whole numbers, the inputs hold 4.5"):
         halves[0]
@@ -271,7 +273,7 @@ def test_token_ids_fed_to_a_float_model_name_the_key(token_project):
     as_floats = ["--set", "data.train.transform.dtype=float32"]
     result = _runner().invoke(app, ["fit-factors", token_project, *as_floats])
     assert result.exit_code == 3
-    assert "data.padding_value: data.train inputs of shape [8, 6] (float32) have no sequence positions" in result.stderr
+    assert "data.padding_value: data.train float inputs of shape [8, 6] (float32) are neither token ids" in result.stderr
     assert "set data.train.transform.dtype: int64" in result.stderr
     result = _runner().invoke(app, ["fit-factors", token_project, *as_floats, "--set", "data.padding_value=null"])
     assert result.exit_code == 3
@@ -292,3 +294,45 @@ def test_token_ids_fed_to_a_model_that_takes_numbers_name_the_key(tmp_path):
     assert result.exit_code == 3, result.output
     assert "data.train: inputs of shape [4, 64] (token ids) do not fit the model" in result.stderr
     assert "set data.train.transform.dtype: float32" in result.stderr
+
+
+def test_a_pattern_matching_only_attention_projections_says_why():
+    with pytest.raises(ModelError, match=r"matches only layers that cannot be tracked: enc.self_attn.out_proj \(applied by nn.MultiheadAttention"):
+        find_tracked_modules(TinyEncoder(), ["*out_proj"])
+
+
+def test_out_of_vocabulary_ids_name_the_batch(token_project, tmp_path):
+    data = torch.load(tmp_path / "tokens.pt")
+    data["inputs"][21, 0] = 99  # a query; the vocabulary has 11 ids
+    torch.save(data, tmp_path / "tokens.pt")
+    runner = _runner()
+    assert runner.invoke(app, ["fit-factors", token_project]).exit_code == 0
+    result = runner.invoke(app, ["compute-scores", token_project])
+    assert result.exit_code == 3, result.output
+    assert "data.query: the model rejected the token ids of the batch with global indices 20, 21, 22, 23" in result.stderr
+    assert "ids run from 0 to 99" in result.stderr and "Traceback" not in result.output
+
+
+def test_queries_that_do_not_fit_the_model_name_their_key(token_project):
+    result = _runner().invoke(app, ["fit-factors", token_project])
+    assert result.exit_code == 0
+    result = _runner().invoke(app, ["compute-scores", token_project, "--set", "data.query.transform.dtype=float32"])
+    assert result.exit_code == 3, result.output
+    assert "data.query: inputs of shape [4, 6] do not fit the model" in result.stderr
+    assert "set data.query.transform.dtype: int64" in result.stderr
+
+
+def _factory_module(tmp_path, body):
+    (tmp_path / "tok_items.py").write_text(body)
+    return "tok_items"
+
+
+def test_factory_items_as_lists_of_ids(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod = _factory_module(tmp_path, "def padded():\n    return [([3, 1, 0], 0), ([2, 5, 4], 1)]\n\ndef ragged():\n    return [([3, 1], 0), ([2, 5, 4], 1)]\n")
+    ds = load_dataset(DataSpec(source=f"{mod}:padded"), tmp_path)
+    assert ds.token_inputs and ds.__getitems__([0, 1])[0][0].tolist() == [3, 1, 0]
+    ragged = load_dataset(DataSpec(source=f"{mod}:ragged"), tmp_path)
+    with pytest.raises(DataError, match=r"data.train: token sequences of shapes \[2\] and \[3\] cannot form one batch") as err:
+        ragged.__getitems__([0, 1])
+    assert "pad the sequences" in err.value.hint

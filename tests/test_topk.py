@@ -108,10 +108,14 @@ def test_blocks_follow_the_requested_query_order(tmp_path):
 
 
 def test_only_proponents_or_opponents(tmp_path):
-    write_scores(tmp_path, torch.randn(3, 10))
+    scores = torch.tensor([[0.5, -1.0, 2.0, -0.25, 0.0, 1.0, -3.0, 0.75, 0.1, -0.2]])
+    write_scores(tmp_path, scores)
     only_best = top_k(tmp_path, 0, 2, smallest=False)
     assert len(only_best) == 1 and len(only_best[0].proponents) == 2 and only_best[0].opponents == []
-    assert top_k(tmp_path, 0, 20)[0].proponents.__len__() == 10  # k larger than n_train: everything, ranked
+    everything = top_k(tmp_path, 0, 20)[0]  # k larger than n_train: every positive score, and every negative one
+    assert [e.score for e in everything.proponents] == [2.0, 1.0, 0.75, 0.5, pytest.approx(0.1)]
+    assert [e.score for e in everything.opponents] == [-3.0, -1.0, -0.25, pytest.approx(-0.2)]
+    assert [e.rank for e in everything.opponents] == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize(

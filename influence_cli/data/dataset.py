@@ -160,6 +160,11 @@ class IndexedDataset(Dataset):
         shapes = {tuple(it[0].shape) for it in items}
         if len(shapes) > 1:
             a, b = sorted(shapes)[:2]
+            if self.token_inputs:
+                raise DataError(
+                    f"{self.name}: token sequences of shapes {list(a)} and {list(b)} cannot form one batch",
+                    hint="pad the sequences to one length in the data source, and set data.padding_value to the pad id",
+                )
             raise DataError(
                 f"{self.name}.transform.resize: examples of shapes {list(a)} and {list(b)} cannot form one batch",
                 hint=f"set {self.name}.transform.resize: [height, width] so every image has the same size",
