@@ -221,9 +221,9 @@ def _forward(
 def inputs_named(x: torch.Tensor, idx: torch.Tensor, dataset_name: str, *, first: bool) -> Iterator[None]:
     """Turns the model's rejection of a batch into a DataError naming the data spec.
 
-    Token ids outside an embedding table (IndexError) are named on any batch, with the
-    examples holding them; other failures only on the first batch, where they mean that the
-    inputs do not fit the model (later ones are the model's own errors).
+    Token ids outside an embedding table (IndexError on the CPU) are named on any batch, with
+    the batch's global indices and id range; other failures only on the first batch, where they
+    mean that the inputs do not fit the model (later ones are the model's own errors).
     """
     try:
         yield
