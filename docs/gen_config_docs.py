@@ -122,9 +122,11 @@ then `labels_in`, then `limit`. Then `label_noise` (seeded by `seed`) may flip l
 experiments that plant mislabeled examples. Transforms apply as resize → scale → normalize →
 flatten.
 
-The model receives float32 inputs, except token ids: integer inputs other than `uint8` (which
-are read as 8-bit pixels) stay `int64` when the spec sets no `scale`, `normalize` or `resize`,
-so an `nn.Embedding` model runs from a tensors file of token ids as it is.
+The model receives float32 inputs, except token ids: when the model has an `nn.Embedding` (or
+`nn.EmbeddingBag`), integer inputs other than `uint8` (which are read as 8-bit pixels) stay
+`int64` unless the spec sets `scale`, `normalize` or `resize`, so an embedding model runs from a
+tensors file of token ids as it is, and integer images or counts still reach other models as
+floats.
 `transform.dtype: int64` asks for token ids explicitly (byte-level `uint8` data, ids stored as
 floats); `transform.dtype: float32` feeds integer data to a model that takes numbers.
 

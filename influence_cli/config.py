@@ -50,8 +50,9 @@ class TransformSpec:
     flatten: bool = _help("Flatten each example to a vector.", default=False)
     resize: list[int] | None = _help("Resize images to [height, width] (image sources).", default=None)
     dtype: Literal["auto", "float32", "int64"] = _help(
-        "Dtype the model receives: auto (integer inputs other than uint8 stay int64 token ids when no scale, normalize "
-        "or resize is set; everything else float32) | float32 | int64 (token ids, e.g. uint8 bytes).",
+        "Dtype the model receives: auto (integer inputs other than uint8 stay int64 token ids when the model has an "
+        "nn.Embedding and no scale, normalize or resize is set; everything else float32) | float32 | int64 (token ids, "
+        "e.g. uint8 bytes).",
         default="auto",
     )
 
@@ -664,6 +665,8 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
         problems.append(f"data.batch_size: must be > 0, got {d.batch_size}")
     if d.num_workers < 0:
         problems.append(f"data.num_workers: must be >= 0, got {d.num_workers}")
+    if d.padding_value is not None and not math.isfinite(d.padding_value):
+        problems.append(f"data.padding_value: must be a finite number (the pad id or fill value) or null, got {d.padding_value}")
     if d.train is None:
         problems.append("data.train: missing (the training set, with a source: key)")
     else:

@@ -11,7 +11,7 @@ from torch import nn
 from influence_cli.config import Config, DataSpec
 from influence_cli.data import IndexedDataset, load_dataset, make_loader
 from influence_cli.distributed import DistState, resolve_device
-from influence_cli.models import load_model, model_fingerprint
+from influence_cli.models import load_model, model_fingerprint, takes_token_ids
 from influence_cli.tracking import TrackedModule, find_tracked_modules
 
 
@@ -51,7 +51,7 @@ class RunContext:
             from influence_cli.errors import ConfigError
 
             raise ConfigError(f"{name}: missing in the config", source=self.cfg.source, hint=f"add a {name} block with a source: key")
-        return load_dataset(spec, self.cfg.base_dir, name=name, seed=self.cfg.seed)
+        return load_dataset(spec, self.cfg.base_dir, name=name, seed=self.cfg.seed, embedding_model=takes_token_ids(self.model))
 
     def batches(self, dataset: IndexedDataset, start_batch: int = 0, limit: int | None = None):
         """This rank's contiguous shard of `dataset` (optionally its first `limit` examples) as batches."""

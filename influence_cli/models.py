@@ -32,6 +32,7 @@ from influence_cli.user_code import import_from
 
 __all__ = [
     "BUILTIN_ARCHITECTURES",
+    "takes_token_ids",
     "build_model",
     "load_checkpoint",
     "load_model",
@@ -473,3 +474,8 @@ def model_fingerprint(model: nn.Module) -> str:
         flat = t.to("cpu").contiguous().reshape(-1)
         h.update(memoryview(flat.view(torch.uint8).numpy()))
     return h.hexdigest()[:16]
+
+
+def takes_token_ids(model: nn.Module) -> bool:
+    """Whether the model has an embedding table (nn.Embedding / nn.EmbeddingBag): integer inputs are then token ids."""
+    return any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in model.modules())

@@ -233,9 +233,9 @@ def inputs_named(x: torch.Tensor, idx: torch.Tensor, dataset_name: str, *, first
         reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         lo, hi = int(x.min()), int(x.max())
         raise DataError(
-            f"{dataset_name}: the model rejected the token ids of the batch with global indices "
-            f"{_index_span(idx)} ({reason}); its ids run from {lo} to {hi}",
-            hint="check the vocabulary size in model.kwargs, the pad id and the data",
+            f"{dataset_name}: the model raised an IndexError on the batch with global indices {_index_span(idx)} "
+            f"({reason}); its token ids run from {lo} to {hi}",
+            hint="ids outside an embedding table are the usual cause: check the vocabulary size in model.kwargs, the pad id and the data",
         ) from exc
     except (RuntimeError, ValueError) as exc:
         if not first or isinstance(exc, torch.cuda.OutOfMemoryError):

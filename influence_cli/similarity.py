@@ -90,8 +90,8 @@ class SimilarityReport:
     task2vec_distance: torch.Tensor
     damping: dict[str, float]
     strategy: str
-    fisher: str  # the factors' Fisher, which the kernel uses
-    task2vec_fisher: str  # the Fisher of the Task2Vec diagonals (similarity.fisher, else the factors')
+    fisher: str  # the Fisher of the Task2Vec diagonals (similarity.fisher, else the factors')
+    factors_fisher: str  # the factors' Fisher, which the kernel uses
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -118,7 +118,7 @@ class SimilarityReport:
             "damping": self.damping,
             "strategy": self.strategy,
             "fisher": self.fisher,
-            "task2vec_fisher": self.task2vec_fisher,
+            "factors_fisher": self.factors_fisher,
             "seconds": self.seconds,
         }
 
@@ -392,8 +392,8 @@ def dataset_similarity(
                 "sizes": sizes,
                 "dataset_fingerprints": {n: ds.fingerprint() for n, ds in datasets.items()},
                 "strategy": factors.strategy,
-                "fisher": factors.fisher,
-                "task2vec_fisher": fisher,
+                "fisher": fisher,
+                "factors_fisher": factors.fisher,
                 "damping": damping,
                 "layout": layout,
                 "model_fingerprint": ctx.model_fingerprint,
@@ -413,7 +413,7 @@ def dataset_similarity(
         result.task2vec_distance,
         damping,
         factors.strategy,
-        factors.fisher,
         fisher,
+        factors.fisher,
         seconds,
     )

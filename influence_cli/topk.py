@@ -179,7 +179,7 @@ def check_scores_match(metadata: dict[str, Any], cfg: Config, path: Path, *, pai
         OutputError: naming the first setting that differs.
     """
     from influence_cli.data import load_dataset
-    from influence_cli.models import load_model, model_fingerprint
+    from influence_cli.models import load_model, model_fingerprint, takes_token_ids
 
     hint = "use the config (and --set overrides) of compute-scores, or rerun compute-scores with --overwrite"
     settings = [("task.kind", "task_kind", cfg.task.kind),
@@ -204,8 +204,10 @@ def check_scores_match(metadata: dict[str, Any], cfg: Config, path: Path, *, pai
         recorded, value = (yaml_text(v) for v in (metadata["padding_value"], cfg.data.padding_value))
         raise OutputError(f"{str(path)!r} holds scores computed with data.padding_value={recorded}; the config has {value}", hint=hint)
     recorded = metadata.get("model_fingerprint")
+    embedding_model = False
     if recorded is not None:
-        current = model_fingerprint(load_model(cfg.model, cfg.base_dir))
+        model = load_model(cfg.model, cfg.base_dir)
+        current, embedding_model = model_fingerprint(model), takes_token_ids(model)
         if recorded != current:
             raise OutputError(f"{str(path)!r} holds scores of another model (fingerprint {recorded}; model.checkpoint's is {current})", hint=hint)
     specs = [("data.train", cfg.data.train, "train_fingerprint")] + ([("data.query", cfg.data.query, "query_fingerprint")] if pairwise else [])
@@ -214,7 +216,7 @@ def check_scores_match(metadata: dict[str, Any], cfg: Config, path: Path, *, pai
         recorded = metadata.get(field_name)
         if recorded is None or spec is None:
             continue
-        loaded[key] = load_dataset(spec, cfg.base_dir, name=key, seed=cfg.seed)
+        loaded[key] = load_dataset(spec, cfg.base_dir, name=key, seed=cfg.seed, embedding_model=embedding_model)
         if recorded != loaded[key].fingerprint():
             raise OutputError(f"{str(path)!r} holds scores computed on another {key}", hint=hint)
     return loaded

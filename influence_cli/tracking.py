@@ -10,6 +10,7 @@ of the weight matrix [W | b] (d_out × d_in(+1)) is Σ_t g_t a_tᵀ.
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -74,12 +75,14 @@ ATTENTION_OUTPUT = "applied by nn.MultiheadAttention through its weight, never c
 
 
 def attention_projections(model: nn.Module) -> set[int]:
-    """ids of the `out_proj` Linears of nn.MultiheadAttention modules.
+    """ids of the `out_proj` Linears of nn.MultiheadAttention modules (not of subclasses with their own forward).
 
     MultiheadAttention passes `out_proj.weight` to F.multi_head_attention_forward and never calls
     `out_proj`, so no hook sees that layer's input or output.
     """
-    return {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    return {
+        id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention) and type(m).forward is nn.MultiheadAttention.forward
+    }
 
 
 def unsupported_reason(module: nn.Module, attention_outputs: set[int] = frozenset()) -> str | None:  # type: ignore[assignment]
@@ -321,7 +324,7 @@ def padding_mask(x: torch.Tensor, padding_value: float, dataset_name: str = "dat
         DataError: for inputs without a sequence dimension.
     """
     if not x.is_floating_point() and x.dim() == 2:
-        if padding_value != int(padding_value):
+        if not math.isfinite(padding_value) or padding_value != int(padding_value):
             raise DataError(
                 f"data.padding_value: {padding_value} is not a whole number, and {dataset_name} holds integer token ids",
                 hint="set data.padding_value to the pad token id",
@@ -332,6 +335,8 @@ def padding_mask(x: torch.Tensor, padding_value: float, dataset_name: str = "dat
     hint = "padding needs integer token ids [batch, seq] or features [batch, seq, features]; otherwise set data.padding_value: null"
     if x.is_floating_point() and x.dim() == 2:
         hint = f"for token ids stored as numbers set {dataset_name}.transform.dtype: int64; otherwise set data.padding_value: null"
+    elif not x.is_floating_point() and x.dim() == 3:
+        hint = f"for features stored as integers set {dataset_name}.transform.dtype: float32; otherwise set data.padding_value: null"
     what = "float inputs" if x.is_floating_point() else "integer inputs"
     raise DataError(
         f"data.padding_value: {dataset_name} {what} of shape {list(x.shape)} ({str(x.dtype).removeprefix('torch.')}) "

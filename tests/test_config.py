@@ -150,6 +150,8 @@ def test_wrong_types_are_named(override: str, key: str):
     [
         pytest.param("data.batch_size=0", "data.batch_size", id="batch_size-0"),
         pytest.param("data.batch_size=-4", "data.batch_size", id="batch_size-negative"),
+        pytest.param("data.padding_value=.nan", "data.padding_value", id="padding-nan"),
+        pytest.param("data.padding_value=.inf", "data.padding_value", id="padding-inf"),
         pytest.param("scores.damping=-1", "scores.damping", id="damping-negative"),
         pytest.param("scores.damping=.nan", "scores.damping", id="damping-nan"),
         pytest.param("scores.damping=.inf", "scores.damping", id="damping-inf"),

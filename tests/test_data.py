@@ -763,6 +763,10 @@ def test_factory_returning_lists_of_inputs_and_labels(tmp_path: Path) -> None:
 
         def tensor_pairs():
             return [(torch.zeros(3), torch.tensor(0)), (torch.ones(3), torch.tensor(1))]
+
+        def zipped():
+            pairs = [(torch.full((3,), float(i)), torch.tensor(i % 3)) for i in range(12)]
+            return list(zip(*pairs))
         """,
     )
     ds = load_dataset(DataSpec(source=f"{mod}:make"), tmp_path)
@@ -773,6 +777,8 @@ def test_factory_returning_lists_of_inputs_and_labels(tmp_path: Path) -> None:
     assert len(ids) == 12 and ids.labels.dtype == torch.int64 and ids.labels.tolist() == [i % 3 for i in range(12)]
     targets = load_dataset(DataSpec(source=f"{mod}:vector_targets"), tmp_path)
     assert len(targets) == 12 and targets.labels.shape == (12, 2) and targets.labels[5].tolist() == [2.5, 2.5]
+    zipped = load_dataset(DataSpec(source=f"{mod}:zipped"), tmp_path)
+    assert len(zipped) == 12 and zipped.labels.tolist() == [i % 3 for i in range(12)] and zipped[4][0].tolist() == [4.0] * 3
     items = load_dataset(DataSpec(source=f"{mod}:tensor_pairs"), tmp_path)
     assert len(items) == 2 and items[1][0].tolist() == [1.0, 1.0, 1.0] and int(items[1][1]) == 1
 

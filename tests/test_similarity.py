@@ -315,7 +315,7 @@ def test_task2vec_with_the_ggn_places_held_out_digits_beside_their_training_spli
                     "--set", "similarity.method=task2vec", "--set", "similarity.fisher=ggn")  # fmt: skip
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert data["task2vec_fisher"] == "ggn" and data["fisher"] == "sampled"  # the kernel uses the factors' Fisher
+    assert data["fisher"] == "ggn" and data["factors_fisher"] == "sampled"  # the kernel uses the factors' Fisher
     names, cosine = data["names"], torch.tensor(data["task2vec_cosine"])
     for held_out, own in (("zeros_sixes_heldout", "zeros_sixes"), ("ones_sevens_heldout", "ones_sevens")):
         row = cosine[names.index(held_out)].clone()

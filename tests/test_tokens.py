@@ -152,10 +152,10 @@ def test_padded_transformer_batches_are_exact():
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
 
 
-def _tensors_dataset(tmp_path, inputs, **transform):
+def _tensors_dataset(tmp_path, inputs, embedding_model=True, **transform):
     np.savez(tmp_path / "data.npz", inputs=inputs, labels=np.arange(len(inputs)) % 3)
     spec = DataSpec(source="tensors", path="data.npz", transform=TransformSpec(**transform))
-    return load_dataset(spec, tmp_path)
+    return load_dataset(spec, tmp_path, embedding_model=embedding_model)
 
 
 @pytest.mark.parametrize("dtype", [np.int8, np.int16, np.int32, np.int64, np.uint16])
@@ -170,6 +170,8 @@ def test_integer_inputs_stay_token_ids(tmp_path, dtype):
 
 def test_pixels_and_scaled_integers_stay_float(tmp_path):
     assert _tensors_dataset(tmp_path, np.full((2, 4), 200, dtype=np.uint8))[0][0].dtype == torch.float32
+    counts = _tensors_dataset(tmp_path, np.full((2, 4), 3, dtype=np.int32), embedding_model=False)  # a model without embeddings
+    assert not counts.token_inputs and counts[0][0].dtype == torch.float32 and counts[0][0].tolist() == [3.0] * 4
     scaled = _tensors_dataset(tmp_path, np.full((2, 4), 200, dtype=np.int32), scale=255.0)
     assert not scaled.token_inputs
     torch.testing.assert_close(scaled[0][0], torch.full((4,), 200 / 255.0))
@@ -199,11 +201,14 @@ def test_token_ids_are_not_images(tmp_path):
         example_image(ds, 0)
 
 
-def test_fingerprints_of_float_inputs_do_not_depend_on_the_dtype_key(tmp_path):
+def test_fingerprints_do_not_depend_on_how_the_model_receives_the_inputs(tmp_path):
+    """The same data as token ids or as floats: the same data, the same fingerprint (outputs stay valid)."""
     floats = np.ones((2, 4), dtype=np.float32)
     assert _tensors_dataset(tmp_path, floats).fingerprint() == _tensors_dataset(tmp_path, floats, dtype="float32").fingerprint()
     ints = np.ones((2, 4), dtype=np.int64)
-    assert _tensors_dataset(tmp_path, ints).fingerprint() != _tensors_dataset(tmp_path, ints, dtype="float32").fingerprint()
+    as_ids = _tensors_dataset(tmp_path, ints)
+    assert as_ids.token_inputs
+    assert as_ids.fingerprint() == _tensors_dataset(tmp_path, ints, dtype="float32").fingerprint()
 
 
 TOKEN_MODULE = '''
@@ -285,7 +290,7 @@ def test_token_ids_fed_to_a_model_that_takes_numbers_name_the_key(tmp_path):
     np.savez(tmp_path / "ids.npz", inputs=np.ones((4, 64), dtype=np.int64), labels=np.arange(4) % 3)
     config = {
         "model": {"architecture": "mlp", "kwargs": {"input_dim": 64, "hidden": [8], "num_classes": 3}},
-        "data": {"train": {"source": "tensors", "path": "ids.npz"}},
+        "data": {"train": {"source": "tensors", "path": "ids.npz", "transform": {"dtype": "int64"}}},
         "output_dir": "out",
         "device": "cpu",
     }
@@ -309,8 +314,8 @@ def test_out_of_vocabulary_ids_name_the_batch(token_project, tmp_path):
     assert runner.invoke(app, ["fit-factors", token_project]).exit_code == 0
     result = runner.invoke(app, ["compute-scores", token_project])
     assert result.exit_code == 3, result.output
-    assert "data.query: the model rejected the token ids of the batch with global indices 20, 21, 22, 23" in result.stderr
-    assert "ids run from 0 to 99" in result.stderr and "Traceback" not in result.output
+    assert "data.query: the model raised an IndexError on the batch with global indices 20, 21, 22, 23" in result.stderr
+    assert "token ids run from 0 to 99" in result.stderr and "Traceback" not in result.output
 
 
 def test_queries_that_do_not_fit_the_model_name_their_key(token_project):
@@ -330,9 +335,41 @@ def _factory_module(tmp_path, body):
 def test_factory_items_as_lists_of_ids(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     mod = _factory_module(tmp_path, "def padded():\n    return [([3, 1, 0], 0), ([2, 5, 4], 1)]\n\ndef ragged():\n    return [([3, 1], 0), ([2, 5, 4], 1)]\n")
-    ds = load_dataset(DataSpec(source=f"{mod}:padded"), tmp_path)
+    ds = load_dataset(DataSpec(source=f"{mod}:padded"), tmp_path, embedding_model=True)
     assert ds.token_inputs and ds.__getitems__([0, 1])[0][0].tolist() == [3, 1, 0]
-    ragged = load_dataset(DataSpec(source=f"{mod}:ragged"), tmp_path)
+    ragged = load_dataset(DataSpec(source=f"{mod}:ragged"), tmp_path, embedding_model=True)
     with pytest.raises(DataError, match=r"data.train: token sequences of shapes \[2\] and \[3\] cannot form one batch") as err:
         ragged.__getitems__([0, 1])
     assert "pad the sequences" in err.value.hint
+
+
+def test_integer_images_reach_a_model_without_embeddings_as_floats(tmp_path):
+    """int16/int32 pixels with only flatten set: the MLP gets floats (no embedding table to take ids)."""
+    np.savez(tmp_path / "pixels.npz", inputs=np.arange(4 * 64, dtype=np.int32).reshape(4, 1, 8, 8) % 17, labels=np.arange(4) % 3)
+    config = {
+        "model": {"architecture": "mlp", "kwargs": {"input_dim": 64, "hidden": [8], "num_classes": 3}},
+        "data": {"train": {"source": "tensors", "path": "pixels.npz", "transform": {"flatten": True}}},
+        "output_dir": "out",
+        "device": "cpu",
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    result = _runner().invoke(app, ["fit-factors", str(tmp_path / "config.yaml")])
+    assert result.exit_code == 0, result.stderr
+
+
+def test_attention_subclasses_with_their_own_forward_keep_out_proj():
+    """Only nn.MultiheadAttention's own forward skips out_proj's call; a subclass that calls it is tracked."""
+
+    class CallsOutProj(nn.MultiheadAttention):
+        def forward(self, x):
+            return self.out_proj(x)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = CallsOutProj(4, 2)
+
+        def forward(self, x):
+            return self.attn(x)
+
+    assert [t.name for t in find_tracked_modules(Model(), ["*"])] == ["attn.out_proj"]

@@ -168,3 +168,24 @@ def test_self_top_k_orders_by_self_influence(tmp_path):
     got = self_top_k(tmp_path, 3)
     assert [(e.rank, e.train_index, e.train_label, e.score) for e in got] == [(1, 11, 1, 3.0), (2, 13, 3, 3.0), (3, 14, 4, 2.0)]
     assert [e.train_index for e in self_top_k(tmp_path, 2, largest=False)] == [12, 10]
+
+
+def test_cli_says_when_a_query_has_no_opponent(tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from influence_cli.cli import app
+
+    out = tmp_path / "out"
+    out.mkdir()
+    write_scores(out, torch.tensor([[0.5, 2.0, 1.0], [-1.0, 0.5, -2.0]]))
+    sample = Path(__file__).resolve().parents[1] / "sample_data" / "digits.safetensors"
+    config = {
+        "model": {"architecture": "mlp", "kwargs": {"input_dim": 64, "hidden": [8], "num_classes": 10}},
+        "data": {"train": {"source": "tensors", "path": str(sample)}},
+        "output_dir": str(out),
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    result = CliRunner(env={"COLUMNS": "120"}).invoke(app, ["top-k", str(tmp_path / "c.yaml"), "--k", "2"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("no negative score") == 1 and "no positive score" not in result.stdout

@@ -232,10 +232,14 @@ def top_k_cmd(
         table = new_table(title, [("", "left"), ("rank", "right"), ("train index", "right"), ("label", "left"), (variant, "right")])
         for e in r.proponents:
             table.add_row("[green]proponent[/]", str(e.rank), str(e.train_index), label_text(e.train_label), f"{e.score:+.5g}")
-        if r.opponents:
+        if not r.proponents:
+            table.add_row("[green]proponent[/]", "-", "", "", "no positive score")
+        if opponents:
             table.add_section()
         for e in r.opponents:
             table.add_row("[red]opponent[/]", str(e.rank), str(e.train_index), label_text(e.train_label), f"{e.score:+.5g}")
+        if opponents and not r.opponents:
+            table.add_row("[red]opponent[/]", "-", "", "", "no negative score")
         print_table(table)
     if grid_path:
         err_console.print(f"[green]saved[/] {grid_path}")

@@ -114,8 +114,8 @@ def dataset_similarity_cmd(
         print_table(_matrix_table(TITLES["task2vec_cosine"], report.names, report.task2vec_cosine, [("n", sizes)]))
         print_table(_matrix_table(TITLES["task2vec_distance"], report.names, report.task2vec_distance))
     sizes_text = ", ".join(f"{name} {n}" for name, n in zip(report.names, sizes, strict=True))
-    fishers = f"{report.fisher} Fisher" + (
-        f" (Task2Vec diagonals: {report.task2vec_fisher})" if report.task2vec_fisher != report.fisher else ""
+    fishers = f"{report.factors_fisher} Fisher" + (
+        f" (Task2Vec diagonals: {report.fisher})" if report.fisher != report.factors_fisher else ""
     )
     err_console.print(f"examples: {sizes_text}; {report.strategy} factors, {fishers}")
     saved = f"[green]saved[/] {report.path}" + (f" and {heatmap}" if heatmap is not None else "")

@@ -210,8 +210,9 @@ class IndexedDataset(Dataset):
             h.update(f"|n={len(self)}|".encode())
             h.update(self.global_indices.contiguous().numpy().tobytes())
             if self.labels is not None:
-                h.update(str(self.labels.dtype).encode())
-                h.update(self.labels.contiguous().numpy().tobytes())
+                labels = self.labels.to(torch.float32) if self.labels.dtype == torch.float64 else self.labels
+                h.update(str(labels.dtype).encode())  # float64 targets as float32: the fingerprint of a value, not of its storage
+                h.update(labels.contiguous().numpy().tobytes())
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
 
@@ -225,7 +226,9 @@ class IndexedDataset(Dataset):
         return x[0]
 
 
-def load_dataset(spec: DataSpec, base_dir: str | Path, name: str = "data.train", seed: int = 0) -> IndexedDataset:
+def load_dataset(
+    spec: DataSpec, base_dir: str | Path, name: str = "data.train", seed: int = 0, *, embedding_model: bool = False
+) -> IndexedDataset:
     """Opens the source of `spec`, applies its subsets and label noise, and sets up its transforms.
 
     Subsets apply in the order selector (range | indices | indices_file) -> labels_in -> limit.
@@ -235,6 +238,8 @@ def load_dataset(spec: DataSpec, base_dir: str | Path, name: str = "data.train",
         base_dir: Folder that relative paths (and factory modules) resolve against.
         name: The spec's config key, used in every error message (e.g. "data.query").
         seed: Seed of the label-noise generator.
+        embedding_model: The model has an embedding table (`models.takes_token_ids`): with
+            `transform.dtype: auto`, integer inputs then stay int64 token ids.
 
     Raises:
         DataError: naming the config key at fault.
@@ -290,11 +295,9 @@ def load_dataset(spec: DataSpec, base_dir: str | Path, name: str = "data.train",
         first, _ = src.items(int(sel[0]))
         raw_shape, raw_dtype = tuple(first.shape), first.dtype
         src.raw_255 = src.raw_255 or first.dtype == torch.uint8
-    transform = Transform(spec.transform, name, raw_shape, src.resize_in_items, raw_dtype)
+    transform = Transform(spec.transform, name, raw_shape, src.resize_in_items, raw_dtype, embedding_model)
     transform_spec = dataclasses.asdict(spec.transform)
-    del transform_spec["dtype"]  # only the resolved kind counts: float32 inputs add no key, token ids "tokens"
-    if transform.tokens:
-        transform_spec["tokens"] = True
+    del transform_spec["dtype"]  # how the model receives the inputs does not change which data they are
     canonical = {
         "source": spec.source,
         "files": src.files,
@@ -327,7 +330,10 @@ def example_image(dataset: IndexedDataset, position: int) -> torch.Tensor:
         DataError: if the example cannot be shown as an image.
     """
     if dataset.token_inputs:
-        raise DataError(f"{dataset.name}: the inputs are token ids, not images", hint="leave out --image-grid for this data")
+        raise DataError(
+            f"{dataset.name}: the inputs are token ids, not images",
+            hint=f"leave out --image-grid, or set {dataset.name}.transform.dtype: float32 if they are integer pixels",
+        )
     try:
         x = dataset.raw_example(position)
     except IndexError as exc:

@@ -54,9 +54,9 @@ def _targets_match_items(dataset: Any, targets: torch.Tensor, key: str, checks: 
 def _lists_of_inputs_and_labels(result: Any) -> bool:
     """A pair (list of inputs, list of labels) of equal lengths, as opposed to a list of (x, y) items.
 
-    Labels are numbers, or (in two lists) tensors / arrays of one shape: class indices as 0-d
-    tensors, regression targets as vectors. A list of two (x, y) items is told apart by its
-    entries being tuples, or by an x and a y of different shapes.
+    Labels are numbers, or tensors / arrays of one shape: class indices as 0-d tensors,
+    regression targets as vectors. A list of two (x, y) items is told apart by an x and a y of
+    different shapes (or, when they have one shape, by its entries being tuples).
     """
     if not (isinstance(result, (tuple, list)) and len(result) == 2 and all(isinstance(r, (list, tuple)) for r in result)):
         return False
@@ -66,13 +66,13 @@ def _lists_of_inputs_and_labels(result: Any) -> bool:
     if all(isinstance(y, (bool, int, float, np.number)) for y in labels):
         return True
     arrays = (torch.Tensor, np.ndarray)
-    return (
-        isinstance(inputs, list)
-        and isinstance(labels, list)
-        and all(isinstance(x, arrays) for x in inputs)
-        and all(isinstance(y, arrays) for y in labels)
-        and len({tuple(y.shape) for y in labels}) == 1
-    )
+    if not (all(isinstance(x, arrays) for x in inputs) and all(isinstance(y, arrays) for y in labels)):
+        return False
+    input_shapes, label_shapes = {tuple(x.shape) for x in inputs}, {tuple(y.shape) for y in labels}
+    if len(input_shapes) != 1 or len(label_shapes) != 1:
+        return False  # a list of (x, y) items: each entry holds an x and a y of different shapes
+    # two items (x0, y0), (x1, y1) with x and y of one shape read the same both ways: lists are labels, tuples items
+    return len(inputs) > 2 or input_shapes != label_shapes or (isinstance(inputs, list) and isinstance(labels, list))
 
 
 def open_factory(spec: DataSpec, base_dir: Path, name: str) -> Source:

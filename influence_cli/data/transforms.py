@@ -21,11 +21,12 @@ def resize_images(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return x.squeeze(1) if squeeze else x
 
 
-def token_inputs(spec: TransformSpec, raw_dtype: torch.dtype, key: str) -> bool:
+def token_inputs(spec: TransformSpec, raw_dtype: torch.dtype, key: str, embedding_model: bool = False) -> bool:
     """Whether the model receives the inputs as int64 token ids (`transform.dtype`, auto or int64).
 
-    auto keeps integer inputs other than uint8 (8-bit images) as token ids when no transform
-    needs floats; int64 asks for it (uint8 bytes, or ids stored as floats).
+    auto keeps integer inputs other than uint8 (8-bit images) as token ids when the model has
+    an embedding table (`embedding_model`) and no transform needs floats; int64 asks for it
+    (uint8 bytes, or ids stored as floats).
     """
     float_ops = [k for k in ("scale", "normalize", "resize") if getattr(spec, k) is not None]
     if spec.dtype == "int64":
@@ -38,7 +39,7 @@ def token_inputs(spec: TransformSpec, raw_dtype: torch.dtype, key: str) -> bool:
     if spec.dtype == "float32":
         return False
     integer = not (raw_dtype.is_floating_point or raw_dtype.is_complex or raw_dtype in (torch.uint8, torch.bool))
-    return integer and not float_ops
+    return integer and embedding_model and not float_ops
 
 
 class Transform:
@@ -49,11 +50,17 @@ class Transform:
     """
 
     def __init__(
-        self, spec: TransformSpec, name: str, raw_shape: tuple[int, ...], resize_in_items: bool, raw_dtype: torch.dtype
+        self,
+        spec: TransformSpec,
+        name: str,
+        raw_shape: tuple[int, ...],
+        resize_in_items: bool,
+        raw_dtype: torch.dtype,
+        embedding_model: bool = False,
     ):
         key = f"{name}.transform"
         self.key = key
-        self.tokens = token_inputs(spec, raw_dtype, key)
+        self.tokens = token_inputs(spec, raw_dtype, key, embedding_model)
         self.scale = spec.scale
         self.flatten = spec.flatten
         self.resize: tuple[int, int] | None = None
