@@ -56,6 +56,7 @@ class GridGroup:
     title: str
     rows: list[GridRow]
     proponents_label: str | None = None
+    empty_notes: tuple[str | None, str | None] = (None, None)  # drawn in an empty proponents / opponents section
 
 
 def group_label(group: GridGroup, default: str) -> str:
@@ -117,8 +118,9 @@ def save_image_grid(
     tiles = [t for g in groups for r in g.rows for t in [r.query, *r.proponents, *r.opponents] if t is not None]
     n_lines = max((len(t.lines) for t in tiles), default=0)
     has_query = any(r.query is not None for g in groups for r in g.rows)
-    n_prop = max((len(r.proponents) for g in groups for r in g.rows), default=0)
-    n_opp = max((len(r.opponents) for g in groups for r in g.rows), default=0)
+    noted = [any(g.empty_notes[side] for g in groups) for side in (0, 1)]  # such a section is shown even when empty
+    n_prop = max([len(r.proponents) for g in groups for r in g.rows] + [int(noted[0])], default=0)
+    n_opp = max([len(r.opponents) for g in groups for r in g.rows] + [int(noted[1])], default=0)
     cell_w = max(tile_size, 96) + _GAP
     cell_h = tile_size + 2 * _BORDER + n_lines * line_h + _GAP
     x_prop = _MARGIN + (cell_w + _SECTION_GAP if has_query else 0)
@@ -149,6 +151,9 @@ def save_image_grid(
             cells += [(x_opp + i * cell_w, t) for i, t in enumerate(row.opponents)]
             for x, tile in cells:
                 _draw_tile(canvas, draw, font, tile, x, y, tile_size, cell_w - _GAP, line_h)
+            for x, tiles, note in ((x_prop, row.proponents, group.empty_notes[0]), (x_opp, row.opponents, group.empty_notes[1])):
+                if note and not tiles:
+                    draw.text((x, y + tile_size // 2), _fit_text(draw, note, font, cell_w - _GAP), fill=_TEXT, font=font)
             y += cell_h
     _save_atomic(canvas, path, fmt)
     return path

@@ -228,9 +228,14 @@ def inputs_named(x: torch.Tensor, idx: torch.Tensor, dataset_name: str, *, first
     try:
         yield
     except IndexError as exc:
-        if x.is_floating_point():
-            raise
         reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        if x.is_floating_point():  # e.g. table[x] with float x: the inputs do not fit a model that takes ids
+            if not first:
+                raise
+            raise DataError(
+                f"{dataset_name}: inputs of shape {list(x.shape)} do not fit the model ({reason})",
+                hint=_input_hint(x, reason, dataset_name),
+            ) from exc
         lo, hi = int(x.min()), int(x.max())
         raise DataError(
             f"{dataset_name}: the model raised an IndexError on the batch with global indices {_index_span(idx)} "
@@ -261,7 +266,7 @@ def _input_hint(x: torch.Tensor, reason: str, dataset_name: str) -> str:
     """What to change when the first batch does not fit the model."""
     if not x.is_floating_point():
         return f"the inputs are int64 token ids; for a model that takes numbers set {dataset_name}.transform.dtype: float32"
-    if "indices" in reason or "Long" in reason:
+    if any(word in reason for word in ("indices", "index", "Long")):
         return f"the model seems to take token ids; set {dataset_name}.transform.dtype: int64"
     return "check model.kwargs and data transform (flatten/resize)"
 

@@ -204,7 +204,7 @@ def check_scores_match(metadata: dict[str, Any], cfg: Config, path: Path, *, pai
         recorded, value = (yaml_text(v) for v in (metadata["padding_value"], cfg.data.padding_value))
         raise OutputError(f"{str(path)!r} holds scores computed with data.padding_value={recorded}; the config has {value}", hint=hint)
     recorded = metadata.get("model_fingerprint")
-    embedding_model = False
+    embedding_model: bool | None = None  # whether the model takes token ids: how integer inputs are read
     if recorded is not None:
         model = load_model(cfg.model, cfg.base_dir)
         current, embedding_model = model_fingerprint(model), takes_token_ids(model)
@@ -216,6 +216,8 @@ def check_scores_match(metadata: dict[str, Any], cfg: Config, path: Path, *, pai
         recorded = metadata.get(field_name)
         if recorded is None or spec is None:
             continue
+        if embedding_model is None:
+            embedding_model = takes_token_ids(load_model(cfg.model, cfg.base_dir))
         loaded[key] = load_dataset(spec, cfg.base_dir, name=key, seed=cfg.seed, embedding_model=embedding_model)
         if recorded != loaded[key].fingerprint():
             raise OutputError(f"{str(path)!r} holds scores computed on another {key}", hint=hint)

@@ -241,3 +241,20 @@ def test_two_processes_write_rank_shards_matching_one_process(project, tmp_path,
     b = storage.load_tensors(single / storage.SELF_INFLUENCE_FILE)[0]
     torch.testing.assert_close(a["self_influence"], b["self_influence"], rtol=1e-5, atol=1e-6)
     assert torch.equal(a["train_labels"], b["train_labels"]) and torch.equal(a["train_indices"], b["train_indices"])
+
+
+def test_image_grid_keeps_an_empty_section_with_its_note(tmp_path):
+    """A query without negative scores: the opponents column stays, with the note in it."""
+    import numpy as np
+    from PIL import Image
+
+    from influence_cli.image_grid import GridGroup, GridRow, Tile, save_image_grid
+
+    tile = Tile(torch.rand(1, 8, 8), ["#1", "+0.5"], "proponent")
+    row = GridRow(Tile(torch.rand(1, 8, 8), ["query #0"], "query"), [tile], [])
+    bare = save_image_grid(tmp_path / "bare.png", GridGroup("influence", [row]))
+    noted = save_image_grid(tmp_path / "noted.png", GridGroup("influence", [row], empty_notes=("no positive score", "no negative score")))
+    narrow, wide = np.asarray(Image.open(bare)), np.asarray(Image.open(noted))
+    assert wide.shape[1] > narrow.shape[1]  # the opponents column is there
+    extra = wide[:, narrow.shape[1] :]
+    assert (extra != extra[0, 0]).any()  # and holds the note's text

@@ -767,6 +767,18 @@ def test_factory_returning_lists_of_inputs_and_labels(tmp_path: Path) -> None:
         def zipped():
             pairs = [(torch.full((3,), float(i)), torch.tensor(i % 3)) for i in range(12)]
             return list(zip(*pairs))
+
+        def id_lists():
+            return [[i, i + 1, 0] for i in range(5)], [torch.tensor(i % 2) for i in range(5)]
+
+        def list_and_tensor():
+            return [torch.full((2,), float(i)) for i in range(6)], torch.arange(6) % 2
+
+        def ambiguous():
+            return [[torch.zeros(2), torch.ones(2)], [torch.ones(2), torch.zeros(2)]]
+
+        def two_scalar_items():
+            return [(0.5, 1), (0.25, 0)]
         """,
     )
     ds = load_dataset(DataSpec(source=f"{mod}:make"), tmp_path)
@@ -779,6 +791,14 @@ def test_factory_returning_lists_of_inputs_and_labels(tmp_path: Path) -> None:
     assert len(targets) == 12 and targets.labels.shape == (12, 2) and targets.labels[5].tolist() == [2.5, 2.5]
     zipped = load_dataset(DataSpec(source=f"{mod}:zipped"), tmp_path)
     assert len(zipped) == 12 and zipped.labels.tolist() == [i % 3 for i in range(12)] and zipped[4][0].tolist() == [4.0] * 3
+    ids = load_dataset(DataSpec(source=f"{mod}:id_lists"), tmp_path)
+    assert len(ids) == 5 and ids.labels.tolist() == [0, 1, 0, 1, 0] and ids[3][0].tolist() == [3.0, 4.0, 0.0]
+    mixed = load_dataset(DataSpec(source=f"{mod}:list_and_tensor"), tmp_path)
+    assert len(mixed) == 6 and mixed[5][0].tolist() == [5.0, 5.0] and int(mixed[5][1]) == 1
+    for both_ways in ("ambiguous", "two_scalar_items"):  # (inputs, labels) of 2 examples, or 2 (x, y) items
+        with pytest.raises(DataError, match="returned two pairs of values of one shape") as err:
+            load_dataset(DataSpec(source=f"{mod}:{both_ways}"), tmp_path)
+        assert "return a tuple of two tensors" in err.value.hint
     items = load_dataset(DataSpec(source=f"{mod}:tensor_pairs"), tmp_path)
     assert len(items) == 2 and items[1][0].tolist() == [1.0, 1.0, 1.0] and int(items[1][1]) == 1
 

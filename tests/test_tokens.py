@@ -373,3 +373,23 @@ def test_attention_subclasses_with_their_own_forward_keep_out_proj():
             return self.attn(x)
 
     assert [t.name for t in find_tracked_modules(Model(), ["*"])] == ["attn.out_proj"]
+
+
+def test_a_parameter_table_indexed_by_float_inputs_names_the_key():
+    """table[x] with float x raises IndexError: named like any first batch that does not fit the model."""
+    from influence_cli.passes import stream_gradients
+
+    class Table(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Parameter(torch.randn(VOCAB, 4))
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, tokens):
+            return self.head(self.table[tokens].mean(dim=1))
+
+    model = Table()
+    batches = [(torch.ones(2, 3), torch.tensor([0, 1]), torch.arange(2))]
+    with pytest.raises(DataError, match=r"data.train: inputs of shape \[2, 3\] do not fit the model") as err:
+        next(stream_gradients(model, find_tracked_modules(model, ["*"]), batches, task_kind="classification", mode="loss"))
+    assert "transform.dtype: int64" in err.value.hint

@@ -249,15 +249,19 @@ def _datasets(cfg, which: list[str], loaded: dict):
     """The data specs named in `which` (data.train / data.query): those `topk.check_scores_match` loaded
     (and matched to the scores), the others loaded here."""
     from influence_cli.data import load_dataset
+    from influence_cli.models import load_model, takes_token_ids
 
     out = []
+    embedding_model = None
     for key in which:
         spec = cfg.data.train if key == "data.train" else cfg.data.query
         if spec is None:
             from influence_cli.errors import ConfigError
 
             raise ConfigError(f"{key}: missing in the config (needed for --image-grid)", source=cfg.source)
-        out.append(loaded[key] if key in loaded else load_dataset(spec, cfg.base_dir, name=key, seed=cfg.seed))
+        if key not in loaded and embedding_model is None:  # token ids are not drawn as images
+            embedding_model = takes_token_ids(load_model(cfg.model, cfg.base_dir))
+        out.append(loaded[key] if key in loaded else load_dataset(spec, cfg.base_dir, name=key, seed=cfg.seed, embedding_model=bool(embedding_model)))
     return out
 
 
@@ -290,13 +294,14 @@ def _pairwise_grid(cfg, meta, selection, k: int, opponents: bool, rankings, path
             out.append(GridRow(q, _train_tiles(train, r.proponents, "proponent"), _train_tiles(train, r.opponents, "opponent")))
         return out
 
+    notes = ("no positive score", "no negative score" if opponents else None)
     groups = []
     if meta.relative and meta.has_norms:
         plain = topk.top_k(cfg.output_path, selection, k, largest=True, smallest=opponents, plain=True)
-        groups.append(GridGroup("influence", rows(plain)))
-        groups.append(GridGroup("relative influence (RelatIF)", rows(rankings)))
+        groups.append(GridGroup("influence", rows(plain), empty_notes=notes))
+        groups.append(GridGroup("relative influence (RelatIF)", rows(rankings), empty_notes=notes))
     else:
-        groups.append(GridGroup("relative influence (RelatIF)" if meta.relative else "influence", rows(rankings)))
+        groups.append(GridGroup("relative influence (RelatIF)" if meta.relative else "influence", rows(rankings), empty_notes=notes))
     title = f"{meta.metadata.get('strategy')} · measurement {meta.metadata.get('measurement')} · positive = helpful"
     return save_image_grid(path, groups, title=title)
 

@@ -51,28 +51,52 @@ def _targets_match_items(dataset: Any, targets: torch.Tensor, key: str, checks: 
     return True
 
 
-def _lists_of_inputs_and_labels(result: Any) -> bool:
-    """A pair (list of inputs, list of labels) of equal lengths, as opposed to a list of (x, y) items.
+def _value_shape(v: Any) -> tuple[int, ...] | None:
+    """The shape of one input or label given as a number, tensor, array or (nested) list of numbers; None otherwise."""
+    if isinstance(v, (bool, int, float, np.number)):
+        return ()
+    if isinstance(v, (torch.Tensor, np.ndarray)):
+        return tuple(v.shape)
+    if isinstance(v, (list, tuple)):
+        try:
+            arr = np.asarray(v)
+        except (TypeError, ValueError):
+            return None
+        return tuple(arr.shape) if arr.dtype.kind in "biuf" else None
+    return None
 
-    Labels are numbers, or tensors / arrays of one shape: class indices as 0-d tensors,
-    regression targets as vectors. A list of two (x, y) items is told apart by an x and a y of
-    different shapes (or, when they have one shape, by its entries being tuples).
+
+def _stack_pair(result: Any, key: str, source: str) -> tuple[Any, Any] | None:
+    """(inputs, labels) when `result` is a pair of per-example sequences, None when it is a dataset of (x, y) items.
+
+    A pair is two sequences of one length n (or a sequence and a tensor of n rows) whose entries
+    each have one shape: `([x_0, ..., x_n], [y_0, ..., y_n])`, `tuple(zip(*items))`. Two entries
+    whose four values share one shape read both ways (a pair of 2 examples, or 2 items): refused.
+
+    Raises:
+        DataError: for that ambiguous case.
     """
-    if not (isinstance(result, (tuple, list)) and len(result) == 2 and all(isinstance(r, (list, tuple)) for r in result)):
-        return False
+    if not (isinstance(result, (tuple, list)) and len(result) == 2):
+        return None
     inputs, labels = result
-    if not len(inputs) == len(labels) > 0:
-        return False
-    if all(isinstance(y, (bool, int, float, np.number)) for y in labels):
-        return True
-    arrays = (torch.Tensor, np.ndarray)
-    if not (all(isinstance(x, arrays) for x in inputs) and all(isinstance(y, arrays) for y in labels)):
-        return False
-    input_shapes, label_shapes = {tuple(x.shape) for x in inputs}, {tuple(y.shape) for y in labels}
-    if len(input_shapes) != 1 or len(label_shapes) != 1:
-        return False  # a list of (x, y) items: each entry holds an x and a y of different shapes
-    # two items (x0, y0), (x1, y1) with x and y of one shape read the same both ways: lists are labels, tuples items
-    return len(inputs) > 2 or input_shapes != label_shapes or (isinstance(inputs, list) and isinstance(labels, list))
+    array = (torch.Tensor, np.ndarray)
+    if isinstance(inputs, array) and isinstance(labels, array):
+        return None  # already (inputs, labels) tensors
+    if not all(isinstance(r, (list, tuple, *array)) for r in result) or len(inputs) != len(labels) or len(inputs) == 0:
+        return None
+    input_shapes = {_value_shape(x) for x in inputs} if not isinstance(inputs, array) else {tuple(inputs.shape[1:])}
+    label_shapes = {_value_shape(y) for y in labels} if not isinstance(labels, array) else {tuple(labels.shape[1:])}
+    if None in input_shapes | label_shapes or len(input_shapes) != 1 or len(label_shapes) != 1:
+        return None  # e.g. a list of (x, y) items whose x and y differ in shape
+    if len(inputs) == 2 and input_shapes == label_shapes and not any(isinstance(r, array) for r in result):
+        raise DataError(
+            f"{key}: {source} returned two pairs of values of one shape, which read both as (inputs, labels) of 2 "
+            "examples and as 2 (x, y) items",
+            hint="return a tuple of two tensors (inputs [N, ...], labels [N]) or a torch Dataset",
+        )
+    stacked_inputs = inputs if isinstance(inputs, array) else torch.stack([item_input(x) for x in inputs])
+    stacked_labels = labels if isinstance(labels, array) else torch.stack([item_label(y) for y in labels])
+    return stacked_inputs, stacked_labels
 
 
 def open_factory(spec: DataSpec, base_dir: Path, name: str) -> Source:
@@ -112,11 +136,10 @@ def open_factory(spec: DataSpec, base_dir: Path, name: str) -> Source:
     tensors = getattr(result, "tensors", None)  # a TensorDataset is served from memory
     if isinstance(result, torch.utils.data.TensorDataset) and isinstance(tensors, tuple) and len(tensors) == 2:
         result = tensors
-    if _lists_of_inputs_and_labels(result):  # ([x_0, ..., x_n], [y_0, ..., y_n]): stacked, not a 2-item dataset
-        try:
-            result = (torch.stack([item_input(x) for x in result[0]]), torch.stack([item_label(y) for y in result[1]]))
-        except (TypeError, RuntimeError) as exc:
-            raise DataError(f"{key}: the inputs listed by {spec.source} cannot form one tensor ({exc})") from None
+    try:
+        result = _stack_pair(result, key, spec.source) or result  # ([x_0, ..., x_n], [y_0, ..., y_n]): not a 2-item dataset
+    except (TypeError, RuntimeError) as exc:
+        raise DataError(f"{key}: the inputs listed by {spec.source} cannot form one tensor ({exc})") from None
     if (
         isinstance(result, (tuple, list))
         and len(result) == 2
