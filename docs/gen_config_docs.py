@@ -192,6 +192,23 @@ layer that fails it (a layer that reads the sequence in another order fails it t
 scores remember the padding they were computed with, and later commands refuse a config with
 another.
 
+A text classifier on token ids, for example: `tokens.pt` holds `inputs` (int64 `[N, L]`, padded
+with 0) and `labels` (`[N]`), and `my_model.py` (beside the config) builds an `nn.Embedding` →
+`nn.TransformerEncoder(batch_first=True)` model that passes `src_key_padding_mask=(x == 0)` and
+mean-pools over the real positions:
+
+```yaml
+model: {architecture: "my_model:make", kwargs: {vocab: 30000}, checkpoint: model.safetensors}
+data:
+  train: {source: tensors, path: tokens.pt, range: [0, 50000]}
+  query: {source: tensors, path: tokens.pt, range: [50000, 50100]}
+  padding_value: 0
+  batch_size: 32
+```
+
+The feed-forward Linears of every block and the head are tracked; `nn.MultiheadAttention`'s
+`out_proj` is left out (the attention applies its weight without calling it; `inspect` lists it).
+
 ## Precision
 
 Everything runs in float32 (in float64 for a checkpoint whose floating tensors are all float64,
