@@ -80,6 +80,11 @@ def _to_pil(image: torch.Tensor, size: int) -> Image.Image:
     return pil.resize(new, resample)
 
 
+def _header(draw: ImageDraw.ImageDraw, text: str, short: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: int) -> str:
+    """A section's header within its width: the full text, else the short one (cut if need be)."""
+    return text if draw.textlength(text, font=font) <= width else _fit_text(draw, short, font, width)
+
+
 def _fit_text(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: int) -> str:
     if draw.textlength(text, font=font) <= width:
         return text
@@ -141,9 +146,11 @@ def save_image_grid(
         if has_query:
             draw.text((_MARGIN, y), "query", fill=_COLORS["query"], font=font)
         if n_prop:
-            draw.text((x_prop, y), group_label(group, "proponents (largest scores)"), fill=_COLORS["proponent"], font=font)
+            text = _header(draw, group_label(group, "proponents (largest scores)"), "proponents", font, n_prop * cell_w - _GAP)
+            draw.text((x_prop, y), text, fill=_COLORS["proponent"], font=font)
         if n_opp:
-            draw.text((x_opp, y), "opponents (smallest scores)", fill=_COLORS["opponent"], font=font)
+            text = _header(draw, "opponents (smallest scores)", "opponents", font, n_opp * cell_w - _GAP)
+            draw.text((x_opp, y), text, fill=_COLORS["opponent"], font=font)
         y += header_h
         for row in group.rows:
             cells = [] if row.query is None else [(_MARGIN, row.query)]

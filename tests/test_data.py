@@ -779,6 +779,29 @@ def test_factory_returning_lists_of_inputs_and_labels(tmp_path: Path) -> None:
 
         def two_scalar_items():
             return [(0.5, 1), (0.25, 0)]
+
+        def pil_images():
+            from PIL import Image
+
+            return [Image.new("L", (4, 4), i * 40) for i in range(5)], [i % 2 for i in range(5)]
+
+        def ragged():
+            return [torch.arange(i + 1) for i in range(5)], [i % 2 for i in range(5)]
+
+        def unequal():
+            return [torch.zeros(3) for _ in range(5)], [i % 2 for i in range(4)]
+
+        def words():
+            return [torch.zeros(3) for _ in range(5)], ["cat", "dog", "cat", "dog", "cat"]
+
+        def nothing():
+            return [], []
+
+        class Listed(list, torch.utils.data.Dataset):
+            pass
+
+        def list_dataset():
+            return Listed([(torch.ones(2), torch.zeros(2)), (torch.ones(2) * 2, torch.ones(2))])
         """,
     )
     ds = load_dataset(DataSpec(source=f"{mod}:make"), tmp_path)
@@ -796,9 +819,21 @@ def test_factory_returning_lists_of_inputs_and_labels(tmp_path: Path) -> None:
     mixed = load_dataset(DataSpec(source=f"{mod}:list_and_tensor"), tmp_path)
     assert len(mixed) == 6 and mixed[5][0].tolist() == [5.0, 5.0] and int(mixed[5][1]) == 1
     for both_ways in ("ambiguous", "two_scalar_items"):  # (inputs, labels) of 2 examples, or 2 (x, y) items
-        with pytest.raises(DataError, match="returned two pairs of values of one shape") as err:
+        with pytest.raises(DataError, match="returned two sequences that read both as") as err:
             load_dataset(DataSpec(source=f"{mod}:{both_ways}"), tmp_path)
         assert "return a tuple of two tensors" in err.value.hint
+    pil = load_dataset(DataSpec(source=f"{mod}:pil_images"), tmp_path)
+    assert len(pil) == 5 and pil[2][0].shape == (1, 4, 4) and float(pil[2][0].max()) == 80.0
+    listed = load_dataset(DataSpec(source=f"{mod}:list_dataset"), tmp_path)  # a Dataset: its items, never a pair
+    assert len(listed) == 2 and listed[1][0].tolist() == [2.0, 2.0] and listed[1][1].tolist() == [1.0, 1.0]
+    for bad, needle in (
+        ("ragged", "the inputs returned by .* differ in shape"),
+        ("unequal", "returned 5 inputs but 4 labels"),
+        ("words", "the labels returned by .* are not all numbers"),
+        ("nothing", "returned no examples"),
+    ):
+        with pytest.raises(DataError, match=needle):
+            load_dataset(DataSpec(source=f"{mod}:{bad}"), tmp_path)
     items = load_dataset(DataSpec(source=f"{mod}:tensor_pairs"), tmp_path)
     assert len(items) == 2 and items[1][0].tolist() == [1.0, 1.0, 1.0] and int(items[1][1]) == 1
 

@@ -51,51 +51,87 @@ def _targets_match_items(dataset: Any, targets: torch.Tensor, key: str, checks: 
     return True
 
 
-def _value_shape(v: Any) -> tuple[int, ...] | None:
-    """The shape of one input or label given as a number, tensor, array or (nested) list of numbers; None otherwise."""
-    if isinstance(v, (bool, int, float, np.number)):
+_ARRAYS = (torch.Tensor, np.ndarray)
+
+
+def _input_shape(v: Any) -> tuple[int, ...] | None:
+    """The shape of one raw input (number, tensor, array, PIL image, list of numbers); None if it is not one."""
+    try:
+        return tuple(item_input(v).shape)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+
+
+def _label_shape(v: Any) -> tuple[int, ...] | None:
+    """The shape of one label (number, bool, tensor, array); None if it is not one."""
+    if isinstance(v, (bool, int, float, np.number, np.bool_)):
         return ()
-    if isinstance(v, (torch.Tensor, np.ndarray)):
+    if isinstance(v, torch.Tensor):
         return tuple(v.shape)
-    if isinstance(v, (list, tuple)):
-        try:
-            arr = np.asarray(v)
-        except (TypeError, ValueError):
-            return None
-        return tuple(arr.shape) if arr.dtype.kind in "biuf" else None
+    if isinstance(v, np.ndarray):
+        return tuple(v.shape) if v.dtype.kind in "biuf" else None
     return None
+
+
+def _one_shape(values: Any, shape_of: Any) -> tuple[int, ...] | None | str:
+    """The common shape of the values; None if one is not a value; 'ragged' if they differ."""
+    shapes = {shape_of(v) for v in values}
+    if None in shapes:
+        return None
+    return shapes.pop() if len(shapes) == 1 else "ragged"
 
 
 def _stack_pair(result: Any, key: str, source: str) -> tuple[Any, Any] | None:
     """(inputs, labels) when `result` is a pair of per-example sequences, None when it is a dataset of (x, y) items.
 
-    A pair is two sequences of one length n (or a sequence and a tensor of n rows) whose entries
-    each have one shape: `([x_0, ..., x_n], [y_0, ..., y_n])`, `tuple(zip(*items))`. Two entries
-    whose four values share one shape read both ways (a pair of 2 examples, or 2 items): refused.
+    A plain list/tuple of two sequences reads two ways: (inputs, labels) of n examples, e.g.
+    `([x_0, ..., x_n], [y_0, ..., y_n])` or `tuple(zip(*items))`, or two (x, y, ...) items. Each
+    reading holds when its inputs share one shape and its labels another; the one that holds is
+    taken, and when both do (two examples whose values all share one shape) the result is refused.
 
     Raises:
-        DataError: for that ambiguous case.
+        DataError: for that ambiguous case, for pairs of unequal length, and for pairs whose
+            inputs differ in shape or whose labels are not numbers.
     """
-    if not (isinstance(result, (tuple, list)) and len(result) == 2):
+    if isinstance(result, torch.utils.data.Dataset) or not (isinstance(result, (tuple, list)) and len(result) == 2):
         return None
     inputs, labels = result
-    array = (torch.Tensor, np.ndarray)
-    if isinstance(inputs, array) and isinstance(labels, array):
+    if isinstance(inputs, _ARRAYS) and isinstance(labels, _ARRAYS):
         return None  # already (inputs, labels) tensors
-    if not all(isinstance(r, (list, tuple, *array)) for r in result) or len(inputs) != len(labels) or len(inputs) == 0:
+    if not all(isinstance(r, (list, tuple, *_ARRAYS)) for r in result):
         return None
-    input_shapes = {_value_shape(x) for x in inputs} if not isinstance(inputs, array) else {tuple(inputs.shape[1:])}
-    label_shapes = {_value_shape(y) for y in labels} if not isinstance(labels, array) else {tuple(labels.shape[1:])}
-    if None in input_shapes | label_shapes or len(input_shapes) != 1 or len(label_shapes) != 1:
-        return None  # e.g. a list of (x, y) items whose x and y differ in shape
-    if len(inputs) == 2 and input_shapes == label_shapes and not any(isinstance(r, array) for r in result):
+    items_read = all(isinstance(r, (list, tuple)) and len(r) >= 2 for r in result) and all(
+        isinstance(_one_shape(col, shape_of), tuple)
+        for col, shape_of in (([r[0] for r in result], _input_shape), ([r[1] for r in result], _label_shape))
+    )
+    input_shape = _one_shape(inputs, _input_shape) if not isinstance(inputs, _ARRAYS) else tuple(inputs.shape[1:])
+    label_shape = _one_shape(labels, _label_shape) if not isinstance(labels, _ARRAYS) else tuple(labels.shape[1:])
+    pair_read = len(inputs) == len(labels) > 0 and isinstance(input_shape, tuple) and isinstance(label_shape, tuple)
+    if pair_read and items_read:
         raise DataError(
-            f"{key}: {source} returned two pairs of values of one shape, which read both as (inputs, labels) of 2 "
-            "examples and as 2 (x, y) items",
+            f"{key}: {source} returned two sequences that read both as (inputs, labels) of {len(inputs)} examples and "
+            f"as {len(result)} (x, y) items",
             hint="return a tuple of two tensors (inputs [N, ...], labels [N]) or a torch Dataset",
         )
-    stacked_inputs = inputs if isinstance(inputs, array) else torch.stack([item_input(x) for x in inputs])
-    stacked_labels = labels if isinstance(labels, array) else torch.stack([item_label(y) for y in labels])
+    if items_read:
+        return None
+    if len(inputs) != len(labels):
+        raise DataError(f"{key}: {source} returned {len(inputs)} inputs but {len(labels)} labels")
+    if not inputs:
+        raise DataError(f"{key}: {source} returned no examples")
+    if input_shape == "ragged":
+        raise DataError(
+            f"{key}: the inputs returned by {source} differ in shape",
+            hint="pad token sequences to one length (and set data.padding_value), or resize images to one size",
+        )
+    if label_shape == "ragged":
+        raise DataError(f"{key}: the labels returned by {source} differ in shape")
+    if label_shape is None:
+        raise DataError(f"{key}: the labels returned by {source} are not all numbers or tensors of numbers")
+    if input_shape is None:
+        raise DataError(f"{key}: the inputs returned by {source} are not all tensors, arrays, images or lists of numbers")
+    stacked_inputs = inputs if isinstance(inputs, _ARRAYS) else torch.stack([item_input(x) for x in inputs])
+    stacked_labels = labels if isinstance(labels, _ARRAYS) else torch.stack([item_label(y) for y in labels])
     return stacked_inputs, stacked_labels
 
 
@@ -134,7 +170,8 @@ def open_factory(spec: DataSpec, base_dir: Path, name: str) -> Source:
         files["module"] = file_info(Path(mod_file))
     where = f"the result of {spec.source}"
     tensors = getattr(result, "tensors", None)  # a TensorDataset is served from memory
-    if isinstance(result, torch.utils.data.TensorDataset) and isinstance(tensors, tuple) and len(tensors) == 2:
+    plain = getattr(type(result), "__getitem__", None) is torch.utils.data.TensorDataset.__getitem__  # a subclass may transform items
+    if isinstance(result, torch.utils.data.TensorDataset) and plain and isinstance(tensors, tuple) and len(tensors) == 2:
         result = tensors
     try:
         result = _stack_pair(result, key, spec.source) or result  # ([x_0, ..., x_n], [y_0, ..., y_n]): not a 2-item dataset

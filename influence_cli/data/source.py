@@ -119,16 +119,19 @@ def item_label(y: Any) -> torch.Tensor:
 def item_input(x: Any) -> torch.Tensor:
     """One example's raw input as a tensor (PIL images become [C, H, W] 0..255; lists of numbers a tensor)."""
     if isinstance(x, torch.Tensor):
-        return x
+        return x.detach()
     if isinstance(x, np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(x))
-    if isinstance(x, (int, float)):
+    if isinstance(x, (int, float, np.number)) and not isinstance(x, bool):
         return torch.tensor(float(x))
     if isinstance(x, (list, tuple)):  # e.g. a list of token ids
         try:
-            return torch.as_tensor(x)
+            value = torch.as_tensor(x)
         except (TypeError, ValueError, RuntimeError):
             raise TypeError(f"an input given as a {type(x).__name__} must hold numbers of one shape") from None
+        if value.is_complex():
+            raise TypeError(f"an input given as a {type(x).__name__} must hold real numbers")
+        return value
     if hasattr(x, "getbands") and hasattr(x, "size"):  # a PIL image
         return pil_to_tensor(x)
     raise TypeError(f"an input must be a tensor, an array or a PIL image, got {type(x).__name__}")
