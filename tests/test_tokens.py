@@ -334,7 +334,13 @@ def _factory_module(tmp_path, body):
 
 def test_factory_items_as_lists_of_ids(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
-    mod = _factory_module(tmp_path, "def padded():\n    return [([3, 1, 0], 0), ([2, 5, 4], 1)]\n\ndef ragged():\n    return [([3, 1], 0), ([2, 5, 4], 1)]\n")
+    mod = _factory_module(
+        tmp_path,
+        "import torch\n\n"
+        "class Items(list, torch.utils.data.Dataset):\n    pass\n\n"
+        "def padded():\n    return [([3, 1, 0], 0), ([2, 5, 4], 1)]\n\n"
+        "def ragged():\n    return Items([([3, 1], 0), ([2, 5, 4], 1)])\n",
+    )
     ds = load_dataset(DataSpec(source=f"{mod}:padded"), tmp_path, embedding_model=True)
     assert ds.token_inputs and ds.__getitems__([0, 1])[0][0].tolist() == [3, 1, 0]
     ragged = load_dataset(DataSpec(source=f"{mod}:ragged"), tmp_path, embedding_model=True)
