@@ -747,6 +747,7 @@ def test_factory_returning_lists_of_inputs_and_labels(tmp_path: Path) -> None:
     mod = write_module(
         tmp_path,
         """
+        import numpy as np
         import torch
 
         def make():
@@ -800,6 +801,34 @@ def test_factory_returning_lists_of_inputs_and_labels(tmp_path: Path) -> None:
         class Listed(list, torch.utils.data.Dataset):
             pass
 
+        def tensor_and_list():
+            return torch.arange(6.0).reshape(3, 2), [0, 1, 0]
+
+        def numpy_and_list():
+            return np.zeros((3, 2)), [0, 1, 0]
+
+        def one_zero():
+            return torch.zeros(1, 2), [1]
+
+        def numpy_0d_labels():
+            return [torch.full((2,), float(i)) for i in range(4)], [np.array(i % 2) for i in range(4)]
+
+        def numpy_bool_labels():
+            return [torch.full((2,), float(i)) for i in range(4)], [np.bool_(i % 2) for i in range(4)]
+
+        def scalar_features():
+            return [0.1, 0.2, 0.3, 0.4, 0.5], [0, 1, 0, 1, 0]
+
+        def huge_label():
+            return [torch.zeros(2) for _ in range(4)], [0, 1, 2, 2**70]
+
+        class FirstTwo(torch.utils.data.TensorDataset):
+            def __len__(self):
+                return 2
+
+        def tensor_dataset_subclass():
+            return FirstTwo(torch.arange(8.0).reshape(4, 2), torch.arange(4))
+
         def list_dataset():
             return Listed([(torch.ones(2), torch.zeros(2)), (torch.ones(2) * 2, torch.ones(2))])
         """,
@@ -826,7 +855,18 @@ def test_factory_returning_lists_of_inputs_and_labels(tmp_path: Path) -> None:
     assert len(pil) == 5 and pil[2][0].shape == (1, 4, 4) and float(pil[2][0].max()) == 80.0
     listed = load_dataset(DataSpec(source=f"{mod}:list_dataset"), tmp_path)  # a Dataset: its items, never a pair
     assert len(listed) == 2 and listed[1][0].tolist() == [2.0, 2.0] and listed[1][1].tolist() == [1.0, 1.0]
+    pair = load_dataset(DataSpec(source=f"{mod}:tensor_and_list"), tmp_path)
+    assert len(pair) == 3 and pair[2][0].tolist() == [4.0, 5.0] and pair.labels.tolist() == [0, 1, 0]
+    assert len(load_dataset(DataSpec(source=f"{mod}:numpy_and_list"), tmp_path)) == 3
+    assert len(load_dataset(DataSpec(source=f"{mod}:one_zero"), tmp_path)) == 1
+    zero_d = load_dataset(DataSpec(source=f"{mod}:numpy_0d_labels"), tmp_path)
+    assert zero_d.labels.shape == (4,) and zero_d.labels.tolist() == [0, 1, 0, 1]
+    assert load_dataset(DataSpec(source=f"{mod}:numpy_bool_labels"), tmp_path).labels.tolist() == [0, 1, 0, 1]
+    scalars = load_dataset(DataSpec(source=f"{mod}:scalar_features"), tmp_path)
+    assert len(scalars) == 5 and scalars.labels.tolist() == [0, 1, 0, 1, 0]
+    assert len(load_dataset(DataSpec(source=f"{mod}:tensor_dataset_subclass"), tmp_path)) == 2  # its own __len__
     for bad, needle in (
+        ("huge_label", "cannot form one tensor"),
         ("ragged", "the inputs returned by .* differ in shape"),
         ("unequal", "returned 5 inputs but 4 labels"),
         ("words", "the labels returned by .* are not all numbers"),

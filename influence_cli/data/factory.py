@@ -33,7 +33,7 @@ class _FactoryItems:
             raise DataError(f"{self.key}: item {index} is a {type(item).__name__}, expected a pair (x, y)")
         try:
             return item_input(item[0]), item_label(item[1])
-        except TypeError as exc:
+        except (TypeError, ValueError, OverflowError, RuntimeError) as exc:
             raise DataError(f"{self.key}: item {index}: {exc}") from None
 
 
@@ -46,7 +46,7 @@ def _targets_match_items(dataset: Any, targets: torch.Tensor, key: str, checks: 
     n, items = len(targets), _FactoryItems(dataset, key)
     for i in sorted({round(k * (n - 1) / max(checks - 1, 1)) for k in range(checks)}):
         y = items(i)[1]
-        if y.shape != targets[i].shape or not bool(torch.equal(y.to(targets.dtype), targets[i])):
+        if y.shape != targets[i].shape or not bool(torch.equal(y.to(torch.float64), targets[i].to(torch.float64))):
             return False
     return True
 
@@ -100,7 +100,8 @@ def _stack_pair(result: Any, key: str, source: str) -> tuple[Any, Any] | None:
         return None  # already (inputs, labels) tensors
     if not all(isinstance(r, (list, tuple, *_ARRAYS)) for r in result):
         return None
-    items_read = all(isinstance(r, (list, tuple)) and len(r) >= 2 for r in result) and all(
+    # items are (x, y) or (x, y, extra); longer "items" are per-example sequences
+    items_read = all(isinstance(r, (list, tuple)) and 2 <= len(r) <= 3 for r in result) and all(
         isinstance(_one_shape(col, shape_of), tuple)
         for col, shape_of in (([r[0] for r in result], _input_shape), ([r[1] for r in result], _label_shape))
     )
@@ -117,7 +118,7 @@ def _stack_pair(result: Any, key: str, source: str) -> tuple[Any, Any] | None:
         return None
     if len(inputs) != len(labels):
         raise DataError(f"{key}: {source} returned {len(inputs)} inputs but {len(labels)} labels")
-    if not inputs:
+    if len(inputs) == 0:
         raise DataError(f"{key}: {source} returned no examples")
     if input_shape == "ragged":
         raise DataError(
@@ -170,12 +171,14 @@ def open_factory(spec: DataSpec, base_dir: Path, name: str) -> Source:
         files["module"] = file_info(Path(mod_file))
     where = f"the result of {spec.source}"
     tensors = getattr(result, "tensors", None)  # a TensorDataset is served from memory
-    plain = getattr(type(result), "__getitem__", None) is torch.utils.data.TensorDataset.__getitem__  # a subclass may transform items
+    plain = all(  # a subclass with its own __getitem__ or __len__ is read through them
+        getattr(type(result), m, None) is getattr(torch.utils.data.TensorDataset, m) for m in ("__getitem__", "__len__")
+    )
     if isinstance(result, torch.utils.data.TensorDataset) and plain and isinstance(tensors, tuple) and len(tensors) == 2:
         result = tensors
     try:
         result = _stack_pair(result, key, spec.source) or result  # ([x_0, ..., x_n], [y_0, ..., y_n]): not a 2-item dataset
-    except (TypeError, RuntimeError) as exc:
+    except (TypeError, ValueError, RuntimeError) as exc:
         raise DataError(f"{key}: the inputs listed by {spec.source} cannot form one tensor ({exc})") from None
     if (
         isinstance(result, (tuple, list))

@@ -107,12 +107,12 @@ def item_label(y: Any) -> torch.Tensor:
         if y.dtype == torch.bool or not y.is_floating_point():
             return y.to(torch.int64)
         return y if y.dtype == torch.float64 else y.to(torch.float32)
-    if isinstance(y, (bool, int, np.integer)):
+    if isinstance(y, (bool, int, np.integer, np.bool_)):
         return torch.tensor(int(y), dtype=torch.int64)
     if isinstance(y, (float, np.floating)):
         return torch.tensor(float(y), dtype=torch.float32)
     if isinstance(y, np.ndarray):
-        return item_label(torch.from_numpy(np.ascontiguousarray(y)))
+        return item_label(torch.from_numpy(np.ascontiguousarray(y)).reshape(y.shape))
     raise TypeError(f"a label must be a number or a tensor, got {type(y).__name__}")
 
 
@@ -121,7 +121,7 @@ def item_input(x: Any) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x.detach()
     if isinstance(x, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(x))
+        return torch.from_numpy(np.ascontiguousarray(x)).reshape(x.shape)  # 0-d stays 0-d
     if isinstance(x, (int, float, np.number)) and not isinstance(x, bool):
         return torch.tensor(float(x))
     if isinstance(x, (list, tuple)):  # e.g. a list of token ids
