@@ -115,7 +115,7 @@ the source) in every output, so `range: [1500, 1520]` reports query indices 1500
 | `tensors` | `path` | a `.safetensors`, `.npz` or `.pt` file holding an inputs tensor `[N, ...]` and a labels tensor `[N]` (keys `inputs_key`, `labels_key`) |
 | `mnist`, `fashion_mnist`, `cifar10` | `root` | the torchvision dataset under `root` (`split: train` or `test`); downloaded only with `download: true` |
 | `image_folder` | `root` | a folder with one sub-folder of images per class (sorted class names are labels 0, 1, ...); 8-bit images, read as one channel when every image is grayscale, else as RGB |
-| `package.module:function` | | your function, called with `kwargs`; it returns a torch Dataset of `(x, y)` items or a tuple `(inputs, labels)`. The module is looked up next to the config file first. |
+| `package.module:function` | | your function, called with `kwargs`; it returns a torch Dataset of `(x, y)` items or a pair `(inputs, labels)` (tensors, arrays, or lists of per-example values: tensors, images, lists of ids, numbers). A plain list of two or three entries that reads both as a pair and as `(x, y)` items is refused rather than guessed. The module is looked up next to the config file first. |
 
 Subsets apply in this order: one selector (`range`, `indices` or `indices_file`, at most one),
 then `labels_in`, then `limit`. Then `label_noise` (seeded by `seed`) may flip labels, for
