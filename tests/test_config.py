@@ -313,6 +313,8 @@ def test_a_key_given_twice_is_an_error(tmp_path: Path):
         load_config(path)
     with pytest.raises(ConfigError, match=r"the key 'strategy' appears twice"):
         load_config(write(tmp_path, "factors: {strategy: ekfac, strategy: kfac}\n"))
+    with pytest.raises(ConfigError, match="found unhashable key"):  # a mapping as a key: PyYAML's own error, not a crash
+        load_config(write(tmp_path, "{}: 1\n"))
 
 
 def test_not_utf8(tmp_path: Path):
