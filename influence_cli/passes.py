@@ -227,26 +227,18 @@ def inputs_named(x: torch.Tensor, idx: torch.Tensor, dataset_name: str, *, first
     """
     try:
         yield
-    except IndexError as exc:
+    except (IndexError, RuntimeError, ValueError) as exc:
         reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        if x.is_floating_point():  # e.g. table[x] with float x: the inputs do not fit a model that takes ids
-            if not first:
-                raise
+        if isinstance(exc, IndexError) and not x.is_floating_point():
+            lo, hi = int(x.min()), int(x.max())
             raise DataError(
-                f"{dataset_name}: inputs of shape {list(x.shape)} do not fit the model ({reason})",
-                hint=_input_hint(x, reason, dataset_name),
+                f"{dataset_name}: the model raised an IndexError on the batch with global indices {_index_span(idx)} "
+                f"({reason}); its token ids run from {lo} to {hi}",
+                hint="ids outside an embedding table are the usual cause: check the vocabulary size in model.kwargs, the pad id and the data",
             ) from exc
-        lo, hi = int(x.min()), int(x.max())
-        raise DataError(
-            f"{dataset_name}: the model raised an IndexError on the batch with global indices {_index_span(idx)} "
-            f"({reason}); its token ids run from {lo} to {hi}",
-            hint="ids outside an embedding table are the usual cause: check the vocabulary size in model.kwargs, the pad id and the data",
-        ) from exc
-    except (RuntimeError, ValueError) as exc:
         if not first or isinstance(exc, torch.cuda.OutOfMemoryError):
             raise
-        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        raise DataError(
+        raise DataError(  # e.g. a shape mismatch, or table[x] with float x
             f"{dataset_name}: inputs of shape {list(x.shape)}{_kind(x)} do not fit the model ({reason})",
             hint=_input_hint(x, reason, dataset_name),
         ) from exc
