@@ -54,12 +54,18 @@ def _targets_match_items(dataset: Any, targets: torch.Tensor, key: str, checks: 
 _ARRAYS = (torch.Tensor, np.ndarray)
 
 
-def _input_shape(v: Any) -> tuple[int, ...] | None:
-    """The shape of one raw input (number, tensor, array, PIL image, list of numbers); None if it is not one."""
+def _as_inputs(values: Any) -> list[torch.Tensor] | None:
+    """Each raw input (number, tensor, array, PIL image, list of numbers) as a tensor; None if one is not an input."""
     try:
-        return tuple(item_input(v).shape)
+        return [item_input(v) for v in values]
     except (TypeError, ValueError, RuntimeError):
         return None
+
+
+def _input_shape(v: Any) -> tuple[int, ...] | None:
+    """The shape of one raw input; None if it is not one."""
+    converted = _as_inputs([v])
+    return None if converted is None else tuple(converted[0].shape)
 
 
 def _label_shape(v: Any) -> tuple[int, ...] | None:
@@ -105,7 +111,11 @@ def _stack_pair(result: Any, key: str, source: str) -> tuple[Any, Any] | None:
         isinstance(_one_shape(col, shape_of), tuple)
         for col, shape_of in (([r[0] for r in result], _input_shape), ([r[1] for r in result], _label_shape))
     )
-    input_shape = _one_shape(inputs, _input_shape) if not isinstance(inputs, _ARRAYS) else tuple(inputs.shape[1:])
+    inputs_list = None if isinstance(inputs, _ARRAYS) else _as_inputs(inputs)  # converted once: shapes, then the stack
+    if isinstance(inputs, _ARRAYS):
+        input_shape: tuple[int, ...] | None | str = tuple(inputs.shape[1:])
+    else:
+        input_shape = None if inputs_list is None else _one_shape(inputs_list, lambda t: tuple(t.shape))
     label_shape = _one_shape(labels, _label_shape) if not isinstance(labels, _ARRAYS) else tuple(labels.shape[1:])
     pair_read = len(inputs) == len(labels) > 0 and isinstance(input_shape, tuple) and isinstance(label_shape, tuple)
     if pair_read and items_read:
@@ -131,7 +141,7 @@ def _stack_pair(result: Any, key: str, source: str) -> tuple[Any, Any] | None:
         raise DataError(f"{key}: the labels returned by {source} are not all numbers or tensors of numbers")
     if input_shape is None:
         raise DataError(f"{key}: the inputs returned by {source} are not all tensors, arrays, images or lists of numbers")
-    stacked_inputs = inputs if isinstance(inputs, _ARRAYS) else torch.stack([item_input(x) for x in inputs])
+    stacked_inputs = inputs if inputs_list is None else torch.stack(inputs_list)
     stacked_labels = labels if isinstance(labels, _ARRAYS) else torch.stack([item_label(y) for y in labels])
     return stacked_inputs, stacked_labels
 
