@@ -165,8 +165,9 @@ def load_scores_meta(output_dir: str | Path) -> ScoresMeta:
 def check_scores_match(metadata: dict[str, Any], cfg: Config, path: Path, *, pairwise: bool = True) -> dict[str, IndexedDataset]:
     """Refuses scores that the config does not describe.
 
-    Compares what compute-scores recorded with the config: strategy, Fisher kind, damping (with
-    `auto`, its factor and scope), (pairwise) measurement and the number of ensemble models, then
+    Compares what compute-scores recorded with the config: task kind, strategy, Fisher kind,
+    damping (with `auto`, its factor and scope), (pairwise) measurement, padding value and the
+    number of ensemble models, then
     the model (fingerprint of the checkpoint's weights), data.train and (pairwise) data.query
     (dataset fingerprints). `relative` is not compared: `compute-scores --relative` may override
     the config, and the rankings say which they are. Scores of an older tool version that lack a
