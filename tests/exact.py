@@ -120,3 +120,39 @@ def variable_length_sequences(n=10, max_len=6, d=4, seed=0):
         padded[k, : s.shape[1]] = s[0]
     labels = torch.randint(0, 3, (n,), generator=g)
     return padded, seqs, labels
+
+
+def sequence_project(folder, monkeypatch, module: str, source: str, inputs: torch.Tensor, labels: torch.Tensor, data_file: str, **extra) -> str:
+    """A config for the CLI over a padded-sequence tensors file and a factory model (`module.make()`).
+
+    Writes the factory module `module`.py (text `source`), the data (`data_file`, .pt or
+    .safetensors: examples 0..19 train, 20..23 query, pad 0) and the model's seeded initial
+    weights; `extra` are further top-level config blocks. Returns the config's path.
+    """
+    import importlib
+
+    import yaml
+    from safetensors.torch import save_file
+
+    monkeypatch.syspath_prepend(str(folder))
+    (folder / f"{module}.py").write_text(source)
+    if data_file.endswith(".pt"):
+        torch.save({"inputs": inputs, "labels": labels}, folder / data_file)
+    else:
+        save_file({"inputs": inputs, "labels": labels}, folder / data_file)
+    torch.manual_seed(0)
+    save_file(importlib.import_module(module).make().state_dict(), folder / "model.safetensors")
+    config = {
+        "model": {"architecture": f"{module}:make", "checkpoint": "model.safetensors"},
+        "data": {
+            "train": {"source": "tensors", "path": data_file, "range": [0, 20]},
+            "query": {"source": "tensors", "path": data_file, "range": [20, 24]},
+            "batch_size": 8,
+            "padding_value": 0,
+        },
+        "output_dir": "out",
+        "device": "cpu",
+        **extra,
+    }
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    return str(folder / "config.yaml")

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from exact import PaddedSeqModel, SeqModel, batches_of, variable_length_sequences
+from exact import PaddedSeqModel, SeqModel, batches_of, sequence_project, variable_length_sequences
 from torch import nn
 
 from influence_cli.errors import DataError, ModelError
@@ -126,36 +126,16 @@ def make(hidden: int = 5):
 
 def test_cli_runs_padded_sequences_end_to_end(tmp_path, monkeypatch):
     """fit-factors → compute-scores → top-k on a tensors file of zero-padded sequences and a factory model."""
-    import yaml
-    from safetensors.torch import save_file
     from typer.testing import CliRunner
 
     from influence_cli import storage
     from influence_cli.cli import app
 
-    monkeypatch.syspath_prepend(str(tmp_path))
-    (tmp_path / "seqmod_padding.py").write_text(SEQ_MODULE)
     padded, _, labels = variable_length_sequences(n=24)
-    save_file({"inputs": padded.float(), "labels": labels}, tmp_path / "seqs.safetensors")
-    torch.manual_seed(0)
-    import seqmod_padding
-
-    save_file(seqmod_padding.make().state_dict(), tmp_path / "model.safetensors")
-    config = {
-        "model": {"architecture": "seqmod_padding:make", "checkpoint": "model.safetensors"},
-        "data": {
-            "train": {"source": "tensors", "path": "seqs.safetensors", "range": [0, 20]},
-            "query": {"source": "tensors", "path": "seqs.safetensors", "range": [20, 24]},
-            "batch_size": 8,
-            "padding_value": 0,
-        },
-        "factors": {"fisher": "ggn"},
-        "output_dir": "out",
-        "device": "cpu",
-    }
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    cfg = sequence_project(
+        tmp_path, monkeypatch, "seqmod_padding", SEQ_MODULE, padded.float(), labels, "seqs.safetensors", factors={"fisher": "ggn"}
+    )
     runner = CliRunner(env={"COLUMNS": "120", "INFLUENCE_DEBUG": None, "RANK": None, "WORLD_SIZE": None})
-    cfg = str(tmp_path / "config.yaml")
     for command in (["fit-factors", cfg], ["compute-scores", cfg], ["top-k", cfg, "--k", "3", "--json"]):
         result = runner.invoke(app, command)
         assert result.exit_code == 0, result.stderr

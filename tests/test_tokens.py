@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from exact import batches_of
-from safetensors.torch import save_file
+from exact import batches_of, sequence_project
 from torch import nn
 from typer.testing import CliRunner
 
@@ -235,27 +234,8 @@ def make(vocab: int = 11):
 
 @pytest.fixture
 def token_project(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(tmp_path))
-    (tmp_path / "tokmod_cli.py").write_text(TOKEN_MODULE)
     padded, _, labels = token_sequences(n=24)
-    torch.save({"inputs": padded, "labels": labels}, tmp_path / "tokens.pt")
-    torch.manual_seed(0)
-    import tokmod_cli
-
-    save_file(tokmod_cli.make().state_dict(), tmp_path / "model.safetensors")
-    config = {
-        "model": {"architecture": "tokmod_cli:make", "checkpoint": "model.safetensors"},
-        "data": {
-            "train": {"source": "tensors", "path": "tokens.pt", "range": [0, 20]},
-            "query": {"source": "tensors", "path": "tokens.pt", "range": [20, 24]},
-            "batch_size": 8,
-            "padding_value": 0,
-        },
-        "output_dir": "out",
-        "device": "cpu",
-    }
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    return str(tmp_path / "config.yaml")
+    return sequence_project(tmp_path, monkeypatch, "tokmod_cli", TOKEN_MODULE, padded, labels, "tokens.pt")
 
 
 def _runner():
