@@ -22,24 +22,23 @@ from influence_cli.errors import InfluenceError
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM
 
-class _Group(TyperGroup):
-    """The app's group; its -h/--help shows no `<bool>` type (like every other flag here)."""
+
+class _PlainHelpFlag:
+    """-h/--help shows no `<bool>` type, like every other flag here (mixed into the group and each command)."""
 
     def get_help_option(self, ctx: Any) -> Any:
-        return _no_metavar(super().get_help_option(ctx))
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None:
+            option.metavar = ""
+        return option
 
 
-class _Command(TyperCommand):
-    """Every subcommand; its -h/--help shows no `<bool>` type."""
-
-    def get_help_option(self, ctx: Any) -> Any:
-        return _no_metavar(super().get_help_option(ctx))
+class _Group(_PlainHelpFlag, TyperGroup):
+    """The app's group."""
 
 
-def _no_metavar(option: Any) -> Any:
-    if option is not None:
-        option.metavar = ""
-    return option
+class _Command(_PlainHelpFlag, TyperCommand):
+    """Every subcommand."""
 
 
 app = typer.Typer(
