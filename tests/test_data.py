@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from mnist_files import IMAGES, LABELS, MNIST_DIR, requires_mnist
 
 from influence_cli.config import DataSpec, NormalizeSpec, TransformSpec
 from influence_cli.data import IndexedDataset, example_image, load_dataset, make_loader
 from influence_cli.errors import DataError
 
-MNIST_DIR = Path("/work/shared/data/mnist")
 N = 30  # examples in the synthetic IDX files
 H = W = 4
 
@@ -110,10 +110,9 @@ def test_idx_relative_paths_and_other_layouts(tmp_path: Path) -> None:
     assert y.dtype == torch.float64 and ds.labels.dtype == torch.float64  # float labels: regression targets, as stored
 
 
+@requires_mnist
 def test_real_mnist_first_hundred() -> None:
-    images, labels = MNIST_DIR / "t10k-images-idx3-ubyte.gz", MNIST_DIR / "t10k-labels-idx1-ubyte.gz"
-    if not (images.is_file() and labels.is_file()):
-        pytest.skip(f"real MNIST test split not found in {MNIST_DIR}")
+    images, labels = IMAGES, LABELS
     ds = load_dataset(DataSpec(source="idx", images=str(images), labels=str(labels), range=[0, 100]), ".")
     assert len(ds) == 100
     x, _, _ = ds[0]

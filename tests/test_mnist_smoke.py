@@ -1,12 +1,12 @@
-"""End-to-end smoke run on real MNIST (../shared/data/mnist): train a small MLP in seconds, then the CLI."""
+"""End-to-end smoke run on real MNIST (tests/mnist_files.py says where): train a small MLP in seconds, then the CLI."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from mnist_files import ROOT, idx_overrides, requires_mnist
 from typer.testing import CliRunner
 
 from influence_cli.cli import app
@@ -16,13 +16,9 @@ from influence_cli.models import build_model
 from influence_cli.storage import load_tensors, save_tensors
 from influence_cli.training import TrainRecipe, accuracy, train_model
 
-ROOT = Path(__file__).resolve().parents[1]
-MNIST = ROOT.parent / "shared" / "data" / "mnist"
 CONFIG = ROOT / "configs" / "mnist.yaml"
 
-pytestmark = pytest.mark.skipif(
-    not (MNIST / "t10k-images-idx3-ubyte.gz").exists(), reason=f"real MNIST files not found in {MNIST}"
-)
+pytestmark = requires_mnist
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +32,7 @@ def mnist_run(tmp_path_factory):
         "data.query.range=[9000, 9020]",
         f"output_dir={tmp / 'run'}",
         "device=cpu",
+        *idx_overrides("data.train", "data.query"),
     ]
     cfg = load_config(CONFIG, overrides, check_files=False)
     ds = load_dataset(cfg.data.train, cfg.base_dir)

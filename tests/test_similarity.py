@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from exact import ConvHead, SeqModel, batches_of, empirical_vectors, fisher_vectors, fit, per_example_layer_grads, tiny_mlp
+from mnist_files import IMAGES, LABELS, requires_mnist
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -24,7 +25,6 @@ from influence_cli.storage import SIMILARITY_FILE, load_tensors, meta_json, save
 from influence_cli.training import TrainRecipe, accuracy, train_model
 
 ROOT = Path(__file__).resolve().parents[1]
-MNIST = ROOT.parent / "shared" / "data" / "mnist"
 DIGITS = ROOT / "configs" / "digits.yaml"
 F64 = torch.float64
 
@@ -250,15 +250,15 @@ def test_task2vec_embedding_is_explicit_fisher_diagonal(kind, fisher):
 def _mnist_spec(start: int, stop: int, labels: list[int] | None = None) -> dict:
     return {
         "source": "idx",
-        "images": str(MNIST / "t10k-images-idx3-ubyte.gz"),
-        "labels": str(MNIST / "t10k-labels-idx1-ubyte.gz"),
+        "images": str(IMAGES),
+        "labels": str(LABELS),
         "range": [start, stop],
         "labels_in": labels,
         "transform": {"flatten": True, "scale": 255.0},
     }
 
 
-@pytest.mark.skipif(not (MNIST / "t10k-images-idx3-ubyte.gz").exists(), reason=f"real MNIST files not found in {MNIST}")
+@requires_mnist
 def test_mnist_same_digits_are_more_similar(tmp_path):
     """A 784-64-10 MLP trained on images 0..3000; {0,6} from 3000..6000 is closer to {0,6} from 6000..9000 than to {1,7}."""
     kwargs = {"input_dim": 784, "hidden": [64], "num_classes": 10}

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from exact import ConvHead, batches_of, empirical_vectors, fit, per_example_layer_grads, tiny_mlp
+from mnist_files import IMAGES, LABELS, requires_mnist
 from PIL import Image
 from typer.testing import CliRunner, Result
 
@@ -25,7 +26,6 @@ from influence_cli.storage import FACTORS_FILE, SPECTRUM_FILE, load_tensors, sav
 from influence_cli.training import TrainRecipe, accuracy, train_model
 
 ROOT = Path(__file__).resolve().parents[1]
-MNIST = Path(__file__).resolve().parents[1].parent / "shared/data/mnist"
 DIGITS = ROOT / "configs" / "digits.yaml"
 F64 = torch.float64
 
@@ -393,12 +393,11 @@ def test_config_problems_name_their_keys():
 # ----------------------------------------------------------------------------- real MNIST: the direction of the effect
 
 
-@pytest.mark.skipif(not (MNIST / "t10k-images-idx3-ubyte.gz").exists(), reason=f"real MNIST files not found in {MNIST}")
+@requires_mnist
 def test_mnist_memorized_random_labels_lean_on_low_curvature(tmp_path):
     """MLP 784-128-10 memorizes 100 random labels among 2,000 images; the 90% lowest-curvature
     directions carry a larger share of their gradient energy, and removing them forgets them."""
-    images = "../../shared/data/mnist/t10k-images-idx3-ubyte.gz"
-    labels = "../../shared/data/mnist/t10k-labels-idx1-ubyte.gz"
+    images, labels = IMAGES, LABELS
     spec = f"{{source: idx, images: {images}, labels: {labels}, range: [0, 2000], label_noise: 0.05, transform: {{flatten: true, scale: 255.0}}}}"
     held = f"{{source: idx, images: {images}, labels: {labels}, range: [9000, 10000], transform: {{flatten: true, scale: 255.0}}}}"
     overrides = [
