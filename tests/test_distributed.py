@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launch import subprocess_env
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_resume import progress_of
@@ -53,13 +54,6 @@ main()
 """
 
 
-def _env() -> dict[str, str]:
-    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in (*launcher, "INFLUENCE_DEBUG") and not k.startswith("TORCHELASTIC_")}
-    env.update(OMP_NUM_THREADS="1", COLUMNS="120", PYTHONUNBUFFERED="1")
-    return env
-
-
 def _torchrun_cmd(*args: str, script: Path | None = None) -> list[str]:
     target = [str(script)] if script is not None else ["-m", "influence_cli"]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", *target, *args]
@@ -67,7 +61,7 @@ def _torchrun_cmd(*args: str, script: Path | None = None) -> list[str]:
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc_per_node=2 -m influence_cli ARGS`."""
-    return subprocess.run(_torchrun_cmd(*args), env=_env(), capture_output=True, text=True, timeout=120)
+    return subprocess.run(_torchrun_cmd(*args), env=subprocess_env(), capture_output=True, text=True, timeout=120)
 
 
 def fit_args(config: Path, out: Path, *sets: str) -> list[str]:
@@ -252,7 +246,7 @@ def _descendants(pid: int) -> list[int]:
 def _start_slow_job(script: Path, out: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen(
         _torchrun_cmd(*fit_args(CONFIG, out, *SETTINGS["ekfac-sampled"]), *args, script=script),
-        env=_env(),
+        env=subprocess_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launch import subprocess_env
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -268,13 +269,6 @@ def test_ranks_must_resume_from_the_same_pass(tmp_path, phases, ok):
 # Subprocesses: SIGKILL and Ctrl-C on the real CLI.
 
 
-def _env() -> dict[str, str]:
-    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in (*launcher, "INFLUENCE_DEBUG") and not k.startswith("TORCHELASTIC_")}
-    env.update(OMP_NUM_THREADS="1", COLUMNS="120", PYTHONUNBUFFERED="1")
-    return env
-
-
 def _cli_args(out: Path, *extra: str) -> list[str]:
     args = ["fit-factors", str(CONFIG), "--set", f"output_dir={out}"]
     for item in SLOW:
@@ -285,12 +279,12 @@ def _cli_args(out: Path, *extra: str) -> list[str]:
 def run_cli(out: Path, *extra: str) -> subprocess.CompletedProcess:
     """The real CLI, not slowed down."""
     cmd = [sys.executable, "-m", "influence_cli", *_cli_args(out, *extra)]
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+    return subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=120)
 
 
 def start_slow_cli(out: Path, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, "-c", SLOW_CLI, *_cli_args(out, *extra)]
-    return subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def progress_of(partial: Path) -> tuple[str, int] | None:
