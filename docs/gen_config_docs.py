@@ -209,6 +209,38 @@ data:
 The feed-forward Linears of every block and the head are tracked; `nn.MultiheadAttention`'s
 `out_proj` is left out (the attention applies its weight without calling it; `inspect` lists it).
 
+A language model (`task.kind: language_modeling`) returns logits `[batch, positions, vocabulary]`
+and its labels are `[N, positions]` token ids aligned with those outputs: for next-token
+prediction, label t is the id at position t + 1, and -100 marks the positions without a loss
+(the last one, padding, a prompt you do not want attributed). An example's loss is the
+cross-entropy summed over its counted positions, the negative log-likelihood of the sequence,
+so a score says how a training sequence changes the whole query sequence's log-likelihood. The
+sampled Fisher draws one token per counted position from the model; `ggn` (positions ×
+vocabulary backward passes) and `margin` are refused. With a causal model and right padding,
+`data.padding_value` masks the padded positions exactly:
+
+```python
+# lm_data.py: make a tensors file of padded ids and next-token labels
+import torch
+ids = ...                                    # int64 [N, L], right-padded with 0
+lengths = (ids != 0).sum(1)
+labels = torch.full_like(ids, -100)
+labels[:, :-1] = ids[:, 1:]
+labels[torch.arange(ids.shape[1])[None, :] >= (lengths - 1)[:, None]] = -100
+torch.save({"inputs": ids, "labels": labels}, "lm.pt")
+```
+
+```yaml
+model: {architecture: "my_lm:make", checkpoint: lm.safetensors}   # returns logits [B, L, V]
+task: {kind: language_modeling}
+data:
+  train: {source: tensors, path: lm.pt, range: [0, 20000]}
+  query: {source: tensors, path: lm.pt, range: [20000, 20050]}
+  padding_value: 0
+```
+
+top-k and the JSON outputs show labels and predictions as token lists.
+
 ## Precision
 
 Everything runs in float32 (in float64 for a checkpoint whose floating tensors are all float64,

@@ -99,8 +99,10 @@ class ModelConfig:
 class TaskConfig:
     """What the model does and which quantity of a query is attributed."""
 
-    kind: Literal["classification", "regression"] = _help(
-        "classification (logits [batch, classes], cross-entropy) | regression (predictions, summed squared error)",
+    kind: Literal["classification", "regression", "language_modeling"] = _help(
+        "classification (logits [batch, classes], cross-entropy) | regression (predictions, summed squared error) | "
+        "language_modeling (logits [batch, positions, vocabulary], labels [batch, positions] aligned with them, "
+        "cross-entropy summed over positions; label -100 = no loss there)",
         default="classification",
     )
     measurement: Literal["loss", "margin"] = _help(
@@ -662,6 +664,13 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
             problems.append(f"model.checkpoint: {ckpt.name!r} is not .safetensors, .pt or .pth")
     if cfg.task.measurement == "margin" and cfg.task.kind != "classification":
         problems.append("task.measurement: margin needs task.kind: classification")
+    if cfg.task.kind == "language_modeling":
+        for key, fisher in (("factors.fisher", cfg.factors.fisher), ("similarity.fisher", cfg.similarity.fisher)):
+            if fisher == "ggn":
+                problems.append(
+                    f"{key}: ggn is not available for task.kind: language_modeling (it needs positions x vocabulary "
+                    "backward passes per batch); use sampled or empirical"
+                )
     d = cfg.data
     if d.batch_size <= 0:
         problems.append(f"data.batch_size: must be > 0, got {d.batch_size}")

@@ -303,6 +303,9 @@ def _check_outputs(out: torch.Tensor, y: torch.Tensor, task_kind: str, dataset_n
                 hint="store as many target values per example as the model outputs",
             )
         return
+    if task_kind == "language_modeling":
+        _check_token_labels(out, y, dataset_name)
+        return
     if task_kind == "classification":
         if out.dim() != 2:
             raise DataError(
@@ -324,3 +327,26 @@ def _check_outputs(out: torch.Tensor, y: torch.Tensor, task_kind: str, dataset_n
                 f"{dataset_name}: label {int(bad[0])} is outside the model's {out.shape[1]} classes",
                 hint="check model.kwargs.num_classes or filter with labels_in",
             )
+
+
+def _check_token_labels(out: torch.Tensor, y: torch.Tensor, dataset_name: str) -> None:
+    """A language model's outputs [B, T, V] and labels [B, T]: integer ids in [0, V), or IGNORE_INDEX."""
+    if out.dim() != 3:
+        raise DataError(
+            f"task.kind: language_modeling expects model outputs [batch, positions, vocabulary], got {list(out.shape)}",
+            hint="return the logits of every position, or set task.kind: classification",
+        )
+    if y.dtype.is_floating_point:
+        raise DataError(f"{dataset_name}: language modeling needs integer token labels, got {y.dtype}", hint="store the labels as integers")
+    if y.shape[1:] != out.shape[1:2]:
+        raise DataError(
+            f"{dataset_name}: language modeling needs one label per output position ({out.shape[1]}), got labels of shape "
+            f"{list(y.shape[1:])} per example",
+            hint=f"store labels [N, positions] aligned with the outputs (the next token's id; {task_lib.IGNORE_INDEX} where no loss counts)",
+        )
+    bad = y[((y < 0) & (y != task_lib.IGNORE_INDEX)) | (y >= out.shape[2])]
+    if bad.numel():
+        raise DataError(
+            f"{dataset_name}: label {int(bad[0])} is outside the model's vocabulary of {out.shape[2]} tokens",
+            hint=f"labels are token ids in [0, {out.shape[2]}), or {task_lib.IGNORE_INDEX} for positions without a loss",
+        )

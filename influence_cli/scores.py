@@ -375,7 +375,7 @@ class _Scorer:
 
     @torch.no_grad()
     def query_info(self, queries: IndexedDataset) -> dict[str, torch.Tensor]:
-        """query_indices [Q], query_labels [Q, ...] and query_predictions (arg-max, or the outputs for regression)."""
+        """query_indices [Q], query_labels [Q, ...] and query_predictions (arg-max over the last dim, or the outputs for regression)."""
         labels, preds = [], []
         model = self.ctx.model
         dtype = model_dtype(model)
@@ -386,7 +386,7 @@ class _Scorer:
             with inputs_named(x, idx, queries.name, first=offset == 0):
                 out = model(x)  # in the model's dtype, not under factors.amp: predictions are shown as they are
             check_model_output(out, x.shape[0])
-            preds.append(out.argmax(1).cpu() if self.cfg.task.kind == "classification" else out.cpu())
+            preds.append(out.cpu() if self.cfg.task.kind == "regression" else out.argmax(-1).cpu())
             labels.append(y)
         return {
             "query_indices": queries.global_indices.clone(),

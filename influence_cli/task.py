@@ -1,8 +1,11 @@
 """The task: per-example losses, the query measurement and the Fisher's output vectors.
 
 Everything here acts on model outputs ([B, C] logits for classification, [B] or
-[B, K] predictions for regression). The per-example regression loss is
-Σ_k (f_k − y_k)² (a Gaussian likelihood with c = 1, no ½), so its Gauss-Newton matrix is 2·JᵀJ.
+[B, K] predictions for regression, [B, T, V] logits for language modeling). The per-example
+regression loss is Σ_k (f_k − y_k)² (a Gaussian likelihood with c = 1, no ½), so its
+Gauss-Newton matrix is 2·JᵀJ. A language model's per-example loss is the cross-entropy summed
+over its positions (the sequence's negative log-likelihood), labels [B, T] aligned with the
+outputs; positions labelled IGNORE_INDEX (padding, prompts) are left out.
 """
 
 from __future__ import annotations
@@ -11,21 +14,26 @@ import torch
 import torch.nn.functional as F
 
 _MASK32 = 0xFFFFFFFF
+IGNORE_INDEX = -100  # a language model's label for positions without a loss (PyTorch's and Hugging Face's convention)
 
 
 def per_example_loss(outputs: torch.Tensor, targets: torch.Tensor, kind: str) -> torch.Tensor:
     """Loss of each example.
 
     Args:
-        outputs: [B, C] logits (classification) or [B, ...] predictions (regression).
-        targets: [B] class indices, or [B, ...] regression targets.
-        kind: "classification" or "regression".
+        outputs: [B, C] logits (classification), [B, ...] predictions (regression) or
+            [B, T, V] logits (language_modeling).
+        targets: [B] class indices, [B, ...] regression targets or [B, T] token ids.
+        kind: "classification", "regression" or "language_modeling".
 
     Returns:
         [B] losses.
     """
     if kind == "classification":
         return F.cross_entropy(outputs, targets.long(), reduction="none")
+    if kind == "language_modeling":
+        flat = F.cross_entropy(outputs.flatten(0, -2), targets.long().flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+        return flat.reshape(outputs.shape[0], -1).sum(dim=1)
     diff = outputs - targets.to(outputs.dtype).reshape(outputs.shape)
     return diff.pow(2).reshape(diff.shape[0], -1).sum(dim=1)
 
@@ -73,21 +81,33 @@ def counter_uniform(seed: int, global_indices: torch.Tensor, width: int, stream:
     return (h.to(torch.float64) + 0.5) / 2.0**32
 
 
-def sample_targets(outputs: torch.Tensor, global_indices: torch.Tensor, kind: str, seed: int) -> torch.Tensor:
+def sample_targets(outputs: torch.Tensor, targets: torch.Tensor, global_indices: torch.Tensor, kind: str, seed: int) -> torch.Tensor:
     """Targets drawn from the model's own predictive distribution (the true Fisher).
 
     Classification: y ~ Categorical(softmax(outputs)) by the Gumbel-max trick.
     Regression: y ~ N(f, 1/2), the distribution whose negative log-likelihood is the
-    loss (f − y)² up to a constant.
+    loss (f − y)² up to a constant. Language modeling: one token per position,
+    y_t ~ Categorical(softmax(outputs_t)) by inversion of the cumulative distribution (one
+    uniform number per position, not per vocabulary entry); positions whose real label is
+    IGNORE_INDEX keep it.
+
+    Args:
+        targets: The real targets; only language modeling reads them (which positions count).
 
     Returns:
-        [B] class indices or targets shaped like `outputs`.
+        [B] class indices, targets shaped like `outputs`, or [B, T] token ids.
     """
     outputs = outputs.detach()
     if kind == "classification":
         u = counter_uniform(seed, global_indices, outputs.shape[1])
         gumbel = -torch.log(-torch.log(u))
         return (outputs.double() + gumbel).argmax(dim=1)
+    if kind == "language_modeling":
+        cdf = torch.softmax(outputs.double(), dim=-1).cumsum(dim=-1)  # [B, T, V]
+        u = counter_uniform(seed, global_indices, outputs.shape[1]).reshape(cdf.shape[:-1])
+        drawn = torch.searchsorted(cdf, (u * cdf[..., -1]).unsqueeze(-1)).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
+        targets = targets.long().reshape(drawn.shape)
+        return torch.where(targets == IGNORE_INDEX, targets, drawn)
     flat = outputs.reshape(outputs.shape[0], -1)
     width = flat.shape[1]
     u = counter_uniform(seed, global_indices, 2 * width)
@@ -102,16 +122,26 @@ def loss_output_gradient(outputs: torch.Tensor, targets: torch.Tensor, kind: str
     in exact arithmetic, but when p_y rounds to 1 the usual p_y − 1 leaves an error the size of
     the whole residual along the all-ones output direction, which has no curvature, so the
     preconditioned gradient of a confidently classified example would be rounding noise / λ.
+    A language model's rows are the same at each position, and 0 at IGNORE_INDEX positions.
     """
     if kind == "classification" and measurement == "loss":
-        y = targets.long()[:, None]
-        others = torch.softmax(outputs.detach(), dim=1).scatter(1, y, 0.0)
-        return others.scatter(1, y, -others.sum(1, keepdim=True))
+        return _cross_entropy_gradient(outputs, targets.long())
+    if kind == "language_modeling":
+        y = targets.long().reshape(outputs.shape[:-1])
+        keep = y != IGNORE_INDEX
+        return _cross_entropy_gradient(outputs, torch.where(keep, y, 0)) * keep.unsqueeze(-1).to(outputs.dtype)
     out = outputs.detach().requires_grad_(True)
     with torch.enable_grad():
         value = per_example_measurement(out, targets, kind, measurement).sum()
         (grad,) = torch.autograd.grad(value, out)
     return grad
+
+
+def _cross_entropy_gradient(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """softmax(logits) − e_y along the last dim, the y entry summed from the others (see above); y [...] like logits[..., 0]."""
+    y = y.unsqueeze(-1)
+    others = torch.softmax(logits.detach(), dim=-1).scatter(-1, y, 0.0)
+    return others.scatter(-1, y, -others.sum(-1, keepdim=True))
 
 
 def ggn_output_factors(outputs: torch.Tensor, kind: str) -> torch.Tensor:
@@ -123,8 +153,14 @@ def ggn_output_factors(outputs: torch.Tensor, kind: str) -> torch.Tensor:
 
     Returns:
         [K, B, ...] with K = number of outputs per example.
+
+    Raises:
+        ValueError: for language modeling, whose K would be positions × vocabulary (the
+            config refuses `ggn` there).
     """
     outputs = outputs.detach()
+    if kind == "language_modeling":
+        raise ValueError("the ggn Fisher of a language model needs positions x vocabulary vectors")
     if kind == "classification":
         p = torch.softmax(outputs.double(), dim=1)
         eye = torch.eye(p.shape[1], dtype=p.dtype, device=p.device)
@@ -156,5 +192,5 @@ def fisher_output_vectors(
     if fisher == "ggn":
         return ggn_output_factors(outputs, kind)
     if fisher == "sampled":
-        targets = sample_targets(outputs, global_indices, kind, seed)
+        targets = sample_targets(outputs, targets, global_indices, kind, seed)
     return loss_output_gradient(outputs, targets, kind)[None]

@@ -632,9 +632,14 @@ def test_image_folder_errors(tmp_path: Path) -> None:
 def test_label_noise_needs_class_labels(tmp_path: Path) -> None:
     torch.save({"inputs": torch.zeros(6, 2), "labels": torch.rand(6)}, tmp_path / "reg.pt")
     msg = error_of(DataSpec(source="tensors", path="reg.pt", label_noise=0.5), tmp_path)
-    assert msg.startswith("data.train.label_noise: label noise needs integer class labels")
+    assert msg.startswith("data.train.label_noise: label noise needs one integer class label per example (classification), got torch.float32")
     msg = error_of(DataSpec(source="tensors", path="reg.pt", labels_in=[1]), tmp_path)
-    assert msg.startswith("data.train.labels_in: needs integer class labels")
+    assert msg.startswith("data.train.labels_in: needs one integer class label per example, the source has torch.float32 labels")
+    torch.save({"inputs": torch.zeros(6, 2), "labels": torch.zeros(6, 4, dtype=torch.int64)}, tmp_path / "tokens.pt")  # a language model's
+    msg = error_of(DataSpec(source="tensors", path="tokens.pt", label_noise=0.5), tmp_path)
+    assert "got labels of shape [4] per example" in msg
+    msg = error_of(DataSpec(source="tensors", path="tokens.pt", labels_in=[1]), tmp_path)
+    assert "torch.int64 labels of shape [4] per example" in msg
 
 
 def test_resize_needs_images(tmp_path: Path) -> None:

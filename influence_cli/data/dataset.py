@@ -254,7 +254,8 @@ def load_dataset(
             labels = labels_of(src, sel)
         if labels is None or labels.is_floating_point() or labels.ndim != 1:
             dtype = None if labels is None else labels.dtype
-            raise DataError(f"{key}: needs integer class labels, the source has {dtype} labels")
+            shape = "" if labels is None or labels.ndim == 1 else f" of shape {list(labels.shape[1:])} per example"
+            raise DataError(f"{key}: needs one integer class label per example, the source has {dtype} labels{shape}")
         keep = torch.isin(labels, torch.as_tensor(list(spec.labels_in), dtype=torch.int64))
         if not bool(keep.any()):
             present = torch.unique(labels).tolist()

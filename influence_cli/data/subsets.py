@@ -100,7 +100,8 @@ def apply_label_noise(labels: torch.Tensor, p: float, seed: int, key: str) -> tu
         (noisy labels int64 [n], mask bool [n] of the changed positions).
     """
     if labels.is_floating_point() or labels.ndim != 1:
-        raise DataError(f"{key}: label noise needs integer class labels (classification), got {labels.dtype} labels")
+        kind = f"{labels.dtype} labels" if labels.ndim == 1 else f"labels of shape {list(labels.shape[1:])} per example"
+        raise DataError(f"{key}: label noise needs one integer class label per example (classification), got {kind}")
     classes = torch.unique(labels)
     if classes.numel() < 2:
         raise DataError(f"{key}: label noise needs two or more classes, the kept examples have {classes.tolist()}")

@@ -1,0 +1,298 @@
+"""task.kind: language_modeling: logits [B, T, V], labels [B, T] aligned with them (-100 = no loss),
+the loss summed over positions. Checked in float64 against autograd and against each sequence run
+alone, then end to end through the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from exact import batches_of, sequence_project
+from torch import nn
+from typer.testing import CliRunner
+
+from influence_cli import task as task_lib
+from influence_cli.cli import app
+from influence_cli.config import config_from_dict
+from influence_cli.errors import ConfigError, DataError
+from influence_cli.factors import LayerFactors
+from influence_cli.fit import PassPlan, compute_factors
+from influence_cli.kernel import pairwise_scores, self_influence_scores
+from influence_cli.tracking import find_tracked_modules
+
+LM = "language_modeling"
+VOCAB, PAD, IGNORE = 9, 0, task_lib.IGNORE_INDEX
+
+
+class TinyLM(nn.Module):
+    """Embedding -> causal prefix mean -> Linear -> tanh -> Linear head: next-token logits [B, T, V].
+
+    Causal, so right padding changes no real position's output; padded positions carry label -100.
+    """
+
+    def __init__(self, vocab: int = VOCAB, d: int = 4, hidden: int = 6):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.mix = nn.Linear(d, hidden)
+        self.head = nn.Linear(hidden, vocab)
+
+    def forward(self, tokens):
+        e = self.embed(tokens)
+        counts = torch.arange(1, tokens.shape[1] + 1, dtype=e.dtype, device=e.device)
+        return self.head(torch.tanh(self.mix(e.cumsum(dim=1) / counts[:, None])))
+
+
+def next_token_labels(tokens: torch.Tensor, length: int) -> torch.Tensor:
+    """labels[t] = tokens[t + 1] for the first length - 1 positions, -100 elsewhere ([T] like tokens)."""
+    labels = torch.full_like(tokens, IGNORE)
+    labels[: length - 1] = tokens[1:length]
+    return labels
+
+
+def lm_sequences(n=10, max_len=6, seed=0):
+    """n token sequences of lengths 2..max_len: padded ids and labels [n, max_len], and each alone ([1, L] pairs)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [2 + (k * 3) % (max_len - 1) for k in range(n)]
+    tokens = torch.full((n, max_len), PAD, dtype=torch.int64)
+    labels = torch.full((n, max_len), IGNORE, dtype=torch.int64)
+    alone = []
+    for k, length in enumerate(lengths):
+        tokens[k, :length] = torch.randint(1, VOCAB, (length,), generator=g)
+        labels[k] = next_token_labels(tokens[k], length)
+        alone.append((tokens[k : k + 1, :length], labels[k : k + 1, :length]))
+    return tokens, labels, alone
+
+
+def _singletons(alone):
+    def make(start_batch: int):
+        for k in range(start_batch, len(alone)):
+            yield alone[k][0], alone[k][1], torch.tensor([k])
+
+    return make
+
+
+# ----------------------------------------------------------------------------- the task's functions
+
+
+def _outputs_and_labels(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = torch.randn(3, 5, 7, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 7, (3, 5), generator=g)
+    y[0, 3:] = IGNORE
+    y[2, 0] = IGNORE
+    return out, y
+
+
+def test_loss_is_the_cross_entropy_summed_over_counted_positions():
+    out, y = _outputs_and_labels()
+    want = torch.stack([sum(F.cross_entropy(out[b, t], y[b, t]) for t in range(5) if y[b, t] != IGNORE) for b in range(3)])
+    torch.testing.assert_close(task_lib.per_example_loss(out, y, LM), want, rtol=1e-14, atol=0)
+
+
+def test_loss_gradient_matches_autograd_and_is_zero_where_ignored():
+    out, y = _outputs_and_labels()
+    leaf = out.clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(task_lib.per_example_loss(leaf, y, LM).sum(), leaf)
+    got = task_lib.loss_output_gradient(out, y, LM)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-15)
+    assert (got[y == IGNORE] == 0).all()
+
+
+def test_sampled_tokens_are_counter_based_and_keep_ignored_positions():
+    out, y = _outputs_and_labels()
+    idx = torch.tensor([7, 8, 9])
+    drawn = task_lib.sample_targets(out, y, idx, LM, seed=0)
+    assert drawn.shape == y.shape and ((drawn == IGNORE) == (y == IGNORE)).all()
+    assert ((drawn[y != IGNORE] >= 0) & (drawn[y != IGNORE] < 7)).all()
+    # the same example draws the same tokens in another batch; another seed draws others
+    torch.testing.assert_close(task_lib.sample_targets(out[1:], y[1:], idx[1:], LM, seed=0), drawn[1:], rtol=0, atol=0)
+    assert not torch.equal(task_lib.sample_targets(out, y, idx, LM, seed=1), drawn)
+
+
+def test_sampled_tokens_follow_the_model_distribution():
+    """200,000 draws at one position: each token's frequency within 5 standard errors of its softmax probability."""
+    n = 200_000
+    logits = torch.tensor([2.0, 0.5, -1.0, 0.0, 1.0, -3.0, 0.3], dtype=torch.float64)
+    out = logits.expand(n, 1, 7)
+    drawn = task_lib.sample_targets(out, torch.zeros(n, 1, dtype=torch.int64), torch.arange(n), LM, seed=3)
+    freq = torch.bincount(drawn.flatten(), minlength=7).double() / n
+    p = torch.softmax(logits, 0)
+    assert ((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt()).all(), (freq, p)
+
+
+def test_the_fisher_vectors_are_loss_gradients_at_real_or_sampled_tokens():
+    out, y = _outputs_and_labels()
+    idx = torch.arange(3)
+    empirical = task_lib.fisher_output_vectors(out, y, idx, LM, "empirical", 0)
+    torch.testing.assert_close(empirical[0], task_lib.loss_output_gradient(out, y, LM), rtol=0, atol=0)
+    sampled = task_lib.fisher_output_vectors(out, y, idx, LM, "sampled", 0)
+    drawn = task_lib.sample_targets(out, y, idx, LM, 0)
+    torch.testing.assert_close(sampled[0], task_lib.loss_output_gradient(out, drawn, LM), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="positions x vocabulary"):
+        task_lib.fisher_output_vectors(out, y, idx, LM, "ggn", 0)
+
+
+# ----------------------------------------------------------------------------- exactness on a tiny causal model
+
+
+def _per_sequence_gradients(model, tracked, alone):
+    """[N, P] gradients of each unpadded sequence's summed next-token loss, by autograd (no code under test)."""
+    params = [p for tm in tracked for p in tm.module.parameters(recurse=False)]
+    rows = []
+    for tokens, labels in alone:
+        logits = model(tokens)[0]
+        loss = F.cross_entropy(logits, labels[0], ignore_index=IGNORE, reduction="sum")
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
+    return torch.stack(rows)
+
+
+def test_gradient_dot_products_equal_autograd_on_padded_batches():
+    torch.manual_seed(0)
+    model = TinyLM().double()
+    tracked = find_tracked_modules(model, ["*"])
+    assert [t.name for t in tracked] == ["mix", "head"]
+    tokens, labels, alone = lm_sequences()
+    q_tokens, q_labels, q_alone = lm_sequences(n=4, seed=1)
+    identity = {tm.name: LayerFactors(tm.name) for tm in tracked}
+    got = pairwise_scores(
+        model, tracked, identity, batches_of(q_tokens, q_labels, 3)(0), batches_of(tokens, labels, 4)(0), task_kind=LM, padding_value=PAD
+    )
+    want = _per_sequence_gradients(model, tracked, q_alone) @ _per_sequence_gradients(model, tracked, alone).T
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "sampled"])
+def test_padded_batches_give_the_numbers_of_each_sequence_alone(fisher):
+    """EKFAC factors, pairwise scores and self-influence of padded batches equal those of unpadded sequences."""
+    torch.manual_seed(0)
+    model = TinyLM().double()
+    tracked = find_tracked_modules(model, ["*"])
+    tokens, labels, alone = lm_sequences()
+    n = len(alone)
+    masked = compute_factors(model, tracked, "ekfac", PassPlan(batches_of(tokens, labels, 4), 3, n, LM, fisher, 0, padding_value=PAD))
+    single = compute_factors(model, tracked, "ekfac", PassPlan(_singletons(alone), n, n, LM, fisher, 0))
+    for name in ("mix", "head"):
+        for key in ("a_covariance", "g_covariance", "eigenvalues"):
+            torch.testing.assert_close(getattr(masked[name], key), getattr(single[name], key), rtol=1e-10, atol=1e-12)
+    assert masked["head"].eigenvalues.sum() > 0
+    q_tokens, q_labels, q_alone = lm_sequences(n=4, seed=1)
+    got = pairwise_scores(
+        model, tracked, masked, batches_of(q_tokens, q_labels, 3)(0), batches_of(tokens, labels, 4)(0), task_kind=LM, padding_value=PAD
+    )
+    want = pairwise_scores(model, tracked, single, _singletons(q_alone)(0), _singletons(alone)(0), task_kind=LM)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    got_self = self_influence_scores(model, tracked, masked, batches_of(tokens, labels, 4)(0), task_kind=LM, padding_value=PAD)
+    want_self = pairwise_scores(model, tracked, masked, _singletons(alone)(0), _singletons(alone)(0), task_kind=LM).diagonal()
+    torch.testing.assert_close(got_self, want_self, rtol=1e-9, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+def _config(**task):
+    from test_config import minimal
+
+    return minimal(task={"kind": LM, **task})
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["factors.fisher=ggn"], "factors.fisher"),
+        (["similarity.fisher=ggn"], "similarity.fisher"),
+        (["task.measurement=margin"], "task.measurement"),
+    ],
+)
+def test_settings_a_language_model_cannot_use_are_named(overrides, key):
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict(_config(), overrides)
+    assert [p.split(": ", 1)[0] for p in exc.value.problems] == [key], exc.value.problems
+
+
+def _fit_on(model, tokens, labels, kind=LM):
+    tracked = find_tracked_modules(model, ["*"])
+    return compute_factors(model, tracked, "ekfac", PassPlan(batches_of(tokens, labels, 4), -(-len(tokens) // 4), len(tokens), kind, "empirical", 0))
+
+
+def test_data_that_does_not_fit_a_language_model_is_named():
+    model = TinyLM().double()
+    tokens, labels, _ = lm_sequences(n=4)
+    with pytest.raises(DataError, match=r"one label per output position \(6\), got labels of shape \[\]"):
+        _fit_on(model, tokens, labels[:, 0])
+    with pytest.raises(DataError, match="needs integer token labels"):
+        _fit_on(model, tokens, labels.double())
+    wrong = labels.clone()
+    wrong[1, 0] = VOCAB
+    with pytest.raises(DataError, match=f"label {VOCAB} is outside the model's vocabulary of {VOCAB} tokens"):
+        _fit_on(model, tokens, wrong)
+    wrong[1, 0] = -1
+    with pytest.raises(DataError, match="label -1 is outside"):
+        _fit_on(model, tokens, wrong)
+
+
+def test_outputs_of_the_wrong_kind_are_named():
+    class Pooled(TinyLM):
+        def forward(self, tokens):
+            return super().forward(tokens).mean(dim=1)
+
+    tokens, labels, _ = lm_sequences(n=4)
+    with pytest.raises(DataError, match=r"expects model outputs \[batch, positions, vocabulary\], got \[4, 9\]"):
+        _fit_on(Pooled().double(), tokens, labels)
+    with pytest.raises(DataError, match=r"task.kind: classification expects model outputs \[batch, classes\], got \[4, 6, 9\]"):
+        _fit_on(TinyLM().double(), tokens, labels, kind="classification")
+
+
+# ----------------------------------------------------------------------------- the CLI, end to end
+
+LM_MODULE = '''
+import torch
+from torch import nn
+
+
+class TinyLM(nn.Module):
+    def __init__(self, vocab):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, 4)
+        self.mix = nn.Linear(4, 6)
+        self.head = nn.Linear(6, vocab)
+
+    def forward(self, tokens):
+        e = self.embed(tokens)
+        counts = torch.arange(1, tokens.shape[1] + 1, dtype=e.dtype)
+        return self.head(torch.tanh(self.mix(e.cumsum(dim=1) / counts[:, None])))
+
+
+def make(vocab: int = 9):
+    return TinyLM(vocab)
+'''
+
+
+@pytest.fixture
+def lm_project(tmp_path, monkeypatch):
+    tokens, labels, _ = lm_sequences(n=24)
+    return sequence_project(tmp_path, monkeypatch, "tinylm_cli", LM_MODULE, tokens, labels, "lm.safetensors", task={"kind": LM})
+
+
+def test_cli_attributes_a_language_model(lm_project):
+    runner = CliRunner(env={"COLUMNS": "120", "INFLUENCE_DEBUG": None, "RANK": None, "WORLD_SIZE": None})
+    for command in (
+        ["fit-factors", lm_project],
+        ["compute-scores", lm_project],
+        ["top-k", lm_project, "--k", "3", "--json"],
+    ):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 0, result.stderr
+    top = json.loads(result.stdout)
+    assert len(top["queries"]) == 4
+    query = top["queries"][0]
+    assert query["query_index"] == 20 and len(query["query_label"]) == 6 and len(query["query_prediction"]) == 6
+    assert query["query_label"][-1] == IGNORE
+    assert all(row["score"] > 0 for row in query["proponents"]) and len(query["proponents"][0]["train_label"]) == 6
+    for command in (["compute-scores", lm_project, "--self"], ["top-k", lm_project, "--self", "--k", "3"]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 0, result.stderr
+    assert "[" in result.stdout  # labels shown as token lists
+    refused = runner.invoke(app, ["fit-factors", lm_project, "--overwrite", "--set", "factors.fisher=ggn"])
+    assert refused.exit_code == 2 and "factors.fisher: ggn is not available" in refused.stderr
