@@ -152,6 +152,7 @@ def stream_gradients(
     out_dtype = tensor_dtype or acc_dtype
     seen = 0
     padding_checked = False  # the first batch with padding verifies that the model ignores it (mask_padding)
+    vocabulary = embedding_rows(model) if ids_checked_on_host(device) else None
     for offset, (x, y, idx) in enumerate(batches):
         if max_examples is not None:
             if seen >= max_examples:
@@ -161,6 +162,8 @@ def stream_gradients(
                 x, y, idx = x[:keep], y[:keep], idx[:keep]
         seen += len(idx)
         y_cpu = y
+        if vocabulary is not None:
+            check_token_ids(x, idx, vocabulary, dataset_name, padding_value)
         x = x.to(device, non_blocking=True)
         mask = None if padding_value is None else padding_mask(x, padding_value, dataset_name)  # on the data's own dtype
         if x.is_floating_point():
@@ -242,6 +245,41 @@ def inputs_named(x: torch.Tensor, idx: torch.Tensor, dataset_name: str, *, first
             f"{dataset_name}: inputs of shape {list(x.shape)}{_kind(x)} do not fit the model ({reason})",
             hint=_input_hint(x, reason, dataset_name),
         ) from exc
+
+
+def ids_checked_on_host(device: torch.device) -> bool:
+    """Whether token ids are range-checked before they reach the device: on CUDA, where an id
+    outside an embedding table stops the process with a device-side assert that cannot be caught
+    (on the CPU the model's IndexError is named by `inputs_named`)."""
+    return device.type == "cuda"
+
+
+def embedding_rows(model: nn.Module) -> int | None:
+    """Rows of the model's largest nn.Embedding / nn.EmbeddingBag (None: it has none)."""
+    rows = [m.num_embeddings for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))]
+    return max(rows) if rows else None
+
+
+def check_token_ids(
+    x: torch.Tensor, idx: torch.Tensor, vocabulary: int, dataset_name: str, padding_value: float | None = None
+) -> None:
+    """Token ids (positions other than padding) must lie in [0, vocabulary); x is the batch on the host.
+
+    Raises:
+        DataError: naming the batch's global indices, its id range and the table size.
+    """
+    if x.is_floating_point() or x.numel() == 0:
+        return
+    ids = x if padding_value is None else x[x != padding_value]
+    if ids.numel() == 0:
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocabulary:
+        raise DataError(
+            f"{dataset_name}: token ids of the batch with global indices {_index_span(idx)} run from {lo} to {hi}, "
+            f"outside the model's largest embedding table ({vocabulary} rows)",
+            hint="check the vocabulary size in model.kwargs, the pad id and the data",
+        )
 
 
 def _index_span(idx: torch.Tensor) -> str:

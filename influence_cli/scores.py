@@ -40,6 +40,9 @@ from influence_cli.passes import (
     NonFiniteWatch,
     accumulator_dtype,
     check_model_output,
+    check_token_ids,
+    embedding_rows,
+    ids_checked_on_host,
     inputs_named,
     model_dtype,
     stream_gradients,
@@ -379,7 +382,10 @@ class _Scorer:
         labels, preds = [], []
         model = self.ctx.model
         dtype = model_dtype(model)
+        vocabulary = embedding_rows(model) if ids_checked_on_host(self.ctx.device) else None
         for offset, (x, y, idx) in enumerate(self.loader(queries)):
+            if vocabulary is not None:
+                check_token_ids(x, idx, vocabulary, queries.name, self.cfg.data.padding_value)
             x = x.to(self.ctx.device)
             if x.is_floating_point():
                 x = x.to(dtype)

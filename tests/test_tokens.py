@@ -298,6 +298,30 @@ def test_out_of_vocabulary_ids_name_the_batch(token_project, tmp_path):
     assert "token ids run from 0 to 99" in result.stderr and "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("where", ["train", "query"])
+def test_out_of_vocabulary_ids_are_named_before_they_reach_a_cuda_device(token_project, tmp_path, monkeypatch, where):
+    """On CUDA an id outside the table is a device-side assert that kills the process: the ids are
+    range-checked on the host first (forced here on the CPU; the pad id 0 is not counted)."""
+    import influence_cli.passes as passes
+    import influence_cli.scores as scores
+
+    for module in (passes, scores):
+        monkeypatch.setattr(module, "ids_checked_on_host", lambda device: True)
+    runner = _runner()
+    assert runner.invoke(app, ["fit-factors", token_project]).exit_code == 0  # in range: unchanged
+    data = torch.load(tmp_path / "tokens.pt")
+    row = 2 if where == "train" else 21
+    data["inputs"][row, 0] = -3 if where == "train" else 11
+    torch.save(data, tmp_path / "tokens.pt")
+    command = ["fit-factors", token_project, "--overwrite"] if where == "train" else ["compute-scores", token_project]
+    result = runner.invoke(app, command)
+    assert result.exit_code == 3, result.output
+    first = "0, 1, ..., 7" if where == "train" else "20, 21, 22, 23"
+    low, high = (-3, 10) if where == "train" else (1, 11)
+    assert f"data.{where}: token ids of the batch with global indices {first} run from {low} to {high}, outside the model's largest embedding table (11 rows)" in result.stderr
+    assert "IndexError" not in result.stderr
+
+
 def test_queries_that_do_not_fit_the_model_name_their_key(token_project):
     result = _runner().invoke(app, ["fit-factors", token_project])
     assert result.exit_code == 0
