@@ -242,6 +242,7 @@ def _load_layers(ctx: RunContext, train: IndexedDataset, member: Member) -> tupl
     info = {
         "file": str(path.relative_to(cfg.output_path)) if path.is_relative_to(cfg.output_path) else str(path),
         "created": meta.get("created"),
+        "result_key": meta.get("result_key"),  # what the factors are of (top-k compares it with output_dir's factors)
         "bytes": stat.st_size,
         "strategy": factors.strategy,
         "fisher": factors.fisher,
@@ -760,6 +761,8 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
 
     snapshot = _agree(st, start_checks)
     if st.is_main:
+        if overwrite:  # an interrupted --overwrite run must not leave the old values looking current
+            path.unlink(missing_ok=True)
         storage.remove_stale_temp_files(path)
     start, stop = st.shard(n_t)
     shard = ShardSpec(st.rank, st.rank, start, stop, 0, -(-(stop - start) // scorer.bs))

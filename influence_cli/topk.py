@@ -168,8 +168,9 @@ def check_scores_match(metadata: dict[str, Any], cfg: Config, path: Path, *, pai
     Compares what compute-scores recorded with the config: task kind, strategy, Fisher kind,
     damping (with `auto`, its factor and scope), (pairwise) measurement, padding value and the
     number of ensemble models, then
-    the model (fingerprint of the checkpoint's weights), data.train and (pairwise) data.query
-    (dataset fingerprints). `relative` is not compared: `compute-scores --relative` may override
+    the model (fingerprint of the checkpoint's weights), the tracked layers, the factors now in
+    output_dir (each model's: refitted factors, e.g. with another seed, make the scores stale),
+    data.train and (pairwise) data.query (dataset fingerprints). `relative` is not compared: `compute-scores --relative` may override
     the config, and the rankings say which they are. Scores of an older tool version that lack a
     field are not refused for it.
 
@@ -181,6 +182,7 @@ def check_scores_match(metadata: dict[str, Any], cfg: Config, path: Path, *, pai
     """
     from influence_cli.data import load_dataset
     from influence_cli.models import load_model, model_fingerprint, takes_token_ids
+    from influence_cli.tracking import find_tracked_modules
 
     hint = "use the config (and --set overrides) of compute-scores, or rerun compute-scores with --overwrite"
     settings = [("task.kind", "task_kind", cfg.task.kind),
@@ -211,6 +213,10 @@ def check_scores_match(metadata: dict[str, Any], cfg: Config, path: Path, *, pai
         current, embedding_model = model_fingerprint(model), takes_token_ids(model)
         if recorded != current:
             raise OutputError(f"{str(path)!r} holds scores of another model (fingerprint {recorded}; model.checkpoint's is {current})", hint=hint)
+        names = [tm.name for tm in find_tracked_modules(model, cfg.factors.modules)]
+        if metadata.get("modules") is not None and metadata["modules"] != names:
+            raise OutputError(f"{str(path)!r} holds scores of layers {metadata['modules']}; the config tracks {names}", hint=hint)
+    _check_current_factors(metadata, cfg, path)
     specs = [("data.train", cfg.data.train, "train_fingerprint")] + ([("data.query", cfg.data.query, "query_fingerprint")] if pairwise else [])
     loaded = {}
     for key, spec, field_name in specs:
@@ -223,6 +229,23 @@ def check_scores_match(metadata: dict[str, Any], cfg: Config, path: Path, *, pai
         if recorded != loaded[key].fingerprint():
             raise OutputError(f"{str(path)!r} holds scores computed on another {key}", hint=hint)
     return loaded
+
+
+def _check_current_factors(metadata: dict[str, Any], cfg: Config, path: Path) -> None:
+    """The scores were computed from the factors now in output_dir (each ensemble model's), judged by
+    the factors' result key (model, data, strategy, Fisher, task, layers, examples, seed, amp, padding)."""
+    from influence_cli.ensemble import ensemble_members
+
+    described = metadata.get("members") or [metadata]
+    for member, info in zip(ensemble_members(cfg), described, strict=False):
+        recorded = (info.get("factors") or {}).get("result_key") if isinstance(info, dict) else None
+        if recorded is None or not member.factors_path.is_file():
+            continue
+        if storage.read_metadata(member.factors_path).get("result_key") != recorded:
+            raise OutputError(
+                f"{str(path)!r} holds scores of other factors than {str(member.factors_path)!r} (refitted since, with other settings)",
+                hint="rerun compute-scores with --overwrite on the current factors",
+            )
 
 
 def select_queries(

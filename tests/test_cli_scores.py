@@ -126,10 +126,39 @@ def test_top_k_refuses_scores_the_config_does_not_describe(runner, project, tmp_
         (["--set", "task.measurement=margin"], "computed with task.measurement=loss"),
         (["--set", f"model.checkpoint={tmp_path / 'perturbed.safetensors'}"], "holds scores of another model"),
         (["--set", "data.query.range=[50, 53]"], "computed on another data.query"),
+        (["--set", "factors.modules=[head]"], "holds scores of layers ['fc1', 'head']; the config tracks ['head']"),
     ]
     for extra, needle in cases:
         result = invoke(runner, "top-k", project, "--query", "0", "--k", "1", *extra)
         assert result.exit_code == 5 and needle in result.stderr and result.stdout == "", (extra, result.stderr)
+
+
+def test_top_k_refuses_scores_of_factors_refitted_since(runner, tmp_path, monkeypatch):
+    """Factors refitted with another seed (sampled Fisher) make the pairwise and self-influence scores
+    stale; an interrupted `compute-scores --self --overwrite` leaves no old values behind."""
+    import influence_cli.scores as scores_mod
+
+    data = write_project(tmp_path)
+    data["factors"]["fisher"] = "sampled"
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(data))
+    for command in (["fit-factors"], ["compute-scores"], ["compute-scores", "--self"]):
+        assert invoke(runner, *command, config).exit_code == 0
+    assert invoke(runner, "fit-factors", config, "--overwrite").exit_code == 0  # the same settings: the same factors
+    assert invoke(runner, "top-k", config, "--k", "1").exit_code == 0
+    assert invoke(runner, "fit-factors", config, "--overwrite", "--set", "seed=1").exit_code == 0
+    for extra in ([], ["--self"]):
+        result = invoke(runner, "top-k", config, "--k", "1", "--set", "seed=1", *extra)
+        assert result.exit_code == 5 and "holds scores of other factors than" in result.stderr, result.stderr
+        assert "rerun compute-scores with --overwrite" in result.stderr
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(scores_mod._Scorer, "train_batches", interrupted)
+    result = invoke(runner, "compute-scores", config, "--self", "--overwrite", "--set", "seed=1")
+    assert result.exit_code == 130, result.stderr
+    assert not (tmp_path / "out" / storage.SELF_INFLUENCE_FILE).exists()
 
 
 def test_top_k_after_an_interrupted_run_hints_resume(runner, tmp_path):
