@@ -183,8 +183,7 @@ def stream_gradients(
                     vectors = torch.cat([vectors, extra.to(vectors.dtype)])
             else:
                 vectors = task_lib.loss_output_gradient(out_f, y, task_kind, measurement)[None]
-            acts = {k: v.to(out_dtype) for k, v in cap.activations().items()}
-            _check_batch_dim(acts, len(idx))
+            acts = {k: v.to(out_dtype) for k, v in cap.activations(len(idx)).items()}
             grads = []
             for k in range(vectors.shape[0]):
                 g = cap.output_gradients(out, vectors[k].to(out.dtype), retain_graph=k + 1 < vectors.shape[0])
@@ -299,17 +298,6 @@ def _input_hint(x: torch.Tensor, reason: str, dataset_name: str) -> str:
     if any(word in reason for word in ("indices", "index", "Long")):
         return f"the model seems to take token ids; set {dataset_name}.transform.dtype: int64"
     return "check model.kwargs and data transform (flatten/resize)"
-
-
-def _check_batch_dim(acts: dict[str, torch.Tensor], batch_size: int) -> None:
-    """Every tracked layer must see the examples along dim 0 of its input ([B, ..., d_in] or [B, C, H, W])."""
-    for name, a in acts.items():
-        if a.shape[0] != batch_size:
-            raise ModelError(
-                f"layer {name!r} receives inputs whose first dimension is {a.shape[0]}, not the batch size {batch_size}: "
-                "a tracked layer must see one example per row of dim 0 ([batch, ..., features])",
-                hint="leave it out of factors.modules, or keep the batch first in the model (e.g. batch_first=True, no reshape(-1, features) before it)",
-            )
 
 
 def check_model_output(out: object, batch_size: int) -> None:

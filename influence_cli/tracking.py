@@ -147,6 +147,14 @@ def find_tracked_modules(model: nn.Module, patterns: Sequence[str], key: str = "
             kh, kw = module.kernel_size
             d_in = module.in_channels * kh * kw + has_bias
             tracked.append(TrackedModule(name, module, "conv2d", d_in, module.out_channels, has_bias))
+    named = [p for p in patterns if _is_name(p) and p not in {tm.name for tm in tracked}]
+    if tracked and named:
+        modules = dict(model.named_modules())
+        module = modules.get(named[0])
+        detail = f"is a {type(module).__name__}, not an nn.Linear or nn.Conv2d" if module is not None else "names no module of the model"
+        inner = module is not None and any(True for _ in module.children())
+        hint = f"{named[0] + '.*'!r} tracks the layers inside it" if inner else f"use names from `influence inspect`, or leave it out of {key}"
+        raise ModelError(f"{key}: {named[0]!r} {detail}", hint=hint)
     if not tracked:
         if skipped:
             shown = "; ".join(skipped[:3]) + (f"; ... ({len(skipped)} in all)" if len(skipped) > 3 else "")
@@ -278,13 +286,25 @@ class Capture:
                 tm.copy_io = found = True
         return found
 
-    def activations(self) -> dict[str, torch.Tensor]:
-        """{name: a [B, T, d_in]}; several calls of one layer are concatenated along T."""
+    def activations(self, batch_size: int | None = None) -> dict[str, torch.Tensor]:
+        """{name: a [B, T, d_in]}; several calls of one layer are concatenated along T.
+
+        Raises:
+            ModelError: a layer not called, or (given `batch_size`) called on an input whose dim 0
+                is not the batch ([batch, ..., features] or [batch, C, H, W] expected).
+        """
         out = {}
         for tm in self.tracked:
             xs = self._inputs[tm.name]
             if not xs:
                 raise ModelError(f"layer {tm.name!r} was not called in the forward pass", hint="leave it out of factors.modules")
+            for x in xs if batch_size is not None else ():
+                if x.dim() < 2 or x.shape[0] != batch_size:
+                    raise ModelError(
+                        f"layer {tm.name!r} receives inputs of shape {list(x.shape)}, whose first dimension is not the batch size "
+                        f"{batch_size}: a tracked layer must see one example per row of dim 0 ([batch, ..., features])",
+                        hint="leave it out of factors.modules, or keep the batch first in the model (e.g. batch_first=True, no reshape(-1, features) before it)",
+                    )
             parts = [layer_activations(tm, x) for x in xs]
             out[tm.name] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         return out

@@ -8,6 +8,7 @@ dense per-example answer or a one-line error naming the layer.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -110,11 +111,28 @@ class SequenceFirst(nn.Module):
         return self.head(torch.tanh(self.proj(x.transpose(0, 1))).mean(0))
 
 
+class Prototypes(nn.Module):
+    """The tracked `proj` also embeds K = 5 learned prototypes (no batch dim), or one learned vector."""
+
+    def __init__(self, vector: bool = False):
+        super().__init__()
+        self.proj = nn.Linear(4, 5)
+        self.protos = nn.Parameter(torch.randn(4) if vector else torch.randn(5, 4))
+
+    def forward(self, x):
+        h, p = self.proj(x), self.proj(self.protos)
+        return (h * p if p.dim() == 1 else h @ p.T)[:, :3]
+
+
 def test_a_layer_whose_dim_0_is_not_the_batch_is_refused():
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(4, 3, 4, generator=g), torch.randint(0, 3, (4,), generator=g)
-    with pytest.raises(ModelError, match=r"layer 'proj' receives inputs whose first dimension is 3, not the batch size 4"):
+    with pytest.raises(ModelError, match=r"layer 'proj' receives inputs of shape \[3, 4, 4\], whose first dimension is not the batch size 4"):
         fit(SequenceFirst(), x, y, batch_size=4)
+    flat = torch.randn(4, 4, generator=g)
+    for vector, shape in ((False, "[5, 4]"), (True, "[4]")):
+        with pytest.raises(ModelError, match=re.escape(f"layer 'proj' receives inputs of shape {shape}, whose first dimension")):
+            fit(Prototypes(vector), flat, y, batch_size=4)
 
 
 class Tied(nn.Module):
@@ -170,6 +188,22 @@ def test_unsupported_convs_are_skipped_by_wildcards_and_refused_by_name():
     ]
     with pytest.raises(ModelError, match=r"Conv2d '0' uses groups=2"):
         find_tracked_modules(model, ["0", "3"])
+
+
+def test_every_name_without_wildcards_must_be_a_tracked_layer():
+    """A named layer is never dropped silently because another pattern matched something."""
+    model = nn.Sequential(nn.Conv1d(2, 2, 1), nn.Flatten(), nn.Sequential(nn.Linear(6, 4), nn.Tanh()), nn.Linear(4, 3))
+    assert [tm.name for tm in find_tracked_modules(model, ["2.0", "3"])] == ["2.0", "3"]
+    cases = [
+        (["0", "3"], "factors.modules: '0' is a Conv1d, not an nn.Linear or nn.Conv2d"),
+        (["3", "fc9"], "factors.modules: 'fc9' names no module of the model"),
+        (["2", "3"], "factors.modules: '2' is a Sequential"),
+    ]
+    for patterns, needle in cases:
+        with pytest.raises(ModelError, match=re.escape(needle)) as exc:
+            find_tracked_modules(model, patterns)
+        if patterns[0] == "2":
+            assert "'2.*' tracks the layers inside it" in exc.value.hint
 
 
 class TiedEmbedding(nn.Module):
