@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from influence_cli import model_checks
 from influence_cli import task as task_lib
 from influence_cli.errors import DataError, ModelError, NumericalError
 from influence_cli.tracking import Capture, TrackedModule, mask_padding, padding_mask, tracked_grad_enabled
@@ -184,10 +185,17 @@ def stream_gradients(
             else:
                 vectors = task_lib.loss_output_gradient(out_f, y, task_kind, measurement)[None]
             acts = {k: v.to(out_dtype) for k, v in cap.activations(len(idx)).items()}
+            first = offset == 0  # the first batch checks the model against what the factors assume (model_checks)
+            tol = model_checks.tolerance(dtype, amp)
+            if first and len(idx) > 1:
+                with autocast_context(x.device, amp):
+                    model_checks.check_examples_alone(model, tracked, x, out, acts, tol)
             grads = []
             for k in range(vectors.shape[0]):
-                g = cap.output_gradients(out, vectors[k].to(out.dtype), retain_graph=k + 1 < vectors.shape[0])
+                g = cap.output_gradients(out, vectors[k].to(out.dtype), retain_graph=first or k + 1 < vectors.shape[0])
                 grads.append({name: v.to(out_dtype) for name, v in g.items()})
+            if first:
+                model_checks.check_weight_gradients(model, tracked, out, vectors[0].to(out.dtype), acts, grads[0], tol)
         check = mask is not None and not padding_checked and bool((~mask).any())
         padding_checked = padding_checked or check
         positions = {} if mask is None else mask_padding(tracked, mask, acts, grads, check=check)

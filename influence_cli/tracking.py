@@ -100,12 +100,28 @@ def unsupported_reason(module: nn.Module, attention_outputs: set[int] = frozense
     return None
 
 
+def custom_forward_reason(module: nn.Module) -> str | None:
+    """Why a wildcard leaves out a Linear / Conv2d subclass with its own forward (None for the stock layers).
+
+    Such a forward may use the weight otherwise than the stock layer (weight standardization,
+    a scale), so the hooks' Σ g·aᵀ would not be its gradient; naming the layer tracks it, and
+    the first batch checks that gradient (model_checks).
+    """
+    base = nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d
+    cls = type(module)
+    if cls.forward is base.forward and (base is nn.Linear or cls._conv_forward is nn.Conv2d._conv_forward):
+        return None
+    return f"{cls.__name__} overrides the {base.__name__} forward (name it in factors.modules to track it; its gradient is checked)"
+
+
 def find_tracked_modules(model: nn.Module, patterns: Sequence[str], key: str = "factors.modules") -> list[TrackedModule]:
     """The supported layers whose names match any fnmatch pattern, in model order.
 
     A layer the factors cannot model (a grouped Conv2d, non-zero padding modes, asymmetric
     'same' padding; the `out_proj` of nn.MultiheadAttention, which is never called) is skipped
-    when only a wildcard pattern matches it, and an error when named.
+    when only a wildcard pattern matches it, and an error when named. A subclass with its own
+    forward is skipped by wildcards and tracked when named (its gradient is checked on the
+    first batch). Every name without wildcards must be a tracked layer.
 
     Raises:
         ModelError: when no supported layer matches, a named layer is unsupported, or two
@@ -124,6 +140,11 @@ def find_tracked_modules(model: nn.Module, patterns: Sequence[str], key: str = "
         if not matched:
             continue
         reason = unsupported_reason(module, attention_outputs)
+        if reason is None and not any(_is_name(p) for p in matched):
+            reason = custom_forward_reason(module)
+            if reason is not None:
+                skipped.append(f"{name} ({reason})")
+                continue
         if reason is not None:
             skipped.append(f"{name} ({reason})")
             if any(_is_name(p) for p in matched):
@@ -194,7 +215,7 @@ def untracked_modules(model: nn.Module, tracked: Sequence[TrackedModule], key: s
         if not params:
             continue
         if isinstance(module, (nn.Linear, nn.Conv2d)):
-            reason = unsupported_reason(module, attention_outputs) or f"not matched by {key}"
+            reason = unsupported_reason(module, attention_outputs) or custom_forward_reason(module) or f"not matched by {key}"
         else:
             reason = "not an nn.Linear or nn.Conv2d"
         out.append(UntrackedModule(name or "(model)", type(module).__name__, sum(p.numel() for p in params), reason))

@@ -1,0 +1,126 @@
+"""First-batch checks that a model meets what the factors assume of it.
+
+The hooks record each tracked layer's input a and output gradient g, and every factor and score
+is built from them on two assumptions (DESIGN.md: per-example gradients Σₜ gₜaₜᵀ):
+
+1. An example's outputs and layer inputs depend on that example alone, with the examples along
+   dim 0. A layer fed [T, B, F] (the sequence-first layout of nn.Transformer's default) when T
+   happens to equal the batch size, or a model that mixes examples, breaks it silently.
+2. The gradient of a tracked weight is Σₜ gₜaₜᵀ: the weight is used only by its layer's own
+   call, as nn.Linear / nn.Conv2d use it. A subclass whose forward transforms the weight
+   (weight standardization), or `F.linear(x, layer.weight)` elsewhere in the model, breaks it.
+
+Each pass checks both on its first batch: one extra forward of the batch's first example, and
+one backward to the tracked weights. Weights shared with untracked modules (tied input
+embeddings, attributed through the tracked use only) and parametrized weights (weight_norm,
+whose weight is recomputed at each access) are left out of the second check.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from influence_cli.errors import ModelError
+from influence_cli.tracking import Capture, TrackedModule
+
+_TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-3}  # relative; bf16/fp16 products: 5e-2
+_HINT_LAYOUT = "keep the batch first in the model (e.g. batch_first=True), and nothing that mixes the examples of a batch"
+
+
+def tolerance(dtype: torch.dtype, amp: str) -> float:
+    """Relative agreement expected of two computations of the same quantity."""
+    return 5e-2 if amp != "none" else _TOLERANCE.get(dtype, 5e-2)
+
+
+def _relative_gap(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.double(), want.double()
+    scale = max(float(want.abs().max()), float(got.abs().max()), 1e-300)
+    return float((got - want).abs().max()) / scale
+
+
+def check_examples_alone(
+    model: nn.Module, tracked: list[TrackedModule], x: torch.Tensor, out: torch.Tensor, acts: dict[str, torch.Tensor], tol: float
+) -> None:
+    """The batch's first example run alone gives row 0 of the batch's outputs and of every layer's inputs.
+
+    Run under the batch's autocast context.
+
+    Args:
+        x: The batch [B, ...] (B > 1); out, acts: its outputs and layer inputs {layer: a [B, T, d_in]}.
+
+    Raises:
+        ModelError: a layer that does not see the batch on dim 0, or outputs / layer inputs that
+            depend on the other examples of the batch.
+    """
+    with torch.no_grad(), Capture(tracked) as alone:
+        single = model(x[:1])
+    single_acts = alone.activations(1)  # a layer whose dim 0 is not the batch sees dim 0 != 1 here
+    for tm in tracked:
+        a1, a = single_acts[tm.name], acts[tm.name][:1]
+        if a1.shape != a.shape or _relative_gap(a1, a) > tol:
+            raise ModelError(
+                f"layer {tm.name!r} receives inputs for the batch's first example that change when it runs alone: they depend "
+                "on the other examples of the batch (a [seq, batch, features] layout whose seq equals the batch size, or "
+                "statistics over the batch)",
+                hint=_HINT_LAYOUT,
+            )
+    if not isinstance(single, torch.Tensor) or single.shape[1:] != out.shape[1:] or _relative_gap(single, out[:1].detach()) > tol:
+        raise ModelError(
+            "the model's outputs for the batch's first example change when it runs alone: they depend on the other examples of the batch",
+            hint=_HINT_LAYOUT,
+        )
+
+
+def check_weight_gradients(
+    model: nn.Module,
+    tracked: list[TrackedModule],
+    out: torch.Tensor,
+    vector: torch.Tensor,
+    acts: dict[str, torch.Tensor],
+    grads: dict[str, torch.Tensor],
+    tol: float,
+) -> None:
+    """Autograd's gradient of each tracked weight equals Σ_b r_b Σₜ g_bt a_btᵀ from the hooks.
+
+    The examples are weighted by fixed random r_b (so that a trained model's batch gradient,
+    which nearly cancels, is not compared as rounding noise). Frees the autograd graph. A model
+    whose forward modifies a saved layer input in place has no weight gradient to compare with.
+
+    Args:
+        out: The batch's outputs [B, ...] (graph alive); vector: dL/d out [B, ...] of `grads`.
+        acts, grads: {layer: a [B, T, d_in]}, {layer: g [B, T, d_out]} before any padding mask.
+
+    Raises:
+        ModelError: naming the first layer whose weight the model also uses otherwise.
+    """
+    shared = {id(p) for m in model.modules() if all(m is not tm.module for tm in tracked) for p in m.parameters(recurse=False)}
+    layers = [tm for tm in tracked if not parametrize.is_parametrized(tm.module) and id(tm.module.weight) not in shared]
+    if not layers:
+        return
+    params = [p for tm in layers for p in ([tm.module.weight] + ([tm.module.bias] if tm.has_bias else []))]
+    r = torch.randn(out.shape[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    weights = r.to(out.device, out.dtype).reshape(-1, *[1] * (out.dim() - 1))
+    try:
+        found = torch.autograd.grad((out * (vector * weights)).sum(), params, allow_unused=True)
+    except RuntimeError:  # a weight's saved input was modified in place (the hooks record a copy): nothing to compare
+        return
+    k = 0
+    for tm in layers:
+        w = found[k]
+        auto = torch.zeros_like(tm.module.weight) if w is None else w
+        auto = auto.reshape(auto.shape[0], -1)
+        if tm.has_bias:
+            b = found[k + 1]
+            auto = torch.cat([auto, (torch.zeros_like(tm.module.bias) if b is None else b)[:, None]], dim=1)
+        k += 1 + tm.has_bias
+        a, g = acts[tm.name].double(), grads[tm.name].double()
+        hooks = torch.einsum("b,btd,bte->de", r.to(a.device), g, a)
+        gap = _relative_gap(hooks, auto)
+        if gap > tol:
+            raise ModelError(
+                f"layer {tm.name!r}: the gradient of its weight is not Σ g·aᵀ of its own calls (off by {gap:.0%}): the model "
+                "uses the weight otherwise (a subclass whose forward changes it, or the weight passed to F.linear / F.conv2d elsewhere)",
+                hint="leave it out of factors.modules, or use the weight only through the layer's own call",
+            )

@@ -1,0 +1,193 @@
+"""The first batch checks what the factors assume of a model (model_checks): every example on its
+own along dim 0, and each tracked weight used only by its layer's own call. Models that break
+either gave wrong factors and scores without a word."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from exact import batches_of, fit
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
+
+from influence_cli.errors import ModelError
+from influence_cli.kernel import pairwise_scores
+from influence_cli.tracking import find_tracked_modules, untracked_modules
+
+pytestmark = pytest.mark.usefixtures("float64_default")
+
+
+def _data(shape=(4,), n=8, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *shape, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+class StdConv2d(nn.Conv2d):
+    """Weight-standardized convolution (as in BiT / NFNet): the forward uses a function of the weight."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (w.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return F.linear(x, 3.0 * self.weight, self.bias)
+
+
+class CustomLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.fc = StdConv2d(1, 3, 3), ScaledLinear(3 * 3 * 3, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc(torch.flatten(torch.tanh(self.conv(x)), 1))))
+
+
+def test_subclasses_with_their_own_forward_are_left_to_wildcards_and_checked_when_named():
+    model = CustomLayers()
+    tracked = find_tracked_modules(model, ["*"])
+    assert [tm.name for tm in tracked] == ["head"]
+    reasons = {u.name: u.reason for u in untracked_modules(model, tracked)}
+    assert reasons["conv"].startswith("StdConv2d overrides the Conv2d forward") and "name it in factors.modules" in reasons["fc"]
+    x, y = _data((1, 5, 5))
+    fit(model, x, y)  # the wildcard fit runs
+    for name in ("conv", "fc"):
+        with pytest.raises(ModelError, match=f"layer '{name}': the gradient of its weight is not Σ g·aᵀ of its own calls"):
+            fit(model, x, y, modules=(name, "head"))
+
+
+class Harmless(nn.Linear):
+    """A subclass whose forward is the stock computation: named, it passes the check."""
+
+    def forward(self, x):
+        return super().forward(x)
+
+
+def test_a_named_subclass_that_uses_its_weight_as_usual_is_tracked():
+    torch.manual_seed(0)
+    model = nn.Sequential(Harmless(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = _data()
+    tracked, layers = fit(model, x, y, modules=("0", "2"))
+    assert [tm.name for tm in tracked] == ["0", "2"]
+    plain = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    plain.load_state_dict(model.state_dict())
+    _, want = fit(plain, x, y)
+    torch.testing.assert_close(layers["0"].eigenvalues, want["0"].eigenvalues, rtol=1e-12, atol=0)
+
+
+class ReusedWeight(nn.Module):
+    """fc1's weight also multiplies tanh(h) through F.linear, outside fc1's own call."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.head(h + F.linear(torch.tanh(h), self.fc1.weight))
+
+
+def test_a_weight_also_used_outside_its_layer_is_refused():
+    x, y = _data()
+    with pytest.raises(ModelError, match=r"layer 'fc1': the gradient of its weight is not Σ g·aᵀ of its own calls \(off by \d+%\)"):
+        fit(ReusedWeight(), x, y)
+    fit(ReusedWeight(), x, y, modules=("head",))  # the other layer alone is exact
+
+
+class TiedHead(nn.Module):
+    """A language-model-style head tied to the input embedding: attributed through the head's use only."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.head = nn.Embedding(7, 4), nn.Linear(4, 7, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.embed(tokens).mean(1)))
+
+
+def test_weights_tied_to_untracked_modules_and_parametrized_weights_still_fit():
+    g = torch.Generator().manual_seed(0)
+    tokens, y = torch.randint(0, 7, (8, 3), generator=g), torch.randint(0, 7, (8,), generator=g)
+    fit(TiedHead(), tokens, y)
+    torch.manual_seed(0)
+    model = nn.Sequential(weight_norm(nn.Linear(4, 5)), nn.Tanh(), nn.Linear(5, 3))
+    x, y = _data()
+    tracked, _ = fit(model, x, y)
+    assert [tm.name for tm in tracked] == ["0", "2"]
+
+
+class SequenceFirst(nn.Module):
+    """proj sees [T, B, F]; with T == B only the sizes of dim 0 look right."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj, self.head = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):  # x [B, T, F]
+        return self.head(torch.tanh(self.proj(x.transpose(0, 1))).mean(0))
+
+
+class SequenceFirstEncoder(nn.Module):
+    """nn.TransformerEncoderLayer with its default batch_first=False, fed [B, T, d]."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.enc = nn.TransformerEncoderLayer(4, nhead=2, dim_feedforward=6, dropout=0.0)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.enc(x).mean(1))
+
+
+class BatchCentred(nn.Module):
+    """Subtracts a batch mean, from the head's inputs or from the logits: each example depends on the others."""
+
+    def __init__(self, logits: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc, self.head, self.logits = nn.Linear(4, 5), nn.Linear(5, 3), logits
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x))
+        if self.logits:
+            out = self.head(h)
+            return out - out.mean(0, keepdim=True)
+        return self.head(h - h.mean(0, keepdim=True))
+
+
+@pytest.mark.parametrize(
+    "model, shape, needle",
+    [
+        (SequenceFirst, (4, 4), r"layer 'proj' receives inputs of shape \[4, 1, 4\], whose first dimension is not the batch size 1"),
+        (SequenceFirstEncoder, (4, 4), "layer 'enc.linear1' receives inputs for the batch's first example that change"),
+        (BatchCentred, (4,), "layer 'head' receives inputs for the batch's first example that change when it runs alone: they depend"),
+        (lambda: BatchCentred(logits=True), (4,), "the model's outputs for the batch's first example change when it runs alone"),
+    ],
+    ids=["seq-first-T-equals-B", "encoder-batch_first-False", "batch-mean", "batch-mean-logits"],
+)
+def test_models_that_mix_the_examples_of_a_batch_are_refused(model, shape, needle):
+    """Dim 0 has the batch's size (T == B), so only running an example alone tells them apart."""
+    x, y = _data(shape)
+    with pytest.raises(ModelError, match=needle) as exc:
+        fit(model().eval(), x, y, batch_size=4)
+    assert "batch_first=True" in exc.value.hint
+
+
+def test_the_checks_leave_exact_numbers_unchanged_and_pass_scores():
+    """A plain model passes every check, on the fit and on both sides of the scores."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = _data()
+    tracked, layers = fit(model, x, y, batch_size=3)
+    scores = pairwise_scores(model, tracked, layers, batches_of(x[:2], y[:2], 2)(0), batches_of(x, y, 3)(0))
+    assert scores.shape == (2, 8) and torch.isfinite(scores).all()
