@@ -168,7 +168,7 @@ class ScoreKernel:
         self.layers = layers
         self.damping = damping
         self.matmul_dtype = matmul_dtype
-        self._inverse = {name: lf.inverse_eigenvalues(damping[name], 1) for name, lf in layers.items()}
+        self._inverse = {name: _inverse_weights(lf, damping[name]) for name, lf in layers.items()}
         self._quadratic_weights: dict[tuple[str, int], tuple[torch.Tensor | None, float]] = {}  # filled by `quadratic` when used
         self.eigenbasis: dict[str, bool] = {}
         self.pieces: dict[str, list[_Piece]] = {}
@@ -262,7 +262,7 @@ class ScoreKernel:
         """{layer: (F + λ)⁻¹ ∇W [B, P]} in the layer's basis (see the class docstring)."""
         out = {}
         for name, lf in self.layers.items():
-            a, inv = batch.activations[name], self._inverse[name]
+            a, (inv, scale) = batch.activations[name], self._inverse[name]
             if self._in_eigenbasis(name, a):
                 grad = per_example_gradients(*self._rotated(name, batch))
                 grad = grad * inv if inv is not None else grad
@@ -274,6 +274,8 @@ class ScoreKernel:
                 else:
                     rotated = lf.rotate(per_example_gradients(a, batch.gradients[0][name]))
                 grad = lf.unrotate(rotated * inv)
+            if scale != 1.0:  # in float64: the scale itself is beyond float32's max
+                grad = (grad.double() * scale).to(grad.dtype)
             out[name] = grad.reshape(a.shape[0], -1)
         return out
 
@@ -363,6 +365,16 @@ class ScoreKernel:
     def norms(self, batch: BatchGradients) -> torch.Tensor:
         """‖(F + λ)⁻¹ ∇L(x)‖ per example (the RelatIF denominator): [B]."""
         return self.quadratic(batch, 2).clamp_min(0).sqrt()
+
+
+def _inverse_weights(lf: LayerFactors, damping: float) -> tuple[torch.Tensor | None, float]:
+    """(1/(Λ + λ), 1.0) in the factors' dtype, or, where that overflows it (curvature near float32's
+    underflow, as in deep squeeze-excitation layers: Λ ~ 1e-40), the `_scaled_weights` pair, whose
+    scale multiplies the preconditioned gradients instead (their values fit)."""
+    inverse = lf.inverse_eigenvalues(damping, 1)
+    if inverse is None or bool(torch.isfinite(inverse).all()):
+        return inverse, 1.0
+    return _scaled_weights(lf, damping, 1)
 
 
 def _scaled_weights(lf: LayerFactors, damping: float, power: int) -> tuple[torch.Tensor | None, float]:

@@ -431,7 +431,7 @@ def _check_storable(block: torch.Tensor, dtype: str, what: str = "scores") -> No
         where = f"query row {first[0]}, training position {first[1]}" if block.ndim == 2 else f"training position {first[0]}"
         raise NumericalError(
             f"{what}: non-finite values ({where})",
-            hint="check the factors (`influence info`) and raise scores.damping if it is 0",
+            hint="check the factors (`influence info`: NaN/Inf, or eigenvalues near 0) and set a larger scores.damping (a number)",
         )
     limit = torch.finfo(getattr(torch, dtype)).max
     if peak > limit:

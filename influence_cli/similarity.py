@@ -201,9 +201,9 @@ def inverse_curvature(lf: LayerFactors, damping: float, shape: tuple[int, int]) 
     pseudo-inverse, as compute-scores uses (`LayerFactors.inverse_eigenvalues`)."""
     if lf.eigenvalues is None:
         return torch.ones(shape, dtype=torch.float64)
-    inverse = lf.inverse_eigenvalues(damping)
+    inverse = lf.inverse_eigenvalues(damping, 1, torch.float64)  # float64 throughout: 1/(Λ+λ) can pass float32's max
     assert inverse is not None
-    return inverse.double().cpu()
+    return inverse.cpu()
 
 
 def fisher_kernel(

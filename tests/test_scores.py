@@ -27,7 +27,7 @@ from influence_cli.data import make_loader
 from influence_cli.errors import NumericalError, OutputError
 from influence_cli.factors import LayerFactors
 from influence_cli.fit import fit_factors, load_factors
-from influence_cli.kernel import pairwise_scores, self_influence_scores
+from influence_cli.kernel import pairwise_scores, resolve_damping, self_influence_scores
 from influence_cli.models import mlp
 from influence_cli.scores import compute_scores, plan_layout, plan_shards
 from influence_cli.topk import iter_score_blocks, top_k
@@ -578,3 +578,32 @@ def test_a_float64_checkpoint_runs_in_float64_end_to_end(tmp_path):
     s32 = storage.load_tensors(cfg32.output_path / storage.SCORES_FILE)[0]["scores"]
     assert s64.dtype == torch.float32  # stored in scores.dtype
     torch.testing.assert_close(s64, s32, rtol=2e-3, atol=2e-3 * float(s32.abs().max()))
+
+
+class FaintFirstLayer(nn.Module):
+    """fc1's output gradient is scaled by 1e-20 (same values forward): its curvature is ~1e-42, near
+    float32's underflow, as in deep squeeze-excitation layers of a random-init EfficientNet."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2(torch.tanh(h * 1e-20 + (h * (1 - 1e-20)).detach()))
+
+
+def test_curvature_near_float32_underflow_gives_finite_scores():
+    """1/(Λ + λ) beyond float32's max (auto λ ~ 1e-43) multiplies the queries as a scaled inverse."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)
+    results = []
+    for dtype in (torch.float64, torch.float32):
+        model, xx = FaintFirstLayer().to(dtype), x.to(dtype)
+        tracked, layers = fit(model, xx, y)
+        assert not torch.isfinite(layers["fc1"].inverse_eigenvalues(resolve_damping(layers, "auto")["fc1"]).float()).all()
+        results.append(pairwise_scores(model, tracked, layers, batches_of(xx[:2], y[:2], 2)(0), batches_of(xx, y, 4)(0)).double())
+    want, got = results
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=1e-4 * float(want.abs().max()))  # float32 Λ ~ 1e-43 is subnormal: few bits
