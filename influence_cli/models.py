@@ -402,6 +402,10 @@ def load_checkpoint(model: nn.Module, path: str | Path, key: str = "model.checkp
     own = model.state_dict()
     # wrapper prefixes ("module.", ...) are removed unless the model's own keys carry them
     state = raw if set(raw) == set(own) else _match_extra_prefix(_strip_prefixes(raw), set(own))
+    if lazy_layers(model):  # lazy layers take their shapes from the checkpoint (torch's own load hook)
+        lazy_keys = {k for k, v in own.items() if isinstance(v, nn.parameter.UninitializedTensorMixin)}
+        model.load_state_dict({k: v for k, v in state.items() if k in lazy_keys}, strict=False)
+        own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     mismatched = [
@@ -452,7 +456,22 @@ def load_model(
     model = model.to(device="cpu", dtype=torch.float32)
     if checkpoint is not None:
         load_checkpoint(model, checkpoint, key=key)
+    lazy = lazy_layers(model)
+    if lazy:
+        raise ModelError(
+            f"model.architecture: the model has lazy layers whose shapes are not set yet ({', '.join(lazy[:3])})",
+            hint="give model.checkpoint (it sets them), or run the model once on a dummy batch in the factory before returning it",
+        )
     return model.eval()
+
+
+def lazy_layers(model: nn.Module) -> list[str]:
+    """Names (with types) of the model's lazy modules (nn.LazyLinear, ...) whose parameters are not materialized."""
+    return [
+        f"{type(m).__name__} {name!r}"
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()
+    ]
 
 
 # ----------------------------------------------------------------------------- fingerprint

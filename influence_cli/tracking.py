@@ -139,6 +139,11 @@ def find_tracked_modules(model: nn.Module, patterns: Sequence[str], key: str = "
         matched = [p for p in patterns if fnmatch.fnmatchcase(name, p)]
         if not matched:
             continue
+        if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+            raise ModelError(
+                f"{key}: {type(module).__name__} {name!r} has no shape yet (a lazy layer)",
+                hint="run the model once on a batch, or load its checkpoint, before fitting",
+            )
         reason = unsupported_reason(module, attention_outputs)
         if reason is None and not any(_is_name(p) for p in matched):
             reason = custom_forward_reason(module)

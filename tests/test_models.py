@@ -20,6 +20,7 @@ from influence_cli.models import (
     load_model,
     model_fingerprint,
 )
+from influence_cli.tracking import find_tracked_modules
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
 MLP_KWARGS = {"input_dim": 64, "hidden": [64, 32], "num_classes": 10}
@@ -377,3 +378,22 @@ def test_a_float64_checkpoint_stays_float64(tmp_path: Path) -> None:
     assert model_fingerprint(a) != model_fingerprint(b)
     save_file({k: v.float() for k, v in weights.items()}, str(tmp_path / "c.safetensors"))
     assert all(p.dtype == torch.float32 for p in load_model(ModelConfig(architecture="mlp", kwargs=MLP_KWARGS, checkpoint="c.safetensors"), tmp_path).parameters())
+
+
+def test_lazy_layers_take_their_shapes_from_the_checkpoint_or_are_named(tmp_path, monkeypatch):
+    """nn.LazyLinear has no shape until a forward or a checkpoint sets it."""
+    (tmp_path / "lazy_factory.py").write_text(
+        "from torch import nn\n\ndef make():\n    return nn.Sequential(nn.LazyLinear(5), nn.Tanh(), nn.Linear(5, 3))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = ModelConfig(architecture="lazy_factory:make")
+    with pytest.raises(ModelError, match=r"lazy layers whose shapes are not set yet \(LazyLinear '0'\)"):
+        load_model(cfg, tmp_path)
+    with pytest.raises(ModelError, match="factors.modules: LazyLinear '0' has no shape yet"):
+        find_tracked_modules(build_model(cfg, tmp_path), ["*"])
+    torch.manual_seed(0)
+    trained = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    save_file(trained.state_dict(), tmp_path / "lazy.safetensors")
+    model = load_model(ModelConfig(architecture="lazy_factory:make", checkpoint="lazy.safetensors"), tmp_path)
+    assert model[0].weight.shape == (5, 4) and torch.equal(model[0].weight, trained[0].weight)
+    assert [tm.name for tm in find_tracked_modules(model, ["*"])] == ["0", "2"]
