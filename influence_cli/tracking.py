@@ -208,6 +208,7 @@ class UntrackedModule:
 def untracked_modules(model: nn.Module, tracked: Sequence[TrackedModule], key: str = "factors.modules") -> list[UntrackedModule]:
     """Modules with parameters of their own (trainable or not) outside every tracked layer, in model order."""
     owner = {id(p): tm for tm in tracked for p in tm.module.parameters(recurse=False)}
+    tracked_names = {tm.name for tm in tracked}
     attention_outputs = attention_projections(model)
     out = []
     for name, module in model.named_modules():
@@ -219,8 +220,11 @@ def untracked_modules(model: nn.Module, tracked: Sequence[TrackedModule], key: s
             out.append(UntrackedModule(name or "(model)", type(module).__name__, n, f"its use of the weight shared with tracked {shared[0]!r}", shared[0]))
         if not params:
             continue
+        parent, _, attr = name.rpartition(".parametrizations.")
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             reason = unsupported_reason(module, attention_outputs) or custom_forward_reason(module) or f"not matched by {key}"
+        elif parent in tracked_names:  # weight_norm & co: the layer is scored in its effective weight
+            reason = f"parametrizes the {attr} of tracked {parent!r}, which is scored as its effective {attr}"
         else:
             reason = "not an nn.Linear or nn.Conv2d"
         out.append(UntrackedModule(name or "(model)", type(module).__name__, sum(p.numel() for p in params), reason))

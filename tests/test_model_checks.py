@@ -122,6 +122,9 @@ def test_weights_tied_to_untracked_modules_and_parametrized_weights_still_fit():
     x, y = _data()
     tracked, _ = fit(model, x, y)
     assert [tm.name for tm in tracked] == ["0", "2"]
+    assert [(u.name, u.reason) for u in untracked_modules(model, tracked)] == [
+        ("0.parametrizations.weight", "parametrizes the weight of tracked '0', which is scored as its effective weight")
+    ]
 
 
 class SequenceFirst(nn.Module):
