@@ -200,6 +200,28 @@ def test_image_folder_mixed_sizes_need_resize(tmp_path: Path) -> None:
     ds = load_dataset(DataSpec(source="image_folder", root="imgs"), tmp_path)
     with pytest.raises(DataError, match=r"data\.train\.transform\.resize"):
         next(iter(make_loader(ds, 4)))
+    # sizes that differ only between batches are refused the same way, naming the example
+    write_image_folder(tmp_path / "two", sizes=[(4, 4), (4, 4), (5, 5), (5, 5)])  # cat 0, 1 at 4x4; dog at 5x5
+    ds = load_dataset(DataSpec(source="image_folder", root="two"), tmp_path)
+    with pytest.raises(DataError, match=r"example 2 has shape \[3, 5, 5\], the first example \[3, 4, 4\]"):
+        list(make_loader(ds, 2))
+
+
+def test_image_folder_skips_hidden_entries_and_counts_other_files(tmp_path: Path) -> None:
+    """A hidden folder (.ipynb_checkpoints) was class 0 and shifted every label; hidden files were examples."""
+    from PIL import Image
+
+    root = write_image_folder(tmp_path / "imgs")
+    (root / ".ipynb_checkpoints").mkdir()
+    Image.new("RGB", (5, 6)).save(root / ".ipynb_checkpoints" / "x.png")
+    Image.new("RGB", (5, 6)).save(root / "cat" / ".hidden.png")
+    (root / "cat" / "._0.png").write_bytes(b"AppleDouble")  # macOS metadata, not an image
+    (root / "dog" / "notes.txt").write_text("x")
+    Image.new("P", (5, 6)).save(root / "dog" / "anim.gif")
+    ds = load_dataset(DataSpec(source="image_folder", root="imgs"), tmp_path)
+    assert ds.class_names == ["cat", "dog"] and ds.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert "1 file of other types (.txt 1) skipped" in ds.source_description
+    assert ds[5][0].shape == (3, 6, 5)  # the GIF is read
 
 
 # ----------------------------------------------------------------------------- factory source

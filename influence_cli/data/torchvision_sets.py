@@ -166,6 +166,39 @@ def _palette_is_gray(img: Any) -> bool:
     return all(palette[i] == palette[i + 1] == palette[i + 2] for i in range(0, len(palette) - 2, 3))
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")  # torchvision's, and GIF
+
+
+def _list_image_folder(root: Path, tvd: Any) -> tuple[list[str], Any, dict[str, int]]:
+    """The class folders of `root` (sorted; hidden ones left out), a file filter for
+    torchvision's make_dataset, and the count of files it leaves out by suffix (filled as it runs).
+
+    Hidden files and folders (names starting with '.': .ipynb_checkpoints, macOS ._ files) are
+    not examples; torchvision's ImageFolder made a hidden folder class 0, shifting every label.
+    """
+    classes = sorted(e.name for e in root.iterdir() if e.is_dir() and not e.name.startswith("."))
+    skipped: dict[str, int] = {}
+
+    def is_image(path: str) -> bool:
+        rel = Path(path).relative_to(root)
+        if any(part.startswith(".") for part in rel.parts):
+            return False
+        suffix = rel.suffix.lower()
+        if suffix in IMAGE_SUFFIXES:
+            return True
+        skipped[suffix or "no suffix"] = skipped.get(suffix or "no suffix", 0) + 1
+        return False
+
+    return classes, is_image, skipped
+
+
+def _skipped_text(skipped: dict[str, int]) -> str:
+    """'3 files not images (.txt 2, .avif 1)'."""
+    total = sum(skipped.values())
+    parts = ", ".join(f"{k} {v}" for k, v in sorted(skipped.items(), key=lambda kv: -kv[1])[:4])
+    return f"{total} file{'s' if total != 1 else ''} of other types ({parts})"
+
+
 def open_image_folder(spec: DataSpec, base_dir: Path, name: str) -> Source:
     if spec.root is None:
         raise DataError(f"{name}.root: required for source image_folder (a folder with one sub-folder per class)")
@@ -176,28 +209,29 @@ def open_image_folder(spec: DataSpec, base_dir: Path, name: str) -> Source:
         import torchvision.datasets as tvd
     except ImportError:
         raise DataError(f"{name}.source: image_folder needs torchvision", hint="pip install torchvision") from None
+    classes, found, skipped = _list_image_folder(root, tvd)
     try:
-        ds = tvd.ImageFolder(str(root))
+        found = tvd.folder.make_dataset(str(root), {c: i for i, c in enumerate(classes)}, is_valid_file=found)
     except (FileNotFoundError, OSError) as exc:
         raise DataError(
             f"{name}.root: no images found under {str(root)!r} ({exc})",
             hint="image_folder expects root/<class name>/<image files>",
         ) from None
-    samples = [(str(p), int(t)) for p, t in ds.samples]
+    samples = [(str(p), int(t)) for p, t in found]
     mode = _folder_mode(samples, f"{name}.root")
     resize = tuple(spec.transform.resize) if spec.transform.resize else None
     rel = [f"{Path(p).relative_to(root)}|{Path(p).stat().st_size}" for p, _ in samples]  # names and sizes, for the fingerprint
     return Source(
         n=len(samples),
-        desc=f"image folder {root.name or str(root)}",
+        desc=f"image folder {root.name or str(root)}" + (f" ({_skipped_text(skipped)} skipped)" if skipped else ""),
         labels=torch.tensor([t for _, t in samples], dtype=torch.int64),
         items=_ImageFolderItems(samples, mode, resize, f"{name}.root"),  # type: ignore[arg-type]
         files={
             "root": root.resolve().name,
             "samples": hashlib.sha256("\n".join(rel).encode()).hexdigest(),
-            "classes": list(ds.classes),
+            "classes": classes,
         },
-        class_names=list(ds.classes),
+        class_names=classes,
         raw_255=True,
         resize_in_items=True,
         label_key="root",
