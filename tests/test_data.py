@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import pickle
+import shutil
 import struct
 import textwrap
 import uuid
@@ -740,6 +741,12 @@ def test_fashion_mnist_is_not_read_from_mnist_files_beside_it(tmp_path: Path) ->
     write_idx(raw / "train-labels-idx1-ubyte", synthetic_labels())
     ds = load_dataset(DataSpec(source="fashion_mnist", root="root", split="train"), tmp_path)
     assert ds.labels.tolist() == synthetic_labels().tolist()
+    # the flat files are MNIST's layout only: FashionMNIST never reads them (it read digits as clothes)
+    shutil.rmtree(raw)
+    with pytest.raises(DataError, match="cannot read FashionMNIST") as exc:
+        load_dataset(DataSpec(source="fashion_mnist", root="root", split="train"), tmp_path)
+    assert "a flat folder of FashionMNIST IDX files reads with source: idx" in exc.value.hint
+    assert load_dataset(DataSpec(source="mnist", root="root", split="train"), tmp_path).labels.tolist() == [0] * N
 
 
 def test_resize_refuses_channels_last_inputs(tmp_path: Path) -> None:

@@ -28,9 +28,13 @@ TORCHVISION_SOURCES = {
 
 
 def _find_mnist_files(root: Path, source: str, split: str) -> tuple[Path, Path] | None:
-    """Local MNIST-style IDX files for a split, in root or root/<Class>/raw (torchvision's layout)."""
+    """Local MNIST-style IDX files for a split, in root/<Class>/raw (torchvision's layout) or, for MNIST, in root itself.
+
+    MNIST and FashionMNIST share file names, so a flat folder of them is read as MNIST only
+    (FashionMNIST read it as clothes labels on digit images); FashionMNIST needs torchvision's layout.
+    """
     prefix = "train" if split == "train" else "t10k"
-    folders = [root / TORCHVISION_SOURCES[source][0] / "raw", root]  # torchvision's layout first: MNIST and FashionMNIST share file names
+    folders = [root / TORCHVISION_SOURCES[source][0] / "raw"] + ([root] if source == "mnist" else [])
     for folder in folders:
         found = []
         for kind, dims in (("images", 3), ("labels", 1)):
@@ -85,7 +89,8 @@ def open_torchvision(spec: DataSpec, base_dir: Path, name: str) -> Source:
             ) from None
         raise DataError(
             f"{name}.root: cannot read {label} ({spec.split}) under {str(root)!r} ({reason})",
-            hint=f"point {name}.root at the folder holding torchvision's files (checked against their md5 sums), or set {name}.download: true",
+            hint=f"point {name}.root at the folder holding torchvision's files (checked against their md5 sums), or set {name}.download: true"
+            + ("; a flat folder of FashionMNIST IDX files reads with source: idx" if spec.source == "fashion_mnist" else ""),
         ) from None
     data = torch.as_tensor(np.asarray(ds.data)) if not isinstance(ds.data, torch.Tensor) else ds.data
     if spec.source == "cifar10":
