@@ -18,6 +18,16 @@ class InfluenceError(Exception):
         self.message = message
         self.hint = hint
 
+    def __reduce__(self):  # pickled whole (a DataLoader worker's error keeps its hint and fields)
+        return _restore, (type(self), self.args, self.__dict__)
+
+
+def _restore(cls: type[InfluenceError], args: tuple, state: dict) -> InfluenceError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, *args)
+    error.__dict__.update(state)
+    return error
+
 
 class ConfigError(InfluenceError):
     """The config file or a `--set` override is invalid; lists every problem."""

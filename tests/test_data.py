@@ -918,3 +918,18 @@ def test_data_factories_of_the_same_name_in_two_folders(tmp_path: Path) -> None:
         folder.mkdir()
         (folder / "my_data_same_name.py").write_text(f"import torch\n\ndef make():\n    return torch.zeros({n}, 2), torch.zeros({n}, dtype=torch.int64)\n")
         assert len(load_dataset(DataSpec(source="my_data_same_name:make"), folder)) == n
+
+
+def test_a_data_error_in_a_loader_worker_keeps_its_message_and_hint(tmp_path: Path) -> None:
+    """torch re-raises a worker's exception built from its formatted traceback; the loader raises the error itself."""
+    import pickle as _pickle
+
+    error = DataError("data.train: broken", hint="fix it")
+    again = _pickle.loads(_pickle.dumps(error))
+    assert type(again) is DataError and again.message == "data.train: broken" and again.hint == "fix it"
+    write_image_folder(tmp_path / "imgs", sizes=[(4, 4), (4, 4), (5, 5), (5, 5)])
+    ds = load_dataset(DataSpec(source="image_folder", root="imgs"), tmp_path)
+    with pytest.raises(DataError) as exc:
+        list(make_loader(ds, 2, num_workers=1))
+    assert str(exc.value).startswith("data.train.transform.resize: example 2 has shape") and "Traceback" not in str(exc.value)
+    assert exc.value.hint and "resize" in exc.value.hint

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from influence_cli.config import DataSpec
 from influence_cli.data.factory import open_factory
@@ -21,7 +21,7 @@ from influence_cli.data.subsets import apply_label_noise, labels_of, select_indi
 from influence_cli.data.tensors_file import open_tensors
 from influence_cli.data.torchvision_sets import TORCHVISION_SOURCES, open_image_folder, open_torchvision
 from influence_cli.data.transforms import Transform, resize_images
-from influence_cli.errors import DataError
+from influence_cli.errors import DataError, InfluenceError
 
 BUILTIN_SOURCES = ("mnist", "fashion_mnist", "cifar10", "idx", "tensors", "image_folder")
 
@@ -47,6 +47,17 @@ class Batch(tuple):
     """A batch collated by `IndexedDataset.__getitems__`: (x [B, ...], y [B], global_index int64 [B])."""
 
     __slots__ = ()
+
+
+class WorkerFailure:
+    """What a DataLoader worker hands back instead of a batch when loading it raised an InfluenceError.
+
+    torch re-raises a worker's exception as its type built from the formatted traceback, which
+    loses the hint; the loader (`make_loader`) raises this one as it was.
+    """
+
+    def __init__(self, error: InfluenceError) -> None:
+        self.error = error
 
 
 class IndexedDataset(Dataset):
@@ -150,8 +161,17 @@ class IndexedDataset(Dataset):
 
         In-memory sources return it already collated, as (x [B, *input_shape], y [B], global
         index int64 [B]) in a `Batch`, which `collate_batch` passes through. Lazy sources
-        return a list of `__getitem__` tuples for `collate_batch` to stack.
+        return a list of `__getitem__` tuples for `collate_batch` to stack. In a worker
+        process, an InfluenceError comes back as a `WorkerFailure`.
         """
+        try:
+            return self._batch(positions)
+        except InfluenceError as exc:
+            if get_worker_info() is None:
+                raise
+            return WorkerFailure(exc)
+
+    def _batch(self, positions: list[int]) -> Any:
         if self._inputs is not None:
             idx = torch.as_tensor(positions, dtype=torch.int64)
             x = self._transform(self._inputs[idx])

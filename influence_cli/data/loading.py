@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from torch.utils.data._utils.collate import default_collate
 
-from influence_cli.data.dataset import Batch, IndexedDataset
+from influence_cli.data.dataset import Batch, IndexedDataset, WorkerFailure
 
 
 def collate_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -17,10 +17,20 @@ def collate_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     Returns:
         (x [B, ...] float32, y [B] (int64 or float32), global_index int64 [B]).
     """
-    if isinstance(batch, Batch):
-        return tuple(batch)  # type: ignore[return-value]
+    if isinstance(batch, (Batch, WorkerFailure)):
+        return batch if isinstance(batch, WorkerFailure) else tuple(batch)  # type: ignore[return-value]
     x, y, gi = default_collate(batch)
     return x, y, gi
+
+
+class _Loader(DataLoader):
+    """A DataLoader that raises a worker's InfluenceError as it was (`WorkerFailure`), hint included."""
+
+    def __iter__(self):  # type: ignore[override]
+        for batch in super().__iter__():
+            if isinstance(batch, WorkerFailure):
+                raise batch.error
+            yield batch
 
 
 class _BlockBatchSampler(Sampler[list[int]]):
@@ -69,7 +79,7 @@ def make_loader(
     n = len(dataset) if limit is None else min(limit, len(dataset))
     start, stop = shard_bounds(n, shard)
     start = min(stop, start + start_batch * batch_size)
-    return DataLoader(
+    return _Loader(
         dataset,
         batch_sampler=_BlockBatchSampler(start, stop, batch_size),
         num_workers=num_workers,
