@@ -1,4 +1,5 @@
-"""First-batch checks that a model meets what the factors assume of it.
+"""The model contract: one output tensor with the batch on dim 0 (every batch), and first-batch
+checks that a model meets what the factors assume of it.
 
 The hooks record each tracked layer's input a and output gradient g, and every factor and score
 is built from them on two assumptions (DESIGN.md: per-example gradients Σₜ gₜaₜᵀ):
@@ -40,6 +41,25 @@ def _relative_gap(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).abs().max()) / scale
 
 
+def check_model_output(out: object, batch_size: int) -> None:
+    """The model must return one tensor with the batch along dim 0.
+
+    Raises:
+        ModelError: for a tuple/dict output, or outputs whose dim 0 is not the batch (a final
+            `squeeze()` turns the outputs of a one-example batch into those of no batch).
+    """
+    if not isinstance(out, torch.Tensor):
+        raise ModelError(
+            f"the model returned a {type(out).__name__}, not a tensor of outputs",
+            hint="return the logits (classification) or predictions (regression) alone, e.g. through a factory that wraps the model",
+        )
+    if out.dim() == 0 or out.shape[0] != batch_size:
+        raise ModelError(
+            f"the model returned outputs of shape {list(out.shape)} for a batch of {batch_size}: dim 0 must be the batch",
+            hint="a final .squeeze() drops it on a batch of one; use .squeeze(-1)",
+        )
+
+
 def check_examples_alone(
     model: nn.Module, tracked: list[TrackedModule], x: torch.Tensor, out: torch.Tensor, acts: dict[str, torch.Tensor], tol: float
 ) -> None:
@@ -56,6 +76,7 @@ def check_examples_alone(
     """
     with torch.no_grad(), Capture(tracked) as alone:
         single = model(x[:1])
+    check_model_output(single, 1)  # a final squeeze() shows on a batch of one
     single_acts = alone.activations(1)  # a layer whose dim 0 is not the batch sees dim 0 != 1 here
     for tm in tracked:
         a1, a = single_acts[tm.name], acts[tm.name][:1]
@@ -66,7 +87,7 @@ def check_examples_alone(
                 "statistics over the batch)",
                 hint=_HINT_LAYOUT,
             )
-    if not isinstance(single, torch.Tensor) or single.shape[1:] != out.shape[1:] or _relative_gap(single, out[:1].detach()) > tol:
+    if single.shape[1:] != out.shape[1:] or _relative_gap(single, out[:1].detach()) > tol:
         raise ModelError(
             "the model's outputs for the batch's first example change when it runs alone: they depend on the other examples of the batch",
             hint=_HINT_LAYOUT,

@@ -216,7 +216,7 @@ def _forward(
         with Capture(tracked) as cap:
             with autocast_context(x.device, amp), inputs_named(x, idx, dataset_name, first=first):
                 out = model(x)
-        check_model_output(out, x.shape[0])
+        model_checks.check_model_output(out, x.shape[0])
         if not cap.modified_in_place():
             break
         if x._version != version:
@@ -306,25 +306,6 @@ def _input_hint(x: torch.Tensor, reason: str, dataset_name: str) -> str:
     if any(word in reason for word in ("indices", "index", "Long")):
         return f"the model seems to take token ids; set {dataset_name}.transform.dtype: int64"
     return "check model.kwargs and data transform (flatten/resize)"
-
-
-def check_model_output(out: object, batch_size: int) -> None:
-    """The model must return one tensor with the batch along dim 0.
-
-    Raises:
-        ModelError: for a tuple/dict output, or outputs whose dim 0 is not the batch (a final
-            `squeeze()` turns the outputs of a one-example batch into those of no batch).
-    """
-    if not isinstance(out, torch.Tensor):
-        raise ModelError(
-            f"the model returned a {type(out).__name__}, not a tensor of outputs",
-            hint="return the logits (classification) or predictions (regression) alone, e.g. through a factory that wraps the model",
-        )
-    if out.dim() == 0 or out.shape[0] != batch_size:
-        raise ModelError(
-            f"the model returned outputs of shape {list(out.shape)} for a batch of {batch_size}: dim 0 must be the batch",
-            hint="a final .squeeze() drops it on a batch of one; use .squeeze(-1)",
-        )
 
 
 def _check_outputs(out: torch.Tensor, y: torch.Tensor, task_kind: str, dataset_name: str) -> None:

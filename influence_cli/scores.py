@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from influence_cli import storage
+from influence_cli import model_checks, storage
 from influence_cli.config import Config
 from influence_cli.context import RunContext, prepare
 from influence_cli.data import IndexedDataset, make_loader
@@ -39,7 +39,6 @@ from influence_cli.passes import (
     BatchGradients,
     NonFiniteWatch,
     accumulator_dtype,
-    check_model_output,
     check_token_ids,
     embedding_rows,
     ids_checked_on_host,
@@ -392,7 +391,7 @@ class _Scorer:
                 x = x.to(dtype)
             with inputs_named(x, idx, queries.name, first=offset == 0):
                 out = model(x)  # in the model's dtype, not under factors.amp: predictions are shown as they are
-            check_model_output(out, x.shape[0])
+            model_checks.check_model_output(out, x.shape[0])
             preds.append(out.cpu() if self.cfg.task.kind == "regression" else out.argmax(-1).cpu())
             labels.append(y)
         return {
