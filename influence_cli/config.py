@@ -92,7 +92,12 @@ class ModelConfig:
 
     architecture: str = _help("Built-in name (mlp, cnn) | torchvision:<name> | package.module:function", default="")
     kwargs: dict[str, Any] = _help("Keyword arguments of the architecture.", default_factory=dict)
-    checkpoint: str | None = _help("Weights: .safetensors | .pt | .pth (state dict, common wrappers accepted).", default=None)
+    checkpoint: str | None = _help(
+        "Weights: a safetensors or torch.save file of a state dict, told apart by content (.safetensors, .pt, .pth, .bin, .ckpt, ...); "
+        "wrappers state_dict / model / model_state_dict / module / state_dict_ema / model_ema / ema and DDP, torch.compile "
+        "and Lightning prefixes accepted.",
+        default=None,
+    )
 
 
 @dataclass
@@ -596,6 +601,20 @@ def _exists(path: Path | None, kind: str = "any") -> bool:
         return False
 
 
+def _path_problem(path: Path | None, kind: str) -> str | None:
+    """None when `path` is a `kind` ("file" or "folder"), else what is wrong ("does not exist", "is a folder, not a file")."""
+    if path is None:
+        return None
+    try:
+        if path.is_file() if kind == "file" else path.is_dir():
+            return None
+        if path.exists():
+            return "is a folder, not a file" if kind == "file" else "is a file, not a folder"
+    except (OSError, ValueError):
+        pass
+    return "does not exist"
+
+
 def _check_data_spec(cfg: Config, spec: DataSpec, key: str, check_files: bool) -> list[str]:
     problems: list[str] = []
     builtin = ("mnist", "fashion_mnist", "cifar10", "idx", "tensors", "image_folder")
@@ -617,12 +636,14 @@ def _check_data_spec(cfg: Config, spec: DataSpec, key: str, check_files: bool) -
             problems.append(f"{key}.{name}: required for source {spec.source}")
         elif check_files and not (spec.source in ("mnist", "fashion_mnist", "cifar10") and spec.download):
             resolved = cfg.resolve(value)
-            if not _exists(resolved):
-                problems.append(f"{key}.{name}: {str(resolved)!r} does not exist")
+            problem = _path_problem(resolved, "folder" if name == "root" else "file")
+            if problem:
+                problems.append(f"{key}.{name}: {str(resolved)!r} {problem}")
     if spec.indices_file is not None and check_files:
         resolved = cfg.resolve(spec.indices_file)
-        if not _exists(resolved, "file"):
-            problems.append(f"{key}.indices_file: {str(resolved)!r} does not exist")
+        problem = _path_problem(resolved, "file")
+        if problem:
+            problems.append(f"{key}.indices_file: {str(resolved)!r} {problem}")
     if spec.range is not None:
         if len(spec.range) != 2 or spec.range[0] < 0 or spec.range[1] <= spec.range[0]:
             problems.append(f"{key}.range: expected [start, stop) with 0 <= start < stop, got {spec.range}")
@@ -656,12 +677,11 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
     problems: list[str] = []
     if not cfg.model.architecture:
         problems.append("model.architecture: missing (mlp, cnn, torchvision:<name> or package.module:function)")
-    if cfg.model.checkpoint is not None and check_files:
+    if cfg.model.checkpoint is not None and check_files:  # any suffix: the reader tells safetensors from torch.save files
         ckpt = cfg.resolve(cfg.model.checkpoint)
-        if not _exists(ckpt, "file"):
-            problems.append(f"model.checkpoint: {str(ckpt)!r} does not exist")
-        elif ckpt is not None and ckpt.suffix not in (".safetensors", ".pt", ".pth", ".bin"):
-            problems.append(f"model.checkpoint: {ckpt.name!r} is not .safetensors, .pt or .pth")
+        problem = _path_problem(ckpt, "file")
+        if problem:
+            problems.append(f"model.checkpoint: {str(ckpt)!r} {problem}")
     if cfg.task.measurement == "margin" and cfg.task.kind != "classification":
         problems.append("task.measurement: margin needs task.kind: classification")
     if cfg.task.kind == "language_modeling":
@@ -705,8 +725,9 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
         problems.append(f"scores.query_chunk: must be > 0, got {s.query_chunk}")
     for i, ckpt_path in enumerate(s.checkpoints):
         resolved = cfg.resolve(ckpt_path)
-        if check_files and not _exists(resolved, "file"):
-            problems.append(f"scores.checkpoints[{i}]: {str(resolved)!r} does not exist")
+        problem = _path_problem(resolved, "file") if check_files else None
+        if problem:
+            problems.append(f"scores.checkpoints[{i}]: {str(resolved)!r} {problem}")
     for name, spec in cfg.similarity.datasets.items():
         problems.extend(_check_data_spec(cfg, spec, f"similarity.datasets.{name}", check_files))
     problems.extend(_check_spectrum(cfg, check_files))

@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
-_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
+_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module", "state_dict_ema", "model_ema", "ema")  # in this order
 _STRIP_PREFIXES = ("module.", "_orig_mod.")
 _KWARGS_HINT = "check model.architecture and model.kwargs: they must describe the network the checkpoint was saved from"
 
@@ -290,16 +290,23 @@ def _is_tensor_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
+def _find_state(obj: Any, depth: int = 0) -> dict[str, torch.Tensor] | None:
+    """The first tensor dict under the wrapper keys, depth first (wrappers nest: {"model": {"state_dict": ...}})."""
+    if _is_tensor_dict(obj):
+        return {str(k): v for k, v in obj.items()}
+    if not isinstance(obj, Mapping) or depth >= 4:
+        return None
+    for key in _WRAPPER_KEYS:
+        found = _find_state(obj[key], depth + 1) if key in obj else None
+        if found is not None:
+            return found
+    return None
+
+
 def _unwrap(obj: Any, where: str) -> dict[str, torch.Tensor]:
-    for _ in range(4):  # wrappers can nest ({"model": {"state_dict": ...}})
-        if _is_tensor_dict(obj):
-            return {str(k): v for k, v in obj.items()}
-        if not isinstance(obj, Mapping):
-            break
-        inner = next((obj[k] for k in _WRAPPER_KEYS if k in obj and isinstance(obj[k], Mapping)), None)
-        if inner is None:
-            break
-        obj = inner
+    found = _find_state(obj)
+    if found is not None:
+        return found
     if isinstance(obj, Mapping):
         keys = list(obj)
         shown = ", ".join(repr(k) for k in keys[:8]) + (", ..." if len(keys) > 8 else "")
@@ -308,7 +315,7 @@ def _unwrap(obj: Any, where: str) -> dict[str, torch.Tensor]:
         what = f"a {type(obj).__name__}"
     raise ModelError(
         f"{where} holds {what}, not a state dict of tensors",
-        hint="save model.state_dict() (optionally as {'state_dict': ...}) or a .safetensors file",
+        hint="save model.state_dict(), alone or under one of the keys " + ", ".join(_WRAPPER_KEYS) + ", or a .safetensors file",
     )
 
 
@@ -337,11 +344,7 @@ def read_state_dict(path: str | Path, key: str = "model.checkpoint", strip: bool
     where = f"{key}: {str(path)!r}"
     if not path.is_file():
         raise ModelError(f"{where} does not exist")
-    suffix = path.suffix.lower()
-    if suffix not in (".safetensors", ".pt", ".pth", ".bin"):
-        with path.open("rb") as fh:
-            magic = fh.read(4)
-        suffix = ".pt" if magic.startswith(b"PK") or magic[:1] == b"\x80" else ".safetensors"
+    suffix = _checkpoint_format(path)
     try:
         if suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -357,12 +360,37 @@ def read_state_dict(path: str | Path, key: str = "model.checkpoint", strip: bool
             reason = next((line.strip() for line in text.split("WeightsUnpickler error:", 1)[1].splitlines() if line.strip()), reason)
         if suffix != ".safetensors" and "Unsupported global" in text:
             reason = reason.split(" was not an allowed global", 1)[0] + " (not a tensor)"
-            hint = "the file holds pickled objects other than tensors: save model.state_dict() instead of the model"
+            hint = "the file holds pickled objects other than tensors (a whole model, or settings beside the weights): save model.state_dict() alone"
+        if suffix != ".safetensors" and _is_torchscript(path):
+            reason, hint = "a TorchScript archive (torch.jit.save)", "save model.state_dict() with torch.save, or as .safetensors"
+        if path.stat().st_size == 0:
+            reason = "the file is empty"
         raise ModelError(
             f"{where}: cannot read the checkpoint ({type(exc).__name__}: {reason[:300]})", hint=hint
         ) from None
     state = _unwrap(obj, where)
     return _strip_prefixes(state) if strip else state
+
+
+def _checkpoint_format(path: Path) -> str:
+    """".pt" (torch.save: a zip archive or a legacy pickle) or ".safetensors", from the file's first bytes, whatever its name."""
+    with path.open("rb") as fh:
+        head = fh.read(9)
+    if head.startswith(b"PK") or head[:1] == b"\x80":
+        return ".pt"
+    if head[8:9] == b"{":  # safetensors: an 8-byte header length, then the JSON header
+        return ".safetensors"
+    return ".safetensors" if path.suffix.lower() == ".safetensors" else ".pt"
+
+
+def _is_torchscript(path: Path) -> bool:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any("/code/" in name for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def _listing(items: list[str], noun: str) -> str:
@@ -406,8 +434,14 @@ def load_checkpoint(model: nn.Module, path: str | Path, key: str = "model.checkp
         lazy_keys = {k for k, v in own.items() if isinstance(v, nn.parameter.UninitializedTensorMixin)}
         model.load_state_dict({k: v for k, v in state.items() if k in lazy_keys}, strict=False)
         own = model.state_dict()
-    missing = [k for k in own if k not in state]
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]  # BatchNorm fills it in, as torch does
     unexpected = [k for k in state if k not in own]
+    integer = [f"{k} ({state[k].dtype})" for k, v in own.items() if k in state and v.is_floating_point() and not state[k].is_floating_point()]
+    if integer:
+        raise ModelError(
+            f"{key}: {str(Path(path))!r} holds integer tensors for floating parameters: " + _listing(integer, "tensor"),
+            hint="re-save the checkpoint from the trained model (model.state_dict())",
+        )
     mismatched = [
         f"{k}: checkpoint {list(state[k].shape)} vs model {list(v.shape)}"
         for k, v in own.items()
@@ -423,7 +457,7 @@ def load_checkpoint(model: nn.Module, path: str | Path, key: str = "model.checkp
             parts.append(_listing(mismatched, "shape mismatch").replace("mismatchs", "mismatches"))
         raise ModelError(f"{key}: {str(Path(path))!r} does not match the model: " + "; ".join(parts), hint=_KWARGS_HINT)
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=not any(k not in state for k in own))
     except RuntimeError as exc:  # pragma: no cover - keys and shapes were checked above
         raise ModelError(f"{key}: {str(Path(path))!r} cannot be loaded: {exc}", hint=_KWARGS_HINT) from None
 

@@ -328,7 +328,9 @@ def _check_outputs(out: torch.Tensor, y: torch.Tensor, task_kind: str, dataset_n
                 hint="set task.kind: regression or change the model",
             )
         if y.dtype.is_floating_point:
-            raise DataError(f"{dataset_name}: classification needs integer labels, got {y.dtype}", hint="set task.kind: regression")
+            whole = bool(torch.isfinite(y).all()) and bool((y == y.round()).all())
+            hint = "store the class labels as integers (these are whole numbers stored as floats)" if whole else "set task.kind: regression"
+            raise DataError(f"{dataset_name}: classification needs integer labels, got {y.dtype}", hint=hint)
         if y.dim() != 1:
             raise DataError(
                 f"{dataset_name}: classification needs one class index per example, got labels of shape {list(y.shape[1:])} each",

@@ -199,11 +199,26 @@ def test_missing_files_are_named(tmp_path: Path, override: str, key: str):
     config_from_dict(minimal(), [override], base_dir=tmp_path, check_files=False)  # only the file check fails
 
 
-def test_checkpoint_with_an_unknown_suffix(tmp_path: Path):
-    (tmp_path / "weights.ckpt").write_bytes(b"")
+def test_checkpoints_of_any_suffix_pass_and_folders_are_named(tmp_path: Path):
+    """The reader tells the format from the first bytes (Lightning's last.ckpt, UPPER.PT); a folder is not a file."""
+    for name in ("last.ckpt", "UPPER.PT"):
+        (tmp_path / name).write_bytes(b"")
+        config_from_dict(minimal(), [f"model.checkpoint={name}"], base_dir=tmp_path)
+    (tmp_path / "dir.pt").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    cases = {
+        "model.checkpoint=dir.pt": "model.checkpoint",
+        "scores.checkpoints=[dir.pt]": "scores.checkpoints[0]",
+        "data.train.path=dir.pt": "data.train.path",
+        "data.train.indices_file=dir.pt": "data.train.indices_file",
+    }
+    for override, key in cases.items():
+        with pytest.raises(ConfigError) as exc:
+            config_from_dict(minimal(), [override], base_dir=tmp_path)
+        assert problems_of(exc)[key].endswith("dir.pt' is a folder, not a file"), exc.value.problems
     with pytest.raises(ConfigError) as exc:
-        config_from_dict(minimal(), ["model.checkpoint=weights.ckpt"], base_dir=tmp_path)
-    assert list(problems_of(exc)) == ["model.checkpoint"]
+        config_from_dict(minimal(), ["data.train={source: image_folder, root: a_file}"], base_dir=tmp_path)
+    assert problems_of(exc)["data.train.root"].endswith("a_file' is a file, not a folder")
 
 
 def test_every_problem_is_reported_together_with_the_file(tmp_path: Path):

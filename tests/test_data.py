@@ -933,3 +933,24 @@ def test_a_data_error_in_a_loader_worker_keeps_its_message_and_hint(tmp_path: Pa
         list(make_loader(ds, 2, num_workers=1))
     assert str(exc.value).startswith("data.train.transform.resize: example 2 has shape") and "Traceback" not in str(exc.value)
     assert exc.value.hint and "resize" in exc.value.hint
+
+
+def test_index_files_with_a_byte_order_mark_and_digit_separators(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"inputs": torch.zeros(10, 2), "labels": torch.arange(10)}, tmp_path / "d.safetensors")
+    (tmp_path / "bom.txt").write_bytes("\ufeff4\n2\n".encode())
+    ds = load_dataset(DataSpec(source="tensors", path="d.safetensors", indices_file="bom.txt"), tmp_path)
+    assert ds.global_indices.tolist() == [4, 2]
+    (tmp_path / "sep.txt").write_text("1_0\n")
+    assert "line 1 of sep.txt is '1_0', not an integer" in error_of(DataSpec(source="tensors", path="d.safetensors", indices_file="sep.txt"), tmp_path)
+
+
+def test_channels_last_images_with_a_channel_normalize_say_so(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"inputs": torch.zeros(4, 8, 8, 3), "labels": torch.zeros(4, dtype=torch.int64)}, tmp_path / "d.safetensors")
+    spec = DataSpec(source="tensors", path="d.safetensors", transform=TransformSpec(normalize=NormalizeSpec(mean=[0.5] * 3, std=[0.2] * 3)))
+    with pytest.raises(DataError, match=r"they look channels-last \(\[H, W, C\]\)") as exc:
+        load_dataset(spec, tmp_path)
+    assert "permute(0, 3, 1, 2)" in exc.value.hint

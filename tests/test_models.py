@@ -397,3 +397,41 @@ def test_lazy_layers_take_their_shapes_from_the_checkpoint_or_are_named(tmp_path
     model = load_model(ModelConfig(architecture="lazy_factory:make", checkpoint="lazy.safetensors"), tmp_path)
     assert model[0].weight.shape == (5, 4) and torch.equal(model[0].weight, trained[0].weight)
     assert [tm.name for tm in find_tracked_modules(model, ["*"])] == ["0", "2"]
+
+
+def test_checkpoint_shapes_that_were_misread_or_refused(tmp_path: Path) -> None:
+    """Wrappers tried in order to the first state dict, EMA weights, BatchNorm without num_batches_tracked,
+    safetensors under another suffix; integer weights, TorchScript and empty files named."""
+    source = _mlp()
+    state = _trained_like(source)
+    cases = {
+        "cfg_beside.pt": {"model": {"name": "mlp", "hidden": [64, 32]}, "model_state_dict": state, "epoch": 3},
+        "ema.pt": {"ema": state},
+        "timm_ema.pth": {"state_dict_ema": state},
+    }
+    for name, obj in cases.items():
+        torch.save(obj, tmp_path / name)
+        target = _mlp()
+        load_checkpoint(target, tmp_path / name)
+        _assert_same_weights(target, _mlp_with(state))
+    save_file(state, str(tmp_path / "weights.bin"))  # safetensors bytes, .bin name
+    load_checkpoint(_mlp(), tmp_path / "weights.bin")
+    bn = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    torch.save({k: v for k, v in bn.state_dict().items() if not k.endswith("num_batches_tracked")}, tmp_path / "bn.pt")
+    load_checkpoint(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), tmp_path / "bn.pt")
+    save_file({k: v.to(torch.int32) if k.endswith("weight") else v for k, v in state.items()}, str(tmp_path / "int.safetensors"))
+    with pytest.raises(ModelError, match="holds integer tensors for floating parameters"):
+        load_checkpoint(_mlp(), tmp_path / "int.safetensors")
+    torch.jit.save(torch.jit.script(nn.Linear(2, 2)), str(tmp_path / "scripted.pt"))
+    with pytest.raises(ModelError, match=r"a TorchScript archive \(torch.jit.save\)") as exc:
+        load_checkpoint(_mlp(), tmp_path / "scripted.pt")
+    assert "state_dict()" in exc.value.hint
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(ModelError, match="the file is empty"):
+        load_checkpoint(_mlp(), tmp_path / "empty.pt")
+
+
+def _mlp_with(state: dict) -> nn.Module:
+    model = _mlp()
+    model.load_state_dict(state)
+    return model

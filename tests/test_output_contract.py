@@ -202,3 +202,13 @@ def test_regression_labels_and_the_root_layer_show_in_tables(tmp_path):
     assert rows and all(len(cell) < 40 for row in rows for cell in row.split("│")), rows  # labels to 4 digits
     data = json.loads(_invoke("spectrum", path, "--top", "2", "--json", "--overwrite").stdout)
     assert data
+
+
+def test_class_labels_stored_as_floats_are_named_as_such():
+    x = torch.randn(4, 4)
+    with pytest.raises(DataError, match="classification needs integer labels, got torch.float32") as exc:
+        _first(nn.Linear(4, 3), x, torch.tensor([0.0, 2.0, 1.0, 1.0]), kind="classification", fisher="empirical")
+    assert exc.value.hint == "store the class labels as integers (these are whole numbers stored as floats)"
+    with pytest.raises(DataError) as exc:
+        _first(nn.Linear(4, 3), x, torch.tensor([0.5, 2.0, 1.0, 1.0]), kind="classification", fisher="empirical")
+    assert exc.value.hint == "set task.kind: regression"

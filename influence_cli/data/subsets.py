@@ -19,7 +19,7 @@ def _read_indices_file(spec: DataSpec, base_dir: Path, key: str) -> tuple[list[i
     """Indices listed in a text (one per line) or .json file; also returns its fingerprint info."""
     path = existing_file(spec.indices_file, key, base_dir, "a file of indices")
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not part of line 1
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{key}: cannot read {path.name} ({exc})") from None
     if path.suffix.lower() == ".json":
@@ -36,6 +36,8 @@ def _read_indices_file(spec: DataSpec, base_dir: Path, key: str) -> tuple[list[i
         if not line or line.startswith("#"):
             continue
         try:
+            if "_" in line:  # int() reads Python's digit separators: "1_000" is no index a file should hold
+                raise ValueError(line)
             out.append(int(line))
         except ValueError:
             raise DataError(f"{key}: line {lineno} of {path.name} is {line!r}, not an integer") from None

@@ -96,9 +96,11 @@ class Transform:
                     "channel dimension; give a single mean and std"
                 )
             elif shape[0] != len(mean):
+                last = shape[-1] == len(mean)
                 raise DataError(
                     f"{key}.normalize: {len(mean)} values given for inputs with {shape[0]} channels "
-                    f"(shape {list(shape)}, channels first)"
+                    f"(shape {list(shape)}, channels first)" + ("; they look channels-last ([H, W, C])" if last else ""),
+                    hint="store the images channels first (e.g. permute(0, 3, 1, 2) before saving)" if last else None,
                 )
             else:
                 view = (len(mean),) + (1,) * (len(shape) - 1)
