@@ -28,6 +28,7 @@ from torch import nn
 
 from influence_cli.config import ModelConfig
 from influence_cli.errors import ModelError
+from influence_cli.storage import torch_load_reason
 from influence_cli.user_code import import_from
 
 __all__ = [
@@ -353,13 +354,9 @@ def read_state_dict(path: str | Path, key: str = "model.checkpoint", strip: bool
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - corrupt files raise many kinds of errors
-        text = str(exc).strip()
-        reason = text.splitlines()[0] if text else type(exc).__name__
+        reason, objects = torch_load_reason(exc)
         hint = "the file may be truncated or not a checkpoint; re-save it from the trained model"
-        if "WeightsUnpickler error:" in text:  # torch's weights-only unpickler: the line after its preamble says why
-            reason = next((line.strip() for line in text.split("WeightsUnpickler error:", 1)[1].splitlines() if line.strip()), reason)
-        if suffix != ".safetensors" and "Unsupported global" in text:
-            reason = reason.split(" was not an allowed global", 1)[0] + " (not a tensor)"
+        if suffix != ".safetensors" and objects:
             hint = "the file holds pickled objects other than tensors (a whole model, or settings beside the weights): save model.state_dict() alone"
         if suffix != ".safetensors" and _is_torchscript(path):
             reason, hint = "a TorchScript archive (torch.jit.save)", "save model.state_dict() with torch.save, or as .safetensors"

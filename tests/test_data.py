@@ -954,3 +954,11 @@ def test_channels_last_images_with_a_channel_normalize_say_so(tmp_path: Path) ->
     with pytest.raises(DataError, match=r"they look channels-last \(\[H, W, C\]\)") as exc:
         load_dataset(spec, tmp_path)
     assert "permute(0, 3, 1, 2)" in exc.value.hint
+
+
+def test_a_tensors_file_of_pickled_objects_says_what_to_save(tmp_path: Path) -> None:
+    torch.save(torch.utils.data.TensorDataset(torch.zeros(4, 2), torch.zeros(4)), tmp_path / "tds.pt")
+    with pytest.raises(DataError) as exc:
+        load_dataset(DataSpec(source="tensors", path="tds.pt"), tmp_path)
+    assert "(not a tensor)" in exc.value.message and "\x1b" not in exc.value.message and "\n" not in exc.value.message
+    assert exc.value.hint.startswith("save a dict of tensors {'inputs': ..., 'labels': ...}")

@@ -11,6 +11,7 @@ import torch
 from influence_cli.config import DataSpec
 from influence_cli.data.source import Source, existing_file, file_info, to_inputs, to_labels
 from influence_cli.errors import DataError
+from influence_cli.storage import torch_load_reason
 
 
 def open_tensors(spec: DataSpec, base_dir: Path, name: str) -> Source:
@@ -42,8 +43,9 @@ def open_tensors(spec: DataSpec, base_dir: Path, name: str) -> Source:
     except DataError:
         raise
     except Exception as exc:  # any reader failure on a user file becomes one readable line
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"{name}.path: cannot read {where} ({type(exc).__name__}: {reason})") from None
+        reason, objects = torch_load_reason(exc)
+        hint = f"save a dict of tensors {{{spec.inputs_key!r}: ..., {spec.labels_key!r}: ...}} (torch.save, safetensors or .npz)" if objects else None
+        raise DataError(f"{name}.path: cannot read {where} ({type(exc).__name__}: {reason})", hint=hint) from None
     keys = ", ".join(sorted(map(str, content))) or "none"
     for key_name, key in (("inputs_key", spec.inputs_key), ("labels_key", spec.labels_key)):
         if key not in content:
