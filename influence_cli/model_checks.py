@@ -27,7 +27,10 @@ from influence_cli.errors import ModelError
 from influence_cli.tracking import Capture, TrackedModule
 
 _TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-3}  # relative; bf16/fp16 products: 5e-2
-_HINT_LAYOUT = "keep the batch first in the model (e.g. batch_first=True), and nothing that mixes the examples of a batch"
+_HINT_LAYOUT = (
+    "keep the batch first in the model (e.g. batch_first=True), with nothing that mixes the examples of a batch "
+    "and no randomness (model.eval() turns off dropout and batch statistics)"
+)
 
 
 def tolerance(dtype: torch.dtype, amp: str) -> float:
