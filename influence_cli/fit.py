@@ -402,9 +402,24 @@ def load_factors(path: Path) -> Factors:
     return Factors(meta.get("strategy", ""), meta.get("fisher", ""), layers, meta)
 
 
-def check_factors_match(factors: Factors, ctx: RunContext, path: Path, dataset_fingerprint: str | None = None) -> None:
-    """Refuses factors of another model, task, other layers, other padding, or (when given) another training set."""
+def check_factors_match(
+    factors: Factors, ctx: RunContext, path: Path, dataset_fingerprint: str | None = None, num_examples: int | None = None
+) -> None:
+    """Refuses factors of another model, task, other layers, other padding, another seed for sampled
+    labels, or (when given) another training set or number of examples (factors.max_examples)."""
     meta = factors.metadata
+    fitted_seed = storage.meta_json(meta, "seed")
+    if factors.fisher == "sampled" and fitted_seed is not None and fitted_seed != ctx.cfg.seed:
+        raise OutputError(
+            f"{str(path)!r} was fitted with seed={fitted_seed} (its sampled Fisher labels), the config has {ctx.cfg.seed}",
+            hint="use the seed of fit-factors, or refit with --overwrite",
+        )
+    fitted_n = storage.meta_json(meta, "num_examples")
+    if num_examples is not None and fitted_n is not None and fitted_n != num_examples:
+        raise OutputError(
+            f"{str(path)!r} was fitted on {fitted_n} examples, the config asks for {num_examples} (data.train, factors.max_examples)",
+            hint="use the factors.max_examples of fit-factors, or refit with --overwrite",
+        )
     fitted_task = meta.get("task")  # absent from files written before the task was recorded
     if fitted_task is not None and fitted_task != ctx.cfg.task.kind:
         raise OutputError(

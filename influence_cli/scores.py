@@ -229,7 +229,8 @@ def _load_layers(ctx: RunContext, train: IndexedDataset, member: Member) -> tupl
             hint="run `influence fit-factors` with this config: it fits the factors of every checkpoint in scores.checkpoints",
         )
     factors = load_factors(path)
-    check_factors_match(factors, ctx, path, train.fingerprint())
+    limit = cfg.factors.max_examples
+    check_factors_match(factors, ctx, path, train.fingerprint(), len(train) if limit is None else min(limit, len(train)))
     if factors.strategy != cfg.factors.strategy or factors.fisher != cfg.factors.fisher:
         raise OutputError(
             f"{str(path)!r} holds {factors.strategy} factors ({factors.fisher} Fisher), the config asks for "

@@ -145,6 +145,10 @@ def test_top_k_refuses_scores_of_factors_refitted_since(runner, tmp_path, monkey
     for command in (["fit-factors"], ["compute-scores"], ["compute-scores", "--self"]):
         assert invoke(runner, *command, config).exit_code == 0
     assert invoke(runner, "fit-factors", config, "--overwrite").exit_code == 0  # the same settings: the same factors
+    for override, needle in (("seed=1", "was fitted with seed=0 (its sampled Fisher labels), the config has 1"),
+                             ("factors.max_examples=30", f"was fitted on {N_TRAIN} examples, the config asks for 30")):  # fmt: skip
+        result = invoke(runner, "compute-scores", config, "--overwrite", "--set", override)
+        assert result.exit_code == 5 and needle in result.stderr, result.stderr
     assert invoke(runner, "top-k", config, "--k", "1").exit_code == 0
     assert invoke(runner, "fit-factors", config, "--overwrite", "--set", "seed=1").exit_code == 0
     for extra in ([], ["--self"]):
