@@ -455,3 +455,31 @@ def test_sigterm_outside_an_import_stops_like_ctrl_c(monkeypatch):
     with pytest.raises(app_mod.Terminated):
         app_mod._on_sigterm(15, None)
     assert app_mod._TERMINATED["hit"]  # main() then exits 143 even if click turned it into its own abort
+
+
+def test_tables_survive_odd_terminals(tmp_path: Path, monkeypatch):
+    """A non-UTF-8 stdout prints '?' for λ or ×, a non-numeric COLUMNS is ignored, and a pipe gets
+    tables at their natural width (rich would assume 80 columns and cut the headers)."""
+    import subprocess
+    import sys
+
+    from influence_cli.cli import render
+
+    root = Path(__file__).resolve().parents[1]
+    for encoding in ("ascii", "latin-1"):
+        env = {**os.environ, "PYTHONIOENCODING": encoding, "COLUMNS": "abc", "OMP_NUM_THREADS": "1"}
+        out = subprocess.run(
+            [sys.executable, "-m", "influence_cli", "inspect", str(root / "configs" / "digits.yaml")],
+            capture_output=True, env=env, timeout=120,
+        )  # fmt: skip
+        assert out.returncode == 0 and b"Traceback" not in out.stderr, out.stderr.decode(errors="replace")
+        assert b"fc1" in out.stdout
+    import io
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.setattr("sys.stdout", io.StringIO())  # a pipe or file: not a terminal
+    assert render._columns() == 10_000
+    monkeypatch.setenv("COLUMNS", "abc")
+    assert render._columns() in (None, 10_000)
+    monkeypatch.setenv("COLUMNS", "57")
+    assert render._columns() == 57

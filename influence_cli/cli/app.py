@@ -16,7 +16,7 @@ from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 
 from influence_cli import __version__
-from influence_cli.cli.render import err_console
+from influence_cli.cli.render import err_console, tolerate_narrow_encodings
 from influence_cli.errors import InfluenceError
 
 EXIT_INTERRUPTED = 130
@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         from click import exceptions as click  # type: ignore[no-redef]
 
     args = _debug_first(list(sys.argv[1:] if argv is None else argv))
+    tolerate_narrow_encodings()
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         code = app(prog_name="influence", args=args, standalone_mode=False)

@@ -26,9 +26,28 @@ from rich.text import Text
 err_console = Console(stderr=True, highlight=False)
 
 
+def _columns() -> int | None:
+    """The width results are drawn at: $COLUMNS when it is a number; unbounded for a file or pipe (rich
+    would assume 80 and cut the tables a script reads); else the terminal's (None: rich asks it)."""
+    try:
+        return int(os.environ.get("COLUMNS", "")) or None
+    except ValueError:
+        pass
+    isatty = getattr(sys.stdout, "isatty", None)
+    return None if isatty is not None and isatty() else 10_000
+
+
 def out_console() -> Console:
     """A console on the current stdout (created per call so test runners can capture it)."""
-    return Console(file=sys.stdout, highlight=False, soft_wrap=False, width=int(os.environ.get("COLUMNS", 0)) or None)
+    return Console(file=sys.stdout, highlight=False, soft_wrap=False, width=_columns())
+
+
+def tolerate_narrow_encodings() -> None:
+    """Characters a non-UTF-8 stdout/stderr cannot encode (λ, Λ, ·, …) print as '?' instead of raising."""
+    for stream in (sys.stdout, sys.stderr):
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "")
+        if encoding != "utf8" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
 
 
 def print_json(data: Any) -> None:
@@ -44,8 +63,8 @@ def print_table(table: Table) -> None:
 def new_table(title: str, columns: list[tuple[str, str]]) -> Table:
     """A table with (header, justify) columns."""
     table = Table(title=title, title_justify="left", header_style="bold")
-    for header, justify in columns:
-        table.add_column(header, justify=justify)  # type: ignore[arg-type]
+    for header, justify in columns:  # in a narrow terminal, cells fold onto more lines instead of losing digits to "…"
+        table.add_column(header, justify=justify, overflow="fold")  # type: ignore[arg-type]
     return table
 
 
