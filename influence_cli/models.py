@@ -225,7 +225,7 @@ def _torchvision_builder(name: str) -> Callable[..., nn.Module]:
         raise ModelError(f"model.architecture: torchvision:{name} needs torchvision ({exc})") from None
     available = sorted(torchvision.models.list_models())
     if name not in available:
-        close = difflib.get_close_matches(name, available, n=5, cutoff=0.5)
+        close = difflib.get_close_matches(name, available, n=5, cutoff=0.75)
         hint = f"close names: {', '.join(close)}" if close else f"for example: {', '.join(available[:8])}"
         raise ModelError(f"model.architecture: torchvision has no model {name!r}", hint=hint)
 

@@ -160,7 +160,7 @@ def top_k_cmd(
     ] = True,
     image_grid: Annotated[
         Path | None,
-        typer.Option("--image-grid", help="Also draw the rankings as a picture (PNG; replaced if it exists): one row per query.", show_default=False),
+        typer.Option("--image-grid", help="Also draw the rankings as a picture (PNG, or any format Pillow writes, by the suffix; replaced if it exists): one row per query.", show_default=False),
     ] = None,
     set_: SetOpt = None,
     json_: JsonOpt = False,
