@@ -414,12 +414,6 @@ def check_factors_match(
             f"{str(path)!r} was fitted with seed={fitted_seed} (its sampled Fisher labels), the config has {ctx.cfg.seed}",
             hint="use the seed of fit-factors, or refit with --overwrite",
         )
-    fitted_n = storage.meta_json(meta, "num_examples")
-    if num_examples is not None and fitted_n is not None and fitted_n != num_examples:
-        raise OutputError(
-            f"{str(path)!r} was fitted on {fitted_n} examples, the config asks for {num_examples} (data.train, factors.max_examples)",
-            hint="use the factors.max_examples of fit-factors, or refit with --overwrite",
-        )
     fitted_task = meta.get("task")  # absent from files written before the task was recorded
     if fitted_task is not None and fitted_task != ctx.cfg.task.kind:
         raise OutputError(
@@ -441,6 +435,12 @@ def check_factors_match(
         raise OutputError(
             f"{str(path)!r} was fitted on another training set than data.train",
             hint="use the data.train of fit-factors, or refit with --overwrite",
+        )
+    fitted_n = storage.meta_json(meta, "num_examples")
+    if num_examples is not None and fitted_n is not None and fitted_n != num_examples:
+        raise OutputError(
+            f"{str(path)!r} was fitted on {fitted_n} examples, the config asks for {num_examples} (data.train, factors.max_examples)",
+            hint="use the factors.max_examples of fit-factors, or refit with --overwrite",
         )
     fitted_padding = storage.meta_json(meta, "padding_value")
     if fitted_padding != ctx.cfg.data.padding_value:

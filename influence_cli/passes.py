@@ -162,7 +162,7 @@ def stream_gradients(
                 keep = max_examples - seen
                 x, y, idx = x[:keep], y[:keep], idx[:keep]
         seen += len(idx)
-        y_cpu = y
+        y_cpu, idx_cpu = y, idx
         if vocabulary is not None:
             check_token_ids(x, idx, vocabulary, dataset_name, padding_value)
         x = x.to(device, non_blocking=True)
@@ -174,7 +174,7 @@ def stream_gradients(
         with tracked_grad_enabled(tracked):
             out, cap = _forward(model, tracked, x, idx, amp, first=offset == 0, dataset_name=dataset_name)
             out_f = out.to(acc_dtype) if out.is_floating_point() else out
-            _check_outputs(out_f, y_cpu, task_kind, dataset_name)
+            _check_outputs(out_f, y_cpu, idx_cpu, task_kind, dataset_name)
             if mode == "fisher":
                 vectors = task_lib.fisher_output_vectors(out_f, y, idx, task_kind, fisher, seed)
             elif mode in ("loss", "loss+fisher"):
@@ -308,8 +308,8 @@ def _input_hint(x: torch.Tensor, reason: str, dataset_name: str) -> str:
     return "check model.kwargs and data transform (flatten/resize)"
 
 
-def _check_outputs(out: torch.Tensor, y: torch.Tensor, task_kind: str, dataset_name: str) -> None:
-    """Shape and label checks; `y` is the CPU copy of the targets, so no device sync."""
+def _check_outputs(out: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, task_kind: str, dataset_name: str) -> None:
+    """Shape and label checks; `y` and `idx` (global indices) are the CPU copies, so no device sync."""
     if task_kind == "regression":
         if y.dim() == 0 or y[:1].numel() != out[:1].numel():
             raise DataError(
@@ -319,7 +319,7 @@ def _check_outputs(out: torch.Tensor, y: torch.Tensor, task_kind: str, dataset_n
             )
         return
     if task_kind == "language_modeling":
-        _check_token_labels(out, y, dataset_name)
+        _check_token_labels(out, y, idx, dataset_name)
         return
     if task_kind == "classification":
         if out.dim() != 2:
@@ -338,15 +338,16 @@ def _check_outputs(out: torch.Tensor, y: torch.Tensor, task_kind: str, dataset_n
             )
         if y.device.type != "cpu":  # a check here would stall the device; the loss reports it instead
             return
-        bad = y[(y < 0) | (y >= out.shape[1])]
-        if bad.numel():
+        wrong = (y < 0) | (y >= out.shape[1])
+        if wrong.any():
+            first = int(wrong.nonzero()[0, 0])
             raise DataError(
-                f"{dataset_name}: label {int(bad[0])} is outside the model's {out.shape[1]} classes",
+                f"{dataset_name}: label {int(y[first])} of example {int(idx[first])} is outside the model's {out.shape[1]} classes",
                 hint="check model.kwargs.num_classes or filter with labels_in",
             )
 
 
-def _check_token_labels(out: torch.Tensor, y: torch.Tensor, dataset_name: str) -> None:
+def _check_token_labels(out: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, dataset_name: str) -> None:
     """A language model's outputs [B, T, V] and labels [B, T]: integer ids in [0, V), or IGNORE_INDEX."""
     if out.dim() != 3:
         raise DataError(
@@ -361,9 +362,11 @@ def _check_token_labels(out: torch.Tensor, y: torch.Tensor, dataset_name: str) -
             f"{list(y.shape[1:])} per example",
             hint=f"store labels [N, positions] aligned with the outputs (the next token's id; {task_lib.IGNORE_INDEX} where no loss counts)",
         )
-    bad = y[((y < 0) & (y != task_lib.IGNORE_INDEX)) | (y >= out.shape[2])]
-    if bad.numel():
+    wrong = (((y < 0) & (y != task_lib.IGNORE_INDEX)) | (y >= out.shape[2])).reshape(len(y), -1).any(1)
+    if wrong.any():
+        first = int(wrong.nonzero()[0, 0])
+        label = int(y[first][((y[first] < 0) & (y[first] != task_lib.IGNORE_INDEX)) | (y[first] >= out.shape[2])][0])
         raise DataError(
-            f"{dataset_name}: label {int(bad[0])} is outside the model's vocabulary of {out.shape[2]} tokens",
+            f"{dataset_name}: label {label} of example {int(idx[first])} is outside the model's vocabulary of {out.shape[2]} tokens",
             hint=f"labels are token ids in [0, {out.shape[2]}), or {task_lib.IGNORE_INDEX} for positions without a loss",
         )

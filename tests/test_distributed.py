@@ -218,7 +218,7 @@ output_dir: {tmp_path / "out"}
     )
     run = torchrun(*fit_args(config, tmp_path / "out"))
     assert run.returncode != 0
-    assert "[rank 1] data error: data.train: label 12 is outside the model's 10 classes" in run.stderr, run.stderr
+    assert "[rank 1] data error: data.train: label 12 of example 300 is outside the model's 10 classes" in run.stderr, run.stderr
     # Rank 0 stops with a typed error (or torchrun stops it first), never a traceback from the collective.
     assert "[rank0]: Traceback" not in run.stderr and "RuntimeError" not in run.stderr, run.stderr
     out = tmp_path / "out"

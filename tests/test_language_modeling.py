@@ -225,10 +225,10 @@ def test_data_that_does_not_fit_a_language_model_is_named():
         _fit_on(model, tokens, labels.double())
     wrong = labels.clone()
     wrong[1, 0] = VOCAB
-    with pytest.raises(DataError, match=f"label {VOCAB} is outside the model's vocabulary of {VOCAB} tokens"):
+    with pytest.raises(DataError, match=f"label {VOCAB} of example 1 is outside the model's vocabulary of {VOCAB} tokens"):
         _fit_on(model, tokens, wrong)
     wrong[1, 0] = -1
-    with pytest.raises(DataError, match="label -1 is outside"):
+    with pytest.raises(DataError, match="label -1 of example 1 is outside"):
         _fit_on(model, tokens, wrong)
 
 
