@@ -346,6 +346,11 @@ def read_state_dict(path: str | Path, key: str = "model.checkpoint", strip: bool
     if not path.is_file():
         raise ModelError(f"{where} does not exist")
     suffix = _checkpoint_format(path)
+    if suffix != ".safetensors" and _is_torchscript(path):  # torch.load would hand it to torch.jit.load
+        raise ModelError(
+            f"{where}: cannot read the checkpoint (a TorchScript archive, written by torch.jit.save)",
+            hint="save model.state_dict() with torch.save, or as .safetensors",
+        )
     try:
         if suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -358,8 +363,6 @@ def read_state_dict(path: str | Path, key: str = "model.checkpoint", strip: bool
         hint = "the file may be truncated or not a checkpoint; re-save it from the trained model"
         if suffix != ".safetensors" and objects:
             hint = "the file holds pickled objects other than tensors (a whole model, or settings beside the weights): save model.state_dict() alone"
-        if suffix != ".safetensors" and _is_torchscript(path):
-            reason, hint = "a TorchScript archive (torch.jit.save)", "save model.state_dict() with torch.save, or as .safetensors"
         if path.stat().st_size == 0:
             reason = "the file is empty"
         raise ModelError(
