@@ -239,7 +239,10 @@ data:
   padding_value: 0
 ```
 
-top-k and the JSON outputs show labels and predictions as token lists.
+top-k and the JSON outputs show labels and predictions as token lists (the table shows the
+counted positions; predictions are -100 where the label is). Labels at padded positions must be
+-100, and the first padded batch checks that an example cut to its real positions gives the same
+outputs, so a model that reads padding (no causal or key mask) is refused.
 
 ## Precision
 

@@ -97,6 +97,47 @@ def check_examples_alone(
         )
 
 
+def check_padding_alone(model: nn.Module, x: torch.Tensor, out: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor, tol: float) -> None:
+    """The batch's first padded example, run on its real positions alone, gives its outputs in the batch.
+
+    Masking padded positions in the tracked layers is exact only for a model that ignores
+    padding; `mask_padding`'s gradient check sees tracked layers only, so a model that reads
+    padding through untracked ones (attention projections, embeddings) needs this one too. Run
+    under the batch's autocast context.
+
+    Args:
+        x: The batch [B, L, ...]; out: its outputs; mask: [B, L] bool, True at real positions;
+            idx: [B] global indices. Outputs with positions ([B, L, ...]) are compared at the real ones.
+
+    Raises:
+        ModelError: naming the example whose outputs change.
+    """
+    padded = (~mask).any(1).nonzero()
+    if not len(padded):
+        return
+    i = int(padded[0, 0])
+    real = mask[i]
+    if not bool(real.any()):
+        return
+    with torch.no_grad():
+        single = model(x[i : i + 1][:, real])
+    check_model_output(single, 1)
+    mine = out[i].detach()
+    if single.shape[1:] == mine.shape:
+        gap = _relative_gap(single[0], mine)
+    elif out.dim() >= 2 and out.shape[1] == x.shape[1] and single.shape[1:] == (int(real.sum()), *out.shape[2:]):
+        gap = _relative_gap(single[0], mine[real])
+    else:
+        return  # outputs whose shape follows the length some other way: nothing to compare
+    if gap > tol:
+        raise ModelError(
+            f"data.padding_value: the model's outputs for example {int(idx[i])} change when its padding is removed "
+            f"(by {gap:.1%} of their largest value): the model reads the padded positions",
+            hint="mask padding in the model (an attention key mask, a causal mask with right padding, masked pooling), "
+            "or pad with a value the model ignores",
+        )
+
+
 def check_weight_gradients(
     model: nn.Module,
     tracked: list[TrackedModule],

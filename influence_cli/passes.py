@@ -165,6 +165,8 @@ def stream_gradients(
         y_cpu, idx_cpu = y, idx
         if vocabulary is not None:
             check_token_ids(x, idx, vocabulary, dataset_name, padding_value)
+        if task_kind == "language_modeling" and padding_value is not None:
+            _check_padding_labels(x, y, idx, padding_value, dataset_name)
         x = x.to(device, non_blocking=True)
         mask = None if padding_value is None else padding_mask(x, padding_value, dataset_name)  # on the data's own dtype
         if x.is_floating_point():
@@ -199,6 +201,9 @@ def stream_gradients(
         check = mask is not None and not padding_checked and bool((~mask).any())
         padding_checked = padding_checked or check
         positions = {} if mask is None else mask_padding(tracked, mask, acts, grads, check=check)
+        if check:  # and through the untracked layers too
+            with autocast_context(x.device, amp):
+                model_checks.check_padding_alone(model, x, out, mask, idx, model_checks.tolerance(dtype, amp))
         yield BatchGradients(start_batch + offset, idx, y, out_f.detach(), acts, grads, positions)
 
 
@@ -345,6 +350,19 @@ def _check_outputs(out: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, task_k
                 f"{dataset_name}: label {int(y[first])} of example {int(idx[first])} is outside the model's {out.shape[1]} classes",
                 hint="check model.kwargs.num_classes or filter with labels_in",
             )
+
+
+def _check_padding_labels(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, padding_value: float, dataset_name: str) -> None:
+    """A language model's labels are IGNORE_INDEX at padded input positions (x, y on the host; [B, L])."""
+    if y.dim() != 2 or y.shape != x.shape[:2] or y.is_floating_point():
+        return  # the shape and dtype checks name these
+    stray = padding_mask(x, padding_value, dataset_name).logical_not() & (y != task_lib.IGNORE_INDEX)
+    if bool(stray.any()):
+        row, col = (int(v) for v in stray.nonzero()[0])
+        raise DataError(
+            f"{dataset_name}: example {int(idx[row])} has label {int(y[row, col])} at position {col}, which its inputs mark as padding",
+            hint=f"labels at padded positions must be {task_lib.IGNORE_INDEX} (no loss there)",
+        )
 
 
 def _check_token_labels(out: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, dataset_name: str) -> None:

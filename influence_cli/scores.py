@@ -48,6 +48,7 @@ from influence_cli.passes import (
 )
 from influence_cli.progress import Progress, for_rank
 from influence_cli.resume import PassCheckpoint, Snapshot, run_key
+from influence_cli.task import IGNORE_INDEX
 
 _SCORE_BYTES = 4  # the score block is computed in float32 (float64 for float64 models), see sizing
 
@@ -393,7 +394,10 @@ class _Scorer:
             with inputs_named(x, idx, queries.name, first=offset == 0):
                 out = model(x)  # in the model's dtype, not under factors.amp: predictions are shown as they are
             model_checks.check_model_output(out, x.shape[0])
-            preds.append(out.cpu() if self.cfg.task.kind == "regression" else out.argmax(-1).cpu())
+            pred = out.cpu() if self.cfg.task.kind == "regression" else out.argmax(-1).cpu()
+            if self.cfg.task.kind == "language_modeling" and y.shape == pred.shape:  # no prediction where no loss counts
+                pred = pred.masked_fill(y == IGNORE_INDEX, IGNORE_INDEX)
+            preds.append(pred)
             labels.append(y)
         return {
             "query_indices": queries.global_indices.clone(),

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from influence_cli import task as task_lib
 from influence_cli.cli import app
 from influence_cli.config import config_from_dict
-from influence_cli.errors import ConfigError, DataError
+from influence_cli.errors import ConfigError, DataError, ModelError
 from influence_cli.factors import LayerFactors
 from influence_cli.fit import PassPlan, compute_factors
 from influence_cli.kernel import pairwise_scores, self_influence_scores
@@ -289,10 +289,41 @@ def test_cli_attributes_a_language_model(lm_project):
     query = top["queries"][0]
     assert query["query_index"] == 20 and len(query["query_label"]) == 6 and len(query["query_prediction"]) == 6
     assert query["query_label"][-1] == IGNORE
+    assert all((p == IGNORE) == (y == IGNORE) for p, y in zip(query["query_prediction"], query["query_label"], strict=True))
     assert all(row["score"] > 0 for row in query["proponents"]) and len(query["proponents"][0]["train_label"]) == 6
     for command in (["compute-scores", lm_project, "--self"], ["top-k", lm_project, "--self", "--k", "3"]):
         result = runner.invoke(app, command)
         assert result.exit_code == 0, result.stderr
-    assert "[" in result.stdout  # labels shown as token lists
+    assert "[" in result.stdout and "-100" not in result.stdout  # labels shown as the counted positions' token ids
     refused = runner.invoke(app, ["fit-factors", lm_project, "--overwrite", "--set", "factors.fisher=ggn"])
     assert refused.exit_code == 2 and "factors.fisher: ggn is not available" in refused.stderr
+
+
+class ReadsPadding(TinyLM):
+    """Adds the mean embedding of every position, padding included: the tracked layers get no gradient
+    at padded positions (their labels are -100), yet every real output depends on the padding."""
+
+    def forward(self, tokens):
+        e = self.embed(tokens)
+        return self.head(torch.tanh(self.mix(e + e.mean(dim=1, keepdim=True))))
+
+
+def test_a_model_that_reads_padding_through_untracked_operations_is_refused():
+    torch.manual_seed(0)
+    tokens, labels, _ = lm_sequences()
+    model = ReadsPadding().double()
+    plan = PassPlan(batches_of(tokens, labels, 4), 3, len(tokens), LM, "empirical", 0, padding_value=PAD)
+    with pytest.raises(ModelError, match=r"data.padding_value: the model's outputs for example \d+ change when its padding is removed"):
+        compute_factors(model, find_tracked_modules(model, ["*"]), "ekfac", plan)
+
+
+def test_labels_at_padded_positions_must_be_ignored():
+    """Ids shifted by one leave the pad id as the label after each sequence: named, not blamed on the model."""
+    tokens, labels, _ = lm_sequences()
+    shifted = torch.full_like(tokens, IGNORE)
+    shifted[:, :-1] = tokens[:, 1:]  # the common mistake: padding becomes a label
+    model = TinyLM().double()
+    plan = PassPlan(batches_of(tokens, shifted, 4), 3, len(tokens), LM, "empirical", 0, padding_value=PAD)
+    with pytest.raises(DataError, match=r"data.train: example \d+ has label 0 at position \d+, which its inputs mark as padding") as exc:
+        compute_factors(model, find_tracked_modules(model, ["*"]), "ekfac", plan)
+    assert exc.value.hint == "labels at padded positions must be -100 (no loss there)"

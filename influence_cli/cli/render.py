@@ -23,6 +23,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from influence_cli.task import IGNORE_INDEX
+
 err_console = Console(stderr=True, highlight=False)
 
 
@@ -133,12 +135,15 @@ def layer_label(name: str) -> str:
 
 
 def label_text(label: Any, class_names: list[str] | None = None) -> str:
-    """A label for a table cell: class index (with its name), regression value(s) to 4 digits, or '-'."""
+    """A label for a table cell: class index (with its name), regression value(s) to 4 digits, a
+    language model's token ids at the counted positions (without the -100s), or '-'."""
     if label is None:
         return "-"
     if isinstance(label, float):
         return f"{label:.4g}"
     if isinstance(label, list):
+        if any(v == IGNORE_INDEX and isinstance(v, int) for v in label):  # a language model's: the counted positions
+            label = [v for v in label if v != IGNORE_INDEX]
         return "[" + ", ".join(label_text(v) for v in label[:4]) + (", …]" if len(label) > 4 else "]")
     if class_names is not None and isinstance(label, int) and 0 <= label < len(class_names):
         return f"{label} ({class_names[label]})"
