@@ -119,9 +119,13 @@ def check_padding_alone(model: nn.Module, x: torch.Tensor, out: torch.Tensor, ma
     real = mask[i]
     if not bool(real.any()):
         return
-    with torch.no_grad():
-        single = model(x[i : i + 1][:, real])
-    check_model_output(single, 1)
+    try:
+        with torch.no_grad():
+            single = model(x[i : i + 1][:, real])
+    except (RuntimeError, ValueError, IndexError):  # a model that only takes its padded length: nothing to compare
+        return
+    if not isinstance(single, torch.Tensor) or single.dim() == 0 or single.shape[0] != 1:
+        return
     mine = out[i].detach()
     if single.shape[1:] == mine.shape:
         gap = _relative_gap(single[0], mine)

@@ -327,3 +327,22 @@ def test_labels_at_padded_positions_must_be_ignored():
     with pytest.raises(DataError, match=r"data.train: example \d+ has label 0 at position \d+, which its inputs mark as padding") as exc:
         compute_factors(model, find_tracked_modules(model, ["*"]), "ekfac", plan)
     assert exc.value.hint == "labels at padded positions must be -100 (no loss there)"
+
+
+def test_a_model_that_only_takes_its_padded_length_is_not_refused():
+    """Cutting the padding off is impossible for a model that flattens the positions: the check steps aside."""
+
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed, self.head = nn.Embedding(VOCAB, 2), nn.Linear(2 * 6, 3)
+
+        def forward(self, tokens):
+            return self.head((self.embed(tokens) * (tokens != PAD).unsqueeze(-1)).flatten(1))
+
+    tokens, _, _ = lm_sequences()
+    y = torch.arange(len(tokens)) % 3
+    model = Flat().double()
+    plan = PassPlan(batches_of(tokens, y, 4), 3, len(tokens), "classification", "empirical", 0, padding_value=PAD)
+    compute_factors(model, find_tracked_modules(model, ["*"]), "ekfac", plan)
