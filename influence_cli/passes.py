@@ -188,7 +188,7 @@ def stream_gradients(
                 vectors = task_lib.loss_output_gradient(out_f, y, task_kind, measurement)[None]
             acts = {k: v.to(out_dtype) for k, v in cap.activations(len(idx)).items()}
             first = offset == 0  # the first batch checks the model against what the factors assume (model_checks)
-            tol = model_checks.tolerance(dtype, amp)
+            tol = model_checks.tolerance(dtype, amp, x.device)
             if first and len(idx) > 1:
                 with autocast_context(x.device, amp):
                     model_checks.check_examples_alone(model, tracked, x, out, acts, tol)
@@ -203,7 +203,7 @@ def stream_gradients(
         positions = {} if mask is None else mask_padding(tracked, mask, acts, grads, check=check)
         if check:  # and through the untracked layers too
             with autocast_context(x.device, amp):
-                model_checks.check_padding_alone(model, x, out, mask, idx, model_checks.tolerance(dtype, amp))
+                model_checks.check_padding_alone(model, x, out, mask, idx, model_checks.tolerance(dtype, amp, x.device))
         yield BatchGradients(start_batch + offset, idx, y, out_f.detach(), acts, grads, positions)
 
 

@@ -127,6 +127,12 @@ def find_tracked_modules(model: nn.Module, patterns: Sequence[str], key: str = "
         ModelError: when no supported layer matches, a named layer is unsupported, or two
             tracked layers share a parameter (tied weights: one gradient, not two blocks).
     """
+    compiled = next((name or "(model)" for name, m in model.named_modules() if type(m).__name__ == "OptimizedModule" and hasattr(m, "_orig_mod")), None)
+    if compiled is not None:  # the compiled graph bypasses the layers' hooks: the factors would be wrong
+        raise ModelError(
+            f"{key}: module {compiled!r} is compiled with torch.compile, whose graph runs without the layers' hooks",
+            hint="pass the model before torch.compile (its ._orig_mod)",
+        )
     tracked: list[TrackedModule] = []
     supported_names: list[str] = []
     owners: dict[int, str] = {}

@@ -171,15 +171,15 @@ class BatchCentred(nn.Module):
 @pytest.mark.parametrize(
     "model, shape, needle",
     [
-        (SequenceFirst, (4, 4), r"layer 'proj' receives inputs of shape \[4, 1, 4\], whose first dimension is not the batch size 1"),
+        (SequenceFirst, (4, 4), "layer 'proj' receives inputs for the batch's first example that change with the other examples"),
         (SequenceFirstEncoder, (4, 4), "layer 'enc.linear1' receives inputs for the batch's first example that change"),
-        (BatchCentred, (4,), "layer 'head' receives inputs for the batch's first example that change when it runs alone: they depend"),
-        (lambda: BatchCentred(logits=True), (4,), "the model's outputs for the batch's first example change when it runs alone"),
+        (BatchCentred, (4,), "layer 'head' receives inputs for the batch's first example that change with the other examples: they depend"),
+        (lambda: BatchCentred(logits=True), (4,), "the model's outputs for the batch's first example change with the other examples"),
     ],
     ids=["seq-first-T-equals-B", "encoder-batch_first-False", "batch-mean", "batch-mean-logits"],
 )
 def test_models_that_mix_the_examples_of_a_batch_are_refused(model, shape, needle):
-    """Dim 0 has the batch's size (T == B), so only running an example alone tells them apart."""
+    """Dim 0 has the batch's size (T == B), so only a batch of copies of one example tells them apart."""
     x, y = _data(shape)
     with pytest.raises(ModelError, match=needle) as exc:
         fit(model().eval(), x, y, batch_size=4)
@@ -194,3 +194,38 @@ def test_the_checks_leave_exact_numbers_unchanged_and_pass_scores():
     tracked, layers = fit(model, x, y, batch_size=3)
     scores = pairwise_scores(model, tracked, layers, batches_of(x[:2], y[:2], 2)(0), batches_of(x, y, 3)(0))
     assert scores.shape == (2, 8) and torch.isfinite(scores).all()
+
+
+def test_outputs_near_zero_are_not_mistaken_for_mixing():
+    """Example 0's prediction is ~1e-8 of the others' (a well-fit zero target): the comparison batch has
+    the batch's shape, so its products round alike, and the gap is measured against the whole batch."""
+    torch.set_default_dtype(torch.float32)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 1))
+        x = torch.randn(64, 16)
+        with torch.no_grad():
+            model[2].bias -= model(x[:1])[0, 0]  # example 0's output: rounding noise around 0
+        y = torch.randn(64, 1)
+        fit(model, x, y, kind="regression", batch_size=64)
+    finally:
+        torch.set_default_dtype(torch.float64)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
+def test_an_old_style_weight_norm_elsewhere_leaves_the_other_layers_checked():
+    """torch.nn.utils.weight_norm (a forward pre-hook) replaces the weight by a plain tensor: that
+    layer is skipped, the scaled layer is still refused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(torch.nn.utils.weight_norm(nn.Linear(4, 5)), nn.Tanh(), ScaledLinear(5, 3))
+    x, y = _data()
+    with pytest.raises(ModelError, match="layer '2': the gradient of its weight is not"):
+        fit(model, x, y, modules=("0", "2"))
+
+
+def test_compiled_models_are_refused_with_the_reason():
+    """torch.compile's graph runs without the layers' hooks (the factors came out zero)."""
+    model = torch.compile(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)), backend="eager")
+    with pytest.raises(ModelError, match="module '\\(model\\)' is compiled with torch.compile") as exc:
+        find_tracked_modules(model, ["*"])
+    assert "_orig_mod" in exc.value.hint
