@@ -346,3 +346,45 @@ def test_a_model_that_only_takes_its_padded_length_is_not_refused():
     model = Flat().double()
     plan = PassPlan(batches_of(tokens, y, 4), 3, len(tokens), "classification", "empirical", 0, padding_value=PAD)
     compute_factors(model, find_tracked_modules(model, ["*"]), "ekfac", plan)
+
+
+class CausalTransformerLM(nn.Module):
+    """Embedding + learned positions -> one causal nn.TransformerEncoderLayer -> head."""
+
+    def __init__(self, vocab: int = 16, length: int = 10, d: int = 32):
+        super().__init__()
+        self.embed, self.pos = nn.Embedding(vocab, d), nn.Parameter(torch.randn(length, d) * 0.1)
+        self.layer = nn.TransformerEncoderLayer(d, nhead=4, dim_feedforward=64, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, tokens):
+        t = tokens.shape[1]
+        mask = torch.triu(torch.full((t, t), float("-inf"), dtype=self.pos.dtype), 1)
+        return self.head(self.layer(self.embed(tokens) + self.pos[:t], src_mask=mask, is_causal=True))
+
+
+def test_a_trained_causal_transformer_finds_each_query_sequence_among_its_training_sequences():
+    """Queries that are training sequences: with EKFAC (sampled Fisher) each one's top proponent is itself."""
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 16, (200, 10), generator=g)
+    labels = torch.full_like(tokens, IGNORE)
+    labels[:, :-1] = tokens[:, 1:]
+    torch.manual_seed(0)
+    model = CausalTransformerLM()
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    for _ in range(300):
+        idx = torch.randint(0, 200, (50,), generator=g)
+        loss = F.cross_entropy(model(tokens[idx]).flatten(0, 1), labels[idx].flatten(), ignore_index=IGNORE)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    tracked = find_tracked_modules(model, ["*"])
+    assert [t.name for t in tracked] == ["layer.linear1", "layer.linear2", "head"]
+    layers = compute_factors(model, tracked, "ekfac", PassPlan(batches_of(tokens, labels, 50), 4, 200, LM, "sampled", 0))
+    for relative in (False, True):
+        scores = pairwise_scores(
+            model, tracked, layers, batches_of(tokens[:20], labels[:20], 10)(0), batches_of(tokens, labels, 50)(0),
+            task_kind=LM, relative=relative,
+        )  # fmt: skip
+        assert (scores.argmax(1) == torch.arange(20)).float().mean() >= 0.9, relative
