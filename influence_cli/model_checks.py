@@ -69,7 +69,7 @@ def check_model_output(out: object, batch_size: int) -> None:
         )
 
 
-def check_examples_alone(
+def check_examples_independent(
     model: nn.Module, tracked: list[TrackedModule], x: torch.Tensor, out: torch.Tensor, acts: dict[str, torch.Tensor], tol: float
 ) -> None:
     """Row 0 of the batch's outputs and of every layer's inputs is the same in a batch of B copies of example 0.

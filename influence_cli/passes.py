@@ -191,7 +191,7 @@ def stream_gradients(
             tol = model_checks.tolerance(dtype, amp, x.device)
             if first and len(idx) > 1:
                 with autocast_context(x.device, amp):
-                    model_checks.check_examples_alone(model, tracked, x, out, acts, tol)
+                    model_checks.check_examples_independent(model, tracked, x, out, acts, tol)
             grads = []
             for k in range(vectors.shape[0]):
                 g = cap.output_gradients(out, vectors[k].to(out.dtype), retain_graph=first or k + 1 < vectors.shape[0])
