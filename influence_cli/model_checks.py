@@ -12,12 +12,14 @@ is built from them on two assumptions (DESIGN.md: per-example gradients Σₜ g�
    (weight standardization), or `F.linear(x, layer.weight)` elsewhere in the model, breaks it.
 
 Each pass checks both on its first batch: one extra forward of a batch of copies of its first
-example, and one backward to the tracked weights. Weights shared with untracked modules (tied input
+example, and one forward and backward of its first 8 examples to the tracked weights. Weights shared with untracked modules (tied input
 embeddings, attributed through the tracked use only) and parametrized weights (weight_norm,
 whose weight is recomputed at each access) are left out of the second check.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
@@ -151,23 +153,19 @@ def check_padding_alone(model: nn.Module, x: torch.Tensor, out: torch.Tensor, ma
 
 
 def check_weight_gradients(
-    model: nn.Module,
-    tracked: list[TrackedModule],
-    out: torch.Tensor,
-    vector: torch.Tensor,
-    acts: dict[str, torch.Tensor],
-    grads: dict[str, torch.Tensor],
-    tol: float,
+    model: nn.Module, tracked: list[TrackedModule], x: torch.Tensor, vector: torch.Tensor, tol: float, autocast: contextlib.AbstractContextManager
 ) -> None:
     """Autograd's gradient of each tracked weight equals Σ_b r_b Σₜ g_bt a_btᵀ from the hooks.
 
-    The examples are weighted by fixed random r_b (so that a trained model's batch gradient,
-    which nearly cancels, is not compared as rounding noise). Frees the autograd graph. A model
-    whose forward modifies a saved layer input in place has no weight gradient to compare with.
+    Runs its own forward and backward on the batch's first examples (at most 8, so the batch's
+    graph need not be kept), with the examples weighted by ±2^k (exact in every float format;
+    random, so that a trained model's batch gradient, which nearly cancels, is not compared as
+    rounding noise). A model whose forward modifies a saved layer input in place has no weight
+    gradient to compare with. Call with the tracked parameters requiring grad.
 
     Args:
-        out: The batch's outputs [B, ...] (graph alive); vector: dL/d out [B, ...] of `grads`.
-        acts, grads: {layer: a [B, T, d_in]}, {layer: g [B, T, d_out]} before any padding mask.
+        x: The batch [B, ...]; vector: dL/d outputs [B, ...] of the pass (per example, so the
+            first rows are those of a smaller batch); autocast: the pass's autocast context.
 
     Raises:
         ModelError: naming the first layer whose weight the model also uses otherwise.
@@ -184,11 +182,17 @@ def check_weight_gradients(
     if not layers:
         return
     params = [p for tm in layers for p in ([tm.module.weight] + ([tm.module.bias] if tm.has_bias else []))]
-    gen = torch.Generator().manual_seed(0)
-    n = out.shape[0]  # ±2^k, k in -2..2: exact in every float format, so bf16 rounds both sides alike
+    n = min(x.shape[0], 8)
+    with torch.enable_grad(), Capture(tracked) as cap:
+        with autocast:
+            out = model(x[:n])
+    vector = vector[:n].to(out.dtype)
+    gen = torch.Generator().manual_seed(0)  # ±2^k, k in -2..2: exact in every float format, so bf16 rounds both sides alike
     r = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0).double() * 2.0 ** torch.randint(-2, 3, (n,), generator=gen).double()
     weights = r.to(out.device, out.dtype).reshape(-1, *[1] * (out.dim() - 1))
+    acts = cap.activations(n)
     try:
+        grads = cap.output_gradients(out, vector, retain_graph=True)
         found = torch.autograd.grad((out * (vector * weights)).sum(), params, allow_unused=True)
     except RuntimeError as exc:
         if "inplace operation" in str(exc):  # a weight's saved input was modified in place (the hooks record a copy)

@@ -192,12 +192,12 @@ def stream_gradients(
             if first and len(idx) > 1:
                 with autocast_context(x.device, amp):
                     model_checks.check_examples_independent(model, tracked, x, out, acts, tol)
+            if first:
+                model_checks.check_weight_gradients(model, tracked, x, vectors[0], tol, autocast_context(x.device, amp))
             grads = []
             for k in range(vectors.shape[0]):
-                g = cap.output_gradients(out, vectors[k].to(out.dtype), retain_graph=first or k + 1 < vectors.shape[0])
+                g = cap.output_gradients(out, vectors[k].to(out.dtype), retain_graph=k + 1 < vectors.shape[0])
                 grads.append({name: v.to(out_dtype) for name, v in g.items()})
-            if first:
-                model_checks.check_weight_gradients(model, tracked, out, vectors[0].to(out.dtype), acts, grads[0], tol)
         check = mask is not None and not padding_checked and bool((~mask).any())
         padding_checked = padding_checked or check
         positions = {} if mask is None else mask_padding(tracked, mask, acts, grads, check=check)
