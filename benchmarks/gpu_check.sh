@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU check: fit-factors and compute-scores on real MNIST on one GPU (float32 and
 # bf16 autocast), throughput per pass and peak GPU memory, and Kronfluence on the same workload
-# when it is installed; ResNet-18 fit and scores (bench_conv.py). Also a 2-GPU torchrun smoke run when two GPUs are visible.
+# when it is installed; ResNet-18 fit and scores (bench_conv.py); the CUDA tests (tests/test_gpu.py). Also a 2-GPU torchrun smoke run when two GPUs are visible.
 #   bash benchmarks/gpu_check.sh            (from the repository root; PYTHON=... to pick the interpreter)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +10,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 "$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no CUDA'; print('torch', torch.__version__, torch.cuda.get_device_name())"
 "$PYTHON" -c "import influence_cli" 2>/dev/null || "$PYTHON" -m pip install -q --no-deps -e .
 "$PYTHON" benchmarks/gpu_check.py "$@"
+# CUDA paths of the test suite (skipped on CPU-only machines): a padded language model on the GPU against the CPU, out-of-vocabulary ids.
+"$PYTHON" -m pytest -q -rs tests/test_gpu.py
 # A convolutional network on the GPU: torchvision's ResNet-18 at 32 x 32 (deflated eigh, position pairs).
 "$PYTHON" benchmarks/bench_conv.py --device cuda --train 4096 --queries 8 --repeats 1 --skip-kronfluence | tail -n 14
 if [ "$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then

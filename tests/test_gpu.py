@@ -1,0 +1,54 @@
+"""CUDA paths, run by `make gpu-check` on a machine with a GPU (skipped without one): a padded
+language model through the CLI on the GPU against the CPU, and out-of-vocabulary ids named by the
+host check instead of a device-side assert."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from exact import sequence_project
+from test_language_modeling import LM, LM_MODULE, lm_sequences
+from typer.testing import CliRunner
+
+from influence_cli.cli import app
+from influence_cli.storage import SCORES_FILE, load_tensors
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by make gpu-check)")
+
+
+def _runner() -> CliRunner:
+    return CliRunner(env={"COLUMNS": "120", "INFLUENCE_DEBUG": None, "RANK": None, "WORLD_SIZE": None})
+
+
+@pytest.fixture
+def gpu_lm_project(tmp_path, monkeypatch):
+    tokens, labels, _ = lm_sequences(n=24)
+    return tmp_path, sequence_project(tmp_path, monkeypatch, "gpulm_cli", LM_MODULE, tokens, labels, "lm.safetensors", task={"kind": LM})
+
+
+def test_a_padded_language_model_scores_the_same_on_the_gpu(gpu_lm_project):
+    """fit-factors and compute-scores on cuda (the first-batch checks, TF32 left at torch's defaults) against the CPU."""
+    folder, config = gpu_lm_project
+    runner = _runner()
+    for device in ("cpu", "cuda"):
+        sets = ["--set", f"device={device}", "--set", f"output_dir=out_{device}"]
+        for command in ("fit-factors", "compute-scores"):
+            result = runner.invoke(app, [command, config, *sets])
+            assert result.exit_code == 0, result.stderr
+    cpu, _ = load_tensors(folder / "out_cpu" / SCORES_FILE)
+    gpu, _ = load_tensors(folder / "out_cuda" / SCORES_FILE)
+    scale = float(cpu["scores"].abs().max())
+    assert float((gpu["scores"] - cpu["scores"]).abs().max()) <= 1e-2 * scale
+
+
+def test_out_of_vocabulary_ids_are_named_on_the_gpu(gpu_lm_project):
+    """An id outside the embedding table would be a device-side assert, which ends the process."""
+    folder, config = gpu_lm_project
+    from safetensors.torch import load_file, save_file
+
+    data = load_file(folder / "lm.safetensors")
+    data["inputs"][3, 0] = 99
+    save_file(data, folder / "lm.safetensors")
+    result = _runner().invoke(app, ["fit-factors", config, "--set", "device=cuda"])
+    assert result.exit_code == 3, result.output
+    assert "outside the model's largest embedding table (9 rows)" in result.stderr
