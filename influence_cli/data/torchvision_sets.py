@@ -81,7 +81,8 @@ def open_torchvision(spec: DataSpec, base_dir: Path, name: str) -> Source:
         with contextlib.redirect_stdout(sys.stderr):
             ds = getattr(tvd, cls_name)(str(root), train=spec.split == "train", download=spec.download)
     except Exception as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        reason = " ".join(lines[:2])[:300] if lines else type(exc).__name__  # "Error downloading X:" says why on its next line
         if spec.download:
             raise DataError(
                 f"{name}.root: could not download or read {label} into {str(root)!r} ({reason})",
