@@ -41,7 +41,8 @@ in-memory batches (tests, notebooks); scores.py runs it as the command, sharded 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -568,25 +569,29 @@ def ensemble_pairwise_scores(
     kw: dict[str, Any] = {"task_kind": task_kind, "device": device, "padding_value": padding_value, "amp": amp}
     queries: list[dict[str, list[torch.Tensor]]] = [{name: [] for name in layers} for _, _, layers in members]
     last: list[BatchGradients] = []
-    for item in query_batches:
-        last = []
-        for (model, tracked, _), kernel, out in zip(members, kernels, queries, strict=True):
-            for batch in stream_gradients(model, tracked, [item], mode="measurement", measurement=measurement, **kw):
-                for name, v in kernel.preconditioned(batch).items():
-                    out[name].append(v)
-                last.append(batch)
+
+    def per_member(batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], **options: Any) -> Iterator[tuple[BatchGradients, ...]]:
+        """Each batch through every member, one stream per member (its first-batch checks run once)."""
+        copies = itertools.tee(batches, len(members))
+        streams = [stream_gradients(model, tracked, it, **options, **kw) for (model, tracked, _), it in zip(members, copies, strict=True)]
+        return zip(*streams, strict=True)
+
+    for batches in per_member(query_batches, mode="measurement", measurement=measurement):
+        last = list(batches)
+        for kernel, out, batch in zip(kernels, queries, batches, strict=True):
+            for name, v in kernel.preconditioned(batch).items():
+                out[name].append(v)
     if not last:
         raise ValueError("no query batches")
     stacked = [k.blocked({name: torch.cat(v) for name, v in out.items()}, b) for k, out, b in zip(kernels, queries, last, strict=True)]
     columns = []
-    for item in train_batches:
+    for batches in per_member(train_batches, mode="loss", dataset_name="data.train"):
         total: torch.Tensor | None = None
-        for (model, tracked, _), kernel, vq in zip(members, kernels, stacked, strict=True):
-            for batch in stream_gradients(model, tracked, [item], mode="loss", dataset_name="data.train", **kw):
-                s = kernel.pairwise(vq, kernel.gradients(batch))
-                if relative:
-                    s = s / safe_norms(kernel.norms(batch))
-                total = s if total is None else total + s
+        for kernel, vq, batch in zip(kernels, stacked, batches, strict=True):
+            s = kernel.pairwise(vq, kernel.gradients(batch))
+            if relative:
+                s = s / safe_norms(kernel.norms(batch))
+            total = s if total is None else total + s
         assert total is not None
         columns.append(total / len(members))
     return torch.cat(columns, dim=1)

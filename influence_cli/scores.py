@@ -339,13 +339,15 @@ class _Scorer:
         )
 
     def member_batches(self, batches, *, mode: str, start_batch: int, name: str) -> Iterator[list[BatchGradients]]:
-        """Each batch of (inputs, targets, indices) through every member: [BatchGradients per member]."""
-        if len(self.members) == 1:
-            for batch in self.stream(batches, mode=mode, start_batch=start_batch, name=name):
-                yield [batch]
-            return
-        for offset, item in enumerate(batches):
-            yield [b for m in self.members for b in self.stream([item], mode=mode, start_batch=start_batch + offset, name=name, member=m)]
+        """Each batch of (inputs, targets, indices) through every member: [BatchGradients per member].
+
+        One stream per member over a shared iterator (itertools.tee, which holds one batch while
+        the members take it in turn), so each member's first-batch checks run once.
+        """
+        copies = itertools.tee(batches, len(self.members))
+        streams = [self.stream(it, mode=mode, start_batch=start_batch, name=name, member=m) for m, it in zip(self.members, copies, strict=True)]
+        for per_member in zip(*streams, strict=True):
+            yield list(per_member)
 
     def train_batches(self, shard: ShardSpec, skip_batches: int) -> Iterator[list[BatchGradients]]:
         """This rank's batches of one train range, from its `skip_batches`-th batch on (one per member)."""

@@ -349,3 +349,20 @@ def test_two_processes_fit_and_score_an_ensemble_like_one_process(project):
     compute_scores(single)
     ref_scores = all_scores(single.output_path)
     torch.testing.assert_close(all_scores(dist_out), ref_scores, rtol=1e-4, atol=1e-5 * float(ref_scores.abs().max()))
+
+
+def test_each_member_runs_the_first_batch_checks_once(project, data, monkeypatch):
+    """The members share one stream of batches each (itertools.tee), so the model checks run on each
+    member's first batch only, in compute-scores and in the in-memory ensemble."""
+    import influence_cli.model_checks as model_checks
+
+    calls = []
+    original = model_checks.check_weight_gradients
+    monkeypatch.setattr(model_checks, "check_weight_gradients", lambda *a, **k: calls.append(1) or original(*a, **k))
+    compute_scores(ensemble_cfg(project, "ens_checks"), self_influence=True)
+    assert len(calls) == 3  # one training pass, three members
+    x, y, xq, yq = data
+    members = members_of(data)  # (their fits run the checks too: two passes each)
+    calls.clear()
+    ensemble_pairwise_scores(members, batches_of(xq, yq, 2)(0), batches_of(x, y, 4)(0))
+    assert len(calls) == 6  # the query pass and the training pass of each of three members
