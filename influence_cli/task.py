@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 _MASK32 = 0xFFFFFFFF
+_CHUNK = 1 << 24  # elements of a [B, positions, V] float64 chunk when sampling a language model's tokens (128 MiB)
 IGNORE_INDEX = -100  # a language model's label for positions without a loss (PyTorch's and Hugging Face's convention)
 
 
@@ -103,9 +104,14 @@ def sample_targets(outputs: torch.Tensor, targets: torch.Tensor, global_indices:
         gumbel = -torch.log(-torch.log(u))
         return (outputs.double() + gumbel).argmax(dim=1)
     if kind == "language_modeling":
-        cdf = torch.softmax(outputs.double(), dim=-1).cumsum(dim=-1)  # [B, T, V]
-        u = counter_uniform(seed, global_indices, outputs.shape[1]).reshape(cdf.shape[:-1])
-        drawn = torch.searchsorted(cdf, (u * cdf[..., -1]).unsqueeze(-1)).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
+        b, t, v = outputs.shape
+        u = counter_uniform(seed, global_indices, t)  # [B, T]
+        drawn = torch.empty(b, t, dtype=torch.int64, device=outputs.device)
+        step = max(1, _CHUNK // max(1, b * v))  # positions per chunk: float64 copies of [B, step, V] only
+        for s in range(0, t, step):
+            cdf = torch.softmax(outputs[:, s : s + step].double(), dim=-1).cumsum(dim=-1)
+            pick = torch.searchsorted(cdf, (u[:, s : s + step] * cdf[..., -1]).unsqueeze(-1)).squeeze(-1)
+            drawn[:, s : s + step] = pick.clamp_(max=v - 1)
         targets = targets.long().reshape(drawn.shape)
         return torch.where(targets == IGNORE_INDEX, targets, drawn)
     flat = outputs.reshape(outputs.shape[0], -1)

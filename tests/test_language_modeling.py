@@ -4,6 +4,7 @@ alone, then end to end through the CLI."""
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
@@ -109,6 +110,15 @@ def test_sampled_tokens_are_counter_based_and_keep_ignored_positions():
     # the same example draws the same tokens in another batch; another seed draws others
     torch.testing.assert_close(task_lib.sample_targets(out[1:], y[1:], idx[1:], LM, seed=0), drawn[1:], rtol=0, atol=0)
     assert not torch.equal(task_lib.sample_targets(out, y, idx, LM, seed=1), drawn)
+
+
+def test_sampled_tokens_do_not_depend_on_the_chunking(monkeypatch):
+    """Long sequences over a large vocabulary are sampled a few positions at a time (bounded float64 copies)."""
+    out, y = _outputs_and_labels()
+    idx = torch.tensor([7, 8, 9])
+    whole = task_lib.sample_targets(out, y, idx, LM, seed=0)
+    monkeypatch.setattr(task_lib, "_CHUNK", 7 * 3 * 2)  # two positions per chunk, the last one short
+    torch.testing.assert_close(task_lib.sample_targets(out, y, idx, LM, seed=0), whole, rtol=0, atol=0)
 
 
 def test_sampled_tokens_follow_the_model_distribution():
@@ -246,27 +256,18 @@ def test_outputs_of_the_wrong_kind_are_named():
 
 # ----------------------------------------------------------------------------- the CLI, end to end
 
-LM_MODULE = '''
+LM_MODULE = f"""
 import torch
 from torch import nn
 
-
-class TinyLM(nn.Module):
-    def __init__(self, vocab):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, 4)
-        self.mix = nn.Linear(4, 6)
-        self.head = nn.Linear(6, vocab)
-
-    def forward(self, tokens):
-        e = self.embed(tokens)
-        counts = torch.arange(1, tokens.shape[1] + 1, dtype=e.dtype)
-        return self.head(torch.tanh(self.mix(e.cumsum(dim=1) / counts[:, None])))
+VOCAB = {VOCAB}
 
 
-def make(vocab: int = 9):
+{inspect.getsource(TinyLM)}
+
+def make(vocab: int = VOCAB):
     return TinyLM(vocab)
-'''
+"""  # the factory module the CLI tests import: TinyLM itself
 
 
 @pytest.fixture
