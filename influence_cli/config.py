@@ -143,7 +143,11 @@ class FactorsConfig:
         default="sampled",
     )
     modules: list[str] = _help("fnmatch patterns of module names to track.", default_factory=lambda: ["*"])
-    max_examples: int | None = _help("fit-factors only: cap on the training examples of each pass (null = all); compute-scores scores all of data.train.", default=None)
+    max_examples: int | None = _help(
+        "Cap on the training examples each fit-factors pass sees (null = all); compute-scores still scores all of "
+        "data.train, and refuses factors fitted with another cap.",
+        default=None,
+    )
     amp: Literal["none", "bfloat16", "float16"] = _help(
         "Low precision for the data passes (fit-factors and compute-scores): the forward runs under autocast and the "
         "per-batch matrix products (covariances, rotations, scoring GEMMs) in this dtype, summed in float32 accumulators; "

@@ -339,7 +339,7 @@ def _fit_member(
     out_dir = member.out_dir
     path = out_dir / storage.FACTORS_FILE
     dataset = ctx.dataset(cfg.data.train, "data.train")
-    n = len(dataset) if cfg.factors.max_examples is None else min(cfg.factors.max_examples, len(dataset))
+    n = num_fit_examples(cfg, len(dataset))
     result = {
         "model": ctx.model_fingerprint,
         "data": dataset.fingerprint(),
@@ -402,14 +402,26 @@ def load_factors(path: Path) -> Factors:
     return Factors(meta.get("strategy", ""), meta.get("fisher", ""), layers, meta)
 
 
+def num_fit_examples(cfg: Config, n_train: int) -> int:
+    """The training examples each pass of fit-factors sees: all, or the first factors.max_examples."""
+    return n_train if cfg.factors.max_examples is None else min(cfg.factors.max_examples, n_train)
+
+
 def check_factors_match(
-    factors: Factors, ctx: RunContext, path: Path, dataset_fingerprint: str | None = None, num_examples: int | None = None
+    factors: Factors,
+    ctx: RunContext,
+    path: Path,
+    dataset_fingerprint: str | None = None,
+    num_examples: int | None = None,
+    *,
+    same_fit: bool = False,
 ) -> None:
-    """Refuses factors of another model, task, other layers, other padding, another seed for sampled
-    labels, or (when given) another training set or number of examples (factors.max_examples)."""
+    """Refuses factors of another model, task, other layers, other padding, or (when given) another
+    training set or number of examples (factors.max_examples); with `same_fit` (compute-scores,
+    whose scores record the factors' settings) also another seed for sampled labels."""
     meta = factors.metadata
     fitted_seed = storage.meta_json(meta, "seed")
-    if factors.fisher == "sampled" and fitted_seed is not None and fitted_seed != ctx.cfg.seed:
+    if same_fit and factors.fisher == "sampled" and fitted_seed is not None and fitted_seed != ctx.cfg.seed:
         raise OutputError(
             f"{str(path)!r} was fitted with seed={fitted_seed} (its sampled Fisher labels), the config has {ctx.cfg.seed}",
             hint="use the seed of fit-factors, or refit with --overwrite",

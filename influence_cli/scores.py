@@ -33,7 +33,7 @@ from influence_cli.distributed import DistState
 from influence_cli.ensemble import Member, describe_member, ensemble_members, prepare_member
 from influence_cli.errors import DistributedError, InfluenceError, NumericalError, OutputError
 from influence_cli.factors import LayerFactors
-from influence_cli.fit import check_factors_match, load_factors
+from influence_cli.fit import check_factors_match, load_factors, num_fit_examples
 from influence_cli.kernel import ScoreKernel, StoredQueries, build_kernel, safe_norms
 from influence_cli.passes import (
     BatchGradients,
@@ -230,8 +230,7 @@ def _load_layers(ctx: RunContext, train: IndexedDataset, member: Member) -> tupl
             hint="run `influence fit-factors` with this config: it fits the factors of every checkpoint in scores.checkpoints",
         )
     factors = load_factors(path)
-    limit = cfg.factors.max_examples
-    check_factors_match(factors, ctx, path, train.fingerprint(), len(train) if limit is None else min(limit, len(train)))
+    check_factors_match(factors, ctx, path, train.fingerprint(), num_fit_examples(cfg, len(train)), same_fit=True)
     if factors.strategy != cfg.factors.strategy or factors.fisher != cfg.factors.fisher:
         raise OutputError(
             f"{str(path)!r} holds {factors.strategy} factors ({factors.fisher} Fisher), the config asks for "

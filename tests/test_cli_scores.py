@@ -149,6 +149,8 @@ def test_top_k_refuses_scores_of_factors_refitted_since(runner, tmp_path, monkey
                              ("factors.max_examples=30", f"was fitted on {N_TRAIN} examples, the config asks for 30")):  # fmt: skip
         result = invoke(runner, "compute-scores", config, "--overwrite", "--set", override)
         assert result.exit_code == 5 and needle in result.stderr, result.stderr
+    edited = invoke(runner, "edit", config, "--out", tmp_path / "edited.safetensors", "--set", "seed=1")  # edit never reads the seed
+    assert edited.exit_code == 0, edited.stderr
     assert invoke(runner, "top-k", config, "--k", "1").exit_code == 0
     assert invoke(runner, "fit-factors", config, "--overwrite", "--set", "seed=1").exit_code == 0
     for extra in ([], ["--self"]):
