@@ -503,10 +503,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None, check_file
         ConfigError: listing every problem, each with its key.
     """
     path = Path(path)
-    if _exists(path) and not _exists(path, "file"):
-        raise ConfigError(f"config file {str(path)!r} is a folder", hint="pass the path of a YAML config file")
-    if not _exists(path, "file"):
-        raise ConfigError(f"config file {str(path)!r} does not exist", hint="pass the path of a YAML config file")
+    problem = _path_problem(path, "file")
+    if problem:
+        raise ConfigError(f"config file {str(path)!r} {problem}", hint="pass the path of a YAML config file")
     try:
         data = _yaml_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
@@ -593,16 +592,6 @@ def _check_structure(data: Any, source: str) -> None:
     total = walk(data, "", 0)
     if total > MAX_VALUES:
         raise ConfigError(f"the config expands to {total:,} values (YAML aliases?); the limit is {MAX_VALUES:,}", source=source)
-
-
-def _exists(path: Path | None, kind: str = "any") -> bool:
-    """Path.exists / is_file that answer False (not raise) for names the OS rejects (too long, NUL bytes)."""
-    if path is None:
-        return True
-    try:
-        return path.is_file() if kind == "file" else path.exists()
-    except (OSError, ValueError):
-        return False
 
 
 def _path_problem(path: Path | None, kind: str) -> str | None:

@@ -28,7 +28,7 @@ from torch import nn
 
 from influence_cli.config import ModelConfig
 from influence_cli.errors import ModelError
-from influence_cli.storage import torch_load_reason
+from influence_cli.tracking import unmaterialized
 from influence_cli.user_code import import_from
 
 __all__ = [
@@ -372,6 +372,20 @@ def read_state_dict(path: str | Path, key: str = "model.checkpoint", strip: bool
     return _strip_prefixes(state) if strip else state
 
 
+def torch_load_reason(exc: BaseException) -> tuple[str, bool]:
+    """One readable line for a failed `torch.load(..., weights_only=True)`, and whether the file holds
+    pickled objects other than tensors (torch's own message is a multi-line preamble of options
+    a user of this tool does not have, with terminal escape codes)."""
+    text = str(exc).strip()
+    reason = text.splitlines()[0] if text else type(exc).__name__
+    if "WeightsUnpickler error:" in text:  # the line after the preamble says why
+        reason = next((line.strip() for line in text.split("WeightsUnpickler error:", 1)[1].splitlines() if line.strip()), reason)
+    objects = "Unsupported global" in text
+    if objects:
+        reason = reason.split(" was not an allowed global", 1)[0] + " (not a tensor)"
+    return reason, objects
+
+
 def _checkpoint_format(path: Path) -> str:
     """".pt" (torch.save: a zip archive or a legacy pickle) or ".safetensors", from the file's first bytes, whatever its name."""
     with path.open("rb") as fh:
@@ -504,7 +518,7 @@ def lazy_layers(model: nn.Module) -> list[str]:
     return [
         f"{type(m).__name__} {name!r}"
         for name, m in model.named_modules()
-        if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()
+        if unmaterialized(m)
     ]
 
 

@@ -153,7 +153,7 @@ def stream_gradients(
     out_dtype = tensor_dtype or acc_dtype
     seen = 0
     padding_checked = False  # the first batch with padding verifies that the model ignores it (mask_padding)
-    vocabulary = embedding_rows(model) if ids_checked_on_host(device) else None
+    vocabulary = host_checked_vocabulary(model, device)
     for offset, (x, y, idx) in enumerate(batches):
         if max_examples is not None:
             if seen >= max_examples:
@@ -266,8 +266,11 @@ def ids_checked_on_host(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def embedding_rows(model: nn.Module) -> int | None:
-    """Rows of the model's largest nn.Embedding / nn.EmbeddingBag (None: it has none)."""
+def host_checked_vocabulary(model: nn.Module, device: torch.device) -> int | None:
+    """Rows of the model's largest nn.Embedding / nn.EmbeddingBag when token ids are checked on the
+    host before `device` (`ids_checked_on_host`); None otherwise, or when it has none."""
+    if not ids_checked_on_host(device):
+        return None
     rows = [m.num_embeddings for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))]
     return max(rows) if rows else None
 
@@ -380,10 +383,10 @@ def _check_token_labels(out: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, d
             f"{list(y.shape[1:])} per example",
             hint=f"store labels [N, positions] aligned with the outputs (the next token's id; {task_lib.IGNORE_INDEX} where no loss counts)",
         )
-    wrong = (((y < 0) & (y != task_lib.IGNORE_INDEX)) | (y >= out.shape[2])).reshape(len(y), -1).any(1)
+    wrong = ((y < 0) & (y != task_lib.IGNORE_INDEX)) | (y >= out.shape[2])  # [B, T]
     if wrong.any():
-        first = int(wrong.nonzero()[0, 0])
-        label = int(y[first][((y[first] < 0) & (y[first] != task_lib.IGNORE_INDEX)) | (y[first] >= out.shape[2])][0])
+        first, position = (int(v) for v in wrong.nonzero()[0])
+        label = int(y[first, position])
         raise DataError(
             f"{dataset_name}: label {label} of example {int(idx[first])} is outside the model's vocabulary of {out.shape[2]} tokens",
             hint=f"labels are token ids in [0, {out.shape[2]}), or {task_lib.IGNORE_INDEX} for positions without a loss",

@@ -40,8 +40,7 @@ from influence_cli.passes import (
     NonFiniteWatch,
     accumulator_dtype,
     check_token_ids,
-    embedding_rows,
-    ids_checked_on_host,
+    host_checked_vocabulary,
     inputs_named,
     model_dtype,
     stream_gradients,
@@ -385,7 +384,7 @@ class _Scorer:
         labels, preds = [], []
         model = self.ctx.model
         dtype = model_dtype(model)
-        vocabulary = embedding_rows(model) if ids_checked_on_host(self.ctx.device) else None
+        vocabulary = host_checked_vocabulary(model, self.ctx.device)
         for offset, (x, y, idx) in enumerate(self.loader(queries)):
             if vocabulary is not None:
                 check_token_ids(x, idx, vocabulary, queries.name, self.cfg.data.padding_value)

@@ -224,17 +224,3 @@ def check_can_write(path: Path, overwrite: bool, what: str) -> None:
     """Refuses to replace a finished output unless `overwrite`."""
     if path.exists() and not overwrite:
         raise OutputError(f"{str(path)!r} already holds {what} from a finished run", hint="pass --overwrite to replace it")
-
-
-def torch_load_reason(exc: BaseException) -> tuple[str, bool]:
-    """One readable line for a failed `torch.load(..., weights_only=True)`, and whether the file holds
-    pickled objects other than tensors (torch's own message is a multi-line preamble of options
-    a user of this tool does not have, with terminal escape codes)."""
-    text = str(exc).strip()
-    reason = text.splitlines()[0] if text else type(exc).__name__
-    if "WeightsUnpickler error:" in text:  # the line after the preamble says why
-        reason = next((line.strip() for line in text.split("WeightsUnpickler error:", 1)[1].splitlines() if line.strip()), reason)
-    objects = "Unsupported global" in text
-    if objects:
-        reason = reason.split(" was not an allowed global", 1)[0] + " (not a tensor)"
-    return reason, objects

@@ -100,6 +100,11 @@ def unsupported_reason(module: nn.Module, attention_outputs: set[int] = frozense
     return None
 
 
+def unmaterialized(module: nn.Module) -> bool:
+    """A lazy module (nn.LazyLinear, ...) whose parameters have no shape yet."""
+    return isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params()
+
+
 def custom_forward_reason(module: nn.Module) -> str | None:
     """Why a wildcard leaves out a Linear / Conv2d subclass with its own forward (None for the stock layers).
 
@@ -130,7 +135,7 @@ def find_tracked_modules(model: nn.Module, patterns: Sequence[str], key: str = "
     compiled = next((name or "(model)" for name, m in model.named_modules() if type(m).__name__ == "OptimizedModule" and hasattr(m, "_orig_mod")), None)
     if compiled is not None:  # the compiled graph bypasses the layers' hooks: the factors would be wrong
         raise ModelError(
-            f"{key}: module {compiled!r} is compiled with torch.compile, whose graph runs without the layers' hooks",
+            f"model.architecture: module {compiled!r} is compiled with torch.compile, whose graph runs without the layers' hooks",
             hint="pass the model before torch.compile (its ._orig_mod)",
         )
     tracked: list[TrackedModule] = []
@@ -145,7 +150,7 @@ def find_tracked_modules(model: nn.Module, patterns: Sequence[str], key: str = "
         matched = [p for p in patterns if fnmatch.fnmatchcase(name, p)]
         if not matched:
             continue
-        if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+        if unmaterialized(module):
             raise ModelError(
                 f"{key}: {type(module).__name__} {name!r} has no shape yet (a lazy layer)",
                 hint="run the model once on a batch, or load its checkpoint, before fitting",

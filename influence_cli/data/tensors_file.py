@@ -11,7 +11,7 @@ import torch
 from influence_cli.config import DataSpec
 from influence_cli.data.source import Source, existing_file, file_info, to_inputs, to_labels
 from influence_cli.errors import DataError
-from influence_cli.storage import torch_load_reason
+from influence_cli.models import torch_load_reason
 
 
 def open_tensors(spec: DataSpec, base_dir: Path, name: str) -> Source:

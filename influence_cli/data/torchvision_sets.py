@@ -172,12 +172,10 @@ def _palette_is_gray(img: Any) -> bool:
     return all(palette[i] == palette[i + 1] == palette[i + 2] for i in range(0, len(palette) - 2, 3))
 
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")  # torchvision's, and GIF
-
-
-def _list_image_folder(root: Path, tvd: Any) -> tuple[list[str], Any, dict[str, int]]:
+def _list_image_folder(root: Path, suffixes: tuple[str, ...]) -> tuple[list[str], Any, dict[str, int]]:
     """The class folders of `root` (sorted; hidden ones left out), a file filter for
-    torchvision's make_dataset, and the count of files it leaves out by suffix (filled as it runs).
+    torchvision's make_dataset (image `suffixes`), and the count of files it leaves out by
+    suffix (filled as it runs).
 
     Hidden files and folders (names starting with '.': .ipynb_checkpoints, macOS ._ files) are
     not examples; torchvision's ImageFolder made a hidden folder class 0, shifting every label.
@@ -190,7 +188,7 @@ def _list_image_folder(root: Path, tvd: Any) -> tuple[list[str], Any, dict[str, 
         if any(part.startswith(".") for part in rel.parts):
             return False
         suffix = rel.suffix.lower()
-        if suffix in IMAGE_SUFFIXES:
+        if suffix in suffixes:
             return True
         skipped[suffix or "no suffix"] = skipped.get(suffix or "no suffix", 0) + 1
         return False
@@ -199,7 +197,7 @@ def _list_image_folder(root: Path, tvd: Any) -> tuple[list[str], Any, dict[str, 
 
 
 def _skipped_text(skipped: dict[str, int]) -> str:
-    """'3 files not images (.txt 2, .avif 1)'."""
+    """'3 files of other types (.txt 2, .avif 1)'."""
     total = sum(skipped.values())
     parts = ", ".join(f"{k} {v}" for k, v in sorted(skipped.items(), key=lambda kv: -kv[1])[:4])
     return f"{total} file{'s' if total != 1 else ''} of other types ({parts})"
@@ -215,9 +213,9 @@ def open_image_folder(spec: DataSpec, base_dir: Path, name: str) -> Source:
         import torchvision.datasets as tvd
     except ImportError:
         raise DataError(f"{name}.source: image_folder needs torchvision", hint="pip install torchvision") from None
-    classes, found, skipped = _list_image_folder(root, tvd)
+    classes, is_image, skipped = _list_image_folder(root, (*tvd.folder.IMG_EXTENSIONS, ".gif"))  # torchvision's, and GIF
     try:
-        found = tvd.folder.make_dataset(str(root), {c: i for i, c in enumerate(classes)}, is_valid_file=found)
+        found = tvd.folder.make_dataset(str(root), {c: i for i, c in enumerate(classes)}, is_valid_file=is_image)
     except (FileNotFoundError, OSError) as exc:
         raise DataError(
             f"{name}.root: no images found under {str(root)!r} ({exc})",
