@@ -112,7 +112,7 @@ the source) in every output, so `range: [1500, 1520]` reports query indices 1500
 | `source` | needs | what it reads |
 |---|---|---|
 | `idx` | `images`, `labels` | raw IDX files (`.gz` or not), e.g. the MNIST `t10k-images-idx3-ubyte.gz` |
-| `tensors` | `path` | a `.safetensors`, `.npz` or `.pt` file holding an inputs tensor `[N, ...]` and a labels tensor `[N]` (keys `inputs_key`, `labels_key`) |
+| `tensors` | `path` | a `.safetensors`, `.npz` or `.pt` file holding an inputs tensor `[N, ...]` and a labels tensor `[N]` (`[N, ...]` regression targets, `[N, positions]` for a language model; keys `inputs_key`, `labels_key`) |
 | `mnist`, `fashion_mnist`, `cifar10` | `root` | the torchvision dataset under `root` (`split: train` or `test`); downloaded only with `download: true`. `mnist` also reads the four IDX files straight from `root`; FashionMNIST's share their names, so it reads only torchvision's `root/FashionMNIST/raw` |
 | `image_folder` | `root` | a folder with one sub-folder of images per class (sorted class names are labels 0, 1, ...); 8-bit images, read as one channel when every image is grayscale, else as RGB |
 | `package.module:function` | | your function, called with `kwargs`; it returns a torch Dataset of `(x, y)` items or a pair `(inputs, labels)` (tensors, arrays, or lists of per-example values: tensors, images, lists of ids, numbers). A plain list of two or three entries that reads both as a pair and as `(x, y)` items is refused rather than guessed. The module is looked up next to the config file first. |
@@ -242,7 +242,8 @@ data:
 top-k and the JSON outputs show labels and predictions as token lists (the table shows the
 counted positions; predictions are -100 where the label is). Labels at padded positions must be
 -100, and the first padded batch checks that an example cut to its real positions gives the same
-outputs, so a model that reads padding (no causal or key mask) is refused.
+outputs, so a model that reads padding (no causal or key mask) is refused (a model that only runs
+at its padded length cannot be cut, and is not checked this way).
 
 ## Precision
 

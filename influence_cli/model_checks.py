@@ -23,7 +23,6 @@ import contextlib
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from influence_cli.errors import ModelError
 from influence_cli.tracking import Capture, TrackedModule
@@ -177,8 +176,7 @@ def check_weight_gradients(
     layers = [
         tm
         for tm in tracked
-        if not parametrize.is_parametrized(tm.module)
-        and isinstance(tm.module.weight, nn.Parameter)  # not an old-style weight_norm's recomputed attribute
+        if isinstance(tm.module.weight, nn.Parameter)  # not a parametrized or old-style weight_norm weight, recomputed at each access
         and id(tm.module.weight) not in shared
         and (not tm.has_bias or isinstance(tm.module.bias, nn.Parameter))
     ]

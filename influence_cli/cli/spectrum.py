@@ -56,7 +56,7 @@ def _pct(value: float) -> str:
 
 
 def _ratio(value: float) -> str:
-    return "n/a" if value != value else f"{round(100 * value) + 0:+d}%"  # + 0: no "-0%" for a tiny negative change
+    return "n/a" if value != value else f"{round(100 * value):+d}%"  # an int: a tiny negative change shows as +0%, not -0%
 
 
 @command("spectrum", epilog=SPECTRUM_EPILOG)

@@ -177,24 +177,19 @@ class IndexedDataset(Dataset):
             x = self._transform(self._inputs[idx])
             return Batch((x, self.labels[idx], self.global_indices[idx]))  # type: ignore[index]
         items = [self[p] for p in positions]
-        shapes = {tuple(it[0].shape) for it in items}
-        if not self.token_inputs:  # one shape for the whole dataset (not only within a batch): the first example's
-            odd = next((it for it in items if tuple(it[0].shape) != self.input_shape), None)
-            if odd is not None:
+        if self.token_inputs:  # token sequences: one length per batch
+            shapes = sorted({tuple(it[0].shape) for it in items})
+            if len(shapes) > 1:
                 raise DataError(
-                    f"{self.name}.transform.resize: example {odd[2]} has shape {list(odd[0].shape)}, the first example "
-                    f"{list(self.input_shape)}: every example needs the same shape",
-                    hint=f"set {self.name}.transform.resize: [height, width] so every image has the same size",
-                )
-        if len(shapes) > 1:
-            a, b = sorted(shapes)[:2]
-            if self.token_inputs:
-                raise DataError(
-                    f"{self.name}: token sequences of shapes {list(a)} and {list(b)} cannot form one batch",
+                    f"{self.name}: token sequences of shapes {list(shapes[0])} and {list(shapes[1])} cannot form one batch",
                     hint="pad the sequences to one length in the data source, and set data.padding_value to the pad id",
                 )
+            return items
+        odd = next((it for it in items if tuple(it[0].shape) != self.input_shape), None)  # one shape for the whole dataset
+        if odd is not None:
             raise DataError(
-                f"{self.name}.transform.resize: examples of shapes {list(a)} and {list(b)} cannot form one batch",
+                f"{self.name}.transform.resize: example {odd[2]} has shape {list(odd[0].shape)}, the first example "
+                f"{list(self.input_shape)}: every example needs the same shape",
                 hint=f"set {self.name}.transform.resize: [height, width] so every image has the same size",
             )
         return items
