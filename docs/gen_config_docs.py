@@ -239,6 +239,8 @@ data:
   padding_value: 0
 ```
 
+The head's G is vocabulary × vocabulary (50,000² float32s are 10 GB): with a large vocabulary leave
+the head out (`factors.modules: ["blocks.*"]`, say); `influence inspect` prints every factor's size.
 top-k and the JSON outputs show labels and predictions as token lists (the table shows the
 counted positions; predictions are -100 where the label is). Labels at padded positions must be
 -100, and the first padded batch checks that an example cut to its real positions gives the same

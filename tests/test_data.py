@@ -962,3 +962,10 @@ def test_a_tensors_file_of_pickled_objects_says_what_to_save(tmp_path: Path) -> 
         load_dataset(DataSpec(source="tensors", path="tds.pt"), tmp_path)
     assert "(not a tensor)" in exc.value.message and "\x1b" not in exc.value.message and "\n" not in exc.value.message
     assert exc.value.hint.startswith("save a dict of tensors {'inputs': ..., 'labels': ...}")
+
+
+def test_swapped_idx_images_and_labels_are_named(tmp_path: Path) -> None:
+    write_idx(tmp_path / "images.idx", synthetic_images())
+    write_idx(tmp_path / "labels.idx", synthetic_labels())
+    msg = error_of(DataSpec(source="idx", images="labels.idx", labels="images.idx"), tmp_path)
+    assert msg.startswith("data.train.labels: images.idx holds") and "images and labels look swapped" in msg

@@ -74,6 +74,12 @@ def open_idx(spec: DataSpec, base_dir: Path, name: str) -> Source:
     lab_path = existing_file(spec.labels, f"{name}.labels", base_dir, "the IDX labels file of source idx")
     images = read_idx(img_path, f"{name}.images")
     labels = read_idx(lab_path, f"{name}.labels")
+    if labels.ndim > 1 and images.ndim == 1:
+        raise DataError(
+            f"{name}.labels: {lab_path.name} holds {list(labels.shape)} values and {img_path.name} one number per example: "
+            "images and labels look swapped",
+            hint=f"swap {name}.images and {name}.labels",
+        )
     if labels.shape[0] != images.shape[0]:
         raise DataError(
             f"{name}.labels: {lab_path.name} has {labels.shape[0]} labels but {img_path.name} "
