@@ -602,7 +602,9 @@ def _path_problem(path: Path | None, kind: str) -> str | None:
         if path.is_file() if kind == "file" else path.is_dir():
             return None
         if path.exists():
-            return "is a folder, not a file" if kind == "file" else "is a file, not a folder"
+            if kind == "file":
+                return "is a folder, not a file" if path.is_dir() else "is not a regular file"
+            return "is a file, not a folder"
     except (OSError, ValueError):
         pass
     return "does not exist"

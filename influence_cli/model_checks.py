@@ -184,9 +184,17 @@ def check_weight_gradients(
         return
     params = [p for tm in layers for p in ([tm.module.weight] + ([tm.module.bias] if tm.has_bias else []))]
     n = min(x.shape[0], 8)
-    with torch.enable_grad(), Capture(tracked) as cap:
-        with autocast:
-            out = model(x[:n])
+    try:
+        with torch.enable_grad(), Capture(tracked) as cap:
+            with autocast:
+                out = model(x[:n])
+    except (RuntimeError, ValueError, IndexError) as exc:
+        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise ModelError(
+            f"the model runs on a batch of {x.shape[0]} but fails on its first {n} examples ({reason[:200]})",
+            hint="the model must accept any batch size (a size written into a view/reshape also fails on a short last batch)",
+        ) from exc
+    check_model_output(out, n)
     vector = vector[:n].to(out.dtype)
     gen = torch.Generator().manual_seed(0)  # ±2^k, k in -2..2: exact in every float format, so bf16 rounds both sides alike
     r = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0).double() * 2.0 ** torch.randint(-2, 3, (n,), generator=gen).double()

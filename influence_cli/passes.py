@@ -204,7 +204,9 @@ def stream_gradients(
         if check:  # and through the untracked layers too
             with autocast_context(x.device, amp):
                 model_checks.check_padding_alone(model, x, out, mask, idx, model_checks.tolerance(dtype, amp, x.device))
-        yield BatchGradients(start_batch + offset, idx, y, out_f.detach(), acts, grads, positions)
+        batch = BatchGradients(start_batch + offset, idx, y, out_f.detach(), acts, grads, positions)
+        x = out = out_f = vectors = cap = g = extra = mask = None  # a suspended stream (one per ensemble member) holds only the batch
+        yield batch
 
 
 def _forward(

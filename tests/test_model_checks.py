@@ -235,3 +235,22 @@ def test_compiled_models_are_refused_with_the_reason():
     with pytest.raises(ModelError, match="module '\\(model\\)' is compiled with torch.compile") as exc:
         find_tracked_modules(model, ["*"])
     assert "_orig_mod" in exc.value.hint
+
+
+class FixedBatch(nn.Module):
+    """Writes the batch size into a reshape: runs on its batch of 16, fails on any other."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc, self.head = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc(x)).view(16, -1))
+
+
+def test_a_model_bound_to_its_batch_size_is_named():
+    x, y = _data(n=16)
+    with pytest.raises(ModelError, match=r"the model runs on a batch of 16 but fails on its first 8 examples") as exc:
+        fit(FixedBatch(), x, y, batch_size=16)
+    assert "any batch size" in exc.value.hint
