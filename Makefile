@@ -73,7 +73,7 @@ bench-field: $(BENCH_STAMP) ## Benchmarks against Kronfluence: scores agreement,
 	$(BENCH_PY) benchmarks/bench_conv.py
 	$(BENCH_PY) benchmarks/lds.py
 
-gpu-check: $(STAMP) ## On a machine with a GPU: fit-factors and compute-scores on MNIST, float32 and bf16 (docs/BENCHMARKS.md)
+gpu-check: $(STAMP) ## On a machine with a GPU: fit-factors and compute-scores on MNIST, float32 and bf16, ResNet-18, the CUDA tests (docs/BENCHMARKS.md)
 	PYTHON=$(PY) bash benchmarks/gpu_check.sh
 
 clean: ## Remove runs/ and caches (keeps .venv)
