@@ -389,3 +389,21 @@ def test_a_trained_causal_transformer_finds_each_query_sequence_among_its_traini
             task_kind=LM, relative=relative,
         )  # fmt: skip
         assert (scores.argmax(1) == torch.arange(20)).float().mean() >= 0.9, relative
+
+
+def test_the_language_model_benchmark_runs_end_to_end():
+    """benchmarks/bench_lm.py (a 2-block causal transformer) on a few sequences, so a benchmark run finds it working."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "bench_lm.py"), "--train", "64", "--queries", "4", "--repeats", "1", "--length", "16"],
+        capture_output=True, text=True, timeout=300, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["fit_over_epoch"] > 0 and "scores finite: True" in out.stdout
+    assert result["eigenvalue_shapes"]["head"] == [512, 129]
