@@ -53,6 +53,7 @@ bench: $(STAMP) mnist-model ## Run the CPU benchmarks (results go to stdout; see
 	$(PY) benchmarks/bench_fit.py --amp none,bfloat16
 	$(PY) benchmarks/bench_scores.py --amp bfloat16
 	$(PY) benchmarks/bench_conv.py --skip-kronfluence
+	$(PY) benchmarks/bench_lm.py
 	$(PY) benchmarks/bench_memory.py
 	$(PY) benchmarks/memorization.py
 	$(PY) tests/test_exactness.py
