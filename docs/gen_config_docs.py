@@ -79,7 +79,10 @@ Relative paths in the file (`model.checkpoint`, data files and folders, `indices
 `output_dir`, `scores.checkpoints`) resolve against **the folder of the config file**, not the
 working directory, so a config works from wherever the command runs. `~` expands to the home
 folder. Files the config names are checked when it loads (a torchvision `root` with
-`download: true` may be absent).
+`download: true` may be absent). The `kwargs` of a `package.module:function` model or data
+source are passed to your function as written: a path among them is yours to resolve (relative
+to the working directory, as Python opens it). Such a module is looked up next to the config
+file first, then on the usual Python path.
 
 ## Overrides: `--set`
 
@@ -230,6 +233,10 @@ labels[torch.arange(ids.shape[1])[None, :] >= (lengths - 1)[:, None]] = -100
 torch.save({"inputs": ids, "labels": labels}, "lm.pt")
 ```
 
+Save the trained model's weights with `safetensors.torch.save_file(model.state_dict(), "lm.safetensors")`
+(or `torch.save(model.state_dict(), "lm.pt")`); `my_lm.py` beside the config defines `make()`,
+which builds the same architecture.
+
 ```yaml
 model: {architecture: "my_lm:make", checkpoint: lm.safetensors}   # returns logits [B, L, V]
 task: {kind: language_modeling}
@@ -242,7 +249,8 @@ data:
 The head's G is vocabulary × vocabulary (50,000² float32s are 10 GB): with a large vocabulary leave
 the head out (`factors.modules: ["blocks.*"]`, say); `influence inspect` prints every factor's size.
 top-k and the JSON outputs show labels and predictions as token lists (the table shows the
-counted positions; predictions are -100 where the label is). Labels at padded positions must be
+counted positions, up to 12; predictions are -100 where the label is); they do not show the
+input tokens, so keep the data file at hand to read a ranked example's sequence. Labels at padded positions must be
 -100, and the first padded batch checks that an example cut to its real positions gives the same
 outputs, so a model that reads padding (no causal or key mask) is refused (a model that only runs
 at its padded length cannot be cut, and is not checked this way).

@@ -335,7 +335,7 @@ def _check_outputs(out: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, task_k
         if out.dim() != 2:
             raise DataError(
                 f"task.kind: classification expects model outputs [batch, classes], got {list(out.shape)}",
-                hint="set task.kind: regression or change the model",
+                hint="set task.kind: language_modeling for logits [batch, positions, vocabulary]" if out.dim() == 3 else "set task.kind: regression or change the model",
             )
         if y.dtype.is_floating_point:
             whole = bool(torch.isfinite(y).all()) and bool((y == y.round()).all())
@@ -366,7 +366,8 @@ def _check_padding_labels(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, p
         row, col = (int(v) for v in stray.nonzero()[0])
         raise DataError(
             f"{dataset_name}: example {int(idx[row])} has label {int(y[row, col])} at position {col}, which its inputs mark as padding",
-            hint=f"labels at padded positions must be {task_lib.IGNORE_INDEX} (no loss there)",
+            hint=f"labels at padded positions must be {task_lib.IGNORE_INDEX} (no loss there); a pad id that is also a real token "
+            "marks real positions as padding: pad with an id no sequence uses",
         )
 
 

@@ -144,7 +144,8 @@ def label_text(label: Any, class_names: list[str] | None = None) -> str:
     if isinstance(label, list):
         if any(v == IGNORE_INDEX and isinstance(v, int) for v in label):  # a language model's: the counted positions
             label = [v for v in label if v != IGNORE_INDEX]
-        return "[" + ", ".join(label_text(v) for v in label[:4]) + (", …]" if len(label) > 4 else "]")
+        shown = 12 if all(isinstance(v, int) for v in label) else 4  # token ids: a phrase; regression targets: a few numbers
+        return "[" + ", ".join(label_text(v) for v in label[:shown]) + (", …]" if len(label) > shown else "]")
     if class_names is not None and isinstance(label, int) and 0 <= label < len(class_names):
         return f"{label} ({class_names[label]})"
     return str(label)
