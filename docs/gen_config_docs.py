@@ -248,9 +248,10 @@ data:
 
 The head's G is vocabulary × vocabulary (50,000² float32s are 10 GB): with a large vocabulary leave
 the head out (`factors.modules: ["blocks.*"]`, say); `influence inspect` prints every factor's size.
-top-k and the JSON outputs show labels and predictions as token lists (the table shows the
-counted positions, up to 12; predictions are -100 where the label is); they do not show the
-input tokens, so keep the data file at hand to read a ranked example's sequence. Labels at padded positions must be
+top-k shows each ranked example by its input token ids (padding left out, up to 12 in the table)
+and each query by its input, labels and predictions at the counted positions; the JSON adds
+`query_input` and `train_input` (all ids) beside the labels and predictions (-100 where no loss
+counts). Labels at padded positions must be
 -100, and the first padded batch checks that an example cut to its real positions gives the same
 outputs, so a model that reads padding (no causal or key mask) is refused (a model that only runs
 at its padded length cannot be cut, and is not checked this way).

@@ -292,11 +292,19 @@ def test_cli_attributes_a_language_model(lm_project):
     assert query["query_index"] == 20 and len(query["query_label"]) == 6 and len(query["query_prediction"]) == 6
     assert query["query_label"][-1] == IGNORE
     assert all((p == IGNORE) == (y == IGNORE) for p, y in zip(query["query_prediction"], query["query_label"], strict=True))
+    tokens, _, alone = lm_sequences(n=24)
+    assert query["query_input"] == alone[20][0][0].tolist()  # the input ids without padding
+    first = query["proponents"][0]
+    assert first["train_input"] == alone[first["train_index"]][0][0].tolist()
+    table = runner.invoke(app, ["top-k", lm_project, "--k", "2", "--query", "0"])
+    assert table.exit_code == 0 and f"input {alone[20][0][0].tolist()}" in " ".join(table.stdout.split()) and "│ input" in table.stdout.replace("┃", "│")
     assert all(row["score"] > 0 for row in query["proponents"]) and len(query["proponents"][0]["train_label"]) == 6
     for command in (["compute-scores", lm_project, "--self"], ["top-k", lm_project, "--self", "--k", "3"]):
         result = runner.invoke(app, command)
         assert result.exit_code == 0, result.stderr
-    assert "[" in result.stdout and "-100" not in result.stdout  # labels shown as the counted positions' token ids
+    assert "input" in result.stdout and "-100" not in result.stdout  # examples shown by their input ids
+    top_self = json.loads(runner.invoke(app, ["top-k", lm_project, "--self", "--k", "2", "--json"]).stdout)["self_influence"][0]
+    assert top_self["train_input"] == alone[top_self["train_index"]][0][0].tolist()
     refused = runner.invoke(app, ["fit-factors", lm_project, "--overwrite", "--set", "factors.fisher=ggn"])
     assert refused.exit_code == 2 and "factors.fisher: ggn is not available" in refused.stderr
 

@@ -190,16 +190,17 @@ def top_k_cmd(
         loaded = topk.check_scores_match(self_influence.metadata, cfg, out_dir / storage.SELF_INFLUENCE_FILE, pairwise=False)
         ranked = topk.self_top_k(self_influence, k)
         grid_path = _self_grid(cfg, ranked, image_grid, loaded) if image_grid is not None else None
+        inputs = _token_inputs(cfg, loaded, ["data.train"])  # a language model's examples are shown by their input ids
         if json_:
-            print_json(
-                {"output_dir": str(out_dir), "k": k, "self_influence": [dataclasses.asdict(r) for r in ranked]}
-                | ({"image_grid": str(grid_path)} if grid_path else {})
-            )
+            rows = [dataclasses.asdict(r) | ({"train_input": inputs[0](r.train_position)} if inputs else {}) for r in ranked]
+            print_json({"output_dir": str(out_dir), "k": k, "self_influence": rows} | ({"image_grid": str(grid_path)} if grid_path else {}))
             return
+        shown = "input" if inputs else "label"
         table = new_table(f"most self-influential training examples (top {k})", [("rank", "right"), ("train index", "right"),
-                                                                                   ("label", "left"), ("self-influence", "right")])
+                                                                                   (shown, "left"), ("self-influence", "right")])
         for r in ranked:
-            table.add_row(str(r.rank), str(r.train_index), label_text(r.train_label), f"{r.score:.5g}")
+            cell = label_text(inputs[0](r.train_position) if inputs else r.train_label)
+            table.add_row(str(r.rank), str(r.train_index), cell, f"{r.score:.5g}")
         print_table(table)
         if grid_path:
             err_console.print(f"[green]saved[/] {grid_path}")
@@ -210,7 +211,17 @@ def top_k_cmd(
     loaded = topk.check_scores_match(meta.metadata, cfg, meta.files[0].path if len(meta.files) == 1 else out_dir / storage.SCORES_INDEX)
     rankings = topk.top_k(out_dir, selection, k, largest=True, smallest=opponents)
     grid_path = _pairwise_grid(cfg, meta, selection, k, opponents, rankings, image_grid, loaded) if image_grid is not None else None
+    inputs = _token_inputs(cfg, loaded, ["data.train", "data.query"])  # a language model's examples are shown by their input ids
     if json_:
+        queries = []
+        for r in rankings:
+            row = dataclasses.asdict(r)
+            if inputs:
+                row["query_input"] = inputs[1](r.query_position)
+                for side in ("proponents", "opponents"):
+                    for e, entry in zip(getattr(r, side), row[side], strict=True):
+                        entry["train_input"] = inputs[0](e.train_position)
+            queries.append(row)
         print_json(
             {
                 "output_dir": str(out_dir),
@@ -218,31 +229,53 @@ def top_k_cmd(
                 "measurement": meta.metadata.get("measurement"),
                 "strategy": meta.metadata.get("strategy"),
                 "k": k,
-                "queries": [dataclasses.asdict(r) for r in rankings],
+                "queries": queries,
             }
             | ({"image_grid": str(grid_path)} if grid_path else {})
         )
         return
     variant = "relative influence" if meta.relative else "influence"
+
+    def cell(e) -> str:
+        return label_text(inputs[0](e.train_position) if inputs else e.train_label)
+
     for r in rankings:
+        shown = f"input {label_text(inputs[1](r.query_position))} · " if inputs else ""
         title = (
-            f"query {r.query_position} · index {r.query_index} · label {label_text(r.query_label)} · "
+            f"query {r.query_position} · index {r.query_index} · {shown}label {label_text(r.query_label)} · "
             f"predicted {label_text(r.query_prediction)}"
         )
-        table = new_table(title, [("", "left"), ("rank", "right"), ("train index", "right"), ("label", "left"), (variant, "right")])
+        table = new_table(title, [("", "left"), ("rank", "right"), ("train index", "right"), ("input" if inputs else "label", "left"), (variant, "right")])
         for e in r.proponents:
-            table.add_row("[green]proponent[/]", str(e.rank), str(e.train_index), label_text(e.train_label), f"{e.score:+.5g}")
+            table.add_row("[green]proponent[/]", str(e.rank), str(e.train_index), cell(e), f"{e.score:+.5g}")
         if not r.proponents:
             table.add_row("[green]proponent[/]", "-", "", "", "no positive score")
         if opponents:
             table.add_section()
         for e in r.opponents:
-            table.add_row("[red]opponent[/]", str(e.rank), str(e.train_index), label_text(e.train_label), f"{e.score:+.5g}")
+            table.add_row("[red]opponent[/]", str(e.rank), str(e.train_index), cell(e), f"{e.score:+.5g}")
         if opponents and not r.opponents:
             table.add_row("[red]opponent[/]", "-", "", "", "no negative score")
         print_table(table)
     if grid_path:
         err_console.print(f"[green]saved[/] {grid_path}")
+
+
+def _token_inputs(cfg, loaded: dict, which: list[str]):
+    """For a language model, one function per data key in `which`: position -> the example's input
+    token ids without padding (list of int); None for other tasks."""
+    if cfg.task.kind != "language_modeling":
+        return None
+    pad = cfg.data.padding_value
+
+    def reader(ds):
+        def ids(position: int) -> list[int]:
+            x = ds[position][0].reshape(-1)
+            return [int(v) for v in (x if pad is None else x[x != pad]).tolist()]
+
+        return ids
+
+    return [reader(ds) for ds in _datasets(cfg, which, loaded)]
 
 
 def _datasets(cfg, which: list[str], loaded: dict):
@@ -258,7 +291,7 @@ def _datasets(cfg, which: list[str], loaded: dict):
         if spec is None:
             from influence_cli.errors import ConfigError
 
-            raise ConfigError(f"{key}: missing in the config (needed for --image-grid)", source=cfg.source)
+            raise ConfigError(f"{key}: missing in the config (top-k reads its examples)", source=cfg.source)
         if key not in loaded and embedding_model is None:  # token ids are not drawn as images
             embedding_model = takes_token_ids(load_model(cfg.model, cfg.base_dir))
         out.append(loaded[key] if key in loaded else load_dataset(spec, cfg.base_dir, name=key, seed=cfg.seed, embedding_model=bool(embedding_model)))
