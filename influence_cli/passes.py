@@ -154,6 +154,7 @@ def stream_gradients(
     seen = 0
     padding_checked = False  # the first batch with padding verifies that the model ignores it (mask_padding)
     vocabulary = host_checked_vocabulary(model, device)
+    tol = model_checks.tolerance(dtype, amp, device)  # of the first-batch model checks
     for offset, (x, y, idx) in enumerate(batches):
         if max_examples is not None:
             if seen >= max_examples:
@@ -165,16 +166,18 @@ def stream_gradients(
         y_cpu, idx_cpu = y, idx
         if vocabulary is not None:
             check_token_ids(x, idx, vocabulary, dataset_name, padding_value)
-        if task_kind == "language_modeling" and padding_value is not None:
-            _check_padding_labels(x, y, idx, padding_value, dataset_name)
+        host_mask = None if padding_value is None else padding_mask(x, padding_value, dataset_name)  # [B, L], the data's own dtype
+        if host_mask is not None and task_kind == "language_modeling":
+            _check_padding_labels(host_mask, y, idx, dataset_name)
         x = x.to(device, non_blocking=True)
-        mask = None if padding_value is None else padding_mask(x, padding_value, dataset_name)  # on the data's own dtype
+        mask = None if host_mask is None else host_mask.to(device, non_blocking=True)
         if x.is_floating_point():
             x = x.to(dtype)
         y = y.to(device, non_blocking=True)
         idx = idx.to(device, non_blocking=True)
+        first = offset == 0  # the first batch also checks the model against what the factors assume (model_checks)
         with tracked_grad_enabled(tracked):
-            out, cap = _forward(model, tracked, x, idx, amp, first=offset == 0, dataset_name=dataset_name)
+            out, cap = _forward(model, tracked, x, idx, amp, first=first, dataset_name=dataset_name)
             out_f = out.to(acc_dtype) if out.is_floating_point() else out
             _check_outputs(out_f, y_cpu, idx_cpu, task_kind, dataset_name)
             if mode == "fisher":
@@ -187,25 +190,23 @@ def stream_gradients(
             else:
                 vectors = task_lib.loss_output_gradient(out_f, y, task_kind, measurement)[None]
             acts = {k: v.to(out_dtype) for k, v in cap.activations(len(idx)).items()}
-            first = offset == 0  # the first batch checks the model against what the factors assume (model_checks)
-            tol = model_checks.tolerance(dtype, amp, x.device)
             if first and len(idx) > 1:
-                with autocast_context(x.device, amp):
+                with autocast_context(device, amp):
                     model_checks.check_examples_independent(model, tracked, x, out, acts, tol)
             if first:
-                model_checks.check_weight_gradients(model, tracked, x, vectors[0], tol, autocast_context(x.device, amp))
+                model_checks.check_weight_gradients(model, tracked, x, vectors[0], tol, autocast_context(device, amp))
             grads = []
             for k in range(vectors.shape[0]):
                 g = cap.output_gradients(out, vectors[k].to(out.dtype), retain_graph=k + 1 < vectors.shape[0])
                 grads.append({name: v.to(out_dtype) for name, v in g.items()})
-        check = mask is not None and not padding_checked and bool((~mask).any())
+        check = host_mask is not None and not padding_checked and bool((~host_mask).any())  # on the host: no device sync
         padding_checked = padding_checked or check
         positions = {} if mask is None else mask_padding(tracked, mask, acts, grads, check=check)
         if check:  # and through the untracked layers too
-            with autocast_context(x.device, amp):
-                model_checks.check_padding_alone(model, x, out, mask, idx, model_checks.tolerance(dtype, amp, x.device))
+            with autocast_context(device, amp):
+                model_checks.check_padding_alone(model, x, out, mask, idx, tol)
         batch = BatchGradients(start_batch + offset, idx, y, out_f.detach(), acts, grads, positions)
-        x = out = out_f = vectors = cap = g = extra = mask = None  # a suspended stream (one per ensemble member) holds only the batch
+        x = out = out_f = vectors = cap = g = extra = mask = host_mask = None  # a suspended stream (one per ensemble member) holds only the batch
         yield batch
 
 
@@ -357,11 +358,12 @@ def _check_outputs(out: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, task_k
             )
 
 
-def _check_padding_labels(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, padding_value: float, dataset_name: str) -> None:
-    """A language model's labels are IGNORE_INDEX at padded input positions (x, y on the host; [B, L])."""
-    if y.dim() != 2 or y.shape != x.shape[:2] or y.is_floating_point():
+def _check_padding_labels(mask: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, dataset_name: str) -> None:
+    """A language model's labels are IGNORE_INDEX at padded input positions (mask [B, L], True at real
+    positions, and y on the host)."""
+    if y.shape != mask.shape or y.is_floating_point():
         return  # the shape and dtype checks name these
-    stray = padding_mask(x, padding_value, dataset_name).logical_not() & (y != task_lib.IGNORE_INDEX)
+    stray = mask.logical_not() & (y != task_lib.IGNORE_INDEX)
     if bool(stray.any()):
         row, col = (int(v) for v in stray.nonzero()[0])
         raise DataError(
