@@ -349,13 +349,23 @@ def _check_outputs(out: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, task_k
             )
         if y.device.type != "cpu":  # a check here would stall the device; the loss reports it instead
             return
-        wrong = (y < 0) | (y >= out.shape[1])
-        if wrong.any():
-            first = int(wrong.nonzero()[0, 0])
+        outside = _label_outside(y, out.shape[1])
+        if outside is not None:
             raise DataError(
-                f"{dataset_name}: label {int(y[first])} of example {int(idx[first])} is outside the model's {out.shape[1]} classes",
+                f"{dataset_name}: label {outside[1]} of example {int(idx[outside[0]])} is outside the model's {out.shape[1]} classes",
                 hint="check model.kwargs.num_classes or filter with labels_in",
             )
+
+
+def _label_outside(y: torch.Tensor, size: int, ignored: int | None = None) -> tuple[int, int] | None:
+    """(row, label) of the first label of y [B, ...] outside [0, size) other than `ignored`; None if there is none."""
+    wrong = (y < 0) | (y >= size)
+    if ignored is not None:
+        wrong &= y != ignored
+    if not bool(wrong.any()):
+        return None
+    at = tuple(int(v) for v in wrong.nonzero()[0])
+    return at[0], int(y[at])
 
 
 def _check_padding_labels(mask: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, dataset_name: str) -> None:
@@ -388,11 +398,9 @@ def _check_token_labels(out: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, d
             f"{list(y.shape[1:])} per example",
             hint=f"store labels [N, positions] aligned with the outputs (the next token's id; {task_lib.IGNORE_INDEX} where no loss counts)",
         )
-    wrong = ((y < 0) & (y != task_lib.IGNORE_INDEX)) | (y >= out.shape[2])  # [B, T]
-    if wrong.any():
-        first, position = (int(v) for v in wrong.nonzero()[0])
-        label = int(y[first, position])
+    outside = _label_outside(y, out.shape[2], task_lib.IGNORE_INDEX)
+    if outside is not None:
         raise DataError(
-            f"{dataset_name}: label {label} of example {int(idx[first])} is outside the model's vocabulary of {out.shape[2]} tokens",
+            f"{dataset_name}: label {outside[1]} of example {int(idx[outside[0]])} is outside the model's vocabulary of {out.shape[2]} tokens",
             hint=f"labels are token ids in [0, {out.shape[2]}), or {task_lib.IGNORE_INDEX} for positions without a loss",
         )
