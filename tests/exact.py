@@ -23,6 +23,18 @@ def batches_of(x: torch.Tensor, y: torch.Tensor, batch_size: int):
     return make
 
 
+def singletons(seqs, labels):
+    """Batch maker of one unpadded sequence per batch, each keeping its global index k: seqs [N] of
+    [1, L_k, ...]; labels a tensor [N, ...] (labels[k : k + 1]) or a list of [1, ...] tensors."""
+
+    def make(start_batch: int):
+        for k in range(start_batch, len(seqs)):
+            y = labels[k : k + 1] if isinstance(labels, torch.Tensor) else labels[k]
+            yield seqs[k], y, torch.tensor([k])
+
+    return make
+
+
 def fit(model: nn.Module, x, y, *, strategy="ekfac", fisher="empirical", batch_size=4, kind="classification", seed=0, modules=("*",)):
     tracked = find_tracked_modules(model, list(modules))
     plan = PassPlan(batches_of(x, y, batch_size), -(-len(x) // batch_size), len(x), kind, fisher, seed)

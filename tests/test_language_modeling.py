@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from exact import batches_of, sequence_project
+from exact import batches_of, sequence_project, singletons
 from torch import nn
 from typer.testing import CliRunner
 
@@ -67,11 +67,8 @@ def lm_sequences(n=10, max_len=6, seed=0):
 
 
 def _singletons(alone):
-    def make(start_batch: int):
-        for k in range(start_batch, len(alone)):
-            yield alone[k][0], alone[k][1], torch.tensor([k])
-
-    return make
+    """`exact.singletons` over (tokens [1, L], labels [1, L]) pairs."""
+    return singletons([tokens for tokens, _ in alone], [labels for _, labels in alone])
 
 
 # ----------------------------------------------------------------------------- the task's functions

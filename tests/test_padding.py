@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from exact import PaddedSeqModel, SeqModel, batches_of, sequence_project, variable_length_sequences
+from exact import PaddedSeqModel, SeqModel, batches_of, sequence_project, singletons, variable_length_sequences
 from torch import nn
 
 from influence_cli.errors import DataError, ModelError
@@ -15,16 +15,6 @@ from influence_cli.fit import PassPlan, compute_factors
 from influence_cli.kernel import pairwise_scores, self_influence_scores
 from influence_cli.passes import stream_gradients
 from influence_cli.tracking import find_tracked_modules, padding_mask
-
-
-def _singletons(seqs, labels):
-    """One unpadded sequence per batch (each keeps its global index)."""
-
-    def make(start_batch: int):
-        for k in range(start_batch, len(seqs)):
-            yield seqs[k], labels[k : k + 1], torch.tensor([k])
-
-    return make
 
 
 def _fit(model, batches, n, num_batches, *, fisher, strategy="ekfac", padding_value=None):
@@ -39,7 +29,7 @@ def test_padded_batches_give_the_factors_of_unpadded_sequences(fisher):
     padded, seqs, labels = variable_length_sequences()
     n = len(seqs)
     _, masked = _fit(model, batches_of(padded, labels, 4), n, 3, fisher=fisher, padding_value=0.0)
-    _, alone = _fit(model, _singletons(seqs, labels), n, n, fisher=fisher)
+    _, alone = _fit(model, singletons(seqs, labels), n, n, fisher=fisher)
     for name in ("proj", "head"):
         for key in ("a_covariance", "g_covariance", "eigenvalues"):
             torch.testing.assert_close(getattr(masked[name], key), getattr(alone[name], key), rtol=1e-10, atol=1e-12)
@@ -50,7 +40,7 @@ def test_without_the_mask_padding_changes_the_factors():
     model = PaddedSeqModel().double()
     padded, seqs, labels = variable_length_sequences()
     _, unmasked = _fit(model, batches_of(padded, labels, 4), len(seqs), 3, fisher="empirical")
-    _, alone = _fit(model, _singletons(seqs, labels), len(seqs), len(seqs), fisher="empirical")
+    _, alone = _fit(model, singletons(seqs, labels), len(seqs), len(seqs), fisher="empirical")
     assert not torch.allclose(unmasked["proj"].a_covariance, alone["proj"].a_covariance)
     assert not torch.allclose(unmasked["head"].g_covariance, alone["head"].g_covariance)
 
@@ -64,10 +54,10 @@ def test_padded_scores_equal_scores_of_unpadded_sequences():
     got = pairwise_scores(
         model, tracked, masked, batches_of(q_pad, q_labels, 2)(0), batches_of(padded, labels, 4)(0), padding_value=0.0
     )
-    want = pairwise_scores(model, tracked, masked, _singletons(q_seqs, q_labels)(0), _singletons(seqs, labels)(0))
+    want = pairwise_scores(model, tracked, masked, singletons(q_seqs, q_labels)(0), singletons(seqs, labels)(0))
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     got_self = self_influence_scores(model, tracked, masked, batches_of(padded, labels, 4)(0), padding_value=0.0)
-    want_self = self_influence_scores(model, tracked, masked, _singletons(seqs, labels)(0))
+    want_self = self_influence_scores(model, tracked, masked, singletons(seqs, labels)(0))
     torch.testing.assert_close(got_self, want_self, rtol=1e-10, atol=1e-12)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from exact import batches_of, sequence_project
+from exact import batches_of, sequence_project, singletons
 from torch import nn
 from typer.testing import CliRunner
 
@@ -50,14 +50,6 @@ def token_sequences(n=12, max_len=6, seed=0):
     return padded, seqs, torch.randint(0, 3, (n,), generator=g)
 
 
-def _singletons(seqs, labels):
-    def make(start_batch: int):
-        for k in range(start_batch, len(seqs)):
-            yield seqs[k], labels[k : k + 1], torch.tensor([k])
-
-    return make
-
-
 def test_padded_token_batches_give_the_numbers_of_unpadded_sequences():
     torch.manual_seed(0)
     model = TokenModel().double()
@@ -71,7 +63,7 @@ def test_padded_token_batches_give_the_numbers_of_unpadded_sequences():
         return compute_factors(model, tracked, "ekfac", plan)
 
     masked = fit(batches_of(padded, labels, 5), 3, PAD)
-    alone = fit(_singletons(seqs, labels), n, None)
+    alone = fit(singletons(seqs, labels), n, None)
     for name in ("proj", "head"):
         for key in ("a_covariance", "g_covariance", "eigenvalues"):
             torch.testing.assert_close(getattr(masked[name], key), getattr(alone[name], key), rtol=1e-10, atol=1e-12)
@@ -80,10 +72,10 @@ def test_padded_token_batches_give_the_numbers_of_unpadded_sequences():
     got = pairwise_scores(
         model, tracked, masked, batches_of(q_pad, q_labels, 2)(0), batches_of(padded, labels, 5)(0), padding_value=PAD
     )
-    want = pairwise_scores(model, tracked, masked, _singletons(q_seqs, q_labels)(0), _singletons(seqs, labels)(0))
+    want = pairwise_scores(model, tracked, masked, singletons(q_seqs, q_labels)(0), singletons(seqs, labels)(0))
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     got_self = self_influence_scores(model, tracked, masked, batches_of(padded, labels, 5)(0), padding_value=PAD)
-    want_self = self_influence_scores(model, tracked, masked, _singletons(seqs, labels)(0))
+    want_self = self_influence_scores(model, tracked, masked, singletons(seqs, labels)(0))
     torch.testing.assert_close(got_self, want_self, rtol=1e-10, atol=1e-12)
 
 
@@ -140,14 +132,14 @@ def test_padded_transformer_batches_are_exact():
 
     n = len(seqs)
     masked = compute_factors(model, tracked, "ekfac", PassPlan(batches_of(padded, labels, 5), 3, n, "classification", "ggn", 0, padding_value=PAD))
-    alone = compute_factors(model, tracked, "ekfac", PassPlan(_singletons(seqs, labels), n, n, "classification", "ggn", 0))
+    alone = compute_factors(model, tracked, "ekfac", PassPlan(singletons(seqs, labels), n, n, "classification", "ggn", 0))
     for name in masked:
         for key in ("a_covariance", "g_covariance", "eigenvalues"):
             torch.testing.assert_close(getattr(masked[name], key), getattr(alone[name], key), rtol=1e-9, atol=1e-12)
     got = pairwise_scores(
         model, tracked, masked, batches_of(q_pad, q_labels, 2)(0), batches_of(padded, labels, 5)(0), padding_value=PAD
     )
-    want = pairwise_scores(model, tracked, alone, _singletons(q_seqs, q_labels)(0), _singletons(seqs, labels)(0))
+    want = pairwise_scores(model, tracked, alone, singletons(q_seqs, q_labels)(0), singletons(seqs, labels)(0))
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
 
 
