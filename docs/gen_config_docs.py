@@ -330,7 +330,10 @@ commands wrote there; only `edit` writes elsewhere, to its `--out` checkpoint:
 
 Each file's metadata records the tool and torch versions, the device, the strategy and Fisher
 kind, fingerprints of the model and the data, and the resolved config: `influence info FILE`
-prints them. The model's fingerprint hashes the checkpoint's tensors; a dataset's hashes its
+prints them. The model's fingerprint hashes the checkpoint's tensors, and its definition
+records `model.architecture`, `model.kwargs` and a hash of its module tree (a changed keyword
+that keeps every weight's shape, such as attention heads, still changes the model); a dataset's
+fingerprint hashes its
 spec, its files' names and sizes (not their folders, so a project moved to another machine keeps
 its outputs), the kept indices and the labels. Files are written under a temporary name and
 renamed, so a file with a final name is complete; a finished output is only replaced with

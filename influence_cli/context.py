@@ -11,7 +11,7 @@ from torch import nn
 from influence_cli.config import Config, DataSpec
 from influence_cli.data import IndexedDataset, load_dataset, make_loader
 from influence_cli.distributed import DistState, resolve_device
-from influence_cli.models import load_model, model_fingerprint, takes_token_ids
+from influence_cli.models import load_model, model_definition, model_fingerprint, takes_token_ids
 from influence_cli.tracking import TrackedModule, find_tracked_modules
 
 
@@ -24,6 +24,7 @@ class RunContext:
     model: nn.Module
     model_fingerprint: str
     tracked: list[TrackedModule]
+    model_definition: dict[str, object]  # models.model_definition: architecture, kwargs, module tree
 
     @property
     def device(self) -> torch.device:
@@ -86,7 +87,7 @@ def prepare(
             hint="use factors.amp=bfloat16 on CPUs, or none",
         )
     model = load_model(cfg.model, cfg.base_dir, checkpoint=checkpoint, key=key)
-    fingerprint = model_fingerprint(model)
+    fingerprint, definition = model_fingerprint(model), model_definition(cfg.model, model)
     model = model.to(state.device).eval()
     tracked = find_tracked_modules(model, cfg.factors.modules)
-    return RunContext(cfg, state, model, fingerprint, tracked)
+    return RunContext(cfg, state, model, fingerprint, tracked, definition)

@@ -31,6 +31,7 @@ from influence_cli.factors import (
     kronecker_layer_factors,
     null_rows,
 )
+from influence_cli.models import definition_change
 from influence_cli.passes import NonFiniteWatch, accumulator_dtype, matmul_dtype, stream_gradients
 from influence_cli.progress import NullProgress, Progress, for_rank
 from influence_cli.resume import PassCheckpoint, Snapshot, run_key
@@ -278,6 +279,7 @@ def factors_metadata(ctx: RunContext, dataset: IndexedDataset, num_examples: int
         "fisher": cfg.factors.fisher,
         "task": cfg.task.kind,
         "model_fingerprint": ctx.model_fingerprint,
+        "model_definition": ctx.model_definition,
         "dataset_fingerprint": dataset.fingerprint(),
         "num_examples": num_examples,
         "modules": [tm.name for tm in ctx.tracked],
@@ -299,6 +301,7 @@ def _check_ranks_agree(state: DistState, snapshot: Snapshot | None, path: Path) 
         )
 
 
+@storage.removes_new_output_dir_on_failure
 def fit_factors(
     cfg: Config,
     *,
@@ -342,6 +345,7 @@ def _fit_member(
     n = num_fit_examples(cfg, len(dataset))
     result = {
         "model": ctx.model_fingerprint,
+        "definition": ctx.model_definition,
         "data": dataset.fingerprint(),
         "strategy": cfg.factors.strategy,
         "fisher": cfg.factors.fisher,
@@ -436,6 +440,12 @@ def check_factors_match(
         raise OutputError(
             f"{str(path)!r} was fitted for another model (fingerprint {meta.get('model_fingerprint')} vs {ctx.model_fingerprint})",
             hint="rerun `influence fit-factors` for this checkpoint (with --overwrite)",
+        )
+    fitted_definition = storage.meta_json(meta, "model_definition")  # absent from files written before it was recorded
+    if fitted_definition is not None and fitted_definition != ctx.model_definition:
+        raise OutputError(
+            f"{str(path)!r} was fitted for another model definition ({definition_change(fitted_definition, ctx.model_definition)})",
+            hint="use the model block of fit-factors, or refit with --overwrite",
         )
     names = [tm.name for tm in ctx.tracked]
     if list(factors.layers) != names:

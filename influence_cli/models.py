@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import inspect
+import json
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -541,6 +542,40 @@ def model_fingerprint(model: nn.Module) -> str:
         flat = t.to("cpu").contiguous().reshape(-1)
         h.update(memoryview(flat.view(torch.uint8).numpy()))
     return h.hexdigest()[:16]
+
+
+def model_definition(cfg: ModelConfig, model: nn.Module) -> dict[str, Any]:
+    """What builds the model, beside its weights: model.architecture, model.kwargs and the module tree.
+
+    The weights' fingerprint misses a changed keyword that keeps every tensor shape (attention
+    heads, an activation, a dropout-free variant); outputs record this too, and later commands
+    compare it.
+
+    Returns:
+        {"architecture": str, "kwargs": the kwargs as JSON values, "modules": 16 hex characters
+        hashing every module's name and class}.
+    """
+    tree = "\n".join(f"{name}|{type(m).__module__}.{type(m).__qualname__}" for name, m in model.named_modules())
+    return {
+        "architecture": cfg.architecture,
+        "kwargs": json.loads(json.dumps(cfg.kwargs, sort_keys=True, default=str)),
+        "modules": hashlib.sha256(tree.encode()).hexdigest()[:16],
+    }
+
+
+def definition_change(recorded: dict[str, Any], current: dict[str, Any]) -> str:
+    """The difference between two `model_definition`s, in words ("model.kwargs.nhead 4 -> 2")."""
+    parts = []
+    if recorded.get("architecture") != current.get("architecture"):
+        parts.append(f"model.architecture {recorded.get('architecture')!r} -> {current.get('architecture')!r}")
+    old, new = recorded.get("kwargs") or {}, current.get("kwargs") or {}
+    for key in sorted(set(old) | set(new)):
+        if (key in old, old.get(key)) != (key in new, new.get(key)):
+            was, now = (json.dumps(d[key]) if key in d else "(unset)" for d in (old, new))
+            parts.append(f"model.kwargs.{key} {was} -> {now}")
+    if not parts and recorded.get("modules") != current.get("modules"):
+        parts.append("the model's modules (names or classes) changed")
+    return ", ".join(parts) or "the model definition changed"
 
 
 def takes_token_ids(model: nn.Module) -> bool:

@@ -81,7 +81,7 @@ class PassCheckpoint:
 
 
 _NAMES = {"bs": "batch size", "batch_size": "batch size", "world": "number of ranks", "n": "examples", "chunks": "query chunks",
-          "shards": "score shards", "factors": "factors file", "model_fingerprint": "model", "train_fingerprint": "data.train",
+          "shards": "score shards", "factors": "factors file", "model_fingerprint": "model", "model_definition": "model definition", "definition": "model definition", "train_fingerprint": "data.train",
           "query_fingerprint": "data.query"}  # fmt: skip
 
 

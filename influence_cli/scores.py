@@ -461,6 +461,7 @@ def _snapshot_phase(snapshot: Snapshot | None, prefix: str) -> list[int] | None:
     return [int(p) for p in snapshot.phase[len(prefix) :].split(":") if p]
 
 
+@storage.removes_new_output_dir_on_failure
 def compute_scores(
     cfg: Config,
     *,
@@ -517,6 +518,7 @@ def compute_scores(
         "damping_factor": cfg.scores.damping_factor,
         "damping_scope": cfg.scores.damping_scope,
         "model_fingerprint": ctx.model_fingerprint,
+        "model_definition": ctx.model_definition,
         "train_fingerprint": train.fingerprint(),
         "factors": described[0]["factors"],
         "modules": [tm.name for tm in ctx.tracked],
@@ -561,7 +563,7 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
         "dtype": cfg.scores.dtype,
     }
     result = (  # what the scores are (the same whatever the batch size, ranks or shards)
-        {k: metadata[k] for k in ("model_fingerprint", "train_fingerprint", "query_fingerprint", "damping", "relative", "measurement", "strategy", "dtype")}
+        {k: metadata[k] for k in ("model_fingerprint", "model_definition", "train_fingerprint", "query_fingerprint", "damping", "relative", "measurement", "strategy", "dtype")}
         | {"factors": common["factors"].get("created"), "amp": cfg.factors.amp}
         | _members_key(common)
     )
@@ -745,7 +747,7 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
     path = out_dir / storage.SELF_INFLUENCE_FILE
     metadata = common | {storage.FORMAT_KEY: storage.SELF_FORMAT, "kind": "self", "n_train": n_t}
     result = (
-        {k: common[k] for k in ("model_fingerprint", "train_fingerprint", "damping", "strategy")}
+        {k: common[k] for k in ("model_fingerprint", "model_definition", "train_fingerprint", "damping", "strategy")}
         | {"factors": common["factors"].get("created"), "amp": cfg.factors.amp, "kind": "self"}
         | _members_key(common)
     )

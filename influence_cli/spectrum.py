@@ -378,6 +378,7 @@ class SpectrumReport:
         return data
 
 
+@storage.removes_new_output_dir_on_failure
 def spectrum(
     cfg: Config,
     *,

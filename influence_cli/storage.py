@@ -7,14 +7,15 @@ rule); structured values are stored as JSON.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import safe_open
@@ -151,6 +152,41 @@ def ensure_writable_dir(folder: Path, key: str = "output_dir") -> None:
         raise OutputError(f"{key}: cannot create {str(folder)!r} ({exc.strerror})", hint=f"set {key} to a writable folder") from None
     if not os.access(folder, os.W_OK):
         raise OutputError(f"{key}: {str(folder)!r} is not writable", hint=f"set {key} to a writable folder")
+
+
+_Run = TypeVar("_Run", bound=Callable[..., Any])
+
+
+def removes_new_output_dir_on_failure(run: _Run) -> _Run:
+    """Decorates a command's core function `run(cfg, ...)`: when it fails, the output_dir it created
+    (with its parents) is removed again if nothing was written there, so a failed first run leaves
+    no empty folder behind. Saved progress keeps the folder; a folder that existed is never touched."""
+
+    @functools.wraps(run)
+    def wrapper(cfg: Any, *args: Any, **kwargs: Any) -> Any:
+        folder = Path(cfg.output_path)
+        created = [p for p in (folder, *folder.parents) if not p.exists()]  # innermost first
+        try:
+            return run(cfg, *args, **kwargs)
+        except BaseException:
+            if created and created[0] == folder and folder.is_dir():
+                for sub, _, _ in os.walk(folder, topdown=False):  # empty subfolders first (members/<i>/)
+                    if Path(sub) != folder:
+                        _rmdir_if_empty(Path(sub))
+                for p in created:
+                    if not _rmdir_if_empty(p):
+                        break
+            raise
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _rmdir_if_empty(folder: Path) -> bool:
+    try:
+        folder.rmdir()
+    except OSError:
+        return False
+    return True
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:

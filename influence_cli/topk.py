@@ -181,7 +181,7 @@ def check_scores_match(metadata: dict[str, Any], cfg: Config, path: Path, *, pai
         OutputError: naming the first setting that differs.
     """
     from influence_cli.data import load_dataset
-    from influence_cli.models import load_model, model_fingerprint, takes_token_ids
+    from influence_cli.models import definition_change, load_model, model_definition, model_fingerprint, takes_token_ids
     from influence_cli.tracking import find_tracked_modules
 
     hint = "use the config (and --set overrides) of compute-scores, or rerun compute-scores with --overwrite"
@@ -213,6 +213,10 @@ def check_scores_match(metadata: dict[str, Any], cfg: Config, path: Path, *, pai
         current, embedding_model = model_fingerprint(model), takes_token_ids(model)
         if recorded != current:
             raise OutputError(f"{str(path)!r} holds scores of another model (fingerprint {recorded}; model.checkpoint's is {current})", hint=hint)
+        recorded_definition, definition = metadata.get("model_definition"), model_definition(cfg.model, model)
+        if recorded_definition is not None and recorded_definition != definition:
+            change = definition_change(recorded_definition, definition)
+            raise OutputError(f"{str(path)!r} holds scores of another model definition ({change})", hint=hint)
         names = [tm.name for tm in find_tracked_modules(model, cfg.factors.modules)]
         if metadata.get("modules") is not None and metadata["modules"] != names:
             raise OutputError(f"{str(path)!r} holds scores of layers {metadata['modules']}; the config tracks {names}", hint=hint)

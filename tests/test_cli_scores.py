@@ -127,6 +127,7 @@ def test_top_k_refuses_scores_the_config_does_not_describe(runner, project, tmp_
         (["--set", f"model.checkpoint={tmp_path / 'perturbed.safetensors'}"], "holds scores of another model"),
         (["--set", "data.query.range=[50, 53]"], "computed on another data.query"),
         (["--set", "factors.modules=[head]"], "holds scores of layers ['fc1', 'head']; the config tracks ['head']"),
+        (["--set", "model.kwargs.activation=tanh"], 'another model definition (model.kwargs.activation (unset) -> "tanh")'),
     ]
     for extra, needle in cases:
         result = invoke(runner, "top-k", project, "--query", "0", "--k", "1", *extra)

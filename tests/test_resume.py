@@ -174,8 +174,8 @@ def test_overwrite_discards_progress(tmp_path, monkeypatch, reference):
 @pytest.mark.parametrize(
     ("changed", "named"),
     [("data.batch_size=32", "batch size 64 -> 32"), ("factors.strategy=kfac", "strategy ekfac -> kfac"), ("seed=1", "seed 0 -> 1"),
-     ("data.train.range=[0, 1400]", "examples")],  # fmt: skip
-    ids=["batch_size", "strategy", "seed", "train_range"],
+     ("data.train.range=[0, 1400]", "examples"), ("model.kwargs.activation=tanh", "model definition")],  # fmt: skip
+    ids=["batch_size", "strategy", "seed", "train_range", "model_kwargs"],
 )
 def test_resume_with_other_settings_is_refused(tmp_path, monkeypatch, changed, named):
     interrupt_after(monkeypatch, 5)
@@ -380,3 +380,25 @@ def test_resume_of_a_finished_run_is_a_no_op(tmp_path, monkeypatch):
     assert (out / storage.FACTORS_FILE).stat().st_mtime_ns == before
     with pytest.raises(OutputError, match="already holds factors"):
         fit.fit_factors(config(out, "factors.strategy=kfac"), resume=True)
+
+
+def test_a_failed_first_run_leaves_no_empty_output_dir(tmp_path, monkeypatch):
+    """The output_dir (and its parents) a run created are removed when it fails before writing
+    anything; saved progress keeps them, and a folder that existed is left alone."""
+    out = tmp_path / "new" / "run"
+    interrupt_after(monkeypatch, 1)  # before the first snapshot (every 2 batches)
+    with pytest.raises(KeyboardInterrupt):
+        fit.fit_factors(config(out))
+    assert not (tmp_path / "new").exists()
+    monkeypatch.undo()
+    interrupt_after(monkeypatch, 3)  # after it: the progress is kept, with its folder
+    with pytest.raises(KeyboardInterrupt):
+        fit.fit_factors(config(out))
+    assert (out / PARTIAL).is_file()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    monkeypatch.undo()
+    interrupt_after(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        fit.fit_factors(config(existing))
+    assert existing.is_dir()
