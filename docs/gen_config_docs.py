@@ -254,7 +254,10 @@ and each query by its input, labels and predictions at the counted positions; th
 counts). Labels at padded positions must be
 -100, and the first padded batch checks that an example cut to its real positions gives the same
 outputs, so a model that reads padding (no causal or key mask) is refused (a model that only runs
-at its padded length cannot be cut, and is not checked this way).
+at its padded length cannot be cut, and is not checked this way). An example whose labels are
+all -100 has no loss, so its gradient and scores are 0: the commands accept it and warn, naming
+it. Sequences that end (or start) in runs of one id of different lengths look padded: without
+`data.padding_value` those positions count in the factors and scores, and the commands warn.
 
 ## Precision
 

@@ -126,7 +126,8 @@ class DataConfig:
     num_workers: int = _help("DataLoader worker processes.", default=0)
     padding_value: float | None = _help(
         "Input value marking padding positions of sequence inputs (token ids [batch, seq], or [batch, seq, features] "
-        "rows equal to it everywhere); they are left out of every factor and gradient (null = no padding).",
+        "rows equal to it everywhere); they are left out of every factor and gradient (null = no padding; token data whose "
+        "sequences end or start in runs of one id of different lengths then gets a warning).",
         default=None,
     )
 

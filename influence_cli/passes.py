@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from influence_cli import model_checks
+from influence_cli import model_checks, notices
 from influence_cli import task as task_lib
 from influence_cli.errors import DataError, ModelError, NumericalError
 from influence_cli.tracking import Capture, TrackedModule, mask_padding, padding_mask, tracked_grad_enabled
@@ -155,15 +155,21 @@ def stream_gradients(
     padding_checked = False  # the first batch with padding verifies that the model ignores it (mask_padding)
     vocabulary = host_checked_vocabulary(model, device)
     tol = model_checks.tolerance(dtype, amp, device)  # of the first-batch model checks
+    lossless: list[int] = []  # global indices of language-model examples without a counted position
     for offset, (x, y, idx) in enumerate(batches):
         if max_examples is not None:
             if seen >= max_examples:
+                _warn_lossless(lossless, dataset_name)
                 return
             if seen + len(idx) > max_examples:
                 keep = max_examples - seen
                 x, y, idx = x[:keep], y[:keep], idx[:keep]
         seen += len(idx)
         y_cpu, idx_cpu = y, idx
+        if offset == 0 and padding_value is None:
+            _warn_if_padded(x, dataset_name)
+        if task_kind == "language_modeling" and y.dim() > 1:
+            lossless += idx[(y == task_lib.IGNORE_INDEX).flatten(1).all(1)].tolist()
         if vocabulary is not None:
             check_token_ids(x, idx, vocabulary, dataset_name, padding_value)
         host_mask = None if padding_value is None else padding_mask(x, padding_value, dataset_name)  # [B, L], the data's own dtype
@@ -208,6 +214,43 @@ def stream_gradients(
         batch = BatchGradients(start_batch + offset, idx, y, out_f.detach(), acts, grads, positions)
         x = out = out_f = vectors = cap = g = extra = mask = host_mask = None  # a suspended stream (one per ensemble member) holds only the batch
         yield batch
+    _warn_lossless(lossless, dataset_name)
+
+
+def _warn_lossless(indices: list[int], dataset_name: str) -> None:
+    """Language-model examples whose labels are all IGNORE_INDEX have a zero gradient: zero scores."""
+    if indices:
+        notices.warn(
+            f"{dataset_name}: {len(indices)} example(s) have no position with a loss (labels all {task_lib.IGNORE_INDEX}; "
+            f"global indices {_index_span(torch.tensor(indices))}): their gradients, and so their scores, are 0"
+        )
+
+
+def padding_suspect(x: torch.Tensor) -> tuple[int, str] | None:
+    """(id, "end" | "start") when integer inputs [B, L] look padded: two or more examples end (or
+    start) in runs of one id, of different lengths of at least 2; else None."""
+    if x.is_floating_point() or x.dim() != 2 or x.shape[0] < 2 or x.shape[1] < 3:
+        return None
+    for side, seq in (("end", x), ("start", x.flip(1))):
+        edge = seq[:, -1]
+        run = (seq == edge[:, None]).flip(1).int().cumprod(1).sum(1)  # [B]: length of the run of each example's edge id
+        for pad in edge[run >= 2].unique().tolist():
+            lengths = run[(edge == pad) & (run >= 2)]
+            if len(lengths) >= 2 and int(lengths.min()) != int(lengths.max()):
+                return int(pad), side
+    return None
+
+
+def _warn_if_padded(x: torch.Tensor, dataset_name: str) -> None:
+    """Token data that looks padded while data.padding_value is unset: the padded positions then
+    count in the factors and the scores (by up to 10% of the largest score in the tests)."""
+    suspect = padding_suspect(x)
+    if suspect is not None:
+        pad, side = suspect
+        notices.warn(
+            f"{dataset_name}: sequences {side} in runs of token {pad} of different lengths, like padding, but data.padding_value "
+            f"is not set, so those positions count in the factors and scores; set data.padding_value={pad} if {pad} is the pad id"
+        )
 
 
 def _forward(

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -483,3 +485,10 @@ def test_tables_survive_odd_terminals(tmp_path: Path, monkeypatch):
     assert render._columns() == 10_000  # ignored: stdout is still not a terminal
     monkeypatch.setenv("COLUMNS", "57")
     assert render._columns() == 57
+
+
+def test_the_cli_starts_without_importing_torch():
+    """`influence --help` and usage errors answer at once: torch (seconds to import) loads only when a command runs."""
+    code = "import sys; from influence_cli.cli import app; assert 'torch' not in sys.modules, 'torch imported'"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

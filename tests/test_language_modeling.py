@@ -413,3 +413,40 @@ def test_the_language_model_benchmark_runs_end_to_end():
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["fit_over_epoch"] > 0 and "scores finite: True" in out.stdout
     assert result["eigenvalue_shapes"]["head"] == [512, 129]
+
+
+# ----------------------------------------------------------------------------- warnings on the data
+
+
+def test_padding_suspect_finds_runs_of_one_id_of_different_lengths():
+    from influence_cli.passes import padding_suspect
+
+    right = torch.tensor([[5, 6, 7, 0, 0], [5, 0, 0, 0, 0], [4, 3, 2, 1, 8]])
+    assert padding_suspect(right) == (0, "end")
+    assert padding_suspect(right.flip(1)) == (0, "start")
+    assert padding_suspect(torch.tensor([[5, 6, 7, 2, 2], [1, 3, 4, 2, 2]])) is None  # the same length: text, not padding
+    assert padding_suspect(torch.tensor([[5, 6, 7, 3, 1], [1, 3, 4, 2, 2]])) is None
+    assert padding_suspect(right.double()) is None and padding_suspect(right[:1]) is None
+
+
+def test_token_data_that_looks_padded_without_a_padding_value_is_warned_once(lm_project):
+    runner = CliRunner(env={"COLUMNS": "120", "INFLUENCE_DEBUG": None, "RANK": None, "WORLD_SIZE": None})
+    unset = runner.invoke(app, ["fit-factors", lm_project, "--set", "data.padding_value=null"])
+    assert unset.exit_code == 0, unset.stderr
+    warning = "warning: data.train: sequences end in runs of token 0 of different lengths, like padding"
+    text = " ".join(unset.stderr.split())
+    assert text.count(warning) == 1 and "set data.padding_value=0 if 0 is the pad id" in text  # once, over both passes
+    assert "warning" not in runner.invoke(app, ["fit-factors", lm_project, "--overwrite"]).stderr  # padding_value: 0
+
+
+def test_language_model_examples_without_a_counted_position_are_warned(tmp_path, monkeypatch):
+    tokens, labels, _ = lm_sequences(n=24)
+    labels[[3, 7]] = IGNORE
+    config = sequence_project(tmp_path, monkeypatch, "tinylm_lossless", LM_MODULE, tokens, labels, "lm.safetensors", task={"kind": LM})
+    runner = CliRunner(env={"COLUMNS": "200", "INFLUENCE_DEBUG": None, "RANK": None, "WORLD_SIZE": None})
+    for command in (["fit-factors", config], ["compute-scores", config]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 0, result.stderr
+        text = " ".join(result.stderr.split())
+        assert text.count("warning: data.train: 2 example(s) have no position with a loss (labels all -100; global indices 3, 7)") == 1, text
+        assert "their gradients, and so their scores, are 0" in text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import signal
 import sys
@@ -16,7 +17,7 @@ from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 
 from influence_cli import __version__
-from influence_cli.cli.render import err_console, tolerate_narrow_encodings
+from influence_cli.cli.render import WarningPrinter, err_console, tolerate_narrow_encodings
 from influence_cli.errors import InfluenceError
 
 EXIT_INTERRUPTED = 130
@@ -130,6 +131,10 @@ def command(name: str, resumable: bool = False, **kwargs: Any) -> Callable[[Call
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def wrapper(*args: Any, **kw: Any) -> Any:
+            warnings = WarningPrinter()
+            logger = logging.getLogger("influence_cli")  # the core's notices (not imported here: it would import torch)
+            logger.addHandler(warnings)
+            logger.propagate = False
             try:
                 return fn(*args, **kw)
             except InfluenceError as exc:
@@ -146,6 +151,7 @@ def command(name: str, resumable: bool = False, **kwargs: Any) -> Callable[[Call
                     err_console.print(f"[bold yellow]{what}.[/]{more}", soft_wrap=True)
                 raise typer.Exit(EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED) from None
             finally:
+                logger.removeHandler(warnings)
                 if "influence_cli.distributed" in sys.modules:  # never import torch here: a Ctrl-C may have cut its import short
                     sys.modules["influence_cli.distributed"].shutdown_distributed()
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import sys
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -22,8 +24,6 @@ from rich.progress import (
 )
 from rich.table import Table
 from rich.text import Text
-
-from influence_cli.task import IGNORE_INDEX
 
 err_console = Console(stderr=True, highlight=False)
 
@@ -50,6 +50,20 @@ def tolerate_narrow_encodings() -> None:
         encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "")
         if encoding != "utf8" and hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")
+
+
+class WarningPrinter(logging.Handler):
+    """Shows the core's warnings (`influence_cli.notices`) on stderr as `warning: ...`, each message once."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.seen: set[str] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message not in self.seen:
+            self.seen.add(message)
+            err_console.print(f"[bold yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def print_json(data: Any) -> None:
@@ -142,6 +156,8 @@ def label_text(label: Any, class_names: list[str] | None = None) -> str:
     if isinstance(label, float):
         return f"{label:.4g}"
     if isinstance(label, list):
+        from influence_cli.task import IGNORE_INDEX  # here: importing the CLI (--help, usage errors) must not import torch
+
         if any(v == IGNORE_INDEX and isinstance(v, int) for v in label):  # a language model's: the counted positions
             label = [v for v in label if v != IGNORE_INDEX]
         shown = 12 if all(isinstance(v, int) for v in label) else 4  # token ids: a phrase; regression targets: a few numbers
