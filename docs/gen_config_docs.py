@@ -273,9 +273,11 @@ whose Pearson correlation with float32 is 0.997 to 0.999 on the MNIST benchmarks
 LDS (docs/BENCHMARKS.md). Small fits agree less: 0.95 to 0.97 for 400 digits at the default damping,
 mostly from fitting in bf16 (float32 factors scored in bf16: 0.994, and 0.9997 at λ = 1e-2), so
 compare on your data first.
-`float16` is for GPUs only, and its narrow range (no loss scaling is applied) can flush very
-small output gradients to zero in deep models: prefer `bfloat16`. A factors file fitted either
-way can be scored either way.
+`float16` is refused: its range (smallest value 6e-8, largest 65504) flushes the output
+gradients of confidently predicted examples to zero, which left some queries' rankings
+uncorrelated with float32's on the MNIST MLP, and preconditioned queries at small damping
+overflow it; `bfloat16` keeps float32's range. A factors file fitted in bf16 or float32 can be
+scored either way.
 
 ## Damping
 

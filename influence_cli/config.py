@@ -152,7 +152,8 @@ class FactorsConfig:
     amp: Literal["none", "bfloat16", "float16"] = _help(
         "Low precision for the data passes (fit-factors and compute-scores): the forward runs under autocast and the "
         "per-batch matrix products (covariances, rotations, scoring GEMMs) in this dtype, summed in float32 accumulators; "
-        "eigendecompositions stay float64. bfloat16 on GPUs and CPUs with bf16 units; float16 on GPUs only.",
+        "eigendecompositions stay float64. bfloat16 on GPUs and CPUs with bf16 units; float16 is refused (its range loses "
+        "small gradients).",
         default="none",
     )
     checkpoint_every: int = _help("Save resumable progress every N batches (0 = never).", default=50)
@@ -687,6 +688,11 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
                     f"{key}: ggn is not available for task.kind: language_modeling (it needs positions x vocabulary "
                     "backward passes per batch); use sampled or empirical"
                 )
+    if cfg.factors.amp == "float16":
+        problems.append(
+            "factors.amp: float16 is refused: its range flushes the output gradients of confidently predicted examples "
+            "(below 6e-8) to zero and can overflow the preconditioned queries; use bfloat16 (same range as float32) or none"
+        )
     d = cfg.data
     if d.batch_size <= 0:
         problems.append(f"data.batch_size: must be > 0, got {d.batch_size}")

@@ -78,14 +78,6 @@ def prepare(
     """Builds the model, loads its checkpoint (`checkpoint` instead of model.checkpoint when given,
     named `key` in errors), moves it to the device and finds its tracked layers."""
     state = state or DistState(device=resolve_device(cfg.device))
-    if cfg.factors.amp == "float16" and state.device.type != "cuda":
-        from influence_cli.errors import ConfigError
-
-        raise ConfigError(
-            f"factors.amp: float16 needs a GPU (the device is {state.device})",
-            source=cfg.source,
-            hint="use factors.amp=bfloat16 on CPUs, or none",
-        )
     model = load_model(cfg.model, cfg.base_dir, checkpoint=checkpoint, key=key)
     fingerprint, definition = model_fingerprint(model), model_definition(cfg.model, model)
     model = model.to(state.device).eval()

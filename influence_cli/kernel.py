@@ -41,7 +41,6 @@ in-memory batches (tests, notebooks); scores.py runs it as the command, sharded 
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,7 +49,7 @@ import torch
 from torch import nn
 
 from influence_cli.factors import LayerFactors, Rotation, deflated_columns, layer_damping, low_precision_mm
-from influence_cli.passes import BatchGradients, accumulator_dtype, matmul_dtype, stream_gradients
+from influence_cli.passes import BatchGradients, accumulator_dtype, fan_out, matmul_dtype, stream_gradients
 from influence_cli.squares import weighted_squares
 from influence_cli.tracking import TrackedModule, per_example_gradients
 
@@ -572,7 +571,7 @@ def ensemble_pairwise_scores(
 
     def per_member(batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], **options: Any) -> Iterator[tuple[BatchGradients, ...]]:
         """Each batch through every member, one stream per member (its first-batch checks run once)."""
-        copies = itertools.tee(batches, len(members))
+        copies = fan_out(batches, len(members))
         streams = [stream_gradients(model, tracked, it, **options, **kw) for (model, tracked, _), it in zip(members, copies, strict=True)]
         return zip(*streams, strict=True)
 

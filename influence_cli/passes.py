@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -19,6 +20,8 @@ from influence_cli import model_checks, notices
 from influence_cli import task as task_lib
 from influence_cli.errors import DataError, ModelError, NumericalError
 from influence_cli.tracking import Capture, TrackedModule, mask_padding, padding_mask, tracked_grad_enabled
+
+_Item = TypeVar("_Item")
 
 
 @dataclass
@@ -251,6 +254,39 @@ def _warn_if_padded(x: torch.Tensor, dataset_name: str) -> None:
             f"{dataset_name}: sequences {side} in runs of token {pad} of different lengths, like padding, but data.padding_value "
             f"is not set, so those positions count in the factors and scores; set data.padding_value={pad} if {pad} is the pad id"
         )
+
+
+def fan_out(items: Iterable[_Item], copies: int) -> list[Iterator[_Item]]:
+    """`copies` iterators over `items`, read in lockstep (every copy takes item k before any takes k + 1,
+    as `zip` does): one stream per ensemble member over one loader.
+
+    Only the current item is held. (itertools.tee keeps its items in blocks of 57 until every copy
+    has passed the whole block: 57 input batches alive, pinned ones on CUDA.)
+
+    Raises:
+        RuntimeError: a copy read ahead of the others.
+    """
+    if copies == 1:
+        return [iter(items)]
+    source = iter(items)
+    slot: list[Any] = [-1, None]  # [the position of the held item, the item]
+
+    def copy() -> Iterator[_Item]:
+        position = 0
+        while True:
+            if slot[0] == position - 1:
+                slot[1] = None  # drop the previous item before loading the next
+                try:
+                    slot[1] = next(source)
+                except StopIteration:
+                    return
+                slot[0] = position
+            elif slot[0] != position:
+                raise RuntimeError("fan_out: the copies must be read in lockstep")
+            yield slot[1]
+            position += 1
+
+    return [copy() for _ in range(copies)]
 
 
 def _forward(

@@ -40,6 +40,7 @@ from influence_cli.passes import (
     NonFiniteWatch,
     accumulator_dtype,
     check_token_ids,
+    fan_out,
     host_checked_vocabulary,
     inputs_named,
     model_dtype,
@@ -339,10 +340,10 @@ class _Scorer:
     def member_batches(self, batches, *, mode: str, start_batch: int, name: str) -> Iterator[list[BatchGradients]]:
         """Each batch of (inputs, targets, indices) through every member: [BatchGradients per member].
 
-        One stream per member over a shared iterator (itertools.tee, which holds one batch while
-        the members take it in turn), so each member's first-batch checks run once.
+        One stream per member over a shared iterator (`fan_out`, which holds one batch while the
+        members take it in turn), so each member's first-batch checks run once.
         """
-        copies = itertools.tee(batches, len(self.members))
+        copies = fan_out(batches, len(self.members))
         streams = [self.stream(it, mode=mode, start_batch=start_batch, name=name, member=m) for m, it in zip(self.members, copies, strict=True)]
         for per_member in zip(*streams, strict=True):
             yield list(per_member)
