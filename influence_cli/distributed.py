@@ -98,6 +98,11 @@ def init_distributed(device_preference: str = "auto") -> DistState:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and device_preference.startswith("cuda:"):
+        raise ConfigError(
+            f"device: {device_preference!r} would put all {world} ranks on one GPU",
+            hint="use device: cuda or auto under torchrun (each rank takes cuda:<LOCAL_RANK>); choose GPUs with CUDA_VISIBLE_DEVICES",
+        )
     device = resolve_device(device_preference, local_rank)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"

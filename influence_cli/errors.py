@@ -85,3 +85,24 @@ class DistributedError(InfluenceError):
 
     exit_code = 7
     kind = "distributed error"
+
+
+class ResourceError(InfluenceError):
+    """The device or the host ran out of memory."""
+
+    exit_code = 8
+    kind = "out of memory"
+
+
+def out_of_memory(exc: BaseException) -> ResourceError | None:
+    """A ResourceError for torch's or Python's out-of-memory errors (GPU or host); None for any other error."""
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    gpu = type(exc).__name__ == "OutOfMemoryError"  # torch.cuda.OutOfMemoryError, without importing torch
+    host = isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(exc))
+    if not (gpu or host):
+        return None
+    return ResourceError(
+        f"the {'GPU' if gpu else 'host'} ran out of memory ({first[:200] or type(exc).__name__})",
+        hint="lower data.batch_size (and for compute-scores scores.max_memory_mb or scores.query_chunk); "
+        "progress saved so far is kept, rerun with --resume",
+    )

@@ -18,7 +18,7 @@ from torch import nn
 
 from influence_cli import model_checks, notices
 from influence_cli import task as task_lib
-from influence_cli.errors import DataError, ModelError, NumericalError
+from influence_cli.errors import DataError, ModelError, NumericalError, out_of_memory
 from influence_cli.tracking import Capture, TrackedModule, mask_padding, padding_mask, tracked_grad_enabled
 
 _Item = TypeVar("_Item")
@@ -333,7 +333,7 @@ def inputs_named(x: torch.Tensor, idx: torch.Tensor, dataset_name: str, *, first
                 f"({reason}); its token ids run from {lo} to {hi}",
                 hint="ids outside an embedding table are the usual cause: check the vocabulary size in model.kwargs, the pad id and the data",
             ) from exc
-        if not first or isinstance(exc, torch.cuda.OutOfMemoryError):
+        if not first or out_of_memory(exc) is not None:
             raise
         raise DataError(  # e.g. a shape mismatch, or table[x] with float x
             f"{dataset_name}: inputs of shape {list(x.shape)}{_kind(x)} do not fit the model ({reason})",

@@ -492,3 +492,25 @@ def test_the_cli_starts_without_importing_torch():
     code = "import sys; from influence_cli.cli import app; assert 'torch' not in sys.modules, 'torch imported'"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize(
+    "error,where",
+    [
+        (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)"), "GPU"),
+        (RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB"), "host"),
+        (MemoryError(), "host"),
+    ],
+)
+def test_out_of_memory_is_one_line_with_the_settings_to_lower(runner, tmp_path, monkeypatch, error, where):
+    import influence_cli.fit as fit
+
+    def exhausted(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(fit, "fit_factors", exhausted)
+    result = invoke(runner, "fit-factors", DIGITS, "--set", f"output_dir={tmp_path}")
+    assert result.exit_code == 8, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"out of memory: the {where} ran out of memory"), result.stderr
+    assert lines[1].startswith("hint: lower data.batch_size") and "--resume" in lines[1]

@@ -333,3 +333,14 @@ def test_lost_peer_in_a_collective_is_a_distributed_error(monkeypatch):
             call()
         assert "Connection closed by peer" in info.value.message and "more" not in info.value.message
         assert info.value.exit_code == 7
+
+
+def test_a_numbered_gpu_under_torchrun_is_refused(monkeypatch):
+    """device: cuda:N would put every rank on one GPU (NCCL then fails with "Duplicate GPU detected")."""
+    from influence_cli.distributed import init_distributed
+    from influence_cli.errors import ConfigError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="device: 'cuda:1' would put all 2 ranks on one GPU") as info:
+        init_distributed("cuda:1")
+    assert "device: cuda or auto" in info.value.hint

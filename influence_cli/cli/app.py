@@ -18,7 +18,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from influence_cli import __version__
 from influence_cli.cli.render import WarningPrinter, err_console, tolerate_narrow_encodings
-from influence_cli.errors import InfluenceError
+from influence_cli.errors import InfluenceError, out_of_memory
 
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM
@@ -140,6 +140,11 @@ def command(name: str, resumable: bool = False, **kwargs: Any) -> Callable[[Call
             except InfluenceError as exc:
                 code = report_error(exc)
                 raise typer.Exit(code) from None
+            except (RuntimeError, MemoryError) as exc:
+                memory = out_of_memory(exc)
+                if memory is None:
+                    raise
+                raise typer.Exit(report_error(memory)) from None
             except KeyboardInterrupt as exc:
                 if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets the signal; say it once
                     what = "terminated" if isinstance(exc, Terminated) else "interrupted"
