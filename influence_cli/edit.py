@@ -17,6 +17,7 @@ checkpoint has every other weight unchanged and loads with the same config.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,13 +25,14 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from influence_cli import storage
 from influence_cli.bands import check_order, direction_curvature, keep_mask, load_kronecker_factors, select_layers
 from influence_cli.config import EDIT_KEEP, Config
 from influence_cli.context import prepare
 from influence_cli.distributed import DistState
-from influence_cli.errors import UsageError
+from influence_cli.errors import ModelError, UsageError
 from influence_cli.factors import LayerFactors
 from influence_cli.models import model_fingerprint
 from influence_cli.tracking import TrackedModule
@@ -117,10 +119,6 @@ def project_weights(w: torch.Tensor, lf: LayerFactors, mask: torch.Tensor) -> tu
     return (w64 - u_g @ dropped @ u_a.T).to(w.dtype), removed
 
 
-def _param_key(tm: TrackedModule, what: str) -> str:
-    return f"{tm.name}.{what}" if tm.name else what
-
-
 def edit_model(
     model: nn.Module,
     layers: list[TrackedModule],
@@ -147,13 +145,39 @@ def edit_model(
         w = tm.gradient_matrix(weight.detach(), None if bias is None else bias.detach())
         new, removed = project_weights(w, lf, mask.to(w.device))
         new_w, new_b = tm.split_matrix(new)
-        state[_param_key(tm, "weight")] = new_w.to(weight.dtype).cpu()
-        if new_b is not None:
-            state[_param_key(tm, "bias")] = new_b.to(bias.dtype).cpu()  # type: ignore[union-attr]
+        for key, value in _layer_state(tm, new_w.to(weight.dtype), None if new_b is None else new_b.to(bias.dtype)).items():  # type: ignore[union-attr]
+            state[key] = value
         total = float(c.clamp_min(0).sum())
         kept_mass = float(c.clamp_min(0)[mask.cpu()].sum()) / total if total > 0 else 0.0
         edits.append(LayerEdit(tm.name, (tm.d_out, tm.d_in), c.numel(), int((~mask).sum()), removed, kept_mass))
     return state, edits
+
+
+def _layer_state(tm: TrackedModule, weight: torch.Tensor, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The state-dict entries of layer `tm` holding `weight` (and `bias`) as its effective values: a
+    parametrized weight (weight_norm, ...) is set through its parametrization's right_inverse, so its
+    stored originals are what the checkpoint gets.
+
+    Raises:
+        ModelError: the parametrization cannot take the edited weight (no right_inverse, or not in its image).
+    """
+    module = copy.deepcopy(tm.module)
+    with torch.no_grad():
+        for name, value in (("weight", weight), ("bias", bias)):
+            if value is None:
+                continue
+            if parametrize.is_parametrized(module, name):
+                try:
+                    setattr(module, name, value)  # the parametrization's right_inverse
+                except Exception as exc:
+                    raise ModelError(
+                        f"layer {tm.name!r}: its parametrized {name} cannot be set to the edited values ({type(exc).__name__}: {exc})",
+                        hint="leave the layer out of --layers / spectrum.edit.layers",
+                    ) from None
+            else:
+                getattr(module, name).copy_(value)
+    prefix = f"{tm.name}." if tm.name else ""
+    return {prefix + k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
 def edit_checkpoint(
@@ -197,6 +221,9 @@ def edit_checkpoint(
     out = Path(out)
     if out.suffix != ".safetensors":
         raise UsageError(f"--out: {str(out)!r} must end in .safetensors")
+    if out.is_dir():
+        raise UsageError(f"--out: {str(out)!r} is a folder", hint="give a file name ending in .safetensors")
+    storage.ensure_writable_dir(out.parent, key="--out")
     source = cfg.resolve(cfg.model.checkpoint)
     if source is not None and out.resolve() == source.resolve():
         raise UsageError(f"--out: {str(out)!r} is the model's own checkpoint", hint="write the edited weights to a new file")
@@ -229,6 +256,7 @@ def edit_checkpoint(
                 "order": order,
                 "layers": [ed.to_dict() for ed in edits],
             },
+            key="--out",
         )
     ctx.state.barrier()
     return EditReport(

@@ -307,7 +307,7 @@ class SpectrumReport:
         """Row labels: "bottom 50%", "middle 40%", "top 10%" (by mass: "bottom ≤50% of curvature", ...)."""
         if self.mass:
             return [f"bottom (≤{self.bottom:.0%} of curvature)", "middle", f"top (≥{self.top:.0%} of curvature)"]
-        return [f"bottom {self.bottom:.0%}", f"middle {1 - self.bottom - self.top:.0%}", f"top {self.top:.0%}"]
+        return [f"bottom {self.bottom:.0%}", f"middle {max(0.0, 1 - self.bottom - self.top):.0%}", f"top {self.top:.0%}"]
 
     def group(self, name: str) -> GroupSummary:
         for g in self.groups:

@@ -189,18 +189,19 @@ def _rmdir_if_empty(folder: Path) -> bool:
     return True
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any], *, key: str = "output_dir") -> None:
     """Writes a safetensors file atomically (temporary file in the same folder + rename).
 
     Args:
         path: Final file name.
         tensors: Name → tensor (moved to CPU, made contiguous).
         metadata: Values that are not strings are stored as JSON.
+        key: The config key or flag that names `path`, for errors.
     """
     meta = {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in metadata.items()}
     meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    with atomic_path(path) as tmp:
+    with atomic_path(path, key) as tmp:
         save_file(cpu, str(tmp), metadata=meta)
 
 

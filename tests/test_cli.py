@@ -514,3 +514,16 @@ def test_out_of_memory_is_one_line_with_the_settings_to_lower(runner, tmp_path, 
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith(f"out of memory: the {where} ran out of memory"), result.stderr
     assert lines[1].startswith("hint: lower data.batch_size") and "--resume" in lines[1]
+
+
+def test_json_output_has_no_nan_or_infinity(capsys):
+    """Strict parsers (JavaScript, Go, serde) reject NaN: an empty band's ratio and the like print as null."""
+    from influence_cli.cli.render import print_json
+
+    print_json({"ratio": {"middle": float("nan"), "top": 0.25}, "bounds": [float("inf"), -float("inf"), 1.0], "n": 3})
+    text = capsys.readouterr().out
+
+    def refuse(constant):
+        raise AssertionError(constant)
+
+    assert json.loads(text, parse_constant=refuse) == {"ratio": {"middle": None, "top": 0.25}, "bounds": [None, None, 1.0], "n": 3}

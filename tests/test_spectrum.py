@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -240,6 +241,24 @@ def test_edit_model_changes_only_the_chosen_layers():
     assert e.curvature_share_kept >= 0.6 and 0 < e.weight_share_removed < 1
 
 
+def test_edit_writes_a_parametrized_weight_through_its_parametrization():
+    """weight_norm keeps the weight as original0/original1: the edited effective weight is set through
+    right_inverse, so the state dict loads strictly and the model's weight is the projection."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    model, x, y = _problem("mlp")
+    model[2] = weight_norm(model[2])
+    tracked, factors = fit(model, x, y, strategy="kfac", fisher="empirical")
+    state, _ = edit_model(model, tracked, factors, keep="share", share=0.5, order="kfac")
+    assert "2.weight" not in state and "2.parametrizations.weight.original1" in state
+    edited = copy.deepcopy(model)
+    edited.load_state_dict(state, strict=True)
+    tm = tracked[-1]
+    w = tm.gradient_matrix(tm.module.weight.detach(), tm.module.bias.detach())
+    expected, _ = project_weights(w, factors[tm.name], keep_mask(direction_curvature(factors[tm.name], "kfac"), "share", share=0.5))
+    torch.testing.assert_close(torch.cat([edited[2].weight, edited[2].bias[:, None]], 1), expected, rtol=0, atol=1e-12)
+
+
 # ----------------------------------------------------------------------------- CLI on the bundled digits sample
 
 
@@ -370,6 +389,9 @@ def test_cli_errors(tmp_path, digits):
     taken = tmp_path / "taken.safetensors"
     taken.write_bytes(b"x")
     assert_error(invoke("edit", DIGITS, *sets, "--out", taken), 5, "already holds")
+    (tmp_path / "dir.safetensors").mkdir()
+    assert_error(invoke("edit", DIGITS, *sets, "--out", tmp_path / "dir.safetensors", "--overwrite"), 2, "--out", "is a folder")
+    assert_error(invoke("edit", DIGITS, *sets, "--out", taken / "e.safetensors"), 5, "--out: cannot create")
     assert_error(invoke("spectrum", DIGITS, *sets, "--layers", "conv*"), 2, "--layers", "matches none")
     assert_error(invoke("spectrum", DIGITS, *sets, "--set", "spectrum.bottom=0.8", "--set", "spectrum.top=0.3"), 2, "spectrum.bottom + spectrum.top")
     assert_error(invoke("spectrum", DIGITS, *sets, "--set", "spectrum.baseline=heldout:noisy", "--overwrite"), 2, "spectrum.baseline")
