@@ -75,7 +75,8 @@ def test_gpu_check_script_dry_runs_on_the_cpu(tmp_path):
     import sys
 
     out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--train", "300", "--queries", "10", "--repeats", "1"],
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--train", "300", "--queries", "10", "--repeats", "1",
+         "--bf16-floor", "0.95"],  # small fits agree less in bf16 (docs/CONFIG.md); the real check keeps 0.99
         capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
