@@ -34,7 +34,7 @@ from influence_cli.factors import (
 from influence_cli.models import definition_change
 from influence_cli.passes import NonFiniteWatch, accumulator_dtype, matmul_dtype, stream_gradients
 from influence_cli.progress import NullProgress, Progress, for_rank
-from influence_cli.resume import PassCheckpoint, Snapshot, run_key
+from influence_cli.resume import PassCheckpoint, Snapshot, check_rank_layout, run_key
 from influence_cli.tracking import TrackedModule
 
 
@@ -301,7 +301,7 @@ def _check_ranks_agree(state: DistState, snapshot: Snapshot | None, path: Path) 
         )
 
 
-@storage.removes_new_output_dir_on_failure
+@storage.guards_output_dir
 def fit_factors(
     cfg: Config,
     *,
@@ -367,8 +367,11 @@ def _fit_member(
     storage.ensure_writable_dir(out_dir)
     rank_suffix = f".rank{ctx.state.rank}" if ctx.state.distributed else ""
     checkpoint = PassCheckpoint(out_dir / storage.FACTORS_PARTIAL.format(rank=rank_suffix), settings, cfg.factors.checkpoint_every)
+    check_rank_layout(out_dir, storage.FACTORS_PARTIAL, ctx.state.world_size, resume=resume, overwrite=overwrite)
     snapshot = checkpoint.check_start(resume, overwrite)
     if ctx.state.is_main:
+        if overwrite:  # an interrupted --overwrite run leaves its progress, which --resume continues, and not the old factors
+            path.unlink(missing_ok=True)
         storage.remove_stale_temp_files(path)
     _check_ranks_agree(ctx.state, snapshot, checkpoint.path)
     resumed_from = None if snapshot is None else f"{snapshot.phase} pass, batch {snapshot.batches_done}"

@@ -24,6 +24,34 @@ def run_key(fields: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
+def check_rank_layout(folder: Path, pattern: str, world_size: int, *, resume: bool, overwrite: bool, kind: str = "") -> None:
+    """Refuses progress of this pass saved by a run with another number of ranks (its files,
+    `pattern` with {rank} = ".rank<r>" + kind, or kind alone for one process, are not this run's
+    names, so it would silently start over and leave them behind); --overwrite removes them.
+
+    Raises:
+        OutputError: naming the files and the number of ranks that saved them.
+    """
+    prefix, suffix = pattern.split("{rank}")
+    mine = {pattern.format(rank=kind)} if world_size == 1 else {pattern.format(rank=f".rank{r}{kind}") for r in range(world_size)}
+    others = []
+    for p in sorted(folder.glob(pattern.format(rank="*"))):
+        part = p.name[len(prefix) : len(p.name) - len(suffix)]  # "", ".rank1", ".self", ".rank0.self"
+        if p.name not in mine and part.removeprefix(".rank").lstrip("0123456789") == kind:
+            others.append(p)
+    if not others:
+        return
+    if overwrite and not resume:
+        for p in others:
+            p.unlink(missing_ok=True)
+        return
+    ranks = sum(".rank" in p.name for p in others) or 1
+    raise OutputError(
+        f"{str(folder)!r} holds progress saved by a run with {ranks} rank(s) ({', '.join(p.name for p in others)}); this run has {world_size}",
+        hint=f"resume with the same number of ranks (torchrun --nproc_per_node {ranks}; 1: without torchrun), or pass --overwrite to start over",
+    )
+
+
 @dataclass
 class Snapshot:
     phase: str

@@ -47,7 +47,7 @@ from influence_cli.passes import (
     stream_gradients,
 )
 from influence_cli.progress import Progress, for_rank
-from influence_cli.resume import PassCheckpoint, Snapshot, run_key
+from influence_cli.resume import PassCheckpoint, Snapshot, check_rank_layout, run_key
 from influence_cli.task import IGNORE_INDEX
 
 _SCORE_BYTES = 4  # the score block is computed in float32 (float64 for float64 models), see sizing
@@ -462,7 +462,7 @@ def _snapshot_phase(snapshot: Snapshot | None, prefix: str) -> list[int] | None:
     return [int(p) for p in snapshot.phase[len(prefix) :].split(":") if p]
 
 
-@storage.removes_new_output_dir_on_failure
+@storage.guards_output_dir
 def compute_scores(
     cfg: Config,
     *,
@@ -584,6 +584,7 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
     def start_checks() -> Snapshot | None:
         storage.check_can_write(single, overwrite, "scores")
         storage.check_can_write(index, overwrite, "scores")
+        check_rank_layout(out_dir, storage.SCORES_PARTIAL, st.world_size, resume=resume, overwrite=overwrite)
         snap = checkpoint.check_start(resume, overwrite)
         leftovers = sorted(out_dir.glob(_shard_glob()))
         if leftovers and not resume and not overwrite:
@@ -764,6 +765,7 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
 
     def start_checks() -> Snapshot | None:
         storage.check_can_write(path, overwrite, "self-influence scores")
+        check_rank_layout(out_dir, storage.SCORES_PARTIAL, st.world_size, resume=resume, overwrite=overwrite, kind=".self")
         return checkpoint.check_start(resume, overwrite)
 
     snapshot = _agree(st, start_checks)

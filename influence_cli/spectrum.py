@@ -378,7 +378,7 @@ class SpectrumReport:
         return data
 
 
-@storage.removes_new_output_dir_on_failure
+@storage.guards_output_dir
 def spectrum(
     cfg: Config,
     *,

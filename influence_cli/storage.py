@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -103,6 +105,8 @@ def atomic_path(path: Path, key: str = "output_dir") -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError):
             raise OutputError(f"{key}: cannot write {str(path)!r} ({exc.strerror or exc})", hint=f"set {key} to a writable place") from None
+        if type(exc).__name__ == "SafetensorError":  # safetensors' I/O errors (a full disk) are not OSErrors
+            raise OutputError(f"{key}: cannot write {str(path)!r} ({exc})", hint=f"free space, or set {key} to another place") from None
         raise
     _fsync_dir(path.parent)
 
@@ -156,18 +160,26 @@ def ensure_writable_dir(folder: Path, key: str = "output_dir") -> None:
 
 _Run = TypeVar("_Run", bound=Callable[..., Any])
 
+LOCK_FILE = ".influence.lock"
 
-def removes_new_output_dir_on_failure(run: _Run) -> _Run:
-    """Decorates a command's core function `run(cfg, ...)`: when it fails, the output_dir it created
-    (with its parents) is removed again if nothing was written there, so a failed first run leaves
-    no empty folder behind. Saved progress keeps the folder; a folder that existed is never touched."""
+
+def guards_output_dir(run: _Run) -> _Run:
+    """Decorates a command's core function `run(cfg, ...)` that writes into cfg.output_dir.
+
+    While it runs, the folder is locked (`output_dir_lock`; rank 0 of a torchrun job holds it), so a
+    second run into the same output_dir is refused instead of replacing the first one's outputs and
+    progress. When it fails, the output_dir it created (with its parents) is removed again if
+    nothing was written there, so a failed first run leaves no empty folder behind; saved progress
+    keeps the folder, and a folder that existed is never removed.
+    """
 
     @functools.wraps(run)
     def wrapper(cfg: Any, *args: Any, **kwargs: Any) -> Any:
         folder = Path(cfg.output_path)
         created = [p for p in (folder, *folder.parents) if not p.exists()]  # innermost first
         try:
-            return run(cfg, *args, **kwargs)
+            with output_dir_lock(folder, hold=os.environ.get("RANK", "0") == "0"):
+                return run(cfg, *args, **kwargs)
         except BaseException:
             if created and created[0] == folder and folder.is_dir():
                 for sub, _, _ in os.walk(folder, topdown=False):  # empty subfolders first (members/<i>/)
@@ -179,6 +191,50 @@ def removes_new_output_dir_on_failure(run: _Run) -> _Run:
             raise
 
     return wrapper  # type: ignore[return-value]
+
+
+@contextmanager
+def output_dir_lock(folder: Path, *, hold: bool = True) -> Iterator[None]:
+    """Creates `folder` and holds an exclusive lock on `folder/.influence.lock` (flock: the OS
+    releases it when the process ends, even by SIGKILL, so a killed run never blocks the next);
+    the file is removed on release. With `hold` False it only creates the folder.
+
+    Raises:
+        OutputError: another run holds the lock (its pid, host and command are named).
+    """
+    ensure_writable_dir(folder)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - no flock on this platform: no lock
+        hold = False
+    if not hold:
+        yield
+        return
+    path = folder / LOCK_FILE
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # BlockingIOError: another run holds it
+            holder = os.pread(fd, 400, 0).decode(errors="replace").strip() or "a run that is starting"
+            os.close(fd)
+            raise OutputError(
+                f"output_dir: {str(folder)!r} is in use by another run ({holder})",
+                hint="wait for it to finish, or give this run another output_dir",
+            ) from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the holder removed the file between our open and lock: lock the new one
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}: {' '.join(sys.argv[1:3])}".encode(), 0)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def _rmdir_if_empty(folder: Path) -> bool:

@@ -402,3 +402,60 @@ def test_a_failed_first_run_leaves_no_empty_output_dir(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         fit.fit_factors(config(existing))
     assert existing.is_dir()
+
+
+def test_an_interrupted_overwrite_resumes(tmp_path, monkeypatch, reference):
+    """--overwrite removes the old factors as the refit starts, so its saved progress is what
+    --resume continues (the old factors are not kept looking current either)."""
+    fit.fit_factors(config(tmp_path, "factors.strategy=diagonal"))
+    interrupt_after(monkeypatch, 7)
+    with pytest.raises(KeyboardInterrupt):
+        fit.fit_factors(config(tmp_path), overwrite=True)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [PARTIAL]
+    assert fit.fit_factors(config(tmp_path), resume=True).resumed_from == "covariance pass, batch 6"
+    assert_bit_identical(factors_of(tmp_path), reference["ekfac"])
+
+
+def test_progress_of_another_number_of_ranks_is_refused_not_dropped(tmp_path):
+    from influence_cli.resume import check_rank_layout
+
+    pattern = storage.FACTORS_PARTIAL
+    for r in (0, 1):
+        (tmp_path / pattern.format(rank=f".rank{r}")).write_bytes(b"progress")
+    for resume in (True, False):
+        with pytest.raises(OutputError, match=r"progress saved by a run with 2 rank\(s\) .*; this run has 1") as info:
+            check_rank_layout(tmp_path, pattern, 1, resume=resume, overwrite=False)
+        assert "--nproc_per_node 2" in info.value.hint
+    check_rank_layout(tmp_path, pattern, 2, resume=True, overwrite=False)  # its own layout: PassCheckpoint's business
+    scores = storage.SCORES_PARTIAL
+    (tmp_path / scores.format(rank=".self")).write_bytes(b"self-influence progress")
+    check_rank_layout(tmp_path, scores, 2, resume=True, overwrite=False)  # pairwise: the .self file is not its progress
+    with pytest.raises(OutputError, match="with 1 rank"):
+        check_rank_layout(tmp_path, scores, 2, resume=True, overwrite=False, kind=".self")
+    check_rank_layout(tmp_path, pattern, 1, resume=False, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [scores.format(rank=".self")]
+
+
+def test_a_second_run_into_a_busy_output_dir_is_refused(tmp_path):
+    """Two runs into one output_dir would replace each other's outputs and progress; the lock is
+    released (and its file removed) when a run ends, and the OS drops it when a run is killed."""
+    with storage.output_dir_lock(tmp_path):
+        with pytest.raises(OutputError, match=r"output_dir: .* is in use by another run \(pid \d+ on "):
+            fit.fit_factors(config(tmp_path))
+    assert list(tmp_path.iterdir()) == []
+    fit.fit_factors(config(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [storage.FACTORS_FILE]
+
+
+def test_a_full_disk_is_one_output_error(tmp_path, monkeypatch):
+    """safetensors reports I/O failures as SafetensorError, not OSError."""
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(storage, "save_file", full)
+    with pytest.raises(OutputError, match=r"output_dir: cannot write .*factors.safetensors.* No space left on device") as info:
+        storage.save_tensors(tmp_path / storage.FACTORS_FILE, {"x": torch.zeros(2)}, {})
+    assert "free space" in info.value.hint and list(tmp_path.iterdir()) == []
