@@ -78,6 +78,12 @@ class DataSpec:
     indices: list[int] | None = _help("Keep these source indices, in this order.", default=None)
     indices_file: str | None = _help("File of source indices (text, one per line, or .json list).", default=None)
     labels_in: list[int] | None = _help("Keep only examples whose label is in this list.", default=None)
+    classes: list[str] | None = _help(
+        "image_folder: the class folder names in label order (label i = the i-th name). Default: the sorted sub-folders "
+        "of data.train's root when data.train is an image folder, so every spec labels a class alike (a query folder "
+        "without some class keeps the others' labels); else of this root.",
+        default=None,
+    )
     limit: int | None = _help("Keep at most this many examples (after the other filters).", default=None)
     label_noise: float = _help(
         "Share of examples whose label is replaced by a random other class (seeded); 0 = none.",
@@ -554,7 +560,28 @@ def config_from_dict(
         problems.extend(p for p in validate(cfg, check_files=check_files) if not _under(p.split(": ", 1)[0], failed))
     if problems:
         raise ConfigError(problems, source=source, hint="fix the keys above in the file or with --set key=value")
+    if check_files:
+        _share_image_folder_classes(cfg)
     return cfg
+
+
+def image_folder_classes(root: Path) -> list[str]:
+    """The class folders of an image folder: its sorted sub-folders, hidden ones (.ipynb_checkpoints) left out."""
+    return sorted(e.name for e in root.iterdir() if e.is_dir() and not e.name.startswith("."))
+
+
+def _share_image_folder_classes(cfg: Config) -> None:
+    """Gives every image_folder spec without `classes` data.train's classes, when data.train is an
+    image folder: each spec numbering its own folders would shift the labels of every class after
+    one that a query folder lacks."""
+    train = cfg.data.train
+    if train is None or train.source != "image_folder" or train.root is None:
+        return
+    classes = train.classes or image_folder_classes(cfg.resolve(train.root))
+    others = [cfg.data.query, *cfg.similarity.datasets.values(), *cfg.spectrum.datasets.values()]
+    for spec in others:
+        if spec is not None and spec.source == "image_folder" and spec.classes is None:
+            spec.classes = list(classes)
 
 
 def _under(key: str, roots: set[str]) -> bool:
@@ -649,6 +676,9 @@ def _check_data_spec(cfg: Config, spec: DataSpec, key: str, check_files: bool) -
     selectors = [n for n in ("range", "indices", "indices_file") if getattr(spec, n) is not None]
     if len(selectors) > 1:
         problems.append(f"{key}: use one of range, indices, indices_file (got {', '.join(selectors)})")
+    if spec.classes is not None and (spec.source != "image_folder" or len(set(spec.classes)) != len(spec.classes) or not spec.classes):
+        what = "is for source image_folder" if spec.source != "image_folder" else "needs distinct folder names"
+        problems.append(f"{key}.classes: {what}, got {spec.classes}")
     if spec.limit is not None and spec.limit <= 0:
         problems.append(f"{key}.limit: must be > 0, got {spec.limit}")
     if not 0.0 <= spec.label_noise < 1.0:

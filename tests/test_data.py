@@ -196,6 +196,36 @@ def test_image_folder(tmp_path: Path) -> None:
     assert img.shape == (3, 3, 2) and torch.allclose(img[:, 0, 0], torch.tensor([10, 10, 250]) / 255.0)
 
 
+def test_image_folders_share_data_trains_classes(tmp_path: Path) -> None:
+    """A query folder without some class keeps every other class's label: each spec numbering its
+    own folders would give "dog" label 1 in the query and 2 in training."""
+    from PIL import Image
+
+    from influence_cli.config import config_from_dict
+    from influence_cli.errors import ConfigError
+
+    train = write_image_folder(tmp_path / "train")
+    (train / "cow").mkdir()
+    Image.new("RGB", (5, 6), (10, 250, 10)).save(train / "cow" / "0.png")
+    query = write_image_folder(tmp_path / "query")  # cat and dog only
+    data = {
+        "model": {"architecture": "mlp", "kwargs": {"input_dim": 90, "num_classes": 3}},
+        "data": {"train": {"source": "image_folder", "root": "train"}, "query": {"source": "image_folder", "root": "query"}},
+    }
+    cfg = config_from_dict(data, base_dir=tmp_path)
+    assert cfg.data.query.classes == ["cat", "cow", "dog"]
+    ds = load_dataset(cfg.data.query, tmp_path, name="data.query")
+    assert ds.labels.tolist() == [0, 0, 0, 2, 2] and ds.class_names == ["cat", "cow", "dog"]
+    assert load_dataset(cfg.data.train, tmp_path).labels.tolist() == [0, 0, 0, 1, 2, 2]
+    (query / "horse").mkdir()
+    Image.new("RGB", (5, 6), (0, 0, 0)).save(query / "horse" / "0.png")
+    with pytest.raises(DataError, match=r"data.query.root: class folder\(s\) \['horse'\] .* are not among the classes") as info:
+        load_dataset(cfg.data.query, tmp_path, name="data.query")
+    assert "data.query.classes" in info.value.hint
+    with pytest.raises(ConfigError, match="data.train.classes: is for source image_folder"):
+        config_from_dict({**data, "data": {"train": {"source": "tensors", "path": "x.pt", "classes": ["a"]}}}, base_dir=tmp_path, check_files=False)
+
+
 def test_image_folder_mixed_sizes_need_resize(tmp_path: Path) -> None:
     write_image_folder(tmp_path / "imgs", sizes=[(4, 4), (5, 5), (4, 4), (4, 4)])
     ds = load_dataset(DataSpec(source="image_folder", root="imgs"), tmp_path)

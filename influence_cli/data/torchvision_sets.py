@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from influence_cli.config import DataSpec
+from influence_cli.config import DataSpec, image_folder_classes
 from influence_cli.data.idx import idx_images, read_idx
 from influence_cli.data.source import Source, file_info, pil_to_tensor, resolve_path, to_inputs, to_labels
 from influence_cli.errors import DataError
@@ -180,7 +180,7 @@ def _list_image_folder(root: Path, suffixes: tuple[str, ...]) -> tuple[list[str]
     Hidden files and folders (names starting with '.': .ipynb_checkpoints, macOS ._ files) are
     not examples; torchvision's ImageFolder made a hidden folder class 0, shifting every label.
     """
-    classes = sorted(e.name for e in root.iterdir() if e.is_dir() and not e.name.startswith("."))
+    classes = image_folder_classes(root)
     skipped: dict[str, int] = {}
 
     def is_image(path: str) -> bool:
@@ -213,9 +213,16 @@ def open_image_folder(spec: DataSpec, base_dir: Path, name: str) -> Source:
         import torchvision.datasets as tvd
     except ImportError:
         raise DataError(f"{name}.source: image_folder needs torchvision", hint="pip install torchvision") from None
-    classes, is_image, skipped = _list_image_folder(root, (*tvd.folder.IMG_EXTENSIONS, ".gif"))  # torchvision's, and GIF
+    present, is_image, skipped = _list_image_folder(root, (*tvd.folder.IMG_EXTENSIONS, ".gif"))  # torchvision's, and GIF
+    classes = spec.classes or present  # label i = classes[i] (data.train's classes, shared by config.py)
+    unknown = [c for c in present if c not in classes]
+    if unknown:
+        raise DataError(
+            f"{name}.root: class folder(s) {unknown[:5]} of {str(root)!r} are not among the classes {classes[:12]}",
+            hint=f"list every class in {name}.classes (label order), or remove those folders",
+        )
     try:
-        found = tvd.folder.make_dataset(str(root), {c: i for i, c in enumerate(classes)}, is_valid_file=is_image)
+        found = tvd.folder.make_dataset(str(root), {c: classes.index(c) for c in present}, is_valid_file=is_image)
     except (FileNotFoundError, OSError) as exc:
         raise DataError(
             f"{name}.root: no images found under {str(root)!r} ({exc})",
