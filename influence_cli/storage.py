@@ -178,7 +178,9 @@ def guards_output_dir(run: _Run) -> _Run:
         folder = Path(cfg.output_path)
         created = [p for p in (folder, *folder.parents) if not p.exists()]  # innermost first
         try:
-            with output_dir_lock(folder, hold=os.environ.get("RANK", "0") == "0"):
+            state = kwargs.get("state")  # a DistState from the Python API, else torchrun's RANK
+            main = state.rank == 0 if state is not None else os.environ.get("RANK", "0") == "0"
+            with output_dir_lock(folder, hold=main):
                 return run(cfg, *args, **kwargs)
         except BaseException:
             if created and created[0] == folder and folder.is_dir():

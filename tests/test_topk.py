@@ -189,3 +189,41 @@ def test_cli_says_when_a_query_has_no_opponent(tmp_path):
     result = CliRunner(env={"COLUMNS": "120"}).invoke(app, ["top-k", str(tmp_path / "c.yaml"), "--k", "2"])
     assert result.exit_code == 0, result.output
     assert result.stdout.count("no negative score") == 1 and "no positive score" not in result.stdout
+
+
+def test_top_k_names_image_folder_examples_by_file_and_class(tmp_path):
+    """Image folders: each ranked example's file (relative to its root) in the table and the JSON, labels with class names."""
+    import json
+
+    import yaml
+    from safetensors.torch import save_file
+    from test_data import write_image_folder
+    from typer.testing import CliRunner
+
+    from influence_cli.cli import app
+    from influence_cli.models import mlp
+
+    write_image_folder(tmp_path / "imgs")  # cat/0..2.png, dog/0..1.png, 3 x 6 x 5
+    torch.manual_seed(0)
+    save_file(mlp(input_dim=90, hidden=[4], num_classes=2).state_dict(), tmp_path / "m.safetensors")
+    folder = {"source": "image_folder", "root": "imgs", "transform": {"flatten": True, "scale": 255.0}}
+    config = {
+        "model": {"architecture": "mlp", "kwargs": {"input_dim": 90, "hidden": [4], "num_classes": 2}, "checkpoint": "m.safetensors"},
+        "data": {"train": folder, "query": {**folder, "indices": [4]}, "batch_size": 2},
+        "output_dir": "out",
+        "device": "cpu",
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    runner = CliRunner(env={"COLUMNS": "160", "INFLUENCE_DEBUG": None, "RANK": None, "WORLD_SIZE": None})
+    for command in (["fit-factors"], ["compute-scores"], ["compute-scores", "--self"]):
+        assert runner.invoke(app, [command[0], str(tmp_path / "c.yaml"), *command[1:]]).exit_code == 0
+    data = json.loads(runner.invoke(app, ["top-k", str(tmp_path / "c.yaml"), "--k", "5", "--json"]).stdout)
+    (query,) = data["queries"]
+    assert query["query_file"] == "dog/1.png"
+    ranked = {e["train_index"]: e["train_file"] for side in ("proponents", "opponents") for e in query[side]}
+    assert ranked and all(ranked[i] == ["cat/0.png", "cat/1.png", "cat/2.png", "dog/0.png", "dog/1.png"][i] for i in ranked)
+    table = runner.invoke(app, ["top-k", str(tmp_path / "c.yaml"), "--k", "2"]).stdout
+    assert "file dog/1.png" in table and "label 1 (dog)" in table and "│ file" in table.replace("┃", "│")
+    rows = json.loads(runner.invoke(app, ["top-k", str(tmp_path / "c.yaml"), "--self", "--k", "5", "--json"]).stdout)["self_influence"]
+    assert sorted(r["train_file"] for r in rows) == ["cat/0.png", "cat/1.png", "cat/2.png", "dog/0.png", "dog/1.png"]
+    assert "(cat)" in runner.invoke(app, ["top-k", str(tmp_path / "c.yaml"), "--self", "--k", "5"]).stdout

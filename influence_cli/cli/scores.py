@@ -191,16 +191,21 @@ def top_k_cmd(
         ranked = topk.self_top_k(self_influence, k)
         grid_path = _self_grid(cfg, ranked, image_grid, loaded) if image_grid is not None else None
         inputs = _token_inputs(cfg, loaded, ["data.train"])  # a language model's examples are shown by their input ids
+        files, names = _example_files(cfg, loaded, ["data.train"])  # image folders: each example's file
         if json_:
-            rows = [dataclasses.asdict(r) | ({"train_input": inputs[0](r.train_position)} if inputs else {}) for r in ranked]
+            rows = [
+                dataclasses.asdict(r) | ({"train_input": inputs[0](r.train_position)} if inputs else {})
+                | ({"train_file": files[0](r.train_position)} if files else {})
+                for r in ranked
+            ]  # fmt: skip
             print_json({"output_dir": str(out_dir), "k": k, "self_influence": rows} | ({"image_grid": str(grid_path)} if grid_path else {}))
             return
         shown = "input" if inputs else "label"
-        table = new_table(f"most self-influential training examples (top {k})", [("rank", "right"), ("train index", "right"),
-                                                                                   (shown, "left"), ("self-influence", "right")])
+        table = new_table(f"most self-influential training examples (top {k})", [("rank", "right"), ("train index", "right")]
+                          + ([("file", "left")] if files else []) + [(shown, "left"), ("self-influence", "right")])  # fmt: skip
         for r in ranked:
-            cell = label_text(inputs[0](r.train_position) if inputs else r.train_label)
-            table.add_row(str(r.rank), str(r.train_index), cell, f"{r.score:.5g}")
+            cell = label_text(inputs[0](r.train_position) if inputs else r.train_label, names[0])
+            table.add_row(str(r.rank), str(r.train_index), *([files[0](r.train_position)] if files else []), cell, f"{r.score:.5g}")
         print_table(table)
         if grid_path:
             err_console.print(f"[green]saved[/] {grid_path}")
@@ -212,15 +217,17 @@ def top_k_cmd(
     rankings = topk.top_k(out_dir, selection, k, largest=True, smallest=opponents)
     grid_path = _pairwise_grid(cfg, meta, selection, k, opponents, rankings, image_grid, loaded) if image_grid is not None else None
     inputs = _token_inputs(cfg, loaded, ["data.train", "data.query"])  # a language model's examples are shown by their input ids
+    files, names = _example_files(cfg, loaded, ["data.train", "data.query"])  # image folders: each example's file
     if json_:
         queries = []
         for r in rankings:
             row = dataclasses.asdict(r)
-            if inputs:
-                row["query_input"] = inputs[1](r.query_position)
-                for side in ("proponents", "opponents"):
-                    for e, entry in zip(getattr(r, side), row[side], strict=True):
-                        entry["train_input"] = inputs[0](e.train_position)
+            for key, read, side_key in (("input", inputs, "train_input"), ("file", files, "train_file")):
+                if read:
+                    row[f"query_{key}"] = read[1](r.query_position)
+                    for side in ("proponents", "opponents"):
+                        for e, entry in zip(getattr(r, side), row[side], strict=True):
+                            entry[side_key] = read[0](e.train_position)
             queries.append(row)
         print_json(
             {
@@ -236,26 +243,29 @@ def top_k_cmd(
         return
     variant = "relative influence" if meta.relative else "influence"
 
-    def cell(e) -> str:
-        return label_text(inputs[0](e.train_position) if inputs else e.train_label)
+    def cells(e) -> list[str]:
+        return ([files[0](e.train_position)] if files else []) + [label_text(inputs[0](e.train_position) if inputs else e.train_label, names[0])]
 
+    blank = [""] * (2 if files else 1)
     for r in rankings:
         shown = f"input {label_text(inputs[1](r.query_position))} · " if inputs else ""
+        shown += f"file {files[1](r.query_position)} · " if files else ""
         title = (
-            f"query {r.query_position} · index {r.query_index} · {shown}label {label_text(r.query_label)} · "
-            f"predicted {label_text(r.query_prediction)}"
+            f"query {r.query_position} · index {r.query_index} · {shown}label {label_text(r.query_label, names[1])} · "
+            f"predicted {label_text(r.query_prediction, names[1])}"
         )
-        table = new_table(title, [("", "left"), ("rank", "right"), ("train index", "right"), ("input" if inputs else "label", "left"), (variant, "right")])
+        columns = [("", "left"), ("rank", "right"), ("train index", "right")] + ([("file", "left")] if files else [])
+        table = new_table(title, [*columns, ("input" if inputs else "label", "left"), (variant, "right")])
         for e in r.proponents:
-            table.add_row("[green]proponent[/]", str(e.rank), str(e.train_index), cell(e), f"{e.score:+.5g}")
+            table.add_row("[green]proponent[/]", str(e.rank), str(e.train_index), *cells(e), f"{e.score:+.5g}")
         if not r.proponents:
-            table.add_row("[green]proponent[/]", "-", "", "", "no positive score")
+            table.add_row("[green]proponent[/]", "-", "", *blank, "no positive score")
         if opponents:
             table.add_section()
         for e in r.opponents:
-            table.add_row("[red]opponent[/]", str(e.rank), str(e.train_index), cell(e), f"{e.score:+.5g}")
+            table.add_row("[red]opponent[/]", str(e.rank), str(e.train_index), *cells(e), f"{e.score:+.5g}")
         if opponents and not r.opponents:
-            table.add_row("[red]opponent[/]", "-", "", "", "no negative score")
+            table.add_row("[red]opponent[/]", "-", "", *blank, "no negative score")
         print_table(table)
     if grid_path:
         err_console.print(f"[green]saved[/] {grid_path}")
@@ -276,6 +286,18 @@ def _token_inputs(cfg, loaded: dict, which: list[str]):
         return ids
 
     return [reader(ds) for ds in _datasets(cfg, which, loaded)]
+
+
+def _example_files(cfg, loaded: dict, which: list[str]):
+    """(One function per data key in `which`: position -> the example's file, or None when no
+    source has files; each key's class names, or None.) Image folders name both."""
+    present = [key for key in which if (cfg.data.train if key == "data.train" else cfg.data.query) is not None]
+    found = dict(zip(present, _datasets(cfg, present, loaded), strict=True))  # scores of a config without data.query still rank
+    datasets = [found.get(key) for key in which]
+    if not any(ds is not None and ds.has_files for ds in datasets):
+        return None, [None if ds is None else ds.class_names for ds in datasets]
+    readers = [lambda p, ds=ds: (ds.example_file(p) if ds is not None else None) or "-" for ds in datasets]
+    return readers, [None if ds is None else ds.class_names for ds in datasets]
 
 
 def _datasets(cfg, which: list[str], loaded: dict):

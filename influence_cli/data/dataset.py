@@ -93,6 +93,7 @@ class IndexedDataset(Dataset):
         source_description: str,
         class_names: list[str] | None,
         raw_255: bool,
+        files_of_examples: list[str] | None = None,
     ) -> None:
         self.name = name
         self.global_indices = global_indices
@@ -108,6 +109,18 @@ class IndexedDataset(Dataset):
         self._raw_255 = raw_255
         self._sorted: tuple[torch.Tensor, torch.Tensor] | None = None
         self._fingerprint: str | None = None
+        self._files = files_of_examples  # by source index
+
+    @property
+    def has_files(self) -> bool:
+        """Whether `example_file` names each example's file (image folders)."""
+        return self._files is not None
+
+    def example_file(self, position: int) -> str | None:
+        """The file an example was read from (image folders: its path relative to the root, e.g. "dog/3.png"); None for other sources."""
+        if self._files is None:
+            return None
+        return self._files[int(self.global_indices[self._position(position)])]
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -341,6 +354,7 @@ def load_dataset(
         source_description=src.desc,
         class_names=src.class_names,
         raw_255=src.raw_255,
+        files_of_examples=src.files_of_examples,
     )
 
 

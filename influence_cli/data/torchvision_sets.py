@@ -243,6 +243,7 @@ def open_image_folder(spec: DataSpec, base_dir: Path, name: str) -> Source:
             "classes": classes,
         },
         class_names=classes,
+        files_of_examples=[str(Path(p).relative_to(root)) for p, _ in samples],
         raw_255=True,
         resize_in_items=True,
         label_key="root",
