@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from influence_cli import model_checks, storage
+from influence_cli import model_checks, notices, storage
 from influence_cli.config import Config
 from influence_cli.context import RunContext, prepare
 from influence_cli.data import IndexedDataset, make_loader
@@ -412,18 +412,33 @@ class _Scorer:
         outs: list[StoredQueries] = [{} for _ in self.members]
         watch = NonFiniteWatch(self.ctx.device, "no scores were written")
         self.progress.start(title, q1 - q0)
-        row = 0
+        row, flat = 0, []
         batches = _rows(self.loader(queries, start_batch=q0 // self.bs), q0 % self.bs, q1 - q0)
         for per_member in self.member_batches(batches, mode="measurement", start_batch=q0 // self.bs, name="data.query"):
             n = len(per_member[0].global_indices)
             for member, out, batch in zip(self.members, outs, per_member, strict=True):
                 member.kernel.store_queries(out, row, q1 - q0, batch)
                 watch.observe(batch)
+            flat += _zero_gradient_indices(per_member[0])
             row += n
             self.progress.advance(n)
         self.progress.stop()
         watch.check("query gradient")
+        if flat:
+            notices.warn(
+                f"data.query: the gradient of the query {self.cfg.task.measurement} is exactly 0 for {len(flat)} of {q1 - q0} queries "
+                f"(global indices {', '.join(map(str, flat[:5]))}{', ...' if len(flat) > 5 else ''}), so their scores are all 0; "
+                "saturated outputs are the usual cause, such as 8-bit inputs without transform.scale: 255"
+            )
         return outs
+
+
+def _zero_gradient_indices(batch: BatchGradients) -> list[int]:
+    """Global indices of the batch's examples whose gradient is exactly 0 in every tracked layer (one host sync)."""
+    if not batch.gradients or not batch.gradients[0]:
+        return []
+    zero = torch.stack([g.flatten(1).abs().amax(1) == 0 for g in batch.gradients[0].values()]).all(0)
+    return batch.global_indices[zero.to(batch.global_indices.device)].tolist()
 
 
 def _check_storable(block: torch.Tensor, dtype: str, what: str = "scores") -> None:

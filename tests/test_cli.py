@@ -527,3 +527,15 @@ def test_json_output_has_no_nan_or_infinity(capsys):
         raise AssertionError(constant)
 
     assert json.loads(text, parse_constant=refuse) == {"ratio": {"middle": None, "top": 0.25}, "bounds": [None, None, 1.0], "n": 3}
+
+
+def test_queries_with_a_zero_gradient_are_warned(runner, fitted, tmp_path):
+    """Unscaled inputs saturate the softmax: the query loss's gradient is exactly 0, and so is every score."""
+    out = tmp_path
+    (out / FACTORS).write_bytes((fitted[0] / FACTORS).read_bytes())
+    result = invoke(runner, "compute-scores", DIGITS, "--set", f"output_dir={out}", "--set", "data.query.transform.scale=0.0001",
+                    "--overwrite")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    text = " ".join(result.stderr.split())
+    assert "warning: data.query: the gradient of the query loss is exactly 0 for " in text and "transform.scale: 255" in text
+    assert "warning" not in invoke(runner, "compute-scores", DIGITS, "--set", f"output_dir={out}", "--overwrite").stderr
