@@ -340,10 +340,15 @@ records `model.architecture`, `model.kwargs` and a hash of its module tree (a ch
 that keeps every weight's shape, such as attention heads, still changes the model); a dataset's
 fingerprint hashes its
 spec, its files' names and sizes (not their folders, so a project moved to another machine keeps
-its outputs), the kept indices and the labels. Files are written under a temporary name and
-renamed, so a file with a final name is complete; a finished output is only replaced with
-`--overwrite`, and later commands (`top-k` included) refuse factors or scores of another model,
-dataset or setting.
+its outputs), the kept indices and the labels. The inputs themselves are not read for it: a
+tensors file rewritten with the same size, or a factory that changes its preprocessing, keeps
+its fingerprint, so refit (`--overwrite`) after changing data in place. Files are written under
+a temporary name and renamed, so a file with a final name is complete; a finished output is only
+replaced with `--overwrite` (which removes it as the new run starts, so an interrupted
+`--overwrite` run resumes with `--resume`), and later commands (`top-k` included) refuse
+factors or scores of another model, dataset or setting. While a command writes into an
+output_dir it holds a lock there (`.influence.lock`, removed when it ends; the OS releases it
+if the process is killed), so a second run into the same folder is refused.
 """
 
 
