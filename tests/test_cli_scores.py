@@ -223,6 +223,9 @@ def test_self_influence_and_image_grids(runner, project, tmp_path):
     assert "relative influence" in result.stdout
     result = invoke(runner, "top-k", project, "--query", "0:3", "--k", "3", "--image-grid", tmp_path / "both.png")
     assert result.exit_code == 0, result.stderr
+    # the config says plain: the relative scores are shown as they are, with a note on stderr
+    assert "note: the scores in" in result.stderr and "are relative (RelatIF) influence" in " ".join(result.stderr.split())
+    assert "note" not in invoke(runner, "top-k", project, "--k", "1", "--set", "scores.relative=true").stderr
     plain, both = Image.open(tmp_path / "plain.png"), Image.open(tmp_path / "both.png")
     assert both.size[0] == plain.size[0] and both.size[1] > 1.8 * plain.size[1] - 60
     assert not list(tmp_path.glob(".*.tmp"))

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from influence_cli.cli.app import ConfigArg, JsonOpt, OverwriteOpt, ResumeOpt, SetOpt, command, load
 from influence_cli.cli.render import (
@@ -214,6 +215,13 @@ def top_k_cmd(
     selection = parse_query_option(query)
     meta = topk.load_scores_meta(out_dir)
     loaded = topk.check_scores_match(meta.metadata, cfg, meta.files[0].path if len(meta.files) == 1 else out_dir / storage.SCORES_INDEX)
+    if cfg.scores.relative != meta.relative:  # not refused: compute-scores --relative overrides the config
+        which = "relative (RelatIF)" if meta.relative else "plain"
+        err_console.print(
+            f"[bold yellow]note:[/] the scores in {escape(str(out_dir))} are {which} influence, the config has scores.relative: "
+            f"{str(cfg.scores.relative).lower()}; showing them as they are (compute-scores --overwrite scores as the config says)",
+            soft_wrap=True,
+        )
     rankings = topk.top_k(out_dir, selection, k, largest=True, smallest=opponents)
     grid_path = _pairwise_grid(cfg, meta, selection, k, opponents, rankings, image_grid, loaded) if image_grid is not None else None
     inputs = _token_inputs(cfg, loaded, ["data.train", "data.query"])  # a language model's examples are shown by their input ids
