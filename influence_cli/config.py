@@ -43,8 +43,9 @@ class NormalizeSpec:
 
 @dataclass
 class TransformSpec:
-    """Basic input transforms, applied in the order resize -> scale -> normalize -> flatten."""
+    """Basic input transforms, applied in the order channels_first -> resize -> scale -> normalize -> flatten."""
 
+    channels_first: bool = _help("Move the channels of channels-last images [H, W, C] first ([C, H, W], as Conv2d takes them).", default=False)
     scale: float | None = _help("Divide raw inputs by this number (255.0 for 8-bit images).", default=None)
     normalize: NormalizeSpec | None = _help("Per-channel mean/std normalization.", default=None)
     flatten: bool = _help("Flatten each example to a vector.", default=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import pickle
@@ -983,7 +984,19 @@ def test_channels_last_images_with_a_channel_normalize_say_so(tmp_path: Path) ->
     spec = DataSpec(source="tensors", path="d.safetensors", transform=TransformSpec(normalize=NormalizeSpec(mean=[0.5] * 3, std=[0.2] * 3)))
     with pytest.raises(DataError, match=r"they look channels-last \(\[H, W, C\]\)") as exc:
         load_dataset(spec, tmp_path)
-    assert "permute(0, 3, 1, 2)" in exc.value.hint
+    assert exc.value.hint == "set data.train.transform.channels_first: true"
+    fixed = dataclasses.replace(spec, transform=dataclasses.replace(spec.transform, channels_first=True))
+    ds = load_dataset(fixed, tmp_path)
+    assert ds.input_shape == (3, 8, 8) and ds[0][0].shape == (3, 8, 8)
+    first = torch.arange(2 * 4 * 5 * 3, dtype=torch.float32).reshape(2, 4, 5, 3)
+    save_file({"inputs": first, "labels": torch.zeros(2, dtype=torch.int64)}, tmp_path / "e.safetensors")
+    moved = load_dataset(DataSpec(source="tensors", path="e.safetensors", transform=TransformSpec(channels_first=True)), tmp_path)
+    assert torch.equal(moved[1][0], first[1].permute(2, 0, 1))
+    plain = load_dataset(DataSpec(source="tensors", path="e.safetensors"), tmp_path)
+    assert moved.fingerprint() != plain.fingerprint()
+    with pytest.raises(DataError, match=r"transform.channels_first: inputs of shape \[4, 5, 3, 1\] are not \[H, W, C\] images"):
+        save_file({"inputs": torch.zeros(2, 4, 5, 3, 1), "labels": torch.zeros(2, dtype=torch.int64)}, tmp_path / "f.safetensors")
+        load_dataset(DataSpec(source="tensors", path="f.safetensors", transform=TransformSpec(channels_first=True)), tmp_path)
 
 
 def test_a_tensors_file_of_pickled_objects_says_what_to_save(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""resize -> scale -> normalize -> flatten on float32 batches; integer token ids pass through as int64."""
+"""channels_first -> resize -> scale -> normalize -> flatten on float32 batches; integer token ids pass through as int64."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def token_inputs(spec: TransformSpec, raw_dtype: torch.dtype, key: str, embeddin
 
 
 class Transform:
-    """resize -> scale -> normalize -> flatten, applied out of place on batches [B, *raw_shape].
+    """channels_first -> resize -> scale -> normalize -> flatten, applied out of place on batches [B, *raw_shape].
 
     The result is float32, or int64 when the inputs are token ids (`token_inputs`): those are
     only flattened (when asked).
@@ -65,6 +65,12 @@ class Transform:
         self.flatten = spec.flatten
         self.resize: tuple[int, int] | None = None
         shape = tuple(raw_shape)
+        self.channels_first = spec.channels_first
+        if self.channels_first:
+            if len(shape) != 3 or resize_in_items:
+                what = "images read from files are channels first already" if resize_in_items else f"inputs of shape {list(shape)} are not [H, W, C] images"
+                raise DataError(f"{key}.channels_first: {what}", hint=f"drop {key}.channels_first")
+            shape = (shape[2], shape[0], shape[1])
         if spec.resize is not None:
             if len(spec.resize) != 2 or min(spec.resize) <= 0:
                 raise DataError(f"{key}.resize: expected [height, width] > 0, got {spec.resize}")
@@ -73,7 +79,7 @@ class Transform:
             if len(shape) == 3 and shape[-1] in (1, 3, 4) and shape[0] not in (1, 3, 4):
                 raise DataError(
                     f"{key}.resize: inputs of shape {list(shape)} look channels-last ([H, W, C]); resize works on [C, H, W]",
-                    hint="store the images channels first (e.g. permute(0, 3, 1, 2) before saving)",
+                    hint=f"set {key}.channels_first: true",
                 )
             if not resize_in_items:
                 self.resize = (int(spec.resize[0]), int(spec.resize[1]))
@@ -100,7 +106,7 @@ class Transform:
                 raise DataError(
                     f"{key}.normalize: {len(mean)} values given for inputs with {shape[0]} channels "
                     f"(shape {list(shape)}, channels first)" + ("; they look channels-last ([H, W, C])" if last else ""),
-                    hint="store the images channels first (e.g. permute(0, 3, 1, 2) before saving)" if last else None,
+                    hint=f"set {key}.channels_first: true" if last else None,
                 )
             else:
                 view = (len(mean),) + (1,) * (len(shape) - 1)
@@ -119,6 +125,8 @@ class Transform:
             x = x.to(torch.int64)
             return x.reshape(x.shape[0], -1) if self.flatten else x
         x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+        if self.channels_first:
+            x = x.permute(0, 3, 1, 2).contiguous()
         if self.resize is not None:
             x = resize_images(x, self.resize)
         if self.scale is not None:
