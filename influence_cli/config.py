@@ -80,9 +80,9 @@ class DataSpec:
     indices_file: str | None = _help("File of source indices (text, one per line, or .json list).", default=None)
     labels_in: list[int] | None = _help("Keep only examples whose label is in this list.", default=None)
     classes: list[str] | None = _help(
-        "image_folder: the class folder names in label order (label i = the i-th name). Default: the sorted sub-folders "
-        "of data.train's root when data.train is an image folder, so every spec labels a class alike (a query folder "
-        "without some class keeps the others' labels); else of this root.",
+        "image_folder: the class folder names in label order (label i = the i-th name). Default: data.train's classes "
+        "when data.train is an image folder and this root's class folders are all among them, so every spec labels a "
+        "class alike (a query folder without some class keeps the others' labels); else this root's sorted sub-folders.",
         default=None,
     )
     limit: int | None = _help("Keep at most this many examples (after the other filters).", default=None)
@@ -572,16 +572,19 @@ def image_folder_classes(root: Path) -> list[str]:
 
 
 def _share_image_folder_classes(cfg: Config) -> None:
-    """Gives every image_folder spec without `classes` data.train's classes, when data.train is an
-    image folder: each spec numbering its own folders would shift the labels of every class after
-    one that a query folder lacks."""
+    """Gives data.train's classes to every other image_folder spec without `classes` whose class
+    folders are all among them (a query folder lacking some class): each numbering its own folders
+    would shift the labels of every class after the missing one. A folder of other classes (an
+    out-of-domain set for dataset-similarity) keeps its own numbering."""
     train = cfg.data.train
     if train is None or train.source != "image_folder" or train.root is None:
         return
     classes = train.classes or image_folder_classes(cfg.resolve(train.root))
     others = [cfg.data.query, *cfg.similarity.datasets.values(), *cfg.spectrum.datasets.values()]
     for spec in others:
-        if spec is not None and spec.source == "image_folder" and spec.classes is None:
+        if spec is None or spec.source != "image_folder" or spec.classes is not None or spec.root is None:
+            continue
+        if set(image_folder_classes(cfg.resolve(spec.root))) <= set(classes):
             spec.classes = list(classes)
 
 

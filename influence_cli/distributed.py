@@ -98,9 +98,10 @@ def init_distributed(device_preference: str = "auto") -> DistState:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if world > 1 and device_preference.startswith("cuda:"):
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))  # ranks on this machine (torchrun sets it)
+    if local_world > 1 and device_preference.startswith("cuda:"):
         raise ConfigError(
-            f"device: {device_preference!r} would put all {world} ranks on one GPU",
+            f"device: {device_preference!r} would put all {local_world} ranks of this machine on one GPU",
             hint="use device: cuda or auto under torchrun (each rank takes cuda:<LOCAL_RANK>); choose GPUs with CUDA_VISIBLE_DEVICES",
         )
     device = resolve_device(device_preference, local_rank)

@@ -161,21 +161,32 @@ def _layer_state(tm: TrackedModule, weight: torch.Tensor, bias: torch.Tensor | N
     Raises:
         ModelError: the parametrization cannot take the edited weight (no right_inverse, or not in its image).
     """
-    module = copy.deepcopy(tm.module)
+    hint = "leave the layer out of --layers / spectrum.edit.layers"
+    try:
+        module = copy.deepcopy(tm.module)
+    except Exception as exc:  # e.g. the hook-based torch.nn.utils.weight_norm
+        raise ModelError(
+            f"layer {tm.name!r} cannot be copied to write its edited weight ({type(exc).__name__}: {str(exc).splitlines()[0]})",
+            hint=f"use torch.nn.utils.parametrizations (weight_norm, ...) for its weight, or {hint}",
+        ) from None
     with torch.no_grad():
         for name, value in (("weight", weight), ("bias", bias)):
             if value is None:
                 continue
-            if parametrize.is_parametrized(module, name):
-                try:
-                    setattr(module, name, value)  # the parametrization's right_inverse
-                except Exception as exc:
-                    raise ModelError(
-                        f"layer {tm.name!r}: its parametrized {name} cannot be set to the edited values ({type(exc).__name__}: {exc})",
-                        hint="leave the layer out of --layers / spectrum.edit.layers",
-                    ) from None
-            else:
+            if not parametrize.is_parametrized(module, name):
                 getattr(module, name).copy_(value)
+                continue
+            try:
+                setattr(module, name, value)  # the parametrization's right_inverse
+                exact = torch.allclose(getattr(module, name), value, rtol=1e-4, atol=1e-6 * float(value.abs().max()))
+            except Exception as exc:
+                raise ModelError(
+                    f"layer {tm.name!r}: its parametrized {name} cannot be set to the edited values ({type(exc).__name__}: {exc})",
+                    hint=hint,
+                ) from None
+            if not exact:  # e.g. spectral_norm, whose right_inverse keeps the value and divides it again
+                kinds = ", ".join(type(p).__name__ for p in module.parametrizations[name])
+                raise ModelError(f"layer {tm.name!r}: its {name}'s parametrization ({kinds}) does not reproduce the edited values", hint=hint)
     prefix = f"{tm.name}." if tm.name else ""
     return {prefix + k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
@@ -223,7 +234,7 @@ def edit_checkpoint(
         raise UsageError(f"--out: {str(out)!r} must end in .safetensors")
     if out.is_dir():
         raise UsageError(f"--out: {str(out)!r} is a folder", hint="give a file name ending in .safetensors")
-    storage.ensure_writable_dir(out.parent, key="--out")
+    storage.check_creatable_dir(out.parent, key="--out")  # created only when the edited weights are written
     source = cfg.resolve(cfg.model.checkpoint)
     if source is not None and out.resolve() == source.resolve():
         raise UsageError(f"--out: {str(out)!r} is the model's own checkpoint", hint="write the edited weights to a new file")

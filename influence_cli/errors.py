@@ -104,5 +104,5 @@ def out_of_memory(exc: BaseException) -> ResourceError | None:
     return ResourceError(
         f"the {'GPU' if gpu else 'host'} ran out of memory ({first[:200] or type(exc).__name__})",
         hint="lower data.batch_size (and for compute-scores scores.max_memory_mb or scores.query_chunk); "
-        "progress saved so far is kept, rerun with --resume",
+        "fit-factors and compute-scores keep the progress they saved: rerun them with --resume",
     )

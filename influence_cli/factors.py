@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from influence_cli import storage
-from influence_cli.errors import NumericalError
+from influence_cli.errors import NumericalError, out_of_memory
 from influence_cli.passes import BatchGradients
 from influence_cli.squares import add_squared_gradients_
 from influence_cli.tracking import TrackedModule
@@ -451,6 +451,8 @@ def _layer_eigendecompose(layer: str, which: str, matrix: torch.Tensor) -> tuple
     try:
         return eigendecompose(matrix)
     except RuntimeError as exc:  # LAPACK's "failed to converge" (torch.linalg.LinAlgError)
+        if out_of_memory(exc) is not None:
+            raise
         raise NumericalError(
             f"the float64 eigendecomposition of layer {layer!r}'s {which} ({len(matrix)}×{len(matrix)}) did not converge",
             hint="fit on more examples, or leave the layer out of factors.modules (`influence inspect CONFIG` lists the layers)",

@@ -8,6 +8,7 @@ eigenbasis; `diagonal` has one pass (squared gradients in the parameter basis);
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from influence_cli.factors import (
 from influence_cli.models import definition_change
 from influence_cli.passes import NonFiniteWatch, accumulator_dtype, matmul_dtype, stream_gradients
 from influence_cli.progress import NullProgress, Progress, for_rank
-from influence_cli.resume import PassCheckpoint, Snapshot, check_rank_layout, run_key
+from influence_cli.resume import PassCheckpoint, Snapshot, check_rank_layout, run_key, run_keys
 from influence_cli.tracking import TrackedModule
 
 
@@ -301,7 +302,7 @@ def _check_ranks_agree(state: DistState, snapshot: Snapshot | None, path: Path) 
         )
 
 
-@storage.guards_output_dir
+@storage.guards_output_dir("factors")
 def fit_factors(
     cfg: Config,
     *,
@@ -321,6 +322,10 @@ def fit_factors(
             exists without `resume`/`overwrite`, or it belongs to other settings.
     """
     first, *others = ensemble_members(cfg)
+    main = state.is_main if state is not None else os.environ.get("RANK", "0") == "0"
+    if overwrite and others and main:  # every model's old factors go now, so an interrupted run resumes past them
+        for member in (first, *others):
+            (member.out_dir / storage.FACTORS_FILE).unlink(missing_ok=True)
     report = _fit_member(cfg, first, overwrite=overwrite, resume=resume, state=state, progress=progress)
     report.members = [
         _fit_member(cfg, m, overwrite=overwrite, resume=resume, state=state, progress=progress) for m in others
@@ -361,7 +366,7 @@ def _fit_member(
     settings = result | {"batch_size": cfg.data.batch_size, "world": ctx.state.world_size}
     layers_info = describe_layers(ctx.tracked, cfg.factors.strategy)
     if resume and not overwrite and path.exists():
-        if storage.read_metadata(path).get("result_key") == run_key(result):
+        if storage.read_metadata(path).get("result_key") in run_keys(result):
             return FitReport(path, cfg.factors.strategy, cfg.factors.fisher, n, layers_info, {}, "already complete", member=member.index)
     storage.check_can_write(path, overwrite, "factors")
     storage.ensure_writable_dir(out_dir)

@@ -24,7 +24,7 @@ import contextlib
 import torch
 from torch import nn
 
-from influence_cli.errors import ModelError
+from influence_cli.errors import ModelError, out_of_memory
 from influence_cli.tracking import Capture, TrackedModule
 
 _TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-3}  # relative; bf16/fp16 products: 5e-2
@@ -134,7 +134,9 @@ def check_padding_alone(model: nn.Module, x: torch.Tensor, out: torch.Tensor, ma
     try:
         with torch.no_grad():
             single = model(x[i : i + 1][:, real])
-    except (RuntimeError, ValueError, IndexError):  # a model that only takes its padded length: nothing to compare
+    except (RuntimeError, ValueError, IndexError) as exc:  # a model that only takes its padded length: nothing to compare
+        if out_of_memory(exc) is not None:
+            raise
         return
     if not isinstance(single, torch.Tensor) or single.dim() == 0 or single.shape[0] != 1:
         return
@@ -189,6 +191,8 @@ def check_weight_gradients(
             with autocast:
                 out = model(x[:n])
     except (RuntimeError, ValueError, IndexError) as exc:
+        if out_of_memory(exc) is not None:
+            raise
         reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise ModelError(
             f"the model runs on a batch of {x.shape[0]} but fails on its first {n} examples ({reason[:200]})",

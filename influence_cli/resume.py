@@ -24,6 +24,16 @@ def run_key(fields: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
+LATER_FIELDS = ("definition", "model_definition")  # settings recorded since 0.1.0 (outputs before it lack them)
+
+
+def run_keys(fields: dict[str, Any]) -> set[str]:
+    """`run_key` of `fields`, and of `fields` without the settings outputs of earlier versions did
+    not record (`LATER_FIELDS`): a finished output or progress from before them still matches
+    (unverified for those settings, as `check_factors_match` treats them)."""
+    return {run_key(fields), run_key({k: v for k, v in fields.items() if k not in LATER_FIELDS})}
+
+
 def check_rank_layout(folder: Path, pattern: str, world_size: int, *, resume: bool, overwrite: bool, kind: str = "") -> None:
     """Refuses progress of this pass saved by a run with another number of ranks (its files,
     `pattern` with {rank} = ".rank<r>" + kind, or kind alone for one process, are not this run's
@@ -86,7 +96,7 @@ class PassCheckpoint:
                 hint="pass --resume to continue it, or --overwrite to start over",
             )
         tensors, meta = storage.load_tensors(self.path, storage.PARTIAL_FORMAT)
-        if meta.get("run_key") != self.key:
+        if meta.get("run_key") not in run_keys(self.settings):
             changed = _changed(storage.meta_json(meta, "settings", None), self.settings)
             raise OutputError(
                 f"{str(self.path)!r} is progress of a run with other settings ({changed})",

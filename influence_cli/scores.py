@@ -47,7 +47,7 @@ from influence_cli.passes import (
     stream_gradients,
 )
 from influence_cli.progress import Progress, for_rank
-from influence_cli.resume import PassCheckpoint, Snapshot, check_rank_layout, run_key
+from influence_cli.resume import PassCheckpoint, Snapshot, check_rank_layout, run_key, run_keys
 from influence_cli.task import IGNORE_INDEX
 
 _SCORE_BYTES = 4  # the score block is computed in float32 (float64 for float64 models), see sizing
@@ -477,7 +477,7 @@ def _snapshot_phase(snapshot: Snapshot | None, prefix: str) -> list[int] | None:
     return [int(p) for p in snapshot.phase[len(prefix) :].split(":") if p]
 
 
-@storage.guards_output_dir
+@storage.guards_output_dir(lambda kw: "self_influence" if kw.get("self_influence") else "scores")
 def compute_scores(
     cfg: Config,
     *,
@@ -586,7 +586,7 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
     settings = result | {"bs": scorer.bs, "world": st.world_size, "chunks": layout.query_chunks, "shards": [(s.start, s.stop) for s in layout.shards]}
     metadata["run_key"], metadata["result_key"] = run_key(settings), run_key(result)
     paths = ([index] + [out_dir / storage.SCORES_SHARD.format(shard=s.number) for s in layout.shards]) if layout.sharded else [single]
-    finished = [p for p in (single, index) if _finished_key(p) == metadata["result_key"]]
+    finished = [p for p in (single, index) if _finished_key(p) in run_keys(result)]
     if resume and not overwrite and finished:  # a requeued job whose scores are done
         return ScoresReport(
             "pairwise", paths if finished[0] == paths[0] else finished, n_q, n_t, finished[0] == index, len(layout.shards), len(layout.query_chunks), relative,
@@ -618,7 +618,8 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
         if not resume:
             for stale in out_dir.glob(_shard_glob()):
                 stale.unlink(missing_ok=True)
-        storage.remove_stale_temp_files(out_dir / "scores*")  # every scores file's temporaries
+        for name in (storage.SCORES_FILE, storage.SCORES_INDEX, _shard_glob()):  # not "scores*": a --self run's progress shares the prefix
+            storage.remove_stale_temp_files(out_dir / name)
     st.barrier()
 
     t0 = time.perf_counter()
@@ -770,7 +771,7 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
     )
     settings = result | {"bs": scorer.bs, "world": st.world_size}
     metadata["run_key"], metadata["result_key"] = run_key(settings), run_key(result)
-    if resume and not overwrite and _finished_key(path) == metadata["result_key"]:  # a requeued job whose scores are done
+    if resume and not overwrite and _finished_key(path) in run_keys(result):  # a requeued job whose scores are done
         return ScoresReport(
             "self", [path], 0, n_t, False, 1, 0, False, cfg.factors.strategy, cfg.task.measurement, common["damping"],
             {}, 0.0, "already complete", {tm.name: tm.num_params for tm in ctx.tracked}, len(scorer.members),

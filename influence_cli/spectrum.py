@@ -378,7 +378,7 @@ class SpectrumReport:
         return data
 
 
-@storage.guards_output_dir
+@storage.guards_output_dir("spectrum")
 def spectrum(
     cfg: Config,
     *,

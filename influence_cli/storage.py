@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from influence_cli import notices
 from influence_cli.errors import OutputError
 
 FACTORS_FILE = "factors.safetensors"
@@ -160,49 +161,63 @@ def ensure_writable_dir(folder: Path, key: str = "output_dir") -> None:
 
 _Run = TypeVar("_Run", bound=Callable[..., Any])
 
-LOCK_FILE = ".influence.lock"
+LOCK_FILE = ".influence.{what}.lock"
 
 
-def guards_output_dir(run: _Run) -> _Run:
-    """Decorates a command's core function `run(cfg, ...)` that writes into cfg.output_dir.
+class OutputDirBusy(OutputError):
+    """Another run holds the lock of the outputs this run would write."""
 
-    While it runs, the folder is locked (`output_dir_lock`; rank 0 of a torchrun job holds it), so a
-    second run into the same output_dir is refused instead of replacing the first one's outputs and
-    progress. When it fails, the output_dir it created (with its parents) is removed again if
-    nothing was written there, so a failed first run leaves no empty folder behind; saved progress
-    keeps the folder, and a folder that existed is never removed.
+
+def guards_output_dir(what: str | Callable[[dict[str, Any]], str]) -> Callable[[_Run], _Run]:
+    """Decorates a command's core function `run(cfg, ...)` that writes the outputs `what` (a name,
+    or a function of run's keyword arguments: compute-scores writes "scores" or "self_influence")
+    into cfg.output_dir.
+
+    While it runs, those outputs are locked (`output_dir_lock`; rank 0 of a torchrun job holds the
+    lock), so a second run writing them is refused instead of replacing the first one's outputs and
+    progress; commands writing other outputs (compute-scores and compute-scores --self, spectrum
+    and dataset-similarity) can share the folder. When it fails, the output_dir it created (with
+    its parents) is removed again if nothing was written there, so a failed first run leaves no
+    empty folder behind; saved progress keeps the folder, and a folder that existed is never removed.
     """
 
-    @functools.wraps(run)
-    def wrapper(cfg: Any, *args: Any, **kwargs: Any) -> Any:
-        folder = Path(cfg.output_path)
-        created = [p for p in (folder, *folder.parents) if not p.exists()]  # innermost first
-        try:
+    def decorate(run: _Run) -> _Run:
+        @functools.wraps(run)
+        def wrapper(cfg: Any, *args: Any, **kwargs: Any) -> Any:
+            folder = Path(cfg.output_path)
+            created = [p for p in (folder, *folder.parents) if not p.exists()]  # innermost first
             state = kwargs.get("state")  # a DistState from the Python API, else torchrun's RANK
             main = state.rank == 0 if state is not None else os.environ.get("RANK", "0") == "0"
-            with output_dir_lock(folder, hold=main):
-                return run(cfg, *args, **kwargs)
-        except BaseException:
-            if created and created[0] == folder and folder.is_dir():
-                for sub, _, _ in os.walk(folder, topdown=False):  # empty subfolders first (members/<i>/)
-                    if Path(sub) != folder:
-                        _rmdir_if_empty(Path(sub))
-                for p in created:
-                    if not _rmdir_if_empty(p):
-                        break
-            raise
+            name = what(kwargs) if callable(what) else what
+            try:
+                with output_dir_lock(folder, name, hold=main):
+                    return run(cfg, *args, **kwargs)
+            except OutputDirBusy:
+                raise  # the folder is the other run's: leave everything as it is
+            except BaseException:
+                if created and created[0] == folder and folder.is_dir():
+                    for sub, _, _ in os.walk(folder, topdown=False):  # empty subfolders first (members/<i>/)
+                        if Path(sub) != folder:
+                            _rmdir_if_empty(Path(sub))
+                    for p in created:
+                        if not _rmdir_if_empty(p):
+                            break
+                raise
 
-    return wrapper  # type: ignore[return-value]
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
 
 
 @contextmanager
-def output_dir_lock(folder: Path, *, hold: bool = True) -> Iterator[None]:
-    """Creates `folder` and holds an exclusive lock on `folder/.influence.lock` (flock: the OS
-    releases it when the process ends, even by SIGKILL, so a killed run never blocks the next);
-    the file is removed on release. With `hold` False it only creates the folder.
+def output_dir_lock(folder: Path, what: str = "outputs", *, hold: bool = True) -> Iterator[None]:
+    """Creates `folder` and holds an exclusive lock on `folder/.influence.<what>.lock` (flock: the
+    OS releases it when the process ends, even by SIGKILL, so a killed run never blocks the next);
+    the file is removed on release. With `hold` False it only creates the folder. Where the
+    filesystem cannot lock (some network mounts), the run goes on unlocked, with a warning.
 
     Raises:
-        OutputError: another run holds the lock (its pid, host and command are named).
+        OutputDirBusy: another run holds the lock (its pid, host and command are named).
     """
     ensure_writable_dir(folder)
     try:
@@ -212,18 +227,29 @@ def output_dir_lock(folder: Path, *, hold: bool = True) -> Iterator[None]:
     if not hold:
         yield
         return
-    path = folder / LOCK_FILE
+    path = folder / LOCK_FILE.format(what=what)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            notices.warn(f"output_dir: cannot create the lock file {str(path)!r} ({exc.strerror or exc}); running without it")
+            yield
+            return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # BlockingIOError: another run holds it
+        except BlockingIOError:  # another run holds it
             holder = os.pread(fd, 400, 0).decode(errors="replace").strip() or "a run that is starting"
             os.close(fd)
-            raise OutputError(
-                f"output_dir: {str(folder)!r} is in use by another run ({holder})",
+            raise OutputDirBusy(
+                f"output_dir: {str(folder)!r} is in use by another run writing its {what.replace('_', '-')} ({holder})",
                 hint="wait for it to finish, or give this run another output_dir",
             ) from None
+        except OSError as exc:  # ENOLCK, ENOSYS, EOPNOTSUPP: this filesystem does not lock
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            notices.warn(f"output_dir: {str(folder)!r} cannot be locked ({exc.strerror or exc}); running without the lock")
+            yield
+            return
         try:
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 break
@@ -245,6 +271,19 @@ def _rmdir_if_empty(folder: Path) -> bool:
     except OSError:
         return False
     return True
+
+
+def check_creatable_dir(folder: Path, key: str) -> None:
+    """Checks, without creating anything, that `folder` exists or can be created and written.
+
+    Raises:
+        OutputError: naming `key`, when a file is in the way or the nearest existing folder is not writable.
+    """
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise OutputError(f"{key}: cannot create {str(folder)!r} ({str(existing)!r} is a file)", hint=f"give {key} a path in a folder")
+    if not os.access(existing, os.W_OK):
+        raise OutputError(f"{key}: {str(existing)!r} is not writable", hint=f"give {key} a writable place")
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any], *, key: str = "output_dir") -> None:

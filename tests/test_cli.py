@@ -539,3 +539,6 @@ def test_queries_with_a_zero_gradient_are_warned(runner, fitted, tmp_path):
     text = " ".join(result.stderr.split())
     assert "warning: data.query: the gradient of the query loss is exactly 0 for " in text and "transform.scale: 255" in text
     assert "warning" not in invoke(runner, "compute-scores", DIGITS, "--set", f"output_dir={out}", "--overwrite").stderr
+    rank1 = CliRunner(env={"COLUMNS": "120", "INFLUENCE_DEBUG": None, "RANK": "1"})  # under torchrun, rank 0 warns
+    result = invoke(rank1, "compute-scores", DIGITS, "--set", f"output_dir={out}", "--set", "data.query.transform.scale=0.0001", "--overwrite")
+    assert result.exit_code == 0 and "warning" not in result.stderr and "exactly 0" not in result.stderr

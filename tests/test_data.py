@@ -223,6 +223,13 @@ def test_image_folders_share_data_trains_classes(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"data.query.root: class folder\(s\) \['horse'\] .* are not among the classes") as info:
         load_dataset(cfg.data.query, tmp_path, name="data.query")
     assert "data.query.classes" in info.value.hint
+    vehicles = tmp_path / "vehicles"  # another domain, for dataset-similarity: its own numbering
+    for name in ("car", "truck"):
+        (vehicles / name).mkdir(parents=True)
+        Image.new("RGB", (5, 6), (9, 9, 9)).save(vehicles / name / "0.png")
+    other = config_from_dict({**data, "similarity": {"datasets": {"v": {"source": "image_folder", "root": "vehicles"}}}}, base_dir=tmp_path)
+    assert other.similarity.datasets["v"].classes is None
+    assert load_dataset(other.similarity.datasets["v"], tmp_path, name="similarity.datasets.v").labels.tolist() == [0, 1]
     with pytest.raises(ConfigError, match="data.train.classes: is for source image_folder"):
         config_from_dict({**data, "data": {"train": {"source": "tensors", "path": "x.pt", "classes": ["a"]}}}, base_dir=tmp_path, check_files=False)
 

@@ -341,6 +341,10 @@ def test_a_numbered_gpu_under_torchrun_is_refused(monkeypatch):
     from influence_cli.errors import ConfigError
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match="device: 'cuda:1' would put all 2 ranks on one GPU") as info:
+    with pytest.raises(ConfigError, match="device: 'cuda:1' would put all 2 ranks of this machine on one GPU") as info:
         init_distributed("cuda:1")
     assert "device: cuda or auto" in info.value.hint
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # one rank per machine: cuda:N is that machine's GPU
+    with pytest.raises(ConfigError) as info:  # here: no CUDA device at all
+        init_distributed("cuda:1")
+    assert "would put" not in info.value.message

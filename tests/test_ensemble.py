@@ -366,3 +366,28 @@ def test_each_member_runs_the_first_batch_checks_once(project, data, monkeypatch
     calls.clear()
     ensemble_pairwise_scores(members, batches_of(xq, yq, 2)(0), batches_of(x, y, 4)(0))
     assert len(calls) == 6  # the query pass and the training pass of each of three members
+
+
+def test_an_interrupted_ensemble_overwrite_resumes(project, tmp_path, monkeypatch):
+    """--overwrite removes every model's factors as the run starts, so --resume continues past the
+    models whose old factors (of other settings) were not refitted yet."""
+    import influence_cli.fit as fit_mod
+
+    cfg = ensemble_cfg(project, "overwrite")
+    changed = ensemble_cfg(project, "overwrite", "factors.strategy=kfac", "factors.checkpoint_every=1")
+    real, seen = fit_mod.stream_gradients, [0]
+
+    def interrupted(*args, **kwargs):
+        for batch in real(*args, **kwargs):
+            if seen[0] == 1:
+                raise KeyboardInterrupt
+            seen[0] += 1
+            yield batch
+
+    monkeypatch.setattr(fit_mod, "stream_gradients", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fit_factors(changed, overwrite=True)
+    monkeypatch.undo()
+    assert not list(cfg.output_path.rglob("factors.safetensors"))  # no old factors left looking current
+    report = fit_factors(changed, resume=True)
+    assert report.strategy == "kfac" and [m.strategy for m in report.members] == ["kfac", "kfac"]

@@ -438,14 +438,44 @@ def test_progress_of_another_number_of_ranks_is_refused_not_dropped(tmp_path):
 
 
 def test_a_second_run_into_a_busy_output_dir_is_refused(tmp_path):
-    """Two runs into one output_dir would replace each other's outputs and progress; the lock is
-    released (and its file removed) when a run ends, and the OS drops it when a run is killed."""
-    with storage.output_dir_lock(tmp_path):
-        with pytest.raises(OutputError, match=r"output_dir: .* is in use by another run \(pid \d+ on "):
-            fit.fit_factors(config(tmp_path))
-    assert list(tmp_path.iterdir()) == []
+    """Two runs writing the same outputs would replace each other's outputs and progress; the lock
+    is released (and its file removed) when a run ends, and the OS drops it when a run is killed.
+    Runs writing other outputs share the folder."""
+    out = tmp_path / "new"
+    with storage.output_dir_lock(out, "factors"):
+        with pytest.raises(OutputError, match=r"output_dir: .* is in use by another run writing its factors \(pid \d+ on "):
+            fit.fit_factors(config(out))
+        assert out.is_dir()  # the refused run leaves the other run's (new) folder alone
+    assert list(out.iterdir()) == []
+    with storage.output_dir_lock(out, "scores"):  # compute-scores writing into it: fit-factors may run
+        fit.fit_factors(config(out))
+    assert sorted(p.name for p in out.iterdir()) == [storage.FACTORS_FILE]
+
+
+def test_a_filesystem_without_locks_runs_unlocked_with_a_warning(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
     fit.fit_factors(config(tmp_path))
-    assert sorted(p.name for p in tmp_path.iterdir()) == [storage.FACTORS_FILE]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [storage.FACTORS_FILE]  # no lock file left
+    assert "cannot be locked (No locks available); running without the lock" in caplog.text
+
+
+def test_outputs_finished_or_saved_before_the_model_definition_was_recorded_still_resume(tmp_path, monkeypatch):
+    """A requeued --resume on factors of the previous version (no model definition in their keys) is a no-op."""
+    from influence_cli import resume
+
+    def legacy_key(fields):
+        return resume.run_key({k: v for k, v in fields.items() if k not in resume.LATER_FIELDS})
+
+    monkeypatch.setattr(fit, "run_key", legacy_key)
+    fit.fit_factors(config(tmp_path))
+    monkeypatch.undo()
+    assert fit.fit_factors(config(tmp_path), resume=True).resumed_from == "already complete"
 
 
 def test_a_full_disk_is_one_output_error(tmp_path, monkeypatch):

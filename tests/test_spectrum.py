@@ -259,6 +259,24 @@ def test_edit_writes_a_parametrized_weight_through_its_parametrization():
     torch.testing.assert_close(torch.cat([edited[2].weight, edited[2].bias[:, None]], 1), expected, rtol=0, atol=1e-12)
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # the hook-based weight_norm is deprecated: that is the point
+def test_edit_refuses_parametrizations_that_do_not_take_the_edited_weight():
+    """spectral_norm's right_inverse keeps the value, which it then divides by σ again; the hook-based
+    weight_norm cannot even be copied: both are named instead of writing wrong weights."""
+    from torch.nn.utils import weight_norm as hook_weight_norm
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    from influence_cli.errors import ModelError
+
+    for wrap, needle in ((spectral_norm, "does not reproduce the edited values"), (hook_weight_norm, "cannot be copied")):
+        model, x, y = _problem("mlp")
+        model[2] = wrap(model[2])
+        model.eval()
+        tracked, factors = fit(model, x, y, strategy="kfac", fisher="empirical")
+        with pytest.raises(ModelError, match=needle):
+            edit_model(model, tracked[-1:], factors, keep="share", share=0.5, order="kfac")
+
+
 # ----------------------------------------------------------------------------- CLI on the bundled digits sample
 
 
@@ -392,6 +410,8 @@ def test_cli_errors(tmp_path, digits):
     (tmp_path / "dir.safetensors").mkdir()
     assert_error(invoke("edit", DIGITS, *sets, "--out", tmp_path / "dir.safetensors", "--overwrite"), 2, "--out", "is a folder")
     assert_error(invoke("edit", DIGITS, *sets, "--out", taken / "e.safetensors"), 5, "--out: cannot create")
+    assert_error(invoke("edit", DIGITS, *empty, "--out", tmp_path / "new" / "sub" / "e.safetensors"), 5, "no factors")
+    assert not (tmp_path / "new").exists()  # a failed edit creates no folder
     assert_error(invoke("spectrum", DIGITS, *sets, "--layers", "conv*"), 2, "--layers", "matches none")
     assert_error(invoke("spectrum", DIGITS, *sets, "--set", "spectrum.bottom=0.8", "--set", "spectrum.top=0.3"), 2, "spectrum.bottom + spectrum.top")
     assert_error(invoke("spectrum", DIGITS, *sets, "--set", "spectrum.baseline=heldout:noisy", "--overwrite"), 2, "spectrum.baseline")
