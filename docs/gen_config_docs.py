@@ -333,6 +333,11 @@ commands wrote there; only `edit` writes elsewhere, to its `--out` checkpoint:
 | `spectrum.safetensors` | `spectrum` | each example's gradient energy per curvature band, per dataset of `spectrum.datasets` |
 | `factors.partial*.safetensors`, `scores.partial*.safetensors` | an interrupted run | saved progress, every `factors.checkpoint_every` batches; `--resume` continues from it |
 
+To score several query sets (or plain and relative scores) against one fit, give each its own
+`output_dir` holding a symbolic link to (or a copy of) the fit's `factors.safetensors` (and its
+`members/` folders for an ensemble): compute-scores reads the factors through the link and checks
+them like its own.
+
 Each file's metadata records the tool and torch versions, the device, the strategy and Fisher
 kind, fingerprints of the model and the data, and the resolved config: `influence info FILE`
 prints them. The model's fingerprint hashes the checkpoint's tensors, and its definition

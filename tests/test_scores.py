@@ -610,3 +610,15 @@ def test_curvature_near_float32_underflow_gives_finite_scores():
     want, got = results
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, want, rtol=2e-2, atol=1e-4 * float(want.abs().max()))  # float32 Λ ~ 1e-43 is subnormal: few bits
+
+
+def test_factors_linked_into_another_output_dir_score_the_same(project):
+    """Several query sets against one fit: each output_dir links to the fit's factors."""
+    folder, _ = project
+    cfg = make_cfg(project, "linked", copy_factors=False)
+    (folder / "linked" / storage.FACTORS_FILE).symlink_to(folder / "out" / storage.FACTORS_FILE)
+    reference = make_cfg(project, "linked-copy")
+    compute_scores(cfg)
+    compute_scores(reference)
+    assert torch.equal(all_scores(cfg.output_path), all_scores(reference.output_path))
+    assert (folder / "linked" / storage.FACTORS_FILE).is_symlink()
