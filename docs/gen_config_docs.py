@@ -117,7 +117,7 @@ the source) in every output, so `range: [1500, 1520]` reports query indices 1500
 | `idx` | `images`, `labels` | raw IDX files (`.gz` or not), e.g. the MNIST `t10k-images-idx3-ubyte.gz` |
 | `tensors` | `path` | a `.safetensors`, `.npz` or `.pt` file holding an inputs tensor `[N, ...]` and a labels tensor `[N]` (`[N, ...]` regression targets, `[N, positions]` for a language model; keys `inputs_key`, `labels_key`) |
 | `mnist`, `fashion_mnist`, `cifar10` | `root` | the torchvision dataset under `root` (`split: train` or `test`); downloaded only with `download: true`. `mnist` also reads the four IDX files straight from `root`; FashionMNIST's share their names, so it reads only torchvision's `root/FashionMNIST/raw` |
-| `image_folder` | `root` | a folder with one sub-folder of images per class (sorted class names are labels 0, 1, ...; every other image folder spec whose classes are all among data.train's takes data.train's numbering, or its own `classes` list, so a query folder without some class keeps the others' labels); 8-bit images, read as one channel when every image is grayscale, else as RGB; top-k names each ranked example by its file (`dog/3.png` in the table, `train_file` / `query_file` in the JSON) and its class |
+| `image_folder` | `root` | a folder with one sub-folder of images per class (sorted class names are labels 0, 1, ...; data.query, and every other image folder spec whose classes are all among data.train's, takes data.train's numbering (or its own `classes` list), so a query folder without some class keeps the others' labels and one with a class data.train lacks is refused); 8-bit images, read as one channel when every image is grayscale, else as RGB; top-k names each ranked example by its file (`dog/3.png` in the table, `train_file` / `query_file` in the JSON) and its class |
 | `package.module:function` | | your function, called with `kwargs`; it returns a torch Dataset of `(x, y)` items or a pair `(inputs, labels)` (tensors, arrays, or lists of per-example values: tensors, images, lists of ids, numbers). A plain list of two or three entries that reads both as a pair and as `(x, y)` items is refused rather than guessed. The module is looked up next to the config file first. |
 
 Subsets apply in this order: one selector (`range`, `indices` or `indices_file`, at most one),
@@ -354,10 +354,13 @@ as the new run starts, so an interrupted `--overwrite` run resumes with `--resum
 commands (`top-k` included) refuse factors or scores of another model, dataset or setting.
 While a command writes its outputs into an output_dir it holds a lock on them there
 (`.influence.factors.lock`, `.influence.scores.lock`, `.influence.self_influence.lock`,
-`.influence.spectrum.lock`, `.influence.similarity.lock`: removed when it ends, released by the
-OS if the process is killed), so a second run writing the same outputs into the same folder is
-refused, while compute-scores and compute-scores --self (or spectrum and dataset-similarity)
-can run side by side. A filesystem that cannot lock gets a warning and runs unlocked.
+`.influence.spectrum.lock`, `.influence.similarity.lock`: removed by the last holder, released
+by the OS if the process is killed), and the commands that read the factors hold a shared lock
+on them. So a second run writing the same outputs into the same folder is refused, and so is
+fit-factors while factors are being read (and the reverse), while compute-scores and
+compute-scores --self (or spectrum and dataset-similarity) can run side by side. Under torchrun
+rank 0 takes the locks and every rank stops if it could not. A filesystem that cannot lock gets
+a warning and runs unlocked.
 """
 
 

@@ -81,8 +81,9 @@ class DataSpec:
     labels_in: list[int] | None = _help("Keep only examples whose label is in this list.", default=None)
     classes: list[str] | None = _help(
         "image_folder: the class folder names in label order (label i = the i-th name). Default: data.train's classes "
-        "when data.train is an image folder and this root's class folders are all among them, so every spec labels a "
-        "class alike (a query folder without some class keeps the others' labels); else this root's sorted sub-folders.",
+        "when data.train is an image folder, for data.query always (a query folder without some class keeps the others' "
+        "labels; one with a class data.train lacks is refused) and for other specs when their class folders are all "
+        "among them; else this root's sorted sub-folders.",
         default=None,
     )
     limit: int | None = _help("Keep at most this many examples (after the other filters).", default=None)
@@ -572,17 +573,20 @@ def image_folder_classes(root: Path) -> list[str]:
 
 
 def _share_image_folder_classes(cfg: Config) -> None:
-    """Gives data.train's classes to every other image_folder spec without `classes` whose class
-    folders are all among them (a query folder lacking some class): each numbering its own folders
-    would shift the labels of every class after the missing one. A folder of other classes (an
-    out-of-domain set for dataset-similarity) keeps its own numbering."""
+    """Gives data.train's classes to data.query, and to every other image_folder spec without
+    `classes` whose class folders are all among them (a folder lacking some class): each numbering
+    its own folders would shift the labels of every class after the missing one. A query class
+    data.train lacks is then refused when the query set loads; a similarity or spectrum folder of
+    other classes (an out-of-domain set) keeps its own numbering."""
     train = cfg.data.train
     if train is None or train.source != "image_folder" or train.root is None:
         return
     classes = train.classes or image_folder_classes(cfg.resolve(train.root))
-    others = [cfg.data.query, *cfg.similarity.datasets.values(), *cfg.spectrum.datasets.values()]
-    for spec in others:
-        if spec is None or spec.source != "image_folder" or spec.classes is not None or spec.root is None:
+    query = cfg.data.query
+    if query is not None and query.source == "image_folder" and query.classes is None:
+        query.classes = list(classes)  # always: a query class the model was not trained on is refused by name
+    for spec in [*cfg.similarity.datasets.values(), *cfg.spectrum.datasets.values()]:
+        if spec.source != "image_folder" or spec.classes is not None or spec.root is None:
             continue
         if set(image_folder_classes(cfg.resolve(spec.root))) <= set(classes):
             spec.classes = list(classes)

@@ -8,7 +8,6 @@ eigenbasis; `diagonal` has one pass (squared gradients in the parameter basis);
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -322,11 +321,8 @@ def fit_factors(
             exists without `resume`/`overwrite`, or it belongs to other settings.
     """
     first, *others = ensemble_members(cfg)
-    main = state.is_main if state is not None else os.environ.get("RANK", "0") == "0"
-    if overwrite and others and main:  # every model's old factors go now, so an interrupted run resumes past them
-        for member in (first, *others):
-            (member.out_dir / storage.FACTORS_FILE).unlink(missing_ok=True)
-    report = _fit_member(cfg, first, overwrite=overwrite, resume=resume, state=state, progress=progress)
+    replaced = [m.out_dir / storage.FACTORS_FILE for m in others]  # with --overwrite, removed once model 0's checks pass
+    report = _fit_member(cfg, first, overwrite=overwrite, resume=resume, state=state, progress=progress, also_replaced=replaced)
     report.members = [
         _fit_member(cfg, m, overwrite=overwrite, resume=resume, state=state, progress=progress) for m in others
     ]
@@ -341,8 +337,13 @@ def _fit_member(
     resume: bool = False,
     state: DistState | None = None,
     progress: Progress | None = None,
+    also_replaced: list[Path] | None = None,
 ) -> FitReport:
-    """fit-factors for one model of the ensemble (member 0: model.checkpoint into output_dir)."""
+    """fit-factors for one model of the ensemble (member 0: model.checkpoint into output_dir).
+
+    With `overwrite`, its old factors, and those of `also_replaced` (the other models'), are
+    removed once its checks pass: an interrupted run then resumes past the models it did not reach.
+    """
     ctx = prepare_member(cfg, member, state)
     out_dir = member.out_dir
     path = out_dir / storage.FACTORS_FILE
@@ -376,7 +377,8 @@ def _fit_member(
     snapshot = checkpoint.check_start(resume, overwrite)
     if ctx.state.is_main:
         if overwrite:  # an interrupted --overwrite run leaves its progress, which --resume continues, and not the old factors
-            path.unlink(missing_ok=True)
+            for old in (path, *(also_replaced or [])):
+                old.unlink(missing_ok=True)
         storage.remove_stale_temp_files(path)
     _check_ranks_agree(ctx.state, snapshot, checkpoint.path)
     resumed_from = None if snapshot is None else f"{snapshot.phase} pass, batch {snapshot.batches_done}"

@@ -11,9 +11,10 @@ import logging
 logger = logging.getLogger("influence_cli")
 
 
-def warn(message: str) -> None:
-    """One warning (the CLI prints it as `warning: <message>` on stderr)."""
-    logger.warning(message)
+def warn(message: str, *, per_rank: bool = False) -> None:
+    """One warning (the CLI prints it as `warning: <message>` on stderr). Under torchrun rank 0 prints
+    it, or, with `per_rank` (about the rank's own shard of the data), every rank that sees it."""
+    logger.warning(message, extra={"per_rank": per_rank})
 
 
 __all__ = ["logger", "warn"]

@@ -225,7 +225,8 @@ def _warn_lossless(indices: list[int], dataset_name: str) -> None:
     if indices:
         notices.warn(
             f"{dataset_name}: {len(indices)} example(s) have no position with a loss (labels all {task_lib.IGNORE_INDEX}; "
-            f"global indices {_index_span(torch.tensor(indices))}): their gradients, and so their scores, are 0"
+            f"global indices {_index_span(torch.tensor(indices))}): their gradients, and so their scores, are 0",
+            per_rank=_sharded(dataset_name),
         )
 
 
@@ -252,8 +253,14 @@ def _warn_if_padded(x: torch.Tensor, dataset_name: str) -> None:
         pad, side = suspect
         notices.warn(
             f"{dataset_name}: sequences {side} in runs of token {pad} of different lengths, like padding, but data.padding_value "
-            f"is not set, so those positions count in the factors and scores; set data.padding_value={pad} if {pad} is the pad id"
+            f"is not set, so those positions count in the factors and scores; set data.padding_value={pad} if {pad} is the pad id",
+            per_rank=_sharded(dataset_name),
         )
+
+
+def _sharded(dataset_name: str) -> bool:
+    """Whether each torchrun rank streams its own shard of the data (every rank streams all of data.query)."""
+    return dataset_name != "data.query"
 
 
 def fan_out(items: Iterable[_Item], copies: int) -> list[Iterator[_Item]]:

@@ -477,7 +477,7 @@ def _snapshot_phase(snapshot: Snapshot | None, prefix: str) -> list[int] | None:
     return [int(p) for p in snapshot.phase[len(prefix) :].split(":") if p]
 
 
-@storage.guards_output_dir(lambda kw: "self_influence" if kw.get("self_influence") else "scores")
+@storage.guards_output_dir(lambda kw: "self_influence" if kw.get("self_influence") else "scores", reads="factors")
 def compute_scores(
     cfg: Config,
     *,
@@ -632,7 +632,7 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
     seconds.update(queries=time.perf_counter() - t0, scores=0.0, write=0.0)
     for shard in mine:
         shard_path = out_dir / storage.SCORES_SHARD.format(shard=shard.number) if layout.sharded else single
-        if layout.sharded and resume and shard_path.is_file() and storage.read_metadata(shard_path).get("run_key") == metadata["run_key"]:
+        if layout.sharded and resume and shard_path.is_file() and storage.read_metadata(shard_path).get("run_key") in run_keys(settings):
             resumed_from = resumed_from or f"shard {shard.number}"
             continue
         width = shard.stop - shard.start

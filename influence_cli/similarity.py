@@ -305,7 +305,7 @@ def _flat(parts: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in parts.values()]).float()
 
 
-@storage.guards_output_dir("similarity")
+@storage.guards_output_dir("similarity", reads="factors")
 def dataset_similarity(
     cfg: Config,
     *,

@@ -378,7 +378,7 @@ class SpectrumReport:
         return data
 
 
-@storage.guards_output_dir("spectrum")
+@storage.guards_output_dir("spectrum", reads="factors")
 def spectrum(
     cfg: Config,
     *,

@@ -7,6 +7,7 @@ rule); structured values are stored as JSON.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -168,17 +169,19 @@ class OutputDirBusy(OutputError):
     """Another run holds the lock of the outputs this run would write."""
 
 
-def guards_output_dir(what: str | Callable[[dict[str, Any]], str]) -> Callable[[_Run], _Run]:
+def guards_output_dir(what: str | Callable[[dict[str, Any]], str], reads: str | None = None) -> Callable[[_Run], _Run]:
     """Decorates a command's core function `run(cfg, ...)` that writes the outputs `what` (a name,
     or a function of run's keyword arguments: compute-scores writes "scores" or "self_influence")
-    into cfg.output_dir.
+    into cfg.output_dir, reading the outputs `reads` ("factors") from there.
 
-    While it runs, those outputs are locked (`output_dir_lock`; rank 0 of a torchrun job holds the
-    lock), so a second run writing them is refused instead of replacing the first one's outputs and
-    progress; commands writing other outputs (compute-scores and compute-scores --self, spectrum
-    and dataset-similarity) can share the folder. When it fails, the output_dir it created (with
-    its parents) is removed again if nothing was written there, so a failed first run leaves no
-    empty folder behind; saved progress keeps the folder, and a folder that existed is never removed.
+    While it runs, its outputs are locked exclusively and what it reads is locked shared
+    (`output_dir_lock`; rank 0 of a torchrun job holds the locks and tells the other ranks whether
+    it got them, before any rank touches a file). So a second run writing the same outputs is
+    refused, and so is fit-factors while factors are being read (and the reverse), while commands
+    writing other outputs (compute-scores and compute-scores --self, spectrum and
+    dataset-similarity) share the folder. When it fails, the output_dir it created (with its
+    parents) is removed again if nothing was written there, so a failed first run leaves no empty
+    folder behind; saved progress keeps the folder, and a folder that existed is never removed.
     """
 
     def decorate(run: _Run) -> _Run:
@@ -186,11 +189,23 @@ def guards_output_dir(what: str | Callable[[dict[str, Any]], str]) -> Callable[[
         def wrapper(cfg: Any, *args: Any, **kwargs: Any) -> Any:
             folder = Path(cfg.output_path)
             created = [p for p in (folder, *folder.parents) if not p.exists()]  # innermost first
-            state = kwargs.get("state")  # a DistState from the Python API, else torchrun's RANK
+            state = kwargs.get("state")  # a DistState from the Python API or the CLI, else torchrun's RANK
             main = state.rank == 0 if state is not None else os.environ.get("RANK", "0") == "0"
             name = what(kwargs) if callable(what) else what
             try:
-                with output_dir_lock(folder, name, hold=main):
+                with contextlib.ExitStack() as locks:
+                    busy: OutputDirBusy | None = None
+                    try:
+                        locks.enter_context(output_dir_lock(folder, name, hold=main))
+                        if reads is not None:
+                            locks.enter_context(output_dir_lock(folder, reads, hold=main, shared=True))
+                    except OutputDirBusy as exc:
+                        busy = exc
+                    if state is not None and state.distributed:  # every rank stops if rank 0 did not get the locks
+                        shared = state.broadcast_object(None if busy is None else (busy.message, busy.hint))
+                        busy = busy or (None if shared is None else OutputDirBusy(*shared))  # type: ignore[misc]
+                    if busy is not None:
+                        raise busy
                     return run(cfg, *args, **kwargs)
             except OutputDirBusy:
                 raise  # the folder is the other run's: leave everything as it is
@@ -210,14 +225,15 @@ def guards_output_dir(what: str | Callable[[dict[str, Any]], str]) -> Callable[[
 
 
 @contextmanager
-def output_dir_lock(folder: Path, what: str = "outputs", *, hold: bool = True) -> Iterator[None]:
-    """Creates `folder` and holds an exclusive lock on `folder/.influence.<what>.lock` (flock: the
-    OS releases it when the process ends, even by SIGKILL, so a killed run never blocks the next);
-    the file is removed on release. With `hold` False it only creates the folder. Where the
-    filesystem cannot lock (some network mounts), the run goes on unlocked, with a warning.
+def output_dir_lock(folder: Path, what: str = "outputs", *, hold: bool = True, shared: bool = False) -> Iterator[None]:
+    """Creates `folder` and holds a lock on `folder/.influence.<what>.lock`: exclusive for a run
+    that writes `what`, shared (`shared`) for runs that read it. flock: the OS releases it when the
+    process ends, even by SIGKILL, so a killed run never blocks the next; the last holder removes
+    the file. With `hold` False it only creates the folder. Where the filesystem cannot lock (some
+    network mounts), the run goes on unlocked, with a warning.
 
     Raises:
-        OutputDirBusy: another run holds the lock (its pid, host and command are named).
+        OutputDirBusy: another run holds a conflicting lock (a writer is named by pid, host and command).
     """
     ensure_writable_dir(folder)
     try:
@@ -236,12 +252,14 @@ def output_dir_lock(folder: Path, what: str = "outputs", *, hold: bool = True) -
             yield
             return
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # another run holds it
-            holder = os.pread(fd, 400, 0).decode(errors="replace").strip() or "a run that is starting"
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:  # another run holds a conflicting lock
+            holder = os.pread(fd, 400, 0).decode(errors="replace").strip()  # a writer's pid, host and command; readers write nothing
             os.close(fd)
+            verb = "writing" if holder or shared else "reading"
+            detail = f" ({holder})" if holder else " (a run that is starting)" if shared else ""
             raise OutputDirBusy(
-                f"output_dir: {str(folder)!r} is in use by another run writing its {what.replace('_', '-')} ({holder})",
+                f"output_dir: {str(folder)!r} is in use by another run {verb} its {what.replace('_', '-')}{detail}",
                 hint="wait for it to finish, or give this run another output_dir",
             ) from None
         except OSError as exc:  # ENOLCK, ENOSYS, EOPNOTSUPP: this filesystem does not lock
@@ -256,13 +274,20 @@ def output_dir_lock(folder: Path, what: str = "outputs", *, hold: bool = True) -
         except FileNotFoundError:
             pass
         os.close(fd)  # the holder removed the file between our open and lock: lock the new one
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}: {' '.join(sys.argv[1:3])}".encode(), 0)
+    os.ftruncate(fd, 0)  # a reader holds it with readers only: what a killed writer left is stale
+    if not shared:  # a writer says who it is
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}: {' '.join(sys.argv[1:3])}".encode(), 0)
     try:
         yield
     finally:
-        path.unlink(missing_ok=True)
-        os.close(fd)
+        try:  # the last holder removes the file: a reader only when it can take the lock alone
+            if shared:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            path.unlink(missing_ok=True)
+        except BlockingIOError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def _rmdir_if_empty(folder: Path) -> bool:

@@ -143,7 +143,7 @@ def load_scores_meta(output_dir: str | Path) -> ScoresMeta:
             n_query, n_train = fh.get_slice("scores").get_shape()
         files = [ScoreFile(single, 0, n_train)]
     else:
-        interrupted = any(out.glob(storage.SCORES_PARTIAL.format(rank="*")))
+        interrupted = any(not p.name.endswith(".self.safetensors") for p in out.glob(storage.SCORES_PARTIAL.format(rank="*")))  # not --self's
         hint = "compute-scores was interrupted: rerun it with --resume to finish" if interrupted else _NO_SCORES_HINT
         raise OutputError(f"no scores in {str(out)!r} ({storage.SCORES_FILE} or {storage.SCORES_INDEX})", hint=hint)
     with safe_open(str(files[0].path), framework="pt") as fh:

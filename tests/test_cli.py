@@ -21,6 +21,7 @@ from typer.testing import CliRunner, Result
 
 from influence_cli import __version__
 from influence_cli.cli import app
+from influence_cli.cli.render import err_console
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "configs" / "digits.yaml"
@@ -542,3 +543,19 @@ def test_queries_with_a_zero_gradient_are_warned(runner, fitted, tmp_path):
     rank1 = CliRunner(env={"COLUMNS": "120", "INFLUENCE_DEBUG": None, "RANK": "1"})  # under torchrun, rank 0 warns
     result = invoke(rank1, "compute-scores", DIGITS, "--set", f"output_dir={out}", "--set", "data.query.transform.scale=0.0001", "--overwrite")
     assert result.exit_code == 0 and "warning" not in result.stderr and "exactly 0" not in result.stderr
+
+
+def test_warnings_under_torchrun_come_from_rank_0_or_from_the_rank_whose_shard_they_are_about():
+    import logging
+
+    from influence_cli.cli.render import WarningPrinter
+
+    records = [logging.LogRecord("influence_cli", logging.WARNING, "", 0, msg, None, None) for msg in ("global", "shard")]
+    records[1].per_rank = True
+    for rank, expected in ((0, ["warning: global", "warning: shard"]), (1, ["[rank 1] warning: shard"])):
+        printer = WarningPrinter(rank)
+        with err_console.capture() as captured:
+            for record in records:
+                printer.emit(record)
+                printer.emit(record)  # each once
+        assert captured.get().splitlines() == expected

@@ -297,3 +297,38 @@ def test_image_grid_keeps_an_empty_section_with_its_note(tmp_path):
     assert wide.shape[1] > narrow.shape[1]  # the opponents column is there
     extra = wide[:, narrow.shape[1] :]
     assert (extra != extra[0, 0]).any()  # and holds the note's text
+
+
+def _busy_rank_main(rank: int, world: int, port: int, config: str, out: str, results: str) -> None:
+    """One rank of a compute-scores run whose output_dir another run is writing scores into."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from influence_cli.config import load_config
+        from influence_cli.distributed import DistState
+        from influence_cli.errors import OutputError
+        from influence_cli.scores import compute_scores
+
+        try:
+            compute_scores(load_config(config, [f"output_dir={out}"]), state=DistState(rank=rank, world_size=world), overwrite=True)
+            outcome = "ran"
+        except OutputError as exc:
+            outcome = exc.message
+        Path(results, f"rank{rank}").write_text(outcome)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_every_rank_stops_before_touching_a_file_when_rank_0_cannot_lock(project, tmp_path):
+    """Only rank 0 takes the lock; it tells the others, so no rank removes the holder's progress."""
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / storage.FACTORS_FILE).write_bytes((project.parent / "out" / storage.FACTORS_FILE).read_bytes())
+    (out / storage.SCORES_PARTIAL.format(rank="")).write_bytes(b"the other run's progress")
+    with storage.output_dir_lock(out, "scores"):
+        mp.spawn(_busy_rank_main, args=(2, _free_port(), str(project), str(out), str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        assert "is in use by another run writing its scores" in (tmp_path / f"rank{rank}").read_text()
+    assert (out / storage.SCORES_PARTIAL.format(rank="")).read_bytes() == b"the other run's progress"

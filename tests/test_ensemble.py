@@ -32,7 +32,7 @@ from typer.testing import CliRunner
 from influence_cli import storage
 from influence_cli.cli import app
 from influence_cli.config import config_from_dict
-from influence_cli.errors import OutputError
+from influence_cli.errors import ModelError, OutputError
 from influence_cli.fit import fit_factors
 from influence_cli.kernel import ensemble_pairwise_scores, pairwise_scores
 from influence_cli.models import mlp
@@ -391,3 +391,13 @@ def test_an_interrupted_ensemble_overwrite_resumes(project, tmp_path, monkeypatc
     assert not list(cfg.output_path.rglob("factors.safetensors"))  # no old factors left looking current
     report = fit_factors(changed, resume=True)
     assert report.strategy == "kfac" and [m.strategy for m in report.members] == ["kfac", "kfac"]
+
+
+def test_a_failed_ensemble_overwrite_keeps_the_old_factors(project):
+    """--overwrite removes the old factors only once the first model's checks pass (a typo keeps them)."""
+    cfg = ensemble_cfg(project, "typo")
+    before = sorted(str(p.relative_to(cfg.output_path)) for p in cfg.output_path.rglob("factors.safetensors"))
+    with pytest.raises(ModelError, match="matches no"):
+        fit_factors(ensemble_cfg(project, "typo", "factors.modules=[nope]"), overwrite=True)
+    assert sorted(str(p.relative_to(cfg.output_path)) for p in cfg.output_path.rglob("factors.safetensors")) == before == [
+        "factors.safetensors", "members/1/factors.safetensors", "members/2/factors.safetensors"]

@@ -447,9 +447,18 @@ def test_a_second_run_into_a_busy_output_dir_is_refused(tmp_path):
             fit.fit_factors(config(out))
         assert out.is_dir()  # the refused run leaves the other run's (new) folder alone
     assert list(out.iterdir()) == []
-    with storage.output_dir_lock(out, "scores"):  # compute-scores writing into it: fit-factors may run
+    with storage.output_dir_lock(out, "scores"):  # compute-scores writing its scores there: fit-factors may run
         fit.fit_factors(config(out))
     assert sorted(p.name for p in out.iterdir()) == [storage.FACTORS_FILE]
+    with storage.output_dir_lock(out, "factors", shared=True), storage.output_dir_lock(out, "factors", shared=True):  # two readers
+        with pytest.raises(OutputError, match="is in use by another run reading its factors"):
+            fit.fit_factors(config(out), overwrite=True)
+    with storage.output_dir_lock(out, "factors"):  # a refit: the readers wait
+        from influence_cli.scores import compute_scores
+
+        with pytest.raises(OutputError, match=r"is in use by another run writing its factors \(pid "):
+            compute_scores(config(out))
+    assert sorted(p.name for p in out.iterdir()) == [storage.FACTORS_FILE]  # every lock file removed by its last holder
 
 
 def test_a_filesystem_without_locks_runs_unlocked_with_a_warning(tmp_path, monkeypatch, caplog):

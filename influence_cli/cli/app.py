@@ -131,8 +131,7 @@ def command(name: str, resumable: bool = False, **kwargs: Any) -> Callable[[Call
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def wrapper(*args: Any, **kw: Any) -> Any:
-            main = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 says it (its shard's counts)
-            warnings = WarningPrinter() if main else logging.NullHandler()
+            warnings = WarningPrinter(int(os.environ.get("RANK", "0") or 0))  # under torchrun, each rank about its shard
             logger = logging.getLogger("influence_cli")  # the core's notices (not imported here: it would import torch)
             logger.addHandler(warnings)
             logger.propagate = False

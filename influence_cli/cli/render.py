@@ -54,17 +54,21 @@ def tolerate_narrow_encodings() -> None:
 
 
 class WarningPrinter(logging.Handler):
-    """Shows the core's warnings (`influence_cli.notices`) on stderr as `warning: ...`, each message once."""
+    """Shows the core's warnings (`influence_cli.notices`) on stderr as `warning: ...`, each message once;
+    on a torchrun rank other than 0 only those about its own shard, as `[rank N] warning: ...`."""
 
-    def __init__(self) -> None:
+    def __init__(self, rank: int = 0) -> None:
         super().__init__(logging.WARNING)
+        self.rank = rank
         self.seen: set[str] = set()
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
-        if message not in self.seen:
-            self.seen.add(message)
-            err_console.print(f"[bold yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
+        if message in self.seen or (self.rank != 0 and not getattr(record, "per_rank", False)):
+            return
+        self.seen.add(message)
+        prefix = escape(f"[rank {self.rank}] ") if self.rank else ""
+        err_console.print(f"[bold yellow]{prefix}warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def print_json(data: Any) -> None:
