@@ -336,7 +336,8 @@ commands wrote there; only `edit` writes elsewhere, to its `--out` checkpoint:
 To score several query sets (or plain and relative scores) against one fit, give each its own
 `output_dir` holding a symbolic link to (or a copy of) the fit's `factors.safetensors` (and its
 `members/` folders for an ensemble): compute-scores reads the factors through the link and checks
-them like its own.
+them like its own. (The locks below are taken in each `output_dir`, so refitting in the fit's
+folder is not refused while another folder's compute-scores reads the factors through its link.)
 
 Each file's metadata records the tool and torch versions, the device, the strategy and Fisher
 kind, fingerprints of the model and the data, and the resolved config: `influence info FILE`

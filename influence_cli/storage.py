@@ -190,7 +190,7 @@ def guards_output_dir(what: str | Callable[[dict[str, Any]], str], reads: str | 
             folder = Path(cfg.output_path)
             created = [p for p in (folder, *folder.parents) if not p.exists()]  # innermost first
             state = kwargs.get("state")  # a DistState from the Python API or the CLI, else torchrun's RANK
-            main = state.rank == 0 if state is not None else os.environ.get("RANK", "0") == "0"
+            main = state is None or state.rank == 0  # without a state every process runs alone (as `prepare` does) and locks
             name = what(kwargs) if callable(what) else what
             try:
                 with contextlib.ExitStack() as locks:
@@ -244,6 +244,7 @@ def output_dir_lock(folder: Path, what: str = "outputs", *, hold: bool = True, s
         yield
         return
     path = folder / LOCK_FILE.format(what=what)
+    retries = 20  # a holder releasing (a reader upgrades to remove the file) or a writer starting: busy for milliseconds
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -256,6 +257,10 @@ def output_dir_lock(folder: Path, what: str = "outputs", *, hold: bool = True, s
         except BlockingIOError:  # another run holds a conflicting lock
             holder = os.pread(fd, 400, 0).decode(errors="replace").strip()  # a writer's pid, host and command; readers write nothing
             os.close(fd)
+            if retries > 0:
+                retries -= 1
+                time.sleep(0.025)
+                continue
             verb = "writing" if holder or shared else "reading"
             detail = f" ({holder})" if holder else " (a run that is starting)" if shared else ""
             raise OutputDirBusy(

@@ -498,3 +498,31 @@ def test_a_full_disk_is_one_output_error(tmp_path, monkeypatch):
     with pytest.raises(OutputError, match=r"output_dir: cannot write .*factors.safetensors.* No space left on device") as info:
         storage.save_tensors(tmp_path / storage.FACTORS_FILE, {"x": torch.zeros(2)}, {})
     assert "free space" in info.value.hint and list(tmp_path.iterdir()) == []
+
+
+def test_readers_never_refuse_each_other_and_the_api_without_a_state_locks(tmp_path, monkeypatch):
+    """A reader that releases last upgrades its lock to remove the file: another reader opening it
+    then must wait a moment, not be refused. A process called without `state` runs alone (RANK
+    notwithstanding) and takes the locks."""
+    import threading
+
+    refused = []
+
+    def read_many():
+        for _ in range(200):
+            try:
+                with storage.output_dir_lock(tmp_path, "factors", shared=True):
+                    pass
+            except OutputError as exc:
+                refused.append(exc.message)
+
+    threads = [threading.Thread(target=read_many) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert refused == [] and list(tmp_path.iterdir()) == []
+    monkeypatch.setenv("RANK", "1")
+    with storage.output_dir_lock(tmp_path, "factors"):
+        with pytest.raises(OutputError, match="is in use by another run writing its factors"):
+            fit.fit_factors(config(tmp_path))
