@@ -189,7 +189,7 @@ def guards_output_dir(what: str | Callable[[dict[str, Any]], str], reads: str | 
         def wrapper(cfg: Any, *args: Any, **kwargs: Any) -> Any:
             folder = Path(cfg.output_path)
             created = [p for p in (folder, *folder.parents) if not p.exists()]  # innermost first
-            state = kwargs.get("state")  # a DistState from the Python API or the CLI, else torchrun's RANK
+            state = kwargs.get("state")  # the DistState the CLI (or a Python caller) passes
             main = state is None or state.rank == 0  # without a state every process runs alone (as `prepare` does) and locks
             name = what(kwargs) if callable(what) else what
             try:
