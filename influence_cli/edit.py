@@ -17,6 +17,7 @@ checkpoint has every other weight unchanged and loads with the same config.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from dataclasses import dataclass, field
@@ -239,7 +240,9 @@ def edit_checkpoint(
     if source is not None and out.resolve() == source.resolve():
         raise UsageError(f"--out: {str(out)!r} is the model's own checkpoint", hint="write the edited weights to a new file")
     ctx = prepare(cfg, state)
-    factors, factors_path = load_kronecker_factors(ctx)
+    reading = cfg.output_path.is_dir() and ctx.state.is_main  # the factors are not refitted while they are read
+    with storage.output_dir_lock(cfg.output_path, "factors", shared=True) if reading else contextlib.nullcontext():
+        factors, factors_path = load_kronecker_factors(ctx)
     if layers:
         patterns, key = layers, "--layers"
     elif e.layers is not None:

@@ -411,6 +411,10 @@ def test_cli_errors(tmp_path, digits):
     assert_error(invoke("edit", DIGITS, *sets, "--out", tmp_path / "dir.safetensors", "--overwrite"), 2, "--out", "is a folder")
     assert_error(invoke("edit", DIGITS, *sets, "--out", taken / "e.safetensors"), 5, "--out: cannot create")
     assert_error(invoke("edit", DIGITS, *empty, "--out", tmp_path / "new" / "sub" / "e.safetensors"), 5, "no factors")
+    from influence_cli.storage import output_dir_lock
+
+    with output_dir_lock(out, "factors"):  # a refit running there
+        assert_error(invoke("edit", DIGITS, *sets, "--out", tmp_path / "e.safetensors"), 5, "in use by another run writing its factors")
     assert not (tmp_path / "new").exists()  # a failed edit creates no folder
     assert_error(invoke("spectrum", DIGITS, *sets, "--layers", "conv*"), 2, "--layers", "matches none")
     assert_error(invoke("spectrum", DIGITS, *sets, "--set", "spectrum.bottom=0.8", "--set", "spectrum.top=0.3"), 2, "spectrum.bottom + spectrum.top")
