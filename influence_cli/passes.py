@@ -225,7 +225,7 @@ def _warn_lossless(indices: list[int], dataset_name: str) -> None:
     if indices:
         notices.warn(
             f"{dataset_name}: {len(indices)} example(s) have no position with a loss (labels all {task_lib.IGNORE_INDEX}; "
-            f"global indices {_index_span(torch.tensor(indices))}): their gradients, and so their scores, are 0",
+            f"global indices {index_span(indices)}): their gradients, and so their scores, are 0",
             per_rank=_sharded(dataset_name),
         )
 
@@ -336,7 +336,7 @@ def inputs_named(x: torch.Tensor, idx: torch.Tensor, dataset_name: str, *, first
         if isinstance(exc, IndexError) and not x.is_floating_point():
             lo, hi = int(x.min()), int(x.max())
             raise DataError(
-                f"{dataset_name}: the model raised an IndexError on the batch with global indices {_index_span(idx)} "
+                f"{dataset_name}: the model raised an IndexError on the batch with global indices {index_span(idx)} "
                 f"({reason}); its token ids run from {lo} to {hi}",
                 hint="ids outside an embedding table are the usual cause: check the vocabulary size in model.kwargs, the pad id and the data",
             ) from exc
@@ -380,14 +380,15 @@ def check_token_ids(
     lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= vocabulary:
         raise DataError(
-            f"{dataset_name}: token ids of the batch with global indices {_index_span(idx)} run from {lo} to {hi}, "
+            f"{dataset_name}: token ids of the batch with global indices {index_span(idx)} run from {lo} to {hi}, "
             f"outside the model's largest embedding table ({vocabulary} rows)",
             hint="check the vocabulary size in model.kwargs, the pad id and the data",
         )
 
 
-def _index_span(idx: torch.Tensor) -> str:
-    values = idx.tolist()
+def index_span(indices: torch.Tensor | list[int]) -> str:
+    """Global indices for a message: all of up to 4, else "first, second, ..., last"."""
+    values = indices.tolist() if isinstance(indices, torch.Tensor) else list(indices)
     return ", ".join(map(str, values)) if len(values) <= 4 else f"{values[0]}, {values[1]}, ..., {values[-1]}"
 
 

@@ -42,6 +42,7 @@ from influence_cli.passes import (
     check_token_ids,
     fan_out,
     host_checked_vocabulary,
+    index_span,
     inputs_named,
     model_dtype,
     stream_gradients,
@@ -427,7 +428,7 @@ class _Scorer:
         if flat:
             notices.warn(
                 f"data.query: the gradient of the query {self.cfg.task.measurement} is exactly 0 for {len(flat)} of {q1 - q0} queries "
-                f"(global indices {', '.join(map(str, flat[:5]))}{', ...' if len(flat) > 5 else ''}), so their scores are all 0; "
+                f"(global indices {index_span(flat)}), so their scores are all 0; "
                 "saturated outputs are the usual cause, such as 8-bit inputs without transform.scale: 255"
             )
         return outs

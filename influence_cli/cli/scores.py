@@ -302,10 +302,10 @@ def _example_files(cfg, loaded: dict, which: list[str]):
     present = [key for key in which if (cfg.data.train if key == "data.train" else cfg.data.query) is not None]
     found = dict(zip(present, _datasets(cfg, present, loaded), strict=True))  # scores of a config without data.query still rank
     datasets = [found.get(key) for key in which]
+    names = [None if ds is None else ds.class_names for ds in datasets]
     if not any(ds is not None and ds.has_files for ds in datasets):
-        return None, [None if ds is None else ds.class_names for ds in datasets]
-    readers = [lambda p, ds=ds: (ds.example_file(p) if ds is not None else None) or "-" for ds in datasets]
-    return readers, [None if ds is None else ds.class_names for ds in datasets]
+        return None, names
+    return [lambda p, ds=ds: (ds.example_file(p) if ds is not None else None) or "-" for ds in datasets], names
 
 
 def _datasets(cfg, which: list[str], loaded: dict):
