@@ -320,7 +320,8 @@ OUTPUT_PROSE = """\
 ## The output folder
 
 Every command writes into `output_dir` (relative to the config file) and reads what earlier
-commands wrote there; only `edit` writes elsewhere, to its `--out` checkpoint:
+commands wrote there; only `edit` writes elsewhere, to its `--out` checkpoint, and the factors
+live in `factors_dir` when the config sets it:
 
 | file | written by | what |
 |---|---|---|
@@ -333,11 +334,19 @@ commands wrote there; only `edit` writes elsewhere, to its `--out` checkpoint:
 | `spectrum.safetensors` | `spectrum` | each example's gradient energy per curvature band, per dataset of `spectrum.datasets` |
 | `factors.partial*.safetensors`, `scores.partial*.safetensors` | an interrupted run | saved progress, every `factors.checkpoint_every` batches; `--resume` continues from it |
 
-To score several query sets (or plain and relative scores) against one fit, give each its own
-`output_dir` holding a symbolic link to (or a copy of) the fit's `factors.safetensors` (and its
-`members/` folders for an ensemble): compute-scores reads the factors through the link and checks
-them like its own. (The locks below are taken in each `output_dir`, so refitting in the fit's
-folder is not refused while another folder's compute-scores reads the factors through its link.)
+To score several query sets (or plain and relative scores) against one fit, give each config
+its own `output_dir` and the fit's folder as `factors_dir` (or pass `--set factors_dir=FOLDER`):
+fit-factors writes the factors (with the `members/` folders of an ensemble) there once, and every
+other command reads them from there and checks them like its own:
+
+```yaml
+output_dir: runs/mnist_queries_b     # scores and reports of this query set
+factors_dir: runs/mnist              # the factors of `influence fit-factors`, shared
+```
+
+The factors are locked in `factors_dir` (below), so a refit there is refused while any of those
+output_dirs' commands reads them. A `factors_dir` this user cannot write (a fit shared
+read-only) is read without a lock.
 
 Each file's metadata records the tool and torch versions, the device, the strategy and Fisher
 kind, fingerprints of the model and the data, and the resolved config: `influence info FILE`
@@ -353,7 +362,7 @@ a temporary name and renamed, so a file with a final name is complete; a finishe
 replaced with `--overwrite` (which removes it, and with `scores.checkpoints` every model's,
 as the new run starts, so an interrupted `--overwrite` run resumes with `--resume`), and later
 commands (`top-k` included) refuse factors or scores of another model, dataset or setting.
-While a command writes its outputs into an output_dir it holds a lock on them there
+While a command writes its outputs into an output_dir (factors: into factors_dir) it holds a lock on them there
 (`.influence.factors.lock`, `.influence.scores.lock`, `.influence.self_influence.lock`,
 `.influence.spectrum.lock`, `.influence.similarity.lock`: removed by the last holder, released
 by the OS if the process is killed), and the commands that read the factors hold a shared lock

@@ -179,7 +179,7 @@ def load_kronecker_factors(ctx: RunContext) -> tuple[Factors, Path]:
     Raises:
         OutputError: missing, of another model or layers, or fitted with strategy diagonal / identity.
     """
-    path = ctx.output_dir / storage.FACTORS_FILE
+    path = ctx.cfg.factors_path / storage.FACTORS_FILE
     factors = load_factors(path)
     check_factors_match(factors, ctx, path)
     if factors.strategy not in ("kfac", "ekfac"):

@@ -248,6 +248,11 @@ class Config:
     similarity: SimilarityConfig = _help("Dataset similarity.", default_factory=SimilarityConfig)
     spectrum: SpectrumConfig = _help("Curvature spectrum (memorization) and weight editing.", default_factory=SpectrumConfig)
     output_dir: str = _help("Folder for factors, scores and reports.", default="runs/default")
+    factors_dir: str | None = _help(
+        "Folder of the factors, when not output_dir: fit-factors writes them there and the other commands read them "
+        "from there, so several output_dirs (query sets, score settings) share one fit; null = output_dir.",
+        default=None,
+    )
     device: str = _help("auto | cpu | cuda | cuda:N", default="auto")
     seed: int = _help("Seed for sampled labels and label noise.", default=0)
     base_dir: str = field(default=".", metadata={"help": "Folder relative paths resolve against.", "internal": True})
@@ -263,6 +268,16 @@ class Config:
     @property
     def output_path(self) -> Path:
         return self.resolve(self.output_dir)  # type: ignore[return-value]
+
+    @property
+    def factors_path(self) -> Path:
+        """The folder of the factors: factors_dir, or output_dir when it is unset."""
+        return self.resolve(self.factors_dir) if self.factors_dir is not None else self.output_path  # type: ignore[return-value]
+
+    @property
+    def factors_key(self) -> str:
+        """The config key that names the factors' folder (in errors)."""
+        return "factors_dir" if self.factors_dir is not None else "output_dir"
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain data (internal fields left out)."""
@@ -776,6 +791,8 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
         problems.append(f"device: expected auto, cpu, cuda or cuda:N, got {dev!r}")
     if not cfg.output_dir:
         problems.append("output_dir: must not be empty")
+    if cfg.factors_dir is not None and not cfg.factors_dir:
+        problems.append("factors_dir: must not be empty (null = output_dir)")
     return problems
 
 

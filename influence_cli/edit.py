@@ -240,8 +240,9 @@ def edit_checkpoint(
     if source is not None and out.resolve() == source.resolve():
         raise UsageError(f"--out: {str(out)!r} is the model's own checkpoint", hint="write the edited weights to a new file")
     ctx = prepare(cfg, state)
-    reading = cfg.output_path.is_dir() and ctx.state.is_main  # the factors are not refitted while they are read
-    with storage.output_dir_lock(cfg.output_path, "factors", shared=True) if reading else contextlib.nullcontext():
+    reading = cfg.factors_path.is_dir() and ctx.state.is_main  # the factors are not refitted while they are read
+    lock = storage.output_dir_lock(cfg.factors_path, "factors", shared=True, key=cfg.factors_key)
+    with lock if reading else contextlib.nullcontext():
         factors, factors_path = load_kronecker_factors(ctx)
     if layers:
         patterns, key = layers, "--layers"

@@ -1,8 +1,9 @@
 """Ensembles over checkpoints: influence averaged over several models, each with its own factors.
 
-Member 0 is `model.checkpoint`, with its factors in `output_dir`; member i ≥ 1 is
-`scores.checkpoints[i - 1]` (e.g. the same architecture trained with another seed), with
-its factors in `output_dir/members/<i>/` (storage.member_dir). fit-factors fits every
+Member 0 is `model.checkpoint`, with its factors in the factors' folder (`factors_dir`, by
+default `output_dir`); member i ≥ 1 is `scores.checkpoints[i - 1]` (e.g. the same
+architecture trained with another seed), with its factors in `<that folder>/members/<i>/`
+(storage.member_dir). fit-factors fits every
 member; compute-scores averages the members' scores,
 
     I_ens(z, x) = (1/M) Σ_m ∇L_m(z)ᵀ (F_m + λ_m)⁻¹ ∇L_m(x),
@@ -47,9 +48,9 @@ class Member:
 
 def ensemble_members(cfg: Config) -> list[Member]:
     """Member 0 (model.checkpoint) followed by one member per entry of scores.checkpoints."""
-    out = [Member(0, None, "model.checkpoint", cfg.output_path)]
+    out = [Member(0, None, "model.checkpoint", cfg.factors_path)]
     for i, ckpt in enumerate(cfg.scores.checkpoints, start=1):
-        out.append(Member(i, cfg.resolve(ckpt), f"scores.checkpoints[{i - 1}]", storage.member_dir(cfg.output_path, i)))
+        out.append(Member(i, cfg.resolve(ckpt), f"scores.checkpoints[{i - 1}]", storage.member_dir(cfg.factors_path, i)))
     return out
 
 

@@ -310,10 +310,11 @@ def fit_factors(
     state: DistState | None = None,
     progress: Progress | None = None,
 ) -> FitReport:
-    """Fits the configured curvature on `data.train` and writes `<output_dir>/factors.safetensors`.
+    """Fits the configured curvature on `data.train` and writes `<factors_dir>/factors.safetensors`
+    (factors_dir: output_dir unless the config sets it).
 
     With `scores.checkpoints` (an ensemble), also fits every extra checkpoint's own factors
-    into `<output_dir>/members/<i>/factors.safetensors` (ensemble.py); the report of
+    into `<factors_dir>/members/<i>/factors.safetensors` (ensemble.py); the report of
     model.checkpoint is returned, with the others in `members`.
 
     Raises:
@@ -339,7 +340,7 @@ def _fit_member(
     progress: Progress | None = None,
     also_replaced: list[Path] | None = None,
 ) -> FitReport:
-    """fit-factors for one model of the ensemble (member 0: model.checkpoint into output_dir).
+    """fit-factors for one model of the ensemble (member 0: model.checkpoint into factors_dir).
 
     With `overwrite`, its old factors, and those of `also_replaced` (the other models'), are
     removed once its checks pass: an interrupted run then resumes past the models it did not reach.
@@ -370,7 +371,7 @@ def _fit_member(
         if storage.read_metadata(path).get("result_key") in run_keys(result):
             return FitReport(path, cfg.factors.strategy, cfg.factors.fisher, n, layers_info, {}, "already complete", member=member.index)
     storage.check_can_write(path, overwrite, "factors")
-    storage.ensure_writable_dir(out_dir)
+    storage.ensure_writable_dir(out_dir, key=cfg.factors_key)
     rank_suffix = f".rank{ctx.state.rank}" if ctx.state.distributed else ""
     checkpoint = PassCheckpoint(out_dir / storage.FACTORS_PARTIAL.format(rank=rank_suffix), settings, cfg.factors.checkpoint_every)
     check_rank_layout(out_dir, storage.FACTORS_PARTIAL, ctx.state.world_size, resume=resume, overwrite=overwrite)

@@ -243,7 +243,7 @@ def _load_layers(ctx: RunContext, train: IndexedDataset, member: Member) -> tupl
     info = {
         "file": str(path.relative_to(cfg.output_path)) if path.is_relative_to(cfg.output_path) else str(path),
         "created": meta.get("created"),
-        "result_key": meta.get("result_key"),  # what the factors are of (top-k compares it with output_dir's factors)
+        "result_key": meta.get("result_key"),  # what the factors are of (top-k compares it with the factors now in their folder)
         "bytes": stat.st_size,
         "strategy": factors.strategy,
         "fisher": factors.fisher,

@@ -342,7 +342,7 @@ def dataset_similarity(
     out_dir = cfg.output_path
     path = out_dir / storage.SIMILARITY_FILE
     storage.check_can_write(path, overwrite, "a similarity result")
-    factors_path = out_dir / storage.FACTORS_FILE
+    factors_path = cfg.factors_path / storage.FACTORS_FILE
     factors = load_factors(factors_path)
     ctx = prepare(cfg, state)
     check_factors_match(factors, ctx, factors_path)

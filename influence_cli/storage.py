@@ -172,14 +172,15 @@ class OutputDirBusy(OutputError):
 def guards_output_dir(what: str | Callable[[dict[str, Any]], str], reads: str | None = None) -> Callable[[_Run], _Run]:
     """Decorates a command's core function `run(cfg, ...)` that writes the outputs `what` (a name,
     or a function of run's keyword arguments: compute-scores writes "scores" or "self_influence")
-    into cfg.output_dir, reading the outputs `reads` ("factors") from there.
+    into cfg.output_dir (the factors into cfg.factors_dir), reading the outputs `reads`
+    ("factors") from their folder.
 
     While it runs, its outputs are locked exclusively and what it reads is locked shared
     (`output_dir_lock`; rank 0 of a torchrun job holds the locks and tells the other ranks whether
     it got them, before any rank touches a file). So a second run writing the same outputs is
     refused, and so is fit-factors while factors are being read (and the reverse), while commands
     writing other outputs (compute-scores and compute-scores --self, spectrum and
-    dataset-similarity) share the folder. When it fails, the output_dir it created (with its
+    dataset-similarity) share the folder. When it fails, the folder it created (with its
     parents) is removed again if nothing was written there, so a failed first run leaves no empty
     folder behind; saved progress keeps the folder, and a folder that existed is never removed.
     """
@@ -187,29 +188,35 @@ def guards_output_dir(what: str | Callable[[dict[str, Any]], str], reads: str | 
     def decorate(run: _Run) -> _Run:
         @functools.wraps(run)
         def wrapper(cfg: Any, *args: Any, **kwargs: Any) -> Any:
-            folder = Path(cfg.output_path)
+            name = what(kwargs) if callable(what) else what
+            folder, key = _folder_of(cfg, name)
             created = [p for p in (folder, *folder.parents) if not p.exists()]  # innermost first
             state = kwargs.get("state")  # the DistState the CLI (or a Python caller) passes
             main = state is None or state.rank == 0  # without a state every process runs alone (as `prepare` does) and locks
-            name = what(kwargs) if callable(what) else what
+            elsewhere = False  # refused by a lock on the factors in another folder: this run's own folder is cleaned up
             try:
                 with contextlib.ExitStack() as locks:
                     busy: OutputDirBusy | None = None
                     try:
-                        locks.enter_context(output_dir_lock(folder, name, hold=main))
+                        locks.enter_context(output_dir_lock(folder, name, hold=main, key=key))
                         if reads is not None:
-                            locks.enter_context(output_dir_lock(folder, reads, hold=main, shared=True))
+                            read_folder, read_key = _folder_of(cfg, reads)
+                            if read_folder.is_dir():  # else nothing to read: the command says so
+                                elsewhere = read_folder != folder
+                                locks.enter_context(output_dir_lock(read_folder, reads, hold=main, shared=True, key=read_key))
+                                elsewhere = False
                     except OutputDirBusy as exc:
                         busy = exc
                     if state is not None and state.distributed:  # every rank stops if rank 0 did not get the locks
-                        shared = state.broadcast_object(None if busy is None else (busy.message, busy.hint))
-                        busy = busy or (None if shared is None else OutputDirBusy(*shared))  # type: ignore[misc]
+                        shared = state.broadcast_object(None if busy is None else (busy.message, busy.hint, elsewhere))
+                        if shared is not None:
+                            busy, elsewhere = busy or OutputDirBusy(shared[0], hint=shared[1]), shared[2]
                     if busy is not None:
                         raise busy
                     return run(cfg, *args, **kwargs)
-            except OutputDirBusy:
-                raise  # the folder is the other run's: leave everything as it is
-            except BaseException:
+            except BaseException as exc:
+                if isinstance(exc, OutputDirBusy) and not elsewhere:
+                    raise  # the folder is the other run's: leave everything as it is
                 if created and created[0] == folder and folder.is_dir():
                     for sub, _, _ in os.walk(folder, topdown=False):  # empty subfolders first (members/<i>/)
                         if Path(sub) != folder:
@@ -224,18 +231,33 @@ def guards_output_dir(what: str | Callable[[dict[str, Any]], str], reads: str | 
     return decorate
 
 
+def _folder_of(cfg: Any, what: str) -> tuple[Path, str]:
+    """The folder of the outputs `what` and the config key that names it: the factors live in
+    factors_dir (output_dir when unset), everything else in output_dir."""
+    if what == "factors":
+        return Path(cfg.factors_path), cfg.factors_key
+    return Path(cfg.output_path), "output_dir"
+
+
 @contextmanager
-def output_dir_lock(folder: Path, what: str = "outputs", *, hold: bool = True, shared: bool = False) -> Iterator[None]:
+def output_dir_lock(
+    folder: Path, what: str = "outputs", *, hold: bool = True, shared: bool = False, key: str = "output_dir"
+) -> Iterator[None]:
     """Creates `folder` and holds a lock on `folder/.influence.<what>.lock`: exclusive for a run
     that writes `what`, shared (`shared`) for runs that read it. flock: the OS releases it when the
     process ends, even by SIGKILL, so a killed run never blocks the next; the last holder removes
     the file. With `hold` False it only creates the folder. Where the filesystem cannot lock (some
-    network mounts), the run goes on unlocked, with a warning.
+    network mounts), the run goes on unlocked, with a warning; a reader of a folder it cannot
+    write (factors shared read-only through factors_dir) runs unlocked without one. `key` is the
+    config key that names `folder` in messages.
 
     Raises:
         OutputDirBusy: another run holds a conflicting lock (a writer is named by pid, host and command).
     """
-    ensure_writable_dir(folder)
+    if shared and folder.is_dir() and not os.access(folder, os.W_OK):
+        yield
+        return
+    ensure_writable_dir(folder, key=key)
     try:
         import fcntl
     except ImportError:  # pragma: no cover - no flock on this platform: no lock
@@ -249,7 +271,7 @@ def output_dir_lock(folder: Path, what: str = "outputs", *, hold: bool = True, s
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
-            notices.warn(f"output_dir: cannot create the lock file {str(path)!r} ({exc.strerror or exc}); running without it")
+            notices.warn(f"{key}: cannot create the lock file {str(path)!r} ({exc.strerror or exc}); running without it")
             yield
             return
         try:
@@ -264,13 +286,13 @@ def output_dir_lock(folder: Path, what: str = "outputs", *, hold: bool = True, s
             verb = "writing" if holder or shared else "reading"
             detail = f" ({holder})" if holder else " (a run that is starting)" if shared else ""
             raise OutputDirBusy(
-                f"output_dir: {str(folder)!r} is in use by another run {verb} its {what.replace('_', '-')}{detail}",
-                hint="wait for it to finish, or give this run another output_dir",
+                f"{key}: {str(folder)!r} is in use by another run {verb} its {what.replace('_', '-')}{detail}",
+                hint=f"wait for it to finish, or give this run another {key}",
             ) from None
         except OSError as exc:  # ENOLCK, ENOSYS, EOPNOTSUPP: this filesystem does not lock
             os.close(fd)
             path.unlink(missing_ok=True)
-            notices.warn(f"output_dir: {str(folder)!r} cannot be locked ({exc.strerror or exc}); running without the lock")
+            notices.warn(f"{key}: {str(folder)!r} cannot be locked ({exc.strerror or exc}); running without the lock")
             yield
             return
         try:

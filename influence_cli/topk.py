@@ -169,7 +169,7 @@ def check_scores_match(metadata: dict[str, Any], cfg: Config, path: Path, *, pai
     damping (with `auto`, its factor and scope), (pairwise) measurement, padding value and the
     number of ensemble models, then
     the model (fingerprint of the checkpoint's weights), the tracked layers, the factors now in
-    output_dir (each model's: refitted factors, e.g. with another seed, make the scores stale),
+    factors_dir / output_dir (each model's: refitted factors, e.g. with another seed, make the scores stale),
     data.train and (pairwise) data.query (dataset fingerprints). `relative` is not compared: `compute-scores --relative` may override
     the config, and the rankings say which they are. Scores of an older tool version that lack a
     field are not refused for it.
@@ -236,7 +236,7 @@ def check_scores_match(metadata: dict[str, Any], cfg: Config, path: Path, *, pai
 
 
 def _check_current_factors(metadata: dict[str, Any], cfg: Config, path: Path) -> None:
-    """The scores were computed from the factors now in output_dir (each ensemble model's), judged by
+    """The scores were computed from the factors now in their folder (each ensemble model's), judged by
     the factors' result key (model, data, strategy, Fisher, task, layers, examples, seed, amp, padding)."""
     from influence_cli.ensemble import ensemble_members
 

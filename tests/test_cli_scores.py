@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -55,6 +56,27 @@ def test_help_states_sign_convention_and_examples(runner):
         assert "up-weighting it lowers the query's loss" in text and "−score/N" in text
         assert "Examples" in text
     assert "torchrun --nproc_per_node=4 -m influence_cli compute-scores" in " ".join(invoke(runner, "compute-scores", "--help").stdout.split())
+
+
+def test_another_query_set_scores_against_the_same_fit_through_factors_dir(runner, project):
+    """A second query set in its own output_dir, reading the fit's factors through factors_dir;
+    top-k there refuses once the shared factors are refitted with other settings."""
+    fit_dir, queries = project.parent / "out", project.parent / "queries_b"
+    shared = ["--set", f"output_dir={queries}", "--set", f"factors_dir={fit_dir}", "--set", "data.query.range=[0, 4]"]
+    result = invoke(runner, "compute-scores", project, *shared, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["paths"] == [str(queries / storage.SCORES_FILE)]
+    assert not (queries / storage.FACTORS_FILE).exists()
+    result = invoke(runner, "top-k", project, *shared, "--query", "1", "--k", "2", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["queries"][0]["query_index"] == 1
+    refit = project.parent / "refit"
+    shutil.copytree(fit_dir, refit, ignore=shutil.ignore_patterns("scores*", "self_influence*"))
+    result = invoke(runner, "fit-factors", project, "--set", f"output_dir={refit}", "--set", "seed=7", "--overwrite")
+    assert result.exit_code == 0, result.stderr
+    moved = [a.replace(str(fit_dir), str(refit)) for a in shared]
+    result = invoke(runner, "top-k", project, *moved, "--query", "1")
+    assert result.exit_code == 5 and "refitted since" in result.stderr
 
 
 def test_compute_scores_then_top_k(runner, project):

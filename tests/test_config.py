@@ -168,6 +168,7 @@ def test_wrong_types_are_named(override: str, key: str):
         pytest.param("device=gpu", "device", id="device-gpu"),
         pytest.param("device=cuda:²", "device", id="device-superscript"),
         pytest.param("output_dir=", "output_dir", id="output_dir-empty"),
+        pytest.param("factors_dir=''", "factors_dir", id="factors_dir-empty"),
         pytest.param("task.kind=regression", "task.measurement", id="margin-with-regression"),
     ],
 )
@@ -260,7 +261,10 @@ def test_paths_resolve_against_the_config_folder(tmp_path: Path):
     cfg = load_config(cfg_path)
     assert cfg.resolve(cfg.model.checkpoint) == tmp_path / "sub" / "w.safetensors"
     assert cfg.output_path == tmp_path / "out"
+    assert cfg.factors_path == tmp_path / "out" and cfg.factors_key == "output_dir"  # factors_dir unset: output_dir
     assert cfg.resolve(str(tmp_path / "abs")) == tmp_path / "abs"
+    shared = load_config(cfg_path, ["factors_dir=../fit"])
+    assert shared.factors_path == tmp_path / "fit" and shared.factors_key == "factors_dir"
 
 
 # ----------------------------------------------------------------------------- YAML errors

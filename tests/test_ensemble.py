@@ -32,12 +32,13 @@ from typer.testing import CliRunner
 from influence_cli import storage
 from influence_cli.cli import app
 from influence_cli.config import config_from_dict
+from influence_cli.ensemble import ensemble_members
 from influence_cli.errors import ModelError, OutputError
 from influence_cli.fit import fit_factors
 from influence_cli.kernel import ensemble_pairwise_scores, pairwise_scores
 from influence_cli.models import mlp
 from influence_cli.scores import compute_scores
-from influence_cli.topk import load_self_influence, top_k
+from influence_cli.topk import check_scores_match, load_scores_meta, load_self_influence, top_k
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -203,6 +204,22 @@ def test_ensemble_scores_equal_the_mean_of_single_model_runs(project, relative):
         storage.read_metadata(storage.member_dir(cfg.output_path, i) / storage.FACTORS_FILE)["model_fingerprint"] for i in range(3)
     ]
     assert members[2]["factors"]["file"] == f"{storage.MEMBERS_DIR}/2/{storage.FACTORS_FILE}"
+
+
+def test_an_ensemble_reads_every_members_factors_from_factors_dir(project):
+    """factors_dir holds the whole fit, members/<i>/ included: another output_dir scores from it
+    exactly what the fit's own folder scores, and top-k checks every member's factors there."""
+    folder, data = project
+    shared = config_from_dict(data, ["output_dir=ens_shared", f"factors_dir={folder / 'out'}"], base_dir=folder)
+    assert [m.factors_path for m in ensemble_members(shared)] == [
+        storage.member_dir(folder / "out", i) / storage.FACTORS_FILE for i in range(len(SEEDS))
+    ]
+    compute_scores(shared)
+    assert sorted(p.name for p in shared.output_path.iterdir()) == [storage.SCORES_FILE]
+    own = ensemble_cfg(project, "ens_own")
+    compute_scores(own)
+    assert torch.equal(all_scores(shared.output_path), all_scores(own.output_path))
+    check_scores_match(load_scores_meta(shared.output_path).metadata, shared, shared.output_path)  # top-k's check
 
 
 def test_ensemble_self_influence_is_the_mean_of_the_members(project):

@@ -526,3 +526,40 @@ def test_readers_never_refuse_each_other_and_the_api_without_a_state_locks(tmp_p
     with storage.output_dir_lock(tmp_path, "factors"):
         with pytest.raises(OutputError, match="is in use by another run writing its factors"):
             fit.fit_factors(config(tmp_path))
+
+
+def test_factors_dir_holds_the_fit_and_its_locks(tmp_path, monkeypatch):
+    """With factors_dir, fit-factors writes (and locks) the factors there, never creating
+    output_dir; readers lock the factors there too, so a refit is refused while another
+    output_dir's compute-scores reads them, and the reverse."""
+    from influence_cli.scores import compute_scores
+
+    shared, queries = tmp_path / "fit", tmp_path / "queries"
+    cfg = config(queries, f"factors_dir={shared}")
+    assert cfg.factors_path == shared and cfg.output_path == queries
+    fit.fit_factors(cfg)
+    assert sorted(p.name for p in shared.iterdir()) == [storage.FACTORS_FILE] and not queries.exists()
+    with storage.output_dir_lock(shared, "factors", key="factors_dir"):  # a refit in the shared folder
+        with pytest.raises(OutputError, match=r"factors_dir: .* is in use by another run writing its factors") as info:
+            compute_scores(cfg)
+        assert "another factors_dir" in info.value.hint
+    assert not queries.exists()  # the refused run created nothing
+    with storage.output_dir_lock(shared, "factors", shared=True):  # a compute-scores reading them from elsewhere
+        with pytest.raises(OutputError, match=r"factors_dir: .* is in use by another run reading its factors"):
+            fit.fit_factors(config(tmp_path / "other", f"factors_dir={shared}"), overwrite=True)
+    assert (shared / storage.FACTORS_FILE).is_file()
+    compute_scores(cfg)
+    assert storage.SCORES_FILE in {p.name for p in queries.iterdir()} and storage.FACTORS_FILE not in {p.name for p in queries.iterdir()}
+    assert sorted(p.name for p in shared.iterdir()) == [storage.FACTORS_FILE]  # the readers' lock files removed
+    monkeypatch.setattr(storage.os, "access", lambda path, mode: Path(path) != shared)  # factors shared read-only
+    compute_scores(cfg, overwrite=True)  # reads them unlocked, without a warning
+    assert sorted(p.name for p in shared.iterdir()) == [storage.FACTORS_FILE]
+
+
+def test_a_missing_factors_dir_is_named_and_not_created(tmp_path):
+    from influence_cli.scores import compute_scores
+
+    cfg = config(tmp_path / "queries", f"factors_dir={tmp_path / 'nowhere'}")
+    with pytest.raises(OutputError, match=r"no factors at .*nowhere/factors.safetensors"):
+        compute_scores(cfg)
+    assert list(tmp_path.iterdir()) == []  # neither folder left behind

@@ -23,7 +23,7 @@ from influence_cli.fit import fit_factors
 from influence_cli.models import build_model, load_model, model_fingerprint
 from influence_cli.spectrum import dataset_spectrum, groups_of, load_spectrum_scores, spectrum
 from influence_cli.squares import weighted_squares
-from influence_cli.storage import FACTORS_FILE, SPECTRUM_FILE, load_tensors, save_tensors
+from influence_cli.storage import FACTORS_FILE, SIMILARITY_FILE, SPECTRUM_FILE, load_tensors, read_metadata, save_tensors
 from influence_cli.training import TrainRecipe, accuracy, train_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -387,6 +387,23 @@ def test_cli_edit_and_the_edited_checkpoint_runs_everywhere(tmp_path, digits):
     # the original run's factors belong to the original model
     assert_error(invoke("spectrum", DIGITS, "--set", f"model.checkpoint={edited}", "--set", f"output_dir={out}", "--overwrite"),
                  5, "another model")  # fmt: skip
+
+
+def test_cli_spectrum_similarity_and_edit_read_factors_from_factors_dir(tmp_path, digits):
+    """The commands that read the factors find them in factors_dir and write only into output_dir."""
+    out, sets = digits
+    elsewhere = tmp_path / "reports"
+    moved = [*sets, "--set", f"output_dir={elsewhere}", "--set", f"factors_dir={out}"]
+    result = invoke("spectrum", DIGITS, *moved, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["groups"]
+    pair = f"{{a: {HELD_SPEC}, b: {NOISY_SPEC}}}"
+    result = invoke("dataset-similarity", DIGITS, *moved, "--set", f"similarity.datasets={pair}", "--json")
+    assert result.exit_code == 0, result.stderr
+    result = invoke("edit", DIGITS, *moved, "--out", tmp_path / "edited.safetensors", "--rho", "0.9", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert read_metadata(tmp_path / "edited.safetensors")["factors"] == str(out / FACTORS_FILE)
+    assert sorted(p.name for p in elsewhere.iterdir()) == [SIMILARITY_FILE, SPECTRUM_FILE]
 
 
 def test_cli_errors(tmp_path, digits):

@@ -30,7 +30,8 @@ def fit_factors_cmd(
     resume: ResumeOpt = False,
     json_: JsonOpt = False,
 ) -> None:
-    """Fit the curvature (EKFAC by default) on data.train and save it as OUTPUT_DIR/factors.safetensors.
+    """Fit the curvature (EKFAC by default) on data.train and save it as OUTPUT_DIR/factors.safetensors
+    (FACTORS_DIR/factors.safetensors when the config sets factors_dir).
 
     Streams the training set in two passes for ekfac (covariances A and G, then the eigenvalue
     correction; one pass for kfac and diagonal, none for identity), with progress bars on stderr,
