@@ -35,7 +35,7 @@ from influence_cli.models import definition_change
 from influence_cli.passes import NonFiniteWatch, accumulator_dtype, matmul_dtype, stream_gradients
 from influence_cli.progress import NullProgress, Progress, for_rank
 from influence_cli.resume import PassCheckpoint, Snapshot, check_rank_layout, run_key, run_keys
-from influence_cli.tracking import TrackedModule
+from influence_cli.tracking import TrackedModule, UntrackedModule, skipped_layers
 
 
 @dataclass
@@ -67,6 +67,7 @@ class FitReport:
     resumed_from: str | None = None
     members: list[FitReport] = field(default_factory=list)  # ensembles: the factors of scores.checkpoints
     member: int = 0  # which ensemble member this report is about (0 = model.checkpoint)
+    skipped: list[UntrackedModule] = field(default_factory=list)  # tracking.skipped_layers: layers the wildcards passed over
 
 
 def describe_layers(tracked: list[TrackedModule], strategy: str) -> list[LayerInfo]:
@@ -367,9 +368,12 @@ def _fit_member(
     # "the same" whatever the batch size and rank count were.
     settings = result | {"batch_size": cfg.data.batch_size, "world": ctx.state.world_size}
     layers_info = describe_layers(ctx.tracked, cfg.factors.strategy)
+    skipped = skipped_layers(ctx.model, ctx.tracked)
     if resume and not overwrite and path.exists():
         if storage.read_metadata(path).get("result_key") in run_keys(result):
-            return FitReport(path, cfg.factors.strategy, cfg.factors.fisher, n, layers_info, {}, "already complete", member=member.index)
+            return FitReport(
+                path, cfg.factors.strategy, cfg.factors.fisher, n, layers_info, {}, "already complete", member=member.index, skipped=skipped
+            )
     storage.check_can_write(path, overwrite, "factors")
     storage.ensure_writable_dir(out_dir, key=cfg.factors_key)
     rank_suffix = f".rank{ctx.state.rank}" if ctx.state.distributed else ""
@@ -404,7 +408,7 @@ def _fit_member(
         storage.save_tensors(path, tensors, meta)
     ctx.state.barrier()
     checkpoint.clear()
-    return FitReport(path, cfg.factors.strategy, cfg.factors.fisher, n, layers_info, seconds, resumed_from, member=member.index)
+    return FitReport(path, cfg.factors.strategy, cfg.factors.fisher, n, layers_info, seconds, resumed_from, member=member.index, skipped=skipped)
 
 
 def load_factors(path: Path) -> Factors:

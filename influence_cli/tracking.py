@@ -242,6 +242,25 @@ def untracked_modules(model: nn.Module, tracked: Sequence[TrackedModule], key: s
     return out
 
 
+def skipped_layers(model: nn.Module, tracked: Sequence[TrackedModule], key: str = "factors.modules") -> list[UntrackedModule]:
+    """The layers a user may expect in the scores that the patterns' wildcards passed over: Linear
+    and Conv2d layers that cannot be tracked (grouped convs, nn.MultiheadAttention's out_proj,
+    subclasses with their own forward) and convolutions of other dimensions; not those the
+    patterns leave out, nor norms, embeddings and other parameters (`influence inspect` lists those)."""
+    modules = dict(model.named_modules())
+    out = []
+    for u in untracked_modules(model, tracked, key):
+        module = modules.get("" if u.name == "(model)" else u.name)
+        if u.shared_with is not None or module is None:
+            continue
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            if not u.reason.startswith("not matched by"):
+                out.append(u)
+        elif isinstance(module, nn.modules.conv._ConvNd):
+            out.append(u)
+    return out
+
+
 def layer_activations(tm: TrackedModule, x: torch.Tensor) -> torch.Tensor:
     """The layer's input as activations [B, T, d_in] (bias column of ones appended)."""
     m = tm.module

@@ -186,6 +186,36 @@ def test_fit_factors_counts_inputs_and_units_that_are_always_zero(runner: CliRun
     assert "dead units" in " ".join(table.stderr.split())
 
 
+GROUPED_MODULE = """
+from torch import nn
+
+
+def make():
+    return nn.Sequential(nn.Flatten(), nn.Unflatten(1, (4, 4, 4)), nn.Conv2d(4, 4, 1, groups=2), nn.Flatten(), nn.Linear(64, 10))
+"""
+
+
+def test_fit_factors_names_the_layers_a_wildcard_could_not_track(runner: CliRunner, tmp_path: Path, monkeypatch):
+    """A grouped conv under factors.modules ["*"] is left out of the scores: the summary says so."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "grouped_model.py").write_text(GROUPED_MODULE)
+    torch.manual_seed(0)
+    from torch import nn
+
+    model = nn.Sequential(nn.Flatten(), nn.Unflatten(1, (4, 4, 4)), nn.Conv2d(4, 4, 1, groups=2), nn.Flatten(), nn.Linear(64, 10))
+    save_file(model.state_dict(), tmp_path / "grouped.safetensors")
+    sets = ["--set", "model.architecture=grouped_model:make", "--set", "model.kwargs={}", "--set", f"model.checkpoint={tmp_path / 'grouped.safetensors'}",
+            "--set", f"output_dir={tmp_path / 'out'}", "--set", "data.train.range=[0, 64]"]  # fmt: skip
+    result = invoke(runner, "fit-factors", DIGITS, *sets)
+    assert result.exit_code == 0, result.stderr
+    assert "not tracked: 2 (Conv2d: groups=2)" in result.stderr and "influence inspect" in result.stderr
+    result = invoke(runner, "fit-factors", DIGITS, *sets, "--overwrite", "--json")
+    assert json.loads(result.stdout)["skipped_layers"] == [{"name": "2", "kind": "Conv2d", "num_params": 12, "reason": "groups=2", "shared_with": None}]
+    result = invoke(runner, "fit-factors", DIGITS, *sets[:-2], "--set", f"output_dir={tmp_path / 'mlp'}", "--set", "model.architecture=mlp",
+                    "--set", "model.kwargs={input_dim: 64, hidden: [64, 32], num_classes: 10}", "--set", f"model.checkpoint={ROOT / 'sample_data' / 'mlp.safetensors'}")  # fmt: skip
+    assert result.exit_code == 0 and "not tracked" not in result.stderr
+
+
 def test_fit_factors_cnn_with_margin_and_ggn(runner: CliRunner, tmp_path: Path):
     result = invoke(runner, "fit-factors", DIGITS_CNN, "--set", f"output_dir={tmp_path}", "--set", "data.train.range=[0, 64]",
                     "--set", "data.batch_size=32", "--json")  # fmt: skip

@@ -19,7 +19,7 @@ from torch import nn
 from influence_cli.errors import ModelError
 from influence_cli.factors import LayerFactors
 from influence_cli.kernel import pairwise_scores, self_influence_scores
-from influence_cli.tracking import find_tracked_modules, untracked_modules
+from influence_cli.tracking import find_tracked_modules, skipped_layers, untracked_modules
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 
@@ -188,6 +188,19 @@ def test_unsupported_convs_are_skipped_by_wildcards_and_refused_by_name():
     ]
     with pytest.raises(ModelError, match=r"Conv2d '0' uses groups=2"):
         find_tracked_modules(model, ["0", "3"])
+
+
+def test_skipped_layers_are_the_layers_a_wildcard_passed_over():
+    """fit-factors names the layers a user would expect in the scores but the wildcards left out
+    (unsupported convs, convs of other dimensions); not norms, nor layers the patterns exclude."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv1d(1, 4, 1), nn.Unflatten(2, (1, 5)), nn.Conv2d(4, 4, 1, groups=2), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(20, 6), nn.Linear(6, 3)
+    )
+    everything = find_tracked_modules(model, ["*"])
+    assert [tm.name for tm in everything] == ["5", "6"]
+    assert [(u.name, u.kind, u.reason) for u in skipped_layers(model, everything)] == [("0", "Conv1d", "not an nn.Linear or nn.Conv2d"), ("2", "Conv2d", "groups=2")]
+    assert [u.name for u in skipped_layers(model, find_tracked_modules(model, ["6"]))] == ["0", "2"]  # '5' left out by the patterns
 
 
 def test_every_name_without_wildcards_must_be_a_tracked_layer():

@@ -62,6 +62,7 @@ def fit_factors_cmd(
                 "seconds": report.seconds,
                 "resumed_from": report.resumed_from,
                 "layers": [dataclasses.asdict(layer) for layer in report.layers],
+                "skipped_layers": [dataclasses.asdict(u) for u in report.skipped],
                 "members": [{"member": m.member, "path": str(m.path), "seconds": m.seconds, "resumed_from": m.resumed_from} for m in report.members],
             }
         )
@@ -95,6 +96,14 @@ def fit_factors_cmd(
             "always 0: inputs (columns of [W | b]) and outputs that were 0 on every example: blank pixels, "
             "zero padding, dead units; their curvature is exactly 0 and they are left out of the eigendecompositions"
         )
+    if report.skipped:  # layers a user may expect in the scores, grouped by why they are not
+        groups: dict[str, list[str]] = {}
+        for u in report.skipped:
+            groups.setdefault(f"{u.kind}: {u.reason}", []).append(u.name)
+        for why, names in groups.items():
+            shown = ", ".join(names[:3]) + (f", … ({len(names)} in all)" if len(names) > 3 else "")
+            err_console.print(f"not tracked: {shown} ({why})")
+        err_console.print("[dim]`influence inspect` lists every parameter the scores leave out[/]")
     for r in [report, *report.members]:
         timing = ", ".join(f"{k} {v:.2f}s" for k, v in r.seconds.items())
         size = Path(r.path).stat().st_size
