@@ -28,14 +28,14 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from influence_cli import storage
+from influence_cli import notices, storage
 from influence_cli.bands import check_order, direction_curvature, keep_mask, load_kronecker_factors, select_layers
 from influence_cli.config import EDIT_KEEP, Config
 from influence_cli.context import prepare
 from influence_cli.distributed import DistState
 from influence_cli.errors import ModelError, UsageError
 from influence_cli.factors import LayerFactors
-from influence_cli.models import model_fingerprint
+from influence_cli.models import model_fingerprint, tied_keys
 from influence_cli.tracking import TrackedModule
 
 
@@ -136,6 +136,7 @@ def edit_model(
         (state dict, one LayerEdit per layer).
     """
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    tied = tied_keys(model)
     edits = []
     for tm in layers:
         lf = factors[tm.name]
@@ -148,6 +149,11 @@ def edit_model(
         new_w, new_b = tm.split_matrix(new)
         for key, value in _layer_state(tm, new_w.to(weight.dtype), None if new_b is None else new_b.to(bias.dtype)).items():  # type: ignore[union-attr]
             state[key] = value
+            others = [k for k in tied.get(key, []) if k != key]
+            for other in others:  # one tensor under several names: every name holds the edited values
+                state[other] = value.clone()
+            if others:
+                notices.warn(f"edit: {key} is tied to {', '.join(others)}; the edited weight replaces it there too")
         total = float(c.clamp_min(0).sum())
         kept_mass = float(c.clamp_min(0)[mask.cpu()].sum()) / total if total > 0 else 0.0
         edits.append(LayerEdit(tm.name, (tm.d_out, tm.d_in), c.numel(), int((~mask).sum()), removed, kept_mass))

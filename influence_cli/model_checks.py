@@ -64,7 +64,8 @@ def check_model_output(out: object, batch_size: int) -> None:
     if not isinstance(out, torch.Tensor):
         raise ModelError(
             f"the model returned a {type(out).__name__}, not a tensor of outputs",
-            hint="return the logits (classification) or predictions (regression) alone, e.g. through a factory that wraps the model",
+            hint="return one tensor, the logits (classification, language modeling) or predictions (regression): e.g. a factory "
+            'returning a wrapper whose forward is `return self.model(x)["logits"]` (the saved network\'s checkpoint still loads)',
         )
     if out.dim() == 0 or out.shape[0] != batch_size:
         raise ModelError(

@@ -40,6 +40,7 @@ __all__ = [
     "load_model",
     "model_fingerprint",
     "read_state_dict",
+    "tied_keys",
 ]
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
@@ -414,16 +415,46 @@ def _listing(items: list[str], noun: str) -> str:
     return f"{len(items)} {plural} ({shown})"
 
 
-def _match_extra_prefix(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
-    """Strips one common leading component (e.g. Lightning's `model.`) when that makes the keys match exactly."""
-    if set(state) == expected or not state:
+def tied_keys(model: nn.Module) -> dict[str, list[str]]:
+    """Each state-dict key of a tensor that several keys share (tied weights) -> all of its keys."""
+    by_tensor: dict[int, list[str]] = {}
+    for k, v in model.state_dict(keep_vars=True).items():
+        by_tensor.setdefault(id(v), []).append(k)
+    return {k: keys for keys in by_tensor.values() if len(keys) > 1 for k in keys}
+
+
+def _with_tied(state: dict[str, torch.Tensor], tied: dict[str, list[str]]) -> dict[str, torch.Tensor]:
+    """`state` with every tied key it lacks filled from another key of the same tensor: files
+    written by safetensors' `save_model` keep one name per shared tensor."""
+    missing = [k for k in tied if k not in state]
+    if not missing:
+        return state
+    filled = dict(state)
+    for k in missing:
+        source = next((other for other in tied[k] if other in state), None)
+        if source is not None:
+            filled[k] = state[source]
+    return filled
+
+
+def _match_extra_prefix(state: dict[str, torch.Tensor], expected: set[str], tied: dict[str, list[str]]) -> dict[str, torch.Tensor]:
+    """Makes the keys match exactly by one common leading component: stripped from the checkpoint's
+    keys (e.g. Lightning's `model.`), or added to them when the model wraps the saved network
+    (a factory returning `Wrapper(model)` that picks the logits out of its output)."""
+    if set(_with_tied(state, tied)) == expected or not state:
         return state
     first = {k.split(".", 1)[0] for k in state}
     if len(first) == 1 and all("." in k for k in state):
         prefix = next(iter(first)) + "."
         stripped = {k[len(prefix) :]: v for k, v in state.items()}
-        if set(stripped) == expected:
+        if set(_with_tied(stripped, tied)) == expected:
             return stripped
+    own_first = {k.split(".", 1)[0] for k in expected}
+    if len(own_first) == 1 and all("." in k for k in expected):
+        prefix = next(iter(own_first)) + "."
+        added = {prefix + k: v for k, v in state.items()}
+        if set(_with_tied(added, tied)) == expected:
+            return added
     return state
 
 
@@ -443,8 +474,10 @@ def load_checkpoint(model: nn.Module, path: str | Path, key: str = "model.checkp
     if floating and all(v.dtype == torch.float64 for v in floating):
         model.double()  # a float64 checkpoint is not rounded to float32
     own = model.state_dict()
+    tied = tied_keys(model)
     # wrapper prefixes ("module.", ...) are removed unless the model's own keys carry them
-    state = raw if set(raw) == set(own) else _match_extra_prefix(_strip_prefixes(raw), set(own))
+    state = raw if set(raw) == set(own) else _match_extra_prefix(_strip_prefixes(raw), set(own), tied)
+    state = _with_tied(state, tied)
     if lazy_layers(model):  # lazy layers take their shapes from the checkpoint (torch's own load hook)
         lazy_keys = {k for k, v in own.items() if isinstance(v, nn.parameter.UninitializedTensorMixin)}
         model.load_state_dict({k: v for k, v in state.items() if k in lazy_keys}, strict=False)

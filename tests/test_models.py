@@ -365,6 +365,58 @@ def test_a_model_whose_own_keys_start_with_module_loads_its_checkpoint(tmp_path:
     load_checkpoint(_mlp(), ddp)  # a DDP checkpoint of a plain model still loads
 
 
+class PicksLogits(nn.Module):
+    """A factory's wrapper around a network that returns a dict: the saved network's keys gain `net.`."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x)["logits"]
+
+
+def test_a_wrapper_around_the_saved_network_loads_its_checkpoint(tmp_path: Path) -> None:
+    source = _mlp()
+    source.load_state_dict(_trained_like(source))
+    path = tmp_path / "inner.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    wrapped = PicksLogits(_mlp())
+    load_checkpoint(wrapped, path)
+    _assert_same_weights(source, wrapped.net)
+    with pytest.raises(ModelError, match="missing"):  # only one whole leading component is added
+        load_checkpoint(nn.Sequential(PicksLogits(_mlp())), path)
+
+
+class TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.mix, self.head = nn.Embedding(7, 4), nn.Linear(4, 4), nn.Linear(4, 7, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.mix(self.embed(tokens))))
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_tied_weights_saved_once_load_into_every_name(tmp_path: Path, wrapped: bool) -> None:
+    """safetensors' save_model keeps one name per shared tensor (save_file refuses tied weights)."""
+    from safetensors.torch import save_model
+
+    torch.manual_seed(0)
+    source = TiedLM()
+    path = tmp_path / "tied.safetensors"
+    save_model(source, str(path))
+    with safe_open(str(path), "pt") as fh:
+        assert len(list(fh.keys())) == len(source.state_dict()) - 1
+    torch.manual_seed(1)
+    model = PicksLogits(TiedLM()) if wrapped else TiedLM()
+    load_checkpoint(model, path)
+    target = model.net if wrapped else model
+    _assert_same_weights(source, target)
+    assert target.head.weight is target.embed.weight  # still tied
+
+
 def test_a_float64_checkpoint_stays_float64(tmp_path: Path) -> None:
     """Weights that differ by 1e-12 are different models: a float64 checkpoint is not rounded to float32."""
     weights = {k: v.double() for k, v in _mlp().state_dict().items()}

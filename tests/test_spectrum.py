@@ -241,6 +241,32 @@ def test_edit_model_changes_only_the_chosen_layers():
     assert e.curvature_share_kept >= 0.6 and 0 < e.weight_share_removed < 1
 
 
+class TiedHead(torch.nn.Module):
+    """Token embeddings tied to the output head (the head is tracked, the embedding is not)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.mix, self.head = torch.nn.Embedding(6, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 6, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.mix(self.embed(tokens))))
+
+
+def test_edit_of_a_tied_weight_writes_it_under_every_name(caplog):
+    """Both names of a tied weight hold the edited values (a checkpoint loads them in either order), with a warning."""
+    model = TiedHead().double()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 6, (12,), generator=g), torch.randint(0, 6, (12,), generator=g)
+    tracked, factors = fit(model, x, y, strategy="kfac", fisher="empirical")
+    head = next(tm for tm in tracked if tm.name == "head")
+    state, _ = edit_model(model, [head], factors, keep="share", share=0.5, order="kfac")
+    assert not torch.equal(state["head.weight"], model.head.weight) and torch.equal(state["embed.weight"], state["head.weight"])
+    assert state["embed.weight"].data_ptr() != state["head.weight"].data_ptr()  # safetensors refuses shared memory
+    assert "edit: head.weight is tied to embed.weight; the edited weight replaces it there too" in caplog.text
+
+
 def test_edit_writes_a_parametrized_weight_through_its_parametrization():
     """weight_norm keeps the weight as original0/original1: the edited effective weight is set through
     right_inverse, so the state dict loads strictly and the model's weight is the projection."""
