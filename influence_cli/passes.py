@@ -190,11 +190,11 @@ def stream_gradients(
             out_f = out.to(acc_dtype) if out.is_floating_point() else out
             _check_outputs(out_f, y_cpu, idx_cpu, task_kind, dataset_name)
             if mode == "fisher":
-                vectors = task_lib.fisher_output_vectors(out_f, y, idx, task_kind, fisher, seed)
+                vectors = task_lib.fisher_output_vectors(out_f, y, idx, task_kind, fisher, seed, mask)
             elif mode in ("loss", "loss+fisher"):
                 vectors = task_lib.loss_output_gradient(out_f, y, task_kind)[None]
                 if mode == "loss+fisher" and fisher != "empirical":
-                    extra = task_lib.fisher_output_vectors(out_f, y, idx, task_kind, fisher, seed)
+                    extra = task_lib.fisher_output_vectors(out_f, y, idx, task_kind, fisher, seed, mask)
                     vectors = torch.cat([vectors, extra.to(vectors.dtype)])
             else:
                 vectors = task_lib.loss_output_gradient(out_f, y, task_kind, measurement)[None]
@@ -210,6 +210,8 @@ def stream_gradients(
                 grads.append({name: v.to(out_dtype) for name, v in g.items()})
         check = host_mask is not None and not padding_checked and bool((~host_mask).any())  # on the host: no device sync
         padding_checked = padding_checked or check
+        if check:  # the check reads the gradients at padded positions: a NaN there is a NaN, not a use of padding
+            _check_finite(out_f, grads, idx, start_batch + offset, dataset_name)
         positions = {} if mask is None else mask_padding(tracked, mask, acts, grads, check=check)
         if check:  # and through the untracked layers too
             with autocast_context(device, amp):
@@ -218,6 +220,19 @@ def stream_gradients(
         x = out = out_f = vectors = cap = g = extra = mask = host_mask = None  # a suspended stream (one per ensemble member) holds only the batch
         yield batch
     _warn_lossless(lossless, dataset_name)
+
+
+def _check_finite(outputs: torch.Tensor, gradients: list[dict[str, torch.Tensor]], idx: torch.Tensor, batch: int, dataset_name: str) -> None:
+    """NumericalError naming the examples of the batch whose outputs or gradients are not finite (one host sync)."""
+    n = len(idx)
+    tensors = [outputs] + [g for grads in gradients for g in grads.values()]
+    ok = torch.stack([torch.isfinite(t.reshape(n, -1)).all(1) for t in tensors]).all(0)
+    if not bool(ok.all()):
+        raise NumericalError(
+            f"{dataset_name}: non-finite outputs or gradients in batch {batch} (examples with global indices {index_span(idx[~ok].tolist())})",
+            hint="check those examples and the checkpoint for NaN/Inf; attention that masks every key of a sequence that is "
+            "all padding gives NaN",
+        )
 
 
 def _warn_lossless(indices: list[int], dataset_name: str) -> None:

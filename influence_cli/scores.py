@@ -435,10 +435,14 @@ class _Scorer:
 
 
 def _zero_gradient_indices(batch: BatchGradients) -> list[int]:
-    """Global indices of the batch's examples whose gradient is exactly 0 in every tracked layer (one host sync)."""
+    """Global indices of the batch's examples whose gradient is exactly 0 in every tracked layer (one host sync);
+    not language-model examples without a counted position (labels all -100), which the pass warned about."""
     if not batch.gradients or not batch.gradients[0]:
         return []
     zero = torch.stack([g.flatten(1).abs().amax(1) == 0 for g in batch.gradients[0].values()]).all(0)
+    y = batch.targets
+    if not y.is_floating_point() and y.dim() > 1:
+        zero &= ~(y == IGNORE_INDEX).flatten(1).all(1).to(zero.device)
     return batch.global_indices[zero.to(batch.global_indices.device)].tolist()
 
 

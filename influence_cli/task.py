@@ -64,25 +64,33 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def counter_uniform(seed: int, global_indices: torch.Tensor, width: int, stream: int = 0) -> torch.Tensor:
+def counter_uniform(
+    seed: int, global_indices: torch.Tensor, width: int, stream: int = 0, columns: torch.Tensor | None = None
+) -> torch.Tensor:
     """Uniform(0, 1) numbers that depend only on (seed, stream, example index, column).
 
     Counter-based, so sampled labels do not depend on batch size, data order,
     the number of ranks or where a resumed pass restarts.
 
+    Args:
+        columns: [B, width] int64 column numbers per example instead of 0..width-1 (a padded
+            sequence's positions counted from its first real one).
+
     Returns:
         [B, width] float64 in (0, 1).
     """
     idx = global_indices.to(torch.int64)
-    cols = torch.arange(width, device=idx.device, dtype=torch.int64)
+    cols = torch.arange(width, device=idx.device, dtype=torch.int64)[None, :] if columns is None else columns.to(torch.int64)
     h = _hash32(torch.full_like(idx, (seed * 0x9E3779B1 + stream * 0x85EBCA77) & _MASK32))
     h = _hash32(h ^ (idx & _MASK32))
     h = _hash32(h ^ (idx >> 32))
-    h = _hash32(h[:, None] ^ (cols[None, :] * 0x27D4EB2F & _MASK32))
+    h = _hash32(h[:, None] ^ (cols * 0x27D4EB2F & _MASK32))
     return (h.to(torch.float64) + 0.5) / 2.0**32
 
 
-def sample_targets(outputs: torch.Tensor, targets: torch.Tensor, global_indices: torch.Tensor, kind: str, seed: int) -> torch.Tensor:
+def sample_targets(
+    outputs: torch.Tensor, targets: torch.Tensor, global_indices: torch.Tensor, kind: str, seed: int, real: torch.Tensor | None = None
+) -> torch.Tensor:
     """Targets drawn from the model's own predictive distribution (the true Fisher).
 
     Classification: y ~ Categorical(softmax(outputs)) by the Gumbel-max trick.
@@ -90,10 +98,13 @@ def sample_targets(outputs: torch.Tensor, targets: torch.Tensor, global_indices:
     loss (f − y)² up to a constant. Language modeling: one token per position,
     y_t ~ Categorical(softmax(outputs_t)) by inversion of the cumulative distribution (one
     uniform number per position, not per vocabulary entry); positions whose real label is
-    IGNORE_INDEX keep it.
+    IGNORE_INDEX keep it. Position t of a padded sequence (`real`) draws the number of its rank
+    among the sequence's real positions, so padding on either side, of any length, draws the
+    same tokens as the sequence alone.
 
     Args:
         targets: The real targets; only language modeling reads them (which positions count).
+        real: [B, T] bool, True at real (not padding) positions, or None (no padding).
 
     Returns:
         [B] class indices, targets shaped like `outputs`, or [B, T] token ids.
@@ -105,7 +116,10 @@ def sample_targets(outputs: torch.Tensor, targets: torch.Tensor, global_indices:
         return (outputs.double() + gumbel).argmax(dim=1)
     if kind == "language_modeling":
         b, t, v = outputs.shape
-        u = counter_uniform(seed, global_indices, t)  # [B, T]
+        ranks = None
+        if real is not None and tuple(real.shape) == (b, t):  # the rank of each position among the real ones
+            ranks = (real.to(torch.int64).cumsum(1) - 1).clamp_(min=0)
+        u = counter_uniform(seed, global_indices, t, columns=ranks)  # [B, T]
         drawn = torch.empty(b, t, dtype=torch.int64, device=outputs.device)
         step = max(1, _CHUNK // max(1, b * v))  # positions per chunk: float64 copies of [B, step, V] only
         for s in range(0, t, step):
@@ -185,12 +199,14 @@ def fisher_output_vectors(
     kind: str,
     fisher: str,
     seed: int,
+    real: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The vectors back-propagated to form the Fisher's gradients.
 
     `empirical`: the loss gradient at the real targets. `sampled`: the loss gradient
-    at targets sampled from the model. `ggn`: the square root of the output Hessian,
-    so that Σ_k (Jᵀ s_k)(Jᵀ s_k)ᵀ is the exact Gauss-Newton matrix.
+    at targets sampled from the model (`real`: the padding mask, see sample_targets).
+    `ggn`: the square root of the output Hessian, so that Σ_k (Jᵀ s_k)(Jᵀ s_k)ᵀ is the
+    exact Gauss-Newton matrix.
 
     Returns:
         [K, B, ...] (K = 1 except for `ggn`).
@@ -198,5 +214,5 @@ def fisher_output_vectors(
     if fisher == "ggn":
         return ggn_output_factors(outputs, kind)
     if fisher == "sampled":
-        targets = sample_targets(outputs, targets, global_indices, kind, seed)
+        targets = sample_targets(outputs, targets, global_indices, kind, seed, real)
     return loss_output_gradient(outputs, targets, kind)[None]

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from influence_cli import task as task_lib
 from influence_cli.cli import app
 from influence_cli.config import config_from_dict
-from influence_cli.errors import ConfigError, DataError, ModelError
+from influence_cli.errors import ConfigError, DataError, ModelError, NumericalError
 from influence_cli.factors import LayerFactors
 from influence_cli.fit import PassPlan, compute_factors
 from influence_cli.kernel import pairwise_scores, self_influence_scores
@@ -193,6 +193,70 @@ def test_padded_batches_give_the_numbers_of_each_sequence_alone(fisher):
     got_self = self_influence_scores(model, tracked, masked, batches_of(tokens, labels, 4)(0), task_kind=LM, padding_value=PAD)
     want_self = pairwise_scores(model, tracked, masked, _singletons(alone)(0), _singletons(alone)(0), task_kind=LM).diagonal()
     torch.testing.assert_close(got_self, want_self, rtol=1e-9, atol=1e-12)
+
+
+class MaskedLM(TinyLM):
+    """TinyLM whose prefix means skip padding, so padding on either side leaves every real position's output as it is."""
+
+    def forward(self, tokens):
+        real = (tokens != PAD).unsqueeze(-1).to(self.mix.weight.dtype)
+        e = self.embed(tokens) * real
+        return self.head(torch.tanh(self.mix(e.cumsum(dim=1) / real.cumsum(dim=1).clamp_min(1))))
+
+
+def _left_padded(tokens, labels):
+    """The same sequences with their padding moved to the start."""
+    lengths = (tokens != PAD).sum(1)
+    shift = tokens.shape[1] - lengths
+    cols = (torch.arange(tokens.shape[1])[None, :] - shift[:, None]) % tokens.shape[1]
+    return tokens.gather(1, cols), labels.gather(1, cols)
+
+
+def test_sampled_tokens_are_drawn_by_rank_among_the_real_positions():
+    """Right padding draws what the sequence alone draws (as it always did); left padding too."""
+    tokens, labels, alone = lm_sequences(n=6)
+    g = torch.Generator().manual_seed(5)
+    out = torch.randn(6, tokens.shape[1], VOCAB, generator=g, dtype=torch.float64)
+    idx = torch.arange(6)
+    right = task_lib.sample_targets(out, labels, idx, LM, 0, real=tokens != PAD)
+    assert torch.equal(right, task_lib.sample_targets(out, labels, idx, LM, 0))  # unchanged for right padding
+    left_tokens, left_labels = _left_padded(tokens, labels)
+    shift = (tokens == PAD).sum(1)
+    cols = (torch.arange(tokens.shape[1])[None, :] - shift[:, None]) % tokens.shape[1]
+    left = task_lib.sample_targets(out.gather(1, cols[..., None].expand_as(out)), left_labels, idx, LM, 0, real=left_tokens != PAD)
+    assert torch.equal(left, right.gather(1, cols))
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "sampled"])
+def test_left_padding_gives_the_factors_of_each_sequence_alone(fisher):
+    torch.manual_seed(0)
+    model = MaskedLM().double()
+    tracked = find_tracked_modules(model, ["*"])
+    tokens, labels, alone = lm_sequences()
+    left_tokens, left_labels = _left_padded(tokens, labels)
+    assert (left_tokens[:, -1] != PAD).all() and (left_tokens == PAD).any()
+    n = len(alone)
+    left = compute_factors(model, tracked, "ekfac", PassPlan(batches_of(left_tokens, left_labels, 4), 3, n, LM, fisher, 0, padding_value=PAD))
+    single = compute_factors(model, tracked, "ekfac", PassPlan(_singletons(alone), n, n, LM, fisher, 0))
+    for name in ("mix", "head"):
+        for key in ("a_covariance", "g_covariance", "eigenvalues"):
+            torch.testing.assert_close(getattr(left[name], key), getattr(single[name], key), rtol=1e-10, atol=1e-12)
+
+
+def test_nan_from_a_sequence_of_padding_alone_names_the_example():
+    """A NaN in the first padded batch is named as one (with the example), not as a model that reads padding."""
+
+    class DividesByZero(MaskedLM):
+        def forward(self, tokens):
+            real = (tokens != PAD).unsqueeze(-1).to(self.mix.weight.dtype)
+            return self.head(torch.tanh(self.mix((self.embed(tokens) * real).cumsum(dim=1) / real.cumsum(dim=1))))
+
+    model = DividesByZero().double()
+    tracked = find_tracked_modules(model, ["*"])
+    tokens, labels, _ = lm_sequences(n=8)
+    tokens[2], labels[2] = PAD, IGNORE
+    with pytest.raises(NumericalError, match=r"data.train: non-finite outputs or gradients in batch 0 \(examples with global indices 2\)"):
+        compute_factors(model, tracked, "ekfac", PassPlan(batches_of(tokens, labels, 4), 2, 8, LM, "empirical", 0, padding_value=PAD))
 
 
 # ----------------------------------------------------------------------------- refusals
@@ -441,7 +505,7 @@ def test_token_data_that_looks_padded_without_a_padding_value_is_warned_once(lm_
 
 def test_language_model_examples_without_a_counted_position_are_warned(tmp_path, monkeypatch):
     tokens, labels, _ = lm_sequences(n=24)
-    labels[[3, 7]] = IGNORE
+    labels[[3, 7, 21]] = IGNORE  # two training examples and a query
     config = sequence_project(tmp_path, monkeypatch, "tinylm_lossless", LM_MODULE, tokens, labels, "lm.safetensors", task={"kind": LM})
     runner = CliRunner(env={"COLUMNS": "200", "INFLUENCE_DEBUG": None, "RANK": None, "WORLD_SIZE": None})
     for command in (["fit-factors", config], ["compute-scores", config]):
@@ -450,3 +514,5 @@ def test_language_model_examples_without_a_counted_position_are_warned(tmp_path,
         text = " ".join(result.stderr.split())
         assert text.count("warning: data.train: 2 example(s) have no position with a loss (labels all -100; global indices 3, 7)") == 1, text
         assert "their gradients, and so their scores, are 0" in text
+    assert "warning: data.query: 1 example(s) have no position with a loss (labels all -100; global indices 21)" in text
+    assert "gradient of the query loss is exactly 0" not in text  # said once, by the warning above
