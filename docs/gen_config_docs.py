@@ -210,9 +210,13 @@ data:
 ```
 
 The feed-forward Linears of every block and the head are tracked; `nn.MultiheadAttention`'s
-`out_proj` is left out (the attention applies its weight without calling it; `inspect` lists it).
+`out_proj` is left out (the attention applies its weight without calling it; `inspect` lists it),
+and so are its input projections (one packed weight applied inside it). To attribute through
+the attention too, write it with `nn.Linear` projections, as `docs/examples/causal_lm.py` does.
 
 A language model (`task.kind: language_modeling`) returns logits `[batch, positions, vocabulary]`
+(`docs/examples/causal_lm.py` writes a complete example: model factory, data, checkpoint and
+config)
 and its labels are `[N, positions]` token ids aligned with those outputs: for next-token
 prediction, label t is the id at position t + 1, and -100 marks the positions without a loss
 (the last one, padding, a prompt you do not want attributed). An example's loss is the
@@ -220,7 +224,9 @@ cross-entropy summed over its counted positions, the negative log-likelihood of 
 so a score says how a training sequence changes the whole query sequence's log-likelihood. The
 sampled Fisher draws one token per counted position from the model; `ggn` (positions ×
 vocabulary backward passes) and `margin` are refused. With a causal model and right padding,
-`data.padding_value` masks the padded positions exactly:
+`data.padding_value` masks the padded positions exactly; left padding too, when the model masks
+the padding (attention key mask, positions counted from the first real token), since each
+sampled token is drawn by its position's rank among the sequence's real positions:
 
 ```python
 # lm_data.py: make a tensors file of padded ids and next-token labels
@@ -234,8 +240,12 @@ torch.save({"inputs": ids, "labels": labels}, "lm.pt")
 ```
 
 Save the trained model's weights with `safetensors.torch.save_file(model.state_dict(), "lm.safetensors")`
-(or `torch.save(model.state_dict(), "lm.pt")`); `my_lm.py` beside the config defines `make()`,
-which builds the same architecture.
+(or `torch.save(model.state_dict(), "lm.pt")`); with an output head tied to the embeddings,
+`safetensors.torch.save_model(model, "lm.safetensors")` (save_file refuses shared tensors;
+save_model keeps one name per shared tensor, and the loader fills in the other). `my_lm.py`
+beside the config defines `make()`, which builds the same architecture. A model that returns a
+dict (`{"logits": ...}`) is wrapped by the factory in a module whose forward returns
+`self.model(x)["logits"]`; the checkpoint saved from the inner network loads into the wrapper.
 
 ```yaml
 model: {architecture: "my_lm:make", checkpoint: lm.safetensors}   # returns logits [B, L, V]
