@@ -37,14 +37,14 @@ demo: $(STAMP) ## Fit EKFAC factors, score, rank and compare datasets on the bun
 	$(BIN)/influence dataset-similarity $(DEMO) --overwrite --heatmap runs/digits/similarity.png
 
 test: $(STAMP) ## Run the test suite (includes the real-MNIST smoke run and 2-process distributed tests)
-	$(BIN)/ruff check influence_cli tests benchmarks sample_data
+	$(BIN)/ruff check influence_cli tests benchmarks sample_data docs
 	$(PY) -m pytest -q
 
 test-all: $(STAMP) ## Run every test, including any marked slow (nightly; none are today: the whole suite fits CI)
 	$(PY) -m pytest -q -m ''
 
 lint: $(STAMP) ## ruff
-	$(BIN)/ruff check influence_cli tests benchmarks sample_data
+	$(BIN)/ruff check influence_cli tests benchmarks sample_data docs
 
 mnist-model: $(STAMP) ## Train the MNIST MLP of configs/mnist.yaml and mnist_similarity.yaml (runs/mnist/model.safetensors)
 	$(PY) benchmarks/train_mnist.py --out runs/mnist/model.safetensors

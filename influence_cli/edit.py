@@ -86,7 +86,7 @@ class EditReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "path": str(self.path),
+            "path": str(Path(self.path).resolve()),
             "source": self.source,
             "keep": self.keep,
             "rho": self.rho if self.keep == "mass" else None,
@@ -245,6 +245,12 @@ def edit_checkpoint(
     source = cfg.resolve(cfg.model.checkpoint)
     if source is not None and out.resolve() == source.resolve():
         raise UsageError(f"--out: {str(out)!r} is the model's own checkpoint", hint="write the edited weights to a new file")
+    made = storage.file_format(out)
+    if storage.is_output_name(out.name) or (made.startswith("influence_cli.") and made != storage.EDITED_CHECKPOINT_FORMAT):
+        raise UsageError(
+            f"--out: {str(out)!r} is the name of an output of the other commands" + (f" (it holds {made})" if made else ""),
+            hint="write the edited weights to a file of their own, e.g. edited.safetensors",
+        )
     ctx = prepare(cfg, state)
     reading = cfg.factors_path.is_dir() and ctx.state.is_main  # the factors are not refitted while they are read
     lock = storage.output_dir_lock(cfg.factors_path, "factors", shared=True, key=cfg.factors_key)

@@ -8,6 +8,7 @@ rule); structured values are stored as JSON.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import functools
 import json
 import os
@@ -124,6 +125,8 @@ def check_image_path(path: Path, key: str) -> str:
     from PIL import Image
 
     path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{key}: {str(path)!r} is a folder", hint="give a file name ending in .png")
     Image.init()
     fmt = Image.registered_extensions().get(path.suffix.lower())
     if fmt is None or fmt not in Image.SAVE:
@@ -360,13 +363,42 @@ def save_json(path: Path, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
 
 
-def read_metadata(path: Path, hint: str = "rerun with --overwrite") -> dict[str, str]:
-    """The raw (string) metadata of a safetensors file."""
+_REMAKE = (  # (file name pattern, the command that writes it again)
+    ("factors.*", "refit with `influence fit-factors CONFIG --overwrite`"),
+    ("scores.*", "rerun `influence compute-scores CONFIG --overwrite`"),
+    ("self_influence.*", "rerun `influence compute-scores CONFIG --self --overwrite`"),
+    ("similarity.*", "rerun `influence dataset-similarity CONFIG --overwrite`"),
+    ("spectrum.*", "rerun `influence spectrum CONFIG --overwrite`"),
+)
+
+
+def remake_hint(path: Path) -> str:
+    """How to write an unreadable output again: the command that wrote it, by the file's name."""
+    name = Path(path).name
+    return next((hint for pattern, hint in _REMAKE if fnmatch.fnmatch(name, pattern)), "write it again (--overwrite)")
+
+
+def is_output_name(name: str) -> bool:
+    """A file name that the commands write into output_dir (factors, scores and shards, progress, reports)."""
+    return any(fnmatch.fnmatch(name, pattern) for pattern, _ in _REMAKE) or fnmatch.fnmatch(name, LOCK_FILE.format(what="*"))
+
+
+def file_format(path: Path) -> str:
+    """The `format` metadata of an existing safetensors file ("" when absent or unreadable)."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return (fh.metadata() or {}).get(FORMAT_KEY, "")
+    except Exception:  # not a file, or not safetensors
+        return ""
+
+
+def read_metadata(path: Path, hint: str | None = None) -> dict[str, str]:
+    """The raw (string) metadata of a safetensors file (OutputError naming the command that writes it again)."""
     try:
         with safe_open(str(path), framework="pt") as fh:
             return dict(fh.metadata() or {})
     except Exception as exc:  # safetensors raises several types for corrupt files
-        raise OutputError(f"{str(path)!r} is not a readable safetensors file ({exc})", hint=hint) from None
+        raise OutputError(f"{str(path)!r} is not a readable safetensors file ({exc})", hint=hint or remake_hint(path)) from None
 
 
 def load_tensors(path: Path, expected_format: str | None = None, keys: list[str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -387,7 +419,7 @@ def load_tensors(path: Path, expected_format: str | None = None, keys: list[str]
     except OutputError:
         raise
     except Exception as exc:
-        raise OutputError(f"{str(path)!r} is not a readable safetensors file ({exc})", hint="rerun with --overwrite") from None
+        raise OutputError(f"{str(path)!r} is not a readable safetensors file ({exc})", hint=remake_hint(path)) from None
     return tensors, meta
 
 

@@ -7,6 +7,7 @@ go to stdout and everything else to stderr.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -167,6 +168,12 @@ def test_fit_factors_json_and_overwrite(runner: CliRunner, tmp_path: Path):
     # the overwrite really replaced the file
     info = json.loads(invoke(runner, "info", out / FACTORS, "--json").stdout)
     assert info["metadata"]["strategy"] == "kfac" and info["metadata"]["num_examples"] == 300
+
+
+def test_identity_says_there_is_nothing_to_fit(runner: CliRunner, tmp_path: Path):
+    result = invoke(runner, "fit-factors", DIGITS, "--set", f"output_dir={tmp_path}", "--set", "factors.strategy=identity")
+    assert result.exit_code == 0, result.stderr
+    assert "identity: no curvature to fit" in result.stdout and "Fisher" not in result.stdout
 
 
 def test_fit_factors_counts_inputs_and_units_that_are_always_zero(runner: CliRunner, tmp_path: Path):
@@ -384,7 +391,7 @@ def test_inspect_table(runner: CliRunner):
     for layer in ("fc1", "fc2", "head"):
         assert layer in text
     assert "4,160" in text  # fc1 parameters: 64 x (64 + 1)
-    assert "3 layers" in result.stderr and "3 layers" not in text
+    assert "3 layers, factors 83.3 KiB in float32; 6,570 of 6,570 parameters tracked" in text  # part of the answer: stdout
 
 
 def test_inspect_json(runner: CliRunner):
@@ -394,6 +401,9 @@ def test_inspect_json(runner: CliRunner):
     assert data["strategy"] == "diagonal"
     assert data["layers"] and all(layer["name"].startswith("conv") for layer in data["layers"])
     assert all(layer["kind"] == "conv2d" and layer["a_size"] == 0 for layer in data["layers"])
+    weights = sum(layer["d_in"] * layer["d_out"] for layer in data["layers"])
+    assert data["tracked_parameters"] == weights < data["parameters"]  # the linear layers are left out
+    assert data["factor_bytes"] == 4 * sum(layer["g_size"] + layer["eigenvalue_size"] for layer in data["layers"])
 
 
 def test_inspect_bad_pattern(runner: CliRunner):
@@ -440,6 +450,22 @@ def test_info_on_a_file_that_is_not_an_output(runner: CliRunner, tmp_path: Path,
     if name == "config.yaml":
         path.write_text(DIGITS.read_text())
     assert_clean_error(invoke(runner, "info", path), EXIT["output"], name)
+
+
+def test_unreadable_outputs_name_the_command_that_writes_them_again(runner: CliRunner, fitted: tuple[Path, Result], tmp_path: Path):
+    """A truncated factors or scores file: the hint names the command that writes it again, not a flag of this one."""
+    out, _ = fitted
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / FACTORS).write_bytes((out / FACTORS).read_bytes()[:3000])
+    sets = ["--set", f"output_dir={broken}"]
+    for command in (["compute-scores", DIGITS, "--overwrite"], ["spectrum", DIGITS]):
+        result = invoke(runner, *command, *sets)
+        assert_clean_error(result, EXIT["output"], "is not a readable safetensors file")
+        assert "hint: refit with `influence fit-factors CONFIG --overwrite`" in result.stderr
+    (broken / "scores.safetensors").write_bytes(b"\x08" + bytes(20))
+    result = invoke(runner, "top-k", DIGITS, *sets)
+    assert "hint: rerun `influence compute-scores CONFIG --overwrite`" in result.stderr, result.stderr
 
 
 # ----------------------------------------------------------------------------- the console script
@@ -516,6 +542,40 @@ def test_tables_survive_odd_terminals(tmp_path: Path, monkeypatch):
     assert render._columns() == 10_000  # ignored: stdout is still not a terminal
     monkeypatch.setenv("COLUMNS", "57")
     assert render._columns() == 57
+
+
+def test_numbers_stay_whole_in_a_narrow_terminal(tmp_path: Path, monkeypatch):
+    """Text cells fold; a number never does (a folded "+3599 / 3" reads as another number) and is never
+    cut: a table that cannot fit is drawn wider than the terminal, which wraps its lines."""
+    from influence_cli.cli import render
+
+    table = render.new_table("scores", [("kind", "left"), ("train index", "right"), ("influence", "right")])
+    for row in (("proponent", "1495", "+35993"), ("opponent", "77", "-0.00012345")):
+        table.add_row(*row)
+    for width in (24, 30, 40, 120):
+        monkeypatch.setenv("COLUMNS", str(width))
+        out = io.StringIO()
+        monkeypatch.setattr("sys.stdout", out)
+        render.print_table(table)
+        text = out.getvalue()
+        for number in ("1495", "+35993", "-0.00012345"):
+            assert any(number in line for line in text.splitlines()), (width, text)
+        assert all(line.endswith(("│", "┃", "┓", "┩", "┘", "┛", "┤")) or not line.strip() or "scores" in line for line in text.splitlines()), text
+
+
+def test_a_closed_stdout_exits_141_like_a_shell_pipe(runner: CliRunner, tmp_path: Path):
+    """`influence top-k ... | head -1`: the reader goes away, the command stops quietly with 128 + SIGPIPE."""
+    sets = ["--set", f"output_dir={tmp_path}", "--set", "data.train.range=[0, 400]"]
+    for command in ("fit-factors", "compute-scores"):
+        assert invoke(runner, command, DIGITS, *sets).exit_code == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120"}
+    proc = subprocess.Popen([sys.executable, "-m", "influence_cli", "top-k", str(DIGITS), *sets, "--k", "200"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)  # fmt: skip
+    assert proc.stdout is not None and proc.stdout.readline()
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141, err.decode()
+    assert b"Traceback" not in err and b"Exception ignored" not in err
 
 
 def test_the_cli_starts_without_importing_torch():

@@ -203,7 +203,7 @@ def test_picture_paths_are_checked_before_any_work(runner, project, tmp_path):
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "a_folder.png").mkdir()
     cases = [(tmp_path / "a_file" / "grid.png", "cannot create"), (tmp_path / "a_folder.png", "is a folder"), (tmp_path / "grid.txt", "unknown image format"),
-             (tmp_path / "grid.psd", "Pillow cannot write")]  # fmt: skip
+             (tmp_path / "grid.psd", "Pillow cannot write"), (tmp_path, "is a folder")]  # fmt: skip
     for path, needle in cases:
         result = invoke(runner, "top-k", project, "--query", "0", "--image-grid", path)
         assert result.exit_code == 5 and "--image-grid" in result.stderr and needle in result.stderr, result.stderr
@@ -229,7 +229,9 @@ def test_self_influence_and_image_grids(runner, project, tmp_path):
     assert "self-influence" in result.stdout
     result = invoke(runner, "top-k", project, "--self", "--k", "4", "--json", "--image-grid", tmp_path / "self.png")
     assert result.exit_code == 0, result.stderr
-    ranked = json.loads(result.stdout)["self_influence"]
+    data = json.loads(result.stdout)
+    ranked = data["self_influence"]
+    assert data["strategy"] == "ekfac"  # as pairwise top-k says
     assert [e["rank"] for e in ranked] == [1, 2, 3, 4]
     assert [e["score"] for e in ranked] == sorted((e["score"] for e in ranked), reverse=True)
     assert Image.open(tmp_path / "self.png").size[0] > 4 * 84

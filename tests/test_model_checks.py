@@ -218,6 +218,23 @@ def test_outputs_near_zero_are_not_mistaken_for_mixing():
     fit(model, x, torch.randn(64, 1, dtype=torch.float32), kind="regression", batch_size=64)
 
 
+@pytest.mark.parametrize("reused", [False, True])
+def test_subnormal_loss_gradients_of_confident_predictions_are_no_evidence_of_a_reused_weight(reused):
+    """Examples predicted with probability 1 in float32 have loss gradients ~1e-44 (subnormal): the
+    weight check scales them by a power of 2 first, so a plain model passes and a reused weight is still caught."""
+    model = (ReusedWeight() if reused else nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3))).float()
+    head = model.head if reused else model[2]
+    with torch.no_grad():
+        head.bias.copy_(torch.tensor([100.0, 0.0, 0.0]))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 4, generator=g), torch.zeros(8, dtype=torch.int64)
+    if reused:
+        with pytest.raises(ModelError, match="layer 'fc1': the gradient of its weight is not"):
+            fit(model, x, y, batch_size=8)
+    else:
+        fit(model, x, y, batch_size=8)
+
+
 @pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
 def test_an_old_style_weight_norm_elsewhere_leaves_the_other_layers_checked():
     """torch.nn.utils.weight_norm (a forward pre-hook) replaces the weight by a plain tensor: that

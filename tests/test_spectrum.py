@@ -396,6 +396,7 @@ def test_cli_edit_and_the_edited_checkpoint_runs_everywhere(tmp_path, digits):
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["keep"] == "mass" and data["rho"] == 0.6 and [layer["name"] for layer in data["layers"]] == ["fc1", "fc2", "head"]
+    assert data["path"] == str(edited.resolve())  # absolute, as every command's JSON paths
     for layer in data["layers"]:
         assert layer["curvature_share_kept"] >= 0.6 and 0 < layer["removed"] < layer["directions"]
     # the edited checkpoint loads with the same config; every other weight is unchanged
@@ -447,6 +448,13 @@ def test_cli_errors(tmp_path, digits):
     assert_error(invoke("spectrum", DIGITS, *sets, "--plot", tmp_path / "a_folder.png"), 5, "--plot", "is a folder")
     assert_error(invoke("edit", DIGITS, *sets, "--out", tmp_path / "e.pt"), 2, "--out", ".safetensors")
     assert_error(invoke("edit", DIGITS, *sets, "--out", ROOT / "sample_data" / "mlp.safetensors", "--overwrite"), 2, "own checkpoint")
+    factors = (out / FACTORS_FILE).read_bytes()
+    for name in (FACTORS_FILE, SPECTRUM_FILE, "scores.shard-00001.safetensors"):  # the other commands' outputs, never replaced
+        assert_error(invoke("edit", DIGITS, *sets, "--out", out / name, "--overwrite"), 2, "--out", "an output of the other commands")
+    assert (out / FACTORS_FILE).read_bytes() == factors
+    renamed = tmp_path / "renamed.safetensors"
+    renamed.write_bytes(factors)
+    assert_error(invoke("edit", DIGITS, *sets, "--out", renamed, "--overwrite"), 2, "(it holds influence_cli.factors/1)")
     taken = tmp_path / "taken.safetensors"
     taken.write_bytes(b"x")
     assert_error(invoke("edit", DIGITS, *sets, "--out", taken), 5, "already holds")

@@ -17,7 +17,7 @@ from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 
 from influence_cli import __version__
-from influence_cli.cli.render import WarningPrinter, err_console, tolerate_narrow_encodings
+from influence_cli.cli.render import EXIT_BROKEN_PIPE, WarningPrinter, err_console, stdout_closed, tolerate_narrow_encodings
 from influence_cli.errors import InfluenceError, out_of_memory
 
 EXIT_INTERRUPTED = 130
@@ -67,6 +67,7 @@ SetOpt = Annotated[
     typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override a config key: --set factors.strategy=kfac (repeatable; values are YAML)."),
 ]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", metavar="", help="Replace outputs of a finished run (and leftover progress).")]
+ReportOverwriteOpt = Annotated[bool, typer.Option("--overwrite", metavar="", help="Replace the result of a finished run.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", metavar="", help="Continue an interrupted run from its last saved progress.")]
 JsonOpt = Annotated[bool, typer.Option("--json", metavar="", help="Print the result as JSON on stdout (nothing else goes to stdout).")]
 
@@ -145,6 +146,9 @@ def command(name: str, resumable: bool = False, **kwargs: Any) -> Callable[[Call
                 if memory is None:
                     raise
                 raise typer.Exit(report_error(memory)) from None
+            except BrokenPipeError:  # stdout's reader went away (`| head`): what it read stands
+                stdout_closed()
+                raise typer.Exit(EXIT_BROKEN_PIPE) from None
             except KeyboardInterrupt as exc:
                 if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets the signal; say it once
                     what = "terminated" if isinstance(exc, Terminated) else "interrupted"

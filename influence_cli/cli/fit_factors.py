@@ -6,7 +6,16 @@ import dataclasses
 from pathlib import Path
 
 from influence_cli.cli.app import ConfigArg, JsonOpt, OverwriteOpt, ResumeOpt, SetOpt, command, load
-from influence_cli.cli.render import RichProgress, err_console, human_bytes, layer_label, new_table, print_json, print_table
+from influence_cli.cli.render import (
+    RichProgress,
+    err_console,
+    human_bytes,
+    layer_label,
+    new_table,
+    out_console,
+    print_json,
+    print_table,
+)
 from influence_cli.errors import UsageError
 
 FIT_EPILOG = """\
@@ -76,8 +85,11 @@ def fit_factors_cmd(
         err_console.print(f"resumed from {report.resumed_from}")
     zeros = any(layer.zero_inputs or layer.zero_outputs for layer in report.layers)
     columns = [("layer", "left"), ("kind", "left"), ("weight", "left"), ("A", "right"), ("G", "right"), ("Λ", "right")]
+    title = f"{report.strategy} factors ({report.fisher} Fisher) on {report.num_examples:,} examples"
+    if report.strategy == "identity":
+        title = "identity: no curvature to fit (scores are plain gradient dot products)"
     table = new_table(
-        f"{report.strategy} factors ({report.fisher} Fisher) on {report.num_examples:,} examples",
+        title,
         columns + ([("always 0: in / out", "right")] if zeros else []),
     )
     for layer in report.layers:
@@ -132,11 +144,17 @@ def inspect_cmd(config: ConfigArg, set_: SetOpt = None, json_: JsonOpt = False) 
     ctx = prepare(cfg)
     rows = describe_layers(ctx.tracked, cfg.factors.strategy)
     untracked = untracked_modules(ctx.model, ctx.tracked)
+    factor_floats = sum(r.a_size + r.g_size + r.eigenvalue_size for r in rows)
+    tracked_params = sum(r.d_in * r.d_out for r in rows)
+    left_out = sum(u.num_params for u in untracked if u.shared_with is None)
     if json_:
         print_json({
             "strategy": cfg.factors.strategy,
             "layers": [dataclasses.asdict(r) for r in rows],
             "untracked": [dataclasses.asdict(u) for u in untracked],
+            "factor_bytes": 4 * factor_floats,
+            "tracked_parameters": tracked_params,
+            "parameters": tracked_params + left_out,
         })  # fmt: skip
         return
     table = new_table(
@@ -162,9 +180,7 @@ def inspect_cmd(config: ConfigArg, set_: SetOpt = None, json_: JsonOpt = False) 
             names = ", ".join(u.name for u in members[:3]) + (f", … ({len(members)} in all)" if len(members) > 3 else "")
             table.add_row(kind, names, f"{sum(u.num_params for u in members):,}", reason)
         print_table(table)
-    tracked_params = sum(r.d_in * r.d_out for r in rows)
-    left_out = sum(u.num_params for u in untracked if u.shared_with is None)
-    err_console.print(
+    out_console().print(
         f"{len(rows)} layers, factors {human_bytes(4 * total)} in float32; "
         f"{tracked_params:,} of {tracked_params + left_out:,} parameters tracked"
     )

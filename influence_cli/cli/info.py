@@ -51,7 +51,7 @@ def info_cmd(
             shapes = {k: list(fh.get_slice(k).get_shape()) for k in fh.keys()}
         decoded = {k: storage.meta_json(meta, k) for k in meta}
     if json_:
-        print_json({"path": str(path), "metadata": decoded, "tensors": shapes})
+        print_json({"path": str(path.resolve()), "metadata": decoded, "tensors": shapes})
         return
     config = decoded.pop("config", None)
     table = new_table(str(path), [("field", "left"), ("value", "left")])

@@ -12,6 +12,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -26,7 +27,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-err_console = Console(stderr=True, highlight=False)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)  # messages are lines, whatever reads them (a log file, a pipe)
 
 
 def _columns() -> int | None:
@@ -40,9 +41,27 @@ def _columns() -> int | None:
     return None if isatty is not None and isatty() else 10_000
 
 
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a command whose reader went away (`| head`)
+
+
+def stdout_closed() -> None:
+    """The reader of stdout went away: later writes (and the final flush) go to /dev/null instead of failing."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):  # not a file descriptor (a test runner's buffer)
+        pass
+
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:  # rich's own exits with 1, which is not one of the documented codes
+        stdout_closed()
+        raise SystemExit(EXIT_BROKEN_PIPE)
+
+
 def out_console() -> Console:
     """A console on the current stdout (created per call so test runners can capture it)."""
-    return Console(file=sys.stdout, highlight=False, soft_wrap=False, width=_columns())
+    return _Console(file=sys.stdout, highlight=False, soft_wrap=False, width=_columns())
 
 
 def tolerate_narrow_encodings() -> None:
@@ -88,13 +107,34 @@ def _finite(data: Any) -> Any:
 
 
 def print_table(table: Table) -> None:
-    out_console().print(table)
+    for column in table.columns:  # numbers stay whole on one line in a narrow terminal: a folded "+3599 / 3" reads as another number
+        if column.justify == "right":
+            column.min_width = max((_cell_width(cell) for cell in column.cells), default=None)
+    console = out_console()
+    for _ in range(8):  # drawn wider than the terminal (which wraps the lines) rather than cropped
+        needed = _drawn_width(console, table)
+        if needed <= console.width:
+            break
+        console = _Console(file=sys.stdout, highlight=False, soft_wrap=False, width=needed)
+    console.print(table)
+
+
+def _drawn_width(console: Console, table: Table) -> int:
+    """The width rich draws `table` at on `console`; more than console.width when it cannot fit (rich would crop it)."""
+    try:  # rich's own layout (private API, stable since rich 10)
+        return sum(table._calculate_column_widths(console, console.options)) + table._extra_width
+    except (AttributeError, TypeError):  # pragma: no cover - another rich: its measured minimum
+        return Measurement.get(console, console.options.update(max_width=10_000), table).minimum
+
+
+def _cell_width(cell: Any) -> int:
+    return cell.cell_len if isinstance(cell, Text) else Text.from_markup(cell).cell_len if isinstance(cell, str) else 0
 
 
 def new_table(title: str, columns: list[tuple[str, str]]) -> Table:
     """A table with (header, justify) columns."""
     table = Table(title=title, title_justify="left", header_style="bold")
-    for header, justify in columns:  # in a narrow terminal, cells fold onto more lines instead of losing digits to "…"
+    for header, justify in columns:  # in a narrow terminal, cells fold onto more lines instead of losing characters to "…"
         table.add_column(header, justify=justify, overflow="fold")  # type: ignore[arg-type]
     return table
 

@@ -199,7 +199,10 @@ def top_k_cmd(
                 | ({"train_file": files[0](r.train_position)} if files else {})
                 for r in ranked
             ]  # fmt: skip
-            print_json({"output_dir": str(out_dir), "k": k, "self_influence": rows} | ({"image_grid": str(grid_path)} if grid_path else {}))
+            print_json(
+                {"output_dir": str(out_dir), "strategy": self_influence.metadata.get("strategy"), "k": k, "self_influence": rows}
+                | ({"image_grid": str(grid_path)} if grid_path else {})
+            )
             return
         shown = "input" if inputs else "label"
         table = new_table(f"most self-influential training examples (top {k})", [("rank", "right"), ("train index", "right")]

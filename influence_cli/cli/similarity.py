@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from influence_cli.cli.app import ConfigArg, JsonOpt, OverwriteOpt, SetOpt, command, load
+from influence_cli.cli.app import ConfigArg, JsonOpt, ReportOverwriteOpt, SetOpt, command, load
 from influence_cli.cli.render import RichProgress, err_console, new_table, print_json, print_table
 
 SIMILARITY_EPILOG = """\
@@ -67,7 +67,7 @@ def dataset_similarity_cmd(
         Path | None, typer.Option("--heatmap", help="Also write the headline matrix as a labelled PNG heatmap here.")
     ] = None,
     set_: SetOpt = None,
-    overwrite: OverwriteOpt = False,
+    overwrite: ReportOverwriteOpt = False,
     json_: JsonOpt = False,
 ) -> None:
     """Compare the datasets of similarity.datasets through the model's Fisher, using the factors of fit-factors.

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from influence_cli.cli.app import ConfigArg, JsonOpt, OverwriteOpt, SetOpt, command, load
+from influence_cli.cli.app import ConfigArg, JsonOpt, ReportOverwriteOpt, SetOpt, command, load
 from influence_cli.cli.render import RichProgress, err_console, label_text, layer_label, out_console, print_json, print_table
 from influence_cli.cli.render import new_table as _new_table
 
@@ -67,7 +67,7 @@ def spectrum_cmd(
     top: Annotated[int, typer.Option("--top", min=0, metavar="N", help="List each dataset's N most memorization-like examples (largest bottom-band share).")] = 0,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG of the energy per curvature percentile, one line per dataset.")] = None,
     set_: SetOpt = None,
-    overwrite: OverwriteOpt = False,
+    overwrite: ReportOverwriteOpt = False,
     json_: JsonOpt = False,
 ) -> None:
     """Measure where in the curvature spectrum each dataset's examples act (memorization), using the factors of fit-factors.
@@ -159,7 +159,7 @@ def edit_cmd(
     layers: EditLayersOpt = None,
     order: OrderOpt = None,
     set_: SetOpt = None,
-    overwrite: OverwriteOpt = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", metavar="", help="Replace an existing --out file.")] = False,
     json_: JsonOpt = False,
 ) -> None:
     """Write a checkpoint whose chosen layers keep only their high-curvature components (suppresses memorization).
