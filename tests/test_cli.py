@@ -563,6 +563,19 @@ def test_numbers_stay_whole_in_a_narrow_terminal(tmp_path: Path, monkeypatch):
         assert all(line.endswith(("│", "┃", "┓", "┩", "┘", "┛", "┤")) or not line.strip() or "scores" in line for line in text.splitlines()), text
 
 
+def test_a_long_title_is_one_line_on_a_pipe(monkeypatch):
+    from influence_cli.cli import render
+
+    title = "identity: no curvature to fit (scores are plain gradient dot products)"
+    table = render.new_table(title, [("layer", "left"), ("A", "right")])
+    table.add_row("fc1", "-")
+    monkeypatch.delenv("COLUMNS", raising=False)
+    out = io.StringIO()
+    monkeypatch.setattr("sys.stdout", out)  # a pipe: tables at their natural width, titles whole
+    render.print_table(table)
+    assert out.getvalue().splitlines()[0] == title
+
+
 def test_a_closed_stdout_exits_141_like_a_shell_pipe(runner: CliRunner, tmp_path: Path):
     """`influence top-k ... | head -1`: the reader goes away, the command stops quietly with 128 + SIGPIPE."""
     sets = ["--set", f"output_dir={tmp_path}", "--set", "data.train.range=[0, 400]"]

@@ -116,6 +116,9 @@ def print_table(table: Table) -> None:
         if needed <= console.width:
             break
         console = _Console(file=sys.stdout, highlight=False, soft_wrap=False, width=needed)
+    title, table.title = table.title, None  # a line of its own, not wrapped to the table's width (a pipe reads it whole)
+    if title:
+        console.print(title, style="table.title", soft_wrap=True)
     console.print(table)
 
 
