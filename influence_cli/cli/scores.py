@@ -201,7 +201,7 @@ def top_k_cmd(
             ]  # fmt: skip
             print_json(
                 {"output_dir": str(out_dir), "strategy": self_influence.metadata.get("strategy"), "k": k, "self_influence": rows}
-                | ({"image_grid": str(grid_path)} if grid_path else {})
+                | ({"image_grid": str(Path(grid_path).resolve())} if grid_path else {})
             )
             return
         shown = "input" if inputs else "label"
@@ -249,7 +249,7 @@ def top_k_cmd(
                 "k": k,
                 "queries": queries,
             }
-            | ({"image_grid": str(grid_path)} if grid_path else {})
+            | ({"image_grid": str(Path(grid_path).resolve())} if grid_path else {})
         )
         return
     variant = "relative influence" if meta.relative else "influence"

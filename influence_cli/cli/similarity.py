@@ -101,7 +101,7 @@ def dataset_similarity_cmd(
     if json_:
         data = report.to_dict()
         if heatmap is not None:
-            data["heatmap"] = str(heatmap)
+            data["heatmap"] = str(Path(heatmap).resolve())
         print_json(data)
         return
     sizes = [f"{n:,}" for n in report.sizes]

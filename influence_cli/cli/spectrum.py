@@ -99,7 +99,7 @@ def spectrum_cmd(
     if json_:
         data = report.to_dict(top)
         if plot is not None:
-            data["plot"] = str(plot)
+            data["plot"] = str(Path(plot).resolve())
         print_json(data)
         return
     names = report.band_names()

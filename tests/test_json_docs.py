@@ -1,0 +1,69 @@
+"""docs/JSON.md lists exactly the top-level keys each command prints with --json."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from influence_cli.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "configs" / "digits.yaml"
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def documented() -> dict[str, tuple[set[str], set[str]]]:
+    """{command: (keys always printed, optional keys)} from the tables of docs/JSON.md."""
+    out: dict[str, tuple[set[str], set[str]]] = {}
+    command = None
+    for line in (ROOT / "docs" / "JSON.md").read_text(encoding="utf-8").splitlines():
+        heading = re.match(r"## `influence ([a-z-]+)`", line)
+        if heading:
+            command = heading.group(1)
+            out[command] = (set(), set())
+            continue
+        row = re.match(r"\| `([a-z_0-9]+)` \| (.*) \|$", line)
+        if command and row:
+            out[command][1 if "*optional*" in row.group(2) or "(not with `--self`)" in row.group(2) else 0].add(row.group(1))
+    return out
+
+
+def test_every_command_prints_the_documented_keys(tmp_path):
+    docs = documented()
+    runner = CliRunner(env={"COLUMNS": "120", "INFLUENCE_DEBUG": None, "RANK": None, "WORLD_SIZE": None})
+    sets = ["--set", f"output_dir={tmp_path}", "--set", "data.train.range=[0, 200]"]
+    runs = {
+        "fit-factors": ["fit-factors", DIGITS, *sets],
+        "inspect": ["inspect", DIGITS, *sets],
+        "compute-scores": ["compute-scores", DIGITS, *sets],
+        "top-k": ["top-k", DIGITS, *sets, "--query", "0", "--k", "2", "--image-grid", tmp_path / "grid.png"],
+        "dataset-similarity": ["dataset-similarity", DIGITS, *sets, "--heatmap", tmp_path / "heat.png"],
+        "spectrum": ["spectrum", DIGITS, *sets, "--top", "2", "--plot", tmp_path / "spectrum.png"],
+        "edit": ["edit", DIGITS, *sets, "--out", tmp_path / "edited.safetensors"],
+        "info": ["info", tmp_path / "factors.safetensors"],
+    }
+    assert set(runs) == set(docs) == {c.name for c in app.registered_commands}
+    printed = {}
+    for name, args in runs.items():
+        result = runner.invoke(app, [str(a) for a in args] + ["--json"])
+        assert result.exit_code == 0, (name, result.stderr)
+        printed[name] = json.loads(result.stdout)
+    result = runner.invoke(app, ["compute-scores", str(DIGITS), *sets, "--self", "--json"])
+    assert set(json.loads(result.stdout)) == set(printed["compute-scores"])  # --self prints the same keys
+    result = runner.invoke(app, ["top-k", str(DIGITS), *sets, "--self", "--k", "2", "--json"])
+    self_top = json.loads(result.stdout)
+    for name, data in [*printed.items(), ("top-k", self_top)]:
+        always, optional = docs[name]
+        keys = set(data)
+        if name == "top-k":  # pairwise queries or self-influence
+            always = always - {"queries", "self_influence"}
+            keys = keys - {"queries", "self_influence"}
+        assert always <= keys <= always | optional, (name, sorted(keys - always - optional), sorted(always - keys))
+    assert "queries" in printed["top-k"] and "self_influence" in self_top
+    for name, key in (("top-k", "image_grid"), ("dataset-similarity", "heatmap"), ("spectrum", "plot"), ("edit", "path"), ("info", "path")):
+        assert Path(printed[name][key]).is_absolute(), (name, key)
