@@ -269,7 +269,7 @@ def edit_checkpoint(
     if ctx.state.is_main:
         storage.save_tensors(
             out,
-            state_dict,
+            _one_name_per_tensor(state_dict, tied_keys(ctx.model)),
             {
                 storage.FORMAT_KEY: storage.EDITED_CHECKPOINT_FORMAT,
                 **ctx.provenance(),
@@ -290,6 +290,13 @@ def edit_checkpoint(
         out, str(source) if source is not None else "", keep, rho, share, order, edits, ctx.model_fingerprint, fingerprint,
         {"total": time.perf_counter() - t0},
     )  # fmt: skip
+
+
+def _one_name_per_tensor(state: dict[str, torch.Tensor], tied: dict[str, list[str]]) -> dict[str, torch.Tensor]:
+    """`state` with each tied tensor under one name, the one safetensors' `save_model` keeps (the
+    first in sorted order), so `safetensors.torch.load_model` and this tool's loader both read it."""
+    dropped = {k for keys in tied.values() for k in sorted(keys)[1:]}
+    return {k: v for k, v in state.items() if k not in dropped}
 
 
 def _fingerprint(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> str:

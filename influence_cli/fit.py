@@ -368,7 +368,7 @@ def _fit_member(
     # "the same" whatever the batch size and rank count were.
     settings = result | {"batch_size": cfg.data.batch_size, "world": ctx.state.world_size}
     layers_info = describe_layers(ctx.tracked, cfg.factors.strategy)
-    skipped = skipped_layers(ctx.model, ctx.tracked)
+    skipped = skipped_layers(ctx.model, ctx.tracked, cfg.factors.modules)
     if resume and not overwrite and path.exists():
         if storage.read_metadata(path).get("result_key") in run_keys(result):
             return FitReport(

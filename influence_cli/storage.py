@@ -363,8 +363,9 @@ def save_json(path: Path, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
 
 
-_REMAKE = (  # (file name pattern, the command that writes it again)
+_REMAKE = (  # (file name pattern, the command that writes it again), the first match wins
     ("factors.*", "refit with `influence fit-factors CONFIG --overwrite`"),
+    ("scores.partial*.self.*", "rerun `influence compute-scores CONFIG --self --overwrite`"),  # --self's progress
     ("scores.*", "rerun `influence compute-scores CONFIG --overwrite`"),
     ("self_influence.*", "rerun `influence compute-scores CONFIG --self --overwrite`"),
     ("similarity.*", "rerun `influence dataset-similarity CONFIG --overwrite`"),

@@ -242,21 +242,19 @@ def untracked_modules(model: nn.Module, tracked: Sequence[TrackedModule], key: s
     return out
 
 
-def skipped_layers(model: nn.Module, tracked: Sequence[TrackedModule], key: str = "factors.modules") -> list[UntrackedModule]:
-    """The layers a user may expect in the scores that the patterns' wildcards passed over: Linear
-    and Conv2d layers that cannot be tracked (grouped convs, nn.MultiheadAttention's out_proj,
-    subclasses with their own forward) and convolutions of other dimensions; not those the
-    patterns leave out, nor norms, embeddings and other parameters (`influence inspect` lists those)."""
+def skipped_layers(model: nn.Module, tracked: Sequence[TrackedModule], patterns: Sequence[str]) -> list[UntrackedModule]:
+    """The layers a user may expect in the scores that a wildcard of `patterns` matched and passed
+    over: Linear and Conv2d layers that cannot be tracked (grouped convs, nn.MultiheadAttention's
+    out_proj, subclasses with their own forward) and convolutions of other dimensions; not layers
+    no pattern matches, nor norms, embeddings and other parameters (`influence inspect` lists those)."""
+    wildcards = [p for p in patterns if not _is_name(p)]
     modules = dict(model.named_modules())
     out = []
-    for u in untracked_modules(model, tracked, key):
+    for u in untracked_modules(model, tracked):
         module = modules.get("" if u.name == "(model)" else u.name)
-        if u.shared_with is not None or module is None:
+        if u.shared_with is not None or module is None or not any(fnmatch.fnmatchcase(u.name, p) for p in wildcards):
             continue
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            if not u.reason.startswith("not matched by"):
-                out.append(u)
-        elif isinstance(module, nn.modules.conv._ConvNd):
+        if isinstance(module, (nn.Linear, nn.Conv2d)) or isinstance(module, nn.modules.conv._ConvNd):
             out.append(u)
     return out
 

@@ -406,6 +406,32 @@ def test_inspect_json(runner: CliRunner):
     assert data["factor_bytes"] == 4 * sum(layer["g_size"] + layer["eigenvalue_size"] for layer in data["layers"])
 
 
+NORMED_MODULE = """
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
+
+
+def make():
+    torch.manual_seed(0)
+    return nn.Sequential(weight_norm(nn.Linear(64, 32)), nn.ReLU(), nn.Linear(32, 10))
+"""
+
+
+def test_inspect_counts_a_parametrized_weight_once(runner: CliRunner, tmp_path: Path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "normed_model.py").write_text(NORMED_MODULE)
+    import normed_model
+
+    save_file(normed_model.make().state_dict(), tmp_path / "normed.safetensors")
+    sets = ["--set", "model.architecture=normed_model:make", "--set", "model.kwargs={}", "--set", f"model.checkpoint={tmp_path / 'normed.safetensors'}"]
+    result = invoke(runner, "inspect", DIGITS, *sets, "--json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["parameters"] == sum(p.numel() for p in normed_model.make().parameters()) == 2442
+    assert data["tracked_parameters"] == 64 * 32 + 32 + 32 * 10 + 10  # the effective weights and biases
+
+
 def test_inspect_bad_pattern(runner: CliRunner):
     result = invoke(runner, "inspect", DIGITS, "--set", "factors.modules=[nothing*]")
     assert_clean_error(result, EXIT["model"], "factors.modules", "nothing*")
@@ -589,6 +615,11 @@ def test_a_closed_stdout_exits_141_like_a_shell_pipe(runner: CliRunner, tmp_path
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 141, err.decode()
     assert b"Traceback" not in err and b"Exception ignored" not in err
+    proc = subprocess.Popen([sys.executable, "-m", "influence_cli", "compute-scores", str(DIGITS), *sets, "--overwrite"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**env, "COLUMNS": "60"})  # fmt: skip
+    assert proc.stderr is not None
+    proc.stderr.close()  # stderr's reader gone (`2>&1 | head -1`): the same exit
+    assert proc.wait(timeout=120) == 141
 
 
 def test_the_cli_starts_without_importing_torch():

@@ -267,6 +267,58 @@ def test_edit_of_a_tied_weight_writes_it_under_every_name(caplog):
     assert "edit: head.weight is tied to embed.weight; the edited weight replaces it there too" in caplog.text
 
 
+TIED_MODULE = """
+import torch
+from torch import nn
+
+
+class TiedHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.mix, self.head = nn.Embedding(6, 4), nn.Linear(4, 4), nn.Linear(4, 6, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.mix(self.embed(tokens[:, 0]))))
+
+
+def make():
+    torch.manual_seed(0)
+    return TiedHead()
+"""
+
+
+def test_an_edited_tied_checkpoint_loads_with_safetensors_load_model(tmp_path, monkeypatch):
+    """A tied model saved with save_model, fitted and edited through the CLI: the edited file keeps
+    one name per tied tensor, as save_model does, so load_model and the tool both read it."""
+    from safetensors.torch import load_model, save_model
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "tied_model.py").write_text(TIED_MODULE)
+    import tied_model
+
+    save_model(tied_model.make(), str(tmp_path / "tied.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    torch.save({"inputs": torch.randint(0, 6, (40, 1), generator=g), "labels": torch.randint(0, 6, (40,), generator=g)}, tmp_path / "ids.pt")
+    config = {
+        "model": {"architecture": "tied_model:make", "checkpoint": "tied.safetensors"},
+        "data": {"train": {"source": "tensors", "path": "ids.pt"}, "batch_size": 8},
+        "factors": {"fisher": "empirical"},
+        "output_dir": "out",
+        "device": "cpu",
+    }
+    (tmp_path / "config.yaml").write_text(json.dumps(config))
+    assert invoke("fit-factors", tmp_path / "config.yaml").exit_code == 0
+    result = invoke("edit", tmp_path / "config.yaml", "--out", tmp_path / "edited.safetensors", "--keep-share", "0.5", "--layers", "head")
+    assert result.exit_code == 0, result.stderr
+    assert "edit: head.weight is tied to embed.weight" in result.stderr
+    edited = tied_model.make()
+    load_model(edited, str(tmp_path / "edited.safetensors"))
+    assert edited.head.weight is edited.embed.weight and not torch.equal(edited.head.weight, tied_model.make().head.weight)
+    again = invoke("inspect", tmp_path / "config.yaml", "--set", f"model.checkpoint={tmp_path / 'edited.safetensors'}")
+    assert again.exit_code == 0, again.stderr
+
+
 def test_edit_writes_a_parametrized_weight_through_its_parametrization():
     """weight_norm keeps the weight as original0/original1: the edited effective weight is set through
     right_inverse, so the state dict loads strictly and the model's weight is the projection."""

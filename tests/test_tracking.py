@@ -199,8 +199,9 @@ def test_skipped_layers_are_the_layers_a_wildcard_passed_over():
     )
     everything = find_tracked_modules(model, ["*"])
     assert [tm.name for tm in everything] == ["5", "6"]
-    assert [(u.name, u.kind, u.reason) for u in skipped_layers(model, everything)] == [("0", "Conv1d", "not an nn.Linear or nn.Conv2d"), ("2", "Conv2d", "groups=2")]
-    assert [u.name for u in skipped_layers(model, find_tracked_modules(model, ["6"]))] == ["0", "2"]  # '5' left out by the patterns
+    assert [(u.name, u.kind, u.reason) for u in skipped_layers(model, everything, ["*"])] == [("0", "Conv1d", "not an nn.Linear or nn.Conv2d"), ("2", "Conv2d", "groups=2")]
+    assert skipped_layers(model, find_tracked_modules(model, ["6"]), ["6"]) == []  # a name: the layers no pattern matches are the user's choice
+    assert [u.name for u in skipped_layers(model, find_tracked_modules(model, ["[2-6]"]), ["[2-6]"])] == ["2"]
 
 
 def test_every_name_without_wildcards_must_be_a_tracked_layer():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from rich.markup import escape
+
 from influence_cli.cli.app import ConfigArg, JsonOpt, OverwriteOpt, ResumeOpt, SetOpt, command, load
 from influence_cli.cli.render import (
     RichProgress,
@@ -77,10 +79,10 @@ def fit_factors_cmd(
         )
         return
     if all(r.resumed_from == "already complete" for r in [report, *report.members]):
-        err_console.print(f"{report.path} is already complete for these settings; nothing to do (--overwrite refits)")
+        err_console.print(f"{escape(str(report.path))} is already complete for these settings; nothing to do (--overwrite refits)")
         return
     if report.resumed_from == "already complete":
-        err_console.print(f"{report.path} is already complete for these settings")
+        err_console.print(f"{escape(str(report.path))} is already complete for these settings")
     elif report.resumed_from:
         err_console.print(f"resumed from {report.resumed_from}")
     zeros = any(layer.zero_inputs or layer.zero_outputs for layer in report.layers)
@@ -114,14 +116,14 @@ def fit_factors_cmd(
             groups.setdefault(f"{u.kind}: {u.reason}", []).append(u.name)
         for why, names in groups.items():
             shown = ", ".join(names[:3]) + (f", … ({len(names)} in all)" if len(names) > 3 else "")
-            err_console.print(f"not tracked: {shown} ({why})")
+            err_console.print(f"not tracked: {escape(shown)} ({escape(why)})")
         err_console.print("[dim]`influence inspect` lists every parameter the scores leave out[/]")
     for r in [report, *report.members]:
         timing = ", ".join(f"{k} {v:.2f}s" for k, v in r.seconds.items())
         size = Path(r.path).stat().st_size
         which = f"ensemble member {r.member}: " if report.members else ""
         done = " (already complete)" if r.member and r.resumed_from == "already complete" else ""
-        err_console.print(f"[green]saved[/] {which}{r.path} ({human_bytes(size)}){done}{'; ' + timing if timing else ''}")
+        err_console.print(f"[green]saved[/] {which}{escape(str(r.path))} ({human_bytes(size)}){done}{'; ' + timing if timing else ''}")
 
 
 INSPECT_EPILOG = """\
@@ -146,7 +148,7 @@ def inspect_cmd(config: ConfigArg, set_: SetOpt = None, json_: JsonOpt = False) 
     untracked = untracked_modules(ctx.model, ctx.tracked)
     factor_floats = sum(r.a_size + r.g_size + r.eigenvalue_size for r in rows)
     tracked_params = sum(r.d_in * r.d_out for r in rows)
-    left_out = sum(u.num_params for u in untracked if u.shared_with is None)
+    parameters = sum(p.numel() for p in ctx.model.parameters())  # each once (tied or parametrized weights too)
     if json_:
         print_json({
             "strategy": cfg.factors.strategy,
@@ -154,7 +156,7 @@ def inspect_cmd(config: ConfigArg, set_: SetOpt = None, json_: JsonOpt = False) 
             "untracked": [dataclasses.asdict(u) for u in untracked],
             "factor_bytes": 4 * factor_floats,
             "tracked_parameters": tracked_params,
-            "parameters": tracked_params + left_out,
+            "parameters": parameters,
         })  # fmt: skip
         return
     table = new_table(
@@ -182,5 +184,5 @@ def inspect_cmd(config: ConfigArg, set_: SetOpt = None, json_: JsonOpt = False) 
         print_table(table)
     out_console().print(
         f"{len(rows)} layers, factors {human_bytes(4 * total)} in float32; "
-        f"{tracked_params:,} of {tracked_params + left_out:,} parameters tracked"
+        f"{tracked_params:,} of {parameters:,} parameters tracked"
     )

@@ -27,8 +27,6 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)  # messages are lines, whatever reads them (a log file, a pipe)
-
 
 def _columns() -> int | None:
     """The width results are drawn at: $COLUMNS when it is a number; unbounded for a file or pipe (rich
@@ -44,24 +42,28 @@ def _columns() -> int | None:
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a command whose reader went away (`| head`)
 
 
-def stdout_closed() -> None:
-    """The reader of stdout went away: later writes (and the final flush) go to /dev/null instead of failing."""
+def stdout_closed(stream: Any = None) -> None:
+    """The reader of stdout (or `stream`) went away: later writes (and the final flush) go to
+    /dev/null instead of failing."""
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        os.dup2(devnull, (stream or sys.stdout).fileno())
     except (OSError, ValueError, io.UnsupportedOperation):  # not a file descriptor (a test runner's buffer)
         pass
 
 
 class _Console(Console):
     def on_broken_pipe(self) -> None:  # rich's own exits with 1, which is not one of the documented codes
-        stdout_closed()
+        stdout_closed(self.file)
         raise SystemExit(EXIT_BROKEN_PIPE)
+
+
+err_console = _Console(stderr=True, highlight=False, soft_wrap=True)  # messages are lines, whatever reads them (a log file, a pipe)
 
 
 def out_console() -> Console:
     """A console on the current stdout (created per call so test runners can capture it)."""
-    return _Console(file=sys.stdout, highlight=False, soft_wrap=False, width=_columns())
+    return _Console(file=sys.stdout, highlight=False, markup=False, soft_wrap=False, width=_columns())  # results are literal: a class named "[cat]" stays
 
 
 def tolerate_narrow_encodings() -> None:
@@ -115,7 +117,7 @@ def print_table(table: Table) -> None:
         needed = _drawn_width(console, table)
         if needed <= console.width:
             break
-        console = _Console(file=sys.stdout, highlight=False, soft_wrap=False, width=needed)
+        console = _Console(file=sys.stdout, highlight=False, markup=False, soft_wrap=False, width=needed)
     title, table.title = table.title, None  # a line of its own, not wrapped to the table's width (a pipe reads it whole)
     if title:
         console.print(title, style="table.title", soft_wrap=True)

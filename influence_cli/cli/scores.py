@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.markup import escape
+from rich.text import Text
 
 from influence_cli.cli.app import ConfigArg, JsonOpt, OverwriteOpt, ResumeOpt, SetOpt, command, load
 from influence_cli.cli.render import (
@@ -101,7 +102,7 @@ def compute_scores_cmd(
         print_json(data)
         return
     if report.resumed_from == "already complete":
-        err_console.print(f"{report.paths[0]} is already complete for these settings; nothing to do (--overwrite recomputes)")
+        err_console.print(f"{escape(str(report.paths[0]))} is already complete for these settings; nothing to do (--overwrite recomputes)")
         return
     if report.resumed_from:
         err_console.print(f"resumed from {report.resumed_from}")
@@ -124,7 +125,7 @@ def compute_scores_cmd(
     where = str(report.paths[0]) + (f" + {report.num_shards} shards" if report.sharded else "")
     timing = ", ".join(f"{k} {v:.2f}s" for k, v in report.seconds.items())
     err_console.print(
-        f"[green]saved[/] {where} ({human_bytes(size)}); {report.examples_per_second:,.0f} training examples/s; {timing}"
+        f"[green]saved[/] {escape(where)} ({human_bytes(size)}); {report.examples_per_second:,.0f} training examples/s; {timing}"
     )
 
 
@@ -212,7 +213,7 @@ def top_k_cmd(
             table.add_row(str(r.rank), str(r.train_index), *([files[0](r.train_position)] if files else []), cell, f"{r.score:.5g}")
         print_table(table)
         if grid_path:
-            err_console.print(f"[green]saved[/] {grid_path}")
+            err_console.print(f"[green]saved[/] {escape(str(grid_path))}")
         return
 
     selection = parse_query_option(query)
@@ -268,18 +269,18 @@ def top_k_cmd(
         columns = [("", "left"), ("rank", "right"), ("train index", "right")] + ([("file", "left")] if files else [])
         table = new_table(title, [*columns, ("input" if inputs else "label", "left"), (variant, "right")])
         for e in r.proponents:
-            table.add_row("[green]proponent[/]", str(e.rank), str(e.train_index), *cells(e), f"{e.score:+.5g}")
+            table.add_row(Text("proponent", style="green"), str(e.rank), str(e.train_index), *cells(e), f"{e.score:+.5g}")
         if not r.proponents:
-            table.add_row("[green]proponent[/]", "-", "", *blank, "no positive score")
+            table.add_row(Text("proponent", style="green"), "-", "", *blank, "no positive score")
         if opponents:
             table.add_section()
         for e in r.opponents:
-            table.add_row("[red]opponent[/]", str(e.rank), str(e.train_index), *cells(e), f"{e.score:+.5g}")
+            table.add_row(Text("opponent", style="red"), str(e.rank), str(e.train_index), *cells(e), f"{e.score:+.5g}")
         if opponents and not r.opponents:
-            table.add_row("[red]opponent[/]", "-", "", *blank, "no negative score")
+            table.add_row(Text("opponent", style="red"), "-", "", *blank, "no negative score")
         print_table(table)
     if grid_path:
-        err_console.print(f"[green]saved[/] {grid_path}")
+        err_console.print(f"[green]saved[/] {escape(str(grid_path))}")
 
 
 def _token_inputs(cfg, loaded: dict, which: list[str]):

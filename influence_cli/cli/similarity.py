@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
+from rich.markup import escape
 
 from influence_cli.cli.app import ConfigArg, JsonOpt, ReportOverwriteOpt, SetOpt, command, load
 from influence_cli.cli.render import RichProgress, err_console, new_table, print_json, print_table
@@ -117,6 +118,6 @@ def dataset_similarity_cmd(
     fishers = f"{report.factors_fisher} Fisher" + (
         f" (Task2Vec diagonals: {report.fisher})" if report.fisher != report.factors_fisher else ""
     )
-    err_console.print(f"examples: {sizes_text}; {report.strategy} factors, {fishers}")
-    saved = f"[green]saved[/] {report.path}" + (f" and {heatmap}" if heatmap is not None else "")
+    err_console.print(f"examples: {escape(sizes_text)}; {report.strategy} factors, {fishers}")
+    saved = f"[green]saved[/] {escape(str(report.path))}" + (f" and {escape(str(heatmap))}" if heatmap is not None else "")
     err_console.print(f"{saved} ({report.seconds.get('total', 0.0):.2f}s)")

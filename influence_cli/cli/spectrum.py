@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
+from rich.markup import escape
 
 from influence_cli.cli.app import ConfigArg, JsonOpt, ReportOverwriteOpt, SetOpt, command, load
 from influence_cli.cli.render import RichProgress, err_console, label_text, layer_label, out_console, print_json, print_table
@@ -145,7 +146,7 @@ def spectrum_cmd(
                 table.add_row(*cells, _pct(row["bottom_share"]), f"{row['energy']:.3g}")
             print_table(table)
     extra = f" and {plot}" if plot is not None else ""
-    err_console.print(f"[green]saved[/] {report.path}{extra} ({report.strategy} factors, {report.fisher} Fisher; {report.seconds.get('total', 0.0):.2f}s)")
+    err_console.print(f"[green]saved[/] {escape(str(report.path))}{escape(extra)} ({report.strategy} factors, {report.fisher} Fisher; {report.seconds.get('total', 0.0):.2f}s)")
 
 
 @command("edit", epilog=EDIT_EPILOG)
@@ -169,7 +170,7 @@ def edit_cmd(
     smallest set holding a share rho of the curvature mass (spectrum.edit.keep: mass, rho 0.6 as
     in Merullo et al. 2025) or a fixed share of the directions (keep: share). Every other weight
     is copied unchanged, so the file loads with the same config via --set model.checkpoint=OUT
-    (fit new factors for it in another output_dir).
+    (fit new factors for it in another output_dir, and factors_dir=null when the config shares a fit).
     """
     from influence_cli.distributed import init_distributed
     from influence_cli.edit import edit_checkpoint
@@ -194,8 +195,10 @@ def edit_cmd(
             _pct(layer.removed / max(1, layer.directions)), _pct(layer.weight_share_removed), _pct(layer.curvature_share_kept),
         )  # fmt: skip
     print_table(table)
-    err_console.print(f"[green]saved[/] {report.path} (fingerprint {report.fingerprint}; {report.seconds.get('total', 0.0):.2f}s)")
+    err_console.print(f"[green]saved[/] {escape(str(report.path))} (fingerprint {report.fingerprint}; {report.seconds.get('total', 0.0):.2f}s)")
+    new_factors = " --set factors_dir=null" if cfg.factors_dir is not None else ""  # the shared fit is the original model's
     err_console.print(
-        f"[dim]hint:[/] run any command on it with --set model.checkpoint={report.path.resolve()} --set output_dir=<a new folder>",
+        f"[dim]hint:[/] run any command on it with --set model.checkpoint={escape(str(report.path.resolve()))} "
+        f"--set output_dir=<a new folder>{new_factors}",
         soft_wrap=True,
     )
