@@ -94,11 +94,21 @@ class DistState:
 
 
 def init_distributed(device_preference: str = "auto") -> DistState:
-    """Joins the process group when launched by torchrun (WORLD_SIZE > 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))  # ranks on this machine (torchrun sets it)
+    """Joins the process group when launched by torchrun (WORLD_SIZE > 1).
+
+    Raises:
+        DistributedError: RANK / WORLD_SIZE / LOCAL_RANK that are not whole numbers, or a RANK
+            outside the world (e.g. RANK set by hand without WORLD_SIZE: this rank would write nothing).
+    """
+    world = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    local_world = _env_int("LOCAL_WORLD_SIZE", world)  # ranks on this machine (torchrun sets it)
+    if world < 1 or not 0 <= rank < world:
+        raise DistributedError(
+            f"RANK={rank} and WORLD_SIZE={world} in the environment: the rank must be in 0..WORLD_SIZE-1",
+            hint="launch with torchrun (it sets both), or unset RANK and WORLD_SIZE for one process",
+        )
     if local_world > 1 and device_preference.startswith("cuda:"):
         raise ConfigError(
             f"device: {device_preference!r} would put all {local_world} ranks of this machine on one GPU",
@@ -111,6 +121,16 @@ def init_distributed(device_preference: str = "auto") -> DistState:
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend)
     return DistState(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def _env_int(name: str, default: int) -> int:
+    text = os.environ.get(name, "")
+    if not text.strip():
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise DistributedError(f"{name}={text!r} in the environment is not a whole number", hint=f"unset {name}, or launch with torchrun") from None
 
 
 def shutdown_distributed() -> None:

@@ -602,6 +602,18 @@ def test_a_long_title_is_one_line_on_a_pipe(monkeypatch):
     assert out.getvalue().splitlines()[0] == title
 
 
+def test_results_print_literally(monkeypatch):
+    """A path with "[/b]" or a class folder named "[cat]" is not rich markup (it used to vanish or crash)."""
+    from influence_cli.cli import render
+
+    table = render.new_table("/tmp/we[/b]ird/factors.safetensors", [("label", "left"), ("n", "right")])
+    table.add_row("3 ([cat])", "1")
+    out = io.StringIO()
+    monkeypatch.setattr("sys.stdout", out)
+    render.print_table(table)
+    assert "/tmp/we[/b]ird/factors.safetensors" in out.getvalue() and "3 ([cat])" in out.getvalue()
+
+
 def test_a_closed_stdout_exits_141_like_a_shell_pipe(runner: CliRunner, tmp_path: Path):
     """`influence top-k ... | head -1`: the reader goes away, the command stops quietly with 128 + SIGPIPE."""
     sets = ["--set", f"output_dir={tmp_path}", "--set", "data.train.range=[0, 400]"]

@@ -348,3 +348,25 @@ def test_a_numbered_gpu_under_torchrun_is_refused(monkeypatch):
     with pytest.raises(ConfigError) as info:  # here: no CUDA device at all
         init_distributed("cuda:1")
     assert "would put" not in info.value.message
+
+
+@pytest.mark.parametrize(
+    "env, needle",
+    [
+        ({"RANK": "3"}, "RANK=3 and WORLD_SIZE=1 in the environment"),
+        ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2 and WORLD_SIZE=2"),
+        ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two' in the environment is not a whole number"),
+    ],
+)
+def test_a_rank_outside_the_world_is_refused(monkeypatch, tmp_path, env, needle):
+    """RANK set by hand without WORLD_SIZE used to run as a rank that writes nothing, with exit 0."""
+    from typer.testing import CliRunner
+
+    from influence_cli.cli import app
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "digits.yaml")
+    result = CliRunner(env={"COLUMNS": "200", **env}).invoke(app, ["fit-factors", config, "--set", f"output_dir={tmp_path / 'out'}"])
+    assert result.exit_code == 7 and needle in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()

@@ -132,7 +132,8 @@ def command(name: str, resumable: bool = False, **kwargs: Any) -> Callable[[Call
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def wrapper(*args: Any, **kw: Any) -> Any:
-            warnings = WarningPrinter(int(os.environ.get("RANK", "0") or 0))  # under torchrun, each rank about its shard
+            rank = os.environ.get("RANK", "0").strip()
+            warnings = WarningPrinter(int(rank) if rank.isdigit() else 0)  # under torchrun, each rank about its shard (a bad RANK: init_distributed says)
             logger = logging.getLogger("influence_cli")  # the core's notices (not imported here: it would import torch)
             logger.addHandler(warnings)
             logger.propagate = False
