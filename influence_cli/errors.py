@@ -12,11 +12,17 @@ class InfluenceError(Exception):
 
     exit_code: int = 1
     kind: str = "error"
+    same_on_every_rank: bool = False  # under torchrun every rank meets it alike (config, files): rank 0 alone says it
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
+
+    def everywhere(self) -> InfluenceError:
+        """Marks the error as one every rank of a torchrun job meets alike (the CLI prints it once)."""
+        self.same_on_every_rank = True
+        return self
 
     def __reduce__(self):  # pickled whole (a DataLoader worker's error keeps its hint and fields)
         return _restore, (type(self), self.args, self.__dict__)
@@ -34,6 +40,7 @@ class ConfigError(InfluenceError):
 
     exit_code = 2
     kind = "config error"
+    same_on_every_rank = True
 
     def __init__(self, problems: list[str] | str, source: str | None = None, hint: str | None = None):
         self.problems = [problems] if isinstance(problems, str) else list(problems)
@@ -50,6 +57,7 @@ class UsageError(InfluenceError):
 
     exit_code = 2
     kind = "usage error"
+    same_on_every_rank = True
 
 
 class DataError(InfluenceError):

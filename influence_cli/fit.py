@@ -414,7 +414,7 @@ def _fit_member(
 def load_factors(path: Path) -> Factors:
     """Reads a factors file written by fit-factors."""
     if not path.is_file():
-        raise OutputError(f"no factors at {str(path)!r}", hint="run `influence fit-factors` with this config first")
+        raise OutputError(f"no factors at {str(path)!r}", hint="run `influence fit-factors` with this config first").everywhere()
     tensors, meta = storage.load_tensors(path, storage.FACTORS_FORMAT)
     names = storage.meta_json(meta, "modules", [])
     layers = {name: LayerFactors.from_tensors(name, tensors) for name in names}

@@ -531,13 +531,17 @@ def load_model(
     Raises:
         ModelError: the model cannot be built or the checkpoint does not fit it.
     """
-    model = build_model(cfg, base_dir)
-    if checkpoint is None and cfg.checkpoint:
-        ckpt = Path(cfg.checkpoint).expanduser()
-        checkpoint = ckpt if ckpt.is_absolute() else Path(base_dir) / ckpt
-    model = model.to(device="cpu", dtype=torch.float32)
-    if checkpoint is not None:
-        load_checkpoint(model, checkpoint, key=key)
+    try:  # the same model and file on every rank of a torchrun job
+        model = build_model(cfg, base_dir)
+        if checkpoint is None and cfg.checkpoint:
+            ckpt = Path(cfg.checkpoint).expanduser()
+            checkpoint = ckpt if ckpt.is_absolute() else Path(base_dir) / ckpt
+        model = model.to(device="cpu", dtype=torch.float32)
+        if checkpoint is not None:
+            load_checkpoint(model, checkpoint, key=key)
+    except ModelError as exc:
+        exc.everywhere()
+        raise
     lazy = lazy_layers(model)
     if lazy:
         raise ModelError(

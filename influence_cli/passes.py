@@ -269,8 +269,7 @@ def _warn_if_padded(x: torch.Tensor, dataset_name: str) -> None:
         notices.warn(
             f"{dataset_name}: sequences {side} in runs of token {pad} of different lengths, like padding, but data.padding_value "
             f"is not set, so those positions count in the factors and scores; set data.padding_value={pad} if {pad} is the pad id",
-            per_rank=_sharded(dataset_name),
-        )
+        )  # about the data as a whole: rank 0's first batch says it for the job
 
 
 def _sharded(dataset_name: str) -> bool:

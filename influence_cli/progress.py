@@ -36,7 +36,7 @@ class _ShardProgress:
         self.world_size = world_size
 
     def start(self, description: str, total: int | None) -> None:
-        self.inner.start(f"{description} (rank 0's shard of {self.world_size})", total)
+        self.inner.start(f"{description} (rank 0 of {self.world_size})", total)  # short: logs of batch jobs are often 80 columns
 
     def advance(self, n: int) -> None:
         self.inner.advance(n)

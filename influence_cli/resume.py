@@ -58,8 +58,9 @@ def check_rank_layout(folder: Path, pattern: str, world_size: int, *, resume: bo
     ranks = sum(".rank" in p.name for p in others) or 1
     raise OutputError(
         f"{str(folder)!r} holds progress saved by a run with {ranks} rank(s) ({', '.join(p.name for p in others)}); this run has {world_size}",
-        hint=f"resume with the same number of ranks (torchrun --nproc_per_node {ranks}; 1: without torchrun), or pass --overwrite to start over",
-    )
+        hint=(f"resume with the same number of ranks (torchrun --nproc_per_node {ranks})" if ranks > 1 else "resume without torchrun")
+        + ", or pass --overwrite to start over",
+    ).everywhere()
 
 
 @dataclass

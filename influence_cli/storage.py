@@ -213,7 +213,7 @@ def guards_output_dir(what: str | Callable[[dict[str, Any]], str], reads: str | 
                     if state is not None and state.distributed:  # every rank stops if rank 0 did not get the locks
                         shared = state.broadcast_object(None if busy is None else (busy.message, busy.hint, elsewhere))
                         if shared is not None:
-                            busy, elsewhere = busy or OutputDirBusy(shared[0], hint=shared[1]), shared[2]
+                            busy, elsewhere = busy or OutputDirBusy(shared[0], hint=shared[1]).everywhere(), shared[2]
                     if busy is not None:
                         raise busy
                     return run(cfg, *args, **kwargs)
@@ -442,4 +442,4 @@ def member_dir(out_dir: Path, member: int) -> Path:
 def check_can_write(path: Path, overwrite: bool, what: str) -> None:
     """Refuses to replace a finished output unless `overwrite`."""
     if path.exists() and not overwrite:
-        raise OutputError(f"{str(path)!r} already holds {what} from a finished run", hint="pass --overwrite to replace it")
+        raise OutputError(f"{str(path)!r} already holds {what} from a finished run", hint="pass --overwrite to replace it").everywhere()

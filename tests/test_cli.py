@@ -614,6 +614,26 @@ def test_results_print_literally(monkeypatch):
     assert "/tmp/we[/b]ird/factors.safetensors" in out.getvalue() and "3 ([cat])" in out.getvalue()
 
 
+def test_under_torchrun_rank_0_alone_says_what_every_rank_meets_and_prints_one_process_results(tmp_path: Path, capsys, monkeypatch):
+    """A config error or an existing output is the same on every rank: the other ranks exit with its
+    code silently; top-k, inspect and info run on rank 0 only."""
+    rank1 = CliRunner(env={"COLUMNS": "120", "INFLUENCE_DEBUG": None, "RANK": "1", "WORLD_SIZE": None})
+    result = invoke(rank1, "inspect", DIGITS, "--set", "data.batch_size=0")
+    assert (result.exit_code, result.stdout, result.stderr) == (0, "", "")  # not run on rank 1
+    result = invoke(rank1, "top-k", DIGITS, "--set", "data.batch_size=0")
+    assert (result.exit_code, result.stdout, result.stderr) == (0, "", "")
+    from influence_cli.cli.app import report_error
+    from influence_cli.errors import ConfigError, DataError, OutputError
+
+    monkeypatch.setenv("RANK", "1")
+    capsys.readouterr()
+    assert report_error(ConfigError("data.batch_size: must be > 0")) == 2
+    assert report_error(OutputError("'x' already holds factors").everywhere()) == 5
+    assert capsys.readouterr().err == ""  # rank 0 says these for the job
+    assert report_error(DataError("data.train: example 7 is NaN")) == 3  # about this rank's shard: said here
+    assert "[rank 1] data error: data.train: example 7 is NaN" in capsys.readouterr().err
+
+
 def test_a_closed_stdout_exits_141_like_a_shell_pipe(runner: CliRunner, tmp_path: Path):
     """`influence top-k ... | head -1`: the reader goes away, the command stops quietly with 128 + SIGPIPE."""
     sets = ["--set", f"output_dir={tmp_path}", "--set", "data.train.range=[0, 400]"]
@@ -686,9 +706,10 @@ def test_queries_with_a_zero_gradient_are_warned(runner, fitted, tmp_path):
     text = " ".join(result.stderr.split())
     assert "warning: data.query: the gradient of the query loss is exactly 0 for " in text and "transform.scale: 255" in text
     assert "warning" not in invoke(runner, "compute-scores", DIGITS, "--set", f"output_dir={out}", "--overwrite").stderr
-    rank1 = CliRunner(env={"COLUMNS": "120", "INFLUENCE_DEBUG": None, "RANK": "1"})  # under torchrun, rank 0 warns
+    # under torchrun rank 0 says it (the next test); a RANK without its WORLD_SIZE is refused, not run as a silent rank
+    rank1 = CliRunner(env={"COLUMNS": "120", "INFLUENCE_DEBUG": None, "RANK": "1", "WORLD_SIZE": None})
     result = invoke(rank1, "compute-scores", DIGITS, "--set", f"output_dir={out}", "--set", "data.query.transform.scale=0.0001", "--overwrite")
-    assert result.exit_code == 0 and "warning" not in result.stderr and "exactly 0" not in result.stderr
+    assert result.exit_code == 7 and "RANK=1 and WORLD_SIZE=1" in result.stderr and "exactly 0" not in result.stderr
 
 
 def test_warnings_under_torchrun_come_from_rank_0_or_from_the_rank_whose_shard_they_are_about():

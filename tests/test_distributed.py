@@ -171,7 +171,7 @@ def test_two_ranks_match_one_process(tmp_path, distributed_run, name):
     passes = ["covariances A, G", "eigenvalue correction"] if strategy == "ekfac" else ["diagonal Fisher"]
     for title in passes:
         assert run.stderr.count(title) == 1, run.stderr
-        assert f"{title} (rank 0's shard of 2)" in run.stderr, run.stderr
+        assert f"{title} (rank 0 of 2)" in run.stderr, run.stderr
     assert run.stderr.count("saved ") == 1, run.stderr
     assert "[rank" not in run.stderr and "Traceback" not in run.stderr, run.stderr
 

@@ -313,6 +313,11 @@ def test_cli_round_trip(tmp_path):
     assert result.exit_code != 0
     message = " ".join(result.stderr.split())
     assert "scores.checkpoints[0]" in message and "fit-factors" in message
+    result = runner.invoke(app, ["fit-factors", str(config), "--resume"])  # each model says where it started
+    assert result.exit_code == 0, result.stderr
+    lines = [" ".join(line.split()) for line in result.stderr.splitlines()]
+    assert any(line.startswith("ensemble member 0: ") and line.endswith("is already complete for these settings") for line in lines), lines
+    assert any(line.startswith("saved ensemble member 1: ") for line in lines) and not any(line.startswith("saved ensemble member 0") for line in lines)
 
 
 # ----------------------------------------------------------------------------- 2 processes (gloo)

@@ -92,6 +92,8 @@ def _root(
 def report_error(exc: InfluenceError) -> int:
     """Prints one line (plus the next step) to stderr; returns the exit code."""
     rank = os.environ.get("RANK")
+    if rank not in (None, "", "0") and exc.same_on_every_rank:  # rank 0 says it for the job
+        return exc.exit_code
     prefix = escape(f"[rank {rank}] ") if rank not in (None, "0") else ""  # the markup would swallow "[rank 1]"
     err_console.print(f"[bold red]{prefix}{exc.kind}:[/] {escape(exc.message)}", highlight=False, markup=True, soft_wrap=True)
     if exc.hint:
@@ -123,15 +125,19 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise Terminated()
 
 
-def command(name: str, resumable: bool = False, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def command(name: str, resumable: bool = False, rank_0: bool = False, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Registers a command whose typed errors become one message and an exit code.
 
     `resumable`: the command saves progress that --resume continues (said when it is interrupted).
+    `rank_0`: a command of one process (reading outputs, listing layers): launched by torchrun,
+    rank 0 runs it and the other ranks exit 0 at once, so its result prints once.
     """
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def wrapper(*args: Any, **kw: Any) -> Any:
+            if rank_0 and os.environ.get("RANK", "0").strip() not in ("", "0"):
+                return None
             rank = os.environ.get("RANK", "0").strip()
             warnings = WarningPrinter(int(rank) if rank.isdigit() else 0)  # under torchrun, each rank about its shard (a bad RANK: init_distributed says)
             logger = logging.getLogger("influence_cli")  # the core's notices (not imported here: it would import torch)
@@ -204,8 +210,9 @@ def main(argv: list[str] | None = None) -> None:
         if where == "influence":  # an option error seen before the command's context existed
             command_names = {c.name for c in app.registered_commands}
             where = next((f"influence {a}" for a in args if a in command_names), where)
-        err_console.print(f"[bold red]usage error:[/] {escape(exc.format_message())}", highlight=False, soft_wrap=True)
-        err_console.print(f"[dim]hint:[/] {escape(f'{where} --help')} lists the arguments and options", highlight=False, soft_wrap=True)
+        if os.environ.get("RANK", "0") in ("", "0"):  # under torchrun every rank parses the same arguments: rank 0 says it
+            err_console.print(f"[bold red]usage error:[/] {escape(exc.format_message())}", highlight=False, soft_wrap=True)
+            err_console.print(f"[dim]hint:[/] {escape(f'{where} --help')} lists the arguments and options", highlight=False, soft_wrap=True)
         code = exc.exit_code
     except click.ClickException as exc:
         exc.show()

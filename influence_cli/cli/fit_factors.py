@@ -81,10 +81,12 @@ def fit_factors_cmd(
     if all(r.resumed_from == "already complete" for r in [report, *report.members]):
         err_console.print(f"{escape(str(report.path))} is already complete for these settings; nothing to do (--overwrite refits)")
         return
-    if report.resumed_from == "already complete":
-        err_console.print(f"{escape(str(report.path))} is already complete for these settings")
-    elif report.resumed_from:
-        err_console.print(f"resumed from {report.resumed_from}")
+    for r in [report, *report.members]:  # each model of an ensemble says where it started
+        which = f"ensemble member {r.member}: " if report.members else ""
+        if r.resumed_from == "already complete":
+            err_console.print(f"{which}{escape(str(r.path))} is already complete for these settings")
+        elif r.resumed_from:
+            err_console.print(f"{which}resumed from {r.resumed_from}")
     zeros = any(layer.zero_inputs or layer.zero_outputs for layer in report.layers)
     columns = [("layer", "left"), ("kind", "left"), ("weight", "left"), ("A", "right"), ("G", "right"), ("Λ", "right")]
     title = f"{report.strategy} factors ({report.fisher} Fisher) on {report.num_examples:,} examples"
@@ -119,11 +121,12 @@ def fit_factors_cmd(
             err_console.print(f"not tracked: {escape(shown)} ({escape(why)})")
         err_console.print("[dim]`influence inspect` lists every parameter the scores leave out[/]")
     for r in [report, *report.members]:
+        if r.resumed_from == "already complete":  # said above; not written by this run
+            continue
         timing = ", ".join(f"{k} {v:.2f}s" for k, v in r.seconds.items())
         size = Path(r.path).stat().st_size
         which = f"ensemble member {r.member}: " if report.members else ""
-        done = " (already complete)" if r.member and r.resumed_from == "already complete" else ""
-        err_console.print(f"[green]saved[/] {which}{escape(str(r.path))} ({human_bytes(size)}){done}{'; ' + timing if timing else ''}")
+        err_console.print(f"[green]saved[/] {which}{escape(str(r.path))} ({human_bytes(size)}){'; ' + timing if timing else ''}")
 
 
 INSPECT_EPILOG = """\
@@ -135,7 +138,7 @@ INSPECT_EPILOG = """\
 """
 
 
-@command("inspect", epilog=INSPECT_EPILOG)
+@command("inspect", rank_0=True, epilog=INSPECT_EPILOG)
 def inspect_cmd(config: ConfigArg, set_: SetOpt = None, json_: JsonOpt = False) -> None:
     """List the layers fit-factors would track, with their shapes and factor sizes (nothing is computed)."""
     from influence_cli.context import prepare

@@ -21,7 +21,7 @@ INFO_EPILOG = """\
 """
 
 
-@command("info", epilog=INFO_EPILOG)
+@command("info", rank_0=True, epilog=INFO_EPILOG)
 def info_cmd(
     path: Annotated[Path, typer.Argument(metavar="FILE", help="A factors, scores (or scores.index.json), similarity or spectrum file written by this tool.")],
     json_: JsonOpt = False,

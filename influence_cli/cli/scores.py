@@ -148,7 +148,7 @@ def parse_query_option(values: list[str] | None) -> list[int | slice] | None:
     return out
 
 
-@command("top-k", epilog=TOPK_EPILOG)
+@command("top-k", rank_0=True, epilog=TOPK_EPILOG)
 def top_k_cmd(
     config: ConfigArg,
     query: Annotated[
