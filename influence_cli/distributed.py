@@ -75,12 +75,13 @@ class DistState:
             dist.all_gather_object(out, obj)
         return out
 
-    def broadcast_object(self, obj: object) -> object:
+    def broadcast_object(self, obj: object, src: int = 0) -> object:
+        """`obj` of rank `src` on every rank."""
         if not self.distributed:
             return obj
         box = [obj]
         with _collective("broadcast", self.rank):
-            dist.broadcast_object_list(box, src=0)
+            dist.broadcast_object_list(box, src=src)
         return box[0]
 
     def barrier(self) -> None:

@@ -289,17 +289,24 @@ def factors_metadata(ctx: RunContext, dataset: IndexedDataset, num_examples: int
     }
 
 
-def _check_ranks_agree(state: DistState, snapshot: Snapshot | None, path: Path) -> None:
-    """Refuses to resume when the ranks' progress is from different passes (they would all-reduce different tensors)."""
+def _agree_on_progress(state: DistState, snapshot: Snapshot | None) -> Snapshot | None:
+    """The snapshot this rank resumes from, the same pass on every rank (they all-reduce the same tensors).
+
+    When some ranks saved progress in the correction pass and others only in the covariance pass
+    (a rank stopped while the others wrote the summed covariances), every rank restarts the
+    correction pass from the summed covariances of the first rank that holds them.
+    """
     if not state.distributed:
-        return
+        return snapshot
     phases = state.all_gather_object(None if snapshot is None else snapshot.phase)
-    if "correction" in phases and len(set(phases)) > 1:
-        at = ", ".join(f"rank {r}: {p or 'none'}" for r, p in enumerate(phases))
-        raise OutputError(
-            f"the ranks' saved progress is from different passes ({at}); cannot resume it consistently",
-            hint=f"pass --overwrite to start over (progress files: {path.parent / storage.FACTORS_PARTIAL.format(rank='.rank*')})",
-        )
+    if "correction" not in phases or len(set(phases)) == 1:
+        return snapshot
+    src = phases.index("correction")
+    mine = None
+    if snapshot is not None and state.rank == src:
+        mine = {k: v.cpu() for k, v in snapshot.tensors.items() if k.startswith("covariance.")}
+    covariances = state.broadcast_object(mine, src=src)
+    return Snapshot("correction", 0, covariances)  # type: ignore[arg-type]
 
 
 @storage.guards_output_dir("factors")
@@ -385,7 +392,7 @@ def _fit_member(
             for old in (path, *(also_replaced or [])):
                 old.unlink(missing_ok=True)
         storage.remove_stale_temp_files(path)
-    _check_ranks_agree(ctx.state, snapshot, checkpoint.path)
+    snapshot = _agree_on_progress(ctx.state, snapshot)
     resumed_from = None if snapshot is None else f"{snapshot.phase} pass, batch {snapshot.batches_done}"
     seconds: dict[str, float] = {}
     progress = for_rank(progress, ctx.state.rank, ctx.state.world_size)

@@ -266,7 +266,8 @@ def _wait_until(proc: subprocess.Popen, partials: list[Path], ready, what: str) 
 
 
 def test_interrupted_job_resumes_to_the_same_factors(tmp_path, distributed_run):
-    """Ctrl-C in pass 1, --resume, SIGKILL to the whole job in pass 2, --resume: the factors of an uninterrupted job."""
+    """Ctrl-C in pass 1, --resume, SIGKILL to the whole job in pass 2, rank 1's pass-1 progress put back (as if it
+    had stopped while rank 0 wrote the summed covariances), --resume: the factors of an uninterrupted job."""
     if not Path("/proc/self/stat").exists():
         pytest.skip("finding the ranks to kill needs /proc")
     script = tmp_path / "slow_cli.py"
@@ -283,6 +284,7 @@ def test_interrupted_job_resumes_to_the_same_factors(tmp_path, distributed_run):
     assert err.count("interrupted.") == 1 and "--resume" in err, err
     assert all(p.is_file() for p in partials) and not (out / storage.FACTORS_FILE).exists()
     after_ctrl_c = [progress_of(p) for p in partials]
+    rank1_pass1 = partials[1].read_bytes()  # put back below: rank 1 then holds pass-1 progress, rank 0 pass-2 progress
 
     # SIGKILL to the launcher and both ranks at once, as when the scheduler kills the job.
     proc = _start_slow_job(script, out, "--resume")
@@ -300,6 +302,8 @@ def test_interrupted_job_resumes_to_the_same_factors(tmp_path, distributed_run):
                 pass
         proc.communicate(timeout=30)
     assert not (out / storage.FACTORS_FILE).exists()
+    assert after_ctrl_c[1][0] == "covariance", after_ctrl_c  # Ctrl-C came at the first snapshot of pass 1
+    partials[1].write_bytes(rank1_pass1)  # as when rank 1 stops while rank 0 writes the summed covariances
 
     resumed = torchrun(*fit_args(CONFIG, out, *SETTINGS["ekfac-sampled"]), "--resume")
     assert resumed.returncode == 0, resumed.stderr

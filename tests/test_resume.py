@@ -235,34 +235,42 @@ def test_same_config_and_seed_give_bit_identical_factors(tmp_path, reference):
 
 
 class _FakeRanks(DistState):
-    """Two ranks whose saved progress is `phases` (all_gather_object answers for both)."""
+    """Two ranks whose saved progress is `phases` (all_gather_object answers for both; a broadcast
+    from rank `src` answers with `sent[src]`)."""
 
-    def __init__(self, phases: list[str | None]) -> None:
-        super().__init__(rank=0, world_size=2)
-        self.phases = phases
+    def __init__(self, phases: list[str | None], rank: int = 0, sent: dict[int, object] | None = None) -> None:
+        super().__init__(rank=rank, world_size=2)
+        self.phases, self.sent = phases, sent or {}
 
     def all_gather_object(self, obj: object) -> list[object]:
         return list(self.phases)
 
+    def broadcast_object(self, obj: object, src: int = 0) -> object:
+        return obj if self.rank == src else self.sent[src]
+
 
 @pytest.mark.parametrize(
-    ("phases", "ok"),
-    [
-        ([None, None], True),
-        (["covariance", None], True),  # each rank's pass-1 sums are its own until the all-reduce
-        (["correction", "correction"], True),
-        (["correction", "covariance"], False),
-        ([None, "correction"], False),
-    ],
+    "phases",
+    [[None, None], ["covariance", None], ["correction", "correction"]],  # each rank's pass-1 sums are its own until the all-reduce
 )
-def test_ranks_must_resume_from_the_same_pass(tmp_path, phases, ok):
-    snapshot = None if phases[0] is None else Snapshot(phases[0], 5, {})
-    if ok:
-        fit._check_ranks_agree(_FakeRanks(phases), snapshot, tmp_path / PARTIAL)
-        return
-    with pytest.raises(OutputError, match="different passes") as info:
-        fit._check_ranks_agree(_FakeRanks(phases), snapshot, tmp_path / PARTIAL)
-    assert "--overwrite" in info.value.hint
+def test_ranks_in_the_same_pass_resume_their_own_progress(phases):
+    snapshot = None if phases[0] is None else Snapshot(phases[0], 5, {"x": torch.ones(1)})
+    assert fit._agree_on_progress(_FakeRanks(phases), snapshot) is snapshot
+
+
+@pytest.mark.parametrize("phases", [["correction", "covariance"], [None, "correction"]])
+def test_ranks_in_different_passes_restart_the_correction_from_the_summed_covariances(phases):
+    """A rank stopped while the others wrote the summed covariances: every rank restarts the
+    correction pass at batch 0 from those of the first rank that holds them."""
+    src = phases.index("correction")
+    summed = {"covariance.fc1.a": torch.full((2, 2), 3.0), "covariance.count": torch.tensor(8.0)}
+    held = Snapshot("correction", 7, {**summed, "correction.fc1": torch.ones(2)})
+    for rank in (0, 1):
+        mine = held if rank == src else (None if phases[rank] is None else Snapshot(phases[rank], 4, {"covariance.fc1.a": torch.zeros(2, 2)}))
+        sent = {src: {k: v for k, v in held.tensors.items() if k.startswith("covariance.")}}
+        got = fit._agree_on_progress(_FakeRanks(phases, rank=rank, sent=sent), mine)
+        assert (got.phase, got.batches_done) == ("correction", 0)
+        assert sorted(got.tensors) == sorted(summed) and all(torch.equal(got.tensors[k], v) for k, v in summed.items())
 
 
 # ---------------------------------------------------------------------------
