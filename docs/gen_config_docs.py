@@ -77,7 +77,8 @@ has the default listed below.
 
 Relative paths in the file (`model.checkpoint`, data files and folders, `indices_file`,
 `output_dir`, `scores.checkpoints`) resolve against **the folder of the config file**, not the
-working directory, so a config works from wherever the command runs. `~` expands to the home
+working directory, so a config works from wherever the command runs (for a config reached
+through a symbolic link, the folder of the file it links to). `~` expands to the home
 folder. Files the config names are checked when it loads (a torchvision `root` with
 `download: true` may be absent). The `kwargs` of a `package.module:function` model or data
 source are passed to your function as written: a path among them is yours to resolve (relative
@@ -102,6 +103,10 @@ influence fit-factors configs/digits.yaml --set 'data.train={source: tensors, pa
 - Numbers follow YAML: `1e-3` and `0.001` are numbers, `'1e-3'` (quoted) is a string.
 - Errors: a missing `=`, an empty key part (`data..batch_size=1`), or a path through a value
   that is not a mapping (`--set seed.x=1`) are config errors naming the override.
+- YAML anchors and aliases work (`query: {<<: *train, range: [9000, 9100]}`); an override
+  changes only the path it names, not the other places an alias copied. Top-level keys named
+  `x-<anything>` are not config keys: they hold anchors for the keys below
+  (`x-mnist: &mnist {source: idx, ...}`).
 
 """
 

@@ -77,7 +77,7 @@ class DataSpec:
     kwargs: dict[str, Any] = _help("Keyword arguments for a factory source.", default_factory=dict)
     range: list[int] | None = _help("Keep examples [start, stop) of the source.", default=None)
     indices: list[int] | None = _help("Keep these source indices, in this order.", default=None)
-    indices_file: str | None = _help("File of source indices (text, one per line, or .json list).", default=None)
+    indices_file: str | None = _help("File of source indices (text, one per line; a .json list; or a .npy 1-D integer array).", default=None)
     labels_in: list[int] | None = _help("Keep only examples whose label is in this list.", default=None)
     classes: list[str] | None = _help(
         "image_folder: the class folder names in label order (label i = the i-th name). Default: data.train's classes "
@@ -92,6 +92,9 @@ class DataSpec:
         default=0.0,
     )
     transform: TransformSpec = _help("Input transforms.", default_factory=TransformSpec)
+    colour_of: str | None = field(  # set by _share_image_folder_classes: data.train's root, whose colour mode this folder takes
+        default=None, metadata={"help": "image_folder: read as RGB when this folder (data.train's) is.", "internal": True}
+    )
 
 
 @dataclass
@@ -393,6 +396,9 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool):  # YAML 1.1 reads yes/no/on/off (a class folder named "no") as true/false
+            problems.append(f"{key}: expected {_type_name(tp)}, got {value!r} (quote it: YAML reads yes, no, on and off as true/false)")
+            return _FAIL
     problems.append(f"{key}: expected {_type_name(tp)}, got {value!r}")
     return _FAIL
 
@@ -488,8 +494,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Returns a copy of `data` with every `key.path=value` override applied."""
-    data = copy.deepcopy(data)
+    """Returns a copy of `data` with every `key.path=value` override applied (to that path only)."""
+    data = _unshared(data)
     for text in overrides:
         parts, value = parse_override(text)
         node = data
@@ -503,6 +509,17 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = child
         node[parts[-1]] = value
     return data
+
+
+def _unshared(node: Any) -> Any:
+    """A copy in which no mapping or list is shared: a YAML alias (`query: *train`, `<<: *common`)
+    becomes a copy of its anchor, so an override of one path leaves the others (deepcopy keeps
+    them shared)."""
+    if isinstance(node, dict):
+        return {k: _unshared(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_unshared(v) for v in node]
+    return copy.copy(node)
 
 
 def _yaml_reason(exc: yaml.YAMLError) -> str:
@@ -567,6 +584,7 @@ def config_from_dict(
     except ConfigError as exc:
         raise ConfigError(exc.problems, source=source) from None
     problems: list[str] = []
+    data = {k: v for k, v in data.items() if not str(k).startswith("x-")}  # x-<name>: YAML anchors for the keys below, not keys
     cfg = _build(Config, data, "", problems)
     if cfg is not _FAIL:
         cfg.base_dir = str(base_dir)
@@ -598,13 +616,16 @@ def _share_image_folder_classes(cfg: Config) -> None:
         return
     classes = train.classes or image_folder_classes(cfg.resolve(train.root))
     query = cfg.data.query
-    if query is not None and query.source == "image_folder" and query.classes is None:
-        query.classes = list(classes)  # always: a query class the model was not trained on is refused by name
+    if query is not None and query.source == "image_folder":
+        query.colour_of = str(cfg.resolve(train.root))  # a grayscale query folder of an RGB model is read as RGB
+        if query.classes is None:
+            query.classes = list(classes)  # always: a query class the model was not trained on is refused by name
     for spec in [*cfg.similarity.datasets.values(), *cfg.spectrum.datasets.values()]:
         if spec.source != "image_folder" or spec.classes is not None or spec.root is None:
             continue
         if set(image_folder_classes(cfg.resolve(spec.root))) <= set(classes):
             spec.classes = list(classes)
+            spec.colour_of = str(cfg.resolve(train.root))
 
 
 def _under(key: str, roots: set[str]) -> bool:
@@ -612,6 +633,7 @@ def _under(key: str, roots: set[str]) -> bool:
     return any(key == r or key.startswith((r + ".", r + "[")) for r in roots)
 
 
+MAX_WORKERS = 256  # DataLoader processes per rank; more is a typo (99999999999 used to hang forking them)
 MAX_DEPTH = 64
 MAX_VALUES = 1_000_000
 
@@ -694,8 +716,10 @@ def _check_data_spec(cfg: Config, spec: DataSpec, key: str, check_files: bool) -
     if spec.range is not None:
         if len(spec.range) != 2 or spec.range[0] < 0 or spec.range[1] <= spec.range[0]:
             problems.append(f"{key}.range: expected [start, stop) with 0 <= start < stop, got {spec.range}")
-    if spec.indices is not None and any(i < 0 for i in spec.indices):
-        problems.append(f"{key}.indices: indices must be >= 0")
+    if spec.indices is not None and any(not 0 <= i < 2**63 for i in spec.indices):
+        problems.append(f"{key}.indices: indices must be in 0..2**63-1")
+    if spec.labels_in is not None and any(not -(2**63) <= v < 2**63 for v in spec.labels_in):
+        problems.append(f"{key}.labels_in: labels must fit in int64")
     selectors = [n for n in ("range", "indices", "indices_file") if getattr(spec, n) is not None]
     if len(selectors) > 1:
         problems.append(f"{key}: use one of range, indices, indices_file (got {', '.join(selectors)})")
@@ -749,8 +773,10 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
     d = cfg.data
     if d.batch_size <= 0:
         problems.append(f"data.batch_size: must be > 0, got {d.batch_size}")
-    if d.num_workers < 0:
-        problems.append(f"data.num_workers: must be >= 0, got {d.num_workers}")
+    if not 0 <= d.num_workers <= MAX_WORKERS:
+        problems.append(f"data.num_workers: must be in 0..{MAX_WORKERS} (worker processes per rank), got {d.num_workers}")
+    if not 0 <= cfg.seed < 2**63:
+        problems.append(f"seed: must be in 0..2**63-1, got {cfg.seed}")
     if d.padding_value is not None and not math.isfinite(d.padding_value):
         problems.append(f"data.padding_value: must be a finite number (the pad id or fill value) or null, got {d.padding_value}")
     if d.train is None:

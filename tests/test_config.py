@@ -169,6 +169,11 @@ def test_wrong_types_are_named(override: str, key: str):
         pytest.param("device=cuda:²", "device", id="device-superscript"),
         pytest.param("output_dir=", "output_dir", id="output_dir-empty"),
         pytest.param("factors_dir=''", "factors_dir", id="factors_dir-empty"),
+        pytest.param("data.num_workers=99999999999", "data.num_workers", id="num_workers-huge"),
+        pytest.param("seed=99999999999999999999", "seed", id="seed-beyond-int64"),
+        pytest.param("seed=-1", "seed", id="seed-negative"),
+        pytest.param("data.train.indices=[99999999999999999999]", "data.train.indices", id="indices-beyond-int64"),
+        pytest.param("data.train.labels_in=[99999999999999999999]", "data.train.labels_in", id="labels_in-beyond-int64"),
         pytest.param("task.kind=regression", "task.measurement", id="margin-with-regression"),
     ],
 )
@@ -323,6 +328,29 @@ def test_yaml_merge_keys_still_work(tmp_path: Path):
     assert data["data"]["query"] == {"source": "tensors", "path": "data.safetensors", "range": [10, 12]}
     with pytest.raises(yaml.YAMLError, match="appears twice"):
         _yaml_load("a: {<<: {x: 1}, y: 2, y: 3}\n")
+
+
+def test_a_yaml_boolean_where_a_string_belongs_says_to_quote_it():
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict(minimal(), ["output_dir=no"])
+    assert "output_dir: expected a string, got False (quote it: YAML reads yes, no, on and off as true/false)" in exc.value.problems
+
+
+def test_an_override_changes_only_its_path_even_through_yaml_aliases(tmp_path: Path):
+    """`query: {<<: *train}` shares train's nested mappings: --set data.train.transform.scale used to change the query's too.
+    Top-level keys named x-<anything> hold anchors and are not config keys."""
+    (tmp_path / "d.safetensors").write_bytes(b"")
+    path = tmp_path / "aliases.yaml"
+    path.write_text(
+        "x-train: &train {source: tensors, path: d.safetensors, range: [0, 10], transform: {scale: 16.0}}\n"
+        "model: {architecture: mlp, kwargs: {input_dim: 64, num_classes: 10}}\n"
+        "data:\n  train: *train\n  query: {<<: *train, range: [10, 12]}\n"
+        "similarity: {datasets: {a: *train, b: *train}}\n"
+    )
+    cfg = load_config(path, ["data.train.transform.scale=255", "data.train.limit=3"], check_files=False)
+    assert cfg.data.train.transform.scale == 255 and cfg.data.train.limit == 3
+    assert cfg.data.query.transform.scale == 16.0 and cfg.data.query.limit is None
+    assert all(spec.transform.scale == 16.0 and spec.limit is None for spec in cfg.similarity.datasets.values())
 
 
 def test_a_key_given_twice_is_an_error(tmp_path: Path):

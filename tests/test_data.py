@@ -617,6 +617,22 @@ def test_indices_file_errors(idx_files: tuple[Path, Path], tmp_path: Path) -> No
     (tmp_path / "bad.json").write_text('{"a": 1}')
     assert error_of(idx_spec(idx_files, indices_file="bad.json"), tmp_path).startswith("data.train.indices_file:")
     assert error_of(idx_spec(idx_files, indices_file="absent.txt"), tmp_path).startswith("data.train.indices_file:")
+    (tmp_path / "huge.txt").write_text("99999999999999999999\n")  # beyond int64: was a traceback
+    assert error_of(idx_spec(idx_files, indices_file="huge.txt"), tmp_path).startswith(
+        "data.train.indices_file: index 99999999999999999999 is outside the 30 examples"
+    )
+    with pytest.raises(DataError) as info:
+        (tmp_path / "commas.txt").write_text("5,7,9\n")
+        load_dataset(idx_spec(idx_files, indices_file="commas.txt"), tmp_path)
+    assert "one index per line" in info.value.hint and ".npy" in info.value.hint
+
+
+def test_an_indices_file_may_be_a_numpy_array(idx_files: tuple[Path, Path], tmp_path: Path) -> None:
+    np.save(tmp_path / "keep.npy", np.array([3, 1, 4], dtype=np.int32))
+    ds = load_dataset(idx_spec(idx_files, indices_file="keep.npy"), tmp_path)
+    assert ds.global_indices.tolist() == [3, 1, 4]
+    np.save(tmp_path / "floats.npy", np.array([3.0, 1.0]))
+    assert "expected a 1-D integer array" in error_of(idx_spec(idx_files, indices_file="floats.npy"), tmp_path)
 
 
 def test_idx_file_errors(tmp_path: Path) -> None:
@@ -670,6 +686,10 @@ def test_factory_errors(tmp_path: Path) -> None:
         def wrong():
             return 42
 
+        def mapping():
+            import torch
+            return {"inputs": torch.zeros(4, 2), "labels": torch.zeros(4)}
+
         def takes(n):
             return None
         """,
@@ -679,6 +699,7 @@ def test_factory_errors(tmp_path: Path) -> None:
         f"{mod}:missing": f"data.train.source: module '{mod}' has no function 'missing'",
         f"{mod}:boom": f"data.train.source: {mod}:boom raised ValueError: no data today",
         f"{mod}:wrong": f"data.train.source: {mod}:wrong returned a int",
+        f"{mod}:mapping": f"data.train.source: {mod}:mapping returned a dict (keys ['inputs', 'labels'])",
         "nocolon": "data.train.source: 'nocolon' is not one of",
     }
     for source, prefix in cases.items():
@@ -687,9 +708,47 @@ def test_factory_errors(tmp_path: Path) -> None:
 
 
 def test_image_folder_errors(tmp_path: Path) -> None:
+    from PIL import Image
+
     (tmp_path / "empty" / "cls").mkdir(parents=True)
     assert error_of(DataSpec(source="image_folder", root="empty"), tmp_path).startswith("data.train.root: no images")
     assert error_of(DataSpec(source="image_folder", root="absent"), tmp_path).startswith("data.train.root:")
+    (tmp_path / "flat").mkdir()
+    Image.new("L", (4, 4), 1).save(tmp_path / "flat" / "0.png")  # images without class folders (torchvision: a traceback)
+    assert error_of(DataSpec(source="image_folder", root="flat"), tmp_path).endswith("has no class sub-folders (its images lie in the folder itself)")
+    (tmp_path / "bare").mkdir()
+    assert error_of(DataSpec(source="image_folder", root="bare"), tmp_path).endswith("has no class sub-folders")
+
+
+def test_image_suffixes_are_torchvisions_and_gif() -> None:
+    import torchvision.datasets as tvd
+
+    from influence_cli.data import torchvision_sets
+
+    assert set(torchvision_sets._IMAGE_SUFFIXES) == {*tvd.folder.IMG_EXTENSIONS, ".gif"}
+
+
+def test_a_grayscale_query_folder_of_a_colour_training_folder_is_read_as_rgb(tmp_path: Path) -> None:
+    """Each folder chose its own mode: a query of grayscale images gave the model 1 channel instead of 3."""
+    from PIL import Image
+
+    from influence_cli.config import config_from_dict
+
+    write_image_folder(tmp_path / "train")
+    for cls in ("cat", "dog"):
+        (tmp_path / "query" / cls).mkdir(parents=True)
+        Image.new("L", (5, 6), 80).save(tmp_path / "query" / cls / "0.png")
+    data = {
+        "model": {"architecture": "mlp", "kwargs": {"input_dim": 90, "num_classes": 2}},
+        "data": {"train": {"source": "image_folder", "root": "train"}, "query": {"source": "image_folder", "root": "query"}},
+        "similarity": {"datasets": {"q": {"source": "image_folder", "root": "query"}}},
+    }
+    cfg = config_from_dict(data, base_dir=tmp_path)
+    for spec, key in ((cfg.data.query, "data.query"), (cfg.similarity.datasets["q"], "similarity.datasets.q")):
+        x = load_dataset(spec, tmp_path, name=key)[0][0]
+        assert x.shape == (3, 6, 5) and x[:, 0, 0].tolist() == [80.0, 80.0, 80.0], key
+    assert load_dataset(DataSpec(source="image_folder", root="query"), tmp_path)[0][0].shape == (1, 6, 5)  # alone: grayscale
+    assert "colour_of" not in json.dumps(cfg.to_dict())  # internal: not a key of the config
 
 
 def test_label_noise_needs_class_labels(tmp_path: Path) -> None:
@@ -1006,6 +1065,9 @@ def test_channels_last_images_with_a_channel_normalize_say_so(tmp_path: Path) ->
     with pytest.raises(DataError, match=r"transform.channels_first: inputs of shape \[4, 5, 3, 1\] are not \[H, W, C\] images"):
         save_file({"inputs": torch.zeros(2, 4, 5, 3, 1), "labels": torch.zeros(2, dtype=torch.int64)}, tmp_path / "f.safetensors")
         load_dataset(DataSpec(source="tensors", path="f.safetensors", transform=TransformSpec(channels_first=True)), tmp_path)
+    save_file({"inputs": torch.zeros(2, 1, 8, 8), "labels": torch.zeros(2, dtype=torch.int64)}, tmp_path / "g.safetensors")
+    with pytest.raises(DataError, match=r"transform.channels_first: inputs of shape \[1, 8, 8\] are channels first already"):
+        load_dataset(DataSpec(source="tensors", path="g.safetensors", transform=TransformSpec(channels_first=True)), tmp_path)
 
 
 def test_a_tensors_file_of_pickled_objects_says_what_to_save(tmp_path: Path) -> None:

@@ -203,6 +203,12 @@ def open_factory(spec: DataSpec, base_dir: Path, name: str) -> Source:
             n=inputs.shape[0], desc=spec.source, inputs=inputs, labels=labels, files=files,
             raw_255=inputs.dtype == torch.uint8,
         )  # fmt: skip
+    if isinstance(result, dict):  # a mapping would be read as a dataset of its keys
+        raise DataError(
+            f"{key}: {spec.source} returned a dict (keys {list(result)[:4]}); expected a torch Dataset of (x, y) items "
+            "or a tuple (inputs, labels)",
+            hint='return (d["inputs"], d["labels"]), or save the dict as a tensors file (source: tensors)',
+        )
     if not (hasattr(result, "__getitem__") and hasattr(result, "__len__")):
         raise DataError(
             f"{key}: {spec.source} returned a {type(result).__name__}; expected a torch Dataset of (x, y) items "

@@ -16,8 +16,19 @@ from influence_cli.errors import DataError
 
 
 def _read_indices_file(spec: DataSpec, base_dir: Path, key: str) -> tuple[list[int], list[Any]]:
-    """Indices listed in a text (one per line) or .json file; also returns its fingerprint info."""
+    """Indices listed in a text (one per line), .json (a list) or .npy (a 1-D integer array) file;
+    also returns its fingerprint info."""
     path = existing_file(spec.indices_file, key, base_dir, "a file of indices")
+    if path.suffix.lower() == ".npy":
+        import numpy as np
+
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{key}: cannot read {path.name} ({exc})") from None
+        if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
+            raise DataError(f"{key}: {path.name} holds a {array.dtype} array of shape {list(array.shape)}; expected a 1-D integer array")
+        return [int(v) for v in array.tolist()], file_info(path)
     try:
         text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not part of line 1
     except (OSError, UnicodeDecodeError) as exc:
@@ -40,11 +51,17 @@ def _read_indices_file(spec: DataSpec, base_dir: Path, key: str) -> tuple[list[i
                 raise ValueError(line)
             out.append(int(line))
         except ValueError:
-            raise DataError(f"{key}: line {lineno} of {path.name} is {line!r}, not an integer") from None
+            raise DataError(
+                f"{key}: line {lineno} of {path.name} is {line!r}, not an integer",
+                hint="a text file holds one index per line (blank lines and # comment lines allowed); or give a .json list or a .npy array",
+            ) from None
     return out, file_info(path)
 
 
 def _check_indices(values: Sequence[int], n: int, key: str, desc: str) -> torch.Tensor:
+    huge = next((v for v in values if not -(2**63) <= v < 2**63), None)  # beyond int64: torch cannot even hold it
+    if huge is not None:
+        raise DataError(f"{key}: index {huge} is outside the {n} examples of {desc} (valid: 0..{n - 1})")
     idx = torch.as_tensor(list(values), dtype=torch.int64)
     if idx.numel() == 0:
         raise DataError(f"{key}: the list of indices is empty")

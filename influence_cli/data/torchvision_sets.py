@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import sys
 from pathlib import Path
@@ -167,6 +168,22 @@ def _folder_mode(samples: list[tuple[str, int]], key: str) -> str:
     return "L" if gray else "RGB"
 
 
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")  # torchvision's, and GIF
+
+
+@functools.lru_cache(maxsize=8)
+def _root_mode(root: str) -> str:
+    """_folder_mode of an image folder given by its root (data.train's, read once per process)."""
+    import torchvision.datasets as tvd
+
+    present, is_image, _ = _list_image_folder(Path(root), _IMAGE_SUFFIXES)
+    try:
+        found = tvd.folder.make_dataset(root, {c: i for i, c in enumerate(present)}, is_valid_file=is_image)
+    except (FileNotFoundError, OSError, ValueError):
+        return "L"  # data.train's own load says what is wrong with it
+    return _folder_mode([(str(p), int(t)) for p, t in found], "data.train.root")
+
+
 def _palette_is_gray(img: Any) -> bool:
     palette = img.getpalette() or []
     return all(palette[i] == palette[i + 1] == palette[i + 2] for i in range(0, len(palette) - 2, 3))
@@ -213,7 +230,13 @@ def open_image_folder(spec: DataSpec, base_dir: Path, name: str) -> Source:
         import torchvision.datasets as tvd
     except ImportError:
         raise DataError(f"{name}.source: image_folder needs torchvision", hint="pip install torchvision") from None
-    present, is_image, skipped = _list_image_folder(root, (*tvd.folder.IMG_EXTENSIONS, ".gif"))  # torchvision's, and GIF
+    present, is_image, skipped = _list_image_folder(root, _IMAGE_SUFFIXES)
+    if not present:
+        loose = any(p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES for p in root.iterdir())
+        raise DataError(
+            f"{name}.root: {str(root)!r} has no class sub-folders" + (" (its images lie in the folder itself)" if loose else ""),
+            hint="image_folder expects root/<class name>/<image files>; for unlabelled images make one class folder",
+        )
     classes = spec.classes or present  # label i = classes[i] (data.train's classes, shared by config.py)
     unknown = [c for c in present if c not in classes]
     if unknown:
@@ -230,6 +253,8 @@ def open_image_folder(spec: DataSpec, base_dir: Path, name: str) -> Source:
         ) from None
     samples = [(str(p), int(t)) for p, t in found]
     mode = _folder_mode(samples, f"{name}.root")
+    if mode == "L" and spec.colour_of is not None and _root_mode(spec.colour_of) == "RGB":
+        mode = "RGB"  # data.train's folder is colour: the model takes 3 channels, whatever this folder holds
     resize = tuple(spec.transform.resize) if spec.transform.resize else None
     rel = [f"{Path(p).relative_to(root)}|{Path(p).stat().st_size}" for p, _ in samples]  # names and sizes, for the fingerprint
     return Source(

@@ -70,6 +70,11 @@ class Transform:
             if len(shape) != 3 or resize_in_items:
                 what = "images read from files are channels first already" if resize_in_items else f"inputs of shape {list(shape)} are not [H, W, C] images"
                 raise DataError(f"{key}.channels_first: {what}", hint=f"drop {key}.channels_first")
+            if shape[0] in (1, 3, 4) and shape[-1] not in (1, 3, 4):  # as resize judges it: permuting would scramble the pixels
+                raise DataError(
+                    f"{key}.channels_first: inputs of shape {list(shape)} are channels first already ([C, H, W])",
+                    hint=f"drop {key}.channels_first",
+                )
             shape = (shape[2], shape[0], shape[1])
         if spec.resize is not None:
             if len(spec.resize) != 2 or min(spec.resize) <= 0:
