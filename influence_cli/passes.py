@@ -416,7 +416,7 @@ def _input_hint(x: torch.Tensor, reason: str, dataset_name: str) -> str:
     if not x.is_floating_point():
         return f"the inputs are int64 token ids; for a model that takes numbers set {dataset_name}.transform.dtype: float32"
     if any(word in reason for word in ("indices", "index", "Long")):
-        return f"the model seems to take token ids; set {dataset_name}.transform.dtype: int64"
+        return f"the model seems to take token ids; set {dataset_name}.transform.dtype: int64 (without scale, normalize or resize, which make floats)"
     return "check model.kwargs and data transform (flatten/resize)"
 
 
@@ -441,7 +441,11 @@ def _check_outputs(out: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, task_k
             )
         if y.dtype.is_floating_point:
             whole = bool(torch.isfinite(y).all()) and bool((y == y.round()).all())
-            hint = "store the class labels as integers (these are whole numbers stored as floats)" if whole else "set task.kind: regression"
+            one_hot = y.dim() == 2 and whole and bool(((y == 0) | (y == 1)).all()) and bool((y.sum(1) == 1).all())
+            if one_hot:
+                hint = "store the class indices, labels.argmax(1), as integers [N] (these are one-hot rows)"
+            else:
+                hint = "store the class labels as integers (these are whole numbers stored as floats)" if whole else "set task.kind: regression"
             raise DataError(f"{dataset_name}: classification needs integer labels, got {y.dtype}", hint=hint)
         if y.dim() != 1:
             raise DataError(

@@ -212,3 +212,6 @@ def test_class_labels_stored_as_floats_are_named_as_such():
     with pytest.raises(DataError) as exc:
         _first(nn.Linear(4, 3), x, torch.tensor([0.5, 2.0, 1.0, 1.0]), kind="classification", fisher="empirical")
     assert exc.value.hint == "set task.kind: regression"
+    with pytest.raises(DataError) as exc:  # one-hot rows: casting them would not help
+        _first(nn.Linear(4, 3), x, torch.eye(3)[[0, 2, 1, 1]], kind="classification", fisher="empirical")
+    assert exc.value.hint == "store the class indices, labels.argmax(1), as integers [N] (these are one-hot rows)"
