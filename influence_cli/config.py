@@ -93,7 +93,7 @@ class DataSpec:
     )
     transform: TransformSpec = _help("Input transforms.", default_factory=TransformSpec)
     colour_of: str | None = field(  # set by _share_image_folder_classes: data.train's root, whose colour mode this folder takes
-        default=None, metadata={"help": "image_folder: read as RGB when this folder (data.train's) is.", "internal": True}
+        default=None, metadata={"help": "image_folder: read in the colour mode of this folder (data.train's).", "internal": True}
     )
 
 
@@ -617,7 +617,7 @@ def _share_image_folder_classes(cfg: Config) -> None:
     classes = train.classes or image_folder_classes(cfg.resolve(train.root))
     query = cfg.data.query
     if query is not None and query.source == "image_folder":
-        query.colour_of = str(cfg.resolve(train.root))  # a grayscale query folder of an RGB model is read as RGB
+        query.colour_of = str(cfg.resolve(train.root))  # read in data.train's colour mode (grayscale or RGB), as the model takes it
         if query.classes is None:
             query.classes = list(classes)  # always: a query class the model was not trained on is refused by name
     for spec in [*cfg.similarity.datasets.values(), *cfg.spectrum.datasets.values()]:

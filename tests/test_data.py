@@ -728,7 +728,7 @@ def test_image_suffixes_are_torchvisions_and_gif() -> None:
     assert set(torchvision_sets._IMAGE_SUFFIXES) == {*tvd.folder.IMG_EXTENSIONS, ".gif"}
 
 
-def test_a_grayscale_query_folder_of_a_colour_training_folder_is_read_as_rgb(tmp_path: Path) -> None:
+def test_a_query_folder_is_read_in_the_colour_mode_of_the_training_folder(tmp_path: Path) -> None:
     """Each folder chose its own mode: a query of grayscale images gave the model 1 channel instead of 3."""
     from PIL import Image
 
@@ -748,6 +748,9 @@ def test_a_grayscale_query_folder_of_a_colour_training_folder_is_read_as_rgb(tmp
         x = load_dataset(spec, tmp_path, name=key)[0][0]
         assert x.shape == (3, 6, 5) and x[:, 0, 0].tolist() == [80.0, 80.0, 80.0], key
     assert load_dataset(DataSpec(source="image_folder", root="query"), tmp_path)[0][0].shape == (1, 6, 5)  # alone: grayscale
+    swapped = config_from_dict({**data, "data": {"train": {"source": "image_folder", "root": "query"},
+                                                 "query": {"source": "image_folder", "root": "train"}}}, base_dir=tmp_path)  # fmt: skip
+    assert load_dataset(swapped.data.query, tmp_path, name="data.query")[0][0].shape == (1, 6, 5)  # colour query of a grayscale model
     assert "colour_of" not in json.dumps(cfg.to_dict())  # internal: not a key of the config
 
 

@@ -252,9 +252,9 @@ def open_image_folder(spec: DataSpec, base_dir: Path, name: str) -> Source:
             hint="image_folder expects root/<class name>/<image files>",
         ) from None
     samples = [(str(p), int(t)) for p, t in found]
-    mode = _folder_mode(samples, f"{name}.root")
-    if mode == "L" and spec.colour_of is not None and _root_mode(spec.colour_of) == "RGB":
-        mode = "RGB"  # data.train's folder is colour: the model takes 3 channels, whatever this folder holds
+    mode = _folder_mode(samples, f"{name}.root")  # also checks every image's header
+    if spec.colour_of is not None:
+        mode = _root_mode(spec.colour_of)  # data.train's: the model takes its channels, whatever this folder holds
     resize = tuple(spec.transform.resize) if spec.transform.resize else None
     rel = [f"{Path(p).relative_to(root)}|{Path(p).stat().st_size}" for p, _ in samples]  # names and sizes, for the fingerprint
     return Source(
