@@ -614,10 +614,11 @@ def _share_image_folder_classes(cfg: Config) -> None:
     train = cfg.data.train
     if train is None or train.source != "image_folder" or train.root is None:
         return
-    classes = train.classes or image_folder_classes(cfg.resolve(train.root))
+    root = cfg.resolve(train.root)
+    classes = train.classes or image_folder_classes(root)
     query = cfg.data.query
     if query is not None and query.source == "image_folder":
-        query.colour_of = str(cfg.resolve(train.root))  # read in data.train's colour mode (grayscale or RGB), as the model takes it
+        query.colour_of = str(root)  # read in data.train's colour mode (grayscale or RGB), as the model takes it
         if query.classes is None:
             query.classes = list(classes)  # always: a query class the model was not trained on is refused by name
     for spec in [*cfg.similarity.datasets.values(), *cfg.spectrum.datasets.values()]:
@@ -625,7 +626,7 @@ def _share_image_folder_classes(cfg: Config) -> None:
             continue
         if set(image_folder_classes(cfg.resolve(spec.root))) <= set(classes):
             spec.classes = list(classes)
-            spec.colour_of = str(cfg.resolve(train.root))
+            spec.colour_of = str(root)
 
 
 def _under(key: str, roots: set[str]) -> bool:

@@ -67,8 +67,7 @@ class NonFiniteWatch:
         n = len(batch.global_indices)
         if n > self.bad_examples.numel():  # sizes are known on the host: growing the record needs no sync
             self.bad_examples = torch.nn.functional.pad(self.bad_examples, (0, n - self.bad_examples.numel()), value=-1)
-        tensors = [batch.outputs] + [g for grads in batch.gradients for g in grads.values()]
-        ok = torch.stack([torch.isfinite(t.reshape(n, -1).sum(1)) for t in tensors]).all(0)  # [B]
+        ok = finite_rows(batch.outputs, batch.gradients)  # [B]
         marked = torch.where(ok, torch.full_like(batch.global_indices, -1), batch.global_indices.to(torch.int64))
         marked = torch.nn.functional.pad(marked, (0, self.bad_examples.numel() - n), value=-1)
         first = (self.bad_batch < 0) & ~ok.all()
@@ -172,7 +171,7 @@ def stream_gradients(
         if offset == 0 and padding_value is None:
             _warn_if_padded(x, dataset_name)
         if task_kind == "language_modeling" and y.dim() > 1:
-            lossless += idx[(y == task_lib.IGNORE_INDEX).flatten(1).all(1)].tolist()
+            lossless += idx[task_lib.without_counted_position(y)].tolist()
         if vocabulary is not None:
             check_token_ids(x, idx, vocabulary, dataset_name, padding_value)
         host_mask = None if padding_value is None else padding_mask(x, padding_value, dataset_name)  # [B, L], the data's own dtype
@@ -222,11 +221,17 @@ def stream_gradients(
     _warn_lossless(lossless, dataset_name)
 
 
+def finite_rows(outputs: torch.Tensor, gradients: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """[B] bool: the examples whose outputs and every layer's gradients are finite (one reduction per
+    tensor and example: a NaN or Inf anywhere in a row makes its sum non-finite)."""
+    n = outputs.shape[0]
+    tensors = [outputs] + [g for grads in gradients for g in grads.values()]
+    return torch.stack([torch.isfinite(t.reshape(n, -1).sum(1)) for t in tensors]).all(0)
+
+
 def _check_finite(outputs: torch.Tensor, gradients: list[dict[str, torch.Tensor]], idx: torch.Tensor, batch: int, dataset_name: str) -> None:
     """NumericalError naming the examples of the batch whose outputs or gradients are not finite (one host sync)."""
-    n = len(idx)
-    tensors = [outputs] + [g for grads in gradients for g in grads.values()]
-    ok = torch.stack([torch.isfinite(t.reshape(n, -1)).all(1) for t in tensors]).all(0)
+    ok = finite_rows(outputs, gradients)
     if not bool(ok.all()):
         raise NumericalError(
             f"{dataset_name}: non-finite outputs or gradients in batch {batch} (examples with global indices {index_span(idx[~ok].tolist())})",

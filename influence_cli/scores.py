@@ -49,7 +49,7 @@ from influence_cli.passes import (
 )
 from influence_cli.progress import Progress, for_rank
 from influence_cli.resume import PassCheckpoint, Snapshot, check_rank_layout, run_key, run_keys
-from influence_cli.task import IGNORE_INDEX
+from influence_cli.task import IGNORE_INDEX, without_counted_position
 
 _SCORE_BYTES = 4  # the score block is computed in float32 (float64 for float64 models), see sizing
 
@@ -442,7 +442,7 @@ def _zero_gradient_indices(batch: BatchGradients) -> list[int]:
     zero = torch.stack([g.flatten(1).abs().amax(1) == 0 for g in batch.gradients[0].values()]).all(0)
     y = batch.targets
     if not y.is_floating_point() and y.dim() > 1:
-        zero &= ~(y == IGNORE_INDEX).flatten(1).all(1).to(zero.device)
+        zero &= ~without_counted_position(y).to(zero.device)
     return batch.global_indices[zero.to(batch.global_indices.device)].tolist()
 
 

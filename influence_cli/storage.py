@@ -387,9 +387,8 @@ def is_output_name(name: str) -> bool:
 def file_format(path: Path) -> str:
     """The `format` metadata of an existing safetensors file ("" when absent or unreadable)."""
     try:
-        with safe_open(str(path), framework="pt") as fh:
-            return (fh.metadata() or {}).get(FORMAT_KEY, "")
-    except Exception:  # not a file, or not safetensors
+        return read_metadata(path).get(FORMAT_KEY, "")
+    except OutputError:  # not a file, or not safetensors
         return ""
 
 

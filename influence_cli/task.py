@@ -64,6 +64,11 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def without_counted_position(labels: torch.Tensor) -> torch.Tensor:
+    """[B] bool: the language-model examples whose labels [B, T] are all IGNORE_INDEX (no loss, so a zero gradient)."""
+    return (labels == IGNORE_INDEX).flatten(1).all(1)
+
+
 def counter_uniform(
     seed: int, global_indices: torch.Tensor, width: int, stream: int = 0, columns: torch.Tensor | None = None
 ) -> torch.Tensor:

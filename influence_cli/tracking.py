@@ -254,7 +254,7 @@ def skipped_layers(model: nn.Module, tracked: Sequence[TrackedModule], patterns:
         module = modules.get("" if u.name == "(model)" else u.name)
         if u.shared_with is not None or module is None or not any(fnmatch.fnmatchcase(u.name, p) for p in wildcards):
             continue
-        if isinstance(module, (nn.Linear, nn.Conv2d)) or isinstance(module, nn.modules.conv._ConvNd):
+        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):  # Conv2d among the convs
             out.append(u)
     return out
 

@@ -136,9 +136,9 @@ def command(name: str, resumable: bool = False, rank_0: bool = False, **kwargs: 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def wrapper(*args: Any, **kw: Any) -> Any:
-            if rank_0 and os.environ.get("RANK", "0").strip() not in ("", "0"):
-                return None
             rank = os.environ.get("RANK", "0").strip()
+            if rank_0 and rank not in ("", "0"):
+                return None
             warnings = WarningPrinter(int(rank) if rank.isdigit() else 0)  # under torchrun, each rank about its shard (a bad RANK: init_distributed says)
             logger = logging.getLogger("influence_cli")  # the core's notices (not imported here: it would import torch)
             logger.addHandler(warnings)

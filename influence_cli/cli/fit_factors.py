@@ -167,10 +167,8 @@ def inspect_cmd(config: ConfigArg, set_: SetOpt = None, json_: JsonOpt = False) 
         [("layer", "left"), ("kind", "left"), ("weight", "left"), ("[W | b]", "right"), ("params", "right"), ("factors", "right")],
     )
     table.columns[0].overflow = "fold"
-    total = 0
     for r in rows:
         floats = r.a_size + r.g_size + r.eigenvalue_size
-        total += floats
         table.add_row(
             layer_label(r.name), r.kind, "×".join(map(str, r.weight_shape)), f"{r.d_out}×{r.d_in}", f"{r.d_in * r.d_out:,}", human_bytes(4 * floats)
         )
@@ -186,6 +184,6 @@ def inspect_cmd(config: ConfigArg, set_: SetOpt = None, json_: JsonOpt = False) 
             table.add_row(kind, names, f"{sum(u.num_params for u in members):,}", reason)
         print_table(table)
     out_console().print(
-        f"{len(rows)} layers, factors {human_bytes(4 * total)} in float32; "
+        f"{len(rows)} layers, factors {human_bytes(4 * factor_floats)} in float32; "
         f"{tracked_params:,} of {parameters:,} parameters tracked"
     )

@@ -61,9 +61,10 @@ class _Console(Console):
 err_console = _Console(stderr=True, highlight=False, soft_wrap=True)  # messages are lines, whatever reads them (a log file, a pipe)
 
 
-def out_console() -> Console:
-    """A console on the current stdout (created per call so test runners can capture it)."""
-    return _Console(file=sys.stdout, highlight=False, markup=False, soft_wrap=False, width=_columns())  # results are literal: a class named "[cat]" stays
+def out_console(width: int | None = None) -> Console:
+    """A console on the current stdout (created per call so test runners can capture it), `width`
+    columns wide (default: the terminal's, or unbounded for a pipe)."""
+    return _Console(file=sys.stdout, highlight=False, markup=False, soft_wrap=False, width=width or _columns())  # results are literal: a class named "[cat]" stays
 
 
 def tolerate_narrow_encodings() -> None:
@@ -117,7 +118,7 @@ def print_table(table: Table) -> None:
         needed = _drawn_width(console, table)
         if needed <= console.width:
             break
-        console = _Console(file=sys.stdout, highlight=False, markup=False, soft_wrap=False, width=needed)
+        console = out_console(needed)
     title, table.title = table.title, None  # a line of its own, not wrapped to the table's width (a pipe reads it whole)
     if title:
         console.print(title, style="table.title", soft_wrap=True)
