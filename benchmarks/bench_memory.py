@@ -64,12 +64,11 @@ def main() -> None:
     save_tensors(ckpt, model.state_dict(), {})
 
     rows = []
-    for n in (2000, 8000):
-        cfg = write_config(tmp / f"fit{n}.json", ckpt, tmp / f"fit{n}", n)
+    sizes = {n: write_config(tmp / f"fit{n}.json", ckpt, tmp / f"fit{n}", n) for n in (2000, 8000)}
+    for n, cfg in sizes.items():
         rows.append((f"fit-factors, {n:,} train", peak(["fit-factors", str(cfg)])))
     fit_ratio = rows[1][1] / rows[0][1]
-    for n in (2000, 8000):  # the scoring passes stream the training set too (one batch held at a time)
-        cfg = write_config(tmp / f"fit{n}.json", ckpt, tmp / f"fit{n}", n)
+    for n, cfg in sizes.items():  # the scoring passes stream the training set too (one batch held at a time)
         rows.append((f"compute-scores --self, {n:,} train", peak(["compute-scores", str(cfg), "--self"])))
     self_ratio = rows[3][1] / rows[2][1]
 

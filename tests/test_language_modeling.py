@@ -170,6 +170,17 @@ def test_gradient_dot_products_equal_autograd_on_padded_batches():
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+def _factors_equal_to_each_sequence_alone(model, tracked, tokens, labels, alone, fisher):
+    """EKFAC factors of the padded batches of (tokens, labels), checked equal to those of the sequences fed one by one."""
+    n = len(alone)
+    padded = compute_factors(model, tracked, "ekfac", PassPlan(batches_of(tokens, labels, 4), 3, n, LM, fisher, 0, padding_value=PAD))
+    single = compute_factors(model, tracked, "ekfac", PassPlan(_singletons(alone), n, n, LM, fisher, 0))
+    for name in ("mix", "head"):
+        for key in ("a_covariance", "g_covariance", "eigenvalues"):
+            torch.testing.assert_close(getattr(padded[name], key), getattr(single[name], key), rtol=1e-10, atol=1e-12)
+    return padded, single
+
+
 @pytest.mark.parametrize("fisher", ["empirical", "sampled"])
 def test_padded_batches_give_the_numbers_of_each_sequence_alone(fisher):
     """EKFAC factors, pairwise scores and self-influence of padded batches equal those of unpadded sequences."""
@@ -177,12 +188,7 @@ def test_padded_batches_give_the_numbers_of_each_sequence_alone(fisher):
     model = TinyLM().double()
     tracked = find_tracked_modules(model, ["*"])
     tokens, labels, alone = lm_sequences()
-    n = len(alone)
-    masked = compute_factors(model, tracked, "ekfac", PassPlan(batches_of(tokens, labels, 4), 3, n, LM, fisher, 0, padding_value=PAD))
-    single = compute_factors(model, tracked, "ekfac", PassPlan(_singletons(alone), n, n, LM, fisher, 0))
-    for name in ("mix", "head"):
-        for key in ("a_covariance", "g_covariance", "eigenvalues"):
-            torch.testing.assert_close(getattr(masked[name], key), getattr(single[name], key), rtol=1e-10, atol=1e-12)
+    masked, single = _factors_equal_to_each_sequence_alone(model, tracked, tokens, labels, alone, fisher)
     assert masked["head"].eigenvalues.sum() > 0
     q_tokens, q_labels, q_alone = lm_sequences(n=4, seed=1)
     got = pairwise_scores(
@@ -204,11 +210,15 @@ class MaskedLM(TinyLM):
         return self.head(torch.tanh(self.mix(e.cumsum(dim=1) / real.cumsum(dim=1).clamp_min(1))))
 
 
+def _left_columns(tokens):
+    """[N, L]: column t of a sequence left-padded is column cols[t] of it right-padded."""
+    shift = (tokens == PAD).sum(1)
+    return (torch.arange(tokens.shape[1])[None, :] - shift[:, None]) % tokens.shape[1]
+
+
 def _left_padded(tokens, labels):
     """The same sequences with their padding moved to the start."""
-    lengths = (tokens != PAD).sum(1)
-    shift = tokens.shape[1] - lengths
-    cols = (torch.arange(tokens.shape[1])[None, :] - shift[:, None]) % tokens.shape[1]
+    cols = _left_columns(tokens)
     return tokens.gather(1, cols), labels.gather(1, cols)
 
 
@@ -221,8 +231,7 @@ def test_sampled_tokens_are_drawn_by_rank_among_the_real_positions():
     right = task_lib.sample_targets(out, labels, idx, LM, 0, real=tokens != PAD)
     assert torch.equal(right, task_lib.sample_targets(out, labels, idx, LM, 0))  # unchanged for right padding
     left_tokens, left_labels = _left_padded(tokens, labels)
-    shift = (tokens == PAD).sum(1)
-    cols = (torch.arange(tokens.shape[1])[None, :] - shift[:, None]) % tokens.shape[1]
+    cols = _left_columns(tokens)
     left = task_lib.sample_targets(out.gather(1, cols[..., None].expand_as(out)), left_labels, idx, LM, 0, real=left_tokens != PAD)
     assert torch.equal(left, right.gather(1, cols))
 
@@ -235,12 +244,7 @@ def test_left_padding_gives_the_factors_of_each_sequence_alone(fisher):
     tokens, labels, alone = lm_sequences()
     left_tokens, left_labels = _left_padded(tokens, labels)
     assert (left_tokens[:, -1] != PAD).all() and (left_tokens == PAD).any()
-    n = len(alone)
-    left = compute_factors(model, tracked, "ekfac", PassPlan(batches_of(left_tokens, left_labels, 4), 3, n, LM, fisher, 0, padding_value=PAD))
-    single = compute_factors(model, tracked, "ekfac", PassPlan(_singletons(alone), n, n, LM, fisher, 0))
-    for name in ("mix", "head"):
-        for key in ("a_covariance", "g_covariance", "eigenvalues"):
-            torch.testing.assert_close(getattr(left[name], key), getattr(single[name], key), rtol=1e-10, atol=1e-12)
+    _factors_equal_to_each_sequence_alone(model, tracked, left_tokens, left_labels, alone, fisher)
 
 
 def test_nan_from_a_sequence_of_padding_alone_names_the_example():

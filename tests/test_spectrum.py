@@ -11,6 +11,7 @@ import torch
 from exact import ConvHead, batches_of, empirical_vectors, fit, per_example_layer_grads, tiny_mlp
 from mnist_files import IMAGES, LABELS, requires_mnist
 from PIL import Image
+from test_models import TiedLM
 from typer.testing import CliRunner, Result
 
 from influence_cli.bands import band_labels, band_sizes, direction_curvature, keep_mask, layer_bands
@@ -241,24 +242,12 @@ def test_edit_model_changes_only_the_chosen_layers():
     assert e.curvature_share_kept >= 0.6 and 0 < e.weight_share_removed < 1
 
 
-class TiedHead(torch.nn.Module):
-    """Token embeddings tied to the output head (the head is tracked, the embedding is not)."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.embed, self.mix, self.head = torch.nn.Embedding(6, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 6, bias=False)
-        self.head.weight = self.embed.weight
-
-    def forward(self, tokens):
-        return self.head(torch.tanh(self.mix(self.embed(tokens))))
-
-
 def test_edit_of_a_tied_weight_writes_it_under_every_name(caplog):
     """Both names of a tied weight hold the edited values (a checkpoint loads them in either order), with a warning."""
-    model = TiedHead().double()
+    torch.manual_seed(0)
+    model = TiedLM().double()  # token embeddings tied to the output head (the head is tracked, the embedding is not)
     g = torch.Generator().manual_seed(0)
-    x, y = torch.randint(0, 6, (12,), generator=g), torch.randint(0, 6, (12,), generator=g)
+    x, y = torch.randint(0, 7, (12,), generator=g), torch.randint(0, 7, (12,), generator=g)
     tracked, factors = fit(model, x, y, strategy="kfac", fisher="empirical")
     head = next(tm for tm in tracked if tm.name == "head")
     state, _ = edit_model(model, [head], factors, keep="share", share=0.5, order="kfac")
