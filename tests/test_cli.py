@@ -654,6 +654,17 @@ def test_a_closed_stdout_exits_141_like_a_shell_pipe(runner: CliRunner, tmp_path
     assert proc.wait(timeout=120) == 141
 
 
+@pytest.mark.parametrize("args", [["--help"], ["fit-factors", "--help"]])
+def test_help_into_a_closed_pipe_exits_141(args: list[str]):
+    """`influence --help | true`: typer's own help console stops the same way as the commands' output."""
+    proc = subprocess.Popen([sys.executable, "-m", "influence_cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    proc.stdout.close()  # gone before the help is written (python takes far longer to start)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141, err.decode()
+    assert b"Traceback" not in err and b"Exception ignored" not in err
+
+
 def test_the_cli_starts_without_importing_torch():
     """`influence --help` and usage errors answer at once: torch (seconds to import) loads only when a command runs."""
     code = "import sys; from influence_cli.cli import app; assert 'torch' not in sys.modules, 'torch imported'"

@@ -17,7 +17,14 @@ from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 
 from influence_cli import __version__
-from influence_cli.cli.render import EXIT_BROKEN_PIPE, WarningPrinter, err_console, stdout_closed, tolerate_narrow_encodings
+from influence_cli.cli.render import (
+    EXIT_BROKEN_PIPE,
+    WarningPrinter,
+    err_console,
+    exit_141_on_broken_pipes,
+    stdout_closed,
+    tolerate_narrow_encodings,
+)
 from influence_cli.errors import InfluenceError, out_of_memory
 
 EXIT_INTERRUPTED = 130
@@ -200,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args = _debug_first(list(sys.argv[1:] if argv is None else argv))
     tolerate_narrow_encodings()
+    exit_141_on_broken_pipes()
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         code = app(prog_name="influence", args=args, standalone_mode=False)

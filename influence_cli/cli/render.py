@@ -52,10 +52,22 @@ def stdout_closed(stream: Any = None) -> None:
         pass
 
 
+def _exit_broken_pipe(console: Console) -> None:
+    """What a console does when its reader went away: rich's own exits with 1, which is not one of the
+    documented codes."""
+    console.quiet = True
+    stdout_closed(console.file)
+    raise SystemExit(EXIT_BROKEN_PIPE)
+
+
 class _Console(Console):
-    def on_broken_pipe(self) -> None:  # rich's own exits with 1, which is not one of the documented codes
-        stdout_closed(self.file)
-        raise SystemExit(EXIT_BROKEN_PIPE)
+    on_broken_pipe = _exit_broken_pipe
+
+
+def exit_141_on_broken_pipes() -> None:
+    """Every rich console of this process, typer's help and usage consoles too, exits like ours
+    (`influence --help | head -1`). Only the command-line entry point calls this."""
+    Console.on_broken_pipe = _exit_broken_pipe  # type: ignore[method-assign]
 
 
 err_console = _Console(stderr=True, highlight=False, soft_wrap=True)  # messages are lines, whatever reads them (a log file, a pipe)
