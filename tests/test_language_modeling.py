@@ -370,6 +370,12 @@ def test_cli_attributes_a_language_model(lm_project):
     assert "input" in result.stdout and "-100" not in result.stdout  # examples shown by their input ids
     top_self = json.loads(runner.invoke(app, ["top-k", lm_project, "--self", "--k", "2", "--json"]).stdout)["self_influence"][0]
     assert top_self["train_input"] == alone[top_self["train_index"]][0][0].tolist()
+    spectrum = runner.invoke(app, ["spectrum", lm_project, "--top", "2"])
+    assert spectrum.exit_code == 0, spectrum.stderr
+    assert "│ input" in spectrum.stdout.replace("┃", "│") and "-100" not in spectrum.stdout  # like top-k: input ids, not labels
+    top_spectrum = json.loads(runner.invoke(app, ["spectrum", lm_project, "--top", "2", "--json", "--overwrite"]).stdout)["top_examples"]["train"]
+    assert len(top_spectrum) == 2 and all(row["input"] == alone[row["global_index"]][0][0].tolist() for row in top_spectrum)
+    assert f"[{', '.join(map(str, top_spectrum[0]['input']))}" in " ".join(spectrum.stdout.split())
     refused = runner.invoke(app, ["fit-factors", lm_project, "--overwrite", "--set", "factors.fisher=ggn"])
     assert refused.exit_code == 2 and "factors.fisher: ggn is not available" in refused.stderr
 

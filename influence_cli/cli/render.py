@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
@@ -238,6 +239,17 @@ def label_text(label: Any, class_names: list[str] | None = None) -> str:
     if class_names is not None and isinstance(label, int) and 0 <= label < len(class_names):
         return f"{label} ({class_names[label]})"
     return str(label)
+
+
+def input_ids_reader(ds: Any, padding_value: int | None) -> Callable[[int], list[int]]:
+    """position -> a language model example's input token ids without its padding (how tables show
+    token data: the labels are the same ids shifted by one)."""
+
+    def ids(position: int) -> list[int]:
+        x = ds[position][0].reshape(-1)
+        return [int(v) for v in (x if padding_value is None else x[x != padding_value]).tolist()]
+
+    return ids
 
 
 def human_bytes(n: float) -> str:

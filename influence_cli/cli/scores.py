@@ -15,6 +15,7 @@ from influence_cli.cli.render import (
     RichProgress,
     err_console,
     human_bytes,
+    input_ids_reader,
     label_text,
     layer_label,
     new_table,
@@ -288,16 +289,7 @@ def _token_inputs(cfg, loaded: dict, which: list[str]):
     token ids without padding (list of int); None for other tasks."""
     if cfg.task.kind != "language_modeling":
         return None
-    pad = cfg.data.padding_value
-
-    def reader(ds):
-        def ids(position: int) -> list[int]:
-            x = ds[position][0].reshape(-1)
-            return [int(v) for v in (x if pad is None else x[x != pad]).tolist()]
-
-        return ids
-
-    return [reader(ds) for ds in _datasets(cfg, which, loaded)]
+    return [input_ids_reader(ds, cfg.data.padding_value) for ds in _datasets(cfg, which, loaded)]
 
 
 def _example_files(cfg, loaded: dict, which: list[str]):

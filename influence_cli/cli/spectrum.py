@@ -9,7 +9,16 @@ import typer
 from rich.markup import escape
 
 from influence_cli.cli.app import ConfigArg, JsonOpt, ReportOverwriteOpt, SetOpt, command, load
-from influence_cli.cli.render import RichProgress, err_console, label_text, layer_label, out_console, print_json, print_table
+from influence_cli.cli.render import (
+    RichProgress,
+    err_console,
+    input_ids_reader,
+    label_text,
+    layer_label,
+    out_console,
+    print_json,
+    print_table,
+)
 from influence_cli.cli.render import new_table as _new_table
 
 LayersOpt = Annotated[
@@ -97,8 +106,12 @@ def spectrum_cmd(
         return
     if plot is not None:
         save_spectrum_plot(plot, report)
+    inputs = _token_inputs(cfg) if top else None  # a language model's examples are shown by their input ids
     if json_:
         data = report.to_dict(top)
+        for name, rows in data["top_examples"].items() if inputs else []:
+            for row in rows:
+                row["input"] = inputs[name](row["global_index"])
         if plot is not None:
             data["plot"] = str(Path(plot).resolve())
         print_json(data)
@@ -138,15 +151,32 @@ def spectrum_cmd(
             noisy = bool(ds.noisy.any())
             table = new_table(
                 f"most memorization-like examples of {ds_name} (largest {names[0]} share)",
-                [("rank", "right"), ("global index", "right"), ("label", "right")] + ([("noisy", "left")] if noisy else [])
-                + [("bottom share", "right"), ("gradient energy", "right")],
+                [("rank", "right"), ("global index", "right"), ("input", "left") if inputs else ("label", "right")]
+                + ([("noisy", "left")] if noisy else []) + [("bottom share", "right"), ("gradient energy", "right")],
             )  # fmt: skip
             for r, row in enumerate(rows, start=1):
-                cells = [str(r), str(row["global_index"]), label_text(row["label"])] + (["yes" if row["noisy"] else ""] if noisy else [])
+                shown = label_text(inputs[ds_name](row["global_index"]) if inputs else row["label"])
+                cells = [str(r), str(row["global_index"]), shown] + (["yes" if row["noisy"] else ""] if noisy else [])
                 table.add_row(*cells, _pct(row["bottom_share"]), f"{row['energy']:.3g}")
             print_table(table)
     extra = f" and {plot}" if plot is not None else ""
     err_console.print(f"[green]saved[/] {escape(str(report.path))}{escape(extra)} ({report.strategy} factors, {report.fisher} Fisher; {report.seconds.get('total', 0.0):.2f}s)")
+
+
+def _token_inputs(cfg) -> dict | None:
+    """For a language model, per dataset of the spectrum: global index -> its input token ids without
+    padding; None for other tasks."""
+    if cfg.task.kind != "language_modeling":
+        return None
+    from influence_cli.data import load_dataset
+
+    specs = {name: (spec, f"spectrum.datasets.{name}") for name, spec in cfg.spectrum.datasets.items()} or {"train": (cfg.data.train, "data.train")}
+    out = {}
+    for name, (spec, key) in specs.items():
+        ds = load_dataset(spec, cfg.base_dir, name=key, seed=cfg.seed, embedding_model=True)
+        ids = input_ids_reader(ds, cfg.data.padding_value)
+        out[name] = lambda global_index, ds=ds, ids=ids: ids(int(ds.position_of([global_index])[0]))
+    return out
 
 
 @command("edit", epilog=EDIT_EPILOG)
