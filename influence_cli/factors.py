@@ -42,6 +42,8 @@ class LayerFactors:
         a_eigenvalues, g_eigenvalues: λ_A [d_in], λ_G [d_out] (K-FAC / EKFAC).
         a_covariance, g_covariance: A and G themselves (K-FAC / EKFAC).
         num_examples: Examples averaged over.
+        eps: The relative rounding of the factors: the coarsest precision they were held in, so
+            factors read from a float32 file and moved to float64 keep float32's (None: their dtype's).
     """
 
     name: str
@@ -53,10 +55,15 @@ class LayerFactors:
     a_covariance: torch.Tensor | None = None
     g_covariance: torch.Tensor | None = None
     num_examples: int = 0
+    eps: float | None = None
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> LayerFactors:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device=device, dtype=dtype or t.dtype)
+
+        eps = self.rounding()
+        if dtype is not None and dtype.is_floating_point:
+            eps = max(eps or 0.0, torch.finfo(dtype).eps)
 
         return LayerFactors(
             self.name,
@@ -68,7 +75,14 @@ class LayerFactors:
             move(self.a_covariance),
             move(self.g_covariance),
             self.num_examples,
+            eps,
         )
+
+    def rounding(self) -> float | None:
+        """`eps`, else the machine epsilon of the eigenvalues' dtype (None without eigenvalues)."""
+        if self.eps is not None:
+            return self.eps
+        return None if self.eigenvalues is None else torch.finfo(self.eigenvalues.dtype).eps
 
     def rotate(self, v: torch.Tensor) -> torch.Tensor:
         """Into the eigenbasis: U_Gᵀ V U_A for V [..., d_out, d_in]."""
@@ -98,8 +112,9 @@ class LayerFactors:
         """1 / (Λ + λ)^power [d_out, d_in]; None means the identity (no curvature).
 
         With λ = 0 it is the pseudo-inverse: directions whose Λ is at most
-        max(Λ)·eps·max(d_out, d_in) (numpy.linalg.pinv's rule; in float32 such a Λ is a zero
-        blurred by rounding, e.g. the softmax's null direction) take 0 instead of a huge 1/Λ.
+        max(Λ)·eps·max(d_out, d_in) (numpy.linalg.pinv's rule, with the factors' `rounding()`; in
+        float32 such a Λ is a zero blurred by rounding, e.g. the softmax's null direction) take 0
+        instead of a huge 1/Λ.
         They have no curvature, the fit's gradients are 0 there, and 0·(1/0) would be NaN.
         `dtype`: of the result (default: the eigenvalues'); it is computed in float64.
         """
@@ -107,7 +122,7 @@ class LayerFactors:
             return None
         lam = self.eigenvalues.double()
         shifted = lam + damping
-        tol = float(lam.abs().max()) * torch.finfo(self.eigenvalues.dtype).eps * max(lam.shape) if damping <= 0 else 0.0
+        tol = float(lam.abs().max()) * (self.rounding() or 0.0) * max(lam.shape) if damping <= 0 else 0.0
         keep = shifted > tol
         inverse = torch.where(keep, shifted, 1.0).pow(-power).masked_fill_(~keep, 0.0)
         return inverse.to(dtype or self.eigenvalues.dtype)

@@ -287,6 +287,20 @@ def test_zero_damping_is_the_pseudo_inverse():
     assert float(noisy.inverse_eigenvalues(1e-3)[0, 0]) == pytest.approx(1e3, rel=1e-6)
 
 
+def test_the_pseudo_inverse_cut_off_keeps_the_precision_the_factors_were_read_in():
+    """Factors from a (float32) file moved to a float64 model's dtype drop the same directions as in
+    float32: compute-scores (which moves them) and dataset-similarity (which does not) must agree."""
+    stored = LayerFactors("l", eigenvalues=torch.tensor([[1.0, 2e-12], [0.5, 0.25]], dtype=torch.float32))
+    moved = stored.to("cpu", torch.float64)
+    assert moved.eigenvalues.dtype == torch.float64 and moved.rounding() == torch.finfo(torch.float32).eps
+    assert moved.inverse_eigenvalues(0.0).tolist() == stored.inverse_eigenvalues(0.0, dtype=torch.float64).tolist()
+    assert float(moved.inverse_eigenvalues(0.0)[0, 1]) == 0.0
+    computed = LayerFactors("l", eigenvalues=stored.eigenvalues.double())  # float64 factors fitted in memory keep it
+    assert float(computed.inverse_eigenvalues(0.0)[0, 1]) == pytest.approx(5e11, rel=1e-6)
+    assert computed.to("cpu", torch.float64).rounding() == torch.finfo(torch.float64).eps
+    assert computed.to("cpu", torch.float32).rounding() == torch.finfo(torch.float32).eps
+
+
 class ScalesTheBatch(ScalesItsInput):
     def forward(self, x):
         h = torch.tanh(self.fc1(x))
