@@ -123,6 +123,9 @@ class LayerBands:
         counts: Directions per band.
         mass: Share of Σc per band.
         input_counts: A-directions per band.
+        without_curvature: Per band, whether it has directions and none of them has curvature (c at
+            most the pseudo-inverse's cut-off, e.g. the softmax's null direction or inputs that are
+            always 0): energy there is rounding or what the fit never saw.
     """
 
     name: str
@@ -132,6 +135,7 @@ class LayerBands:
     counts: list[int]
     mass: list[float]
     input_counts: list[int]
+    without_curvature: list[bool]
 
     def masks(self, bins: int, dtype: torch.dtype, device: torch.device | str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """0/1 masks of the sets [start, stop) of (3 bands, then `bins` bins), stacked as [d_out, stop − start, d_in]."""
@@ -149,6 +153,7 @@ def layer_bands(lf: LayerFactors, *, order: str, bottom: float, top: float, mass
     mass_share = [float(c.clamp_min(0)[band == k].sum()) / total if total > 0 else 0.0 for k in range(3)]
     lam_a = lf.a_eigenvalues.double().cpu()  # type: ignore[union-attr]
     input_band = band_labels(lam_a, bottom, top, mass)
+    cut_off = float(c.abs().max()) * (lf.rounding() or 0.0) * max(c.shape)  # LayerFactors.inverse_eigenvalues' rule
     return LayerBands(
         lf.name,
         band,
@@ -157,6 +162,7 @@ def layer_bands(lf: LayerFactors, *, order: str, bottom: float, top: float, mass
         [int((band == k).sum()) for k in range(3)],
         mass_share,
         [int((input_band == k).sum()) for k in range(3)],
+        [bool((band == k).any()) and bool((c[band == k] <= cut_off).all()) for k in range(3)],
     )
 
 

@@ -38,6 +38,7 @@ from influence_cli.context import RunContext, prepare
 from influence_cli.distributed import DistState
 from influence_cli.errors import ConfigError
 from influence_cli.factors import LayerFactors, Rotation
+from influence_cli.notices import warn
 from influence_cli.passes import NonFiniteWatch, accumulator_dtype, stream_gradients
 from influence_cli.progress import NullProgress, Progress, for_rank
 from influence_cli.squares import weighted_squares
@@ -282,6 +283,7 @@ class LayerBandInfo:
     counts: list[int]
     mass: list[float]
     input_counts: list[int]
+    without_curvature: list[bool]
 
 
 @dataclass
@@ -316,21 +318,33 @@ class SpectrumReport:
         raise KeyError(name)
 
     def ratios(self) -> dict[str, list[float]]:
-        """{group: [3]} share in each band relative to the baseline's, minus 1 (+0.23 = 23% more); NaN where the baseline has 0."""
+        """{group: [3]} share in each band relative to the baseline's, minus 1 (+0.23 = 23% more); NaN where
+        the baseline has 0 or the band has no curvature in any layer (`flat_bands`)."""
         base = self.group(self.baseline).share
+        flat = self.flat_bands()
         out = {}
         for g in self.groups:
             if g.name != self.baseline:
-                out[g.name] = [float(s / b - 1.0) if b > 0 else float("nan") for s, b in zip(g.share.tolist(), base.tolist(), strict=True)]
+                out[g.name] = [
+                    float(s / b - 1.0) if b > 0 and not f else float("nan") for s, b, f in zip(g.share.tolist(), base.tolist(), flat, strict=True)
+                ]
         return out
 
+    def flat_bands(self) -> list[bool]:
+        """Per band, whether it has no curvature in any analysed layer (`LayerBands.without_curvature`, empty
+        bands aside): its energy shares are rounding, or energy the fit never saw, and rank nothing."""
+        return [
+            any(b.counts[k] for b in self.bands) and all(b.without_curvature[k] for b in self.bands if b.counts[k]) for k in range(3)
+        ]
+
     def top_examples(self, n: int) -> dict[str, list[dict[str, Any]]]:
-        """Per dataset, its n examples with the largest bottom-band share (most memorization-like; ties by position)."""
+        """Per dataset, its n examples with the largest bottom-band share (most memorization-like; ties by
+        position), among those with any energy there; none when the bottom band has no curvature (`flat_bands`)."""
         out = {}
         for ds in self.datasets:
             total = ds.band_energy.sum(dim=(1, 2))
             score = ds.bottom_share()
-            k = min(n, ds.size)
+            k = 0 if self.flat_bands()[0] else min(n, int((score > 0).sum()))
             pos = torch.sort(score, descending=True, stable=True).indices[:k]
             values = score[pos]
             out[ds.name] = [
@@ -366,6 +380,7 @@ class SpectrumReport:
                     "directions": dict(zip(BANDS, b.counts, strict=True)),
                     "curvature_share": dict(zip(BANDS, b.mass, strict=True)),
                     "input_directions": dict(zip(BANDS, b.input_counts, strict=True)),
+                    "without_curvature": dict(zip(BANDS, b.without_curvature, strict=True)),
                 }
                 for b in self.bands
             ],
@@ -449,13 +464,20 @@ def spectrum(
     seconds = {"passes": time.perf_counter() - t0}
     groups = groups_of(results)
     infos = [
-        LayerBandInfo(tm.name, (tm.d_out, tm.d_in), bands[tm.name].counts, bands[tm.name].mass, bands[tm.name].input_counts)
+        LayerBandInfo(
+            tm.name, (tm.d_out, tm.d_in), bands[tm.name].counts, bands[tm.name].mass, bands[tm.name].input_counts, bands[tm.name].without_curvature
+        )
         for tm in chosen
     ]
     report = SpectrumReport(
         path, [tm.name for tm in chosen], order, sp.bottom, sp.top, sp.mass, sp.bins, infos, results, groups, baseline,
         factors.strategy, factors.fisher, seconds,
     )  # fmt: skip
+    if report.flat_bands()[0]:
+        warn(
+            "spectrum: the bottom band has no curvature in any analysed layer (e.g. only the softmax's null direction, or "
+            "inputs that are always 0): its shares are rounding, no ratio or example ranking is given; raise spectrum.bottom"
+        )
     if ctx.state.is_main:
         _save(report, ctx, cfg, fingerprints)
     ctx.state.barrier()

@@ -411,8 +411,34 @@ def test_cli_spectrum_json(digits):
         assert sum(g["bin_share"]) == pytest.approx(1.0)
     assert set(data["ratio_vs_baseline"]) == {"noisy_train", "noisy_train:noisy", "heldout"}
     assert [len(v) for v in data["top_examples"].values()] == [2, 2]
+    stored = load_spectrum_scores(out / SPECTRUM_FILE)
+    for name, rows in data["top_examples"].items():  # the largest bottom shares, in order, by global index
+        share = stored[name]["bottom_share"].double()
+        best = torch.sort(share, descending=True, stable=True).indices[:2]
+        assert [r["global_index"] for r in rows] == stored[name]["global_indices"][best].tolist()
+        assert [r["bottom_share"] for r in rows] == pytest.approx(share[best].tolist(), rel=1e-6)
     assert data["layer_bands"][0]["shape"] == [32, 65]  # fc2: 32 × (64 + bias) directions
     assert data["layer_bands"][0]["directions"] == {"bottom": 1040, "middle": 832, "top": 208}
+
+
+def test_a_bottom_band_without_curvature_ranks_nothing(digits):
+    """The head's bottom 10% of directions is its softmax null row (G's eigenvalue 0): the gradients are
+    0 there in exact arithmetic, so its shares are rounding of the basis; no ratio, no ranking by noise."""
+    out, sets = digits
+    args = ["spectrum", DIGITS, *sets, "--layers", "head", "--set", "spectrum.bottom=0.1", "--top", "3", "--overwrite"]
+    result = invoke(*args, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert "the bottom band has no curvature in any analysed layer" in result.stderr
+    data = json.loads(result.stdout)
+    assert data["layer_bands"][0]["without_curvature"] == {"bottom": True, "middle": False, "top": False}
+    assert all(g["share"]["bottom"] < 1e-8 for g in data["groups"])  # rounding
+    assert all(ratio["bottom"] is None and ratio["top"] is not None for ratio in data["ratio_vs_baseline"].values())
+    assert data["top_examples"] == {"noisy_train": [], "heldout": []}
+    table = invoke(*args)
+    assert table.exit_code == 0 and "bottom 10%: n/a on noisy_train vs heldout" in table.stdout
+    assert "heldout: no example ranked (the bottom band has no curvature)" in table.stdout
+    wider = invoke("spectrum", DIGITS, *sets, "--layers", "head", "--json", "--overwrite")  # the default bottom 50%
+    assert json.loads(wider.stdout)["layer_bands"][0]["without_curvature"]["bottom"] is False and "curvature" not in wider.stderr
 
 
 def test_cli_spectrum_by_mass_defaults_to_data_train(tmp_path, digits):

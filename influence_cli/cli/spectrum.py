@@ -147,6 +147,10 @@ def spectrum_cmd(
         console.print(f"{names[0]}: {_ratio(ratios[o][0])} on {o} vs {report.baseline}", highlight=False, markup=False)
     if top:
         for ds_name, rows in report.top_examples(top).items():
+            if not rows:
+                why = "the bottom band has no curvature" if report.flat_bands()[0] else "no example has gradient energy in the bottom band"
+                console.print(f"{ds_name}: no example ranked ({why})", highlight=False, markup=False)
+                continue
             ds = next(d for d in report.datasets if d.name == ds_name)
             noisy = bool(ds.noisy.any())
             table = new_table(
