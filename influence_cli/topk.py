@@ -342,8 +342,19 @@ def iter_score_blocks(
                 block = (torch.cat(parts) if parts else torch.zeros(0, c1 - c0)).float()[inverse]
                 if undo:
                     block = block * fh.get_slice("train_norms")[c0:c1].float()
+                _check_no_nan(block, f.path)
                 labels = fh.get_slice("train_labels")[c0:c1] if "train_labels" in keys else None
                 yield ScoreBlock(f.train_start + c0, f.train_start + c1, block, fh.get_slice("train_indices")[c0:c1], labels)
+
+
+def _check_no_nan(values: torch.Tensor, path: Path) -> None:
+    """compute-scores never writes NaN: a file holding some was written by something else, and would rank nothing.
+
+    Raises:
+        OutputError: naming the file.
+    """
+    if bool(values.isnan().any()):
+        raise OutputError(f"{str(path)!r} holds NaN scores, which compute-scores never writes", hint=storage.remake_hint(path))
 
 
 def _best(values: torch.Tensor, positions: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -394,7 +405,7 @@ class _Running:
         """The row's ranking, cut where the sign turns: a proponent has a positive score, an opponent a negative one."""
         out = []
         for r, (v, q) in enumerate(zip(self.values[row].tolist(), self.positions[row].tolist(), strict=True), start=1):
-            if not v > 0:  # values are sorted descending (times the sign); NaN never reaches here (refused at write)
+            if not v > 0:  # values are sorted descending (times the sign); NaN never reaches here (_check_no_nan)
                 break
             idx, label = self.index[q]
             out.append(RankedExample(r, idx, q, label, v * self.sign))
@@ -468,6 +479,7 @@ def load_self_influence(output_dir: str | Path) -> SelfInfluence:
     if not path.is_file():
         raise OutputError(f"no self-influence scores at {str(path)!r}", hint="run `influence compute-scores CONFIG --self` first")
     tensors, meta = storage.load_tensors(path, storage.SELF_FORMAT)
+    _check_no_nan(tensors["self_influence"], path)
     return SelfInfluence(tensors["self_influence"], tensors["train_indices"], tensors.get("train_labels"), _decode(meta))
 
 

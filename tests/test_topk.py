@@ -170,6 +170,20 @@ def test_self_top_k_orders_by_self_influence(tmp_path):
     assert [e.train_index for e in self_top_k(tmp_path, 2, largest=False)] == [12, 10]
 
 
+@pytest.mark.parametrize("k", [1, 3])  # k = 1 takes the block pre-selection (columns > 4k)
+def test_scores_holding_nan_are_refused_not_ranked(tmp_path, k):
+    """compute-scores never writes NaN; a file that holds some would empty a query's lists (or crash)."""
+    scores = torch.tensor([[0.5, float("nan"), 2.0, -1.0, 0.0, 1.0, 0.25, -0.5]])
+    write_scores(tmp_path, scores)
+    with pytest.raises(OutputError, match="holds NaN scores, which compute-scores never writes") as exc:
+        top_k(tmp_path, None, k)
+    assert "compute-scores" in exc.value.hint
+    storage.save_tensors(tmp_path / storage.SELF_INFLUENCE_FILE, {"self_influence": torch.tensor([0.5, float("nan")]), "train_indices": torch.arange(2)},
+                         {storage.FORMAT_KEY: storage.SELF_FORMAT})  # fmt: skip
+    with pytest.raises(OutputError, match="self_influence.safetensors' holds NaN scores"):
+        self_top_k(tmp_path, k)
+
+
 def test_cli_says_when_a_query_has_no_opponent(tmp_path):
     import yaml
     from typer.testing import CliRunner

@@ -207,7 +207,7 @@ def top_k_cmd(
             )
             return
         shown = "input" if inputs else "label"
-        table = new_table(f"most self-influential training examples (top {k})", [("rank", "right"), ("train index", "right")]
+        table = new_table(f"most self-influential training examples (top {len(ranked)})", [("rank", "right"), ("train index", "right")]
                           + ([("file", "left")] if files else []) + [(shown, "left"), ("self-influence", "right")])  # fmt: skip
         for r in ranked:
             cell = label_text(inputs[0](r.train_position) if inputs else r.train_label, names[0])
