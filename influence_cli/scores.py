@@ -464,6 +464,13 @@ def _check_storable(block: torch.Tensor, dtype: str, what: str = "scores") -> No
             f"scores.dtype: {dtype} cannot hold scores up to {peak:.3g} (its max is {limit:.3g})",
             hint="set scores.dtype: float32 (or bfloat16) and rerun with --overwrite",
         )
+    smallest = torch.finfo(getattr(torch, dtype)).tiny  # float16's subnormals keep fewer digits (0 at 6e-8)
+    if dtype == "float16" and bool(((block != 0) & (block.abs() < smallest)).any()):
+        notices.warn(
+            f"scores.dtype: float16 stores scores below {smallest:.2g} in magnitude with fewer significant digits (some "
+            "are that small); scores.dtype: bfloat16 keeps float32's range",
+            per_rank=True,
+        )
 
 
 def _check_factors_finite(layers: dict[str, LayerFactors], path: Path) -> None:

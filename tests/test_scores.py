@@ -528,7 +528,7 @@ def test_relative_scores_with_zero_damping_are_finite(tmp_path):
     assert bool(torch.isfinite(tensors["scores"]).all())
 
 
-def test_storage_dtype_and_overflow(project):
+def test_storage_dtype_and_overflow(project, caplog):
     cfg = make_cfg(project, "bf16", "scores.dtype=bfloat16")
     compute_scores(cfg)
     stored = storage.load_tensors(cfg.output_path / storage.SCORES_FILE)[0]["scores"]
@@ -536,6 +536,13 @@ def test_storage_dtype_and_overflow(project):
     torch.testing.assert_close(stored.float(), in_memory_reference(cfg), rtol=1e-2, atol=1e-3)
     with pytest.raises(NumericalError, match="float16 cannot hold scores up to 1e"):
         scores_mod._check_storable(torch.tensor([[1.0, -1e6]]), "float16")
+    with caplog.at_level("WARNING", logger="influence_cli"):
+        scores_mod._check_storable(torch.tensor([[1.0, 0.0, -1e-3]]), "float16")
+        assert not caplog.records  # 0 is exact, 1e-3 a normal float16
+        scores_mod._check_storable(torch.tensor([[1.0, 3e-5]]), "bfloat16")
+        assert not caplog.records
+        scores_mod._check_storable(torch.tensor([[1.0, -3e-5]]), "float16")
+    assert "float16 stores scores below 6.1e-05 in magnitude with fewer significant digits" in caplog.text
     with pytest.raises(NumericalError, match=r"scores: non-finite values \(query row 1, training position 0\)"):
         scores_mod._check_storable(torch.tensor([[1.0, 2.0], [float("nan"), 1.0]]), "float32")
     with pytest.raises(NumericalError, match=r"self-influence: non-finite values \(training position 2\)"):
