@@ -130,15 +130,20 @@ def test_kernel_is_mean_of_compute_scores_matrix(kind, strategy):
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
-def test_matrices_are_symmetric_with_unit_diagonal(kind):
-    model, tracked, factors, _, plans, damping = _setup(kind)
+def test_a_dataset_under_two_names_is_identical_to_itself(kind):
+    """The same examples listed twice (in other batches): similarity 1 and distance 0 between the two
+    copies, as on the diagonal; the kernel is a Gram matrix."""
+    model, tracked, factors, data, plans, damping = _setup(kind)
+    x, y = data["set1"]
+    plans["again"] = PassPlan(batches_of(x, y, 2), -(-len(x) // 2), len(x), "classification", "sampled", seed=0)
     r = compute_similarity(model, tracked, factors, plans, damping)
-    for m in (r.kernel, r.kernel_normalized, r.task2vec_cosine, r.task2vec_distance):
-        torch.testing.assert_close(m, m.T, rtol=0, atol=1e-12)
+    one, again = list(plans).index("set1"), list(plans).index("again")
     ones = torch.ones(len(plans), dtype=F64)
-    torch.testing.assert_close(r.kernel_normalized.diagonal(), ones)
-    torch.testing.assert_close(r.task2vec_cosine.diagonal(), ones)
-    torch.testing.assert_close(r.task2vec_distance.diagonal(), torch.zeros_like(ones))
+    for m, same in ((r.kernel_normalized, 1.0), (r.task2vec_cosine, 1.0), (r.task2vec_distance, 0.0)):
+        torch.testing.assert_close(m.diagonal(), same * ones, rtol=0, atol=1e-12)
+        assert abs(float(m[one, again]) - same) <= 1e-12
+        assert abs(float(m[0, one]) - same) > 1e-3  # another dataset is not
+    torch.testing.assert_close(r.kernel[one, one], r.kernel[one, again], rtol=1e-12, atol=0)
     assert torch.linalg.eigvalsh(r.kernel).min() > -1e-10 * r.kernel.abs().max()  # a Gram matrix
     assert (r.kernel_normalized.abs() <= 1 + 1e-12).all()
     assert ((r.task2vec_cosine >= 0) & (r.task2vec_cosine <= 1 + 1e-12)).all()
