@@ -94,7 +94,7 @@ file and validated with it. The value is read as YAML, so numbers, lists, mappin
 ```bash
 influence fit-factors configs/digits.yaml --set factors.strategy=kfac --set data.batch_size=64
 influence fit-factors configs/digits.yaml --set 'factors.modules=["fc*"]' --set model.checkpoint=null
-influence compute-scores configs/mnist.yaml --set scores.damping=1e-3 --set 'data.query.indices=[9001, 9007]'
+influence compute-scores configs/mnist.yaml --set scores.damping=1e-3 --set data.query.range=null --set 'data.query.indices=[9001, 9007]'
 influence fit-factors configs/digits.yaml --set 'data.train={source: tensors, path: ../sample_data/digits.safetensors, limit: 200}'
 ```
 
@@ -127,8 +127,8 @@ the source) in every output, so `range: [1500, 1520]` reports query indices 1500
 
 Subsets apply in this order: one selector (`range`, `indices` or `indices_file`, at most one),
 then `labels_in`, then `limit`. Then `label_noise` (seeded by `seed`) may flip labels, for
-experiments that plant mislabeled examples. Transforms apply as resize → scale → normalize →
-flatten.
+experiments that plant mislabeled examples. Transforms apply as channels_first → resize → scale →
+normalize → flatten.
 
 The model receives float32 inputs, except token ids: when the model has an `nn.Embedding` (or
 `nn.EmbeddingBag`), integer inputs other than `uint8` (which are read as 8-bit pixels) stay
@@ -323,7 +323,7 @@ training example x.
   gradients do not top every query's list.
 - `scores.checkpoints` makes an **ensemble**: more checkpoints of the same architecture
   (e.g. trained with other seeds). `fit-factors` fits every model's own factors (member i ≥ 1
-  in `output_dir/members/<i>/`), and `compute-scores` averages the scores of
+  in `<factors_dir>/members/<i>/`, which is `output_dir` unless `factors_dir` is set), and `compute-scores` averages the scores of
   `model.checkpoint` and every listed checkpoint, each with its own gradients, factors and
   damping, in one pass over the training set. Averaging over seeds removes part of a single
   model's seed-to-seed noise (see docs/BENCHMARKS.md, "Ensembles"). With `relative: true`

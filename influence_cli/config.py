@@ -233,7 +233,7 @@ class SpectrumConfig:
     mass: bool = _help("Bands by cumulative curvature mass instead of by share of directions.", default=False)
     bins: int = _help("Curvature-percentile bins of the energy profile (--plot).", default=20)
     baseline: str | None = _help(
-        "Dataset the others are compared to (a name, or name:noisy / name:clean); null = the last one listed.", default=None
+        "Dataset the others are compared to (a name, or name:noisy / name:clean); null = the last group: the last dataset listed, or its name:clean part when label noise changed some of its labels.", default=None
     )
     datasets: dict[str, DataSpec] = _help("Named data specs (same keys as data.train); empty = data.train as `train`.", default_factory=dict)
     edit: SpectrumEditConfig = _help("influence edit.", default_factory=SpectrumEditConfig)
@@ -591,7 +591,11 @@ def config_from_dict(
         cfg.source = source
         # A key that failed its type check fell back to its default: drop value problems
         # about that default (e.g. "data.train: missing" after "data.train: expected a mapping").
-        failed = {p.split(": ", 1)[0] for p in problems}
+        # So does a misspelt key for the key it was meant to be ("data.train.source: missing" after
+        # "data.train.sourc: unknown key (did you mean source?").
+        failed = {p.split(": ", 1)[0] for p in problems} | {
+            f"{m[1]}{m[2]}" for p in problems if (m := re.match(r"(.*?)[^.:]+: unknown key \(did you mean ([^?]+)\?", p))
+        }
         problems.extend(p for p in validate(cfg, check_files=check_files) if not _under(p.split(": ", 1)[0], failed))
     if problems:
         raise ConfigError(problems, source=source, hint="fix the keys above in the file or with --set key=value")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -137,3 +138,19 @@ def _env_int(name: str, default: int) -> int:
 def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_before_the_other_ranks(code: int) -> None:
+    """A rank that failed under torchrun leaves at once, its process group intact: the other ranks see
+    the closed connection only when it is gone, so torchrun names this rank and its exit code as the
+    root cause (destroying the group first let rank 0 fail and torchrun SIGTERM this rank). Outputs
+    are already safe: the core writes under temporary names and cleans them up as the error rises.
+    Returns (does nothing) outside a process group of two or more ranks."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)

@@ -29,7 +29,7 @@ from influence_cli import notices
 from influence_cli.errors import OutputError
 
 FACTORS_FILE = "factors.safetensors"
-MEMBERS_DIR = "members"  # ensembles: member i >= 1 (scores.checkpoints[i - 1]) keeps its factors in <output_dir>/members/<i>/
+MEMBERS_DIR = "members"  # ensembles: member i >= 1 (scores.checkpoints[i - 1]) keeps its factors in <factors_dir>/members/<i>/ (factors_dir: output_dir unless set)
 FACTORS_PARTIAL = "factors.partial{rank}.safetensors"
 SCORES_FILE = "scores.safetensors"
 SCORES_INDEX = "scores.index.json"

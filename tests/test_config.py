@@ -123,6 +123,22 @@ def test_unknown_key_suggests_the_close_one():
     assert "did you mean seed?" in exc.value.problems[0]
 
 
+def test_a_misspelt_required_key_is_one_problem_not_two():
+    """`sourc: tensors` is named as unknown (did you mean source?), without a second 'source: missing'."""
+    data = minimal()
+    data["data"]["train"] = {"sourc": "tensors", "path": "x.safetensors"}
+    data["model"] = {"architectur": "mlp"}
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict(data, check_files=False)
+    found = problems_of(exc)
+    assert set(found) == {"data.train.sourc", "model.architectur"}, found
+    assert "did you mean source?" in found["data.train.sourc"] and "did you mean architecture?" in found["model.architectur"]
+    data["data"]["train"] = {"path": "x.safetensors"}  # really missing: still said
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict(data, check_files=False)
+    assert "data.train.source" in problems_of(exc)
+
+
 @pytest.mark.parametrize(
     "override, key",
     [

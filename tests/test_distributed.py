@@ -9,6 +9,7 @@ Every run is a real `torchrun` subprocess (via `python -m torch.distributed.run`
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -219,6 +220,8 @@ output_dir: {tmp_path / "out"}
     run = torchrun(*fit_args(config, tmp_path / "out"))
     assert run.returncode != 0
     assert "[rank 1] data error: data.train: label 12 of example 300 is outside the model's 10 classes" in run.stderr, run.stderr
+    # rank 1 leaves before rank 0 notices, so torchrun records its own exit code (3), never its SIGTERM
+    assert re.search(r"rank\s+: 1 \(local_rank: 1\)\s+exitcode\s+: 3 ", run.stderr), run.stderr
     # Rank 0 stops with a typed error (or torchrun stops it first), never a traceback from the collective.
     assert "[rank0]: Traceback" not in run.stderr and "RuntimeError" not in run.stderr, run.stderr
     out = tmp_path / "out"

@@ -154,12 +154,15 @@ def command(name: str, resumable: bool = False, rank_0: bool = False, **kwargs: 
                 return fn(*args, **kw)
             except InfluenceError as exc:
                 code = report_error(exc)
+                _leave_the_job(code)
                 raise typer.Exit(code) from None
             except (RuntimeError, MemoryError) as exc:
                 memory = out_of_memory(exc)
                 if memory is None:
                     raise
-                raise typer.Exit(report_error(memory)) from None
+                code = report_error(memory)
+                _leave_the_job(code)
+                raise typer.Exit(code) from None
             except BrokenPipeError:  # stdout's reader went away (`| head`): what it read stands
                 stdout_closed()
                 raise typer.Exit(EXIT_BROKEN_PIPE) from None
@@ -181,6 +184,12 @@ def command(name: str, resumable: bool = False, rank_0: bool = False, **kwargs: 
         return app.command(name, cls=_Command, **kwargs)(wrapper)
 
     return decorate
+
+
+def _leave_the_job(code: int) -> None:
+    """Under torchrun, a failed rank exits now (`distributed.exit_before_the_other_ranks`)."""
+    if "influence_cli.distributed" in sys.modules:  # never import torch here
+        sys.modules["influence_cli.distributed"].exit_before_the_other_ranks(code)
 
 
 def load(config: Path, overrides: list[str] | None):
