@@ -9,7 +9,7 @@ scores) or the query measurement's gradient (query side).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -155,7 +155,7 @@ def stream_gradients(
     out_dtype = tensor_dtype or acc_dtype
     seen = 0
     padding_checked = False  # the first batch with padding verifies that the model ignores it (mask_padding)
-    vocabulary = host_checked_vocabulary(model, device)
+    check_ids = TokenIdCheck(model, device)
     tol = model_checks.tolerance(dtype, amp, device)  # of the first-batch model checks
     lossless: list[int] = []  # global indices of language-model examples without a counted position
     for offset, (x, y, idx) in enumerate(batches):
@@ -172,8 +172,7 @@ def stream_gradients(
             _warn_if_padded(x, dataset_name)
         if task_kind == "language_modeling" and y.dim() > 1:
             lossless += idx[task_lib.without_counted_position(y)].tolist()
-        if vocabulary is not None:
-            check_token_ids(x, idx, vocabulary, dataset_name, padding_value)
+        check_ids(x, idx, dataset_name, padding_value)
         host_mask = None if padding_value is None else padding_mask(x, padding_value, dataset_name)  # [B, L], the data's own dtype
         if host_mask is not None and task_kind == "language_modeling":
             _check_padding_labels(host_mask, y, idx, dataset_name)
@@ -374,19 +373,64 @@ def ids_checked_on_host(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def host_checked_vocabulary(model: nn.Module, device: torch.device) -> int | None:
-    """Rows of the model's largest nn.Embedding / nn.EmbeddingBag when token ids are checked on the
-    host before `device` (`ids_checked_on_host`); None otherwise, or when it has none."""
-    if not ids_checked_on_host(device):
-        return None
-    rows = [m.num_embeddings for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))]
-    return max(rows) if rows else None
+class TokenIdCheck:
+    """Range check of token ids on the host before they reach the device (`ids_checked_on_host`).
+
+    On the first batch, one forward of a single all-zeros example finds the nn.Embedding /
+    nn.EmbeddingBag tables that take the model's input as it is (the same memory): every id of
+    every batch, padding included, must then be below the smallest of their sizes. A model that
+    transforms the ids before its tables (an offset, a clamp of the pad id) has none: its ids other
+    than padding are checked against the largest table.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        self.model, self.device = model, device
+        self.tables = {name: m.num_embeddings for name, m in model.named_modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
+        self.enabled = ids_checked_on_host(device) and bool(self.tables)
+        self.bound: tuple[int, str | None] | None = None  # (rows, the table taking the ids as they are, or None)
+
+    def __call__(self, x: torch.Tensor, idx: torch.Tensor, dataset_name: str, padding_value: float | None = None) -> None:
+        if not self.enabled or x.is_floating_point() or x.numel() == 0:
+            return
+        if self.bound is None:
+            self.bound = self._probe(x)
+        rows, table = self.bound
+        check_token_ids(x, idx, rows, dataset_name, padding_value if table is None else None, table)
+
+    def _probe(self, x: torch.Tensor) -> tuple[int, str | None]:
+        probe = torch.zeros_like(x[:1], device=self.device)
+        takers: dict[str, int] = {}
+
+        def note(name: str) -> Callable[..., None]:
+            def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+                if args and isinstance(args[0], torch.Tensor) and args[0].data_ptr() == probe.data_ptr():
+                    takers[name] = self.tables[name]
+
+            return hook
+
+        modules = dict(self.model.named_modules())
+        handles = [modules[name].register_forward_pre_hook(note(name)) for name in self.tables]
+        try:
+            with torch.no_grad():
+                self.model(probe)
+        except Exception:  # noqa: BLE001 - a model that refuses zeros: the largest table bounds the ids
+            takers.clear()
+        finally:
+            for h in handles:
+                h.remove()
+        if takers:
+            name = min(takers, key=lambda n: takers[n])
+            return takers[name], name
+        return max(self.tables.values()), None
 
 
 def check_token_ids(
-    x: torch.Tensor, idx: torch.Tensor, vocabulary: int, dataset_name: str, padding_value: float | None = None
+    x: torch.Tensor, idx: torch.Tensor, vocabulary: int, dataset_name: str, padding_value: float | None = None, table: str | None = None
 ) -> None:
     """Token ids (positions other than padding) must lie in [0, vocabulary); x is the batch on the host.
+
+    `table`: the embedding table that takes the ids as they are (its size is `vocabulary`; padding
+    is checked too, as it reaches the table); None: the model's largest table.
 
     Raises:
         DataError: naming the batch's global indices, its id range and the table size.
@@ -398,10 +442,10 @@ def check_token_ids(
         return
     lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= vocabulary:
+        where = f"the model's embedding table {table or '(model)'!r} ({vocabulary} rows)" if table is not None else f"the model's largest embedding table ({vocabulary} rows)"
         raise DataError(
-            f"{dataset_name}: token ids of the batch with global indices {index_span(idx)} run from {lo} to {hi}, "
-            f"outside the model's largest embedding table ({vocabulary} rows)",
-            hint="check the vocabulary size in model.kwargs, the pad id and the data",
+            f"{dataset_name}: token ids of the batch with global indices {index_span(idx)} run from {lo} to {hi}, outside {where}",
+            hint="check the vocabulary size in model.kwargs, the pad id (data.padding_value) and the data",
         )
 
 

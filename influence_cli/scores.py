@@ -38,10 +38,9 @@ from influence_cli.kernel import ScoreKernel, StoredQueries, build_kernel, safe_
 from influence_cli.passes import (
     BatchGradients,
     NonFiniteWatch,
+    TokenIdCheck,
     accumulator_dtype,
-    check_token_ids,
     fan_out,
-    host_checked_vocabulary,
     index_span,
     inputs_named,
     model_dtype,
@@ -386,10 +385,9 @@ class _Scorer:
         labels, preds = [], []
         model = self.ctx.model
         dtype = model_dtype(model)
-        vocabulary = host_checked_vocabulary(model, self.ctx.device)
+        check_ids = TokenIdCheck(model, self.ctx.device)
         for offset, (x, y, idx) in enumerate(self.loader(queries)):
-            if vocabulary is not None:
-                check_token_ids(x, idx, vocabulary, queries.name, self.cfg.data.padding_value)
+            check_ids(x, idx, queries.name, self.cfg.data.padding_value)
             x = x.to(self.ctx.device)
             if x.is_floating_point():
                 x = x.to(dtype)

@@ -307,9 +307,44 @@ def test_out_of_vocabulary_ids_are_named_before_they_reach_a_cuda_device(token_p
     result = runner.invoke(app, command)
     assert result.exit_code == 3, result.output
     first = "0, 1, ..., 7" if where == "train" else "20, 21, 22, 23"
-    low, high = (-3, 10) if where == "train" else (1, 11)
-    assert f"data.{where}: token ids of the batch with global indices {first} run from {low} to {high}, outside the model's largest embedding table (11 rows)" in result.stderr
+    low, high = (-3, 10) if where == "train" else (0, 11)  # the pad id 0 reaches the table too
+    assert f"data.{where}: token ids of the batch with global indices {first} run from {low} to {high}, outside the model's embedding table 'embed' (11 rows)" in result.stderr
     assert "IndexError" not in result.stderr
+
+
+class _TokensAndPositions(nn.Module):
+    """Token table of 11 ids and a larger position table: only the first takes the input ids."""
+
+    def __init__(self, clamp_pad: bool = False):
+        super().__init__()
+        self.embed, self.positions, self.head = nn.Embedding(11, 4), nn.Embedding(64, 4), nn.Linear(4, 3)
+        self.clamp_pad = clamp_pad
+
+    def forward(self, tokens):
+        ids = tokens.clamp(min=0) if self.clamp_pad else tokens  # a model that maps its pad id -1 itself
+        return self.head(self.embed(ids) + self.positions(torch.arange(tokens.shape[1]))).mean(1)
+
+
+def test_the_host_check_bounds_ids_by_the_table_that_takes_them(monkeypatch):
+    """Ids 11..63 fit the largest table (positions) but not the token table: refused before the device;
+    the pad id counts when the table receives it, and not when the model maps it first."""
+    import influence_cli.passes as passes
+
+    monkeypatch.setattr(passes, "ids_checked_on_host", lambda device: True)
+    idx = torch.arange(2)
+    check = passes.TokenIdCheck(_TokensAndPositions(), torch.device("cpu"))
+    check(torch.tensor([[1, 2, 10], [3, 4, 5]]), idx, "data.train", 0)  # in range
+    with pytest.raises(DataError, match=r"run from 1 to 20, outside the model's embedding table 'embed' \(11 rows\)"):
+        check(torch.tensor([[1, 2, 20], [3, 4, 5]]), idx, "data.train", 0)
+    with pytest.raises(DataError, match=r"run from -1 to 5, outside the model's embedding table 'embed'") as exc:
+        check(torch.tensor([[1, 2, -1], [3, 4, 5]]), idx, "data.train", -1)  # a pad id the table cannot take
+    assert "data.padding_value" in exc.value.hint
+    mapped = passes.TokenIdCheck(_TokensAndPositions(clamp_pad=True), torch.device("cpu"))
+    mapped(torch.tensor([[1, 2, -1], [3, 4, 5]]), idx, "data.train", -1)  # the model maps its pad id: fine
+    with pytest.raises(DataError, match=r"outside the model's largest embedding table \(64 rows\)"):
+        mapped(torch.tensor([[1, 2, 70], [3, 4, -1]]), idx, "data.train", -1)
+    monkeypatch.setattr(passes, "ids_checked_on_host", lambda device: False)
+    assert not passes.TokenIdCheck(_TokensAndPositions(), torch.device("cpu")).enabled  # the CPU names the model's own IndexError
 
 
 def test_queries_that_do_not_fit_the_model_name_their_key(token_project):
