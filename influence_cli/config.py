@@ -282,6 +282,22 @@ class Config:
         """The config key that names the factors' folder (in errors)."""
         return "factors_dir" if self.factors_dir is not None else "output_dir"
 
+    def input_files(self) -> dict[Path, str]:
+        """{file: its config key} of every file the config reads: checkpoints, data files, index files."""
+        out: dict[Path, str] = {}
+        named = [("model.checkpoint", self.model.checkpoint)]
+        named += [(f"scores.checkpoints[{i}]", c) for i, c in enumerate(self.scores.checkpoints)]
+        specs = [("data.train", self.data.train), ("data.query", self.data.query)]
+        specs += [(f"similarity.datasets.{n}", d) for n, d in self.similarity.datasets.items()]
+        specs += [(f"spectrum.datasets.{n}", d) for n, d in self.spectrum.datasets.items()]
+        for key, spec in specs:
+            if spec is not None:
+                named += [(f"{key}.{field}", getattr(spec, field)) for field in ("path", "images", "labels", "indices_file")]
+        for key, value in named:
+            if value is not None:
+                out.setdefault(self.resolve(value).resolve(), key)  # type: ignore[union-attr]
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain data (internal fields left out)."""
         return _to_plain(self)

@@ -228,6 +228,7 @@ def edit_checkpoint(
     keep = keep or ("mass" if rho is not None else "share" if share is not None else e.keep)
     if keep not in EDIT_KEEP:
         raise UsageError(f"keep: expected one of {', '.join(EDIT_KEEP)}, got {keep!r}")
+    share_given = share
     rho = e.rho if rho is None else rho
     share = e.share if share is None else share
     if not 0.0 < rho <= 1.0:
@@ -243,8 +244,10 @@ def edit_checkpoint(
         raise UsageError(f"--out: {str(out)!r} is a folder", hint="give a file name ending in .safetensors")
     storage.check_creatable_dir(out.parent, key="--out")  # created only when the edited weights are written
     source = cfg.resolve(cfg.model.checkpoint)
-    if source is not None and out.resolve() == source.resolve():
-        raise UsageError(f"--out: {str(out)!r} is the model's own checkpoint", hint="write the edited weights to a new file")
+    read = cfg.input_files().get(out.resolve())
+    if read is not None:
+        what = "the model's own checkpoint" if read == "model.checkpoint" else f"a file the config reads ({read})"
+        raise UsageError(f"--out: {str(out)!r} is {what}", hint="write the edited weights to a new file")
     made = storage.file_format(out)
     if storage.is_output_name(out.name) or (made.startswith("influence_cli.") and made != storage.EDITED_CHECKPOINT_FORMAT):
         raise UsageError(
@@ -265,6 +268,13 @@ def edit_checkpoint(
     chosen = select_layers(ctx.tracked, patterns, key)
     storage.check_can_write(out, overwrite, "a checkpoint")
     state_dict, edits = edit_model(ctx.model, chosen, factors.layers, keep=keep, rho=rho, share=share, order=order)
+    _check_something_kept(edits, keep, share, explicit=share_given is not None)
+    if cfg.scores.checkpoints:
+        n = len(cfg.scores.checkpoints)
+        notices.warn(
+            f"edit: only model.checkpoint is edited, not the {n} model{'s' if n > 1 else ''} of scores.checkpoints "
+            "(edit each with --set model.checkpoint=<it>, after fitting its own factors)"
+        )
     fingerprint = _fingerprint(ctx.model, state_dict)
     if ctx.state.is_main:
         storage.save_tensors(
@@ -278,8 +288,8 @@ def edit_checkpoint(
                 "model_fingerprint": fingerprint,
                 "factors": str(factors_path),
                 "keep": keep,
-                "rho": rho,
-                "share": share,
+                "rho": rho if keep == "mass" else None,
+                "share": share if keep == "share" else None,
                 "order": order,
                 "layers": [ed.to_dict() for ed in edits],
             },
@@ -290,6 +300,28 @@ def edit_checkpoint(
         out, str(source) if source is not None else "", keep, rho, share, order, edits, ctx.model_fingerprint, fingerprint,
         {"total": time.perf_counter() - t0},
     )  # fmt: skip
+
+
+def _check_something_kept(edits: list[LayerEdit], keep: str, share: float, explicit: bool) -> None:
+    """Refuses an edit that keeps none of a layer's directions (its weight would become 0).
+
+    Raises:
+        UsageError: naming the layer, and the smallest share that keeps one of its directions.
+    """
+    for ed in edits:
+        if ed.removed < ed.directions:
+            continue
+        if keep == "share":
+            key = "--keep-share" if explicit else "spectrum.edit.share"
+            raise UsageError(
+                f"{key} {share:g} keeps none of the {ed.directions:,} directions of layer {ed.name or '(model)'!r} "
+                f"(⌊{share:g}·{ed.directions:,} + ½⌋ = 0): its weights would all become 0",
+                hint=f"give at least {0.5 / ed.directions:.2g}, or leave the layer out with --layers",
+            )
+        raise UsageError(  # mass: only a layer without curvature keeps nothing
+            f"layer {ed.name or '(model)'!r} has no curvature in any direction, so no direction is kept: its weights would all become 0",
+            hint="leave the layer out with --layers",
+        )
 
 
 def _one_name_per_tensor(state: dict[str, torch.Tensor], tied: dict[str, list[str]]) -> dict[str, torch.Tensor]:

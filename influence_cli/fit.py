@@ -53,6 +53,12 @@ class LayerInfo:
     zero_inputs: int | None = None  # rows of A that are 0 on every example (blank inputs, dead units before)
     zero_outputs: int | None = None  # rows of G that are 0 on every example (dead units)
 
+    def factor_bytes(self) -> int:
+        """Bytes of this layer's tensors in the factors file: the float32 factors (with kfac / ekfac
+        also λ_A [d_in] and λ_G [d_out]) and the int64 example count."""
+        spectra = self.d_in + self.d_out if self.a_size else 0
+        return 4 * (self.a_size + self.g_size + self.eigenvalue_size + spectra) + 8
+
 
 @dataclass
 class FitReport:

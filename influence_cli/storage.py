@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import functools
+import io
 import json
 import os
 import socket
@@ -132,6 +133,10 @@ def check_image_path(path: Path, key: str) -> str:
     if fmt is None or fmt not in Image.SAVE:
         what = "unknown image format" if fmt is None else "an image format Pillow cannot write:"
         raise OutputError(f"{key} {str(path)!r}: {what} {path.suffix!r}", hint="use a .png file name")
+    try:  # some formats Pillow writes take no colour pictures (.blp, .xbm, .msp, ...)
+        Image.new("RGB", (2, 2)).save(io.BytesIO(), format=fmt)
+    except Exception as exc:  # noqa: BLE001 - whatever the format's writer raises
+        raise OutputError(f"{key} {str(path)!r}: Pillow cannot write colour pictures as {path.suffix!r} ({exc})", hint="use a .png file name") from None
     _temp_beside(path, key).unlink()  # the folder can be written
     return fmt
 

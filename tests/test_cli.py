@@ -23,6 +23,7 @@ from typer.testing import CliRunner, Result
 from influence_cli import __version__
 from influence_cli.cli import app
 from influence_cli.cli.render import err_console
+from influence_cli.storage import load_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "configs" / "digits.yaml"
@@ -391,7 +392,7 @@ def test_inspect_table(runner: CliRunner):
     for layer in ("fc1", "fc2", "head"):
         assert layer in text
     assert "4,160" in text  # fc1 parameters: 64 x (64 + 1)
-    assert "3 layers, factors 83.3 KiB in float32; 6,570 of 6,570 parameters tracked" in text  # part of the answer: stdout
+    assert "3 layers, factors 84.4 KiB in float32; 6,570 of 6,570 parameters tracked" in text  # part of the answer: stdout
 
 
 def test_inspect_json(runner: CliRunner):
@@ -403,7 +404,16 @@ def test_inspect_json(runner: CliRunner):
     assert all(layer["kind"] == "conv2d" and layer["a_size"] == 0 for layer in data["layers"])
     weights = sum(layer["d_in"] * layer["d_out"] for layer in data["layers"])
     assert data["tracked_parameters"] == weights < data["parameters"]  # the linear layers are left out
-    assert data["factor_bytes"] == 4 * sum(layer["g_size"] + layer["eigenvalue_size"] for layer in data["layers"])
+    assert data["factor_bytes"] == sum(4 * (layer["g_size"] + layer["eigenvalue_size"]) + 8 for layer in data["layers"])
+
+
+@pytest.mark.parametrize("strategy", ["ekfac", "kfac", "diagonal", "identity"])
+def test_inspect_counts_the_bytes_fit_factors_writes(runner: CliRunner, tmp_path: Path, strategy: str):
+    sets = ["--set", f"factors.strategy={strategy}", "--set", f"output_dir={tmp_path}", "--set", "data.train.range=[0, 200]"]
+    data = json.loads(invoke(runner, "inspect", DIGITS, *sets, "--json").stdout)
+    assert invoke(runner, "fit-factors", DIGITS, *sets).exit_code == 0
+    tensors, _ = load_tensors(tmp_path / FACTORS)
+    assert data["factor_bytes"] == sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 NORMED_MODULE = """

@@ -203,7 +203,8 @@ def test_picture_paths_are_checked_before_any_work(runner, project, tmp_path):
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "a_folder.png").mkdir()
     cases = [(tmp_path / "a_file" / "grid.png", "cannot create"), (tmp_path / "a_folder.png", "is a folder"), (tmp_path / "grid.txt", "unknown image format"),
-             (tmp_path / "grid.psd", "Pillow cannot write"), (tmp_path, "is a folder")]  # fmt: skip
+             (tmp_path / "grid.psd", "Pillow cannot write"), (tmp_path, "is a folder"),
+             (tmp_path / "grid.blp", "Pillow cannot write colour pictures as '.blp'"), (tmp_path / "grid.xbm", "cannot write colour")]  # fmt: skip
     for path, needle in cases:
         result = invoke(runner, "top-k", project, "--query", "0", "--image-grid", path)
         assert result.exit_code == 5 and "--image-grid" in result.stderr and needle in result.stderr, result.stderr

@@ -453,6 +453,45 @@ def test_cli_spectrum_by_mass_defaults_to_data_train(tmp_path, digits):
         assert layer["curvature_share"]["top"] >= 0.6 and layer["curvature_share"]["bottom"] <= 0.1
 
 
+def test_cli_edit_writes_the_projection_and_leaves_other_weights_bit_identical(tmp_path, digits):
+    """fc1 = U_G (C ⊙ M) U_Aᵀ with C = U_Gᵀ [W | b] U_A and M the top half of the directions by
+    λ_G·λ_A, from the factors file (float64, written here); fc2 and head exactly as they were."""
+    out, sets = digits
+    edited = tmp_path / "edited.safetensors"
+    result = invoke("edit", DIGITS, *sets, "--out", edited, "--keep-share", "0.5", "--layers", "fc1")
+    assert result.exit_code == 0, result.stderr
+    new, _ = load_tensors(edited)
+    original = load_model(load_config(DIGITS).model, ROOT / "configs").state_dict()
+    for name in ("fc2.weight", "fc2.bias", "head.weight", "head.bias"):
+        assert torch.equal(new[name], original[name]), name
+    factors, _ = load_tensors(out / FACTORS_FILE)
+    u_g, u_a = factors["fc1.g_eigenvectors"].double(), factors["fc1.a_eigenvectors"].double()
+    c = torch.outer(factors["fc1.g_eigenvalues"].double(), factors["fc1.a_eigenvalues"].double()).flatten()
+    mask = torch.zeros(c.numel(), dtype=torch.bool)
+    mask[torch.argsort(c, descending=True)[: round(0.5 * c.numel())]] = True
+    w = torch.cat([original["fc1.weight"], original["fc1.bias"][:, None]], 1).double()
+    expected = u_g @ ((u_g.T @ w @ u_a) * mask.view(u_g.shape[0], -1)) @ u_a.T
+    got = torch.cat([new["fc1.weight"], new["fc1.bias"][:, None]], 1).double()
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 * float(w.abs().max()))
+    assert float((got - w).abs().max()) > 1e-2  # something was removed
+
+
+def test_cli_edit_refusals(tmp_path, digits):
+    out, sets = digits
+    tiny = invoke("edit", DIGITS, *sets, "--out", tmp_path / "e.safetensors", "--keep-share", "0.001")
+    line = assert_error(tiny, 2, "--keep-share 0.001 keeps none of the 330 directions of layer 'head'")
+    assert "at least 0.0015" in tiny.stderr and "would all become 0" in line
+    assert not (tmp_path / "e.safetensors").exists()
+    data_file = ROOT / "sample_data" / "digits.safetensors"  # a file the config reads: never overwritten
+    refused = invoke("edit", DIGITS, *sets, "--out", data_file, "--overwrite")
+    assert_error(refused, 2, "is a file the config reads (data.train.path)")
+    members = invoke("edit", DIGITS, *sets, "--out", tmp_path / "m.safetensors", "--set",
+                     f"scores.checkpoints=[{ROOT / 'sample_data' / 'mlp.safetensors'}]", "--layers", "head")  # fmt: skip
+    assert members.exit_code == 0, members.stderr
+    assert "only model.checkpoint is edited, not the 1 model of scores.checkpoints" in members.stderr
+    assert "--set scores.checkpoints=[]" in members.stderr  # the hint runs the edited model alone
+
+
 def test_cli_edit_and_the_edited_checkpoint_runs_everywhere(tmp_path, digits):
     out, sets = digits
     edited = tmp_path / "edited.safetensors"

@@ -149,7 +149,7 @@ def inspect_cmd(config: ConfigArg, set_: SetOpt = None, json_: JsonOpt = False) 
     ctx = prepare(cfg)
     rows = describe_layers(ctx.tracked, cfg.factors.strategy)
     untracked = untracked_modules(ctx.model, ctx.tracked)
-    factor_floats = sum(r.a_size + r.g_size + r.eigenvalue_size for r in rows)
+    factor_bytes = sum(r.factor_bytes() for r in rows)
     tracked_params = sum(r.d_in * r.d_out for r in rows)
     parameters = sum(p.numel() for p in ctx.model.parameters())  # each once (tied or parametrized weights too)
     if json_:
@@ -157,7 +157,7 @@ def inspect_cmd(config: ConfigArg, set_: SetOpt = None, json_: JsonOpt = False) 
             "strategy": cfg.factors.strategy,
             "layers": [dataclasses.asdict(r) for r in rows],
             "untracked": [dataclasses.asdict(u) for u in untracked],
-            "factor_bytes": 4 * factor_floats,
+            "factor_bytes": factor_bytes,
             "tracked_parameters": tracked_params,
             "parameters": parameters,
         })  # fmt: skip
@@ -168,9 +168,8 @@ def inspect_cmd(config: ConfigArg, set_: SetOpt = None, json_: JsonOpt = False) 
     )
     table.columns[0].overflow = "fold"
     for r in rows:
-        floats = r.a_size + r.g_size + r.eigenvalue_size
         table.add_row(
-            layer_label(r.name), r.kind, "×".join(map(str, r.weight_shape)), f"{r.d_out}×{r.d_in}", f"{r.d_in * r.d_out:,}", human_bytes(4 * floats)
+            layer_label(r.name), r.kind, "×".join(map(str, r.weight_shape)), f"{r.d_out}×{r.d_in}", f"{r.d_in * r.d_out:,}", human_bytes(r.factor_bytes())
         )
     print_table(table)
     if untracked:  # grouped by kind and reason: a deep model has many norms
@@ -184,6 +183,6 @@ def inspect_cmd(config: ConfigArg, set_: SetOpt = None, json_: JsonOpt = False) 
             table.add_row(kind, names, f"{sum(u.num_params for u in members):,}", reason)
         print_table(table)
     out_console().print(
-        f"{len(rows)} layers, factors {human_bytes(4 * factor_floats)} in float32; "
+        f"{len(rows)} layers, factors {human_bytes(factor_bytes)} in float32; "
         f"{tracked_params:,} of {parameters:,} parameters tracked"
     )

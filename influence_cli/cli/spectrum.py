@@ -217,7 +217,7 @@ def edit_cmd(
     if json_:
         print_json(report.to_dict())
         return
-    kept = f"rho = {report.rho:g} of the curvature mass" if report.keep == "mass" else f"{report.share:.0%} of the directions"
+    kept = f"rho = {report.rho:g} of the curvature mass" if report.keep == "mass" else f"{report.share:.3g} of the directions"
     table = new_table(
         f"removed low-curvature components ({report.order} order; kept {kept})",
         [("layer", "left"), ("[W | b]", "left"), ("directions", "right"), ("removed", "right"), ("removed %", "right"),
@@ -231,8 +231,9 @@ def edit_cmd(
     print_table(table)
     err_console.print(f"[green]saved[/] {escape(str(report.path))} (fingerprint {report.fingerprint}; {report.seconds.get('total', 0.0):.2f}s)")
     new_factors = " --set factors_dir=null" if cfg.factors_dir is not None else ""  # the shared fit is the original model's
+    alone = " --set scores.checkpoints=[]" if cfg.scores.checkpoints else ""  # the other members are not edited
     err_console.print(
         f"[dim]hint:[/] run any command on it with --set model.checkpoint={escape(str(report.path.resolve()))} "
-        f"--set output_dir=<a new folder>{new_factors}",
+        f"--set output_dir=<a new folder>{new_factors}{alone}",
         soft_wrap=True,
     )
