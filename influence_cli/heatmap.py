@@ -89,7 +89,7 @@ def save_heatmap(
 ) -> Path:
     """Writes the heatmap of `matrix` [S, S] to `path` as a PNG, atomically (temporary file + rename).
 
-    See `render_heatmap`; the default font has no symbols beyond Latin-1, so keep `title` plain.
+    See `render_heatmap`; characters the default font lacks are drawn as `drawing.drawable` spells them (é → e, 猫 → ?).
 
     Raises:
         OutputError: the folder cannot be created or written.

@@ -15,6 +15,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from influence_cli import storage
+from influence_cli.drawing import default_font, fit_text
 
 _COLORS = {"query": (40, 90, 200), "proponent": (30, 150, 60), "opponent": (200, 50, 40)}
 _BACKGROUND = (255, 255, 255)
@@ -82,15 +83,7 @@ def _to_pil(image: torch.Tensor, size: int) -> Image.Image:
 
 def _header(draw: ImageDraw.ImageDraw, text: str, short: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: int) -> str:
     """A section's header within its width: the full text, else the short one (cut if need be)."""
-    return text if draw.textlength(text, font=font) <= width else _fit_text(draw, short, font, width)
-
-
-def _fit_text(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: int) -> str:
-    if draw.textlength(text, font=font) <= width:
-        return text
-    while text and draw.textlength(text + "…", font=font) > width:
-        text = text[:-1]
-    return text + "…"
+    return text if draw.textlength(text, font=font) <= width else fit_text(draw, short, font, width)
 
 
 def save_image_grid(
@@ -117,7 +110,7 @@ def save_image_grid(
     path = Path(path)
     groups = [groups] if isinstance(groups, GridGroup) else list(groups)
     fmt = storage.check_image_path(path, "--image-grid")
-    font = ImageFont.load_default()
+    font = default_font(10)  # what ImageFont.load_default() draws in
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     line_h = max(12, int(probe.textbbox((0, 0), "Hg#0", font=font)[3]) + 3)
     tiles = [t for g in groups for r in g.rows for t in [r.query, *r.proponents, *r.opponents] if t is not None]
@@ -138,10 +131,10 @@ def save_image_grid(
     draw = ImageDraw.Draw(canvas)
     y = _MARGIN
     if title:
-        draw.text((_MARGIN, y), _fit_text(draw, title, font, width - 2 * _MARGIN), fill=_TEXT, font=font)
+        draw.text((_MARGIN, y), fit_text(draw, title, font, width - 2 * _MARGIN), fill=_TEXT, font=font)
         y += header_h
     for group in groups:
-        draw.text((_MARGIN, y), _fit_text(draw, group.title, font, width - 2 * _MARGIN), fill=_TEXT, font=font)
+        draw.text((_MARGIN, y), fit_text(draw, group.title, font, width - 2 * _MARGIN), fill=_TEXT, font=font)
         y += header_h
         if has_query:
             draw.text((_MARGIN, y), "query", fill=_COLORS["query"], font=font)
@@ -160,7 +153,7 @@ def save_image_grid(
                 _draw_tile(canvas, draw, font, tile, x, y, tile_size, cell_w - _GAP, line_h)
             for x, tiles, note in ((x_prop, row.proponents, group.empty_notes[0]), (x_opp, row.opponents, group.empty_notes[1])):
                 if note and not tiles:
-                    draw.text((x, y + tile_size // 2), _fit_text(draw, note, font, cell_w - _GAP), fill=_TEXT, font=font)
+                    draw.text((x, y + tile_size // 2), fit_text(draw, note, font, cell_w - _GAP), fill=_TEXT, font=font)
             y += cell_h
     _save_atomic(canvas, path, fmt)
     return path
@@ -176,7 +169,7 @@ def _draw_tile(canvas, draw, font, tile: Tile, x: int, y: int, size: int, text_w
     canvas.paste(pil, (ox, oy))
     ty = y + size + 2 * _BORDER + 1
     for line in tile.lines:
-        draw.text((x, ty), _fit_text(draw, line, font, text_w), fill=_TEXT, font=font)
+        draw.text((x, ty), fit_text(draw, line, font, text_w), fill=_TEXT, font=font)
         ty += line_h
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from influence_cli import storage
-from influence_cli.drawing import default_font, text_size
+from influence_cli.drawing import default_font, fit_text, text_size
 from influence_cli.spectrum import SpectrumReport
 
 _COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207), (140, 86, 75), (227, 119, 194)]
@@ -52,7 +52,7 @@ def render_spectrum_plot(report: SpectrumReport) -> Any:
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
     title = f"gradient energy per curvature percentile ({report.order} order; layers {', '.join(report.layers)})"
-    draw.text((left, 14), title, fill="black", font=title_font)
+    draw.text((left, 14), fit_text(draw, title, title_font, width - left - 10), fill="black", font=title_font)
 
     def x_of(p: float) -> float:
         return left + plot_w * p / 100.0

@@ -442,3 +442,14 @@ def test_task2vec_noise_floor_follows_the_stored_bases(monkeypatch):
     stored = {name: LayerFactors.from_tensors(name, {k: v.float() for k, v in lf.tensors().items()}) for name, lf in factors.items()}
     compute_similarity(model, tracked, stored, plans, damping)
     assert floors == [sim.noise_floor(torch.float64), sim.noise_floor(torch.float32)]
+
+
+def test_pictures_spell_the_characters_their_font_lacks():
+    """Pillow's default font has ASCII glyphs only: accents are dropped and other characters become '?',
+    instead of empty boxes (and the layout is measured on what is drawn)."""
+    from influence_cli.heatmap import render_heatmap
+
+    matrix = torch.tensor([[1.0, 0.25], [0.25, 1.0]])
+    spelled = render_heatmap(matrix, ["Müller", "猫 ±"], "café · similarity")
+    plain = render_heatmap(matrix, ["Muller", "? ±"], "cafe · similarity")
+    assert spelled.size == plain.size and spelled.tobytes() == plain.tobytes()
