@@ -140,7 +140,11 @@ INSPECT_EPILOG = """\
 
 @command("inspect", rank_0=True, epilog=INSPECT_EPILOG)
 def inspect_cmd(config: ConfigArg, set_: SetOpt = None, json_: JsonOpt = False) -> None:
-    """List the layers fit-factors would track, with their shapes and factor sizes (nothing is computed)."""
+    """List the layers fit-factors would track, with their shapes and factor sizes (nothing is computed).
+
+    The list comes from the model's modules; the model is not run, so a layer its forward never
+    calls, or calls in a way the factors cannot follow, is named by fit-factors on its first batch.
+    """
     from influence_cli.context import prepare
     from influence_cli.fit import describe_layers
     from influence_cli.tracking import untracked_modules
