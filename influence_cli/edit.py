@@ -35,7 +35,7 @@ from influence_cli.context import prepare
 from influence_cli.distributed import DistState
 from influence_cli.errors import ModelError, UsageError
 from influence_cli.factors import LayerFactors
-from influence_cli.models import model_fingerprint, tied_keys
+from influence_cli.models import model_fingerprint, read_state_dict, tied_keys
 from influence_cli.tracking import TrackedModule
 
 
@@ -269,6 +269,8 @@ def edit_checkpoint(
     storage.check_can_write(out, overwrite, "a checkpoint")
     state_dict, edits = edit_model(ctx.model, chosen, factors.layers, keep=keep, rho=rho, share=share, order=order)
     _check_something_kept(edits, keep, share, explicit=share_given is not None)
+    if source is not None:
+        state_dict = _in_source_precision(state_dict, source)
     if cfg.scores.checkpoints:
         n = len(cfg.scores.checkpoints)
         notices.warn(
@@ -322,6 +324,13 @@ def _check_something_kept(edits: list[LayerEdit], keep: str, share: float, expli
             f"layer {ed.name or '(model)'!r} has no curvature in any direction, so no direction is kept: its weights would all become 0",
             hint="leave the layer out with --layers",
         )
+
+
+def _in_source_precision(state: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
+    """`state` (the float32 model's) with each floating tensor in the floating dtype the source checkpoint
+    stored it in (a bfloat16 checkpoint stays bfloat16: the same size, and its untouched tensors bit for bit)."""
+    stored = {k: v.dtype for k, v in read_state_dict(source).items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    return {k: v.to(stored[k]) if v.is_floating_point() and stored.get(k, v.dtype) != v.dtype else v for k, v in state.items()}
 
 
 def _one_name_per_tensor(state: dict[str, torch.Tensor], tied: dict[str, list[str]]) -> dict[str, torch.Tensor]:

@@ -476,6 +476,22 @@ def test_cli_edit_writes_the_projection_and_leaves_other_weights_bit_identical(t
     assert float((got - w).abs().max()) > 1e-2  # something was removed
 
 
+def test_cli_edit_keeps_the_precision_of_a_bfloat16_checkpoint(tmp_path):
+    original = load_tensors(ROOT / "sample_data" / "mlp.safetensors")[0]
+    half = tmp_path / "mlp_bf16.safetensors"
+    save_tensors(half, {k: v.to(torch.bfloat16) for k, v in original.items()}, {})
+    edited = tmp_path / "edited.safetensors"
+    sets = ["--set", f"model.checkpoint={half}", "--set", f"output_dir={tmp_path}", "--set", "data.train.range=[0, 300]"]
+    assert invoke("fit-factors", DIGITS, *sets).exit_code == 0
+    result = invoke("edit", DIGITS, *sets, "--out", edited, "--layers", "head", "--keep-share", "0.5", "--json")
+    assert result.exit_code == 0, result.stderr
+    new, _ = load_tensors(edited)
+    assert {v.dtype for v in new.values()} == {torch.bfloat16}
+    assert all(torch.equal(new[k], v.to(torch.bfloat16)) for k, v in original.items() if not k.startswith("head."))
+    cfg = load_config(DIGITS, [f"model.checkpoint={edited}"])
+    assert model_fingerprint(load_model(cfg.model, cfg.base_dir)) == json.loads(result.stdout)["fingerprint"]
+
+
 def test_cli_edit_refusals(tmp_path, digits):
     out, sets = digits
     tiny = invoke("edit", DIGITS, *sets, "--out", tmp_path / "e.safetensors", "--keep-share", "0.001")
