@@ -98,7 +98,7 @@ class PassCheckpoint:
             )
         tensors, meta = storage.load_tensors(self.path, storage.PARTIAL_FORMAT)
         if meta.get("run_key") not in run_keys(self.settings):
-            changed = _changed(storage.meta_json(meta, "settings", None), self.settings)
+            changed = changed_settings(storage.meta_json(meta, "settings", None), self.settings)
             raise OutputError(
                 f"{str(self.path)!r} is progress of a run with other settings ({changed})",
                 hint="resume with the interrupted run's settings, or pass --overwrite to start over with these",
@@ -118,13 +118,31 @@ class PassCheckpoint:
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
 
+    def check_leftovers(self, paths: list[Path], what: str) -> None:
+        """Refuses to resume past outputs of the interrupted run (`paths`, e.g. finished score shards,
+        each with its run's `run_key` and `settings` in its metadata) that other settings wrote:
+        they would be recomputed and replaced, the work they hold lost.
+
+        Raises:
+            OutputError: naming what changed.
+        """
+        for path in paths:
+            meta = storage.read_metadata(path)
+            if meta.get("run_key") not in run_keys(self.settings):
+                changed = changed_settings(storage.meta_json(meta, "settings", None), self.settings)
+                stale = sum(storage.read_metadata(p).get("run_key") not in run_keys(self.settings) for p in paths)
+                raise OutputError(
+                    f"{str(path.parent)!r} holds {stale} {what} of an interrupted run with other settings ({changed})",
+                    hint="resume with the interrupted run's settings, or pass --overwrite to start over with these",
+                )
+
 
 _NAMES = {"bs": "batch size", "batch_size": "batch size", "world": "number of ranks", "n": "examples", "chunks": "query chunks",
           "shards": "score shards", "factors": "factors file", "model_fingerprint": "model", "model_definition": "model definition", "definition": "model definition", "train_fingerprint": "data.train",
           "query_fingerprint": "data.query"}  # fmt: skip
 
 
-def _changed(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
+def changed_settings(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
     """Which settings differ, in words: "batch size 256 -> 64, model"."""
     if not isinstance(old, dict):
         return "model, data, strategy or batch size changed"

@@ -617,6 +617,8 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
                 f"{str(leftovers[0].parent)!r} holds {len(leftovers)} score shard(s) of an interrupted run",
                 hint="pass --resume to continue it, or --overwrite to start over",
             )
+        if resume and not overwrite:
+            checkpoint.check_leftovers(leftovers, "score shard(s)")
         return snap
 
     snapshot = _agree(st, start_checks)
@@ -714,7 +716,7 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
             _check_storable(norms, "float32", "RelatIF norms ‖(F+λ)⁻¹∇L(x)‖")
         if norms is not None and n_members == 1:  # an ensemble's RelatIF has one norm per member: plain scores are not recoverable
             tensors["train_norms"] = norms[0]
-        shard_meta = metadata | {"train_start": shard.start, "train_stop": shard.stop, "shard": shard.number}
+        shard_meta = metadata | {"train_start": shard.start, "train_stop": shard.stop, "shard": shard.number, "settings": checkpoint.settings}
         storage.save_tensors(shard_path, tensors, shard_meta)
         seconds["write"] += time.perf_counter() - tw
         del block

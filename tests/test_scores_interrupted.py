@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from influence_cli import storage
 from influence_cli.config import load_config
+from influence_cli.errors import OutputError
 from influence_cli.fit import fit_factors
 from influence_cli.scores import compute_scores
 
@@ -99,3 +100,23 @@ def test_sigkill_mid_pass_then_resume_is_bit_identical(fitted, tmp_path):
     for name in ref:
         assert torch.equal(ref[name], got[name]), name
     assert sorted(p.name for p in tmp_path.iterdir()) == [storage.FACTORS_FILE, storage.SCORES_FILE]
+
+
+def test_resume_with_other_settings_never_replaces_the_shards_an_interrupted_run_finished(fitted, tmp_path):
+    """Killed after some shards, with no progress file (checkpoint_every 0, or before the first save):
+    --resume with other settings is refused by name; with the same ones it adds only the missing shards."""
+    (tmp_path / storage.FACTORS_FILE).write_bytes((fitted / storage.FACTORS_FILE).read_bytes())
+    sets = [*SETTINGS, f"output_dir={tmp_path}", "scores.max_memory_mb=0.5", "factors.checkpoint_every=0"]
+    compute_scores(load_config(CONFIG, sets))
+    shards = sorted(tmp_path.glob("scores.shard*.safetensors"))
+    assert len(shards) >= 3
+    (tmp_path / storage.SCORES_INDEX).unlink()
+    shards[-1].unlink()  # as a run killed while scoring its last shard leaves the folder
+    kept = {p: p.read_bytes() for p in shards[:-1]}
+    with pytest.raises(OutputError, match=rf"holds {len(kept)} score shard\(s\) of an interrupted run with other settings \(damping") as exc:
+        compute_scores(load_config(CONFIG, [*sets, "scores.damping=0.001"]), resume=True)
+    assert "--overwrite" in exc.value.hint
+    assert all(p.read_bytes() == data for p, data in kept.items())
+    report = compute_scores(load_config(CONFIG, sets), resume=True)
+    assert report.resumed_from == "shard 0" and all(p.read_bytes() == data for p, data in kept.items())
+    assert shards[-1].is_file() and (tmp_path / storage.SCORES_INDEX).is_file()
