@@ -34,7 +34,15 @@ from influence_cli.factors import (
 from influence_cli.models import definition_change
 from influence_cli.passes import NonFiniteWatch, accumulator_dtype, matmul_dtype, stream_gradients
 from influence_cli.progress import NullProgress, Progress, for_rank
-from influence_cli.resume import PassCheckpoint, Snapshot, check_rank_layout, run_key, run_keys
+from influence_cli.resume import (
+    PassCheckpoint,
+    Snapshot,
+    check_rank_layout,
+    clear_progress_of_finished,
+    progress_files,
+    run_key,
+    run_keys,
+)
 from influence_cli.tracking import TrackedModule, UntrackedModule, skipped_layers
 
 
@@ -336,7 +344,8 @@ def fit_factors(
             exists without `resume`/`overwrite`, or it belongs to other settings.
     """
     first, *others = ensemble_members(cfg)
-    replaced = [m.out_dir / storage.FACTORS_FILE for m in others]  # with --overwrite, removed once model 0's checks pass
+    # with --overwrite, removed once model 0's checks pass: the other models' factors and progress
+    replaced = [p for m in others for p in (m.out_dir / storage.FACTORS_FILE, *progress_files(m.out_dir, storage.FACTORS_PARTIAL))]
     report = _fit_member(cfg, first, overwrite=overwrite, resume=resume, state=state, progress=progress, also_replaced=replaced)
     report.members = [
         _fit_member(cfg, m, overwrite=overwrite, resume=resume, state=state, progress=progress) for m in others
@@ -356,8 +365,9 @@ def _fit_member(
 ) -> FitReport:
     """fit-factors for one model of the ensemble (member 0: model.checkpoint into factors_dir).
 
-    With `overwrite`, its old factors, and those of `also_replaced` (the other models'), are
-    removed once its checks pass: an interrupted run then resumes past the models it did not reach.
+    With `overwrite`, its old factors, and `also_replaced` (the other models' factors and
+    progress), are removed once its checks pass: an interrupted run then resumes past the models
+    it did not reach.
     """
     ctx = prepare_member(cfg, member, state)
     out_dir = member.out_dir
@@ -384,6 +394,7 @@ def _fit_member(
     skipped = skipped_layers(ctx.model, ctx.tracked, cfg.factors.modules)
     if resume and not overwrite and path.exists():
         if storage.read_metadata(path).get("result_key") in run_keys(result):
+            clear_progress_of_finished(out_dir, storage.FACTORS_PARTIAL, main=ctx.state.is_main)
             return FitReport(
                 path, cfg.factors.strategy, cfg.factors.fisher, n, layers_info, {}, "already complete", member=member.index, skipped=skipped
             )

@@ -42,13 +42,8 @@ def check_rank_layout(folder: Path, pattern: str, world_size: int, *, resume: bo
     Raises:
         OutputError: naming the files and the number of ranks that saved them.
     """
-    prefix, suffix = pattern.split("{rank}")
     mine = {pattern.format(rank=kind)} if world_size == 1 else {pattern.format(rank=f".rank{r}{kind}") for r in range(world_size)}
-    others = []
-    for p in sorted(folder.glob(pattern.format(rank="*"))):
-        part = p.name[len(prefix) : len(p.name) - len(suffix)]  # "", ".rank1", ".self", ".rank0.self"
-        if p.name not in mine and part.removeprefix(".rank").lstrip("0123456789") == kind:
-            others.append(p)
+    others = [p for p in progress_files(folder, pattern, kind) if p.name not in mine]
     if not others:
         return
     if overwrite and not resume:
@@ -61,6 +56,25 @@ def check_rank_layout(folder: Path, pattern: str, world_size: int, *, resume: bo
         hint=(f"resume with the same number of ranks (torchrun --nproc_per_node {ranks})" if ranks > 1 else "resume without torchrun")
         + ", or pass --overwrite to start over",
     ).everywhere()
+
+
+def progress_files(folder: Path, pattern: str, kind: str = "") -> list[Path]:
+    """The progress files of one pass in `folder`, saved by any number of ranks: `pattern` with
+    {rank} = "" or ".rank<r>", followed by `kind` (".self" for self-influence)."""
+    prefix, suffix = pattern.split("{rank}")
+    return [
+        p
+        for p in sorted(folder.glob(pattern.format(rank="*")))
+        if p.name[len(prefix) : len(p.name) - len(suffix)].removeprefix(".rank").lstrip("0123456789") == kind  # "", ".rank1", ".self", ".rank0.self"
+    ]
+
+
+def clear_progress_of_finished(folder: Path, pattern: str, kind: str = "", main: bool = True) -> None:
+    """Removes the progress a run killed right after renaming its finished output left beside it
+    (the finished output holds all of it); on rank 0 only (`main`)."""
+    if main:
+        for p in progress_files(folder, pattern, kind):
+            p.unlink(missing_ok=True)
 
 
 @dataclass

@@ -47,7 +47,7 @@ from influence_cli.passes import (
     stream_gradients,
 )
 from influence_cli.progress import Progress, for_rank
-from influence_cli.resume import PassCheckpoint, Snapshot, check_rank_layout, run_key, run_keys
+from influence_cli.resume import PassCheckpoint, Snapshot, check_rank_layout, clear_progress_of_finished, run_key, run_keys
 from influence_cli.task import IGNORE_INDEX, without_counted_position
 
 _SCORE_BYTES = 4  # the score block is computed in float32 (float64 for float64 models), see sizing
@@ -598,6 +598,7 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
     paths = ([index] + [out_dir / storage.SCORES_SHARD.format(shard=s.number) for s in layout.shards]) if layout.sharded else [single]
     finished = [p for p in (single, index) if _finished_key(p) in run_keys(result)]
     if resume and not overwrite and finished:  # a requeued job whose scores are done
+        clear_progress_of_finished(out_dir, storage.SCORES_PARTIAL, main=st.is_main)
         return ScoresReport(
             "pairwise", paths if finished[0] == paths[0] else finished, n_q, n_t, finished[0] == index, len(layout.shards), len(layout.query_chunks), relative,
             cfg.factors.strategy, cfg.task.measurement, common["damping"], {}, 0.0, "already complete",
@@ -784,6 +785,7 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
     settings = result | {"bs": scorer.bs, "world": st.world_size}
     metadata["run_key"], metadata["result_key"] = run_key(settings), run_key(result)
     if resume and not overwrite and _finished_key(path) in run_keys(result):  # a requeued job whose scores are done
+        clear_progress_of_finished(out_dir, storage.SCORES_PARTIAL, ".self", main=st.is_main)
         return ScoresReport(
             "self", [path], 0, n_t, False, 1, 0, False, cfg.factors.strategy, cfg.task.measurement, common["damping"],
             {}, 0.0, "already complete", {tm.name: tm.num_params for tm in ctx.tracked}, len(scorer.members),

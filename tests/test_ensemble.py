@@ -407,10 +407,14 @@ def test_an_interrupted_ensemble_overwrite_resumes(project, tmp_path, monkeypatc
             yield batch
 
     monkeypatch.setattr(fit_mod, "stream_gradients", interrupted)
+    stale = cfg.output_path / "members" / "2" / storage.FACTORS_PARTIAL.format(rank="")
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_bytes(b"progress of an older run, in a model the new run has not reached")
     with pytest.raises(KeyboardInterrupt):
         fit_factors(changed, overwrite=True)
     monkeypatch.undo()
     assert not list(cfg.output_path.rglob("factors.safetensors"))  # no old factors left looking current
+    assert not stale.exists()  # nor its progress, which --resume would refuse
     report = fit_factors(changed, resume=True)
     assert report.strategy == "kfac" and [m.strategy for m in report.members] == ["kfac", "kfac"]
 

@@ -120,3 +120,16 @@ def test_resume_with_other_settings_never_replaces_the_shards_an_interrupted_run
     report = compute_scores(load_config(CONFIG, sets), resume=True)
     assert report.resumed_from == "shard 0" and all(p.read_bytes() == data for p, data in kept.items())
     assert shards[-1].is_file() and (tmp_path / storage.SCORES_INDEX).is_file()
+
+
+def test_resume_of_finished_scores_clears_the_progress_a_late_kill_left(fitted, tmp_path):
+    """Killed right after the final rename: the progress file stays beside the finished scores; --resume says
+    'already complete' and removes it (the finished file holds all of it)."""
+    for name in (storage.FACTORS_FILE, storage.SCORES_FILE):
+        (tmp_path / name).write_bytes((fitted / name).read_bytes())
+    left = tmp_path / PARTIAL
+    left.write_bytes(b"progress of the run that wrote the scores")
+    other = tmp_path / storage.SCORES_PARTIAL.format(rank=".self")  # --self's own progress is not this run's
+    other.write_bytes(b"progress of an interrupted --self run")
+    report = compute_scores(load_config(CONFIG, [*SETTINGS, f"output_dir={tmp_path}"]), resume=True)
+    assert report.resumed_from == "already complete" and not left.exists() and other.exists()
