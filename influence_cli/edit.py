@@ -267,6 +267,8 @@ def edit_checkpoint(
         patterns, key = cfg.spectrum.layers, "spectrum.layers"
     chosen = select_layers(ctx.tracked, patterns, key)
     storage.check_can_write(out, overwrite, "a checkpoint")
+    if ctx.state.is_main:
+        storage.remove_stale_temp_files(out)  # what a killed writer left
     state_dict, edits = edit_model(ctx.model, chosen, factors.layers, keep=keep, rho=rho, share=share, order=order)
     _check_something_kept(edits, keep, share, explicit=share_given is not None)
     if source is not None:

@@ -345,6 +345,8 @@ def dataset_similarity(
     factors_path = cfg.factors_path / storage.FACTORS_FILE
     factors = load_factors(factors_path)
     ctx = prepare(cfg, state)
+    if ctx.state.is_main:
+        storage.remove_stale_temp_files(path)  # what a killed writer left
     check_factors_match(factors, ctx, factors_path)
     if factors.strategy != cfg.factors.strategy or factors.fisher != cfg.factors.fisher:
         raise OutputError(

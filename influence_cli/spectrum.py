@@ -428,6 +428,8 @@ def spectrum(
     factors, _ = load_kronecker_factors(ctx)
     chosen = select_layers(ctx.tracked, layers or sp.layers, "--layers" if layers else "spectrum.layers")
     storage.check_can_write(path, overwrite, "a spectrum result")
+    if ctx.state.is_main:
+        storage.remove_stale_temp_files(path)  # what a killed writer left
     storage.ensure_writable_dir(out_dir)
     bands = {
         tm.name: layer_bands(factors.layers[tm.name], order=order, bottom=sp.bottom, top=sp.top, mass=sp.mass, bins=sp.bins)

@@ -138,6 +138,7 @@ def check_image_path(path: Path, key: str) -> str:
     except Exception as exc:  # noqa: BLE001 - whatever the format's writer raises
         raise OutputError(f"{key} {str(path)!r}: Pillow cannot write colour pictures as {path.suffix!r} ({exc})", hint="use a .png file name") from None
     _temp_beside(path, key).unlink()  # the folder can be written
+    remove_stale_temp_files(path)  # what a killed writer of this picture left
     return fmt
 
 

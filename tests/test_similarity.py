@@ -453,3 +453,13 @@ def test_pictures_spell_the_characters_their_font_lacks():
     spelled = render_heatmap(matrix, ["Müller", "猫 ±"], "café · similarity")
     plain = render_heatmap(matrix, ["Muller", "? ±"], "cafe · similarity")
     assert spelled.size == plain.size and spelled.tobytes() == plain.tobytes()
+
+
+def test_temporary_files_of_killed_writers_are_removed(digits_run, tmp_path):
+    out, sets = digits_run
+    heatmap = tmp_path / "similarity.png"
+    left = [out / ".similarity.safetensors.k1ll3d.tmp", tmp_path / ".similarity.png.k1ll3d.tmp"]
+    for p in left:
+        p.write_bytes(b"half")
+    assert invoke("dataset-similarity", str(DIGITS), *sets, "--overwrite", "--heatmap", str(heatmap)).exit_code == 0
+    assert not [p for p in left if p.exists()] and heatmap.is_file()

@@ -648,3 +648,15 @@ def test_mnist_memorized_random_labels_lean_on_low_curvature(tmp_path):
     drop_memorized = accuracy(model, x[noisy], y[noisy]) - accuracy(edited, x[noisy], y[noisy])
     drop_heldout = accuracy(model, xh, yh) - accuracy(edited, xh, yh)
     assert drop_memorized > 0.3 and drop_memorized > drop_heldout + 0.25
+
+
+def test_temporary_files_of_killed_writers_are_removed(tmp_path, digits):
+    """A writer killed before its rename leaves `.<name>.<random>.tmp`; the next run of the same output removes it."""
+    out, sets = digits
+    plot, edited = tmp_path / "spectrum.png", tmp_path / "edited.safetensors"
+    left = [out / ".spectrum.safetensors.k1ll3d.tmp", tmp_path / ".spectrum.png.k1ll3d.tmp", tmp_path / ".edited.safetensors.k1ll3d.tmp"]
+    for p in left:
+        p.write_bytes(b"half")
+    assert invoke("spectrum", DIGITS, *sets, "--plot", plot, "--overwrite").exit_code == 0
+    assert invoke("edit", DIGITS, *sets, "--out", edited, "--layers", "head", "--keep-share", "0.5").exit_code == 0
+    assert not [p for p in left if p.exists()] and plot.is_file() and edited.is_file()
