@@ -13,6 +13,7 @@ import functools
 import io
 import json
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -248,13 +249,33 @@ def _folder_of(cfg: Any, what: str) -> tuple[Path, str]:
     return Path(cfg.output_path), "output_dir"
 
 
+_ORPHAN_WAIT_S = 10.0  # torch's DataLoader workers check for their parent every 5 s
+
+
+def _writer_is_dead(holder: str) -> bool:
+    """Whether the lock file names a writer on this host whose process has ended (its lock then lives on
+    in the data-loading workers it forked, until they exit)."""
+    found = re.match(r"pid (\d+) on (\S+):", holder)
+    if found is None or found[2] != socket.gethostname():
+        return False
+    try:
+        os.kill(int(found[1]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError, ValueError):
+        return False
+    return False
+
+
 @contextmanager
 def output_dir_lock(
     folder: Path, what: str = "outputs", *, hold: bool = True, shared: bool = False, key: str = "output_dir"
 ) -> Iterator[None]:
     """Creates `folder` and holds a lock on `folder/.influence.<what>.lock`: exclusive for a run
     that writes `what`, shared (`shared`) for runs that read it. flock: the OS releases it when the
-    process ends, even by SIGKILL, so a killed run never blocks the next; the last holder removes
+    process ends, even by SIGKILL, so a killed run never blocks the next (its data-loading workers
+    keep the lock until they exit, seconds later: a writer named in the lock that is gone from this
+    host is waited for, up to `_ORPHAN_WAIT_S`); the last holder removes
     the file. With `hold` False it only creates the folder. Where the filesystem cannot lock (some
     network mounts), the run goes on unlocked, with a warning; a reader of a folder it cannot
     write (factors shared read-only through factors_dir) runs unlocked without one. `key` is the
@@ -276,6 +297,7 @@ def output_dir_lock(
         return
     path = folder / LOCK_FILE.format(what=what)
     retries = 20  # a holder releasing (a reader upgrades to remove the file) or a writer starting: busy for milliseconds
+    orphans_gone = time.monotonic() + _ORPHAN_WAIT_S
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -291,6 +313,9 @@ def output_dir_lock(
             if retries > 0:
                 retries -= 1
                 time.sleep(0.025)
+                continue
+            if _writer_is_dead(holder) and time.monotonic() < orphans_gone:
+                time.sleep(0.1)  # a killed writer's data-loading workers hold its lock until they notice (seconds)
                 continue
             verb = "writing" if holder or shared else "reading"
             detail = f" ({holder})" if holder else " (a run that is starting)" if shared else ""

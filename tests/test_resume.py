@@ -448,6 +448,43 @@ def test_progress_of_another_number_of_ranks_is_refused_not_dropped(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [scores.format(rank=".self")]
 
 
+HOLD_LOCK = """
+import fcntl, os, socket, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.pwrite(fd, f"pid {sys.argv[2]} on {socket.gethostname()}: fit-factors cfg".encode(), 0)
+print("held", flush=True)
+time.sleep(float(sys.argv[3]))
+"""
+
+
+def test_the_lock_of_a_killed_writer_held_by_its_orphaned_workers_is_waited_for(tmp_path, monkeypatch):
+    """After a SIGKILL, the DataLoader workers the writer forked still hold its lock until they notice
+    (seconds): a writer named in the lock that no longer exists is waited for, a live one is not."""
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    dead_pid = int(gone.stdout)
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = out / storage.LOCK_FILE.format(what="factors")
+    orphan = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(lock), str(dead_pid), "1.0"], stdout=subprocess.PIPE, text=True)
+    assert orphan.stdout.readline().strip() == "held"
+    with storage.output_dir_lock(out, "factors"):  # waits about a second, then holds it
+        assert orphan.poll() is not None
+    live = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(lock), str(os.getpid()), "30"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert live.stdout.readline().strip() == "held"
+        monkeypatch.setattr(storage, "_ORPHAN_WAIT_S", 30.0)
+        with pytest.raises(OutputError, match=rf"writing its factors \(pid {os.getpid()} on "):  # refused at once
+            with storage.output_dir_lock(out, "factors"):
+                pass
+    finally:
+        live.kill()
+        live.wait()
+
+
 def test_a_second_run_into_a_busy_output_dir_is_refused(tmp_path):
     """Two runs writing the same outputs would replace each other's outputs and progress; the lock
     is released (and its file removed) when a run ends, and the OS drops it when a run is killed.
