@@ -344,6 +344,14 @@ def fit_factors(
             exists without `resume`/`overwrite`, or it belongs to other settings.
     """
     first, *others = ensemble_members(cfg)
+    unfitted = [m for m in others if not (m.out_dir / storage.FACTORS_FILE).is_file()]
+    if not resume and not overwrite and (first.out_dir / storage.FACTORS_FILE).is_file() and unfitted:
+        path = first.out_dir / storage.FACTORS_FILE
+        raise OutputError(
+            f"{str(path)!r} already holds factors from a finished run; {', '.join(m.key for m in unfitted)} of the ensemble "
+            f"{'has' if len(unfitted) == 1 else 'have'} none yet",
+            hint="pass --resume to fit only the models without factors (keeping the others), or --overwrite to refit every model",
+        ).everywhere()
     # with --overwrite, removed once model 0's checks pass: the other models' factors and progress
     replaced = [p for m in others for p in (m.out_dir / storage.FACTORS_FILE, *progress_files(m.out_dir, storage.FACTORS_PARTIAL))]
     report = _fit_member(cfg, first, overwrite=overwrite, resume=resume, state=state, progress=progress, also_replaced=replaced)

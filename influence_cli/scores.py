@@ -47,7 +47,15 @@ from influence_cli.passes import (
     stream_gradients,
 )
 from influence_cli.progress import Progress, for_rank
-from influence_cli.resume import PassCheckpoint, Snapshot, check_rank_layout, clear_progress_of_finished, run_key, run_keys
+from influence_cli.resume import (
+    PassCheckpoint,
+    Snapshot,
+    check_rank_layout,
+    clear_progress_of_finished,
+    progress_files,
+    run_key,
+    run_keys,
+)
 from influence_cli.task import IGNORE_INDEX, without_counted_position
 
 _SCORE_BYTES = 4  # the score block is computed in float32 (float64 for float64 models), see sizing
@@ -225,9 +233,13 @@ def _load_layers(ctx: RunContext, train: IndexedDataset, member: Member) -> tupl
         return {tm.name: LayerFactors(tm.name) for tm in ctx.tracked}, {"strategy": "identity", "file": None}
     path = member.factors_path
     if member.index and not path.is_file():
+        interrupted = progress_files(path.parent, storage.FACTORS_PARTIAL) if path.parent.is_dir() else []
         raise OutputError(
             f"{member.key}: no factors at {str(path)!r} for this ensemble member",
-            hint="run `influence fit-factors` with this config: it fits the factors of every checkpoint in scores.checkpoints",
+            hint="fit-factors was interrupted in this model: rerun it with --resume to finish every model"
+            if interrupted
+            else "run `influence fit-factors` with this config and --resume: it fits the factors of every checkpoint in "
+            "scores.checkpoints that has none",
         )
     factors = load_factors(path)
     check_factors_match(factors, ctx, path, train.fingerprint(), num_fit_examples(cfg, len(train)), same_fit=True)

@@ -22,6 +22,7 @@ from influence_cli import storage
 from influence_cli.config import Config, yaml_text
 from influence_cli.data import IndexedDataset
 from influence_cli.errors import OutputError, UsageError
+from influence_cli.resume import progress_files
 
 _BLOCK_ELEMENTS = 1 << 24  # scores read at once (64 MiB in float32)
 _NO_SCORES_HINT = "run `influence compute-scores CONFIG` first (with the same output_dir)"
@@ -143,7 +144,8 @@ def load_scores_meta(output_dir: str | Path) -> ScoresMeta:
             n_query, n_train = fh.get_slice("scores").get_shape()
         files = [ScoreFile(single, 0, n_train)]
     else:
-        interrupted = any(not p.name.endswith(".self.safetensors") for p in out.glob(storage.SCORES_PARTIAL.format(rank="*")))  # not --self's
+        shard_glob = storage.SCORES_SHARD.split("{", 1)[0] + "*"  # finished shards of a run killed before its index
+        interrupted = bool(progress_files(out, storage.SCORES_PARTIAL) or list(out.glob(shard_glob)))  # not --self's progress
         hint = "compute-scores was interrupted: rerun it with --resume to finish" if interrupted else _NO_SCORES_HINT
         raise OutputError(f"no scores in {str(out)!r} ({storage.SCORES_FILE} or {storage.SCORES_INDEX})", hint=hint)
     with safe_open(str(files[0].path), framework="pt") as fh:
@@ -477,7 +479,9 @@ def load_self_influence(output_dir: str | Path) -> SelfInfluence:
     """Reads `<output_dir>/self_influence.safetensors` (OutputError if absent: run compute-scores --self)."""
     path = Path(output_dir) / storage.SELF_INFLUENCE_FILE
     if not path.is_file():
-        raise OutputError(f"no self-influence scores at {str(path)!r}", hint="run `influence compute-scores CONFIG --self` first")
+        interrupted = progress_files(Path(output_dir), storage.SCORES_PARTIAL, ".self")
+        hint = "compute-scores --self was interrupted: rerun it with --resume to finish" if interrupted else "run `influence compute-scores CONFIG --self` first"
+        raise OutputError(f"no self-influence scores at {str(path)!r}", hint=hint)
     tensors, meta = storage.load_tensors(path, storage.SELF_FORMAT)
     _check_no_nan(tensors["self_influence"], path)
     return SelfInfluence(tensors["self_influence"], tensors["train_indices"], tensors.get("train_labels"), _decode(meta))

@@ -175,8 +175,9 @@ def test_adding_a_checkpoint_later_fits_only_its_factors_with_resume(tmp_path):
     fit_factors(config_from_dict(data, base_dir=tmp_path))
     data["scores"] = {"checkpoints": [first, second]}
     cfg = config_from_dict(data, base_dir=tmp_path)
-    with pytest.raises(OutputError, match="already holds factors"):
+    with pytest.raises(OutputError, match=r"already holds factors from a finished run; scores.checkpoints\[1\] of the ensemble has none yet") as exc:
         fit_factors(cfg)
+    assert exc.value.hint.startswith("pass --resume to fit only the models without factors")
     report = fit_factors(cfg, resume=True)
     assert report.resumed_from == "already complete" and report.members[0].resumed_from == "already complete"
     assert report.members[1].resumed_from is None and report.members[1].path.is_file()

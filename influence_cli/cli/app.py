@@ -170,7 +170,7 @@ def command(name: str, resumable: bool = False, rank_0: bool = False, **kwargs: 
                 if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets the signal; say it once
                     what = "terminated" if isinstance(exc, Terminated) else "interrupted"
                     more = (
-                        " Progress saved every factors.checkpoint_every batches is kept; rerun the same command with --resume to continue."
+                        " Progress is saved every factors.checkpoint_every batches (never with 0); rerun the same command with --resume to continue from the last save."
                         if resumable
                         else ""
                     )
