@@ -148,7 +148,20 @@ def test_missing_scores_say_how_to_make_them(tmp_path):
     assert "compute-scores" in info.value.hint
     with pytest.raises(OutputError, match="no self-influence") as info:
         self_top_k(tmp_path, 3)
-    assert "--self" in info.value.hint
+    assert "--self" in info.value.hint and "--resume" not in info.value.hint
+
+
+def test_missing_scores_of_an_interrupted_run_say_resume(tmp_path):
+    """Progress files, or the shards a sharded run finished before it was killed (no index yet)."""
+    write_scores(tmp_path, torch.randn(2, 10), shard_len=4)
+    (tmp_path / storage.SCORES_INDEX).unlink()
+    with pytest.raises(OutputError, match="no scores in") as info:
+        top_k(tmp_path, None, 3)
+    assert info.value.hint == "compute-scores was interrupted: rerun it with --resume to finish"
+    (tmp_path / storage.SCORES_PARTIAL.format(rank=".self")).write_bytes(b"progress")
+    with pytest.raises(OutputError, match="no self-influence") as info:
+        self_top_k(tmp_path, 3)
+    assert info.value.hint == "compute-scores --self was interrupted: rerun it with --resume to finish"
 
 
 def test_missing_shard_is_reported(tmp_path):
