@@ -123,9 +123,9 @@ class LayerBands:
         counts: Directions per band.
         mass: Share of Σc per band.
         input_counts: A-directions per band.
-        without_curvature: Per band, whether it has directions and none of them has curvature (c at
-            most the pseudo-inverse's cut-off, e.g. the softmax's null direction or inputs that are
-            always 0): energy there is rounding or what the fit never saw.
+        without_curvature: Per band, whether it has directions and all of them lie outside the
+            curvature's numerical range (`_null_directions`: the softmax's null direction, inputs
+            that are always 0, dead units): energy there is rounding or what the fit never saw.
     """
 
     name: str
@@ -153,7 +153,7 @@ def layer_bands(lf: LayerFactors, *, order: str, bottom: float, top: float, mass
     mass_share = [float(c.clamp_min(0)[band == k].sum()) / total if total > 0 else 0.0 for k in range(3)]
     lam_a = lf.a_eigenvalues.double().cpu()  # type: ignore[union-attr]
     input_band = band_labels(lam_a, bottom, top, mass)
-    cut_off = float(c.abs().max()) * (lf.rounding() or 0.0) * max(c.shape)  # LayerFactors.inverse_eigenvalues' rule
+    null = _null_directions(lf)
     return LayerBands(
         lf.name,
         band,
@@ -162,8 +162,22 @@ def layer_bands(lf: LayerFactors, *, order: str, bottom: float, top: float, mass
         [int((band == k).sum()) for k in range(3)],
         mass_share,
         [int((input_band == k).sum()) for k in range(3)],
-        [bool((band == k).any()) and bool((c[band == k] <= cut_off).all()) for k in range(3)],
+        [bool((band == k).any()) and bool(null[band == k].all()) for k in range(3)],
     )
+
+
+def _null_directions(lf: LayerFactors) -> torch.Tensor:
+    """bool [d_out, d_in]: directions outside the curvature's numerical range, where λ_G or λ_A is at
+    most its factor's max·eps·size (a matrix rank's usual tolerance, with the factors' `rounding()`):
+    the softmax's null direction, inputs that are always 0, dead units. The product of two small
+    real eigenvalues is not one of them."""
+    eps = lf.rounding() or 0.0
+
+    def null(values: torch.Tensor) -> torch.Tensor:
+        v = values.double().cpu()
+        return v <= float(v.abs().max()) * eps * v.numel()
+
+    return null(lf.g_eigenvalues)[:, None] | null(lf.a_eigenvalues)[None, :]  # type: ignore[arg-type]
 
 
 def select_layers(tracked: list[TrackedModule], patterns: list[str], key: str) -> list[TrackedModule]:

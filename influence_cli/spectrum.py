@@ -477,7 +477,7 @@ def spectrum(
     )  # fmt: skip
     if report.flat_bands()[0]:
         warn(
-            "spectrum: the bottom band has no curvature in any analysed layer (e.g. only the softmax's null direction, or "
+            "spectrum: the bottom band has no curvature in any analysed layer (e.g. only the softmax's null direction, dead units or "
             "inputs that are always 0): its shares are rounding, no ratio or example ranking is given; raise spectrum.bottom"
         )
     if ctx.state.is_main:

@@ -439,6 +439,12 @@ def test_a_bottom_band_without_curvature_ranks_nothing(digits):
     assert "heldout: no example ranked (the bottom band has no curvature)" in table.stdout
     wider = invoke("spectrum", DIGITS, *sets, "--layers", "head", "--json", "--overwrite")  # the default bottom 50%
     assert json.loads(wider.stdout)["layer_bands"][0]["without_curvature"]["bottom"] is False and "curvature" not in wider.stderr
+    # small but real curvature (products of two small eigenvalues) is curvature: fc1's bottom half ranks examples
+    hidden = invoke("spectrum", DIGITS, *sets, "--layers", "fc*", "--top", "2", "--json", "--overwrite")
+    data = json.loads(hidden.stdout)
+    flags = {layer["name"]: layer["without_curvature"]["bottom"] for layer in data["layer_bands"]}
+    assert flags["fc1"] is False and "curvature" not in hidden.stderr  # (fc2's bottom half: its dead units, and the dead inputs)
+    assert all(len(rows) == 2 for rows in data["top_examples"].values())
 
 
 def test_cli_spectrum_by_mass_defaults_to_data_train(tmp_path, digits):
