@@ -376,8 +376,9 @@ def ids_checked_on_host(device: torch.device) -> bool:
 class TokenIdCheck:
     """Range check of token ids on the host before they reach the device (`ids_checked_on_host`).
 
-    On the first batch, one forward of a single all-zeros example finds the nn.Embedding /
-    nn.EmbeddingBag tables that take the model's input as it is (the same memory): every id of
+    On the first batch, one forward of its first example finds the nn.Embedding / nn.EmbeddingBag
+    tables that take the model's input as it is (the same memory); the tables see that example's
+    ids clamped into their range, so the probe itself never indexes out of a table. Every id of
     every batch, padding included, must then be below the smallest of their sizes. A model that
     transforms the ids before its tables (an offset, a clamp of the pad id) has none: its ids other
     than padding are checked against the largest table.
@@ -398,13 +399,16 @@ class TokenIdCheck:
         check_token_ids(x, idx, rows, dataset_name, padding_value if table is None else None, table)
 
     def _probe(self, x: torch.Tensor) -> tuple[int, str | None]:
-        probe = torch.zeros_like(x[:1], device=self.device)
+        probe = x[:1].to(self.device)  # a real example: the model's own indexing (last real token, ...) sees real data
         takers: dict[str, int] = {}
 
-        def note(name: str) -> Callable[..., None]:
-            def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-                if args and isinstance(args[0], torch.Tensor) and args[0].data_ptr() == probe.data_ptr():
+        def note(name: str) -> Callable[..., Any]:
+            def hook(module: nn.Module, args: tuple[Any, ...]) -> Any:
+                if not (args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point()):
+                    return None
+                if args[0].data_ptr() == probe.data_ptr():
                     takers[name] = self.tables[name]
+                return (args[0].clamp(0, self.tables[name] - 1), *args[1:])  # never out of the table, here
 
             return hook
 
@@ -413,7 +417,7 @@ class TokenIdCheck:
         try:
             with torch.no_grad():
                 self.model(probe)
-        except Exception:  # noqa: BLE001 - a model that refuses zeros: the largest table bounds the ids
+        except Exception:  # noqa: BLE001 - a model that refuses the clamped ids: the largest table bounds them
             takers.clear()
         finally:
             for h in handles:

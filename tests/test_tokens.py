@@ -325,6 +325,25 @@ class _TokensAndPositions(nn.Module):
         return self.head(self.embed(ids) + self.positions(torch.arange(tokens.shape[1]))).mean(1)
 
 
+class _LastRealToken(_TokensAndPositions):
+    """Pools the last real (non-pad 0) token with gather: an all-padding input would index -1."""
+
+    def forward(self, tokens):
+        h = self.embed(tokens) + self.positions(torch.arange(tokens.shape[1]))
+        last = ((tokens != 0).sum(1) - 1).view(-1, 1, 1).expand(-1, 1, h.shape[-1])
+        return self.head(torch.gather(h, 1, last)[:, 0])
+
+
+def test_the_host_check_probes_with_a_real_example(monkeypatch):
+    """The probe forward runs the batch's first example (tables see it clamped), never an input real data lacks."""
+    import influence_cli.passes as passes
+
+    monkeypatch.setattr(passes, "ids_checked_on_host", lambda device: True)
+    check = passes.TokenIdCheck(_LastRealToken(), torch.device("cpu"))
+    with pytest.raises(DataError, match=r"run from 0 to 40, outside the model's embedding table 'embed' \(11 rows\)"):
+        check(torch.tensor([[1, 40, 0], [3, 4, 5]]), torch.arange(2), "data.train", 0)  # the probe itself saw 40 clamped
+
+
 def test_the_host_check_bounds_ids_by_the_table_that_takes_them(monkeypatch):
     """Ids 11..63 fit the largest table (positions) but not the token table: refused before the device;
     the pad id counts when the table receives it, and not when the model maps it first."""
