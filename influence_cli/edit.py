@@ -268,7 +268,7 @@ def edit_checkpoint(
     chosen = select_layers(ctx.tracked, patterns, key)
     storage.check_can_write(out, overwrite, "a checkpoint")
     if ctx.state.is_main:
-        storage.remove_stale_temp_files(out)  # what a killed writer left
+        storage.remove_stale_temp_files(out, storage.UNLOCKED_TEMP_AGE_S)  # what a killed writer left (no lock guards --out)
     state_dict, edits = edit_model(ctx.model, chosen, factors.layers, keep=keep, rho=rho, share=share, order=order)
     _check_something_kept(edits, keep, share, explicit=share_given is not None)
     if source is not None:

@@ -77,13 +77,23 @@ def _temp_pattern(path: Path) -> str:
     return f".{Path(path).name}.*.tmp"
 
 
-def remove_stale_temp_files(path: Path) -> None:
+def remove_stale_temp_files(path: Path, older_than_s: float = 0.0) -> None:
     """Deletes temporary files a killed writer of `path` left behind (never a finished file).
 
-    The name of `path` may be a glob (`scores*`) to cover a family of outputs.
+    The name of `path` may be a glob (`scores*`) to cover a family of outputs. Under the output's
+    exclusive lock every such file is stale; without one (pictures, edit --out), `older_than_s`
+    spares the files another live run may be writing now.
     """
+    now = time.time()
     for tmp in Path(path).parent.glob(_temp_pattern(path)):
-        tmp.unlink(missing_ok=True)
+        try:
+            if older_than_s <= 0 or now - tmp.stat().st_mtime > older_than_s:
+                tmp.unlink(missing_ok=True)
+        except FileNotFoundError:
+            pass
+
+
+UNLOCKED_TEMP_AGE_S = 600.0  # a temporary file of an unlocked output this old is a killed writer's
 
 
 @contextmanager
@@ -138,8 +148,8 @@ def check_image_path(path: Path, key: str) -> str:
         Image.new("RGB", (2, 2)).save(io.BytesIO(), format=fmt)
     except Exception as exc:  # noqa: BLE001 - whatever the format's writer raises
         raise OutputError(f"{key} {str(path)!r}: Pillow cannot write colour pictures as {path.suffix!r} ({exc})", hint="use a .png file name") from None
-    _temp_beside(path, key).unlink()  # the folder can be written
-    remove_stale_temp_files(path)  # what a killed writer of this picture left
+    _temp_beside(path, key).unlink(missing_ok=True)  # the folder can be written
+    remove_stale_temp_files(path, UNLOCKED_TEMP_AGE_S)  # what a killed writer of this picture left
     return fmt
 
 
@@ -250,6 +260,22 @@ def _folder_of(cfg: Any, what: str) -> tuple[Path, str]:
 
 
 _ORPHAN_WAIT_S = 10.0  # torch's DataLoader workers check for their parent every 5 s
+_HELD_LOCKS: set[int] = set()  # descriptors of the locks this process holds
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker): close the inherited lock descriptors, so a lock lives
+    exactly as long as the run that took it (closing a copy never releases the parent's lock)."""
+    for fd in list(_HELD_LOCKS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
 def _writer_is_dead(holder: str) -> bool:
@@ -273,9 +299,9 @@ def output_dir_lock(
 ) -> Iterator[None]:
     """Creates `folder` and holds a lock on `folder/.influence.<what>.lock`: exclusive for a run
     that writes `what`, shared (`shared`) for runs that read it. flock: the OS releases it when the
-    process ends, even by SIGKILL, so a killed run never blocks the next (its data-loading workers
-    keep the lock until they exit, seconds later: a writer named in the lock that is gone from this
-    host is waited for, up to `_ORPHAN_WAIT_S`); the last holder removes
+    process ends, even by SIGKILL, so a killed run never blocks the next (forked children, the
+    DataLoader's workers, close their copy of it; should one still hold it, a writer named in the
+    lock that is gone from this host is waited for, up to `_ORPHAN_WAIT_S`); the last holder removes
     the file. With `hold` False it only creates the folder. Where the filesystem cannot lock (some
     network mounts), the run goes on unlocked, with a warning; a reader of a folder it cannot
     write (factors shared read-only through factors_dir) runs unlocked without one. `key` is the
@@ -338,9 +364,11 @@ def output_dir_lock(
     os.ftruncate(fd, 0)  # a reader holds it with readers only: what a killed writer left is stale
     if not shared:  # a writer says who it is
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}: {' '.join(sys.argv[1:3])}".encode(), 0)
+    _HELD_LOCKS.add(fd)
     try:
         yield
     finally:
+        _HELD_LOCKS.discard(fd)
         try:  # the last holder removes the file: a reader only when it can take the lock alone
             if shared:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -485,6 +485,35 @@ def test_the_lock_of_a_killed_writer_held_by_its_orphaned_workers_is_waited_for(
         live.wait()
 
 
+FORKS_A_WORKER = """
+import os, sys, time
+from pathlib import Path
+from influence_cli import storage
+with storage.output_dir_lock(Path(sys.argv[1]), "factors"):
+    if os.fork() == 0:  # a DataLoader worker
+        time.sleep(8)
+        os._exit(0)
+    print("ready", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_killed_runs_forked_workers_do_not_keep_its_lock(tmp_path):
+    """SIGKILL leaves the lock file; the workers the run forked closed their copy, so the next run
+    takes it at once (without waiting for them to notice their parent is gone)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    run = subprocess.Popen([sys.executable, "-c", FORKS_A_WORKER, str(out)], stdout=subprocess.PIPE, text=True)
+    assert run.stdout.readline().strip() == "ready"
+    run.kill()
+    run.wait()
+    start = time.monotonic()
+    with storage.output_dir_lock(out, "factors"):
+        assert time.monotonic() - start < 1.0
+
+
 def test_a_second_run_into_a_busy_output_dir_is_refused(tmp_path):
     """Two runs writing the same outputs would replace each other's outputs and progress; the lock
     is released (and its file removed) when a run ends, and the OS drops it when a run is killed.

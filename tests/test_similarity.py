@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -461,5 +463,6 @@ def test_temporary_files_of_killed_writers_are_removed(digits_run, tmp_path):
     left = [out / ".similarity.safetensors.k1ll3d.tmp", tmp_path / ".similarity.png.k1ll3d.tmp"]
     for p in left:
         p.write_bytes(b"half")
+    os.utime(left[1], (time.time() - 3600, time.time() - 3600))  # a picture has no lock: only an old one is stale
     assert invoke("dataset-similarity", str(DIGITS), *sets, "--overwrite", "--heatmap", str(heatmap)).exit_code == 0
     assert not [p for p in left if p.exists()] and heatmap.is_file()

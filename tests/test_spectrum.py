@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -661,8 +663,12 @@ def test_temporary_files_of_killed_writers_are_removed(tmp_path, digits):
     out, sets = digits
     plot, edited = tmp_path / "spectrum.png", tmp_path / "edited.safetensors"
     left = [out / ".spectrum.safetensors.k1ll3d.tmp", tmp_path / ".spectrum.png.k1ll3d.tmp", tmp_path / ".edited.safetensors.k1ll3d.tmp"]
-    for p in left:
+    live = [tmp_path / ".spectrum.png.writing.tmp", tmp_path / ".edited.safetensors.writing.tmp"]  # another run's, now
+    for p in [*left, *live]:
         p.write_bytes(b"half")
+    for p in left[1:]:  # outputs without a lock: only old temporary files are a killed writer's
+        os.utime(p, (time.time() - 3600, time.time() - 3600))
     assert invoke("spectrum", DIGITS, *sets, "--plot", plot, "--overwrite").exit_code == 0
     assert invoke("edit", DIGITS, *sets, "--out", edited, "--layers", "head", "--keep-share", "0.5").exit_code == 0
     assert not [p for p in left if p.exists()] and plot.is_file() and edited.is_file()
+    assert all(p.exists() for p in live)
