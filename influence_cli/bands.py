@@ -28,7 +28,7 @@ from influence_cli.fit import check_factors_match, load_factors
 from influence_cli.tracking import TrackedModule
 
 
-def _count(share: float, n: int) -> int:
+def directions_of_share(share: float, n: int) -> int:
     """⌊share·n + ½⌋, the number of n directions a share stands for."""
     return min(n, max(0, math.floor(share * n + 0.5)))
 
@@ -47,8 +47,8 @@ def band_sizes(curvature: torch.Tensor, bottom: float, top: float, mass: bool = 
     values = torch.sort(curvature.detach().reshape(-1).double().clamp_min(0).cpu()).values
     n = values.numel()
     if not mass:
-        n_top = _count(top, n)
-        return min(_count(bottom, n), n - n_top), n_top
+        n_top = directions_of_share(top, n)
+        return min(directions_of_share(bottom, n), n - n_top), n_top
     total = float(values.sum())
     n_top = 0
     if top > 0 and total > 0:

@@ -142,8 +142,8 @@ def shutdown_distributed() -> None:
 
 def exit_before_the_other_ranks(code: int) -> None:
     """A rank that failed under torchrun leaves at once, its process group intact: the other ranks see
-    the closed connection only when it is gone, so torchrun names this rank and its exit code as the
-    root cause (destroying the group first let rank 0 fail and torchrun SIGTERM this rank). Outputs
+    the closed connection only when it is gone, so torchrun records this rank's own exit code
+    (destroying the group first let rank 0 fail first and torchrun SIGTERM this rank). Outputs
     are already safe: the core writes under temporary names and cleans them up as the error rises.
     Returns (does nothing) outside a process group of two or more ranks."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):

@@ -55,12 +55,12 @@ def drawable(text: str, has_glyph: Callable[[str], bool]) -> str:
     """`text` with each character the font lacks replaced by its letters without accents (é → e,
     ü → u), or by '?' when it has none (猫)."""
     out = []
-    for char in text:
+    for char in unicodedata.normalize("NFC", text):  # "u" + a combining diaeresis (macOS file names) is "ü"
         if has_glyph(char):
             out.append(char)
             continue
         plain = "".join(c for c in unicodedata.normalize("NFKD", char) if not unicodedata.combining(c) and has_glyph(c))
-        out.append(plain or "?")
+        out.append(plain or ("" if unicodedata.combining(char) else "?"))
     return "".join(out)
 
 

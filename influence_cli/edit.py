@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,14 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from influence_cli import notices, storage
-from influence_cli.bands import check_order, direction_curvature, keep_mask, load_kronecker_factors, select_layers
+from influence_cli.bands import (
+    check_order,
+    direction_curvature,
+    directions_of_share,
+    keep_mask,
+    load_kronecker_factors,
+    select_layers,
+)
 from influence_cli.config import EDIT_KEEP, Config
 from influence_cli.context import prepare
 from influence_cli.distributed import DistState
@@ -272,7 +280,7 @@ def edit_checkpoint(
     state_dict, edits = edit_model(ctx.model, chosen, factors.layers, keep=keep, rho=rho, share=share, order=order)
     _check_something_kept(edits, keep, share, explicit=share_given is not None)
     if source is not None:
-        state_dict = _in_source_precision(state_dict, source)
+        state_dict = _in_source_precision(state_dict, source, tied_keys(ctx.model))
     if cfg.scores.checkpoints:
         n = len(cfg.scores.checkpoints)
         notices.warn(
@@ -317,10 +325,11 @@ def _check_something_kept(edits: list[LayerEdit], keep: str, share: float, expli
             continue
         if keep == "share":
             key = "--keep-share" if explicit else "spectrum.edit.share"
+            fewest = min(e.directions for e in edits)
             raise UsageError(
                 f"{key} {share:g} keeps none of the {ed.directions:,} directions of layer {ed.name or '(model)'!r} "
                 f"(⌊{share:g}·{ed.directions:,} + ½⌋ = 0): its weights would all become 0",
-                hint=f"give at least {0.5 / ed.directions:.2g}, or leave the layer out with --layers",
+                hint=f"give at least {_smallest_share(fewest):g} (one direction of every edited layer), or leave the layer out with --layers",
             )
         raise UsageError(  # mass: only a layer without curvature keeps nothing
             f"layer {ed.name or '(model)'!r} has no curvature in any direction, so no direction is kept: its weights would all become 0",
@@ -328,11 +337,25 @@ def _check_something_kept(edits: list[LayerEdit], keep: str, share: float, expli
         )
 
 
-def _in_source_precision(state: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
+def _in_source_precision(state: dict[str, torch.Tensor], source: Path, tied: dict[str, list[str]]) -> dict[str, torch.Tensor]:
     """`state` (the float32 model's) with each floating tensor in the floating dtype the source checkpoint
-    stored it in (a bfloat16 checkpoint stays bfloat16: the same size, and its untouched tensors bit for bit)."""
+    stored it in (a bfloat16 checkpoint stays bfloat16: the same size, and its untouched tensors bit for bit);
+    a tied name the source left out (it stores one of them) takes the dtype of the one it kept."""
     stored = {k: v.dtype for k, v in read_state_dict(source).items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
-    return {k: v.to(stored[k]) if v.is_floating_point() and stored.get(k, v.dtype) != v.dtype else v for k, v in state.items()}
+    out = {}
+    for k, v in state.items():
+        dtype = stored.get(k) or next((stored[a] for a in tied.get(k, []) if a in stored), None)
+        out[k] = v.to(dtype) if v.is_floating_point() and dtype is not None and dtype != v.dtype else v
+    return out
+
+
+def _smallest_share(n: int) -> float:
+    """The smallest share of two significant digits that keeps one of n directions (⌊share·n + ½⌋ ≥ 1)."""
+    step = 10.0 ** (math.floor(math.log10(0.5 / n)) - 1)
+    share = math.ceil(0.5 / n / step) * step
+    while directions_of_share(share, n) < 1:
+        share += step
+    return float(f"{share:.2g}") if directions_of_share(float(f"{share:.2g}"), n) >= 1 else share
 
 
 def _one_name_per_tensor(state: dict[str, torch.Tensor], tied: dict[str, list[str]]) -> dict[str, torch.Tensor]:

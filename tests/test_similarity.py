@@ -452,7 +452,7 @@ def test_pictures_spell_the_characters_their_font_lacks():
     from influence_cli.heatmap import render_heatmap
 
     matrix = torch.tensor([[1.0, 0.25], [0.25, 1.0]])
-    spelled = render_heatmap(matrix, ["Müller", "猫 ±"], "café · similarity")
+    spelled = render_heatmap(matrix, ["Mu\u0308ller", "猫 ±"], "café · similarity")  # a decomposed ü, as macOS names files
     plain = render_heatmap(matrix, ["Muller", "? ±"], "cafe · similarity")
     assert spelled.size == plain.size and spelled.tobytes() == plain.tobytes()
 

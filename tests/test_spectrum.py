@@ -308,6 +308,12 @@ def test_an_edited_tied_checkpoint_loads_with_safetensors_load_model(tmp_path, m
     assert edited.head.weight is edited.embed.weight and not torch.equal(edited.head.weight, tied_model.make().head.weight)
     again = invoke("inspect", tmp_path / "config.yaml", "--set", f"model.checkpoint={tmp_path / 'edited.safetensors'}")
     assert again.exit_code == 0, again.stderr
+    half_state = {k: v.to(torch.bfloat16) for k, v in tied_model.make().state_dict().items() if k != "embed.weight"}
+    save_tensors(tmp_path / "tied.safetensors", half_state, {})  # the tied pair under the name that sorts last only
+    assert invoke("fit-factors", tmp_path / "config.yaml", "--overwrite").exit_code == 0
+    half = invoke("edit", tmp_path / "config.yaml", "--out", tmp_path / "half.safetensors", "--keep-share", "0.5", "--layers", "head")
+    assert half.exit_code == 0, half.stderr
+    assert {v.dtype for v in load_tensors(tmp_path / "half.safetensors")[0].values()} == {torch.bfloat16}  # the tied name too
 
 
 def test_edit_writes_a_parametrized_weight_through_its_parametrization():
@@ -504,7 +510,7 @@ def test_cli_edit_refusals(tmp_path, digits):
     out, sets = digits
     tiny = invoke("edit", DIGITS, *sets, "--out", tmp_path / "e.safetensors", "--keep-share", "0.001")
     line = assert_error(tiny, 2, "--keep-share 0.001 keeps none of the 330 directions of layer 'head'")
-    assert "at least 0.0015" in tiny.stderr and "would all become 0" in line
+    assert "at least 0.0016 (one direction of every edited layer)" in tiny.stderr and "would all become 0" in line
     assert not (tmp_path / "e.safetensors").exists()
     data_file = ROOT / "sample_data" / "digits.safetensors"  # a file the config reads: never overwritten
     refused = invoke("edit", DIGITS, *sets, "--out", data_file, "--overwrite")
