@@ -129,7 +129,8 @@ def atomic_path(path: Path, key: str = "output_dir") -> Iterator[Path]:
 def check_image_path(path: Path, key: str) -> str:
     """Checks, before any work, that a picture can be written at `path`; returns its image format.
 
-    The format comes from the suffix (.png, .jpg, ...); the folder is created if needed.
+    The format comes from the suffix (.png, .jpg, ...); a missing folder is created when the
+    picture is written.
 
     Raises:
         OutputError: unknown suffix, `path` is a folder, or its folder cannot be written.
@@ -148,8 +149,11 @@ def check_image_path(path: Path, key: str) -> str:
         Image.new("RGB", (2, 2)).save(io.BytesIO(), format=fmt)
     except Exception as exc:  # noqa: BLE001 - whatever the format's writer raises
         raise OutputError(f"{key} {str(path)!r}: Pillow cannot write colour pictures as {path.suffix!r} ({exc})", hint="use a .png file name") from None
-    _temp_beside(path, key).unlink(missing_ok=True)  # the folder can be written
-    remove_stale_temp_files(path, UNLOCKED_TEMP_AGE_S)  # what a killed writer of this picture left
+    if path.parent.is_dir():
+        _temp_beside(path, key).unlink(missing_ok=True)  # the folder can be written
+        remove_stale_temp_files(path, UNLOCKED_TEMP_AGE_S)  # what a killed writer of this picture left
+    else:
+        check_creatable_dir(path.parent, key)  # created when the picture is written, not by a run that fails first
     return fmt
 
 
