@@ -279,8 +279,9 @@ def edit_checkpoint(
         storage.remove_stale_temp_files(out, storage.UNLOCKED_TEMP_AGE_S)  # what a killed writer left (no lock guards --out)
     state_dict, edits = edit_model(ctx.model, chosen, factors.layers, keep=keep, rho=rho, share=share, order=order)
     _check_something_kept(edits, keep, share, explicit=share_given is not None)
+    tied = tied_keys(ctx.model)
     if source is not None:
-        state_dict = _in_source_precision(state_dict, source, tied_keys(ctx.model))
+        state_dict = _in_source_precision(state_dict, source, tied)
     if cfg.scores.checkpoints:
         n = len(cfg.scores.checkpoints)
         notices.warn(
@@ -291,7 +292,7 @@ def edit_checkpoint(
     if ctx.state.is_main:
         storage.save_tensors(
             out,
-            _one_name_per_tensor(state_dict, tied_keys(ctx.model)),
+            _one_name_per_tensor(state_dict, tied),
             {
                 storage.FORMAT_KEY: storage.EDITED_CHECKPOINT_FORMAT,
                 **ctx.provenance(),

@@ -140,15 +140,15 @@ class PassCheckpoint:
         Raises:
             OutputError: naming what changed.
         """
-        for path in paths:
-            meta = storage.read_metadata(path)
-            if meta.get("run_key") not in run_keys(self.settings):
-                changed = changed_settings(storage.meta_json(meta, "settings", None), self.settings)
-                stale = sum(storage.read_metadata(p).get("run_key") not in run_keys(self.settings) for p in paths)
-                raise OutputError(
-                    f"{str(path.parent)!r} holds {stale} {what} of an interrupted run with other settings ({changed})",
-                    hint="resume with the interrupted run's settings, or pass --overwrite to start over with these",
-                )
+        keys = run_keys(self.settings)
+        stale = [(path, meta) for path in paths if (meta := storage.read_metadata(path)).get("run_key") not in keys]
+        if stale:
+            path, meta = stale[0]
+            changed = changed_settings(storage.meta_json(meta, "settings", None), self.settings)
+            raise OutputError(
+                f"{str(path.parent)!r} holds {len(stale)} {what} of an interrupted run with other settings ({changed})",
+                hint="resume with the interrupted run's settings, or pass --overwrite to start over with these",
+            )
 
 
 _NAMES = {"bs": "batch size", "batch_size": "batch size", "world": "number of ranks", "n": "examples", "chunks": "query chunks",

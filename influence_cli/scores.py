@@ -203,10 +203,6 @@ def _finished_key(path: Path) -> str | None:
     return storage.read_metadata(path).get("result_key")
 
 
-def _shard_glob() -> str:
-    return storage.SCORES_SHARD.split("{", 1)[0] + "*" + storage.SCORES_SHARD.rsplit("}", 1)[1]
-
-
 def _agree(state: DistState, fn) -> Any:
     """Runs a start-up check on every rank; if any rank fails, every rank raises (no rank hangs in a barrier)."""
     failure: InfluenceError | None = None
@@ -233,7 +229,7 @@ def _load_layers(ctx: RunContext, train: IndexedDataset, member: Member) -> tupl
         return {tm.name: LayerFactors(tm.name) for tm in ctx.tracked}, {"strategy": "identity", "file": None}
     path = member.factors_path
     if member.index and not path.is_file():
-        interrupted = progress_files(path.parent, storage.FACTORS_PARTIAL) if path.parent.is_dir() else []
+        interrupted = progress_files(path.parent, storage.FACTORS_PARTIAL)
         raise OutputError(
             f"{member.key}: no factors at {str(path)!r} for this ensemble member",
             hint="fit-factors was interrupted in this model: rerun it with --resume to finish every model"
@@ -624,7 +620,7 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
         storage.check_can_write(index, overwrite, "scores")
         check_rank_layout(out_dir, storage.SCORES_PARTIAL, st.world_size, resume=resume, overwrite=overwrite)
         snap = checkpoint.check_start(resume, overwrite)
-        leftovers = sorted(out_dir.glob(_shard_glob()))
+        leftovers = sorted(out_dir.glob(storage.SCORES_SHARD_GLOB))
         if leftovers and not resume and not overwrite:
             raise OutputError(
                 f"{str(leftovers[0].parent)!r} holds {len(leftovers)} score shard(s) of an interrupted run",
@@ -641,9 +637,9 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
             single.unlink(missing_ok=True)
             index.unlink(missing_ok=True)
         if not resume:
-            for stale in out_dir.glob(_shard_glob()):
+            for stale in out_dir.glob(storage.SCORES_SHARD_GLOB):
                 stale.unlink(missing_ok=True)
-        for name in (storage.SCORES_FILE, storage.SCORES_INDEX, _shard_glob()):  # not "scores*": a --self run's progress shares the prefix
+        for name in (storage.SCORES_FILE, storage.SCORES_INDEX, storage.SCORES_SHARD_GLOB):  # not "scores*": a --self run's progress shares the prefix
             storage.remove_stale_temp_files(out_dir / name)
     st.barrier()
 

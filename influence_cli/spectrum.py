@@ -33,7 +33,7 @@ from torch import nn
 
 from influence_cli import storage
 from influence_cli.bands import LayerBands, check_order, layer_bands, load_kronecker_factors, select_layers
-from influence_cli.config import Config
+from influence_cli.config import Config, DataSpec
 from influence_cli.context import RunContext, prepare
 from influence_cli.distributed import DistState
 from influence_cli.errors import ConfigError
@@ -341,10 +341,11 @@ class SpectrumReport:
         """Per dataset, its n examples with the largest bottom-band share (most memorization-like; ties by
         position), among those with any energy there; none when the bottom band has no curvature (`flat_bands`)."""
         out = {}
+        flat = self.flat_bands()[0]
         for ds in self.datasets:
             total = ds.band_energy.sum(dim=(1, 2))
             score = ds.bottom_share()
-            k = 0 if self.flat_bands()[0] else min(n, int((score > 0).sum()))
+            k = 0 if flat else min(n, int((score > 0).sum()))
             pos = torch.sort(score, descending=True, stable=True).indices[:k]
             values = score[pos]
             out[ds.name] = [
@@ -393,6 +394,14 @@ class SpectrumReport:
         return data
 
 
+def dataset_specs(cfg: Config) -> dict[str, tuple[DataSpec, str]]:
+    """{name: (data spec, its config key)} of the datasets spectrum measures: spectrum.datasets, or
+    data.train as `train`."""
+    if cfg.spectrum.datasets:
+        return {name: (spec, f"spectrum.datasets.{name}") for name, spec in cfg.spectrum.datasets.items()}
+    return {"train": (cfg.data.train, "data.train")}  # type: ignore[dict-item]
+
+
 @storage.guards_output_dir("spectrum", reads="factors")
 def spectrum(
     cfg: Config,
@@ -435,11 +444,11 @@ def spectrum(
         tm.name: layer_bands(factors.layers[tm.name], order=order, bottom=sp.bottom, top=sp.top, mass=sp.mass, bins=sp.bins)
         for tm in chosen
     }
-    specs = dict(sp.datasets) or {"train": cfg.data.train}
-    keys = {name: f"spectrum.datasets.{name}" if sp.datasets else "data.train" for name in specs}
+    specs = dataset_specs(cfg)
+    keys = {name: key for name, (_, key) in specs.items()}
     progress = for_rank(progress, ctx.state.rank, ctx.state.world_size)
     layer_factors = {tm.name: factors.layers[tm.name] for tm in chosen}
-    datasets = {name: ctx.dataset(spec, keys[name]) for name, spec in specs.items()}
+    datasets = {name: ctx.dataset(spec, key) for name, (spec, key) in specs.items()}
     names = []
     for name, ds in datasets.items():
         split = bool(ds.noisy_mask.any()) and not bool(ds.noisy_mask.all())

@@ -36,6 +36,7 @@ FACTORS_PARTIAL = "factors.partial{rank}.safetensors"
 SCORES_FILE = "scores.safetensors"
 SCORES_INDEX = "scores.index.json"
 SCORES_SHARD = "scores.shard-{shard:05d}.safetensors"
+SCORES_SHARD_GLOB = SCORES_SHARD.split("{", 1)[0] + "*" + SCORES_SHARD.rsplit("}", 1)[1]  # every shard
 SCORES_PARTIAL = "scores.partial{rank}.safetensors"
 SELF_INFLUENCE_FILE = "self_influence.safetensors"
 SIMILARITY_FILE = "similarity.safetensors"

@@ -144,8 +144,8 @@ def load_scores_meta(output_dir: str | Path) -> ScoresMeta:
             n_query, n_train = fh.get_slice("scores").get_shape()
         files = [ScoreFile(single, 0, n_train)]
     else:
-        shard_glob = storage.SCORES_SHARD.split("{", 1)[0] + "*"  # finished shards of a run killed before its index
-        interrupted = bool(progress_files(out, storage.SCORES_PARTIAL) or list(out.glob(shard_glob)))  # not --self's progress
+        finished_shards = list(out.glob(storage.SCORES_SHARD_GLOB))  # of a run killed before it wrote its index
+        interrupted = bool(progress_files(out, storage.SCORES_PARTIAL) or finished_shards)  # not --self's progress
         hint = "compute-scores was interrupted: rerun it with --resume to finish" if interrupted else _NO_SCORES_HINT
         raise OutputError(f"no scores in {str(out)!r} ({storage.SCORES_FILE} or {storage.SCORES_INDEX})", hint=hint)
     with safe_open(str(files[0].path), framework="pt") as fh:

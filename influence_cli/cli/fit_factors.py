@@ -117,8 +117,7 @@ def fit_factors_cmd(
         for u in report.skipped:
             groups.setdefault(f"{u.kind}: {u.reason}", []).append(u.name)
         for why, names in groups.items():
-            shown = ", ".join(names[:3]) + (f", … ({len(names)} in all)" if len(names) > 3 else "")
-            err_console.print(f"not tracked: {escape(shown)} ({escape(why)})")
+            err_console.print(f"not tracked: {escape(_first_names(names))} ({escape(why)})")
         err_console.print("[dim]`influence inspect` lists every parameter the scores leave out[/]")
     for r in [report, *report.members]:
         if r.resumed_from == "already complete":  # said above; not written by this run
@@ -127,6 +126,11 @@ def fit_factors_cmd(
         size = Path(r.path).stat().st_size
         which = f"ensemble member {r.member}: " if report.members else ""
         err_console.print(f"[green]saved[/] {which}{escape(str(r.path))} ({human_bytes(size)}){'; ' + timing if timing else ''}")
+
+
+def _first_names(names: list[str]) -> str:
+    """Up to three names, then how many there are in all (a deep model has many norms)."""
+    return ", ".join(names[:3]) + (f", … ({len(names)} in all)" if len(names) > 3 else "")
 
 
 INSPECT_EPILOG = """\
@@ -183,8 +187,7 @@ def inspect_cmd(config: ConfigArg, set_: SetOpt = None, json_: JsonOpt = False) 
         table = new_table("parameters left out of the scores", [("kind", "left"), ("modules", "left"), ("params", "right"), ("why", "left")])
         table.columns[1].overflow = "fold"
         for (kind, reason), members in groups.items():
-            names = ", ".join(u.name for u in members[:3]) + (f", … ({len(members)} in all)" if len(members) > 3 else "")
-            table.add_row(kind, names, f"{sum(u.num_params for u in members):,}", reason)
+            table.add_row(kind, _first_names([u.name for u in members]), f"{sum(u.num_params for u in members):,}", reason)
         print_table(table)
     out_console().print(
         f"{len(rows)} layers, factors {human_bytes(factor_bytes)} in float32; "

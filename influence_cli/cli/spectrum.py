@@ -173,10 +173,10 @@ def _token_inputs(cfg) -> dict | None:
     if cfg.task.kind != "language_modeling":
         return None
     from influence_cli.data import load_dataset
+    from influence_cli.spectrum import dataset_specs
 
-    specs = {name: (spec, f"spectrum.datasets.{name}") for name, spec in cfg.spectrum.datasets.items()} or {"train": (cfg.data.train, "data.train")}
     out = {}
-    for name, (spec, key) in specs.items():
+    for name, (spec, key) in dataset_specs(cfg).items():
         ds = load_dataset(spec, cfg.base_dir, name=key, seed=cfg.seed, embedding_model=True)
         ids = input_ids_reader(ds, cfg.data.padding_value)
         out[name] = lambda global_index, ds=ds, ids=ids: ids(int(ds.position_of([global_index])[0]))
