@@ -442,6 +442,21 @@ def test_inspect_counts_a_parametrized_weight_once(runner: CliRunner, tmp_path: 
     assert data["tracked_parameters"] == 64 * 32 + 32 + 32 * 10 + 10  # the effective weights and biases
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_inspect_needs_no_device(runner: CliRunner, monkeypatch):
+    """inspect never runs the model, so it works on a login node without the config's GPU, and it
+    does not hash the weights."""
+    import influence_cli.context
+
+    def no_hashing(model):
+        raise AssertionError("inspect hashed the model")
+
+    monkeypatch.setattr(influence_cli.context, "model_fingerprint", no_hashing)
+    result = invoke(runner, "inspect", DIGITS, "--set", "device=cuda")
+    assert result.exit_code == 0, result.stderr
+    assert "3 layers" in result.stdout
+
+
 def test_inspect_bad_pattern(runner: CliRunner):
     result = invoke(runner, "inspect", DIGITS, "--set", "factors.modules=[nothing*]")
     assert_clean_error(result, EXIT["model"], "factors.modules", "nothing*")

@@ -149,17 +149,18 @@ def inspect_cmd(config: ConfigArg, set_: SetOpt = None, json_: JsonOpt = False) 
     The list comes from the model's modules; the model is not run, so a layer its forward never
     calls, or calls in a way the factors cannot follow, is named by fit-factors on its first batch.
     """
-    from influence_cli.context import prepare
     from influence_cli.fit import describe_layers
-    from influence_cli.tracking import untracked_modules
+    from influence_cli.models import load_model
+    from influence_cli.tracking import find_tracked_modules, untracked_modules
 
     cfg = load(config, set_)
-    ctx = prepare(cfg)
-    rows = describe_layers(ctx.tracked, cfg.factors.strategy)
-    untracked = untracked_modules(ctx.model, ctx.tracked)
+    model = load_model(cfg.model, cfg.base_dir)  # on the CPU and unhashed: nothing here runs it
+    tracked = find_tracked_modules(model, cfg.factors.modules)
+    rows = describe_layers(tracked, cfg.factors.strategy)
+    untracked = untracked_modules(model, tracked)
     factor_bytes = sum(r.factor_bytes() for r in rows)
     tracked_params = sum(r.d_in * r.d_out for r in rows)
-    parameters = sum(p.numel() for p in ctx.model.parameters())  # each once (tied or parametrized weights too)
+    parameters = sum(p.numel() for p in model.parameters())  # each once (tied or parametrized weights too)
     if json_:
         print_json({
             "strategy": cfg.factors.strategy,
