@@ -448,7 +448,7 @@ def load_factors(path: Path) -> Factors:
     if not path.is_file():
         raise OutputError(f"no factors at {str(path)!r}", hint="run `influence fit-factors` with this config first").everywhere()
     tensors, meta = storage.load_tensors(path, storage.FACTORS_FORMAT)
-    names = storage.meta_json(meta, "modules", [])
+    names = meta.get("modules", [])
     layers = {name: LayerFactors.from_tensors(name, tensors) for name in names}
     return Factors(meta.get("strategy", ""), meta.get("fisher", ""), layers, meta)
 
@@ -471,7 +471,7 @@ def check_factors_match(
     training set or number of examples (factors.max_examples); with `same_fit` (compute-scores,
     whose scores record the factors' settings) also another seed for sampled labels."""
     meta = factors.metadata
-    fitted_seed = storage.meta_json(meta, "seed")
+    fitted_seed = meta.get("seed")
     if same_fit and factors.fisher == "sampled" and fitted_seed is not None and fitted_seed != ctx.cfg.seed:
         raise OutputError(
             f"{str(path)!r} was fitted with seed={fitted_seed} (its sampled Fisher labels), the config has {ctx.cfg.seed}",
@@ -488,7 +488,7 @@ def check_factors_match(
             f"{str(path)!r} was fitted for another model (fingerprint {meta.get('model_fingerprint')} vs {ctx.model_fingerprint})",
             hint="rerun `influence fit-factors` for this checkpoint (with --overwrite)",
         )
-    fitted_definition = storage.meta_json(meta, "model_definition")  # absent from files written before it was recorded
+    fitted_definition = meta.get("model_definition")  # absent from files written before it was recorded
     if fitted_definition is not None and fitted_definition != ctx.model_definition:
         raise OutputError(
             f"{str(path)!r} was fitted for another model definition ({definition_change(fitted_definition, ctx.model_definition)})",
@@ -505,13 +505,13 @@ def check_factors_match(
             f"{str(path)!r} was fitted on another training set than data.train",
             hint="use the data.train of fit-factors, or refit with --overwrite",
         )
-    fitted_n = storage.meta_json(meta, "num_examples")
+    fitted_n = meta.get("num_examples")
     if num_examples is not None and fitted_n is not None and fitted_n != num_examples:
         raise OutputError(
             f"{str(path)!r} was fitted on {fitted_n} examples, the config asks for {num_examples} (data.train, factors.max_examples)",
             hint="use the factors.max_examples of fit-factors, or refit with --overwrite",
         )
-    fitted_padding = storage.meta_json(meta, "padding_value")
+    fitted_padding = meta.get("padding_value")
     if fitted_padding != ctx.cfg.data.padding_value:
         raise OutputError(
             f"{str(path)!r} was fitted with data.padding_value={yaml_text(fitted_padding)}, the config has {yaml_text(ctx.cfg.data.padding_value)}",

@@ -112,7 +112,7 @@ class PassCheckpoint:
             )
         tensors, meta = storage.load_tensors(self.path, storage.PARTIAL_FORMAT)
         if meta.get("run_key") not in run_keys(self.settings):
-            changed = changed_settings(storage.meta_json(meta, "settings", None), self.settings)
+            changed = changed_settings(meta.get("settings"), self.settings)
             raise OutputError(
                 f"{str(self.path)!r} is progress of a run with other settings ({changed})",
                 hint="resume with the interrupted run's settings, or pass --overwrite to start over with these",
@@ -124,7 +124,7 @@ class PassCheckpoint:
 
     def save(self, phase: str, batches_done: int, tensors: dict[str, torch.Tensor]) -> None:
         meta = {
-            storage.FORMAT_KEY: storage.PARTIAL_FORMAT, "run_key": self.key, "phase": phase, "batches_done": str(batches_done),
+            storage.FORMAT_KEY: storage.PARTIAL_FORMAT, "run_key": self.key, "phase": phase, "batches_done": batches_done,
             "settings": self.settings,
         }  # fmt: skip
         storage.save_tensors(self.path, tensors, meta)
@@ -144,7 +144,7 @@ class PassCheckpoint:
         stale = [(path, meta) for path in paths if (meta := storage.read_metadata(path)).get("run_key") not in keys]
         if stale:
             path, meta = stale[0]
-            changed = changed_settings(storage.meta_json(meta, "settings", None), self.settings)
+            changed = changed_settings(meta.get("settings"), self.settings)
             raise OutputError(
                 f"{str(path.parent)!r} holds {len(stale)} {what} of an interrupted run with other settings ({changed})",
                 hint="resume with the interrupted run's settings, or pass --overwrite to start over with these",

@@ -537,7 +537,7 @@ def load_spectrum_scores(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     tensors, meta = storage.load_tensors(Path(path), storage.SPECTRUM_FORMAT)
     return {
         name: {k: tensors[f"{name}.{k}"] for k in ("global_indices", "labels", "noisy", "bottom_share")}
-        for name in storage.meta_json(meta, "names", [])
+        for name in meta.get("names", [])
     }
 
 

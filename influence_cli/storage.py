@@ -411,10 +411,11 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     Args:
         path: Final file name.
         tensors: Name → tensor (moved to CPU, made contiguous).
-        metadata: Values that are not strings are stored as JSON.
+        metadata: Values that are not strings are stored as JSON, and so is a string that reads as
+            JSON (a fingerprint "1234e567…" would read back as a number); see `decode_metadata`.
         key: The config key or flag that names `path`, for errors.
     """
-    meta = {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in metadata.items()}
+    meta = {k: _encode(v) for k, v in metadata.items()}
     meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with atomic_path(path, key) as tmp:
@@ -456,23 +457,43 @@ def file_format(path: Path) -> str:
         return ""
 
 
-def read_metadata(path: Path, hint: str | None = None) -> dict[str, str]:
-    """The raw (string) metadata of a safetensors file (OutputError naming the command that writes it again)."""
+def _encode(value: Any) -> str:
+    if isinstance(value, str):
+        try:
+            json.loads(value)
+        except ValueError:
+            return value  # plain text, stored as it is: "ekfac", a path, a hex digest with a letter
+    return json.dumps(value, sort_keys=True)
+
+
+def decode_metadata(meta: dict[str, str]) -> dict[str, Any]:
+    """Safetensors metadata (strings) as values: each JSON value decoded, plain text kept."""
+    decoded: dict[str, Any] = {}
+    for key, text in meta.items():
+        try:
+            decoded[key] = json.loads(text)
+        except ValueError:
+            decoded[key] = text
+    return decoded
+
+
+def read_metadata(path: Path, hint: str | None = None) -> dict[str, Any]:
+    """The decoded metadata of a safetensors file (OutputError naming the command that writes it again)."""
     try:
         with safe_open(str(path), framework="pt") as fh:
-            return dict(fh.metadata() or {})
+            return decode_metadata(dict(fh.metadata() or {}))
     except Exception as exc:  # safetensors raises several types for corrupt files
         raise OutputError(f"{str(path)!r} is not a readable safetensors file ({exc})", hint=hint or remake_hint(path)) from None
 
 
-def load_tensors(path: Path, expected_format: str | None = None, keys: list[str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Reads tensors (all, or `keys`) and metadata; checks the `format` field when asked."""
+def load_tensors(path: Path, expected_format: str | None = None, keys: list[str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Reads tensors (all, or `keys`) and decoded metadata; checks the `format` field when asked."""
     path = Path(path)
     if not path.is_file():
         raise OutputError(f"{str(path)!r} does not exist")
     try:
         with safe_open(str(path), framework="pt") as fh:
-            meta = dict(fh.metadata() or {})
+            meta = decode_metadata(dict(fh.metadata() or {}))
             if expected_format is not None and meta.get(FORMAT_KEY) != expected_format:
                 raise OutputError(
                     f"{str(path)!r} is not a {expected_format} file (format: {meta.get(FORMAT_KEY)!r})",
@@ -485,16 +506,6 @@ def load_tensors(path: Path, expected_format: str | None = None, keys: list[str]
     except Exception as exc:
         raise OutputError(f"{str(path)!r} is not a readable safetensors file ({exc})", hint=remake_hint(path)) from None
     return tensors, meta
-
-
-def meta_json(meta: dict[str, str], key: str, default: Any = None) -> Any:
-    """A JSON-encoded metadata value."""
-    if key not in meta:
-        return default
-    try:
-        return json.loads(meta[key])
-    except json.JSONDecodeError:
-        return meta[key]
 
 
 def member_dir(out_dir: Path, member: int) -> Path:

@@ -111,10 +111,6 @@ def _plain(value: torch.Tensor | None) -> Any:
     return None if value is None else value.tolist()
 
 
-def _decode(meta: dict[str, str]) -> dict[str, Any]:
-    return {k: storage.meta_json(meta, k) for k in meta}
-
-
 def load_scores_meta(output_dir: str | Path) -> ScoresMeta:
     """Reads the index (or the single scores file) and the query tensors of a scores run.
 
@@ -136,10 +132,9 @@ def load_scores_meta(output_dir: str | Path) -> ScoresMeta:
             if not f.path.is_file():
                 raise OutputError(f"{str(f.path)!r} (listed in {index.name}) is missing", hint="rerun compute-scores with --overwrite")
     elif single.is_file():
-        raw = storage.read_metadata(single)
-        if raw.get(storage.FORMAT_KEY) != storage.SCORES_FORMAT:
+        metadata = storage.read_metadata(single)
+        if metadata.get(storage.FORMAT_KEY) != storage.SCORES_FORMAT:
             raise OutputError(f"{str(single)!r} is not a {storage.SCORES_FORMAT} file", hint="rerun compute-scores with --overwrite")
-        metadata = _decode(raw)
         with safe_open(str(single), framework="pt") as fh:
             n_query, n_train = fh.get_slice("scores").get_shape()
         files = [ScoreFile(single, 0, n_train)]
@@ -484,7 +479,7 @@ def load_self_influence(output_dir: str | Path) -> SelfInfluence:
         raise OutputError(f"no self-influence scores at {str(path)!r}", hint=hint)
     tensors, meta = storage.load_tensors(path, storage.SELF_FORMAT)
     _check_no_nan(tensors["self_influence"], path)
-    return SelfInfluence(tensors["self_influence"], tensors["train_indices"], tensors.get("train_labels"), _decode(meta))
+    return SelfInfluence(tensors["self_influence"], tensors["train_indices"], tensors.get("train_labels"), meta)
 
 
 def self_top_k(source: str | Path | SelfInfluence, k: int = 5, *, largest: bool = True) -> list[RankedExample]:

@@ -495,6 +495,35 @@ def test_info_json(runner: CliRunner, fitted: tuple[Path, Result]):
     assert all(key.split(".", 1)[0] in ("fc1", "fc2", "head") for key in data["tensors"])
 
 
+def test_text_that_reads_as_json_survives_the_metadata(tmp_path: Path):
+    """Metadata stores plain text as it is and everything else as JSON: text that reads as JSON is
+    stored as JSON too, so every value reads back with its type."""
+    from influence_cli import storage
+
+    metadata = {"fingerprint": "1234e56789012345", "digits": "0123", "number": "12", "flag": "true", "none": "null", "plain": "ekfac", "n": 5, "x": [1.5]}
+    storage.save_tensors(tmp_path / "t.safetensors", {"t": torch.zeros(1)}, metadata)
+    meta = storage.read_metadata(tmp_path / "t.safetensors")
+    assert {k: meta[k] for k in metadata} == metadata
+    assert storage.load_tensors(tmp_path / "t.safetensors")[1] == meta
+
+
+def test_a_fingerprint_of_digits_passes_every_check(runner: CliRunner, tmp_path: Path, monkeypatch):
+    """A model fingerprint of hex digits that reads as a number ("1234e5…") is still a fingerprint
+    for compute-scores, top-k and info."""
+    import influence_cli.context
+    import influence_cli.models
+
+    fingerprint = "1234e56789012345"
+    for module in (influence_cli.context, influence_cli.models):
+        monkeypatch.setattr(module, "model_fingerprint", lambda model: fingerprint)
+    sets = ["--set", f"output_dir={tmp_path}", "--set", "data.train.range=[0, 200]"]
+    for command in (["fit-factors"], ["compute-scores"], ["top-k", "--k", "2"]):
+        result = invoke(runner, command[0], DIGITS, *sets, *command[1:])
+        assert result.exit_code == 0, result.stderr
+    for name in (FACTORS, "scores.safetensors"):
+        assert json.loads(invoke(runner, "info", tmp_path / name, "--json").stdout)["metadata"]["model_fingerprint"] == fingerprint
+
+
 @pytest.mark.parametrize("name", ["missing.safetensors", "config.yaml"])
 def test_info_on_a_file_that_is_not_an_output(runner: CliRunner, tmp_path: Path, name: str):
     path = tmp_path / name

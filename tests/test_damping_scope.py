@@ -58,7 +58,7 @@ def test_compute_scores_records_one_lambda_and_bad_scope_is_a_config_error(proje
     report = compute_scores(cfg)
     assert len(set(report.damping.values())) == 1
     meta = storage.read_metadata(report.paths[0])
-    assert storage.meta_json(meta, "config")["scores"]["damping_scope"] == "model"
+    assert meta["config"]["scores"]["damping_scope"] == "model"
     folder, data = project
     with pytest.raises(ConfigError, match="scores.damping_scope"):
         config_from_dict(data, ["scores.damping_scope=global"], base_dir=folder)

@@ -160,7 +160,7 @@ def test_fit_factors_writes_every_members_factors_with_its_fingerprint(project):
     for i in range(len(SEEDS)):
         path = storage.member_dir(out, i) / storage.FACTORS_FILE
         meta = storage.read_metadata(path)
-        member = storage.meta_json(meta, "ensemble_member")
+        member = meta["ensemble_member"]
         assert member["member"] == i and member["model_fingerprint"] == meta["model_fingerprint"]
         assert member["key"] == ("model.checkpoint" if i == 0 else f"scores.checkpoints[{i - 1}]")
         fingerprints.append(meta["model_fingerprint"])
@@ -199,7 +199,7 @@ def test_ensemble_scores_equal_the_mean_of_single_model_runs(project, relative):
     torch.testing.assert_close(got, torch.stack(singles).mean(0), rtol=1e-5, atol=1e-6 * float(got.abs().max()))
     tensors, meta = storage.load_tensors(report.paths[0], storage.SCORES_FORMAT)
     assert ("train_norms" in tensors) is False  # per-member norms do not combine into one
-    members = storage.meta_json(meta, "members")
+    members = meta["members"]
     assert [m["member"] for m in members] == [0, 1, 2]
     assert [m["model_fingerprint"] for m in members] == [
         storage.read_metadata(storage.member_dir(cfg.output_path, i) / storage.FACTORS_FILE)["model_fingerprint"] for i in range(3)

@@ -65,7 +65,7 @@ def test_fit_factors_on_mnist(mnist_run):
         assert torch.isfinite(t.float()).all(), name
     # EKFAC's corrected eigenvalues are a second moment: non-negative, and not all zero
     assert (tensors["fc1.eigenvalues"] >= 0).all() and tensors["fc1.eigenvalues"].sum() > 0
-    assert json.loads(meta["config"])["data"]["train"]["range"] == [0, 2000]
+    assert meta["config"]["data"]["train"]["range"] == [0, 2000]
 
 
 def test_gpu_check_script_dry_runs_on_the_cpu(tmp_path):

@@ -135,7 +135,7 @@ def test_cli_runs_padded_sequences_end_to_end(tmp_path, monkeypatch):
     scores, _ = storage.load_tensors(tmp_path / "out" / storage.SCORES_FILE, storage.SCORES_FORMAT)
     assert scores["scores"].shape == (4, 20)
     assert torch.isfinite(scores["scores"]).all() and scores["scores"].abs().max() > 0
-    assert storage.meta_json(storage.read_metadata(tmp_path / "out" / storage.FACTORS_FILE), "padding_value") == 0.0
+    assert storage.read_metadata(tmp_path / "out" / storage.FACTORS_FILE)["padding_value"] == 0.0
 
     result = runner.invoke(app, ["top-k", cfg, "--set", "data.padding_value=null"])
     assert result.exit_code == 5

@@ -9,7 +9,6 @@ labels depend only on (seed, example index).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -226,7 +225,7 @@ def test_same_config_and_seed_give_bit_identical_factors(tmp_path, reference):
     meta = [storage.read_metadata(tmp_path / run / storage.FACTORS_FILE) for run in ("a", "b")]
     for m in meta:
         m.pop("created")
-        m["config"] = json.loads(m["config"]) | {"output_dir": None}
+        m["config"] = m["config"] | {"output_dir": None}
     assert meta[0] == meta[1]
     # ... and another seed samples other labels, so the Fisher differs.
     fit.fit_factors(config(tmp_path / "c", "seed=1"))

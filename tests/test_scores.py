@@ -326,7 +326,7 @@ def test_compute_scores_writes_scores_matching_the_in_memory_math(project):
     ctx = prepare(cfg)
     with torch.no_grad():
         assert torch.equal(tensors["query_predictions"], ctx.model(data["inputs"][50 : 50 + N_QUERY]).argmax(1))
-    decoded = {k: storage.meta_json(meta, k) for k in meta}
+    decoded = meta
     assert decoded["strategy"] == "ekfac" and decoded["measurement"] == "loss" and decoded["relative"] is False
     assert set(decoded["damping"]) == {"fc1", "head"} and all(v > 0 for v in decoded["damping"].values())
     assert decoded["model_fingerprint"] == ctx.model_fingerprint
@@ -358,7 +358,7 @@ def test_relative_run_stores_norms_and_matches_the_math(project):
     cfg = make_cfg(project, "relative", "scores.relative=true")
     compute_scores(cfg)
     tensors, meta = storage.load_tensors(cfg.output_path / storage.SCORES_FILE)
-    assert storage.meta_json(meta, "relative") is True and tensors["train_norms"].shape == (N_TRAIN,)
+    assert meta["relative"] is True and tensors["train_norms"].shape == (N_TRAIN,)
     torch.testing.assert_close(tensors["scores"], in_memory_reference(cfg, relative=True))
     plain = make_cfg(project, "relative-plain")
     compute_scores(plain)

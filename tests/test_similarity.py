@@ -23,7 +23,7 @@ from influence_cli.factors import LayerFactors
 from influence_cli.fit import PassPlan, fit_factors
 from influence_cli.models import build_model
 from influence_cli.similarity import compute_similarity, dataset_similarity
-from influence_cli.storage import SIMILARITY_FILE, load_tensors, meta_json, save_tensors
+from influence_cli.storage import SIMILARITY_FILE, load_tensors, save_tensors
 from influence_cli.training import TrainRecipe, accuracy, train_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -353,15 +353,15 @@ def test_cli_table_json_and_heatmap(digits_run, tmp_path):
     assert not [p for p in png.parent.iterdir() if p.name.endswith(".tmp")]
 
     tensors, meta = load_tensors(out / SIMILARITY_FILE)
-    names = meta_json(meta, "names")
-    assert names == report["names"] and meta_json(meta, "method") == "task2vec"
+    names = meta["names"]
+    assert names == report["names"] and meta["method"] == "task2vec"
     torch.testing.assert_close(tensors["kernel"], torch.tensor(report["kernel"], dtype=F64))
     # the saved embeddings reproduce the kernel: K(S,T) = Σ e_S e_T / (Λ* + λ)
     e = torch.stack([tensors[f"embedding.{n}"].double() for n in names])
     inv = tensors["inverse_curvature"].double()
     torch.testing.assert_close((e * inv) @ e.T, tensors["kernel"], rtol=1e-4, atol=0)
     assert tensors["fisher_diagonal.zeros_sixes"].shape == e[0].shape and (tensors["fisher_diagonal.zeros_sixes"] >= 0).all()
-    layout = meta_json(meta, "layout")
+    layout = meta["layout"]
     assert [entry["name"] for entry in layout] == ["fc1", "fc2", "head"]
 
 

@@ -46,10 +46,9 @@ def info_cmd(
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise OutputError(f"{str(path)!r} is not a scores index written by this tool ({exc})") from None
     else:
-        meta = storage.read_metadata(path, hint="point info at a .safetensors file or scores.index.json written by this tool")
+        decoded = storage.read_metadata(path, hint="point info at a .safetensors file or scores.index.json written by this tool")
         with safe_open(str(path), framework="pt") as fh:
             shapes = {k: list(fh.get_slice(k).get_shape()) for k in fh.keys()}
-        decoded = {k: storage.meta_json(meta, k) for k in meta}
     if json_:
         print_json({"path": str(path.resolve()), "metadata": decoded, "tensors": shapes})
         return
