@@ -100,9 +100,13 @@ influence fit-factors configs/digits.yaml --set 'data.train={source: tensors, pa
 
 - A key path that does not exist yet is created (`--set data.train.transform.flatten=true`
   makes the `transform` mapping if the file has none).
-- Numbers follow YAML: `1e-3` and `0.001` are numbers, `'1e-3'` (quoted) is a string.
+- Numbers follow YAML 1.2, in the file and in overrides: `1e-3` and `0.001` are numbers,
+  `'1e-3'` (quoted) is a string, `010` is ten (not octal eight), `0o17` and `0x1f` are octal and
+  hex, and `1:30` is text.
+- A list is set whole (`--set 'factors.modules=[fc1, head]'`); `factors.modules[0]=fc1` is refused.
 - Errors: a missing `=`, an empty key part (`data..batch_size=1`), or a path through a value
-  that is not a mapping (`--set seed.x=1`) are config errors naming the override.
+  that is not a mapping (`--set seed.x=1`) are config errors naming the override, reported
+  with every other problem of the file and the overrides.
 - YAML anchors and aliases work (`query: {<<: *train, range: [9000, 9100]}`); an override
   changes only the path it names, not the other places an alias copied. Top-level keys named
   `x-<anything>` are not config keys: they hold anchors for the keys below

@@ -263,10 +263,7 @@ class Config:
 
     def resolve(self, path: str | None) -> Path | None:
         """Resolves a path from the config against the config file's folder."""
-        if path is None:
-            return None
-        p = Path(os.path.expanduser(path))  # unlike Path.expanduser, leaves an unknown ~user as is
-        return Path(os.path.normpath(p if p.is_absolute() else Path(self.base_dir) / p))
+        return None if path is None else resolve_path(path, self.base_dir)
 
     @property
     def output_path(self) -> Path:
@@ -303,7 +300,14 @@ class Config:
         return _to_plain(self)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
+        return json.dumps(self.to_dict(), sort_keys=True, default=str)
+
+
+def resolve_path(path: str | Path, base_dir: str | Path) -> Path:
+    """A path from the config (~ expanded) against the config file's folder; every command reads
+    the file this names, and validation checks it."""
+    p = Path(os.path.expanduser(path))  # unlike Path.expanduser, leaves an unknown ~user as is
+    return Path(os.path.normpath(p if p.is_absolute() else Path(base_dir) / p))
 
 
 def _to_plain(obj: Any) -> Any:
@@ -345,6 +349,15 @@ def _type_name(tp: Any) -> str:
 _FAIL = object()
 
 
+def _shown(value: Any) -> str:
+    """A config value as YAML writes it (null, true, abc, '5', {a: 1}), cut for one-line messages."""
+    try:
+        text = _yaml_repr(value)
+    except yaml.YAMLError:  # a Python object given to config_from_dict
+        text = repr(value)
+    return text if len(text) <= 80 else text[:76] + " ..."
+
+
 def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
     """Checks `value` against type `tp`; returns the value or _FAIL (problem recorded)."""
     origin = typing.get_origin(tp)
@@ -368,23 +381,23 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
             out = _coerce(value, arg, key, sub)
             if not sub:
                 return out
-        problems.append(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        problems.append(f"{key}: expected {_type_name(tp)}, got {_shown(value)}")
         return _FAIL
     if origin is Literal:
         if value in typing.get_args(tp):
             return value
-        problems.append(f"{key}: expected one of {_type_name(tp)}, got {value!r}")
+        problems.append(f"{key}: expected one of {_type_name(tp)}, got {_shown(value)}")
         return _FAIL
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            problems.append(f"{key}: expected {_type_name(tp)}, got {value!r}")
+            problems.append(f"{key}: expected {_type_name(tp)}, got {_shown(value)}")
             return _FAIL
         (arg,) = typing.get_args(tp)
         out = [_coerce(v, arg, f"{key}[{i}]", problems) for i, v in enumerate(value)]
         return _FAIL if any(v is _FAIL for v in out) else out
     if origin is dict:
         if not isinstance(value, dict):
-            problems.append(f"{key}: expected a mapping, got {value!r}")
+            problems.append(f"{key}: expected a mapping, got {_shown(value)}")
             return _FAIL
         _, varg = typing.get_args(tp)
         out = {str(k): _coerce(v, varg, f"{key}.{k}", problems) for k, v in value.items()}
@@ -393,7 +406,7 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         if value is None:
             value = {}
         if not isinstance(value, dict):
-            problems.append(f"{key}: expected a mapping, got {value!r}")
+            problems.append(f"{key}: expected a mapping, got {_shown(value)}")
             return _FAIL
         return _build(tp, value, key, problems)
     if tp is bool:
@@ -413,9 +426,9 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         if isinstance(value, str):
             return value
         if isinstance(value, bool):  # YAML 1.1 reads yes/no/on/off (a class folder named "no") as true/false
-            problems.append(f"{key}: expected {_type_name(tp)}, got {value!r} (quote it: YAML reads yes, no, on and off as true/false)")
+            problems.append(f"{key}: expected {_type_name(tp)}, got {_shown(value)} (quote it: YAML reads yes, no, on and off as true/false)")
             return _FAIL
-    problems.append(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    problems.append(f"{key}: expected {_type_name(tp)}, got {_shown(value)}")
     return _FAIL
 
 
@@ -445,8 +458,9 @@ def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str]) ->
 
 
 class _Loader(yaml.SafeLoader):
-    """yaml.SafeLoader that also reads YAML 1.2 exponent floats without a dot (1e-3) as numbers,
-    and refuses a key given twice in one mapping (PyYAML would keep the last silently)."""
+    """yaml.SafeLoader that reads numbers as YAML 1.2 does (exponent floats without a dot such as
+    1e-3 are numbers, 010 is ten, 1:30 is text), and refuses a key given twice in one mapping
+    (PyYAML would keep the last silently)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
@@ -464,11 +478,30 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# Integers as YAML 1.2 reads them: 010 is ten and 08 is eight (YAML 1.1 reads 010 as octal 8 and
+# 08 as text) and 1:30 is text (YAML 1.1 reads it as 90, base 60); 0o17 and 0x1f stay octal and hex.
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:int"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
     list("-+0123456789"),
 )
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7_]+|0x[0-9a-fA-F_]+)$"), list("-+0123456789")
+)
+
+
+def _yaml12_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = str(loader.construct_scalar(node)).replace("_", "")
+    if text[:2] in ("0o", "0x"):
+        return int(text[2:], 8 if text[1] == "o" else 16)
+    return int(text, 10)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _yaml12_int)
 
 
 def _yaml_load(text: str) -> Any:
@@ -500,6 +533,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = key.split(".")
     if not key or any(not p.strip() for p in parts):
         raise ConfigError(f"--set {shown}: the key {_short(key)} is not a dotted key path")
+    if "[" in key:
+        whole = key.split("[", 1)[0]
+        raise ConfigError(f"--set {shown}: list elements cannot be set one by one; give the whole list ({whole}=[a, b])")
     try:
         value = _yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
@@ -509,21 +545,30 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return [p.strip() for p in parts], value
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Returns a copy of `data` with every `key.path=value` override applied (to that path only)."""
+def apply_overrides(data: dict[str, Any], overrides: list[str], problems: list[str] | None = None) -> dict[str, Any]:
+    """Returns a copy of `data` with every `key.path=value` override applied (to that path only).
+
+    An override that cannot be applied raises ConfigError, or, when `problems` is given, is
+    recorded there and skipped, so the others and the file are still checked.
+    """
     data = _unshared(data)
     for text in overrides:
-        parts, value = parse_override(text)
-        node = data
-        for i, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                path = ".".join(parts[: i + 1])
-                raise ConfigError(f"--set {_short(text)}: {path} is {_short(child)}, not a mapping")
-            node = child
-        node[parts[-1]] = value
+        try:
+            parts, value = parse_override(text)
+            node = data
+            for i, part in enumerate(parts[:-1]):
+                child = node.get(part)
+                if child is None:
+                    child = node[part] = {}
+                if not isinstance(child, dict):
+                    path = ".".join(parts[: i + 1])
+                    raise ConfigError(f"--set {_short(text)}: {path} is {_short(child)}, not a mapping")
+                node = child
+            node[parts[-1]] = value
+        except ConfigError as exc:
+            if problems is None:
+                raise
+            problems.extend(exc.problems)
     return data
 
 
@@ -594,12 +639,12 @@ def config_from_dict(
     if not isinstance(data, dict):
         raise ConfigError(f"the top level must be a mapping of keys (model:, data:, ...), got {type(data).__name__}", source=source)
     _check_structure(data, source)
+    problems: list[str] = []
+    data = apply_overrides(data, overrides or [], problems)  # a bad --set is reported with the rest
     try:
-        data = apply_overrides(data, overrides or [])
         _check_structure(data, source)
     except ConfigError as exc:
-        raise ConfigError(exc.problems, source=source) from None
-    problems: list[str] = []
+        raise ConfigError(problems + exc.problems, source=source) from None
     data = {k: v for k, v in data.items() if not str(k).startswith("x-")}  # x-<name>: YAML anchors for the keys below, not keys
     cfg = _build(Config, data, "", problems)
     if cfg is not _FAIL:
@@ -607,10 +652,12 @@ def config_from_dict(
         cfg.source = source
         # A key that failed its type check fell back to its default: drop value problems
         # about that default (e.g. "data.train: missing" after "data.train: expected a mapping").
-        # So does a misspelt key for the key it was meant to be ("data.train.source: missing" after
-        # "data.train.sourc: unknown key (did you mean source?").
+        # So does a misspelt key for the key it was meant to be, when that key is absent
+        # ("data.train.source: missing" after "data.train.sourc: unknown key (did you mean source?").
         failed = {p.split(": ", 1)[0] for p in problems} | {
-            f"{m[1]}{m[2]}" for p in problems if (m := re.match(r"(.*?)[^.:]+: unknown key \(did you mean ([^?]+)\?", p))
+            meant
+            for p in problems
+            if (m := re.match(r"(.*?)[^.:]+: unknown key \(did you mean ([^?]+)\?", p)) and not _has_key(data, meant := f"{m[1]}{m[2]}")
         }
         problems.extend(p for p in validate(cfg, check_files=check_files) if not _under(p.split(": ", 1)[0], failed))
     if problems:
@@ -647,6 +694,16 @@ def _share_image_folder_classes(cfg: Config) -> None:
         if set(image_folder_classes(cfg.resolve(spec.root))) <= set(classes):
             spec.classes = list(classes)
             spec.colour_of = str(root)
+
+
+def _has_key(data: dict[str, Any], dotted: str) -> bool:
+    """Whether the raw config data sets `dotted` (a.b.c)."""
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def _under(key: str, roots: set[str]) -> bool:
@@ -705,6 +762,16 @@ def _path_problem(path: Path | None, kind: str) -> str | None:
     return "does not exist"
 
 
+def _named_path_problem(cfg: Config, key: str, value: str, kind: str, unset: str | None = None) -> list[str]:
+    """[] when the config's path `value` (relative to the config file) is a `kind`, else the problem
+    under `key`; an empty value is named as such rather than resolved to the config's folder."""
+    if not value.strip():
+        return [f"{key}: empty; give the path of a {kind}" + (f" or {unset} to leave it unset" if unset else "")]
+    resolved = cfg.resolve(value)
+    problem = _path_problem(resolved, kind)
+    return [f"{key}: {str(resolved)!r} {problem}"] if problem else []
+
+
 def _check_data_spec(cfg: Config, spec: DataSpec, key: str, check_files: bool) -> list[str]:
     problems: list[str] = []
     builtin = ("mnist", "fashion_mnist", "cifar10", "idx", "tensors", "image_folder")
@@ -725,15 +792,9 @@ def _check_data_spec(cfg: Config, spec: DataSpec, key: str, check_files: bool) -
         if value is None:
             problems.append(f"{key}.{name}: required for source {spec.source}")
         elif check_files and not (spec.source in ("mnist", "fashion_mnist", "cifar10") and spec.download):
-            resolved = cfg.resolve(value)
-            problem = _path_problem(resolved, "folder" if name == "root" else "file")
-            if problem:
-                problems.append(f"{key}.{name}: {str(resolved)!r} {problem}")
+            problems += _named_path_problem(cfg, f"{key}.{name}", value, "folder" if name == "root" else "file")
     if spec.indices_file is not None and check_files:
-        resolved = cfg.resolve(spec.indices_file)
-        problem = _path_problem(resolved, "file")
-        if problem:
-            problems.append(f"{key}.indices_file: {str(resolved)!r} {problem}")
+        problems += _named_path_problem(cfg, f"{key}.indices_file", spec.indices_file, "file")
     if spec.range is not None:
         if len(spec.range) != 2 or spec.range[0] < 0 or spec.range[1] <= spec.range[0]:
             problems.append(f"{key}.range: expected [start, stop) with 0 <= start < stop, got {spec.range}")
@@ -773,10 +834,7 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
     if not cfg.model.architecture:
         problems.append("model.architecture: missing (mlp, cnn, torchvision:<name> or package.module:function)")
     if cfg.model.checkpoint is not None and check_files:  # any suffix: the reader tells safetensors from torch.save files
-        ckpt = cfg.resolve(cfg.model.checkpoint)
-        problem = _path_problem(ckpt, "file")
-        if problem:
-            problems.append(f"model.checkpoint: {str(ckpt)!r} {problem}")
+        problems += _named_path_problem(cfg, "model.checkpoint", cfg.model.checkpoint, "file", unset="null")
     if cfg.task.measurement == "margin" and cfg.task.kind != "classification":
         problems.append("task.measurement: margin needs task.kind: classification")
     if cfg.task.kind == "language_modeling":
@@ -822,14 +880,11 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
     if not math.isfinite(s.damping_factor) or s.damping_factor < 0:
         problems.append(f"scores.damping_factor: must be a finite number >= 0, got {s.damping_factor}")
     if not math.isfinite(s.max_memory_mb) or s.max_memory_mb <= 0:
-        problems.append(f"scores.max_memory_mb: must be > 0, got {s.max_memory_mb}")
+        problems.append(f"scores.max_memory_mb: must be a finite number > 0, got {s.max_memory_mb}")
     if s.query_chunk is not None and s.query_chunk <= 0:
         problems.append(f"scores.query_chunk: must be > 0, got {s.query_chunk}")
-    for i, ckpt_path in enumerate(s.checkpoints):
-        resolved = cfg.resolve(ckpt_path)
-        problem = _path_problem(resolved, "file") if check_files else None
-        if problem:
-            problems.append(f"scores.checkpoints[{i}]: {str(resolved)!r} {problem}")
+    for i, ckpt_path in enumerate(s.checkpoints if check_files else []):
+        problems += _named_path_problem(cfg, f"scores.checkpoints[{i}]", ckpt_path, "file")
     for name, spec in cfg.similarity.datasets.items():
         problems.extend(_check_data_spec(cfg, spec, f"similarity.datasets.{name}", check_files))
     problems.extend(_check_spectrum(cfg, check_files))

@@ -8,10 +8,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from influence_cli import notices
 from influence_cli.config import Config, DataSpec
 from influence_cli.data import IndexedDataset, load_dataset, make_loader
 from influence_cli.distributed import DistState, resolve_device
-from influence_cli.models import load_model, model_definition, model_fingerprint, takes_token_ids
+from influence_cli.models import BUILTIN_ARCHITECTURES, load_model, model_definition, model_fingerprint, takes_token_ids
 from influence_cli.tracking import TrackedModule, find_tracked_modules
 
 
@@ -79,6 +80,9 @@ def prepare(
     named `key` in errors), moves it to the device and finds its tracked layers."""
     state = state or DistState(device=resolve_device(cfg.device))
     model = load_model(cfg.model, cfg.base_dir, checkpoint=checkpoint, key=key)
+    arch = cfg.model.architecture.strip()
+    if checkpoint is None and cfg.model.checkpoint is None and (arch in BUILTIN_ARCHITECTURES or arch.startswith("torchvision:")):
+        notices.warn(f"model.checkpoint is not set: {arch} runs with its random initial weights (seed 0), not a trained model's")
     fingerprint, definition = model_fingerprint(model), model_definition(cfg.model, model)
     model = model.to(state.device).eval()
     tracked = find_tracked_modules(model, cfg.factors.modules)

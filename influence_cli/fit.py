@@ -31,7 +31,7 @@ from influence_cli.factors import (
     kronecker_layer_factors,
     null_rows,
 )
-from influence_cli.models import definition_change
+from influence_cli.models import definition_change, load_model
 from influence_cli.passes import NonFiniteWatch, accumulator_dtype, matmul_dtype, stream_gradients
 from influence_cli.progress import NullProgress, Progress, for_rank
 from influence_cli.resume import (
@@ -352,6 +352,8 @@ def fit_factors(
             f"{'has' if len(unfitted) == 1 else 'have'} none yet",
             hint="pass --resume to fit only the models without factors (keeping the others), or --overwrite to refit every model",
         ).everywhere()
+    for m in others:  # each checkpoint fits the model before model 0's passes run (a bad one would stop the job after them)
+        load_model(cfg.model, cfg.base_dir, checkpoint=m.checkpoint, key=m.key)
     # with --overwrite, removed once model 0's checks pass: the other models' factors and progress
     replaced = [p for m in others for p in (m.out_dir / storage.FACTORS_FILE, *progress_files(m.out_dir, storage.FACTORS_PARTIAL))]
     report = _fit_member(cfg, first, overwrite=overwrite, resume=resume, state=state, progress=progress, also_replaced=replaced)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from influence_cli.config import ModelConfig
+from influence_cli.config import ModelConfig, resolve_path
 from influence_cli.errors import ModelError
 from influence_cli.tracking import unmaterialized
 from influence_cli.user_code import import_from
@@ -193,11 +193,13 @@ def _import_factory(spec: str, base_dir: Path) -> Callable[..., Any]:
     return func
 
 
-def _check_signature(func: Callable[..., Any], kwargs: dict[str, Any], label: str) -> None:
+def _check_signature(func: Callable[..., Any], kwargs: dict[str, Any], label: str) -> bool:
+    """Refuses kwargs the builder's signature does not take; False when it has none that names
+    every argument (no signature, or **kwargs)."""
     try:
         sig = inspect.signature(func)
     except (TypeError, ValueError):  # builtins without signatures: let the call decide
-        return
+        return False
     try:
         sig.bind(**kwargs)
     except TypeError as exc:
@@ -206,18 +208,23 @@ def _check_signature(func: Callable[..., Any], kwargs: dict[str, Any], label: st
             f"model.kwargs: {label} rejects the keyword arguments ({exc})",
             hint=f"{label} takes: {', '.join(params) if params else 'no arguments'}",
         ) from None
+    return all(p.kind is not inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
 
 
 def _call_builder(func: Callable[..., Any], kwargs: dict[str, Any], label: str) -> Any:
-    _check_signature(func, kwargs, label)
+    signature_checked = _check_signature(func, kwargs, label)
     try:
         return func(**kwargs)
     except ModelError:
         raise
     except TypeError as exc:
+        if signature_checked:  # the arguments fit: the TypeError comes from inside the builder
+            raise ModelError(f"model.architecture: {label} raised TypeError: {exc}") from exc
         raise ModelError(f"model.kwargs: {label} failed with these keyword arguments: {exc}") from exc
     except Exception as exc:  # user factories can raise anything
         raise ModelError(f"model.architecture: {label} raised {type(exc).__name__}: {exc}") from exc
+    except SystemExit as exc:  # sys.exit() in a factory: its code would read as one of this tool's exit codes
+        raise ModelError(f"model.architecture: {label} called sys.exit({exc.code!r})") from None
 
 
 def _torchvision_builder(name: str) -> Callable[..., nn.Module]:
@@ -268,7 +275,7 @@ def build_model(cfg: ModelConfig, base_dir: str | Path) -> nn.Module:
         func = _import_factory(arch, base)
         label = f"factory {arch!r}"
     else:
-        close = difflib.get_close_matches(arch, list(BUILTIN_ARCHITECTURES), n=3)
+        close = difflib.get_close_matches(arch.lower(), list(BUILTIN_ARCHITECTURES), n=3)
         if close:
             hint = f"did you mean {', '.join(close)}?"
         else:
@@ -282,6 +289,21 @@ def build_model(cfg: ModelConfig, base_dir: str | Path) -> nn.Module:
         raise ModelError(
             f"model.architecture: {label} returned {type(model).__name__}, not a torch.nn.Module",
             hint="the factory must return the model object (an nn.Module)",
+        )
+    tensors = [(n, t) for n, t in [*model.named_parameters(), *model.named_buffers()] if not isinstance(t, nn.parameter.UninitializedTensorMixin)]
+    on_meta = [name for name, t in tensors if t.is_meta]
+    if on_meta:
+        raise ModelError(
+            f"model.architecture: {label} built the model on the meta device: {_listing(on_meta, 'tensor')} hold no values",
+            hint="build it on the CPU (a factory that builds on torch.device('meta') must also load the weights: "
+            "model.to_empty(device='cpu'), then load_state_dict)",
+        )
+    inference = [name for name, t in tensors if t.is_inference()]
+    if inference:
+        raise ModelError(
+            f"model.architecture: {label} built the model under torch.inference_mode(): {_listing(inference, 'tensor')} "
+            "can neither load weights nor take gradients",
+            hint="build it outside inference_mode (torch.no_grad() is fine)",
         )
     return model
 
@@ -306,10 +328,29 @@ def _find_state(obj: Any, depth: int = 0) -> dict[str, torch.Tensor] | None:
     return None
 
 
+def _mixed_state(obj: Any, depth: int = 0) -> Mapping[Any, Any] | None:
+    """The first mapping (under the wrapper keys, as _find_state looks) whose values are mostly
+    tensors but not all: a state dict with something else mixed in."""
+    if not isinstance(obj, Mapping) or depth > 4:
+        return None
+    tensors = sum(isinstance(v, torch.Tensor) for v in obj.values())
+    if tensors and 2 * tensors >= len(obj):
+        return obj
+    return next((m for key in _WRAPPER_KEYS if key in obj and (m := _mixed_state(obj[key], depth + 1)) is not None), None)
+
+
 def _unwrap(obj: Any, where: str) -> dict[str, torch.Tensor]:
     found = _find_state(obj)
     if found is not None:
         return found
+    mixed = _mixed_state(obj)
+    if mixed is not None:
+        others = [f"{k!r} ({type(v).__name__})" for k, v in mixed.items() if not isinstance(v, torch.Tensor)]
+        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        raise ModelError(
+            f"{where} holds a state dict with {len(others)} value(s) that are not tensors: {shown}",
+            hint="save model.state_dict() alone (settings such as the step or epoch beside it, not inside it)",
+        )
     if isinstance(obj, Mapping):
         keys = list(obj)
         shown = ", ".join(repr(k) for k in keys[:8]) + (", ..." if len(keys) > 8 else "")
@@ -359,7 +400,8 @@ def read_state_dict(path: str | Path, key: str = "model.checkpoint", strip: bool
 
             obj: Any = load_file(str(path), device="cpu")
         else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            with path.open("rb") as fh:  # a file object: torch.load hands a path named *.safetensors to safetensors
+                obj = torch.load(fh, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - corrupt files raise many kinds of errors
         reason, objects = torch_load_reason(exc)
         hint = "the file may be truncated or not a checkpoint; re-save it from the trained model"
@@ -392,10 +434,12 @@ def _checkpoint_format(path: Path) -> str:
     """".pt" (torch.save: a zip archive or a legacy pickle) or ".safetensors", from the file's first bytes, whatever its name."""
     with path.open("rb") as fh:
         head = fh.read(9)
-    if head.startswith(b"PK") or head[:1] == b"\x80":
+    if head.startswith(b"PK\x03\x04"):  # a zip archive: torch.save's format
         return ".pt"
-    if head[8:9] == b"{":  # safetensors: an 8-byte header length, then the JSON header
+    if head[8:9] == b"{":  # safetensors: an 8-byte header length (whose first byte may be 0x80), then the JSON header
         return ".safetensors"
+    if head[:1] == b"\x80":  # a pickle: torch.save's legacy format
+        return ".pt"
     return ".safetensors" if path.suffix.lower() == ".safetensors" else ".pt"
 
 
@@ -437,25 +481,35 @@ def _with_tied(state: dict[str, torch.Tensor], tied: dict[str, list[str]]) -> di
     return filled
 
 
+def _differing_tied(state: dict[str, torch.Tensor], tied: dict[str, list[str]]) -> str:
+    """The first group of tied keys that `state` gives different values ("a vs b"), else ""."""
+    for keys in {tuple(keys) for keys in tied.values()}:
+        given = [k for k in keys if k in state]
+        for other in given[1:]:
+            if not torch.equal(state[given[0]], state[other]):
+                return f"{given[0]} vs {other}"
+    return ""
+
+
 def _match_extra_prefix(state: dict[str, torch.Tensor], expected: set[str], tied: dict[str, list[str]]) -> dict[str, torch.Tensor]:
-    """Makes the keys match exactly by one common leading component: stripped from the checkpoint's
-    keys (e.g. Lightning's `model.`), or added to them when the model wraps the saved network
-    (a factory returning `Wrapper(model)` that picks the logits out of its output)."""
-    if set(_with_tied(state, tied)) == expected or not state:
-        return state
+    """Makes the keys match by one common leading component: stripped from the checkpoint's keys
+    (e.g. Lightning's `model.`), or added to them when the model wraps the saved network (a
+    factory returning `Wrapper(model)` that picks the logits out of its output).
+
+    Returns:
+        The keys that match exactly, else those that share the most keys with the model (so a
+        mismatch lists only the keys that really differ), the checkpoint's own on a tie.
+    """
+    candidates = [state]
     first = {k.split(".", 1)[0] for k in state}
     if len(first) == 1 and all("." in k for k in state):
         prefix = next(iter(first)) + "."
-        stripped = {k[len(prefix) :]: v for k, v in state.items()}
-        if set(_with_tied(stripped, tied)) == expected:
-            return stripped
+        candidates.append({k[len(prefix) :]: v for k, v in state.items()})
     own_first = {k.split(".", 1)[0] for k in expected}
     if len(own_first) == 1 and all("." in k for k in expected):
         prefix = next(iter(own_first)) + "."
-        added = {prefix + k: v for k, v in state.items()}
-        if set(_with_tied(added, tied)) == expected:
-            return added
-    return state
+        candidates.append({prefix + k: v for k, v in state.items()})
+    return max(candidates, key=lambda c: (set(_with_tied(c, tied)) == expected, len(set(c) & expected)))
 
 
 def load_checkpoint(model: nn.Module, path: str | Path, key: str = "model.checkpoint") -> None:
@@ -495,6 +549,11 @@ def load_checkpoint(model: nn.Module, path: str | Path, key: str = "model.checkp
         for k, v in own.items()
         if k in state and state[k].shape != v.shape
     ]
+    if not (missing or unexpected or mismatched) and (differing := _differing_tied(state, tied)):
+        raise ModelError(
+            f"{key}: {str(Path(path))!r} holds different values for weights the model ties (shares): {differing}",
+            hint="the checkpoint is of an untied variant of the model; load it into a model that does not tie these weights",
+        )
     if missing or unexpected or mismatched:
         parts = []
         if missing:
@@ -534,8 +593,7 @@ def load_model(
     try:  # the same model and file on every rank of a torchrun job
         model = build_model(cfg, base_dir)
         if checkpoint is None and cfg.checkpoint:
-            ckpt = Path(cfg.checkpoint).expanduser()
-            checkpoint = ckpt if ckpt.is_absolute() else Path(base_dir) / ckpt
+            checkpoint = resolve_path(cfg.checkpoint, base_dir)
         model = model.to(device="cpu", dtype=torch.float32)
         if checkpoint is not None:
             load_checkpoint(model, checkpoint, key=key)

@@ -425,7 +425,7 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
 def save_json(path: Path, data: Any) -> None:
     """Writes JSON atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
 _REMAKE = (  # (file name pattern, the command that writes it again), the first match wins
@@ -463,7 +463,7 @@ def _encode(value: Any) -> str:
             json.loads(value)
         except ValueError:
             return value  # plain text, stored as it is: "ekfac", a path, a hex digest with a letter
-    return json.dumps(value, sort_keys=True)
+    return json.dumps(value, sort_keys=True, default=str)  # default: a YAML date or set in the kwargs, as text
 
 
 def decode_metadata(meta: dict[str, str]) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from typer.testing import CliRunner, Result
 from influence_cli import __version__
 from influence_cli.cli import app
 from influence_cli.cli.render import err_console
+from influence_cli.models import mlp
 from influence_cli.storage import load_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -288,6 +289,17 @@ def _output_under_a_file(tmp: Path) -> list[str]:
     return [str(DIGITS), "--set", f"output_dir={tmp / 'a_file' / 'out'}"]
 
 
+def _checkpoint_of_input_dim(dim: int) -> Callable[[Path], list[str]]:
+    """A config whose model (and its checkpoint) takes `dim` features, not the digits' 64."""
+
+    def build(tmp: Path) -> list[str]:
+        path = tmp / f"mlp{dim}.safetensors"
+        save_file(mlp(input_dim=dim, hidden=[64, 32], num_classes=10).state_dict(), str(path))
+        return [str(DIGITS), "--set", f"model.kwargs.input_dim={dim}", "--set", f"model.checkpoint={path}"]
+
+    return build
+
+
 def _cfg(*sets: str) -> Callable[[Path], list[str]]:
     def build(tmp: Path) -> list[str]:
         args = [str(DIGITS)]
@@ -323,8 +335,7 @@ BAD_INPUTS = [
     ("empty-after-labels_in", _cfg("data.train.labels_in=[42]"), EXIT["data"], ["data.train", "no examples left", "labels_in"]),
     ("labels-outside-classes", _labels_outside, EXIT["data"], ["data.train", "label 12", "10 classes"]),
     ("wrong-image-shape", _wrong_shape, EXIT["data"], ["data.train", "inputs of shape [20, 1, 10, 10]", "do not fit the model"]),
-    ("wrong-input-dim-untrained", _cfg("model.kwargs.input_dim=100", "model.checkpoint=null"), EXIT["data"],
-     ["data.train", "do not fit the model", "100"]),  # fmt: skip
+    ("wrong-input-dim", _checkpoint_of_input_dim(100), EXIT["data"], ["data.train", "do not fit the model", "100"]),
     ("empty-dataset", _train_file("empty.safetensors", torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.int64)), EXIT["data"],
      ["data.train", "no examples left", "empty.safetensors"]),  # fmt: skip
     ("dataset-without-labels", _train_file("nolabels.safetensors", torch.zeros(5, 1, 8, 8), None), EXIT["data"],
@@ -505,6 +516,37 @@ def test_text_that_reads_as_json_survives_the_metadata(tmp_path: Path):
     meta = storage.read_metadata(tmp_path / "t.safetensors")
     assert {k: meta[k] for k in metadata} == metadata
     assert storage.load_tensors(tmp_path / "t.safetensors")[1] == meta
+
+
+DATED_MODULE = """
+import datetime
+from influence_cli.models import mlp
+
+
+def make(trained_on: datetime.date, **kwargs):
+    return mlp(**kwargs)
+"""
+
+
+def test_a_yaml_date_in_the_kwargs_is_recorded_as_text(runner: CliRunner, tmp_path: Path, monkeypatch):
+    """YAML reads 2024-01-01 as a date; the factory gets one, and the outputs' metadata records its text."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "dated_model.py").write_text(DATED_MODULE)
+    sets = [
+        "--set", "model.architecture=dated_model:make", "--set", "model.kwargs.trained_on=2024-01-01",
+        "--set", f"output_dir={tmp_path / 'out'}", "--set", "data.train.range=[0, 100]",
+    ]  # fmt: skip
+    result = invoke(runner, "fit-factors", DIGITS, *sets)
+    assert result.exit_code == 0, result.stderr
+    meta = json.loads(invoke(runner, "info", tmp_path / "out" / FACTORS, "--json").stdout)["metadata"]
+    assert meta["config"]["model"]["kwargs"]["trained_on"] == "2024-01-01"
+
+
+def test_a_model_without_a_checkpoint_is_said_to_be_untrained(runner: CliRunner, tmp_path: Path):
+    sets = ["--set", "model.checkpoint=null", "--set", f"output_dir={tmp_path}", "--set", "data.train.range=[0, 100]"]
+    result = invoke(runner, "fit-factors", DIGITS, *sets)
+    assert result.exit_code == 0, result.stderr
+    assert "warning: model.checkpoint is not set: mlp runs with its random initial weights" in result.stderr
 
 
 def test_a_fingerprint_of_digits_passes_every_check(runner: CliRunner, tmp_path: Path, monkeypatch):

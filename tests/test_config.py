@@ -139,6 +139,52 @@ def test_a_misspelt_required_key_is_one_problem_not_two():
     assert "data.train.source" in problems_of(exc)
 
 
+def test_a_misspelt_key_does_not_hide_the_problems_of_the_key_that_is_there():
+    """`trian` beside a real `train`: the real one's problems are still reported."""
+    data = minimal()
+    data["data"]["train"]["range"] = [5, 1]
+    data["data"]["trian"] = {"limit": 5}
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict(data)
+    assert set(problems_of(exc)) == {"data.trian", "data.train.range"}
+
+
+def test_bad_overrides_are_reported_with_every_other_problem(tmp_path: Path):
+    data = minimal()
+    data["data"]["batch_size"] = 0
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, data), ["nokey", "data..x=1", "seed=-1"])
+    message = exc.value.message
+    for part in ("--set 'nokey'", "--set 'data..x=1'", "data.batch_size", "seed: must be in"):
+        assert part in message, part
+    assert exc.value.hint  # the one hint of config problems
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("010", 10), ("08", 8), ("0o17", 15), ("0x1f", 31), ("-5", -5), ("1_000", 1000), ("1:30", "1:30"), ("1e-3", 0.001), ("[08, 09]", [8, 9])],
+)
+def test_numbers_read_as_yaml_1_2_reads_them(text: str, value: object):
+    assert _yaml_load(text) == value and type(_yaml_load(text)) is type(value)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("factors.modules[0]=fc1", "list elements cannot be set one by one; give the whole list (factors.modules=[a, b])"),
+        ("model.checkpoint=", "model.checkpoint: empty; give the path of a file or null to leave it unset"),
+        ("data.train.path=", "data.train.path: empty; give the path of a file"),
+        ("scores.max_memory_mb=1e400", "scores.max_memory_mb: must be a finite number > 0, got inf"),
+        ("output_dir=null", "output_dir: expected a string, got null"),
+        ("seed='5'", "seed: expected an integer, got '5'"),
+    ],
+)
+def test_problems_are_said_in_the_config_s_own_terms(override: str, expected: str):
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict(minimal(), [override])
+    assert expected in exc.value.message
+
+
 @pytest.mark.parametrize(
     "override, key",
     [
@@ -349,7 +395,7 @@ def test_yaml_merge_keys_still_work(tmp_path: Path):
 def test_a_yaml_boolean_where_a_string_belongs_says_to_quote_it():
     with pytest.raises(ConfigError) as exc:
         config_from_dict(minimal(), ["output_dir=no"])
-    assert "output_dir: expected a string, got False (quote it: YAML reads yes, no, on and off as true/false)" in exc.value.problems
+    assert "output_dir: expected a string, got false (quote it: YAML reads yes, no, on and off as true/false)" in exc.value.problems
 
 
 def test_an_override_changes_only_its_path_even_through_yaml_aliases(tmp_path: Path):

@@ -168,6 +168,17 @@ def test_fit_factors_writes_every_members_factors_with_its_fingerprint(project):
     assert (out / storage.MEMBERS_DIR / "1" / storage.FACTORS_FILE).is_file()
 
 
+def test_a_member_checkpoint_that_does_not_fit_stops_the_job_before_any_pass(tmp_path):
+    data = write_project(tmp_path)
+    torch.manual_seed(1)
+    other = mlp(input_dim=6, hidden=[7], num_classes=3)  # another hidden width
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, tmp_path / "other.safetensors")
+    data["scores"] = {"checkpoints": [write_members(tmp_path)[0], "other.safetensors"]}
+    with pytest.raises(ModelError, match=r"scores.checkpoints\[1\]: .*other.safetensors' does not match the model"):
+        fit_factors(config_from_dict(data, base_dir=tmp_path))
+    assert not list((tmp_path / "out").rglob("*.safetensors"))  # model 0 was not fitted first
+
+
 def test_adding_a_checkpoint_later_fits_only_its_factors_with_resume(tmp_path):
     data = write_project(tmp_path)
     first, second = write_members(tmp_path)

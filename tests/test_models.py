@@ -488,3 +488,116 @@ def _mlp_with(state: dict) -> nn.Module:
     model = _mlp()
     model.load_state_dict(state)
     return model
+
+
+# ----------------------------------------------------------------------------- checkpoints that must be refused or read
+
+
+def test_tied_weights_with_two_different_values_are_refused(tmp_path: Path) -> None:
+    """A checkpoint of an untied variant gives the shared tensor two values; loading would keep one."""
+    untied = {k: v.clone() for k, v in TiedLM().state_dict().items()}
+    untied["head.weight"] = untied["embed.weight"] + 1.0
+    torch.save(untied, tmp_path / "untied.pt")
+    with pytest.raises(ModelError, match=r"different values for weights the model ties \(shares\): (embed|head)\.weight vs (embed|head)\.weight"):
+        load_checkpoint(TiedLM(), tmp_path / "untied.pt")
+    untied["head.weight"] = untied["embed.weight"].clone()  # the same values under both names load
+    torch.save(untied, tmp_path / "same.pt")
+    load_checkpoint(TiedLM(), tmp_path / "same.pt")
+
+
+class Wrapper(nn.Module):
+    def __init__(self, name: str):
+        super().__init__()
+        self.add_module(name, _mlp())
+
+    def forward(self, x):
+        return next(iter(self.children()))(x)
+
+
+@pytest.mark.parametrize("attribute", ["model", "module"])
+def test_a_mismatch_under_a_prefix_lists_only_the_keys_that_differ(tmp_path: Path, attribute: str) -> None:
+    state = _mlp().state_dict()
+    del state["fc2.bias"]
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "m.safetensors"))
+    with pytest.raises(ModelError) as err:
+        load_checkpoint(Wrapper(attribute), tmp_path / "m.safetensors")
+    assert f"missing 1 key ({attribute}.fc2.bias)" in str(err.value) and "unexpected" not in str(err.value)
+
+
+def test_checkpoints_are_read_by_their_content_whatever_their_name(tmp_path: Path) -> None:
+    source = _mlp()
+    source.load_state_dict(_trained_like(source))
+    torch.save(source.state_dict(), tmp_path / "pickled.safetensors")  # torch.load alone would hand this name to safetensors
+    model = _mlp()
+    load_checkpoint(model, tmp_path / "pickled.safetensors")
+    _assert_same_weights(source, model)
+    # a safetensors file whose 8-byte header length starts with 0x80, like a pickle, under a .bin name
+    from safetensors.torch import save
+
+    for pad in range(256):
+        blob = save({k: v.contiguous() for k, v in source.state_dict().items()}, metadata={"pad": "x" * pad})
+        if blob[0] == 0x80:
+            break
+    (tmp_path / "model.bin").write_bytes(blob)
+    model = _mlp()
+    load_checkpoint(model, tmp_path / "model.bin")
+    _assert_same_weights(source, model)
+
+
+def test_a_state_dict_with_other_values_names_them(tmp_path: Path) -> None:
+    state: dict = dict(_mlp().state_dict())
+    state["step"] = 3
+    torch.save({"state_dict": state}, tmp_path / "mixed.pt")
+    with pytest.raises(ModelError, match=r"holds a state dict with 1 value\(s\) that are not tensors: 'step' \(int\)"):
+        load_checkpoint(_mlp(), tmp_path / "mixed.pt")
+
+
+BUILDERS = """
+import sys
+import torch
+from torch import nn
+
+def on_meta():
+    with torch.device("meta"):
+        return nn.Linear(3, 2)
+
+def in_inference_mode():
+    with torch.inference_mode():
+        return nn.Linear(3, 2)
+
+def inner_type_error():
+    return torch.empty("three")
+
+def exits():
+    sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize(
+    ("factory", "match"),
+    [
+        ("on_meta", r"model.architecture: .* built the model on the meta device: 2 tensors \(weight, bias\) hold no values"),
+        ("in_inference_mode", r"model.architecture: .* built the model under torch.inference_mode\(\)"),
+        ("inner_type_error", r"model.architecture: factory 'builders:inner_type_error' raised TypeError"),
+        ("exits", r"model.architecture: factory 'builders:exits' called sys.exit\(3\)"),
+    ],
+)
+def test_models_a_factory_cannot_give(tmp_path: Path, factory: str, match: str) -> None:
+    _write_factory(tmp_path, "builders", BUILDERS)
+    with pytest.raises(ModelError, match=match):
+        build_model(ModelConfig(f"builders:{factory}", {}), tmp_path)
+
+
+def test_an_architecture_in_capitals_is_suggested() -> None:
+    with pytest.raises(ModelError) as err:
+        build_model(ModelConfig("MLP", {}), ".")
+    assert err.value.hint == "did you mean mlp?"
+
+
+def test_home_paths_resolve_the_same_for_validation_and_loading(tmp_path: Path) -> None:
+    """An unknown ~user stays a plain folder name for the model loader as for config validation."""
+    folder = tmp_path / "~nosuchuser"
+    folder.mkdir()
+    torch.save(_mlp().state_dict(), folder / "w.pt")
+    model = load_model(ModelConfig("mlp", MLP_KWARGS, checkpoint="~nosuchuser/w.pt"), tmp_path)
+    assert isinstance(model, nn.Module)

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from influence_cli.config import resolve_path
 from influence_cli.errors import DataError
 
 
@@ -32,11 +33,6 @@ class Source:
     raw_255: bool = False  # raw values are 8-bit pixel values (0..255)
     resize_in_items: bool = False  # `items` already applies transform.resize
     label_key: str = "source"  # spec key blamed for bad labels
-
-
-def resolve_path(path: str, base_dir: Path) -> Path:
-    p = Path(path).expanduser()
-    return p if p.is_absolute() else base_dir / p
 
 
 def file_info(path: Path) -> list[Any]:

@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from influence_cli.config import DataSpec, image_folder_classes
+from influence_cli.config import DataSpec, image_folder_classes, resolve_path
 from influence_cli.data.idx import idx_images, read_idx
-from influence_cli.data.source import Source, file_info, pil_to_tensor, resolve_path, to_inputs, to_labels
+from influence_cli.data.source import Source, file_info, pil_to_tensor, to_inputs, to_labels
 from influence_cli.errors import DataError
 
 _MNIST_CLASSES = [str(i) for i in range(10)]
