@@ -184,7 +184,7 @@ The curvature F is approximated block-diagonally, one block per tracked `nn.Line
 
 | `factors.fisher` | which output gradients g build the curvature |
 |---|---|
-| `sampled` (default) | the true Fisher: labels sampled from the model's own predictive distribution, with a generator seeded by `seed` and the example's global index (same factors on every run and any number of GPUs) |
+| `sampled` (default) | the true Fisher: labels sampled from the model's own predictive distribution, with a generator seeded by `seed` and the example's global index (same factors on every run and any number of GPUs); for regression the targets are drawn from N(f, ½), the Gaussian whose negative log-likelihood is the squared error, so it equals `ggn` in expectation |
 | `empirical` | the real labels (the empirical Fisher) |
 | `ggn` | the exact expectation over the predictive distribution (the Gauss-Newton matrix): no sampling noise, one backward pass per class |
 
@@ -322,7 +322,8 @@ training example x.
   means helpful.
 - **Scale**: F is the *mean* over training examples and per-example losses are summed, so a
   score is **N × the classical per-example influence** (N training examples): removing x
-  changes the query's measurement by about −score / N.
+  changes the query's measurement by about +score / N (leaving out a proponent raises the
+  query's loss).
 - `scores.relative: true` divides by ‖(F + λ)⁻¹ ∇L(x)‖ (RelatIF), so examples with huge
   gradients do not top every query's list.
 - `scores.checkpoints` makes an **ensemble**: more checkpoints of the same architecture

@@ -101,12 +101,17 @@ class DataSpec:
 class ModelConfig:
     """The trained model: architecture, its keyword arguments and its weights."""
 
-    architecture: str = _help("Built-in name (mlp, cnn) | torchvision:<name> | package.module:function", default="")
+    architecture: str = _help(
+        "Built-in name (mlp, cnn) | torchvision:<name> (built without weights: pretrained ones come from model.checkpoint) "
+        "| package.module:function",
+        default="",
+    )
     kwargs: dict[str, Any] = _help("Keyword arguments of the architecture.", default_factory=dict)
     checkpoint: str | None = _help(
         "Weights: a safetensors or torch.save file of a state dict, told apart by content (.safetensors, .pt, .pth, .bin, .ckpt, ...); "
-        "wrappers state_dict / model / model_state_dict / module / state_dict_ema / model_ema / ema and DDP, torch.compile "
-        "and Lightning prefixes accepted.",
+        "wrappers state_dict / model / model_state_dict / module / state_dict_ema / model_ema / ema (the first that holds "
+        "a state dict, in this order, is loaded; a warning names the others) and DDP, torch.compile and Lightning prefixes "
+        "accepted.",
         default=None,
     )
 

@@ -40,6 +40,7 @@ from influence_cli.resume import (
     check_rank_layout,
     clear_progress_of_finished,
     progress_files,
+    refuse_other_finished_result,
     run_key,
     run_keys,
 )
@@ -403,11 +404,11 @@ def _fit_member(
     layers_info = describe_layers(ctx.tracked, cfg.factors.strategy)
     skipped = skipped_layers(ctx.model, ctx.tracked, cfg.factors.modules)
     if resume and not overwrite and path.exists():
-        if storage.read_metadata(path).get("result_key") in run_keys(result):
-            clear_progress_of_finished(out_dir, storage.FACTORS_PARTIAL, main=ctx.state.is_main)
-            return FitReport(
-                path, cfg.factors.strategy, cfg.factors.fisher, n, layers_info, {}, "already complete", member=member.index, skipped=skipped
-            )
+        recorded = storage.read_metadata(path)
+        if recorded.get("result_key") not in run_keys(result):
+            refuse_other_finished_result(path, recorded.get("result"), result, "factors")
+        clear_progress_of_finished(out_dir, storage.FACTORS_PARTIAL, main=ctx.state.is_main)
+        return FitReport(path, cfg.factors.strategy, cfg.factors.fisher, n, layers_info, {}, "already complete", member=member.index, skipped=skipped)
     storage.check_can_write(path, overwrite, "factors")
     storage.ensure_writable_dir(out_dir, key=cfg.factors_key)
     rank_suffix = f".rank{ctx.state.rank}" if ctx.state.distributed else ""
@@ -436,7 +437,7 @@ def _fit_member(
         tensors: dict[str, torch.Tensor] = {}
         for lf in factors.layers.values():
             tensors.update(lf.tensors())
-        meta = factors_metadata(ctx, dataset, n) | {"result_key": run_key(result)}
+        meta = factors_metadata(ctx, dataset, n) | {"result_key": run_key(result), "result": result}
         if member.index or cfg.scores.checkpoints:
             meta["ensemble_member"] = describe_member(member, ctx)
         storage.save_tensors(path, tensors, meta)

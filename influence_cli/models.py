@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from influence_cli import notices
 from influence_cli.config import ModelConfig, resolve_path
 from influence_cli.errors import ModelError
 from influence_cli.tracking import unmaterialized
@@ -239,6 +240,12 @@ def _torchvision_builder(name: str) -> Callable[..., nn.Module]:
         raise ModelError(f"model.architecture: torchvision has no model {name!r}", hint=hint)
 
     def build(**kwargs: Any) -> nn.Module:
+        if "weights" in kwargs or "pretrained" in kwargs:
+            raise ModelError(
+                f"model.kwargs: torchvision models are built without weights ({'weights' if 'weights' in kwargs else 'pretrained'} "
+                "is not taken); the weights come from model.checkpoint",
+                hint=f"save torchvision.models.get_model({name!r}, weights=...).state_dict() to a file and name it in model.checkpoint",
+            )
         return torchvision.models.get_model(name, weights=None, **kwargs)
 
     return build
@@ -342,6 +349,9 @@ def _mixed_state(obj: Any, depth: int = 0) -> Mapping[Any, Any] | None:
 def _unwrap(obj: Any, where: str) -> dict[str, torch.Tensor]:
     found = _find_state(obj)
     if found is not None:
+        holding = [key for key in _WRAPPER_KEYS if isinstance(obj, Mapping) and key in obj and _find_state(obj[key], 1) is not None]
+        if len(holding) > 1:  # e.g. timm's state_dict and state_dict_ema
+            notices.warn(f"{where} holds state dicts under {', '.join(holding)}; loading {holding[0]} (the first of {', '.join(_WRAPPER_KEYS)})")
         return found
     mixed = _mixed_state(obj)
     if mixed is not None:

@@ -18,7 +18,7 @@ from torch import nn
 
 from influence_cli import model_checks, notices
 from influence_cli import task as task_lib
-from influence_cli.errors import DataError, ModelError, NumericalError, out_of_memory
+from influence_cli.errors import DataError, InfluenceError, ModelError, NumericalError, out_of_memory
 from influence_cli.tracking import Capture, TrackedModule, mask_padding, padding_mask, tracked_grad_enabled
 
 _Item = TypeVar("_Item")
@@ -341,15 +341,20 @@ def _forward(
 
 @contextlib.contextmanager
 def inputs_named(x: torch.Tensor, idx: torch.Tensor, dataset_name: str, *, first: bool) -> Iterator[None]:
-    """Turns the model's rejection of a batch into a DataError naming the data spec.
+    """Turns an exception of the model's forward into a typed error naming the data spec.
 
-    Token ids outside an embedding table (IndexError on the CPU) are named on any batch, with
-    the batch's global indices and id range; other failures only on the first batch, where they
-    mean that the inputs do not fit the model (later ones are the model's own errors).
+    Token ids outside an embedding table (IndexError on the CPU) are a DataError on any batch,
+    with the batch's global indices and id range; so, on the first batch, is a failure that speaks
+    of shapes, sizes or dtypes: the inputs do not fit the model. Anything else is a ModelError
+    naming the batch (the model's own code failed; --debug shows the traceback).
     """
     try:
         yield
-    except (IndexError, RuntimeError, ValueError) as exc:
+    except (InfluenceError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # the model's code can raise anything
+        if out_of_memory(exc) is not None:
+            raise
         reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         if isinstance(exc, IndexError) and not x.is_floating_point():
             lo, hi = int(x.min()), int(x.max())
@@ -358,12 +363,23 @@ def inputs_named(x: torch.Tensor, idx: torch.Tensor, dataset_name: str, *, first
                 f"({reason}); its token ids run from {lo} to {hi}",
                 hint="ids outside an embedding table are the usual cause: check the vocabulary size in model.kwargs, the pad id and the data",
             ) from exc
-        if not first or out_of_memory(exc) is not None:
-            raise
-        raise DataError(  # e.g. a shape mismatch, or table[x] with float x
-            f"{dataset_name}: inputs of shape {list(x.shape)}{_kind(x)} do not fit the model ({reason})",
-            hint=_input_hint(x, reason, dataset_name),
+        if first and isinstance(exc, (IndexError, RuntimeError, ValueError, TypeError)) and _about_inputs(reason):
+            raise DataError(  # e.g. a shape mismatch, or table[x] with float x
+                f"{dataset_name}: inputs of shape {list(x.shape)}{_kind(x)} do not fit the model ({reason})",
+                hint=_input_hint(x, reason, dataset_name),
+            ) from exc
+        raise ModelError(
+            f"{dataset_name}: the model's forward raised {type(exc).__name__} on the batch with global indices {index_span(idx)}: {reason}",
+            hint="the model's own code failed on these inputs; --debug shows the traceback",
         ) from exc
+
+
+_INPUT_WORDS = ("shape", "size", "channel", "mat1", "mat2", "dim", "expected", "dtype", "scalar type", "long", "float", "double", "half", "index", "indices")
+
+
+def _about_inputs(reason: str) -> bool:
+    """Whether a forward's error message speaks of its inputs' shape, size or dtype."""
+    return any(word in reason.lower() for word in _INPUT_WORDS)
 
 
 def ids_checked_on_host(device: torch.device) -> bool:

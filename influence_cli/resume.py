@@ -90,7 +90,7 @@ class PassCheckpoint:
     def __init__(self, path: Path, settings: dict[str, Any], every: int) -> None:
         """`settings`: everything the pass's result depends on (its `run_key` identifies the run)."""
         self.path = path
-        self.settings = json.loads(json.dumps(settings, sort_keys=True, default=str))
+        self.settings = as_recorded(settings)
         self.key = run_key(settings)
         self.every = every
 
@@ -154,6 +154,24 @@ class PassCheckpoint:
 _NAMES = {"bs": "batch size", "batch_size": "batch size", "world": "number of ranks", "n": "examples", "chunks": "query chunks",
           "shards": "score shards", "factors": "factors file", "model_fingerprint": "model", "model_definition": "model definition", "definition": "model definition", "train_fingerprint": "data.train",
           "query_fingerprint": "data.query"}  # fmt: skip
+
+
+def as_recorded(fields: dict[str, Any]) -> dict[str, Any]:
+    """`fields` as metadata records and reads them back (JSON types), for comparisons."""
+    return json.loads(json.dumps(fields, sort_keys=True, default=str))
+
+
+def refuse_other_finished_result(path: Path, recorded: dict[str, Any] | None, result: dict[str, Any], what: str) -> None:
+    """--resume on a finished output of other settings (`recorded`: its metadata's "result"):
+    there is nothing to continue, and recomputing would replace it.
+
+    Raises:
+        OutputError: naming what changed.
+    """
+    raise OutputError(
+        f"{str(path)!r} holds {what} of a finished run with other settings ({changed_settings(recorded, as_recorded(result))})",
+        hint="--resume continues interrupted runs only: pass --overwrite to recompute with these settings",
+    ).everywhere()
 
 
 def changed_settings(old: dict[str, Any] | None, new: dict[str, Any]) -> str:

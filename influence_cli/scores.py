@@ -53,6 +53,7 @@ from influence_cli.resume import (
     check_rank_layout,
     clear_progress_of_finished,
     progress_files,
+    refuse_other_finished_result,
     run_key,
     run_keys,
 )
@@ -191,16 +192,21 @@ def _members_key(common: dict[str, Any]) -> dict[str, Any]:
     return {"members": [(m["model_fingerprint"], m["factors"].get("created"), m["damping"]) for m in common["members"]]}
 
 
-def _finished_key(path: Path) -> str | None:
-    """The result key recorded by a finished scores file or index (None when absent)."""
+def _finished_metadata(path: Path) -> dict[str, Any]:
+    """The metadata of a finished scores file or index ({} when absent or unreadable)."""
     if not path.exists():
-        return None
+        return {}
     if path.suffix == ".json":
         try:
-            return json.loads(path.read_text()).get("metadata", {}).get("result_key")
-        except (OSError, ValueError):
-            return None
-    return storage.read_metadata(path).get("result_key")
+            return dict(json.loads(path.read_text()).get("metadata", {}))
+        except (OSError, ValueError, TypeError, AttributeError):
+            return {}
+    return storage.read_metadata(path)
+
+
+def _finished_key(path: Path) -> str | None:
+    """The result key recorded by a finished scores file or index (None when absent)."""
+    return _finished_metadata(path).get("result_key")
 
 
 def _agree(state: DistState, fn) -> Any:
@@ -602,9 +608,11 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
         | _members_key(common)
     )
     settings = result | {"bs": scorer.bs, "world": st.world_size, "chunks": layout.query_chunks, "shards": [(s.start, s.stop) for s in layout.shards]}
-    metadata["run_key"], metadata["result_key"] = run_key(settings), run_key(result)
+    metadata["run_key"], metadata["result_key"], metadata["result"] = run_key(settings), run_key(result), result
     paths = ([index] + [out_dir / storage.SCORES_SHARD.format(shard=s.number) for s in layout.shards]) if layout.sharded else [single]
     finished = [p for p in (single, index) if _finished_key(p) in run_keys(result)]
+    if resume and not overwrite and not finished and (other := next((p for p in (single, index) if p.exists()), None)):
+        refuse_other_finished_result(other, _finished_metadata(other).get("result"), result, "scores")
     if resume and not overwrite and finished:  # a requeued job whose scores are done
         clear_progress_of_finished(out_dir, storage.SCORES_PARTIAL, main=st.is_main)
         return ScoresReport(
@@ -791,7 +799,9 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
         | _members_key(common)
     )
     settings = result | {"bs": scorer.bs, "world": st.world_size}
-    metadata["run_key"], metadata["result_key"] = run_key(settings), run_key(result)
+    metadata["run_key"], metadata["result_key"], metadata["result"] = run_key(settings), run_key(result), result
+    if resume and not overwrite and path.exists() and _finished_key(path) not in run_keys(result):
+        refuse_other_finished_result(path, _finished_metadata(path).get("result"), result, "self-influence scores")
     if resume and not overwrite and _finished_key(path) in run_keys(result):  # a requeued job whose scores are done
         clear_progress_of_finished(out_dir, storage.SCORES_PARTIAL, ".self", main=st.is_main)
         return ScoresReport(

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from influence_cli import storage
+from influence_cli import notices, storage
 from influence_cli.bands import LayerBands, check_order, layer_bands, load_kronecker_factors, select_layers
 from influence_cli.config import Config, DataSpec
 from influence_cli.context import RunContext, prepare
@@ -449,6 +449,14 @@ def spectrum(
     progress = for_rank(progress, ctx.state.rank, ctx.state.world_size)
     layer_factors = {tm.name: factors.layers[tm.name] for tm in chosen}
     datasets = {name: ctx.dataset(spec, key) for name, (spec, key) in specs.items()}
+    fitted_on = factors.metadata.get("dataset_fingerprint")
+    if not sp.datasets and fitted_on is not None and datasets["train"].fingerprint() != fitted_on:
+        notices.warn(
+            "spectrum: data.train is not the training set the factors were fitted on, so its group `train` is measured "
+            "in another set's curvature (fit-factors on this data.train, or name the datasets in spectrum.datasets)"
+        )
+    if cfg.scores.checkpoints:
+        notices.warn(f"spectrum: only model.checkpoint is analysed, not the {len(cfg.scores.checkpoints)} model(s) of scores.checkpoints")
     names = []
     for name, ds in datasets.items():
         split = bool(ds.noisy_mask.any()) and not bool(ds.noisy_mask.all())

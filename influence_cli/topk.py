@@ -111,13 +111,21 @@ def _plain(value: torch.Tensor | None) -> Any:
     return None if value is None else value.tolist()
 
 
+def _folder_of(path: str | Path, *names: str) -> Path:
+    """The output folder `path` names, or holds when it is one of the files `names` (Python callers
+    pass either)."""
+    p = Path(path)
+    return p.parent if p.name in names and p.is_file() else p
+
+
 def load_scores_meta(output_dir: str | Path) -> ScoresMeta:
-    """Reads the index (or the single scores file) and the query tensors of a scores run.
+    """Reads the index (or the single scores file) and the query tensors of a scores run
+    (`output_dir`, or the path of its scores file or index).
 
     Raises:
         OutputError: no scores in `output_dir`, or a listed shard is missing or of another format.
     """
-    out = Path(output_dir)
+    out = _folder_of(output_dir, storage.SCORES_INDEX, storage.SCORES_FILE)
     index, single = out / storage.SCORES_INDEX, out / storage.SCORES_FILE
     if index.is_file():
         try:
@@ -471,10 +479,12 @@ class SelfInfluence:
 
 
 def load_self_influence(output_dir: str | Path) -> SelfInfluence:
-    """Reads `<output_dir>/self_influence.safetensors` (OutputError if absent: run compute-scores --self)."""
-    path = Path(output_dir) / storage.SELF_INFLUENCE_FILE
+    """Reads `<output_dir>/self_influence.safetensors` (OutputError if absent: run compute-scores --self);
+    the file's own path works too."""
+    out = _folder_of(output_dir, storage.SELF_INFLUENCE_FILE)
+    path = out / storage.SELF_INFLUENCE_FILE
     if not path.is_file():
-        interrupted = progress_files(Path(output_dir), storage.SCORES_PARTIAL, ".self")
+        interrupted = progress_files(out, storage.SCORES_PARTIAL, ".self")
         hint = "compute-scores --self was interrupted: rerun it with --resume to finish" if interrupted else "run `influence compute-scores CONFIG --self` first"
         raise OutputError(f"no self-influence scores at {str(path)!r}", hint=hint)
     tensors, meta = storage.load_tensors(path, storage.SELF_FORMAT)

@@ -337,7 +337,7 @@ BAD_INPUTS = [
     ("wrong-image-shape", _wrong_shape, EXIT["data"], ["data.train", "inputs of shape [20, 1, 10, 10]", "do not fit the model"]),
     ("wrong-input-dim", _checkpoint_of_input_dim(100), EXIT["data"], ["data.train", "do not fit the model", "100"]),
     ("empty-dataset", _train_file("empty.safetensors", torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.int64)), EXIT["data"],
-     ["data.train", "no examples left", "empty.safetensors"]),  # fmt: skip
+     ["data.train", "the source holds no examples", "empty.safetensors"]),  # fmt: skip
     ("dataset-without-labels", _train_file("nolabels.safetensors", torch.zeros(5, 1, 8, 8), None), EXIT["data"],
      ["data.train.labels_key", "'labels' is not in nolabels.safetensors"]),  # fmt: skip
     ("dataset-not-safetensors", _train_file("garbage.safetensors", None, None), EXIT["data"], ["data.train.path", "garbage.safetensors"]),
@@ -466,6 +466,43 @@ def test_inspect_needs_no_device(runner: CliRunner, monkeypatch):
     result = invoke(runner, "inspect", DIGITS, "--set", "device=cuda")
     assert result.exit_code == 0, result.stderr
     assert "3 layers" in result.stdout
+
+
+FAILING_MODULE = """
+import torch
+from influence_cli.models import mlp
+
+
+class Failing(torch.nn.Module):
+    def __init__(self, after: int, error: str):
+        super().__init__()
+        self.net, self.after, self.error, self.calls = mlp(input_dim=64, hidden=[64, 32], num_classes=10), after, error, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls > self.after:
+            if self.error == "name":
+                return undefined_name(x)  # noqa: F821
+            raise RuntimeError("custom assertion in my model")
+        return self.net(x)
+
+
+def make(after: int, error: str):
+    return Failing(after, error)
+"""
+
+
+@pytest.mark.parametrize(("after", "error", "kind"), [(0, "runtime", "RuntimeError"), (3, "runtime", "RuntimeError"), (3, "name", "NameError")])
+def test_an_error_of_the_model_s_own_forward_is_a_model_error(runner: CliRunner, tmp_path: Path, monkeypatch, after: int, error: str, kind: str):
+    """Not blamed on the data (first batch), and no traceback (later batches)."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "failing_model.py").write_text(FAILING_MODULE)
+    sets = [
+        "--set", "model.architecture=failing_model:make", "--set", f"model.kwargs={{after: {after}, error: {error}}}",
+        "--set", "model.checkpoint=null", "--set", f"output_dir={tmp_path / 'out'}", "--set", "data.batch_size=64",
+    ]  # fmt: skip
+    line = assert_clean_error(invoke(runner, "fit-factors", DIGITS, *sets), EXIT["model"], f"the model's forward raised {kind}")
+    assert "data.train" in line and "global indices" in line
 
 
 def test_inspect_bad_pattern(runner: CliRunner):

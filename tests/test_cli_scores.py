@@ -53,7 +53,7 @@ def test_help_states_sign_convention_and_examples(runner):
         assert result.exit_code == 0
         text = " ".join(result.stdout.split())
         assert "positive score means the training example helps the query" in text
-        assert "up-weighting it lowers the query's loss" in text and "−score/N" in text
+        assert "up-weighting it lowers the query's loss" in text and "+score/N" in text
         assert "Examples" in text
     assert "torchrun --nproc_per_node=4 -m influence_cli compute-scores" in " ".join(invoke(runner, "compute-scores", "--help").stdout.split())
 

@@ -284,6 +284,21 @@ def test_factory_returning_tensors(tmp_path: Path) -> None:
     assert x.tolist() == [12.0, 13.0, 14.0] and int(y) == 0 and gi == 4
 
 
+def test_a_factory_that_returns_no_examples_is_named_as_such(tmp_path: Path) -> None:
+    mod = write_module(
+        tmp_path,
+        """
+        import torch
+
+        def make(root):
+            return torch.zeros(0, 3), torch.zeros(0, dtype=torch.int64)
+        """,
+    )
+    with pytest.raises(DataError, match=r"^data.train: the source holds no examples") as err:
+        load_dataset(DataSpec(source=f"{mod}:make", kwargs={"root": "images"}), tmp_path)
+    assert "resolve against the working folder" in err.value.hint
+
+
 def test_factory_returning_dataset(tmp_path: Path) -> None:
     mod = write_module(
         tmp_path,
@@ -1086,3 +1101,14 @@ def test_swapped_idx_images_and_labels_are_named(tmp_path: Path) -> None:
     write_idx(tmp_path / "labels.idx", synthetic_labels())
     msg = error_of(DataSpec(source="idx", images="labels.idx", labels="images.idx"), tmp_path)
     assert msg.startswith("data.train.labels: images.idx holds") and "images and labels look swapped" in msg
+
+
+def test_unscaled_8_bit_inputs_are_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    files = (write_idx(tmp_path / "i", synthetic_images()), write_idx(tmp_path / "l", synthetic_labels()))
+    with caplog.at_level("WARNING", logger="influence_cli"):
+        load_dataset(idx_spec(files), tmp_path)
+    assert "data.train: 8-bit inputs reach the model as values 0..255 (data.train.transform.scale is not set)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="influence_cli"):
+        load_dataset(idx_spec(files, transform=TransformSpec(scale=255.0)), tmp_path)
+    assert "8-bit" not in caplog.text

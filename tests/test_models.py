@@ -126,6 +126,12 @@ def test_bad_kwargs(kwargs: dict, match: str) -> None:
         build_model(ModelConfig("mlp", kwargs), ".")
 
 
+def test_torchvision_pretrained_weights_come_from_the_checkpoint() -> None:
+    with pytest.raises(ModelError, match="torchvision models are built without weights") as err:
+        build_model(ModelConfig("torchvision:resnet18", {"weights": "IMAGENET1K_V1"}), ".")
+    assert "model.checkpoint" in err.value.hint
+
+
 def test_torchvision_bad_kwargs() -> None:
     with pytest.raises(ModelError, match="model.kwargs"):
         build_model(ModelConfig("torchvision:resnet18", {"num_clases": 10}), ".")
@@ -601,3 +607,13 @@ def test_home_paths_resolve_the_same_for_validation_and_loading(tmp_path: Path) 
     torch.save(_mlp().state_dict(), folder / "w.pt")
     model = load_model(ModelConfig("mlp", MLP_KWARGS, checkpoint="~nosuchuser/w.pt"), tmp_path)
     assert isinstance(model, nn.Module)
+
+
+def test_a_checkpoint_with_raw_and_ema_weights_loads_the_raw_ones_and_says_so(tmp_path: Path, caplog) -> None:
+    raw, ema = _trained_like(_mlp()), {k: torch.zeros_like(v) for k, v in _mlp().state_dict().items()}
+    torch.save({"ema": ema, "state_dict": raw}, tmp_path / "both.pt")
+    model = _mlp()
+    with caplog.at_level("WARNING", logger="influence_cli"):
+        load_checkpoint(model, tmp_path / "both.pt")
+    assert torch.equal(model.fc1.weight, raw["fc1.weight"])
+    assert "holds state dicts under state_dict, ema; loading state_dict" in caplog.text

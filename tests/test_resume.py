@@ -388,7 +388,7 @@ def test_resume_of_a_finished_run_is_a_no_op(tmp_path, monkeypatch):
     assert report.resumed_from == "already complete"
     assert not left.exists()  # the finished file holds all of it
     assert (out / storage.FACTORS_FILE).stat().st_mtime_ns == before
-    with pytest.raises(OutputError, match="already holds factors"):
+    with pytest.raises(OutputError, match=r"holds factors of a finished run with other settings \(strategy ekfac -> kfac\)"):
         fit.fit_factors(config(out, "factors.strategy=kfac"), resume=True)
 
 
@@ -561,6 +561,12 @@ def test_outputs_finished_or_saved_before_the_model_definition_was_recorded_stil
     fit.fit_factors(config(tmp_path))
     monkeypatch.undo()
     assert fit.fit_factors(config(tmp_path), resume=True).resumed_from == "already complete"
+
+
+def test_resume_of_finished_factors_with_other_settings_names_the_change(tmp_path):
+    fit.fit_factors(config(tmp_path))
+    with pytest.raises(OutputError, match=r"holds factors of a finished run with other settings \(seed 0 -> 1\)"):
+        fit.fit_factors(config(tmp_path, "seed=1"), resume=True)
 
 
 def test_a_full_disk_is_one_output_error(tmp_path, monkeypatch):

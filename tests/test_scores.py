@@ -210,6 +210,37 @@ def test_least_squares_ggn_ekfac_is_exact():
     torch.testing.assert_close(got, closed, rtol=1e-9, atol=1e-10)
 
 
+def test_removing_an_example_changes_the_query_loss_by_plus_score_over_n():
+    """The documented scale and sign, against retraining: least squares at its optimum, where the
+    GGN is the exact Hessian; leaving x out changes the query's loss by ≈ +score/N (a proponent,
+    positive score, is missed: the loss rises)."""
+    g = torch.Generator().manual_seed(11)
+    n = 200
+    x, y = torch.randn(n, 4, generator=g, dtype=F64), torch.randn(n, 1, generator=g, dtype=F64)
+    xq, yq = torch.randn(6, 4, generator=g, dtype=F64), torch.randn(6, 1, generator=g, dtype=F64)
+    xa, xqa = torch.cat([x, torch.ones(n, 1, dtype=F64)], 1), torch.cat([xq, torch.ones(6, 1, dtype=F64)], 1)
+
+    def solve(rows: torch.Tensor) -> torch.Tensor:  # [5, 1]: least squares on those training rows
+        return torch.linalg.lstsq(xa[rows], y[rows]).solution
+
+    def query_loss(w: torch.Tensor) -> torch.Tensor:  # [6]
+        return ((xqa @ w - yq) ** 2).squeeze(1)
+
+    w = solve(torch.arange(n))
+    model = nn.Linear(4, 1).double()
+    with torch.no_grad():
+        model.weight.copy_(w[:4].T)
+        model.bias.copy_(w[4])
+    tracked, layers = fit(model, x, y, strategy="ekfac", fisher="ggn", kind="regression", batch_size=32)
+    scores = run_pairwise(model, tracked, layers, (x, y, xq, yq), task_kind="regression", damping=0.0)  # [6, n]
+    removed = [0, 1, 2, 3, 4, 5, 6, 7]
+    actual = torch.stack([query_loss(solve(torch.tensor([i for i in range(n) if i != r]))) - query_loss(w) for r in removed], 1)
+    predicted = scores[:, removed] / n
+    assert torch.equal(torch.sign(actual), torch.sign(predicted))
+    assert torch.corrcoef(torch.stack([actual.flatten(), predicted.flatten()]))[0, 1] > 0.99
+    torch.testing.assert_close(actual, predicted, rtol=0.25, atol=1e-4)  # first order: off by O(1/N²)
+
+
 def test_margin_measurement_equals_explicit_gradient_of_minus_margin(data):
     x, y, xq, yq = data
     model = tiny_mlp()
@@ -563,8 +594,9 @@ def test_resume_of_finished_scores_is_a_no_op(project, self_influence, overrides
     other_batches = compute_scores(make_cfg(project, name, *overrides, "data.batch_size=3"), self_influence=self_influence, resume=True)
     assert other_batches.resumed_from == "already complete"  # the same scores, whatever the batch size
     assert first.paths[0].stat().st_mtime_ns == stamp
-    with pytest.raises(OutputError, match="finished run"):
+    with pytest.raises(OutputError, match=r"holds (self-influence )?scores of a finished run with other settings \(damping\)") as err:
         compute_scores(make_cfg(project, name, *overrides, "scores.damping=0.5"), self_influence=self_influence, resume=True)
+    assert "--overwrite" in err.value.hint
 
 
 def test_a_float64_checkpoint_runs_in_float64_end_to_end(tmp_path):

@@ -465,6 +465,12 @@ def test_cli_spectrum_by_mass_defaults_to_data_train(tmp_path, digits):
     assert [g["name"] for g in data["groups"]] == ["train"] and data["groups"][0]["size"] == 600
     for layer in data["layer_bands"]:
         assert layer["curvature_share"]["top"] >= 0.6 and layer["curvature_share"]["bottom"] <= 0.1
+    assert "not the training set the factors were fitted on" not in result.stderr
+    other = [*sets[:2], "--set", "data.train.range=[0, 500]", "--set", "device=cpu", "--set", "scores.checkpoints=[../sample_data/mlp.safetensors]"]
+    result = invoke("spectrum", DIGITS, *other, "--overwrite")
+    assert result.exit_code == 0, result.stderr
+    assert "warning: spectrum: data.train is not the training set the factors were fitted on" in result.stderr
+    assert "warning: spectrum: only model.checkpoint is analysed, not the 1 model(s) of scores.checkpoints" in result.stderr
 
 
 def test_cli_edit_writes_the_projection_and_leaves_other_weights_bit_identical(tmp_path, digits):

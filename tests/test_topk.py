@@ -181,6 +181,14 @@ def test_self_top_k_orders_by_self_influence(tmp_path):
     got = self_top_k(tmp_path, 3)
     assert [(e.rank, e.train_index, e.train_label, e.score) for e in got] == [(1, 11, 1, 3.0), (2, 13, 3, 3.0), (3, 14, 4, 2.0)]
     assert [e.train_index for e in self_top_k(tmp_path, 2, largest=False)] == [12, 10]
+    assert self_top_k(tmp_path / storage.SELF_INFLUENCE_FILE, 3) == got  # the file's path, from Python
+
+
+@pytest.mark.parametrize("shard_len", [None, 16], ids=["one-file", "shards"])
+def test_top_k_takes_the_scores_file_or_index_for_its_folder(tmp_path, shard_len):
+    write_scores(tmp_path, torch.randn(3, 40, generator=torch.Generator().manual_seed(1)), shard_len)
+    name = storage.SCORES_FILE if shard_len is None else storage.SCORES_INDEX
+    assert top_k(tmp_path / name, None, 4) == top_k(tmp_path, None, 4)
 
 
 @pytest.mark.parametrize("k", [1, 3])  # k = 1 takes the block pre-selection (columns > 4k)

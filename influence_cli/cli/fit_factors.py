@@ -191,6 +191,6 @@ def inspect_cmd(config: ConfigArg, set_: SetOpt = None, json_: JsonOpt = False) 
             table.add_row(kind, _first_names([u.name for u in members]), f"{sum(u.num_params for u in members):,}", reason)
         print_table(table)
     out_console().print(
-        f"{len(rows)} layers, factors {human_bytes(factor_bytes)} in float32; "
+        f"{len(rows)} layer{'s' if len(rows) != 1 else ''}, factors {human_bytes(factor_bytes)} in float32; "
         f"{tracked_params:,} of {parameters:,} parameters tracked"
     )

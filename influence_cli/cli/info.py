@@ -52,15 +52,21 @@ def info_cmd(
     if json_:
         print_json({"path": str(path.resolve()), "metadata": decoded, "tensors": shapes})
         return
+    import textwrap
+
+    import yaml
+
+    from influence_cli.config import yaml_text
+
     config = decoded.pop("config", None)
+    nested = {k: decoded.pop(k) for k in sorted(decoded) if isinstance(decoded[k], (dict, list)) and decoded[k]}  # below the table: one long cell would widen every row
     table = new_table(str(path), [("field", "left"), ("value", "left")])
     for key, value in sorted(decoded.items()):
-        table.add_row(key, str(value))
+        table.add_row(key, yaml_text(value))
     table.add_row("tensors", f"{len(shapes)} ({', '.join(list(shapes)[:6])}{', …' if len(shapes) > 6 else ''})")
     print_table(table)
-    if config is not None:
-        import yaml
-
-        console = out_console()
-        console.print("resolved config:", markup=False)
-        console.print(yaml.safe_dump(config, sort_keys=False, default_flow_style=None, width=100).rstrip(), markup=False)
+    console = out_console()
+    for title, value in [*nested.items(), *([("resolved config", config)] if config is not None else [])]:
+        console.print(f"{title}:", markup=False)
+        text = yaml.safe_dump(value, sort_keys=False, default_flow_style=None, width=100).rstrip()
+        console.print(textwrap.indent(text, "  "), markup=False)

@@ -81,7 +81,7 @@ def compute_scores_cmd(
     Sign convention: a positive score means the training example helps the query: up-weighting it
     lowers the query's loss (a proponent); negative means it hurts (an opponent). A score is N × the
     classical per-example influence (N = training examples): removing the example changes the query's
-    measurement by about −score/N.
+    measurement by about +score/N (leaving out a proponent raises the query's loss).
     """
     from influence_cli.distributed import init_distributed
     from influence_cli.scores import compute_scores
@@ -178,7 +178,7 @@ def top_k_cmd(
     Sign convention: a positive score means the training example helps the query: up-weighting it
     lowers the query's loss (a proponent); negative means it hurts (an opponent). A score is N × the
     classical per-example influence (N = training examples): removing the example changes the query's
-    measurement by about −score/N.
+    measurement by about +score/N (leaving out a proponent raises the query's loss).
     """
     from influence_cli import storage, topk
 

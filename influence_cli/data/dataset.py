@@ -306,6 +306,9 @@ def load_dataset(
             raise DataError(f"{name}.limit: must be > 0, got {spec.limit}")
         sel = sel[: spec.limit]
         labels = labels[: spec.limit] if labels is not None else None
+    if src.n == 0:
+        hint = f"relative paths in {name}.kwargs are the factory's own: they resolve against the working folder" if ":" in spec.source else None
+        raise DataError(f"{name}: the source holds no examples ({src.desc})", hint=hint)
     if sel.numel() == 0:
         raise DataError(f"{name}: no examples left after range/labels_in/limit (source: {src.desc}, {src.n} examples)")
     if not 0.0 <= spec.label_noise < 1.0:

@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from influence_cli import notices
 from influence_cli.config import TransformSpec
 from influence_cli.errors import DataError
 
@@ -117,6 +118,11 @@ class Transform:
                 view = (len(mean),) + (1,) * (len(shape) - 1)
                 self.mean = torch.tensor(mean).view(view)
                 self.std = torch.tensor(std).view(view)
+        if raw_dtype == torch.uint8 and not self.tokens and spec.scale is None and spec.normalize is None:
+            notices.warn(
+                f"{name}: 8-bit inputs reach the model as values 0..255 ({key}.scale is not set); a model trained on "
+                f"inputs in [0, 1] needs {key}.scale: 255.0"
+            )
         self.image_shape = shape  # one example before flattening
         self.out_shape = (math.prod(shape),) if self.flatten else shape
 
