@@ -122,7 +122,7 @@ def main() -> None:
             (tmp / f"mem{n}" / "model.safetensors").write_bytes((tmp / "model.safetensors").read_bytes())
             mem[n] = peak_rss_mb(cfg_path)
         result["peak_rss_mb"] = mem
-    print(header(f"python benchmarks/bench_fit.py --train {args.train} --strategy {args.strategy} --fisher {args.fisher} --amp {args.amp}"))
+    print(header())
     print()
     print(f"| phase | median seconds ({args.repeats} runs) | examples/s |")
     print("|---|---:|---:|")

@@ -120,7 +120,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     fit, ep = med["fit (both passes + eigendecomposition)"], med["train_epoch"]
     params = sum(tm.num_params for tm in tracked)
-    print(header(f"python benchmarks/bench_lm.py --train {args.train} --queries {args.queries} --repeats {args.repeats}"))
+    print(header())
     print()
     print(f"causal LM: vocabulary {args.vocab}, {args.length} tokens, 2 blocks d=128; {args.train} training and "
           f"{args.queries} query sequences; tracked: {', '.join(tm.name for tm in tracked)} ({params:,} weights)")

@@ -82,7 +82,7 @@ def main() -> None:
     shards = len(list((tmp / "fit8000").glob("scores.shard-*")))
     rows.append((f"top-k --k 10 over {shards} shards", peak(["top-k", str(cfg), "--k", "10", "--json"])))
 
-    print(header("python benchmarks/bench_memory.py"))
+    print(header())
     print()
     print("| process | peak RSS (MB) |")
     print("|---|---:|")

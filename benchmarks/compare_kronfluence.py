@@ -312,7 +312,7 @@ def main() -> None:
     model_small, acc_small = trained_checkpoint(OUT / "mlp_5000.safetensors", 5000)
     model_large, acc_large = trained_checkpoint(OUT / "mlp_9000.safetensors", 9000)
     results: dict = {"threads": args.threads, "accuracy": {"5000": acc_small, "9000": acc_large}}
-    lines = [header(f"{Path(sys.executable).parent.parent.name}/bin/python benchmarks/compare_kronfluence.py --repeats {args.repeats}"), ""]
+    lines = [header(), ""]
     if not missing:
         from kronfluence_task import kronfluence_version
 

@@ -14,8 +14,7 @@ from pathlib import Path
 import torch
 from mnist_common import IMAGES, LABELS, MLP_KWARGS, ROOT, load_mnist
 
-from influence_cli.config import ModelConfig
-from influence_cli.models import build_model
+from influence_cli.models import BUILTIN_ARCHITECTURES
 from influence_cli.storage import save_tensors
 from influence_cli.training import TrainRecipe, accuracy, train_model
 
@@ -37,8 +36,11 @@ def as_inputs(x: torch.Tensor, arch: str = "mlp") -> torch.Tensor:
 
 
 def new_model(seed: int, arch: str = "mlp") -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return build_model(ModelConfig(architecture=arch, kwargs=model_kwargs(arch)), ".")
+    """The architecture with its initial weights drawn from `seed` (build_model always draws them
+    from seed 0, so a model of seed 0 is the one the commands build); the caller's RNG is kept."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return BUILTIN_ARCHITECTURES[arch](**model_kwargs(arch))
 
 
 def new_mlp(seed: int) -> torch.nn.Module:
@@ -55,7 +57,7 @@ def trained_checkpoint(path: Path, n_train: int, seed: int = 0, epochs: int = RE
     """Trains (or reuses, when `path` exists) the model on images [0, n_train); returns the path and the test accuracy."""
     from influence_cli.storage import read_metadata
 
-    key = f"{n_train}:{seed}:{epochs}" + ("" if arch == "mlp" else f":{arch}")
+    key = f"{n_train}:{seed}:{epochs}:init{seed}" + ("" if arch == "mlp" else f":{arch}")  # init: weights drawn from the seed too
     if path.is_file():
         meta = read_metadata(path)
         if meta.get("recipe") == key:

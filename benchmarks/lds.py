@@ -146,7 +146,7 @@ def _save_margins(retrain_seed: int, seed: int, masks: torch.Tensor, margins: to
 def _setup_key(seed: int) -> str:
     from field_common import RECIPE
 
-    setup = {"n_train": N_TRAIN, "queries": QUERIES, "recipe": [RECIPE.epochs, RECIPE.batch_size, RECIPE.lr], "seed": seed}
+    setup = {"n_train": N_TRAIN, "queries": QUERIES, "recipe": [RECIPE.epochs, RECIPE.batch_size, RECIPE.lr], "seed": seed, "init": "per training seed"}
     return json.dumps(setup if ARCH == "mlp" else setup | {"arch": ARCH, "kwargs": model_kwargs(ARCH)})
 
 
@@ -293,10 +293,9 @@ def main() -> None:
         return f"{float(d.mean()):+.4f} ± {float(d.std() / len(d) ** 0.5):.4f}"
 
     q = QUERIES[1] - QUERIES[0]
-    cmd = f"benchmarks/lds.py --subsets {args.subsets} --retrain-seeds {args.retrain_seeds} --jobs {args.jobs} --arch {ARCH}"
     model_name = "MLP 784-128-128-10" if ARCH == "mlp" else f"CNN (conv {model_kwargs(ARCH)['channels']} channels, fc {model_kwargs(ARCH)['fc_dim']})"
     lines = [
-        header(f"{Path(sys.executable).parent.parent.name}/bin/python {cmd}"),
+        header(),
         "",
         f"{model_name}, {N_TRAIN:,} training images (test accuracy {accuracies[0]:.3f}), {q} queries, margin measurement; "
         f"{len(masks)} random half subsets, each retrained {args.retrain_seeds}× (seeds 0..{args.retrain_seeds - 1}, "

@@ -16,12 +16,11 @@ Prints markdown tables with the date, machine and command (see docs/MEMORIZATION
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
-from mnist_common import IMAGES, ROOT, header
+from mnist_common import IMAGES, LABELS, ROOT, header
 
 from influence_cli.config import load_config
 from influence_cli.data import load_dataset, make_loader
@@ -58,6 +57,8 @@ def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
 def run(seed: int, epochs: int, weight_decay: float, out_dir: Path | None) -> dict:
     """Train, fit, measure and edit for one seed (label noise and data order); returns every number."""
     overrides = ["device=cpu", f"seed={seed}"]
+    for spec in ("data.train", "spectrum.datasets.train", "spectrum.datasets.heldout"):  # the MNIST files mnist_common found
+        overrides += [f"{spec}.images={IMAGES}", f"{spec}.labels={LABELS}"]
     if out_dir is not None:
         out = out_dir.resolve()
         overrides += [f"output_dir={out}", f"model.checkpoint={out / 'model.safetensors'}"]
@@ -174,7 +175,7 @@ def main() -> None:
     t0 = time.perf_counter()
     # the last seed run is the first one, so the checkpoint and factors left on disk are seed seeds[0]'s
     results = {seed: run(seed, args.epochs, args.weight_decay, args.out_dir) for seed in [*args.seeds[1:], args.seeds[0]]}
-    print(header("python benchmarks/memorization.py" + "".join(f" {a}" for a in sys.argv[1:])))
+    print(header())
     print()
     print_details(results[args.seeds[0]], args.epochs, args.weight_decay)
     print()

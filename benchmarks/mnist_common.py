@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -49,5 +50,13 @@ def machine() -> str:
     return f"{os.cpu_count()} cores, {cpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
-def header(command: str) -> str:
-    return f"date: {time.strftime('%Y-%m-%d')}  machine: {machine()}  command: `{command}`"
+def command_line() -> str:
+    """The command as it was run: the interpreter (by its virtualenv's name) and every argument."""
+    venv = Path(sys.executable).parent.parent.name
+    python = f"{venv}/bin/python" if venv.startswith(".venv") else "python"
+    return " ".join([python, *map(shlex.quote, sys.argv)])
+
+
+def header(command: str | None = None) -> str:
+    """The date, machine and command line (`command_line()` unless given) that a benchmark's result records."""
+    return f"date: {time.strftime('%Y-%m-%d')}  machine: {machine()}  command: `{command or command_line()}`"

@@ -15,8 +15,7 @@ from pathlib import Path
 import torch
 from mnist_common import IMAGES, MLP_KWARGS, load_mnist
 
-from influence_cli.config import ModelConfig
-from influence_cli.models import build_model
+from influence_cli.models import mlp
 from influence_cli.storage import save_tensors
 from influence_cli.training import TrainRecipe, accuracy, train_model
 
@@ -25,7 +24,7 @@ def train(out: Path, start: int = 0, stop: int = 8000, epochs: int = 5, seed: in
     x, y = load_mnist(start, stop)
     xt, yt = load_mnist(9000, 10000)
     torch.manual_seed(seed)
-    model = build_model(ModelConfig(architecture="mlp", kwargs=MLP_KWARGS), ".")
+    model = mlp(**MLP_KWARGS)  # initial weights from `seed` (build_model draws them from seed 0 whatever the seed)
     train_model(model, x, y, TrainRecipe(epochs=epochs, batch_size=64, lr=1e-3, seed=seed))
     acc = accuracy(model, xt, yt)
     save_tensors(out, model.state_dict(), {"architecture": "mlp", "kwargs": MLP_KWARGS, "train_range": [start, stop], "test_accuracy": acc})
