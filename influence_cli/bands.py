@@ -184,12 +184,13 @@ def select_layers(tracked: list[TrackedModule], patterns: list[str], key: str) -
     """The tracked layers whose names match any fnmatch pattern, in model order.
 
     Raises:
-        ConfigError: no tracked layer matches (names the key or flag).
+        UsageError (a --flag) or ConfigError (a config key): no tracked layer matches.
     """
     chosen = [tm for tm in tracked if any(fnmatch.fnmatchcase(tm.name, p) for p in patterns)]
     if not chosen:
         names = ", ".join(tm.name for tm in tracked[:8])
-        raise ConfigError(f"{key}: {list(patterns)} matches none of the tracked layers ({names})", hint="use '*' or names from `influence inspect`")
+        error = UsageError if key.startswith("--") else ConfigError
+        raise error(f"{key}: {list(patterns)} matches none of the tracked layers ({names})", hint="use '*' or names from `influence inspect`")
     return chosen
 
 

@@ -78,7 +78,7 @@ def prepare(
 ) -> RunContext:
     """Builds the model, loads its checkpoint (`checkpoint` instead of model.checkpoint when given,
     named `key` in errors), moves it to the device and finds its tracked layers."""
-    state = state or DistState(device=resolve_device(cfg.device))
+    state = state or DistState(device=resolve_device(cfg.device, source=cfg.source))
     model = load_model(cfg.model, cfg.base_dir, checkpoint=checkpoint, key=key)
     arch = cfg.model.architecture.strip()
     if checkpoint is None and cfg.model.checkpoint is None and (arch in BUILTIN_ARCHITECTURES or arch.startswith("torchvision:")):

@@ -19,13 +19,13 @@ import torch.distributed as dist
 from influence_cli.errors import ConfigError, DistributedError
 
 
-def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
+def resolve_device(preference: str, local_rank: int = 0, source: str | None = None) -> torch.device:
     """`auto` → cuda:<local_rank> when a GPU is visible, else cpu."""
     if preference == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     if preference.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ConfigError(f"device: {preference!r} requested but no CUDA device is visible", hint="use --set device=cpu")
+            raise ConfigError(f"device: {preference!r} requested but no CUDA device is visible", source=source, hint="use --set device=cpu")
         if preference == "cuda":
             return torch.device(f"cuda:{local_rank}")
     return torch.device(preference)
@@ -95,7 +95,7 @@ class DistState:
         return self.rank * n // self.world_size, (self.rank + 1) * n // self.world_size
 
 
-def init_distributed(device_preference: str = "auto") -> DistState:
+def init_distributed(device_preference: str = "auto", source: str | None = None) -> DistState:
     """Joins the process group when launched by torchrun (WORLD_SIZE > 1).
 
     Raises:
@@ -114,9 +114,10 @@ def init_distributed(device_preference: str = "auto") -> DistState:
     if local_world > 1 and device_preference.startswith("cuda:"):
         raise ConfigError(
             f"device: {device_preference!r} would put all {local_world} ranks of this machine on one GPU",
+            source=source,
             hint="use device: cuda or auto under torchrun (each rank takes cuda:<LOCAL_RANK>); choose GPUs with CUDA_VISIBLE_DEVICES",
         )
-    device = resolve_device(device_preference, local_rank)
+    device = resolve_device(device_preference, local_rank, source)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":

@@ -353,8 +353,10 @@ def test_a_numbered_gpu_under_torchrun_is_refused(monkeypatch):
     assert "device: cuda or auto" in info.value.hint
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # one rank per machine: cuda:N is that machine's GPU
     with pytest.raises(ConfigError) as info:  # here: no CUDA device at all
-        init_distributed("cuda:1")
+        init_distributed("cuda:1", source="run.yaml")
     assert "would put" not in info.value.message
+    if not torch.cuda.is_available():
+        assert info.value.message.startswith("run.yaml: device: 'cuda:1' requested but no CUDA device is visible")
 
 
 @pytest.mark.parametrize(

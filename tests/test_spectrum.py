@@ -609,7 +609,8 @@ def test_cli_errors(tmp_path, digits):
     with output_dir_lock(out, "factors"):  # a refit running there
         assert_error(invoke("edit", DIGITS, *sets, "--out", tmp_path / "e.safetensors"), 5, "in use by another run writing its factors")
     assert not (tmp_path / "new").exists()  # a failed edit creates no folder
-    assert_error(invoke("spectrum", DIGITS, *sets, "--layers", "conv*"), 2, "--layers", "matches none")
+    assert assert_error(invoke("spectrum", DIGITS, *sets, "--layers", "conv*"), 2, "--layers", "matches none").startswith("usage error")
+    assert assert_error(invoke("spectrum", DIGITS, *sets, "--set", "spectrum.layers=[conv*]"), 2, "spectrum.layers").startswith("config error")
     assert_error(invoke("spectrum", DIGITS, *sets, "--set", "spectrum.bottom=0.8", "--set", "spectrum.top=0.3"), 2, "spectrum.bottom + spectrum.top")
     assert_error(invoke("spectrum", DIGITS, *sets, "--set", "spectrum.baseline=heldout:noisy", "--overwrite"), 2, "spectrum.baseline")
     invoke("spectrum", DIGITS, *sets, "--overwrite")

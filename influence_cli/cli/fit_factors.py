@@ -54,7 +54,7 @@ def fit_factors_cmd(
     if resume and overwrite:
         raise UsageError("--resume, --overwrite: pass one (--resume continues saved progress, --overwrite starts over)")
     cfg = load(config, set_)
-    state = init_distributed(cfg.device)
+    state = init_distributed(cfg.device, cfg.source)
     progress = RichProgress(not json_)
     try:
         report = fit_factors(cfg, overwrite=overwrite, resume=resume, state=state, progress=progress)

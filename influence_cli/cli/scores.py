@@ -91,7 +91,7 @@ def compute_scores_cmd(
     if self_ and relative is not None:
         raise UsageError("--relative/--no-relative: not used with --self (self-influence is ∇L(x)ᵀ(F+λ)⁻¹∇L(x), one number per example)")
     cfg = load(config, set_)
-    state = init_distributed(cfg.device)
+    state = init_distributed(cfg.device, cfg.source)
     report = compute_scores(
         cfg, overwrite=overwrite, resume=resume, self_influence=self_, relative=relative, state=state, progress=RichProgress(not json_)
     )

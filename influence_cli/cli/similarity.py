@@ -91,7 +91,7 @@ def dataset_similarity_cmd(
         from influence_cli.storage import check_image_path
 
         check_image_path(heatmap, "--heatmap")  # fail before the passes, not after
-    state = init_distributed(cfg.device)
+    state = init_distributed(cfg.device, cfg.source)
     report = dataset_similarity(cfg, method=method, overwrite=overwrite, state=state, progress=RichProgress(not json_))
     if not state.is_main:
         return

@@ -100,7 +100,7 @@ def spectrum_cmd(
         from influence_cli.storage import check_image_path
 
         check_image_path(plot, "--plot")  # fail before the pass, not after
-    state = init_distributed(cfg.device)
+    state = init_distributed(cfg.device, cfg.source)
     report = spectrum(cfg, layers=layers, order=order, overwrite=overwrite, state=state, progress=RichProgress(not json_))
     if not state.is_main:
         return
@@ -210,7 +210,7 @@ def edit_cmd(
     from influence_cli.edit import edit_checkpoint
 
     cfg = load(config, set_)
-    state = init_distributed(cfg.device)
+    state = init_distributed(cfg.device, cfg.source)
     report = edit_checkpoint(cfg, out, rho=rho, share=keep_share, layers=layers, order=order, overwrite=overwrite, state=state)
     if not state.is_main:
         return
