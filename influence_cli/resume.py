@@ -151,9 +151,13 @@ class PassCheckpoint:
             )
 
 
-_NAMES = {"bs": "batch size", "batch_size": "batch size", "world": "number of ranks", "n": "examples", "chunks": "query chunks",
-          "shards": "score shards", "factors": "factors file", "model_fingerprint": "model", "model_definition": "model definition", "definition": "model definition", "train_fingerprint": "data.train",
-          "query_fingerprint": "data.query"}  # fmt: skip
+_NAMES = {"bs": "batch size", "batch_size": "batch size", "world": "number of ranks", "n": "examples (factors.max_examples)",
+          "chunks": "query chunks (scores.query_chunk, scores.max_memory_mb)", "shards": "score shards (scores.max_memory_mb)",
+          "damping": "damping (scores.damping, damping_factor, damping_scope)", "factors": "factors file", "model_fingerprint": "model",
+          "model": "model", "model_definition": "model definition", "definition": "model definition", "train_fingerprint": "data.train",
+          "data": "data.train", "query_fingerprint": "data.query", "strategy": "factors.strategy", "fisher": "factors.fisher",
+          "amp": "factors.amp", "dtype": "scores.dtype", "relative": "scores.relative", "measurement": "task.measurement",
+          "task": "task.kind", "modules": "factors.modules", "padding_value": "data.padding_value"}  # fmt: skip
 
 
 def as_recorded(fields: dict[str, Any]) -> dict[str, Any]:

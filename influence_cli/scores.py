@@ -59,9 +59,6 @@ from influence_cli.resume import (
 )
 from influence_cli.task import IGNORE_INDEX, without_counted_position
 
-_SCORE_BYTES = 4  # the score block is computed in float32 (float64 for float64 models), see sizing
-
-
 # ----------------------------------------------------------------------------- sizing and sharding
 
 
@@ -125,11 +122,13 @@ def plan_layout(
     max_memory_mb: float = 1024.0,
     query_chunk: int | None = None,
     element_bytes: int = 4,
+    score_bytes: int = 4,
 ) -> ScoresLayout:
     """Chunks and shards that keep each in-memory block within `max_memory_mb`.
 
-    The preconditioned query chunk is [chunk, num_params] and the score block
-    [n_query, shard_len] (4 bytes per score); each one fits the budget on its own.
+    The preconditioned query chunk is [chunk, num_params] (`element_bytes` each) and the score
+    block [n_query, shard_len] (`score_bytes` each: float32, or float64 for a float64 model);
+    each one fits the budget on its own.
     Each chunk streams each train range once; with several chunks the query
     gradients are recomputed per range (one query pass per chunk and shard).
     """
@@ -137,10 +136,10 @@ def plan_layout(
     chunk = query_chunk or max(1, budget // max(1, num_params * element_bytes))
     chunk = max(1, min(chunk, n_query))
     chunks = [(q0, min(q0 + chunk, n_query)) for q0 in range(0, n_query, chunk)]
-    fits = n_query * n_train * _SCORE_BYTES <= budget
+    fits = n_query * n_train * score_bytes <= budget
     shard_len = None
     if not fits:
-        per_shard = budget // (n_query * _SCORE_BYTES)
+        per_shard = budget // (n_query * score_bytes)
         shard_len = max(batch_size, per_shard // batch_size * batch_size)
     return ScoresLayout(chunks, plan_shards(n_train, world_size, batch_size, shard_len), sharded=world_size > 1 or not fits)
 
@@ -202,6 +201,15 @@ def _finished_metadata(path: Path) -> dict[str, Any]:
         except (OSError, ValueError, TypeError, AttributeError):
             return {}
     return storage.read_metadata(path)
+
+
+def _finished_files(path: Path) -> tuple[list[Path], int]:
+    """(every file of a finished scores output, its number of shards): the single file, or the
+    index with the shards it lists."""
+    if path.suffix != ".json":
+        return [path], 1
+    shards = json.loads(path.read_text())["shards"]
+    return [path, *(path.parent / s["file"] for s in shards)], len(shards)
 
 
 def _finished_key(path: Path) -> str | None:
@@ -587,6 +595,7 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
         max_memory_mb=cfg.scores.max_memory_mb,
         query_chunk=cfg.scores.query_chunk,
         element_bytes=element_bytes,
+        score_bytes=8 if scorer.dtype == torch.float64 else 4,  # the score block's dtype
     )
     chunk = max(q1 - q0 for q0, q1 in layout.query_chunks)
     for member in scorer.members:  # each chunk of queries is streamed against this rank's share of the training set
@@ -609,14 +618,16 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
     )
     settings = result | {"bs": scorer.bs, "world": st.world_size, "chunks": layout.query_chunks, "shards": [(s.start, s.stop) for s in layout.shards]}
     metadata["run_key"], metadata["result_key"], metadata["result"] = run_key(settings), run_key(result), result
+    metadata["query_chunks"] = len(layout.query_chunks)
     paths = ([index] + [out_dir / storage.SCORES_SHARD.format(shard=s.number) for s in layout.shards]) if layout.sharded else [single]
     finished = [p for p in (single, index) if _finished_key(p) in run_keys(result)]
     if resume and not overwrite and not finished and (other := next((p for p in (single, index) if p.exists()), None)):
         refuse_other_finished_result(other, _finished_metadata(other).get("result"), result, "scores")
     if resume and not overwrite and finished:  # a requeued job whose scores are done
         clear_progress_of_finished(out_dir, storage.SCORES_PARTIAL, main=st.is_main)
+        done, num_shards = _finished_files(finished[0])  # the layout on disk, whatever this run's would be
         return ScoresReport(
-            "pairwise", paths if finished[0] == paths[0] else finished, n_q, n_t, finished[0] == index, len(layout.shards), len(layout.query_chunks), relative,
+            "pairwise", done, n_q, n_t, finished[0] == index, num_shards, int(_finished_metadata(finished[0]).get("query_chunks") or 1), relative,
             cfg.factors.strategy, cfg.task.measurement, common["damping"], {}, 0.0, "already complete",
             {tm.name: tm.num_params for tm in ctx.tracked}, n_members,
         )
@@ -657,13 +668,15 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
     mine = [s for s in layout.shards if s.rank == st.rank]
     cached: list[StoredQueries] | None = None
     watch = NonFiniteWatch(ctx.device, "no scores were written")
-    steps, scored, resumed_from = 0, 0, None
+    steps, scored, resumed_from, kept = 0, 0, None, 0
     seconds.update(queries=time.perf_counter() - t0, scores=0.0, write=0.0)
     for shard in mine:
         shard_path = out_dir / storage.SCORES_SHARD.format(shard=shard.number) if layout.sharded else single
         if layout.sharded and resume and shard_path.is_file() and storage.read_metadata(shard_path).get("run_key") in run_keys(settings):
-            resumed_from = resumed_from or f"shard {shard.number}"
+            kept += 1  # finished by the interrupted run
             continue
+        if kept and resumed_from is None:
+            resumed_from = f"shard {shard.number} ({kept} finished shard{'s' if kept > 1 else ''} kept)"
         width = shard.stop - shard.start
         block = torch.zeros(n_q, width, dtype=scorer.dtype, device=ctx.device)
         norms = torch.zeros(n_members, width, dtype=scorer.dtype, device=ctx.device) if relative else None
@@ -681,7 +694,9 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
                 norms.copy_(snapshot.tensors["norms"])
             if collect and "labels" in snapshot.tensors:
                 labels = snapshot.tensors["labels"].to(ctx.device)
-            resumed_from = f"shard {shard.number}, query chunk {start_chunk + 1}/{len(chunks)}, batch {start_batch}"
+            resumed_from = f"shard {shard.number}, query chunk {start_chunk + 1}/{len(chunks)}, batch {start_batch}" + (
+                f" ({kept} finished shard{'s' if kept > 1 else ''} kept)" if kept else ""
+            )
         for ci in range(start_chunk, len(chunks)):
             q0, q1 = chunks[ci]
             if cached is not None:
@@ -737,6 +752,8 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
         storage.save_tensors(shard_path, tensors, shard_meta)
         seconds["write"] += time.perf_counter() - tw
         del block
+    if kept and resumed_from is None:  # every shard of this rank was finished: only the index was missing
+        resumed_from = f"the index ({kept} finished shard{'s' if kept > 1 else ''} kept)"
     st.barrier()
     if layout.sharded:
         if st.is_main:

@@ -579,6 +579,15 @@ def test_a_yaml_date_in_the_kwargs_is_recorded_as_text(runner: CliRunner, tmp_pa
     assert meta["config"]["model"]["kwargs"]["trained_on"] == "2024-01-01"
 
 
+def test_top_k_refuses_scores_of_factors_fitted_with_another_seed(runner: CliRunner, tmp_path: Path):
+    """With the sampled Fisher the seed draws the factors' labels: compute-scores refuses another, so does top-k."""
+    sets = ["--set", f"output_dir={tmp_path}", "--set", "data.train.range=[0, 200]"]
+    for command in ("fit-factors", "compute-scores"):
+        assert invoke(runner, command, DIGITS, *sets).exit_code == 0
+    assert_clean_error(invoke(runner, "top-k", DIGITS, *sets, "--set", "seed=3"), EXIT["output"], "computed with seed=0; the config has 3")
+    assert invoke(runner, "top-k", DIGITS, *sets, "--set", "seed=3", "--set", "factors.fisher=empirical").exit_code == EXIT["output"]  # (another Fisher)
+
+
 def test_a_model_without_a_checkpoint_is_said_to_be_untrained(runner: CliRunner, tmp_path: Path):
     sets = ["--set", "model.checkpoint=null", "--set", f"output_dir={tmp_path}", "--set", "data.train.range=[0, 100]"]
     result = invoke(runner, "fit-factors", DIGITS, *sets)

@@ -150,6 +150,9 @@ def test_top_k_refuses_scores_the_config_does_not_describe(runner, project, tmp_
         (["--set", "data.query.range=[50, 53]"], "computed on another data.query"),
         (["--set", "factors.modules=[head]"], "holds scores of layers ['fc1', 'head']; the config tracks ['head']"),
         (["--set", "model.kwargs.activation=tanh"], 'another model definition (model.kwargs.activation (unset) -> "tanh")'),
+        (["--set", "factors.max_examples=10"], "computed with factors.max_examples="),
+        (["--set", "factors.amp=bfloat16"], "computed with factors.amp=none; the config has bfloat16"),
+        (["--set", "scores.dtype=bfloat16"], "computed with scores.dtype=float32; the config has bfloat16"),
     ]
     for extra, needle in cases:
         result = invoke(runner, "top-k", project, "--query", "0", "--k", "1", *extra)

@@ -172,7 +172,7 @@ def test_overwrite_discards_progress(tmp_path, monkeypatch, reference):
 
 @pytest.mark.parametrize(
     ("changed", "named"),
-    [("data.batch_size=32", "batch size 64 -> 32"), ("factors.strategy=kfac", "strategy ekfac -> kfac"), ("seed=1", "seed 0 -> 1"),
+    [("data.batch_size=32", "batch size 64 -> 32"), ("factors.strategy=kfac", "factors.strategy ekfac -> kfac"), ("seed=1", "seed 0 -> 1"),
      ("data.train.range=[0, 1400]", "examples"), ("model.kwargs.activation=tanh", "model definition")],  # fmt: skip
     ids=["batch_size", "strategy", "seed", "train_range", "model_kwargs"],
 )
@@ -388,7 +388,7 @@ def test_resume_of_a_finished_run_is_a_no_op(tmp_path, monkeypatch):
     assert report.resumed_from == "already complete"
     assert not left.exists()  # the finished file holds all of it
     assert (out / storage.FACTORS_FILE).stat().st_mtime_ns == before
-    with pytest.raises(OutputError, match=r"holds factors of a finished run with other settings \(strategy ekfac -> kfac\)"):
+    with pytest.raises(OutputError, match=r"holds factors of a finished run with other settings \(factors.strategy ekfac -> kfac\)"):
         fit.fit_factors(config(out, "factors.strategy=kfac"), resume=True)
 
 

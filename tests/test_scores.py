@@ -281,6 +281,9 @@ def test_plan_shards_cover_every_rank_range_batch_aligned():
     many = plan_layout(100, 10_000, 10_000, batch_size=8, max_memory_mb=1.0)
     assert many.sharded and all((s.stop - s.start) * 100 * 4 <= 2**20 for s in many.shards)
     assert all((q1 - q0) * 10_000 * 4 <= 2**20 for q0, q1 in many.query_chunks)
+    wide = plan_layout(100, 10_000, 10_000, batch_size=8, max_memory_mb=1.0, element_bytes=8, score_bytes=8)  # a float64 model
+    assert all((s.stop - s.start) * 100 * 8 <= 2**20 for s in wide.shards) and len(wide.shards) > len(many.shards)
+    assert all((q1 - q0) * 10_000 * 8 <= 2**20 for q0, q1 in wide.query_chunks)
 
 
 # ----------------------------------------------------------------------------- the pipeline (config, float32)
@@ -594,9 +597,19 @@ def test_resume_of_finished_scores_is_a_no_op(project, self_influence, overrides
     other_batches = compute_scores(make_cfg(project, name, *overrides, "data.batch_size=3"), self_influence=self_influence, resume=True)
     assert other_batches.resumed_from == "already complete"  # the same scores, whatever the batch size
     assert first.paths[0].stat().st_mtime_ns == stamp
-    with pytest.raises(OutputError, match=r"holds (self-influence )?scores of a finished run with other settings \(damping\)") as err:
+    with pytest.raises(OutputError, match=r"holds (self-influence )?scores of a finished run with other settings \(damping \(scores.damping, damping_factor, damping_scope\)\)") as err:
         compute_scores(make_cfg(project, name, *overrides, "scores.damping=0.5"), self_influence=self_influence, resume=True)
     assert "--overwrite" in err.value.hint
+
+
+@pytest.mark.parametrize(("first", "then"), [(("scores.max_memory_mb=0.001",), ()), ((), ("scores.max_memory_mb=0.001",))], ids=["sharded", "single"])
+def test_resume_of_finished_scores_reports_the_layout_on_disk(project, first, then):
+    """Another memory budget would plan another layout; the report describes the files there are."""
+    name = f"layout-{len(first)}"
+    done = compute_scores(make_cfg(project, name, *first))
+    again = compute_scores(make_cfg(project, name, *then), resume=True)
+    assert again.resumed_from == "already complete"
+    assert (again.paths, again.sharded, again.num_shards, again.query_chunks) == (done.paths, done.sharded, done.num_shards, done.query_chunks)
 
 
 def test_a_float64_checkpoint_runs_in_float64_end_to_end(tmp_path):
