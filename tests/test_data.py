@@ -244,7 +244,7 @@ def test_image_folder_mixed_sizes_need_resize(tmp_path: Path) -> None:
     # sizes that differ only between batches are refused the same way, naming the example
     write_image_folder(tmp_path / "two", sizes=[(4, 4), (4, 4), (5, 5), (5, 5)])  # cat 0, 1 at 4x4; dog at 5x5
     ds = load_dataset(DataSpec(source="image_folder", root="two"), tmp_path)
-    with pytest.raises(DataError, match=r"example 2 has shape \[3, 5, 5\], the first example \[3, 4, 4\]"):
+    with pytest.raises(DataError, match=r"example 2 \(dog/0.png\) has shape \[3, 5, 5\], the first example \[3, 4, 4\]"):
         list(make_loader(ds, 2))
 
 
@@ -1048,7 +1048,7 @@ def test_a_data_error_in_a_loader_worker_keeps_its_message_and_hint(tmp_path: Pa
     ds = load_dataset(DataSpec(source="image_folder", root="imgs"), tmp_path)
     with pytest.raises(DataError) as exc:
         list(make_loader(ds, 2, num_workers=1))
-    assert str(exc.value).startswith("data.train.transform.resize: example 2 has shape") and "Traceback" not in str(exc.value)
+    assert str(exc.value).startswith("data.train.transform.resize: example 2 (dog/0.png) has shape") and "Traceback" not in str(exc.value)
     assert exc.value.hint and "resize" in exc.value.hint
 
 

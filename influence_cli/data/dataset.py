@@ -200,8 +200,9 @@ class IndexedDataset(Dataset):
             return items
         odd = next((it for it in items if tuple(it[0].shape) != self.input_shape), None)  # one shape for the whole dataset
         if odd is not None:
+            where = f" ({self._files[int(odd[2])]})" if self._files is not None else ""
             raise DataError(
-                f"{self.name}.transform.resize: example {odd[2]} has shape {list(odd[0].shape)}, the first example "
+                f"{self.name}.transform.resize: example {odd[2]}{where} has shape {list(odd[0].shape)}, the first example "
                 f"{list(self.input_shape)}: every example needs the same shape",
                 hint=f"set {self.name}.transform.resize: [height, width] so every image has the same size",
             )
