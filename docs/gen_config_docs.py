@@ -131,8 +131,10 @@ the source) in every output, so `range: [1500, 1520]` reports query indices 1500
 
 Subsets apply in this order: one selector (`range`, `indices` or `indices_file`, at most one),
 then `labels_in`, then `limit`. Then `label_noise` (seeded by `seed`) may flip labels, for
-experiments that plant mislabeled examples. Transforms apply as channels_first → resize → scale →
-normalize → flatten.
+experiments that plant mislabeled examples. Transforms apply as channels_first → channels →
+resize → scale → normalize → flatten. `channels: 1` or `3` fits images to a Conv2d's input: `[H, W]`
+arrays gain their channel axis, and grayscale and RGB convert (`channels_first` first turns
+`[H, W, C]` into `[C, H, W]`).
 
 The model receives float32 inputs, except token ids: when the model has an `nn.Embedding` (or
 `nn.EmbeddingBag`), integer inputs other than `uint8` (which are read as 8-bit pixels) stay

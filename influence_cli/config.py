@@ -43,9 +43,14 @@ class NormalizeSpec:
 
 @dataclass
 class TransformSpec:
-    """Basic input transforms, applied in the order channels_first -> resize -> scale -> normalize -> flatten."""
+    """Basic input transforms, applied in the order channels_first -> channels -> resize -> scale -> normalize -> flatten."""
 
     channels_first: bool = _help("Move the channels of channels-last images [H, W, C] first ([C, H, W], as Conv2d takes them).", default=False)
+    channels: int | None = _help(
+        "Image channels the model takes, 1 or 3: adds the channel axis of [H, W] images, repeats a grayscale channel "
+        "into RGB, or turns RGB into grayscale (0.299 R + 0.587 G + 0.114 B, as Pillow's convert('L')). null: as stored.",
+        default=None,
+    )
     scale: float | None = _help("Divide raw inputs by this number (255.0 for 8-bit images).", default=None)
     normalize: NormalizeSpec | None = _help("Per-channel mean/std normalization.", default=None)
     flatten: bool = _help("Flatten each example to a vector.", default=False)
@@ -828,6 +833,8 @@ def _check_data_spec(cfg: Config, spec: DataSpec, key: str, check_files: bool) -
             problems.append(f"{key}.transform.normalize.mean: every mean must be a finite number")
         if not all(math.isfinite(s) and s > 0 for s in n.std):
             problems.append(f"{key}.transform.normalize.std: every std must be a finite number > 0")
+    if t.channels is not None and t.channels not in (1, 3):
+        problems.append(f"{key}.transform.channels: must be 1 or 3 (or null), got {t.channels}")
     if t.resize is not None and (len(t.resize) != 2 or min(t.resize) <= 0):
         problems.append(f"{key}.transform.resize: expected [height, width] > 0, got {t.resize}")
     return problems

@@ -486,6 +486,11 @@ def _input_hint(x: torch.Tensor, reason: str, dataset_name: str) -> str:
         return f"the inputs are int64 token ids; for a model that takes numbers set {dataset_name}.transform.dtype: float32"
     if any(word in reason for word in ("indices", "index", "Long")):
         return f"the model seems to take token ids; set {dataset_name}.transform.dtype: int64 (without scale, normalize or resize, which make floats)"
+    if "channel" in reason:
+        return (
+            f"for images the model takes with another number of channels, set {dataset_name}.transform.channels: 1 or 3 "
+            "([H, W] gains its channel axis; grayscale and RGB convert); channels_first: true for [H, W, C]"
+        )
     return "check model.kwargs and data transform (flatten/resize)"
 
 

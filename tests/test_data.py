@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from mnist_files import IMAGES, LABELS, MNIST_DIR, requires_mnist
+from safetensors.torch import save_file
 
 from influence_cli.config import DataSpec, NormalizeSpec, TransformSpec
 from influence_cli.data import IndexedDataset, example_image, load_dataset, make_loader
@@ -1112,3 +1113,34 @@ def test_unscaled_8_bit_inputs_are_warned_about(tmp_path: Path, caplog: pytest.L
     with caplog.at_level("WARNING", logger="influence_cli"):
         load_dataset(idx_spec(files, transform=TransformSpec(scale=255.0)), tmp_path)
     assert "8-bit" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("stored", "channels", "shape"),
+    [((6, 5, 4), 1, (1, 5, 4)), ((6, 5, 4), 3, (3, 5, 4)), ((6, 1, 5, 4), 3, (3, 5, 4)), ((6, 3, 5, 4), 1, (1, 5, 4)), ((6, 3, 5, 4), 3, (3, 5, 4))],
+)
+def test_transform_channels_makes_grayscale_or_rgb_images(tmp_path: Path, stored: tuple, channels: int, shape: tuple) -> None:
+    inputs = torch.rand(stored, generator=torch.Generator().manual_seed(0))
+    save_file({"inputs": inputs, "labels": torch.arange(6) % 2}, tmp_path / "t.safetensors")
+    ds = load_dataset(DataSpec(source="tensors", path="t.safetensors", transform=TransformSpec(channels=channels)), tmp_path)
+    x, _, _ = ds[2]
+    assert ds.input_shape == shape and x.shape == shape
+    source = inputs[2] if len(stored) == 4 else inputs[2][None]
+    if source.shape[0] == shape[0]:
+        assert torch.equal(x, source)
+    elif channels == 3:
+        assert all(torch.equal(x[c], source[0]) for c in range(3))
+    else:  # Pillow's luminance weights
+        torch.testing.assert_close(x[0], 0.299 * source[0] + 0.587 * source[1] + 0.114 * source[2])
+    unset = load_dataset(DataSpec(source="tensors", path="t.safetensors"), tmp_path)
+    assert ds.fingerprint() != unset.fingerprint()
+
+
+def test_transform_channels_refuses_what_is_not_an_image(tmp_path: Path) -> None:
+    save_file({"inputs": torch.rand(4, 5, 6, 3), "labels": torch.arange(4)}, tmp_path / "t.safetensors")
+    spec = DataSpec(source="tensors", path="t.safetensors", transform=TransformSpec(channels=1))
+    with pytest.raises(DataError, match=r"data.train.transform.channels: inputs of shape \[5, 6, 3\] are not grayscale or RGB images") as err:
+        load_dataset(spec, tmp_path)
+    assert "channels_first" in err.value.hint
+    spec.transform.channels_first = True
+    assert load_dataset(spec, tmp_path).input_shape == (1, 5, 6)

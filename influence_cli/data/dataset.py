@@ -339,8 +339,9 @@ def load_dataset(
     transform = Transform(spec.transform, name, raw_shape, src.resize_in_items, raw_dtype, embedding_model)
     transform_spec = dataclasses.asdict(spec.transform)
     del transform_spec["dtype"]  # how the model receives the inputs does not change which data they are
-    if not transform_spec["channels_first"]:
-        del transform_spec["channels_first"]  # unset: the fingerprints of outputs written before the key existed still match
+    for unset_key, unset in (("channels_first", False), ("channels", None)):
+        if transform_spec[unset_key] == unset:
+            del transform_spec[unset_key]  # unset: the fingerprints of outputs written before the key existed still match
     canonical = {
         "source": spec.source,
         "files": src.files,

@@ -1,4 +1,4 @@
-"""channels_first -> resize -> scale -> normalize -> flatten on float32 batches; integer token ids pass through as int64."""
+"""channels_first -> channels -> resize -> scale -> normalize -> flatten on float32 batches; integer token ids pass through as int64."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def token_inputs(spec: TransformSpec, raw_dtype: torch.dtype, key: str, embeddin
 
 
 class Transform:
-    """channels_first -> resize -> scale -> normalize -> flatten, applied out of place on batches [B, *raw_shape].
+    """channels_first -> channels -> resize -> scale -> normalize -> flatten, applied out of place on batches [B, *raw_shape].
 
     The result is float32, or int64 when the inputs are token ids (`token_inputs`): those are
     only flattened (when asked).
@@ -77,6 +77,9 @@ class Transform:
                     hint=f"drop {key}.channels_first",
                 )
             shape = (shape[2], shape[0], shape[1])
+        self.channels = spec.channels
+        if self.channels is not None:
+            shape = _with_channels(shape, self.channels, f"{key}.channels")
         if spec.resize is not None:
             if len(spec.resize) != 2 or min(spec.resize) <= 0:
                 raise DataError(f"{key}.resize: expected [height, width] > 0, got {spec.resize}")
@@ -138,6 +141,8 @@ class Transform:
         x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
         if self.channels_first:
             x = x.permute(0, 3, 1, 2).contiguous()
+        if self.channels is not None:
+            x = _to_channels(x, self.channels)
         if self.resize is not None:
             x = resize_images(x, self.resize)
         if self.scale is not None:
@@ -147,3 +152,28 @@ class Transform:
         if self.flatten:
             x = x.reshape(x.shape[0], -1)
         return x
+
+
+_LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, the weights of Pillow's convert("L")
+
+
+def _with_channels(shape: tuple[int, ...], channels: int, key: str) -> tuple[int, ...]:
+    """The shape of one example [H, W] or [C, H, W] after `_to_channels`."""
+    if len(shape) == 2:
+        return (channels, *shape)
+    if len(shape) == 3 and (shape[0] == channels or shape[0] in (1, 3)):
+        return (channels, *shape[1:])
+    hint = "set channels_first: true for channels-last images [H, W, C]" if len(shape) == 3 and shape[-1] in (1, 3) else None
+    raise DataError(f"{key}: inputs of shape {list(shape)} are not grayscale or RGB images ([H, W], [1, H, W] or [3, H, W])", hint=hint)
+
+
+def _to_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """Images [B, H, W] or [B, C, H, W] (C = 1 or 3) as [B, channels, H, W]."""
+    if x.ndim == 3:
+        x = x[:, None]
+    if x.shape[1] == channels:
+        return x
+    if channels == 3:
+        return x.expand(-1, 3, -1, -1).contiguous()
+    luma = torch.tensor(_LUMA, dtype=x.dtype, device=x.device)
+    return torch.einsum("bchw,c->bhw", x, luma)[:, None]
