@@ -42,6 +42,7 @@ from influence_cli.factors import DiagonalAccumulator, LayerFactors, layer_dampi
 from influence_cli.fit import PassPlan, check_factors_match, load_factors, plan_for
 from influence_cli.passes import BatchGradients, NonFiniteWatch, accumulator_dtype, stream_gradients
 from influence_cli.progress import NullProgress, Progress, for_rank
+from influence_cli.resume import as_recorded, changed_settings, run_key, run_keys
 from influence_cli.tracking import TrackedModule
 
 HEADLINE = {"fisher-kernel": "kernel_normalized", "task2vec": "task2vec_cosine"}
@@ -93,6 +94,7 @@ class SimilarityReport:
     fisher: str  # the Fisher of the Task2Vec diagonals (similarity.fisher, else the factors')
     factors_fisher: str  # the factors' Fisher, which the kernel uses
     seconds: dict[str, float] = field(default_factory=dict)
+    from_file: bool = False  # read from the finished result of the same settings, not computed
 
     @property
     def headline_name(self) -> str:
@@ -120,6 +122,7 @@ class SimilarityReport:
             "fisher": self.fisher,
             "factors_fisher": self.factors_fisher,
             "seconds": self.seconds,
+            "from_file": self.from_file,
         }
 
 
@@ -300,6 +303,16 @@ def compute_similarity(
 # ----------------------------------------------------------------------------- the command's core
 
 
+def _finished_report(path: Path, method: str, meta: dict[str, Any]) -> SimilarityReport:
+    """The report of a finished similarity file, with `method` as its headline."""
+    names = ["kernel", "kernel_normalized", "task2vec_cosine", "task2vec_distance"]
+    tensors, _ = storage.load_tensors(path, storage.SIMILARITY_FORMAT, keys=names)
+    return SimilarityReport(
+        path, method, list(meta["names"]), [int(n) for n in meta["sizes"]], *(tensors[k] for k in names),
+        dict(meta["damping"]), meta["strategy"], meta["fisher"], meta["factors_fisher"], from_file=True,
+    )  # fmt: skip
+
+
 def _flat(parts: dict[str, torch.Tensor]) -> torch.Tensor:
     """Layers' [d_out, d_in] tensors flattened row-major and concatenated in order, as float32."""
     return torch.cat([t.reshape(-1) for t in parts.values()]).float()
@@ -326,7 +339,9 @@ def dataset_similarity(
     Raises:
         ConfigError: fewer than two datasets.
         OutputError: no factors; factors of another model, layers, strategy or Fisher kind
-            (the datasets need not be the factors' training set); the output exists without `overwrite`.
+            (the datasets need not be the factors' training set); the output exists, of other
+            settings, without `overwrite`. A finished result of the same settings is read, not
+            recomputed (`from_file`), whatever the `method`.
     """
     t_start = time.perf_counter()
     method = method or cfg.similarity.method
@@ -341,7 +356,8 @@ def dataset_similarity(
         )
     out_dir = cfg.output_path
     path = out_dir / storage.SIMILARITY_FILE
-    storage.check_can_write(path, overwrite, "a similarity result")
+    if path.exists() and not overwrite and storage.read_metadata(path).get("result_key") is None:
+        storage.check_can_write(path, overwrite, "a similarity result")  # of a version that did not record its settings
     factors_path = cfg.factors_path / storage.FACTORS_FILE
     factors = load_factors(factors_path)
     ctx = prepare(cfg, state)
@@ -361,6 +377,18 @@ def dataset_similarity(
     plans = {name: dataclasses.replace(plan_for(ctx, ds), fisher=fisher) for name, ds in datasets.items()}
     tracked_layers = {tm.name: factors.layers[tm.name] for tm in ctx.tracked}
     damping = layer_damping(tracked_layers, cfg.scores.damping, cfg.scores.damping_factor, cfg.scores.damping_scope)
+    result_fields = {  # what the matrices are of (not the headline --method: both are saved)
+        "model": ctx.model_fingerprint, "definition": ctx.model_definition, "factors": factors.metadata.get("result_key"),
+        "datasets": {n: ds.fingerprint() for n, ds in datasets.items()}, "fisher": fisher, "damping": damping,
+    }  # fmt: skip
+    if path.exists() and not overwrite:
+        recorded = storage.read_metadata(path)
+        if recorded.get("result_key") not in run_keys(result_fields):
+            raise OutputError(
+                f"{str(path)!r} holds a similarity result of other settings ({changed_settings(recorded.get('result'), as_recorded(result_fields))})",
+                hint="pass --overwrite to replace it",
+            ).everywhere()
+        return _finished_report(path, method, recorded)
     progress = for_rank(progress, ctx.state.rank, ctx.state.world_size)
     layers = {tm.name: factors.layers[tm.name].to(ctx.device) for tm in ctx.tracked}
     t0 = time.perf_counter()
@@ -401,6 +429,8 @@ def dataset_similarity(
                 "layout": layout,
                 "model_fingerprint": ctx.model_fingerprint,
                 "factors_dataset_fingerprint": factors.metadata.get("dataset_fingerprint", ""),
+                "result_key": run_key(result_fields),
+                "result": result_fields,
             },
         )
     ctx.state.barrier()

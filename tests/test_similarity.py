@@ -394,9 +394,24 @@ def test_cli_errors(digits_run, tmp_path):
     assert missing.stderr.splitlines()[0].startswith("output error: no factors at ")
     assert "fit-factors" in missing.stderr and missing.stdout == ""
 
-    invoke("dataset-similarity", str(DIGITS), *sets, "--overwrite", "--json")
-    again = invoke("dataset-similarity", str(DIGITS), *sets)
-    assert again.exit_code == 5 and "--overwrite" in again.stderr
+    first = json.loads(invoke("dataset-similarity", str(DIGITS), *sets, "--overwrite", "--json").stdout)
+    stamp = (out / SIMILARITY_FILE).stat().st_mtime_ns
+    # the same settings: the finished result is shown again, with any --method and --heatmap, not recomputed
+    png = tmp_path / "again.png"
+    again = invoke("dataset-similarity", str(DIGITS), *sets, "--method", "task2vec", "--heatmap", str(png), "--json")
+    assert again.exit_code == 0, again.output
+    shown = json.loads(again.stdout)
+    assert shown["from_file"] is True and first["from_file"] is False and shown["headline"] == "task2vec_cosine"
+    for key in ("names", "sizes", "kernel", "kernel_normalized", "task2vec_cosine", "task2vec_distance", "damping"):
+        assert shown[key] == first[key], key
+    assert png.is_file() and (out / SIMILARITY_FILE).stat().st_mtime_ns == stamp
+    table = invoke("dataset-similarity", str(DIGITS), *sets)
+    assert table.exit_code == 0 and "normalized Fisher kernel" in table.stdout
+    assert "read from" in table.stderr and "the finished result of these settings" in table.stderr
+    # other settings: refused by name, the result kept
+    other = invoke("dataset-similarity", str(DIGITS), *sets, "--set", "scores.damping=0.5")
+    assert other.exit_code == 5 and "holds a similarity result of other settings (damping" in other.stderr and "--overwrite" in other.stderr
+    assert (out / SIMILARITY_FILE).stat().st_mtime_ns == stamp
 
     one = invoke(
         "dataset-similarity", str(DIGITS), *sets, "--overwrite", "--set", "similarity.datasets={a: {source: tensors, path: x}}"

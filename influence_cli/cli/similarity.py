@@ -81,7 +81,8 @@ def dataset_similarity_cmd(
     its diagonal Fisher in the eigenbasis; the table shows their cosine similarity in [0, 1] and the
     Task2Vec normalized distance (0 = same). The diagonal uses similarity.fisher (null = the factors'
     Fisher kind); a one-sample `sampled` Fisher is noisy on small datasets, similarity.fisher=ggn removes that noise. Everything, with
-    per-dataset embeddings, is saved to OUTPUT_DIR/similarity.safetensors.
+    per-dataset embeddings, is saved to OUTPUT_DIR/similarity.safetensors; run again with the same settings, the command
+    shows that result (with any --method or --heatmap) without recomputing it, and --overwrite recomputes.
     """
     from influence_cli.distributed import init_distributed
     from influence_cli.similarity import dataset_similarity
@@ -119,5 +120,9 @@ def dataset_similarity_cmd(
         f" (Task2Vec diagonals: {report.fisher})" if report.fisher != report.factors_fisher else ""
     )
     err_console.print(f"examples: {escape(sizes_text)}; {report.strategy} factors, {fishers}")
+    also = f" and saved {escape(str(heatmap))}" if heatmap is not None else ""
+    if report.from_file:
+        err_console.print(f"read from {escape(str(report.path))}, the finished result of these settings (--overwrite recomputes){also}")
+        return
     saved = f"[green]saved[/] {escape(str(report.path))}" + (f" and {escape(str(heatmap))}" if heatmap is not None else "")
     err_console.print(f"{saved} ({report.seconds.get('total', 0.0):.2f}s)")
