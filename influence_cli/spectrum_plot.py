@@ -22,6 +22,17 @@ def _nice_step(span: float) -> float:
     return next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
 
 
+def _runs(xs: list[float], values: list[float]) -> list[list[tuple[float, float]]]:
+    """The (x, value) points between NaNs, run by run: a line is drawn along each, not across a gap."""
+    runs: list[list[tuple[float, float]]] = [[]]
+    for x, v in zip(xs, values, strict=True):
+        if v == v:
+            runs[-1].append((x, v))
+        elif runs[-1]:
+            runs.append([])
+    return [run for run in runs if run]
+
+
 def render_spectrum_plot(report: SpectrumReport) -> Any:
     """A PIL image with two panels over the curvature percentile of the directions (x, low to high).
 
@@ -102,12 +113,14 @@ def render_spectrum_plot(report: SpectrumReport) -> Any:
     for k, (g, s, r) in enumerate(zip(groups, series, ratios, strict=True)):
         color = _COLORS[k % len(_COLORS)]
         xs = [x_of(100 * (i + 0.5) / n_bins) for i in range(n_bins)]
-        for y_of, values in ((y_log, s.tolist()), (y_lin, r.tolist())):
-            pts = [(x, y_of(v)) for x, v in zip(xs, values, strict=True) if v == v]
-            if len(pts) > 1:
-                draw.line(pts, fill=color, width=2)
-            for x, y in pts:
-                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
+        shares = [v if v > 0 else float("nan") for v in s.tolist()]  # a bin without energy is a gap, not a point at the floor
+        for y_of, values in ((y_log, shares), (y_lin, r.tolist())):
+            for run in _runs(xs, values):
+                if len(run) > 1:
+                    draw.line([(x, y_of(v)) for x, v in run], fill=color, width=2)
+                for x, v in run:
+                    y = y_of(v)
+                    draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
         ly, lx = top1 + 10 + 22 * k, left + plot_w + 30
         draw.line([lx, ly + 7, lx + 24, ly + 7], fill=color, width=3)
         draw.text((lx + 30, ly), g.name, fill="black", font=font)

@@ -685,3 +685,12 @@ def test_temporary_files_of_killed_writers_are_removed(tmp_path, digits):
     assert invoke("edit", DIGITS, *sets, "--out", edited, "--layers", "head", "--keep-share", "0.5").exit_code == 0
     assert not [p for p in left if p.exists()] and plot.is_file() and edited.is_file()
     assert all(p.exists() for p in live)
+
+
+def test_the_plot_leaves_a_gap_at_bins_without_energy():
+    """A bin without energy is no point on the log axis (it used to be drawn at the 1e-6 floor)."""
+    from influence_cli.spectrum_plot import _runs
+
+    nan = float("nan")
+    assert _runs([0, 1, 2, 3, 4], [0.5, nan, 0.2, 0.1, nan]) == [[(0, 0.5)], [(2, 0.2), (3, 0.1)]]
+    assert _runs([0, 1], [nan, nan]) == []
