@@ -36,11 +36,12 @@ from influence_cli.bands import LayerBands, check_order, layer_bands, load_krone
 from influence_cli.config import Config, DataSpec
 from influence_cli.context import RunContext, prepare
 from influence_cli.distributed import DistState
-from influence_cli.errors import ConfigError
+from influence_cli.errors import ConfigError, OutputError
 from influence_cli.factors import LayerFactors, Rotation
 from influence_cli.notices import warn
 from influence_cli.passes import NonFiniteWatch, accumulator_dtype, stream_gradients
 from influence_cli.progress import NullProgress, Progress, for_rank
+from influence_cli.resume import as_recorded, changed_settings, run_key, run_keys
 from influence_cli.squares import weighted_squares
 from influence_cli.tracking import TrackedModule
 
@@ -304,6 +305,7 @@ class SpectrumReport:
     strategy: str
     fisher: str
     seconds: dict[str, float] = field(default_factory=dict)
+    from_file: bool = False  # read from the finished result of the same settings, not computed
 
     def band_names(self) -> list[str]:
         """Row labels: "bottom 50%", "middle 40%", "top 10%" (by mass: "bottom ≤50% of curvature", ...)."""
@@ -388,6 +390,7 @@ class SpectrumReport:
             "groups": [g.to_dict(self.layers) for g in self.groups],
             "ratio_vs_baseline": {k: dict(zip(BANDS, v, strict=True)) for k, v in self.ratios().items()},
             "seconds": self.seconds,
+            "from_file": self.from_file,
         }
         if top:
             data["top_examples"] = self.top_examples(top)
@@ -436,7 +439,8 @@ def spectrum(
     ctx = prepare(cfg, state)
     factors, _ = load_kronecker_factors(ctx)
     chosen = select_layers(ctx.tracked, layers or sp.layers, "--layers" if layers else "spectrum.layers")
-    storage.check_can_write(path, overwrite, "a spectrum result")
+    if path.exists() and not overwrite and storage.read_metadata(path).get("result_key") is None:
+        storage.check_can_write(path, overwrite, "a spectrum result")  # of a version that did not record its settings
     if ctx.state.is_main:
         storage.remove_stale_temp_files(path)  # what a killed writer left
     storage.ensure_writable_dir(out_dir)
@@ -468,10 +472,23 @@ def spectrum(
             source=cfg.source,
             hint="name:noisy and name:clean exist only for datasets whose label noise changed some labels",
         )
-    results, fingerprints = [], {}
+    fingerprints = {name: ds.fingerprint() for name, ds in datasets.items()}
+    result_fields = {  # what the energies are of (not the baseline, which only changes the ratios shown)
+        "model": ctx.model_fingerprint, "definition": ctx.model_definition, "factors": factors.metadata.get("result_key"),
+        "datasets": fingerprints, "layers": [tm.name for tm in chosen], "order": order, "bottom": sp.bottom, "top": sp.top,
+        "mass": sp.mass, "bins": sp.bins, "task": cfg.task.kind, "padding_value": cfg.data.padding_value,
+    }  # fmt: skip
+    from_file = path.exists() and not overwrite
+    if from_file:
+        recorded = storage.read_metadata(path)
+        if recorded.get("result_key") not in run_keys(result_fields):
+            raise OutputError(
+                f"{str(path)!r} holds a spectrum result of other settings ({changed_settings(recorded.get('result'), as_recorded(result_fields))})",
+                hint="pass --overwrite to replace it",
+            ).everywhere()
+    results = _load_energies(path, list(datasets)) if from_file else []
     t0 = time.perf_counter()
-    for name, ds in datasets.items():
-        fingerprints[name] = ds.fingerprint()
+    for name, ds in datasets.items() if not from_file else []:
         start, stop = ctx.state.shard(len(ds))
         part = dataset_spectrum(
             ctx.model, chosen, layer_factors, bands, ctx.batches(ds),
@@ -490,21 +507,35 @@ def spectrum(
     ]
     report = SpectrumReport(
         path, [tm.name for tm in chosen], order, sp.bottom, sp.top, sp.mass, sp.bins, infos, results, groups, baseline,
-        factors.strategy, factors.fisher, seconds,
+        factors.strategy, factors.fisher, {} if from_file else seconds, from_file=from_file,
     )  # fmt: skip
     if report.flat_bands()[0]:
         warn(
             "spectrum: the bottom band has no curvature in any analysed layer (e.g. only the softmax's null direction, dead units or "
             "inputs that are always 0): its shares are rounding, no ratio or example ranking is given; raise spectrum.bottom"
         )
+    if from_file:
+        return report
     if ctx.state.is_main:
-        _save(report, ctx, cfg, fingerprints)
+        _save(report, ctx, cfg, fingerprints, result_fields)
     ctx.state.barrier()
     report.seconds["total"] = time.perf_counter() - t_start
     return report
 
 
-def _save(report: SpectrumReport, ctx: RunContext, cfg: Config, fingerprints: dict[str, str]) -> None:
+def _load_energies(path: Path, names: list[str]) -> list[DatasetSpectrum]:
+    """The per-example energies of a finished spectrum file (stored in float32, read as float64)."""
+    tensors, _ = storage.load_tensors(path, storage.SPECTRUM_FORMAT)
+    return [
+        DatasetSpectrum(
+            name, tensors[f"{name}.global_indices"], tensors[f"{name}.labels"], tensors[f"{name}.noisy"],
+            *(tensors[f"{name}.{k}"].double() for k in ("band_energy", "bin_energy", "input_energy")),
+        )  # fmt: skip
+        for name in names
+    ]
+
+
+def _save(report: SpectrumReport, ctx: RunContext, cfg: Config, fingerprints: dict[str, str], result: dict[str, Any]) -> None:
     tensors: dict[str, torch.Tensor] = {
         "band_directions": torch.tensor([b.counts for b in report.bands], dtype=torch.int64),
         "band_curvature_share": torch.tensor([b.mass for b in report.bands], dtype=torch.float32),
@@ -536,6 +567,8 @@ def _save(report: SpectrumReport, ctx: RunContext, cfg: Config, fingerprints: di
             "strategy": report.strategy,
             "fisher": report.fisher,
             "model_fingerprint": ctx.model_fingerprint,
+            "result_key": run_key(result),
+            "result": result,
         },
     )
 

@@ -614,7 +614,7 @@ def test_cli_errors(tmp_path, digits):
     assert_error(invoke("spectrum", DIGITS, *sets, "--set", "spectrum.bottom=0.8", "--set", "spectrum.top=0.3"), 2, "spectrum.bottom + spectrum.top")
     assert_error(invoke("spectrum", DIGITS, *sets, "--set", "spectrum.baseline=heldout:noisy", "--overwrite"), 2, "spectrum.baseline")
     invoke("spectrum", DIGITS, *sets, "--overwrite")
-    assert_error(invoke("spectrum", DIGITS, *sets), 5, "already holds")
+    assert "the finished result of these settings" in invoke("spectrum", DIGITS, *sets).stderr  # read back, not refused
     diag = tmp_path / "diag"
     assert invoke("fit-factors", DIGITS, "--set", f"output_dir={diag}", "--set", "factors.strategy=diagonal",
                   "--set", "data.train.range=[0, 200]").exit_code == 0  # fmt: skip
@@ -694,3 +694,27 @@ def test_the_plot_leaves_a_gap_at_bins_without_energy():
     nan = float("nan")
     assert _runs([0, 1, 2, 3, 4], [0.5, nan, 0.2, 0.1, nan]) == [[(0, 0.5)], [(2, 0.2), (3, 0.1)]]
     assert _runs([0, 1], [nan, nan]) == []
+
+
+def test_a_finished_spectrum_of_the_same_settings_is_shown_not_recomputed(tmp_path, digits):
+    """--top, --plot and the baseline change only what is shown; other settings are refused by name."""
+    out, sets = digits
+    own = [*sets, "--set", f"output_dir={tmp_path}", "--set", f"factors_dir={out}"]
+    first = invoke("spectrum", DIGITS, *own, "--json", "--top", "2")
+    assert first.exit_code == 0, first.stderr
+    stamp = (tmp_path / SPECTRUM_FILE).stat().st_mtime_ns
+    plot = tmp_path / "again.png"
+    again = invoke("spectrum", DIGITS, *own, "--json", "--top", "3", "--plot", plot, "--set", "spectrum.baseline=noisy_train:clean")
+    assert again.exit_code == 0, again.stderr
+    a, b = json.loads(first.stdout), json.loads(again.stdout)
+    assert b["from_file"] is True and a["from_file"] is False and plot.is_file()
+    assert b["baseline"] == "noisy_train:clean" and [len(v) for v in b["top_examples"].values()] == [3, 3]
+    for ga, gb in zip(a["groups"], b["groups"], strict=True):  # energies stored in float32
+        assert ga["name"] == gb["name"] and ga["share"] == pytest.approx(gb["share"], rel=1e-5)
+    assert [r["global_index"] for r in b["top_examples"]["heldout"][:2]] == [r["global_index"] for r in a["top_examples"]["heldout"]]
+    assert (tmp_path / SPECTRUM_FILE).stat().st_mtime_ns == stamp
+    table = invoke("spectrum", DIGITS, *own)
+    assert table.exit_code == 0 and "bottom 50%" in table.stdout and "the finished result of these settings" in table.stderr
+    other = invoke("spectrum", DIGITS, *own, "--set", "spectrum.bottom=0.3")
+    assert_error(other, 5, "holds a spectrum result of other settings (bottom 0.5 -> 0.3)")
+    assert (tmp_path / SPECTRUM_FILE).stat().st_mtime_ns == stamp

@@ -89,7 +89,9 @@ def spectrum_cmd(
     falls in it, and how much larger or smaller it is than on the baseline dataset. Datasets
     with label noise are also split into name:noisy and name:clean. Memorized examples lean on
     low-curvature directions (Merullo et al. 2025). Per-example scores (bottom-band share) go
-    to OUTPUT_DIR/spectrum.safetensors.
+    to OUTPUT_DIR/spectrum.safetensors; run again with the same settings, the command shows that
+    result (with any --top, --plot or spectrum.baseline) without recomputing it, and --overwrite
+    recomputes.
     """
     from influence_cli.distributed import init_distributed
     from influence_cli.spectrum import BANDS, spectrum
@@ -164,6 +166,10 @@ def spectrum_cmd(
                 table.add_row(*cells, _pct(row["bottom_share"]), f"{row['energy']:.3g}")
             print_table(table)
     extra = f" and {plot}" if plot is not None else ""
+    if report.from_file:
+        also = f"; saved {plot}" if plot is not None else ""
+        err_console.print(f"read from {escape(str(report.path))}, the finished result of these settings (--overwrite recomputes){escape(also)}")
+        return
     err_console.print(f"[green]saved[/] {escape(str(report.path))}{escape(extra)} ({report.strategy} factors, {report.fisher} Fisher; {report.seconds.get('total', 0.0):.2f}s)")
 
 
