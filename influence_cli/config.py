@@ -365,6 +365,13 @@ def _shown(value: Any) -> str:
         text = _yaml_repr(value)
     except yaml.YAMLError:  # a Python object given to config_from_dict
         text = repr(value)
+    if isinstance(value, str) and not text.startswith(("'", '"')):
+        try:
+            same = _yaml_load(text) == value
+        except yaml.YAMLError:
+            same = False
+        if not same:  # a string this loader would read as something else ('08', '1e3'): quoted, as it must be written
+            text = "'" + value.replace("'", "''") + "'"
     return text if len(text) <= 80 else text[:76] + " ..."
 
 
@@ -488,19 +495,23 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-# Integers as YAML 1.2 reads them: 010 is ten and 08 is eight (YAML 1.1 reads 010 as octal 8 and
-# 08 as text) and 1:30 is text (YAML 1.1 reads it as 90, base 60); 0o17 and 0x1f stay octal and hex.
+# Numbers as YAML 1.2 reads them: 010 is ten and 08 is eight (YAML 1.1 reads 010 as octal 8 and
+# 08 as text), 1e-3 is a number, and 1:30 and 1:30.5 are text (YAML 1.1 reads them in base 60);
+# 0o17 and 0x1f stay octal and hex.
 _Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:int"]
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
+    re.compile(
+        r"^(?:[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+|[-+]?[0-9][0-9_]*\.[0-9_]*|[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
 )
 _Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7_]+|0x[0-9a-fA-F_]+)$"), list("-+0123456789")
+    "tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7][0-7_]*|0x[0-9a-fA-F][0-9a-fA-F_]*)$"), list("-+0123456789")
 )
 
 

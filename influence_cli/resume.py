@@ -178,15 +178,15 @@ def refuse_other_finished_result(path: Path, recorded: dict[str, Any] | None, re
     ).everywhere()
 
 
-def changed_settings(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
-    """Which settings differ, in words: "batch size 256 -> 64, model"."""
+def changed_settings(old: dict[str, Any] | None, new: dict[str, Any], names: dict[str, str] | None = None) -> str:
+    """Which settings differ, in words: "batch size 256 -> 64, model" (`names`: the command's own words for some keys)."""
     if not isinstance(old, dict):
         return "model, data, strategy or batch size changed"
     parts = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         if a != b:
-            name = _NAMES.get(key, key)
+            name = (names or {}).get(key) or _NAMES.get(key, key)
             short = all(isinstance(v, (int, float, str, bool)) and len(str(v)) <= 12 for v in (a, b))
             parts.append(f"{name} {a} -> {b}" if short else name)
     return ", ".join(parts) or "unknown change"

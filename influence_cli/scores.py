@@ -480,7 +480,7 @@ def _check_storable(block: torch.Tensor, dtype: str, what: str = "scores") -> No
         )
     if peak == 0.0 and block.numel() > 1:
         notices.warn(
-            f"{what}: every value of a block of {block.numel():,} is exactly 0: the gradients are 0 (a model whose loss is "
+            f"{what}: every value of a block is exactly 0: the gradients are 0 (a model whose loss is "
             "saturated) or the damping is so large that (F + λ)⁻¹ rounds them away; rankings of zeros mean nothing",
             per_rank=True,
         )

@@ -380,12 +380,14 @@ def dataset_similarity(
     result_fields = {  # what the matrices are of (not the headline --method: both are saved)
         "model": ctx.model_fingerprint, "definition": ctx.model_definition, "factors": factors.metadata.get("result_key"),
         "datasets": {n: ds.fingerprint() for n, ds in datasets.items()}, "fisher": fisher, "damping": damping,
+        "amp": cfg.factors.amp, "seed": cfg.seed if fisher == "sampled" else None,  # the passes' precision; sampled labels
     }  # fmt: skip
     if path.exists() and not overwrite:
         recorded = storage.read_metadata(path)
         if recorded.get("result_key") not in run_keys(result_fields):
+            changed = changed_settings(recorded.get("result"), as_recorded(result_fields), {"fisher": "similarity.fisher"})
             raise OutputError(
-                f"{str(path)!r} holds a similarity result of other settings ({changed_settings(recorded.get('result'), as_recorded(result_fields))})",
+                f"{str(path)!r} holds a similarity result of other settings ({changed})",
                 hint="pass --overwrite to replace it",
             ).everywhere()
         return _finished_report(path, method, recorded)

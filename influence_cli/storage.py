@@ -466,10 +466,19 @@ def _encode(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)  # default: a YAML date or set in the kwargs, as text
 
 
+_TEXT_KEYS = frozenset({  # always text; files of earlier versions stored them as they are, even "1234567890123456"
+    "format", "created", "tool_version", "torch_version", "device", "run_key", "result_key", "model_fingerprint",
+    "dataset_fingerprint", "train_fingerprint", "query_fingerprint", "factors_dataset_fingerprint",
+})  # fmt: skip
+
+
 def decode_metadata(meta: dict[str, str]) -> dict[str, Any]:
     """Safetensors metadata (strings) as values: each JSON value decoded, plain text kept."""
     decoded: dict[str, Any] = {}
     for key, text in meta.items():
+        if key in _TEXT_KEYS and not text.startswith('"'):
+            decoded[key] = text
+            continue
         try:
             decoded[key] = json.loads(text)
         except ValueError:

@@ -207,7 +207,9 @@ def check_scores_match(metadata: dict[str, Any], cfg: Config, path: Path, *, pai
     recorded_config = metadata.get("config") if isinstance(metadata.get("config"), dict) else {}
     if recorded_config:  # settings of the factors and of the stored scores, as compute-scores compares them
         fit, scores = recorded_config.get("factors") or {}, recorded_config.get("scores") or {}
-        more = [("factors.amp", fit.get("amp"), cfg.factors.amp), ("scores.dtype", scores.get("dtype"), cfg.scores.dtype)]
+        more = [("factors.amp", fit.get("amp"), cfg.factors.amp)]
+        if pairwise:  # self-influence is always stored in float32
+            more.append(("scores.dtype", scores.get("dtype"), cfg.scores.dtype))
         if cfg.factors.fisher == "sampled":
             more.append(("seed", recorded_config.get("seed"), cfg.seed))
         n_train = metadata.get("n_train")

@@ -586,6 +586,9 @@ def test_top_k_refuses_scores_of_factors_fitted_with_another_seed(runner: CliRun
         assert invoke(runner, command, DIGITS, *sets).exit_code == 0
     assert_clean_error(invoke(runner, "top-k", DIGITS, *sets, "--set", "seed=3"), EXIT["output"], "computed with seed=0; the config has 3")
     assert invoke(runner, "top-k", DIGITS, *sets, "--set", "seed=3", "--set", "factors.fisher=empirical").exit_code == EXIT["output"]  # (another Fisher)
+    assert invoke(runner, "compute-scores", DIGITS, *sets, "--self", "--set", "scores.dtype=bfloat16").exit_code == 0
+    result = invoke(runner, "top-k", DIGITS, *sets, "--self", "--k", "2")  # self-influence is stored in float32 whatever scores.dtype
+    assert result.exit_code == 0, result.stderr
 
 
 def test_a_model_without_a_checkpoint_is_said_to_be_untrained(runner: CliRunner, tmp_path: Path):
@@ -879,3 +882,14 @@ def test_warnings_under_torchrun_come_from_rank_0_or_from_the_rank_whose_shard_t
                 printer.emit(record)
                 printer.emit(record)  # each once
         assert captured.get().splitlines() == expected
+
+
+def test_metadata_text_of_earlier_versions_stays_text(tmp_path: Path):
+    """Earlier versions stored fingerprints and keys as they are, "1234567890123456" too: read back as text."""
+    from safetensors.torch import save_file as save_raw
+
+    from influence_cli import storage
+
+    save_raw({"t": torch.zeros(1)}, str(tmp_path / "old.safetensors"), metadata={"model_fingerprint": "1234567890123456", "result_key": "12e45", "n": "5"})
+    meta = storage.read_metadata(tmp_path / "old.safetensors")
+    assert meta == {"model_fingerprint": "1234567890123456", "result_key": "12e45", "n": 5}

@@ -162,7 +162,8 @@ def test_bad_overrides_are_reported_with_every_other_problem(tmp_path: Path):
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [("010", 10), ("08", 8), ("0o17", 15), ("0x1f", 31), ("-5", -5), ("1_000", 1000), ("1:30", "1:30"), ("1e-3", 0.001), ("[08, 09]", [8, 9])],
+    [("010", 10), ("08", 8), ("0o17", 15), ("0x1f", 31), ("-5", -5), ("1_000", 1000), ("1:30", "1:30"), ("1e-3", 0.001), ("[08, 09]", [8, 9]),
+     ("1:30.5", "1:30.5"), ("0o_", "0o_"), ("0x_", "0x_"), (".5", 0.5), ("1.", 1.0), ("3.14e+2", 314.0), ("0b1", "0b1")],  # fmt: skip
 )
 def test_numbers_read_as_yaml_1_2_reads_them(text: str, value: object):
     assert _yaml_load(text) == value and type(_yaml_load(text)) is type(value)
@@ -177,6 +178,8 @@ def test_numbers_read_as_yaml_1_2_reads_them(text: str, value: object):
         ("scores.max_memory_mb=1e400", "scores.max_memory_mb: must be a finite number > 0, got inf"),
         ("output_dir=null", "output_dir: expected a string, got null"),
         ("seed='5'", "seed: expected an integer, got '5'"),
+        ("data.batch_size='08'", "data.batch_size: expected an integer, got '08'"),  # quoted: unquoted it would read as a number
+        ("seed='1e3'", "seed: expected an integer, got '1e3'"),
     ],
 )
 def test_problems_are_said_in_the_config_s_own_terms(override: str, expected: str):

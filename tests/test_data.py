@@ -1144,3 +1144,10 @@ def test_transform_channels_refuses_what_is_not_an_image(tmp_path: Path) -> None
     assert "channels_first" in err.value.hint
     spec.transform.channels_first = True
     assert load_dataset(spec, tmp_path).input_shape == (1, 5, 6)
+
+
+def test_token_ids_take_no_channels(tmp_path: Path) -> None:
+    save_file({"inputs": torch.randint(0, 9, (4, 8, 8)), "labels": torch.arange(4)}, tmp_path / "t.safetensors")
+    spec = DataSpec(source="tensors", path="t.safetensors", transform=TransformSpec(channels=3, dtype="int64"))
+    with pytest.raises(DataError, match=r"int64 token ids cannot be combined with channels"):
+        load_dataset(spec, tmp_path)

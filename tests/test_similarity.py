@@ -412,6 +412,15 @@ def test_cli_errors(digits_run, tmp_path):
     other = invoke("dataset-similarity", str(DIGITS), *sets, "--set", "scores.damping=0.5")
     assert other.exit_code == 5 and "holds a similarity result of other settings (damping" in other.stderr and "--overwrite" in other.stderr
     assert (out / SIMILARITY_FILE).stat().st_mtime_ns == stamp
+    for extra, named in ((["--set", "factors.amp=bfloat16"], "factors.amp none -> bfloat16"),
+                         (["--set", "similarity.fisher=sampled"], "similarity.fisher ggn -> sampled")):  # fmt: skip
+        refused = invoke("dataset-similarity", str(DIGITS), *sets, *extra)
+        assert refused.exit_code == 5 and f"other settings ({named}" in refused.stderr, refused.stderr
+    assert invoke("dataset-similarity", str(DIGITS), *sets, "--set", "seed=5").exit_code == 0  # the ggn diagonals draw no labels
+    sampled = ["--set", "similarity.fisher=sampled"]
+    assert invoke("dataset-similarity", str(DIGITS), *sets, *sampled, "--overwrite").exit_code == 0
+    reseeded = invoke("dataset-similarity", str(DIGITS), *sets, *sampled, "--set", "seed=5")
+    assert reseeded.exit_code == 5 and "other settings (seed 0 -> 5)" in reseeded.stderr, reseeded.stderr
 
     one = invoke(
         "dataset-similarity", str(DIGITS), *sets, "--overwrite", "--set", "similarity.datasets={a: {source: tensors, path: x}}"

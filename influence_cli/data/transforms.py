@@ -29,7 +29,7 @@ def token_inputs(spec: TransformSpec, raw_dtype: torch.dtype, key: str, embeddin
     an embedding table (`embedding_model`) and no transform needs floats; int64 asks for it
     (uint8 bytes, or ids stored as floats).
     """
-    float_ops = [k for k in ("scale", "normalize", "resize") if getattr(spec, k) is not None]
+    float_ops = [k for k in ("scale", "normalize", "resize", "channels") if getattr(spec, k) is not None]
     if spec.dtype == "int64":
         if float_ops:
             raise DataError(
