@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from influence_cli import storage
+from influence_cli import notices, storage
 from influence_cli.config import Config, yaml_text
 from influence_cli.data import IndexedDataset
 from influence_cli.errors import OutputError, UsageError
@@ -279,7 +279,7 @@ def select_queries(
 ) -> list[int]:
     """Query positions (rows of the scores) from an int, a slice, a list of both, or None (all).
 
-    Slices are clipped to the queries like Python's (`15:99` of 20 is 15..19); a position outside
+    Slices are clipped to the queries like Python's (`15:99` of 20 is 15..19, with a warning); a position outside
     them is an error, which names the position of a query whose global index was given instead
     (`query_indices`, int64 [n_query]).
 
@@ -301,6 +301,8 @@ def select_queries(
                 raise UsageError(f"--query {_slice_text(item)}: an empty range (STOP must be larger than START)")
             if start >= n_query:
                 raise UsageError(f"--query {_slice_text(item)}: outside the {n_query} queries ({valid}, e.g. --query 0:{min(n_query, 10)})")
+            if item.stop is not None and stop > n_query:  # clipped as Python clips, but said: an index may have been meant
+                notices.warn(f"--query {_slice_text(item)}: the scores hold {n_query} queries; ranking {start}:{n_query}")
             out.extend(range(start, min(stop, n_query), item.step or 1))
         else:
             q = int(item)

@@ -136,10 +136,13 @@ def test_a_dataset_index_given_as_a_position_is_pointed_out():
     assert "not dataset indices: index 1501 is at position 1" in info.value.hint
 
 
-def test_query_selection_forms():
-    assert select_queries(5, None) == [0, 1, 2, 3, 4]
-    assert select_queries(5, [3, slice(0, 2), 3, slice(4, None)]) == [3, 0, 1, 4]
-    assert select_queries(20, slice(15, 99)) == [15, 16, 17, 18, 19]
+def test_query_selection_forms(caplog):
+    with caplog.at_level("WARNING", logger="influence_cli"):
+        assert select_queries(5, None) == [0, 1, 2, 3, 4]
+        assert select_queries(5, [3, slice(0, 2), 3, slice(4, None)]) == [3, 0, 1, 4]
+        assert not caplog.records
+        assert select_queries(20, slice(15, 99)) == [15, 16, 17, 18, 19]
+    assert "--query 15:99: the scores hold 20 queries; ranking 15:20" in caplog.text  # clipped, and said
 
 
 def test_missing_scores_say_how_to_make_them(tmp_path):
