@@ -178,6 +178,27 @@ def refuse_other_finished_result(path: Path, recorded: dict[str, Any] | None, re
     ).everywhere()
 
 
+def finished_result(path: Path, result: dict[str, Any], what: str, *, overwrite: bool, names: dict[str, str] | None = None) -> dict[str, Any] | None:
+    """The metadata of the finished output at `path` when it holds `result` (a command that shows
+    it again instead of recomputing it); None when there is none, or with `overwrite`.
+
+    Raises:
+        OutputError: it holds the result of other settings (named, through `names` too), or of a
+            version that did not record them.
+    """
+    if overwrite or not path.exists():
+        return None
+    recorded = storage.read_metadata(path)
+    if recorded.get("result_key") is None:
+        storage.check_can_write(path, overwrite, what)  # raises: a finished run whose settings are unknown
+    if recorded["result_key"] not in run_keys(result):
+        raise OutputError(
+            f"{str(path)!r} holds {what} of other settings ({changed_settings(recorded.get('result'), as_recorded(result), names)})",
+            hint="pass --overwrite to replace it",
+        ).everywhere()
+    return recorded
+
+
 def changed_settings(old: dict[str, Any] | None, new: dict[str, Any], names: dict[str, str] | None = None) -> str:
     """Which settings differ, in words: "batch size 256 -> 64, model" (`names`: the command's own words for some keys)."""
     if not isinstance(old, dict):

@@ -212,11 +212,6 @@ def _finished_files(path: Path) -> tuple[list[Path], int]:
     return [path, *(path.parent / s["file"] for s in shards)], len(shards)
 
 
-def _finished_key(path: Path) -> str | None:
-    """The result key recorded by a finished scores file or index (None when absent)."""
-    return _finished_metadata(path).get("result_key")
-
-
 def _agree(state: DistState, fn) -> Any:
     """Runs a start-up check on every rank; if any rank fails, every rank raises (no rank hangs in a barrier)."""
     failure: InfluenceError | None = None
@@ -626,14 +621,15 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
     metadata["run_key"], metadata["result_key"], metadata["result"] = run_key(settings), run_key(result), result
     metadata["query_chunks"] = len(layout.query_chunks)
     paths = ([index] + [out_dir / storage.SCORES_SHARD.format(shard=s.number) for s in layout.shards]) if layout.sharded else [single]
-    finished = [p for p in (single, index) if _finished_key(p) in run_keys(result)]
+    recorded = {p: _finished_metadata(p) for p in (single, index)}  # {} where there is none
+    finished = [p for p in (single, index) if recorded[p].get("result_key") in run_keys(result)]
     if resume and not overwrite and not finished and (other := next((p for p in (single, index) if p.exists()), None)):
-        refuse_other_finished_result(other, _finished_metadata(other).get("result"), result, "scores")
+        refuse_other_finished_result(other, recorded[other].get("result"), result, "scores")
     if resume and not overwrite and finished:  # a requeued job whose scores are done
         clear_progress_of_finished(out_dir, storage.SCORES_PARTIAL, main=st.is_main)
         done, num_shards = _finished_files(finished[0])  # the layout on disk, whatever this run's would be
         return ScoresReport(
-            "pairwise", done, n_q, n_t, finished[0] == index, num_shards, int(_finished_metadata(finished[0]).get("query_chunks") or 1), relative,
+            "pairwise", done, n_q, n_t, finished[0] == index, num_shards, int(recorded[finished[0]].get("query_chunks") or 1), relative,
             cfg.factors.strategy, cfg.task.measurement, common["damping"], {}, 0.0, "already complete",
             {tm.name: tm.num_params for tm in ctx.tracked}, n_members,
         )
@@ -674,7 +670,11 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
     mine = [s for s in layout.shards if s.rank == st.rank]
     cached: list[StoredQueries] | None = None
     watch = NonFiniteWatch(ctx.device, "no scores were written")
-    steps, scored, resumed_from, kept = 0, 0, None, 0
+    steps, scored, resumed_from, kept = 0, 0, None, 0  # kept: shards the interrupted run finished
+
+    def kept_note() -> str:
+        return f" ({kept} finished shard{'s' if kept > 1 else ''} kept)" if kept else ""
+
     seconds.update(queries=time.perf_counter() - t0, scores=0.0, write=0.0)
     for shard in mine:
         shard_path = out_dir / storage.SCORES_SHARD.format(shard=shard.number) if layout.sharded else single
@@ -682,7 +682,7 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
             kept += 1  # finished by the interrupted run
             continue
         if kept and resumed_from is None:
-            resumed_from = f"shard {shard.number} ({kept} finished shard{'s' if kept > 1 else ''} kept)"
+            resumed_from = f"shard {shard.number}{kept_note()}"
         width = shard.stop - shard.start
         block = torch.zeros(n_q, width, dtype=scorer.dtype, device=ctx.device)
         norms = torch.zeros(n_members, width, dtype=scorer.dtype, device=ctx.device) if relative else None
@@ -700,9 +700,7 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
                 norms.copy_(snapshot.tensors["norms"])
             if collect and "labels" in snapshot.tensors:
                 labels = snapshot.tensors["labels"].to(ctx.device)
-            resumed_from = f"shard {shard.number}, query chunk {start_chunk + 1}/{len(chunks)}, batch {start_batch}" + (
-                f" ({kept} finished shard{'s' if kept > 1 else ''} kept)" if kept else ""
-            )
+            resumed_from = f"shard {shard.number}, query chunk {start_chunk + 1}/{len(chunks)}, batch {start_batch}{kept_note()}"
         for ci in range(start_chunk, len(chunks)):
             q0, q1 = chunks[ci]
             if cached is not None:
@@ -759,7 +757,7 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
         seconds["write"] += time.perf_counter() - tw
         del block
     if kept and resumed_from is None:  # every shard of this rank was finished: only the index was missing
-        resumed_from = f"the index ({kept} finished shard{'s' if kept > 1 else ''} kept)"
+        resumed_from = f"the index{kept_note()}"
     st.barrier()
     if layout.sharded:
         if st.is_main:
@@ -823,9 +821,10 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
     )
     settings = result | {"bs": scorer.bs, "world": st.world_size}
     metadata["run_key"], metadata["result_key"], metadata["result"] = run_key(settings), run_key(result), result
-    if resume and not overwrite and path.exists() and _finished_key(path) not in run_keys(result):
-        refuse_other_finished_result(path, _finished_metadata(path).get("result"), result, "self-influence scores")
-    if resume and not overwrite and _finished_key(path) in run_keys(result):  # a requeued job whose scores are done
+    if resume and not overwrite and path.exists():  # a requeued job whose scores are done, or other settings
+        recorded = _finished_metadata(path)
+        if recorded.get("result_key") not in run_keys(result):
+            refuse_other_finished_result(path, recorded.get("result"), result, "self-influence scores")
         clear_progress_of_finished(out_dir, storage.SCORES_PARTIAL, ".self", main=st.is_main)
         return ScoresReport(
             "self", [path], 0, n_t, False, 1, 0, False, cfg.factors.strategy, cfg.task.measurement, common["damping"],

@@ -42,7 +42,7 @@ from influence_cli.factors import DiagonalAccumulator, LayerFactors, layer_dampi
 from influence_cli.fit import PassPlan, check_factors_match, load_factors, plan_for
 from influence_cli.passes import BatchGradients, NonFiniteWatch, accumulator_dtype, stream_gradients
 from influence_cli.progress import NullProgress, Progress, for_rank
-from influence_cli.resume import as_recorded, changed_settings, run_key, run_keys
+from influence_cli.resume import finished_result, run_key
 from influence_cli.tracking import TrackedModule
 
 HEADLINE = {"fisher-kernel": "kernel_normalized", "task2vec": "task2vec_cosine"}
@@ -356,8 +356,6 @@ def dataset_similarity(
         )
     out_dir = cfg.output_path
     path = out_dir / storage.SIMILARITY_FILE
-    if path.exists() and not overwrite and storage.read_metadata(path).get("result_key") is None:
-        storage.check_can_write(path, overwrite, "a similarity result")  # of a version that did not record its settings
     factors_path = cfg.factors_path / storage.FACTORS_FILE
     factors = load_factors(factors_path)
     ctx = prepare(cfg, state)
@@ -382,14 +380,8 @@ def dataset_similarity(
         "datasets": {n: ds.fingerprint() for n, ds in datasets.items()}, "fisher": fisher, "damping": damping,
         "amp": cfg.factors.amp, "seed": cfg.seed if fisher == "sampled" else None,  # the passes' precision; sampled labels
     }  # fmt: skip
-    if path.exists() and not overwrite:
-        recorded = storage.read_metadata(path)
-        if recorded.get("result_key") not in run_keys(result_fields):
-            changed = changed_settings(recorded.get("result"), as_recorded(result_fields), {"fisher": "similarity.fisher"})
-            raise OutputError(
-                f"{str(path)!r} holds a similarity result of other settings ({changed})",
-                hint="pass --overwrite to replace it",
-            ).everywhere()
+    recorded = finished_result(path, result_fields, "a similarity result", overwrite=overwrite, names={"fisher": "similarity.fisher"})
+    if recorded is not None:
         return _finished_report(path, method, recorded)
     progress = for_rank(progress, ctx.state.rank, ctx.state.world_size)
     layers = {tm.name: factors.layers[tm.name].to(ctx.device) for tm in ctx.tracked}

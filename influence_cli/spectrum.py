@@ -36,12 +36,12 @@ from influence_cli.bands import LayerBands, check_order, layer_bands, load_krone
 from influence_cli.config import Config, DataSpec
 from influence_cli.context import RunContext, prepare
 from influence_cli.distributed import DistState
-from influence_cli.errors import ConfigError, OutputError
+from influence_cli.errors import ConfigError
 from influence_cli.factors import LayerFactors, Rotation
 from influence_cli.notices import warn
 from influence_cli.passes import NonFiniteWatch, accumulator_dtype, stream_gradients
 from influence_cli.progress import NullProgress, Progress, for_rank
-from influence_cli.resume import as_recorded, changed_settings, run_key, run_keys
+from influence_cli.resume import finished_result, run_key
 from influence_cli.squares import weighted_squares
 from influence_cli.tracking import TrackedModule
 
@@ -439,8 +439,6 @@ def spectrum(
     ctx = prepare(cfg, state)
     factors, _ = load_kronecker_factors(ctx)
     chosen = select_layers(ctx.tracked, layers or sp.layers, "--layers" if layers else "spectrum.layers")
-    if path.exists() and not overwrite and storage.read_metadata(path).get("result_key") is None:
-        storage.check_can_write(path, overwrite, "a spectrum result")  # of a version that did not record its settings
     if ctx.state.is_main:
         storage.remove_stale_temp_files(path)  # what a killed writer left
     storage.ensure_writable_dir(out_dir)
@@ -478,14 +476,7 @@ def spectrum(
         "datasets": fingerprints, "layers": [tm.name for tm in chosen], "order": order, "bottom": sp.bottom, "top": sp.top,
         "mass": sp.mass, "bins": sp.bins, "task": cfg.task.kind, "padding_value": cfg.data.padding_value,
     }  # fmt: skip
-    from_file = path.exists() and not overwrite
-    if from_file:
-        recorded = storage.read_metadata(path)
-        if recorded.get("result_key") not in run_keys(result_fields):
-            raise OutputError(
-                f"{str(path)!r} holds a spectrum result of other settings ({changed_settings(recorded.get('result'), as_recorded(result_fields))})",
-                hint="pass --overwrite to replace it",
-            ).everywhere()
+    from_file = finished_result(path, result_fields, "a spectrum result", overwrite=overwrite) is not None
     results = _load_energies(path, list(datasets)) if from_file else []
     t0 = time.perf_counter()
     for name, ds in datasets.items() if not from_file else []:

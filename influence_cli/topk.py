@@ -204,21 +204,19 @@ def check_scores_match(metadata: dict[str, Any], cfg: Config, path: Path, *, pai
             "(model.checkpoint and scores.checkpoints)",
             hint=hint,
         )
+    checks = [(key, metadata.get(field_name), value) for key, field_name, value in settings]  # (key, recorded, the config's)
     recorded_config = metadata.get("config") if isinstance(metadata.get("config"), dict) else {}
     if recorded_config:  # settings of the factors and of the stored scores, as compute-scores compares them
         fit, scores = recorded_config.get("factors") or {}, recorded_config.get("scores") or {}
-        more = [("factors.amp", fit.get("amp"), cfg.factors.amp)]
+        checks.append(("factors.amp", fit.get("amp"), cfg.factors.amp))
         if pairwise:  # self-influence is always stored in float32
-            more.append(("scores.dtype", scores.get("dtype"), cfg.scores.dtype))
+            checks.append(("scores.dtype", scores.get("dtype"), cfg.scores.dtype))
         if cfg.factors.fisher == "sampled":
-            more.append(("seed", recorded_config.get("seed"), cfg.seed))
+            checks.append(("seed", recorded_config.get("seed"), cfg.seed))
         n_train = metadata.get("n_train")
         if isinstance(n_train, int) and "max_examples" in fit:  # the examples each pass of fit-factors saw
-            more.append(("factors.max_examples", _fit_examples(fit["max_examples"], n_train), _fit_examples(cfg.factors.max_examples, n_train)))
-        settings += [(key, f"config.{key}", value) for key, _, value in more]
-        metadata = metadata | {f"config.{key}": recorded for key, recorded, _ in more}
-    for key, field_name, value in settings:
-        recorded = metadata.get(field_name)
+            checks.append(("factors.max_examples", _fit_examples(fit["max_examples"], n_train), _fit_examples(cfg.factors.max_examples, n_train)))
+    for key, recorded, value in checks:
         if recorded is not None and recorded != value:
             raise OutputError(f"{str(path)!r} holds scores computed with {key}={yaml_text(recorded)}; the config has {yaml_text(value)}", hint=hint)
     if "padding_value" in metadata and metadata["padding_value"] != cfg.data.padding_value:

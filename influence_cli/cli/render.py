@@ -9,6 +9,7 @@ import math
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -239,6 +240,12 @@ def label_text(label: Any, class_names: list[str] | None = None) -> str:
     if class_names is not None and isinstance(label, int) and 0 <= label < len(class_names):
         return f"{label} ({class_names[label]})"
     return str(label)
+
+
+def print_read_back(path: Path, picture: Path | None = None) -> None:
+    """The stderr line of a command that showed a finished result again (`from_file`) instead of computing it."""
+    also = f"; saved {picture}" if picture is not None else ""
+    err_console.print(f"read from {path}, the finished result of these settings (--overwrite recomputes){also}", markup=False, highlight=False)
 
 
 def input_ids_reader(ds: Any, padding_value: int | None) -> Callable[[int], list[int]]:

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from influence_cli.cli.app import ConfigArg, JsonOpt, ReportOverwriteOpt, SetOpt, command, load
-from influence_cli.cli.render import RichProgress, err_console, new_table, print_json, print_table
+from influence_cli.cli.render import RichProgress, err_console, new_table, print_json, print_read_back, print_table
 
 SIMILARITY_EPILOG = """\
 **Examples**
@@ -120,9 +120,8 @@ def dataset_similarity_cmd(
         f" (Task2Vec diagonals: {report.fisher})" if report.fisher != report.factors_fisher else ""
     )
     err_console.print(f"examples: {escape(sizes_text)}; {report.strategy} factors, {fishers}")
-    also = f" and saved {escape(str(heatmap))}" if heatmap is not None else ""
     if report.from_file:
-        err_console.print(f"read from {escape(str(report.path))}, the finished result of these settings (--overwrite recomputes){also}")
+        print_read_back(report.path, heatmap)
         return
     saved = f"[green]saved[/] {escape(str(report.path))}" + (f" and {escape(str(heatmap))}" if heatmap is not None else "")
     err_console.print(f"{saved} ({report.seconds.get('total', 0.0):.2f}s)")

@@ -17,6 +17,7 @@ from influence_cli.cli.render import (
     layer_label,
     out_console,
     print_json,
+    print_read_back,
     print_table,
 )
 from influence_cli.cli.render import new_table as _new_table
@@ -167,8 +168,7 @@ def spectrum_cmd(
             print_table(table)
     extra = f" and {plot}" if plot is not None else ""
     if report.from_file:
-        also = f"; saved {plot}" if plot is not None else ""
-        err_console.print(f"read from {escape(str(report.path))}, the finished result of these settings (--overwrite recomputes){escape(also)}")
+        print_read_back(report.path, plot)
         return
     err_console.print(f"[green]saved[/] {escape(str(report.path))}{escape(extra)} ({report.strategy} factors, {report.fisher} Fisher; {report.seconds.get('total', 0.0):.2f}s)")
 
