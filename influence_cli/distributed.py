@@ -20,15 +20,29 @@ from influence_cli.errors import ConfigError, DistributedError
 
 
 def resolve_device(preference: str, local_rank: int = 0, source: str | None = None) -> torch.device:
-    """`auto` → cuda:<local_rank> when a GPU is visible, else cpu."""
-    if preference == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if preference.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device: {preference!r} requested but no CUDA device is visible", source=source, hint="use --set device=cpu")
-        if preference == "cuda":
-            return torch.device(f"cuda:{local_rank}")
-    return torch.device(preference)
+    """`auto` → cuda:<local_rank> when a GPU is visible, else cpu; a GPU this machine lacks is a ConfigError."""
+    if preference == "auto" and not torch.cuda.is_available():
+        return torch.device("cpu")
+    if not preference.startswith("cuda") and preference != "auto":
+        return torch.device(preference)
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device: {preference!r} requested but no CUDA device is visible", source=source, hint="use --set device=cpu")
+    device = torch.device(f"cuda:{local_rank}") if preference in ("auto", "cuda") else torch.device(preference)
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        visible = f"{count} CUDA device{'s' if count > 1 else ''} (cuda:0{f'..cuda:{count - 1}' if count > 1 else ''})"
+        if preference in ("auto", "cuda"):
+            raise ConfigError(
+                f"device: {preference!r} gives LOCAL_RANK={local_rank} GPU cuda:{local_rank}, but this machine has {visible}",
+                source=source,
+                hint=f"launch at most {count} process{'es' if count > 1 else ''} per machine (torchrun --nproc_per_node={count})",
+            )
+        raise ConfigError(
+            f"device: {preference!r} requested but this machine has {visible}",
+            source=source,
+            hint="use --set device=cuda (cuda:0), or choose the GPU with CUDA_VISIBLE_DEVICES",
+        )
+    return device
 
 
 @contextlib.contextmanager

@@ -379,3 +379,26 @@ def test_a_rank_outside_the_world_is_refused(monkeypatch, tmp_path, env, needle)
     result = CliRunner(env={"COLUMNS": "200", **env}).invoke(app, ["fit-factors", config, "--set", f"output_dir={tmp_path / 'out'}"])
     assert result.exit_code == 7 and needle in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_gpu_the_machine_lacks_is_named(monkeypatch):
+    """cuda:N past the visible devices, or more torchrun ranks per machine than GPUs, is a ConfigError, not
+    torch's "invalid device ordinal" traceback from the first copy to the device."""
+    from influence_cli.distributed import resolve_device
+    from influence_cli.errors import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+    assert resolve_device("auto") == resolve_device("cuda") == torch.device("cuda:0")
+    with pytest.raises(ConfigError) as info:
+        resolve_device("cuda:1", source="run.yaml")
+    assert info.value.message == "run.yaml: device: 'cuda:1' requested but this machine has 1 CUDA device (cuda:0)"
+    assert "CUDA_VISIBLE_DEVICES" in info.value.hint
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for preference in ("cuda", "auto"):
+        with pytest.raises(ConfigError) as info:
+            resolve_device(preference, local_rank=2)
+        assert f"device: {preference!r} gives LOCAL_RANK=2 GPU cuda:2, but this machine has 2 CUDA devices (cuda:0..cuda:1)" in info.value.message
+        assert "torchrun --nproc_per_node=2" in info.value.hint
+    assert resolve_device("cpu") == torch.device("cpu")
