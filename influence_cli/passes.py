@@ -114,6 +114,39 @@ def autocast_context(device: torch.device, amp: str) -> contextlib.AbstractConte
     return torch.autocast(device_type=device.type, dtype=getattr(torch, amp))
 
 
+@contextlib.contextmanager
+def ieee_float32(device: torch.device, amp: str) -> Iterator[None]:
+    """Full float32 products for the model's forward and backward on CUDA when `factors.amp` is none.
+
+    PyTorch runs float32 convolutions in TF32 by default on Ampere and newer GPUs (10-bit mantissa):
+    fine for training, but the preconditioner amplifies those errors in low-curvature directions, so a
+    float32 pass would give scores that differ from the CPU's by percents. TF32 is turned off for
+    cuDNN and cuBLAS inside the block and the caller's settings restored after; `factors.amp` is the
+    setting that trades precision for speed.
+    """
+    if device.type != "cuda" or amp != "none":
+        yield
+        return
+    backends = torch.backends
+    if hasattr(backends.cudnn, "conv") and hasattr(backends.cudnn.conv, "fp32_precision"):  # torch >= 2.9
+        settings = [backends.cudnn.conv, backends.cudnn.rnn, backends.cuda.matmul]
+        saved = [s.fp32_precision for s in settings]
+        try:
+            for s in settings:
+                s.fp32_precision = "ieee"
+            yield
+        finally:
+            for s, value in zip(settings, saved, strict=True):
+                s.fp32_precision = value
+        return
+    saved_legacy = (backends.cudnn.allow_tf32, backends.cuda.matmul.allow_tf32)
+    try:
+        backends.cudnn.allow_tf32 = backends.cuda.matmul.allow_tf32 = False
+        yield
+    finally:
+        backends.cudnn.allow_tf32, backends.cuda.matmul.allow_tf32 = saved_legacy
+
+
 def stream_gradients(
     model: nn.Module,
     tracked: list[TrackedModule],
@@ -183,7 +216,7 @@ def stream_gradients(
         y = y.to(device, non_blocking=True)
         idx = idx.to(device, non_blocking=True)
         first = offset == 0  # the first batch also checks the model against what the factors assume (model_checks)
-        with tracked_grad_enabled(tracked):
+        with tracked_grad_enabled(tracked), ieee_float32(device, amp):
             out, cap = _forward(model, tracked, x, idx, amp, first=first, dataset_name=dataset_name)
             out_f = out.to(acc_dtype) if out.is_floating_point() else out
             _check_outputs(out_f, y_cpu, idx_cpu, task_kind, dataset_name)

@@ -28,7 +28,7 @@ def gpu_lm_project(tmp_path, monkeypatch):
 
 
 def test_a_padded_language_model_scores_the_same_on_the_gpu(gpu_lm_project):
-    """fit-factors and compute-scores on cuda (the first-batch checks, TF32 left at torch's defaults) against the CPU."""
+    """fit-factors and compute-scores on cuda (the first-batch checks included) against the CPU."""
     folder, config = gpu_lm_project
     runner = _runner()
     for device in ("cpu", "cuda"):
@@ -52,7 +52,7 @@ def test_out_of_vocabulary_ids_are_named_on_the_gpu(gpu_lm_project):
     save_file(data, folder / "lm.safetensors")
     result = _runner().invoke(app, ["fit-factors", config, "--set", "device=cuda"])
     assert result.exit_code == 3, result.output
-    assert "outside the model's largest embedding table (9 rows)" in result.stderr
+    assert "outside the model's embedding table 'embed' (9 rows)" in result.stderr
 
 
 def _scores(folder, name):
@@ -76,7 +76,9 @@ def test_the_sample_models_score_the_same_on_the_gpu_and_close_in_bf16(tmp_path,
             result = runner.invoke(app, [command[0], str(path), *command[1:], *sets])
             assert result.exit_code == 0, (name, command, result.stderr)
     cpu, cuda, bf16 = (_scores(tmp_path, name) for name in runs)
-    assert float((cuda - cpu).abs().max()) <= 1e-2 * float(cpu.abs().max())  # TF32 convolutions (cuDNN default)
+    gap = float((cuda - cpu).abs().max()) / float(cpu.abs().max())  # float32 passes turn cuDNN's default TF32 off
+    assert gap <= 1e-3, f"cuda against cpu: max |difference| {gap:.2e} of the largest score"
     assert float(torch.corrcoef(torch.stack([bf16.flatten(), cpu.flatten()]))[0, 1]) >= 0.99
     self_cpu, self_cuda = (load_tensors(tmp_path / n / SELF_INFLUENCE_FILE)[0]["self_influence"].double() for n in ("cpu", "cuda"))
-    assert float((self_cuda - self_cpu).abs().max()) <= 1e-2 * float(self_cpu.abs().max())
+    self_gap = float((self_cuda - self_cpu).abs().max()) / float(self_cpu.abs().max())
+    assert self_gap <= 1e-3, f"self-influence, cuda against cpu: max |difference| {self_gap:.2e} of the largest"

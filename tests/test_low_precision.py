@@ -130,3 +130,35 @@ def test_cli_bfloat16_run_and_float16_refused(tmp_path):
     assert result.exit_code == 2
     assert "factors.amp: float16 is refused: its range flushes the output gradients" in " ".join(result.stderr.split())
     assert "use bfloat16" in " ".join(result.stderr.split())
+
+
+def _fp32_settings() -> list[str]:
+    b = torch.backends
+    return [b.cudnn.conv.fp32_precision, b.cudnn.rnn.fp32_precision, b.cuda.matmul.fp32_precision]
+
+
+def test_float32_passes_turn_tf32_off_on_cuda_and_restore_the_callers_settings():
+    """amp none on CUDA: the model's convolutions and matmuls in IEEE float32 (PyTorch's TF32 default for
+    cuDNN would put percent-level differences from the CPU into the scores); the settings come back after,
+    also after an error; CPU and bf16 passes leave them alone."""
+    from influence_cli.passes import ieee_float32
+
+    if not hasattr(torch.backends.cudnn, "conv"):
+        pytest.skip("torch < 2.9: the legacy allow_tf32 flags")
+    saved = _fp32_settings()
+    try:
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        before = _fp32_settings()
+        with ieee_float32(torch.device("cuda"), "none"):
+            assert _fp32_settings() == ["ieee"] * 3
+        assert _fp32_settings() == before
+        with pytest.raises(ValueError), ieee_float32(torch.device("cuda"), "none"):
+            raise ValueError
+        assert _fp32_settings() == before
+        for device, amp in (("cuda", "bfloat16"), ("cpu", "none")):
+            with ieee_float32(torch.device(device), amp):
+                assert _fp32_settings() == before
+    finally:
+        for setting, value in zip((torch.backends.cudnn.conv, torch.backends.cudnn.rnn, torch.backends.cuda.matmul), saved, strict=True):
+            setting.fp32_precision = value
