@@ -16,6 +16,7 @@ Prints a markdown table for docs/BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import tempfile
@@ -28,6 +29,7 @@ from mnist_common import MLP_KWARGS, header, load_mnist
 
 from influence_cli.config import ModelConfig, config_from_dict
 from influence_cli.context import prepare
+from influence_cli.data import make_loader
 from influence_cli.fit import compute_factors, fit_factors, plan_for
 from influence_cli.models import build_model
 from influence_cli.scores import compute_scores
@@ -65,6 +67,22 @@ def timed(fn, *args, **kwargs) -> tuple[object, float, float]:
     out = fn(*args, **kwargs)
     _sync()
     return out, time.perf_counter() - t0, (torch.cuda.max_memory_allocated() / 2**30 if ON_GPU else 0.0)
+
+
+def epoch_seconds(model: torch.nn.Module, dataset, batch_size: int, device: torch.device) -> float:
+    """One plain training epoch (forward, backward, Adam step) over the same batches as the passes, on a copy of the model."""
+    model = copy.deepcopy(model).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    _sync()
+    t0 = time.perf_counter()
+    for x, y, _ in make_loader(dataset, batch_size, pin_memory=ON_GPU):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    _sync()
+    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -106,6 +124,9 @@ def main() -> None:
             fit_mem = max(fit_mem, mem)
         med = {k: statistics.median(s[k] for _, s in fit_times[1:]) for k in fit_times[1][1]}
         med["fit_total"] = statistics.median(t for t, _ in fit_times[1:])
+        if amp == "none":  # the epoch stays float32, as trained; one warm-up epoch first
+            epochs = [epoch_seconds(ctx.model, dataset, cfg.data.batch_size, device) for _ in range(args.repeats + 1)]
+            results["epoch_seconds"] = statistics.median(epochs[1:])
         # whole calls, as Kronfluence's fit_all_factors and compute_pairwise_scores are timed: loading, writes and all
         med["fit_whole"] = statistics.median(timed(fit_factors, cfg, overwrite=True)[1] for _ in range(args.repeats))
         score_runs, score_whole = [], []
@@ -135,6 +156,11 @@ def main() -> None:
               f"{fit_mem:.2f} | {score_s:.3f} | {args.train / score_s:,.0f} | {tflops:.1f} | {mem:.2f} |")
     print(f"\nfp32 GEMM {8192 if ON_GPU else 512}³: {peak:.1f} TFLOP/s; bf16: {peak_bf16:.1f} TFLOP/s; "
           f"scoring floor 2·Q·N·P = {2 * args.queries * args.train * n_params / 1e9:,.0f} GFLOP")
+    epoch = results["epoch_seconds"]
+    print(f"one training epoch (forward, backward, Adam step; float32): {epoch:.3f} s; both passes "
+          + ", ".join(f"{amp} {results[amp]['fit']['covariance'] + results[amp]['fit']['correction']:.3f} s "
+                      f"({(results[amp]['fit']['covariance'] + results[amp]['fit']['correction']) / epoch:.2f}x)" for amp in ("none", "bfloat16"))
+          + "; whole fit " + ", ".join(f"{amp} {results[amp]['fit']['fit_total'] / epoch:.2f}x" for amp in ("none", "bfloat16")))
     print(f"bf16 scores against float32 scores: Pearson {agreement:.5f}")
     try:
         import kronfluence  # noqa: F401

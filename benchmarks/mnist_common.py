@@ -51,9 +51,10 @@ def machine() -> str:
 
 
 def command_line() -> str:
-    """The command as it was run: the interpreter (by its virtualenv's name) and every argument."""
-    venv = Path(sys.executable).parent.parent.name
-    python = f"{venv}/bin/python" if venv.startswith(".venv") else "python"
+    """The command as it was run: the interpreter (relative to the repository when it is in it, else by
+    its name) and every argument."""
+    exe = Path(sys.executable)
+    python = str(exe.relative_to(ROOT)) if exe.is_relative_to(ROOT) else exe.name
     return " ".join([python, *map(shlex.quote, sys.argv)])
 
 
