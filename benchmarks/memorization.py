@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 from mnist_common import IMAGES, LABELS, ROOT, header
 
+from influence_cli.band_energy import spectrum
 from influence_cli.config import load_config
 from influence_cli.data import load_dataset, make_loader
 from influence_cli.edit import edit_checkpoint
 from influence_cli.fit import fit_factors
 from influence_cli.models import build_model, load_model
-from influence_cli.spectrum import spectrum
 from influence_cli.spectrum_plot import save_spectrum_plot
 from influence_cli.storage import save_tensors
 from influence_cli.training import TrainRecipe, accuracy, train_model

@@ -9,7 +9,7 @@ The Python API mirrors the commands::
 
 __version__ = "0.1.0"
 
-from influence_cli.config import Config, load_config  # noqa: E402
+from influence_cli.config import Config, config_from_dict, load_config  # noqa: E402
 from influence_cli.errors import InfluenceError  # noqa: E402
 
 _LAZY = {
@@ -18,8 +18,11 @@ _LAZY = {
     "compute_scores": "influence_cli.scores",
     "top_k": "influence_cli.topk",
     "self_top_k": "influence_cli.topk",
+    "load_scores_meta": "influence_cli.topk",
+    "iter_score_blocks": "influence_cli.topk",
+    "load_self_influence": "influence_cli.topk",
     "dataset_similarity": "influence_cli.similarity",
-    "spectrum": "influence_cli.spectrum",
+    "spectrum": "influence_cli.band_energy",  # not influence_cli.spectrum: a submodule of that name would shadow the function
     "edit_checkpoint": "influence_cli.edit",
 }
 
@@ -33,4 +36,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'influence_cli' has no attribute {name!r}")
 
 
-__all__ = ["Config", "InfluenceError", "__version__", "load_config", *_LAZY]
+__all__ = ["Config", "InfluenceError", "__version__", "config_from_dict", "load_config", *_LAZY]

@@ -655,6 +655,9 @@ def config_from_dict(
 ) -> Config:
     """Builds a validated `Config` from plain data (the Python API's entry point).
 
+    Relative paths in `data` resolve against `base_dir` (default: the working directory when the
+    config is built, made absolute, so a later `os.chdir` does not move them).
+
     Raises:
         ConfigError: listing every problem (type problems and value problems together), each with its key.
     """
@@ -670,7 +673,7 @@ def config_from_dict(
     data = {k: v for k, v in data.items() if not str(k).startswith("x-")}  # x-<name>: YAML anchors for the keys below, not keys
     cfg = _build(Config, data, "", problems)
     if cfg is not _FAIL:
-        cfg.base_dir = str(base_dir)
+        cfg.base_dir = str(Path(base_dir).resolve())
         cfg.source = source
         # A key that failed its type check fell back to its default: drop value problems
         # about that default (e.g. "data.train: missing" after "data.train: expected a mapping").

@@ -9,11 +9,36 @@ import torch
 from torch import nn
 
 from influence_cli import notices
-from influence_cli.config import Config, DataSpec
+from influence_cli.config import Config, DataSpec, config_from_dict
 from influence_cli.data import IndexedDataset, load_dataset, make_loader
 from influence_cli.distributed import DistState, resolve_device
 from influence_cli.models import BUILTIN_ARCHITECTURES, load_model, model_definition, model_fingerprint, takes_token_ids
 from influence_cli.tracking import TrackedModule, find_tracked_modules
+
+
+def checked_config(cfg: Config, caller: str) -> Config:
+    """The config a run function was given, validated again as `load_config` validates a file.
+
+    A `Config` is a plain dataclass: a field changed after loading (`cfg.factors.strategy = ...`,
+    `cfg.data.batch_size = 0`) is checked here, before anything is read or replaced.
+
+    Raises:
+        TypeError: `cfg` is not a Config (a path or a dict: load it first).
+        ConfigError: a changed field is invalid.
+        UsageError: called under torch.inference_mode(), where no pass can take gradients.
+    """
+    if not isinstance(cfg, Config):
+        raise TypeError(
+            f"{caller}() takes a Config (influence_cli.load_config(path) or config_from_dict(data)), not {type(cfg).__name__}"
+        )
+    if torch.is_inference_mode_enabled():
+        from influence_cli.errors import UsageError
+
+        raise UsageError(
+            f"{caller}() was called under torch.inference_mode(), where the passes cannot take gradients",
+            hint="call it outside the inference_mode block (torch.no_grad() around it is fine)",
+        )
+    return config_from_dict(cfg.to_dict(), base_dir=cfg.base_dir, source=cfg.source)
 
 
 @dataclass

@@ -39,7 +39,7 @@ from influence_cli.bands import (
     select_layers,
 )
 from influence_cli.config import EDIT_KEEP, Config
-from influence_cli.context import prepare
+from influence_cli.context import checked_config, prepare
 from influence_cli.distributed import DistState
 from influence_cli.errors import ModelError, UsageError
 from influence_cli.factors import LayerFactors
@@ -213,7 +213,7 @@ def edit_checkpoint(
     keep: str | None = None,
     rho: float | None = None,
     share: float | None = None,
-    layers: list[str] | None = None,
+    layers: list[str] | str | None = None,
     order: str | None = None,
     overwrite: bool = False,
     state: DistState | None = None,
@@ -230,6 +230,8 @@ def edit_checkpoint(
         ConfigError: the layer patterns match no tracked layer.
     """
     t0 = time.perf_counter()
+    cfg = checked_config(cfg, "edit_checkpoint")
+    layers = [layers] if isinstance(layers, str) else layers
     e = cfg.spectrum.edit
     if rho is not None and share is not None:
         raise UsageError("--rho and --keep-share: give one (keep a share of the curvature mass, or a share of the directions)")

@@ -19,6 +19,9 @@ class InfluenceError(Exception):
         self.message = message
         self.hint = hint
 
+    def __str__(self) -> str:  # a traceback from Python shows the next step too (the CLI prints message and hint itself)
+        return self.message if not self.hint else f"{self.message}\nhint: {self.hint}"
+
     def everywhere(self) -> InfluenceError:
         """Marks the error as one every rank of a torchrun job meets alike (the CLI prints it once)."""
         self.same_on_every_rank = True

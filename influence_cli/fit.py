@@ -71,7 +71,18 @@ class LayerInfo:
 
 @dataclass
 class FitReport:
-    """The outcome of fit-factors."""
+    """The outcome of fit-factors.
+
+    Attributes:
+        path: The factors file written.
+        strategy, fisher: What was fitted (factors.strategy, factors.fisher).
+        num_examples: Training examples each pass saw (all ranks together).
+        layers: The tracked layers with their shapes and factor sizes.
+        seconds: Wall time per phase (covariance, eigendecomposition, correction; diagonal for that strategy).
+        resumed_from: The saved progress this run continued from, if any.
+        members: An ensemble's other models (scores.checkpoints), one report each.
+        skipped: Layers the module patterns' wildcards passed over (untracked kinds).
+    """
 
     path: Path
     strategy: str
@@ -446,8 +457,9 @@ def _fit_member(
     return FitReport(path, cfg.factors.strategy, cfg.factors.fisher, n, layers_info, seconds, resumed_from, member=member.index, skipped=skipped)
 
 
-def load_factors(path: Path) -> Factors:
+def load_factors(path: str | Path) -> Factors:
     """Reads a factors file written by fit-factors."""
+    path = Path(path)
     if not path.is_file():
         raise OutputError(f"no factors at {str(path)!r}", hint="run `influence fit-factors` with this config first").everywhere()
     tensors, meta = storage.load_tensors(path, storage.FACTORS_FORMAT)

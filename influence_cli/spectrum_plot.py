@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from influence_cli import storage
+from influence_cli.band_energy import SpectrumReport
 from influence_cli.drawing import default_font, fit_text, text_size
-from influence_cli.spectrum import SpectrumReport
 
 _COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207), (140, 86, 75), (227, 119, 194)]
 

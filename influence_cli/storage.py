@@ -213,6 +213,9 @@ def guards_output_dir(what: str | Callable[[dict[str, Any]], str], reads: str | 
     def decorate(run: _Run) -> _Run:
         @functools.wraps(run)
         def wrapper(cfg: Any, *args: Any, **kwargs: Any) -> Any:
+            from influence_cli.context import checked_config
+
+            cfg = checked_config(cfg, run.__name__)  # a Config changed after loading is checked before any file is touched
             name = what(kwargs) if callable(what) else what
             folder, key = _folder_of(cfg, name)
             created = [p for p in (folder, *folder.parents) if not p.exists()]  # innermost first
@@ -368,7 +371,7 @@ def output_dir_lock(
         os.close(fd)  # the holder removed the file between our open and lock: lock the new one
     os.ftruncate(fd, 0)  # a reader holds it with readers only: what a killed writer left is stale
     if not shared:  # a writer says who it is
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}: {' '.join(sys.argv[1:3])}".encode(), 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}: {_program()}".encode(), 0)
     _HELD_LOCKS.add(fd)
     try:
         yield
@@ -382,6 +385,13 @@ def output_dir_lock(
             pass
         finally:
             os.close(fd)
+
+
+def _program() -> str:
+    """What this process runs, for the lock's holder: `influence fit-factors run.yaml`, or a script's name and first arguments."""
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+    name = "python -m influence_cli" if name == "__main__.py" else name
+    return " ".join([name, *sys.argv[1:3]])
 
 
 def _rmdir_if_empty(folder: Path) -> bool:

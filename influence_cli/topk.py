@@ -10,6 +10,7 @@ unsharded runs of the same scores rank identically.
 from __future__ import annotations
 
 import json
+import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -286,7 +287,9 @@ def select_queries(
     """
     if queries is None:
         return list(range(n_query))
-    items = [queries] if isinstance(queries, (int, slice)) else list(queries)
+    if isinstance(queries, (str, bytes)):
+        raise TypeError(f"queries: expected an int, a slice or a list of them (slice(0, 3) for 0:3), not {queries!r}")
+    items = [queries] if isinstance(queries, (numbers.Integral, slice)) else list(queries)
     out: list[int] = []
     valid = f"valid: 0..{n_query - 1}" if n_query else "there are no queries"
     for item in items:
@@ -434,6 +437,13 @@ class _Running:
         return out
 
 
+def _check_k(k: int) -> None:
+    if not isinstance(k, numbers.Integral) or isinstance(k, bool):
+        raise TypeError(f"k: expected an int, not {k!r}")
+    if k <= 0:
+        raise UsageError(f"--k {k}: must be at least 1")
+
+
 def top_k(
     output_dir: str | Path,
     queries: slice | int | Sequence[int | slice] | None = None,
@@ -460,8 +470,9 @@ def top_k(
         OutputError: no scores in `output_dir` (run compute-scores first).
         UsageError: a query position outside the run's queries (names --query).
     """
-    if k <= 0:
-        raise UsageError(f"--k {k}: must be at least 1")
+    _check_k(k)
+    if not isinstance(output_dir, (str, Path)):
+        raise TypeError(f"top_k() takes the folder of the scores (cfg.output_path), not {type(output_dir).__name__}")
     meta = load_scores_meta(output_dir)
     rows = select_queries(meta.n_query, queries, meta.query_indices)
     best = _Running(len(rows), k, 1.0) if largest else None
@@ -514,8 +525,7 @@ def self_top_k(source: str | Path | SelfInfluence, k: int = 5, *, largest: bool 
 
     `source`: an output_dir, or its self-influence already read (`load_self_influence`).
     """
-    if k <= 0:
-        raise UsageError(f"--k {k}: must be at least 1")
+    _check_k(k)
     si = source if isinstance(source, SelfInfluence) else load_self_influence(source)
     sign = 1.0 if largest else -1.0
     n = si.values.numel()

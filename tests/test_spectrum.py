@@ -16,6 +16,7 @@ from PIL import Image
 from test_models import TiedLM
 from typer.testing import CliRunner, Result
 
+from influence_cli.band_energy import dataset_spectrum, groups_of, load_spectrum_scores, spectrum
 from influence_cli.bands import band_labels, band_sizes, direction_curvature, keep_mask, layer_bands
 from influence_cli.cli import app
 from influence_cli.config import load_config
@@ -24,7 +25,6 @@ from influence_cli.edit import edit_model, project_weights
 from influence_cli.errors import ConfigError
 from influence_cli.fit import fit_factors
 from influence_cli.models import build_model, load_model, model_fingerprint
-from influence_cli.spectrum import dataset_spectrum, groups_of, load_spectrum_scores, spectrum
 from influence_cli.squares import weighted_squares
 from influence_cli.storage import FACTORS_FILE, SIMILARITY_FILE, SPECTRUM_FILE, load_tensors, read_metadata, save_tensors
 from influence_cli.training import TrainRecipe, accuracy, train_model
@@ -157,7 +157,7 @@ def test_masked_matmul_equals_per_example_outer_products(positions):
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 def test_chunked_masks_give_the_same_energies(kind, monkeypatch):
     """Wide layers: masks built a few sets at a time (and rebuilt per batch) change nothing."""
-    import influence_cli.spectrum as spectrum_module
+    import influence_cli.band_energy as spectrum_module
 
     model, x, y = _problem(kind)
     tracked, factors = fit(model, x, y, strategy="ekfac", fisher="empirical")

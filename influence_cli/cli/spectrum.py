@@ -94,8 +94,8 @@ def spectrum_cmd(
     result (with any --top, --plot or spectrum.baseline) without recomputing it, and --overwrite
     recomputes.
     """
+    from influence_cli.band_energy import BANDS, spectrum
     from influence_cli.distributed import init_distributed
-    from influence_cli.spectrum import BANDS, spectrum
     from influence_cli.spectrum_plot import save_spectrum_plot
 
     cfg = load(config, set_)
@@ -178,8 +178,8 @@ def _token_inputs(cfg) -> dict | None:
     padding; None for other tasks."""
     if cfg.task.kind != "language_modeling":
         return None
+    from influence_cli.band_energy import dataset_specs
     from influence_cli.data import load_dataset
-    from influence_cli.spectrum import dataset_specs
 
     out = {}
     for name, (spec, key) in dataset_specs(cfg).items():

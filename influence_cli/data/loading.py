@@ -68,7 +68,8 @@ def make_loader(
 
     Batches are (x [B, *input_shape] float32, y [B], global_index int64 [B]); positions
     [rank*n//world, (rank+1)*n//world) for shard=(rank, world), where n is the dataset
-    size or `limit` (its first examples) if smaller. Never shuffles. `start_batch`
+    size or `limit` (its first examples) if smaller. Never shuffles, and never draws from torch's global
+    random state. `start_batch`
     skips this rank's first batches without loading them (resumed passes).
     `pin_memory` is only used when CUDA is available.
     """
@@ -85,4 +86,5 @@ def make_loader(
         num_workers=num_workers,
         pin_memory=pin_memory and torch.cuda.is_available(),
         collate_fn=collate_batch,
+        generator=torch.Generator(),  # the workers' base seed from its own generator: the caller's global RNG is left as it was
     )

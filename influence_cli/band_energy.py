@@ -409,7 +409,7 @@ def dataset_specs(cfg: Config) -> dict[str, tuple[DataSpec, str]]:
 def spectrum(
     cfg: Config,
     *,
-    layers: list[str] | None = None,
+    layers: list[str] | str | None = None,
     order: str | None = None,
     overwrite: bool = False,
     state: DistState | None = None,
@@ -432,6 +432,7 @@ def spectrum(
     """
     t_start = time.perf_counter()
     sp = cfg.spectrum
+    layers = [layers] if isinstance(layers, str) else layers
     order = order or sp.order
     check_order(order, "--order")
     out_dir = cfg.output_path

@@ -1,0 +1,148 @@
+"""The Python API as README's "From Python" uses it: the exported names, configs built in code and
+changed after loading, argument types, and the caller's global state left alone."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import influence_cli
+from influence_cli import compute_scores, config_from_dict, fit_factors, load_config, top_k
+from influence_cli.errors import ConfigError, InfluenceError, OutputError, UsageError
+from influence_cli.storage import FACTORS_FILE
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "configs" / "digits.yaml"
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _digits(tmp_path: Path, *overrides: str):
+    return load_config(DIGITS, [f"output_dir={tmp_path / 'run'}", "device=cpu", "data.train.range=[0,300]", *overrides])
+
+
+def test_every_exported_name_is_what_it_says_even_after_every_submodule_is_imported():
+    """`spectrum` once resolved to the submodule of that name (importing it sets the package attribute)."""
+    code = (
+        "import importlib, pkgutil, types, influence_cli\n"
+        "for m in pkgutil.walk_packages(influence_cli.__path__, 'influence_cli.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "from influence_cli import *\n"
+        "bad = [n for n in influence_cli.__all__ if isinstance(getattr(influence_cli, n), types.ModuleType)]\n"
+        "assert not bad, bad\n"
+        "assert callable(spectrum) and spectrum.__module__ == 'influence_cli.band_energy'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+
+
+def test_readme_python_example_runs_and_reads_results_back(tmp_path):
+    cfg = _digits(tmp_path)
+    fit_factors(cfg)
+    report = compute_scores(cfg)
+    assert report.n_query == 20 and report.n_train == 300
+    rankings = top_k(cfg.output_path, queries=slice(0, 3), k=5)
+    assert [r.query_index for r in rankings] == [1500, 1501, 1502]  # global indices
+    assert top_k(str(cfg.output_path), queries=np.int64(1), k=np.int64(2))[0].query_index == 1501  # numpy ints are ints
+    meta = influence_cli.load_scores_meta(cfg.output_path)
+    block = next(iter(influence_cli.iter_score_blocks(meta, range(3))))
+    assert block.scores.shape == (3, 300)
+
+
+def test_config_from_dict_paths_do_not_move_with_the_working_directory(tmp_path, monkeypatch):
+    """Relative paths resolve against the working directory when the config is built, not when it is used."""
+    data = load_config(DIGITS).to_dict()
+    data["model"]["checkpoint"] = "sample_data/mlp.safetensors"
+    for spec in ("train", "query"):
+        data["data"][spec]["path"] = "sample_data/digits.safetensors"
+    data |= {"output_dir": "run_here", "device": "cpu"}
+    del data["similarity"]
+    data["data"]["train"]["range"] = [0, 200]
+    monkeypatch.chdir(ROOT)
+    cfg = config_from_dict(data)
+    runnable = config_from_dict(data | {"output_dir": str(tmp_path / "run")})
+    monkeypatch.chdir(tmp_path)
+    assert cfg.base_dir == str(ROOT) and cfg.output_path == ROOT / "run_here"
+    report = fit_factors(runnable)  # reads the checkpoint and data by the paths of the first folder
+    assert report.num_examples == 200 and report.path == tmp_path / "run" / FACTORS_FILE
+
+
+def test_a_config_changed_after_loading_is_checked_before_anything_is_replaced(tmp_path):
+    cfg = _digits(tmp_path)
+    fit_factors(cfg)
+    factors = cfg.output_path / FACTORS_FILE
+    before = factors.read_bytes()
+    cfg.factors.strategy = "bogus"
+    with pytest.raises(ConfigError, match=r"factors\.strategy"):
+        fit_factors(cfg, overwrite=True)
+    cfg.factors.strategy = "ekfac"
+    cfg.data.batch_size = 0
+    with pytest.raises(ConfigError, match=r"data\.batch_size: must be > 0"):
+        fit_factors(cfg, overwrite=True)
+    assert factors.read_bytes() == before  # the overwrite never started
+
+
+def test_wrong_argument_types_are_named(tmp_path):
+    cfg = _digits(tmp_path)
+    with pytest.raises(TypeError, match=r"fit_factors\(\) takes a Config .*load_config\(path\).*not str"):
+        fit_factors(str(DIGITS))
+    with pytest.raises(TypeError, match=r"compute_scores\(\) takes a Config.*not dict"):
+        compute_scores(cfg.to_dict())
+    with pytest.raises(TypeError, match=r"top_k\(\) takes the folder of the scores \(cfg\.output_path\), not Config"):
+        top_k(cfg)
+    fit_factors(cfg)
+    compute_scores(cfg)
+    with pytest.raises(TypeError, match="k: expected an int, not 2.5"):
+        top_k(cfg.output_path, k=2.5)
+    with pytest.raises(TypeError, match=r"slice\(0, 3\) for 0:3"):
+        top_k(cfg.output_path, queries="0:3")
+    assert influence_cli.load_factors(str(cfg.output_path / FACTORS_FILE)).strategy == "ekfac"
+
+
+def test_layers_given_as_one_string_are_one_pattern(tmp_path):
+    cfg = _digits(tmp_path, "factors.strategy=kfac")
+    fit_factors(cfg)
+    assert influence_cli.spectrum(cfg, layers="fc1").layers == ["fc1"]
+
+
+def test_calls_leave_the_callers_random_state_and_grad_mode_as_they_were(tmp_path):
+    """DataLoader seeds its workers from the global generator unless given its own."""
+    cfg = _digits(tmp_path)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    with torch.no_grad():
+        fit_factors(cfg)
+        compute_scores(cfg)
+        compute_scores(cfg, self_influence=True)
+        assert not torch.is_grad_enabled()
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_inference_mode_is_named_as_the_callers(tmp_path):
+    cfg = _digits(tmp_path)
+    with torch.inference_mode(), pytest.raises(UsageError, match=r"fit_factors\(\) was called under torch.inference_mode\(\)"):
+        fit_factors(cfg)
+    assert not (cfg.output_path / FACTORS_FILE).exists()
+
+
+def test_errors_show_their_hint_in_a_python_traceback(tmp_path):
+    cfg = _digits(tmp_path)
+    fit_factors(cfg)
+    with pytest.raises(OutputError) as info:
+        fit_factors(cfg)
+    assert str(info.value) == f"{info.value.message}\nhint: {info.value.hint}" and info.value.hint
+    assert str(InfluenceError("no hint")) == "no hint"
+
+
+def test_a_lock_names_the_program_that_holds_it(monkeypatch):
+    from influence_cli.storage import _program
+
+    monkeypatch.setattr(sys, "argv", ["/env/lib/influence_cli/__main__.py", "fit-factors", "run.yaml", "--overwrite"])
+    assert _program() == "python -m influence_cli fit-factors run.yaml"
+    monkeypatch.setattr(sys, "argv", ["/home/me/attribute.py", "1"])
+    assert _program() == "attribute.py 1"
