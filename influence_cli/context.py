@@ -12,6 +12,7 @@ from influence_cli import notices
 from influence_cli.config import Config, DataSpec, config_from_dict
 from influence_cli.data import IndexedDataset, load_dataset, make_loader
 from influence_cli.distributed import DistState, resolve_device
+from influence_cli.errors import alike_on_every_rank
 from influence_cli.models import BUILTIN_ARCHITECTURES, load_model, model_definition, model_fingerprint, takes_token_ids
 from influence_cli.tracking import TrackedModule, find_tracked_modules
 
@@ -78,7 +79,8 @@ class RunContext:
             from influence_cli.errors import ConfigError
 
             raise ConfigError(f"{name}: missing in the config", source=self.cfg.source, hint=f"add a {name} block with a source: key")
-        return load_dataset(spec, self.cfg.base_dir, name=name, seed=self.cfg.seed, embedding_model=takes_token_ids(self.model))
+        with alike_on_every_rank():  # every rank reads the whole spec: a refusal is printed once
+            return load_dataset(spec, self.cfg.base_dir, name=name, seed=self.cfg.seed, embedding_model=takes_token_ids(self.model))
 
     def batches(self, dataset: IndexedDataset, start_batch: int = 0, limit: int | None = None):
         """This rank's contiguous shard of `dataset` (optionally its first `limit` examples) as batches."""

@@ -6,6 +6,9 @@ an optional hint (the next step), and the process exit code the CLI uses.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 
 class InfluenceError(Exception):
     """Base class of every error the tool reports to a user."""
@@ -103,6 +106,19 @@ class ResourceError(InfluenceError):
 
     exit_code = 8
     kind = "out of memory"
+
+
+@contextlib.contextmanager
+def alike_on_every_rank() -> Iterator[None]:
+    """Marks the typed errors raised inside as met alike by every rank of a torchrun job (so printed
+    once): for work every rank does whole on the same inputs (loading a dataset, the query pass).
+    Out-of-memory and lost-peer errors stay each rank's own."""
+    try:
+        yield
+    except InfluenceError as exc:
+        if not isinstance(exc, (ResourceError, DistributedError)):
+            exc.everywhere()
+        raise
 
 
 def out_of_memory(exc: BaseException) -> ResourceError | None:

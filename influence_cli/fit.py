@@ -484,51 +484,52 @@ def check_factors_match(
 ) -> None:
     """Refuses factors of another model, task, other layers, other padding, or (when given) another
     training set or number of examples (factors.max_examples); with `same_fit` (compute-scores,
-    whose scores record the factors' settings) also another seed for sampled labels."""
+    whose scores record the factors' settings) also another seed for sampled labels. Every rank of
+    a torchrun job reads the same file and config: the refusal is printed once."""
     meta = factors.metadata
     fitted_seed = meta.get("seed")
     if same_fit and factors.fisher == "sampled" and fitted_seed is not None and fitted_seed != ctx.cfg.seed:
         raise OutputError(
             f"{str(path)!r} was fitted with seed={fitted_seed} (its sampled Fisher labels), the config has {ctx.cfg.seed}",
             hint="use the seed of fit-factors, or refit with --overwrite",
-        )
+        ).everywhere()
     fitted_task = meta.get("task")  # absent from files written before the task was recorded
     if fitted_task is not None and fitted_task != ctx.cfg.task.kind:
         raise OutputError(
             f"{str(path)!r} was fitted for task.kind={fitted_task}, the config has {ctx.cfg.task.kind}",
             hint="use the task of fit-factors, or refit with --overwrite",
-        )
+        ).everywhere()
     if meta.get("model_fingerprint") != ctx.model_fingerprint:
         raise OutputError(
             f"{str(path)!r} was fitted for another model (fingerprint {meta.get('model_fingerprint')} vs {ctx.model_fingerprint})",
             hint="rerun `influence fit-factors` for this checkpoint (with --overwrite)",
-        )
+        ).everywhere()
     fitted_definition = meta.get("model_definition")  # absent from files written before it was recorded
     if fitted_definition is not None and fitted_definition != ctx.model_definition:
         raise OutputError(
             f"{str(path)!r} was fitted for another model definition ({definition_change(fitted_definition, ctx.model_definition)})",
             hint="use the model block of fit-factors, or refit with --overwrite",
-        )
+        ).everywhere()
     names = [tm.name for tm in ctx.tracked]
     if list(factors.layers) != names:
         raise OutputError(
             f"{str(path)!r} tracks layers {list(factors.layers)}, the config tracks {names}",
             hint="use the same factors.modules as fit-factors, or refit with --overwrite",
-        )
+        ).everywhere()
     if dataset_fingerprint is not None and meta.get("dataset_fingerprint") != dataset_fingerprint:
         raise OutputError(
             f"{str(path)!r} was fitted on another training set than data.train",
             hint="use the data.train of fit-factors, or refit with --overwrite",
-        )
+        ).everywhere()
     fitted_n = meta.get("num_examples")
     if num_examples is not None and fitted_n is not None and fitted_n != num_examples:
         raise OutputError(
             f"{str(path)!r} was fitted on {fitted_n} examples, the config asks for {num_examples} (data.train, factors.max_examples)",
             hint="use the factors.max_examples of fit-factors, or refit with --overwrite",
-        )
+        ).everywhere()
     fitted_padding = meta.get("padding_value")
     if fitted_padding != ctx.cfg.data.padding_value:
         raise OutputError(
             f"{str(path)!r} was fitted with data.padding_value={yaml_text(fitted_padding)}, the config has {yaml_text(ctx.cfg.data.padding_value)}",
             hint="use the padding of fit-factors, or refit with --overwrite",
-        )
+        ).everywhere()

@@ -31,7 +31,7 @@ from influence_cli.context import RunContext, prepare
 from influence_cli.data import IndexedDataset, make_loader
 from influence_cli.distributed import DistState
 from influence_cli.ensemble import Member, describe_member, ensemble_members, prepare_member
-from influence_cli.errors import DistributedError, InfluenceError, NumericalError, OutputError
+from influence_cli.errors import DistributedError, InfluenceError, NumericalError, OutputError, alike_on_every_rank
 from influence_cli.factors import LayerFactors
 from influence_cli.fit import check_factors_match, load_factors, num_fit_examples
 from influence_cli.kernel import ScoreKernel, StoredQueries, build_kernel, safe_norms
@@ -399,6 +399,10 @@ class _Scorer:
     @torch.no_grad()
     def query_info(self, queries: IndexedDataset) -> dict[str, torch.Tensor]:
         """query_indices [Q], query_labels [Q, ...] and query_predictions (arg-max over the last dim, or the outputs for regression)."""
+        with alike_on_every_rank():  # every rank runs every query
+            return self._query_info(queries)
+
+    def _query_info(self, queries: IndexedDataset) -> dict[str, torch.Tensor]:
         labels, preds = [], []
         model = self.ctx.model
         dtype = model_dtype(model)
@@ -425,6 +429,10 @@ class _Scorer:
     def precondition(self, queries: IndexedDataset, q0: int, q1: int, title: str) -> list[StoredQueries]:
         """Per member, {layer: (F + λ)⁻¹ ∇(measurement) [q1 - q0, P]} for query positions [q0, q1)
         (layers without positions: in column blocks, ScoreKernel.store_queries)."""
+        with alike_on_every_rank():  # every rank preconditions every query
+            return self._precondition(queries, q0, q1, title)
+
+    def _precondition(self, queries: IndexedDataset, q0: int, q1: int, title: str) -> list[StoredQueries]:
         outs: list[StoredQueries] = [{} for _ in self.members]
         watch = NonFiniteWatch(self.ctx.device, "no scores were written")
         self.progress.start(title, q1 - q0)
@@ -669,7 +677,8 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
     chunks = layout.query_chunks
     mine = [s for s in layout.shards if s.rank == st.rank]
     cached: list[StoredQueries] | None = None
-    watch = NonFiniteWatch(ctx.device, "no scores were written")
+    unwritten = "no index was written (finished shards stay for --resume)" if layout.sharded else "no scores were written"
+    watch = NonFiniteWatch(ctx.device, unwritten)
     steps, scored, resumed_from, kept = 0, 0, None, 0  # kept: shards the interrupted run finished
 
     def kept_note() -> str:
@@ -758,6 +767,7 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
         del block
     if kept and resumed_from is None:  # every shard of this rank was finished: only the index was missing
         resumed_from = f"the index{kept_note()}"
+    rate, resumed_from = _job_view(st, scored // len(chunks), seconds["scores"], resumed_from)
     st.barrier()
     if layout.sharded:
         if st.is_main:
@@ -777,7 +787,6 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
         st.barrier()
     checkpoint.clear()
     seconds["total"] = time.perf_counter() - t0 + seconds["setup"]
-    rate = scored / len(chunks) / seconds["scores"] if seconds["scores"] > 0 else 0.0
     return ScoresReport(
         "pairwise",
         paths,
@@ -791,11 +800,23 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
         cfg.task.measurement,
         common["damping"],
         seconds,
-        rate * st.world_size,
+        rate,
         resumed_from,
         {tm.name: tm.num_params for tm in ctx.tracked},
         n_members,
     )
+
+
+def _job_view(st: DistState, scored: int, seconds: float, resumed_from: str | None) -> tuple[float, str | None]:
+    """(training examples scored per second by the whole job, where each rank resumed) from every
+    rank's count, seconds and resume point: all ranks' examples over the slowest rank's seconds."""
+    views = st.all_gather_object((scored, seconds, resumed_from))
+    slowest = max(v[1] for v in views)  # type: ignore[index]
+    rate = sum(v[0] for v in views) / slowest if slowest > 0 else 0.0  # type: ignore[index]
+    if not st.distributed:
+        return rate, resumed_from
+    resumed = [f"rank {r}: {v[2]}" for r, v in enumerate(views) if v[2] is not None]  # type: ignore[index]
+    return rate, "; ".join(resumed) or None
 
 
 def _pass_title(shard: ShardSpec, layout: ScoresLayout, chunk: int, num_chunks: int) -> str:
@@ -860,7 +881,7 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
     if skip:
         scorer.progress.advance(min(stop - start, skip * scorer.bs))
     t0 = time.perf_counter()
-    steps = 0
+    steps = scored = 0
     for batches in scorer.train_batches(shard, skip):
         batch = batches[0]
         c0 = batch.index * scorer.bs
@@ -871,6 +892,7 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
         for b in batches:
             watch.observe(b)
         steps += 1
+        scored += n
         if checkpoint.due(steps):
             watch.check("self-influence")
             checkpoint.save("self", batch.index + 1, {"values": values} | ({"labels": labels} if collect and labels is not None else {}))
@@ -878,6 +900,7 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
     watch.check("self-influence")
     seconds["self"] = time.perf_counter() - t0
     scorer.progress.stop()
+    rate, resumed_from = _job_view(st, scored, seconds["self"], resumed_from)
     st.all_reduce_(values)
     if collect and st.distributed:  # each rank collected its own range
         parts = [p for p in st.all_gather_object(None if labels is None else labels.cpu()) if p is not None]
@@ -890,9 +913,8 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
         storage.save_tensors(path, tensors, metadata)
     st.barrier()
     checkpoint.clear()
-    rate = (stop - start) / seconds["self"] if seconds["self"] > 0 else 0.0
     return ScoresReport(
-        "self", [path], 0, n_t, False, 1, 0, False, cfg.factors.strategy, "loss", common["damping"], seconds, rate * st.world_size,
+        "self", [path], 0, n_t, False, 1, 0, False, cfg.factors.strategy, "loss", common["damping"], seconds, rate,
         resumed_from, {tm.name: tm.num_params for tm in ctx.tracked}, len(scorer.members),
     )
 

@@ -178,9 +178,9 @@ def dataset_statistics(
             progress.advance(len(batch.global_indices))
     finally:
         progress.stop()  # also on errors and Ctrl-C, so the terminal is clean for the message
-    for t in [*grad_sum.values(), *diag.sums.values(), diag.count]:
-        plan.all_reduce(t)  # before any check, so that a NaN on one rank reaches (and stops) every rank
-    watch.check(name)
+    watch.check(name)  # before the all-reduce, as fit-factors does: the rank whose shard holds the NaN names its examples,
+    for t in [*grad_sum.values(), *diag.sums.values(), diag.count]:  # and the others stop with a lost-peer error
+        plan.all_reduce(t)
     count = float(diag.count)
     if count == 0:  # pragma: no cover - load_dataset refuses empty datasets
         raise NumericalError(f"{name}: no examples were streamed")

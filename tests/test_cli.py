@@ -777,6 +777,15 @@ def test_under_torchrun_rank_0_alone_says_what_every_rank_meets_and_prints_one_p
     assert capsys.readouterr().err == ""  # rank 0 says these for the job
     assert report_error(DataError("data.train: example 7 is NaN")) == 3  # about this rank's shard: said here
     assert "[rank 1] data error: data.train: example 7 is NaN" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    report_error(DataError("data.train: example 3 is NaN"))  # rank 0's own shard: said as rank 0's, not the job's
+    assert "[rank 0] data error: data.train: example 3 is NaN" in capsys.readouterr().err
+    report_error(ConfigError("data.batch_size: must be > 0"))
+    assert capsys.readouterr().err.startswith("config error: ")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    report_error(DataError("data.train: example 3 is NaN"))
+    assert capsys.readouterr().err.startswith("data error: ")
 
 
 def test_a_closed_stdout_exits_141_like_a_shell_pipe(runner: CliRunner, tmp_path: Path):

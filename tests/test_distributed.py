@@ -402,3 +402,23 @@ def test_a_gpu_the_machine_lacks_is_named(monkeypatch):
         assert f"device: {preference!r} gives LOCAL_RANK=2 GPU cuda:2, but this machine has 2 CUDA devices (cuda:0..cuda:1)" in info.value.message
         assert "torchrun --nproc_per_node=2" in info.value.hint
     assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_a_scores_report_speaks_for_the_whole_job():
+    """The rate is every rank's examples over the slowest rank's seconds (rank 0's alone read 0/s when its
+    shard was finished before a resume, or empty), and each rank says where it resumed."""
+    from influence_cli.scores import _job_view
+
+    class TwoRanks:
+        distributed = True
+
+        def __init__(self, views):
+            self.views = views
+
+        def all_gather_object(self, obj):
+            return self.views
+
+    rate, resumed = _job_view(TwoRanks([(0, 0.0, "the index (1 finished shard kept)"), (300, 2.0, "shard 1, query chunk 1/1, batch 3")]), 0, 0.0, None)
+    assert rate == 150.0
+    assert resumed == "rank 0: the index (1 finished shard kept); rank 1: shard 1, query chunk 1/1, batch 3"
+    assert _job_view(TwoRanks([(100, 1.0, None), (100, 2.0, None)]), 100, 1.0, None) == (100.0, None)

@@ -101,7 +101,8 @@ def report_error(exc: InfluenceError) -> int:
     rank = os.environ.get("RANK")
     if rank not in (None, "", "0") and exc.same_on_every_rank:  # rank 0 says it for the job
         return exc.exit_code
-    prefix = escape(f"[rank {rank}] ") if rank not in (None, "0") else ""  # the markup would swallow "[rank 1]"
+    own = rank not in (None, "", "0") or (rank == "0" and os.environ.get("WORLD_SIZE", "1") not in ("", "1") and not exc.same_on_every_rank)
+    prefix = escape(f"[rank {rank}] ") if own else ""  # a rank's own error (its shard), rank 0's too; the markup would swallow "[rank 1]"
     err_console.print(f"[bold red]{prefix}{exc.kind}:[/] {escape(exc.message)}", highlight=False, markup=True, soft_wrap=True)
     if exc.hint:
         err_console.print(f"[dim]hint:[/] {escape(exc.hint)}", highlight=False, soft_wrap=True)
