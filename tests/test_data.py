@@ -266,6 +266,28 @@ def test_image_folder_skips_hidden_entries_and_counts_other_files(tmp_path: Path
     assert ds[5][0].shape == (3, 6, 5)  # the GIF is read
 
 
+def test_image_folder_says_what_it_does_not_read(tmp_path: Path, caplog) -> None:
+    """Files of other types were dropped without a word; an empty class folder was refused as "no images found"."""
+    from PIL import Image
+
+    root = write_image_folder(tmp_path / "imgs")
+    Image.new("RGB", (5, 6)).save(root / "dog" / "photo.jfif", format="JPEG")  # another name of JPEG: read
+    (root / "dog" / "notes.txt").write_text("x")
+    (root / "README.md").write_text("x")
+    (root / "zebra").mkdir()
+    with caplog.at_level("WARNING", logger="influence_cli"):
+        ds = load_dataset(DataSpec(source="image_folder", root="imgs"), tmp_path)
+    assert ds.class_names == ["cat", "dog", "zebra"] and ds.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    warned = " ".join(caplog.messages)
+    assert "class folder(s) ['zebra']" in warned and "no examples of those classes" in warned
+    assert "1 file of other types (.txt 1) in the class folders and 1 file in the root folder itself" in warned and "are not read" in warned
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    (tmp_path / "empty" / "a" / "x.txt").write_text("x")
+    with pytest.raises(DataError, match=r"no images in the class folders of .*empty' \(1 file of other types \(.txt 1\)\)") as info:
+        load_dataset(DataSpec(source="image_folder", root="empty"), tmp_path)
+    assert ".jfif" in info.value.hint
+
+
 # ----------------------------------------------------------------------------- factory source
 
 
@@ -392,7 +414,15 @@ def test_cifar10_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_torchvision_missing_files_error(tmp_path: Path) -> None:
     msg = error_of(DataSpec(source="mnist", root=str(tmp_path / "nothing"), split="test"), name="data.query")
-    assert msg.startswith("data.query.root:") and "not found" in msg
+    assert msg.startswith("data.query.root: no MNIST test split under") and "expected t10k-images-idx3-ubyte[.gz] and t10k-labels-idx1-ubyte[.gz]" in msg
+    raw = tmp_path / "data" / "MNIST" / "raw"  # the labels missing, and root pointed at MNIST/ instead of its parent
+    raw.mkdir(parents=True)
+    write_idx(raw / "t10k-images-idx3-ubyte", synthetic_images())
+    with pytest.raises(DataError, match=r"in '.*/data/MNIST/raw' or '.*/data' \(found only t10k-images-idx3-ubyte\)"):
+        load_dataset(DataSpec(source="mnist", root="data", split="test"), tmp_path)
+    with pytest.raises(DataError) as info:
+        load_dataset(DataSpec(source="mnist", root="data/MNIST", split="test"), tmp_path)
+    assert "data.train.root names the MNIST folder itself: point it at the folder that holds MNIST/" in info.value.hint
     with pytest.raises(DataError) as info:
         load_dataset(DataSpec(source="cifar10", root=str(tmp_path)), ".")
     assert "download: true" in info.value.hint
@@ -736,12 +766,12 @@ def test_image_folder_errors(tmp_path: Path) -> None:
     assert error_of(DataSpec(source="image_folder", root="bare"), tmp_path).endswith("has no class sub-folders")
 
 
-def test_image_suffixes_are_torchvisions_and_gif() -> None:
+def test_image_suffixes_are_torchvisions_gif_and_the_other_jpeg_names() -> None:
     import torchvision.datasets as tvd
 
     from influence_cli.data import torchvision_sets
 
-    assert set(torchvision_sets._IMAGE_SUFFIXES) == {*tvd.folder.IMG_EXTENSIONS, ".gif"}
+    assert set(torchvision_sets._IMAGE_SUFFIXES) == {*tvd.folder.IMG_EXTENSIONS, ".gif", ".jpe", ".jfif"}
 
 
 def test_a_query_folder_is_read_in_the_colour_mode_of_the_training_folder(tmp_path: Path) -> None:
@@ -861,7 +891,7 @@ def test_fashion_mnist_is_not_read_from_mnist_files_beside_it(tmp_path: Path) ->
     assert ds.labels.tolist() == synthetic_labels().tolist()
     # the flat files are MNIST's layout only: FashionMNIST never reads them (it read digits as clothes)
     shutil.rmtree(raw)
-    with pytest.raises(DataError, match="cannot read FashionMNIST") as exc:
+    with pytest.raises(DataError, match="no FashionMNIST train split under") as exc:
         load_dataset(DataSpec(source="fashion_mnist", root="root", split="train"), tmp_path)
     assert "a flat folder of FashionMNIST IDX files reads with source: idx" in exc.value.hint
     assert load_dataset(DataSpec(source="mnist", root="root", split="train"), tmp_path).labels.tolist() == [0] * N
@@ -1081,6 +1111,10 @@ def test_channels_last_images_with_a_channel_normalize_say_so(tmp_path: Path) ->
     assert torch.equal(moved[1][0], first[1].permute(2, 0, 1))
     plain = load_dataset(DataSpec(source="tensors", path="e.safetensors"), tmp_path)
     assert moved.fingerprint() != plain.fingerprint()
+    from influence_cli.data.dataset import example_image  # top-k --image-grid: the image as the model sees it, resized too
+
+    resized = load_dataset(DataSpec(source="tensors", path="e.safetensors", transform=TransformSpec(channels_first=True, resize=[8, 8])), tmp_path)
+    assert example_image(resized, 1).shape == (3, 8, 8)
     with pytest.raises(DataError, match=r"transform.channels_first: inputs of shape \[4, 5, 3, 1\] are not \[H, W, C\] images"):
         save_file({"inputs": torch.zeros(2, 4, 5, 3, 1), "labels": torch.zeros(2, dtype=torch.int64)}, tmp_path / "f.safetensors")
         load_dataset(DataSpec(source="tensors", path="f.safetensors", transform=TransformSpec(channels_first=True)), tmp_path)

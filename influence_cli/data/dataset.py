@@ -254,10 +254,12 @@ class IndexedDataset(Dataset):
         return self._fingerprint
 
     def raw_example(self, position: int) -> torch.Tensor:
-        """The untransformed (but resized) input of one example, float32 [*image_shape]."""
+        """The untransformed (but channels-first and resized, as the model sees it) input of one example, float32 [*image_shape]."""
         p = self._position(position)
         raw = self._inputs[p : p + 1] if self._inputs is not None else self._load_item(p)[0].unsqueeze(0)
         x = raw.to(torch.float32)
+        if self._transform.channels_first:  # [1, H, W, C] -> [1, C, H, W] before resize, which works on the last two axes
+            x = x.permute(0, 3, 1, 2)
         if self._transform.resize is not None:
             x = resize_images(x, self._transform.resize)
         return x[0]

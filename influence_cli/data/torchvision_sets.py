@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from influence_cli import notices
 from influence_cli.config import DataSpec, image_folder_classes, resolve_path
 from influence_cli.data.idx import idx_images, read_idx
 from influence_cli.data.source import Source, file_info, pil_to_tensor, to_inputs, to_labels
@@ -47,6 +49,27 @@ def _find_mnist_files(root: Path, source: str, split: str) -> tuple[Path, Path] 
     return None
 
 
+def _missing_mnist_files(root: Path, spec: DataSpec, name: str) -> DataError:
+    """Names the IDX files an MNIST-style source looks for, where, and which of them are there."""
+    cls_name, label = TORCHVISION_SOURCES[spec.source]
+    prefix = "train" if spec.split == "train" else "t10k"
+    wanted = [f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"]
+    folders = [root / cls_name / "raw"] + ([root] if spec.source == "mnist" else [])
+    present = sorted({f.name for d in folders if d.is_dir() for f in d.iterdir() if f.name.split(".")[0] in wanted})
+    where = " or ".join(repr(str(d)) for d in folders)
+    hints = []
+    if root.name == cls_name:
+        hints.append(f"{name}.root names the {cls_name} folder itself: point it at the folder that holds {cls_name}/")
+    hints.append(f"set {name}.download: true to fetch them")
+    if spec.source == "fashion_mnist":
+        hints.append("a flat folder of FashionMNIST IDX files reads with source: idx")
+    return DataError(
+        f"{name}.root: no {label} {spec.split} split under {str(root)!r}: expected {wanted[0]}[.gz] and {wanted[1]}[.gz] in {where}"
+        + (f" (found only {', '.join(present)})" if present else ""),
+        hint="; ".join(hints),
+    )
+
+
 def open_torchvision(spec: DataSpec, base_dir: Path, name: str) -> Source:
     if spec.root is None:
         raise DataError(f"{name}.root: required for source {spec.source} (the dataset folder)")
@@ -73,6 +96,8 @@ def open_torchvision(spec: DataSpec, base_dir: Path, name: str) -> Source:
                 raw_255=True,
                 label_key="root",
             )
+        if not spec.download:
+            raise _missing_mnist_files(root, spec, name)
     try:
         import torchvision.datasets as tvd
     except ImportError:
@@ -91,8 +116,7 @@ def open_torchvision(spec: DataSpec, base_dir: Path, name: str) -> Source:
             ) from None
         raise DataError(
             f"{name}.root: cannot read {label} ({spec.split}) under {str(root)!r} ({reason})",
-            hint=f"point {name}.root at the folder holding torchvision's files (checked against their md5 sums), or set {name}.download: true"
-            + ("; a flat folder of FashionMNIST IDX files reads with source: idx" if spec.source == "fashion_mnist" else ""),
+            hint=f"point {name}.root at the folder holding torchvision's files (checked against their md5 sums), or set {name}.download: true",
         ) from None
     data = torch.as_tensor(np.asarray(ds.data)) if not isinstance(ds.data, torch.Tensor) else ds.data
     if spec.source == "cifar10":
@@ -168,7 +192,7 @@ def _folder_mode(samples: list[tuple[str, int]], key: str) -> str:
     return "L" if gray else "RGB"
 
 
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")  # torchvision's, and GIF
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")  # torchvision's, other JPEG names, GIF
 
 
 @functools.lru_cache(maxsize=8)
@@ -213,6 +237,20 @@ def _list_image_folder(root: Path, suffixes: tuple[str, ...]) -> tuple[list[str]
     return classes, is_image, skipped
 
 
+def _folder_samples(root: Path, present: list[str], label: dict[str, int], is_image: Any) -> tuple[list[tuple[str, int]], list[str]]:
+    """(path, label) of every image under each class folder, in torchvision's make_dataset order
+    (classes sorted, then sorted walks with links followed), and the class folders holding none."""
+    samples: list[tuple[str, int]] = []
+    empty: list[str] = []
+    for c in present:
+        found = [str(Path(d) / f) for d, _, files in sorted(os.walk(root / c, followlinks=True)) for f in sorted(files)]
+        found = [f for f in found if is_image(f)]
+        if not found:
+            empty.append(c)
+        samples += [(f, label[c]) for f in found]
+    return samples, empty
+
+
 def _skipped_text(skipped: dict[str, int]) -> str:
     """'3 files of other types (.txt 2, .avif 1)'."""
     total = sum(skipped.values())
@@ -226,10 +264,6 @@ def open_image_folder(spec: DataSpec, base_dir: Path, name: str) -> Source:
     root = resolve_path(spec.root, base_dir)
     if not root.is_dir():
         raise DataError(f"{name}.root: {str(root)!r} is not a folder")
-    try:
-        import torchvision.datasets as tvd
-    except ImportError:
-        raise DataError(f"{name}.source: image_folder needs torchvision", hint="pip install torchvision") from None
     present, is_image, skipped = _list_image_folder(root, _IMAGE_SUFFIXES)
     if not present:
         loose = any(p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES for p in root.iterdir())
@@ -244,14 +278,20 @@ def open_image_folder(spec: DataSpec, base_dir: Path, name: str) -> Source:
             f"{name}.root: class folder(s) {unknown[:5]} of {str(root)!r} are not among the classes {classes[:12]}",
             hint=f"list every class in {name}.classes (label order), or remove those folders",
         )
-    try:
-        found = tvd.folder.make_dataset(str(root), {c: classes.index(c) for c in present}, is_valid_file=is_image)
-    except (FileNotFoundError, OSError) as exc:
+    samples, empty = _folder_samples(root, present, {c: classes.index(c) for c in present}, is_image)
+    if not samples:
         raise DataError(
-            f"{name}.root: no images found under {str(root)!r} ({exc})",
-            hint="image_folder expects root/<class name>/<image files>",
-        ) from None
-    samples = [(str(p), int(t)) for p, t in found]
+            f"{name}.root: no images in the class folders of {str(root)!r}" + (f" ({_skipped_text(skipped)})" if skipped else ""),
+            hint=f"image_folder reads {', '.join(_IMAGE_SUFFIXES)} files in root/<class name>/",
+        )
+    if empty and spec.colour_of is None:  # a folder of its own classes (a query folder takes data.train's, and may lack some)
+        notices.warn(f"{name}.root: class folder(s) {empty[:8]} of {str(root)!r} hold no images: no examples of those classes")
+    loose = [p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")]
+    if skipped or loose:
+        parts = ([_skipped_text(skipped) + " in the class folders"] if skipped else []) + (
+            [f"{len(loose)} file{'s' if len(loose) != 1 else ''} in the root folder itself"] if loose else []
+        )
+        notices.warn(f"{name}.root: {' and '.join(parts)} of {str(root)!r} are not read (image files: {', '.join(_IMAGE_SUFFIXES)})")
     mode = _folder_mode(samples, f"{name}.root")  # also checks every image's header
     if spec.colour_of is not None:
         mode = _root_mode(spec.colour_of)  # data.train's: the model takes its channels, whatever this folder holds
