@@ -818,6 +818,19 @@ def _check_data_spec(cfg: Config, spec: DataSpec, key: str, check_files: bool) -
             problems.append(f"{key}.{name}: required for source {spec.source}")
         elif check_files and not (spec.source in ("mnist", "fashion_mnist", "cifar10") and spec.download):
             problems += _named_path_problem(cfg, f"{key}.{name}", value, "folder" if name == "root" else "file")
+    if spec.source in builtin or ":" in spec.source:  # a key the source never reads is a mistake, not a no-op
+        torchvision = ("mnist", "fashion_mnist", "cifar10")
+        readers = {
+            "images": ("idx",), "labels": ("idx",), "path": ("tensors",), "root": (*torchvision, "image_folder"),
+            "split": torchvision, "download": torchvision, "inputs_key": ("tensors",), "labels_key": ("tensors",),
+        }  # fmt: skip
+        source = "factory" if ":" in spec.source else spec.source
+        defaults = DataSpec()
+        for name, sources in readers.items():
+            if source not in sources and getattr(spec, name) != getattr(defaults, name):
+                problems.append(f"{key}.{name}: not read by source {spec.source} (it is for {', '.join(sources)})")
+        if spec.kwargs and source != "factory":
+            problems.append(f"{key}.kwargs: not read by source {spec.source} (it is for package.module:function sources)")
     if spec.indices_file is not None and check_files:
         problems += _named_path_problem(cfg, f"{key}.indices_file", spec.indices_file, "file")
     if spec.range is not None:

@@ -672,6 +672,22 @@ def test_value_problems_name_their_key(patch: dict):
         assert cfg.scores.damping == "auto" or (math.isfinite(cfg.scores.damping) and cfg.scores.damping >= 0)
 
 
+def test_keys_the_source_never_reads_are_refused():
+    """root, split or kwargs on a tensors source did nothing, silently (a copied block, a wrong source)."""
+    data = minimal()
+    data["data"]["train"] |= {"root": "imgs", "split": "test", "kwargs": {"n": 3}, "images": "x.gz"}
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(data)
+    assert info.value.problems == [
+        "data.train.images: not read by source tensors (it is for idx)",
+        "data.train.root: not read by source tensors (it is for mnist, fashion_mnist, cifar10, image_folder)",
+        "data.train.split: not read by source tensors (it is for mnist, fashion_mnist, cifar10)",
+        "data.train.kwargs: not read by source tensors (it is for package.module:function sources)",
+    ]
+    data["data"]["train"] = {"source": "tensors", "path": str(SAMPLE / "digits.safetensors"), "split": "train", "inputs_key": "inputs"}
+    assert config_from_dict(data).data.train.path  # the defaults written out are fine
+
+
 # ----------------------------------------------------------------------------- docs
 
 
