@@ -398,7 +398,7 @@ def inputs_named(x: torch.Tensor, idx: torch.Tensor, dataset_name: str, *, first
             ) from exc
         if first and isinstance(exc, (IndexError, RuntimeError, ValueError, TypeError)) and _about_inputs(reason):
             raise DataError(  # e.g. a shape mismatch, or table[x] with float x
-                f"{dataset_name}: inputs of shape {list(x.shape)}{_kind(x)} do not fit the model ({reason})",
+                f"{dataset_name}: inputs {_shape_text(x)}{_kind(x)} do not fit the model ({reason})",
                 hint=_input_hint(x, reason, dataset_name),
             ) from exc
         raise ModelError(
@@ -506,6 +506,11 @@ def index_span(indices: torch.Tensor | list[int]) -> str:
     """Global indices for a message: all of up to 4, else "first, second, ..., last"."""
     values = indices.tolist() if isinstance(indices, torch.Tensor) else list(indices)
     return ", ".join(map(str, values)) if len(values) <= 4 else f"{values[0]}, {values[1]}, ..., {values[-1]}"
+
+
+def _shape_text(x: torch.Tensor) -> str:
+    """'of shape [B, ...]' of a batch, or, for inputs of one number per example, what [B] means."""
+    return f"of shape {list(x.shape)}" if x.ndim > 1 else f"of one number per example (a batch of {x.shape[0]}, shape [{x.shape[0]}])"
 
 
 def _kind(x: torch.Tensor) -> str:

@@ -1185,3 +1185,39 @@ def test_token_ids_take_no_channels(tmp_path: Path) -> None:
     spec = DataSpec(source="tensors", path="t.safetensors", transform=TransformSpec(channels=3, dtype="int64"))
     with pytest.raises(DataError, match=r"int64 token ids cannot be combined with channels"):
         load_dataset(spec, tmp_path)
+
+
+def test_inputs_of_one_number_each_are_not_called_a_shape_of_the_batch_size() -> None:
+    from influence_cli.passes import inputs_named
+
+    with pytest.raises(DataError, match=r"inputs of one number per example \(a batch of 8, shape \[8\]\) do not fit the model"):
+        with inputs_named(torch.zeros(8), torch.arange(8), "data.train", first=True):
+            torch.nn.Linear(3, 2)(torch.zeros(8))
+
+
+def test_per_channel_normalize_on_images_without_a_channel_axis_says_so(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"inputs": torch.zeros(4, 6, 5), "labels": torch.zeros(4, dtype=torch.int64)}, tmp_path / "d.safetensors")
+    spec = DataSpec(source="tensors", path="d.safetensors", transform=TransformSpec(normalize=NormalizeSpec(mean=[0.5] * 2, std=[0.2] * 2)))
+    assert "[H, W] images have no channel axis: give a single mean and std" in error_of(spec, tmp_path)
+
+
+def test_a_file_named_npz_that_is_no_archive_is_named_as_such(tmp_path: Path) -> None:
+    """numpy reads anything without a zip or .npy header as a pickle, and said "allow_pickle"."""
+    (tmp_path / "d.npz").write_bytes(b"not an archive at all")
+    msg = error_of(DataSpec(source="tensors", path="d.npz"), tmp_path)
+    assert msg == "data.train.path: d.npz is not an .npz archive (no zip header)"
+
+
+def test_a_factory_that_cannot_find_a_relative_file_says_where_it_looked(tmp_path: Path) -> None:
+    mod = write_module(
+        tmp_path,
+        """
+        def make(path):
+            return open(path).read()
+        """,
+    )
+    with pytest.raises(DataError, match=r"raised FileNotFoundError") as info:
+        load_dataset(DataSpec(source=f"{mod}:make", kwargs={"path": "gtrain"}), tmp_path)
+    assert "opens relative paths from the working directory" in info.value.hint and "data.train.kwargs" in info.value.hint

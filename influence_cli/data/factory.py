@@ -174,7 +174,13 @@ def open_factory(spec: DataSpec, base_dir: Path, name: str) -> Source:
             raise
         except Exception as exc:
             reason = str(exc).splitlines()[0] if str(exc) else ""
-            raise DataError(f"{key}: {spec.source} raised {type(exc).__name__}: {reason}") from None
+            hint = None
+            if isinstance(exc, FileNotFoundError) and not Path(str(exc.filename or "/")).is_absolute():
+                hint = (
+                    f"the factory opens relative paths from the working directory ({Path.cwd()}), not the config's folder: "
+                    f"give {name}.kwargs absolute paths, or resolve them in the factory"
+                )
+            raise DataError(f"{key}: {spec.source} raised {type(exc).__name__}: {reason}", hint=hint) from None
     mod_file = getattr(module, "__file__", None)
     files: dict[str, Any] = {"function": spec.source, "kwargs": spec.kwargs}
     if mod_file:

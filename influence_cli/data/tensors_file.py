@@ -25,6 +25,10 @@ def open_tensors(spec: DataSpec, base_dir: Path, name: str) -> Source:
 
             content = dict(load_file(str(path)))
         elif suffix == ".npz":
+            with open(path, "rb") as f:
+                magic = f.read(6)
+            if not magic.startswith((b"PK\x03\x04", b"PK\x05\x06", b"\x93NUMPY")):  # numpy would call anything else a pickle
+                raise DataError(f"{name}.path: {where} is not an .npz archive (no zip header)", hint="save it with numpy.savez")
             loaded = np.load(str(path), allow_pickle=False)
             if not isinstance(loaded, np.lib.npyio.NpzFile):
                 raise DataError(f"{name}.path: {where} holds one array, expected an .npz archive of named arrays")

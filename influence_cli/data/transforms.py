@@ -110,6 +110,11 @@ class Transform:
                     f"{key}.normalize: {len(mean)} values given but the inputs of shape {list(shape)} have no "
                     "channel dimension; give a single mean and std"
                 )
+            elif shape[0] != len(mean) and len(shape) == 2:
+                raise DataError(
+                    f"{key}.normalize: {len(mean)} values given for inputs of shape {list(shape)}, whose first axis ({shape[0]}) "
+                    "would be the channels; [H, W] images have no channel axis: give a single mean and std"
+                )
             elif shape[0] != len(mean):
                 last = shape[-1] == len(mean)
                 raise DataError(
