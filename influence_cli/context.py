@@ -9,16 +9,16 @@ import torch
 from torch import nn
 
 from influence_cli import notices
-from influence_cli.config import Config, DataSpec, config_from_dict
+from influence_cli.config import Config, DataSpec, recheck
 from influence_cli.data import IndexedDataset, load_dataset, make_loader
-from influence_cli.distributed import DistState, resolve_device
-from influence_cli.errors import alike_on_every_rank
+from influence_cli.distributed import DistState, agree, resolve_device
 from influence_cli.models import BUILTIN_ARCHITECTURES, load_model, model_definition, model_fingerprint, takes_token_ids
 from influence_cli.tracking import TrackedModule, find_tracked_modules
 
 
 def checked_config(cfg: Config, caller: str) -> Config:
-    """The config a run function was given, validated again as `load_config` validates a file.
+    """The config a run function was given, validated again as `load_config` validates a file
+    (`config.recheck`), and returned as it is.
 
     A `Config` is a plain dataclass: a field changed after loading (`cfg.factors.strategy = ...`,
     `cfg.data.batch_size = 0`) is checked here, before anything is read or replaced.
@@ -39,7 +39,8 @@ def checked_config(cfg: Config, caller: str) -> Config:
             f"{caller}() was called under torch.inference_mode(), where the passes cannot take gradients",
             hint="call it outside the inference_mode block (torch.no_grad() around it is fine)",
         )
-    return config_from_dict(cfg.to_dict(), base_dir=cfg.base_dir, source=cfg.source)
+    recheck(cfg)
+    return cfg
 
 
 @dataclass
@@ -79,8 +80,8 @@ class RunContext:
             from influence_cli.errors import ConfigError
 
             raise ConfigError(f"{name}: missing in the config", source=self.cfg.source, hint=f"add a {name} block with a source: key")
-        with alike_on_every_rank():  # every rank reads the whole spec: a refusal is printed once
-            return load_dataset(spec, self.cfg.base_dir, name=name, seed=self.cfg.seed, embedding_model=takes_token_ids(self.model))
+        embedding = takes_token_ids(self.model)  # every rank reads the whole spec: a refusal they all meet is printed once
+        return agree(self.state, lambda: load_dataset(spec, self.cfg.base_dir, name=name, seed=self.cfg.seed, embedding_model=embedding))
 
     def batches(self, dataset: IndexedDataset, start_batch: int = 0, limit: int | None = None):
         """This rank's contiguous shard of `dataset` (optionally its first `limit` examples) as batches."""

@@ -10,13 +10,16 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
-from influence_cli.errors import ConfigError, DistributedError
+from influence_cli.errors import ConfigError, DistributedError, InfluenceError
+
+_T = TypeVar("_T")
 
 
 def resolve_device(preference: str, local_rank: int = 0, source: str | None = None) -> torch.device:
@@ -169,3 +172,29 @@ def exit_before_the_other_ranks(code: int) -> None:
         except (OSError, ValueError):
             pass
     os._exit(code)
+
+
+def agree(state: DistState, fn: Callable[[], _T]) -> _T:
+    """Runs a step that every rank takes at the same point (a start-up check, loading a dataset spec).
+
+    When any rank fails with a typed error, every rank raises, so none waits in a later collective:
+    the same error on every rank is marked to be printed once (by rank 0); a failure of some ranks
+    only is printed by those, and each other rank stops with a DistributedError naming it.
+    """
+    failure: InfluenceError | None = None
+    result = None
+    try:
+        result = fn()
+    except InfluenceError as exc:
+        failure = exc
+    if state.distributed:
+        messages = state.all_gather_object(None if failure is None else failure.message)
+        if failure is None:
+            for rank, message in enumerate(messages):
+                if message is not None:
+                    raise DistributedError(f"rank {rank} stopped: {message}")
+        elif all(m == failure.message for m in messages):
+            failure.everywhere()
+    if failure is not None:
+        raise failure
+    return result  # type: ignore[return-value]

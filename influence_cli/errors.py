@@ -108,6 +108,11 @@ class ResourceError(InfluenceError):
     kind = "out of memory"
 
 
+def message_of(exc: BaseException) -> str:
+    """An exception's text for another message: a typed error's message alone (its str() adds the hint)."""
+    return exc.message if isinstance(exc, InfluenceError) else str(exc)
+
+
 @contextlib.contextmanager
 def alike_on_every_rank() -> Iterator[None]:
     """Marks the typed errors raised inside as met alike by every rank of a torchrun job (so printed

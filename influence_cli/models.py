@@ -29,7 +29,7 @@ from torch import nn
 
 from influence_cli import notices
 from influence_cli.config import ModelConfig, resolve_path
-from influence_cli.errors import ModelError
+from influence_cli.errors import ModelError, message_of
 from influence_cli.tracking import unmaterialized
 from influence_cli.user_code import import_from
 
@@ -182,7 +182,7 @@ def _import_factory(spec: str, base_dir: Path) -> Callable[..., Any]:
         ) from None
     except Exception as exc:  # any import-time failure is reported the same way
         raise ModelError(
-            f"model.architecture: importing {module_name!r} failed: {type(exc).__name__}: {exc}"
+            f"model.architecture: importing {module_name!r} failed: {type(exc).__name__}: {message_of(exc)}", hint=getattr(exc, "hint", None)
         ) from exc
     func: Any = module
     for part in func_name.split("."):
@@ -223,7 +223,7 @@ def _call_builder(func: Callable[..., Any], kwargs: dict[str, Any], label: str) 
             raise ModelError(f"model.architecture: {label} raised TypeError: {exc}") from exc
         raise ModelError(f"model.kwargs: {label} failed with these keyword arguments: {exc}") from exc
     except Exception as exc:  # user factories can raise anything
-        raise ModelError(f"model.architecture: {label} raised {type(exc).__name__}: {exc}") from exc
+        raise ModelError(f"model.architecture: {label} raised {type(exc).__name__}: {message_of(exc)}", hint=getattr(exc, "hint", None)) from exc
     except SystemExit as exc:  # sys.exit() in a factory: its code would read as one of this tool's exit codes
         raise ModelError(f"model.architecture: {label} called sys.exit({exc.code!r})") from None
 

@@ -122,7 +122,8 @@ def ieee_float32(device: torch.device, amp: str) -> Iterator[None]:
     fine for training, but the preconditioner amplifies those errors in low-curvature directions, so a
     float32 pass would give scores that differ from the CPU's by percents. TF32 is turned off for
     cuDNN and cuBLAS inside the block and the caller's settings restored after; `factors.amp` is the
-    setting that trades precision for speed.
+    setting that trades precision for speed. (Inside the block torch refuses to read the legacy
+    `torch.backends.cudnn.allow_tf32`, as whenever the new fp32_precision settings are in use.)
     """
     if device.type != "cuda" or amp != "none":
         yield
@@ -130,14 +131,16 @@ def ieee_float32(device: torch.device, amp: str) -> Iterator[None]:
     backends = torch.backends
     if hasattr(backends.cudnn, "conv") and hasattr(backends.cudnn.conv, "fp32_precision"):  # torch >= 2.9
         settings = [backends.cudnn.conv, backends.cudnn.rnn, backends.cuda.matmul]
-        saved = [s.fp32_precision for s in settings]
+        saved = [s.fp32_precision for s in settings]  # what each resolves to (its own value, or its parent's)
         try:
             for s in settings:
                 s.fp32_precision = "ieee"
             yield
         finally:
             for s, value in zip(settings, saved, strict=True):
-                s.fp32_precision = value
+                s.fp32_precision = "none"  # inherit again when that gives what it was: a later parent setting still reaches it
+                if s.fp32_precision != value:
+                    s.fp32_precision = value
         return
     saved_legacy = (backends.cudnn.allow_tf32, backends.cuda.matmul.allow_tf32)
     try:
@@ -219,7 +222,7 @@ def stream_gradients(
         with tracked_grad_enabled(tracked), ieee_float32(device, amp):
             out, cap = _forward(model, tracked, x, idx, amp, first=first, dataset_name=dataset_name)
             out_f = out.to(acc_dtype) if out.is_floating_point() else out
-            _check_outputs(out_f, y_cpu, idx_cpu, task_kind, dataset_name)
+            check_outputs(out_f, y_cpu, idx_cpu, task_kind, dataset_name)
             if mode == "fisher":
                 vectors = task_lib.fisher_output_vectors(out_f, y, idx, task_kind, fisher, seed, mask)
             elif mode in ("loss", "loss+fisher"):
@@ -242,7 +245,7 @@ def stream_gradients(
         check = host_mask is not None and not padding_checked and bool((~host_mask).any())  # on the host: no device sync
         padding_checked = padding_checked or check
         if check:  # the check reads the gradients at padded positions: a NaN there is a NaN, not a use of padding
-            _check_finite(out_f, grads, idx, start_batch + offset, dataset_name)
+            check_finite(out_f, grads, idx, start_batch + offset, dataset_name)
         positions = {} if mask is None else mask_padding(tracked, mask, acts, grads, check=check)
         if check:  # and through the untracked layers too
             with autocast_context(device, amp):
@@ -261,12 +264,12 @@ def finite_rows(outputs: torch.Tensor, gradients: list[dict[str, torch.Tensor]])
     return torch.stack([torch.isfinite(t.reshape(n, -1).sum(1)) for t in tensors]).all(0)
 
 
-def _check_finite(outputs: torch.Tensor, gradients: list[dict[str, torch.Tensor]], idx: torch.Tensor, batch: int, dataset_name: str) -> None:
+def check_finite(outputs: torch.Tensor, gradients: list[dict[str, torch.Tensor]], idx: torch.Tensor, batch: int, dataset_name: str) -> None:
     """NumericalError naming the examples of the batch whose outputs or gradients are not finite (one host sync)."""
     ok = finite_rows(outputs, gradients)
     if not bool(ok.all()):
         raise NumericalError(
-            f"{dataset_name}: non-finite outputs or gradients in batch {batch} (examples with global indices {index_span(idx[~ok].tolist())})",
+            f"{dataset_name}: non-finite outputs or gradients in batch {batch} (examples with global indices {index_span(idx[(~ok).to(idx.device)].tolist())})",
             hint="check those examples and the checkpoint for NaN/Inf; attention that masks every key of a sequence that is "
             "all padding gives NaN",
         )
@@ -532,7 +535,7 @@ def _input_hint(x: torch.Tensor, reason: str, dataset_name: str) -> str:
     return "check model.kwargs and data transform (flatten/resize)"
 
 
-def _check_outputs(out: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, task_kind: str, dataset_name: str) -> None:
+def check_outputs(out: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, task_kind: str, dataset_name: str) -> None:
     """Shape and label checks; `y` and `idx` (global indices) are the CPU copies, so no device sync."""
     if task_kind == "regression":
         if y.dim() == 0 or y[:1].numel() != out[:1].numel():

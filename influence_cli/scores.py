@@ -29,9 +29,9 @@ from influence_cli import model_checks, notices, storage
 from influence_cli.config import Config
 from influence_cli.context import RunContext, prepare
 from influence_cli.data import IndexedDataset, make_loader
-from influence_cli.distributed import DistState
+from influence_cli.distributed import DistState, agree
 from influence_cli.ensemble import Member, describe_member, ensemble_members, prepare_member
-from influence_cli.errors import DistributedError, InfluenceError, NumericalError, OutputError, alike_on_every_rank
+from influence_cli.errors import NumericalError, OutputError, alike_on_every_rank
 from influence_cli.factors import LayerFactors
 from influence_cli.fit import check_factors_match, load_factors, num_fit_examples
 from influence_cli.kernel import ScoreKernel, StoredQueries, build_kernel, safe_norms
@@ -40,6 +40,8 @@ from influence_cli.passes import (
     NonFiniteWatch,
     TokenIdCheck,
     accumulator_dtype,
+    check_finite,
+    check_outputs,
     fan_out,
     index_span,
     inputs_named,
@@ -212,25 +214,6 @@ def _finished_files(path: Path) -> tuple[list[Path], int]:
     return [path, *(path.parent / s["file"] for s in shards)], len(shards)
 
 
-def _agree(state: DistState, fn) -> Any:
-    """Runs a start-up check on every rank; if any rank fails, every rank raises (no rank hangs in a barrier)."""
-    failure: InfluenceError | None = None
-    result = None
-    try:
-        result = fn()
-    except InfluenceError as exc:
-        failure = exc
-    if state.distributed:
-        messages = state.all_gather_object(None if failure is None else failure.message)
-        if failure is None:
-            for rank, message in enumerate(messages):
-                if message is not None:
-                    raise DistributedError(f"rank {rank} stopped: {message}")
-    if failure is not None:
-        raise failure
-    return result
-
-
 def _load_layers(ctx: RunContext, train: IndexedDataset, member: Member) -> tuple[dict[str, LayerFactors], dict[str, Any]]:
     """The curvature of every tracked layer (none for `identity`) of one ensemble member and what describes its file."""
     cfg = ctx.cfg
@@ -399,7 +382,7 @@ class _Scorer:
     @torch.no_grad()
     def query_info(self, queries: IndexedDataset) -> dict[str, torch.Tensor]:
         """query_indices [Q], query_labels [Q, ...] and query_predictions (arg-max over the last dim, or the outputs for regression)."""
-        with alike_on_every_rank():  # every rank runs every query
+        with alike_on_every_rank():  # every rank runs it on every query, before any rank's shards: a refusal is printed once
             return self._query_info(queries)
 
     def _query_info(self, queries: IndexedDataset) -> dict[str, torch.Tensor]:
@@ -415,6 +398,8 @@ class _Scorer:
             with inputs_named(x, idx, queries.name, first=offset == 0):
                 out = model(x)  # in the model's dtype, not under factors.amp: predictions are shown as they are
             model_checks.check_model_output(out, x.shape[0])
+            check_outputs(out, y, idx, self.cfg.task.kind, queries.name)  # labels the model cannot have, NaN outputs:
+            check_finite(out, [], idx, offset, queries.name)  # said here, where every rank meets them alike
             pred = out.cpu() if self.cfg.task.kind == "regression" else out.argmax(-1).cpu()
             if self.cfg.task.kind == "language_modeling" and y.shape == pred.shape:  # no prediction where no loss counts
                 pred = pred.masked_fill(y == IGNORE_INDEX, IGNORE_INDEX)
@@ -429,10 +414,6 @@ class _Scorer:
     def precondition(self, queries: IndexedDataset, q0: int, q1: int, title: str) -> list[StoredQueries]:
         """Per member, {layer: (F + λ)⁻¹ ∇(measurement) [q1 - q0, P]} for query positions [q0, q1)
         (layers without positions: in column blocks, ScoreKernel.store_queries)."""
-        with alike_on_every_rank():  # every rank preconditions every query
-            return self._precondition(queries, q0, q1, title)
-
-    def _precondition(self, queries: IndexedDataset, q0: int, q1: int, title: str) -> list[StoredQueries]:
         outs: list[StoredQueries] = [{} for _ in self.members]
         watch = NonFiniteWatch(self.ctx.device, "no scores were written")
         self.progress.start(title, q1 - q0)
@@ -659,7 +640,7 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
             checkpoint.check_leftovers(leftovers, "score shard(s)")
         return snap
 
-    snapshot = _agree(st, start_checks)
+    snapshot = agree(st, start_checks)
     st.barrier()
     if st.is_main:
         if overwrite:
@@ -859,7 +840,7 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
         check_rank_layout(out_dir, storage.SCORES_PARTIAL, st.world_size, resume=resume, overwrite=overwrite, kind=".self")
         return checkpoint.check_start(resume, overwrite)
 
-    snapshot = _agree(st, start_checks)
+    snapshot = agree(st, start_checks)
     if st.is_main:
         if overwrite:  # an interrupted --overwrite run must not leave the old values looking current
             path.unlink(missing_ok=True)

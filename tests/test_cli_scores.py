@@ -364,3 +364,21 @@ def test_every_rank_stops_before_touching_a_file_when_rank_0_cannot_lock(project
     for rank in (0, 1):
         assert "is in use by another run writing its scores" in (tmp_path / f"rank{rank}").read_text()
     assert (out / storage.SCORES_PARTIAL.format(rank="")).read_bytes() == b"the other run's progress"
+
+
+def test_a_nan_query_is_named_before_any_training_example_is_scored(tmp_path, runner):
+    """The query predictions pass, which every rank runs whole, checks the outputs: under torchrun the
+    refusal is printed once, by rank 0."""
+    data = load_file(Path(__file__).resolve().parents[1] / "sample_data" / "digits.safetensors")
+    data["inputs"] = data["inputs"].clone()
+    data["inputs"][1503, 0, 2, 2] = float("nan")
+    save_file(data, tmp_path / "nan.safetensors")
+    sets = [f"output_dir={tmp_path / 'run'}", "device=cpu", "data.train.range=[0,200]"]
+    sets_args = [x for s in sets for x in ("--set", s)]
+    digits = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
+    assert invoke(runner, "fit-factors", digits, *sets_args).exit_code == 0
+    query = "data.query={source: tensors, path: " + str(tmp_path / "nan.safetensors") + ", range: [1500, 1520], transform: {scale: 16.0}}"
+    result = invoke(runner, "compute-scores", digits, *sets_args, "--set", query)
+    assert result.exit_code == 6, result.stderr
+    assert "data.query: non-finite outputs or gradients in batch 0 (examples with global indices 1503)" in " ".join(result.stderr.split())
+    assert not (tmp_path / "run" / storage.SCORES_FILE).exists()

@@ -679,10 +679,10 @@ def test_keys_the_source_never_reads_are_refused():
     with pytest.raises(ConfigError) as info:
         config_from_dict(data)
     assert info.value.problems == [
-        "data.train.images: not read by source tensors (it is for idx)",
-        "data.train.root: not read by source tensors (it is for mnist, fashion_mnist, cifar10, image_folder)",
-        "data.train.split: not read by source tensors (it is for mnist, fashion_mnist, cifar10)",
-        "data.train.kwargs: not read by source tensors (it is for package.module:function sources)",
+        "data.train.images: not read by source tensors (it is for idx; leave it out, or set it to null)",
+        "data.train.root: not read by source tensors (it is for mnist, fashion_mnist, cifar10, image_folder; leave it out, or set it to null)",
+        "data.train.split: not read by source tensors (it is for mnist, fashion_mnist, cifar10; leave it out, or set it to train)",
+        "data.train.kwargs: not read by source tensors (it is for package.module:function sources; leave it out)",
     ]
     data["data"]["train"] = {"source": "tensors", "path": str(SAMPLE / "digits.safetensors"), "split": "train", "inputs_key": "inputs"}
     assert config_from_dict(data).data.train.path  # the defaults written out are fine

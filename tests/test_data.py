@@ -1221,3 +1221,24 @@ def test_a_factory_that_cannot_find_a_relative_file_says_where_it_looked(tmp_pat
     with pytest.raises(DataError, match=r"raised FileNotFoundError") as info:
         load_dataset(DataSpec(source=f"{mod}:make", kwargs={"path": "gtrain"}), tmp_path)
     assert "opens relative paths from the working directory" in info.value.hint and "data.train.kwargs" in info.value.hint
+
+
+def test_mnist_in_torchvisions_old_processed_layout_still_loads(tmp_path: Path) -> None:
+    processed = tmp_path / "MNIST" / "processed"
+    processed.mkdir(parents=True)
+    images, labels = torch.randint(0, 256, (10, 28, 28), dtype=torch.uint8), torch.arange(10) % 10
+    for name in ("training.pt", "test.pt"):
+        torch.save((images, labels), processed / name)
+    ds = load_dataset(DataSpec(source="mnist", root=str(tmp_path), split="test"), ".")
+    assert len(ds) == 10 and ds.labels.tolist() == labels.tolist()
+
+
+def test_a_query_folder_takes_data_trains_colours_when_a_train_class_folder_is_empty(tmp_path: Path) -> None:
+    from influence_cli.config import config_from_dict
+
+    root = write_image_folder(tmp_path / "imgs")  # RGB
+    (root / "zebra").mkdir()
+    spec = {"source": "image_folder", "root": "imgs"}
+    cfg = config_from_dict({"model": {"architecture": "mlp"}, "data": {"train": spec, "query": dict(spec)}}, base_dir=tmp_path)
+    train, query = (load_dataset(s, tmp_path, name=n) for s, n in ((cfg.data.train, "data.train"), (cfg.data.query, "data.query")))
+    assert train[0][0].shape == query[0][0].shape == (3, 6, 5)

@@ -8,6 +8,7 @@ Every run is a real `torchrun` subprocess (via `python -m torch.distributed.run`
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -422,3 +423,28 @@ def test_a_scores_report_speaks_for_the_whole_job():
     assert rate == 150.0
     assert resumed == "rank 0: the index (1 finished shard kept); rank 1: shard 1, query chunk 1/1, batch 3"
     assert _job_view(TwoRanks([(100, 1.0, None), (100, 2.0, None)]), 100, 1.0, None) == (100.0, None)
+
+
+@pytest.mark.parametrize("others, printed_once", [(["no examples"], True), ([None], False), (["other"], False)])
+def test_agree_prints_an_error_once_only_when_every_rank_met_it(others, printed_once):
+    """A dataset spec refused on every rank is said once (rank 0); refused on some ranks only (node-local
+    data), each failing rank says it, and the others stop naming it instead of staying silent."""
+    from influence_cli.distributed import agree
+    from influence_cli.errors import DataError, DistributedError
+
+    class Ranks:
+        distributed = True
+
+        def all_gather_object(self, obj):
+            return [obj, *others]
+
+    def fail():
+        raise DataError("no examples")
+
+    with pytest.raises(DataError) as info:
+        agree(Ranks(), fail)
+    assert info.value.same_on_every_rank is printed_once
+    if others == ["other"]:
+        return
+    with pytest.raises(DistributedError, match="rank 1 stopped: no examples") if others[0] else contextlib.nullcontext():
+        assert agree(Ranks(), lambda: 3) == 3

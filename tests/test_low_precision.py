@@ -159,6 +159,15 @@ def test_float32_passes_turn_tf32_off_on_cuda_and_restore_the_callers_settings()
         for device, amp in (("cuda", "bfloat16"), ("cpu", "none")):
             with ieee_float32(torch.device(device), amp):
                 assert _fp32_settings() == before
+        torch.backends.cudnn.conv.fp32_precision = "none"  # conv inherits: after the block a parent setting still reaches it
+        with ieee_float32(torch.device("cuda"), "none"):
+            pass
+        torch.backends.cudnn.fp32_precision = "ieee"
+        assert torch.backends.cudnn.conv.fp32_precision == "ieee"
+        torch.backends.cudnn.fp32_precision = "none"
     finally:
+        torch.backends.cudnn.fp32_precision = "none"
         for setting, value in zip((torch.backends.cudnn.conv, torch.backends.cudnn.rnn, torch.backends.cuda.matmul), saved, strict=True):
-            setting.fp32_precision = value
+            setting.fp32_precision = "none"
+            if setting.fp32_precision != value:
+                setting.fp32_precision = value

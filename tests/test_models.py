@@ -617,3 +617,15 @@ def test_a_checkpoint_with_raw_and_ema_weights_loads_the_raw_ones_and_says_so(tm
         load_checkpoint(model, tmp_path / "both.pt")
     assert torch.equal(model.fc1.weight, raw["fc1.weight"])
     assert "holds state dicts under state_dict, ema; loading state_dict" in caplog.text
+
+
+def test_a_typed_error_raised_by_a_factory_keeps_its_hint_apart(tmp_path, monkeypatch):
+    """str() of a typed error now carries its hint: the factory's message must not swallow it mid-line."""
+    (tmp_path / "vocabmodel.py").write_text(
+        "from influence_cli.errors import DataError\n"
+        "def make():\n"
+        "    raise DataError('vocab file missing', hint='run make_vocab.py')\n"
+    )
+    with pytest.raises(ModelError) as info:
+        build_model(ModelConfig(architecture="vocabmodel:make"), tmp_path)
+    assert info.value.message.endswith("raised DataError: vocab file missing") and info.value.hint == "run make_vocab.py"

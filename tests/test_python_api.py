@@ -87,6 +87,15 @@ def test_a_config_changed_after_loading_is_checked_before_anything_is_replaced(t
     assert factors.read_bytes() == before  # the overwrite never started
 
 
+def test_a_config_changed_to_paths_and_numpy_numbers_runs_as_it_is(tmp_path):
+    """The recheck takes a Path for a string and a numpy integer for an int, and runs the Config itself
+    (internal fields such as an image folder's colour mode kept)."""
+    cfg = _digits(tmp_path)
+    cfg.output_dir = tmp_path / "as_path"
+    cfg.data.batch_size = np.int64(128)
+    assert fit_factors(cfg).path == tmp_path / "as_path" / FACTORS_FILE
+
+
 def test_wrong_argument_types_are_named(tmp_path):
     cfg = _digits(tmp_path)
     with pytest.raises(TypeError, match=r"fit_factors\(\) takes a Config .*load_config\(path\).*not str"):

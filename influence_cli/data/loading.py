@@ -69,8 +69,9 @@ def make_loader(
     Batches are (x [B, *input_shape] float32, y [B], global_index int64 [B]); positions
     [rank*n//world, (rank+1)*n//world) for shard=(rank, world), where n is the dataset
     size or `limit` (its first examples) if smaller. Never shuffles, and never draws from torch's global
-    random state. `start_batch`
-    skips this rank's first batches without loading them (resumed passes).
+    random state: worker processes get the same seeds every run (a dataset that draws random numbers
+    draws the same ones). `start_batch` skips this rank's first batches without loading them
+    (resumed passes).
     `pin_memory` is only used when CUDA is available.
     """
     if batch_size <= 0:

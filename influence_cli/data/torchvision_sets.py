@@ -96,7 +96,7 @@ def open_torchvision(spec: DataSpec, base_dir: Path, name: str) -> Source:
                 raw_255=True,
                 label_key="root",
             )
-        if not spec.download:
+        if not spec.download and not (root / cls_name / "processed").is_dir():  # torchvision still reads its old processed/*.pt
             raise _missing_mnist_files(root, spec, name)
     try:
         import torchvision.datasets as tvd
@@ -198,14 +198,12 @@ _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".ppm", ".bmp", ".p
 @functools.lru_cache(maxsize=8)
 def _root_mode(root: str) -> str:
     """_folder_mode of an image folder given by its root (data.train's, read once per process)."""
-    import torchvision.datasets as tvd
-
     present, is_image, _ = _list_image_folder(Path(root), _IMAGE_SUFFIXES)
     try:
-        found = tvd.folder.make_dataset(root, {c: i for i, c in enumerate(present)}, is_valid_file=is_image)
-    except (FileNotFoundError, OSError, ValueError):
+        found, _ = _folder_samples(Path(root), present, {c: i for i, c in enumerate(present)}, is_image)
+    except OSError:
         return "L"  # data.train's own load says what is wrong with it
-    return _folder_mode([(str(p), int(t)) for p, t in found], "data.train.root")
+    return _folder_mode(found, "data.train.root") if found else "L"
 
 
 def _palette_is_gray(img: Any) -> bool:
@@ -215,8 +213,8 @@ def _palette_is_gray(img: Any) -> bool:
 
 def _list_image_folder(root: Path, suffixes: tuple[str, ...]) -> tuple[list[str], Any, dict[str, int]]:
     """The class folders of `root` (sorted; hidden ones left out), a file filter for
-    torchvision's make_dataset (image `suffixes`), and the count of files it leaves out by
-    suffix (filled as it runs).
+    `_folder_samples` (image `suffixes`), and the count of files it leaves out by suffix
+    (filled as it runs).
 
     Hidden files and folders (names starting with '.': .ipynb_checkpoints, macOS ._ files) are
     not examples; torchvision's ImageFolder made a hidden folder class 0, shifting every label.
