@@ -111,8 +111,10 @@ def check_examples_independent(
         )
 
 
-def check_padding_alone(model: nn.Module, x: torch.Tensor, out: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor, tol: float) -> None:
-    """The batch's first padded example, run on its real positions alone, gives its outputs in the batch.
+def check_padding_alone(
+    model: nn.Module, x: torch.Tensor, out: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor, tol: float, dataset_name: str = "data.train"
+) -> None:
+    """The batch's first padded example with real positions, run on those alone, gives its outputs in the batch.
 
     Masking padded positions in the tracked layers is exact only for a model that ignores
     padding; `mask_padding`'s gradient check sees tracked layers only, so a model that reads
@@ -126,13 +128,11 @@ def check_padding_alone(model: nn.Module, x: torch.Tensor, out: torch.Tensor, ma
     Raises:
         ModelError: naming the example whose outputs change.
     """
-    padded = (~mask).any(1).nonzero()
+    padded = ((~mask).any(1) & mask.any(1)).nonzero()  # padding and real positions: an example of padding alone shows nothing
     if not len(padded):
         return
     i = int(padded[0, 0])
     real = mask[i]
-    if not bool(real.any()):
-        return
     try:
         with torch.no_grad():
             single = model(x[i : i + 1][:, real])
@@ -151,7 +151,7 @@ def check_padding_alone(model: nn.Module, x: torch.Tensor, out: torch.Tensor, ma
         return  # outputs whose shape follows the length some other way: nothing to compare
     if gap > tol:
         raise ModelError(
-            f"data.padding_value: the model's outputs for example {int(idx[i])} change when its padding is removed "
+            f"data.padding_value: the model's outputs for example {int(idx[i])} of {dataset_name} change when its padding is removed "
             f"(by {gap:.1%} of the batch's largest output): the model reads the padded positions",
             hint="mask padding in the model (an attention key mask, a causal mask with right padding, masked pooling), "
             "or pad with a value the model ignores",

@@ -204,8 +204,8 @@ def stream_gradients(
                 x, y, idx = x[:keep], y[:keep], idx[:keep]
         seen += len(idx)
         y_cpu, idx_cpu = y, idx
-        if offset == 0 and padding_value is None:
-            _warn_if_padded(x, dataset_name)
+        if offset == 0:
+            _warn_if_padded(x, dataset_name, padding_value)
         if task_kind == "language_modeling" and y.dim() > 1:
             lossless += idx[task_lib.without_counted_position(y)].tolist()
         check_ids(x, idx, dataset_name, padding_value)
@@ -242,14 +242,15 @@ def stream_gradients(
             for k in range(vectors.shape[0]):
                 g = cap.output_gradients(out, vectors[k].to(out.dtype), retain_graph=k + 1 < vectors.shape[0])
                 grads.append({name: v.to(out_dtype) for name, v in g.items()})
-        check = host_mask is not None and not padding_checked and bool((~host_mask).any())  # on the host: no device sync
+        # the first batch with an example that has both padding and real positions (one of padding alone shows nothing); on the host
+        check = host_mask is not None and not padding_checked and bool(((~host_mask).any(1) & host_mask.any(1)).any())
         padding_checked = padding_checked or check
         if check:  # the check reads the gradients at padded positions: a NaN there is a NaN, not a use of padding
             check_finite(out_f, grads, idx, start_batch + offset, dataset_name)
-        positions = {} if mask is None else mask_padding(tracked, mask, acts, grads, check=check)
+        positions = {} if mask is None else mask_padding(tracked, mask, acts, grads, check=check, dataset_name=dataset_name)
         if check:  # and through the untracked layers too
             with autocast_context(device, amp):
-                model_checks.check_padding_alone(model, x, out, mask, idx, tol)
+                model_checks.check_padding_alone(model, x, out, mask, idx, tol, dataset_name)
         batch = BatchGradients(start_batch + offset, idx, y, out_f.detach(), acts, grads, positions)
         x = out = out_f = vectors = cap = g = extra = mask = host_mask = None  # a suspended stream (one per ensemble member) holds only the batch
         yield batch
@@ -300,15 +301,19 @@ def padding_suspect(x: torch.Tensor) -> tuple[int, str] | None:
     return None
 
 
-def _warn_if_padded(x: torch.Tensor, dataset_name: str) -> None:
-    """Token data that looks padded while data.padding_value is unset: the padded positions then
-    count in the factors and the scores (by up to 10% of the largest score in the tests)."""
+def _warn_if_padded(x: torch.Tensor, dataset_name: str, padding_value: float | None = None) -> None:
+    """Token data that looks padded while data.padding_value is unset, or set to an id the batch
+    never holds: the padded positions then count in the factors and the scores (by up to 10% of
+    the largest score in the tests)."""
+    if padding_value is not None and (x.is_floating_point() or bool((x == padding_value).any())):
+        return
     suspect = padding_suspect(x)
-    if suspect is not None:
+    if suspect is not None and suspect[0] != padding_value:
         pad, side = suspect
+        setting = "is not set" if padding_value is None else f"is {padding_value:g}, which no sequence of the first batch holds"
         notices.warn(
             f"{dataset_name}: sequences {side} in runs of token {pad} of different lengths, like padding, but data.padding_value "
-            f"is not set, so those positions count in the factors and scores; set data.padding_value={pad} if {pad} is the pad id",
+            f"{setting}, so those positions count in the factors and scores; set data.padding_value={pad} if {pad} is the pad id",
         )  # about the data as a whole: rank 0's first batch says it for the job
 
 
@@ -396,8 +401,9 @@ def inputs_named(x: torch.Tensor, idx: torch.Tensor, dataset_name: str, *, first
             lo, hi = int(x.min()), int(x.max())
             raise DataError(
                 f"{dataset_name}: the model raised an IndexError on the batch with global indices {index_span(idx)} "
-                f"({reason}); its token ids run from {lo} to {hi}",
-                hint="ids outside an embedding table are the usual cause: check the vocabulary size in model.kwargs, the pad id and the data",
+                f"({reason}); its token ids run from {lo} to {hi}" + (f" over {x.shape[1]} positions" if x.dim() > 1 else ""),
+                hint="an index past the end of a table: ids outside the embedding table (check the vocabulary size in model.kwargs, "
+                "the pad id and the data), or sequences longer than a position table",
             ) from exc
         if first and isinstance(exc, (IndexError, RuntimeError, ValueError, TypeError)) and _about_inputs(reason):
             raise DataError(  # e.g. a shape mismatch, or table[x] with float x

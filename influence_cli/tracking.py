@@ -197,7 +197,8 @@ def find_tracked_modules(model: nn.Module, patterns: Sequence[str], key: str = "
             shown = "; ".join(skipped[:3]) + (f"; ... ({len(skipped)} in all)" if len(skipped) > 3 else "")
             detail = f"it matches only layers that cannot be tracked: {shown}"
         else:
-            detail = f"layers: {', '.join(supported_names[:8]) or 'none'}"
+            more = f", ... ({len(supported_names)} in all)" if len(supported_names) > 8 else ""
+            detail = f"layers: {', '.join(supported_names[:8]) or 'none'}{more}"
         raise ModelError(
             f"{key}: {list(patterns)} matches no nn.Linear or nn.Conv2d layer that can be tracked ({detail})",
             hint="use '*' or patterns from `influence inspect`",
@@ -429,6 +430,7 @@ def mask_padding(
     activations: dict[str, torch.Tensor],
     gradients: list[dict[str, torch.Tensor]],
     check: bool = False,
+    dataset_name: str = "data.train",
 ) -> dict[str, torch.Tensor]:
     """Zeroes padding positions in place of the dicts; returns {layer: [B] real positions}.
 
@@ -457,14 +459,14 @@ def mask_padding(
             continue
         if t % length:
             raise ModelError(
-                f"data.padding_value: layer {tm.name!r} sees {t} positions per example, the inputs have {length}; "
+                f"data.padding_value: layer {tm.name!r} sees {t} positions per example, the inputs of {dataset_name} have {length}; "
                 "its padding positions cannot be told apart",
                 hint=f"leave {tm.name!r} out of factors.modules, or set data.padding_value: null",
             )
         real = mask.repeat(1, t // length)
         if check and any(bool(grads[tm.name][~real].any()) for grads in gradients):
             raise ModelError(
-                f"data.padding_value: the loss depends on positions of layer {tm.name!r} that the inputs mark as padding: "
+                f"data.padding_value: the loss depends on positions of layer {tm.name!r} that the inputs of {dataset_name} mark as padding: "
                 "the model does not ignore padding there, or the layer's positions are not the inputs' in order "
                 "(a flip, positions interleaved with heads)",
                 hint=f"mask padding in the model (attention key mask, masked pooling), leave {tm.name!r} out of factors.modules, "

@@ -394,7 +394,12 @@ def test_a_model_that_reads_padding_through_untracked_operations_is_refused():
     tokens, labels, _ = lm_sequences()
     model = ReadsPadding().double()
     plan = PassPlan(batches_of(tokens, labels, 4), 3, len(tokens), LM, "empirical", 0, padding_value=PAD)
-    with pytest.raises(ModelError, match=r"data.padding_value: the model's outputs for example \d+ change when its padding is removed"):
+    with pytest.raises(ModelError, match=r"data.padding_value: the model's outputs for example \d+ of data.train change when its padding is removed"):
+        compute_factors(model, find_tracked_modules(model, ["*"]), "ekfac", plan)
+    # a first padded example of padding alone (labels all -100) showed nothing, and the check was never made again
+    tokens[0], labels[0] = PAD, IGNORE
+    plan = PassPlan(batches_of(tokens, labels, 4), 3, len(tokens), LM, "empirical", 0, padding_value=PAD)
+    with pytest.raises(ModelError, match=r"change when its padding is removed"):
         compute_factors(model, find_tracked_modules(model, ["*"]), "ekfac", plan)
 
 
@@ -511,6 +516,9 @@ def test_token_data_that_looks_padded_without_a_padding_value_is_warned_once(lm_
     text = " ".join(unset.stderr.split())
     assert text.count(warning) == 1 and "set data.padding_value=0 if 0 is the pad id" in text  # once, over both passes
     assert "warning" not in runner.invoke(app, ["fit-factors", lm_project, "--overwrite"]).stderr  # padding_value: 0
+    other = runner.invoke(app, ["fit-factors", lm_project, "--overwrite", "--set", "data.padding_value=9"])  # an id the data never holds
+    assert other.exit_code == 0, other.stderr
+    assert "but data.padding_value is 9, which no sequence of the first batch holds" in " ".join(other.stderr.split()), other.stderr
 
 
 def test_language_model_examples_without_a_counted_position_are_warned(tmp_path, monkeypatch):

@@ -89,7 +89,7 @@ def test_layer_with_other_positions_is_refused():
     tracked = find_tracked_modules(model, ["*"])
     x = torch.randn(2, 3, 4, dtype=torch.float64)
     batches = [(x, torch.tensor([0, 1]), torch.arange(2))]
-    with pytest.raises(ModelError, match="layer 'fc' sees 2 positions per example, the inputs have 3"):
+    with pytest.raises(ModelError, match="layer 'fc' sees 2 positions per example, the inputs of data.train have 3"):
         next(stream_gradients(model, tracked, batches, task_kind="classification", mode="loss", padding_value=0.0))
 
 
@@ -160,5 +160,5 @@ def test_padding_the_model_does_not_ignore_is_refused(model):
     """Masking such positions would silently change the gradients (Reversed: 70% off the scores)."""
     padded, seqs, labels = variable_length_sequences()
     m = model().double()
-    with pytest.raises(ModelError, match="data.padding_value: the loss depends on positions of layer 'proj' that the inputs mark as padding"):
+    with pytest.raises(ModelError, match="data.padding_value: the loss depends on positions of layer 'proj' that the inputs of data.train mark as padding"):
         _fit(m, batches_of(padded, labels, 4), len(seqs), 3, fisher="empirical", padding_value=0.0)

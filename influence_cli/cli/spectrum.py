@@ -132,7 +132,7 @@ def spectrum_cmd(
     ratios = report.ratios()
     others = [g.name for g in report.groups if g.name != report.baseline]
     table = new_table(
-        f"share of gradient energy per band (mean over examples; {', '.join(map(layer_label, report.layers))})",
+        f"share of gradient energy per band (mean over examples; {_layers_text(report.layers)})",
         [("band", "left")] + [(f"{g.name} (n={g.size:,})", "right") for g in report.groups] + [(f"{o} vs {report.baseline}", "right") for o in others],
     )
     for k in used:
@@ -243,3 +243,8 @@ def edit_cmd(
         f"--set output_dir=<a new folder>{new_factors}{alone}",
         soft_wrap=True,
     )
+
+
+def _layers_text(layers: list[str]) -> str:
+    """The analysed layers for a table title: their names when few, else how many (--json lists them)."""
+    return ", ".join(map(layer_label, layers)) if len(layers) <= 3 else f"{len(layers)} layers: {layer_label(layers[0])} ... {layer_label(layers[-1])}"

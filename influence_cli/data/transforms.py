@@ -126,7 +126,7 @@ class Transform:
                 view = (len(mean),) + (1,) * (len(shape) - 1)
                 self.mean = torch.tensor(mean).view(view)
                 self.std = torch.tensor(std).view(view)
-        if raw_dtype == torch.uint8 and not self.tokens and spec.scale is None and spec.normalize is None:
+        if raw_dtype == torch.uint8 and not self.tokens and not embedding_model and spec.scale is None and spec.normalize is None:  # token ids in uint8 are told to set dtype: int64 instead
             notices.warn(
                 f"{name}: 8-bit inputs reach the model as values 0..255 ({key}.scale is not set); a model trained on "
                 f"inputs in [0, 1] needs {key}.scale: 255.0"
