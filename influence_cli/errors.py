@@ -116,8 +116,9 @@ def message_of(exc: BaseException) -> str:
 @contextlib.contextmanager
 def alike_on_every_rank() -> Iterator[None]:
     """Marks the typed errors raised inside as met alike by every rank of a torchrun job (so printed
-    once): for work every rank does whole on the same inputs (loading a dataset, the query pass).
-    Out-of-memory and lost-peer errors stay each rank's own."""
+    once): for work every rank does whole on the same inputs, before any rank's own shard (the
+    query-info pass of compute-scores). Out-of-memory and lost-peer errors stay each rank's own;
+    where a step may fail on some ranks only, `distributed.agree` compares the ranks instead."""
     try:
         yield
     except InfluenceError as exc:
