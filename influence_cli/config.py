@@ -358,6 +358,8 @@ def _type_name(tp: Any) -> str:
 
 
 _FAIL = object()
+MAX_DEPTH = 64  # a YAML file's nesting, and its values once aliases are expanded (alias bombs)
+MAX_VALUES = 1_000_000
 
 
 def _shown(value: Any) -> str:
@@ -652,6 +654,8 @@ def config_from_dict(
     base_dir: str | Path = ".",
     source: str = "<config>",
     check_files: bool = True,
+    *,
+    max_values: int | None = MAX_VALUES,
 ) -> Config:
     """Builds a validated `Config` from plain data (the Python API's entry point).
 
@@ -663,11 +667,11 @@ def config_from_dict(
     """
     if not isinstance(data, dict):
         raise ConfigError(f"the top level must be a mapping of keys (model:, data:, ...), got {type(data).__name__}", source=source)
-    _check_structure(data, source)
+    _check_structure(data, source, max_values)
     problems: list[str] = []
     data = apply_overrides(data, overrides or [], problems)  # a bad --set is reported with the rest
     try:
-        _check_structure(data, source)
+        _check_structure(data, source, max_values)
     except ConfigError as exc:
         raise ConfigError(problems + exc.problems, source=source) from None
     data = {k: v for k, v in data.items() if not str(k).startswith("x-")}  # x-<name>: YAML anchors for the keys below, not keys
@@ -692,22 +696,30 @@ def config_from_dict(
     return cfg
 
 
-def recheck(cfg: Config) -> None:
-    """Validates a built Config again, types and values, as `config_from_dict` validates plain data:
-    a field changed in Python after loading (`cfg.factors.strategy = "bogus"`) is refused by name.
-    Paths (os.PathLike) and numpy scalars count as the strings and numbers they stand for; the
-    Config itself is not changed.
+def rebuilt(cfg: Config) -> Config:
+    """A built Config validated again and built anew, as `config_from_dict` builds plain data: a
+    field changed in Python after loading (`cfg.factors.strategy = "bogus"`, a dict where a block
+    belongs, an image folder set as data.query) is checked and completed (data.train's classes
+    shared) like a file. Paths (os.PathLike) and numpy values become the strings and numbers they
+    stand for; an image folder keeps the colour mode it was given.
 
     Raises:
         ConfigError: listing every problem, each with its key.
     """
-    problems: list[str] = []
-    built = _build(Config, _python_values(cfg.to_dict()), "", problems)
-    if built is not _FAIL and not problems:
-        built.base_dir, built.source = cfg.base_dir, cfg.source
-        problems = validate(built)
-    if problems:
-        raise ConfigError(problems, source=cfg.source, hint="fix those fields of the Config (or the file it was loaded from)")
+    out = config_from_dict(_python_values(cfg.to_dict()), base_dir=cfg.base_dir, source=cfg.source, max_values=None)
+    before, after = _specs_by_key(cfg), _specs_by_key(out)
+    for key, spec in after.items():
+        old = before.get(key)
+        if spec.colour_of is None and old is not None and old.colour_of is not None and old.root == spec.root:
+            spec.colour_of = old.colour_of  # shared at load time; to_dict leaves internal fields out
+    return out
+
+
+def _specs_by_key(cfg: Config) -> dict[str, DataSpec]:
+    specs = {"data.train": cfg.data.train, "data.query": cfg.data.query}
+    specs |= {f"similarity.datasets.{n}": d for n, d in cfg.similarity.datasets.items()}
+    specs |= {f"spectrum.datasets.{n}": d for n, d in cfg.spectrum.datasets.items()}
+    return {k: v for k, v in specs.items() if isinstance(v, DataSpec)}
 
 
 def _python_values(node: Any) -> Any:
@@ -717,8 +729,8 @@ def _python_values(node: Any) -> Any:
         return [_python_values(v) for v in node]
     if isinstance(node, os.PathLike):
         return os.fspath(node)
-    if type(node).__module__ == "numpy" and hasattr(node, "item"):  # numpy scalars, without importing numpy
-        return node.item()
+    if type(node).__module__ == "numpy" and hasattr(node, "tolist"):  # numpy scalars and arrays, without importing numpy
+        return node.tolist()
     return node
 
 
@@ -767,12 +779,11 @@ def _under(key: str, roots: set[str]) -> bool:
 
 
 MAX_WORKERS = 256  # DataLoader processes per rank; more is a typo (99999999999 used to hang forking them)
-MAX_DEPTH = 64
-MAX_VALUES = 1_000_000
 
 
-def _check_structure(data: Any, source: str) -> None:
-    """Rejects self-referencing YAML aliases, absurd nesting and alias bombs before anything walks the data."""
+def _check_structure(data: Any, source: str, max_values: int | None = MAX_VALUES) -> None:
+    """Rejects self-referencing YAML aliases, absurd nesting and alias bombs (more than `max_values`
+    values; None: no limit) before anything walks the data."""
     sizes: dict[int, int] = {}
     on_path: set[int] = set()
 
@@ -797,7 +808,7 @@ def _check_structure(data: Any, source: str) -> None:
         return total
 
     total = walk(data, "", 0)
-    if total > MAX_VALUES:
+    if max_values is not None and total > max_values:
         raise ConfigError(f"the config expands to {total:,} values (YAML aliases?); the limit is {MAX_VALUES:,}", source=source)
 
 

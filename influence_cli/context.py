@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from influence_cli import notices
-from influence_cli.config import Config, DataSpec, recheck
+from influence_cli.config import Config, DataSpec, rebuilt
 from influence_cli.data import IndexedDataset, load_dataset, make_loader
 from influence_cli.distributed import DistState, agree, resolve_device
 from influence_cli.models import BUILTIN_ARCHITECTURES, load_model, model_definition, model_fingerprint, takes_token_ids
@@ -17,8 +17,8 @@ from influence_cli.tracking import TrackedModule, find_tracked_modules
 
 
 def checked_config(cfg: Config, caller: str) -> Config:
-    """The config a run function was given, validated again as `load_config` validates a file
-    (`config.recheck`), and returned as it is.
+    """The config a run function was given, validated and built again as `load_config` builds a
+    file (`config.rebuilt`); the run uses the result.
 
     A `Config` is a plain dataclass: a field changed after loading (`cfg.factors.strategy = ...`,
     `cfg.data.batch_size = 0`) is checked here, before anything is read or replaced.
@@ -39,8 +39,7 @@ def checked_config(cfg: Config, caller: str) -> Config:
             f"{caller}() was called under torch.inference_mode(), where the passes cannot take gradients",
             hint="call it outside the inference_mode block (torch.no_grad() around it is fine)",
         )
-    recheck(cfg)
-    return cfg
+    return rebuilt(cfg)
 
 
 @dataclass

@@ -14,6 +14,7 @@ Large runs: the score matrix is written as shards by train range (each
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -411,9 +412,14 @@ class _Scorer:
             "query_predictions": torch.cat(preds),
         }
 
-    def precondition(self, queries: IndexedDataset, q0: int, q1: int, title: str) -> list[StoredQueries]:
+    def precondition(self, queries: IndexedDataset, q0: int, q1: int, title: str, *, alike: bool = False) -> list[StoredQueries]:
         """Per member, {layer: (F + λ)⁻¹ ∇(measurement) [q1 - q0, P]} for query positions [q0, q1)
-        (layers without positions: in column blocks, ScoreKernel.store_queries)."""
+        (layers without positions: in column blocks, ScoreKernel.store_queries). `alike`: rank 0 of
+        the job runs the same chunk too, so an error here is printed once, by rank 0."""
+        with alike_on_every_rank() if alike else contextlib.nullcontext():
+            return self._precondition(queries, q0, q1, title)
+
+    def _precondition(self, queries: IndexedDataset, q0: int, q1: int, title: str) -> list[StoredQueries]:
         outs: list[StoredQueries] = [{} for _ in self.members]
         watch = NonFiniteWatch(self.ctx.device, "no scores were written")
         self.progress.start(title, q1 - q0)
@@ -666,10 +672,15 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
         return f" ({kept} finished shard{'s' if kept > 1 else ''} kept)" if kept else ""
 
     seconds.update(queries=time.perf_counter() - t0, scores=0.0, write=0.0)
+    def finished(shard: ShardSpec) -> bool:  # by the interrupted run (read from the shared output_dir, alike on every rank)
+        path = out_dir / storage.SCORES_SHARD.format(shard=shard.number)
+        return layout.sharded and resume and path.is_file() and storage.read_metadata(path).get("run_key") in run_keys(settings)
+
+    main_preconditions = any(s.rank == 0 and not finished(s) for s in layout.shards)  # rank 0 then meets a query error too
     for shard in mine:
         shard_path = out_dir / storage.SCORES_SHARD.format(shard=shard.number) if layout.sharded else single
-        if layout.sharded and resume and shard_path.is_file() and storage.read_metadata(shard_path).get("run_key") in run_keys(settings):
-            kept += 1  # finished by the interrupted run
+        if finished(shard):
+            kept += 1
             continue
         if kept and resumed_from is None:
             resumed_from = f"shard {shard.number}{kept_note()}"
@@ -697,7 +708,7 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
                 vq = cached
             else:
                 tq = time.perf_counter()
-                vq = scorer.precondition(queries, q0, q1, f"query gradients {q0:,}..{q1:,}")
+                vq = scorer.precondition(queries, q0, q1, f"query gradients {q0:,}..{q1:,}", alike=main_preconditions)
                 seconds["queries"] += time.perf_counter() - tq
                 if len(chunks) == 1:
                     cached = vq

@@ -132,42 +132,44 @@ def test_cli_bfloat16_run_and_float16_refused(tmp_path):
     assert "use bfloat16" in " ".join(result.stderr.split())
 
 
-def _fp32_settings() -> list[str]:
-    b = torch.backends
-    return [b.cudnn.conv.fp32_precision, b.cudnn.rnn.fp32_precision, b.cuda.matmul.fp32_precision]
+_IEEE_SCRIPT = """
+import torch
+from influence_cli.passes import ieee_float32
+b, cuda = torch.backends, torch.device("cuda")
+read = lambda: [b.cudnn.conv.fp32_precision, b.cudnn.rnn.fp32_precision, b.cuda.matmul.fp32_precision]
+before = read()
+with ieee_float32(cuda, "none"):
+    assert read() == ["ieee"] * 3, read()
+assert read() == before, (read(), before)
+try:
+    with ieee_float32(cuda, "none"):
+        raise ValueError
+except ValueError:
+    pass
+assert read() == before
+for device, amp in (("cuda", "bfloat16"), ("cpu", "none")):
+    with ieee_float32(torch.device(device), amp):
+        assert read() == before
+b.fp32_precision = "ieee"  # torch's defaults still give way to a later setting of a parent, as without the block
+assert read() == ["ieee"] * 3, read()
+b.fp32_precision = "none"
+torch.set_float32_matmul_precision("high")  # a caller's own setting comes back as it was
+with ieee_float32(cuda, "none"):
+    assert b.cuda.matmul.fp32_precision == "ieee"
+assert b.cuda.matmul.fp32_precision == "tf32"
+print("ok")
+"""
 
 
 def test_float32_passes_turn_tf32_off_on_cuda_and_restore_the_callers_settings():
     """amp none on CUDA: the model's convolutions and matmuls in IEEE float32 (PyTorch's TF32 default for
-    cuDNN would put percent-level differences from the CPU into the scores); the settings come back after,
-    also after an error; CPU and bf16 passes leave them alone."""
-    from influence_cli.passes import ieee_float32
+    cuDNN put percent-level differences from the CPU into the scores); the settings come back after, also
+    after an error, and torch's defaults stay defaults (a later parent setting reaches them); CPU and bf16
+    passes leave them alone. In a fresh process: torch's flags are process-wide."""
+    import subprocess
+    import sys
 
     if not hasattr(torch.backends.cudnn, "conv"):
         pytest.skip("torch < 2.9: the legacy allow_tf32 flags")
-    saved = _fp32_settings()
-    try:
-        torch.backends.cudnn.conv.fp32_precision = "tf32"
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
-        before = _fp32_settings()
-        with ieee_float32(torch.device("cuda"), "none"):
-            assert _fp32_settings() == ["ieee"] * 3
-        assert _fp32_settings() == before
-        with pytest.raises(ValueError), ieee_float32(torch.device("cuda"), "none"):
-            raise ValueError
-        assert _fp32_settings() == before
-        for device, amp in (("cuda", "bfloat16"), ("cpu", "none")):
-            with ieee_float32(torch.device(device), amp):
-                assert _fp32_settings() == before
-        torch.backends.cudnn.conv.fp32_precision = "none"  # conv inherits: after the block a parent setting still reaches it
-        with ieee_float32(torch.device("cuda"), "none"):
-            pass
-        torch.backends.cudnn.fp32_precision = "ieee"
-        assert torch.backends.cudnn.conv.fp32_precision == "ieee"
-        torch.backends.cudnn.fp32_precision = "none"
-    finally:
-        torch.backends.cudnn.fp32_precision = "none"
-        for setting, value in zip((torch.backends.cudnn.conv, torch.backends.cudnn.rnn, torch.backends.cuda.matmul), saved, strict=True):
-            setting.fp32_precision = "none"
-            if setting.fp32_precision != value:
-                setting.fp32_precision = value
+    result = subprocess.run([sys.executable, "-c", _IEEE_SCRIPT], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

@@ -87,13 +87,43 @@ def test_a_config_changed_after_loading_is_checked_before_anything_is_replaced(t
     assert factors.read_bytes() == before  # the overwrite never started
 
 
-def test_a_config_changed_to_paths_and_numpy_numbers_runs_as_it_is(tmp_path):
-    """The recheck takes a Path for a string and a numpy integer for an int, and runs the Config itself
-    (internal fields such as an image folder's colour mode kept)."""
+def test_a_config_changed_in_code_is_built_again_like_a_file(tmp_path):
+    """Paths, numpy values and plain dicts where a block belongs are taken as the file would give them;
+    a numpy seed recorded by fit-factors matches the same seed in compute-scores."""
     cfg = _digits(tmp_path)
     cfg.output_dir = tmp_path / "as_path"
     cfg.data.batch_size = np.int64(128)
+    cfg.seed = np.int64(0)
+    cfg.data.train.range = np.array([0, 300])
+    cfg.scores = {"damping": 0.01}
     assert fit_factors(cfg).path == tmp_path / "as_path" / FACTORS_FILE
+    assert compute_scores(cfg).n_train == 300
+
+
+def test_an_image_folder_set_as_the_query_in_code_takes_data_trains_classes(tmp_path):
+    """A query folder holding only 'dog' is labelled as data.train numbers dog, as when loaded from a file."""
+    from PIL import Image
+
+    from influence_cli.config import DataSpec
+
+    for root, classes in ((tmp_path / "train", ("cat", "dog")), (tmp_path / "query", ("dog",))):
+        for c in classes:
+            (root / c).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (4, 4), (200 * (c == "dog"), 50, 50)).save(root / c / f"{i}.png")
+    data = {
+        "model": {"architecture": "mlp", "kwargs": {"input_dim": 48, "hidden": [8], "num_classes": 2}},
+        "data": {"train": {"source": "image_folder", "root": "train", "transform": {"flatten": True}}, "batch_size": 4},
+        "factors": {"strategy": "kfac", "fisher": "empirical"},
+        "output_dir": "run",
+        "device": "cpu",
+    }
+    cfg = config_from_dict(data, base_dir=tmp_path)
+    cfg.data.query = DataSpec(source="image_folder", root="query", transform=cfg.data.train.transform)
+    fit_factors(cfg)
+    compute_scores(cfg)
+    meta = influence_cli.load_scores_meta(cfg.output_path)
+    assert meta.query_labels.tolist() == [1, 1, 1]  # dog, as data.train numbers it
 
 
 def test_wrong_argument_types_are_named(tmp_path):
