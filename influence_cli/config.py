@@ -706,20 +706,45 @@ def rebuilt(cfg: Config) -> Config:
     Raises:
         ConfigError: listing every problem, each with its key.
     """
-    out = config_from_dict(_python_values(cfg.to_dict()), base_dir=cfg.base_dir, source=cfg.source, max_values=None)
+    data = cfg.to_dict()
+    # factory kwargs reach the factory as given (objects, Paths, tuples): set aside, not converted or copied
+    kwargs = {key: spec.kwargs for key, spec in _specs_by_key(cfg).items() if isinstance(spec.kwargs, dict)}
+    if isinstance(cfg.model, ModelConfig) and isinstance(cfg.model.kwargs, dict):
+        kwargs["model"] = cfg.model.kwargs
+    for key in kwargs:
+        node = data
+        for part in _key_path(key):
+            node = node[part]
+        node["kwargs"] = {}
+    try:
+        out = config_from_dict(_python_values(data), base_dir=cfg.base_dir, source=cfg.source, max_values=None)
+    except ConfigError as exc:
+        raise ConfigError(exc.problems, source=cfg.source, hint="fix those fields of the Config (or the file it was loaded from)") from None
     before, after = _specs_by_key(cfg), _specs_by_key(out)
     for key, spec in after.items():
         old = before.get(key)
         if spec.colour_of is None and old is not None and old.colour_of is not None and old.root == spec.root:
             spec.colour_of = old.colour_of  # shared at load time; to_dict leaves internal fields out
+        if key in kwargs:
+            spec.kwargs = kwargs[key]
+    if "model" in kwargs:
+        out.model.kwargs = kwargs["model"]
     return out
+
+
+def _key_path(key: str) -> list[str]:
+    """'similarity.datasets.a.b' -> ['similarity', 'datasets', 'a.b']: a dataset name may hold dots."""
+    if key.startswith(("similarity.datasets.", "spectrum.datasets.")):
+        block, _, name = key.split(".", 2)
+        return [block, "datasets", name]
+    return key.split(".")
 
 
 def _specs_by_key(cfg: Config) -> dict[str, DataSpec]:
     specs = {"data.train": cfg.data.train, "data.query": cfg.data.query}
     specs |= {f"similarity.datasets.{n}": d for n, d in cfg.similarity.datasets.items()}
     specs |= {f"spectrum.datasets.{n}": d for n, d in cfg.spectrum.datasets.items()}
-    return {k: v for k, v in specs.items() if isinstance(v, DataSpec)}
+    return {k: v for k, v in specs.items() if isinstance(v, DataSpec)}  # a dict set in code is built (and checked) anew
 
 
 def _python_values(node: Any) -> Any:

@@ -6,9 +6,6 @@ an optional hint (the next step), and the process exit code the CLI uses.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 
 class InfluenceError(Exception):
     """Base class of every error the tool reports to a user."""
@@ -111,20 +108,6 @@ class ResourceError(InfluenceError):
 def message_of(exc: BaseException) -> str:
     """An exception's text for another message: a typed error's message alone (its str() adds the hint)."""
     return exc.message if isinstance(exc, InfluenceError) else str(exc)
-
-
-@contextlib.contextmanager
-def alike_on_every_rank() -> Iterator[None]:
-    """Marks the typed errors raised inside as met alike by every rank of a torchrun job (so printed
-    once): for work every rank does whole on the same inputs, before any rank's own shard (the
-    query-info pass of compute-scores). Out-of-memory and lost-peer errors stay each rank's own;
-    where a step may fail on some ranks only, `distributed.agree` compares the ranks instead."""
-    try:
-        yield
-    except InfluenceError as exc:
-        if not isinstance(exc, (ResourceError, DistributedError)):
-            exc.everywhere()
-        raise
 
 
 def out_of_memory(exc: BaseException) -> ResourceError | None:

@@ -130,16 +130,24 @@ def ieee_float32(device: torch.device, amp: str) -> Iterator[None]:
         return
     backends = torch.backends
     if hasattr(backends.cudnn, "conv") and hasattr(backends.cudnn.conv, "fp32_precision"):  # torch >= 2.9
-        # cuDNN's level (conv and rnn inherit it unless set themselves) and cuBLAS matmul: a convolution
-        # the caller set to tf32 explicitly stays so; torch's own default is overridden
-        settings = [backends.cudnn, backends.cuda.matmul]
-        saved = [s.fp32_precision for s in settings]  # what each resolves to (its own value, or its parent's)
+        # cuDNN's level (conv and rnn follow it while at torch's default) and cuBLAS matmul, restored so that
+        # defaults stay defaults; conv or rnn pinned to tf32 anyway (the legacy allow_tf32 = True, which
+        # torch.backends.cudnn.flags() also sets on exit) are set themselves, and put back as they were
+        levels = [backends.cudnn, backends.cuda.matmul]
+        saved = [s.fp32_precision for s in levels]  # what each resolves to (its own value, or its parent's)
+        pinned: list[tuple[Any, str]] = []
         try:
-            for s in settings:
+            for s in levels:
                 s.fp32_precision = "ieee"
+            for op in (backends.cudnn.conv, backends.cudnn.rnn):
+                if op.fp32_precision != "ieee":
+                    pinned.append((op, op.fp32_precision))
+                    op.fp32_precision = "ieee"
             yield
         finally:
-            for s, value in zip(settings, saved, strict=True):
+            for op, value in pinned:
+                op.fp32_precision = value
+            for s, value in zip(levels, saved, strict=True):
                 s.fp32_precision = "none"  # inherit again when that gives what it was: a later parent setting still reaches it
                 if s.fp32_precision != value:
                     s.fp32_precision = value
@@ -312,10 +320,6 @@ def _warn_if_padded(x: torch.Tensor, dataset_name: str, padding_value: float | N
     suspect = padding_suspect(x)
     if suspect is not None and suspect[0] != padding_value:
         pad, side = suspect
-        if padding_value is not None:  # a pad id is set: say so only when most sequences (over half) end in such runs, not a few texts
-            seq = x if side == "end" else x.flip(1)
-            if float(((seq == pad).flip(1).int().cumprod(1).sum(1) >= 2).float().mean()) <= 0.5:
-                return
         setting = "is not set" if padding_value is None else f"is {padding_value:g}, which no sequence of the first batch holds"
         notices.warn(
             f"{dataset_name}: sequences {side} in runs of token {pad} of different lengths, like padding, but data.padding_value "

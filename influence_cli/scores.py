@@ -14,7 +14,6 @@ Large runs: the score matrix is written as shards by train range (each
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import math
@@ -32,7 +31,7 @@ from influence_cli.context import RunContext, prepare
 from influence_cli.data import IndexedDataset, make_loader
 from influence_cli.distributed import DistState, agree
 from influence_cli.ensemble import Member, describe_member, ensemble_members, prepare_member
-from influence_cli.errors import NumericalError, OutputError, alike_on_every_rank
+from influence_cli.errors import NumericalError, OutputError
 from influence_cli.factors import LayerFactors
 from influence_cli.fit import check_factors_match, load_factors, num_fit_examples
 from influence_cli.kernel import ScoreKernel, StoredQueries, build_kernel, safe_norms
@@ -383,8 +382,7 @@ class _Scorer:
     @torch.no_grad()
     def query_info(self, queries: IndexedDataset) -> dict[str, torch.Tensor]:
         """query_indices [Q], query_labels [Q, ...] and query_predictions (arg-max over the last dim, or the outputs for regression)."""
-        with alike_on_every_rank():  # every rank runs it on every query, before any rank's shards: a refusal is printed once
-            return self._query_info(queries)
+        return agree(self.ctx.state, lambda: self._query_info(queries))  # every rank, before its shards: a refusal all meet is said once
 
     def _query_info(self, queries: IndexedDataset) -> dict[str, torch.Tensor]:
         labels, preds = [], []
@@ -412,14 +410,11 @@ class _Scorer:
             "query_predictions": torch.cat(preds),
         }
 
-    def precondition(self, queries: IndexedDataset, q0: int, q1: int, title: str, *, alike: bool = False) -> list[StoredQueries]:
+    def precondition(self, queries: IndexedDataset, q0: int, q1: int, title: str) -> list[StoredQueries]:
         """Per member, {layer: (F + λ)⁻¹ ∇(measurement) [q1 - q0, P]} for query positions [q0, q1)
-        (layers without positions: in column blocks, ScoreKernel.store_queries). `alike`: rank 0 of
-        the job runs the same chunk too, so an error here is printed once, by rank 0."""
-        with alike_on_every_rank() if alike else contextlib.nullcontext():
-            return self._precondition(queries, q0, q1, title)
-
-    def _precondition(self, queries: IndexedDataset, q0: int, q1: int, title: str) -> list[StoredQueries]:
+        (layers without positions: in column blocks, ScoreKernel.store_queries). Under torchrun each
+        rank says its own errors here: ranks reach a chunk at different times, and one that stayed
+        silent could leave before rank 0 got there to say it."""
         outs: list[StoredQueries] = [{} for _ in self.members]
         watch = NonFiniteWatch(self.ctx.device, "no scores were written")
         self.progress.start(title, q1 - q0)
@@ -672,11 +667,10 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
         return f" ({kept} finished shard{'s' if kept > 1 else ''} kept)" if kept else ""
 
     seconds.update(queries=time.perf_counter() - t0, scores=0.0, write=0.0)
-    def finished(shard: ShardSpec) -> bool:  # by the interrupted run (read from the shared output_dir, alike on every rank)
+    def finished(shard: ShardSpec) -> bool:  # by the interrupted run
         path = out_dir / storage.SCORES_SHARD.format(shard=shard.number)
         return layout.sharded and resume and path.is_file() and storage.read_metadata(path).get("run_key") in run_keys(settings)
 
-    main_preconditions = any(s.rank == 0 and not finished(s) for s in layout.shards)  # rank 0 then meets a query error too
     for shard in mine:
         shard_path = out_dir / storage.SCORES_SHARD.format(shard=shard.number) if layout.sharded else single
         if finished(shard):
@@ -708,7 +702,7 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
                 vq = cached
             else:
                 tq = time.perf_counter()
-                vq = scorer.precondition(queries, q0, q1, f"query gradients {q0:,}..{q1:,}", alike=main_preconditions)
+                vq = scorer.precondition(queries, q0, q1, f"query gradients {q0:,}..{q1:,}")
                 seconds["queries"] += time.perf_counter() - tq
                 if len(chunks) == 1:
                     cached = vq

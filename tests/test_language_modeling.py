@@ -534,15 +534,3 @@ def test_language_model_examples_without_a_counted_position_are_warned(tmp_path,
         assert "their gradients, and so their scores, are 0" in text
     assert "warning: data.query: 1 example(s) have no position with a loss (labels all -100; global indices 21)" in text
     assert "gradient of the query loss is exactly 0" not in text  # said once, by the warning above
-
-
-def test_a_set_pad_id_absent_from_a_batch_of_full_sequences_is_not_second_guessed(caplog):
-    """A first batch without padding, two of whose texts end in a repeated token, is not padding."""
-    from influence_cli.passes import _warn_if_padded
-
-    batch = torch.tensor([[5, 6, 7, 4, 4], [1, 2, 4, 4, 4], [3, 1, 2, 8, 9], [7, 7, 1, 2, 3]])
-    with caplog.at_level("WARNING", logger="influence_cli"):
-        _warn_if_padded(batch, "data.train", 0)
-        assert not caplog.messages
-        _warn_if_padded(torch.tensor([[5, 6, 9, 9, 9], [1, 9, 9, 9, 9], [3, 1, 2, 9, 9]]), "data.train", 0)
-    assert "but data.padding_value is 0, which no sequence of the first batch holds" in caplog.messages[0]

@@ -157,6 +157,12 @@ torch.set_float32_matmul_precision("high")  # a caller's own setting comes back 
 with ieee_float32(cuda, "none"):
     assert b.cuda.matmul.fp32_precision == "ieee"
 assert b.cuda.matmul.fp32_precision == "tf32"
+with torch.backends.cudnn.flags(enabled=True, deterministic=True):  # leaves conv and rnn pinned to tf32 (allow_tf32=True)
+    pass
+pinned = read()
+with ieee_float32(cuda, "none"):
+    assert read() == ["ieee"] * 3, read()
+assert read() == pinned
 print("ok")
 """
 

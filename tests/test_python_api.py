@@ -185,3 +185,28 @@ def test_a_lock_names_the_program_that_holds_it(monkeypatch):
     assert _program() == "python -m influence_cli fit-factors run.yaml"
     monkeypatch.setattr(sys, "argv", ["/home/me/attribute.py", "1"])
     assert _program() == "attribute.py 1"
+
+
+def test_factory_kwargs_reach_the_factory_as_given(tmp_path, monkeypatch):
+    """model.kwargs are Any: objects, Paths and tuples pass through the rebuilt Config untouched."""
+    import threading
+
+    from influence_cli.config import ModelConfig
+
+    (tmp_path / "apimodel.py").write_text(
+        "from pathlib import Path\n"
+        "import torch.nn as nn\n"
+        "def build(width, log_dir, lock, shape):\n"
+        "    assert isinstance(log_dir, Path) and isinstance(shape, tuple) and hasattr(lock, 'acquire'), (log_dir, shape, lock)\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(64, width.n), nn.ReLU(), nn.Linear(width.n, 10))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    class Width:
+        n = 8
+
+    cfg = _digits(tmp_path)
+    kwargs = {"width": Width(), "log_dir": tmp_path, "lock": threading.Lock(), "shape": (1, 8, 8)}
+    cfg.model = ModelConfig(architecture="apimodel:build", kwargs=kwargs)
+    assert fit_factors(cfg).num_examples == 300
+    assert cfg.model.kwargs is kwargs
