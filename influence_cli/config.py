@@ -707,10 +707,14 @@ def rebuilt(cfg: Config) -> Config:
         ConfigError: listing every problem, each with its key.
     """
     data = cfg.to_dict()
-    # factory kwargs reach the factory as given (objects, Paths, tuples): set aside, not converted or copied
-    kwargs = {key: spec.kwargs for key, spec in _specs_by_key(cfg).items() if isinstance(spec.kwargs, dict)}
-    if isinstance(cfg.model, ModelConfig) and isinstance(cfg.model.kwargs, dict):
-        kwargs["model"] = cfg.model.kwargs
+    # a user factory's kwargs reach it as given (objects, Paths, tuples): set aside, not converted or copied
+    # (the built-in models' and sources' kwargs are checked, so they are built anew like the rest)
+    kwargs = {
+        key: spec.kwargs for key, spec in _specs_by_key(cfg).items() if isinstance(spec.kwargs, dict) and spec.kwargs and ":" in str(spec.source)
+    }
+    model = cfg.model
+    if isinstance(model, ModelConfig) and isinstance(model.kwargs, dict) and ":" in str(model.architecture):
+        kwargs["model"] = model.kwargs
     for key in kwargs:
         node = data
         for part in _key_path(key):
@@ -741,10 +745,15 @@ def _key_path(key: str) -> list[str]:
 
 
 def _specs_by_key(cfg: Config) -> dict[str, DataSpec]:
-    specs = {"data.train": cfg.data.train, "data.query": cfg.data.query}
-    specs |= {f"similarity.datasets.{n}": d for n, d in cfg.similarity.datasets.items()}
-    specs |= {f"spectrum.datasets.{n}": d for n, d in cfg.spectrum.datasets.items()}
-    return {k: v for k, v in specs.items() if isinstance(v, DataSpec)}  # a dict set in code is built (and checked) anew
+    """The data specs of a Config by key; anything set in code that is not a DataSpec (a dict, None) is
+    left out, to be built (and checked) anew."""
+    data = getattr(cfg.data, "__dict__", {})
+    specs = {"data.train": data.get("train"), "data.query": data.get("query")}
+    for block in ("similarity", "spectrum"):
+        datasets = getattr(getattr(cfg, block), "datasets", None)
+        if isinstance(datasets, dict):
+            specs |= {f"{block}.datasets.{n}": d for n, d in datasets.items()}
+    return {k: v for k, v in specs.items() if isinstance(v, DataSpec)}
 
 
 def _python_values(node: Any) -> Any:

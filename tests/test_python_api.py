@@ -210,3 +210,20 @@ def test_factory_kwargs_reach_the_factory_as_given(tmp_path, monkeypatch):
     cfg.model = ModelConfig(architecture="apimodel:build", kwargs=kwargs)
     assert fit_factors(cfg).num_examples == 300
     assert cfg.model.kwargs is kwargs
+
+
+def test_the_rebuilt_config_still_checks_what_a_file_would():
+    """Only a user factory's kwargs are set aside: a built-in model's kwargs are numbers again, and kwargs
+    on a source that reads none, or a block set to None, are refused by name."""
+    from influence_cli.config import rebuilt
+
+    cfg = load_config(DIGITS)
+    cfg.model.kwargs["input_dim"] = np.int64(64)
+    assert type(rebuilt(cfg).model.kwargs["input_dim"]) is int
+    cfg.data.train.kwargs = {"a": 1}
+    with pytest.raises(ConfigError, match=r"data\.train\.kwargs: not read by source tensors"):
+        rebuilt(cfg)
+    cfg = load_config(DIGITS)
+    cfg.similarity.datasets = None
+    with pytest.raises(ConfigError, match=r"similarity\.datasets: expected a mapping, got null"):
+        rebuilt(cfg)
