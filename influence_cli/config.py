@@ -660,7 +660,8 @@ def config_from_dict(
     """Builds a validated `Config` from plain data (the Python API's entry point).
 
     Relative paths in `data` resolve against `base_dir` (default: the working directory when the
-    config is built, made absolute, so a later `os.chdir` does not move them).
+    config is built, made absolute, so a later `os.chdir` does not move them). `max_values` caps the
+    values once YAML aliases are expanded (alias bombs); None lifts it, for data built in Python.
 
     Raises:
         ConfigError: listing every problem (type problems and value problems together), each with its key.
