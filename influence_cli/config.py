@@ -295,12 +295,8 @@ class Config:
         out: dict[Path, str] = {}
         named = [("model.checkpoint", self.model.checkpoint)]
         named += [(f"scores.checkpoints[{i}]", c) for i, c in enumerate(self.scores.checkpoints)]
-        specs = [("data.train", self.data.train), ("data.query", self.data.query)]
-        specs += [(f"similarity.datasets.{n}", d) for n, d in self.similarity.datasets.items()]
-        specs += [(f"spectrum.datasets.{n}", d) for n, d in self.spectrum.datasets.items()]
-        for key, spec in specs:
-            if spec is not None:
-                named += [(f"{key}.{field}", getattr(spec, field)) for field in ("path", "images", "labels", "indices_file")]
+        for key, spec in _specs_by_key(self).items():
+            named += [(f"{key}.{field}", getattr(spec, field)) for field in ("path", "images", "labels", "indices_file")]
         for key, value in named:
             if value is not None:
                 out.setdefault(self.resolve(value).resolve(), key)  # type: ignore[union-attr]
@@ -708,11 +704,10 @@ def rebuilt(cfg: Config) -> Config:
         ConfigError: listing every problem, each with its key.
     """
     data = cfg.to_dict()
+    before = _specs_by_key(cfg)
     # a user factory's kwargs reach it as given (objects, Paths, tuples): set aside, not converted or copied
     # (the built-in models' and sources' kwargs are checked, so they are built anew like the rest)
-    kwargs = {
-        key: spec.kwargs for key, spec in _specs_by_key(cfg).items() if isinstance(spec.kwargs, dict) and spec.kwargs and ":" in str(spec.source)
-    }
+    kwargs = {key: spec.kwargs for key, spec in before.items() if isinstance(spec.kwargs, dict) and spec.kwargs and ":" in str(spec.source)}
     model = cfg.model
     if isinstance(model, ModelConfig) and isinstance(model.kwargs, dict) and ":" in str(model.architecture):
         kwargs["model"] = model.kwargs
@@ -725,8 +720,7 @@ def rebuilt(cfg: Config) -> Config:
         out = config_from_dict(_python_values(data), base_dir=cfg.base_dir, source=cfg.source, max_values=None)
     except ConfigError as exc:
         raise ConfigError(exc.problems, source=cfg.source, hint="fix those fields of the Config (or the file it was loaded from)") from None
-    before, after = _specs_by_key(cfg), _specs_by_key(out)
-    for key, spec in after.items():
+    for key, spec in _specs_by_key(out).items():
         old = before.get(key)
         if spec.colour_of is None and old is not None and old.colour_of is not None and old.root == spec.root:
             spec.colour_of = old.colour_of  # shared at load time; to_dict leaves internal fields out

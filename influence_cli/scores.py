@@ -667,14 +667,10 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
         return f" ({kept} finished shard{'s' if kept > 1 else ''} kept)" if kept else ""
 
     seconds.update(queries=time.perf_counter() - t0, scores=0.0, write=0.0)
-    def finished(shard: ShardSpec) -> bool:  # by the interrupted run
-        path = out_dir / storage.SCORES_SHARD.format(shard=shard.number)
-        return layout.sharded and resume and path.is_file() and storage.read_metadata(path).get("run_key") in run_keys(settings)
-
     for shard in mine:
         shard_path = out_dir / storage.SCORES_SHARD.format(shard=shard.number) if layout.sharded else single
-        if finished(shard):
-            kept += 1
+        if layout.sharded and resume and shard_path.is_file() and storage.read_metadata(shard_path).get("run_key") in run_keys(settings):
+            kept += 1  # finished by the interrupted run
             continue
         if kept and resumed_from is None:
             resumed_from = f"shard {shard.number}{kept_note()}"

@@ -36,25 +36,25 @@ def _find_mnist_files(root: Path, source: str, split: str) -> tuple[Path, Path] 
     MNIST and FashionMNIST share file names, so a flat folder of them is read as MNIST only
     (FashionMNIST read it as clothes labels on digit images); FashionMNIST needs torchvision's layout.
     """
-    prefix = "train" if split == "train" else "t10k"
-    folders = [root / TORCHVISION_SOURCES[source][0] / "raw"] + ([root] if source == "mnist" else [])
+    folders, names = _mnist_places(root, source, split)
     for folder in folders:
-        found = []
-        for kind, dims in (("images", 3), ("labels", 1)):
-            stem = folder / f"{prefix}-{kind}-idx{dims}-ubyte"
-            hit = next((p for p in (stem, stem.with_name(stem.name + ".gz")) if p.is_file()), None)
-            found.append(hit)
+        found = [next((p for p in (folder / n, folder / f"{n}.gz") if p.is_file()), None) for n in names]
         if found[0] is not None and found[1] is not None:
             return found[0], found[1]
     return None
 
 
+def _mnist_places(root: Path, source: str, split: str) -> tuple[list[Path], list[str]]:
+    """(the folders an MNIST-style split is looked for in, its images' and labels' file names without .gz)."""
+    prefix = "train" if split == "train" else "t10k"
+    folders = [root / TORCHVISION_SOURCES[source][0] / "raw"] + ([root] if source == "mnist" else [])
+    return folders, [f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"]
+
+
 def _missing_mnist_files(root: Path, spec: DataSpec, name: str) -> DataError:
     """Names the IDX files an MNIST-style source looks for, where, and which of them are there."""
     cls_name, label = TORCHVISION_SOURCES[spec.source]
-    prefix = "train" if spec.split == "train" else "t10k"
-    wanted = [f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"]
-    folders = [root / cls_name / "raw"] + ([root] if spec.source == "mnist" else [])
+    folders, wanted = _mnist_places(root, spec.source, spec.split)
     present = sorted({f.name for d in folders if d.is_dir() for f in d.iterdir() if f.name.split(".")[0] in wanted})
     where = " or ".join(repr(str(d)) for d in folders)
     hints = []
