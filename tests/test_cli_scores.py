@@ -229,6 +229,10 @@ def test_a_terminated_run_says_so_and_exits_143(runner, project, monkeypatch):
     monkeypatch.setattr(scores_mod, "compute_scores", terminated)
     result = invoke(runner, "compute-scores", project)
     assert result.exit_code == 143 and "terminated." in result.stderr and "--resume" in result.stderr
+    monkeypatch.setattr("influence_cli.distributed.init_distributed", lambda *args: None)
+    under_torchrun = CliRunner(env={"COLUMNS": "120", "INFLUENCE_DEBUG": None, "RANK": "0", "WORLD_SIZE": "2"})
+    result = invoke(under_torchrun, "compute-scores", project)  # torchrun stops the other ranks with SIGTERM when one fails
+    assert result.exit_code == 143 and "terminated by torchrun (another rank stopped" in result.stderr and "--resume" in result.stderr
 
 
 def test_self_influence_and_image_grids(runner, project, tmp_path):
