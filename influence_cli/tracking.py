@@ -185,7 +185,7 @@ def find_tracked_modules(model: nn.Module, patterns: Sequence[str], key: str = "
             d_in = module.in_channels * kh * kw + has_bias
             tracked.append(TrackedModule(name, module, "conv2d", d_in, module.out_channels, has_bias))
     named = [p for p in patterns if _is_name(p) and p not in {tm.name for tm in tracked}]
-    if tracked and named:
+    if named:  # before "matches no layer": the name says what it is (a Conv1d, a typo)
         modules = dict(model.named_modules())
         module = modules.get(named[0])
         detail = f"is a {type(module).__name__}, not an nn.Linear or nn.Conv2d" if module is not None else "names no module of the model"

@@ -435,7 +435,7 @@ def test_a_failed_ensemble_overwrite_keeps_the_old_factors(project):
     """--overwrite removes the old factors only once the first model's checks pass (a typo keeps them)."""
     cfg = ensemble_cfg(project, "typo")
     before = sorted(str(p.relative_to(cfg.output_path)) for p in cfg.output_path.rglob("factors.safetensors"))
-    with pytest.raises(ModelError, match="matches no"):
+    with pytest.raises(ModelError, match="'nope' names no module"):
         fit_factors(ensemble_cfg(project, "typo", "factors.modules=[nope]"), overwrite=True)
     assert sorted(str(p.relative_to(cfg.output_path)) for p in cfg.output_path.rglob("factors.safetensors")) == before == [
         "factors.safetensors", "members/1/factors.safetensors", "members/2/factors.safetensors"]

@@ -212,6 +212,8 @@ def test_every_name_without_wildcards_must_be_a_tracked_layer():
         (["0", "3"], "factors.modules: '0' is a Conv1d, not an nn.Linear or nn.Conv2d"),
         (["3", "fc9"], "factors.modules: 'fc9' names no module of the model"),
         (["2", "3"], "factors.modules: '2' is a Sequential"),
+        (["0"], "factors.modules: '0' is a Conv1d, not an nn.Linear or nn.Conv2d"),  # also when nothing else is tracked
+        (["fc9"], "factors.modules: 'fc9' names no module of the model"),
     ]
     for patterns, needle in cases:
         with pytest.raises(ModelError, match=re.escape(needle)) as exc:
