@@ -324,6 +324,7 @@ BAD_INPUTS = [
     ("bad-override", _cfg("data.batch_size"), EXIT["config"], ["--set 'data.batch_size'", "key.path=value"]),
     ("override-through-scalar", _cfg("seed.x=1"), EXIT["config"], ["--set 'seed.x=1'", "not a mapping"]),
     ("missing-checkpoint", _cfg("model.checkpoint=nope.safetensors"), EXIT["config"], ["model.checkpoint", "nope.safetensors", "does not exist"]),
+    ("emoji-codes-stay-text", _cfg("data.train.path=a:fire:b:100:.safetensors"), EXIT["config"], ["a:fire:b:100:.safetensors", "does not exist"]),
     ("missing-dataset", _cfg("data.train.path=nope.safetensors"), EXIT["config"], ["data.train.path", "nope.safetensors", "does not exist"]),
     ("several-problems", _cfg("data.batch_size=0", "scores.damping=-1", "factors.fisher=exact"), EXIT["config"],
      ["3 problems", "data.batch_size", "scores.damping", "factors.fisher"]),  # fmt: skip

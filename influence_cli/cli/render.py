@@ -72,13 +72,13 @@ def exit_141_on_broken_pipes() -> None:
     Console.on_broken_pipe = _exit_broken_pipe  # type: ignore[method-assign]
 
 
-err_console = _Console(stderr=True, highlight=False, soft_wrap=True)  # messages are lines, whatever reads them (a log file, a pipe)
+err_console = _Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)  # messages are lines, whatever reads them (a log file, a pipe)
 
 
 def out_console(width: int | None = None) -> Console:
     """A console on the current stdout (created per call so test runners can capture it), `width`
     columns wide (default: the terminal's, or unbounded for a pipe)."""
-    return _Console(file=sys.stdout, highlight=False, markup=False, soft_wrap=False, width=width or _columns())  # results are literal: a class named "[cat]" stays
+    return _Console(file=sys.stdout, highlight=False, markup=False, emoji=False, soft_wrap=False, width=width or _columns())  # results are literal: a class named "[cat]" stays
 
 
 def tolerate_narrow_encodings() -> None:
