@@ -110,7 +110,7 @@ def save_image_grid(
     path = Path(path)
     groups = [groups] if isinstance(groups, GridGroup) else list(groups)
     fmt = storage.check_image_path(path, "--image-grid")
-    font = default_font(10)  # what ImageFont.load_default() draws in
+    font = default_font(12)  # at 10 px the default font's spaces are 2 px and words run together
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     line_h = max(12, int(probe.textbbox((0, 0), "Hg#0", font=font)[3]) + 3)
     tiles = [t for g in groups for r in g.rows for t in [r.query, *r.proponents, *r.opponents] if t is not None]

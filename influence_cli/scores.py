@@ -400,6 +400,8 @@ class _Scorer:
             check_outputs(out, y, idx, self.cfg.task.kind, queries.name)  # labels the model cannot have, NaN outputs:
             check_finite(out, [], idx, offset, queries.name)  # said here, where every rank meets them alike
             pred = out.cpu() if self.cfg.task.kind == "regression" else out.argmax(-1).cpu()
+            if self.cfg.task.kind == "regression" and pred.shape != y.shape and pred.numel() == y.numel():
+                pred = pred.reshape(y.shape)  # [B] targets of a one-output model: a number per query, like its label
             if self.cfg.task.kind == "language_modeling" and y.shape == pred.shape:  # no prediction where no loss counts
                 pred = pred.masked_fill(y == IGNORE_INDEX, IGNORE_INDEX)
             preds.append(pred)

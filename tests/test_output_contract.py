@@ -177,6 +177,17 @@ def test_query_predictions_are_not_rounded_by_amp(tmp_path):
     torch.testing.assert_close(scores["query_predictions"].reshape(want.shape), want, rtol=1e-6, atol=1e-7)
 
 
+def test_a_one_output_regression_shows_its_prediction_as_a_number_like_its_label(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    config = _project(tmp_path, torch.randn(20, 4, generator=g), torch.randn(20, generator=g))  # [N] targets, [N, 1] outputs
+    for command in ("fit-factors", "compute-scores"):
+        assert _invoke(command, config).exit_code == 0
+    ranked = json.loads(_invoke("top-k", config, "--query", "0", "--k", "2", "--json").stdout)["queries"][0]
+    assert isinstance(ranked["query_label"], float) and isinstance(ranked["query_prediction"], float), ranked
+    table = _invoke("top-k", config, "--query", "0", "--k", "2").stdout
+    assert "predicted [" not in table and "predicted" in table
+
+
 def test_regression_labels_and_the_root_layer_show_in_tables(tmp_path):
     g = torch.Generator().manual_seed(0)
     np.random.seed(0)
