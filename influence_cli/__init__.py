@@ -24,6 +24,7 @@ _LAZY = {
     "dataset_similarity": "influence_cli.similarity",
     "spectrum": "influence_cli.band_energy",  # not influence_cli.spectrum: a submodule of that name would shadow the function
     "edit_checkpoint": "influence_cli.edit",
+    "load_dataset": "influence_cli.data",
 }
 
 

@@ -93,7 +93,7 @@ class DataSpec:
     )
     limit: int | None = _help("Keep at most this many examples (after the other filters).", default=None)
     label_noise: float = _help(
-        "Share of examples whose label is replaced by a random other class (seeded); 0 = none.",
+        "Share of examples whose label is replaced by a random other class (seeded by `seed`; classification only); 0 = none. `top-k --self` marks and counts them.",
         default=0.0,
     )
     transform: TransformSpec = _help("Input transforms.", default_factory=TransformSpec)
@@ -950,6 +950,9 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
         problems += _named_path_problem(cfg, "model.checkpoint", cfg.model.checkpoint, "file", unset="null")
     if cfg.task.measurement == "margin" and cfg.task.kind != "classification":
         problems.append("task.measurement: margin needs task.kind: classification")
+    if cfg.task.kind != "classification":
+        noisy = [key for key, spec in _specs_by_key(cfg).items() if spec.label_noise > 0]
+        problems += [f"{key}.label_noise: flips class labels, which needs task.kind: classification (set it to 0)" for key in noisy]
     if cfg.task.kind == "language_modeling":
         for key, fisher in (("factors.fisher", cfg.factors.fisher), ("similarity.fisher", cfg.similarity.fisher)):
             if fisher == "ggn":

@@ -31,7 +31,7 @@ from influence_cli import notices
 from influence_cli.config import ModelConfig, resolve_path
 from influence_cli.errors import ModelError, message_of
 from influence_cli.tracking import unmaterialized
-from influence_cli.user_code import import_from
+from influence_cli.user_code import import_from, missing_function_hint
 
 __all__ = [
     "BUILTIN_ARCHITECTURES",
@@ -187,7 +187,7 @@ def _import_factory(spec: str, base_dir: Path) -> Callable[..., Any]:
     func: Any = module
     for part in func_name.split("."):
         if not hasattr(func, part):
-            raise ModelError(f"model.architecture: module {module_name!r} has no attribute {func_name!r}")
+            raise ModelError(f"model.architecture: module {module_name!r} has no attribute {func_name!r}", hint=missing_function_hint(module, func_name))
         func = getattr(func, part)
     if not callable(func):
         raise ModelError(f"model.architecture: {spec!r} is not callable")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib
 import sys
 from collections.abc import Iterator
@@ -55,3 +56,13 @@ def import_from(module_name: str, folder: Path) -> ModuleType:
         forget_stale_module(module_name, folder)
         importlib.invalidate_caches()
         return importlib.import_module(module_name)
+
+
+def missing_function_hint(module: ModuleType, name: str) -> str:
+    """A hint for `name` missing from the user's `module`: the closest of its public callables, or their list."""
+    found = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_") and getattr(v, "__module__", None) == module.__name__)
+    close = difflib.get_close_matches(name, found, n=1)
+    if close:
+        return f"did you mean {close[0]!r}?"
+    shown = ", ".join(found[:10]) + (f", ... ({len(found)} in all)" if len(found) > 10 else "")
+    return f"{module.__name__} defines {shown}" if found else f"{module.__name__} defines no function ({getattr(module, '__file__', None) or 'no file'})"

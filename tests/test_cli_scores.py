@@ -235,6 +235,37 @@ def test_a_terminated_run_says_so_and_exits_143(runner, project, monkeypatch):
     assert result.exit_code == 143 and "terminated by torchrun (another rank stopped" in result.stderr and "--resume" in result.stderr
 
 
+def test_self_influence_ranking_says_which_labels_label_noise_flipped(runner, project, tmp_path):
+    """With data.train.label_noise, top-k --self marks the flipped examples and counts them (mislabel detection)."""
+    from influence_cli import load_config
+    from influence_cli.data import load_dataset
+
+    sets = ["--set", "data.train.label_noise=0.2", "--set", f"output_dir={tmp_path / 'noisy'}"]
+    for command in (["fit-factors"], ["compute-scores", "--self"]):
+        assert invoke(runner, *command, project, *sets).exit_code == 0
+    result = invoke(runner, "top-k", project, "--self", "--k", "10", "--json", *sets)
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    cfg = load_config(project, ["data.train.label_noise=0.2"])
+    train = load_dataset(cfg.data.train, cfg.base_dir, name="data.train", seed=cfg.seed)
+    rows = data["self_influence"]
+    for row in rows:
+        flipped = bool(train.noisy_mask[row["train_position"]])
+        assert row["noisy"] is flipped and row["clean_label"] == (int(train.clean_labels[row["train_position"]]) if flipped else None)
+        assert row["train_label"] == int(train.labels[row["train_position"]])
+    in_top = sum(row["noisy"] for row in rows)
+    assert data["label_noise"] == {"flipped": int(train.noisy_mask.sum()), "train": len(train), "in_top_k": in_top} and in_top > 0
+    table = invoke(runner, "top-k", project, "--self", "--k", "10", *sets)
+    assert "label noise" in table.stdout and "flipped from" in table.stdout
+    assert f"label noise: {in_top} of these 10 carry a flipped label ({data['label_noise']['flipped']} of the {len(train)}" in " ".join(table.stdout.split())
+    assert invoke(runner, "top-k", project, "--self", "--k", "10", "--image-grid", tmp_path / "self.png", *sets).exit_code == 0
+    clean = ["--set", f"output_dir={tmp_path / 'clean'}"]  # without label noise: no such keys
+    for command in (["fit-factors"], ["compute-scores", "--self"]):
+        assert invoke(runner, *command, project, *clean).exit_code == 0
+    plain = json.loads(invoke(runner, "top-k", project, "--self", "--k", "3", "--json", *clean).stdout)
+    assert "label_noise" not in plain and "noisy" not in plain["self_influence"][0]
+
+
 def test_self_influence_and_image_grids(runner, project, tmp_path):
     result = invoke(runner, "compute-scores", project, "--self")
     assert result.exit_code == 0, result.stderr

@@ -240,12 +240,15 @@ def test_wrong_types_are_named(override: str, key: str):
         pytest.param("data.train.indices=[99999999999999999999]", "data.train.indices", id="indices-beyond-int64"),
         pytest.param("data.train.labels_in=[99999999999999999999]", "data.train.labels_in", id="labels_in-beyond-int64"),
         pytest.param("task.kind=regression", "task.measurement", id="margin-with-regression"),
+        pytest.param("data.train.label_noise=0.1", "data.train.label_noise", id="label_noise-with-regression"),
     ],
 )
 def test_impossible_values_are_named(override: str, key: str):
     overrides = [override]
     if key == "task.measurement":
         overrides.append("task.measurement=margin")
+    if override.startswith("data.train.label_noise=0.1"):
+        overrides.append("task.kind=regression")
     with pytest.raises(ConfigError) as exc:
         config_from_dict(minimal(), overrides)
     assert list(problems_of(exc)) == [key], exc.value.problems

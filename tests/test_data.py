@@ -751,6 +751,9 @@ def test_factory_errors(tmp_path: Path) -> None:
     for source, prefix in cases.items():
         assert error_of(DataSpec(source=source), tmp_path).startswith(prefix), source
     assert error_of(DataSpec(source=f"{mod}:takes", kwargs={"m": 1}), tmp_path).startswith("data.train.kwargs:")
+    with pytest.raises(DataError) as info:
+        load_dataset(DataSpec(source=f"{mod}:mapings"), tmp_path)
+    assert info.value.hint == "did you mean 'mapping'?"
 
 
 def test_image_folder_errors(tmp_path: Path) -> None:

@@ -190,6 +190,16 @@ def test_factory_errors(tmp_path: Path, arch: str, kwargs: dict, match: str) -> 
         build_model(ModelConfig(arch, kwargs), tmp_path)
 
 
+def test_a_misspelled_factory_is_pointed_at_the_closest_function(tmp_path: Path) -> None:
+    _write_factory(tmp_path, "my_model", FACTORY)
+    with pytest.raises(ModelError, match="no attribute 'mak'") as exc:
+        build_model(ModelConfig("my_model:mak"), tmp_path)
+    assert exc.value.hint == "did you mean 'make'?"
+    with pytest.raises(ModelError) as exc:
+        build_model(ModelConfig("my_model:zzzzzz"), tmp_path)
+    assert exc.value.hint.startswith("my_model defines ") and "make" in exc.value.hint
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 

@@ -54,6 +54,15 @@ def test_readme_python_example_runs_and_reads_results_back(tmp_path):
     assert block.scores.shape == (3, 300)
 
 
+def test_load_dataset_gives_the_examples_and_the_planted_label_noise(tmp_path):
+    """README: train a model on the labels label_noise planted, from a config whose checkpoint does not exist yet."""
+    cfg = load_config(DIGITS, ["model.checkpoint=not_trained_yet.safetensors", "data.train.label_noise=0.1"], check_files=False)
+    ds = influence_cli.load_dataset(cfg.data.train, cfg.base_dir, seed=cfg.seed)
+    x, y, index = ds[0]
+    assert x.shape == (1, 8, 8) and int(y) == int(ds.labels[0]) and index == int(ds.global_indices[0])
+    assert int(ds.noisy_mask.sum()) == round(0.1 * len(ds)) and bool((ds.labels != ds.clean_labels).eq(ds.noisy_mask).all())
+
+
 def test_config_from_dict_paths_do_not_move_with_the_working_directory(tmp_path, monkeypatch):
     """Relative paths resolve against the working directory when the config is built, not when it is used."""
     data = load_config(DIGITS).to_dict()

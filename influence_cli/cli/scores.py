@@ -195,24 +195,35 @@ def top_k_cmd(
         grid_path = _self_grid(cfg, ranked, image_grid, loaded) if image_grid is not None else None
         inputs = _token_inputs(cfg, loaded, ["data.train"])  # a language model's examples are shown by their input ids
         files, names = _example_files(cfg, loaded, ["data.train"])  # image folders: each example's file
+        noise = _label_noise(cfg, loaded, ranked)
         if json_:
             rows = [
                 dataclasses.asdict(r) | ({"train_input": inputs[0](r.train_position)} if inputs else {})
                 | ({"train_file": files[0](r.train_position)} if files else {})
-                for r in ranked
+                | ({"noisy": noise.clean_label[i] is not None, "clean_label": noise.clean_label[i]} if noise else {})
+                for i, r in enumerate(ranked)
             ]  # fmt: skip
             print_json(
                 {"output_dir": str(out_dir), "strategy": self_influence.metadata.get("strategy"), "k": k, "self_influence": rows}
+                | ({"label_noise": {"flipped": noise.flipped, "train": noise.train, "in_top_k": noise.in_top_k}} if noise else {})
                 | ({"image_grid": str(Path(grid_path).resolve())} if grid_path else {})
             )
             return
         shown = "input" if inputs else "label"
         table = new_table(f"most self-influential training examples (top {len(ranked)})", [("rank", "right"), ("train index", "right")]
-                          + ([("file", "left")] if files else []) + [(shown, "left"), ("self-influence", "right")])  # fmt: skip
-        for r in ranked:
+                          + ([("file", "left")] if files else []) + [(shown, "left")] + ([("label noise", "left")] if noise else [])
+                          + [("self-influence", "right")])  # fmt: skip
+        for i, r in enumerate(ranked):
             cell = label_text(inputs[0](r.train_position) if inputs else r.train_label, names[0])
-            table.add_row(str(r.rank), str(r.train_index), *([files[0](r.train_position)] if files else []), cell, f"{r.score:.5g}")
+            flipped = [] if not noise else ["" if noise.clean_label[i] is None else f"flipped from {label_text(noise.clean_label[i], names[0])}"]
+            table.add_row(str(r.rank), str(r.train_index), *([files[0](r.train_position)] if files else []), cell, *flipped, f"{r.score:.5g}")
         print_table(table)
+        if noise:
+            out_console().print(
+                f"label noise: {noise.in_top_k} of these {len(ranked)} carry a flipped label "
+                f"({noise.flipped} of the {noise.train} training examples do, {noise.flipped / noise.train:.1%})",
+                markup=False,
+            )
         if grid_path:
             err_console.print(f"[green]saved[/] {escape(str(grid_path))}")
         return
@@ -284,6 +295,26 @@ def top_k_cmd(
         err_console.print(f"[green]saved[/] {escape(str(grid_path))}")
 
 
+@dataclasses.dataclass
+class _LabelNoise:
+    """data.train's planted label noise (`label_noise`) at the ranked examples."""
+
+    clean_label: list  # per ranked example: its label before the noise flipped it, or None where it was not flipped
+    in_top_k: int  # ranked examples with a flipped label
+    flipped: int  # flipped labels in the whole training set
+    train: int  # training examples
+
+
+def _label_noise(cfg, loaded: dict, ranked) -> _LabelNoise | None:
+    """Which ranked examples carry a label that data.train.label_noise flipped; None without label noise."""
+    if not cfg.data.train.label_noise:
+        return None
+    (train,) = _datasets(cfg, ["data.train"], loaded)
+    mask = train.noisy_mask
+    clean = [train.clean_labels[r.train_position].tolist() if bool(mask[r.train_position]) else None for r in ranked]
+    return _LabelNoise(clean, sum(c is not None for c in clean), int(mask.sum()), len(mask))
+
+
 def _token_inputs(cfg, loaded: dict, which: list[str]):
     """For a language model, one function per data key in `which`: position -> the example's input
     token ids without padding (list of int); None for other tasks."""
@@ -324,14 +355,20 @@ def _datasets(cfg, which: list[str], loaded: dict):
     return out
 
 
-def _train_tiles(train, entries, kind: str):
+def _train_tiles(train, entries, kind: str, clean: list | None = None):
+    """Tiles of ranked training examples; `clean`: per entry, the label before label noise flipped it, or None."""
     from influence_cli.data import example_image
     from influence_cli.image_grid import Tile
 
     names = train.class_names
+    clean = clean or [None] * len(entries)
     return [
-        Tile(example_image(train, e.train_position), [f"#{e.train_index} · {label_text(e.train_label, names)}", f"{e.score:+.3g}"], kind)
-        for e in entries
+        Tile(
+            example_image(train, e.train_position),
+            [f"#{e.train_index} · {label_text(e.train_label, names)}" + ("" if was is None else f" (was {label_text(was, names)})"), f"{e.score:+.3g}"],
+            kind,
+        )
+        for e, was in zip(entries, clean, strict=True)
     ]
 
 
@@ -369,5 +406,6 @@ def _self_grid(cfg, ranked, path: Path, loaded: dict) -> Path:
     from influence_cli.image_grid import GridGroup, GridRow, save_image_grid
 
     (train,) = _datasets(cfg, ["data.train"], loaded)
-    row = GridRow(None, _train_tiles(train, ranked, "proponent"))
+    noise = _label_noise(cfg, loaded, ranked)
+    row = GridRow(None, _train_tiles(train, ranked, "proponent", noise.clean_label if noise else None))
     return save_image_grid(path, GridGroup("most self-influential training examples", [row], proponents_label="self-influence"))

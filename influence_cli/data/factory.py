@@ -13,7 +13,7 @@ import torch
 from influence_cli.config import DataSpec
 from influence_cli.data.source import Source, file_info, item_input, item_label, to_inputs, to_labels
 from influence_cli.errors import DataError
-from influence_cli.user_code import import_from, on_sys_path
+from influence_cli.user_code import import_from, missing_function_hint, on_sys_path
 
 
 class _FactoryItems:
@@ -162,7 +162,7 @@ def open_factory(spec: DataSpec, base_dir: Path, name: str) -> Source:
     with on_sys_path(base_dir):  # the factory may import its neighbours when called
         func = getattr(module, func_name, None)
         if not callable(func):
-            raise DataError(f"{key}: module {module_name!r} has no function {func_name!r}")
+            raise DataError(f"{key}: module {module_name!r} has no function {func_name!r}", hint=missing_function_hint(module, func_name))
         with contextlib.suppress(TypeError, ValueError):  # builtins may have no signature
             try:
                 inspect.signature(func).bind(**spec.kwargs)
