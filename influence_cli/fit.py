@@ -418,7 +418,7 @@ def _fit_member(
         recorded = storage.read_metadata(path)
         if recorded.get("result_key") not in run_keys(result):
             refuse_other_finished_result(path, recorded.get("result"), result, "factors")
-        clear_progress_of_finished(out_dir, storage.FACTORS_PARTIAL, main=ctx.state.is_main)
+        clear_progress_of_finished(out_dir, storage.FACTORS_PARTIAL, main=ctx.state.is_main, outputs=[path])
         return FitReport(path, cfg.factors.strategy, cfg.factors.fisher, n, layers_info, {}, "already complete", member=member.index, skipped=skipped)
     storage.check_can_write(path, overwrite, "factors")
     storage.ensure_writable_dir(out_dir, key=cfg.factors_key)

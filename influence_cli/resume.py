@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,12 +70,15 @@ def progress_files(folder: Path, pattern: str, kind: str = "") -> list[Path]:
     ]
 
 
-def clear_progress_of_finished(folder: Path, pattern: str, kind: str = "", main: bool = True) -> None:
+def clear_progress_of_finished(folder: Path, pattern: str, kind: str = "", main: bool = True, outputs: Sequence[Path] = ()) -> None:
     """Removes the progress a run killed right after renaming its finished output left beside it
-    (the finished output holds all of it); on rank 0 only (`main`)."""
+    (the finished output holds all of it), and the temporary files a killed writer of `outputs`
+    left (the caller holds their lock); on rank 0 only (`main`)."""
     if main:
         for p in progress_files(folder, pattern, kind):
             p.unlink(missing_ok=True)
+        for output in outputs:
+            storage.remove_stale_temp_files(output)
 
 
 @dataclass

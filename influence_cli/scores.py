@@ -618,7 +618,7 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
     if resume and not overwrite and not finished and (other := next((p for p in (single, index) if p.exists()), None)):
         refuse_other_finished_result(other, recorded[other].get("result"), result, "scores")
     if resume and not overwrite and finished:  # a requeued job whose scores are done
-        clear_progress_of_finished(out_dir, storage.SCORES_PARTIAL, main=st.is_main)
+        clear_progress_of_finished(out_dir, storage.SCORES_PARTIAL, main=st.is_main, outputs=[single, index, out_dir / storage.SCORES_SHARD_GLOB])
         done, num_shards = _finished_files(finished[0])  # the layout on disk, whatever this run's would be
         return ScoresReport(
             "pairwise", done, n_q, n_t, finished[0] == index, num_shards, int(recorded[finished[0]].get("query_chunks") or 1), relative,
@@ -656,6 +656,13 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
             storage.remove_stale_temp_files(out_dir / name)
     st.barrier()
 
+    if cfg.scores.query_chunk is None and len(layout.query_chunks) > 1 and chunk < 16:
+        per_query = sum(tm.num_params for tm in ctx.tracked) * n_members * element_bytes / 2**20
+        notices.warn(
+            f"scores.max_memory_mb: {cfg.scores.max_memory_mb:g} MB holds the preconditioned gradients of {chunk} "
+            f"quer{'y' if chunk == 1 else 'ies'} at a time ({per_query:.3g} MB each), so the training set is streamed "
+            f"{len(layout.query_chunks)} times, once per chunk of queries; a larger scores.max_memory_mb streams it fewer times"
+        )
     t0 = time.perf_counter()
     query_info = scorer.query_info(queries)
     chunks = layout.query_chunks
@@ -830,7 +837,7 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
         recorded = _finished_metadata(path)
         if recorded.get("result_key") not in run_keys(result):
             refuse_other_finished_result(path, recorded.get("result"), result, "self-influence scores")
-        clear_progress_of_finished(out_dir, storage.SCORES_PARTIAL, ".self", main=st.is_main)
+        clear_progress_of_finished(out_dir, storage.SCORES_PARTIAL, ".self", main=st.is_main, outputs=[path])
         return ScoresReport(
             "self", [path], 0, n_t, False, 1, 0, False, cfg.factors.strategy, cfg.task.measurement, common["damping"],
             {}, 0.0, "already complete", {tm.name: tm.num_params for tm in ctx.tracked}, len(scorer.members),

@@ -387,6 +387,29 @@ def output_dir_lock(
             os.close(fd)
 
 
+def writer_of(folder: Path, what: str) -> str | None:
+    """Who holds the exclusive lock on `folder`'s outputs `what` right now (its pid, host and
+    command, or "a run that is starting"); None when no run writes them. Reads the lock without
+    creating it."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - no flock on this platform
+        return None
+    try:
+        fd = os.open(folder / LOCK_FILE.format(what=what), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.pread(fd, 400, 0).decode(errors="replace").strip() or "a run that is starting"
+    except OSError:  # this filesystem does not lock
+        return None
+    finally:
+        os.close(fd)  # releases the shared lock, if it was taken
+    return None
+
+
 def _program() -> str:
     """What this process runs, for the lock's holder: `influence fit-factors run.yaml`, or a script's name and first arguments."""
     name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"

@@ -151,6 +151,8 @@ def load_scores_meta(output_dir: str | Path) -> ScoresMeta:
         finished_shards = list(out.glob(storage.SCORES_SHARD_GLOB))  # of a run killed before it wrote its index
         interrupted = bool(progress_files(out, storage.SCORES_PARTIAL) or finished_shards)  # not --self's progress
         hint = "compute-scores was interrupted: rerun it with --resume to finish" if interrupted else _NO_SCORES_HINT
+        running = storage.writer_of(out, "scores")
+        hint = f"compute-scores is writing them now ({running}): wait for it to finish" if running else hint
         raise OutputError(f"no scores in {str(out)!r} ({storage.SCORES_FILE} or {storage.SCORES_INDEX})", hint=hint)
     with safe_open(str(files[0].path), framework="pt") as fh:
         keys = set(fh.keys())
@@ -514,6 +516,8 @@ def load_self_influence(output_dir: str | Path) -> SelfInfluence:
     if not path.is_file():
         interrupted = progress_files(out, storage.SCORES_PARTIAL, ".self")
         hint = "compute-scores --self was interrupted: rerun it with --resume to finish" if interrupted else "run `influence compute-scores CONFIG --self` first"
+        running = storage.writer_of(out, "self_influence")
+        hint = f"compute-scores --self is writing them now ({running}): wait for it to finish" if running else hint
         raise OutputError(f"no self-influence scores at {str(path)!r}", hint=hint)
     tensors, meta = storage.load_tensors(path, storage.SELF_FORMAT)
     _check_no_nan(tensors["self_influence"], path)

@@ -384,9 +384,11 @@ def test_resume_of_a_finished_run_is_a_no_op(tmp_path, monkeypatch):
     monkeypatch.setattr(fit, "compute_factors", fail)
     left = out / storage.FACTORS_PARTIAL.format(rank="")
     left.write_bytes(b"the progress of a run killed right after renaming its finished factors")
+    temp = out / f".{storage.FACTORS_FILE}.killed.tmp"
+    temp.write_bytes(b"what a writer killed mid-write left")
     report = fit.fit_factors(config(out, "data.batch_size=32"), resume=True)  # batch size does not change the result
     assert report.resumed_from == "already complete"
-    assert not left.exists()  # the finished file holds all of it
+    assert not left.exists() and not temp.exists()  # the finished file holds all of it
     assert (out / storage.FACTORS_FILE).stat().st_mtime_ns == before
     with pytest.raises(OutputError, match=r"holds factors of a finished run with other settings \(factors.strategy ekfac -> kfac\)"):
         fit.fit_factors(config(out, "factors.strategy=kfac"), resume=True)

@@ -587,6 +587,18 @@ def test_storage_dtype_and_overflow(project, caplog):
         scores_mod._check_storable(torch.tensor([1.0, 2.0, float("inf")]), "float32", "self-influence")
 
 
+def test_a_budget_that_holds_few_queries_says_the_training_set_is_streamed_once_per_chunk(project, caplog):
+    """53 weights × 4 bytes per preconditioned query: 0.0005 MB holds 2 of the 7 queries, 4 passes over the training set."""
+    with caplog.at_level("WARNING", logger="influence_cli"):
+        report = compute_scores(make_cfg(project, "few-queries", "scores.max_memory_mb=0.0005"))
+    assert report.query_chunks == 4
+    assert "holds the preconditioned gradients of 2 queries at a time (0.000202 MB each), so the training set is streamed 4 times" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="influence_cli"):
+        compute_scores(make_cfg(project, "chosen-chunks", "scores.max_memory_mb=0.0005", "scores.query_chunk=2"))  # the user's choice
+    assert "streamed" not in caplog.text
+
+
 @pytest.mark.parametrize("self_influence", [False, True], ids=["pairwise", "self"])
 @pytest.mark.parametrize("overrides", [(), ("scores.max_memory_mb=0.001",)], ids=["single", "sharded"])
 def test_resume_of_finished_scores_is_a_no_op(project, self_influence, overrides):

@@ -132,5 +132,12 @@ def test_resume_of_finished_scores_clears_the_progress_a_late_kill_left(fitted, 
     left.write_bytes(b"progress of the run that wrote the scores")
     other = tmp_path / storage.SCORES_PARTIAL.format(rank=".self")  # --self's own progress is not this run's
     other.write_bytes(b"progress of an interrupted --self run")
+    temps = [tmp_path / f".{name}.killed.tmp" for name in (storage.SCORES_FILE, storage.SCORES_INDEX, storage.SCORES_SHARD.format(shard=0))]
+    for temp in temps:  # what a writer killed mid-write left
+        temp.write_bytes(b"half")
+    others = [tmp_path / f".{name}.killed.tmp" for name in (storage.SELF_INFLUENCE_FILE, storage.FACTORS_FILE)]  # not this command's
+    for temp in others:
+        temp.write_bytes(b"half")
     report = compute_scores(load_config(CONFIG, [*SETTINGS, f"output_dir={tmp_path}"]), resume=True)
     assert report.resumed_from == "already complete" and not left.exists() and other.exists()
+    assert not any(t.exists() for t in temps) and all(t.exists() for t in others)

@@ -167,6 +167,21 @@ def test_missing_scores_of_an_interrupted_run_say_resume(tmp_path):
     assert info.value.hint == "compute-scores --self was interrupted: rerun it with --resume to finish"
 
 
+def test_missing_scores_that_a_running_compute_scores_is_writing_say_wait(tmp_path):
+    """Not "interrupted: --resume" while the run holds the lock (its --resume would be refused as busy)."""
+    (tmp_path / storage.SCORES_PARTIAL.format(rank="")).write_bytes(b"progress")
+    for what, read, needle in (("scores", lambda: top_k(tmp_path, None, 3), "compute-scores is writing them now (pid "),
+                               ("self_influence", lambda: self_top_k(tmp_path, 3), "compute-scores --self is writing them now (pid ")):  # fmt: skip
+        with storage.output_dir_lock(tmp_path, what):
+            with pytest.raises(OutputError) as info:
+                read()
+            assert info.value.hint.startswith(needle) and info.value.hint.endswith("wait for it to finish"), info.value.hint
+        with pytest.raises(OutputError) as info:  # the run is gone: what it left says what to do
+            read()
+        assert "writing them now" not in info.value.hint
+    assert storage.writer_of(tmp_path, "scores") is None and not (tmp_path / storage.LOCK_FILE.format(what="scores")).exists()
+
+
 def test_missing_shard_is_reported(tmp_path):
     write_scores(tmp_path, torch.randn(2, 10), shard_len=4)
     (tmp_path / storage.SCORES_SHARD.format(shard=1)).unlink()

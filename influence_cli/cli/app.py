@@ -173,7 +173,7 @@ def command(name: str, resumable: bool = False, rank_0: bool = False, **kwargs: 
                     if isinstance(exc, Terminated) and os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
                         what = "terminated by torchrun (another rank stopped, see its message above, or the job was cancelled)"
                     more = (
-                        " Progress is saved every factors.checkpoint_every batches (never with 0); rerun the same command with --resume to continue from the last save."
+                        " Rerun the same command with --resume to continue from its last save (progress is saved every factors.checkpoint_every batches, never with 0; before the first save --resume starts over)."
                         if resumable
                         else ""
                     )
