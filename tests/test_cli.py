@@ -682,10 +682,31 @@ def test_sigterm_outside_an_import_stops_like_ctrl_c(monkeypatch):
     app_mod = importlib.import_module("influence_cli.cli.app")  # the module (influence_cli.cli.app is also the Typer app's name)
 
     monkeypatch.setitem(app_mod._TERMINATED, "hit", False)
-    assert not app_mod._importing()
+    assert not app_mod._importing_an_extension()
     with pytest.raises(app_mod.Terminated):
         app_mod._on_sigterm(15, None)
     assert app_mod._TERMINATED["hit"]  # main() then exits 143 even if click turned it into its own abort
+
+
+def test_sigterm_during_an_import_stops_cleanly_unless_a_compiled_package_is_half_imported(monkeypatch):
+    """A pure-Python import (rich's, while a summary prints after the output was saved) is interrupted like
+    any code; one of torch's gets the signal's own exit, as cleanup could trip over half-imported torch."""
+    import importlib
+    import signal
+    import types
+
+    app_mod = importlib.import_module("influence_cli.cli.app")
+    monkeypatch.setitem(app_mod._TERMINATED, "hit", False)
+    spec = types.SimpleNamespace(_initializing=True)
+    monkeypatch.setitem(sys.modules, "rich._being_imported", types.SimpleNamespace(__spec__=spec))
+    with pytest.raises(app_mod.Terminated):
+        app_mod._on_sigterm(15, None)
+    monkeypatch.setitem(sys.modules, "torch._being_imported", types.SimpleNamespace(__spec__=spec))
+    calls = []
+    monkeypatch.setattr(signal, "signal", lambda *args: calls.append(("signal", *args)))
+    monkeypatch.setattr(app_mod.os, "kill", lambda *args: calls.append(("kill", *args)))
+    app_mod._on_sigterm(15, None)
+    assert calls == [("signal", signal.SIGTERM, signal.SIG_DFL), ("kill", app_mod.os.getpid(), signal.SIGTERM)]
 
 
 def test_tables_survive_odd_terminals(tmp_path: Path, monkeypatch):

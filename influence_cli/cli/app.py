@@ -118,14 +118,23 @@ class Terminated(KeyboardInterrupt):
 _TERMINATED = {"hit": False}
 
 
-def _importing() -> bool:
-    """True while a module is being imported: an exception raised then can leave torch or numpy half-initialised."""
-    return any(getattr(getattr(m, "__spec__", None), "_initializing", False) for m in list(sys.modules.values()))
+_EXTENSIONS = ("torch", "torchvision", "numpy", "PIL", "safetensors")  # packages with compiled parts
+
+
+def _importing_an_extension() -> bool:
+    """True while torch, numpy or another package with compiled parts is being imported: an exception
+    raised then can leave it half-initialised, for the cleanup that follows to trip over. (Pure-Python
+    imports, such as rich's while a summary is printed, are interrupted like any other code.)"""
+    return any(
+        getattr(getattr(m, "__spec__", None), "_initializing", False) and name.split(".")[0] in _EXTENSIONS
+        for name, m in list(sys.modules.items())
+    )
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
-    """SIGTERM: a clean stop like Ctrl-C (exit 143); during an import, the default action (nothing is written yet)."""
-    if _importing():
+    """SIGTERM: a clean stop like Ctrl-C (exit 143); while a compiled package is being imported, the
+    default action (the signal's own exit: cleanup could trip over the half-imported package)."""
+    if _importing_an_extension():
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
         return
