@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
-from influence_cli.errors import ConfigError
+from influence_cli.errors import ConfigError, first_line
 
 SIMILARITY_METHODS = ("fisher-kernel", "task2vec")
 SPECTRUM_ORDERS = ("kfac", "ekfac")
@@ -605,7 +605,7 @@ def _unshared(node: Any) -> Any:
 
 def _yaml_reason(exc: yaml.YAMLError) -> str:
     mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    problem = getattr(exc, "problem", None) or first_line(exc, type(exc).__name__)
     if mark is not None:
         return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
     return str(problem)

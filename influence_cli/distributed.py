@@ -17,7 +17,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from influence_cli.errors import ConfigError, DistributedError, InfluenceError
+from influence_cli.errors import ConfigError, DistributedError, InfluenceError, first_line
 
 _T = TypeVar("_T")
 
@@ -54,7 +54,7 @@ def _collective(what: str, rank: int) -> Iterator[None]:
     try:
         yield
     except RuntimeError as exc:  # gloo/nccl report a lost peer as RuntimeError (DistBackendError)
-        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        reason = first_line(exc, type(exc).__name__)
         raise DistributedError(
             f"rank {rank}: {what} failed, another rank probably stopped ({reason})",
             hint="the failing rank's own message is above ([rank N] ...); fix that and rerun",

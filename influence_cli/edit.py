@@ -41,7 +41,7 @@ from influence_cli.bands import (
 from influence_cli.config import EDIT_KEEP, Config
 from influence_cli.context import checked_config, prepare
 from influence_cli.distributed import DistState
-from influence_cli.errors import ModelError, UsageError
+from influence_cli.errors import ModelError, UsageError, first_line
 from influence_cli.factors import LayerFactors
 from influence_cli.models import model_fingerprint, read_state_dict, tied_keys
 from influence_cli.tracking import TrackedModule
@@ -181,7 +181,7 @@ def _layer_state(tm: TrackedModule, weight: torch.Tensor, bias: torch.Tensor | N
         module = copy.deepcopy(tm.module)
     except Exception as exc:  # e.g. the hook-based torch.nn.utils.weight_norm
         raise ModelError(
-            f"layer {tm.name!r} cannot be copied to write its edited weight ({type(exc).__name__}: {str(exc).splitlines()[0]})",
+            f"layer {tm.name!r} cannot be copied to write its edited weight ({type(exc).__name__}: {first_line(exc)})",
             hint=f"use torch.nn.utils.parametrizations (weight_norm, ...) for its weight, or {hint}",
         ) from None
     with torch.no_grad():

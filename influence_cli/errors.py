@@ -110,9 +110,14 @@ def message_of(exc: BaseException) -> str:
     return exc.message if isinstance(exc, InfluenceError) else str(exc)
 
 
+def first_line(exc: BaseException, default: str = "") -> str:
+    """The first non-blank line of an exception's text (`message_of`), stripped; `default` when it has none."""
+    return next((line.strip() for line in message_of(exc).splitlines() if line.strip()), default)
+
+
 def out_of_memory(exc: BaseException) -> ResourceError | None:
     """A ResourceError for torch's or Python's out-of-memory errors (GPU or host); None for any other error."""
-    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    first = first_line(exc)
     gpu = type(exc).__name__ == "OutOfMemoryError"  # torch.cuda.OutOfMemoryError, without importing torch
     host = isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(exc))
     if not (gpu or host):

@@ -25,7 +25,7 @@ import math
 import torch
 from torch import nn
 
-from influence_cli.errors import ModelError, out_of_memory
+from influence_cli.errors import ModelError, first_line, out_of_memory
 from influence_cli.tracking import Capture, TrackedModule
 
 _TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-3}  # relative; bf16/fp16 products: 5e-2
@@ -195,7 +195,7 @@ def check_weight_gradients(
     except (RuntimeError, ValueError, IndexError) as exc:
         if out_of_memory(exc) is not None:
             raise
-        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        reason = first_line(exc, type(exc).__name__)
         raise ModelError(
             f"the model runs on a batch of {x.shape[0]} but fails on its first {n} examples ({reason[:200]})",
             hint="the model must accept any batch size (a size written into a view/reshape also fails on a short last batch)",

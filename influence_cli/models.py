@@ -29,7 +29,7 @@ from torch import nn
 
 from influence_cli import notices
 from influence_cli.config import ModelConfig, resolve_path
-from influence_cli.errors import ModelError, message_of
+from influence_cli.errors import ModelError, first_line, message_of
 from influence_cli.tracking import unmaterialized
 from influence_cli.user_code import import_from, missing_function_hint
 
@@ -431,7 +431,7 @@ def torch_load_reason(exc: BaseException) -> tuple[str, bool]:
     pickled objects other than tensors (torch's own message is a multi-line preamble of options
     a user of this tool does not have, with terminal escape codes)."""
     text = str(exc).strip()
-    reason = text.splitlines()[0] if text else type(exc).__name__
+    reason = first_line(exc, type(exc).__name__)
     if "WeightsUnpickler error:" in text:  # the line after the preamble says why
         reason = next((line.strip() for line in text.split("WeightsUnpickler error:", 1)[1].splitlines() if line.strip()), reason)
     objects = "Unsupported global" in text

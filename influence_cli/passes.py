@@ -18,7 +18,7 @@ from torch import nn
 
 from influence_cli import model_checks, notices
 from influence_cli import task as task_lib
-from influence_cli.errors import DataError, InfluenceError, ModelError, NumericalError, out_of_memory
+from influence_cli.errors import DataError, InfluenceError, ModelError, NumericalError, first_line, out_of_memory
 from influence_cli.tracking import Capture, TrackedModule, mask_padding, padding_mask, tracked_grad_enabled
 
 _Item = TypeVar("_Item")
@@ -406,7 +406,7 @@ def inputs_named(x: torch.Tensor, idx: torch.Tensor, dataset_name: str, *, first
     except Exception as exc:  # the model's code can raise anything
         if out_of_memory(exc) is not None:
             raise
-        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        reason = first_line(exc, type(exc).__name__)
         if isinstance(exc, IndexError) and not x.is_floating_point():
             lo, hi = int(x.min()), int(x.max())
             raise DataError(

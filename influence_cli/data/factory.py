@@ -12,7 +12,7 @@ import torch
 
 from influence_cli.config import DataSpec
 from influence_cli.data.source import Source, file_info, item_input, item_label, to_inputs, to_labels
-from influence_cli.errors import DataError
+from influence_cli.errors import DataError, first_line
 from influence_cli.user_code import import_from, missing_function_hint, on_sys_path
 
 
@@ -27,7 +27,7 @@ class _FactoryItems:
         try:
             item = self.dataset[index]
         except Exception as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else ""
+            reason = first_line(exc)
             raise DataError(f"{self.key}: item {index} raised {type(exc).__name__}: {reason}") from None
         if not isinstance(item, (tuple, list)) or len(item) < 2:
             raise DataError(f"{self.key}: item {index} is a {type(item).__name__}, expected a pair (x, y)")
@@ -154,7 +154,7 @@ def open_factory(spec: DataSpec, base_dir: Path, name: str) -> Source:
     try:
         module = import_from(module_name, base_dir)
     except Exception as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc, type(exc).__name__)
         raise DataError(
             f"{key}: cannot import {module_name!r} ({type(exc).__name__}: {reason})",
             hint=f"put {module_name.split('.')[0]}.py beside the config file or on PYTHONPATH",
@@ -173,7 +173,7 @@ def open_factory(spec: DataSpec, base_dir: Path, name: str) -> Source:
         except DataError:
             raise
         except Exception as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else ""
+            reason = first_line(exc)
             hint = None
             if isinstance(exc, FileNotFoundError) and not Path(str(exc.filename or "/")).is_absolute():
                 hint = (
