@@ -6,6 +6,24 @@ an optional hint (the next step), and the process exit code the CLI uses.
 
 from __future__ import annotations
 
+import re
+
+# The keyword arguments of the Python API that the messages' command-line flags stand for.
+_PYTHON_ARGUMENTS = {
+    "--overwrite": "overwrite=True",
+    "--resume": "resume=True",
+    "--self": "self_influence=True",
+    "--relative": "relative=True",
+    "--query": "queries=",
+    "--layers": "layers=",
+    "--order": "order=",
+    "--rho": "rho=",
+    "--keep-share": "share=",
+    "--method": "method=",
+    "--out": "edit_checkpoint's out",
+    "--set": "a field of the Config",
+}
+
 
 class InfluenceError(Exception):
     """Base class of every error the tool reports to a user."""
@@ -19,8 +37,12 @@ class InfluenceError(Exception):
         self.message = message
         self.hint = hint
 
-    def __str__(self) -> str:  # a traceback from Python shows the next step too (the CLI prints message and hint itself)
-        return self.message if not self.hint else f"{self.message}\nhint: {self.hint}"
+    def __str__(self) -> str:
+        """For Python tracebacks (the CLI prints message and hint itself): the next step too, and the
+        keyword arguments that the flags it names stand for."""
+        text = self.message if not self.hint else f"{self.message}\nhint: {self.hint}"
+        named = [f"{flag} is {arg}" for flag, arg in _PYTHON_ARGUMENTS.items() if re.search(rf"{flag}(?![\w-])", text)]
+        return f"{text}\n(from Python: {'; '.join(named)})" if named else text
 
     def everywhere(self) -> InfluenceError:
         """Marks the error as one every rank of a torchrun job meets alike (the CLI prints it once)."""

@@ -183,8 +183,11 @@ def test_errors_show_their_hint_in_a_python_traceback(tmp_path):
     fit_factors(cfg)
     with pytest.raises(OutputError) as info:
         fit_factors(cfg)
-    assert str(info.value) == f"{info.value.message}\nhint: {info.value.hint}" and info.value.hint
+    assert "--overwrite" in info.value.hint  # the CLI's words; str() adds the keyword argument they stand for
+    assert str(info.value) == f"{info.value.message}\nhint: {info.value.hint}\n(from Python: --overwrite is overwrite=True)"
     assert str(InfluenceError("no hint")) == "no hint"
+    both = InfluenceError("--output is not a flag", hint="pass --self or --set x=1")
+    assert str(both).endswith("(from Python: --self is self_influence=True; --set is a field of the Config)")
 
 
 def test_a_lock_names_the_program_that_holds_it(monkeypatch):
