@@ -192,7 +192,11 @@ class ScoresConfig:
         default="layer",
     )
     relative: bool = _help("RelatIF: divide by the norm of the train example's preconditioned gradient.", default=False)
-    max_memory_mb: float = _help("Memory budget for the score matrix; larger runs are written as shards.", default=1024.0)
+    max_memory_mb: float = _help(
+        "Memory budget (MB), each on its own, for the score matrix held at a time (larger runs are written as shards) and for the "
+        "preconditioned queries held at a time (more queries are scored in chunks, each chunk streaming the training set once).",
+        default=1024.0,
+    )
     query_chunk: int | None = _help("Queries preconditioned and scored together (null = fit the budget).", default=None)
     dtype: Literal["float32", "bfloat16", "float16"] = _help("Storage dtype of the scores.", default="float32")
     checkpoints: list[str] = _help(

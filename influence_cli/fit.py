@@ -20,7 +20,7 @@ from influence_cli import storage
 from influence_cli.config import Config, yaml_text
 from influence_cli.context import RunContext
 from influence_cli.data import IndexedDataset
-from influence_cli.distributed import DistState
+from influence_cli.distributed import DistState, agree
 from influence_cli.ensemble import Member, describe_member, ensemble_members, prepare_member
 from influence_cli.errors import NumericalError, OutputError
 from influence_cli.factors import (
@@ -420,12 +420,16 @@ def _fit_member(
             refuse_other_finished_result(path, recorded.get("result"), result, "factors")
         clear_progress_of_finished(out_dir, storage.FACTORS_PARTIAL, main=ctx.state.is_main, outputs=[path])
         return FitReport(path, cfg.factors.strategy, cfg.factors.fisher, n, layers_info, {}, "already complete", member=member.index, skipped=skipped)
-    storage.check_can_write(path, overwrite, "factors")
-    storage.ensure_writable_dir(out_dir, key=cfg.factors_key)
     rank_suffix = f".rank{ctx.state.rank}" if ctx.state.distributed else ""
     checkpoint = PassCheckpoint(out_dir / storage.FACTORS_PARTIAL.format(rank=rank_suffix), settings, cfg.factors.checkpoint_every)
-    check_rank_layout(out_dir, storage.FACTORS_PARTIAL, ctx.state.world_size, resume=resume, overwrite=overwrite)
-    snapshot = checkpoint.check_start(resume, overwrite)
+
+    def start_checks() -> Snapshot | None:
+        storage.check_can_write(path, overwrite, "factors")
+        storage.ensure_writable_dir(out_dir, key=cfg.factors_key)
+        check_rank_layout(out_dir, storage.FACTORS_PARTIAL, ctx.state.world_size, resume=resume, overwrite=overwrite)
+        return checkpoint.check_start(resume, overwrite)  # a rank's own progress file may refuse on that rank alone
+
+    snapshot = agree(ctx.state, start_checks)  # every rank stops together, none left waiting in a collective
     if ctx.state.is_main:
         if overwrite:  # an interrupted --overwrite run leaves its progress, which --resume continues, and not the old factors
             for old in (path, *(also_replaced or [])):

@@ -578,7 +578,7 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
     queries = ctx.dataset(cfg.data.query, "data.query")
     n_members = len(scorer.members)
     n_q, n_t = len(queries), len(train)
-    element_bytes = torch.finfo(scorer.dtype).bits // 8
+    element_bytes = torch.finfo(scorer.kernel.matmul_dtype or scorer.dtype).bits // 8  # the stored queries' dtype (bf16 with factors.amp)
     layout = plan_layout(
         n_q,
         n_t,

@@ -230,6 +230,20 @@ output_dir: {tmp_path / "out"}
     assert not [p.name for p in out.iterdir() if p.name.startswith(".factors") or p.name.endswith(".tmp")]
 
 
+def test_a_start_check_one_rank_fails_stops_every_rank_at_once(tmp_path):
+    """Progress left by rank 1 alone (its own file) is refused on rank 1 only: rank 0 stops with it
+    instead of waiting in the next collective until torchrun kills it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / storage.FACTORS_PARTIAL.format(rank=".rank1")).write_bytes(b"progress of rank 1")
+    run = torchrun(*fit_args(CONFIG, out, "data.train.range=[0, 200]"))
+    assert run.returncode != 0
+    assert "[rank 1] output error: " in run.stderr and "holds progress of an interrupted run" in run.stderr, run.stderr
+    assert "[rank 0] distributed error: rank 1 stopped: " in run.stderr, run.stderr
+    assert "terminated by torchrun" not in run.stderr and "[rank0]: Traceback" not in run.stderr, run.stderr
+    assert not (out / storage.FACTORS_FILE).exists()
+
+
 def _descendants(pid: int) -> list[int]:
     """Every process below `pid` (torchrun starts each rank in a session of its own)."""
     parents: dict[int, list[int]] = {}

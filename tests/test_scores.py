@@ -597,6 +597,9 @@ def test_a_budget_that_holds_few_queries_says_the_training_set_is_streamed_once_
     with caplog.at_level("WARNING", logger="influence_cli"):
         compute_scores(make_cfg(project, "chosen-chunks", "scores.max_memory_mb=0.0005", "scores.query_chunk=2"))  # the user's choice
     assert "streamed" not in caplog.text
+    bf16 = make_cfg(project, "few-bf16-queries", "scores.max_memory_mb=0.0005", "factors.amp=bfloat16", copy_factors=False)
+    fit_factors(bf16)
+    assert compute_scores(bf16).query_chunks == 2  # the queries are stored in bf16: 4 of them fit, not 2
 
 
 @pytest.mark.parametrize("self_influence", [False, True], ids=["pairwise", "self"])
