@@ -218,6 +218,23 @@ def test_picture_paths_are_checked_before_any_work(runner, project, tmp_path):
     assert failed.exit_code in (2, 5) and not (tmp_path / "new").exists()  # a run that fails creates no picture folder
 
 
+def test_a_pass_that_fails_midway_leaves_no_bar_drawn(runner, project, monkeypatch, tmp_path):
+    """Every command's bars are stopped when it fails (the error line says what happened)."""
+    from influence_cli.cli import render
+    from influence_cli.errors import NumericalError
+    from influence_cli.kernel import ScoreKernel
+
+    def fail(*args, **kwargs):
+        raise NumericalError("the scoring pass failed here")
+
+    monkeypatch.setattr(ScoreKernel, "pairwise", fail)
+    result = invoke(runner, "compute-scores", project, "--set", f"output_dir={tmp_path / 'out'}", "--set", f"factors_dir={project.parent / 'out'}")
+    lines = result.stderr.splitlines()
+    assert result.exit_code == 6 and lines[-1] == "numerical error: the scoring pass failed here", result.stderr
+    assert len(lines) == 2 and "query gradients" in lines[0] and "7/7" in lines[0], result.stderr  # the finished pass's bar stays
+    assert render._RUNNING == []
+
+
 def test_a_terminated_run_says_so_and_exits_143(runner, project, monkeypatch):
     """SIGTERM (a scheduler's requeue) is handled like Ctrl-C, with its own exit code."""
     from influence_cli import scores as scores_mod

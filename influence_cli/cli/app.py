@@ -23,6 +23,7 @@ from influence_cli.cli.render import (
     err_console,
     exit_141_on_broken_pipes,
     stdout_closed,
+    stop_running_bars,
     tolerate_narrow_encodings,
 )
 from influence_cli.errors import InfluenceError, out_of_memory
@@ -161,7 +162,11 @@ def command(name: str, resumable: bool = False, rank_0: bool = False, **kwargs: 
             logger.addHandler(warnings)
             logger.propagate = False
             try:
-                return fn(*args, **kw)
+                try:
+                    return fn(*args, **kw)
+                except BaseException:
+                    stop_running_bars()  # a pass that failed mid-way would leave its bar drawn under the error line
+                    raise
             except InfluenceError as exc:
                 code = report_error(exc)
                 _leave_the_job(code)

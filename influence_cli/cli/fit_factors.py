@@ -55,12 +55,7 @@ def fit_factors_cmd(
         raise UsageError("--resume, --overwrite: pass one (--resume continues saved progress, --overwrite starts over)")
     cfg = load(config, set_)
     state = init_distributed(cfg.device, cfg.source)
-    progress = RichProgress(not json_)
-    try:
-        report = fit_factors(cfg, overwrite=overwrite, resume=resume, state=state, progress=progress)
-    except BaseException:
-        progress.abort()  # a pass that fails mid-way would leave its bar running
-        raise
+    report = fit_factors(cfg, overwrite=overwrite, resume=resume, state=state, progress=RichProgress(not json_))
     if not state.is_main:
         return
     if json_:

@@ -165,6 +165,16 @@ class _Rate(ProgressColumn):
         return Text("" if speed is None else f"{speed:,.0f} ex/s", style="cyan")
 
 
+_RUNNING: list[RichProgress] = []  # bars drawn now: a command that fails stops them (`stop_running_bars`)
+
+
+def stop_running_bars() -> None:
+    """Stops every bar still drawn, as a command fails: an unfinished bar is erased (the error line says what
+    happened), except after Ctrl-C or SIGTERM, where it shows how far the pass got. Call it in an `except` block."""
+    for bar in list(_RUNNING):
+        bar.stop()
+
+
 class RichProgress:
     """The core's Progress protocol, drawn as rich progress bars on stderr."""
 
@@ -190,6 +200,7 @@ class RichProgress:
         )
         self._progress.start()
         self._task = self._progress.add_task(description, total=total)
+        _RUNNING.append(self)
 
     def advance(self, n: int) -> None:
         if self._progress is not None:
@@ -210,12 +221,8 @@ class RichProgress:
             else:
                 self._progress.stop()
             self._progress = None
-
-    def abort(self) -> None:
-        """Stops after a failure, erasing the unfinished bar: the error line that follows says what happened."""
-        if self._progress is not None:
-            self._progress.live.transient = True
-            self.stop()
+            if self in _RUNNING:
+                _RUNNING.remove(self)
 
 
 def layer_label(name: str) -> str:
