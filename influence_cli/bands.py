@@ -207,7 +207,7 @@ def load_kronecker_factors(ctx: RunContext) -> tuple[Factors, Path]:
         raise OutputError(
             f"{str(path)!r} holds {factors.strategy or 'unknown'} factors; the curvature eigenbasis needs kfac or ekfac factors",
             hint="rerun `influence fit-factors` with --set factors.strategy=ekfac --overwrite",
-        )
+        ).everywhere()
     return factors, path
 
 

@@ -485,11 +485,13 @@ def check_factors_match(
     num_examples: int | None = None,
     *,
     same_fit: bool = False,
+    same_kind: bool = False,
 ) -> None:
     """Refuses factors of another model, task, other layers, other padding, or (when given) another
     training set or number of examples (factors.max_examples); with `same_fit` (compute-scores,
-    whose scores record the factors' settings) also another seed for sampled labels. Every rank of
-    a torchrun job reads the same file and config: the refusal is printed once."""
+    whose scores record the factors' settings) also another seed for sampled labels; with
+    `same_kind` another strategy or Fisher than the config's. Every rank of a torchrun job reads
+    the same file and config: the refusal is printed once."""
     meta = factors.metadata
     fitted_seed = meta.get("seed")
     if same_fit and factors.fisher == "sampled" and fitted_seed is not None and fitted_seed != ctx.cfg.seed:
@@ -536,4 +538,10 @@ def check_factors_match(
         raise OutputError(
             f"{str(path)!r} was fitted with data.padding_value={yaml_text(fitted_padding)}, the config has {yaml_text(ctx.cfg.data.padding_value)}",
             hint="use the padding of fit-factors, or refit with --overwrite",
+        ).everywhere()
+    if same_kind and (factors.strategy != ctx.cfg.factors.strategy or factors.fisher != ctx.cfg.factors.fisher):
+        raise OutputError(
+            f"{str(path)!r} holds {factors.strategy} factors ({factors.fisher} Fisher), the config asks for "
+            f"{ctx.cfg.factors.strategy} ({ctx.cfg.factors.fisher})",
+            hint="set factors.strategy/factors.fisher to match, or refit with `influence fit-factors --overwrite`",
         ).everywhere()

@@ -230,13 +230,7 @@ def _load_layers(ctx: RunContext, train: IndexedDataset, member: Member) -> tupl
             "scores.checkpoints that has none",
         )
     factors = load_factors(path)
-    check_factors_match(factors, ctx, path, train.fingerprint(), num_fit_examples(cfg, len(train)), same_fit=True)
-    if factors.strategy != cfg.factors.strategy or factors.fisher != cfg.factors.fisher:
-        raise OutputError(
-            f"{str(path)!r} holds {factors.strategy} factors ({factors.fisher} Fisher), the config asks for "
-            f"{cfg.factors.strategy} ({cfg.factors.fisher})",
-            hint="set factors.strategy/factors.fisher to match, or refit with `influence fit-factors --overwrite`",
-        )
+    check_factors_match(factors, ctx, path, train.fingerprint(), num_fit_examples(cfg, len(train)), same_fit=True, same_kind=True)
     meta = factors.metadata
     stat = path.stat()
     info = {

@@ -37,7 +37,7 @@ from influence_cli import storage
 from influence_cli.config import SIMILARITY_METHODS, Config
 from influence_cli.context import prepare
 from influence_cli.distributed import DistState
-from influence_cli.errors import ConfigError, NumericalError, OutputError, UsageError
+from influence_cli.errors import ConfigError, NumericalError, UsageError
 from influence_cli.factors import DiagonalAccumulator, LayerFactors, layer_damping
 from influence_cli.fit import PassPlan, check_factors_match, load_factors, plan_for
 from influence_cli.passes import BatchGradients, NonFiniteWatch, accumulator_dtype, stream_gradients
@@ -361,13 +361,7 @@ def dataset_similarity(
     ctx = prepare(cfg, state)
     if ctx.state.is_main:
         storage.remove_stale_temp_files(path)  # what a killed writer left
-    check_factors_match(factors, ctx, factors_path)
-    if factors.strategy != cfg.factors.strategy or factors.fisher != cfg.factors.fisher:
-        raise OutputError(
-            f"{str(factors_path)!r} holds {factors.strategy} factors ({factors.fisher} Fisher), the config asks for "
-            f"{cfg.factors.strategy} ({cfg.factors.fisher})",
-            hint="set factors.strategy/factors.fisher to match, or refit with `influence fit-factors --overwrite`",
-        )
+    check_factors_match(factors, ctx, factors_path, same_kind=True)
     storage.ensure_writable_dir(out_dir)
     keys = {name: f"similarity.datasets.{name}" for name in specs}
     datasets = {name: ctx.dataset(spec, keys[name]) for name, spec in specs.items()}

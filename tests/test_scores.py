@@ -445,6 +445,7 @@ def test_mismatched_or_missing_factors_are_refused(project, change, needle):
     with pytest.raises(OutputError, match=re.escape(needle)) as info:
         compute_scores(cfg)
     assert "fit-factors" in info.value.hint or "factors." in info.value.hint
+    assert info.value.same_on_every_rank  # under torchrun rank 0 alone prints it
     assert not (cfg.output_path / storage.SCORES_FILE).exists()
 
 
