@@ -833,7 +833,7 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
             refuse_other_finished_result(path, recorded.get("result"), result, "self-influence scores")
         clear_progress_of_finished(out_dir, storage.SCORES_PARTIAL, ".self", main=st.is_main, outputs=[path])
         return ScoresReport(
-            "self", [path], 0, n_t, False, 1, 0, False, cfg.factors.strategy, cfg.task.measurement, common["damping"],
+            "self", [path], 0, n_t, False, 1, 0, False, cfg.factors.strategy, "loss", common["damping"],
             {}, 0.0, "already complete", {tm.name: tm.num_params for tm in ctx.tracked}, len(scorer.members),
         )
     rank_suffix = (f".rank{st.rank}" if st.distributed else "") + ".self"
@@ -890,7 +890,7 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
     if collect and st.distributed:  # each rank collected its own range
         parts = [p for p in st.all_gather_object(None if labels is None else labels.cpu()) if p is not None]
         labels = torch.cat(parts) if parts else None  # type: ignore[arg-type]
-    _check_storable(values, "float32", "self-influence")
+    _check_storable(values, str(values.dtype).removeprefix("torch."), "self-influence")  # stored as computed (scores.dtype is the pairwise matrix's)
     if st.is_main:
         tensors = {"self_influence": values, "train_indices": train.global_indices.clone()}
         if labels is not None:

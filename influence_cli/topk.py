@@ -212,7 +212,7 @@ def check_scores_match(metadata: dict[str, Any], cfg: Config, path: Path, *, pai
     if recorded_config:  # settings of the factors and of the stored scores, as compute-scores compares them
         fit, scores = recorded_config.get("factors") or {}, recorded_config.get("scores") or {}
         checks.append(("factors.amp", fit.get("amp"), cfg.factors.amp))
-        if pairwise:  # self-influence is always stored in float32
+        if pairwise:  # self-influence is stored as computed (float32; float64 for a float64 model), not in scores.dtype
             checks.append(("scores.dtype", scores.get("dtype"), cfg.scores.dtype))
         if cfg.factors.fisher == "sampled":
             checks.append(("seed", recorded_config.get("seed"), cfg.seed))

@@ -159,6 +159,14 @@ def test_float64_data_and_model_score_in_float64(tmp_path):
     got = scores["scores"].double()
     assert scores["scores"].dtype == torch.float32  # scores.dtype: the storage dtype
     torch.testing.assert_close(got, want.float().double(), rtol=1e-6, atol=0)
+    result = _invoke("compute-scores", config, "--self")
+    assert result.exit_code == 0, result.stderr
+    own, _ = storage.load_tensors(tmp_path / "out" / storage.SELF_INFLUENCE_FILE, storage.SELF_FORMAT)
+    assert own["self_influence"].dtype == torch.float64  # self-influence is stored as computed
+    g20 = grads(range(20))
+    torch.testing.assert_close(own["self_influence"], (g20 * g20).sum(1), rtol=1e-10, atol=0)
+    again = _invoke("compute-scores", config, "--self", "--resume", "--json")  # a finished run reports it like a fresh one
+    assert again.exit_code == 0 and json.loads(again.stdout)["measurement"] == "loss", again.stderr
 
 
 def test_query_predictions_are_not_rounded_by_amp(tmp_path):

@@ -384,7 +384,7 @@ def _pairwise_grid(cfg, meta, selection, k: int, opponents: bool, rankings, path
         for r in ranks:
             q = Tile(
                 example_image(queries, r.query_position),
-                [f"query #{r.query_index}", f"y {label_text(r.query_label, queries.class_names)} · pred {label_text(r.query_prediction)}"],
+                [f"query #{r.query_index}", f"y {label_text(r.query_label, queries.class_names)} · pred {label_text(r.query_prediction, queries.class_names)}"],
                 "query",
             )
             out.append(GridRow(q, _train_tiles(train, r.proponents, "proponent"), _train_tiles(train, r.opponents, "opponent")))
