@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from influence_cli import notices
-from influence_cli.errors import OutputError
+from influence_cli.errors import OutputError, UsageError
 
 FACTORS_FILE = "factors.safetensors"
 MEMBERS_DIR = "members"  # ensembles: member i >= 1 (scores.checkpoints[i - 1]) keeps its factors in <factors_dir>/members/<i>/ (factors_dir: output_dir unless set)
@@ -216,6 +216,8 @@ def guards_output_dir(what: str | Callable[[dict[str, Any]], str], reads: str | 
             from influence_cli.context import checked_config
 
             cfg = checked_config(cfg, run.__name__)  # a Config changed after loading is checked before any file is touched
+            if kwargs.get("resume") and kwargs.get("overwrite"):
+                raise UsageError("--resume, --overwrite: pass one (--resume continues saved progress, --overwrite starts over)")
             name = what(kwargs) if callable(what) else what
             folder, key = _folder_of(cfg, name)
             created = [p for p in (folder, *folder.parents) if not p.exists()]  # innermost first

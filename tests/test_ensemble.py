@@ -285,7 +285,7 @@ def test_another_member_checkpoint_is_not_already_complete_for_resume(project):
     with pytest.raises(OutputError, match="fitted for another model"):
         compute_scores(other, resume=True)  # member 2's factors belong to seed 2
     fit_factors(other, overwrite=True)
-    report = compute_scores(other, resume=True, overwrite=True)
+    report = compute_scores(other, overwrite=True)
     assert report.resumed_from != "already complete" and report.members == 3
 
 

@@ -190,6 +190,14 @@ def test_errors_show_their_hint_in_a_python_traceback(tmp_path):
     assert str(both).endswith("(from Python: --self is self_influence=True; --set is a field of the Config)")
 
 
+def test_resume_and_overwrite_together_are_refused_as_on_the_command_line(tmp_path):
+    cfg = _digits(tmp_path)
+    for run in (fit_factors, compute_scores):
+        with pytest.raises(UsageError, match="--resume, --overwrite: pass one"):
+            run(cfg, resume=True, overwrite=True)
+    assert not cfg.output_path.exists()
+
+
 def test_a_lock_names_the_program_that_holds_it(monkeypatch):
     from influence_cli.storage import _program
 

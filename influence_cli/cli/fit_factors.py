@@ -18,7 +18,6 @@ from influence_cli.cli.render import (
     print_json,
     print_table,
 )
-from influence_cli.errors import UsageError
 
 FIT_EPILOG = """\
 **Examples**
@@ -51,8 +50,6 @@ def fit_factors_cmd(
     from influence_cli.distributed import init_distributed
     from influence_cli.fit import fit_factors
 
-    if resume and overwrite:
-        raise UsageError("--resume, --overwrite: pass one (--resume continues saved progress, --overwrite starts over)")
     cfg = load(config, set_)
     state = init_distributed(cfg.device, cfg.source)
     report = fit_factors(cfg, overwrite=overwrite, resume=resume, state=state, progress=RichProgress(not json_))

@@ -86,8 +86,6 @@ def compute_scores_cmd(
     from influence_cli.distributed import init_distributed
     from influence_cli.scores import compute_scores
 
-    if resume and overwrite:
-        raise UsageError("--resume, --overwrite: pass one (--resume continues saved progress, --overwrite starts over)")
     if self_ and relative is not None:
         raise UsageError("--relative/--no-relative: not used with --self (self-influence is ∇L(x)ᵀ(F+λ)⁻¹∇L(x), one number per example)")
     cfg = load(config, set_)
