@@ -203,7 +203,7 @@ def stream_gradients(
     padding_checked = False  # the first batch with padding verifies that the model ignores it (mask_padding)
     check_ids = TokenIdCheck(model, device)
     tol = model_checks.tolerance(dtype, amp, device)  # of the first-batch model checks
-    lossless: list[int] = []  # global indices of language-model examples without a counted position
+    lossless = IndexSample()  # language-model examples without a counted position
     for offset, (x, y, idx) in enumerate(batches):
         if max_examples is not None:
             if seen >= max_examples:
@@ -217,7 +217,7 @@ def stream_gradients(
         if offset == 0:
             _warn_if_padded(x, dataset_name, padding_value)
         if task_kind == "language_modeling" and y.dim() > 1:
-            lossless += idx[task_lib.without_counted_position(y)].tolist()
+            lossless.extend(idx[task_lib.without_counted_position(y)].tolist())
         check_ids(x, idx, dataset_name, padding_value)
         host_mask = None if padding_value is None else padding_mask(x, padding_value, dataset_name)  # [B, L], the data's own dtype
         if host_mask is not None and task_kind == "language_modeling":
@@ -286,12 +286,12 @@ def check_finite(outputs: torch.Tensor, gradients: list[dict[str, torch.Tensor]]
         )
 
 
-def _warn_lossless(indices: list[int], dataset_name: str) -> None:
+def _warn_lossless(indices: IndexSample, dataset_name: str) -> None:
     """Language-model examples whose labels are all IGNORE_INDEX have a zero gradient: zero scores."""
-    if indices:
+    if indices.count:
         notices.warn(
-            f"{dataset_name}: {len(indices)} example(s) have no position with a loss (labels all {task_lib.IGNORE_INDEX}; "
-            f"global indices {index_span(indices)}): their gradients, and so their scores, are 0",
+            f"{dataset_name}: {indices.count} example(s) have no position with a loss (labels all {task_lib.IGNORE_INDEX}; "
+            f"global indices {indices.span()}): their gradients, and so their scores, are 0",
             per_rank=_sharded(dataset_name),
         )
 
@@ -525,6 +525,25 @@ def index_span(indices: torch.Tensor | list[int]) -> str:
     """Global indices for a message: all of up to 4, else "first, second, ..., last"."""
     values = indices.tolist() if isinstance(indices, torch.Tensor) else list(indices)
     return ", ".join(map(str, values)) if len(values) <= 4 else f"{values[0]}, {values[1]}, ..., {values[-1]}"
+
+
+class IndexSample:
+    """Global indices met over a pass, in memory that does not grow with it: how many, the first four
+    and the last (what `index_span` shows)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.first: list[int] = []
+        self.last: int | None = None
+
+    def extend(self, values: list[int]) -> None:
+        if values:
+            self.count += len(values)
+            self.first += values[: 4 - len(self.first)]
+            self.last = values[-1]
+
+    def span(self) -> str:
+        return index_span(self.first) if self.count <= 4 else f"{self.first[0]}, {self.first[1]}, ..., {self.last}"
 
 
 def _shape_text(x: torch.Tensor) -> str:

@@ -534,3 +534,14 @@ def test_language_model_examples_without_a_counted_position_are_warned(tmp_path,
         assert "their gradients, and so their scores, are 0" in text
     assert "warning: data.query: 1 example(s) have no position with a loss (labels all -100; global indices 21)" in text
     assert "gradient of the query loss is exactly 0" not in text  # said once, by the warning above
+
+
+def test_index_samples_show_what_index_span_shows_in_bounded_memory():
+    from influence_cli.passes import IndexSample, index_span
+
+    for values in ([], [5], [1, 2, 3, 4], list(range(10, 30))):
+        sample = IndexSample()
+        for chunk in (values[:3], values[3:7], values[7:]):
+            sample.extend(chunk)
+        assert sample.count == len(values) and len(sample.first) <= 4
+        assert values == [] or sample.span() == index_span(values)
