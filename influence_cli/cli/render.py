@@ -8,7 +8,6 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -253,17 +252,6 @@ def print_read_back(path: Path, picture: Path | None = None) -> None:
     """The stderr line of a command that showed a finished result again (`from_file`) instead of computing it."""
     also = f"; saved {picture}" if picture is not None else ""
     err_console.print(f"read from {path}, the finished result of these settings (--overwrite recomputes){also}", markup=False, highlight=False)
-
-
-def input_ids_reader(ds: Any, padding_value: int | None) -> Callable[[int], list[int]]:
-    """position -> a language model example's input token ids without its padding (how tables show
-    token data: the labels are the same ids shifted by one)."""
-
-    def ids(position: int) -> list[int]:
-        x = ds[position][0].reshape(-1)
-        return [int(v) for v in (x if padding_value is None else x[x != padding_value]).tolist()]
-
-    return ids
 
 
 def human_bytes(n: float) -> str:

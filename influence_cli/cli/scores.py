@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
@@ -15,7 +15,6 @@ from influence_cli.cli.render import (
     RichProgress,
     err_console,
     human_bytes,
-    input_ids_reader,
     label_text,
     layer_label,
     new_table,
@@ -24,6 +23,9 @@ from influence_cli.cli.render import (
     print_table,
 )
 from influence_cli.errors import UsageError
+
+if TYPE_CHECKING:  # the CLI imports torch only when a command runs
+    from influence_cli.example_views import ExampleView
 
 SCORES_EPILOG = """\
 **Examples**
@@ -179,6 +181,7 @@ def top_k_cmd(
     measurement by about +score/N (leaving out a proponent raises the query's loss).
     """
     from influence_cli import storage, topk
+    from influence_cli.example_views import count_label_noise, example_views
 
     cfg = load(config, set_)
     out_dir = cfg.output_path
@@ -190,36 +193,35 @@ def top_k_cmd(
         self_influence = topk.load_self_influence(out_dir)
         loaded = topk.check_scores_match(self_influence.metadata, cfg, out_dir / storage.SELF_INFLUENCE_FILE, pairwise=False)
         ranked = topk.self_top_k(self_influence, k)
-        grid_path = _self_grid(cfg, ranked, image_grid, loaded) if image_grid is not None else None
-        inputs = _token_inputs(cfg, loaded, ["data.train"])  # a language model's examples are shown by their input ids
-        files, names = _example_files(cfg, loaded, ["data.train"])  # image folders: each example's file
-        noise = _label_noise(cfg, loaded, ranked)
+        (train,) = example_views(cfg, loaded, ["data.train"])
+        noise = count_label_noise(train, [r.train_position for r in ranked]) if train.has_label_noise else None
+        grid_path = _self_grid(train, ranked, image_grid) if image_grid is not None else None
         if json_:
             rows = [
-                dataclasses.asdict(r) | ({"train_input": inputs[0](r.train_position)} if inputs else {})
-                | ({"train_file": files[0](r.train_position)} if files else {})
-                | ({"noisy": noise.clean_label[i] is not None, "clean_label": noise.clean_label[i]} if noise else {})
-                for i, r in enumerate(ranked)
+                dataclasses.asdict(r) | ({"train_input": train.input_ids(r.train_position)} if train.token_data else {})
+                | ({"train_file": train.file(r.train_position)} if train.has_files else {})
+                | ({"noisy": train.clean_label(r.train_position) is not None, "clean_label": train.clean_label(r.train_position)} if noise else {})
+                for r in ranked
             ]  # fmt: skip
             print_json(
                 {"output_dir": str(out_dir), "strategy": self_influence.metadata.get("strategy"), "k": k, "self_influence": rows}
-                | ({"label_noise": {"flipped": noise.flipped, "train": noise.train, "in_top_k": noise.in_top_k}} if noise else {})
+                | ({"label_noise": {"flipped": noise.replaced, "train": noise.size, "in_top_k": noise.in_ranking}} if noise else {})
                 | ({"image_grid": str(Path(grid_path).resolve())} if grid_path else {})
             )
             return
-        shown = "input" if inputs else "label"
         table = new_table(f"most self-influential training examples (top {len(ranked)})", [("rank", "right"), ("train index", "right")]
-                          + ([("file", "left")] if files else []) + [(shown, "left")] + ([("label noise", "left")] if noise else [])
-                          + [("self-influence", "right")])  # fmt: skip
-        for i, r in enumerate(ranked):
-            cell = label_text(inputs[0](r.train_position) if inputs else r.train_label, names[0])
-            flipped = [] if not noise else ["" if noise.clean_label[i] is None else f"flipped from {label_text(noise.clean_label[i], names[0])}"]
-            table.add_row(str(r.rank), str(r.train_index), *([files[0](r.train_position)] if files else []), cell, *flipped, f"{r.score:.5g}")
+                          + ([("file", "left")] if train.has_files else []) + [("input" if train.token_data else "label", "left")]
+                          + ([("label noise", "left")] if noise else []) + [("self-influence", "right")])  # fmt: skip
+        for r in ranked:
+            was = train.clean_label(r.train_position) if noise else None
+            flipped = [] if not noise else ["" if was is None else f"flipped from {label_text(was, train.class_names)}"]
+            table.add_row(str(r.rank), str(r.train_index), *([train.file(r.train_position)] if train.has_files else []),
+                          _shown(train, r.train_position, r.train_label), *flipped, f"{r.score:.5g}")  # fmt: skip
         print_table(table)
         if noise:
             out_console().print(
-                f"label noise: {noise.in_top_k} of these {len(ranked)} carry a flipped label "
-                f"({noise.flipped} of the {noise.train} training examples do, {noise.flipped / noise.train:.1%})",
+                f"label noise: {noise.in_ranking} of these {len(ranked)} carry a flipped label "
+                f"({noise.replaced} of the {noise.size} training examples do, {noise.replaced / noise.size:.1%})",
                 markup=False,
             )
         if grid_path:
@@ -237,20 +239,18 @@ def top_k_cmd(
             soft_wrap=True,
         )
     rankings = topk.top_k(out_dir, selection, k, largest=True, smallest=opponents)
-    grid_path = _pairwise_grid(cfg, meta, selection, k, opponents, rankings, image_grid, loaded) if image_grid is not None else None
-    inputs = _token_inputs(cfg, loaded, ["data.train", "data.query"])  # a language model's examples are shown by their input ids
-    files, names = _example_files(cfg, loaded, ["data.train", "data.query"])  # image folders: each example's file
+    token_data = cfg.task.kind == "language_modeling"  # both datasets are needed to show token ids; else data.query may be absent
+    train, queries = example_views(cfg, loaded, ["data.train", "data.query"], required=token_data or image_grid is not None)
+    grid_path = _pairwise_grid(cfg, meta, selection, k, opponents, rankings, image_grid, train, queries) if image_grid is not None else None
+    files = train.has_files or (queries is not None and queries.has_files)
     if json_:
-        queries = []
+        rows = []
         for r in rankings:
             row = dataclasses.asdict(r)
-            for key, read, side_key in (("input", inputs, "train_input"), ("file", files, "train_file")):
-                if read:
-                    row[f"query_{key}"] = read[1](r.query_position)
-                    for side in ("proponents", "opponents"):
-                        for e, entry in zip(getattr(r, side), row[side], strict=True):
-                            entry[side_key] = read[0](e.train_position)
-            queries.append(row)
+            for side in ("proponents", "opponents"):
+                for e, entry in zip(getattr(r, side), row[side], strict=True):
+                    entry |= _json_extras(train, e.train_position, "train", files)
+            rows.append(row | _json_extras(queries, r.query_position, "query", files))
         print_json(
             {
                 "output_dir": str(out_dir),
@@ -258,26 +258,27 @@ def top_k_cmd(
                 "measurement": meta.metadata.get("measurement"),
                 "strategy": meta.metadata.get("strategy"),
                 "k": k,
-                "queries": queries,
+                "queries": rows,
             }
             | ({"image_grid": str(Path(grid_path).resolve())} if grid_path else {})
         )
         return
     variant = "relative influence" if meta.relative else "influence"
+    names = None if queries is None else queries.class_names
 
     def cells(e) -> list[str]:
-        return ([files[0](e.train_position)] if files else []) + [label_text(inputs[0](e.train_position) if inputs else e.train_label, names[0])]
+        return ([train.file(e.train_position)] if files else []) + [_shown(train, e.train_position, e.train_label)]
 
     blank = [""] * (2 if files else 1)
     for r in rankings:
-        shown = f"input {label_text(inputs[1](r.query_position))} · " if inputs else ""
-        shown += f"file {files[1](r.query_position)} · " if files else ""
+        shown = f"input {label_text(queries.input_ids(r.query_position))} · " if token_data else ""
+        shown += f"file {queries.file(r.query_position) if queries is not None else '-'} · " if files else ""
         title = (
-            f"query {r.query_position} · index {r.query_index} · {shown}label {label_text(r.query_label, names[1])} · "
-            f"predicted {label_text(r.query_prediction, names[1])}"
+            f"query {r.query_position} · index {r.query_index} · {shown}label {label_text(r.query_label, names)} · "
+            f"predicted {label_text(r.query_prediction, names)}"
         )
         columns = [("", "left"), ("rank", "right"), ("train index", "right")] + ([("file", "left")] if files else [])
-        table = new_table(title, [*columns, ("input" if inputs else "label", "left"), (variant, "right")])
+        table = new_table(title, [*columns, ("input" if token_data else "label", "left"), (variant, "right")])
         for e in r.proponents:
             table.add_row(Text("proponent", style="green"), str(e.rank), str(e.train_index), *cells(e), f"{e.score:+.5g}")
         if not r.proponents:
@@ -293,95 +294,43 @@ def top_k_cmd(
         err_console.print(f"[green]saved[/] {escape(str(grid_path))}")
 
 
-@dataclasses.dataclass
-class _LabelNoise:
-    """data.train's planted label noise (`label_noise`) at the ranked examples."""
-
-    clean_label: list  # per ranked example: its label before the noise flipped it, or None where it was not flipped
-    in_top_k: int  # ranked examples with a flipped label
-    flipped: int  # flipped labels in the whole training set
-    train: int  # training examples
+def _shown(view: ExampleView, position: int, label) -> str:
+    """An example's cell in a table: its input ids for token data, else its label (by class name where known)."""
+    return label_text(view.input_ids(position) if view.token_data else label, view.class_names)
 
 
-def _label_noise(cfg, loaded: dict, ranked) -> _LabelNoise | None:
-    """Which ranked examples carry a label that data.train.label_noise flipped; None without label noise."""
-    if not cfg.data.train.label_noise:
-        return None
-    (train,) = _datasets(cfg, ["data.train"], loaded)
-    mask = train.noisy_mask
-    clean = [train.clean_labels[r.train_position].tolist() if bool(mask[r.train_position]) else None for r in ranked]
-    return _LabelNoise(clean, sum(c is not None for c in clean), int(mask.sum()), len(mask))
-
-
-def _token_inputs(cfg, loaded: dict, which: list[str]):
-    """For a language model, one function per data key in `which`: position -> the example's input
-    token ids without padding (list of int); None for other tasks."""
-    if cfg.task.kind != "language_modeling":
-        return None
-    return [input_ids_reader(ds, cfg.data.padding_value) for ds in _datasets(cfg, which, loaded)]
-
-
-def _example_files(cfg, loaded: dict, which: list[str]):
-    """(One function per data key in `which`: position -> the example's file, or None when no
-    source has files; each key's class names, or None.) Image folders name both."""
-    present = [key for key in which if (cfg.data.train if key == "data.train" else cfg.data.query) is not None]
-    found = dict(zip(present, _datasets(cfg, present, loaded), strict=True))  # scores of a config without data.query still rank
-    datasets = [found.get(key) for key in which]
-    names = [None if ds is None else ds.class_names for ds in datasets]
-    if not any(ds is not None and ds.has_files for ds in datasets):
-        return None, names
-    return [lambda p, ds=ds: (ds.example_file(p) if ds is not None else None) or "-" for ds in datasets], names
-
-
-def _datasets(cfg, which: list[str], loaded: dict):
-    """The data specs named in `which` (data.train / data.query): those `topk.check_scores_match` loaded
-    (and matched to the scores), the others loaded here."""
-    from influence_cli.data import load_dataset
-    from influence_cli.models import load_model, takes_token_ids
-
-    out = []
-    embedding_model = None
-    for key in which:
-        spec = cfg.data.train if key == "data.train" else cfg.data.query
-        if spec is None:
-            from influence_cli.errors import ConfigError
-
-            raise ConfigError(f"{key}: missing in the config (top-k reads its examples)", source=cfg.source)
-        if key not in loaded and embedding_model is None:  # token ids are not drawn as images
-            embedding_model = takes_token_ids(load_model(cfg.model, cfg.base_dir))
-        out.append(loaded[key] if key in loaded else load_dataset(spec, cfg.base_dir, name=key, seed=cfg.seed, embedding_model=bool(embedding_model)))
+def _json_extras(view: ExampleView | None, position: int, side: str, files: bool) -> dict:
+    """`<side>_input` (token data) and `<side>_file` (when either dataset has files) of a ranked example's JSON row."""
+    out: dict = {}
+    if view is not None and view.token_data:
+        out[f"{side}_input"] = view.input_ids(position)
+    if files:
+        out[f"{side}_file"] = view.file(position) if view is not None else "-"
     return out
 
 
-def _train_tiles(train, entries, kind: str, clean: list | None = None):
-    """Tiles of ranked training examples; `clean`: per entry, the label before label noise flipped it, or None."""
-    from influence_cli.data import example_image
+def _train_tiles(train: ExampleView, entries, kind: str, noise: bool = False):
+    """Tiles of ranked training examples; with `noise`, a label that label noise replaced shows what it was."""
     from influence_cli.image_grid import Tile
 
     names = train.class_names
-    clean = clean or [None] * len(entries)
-    return [
-        Tile(
-            example_image(train, e.train_position),
-            [f"#{e.train_index} · {label_text(e.train_label, names)}" + ("" if was is None else f" (was {label_text(was, names)})"), f"{e.score:+.3g}"],
-            kind,
-        )
-        for e, was in zip(entries, clean, strict=True)
-    ]
+    tiles = []
+    for e in entries:
+        was = train.clean_label(e.train_position) if noise else None
+        label = f"#{e.train_index} · {label_text(e.train_label, names)}" + ("" if was is None else f" (was {label_text(was, names)})")
+        tiles.append(Tile(train.image(e.train_position), [label, f"{e.score:+.3g}"], kind))
+    return tiles
 
 
-def _pairwise_grid(cfg, meta, selection, k: int, opponents: bool, rankings, path: Path, loaded: dict) -> Path:
+def _pairwise_grid(cfg, meta, selection, k: int, opponents: bool, rankings, path: Path, train: ExampleView, queries: ExampleView) -> Path:
     from influence_cli import topk
-    from influence_cli.data import example_image
     from influence_cli.image_grid import GridGroup, GridRow, Tile, save_image_grid
-
-    train, queries = _datasets(cfg, ["data.train", "data.query"], loaded)
 
     def rows(ranks) -> list[GridRow]:
         out = []
         for r in ranks:
             q = Tile(
-                example_image(queries, r.query_position),
+                queries.image(r.query_position),
                 [f"query #{r.query_index}", f"y {label_text(r.query_label, queries.class_names)} · pred {label_text(r.query_prediction, queries.class_names)}"],
                 "query",
             )
@@ -400,10 +349,8 @@ def _pairwise_grid(cfg, meta, selection, k: int, opponents: bool, rankings, path
     return save_image_grid(path, groups, title=title)
 
 
-def _self_grid(cfg, ranked, path: Path, loaded: dict) -> Path:
+def _self_grid(train: ExampleView, ranked, path: Path) -> Path:
     from influence_cli.image_grid import GridGroup, GridRow, save_image_grid
 
-    (train,) = _datasets(cfg, ["data.train"], loaded)
-    noise = _label_noise(cfg, loaded, ranked)
-    row = GridRow(None, _train_tiles(train, ranked, "proponent", noise.clean_label if noise else None))
+    row = GridRow(None, _train_tiles(train, ranked, "proponent", noise=train.has_label_noise))
     return save_image_grid(path, GridGroup("most self-influential training examples", [row], proponents_label="self-influence"))

@@ -12,7 +12,6 @@ from influence_cli.cli.app import ConfigArg, JsonOpt, ReportOverwriteOpt, SetOpt
 from influence_cli.cli.render import (
     RichProgress,
     err_console,
-    input_ids_reader,
     label_text,
     layer_label,
     out_console,
@@ -180,12 +179,12 @@ def _token_inputs(cfg) -> dict | None:
         return None
     from influence_cli.band_energy import dataset_specs
     from influence_cli.data import load_dataset
+    from influence_cli.example_views import ExampleView
 
     out = {}
     for name, (spec, key) in dataset_specs(cfg).items():
-        ds = load_dataset(spec, cfg.base_dir, name=key, seed=cfg.seed, embedding_model=True)
-        ids = input_ids_reader(ds, cfg.data.padding_value)
-        out[name] = lambda global_index, ds=ds, ids=ids: ids(int(ds.position_of([global_index])[0]))
+        view = ExampleView(load_dataset(spec, cfg.base_dir, name=key, seed=cfg.seed, embedding_model=True), True, cfg.data.padding_value)
+        out[name] = lambda global_index, view=view: view.input_ids(int(view.dataset.position_of([global_index])[0]))
     return out
 
 
