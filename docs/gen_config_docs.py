@@ -126,7 +126,7 @@ the source) in every output, so `range: [1500, 1520]` reports query indices 1500
 | `idx` | `images`, `labels` | raw IDX files (`.gz` or not), e.g. the MNIST `t10k-images-idx3-ubyte.gz` |
 | `tensors` | `path` | a `.safetensors`, `.npz` or `.pt` file holding an inputs tensor `[N, ...]` and a labels tensor `[N]` (`[N, ...]` regression targets, `[N, positions]` for a language model; keys `inputs_key`, `labels_key`) |
 | `mnist`, `fashion_mnist`, `cifar10` | `root` | the torchvision dataset under `root` (`split: train` or `test`); downloaded only with `download: true`. `mnist` also reads the four IDX files straight from `root`; FashionMNIST's share their names, so it reads only torchvision's `root/FashionMNIST/raw` |
-| `image_folder` | `root` | a folder with one sub-folder of images per class (sorted class names are labels 0, 1, ...; data.query, and every other image folder spec whose classes are all among data.train's, takes data.train's numbering (or its own `classes` list), so a query folder without some class keeps the others' labels and one with a class data.train lacks is refused); 8-bit images, read as one channel when every image of data.train's folder is grayscale, else as RGB (those folders too: the model takes data.train's channels); image files are .jpg, .jpeg, .jpe, .jfif, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp and .gif (other files, and files beside the class folders, are not read, with a warning that counts them; so is a class folder without images, whose class then has no examples); a root without class sub-folders is refused; top-k names each ranked example by its file (`dog/3.png` in the table, `train_file` / `query_file` in the JSON) and its class |
+| `image_folder` | `root` | a folder with one sub-folder of images per class (images in folders nested below a class folder count for that class, as in torchvision's ImageFolder; sorted class names are labels 0, 1, ...; data.query, and every other image folder spec whose classes are all among data.train's, takes data.train's numbering (or its own `classes` list), so a query folder without some class keeps the others' labels and one with a class data.train lacks is refused); 8-bit images, read as one channel when every image of data.train's folder is grayscale, else as RGB (those folders too: the model takes data.train's channels); image files are .jpg, .jpeg, .jpe, .jfif, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp and .gif (other files, and files beside the class folders, are not read, with a warning that counts them; so is a class folder without images, whose class then has no examples); a root without class sub-folders is refused; top-k names each ranked example by its file (`dog/3.png` in the table, `train_file` / `query_file` in the JSON) and its class |
 | `package.module:function` | | your function, called with `kwargs`; it returns a torch Dataset of `(x, y)` items or a pair `(inputs, labels)` (tensors, arrays, or lists of per-example values: tensors, images, lists of ids, numbers). A plain list of two or three entries that reads both as a pair and as `(x, y)` items is refused rather than guessed. The module is looked up next to the config file first. |
 
 A key that the spec's source does not read (`root` or `split` on a tensors source, `kwargs` on
@@ -345,8 +345,9 @@ OUTPUT_PROSE = """\
 ## The output folder
 
 Every command writes into `output_dir` (relative to the config file) and reads what earlier
-commands wrote there; only `edit` writes elsewhere, to its `--out` checkpoint, and the factors
-live in `factors_dir` when the config sets it:
+commands wrote there; only `edit --out` and the pictures of `--image-grid`, `--heatmap` and `--plot`
+are written elsewhere, where their paths point, and the factors live in `factors_dir` when the
+config sets it:
 
 | file | written by | what |
 |---|---|---|

@@ -23,7 +23,7 @@ INFO_EPILOG = """\
 
 @command("info", rank_0=True, epilog=INFO_EPILOG)
 def info_cmd(
-    path: Annotated[Path, typer.Argument(metavar="FILE", help="A factors, scores (or scores.index.json), similarity or spectrum file written by this tool.")],
+    path: Annotated[Path, typer.Argument(metavar="FILE", help="A factors, scores (or scores.index.json), self-influence, similarity or spectrum file, or a checkpoint written by `influence edit`.")],
     json_: JsonOpt = False,
 ) -> None:
     """Show what produced an output: format, versions, strategy, fingerprints, the resolved config, tensors."""
