@@ -184,6 +184,13 @@ def find_tracked_modules(model: nn.Module, patterns: Sequence[str], key: str = "
             kh, kw = module.kernel_size
             d_in = module.in_channels * kh * kw + has_bias
             tracked.append(TrackedModule(name, module, "conv2d", d_in, module.out_channels, has_bias))
+    dead = [p for p in patterns if not _is_name(p) and not any(fnmatch.fnmatchcase(n, p) for n in supported_names)]
+    if dead and tracked:  # a typo next to a pattern that works would otherwise drop its layers silently
+        more = f", ... ({len(supported_names)} in all)" if len(supported_names) > 8 else ""
+        raise ModelError(
+            f"{key}: pattern {dead[0]!r} matches no nn.Linear or nn.Conv2d layer (layers: {', '.join(supported_names[:8])}{more})",
+            hint="fix or remove it (names and patterns are case-sensitive; `influence inspect` lists the layers)",
+        )
     named = [p for p in patterns if _is_name(p) and p not in {tm.name for tm in tracked}]
     if named:  # before "matches no layer": the name says what it is (a Conv1d, a typo)
         modules = dict(model.named_modules())

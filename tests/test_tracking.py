@@ -214,6 +214,7 @@ def test_every_name_without_wildcards_must_be_a_tracked_layer():
         (["2", "3"], "factors.modules: '2' is a Sequential"),
         (["0"], "factors.modules: '0' is a Conv1d, not an nn.Linear or nn.Conv2d"),  # also when nothing else is tracked
         (["fc9"], "factors.modules: 'fc9' names no module of the model"),
+        (["3", "2.*", "Encoder.*"], "factors.modules: pattern 'Encoder.*' matches no nn.Linear or nn.Conv2d layer (layers: 2.0, 3)"),
     ]
     for patterns, needle in cases:
         with pytest.raises(ModelError, match=re.escape(needle)) as exc:
