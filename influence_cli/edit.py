@@ -281,6 +281,7 @@ def edit_checkpoint(
         storage.remove_stale_temp_files(out, storage.UNLOCKED_TEMP_AGE_S)  # what a killed writer left (no lock guards --out)
     state_dict, edits = edit_model(ctx.model, chosen, factors.layers, keep=keep, rho=rho, share=share, order=order)
     _check_something_kept(edits, keep, share, explicit=share_given is not None)
+    _warn_if_most_weight_removed(edits)
     tied = tied_keys(ctx.model)
     if source is not None:
         state_dict = _in_source_precision(state_dict, source, tied)
@@ -315,6 +316,21 @@ def edit_checkpoint(
         out, str(source) if source is not None else "", keep, rho, share, order, edits, ctx.model_fingerprint, fingerprint,
         {"total": time.perf_counter() - t0},
     )  # fmt: skip
+
+
+MOST_WEIGHT = 0.5  # an edit that removes more of a layer's ‖[W | b]‖² is warned about
+
+
+def _warn_if_most_weight_removed(edits: list[LayerEdit]) -> None:
+    """Warns when the edit removes most of a layer's weight: the edited model may have lost what it learned
+    (a trained network's weights can lie mostly in its low-curvature directions)."""
+    heavy = [ed for ed in edits if ed.weight_share_removed > MOST_WEIGHT]
+    if heavy:
+        shown = ", ".join(f"{ed.name} {ed.weight_share_removed:.1%}" for ed in heavy[:4]) + (f", ... ({len(heavy)} layers)" if len(heavy) > 4 else "")
+        notices.warn(
+            f"edit: removes more than half of the weight (‖[W | b]‖²) of {shown}; check the edited model's accuracy "
+            "before using it (a larger --keep-share or --rho keeps more)"
+        )
 
 
 def _check_something_kept(edits: list[LayerEdit], keep: str, share: float, explicit: bool) -> None:

@@ -496,6 +496,14 @@ def test_cli_edit_writes_the_projection_and_leaves_other_weights_bit_identical(t
     assert float((got - w).abs().max()) > 1e-2  # something was removed
 
 
+def test_cli_edit_warns_when_it_removes_most_of_a_layers_weight(tmp_path, digits):
+    out, sets = digits
+    for share, warned in (("0.01", True), ("0.9", False)):
+        result = invoke("edit", DIGITS, *sets, "--out", tmp_path / f"edited_{share}.safetensors", "--keep-share", share, "--layers", "fc1")
+        assert result.exit_code == 0, result.stderr
+        assert ("warning: edit: removes more than half of the weight (‖[W | b]‖²) of fc1 " in result.stderr) is warned, result.stderr
+
+
 def test_cli_edit_keeps_the_precision_of_a_bfloat16_checkpoint(tmp_path):
     original = load_tensors(ROOT / "sample_data" / "mlp.safetensors")[0]
     half = tmp_path / "mlp_bf16.safetensors"
