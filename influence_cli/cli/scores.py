@@ -309,6 +309,9 @@ def _json_extras(view: ExampleView | None, position: int, side: str, files: bool
     return out
 
 
+SELF_GRID_COLUMNS = 10  # tiles per row of the --self picture
+
+
 def _train_tiles(train: ExampleView, entries, kind: str, noise: bool = False):
     """Tiles of ranked training examples; with `noise`, a label that label noise replaced shows what it was."""
     from influence_cli.image_grid import Tile
@@ -331,7 +334,7 @@ def _pairwise_grid(cfg, meta, selection, k: int, opponents: bool, rankings, path
         for r in ranks:
             q = Tile(
                 queries.image(r.query_position),
-                [f"query #{r.query_index}", f"y {label_text(r.query_label, queries.class_names)} · pred {label_text(r.query_prediction, queries.class_names)}"],
+                [f"query #{r.query_index}", f"label {label_text(r.query_label, queries.class_names)}", f"pred {label_text(r.query_prediction, queries.class_names)}"],
                 "query",
             )
             out.append(GridRow(q, _train_tiles(train, r.proponents, "proponent"), _train_tiles(train, r.opponents, "opponent")))
@@ -352,5 +355,6 @@ def _pairwise_grid(cfg, meta, selection, k: int, opponents: bool, rankings, path
 def _self_grid(train: ExampleView, ranked, path: Path) -> Path:
     from influence_cli.image_grid import GridGroup, GridRow, save_image_grid
 
-    row = GridRow(None, _train_tiles(train, ranked, "proponent", noise=train.has_label_noise))
-    return save_image_grid(path, GridGroup("most self-influential training examples", [row], proponents_label="self-influence"))
+    tiles = _train_tiles(train, ranked, "proponent", noise=train.has_label_noise)
+    rows = [GridRow(None, tiles[i : i + SELF_GRID_COLUMNS]) for i in range(0, len(tiles), SELF_GRID_COLUMNS)]  # wrapped, in rank order
+    return save_image_grid(path, GridGroup("most self-influential training examples", rows, proponents_label="self-influence"))
