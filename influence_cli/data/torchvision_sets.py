@@ -283,7 +283,10 @@ def open_image_folder(spec: DataSpec, base_dir: Path, name: str) -> Source:
             hint=f"image_folder reads {', '.join(_IMAGE_SUFFIXES)} files in root/<class name>/",
         )
     if empty and spec.colour_of is None:  # a folder of its own classes (a query folder takes data.train's, and may lack some)
-        notices.warn(f"{name}.root: class folder(s) {empty[:8]} of {str(root)!r} hold no images: no examples of those classes")
+        notices.warn(
+            f"{name}.root: class folder(s) {empty[:8]} of {str(root)!r} hold no images: no examples of those classes, which still "
+            f"take their label numbers in sorted order (set {name}.classes to list the folders that are classes)"
+        )
     loose = [p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")]
     if skipped or loose:
         parts = ([_skipped_text(skipped) + " in the class folders"] if skipped else []) + (
