@@ -355,7 +355,7 @@ config sets it:
 | `members/<i>/factors.safetensors` | `fit-factors` (with `scores.checkpoints`) | the factors of ensemble member i, i.e. of `scores.checkpoints[i - 1]` |
 | `scores.safetensors` | `compute-scores` | the [queries × train] score matrix with both sides' global indices |
 | `scores.index.json` + `scores.shard-NNNNN.safetensors` | `compute-scores` | the same, as shards by training range, for runs larger than `scores.max_memory_mb` or under torchrun |
-| `self_influence.safetensors` | `compute-scores --self` | I(x, x) for every training example |
+| `self_influence.safetensors` | `compute-scores --self` | I(x, x) for every training example, with its label and (classification) model.checkpoint's predicted class |
 | `similarity.safetensors` | `dataset-similarity` | the kernel between the datasets of `similarity.datasets` |
 | `spectrum.safetensors` | `spectrum` | each example's gradient energy per curvature band, per dataset of `spectrum.datasets` |
 | `factors.partial*.safetensors`, `scores.partial*.safetensors` | an interrupted run | saved progress, every `factors.checkpoint_every` batches; `--resume` continues from it |

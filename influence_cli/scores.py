@@ -861,6 +861,13 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
         if collect and "labels" in snapshot.tensors:
             labels = snapshot.tensors["labels"].to(ctx.device)
         resumed_from = f"batch {skip}"
+    # classification: model.checkpoint's predicted class of every example, shown beside its label (mislabel triage)
+    predict = cfg.task.kind == "classification" and (snapshot is None or snapshot.phase != "self" or "predictions" in snapshot.tensors)
+    if st.distributed:  # progress saved before predictions were kept has none for its batches: then no rank keeps them
+        predict = all(st.all_gather_object(predict))
+    predictions = torch.zeros(n_t, dtype=torch.int64, device=ctx.device) if predict else None
+    if predictions is not None and snapshot is not None and snapshot.phase == "self":
+        predictions.copy_(snapshot.tensors["predictions"])
     watch = NonFiniteWatch(ctx.device, "no scores were written")
     scorer.progress.start("self-influence", stop - start)
     if skip:
@@ -872,6 +879,8 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
         c0 = batch.index * scorer.bs
         n = len(batch.global_indices)
         values[start + c0 : start + c0 + n] = scorer.self_influence(batches)
+        if predictions is not None:
+            predictions[start + c0 : start + c0 + n] = batch.outputs.argmax(-1)
         if collect:
             labels = _collect(labels, stop - start, c0, batch.targets)
         for b in batches:
@@ -880,13 +889,16 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
         scored += n
         if checkpoint.due(steps):
             watch.check("self-influence")
-            checkpoint.save("self", batch.index + 1, {"values": values} | ({"labels": labels} if collect and labels is not None else {}))
+            saved = {"values": values} | ({"labels": labels} if collect and labels is not None else {})
+            checkpoint.save("self", batch.index + 1, saved | ({"predictions": predictions} if predictions is not None else {}))
         scorer.progress.advance(n)
     watch.check("self-influence")
     seconds["self"] = time.perf_counter() - t0
     scorer.progress.stop()
     rate, resumed_from = _job_view(st, scored, seconds["self"], resumed_from)
     st.all_reduce_(values)
+    if predictions is not None:
+        st.all_reduce_(predictions)  # each rank wrote its own range, zeros elsewhere
     if collect and st.distributed:  # each rank collected its own range
         parts = [p for p in st.all_gather_object(None if labels is None else labels.cpu()) if p is not None]
         labels = torch.cat(parts) if parts else None  # type: ignore[arg-type]
@@ -895,6 +907,8 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
         tensors = {"self_influence": values, "train_indices": train.global_indices.clone()}
         if labels is not None:
             tensors["train_labels"] = labels
+        if predictions is not None:
+            tensors["train_predictions"] = predictions
         storage.save_tensors(path, tensors, metadata)
     st.barrier()
     checkpoint.clear()

@@ -506,6 +506,7 @@ class SelfInfluence:
     train_indices: torch.Tensor
     train_labels: torch.Tensor | None
     metadata: dict[str, Any]
+    train_predictions: torch.Tensor | None = None  # [n_train] model.checkpoint's predicted classes (classification)
 
 
 def load_self_influence(output_dir: str | Path) -> SelfInfluence:
@@ -521,7 +522,7 @@ def load_self_influence(output_dir: str | Path) -> SelfInfluence:
         raise OutputError(f"no self-influence scores at {str(path)!r}", hint=hint)
     tensors, meta = storage.load_tensors(path, storage.SELF_FORMAT)
     _check_no_nan(tensors["self_influence"], path)
-    return SelfInfluence(tensors["self_influence"], tensors["train_indices"], tensors.get("train_labels"), meta)
+    return SelfInfluence(tensors["self_influence"], tensors["train_indices"], tensors.get("train_labels"), meta, tensors.get("train_predictions"))
 
 
 def self_top_k(source: str | Path | SelfInfluence, k: int = 5, *, largest: bool = True) -> list[RankedExample]:

@@ -364,6 +364,13 @@ def test_two_processes_write_rank_shards_matching_one_process(project, tmp_path,
     b = storage.load_tensors(single / storage.SELF_INFLUENCE_FILE)[0]
     torch.testing.assert_close(a["self_influence"], b["self_influence"], rtol=1e-5, atol=1e-6)
     assert torch.equal(a["train_labels"], b["train_labels"]) and torch.equal(a["train_indices"], b["train_indices"])
+    from influence_cli.models import mlp
+
+    model = mlp(input_dim=16, hidden=[5], num_classes=3)
+    model.load_state_dict(load_file(project.parent / "model.safetensors"))
+    with torch.no_grad():
+        want = model(load_file(project.parent / "data.safetensors")["inputs"][:N_TRAIN]).argmax(-1)
+    assert torch.equal(a["train_predictions"], want) and torch.equal(b["train_predictions"], want)  # each rank wrote its own range
 
 
 def test_image_grid_keeps_an_empty_section_with_its_note(tmp_path):

@@ -509,7 +509,7 @@ def test_resume_after_interruption_is_bit_identical(project, monkeypatch, name, 
 
 def test_self_influence_resume_is_bit_identical(project, monkeypatch):
     ref_cfg = make_cfg(project, "self-ref")
-    ref = storage.load_tensors(compute_scores(ref_cfg, self_influence=True).paths[0])[0]["self_influence"]
+    ref = storage.load_tensors(compute_scores(ref_cfg, self_influence=True).paths[0])[0]
     cfg = make_cfg(project, "self-resume")
     with monkeypatch.context() as m:
         interrupt_after(m, "self_influence", 4)
@@ -517,7 +517,23 @@ def test_self_influence_resume_is_bit_identical(project, monkeypatch):
             compute_scores(cfg, self_influence=True)
     report = compute_scores(cfg, self_influence=True, resume=True)
     assert report.resumed_from == "batch 4"
-    assert torch.equal(storage.load_tensors(report.paths[0])[0]["self_influence"], ref)
+    got = storage.load_tensors(report.paths[0])[0]
+    assert torch.equal(got["self_influence"], ref["self_influence"]) and torch.equal(got["train_predictions"], ref["train_predictions"])
+
+
+def test_self_influence_progress_saved_without_predictions_resumes_without_them(project, monkeypatch):
+    """Progress of a version that kept no predictions: the values resume, and no predictions are stored (some would be 0)."""
+    cfg = make_cfg(project, "self-old-progress")
+    with monkeypatch.context() as m:
+        interrupt_after(m, "self_influence", 4)
+        with pytest.raises(KeyboardInterrupt):
+            compute_scores(cfg, self_influence=True)
+    progress = cfg.output_path / storage.SCORES_PARTIAL.format(rank=".self")
+    tensors, meta = storage.load_tensors(progress)
+    del tensors["predictions"]
+    storage.save_tensors(progress, tensors, meta)
+    report = compute_scores(cfg, self_influence=True, resume=True)
+    assert report.resumed_from == "batch 4" and "train_predictions" not in storage.load_tensors(report.paths[0])[0]
 
 
 def test_overwrite_discards_interrupted_progress(project, monkeypatch):

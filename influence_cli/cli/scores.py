@@ -195,10 +195,12 @@ def top_k_cmd(
         ranked = topk.self_top_k(self_influence, k)
         (train,) = example_views(cfg, loaded, ["data.train"])
         noise = count_label_noise(train, [r.train_position for r in ranked]) if train.has_label_noise else None
-        grid_path = _self_grid(train, ranked, image_grid) if image_grid is not None else None
+        predicted = self_influence.train_predictions
+        grid_path = _self_grid(train, ranked, image_grid, predicted) if image_grid is not None else None
         if json_:
             rows = [
                 dataclasses.asdict(r) | ({"train_input": train.input_ids(r.train_position)} if train.token_data else {})
+                | ({"train_prediction": int(predicted[r.train_position])} if predicted is not None else {})
                 | ({"train_file": train.file(r.train_position)} if train.has_files else {})
                 | ({"noisy": train.clean_label(r.train_position) is not None, "clean_label": train.clean_label(r.train_position)} if noise else {})
                 for r in ranked
@@ -211,12 +213,14 @@ def top_k_cmd(
             return
         table = new_table(f"most self-influential training examples (top {len(ranked)})", [("rank", "right"), ("train index", "right")]
                           + ([("file", "left")] if train.has_files else []) + [("input" if train.token_data else "label", "left")]
+                          + ([("predicted", "left")] if predicted is not None else [])
                           + ([("label noise", "left")] if noise else []) + [("self-influence", "right")])  # fmt: skip
         for r in ranked:
             was = train.clean_label(r.train_position) if noise else None
             flipped = [] if not noise else ["" if was is None else f"flipped from {label_text(was, train.class_names)}"]
+            guess = [] if predicted is None else [label_text(int(predicted[r.train_position]), train.class_names)]
             table.add_row(str(r.rank), str(r.train_index), *([train.file(r.train_position)] if train.has_files else []),
-                          _shown(train, r.train_position, r.train_label), *flipped, f"{r.score:.5g}")  # fmt: skip
+                          _shown(train, r.train_position, r.train_label), *guess, *flipped, f"{r.score:.5g}")  # fmt: skip
         print_table(table)
         if noise:
             out_console().print(
@@ -312,8 +316,9 @@ def _json_extras(view: ExampleView | None, position: int, side: str, files: bool
 SELF_GRID_COLUMNS = 10  # tiles per row of the --self picture
 
 
-def _train_tiles(train: ExampleView, entries, kind: str, noise: bool = False):
-    """Tiles of ranked training examples; with `noise`, a label that label noise replaced shows what it was."""
+def _train_tiles(train: ExampleView, entries, kind: str, noise: bool = False, predicted=None):
+    """Tiles of ranked training examples; with `noise`, a label that label noise replaced shows what it was;
+    `predicted`: [n_train] predicted classes, shown on a line of their own."""
     from influence_cli.image_grid import Tile
 
     names = train.class_names
@@ -321,7 +326,8 @@ def _train_tiles(train: ExampleView, entries, kind: str, noise: bool = False):
     for e in entries:
         was = train.clean_label(e.train_position) if noise else None
         label = f"#{e.train_index} · {label_text(e.train_label, names)}" + ("" if was is None else f" (was {label_text(was, names)})")
-        tiles.append(Tile(train.image(e.train_position), [label, f"{e.score:+.3g}"], kind))
+        guess = [] if predicted is None else [f"pred {label_text(int(predicted[e.train_position]), names)}"]
+        tiles.append(Tile(train.image(e.train_position), [label, *guess, f"{e.score:+.3g}"], kind))
     return tiles
 
 
@@ -352,9 +358,9 @@ def _pairwise_grid(cfg, meta, selection, k: int, opponents: bool, rankings, path
     return save_image_grid(path, groups, title=title)
 
 
-def _self_grid(train: ExampleView, ranked, path: Path) -> Path:
+def _self_grid(train: ExampleView, ranked, path: Path, predicted=None) -> Path:
     from influence_cli.image_grid import GridGroup, GridRow, save_image_grid
 
-    tiles = _train_tiles(train, ranked, "proponent", noise=train.has_label_noise)
+    tiles = _train_tiles(train, ranked, "proponent", noise=train.has_label_noise, predicted=predicted)
     rows = [GridRow(None, tiles[i : i + SELF_GRID_COLUMNS]) for i in range(0, len(tiles), SELF_GRID_COLUMNS)]  # wrapped, in rank order
     return save_image_grid(path, GridGroup("most self-influential training examples", rows, proponents_label="self-influence"))
