@@ -509,7 +509,7 @@ def spectrum(
     if from_file:
         return report
     if ctx.state.is_main:
-        _save(report, ctx, cfg, fingerprints, result_fields)
+        _save(report, ctx, fingerprints, result_fields)
     ctx.state.barrier()
     report.seconds["total"] = time.perf_counter() - t_start
     return report
@@ -527,7 +527,7 @@ def _load_energies(path: Path, names: list[str]) -> list[DatasetSpectrum]:
     ]
 
 
-def _save(report: SpectrumReport, ctx: RunContext, cfg: Config, fingerprints: dict[str, str], result: dict[str, Any]) -> None:
+def _save(report: SpectrumReport, ctx: RunContext, fingerprints: dict[str, str], result: dict[str, Any]) -> None:
     tensors: dict[str, torch.Tensor] = {
         "band_directions": torch.tensor([b.counts for b in report.bands], dtype=torch.int64),
         "band_curvature_share": torch.tensor([b.mass for b in report.bands], dtype=torch.float32),

@@ -138,13 +138,6 @@ def support_entries(lf: LayerFactors, d_out: int, d_in: int) -> int:
     return sum(len(range(d_out)[p.rows]) * len(range(d_in)[p.cols]) for p in _pieces(d_out, d_in, k_g, k_a) if p.support)
 
 
-
-def resolve_damping(layers: dict[str, LayerFactors], damping: float | str, factor: float = 0.1, scope: str = "layer") -> dict[str, float]:
-    """λ per layer: `auto` = factor × mean(Λ*) of the layer (scope `layer`) or of the whole model
-    (scope `model`), a number as given, 0 for layers without curvature (factors.layer_damping)."""
-    return layer_damping(layers, damping, factor, scope)
-
-
 class ScoreKernel:
     """Turns the gradients of a batch into preconditioned vectors, pairwise scores and quadratic forms.
 
@@ -631,10 +624,10 @@ def build_kernel(
     amp: str = "none",
 ) -> ScoreKernel:
     """The ScoreKernel of `model`: its factors on `device` in the model's accumulator dtype, λ per
-    layer (`resolve_damping`) and the scoring GEMMs' dtype under `factors.amp`."""
+    layer (`factors.layer_damping`) and the scoring GEMMs' dtype under `factors.amp`."""
     dtype = accumulator_dtype(model)
     moved = {name: lf.to(device or torch.device("cpu"), dtype) for name, lf in layers.items()}
-    return ScoreKernel(moved, resolve_damping(moved, damping, factor, scope), matmul_dtype(amp, dtype))
+    return ScoreKernel(moved, layer_damping(moved, damping, factor, scope), matmul_dtype(amp, dtype))
 
 
 __all__ = [
@@ -647,7 +640,6 @@ __all__ = [
     "ensemble_pairwise_scores",
     "pairwise_scores",
     "query_row_blocks",
-    "resolve_damping",
     "row_blocks",
     "safe_norms",
     "self_influence_scores",

@@ -414,22 +414,22 @@ class _Scorer:
         outs: list[StoredQueries] = [{} for _ in self.members]
         watch = NonFiniteWatch(self.ctx.device, "no scores were written")
         self.progress.start(title, q1 - q0)
-        row, flat = 0, []
+        row, zero_gradient = 0, []
         batches = _rows(self.loader(queries, start_batch=q0 // self.bs), q0 % self.bs, q1 - q0)
         for per_member in self.member_batches(batches, mode="measurement", start_batch=q0 // self.bs, name="data.query"):
             n = len(per_member[0].global_indices)
             for member, out, batch in zip(self.members, outs, per_member, strict=True):
                 member.kernel.store_queries(out, row, q1 - q0, batch)
                 watch.observe(batch)
-            flat += _zero_gradient_indices(per_member[0])
+            zero_gradient += _zero_gradient_indices(per_member[0])
             row += n
             self.progress.advance(n)
         self.progress.stop()
         watch.check("query gradient")
-        if flat:
+        if zero_gradient:
             notices.warn(
-                f"data.query: the gradient of the query {self.cfg.task.measurement} is exactly 0 for {len(flat)} of {q1 - q0} queries "
-                f"(global indices {index_span(flat)}), so their scores are all 0; "
+                f"data.query: the gradient of the query {self.cfg.task.measurement} is exactly 0 for {len(zero_gradient)} of {q1 - q0} queries "
+                f"(global indices {index_span(zero_gradient)}), so their scores are all 0; "
                 "saturated outputs are the usual cause, such as 8-bit inputs without transform.scale: 255"
             )
         return outs

@@ -176,7 +176,8 @@ def test_scores_skip_the_deflated_rows_and_columns_and_stay_exact(blank_data, n_
     are 0 and skipped; on other examples (feature 1 lit, unit 2 alive) they are scored."""
     from test_scores import explicit_grads, explicit_scores
 
-    from influence_cli.kernel import ScoreKernel, pairwise_scores, resolve_damping
+    from influence_cli.factors import layer_damping
+    from influence_cli.kernel import ScoreKernel, pairwise_scores
     from influence_cli.passes import stream_gradients
 
     x, y = blank_data
@@ -185,7 +186,7 @@ def test_scores_skip_the_deflated_rows_and_columns_and_stay_exact(blank_data, n_
     g = torch.Generator().manual_seed(5)
     other = torch.randn(11, 5, generator=g).abs(), torch.randint(0, 3, (11,), generator=g)
     xq, yq = torch.randn(n_query, 5, generator=g), torch.randint(0, 3, (n_query,), generator=g)
-    damping = resolve_damping(layers, "auto")
+    damping = layer_damping(layers, "auto")
     kernel = ScoreKernel(layers, damping)
     for train, skipped in ((blank_data, True), (other, False)):
         batch = next(stream_gradients(model, tracked, [(train[0], train[1], torch.arange(len(train[0])))], task_kind="classification", mode="loss"))

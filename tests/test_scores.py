@@ -26,9 +26,9 @@ from influence_cli.config import config_from_dict
 from influence_cli.context import prepare
 from influence_cli.data import make_loader
 from influence_cli.errors import NumericalError, OutputError
-from influence_cli.factors import LayerFactors
+from influence_cli.factors import LayerFactors, layer_damping
 from influence_cli.fit import fit_factors, load_factors
-from influence_cli.kernel import pairwise_scores, resolve_damping, self_influence_scores
+from influence_cli.kernel import pairwise_scores, self_influence_scores
 from influence_cli.models import mlp
 from influence_cli.scores import compute_scores, plan_layout, plan_shards
 from influence_cli.topk import iter_score_blocks, top_k
@@ -693,7 +693,7 @@ def test_curvature_near_float32_underflow_gives_finite_scores():
     for dtype in (torch.float64, torch.float32):
         model, xx = FaintFirstLayer().to(dtype), x.to(dtype)
         tracked, layers = fit(model, xx, y)
-        assert not torch.isfinite(layers["fc1"].inverse_eigenvalues(resolve_damping(layers, "auto")["fc1"]).float()).all()
+        assert not torch.isfinite(layers["fc1"].inverse_eigenvalues(layer_damping(layers, "auto")["fc1"]).float()).all()
         results.append(pairwise_scores(model, tracked, layers, batches_of(xx[:2], y[:2], 2)(0), batches_of(xx, y, 4)(0)).double())
     want, got = results
     assert torch.isfinite(got).all()

@@ -14,12 +14,12 @@ from influence_cli.cli.render import (
     err_console,
     label_text,
     layer_label,
+    new_table,
     out_console,
     print_json,
     print_read_back,
     print_table,
 )
-from influence_cli.cli.render import new_table as _new_table
 
 LayersOpt = Annotated[
     list[str] | None, typer.Option("--layers", metavar="PATTERN", help="fnmatch pattern of the layers analysed (repeatable; default: spectrum.layers).")
@@ -54,9 +54,9 @@ EDIT_EPILOG = """\
 """
 
 
-def new_table(title: str, columns: list[tuple[str, str]]):
+def titled_table(title: str, columns: list[tuple[str, str]]):
     """render.new_table, at least as wide as its title (so the title stays on one line)."""
-    table = _new_table(title, columns)
+    table = new_table(title, columns)
     table.min_width = len(title) + 2
     return table
 
@@ -121,7 +121,7 @@ def spectrum_cmd(
     names = report.band_names()
     used = [k for k in range(3) if any(b.counts[k] for b in report.bands)]
     basis = "λ_G·λ_A" if report.order == "kfac" else "Λ*"
-    table = new_table(
+    table = titled_table(
         f"curvature bands ({report.order} order: {basis}; share of directions / of curvature)",
         [("layer", "left"), ("directions", "right")] + [(BANDS[k], "right") for k in used],
     )
@@ -130,14 +130,14 @@ def spectrum_cmd(
     print_table(table)
     ratios = report.ratios()
     others = [g.name for g in report.groups if g.name != report.baseline]
-    table = new_table(
+    table = titled_table(
         f"share of gradient energy per band (mean over examples; {_layers_text(report.layers)})",
         [("band", "left")] + [(f"{g.name} (n={g.size:,})", "right") for g in report.groups] + [(f"{o} vs {report.baseline}", "right") for o in others],
     )
     for k in used:
         table.add_row(names[k], *[_pct(float(g.share[k])) for g in report.groups], *[_ratio(ratios[o][k]) for o in others])
     print_table(table)
-    table = new_table(
+    table = titled_table(
         f"{names[0]} share per layer: gradient energy | input energy (A-directions by λ_A)",
         [("layer", "left")] + [(g.name, "right") for g in report.groups],
     )
@@ -155,7 +155,7 @@ def spectrum_cmd(
                 continue
             ds = next(d for d in report.datasets if d.name == ds_name)
             noisy = bool(ds.noisy.any())
-            table = new_table(
+            table = titled_table(
                 f"most memorization-like examples of {ds_name} (largest {names[0]} share)",
                 [("rank", "right"), ("global index", "right"), ("input", "left") if inputs else ("label", "right")]
                 + ([("noisy", "left")] if noisy else []) + [("bottom share", "right"), ("gradient energy", "right")],
@@ -223,7 +223,7 @@ def edit_cmd(
         print_json(report.to_dict())
         return
     kept = f"rho = {report.rho:g} of the curvature mass" if report.keep == "mass" else f"{report.share:.3g} of the directions"
-    table = new_table(
+    table = titled_table(
         f"removed low-curvature components ({report.order} order; kept {kept})",
         [("layer", "left"), ("[W | b]", "left"), ("directions", "right"), ("removed", "right"), ("removed %", "right"),
          ("‖W‖² removed", "right"), ("curvature kept", "right")],
