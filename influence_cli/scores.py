@@ -210,8 +210,11 @@ def _finished_files(path: Path) -> tuple[list[Path], int]:
     index with the shards it lists."""
     if path.suffix != ".json":
         return [path], 1
-    shards = json.loads(path.read_text())["shards"]
-    return [path, *(path.parent / s["file"] for s in shards)], len(shards)
+    try:
+        shards = json.loads(path.read_text())["shards"]
+        return [path, *(path.parent / s["file"] for s in shards)], len(shards)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise OutputError(f"{str(path)!r} is not a readable scores index ({exc})", hint="rerun compute-scores with --overwrite") from None
 
 
 def _load_layers(ctx: RunContext, train: IndexedDataset, member: Member) -> tuple[dict[str, LayerFactors], dict[str, Any]]:
