@@ -726,3 +726,34 @@ def test_a_finished_spectrum_of_the_same_settings_is_shown_not_recomputed(tmp_pa
     other = invoke("spectrum", DIGITS, *own, "--set", "spectrum.bottom=0.3")
     assert_error(other, 5, "holds a spectrum result of other settings (bottom 0.5 -> 0.3)")
     assert (tmp_path / SPECTRUM_FILE).stat().st_mtime_ns == stamp
+
+
+def test_spectrum_names_an_image_folders_examples_by_their_files(tmp_path):
+    """The memorization-like table and JSON of an image folder show each example's file and class name."""
+    import yaml
+    from safetensors.torch import save_file
+
+    from influence_cli.models import mlp
+
+    g = torch.Generator().manual_seed(0)
+    for cls in ("cat", "dog"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(20):
+            Image.fromarray((torch.rand(4, 4, generator=g) * 255).to(torch.uint8).numpy()).save(tmp_path / "imgs" / cls / f"{i:02d}.png")
+    torch.manual_seed(0)
+    save_file({k: v.contiguous() for k, v in mlp(16, [6], 2).state_dict().items()}, tmp_path / "model.safetensors")
+    config = {
+        "model": {"architecture": "mlp", "kwargs": {"input_dim": 16, "hidden": [6], "num_classes": 2}, "checkpoint": "model.safetensors"},
+        "data": {"train": {"source": "image_folder", "root": "imgs", "transform": {"scale": 255.0, "flatten": True}}, "batch_size": 4},
+        "factors": {"fisher": "empirical"},
+        "output_dir": "out",
+        "device": "cpu",
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert invoke("fit-factors", tmp_path / "c.yaml").exit_code == 0
+    result = invoke("spectrum", tmp_path / "c.yaml", "--top", "3", "--json")
+    assert result.exit_code == 0, result.stderr
+    rows = json.loads(result.stdout)["top_examples"]["train"]
+    assert rows and all(row["file"] == f"{('cat', 'dog')[row['global_index'] // 20]}/{row['global_index'] % 20:02d}.png" for row in rows), rows
+    table = invoke("spectrum", tmp_path / "c.yaml", "--top", "3").stdout
+    assert "file" in table and rows[0]["file"] in table and ("cat" in table or "dog" in table)

@@ -108,12 +108,12 @@ def spectrum_cmd(
         return
     if plot is not None:
         save_spectrum_plot(plot, report)
-    inputs = _token_inputs(cfg) if top else None  # a language model's examples are shown by their input ids
+    views = _views(cfg) if top else {}  # a language model's examples are shown by their input ids, an image folder's by their files
     if json_:
         data = report.to_dict(top)
-        for name, rows in data["top_examples"].items() if inputs else []:
+        for name, rows in data.get("top_examples", {}).items():
             for row in rows:
-                row["input"] = inputs[name](row["global_index"])
+                row |= _shown_extras(views.get(name), row["global_index"])
         if plot is not None:
             data["plot"] = str(Path(plot).resolve())
         print_json(data)
@@ -155,14 +155,18 @@ def spectrum_cmd(
                 continue
             ds = next(d for d in report.datasets if d.name == ds_name)
             noisy = bool(ds.noisy.any())
+            view = views.get(ds_name)
+            files, tokens = view is not None and view.has_files, view is not None and view.token_data
             table = titled_table(
                 f"most memorization-like examples of {ds_name} (largest {names[0]} share)",
-                [("rank", "right"), ("global index", "right"), ("input", "left") if inputs else ("label", "right")]
+                [("rank", "right"), ("global index", "right")] + ([("file", "left")] if files else [])
+                + [("input", "left") if tokens else ("label", "right")]
                 + ([("noisy", "left")] if noisy else []) + [("bottom share", "right"), ("gradient energy", "right")],
             )  # fmt: skip
             for r, row in enumerate(rows, start=1):
-                shown = label_text(inputs[ds_name](row["global_index"]) if inputs else row["label"])
-                cells = [str(r), str(row["global_index"]), shown] + (["yes" if row["noisy"] else ""] if noisy else [])
+                extras = _shown_extras(view, row["global_index"])
+                shown = label_text(extras["input"] if tokens else row["label"], None if view is None else view.class_names)
+                cells = [str(r), str(row["global_index"]), *([extras["file"]] if files else []), shown] + (["yes" if row["noisy"] else ""] if noisy else [])
                 table.add_row(*cells, _pct(row["bottom_share"]), f"{row['energy']:.3g}")
             print_table(table)
     extra = f" and {plot}" if plot is not None else ""
@@ -172,20 +176,28 @@ def spectrum_cmd(
     err_console.print(f"[green]saved[/] {escape(str(report.path))}{escape(extra)} ({report.strategy} factors, {report.fisher} Fisher; {report.seconds.get('total', 0.0):.2f}s)")
 
 
-def _token_inputs(cfg) -> dict | None:
-    """For a language model, per dataset of the spectrum: global index -> its input token ids without
-    padding; None for other tasks."""
-    if cfg.task.kind != "language_modeling":
-        return None
+def _views(cfg) -> dict:
+    """The spectrum's datasets by name, as tables show their examples (`example_views.ExampleView`), for
+    token data and image folders; {} for other sources, whose rows show the label alone."""
     from influence_cli.band_energy import dataset_specs
     from influence_cli.data import load_dataset
     from influence_cli.example_views import ExampleView
 
-    out = {}
+    tokens = cfg.task.kind == "language_modeling"
+    views = {}
     for name, (spec, key) in dataset_specs(cfg).items():
-        view = ExampleView(load_dataset(spec, cfg.base_dir, name=key, seed=cfg.seed, embedding_model=True), True, cfg.data.padding_value)
-        out[name] = lambda global_index, view=view: view.input_ids(int(view.dataset.position_of([global_index])[0]))
-    return out
+        if tokens or spec.source == "image_folder":
+            dataset = load_dataset(spec, cfg.base_dir, name=key, seed=cfg.seed, embedding_model=tokens)
+            views[name] = ExampleView(dataset, tokens, cfg.data.padding_value)
+    return views
+
+
+def _shown_extras(view, global_index: int) -> dict:
+    """`input` (token data) and `file` (image folders) of a ranked example, by its global index."""
+    if view is None:
+        return {}
+    position = int(view.dataset.position_of([global_index])[0])
+    return ({"input": view.input_ids(position)} if view.token_data else {}) | ({"file": view.file(position)} if view.has_files else {})
 
 
 @command("edit", epilog=EDIT_EPILOG)
