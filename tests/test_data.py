@@ -767,6 +767,13 @@ def test_image_folder_errors(tmp_path: Path) -> None:
     assert error_of(DataSpec(source="image_folder", root="flat"), tmp_path).endswith("has no class sub-folders (its images lie in the folder itself)")
     (tmp_path / "bare").mkdir()
     assert error_of(DataSpec(source="image_folder", root="bare"), tmp_path).endswith("has no class sub-folders")
+    root = write_image_folder(tmp_path / "broken")
+    for name in ("c1.png", "c2.png", "zero.png"):  # every unreadable file is named in one run
+        (root / "dog" / name).write_bytes(b"" if name == "zero.png" else b"not a png")
+    with pytest.raises(DataError) as info:
+        load_dataset(DataSpec(source="image_folder", root="broken"), tmp_path)
+    assert "cannot read image" in info.value.message and "c1.png" in info.value.message and "; 2 more: " in info.value.message
+    assert "c2.png" in info.value.message and "zero.png" in info.value.message and "remove or replace" in info.value.hint
 
 
 def test_image_suffixes_are_torchvisions_gif_and_the_other_jpeg_names() -> None:

@@ -175,6 +175,7 @@ def _folder_mode(samples: list[tuple[str, int]], key: str) -> str:
     from PIL import Image
 
     gray = True
+    unreadable: list[tuple[str, OSError]] = []  # every one, so that one run names them all
     for path, _ in samples:
         try:
             with Image.open(path) as img:
@@ -188,7 +189,14 @@ def _folder_mode(samples: list[tuple[str, int]], key: str) -> str:
                 else:
                     gray = gray and img.mode in _GRAY_MODES
         except OSError as exc:
-            raise DataError(f"{key}: cannot read image {path!r} ({exc})") from None
+            unreadable.append((path, exc))
+    if unreadable:
+        path, exc = unreadable[0]
+        others = f"; {len(unreadable) - 1} more: {', '.join(repr(p) for p, _ in unreadable[1:6])}{', ...' if len(unreadable) > 6 else ''}" if len(unreadable) > 1 else ""
+        raise DataError(
+            f"{key}: cannot read image {path!r} ({exc}){others}",
+            hint="remove or replace the unreadable files (or move them out of the class folders)",
+        )
     return "L" if gray else "RGB"
 
 
