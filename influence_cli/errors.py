@@ -21,8 +21,9 @@ _PYTHON_ARGUMENTS = {
     "--keep-share": "share=",
     "--method": "method=",
     "--out": "edit_checkpoint's out",
-    "--set": "a field of the Config",
+    "--set": "load_config's overrides, or a field of the Config",
 }
+_QUOTED = re.compile(r"(?<!\w)'[^']*'(?!\w)|(?<!\w)\"[^\"]*\"(?!\w)")  # paths and values in a message: a flag-like text there is not a flag
 
 
 class InfluenceError(Exception):
@@ -41,7 +42,8 @@ class InfluenceError(Exception):
         """For Python tracebacks (the CLI prints message and hint itself): the next step too, and the
         keyword arguments that the flags it names stand for."""
         text = self.message if not self.hint else f"{self.message}\nhint: {self.hint}"
-        named = [f"{flag} is {arg}" for flag, arg in _PYTHON_ARGUMENTS.items() if re.search(rf"{flag}(?![\w-])", text)]
+        bare = _QUOTED.sub("", text)
+        named = [f"{flag} is {arg}" for flag, arg in _PYTHON_ARGUMENTS.items() if re.search(rf"(?<![\w/.-]){flag}(?![\w-])", bare)]
         return f"{text}\n(from Python: {'; '.join(named)})" if named else text
 
     def everywhere(self) -> InfluenceError:

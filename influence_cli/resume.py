@@ -116,11 +116,14 @@ class PassCheckpoint:
             )
         tensors, meta = storage.load_tensors(self.path, storage.PARTIAL_FORMAT)
         if meta.get("run_key") not in run_keys(self.settings):
-            changed = changed_settings(meta.get("settings"), self.settings)
-            raise OutputError(
-                f"{str(self.path)!r} is progress of a run with other settings ({changed})",
-                hint="resume with the interrupted run's settings, or pass --overwrite to start over with these",
-            )
+            old = meta.get("settings")
+            changed = changed_settings(old, self.settings)
+            hint = "resume with the interrupted run's settings, or pass --overwrite to start over with these"
+            chunks = old.get("chunks") if isinstance(old, dict) else None
+            if chunks and {k for k in set(old) | set(self.settings) if old.get(k) != self.settings.get(k)} == {"chunks"}:
+                size = chunks[0][1] - chunks[0][0]  # only the query chunks differ (a budget or a version that sized them otherwise)
+                hint = f"resume with --set scores.query_chunk={size} (the interrupted run's chunks; the scores are the same), or pass --overwrite"
+            raise OutputError(f"{str(self.path)!r} is progress of a run with other settings ({changed})", hint=hint)
         return Snapshot(meta["phase"], int(meta["batches_done"]), tensors)
 
     def due(self, batches_done: int) -> bool:

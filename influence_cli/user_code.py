@@ -60,7 +60,16 @@ def import_from(module_name: str, folder: Path) -> ModuleType:
 
 def missing_function_hint(module: ModuleType, name: str) -> str:
     """A hint for `name` missing from the user's `module`: the closest of its public callables, or their list."""
-    found = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_") and getattr(v, "__module__", None) == module.__name__)
+    own = module.__name__
+    public = getattr(module, "__all__", None)
+
+    def offered(name: str, value: object) -> bool:  # its own functions and classes, those of its submodules (a package's re-exports), or __all__
+        if name.startswith("_") or not callable(value) or isinstance(value, ModuleType):
+            return False
+        origin = getattr(value, "__module__", None) or ""
+        return origin == own or origin.startswith(own + ".") or (public is not None and name in public)
+
+    found = sorted(n for n, v in vars(module).items() if offered(n, v))
     close = difflib.get_close_matches(name, found, n=1)
     if close:
         return f"did you mean {close[0]!r}?"

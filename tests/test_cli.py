@@ -924,3 +924,14 @@ def test_metadata_text_of_earlier_versions_stays_text(tmp_path: Path):
     save_raw({"t": torch.zeros(1)}, str(tmp_path / "old.safetensors"), metadata={"model_fingerprint": "1234567890123456", "result_key": "12e45", "n": "5"})
     meta = storage.read_metadata(tmp_path / "old.safetensors")
     assert meta == {"model_fingerprint": "1234567890123456", "result_key": "12e45", "n": 5}
+
+
+def test_progress_titles_print_as_written(capsys):
+    """A dataset named "a:fire:" or "[/]" (similarity.datasets) is a bar's title: no emoji, no markup error."""
+    from influence_cli.cli.render import RichProgress
+
+    bar = RichProgress()
+    bar.start("a:fire: [/] b", 1)
+    bar.advance(1)
+    bar.stop()
+    assert "a:fire: [/] b" in capsys.readouterr().err

@@ -742,3 +742,11 @@ def test_field_docs_keys_parse_as_overrides():
             continue
         assert parse_override(f"{key}=1")[0] == key.split(".")
     assert all(c in string.ascii_lowercase + "_.<>" for key, *_ in field_docs() for c in key)
+
+
+def test_a_yaml_error_without_text_is_named_by_its_type():
+    import yaml
+
+    from influence_cli.config import _yaml_reason
+
+    assert _yaml_reason(yaml.YAMLError()) == "YAMLError"  # an empty text once raised IndexError while being reported

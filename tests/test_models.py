@@ -198,6 +198,12 @@ def test_a_misspelled_factory_is_pointed_at_the_closest_function(tmp_path: Path)
     with pytest.raises(ModelError) as exc:
         build_model(ModelConfig("my_model:zzzzzz"), tmp_path)
     assert exc.value.hint.startswith("my_model defines ") and "make" in exc.value.hint
+    (tmp_path / "mypkg").mkdir()
+    _write_factory(tmp_path / "mypkg", "models", FACTORY)
+    (tmp_path / "mypkg" / "__init__.py").write_text("from .models import make\n")  # a package that re-exports its factory
+    with pytest.raises(ModelError) as exc:
+        build_model(ModelConfig("mypkg:mkae"), tmp_path)
+    assert exc.value.hint == "did you mean 'make'?"
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -187,7 +187,10 @@ def test_errors_show_their_hint_in_a_python_traceback(tmp_path):
     assert str(info.value) == f"{info.value.message}\nhint: {info.value.hint}\n(from Python: --overwrite is overwrite=True)"
     assert str(InfluenceError("no hint")) == "no hint"
     both = InfluenceError("--output is not a flag", hint="pass --self or --set x=1")
-    assert str(both).endswith("(from Python: --self is self_influence=True; --set is a field of the Config)")
+    assert str(both).endswith("(from Python: --self is self_influence=True; --set is load_config's overrides, or a field of the Config)")
+    for text in ("'/runs/ablation--resume/scores.safetensors' exists", "a/--resume b", "x --resumed"):  # in a path, or another word
+        assert "from Python" not in str(InfluenceError(text)), text
+    assert str(InfluenceError("the model's file: pass --overwrite to replace '/x/y'")).endswith("(from Python: --overwrite is overwrite=True)")
 
 
 def test_resume_and_overwrite_together_are_refused_as_on_the_command_line(tmp_path):

@@ -536,6 +536,21 @@ def test_self_influence_progress_saved_without_predictions_resumes_without_them(
     assert report.resumed_from == "batch 4" and "train_predictions" not in storage.load_tensors(report.paths[0])[0]
 
 
+def test_progress_of_other_query_chunks_says_which_chunk_size_resumes_it(project, monkeypatch):
+    """Only the query chunks differ (a version that sized them otherwise, or scores.query_chunk left out): the hint
+    names the chunk size that resumes it."""
+    cfg = make_cfg(project, "rechunked", "scores.query_chunk=2")
+    with monkeypatch.context() as m:
+        interrupt_after(m, "pairwise", 3)
+        with pytest.raises(KeyboardInterrupt):
+            compute_scores(cfg)
+    with pytest.raises(OutputError, match=r"other settings \(query chunks") as info:
+        compute_scores(make_cfg(project, "rechunked"), resume=True)
+    assert info.value.hint.startswith("resume with --set scores.query_chunk=2 ")
+    report = compute_scores(make_cfg(project, "rechunked", "scores.query_chunk=2"), resume=True)
+    assert report.resumed_from is not None and report.query_chunks == 4
+
+
 def test_overwrite_discards_interrupted_progress(project, monkeypatch):
     budget = 7 * 16 * 4 / 2**20
     cfg = make_cfg(project, "discard", f"scores.max_memory_mb={budget}", "scores.query_chunk=7")

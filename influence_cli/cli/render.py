@@ -187,7 +187,7 @@ class RichProgress:
             return
         self._progress = Progress(
             SpinnerColumn(),
-            TextColumn("[bold]{task.description}"),
+            TextColumn("{task.description}", style="bold", markup=False),  # a dataset named "a:fire:" or "[x]" shows as written
             BarColumn(),
             MofNCompleteColumn(),
             _Rate(),
