@@ -218,6 +218,24 @@ def test_picture_paths_are_checked_before_any_work(runner, project, tmp_path):
     assert failed.exit_code in (2, 5) and not (tmp_path / "new").exists()  # a run that fails creates no picture folder
 
 
+def test_plain_ranks_relative_scores_by_plain_influence(runner, project, tmp_path):
+    """Relative scores keep the norms that undo the division: top-k --plain ranks them as a plain run would."""
+    factors = ["--set", f"factors_dir={project.parent / 'out'}"]
+    rel, plain = (["--set", f"output_dir={tmp_path / name}", *factors] for name in ("rel", "plain"))
+    assert invoke(runner, "compute-scores", project, *rel, "--relative").exit_code == 0
+    assert invoke(runner, "compute-scores", project, *plain, "--no-relative").exit_code == 0
+    got = json.loads(invoke(runner, "top-k", project, *rel, "--plain", "--json", "--k", "4").stdout)
+    want = json.loads(invoke(runner, "top-k", project, *plain, "--json", "--k", "4").stdout)
+    assert got["relative"] is False and want["relative"] is False
+    for g, w in zip(got["queries"], want["queries"], strict=True):
+        for side in ("proponents", "opponents"):
+            assert [e["train_index"] for e in g[side]] == [e["train_index"] for e in w[side]]
+            assert [e["score"] for e in g[side]] == pytest.approx([e["score"] for e in w[side]], rel=1e-4)
+    refused = invoke(runner, "top-k", project, *plain, "--plain")
+    assert refused.exit_code == 2 and "--plain: the scores in" in refused.stderr and "are plain influence already" in refused.stderr
+    assert invoke(runner, "top-k", project, *rel, "--plain", "--self").exit_code == 2
+
+
 def test_a_pass_that_fails_midway_leaves_no_bar_drawn(runner, project, monkeypatch, tmp_path):
     """Every command's bars are stopped when it fails (the error line says what happened)."""
     from influence_cli.cli import render

@@ -158,6 +158,9 @@ def top_k_cmd(
     ] = None,
     k: Annotated[int, typer.Option("--k", "-k", min=1, metavar="N", help="Examples per ranking (at most: proponents are positive scores, opponents negative).")] = 5,
     self_: Annotated[bool, typer.Option("--self", metavar="", help="Rank training examples by self-influence (from compute-scores --self).")] = False,
+    plain: Annotated[
+        bool, typer.Option("--plain", metavar="", help="With relative (RelatIF) scores, rank by plain influence instead (the scores keep the norms that undo the division).")
+    ] = False,
     opponents: Annotated[
         bool, typer.Option("--opponents/--no-opponents", metavar="", help="Also list the opponents (most negative scores).")
     ] = True,
@@ -190,6 +193,8 @@ def top_k_cmd(
     if self_:
         if query:
             raise UsageError("--query: not used with --self (self-influence ranks the training set)")
+        if plain:
+            raise UsageError("--plain: not used with --self (self-influence is not relative)")
         self_influence = topk.load_self_influence(out_dir)
         loaded = topk.check_scores_match(self_influence.metadata, cfg, out_dir / storage.SELF_INFLUENCE_FILE, pairwise=False)
         ranked = topk.self_top_k(self_influence, k)
@@ -235,17 +240,22 @@ def top_k_cmd(
     selection = parse_query_option(query)
     meta = topk.load_scores_meta(out_dir)
     loaded = topk.check_scores_match(meta.metadata, cfg, meta.files[0].path if len(meta.files) == 1 else out_dir / storage.SCORES_INDEX)
-    if cfg.scores.relative != meta.relative:  # not refused: compute-scores --relative overrides the config
+    if plain and not meta.relative:
+        raise UsageError(f"--plain: the scores in {str(out_dir)!r} are plain influence already (it undoes scores.relative)")
+    if plain and not meta.has_norms:
+        raise UsageError(f"--plain: the relative scores in {str(out_dir)!r} keep no norms to undo the division", hint="rerun compute-scores with --overwrite")
+    if cfg.scores.relative != meta.relative and not plain:  # not refused: compute-scores --relative overrides the config
         which = "relative (RelatIF)" if meta.relative else "plain"
         err_console.print(
             f"[bold yellow]note:[/] the scores in {escape(str(out_dir))} are {which} influence, the config has scores.relative: "
             f"{str(cfg.scores.relative).lower()}; showing them as they are (compute-scores --overwrite scores as the config says)",
             soft_wrap=True,
         )
-    rankings = topk.top_k(out_dir, selection, k, largest=True, smallest=opponents)
+    rankings = topk.top_k(out_dir, selection, k, largest=True, smallest=opponents, plain=plain)
+    relative = meta.relative and not plain
     token_data = cfg.task.kind == "language_modeling"  # both datasets are needed to show token ids; else data.query may be absent
     train, queries = example_views(cfg, loaded, ["data.train", "data.query"], required=token_data or image_grid is not None)
-    grid_path = _pairwise_grid(cfg, meta, selection, k, opponents, rankings, image_grid, train, queries) if image_grid is not None else None
+    grid_path = _pairwise_grid(cfg, meta, selection, k, opponents, rankings, image_grid, train, queries, plain) if image_grid is not None else None
     files = train.has_files or (queries is not None and queries.has_files)
     if json_:
         rows = []
@@ -258,7 +268,7 @@ def top_k_cmd(
         print_json(
             {
                 "output_dir": str(out_dir),
-                "relative": meta.relative,
+                "relative": relative,
                 "measurement": meta.metadata.get("measurement"),
                 "strategy": meta.metadata.get("strategy"),
                 "k": k,
@@ -267,7 +277,7 @@ def top_k_cmd(
             | ({"image_grid": str(Path(grid_path).resolve())} if grid_path else {})
         )
         return
-    variant = "relative influence" if meta.relative else "influence"
+    variant = "relative influence" if relative else "influence"
     names = None if queries is None else queries.class_names
 
     def cells(e) -> list[str]:
@@ -331,7 +341,10 @@ def _train_tiles(train: ExampleView, entries, kind: str, noise: bool = False, pr
     return tiles
 
 
-def _pairwise_grid(cfg, meta, selection, k: int, opponents: bool, rankings, path: Path, train: ExampleView, queries: ExampleView) -> Path:
+def _pairwise_grid(
+    cfg, meta, selection, k: int, opponents: bool, rankings, path: Path, train: ExampleView, queries: ExampleView, plain: bool = False
+) -> Path:
+    """The rankings as a picture; relative scores that keep their norms show plain and relative influence, one above the other."""
     from influence_cli import topk
     from influence_cli.image_grid import GridGroup, GridRow, Tile, save_image_grid
 
@@ -348,10 +361,11 @@ def _pairwise_grid(cfg, meta, selection, k: int, opponents: bool, rankings, path
 
     notes = ("no positive score", "no negative score" if opponents else None)
     groups = []
-    if meta.relative and meta.has_norms:
-        plain = topk.top_k(cfg.output_path, selection, k, largest=True, smallest=opponents, plain=True)
-        groups.append(GridGroup("influence", rows(plain), empty_notes=notes))
-        groups.append(GridGroup("relative influence (RelatIF)", rows(rankings), empty_notes=notes))
+    if meta.relative and meta.has_norms:  # both rankings, whichever one `rankings` is (top-k --plain)
+        other = topk.top_k(cfg.output_path, selection, k, largest=True, smallest=opponents, plain=not plain)
+        plain_ranks, relative_ranks = (rankings, other) if plain else (other, rankings)
+        groups.append(GridGroup("influence", rows(plain_ranks), empty_notes=notes))
+        groups.append(GridGroup("relative influence (RelatIF)", rows(relative_ranks), empty_notes=notes))
     else:
         groups.append(GridGroup("relative influence (RelatIF)" if meta.relative else "influence", rows(rankings), empty_notes=notes))
     title = f"{meta.metadata.get('strategy')} · measurement {meta.metadata.get('measurement')} · positive = helpful"
