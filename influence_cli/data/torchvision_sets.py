@@ -280,9 +280,11 @@ def open_image_folder(spec: DataSpec, base_dir: Path, name: str) -> Source:
     classes = spec.classes or present  # label i = classes[i] (data.train's classes, shared by config.py)
     unknown = [c for c in present if c not in classes]
     if unknown:
+        shared = name != "data.train" and spec.colour_of is not None  # data.train's classes: the model's labels
         raise DataError(
-            f"{name}.root: class folder(s) {unknown[:5]} of {str(root)!r} are not among the classes {classes[:12]}",
-            hint=f"list every class in {name}.classes (label order), or remove those folders",
+            f"{name}.root: class folder(s) {unknown[:5]} of {str(root)!r} are not among the classes {classes[:12]}"
+            + (" (data.train's, whose labels the model predicts)" if shared else ""),
+            hint="move those folders out (the model has no label for them)" if shared else f"list every class in {name}.classes (label order), or remove those folders",
         )
     samples, empty = _folder_samples(root, present, {c: classes.index(c) for c in present}, is_image)
     if not samples:
