@@ -1005,6 +1005,12 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
         problems.append(f"scores.query_chunk: must be > 0, got {s.query_chunk}")
     for i, ckpt_path in enumerate(s.checkpoints if check_files else []):
         problems += _named_path_problem(cfg, f"scores.checkpoints[{i}]", ckpt_path, "file")
+    seen: dict[str, str] = {} if cfg.model.checkpoint is None else {os.path.realpath(cfg.resolve(cfg.model.checkpoint)): "model.checkpoint"}
+    for i, ckpt_path in enumerate(s.checkpoints):
+        real = os.path.realpath(cfg.resolve(ckpt_path))
+        if real in seen:
+            problems.append(f"scores.checkpoints[{i}]: {ckpt_path} is {seen[real]} again (a model listed twice weighs twice in the average)")
+        seen.setdefault(real, f"scores.checkpoints[{i}]")
     for name, spec in cfg.similarity.datasets.items():
         problems.extend(_check_data_spec(cfg, spec, f"similarity.datasets.{name}", check_files))
     problems.extend(_check_spectrum(cfg, check_files))

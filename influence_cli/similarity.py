@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from influence_cli import storage
+from influence_cli import notices, storage
 from influence_cli.config import SIMILARITY_METHODS, Config
 from influence_cli.context import prepare
 from influence_cli.distributed import DistState
@@ -362,6 +362,8 @@ def dataset_similarity(
     if ctx.state.is_main:
         storage.remove_stale_temp_files(path)  # what a killed writer left
     check_factors_match(factors, ctx, factors_path, same_kind=True)
+    if cfg.scores.checkpoints:
+        notices.warn(f"dataset-similarity: only model.checkpoint is compared with, not the {len(cfg.scores.checkpoints)} model(s) of scores.checkpoints")
     storage.ensure_writable_dir(out_dir)
     keys = {name: f"similarity.datasets.{name}" for name in specs}
     datasets = {name: ctx.dataset(spec, keys[name]) for name, spec in specs.items()}

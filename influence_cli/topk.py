@@ -239,6 +239,7 @@ def check_scores_match(metadata: dict[str, Any], cfg: Config, path: Path, *, pai
         names = [tm.name for tm in find_tracked_modules(model, cfg.factors.modules)]
         if metadata.get("modules") is not None and metadata["modules"] != names:
             raise OutputError(f"{str(path)!r} holds scores of layers {metadata['modules']}; the config tracks {names}", hint=hint)
+        _check_members(metadata.get("members"), cfg, path, hint)
     _check_current_factors(metadata, cfg, path)
     specs = [("data.train", cfg.data.train, "train_fingerprint")] + ([("data.query", cfg.data.query, "query_fingerprint")] if pairwise else [])
     loaded = {}
@@ -252,6 +253,26 @@ def check_scores_match(metadata: dict[str, Any], cfg: Config, path: Path, *, pai
         if recorded != loaded[key].fingerprint():
             raise OutputError(f"{str(path)!r} holds scores computed on another {key}", hint=hint)
     return loaded
+
+
+def _check_members(members: Any, cfg: Any, path: Path, hint: str) -> None:
+    """Refuses an ensemble's scores when a model of scores.checkpoints is not the one averaged there (replaced,
+    reordered or another file); their number is checked before."""
+    from influence_cli.models import load_model, model_fingerprint
+
+    if not isinstance(members, list):
+        return
+    for i, (recorded, checkpoint) in enumerate(zip(members[1:], cfg.scores.checkpoints, strict=False)):
+        fingerprint = recorded.get("model_fingerprint") if isinstance(recorded, dict) else None
+        if fingerprint is None:
+            continue
+        key = f"scores.checkpoints[{i}]"
+        current = model_fingerprint(load_model(cfg.model, cfg.base_dir, cfg.resolve(checkpoint), key=key))
+        if current != fingerprint:
+            raise OutputError(
+                f"{str(path)!r} holds scores averaged over another model as {key} (fingerprint {fingerprint}; {checkpoint}'s is {current})",
+                hint=hint,
+            )
 
 
 def _fit_examples(max_examples: int | None, n_train: int) -> int:
@@ -357,7 +378,12 @@ def iter_score_blocks(
     unique, inverse = torch.unique(wanted, sorted=True, return_inverse=True)
     runs = _row_runs(unique)
     step = max(1, max_elements // max(1, len(unique)))
-    undo = plain and meta.relative and meta.has_norms
+    if plain and meta.relative and not meta.has_norms:
+        raise UsageError(
+            f"--plain: the relative scores in {str(meta.files[0].path.parent)!r} keep no norms to undo the division (an ensemble's have one per model)",
+            hint="compute-scores --no-relative with another output_dir gives the plain scores",
+        )
+    undo = plain and meta.relative
     for f in meta.files:
         with safe_open(str(f.path), framework="pt") as fh:
             keys = set(fh.keys())

@@ -750,3 +750,16 @@ def test_a_yaml_error_without_text_is_named_by_its_type():
     from influence_cli.config import _yaml_reason
 
     assert _yaml_reason(yaml.YAMLError()) == "YAMLError"  # an empty text once raised IndexError while being reported
+
+
+def test_an_ensemble_model_listed_twice_is_refused(tmp_path: Path):
+    """It would weigh twice in the average; the same file under another relative path counts too."""
+    model = str(SAMPLE / "mlp.safetensors")
+    (tmp_path / "copy.safetensors").write_bytes((SAMPLE / "mlp.safetensors").read_bytes())  # the same weights, another file: fine
+    config_from_dict(minimal(model={**minimal()["model"], "checkpoint": model}), [f"scores.checkpoints=[{tmp_path / 'copy.safetensors'}]"])
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict(minimal(model={**minimal()["model"], "checkpoint": model}), [f"scores.checkpoints=[{model}, {SAMPLE}/../sample_data/mlp.safetensors]"])
+    assert problems_of(exc) == {
+        "scores.checkpoints[0]": f"scores.checkpoints[0]: {model} is model.checkpoint again (a model listed twice weighs twice in the average)",
+        "scores.checkpoints[1]": f"scores.checkpoints[1]: {SAMPLE}/../sample_data/mlp.safetensors is model.checkpoint again (a model listed twice weighs twice in the average)",
+    }

@@ -33,7 +33,7 @@ from influence_cli import storage
 from influence_cli.cli import app
 from influence_cli.config import config_from_dict
 from influence_cli.ensemble import ensemble_members
-from influence_cli.errors import ModelError, OutputError
+from influence_cli.errors import ModelError, OutputError, UsageError
 from influence_cli.fit import fit_factors
 from influence_cli.kernel import ensemble_pairwise_scores, pairwise_scores
 from influence_cli.models import mlp
@@ -232,6 +232,33 @@ def test_an_ensemble_reads_every_members_factors_from_factors_dir(project):
     compute_scores(own)
     assert torch.equal(all_scores(shared.output_path), all_scores(own.output_path))
     check_scores_match(load_scores_meta(shared.output_path).metadata, shared, shared.output_path)  # top-k's check
+
+
+def test_top_k_refuses_ensemble_scores_of_other_member_models_and_plain_without_norms(project):
+    """A reordered or replaced scores.checkpoints list is not the ensemble the scores averaged; an ensemble's
+    RelatIF scores keep no norms, so plain=True is refused, not ignored."""
+    folder, data = project
+    cfg = ensemble_cfg(project, "ens_members")
+    compute_scores(cfg)
+    meta = load_scores_meta(cfg.output_path)
+    check_scores_match(meta.metadata, cfg, cfg.output_path)
+    swapped = config_from_dict(data, ["output_dir=ens_members", f"scores.checkpoints={list(reversed(data['scores']['checkpoints']))}"], base_dir=folder)
+    with pytest.raises(OutputError, match=r"averaged over another model as scores.checkpoints\[0\]"):
+        check_scores_match(meta.metadata, swapped, cfg.output_path)
+    relative = ensemble_cfg(project, "ens_members_rel", "scores.relative=true")
+    compute_scores(relative)
+    with pytest.raises(UsageError, match="keep no norms to undo the division"):
+        top_k(relative.output_path, [0], 2, plain=True)
+
+
+def test_dataset_similarity_says_it_compares_with_model_checkpoint_alone(project, caplog):
+    from influence_cli.similarity import dataset_similarity
+
+    sets = "{a: {source: tensors, path: data.safetensors, range: [0, 20]}, b: {source: tensors, path: data.safetensors, range: [20, 40]}}"
+    cfg = ensemble_cfg(project, "ens_similarity", f"similarity.datasets={sets}")
+    with caplog.at_level("WARNING", logger="influence_cli"):
+        dataset_similarity(cfg)
+    assert "dataset-similarity: only model.checkpoint is compared with, not the 2 model(s) of scores.checkpoints" in caplog.text
 
 
 def test_ensemble_self_influence_is_the_mean_of_the_members(project):

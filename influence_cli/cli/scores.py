@@ -242,11 +242,6 @@ def top_k_cmd(
     loaded = topk.check_scores_match(meta.metadata, cfg, meta.files[0].path if len(meta.files) == 1 else out_dir / storage.SCORES_INDEX)
     if plain and not meta.relative:
         raise UsageError(f"--plain: the scores in {str(out_dir)!r} are plain influence already (it undoes scores.relative)")
-    if plain and not meta.has_norms:
-        raise UsageError(
-            f"--plain: the relative scores in {str(out_dir)!r} keep no norms to undo the division (an ensemble's have one per model)",
-            hint="compute-scores --no-relative with another output_dir gives the plain scores",
-        )
     if cfg.scores.relative != meta.relative and not plain:  # not refused: compute-scores --relative overrides the config
         which = "relative (RelatIF)" if meta.relative else "plain"
         err_console.print(
