@@ -233,7 +233,13 @@ def _load_layers(ctx: RunContext, train: IndexedDataset, member: Member) -> tupl
             "scores.checkpoints that has none",
         )
     factors = load_factors(path)
-    check_factors_match(factors, ctx, path, train.fingerprint(), num_fit_examples(cfg, len(train)), same_fit=True, same_kind=True)
+    try:
+        check_factors_match(factors, ctx, path, train.fingerprint(), num_fit_examples(cfg, len(train)), same_fit=True, same_kind=True)
+    except OutputError as exc:
+        if member.index:  # say which listed checkpoint the factors do not match
+            exc.message = f"{member.key} ({member.checkpoint}): {exc.message}"
+            exc.args = (exc.message,)
+        raise
     meta = factors.metadata
     stat = path.stat()
     info = {

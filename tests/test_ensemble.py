@@ -309,8 +309,8 @@ def test_another_member_checkpoint_is_not_already_complete_for_resume(project):
     model = mlp(input_dim=6, hidden=[5], num_classes=3)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model_seed3.safetensors")
     other = ensemble_cfg(project, "ens_resume", "scores.checkpoints=[model_seed1.safetensors, model_seed3.safetensors]")
-    with pytest.raises(OutputError, match="fitted for another model"):
-        compute_scores(other, resume=True)  # member 2's factors belong to seed 2
+    with pytest.raises(OutputError, match=r"^scores.checkpoints\[1\] \(.*model_seed3.safetensors\): .* was fitted for another model"):
+        compute_scores(other, resume=True)  # member 2's factors belong to seed 2: the message names the listed checkpoint
     fit_factors(other, overwrite=True)
     report = compute_scores(other, overwrite=True)
     assert report.resumed_from != "already complete" and report.members == 3
