@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from influence_cli.errors import ModelError, first_line, out_of_memory
-from influence_cli.tracking import Capture, TrackedModule
+from influence_cli.tracking import Capture, TrackedModule, attention_fastpath_off
 
 _TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-3}  # relative; bf16/fp16 products: 5e-2
 _HINT_LAYOUT = (
@@ -134,7 +134,7 @@ def check_padding_alone(
     i = int(padded[0, 0])
     real = mask[i]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), attention_fastpath_off():
             single = model(x[i : i + 1][:, real])
     except (RuntimeError, ValueError, IndexError) as exc:  # a model that only takes its padded length: nothing to compare
         if out_of_memory(exc) is not None:

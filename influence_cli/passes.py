@@ -19,7 +19,14 @@ from torch import nn
 from influence_cli import model_checks, notices
 from influence_cli import task as task_lib
 from influence_cli.errors import DataError, InfluenceError, ModelError, NumericalError, first_line, out_of_memory
-from influence_cli.tracking import Capture, TrackedModule, mask_padding, padding_mask, tracked_grad_enabled
+from influence_cli.tracking import (
+    Capture,
+    TrackedModule,
+    attention_fastpath_off,
+    mask_padding,
+    padding_mask,
+    tracked_grad_enabled,
+)
 
 _Item = TypeVar("_Item")
 
@@ -483,7 +490,7 @@ class TokenIdCheck:
         modules = dict(self.model.named_modules())
         handles = [modules[name].register_forward_pre_hook(note(name)) for name in self.tables]
         try:
-            with torch.no_grad():
+            with torch.no_grad(), attention_fastpath_off():
                 self.model(probe)
         except Exception:  # noqa: BLE001 - a model that refuses the clamped ids: the largest table bounds them
             takers.clear()

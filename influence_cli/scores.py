@@ -60,6 +60,7 @@ from influence_cli.resume import (
     run_keys,
 )
 from influence_cli.task import IGNORE_INDEX, without_counted_position
+from influence_cli.tracking import attention_fastpath_off
 
 # ----------------------------------------------------------------------------- sizing and sharding
 
@@ -397,7 +398,7 @@ class _Scorer:
             x = x.to(self.ctx.device)
             if x.is_floating_point():
                 x = x.to(dtype)
-            with inputs_named(x, idx, queries.name, first=offset == 0):
+            with inputs_named(x, idx, queries.name, first=offset == 0), attention_fastpath_off():
                 out = model(x)  # in the model's dtype, not under factors.amp: predictions are shown as they are
             model_checks.check_model_output(out, x.shape[0])
             check_outputs(out, y, idx, self.cfg.task.kind, queries.name)  # labels the model cannot have, NaN outputs:

@@ -287,6 +287,31 @@ def output_gradients(tm: TrackedModule, grad_out: torch.Tensor) -> torch.Tensor:
     return grad_out.reshape(grad_out.shape[0], -1, grad_out.shape[-1])
 
 
+def _set_attention_fastpath(enabled: bool) -> bool | None:
+    """Sets PyTorch's inference fast path of nn.MultiheadAttention and nn.TransformerEncoder(Layer);
+    returns what it was (None on a torch without the switch). Without grad, that path runs the
+    layers as fused kernels, which bypass the hooks of the Linear layers inside them, and packs a
+    padded batch as a NestedTensor, which they cannot record: a Capture turns it off."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        return None
+    before = bool(mha.get_fastpath_enabled())
+    mha.set_fastpath_enabled(enabled)
+    return before
+
+
+@contextmanager
+def attention_fastpath_off() -> Iterator[None]:
+    """Runs nn.MultiheadAttention and nn.TransformerEncoder through their layers, as every forward of
+    this tool does (`_set_attention_fastpath`); the caller's setting is restored after."""
+    before = _set_attention_fastpath(False)
+    try:
+        yield
+    finally:
+        if before is not None:
+            _set_attention_fastpath(before)
+
+
 class Capture:
     """Records, during one forward pass, each tracked layer's input and output.
 
@@ -313,11 +338,13 @@ class Capture:
         self._outputs: dict[str, list[torch.Tensor]] = {}
         self._versions: dict[str, list[tuple[int, int]]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._fastpath: bool | None = None
 
     def __enter__(self) -> Capture:
         self._inputs = {tm.name: [] for tm in self.tracked}
         self._outputs = {tm.name: [] for tm in self.tracked}
         self._versions = {tm.name: [] for tm in self.tracked}
+        self._fastpath = _set_attention_fastpath(False)
         for tm in self.tracked:
             self._handles.append(tm.module.register_forward_hook(self._make_hook(tm)))
         return self
@@ -326,11 +353,18 @@ class Capture:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self._fastpath is not None:
+            _set_attention_fastpath(self._fastpath)
 
     def _make_hook(self, tm: TrackedModule):
         name = tm.name
 
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor | None:
+            if inputs[0].is_nested:  # a model that packs its batch itself (torch.nested): no [B, T, d] to record
+                raise ModelError(
+                    f"layer {name!r} received a NestedTensor, whose examples cannot be recorded as a [batch, positions, features] tensor",
+                    hint="pass padded tensors with a padding mask (data.padding_value), or leave the layer out of factors.modules",
+                )
             x = inputs[0].detach().clone() if tm.copy_io else inputs[0].detach()
             self._inputs[name].append(x)
             self._outputs[name].append(output)

@@ -447,3 +447,63 @@ def test_a_parameter_table_indexed_by_float_inputs_names_the_key():
     with pytest.raises(DataError, match=r"data.train: inputs of shape \[2, 3\] do not fit the model") as err:
         next(stream_gradients(model, find_tracked_modules(model, ["*"]), batches, task_kind="classification", mode="loss"))
     assert "transform.dtype: int64" in err.value.hint
+
+
+ENCODER_MODULE = '''
+import torch
+from torch import nn
+
+
+class TextClassifier(nn.Module):
+    """docs/CONFIG.md's text classifier: Embedding -> nn.TransformerEncoder (padding keys masked) -> masked mean -> head."""
+
+    def __init__(self, vocab: int = 11):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, 8)
+        layer = nn.TransformerEncoderLayer(8, nhead=2, dim_feedforward=16, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, num_layers=2)  # enable_nested_tensor: PyTorch's default
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, tokens):
+        pad = tokens == 0
+        h = self.enc(self.embed(tokens), src_key_padding_mask=pad)
+        keep = (~pad).unsqueeze(-1).to(h.dtype)
+        return self.head((h * keep).sum(dim=1) / keep.sum(dim=1))
+
+
+def make(vocab: int = 11):
+    return TextClassifier(vocab)
+'''
+
+
+@pytest.mark.filterwarnings("error:The PyTorch API of nested tensors:UserWarning")  # no forward packs the batch as a NestedTensor
+def test_a_transformer_encoder_with_a_padding_mask_runs_through_its_layers(tmp_path, monkeypatch):
+    """Without grad (the first batch's model checks), PyTorch's fast path packed the padded batch as a
+    NestedTensor and fused the layers, bypassing their hooks: fit-factors crashed with a traceback."""
+    padded, _, labels = token_sequences(n=24)
+    config = sequence_project(tmp_path, monkeypatch, "textcls_cli", ENCODER_MODULE, padded, labels, "tokens.safetensors")
+    runner = _runner()
+    for command in (["fit-factors", config], ["compute-scores", config], ["compute-scores", config, "--self"]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 0, result.stderr
+    assert torch.backends.mha.get_fastpath_enabled()  # the caller's setting is back
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")  # this model builds one on purpose
+def test_a_model_that_packs_its_batch_as_a_nested_tensor_is_named():
+    from influence_cli.errors import ModelError
+    from influence_cli.tracking import Capture
+
+    class Packs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.proj(torch.nested.nested_tensor([x[0, :2], x[1, :3]]))
+
+    model = Packs()
+    tracked = find_tracked_modules(model, ["*"])
+    with pytest.raises(ModelError, match="layer 'proj' received a NestedTensor") as info, Capture(tracked):
+        model(torch.randn(2, 3, 4))
+    assert "data.padding_value" in info.value.hint
