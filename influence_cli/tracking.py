@@ -393,11 +393,17 @@ class Capture:
             ModelError: a layer not called, or (given `batch_size`) called on an input whose dim 0
                 is not the batch ([batch, ..., features] or [batch, C, H, W] expected).
         """
+        uncalled = [tm.name for tm in self.tracked if not self._inputs[tm.name]]
+        if uncalled:  # all of them at once: one rerun, not one per layer
+            shown = ", ".join(repr(n) for n in uncalled[:6]) + (f", ... ({len(uncalled)} in all)" if len(uncalled) > 6 else "")
+            raise ModelError(
+                f"layer{'s' if len(uncalled) > 1 else ''} {shown} {'were' if len(uncalled) > 1 else 'was'} not called in the forward pass "
+                "(a weight applied another way, e.g. through F.linear, as torchvision's Swin attention does)",
+                hint="leave them out of factors.modules: list patterns that match only the layers the model calls (`influence inspect` lists them)",
+            )
         out = {}
         for tm in self.tracked:
             xs = self._inputs[tm.name]
-            if not xs:
-                raise ModelError(f"layer {tm.name!r} was not called in the forward pass", hint="leave it out of factors.modules")
             for x in xs if batch_size is not None else ():
                 if x.dim() < 2 or x.shape[0] != batch_size:
                     raise ModelError(

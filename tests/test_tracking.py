@@ -356,3 +356,22 @@ def test_quadratic_forms_of_a_tiny_damping_do_not_overflow_float32(data):
     torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=0)
     scores = pairwise_scores(model32, tracked32, tiny32, batches_of(xq.float(), yq, 2)(0), batches_of(x.float(), y, 4)(0), damping=1e-22, relative=True)
     assert bool(torch.isfinite(scores).all())
+
+
+def test_layers_the_forward_never_calls_are_named_together():
+    """Weights applied through F.linear (torchvision's Swin attention): every such layer in one error."""
+    from influence_cli.tracking import Capture
+
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.c(nn.functional.linear(nn.functional.linear(x, self.a.weight), self.b.weight))
+
+    model = Functional()
+    with Capture(find_tracked_modules(model, ["*"])) as cap:
+        model(torch.randn(3, 4))
+    with pytest.raises(ModelError, match=r"layers 'a', 'b' were not called in the forward pass \(a weight applied another way"):
+        cap.activations(3)
