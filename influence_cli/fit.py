@@ -260,10 +260,12 @@ def compute_factors(
             checkpoint.save("correction", 0, {f"covariance.{k}": v for k, v in cov.state().items()})
     count = float(cov.count)
     t0 = time.perf_counter()
-    layers = {
-        tm.name: kronecker_layer_factors(tm.name, *(c / count for c in cov.covariances(tm.name)), int(count), dtype)
-        for tm in tracked
-    }
+    progress.start("eigendecomposition", len(tracked), unit="layers")  # minutes for wide layers (ViT, ConvNeXt): say it is working
+    layers = {}
+    for tm in tracked:
+        layers[tm.name] = kronecker_layer_factors(tm.name, *(c / count for c in cov.covariances(tm.name)), int(count), dtype)
+        progress.advance(1)
+    progress.stop()
     seconds["eigendecomposition"] = time.perf_counter() - t0
     if strategy == "kfac":
         return layers

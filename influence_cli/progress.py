@@ -6,9 +6,10 @@ from typing import Protocol
 
 
 class Progress(Protocol):
-    """Receives progress of long passes; the CLI renders it, the core only calls it."""
+    """Receives progress of long passes; the CLI renders it, the core only calls it. `unit`: what
+    `total` counts ("ex" for examples, the default; "layers" for the eigendecomposition)."""
 
-    def start(self, description: str, total: int | None) -> None: ...
+    def start(self, description: str, total: int | None, unit: str = "ex") -> None: ...
 
     def advance(self, n: int) -> None: ...
 
@@ -18,7 +19,7 @@ class Progress(Protocol):
 class NullProgress:
     """Ignores progress (the default for the Python API and for ranks other than 0)."""
 
-    def start(self, description: str, total: int | None) -> None:
+    def start(self, description: str, total: int | None, unit: str = "ex") -> None:
         pass
 
     def advance(self, n: int) -> None:
@@ -35,8 +36,8 @@ class _ShardProgress:
         self.inner = inner
         self.world_size = world_size
 
-    def start(self, description: str, total: int | None) -> None:
-        self.inner.start(f"{description} (rank 0 of {self.world_size})", total)  # short: logs of batch jobs are often 80 columns
+    def start(self, description: str, total: int | None, unit: str = "ex") -> None:
+        self.inner.start(f"{description} (rank 0 of {self.world_size})", total, unit)  # short: logs of batch jobs are often 80 columns
 
     def advance(self, n: int) -> None:
         self.inner.advance(n)

@@ -161,7 +161,7 @@ def new_table(title: str, columns: list[tuple[str, str]]) -> Table:
 class _Rate(ProgressColumn):
     def render(self, task: Task) -> Text:
         speed = task.finished_speed or task.speed
-        return Text("" if speed is None else f"{speed:,.0f} ex/s", style="cyan")
+        return Text("" if speed is None else f"{speed:,.{1 if speed < 10 else 0}f} {task.fields.get('unit', 'ex')}/s", style="cyan")
 
 
 _RUNNING: list[RichProgress] = []  # bars drawn now: a command that fails stops them (`stop_running_bars`)
@@ -182,7 +182,7 @@ class RichProgress:
         self._progress: Progress | None = None
         self._task: Any = None
 
-    def start(self, description: str, total: int | None) -> None:
+    def start(self, description: str, total: int | None, unit: str = "ex") -> None:
         if not self.enabled:
             return
         self._progress = Progress(
@@ -198,7 +198,7 @@ class RichProgress:
             transient=False,
         )
         self._progress.start()
-        self._task = self._progress.add_task(description, total=total)
+        self._task = self._progress.add_task(description, total=total, unit=unit)
         _RUNNING.append(self)
 
     def advance(self, n: int) -> None:
