@@ -143,7 +143,7 @@ def test_top_k_refuses_scores_the_config_does_not_describe(runner, project, tmp_
         (["--set", "scores.damping=0.5"], "computed with scores.damping=auto; the config has 0.5"),
         (["--set", "scores.damping_factor=0.5"], "computed with scores.damping_factor=0.1; the config has 0.5"),
         (["--set", "scores.damping_scope=model"], "computed with scores.damping_scope=layer"),
-        (["--set", f"scores.checkpoints=[{model}]"], "averaged over 1 model(s); the config names 2"),
+        (["--set", f"scores.checkpoints=[{tmp_path / 'perturbed.safetensors'}]"], "averaged over 1 model(s); the config names 2"),
         (["--set", "factors.strategy=kfac"], "computed with factors.strategy=ekfac; the config has kfac"),
         (["--set", "task.measurement=margin"], "computed with task.measurement=loss"),
         (["--set", f"model.checkpoint={tmp_path / 'perturbed.safetensors'}"], "holds scores of another model"),

@@ -466,7 +466,9 @@ def test_cli_spectrum_by_mass_defaults_to_data_train(tmp_path, digits):
     for layer in data["layer_bands"]:
         assert layer["curvature_share"]["top"] >= 0.6 and layer["curvature_share"]["bottom"] <= 0.1
     assert "not the training set the factors were fitted on" not in result.stderr
-    other = [*sets[:2], "--set", "data.train.range=[0, 500]", "--set", "device=cpu", "--set", "scores.checkpoints=[../sample_data/mlp.safetensors]"]
+    member = tmp_path / "member.safetensors"  # another model for scores.checkpoints (model.checkpoint itself is refused there)
+    member.write_bytes((ROOT / "sample_data" / "mlp.safetensors").read_bytes())
+    other = [*sets[:2], "--set", "data.train.range=[0, 500]", "--set", "device=cpu", "--set", f"scores.checkpoints=[{member}]"]
     result = invoke("spectrum", DIGITS, *other, "--overwrite")
     assert result.exit_code == 0, result.stderr
     assert "warning: spectrum: data.train is not the training set the factors were fitted on" in result.stderr
@@ -529,8 +531,9 @@ def test_cli_edit_refusals(tmp_path, digits):
     data_file = ROOT / "sample_data" / "digits.safetensors"  # a file the config reads: never overwritten
     refused = invoke("edit", DIGITS, *sets, "--out", data_file, "--overwrite")
     assert_error(refused, 2, "is a file the config reads (data.train.path)")
-    members = invoke("edit", DIGITS, *sets, "--out", tmp_path / "m.safetensors", "--set",
-                     f"scores.checkpoints=[{ROOT / 'sample_data' / 'mlp.safetensors'}]", "--layers", "head")  # fmt: skip
+    member = tmp_path / "member.safetensors"  # another model for scores.checkpoints (model.checkpoint itself is refused there)
+    member.write_bytes((ROOT / "sample_data" / "mlp.safetensors").read_bytes())
+    members = invoke("edit", DIGITS, *sets, "--out", tmp_path / "m.safetensors", "--set", f"scores.checkpoints=[{member}]", "--layers", "head")
     assert members.exit_code == 0, members.stderr
     assert "only model.checkpoint is edited, not the 1 model of scores.checkpoints" in members.stderr
     assert "--set scores.checkpoints=[]" in members.stderr  # the hint runs the edited model alone
