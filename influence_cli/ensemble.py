@@ -23,6 +23,7 @@ from influence_cli import storage
 from influence_cli.config import Config
 from influence_cli.context import RunContext, prepare
 from influence_cli.distributed import DistState
+from influence_cli.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -60,13 +61,36 @@ def prepare_member(cfg: Config, member: Member, state: DistState | None = None) 
 
 
 def describe_member(member: Member, ctx: RunContext) -> dict[str, object]:
-    """What identifies a member in metadata: index, config key, checkpoint and model fingerprint."""
+    """What identifies a member in metadata: index, config key, checkpoint, model fingerprint, and the
+    checkpoint file's size and mtime (top-k hashes the weights again only when these changed)."""
     return {
         "member": member.index,
         "key": member.key,
         "checkpoint": str(member.checkpoint) if member.checkpoint is not None else ctx.cfg.model.checkpoint,
         "model_fingerprint": ctx.model_fingerprint,
+        "checkpoint_stat": checkpoint_stat(member.checkpoint),
     }
 
 
-__all__ = ["Member", "describe_member", "ensemble_members", "prepare_member"]
+def checkpoint_stat(path: Path | None) -> list[int] | None:
+    """[size, mtime_ns] of a checkpoint file (None without one)."""
+    if path is None or not Path(path).is_file():
+        return None
+    stat = Path(path).stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def refuse_same_weights(fingerprints: list[tuple[str, str]]) -> None:
+    """Refuses two models of an ensemble with the same weights (copies, links): each would weigh twice.
+
+    Args:
+        fingerprints: (config key, model fingerprint) of every member, model.checkpoint first.
+    """
+    seen: dict[str, str] = {}
+    for key, fingerprint in fingerprints:
+        if fingerprint in seen:
+            raise ConfigError(f"{key}: holds the same weights as {seen[fingerprint]} (a model listed twice weighs twice in the average)").everywhere()
+        seen[fingerprint] = key
+
+
+__all__ = ["Member", "checkpoint_stat", "describe_member", "ensemble_members", "prepare_member", "refuse_same_weights"]

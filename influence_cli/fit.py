@@ -21,7 +21,7 @@ from influence_cli.config import Config, yaml_text
 from influence_cli.context import RunContext
 from influence_cli.data import IndexedDataset
 from influence_cli.distributed import DistState, agree
-from influence_cli.ensemble import Member, describe_member, ensemble_members, prepare_member
+from influence_cli.ensemble import Member, describe_member, ensemble_members, prepare_member, refuse_same_weights
 from influence_cli.errors import NumericalError, OutputError
 from influence_cli.factors import (
     CovarianceAccumulator,
@@ -31,9 +31,10 @@ from influence_cli.factors import (
     kronecker_layer_factors,
     null_rows,
 )
-from influence_cli.models import definition_change, load_model
+from influence_cli.models import definition_change, load_model, model_fingerprint
 from influence_cli.passes import NonFiniteWatch, accumulator_dtype, matmul_dtype, stream_gradients
 from influence_cli.progress import NullProgress, Progress, for_rank
+from influence_cli.progress import start as start_progress
 from influence_cli.resume import (
     PassCheckpoint,
     Snapshot,
@@ -260,7 +261,7 @@ def compute_factors(
             checkpoint.save("correction", 0, {f"covariance.{k}": v for k, v in cov.state().items()})
     count = float(cov.count)
     t0 = time.perf_counter()
-    progress.start("eigendecomposition", len(tracked), unit="layers")  # minutes for wide layers (ViT, ConvNeXt): say it is working
+    start_progress(progress, "eigendecomposition", len(tracked), unit="layers")  # minutes for wide layers (ViT, ConvNeXt): say it is working
     layers = {}
     for tm in tracked:
         layers[tm.name] = kronecker_layer_factors(tm.name, *(c / count for c in cov.covariances(tm.name)), int(count), dtype)
@@ -366,8 +367,11 @@ def fit_factors(
             f"{'has' if len(unfitted) == 1 else 'have'} none yet",
             hint="pass --resume to fit only the models without factors (keeping the others), or --overwrite to refit every model",
         ).everywhere()
-    for m in others:  # each checkpoint fits the model before model 0's passes run (a bad one would stop the job after them)
-        load_model(cfg.model, cfg.base_dir, checkpoint=m.checkpoint, key=m.key)
+    if others:  # each checkpoint fits the model, and holds weights of its own, before model 0's passes run
+        fingerprints = [(first.key, model_fingerprint(load_model(cfg.model, cfg.base_dir)))]
+        for m in others:
+            fingerprints.append((m.key, model_fingerprint(load_model(cfg.model, cfg.base_dir, checkpoint=m.checkpoint, key=m.key))))
+        refuse_same_weights(fingerprints)
     # with --overwrite, removed once model 0's checks pass: the other models' factors and progress
     replaced = [p for m in others for p in (m.out_dir / storage.FACTORS_FILE, *progress_files(m.out_dir, storage.FACTORS_PARTIAL))]
     report = _fit_member(cfg, first, overwrite=overwrite, resume=resume, state=state, progress=progress, also_replaced=replaced)

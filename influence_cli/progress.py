@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Protocol
 
 
@@ -37,13 +38,30 @@ class _ShardProgress:
         self.world_size = world_size
 
     def start(self, description: str, total: int | None, unit: str = "ex") -> None:
-        self.inner.start(f"{description} (rank 0 of {self.world_size})", total, unit)  # short: logs of batch jobs are often 80 columns
+        start(self.inner, f"{description} (rank 0 of {self.world_size})", total, unit)  # short: logs of batch jobs are often 80 columns
 
     def advance(self, n: int) -> None:
         self.inner.advance(n)
 
     def stop(self) -> None:
         self.inner.stop()
+
+
+def start(progress: Progress, description: str, total: int | None, unit: str = "ex") -> None:
+    """progress.start, passing `unit` only where it is not examples and the object takes it (a Progress
+    written before `unit` existed takes (description, total))."""
+    if unit == "ex":
+        progress.start(description, total)
+        return
+    try:
+        params = inspect.signature(progress.start).parameters
+    except (TypeError, ValueError):
+        params = {}
+    takes_unit = "unit" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if takes_unit:
+        progress.start(description, total, unit=unit)
+    else:
+        progress.start(description, total)
 
 
 def for_rank(progress: Progress | None, rank: int, world_size: int) -> Progress:

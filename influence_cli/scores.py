@@ -30,7 +30,7 @@ from influence_cli.config import Config
 from influence_cli.context import RunContext, prepare
 from influence_cli.data import IndexedDataset, make_loader
 from influence_cli.distributed import DistState, agree
-from influence_cli.ensemble import Member, describe_member, ensemble_members, prepare_member
+from influence_cli.ensemble import Member, describe_member, ensemble_members, prepare_member, refuse_same_weights
 from influence_cli.errors import NumericalError, OutputError
 from influence_cli.factors import LayerFactors
 from influence_cli.fit import check_factors_match, load_factors, num_fit_examples
@@ -542,8 +542,11 @@ def compute_scores(
     train = ctx.dataset(cfg.data.train, "data.train")
     members: list[_ScoringMember] = []
     described: list[dict[str, Any]] = []
+    weights: list[tuple[str, str]] = []
     for member in ensemble_members(cfg):  # model.checkpoint, then scores.checkpoints (each with its own factors)
         mctx = ctx if member.index == 0 else prepare_member(cfg, member, ctx.state)
+        weights.append((member.key, mctx.model_fingerprint))
+        refuse_same_weights(weights)  # before its factors: those of a copy would match it
         layers, factors_info = _load_layers(mctx, train, member)
         _check_factors_finite(layers, member.factors_path)
         s = cfg.scores

@@ -258,6 +258,7 @@ def check_scores_match(metadata: dict[str, Any], cfg: Config, path: Path, *, pai
 def _check_members(members: Any, cfg: Any, path: Path, hint: str) -> None:
     """Refuses an ensemble's scores when a model of scores.checkpoints is not the one averaged there (replaced,
     reordered or another file); their number is checked before."""
+    from influence_cli.ensemble import checkpoint_stat
     from influence_cli.models import load_model, model_fingerprint
 
     if not isinstance(members, list):
@@ -266,8 +267,11 @@ def _check_members(members: Any, cfg: Any, path: Path, hint: str) -> None:
         fingerprint = recorded.get("model_fingerprint") if isinstance(recorded, dict) else None
         if fingerprint is None:
             continue
+        path = cfg.resolve(checkpoint)
+        if recorded.get("checkpoint") == str(path) and recorded.get("checkpoint_stat") == checkpoint_stat(path) is not None:
+            continue  # the very file, untouched since: no need to hash its weights again
         key = f"scores.checkpoints[{i}]"
-        current = model_fingerprint(load_model(cfg.model, cfg.base_dir, cfg.resolve(checkpoint), key=key))
+        current = model_fingerprint(load_model(cfg.model, cfg.base_dir, path, key=key))
         if current != fingerprint:
             raise OutputError(
                 f"{str(path)!r} holds scores averaged over another model as {key} (fingerprint {fingerprint}; {checkpoint}'s is {current})",
@@ -381,7 +385,7 @@ def iter_score_blocks(
     if plain and meta.relative and not meta.has_norms:
         raise UsageError(
             f"--plain: the relative scores in {str(meta.files[0].path.parent)!r} keep no norms to undo the division (an ensemble's have one per model)",
-            hint="compute-scores --no-relative with another output_dir gives the plain scores",
+            hint="compute-scores --no-relative --set output_dir=<a new folder> --set factors_dir=<this fit's folder> gives the plain scores",
         )
     undo = plain and meta.relative
     for f in meta.files:

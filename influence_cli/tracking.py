@@ -245,7 +245,7 @@ def untracked_modules(model: nn.Module, tracked: Sequence[TrackedModule], key: s
         elif parent in tracked_names:  # weight_norm & co: the layer is scored in its effective weight
             reason = f"parametrizes the {attr} of tracked {parent!r}, which is scored as its effective {attr}"
         elif isinstance(module, nn.MultiheadAttention):
-            reason = "its packed in_proj weight (queries, keys, values) is applied inside the attention, not by a layer a hook sees"
+            reason = "its query/key/value projections (in_proj_weight, or q/k/v_proj_weight) are applied inside the attention, not by a layer a hook sees"
         else:
             reason = "not an nn.Linear or nn.Conv2d"
         out.append(UntrackedModule(name or "(model)", type(module).__name__, sum(p.numel() for p in params), reason))

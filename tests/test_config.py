@@ -755,7 +755,7 @@ def test_a_yaml_error_without_text_is_named_by_its_type():
 def test_an_ensemble_model_listed_twice_is_refused(tmp_path: Path):
     """It would weigh twice in the average; the same file under another relative path counts too."""
     model = str(SAMPLE / "mlp.safetensors")
-    (tmp_path / "copy.safetensors").write_bytes((SAMPLE / "mlp.safetensors").read_bytes())  # the same weights, another file: fine
+    (tmp_path / "copy.safetensors").write_bytes((SAMPLE / "mlp.safetensors").read_bytes())  # another file: the run functions compare weights
     config_from_dict(minimal(model={**minimal()["model"], "checkpoint": model}), [f"scores.checkpoints=[{tmp_path / 'copy.safetensors'}]"])
     with pytest.raises(ConfigError) as exc:
         config_from_dict(minimal(model={**minimal()["model"], "checkpoint": model}), [f"scores.checkpoints=[{model}, {SAMPLE}/../sample_data/mlp.safetensors]"])

@@ -251,6 +251,20 @@ def test_top_k_refuses_ensemble_scores_of_other_member_models_and_plain_without_
         top_k(relative.output_path, [0], 2, plain=True)
 
 
+def test_a_member_with_the_same_weights_as_another_is_refused_before_any_pass(project, tmp_path):
+    """A copy (or hard link) of model.checkpoint in scores.checkpoints would weigh twice in the average."""
+    from influence_cli.errors import ConfigError
+
+    folder, data = project
+    (folder / "copy_of_model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    cfg = config_from_dict(data, [f"output_dir={tmp_path / 'dup'}", "scores.checkpoints=[model_seed1.safetensors, copy_of_model.safetensors]"], base_dir=folder)
+    with pytest.raises(ConfigError, match=r"scores.checkpoints\[1\]: holds the same weights as model.checkpoint"):
+        fit_factors(cfg)
+    assert not (tmp_path / "dup").exists()
+    with pytest.raises(ConfigError, match="holds the same weights as model.checkpoint"):  # factors fitted by an earlier version
+        compute_scores(ensemble_cfg(project, "ens_dup", "scores.checkpoints=[model_seed1.safetensors, copy_of_model.safetensors]"))
+
+
 def test_dataset_similarity_says_it_compares_with_model_checkpoint_alone(project, caplog):
     from influence_cli.similarity import dataset_similarity
 

@@ -250,3 +250,36 @@ def test_the_rebuilt_config_still_checks_what_a_file_would():
     cfg.similarity.datasets = None
     with pytest.raises(ConfigError, match=r"similarity\.datasets: expected a mapping, got null"):
         rebuilt(cfg)
+
+
+class _OldProgress:
+    """A Progress written before bars named their unit: start(description, total)."""
+
+    def __init__(self):
+        self.started: list[tuple] = []
+
+    def start(self, description, total):
+        self.started.append((description, total))
+
+    def advance(self, n):
+        pass
+
+    def stop(self):
+        pass
+
+
+class _Progress(_OldProgress):
+    def start(self, description, total, unit="ex"):
+        self.started.append((description, total, unit))
+
+
+def test_progress_objects_with_or_without_a_unit_receive_every_bar(tmp_path):
+    from influence_cli.progress import for_rank
+
+    old, new = _OldProgress(), _Progress()
+    fit_factors(_digits(tmp_path), progress=old)
+    fit_factors(_digits(tmp_path), progress=new, overwrite=True)
+    assert [d for d, _ in old.started] == ["covariances A, G", "eigendecomposition", "eigenvalue correction"]
+    assert new.started[1] == ("eigendecomposition", 3, "layers") and new.started[0][2] == "ex"
+    for_rank(old, 0, 2).start("pass", 10)  # torchrun's rank 0 labels its bars
+    assert old.started[-1] == ("pass (rank 0 of 2)", 10)

@@ -102,7 +102,7 @@ def test_attention_output_projection_is_left_out_under_wildcards():
     assert [t.name for t in tracked] == ["enc.linear1", "enc.linear2", "head"]
     left_out = {u.name: u.reason for u in untracked_modules(model, tracked)}
     assert "never called as a layer" in left_out["enc.self_attn.out_proj"]
-    assert left_out["enc.self_attn"].startswith("its packed in_proj weight (queries, keys, values) is applied inside the attention")
+    assert left_out["enc.self_attn"].startswith("its query/key/value projections (in_proj_weight, or q/k/v_proj_weight) are applied inside")
     with pytest.raises(ModelError, match="factors.modules: Linear 'enc.self_attn.out_proj' is applied by nn.MultiheadAttention"):
         find_tracked_modules(model, ["enc.self_attn.out_proj"])
 

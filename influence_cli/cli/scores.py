@@ -159,7 +159,7 @@ def top_k_cmd(
     k: Annotated[int, typer.Option("--k", "-k", min=1, metavar="N", help="Examples per ranking (at most: proponents are positive scores, opponents negative).")] = 5,
     self_: Annotated[bool, typer.Option("--self", metavar="", help="Rank training examples by self-influence (from compute-scores --self).")] = False,
     plain: Annotated[
-        bool, typer.Option("--plain", metavar="", help="With relative (RelatIF) scores, rank by plain influence instead (the scores keep the norms that undo the division).")
+        bool, typer.Option("--plain", metavar="", help="With relative (RelatIF) scores, rank by plain influence instead (from the norms they keep; an ensemble's keep none).")
     ] = False,
     opponents: Annotated[
         bool, typer.Option("--opponents/--no-opponents", metavar="", help="Also list the opponents (most negative scores).")
