@@ -139,7 +139,8 @@ def find_tracked_modules(model: nn.Module, patterns: Sequence[str], key: str = "
             hint="pass the model before torch.compile (its ._orig_mod)",
         )
     tracked: list[TrackedModule] = []
-    supported_names: list[str] = []
+    supported_names: list[str] = []  # every Linear and Conv2d (a pattern matching any of them is not a typo)
+    trackable: list[str] = []  # those that can be tracked (what messages list)
     owners: dict[int, str] = {}
     skipped: list[str] = []  # matched by a wildcard but not trackable, with the reason
     attention_outputs = attention_projections(model)
@@ -147,6 +148,8 @@ def find_tracked_modules(model: nn.Module, patterns: Sequence[str], key: str = "
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             continue
         supported_names.append(name)
+        if not unmaterialized(module) and unsupported_reason(module, attention_outputs) is None:
+            trackable.append(name)
         matched = [p for p in patterns if fnmatch.fnmatchcase(name, p)]
         if not matched:
             continue
@@ -186,9 +189,9 @@ def find_tracked_modules(model: nn.Module, patterns: Sequence[str], key: str = "
             tracked.append(TrackedModule(name, module, "conv2d", d_in, module.out_channels, has_bias))
     dead = [p for p in patterns if not _is_name(p) and not any(fnmatch.fnmatchcase(n, p) for n in supported_names)]
     if dead and tracked:  # a typo next to a pattern that works would otherwise drop its layers silently
-        more = f", ... ({len(supported_names)} in all)" if len(supported_names) > 8 else ""
+        more = f", ... ({len(trackable)} in all)" if len(trackable) > 8 else ""
         raise ModelError(
-            f"{key}: pattern {dead[0]!r} matches no nn.Linear or nn.Conv2d layer (layers: {', '.join(supported_names[:8])}{more})",
+            f"{key}: pattern {dead[0]!r} matches no nn.Linear or nn.Conv2d layer (layers: {', '.join(trackable[:8])}{more})",
             hint="fix or remove it (names and patterns are case-sensitive; `influence inspect` lists the layers)",
         )
     named = [p for p in patterns if _is_name(p) and p not in {tm.name for tm in tracked}]
@@ -204,8 +207,8 @@ def find_tracked_modules(model: nn.Module, patterns: Sequence[str], key: str = "
             shown = "; ".join(skipped[:3]) + (f"; ... ({len(skipped)} in all)" if len(skipped) > 3 else "")
             detail = f"it matches only layers that cannot be tracked: {shown}"
         else:
-            more = f", ... ({len(supported_names)} in all)" if len(supported_names) > 8 else ""
-            detail = f"layers: {', '.join(supported_names[:8]) or 'none'}{more}"
+            more = f", ... ({len(trackable)} in all)" if len(trackable) > 8 else ""
+            detail = f"layers: {', '.join(trackable[:8]) or 'none'}{more}"
         raise ModelError(
             f"{key}: {list(patterns)} matches no nn.Linear or nn.Conv2d layer that can be tracked ({detail})",
             hint="use '*' or patterns from `influence inspect`",

@@ -375,3 +375,11 @@ def test_layers_the_forward_never_calls_are_named_together():
         model(torch.randn(3, 4))
     with pytest.raises(ModelError, match=r"layers 'a', 'b' were not called in the forward pass \(a weight applied another way"):
         cap.activations(3)
+
+
+def test_pattern_errors_list_only_the_layers_that_can_be_tracked():
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(ModelError, match=r"matches no nn.Linear or nn.Conv2d layer that can be tracked \(layers: 2\)"):
+        find_tracked_modules(model, ["nomatch*"])
+    with pytest.raises(ModelError, match=r"pattern 'nomatch\*' matches no nn.Linear or nn.Conv2d layer \(layers: 2\)"):
+        find_tracked_modules(model, ["2", "nomatch*"])
