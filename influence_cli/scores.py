@@ -45,6 +45,7 @@ from influence_cli.passes import (
     fan_out,
     index_span,
     inputs_named,
+    matmul_dtype,
     model_dtype,
     stream_gradients,
 )
@@ -115,6 +116,20 @@ class ScoresLayout:
     sharded: bool
 
 
+def queries_per_chunk(num_params: int, max_memory_mb: float, element_bytes: int = 4, query_chunk: int | None = None) -> int:
+    """Queries whose preconditioned gradients ([chunk, num_params], `element_bytes` each) are held at a
+    time: scores.query_chunk when set, else as many as scores.max_memory_mb holds (at least 1)."""
+    return query_chunk or max(1, int(max_memory_mb * 2**20) // max(1, num_params * element_bytes))
+
+
+def query_memory(cfg: Config, model: torch.nn.Module, num_params: int) -> tuple[int, int]:
+    """(bytes of one query's preconditioned gradients over `num_params` weights, for every model of the
+    ensemble; queries compute-scores holds at a time), as `_run_pairwise` sizes them (for `inspect`)."""
+    element_bytes = torch.finfo(matmul_dtype(cfg.factors.amp, accumulator_dtype(model)) or accumulator_dtype(model)).bits // 8
+    per_query = num_params * (1 + len(cfg.scores.checkpoints)) * element_bytes
+    return per_query, queries_per_chunk(per_query // element_bytes, cfg.scores.max_memory_mb, element_bytes, cfg.scores.query_chunk)
+
+
 def plan_layout(
     n_query: int,
     n_train: int,
@@ -136,8 +151,7 @@ def plan_layout(
     gradients are recomputed per range (one query pass per chunk and shard).
     """
     budget = int(max_memory_mb * 2**20)
-    chunk = query_chunk or max(1, budget // max(1, num_params * element_bytes))
-    chunk = max(1, min(chunk, n_query))
+    chunk = max(1, min(queries_per_chunk(num_params, max_memory_mb, element_bytes, query_chunk), n_query))
     chunks = [(q0, min(q0 + chunk, n_query)) for q0 in range(0, n_query, chunk)]
     fits = n_query * n_train * score_bytes <= budget
     shard_len = None

@@ -417,6 +417,25 @@ def test_inspect_json(runner: CliRunner):
     weights = sum(layer["d_in"] * layer["d_out"] for layer in data["layers"])
     assert data["tracked_parameters"] == weights < data["parameters"]  # the linear layers are left out
     assert data["factor_bytes"] == sum(4 * (layer["g_size"] + layer["eigenvalue_size"]) + 8 for layer in data["layers"])
+    assert data["query_bytes"] == 4 * weights and data["queries_per_chunk"] == 1024 * 2**20 // (4 * weights)  # scores.max_memory_mb: 1024
+
+
+def test_inspect_says_how_many_queries_compute_scores_holds_at_a_time(runner: CliRunner, tmp_path: Path):
+    """The same sizing as compute-scores (scores.plan_layout): bf16 queries with factors.amp, every model of an ensemble."""
+    from influence_cli.scores import plan_layout
+
+    budget = ["--set", "scores.max_memory_mb=0.1"]
+    plain = json.loads(invoke(runner, "inspect", DIGITS, "--json", *budget).stdout)
+    n = plain["tracked_parameters"]
+    chunk = plan_layout(10**6, 100, n, batch_size=8, max_memory_mb=0.1).query_chunks[0][1]
+    assert plain["queries_per_chunk"] == chunk == int(0.1 * 2**20) // (4 * n)
+    bf16 = json.loads(invoke(runner, "inspect", DIGITS, "--json", *budget, "--set", "factors.amp=bfloat16").stdout)
+    assert bf16["query_bytes"] == 2 * n and bf16["queries_per_chunk"] == int(0.1 * 2**20) // (2 * n)
+    (tmp_path / "member.safetensors").write_bytes((ROOT / "sample_data" / "mlp.safetensors").read_bytes())
+    two = json.loads(invoke(runner, "inspect", DIGITS, "--json", *budget, "--set", f"scores.checkpoints=[{tmp_path / 'member.safetensors'}]").stdout)
+    assert two["query_bytes"] == 8 * n
+    table = invoke(runner, "inspect", DIGITS, *budget).stdout
+    assert f"compute-scores holds up to {chunk:,} queries at a time" in " ".join(table.split())
 
 
 @pytest.mark.parametrize("strategy", ["ekfac", "kfac", "diagonal", "identity"])

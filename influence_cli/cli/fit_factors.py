@@ -143,6 +143,7 @@ def inspect_cmd(config: ConfigArg, set_: SetOpt = None, json_: JsonOpt = False) 
     """
     from influence_cli.fit import describe_layers
     from influence_cli.models import load_model
+    from influence_cli.scores import query_memory
     from influence_cli.tracking import find_tracked_modules, untracked_modules
 
     cfg = load(config, set_)
@@ -153,6 +154,7 @@ def inspect_cmd(config: ConfigArg, set_: SetOpt = None, json_: JsonOpt = False) 
     factor_bytes = sum(r.factor_bytes() for r in rows)
     tracked_params = sum(r.d_in * r.d_out for r in rows)
     parameters = sum(p.numel() for p in model.parameters())  # each once (tied or parametrized weights too)
+    query_bytes, queries_per_chunk = query_memory(cfg, model, tracked_params)
     if json_:
         print_json({
             "strategy": cfg.factors.strategy,
@@ -161,6 +163,8 @@ def inspect_cmd(config: ConfigArg, set_: SetOpt = None, json_: JsonOpt = False) 
             "factor_bytes": factor_bytes,
             "tracked_parameters": tracked_params,
             "parameters": parameters,
+            "query_bytes": query_bytes,
+            "queries_per_chunk": queries_per_chunk,
         })  # fmt: skip
         return
     table = new_table(
@@ -184,5 +188,7 @@ def inspect_cmd(config: ConfigArg, set_: SetOpt = None, json_: JsonOpt = False) 
         print_table(table)
     out_console().print(
         f"{len(rows)} layer{'s' if len(rows) != 1 else ''}, factors {human_bytes(factor_bytes)} in float32; "
-        f"{tracked_params:,} of {parameters:,} parameters tracked"
+        f"{tracked_params:,} of {parameters:,} parameters tracked; compute-scores holds up to {queries_per_chunk:,} "
+        f"quer{'y' if queries_per_chunk == 1 else 'ies'} at a time ({human_bytes(query_bytes)} each), streaming the training set "
+        "once per such chunk of queries"
     )
