@@ -148,17 +148,18 @@ def find_tracked_modules(model: nn.Module, patterns: Sequence[str], key: str = "
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             continue
         supported_names.append(name)
-        if not unmaterialized(module) and unsupported_reason(module, attention_outputs) is None:
+        lazy = unmaterialized(module)
+        reason = None if lazy else unsupported_reason(module, attention_outputs)
+        if not lazy and reason is None:
             trackable.append(name)
         matched = [p for p in patterns if fnmatch.fnmatchcase(name, p)]
         if not matched:
             continue
-        if unmaterialized(module):
+        if lazy:
             raise ModelError(
                 f"{key}: {type(module).__name__} {name!r} has no shape yet (a lazy layer)",
                 hint="run the model once on a batch, or load its checkpoint, before fitting",
             )
-        reason = unsupported_reason(module, attention_outputs)
         if reason is None and not any(_is_name(p) for p in matched):
             reason = custom_forward_reason(module)
             if reason is not None:
@@ -187,11 +188,11 @@ def find_tracked_modules(model: nn.Module, patterns: Sequence[str], key: str = "
             kh, kw = module.kernel_size
             d_in = module.in_channels * kh * kw + has_bias
             tracked.append(TrackedModule(name, module, "conv2d", d_in, module.out_channels, has_bias))
+    listed = ", ".join(trackable[:8]) + (f", ... ({len(trackable)} in all)" if len(trackable) > 8 else "")  # for the messages below
     dead = [p for p in patterns if not _is_name(p) and not any(fnmatch.fnmatchcase(n, p) for n in supported_names)]
     if dead and tracked:  # a typo next to a pattern that works would otherwise drop its layers silently
-        more = f", ... ({len(trackable)} in all)" if len(trackable) > 8 else ""
         raise ModelError(
-            f"{key}: pattern {dead[0]!r} matches no nn.Linear or nn.Conv2d layer (layers: {', '.join(trackable[:8])}{more})",
+            f"{key}: pattern {dead[0]!r} matches no nn.Linear or nn.Conv2d layer (layers: {listed})",
             hint="fix or remove it (names and patterns are case-sensitive; `influence inspect` lists the layers)",
         )
     named = [p for p in patterns if _is_name(p) and p not in {tm.name for tm in tracked}]
@@ -207,8 +208,7 @@ def find_tracked_modules(model: nn.Module, patterns: Sequence[str], key: str = "
             shown = "; ".join(skipped[:3]) + (f"; ... ({len(skipped)} in all)" if len(skipped) > 3 else "")
             detail = f"it matches only layers that cannot be tracked: {shown}"
         else:
-            more = f", ... ({len(trackable)} in all)" if len(trackable) > 8 else ""
-            detail = f"layers: {', '.join(trackable[:8]) or 'none'}{more}"
+            detail = f"layers: {listed or 'none'}"
         raise ModelError(
             f"{key}: {list(patterns)} matches no nn.Linear or nn.Conv2d layer that can be tracked ({detail})",
             hint="use '*' or patterns from `influence inspect`",
