@@ -267,11 +267,11 @@ def _check_members(members: Any, cfg: Any, path: Path, hint: str) -> None:
         fingerprint = recorded.get("model_fingerprint") if isinstance(recorded, dict) else None
         if fingerprint is None:
             continue
-        path = cfg.resolve(checkpoint)
-        if recorded.get("checkpoint") == str(path) and recorded.get("checkpoint_stat") == checkpoint_stat(path) is not None:
+        weights = cfg.resolve(checkpoint)
+        if recorded.get("checkpoint") == str(weights) and recorded.get("checkpoint_stat") == checkpoint_stat(weights) is not None:
             continue  # the very file, untouched since: no need to hash its weights again
         key = f"scores.checkpoints[{i}]"
-        current = model_fingerprint(load_model(cfg.model, cfg.base_dir, path, key=key))
+        current = model_fingerprint(load_model(cfg.model, cfg.base_dir, weights, key=key))
         if current != fingerprint:
             raise OutputError(
                 f"{str(path)!r} holds scores averaged over another model as {key} (fingerprint {fingerprint}; {checkpoint}'s is {current})",

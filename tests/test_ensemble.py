@@ -243,8 +243,9 @@ def test_top_k_refuses_ensemble_scores_of_other_member_models_and_plain_without_
     meta = load_scores_meta(cfg.output_path)
     check_scores_match(meta.metadata, cfg, cfg.output_path)
     swapped = config_from_dict(data, ["output_dir=ens_members", f"scores.checkpoints={list(reversed(data['scores']['checkpoints']))}"], base_dir=folder)
-    with pytest.raises(OutputError, match=r"averaged over another model as scores.checkpoints\[0\]"):
+    with pytest.raises(OutputError, match=r"averaged over another model as scores.checkpoints\[0\]") as info:
         check_scores_match(meta.metadata, swapped, cfg.output_path)
+    assert info.value.message.startswith(f"{str(cfg.output_path)!r} holds scores")  # the scores named, not the checkpoint
     relative = ensemble_cfg(project, "ens_members_rel", "scores.relative=true")
     compute_scores(relative)
     with pytest.raises(UsageError, match="keep no norms to undo the division"):
