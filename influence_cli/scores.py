@@ -122,12 +122,19 @@ def queries_per_chunk(num_params: int, max_memory_mb: float, element_bytes: int 
     return query_chunk or max(1, int(max_memory_mb * 2**20) // max(1, num_params * element_bytes))
 
 
+def query_element_bytes(amp: str, model: torch.nn.Module) -> int:
+    """Bytes per number of the stored preconditioned queries: the scoring GEMMs' dtype under
+    `factors.amp` (bf16 / fp16), else the model's accumulator dtype (kernel.build_kernel's choice)."""
+    dtype = accumulator_dtype(model)
+    return torch.finfo(matmul_dtype(amp, dtype) or dtype).bits // 8
+
+
 def query_memory(cfg: Config, model: torch.nn.Module, num_params: int) -> tuple[int, int]:
     """(bytes of one query's preconditioned gradients over `num_params` weights, for every model of the
     ensemble; queries compute-scores holds at a time), as `_run_pairwise` sizes them (for `inspect`)."""
-    element_bytes = torch.finfo(matmul_dtype(cfg.factors.amp, accumulator_dtype(model)) or accumulator_dtype(model)).bits // 8
-    per_query = num_params * (1 + len(cfg.scores.checkpoints)) * element_bytes
-    return per_query, queries_per_chunk(per_query // element_bytes, cfg.scores.max_memory_mb, element_bytes, cfg.scores.query_chunk)
+    element_bytes = query_element_bytes(cfg.factors.amp, model)
+    numbers = num_params * (1 + len(cfg.scores.checkpoints))
+    return numbers * element_bytes, queries_per_chunk(numbers, cfg.scores.max_memory_mb, element_bytes, cfg.scores.query_chunk)
 
 
 def plan_layout(
@@ -599,11 +606,12 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
     queries = ctx.dataset(cfg.data.query, "data.query")
     n_members = len(scorer.members)
     n_q, n_t = len(queries), len(train)
-    element_bytes = torch.finfo(scorer.kernel.matmul_dtype or scorer.dtype).bits // 8  # the stored queries' dtype (bf16 with factors.amp)
+    element_bytes = query_element_bytes(cfg.factors.amp, ctx.model)  # the stored queries' dtype (bf16 with factors.amp)
+    query_numbers = sum(tm.num_params for tm in ctx.tracked) * n_members  # every member's preconditioned gradients of one query
     layout = plan_layout(
         n_q,
         n_t,
-        sum(tm.num_params for tm in ctx.tracked) * n_members,  # every member's preconditioned queries
+        query_numbers,
         batch_size=scorer.bs,
         world_size=st.world_size,
         max_memory_mb=cfg.scores.max_memory_mb,
@@ -678,7 +686,7 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
     st.barrier()
 
     if cfg.scores.query_chunk is None and len(layout.query_chunks) > 1 and chunk < 16:
-        per_query = sum(tm.num_params for tm in ctx.tracked) * n_members * element_bytes / 2**20
+        per_query = query_numbers * element_bytes / 2**20
         notices.warn(
             f"scores.max_memory_mb: {cfg.scores.max_memory_mb:g} MB holds the preconditioned gradients of {chunk} "
             f"quer{'y' if chunk == 1 else 'ies'} at a time ({per_query:.3g} MB each), so the training set is streamed "
