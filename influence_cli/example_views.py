@@ -52,6 +52,10 @@ class ExampleView:
         """The example's file relative to its folder's root ("-" for sources without files)."""
         return self.dataset.example_file(position) or "-"
 
+    def extras(self, position: int) -> dict[str, Any]:
+        """What a JSON row adds to an example's label: `input` (token data) and `file` (image folders)."""
+        return ({"input": self.input_ids(position)} if self.token_data else {}) | ({"file": self.file(position)} if self.has_files else {})
+
     def clean_label(self, position: int) -> Any:
         """The label before label noise replaced it (int, or list), None where it was not replaced."""
         return self.dataset.clean_labels[position].tolist() if bool(self.dataset.noisy_mask[position]) else None

@@ -313,11 +313,9 @@ def _shown(view: ExampleView, position: int, label) -> str:
 
 def _json_extras(view: ExampleView | None, position: int, side: str, files: bool) -> dict:
     """`<side>_input` (token data) and `<side>_file` (when either dataset has files) of a ranked example's JSON row."""
-    out: dict = {}
-    if view is not None and view.token_data:
-        out[f"{side}_input"] = view.input_ids(position)
+    out = {} if view is None else {f"{side}_{key}": value for key, value in view.extras(position).items()}
     if files:
-        out[f"{side}_file"] = view.file(position) if view is not None else "-"
+        out.setdefault(f"{side}_file", "-")
     return out
 
 

@@ -194,10 +194,7 @@ def _views(cfg) -> dict:
 
 def _shown_extras(view, global_index: int) -> dict:
     """`input` (token data) and `file` (image folders) of a ranked example, by its global index."""
-    if view is None:
-        return {}
-    position = int(view.dataset.position_of([global_index])[0])
-    return ({"input": view.input_ids(position)} if view.token_data else {}) | ({"file": view.file(position)} if view.has_files else {})
+    return {} if view is None else view.extras(int(view.dataset.position_of([global_index])[0]))
 
 
 @command("edit", epilog=EDIT_EPILOG)
