@@ -12,7 +12,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -343,13 +343,13 @@ class Capture:
         self._outputs: dict[str, list[torch.Tensor]] = {}
         self._versions: dict[str, list[tuple[int, int]]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._fastpath: bool | None = None
+        self._fastpath_off = ExitStack()
 
     def __enter__(self) -> Capture:
         self._inputs = {tm.name: [] for tm in self.tracked}
         self._outputs = {tm.name: [] for tm in self.tracked}
         self._versions = {tm.name: [] for tm in self.tracked}
-        self._fastpath = _set_attention_fastpath(False)
+        self._fastpath_off.enter_context(attention_fastpath_off())
         for tm in self.tracked:
             self._handles.append(tm.module.register_forward_hook(self._make_hook(tm)))
         return self
@@ -358,8 +358,7 @@ class Capture:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        if self._fastpath is not None:
-            _set_attention_fastpath(self._fastpath)
+        self._fastpath_off.close()
 
     def _make_hook(self, tm: TrackedModule):
         name = tm.name
