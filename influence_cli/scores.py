@@ -623,24 +623,7 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
     for member in scorer.members:  # each chunk of queries is streamed against this rank's share of the training set
         member.kernel.plan(chunk, -(-n_t // st.world_size))
     single, index = out_dir / storage.SCORES_FILE, out_dir / storage.SCORES_INDEX
-    metadata = common | {
-        storage.FORMAT_KEY: storage.SCORES_FORMAT,
-        "kind": "pairwise",
-        "measurement": cfg.task.measurement,
-        "relative": relative,
-        "query_fingerprint": queries.fingerprint(),
-        "n_query": n_q,
-        "n_train": n_t,
-        "dtype": cfg.scores.dtype,
-    }
-    result = (  # what the scores are (the same whatever the batch size, ranks or shards)
-        {k: metadata[k] for k in ("model_fingerprint", "model_definition", "train_fingerprint", "query_fingerprint", "damping", "relative", "measurement", "strategy", "dtype")}
-        | {"factors": common["factors"].get("created"), "amp": cfg.factors.amp}
-        | _members_key(common)
-    )
-    settings = result | {"bs": scorer.bs, "world": st.world_size, "chunks": layout.query_chunks, "shards": [(s.start, s.stop) for s in layout.shards]}
-    metadata["run_key"], metadata["result_key"], metadata["result"] = run_key(settings), run_key(result), result
-    metadata["query_chunks"] = len(layout.query_chunks)
+    metadata, result, settings = _pairwise_keys(scorer, common, queries, layout, relative)
     paths = ([index] + [out_dir / storage.SCORES_SHARD.format(shard=s.number) for s in layout.shards]) if layout.sharded else [single]
     recorded = {p: _finished_metadata(p) for p in (single, index)}  # {} where there is none
     finished = [p for p in (single, index) if recorded[p].get("result_key") in run_keys(result)]
@@ -656,6 +639,96 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
         )
     rank_suffix = f".rank{st.rank}" if st.distributed else ""
     checkpoint = PassCheckpoint(out_dir / storage.SCORES_PARTIAL.format(rank=rank_suffix), settings, cfg.factors.checkpoint_every)
+    snapshot = _start_pairwise(st, checkpoint, single, index, overwrite, resume)
+
+    if cfg.scores.query_chunk is None and len(layout.query_chunks) > 1 and chunk < 16:
+        per_query = query_numbers * element_bytes / 2**20
+        notices.warn(
+            f"scores.max_memory_mb: {cfg.scores.max_memory_mb:g} MB holds the preconditioned gradients of {chunk} "
+            f"quer{'y' if chunk == 1 else 'ies'} at a time ({per_query:.3g} MB each), so the training set is streamed "
+            f"{len(layout.query_chunks)} times, once per chunk of queries; a larger scores.max_memory_mb streams it fewer times"
+        )
+    t0 = time.perf_counter()
+    unwritten = "no index was written (finished shards stay for --resume)" if layout.sharded else "no scores were written"
+    run = _PairwisePass(
+        scorer, queries, layout, metadata, checkpoint, relative, seconds, scorer.query_info(queries), NonFiniteWatch(ctx.device, unwritten)
+    )
+    seconds.update(queries=time.perf_counter() - t0, scores=0.0, write=0.0)
+    resumed_from, kept = None, 0  # kept: shards the interrupted run finished
+
+    def kept_note() -> str:
+        return f" ({kept} finished shard{'s' if kept > 1 else ''} kept)" if kept else ""
+
+    for shard in (s for s in layout.shards if s.rank == st.rank):
+        shard_path = out_dir / storage.SCORES_SHARD.format(shard=shard.number) if layout.sharded else single
+        if layout.sharded and resume and shard_path.is_file() and storage.read_metadata(shard_path).get("run_key") in run_keys(settings):
+            kept += 1  # finished by the interrupted run
+            continue
+        if kept and resumed_from is None:
+            resumed_from = f"shard {shard.number}{kept_note()}"
+        if (where := run.score_shard(shard, shard_path, snapshot)) is not None:
+            resumed_from = where + kept_note()
+    if kept and resumed_from is None:  # every shard of this rank was finished: only the index was missing
+        resumed_from = f"the index{kept_note()}"
+    rate, resumed_from = _job_view(st, run.scored // len(layout.query_chunks), seconds["scores"], resumed_from)
+    st.barrier()
+    if layout.sharded:
+        if st.is_main:
+            _write_index(index, layout, metadata)
+        st.barrier()
+    checkpoint.clear()
+    seconds["total"] = time.perf_counter() - t0 + seconds["setup"]
+    return ScoresReport(
+        "pairwise",
+        paths,
+        n_q,
+        n_t,
+        layout.sharded,
+        len(layout.shards),
+        len(layout.query_chunks),
+        relative,
+        cfg.factors.strategy,
+        cfg.task.measurement,
+        common["damping"],
+        seconds,
+        rate,
+        resumed_from,
+        {tm.name: tm.num_params for tm in ctx.tracked},
+        n_members,
+    )
+
+
+def _pairwise_keys(
+    scorer: _Scorer, common: dict[str, Any], queries: IndexedDataset, layout: ScoresLayout, relative: bool
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(the outputs' metadata, the result's settings, the run's settings): the result is what the scores
+    are, whatever the batch size, ranks or shards; the run adds those, for --resume."""
+    cfg, st = scorer.cfg, scorer.ctx.state
+    metadata = common | {
+        storage.FORMAT_KEY: storage.SCORES_FORMAT,
+        "kind": "pairwise",
+        "measurement": cfg.task.measurement,
+        "relative": relative,
+        "query_fingerprint": queries.fingerprint(),
+        "n_query": len(queries),
+        "n_train": len(scorer.train),
+        "dtype": cfg.scores.dtype,
+    }
+    result = (
+        {k: metadata[k] for k in ("model_fingerprint", "model_definition", "train_fingerprint", "query_fingerprint", "damping", "relative", "measurement", "strategy", "dtype")}
+        | {"factors": common["factors"].get("created"), "amp": cfg.factors.amp}
+        | _members_key(common)
+    )
+    settings = result | {"bs": scorer.bs, "world": st.world_size, "chunks": layout.query_chunks, "shards": [(s.start, s.stop) for s in layout.shards]}
+    metadata["run_key"], metadata["result_key"], metadata["result"] = run_key(settings), run_key(result), result
+    metadata["query_chunks"] = len(layout.query_chunks)
+    return metadata, result, settings
+
+
+def _start_pairwise(st: DistState, checkpoint: PassCheckpoint, single: Path, index: Path, overwrite: bool, resume: bool) -> Snapshot | None:
+    """Every rank's checks of the outputs and progress before a pairwise pass (one refusal, said once), then rank 0
+    clears what the run replaces: the finished scores (--overwrite), old shards (without --resume), temp files."""
+    out_dir = single.parent
 
     def start_checks() -> Snapshot | None:
         storage.check_can_write(single, overwrite, "scores")
@@ -684,40 +757,49 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
         for name in (storage.SCORES_FILE, storage.SCORES_INDEX, storage.SCORES_SHARD_GLOB):  # not "scores*": a --self run's progress shares the prefix
             storage.remove_stale_temp_files(out_dir / name)
     st.barrier()
+    return snapshot
 
-    if cfg.scores.query_chunk is None and len(layout.query_chunks) > 1 and chunk < 16:
-        per_query = query_numbers * element_bytes / 2**20
-        notices.warn(
-            f"scores.max_memory_mb: {cfg.scores.max_memory_mb:g} MB holds the preconditioned gradients of {chunk} "
-            f"quer{'y' if chunk == 1 else 'ies'} at a time ({per_query:.3g} MB each), so the training set is streamed "
-            f"{len(layout.query_chunks)} times, once per chunk of queries; a larger scores.max_memory_mb streams it fewer times"
-        )
-    t0 = time.perf_counter()
-    query_info = scorer.query_info(queries)
-    chunks = layout.query_chunks
-    mine = [s for s in layout.shards if s.rank == st.rank]
-    cached: list[StoredQueries] | None = None
-    unwritten = "no index was written (finished shards stay for --resume)" if layout.sharded else "no scores were written"
-    watch = NonFiniteWatch(ctx.device, unwritten)
-    steps, scored, resumed_from, kept = 0, 0, None, 0  # kept: shards the interrupted run finished
 
-    def kept_note() -> str:
-        return f" ({kept} finished shard{'s' if kept > 1 else ''} kept)" if kept else ""
+@dataclass
+class _PairwisePass:
+    """This rank's pairwise pass: each of its shards scored against every chunk of queries, resumable."""
 
-    seconds.update(queries=time.perf_counter() - t0, scores=0.0, write=0.0)
-    for shard in mine:
-        shard_path = out_dir / storage.SCORES_SHARD.format(shard=shard.number) if layout.sharded else single
-        if layout.sharded and resume and shard_path.is_file() and storage.read_metadata(shard_path).get("run_key") in run_keys(settings):
-            kept += 1  # finished by the interrupted run
-            continue
-        if kept and resumed_from is None:
-            resumed_from = f"shard {shard.number}{kept_note()}"
+    scorer: _Scorer
+    queries: IndexedDataset
+    layout: ScoresLayout
+    metadata: dict[str, Any]
+    checkpoint: PassCheckpoint
+    relative: bool
+    seconds: dict[str, float]
+    query_info: dict[str, torch.Tensor]
+    watch: NonFiniteWatch
+    cached: list[StoredQueries] | None = None  # the preconditioned queries, when they are one chunk
+    steps: int = 0
+    scored: int = 0  # training examples scored, counted once per query chunk
+
+    def chunk_queries(self, q0: int, q1: int) -> list[StoredQueries]:
+        """The preconditioned queries [q0, q1), per member (computed once when they are one chunk)."""
+        if self.cached is not None:
+            return self.cached
+        tq = time.perf_counter()
+        vq = self.scorer.precondition(self.queries, q0, q1, f"query gradients {q0:,}..{q1:,}")
+        self.seconds["queries"] += time.perf_counter() - tq
+        if len(self.layout.query_chunks) == 1:
+            self.cached = vq
+        return vq
+
+    def score_shard(self, shard: ShardSpec, path: Path, snapshot: Snapshot | None) -> str | None:
+        """Scores one train range [n_query, shard length] and writes it to `path`; where it resumed from the
+        snapshot ("shard s, query chunk c/C, batch b"), or None."""
+        scorer, chunks = self.scorer, self.layout.query_chunks
+        ctx, cfg, train = scorer.ctx, scorer.cfg, scorer.train
+        n_q, n_members = len(self.queries), len(scorer.members)
         width = shard.stop - shard.start
         block = torch.zeros(n_q, width, dtype=scorer.dtype, device=ctx.device)
-        norms = torch.zeros(n_members, width, dtype=scorer.dtype, device=ctx.device) if relative else None
+        norms = torch.zeros(n_members, width, dtype=scorer.dtype, device=ctx.device) if self.relative else None
         labels = _known_labels(train, shard.start, shard.stop, ctx.device)
         collect = labels is None
-        start_chunk, start_batch = 0, 0
+        start_chunk, start_batch, resumed_from = 0, 0, None
         where = _snapshot_phase(snapshot, "scores:")
         if where is not None and snapshot is not None and where[0] == shard.number:
             start_chunk, start_batch = where[1], snapshot.batches_done
@@ -729,19 +811,12 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
                 norms.copy_(snapshot.tensors["norms"])
             if collect and "labels" in snapshot.tensors:
                 labels = snapshot.tensors["labels"].to(ctx.device)
-            resumed_from = f"shard {shard.number}, query chunk {start_chunk + 1}/{len(chunks)}, batch {start_batch}{kept_note()}"
+            resumed_from = f"shard {shard.number}, query chunk {start_chunk + 1}/{len(chunks)}, batch {start_batch}"
         for ci in range(start_chunk, len(chunks)):
             q0, q1 = chunks[ci]
-            if cached is not None:
-                vq = cached
-            else:
-                tq = time.perf_counter()
-                vq = scorer.precondition(queries, q0, q1, f"query gradients {q0:,}..{q1:,}")
-                seconds["queries"] += time.perf_counter() - tq
-                if len(chunks) == 1:
-                    cached = vq
+            vq = self.chunk_queries(q0, q1)
             skip = start_batch if ci == start_chunk else 0
-            scorer.progress.start(_pass_title(shard, layout, ci, len(chunks)), shard.stop - shard.start)
+            scorer.progress.start(_pass_title(shard, self.layout, ci, len(chunks)), width)
             if skip:
                 scorer.progress.advance(min(width, skip * scorer.bs))
             tp = time.perf_counter()
@@ -754,24 +829,24 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
                 if collect:
                     labels = _collect(labels, width, c0, batch.targets)
                 for b in batches:
-                    watch.observe(b)
-                steps += 1
-                scored += n
-                if checkpoint.due(steps):
-                    watch.check("scoring")
+                    self.watch.observe(b)
+                self.steps += 1
+                self.scored += n
+                if self.checkpoint.due(self.steps):
+                    self.watch.check("scoring")
                     state_tensors = {"rows_done": block[:q0], "current": block[q0:q1, : c0 + n]}
                     if collect and labels is not None:
                         state_tensors["labels"] = labels
                     if norms is not None:
                         state_tensors["norms"] = norms
-                    checkpoint.save(f"scores:{shard.number}:{ci}", j + 1, state_tensors)
+                    self.checkpoint.save(f"scores:{shard.number}:{ci}", j + 1, state_tensors)
                 scorer.progress.advance(n)
-            watch.check("scoring")
-            seconds["scores"] += time.perf_counter() - tp
+            self.watch.check("scoring")
+            self.seconds["scores"] += time.perf_counter() - tp
             scorer.progress.stop()
         tw = time.perf_counter()
         _check_storable(block, cfg.scores.dtype)
-        tensors = dict(query_info) | {
+        tensors = dict(self.query_info) | {
             "scores": block.to(getattr(torch, cfg.scores.dtype)),
             "train_indices": train.global_indices[shard.start : shard.stop].clone(),
         }
@@ -781,49 +856,26 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
             _check_storable(norms, "float32", "RelatIF norms ‖(F+λ)⁻¹∇L(x)‖")
         if norms is not None and n_members == 1:  # an ensemble's RelatIF has one norm per member: plain scores are not recoverable
             tensors["train_norms"] = norms[0]
-        shard_meta = metadata | {"train_start": shard.start, "train_stop": shard.stop, "shard": shard.number, "settings": checkpoint.settings}
-        storage.save_tensors(shard_path, tensors, shard_meta)
-        seconds["write"] += time.perf_counter() - tw
-        del block
-    if kept and resumed_from is None:  # every shard of this rank was finished: only the index was missing
-        resumed_from = f"the index{kept_note()}"
-    rate, resumed_from = _job_view(st, scored // len(chunks), seconds["scores"], resumed_from)
-    st.barrier()
-    if layout.sharded:
-        if st.is_main:
-            storage.save_json(
-                index,
-                {
-                    storage.FORMAT_KEY: storage.SCORES_FORMAT,
-                    "n_query": n_q,
-                    "n_train": n_t,
-                    "shards": [
-                        {"file": storage.SCORES_SHARD.format(shard=s.number), "shard": s.number, "train_start": s.start, "train_stop": s.stop}
-                        for s in layout.shards
-                    ],
-                    "metadata": {k: v for k, v in metadata.items() if k != storage.FORMAT_KEY},
-                },
-            )
-        st.barrier()
-    checkpoint.clear()
-    seconds["total"] = time.perf_counter() - t0 + seconds["setup"]
-    return ScoresReport(
-        "pairwise",
-        paths,
-        n_q,
-        n_t,
-        layout.sharded,
-        len(layout.shards),
-        len(chunks),
-        relative,
-        cfg.factors.strategy,
-        cfg.task.measurement,
-        common["damping"],
-        seconds,
-        rate,
-        resumed_from,
-        {tm.name: tm.num_params for tm in ctx.tracked},
-        n_members,
+        shard_meta = self.metadata | {"train_start": shard.start, "train_stop": shard.stop, "shard": shard.number, "settings": self.checkpoint.settings}
+        storage.save_tensors(path, tensors, shard_meta)
+        self.seconds["write"] += time.perf_counter() - tw
+        return resumed_from
+
+
+def _write_index(index: Path, layout: ScoresLayout, metadata: dict[str, Any]) -> None:
+    """scores.index.json: the shards by train range, and the metadata every shard carries."""
+    storage.save_json(
+        index,
+        {
+            storage.FORMAT_KEY: storage.SCORES_FORMAT,
+            "n_query": metadata["n_query"],
+            "n_train": metadata["n_train"],
+            "shards": [
+                {"file": storage.SCORES_SHARD.format(shard=s.number), "shard": s.number, "train_start": s.start, "train_stop": s.stop}
+                for s in layout.shards
+            ],
+            "metadata": {k: v for k, v in metadata.items() if k != storage.FORMAT_KEY},
+        },
     )
 
 
