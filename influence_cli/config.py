@@ -178,7 +178,7 @@ class FactorsConfig:
         "(PyTorch's default TF32 convolutions moved the bundled CNN's scores by 1% to 5% of the largest on an H200).",
         default="none",
     )
-    checkpoint_every: int = _help("Save resumable progress every N batches of fit-factors' passes and of compute-scores (pairwise and --self); 0 = never.", default=50)
+    checkpoint_every: int = _help("Save resumable progress every N batches of fit-factors' passes, of compute-scores (pairwise and --self) and of dataset-similarity; 0 = never.", default=50)
 
 
 @dataclass
@@ -378,6 +378,22 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 80 else text[:76] + " ..."
 
 
+def _names_are_distinct(value: dict[Any, Any], key: str, problems: list[str]) -> bool:
+    """Whether the keys of a mapping of names are names: YAML reads `yes:`/`null:` as true/None, and
+    `1:` beside `'1':` would become one name, the second one silently replacing the first."""
+    ok = True
+    seen: dict[str, Any] = {}
+    for k in value:
+        if isinstance(k, bool) or k is None:
+            problems.append(f"{key}: the name {_shown(k)} is not text (quote it: YAML reads yes, no, on, off and null as true/false/null)")
+            ok = False
+        elif str(k) in seen:
+            problems.append(f"{key}: {_shown(seen[str(k)])} and {_shown(k)} are the same name {str(k)!r} (rename one)")
+            ok = False
+        seen[str(k)] = k
+    return ok
+
+
 def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
     """Checks `value` against type `tp`; returns the value or _FAIL (problem recorded)."""
     origin = typing.get_origin(tp)
@@ -420,6 +436,8 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
             problems.append(f"{key}: expected a mapping, got {_shown(value)}")
             return _FAIL
         _, varg = typing.get_args(tp)
+        if not _names_are_distinct(value, key, problems):
+            return _FAIL
         out = {str(k): _coerce(v, varg, f"{key}.{k}", problems) for k, v in value.items()}
         return _FAIL if any(v is _FAIL for v in out.values()) else out
     if dataclasses.is_dataclass(tp):

@@ -404,6 +404,18 @@ def test_a_yaml_boolean_where_a_string_belongs_says_to_quote_it():
     assert "output_dir: expected a string, got false (quote it: YAML reads yes, no, on and off as true/false)" in exc.value.problems
 
 
+def test_dataset_names_that_yaml_reads_as_other_types_are_refused(tmp_path: Path):
+    """`1:` beside `'1':` became one dataset (the second replacing the first without a word), and `no:` a dataset named False."""
+    spec = f"{{source: tensors, path: {SAMPLE / 'digits.safetensors'}}}"
+    text = yaml.safe_dump(minimal()) + f"similarity:\n  datasets:\n    1: {spec}\n    '1': {spec}\n    no: {spec}\n    '2': {spec}\n"
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, text))
+    assert "similarity.datasets: 1 and '1' are the same name '1' (rename one)" in exc.value.problems
+    assert any(p.startswith("similarity.datasets: the name false is not text (quote it") for p in exc.value.problems)
+    cfg = load_config(write(tmp_path, yaml.safe_dump(minimal()) + f"similarity:\n  datasets:\n    1: {spec}\n    'no': {spec}\n"))
+    assert list(cfg.similarity.datasets) == ["1", "no"]
+
+
 def test_an_override_changes_only_its_path_even_through_yaml_aliases(tmp_path: Path):
     """`query: {<<: *train}` shares train's nested mappings: --set data.train.transform.scale used to change the query's too.
     Top-level keys named x-<anything> hold anchors and are not config keys."""
