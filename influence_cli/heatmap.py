@@ -18,6 +18,7 @@ _VIRIDIS = [
 ]  # fmt: skip
 _CELL = 72
 _PAD = 12
+_BAR = 60  # half the colour bar's width
 
 
 def _color(t: float) -> tuple[int, int, int]:
@@ -42,6 +43,7 @@ def render_heatmap(matrix: torch.Tensor, names: Sequence[str], title: str, off_d
 
     With `off_diagonal_scale` the colours span the off-diagonal values (a similarity's
     diagonal is 1 or 0 by construction and would wash the rest out); the diagonal is clipped.
+    A colour bar under the title gives the span.
     """
     m = matrix.detach().double().cpu()
     n = len(names)
@@ -52,17 +54,21 @@ def render_heatmap(matrix: torch.Tensor, names: Sequence[str], title: str, off_d
     label_w = max(text_size(probe, s, font)[0] for s in names)
     label_h = max(text_size(probe, s, font)[1] for s in names)
     title_w, title_h = text_size(probe, title, title_font)
-    left = _PAD + label_w + _PAD
-    top = _PAD + title_h + _PAD + label_w + _PAD  # column labels are drawn rotated by 90°
-    width = max(left + n * _CELL + _PAD, _PAD + title_w + _PAD)
-    height = top + n * _CELL + _PAD
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    draw.text((_PAD, _PAD), title, fill="black", font=title_font)
     scaled = m[~torch.eye(n, dtype=torch.bool)] if off_diagonal_scale and n > 1 else m.reshape(-1)
     finite = scaled[torch.isfinite(scaled)]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.numel() else (0.0, 1.0)
     span = hi - lo if hi > lo else 1.0
+    legend = ("colours span the values off the diagonal" if off_diagonal_scale and n > 1 else "colours span the values")
+    legend_w, legend_h = text_size(probe, f"{_format(lo)} {legend} {_format(hi)}", font)
+    legend_w += 2 * _BAR + 2 * _PAD
+    left = _PAD + label_w + _PAD
+    top = _PAD + title_h + _PAD + legend_h + _PAD + label_w + _PAD  # column labels are drawn rotated by 90°
+    width = max(left + n * _CELL + _PAD, _PAD + title_w + _PAD, _PAD + legend_w + _PAD)
+    height = top + n * _CELL + _PAD
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((_PAD, _PAD), title, fill="black", font=title_font)
+    _draw_colour_bar(draw, (_PAD, _PAD + title_h + _PAD), legend_h, lo, hi, legend, font)
     for i in range(n):
         w, h = text_size(draw, names[i], font)
         draw.text((left - _PAD - w, top + i * _CELL + (_CELL - h) // 2), names[i], fill="black", font=font)
@@ -82,6 +88,21 @@ def render_heatmap(matrix: torch.Tensor, names: Sequence[str], title: str, off_d
             ink = "black" if t > 0.6 else "white"
             draw.text((x0 + (_CELL - tw) // 2, y0 + (_CELL - th) // 2), text, fill=ink, font=font)
     return img
+
+
+def _draw_colour_bar(draw: ImageDraw.ImageDraw, at: tuple[int, int], height: int, lo: float, hi: float, legend: str, font) -> None:
+    """"lo ▮▮▮▮ hi  legend" at `at`: the colours from lo to hi."""
+    x, y = at
+    text = _format(lo)
+    draw.text((x, y), text, fill="black", font=font)
+    x += text_size(draw, text, font)[0] + _PAD // 2
+    for k in range(2 * _BAR):
+        draw.line([(x + k, y + 1), (x + k, y + height - 1)], fill=_color(k / (2 * _BAR - 1)))
+    x += 2 * _BAR + _PAD // 2
+    text = _format(hi)
+    draw.text((x, y), text, fill="black", font=font)
+    x += text_size(draw, text, font)[0] + _PAD
+    draw.text((x, y), f"({legend})", fill="gray", font=font)
 
 
 def save_heatmap(

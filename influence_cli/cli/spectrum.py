@@ -75,7 +75,7 @@ def spectrum_cmd(
     layers: LayersOpt = None,
     order: OrderOpt = None,
     top: Annotated[int, typer.Option("--top", min=0, metavar="N", help="List each dataset's N most memorization-like examples (largest bottom-band share).")] = 0,
-    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG of the energy per curvature percentile, one line per dataset.")] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write a picture of the energy per curvature percentile, one line per dataset (PNG, or any format Pillow writes, by the suffix).")] = None,
     set_: SetOpt = None,
     overwrite: ReportOverwriteOpt = False,
     json_: JsonOpt = False,
