@@ -160,7 +160,7 @@ class PassCheckpoint:
 
 _NAMES = {"bs": "batch size", "batch_size": "batch size", "world": "number of ranks", "n": "examples (factors.max_examples)",
           "chunks": "query chunks (scores.query_chunk, scores.max_memory_mb)", "shards": "score shards (scores.max_memory_mb)",
-          "damping": "damping (scores.damping, damping_factor, damping_scope)", "factors": "factors file", "model_fingerprint": "model",
+          "damping": "damping (scores.damping, damping_factor, damping_scope; `auto` follows the factors)", "factors": "factors file (refitted)", "model_fingerprint": "model",
           "model": "model", "model_definition": "model definition", "definition": "model definition", "train_fingerprint": "data.train",
           "data": "data.train", "query_fingerprint": "data.query", "strategy": "factors.strategy", "fisher": "factors.fisher",
           "amp": "factors.amp", "dtype": "scores.dtype", "relative": "scores.relative", "measurement": "task.measurement",

@@ -36,13 +36,13 @@ from torch import nn
 from influence_cli import notices, storage
 from influence_cli.config import SIMILARITY_METHODS, Config
 from influence_cli.context import prepare
-from influence_cli.distributed import DistState
+from influence_cli.distributed import DistState, agree
 from influence_cli.errors import ConfigError, NumericalError, UsageError
 from influence_cli.factors import DiagonalAccumulator, LayerFactors, layer_damping
 from influence_cli.fit import PassPlan, check_factors_match, load_factors, plan_for
 from influence_cli.passes import BatchGradients, NonFiniteWatch, accumulator_dtype, stream_gradients
 from influence_cli.progress import NullProgress, Progress, for_rank
-from influence_cli.resume import finished_result, run_key
+from influence_cli.resume import PassCheckpoint, Snapshot, check_rank_layout, clear_progress_of_finished, finished_result, run_key
 from influence_cli.tracking import TrackedModule
 
 HEADLINE = {"fisher-kernel": "kernel_normalized", "task2vec": "task2vec_cosine"}
@@ -95,6 +95,7 @@ class SimilarityReport:
     factors_fisher: str  # the factors' Fisher, which the kernel uses
     seconds: dict[str, float] = field(default_factory=dict)
     from_file: bool = False  # read from the finished result of the same settings, not computed
+    resumed_from: str | None = None  # where --resume continued this rank's interrupted run
 
     @property
     def headline_name(self) -> str:
@@ -123,23 +124,92 @@ class SimilarityReport:
             "factors_fisher": self.factors_fisher,
             "seconds": self.seconds,
             "from_file": self.from_file,
+            "resumed_from": self.resumed_from,
         }
 
 
 # ----------------------------------------------------------------------------- streaming
 
 
-def _stream(model: nn.Module, tracked: list[TrackedModule], plan: PassPlan, name: str) -> Iterator[BatchGradients]:
-    """One forward pass per batch; back-propagates the loss gradient and the Fisher's vectors.
+def _stream(model: nn.Module, tracked: list[TrackedModule], plan: PassPlan, name: str, start: int = 0) -> Iterator[BatchGradients]:
+    """One forward pass per batch, from batch `start` on; back-propagates the loss gradient and the Fisher's vectors.
 
     Yields BatchGradients whose `gradients[0]` is {layer: g [B, T, d_out]} of the loss at
     the real labels and `gradients[1:]` those of the Fisher's vectors (`plan.fisher`);
     for the empirical Fisher the two coincide and only `gradients[0]` is formed.
     """
     return stream_gradients(
-        model, tracked, plan.batches(0), task_kind=plan.task_kind, mode="loss+fisher", fisher=plan.fisher,
-        seed=plan.seed, device=plan.device, amp=plan.amp, dataset_name=name,
+        model, tracked, plan.batches(start), task_kind=plan.task_kind, mode="loss+fisher", fisher=plan.fisher,
+        seed=plan.seed, device=plan.device, amp=plan.amp, start_batch=start, dataset_name=name,
         padding_value=plan.padding_value,
+    )
+
+
+class SimilarityProgress:
+    """dataset-similarity's resumable progress on this rank (a `PassCheckpoint`): the statistics of the
+    datasets finished, the same on every rank, and this rank's sums of the one in progress.
+
+    Phase "dataset:<i>": datasets 0..i-1 are finished; `batches_done` batches of dataset i are in the sums.
+    """
+
+    def __init__(self, checkpoint: PassCheckpoint, snapshot: Snapshot | None = None) -> None:
+        self.checkpoint = checkpoint
+        self.finished: list[DatasetStatistics] = []
+        self.batches_done = 0
+        self.sums: dict[str, torch.Tensor] = {}
+        if snapshot is not None and snapshot.phase.startswith("dataset:"):
+            done = int(snapshot.phase.removeprefix("dataset:"))
+            self.finished = [_statistics_from(snapshot.tensors, i) for i in range(done)]
+            self.batches_done = snapshot.batches_done
+            self.sums = {k.removeprefix("sums."): v for k, v in snapshot.tensors.items() if k.startswith("sums.")}
+
+    def due(self, batches_done: int) -> bool:
+        return self.checkpoint.due(batches_done)
+
+    def save(self, batches_done: int, sums: dict[str, torch.Tensor]) -> None:
+        """Saves the finished datasets and `batches_done` batches of the next one (`sums`: its accumulators)."""
+        tensors = {f"sums.{k}": v for k, v in sums.items()}
+        for i, st in enumerate(self.finished):
+            tensors |= {f"finished.{i}.mean.{k}": v for k, v in st.mean_gradient.items()}
+            tensors |= {f"finished.{i}.diagonal.{k}": v for k, v in st.fisher_diagonal.items()}
+            tensors[f"finished.{i}.count"] = torch.tensor(st.num_examples, dtype=torch.int64)
+        self.checkpoint.save(f"dataset:{len(self.finished)}", batches_done, tensors)
+
+    def finish(self, stats: DatasetStatistics, more: bool) -> None:
+        """Records a finished dataset, and saves it when `more` datasets follow (the last one is the result)."""
+        self.finished.append(stats)
+        self.batches_done, self.sums = 0, {}
+        if more and self.checkpoint.every > 0:
+            self.save(0, {})
+
+    def agree(self, state: DistState) -> None:
+        """Every rank resumes at the same dataset: the most any rank finished (their statistics are
+        all-reduced, so the same on every rank that saved them), taken from that rank; a rank that
+        saved less starts that dataset over on its shard (its sums are its own)."""
+        if not state.distributed:
+            return
+        counts = [int(c) for c in state.all_gather_object(len(self.finished))]  # type: ignore[call-overload]
+        most = max(counts)
+        if min(counts) == most:
+            return
+        src = counts.index(most)
+        finished = state.broadcast_object([_cpu(s) for s in self.finished] if state.rank == src else None, src=src)
+        if len(self.finished) < most:
+            self.batches_done, self.sums = 0, {}
+        self.finished = list(finished)  # type: ignore[arg-type]
+
+
+def _cpu(stats: DatasetStatistics) -> DatasetStatistics:
+    return DatasetStatistics({k: v.cpu() for k, v in stats.mean_gradient.items()}, {k: v.cpu() for k, v in stats.fisher_diagonal.items()}, stats.num_examples)
+
+
+def _statistics_from(tensors: dict[str, torch.Tensor], i: int) -> DatasetStatistics:
+    """Dataset i's statistics as SimilarityProgress.save stored them (layer names may hold dots)."""
+    mean, diagonal = f"finished.{i}.mean.", f"finished.{i}.diagonal."
+    return DatasetStatistics(
+        {k.removeprefix(mean): v for k, v in tensors.items() if k.startswith(mean)},
+        {k.removeprefix(diagonal): v for k, v in tensors.items() if k.startswith(diagonal)},
+        int(tensors[f"finished.{i}.count"]),
     )
 
 
@@ -152,6 +222,7 @@ def dataset_statistics(
     name: str = "dataset",
     title: str | None = None,
     progress: Progress | None = None,
+    saved: SimilarityProgress | None = None,
 ) -> DatasetStatistics:
     """Streams one dataset once and returns its mean rotated gradient and diagonal Fisher.
 
@@ -159,22 +230,35 @@ def dataset_statistics(
     once at the end, rotation being linear); the diagonal Fisher reuses
     factors.DiagonalAccumulator ((g̃²)ᵀ(ã²) for T = 1, chunked bmm otherwise).
     Sums and counts are all-reduced over ranks. `name` (a config key) is named in
-    errors, `title` (default `name`) on the progress bar.
+    errors, `title` (default `name`) on the progress bar. `saved`: the pass continues
+    from its sums and saves them every `factors.checkpoint_every` batches.
     """
     progress = progress or NullProgress()
     device, dtype = plan.device, accumulator_dtype(model)
     basis = {k: lf.to(device, dtype) for k, lf in factors.items()}
     grad_sum = {tm.name: torch.zeros(tm.d_out, tm.d_in, dtype=dtype, device=device) for tm in tracked}
     diag = DiagonalAccumulator(tracked, {k: (lf.a_eigenvectors, lf.g_eigenvectors) for k, lf in basis.items()}, dtype, device)
+    sums = {f"{k}.gradient": v for k, v in grad_sum.items()} | diag.state()
+    start = 0
+    if saved is not None and saved.batches_done > 0:
+        for k, v in sums.items():
+            v.copy_(saved.sums[k])
+        start = saved.batches_done
     watch = NonFiniteWatch(device)
     progress.start(title or name, plan.num_examples)
     try:
-        for batch in _stream(model, tracked, plan, name):
+        if start:
+            progress.advance(min(plan.num_examples, int(diag.count)))
+        for batch in _stream(model, tracked, plan, name, start):
             watch.observe(batch)
             for tm in tracked:
                 a, g = batch.activations[tm.name], batch.gradients[0][tm.name]
                 grad_sum[tm.name].addmm_(g.reshape(-1, g.shape[-1]).T, a.reshape(-1, a.shape[-1]))
             diag.update(batch if plan.fisher == "empirical" else dataclasses.replace(batch, gradients=batch.gradients[1:]))
+            done = batch.index + 1
+            if saved is not None and saved.due(done) and done < plan.num_batches:
+                watch.check(name)  # never save progress past a non-finite batch
+                saved.save(done, sums)
             progress.advance(len(batch.global_indices))
     finally:
         progress.stop()  # also on errors and Ctrl-C, so the terminal is clean for the message
@@ -222,10 +306,16 @@ def fisher_kernel(
 
 
 def normalize_kernel(kernel: torch.Tensor) -> torch.Tensor:
-    """K(S,T) / √(K(S,S) K(T,T)); 0 where a dataset's mean gradient is exactly zero."""
+    """K(S,T) / √(K(S,S) K(T,T)); 0 where a dataset's mean gradient is exactly zero.
+
+    K is a Gram matrix, so the result lies in [-1, 1] with 1 on the diagonal (Cauchy-Schwarz);
+    it is clamped there, so that rounding (1.0000000000000002) cannot leave it.
+    """
     d = kernel.diagonal().clamp_min(0).sqrt()
     denom = torch.outer(d, d)
-    return torch.where(denom > 0, kernel / denom.clamp_min(torch.finfo(kernel.dtype).tiny), torch.zeros_like(kernel))
+    out = torch.where(denom > 0, kernel / denom.clamp_min(torch.finfo(kernel.dtype).tiny), torch.zeros_like(kernel)).clamp(-1.0, 1.0)
+    out.diagonal().copy_((d > 0).to(out.dtype))
+    return out
 
 
 def noise_floor(dtype: torch.dtype) -> float:
@@ -263,7 +353,7 @@ def task2vec_matrices(stats: list[DatasetStatistics], floor: float = 0.0) -> tup
                 u, v = u[keep] / total[keep], v[keep] / total[keep]
                 uv, uu, vv = uv + u @ v, uu + u @ u, vv + v @ v
             denom = (uu * vv).sqrt()
-            distance[i, j] = distance[j, i] = 1.0 - uv / denom if denom > 0 else 0.0
+            distance[i, j] = distance[j, i] = (1.0 - uv / denom).clamp(0.0, 1.0) if denom > 0 else 0.0  # rounding aside, in [0, 1]
     return cosine, distance
 
 
@@ -276,6 +366,7 @@ def compute_similarity(
     *,
     progress: Progress | None = None,
     keys: dict[str, str] | None = None,
+    saved: SimilarityProgress | None = None,
 ) -> SimilarityResult:
     """Streams each dataset once and returns every similarity matrix between them.
 
@@ -284,12 +375,16 @@ def compute_similarity(
         plans: {dataset name: PassPlan}; `plan.fisher` is the Fisher kind of the diagonal.
         damping: {layer: λ} added to Λ* in the kernel.
         keys: {dataset name: config key} named in errors (default: the name).
+        saved: resumable progress: the datasets it finished are not streamed again.
     """
     keys = keys or {}
-    stats = [
-        dataset_statistics(model, tracked, factors, plan, name=keys.get(n, n), title=n, progress=progress)
-        for n, plan in plans.items()
-    ]
+    stats: list[DatasetStatistics] = list(saved.finished) if saved is not None else []
+    for i, (n, plan) in enumerate(plans.items()):
+        if i < len(stats):
+            continue
+        stats.append(dataset_statistics(model, tracked, factors, plan, name=keys.get(n, n), title=n, progress=progress, saved=saved))
+        if saved is not None:
+            saved.finish(stats[-1], more=i + 1 < len(plans))
     inverse = {tm.name: inverse_curvature(factors[tm.name], damping[tm.name], (tm.d_out, tm.d_in)) for tm in tracked}
     kernel, per_layer = fisher_kernel(stats, inverse)
     # rounding comes from the accumulators and from the bases as stored (float32 files, also for float64 models)
@@ -324,6 +419,7 @@ def dataset_similarity(
     *,
     method: str | None = None,
     overwrite: bool = False,
+    resume: bool = False,
     state: DistState | None = None,
     progress: Progress | None = None,
 ) -> SimilarityReport:
@@ -340,8 +436,11 @@ def dataset_similarity(
         ConfigError: fewer than two datasets.
         OutputError: no factors; factors of another model, layers, strategy or Fisher kind
             (the datasets need not be the factors' training set); the output exists, of other
-            settings, without `overwrite`. A finished result of the same settings is read, not
-            recomputed (`from_file`), whatever the `method`.
+            settings, without `overwrite`; progress of an interrupted run without `resume` or
+            `overwrite`, or of other settings. A finished result of the same settings is read, not
+            recomputed (`from_file`), whatever the `method`; `resume` continues an interrupted
+            run from its last saved progress (every `factors.checkpoint_every` batches, and after
+            each dataset).
     """
     t_start = time.perf_counter()
     method = method or cfg.similarity.method
@@ -378,11 +477,29 @@ def dataset_similarity(
     }  # fmt: skip
     recorded = finished_result(path, result_fields, "a similarity result", overwrite=overwrite, names={"fisher": "similarity.fisher"})
     if recorded is not None:
+        clear_progress_of_finished(out_dir, storage.SIMILARITY_PARTIAL, main=ctx.state.is_main)  # a kill right after the final rename
         return _finished_report(path, method, recorded)
-    progress = for_rank(progress, ctx.state.rank, ctx.state.world_size)
+    st = ctx.state
+    rank_suffix = f".rank{st.rank}" if st.distributed else ""
+    settings = result_fields | {"bs": cfg.data.batch_size, "world": st.world_size}
+    checkpoint = PassCheckpoint(out_dir / storage.SIMILARITY_PARTIAL.format(rank=rank_suffix), settings, cfg.factors.checkpoint_every)
+
+    def start_checks() -> Snapshot | None:
+        check_rank_layout(out_dir, storage.SIMILARITY_PARTIAL, st.world_size, resume=resume, overwrite=overwrite)
+        return checkpoint.check_start(resume, overwrite)
+
+    saved = SimilarityProgress(checkpoint, agree(st, start_checks))
+    saved.agree(st)
+    if overwrite and st.is_main:  # replaced: an interrupted --overwrite run must not leave the old result looking current
+        path.unlink(missing_ok=True)
+    resumed_from, order = None, list(plans)
+    if saved.finished or saved.batches_done:  # the last dataset is never saved as finished: its statistics are the result
+        resumed_from = f"dataset {order[len(saved.finished)]!r}, batch {saved.batches_done}"
+        resumed_from += f" ({len(saved.finished)} of {len(order)} datasets done)" if saved.finished else ""
+    progress = for_rank(progress, st.rank, st.world_size)
     layers = {tm.name: factors.layers[tm.name].to(ctx.device) for tm in ctx.tracked}
     t0 = time.perf_counter()
-    result = compute_similarity(ctx.model, ctx.tracked, layers, plans, damping, progress=progress, keys=keys)
+    result = compute_similarity(ctx.model, ctx.tracked, layers, plans, damping, progress=progress, keys=keys, saved=saved)
     seconds = {"passes": time.perf_counter() - t0}
     names = result.names
     sizes = [s.num_examples for s in result.statistics]
@@ -423,7 +540,8 @@ def dataset_similarity(
                 "result": result_fields,
             },
         )
-    ctx.state.barrier()
+    st.barrier()
+    checkpoint.clear()
     seconds["total"] = time.perf_counter() - t_start
     return SimilarityReport(
         path,
@@ -439,4 +557,5 @@ def dataset_similarity(
         fisher,
         factors.fisher,
         seconds,
+        resumed_from=resumed_from,
     )

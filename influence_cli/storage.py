@@ -40,6 +40,7 @@ SCORES_SHARD_GLOB = SCORES_SHARD.split("{", 1)[0] + "*" + SCORES_SHARD.rsplit("}
 SCORES_PARTIAL = "scores.partial{rank}.safetensors"
 SELF_INFLUENCE_FILE = "self_influence.safetensors"
 SIMILARITY_FILE = "similarity.safetensors"
+SIMILARITY_PARTIAL = "similarity.partial{rank}.safetensors"
 SPECTRUM_FILE = "spectrum.safetensors"
 
 FORMAT_KEY = "format"

@@ -15,14 +15,23 @@ from mnist_files import IMAGES, LABELS, requires_mnist
 from PIL import Image
 from typer.testing import CliRunner
 
+from influence_cli import storage
 from influence_cli.cli import app
 from influence_cli.config import ModelConfig, config_from_dict, load_config
 from influence_cli.data import load_dataset, make_loader
-from influence_cli.errors import NumericalError
+from influence_cli.errors import NumericalError, OutputError
 from influence_cli.factors import LayerFactors
 from influence_cli.fit import PassPlan, fit_factors
 from influence_cli.models import build_model
-from influence_cli.similarity import compute_similarity, dataset_similarity
+from influence_cli.progress import NullProgress
+from influence_cli.resume import PassCheckpoint
+from influence_cli.similarity import (
+    DatasetStatistics,
+    SimilarityProgress,
+    compute_similarity,
+    dataset_similarity,
+    normalize_kernel,
+)
 from influence_cli.storage import SIMILARITY_FILE, load_tensors, save_tensors
 from influence_cli.training import TrainRecipe, accuracy, train_model
 
@@ -454,6 +463,18 @@ def test_shipped_similarity_configs_load():
         assert len(cfg.similarity.datasets) >= 2, path
 
 
+def test_normalized_matrices_stay_in_their_range_despite_rounding():
+    """A Gram matrix divided by its diagonal's square roots gave 1.0000000000000002 here (math.acos failed on the JSON)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 50, generator=g, dtype=torch.float64) * 10 ** torch.randn(4, 1, generator=g, dtype=torch.float64)
+    k = x @ x.T
+    d = k.diagonal().sqrt()
+    assert (k / torch.outer(d, d)).max() > 1  # the rounding this guards against
+    out = normalize_kernel(torch.cat([torch.cat([k, torch.zeros(4, 1, dtype=k.dtype)], 1), torch.zeros(1, 5, dtype=k.dtype)]))
+    assert out.abs().max() <= 1 and out.diagonal().tolist() == [1.0, 1.0, 1.0, 1.0, 0.0]  # a zero mean gradient: 0
+    torch.testing.assert_close(out[:4, :4], k / torch.outer(d, d), rtol=0, atol=1e-15)
+
+
 def test_task2vec_noise_floor_follows_the_stored_bases(monkeypatch):
     """Factors files hold float32 bases, also for float64 models: directions that are null in exact
     arithmetic then carry float32 rounding (about 1e-14 of a layer's Fisher diagonal after a
@@ -490,3 +511,153 @@ def test_temporary_files_of_killed_writers_are_removed(digits_run, tmp_path):
     os.utime(left[1], (time.time() - 3600, time.time() - 3600))  # a picture has no lock: only an old one is stale
     assert invoke("dataset-similarity", str(DIGITS), *sets, "--overwrite", "--heatmap", str(heatmap)).exit_code == 0
     assert not [p for p in left if p.exists()] and heatmap.is_file()
+
+
+# ----------------------------------------------------------------------------- interrupted runs
+
+
+class _StopAt(NullProgress):
+    """A progress sink that stops the run (as Ctrl-C does) once `after` examples of dataset `title` are done."""
+
+    def __init__(self, title: str, after: int) -> None:
+        self.title, self.after, self.current, self.done = title, after, "", 0
+
+    def start(self, title: str, total: int, unit: str = "examples") -> None:
+        self.current, self.done = title, 0
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        if self.current == self.title and self.done >= self.after:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("title,after", [("zeros_sixes", 200), ("ones_sevens_heldout", 32)])
+def test_an_interrupted_run_resumes_to_the_same_result(digits_run, tmp_path, title, after):
+    """Stopped inside the first or the last dataset (progress saved every 2 batches of 32, and after each dataset),
+    --resume streams only what is left and gives the uninterrupted run's tensors bit for bit."""
+    factors, _ = digits_run
+    (tmp_path / storage.FACTORS_FILE).write_bytes((factors / storage.FACTORS_FILE).read_bytes())
+    sets = [f"output_dir={tmp_path}", "device=cpu", "data.batch_size=32", "factors.checkpoint_every=2"]
+    cfg = load_config(DIGITS, sets)
+    with pytest.raises(KeyboardInterrupt):
+        dataset_similarity(cfg, progress=_StopAt(title, after))
+    partial = tmp_path / storage.SIMILARITY_PARTIAL.format(rank="")
+    assert partial.is_file() and not (tmp_path / SIMILARITY_FILE).exists()
+    with pytest.raises(OutputError, match="progress of an interrupted run"):
+        dataset_similarity(cfg)
+    with pytest.raises(OutputError, match=r"other settings \(batch size 32 -> 64\)"):
+        dataset_similarity(load_config(DIGITS, [*sets, "data.batch_size=64"]), resume=True)
+    streamed = _StopAt("", 0)
+    report = dataset_similarity(cfg, resume=True, progress=streamed)
+    assert report.resumed_from is not None and report.resumed_from.startswith(f"dataset {title!r}, batch ")
+    assert ("of 4 datasets done" in report.resumed_from) == (title != "zeros_sixes")
+    assert not partial.exists()
+    resumed, _ = load_tensors(tmp_path / SIMILARITY_FILE)
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    (reference / storage.FACTORS_FILE).write_bytes((factors / storage.FACTORS_FILE).read_bytes())
+    dataset_similarity(load_config(DIGITS, [*sets, f"output_dir={reference}"]))
+    expected, _ = load_tensors(reference / SIMILARITY_FILE)
+    assert resumed.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(resumed[name], expected[name]), name
+
+
+def test_resume_with_nothing_saved_starts_over_and_a_finished_result_is_shown(digits_run, tmp_path):
+    factors, _ = digits_run
+    (tmp_path / storage.FACTORS_FILE).write_bytes((factors / storage.FACTORS_FILE).read_bytes())
+    cfg = load_config(DIGITS, [f"output_dir={tmp_path}", "device=cpu"])
+    assert dataset_similarity(cfg, resume=True).resumed_from is None
+    again = dataset_similarity(cfg, resume=True)
+    assert again.from_file and again.resumed_from is None
+
+
+class _Ranks:
+    """Two ranks' all_gather_object / broadcast_object, seen from `rank` (the other rank's values given)."""
+
+    distributed, world_size = True, 2
+
+    def __init__(self, rank: int, other: SimilarityProgress) -> None:
+        self.rank, self.other = rank, other
+
+    def all_gather_object(self, obj):
+        mine, theirs = obj, len(self.other.finished)
+        return [mine, theirs] if self.rank == 0 else [theirs, mine]
+
+    def broadcast_object(self, obj, src: int = 0):
+        return obj if src == self.rank else list(self.other.finished)
+
+
+def test_ranks_that_saved_different_datasets_resume_at_the_furthest_one(tmp_path):
+    """A rank stopped before it saved dataset 1 as finished (the other did, after the all-reduce): both continue
+    with dataset 2, the first rank with dataset 1's statistics of the second and its own sums dropped."""
+    stats = [DatasetStatistics({"fc": torch.full((2, 3), float(i), dtype=F64)}, {"fc": torch.ones(2, 3, dtype=F64)}, 10 + i) for i in range(2)]
+    behind = SimilarityProgress(PassCheckpoint(tmp_path / "p0.safetensors", {}, 1))
+    behind.finished, behind.batches_done, behind.sums = stats[:1], 3, {"fc.gradient": torch.ones(2, 3)}
+    ahead = SimilarityProgress(PassCheckpoint(tmp_path / "p1.safetensors", {}, 1))
+    ahead.finished = stats
+    ahead.save(0, {})
+    restored = SimilarityProgress(ahead.checkpoint, PassCheckpoint(tmp_path / "p1.safetensors", {}, 1).check_start(True, False))
+    assert [s.num_examples for s in restored.finished] == [10, 11] and torch.equal(restored.finished[1].mean_gradient["fc"], stats[1].mean_gradient["fc"])
+    behind.agree(_Ranks(0, restored))  # type: ignore[arg-type]
+    assert [s.num_examples for s in behind.finished] == [10, 11] and behind.batches_done == 0 and behind.sums == {}
+    restored.agree(_Ranks(1, behind))  # type: ignore[arg-type]
+    assert len(restored.finished) == 2
+
+
+# Rank 1 of the real CLI stops in the second dataset (as a preempted rank would); torchrun then stops rank 0.
+STOPPING_RANK_CLI = """
+import os, sys, time
+import influence_cli.similarity as similarity
+
+_stream = similarity.stream_gradients
+
+def stream(*args, **kwargs):
+    for batch in _stream(*args, **kwargs):
+        time.sleep(0.02)
+        if os.environ.get("STOP") and os.environ["RANK"] == "1" and kwargs["dataset_name"].endswith(".ones_sevens") and batch.index == 7:
+            raise KeyboardInterrupt
+        yield batch
+
+similarity.stream_gradients = stream
+from influence_cli.cli import main
+sys.argv[0] = "influence"
+main()
+"""
+
+
+@pytest.mark.distributed
+def test_two_ranks_interrupted_resume_to_the_uninterrupted_result(digits_run, tmp_path):
+    import subprocess
+    import sys
+
+    from launch import subprocess_env
+
+    script = tmp_path / "stopping.py"
+    script.write_text(STOPPING_RANK_CLI)
+    factors, _ = digits_run
+
+    def run(out: Path, *extra: str, stop: bool = False) -> subprocess.CompletedProcess:
+        out.mkdir(exist_ok=True)
+        if not (out / storage.FACTORS_FILE).exists():
+            (out / storage.FACTORS_FILE).write_bytes((factors / storage.FACTORS_FILE).read_bytes())
+        sets = [f"output_dir={out}", "device=cpu", "data.batch_size=8", "factors.checkpoint_every=2"]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               "dataset-similarity", str(DIGITS), *[a for s in sets for a in ("--set", s)], *extra]  # fmt: skip
+        env = subprocess_env() | ({"STOP": "1"} if stop else {})
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, cwd=ROOT)
+
+    stopped = run(tmp_path / "resumed", stop=True)
+    assert stopped.returncode != 0 and not (tmp_path / "resumed" / SIMILARITY_FILE).exists(), stopped.stderr
+    saved = sorted(p.name for p in (tmp_path / "resumed").glob("similarity.partial*"))
+    assert saved == ["similarity.partial.rank0.safetensors", "similarity.partial.rank1.safetensors"], stopped.stderr
+    resumed = run(tmp_path / "resumed", "--resume", "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["resumed_from"].startswith("dataset 'ones_sevens', batch ")
+    assert not list((tmp_path / "resumed").glob("similarity.partial*"))
+    reference = run(tmp_path / "reference")
+    assert reference.returncode == 0, reference.stderr
+    got, _ = load_tensors(tmp_path / "resumed" / SIMILARITY_FILE)
+    expected, _ = load_tensors(tmp_path / "reference" / SIMILARITY_FILE)
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 import typer
 from rich.markup import escape
 
-from influence_cli.cli.app import ConfigArg, JsonOpt, ReportOverwriteOpt, SetOpt, command, load
+from influence_cli.cli.app import ConfigArg, JsonOpt, ReportOverwriteOpt, ResumeOpt, SetOpt, command, load
 from influence_cli.cli.render import RichProgress, err_console, new_table, print_json, print_read_back, print_table
 
 SIMILARITY_EPILOG = """\
@@ -55,7 +55,7 @@ def _matrix_table(title: str, names: list[str], matrix, extra: list[tuple[str, l
     return table
 
 
-@command("dataset-similarity", epilog=SIMILARITY_EPILOG)
+@command("dataset-similarity", resumable=True, epilog=SIMILARITY_EPILOG)
 def dataset_similarity_cmd(
     config: ConfigArg,
     method: Annotated[
@@ -65,10 +65,11 @@ def dataset_similarity_cmd(
         ),
     ] = None,
     heatmap: Annotated[
-        Path | None, typer.Option("--heatmap", help="Also write the headline matrix as a labelled PNG heatmap here.")
+        Path | None, typer.Option("--heatmap", help="Also write the headline matrix as a labelled heatmap here (PNG, or any format Pillow writes, by the suffix); its colours span the values off the diagonal.")
     ] = None,
     set_: SetOpt = None,
     overwrite: ReportOverwriteOpt = False,
+    resume: ResumeOpt = False,
     json_: JsonOpt = False,
 ) -> None:
     """Compare the datasets of similarity.datasets through the model's Fisher, using the factors of fit-factors.
@@ -83,6 +84,8 @@ def dataset_similarity_cmd(
     Fisher kind); a one-sample `sampled` Fisher is noisy on small datasets, similarity.fisher=ggn removes that noise. Everything, with
     per-dataset embeddings, is saved to OUTPUT_DIR/similarity.safetensors; run again with the same settings, the command
     shows that result (with any --method or --heatmap) without recomputing it, and --overwrite recomputes.
+    An interrupted run continues with --resume (progress is saved every factors.checkpoint_every batches and after
+    each dataset).
     """
     from influence_cli.distributed import init_distributed
     from influence_cli.similarity import dataset_similarity
@@ -93,7 +96,7 @@ def dataset_similarity_cmd(
 
         check_image_path(heatmap, "--heatmap")  # fail before the passes, not after
     state = init_distributed(cfg.device, cfg.source)
-    report = dataset_similarity(cfg, method=method, overwrite=overwrite, state=state, progress=RichProgress(not json_))
+    report = dataset_similarity(cfg, method=method, overwrite=overwrite, resume=resume, state=state, progress=RichProgress(not json_))
     if not state.is_main:
         return
     if heatmap is not None:
@@ -123,5 +126,7 @@ def dataset_similarity_cmd(
     if report.from_file:
         print_read_back(report.path, heatmap)
         return
+    if report.resumed_from:
+        err_console.print(f"resumed from {escape(report.resumed_from)}")
     saved = f"[green]saved[/] {escape(str(report.path))}" + (f" and {escape(str(heatmap))}" if heatmap is not None else "")
     err_console.print(f"{saved} ({report.seconds.get('total', 0.0):.2f}s)")
