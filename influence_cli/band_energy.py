@@ -35,13 +35,21 @@ from influence_cli import notices, storage
 from influence_cli.bands import LayerBands, check_order, layer_bands, load_kronecker_factors, select_layers
 from influence_cli.config import Config, DataSpec
 from influence_cli.context import RunContext, prepare
-from influence_cli.distributed import DistState
+from influence_cli.distributed import DistState, agree
 from influence_cli.errors import ConfigError
 from influence_cli.factors import LayerFactors, Rotation
 from influence_cli.notices import warn
 from influence_cli.passes import NonFiniteWatch, accumulator_dtype, stream_gradients
 from influence_cli.progress import NullProgress, Progress, for_rank
-from influence_cli.resume import finished_result, run_key
+from influence_cli.resume import (
+    DatasetsProgress,
+    PassCheckpoint,
+    Snapshot,
+    check_rank_layout,
+    clear_progress_of_finished,
+    finished_result,
+    run_key,
+)
 from influence_cli.squares import weighted_squares
 from influence_cli.tracking import TrackedModule
 
@@ -203,6 +211,7 @@ def dataset_spectrum(
     title: str | None = None,
     progress: Progress | None = None,
     padding_value: float | None = None,
+    saved: DatasetsProgress | None = None,
 ) -> DatasetSpectrum:
     """Streams one dataset once (loss gradients at its labels) and returns every example's band energies.
 
@@ -210,10 +219,12 @@ def dataset_spectrum(
         layers: The analysed layers (only they are hooked).
         factors: {layer: factors} with the Kronecker eigenbasis.
         bands: {layer: LayerBands}.
-        batches: (inputs, targets, global_indices) triples.
+        batches: (inputs, targets, global_indices) triples, from batch `saved.batches_done` on when given.
         noisy_of: global indices [B] -> bool [B] (label noise); default all False.
         name: The dataset's config key, named in errors.
         padding_value: Masks padding positions (`data.padding_value`).
+        saved: resumable progress: the examples it holds are not streamed again, and the energies
+            are saved every `factors.checkpoint_every` batches.
     """
     device = device or torch.device("cpu")
     progress = progress or NullProgress()
@@ -222,11 +233,18 @@ def dataset_spectrum(
     rot = {name: (Rotation(lf.a_eigenvectors), Rotation(lf.g_eigenvectors)) for name, lf in moved.items()}  # type: ignore[arg-type]
     energy = {tm.name: LayerEnergy(bands[tm.name], bins, dtype, device) for tm in layers}
     input_masks = {tm.name: torch.nn.functional.one_hot(bands[tm.name].input_band, 3).to(device, dtype) for tm in layers}
-    idx_parts, label_parts, band_parts, bin_parts, input_parts = [], [], [], [], []
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in _PARTS}
+    start = saved.batches_done if saved is not None else 0
+    if start:
+        for k in _PARTS:
+            parts[k].append(saved.state[k].to(device))  # type: ignore[union-attr]
     watch = NonFiniteWatch(device)
     progress.start(title or name, num_examples)
+    if start:
+        progress.advance(len(parts["global_indices"][0]))
     for batch in stream_gradients(
-        model, layers, batches, task_kind=task_kind, mode="loss", device=device, dataset_name=name, padding_value=padding_value
+        model, layers, batches, task_kind=task_kind, mode="loss", device=device, start_batch=start, dataset_name=name,
+        padding_value=padding_value,
     ):
         watch.observe(batch)
         per_layer, per_input = [], []
@@ -236,14 +254,21 @@ def dataset_spectrum(
             per_layer.append(energy[tm.name](a_rot, g_rot))
             per_input.append(a_rot.square().sum(1) @ input_masks[tm.name])
         e = torch.stack(per_layer, dim=1)  # [B, L, 3 + bins]
-        band_parts.append(e[:, :, :3])
-        bin_parts.append(e[:, :, 3:])
-        input_parts.append(torch.stack(per_input, dim=1))
-        idx_parts.append(batch.global_indices)
-        label_parts.append(batch.targets)
+        parts["band_energy"].append(e[:, :, :3])
+        parts["bin_energy"].append(e[:, :, 3:])
+        parts["input_energy"].append(torch.stack(per_input, dim=1))
+        parts["global_indices"].append(batch.global_indices)
+        parts["labels"].append(batch.targets)
+        done = batch.index + 1
+        if saved is not None and saved.due(done):
+            watch.check(name)  # never save progress past a non-finite batch
+            parts = {k: [torch.cat(v)] for k, v in parts.items()}  # saved as they are joined, joined once per save
+            saved.save(done, {k: v[0] for k, v in parts.items()})
         progress.advance(len(batch.global_indices))
     progress.stop()
     watch.check(name)
+    idx_parts, label_parts = parts["global_indices"], parts["labels"]
+    band_parts, bin_parts, input_parts = parts["band_energy"], parts["bin_energy"], parts["input_energy"]
     if not idx_parts:
         empty = torch.zeros(0, len(layers), 3, dtype=torch.float64)
         return DatasetSpectrum(
@@ -261,6 +286,14 @@ def dataset_spectrum(
         torch.cat(bin_parts).double().cpu(),
         torch.cat(input_parts).double().cpu(),
     )
+
+
+_PARTS = ("global_indices", "labels", "band_energy", "bin_energy", "input_energy")  # what a pass adds up, batch by batch
+
+
+def _as_tensors(ds: DatasetSpectrum) -> dict[str, torch.Tensor]:
+    """A finished dataset's energies as its saved progress holds them (the name is the dataset's place)."""
+    return {f.name: getattr(ds, f.name) for f in dataclasses.fields(ds) if f.name != "name"}
 
 
 def _gather(ds: DatasetSpectrum, state: DistState) -> DatasetSpectrum:
@@ -306,6 +339,7 @@ class SpectrumReport:
     fisher: str
     seconds: dict[str, float] = field(default_factory=dict)
     from_file: bool = False  # read from the finished result of the same settings, not computed
+    resumed_from: str | None = None  # where --resume continued this rank's interrupted run
 
     def band_names(self) -> list[str]:
         """Row labels: "bottom 50%", "middle 40%", "top 10%" (by mass: "bottom ≤50% of curvature", ...)."""
@@ -391,6 +425,7 @@ class SpectrumReport:
             "ratio_vs_baseline": {k: dict(zip(BANDS, v, strict=True)) for k, v in self.ratios().items()},
             "seconds": self.seconds,
             "from_file": self.from_file,
+            "resumed_from": self.resumed_from,
         }
         if top:
             data["top_examples"] = self.top_examples(top)
@@ -412,6 +447,7 @@ def spectrum(
     layers: list[str] | str | None = None,
     order: str | None = None,
     overwrite: bool = False,
+    resume: bool = False,
     state: DistState | None = None,
     progress: Progress | None = None,
 ) -> SpectrumReport:
@@ -426,8 +462,13 @@ def spectrum(
         layers: Patterns overriding spectrum.layers (the --layers flag).
         order: kfac | ekfac, overriding spectrum.order (the --order flag).
 
+    A finished result of the same settings is read back instead of recomputed; `resume` continues an
+    interrupted run from its last saved progress (every `factors.checkpoint_every` batches, and after
+    each dataset).
+
     Raises:
-        OutputError: no factors, factors of another model or without an eigenbasis, or the output exists without `overwrite`.
+        OutputError: no factors, factors of another model or without an eigenbasis, or the output exists
+            without `overwrite`; progress of an interrupted run without `resume` or `overwrite`, or of other settings.
         ConfigError: the layer patterns match no tracked layer, or spectrum.baseline names no dataset.
     """
     t_start = time.perf_counter()
@@ -478,17 +519,30 @@ def spectrum(
         "mass": sp.mass, "bins": sp.bins, "task": cfg.task.kind, "padding_value": cfg.data.padding_value,
     }  # fmt: skip
     from_file = finished_result(path, result_fields, "a spectrum result", overwrite=overwrite) is not None
-    results = _load_energies(path, list(datasets)) if from_file else []
+    st = ctx.state
+    resumed_from = None
+    if from_file:
+        clear_progress_of_finished(out_dir, storage.SPECTRUM_PARTIAL, main=st.is_main)  # a kill right after the final rename
+        results = _load_energies(path, list(datasets))
+    else:
+        saved = _start(cfg, st, result_fields, resume=resume, overwrite=overwrite)
+        if overwrite and st.is_main:  # replaced: an interrupted --overwrite run must not leave the old result looking current
+            path.unlink(missing_ok=True)
+        resumed_from = saved.resumed_from(list(datasets))
+        results = [DatasetSpectrum(name, **t) for name, t in zip(datasets, saved.finished, strict=False)]
     t0 = time.perf_counter()
-    for name, ds in datasets.items() if not from_file else []:
-        start, stop = ctx.state.shard(len(ds))
+    for i, (name, ds) in enumerate(datasets.items() if not from_file else []):
+        if i < len(results):
+            continue
+        start, stop = st.shard(len(ds))
         part = dataset_spectrum(
-            ctx.model, chosen, layer_factors, bands, ctx.batches(ds),
+            ctx.model, chosen, layer_factors, bands, ctx.batches(ds, start_batch=saved.batches_done),
             bins=sp.bins, task_kind=cfg.task.kind, name=keys[name], device=ctx.device,
             noisy_of=lambda gi, ds=ds: ds.noisy_mask[ds.position_of(gi)], num_examples=stop - start, title=name, progress=progress,
-            padding_value=cfg.data.padding_value,
+            padding_value=cfg.data.padding_value, saved=saved,
         )  # fmt: skip
-        results.append(_gather(dataclasses.replace(part, name=name), ctx.state))
+        results.append(_gather(dataclasses.replace(part, name=name), st))
+        saved.finish(_as_tensors(results[-1]), more=i + 1 < len(datasets))
     seconds = {"passes": time.perf_counter() - t0}
     groups = groups_of(results)
     infos = [
@@ -499,7 +553,7 @@ def spectrum(
     ]
     report = SpectrumReport(
         path, [tm.name for tm in chosen], order, sp.bottom, sp.top, sp.mass, sp.bins, infos, results, groups, baseline,
-        factors.strategy, factors.fisher, {} if from_file else seconds, from_file=from_file,
+        factors.strategy, factors.fisher, {} if from_file else seconds, from_file=from_file, resumed_from=resumed_from,
     )  # fmt: skip
     if report.flat_bands()[0]:
         warn(
@@ -508,11 +562,28 @@ def spectrum(
         )
     if from_file:
         return report
-    if ctx.state.is_main:
+    if st.is_main:
         _save(report, ctx, fingerprints, result_fields)
-    ctx.state.barrier()
+    st.barrier()
+    saved.checkpoint.clear()
     report.seconds["total"] = time.perf_counter() - t_start
     return report
+
+
+def _start(cfg: Config, st: DistState, result: dict[str, Any], *, resume: bool, overwrite: bool) -> DatasetsProgress:
+    """The progress this rank continues from (none without `resume`), after every rank's checks of it."""
+    out_dir = cfg.output_path
+    rank_suffix = f".rank{st.rank}" if st.distributed else ""
+    settings = result | {"bs": cfg.data.batch_size, "world": st.world_size}
+    checkpoint = PassCheckpoint(out_dir / storage.SPECTRUM_PARTIAL.format(rank=rank_suffix), settings, cfg.factors.checkpoint_every)
+
+    def start_checks() -> Snapshot | None:
+        check_rank_layout(out_dir, storage.SPECTRUM_PARTIAL, st.world_size, resume=resume, overwrite=overwrite)
+        return checkpoint.check_start(resume, overwrite)
+
+    saved = DatasetsProgress(checkpoint, agree(st, start_checks))
+    saved.agree(st)
+    return saved
 
 
 def _load_energies(path: Path, names: list[str]) -> list[DatasetSpectrum]:

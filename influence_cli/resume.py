@@ -218,3 +218,67 @@ def changed_settings(old: dict[str, Any] | None, new: dict[str, Any], names: dic
             short = all(isinstance(v, (int, float, str, bool)) and len(str(v)) <= 12 for v in (a, b))
             parts.append(f"{name} {a} -> {b}" if short else name)
     return ", ".join(parts) or "unknown change"
+
+
+class DatasetsProgress:
+    """Resumable progress of a command that streams several datasets one after another (dataset-similarity,
+    spectrum), on this rank: each finished dataset's result (tensors, the same on every rank: they are
+    all-reduced or gathered) and this rank's state of the dataset in progress, saved by a `PassCheckpoint`.
+
+    Phase "dataset:<i>": datasets 0..i-1 are finished; `batches_done` batches of dataset i are in `state`.
+    """
+
+    def __init__(self, checkpoint: PassCheckpoint, snapshot: Snapshot | None = None) -> None:
+        self.checkpoint = checkpoint
+        self.finished: list[dict[str, torch.Tensor]] = []
+        self.batches_done = 0
+        self.state: dict[str, torch.Tensor] = {}
+        if snapshot is not None and snapshot.phase.startswith("dataset:"):
+            done = int(snapshot.phase.removeprefix("dataset:"))
+            self.finished = [_prefixed(snapshot.tensors, f"finished.{i}.") for i in range(done)]
+            self.batches_done = snapshot.batches_done
+            self.state = _prefixed(snapshot.tensors, "state.")
+
+    def due(self, batches_done: int) -> bool:
+        return self.checkpoint.due(batches_done)
+
+    def save(self, batches_done: int, state: dict[str, torch.Tensor]) -> None:
+        """Saves the finished datasets and `batches_done` batches of the next one (`state`: what they added up to)."""
+        tensors = {f"state.{k}": v for k, v in state.items()}
+        for i, result in enumerate(self.finished):
+            tensors |= {f"finished.{i}.{k}": v for k, v in result.items()}
+        self.checkpoint.save(f"dataset:{len(self.finished)}", batches_done, tensors)
+
+    def finish(self, result: dict[str, torch.Tensor], more: bool) -> None:
+        """Records a finished dataset, and saves it when `more` datasets follow (the last one is the command's result)."""
+        self.finished.append({k: v.detach().cpu() for k, v in result.items()})
+        self.batches_done, self.state = 0, {}
+        if more and self.checkpoint.every > 0:
+            self.save(0, {})
+
+    def agree(self, dist: Any) -> None:
+        """Every rank (`dist`: a DistState) resumes at the same dataset: after the most any rank finished,
+        whose results that rank sends to the others; a rank that saved fewer starts that dataset over on
+        its shard (its state is its own)."""
+        if not dist.distributed:
+            return
+        counts = [int(c) for c in dist.all_gather_object(len(self.finished))]
+        most = max(counts)
+        if min(counts) == most:
+            return
+        src = counts.index(most)
+        finished = dist.broadcast_object(self.finished if dist.rank == src else None, src=src)
+        if len(self.finished) < most:
+            self.batches_done, self.state = 0, {}
+        self.finished = list(finished)
+
+    def resumed_from(self, names: list[str]) -> str | None:
+        """Where this rank continues, in words ("dataset 'b', batch 6 (1 of 3 datasets done)"), or None."""
+        if not (self.finished or self.batches_done):
+            return None
+        where = f"dataset {names[len(self.finished)]!r}, batch {self.batches_done}"
+        return where + (f" ({len(self.finished)} of {len(names)} datasets done)" if self.finished else "")
+
+
+def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}

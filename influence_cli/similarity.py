@@ -42,7 +42,15 @@ from influence_cli.factors import DiagonalAccumulator, LayerFactors, layer_dampi
 from influence_cli.fit import PassPlan, check_factors_match, load_factors, plan_for
 from influence_cli.passes import BatchGradients, NonFiniteWatch, accumulator_dtype, stream_gradients
 from influence_cli.progress import NullProgress, Progress, for_rank
-from influence_cli.resume import PassCheckpoint, Snapshot, check_rank_layout, clear_progress_of_finished, finished_result, run_key
+from influence_cli.resume import (
+    DatasetsProgress,
+    PassCheckpoint,
+    Snapshot,
+    check_rank_layout,
+    clear_progress_of_finished,
+    finished_result,
+    run_key,
+)
 from influence_cli.tracking import TrackedModule
 
 HEADLINE = {"fisher-kernel": "kernel_normalized", "task2vec": "task2vec_cosine"}
@@ -145,71 +153,20 @@ def _stream(model: nn.Module, tracked: list[TrackedModule], plan: PassPlan, name
     )
 
 
-class SimilarityProgress:
-    """dataset-similarity's resumable progress on this rank (a `PassCheckpoint`): the statistics of the
-    datasets finished, the same on every rank, and this rank's sums of the one in progress.
-
-    Phase "dataset:<i>": datasets 0..i-1 are finished; `batches_done` batches of dataset i are in the sums.
-    """
-
-    def __init__(self, checkpoint: PassCheckpoint, snapshot: Snapshot | None = None) -> None:
-        self.checkpoint = checkpoint
-        self.finished: list[DatasetStatistics] = []
-        self.batches_done = 0
-        self.sums: dict[str, torch.Tensor] = {}
-        if snapshot is not None and snapshot.phase.startswith("dataset:"):
-            done = int(snapshot.phase.removeprefix("dataset:"))
-            self.finished = [_statistics_from(snapshot.tensors, i) for i in range(done)]
-            self.batches_done = snapshot.batches_done
-            self.sums = {k.removeprefix("sums."): v for k, v in snapshot.tensors.items() if k.startswith("sums.")}
-
-    def due(self, batches_done: int) -> bool:
-        return self.checkpoint.due(batches_done)
-
-    def save(self, batches_done: int, sums: dict[str, torch.Tensor]) -> None:
-        """Saves the finished datasets and `batches_done` batches of the next one (`sums`: its accumulators)."""
-        tensors = {f"sums.{k}": v for k, v in sums.items()}
-        for i, st in enumerate(self.finished):
-            tensors |= {f"finished.{i}.mean.{k}": v for k, v in st.mean_gradient.items()}
-            tensors |= {f"finished.{i}.diagonal.{k}": v for k, v in st.fisher_diagonal.items()}
-            tensors[f"finished.{i}.count"] = torch.tensor(st.num_examples, dtype=torch.int64)
-        self.checkpoint.save(f"dataset:{len(self.finished)}", batches_done, tensors)
-
-    def finish(self, stats: DatasetStatistics, more: bool) -> None:
-        """Records a finished dataset, and saves it when `more` datasets follow (the last one is the result)."""
-        self.finished.append(stats)
-        self.batches_done, self.sums = 0, {}
-        if more and self.checkpoint.every > 0:
-            self.save(0, {})
-
-    def agree(self, state: DistState) -> None:
-        """Every rank resumes at the same dataset: the most any rank finished (their statistics are
-        all-reduced, so the same on every rank that saved them), taken from that rank; a rank that
-        saved less starts that dataset over on its shard (its sums are its own)."""
-        if not state.distributed:
-            return
-        counts = [int(c) for c in state.all_gather_object(len(self.finished))]  # type: ignore[call-overload]
-        most = max(counts)
-        if min(counts) == most:
-            return
-        src = counts.index(most)
-        finished = state.broadcast_object([_cpu(s) for s in self.finished] if state.rank == src else None, src=src)
-        if len(self.finished) < most:
-            self.batches_done, self.sums = 0, {}
-        self.finished = list(finished)  # type: ignore[arg-type]
+def _as_tensors(stats: DatasetStatistics) -> dict[str, torch.Tensor]:
+    """A dataset's statistics as the tensors its saved progress holds (layer names may hold dots)."""
+    return (
+        {f"mean.{k}": v for k, v in stats.mean_gradient.items()}
+        | {f"diagonal.{k}": v for k, v in stats.fisher_diagonal.items()}
+        | {"count": torch.tensor(stats.num_examples, dtype=torch.int64)}
+    )
 
 
-def _cpu(stats: DatasetStatistics) -> DatasetStatistics:
-    return DatasetStatistics({k: v.cpu() for k, v in stats.mean_gradient.items()}, {k: v.cpu() for k, v in stats.fisher_diagonal.items()}, stats.num_examples)
-
-
-def _statistics_from(tensors: dict[str, torch.Tensor], i: int) -> DatasetStatistics:
-    """Dataset i's statistics as SimilarityProgress.save stored them (layer names may hold dots)."""
-    mean, diagonal = f"finished.{i}.mean.", f"finished.{i}.diagonal."
+def _from_tensors(tensors: dict[str, torch.Tensor]) -> DatasetStatistics:
     return DatasetStatistics(
-        {k.removeprefix(mean): v for k, v in tensors.items() if k.startswith(mean)},
-        {k.removeprefix(diagonal): v for k, v in tensors.items() if k.startswith(diagonal)},
-        int(tensors[f"finished.{i}.count"]),
+        {k.removeprefix("mean."): v for k, v in tensors.items() if k.startswith("mean.")},
+        {k.removeprefix("diagonal."): v for k, v in tensors.items() if k.startswith("diagonal.")},
+        int(tensors["count"]),
     )
 
 
@@ -222,7 +179,7 @@ def dataset_statistics(
     name: str = "dataset",
     title: str | None = None,
     progress: Progress | None = None,
-    saved: SimilarityProgress | None = None,
+    saved: DatasetsProgress | None = None,
 ) -> DatasetStatistics:
     """Streams one dataset once and returns its mean rotated gradient and diagonal Fisher.
 
@@ -242,7 +199,7 @@ def dataset_statistics(
     start = 0
     if saved is not None and saved.batches_done > 0:
         for k, v in sums.items():
-            v.copy_(saved.sums[k])
+            v.copy_(saved.state[k])
         start = saved.batches_done
     watch = NonFiniteWatch(device)
     progress.start(title or name, plan.num_examples)
@@ -366,7 +323,7 @@ def compute_similarity(
     *,
     progress: Progress | None = None,
     keys: dict[str, str] | None = None,
-    saved: SimilarityProgress | None = None,
+    saved: DatasetsProgress | None = None,
 ) -> SimilarityResult:
     """Streams each dataset once and returns every similarity matrix between them.
 
@@ -378,13 +335,13 @@ def compute_similarity(
         saved: resumable progress: the datasets it finished are not streamed again.
     """
     keys = keys or {}
-    stats: list[DatasetStatistics] = list(saved.finished) if saved is not None else []
+    stats = [_from_tensors(t) for t in saved.finished] if saved is not None else []
     for i, (n, plan) in enumerate(plans.items()):
         if i < len(stats):
             continue
         stats.append(dataset_statistics(model, tracked, factors, plan, name=keys.get(n, n), title=n, progress=progress, saved=saved))
         if saved is not None:
-            saved.finish(stats[-1], more=i + 1 < len(plans))
+            saved.finish(_as_tensors(stats[-1]), more=i + 1 < len(plans))
     inverse = {tm.name: inverse_curvature(factors[tm.name], damping[tm.name], (tm.d_out, tm.d_in)) for tm in tracked}
     kernel, per_layer = fisher_kernel(stats, inverse)
     # rounding comes from the accumulators and from the bases as stored (float32 files, also for float64 models)
@@ -488,14 +445,11 @@ def dataset_similarity(
         check_rank_layout(out_dir, storage.SIMILARITY_PARTIAL, st.world_size, resume=resume, overwrite=overwrite)
         return checkpoint.check_start(resume, overwrite)
 
-    saved = SimilarityProgress(checkpoint, agree(st, start_checks))
+    saved = DatasetsProgress(checkpoint, agree(st, start_checks))
     saved.agree(st)
     if overwrite and st.is_main:  # replaced: an interrupted --overwrite run must not leave the old result looking current
         path.unlink(missing_ok=True)
-    resumed_from, order = None, list(plans)
-    if saved.finished or saved.batches_done:  # the last dataset is never saved as finished: its statistics are the result
-        resumed_from = f"dataset {order[len(saved.finished)]!r}, batch {saved.batches_done}"
-        resumed_from += f" ({len(saved.finished)} of {len(order)} datasets done)" if saved.finished else ""
+    resumed_from = saved.resumed_from(list(plans))
     progress = for_rank(progress, st.rank, st.world_size)
     layers = {tm.name: factors.layers[tm.name].to(ctx.device) for tm in ctx.tracked}
     t0 = time.perf_counter()

@@ -42,6 +42,7 @@ SELF_INFLUENCE_FILE = "self_influence.safetensors"
 SIMILARITY_FILE = "similarity.safetensors"
 SIMILARITY_PARTIAL = "similarity.partial{rank}.safetensors"
 SPECTRUM_FILE = "spectrum.safetensors"
+SPECTRUM_PARTIAL = "spectrum.partial{rank}.safetensors"
 
 FORMAT_KEY = "format"
 FACTORS_FORMAT = "influence_cli.factors/1"

@@ -27,7 +27,7 @@ from influence_cli import storage
 from influence_cli.config import load_config
 from influence_cli.distributed import DistState
 from influence_cli.errors import OutputError
-from influence_cli.resume import Snapshot
+from influence_cli.resume import DatasetsProgress, PassCheckpoint, Snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -647,3 +647,42 @@ def test_a_missing_factors_dir_is_named_and_not_created(tmp_path):
     with pytest.raises(OutputError, match=r"no factors at .*nowhere/factors.safetensors"):
         compute_scores(cfg)
     assert list(tmp_path.iterdir()) == []  # neither folder left behind
+
+
+class _TwoRanks:
+    """all_gather_object / broadcast_object of two ranks, seen from `rank` (the other rank's progress given)."""
+
+    distributed, world_size = True, 2
+
+    def __init__(self, rank: int, other: DatasetsProgress) -> None:
+        self.rank, self.other = rank, other
+
+    def all_gather_object(self, obj):
+        theirs = len(self.other.finished)
+        return [obj, theirs] if self.rank == 0 else [theirs, obj]
+
+    def broadcast_object(self, obj, src: int = 0):
+        return obj if src == self.rank else list(self.other.finished)
+
+
+def test_datasets_progress_round_trips_and_ranks_resume_at_the_furthest_dataset(tmp_path):
+    """A rank stopped before it saved dataset 1 as finished (the other did, after the all-reduce): both continue
+    with dataset 2, the first rank with the other's result of dataset 1 and its own state dropped."""
+    results = [{"mean.fc.0": torch.full((2, 3), float(i)), "count": torch.tensor(10 + i)} for i in range(2)]
+    behind = DatasetsProgress(PassCheckpoint(tmp_path / "p0.safetensors", {"a": 1}, 1))
+    behind.finish(results[0], more=True)
+    behind.save(3, {"sum.fc.0": torch.ones(2, 3)})
+    ahead = DatasetsProgress(PassCheckpoint(tmp_path / "p1.safetensors", {"a": 1}, 1))
+    for r in results:
+        ahead.finish(r, more=True)
+    behind = DatasetsProgress(behind.checkpoint, behind.checkpoint.check_start(True, False))
+    ahead = DatasetsProgress(ahead.checkpoint, ahead.checkpoint.check_start(True, False))
+    assert behind.batches_done == 3 and torch.equal(behind.state["sum.fc.0"], torch.ones(2, 3))
+    assert [int(r["count"]) for r in ahead.finished] == [10, 11] and torch.equal(ahead.finished[1]["mean.fc.0"], results[1]["mean.fc.0"])
+    assert behind.resumed_from(["a", "b", "c"]) == "dataset 'b', batch 3 (1 of 3 datasets done)"
+    behind.agree(_TwoRanks(0, ahead))  # type: ignore[arg-type]
+    assert [int(r["count"]) for r in behind.finished] == [10, 11] and behind.batches_done == 0 and behind.state == {}
+    assert behind.resumed_from(["a", "b", "c"]) == "dataset 'c', batch 0 (2 of 3 datasets done)"
+    ahead.agree(_TwoRanks(1, behind))  # type: ignore[arg-type]
+    assert len(ahead.finished) == 2 and ahead.resumed_from(["a", "b", "c"]) == "dataset 'c', batch 0 (2 of 3 datasets done)"
+    assert DatasetsProgress(PassCheckpoint(tmp_path / "none.safetensors", {}, 1)).resumed_from(["a"]) is None

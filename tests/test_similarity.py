@@ -13,6 +13,7 @@ import torch
 from exact import ConvHead, SeqModel, batches_of, empirical_vectors, fisher_vectors, fit, per_example_layer_grads, tiny_mlp
 from mnist_files import IMAGES, LABELS, requires_mnist
 from PIL import Image
+from stopping import StopAt
 from typer.testing import CliRunner
 
 from influence_cli import storage
@@ -23,11 +24,7 @@ from influence_cli.errors import NumericalError, OutputError
 from influence_cli.factors import LayerFactors
 from influence_cli.fit import PassPlan, fit_factors
 from influence_cli.models import build_model
-from influence_cli.progress import NullProgress
-from influence_cli.resume import PassCheckpoint
 from influence_cli.similarity import (
-    DatasetStatistics,
-    SimilarityProgress,
     compute_similarity,
     dataset_similarity,
     normalize_kernel,
@@ -516,21 +513,6 @@ def test_temporary_files_of_killed_writers_are_removed(digits_run, tmp_path):
 # ----------------------------------------------------------------------------- interrupted runs
 
 
-class _StopAt(NullProgress):
-    """A progress sink that stops the run (as Ctrl-C does) once `after` examples of dataset `title` are done."""
-
-    def __init__(self, title: str, after: int) -> None:
-        self.title, self.after, self.current, self.done = title, after, "", 0
-
-    def start(self, title: str, total: int, unit: str = "examples") -> None:
-        self.current, self.done = title, 0
-
-    def advance(self, n: int = 1) -> None:
-        self.done += n
-        if self.current == self.title and self.done >= self.after:
-            raise KeyboardInterrupt
-
-
 @pytest.mark.parametrize("title,after", [("zeros_sixes", 200), ("ones_sevens_heldout", 32)])
 def test_an_interrupted_run_resumes_to_the_same_result(digits_run, tmp_path, title, after):
     """Stopped inside the first or the last dataset (progress saved every 2 batches of 32, and after each dataset),
@@ -540,14 +522,14 @@ def test_an_interrupted_run_resumes_to_the_same_result(digits_run, tmp_path, tit
     sets = [f"output_dir={tmp_path}", "device=cpu", "data.batch_size=32", "factors.checkpoint_every=2"]
     cfg = load_config(DIGITS, sets)
     with pytest.raises(KeyboardInterrupt):
-        dataset_similarity(cfg, progress=_StopAt(title, after))
+        dataset_similarity(cfg, progress=StopAt(title, after))
     partial = tmp_path / storage.SIMILARITY_PARTIAL.format(rank="")
     assert partial.is_file() and not (tmp_path / SIMILARITY_FILE).exists()
     with pytest.raises(OutputError, match="progress of an interrupted run"):
         dataset_similarity(cfg)
     with pytest.raises(OutputError, match=r"other settings \(batch size 32 -> 64\)"):
         dataset_similarity(load_config(DIGITS, [*sets, "data.batch_size=64"]), resume=True)
-    streamed = _StopAt("", 0)
+    streamed = StopAt("", 0)
     report = dataset_similarity(cfg, resume=True, progress=streamed)
     assert report.resumed_from is not None and report.resumed_from.startswith(f"dataset {title!r}, batch ")
     assert ("of 4 datasets done" in report.resumed_from) == (title != "zeros_sixes")
@@ -570,39 +552,6 @@ def test_resume_with_nothing_saved_starts_over_and_a_finished_result_is_shown(di
     assert dataset_similarity(cfg, resume=True).resumed_from is None
     again = dataset_similarity(cfg, resume=True)
     assert again.from_file and again.resumed_from is None
-
-
-class _Ranks:
-    """Two ranks' all_gather_object / broadcast_object, seen from `rank` (the other rank's values given)."""
-
-    distributed, world_size = True, 2
-
-    def __init__(self, rank: int, other: SimilarityProgress) -> None:
-        self.rank, self.other = rank, other
-
-    def all_gather_object(self, obj):
-        mine, theirs = obj, len(self.other.finished)
-        return [mine, theirs] if self.rank == 0 else [theirs, mine]
-
-    def broadcast_object(self, obj, src: int = 0):
-        return obj if src == self.rank else list(self.other.finished)
-
-
-def test_ranks_that_saved_different_datasets_resume_at_the_furthest_one(tmp_path):
-    """A rank stopped before it saved dataset 1 as finished (the other did, after the all-reduce): both continue
-    with dataset 2, the first rank with dataset 1's statistics of the second and its own sums dropped."""
-    stats = [DatasetStatistics({"fc": torch.full((2, 3), float(i), dtype=F64)}, {"fc": torch.ones(2, 3, dtype=F64)}, 10 + i) for i in range(2)]
-    behind = SimilarityProgress(PassCheckpoint(tmp_path / "p0.safetensors", {}, 1))
-    behind.finished, behind.batches_done, behind.sums = stats[:1], 3, {"fc.gradient": torch.ones(2, 3)}
-    ahead = SimilarityProgress(PassCheckpoint(tmp_path / "p1.safetensors", {}, 1))
-    ahead.finished = stats
-    ahead.save(0, {})
-    restored = SimilarityProgress(ahead.checkpoint, PassCheckpoint(tmp_path / "p1.safetensors", {}, 1).check_start(True, False))
-    assert [s.num_examples for s in restored.finished] == [10, 11] and torch.equal(restored.finished[1].mean_gradient["fc"], stats[1].mean_gradient["fc"])
-    behind.agree(_Ranks(0, restored))  # type: ignore[arg-type]
-    assert [s.num_examples for s in behind.finished] == [10, 11] and behind.batches_done == 0 and behind.sums == {}
-    restored.agree(_Ranks(1, behind))  # type: ignore[arg-type]
-    assert len(restored.finished) == 2
 
 
 # Rank 1 of the real CLI stops in the second dataset (as a preempted rank would); torchrun then stops rank 0.

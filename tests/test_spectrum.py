@@ -13,16 +13,18 @@ import torch
 from exact import ConvHead, batches_of, empirical_vectors, fit, per_example_layer_grads, tiny_mlp
 from mnist_files import IMAGES, LABELS, requires_mnist
 from PIL import Image
+from stopping import StopAt
 from test_models import TiedLM
 from typer.testing import CliRunner, Result
 
+from influence_cli import storage
 from influence_cli.band_energy import dataset_spectrum, groups_of, load_spectrum_scores, spectrum
 from influence_cli.bands import band_labels, band_sizes, direction_curvature, keep_mask, layer_bands
 from influence_cli.cli import app
 from influence_cli.config import load_config
 from influence_cli.data import load_dataset, make_loader
 from influence_cli.edit import edit_model, project_weights
-from influence_cli.errors import ConfigError
+from influence_cli.errors import ConfigError, OutputError
 from influence_cli.fit import fit_factors
 from influence_cli.models import build_model, load_model, model_fingerprint
 from influence_cli.squares import weighted_squares
@@ -760,3 +762,32 @@ def test_spectrum_names_an_image_folders_examples_by_their_files(tmp_path):
     assert rows and all(row["file"] == f"{('cat', 'dog')[row['global_index'] // 20]}/{row['global_index'] % 20:02d}.png" for row in rows), rows
     table = invoke("spectrum", tmp_path / "c.yaml", "--top", "3").stdout
     assert "file" in table and rows[0]["file"] in table and ("cat" in table or "dog" in table)
+
+
+@pytest.mark.parametrize("title,after", [("noisy_train", 200), ("heldout", 96)])
+def test_an_interrupted_spectrum_resumes_to_the_same_result(digits, tmp_path, title, after):
+    """Stopped inside the first or the second dataset (progress saved every 2 batches of 32, and after each dataset),
+    --resume streams only what is left and gives the uninterrupted run's tensors bit for bit."""
+    factors, sets = digits
+    (tmp_path / FACTORS_FILE).write_bytes((factors / FACTORS_FILE).read_bytes())
+    overrides = [v for k, v in zip(sets[::2], sets[1::2], strict=True) if k == "--set" and not v.startswith("output_dir=")]
+    overrides += [f"output_dir={tmp_path}", "data.batch_size=32", "factors.checkpoint_every=2"]
+    cfg = load_config(DIGITS, overrides)
+    with pytest.raises(KeyboardInterrupt):
+        spectrum(cfg, progress=StopAt(title, after))
+    partial = tmp_path / storage.SPECTRUM_PARTIAL.format(rank="")
+    assert partial.is_file() and not (tmp_path / SPECTRUM_FILE).exists()
+    with pytest.raises(OutputError, match="progress of an interrupted run"):
+        spectrum(cfg)
+    report = spectrum(cfg, resume=True)
+    assert report.resumed_from == f"dataset {title!r}, batch {after // 32 // 2 * 2}" + (" (1 of 2 datasets done)" if title == "heldout" else "")
+    assert not partial.exists()
+    resumed, _ = load_tensors(tmp_path / SPECTRUM_FILE)
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    (reference / FACTORS_FILE).write_bytes((factors / FACTORS_FILE).read_bytes())
+    spectrum(load_config(DIGITS, [*overrides, f"output_dir={reference}"]))
+    expected, _ = load_tensors(reference / SPECTRUM_FILE)
+    assert resumed.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(resumed[name], expected[name]), name

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 import typer
 from rich.markup import escape
 
-from influence_cli.cli.app import ConfigArg, JsonOpt, ReportOverwriteOpt, SetOpt, command, load
+from influence_cli.cli.app import ConfigArg, JsonOpt, ReportOverwriteOpt, ResumeOpt, SetOpt, command, load
 from influence_cli.cli.render import (
     RichProgress,
     err_console,
@@ -69,7 +69,7 @@ def _ratio(value: float) -> str:
     return "n/a" if value != value else f"{round(100 * value):+d}%"  # an int: a tiny negative change shows as +0%, not -0%
 
 
-@command("spectrum", epilog=SPECTRUM_EPILOG)
+@command("spectrum", resumable=True, epilog=SPECTRUM_EPILOG)
 def spectrum_cmd(
     config: ConfigArg,
     layers: LayersOpt = None,
@@ -78,6 +78,7 @@ def spectrum_cmd(
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a picture of the energy per curvature percentile, one line per dataset (PNG, or any format Pillow writes, by the suffix).")] = None,
     set_: SetOpt = None,
     overwrite: ReportOverwriteOpt = False,
+    resume: ResumeOpt = False,
     json_: JsonOpt = False,
 ) -> None:
     """Measure where in the curvature spectrum each dataset's examples act (memorization), using the factors of fit-factors.
@@ -91,7 +92,8 @@ def spectrum_cmd(
     low-curvature directions (Merullo et al. 2025). Per-example scores (bottom-band share) go
     to OUTPUT_DIR/spectrum.safetensors; run again with the same settings, the command shows that
     result (with any --top, --plot or spectrum.baseline) without recomputing it, and --overwrite
-    recomputes.
+    recomputes. An interrupted run continues with --resume (progress is saved every
+    factors.checkpoint_every batches and after each dataset).
     """
     from influence_cli.band_energy import BANDS, spectrum
     from influence_cli.distributed import init_distributed
@@ -103,7 +105,7 @@ def spectrum_cmd(
 
         check_image_path(plot, "--plot")  # fail before the pass, not after
     state = init_distributed(cfg.device, cfg.source)
-    report = spectrum(cfg, layers=layers, order=order, overwrite=overwrite, state=state, progress=RichProgress(not json_))
+    report = spectrum(cfg, layers=layers, order=order, overwrite=overwrite, resume=resume, state=state, progress=RichProgress(not json_))
     if not state.is_main:
         return
     if plot is not None:
@@ -173,6 +175,8 @@ def spectrum_cmd(
     if report.from_file:
         print_read_back(report.path, plot)
         return
+    if report.resumed_from:
+        err_console.print(f"resumed from {escape(report.resumed_from)}")
     err_console.print(f"[green]saved[/] {escape(str(report.path))}{escape(extra)} ({report.strategy} factors, {report.fisher} Fisher; {report.seconds.get('total', 0.0):.2f}s)")
 
 
