@@ -57,6 +57,7 @@ from influence_cli.tracking import TrackedModule, per_example_gradients
 _BLOCK_ELEMENTS = 1 << 13  # per-example gradient elements formed at once in the scoring GEMM (layers without positions)
 _CONTRACT_ELEMENTS = 1 << 20  # query entries per block in the contracted scoring form (few queries)
 _MIN_SPLIT = 1 / 64  # split a layer into pieces when its deflated rows and columns hold at least this share of P
+QUERY_STEP_BYTES = 16 << 20  # one layer's preconditioned query rows formed at once (`store_queries`): their transient copies stay small
 
 StoredQueries = dict[str, list[Any]]
 """{layer: one entry per piece (`_Piece`): the row blocks [Q, rows·cols] of a layer without positions, or V' [Q, P]}."""
@@ -204,10 +205,9 @@ class ScoreKernel:
                 self.pieces[name] = [_Piece(slice(None), slice(None), True)]
         return self.pieces[name]
 
-    def _rotated(self, name: str, batch: BatchGradients) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rotated(self, name: str, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(a U_A [B, T, d_in], g U_G [B, T, d_out]): the layer's vectors in its eigenbasis."""
         rot_a, rot_g = self._rotations[name]
-        a, g = batch.activations[name], batch.gradients[0][name]
         return (a if rot_a is None else rot_a(a)), (g if rot_g is None else rot_g(g))
 
     def gradients(self, batch: BatchGradients) -> dict[str, list[Any]]:
@@ -227,7 +227,7 @@ class ScoreKernel:
             g = batch.gradients[0][name]
             pieces = self._layer_pieces(name, a, g.shape[-1])
             if self._in_eigenbasis(name, a):
-                a, g = self._rotated(name, batch)
+                a, g = self._rotated(name, a, g)
             if a.shape[1] != 1 and self.flat[name]:  # formed (if at all) when its GEMM runs, so only one layer's [B, P] exists at a time
                 out[name] = [_Positions(a, g, self.matmul_dtype, self._scratch)]
                 continue
@@ -254,33 +254,41 @@ class ScoreKernel:
 
     def preconditioned(self, batch: BatchGradients) -> dict[str, torch.Tensor]:
         """{layer: (F + λ)⁻¹ ∇W [B, P]} in the layer's basis (see the class docstring)."""
-        out = {}
-        for name, lf in self.layers.items():
-            a, (inv, scale) = batch.activations[name], self._inverse[name]
-            if self._in_eigenbasis(name, a):
-                grad = per_example_gradients(*self._rotated(name, batch))
-                grad = grad * inv if inv is not None else grad
-            elif inv is None:
-                grad = per_example_gradients(a, batch.gradients[0][name])
-            else:  # U_Gᵀ (Σ_t g_t a_tᵀ) U_A from the rotated vectors when T is small, then back
-                if rotates_vectors(a.shape[1], *inv.shape):
-                    rotated = per_example_gradients(*self._rotated(name, batch))
-                else:
-                    rotated = lf.rotate(per_example_gradients(a, batch.gradients[0][name]))
-                grad = lf.unrotate(rotated * inv)
-            if scale != 1.0:  # in float64: the scale itself is beyond float32's max
-                grad = (grad.double() * scale).to(grad.dtype)
-            out[name] = grad.reshape(a.shape[0], -1)
-        return out
+        return {name: self._preconditioned(name, batch.activations[name], batch.gradients[0][name]) for name in self.layers}
+
+    def _preconditioned(self, name: str, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """(F + λ)⁻¹ ∇W [B, P] of one layer from its vectors a [B, T, d_in], g [B, T, d_out]."""
+        lf, (inv, scale) = self.layers[name], self._inverse[name]
+        if self._in_eigenbasis(name, a):
+            grad = per_example_gradients(*self._rotated(name, a, g))
+            grad = grad * inv if inv is not None else grad
+        elif inv is None:
+            grad = per_example_gradients(a, g)
+        else:  # U_Gᵀ (Σ_t g_t a_tᵀ) U_A from the rotated vectors when T is small, then back
+            if rotates_vectors(a.shape[1], *inv.shape):
+                rotated = per_example_gradients(*self._rotated(name, a, g))
+            else:
+                rotated = lf.rotate(per_example_gradients(a, g))
+            grad = lf.unrotate(rotated * inv)
+        if scale != 1.0:  # in float64: the scale itself is beyond float32's max
+            grad = (grad.double() * scale).to(grad.dtype)
+        return grad.reshape(a.shape[0], -1)
 
     def store_queries(self, out: StoredQueries, row: int, total: int, batch: BatchGradients) -> None:
         """Writes a query batch's preconditioned vectors into rows [row, row + B) of `out`.
 
         Each layer's storage is allocated at the first batch: [total, P], or, for layers
         without positions, each `_Piece` of the matrix cut into column blocks of whole rows
-        (`query_row_blocks`), the layout `pairwise` multiplies block by block.
+        (`query_row_blocks`), the layout `pairwise` multiplies block by block. Layer by layer,
+        a few rows at a time (`QUERY_STEP_BYTES` of [rows, P] each), so that the transient
+        copies add little to the stored queries, which `scores.max_memory_mb` bounds.
         """
-        self._store(out, row, total, self.preconditioned(batch), batch)
+        for name in self.layers:
+            a, g = batch.activations[name], batch.gradients[0][name]
+            step = max(1, QUERY_STEP_BYTES // (g.shape[-1] * a.shape[-1] * a.element_size()))
+            for r0 in range(0, a.shape[0], step):
+                v = self._preconditioned(name, a[r0 : r0 + step], g[r0 : r0 + step])
+                self._store_layer(out, name, row + r0, total, v, a)
 
     def blocked(self, queries: dict[str, torch.Tensor], batch: BatchGradients) -> StoredQueries:
         """[Q, P] preconditioned queries in the layout of `store_queries` (`batch`: any batch, for the layers' shapes)."""
@@ -291,24 +299,28 @@ class ScoreKernel:
 
     def _store(self, out: StoredQueries, row: int, total: int, vectors: dict[str, torch.Tensor], batch: BatchGradients) -> None:
         for name, v in vectors.items():
-            v = v if self.matmul_dtype is None else v.to(self.matmul_dtype)
-            n, a = v.shape[0], batch.activations[name]
-            pieces = self._layer_pieces(name, a, v.shape[1] // a.shape[-1])
-            if self.flat[name]:
-                if name not in out:
-                    out[name] = [v.new_empty(total, v.shape[1])]
-                out[name][0][row : row + n] = v
-                continue
-            matrix = v.view(n, -1, a.shape[-1])
-            parts = [matrix[:, p.rows, p.cols] for p in pieces]
+            self._store_layer(out, name, row, total, v, batch.activations[name])
+
+    def _store_layer(self, out: StoredQueries, name: str, row: int, total: int, v: torch.Tensor, a: torch.Tensor) -> None:
+        """Writes one layer's vectors v [n, P] into rows [row, row + n) of `out` (`a`: the layer's inputs, for its shape)."""
+        v = v if self.matmul_dtype is None else v.to(self.matmul_dtype)
+        n = v.shape[0]
+        pieces = self._layer_pieces(name, a, v.shape[1] // a.shape[-1])
+        if self.flat[name]:
             if name not in out:
-                out[name] = [[v.new_empty(total, (r1 - r0) * part.shape[2]) for r0, r1 in query_row_blocks(total, *part.shape[1:])] for part in parts]
-            for part, blocks in zip(parts, out[name], strict=True):
-                r0 = 0
-                for block in blocks:
-                    r1 = r0 + block.shape[1] // part.shape[2]
-                    block[row : row + n] = part[:, r0:r1].reshape(n, -1)
-                    r0 = r1
+                out[name] = [v.new_empty(total, v.shape[1])]
+            out[name][0][row : row + n] = v
+            return
+        matrix = v.view(n, -1, a.shape[-1])
+        parts = [matrix[:, p.rows, p.cols] for p in pieces]
+        if name not in out:
+            out[name] = [[v.new_empty(total, (r1 - r0) * part.shape[2]) for r0, r1 in query_row_blocks(total, *part.shape[1:])] for part in parts]
+        for part, blocks in zip(parts, out[name], strict=True):
+            r0 = 0
+            for block in blocks:
+                r1 = r0 + block.shape[1] // part.shape[2]
+                block[row : row + n] = part[:, r0:r1].reshape(n, -1)
+                r0 = r1
 
     @staticmethod
     def pairwise(queries: StoredQueries, train: dict[str, list[Any]]) -> torch.Tensor:
@@ -345,7 +357,7 @@ class ScoreKernel:
             if (name, power) not in self._quadratic_weights:
                 self._quadratic_weights[name, power] = _scaled_weights(lf, self.damping[name], power)
             w, scale = self._quadratic_weights[name, power]
-            value = weighted_squares(*self._rotated(name, batch), None if w is None else w[:, None, :])[:, 0]
+            value = weighted_squares(*self._rotated(name, batch.activations[name], batch.gradients[0][name]), None if w is None else w[:, None, :])[:, 0]
             dtype = value.dtype
             value = value.double() * scale  # the weights were divided by `scale`: multiplied back in float64
             total = value if total is None else total + value

@@ -112,6 +112,7 @@ def test_blocked_pipeline_equals_unblocked(project, monkeypatch, overrides):  # 
     monkeypatch.setattr(kernel_mod, "contracts", contracts)  # few queries: the contracted form, in small blocks
     monkeypatch.setattr(kernel_mod, "_BLOCK_ELEMENTS", 8)  # one or two rows per block
     monkeypatch.setattr(kernel_mod, "_CONTRACT_ELEMENTS", 8)
+    monkeypatch.setattr(kernel_mod, "QUERY_STEP_BYTES", 1)  # queries preconditioned and stored one row at a time
     cfg = make_cfg(project, "blocks-rows-" + "-".join(overrides), *overrides)
     compute_scores(cfg)
     expected = all_scores(whole.output_path)
