@@ -102,7 +102,8 @@ influence fit-factors configs/digits.yaml --set 'data.train={source: tensors, pa
   makes the `transform` mapping if the file has none).
 - Numbers follow YAML 1.2, in the file and in overrides: `1e-3` and `0.001` are numbers,
   `'1e-3'` (quoted) is a string, `010` is ten (not octal eight), `0o17` and `0x1f` are octal and
-  hex, and `1:30`, `1:30.5` (YAML 1.1's base 60) and `0b1` are text.
+  hex, `1_000` is a thousand (underscores separate digits, as in Python), and `1:30`, `1:30.5`
+  (YAML 1.1's base 60) and `0b1` are text.
 - A list is set whole (`--set 'factors.modules=[fc1, head]'`); `factors.modules[0]=fc1` is refused.
 - Errors: a missing `=`, an empty key part (`data..batch_size=1`), or a path through a value
   that is not a mapping (`--set seed.x=1`) are config errors naming the override, reported

@@ -113,6 +113,11 @@ class DatasetSpectrum:
         return torch.where(total > 0, self.band_energy[:, :, 0].sum(1) / total.clamp_min(torch.finfo(total.dtype).tiny), 0.0)
 
 
+def _percent(share: float) -> str:
+    """A band's share as set: 50%, 12.5%, 0.4% (whole percents would show 0.004 as "0%")."""
+    return f"{round(100 * share, 6):.4g}%"
+
+
 def _share(x: torch.Tensor) -> torch.Tensor:
     """x / Σ_last (0 where the sum is 0)."""
     total = x.sum(-1, keepdim=True)
@@ -344,8 +349,8 @@ class SpectrumReport:
     def band_names(self) -> list[str]:
         """Row labels: "bottom 50%", "middle 40%", "top 10%" (by mass: "bottom ≤50% of curvature", ...)."""
         if self.mass:
-            return [f"bottom (≤{self.bottom:.0%} of curvature)", "middle", f"top (≥{self.top:.0%} of curvature)"]
-        return [f"bottom {self.bottom:.0%}", f"middle {max(0.0, 1 - self.bottom - self.top):.0%}", f"top {self.top:.0%}"]
+            return [f"bottom (≤{_percent(self.bottom)} of curvature)", "middle", f"top (≥{_percent(self.top)} of curvature)"]
+        return [f"bottom {_percent(self.bottom)}", f"middle {_percent(max(0.0, 1 - self.bottom - self.top))}", f"top {_percent(self.top)}"]
 
     def group(self, name: str) -> GroupSummary:
         for g in self.groups:

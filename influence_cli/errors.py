@@ -140,8 +140,9 @@ def first_line(exc: BaseException, default: str = "") -> str:
     return next((line.strip() for line in message_of(exc).splitlines() if line.strip()), default)
 
 
-def out_of_memory(exc: BaseException) -> ResourceError | None:
-    """A ResourceError for torch's or Python's out-of-memory errors (GPU or host); None for any other error."""
+def out_of_memory(exc: BaseException, hint: str | None = None) -> ResourceError | None:
+    """A ResourceError for torch's or Python's out-of-memory errors (GPU or host), with `hint` (default: what
+    the passes can lower); None for any other error."""
     first = first_line(exc)
     gpu = type(exc).__name__ == "OutOfMemoryError"  # torch.cuda.OutOfMemoryError, without importing torch
     host = isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(exc))
@@ -149,6 +150,7 @@ def out_of_memory(exc: BaseException) -> ResourceError | None:
         return None
     return ResourceError(
         f"the {'GPU' if gpu else 'host'} ran out of memory ({first[:200] or type(exc).__name__})",
-        hint="lower data.batch_size (and for compute-scores scores.max_memory_mb or scores.query_chunk); "
+        hint=hint
+        or "lower data.batch_size (and for compute-scores scores.max_memory_mb or scores.query_chunk); "
         "fit-factors and compute-scores keep the progress they saved: rerun them with --resume",
     )

@@ -29,7 +29,7 @@ from torch import nn
 
 from influence_cli import notices
 from influence_cli.config import ModelConfig, resolve_path
-from influence_cli.errors import ModelError, first_line, message_of
+from influence_cli.errors import ModelError, first_line, message_of, out_of_memory
 from influence_cli.tracking import unmaterialized
 from influence_cli.user_code import import_from, missing_function_hint
 
@@ -223,6 +223,8 @@ def _call_builder(func: Callable[..., Any], kwargs: dict[str, Any], label: str) 
             raise ModelError(f"model.architecture: {label} raised TypeError: {exc}") from exc
         raise ModelError(f"model.kwargs: {label} failed with these keyword arguments: {exc}") from exc
     except Exception as exc:  # user factories can raise anything
+        if (memory := out_of_memory(exc, f"building {label} with these model.kwargs needs more memory than this machine has")) is not None:
+            raise memory from exc
         raise ModelError(f"model.architecture: {label} raised {type(exc).__name__}: {message_of(exc)}", hint=getattr(exc, "hint", None)) from exc
     except SystemExit as exc:  # sys.exit() in a factory: its code would read as one of this tool's exit codes
         raise ModelError(f"model.architecture: {label} called sys.exit({exc.code!r})") from None

@@ -874,7 +874,7 @@ def _write_index(index: Path, layout: ScoresLayout, metadata: dict[str, Any]) ->
                 {"file": storage.SCORES_SHARD.format(shard=s.number), "shard": s.number, "train_start": s.start, "train_stop": s.stop}
                 for s in layout.shards
             ],
-            "metadata": {k: v for k, v in metadata.items() if k != storage.FORMAT_KEY},
+            "metadata": {k: v for k, v in metadata.items() if k != storage.FORMAT_KEY} | {"created": storage.created_now()},
         },
     )
 

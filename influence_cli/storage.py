@@ -453,10 +453,15 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
         key: The config key or flag that names `path`, for errors.
     """
     meta = {k: _encode(v) for k, v in metadata.items()}
-    meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    meta.setdefault("created", created_now())
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with atomic_path(path, key) as tmp:
         save_file(cpu, str(tmp), metadata=meta)
+
+
+def created_now() -> str:
+    """The `created` time every output records, local time with its UTC offset: 2026-11-30T02:10:00+0000."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 def save_json(path: Path, data: Any) -> None:

@@ -849,6 +849,81 @@ def test_a_closed_stdout_exits_141_like_a_shell_pipe(runner: CliRunner, tmp_path
     assert proc.wait(timeout=120) == 141
 
 
+def test_json_larger_than_the_pipe_into_a_reader_that_leaves_exits_141(runner: CliRunner, tmp_path: Path):
+    """`top-k --json | head -c 10`: a write of megabytes ended short without an error through Python's stdout, exit 0."""
+    sets = ["--set", f"output_dir={tmp_path}", "--set", "data.train.range=[0, 400]"]
+    for command in ("fit-factors", "compute-scores"):
+        assert invoke(runner, command, DIGITS, *sets).exit_code == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "influence_cli", "top-k", str(DIGITS), *sets, "--k", "200", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)  # fmt: skip
+    assert proc.stdout is not None and proc.stdout.read(10).startswith(b'{')
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141, err.decode()
+    assert b"Traceback" not in err and b"Exception ignored" not in err
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_stdout_and_stderr_that_cannot_be_written(fitted: tuple[Path, Result], tmp_path: Path):
+    """A full disk under stdout is an output error (exit 5), not a traceback; a closed stdout is refused before any work
+    (the results would vanish); a full disk under stderr only loses the messages: the run completes."""
+    out, _ = fitted
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    influence = [sys.executable, "-m", "influence_cli"]
+    for args in (["info", str(out / FACTORS)], ["info", str(out / FACTORS), "--json"]):
+        with open("/dev/full", "w") as full:
+            done = subprocess.run([*influence, *args], stdout=full, stderr=subprocess.PIPE, text=True, env=env, timeout=120)
+        assert done.returncode == EXIT["output"], done.stderr
+        assert done.stderr.startswith("output error: cannot write the results to stdout (No space left on device)"), done.stderr
+        assert "Traceback" not in done.stderr
+    closed = subprocess.run(["bash", "-c", '"$0" -m influence_cli info "$1" >&-', sys.executable, str(out / FACTORS)],
+                            capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    assert closed.returncode == EXIT["output"] and closed.stderr.startswith("output error: stdout is closed"), closed.stderr
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([*influence, "fit-factors", str(DIGITS), "--set", f"output_dir={tmp_path}"],
+                              stdout=subprocess.DEVNULL, stderr=full, env=env, timeout=300)  # fmt: skip
+    assert done.returncode == 0 and (tmp_path / FACTORS).is_file()
+
+
+def test_version_into_a_closed_pipe_exits_141():
+    """click's echo turned the reader gone into exit 1."""
+    done = subprocess.run(["bash", "-c", '"$0" -m influence_cli --version | (exec 0<&-; sleep 1); exit "${PIPESTATUS[0]}"', sys.executable],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 141, done.stderr
+    assert done.stderr == ""
+
+
+@pytest.mark.parametrize("columns", ["0", "-5", "4"])
+def test_a_columns_that_is_no_width_is_ignored(monkeypatch, columns: str):
+    """COLUMNS=0 dropped inspect's summary line from a pipe, and COLUMNS=4 split its numbers."""
+    from influence_cli.cli import render
+
+    monkeypatch.setenv("COLUMNS", columns)
+    out = io.StringIO()
+    monkeypatch.setattr("sys.stdout", out)
+    render.print_line("3 layers, factors 84.4 KiB in float32; 6,570 of 6,570 parameters tracked")
+    assert out.getvalue() == "3 layers, factors 84.4 KiB in float32; 6,570 of 6,570 parameters tracked\n"
+
+
+def test_info_shows_control_characters_of_foreign_metadata_as_escapes(runner: CliRunner, tmp_path: Path):
+    """An escape sequence in a file's metadata recoloured (or cleared) the terminal."""
+    path = tmp_path / "foreign.safetensors"
+    save_file({"x": torch.zeros(2)}, str(path), metadata={"s": "\x1b[31mred\x1b[0m", "k\x1b[2J": "v"})
+    result = invoke(runner, "info", path)
+    assert result.exit_code == 0, result.stderr
+    assert "\x1b" not in result.stdout
+    assert "\\x1b[31mred\\x1b[0m" in result.stdout and "k\\x1b[2J" in result.stdout
+
+
+def test_a_model_too_large_for_the_machine_is_out_of_memory(runner: CliRunner):
+    """Building it failed as a model error (exit 4), with no hint."""
+    result = invoke(runner, "inspect", DIGITS, "--set", "model.checkpoint=null", "--set", "model.kwargs.hidden=[1000000000000000, 32]")
+    assert result.exit_code == 8, result.stderr
+    assert result.stderr.startswith("out of memory: the host ran out of memory")
+    assert "hint: building built-in 'mlp' with these model.kwargs needs more memory than this machine has" in result.stderr
+
+
 @pytest.mark.parametrize("args", [["--help"], ["fit-factors", "--help"]])
 def test_help_into_a_closed_pipe_exits_141(args: list[str]):
     """`influence --help | true`: typer's own help console stops the same way as the commands' output."""
@@ -954,3 +1029,17 @@ def test_progress_titles_print_as_written(capsys):
     bar.advance(1)
     bar.stop()
     assert "a:fire: [/] b" in capsys.readouterr().err
+
+
+def test_progress_bars_in_a_log_keep_their_numbers(monkeypatch):
+    """A log (stderr a file) was drawn at 80 columns: after a long title the counts and rates were cut ("4352/…")."""
+    from influence_cli.cli import render
+
+    monkeypatch.setenv("COLUMNS", "80")
+    log = io.StringIO()
+    monkeypatch.setattr("sys.stderr", log)
+    bar = render.RichProgress()
+    bar.start("scores train 0..4,352 (query chunk 1/28) (rank 0 of 2)", 4352)
+    bar.advance(4352)
+    bar.stop()
+    assert "4352/4352" in log.getvalue() and "eta 0:00:00" in log.getvalue() and "…" not in log.getvalue(), log.getvalue()

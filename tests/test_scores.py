@@ -648,7 +648,7 @@ def test_resume_of_finished_scores_is_a_no_op(project, self_influence, overrides
     other_batches = compute_scores(make_cfg(project, name, *overrides, "data.batch_size=3"), self_influence=self_influence, resume=True)
     assert other_batches.resumed_from == "already complete"  # the same scores, whatever the batch size
     assert first.paths[0].stat().st_mtime_ns == stamp
-    with pytest.raises(OutputError, match=r"holds (self-influence )?scores of a finished run with other settings \(damping \(scores.damping, damping_factor, damping_scope\)\)") as err:
+    with pytest.raises(OutputError, match=r"holds (self-influence )?scores of a finished run with other settings \(damping \(scores.damping, damping_factor, damping_scope; `auto` follows the factors\)\)") as err:
         compute_scores(make_cfg(project, name, *overrides, "scores.damping=0.5"), self_influence=self_influence, resume=True)
     assert "--overwrite" in err.value.hint
 

@@ -791,3 +791,10 @@ def test_an_interrupted_spectrum_resumes_to_the_same_result(digits, tmp_path, ti
     assert resumed.keys() == expected.keys()
     for name in expected:
         assert torch.equal(resumed[name], expected[name]), name
+
+
+def test_band_names_keep_the_shares_as_set():
+    """spectrum.bottom=0.004 read "bottom 0%" (a band of 17 directions), and top=0.125 "top 12%"."""
+    from influence_cli.band_energy import _percent
+
+    assert [_percent(x) for x in (0.5, 0.1, 0.125, 0.004, 1 - 0.004 - 0.125, 1 - 0.5 - 0.1)] == ["50%", "10%", "12.5%", "0.4%", "87.1%", "40%"]

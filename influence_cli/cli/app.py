@@ -26,7 +26,7 @@ from influence_cli.cli.render import (
     stop_running_bars,
     tolerate_narrow_encodings,
 )
-from influence_cli.errors import InfluenceError, out_of_memory
+from influence_cli.errors import InfluenceError, OutputError, out_of_memory
 
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM
@@ -82,7 +82,11 @@ JsonOpt = Annotated[bool, typer.Option("--json", metavar="", help="Print the res
 
 def _version(value: bool) -> None:
     if value:
-        typer.echo(f"influence_cli {__version__}")
+        try:
+            typer.echo(f"influence_cli {__version__}")  # click's echo flushes: a reader gone raises here (click would exit 1)
+        except BrokenPipeError:
+            stdout_closed()
+            raise typer.Exit(EXIT_BROKEN_PIPE) from None
         raise typer.Exit()
 
 
@@ -232,6 +236,8 @@ def main(argv: list[str] | None = None) -> None:
         from click import exceptions as click  # type: ignore[no-redef]
 
     args = _debug_first(list(sys.argv[1:] if argv is None else argv))
+    if sys.stdout is None:  # started with stdout closed (`>&-`): the results would vanish without a word
+        sys.exit(report_error(OutputError("stdout is closed, and the results are printed there", hint="redirect it to a file, or to /dev/null to discard them")))
     tolerate_narrow_encodings()
     exit_141_on_broken_pipes()
     signal.signal(signal.SIGTERM, _on_sigterm)

@@ -14,8 +14,8 @@ from influence_cli.cli.render import (
     human_bytes,
     layer_label,
     new_table,
-    out_console,
     print_json,
+    print_line,
     print_table,
 )
 
@@ -186,7 +186,7 @@ def inspect_cmd(config: ConfigArg, set_: SetOpt = None, json_: JsonOpt = False) 
         for (kind, reason), members in groups.items():
             table.add_row(kind, _first_names([u.name for u in members]), f"{sum(u.num_params for u in members):,}", reason)
         print_table(table)
-    out_console().print(
+    print_line(
         f"{len(rows)} layer{'s' if len(rows) != 1 else ''}, factors {human_bytes(factor_bytes)} in float32; "
         f"{tracked_params:,} of {parameters:,} parameters tracked; compute-scores holds up to {queries_per_chunk:,} "
         f"quer{'y' if queries_per_chunk == 1 else 'ies'} at a time ({human_bytes(query_bytes)} each), streaming the training set "

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from influence_cli.cli.app import JsonOpt, command
-from influence_cli.cli.render import new_table, out_console, print_json, print_table
+from influence_cli.cli.render import new_table, print_json, print_line, print_table
 
 INFO_EPILOG = """\
 **Examples**
@@ -44,7 +44,8 @@ def info_cmd(
             decoded = dict(index["metadata"]) | {storage.FORMAT_KEY: index.get(storage.FORMAT_KEY)}
             shapes = {s["file"]: [int(index["n_query"]), int(s["train_stop"]) - int(s["train_start"])] for s in index["shards"]}
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise OutputError(f"{str(path)!r} is not a scores index written by this tool ({exc})") from None
+            why = f"no {exc.args[0]!r} key" if isinstance(exc, KeyError) else str(exc)
+            raise OutputError(f"{str(path)!r} is not a scores index written by this tool ({why})") from None
     else:
         decoded = storage.read_metadata(path, hint="point info at a .safetensors file or scores.index.json written by this tool")
         with safe_open(str(path), framework="pt") as fh:
@@ -65,8 +66,6 @@ def info_cmd(
         table.add_row(key, yaml_text(value))
     table.add_row("tensors", f"{len(shapes)} ({', '.join(list(shapes)[:6])}{', …' if len(shapes) > 6 else ''})")
     print_table(table)
-    console = out_console()
     for title, value in [*nested.items(), *([("resolved config", config)] if config is not None else [])]:
-        console.print(f"{title}:", markup=False)
-        text = yaml.safe_dump(value, sort_keys=False, default_flow_style=None, width=100).rstrip()
-        console.print(textwrap.indent(text, "  "), markup=False)
+        print_line(f"{title}:")
+        print_line(textwrap.indent(yaml.safe_dump(value, sort_keys=False, default_flow_style=None, width=100).rstrip(), "  "))

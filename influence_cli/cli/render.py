@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,12 +29,16 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+MIN_COLUMNS = 20  # a narrower $COLUMNS (0, -5, 4) is not a width results can be drawn at
+
 
 def _columns() -> int | None:
-    """The width results are drawn at: $COLUMNS when it is a number; unbounded for a file or pipe (rich
-    would assume 80 and cut the tables a script reads); else the terminal's (None: rich asks it)."""
+    """The width results are drawn at: $COLUMNS when it is a usable number; unbounded for a file or pipe
+    (rich would assume 80 and cut the tables a script reads); else the terminal's (None: rich asks it)."""
     try:
-        return int(os.environ.get("COLUMNS", "")) or None
+        columns = int(os.environ.get("COLUMNS", ""))
+        if columns >= MIN_COLUMNS:
+            return columns
     except ValueError:
         pass
     isatty = getattr(sys.stdout, "isatty", None)
@@ -71,13 +76,110 @@ def exit_141_on_broken_pipes() -> None:
     Console.on_broken_pipe = _exit_broken_pipe  # type: ignore[method-assign]
 
 
-err_console = _Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)  # messages are lines, whatever reads them (a log file, a pipe)
+class _Messages(io.TextIOBase):
+    """stderr as the messages see it: the current sys.stderr (test runners swap it; rich's live display wraps it),
+    where a write that fails (a full disk under a log file) is dropped: messages and progress are best effort,
+    and must not stop a run or replace its error. A reader gone (`2>&1 | head`) still stops it, with 141."""
+
+    @staticmethod
+    def _stream() -> Any:
+        return getattr(sys.stderr, "rich_proxied_file", sys.stderr)
+
+    def write(self, text: str) -> int:
+        try:
+            if (stream := self._stream()) is not None:
+                stream.write(text)
+        except BrokenPipeError:
+            raise
+        except (OSError, ValueError):
+            pass
+        return len(text)
+
+    def flush(self) -> None:
+        try:
+            if (stream := self._stream()) is not None:
+                stream.flush()
+        except BrokenPipeError:
+            raise
+        except (OSError, ValueError):
+            pass
+
+    def isatty(self) -> bool:
+        try:
+            return bool(self._stream().isatty())
+        except (AttributeError, OSError, ValueError):
+            return False
+
+    def fileno(self) -> int:
+        return self._stream().fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self._stream(), "encoding", None) or "utf-8"
+
+
+class _MessagesConsole(_Console):
+    """Messages are lines, whatever reads them (a log file, a pipe); progress bars written to a file or pipe
+    get room for their numbers (rich would assume 80 columns and cut them after a long title)."""
+
+    @property
+    def size(self) -> Any:
+        size = super().size
+        if self._width is None and not self.is_terminal:
+            return type(size)(max(size.width, LOG_COLUMNS), size.height)
+        return size
+
+    @size.setter
+    def size(self, new_size: Any) -> None:
+        Console.size.fset(self, new_size)  # type: ignore[attr-defined]
+
+
+LOG_COLUMNS = 160  # progress bars in logs: the longest title ("scores train 0..4,352 (query chunk 1/28) (rank 0 of 2)") and its numbers
+MESSAGES = _Messages()
+err_console = _MessagesConsole(file=MESSAGES, highlight=False, soft_wrap=True, emoji=False)
+
+
+class _Results(io.TextIOBase):
+    """stdout as the results see it: a write that fails for any reason other than a reader gone
+    (`| head`: exit 141) is an OutputError (a full disk: exit 5), not a traceback."""
+
+    def write(self, text: str) -> int:
+        try:
+            return sys.stdout.write(text)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise _unwritable(exc) from None
+
+    def flush(self) -> None:
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise _unwritable(exc) from None
+
+    def isatty(self) -> bool:
+        return bool(getattr(sys.stdout, "isatty", lambda: False)())
+
+    def fileno(self) -> int:
+        return sys.stdout.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(sys.stdout, "encoding", None) or "utf-8"
+
+
+def _unwritable(exc: OSError) -> Exception:
+    from influence_cli.errors import OutputError  # here: importing the CLI (--help) must not import torch
+
+    return OutputError(f"cannot write the results to stdout ({exc.strerror or exc})", hint="free space where stdout goes, or redirect it elsewhere")
 
 
 def out_console(width: int | None = None) -> Console:
-    """A console on the current stdout (created per call so test runners can capture it), `width`
+    """A console on the current stdout (followed at each write, so test runners can capture it), `width`
     columns wide (default: the terminal's, or unbounded for a pipe)."""
-    return _Console(file=sys.stdout, highlight=False, markup=False, emoji=False, soft_wrap=False, width=width or _columns())  # results are literal: a class named "[cat]" stays
+    return _Console(file=_Results(), highlight=False, markup=False, emoji=False, soft_wrap=False, width=width or _columns())  # results are literal: a class named "[cat]" stays
 
 
 def tolerate_narrow_encodings() -> None:
@@ -107,9 +209,27 @@ class WarningPrinter(logging.Handler):
 
 
 def print_json(data: Any) -> None:
-    """JSON on stdout, nothing else; NaN and ±Inf (an empty band's ratio, ...) as null, which strict parsers accept."""
-    sys.stdout.write(json.dumps(_finite(data), indent=2, default=str, allow_nan=False) + "\n")
-    sys.stdout.flush()
+    """JSON on stdout, nothing else; NaN and ±Inf (an empty band's ratio, ...) as null, which strict parsers accept.
+
+    Written to the file descriptor until every byte is out: through Python's buffered stdout, a large
+    write to a pipe whose reader left (`| head -1`) could end short without an error, and exit 0.
+    """
+    text = json.dumps(_finite(data), indent=2, default=str, allow_nan=False) + "\n"  # ASCII: json escapes the rest
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):  # not a file descriptor (a test runner's buffer)
+        _Results().write(text)
+        _Results().flush()
+        return
+    _Results().flush()
+    view = memoryview(text.encode("ascii"))
+    try:
+        while view:
+            view = view[os.write(fd, view) :]
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise _unwritable(exc) from None
 
 
 def _finite(data: Any) -> Any:
@@ -122,7 +242,25 @@ def _finite(data: Any) -> Any:
     return data
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """`text` with its control characters (an escape sequence in a foreign file's metadata, a name) spelled
+    as escapes, so that they cannot move the cursor or recolour the terminal; newlines and tabs stay."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
+
+
+def print_line(text: str) -> None:
+    """A line of results on stdout, literal and whole: never hard-wrapped (a terminal wraps it; a pipe reads it as one line)."""
+    out_console().print(printable(text), markup=False, highlight=False, soft_wrap=True)
+
+
 def print_table(table: Table) -> None:
+    for column in table.columns:  # text from files and configs is shown, never acted on by the terminal
+        column._cells = [printable(c) if isinstance(c, str) else c for c in column._cells]  # rich's cells (stable since rich 10)
+    if isinstance(table.title, str):
+        table.title = printable(table.title)
     for column in table.columns:  # numbers stay whole on one line in a narrow terminal: a folded "+3599 / 3" reads as another number
         if column.justify == "right":
             column.min_width = max((_cell_width(cell) for cell in column.cells), default=None)
@@ -216,7 +354,7 @@ class RichProgress:
                 try:
                     self._progress.stop()
                 finally:
-                    err_console.file = None  # type: ignore[assignment] # back to following sys.stderr, as constructed
+                    err_console.file = MESSAGES  # back to following sys.stderr, as constructed
             else:
                 self._progress.stop()
             self._progress = None

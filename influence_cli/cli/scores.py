@@ -18,8 +18,8 @@ from influence_cli.cli.render import (
     label_text,
     layer_label,
     new_table,
-    out_console,
     print_json,
+    print_line,
     print_table,
 )
 from influence_cli.errors import UsageError
@@ -117,7 +117,7 @@ def compute_scores_cmd(
         )
     if report.members > 1:
         title += f", averaged over an ensemble of {report.members} models (damping below: model.checkpoint's)"
-    out_console().print(title, markup=False)
+    print_line(title)
     table = new_table("", [("layer", "left"), ("parameters", "right"), ("damping λ", "right")])
     for name, lam in report.damping.items():
         table.add_row(layer_label(name), f"{report.layer_params.get(name, 0):,}", f"{lam:.4g}")
@@ -228,10 +228,9 @@ def top_k_cmd(
                           _shown(train, r.train_position, r.train_label), *guess, *flipped, f"{r.score:.5g}")  # fmt: skip
         print_table(table)
         if noise:
-            out_console().print(
+            print_line(
                 f"label noise: {noise.in_ranking} of these {len(ranked)} carry a flipped label "
-                f"({noise.replaced} of the {noise.size} training examples do, {noise.replaced / noise.size:.1%})",
-                markup=False,
+                f"({noise.replaced} of the {noise.size} training examples do, {noise.replaced / noise.size:.1%})"
             )
         if grid_path:
             err_console.print(f"[green]saved[/] {escape(str(grid_path))}")

@@ -15,8 +15,8 @@ from influence_cli.cli.render import (
     label_text,
     layer_label,
     new_table,
-    out_console,
     print_json,
+    print_line,
     print_read_back,
     print_table,
 )
@@ -146,14 +146,13 @@ def spectrum_cmd(
     for i, name in enumerate(report.layers):
         table.add_row(layer_label(name), *[f"{_pct(float(g.layer_share[i, 0]))} | {_pct(float(g.layer_input_share[i, 0]))}" for g in report.groups])
     print_table(table)
-    console = out_console()
     for o in others:
-        console.print(f"{names[0]}: {_ratio(ratios[o][0])} on {o} vs {report.baseline}", highlight=False, markup=False)
+        print_line(f"{names[0]}: {_ratio(ratios[o][0])} on {o} vs {report.baseline}")
     if top:
         for ds_name, rows in report.top_examples(top).items():
             if not rows:
                 why = "the bottom band has no curvature" if report.flat_bands()[0] else "no example has gradient energy in the bottom band"
-                console.print(f"{ds_name}: no example ranked ({why})", highlight=False, markup=False)
+                print_line(f"{ds_name}: no example ranked ({why})")
                 continue
             ds = next(d for d in report.datasets if d.name == ds_name)
             noisy = bool(ds.noisy.any())
