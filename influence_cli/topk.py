@@ -25,7 +25,7 @@ from influence_cli.data import IndexedDataset
 from influence_cli.errors import OutputError, UsageError
 from influence_cli.resume import progress_files
 
-_BLOCK_ELEMENTS = 1 << 24  # scores read at once (64 MiB in float32)
+_BLOCK_ELEMENTS = 1 << 22  # scores read at once (16 MiB in float32; the ranking holds a few copies of a block)
 _NO_SCORES_HINT = "run `influence compute-scores CONFIG` first (with the same output_dir)"
 
 
@@ -380,6 +380,7 @@ def iter_score_blocks(
     meta = source if isinstance(source, ScoresMeta) else load_scores_meta(source)
     wanted = torch.as_tensor(list(query_positions), dtype=torch.int64)
     unique, inverse = torch.unique(wanted, sorted=True, return_inverse=True)
+    in_order = len(unique) == len(wanted) and bool((inverse == torch.arange(len(wanted))).all())  # rows read as asked: no reordering copy
     runs = _row_runs(unique)
     step = max(1, max_elements // max(1, len(unique)))
     if plain and meta.relative and not meta.has_norms:
@@ -396,7 +397,8 @@ def iter_score_blocks(
             for c0 in range(0, width, step):
                 c1 = min(width, c0 + step)
                 parts = [scores[r0:r1, c0:c1] for r0, r1 in runs]
-                block = (torch.cat(parts) if parts else torch.zeros(0, c1 - c0)).float()[inverse]
+                block = (parts[0] if len(parts) == 1 else torch.cat(parts) if parts else torch.zeros(0, c1 - c0)).float()
+                block = block if in_order else block[inverse]
                 if undo:
                     block = block * fh.get_slice("train_norms")[c0:c1].float()
                 _check_no_nan(block, f.path)
@@ -428,7 +430,9 @@ def _best(values: torch.Tensor, positions: torch.Tensor, k: int) -> tuple[torch.
         better = values > kth
         tie = values == kth
         need = k - better.sum(1, keepdim=True)
-        keep = better | (tie & (tie.cumsum(1) <= need))
+        if bool((tie.sum(1, keepdim=True) > need).any()):  # more ties than places (rare): the first ones
+            tie &= tie.cumsum(1) <= need
+        keep = better | tie
         values = values[keep].view(-1, k)
         positions = positions[keep].view(-1, k)
     order = positions.argsort(dim=1, stable=True)
@@ -449,7 +453,7 @@ class _Running:
     def update(self, block: ScoreBlock) -> None:
         width = block.train_stop - block.train_start
         pos = torch.arange(block.train_start, block.train_stop).expand(block.scores.shape[0], width)
-        v, p = _best(block.scores * self.sign, pos, self.k)
+        v, p = _best(block.scores if self.sign == 1 else block.scores * self.sign, pos, self.k)
         self.values, self.positions = _best(torch.cat([self.values, v], 1), torch.cat([self.positions, p], 1), self.k)
         for q in p.unique().tolist():
             local = q - block.train_start
