@@ -495,7 +495,7 @@ def top_k(
     Proponents are positive scores and opponents negative ones, so either list may be shorter
     than k (a training set of 5 examples has no 4 proponents and 4 opponents).
 
-    Memory: one block of `max_elements` scores plus 2k candidates per query, whatever n_train.
+    Memory: a few copies of one block of `max_elements` scores plus 2k candidates per query, whatever n_train.
 
     Args:
         queries: Query positions (rows): an int, a slice, a list of them, or None for all.
