@@ -877,6 +877,10 @@ def test_stdout_and_stderr_that_cannot_be_written(fitted: tuple[Path, Result], t
         assert done.returncode == EXIT["output"], done.stderr
         assert done.stderr.startswith("output error: cannot write the results to stdout (No space left on device)"), done.stderr
         assert "Traceback" not in done.stderr
+    for args in (["--version"], ["--help"], ["top-k", "--help"]):  # what typer prints itself
+        with open("/dev/full", "w") as full:
+            done = subprocess.run([*influence, *args], stdout=full, stderr=subprocess.PIPE, text=True, env=env, timeout=120)
+        assert done.returncode == EXIT["output"] and done.stderr.startswith("output error: cannot write the results"), (args, done.stderr)
     closed = subprocess.run(["bash", "-c", '"$0" -m influence_cli info "$1" >&-', sys.executable, str(out / FACTORS)],
                             capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
     assert closed.returncode == EXIT["output"] and closed.stderr.startswith("output error: stdout is closed"), closed.stderr
@@ -1043,3 +1047,43 @@ def test_progress_bars_in_a_log_keep_their_numbers(monkeypatch):
     bar.advance(4352)
     bar.stop()
     assert "4352/4352" in log.getvalue() and "eta 0:00:00" in log.getvalue() and "…" not in log.getvalue(), log.getvalue()
+    assert render._MessagesConsole(file=render.MESSAGES).width >= render.LOG_COLUMNS  # COLUMNS exported before the console existed
+
+
+@pytest.mark.parametrize("columns", ["0", "4"])
+def test_a_columns_that_is_no_width_does_not_swallow_messages(monkeypatch, columns: str):
+    """COLUMNS=0 left stderr empty, the error message too: rich drew every line at that width."""
+    from influence_cli.cli import render
+
+    monkeypatch.setenv("COLUMNS", columns)
+    log = io.StringIO()
+    monkeypatch.setattr("sys.stderr", log)
+    render._MessagesConsole(file=render.MESSAGES, soft_wrap=True).print("config error: data.batch_size: must be > 0, got 0")
+    assert log.getvalue() == "config error: data.batch_size: must be > 0, got 0\n"
+
+
+def test_results_wait_for_a_non_blocking_stdout(monkeypatch):
+    """A non-blocking pipe (set by a parent process) refused the rest of a large write: the JSON ended at 64 KiB."""
+    import fcntl
+    import threading
+
+    from influence_cli.cli import render
+
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETFL, fcntl.fcntl(write_end, fcntl.F_GETFL) | os.O_NONBLOCK)
+    text = "x" * 1_000_000 + "\n"
+    got = bytearray()
+
+    def reader() -> None:
+        while chunk := os.read(read_end, 65536):
+            got.extend(chunk)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    with os.fdopen(write_end, "w") as stdout:
+        monkeypatch.setattr("sys.stdout", stdout)
+        render.write_results(text)
+        monkeypatch.undo()
+    thread.join(timeout=60)
+    os.close(read_end)
+    assert got.decode() == text

@@ -25,6 +25,7 @@ from influence_cli.cli.render import (
     stdout_closed,
     stop_running_bars,
     tolerate_narrow_encodings,
+    unwritable,
 )
 from influence_cli.errors import InfluenceError, OutputError, out_of_memory
 
@@ -75,9 +76,13 @@ SetOpt = Annotated[
     typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override a config key: --set factors.strategy=kfac (repeatable; values are YAML)."),
 ]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", metavar="", help="Replace outputs of a finished run (and leftover progress).")]
-ReportOverwriteOpt = Annotated[bool, typer.Option("--overwrite", metavar="", help="Replace the result of a finished run.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", metavar="", help="Continue an interrupted run from its last saved progress.")]
 JsonOpt = Annotated[bool, typer.Option("--json", metavar="", help="Print the result as JSON on stdout (nothing else goes to stdout).")]
+
+
+def _help_or_version(args: list[str]) -> bool:
+    """Whether the arguments ask for help or the version (what typer prints itself), not a command's work."""
+    return not args or any(a in ("--help", "-h", "--version") for a in args)
 
 
 def _version(value: bool) -> None:
@@ -243,6 +248,10 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         code = app(prog_name="influence", args=args, standalone_mode=False)
+    except OSError as exc:  # help or --version into a full disk (commands' own output errors are typed)
+        if isinstance(exc, BrokenPipeError) or not _help_or_version(args):
+            raise
+        code = report_error(unwritable(exc))
     except click.NoArgsIsHelpError as exc:  # the help is already printed
         code = exc.exit_code
     except click.UsageError as exc:

@@ -8,7 +8,9 @@ import logging
 import math
 import os
 import re
+import select
 import sys
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +68,26 @@ def _exit_broken_pipe(console: Console) -> None:
     raise SystemExit(EXIT_BROKEN_PIPE)
 
 
+class _Environ(Mapping[str, str]):
+    """os.environ as rich reads it, at each read, without a COLUMNS that is no width (0, -5, 4: rich drew every
+    line, error messages too, at that width, or not at all)."""
+
+    def __getitem__(self, key: str) -> str:
+        value = os.environ[key]
+        if key == "COLUMNS" and not (value.isdigit() and int(value) >= MIN_COLUMNS):
+            raise KeyError(key)
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for k in os.environ if k in self)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
 class _Console(Console):
     on_broken_pipe = _exit_broken_pipe
+    _environ = _Environ()
 
 
 def exit_141_on_broken_pipes() -> None:
@@ -125,7 +145,7 @@ class _MessagesConsole(_Console):
     @property
     def size(self) -> Any:
         size = super().size
-        if self._width is None and not self.is_terminal:
+        if not self.is_terminal:  # also when COLUMNS is set: a log has no width to keep to
             return type(size)(max(size.width, LOG_COLUMNS), size.height)
         return size
 
@@ -140,24 +160,15 @@ err_console = _MessagesConsole(file=MESSAGES, highlight=False, soft_wrap=True, e
 
 
 class _Results(io.TextIOBase):
-    """stdout as the results see it: a write that fails for any reason other than a reader gone
-    (`| head`: exit 141) is an OutputError (a full disk: exit 5), not a traceback."""
+    """stdout as the results see it (`write_results`): every byte written or an error, a reader gone
+    (`| head`) a BrokenPipeError (exit 141), any other failure an OutputError (a full disk: exit 5)."""
 
     def write(self, text: str) -> int:
-        try:
-            return sys.stdout.write(text)
-        except BrokenPipeError:
-            raise
-        except OSError as exc:
-            raise _unwritable(exc) from None
+        write_results(text)
+        return len(text)
 
     def flush(self) -> None:
-        try:
-            sys.stdout.flush()
-        except BrokenPipeError:
-            raise
-        except OSError as exc:
-            raise _unwritable(exc) from None
+        pass  # write_results leaves nothing buffered
 
     def isatty(self) -> bool:
         return bool(getattr(sys.stdout, "isatty", lambda: False)())
@@ -170,7 +181,37 @@ class _Results(io.TextIOBase):
         return getattr(sys.stdout, "encoding", None) or "utf-8"
 
 
-def _unwritable(exc: OSError) -> Exception:
+def write_results(text: str) -> None:
+    """Writes `text` to stdout's file descriptor until every byte is out.
+
+    Through Python's buffered stdout, a large write to a pipe whose reader left (`| head -1`) or
+    to a non-blocking pipe could end short without an error, and the command exit 0 with its
+    results cut. Here a reader gone raises BrokenPipeError, a non-blocking pipe is waited on, and
+    any other failure (a full disk) is an OutputError. Without a descriptor (a test runner's
+    buffer), sys.stdout is written as it is.
+    """
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    try:
+        sys.stdout.flush()  # what was written through sys.stdout comes first
+        view = memoryview(text.encode(sys.stdout.encoding or "utf-8", errors=getattr(sys.stdout, "errors", None) or "strict"))
+        while view:
+            try:
+                view = view[os.write(fd, view) :]
+            except BlockingIOError:
+                select.select([], [fd], [])
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise unwritable(exc) from None
+
+
+def unwritable(exc: OSError) -> Exception:
+    """The OutputError of a stdout that cannot be written."""
     from influence_cli.errors import OutputError  # here: importing the CLI (--help) must not import torch
 
     return OutputError(f"cannot write the results to stdout ({exc.strerror or exc})", hint="free space where stdout goes, or redirect it elsewhere")
@@ -211,25 +252,9 @@ class WarningPrinter(logging.Handler):
 def print_json(data: Any) -> None:
     """JSON on stdout, nothing else; NaN and ±Inf (an empty band's ratio, ...) as null, which strict parsers accept.
 
-    Written to the file descriptor until every byte is out: through Python's buffered stdout, a large
-    write to a pipe whose reader left (`| head -1`) could end short without an error, and exit 0.
+    Written to the file descriptor until every byte is out (`write_results`).
     """
-    text = json.dumps(_finite(data), indent=2, default=str, allow_nan=False) + "\n"  # ASCII: json escapes the rest
-    try:
-        fd = sys.stdout.fileno()
-    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):  # not a file descriptor (a test runner's buffer)
-        _Results().write(text)
-        _Results().flush()
-        return
-    _Results().flush()
-    view = memoryview(text.encode("ascii"))
-    try:
-        while view:
-            view = view[os.write(fd, view) :]
-    except BrokenPipeError:
-        raise
-    except OSError as exc:
-        raise _unwritable(exc) from None
+    write_results(json.dumps(_finite(data), indent=2, default=str, allow_nan=False) + "\n")  # ASCII: json escapes the rest
 
 
 def _finite(data: Any) -> Any:
