@@ -114,8 +114,11 @@ class DatasetSpectrum:
 
 
 def _percent(share: float) -> str:
-    """A band's share as set: 50%, 12.5%, 0.4% (whole percents would show 0.004 as "0%")."""
-    return f"{round(100 * share, 6):.4g}%"
+    """A band's share as set, to 5 significant digits and without an exponent: 50%, 12.5%, 0.4%,
+    0.00001%, 99.999% (whole percents would show 0.004 as "0%" and 0.99999 as "100%")."""
+    from decimal import Decimal
+
+    return f"{Decimal(f'{100 * share:.5g}'):f}%"
 
 
 def _share(x: torch.Tensor) -> torch.Tensor:
@@ -533,7 +536,7 @@ def spectrum(
         saved = _start(cfg, st, result_fields, resume=resume, overwrite=overwrite)
         if overwrite and st.is_main:  # replaced: an interrupted --overwrite run must not leave the old result looking current
             path.unlink(missing_ok=True)
-        resumed_from = saved.resumed_from(list(datasets))
+        resumed_from = saved.resumed_from(list(datasets), st)
         results = [DatasetSpectrum(name, **t) for name, t in zip(datasets, saved.finished, strict=False)]
     t0 = time.perf_counter()
     for i, (name, ds) in enumerate(datasets.items() if not from_file else []):
@@ -579,7 +582,7 @@ def _start(cfg: Config, st: DistState, result: dict[str, Any], *, resume: bool, 
     """The progress this rank continues from (none without `resume`), after every rank's checks of it."""
     out_dir = cfg.output_path
     rank_suffix = f".rank{st.rank}" if st.distributed else ""
-    settings = result | {"bs": cfg.data.batch_size, "world": st.world_size}
+    settings = result | {"bs": cfg.data.batch_size, "world": st.world_size, "order": list(dataset_specs(cfg))}  # progress is by position
     checkpoint = PassCheckpoint(out_dir / storage.SPECTRUM_PARTIAL.format(rank=rank_suffix), settings, cfg.factors.checkpoint_every)
 
     def start_checks() -> Snapshot | None:

@@ -599,6 +599,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], problems: list[s
             parts, value = parse_override(text)
             node = data
             for i, part in enumerate(parts[:-1]):
+                part = _existing_key(node, part)
                 child = node.get(part)
                 if child is None:
                     child = node[part] = {}
@@ -606,12 +607,20 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], problems: list[s
                     path = ".".join(parts[: i + 1])
                     raise ConfigError(f"--set {_short(text)}: {path} is {_short(child)}, not a mapping")
                 node = child
-            node[parts[-1]] = value
+            node[_existing_key(node, parts[-1])] = value
         except ConfigError as exc:
             if problems is None:
                 raise
             problems.extend(exc.problems)
     return data
+
+
+def _existing_key(node: dict[Any, Any], part: str) -> Any:
+    """The key of `node` that `part` of an override names: a dataset the file names `1:` (YAML reads an int)
+    is `similarity.datasets.1`, not a second dataset '1' beside it."""
+    if part in node:
+        return part
+    return next((k for k in node if isinstance(k, (int, float)) and not isinstance(k, bool) and str(k) == part), part)
 
 
 def _unshared(node: Any) -> Any:

@@ -91,12 +91,14 @@ class Snapshot:
 class PassCheckpoint:
     """Saves and restores one rank's progress to `path` (atomic writes)."""
 
-    def __init__(self, path: Path, settings: dict[str, Any], every: int) -> None:
-        """`settings`: everything the pass's result depends on (its `run_key` identifies the run)."""
+    def __init__(self, path: Path, settings: dict[str, Any], every: int, names: dict[str, str] | None = None) -> None:
+        """`settings`: everything the pass's result depends on (its `run_key` identifies the run);
+        `names`: the command's own words for some of them, in refusals (`changed_settings`)."""
         self.path = path
         self.settings = as_recorded(settings)
         self.key = run_key(settings)
         self.every = every
+        self.names = names
 
     def exists(self) -> bool:
         return self.path.exists()
@@ -117,7 +119,7 @@ class PassCheckpoint:
         tensors, meta = storage.load_tensors(self.path, storage.PARTIAL_FORMAT)
         if meta.get("run_key") not in run_keys(self.settings):
             old = meta.get("settings")
-            changed = changed_settings(old, self.settings)
+            changed = changed_settings(old, self.settings, self.names)
             hint = "resume with the interrupted run's settings, or pass --overwrite to start over with these"
             chunks = old.get("chunks") if isinstance(old, dict) else None
             if chunks and {k for k in set(old) | set(self.settings) if old.get(k) != self.settings.get(k)} == {"chunks"}:
@@ -164,7 +166,8 @@ _NAMES = {"bs": "batch size", "batch_size": "batch size", "world": "number of ra
           "model": "model", "model_definition": "model definition", "definition": "model definition", "train_fingerprint": "data.train",
           "data": "data.train", "query_fingerprint": "data.query", "strategy": "factors.strategy", "fisher": "factors.fisher",
           "amp": "factors.amp", "dtype": "scores.dtype", "relative": "scores.relative", "measurement": "task.measurement",
-          "task": "task.kind", "modules": "factors.modules", "padding_value": "data.padding_value"}  # fmt: skip
+          "task": "task.kind", "modules": "factors.modules", "padding_value": "data.padding_value",
+          "order": "the order of the datasets"}  # fmt: skip
 
 
 def as_recorded(fields: dict[str, Any]) -> dict[str, Any]:
@@ -272,12 +275,17 @@ class DatasetsProgress:
             self.batches_done, self.state = 0, {}
         self.finished = list(finished)
 
-    def resumed_from(self, names: list[str]) -> str | None:
-        """Where this rank continues, in words ("dataset 'b', batch 6 (1 of 3 datasets done)"), or None."""
-        if not (self.finished or self.batches_done):
-            return None
-        where = f"dataset {names[len(self.finished)]!r}, batch {self.batches_done}"
-        return where + (f" ({len(self.finished)} of {len(names)} datasets done)" if self.finished else "")
+    def resumed_from(self, names: list[str], dist: Any = None) -> str | None:
+        """Where this rank continues, in words ("dataset 'b', batch 6 (1 of 3 datasets done)"), or None;
+        with `dist` (a DistState of several ranks, every rank calls it) where each rank continues ("rank 0: ...; rank 1: ...")."""
+        where = None
+        if self.finished or self.batches_done:
+            where = f"dataset {names[len(self.finished)]!r}, batch {self.batches_done}"
+            where += f" ({len(self.finished)} of {len(names)} datasets done)" if self.finished else ""
+        if dist is None or not dist.distributed:
+            return where
+        views = dist.all_gather_object(where)
+        return "; ".join(f"rank {r}: {v}" for r, v in enumerate(views) if v is not None) or None
 
 
 def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

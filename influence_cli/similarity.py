@@ -438,8 +438,9 @@ def dataset_similarity(
         return _finished_report(path, method, recorded)
     st = ctx.state
     rank_suffix = f".rank{st.rank}" if st.distributed else ""
-    settings = result_fields | {"bs": cfg.data.batch_size, "world": st.world_size}
-    checkpoint = PassCheckpoint(out_dir / storage.SIMILARITY_PARTIAL.format(rank=rank_suffix), settings, cfg.factors.checkpoint_every)
+    settings = result_fields | {"bs": cfg.data.batch_size, "world": st.world_size, "order": list(plans)}  # progress is by position
+    words = {"fisher": "similarity.fisher"}  # in refusals: the setting the user changed
+    checkpoint = PassCheckpoint(out_dir / storage.SIMILARITY_PARTIAL.format(rank=rank_suffix), settings, cfg.factors.checkpoint_every, words)
 
     def start_checks() -> Snapshot | None:
         check_rank_layout(out_dir, storage.SIMILARITY_PARTIAL, st.world_size, resume=resume, overwrite=overwrite)
@@ -449,7 +450,7 @@ def dataset_similarity(
     saved.agree(st)
     if overwrite and st.is_main:  # replaced: an interrupted --overwrite run must not leave the old result looking current
         path.unlink(missing_ok=True)
-    resumed_from = saved.resumed_from(list(plans))
+    resumed_from = saved.resumed_from(list(plans), st)
     progress = for_rank(progress, st.rank, st.world_size)
     layers = {tm.name: factors.layers[tm.name].to(ctx.device) for tm in ctx.tracked}
     t0 = time.perf_counter()

@@ -414,6 +414,8 @@ def test_dataset_names_that_yaml_reads_as_other_types_are_refused(tmp_path: Path
     assert any(p.startswith("similarity.datasets: the name false is not text (quote it") for p in exc.value.problems)
     cfg = load_config(write(tmp_path, yaml.safe_dump(minimal()) + f"similarity:\n  datasets:\n    1: {spec}\n    'no': {spec}\n"))
     assert list(cfg.similarity.datasets) == ["1", "no"]
+    cfg = load_config(tmp_path / "config.yaml", ["similarity.datasets.1.range=[0, 700]"])  # the dataset the file calls 1
+    assert list(cfg.similarity.datasets) == ["1", "no"] and cfg.similarity.datasets["1"].range == [0, 700]
 
 
 def test_an_override_changes_only_its_path_even_through_yaml_aliases(tmp_path: Path):

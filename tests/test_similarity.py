@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -529,6 +530,11 @@ def test_an_interrupted_run_resumes_to_the_same_result(digits_run, tmp_path, tit
         dataset_similarity(cfg)
     with pytest.raises(OutputError, match=r"other settings \(batch size 32 -> 64\)"):
         dataset_similarity(load_config(DIGITS, [*sets, "data.batch_size=64"]), resume=True)
+    with pytest.raises(OutputError, match=r"other settings \(similarity.fisher ggn -> empirical\)"):
+        dataset_similarity(load_config(DIGITS, [*sets, "similarity.fisher=empirical"]), resume=True)
+    reordered = dataclasses.replace(cfg, similarity=dataclasses.replace(cfg.similarity, datasets=dict(reversed(cfg.similarity.datasets.items()))))
+    with pytest.raises(OutputError, match=r"other settings \(the order of the datasets\)"):  # the progress is by position
+        dataset_similarity(reordered, resume=True)
     streamed = StopAt("", 0)
     report = dataset_similarity(cfg, resume=True, progress=streamed)
     assert report.resumed_from is not None and report.resumed_from.startswith(f"dataset {title!r}, batch ")
@@ -602,7 +608,8 @@ def test_two_ranks_interrupted_resume_to_the_uninterrupted_result(digits_run, tm
     assert saved == ["similarity.partial.rank0.safetensors", "similarity.partial.rank1.safetensors"], stopped.stderr
     resumed = run(tmp_path / "resumed", "--resume", "--json")
     assert resumed.returncode == 0, resumed.stderr
-    assert json.loads(resumed.stdout)["resumed_from"].startswith("dataset 'ones_sevens', batch ")
+    where = json.loads(resumed.stdout)["resumed_from"]
+    assert where.startswith("rank 0: dataset 'ones_sevens', batch ") and "; rank 1: dataset 'ones_sevens', batch " in where, where
     assert not list((tmp_path / "resumed").glob("similarity.partial*"))
     reference = run(tmp_path / "reference")
     assert reference.returncode == 0, reference.stderr

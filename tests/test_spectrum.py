@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import time
@@ -779,6 +780,9 @@ def test_an_interrupted_spectrum_resumes_to_the_same_result(digits, tmp_path, ti
     assert partial.is_file() and not (tmp_path / SPECTRUM_FILE).exists()
     with pytest.raises(OutputError, match="progress of an interrupted run"):
         spectrum(cfg)
+    reordered = dataclasses.replace(cfg, spectrum=dataclasses.replace(cfg.spectrum, datasets=dict(reversed(cfg.spectrum.datasets.items()))))
+    with pytest.raises(OutputError, match=r"other settings \(the order of the datasets\)"):  # the progress is by position
+        spectrum(reordered, resume=True)
     report = spectrum(cfg, resume=True)
     assert report.resumed_from == f"dataset {title!r}, batch {after // 32 // 2 * 2}" + (" (1 of 2 datasets done)" if title == "heldout" else "")
     assert not partial.exists()
@@ -797,4 +801,5 @@ def test_band_names_keep_the_shares_as_set():
     """spectrum.bottom=0.004 read "bottom 0%" (a band of 17 directions), and top=0.125 "top 12%"."""
     from influence_cli.band_energy import _percent
 
-    assert [_percent(x) for x in (0.5, 0.1, 0.125, 0.004, 1 - 0.004 - 0.125, 1 - 0.5 - 0.1)] == ["50%", "10%", "12.5%", "0.4%", "87.1%", "40%"]
+    shares = (0.5, 0.1, 0.125, 0.004, 1 - 0.004 - 0.125, 1 - 0.5 - 0.1, 1e-7, 0.99999, 1 / 3)
+    assert [_percent(x) for x in shares] == ["50%", "10%", "12.5%", "0.4%", "87.1%", "40%", "0.00001%", "99.999%", "33.333%"]

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 import typer
 from rich.markup import escape
 
-from influence_cli.cli.app import ConfigArg, JsonOpt, ReportOverwriteOpt, ResumeOpt, SetOpt, command, load
+from influence_cli.cli.app import ConfigArg, JsonOpt, OverwriteOpt, ResumeOpt, SetOpt, command, load
 from influence_cli.cli.render import RichProgress, err_console, new_table, print_json, print_read_back, print_table
 
 SIMILARITY_EPILOG = """\
@@ -68,7 +68,7 @@ def dataset_similarity_cmd(
         Path | None, typer.Option("--heatmap", help="Also write the headline matrix as a labelled heatmap here (PNG, or any format Pillow writes, by the suffix); its colours span the values off the diagonal.")
     ] = None,
     set_: SetOpt = None,
-    overwrite: ReportOverwriteOpt = False,
+    overwrite: OverwriteOpt = False,
     resume: ResumeOpt = False,
     json_: JsonOpt = False,
 ) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 import typer
 from rich.markup import escape
 
-from influence_cli.cli.app import ConfigArg, JsonOpt, ReportOverwriteOpt, ResumeOpt, SetOpt, command, load
+from influence_cli.cli.app import ConfigArg, JsonOpt, OverwriteOpt, ResumeOpt, SetOpt, command, load
 from influence_cli.cli.render import (
     RichProgress,
     err_console,
@@ -77,7 +77,7 @@ def spectrum_cmd(
     top: Annotated[int, typer.Option("--top", min=0, metavar="N", help="List each dataset's N most memorization-like examples (largest bottom-band share).")] = 0,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a picture of the energy per curvature percentile, one line per dataset (PNG, or any format Pillow writes, by the suffix).")] = None,
     set_: SetOpt = None,
-    overwrite: ReportOverwriteOpt = False,
+    overwrite: OverwriteOpt = False,
     resume: ResumeOpt = False,
     json_: JsonOpt = False,
 ) -> None:
