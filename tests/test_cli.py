@@ -1062,6 +1062,13 @@ def test_a_columns_that_is_no_width_does_not_swallow_messages(monkeypatch, colum
     assert log.getvalue() == "config error: data.batch_size: must be > 0, got 0\n"
 
 
+def test_help_with_a_columns_that_is_no_width():
+    """typer's own help console read COLUMNS=0 too, and printed nothing."""
+    done = subprocess.run([sys.executable, "-m", "influence_cli", "--help"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "0"})  # fmt: skip
+    assert done.returncode == 0 and "Usage: influence" in done.stdout and "fit-factors" in done.stdout, done.stdout
+
+
 def test_results_wait_for_a_non_blocking_stdout(monkeypatch):
     """A non-blocking pipe (set by a parent process) refused the rest of a large write: the JSON ended at 64 KiB."""
     import fcntl

@@ -92,8 +92,10 @@ class _Console(Console):
 
 def exit_141_on_broken_pipes() -> None:
     """Every rich console of this process, typer's help and usage consoles too, exits like ours
-    (`influence --help | head -1`). Only the command-line entry point calls this."""
+    (`influence --help | head -1`) and ignores a COLUMNS that is no width (`COLUMNS=0 influence --help`
+    printed nothing). Only the command-line entry point calls this."""
     Console.on_broken_pipe = _exit_broken_pipe  # type: ignore[method-assign]
+    Console._environ = _Environ()  # type: ignore[misc]
 
 
 class _Messages(io.TextIOBase):
