@@ -582,7 +582,7 @@ def _start(cfg: Config, st: DistState, result: dict[str, Any], *, resume: bool, 
     """The progress this rank continues from (none without `resume`), after every rank's checks of it."""
     out_dir = cfg.output_path
     rank_suffix = f".rank{st.rank}" if st.distributed else ""
-    settings = result | {"bs": cfg.data.batch_size, "world": st.world_size, "order": list(dataset_specs(cfg))}  # progress is by position
+    settings = result | {"bs": cfg.data.batch_size, "world": st.world_size, "dataset_order": list(dataset_specs(cfg))}  # progress is by position
     checkpoint = PassCheckpoint(out_dir / storage.SPECTRUM_PARTIAL.format(rank=rank_suffix), settings, cfg.factors.checkpoint_every)
 
     def start_checks() -> Snapshot | None:

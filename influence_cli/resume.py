@@ -167,7 +167,7 @@ _NAMES = {"bs": "batch size", "batch_size": "batch size", "world": "number of ra
           "data": "data.train", "query_fingerprint": "data.query", "strategy": "factors.strategy", "fisher": "factors.fisher",
           "amp": "factors.amp", "dtype": "scores.dtype", "relative": "scores.relative", "measurement": "task.measurement",
           "task": "task.kind", "modules": "factors.modules", "padding_value": "data.padding_value",
-          "order": "the order of the datasets"}  # fmt: skip
+          "dataset_order": "the order of the datasets"}  # fmt: skip
 
 
 def as_recorded(fields: dict[str, Any]) -> dict[str, Any]:

@@ -438,7 +438,7 @@ def dataset_similarity(
         return _finished_report(path, method, recorded)
     st = ctx.state
     rank_suffix = f".rank{st.rank}" if st.distributed else ""
-    settings = result_fields | {"bs": cfg.data.batch_size, "world": st.world_size, "order": list(plans)}  # progress is by position
+    settings = result_fields | {"bs": cfg.data.batch_size, "world": st.world_size, "dataset_order": list(plans)}  # progress is by position
     words = {"fisher": "similarity.fisher"}  # in refusals: the setting the user changed
     checkpoint = PassCheckpoint(out_dir / storage.SIMILARITY_PARTIAL.format(rank=rank_suffix), settings, cfg.factors.checkpoint_every, words)
 

@@ -375,7 +375,7 @@ def output_dir_lock(
         os.close(fd)  # the holder removed the file between our open and lock: lock the new one
     os.ftruncate(fd, 0)  # a reader holds it with readers only: what a killed writer left is stale
     if not shared:  # a writer says who it is
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}: {_program()}".encode(), 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}: {_program()}".encode("utf-8", "surrogateescape"), 0)
     _HELD_LOCKS.add(fd)
     try:
         yield

@@ -1062,6 +1062,32 @@ def test_a_columns_that_is_no_width_does_not_swallow_messages(monkeypatch, colum
     assert log.getvalue() == "config error: data.batch_size: must be > 0, got 0\n"
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-8-sig"])
+def test_results_in_an_encoding_with_a_byte_order_mark_carry_one(monkeypatch, tmp_path: Path, encoding: str):
+    """Each write encoded on its own started with a byte-order mark of its own: four marks for two tables."""
+    from influence_cli.cli import render
+
+    path = tmp_path / "out.txt"
+    with open(path, "w", encoding=encoding) as stdout:
+        monkeypatch.setattr("sys.stdout", stdout)
+        render.write_results("query 0\n")
+        render.write_results("query 1 · λ\n")
+        monkeypatch.undo()
+    assert path.read_text(encoding=encoding) == "query 0\nquery 1 · λ\n"
+
+
+def test_results_name_files_that_are_not_utf8_by_their_bytes(monkeypatch, tmp_path: Path):
+    """A file name from another system's encoding (b"\\xff.png", read as a surrogate) stopped the command: "surrogates not allowed"."""
+    from influence_cli.cli import render
+
+    path = tmp_path / "out.txt"
+    with open(path, "w", encoding="utf-8") as stdout:
+        monkeypatch.setattr("sys.stdout", stdout)
+        render.write_results(os.fsdecode(b"cat/\xff.png") + "\n")
+        monkeypatch.undo()
+    assert path.read_bytes() == b"cat/\xff.png\n"
+
+
 def test_help_with_a_columns_that_is_no_width():
     """typer's own help console read COLUMNS=0 too, and printed nothing."""
     done = subprocess.run([sys.executable, "-m", "influence_cli", "--help"], capture_output=True, text=True, timeout=120,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import os
 import pickle
 import shutil
 import struct
@@ -885,6 +886,14 @@ def test_image_folder_fingerprint_sees_a_replaced_image(tmp_path: Path) -> None:
     before = load_dataset(DataSpec(source="image_folder", root="imgs"), tmp_path).fingerprint()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (6, 5, 3), dtype=np.uint8)).save(root / "cat" / "0.png")
     assert load_dataset(DataSpec(source="image_folder", root="imgs"), tmp_path).fingerprint() != before
+
+
+def test_image_folder_with_a_file_name_that_is_not_utf8(tmp_path: Path) -> None:
+    """b"\\xff.png" (a name from another system's encoding) crashed the fingerprint: "surrogates not allowed"."""
+    root = write_image_folder(tmp_path / "imgs")
+    os.rename(root / "cat" / "0.png", os.path.join(os.fsencode(root / "cat"), b"\xff.png"))
+    ds = load_dataset(DataSpec(source="image_folder", root="imgs"), tmp_path)
+    assert len(ds) == 5 and len(ds.fingerprint()) > 0
 
 
 def test_fashion_mnist_is_not_read_from_mnist_files_beside_it(tmp_path: Path) -> None:

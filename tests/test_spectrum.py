@@ -783,6 +783,8 @@ def test_an_interrupted_spectrum_resumes_to_the_same_result(digits, tmp_path, ti
     reordered = dataclasses.replace(cfg, spectrum=dataclasses.replace(cfg.spectrum, datasets=dict(reversed(cfg.spectrum.datasets.items()))))
     with pytest.raises(OutputError, match=r"other settings \(the order of the datasets\)"):  # the progress is by position
         spectrum(reordered, resume=True)
+    with pytest.raises(OutputError, match=r"other settings \(order kfac -> ekfac\)"):  # the bands' order is another setting
+        spectrum(cfg, order="ekfac", resume=True)
     report = spectrum(cfg, resume=True)
     assert report.resumed_from == f"dataset {title!r}, batch {after // 32 // 2 * 2}" + (" (1 of 2 datasets done)" if title == "heldout" else "")
     assert not partial.exists()

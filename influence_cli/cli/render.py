@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import io
 import json
 import logging
@@ -183,6 +184,9 @@ class _Results(io.TextIOBase):
         return getattr(sys.stdout, "encoding", None) or "utf-8"
 
 
+_BOM_ENCODINGS = ("utf-8-sig", "utf-16", "utf-32")  # codecs.lookup names
+
+
 def write_results(text: str) -> None:
     """Writes `text` to stdout's file descriptor until every byte is out.
 
@@ -190,17 +194,27 @@ def write_results(text: str) -> None:
     to a non-blocking pipe could end short without an error, and the command exit 0 with its
     results cut. Here a reader gone raises BrokenPipeError, a non-blocking pipe is waited on, and
     any other failure (a full disk) is an OutputError. Without a descriptor (a test runner's
-    buffer), sys.stdout is written as it is.
+    buffer), or in an encoding that starts with a byte-order mark, sys.stdout is written as it is.
     """
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
     try:
         fd = sys.stdout.fileno()
-    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        if codecs.lookup(encoding).name in _BOM_ENCODINGS:  # each encode() would start with its own byte-order mark
+            raise io.UnsupportedOperation
+    except (AttributeError, LookupError, OSError, ValueError, io.UnsupportedOperation):
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise unwritable(exc) from None
         return
+    errors = getattr(sys.stdout, "errors", None) or "strict"
+    errors = "surrogateescape" if errors == "strict" else errors  # a file name that is not UTF-8 is written as its bytes, as ls does
     try:
         sys.stdout.flush()  # what was written through sys.stdout comes first
-        view = memoryview(text.encode(sys.stdout.encoding or "utf-8", errors=getattr(sys.stdout, "errors", None) or "strict"))
+        view = memoryview(text.encode(encoding, errors=errors))
         while view:
             try:
                 view = view[os.write(fd, view) :]

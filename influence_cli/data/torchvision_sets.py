@@ -315,7 +315,7 @@ def open_image_folder(spec: DataSpec, base_dir: Path, name: str) -> Source:
         items=_ImageFolderItems(samples, mode, resize, f"{name}.root"),  # type: ignore[arg-type]
         files={
             "root": root.resolve().name,
-            "samples": hashlib.sha256("\n".join(rel).encode()).hexdigest(),
+            "samples": hashlib.sha256("\n".join(rel).encode("utf-8", "surrogateescape")).hexdigest(),  # a name that is not UTF-8: its bytes
             "classes": classes,
         },
         class_names=classes,
