@@ -345,6 +345,11 @@ def test_cli_table_json_and_heatmap(digits_run, tmp_path):
     for name in ("zeros_sixes", "ones_sevens", "zeros_sixes_heldout"):
         assert name in result.stdout
     assert "saved" in result.stderr and "saved" not in result.stdout
+    assert "apply to compute-scores only" not in result.stderr
+    shared = invoke("dataset-similarity", str(DIGITS), *sets, "--set", "task.measurement=margin", "--set", "scores.relative=true")
+    assert shared.exit_code == 0, shared.output  # the same kernel, read back: neither setting changes it
+    assert ("warning: dataset-similarity: the kernel compares the datasets' mean loss gradients with plain scores; "
+            "task.measurement: margin and scores.relative: true apply to compute-scores only") in shared.stderr  # fmt: skip
 
     png = tmp_path / "plots" / "similarity.png"
     result = invoke(
