@@ -35,7 +35,7 @@ from influence_cli import notices, storage
 from influence_cli.bands import LayerBands, check_order, layer_bands, load_kronecker_factors, select_layers
 from influence_cli.config import Config, DataSpec
 from influence_cli.context import RunContext, prepare
-from influence_cli.distributed import DistState, agree
+from influence_cli.distributed import DistState
 from influence_cli.errors import ConfigError
 from influence_cli.factors import LayerFactors, Rotation
 from influence_cli.notices import warn
@@ -43,9 +43,6 @@ from influence_cli.passes import NonFiniteWatch, accumulator_dtype, stream_gradi
 from influence_cli.progress import NullProgress, Progress, for_rank
 from influence_cli.resume import (
     DatasetsProgress,
-    PassCheckpoint,
-    Snapshot,
-    check_rank_layout,
     clear_progress_of_finished,
     finished_result,
     run_key,
@@ -533,9 +530,10 @@ def spectrum(
         clear_progress_of_finished(out_dir, storage.SPECTRUM_PARTIAL, main=st.is_main)  # a kill right after the final rename
         results = _load_energies(path, list(datasets))
     else:
-        saved = _start(cfg, st, result_fields, resume=resume, overwrite=overwrite)
-        if overwrite and st.is_main:  # replaced: an interrupted --overwrite run must not leave the old result looking current
-            path.unlink(missing_ok=True)
+        saved = DatasetsProgress.start(
+            path, storage.SPECTRUM_PARTIAL, st, result_fields, list(datasets), batch_size=cfg.data.batch_size,
+            every=cfg.factors.checkpoint_every, resume=resume, overwrite=overwrite,
+        )
         resumed_from = saved.resumed_from(list(datasets), st)
         results = [DatasetSpectrum(name, **t) for name, t in zip(datasets, saved.finished, strict=False)]
     t0 = time.perf_counter()
@@ -576,22 +574,6 @@ def spectrum(
     saved.checkpoint.clear()
     report.seconds["total"] = time.perf_counter() - t_start
     return report
-
-
-def _start(cfg: Config, st: DistState, result: dict[str, Any], *, resume: bool, overwrite: bool) -> DatasetsProgress:
-    """The progress this rank continues from (none without `resume`), after every rank's checks of it."""
-    out_dir = cfg.output_path
-    rank_suffix = f".rank{st.rank}" if st.distributed else ""
-    settings = result | {"bs": cfg.data.batch_size, "world": st.world_size, "dataset_order": list(dataset_specs(cfg))}  # progress is by position
-    checkpoint = PassCheckpoint(out_dir / storage.SPECTRUM_PARTIAL.format(rank=rank_suffix), settings, cfg.factors.checkpoint_every)
-
-    def start_checks() -> Snapshot | None:
-        check_rank_layout(out_dir, storage.SPECTRUM_PARTIAL, st.world_size, resume=resume, overwrite=overwrite)
-        return checkpoint.check_start(resume, overwrite)
-
-    saved = DatasetsProgress(checkpoint, agree(st, start_checks))
-    saved.agree(st)
-    return saved
 
 
 def _load_energies(path: Path, names: list[str]) -> list[DatasetSpectrum]:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from influence_cli import storage
+from influence_cli.distributed import agree
 from influence_cli.errors import OutputError
 
 
@@ -241,6 +242,34 @@ class DatasetsProgress:
             self.finished = [_prefixed(snapshot.tensors, f"finished.{i}.") for i in range(done)]
             self.batches_done = snapshot.batches_done
             self.state = _prefixed(snapshot.tensors, "state.")
+
+    @classmethod
+    def start(
+        cls, output: Path, pattern: str, dist: Any, result: dict[str, Any], datasets: list[str], *,
+        batch_size: int, every: int, resume: bool, overwrite: bool, names: dict[str, str] | None = None,
+    ) -> DatasetsProgress:
+        """The progress this rank continues from (none without `resume`) towards `output`, saved as `pattern`
+        (with {rank}) every `every` batches: every rank checks it at once (`distributed.agree`: a refusal is
+        said once), the ranks agree on the dataset to continue at (`agree`), and with `overwrite` the finished
+        `output` is removed (an interrupted --overwrite run must not leave the old result looking current).
+
+        Args:
+            dist: The DistState. result: the settings the result depends on; the batch size, the ranks and
+                the order of `datasets` are added (progress is kept by position). names: words for refusals.
+        """  # fmt: skip
+        folder = output.parent
+        settings = result | {"bs": batch_size, "world": dist.world_size, "dataset_order": list(datasets)}
+        checkpoint = PassCheckpoint(folder / pattern.format(rank=f".rank{dist.rank}" if dist.distributed else ""), settings, every, names)
+
+        def start_checks() -> Snapshot | None:
+            check_rank_layout(folder, pattern, dist.world_size, resume=resume, overwrite=overwrite)
+            return checkpoint.check_start(resume, overwrite)
+
+        saved = cls(checkpoint, agree(dist, start_checks))
+        saved.agree(dist)
+        if overwrite and dist.is_main:
+            output.unlink(missing_ok=True)
+        return saved
 
     def due(self, batches_done: int) -> bool:
         return self.checkpoint.due(batches_done)

@@ -36,7 +36,7 @@ from torch import nn
 from influence_cli import notices, storage
 from influence_cli.config import SIMILARITY_METHODS, Config
 from influence_cli.context import prepare
-from influence_cli.distributed import DistState, agree
+from influence_cli.distributed import DistState
 from influence_cli.errors import ConfigError, NumericalError, UsageError
 from influence_cli.factors import DiagonalAccumulator, LayerFactors, layer_damping
 from influence_cli.fit import PassPlan, check_factors_match, load_factors, plan_for
@@ -44,9 +44,6 @@ from influence_cli.passes import BatchGradients, NonFiniteWatch, accumulator_dty
 from influence_cli.progress import NullProgress, Progress, for_rank
 from influence_cli.resume import (
     DatasetsProgress,
-    PassCheckpoint,
-    Snapshot,
-    check_rank_layout,
     clear_progress_of_finished,
     finished_result,
     run_key,
@@ -440,19 +437,10 @@ def dataset_similarity(
         clear_progress_of_finished(out_dir, storage.SIMILARITY_PARTIAL, main=ctx.state.is_main)  # a kill right after the final rename
         return _finished_report(path, method, recorded)
     st = ctx.state
-    rank_suffix = f".rank{st.rank}" if st.distributed else ""
-    settings = result_fields | {"bs": cfg.data.batch_size, "world": st.world_size, "dataset_order": list(plans)}  # progress is by position
-    words = {"fisher": "similarity.fisher"}  # in refusals: the setting the user changed
-    checkpoint = PassCheckpoint(out_dir / storage.SIMILARITY_PARTIAL.format(rank=rank_suffix), settings, cfg.factors.checkpoint_every, words)
-
-    def start_checks() -> Snapshot | None:
-        check_rank_layout(out_dir, storage.SIMILARITY_PARTIAL, st.world_size, resume=resume, overwrite=overwrite)
-        return checkpoint.check_start(resume, overwrite)
-
-    saved = DatasetsProgress(checkpoint, agree(st, start_checks))
-    saved.agree(st)
-    if overwrite and st.is_main:  # replaced: an interrupted --overwrite run must not leave the old result looking current
-        path.unlink(missing_ok=True)
+    saved = DatasetsProgress.start(
+        path, storage.SIMILARITY_PARTIAL, st, result_fields, list(plans), batch_size=cfg.data.batch_size, every=cfg.factors.checkpoint_every,
+        resume=resume, overwrite=overwrite, names={"fisher": "similarity.fisher"},
+    )  # fmt: skip
     resumed_from = saved.resumed_from(list(plans), st)
     progress = for_rank(progress, st.rank, st.world_size)
     layers = {tm.name: factors.layers[tm.name].to(ctx.device) for tm in ctx.tracked}
@@ -499,7 +487,7 @@ def dataset_similarity(
             },
         )
     st.barrier()
-    checkpoint.clear()
+    saved.checkpoint.clear()
     seconds["total"] = time.perf_counter() - t_start
     return SimilarityReport(
         path,
