@@ -1,8 +1,16 @@
-"""A progress sink that stops a run the way Ctrl-C does, for tests of interrupted passes."""
+"""Interrupted passes in tests: a progress sink that stops a run the way Ctrl-C does, and the checks around it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from influence_cli.errors import OutputError
 from influence_cli.progress import NullProgress
+from influence_cli.storage import load_tensors
 
 
 class StopAt(NullProgress):
@@ -18,3 +26,22 @@ class StopAt(NullProgress):
         self.done += n
         if self.current == self.title and self.done >= self.after:
             raise KeyboardInterrupt
+
+
+def interrupt(run: Callable[..., object], title: str, after: int, partial: Path, output: Path) -> None:
+    """Stops `run` (a command's core function) in its pass `title` after `after` examples, and checks what that
+    leaves: progress at `partial`, no `output`, and a rerun without --resume refused (the progress is never dropped)."""
+    with pytest.raises(KeyboardInterrupt):
+        run(progress=StopAt(title, after))
+    assert partial.is_file() and not output.exists()
+    with pytest.raises(OutputError, match="progress of an interrupted run"):
+        run()
+
+
+def assert_same_tensors(got: Path, expected: Path) -> None:
+    """The two safetensors files hold the same tensors, bit for bit."""
+    a, _ = load_tensors(got)
+    b, _ = load_tensors(expected)
+    assert a.keys() == b.keys()
+    for name in b:
+        assert torch.equal(a[name], b[name]), name

@@ -10,8 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
+from stopping import assert_same_tensors
 
 from influence_cli import storage
 from influence_cli.config import load_config
@@ -67,10 +66,7 @@ def fitted(tmp_path_factory) -> Path:
 def test_same_config_gives_bit_identical_scores(fitted, tmp_path):
     (tmp_path / storage.FACTORS_FILE).write_bytes((fitted / storage.FACTORS_FILE).read_bytes())
     compute_scores(load_config(CONFIG, [*SETTINGS, f"output_dir={tmp_path}"]))
-    ref, again = load_file(fitted / storage.SCORES_FILE), load_file(tmp_path / storage.SCORES_FILE)
-    assert ref.keys() == again.keys()
-    for name in ref:
-        assert torch.equal(ref[name], again[name]), name
+    assert_same_tensors(tmp_path / storage.SCORES_FILE, fitted / storage.SCORES_FILE)
 
 
 def test_sigkill_mid_pass_then_resume_is_bit_identical(fitted, tmp_path):
@@ -96,9 +92,7 @@ def test_sigkill_mid_pass_then_resume_is_bit_identical(fitted, tmp_path):
     resumed = subprocess.run(cli(tmp_path, "--resume"), cwd=ROOT, env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stderr
-    ref, got = load_file(fitted / storage.SCORES_FILE), load_file(tmp_path / storage.SCORES_FILE)
-    for name in ref:
-        assert torch.equal(ref[name], got[name]), name
+    assert_same_tensors(tmp_path / storage.SCORES_FILE, fitted / storage.SCORES_FILE)
     assert sorted(p.name for p in tmp_path.iterdir()) == [storage.FACTORS_FILE, storage.SCORES_FILE]
 
 

@@ -14,7 +14,7 @@ import torch
 from exact import ConvHead, SeqModel, batches_of, empirical_vectors, fisher_vectors, fit, per_example_layer_grads, tiny_mlp
 from mnist_files import IMAGES, LABELS, requires_mnist
 from PIL import Image
-from stopping import StopAt
+from stopping import assert_same_tensors, interrupt
 from typer.testing import CliRunner
 
 from influence_cli import storage
@@ -527,12 +527,8 @@ def test_an_interrupted_run_resumes_to_the_same_result(digits_run, tmp_path, tit
     (tmp_path / storage.FACTORS_FILE).write_bytes((factors / storage.FACTORS_FILE).read_bytes())
     sets = [f"output_dir={tmp_path}", "device=cpu", "data.batch_size=32", "factors.checkpoint_every=2"]
     cfg = load_config(DIGITS, sets)
-    with pytest.raises(KeyboardInterrupt):
-        dataset_similarity(cfg, progress=StopAt(title, after))
     partial = tmp_path / storage.SIMILARITY_PARTIAL.format(rank="")
-    assert partial.is_file() and not (tmp_path / SIMILARITY_FILE).exists()
-    with pytest.raises(OutputError, match="progress of an interrupted run"):
-        dataset_similarity(cfg)
+    interrupt(lambda **kw: dataset_similarity(cfg, **kw), title, after, partial, tmp_path / SIMILARITY_FILE)
     with pytest.raises(OutputError, match=r"other settings \(batch size 32 -> 64\)"):
         dataset_similarity(load_config(DIGITS, [*sets, "data.batch_size=64"]), resume=True)
     with pytest.raises(OutputError, match=r"other settings \(similarity.fisher ggn -> empirical\)"):
@@ -540,20 +536,15 @@ def test_an_interrupted_run_resumes_to_the_same_result(digits_run, tmp_path, tit
     reordered = dataclasses.replace(cfg, similarity=dataclasses.replace(cfg.similarity, datasets=dict(reversed(cfg.similarity.datasets.items()))))
     with pytest.raises(OutputError, match=r"other settings \(the order of the datasets\)"):  # the progress is by position
         dataset_similarity(reordered, resume=True)
-    streamed = StopAt("", 0)
-    report = dataset_similarity(cfg, resume=True, progress=streamed)
+    report = dataset_similarity(cfg, resume=True)
     assert report.resumed_from is not None and report.resumed_from.startswith(f"dataset {title!r}, batch ")
     assert ("of 4 datasets done" in report.resumed_from) == (title != "zeros_sixes")
     assert not partial.exists()
-    resumed, _ = load_tensors(tmp_path / SIMILARITY_FILE)
     reference = tmp_path / "reference"
     reference.mkdir()
     (reference / storage.FACTORS_FILE).write_bytes((factors / storage.FACTORS_FILE).read_bytes())
     dataset_similarity(load_config(DIGITS, [*sets, f"output_dir={reference}"]))
-    expected, _ = load_tensors(reference / SIMILARITY_FILE)
-    assert resumed.keys() == expected.keys()
-    for name in expected:
-        assert torch.equal(resumed[name], expected[name]), name
+    assert_same_tensors(tmp_path / SIMILARITY_FILE, reference / SIMILARITY_FILE)
 
 
 def test_resume_with_nothing_saved_starts_over_and_a_finished_result_is_shown(digits_run, tmp_path):
@@ -618,7 +609,4 @@ def test_two_ranks_interrupted_resume_to_the_uninterrupted_result(digits_run, tm
     assert not list((tmp_path / "resumed").glob("similarity.partial*"))
     reference = run(tmp_path / "reference")
     assert reference.returncode == 0, reference.stderr
-    got, _ = load_tensors(tmp_path / "resumed" / SIMILARITY_FILE)
-    expected, _ = load_tensors(tmp_path / "reference" / SIMILARITY_FILE)
-    for name in expected:
-        assert torch.equal(got[name], expected[name]), name
+    assert_same_tensors(tmp_path / "resumed" / SIMILARITY_FILE, tmp_path / "reference" / SIMILARITY_FILE)

@@ -14,7 +14,7 @@ import torch
 from exact import ConvHead, batches_of, empirical_vectors, fit, per_example_layer_grads, tiny_mlp
 from mnist_files import IMAGES, LABELS, requires_mnist
 from PIL import Image
-from stopping import StopAt
+from stopping import assert_same_tensors, interrupt
 from test_models import TiedLM
 from typer.testing import CliRunner, Result
 
@@ -774,12 +774,8 @@ def test_an_interrupted_spectrum_resumes_to_the_same_result(digits, tmp_path, ti
     overrides = [v for k, v in zip(sets[::2], sets[1::2], strict=True) if k == "--set" and not v.startswith("output_dir=")]
     overrides += [f"output_dir={tmp_path}", "data.batch_size=32", "factors.checkpoint_every=2"]
     cfg = load_config(DIGITS, overrides)
-    with pytest.raises(KeyboardInterrupt):
-        spectrum(cfg, progress=StopAt(title, after))
     partial = tmp_path / storage.SPECTRUM_PARTIAL.format(rank="")
-    assert partial.is_file() and not (tmp_path / SPECTRUM_FILE).exists()
-    with pytest.raises(OutputError, match="progress of an interrupted run"):
-        spectrum(cfg)
+    interrupt(lambda **kw: spectrum(cfg, **kw), title, after, partial, tmp_path / SPECTRUM_FILE)
     reordered = dataclasses.replace(cfg, spectrum=dataclasses.replace(cfg.spectrum, datasets=dict(reversed(cfg.spectrum.datasets.items()))))
     with pytest.raises(OutputError, match=r"other settings \(the order of the datasets\)"):  # the progress is by position
         spectrum(reordered, resume=True)
@@ -788,15 +784,11 @@ def test_an_interrupted_spectrum_resumes_to_the_same_result(digits, tmp_path, ti
     report = spectrum(cfg, resume=True)
     assert report.resumed_from == f"dataset {title!r}, batch {after // 32 // 2 * 2}" + (" (1 of 2 datasets done)" if title == "heldout" else "")
     assert not partial.exists()
-    resumed, _ = load_tensors(tmp_path / SPECTRUM_FILE)
     reference = tmp_path / "reference"
     reference.mkdir()
     (reference / FACTORS_FILE).write_bytes((factors / FACTORS_FILE).read_bytes())
     spectrum(load_config(DIGITS, [*overrides, f"output_dir={reference}"]))
-    expected, _ = load_tensors(reference / SPECTRUM_FILE)
-    assert resumed.keys() == expected.keys()
-    for name in expected:
-        assert torch.equal(resumed[name], expected[name]), name
+    assert_same_tensors(tmp_path / SPECTRUM_FILE, reference / SPECTRUM_FILE)
 
 
 def test_band_names_keep_the_shares_as_set():
