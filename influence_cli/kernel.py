@@ -293,13 +293,9 @@ class ScoreKernel:
     def blocked(self, queries: dict[str, torch.Tensor], batch: BatchGradients) -> StoredQueries:
         """[Q, P] preconditioned queries in the layout of `store_queries` (`batch`: any batch, for the layers' shapes)."""
         out: StoredQueries = {}
-        total = len(next(iter(queries.values())))
-        self._store(out, 0, total, queries, batch)
+        for name, v in queries.items():
+            self._store_layer(out, name, 0, len(v), v, batch.activations[name])
         return out
-
-    def _store(self, out: StoredQueries, row: int, total: int, vectors: dict[str, torch.Tensor], batch: BatchGradients) -> None:
-        for name, v in vectors.items():
-            self._store_layer(out, name, row, total, v, batch.activations[name])
 
     def _store_layer(self, out: StoredQueries, name: str, row: int, total: int, v: torch.Tensor, a: torch.Tensor) -> None:
         """Writes one layer's vectors v [n, P] into rows [row, row + n) of `out` (`a`: the layer's inputs, for its shape)."""

@@ -20,8 +20,8 @@ from influence_cli import __version__
 from influence_cli.cli.render import (
     EXIT_BROKEN_PIPE,
     WarningPrinter,
+    configure_rich,
     err_console,
-    exit_141_on_broken_pipes,
     stdout_closed,
     stop_running_bars,
     tolerate_narrow_encodings,
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     if sys.stdout is None:  # started with stdout closed (`>&-`): the results would vanish without a word
         sys.exit(report_error(OutputError("stdout is closed, and the results are printed there", hint="redirect it to a file, or to /dev/null to discard them")))
     tolerate_narrow_encodings()
-    exit_141_on_broken_pipes()
+    configure_rich()
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         code = app(prog_name="influence", args=args, standalone_mode=False)

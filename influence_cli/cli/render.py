@@ -91,7 +91,7 @@ class _Console(Console):
     _environ = _Environ()
 
 
-def exit_141_on_broken_pipes() -> None:
+def configure_rich() -> None:
     """Every rich console of this process, typer's help and usage consoles too, exits like ours
     (`influence --help | head -1`) and ignores a COLUMNS that is no width (`COLUMNS=0 influence --help`
     printed nothing). Only the command-line entry point calls this."""
