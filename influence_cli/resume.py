@@ -239,9 +239,9 @@ class DatasetsProgress:
         self.state: dict[str, torch.Tensor] = {}
         if snapshot is not None and snapshot.phase.startswith("dataset:"):
             done = int(snapshot.phase.removeprefix("dataset:"))
-            self.finished = [_prefixed(snapshot.tensors, f"finished.{i}.") for i in range(done)]
+            self.finished = [prefixed(snapshot.tensors, f"finished.{i}.") for i in range(done)]
             self.batches_done = snapshot.batches_done
-            self.state = _prefixed(snapshot.tensors, "state.")
+            self.state = prefixed(snapshot.tensors, "state.")
 
     @classmethod
     def start(
@@ -317,5 +317,6 @@ class DatasetsProgress:
         return "; ".join(f"rank {r}: {v}" for r, v in enumerate(views) if v is not None) or None
 
 
-def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+def prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors whose names start with `prefix`, by the rest of their names (which may hold dots: layer names)."""
     return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}

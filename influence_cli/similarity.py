@@ -46,6 +46,7 @@ from influence_cli.resume import (
     DatasetsProgress,
     clear_progress_of_finished,
     finished_result,
+    prefixed,
     run_key,
 )
 from influence_cli.tracking import TrackedModule
@@ -160,11 +161,7 @@ def _as_tensors(stats: DatasetStatistics) -> dict[str, torch.Tensor]:
 
 
 def _from_tensors(tensors: dict[str, torch.Tensor]) -> DatasetStatistics:
-    return DatasetStatistics(
-        {k.removeprefix("mean."): v for k, v in tensors.items() if k.startswith("mean.")},
-        {k.removeprefix("diagonal."): v for k, v in tensors.items() if k.startswith("diagonal.")},
-        int(tensors["count"]),
-    )
+    return DatasetStatistics(prefixed(tensors, "mean."), prefixed(tensors, "diagonal."), int(tensors["count"]))
 
 
 def dataset_statistics(
