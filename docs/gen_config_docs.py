@@ -105,6 +105,10 @@ influence fit-factors configs/digits.yaml --set 'data.train={source: tensors, pa
   hex, `1_000` is a thousand (underscores separate digits, as in Python), and `1:30`, `1:30.5`
   (YAML 1.1's base 60) and `0b1` are text.
 - A list is set whole (`--set 'factors.modules=[fc1, head]'`); `factors.modules[0]=fc1` is refused.
+- `null` clears an optional key (`data.query=null`, `model.checkpoint=null`) but not a section:
+  `--set scores=null` is refused rather than silently resetting every scores key to its default
+  (set the keys themselves). An empty section in the file (`scores:` with nothing under it) means
+  the defaults.
 - Errors: a missing `=`, an empty key part (`data..batch_size=1`), or a path through a value
   that is not a mapping (`--set seed.x=1`) are config errors naming the override, reported
   with every other problem of the file and the overrides.

@@ -607,12 +607,39 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], problems: list[s
                     path = ".".join(parts[: i + 1])
                     raise ConfigError(f"--set {_short(text)}: {path} is {_short(child)}, not a mapping")
                 node = child
+            if value is None and dataclasses.is_dataclass(_section_type(parts)):
+                raise ConfigError(
+                    f"--set {_short(text)}: {'.'.join(parts)} is a section, and null would silently reset all of it to the "
+                    f"defaults; set its keys instead ({'.'.join(parts)}.<key>=value)"
+                )
             node[_existing_key(node, parts[-1])] = value
         except ConfigError as exc:
             if problems is None:
                 raise
             problems.extend(exc.problems)
     return data
+
+
+def _section_type(parts: list[str]) -> Any:
+    """The declared type of the Config field at a dotted key path (`["scores"]` -> ScoresConfig), or
+    None when the path is no field: unknown, inside a mapping (`similarity.datasets.a`) or past an
+    optional one (`data.query` may be null). Paths through optional fields and mappings
+    (`data.train.transform`, `similarity.datasets.a.transform`) reach the fields inside them."""
+    tp: Any = Config
+    for i, part in enumerate(parts):
+        if i:  # a path through a field: that field holds a mapping, its own type's
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+                tp = args[0]
+            if typing.get_origin(tp) is dict:
+                if i == len(parts) - 1:
+                    return None  # a mapping's entry (a dataset) is no section of its own
+                tp = typing.get_args(tp)[1]
+                continue
+        if not dataclasses.is_dataclass(tp):
+            return None
+        tp = typing.get_type_hints(tp).get(part)
+    return tp
 
 
 def _existing_key(node: dict[Any, Any], part: str) -> Any:

@@ -537,6 +537,25 @@ def test_overrides_replace_null_blocks_and_do_not_touch_the_input():
     assert original == {"data": {"train": None}}
 
 
+@pytest.mark.parametrize(
+    "text",
+    ["scores=null", "data=null", "factors=null", "spectrum=null", "data.train.transform=null", "similarity.datasets.a.transform=null"],
+)
+def test_an_override_does_not_null_a_section(text: str):
+    with pytest.raises(ConfigError, match=r"is a section, and null would silently reset all of it") as exc:
+        apply_overrides({"scores": {"damping": 0.1}}, [text])
+    assert f"{text.split('=')[0]}.<key>=value" in exc.value.message
+
+
+@pytest.mark.parametrize("text", ["data.query=null", "scores.checkpoints=null", "similarity.datasets.a=null", "model.kwargs.hidden=null"])
+def test_an_override_nulls_optional_fields_and_mapping_entries(text: str):
+    key = text.split("=")[0]
+    data = apply_overrides({}, [text])
+    for part in key.split("."):
+        data = data[part]
+    assert data is None
+
+
 def test_overrides_apply_in_order():
     data = apply_overrides({}, ["seed=1", "seed=2", "model={architecture: cnn}", "model.kwargs.channels=[4]"])
     assert data == {"seed": 2, "model": {"architecture": "cnn", "kwargs": {"channels": [4]}}}
