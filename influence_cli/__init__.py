@@ -25,6 +25,11 @@ _LAZY = {
     "spectrum": "influence_cli.band_energy",  # not influence_cli.spectrum: a submodule of that name would shadow the function
     "edit_checkpoint": "influence_cli.edit",
     "load_dataset": "influence_cli.data",
+    "FitReport": "influence_cli.fit",
+    "ScoresReport": "influence_cli.scores",
+    "SimilarityReport": "influence_cli.similarity",
+    "SpectrumReport": "influence_cli.band_energy",
+    "EditReport": "influence_cli.edit",
 }
 
 
@@ -35,6 +40,10 @@ def __getattr__(name: str):
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'influence_cli' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __all__ = ["Config", "InfluenceError", "__version__", "config_from_dict", "load_config", *_LAZY]

@@ -33,8 +33,24 @@ def _help(text: str, **kwargs: Any) -> Any:
     return field(metadata={"help": text}, **kwargs)
 
 
+class _Section:
+    """Base of the config dataclasses: setting a key they do not have (`cfg.factors.stratgy = "kfac"`)
+    is an error, as an unknown key in the file is, instead of an attribute the run never reads."""
+
+    __dataclass_fields__: dict[str, Any]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in self.__dataclass_fields__:
+            close = difflib.get_close_matches(name, list(self.__dataclass_fields__), n=1)
+            raise AttributeError(
+                f"{type(self).__name__} has no key {name!r}" + (f" (did you mean {close[0]}?)" if close else "")
+                + f"; its keys: {', '.join(k for k, f in self.__dataclass_fields__.items() if not f.metadata.get('internal'))}"
+            )  # fmt: skip
+        object.__setattr__(self, name, value)
+
+
 @dataclass
-class NormalizeSpec:
+class NormalizeSpec(_Section):
     """Per-channel normalization applied after scaling: (x - mean) / std."""
 
     mean: list[float] = _help("Per-channel (or single) mean.", default_factory=lambda: [0.0])
@@ -42,7 +58,7 @@ class NormalizeSpec:
 
 
 @dataclass
-class TransformSpec:
+class TransformSpec(_Section):
     """Basic input transforms, applied in the order channels_first -> channels -> resize -> scale -> normalize -> flatten."""
 
     channels_first: bool = _help("Move the channels of channels-last images [H, W, C] first ([C, H, W], as Conv2d takes them).", default=False)
@@ -64,7 +80,7 @@ class TransformSpec:
 
 
 @dataclass
-class DataSpec:
+class DataSpec(_Section):
     """One dataset: where it comes from and which of its examples to use."""
 
     source: str = _help(
@@ -103,7 +119,7 @@ class DataSpec:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(_Section):
     """The trained model: architecture, its keyword arguments and its weights."""
 
     architecture: str = _help(
@@ -122,7 +138,7 @@ class ModelConfig:
 
 
 @dataclass
-class TaskConfig:
+class TaskConfig(_Section):
     """What the model does and which quantity of a query is attributed."""
 
     kind: Literal["classification", "regression", "language_modeling"] = _help(
@@ -138,7 +154,7 @@ class TaskConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(_Section):
     """Training and query data, and how batches are formed."""
 
     train: DataSpec | None = _help("The training set the factors and scores are about.", default=None)
@@ -154,7 +170,7 @@ class DataConfig:
 
 
 @dataclass
-class FactorsConfig:
+class FactorsConfig(_Section):
     """How the curvature (Fisher / Gauss-Newton) is approximated."""
 
     strategy: Literal["ekfac", "kfac", "diagonal", "identity"] = _help(
@@ -182,7 +198,7 @@ class FactorsConfig:
 
 
 @dataclass
-class ScoresConfig:
+class ScoresConfig(_Section):
     """How influence scores are computed and stored."""
 
     damping: float | str = _help("auto (damping_factor x mean eigenvalue, per layer) or a number >= 0 used for every layer.", default="auto")
@@ -207,7 +223,7 @@ class ScoresConfig:
 
 
 @dataclass
-class SimilarityConfig:
+class SimilarityConfig(_Section):
     """Datasets compared by dataset-similarity and how."""
 
     method: Literal["fisher-kernel", "task2vec"] = _help(
@@ -222,7 +238,7 @@ class SimilarityConfig:
 
 
 @dataclass
-class SpectrumEditConfig:
+class SpectrumEditConfig(_Section):
     """What `influence edit` keeps of each layer's weights in the curvature eigenbasis (Merullo et al. 2025)."""
 
     keep: Literal["mass", "share"] = _help(
@@ -235,7 +251,7 @@ class SpectrumEditConfig:
 
 
 @dataclass
-class SpectrumConfig:
+class SpectrumConfig(_Section):
     """How `influence spectrum` splits the curvature eigenbasis into bands, and on which datasets."""
 
     layers: list[str] = _help("fnmatch patterns of the tracked layers analysed.", default_factory=lambda: ["*"])
@@ -255,7 +271,7 @@ class SpectrumConfig:
 
 
 @dataclass
-class Config:
+class Config(_Section):
     """The whole config file."""
 
     model: ModelConfig = _help("The model.", default_factory=ModelConfig)
@@ -593,6 +609,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], problems: list[s
     An override that cannot be applied raises ConfigError, or, when `problems` is given, is
     recorded there and skipped, so the others and the file are still checked.
     """
+    overrides = overrides if isinstance(overrides, (str, bytes)) else list(overrides)
+    if isinstance(overrides, (str, bytes)) or not all(isinstance(text, str) for text in overrides):
+        raise TypeError(f"overrides: expected a list of 'key.path=value' strings (['factors.strategy=kfac']), not {overrides!r}")
     data = _unshared(data)
     for text in overrides:
         try:
@@ -786,6 +805,36 @@ def rebuilt(cfg: Config) -> Config:
             spec.kwargs = kwargs[key]
     if "model" in kwargs:
         out.model.kwargs = kwargs["model"]
+    return out
+
+
+def checked_data_spec(spec: Any, key: str, base_dir: str | Path) -> DataSpec:
+    """A data spec given in code (`load_dataset`): a DataSpec, changed after loading or not, or a
+    mapping of the file's keys, checked and built anew as the file's are (as `rebuilt` does for a
+    whole Config). A user factory's kwargs reach it as given; an image folder keeps its colour mode.
+
+    Raises:
+        TypeError: not a data spec (the whole Config, a path).
+        ConfigError: naming each problem by `key`.
+    """
+    if isinstance(spec, Config):
+        raise TypeError("load_dataset() takes one data spec (cfg.data.train, cfg.data.query), not the whole Config")
+    if not isinstance(spec, (DataSpec, dict)):
+        raise TypeError(f"load_dataset() takes a DataSpec (cfg.data.train) or a mapping of its keys, not {type(spec).__name__}")
+    data = _to_plain(spec) if isinstance(spec, DataSpec) else dict(spec)
+    factory_kwargs = data.get("kwargs") if ":" in str(data.get("source")) and isinstance(data.get("kwargs"), dict) else None
+    if factory_kwargs is not None:
+        data["kwargs"] = {}  # set aside, not converted or copied
+    problems: list[str] = []
+    out = _coerce(_python_values(data), DataSpec, key, problems)
+    if out is not _FAIL:
+        problems += _check_data_spec(Config(base_dir=str(base_dir)), out, key, check_files=False)  # a missing file: the source's DataError says more
+    if problems:
+        raise ConfigError(problems, hint="fix those fields of the data spec")
+    if isinstance(spec, DataSpec):
+        out.colour_of = spec.colour_of
+    if factory_kwargs is not None:
+        out.kwargs = factory_kwargs
     return out
 
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -40,6 +45,49 @@ def checked_config(cfg: Config, caller: str) -> Config:
             hint="call it outside the inference_mode block (torch.no_grad() around it is fine)",
         )
     return rebuilt(cfg)
+
+
+_Run = TypeVar("_Run", bound=Callable[..., Any])
+
+_SIMPLE_TYPES: dict[str, Callable[[object], bool]] = {
+    "bool": lambda v: isinstance(v, bool),
+    "int": lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "None": lambda v: v is None,
+    "list[str]": lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v),
+}
+
+
+def check_arguments(run: Callable[..., object], args: tuple[object, ...], kwargs: dict[str, object]) -> None:
+    """Refuses an argument of a run function whose value is not of its declared type, where that type
+    is made of bool, int, float, str, None and list[str] (`relative="no"` would otherwise read as true,
+    `rho="0.5"` fail deep inside).
+
+    Raises:
+        TypeError: naming the function, the argument and the types it takes.
+    """
+    try:
+        bound = inspect.signature(run).bind(*args, **kwargs)
+    except TypeError as exc:
+        raise TypeError(f"{run.__name__}(): {exc}") from None
+    parameters = inspect.signature(run).parameters
+    for name, value in bound.arguments.items():
+        annotation = parameters[name].annotation
+        arms = [a.strip() for a in annotation.split("|")] if isinstance(annotation, str) else []
+        if arms and all(a in _SIMPLE_TYPES for a in arms) and not any(_SIMPLE_TYPES[a](value) for a in arms):
+            raise TypeError(f"{run.__name__}(): {name} takes {' or '.join(arms)}, not {value!r}")
+
+
+def typed_arguments(run: _Run) -> _Run:
+    """Decorates a run function so that its arguments are checked (`check_arguments`) before it starts."""
+
+    @functools.wraps(run)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        check_arguments(run, args, kwargs)
+        return run(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 @dataclass

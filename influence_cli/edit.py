@@ -39,7 +39,7 @@ from influence_cli.bands import (
     select_layers,
 )
 from influence_cli.config import EDIT_KEEP, Config
-from influence_cli.context import checked_config, prepare
+from influence_cli.context import checked_config, prepare, typed_arguments
 from influence_cli.distributed import DistState
 from influence_cli.errors import ModelError, UsageError, first_line
 from influence_cli.factors import LayerFactors
@@ -84,8 +84,8 @@ class EditReport:
     path: Path
     source: str
     keep: str
-    rho: float
-    share: float
+    rho: float | None  # the share of the curvature mass kept (keep "mass"), else None
+    share: float | None  # the share of the directions kept (keep "share"), else None
     order: str
     layers: list[LayerEdit]
     source_fingerprint: str
@@ -97,8 +97,8 @@ class EditReport:
             "path": str(Path(self.path).resolve()),
             "source": self.source,
             "keep": self.keep,
-            "rho": self.rho if self.keep == "mass" else None,
-            "share": self.share if self.keep == "share" else None,
+            "rho": self.rho,
+            "share": self.share,
             "order": self.order,
             "layers": [layer.to_dict() for layer in self.layers],
             "source_fingerprint": self.source_fingerprint,
@@ -206,6 +206,7 @@ def _layer_state(tm: TrackedModule, weight: torch.Tensor, bias: torch.Tensor | N
     return {prefix + k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
+@typed_arguments
 def edit_checkpoint(
     cfg: Config,
     out: str | Path,
@@ -313,7 +314,8 @@ def edit_checkpoint(
         )
     ctx.state.barrier()
     return EditReport(
-        out, str(source) if source is not None else "", keep, rho, share, order, edits, ctx.model_fingerprint, fingerprint,
+        out, str(source) if source is not None else "", keep, rho if keep == "mass" else None, share if keep == "share" else None,
+        order, edits, ctx.model_fingerprint, fingerprint,
         {"total": time.perf_counter() - t0},
     )  # fmt: skip
 

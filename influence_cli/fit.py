@@ -8,6 +8,7 @@ eigenbasis; `diagonal` has one pass (squared gradients in the parameter basis);
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -468,7 +469,9 @@ def _fit_member(
 
 
 def load_factors(path: str | Path) -> Factors:
-    """Reads a factors file written by fit-factors."""
+    """Reads a factors file written by fit-factors (`path`: the file, e.g. cfg.factors_path / "factors.safetensors")."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"load_factors() takes the path of a factors file (cfg.factors_path / 'factors.safetensors'), not {type(path).__name__}")
     path = Path(path)
     if not path.is_file():
         raise OutputError(f"no factors at {str(path)!r}", hint="run `influence fit-factors` with this config first").everywhere()

@@ -31,7 +31,7 @@ from influence_cli.context import RunContext, prepare
 from influence_cli.data import IndexedDataset, make_loader
 from influence_cli.distributed import DistState, agree
 from influence_cli.ensemble import Member, describe_member, ensemble_members, prepare_member, refuse_same_weights
-from influence_cli.errors import NumericalError, OutputError
+from influence_cli.errors import NumericalError, OutputError, UsageError
 from influence_cli.factors import LayerFactors
 from influence_cli.fit import check_factors_match, load_factors, num_fit_examples
 from influence_cli.kernel import ScoreKernel, StoredQueries, build_kernel, safe_norms
@@ -546,7 +546,7 @@ def compute_scores(
     `<output_dir>/self_influence.safetensors` with `self_influence` [n_train].
 
     Args:
-        relative: RelatIF scores (None = `scores.relative` of the config).
+        relative: RelatIF scores (None = `scores.relative` of the config); not with `self_influence`.
 
     Raises:
         OutputError: factors missing or fitted for another model, layers or training set;
@@ -555,6 +555,8 @@ def compute_scores(
         NumericalError: a non-finite loss or gradient (names the batch and examples).
     """
     t_start = time.perf_counter()
+    if self_influence and relative is not None:
+        raise UsageError("--relative/--no-relative: not used with --self (self-influence is ∇L(x)ᵀ(F+λ)⁻¹∇L(x), one number per example)")
     ctx = prepare(cfg, state)
     out_dir = cfg.output_path
     storage.ensure_writable_dir(out_dir)

@@ -215,9 +215,10 @@ def guards_output_dir(what: str | Callable[[dict[str, Any]], str], reads: str | 
     def decorate(run: _Run) -> _Run:
         @functools.wraps(run)
         def wrapper(cfg: Any, *args: Any, **kwargs: Any) -> Any:
-            from influence_cli.context import checked_config
+            from influence_cli.context import check_arguments, checked_config
 
             cfg = checked_config(cfg, run.__name__)  # a Config changed after loading is checked before any file is touched
+            check_arguments(run, (cfg, *args), kwargs)
             if kwargs.get("resume") and kwargs.get("overwrite"):
                 raise UsageError("--resume, --overwrite: pass one (--resume continues saved progress, --overwrite starts over)")
             name = what(kwargs) if callable(what) else what

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import numbers
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,9 +113,15 @@ def _plain(value: torch.Tensor | None) -> Any:
     return None if value is None else value.tolist()
 
 
-def _folder_of(path: str | Path, *names: str) -> Path:
+def _folder_of(path: str | Path, caller: str, *names: str) -> Path:
     """The output folder `path` names, or holds when it is one of the files `names` (Python callers
-    pass either)."""
+    pass either).
+
+    Raises:
+        TypeError: `path` is no path (a Config: its output_path is the folder), naming `caller`.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{caller}() takes the output folder (cfg.output_path) or a file in it, not {type(path).__name__}")
     p = Path(path)
     return p.parent if p.name in names and p.is_file() else p
 
@@ -126,7 +133,7 @@ def load_scores_meta(output_dir: str | Path) -> ScoresMeta:
     Raises:
         OutputError: no scores in `output_dir`, or a listed shard is missing or of another format.
     """
-    out = _folder_of(output_dir, storage.SCORES_INDEX, storage.SCORES_FILE)
+    out = _folder_of(output_dir, "load_scores_meta", storage.SCORES_INDEX, storage.SCORES_FILE)
     index, single = out / storage.SCORES_INDEX, out / storage.SCORES_FILE
     if index.is_file():
         try:
@@ -144,7 +151,7 @@ def load_scores_meta(output_dir: str | Path) -> ScoresMeta:
         metadata = storage.read_metadata(single)
         if metadata.get(storage.FORMAT_KEY) != storage.SCORES_FORMAT:
             raise OutputError(f"{str(single)!r} is not a {storage.SCORES_FORMAT} file", hint="rerun compute-scores with --overwrite")
-        with safe_open(str(single), framework="pt") as fh:
+        with _open_scores(single, ("scores", "train_indices")) as fh:
             n_query, n_train = fh.get_slice("scores").get_shape()
         files = [ScoreFile(single, 0, n_train)]
     else:
@@ -154,7 +161,7 @@ def load_scores_meta(output_dir: str | Path) -> ScoresMeta:
         running = storage.writer_of(out, "scores")
         hint = f"compute-scores is writing them now ({running}): wait for it to finish" if running else hint
         raise OutputError(f"no scores in {str(out)!r} ({storage.SCORES_FILE} or {storage.SCORES_INDEX})", hint=hint)
-    with safe_open(str(files[0].path), framework="pt") as fh:
+    with _open_scores(files[0].path, ()) as fh:
         keys = set(fh.keys())
 
         def get(key: str) -> torch.Tensor | None:
@@ -314,9 +321,10 @@ def select_queries(
     """
     if queries is None:
         return list(range(n_query))
-    if isinstance(queries, (str, bytes)):
-        raise TypeError(f"queries: expected an int, a slice or a list of them (slice(0, 3) for 0:3), not {queries!r}")
-    items = [queries] if isinstance(queries, (numbers.Integral, slice)) else list(queries)
+    items = [queries] if isinstance(queries, (numbers.Integral, slice)) else list(queries) if _is_sequence(queries) else [queries]
+    for item in items:  # True would read as row 1 and 0.5 as row 0
+        if not (isinstance(item, slice) or _is_position(item)):
+            raise TypeError(f"queries: expected an int, a slice or a list of them (slice(0, 3) for 0:3), not {item!r}")
     out: list[int] = []
     valid = f"valid: 0..{n_query - 1}" if n_query else "there are no queries"
     for item in items:
@@ -341,6 +349,18 @@ def select_queries(
                 raise UsageError(f"--query {q}: outside the {n_query} queries ({valid})", hint=hint)
             out.append(q)
     return list(dict.fromkeys(out))
+
+
+def _is_sequence(value: Any) -> bool:
+    """A list-like of items (a list, a tuple, a tensor or array of positions), not text."""
+    return not isinstance(value, (str, bytes)) and hasattr(value, "__iter__") and hasattr(value, "__len__")
+
+
+def _is_position(item: Any) -> bool:
+    """An integer row position: an int (not a bool), a NumPy integer or a one-element integer tensor."""
+    if isinstance(item, torch.Tensor):
+        return item.numel() == 1 and not item.dtype.is_floating_point and not item.dtype.is_complex and item.dtype != torch.bool
+    return isinstance(item, numbers.Integral) and not isinstance(item, bool)
 
 
 def _slice_text(s: slice) -> str:
@@ -377,8 +397,14 @@ def iter_score_blocks(
     Yields:
         ScoreBlock with float32 scores [len(query_positions), block columns].
     """
-    meta = source if isinstance(source, ScoresMeta) else load_scores_meta(source)
-    wanted = torch.as_tensor(list(query_positions), dtype=torch.int64)
+    meta = source if isinstance(source, ScoresMeta) else load_scores_meta(_folder_of(source, "iter_score_blocks"))
+    if not _is_sequence(query_positions) or not all(_is_position(q) for q in query_positions):
+        raise TypeError(f"query_positions: expected a list of ints (rows of the scores), not {query_positions!r}")
+    wanted = torch.as_tensor([int(q) for q in query_positions], dtype=torch.int64)
+    outside = [int(q) for q in wanted if not 0 <= q < meta.n_query]
+    if outside:
+        valid = f"valid: 0..{meta.n_query - 1}" if meta.n_query else "there are no queries"
+        raise UsageError(f"query_positions: {outside[0]} is outside the {meta.n_query} queries ({valid})")
     unique, inverse = torch.unique(wanted, sorted=True, return_inverse=True)
     in_order = len(unique) == len(wanted) and bool((inverse == torch.arange(len(wanted))).all())  # rows read as asked: no reordering copy
     runs = _row_runs(unique)
@@ -390,7 +416,7 @@ def iter_score_blocks(
         )
     undo = plain and meta.relative
     for f in meta.files:
-        with safe_open(str(f.path), framework="pt") as fh:
+        with _open_scores(f.path, ("scores", "train_indices", *(["train_norms"] if undo else []))) as fh:
             keys = set(fh.keys())
             scores = fh.get_slice("scores")
             width = f.train_stop - f.train_start
@@ -404,6 +430,22 @@ def iter_score_blocks(
                 _check_no_nan(block, f.path)
                 labels = fh.get_slice("train_labels")[c0:c1] if "train_labels" in keys else None
                 yield ScoreBlock(f.train_start + c0, f.train_start + c1, block, fh.get_slice("train_indices")[c0:c1], labels)
+
+
+def _open_scores(path: Path, required: Sequence[str]) -> Any:
+    """A scores file opened for slicing (safetensors' safe_open), checked to hold the tensors `required`.
+
+    Raises:
+        OutputError: the file is gone, unreadable, or lacks one of them (written by something else).
+    """
+    try:
+        fh = safe_open(str(path), framework="pt")
+        missing = [k for k in required if k not in set(fh.keys())]
+    except Exception as exc:  # safetensors raises its own SafetensorError, OSError and others
+        raise OutputError(f"{str(path)!r} is not a readable scores file ({exc})", hint=storage.remake_hint(path)) from None
+    if missing:
+        raise OutputError(f"{str(path)!r} holds no {', '.join(missing)}, which compute-scores always writes", hint=storage.remake_hint(path))
+    return fh
 
 
 def _check_no_nan(values: torch.Tensor, path: Path) -> None:
@@ -507,8 +549,7 @@ def top_k(
         UsageError: a query position outside the run's queries (names --query).
     """
     _check_k(k)
-    if not isinstance(output_dir, (str, Path)):
-        raise TypeError(f"top_k() takes the folder of the scores (cfg.output_path), not {type(output_dir).__name__}")
+    _folder_of(output_dir, "top_k")  # the caller named in a TypeError
     meta = load_scores_meta(output_dir)
     rows = select_queries(meta.n_query, queries, meta.query_indices)
     best = _Running(len(rows), k, 1.0) if largest else None
@@ -546,7 +587,7 @@ class SelfInfluence:
 def load_self_influence(output_dir: str | Path) -> SelfInfluence:
     """Reads `<output_dir>/self_influence.safetensors` (OutputError if absent: run compute-scores --self);
     the file's own path works too."""
-    out = _folder_of(output_dir, storage.SELF_INFLUENCE_FILE)
+    out = _folder_of(output_dir, "load_self_influence", storage.SELF_INFLUENCE_FILE)
     path = out / storage.SELF_INFLUENCE_FILE
     if not path.is_file():
         interrupted = progress_files(out, storage.SCORES_PARTIAL, ".self")
@@ -555,6 +596,9 @@ def load_self_influence(output_dir: str | Path) -> SelfInfluence:
         hint = f"compute-scores --self is writing them now ({running}): wait for it to finish" if running else hint
         raise OutputError(f"no self-influence scores at {str(path)!r}", hint=hint)
     tensors, meta = storage.load_tensors(path, storage.SELF_FORMAT)
+    missing = [k for k in ("self_influence", "train_indices") if k not in tensors]
+    if missing:
+        raise OutputError(f"{str(path)!r} holds no {', '.join(missing)}, which compute-scores --self always writes", hint=storage.remake_hint(path))
     _check_no_nan(tensors["self_influence"], path)
     return SelfInfluence(tensors["self_influence"], tensors["train_indices"], tensors.get("train_labels"), meta, tensors.get("train_predictions"))
 
@@ -565,7 +609,7 @@ def self_top_k(source: str | Path | SelfInfluence, k: int = 5, *, largest: bool 
     `source`: an output_dir, or its self-influence already read (`load_self_influence`).
     """
     _check_k(k)
-    si = source if isinstance(source, SelfInfluence) else load_self_influence(source)
+    si = source if isinstance(source, SelfInfluence) else load_self_influence(_folder_of(source, "self_top_k"))
     sign = 1.0 if largest else -1.0
     n = si.values.numel()
     v, p = _best(si.values.double()[None] * sign, torch.arange(n)[None], k)

@@ -141,15 +141,117 @@ def test_wrong_argument_types_are_named(tmp_path):
         fit_factors(str(DIGITS))
     with pytest.raises(TypeError, match=r"compute_scores\(\) takes a Config.*not dict"):
         compute_scores(cfg.to_dict())
-    with pytest.raises(TypeError, match=r"top_k\(\) takes the folder of the scores \(cfg\.output_path\), not Config"):
-        top_k(cfg)
+    for reader in ("top_k", "self_top_k", "load_scores_meta", "load_self_influence"):
+        with pytest.raises(TypeError, match=rf"{reader}\(\) takes the output folder \(cfg\.output_path\) or a file in it, not Config"):
+            getattr(influence_cli, reader)(cfg)
+    with pytest.raises(TypeError, match=r"iter_score_blocks\(\) takes the output folder .* not Config"):
+        next(iter(influence_cli.iter_score_blocks(cfg, [0])))
+    with pytest.raises(TypeError, match=r"load_factors\(\) takes the path of a factors file .* not Config"):
+        influence_cli.load_factors(cfg)
+    # flags of another type: "no" would read as true, "0.5" fail deep inside
+    with pytest.raises(TypeError, match=r"fit_factors\(\): overwrite takes bool, not 'yes'"):
+        fit_factors(cfg, overwrite="yes")
+    with pytest.raises(TypeError, match=r"fit_factors\(\): got an unexpected keyword argument 'overwrit'"):
+        fit_factors(cfg, overwrit=True)
+    assert not cfg.output_path.exists()  # refused before anything was created
     fit_factors(cfg)
+    with pytest.raises(TypeError, match=r"compute_scores\(\): relative takes bool or None, not 'no'"):
+        compute_scores(cfg, relative="no")
+    with pytest.raises(TypeError, match=r"compute_scores\(\): self_influence takes bool, not 1"):
+        compute_scores(cfg, self_influence=1)
+    with pytest.raises(TypeError, match=r"edit_checkpoint\(\): rho takes float or None, not '0.5'"):
+        influence_cli.edit_checkpoint(cfg, tmp_path / "edited.safetensors", rho="0.5")
+    with pytest.raises(TypeError, match=r"spectrum\(\): layers takes list\[str\] or str or None, not 3"):
+        influence_cli.spectrum(cfg, layers=3)
+    with pytest.raises(UsageError, match=r"--relative/--no-relative: not used with --self") as exc:
+        compute_scores(cfg, self_influence=True, relative=False)  # as the CLI refuses --self --no-relative
+    assert "relative=True" in str(exc.value)
     compute_scores(cfg)
     with pytest.raises(TypeError, match="k: expected an int, not 2.5"):
         top_k(cfg.output_path, k=2.5)
     with pytest.raises(TypeError, match=r"slice\(0, 3\) for 0:3"):
         top_k(cfg.output_path, queries="0:3")
+    for rows in (True, [0.5], [0, True]):  # True would rank row 1, 0.5 row 0
+        with pytest.raises(TypeError, match=r"queries: expected an int, a slice or a list of them"):
+            top_k(cfg.output_path, queries=rows)
+    assert top_k(cfg.output_path, queries=torch.tensor([2, 0]))[0].query_position == 2  # a tensor of positions is a list of ints
     assert influence_cli.load_factors(str(cfg.output_path / FACTORS_FILE)).strategy == "ekfac"
+    report = influence_cli.edit_checkpoint(cfg, tmp_path / "edited.safetensors", share=0.5)
+    assert (report.keep, report.share, report.rho) == ("share", 0.5, None)  # not the config's rho, which this edit did not use
+
+
+def test_score_blocks_refuse_rows_outside_the_queries(tmp_path):
+    cfg = _digits(tmp_path)
+    fit_factors(cfg)
+    compute_scores(cfg)
+    meta = influence_cli.load_scores_meta(cfg.output_path)
+    for rows, bad in (([0, 20], 20), ([-1], -1), ([20, 0], 20)):  # 20 queries: rows 0..19
+        with pytest.raises(UsageError, match=rf"query_positions: {bad} is outside the 20 queries \(valid: 0..19\)"):
+            next(iter(influence_cli.iter_score_blocks(meta, rows)))
+    with pytest.raises(TypeError, match=r"query_positions: expected a list of ints"):
+        next(iter(influence_cli.iter_score_blocks(meta, [0.5])))
+    assert next(iter(influence_cli.iter_score_blocks(meta, [19, 0]))).scores.shape == (2, 300)
+
+
+def test_hand_edited_or_vanished_score_files_are_output_errors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    cfg = _digits(tmp_path)
+    fit_factors(cfg)
+    compute_scores(cfg)
+    compute_scores(cfg, self_influence=True)
+    meta = influence_cli.load_scores_meta(cfg.output_path)
+    path = cfg.output_path / "scores.safetensors"
+    tensors = load_file(path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        metadata = fh.metadata()
+    path.unlink()
+    with pytest.raises(OutputError, match="is not a readable scores file"):
+        next(iter(influence_cli.iter_score_blocks(meta, [0])))  # meta read before the file went
+    save_file({k: v for k, v in tensors.items() if k != "train_indices"}, path, metadata)
+    with pytest.raises(OutputError, match="holds no train_indices, which compute-scores always writes"):
+        top_k(cfg.output_path)
+    self_path = cfg.output_path / "self_influence.safetensors"
+    tensors = load_file(self_path)
+    with safe_open(str(self_path), framework="pt") as fh:
+        metadata = fh.metadata()
+    save_file({k: v for k, v in tensors.items() if k != "train_indices"}, self_path, metadata)
+    with pytest.raises(OutputError, match="holds no train_indices, which compute-scores --self always writes"):
+        influence_cli.self_top_k(cfg.output_path)
+
+
+def test_config_fields_set_in_code_are_checked(tmp_path):
+    cfg = _digits(tmp_path)
+    with pytest.raises(AttributeError, match=r"FactorsConfig has no key 'stratgy' \(did you mean strategy\?\)"):
+        cfg.factors.stratgy = "kfac"
+    with pytest.raises(AttributeError, match=r"Config has no key 'seeed' \(did you mean seed\?\); its keys: model, .*, seed$"):
+        cfg.seeed = 3
+    cfg.factors.strategy = "kfac"  # a real key
+    assert fit_factors(cfg).strategy == "kfac"
+    with pytest.raises(TypeError, match=r"overrides: expected a list of 'key\.path=value' strings .* not 'seed=1'"):
+        load_config(DIGITS, "seed=1")
+    assert load_config(DIGITS, (f"seed={s}" for s in (1, 2))).seed == 2  # any iterable of strings
+
+
+def test_load_dataset_checks_its_spec_as_the_file_s(tmp_path):
+    import copy
+
+    cfg = _digits(tmp_path)
+    with pytest.raises(TypeError, match=r"load_dataset\(\) takes one data spec \(cfg\.data\.train, cfg\.data\.query\), not the whole Config"):
+        influence_cli.load_dataset(cfg, cfg.base_dir)
+    with pytest.raises(TypeError, match=r"load_dataset\(\) takes a DataSpec .* not str"):
+        influence_cli.load_dataset(str(DIGITS), cfg.base_dir)
+    spec = {"source": "tensors", "path": "../sample_data/digits.safetensors", "range": [0, 10], "transform": {"scale": 16.0}}
+    ds = influence_cli.load_dataset(spec, cfg.base_dir)  # a mapping of the file's keys
+    assert len(ds) == 10 and float(ds[0][0].max()) <= 1.0
+    changed = copy.deepcopy(cfg.data.train)
+    changed.transform = {"scale": 16.0, "flatten": True}  # a mapping where a block belongs, as the run functions take it
+    assert len(influence_cli.load_dataset(changed, cfg.base_dir)) == 300
+    changed.labels_in = "3"
+    with pytest.raises(ConfigError, match=r"data\.query\.labels_in: expected a list of integers or null, got '3'"):
+        influence_cli.load_dataset(changed, cfg.base_dir, name="data.query")
 
 
 def test_layers_given_as_one_string_are_one_pattern(tmp_path):

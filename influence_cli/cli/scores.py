@@ -88,8 +88,6 @@ def compute_scores_cmd(
     from influence_cli.distributed import init_distributed
     from influence_cli.scores import compute_scores
 
-    if self_ and relative is not None:
-        raise UsageError("--relative/--no-relative: not used with --self (self-influence is ∇L(x)ᵀ(F+λ)⁻¹∇L(x), one number per example)")
     cfg = load(config, set_)
     state = init_distributed(cfg.device, cfg.source)
     report = compute_scores(

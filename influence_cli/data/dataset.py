@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from influence_cli.config import DataSpec
+from influence_cli.config import DataSpec, checked_data_spec
 from influence_cli.data.factory import open_factory
 from influence_cli.data.idx import open_idx
 from influence_cli.data.source import Source, item_label
@@ -266,14 +266,14 @@ class IndexedDataset(Dataset):
 
 
 def load_dataset(
-    spec: DataSpec, base_dir: str | Path, name: str = "data.train", seed: int = 0, *, embedding_model: bool = False
+    spec: DataSpec | dict[str, Any], base_dir: str | Path, name: str = "data.train", seed: int = 0, *, embedding_model: bool = False
 ) -> IndexedDataset:
     """Opens the source of `spec`, applies its subsets and label noise, and sets up its transforms.
 
     Subsets apply in the order selector (range | indices | indices_file) -> labels_in -> limit.
 
     Args:
-        spec: The data spec.
+        spec: The data spec (cfg.data.train, or a mapping of the same keys as the file's).
         base_dir: Folder that relative paths (and factory modules) resolve against.
         name: The spec's config key, used in every error message (e.g. "data.query").
         seed: Seed of the label-noise generator.
@@ -281,9 +281,12 @@ def load_dataset(
             `transform.dtype: auto`, integer inputs then stay int64 token ids.
 
     Raises:
+        TypeError: `spec` is no data spec (the whole Config, a path).
+        ConfigError: a field of `spec` changed in code is invalid (checked as the file's are).
         DataError: naming the config key at fault.
     """
     base = Path(base_dir)
+    spec = checked_data_spec(spec, name, base)
     src = open_source(spec, base, name)
     sel, subset_info = select_indices(spec, src, base, name)
     labels = src.labels[sel] if src.labels is not None else None
