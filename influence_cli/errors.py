@@ -23,6 +23,7 @@ _PYTHON_ARGUMENTS = {
     "--method": "method=",
     "--out": "edit_checkpoint's out",
     "--set": "load_config's overrides, or a field of the Config",
+    "--debug": "the traceback of the exception's __cause__",
 }
 _QUOTED = re.compile(r"(?<!\w)'[^']*'(?!\w)|(?<!\w)\"[^\"]*\"(?!\w)")  # paths and values in a message: a flag-like text there is not a flag
 

@@ -293,6 +293,8 @@ def test_errors_show_their_hint_in_a_python_traceback(tmp_path):
     for text in ("'/runs/ablation--resume/scores.safetensors' exists", "a/--resume b", "x --resumed"):  # in a path, or another word
         assert "from Python" not in str(InfluenceError(text)), text
     assert str(InfluenceError("the model's file: pass --overwrite to replace '/x/y'")).endswith("(from Python: --overwrite is overwrite=True)")
+    shown = str(InfluenceError("model failed", hint="the model's own code failed on these inputs; --debug shows the traceback"))
+    assert shown.endswith("(from Python: --debug is the traceback of the exception's __cause__)")
 
 
 def test_resume_and_overwrite_together_are_refused_as_on_the_command_line(tmp_path):
