@@ -321,7 +321,7 @@ def select_queries(
     """
     if queries is None:
         return list(range(n_query))
-    items = [queries] if isinstance(queries, (numbers.Integral, slice)) else list(queries) if _is_sequence(queries) else [queries]
+    items = [queries] if isinstance(queries, slice) or _is_position(queries) else list(queries) if _is_sequence(queries) else [queries]
     for item in items:  # True would read as row 1 and 0.5 as row 0
         if not (isinstance(item, slice) or _is_position(item)):
             raise TypeError(f"queries: expected an int, a slice or a list of them (slice(0, 3) for 0:3), not {item!r}")
