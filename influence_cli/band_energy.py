@@ -479,13 +479,14 @@ def spectrum(
     t_start = time.perf_counter()
     sp = cfg.spectrum
     layers = [layers] if isinstance(layers, str) else layers
+    order_key = "--order" if order else "spectrum.order"
     order = order or sp.order
     check_order(order, "--order")
     out_dir = cfg.output_path
     path = out_dir / storage.SPECTRUM_FILE
     ctx = prepare(cfg, state)
-    factors, _ = load_kronecker_factors(ctx)
-    chosen = select_layers(ctx.tracked, layers or sp.layers, "--layers" if layers else "spectrum.layers")
+    factors, _ = load_kronecker_factors(ctx, order, order_key)
+    chosen = select_layers(ctx.tracked, layers or sp.layers, "--layers" if layers else "spectrum.layers", cfg.source)
     if ctx.state.is_main:
         storage.remove_stale_temp_files(path)  # what a killed writer left
     storage.ensure_writable_dir(out_dir)

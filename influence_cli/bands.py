@@ -180,8 +180,9 @@ def _null_directions(lf: LayerFactors) -> torch.Tensor:
     return null(lf.g_eigenvalues)[:, None] | null(lf.a_eigenvalues)[None, :]  # type: ignore[arg-type]
 
 
-def select_layers(tracked: list[TrackedModule], patterns: list[str], key: str) -> list[TrackedModule]:
-    """The tracked layers whose names match any fnmatch pattern, in model order.
+def select_layers(tracked: list[TrackedModule], patterns: list[str], key: str, source: str | None = None) -> list[TrackedModule]:
+    """The tracked layers whose names match any fnmatch pattern, in model order (`source`: the config
+    file, named by a ConfigError).
 
     Raises:
         UsageError (a --flag) or ConfigError (a config key): no tracked layer matches.
@@ -189,16 +190,19 @@ def select_layers(tracked: list[TrackedModule], patterns: list[str], key: str) -
     chosen = [tm for tm in tracked if any(fnmatch.fnmatchcase(tm.name, p) for p in patterns)]
     if not chosen:
         names = ", ".join(tm.name for tm in tracked[:8])
-        error = UsageError if key.startswith("--") else ConfigError
-        raise error(f"{key}: {list(patterns)} matches none of the tracked layers ({names})", hint="use '*' or names from `influence inspect`")
+        message, hint = f"{key}: {list(patterns)} matches none of the tracked layers ({names})", "use '*' or names from `influence inspect`"
+        raise UsageError(message, hint=hint) if key.startswith("--") else ConfigError(message, source=source, hint=hint)
     return chosen
 
 
-def load_kronecker_factors(ctx: RunContext) -> tuple[Factors, Path]:
-    """The factors of fit-factors for this model, checked to hold a Kronecker eigenbasis.
+def load_kronecker_factors(ctx: RunContext, order: str, order_key: str) -> tuple[Factors, Path]:
+    """The factors of fit-factors for this model, checked to hold a Kronecker eigenbasis and, for
+    `order` ekfac, the corrected eigenvalues Λ* (`order_key`: the flag or key that set the order).
 
     Raises:
         OutputError: missing, of another model or layers, or fitted with strategy diagonal / identity.
+        UsageError: order ekfac with kfac factors (whose eigenvalues are the products λ_G·λ_A: the
+            directions would be ordered by kfac under the ekfac name).
     """
     path = ctx.cfg.factors_path / storage.FACTORS_FILE
     factors = load_factors(path)
@@ -207,6 +211,11 @@ def load_kronecker_factors(ctx: RunContext) -> tuple[Factors, Path]:
         raise OutputError(
             f"{str(path)!r} holds {factors.strategy or 'unknown'} factors; the curvature eigenbasis needs kfac or ekfac factors",
             hint="rerun `influence fit-factors` with --set factors.strategy=ekfac --overwrite",
+        ).everywhere()
+    if order == "ekfac" and factors.strategy != "ekfac":
+        raise UsageError(
+            f"{order_key} ekfac: {str(path)!r} holds {factors.strategy} factors, without the corrected eigenvalues Λ* that order ekfac ranks by",
+            hint="use --order kfac (λ_G·λ_A), or refit with --set factors.strategy=ekfac --overwrite",
         ).everywhere()
     return factors, path
 

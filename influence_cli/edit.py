@@ -246,6 +246,7 @@ def edit_checkpoint(
         raise UsageError(f"--rho: must be in (0, 1], got {rho}")
     if not 0.0 < share <= 1.0:
         raise UsageError(f"--keep-share: must be in (0, 1] (0 would zero every edited weight), got {share}")
+    order_key = "--order" if order else "spectrum.order"
     order = order or cfg.spectrum.order
     check_order(order, "--order")
     out = Path(out)
@@ -269,14 +270,14 @@ def edit_checkpoint(
     reading = cfg.factors_path.is_dir() and ctx.state.is_main  # the factors are not refitted while they are read
     lock = storage.output_dir_lock(cfg.factors_path, "factors", shared=True, key=cfg.factors_key)
     with lock if reading else contextlib.nullcontext():
-        factors, factors_path = load_kronecker_factors(ctx)
+        factors, factors_path = load_kronecker_factors(ctx, order, order_key)
     if layers:
         patterns, key = layers, "--layers"
     elif e.layers is not None:
         patterns, key = e.layers, "spectrum.edit.layers"
     else:
         patterns, key = cfg.spectrum.layers, "spectrum.layers"
-    chosen = select_layers(ctx.tracked, patterns, key)
+    chosen = select_layers(ctx.tracked, patterns, key, cfg.source)
     storage.check_can_write(out, overwrite, "a checkpoint")
     if ctx.state.is_main:
         storage.remove_stale_temp_files(out, storage.UNLOCKED_TEMP_AGE_S)  # what a killed writer left (no lock guards --out)

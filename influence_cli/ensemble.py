@@ -80,16 +80,17 @@ def checkpoint_stat(path: Path | None) -> list[int] | None:
     return [stat.st_size, stat.st_mtime_ns]
 
 
-def refuse_same_weights(fingerprints: list[tuple[str, str]]) -> None:
+def refuse_same_weights(fingerprints: list[tuple[str, str]], source: str | None = None) -> None:
     """Refuses two models of an ensemble with the same weights (copies, links): each would weigh twice.
 
     Args:
         fingerprints: (config key, model fingerprint) of every member, model.checkpoint first.
+        source: The config file, named by the error.
     """
     seen: dict[str, str] = {}
     for key, fingerprint in fingerprints:
         if fingerprint in seen:
-            raise ConfigError(f"{key}: holds the same weights as {seen[fingerprint]} (a model listed twice weighs twice in the average)").everywhere()
+            raise ConfigError(f"{key}: holds the same weights as {seen[fingerprint]} (a model listed twice weighs twice in the average)", source=source)
         seen[fingerprint] = key
 
 

@@ -372,7 +372,7 @@ def fit_factors(
         fingerprints = [(first.key, model_fingerprint(load_model(cfg.model, cfg.base_dir)))]
         for m in others:
             fingerprints.append((m.key, model_fingerprint(load_model(cfg.model, cfg.base_dir, checkpoint=m.checkpoint, key=m.key))))
-        refuse_same_weights(fingerprints)
+        refuse_same_weights(fingerprints, cfg.source)
     # with --overwrite, removed once model 0's checks pass: the other models' factors and progress
     replaced = [p for m in others for p in (m.out_dir / storage.FACTORS_FILE, *progress_files(m.out_dir, storage.FACTORS_PARTIAL))]
     report = _fit_member(cfg, first, overwrite=overwrite, resume=resume, state=state, progress=progress, also_replaced=replaced)

@@ -569,7 +569,7 @@ def compute_scores(
     for member in ensemble_members(cfg):  # model.checkpoint, then scores.checkpoints (each with its own factors)
         mctx = ctx if member.index == 0 else prepare_member(cfg, member, ctx.state)
         weights.append((member.key, mctx.model_fingerprint))
-        refuse_same_weights(weights)  # before its factors: those of a copy would match it
+        refuse_same_weights(weights, cfg.source)  # before its factors: those of a copy would match it
         layers, factors_info = _load_layers(mctx, train, member)
         _check_factors_finite(layers, member.factors_path)
         s = cfg.scores

@@ -37,7 +37,9 @@ def render_spectrum_plot(report: SpectrumReport) -> Any:
     """A PIL image with two panels over the curvature percentile of the directions (x, low to high).
 
     Top: mean share of gradient energy per percentile bin (log scale, 6 decades), one line per
-    dataset or group. Bottom: the same relative to the baseline (linear, 1 = same).
+    dataset or group. Bottom: the same relative to the baseline (linear, 1 = same). A bin more than
+    6 decades below the largest share is a gap in both panels, not a point on the floor: its share
+    is rounding (a band without curvature, as the table's n/a), and so is a ratio of it.
     """
     from PIL import Image, ImageDraw
 
@@ -47,9 +49,10 @@ def render_spectrum_plot(report: SpectrumReport) -> Any:
     positive = torch.cat([s[s > 0] for s in series])
     hi = math.ceil(math.log10(float(positive.max()))) if positive.numel() else 0
     lo = hi - 6
+    floor = 10.0**lo
     base = report.group(report.baseline).bin_share
-    ratios = [torch.where(base > 0, s / base.clamp_min(1e-300), torch.nan) for s in series]
-    finite = torch.cat([r[torch.isfinite(r) & (base >= 10.0**lo)] for r in ratios])
+    ratios = [torch.where((base >= floor) & (s >= floor), s / base.clamp_min(1e-300), torch.nan) for s in series]
+    finite = torch.cat([r[torch.isfinite(r)] for r in ratios])
     r_lo, r_hi = (float(finite.min()), float(finite.max())) if finite.numel() else (0.5, 1.5)
     r_lo, r_hi = min(r_lo, 0.9), max(r_hi, 1.1)
     step = _nice_step(r_hi - r_lo)
@@ -113,7 +116,7 @@ def render_spectrum_plot(report: SpectrumReport) -> Any:
     for k, (g, s, r) in enumerate(zip(groups, series, ratios, strict=True)):
         color = _COLORS[k % len(_COLORS)]
         xs = [x_of(100 * (i + 0.5) / n_bins) for i in range(n_bins)]
-        shares = [v if v > 0 else float("nan") for v in s.tolist()]  # a bin without energy is a gap, not a point at the floor
+        shares = [v if v >= floor else float("nan") for v in s.tolist()]  # a bin below the range is a gap, not a point on the floor
         for y_of, values in ((y_log, shares), (y_lin, r.tolist())):
             for run in _runs(xs, values):
                 if len(run) > 1:

@@ -624,7 +624,9 @@ def test_cli_errors(tmp_path, digits):
         assert_error(invoke("edit", DIGITS, *sets, "--out", tmp_path / "e.safetensors"), 5, "in use by another run writing its factors")
     assert not (tmp_path / "new").exists()  # a failed edit creates no folder
     assert assert_error(invoke("spectrum", DIGITS, *sets, "--layers", "conv*"), 2, "--layers", "matches none").startswith("usage error")
-    assert assert_error(invoke("spectrum", DIGITS, *sets, "--set", "spectrum.layers=[conv*]"), 2, "spectrum.layers").startswith("config error")
+    assert assert_error(invoke("spectrum", DIGITS, *sets, "--set", "spectrum.layers=[conv*]"), 2, "spectrum.layers").startswith(
+        f"config error: {DIGITS}: spectrum.layers"
+    )  # the file named, as every config error names it
     assert_error(invoke("spectrum", DIGITS, *sets, "--set", "spectrum.bottom=0.8", "--set", "spectrum.top=0.3"), 2, "spectrum.bottom + spectrum.top")
     assert_error(invoke("spectrum", DIGITS, *sets, "--set", "spectrum.baseline=heldout:noisy", "--overwrite"), 2, "spectrum.baseline")
     invoke("spectrum", DIGITS, *sets, "--overwrite")
@@ -633,6 +635,14 @@ def test_cli_errors(tmp_path, digits):
     assert invoke("fit-factors", DIGITS, "--set", f"output_dir={diag}", "--set", "factors.strategy=diagonal",
                   "--set", "data.train.range=[0, 200]").exit_code == 0  # fmt: skip
     assert_error(invoke("spectrum", DIGITS, "--set", f"output_dir={diag}"), 5, "kfac or ekfac")
+    kfac = tmp_path / "kfac"  # kfac factors hold no Λ*: order ekfac would silently rank by λ_G·λ_A under its name
+    assert invoke("fit-factors", DIGITS, "--set", f"output_dir={kfac}", "--set", "factors.strategy=kfac",
+                  "--set", "data.train.range=[0, 200]").exit_code == 0  # fmt: skip
+    assert_error(invoke("spectrum", DIGITS, "--set", f"output_dir={kfac}", "--order", "ekfac"), 2, "--order ekfac", "holds kfac factors")
+    assert_error(invoke("edit", DIGITS, "--set", f"output_dir={kfac}", "--set", "spectrum.order=ekfac", "--out", tmp_path / "k.safetensors"),
+                 2, "spectrum.order ekfac", "holds kfac factors")  # fmt: skip
+    assert not (kfac / SPECTRUM_FILE).exists() and not (tmp_path / "k.safetensors").exists()
+    assert invoke("spectrum", DIGITS, "--set", f"output_dir={kfac}", "--order", "kfac").exit_code == 0
     assert (out / FACTORS_FILE).exists()
 
 
@@ -708,6 +718,30 @@ def test_the_plot_leaves_a_gap_at_bins_without_energy():
     nan = float("nan")
     assert _runs([0, 1, 2, 3, 4], [0.5, nan, 0.2, 0.1, nan]) == [[(0, 0.5)], [(2, 0.2), (3, 0.1)]]
     assert _runs([0, 1], [nan, nan]) == []
+
+
+def test_the_plot_leaves_out_bins_below_its_range_in_both_panels(monkeypatch):
+    """Rounding-level shares (a band without curvature: 1e-15 against shares near 0.1) are gaps, not
+    points on the 1e-6 floor, and their ratios to the baseline are not drawn."""
+    from types import SimpleNamespace
+
+    from influence_cli import spectrum_plot
+
+    drawn: list[list[float]] = []
+    real_runs = spectrum_plot._runs
+    monkeypatch.setattr(spectrum_plot, "_runs", lambda xs, values: drawn.append(list(values)) or real_runs(xs, values))
+    shares = {"noisy": [2.7e-15, 1.3e-12, 0.2, 0.3], "heldout": [1.5e-15, 7e-13, 0.25, 0.25]}
+    groups = [SimpleNamespace(name=n, bin_share=torch.tensor(v, dtype=torch.float64)) for n, v in shares.items()]
+    report = SimpleNamespace(
+        groups=groups, baseline="heldout", group=lambda name: next(g for g in groups if g.name == name),
+        mass=False, bottom=0.5, top=0.1, order="kfac", layers=["head"], bins=4,
+    )  # fmt: skip
+    spectrum_plot.render_spectrum_plot(report)
+    assert len(drawn) == 4  # per group: its shares, then its ratios
+    for values in drawn:
+        assert all(v != v for v in values[:2]), values  # NaN: a gap
+        assert all(v == v for v in values[2:]), values
+    assert drawn[1][2:] == pytest.approx([0.8, 1.2])
 
 
 def test_a_finished_spectrum_of_the_same_settings_is_shown_not_recomputed(tmp_path, digits):
