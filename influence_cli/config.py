@@ -256,7 +256,7 @@ class SpectrumConfig(_Section):
 
     layers: list[str] = _help("fnmatch patterns of the tracked layers analysed.", default_factory=lambda: ["*"])
     order: Literal["kfac", "ekfac"] = _help(
-        "Curvature of direction (i, j): kfac (the products λ_G[i]·λ_A[j]) | ekfac (the corrected eigenvalues Λ*[i, j])",
+        "Curvature of direction (i, j): kfac (the products λ_G[i]·λ_A[j]) | ekfac (the corrected eigenvalues Λ*[i, j]; needs ekfac factors)",
         default="kfac",
     )
     bottom: float = _help("Share of the directions (or of the curvature mass, with mass: true) in the bottom band.", default=0.5)

@@ -30,7 +30,7 @@ EditLayersOpt = Annotated[
 ]
 OrderOpt = Annotated[
     Literal["kfac", "ekfac"] | None,
-    typer.Option("--order", help="Curvature of a direction: kfac (λ_G·λ_A) or ekfac (corrected Λ*). Default: spectrum.order."),
+    typer.Option("--order", help="Curvature of a direction: kfac (λ_G·λ_A) or ekfac (corrected Λ*, of ekfac factors). Default: spectrum.order."),
 ]
 
 SPECTRUM_EPILOG = """\
