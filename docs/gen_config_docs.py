@@ -36,6 +36,16 @@ config error: configs/mine.yaml: 3 problems: data.train.sourc: unknown key (did 
 hint: fix the keys above in the file or with --set key=value
 ```
 
+A command checks the files of the data it reads, and only those, so one config can serve
+machines that hold part of the data: `fit-factors` reads `data.train`; `compute-scores` and
+`top-k` read `data.train` and `data.query` (with `--self`, `data.train` alone);
+`dataset-similarity` reads `similarity.datasets`; `spectrum` reads `spectrum.datasets` (or
+`data.train` when it names none); `edit` and `inspect` read no data. `data.train` is required
+only by the commands that read it (`--set data.train=null` drops it elsewhere). An image folder
+that takes `data.train`'s class numbering and colour mode still needs `data.train`'s folder. From
+Python, `load_config(path)` checks every file; `load_config(path, reads=["similarity.datasets"])`
+checks what `dataset_similarity` reads, as each run function does when it is called.
+
 An example (the bundled digits sample, `configs/digits.yaml`, abridged):
 
 ```yaml

@@ -201,8 +201,8 @@ def load_kronecker_factors(ctx: RunContext, order: str, order_key: str) -> tuple
 
     Raises:
         OutputError: missing, of another model or layers, or fitted with strategy diagonal / identity.
-        UsageError: order ekfac with kfac factors (whose eigenvalues are the products λ_G·λ_A: the
-            directions would be ordered by kfac under the ekfac name).
+        UsageError (--order) or ConfigError (spectrum.order): order ekfac with kfac factors (whose
+            eigenvalues are the products λ_G·λ_A: the directions would be ordered by kfac under the ekfac name).
     """
     path = ctx.cfg.factors_path / storage.FACTORS_FILE
     factors = load_factors(path)
@@ -213,10 +213,9 @@ def load_kronecker_factors(ctx: RunContext, order: str, order_key: str) -> tuple
             hint="rerun `influence fit-factors` with --set factors.strategy=ekfac --overwrite",
         ).everywhere()
     if order == "ekfac" and factors.strategy != "ekfac":
-        raise UsageError(
-            f"{order_key} ekfac: {str(path)!r} holds {factors.strategy} factors, without the corrected eigenvalues Λ* that order ekfac ranks by",
-            hint="use --order kfac (λ_G·λ_A), or refit with --set factors.strategy=ekfac --overwrite",
-        ).everywhere()
+        message = f"{order_key} ekfac: {str(path)!r} holds {factors.strategy} factors, without the corrected eigenvalues Λ* that order ekfac ranks by"
+        hint = "use --order kfac (λ_G·λ_A), or refit with --set factors.strategy=ekfac --overwrite"
+        raise UsageError(message, hint=hint) if order_key.startswith("--") else ConfigError(message, source=ctx.cfg.source, hint=hint)
     return factors, path
 
 

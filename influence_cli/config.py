@@ -16,6 +16,7 @@ import os
 import re
 import types
 import typing
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -691,7 +692,9 @@ def _yaml_reason(exc: yaml.YAMLError) -> str:
 # ----------------------------------------------------------------------------- loading
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None, check_files: bool = True) -> Config:
+def load_config(
+    path: str | Path, overrides: list[str] | None = None, check_files: bool = True, *, reads: Collection[str] | None = None
+) -> Config:
     """Reads, overrides and validates a config file.
 
     Args:
@@ -718,7 +721,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None, check_file
         data = {}
     if not isinstance(data, dict):
         raise ConfigError("the top level must be a mapping of keys (model:, data:, ...)", source=str(path))
-    return config_from_dict(data, overrides or [], base_dir=path.resolve().parent, source=str(path), check_files=check_files)
+    return config_from_dict(data, overrides or [], base_dir=path.resolve().parent, source=str(path), check_files=check_files, reads=reads)
 
 
 def config_from_dict(
@@ -729,6 +732,7 @@ def config_from_dict(
     check_files: bool = True,
     *,
     max_values: int | None = MAX_VALUES,
+    reads: Collection[str] | None = None,
 ) -> Config:
     """Builds a validated `Config` from plain data (the Python API's entry point).
 
@@ -762,15 +766,15 @@ def config_from_dict(
             for p in problems
             if (m := re.match(r"(.*?)[^.:]+: unknown key \(did you mean ([^?]+)\?", p)) and not _has_key(data, meant := f"{m[1]}{m[2]}")
         }
-        problems.extend(p for p in validate(cfg, check_files=check_files) if not _under(p.split(": ", 1)[0], failed))
+        problems.extend(p for p in validate(cfg, check_files=check_files, reads=reads) if not _under(p.split(": ", 1)[0], failed))
+        if check_files and not problems:
+            problems += _share_image_folder_classes(cfg, reads)
     if problems:
         raise ConfigError(problems, source=source, hint="fix the keys above in the file or with --set key=value")
-    if check_files:
-        _share_image_folder_classes(cfg)
     return cfg
 
 
-def rebuilt(cfg: Config) -> Config:
+def rebuilt(cfg: Config, reads: Collection[str] | None = None) -> Config:
     """A built Config validated again and built anew, as `config_from_dict` builds plain data: a
     field changed in Python after loading (`cfg.factors.strategy = "bogus"`, a dict where a block
     belongs, an image folder set as data.query) is checked and completed (data.train's classes
@@ -794,7 +798,7 @@ def rebuilt(cfg: Config) -> Config:
             node = node[part]
         node["kwargs"] = {}
     try:
-        out = config_from_dict(_python_values(data), base_dir=cfg.base_dir, source=cfg.source, max_values=None)
+        out = config_from_dict(_python_values(data), base_dir=cfg.base_dir, source=cfg.source, max_values=None, reads=reads)
     except ConfigError as exc:
         raise ConfigError(exc.problems, source=cfg.source, hint="fix those fields of the Config (or the file it was loaded from)") from None
     for key, spec in _specs_by_key(out).items():
@@ -819,7 +823,7 @@ def checked_data_spec(spec: Any, key: str, base_dir: str | Path) -> DataSpec:
     """
     if isinstance(spec, Config):
         raise TypeError("load_dataset() takes one data spec (cfg.data.train, cfg.data.query), not the whole Config")
-    if not isinstance(spec, (DataSpec, dict)):
+    if not isinstance(spec, (DataSpec, Mapping)):
         raise TypeError(f"load_dataset() takes a DataSpec (cfg.data.train) or a mapping of its keys, not {type(spec).__name__}")
     data = _to_plain(spec) if isinstance(spec, DataSpec) else dict(spec)
     factory_kwargs = data.get("kwargs") if ":" in str(data.get("source")) and isinstance(data.get("kwargs"), dict) else None
@@ -859,13 +863,21 @@ def _specs_by_key(cfg: Config) -> dict[str, DataSpec]:
 
 
 def _python_values(node: Any) -> Any:
-    if isinstance(node, dict):
+    """Values set in Python as the plain data a YAML file holds: mappings as dicts, tuples and ranges
+    as lists, a set as its sorted list, paths as strings, NumPy and torch scalars and arrays as numbers
+    and lists (without importing either)."""
+    if isinstance(node, Mapping):
         return {k: _python_values(v) for k, v in node.items()}
-    if isinstance(node, (list, tuple)):
+    if isinstance(node, (list, tuple, range)):
         return [_python_values(v) for v in node]
+    if isinstance(node, (set, frozenset)):
+        try:
+            return sorted(_python_values(v) for v in node)
+        except TypeError:  # unorderable values: the type check names them
+            return [_python_values(v) for v in node]
     if isinstance(node, os.PathLike):
         return os.fspath(node)
-    if type(node).__module__ == "numpy" and hasattr(node, "tolist"):  # numpy scalars and arrays, without importing numpy
+    if type(node).__module__.split(".")[0] in ("numpy", "torch") and hasattr(node, "tolist"):
         return node.tolist()
     return node
 
@@ -875,28 +887,40 @@ def image_folder_classes(root: Path) -> list[str]:
     return sorted(e.name for e in root.iterdir() if e.is_dir() and not e.name.startswith("."))
 
 
-def _share_image_folder_classes(cfg: Config) -> None:
+def _share_image_folder_classes(cfg: Config, reads: Collection[str] | None = None) -> list[str]:
     """Gives data.train's classes to data.query, and to every other image_folder spec without
     `classes` whose class folders are all among them (a folder lacking some class): each numbering
     its own folders would shift the labels of every class after the missing one. A query class
     data.train lacks is then refused when the query set loads; a similarity or spectrum folder of
-    other classes (an out-of-domain set) keeps its own numbering."""
+    other classes (an out-of-domain set) keeps its own numbering.
+
+    Returns the problems of the specs a command reads (`reads`) that need data.train's folder (its
+    classes and colour mode) where a command that does not read data.train finds none.
+    """
     train = cfg.data.train
     if train is None or train.source != "image_folder" or train.root is None:
-        return
+        return []
     root = cfg.resolve(train.root)
+    dependents = [("data.query", cfg.data.query)] + [
+        (f"{block}.datasets.{name}", spec) for block in ("similarity", "spectrum") for name, spec in getattr(cfg, block).datasets.items()
+    ]
+    dependents = [(key, spec) for key, spec in dependents if spec is not None and spec.source == "image_folder" and reads_data(cfg, key, reads)]
+    if not root.is_dir():  # data.train is not read here (validate checked it where it is)
+        return [
+            f"{key}: an image folder is read in data.train's colour mode and numbered by its classes, and data.train.root "
+            f"{train.root!r} is not a folder here (make data.train's images available, or leave data.train out)"
+            for key, _ in dependents
+        ]
     classes = train.classes or image_folder_classes(root)
-    query = cfg.data.query
-    if query is not None and query.source == "image_folder":
-        query.colour_of = str(root)  # read in data.train's colour mode (grayscale or RGB), as the model takes it
-        if query.classes is None:
-            query.classes = list(classes)  # always: a query class the model was not trained on is refused by name
-    for spec in [*cfg.similarity.datasets.values(), *cfg.spectrum.datasets.values()]:
-        if spec.source != "image_folder" or spec.classes is not None or spec.root is None:
-            continue
-        if set(image_folder_classes(cfg.resolve(spec.root))) <= set(classes):
+    for key, spec in dependents:
+        if key == "data.query":
+            spec.colour_of = str(root)  # read in data.train's colour mode (grayscale or RGB), as the model takes it
+            if spec.classes is None:
+                spec.classes = list(classes)  # always: a query class the model was not trained on is refused by name
+        elif spec.classes is None and spec.root is not None and set(image_folder_classes(cfg.resolve(spec.root))) <= set(classes):
             spec.classes = list(classes)
             spec.colour_of = str(root)
+    return []
 
 
 def _has_key(data: dict[str, Any], dotted: str) -> bool:
@@ -1048,8 +1072,22 @@ def _check_data_spec(cfg: Config, spec: DataSpec, key: str, check_files: bool) -
     return problems
 
 
-def validate(cfg: Config, check_files: bool = True) -> list[str]:
-    """Value checks beyond types; returns every problem found."""
+DATA_KEYS = ("data.train", "data.query", "similarity.datasets", "spectrum.datasets")  # what a command may read (`reads`)
+
+
+def reads_data(cfg: Config, key: str, reads: Collection[str] | None) -> bool:
+    """Whether a command that reads `reads` (None: every data key) reads the data spec(s) at `key`
+    (one of DATA_KEYS, or a dataset under them): spectrum.datasets, when it names none, is data.train."""
+    if reads is None:
+        return True
+    group = next((k for k in DATA_KEYS if key == k or key.startswith(f"{k}.")), key)
+    return group in reads or (group == "data.train" and "spectrum.datasets" in reads and not cfg.spectrum.datasets)
+
+
+def validate(cfg: Config, check_files: bool = True, reads: Collection[str] | None = None) -> list[str]:
+    """Value checks beyond types; returns every problem found. With `reads` (DATA_KEYS a command
+    reads), only the data it reads must exist: data.train is required, and files checked, only
+    where it is read (a dataset-similarity run needs no training set on this machine)."""
     problems: list[str] = []
     if not cfg.model.architecture:
         problems.append("model.architecture: missing (mlp, cnn, torchvision:<name> or package.module:function)")
@@ -1082,11 +1120,12 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
     if d.padding_value is not None and not math.isfinite(d.padding_value):
         problems.append(f"data.padding_value: must be a finite number (the pad id or fill value) or null, got {d.padding_value}")
     if d.train is None:
-        problems.append("data.train: missing (the training set, with a source: key)")
+        if reads_data(cfg, "data.train", reads):
+            problems.append("data.train: missing (the training set, with a source: key)")
     else:
-        problems.extend(_check_data_spec(cfg, d.train, "data.train", check_files))
+        problems.extend(_check_data_spec(cfg, d.train, "data.train", check_files and reads_data(cfg, "data.train", reads)))
     if d.query is not None:
-        problems.extend(_check_data_spec(cfg, d.query, "data.query", check_files))
+        problems.extend(_check_data_spec(cfg, d.query, "data.query", check_files and reads_data(cfg, "data.query", reads)))
     f = cfg.factors
     if not f.modules:
         problems.append("factors.modules: needs at least one pattern (\"*\" tracks every supported layer)")
@@ -1115,8 +1154,8 @@ def validate(cfg: Config, check_files: bool = True) -> list[str]:
             problems.append(f"scores.checkpoints[{i}]: {ckpt_path} is {seen[real]} again (a model listed twice weighs twice in the average)")
         seen.setdefault(real, f"scores.checkpoints[{i}]")
     for name, spec in cfg.similarity.datasets.items():
-        problems.extend(_check_data_spec(cfg, spec, f"similarity.datasets.{name}", check_files))
-    problems.extend(_check_spectrum(cfg, check_files))
+        problems.extend(_check_data_spec(cfg, spec, f"similarity.datasets.{name}", check_files and reads_data(cfg, "similarity.datasets", reads)))
+    problems.extend(_check_spectrum(cfg, check_files and reads_data(cfg, "spectrum.datasets", reads)))
     dev = cfg.device
     if not (dev in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:[0-9]+", dev)):
         problems.append(f"device: expected auto, cpu, cuda or cuda:N, got {dev!r}")

@@ -21,9 +21,25 @@ from influence_cli.models import BUILTIN_ARCHITECTURES, load_model, model_defini
 from influence_cli.tracking import TrackedModule, find_tracked_modules
 
 
-def checked_config(cfg: Config, caller: str) -> Config:
+def reads_of(command: str, *, self_influence: bool = False) -> tuple[str, ...]:
+    """The data a command reads (of config.DATA_KEYS; spectrum.datasets names data.train when
+    empty): only those files must exist, and data.train be set, where the command runs. `command`:
+    a run function's name, or "top_k" / "inspect"."""
+    train_and_queries = ("data.train",) if self_influence else ("data.train", "data.query")
+    return {
+        "fit_factors": ("data.train",),
+        "compute_scores": train_and_queries,
+        "top_k": train_and_queries,
+        "dataset_similarity": ("similarity.datasets",),
+        "spectrum": ("spectrum.datasets",),
+        "edit_checkpoint": (),
+        "inspect": (),
+    }[command]
+
+
+def checked_config(cfg: Config, caller: str, reads: tuple[str, ...] | None = None) -> Config:
     """The config a run function was given, validated and built again as `load_config` builds a
-    file (`config.rebuilt`); the run uses the result.
+    file (`config.rebuilt`; `reads`: the data the run reads, `reads_of`); the run uses the result.
 
     A `Config` is a plain dataclass: a field changed after loading (`cfg.factors.strategy = ...`,
     `cfg.data.batch_size = 0`) is checked here, before anything is read or replaced.
@@ -44,7 +60,7 @@ def checked_config(cfg: Config, caller: str) -> Config:
             f"{caller}() was called under torch.inference_mode(), where the passes cannot take gradients",
             hint="call it outside the inference_mode block (torch.no_grad() around it is fine)",
         )
-    return rebuilt(cfg)
+    return rebuilt(cfg, reads)
 
 
 _Run = TypeVar("_Run", bound=Callable[..., Any])
@@ -55,28 +71,43 @@ _SIMPLE_TYPES: dict[str, Callable[[object], bool]] = {
     "float": lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool),
     "str": lambda v: isinstance(v, str),
     "None": lambda v: v is None,
-    "list[str]": lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v),
+    "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
 }
 
 
-def check_arguments(run: Callable[..., object], args: tuple[object, ...], kwargs: dict[str, object]) -> None:
-    """Refuses an argument of a run function whose value is not of its declared type, where that type
-    is made of bool, int, float, str, None and list[str] (`relative="no"` would otherwise read as true,
-    `rho="0.5"` fail deep inside).
+def _python_value(value: object) -> object:
+    """A NumPy or torch scalar (np.True_, torch.tensor(0.5)) as the Python value it holds, an array or
+    a tuple as a list; anything else as it is."""
+    if isinstance(value, (str, bytes)):
+        return value
+    if callable(getattr(value, "tolist", None)) and hasattr(value, "shape"):
+        return value.tolist()  # a 0-d array or tensor gives its scalar
+    return list(value) if isinstance(value, tuple) else value
+
+
+def check_arguments(run: Callable[..., object], args: tuple[object, ...], kwargs: dict[str, object]) -> inspect.BoundArguments:
+    """The arguments of a run function, bound, with those of a simple declared type (made of bool,
+    int, float, str, None and list[str]) checked against it (`relative="no"` would otherwise read as
+    true, `rho="0.5"` fail deep inside) and given as Python values (np.True_ as True).
 
     Raises:
         TypeError: naming the function, the argument and the types it takes.
     """
+    signature = inspect.signature(run)
     try:
-        bound = inspect.signature(run).bind(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
     except TypeError as exc:
         raise TypeError(f"{run.__name__}(): {exc}") from None
-    parameters = inspect.signature(run).parameters
     for name, value in bound.arguments.items():
-        annotation = parameters[name].annotation
+        annotation = signature.parameters[name].annotation
         arms = [a.strip() for a in annotation.split("|")] if isinstance(annotation, str) else []
-        if arms and all(a in _SIMPLE_TYPES for a in arms) and not any(_SIMPLE_TYPES[a](value) for a in arms):
+        if not arms or not all(a in _SIMPLE_TYPES for a in arms):
+            continue
+        plain = _python_value(value)
+        if not any(_SIMPLE_TYPES[a](plain) for a in arms):
             raise TypeError(f"{run.__name__}(): {name} takes {' or '.join(arms)}, not {value!r}")
+        bound.arguments[name] = plain
+    return bound
 
 
 def typed_arguments(run: _Run) -> _Run:
@@ -84,8 +115,8 @@ def typed_arguments(run: _Run) -> _Run:
 
     @functools.wraps(run)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        check_arguments(run, args, kwargs)
-        return run(*args, **kwargs)
+        bound = check_arguments(run, args, kwargs)
+        return run(*bound.args, **bound.kwargs)
 
     return wrapper  # type: ignore[return-value]
 

@@ -231,7 +231,7 @@ def edit_checkpoint(
         ConfigError: the layer patterns match no tracked layer.
     """
     t0 = time.perf_counter()
-    cfg = checked_config(cfg, "edit_checkpoint")
+    cfg = checked_config(cfg, "edit_checkpoint", reads=())  # the model and its factors only
     layers = [layers] if isinstance(layers, str) else layers
     e = cfg.spectrum.edit
     if rho is not None and share is not None:

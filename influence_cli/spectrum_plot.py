@@ -37,9 +37,10 @@ def render_spectrum_plot(report: SpectrumReport) -> Any:
     """A PIL image with two panels over the curvature percentile of the directions (x, low to high).
 
     Top: mean share of gradient energy per percentile bin (log scale, 6 decades), one line per
-    dataset or group. Bottom: the same relative to the baseline (linear, 1 = same). A bin more than
-    6 decades below the largest share is a gap in both panels, not a point on the floor: its share
-    is rounding (a band without curvature, as the table's n/a), and so is a ratio of it.
+    dataset or group. Bottom: the same relative to the baseline (linear, 1 = same). A bin below the
+    log axis (6 decades down from the power of ten above the largest share) is a gap in both panels,
+    not a point on the floor: such a share is rounding (a band without curvature, as the table's
+    n/a), and so is a ratio of it.
     """
     from PIL import Image, ImageDraw
 

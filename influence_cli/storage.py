@@ -215,10 +215,12 @@ def guards_output_dir(what: str | Callable[[dict[str, Any]], str], reads: str | 
     def decorate(run: _Run) -> _Run:
         @functools.wraps(run)
         def wrapper(cfg: Any, *args: Any, **kwargs: Any) -> Any:
-            from influence_cli.context import check_arguments, checked_config
+            from influence_cli.context import check_arguments, checked_config, reads_of
 
-            cfg = checked_config(cfg, run.__name__)  # a Config changed after loading is checked before any file is touched
-            check_arguments(run, (cfg, *args), kwargs)
+            bound = check_arguments(run, (cfg, *args), kwargs)  # np.True_ as True, a str where a bool belongs refused
+            args, kwargs = bound.args[1:], bound.kwargs
+            data_read = reads_of(run.__name__, self_influence=bool(kwargs.get("self_influence")))
+            cfg = checked_config(cfg, run.__name__, data_read)  # a Config changed after loading is checked before any file is touched
             if kwargs.get("resume") and kwargs.get("overwrite"):
                 raise UsageError("--resume, --overwrite: pass one (--resume continues saved progress, --overwrite starts over)")
             name = what(kwargs) if callable(what) else what

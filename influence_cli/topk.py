@@ -321,7 +321,7 @@ def select_queries(
     """
     if queries is None:
         return list(range(n_query))
-    items = [queries] if isinstance(queries, slice) or _is_position(queries) else list(queries) if _is_sequence(queries) else [queries]
+    items = [queries] if isinstance(queries, slice) or _is_position(queries) else list(queries) if _is_iterable(queries) else [queries]
     for item in items:  # True would read as row 1 and 0.5 as row 0
         if not (isinstance(item, slice) or _is_position(item)):
             raise TypeError(f"queries: expected an int, a slice or a list of them (slice(0, 3) for 0:3), not {item!r}")
@@ -351,9 +351,32 @@ def select_queries(
     return list(dict.fromkeys(out))
 
 
-def _is_sequence(value: Any) -> bool:
-    """A list-like of items (a list, a tuple, a tensor or array of positions), not text."""
-    return not isinstance(value, (str, bytes)) and hasattr(value, "__iter__") and hasattr(value, "__len__")
+def _is_iterable(value: Any) -> bool:
+    """Items to iterate (a list, a tuple, a generator, a tensor or array of positions), not text."""
+    return not isinstance(value, (str, bytes)) and hasattr(value, "__iter__")
+
+
+def _positions_tensor(positions: Any) -> torch.Tensor:
+    """Row positions (any iterable of ints, or an integer array or tensor) as int64 [R].
+
+    Raises:
+        TypeError: anything else (floats, bools, text).
+    """
+    refused = TypeError(f"query_positions: expected a list of ints (rows of the scores), not {positions!r}")
+    if hasattr(positions, "dtype") and hasattr(positions, "shape"):  # an array or tensor: checked whole, not per element
+        try:
+            t = torch.as_tensor(positions)
+        except (TypeError, ValueError, RuntimeError):
+            raise refused from None
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool or t.ndim > 1:
+            raise refused
+        return t.reshape(-1).to(torch.int64)
+    if not _is_iterable(positions):
+        raise refused
+    items = list(positions)
+    if not all(type(q) is int or _is_position(q) for q in items):
+        raise refused
+    return torch.tensor([int(q) for q in items], dtype=torch.int64)
 
 
 def _is_position(item: Any) -> bool:
@@ -398,13 +421,11 @@ def iter_score_blocks(
         ScoreBlock with float32 scores [len(query_positions), block columns].
     """
     meta = source if isinstance(source, ScoresMeta) else load_scores_meta(_folder_of(source, "iter_score_blocks"))
-    if not _is_sequence(query_positions) or not all(_is_position(q) for q in query_positions):
-        raise TypeError(f"query_positions: expected a list of ints (rows of the scores), not {query_positions!r}")
-    wanted = torch.as_tensor([int(q) for q in query_positions], dtype=torch.int64)
-    outside = [int(q) for q in wanted if not 0 <= q < meta.n_query]
-    if outside:
+    wanted = _positions_tensor(query_positions)
+    outside = wanted[(wanted < 0) | (wanted >= meta.n_query)]
+    if outside.numel():
         valid = f"valid: 0..{meta.n_query - 1}" if meta.n_query else "there are no queries"
-        raise UsageError(f"query_positions: {outside[0]} is outside the {meta.n_query} queries ({valid})")
+        raise UsageError(f"query_positions: {int(outside[0])} is outside the {meta.n_query} queries ({valid})")
     unique, inverse = torch.unique(wanted, sorted=True, return_inverse=True)
     in_order = len(unique) == len(wanted) and bool((inverse == torch.arange(len(wanted))).all())  # rows read as asked: no reordering copy
     runs = _row_runs(unique)

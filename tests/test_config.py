@@ -273,6 +273,67 @@ def test_missing_files_are_named(tmp_path: Path, override: str, key: str):
     config_from_dict(minimal(), [override], base_dir=tmp_path, check_files=False)  # only the file check fails
 
 
+def test_a_command_checks_the_files_of_the_data_it_reads_only(tmp_path: Path):
+    """A shared config on a machine that holds part of the data: each command needs only what it reads
+    (dataset-similarity no data.train, fit-factors no data.query or similarity datasets)."""
+    digits = {"source": "tensors", "path": str(SAMPLE / "digits.safetensors")}
+    gone = {"source": "tensors", "path": "gone.safetensors"}
+    data = minimal(
+        data={"train": gone, "query": gone},
+        similarity={"datasets": {"a": digits, "b": gone}},
+        spectrum={"datasets": {"a": gone}},
+    )  # fmt: skip
+    every = {"data.train.path", "data.query.path", "similarity.datasets.b.path", "spectrum.datasets.a.path"}
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict(data, base_dir=tmp_path)  # the Python default: every file
+    assert set(problems_of(exc)) == every
+    for reads, expected in [
+        (("data.train",), {"data.train.path"}),
+        (("data.train", "data.query"), {"data.train.path", "data.query.path"}),
+        (("similarity.datasets",), {"similarity.datasets.b.path"}),
+        (("spectrum.datasets",), {"spectrum.datasets.a.path"}),
+    ]:
+        with pytest.raises(ConfigError) as exc:
+            config_from_dict(data, base_dir=tmp_path, reads=reads)
+        assert set(problems_of(exc)) == expected, reads
+    config_from_dict(data, base_dir=tmp_path, reads=())  # edit, inspect: the model only
+    config_from_dict(data, ["similarity.datasets.b=" + str(digits)], base_dir=tmp_path, reads=("similarity.datasets",))
+    # data.train is required only where it is read: spectrum without datasets reads it
+    no_train = minimal(data={}, similarity={"datasets": {"a": digits, "b": digits}})
+    config_from_dict(no_train, base_dir=tmp_path, reads=("similarity.datasets",))
+    for reads in (("data.train",), ("spectrum.datasets",), None):
+        with pytest.raises(ConfigError, match=r"data\.train: missing"):
+            config_from_dict(no_train, base_dir=tmp_path, reads=reads)
+    # a structural mistake is one wherever it is, read or not
+    with pytest.raises(ConfigError, match=r"data\.train\.source: 'nope' is not one of"):
+        config_from_dict(data, ["data.train.source=nope"], base_dir=tmp_path, reads=("similarity.datasets",))
+
+
+def test_an_image_folder_that_takes_data_train_s_classes_needs_its_folder(tmp_path: Path):
+    """Image folders are numbered by data.train's class folders and read in its colour mode: a
+    command that does not read data.train still needs them for such a folder, and says so."""
+    from PIL import Image
+
+    for root in ("sim", "train"):
+        for cls in ("cat", "dog"):
+            (tmp_path / root / cls).mkdir(parents=True)
+            Image.new("L", (4, 4)).save(tmp_path / root / cls / "0.png")
+    folder = {"source": "image_folder", "root": "sim"}
+    data = minimal(
+        data={"train": {"source": "image_folder", "root": "train"}},
+        similarity={"datasets": {"a": folder, "b": folder}},
+    )  # fmt: skip
+    cfg = config_from_dict(data, base_dir=tmp_path, reads=("similarity.datasets",))
+    assert cfg.similarity.datasets["a"].classes == ["cat", "dog"]  # data.train's, shared
+    gone = tmp_path / "train_gone"
+    (tmp_path / "train").rename(gone)
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict(data, base_dir=tmp_path, reads=("similarity.datasets",))
+    assert set(problems_of(exc)) == {"similarity.datasets.a", "similarity.datasets.b"}
+    assert "data.train.root 'train' is not a folder here" in exc.value.problems[0]
+    assert config_from_dict(data, base_dir=tmp_path, reads=()).similarity.datasets["a"].classes is None  # not read: nothing to share
+
+
 def test_checkpoints_of_any_suffix_pass_and_folders_are_named(tmp_path: Path):
     """The reader tells the format from the first bytes (Lightning's last.ckpt, UPPER.PT); a folder is not a file."""
     for name in ("last.ckpt", "UPPER.PT"):

@@ -258,9 +258,10 @@ def test_a_member_with_the_same_weights_as_another_is_refused_before_any_pass(pr
 
     folder, data = project
     (folder / "copy_of_model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
-    cfg = config_from_dict(data, [f"output_dir={tmp_path / 'dup'}", "scores.checkpoints=[model_seed1.safetensors, copy_of_model.safetensors]"], base_dir=folder)
-    with pytest.raises(ConfigError, match=r"scores.checkpoints\[1\]: holds the same weights as model.checkpoint"):
-        fit_factors(cfg)
+    cfg = config_from_dict(data, [f"output_dir={tmp_path / 'dup'}", "scores.checkpoints=[model_seed1.safetensors, copy_of_model.safetensors]"],
+                           base_dir=folder, source="ensemble.yaml")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"^ensemble\.yaml: scores.checkpoints\[1\]: holds the same weights as model.checkpoint"):
+        fit_factors(cfg)  # the file named, as every config error names it
     assert not (tmp_path / "dup").exists()
     with pytest.raises(ConfigError, match="holds the same weights as model.checkpoint"):  # factors fitted by an earlier version
         compute_scores(ensemble_cfg(project, "ens_dup", "scores.checkpoints=[model_seed1.safetensors, copy_of_model.safetensors]"))

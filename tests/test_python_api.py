@@ -41,6 +41,11 @@ def test_every_exported_name_is_what_it_says_even_after_every_submodule_is_impor
     assert result.returncode == 0, result.stderr
 
 
+def test_dir_lists_the_lazy_exports_and_the_report_classes():
+    assert set(influence_cli.__all__) <= set(dir(influence_cli))
+    assert influence_cli.FitReport.__module__ == "influence_cli.fit" and influence_cli.EditReport.__name__ == "EditReport"
+
+
 def test_readme_python_example_runs_and_reads_results_back(tmp_path):
     cfg = _digits(tmp_path)
     fit_factors(cfg)
@@ -175,9 +180,14 @@ def test_wrong_argument_types_are_named(tmp_path):
         with pytest.raises(TypeError, match=r"queries: expected an int, a slice or a list of them"):
             top_k(cfg.output_path, queries=rows)
     assert top_k(cfg.output_path, queries=torch.tensor([2, 0]))[0].query_position == 2  # a tensor of positions is a list of ints
+    assert [r.query_position for r in top_k(cfg.output_path, queries=(i for i in (3, 1)))] == [3, 1]  # any iterable
+    report = compute_scores(cfg, relative=np.True_, overwrite=np.True_)  # NumPy values are the Python ones they hold
+    assert report.relative is True and influence_cli.load_scores_meta(cfg.output_path).relative
     assert influence_cli.load_factors(str(cfg.output_path / FACTORS_FILE)).strategy == "ekfac"
     report = influence_cli.edit_checkpoint(cfg, tmp_path / "edited.safetensors", share=0.5)
     assert (report.keep, report.share, report.rho) == ("share", 0.5, None)  # not the config's rho, which this edit did not use
+    report = influence_cli.edit_checkpoint(cfg, tmp_path / "edited.safetensors", rho=torch.tensor(0.9), layers=np.array(["fc*"]), overwrite=np.True_)
+    assert (report.rho, [e.name for e in report.layers]) == (pytest.approx(0.9), ["fc1", "fc2"])
 
 
 def test_score_blocks_refuse_rows_outside_the_queries(tmp_path):
@@ -188,9 +198,13 @@ def test_score_blocks_refuse_rows_outside_the_queries(tmp_path):
     for rows, bad in (([0, 20], 20), ([-1], -1), ([20, 0], 20)):  # 20 queries: rows 0..19
         with pytest.raises(UsageError, match=rf"query_positions: {bad} is outside the 20 queries \(valid: 0..19\)"):
             next(iter(influence_cli.iter_score_blocks(meta, rows)))
-    with pytest.raises(TypeError, match=r"query_positions: expected a list of ints"):
-        next(iter(influence_cli.iter_score_blocks(meta, [0.5])))
-    assert next(iter(influence_cli.iter_score_blocks(meta, [19, 0]))).scores.shape == (2, 300)
+    for rows in ([0.5], np.array([0.5]), [True], "01"):
+        with pytest.raises(TypeError, match=r"query_positions: expected a list of ints"):
+            next(iter(influence_cli.iter_score_blocks(meta, rows)))
+    first = next(iter(influence_cli.iter_score_blocks(meta, [19, 0]))).scores
+    assert first.shape == (2, 300)
+    for rows in ((q for q in (19, 0)), np.array([19, 0]), torch.tensor([19, 0])):  # any iterable, arrays checked whole
+        assert torch.equal(next(iter(influence_cli.iter_score_blocks(meta, rows))).scores, first)
 
 
 def test_hand_edited_or_vanished_score_files_are_output_errors(tmp_path):
@@ -249,6 +263,16 @@ def test_load_dataset_checks_its_spec_as_the_file_s(tmp_path):
     changed = copy.deepcopy(cfg.data.train)
     changed.transform = {"scale": 16.0, "flatten": True}  # a mapping where a block belongs, as the run functions take it
     assert len(influence_cli.load_dataset(changed, cfg.base_dir)) == 300
+    from influence_cli.config import DataSpec
+
+    values = {"indices": range(5), "labels_in": {0, 1}, "limit": torch.tensor(4)}  # Python values of their kind
+    path = str(ROOT / "sample_data" / "digits.safetensors")
+    got = influence_cli.load_dataset(DataSpec(source="tensors", path=path, **values), ".")
+    expected = influence_cli.load_dataset(DataSpec(source="tensors", path=path, indices=[0, 1, 2, 3, 4], labels_in=[0, 1], limit=4), ".")
+    assert [got[i][2] for i in range(len(got))] == [expected[i][2] for i in range(len(expected))] and len(got) > 0
+    from types import MappingProxyType
+
+    assert len(influence_cli.load_dataset(MappingProxyType(spec), cfg.base_dir)) == 10  # any mapping
     changed.labels_in = "3"
     with pytest.raises(ConfigError, match=r"data\.query\.labels_in: expected a list of integers or null, got '3'"):
         influence_cli.load_dataset(changed, cfg.base_dir, name="data.query")

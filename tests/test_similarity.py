@@ -321,6 +321,28 @@ def invoke(*args: str):
     return CliRunner().invoke(app, list(args), env={"COLUMNS": "120"})
 
 
+def test_a_machine_without_the_training_set_compares_datasets(digits_run, tmp_path):
+    """dataset-similarity reads similarity.datasets only: data.train and data.query may name files this
+    machine lacks (a shared config), or be left out; commands that read them still refuse."""
+    out, _ = digits_run
+    gone = ["--set", "data.train.path=/nonexistent/train.safetensors", "--set", "data.query.path=/nonexistent/query.safetensors"]
+    sets = ["--set", f"factors_dir={out}", "--set", "device=cpu"]
+    first = invoke("dataset-similarity", str(DIGITS), *sets, *gone, "--set", f"output_dir={tmp_path / 'a'}", "--json")
+    assert first.exit_code == 0, first.output
+    no_train = invoke("dataset-similarity", str(DIGITS), *sets, "--set", "data.train=null", "--set", "data.query=null",
+                      "--set", f"output_dir={tmp_path / 'b'}", "--json")  # fmt: skip
+    assert no_train.exit_code == 0, no_train.output
+    assert json.loads(first.stdout)["kernel_normalized"] == json.loads(no_train.stdout)["kernel_normalized"]
+    edit = invoke("edit", str(DIGITS), *sets, *gone, "--out", str(tmp_path / "edited.safetensors"))  # the model and its factors only
+    assert edit.exit_code == 0, edit.output
+    refused = invoke("compute-scores", str(DIGITS), *sets, *gone, "--set", f"output_dir={tmp_path / 'c'}")
+    assert refused.exit_code == 2 and "data.train.path: '/nonexistent/train.safetensors' does not exist" in refused.output
+    cfg = load_config(DIGITS, [f"factors_dir={out}", "device=cpu", f"output_dir={tmp_path / 'd'}", "data.train=null"], reads=["similarity.datasets"])
+    from influence_cli import dataset_similarity
+
+    assert dataset_similarity(cfg).names == list(cfg.similarity.datasets)  # the run checks what it reads, as the command
+
+
 def test_task2vec_with_the_ggn_places_held_out_digits_beside_their_training_split(digits_run):
     """similarity.fisher: ggn (no label-sampling noise in the diagonals) on the bundled digits:
     each held-out split's Task2Vec embedding is closest to the training split of the same digits."""

@@ -639,8 +639,10 @@ def test_cli_errors(tmp_path, digits):
     assert invoke("fit-factors", DIGITS, "--set", f"output_dir={kfac}", "--set", "factors.strategy=kfac",
                   "--set", "data.train.range=[0, 200]").exit_code == 0  # fmt: skip
     assert_error(invoke("spectrum", DIGITS, "--set", f"output_dir={kfac}", "--order", "ekfac"), 2, "--order ekfac", "holds kfac factors")
-    assert_error(invoke("edit", DIGITS, "--set", f"output_dir={kfac}", "--set", "spectrum.order=ekfac", "--out", tmp_path / "k.safetensors"),
-                 2, "spectrum.order ekfac", "holds kfac factors")  # fmt: skip
+    assert assert_error(invoke("edit", DIGITS, "--set", f"output_dir={kfac}", "--set", "spectrum.order=ekfac", "--out", tmp_path / "k.safetensors"),
+                        2, "spectrum.order ekfac", "holds kfac factors").startswith(f"config error: {DIGITS}: ")  # fmt: skip
+    assert assert_error(invoke("edit", DIGITS, *sets, "--set", "spectrum.edit.layers=[conv*]", "--out", tmp_path / "k.safetensors"),
+                        2, "spectrum.edit.layers", "matches none").startswith(f"config error: {DIGITS}: ")  # fmt: skip
     assert not (kfac / SPECTRUM_FILE).exists() and not (tmp_path / "k.safetensors").exists()
     assert invoke("spectrum", DIGITS, "--set", f"output_dir={kfac}", "--order", "kfac").exit_code == 0
     assert (out / FACTORS_FILE).exists()

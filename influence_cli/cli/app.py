@@ -218,11 +218,13 @@ def _leave_the_job(code: int) -> None:
         sys.modules["influence_cli.distributed"].exit_before_the_other_ranks(code)
 
 
-def load(config: Path, overrides: list[str] | None):
-    """Loads and validates the config (errors carry the file and key)."""
+def load(config: Path, overrides: list[str] | None, command: str, *, self_influence: bool = False):
+    """Loads and validates the config for `command` (a run function's name, `context.reads_of`: the
+    data it does not read need not exist here); errors carry the file and key."""
     from influence_cli.config import load_config
+    from influence_cli.context import reads_of
 
-    return load_config(config, overrides or [])
+    return load_config(config, overrides or [], reads=reads_of(command, self_influence=self_influence))
 
 
 def _debug_first(argv: list[str]) -> list[str]:

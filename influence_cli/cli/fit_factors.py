@@ -50,7 +50,7 @@ def fit_factors_cmd(
     from influence_cli.distributed import init_distributed
     from influence_cli.fit import fit_factors
 
-    cfg = load(config, set_)
+    cfg = load(config, set_, "fit_factors")
     state = init_distributed(cfg.device, cfg.source)
     report = fit_factors(cfg, overwrite=overwrite, resume=resume, state=state, progress=RichProgress(not json_))
     if not state.is_main:
@@ -146,7 +146,7 @@ def inspect_cmd(config: ConfigArg, set_: SetOpt = None, json_: JsonOpt = False) 
     from influence_cli.scores import query_memory
     from influence_cli.tracking import find_tracked_modules, untracked_modules
 
-    cfg = load(config, set_)
+    cfg = load(config, set_, "inspect")
     model = load_model(cfg.model, cfg.base_dir)  # on the CPU and unhashed: nothing here runs it
     tracked = find_tracked_modules(model, cfg.factors.modules)
     rows = describe_layers(tracked, cfg.factors.strategy)

@@ -88,7 +88,7 @@ def compute_scores_cmd(
     from influence_cli.distributed import init_distributed
     from influence_cli.scores import compute_scores
 
-    cfg = load(config, set_)
+    cfg = load(config, set_, "compute_scores", self_influence=self_)
     state = init_distributed(cfg.device, cfg.source)
     report = compute_scores(
         cfg, overwrite=overwrite, resume=resume, self_influence=self_, relative=relative, state=state, progress=RichProgress(not json_)
@@ -184,7 +184,7 @@ def top_k_cmd(
     from influence_cli import storage, topk
     from influence_cli.example_views import count_label_noise, example_views
 
-    cfg = load(config, set_)
+    cfg = load(config, set_, "top_k", self_influence=self_)
     out_dir = cfg.output_path
     if image_grid is not None:
         storage.check_image_path(image_grid, "--image-grid")  # before any reading

@@ -90,7 +90,7 @@ def dataset_similarity_cmd(
     from influence_cli.distributed import init_distributed
     from influence_cli.similarity import dataset_similarity
 
-    cfg = load(config, set_)
+    cfg = load(config, set_, "dataset_similarity")
     if heatmap is not None:
         from influence_cli.storage import check_image_path
 

@@ -99,7 +99,7 @@ def spectrum_cmd(
     from influence_cli.distributed import init_distributed
     from influence_cli.spectrum_plot import save_spectrum_plot
 
-    cfg = load(config, set_)
+    cfg = load(config, set_, "spectrum")
     if plot is not None:
         from influence_cli.storage import check_image_path
 
@@ -226,7 +226,7 @@ def edit_cmd(
     from influence_cli.distributed import init_distributed
     from influence_cli.edit import edit_checkpoint
 
-    cfg = load(config, set_)
+    cfg = load(config, set_, "edit_checkpoint")
     state = init_distributed(cfg.device, cfg.source)
     report = edit_checkpoint(cfg, out, rho=rho, share=keep_share, layers=layers, order=order, overwrite=overwrite, state=state)
     if not state.is_main:
