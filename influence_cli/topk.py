@@ -199,7 +199,8 @@ def check_scores_match(metadata: dict[str, Any], cfg: Config, path: Path, *, pai
     from influence_cli.models import definition_change, load_model, model_definition, model_fingerprint, takes_token_ids
     from influence_cli.tracking import find_tracked_modules
 
-    hint = "use the config (and --set overrides) of compute-scores, or rerun compute-scores with --overwrite"
+    command = "compute-scores" if pairwise else "compute-scores --self"
+    hint = f"use the config (and --set overrides) of {command}, or rerun {command} with --overwrite"
     settings = [("task.kind", "task_kind", cfg.task.kind),
                 ("factors.strategy", "strategy", cfg.factors.strategy), ("factors.fisher", "fisher", cfg.factors.fisher),
                 ("scores.damping", "damping_setting", cfg.scores.damping)]  # fmt: skip
@@ -247,7 +248,7 @@ def check_scores_match(metadata: dict[str, Any], cfg: Config, path: Path, *, pai
         if metadata.get("modules") is not None and metadata["modules"] != names:
             raise OutputError(f"{str(path)!r} holds scores of layers {metadata['modules']}; the config tracks {names}", hint=hint)
         _check_members(metadata.get("members"), cfg, path, hint)
-    _check_current_factors(metadata, cfg, path)
+    _check_current_factors(metadata, cfg, path, command)
     specs = [("data.train", cfg.data.train, "train_fingerprint")] + ([("data.query", cfg.data.query, "query_fingerprint")] if pairwise else [])
     loaded = {}
     for key, spec, field_name in specs:
@@ -290,9 +291,10 @@ def _fit_examples(max_examples: int | None, n_train: int) -> int:
     return n_train if max_examples is None else min(max_examples, n_train)
 
 
-def _check_current_factors(metadata: dict[str, Any], cfg: Config, path: Path) -> None:
+def _check_current_factors(metadata: dict[str, Any], cfg: Config, path: Path, command: str) -> None:
     """The scores were computed from the factors now in their folder (each ensemble model's), judged by
-    the factors' result key (model, data, strategy, Fisher, task, layers, examples, seed, amp, padding)."""
+    the factors' result key (model, data, strategy, Fisher, task, layers, examples, seed, amp, padding);
+    `command` recomputes them ("compute-scores --self" for self-influence)."""
     from influence_cli.ensemble import ensemble_members
 
     described = metadata.get("members") or [metadata]
@@ -303,7 +305,7 @@ def _check_current_factors(metadata: dict[str, Any], cfg: Config, path: Path) ->
         if storage.read_metadata(member.factors_path).get("result_key") != recorded:
             raise OutputError(
                 f"{str(path)!r} holds scores of other factors than {str(member.factors_path)!r} (refitted since, with other settings)",
-                hint="rerun compute-scores with --overwrite on the current factors",
+                hint=f"rerun {command} with --overwrite on the current factors",
             )
 
 

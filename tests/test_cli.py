@@ -434,6 +434,9 @@ def test_inspect_says_how_many_queries_compute_scores_holds_at_a_time(runner: Cl
     (tmp_path / "member.safetensors").write_bytes((ROOT / "sample_data" / "mlp.safetensors").read_bytes())
     two = json.loads(invoke(runner, "inspect", DIGITS, "--json", *budget, "--set", f"scores.checkpoints=[{tmp_path / 'member.safetensors'}]").stdout)
     assert two["query_bytes"] == 8 * n
+    assert two["factor_bytes"] == 2 * plain["factor_bytes"]  # fit-factors writes each model's factors
+    line = " ".join(invoke(runner, "inspect", DIGITS, "--set", f"scores.checkpoints=[{tmp_path / 'member.safetensors'}]").stdout.split())
+    assert "factors 168.8 KiB in float32 (2 models, 84.4 KiB each)" in line
     table = invoke(runner, "inspect", DIGITS, *budget).stdout
     assert f"compute-scores holds up to {chunk:,} queries at a time" in " ".join(table.split())
 
@@ -633,6 +636,18 @@ def test_a_fingerprint_of_digits_passes_every_check(runner: CliRunner, tmp_path:
         assert result.exit_code == 0, result.stderr
     for name in (FACTORS, "scores.safetensors"):
         assert json.loads(invoke(runner, "info", tmp_path / name, "--json").stdout)["metadata"]["model_fingerprint"] == fingerprint
+
+
+def test_info_on_a_scores_index_checks_its_shards(runner: CliRunner, fitted: tuple[Path, Result], tmp_path: Path):
+    """An index whose shard is gone describes incomplete scores: refused by name, as top-k refuses them."""
+    out, _ = fitted
+    sets = ["--set", f"output_dir={tmp_path}", "--set", f"factors_dir={out}", "--set", "scores.max_memory_mb=0.02"]
+    assert invoke(runner, "compute-scores", DIGITS, *sets).exit_code == 0
+    index = tmp_path / "scores.index.json"
+    shards = json.loads(invoke(runner, "info", index, "--json").stdout)["tensors"]
+    assert len(shards) >= 2
+    (tmp_path / sorted(shards)[1]).unlink()
+    assert_clean_error(invoke(runner, "info", index), EXIT["output"], f"{sorted(shards)[1]}' (listed in scores.index.json) is missing")
 
 
 @pytest.mark.parametrize("name", ["missing.safetensors", "config.yaml"])

@@ -180,11 +180,13 @@ def test_top_k_refuses_scores_of_factors_refitted_since(runner, tmp_path, monkey
     assert invoke(runner, "top-k", config, "--k", "1").exit_code == 0
     assert invoke(runner, "fit-factors", config, "--overwrite", "--set", "seed=1").exit_code == 0
     for extra in ([], ["--self"]):
+        rerun = f"rerun {' '.join(['compute-scores', *extra])} with --overwrite"  # the command that wrote these scores
         result = invoke(runner, "top-k", config, "--k", "1", *extra)  # the scores' seed, not the factors' now
         assert result.exit_code == 5 and "holds scores of other factors than" in result.stderr, result.stderr
+        assert rerun in result.stderr
         result = invoke(runner, "top-k", config, "--k", "1", "--set", "seed=1", *extra)  # the factors' seed, not the scores'
         assert result.exit_code == 5 and "computed with seed=0; the config has 1" in result.stderr, result.stderr
-        assert "rerun compute-scores with --overwrite" in result.stderr
+        assert rerun in result.stderr
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

@@ -505,6 +505,15 @@ def test_transforms_scale_normalize_flatten_and_example_image(idx_files: tuple[P
     assert img.shape == (1, H, W) and torch.allclose(img[0], raw[3] / 255.0, atol=1e-6)  # 16 -> [1, 4, 4]
 
 
+@pytest.mark.parametrize("features", [1, 3, 4, 9, 12])
+def test_a_few_features_are_no_image(tmp_path: Path, features: int) -> None:
+    """3 regression features once drew as a 1x1 RGB swatch, 9 as a 3x3 picture: a flat input is an image from 4x4 up."""
+    save_file({"inputs": torch.rand(2, features), "labels": torch.rand(2)}, str(tmp_path / "f.safetensors"))
+    ds = load_dataset(DataSpec(source="tensors", path="f.safetensors"), tmp_path)
+    with pytest.raises(DataError, match=rf"inputs of {features} values are not a square image .*at least 4x4"):
+        example_image(ds, 0)
+
+
 def test_per_channel_normalize(tmp_path: Path) -> None:
     inputs = torch.rand(4, 3, 2, 2) * 255
     torch.save({"inputs": inputs, "labels": torch.zeros(4, dtype=torch.long)}, tmp_path / "rgb.pt")

@@ -151,7 +151,8 @@ def inspect_cmd(config: ConfigArg, set_: SetOpt = None, json_: JsonOpt = False) 
     tracked = find_tracked_modules(model, cfg.factors.modules)
     rows = describe_layers(tracked, cfg.factors.strategy)
     untracked = untracked_modules(model, tracked)
-    factor_bytes = sum(r.factor_bytes() for r in rows)
+    models = 1 + len(cfg.scores.checkpoints)  # an ensemble: fit-factors writes each model's factors
+    factor_bytes = models * sum(r.factor_bytes() for r in rows)
     tracked_params = sum(r.d_in * r.d_out for r in rows)
     parameters = sum(p.numel() for p in model.parameters())  # each once (tied or parametrized weights too)
     query_bytes, queries_per_chunk = query_memory(cfg, model, tracked_params)
@@ -187,7 +188,8 @@ def inspect_cmd(config: ConfigArg, set_: SetOpt = None, json_: JsonOpt = False) 
             table.add_row(kind, _first_names([u.name for u in members]), f"{sum(u.num_params for u in members):,}", reason)
         print_table(table)
     print_line(
-        f"{len(rows)} layer{'s' if len(rows) != 1 else ''}, factors {human_bytes(factor_bytes)} in float32; "
+        f"{len(rows)} layer{'s' if len(rows) != 1 else ''}, factors {human_bytes(factor_bytes)} in float32"
+        + (f" ({models} models, {human_bytes(factor_bytes // models)} each)" if models > 1 else "") + "; "
         f"{tracked_params:,} of {parameters:,} parameters tracked; compute-scores holds up to {queries_per_chunk:,} "
         f"quer{'y' if queries_per_chunk == 1 else 'ies'} at a time ({human_bytes(query_bytes)} each), streaming the training set "
         "once per such chunk of queries"

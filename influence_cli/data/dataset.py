@@ -370,11 +370,16 @@ def load_dataset(
     )
 
 
+MIN_FLAT_SIDE = 4  # a flat input drawn as an image is a square of at least this side (3 features are no 1x1 RGB image)
+
+
 def example_image(dataset: IndexedDataset, position: int) -> torch.Tensor:
     """One example as an image for display: float32 [C, H, W] in [0, 1], C in {1, 3}.
 
     Shown from the untransformed input (what undoing flatten, normalize and scale gives back).
-    Flattened square inputs are reshaped: 784 -> [1, 28, 28], 64 -> [1, 8, 8], 3072 -> [3, 32, 32].
+    Flattened square inputs are reshaped: 784 -> [1, 28, 28], 64 -> [1, 8, 8], 3072 -> [3, 32, 32]; a
+    flat input of fewer values than a MIN_FLAT_SIDE² square (3 or 9 features of a regression) is
+    no image.
 
     Raises:
         DataError: if the example cannot be shown as an image.
@@ -392,12 +397,16 @@ def example_image(dataset: IndexedDataset, position: int) -> torch.Tensor:
     if x.ndim == 1:
         d = x.numel()
         side, side3 = math.isqrt(d), math.isqrt(d // 3)
-        if side * side == d:
+        if side * side == d and side >= MIN_FLAT_SIDE:
             x = x.reshape(1, side, side)
-        elif d % 3 == 0 and side3 * side3 * 3 == d:
+        elif d % 3 == 0 and side3 * side3 * 3 == d and side3 >= MIN_FLAT_SIDE:
             x = x.reshape(3, side3, side3)
         else:
-            raise DataError(f"{dataset.name}: inputs of {d} values are not a square image (C x H x W with C = 1 or 3)")
+            raise DataError(
+                f"{dataset.name}: inputs of {d} values are not a square image (C x H x W with C = 1 or 3, "
+                f"at least {MIN_FLAT_SIDE}x{MIN_FLAT_SIDE})",
+                hint="leave out --image-grid: the tables name every example",
+            )
     elif x.ndim == 2:
         x = x.unsqueeze(0)
     elif x.ndim == 3 and x.shape[0] not in (1, 3) and x.shape[-1] in (1, 3):
