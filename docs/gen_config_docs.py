@@ -42,7 +42,10 @@ machines that hold part of the data: `fit-factors` reads `data.train`; `compute-
 `dataset-similarity` reads `similarity.datasets`; `spectrum` reads `spectrum.datasets` (or
 `data.train` when it names none); `edit` and `inspect` read no data. `data.train` is required
 only by the commands that read it (`--set data.train=null` drops it elsewhere). An image folder
-that takes `data.train`'s class numbering and colour mode still needs `data.train`'s folder. From
+that takes `data.train`'s class numbering and colour mode (`data.query`, and a similarity or
+spectrum folder of its classes without `classes:` of its own) still needs `data.train`'s folder,
+and says so: without `data.train` at all, such a folder would number its own class folders, so
+give it `classes:` (in `data.train`'s order) before dropping `data.train`. From
 Python, `load_config(path)` checks every file; `load_config(path, reads=["similarity.datasets"])`
 checks what `dataset_similarity` reads, as each run function does when it is called.
 

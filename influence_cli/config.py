@@ -745,6 +745,8 @@ def config_from_dict(
     """
     if not isinstance(data, dict):
         raise ConfigError(f"the top level must be a mapping of keys (model:, data:, ...), got {type(data).__name__}", source=source)
+    if reads is not None and (isinstance(reads, str) or not set(reads) <= set(DATA_KEYS)):
+        raise ValueError(f"reads: expected a list of {', '.join(DATA_KEYS)} (the data a command reads), got {reads!r}")
     _check_structure(data, source, max_values)
     problems: list[str] = []
     data = apply_overrides(data, overrides or [], problems)  # a bad --set is reported with the rest
@@ -892,35 +894,43 @@ def _share_image_folder_classes(cfg: Config, reads: Collection[str] | None = Non
     `classes` whose class folders are all among them (a folder lacking some class): each numbering
     its own folders would shift the labels of every class after the missing one. A query class
     data.train lacks is then refused when the query set loads; a similarity or spectrum folder of
-    other classes (an out-of-domain set) keeps its own numbering.
+    other classes (an out-of-domain set), or with `classes` of its own, keeps its own numbering.
+    Those that take data.train's classes are also read in its colour mode, as the model takes it.
 
-    Returns the problems of the specs a command reads (`reads`) that need data.train's folder (its
-    classes and colour mode) where a command that does not read data.train finds none.
+    Returns a problem for each spec a command reads (`reads`) that takes them where data.train's
+    folder is absent (a command that does not read data.train): its labels would shift silently.
     """
     train = cfg.data.train
     if train is None or train.source != "image_folder" or train.root is None:
         return []
     root = cfg.resolve(train.root)
-    dependents = [("data.query", cfg.data.query)] + [
+    here = root.is_dir()  # else not read by this command (validate checked it where it is)
+    classes = train.classes or (image_folder_classes(root) if here else None)
+    specs = [("data.query", cfg.data.query)] + [
         (f"{block}.datasets.{name}", spec) for block in ("similarity", "spectrum") for name, spec in getattr(cfg, block).datasets.items()
     ]
-    dependents = [(key, spec) for key, spec in dependents if spec is not None and spec.source == "image_folder" and reads_data(cfg, key, reads)]
-    if not root.is_dir():  # data.train is not read here (validate checked it where it is)
-        return [
-            f"{key}: an image folder is read in data.train's colour mode and numbered by its classes, and data.train.root "
-            f"{train.root!r} is not a folder here (make data.train's images available, or leave data.train out)"
-            for key, _ in dependents
-        ]
-    classes = train.classes or image_folder_classes(root)
-    for key, spec in dependents:
-        if key == "data.query":
-            spec.colour_of = str(root)  # read in data.train's colour mode (grayscale or RGB), as the model takes it
-            if spec.classes is None:
-                spec.classes = list(classes)  # always: a query class the model was not trained on is refused by name
-        elif spec.classes is None and spec.root is not None and set(image_folder_classes(cfg.resolve(spec.root))) <= set(classes):
-            spec.classes = list(classes)
-            spec.colour_of = str(root)
-    return []
+    problems = []
+    for key, spec in specs:
+        if spec is None or spec.source != "image_folder" or spec.root is None:
+            continue
+        if key != "data.query":  # the query set always takes them: a class the model was not trained on is refused by name
+            folder = cfg.resolve(spec.root)
+            if spec.classes is not None or not folder.is_dir():  # its own numbering, or a folder not read here
+                continue
+            if classes is not None and not set(image_folder_classes(folder)) <= set(classes):
+                continue  # other classes: an out-of-domain set, numbered by its own folders
+        if not here:
+            if reads_data(cfg, key, reads):
+                own = "" if key == "data.query" else ", or give it classes: (its class folders, in data.train's order)"
+                problems.append(
+                    f"{key}: this image folder takes data.train's class numbering and colour mode, and data.train.root "
+                    f"{train.root!r} is not a folder here (make data.train's images available here{own})"
+                )
+            continue
+        spec.colour_of = str(root)  # read in data.train's colour mode (grayscale or RGB), as the model takes it
+        if spec.classes is None:
+            spec.classes = list(classes)  # type: ignore[arg-type]
+    return problems
 
 
 def _has_key(data: dict[str, Any], dotted: str) -> bool:

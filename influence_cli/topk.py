@@ -370,9 +370,9 @@ def _positions_tensor(positions: Any) -> torch.Tensor:
             t = torch.as_tensor(positions)
         except (TypeError, ValueError, RuntimeError):
             raise refused from None
-        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool or t.ndim > 1:
-            raise refused
-        return t.reshape(-1).to(torch.int64)
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool or t.ndim != 1:
+            raise refused  # a single position (0-d) as a single int is: a list is asked for
+        return t.to(torch.int64)
     if not _is_iterable(positions):
         raise refused
     items = list(positions)

@@ -638,6 +638,28 @@ def test_a_fingerprint_of_digits_passes_every_check(runner: CliRunner, tmp_path:
         assert json.loads(invoke(runner, "info", tmp_path / name, "--json").stdout)["metadata"]["model_fingerprint"] == fingerprint
 
 
+def test_each_command_needs_only_the_data_it_reads(runner: CliRunner, tmp_path: Path):
+    """A shared config on a machine with part of the data: every file a command does not read is gone."""
+    gone = "/nonexistent/data.safetensors"
+    no_query = ["--set", f"data.query.path={gone}"]
+    no_sets = [arg for name in ("zeros_sixes", "ones_sevens", "zeros_sixes_heldout", "ones_sevens_heldout")
+               for arg in ("--set", f"similarity.datasets.{name}.path={gone}")]  # fmt: skip
+    digits = "{source: tensors, path: ../sample_data/digits.safetensors, range: [0, 200], transform: {scale: 16.0}}"
+    out = ["--set", f"output_dir={tmp_path}", "--set", "device=cpu"]
+    runs = [
+        ("fit-factors", [*no_query, *no_sets, "--set", "data.train.range=[0, 300]"]),
+        ("compute-scores", ["--self", *no_query, *no_sets, "--set", "data.train.range=[0, 300]"]),
+        ("top-k", ["--self", *no_query, *no_sets, "--set", "data.train.range=[0, 300]"]),
+        ("spectrum", ["--set", f"data.train.path={gone}", *no_query, *no_sets, "--set", f"spectrum.datasets.a={digits}"]),
+        ("inspect", ["--set", f"data.train.path={gone}", *no_query, *no_sets]),
+    ]
+    for command, sets in runs:
+        result = invoke(runner, command, DIGITS, *out, *sets)
+        assert result.exit_code == 0, (command, result.stderr)
+    for command in ("compute-scores", "top-k"):  # pairwise: reads data.query
+        assert_clean_error(invoke(runner, command, DIGITS, *out, *no_query), EXIT["config"], "data.query.path", "does not exist")
+
+
 def test_info_on_a_scores_index_checks_its_shards(runner: CliRunner, fitted: tuple[Path, Result], tmp_path: Path):
     """An index whose shard is gone describes incomplete scores: refused by name, as top-k refuses them."""
     out, _ = fitted

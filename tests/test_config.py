@@ -332,6 +332,35 @@ def test_an_image_folder_that_takes_data_train_s_classes_needs_its_folder(tmp_pa
     assert set(problems_of(exc)) == {"similarity.datasets.a", "similarity.datasets.b"}
     assert "data.train.root 'train' is not a folder here" in exc.value.problems[0]
     assert config_from_dict(data, base_dir=tmp_path, reads=()).similarity.datasets["a"].classes is None  # not read: nothing to share
+    # a folder that does not take them needs no data.train: classes of its own, or (data.train's classes known) other classes
+    own = minimal(data={"train": {"source": "image_folder", "root": "train"}},
+                  similarity={"datasets": {"a": folder | {"classes": ["dog", "cat"]}, "b": folder | {"classes": ["cat"]}}})  # fmt: skip
+    assert config_from_dict(own, base_dir=tmp_path, reads=("similarity.datasets",)).similarity.datasets["a"].classes == ["dog", "cat"]
+    other = minimal(data={"train": {"source": "image_folder", "root": "train", "classes": ["ant", "bee"]}},
+                    similarity={"datasets": {"a": folder, "b": folder}})  # fmt: skip
+    assert config_from_dict(other, base_dir=tmp_path, reads=("similarity.datasets",)).similarity.datasets["a"].classes is None
+    subset = minimal(data={"train": {"source": "image_folder", "root": "train", "classes": ["bee", "cat", "dog"]}},
+                     similarity={"datasets": {"a": folder, "b": folder}})  # fmt: skip
+    with pytest.raises(ConfigError, match="give it classes"):  # it would take them: its colour mode is data.train's
+        config_from_dict(subset, base_dir=tmp_path, reads=("similarity.datasets",))
+    with pytest.raises(ValueError, match="reads: expected a list of data.train, data.query"):
+        config_from_dict(data, base_dir=tmp_path, reads=["similarity"])
+
+
+def test_what_a_command_reads_does_not_change_the_numbering_of_the_others(tmp_path: Path):
+    """data.train's classes reach every image folder that takes them, read by this command or not: the
+    Python API's load_dataset gives the examples as the commands see them, whatever `reads` loaded it."""
+    from PIL import Image
+
+    for root, classes in (("train", "abc"), ("ac", "ac")):
+        for cls in classes:
+            (tmp_path / root / cls).mkdir(parents=True)
+            Image.new("L", (4, 4)).save(tmp_path / root / cls / "0.png")
+    ac = {"source": "image_folder", "root": "ac"}
+    data = minimal(data={"train": {"source": "image_folder", "root": "train"}, "query": ac}, similarity={"datasets": {"x": ac, "y": ac}})
+    for reads in (None, ("data.train",), ("similarity.datasets",), ()):
+        cfg = config_from_dict(data, base_dir=tmp_path, reads=reads)
+        assert cfg.data.query.classes == cfg.similarity.datasets["x"].classes == ["a", "b", "c"], reads  # c is label 2, not 1
 
 
 def test_checkpoints_of_any_suffix_pass_and_folders_are_named(tmp_path: Path):
