@@ -292,8 +292,9 @@ The head's G is vocabulary × vocabulary (50,000² float32s are 10 GB): with a l
 the head out (`factors.modules: ["blocks.*"]`, say); `influence inspect` prints every factor's size.
 top-k shows each ranked example by its input token ids (padding left out, up to 12 in the table)
 and each query by its input, labels and predictions at the counted positions; the JSON adds
-`query_input` and `train_input` (all ids) beside the labels and predictions (-100 where no loss
-counts). Labels at padded positions must be
+`query_input` and `train_input` (every id, padding left out) beside the labels and predictions,
+which keep the padded length (-100 where no loss counts; with left padding, input position i is
+not label position i). Labels at padded positions must be
 -100, and the first padded batch checks that an example cut to its real positions gives the same
 outputs, so a model that reads padding (no causal or key mask) is refused (a model that only runs
 at its padded length cannot be cut, and is not checked this way). An example whose labels are
