@@ -41,12 +41,13 @@ machines that hold part of the data: `fit-factors` reads `data.train`; `compute-
 `top-k` read `data.train` and `data.query` (with `--self`, `data.train` alone);
 `dataset-similarity` reads `similarity.datasets`; `spectrum` reads `spectrum.datasets` (or
 `data.train` when it names none); `edit` and `inspect` read no data. `data.train` is required
-only by the commands that read it (`--set data.train=null` drops it elsewhere). An image folder
-that takes `data.train`'s class numbering and colour mode (`data.query`, and a similarity or
-spectrum folder of its classes without `classes:` of its own) still needs `data.train`'s folder,
-and says so: without `data.train` at all, such a folder would number its own class folders, so
-give it `classes:` (in `data.train`'s order) before dropping `data.train`. From
-Python, `load_config(path)` checks every file; `load_config(path, reads=["similarity.datasets"])`
+only by the commands that read it (`--set data.train=null` drops it elsewhere). Image folders
+take `data.train`'s class numbering (`data.query`, and a similarity or spectrum folder of its
+classes without `classes:` of its own): where `data.train`'s folder is absent, set
+`data.train.classes` (its class folders, in order) and they are numbered by it, each read in its
+own colour mode; without it the command refuses them by name, since which folders take the
+numbering cannot be told. (Without `data.train` at all, a folder numbers its own class folders.)
+From Python, `load_config(path)` checks every file; `load_config(path, reads=["similarity.datasets"])`
 checks what `dataset_similarity` reads, as each run function does when it is called.
 
 An example (the bundled digits sample, `configs/digits.yaml`, abridged):

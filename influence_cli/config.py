@@ -745,6 +745,7 @@ def config_from_dict(
     """
     if not isinstance(data, dict):
         raise ConfigError(f"the top level must be a mapping of keys (model:, data:, ...), got {type(data).__name__}", source=source)
+    reads = reads if reads is None or isinstance(reads, str) else tuple(reads)  # an iterator is read once
     if reads is not None and (isinstance(reads, str) or not set(reads) <= set(DATA_KEYS)):
         raise ValueError(f"reads: expected a list of {', '.join(DATA_KEYS)} (the data a command reads), got {reads!r}")
     _check_structure(data, source, max_values)
@@ -805,8 +806,8 @@ def rebuilt(cfg: Config, reads: Collection[str] | None = None) -> Config:
         raise ConfigError(exc.problems, source=cfg.source, hint="fix those fields of the Config (or the file it was loaded from)") from None
     for key, spec in _specs_by_key(out).items():
         old = before.get(key)
-        if spec.colour_of is None and old is not None and old.colour_of is not None and old.root == spec.root:
-            spec.colour_of = old.colour_of  # shared at load time; to_dict leaves internal fields out
+        if spec.colour_of is None and old is not None and old.colour_of is not None and old.root == spec.root and Path(old.colour_of).is_dir():
+            spec.colour_of = old.colour_of  # shared at load time; to_dict leaves internal fields out (gone: its own mode, as at load)
         if key in kwargs:
             spec.kwargs = kwargs[key]
     if "model" in kwargs:
@@ -897,8 +898,11 @@ def _share_image_folder_classes(cfg: Config, reads: Collection[str] | None = Non
     other classes (an out-of-domain set), or with `classes` of its own, keeps its own numbering.
     Those that take data.train's classes are also read in its colour mode, as the model takes it.
 
-    Returns a problem for each spec a command reads (`reads`) that takes them where data.train's
-    folder is absent (a command that does not read data.train): its labels would shift silently.
+    Where data.train's folder is absent (a command that does not read data.train), data.train.classes
+    still numbers them (they keep their own colour mode: a model of other channels refuses them
+    loudly); without data.train.classes, which folders take the numbering cannot be told.
+
+    Returns a problem for each such spec a command reads (`reads`): its labels could shift silently.
     """
     train = cfg.data.train
     if train is None or train.source != "image_folder" or train.root is None:
@@ -919,17 +923,18 @@ def _share_image_folder_classes(cfg: Config, reads: Collection[str] | None = Non
                 continue
             if classes is not None and not set(image_folder_classes(folder)) <= set(classes):
                 continue  # other classes: an out-of-domain set, numbered by its own folders
-        if not here:
-            if reads_data(cfg, key, reads):
-                own = "" if key == "data.query" else ", or give it classes: (its class folders, in data.train's order)"
+        if classes is None:  # data.train's folder is absent and its classes unknown
+            if spec.classes is None and reads_data(cfg, key, reads):
                 problems.append(
-                    f"{key}: this image folder takes data.train's class numbering and colour mode, and data.train.root "
-                    f"{train.root!r} is not a folder here (make data.train's images available here{own})"
+                    f"{key}: an image folder without classes takes data.train's class numbering when its class folders are "
+                    f"among data.train's, which data.train.root {train.root!r} (not a folder here) would tell; set "
+                    "data.train.classes to data.train's class folders, in order"
                 )
             continue
-        spec.colour_of = str(root)  # read in data.train's colour mode (grayscale or RGB), as the model takes it
+        if here:
+            spec.colour_of = str(root)  # read in data.train's colour mode (grayscale or RGB), as the model takes it
         if spec.classes is None:
-            spec.classes = list(classes)  # type: ignore[arg-type]
+            spec.classes = list(classes)
     return problems
 
 

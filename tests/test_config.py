@@ -309,9 +309,10 @@ def test_a_command_checks_the_files_of_the_data_it_reads_only(tmp_path: Path):
         config_from_dict(data, ["data.train.source=nope"], base_dir=tmp_path, reads=("similarity.datasets",))
 
 
-def test_an_image_folder_that_takes_data_train_s_classes_needs_its_folder(tmp_path: Path):
-    """Image folders are numbered by data.train's class folders and read in its colour mode: a
-    command that does not read data.train still needs them for such a folder, and says so."""
+def test_an_image_folder_that_takes_data_train_s_classes_needs_them_known(tmp_path: Path):
+    """Image folders are numbered by data.train's classes: a command that does not read data.train,
+    where its folder is absent, needs data.train.classes for a folder that would take them, and
+    says so; data.train.classes numbers them without the folder (each keeps its own colour mode)."""
     from PIL import Image
 
     for root in ("sim", "train"):
@@ -319,32 +320,53 @@ def test_an_image_folder_that_takes_data_train_s_classes_needs_its_folder(tmp_pa
             (tmp_path / root / cls).mkdir(parents=True)
             Image.new("L", (4, 4)).save(tmp_path / root / cls / "0.png")
     folder = {"source": "image_folder", "root": "sim"}
-    data = minimal(
-        data={"train": {"source": "image_folder", "root": "train"}},
-        similarity={"datasets": {"a": folder, "b": folder}},
-    )  # fmt: skip
+    train = {"source": "image_folder", "root": "train"}
+    data = minimal(data={"train": train, "query": folder}, similarity={"datasets": {"a": folder, "b": folder}})
     cfg = config_from_dict(data, base_dir=tmp_path, reads=("similarity.datasets",))
-    assert cfg.similarity.datasets["a"].classes == ["cat", "dog"]  # data.train's, shared
-    gone = tmp_path / "train_gone"
-    (tmp_path / "train").rename(gone)
+    assert cfg.similarity.datasets["a"].classes == ["cat", "dog"] and cfg.similarity.datasets["a"].colour_of == str(tmp_path / "train")
+    (tmp_path / "train").rename(tmp_path / "train_gone")
     with pytest.raises(ConfigError) as exc:
         config_from_dict(data, base_dir=tmp_path, reads=("similarity.datasets",))
-    assert set(problems_of(exc)) == {"similarity.datasets.a", "similarity.datasets.b"}
-    assert "data.train.root 'train' is not a folder here" in exc.value.problems[0]
+    assert set(problems_of(exc)) == {"similarity.datasets.a", "similarity.datasets.b"}  # the query is not read here
+    assert "data.train.root 'train' (not a folder here) would tell; set data.train.classes" in exc.value.problems[0]
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict(data, base_dir=tmp_path, reads=("data.train", "data.query"))
+    assert set(problems_of(exc)) == {"data.train.root"}  # read: its own check
     assert config_from_dict(data, base_dir=tmp_path, reads=()).similarity.datasets["a"].classes is None  # not read: nothing to share
-    # a folder that does not take them needs no data.train: classes of its own, or (data.train's classes known) other classes
-    own = minimal(data={"train": {"source": "image_folder", "root": "train"}},
-                  similarity={"datasets": {"a": folder | {"classes": ["dog", "cat"]}, "b": folder | {"classes": ["cat"]}}})  # fmt: skip
-    assert config_from_dict(own, base_dir=tmp_path, reads=("similarity.datasets",)).similarity.datasets["a"].classes == ["dog", "cat"]
-    other = minimal(data={"train": {"source": "image_folder", "root": "train", "classes": ["ant", "bee"]}},
-                    similarity={"datasets": {"a": folder, "b": folder}})  # fmt: skip
+    # data.train.classes numbers them without the folder; a folder of other classes, or with classes of its own, keeps its own
+    known = dict(data, data={"train": train | {"classes": ["bee", "cat", "dog"]}, "query": folder})
+    cfg = config_from_dict(known, base_dir=tmp_path, reads=("similarity.datasets", "data.query"))
+    for spec in (cfg.data.query, cfg.similarity.datasets["a"]):
+        assert (spec.classes, spec.colour_of) == (["bee", "cat", "dog"], None)  # dog is label 2, as data.train numbers it
+    other = dict(data, data={"train": train | {"classes": ["ant", "bee"]}})
     assert config_from_dict(other, base_dir=tmp_path, reads=("similarity.datasets",)).similarity.datasets["a"].classes is None
-    subset = minimal(data={"train": {"source": "image_folder", "root": "train", "classes": ["bee", "cat", "dog"]}},
-                     similarity={"datasets": {"a": folder, "b": folder}})  # fmt: skip
-    with pytest.raises(ConfigError, match="give it classes"):  # it would take them: its colour mode is data.train's
-        config_from_dict(subset, base_dir=tmp_path, reads=("similarity.datasets",))
+    own = dict(data, similarity={"datasets": {"a": folder | {"classes": ["dog", "cat"]}, "b": folder | {"classes": ["cat"]}}})
+    assert config_from_dict(own, base_dir=tmp_path, reads=("similarity.datasets",)).similarity.datasets["a"].classes == ["dog", "cat"]
     with pytest.raises(ValueError, match="reads: expected a list of data.train, data.query"):
         config_from_dict(data, base_dir=tmp_path, reads=["similarity"])
+    with pytest.raises(ConfigError):  # an iterator is read once, not used up by the check
+        config_from_dict(data, base_dir=tmp_path, reads=iter(["similarity.datasets"]))
+
+
+def test_a_config_loaded_beside_data_train_runs_where_it_is_gone(tmp_path: Path):
+    """A Config loaded (or pickled) where data.train's images are, run where they are not: the folders
+    that took its classes keep them, and their own colour mode, instead of a raw FileNotFoundError."""
+    from PIL import Image
+
+    from influence_cli.config import rebuilt
+    from influence_cli.data import load_dataset
+
+    for root, mode in (("train", "RGB"), ("ac", "L")):
+        for cls in ("a", "c") if root == "ac" else ("a", "b", "c"):
+            (tmp_path / root / cls).mkdir(parents=True)
+            Image.new(mode, (4, 4)).save(tmp_path / root / cls / "0.png")
+    data = minimal(data={"train": {"source": "image_folder", "root": "train"}}, similarity={"datasets": {"x": {"source": "image_folder", "root": "ac"}}})
+    cfg = config_from_dict(data, base_dir=tmp_path)
+    assert load_dataset(cfg.similarity.datasets["x"], cfg.base_dir)[1][0].shape[0] == 3  # data.train's RGB
+    (tmp_path / "train").rename(tmp_path / "train_gone")
+    again = rebuilt(cfg, ("similarity.datasets",))
+    ds = load_dataset(again.similarity.datasets["x"], again.base_dir)
+    assert ds.labels.tolist() == [0, 2] and ds[1][0].shape[0] == 1  # c keeps label 2; its own grayscale
 
 
 def test_what_a_command_reads_does_not_change_the_numbering_of_the_others(tmp_path: Path):

@@ -205,8 +205,18 @@ _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".ppm", ".bmp", ".p
 
 @functools.lru_cache(maxsize=8)
 def _root_mode(root: str) -> str:
-    """_folder_mode of an image folder given by its root (data.train's, read once per process)."""
-    present, is_image, _ = _list_image_folder(Path(root), _IMAGE_SUFFIXES)
+    """_folder_mode of an image folder given by its root (data.train's, read once per process).
+
+    Raises:
+        DataError: the folder is gone (a Config loaded where it was, run where it is not).
+    """
+    try:
+        present, is_image, _ = _list_image_folder(Path(root), _IMAGE_SUFFIXES)
+    except OSError as exc:
+        raise DataError(
+            f"data.train.root: {root!r}, whose colour mode the image folders of data.train's classes are read in, cannot be read ({exc.strerror or exc})",
+            hint="make data.train's images available here",
+        ) from None
     try:
         found, _ = _folder_samples(Path(root), present, {c: i for i, c in enumerate(present)}, is_image)
     except OSError:
