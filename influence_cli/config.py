@@ -804,12 +804,20 @@ def rebuilt(cfg: Config, reads: Collection[str] | None = None) -> Config:
         out = config_from_dict(_python_values(data), base_dir=cfg.base_dir, source=cfg.source, max_values=None, reads=reads)
     except ConfigError as exc:
         raise ConfigError(exc.problems, source=cfg.source, hint="fix those fields of the Config (or the file it was loaded from)") from None
+    gone = []
     for key, spec in _specs_by_key(out).items():
         old = before.get(key)
-        if spec.colour_of is None and old is not None and old.colour_of is not None and old.root == spec.root and Path(old.colour_of).is_dir():
-            spec.colour_of = old.colour_of  # shared at load time; to_dict leaves internal fields out (gone: its own mode, as at load)
+        if spec.colour_of is None and old is not None and old.colour_of is not None and old.root == spec.root:
+            spec.colour_of = old.colour_of  # shared at load time; to_dict leaves internal fields out
+            if not Path(old.colour_of).is_dir() and reads_data(out, key, reads):  # loaded beside data.train's images, run where they are not
+                gone.append(
+                    f"{key}: this image folder takes data.train's colour mode, and data.train.root {old.colour_of!r} is not a folder "
+                    "here (make data.train's images available here)"
+                )
         if key in kwargs:
             spec.kwargs = kwargs[key]
+    if gone:
+        raise ConfigError(gone, source=cfg.source, hint="fix those fields of the Config (or the file it was loaded from)")
     if "model" in kwargs:
         out.model.kwargs = kwargs["model"]
     return out
@@ -898,18 +906,20 @@ def _share_image_folder_classes(cfg: Config, reads: Collection[str] | None = Non
     other classes (an out-of-domain set), or with `classes` of its own, keeps its own numbering.
     Those that take data.train's classes are also read in its colour mode, as the model takes it.
 
-    Where data.train's folder is absent (a command that does not read data.train), data.train.classes
-    still numbers them (they keep their own colour mode: a model of other channels refuses them
-    loudly); without data.train.classes, which folders take the numbering cannot be told.
-
-    Returns a problem for each such spec a command reads (`reads`): its labels could shift silently.
+    Returns a problem for each spec a command reads (`reads`) that takes them, or might (data.train's
+    classes unknown), where data.train's folder holds no class folders here (a command that does not
+    read data.train): its labels or colour mode could change silently.
     """
     train = cfg.data.train
     if train is None or train.source != "image_folder" or train.root is None:
         return []
     root = cfg.resolve(train.root)
-    here = root.is_dir()  # else not read by this command (validate checked it where it is)
-    classes = train.classes or (image_folder_classes(root) if here else None)
+    try:
+        found = image_folder_classes(root) if root.is_dir() else []
+    except OSError:
+        found = []
+    here = bool(found)  # else not read by this command (validate and its own load check it where it is)
+    classes = train.classes or found or None
     specs = [("data.query", cfg.data.query)] + [
         (f"{block}.datasets.{name}", spec) for block in ("similarity", "spectrum") for name, spec in getattr(cfg, block).datasets.items()
     ]
@@ -923,18 +933,18 @@ def _share_image_folder_classes(cfg: Config, reads: Collection[str] | None = Non
                 continue
             if classes is not None and not set(image_folder_classes(folder)) <= set(classes):
                 continue  # other classes: an out-of-domain set, numbered by its own folders
-        if classes is None:  # data.train's folder is absent and its classes unknown
-            if spec.classes is None and reads_data(cfg, key, reads):
+        if not here:
+            if reads_data(cfg, key, reads):
+                what = "takes" if classes is not None or key == "data.query" else "may take (its class folders among data.train's)"
+                other = "" if classes is not None or key == "data.query" else "; data.train.classes would let a folder of other classes through"
                 problems.append(
-                    f"{key}: an image folder without classes takes data.train's class numbering when its class folders are "
-                    f"among data.train's, which data.train.root {train.root!r} (not a folder here) would tell; set "
-                    "data.train.classes to data.train's class folders, in order"
+                    f"{key}: this image folder {what} data.train's class numbering and colour mode, and data.train.root "
+                    f"{train.root!r} holds no class folders here (make data.train's images available here{other})"
                 )
             continue
-        if here:
-            spec.colour_of = str(root)  # read in data.train's colour mode (grayscale or RGB), as the model takes it
+        spec.colour_of = str(root)  # read in data.train's colour mode (grayscale or RGB), as the model takes it
         if spec.classes is None:
-            spec.classes = list(classes)
+            spec.classes = list(classes)  # type: ignore[arg-type]
     return problems
 
 

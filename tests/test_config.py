@@ -309,52 +309,60 @@ def test_a_command_checks_the_files_of_the_data_it_reads_only(tmp_path: Path):
         config_from_dict(data, ["data.train.source=nope"], base_dir=tmp_path, reads=("similarity.datasets",))
 
 
-def test_an_image_folder_that_takes_data_train_s_classes_needs_them_known(tmp_path: Path):
-    """Image folders are numbered by data.train's classes: a command that does not read data.train,
-    where its folder is absent, needs data.train.classes for a folder that would take them, and
-    says so; data.train.classes numbers them without the folder (each keeps its own colour mode)."""
+def test_an_image_folder_that_takes_data_train_s_classes_needs_its_folder(tmp_path: Path):
+    """Image folders are numbered by data.train's classes and read in its colour mode: a command that
+    does not read data.train, where its folder is absent (or holds no class folders), refuses by name
+    the folders that take them, or may (data.train.classes unknown), and runs the others."""
     from PIL import Image
 
-    for root in ("sim", "train"):
-        for cls in ("cat", "dog"):
-            (tmp_path / root / cls).mkdir(parents=True)
+    for root in ("sim", "train", "other/x", "other/y"):
+        for cls in ("cat", "dog") if "/" not in root else ("",):
+            (tmp_path / root / cls).mkdir(parents=True, exist_ok=True)
             Image.new("L", (4, 4)).save(tmp_path / root / cls / "0.png")
-    folder = {"source": "image_folder", "root": "sim"}
+    folder, other = {"source": "image_folder", "root": "sim"}, {"source": "image_folder", "root": "other"}
     train = {"source": "image_folder", "root": "train"}
-    data = minimal(data={"train": train, "query": folder}, similarity={"datasets": {"a": folder, "b": folder}})
+    data = minimal(data={"train": train, "query": folder}, similarity={"datasets": {"a": folder, "b": other}})
     cfg = config_from_dict(data, base_dir=tmp_path, reads=("similarity.datasets",))
     assert cfg.similarity.datasets["a"].classes == ["cat", "dog"] and cfg.similarity.datasets["a"].colour_of == str(tmp_path / "train")
+    assert cfg.similarity.datasets["b"].classes is None  # other classes: its own numbering
     (tmp_path / "train").rename(tmp_path / "train_gone")
     with pytest.raises(ConfigError) as exc:
         config_from_dict(data, base_dir=tmp_path, reads=("similarity.datasets",))
     assert set(problems_of(exc)) == {"similarity.datasets.a", "similarity.datasets.b"}  # the query is not read here
-    assert "data.train.root 'train' (not a folder here) would tell; set data.train.classes" in exc.value.problems[0]
+    assert "may take (its class folders among data.train's) data.train's class numbering" in exc.value.problems[0]
+    assert "data.train.classes would let a folder of other classes through" in exc.value.problems[0]
     with pytest.raises(ConfigError) as exc:
         config_from_dict(data, base_dir=tmp_path, reads=("data.train", "data.query"))
     assert set(problems_of(exc)) == {"data.train.root"}  # read: its own check
     assert config_from_dict(data, base_dir=tmp_path, reads=()).similarity.datasets["a"].classes is None  # not read: nothing to share
-    # data.train.classes numbers them without the folder; a folder of other classes, or with classes of its own, keeps its own
     known = dict(data, data={"train": train | {"classes": ["bee", "cat", "dog"]}, "query": folder})
-    cfg = config_from_dict(known, base_dir=tmp_path, reads=("similarity.datasets", "data.query"))
-    for spec in (cfg.data.query, cfg.similarity.datasets["a"]):
-        assert (spec.classes, spec.colour_of) == (["bee", "cat", "dog"], None)  # dog is label 2, as data.train numbers it
-    other = dict(data, data={"train": train | {"classes": ["ant", "bee"]}})
-    assert config_from_dict(other, base_dir=tmp_path, reads=("similarity.datasets",)).similarity.datasets["a"].classes is None
-    own = dict(data, similarity={"datasets": {"a": folder | {"classes": ["dog", "cat"]}, "b": folder | {"classes": ["cat"]}}})
-    assert config_from_dict(own, base_dir=tmp_path, reads=("similarity.datasets",)).similarity.datasets["a"].classes == ["dog", "cat"]
+    with pytest.raises(ConfigError) as exc:  # known classes: a folder of them still needs data.train's colour mode
+        config_from_dict(known, base_dir=tmp_path, reads=("similarity.datasets", "data.query"))
+    assert set(problems_of(exc)) == {"data.query", "similarity.datasets.a"}
+    assert "this image folder takes data.train's class numbering and colour mode" in exc.value.problems[0]
+    (tmp_path / "train").mkdir()  # a folder without class folders is no better
+    with pytest.raises(ConfigError, match="holds no class folders here"):
+        config_from_dict(known, base_dir=tmp_path, reads=("similarity.datasets",))
+    own = dict(data, data={"train": train | {"classes": ["bee", "cat", "dog"]}},
+               similarity={"datasets": {"a": folder | {"classes": ["dog", "cat"]}, "b": other}})  # fmt: skip
+    cfg = config_from_dict(own, base_dir=tmp_path, reads=("similarity.datasets",))
+    assert cfg.similarity.datasets["a"].classes == ["dog", "cat"] and cfg.similarity.datasets["b"].classes is None
     with pytest.raises(ValueError, match="reads: expected a list of data.train, data.query"):
         config_from_dict(data, base_dir=tmp_path, reads=["similarity"])
     with pytest.raises(ConfigError):  # an iterator is read once, not used up by the check
         config_from_dict(data, base_dir=tmp_path, reads=iter(["similarity.datasets"]))
 
 
-def test_a_config_loaded_beside_data_train_runs_where_it_is_gone(tmp_path: Path):
-    """A Config loaded (or pickled) where data.train's images are, run where they are not: the folders
-    that took its classes keep them, and their own colour mode, instead of a raw FileNotFoundError."""
+def test_a_config_loaded_beside_data_train_s_images_refuses_to_run_without_them(tmp_path: Path):
+    """A Config loaded (or pickled) where data.train's images are, run where they are not: a folder
+    that took their colour mode is refused by name, not read in another mode or a raw FileNotFoundError."""
+    import pickle
+
     from PIL import Image
 
     from influence_cli.config import rebuilt
     from influence_cli.data import load_dataset
+    from influence_cli.errors import DataError
 
     for root, mode in (("train", "RGB"), ("ac", "L")):
         for cls in ("a", "c") if root == "ac" else ("a", "b", "c"):
@@ -362,11 +370,23 @@ def test_a_config_loaded_beside_data_train_runs_where_it_is_gone(tmp_path: Path)
             Image.new(mode, (4, 4)).save(tmp_path / root / cls / "0.png")
     data = minimal(data={"train": {"source": "image_folder", "root": "train"}}, similarity={"datasets": {"x": {"source": "image_folder", "root": "ac"}}})
     cfg = config_from_dict(data, base_dir=tmp_path)
-    assert load_dataset(cfg.similarity.datasets["x"], cfg.base_dir)[1][0].shape[0] == 3  # data.train's RGB
+    ds = load_dataset(cfg.similarity.datasets["x"], cfg.base_dir)
+    assert ds.labels.tolist() == [0, 2] and ds[1][0].shape[0] == 3  # data.train's numbering and RGB
     (tmp_path / "train").rename(tmp_path / "train_gone")
-    again = rebuilt(cfg, ("similarity.datasets",))
-    ds = load_dataset(again.similarity.datasets["x"], again.base_dir)
-    assert ds.labels.tolist() == [0, 2] and ds[1][0].shape[0] == 1  # c keeps label 2; its own grayscale
+    for copy in (cfg, pickle.loads(pickle.dumps(cfg))):
+        with pytest.raises(ConfigError, match=r"similarity\.datasets\.x: this image folder takes data.train's colour mode"):
+            rebuilt(copy, ("similarity.datasets",))
+        assert rebuilt(copy, ()).similarity.datasets["x"].classes == ["a", "b", "c"]  # not read: nothing refused
+    from influence_cli.data import torchvision_sets
+
+    torchvision_sets._root_mode.cache_clear()
+    with pytest.raises(DataError, match="data.train.root: .* cannot be read"):
+        load_dataset(cfg.similarity.datasets["x"], cfg.base_dir)
+    (tmp_path / "train").mkdir()  # class folders without images: no colour mode to take, not grayscale
+    (tmp_path / "train" / "a").mkdir()
+    torchvision_sets._root_mode.cache_clear()
+    with pytest.raises(DataError, match="holds no images"):
+        load_dataset(cfg.similarity.datasets["x"], cfg.base_dir)
 
 
 def test_what_a_command_reads_does_not_change_the_numbering_of_the_others(tmp_path: Path):

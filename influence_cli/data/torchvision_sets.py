@@ -220,8 +220,10 @@ def _root_mode(root: str) -> str:
     try:
         found, _ = _folder_samples(Path(root), present, {c: i for i, c in enumerate(present)}, is_image)
     except OSError:
-        return "L"  # data.train's own load says what is wrong with it
-    return _folder_mode(found, "data.train.root") if found else "L"
+        found = []
+    if not found:  # no colour mode to take (gray would silently turn RGB images gray)
+        raise DataError(f"data.train.root: {root!r}, whose colour mode the image folders of data.train's classes are read in, holds no images")
+    return _folder_mode(found, "data.train.root")
 
 
 def _palette_is_gray(img: Any) -> bool:
