@@ -44,10 +44,10 @@ machines that hold part of the data: `fit-factors` reads `data.train`; `compute-
 only by the commands that read it (`--set data.train=null` drops it elsewhere). Image folders
 take `data.train`'s class numbering and colour mode (`data.query`, and a similarity or spectrum
 folder of its classes without `classes:` of its own), so where `data.train`'s folder is absent a
-command refuses them by name rather than number or read them otherwise; `data.train.classes`
-(its class folders, in order) tells which folders those are, and lets the others (other
-classes, or `classes:` of their own) through. (Without `data.train` at all, a folder numbers its
-own class folders.) From Python, `load_config(path)` checks every file; `load_config(path, reads=["similarity.datasets"])`
+command refuses them by name rather than number or read them otherwise. A folder with
+`classes:` of its own always runs; of the others, `data.train.classes` (its class folders, in
+order) tells which take `data.train`'s numbering, and lets those of other classes through.
+(Without `data.train` at all, a folder numbers its own class folders.) From Python, `load_config(path)` checks every file; `load_config(path, reads=["similarity.datasets"])`
 checks what `dataset_similarity` reads, as each run function does when it is called.
 
 An example (the bundled digits sample, `configs/digits.yaml`, abridged):

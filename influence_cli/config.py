@@ -782,13 +782,22 @@ def rebuilt(cfg: Config, reads: Collection[str] | None = None) -> Config:
     field changed in Python after loading (`cfg.factors.strategy = "bogus"`, a dict where a block
     belongs, an image folder set as data.query) is checked and completed (data.train's classes
     shared) like a file. Paths (os.PathLike) and numpy values become the strings and numbers they
-    stand for; an image folder keeps the colour mode it was given.
+    stand for; an image folder that took data.train's colour mode takes it from data.train's folder
+    now (moved, or as at load), and is refused where that folder is absent and the run reads it.
 
     Raises:
         ConfigError: listing every problem, each with its key.
     """
     data = cfg.to_dict()
     before = _specs_by_key(cfg)
+    train = getattr(getattr(cfg, "data", None), "train", None)
+    now = cfg.resolve(train.root) if isinstance(train, DataSpec) and train.source == "image_folder" and isinstance(train.root, (str, os.PathLike)) else None
+    took = {key for key, spec in before.items() if key != "data.train" and spec.colour_of is not None}  # data.train's colour mode, at load
+    where = "data.train is not an image folder" if now is None else f"data.train.root {str(now)!r} is not a folder here"
+    gone = [] if now is not None and now.is_dir() else [
+        f"{key}: this image folder takes data.train's colour mode, and {where} (make data.train's images available here)"
+        for key in sorted(took) if reads_data(cfg, key, reads)
+    ]  # fmt: skip
     # a user factory's kwargs reach it as given (objects, Paths, tuples): set aside, not converted or copied
     # (the built-in models' and sources' kwargs are checked, so they are built anew like the rest)
     kwargs = {key: spec.kwargs for key, spec in before.items() if isinstance(spec.kwargs, dict) and spec.kwargs and ":" in str(spec.source)}
@@ -800,24 +809,19 @@ def rebuilt(cfg: Config, reads: Collection[str] | None = None) -> Config:
         for part in _key_path(key):
             node = node[part]
         node["kwargs"] = {}
+    hint = "fix those fields of the Config (or the file it was loaded from)"
     try:
         out = config_from_dict(_python_values(data), base_dir=cfg.base_dir, source=cfg.source, max_values=None, reads=reads)
     except ConfigError as exc:
-        raise ConfigError(exc.problems, source=cfg.source, hint="fix those fields of the Config (or the file it was loaded from)") from None
-    gone = []
+        raise ConfigError(exc.problems + [p for p in gone if p.split(": ", 1)[0] not in {q.split(": ", 1)[0] for q in exc.problems}], source=cfg.source, hint=hint) from None
+    if gone:  # loaded beside data.train's images, run where they are not
+        raise ConfigError(gone, source=cfg.source, hint=hint)
     for key, spec in _specs_by_key(out).items():
         old = before.get(key)
-        if spec.colour_of is None and old is not None and old.colour_of is not None and old.root == spec.root:
-            spec.colour_of = old.colour_of  # shared at load time; to_dict leaves internal fields out
-            if not Path(old.colour_of).is_dir() and reads_data(out, key, reads):  # loaded beside data.train's images, run where they are not
-                gone.append(
-                    f"{key}: this image folder takes data.train's colour mode, and data.train.root {old.colour_of!r} is not a folder "
-                    "here (make data.train's images available here)"
-                )
+        if key in took and spec.colour_of is None and old is not None and old.root == spec.root and now is not None and now.is_dir():
+            spec.colour_of = str(now)  # to_dict leaves internal fields out: data.train's folder as it is now (moved, or as at load)
         if key in kwargs:
             spec.kwargs = kwargs[key]
-    if gone:
-        raise ConfigError(gone, source=cfg.source, hint="fix those fields of the Config (or the file it was loaded from)")
     if "model" in kwargs:
         out.model.kwargs = kwargs["model"]
     return out

@@ -364,29 +364,38 @@ def test_a_config_loaded_beside_data_train_s_images_refuses_to_run_without_them(
     from influence_cli.data import load_dataset
     from influence_cli.errors import DataError
 
-    for root, mode in (("train", "RGB"), ("ac", "L")):
-        for cls in ("a", "c") if root == "ac" else ("a", "b", "c"):
+    for root, mode, classes in (("train", "RGB", "abc"), ("ac", "L", "ac"), ("xy", "RGB", "xy")):
+        for cls in classes:
             (tmp_path / root / cls).mkdir(parents=True)
             Image.new(mode, (4, 4)).save(tmp_path / root / cls / "0.png")
-    data = minimal(data={"train": {"source": "image_folder", "root": "train"}}, similarity={"datasets": {"x": {"source": "image_folder", "root": "ac"}}})
+    folders = {name: {"source": "image_folder", "root": name} for name in ("ac", "xy")}
+    data = minimal(data={"train": {"source": "image_folder", "root": "train"}}, similarity={"datasets": folders})
     cfg = config_from_dict(data, base_dir=tmp_path)
-    ds = load_dataset(cfg.similarity.datasets["x"], cfg.base_dir)
+    ds = load_dataset(cfg.similarity.datasets["ac"], cfg.base_dir)
     assert ds.labels.tolist() == [0, 2] and ds[1][0].shape[0] == 3  # data.train's numbering and RGB
     (tmp_path / "train").rename(tmp_path / "train_gone")
     for copy in (cfg, pickle.loads(pickle.dumps(cfg))):
-        with pytest.raises(ConfigError, match=r"similarity\.datasets\.x: this image folder takes data.train's colour mode"):
+        with pytest.raises(ConfigError) as exc:
             rebuilt(copy, ("similarity.datasets",))
-        assert rebuilt(copy, ()).similarity.datasets["x"].classes == ["a", "b", "c"]  # not read: nothing refused
+        assert set(problems_of(exc)) == {"similarity.datasets.ac", "similarity.datasets.xy"}  # the one that took them, the one that may
+        assert "similarity.datasets.ac: this image folder takes data.train's colour mode, and data.train.root" in str(exc.value)
+        assert rebuilt(copy, ()).similarity.datasets["ac"].classes == ["a", "b", "c"]  # not read: nothing refused
+    moved = pickle.loads(pickle.dumps(cfg))
+    moved.data.train.root = "train_gone"  # the images, at their new place: their colour mode, from there
+    assert rebuilt(moved, ("similarity.datasets",)).similarity.datasets["ac"].colour_of == str(tmp_path / "train_gone")
+    moved.data.train = None
+    with pytest.raises(ConfigError, match=r"similarity\.datasets\.ac: this image folder takes data.train's colour mode, and data.train is not an image folder"):
+        rebuilt(moved, ("similarity.datasets",))
     from influence_cli.data import torchvision_sets
 
     torchvision_sets._root_mode.cache_clear()
     with pytest.raises(DataError, match="data.train.root: .* cannot be read"):
-        load_dataset(cfg.similarity.datasets["x"], cfg.base_dir)
+        load_dataset(cfg.similarity.datasets["ac"], cfg.base_dir)
     (tmp_path / "train").mkdir()  # class folders without images: no colour mode to take, not grayscale
     (tmp_path / "train" / "a").mkdir()
     torchvision_sets._root_mode.cache_clear()
     with pytest.raises(DataError, match="holds no images"):
-        load_dataset(cfg.similarity.datasets["x"], cfg.base_dir)
+        load_dataset(cfg.similarity.datasets["ac"], cfg.base_dir)
 
 
 def test_what_a_command_reads_does_not_change_the_numbering_of_the_others(tmp_path: Path):
