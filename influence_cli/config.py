@@ -790,14 +790,8 @@ def rebuilt(cfg: Config, reads: Collection[str] | None = None) -> Config:
     """
     data = cfg.to_dict()
     before = _specs_by_key(cfg)
-    train = getattr(getattr(cfg, "data", None), "train", None)
-    now = cfg.resolve(train.root) if isinstance(train, DataSpec) and train.source == "image_folder" and isinstance(train.root, (str, os.PathLike)) else None
     took = {key for key, spec in before.items() if key != "data.train" and spec.colour_of is not None}  # data.train's colour mode, at load
-    where = "data.train is not an image folder" if now is None else f"data.train.root {str(now)!r} is not a folder here"
-    gone = [] if now is not None and now.is_dir() else [
-        f"{key}: this image folder takes data.train's colour mode, and {where} (make data.train's images available here)"
-        for key in sorted(took) if reads_data(cfg, key, reads)
-    ]  # fmt: skip
+    reads = reads if reads is None or isinstance(reads, str) else tuple(reads)  # an iterator is read once
     # a user factory's kwargs reach it as given (objects, Paths, tuples): set aside, not converted or copied
     # (the built-in models' and sources' kwargs are checked, so they are built anew like the rest)
     kwargs = {key: spec.kwargs for key, spec in before.items() if isinstance(spec.kwargs, dict) and spec.kwargs and ":" in str(spec.source)}
@@ -813,15 +807,25 @@ def rebuilt(cfg: Config, reads: Collection[str] | None = None) -> Config:
     try:
         out = config_from_dict(_python_values(data), base_dir=cfg.base_dir, source=cfg.source, max_values=None, reads=reads)
     except ConfigError as exc:
-        raise ConfigError(exc.problems + [p for p in gone if p.split(": ", 1)[0] not in {q.split(": ", 1)[0] for q in exc.problems}], source=cfg.source, hint=hint) from None
-    if gone:  # loaded beside data.train's images, run where they are not
-        raise ConfigError(gone, source=cfg.source, hint=hint)
+        raise ConfigError(exc.problems, source=cfg.source, hint=hint) from None
+    train = out.data.train
+    now = out.resolve(train.root) if train is not None and train.source == "image_folder" and train.root is not None else None
+    gone = []
     for key, spec in _specs_by_key(out).items():
         old = before.get(key)
-        if key in took and spec.colour_of is None and old is not None and old.root == spec.root and now is not None and now.is_dir():
-            spec.colour_of = str(now)  # to_dict leaves internal fields out: data.train's folder as it is now (moved, or as at load)
+        if key in took and spec.colour_of is None and old is not None and old.root == spec.root:
+            if now is not None and _is_dir(now):
+                spec.colour_of = str(now)  # to_dict leaves internal fields out: data.train's folder as it is now (moved, or as at load)
+            elif reads_data(out, key, reads):  # loaded beside data.train's images, run where they are not
+                where = (
+                    "data.train is no longer an image folder (load the config again)" if now is None
+                    else f"data.train.root {train.root!r} is not a folder here (make data.train's images available here)"
+                )  # fmt: skip
+                gone.append(f"{key}: this image folder took data.train's colour mode, and {where}")
         if key in kwargs:
             spec.kwargs = kwargs[key]
+    if gone:
+        raise ConfigError(gone, source=cfg.source, hint=hint)
     if "model" in kwargs:
         out.model.kwargs = kwargs["model"]
     return out
@@ -897,6 +901,14 @@ def _python_values(node: Any) -> Any:
     return node
 
 
+def _is_dir(path: Path) -> bool:
+    """Whether `path` is a folder here; False where it cannot be looked at (a name too long, no permission)."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
 def image_folder_classes(root: Path) -> list[str]:
     """The class folders of an image folder: its sorted sub-folders, hidden ones (.ipynb_checkpoints) left out."""
     return sorted(e.name for e in root.iterdir() if e.is_dir() and not e.name.startswith("."))
@@ -919,7 +931,7 @@ def _share_image_folder_classes(cfg: Config, reads: Collection[str] | None = Non
         return []
     root = cfg.resolve(train.root)
     try:
-        found = image_folder_classes(root) if root.is_dir() else []
+        found = image_folder_classes(root) if _is_dir(root) else []
     except OSError:
         found = []
     here = bool(found)  # else not read by this command (validate and its own load check it where it is)
@@ -933,7 +945,7 @@ def _share_image_folder_classes(cfg: Config, reads: Collection[str] | None = Non
             continue
         if key != "data.query":  # the query set always takes them: a class the model was not trained on is refused by name
             folder = cfg.resolve(spec.root)
-            if spec.classes is not None or not folder.is_dir():  # its own numbering, or a folder not read here
+            if spec.classes is not None or not _is_dir(folder):  # its own numbering, or a folder not read here
                 continue
             if classes is not None and not set(image_folder_classes(folder)) <= set(classes):
                 continue  # other classes: an out-of-domain set, numbered by its own folders

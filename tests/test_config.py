@@ -375,16 +375,25 @@ def test_a_config_loaded_beside_data_train_s_images_refuses_to_run_without_them(
     assert ds.labels.tolist() == [0, 2] and ds[1][0].shape[0] == 3  # data.train's numbering and RGB
     (tmp_path / "train").rename(tmp_path / "train_gone")
     for copy in (cfg, pickle.loads(pickle.dumps(cfg))):
-        with pytest.raises(ConfigError) as exc:
+        with pytest.raises(ConfigError) as exc:  # xy may take data.train's numbering: which classes it has is not known here
             rebuilt(copy, ("similarity.datasets",))
-        assert set(problems_of(exc)) == {"similarity.datasets.ac", "similarity.datasets.xy"}  # the one that took them, the one that may
-        assert "similarity.datasets.ac: this image folder takes data.train's colour mode, and data.train.root" in str(exc.value)
+        assert set(problems_of(exc)) == {"similarity.datasets.xy"}
+        copy.data.train.classes = ["a", "b", "c"]  # now known: xy is of other classes; ac took data.train's colour mode
+        with pytest.raises(ConfigError) as exc:
+            rebuilt(copy, iter(["similarity.datasets"]))  # an iterator is read once
+        assert set(problems_of(exc)) == {"similarity.datasets.ac"}
+        assert "similarity.datasets.ac: this image folder took data.train's colour mode, and data.train.root 'train' is not a folder here" in str(exc.value)
         assert rebuilt(copy, ()).similarity.datasets["ac"].classes == ["a", "b", "c"]  # not read: nothing refused
     moved = pickle.loads(pickle.dumps(cfg))
     moved.data.train.root = "train_gone"  # the images, at their new place: their colour mode, from there
     assert rebuilt(moved, ("similarity.datasets",)).similarity.datasets["ac"].colour_of == str(tmp_path / "train_gone")
+    moved.data.train = {"source": "image_folder", "root": "train_gone"}  # a mapping, as the file's keys
+    assert rebuilt(moved, ("similarity.datasets",)).similarity.datasets["ac"].colour_of == str(tmp_path / "train_gone")
     moved.data.train = None
-    with pytest.raises(ConfigError, match=r"similarity\.datasets\.ac: this image folder takes data.train's colour mode, and data.train is not an image folder"):
+    with pytest.raises(ConfigError, match=r"similarity\.datasets\.ac: this image folder took data.train's colour mode, and data.train is no longer an image folder"):
+        rebuilt(moved, ("similarity.datasets",))
+    moved.data.train = {"source": "image_folder", "root": "x" * 300}  # a name too long to look at: a problem, not an OSError
+    with pytest.raises(ConfigError, match=r"holds no class folders here"):
         rebuilt(moved, ("similarity.datasets",))
     from influence_cli.data import torchvision_sets
 
