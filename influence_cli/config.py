@@ -16,7 +16,7 @@ import os
 import re
 import types
 import typing
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -745,8 +745,8 @@ def config_from_dict(
     """
     if not isinstance(data, dict):
         raise ConfigError(f"the top level must be a mapping of keys (model:, data:, ...), got {type(data).__name__}", source=source)
-    reads = reads if reads is None or isinstance(reads, str) else tuple(reads)  # an iterator is read once
-    if reads is not None and (isinstance(reads, str) or not set(reads) <= set(DATA_KEYS)):
+    reads = reads if reads is None or isinstance(reads, str) or not isinstance(reads, Iterable) else tuple(reads)  # an iterator is read once
+    if reads is not None and (not isinstance(reads, tuple) or not set(reads) <= set(DATA_KEYS)):
         raise ValueError(f"reads: expected a list of {', '.join(DATA_KEYS)} (the data a command reads), got {reads!r}")
     _check_structure(data, source, max_values)
     problems: list[str] = []
@@ -791,7 +791,7 @@ def rebuilt(cfg: Config, reads: Collection[str] | None = None) -> Config:
     data = cfg.to_dict()
     before = _specs_by_key(cfg)
     took = {key for key, spec in before.items() if key != "data.train" and spec.colour_of is not None}  # data.train's colour mode, at load
-    reads = reads if reads is None or isinstance(reads, str) else tuple(reads)  # an iterator is read once
+    reads = reads if reads is None or isinstance(reads, str) or not isinstance(reads, Iterable) else tuple(reads)  # an iterator is read once
     # a user factory's kwargs reach it as given (objects, Paths, tuples): set aside, not converted or copied
     # (the built-in models' and sources' kwargs are checked, so they are built anew like the rest)
     kwargs = {key: spec.kwargs for key, spec in before.items() if isinstance(spec.kwargs, dict) and spec.kwargs and ":" in str(spec.source)}
@@ -813,7 +813,8 @@ def rebuilt(cfg: Config, reads: Collection[str] | None = None) -> Config:
     gone = []
     for key, spec in _specs_by_key(out).items():
         old = before.get(key)
-        if key in took and spec.colour_of is None and old is not None and old.root == spec.root:
+        same_root = old is not None and isinstance(old.root, (str, os.PathLike)) and os.fspath(old.root) == spec.root  # Path("ac") is "ac"
+        if key in took and spec.colour_of is None and same_root:
             if now is not None and _is_dir(now):
                 spec.colour_of = str(now)  # to_dict leaves internal fields out: data.train's folder as it is now (moved, or as at load)
             elif reads_data(out, key, reads):  # loaded beside data.train's images, run where they are not

@@ -384,6 +384,11 @@ def test_a_config_loaded_beside_data_train_s_images_refuses_to_run_without_them(
         assert set(problems_of(exc)) == {"similarity.datasets.ac"}
         assert "similarity.datasets.ac: this image folder took data.train's colour mode, and data.train.root 'train' is not a folder here" in str(exc.value)
         assert rebuilt(copy, ()).similarity.datasets["ac"].classes == ["a", "b", "c"]  # not read: nothing refused
+    restored = pickle.loads(pickle.dumps(cfg))
+    (tmp_path / "train_gone").rename(tmp_path / "train")
+    restored.similarity.datasets["ac"].root = Path("ac")  # a Path, as Python gives it: the same folder, still data.train's colour mode
+    assert rebuilt(restored, ("similarity.datasets",)).similarity.datasets["ac"].colour_of == str(tmp_path / "train")
+    (tmp_path / "train").rename(tmp_path / "train_gone")
     moved = pickle.loads(pickle.dumps(cfg))
     moved.data.train.root = "train_gone"  # the images, at their new place: their colour mode, from there
     assert rebuilt(moved, ("similarity.datasets",)).similarity.datasets["ac"].colour_of == str(tmp_path / "train_gone")
