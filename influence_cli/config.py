@@ -745,9 +745,7 @@ def config_from_dict(
     """
     if not isinstance(data, dict):
         raise ConfigError(f"the top level must be a mapping of keys (model:, data:, ...), got {type(data).__name__}", source=source)
-    reads = reads if reads is None or isinstance(reads, str) or not isinstance(reads, Iterable) else tuple(reads)  # an iterator is read once
-    if reads is not None and (not isinstance(reads, tuple) or not set(reads) <= set(DATA_KEYS)):
-        raise ValueError(f"reads: expected a list of {', '.join(DATA_KEYS)} (the data a command reads), got {reads!r}")
+    reads = _checked_reads(reads)
     _check_structure(data, source, max_values)
     problems: list[str] = []
     data = apply_overrides(data, overrides or [], problems)  # a bad --set is reported with the rest
@@ -791,7 +789,7 @@ def rebuilt(cfg: Config, reads: Collection[str] | None = None) -> Config:
     data = cfg.to_dict()
     before = _specs_by_key(cfg)
     took = {key for key, spec in before.items() if key != "data.train" and spec.colour_of is not None}  # data.train's colour mode, at load
-    reads = reads if reads is None or isinstance(reads, str) or not isinstance(reads, Iterable) else tuple(reads)  # an iterator is read once
+    reads = _checked_reads(reads)  # used again below, after config_from_dict
     # a user factory's kwargs reach it as given (objects, Paths, tuples): set aside, not converted or copied
     # (the built-in models' and sources' kwargs are checked, so they are built anew like the rest)
     kwargs = {key: spec.kwargs for key, spec in before.items() if isinstance(spec.kwargs, dict) and spec.kwargs and ":" in str(spec.source)}
@@ -932,8 +930,8 @@ def _share_image_folder_classes(cfg: Config, reads: Collection[str] | None = Non
         return []
     root = cfg.resolve(train.root)
     try:
-        found = image_folder_classes(root) if _is_dir(root) else []
-    except OSError:
+        found = image_folder_classes(root) if root.is_dir() else []
+    except OSError:  # a name too long, no permission: not here
         found = []
     here = bool(found)  # else not read by this command (validate and its own load check it where it is)
     classes = train.classes or found or None
@@ -952,8 +950,9 @@ def _share_image_folder_classes(cfg: Config, reads: Collection[str] | None = Non
                 continue  # other classes: an out-of-domain set, numbered by its own folders
         if not here:
             if reads_data(cfg, key, reads):
-                what = "takes" if classes is not None or key == "data.query" else "may take (its class folders among data.train's)"
-                other = "" if classes is not None or key == "data.query" else "; data.train.classes would let a folder of other classes through"
+                known = classes is not None or key == "data.query"  # whether it takes them, or only may
+                what = "takes" if known else "may take (its class folders among data.train's)"
+                other = "" if known else "; data.train.classes would let a folder of other classes through"
                 problems.append(
                     f"{key}: this image folder {what} data.train's class numbering and colour mode, and data.train.root "
                     f"{train.root!r} holds no class folders here (make data.train's images available here{other})"
@@ -1115,6 +1114,18 @@ def _check_data_spec(cfg: Config, spec: DataSpec, key: str, check_files: bool) -
 
 
 DATA_KEYS = ("data.train", "data.query", "similarity.datasets", "spectrum.datasets")  # what a command may read (`reads`)
+
+
+def _checked_reads(reads: Any) -> tuple[str, ...] | None:
+    """`reads` as a tuple (an iterator is read once), checked to name only DATA_KEYS.
+
+    Raises:
+        ValueError: anything else (a string, an unknown key).
+    """
+    reads = reads if reads is None or isinstance(reads, str) or not isinstance(reads, Iterable) else tuple(reads)
+    if reads is not None and (not isinstance(reads, tuple) or not set(reads) <= set(DATA_KEYS)):
+        raise ValueError(f"reads: expected a list of {', '.join(DATA_KEYS)} (the data a command reads), got {reads!r}")
+    return reads
 
 
 def reads_data(cfg: Config, key: str, reads: Collection[str] | None) -> bool:

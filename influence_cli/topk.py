@@ -463,12 +463,22 @@ def _open_scores(path: Path, required: Sequence[str]) -> Any:
     """
     try:
         fh = safe_open(str(path), framework="pt")
-        missing = [k for k in required if k not in set(fh.keys())]
+        keys = set(fh.keys())
     except Exception as exc:  # safetensors raises its own SafetensorError, OSError and others
         raise OutputError(f"{str(path)!r} is not a readable scores file ({exc})", hint=storage.remake_hint(path)) from None
-    if missing:
-        raise OutputError(f"{str(path)!r} holds no {', '.join(missing)}, which compute-scores always writes", hint=storage.remake_hint(path))
+    _check_holds(path, keys, required, "compute-scores")
     return fh
+
+
+def _check_holds(path: Path, keys: set[str], required: Sequence[str], writer: str) -> None:
+    """Refuses a file (`keys`: its tensors) without every tensor `required`, which `writer` always writes.
+
+    Raises:
+        OutputError: naming the missing tensors (the file was written by something else).
+    """
+    missing = [k for k in required if k not in keys]
+    if missing:
+        raise OutputError(f"{str(path)!r} holds no {', '.join(missing)}, which {writer} always writes", hint=storage.remake_hint(path))
 
 
 def _check_no_nan(values: torch.Tensor, path: Path) -> None:
@@ -619,9 +629,7 @@ def load_self_influence(output_dir: str | Path) -> SelfInfluence:
         hint = f"compute-scores --self is writing them now ({running}): wait for it to finish" if running else hint
         raise OutputError(f"no self-influence scores at {str(path)!r}", hint=hint)
     tensors, meta = storage.load_tensors(path, storage.SELF_FORMAT)
-    missing = [k for k in ("self_influence", "train_indices") if k not in tensors]
-    if missing:
-        raise OutputError(f"{str(path)!r} holds no {', '.join(missing)}, which compute-scores --self always writes", hint=storage.remake_hint(path))
+    _check_holds(path, set(tensors), ("self_influence", "train_indices"), "compute-scores --self")
     _check_no_nan(tensors["self_influence"], path)
     return SelfInfluence(tensors["self_influence"], tensors["train_indices"], tensors.get("train_labels"), meta, tensors.get("train_predictions"))
 
