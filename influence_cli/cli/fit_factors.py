@@ -16,6 +16,7 @@ from influence_cli.cli.render import (
     new_table,
     print_json,
     print_line,
+    print_resumed,
     print_table,
 )
 
@@ -77,8 +78,8 @@ def fit_factors_cmd(
         which = f"ensemble member {r.member}: " if report.members else ""
         if r.resumed_from == "already complete":
             err_console.print(f"{which}{escape(str(r.path))} is already complete for these settings")
-        elif r.resumed_from:
-            err_console.print(f"{which}resumed from {r.resumed_from}")
+        else:
+            print_resumed(r.resumed_from, which)
     zeros = any(layer.zero_inputs or layer.zero_outputs for layer in report.layers)
     columns = [("layer", "left"), ("kind", "left"), ("weight", "left"), ("A", "right"), ("G", "right"), ("Λ", "right")]
     title = f"{report.strategy} factors ({report.fisher} Fisher) on {report.num_examples:,} examples"

@@ -433,6 +433,12 @@ def print_read_back(path: Path, picture: Path | None = None) -> None:
     err_console.print(f"read from {path}, the finished result of these settings (--overwrite recomputes){also}", markup=False, highlight=False)
 
 
+def print_resumed(where: str | None, which: str = "") -> None:
+    """The stderr line of a run that continued saved progress (`resumed_from`; `which`: an ensemble member's prefix)."""
+    if where:
+        err_console.print(f"{which}resumed from {where}", markup=False, highlight=False)
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024:

@@ -20,6 +20,7 @@ from influence_cli.cli.render import (
     new_table,
     print_json,
     print_line,
+    print_resumed,
     print_table,
 )
 from influence_cli.errors import UsageError
@@ -103,8 +104,7 @@ def compute_scores_cmd(
     if report.resumed_from == "already complete":
         err_console.print(f"{escape(str(report.paths[0]))} is already complete for these settings; nothing to do (--overwrite recomputes)")
         return
-    if report.resumed_from:
-        err_console.print(f"resumed from {report.resumed_from}")
+    print_resumed(report.resumed_from)
     if report.kind == "self":
         title = f"self-influence of {report.n_train:,} training examples ({report.strategy})"
     else:

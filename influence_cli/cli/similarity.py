@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from influence_cli.cli.app import ConfigArg, JsonOpt, OverwriteOpt, ResumeOpt, SetOpt, command, load
-from influence_cli.cli.render import RichProgress, err_console, new_table, print_json, print_read_back, print_table
+from influence_cli.cli.render import RichProgress, err_console, new_table, print_json, print_read_back, print_resumed, print_table
 
 SIMILARITY_EPILOG = """\
 **Examples**
@@ -126,7 +126,6 @@ def dataset_similarity_cmd(
     if report.from_file:
         print_read_back(report.path, heatmap)
         return
-    if report.resumed_from:
-        err_console.print(f"resumed from {escape(report.resumed_from)}")
+    print_resumed(report.resumed_from)
     saved = f"[green]saved[/] {escape(str(report.path))}" + (f" and {escape(str(heatmap))}" if heatmap is not None else "")
     err_console.print(f"{saved} ({report.seconds.get('total', 0.0):.2f}s)")

@@ -18,6 +18,7 @@ from influence_cli.cli.render import (
     print_json,
     print_line,
     print_read_back,
+    print_resumed,
     print_table,
 )
 
@@ -174,8 +175,7 @@ def spectrum_cmd(
     if report.from_file:
         print_read_back(report.path, plot)
         return
-    if report.resumed_from:
-        err_console.print(f"resumed from {escape(report.resumed_from)}")
+    print_resumed(report.resumed_from)
     err_console.print(f"[green]saved[/] {escape(str(report.path))}{escape(extra)} ({report.strategy} factors, {report.fisher} Fisher; {report.seconds.get('total', 0.0):.2f}s)")
 
 
