@@ -489,6 +489,18 @@ def remake_hint(path: Path) -> str:
     return next((hint for pattern, hint in _REMAKE if fnmatch.fnmatch(name, pattern)), "write it again (--overwrite)")
 
 
+def check_shards_present(index: Path, shards: list[Path]) -> None:
+    """Refuses a scores index (`index`) whose listed shard files are not all there: the scores are incomplete.
+
+    Raises:
+        OutputError: naming the first missing shard and how many more are missing.
+    """
+    missing = [p for p in shards if not p.is_file()]
+    if missing:
+        more = f", and {len(missing) - 1} more shard(s)" if len(missing) > 1 else ""
+        raise OutputError(f"{str(missing[0])!r} (listed in {index.name}) is missing{more}", hint="rerun compute-scores with --overwrite")
+
+
 def is_output_name(name: str) -> bool:
     """A file name that the commands write into output_dir (factors, scores and shards, progress, reports)."""
     return any(fnmatch.fnmatch(name, pattern) for pattern, _ in _REMAKE) or fnmatch.fnmatch(name, LOCK_FILE.format(what="*"))

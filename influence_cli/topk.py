@@ -144,9 +144,7 @@ def load_scores_meta(output_dir: str | Path) -> ScoresMeta:
             raise OutputError(f"{str(index)!r} is not a readable scores index ({exc})", hint="rerun compute-scores with --overwrite") from None
         if data.get(storage.FORMAT_KEY) != storage.SCORES_FORMAT:
             raise OutputError(f"{str(index)!r} is not a {storage.SCORES_FORMAT} index", hint="rerun compute-scores with --overwrite")
-        for f in files:
-            if not f.path.is_file():
-                raise OutputError(f"{str(f.path)!r} (listed in {index.name}) is missing", hint="rerun compute-scores with --overwrite")
+        storage.check_shards_present(index, [f.path for f in files])
     elif single.is_file():
         metadata = storage.read_metadata(single)
         if metadata.get(storage.FORMAT_KEY) != storage.SCORES_FORMAT:

@@ -46,12 +46,7 @@ def info_cmd(
         except (OSError, ValueError, KeyError, TypeError) as exc:
             why = f"no {exc.args[0]!r} key" if isinstance(exc, KeyError) else str(exc)
             raise OutputError(f"{str(path)!r} is not a scores index written by this tool ({why})") from None
-        missing = [name for name in shapes if not (path.parent / name).is_file()]
-        if missing:  # as top-k refuses it: the scores are incomplete
-            raise OutputError(
-                f"{str(path.parent / missing[0])!r} (listed in {path.name}) is missing" + (f", and {len(missing) - 1} more shard(s)" if len(missing) > 1 else ""),
-                hint="rerun compute-scores with --overwrite",
-            )
+        storage.check_shards_present(path, [path.parent / name for name in shapes])  # as top-k refuses it
     else:
         decoded = storage.read_metadata(path, hint="point info at a .safetensors file or scores.index.json written by this tool")
         with safe_open(str(path), framework="pt") as fh:
