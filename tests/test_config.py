@@ -48,6 +48,16 @@ def write(tmp_path: Path, data: dict | str, name: str = "config.yaml") -> Path:
     return path
 
 
+def image_folders(tmp_path: Path, folders: dict[str, tuple[str, list[str]]]) -> None:
+    """{root: (mode, class folders)}: one 4x4 image per class folder, under tmp_path."""
+    from PIL import Image
+
+    for root, (mode, classes) in folders.items():
+        for cls in classes:
+            (tmp_path / root / cls).mkdir(parents=True)
+            Image.new(mode, (4, 4)).save(tmp_path / root / cls / "0.png")
+
+
 def problems_of(exc: pytest.ExceptionInfo[ConfigError]) -> dict[str, str]:
     """{key: problem} of a ConfigError (the key is what comes before the first ': ')."""
     return {p.split(": ", 1)[0]: p for p in exc.value.problems}
@@ -313,12 +323,7 @@ def test_an_image_folder_that_takes_data_train_s_classes_needs_its_folder(tmp_pa
     """Image folders are numbered by data.train's classes and read in its colour mode: a command that
     does not read data.train, where its folder is absent (or holds no class folders), refuses by name
     the folders that take them, or may (data.train.classes unknown), and runs the others."""
-    from PIL import Image
-
-    for root in ("sim", "train", "other/x", "other/y"):
-        for cls in ("cat", "dog") if "/" not in root else ("",):
-            (tmp_path / root / cls).mkdir(parents=True, exist_ok=True)
-            Image.new("L", (4, 4)).save(tmp_path / root / cls / "0.png")
+    image_folders(tmp_path, {"sim": ("L", ["cat", "dog"]), "train": ("L", ["cat", "dog"]), "other": ("L", ["x", "y"])})
     folder, other = {"source": "image_folder", "root": "sim"}, {"source": "image_folder", "root": "other"}
     train = {"source": "image_folder", "root": "train"}
     data = minimal(data={"train": train, "query": folder}, similarity={"datasets": {"a": folder, "b": other}})
@@ -358,16 +363,11 @@ def test_a_config_loaded_beside_data_train_s_images_refuses_to_run_without_them(
     that took their colour mode is refused by name, not read in another mode or a raw FileNotFoundError."""
     import pickle
 
-    from PIL import Image
-
     from influence_cli.config import rebuilt
     from influence_cli.data import load_dataset
     from influence_cli.errors import DataError
 
-    for root, mode, classes in (("train", "RGB", "abc"), ("ac", "L", "ac"), ("xy", "RGB", "xy")):
-        for cls in classes:
-            (tmp_path / root / cls).mkdir(parents=True)
-            Image.new(mode, (4, 4)).save(tmp_path / root / cls / "0.png")
+    image_folders(tmp_path, {"train": ("RGB", list("abc")), "ac": ("L", list("ac")), "xy": ("RGB", list("xy"))})
     folders = {name: {"source": "image_folder", "root": name} for name in ("ac", "xy")}
     data = minimal(data={"train": {"source": "image_folder", "root": "train"}}, similarity={"datasets": folders})
     cfg = config_from_dict(data, base_dir=tmp_path)
@@ -415,12 +415,7 @@ def test_a_config_loaded_beside_data_train_s_images_refuses_to_run_without_them(
 def test_what_a_command_reads_does_not_change_the_numbering_of_the_others(tmp_path: Path):
     """data.train's classes reach every image folder that takes them, read by this command or not: the
     Python API's load_dataset gives the examples as the commands see them, whatever `reads` loaded it."""
-    from PIL import Image
-
-    for root, classes in (("train", "abc"), ("ac", "ac")):
-        for cls in classes:
-            (tmp_path / root / cls).mkdir(parents=True)
-            Image.new("L", (4, 4)).save(tmp_path / root / cls / "0.png")
+    image_folders(tmp_path, {"train": ("L", list("abc")), "ac": ("L", list("ac"))})
     ac = {"source": "image_folder", "root": "ac"}
     data = minimal(data={"train": {"source": "image_folder", "root": "train"}, "query": ac}, similarity={"datasets": {"x": ac, "y": ac}})
     for reads in (None, ("data.train",), ("similarity.datasets",), ()):
