@@ -900,6 +900,46 @@ def test_image_folder_fingerprint_sees_a_replaced_image(tmp_path: Path) -> None:
     assert load_dataset(DataSpec(source="image_folder", root="imgs"), tmp_path).fingerprint() != before
 
 
+def test_an_image_folders_fingerprint_holds_the_colour_mode_it_is_read_in(tmp_path: Path) -> None:
+    """A folder that took data.train's colour mode and then its own (classes of its own) was the same
+    dataset by its fingerprint: its finished similarity and spectrum results were shown as current."""
+    from PIL import Image
+
+    from influence_cli.config import config_from_dict
+
+    for cls in ("cat", "dog"):
+        (tmp_path / "train" / cls).mkdir(parents=True)
+        Image.new("L", (5, 6), 80).save(tmp_path / "train" / cls / "0.png")
+    write_image_folder(tmp_path / "colour")
+    own = load_dataset(DataSpec(source="image_folder", root="colour"), tmp_path)
+    q = {"source": "image_folder", "root": "colour", "transform": {"channels": 1}}
+    data = {
+        "model": {"architecture": "mlp", "kwargs": {"input_dim": 30, "num_classes": 2}},
+        "data": {"train": {"source": "image_folder", "root": "train"}},
+        "similarity": {"datasets": {"q": q}},
+    }
+    took = config_from_dict(data, base_dir=tmp_path).similarity.datasets["q"]
+    mine = config_from_dict({**data, "similarity": {"datasets": {"q": {**q, "classes": ["cat", "dog"]}}}}, base_dir=tmp_path).similarity.datasets["q"]
+    assert took.classes == mine.classes == ["cat", "dog"] and took.colour_of is not None and mine.colour_of is None
+    gray, rgb = (load_dataset(spec, tmp_path, name="similarity.datasets.q") for spec in (took, mine))
+    assert gray[0][0].shape == rgb[0][0].shape == (1, 6, 5)  # the same shape as the model takes it, other values
+    assert gray._canonical["files"]["colour"] == "grayscale" and rgb._canonical["files"]["colour"] == "RGB"
+    assert gray.fingerprint() != rgb.fingerprint()
+    assert rgb.fingerprint() != own.fingerprint()  # the channels transform is part of the spec
+    assert load_dataset(DataSpec(source="image_folder", root="colour", transform=TransformSpec(channels=1)), tmp_path).fingerprint() == rgb.fingerprint()
+
+
+def test_fingerprints_of_other_sources_keep_their_values(tmp_path: Path) -> None:
+    """The image folders' colour mode left every other source's fingerprint as it was: outputs of
+    IDX files and tensors files written before stay valid. A changed value here refuses them all."""
+    write_idx(tmp_path / "imgs-idx3-ubyte", synthetic_images())
+    write_idx(tmp_path / "labs-idx1-ubyte", synthetic_labels())
+    spec = DataSpec(source="idx", images="imgs-idx3-ubyte", labels="labs-idx1-ubyte", range=[0, 20])
+    assert load_dataset(spec, tmp_path).fingerprint() == "d538ee1d3677e80f"
+    save_file({"inputs": torch.arange(24, dtype=torch.float32).reshape(6, 4), "labels": torch.tensor([0, 1, 0, 1, 0, 1])}, tmp_path / "t.safetensors")
+    assert load_dataset(DataSpec(source="tensors", path="t.safetensors"), tmp_path).fingerprint() == "3ff2584ea90740e0"
+
+
 def test_image_folder_with_a_file_name_that_is_not_utf8(tmp_path: Path) -> None:
     """b"\\xff.png" (a name from another system's encoding) crashed the fingerprint: "surrogates not allowed"."""
     root = write_image_folder(tmp_path / "imgs")

@@ -632,3 +632,46 @@ def test_two_ranks_interrupted_resume_to_the_uninterrupted_result(digits_run, tm
     reference = run(tmp_path / "reference")
     assert reference.returncode == 0, reference.stderr
     assert_same_tensors(tmp_path / "resumed" / SIMILARITY_FILE, tmp_path / "reference" / SIMILARITY_FILE)
+
+
+def test_a_finished_result_of_an_image_folder_read_in_another_colour_mode_is_refused(tmp_path):
+    """A folder that took data.train's colour mode (grayscale) and then its own (RGB, given classes of its
+    own) was the same dataset to both commands: its finished similarity and spectrum results were shown again."""
+    from safetensors.torch import save_file
+
+    from influence_cli.band_energy import spectrum
+    from influence_cli.models import mlp
+
+    g = torch.Generator().manual_seed(0)
+    for root, mode in (("train", "L"), ("colour", "RGB")):
+        for cls in ("cat", "dog"):
+            (tmp_path / root / cls).mkdir(parents=True)
+            for i in range(6):
+                pixels = (torch.rand(4, 4, *(() if mode == "L" else (3,)), generator=g) * 255).to(torch.uint8)
+                Image.fromarray(pixels.numpy(), mode).save(tmp_path / root / cls / f"{i}.png")
+    torch.manual_seed(0)
+    save_file({k: v.contiguous() for k, v in mlp(16, [6], 2).state_dict().items()}, tmp_path / "model.safetensors")
+    t = {"scale": 255.0, "flatten": True}
+    folder = {"source": "image_folder", "root": "colour", "transform": {**t, "channels": 1}}
+    data = {
+        "model": {"architecture": "mlp", "kwargs": {"input_dim": 16, "hidden": [6], "num_classes": 2}, "checkpoint": "model.safetensors"},
+        "data": {"train": {"source": "image_folder", "root": "train", "transform": t}, "batch_size": 4},
+        "factors": {"fisher": "empirical"},
+        "output_dir": "out",
+        "device": "cpu",
+    }
+
+    def config(own_classes: bool):
+        q = {**folder, "classes": ["cat", "dog"]} if own_classes else folder
+        sets = {"train": data["data"]["train"], "q": q}
+        return config_from_dict({**data, "similarity": {"datasets": sets}, "spectrum": {"datasets": sets}}, base_dir=tmp_path)
+
+    took, own = config(False), config(True)
+    assert took.similarity.datasets["q"].colour_of is not None and own.similarity.datasets["q"].colour_of is None
+    fit_factors(took)
+    assert not dataset_similarity(took).from_file and dataset_similarity(took).from_file
+    with pytest.raises(OutputError, match=r"holds a similarity result of other settings \(datasets\)"):
+        dataset_similarity(own)
+    assert not spectrum(took).from_file and spectrum(took).from_file
+    with pytest.raises(OutputError, match=r"holds a spectrum result of other settings \(datasets\)"):
+        spectrum(own)

@@ -329,6 +329,7 @@ def open_image_folder(spec: DataSpec, base_dir: Path, name: str) -> Source:
             "root": root.resolve().name,
             "samples": hashlib.sha256("\n".join(rel).encode("utf-8", "surrogateescape")).hexdigest(),  # a name that is not UTF-8: its bytes
             "classes": classes,
+            "colour": "grayscale" if mode == "L" else "RGB",  # as read: its own mode, or data.train's (`colour_of`)
         },
         class_names=classes,
         files_of_examples=[str(Path(p).relative_to(root)) for p, _ in samples],
