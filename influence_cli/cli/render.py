@@ -408,13 +408,55 @@ def layer_label(name: str) -> str:
     return name or "(model)"
 
 
+LABEL_VALUES_IN_FULL = 16  # a regression target or prediction of more values (a dense one, [C, H, W]) is summarised
+
+
+def _flat(values: list[Any]) -> list[Any]:
+    return [w for v in values for w in (_flat(v) if isinstance(v, list) else [v])]
+
+
+def _shape(values: Any) -> list[int]:
+    """[3, 4] of a nested list of 3 lists of 4 values (one shape: a tensor's `tolist()`)."""
+    shape = []
+    while isinstance(values, list):
+        shape.append(len(values))
+        values = values[0] if values else None
+    return shape
+
+
+def label_summary(label: Any) -> dict[str, Any] | None:
+    """`shape`, `mean`, `min` and `max` of a regression target or prediction of more than
+    LABEL_VALUES_IN_FULL values (a tensor's nested `tolist()`); None for any other label: a number, a
+    shorter list, integer ids (a language model's token sequence). A NaN makes all three NaN."""
+    if not isinstance(label, list):
+        return None
+    flat = _flat(label)
+    if len(flat) <= LABEL_VALUES_IN_FULL or not any(isinstance(v, float) for v in flat):
+        return None
+    if any(math.isnan(v) for v in flat):
+        return {"shape": _shape(label), "mean": math.nan, "min": math.nan, "max": math.nan}
+    return {"shape": _shape(label), "mean": math.fsum(flat) / len(flat), "min": float(min(flat)), "max": float(max(flat))}
+
+
+def label_json(label: Any) -> Any:
+    """A label or prediction as JSON gives it: as it is (a number, a list of at most LABEL_VALUES_IN_FULL
+    values nested as its shape, token ids), or `label_summary` for a larger regression target."""
+    summary = label_summary(label)
+    return label if summary is None else summary
+
+
 def label_text(label: Any, class_names: list[str] | None = None) -> str:
-    """A label for a table cell: class index (with its name), regression value(s) to 4 digits, a
-    language model's token ids at the counted positions (without the -100s), or '-'."""
+    """A label for a table cell: class index (with its name), regression value(s) to 4 digits (a
+    target of more than LABEL_VALUES_IN_FULL values as its shape, mean and range), a language model's
+    token ids at the counted positions (without the -100s), or '-'."""
     if label is None:
         return "-"
     if isinstance(label, float):
         return f"{label:.4g}"
+    summary = label_summary(label)
+    if summary is not None:
+        shape = "×".join(str(n) for n in summary["shape"])
+        return f"[{shape}] mean {summary['mean']:.4g} in [{summary['min']:.4g}, {summary['max']:.4g}]"
     if isinstance(label, list):
         from influence_cli.task import IGNORE_INDEX  # here: importing the CLI (--help, usage errors) must not import torch
 

@@ -15,6 +15,7 @@ from influence_cli.cli.render import (
     RichProgress,
     err_console,
     human_bytes,
+    label_json,
     label_text,
     layer_label,
     new_table,
@@ -202,7 +203,8 @@ def top_k_cmd(
         grid_path = _self_grid(train, ranked, image_grid, predicted) if image_grid is not None else None
         if json_:
             rows = [
-                dataclasses.asdict(r) | ({"train_input": train.input_ids(r.train_position)} if train.token_data else {})
+                dataclasses.asdict(r) | {"train_label": label_json(r.train_label)}
+                | ({"train_input": train.input_ids(r.train_position)} if train.token_data else {})
                 | ({"train_prediction": int(predicted[r.train_position])} if predicted is not None else {})
                 | ({"train_file": train.file(r.train_position)} if train.has_files else {})
                 | ({"noisy": train.clean_label(r.train_position) is not None, "clean_label": train.clean_label(r.train_position)} if noise else {})
@@ -258,8 +260,9 @@ def top_k_cmd(
             row = dataclasses.asdict(r)
             for side in ("proponents", "opponents"):
                 for e, entry in zip(getattr(r, side), row[side], strict=True):
-                    entry |= _json_extras(train, e.train_position, "train", files)
-            rows.append(row | _json_extras(queries, r.query_position, "query", files))
+                    entry |= {"train_label": label_json(e.train_label)} | _json_extras(train, e.train_position, "train", files)
+            labels = {"query_label": label_json(r.query_label), "query_prediction": label_json(r.query_prediction)}
+            rows.append(row | labels | _json_extras(queries, r.query_position, "query", files))
         print_json(
             {
                 "output_dir": str(out_dir),

@@ -12,6 +12,7 @@ from influence_cli.cli.app import ConfigArg, JsonOpt, OverwriteOpt, ResumeOpt, S
 from influence_cli.cli.render import (
     RichProgress,
     err_console,
+    label_json,
     label_text,
     layer_label,
     new_table,
@@ -116,7 +117,7 @@ def spectrum_cmd(
         data = report.to_dict(top)
         for name, rows in data.get("top_examples", {}).items():
             for row in rows:
-                row |= _shown_extras(views.get(name), row["global_index"])
+                row |= {"label": label_json(row["label"])} | _shown_extras(views.get(name), row["global_index"])
         if plot is not None:
             data["plot"] = str(Path(plot).resolve())
         print_json(data)
