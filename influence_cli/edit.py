@@ -219,7 +219,9 @@ def edit_checkpoint(
     overwrite: bool = False,
     state: DistState | None = None,
 ) -> EditReport:
-    """Writes a checkpoint (safetensors, atomic) with the chosen layers' low-curvature components removed.
+    """Writes a checkpoint (atomic) with the chosen layers' low-curvature components removed: `out`
+    ending in .safetensors holds the edit's metadata (format, provenance, source checkpoint, layers),
+    one ending in .pt or .pth a plain state dict (torch.save; no metadata: the report has it).
 
     Needs the factors of fit-factors for the config's model. Settings default to
     spectrum.edit (keep, rho, share, layers, which default to spectrum.layers) and spectrum.order;
@@ -250,10 +252,13 @@ def edit_checkpoint(
     order = order or cfg.spectrum.order
     check_order(order, "--order")
     out = Path(out)
-    if out.suffix != ".safetensors":
-        raise UsageError(f"--out: {str(out)!r} must end in .safetensors")
+    if out.suffix not in EDIT_SUFFIXES:
+        raise UsageError(
+            f"--out: {str(out)!r} must end in {', '.join(EDIT_SUFFIXES[:-1])} or {EDIT_SUFFIXES[-1]}",
+            hint="e.g. edited.safetensors (with the edit's metadata), or edited.pt (a plain state dict)",
+        )
     if out.is_dir():
-        raise UsageError(f"--out: {str(out)!r} is a folder", hint="give a file name ending in .safetensors")
+        raise UsageError(f"--out: {str(out)!r} is a folder", hint="give a file name ending in .safetensors, .pt or .pth")
     storage.check_creatable_dir(out.parent, key="--out")  # created only when the edited weights are written
     source = cfg.resolve(cfg.model.checkpoint)
     read = cfg.input_files().get(out.resolve())
@@ -294,7 +299,9 @@ def edit_checkpoint(
             "(edit each with --set model.checkpoint=<it>, after fitting its own factors)"
         )
     fingerprint = _fingerprint(ctx.model, state_dict)
-    if ctx.state.is_main:
+    if ctx.state.is_main and out.suffix != ".safetensors":  # .pt / .pth: a plain state dict, which holds no metadata
+        storage.save_state_dict(out, _tied_as_one(state_dict, tied), key="--out")
+    elif ctx.state.is_main:
         storage.save_tensors(
             out,
             _one_name_per_tensor(state_dict, tied),
@@ -319,6 +326,9 @@ def edit_checkpoint(
         order, edits, ctx.model_fingerprint, fingerprint,
         {"total": time.perf_counter() - t0},
     )  # fmt: skip
+
+
+EDIT_SUFFIXES = (".safetensors", ".pt", ".pth")  # --out: safetensors with the edit's metadata, or a plain torch.save state dict
 
 
 MOST_WEIGHT = 0.5  # an edit that removes more of a layer's ‖[W | b]‖² is warned about
@@ -385,6 +395,18 @@ def _one_name_per_tensor(state: dict[str, torch.Tensor], tied: dict[str, list[st
     first in sorted order), so `safetensors.torch.load_model` and this tool's loader both read it."""
     dropped = {k for keys in tied.values() for k in sorted(keys)[1:]}
     return {k: v for k, v in state.items() if k not in dropped}
+
+
+def _tied_as_one(state: dict[str, torch.Tensor], tied: dict[str, list[str]]) -> dict[str, torch.Tensor]:
+    """`state` with every name of a tied tensor holding one tensor (the value of the name
+    `_one_name_per_tensor` keeps), as `model.state_dict()` does: torch.save stores it once, and
+    `load_state_dict` fills every name."""
+    out = dict(state)
+    for keys in tied.values():
+        present = sorted(k for k in keys if k in out)
+        for k in present[1:]:
+            out[k] = out[present[0]]
+    return out
 
 
 def _fingerprint(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> str:

@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from influence_cli import notices
-from influence_cli.errors import OutputError, UsageError
+from influence_cli.errors import OutputError, UsageError, first_line
 
 FACTORS_FILE = "factors.safetensors"
 MEMBERS_DIR = "members"  # ensembles: member i >= 1 (scores.checkpoints[i - 1]) keeps its factors in <factors_dir>/members/<i>/ (factors_dir: output_dir unless set)
@@ -460,6 +460,25 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with atomic_path(path, key) as tmp:
         save_file(cpu, str(tmp), metadata=meta)
+
+
+def save_state_dict(path: Path, tensors: dict[str, torch.Tensor], *, key: str = "output_dir") -> None:
+    """Writes a plain state dict (name → tensor, nothing else) with torch.save atomically (temporary
+    file in the same folder + fsync + rename), for `torch.load(path, weights_only=True)`; tensors
+    that are one object in `tensors` (tied weights) are stored once.
+
+    Args:
+        path: Final file name (.pt / .pth).
+        tensors: Name → tensor (moved to CPU, made contiguous).
+        key: The config key or flag that names `path`, for errors.
+    """
+    cpu: dict[int, torch.Tensor] = {}
+    state = {k: cpu.setdefault(id(v), v.detach().to("cpu").contiguous()) for k, v in tensors.items()}
+    with atomic_path(path, key) as tmp:
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as exc:  # torch's zip writer: a full disk is no OSError
+            raise OutputError(f"{key}: cannot write {str(path)!r} ({first_line(exc)})", hint=f"free space, or set {key} to another place") from None
 
 
 def created_now() -> str:

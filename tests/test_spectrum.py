@@ -572,6 +572,59 @@ def test_cli_edit_and_the_edited_checkpoint_runs_everywhere(tmp_path, digits):
                  5, "another model")  # fmt: skip
 
 
+def test_cli_edit_writes_a_plain_state_dict_to_pt_and_pth(tmp_path, digits):
+    """--out edited.pt (or .pth) holds the .safetensors edit's weights as a plain state dict (torch.save), which
+    the tool loads as model.checkpoint and torch.load reads weights-only; it carries no metadata."""
+    out, sets = digits
+    args = ["--keep-share", "0.5", "--layers", "fc*"]
+    reference = invoke("edit", DIGITS, *sets, "--out", tmp_path / "edited.safetensors", *args, "--json")
+    assert reference.exit_code == 0, reference.stderr
+    want, _ = load_tensors(tmp_path / "edited.safetensors")
+    for suffix in (".pt", ".pth"):
+        path = tmp_path / f"edited{suffix}"
+        result = invoke("edit", DIGITS, *sets, "--out", path, *args, "--json")
+        assert result.exit_code == 0, result.stderr
+        data = json.loads(result.stdout)
+        assert data["path"] == str(path.resolve()) and data["fingerprint"] == json.loads(reference.stdout)["fingerprint"]
+        state = torch.load(path, weights_only=True)
+        assert type(state) is dict and state.keys() == want.keys() and all(torch.equal(state[k], want[k]) for k in want)
+        cfg = load_config(DIGITS, [f"model.checkpoint={path}"])
+        loaded = load_model(cfg.model, cfg.base_dir).state_dict()
+        assert all(torch.equal(loaded[k], want[k]) for k in want)
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(f"edited{suffix}")) == [path.name]  # no temporary file left
+    again = invoke("edit", DIGITS, *sets, "--out", tmp_path / "edited.pt", *args)
+    assert_error(again, 5, "already holds")
+    assert invoke("edit", DIGITS, *sets, "--out", tmp_path / "edited.pt", *args, "--overwrite").exit_code == 0
+
+
+def test_an_edited_tied_weight_is_one_tensor_in_a_pt_file(tmp_path, monkeypatch):
+    """A .pt edit of a tied model holds every name, as model.state_dict() does, the tied pair stored once."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "tied_model.py").write_text(TIED_MODULE)
+    import tied_model
+
+    torch.save(tied_model.make().state_dict(), tmp_path / "tied.pt")
+    g = torch.Generator().manual_seed(0)
+    torch.save({"inputs": torch.randint(0, 6, (40, 1), generator=g), "labels": torch.randint(0, 6, (40,), generator=g)}, tmp_path / "ids.pt")
+    config = {
+        "model": {"architecture": "tied_model:make", "checkpoint": "tied.pt"},
+        "data": {"train": {"source": "tensors", "path": "ids.pt"}, "batch_size": 8},
+        "factors": {"fisher": "empirical"},
+        "output_dir": "out",
+        "device": "cpu",
+    }
+    (tmp_path / "config.yaml").write_text(json.dumps(config))
+    assert invoke("fit-factors", tmp_path / "config.yaml").exit_code == 0
+    result = invoke("edit", tmp_path / "config.yaml", "--out", tmp_path / "edited.pt", "--keep-share", "0.5", "--layers", "head")
+    assert result.exit_code == 0, result.stderr
+    state = torch.load(tmp_path / "edited.pt", weights_only=True)
+    assert state["head.weight"] is state["embed.weight"]
+    edited = tied_model.make()
+    edited.load_state_dict(state)
+    assert edited.head.weight is edited.embed.weight and not torch.equal(edited.head.weight, tied_model.make().head.weight)
+    assert invoke("inspect", tmp_path / "config.yaml", "--set", f"model.checkpoint={tmp_path / 'edited.pt'}").exit_code == 0
+
+
 def test_cli_spectrum_similarity_and_edit_read_factors_from_factors_dir(tmp_path, digits):
     """The commands that read the factors find them in factors_dir and write only into output_dir."""
     out, sets = digits
@@ -602,7 +655,9 @@ def test_cli_errors(tmp_path, digits):
     assert_error(invoke("spectrum", DIGITS, *sets, "--plot", tmp_path / "plot.txt"), 5, "--plot", "unknown image format")
     (tmp_path / "a_folder.png").mkdir()
     assert_error(invoke("spectrum", DIGITS, *sets, "--plot", tmp_path / "a_folder.png"), 5, "--plot", "is a folder")
-    assert_error(invoke("edit", DIGITS, *sets, "--out", tmp_path / "e.pt"), 2, "--out", ".safetensors")
+    for name in ("e.bin", "e.ckpt", "e"):
+        assert_error(invoke("edit", DIGITS, *sets, "--out", tmp_path / name), 2, "--out", "must end in .safetensors, .pt or .pth")
+    assert not any(tmp_path.glob("e*"))
     assert_error(invoke("edit", DIGITS, *sets, "--out", ROOT / "sample_data" / "mlp.safetensors", "--overwrite"), 2, "own checkpoint")
     factors = (out / FACTORS_FILE).read_bytes()
     for name in (FACTORS_FILE, SPECTRUM_FILE, "scores.shard-00001.safetensors"):  # the other commands' outputs, never replaced

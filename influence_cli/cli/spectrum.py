@@ -204,7 +204,7 @@ def _shown_extras(view, global_index: int) -> dict:
 @command("edit", epilog=EDIT_EPILOG)
 def edit_cmd(
     config: ConfigArg,
-    out: Annotated[Path, typer.Option("--out", "-o", help="The edited checkpoint to write (.safetensors).", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The edited checkpoint to write: .safetensors (with the edit's metadata), or .pt / .pth (a plain state dict for torch.load, without metadata).", show_default=False)],
     rho: Annotated[
         float | None, typer.Option("--rho", help="Keep the smallest set of highest-curvature directions holding this share of the curvature mass (directions of zero curvature are dropped even at 1; --keep-share 1 keeps every weight).")
     ] = None,
