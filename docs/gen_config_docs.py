@@ -395,8 +395,8 @@ output_dirs' commands reads them. A `factors_dir` this user cannot write (a fit 
 read-only) is read without a lock.
 
 Each file's metadata records the tool and torch versions, the device, the strategy and Fisher
-kind, fingerprints of the model and the data, and the resolved config: `influence info FILE`
-prints them. The model's fingerprint hashes the checkpoint's tensors, and its definition
+kind, fingerprints of the model and the data, and the resolved config with the folder its
+relative paths resolve against (the config file's): `influence info FILE` prints them. The model's fingerprint hashes the checkpoint's tensors, and its definition
 records `model.architecture`, `model.kwargs` and a hash of its module tree (a changed keyword
 that keeps every weight's shape, such as attention heads, still changes the model); a dataset's
 fingerprint hashes its

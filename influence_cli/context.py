@@ -150,6 +150,7 @@ class RunContext:
             "device": str(self.device),
             "world_size": self.state.world_size,
             "config": self.cfg.to_dict(),
+            "base_dir": str(self.cfg.base_dir),  # absolute: the folder the config's relative paths resolve against (its file's)
         }
 
     def dataset(self, spec: DataSpec | None, name: str) -> IndexedDataset:

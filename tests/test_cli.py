@@ -566,6 +566,26 @@ def test_info_json(runner: CliRunner, fitted: tuple[Path, Result]):
     assert all(key.split(".", 1)[0] in ("fc1", "fc2", "head") for key in data["tensors"])
 
 
+def test_info_names_the_folder_the_configs_relative_paths_resolve_against(runner: CliRunner, fitted: tuple[Path, Result], tmp_path: Path):
+    """The resolved config keeps its paths as written (../sample_data/digits.safetensors), which info showed
+    without the folder they resolve against: the config file's, recorded as base_dir."""
+    from influence_cli.storage import save_tensors
+
+    out, _ = fitted
+    text = invoke(runner, "info", out / FACTORS).stdout
+    assert f"\nresolved config (relative paths resolve against {ROOT / 'configs'}):\n" in text
+    assert "base_dir" not in text  # shown with the config, not as a row of the table
+    meta = json.loads(invoke(runner, "info", out / FACTORS, "--json").stdout)["metadata"]
+    assert meta["base_dir"] == str(ROOT / "configs")
+    assert (Path(meta["base_dir"]) / meta["config"]["data"]["train"]["path"]).resolve() == ROOT / "sample_data" / "digits.safetensors"
+    old = tmp_path / FACTORS  # a file of an earlier version: no base_dir
+    save_tensors(old, {"x": torch.zeros(1)}, {"format": "influence_cli.factors/1", "config": {"output_dir": "runs/x"}})
+    result = invoke(runner, "info", old)
+    assert result.exit_code == 0, result.stderr
+    assert "resolved config (relative paths resolve against its config file's folder, not recorded by earlier versions):" in result.stdout
+    assert "base_dir" not in json.loads(invoke(runner, "info", old, "--json").stdout)["metadata"]
+
+
 def test_text_that_reads_as_json_survives_the_metadata(tmp_path: Path):
     """Metadata stores plain text as it is and everything else as JSON: text that reads as JSON is
     stored as JSON too, so every value reads back with its type."""

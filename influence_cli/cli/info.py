@@ -61,12 +61,14 @@ def info_cmd(
     from influence_cli.config import yaml_text
 
     config = decoded.pop("config", None)
+    base = decoded.pop("base_dir", None) if config is not None else None  # shown with the config, whose relative paths it resolves
     nested = {k: decoded.pop(k) for k in sorted(decoded) if isinstance(decoded[k], (dict, list)) and decoded[k]}  # below the table: one long cell would widen every row
     table = new_table(str(path), [("field", "left"), ("value", "left")])
     for key, value in sorted(decoded.items()):
         table.add_row(key, yaml_text(value))
     table.add_row("tensors", f"{len(shapes)} ({', '.join(list(shapes)[:6])}{', …' if len(shapes) > 6 else ''})")
     print_table(table)
-    for title, value in [*nested.items(), *([("resolved config", config)] if config is not None else [])]:
+    against = base if isinstance(base, str) else "its config file's folder, not recorded by earlier versions"
+    for title, value in [*nested.items(), *([(f"resolved config (relative paths resolve against {against})", config)] if config is not None else [])]:
         print_line(f"{title}:")
         print_line(textwrap.indent(yaml.safe_dump(value, sort_keys=False, default_flow_style=None, width=100).rstrip(), "  "))
