@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -72,23 +73,53 @@ def _conv_padding(module: nn.Conv2d) -> tuple[int, int] | None:
 
 
 ATTENTION_OUTPUT = "applied by nn.MultiheadAttention through its weight, never called as a layer"
+SWIN_PROJECTION = "applied by torchvision's {cls} through F.linear on its weight, never called as a layer"
+SWIN_POSITION_BIAS = (
+    "part of the position-bias MLP (cpb_mlp) of torchvision's ShiftedWindowAttentionV2, run once on a relative-coordinates "
+    "table shared by the whole batch (no batch dimension)"
+)
 
 
-def attention_projections(model: nn.Module) -> set[int]:
-    """ids of the `out_proj` Linears of nn.MultiheadAttention modules (not of subclasses with their own forward).
+def attention_projections(model: nn.Module) -> dict[int, str]:
+    """{id: reason} of the Linears that attention modules apply without a call a hook sees, or
+    not per example; subclasses with their own forward (or, for `cpb_mlp`, their own
+    `get_relative_position_bias`) are left alone.
 
-    MultiheadAttention passes `out_proj.weight` to F.multi_head_attention_forward and never calls
-    `out_proj`, so no hook sees that layer's input or output.
+    - nn.MultiheadAttention passes `out_proj.weight` to F.multi_head_attention_forward and never
+      calls `out_proj`.
+    - torchvision's ShiftedWindowAttention(V2) (Swin) passes `qkv.weight` and `proj.weight` to
+      F.linear and never calls `qkv` or `proj`.
+    - ShiftedWindowAttentionV2 runs `cpb_mlp` on its relative-coordinates table [1, 2Wh-1, 2Ww-1, 2],
+      the same for every example: the hooks would see one input and the batch's summed output gradient.
+
+    torchvision is not imported here: a model holding Swin attention has imported its module already.
     """
-    return {
-        id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention) and type(m).forward is nn.MultiheadAttention.forward
+    out = {
+        id(m.out_proj): ATTENTION_OUTPUT
+        for m in model.modules()
+        if isinstance(m, nn.MultiheadAttention) and type(m).forward is nn.MultiheadAttention.forward
     }
+    swin = sys.modules.get("torchvision.models.swin_transformer")
+    v1 = getattr(swin, "ShiftedWindowAttention", None)
+    if v1 is None:
+        return out
+    v2 = getattr(swin, "ShiftedWindowAttentionV2", None)
+    stock = {v1.forward: v1.__name__} | ({v2.forward: v2.__name__} if v2 is not None else {})
+    for m in model.modules():
+        if not isinstance(m, v1):
+            continue
+        cls = stock.get(type(m).forward)
+        if cls is not None:
+            out |= {id(layer): SWIN_PROJECTION.format(cls=cls) for layer in (m.qkv, m.proj) if isinstance(layer, nn.Linear)}
+        if v2 is not None and isinstance(m, v2) and type(m).get_relative_position_bias is v2.get_relative_position_bias:
+            out |= {id(layer): SWIN_POSITION_BIAS for layer in m.cpb_mlp.modules() if isinstance(layer, nn.Linear)}
+    return out
 
 
-def unsupported_reason(module: nn.Module, attention_outputs: set[int] = frozenset()) -> str | None:  # type: ignore[assignment]
-    """Why a Linear / Conv2d cannot be tracked (None if it can); `attention_outputs` from `attention_projections`."""
-    if id(module) in attention_outputs:
-        return ATTENTION_OUTPUT
+def unsupported_reason(module: nn.Module, attention_layers: dict[int, str] | None = None) -> str | None:
+    """Why a Linear / Conv2d cannot be tracked (None if it can); `attention_layers` from `attention_projections`."""
+    if attention_layers and id(module) in attention_layers:
+        return attention_layers[id(module)]
     if not isinstance(module, nn.Conv2d):
         return None
     if module.groups != 1:
@@ -123,10 +154,12 @@ def find_tracked_modules(model: nn.Module, patterns: Sequence[str], key: str = "
     """The supported layers whose names match any fnmatch pattern, in model order.
 
     A layer the factors cannot model (a grouped Conv2d, non-zero padding modes, asymmetric
-    'same' padding; the `out_proj` of nn.MultiheadAttention, which is never called) is skipped
-    when only a wildcard pattern matches it, and an error when named. A subclass with its own
-    forward is skipped by wildcards and tracked when named (its gradient is checked on the
-    first batch). Every name without wildcards must be a tracked layer.
+    'same' padding; the `out_proj` of nn.MultiheadAttention and the `qkv` and `proj` of torchvision's
+    Swin attention, which are never called, and Swin V2's `cpb_mlp`, whose input is shared by the
+    batch: `attention_projections`) is skipped when only a wildcard pattern matches it, and an
+    error when named. A subclass with its own forward is skipped by wildcards and tracked when
+    named (its gradient is checked on the first batch). Every name without wildcards must be a
+    tracked layer.
 
     Raises:
         ModelError: when no supported layer matches, a named layer is unsupported, or two
@@ -143,13 +176,13 @@ def find_tracked_modules(model: nn.Module, patterns: Sequence[str], key: str = "
     trackable: list[str] = []  # those that can be tracked (what messages list)
     owners: dict[int, str] = {}
     skipped: list[str] = []  # matched by a wildcard but not trackable, with the reason
-    attention_outputs = attention_projections(model)
+    attention_layers = attention_projections(model)
     for name, module in model.named_modules():
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             continue
         supported_names.append(name)
         lazy = unmaterialized(module)
-        reason = None if lazy else unsupported_reason(module, attention_outputs)
+        reason = None if lazy else unsupported_reason(module, attention_layers)
         if not lazy and reason is None:
             trackable.append(name)
         matched = [p for p in patterns if fnmatch.fnmatchcase(name, p)]
@@ -168,7 +201,9 @@ def find_tracked_modules(model: nn.Module, patterns: Sequence[str], key: str = "
         if reason is not None:
             skipped.append(f"{name} ({reason})")
             if any(_is_name(p) for p in matched):
-                if reason == ATTENTION_OUTPUT:
+                if reason == SWIN_POSITION_BIAS:
+                    detail = f"Linear {name!r} is {reason}: its hooks would see the batch's summed output gradient, not each example's"
+                elif id(module) in attention_layers:
                     detail = f"Linear {name!r} is {reason}, so its inputs cannot be recorded"
                 else:
                     detail = f"Conv2d {name!r} uses {reason}; only groups=1 with zero padding (numbers, 'valid' or symmetric 'same') is supported"
@@ -231,7 +266,7 @@ def untracked_modules(model: nn.Module, tracked: Sequence[TrackedModule], key: s
     """Modules with parameters of their own (trainable or not) outside every tracked layer, in model order."""
     owner = {id(p): tm for tm in tracked for p in tm.module.parameters(recurse=False)}
     tracked_names = {tm.name for tm in tracked}
-    attention_outputs = attention_projections(model)
+    attention_layers = attention_projections(model)
     out = []
     for name, module in model.named_modules():
         own = list(module.parameters(recurse=False))
@@ -244,7 +279,7 @@ def untracked_modules(model: nn.Module, tracked: Sequence[TrackedModule], key: s
             continue
         parent, _, attr = name.rpartition(".parametrizations.")
         if isinstance(module, (nn.Linear, nn.Conv2d)):
-            reason = unsupported_reason(module, attention_outputs) or custom_forward_reason(module) or f"not matched by {key}"
+            reason = unsupported_reason(module, attention_layers) or custom_forward_reason(module) or f"not matched by {key}"
         elif parent in tracked_names:  # weight_norm & co: the layer is scored in its effective weight
             reason = f"parametrizes the {attr} of tracked {parent!r}, which is scored as its effective {attr}"
         elif isinstance(module, nn.MultiheadAttention):
@@ -258,8 +293,9 @@ def untracked_modules(model: nn.Module, tracked: Sequence[TrackedModule], key: s
 def skipped_layers(model: nn.Module, tracked: Sequence[TrackedModule], patterns: Sequence[str]) -> list[UntrackedModule]:
     """The layers a user may expect in the scores that a wildcard of `patterns` matched and passed
     over: Linear and Conv2d layers that cannot be tracked (grouped convs, nn.MultiheadAttention's
-    out_proj, subclasses with their own forward) and convolutions of other dimensions; not layers
-    no pattern matches, nor norms, embeddings and other parameters (`influence inspect` lists those)."""
+    out_proj, Swin attention's qkv, proj and cpb_mlp, subclasses with their own forward) and
+    convolutions of other dimensions; not layers no pattern matches, nor norms, embeddings and
+    other parameters (`influence inspect` lists those)."""
     wildcards = [p for p in patterns if not _is_name(p)]
     modules = dict(model.named_modules())
     out = []
@@ -402,7 +438,7 @@ class Capture:
             shown = ", ".join(repr(n) for n in uncalled[:6]) + (f", ... ({len(uncalled)} in all)" if len(uncalled) > 6 else "")
             raise ModelError(
                 f"layer{'s' if len(uncalled) > 1 else ''} {shown} {'were' if len(uncalled) > 1 else 'was'} not called in the forward pass "
-                "(a weight applied another way, e.g. through F.linear, as torchvision's Swin attention does)",
+                "(a weight applied another way, e.g. passed to F.linear by the module that holds the layer)",
                 hint="leave them out of factors.modules: list patterns that match only the layers the model calls (`influence inspect` lists them)",
             )
         out = {}

@@ -225,6 +225,44 @@ def test_fit_factors_names_the_layers_a_wildcard_could_not_track(runner: CliRunn
     assert result.exit_code == 0 and "not tracked" not in result.stderr
 
 
+SWIN_MODULE = """
+from torchvision.models import SwinTransformer
+from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformerBlockV2
+
+
+def make():
+    return SwinTransformer([2, 2], 8, [1, 1], [1, 1], [2, 2], num_classes=10, block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2)
+"""
+
+
+def test_a_swin_transformer_is_attributed_through_the_layers_it_calls(runner: CliRunner, tmp_path: Path, monkeypatch):
+    """torchvision's Swin V2 under ["*"]: the attention's qkv/proj (applied through F.linear) and its
+    position-bias MLP (one table for the whole batch) are left out, named by fit-factors and inspect;
+    the rest is fitted and scored."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "tiny_swin.py").write_text(SWIN_MODULE)
+    import tiny_swin
+
+    torch.manual_seed(0)
+    save_file(tiny_swin.make().state_dict(), tmp_path / "swin.safetensors")
+    sets = ["--set", "model.architecture=tiny_swin:make", "--set", "model.kwargs={}", "--set", f"model.checkpoint={tmp_path / 'swin.safetensors'}",
+            "--set", f"output_dir={tmp_path / 'out'}", "--set", "data.train.range=[0, 48]", "--set", "data.query.range=[1500, 1504]",
+            "--set", "data.train.transform.channels=3", "--set", "data.query.transform.channels=3", "--set", "data.batch_size=16"]  # fmt: skip
+    result = invoke(runner, "fit-factors", DIGITS, *sets)
+    assert result.exit_code == 0, result.stderr
+    stderr = " ".join(result.stderr.split())
+    assert "not tracked: features.1.0.attn.qkv, features.1.0.attn.proj, features.3.0.attn.qkv, … (4 in all) (Linear: applied by torchvision's ShiftedWindowAttentionV2 through F.linear on its weight, never called as a layer)" in stderr
+    assert "not tracked: features.1.0.attn.cpb_mlp.0, features.1.0.attn.cpb_mlp.2, features.3.0.attn.cpb_mlp.0, … (4 in all) (Linear: part of the position-bias MLP" in stderr
+    result = invoke(runner, "compute-scores", DIGITS, *sets)
+    assert result.exit_code == 0, result.stderr
+    scores = load_tensors(tmp_path / "out" / "scores.safetensors")[0]["scores"]
+    assert scores.shape == (4, 48) and bool(torch.isfinite(scores).all())
+    result = invoke(runner, "inspect", DIGITS, *sets, "--json")
+    untracked = {u["name"]: u["reason"] for u in json.loads(result.stdout)["untracked"]}
+    assert untracked["features.3.0.attn.proj"].startswith("applied by torchvision's ShiftedWindowAttentionV2 through F.linear")
+    assert untracked["features.3.0.attn.cpb_mlp.2"].startswith("part of the position-bias MLP (cpb_mlp) of torchvision's ShiftedWindowAttentionV2")
+
+
 def test_fit_factors_cnn_with_margin_and_ggn(runner: CliRunner, tmp_path: Path):
     result = invoke(runner, "fit-factors", DIGITS_CNN, "--set", f"output_dir={tmp_path}", "--set", "data.train.range=[0, 64]",
                     "--set", "data.batch_size=32", "--json")  # fmt: skip

@@ -12,7 +12,7 @@ import re
 
 import pytest
 import torch
-from exact import batches_of, fit
+from exact import batches_of, empirical_vectors, fit, per_example_layer_grads
 from test_scores import explicit_grads, explicit_scores
 from torch import nn
 
@@ -204,6 +204,87 @@ def test_skipped_layers_are_the_layers_a_wildcard_passed_over():
     assert [u.name for u in skipped_layers(model, find_tracked_modules(model, ["[2-6]"]), ["[2-6]"])] == ["2"]
 
 
+def tiny_swin(v2: bool = False) -> nn.Module:
+    """torchvision's Swin Transformer (V2: its blocks and patch merging) for 8×8 RGB images, 3 classes."""
+    from torchvision.models import SwinTransformer
+    from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformerBlockV2
+
+    torch.manual_seed(0)
+    kw = {"block": SwinTransformerBlockV2, "downsample_layer": PatchMergingV2} if v2 else {}
+    model = SwinTransformer(patch_size=[2, 2], embed_dim=8, depths=[1, 1], num_heads=[1, 1], window_size=[2, 2], num_classes=3, **kw)
+    return model.double().eval()  # V2's relative-coordinates table is a float32 buffer
+
+
+SWIN_TRACKED = ["features.0.0", "features.1.0.mlp.0", "features.1.0.mlp.3", "features.2.reduction", "features.3.0.mlp.0", "features.3.0.mlp.3", "head"]
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_swin_attention_layers_are_skipped_by_wildcards_and_refused_by_name(v2):
+    """Swin's attention applies qkv and proj through F.linear (no hook sees them), and V2 runs cpb_mlp
+    once on a table shared by the batch (no per-example gradient): '*' tracks the rest."""
+    model = tiny_swin(v2)
+    tracked = find_tracked_modules(model, ["*"])
+    assert [tm.name for tm in tracked] == SWIN_TRACKED
+    cls = "ShiftedWindowAttentionV2" if v2 else "ShiftedWindowAttention"
+    never_called = f"applied by torchvision's {cls} through F.linear on its weight, never called as a layer"
+    shared = (
+        "part of the position-bias MLP (cpb_mlp) of torchvision's ShiftedWindowAttentionV2, run once on a relative-coordinates "
+        "table shared by the whole batch (no batch dimension)"
+    )
+    expected = []
+    for block in ("features.1.0.attn", "features.3.0.attn"):
+        expected += [(f"{block}.qkv", never_called), (f"{block}.proj", never_called)]
+        expected += [(f"{block}.cpb_mlp.0", shared), (f"{block}.cpb_mlp.2", shared)] if v2 else []
+    assert [(u.name, u.reason) for u in skipped_layers(model, tracked, ["*"])] == expected
+    left_out = {u.name: u.reason for u in untracked_modules(model, tracked)}  # what `influence inspect` lists
+    assert [(name, left_out[name]) for name, _ in expected] == expected
+    named = {"features.3.0.attn.proj": f"is {never_called}, so its inputs cannot be recorded"}
+    if v2:
+        named["features.1.0.attn.cpb_mlp.2"] = f"is {shared}: its hooks would see the batch's summed output gradient, not each example's"
+    for name, why in named.items():
+        with pytest.raises(ModelError, match=re.escape(f"factors.modules: Linear {name!r} {why}")) as exc:
+            find_tracked_modules(model, ["head", name])
+        assert exc.value.hint == "leave it out of factors.modules"
+    with pytest.raises(ModelError, match=re.escape(f"matches only layers that cannot be tracked: features.1.0.attn.qkv ({never_called})")):
+        find_tracked_modules(model, ["*qkv"])
+
+
+def test_swin_attention_with_its_own_forward_is_left_alone():
+    """A subclass with its own forward may call qkv and proj as layers; cpb_mlp stays shared by the batch
+    while get_relative_position_bias is torchvision's."""
+    from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedWindowAttentionV2
+
+    class CallsItsLayers(ShiftedWindowAttention):
+        def forward(self, x):
+            return self.proj(self.qkv(x)[..., : x.shape[-1]])
+
+    class CallsItsLayersV2(CallsItsLayers, ShiftedWindowAttentionV2):
+        pass
+
+    kw = {"dim": 4, "window_size": [2, 2], "shift_size": [0, 0], "num_heads": 1}
+    assert [tm.name for tm in find_tracked_modules(CallsItsLayers(**kw), ["*"])] == ["qkv", "proj"]
+    model = CallsItsLayersV2(**kw)
+    tracked = find_tracked_modules(model, ["*"])
+    assert [tm.name for tm in tracked] == ["qkv", "proj"]
+    assert [u.name for u in skipped_layers(model, tracked, ["*"])] == ["cpb_mlp.0", "cpb_mlp.2"]
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_swin_factors_of_the_tracked_layers_are_exact(v2):
+    """The first batch's model checks pass, and EKFAC's Λ* of every tracked layer is the mean squared
+    per-example gradient (autograd's, one example at a time) in the Kronecker eigenbasis."""
+    model = tiny_swin(v2)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(10, 3, 8, 8, generator=g), torch.randint(0, 3, (10,), generator=g)
+    tracked, layers = fit(model, x, y, strategy="ekfac", fisher="empirical", batch_size=4)
+    assert [tm.name for tm in tracked] == SWIN_TRACKED
+    grads = per_example_layer_grads(model, tracked, x, y, empirical_vectors())
+    for tm in tracked:
+        lf = layers[tm.name]
+        rotated = lf.g_eigenvectors.T @ grads[tm.name] @ lf.a_eigenvectors  # [N, 1, d_out, d_in]
+        torch.testing.assert_close(lf.eigenvalues, rotated.square().sum(dim=1).mean(dim=0), rtol=1e-9, atol=1e-12)
+
+
 def test_every_name_without_wildcards_must_be_a_tracked_layer():
     """A named layer is never dropped silently because another pattern matched something."""
     model = nn.Sequential(nn.Conv1d(2, 2, 1), nn.Flatten(), nn.Sequential(nn.Linear(6, 4), nn.Tanh()), nn.Linear(4, 3))
@@ -359,7 +440,7 @@ def test_quadratic_forms_of_a_tiny_damping_do_not_overflow_float32(data):
 
 
 def test_layers_the_forward_never_calls_are_named_together():
-    """Weights applied through F.linear (torchvision's Swin attention): every such layer in one error."""
+    """Weights applied through F.linear by the module holding the layers: every such layer in one error."""
     from influence_cli.tracking import Capture
 
     class Functional(nn.Module):
