@@ -378,7 +378,7 @@ config sets it:
 | `self_influence.safetensors` | `compute-scores --self` | I(x, x) for every training example, with its label and (classification) model.checkpoint's predicted class |
 | `similarity.safetensors` | `dataset-similarity` | the kernel between the datasets of `similarity.datasets` |
 | `spectrum.safetensors` | `spectrum` | each example's gradient energy per curvature band, per dataset of `spectrum.datasets` |
-| `factors.partial*.safetensors`, `scores.partial*.safetensors`, `similarity.partial*.safetensors`, `spectrum.partial*.safetensors` | an interrupted run | saved progress, every `factors.checkpoint_every` batches (dataset-similarity and spectrum also after each dataset); `--resume` continues from it |
+| `factors.partial*.safetensors`, `scores.partial*.safetensors`, `similarity.partial*.safetensors`, `spectrum.partial*.safetensors` | an interrupted run | saved progress, every `factors.checkpoint_every` batches (dataset-similarity and spectrum also after each dataset, whose result goes once into a file of its own beside it, `similarity.partial*.finished<i>.safetensors`, `spectrum.partial*.finished<i>.safetensors`); `--resume` continues from it, and the finished command removes it |
 
 To score several query sets (or plain and relative scores) against one fit, give each config
 its own `output_dir` and the fit's folder as `factors_dir` (or pass `--set factors_dir=FOLDER`):

@@ -572,7 +572,7 @@ def spectrum(
     if st.is_main:
         _save(report, ctx, fingerprints, result_fields)
     st.barrier()
-    saved.checkpoint.clear()
+    saved.clear()
     report.seconds["total"] = time.perf_counter() - t_start
     return report
 

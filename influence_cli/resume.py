@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,37 +39,56 @@ def run_keys(fields: dict[str, Any]) -> set[str]:
 
 def check_rank_layout(folder: Path, pattern: str, world_size: int, *, resume: bool, overwrite: bool, kind: str = "") -> None:
     """Refuses progress of this pass saved by a run with another number of ranks (its files,
-    `pattern` with {rank} = ".rank<r>" + kind, or kind alone for one process, are not this run's
-    names, so it would silently start over and leave them behind); --overwrite removes them.
+    `pattern` with {rank} = ".rank<r>" + kind, or kind alone for one process, and the files of the
+    datasets each finished beside them, are not this run's names, so it would silently start over
+    and leave them behind); --overwrite removes them.
 
     Raises:
         OutputError: naming the files and the number of ranks that saved them.
     """
     mine = {pattern.format(rank=kind)} if world_size == 1 else {pattern.format(rank=f".rank{r}{kind}") for r in range(world_size)}
-    others = [p for p in progress_files(folder, pattern, kind) if p.name not in mine]
+    others = [p for p in progress_files(folder, pattern, kind) if snapshot_of(p.name, pattern) not in mine]
     if not others:
         return
     if overwrite and not resume:
         for p in others:
             p.unlink(missing_ok=True)
         return
-    ranks = sum(".rank" in p.name for p in others) or 1
+    ranks = sum(".rank" in name for name in {snapshot_of(p.name, pattern) for p in others}) or 1
+    snapshots = [p.name for p in others if snapshot_of(p.name, pattern) == p.name] or [p.name for p in others]
+    more = len(others) - len(snapshots)
     raise OutputError(
-        f"{str(folder)!r} holds progress saved by a run with {ranks} rank(s) ({', '.join(p.name for p in others)}); this run has {world_size}",
+        f"{str(folder)!r} holds progress saved by a run with {ranks} rank(s) ({', '.join(snapshots)}"
+        + (f", and {more} file(s) of the datasets it finished" if more else "")
+        + f"); this run has {world_size}",
         hint=(f"resume with the same number of ranks (torchrun --nproc_per_node {ranks})" if ranks > 1 else "resume without torchrun")
         + ", or pass --overwrite to start over",
     ).everywhere()
 
 
+_FINISHED = re.escape(storage.PARTIAL_FINISHED.split("{")[0]) + r"\d+"  # ".finished<i>": a finished dataset's file (DatasetsProgress)
+
+
+def _middle(name: str, pattern: str) -> str:
+    """What stands for {rank} in `name`, a file name of `pattern`: "", ".rank1", ".rank0.self", ".rank0.finished2"."""
+    prefix, suffix = pattern.split("{rank}")
+    return name[len(prefix) : len(name) - len(suffix)]
+
+
+def snapshot_of(name: str, pattern: str) -> str:
+    """The snapshot a progress file of `pattern` belongs to: its own name, or for the file of a
+    dataset a `DatasetsProgress` finished (similarity.partial.rank0.finished2.safetensors) the
+    snapshot it was saved beside (similarity.partial.rank0.safetensors)."""
+    prefix, suffix = pattern.split("{rank}")
+    return prefix + re.sub(_FINISHED + "$", "", _middle(name, pattern)) + suffix
+
+
 def progress_files(folder: Path, pattern: str, kind: str = "") -> list[Path]:
     """The progress files of one pass in `folder`, saved by any number of ranks: `pattern` with
-    {rank} = "" or ".rank<r>", followed by `kind` (".self" for self-influence)."""
-    prefix, suffix = pattern.split("{rank}")
-    return [
-        p
-        for p in sorted(folder.glob(pattern.format(rank="*")))
-        if p.name[len(prefix) : len(p.name) - len(suffix)].removeprefix(".rank").lstrip("0123456789") == kind  # "", ".rank1", ".self", ".rank0.self"
-    ]
+    {rank} = "" or ".rank<r>", followed by `kind` (".self" for self-influence), and the files of
+    the datasets each finished (".finished<i>" after that: dataset-similarity, spectrum)."""
+    own = re.compile(r"(\.rank\d+)?" + re.escape(kind) + f"({_FINISHED})?")  # "", ".rank1", ".self", ".rank0.self", ".finished2"
+    return [p for p in sorted(folder.glob(pattern.format(rank="*"))) if own.fullmatch(_middle(p.name, pattern))]
 
 
 def clear_progress_of_finished(folder: Path, pattern: str, kind: str = "", main: bool = True, outputs: Sequence[Path] = ()) -> None:
@@ -117,7 +137,16 @@ class PassCheckpoint:
                 f"{str(self.path)!r} holds progress of an interrupted run",
                 hint="pass --resume to continue it, or --overwrite to start over",
             )
-        tensors, meta = storage.load_tensors(self.path, storage.PARTIAL_FORMAT)
+        return self.read()
+
+    def read(self, path: Path | None = None) -> Snapshot:
+        """The progress saved at `path` (default: the snapshot), which must be of this run's settings.
+
+        Raises:
+            OutputError: not a readable progress file, or progress of other settings (named).
+        """
+        path = path or self.path
+        tensors, meta = storage.load_tensors(path, storage.PARTIAL_FORMAT)
         if meta.get("run_key") not in run_keys(self.settings):
             old = meta.get("settings")
             changed = changed_settings(old, self.settings, self.names)
@@ -126,18 +155,19 @@ class PassCheckpoint:
             if chunks and {k for k in set(old) | set(self.settings) if old.get(k) != self.settings.get(k)} == {"chunks"}:
                 size = chunks[0][1] - chunks[0][0]  # only the query chunks differ (a budget or a version that sized them otherwise)
                 hint = f"resume with --set scores.query_chunk={size} (the interrupted run's chunks; the scores are the same), or pass --overwrite"
-            raise OutputError(f"{str(self.path)!r} is progress of a run with other settings ({changed})", hint=hint)
+            raise OutputError(f"{str(path)!r} is progress of a run with other settings ({changed})", hint=hint)
         return Snapshot(meta["phase"], int(meta["batches_done"]), tensors)
 
     def due(self, batches_done: int) -> bool:
         return self.every > 0 and batches_done % self.every == 0
 
-    def save(self, phase: str, batches_done: int, tensors: dict[str, torch.Tensor]) -> None:
+    def save(self, phase: str, batches_done: int, tensors: dict[str, torch.Tensor], path: Path | None = None) -> None:
+        """Writes progress (atomically) to `path`, by default the snapshot, with this run's key and settings."""
         meta = {
             storage.FORMAT_KEY: storage.PARTIAL_FORMAT, "run_key": self.key, "phase": phase, "batches_done": batches_done,
             "settings": self.settings,
         }  # fmt: skip
-        storage.save_tensors(self.path, tensors, meta)
+        storage.save_tensors(path or self.path, tensors, meta)
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -226,20 +256,36 @@ def changed_settings(old: dict[str, Any] | None, new: dict[str, Any], names: dic
 
 class DatasetsProgress:
     """Resumable progress of a command that streams several datasets one after another (dataset-similarity,
-    spectrum), on this rank: each finished dataset's result (tensors, the same on every rank: they are
-    all-reduced or gathered) and this rank's state of the dataset in progress, saved by a `PassCheckpoint`.
+    spectrum), on this rank, saved beside its `PassCheckpoint`'s snapshot: each finished dataset's result
+    (tensors, the same on every rank: they are all-reduced or gathered) once, in a file of its own
+    (`finished_path`), and every `factors.checkpoint_every` batches the snapshot: this rank's state of the
+    dataset in progress and how many are finished, never their results (so a save costs the same after
+    any number of datasets). Each rank keeps its own files, as it keeps its own snapshot.
 
-    Phase "dataset:<i>": datasets 0..i-1 are finished; `batches_done` batches of dataset i are in `state`.
+    Phase "dataset:<i>": datasets 0..i-1 are finished, each in its file; `batches_done` batches of dataset
+    i are in `state`. A snapshot of earlier versions holds the finished results as its tensors
+    finished.<j>.*: they are read from it, and written to their files at the next save.
     """
 
     def __init__(self, checkpoint: PassCheckpoint, snapshot: Snapshot | None = None) -> None:
+        """Continues `snapshot` (of `checkpoint`; none: from the start), reading the finished datasets' files.
+
+        Raises:
+            OutputError: a finished dataset's file is missing, unreadable, or of other settings (named):
+                the snapshot cannot be continued without it.
+        """
         self.checkpoint = checkpoint
         self.finished: list[dict[str, torch.Tensor]] = []
+        self.written = 0  # how many of `finished` are in their files
         self.batches_done = 0
         self.state: dict[str, torch.Tensor] = {}
         if snapshot is not None and snapshot.phase.startswith("dataset:"):
             done = int(snapshot.phase.removeprefix("dataset:"))
-            self.finished = [prefixed(snapshot.tensors, f"finished.{i}.") for i in range(done)]
+            if any(k.startswith("finished.") for k in snapshot.tensors):  # an earlier version's snapshot holds them
+                self.finished = [prefixed(snapshot.tensors, f"finished.{i}.") for i in range(done)]
+            else:
+                self.finished = [self._read_finished(i) for i in range(done)]
+                self.written = done
             self.batches_done = snapshot.batches_done
             self.state = prefixed(snapshot.tensors, "state.")
 
@@ -252,6 +298,8 @@ class DatasetsProgress:
         (with {rank}) every `every` batches: every rank checks it at once (`distributed.agree`: a refusal is
         said once), the ranks agree on the dataset to continue at (`agree`), and with `overwrite` the finished
         `output` is removed (an interrupted --overwrite run must not leave the old result looking current).
+        Files of finished datasets that the snapshot does not count (a run killed between writing one and
+        its snapshot, or started over) are removed.
 
         Args:
             dist: The DistState. result: the settings the result depends on; the batch size, the ranks and
@@ -261,25 +309,63 @@ class DatasetsProgress:
         settings = result | {"bs": batch_size, "world": dist.world_size, "dataset_order": list(datasets)}
         checkpoint = PassCheckpoint(folder / pattern.format(rank=f".rank{dist.rank}" if dist.distributed else ""), settings, every, names)
 
-        def start_checks() -> Snapshot | None:
+        def start_checks() -> DatasetsProgress:
             check_rank_layout(folder, pattern, dist.world_size, resume=resume, overwrite=overwrite)
-            return checkpoint.check_start(resume, overwrite)
+            progress = cls(checkpoint, checkpoint.check_start(resume, overwrite))
+            storage.remove_stale_temp_files(progress.finished_path("*"))  # what a killed writer left
+            progress._remove_finished(progress.written)
+            return progress
 
-        saved = cls(checkpoint, agree(dist, start_checks))
+        saved = agree(dist, start_checks)
         saved.agree(dist)
         if overwrite and dist.is_main:
             output.unlink(missing_ok=True)
         return saved
 
+    def finished_path(self, index: int | str) -> Path:
+        """The file of finished dataset `index` (from 0; "*": a glob of them all), beside the snapshot:
+        similarity.partial.rank0.safetensors -> similarity.partial.rank0.finished2.safetensors."""
+        path = self.checkpoint.path
+        return path.with_suffix(storage.PARTIAL_FINISHED.format(index=index) + path.suffix)
+
+    def _read_finished(self, index: int) -> dict[str, torch.Tensor]:
+        path = self.finished_path(index)
+        order = self.checkpoint.settings.get("dataset_order")
+        name = repr(order[index]) if isinstance(order, list) and index < len(order) else str(index)
+        what = f"the result of dataset {name}, which {self.checkpoint.path.name} counts as finished"
+        hint = "pass --overwrite to start over (the saved progress cannot continue without it)"
+        if not path.is_file():
+            raise OutputError(f"{str(path)!r} is missing: it held {what}", hint=hint)
+        saved = self.checkpoint.read(path)  # unreadable, or of other settings: refused by name
+        if saved.phase != f"finished:{index}":
+            raise OutputError(f"{str(path)!r} does not hold {what} (it holds {saved.phase!r})", hint=hint)
+        return saved.tensors
+
+    def _remove_finished(self, start: int = 0) -> None:
+        """Removes this rank's files of finished datasets from index `start` on."""
+        glob = self.finished_path("*")
+        head, tail = glob.name.split("*")
+        for p in glob.parent.glob(glob.name):
+            index = p.name[len(head) : len(p.name) - len(tail)]
+            if index.isdigit() and int(index) >= start:
+                p.unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        """Removes this rank's progress: the snapshot, then the finished datasets' files (a kill in between
+        leaves files that no snapshot counts, which the next start removes)."""
+        self.checkpoint.clear()
+        self._remove_finished()
+
     def due(self, batches_done: int) -> bool:
         return self.checkpoint.due(batches_done)
 
     def save(self, batches_done: int, state: dict[str, torch.Tensor]) -> None:
-        """Saves the finished datasets and `batches_done` batches of the next one (`state`: what they added up to)."""
-        tensors = {f"state.{k}": v for k, v in state.items()}
-        for i, result in enumerate(self.finished):
-            tensors |= {f"finished.{i}.{k}": v for k, v in result.items()}
-        self.checkpoint.save(f"dataset:{len(self.finished)}", batches_done, tensors)
+        """Saves `batches_done` batches of the dataset in progress (`state`: what they added up to) in the snapshot,
+        after writing each dataset finished since the last save to its file (every finished result is written once)."""
+        for i in range(self.written, len(self.finished)):
+            self.checkpoint.save(f"finished:{i}", 0, self.finished[i], self.finished_path(i))
+        self.written = len(self.finished)
+        self.checkpoint.save(f"dataset:{len(self.finished)}", batches_done, {f"state.{k}": v for k, v in state.items()})
 
     def finish(self, result: dict[str, torch.Tensor], more: bool) -> None:
         """Records a finished dataset, and saves it when `more` datasets follow (the last one is the command's result)."""
@@ -291,7 +377,7 @@ class DatasetsProgress:
     def agree(self, dist: Any) -> None:
         """Every rank (`dist`: a DistState) resumes at the same dataset: after the most any rank finished,
         whose results that rank sends to the others; a rank that saved fewer starts that dataset over on
-        its shard (its state is its own)."""
+        its shard (its state is its own), and writes the results it was sent to its own files at its next save."""
         if not dist.distributed:
             return
         counts = [int(c) for c in dist.all_gather_object(len(self.finished))]

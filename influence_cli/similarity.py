@@ -484,7 +484,7 @@ def dataset_similarity(
             },
         )
     st.barrier()
-    saved.checkpoint.clear()
+    saved.clear()
     seconds["total"] = time.perf_counter() - t_start
     return SimilarityReport(
         path,

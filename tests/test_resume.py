@@ -21,6 +21,7 @@ import torch
 from launch import subprocess_env
 from safetensors import safe_open
 from safetensors.torch import load_file
+from stopping import assert_same_tensors
 
 import influence_cli.fit as fit
 from influence_cli import storage
@@ -447,6 +448,20 @@ def test_progress_of_another_number_of_ranks_is_refused_not_dropped(tmp_path):
         check_rank_layout(tmp_path, scores, 2, resume=True, overwrite=False, kind=".self")
     check_rank_layout(tmp_path, pattern, 1, resume=False, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == [scores.format(rank=".self")]
+    similarity = storage.SIMILARITY_PARTIAL  # and the files of the datasets a rank finished, beside its snapshot
+    for name in [similarity.format(rank=f".rank{r}{f}") for r in (0, 1) for f in ("", ".finished0", ".finished1")]:
+        (tmp_path / name).write_bytes(b"progress")
+    two = r"2 rank\(s\) \(similarity.partial.rank0.safetensors, similarity.partial.rank1.safetensors, and 4 file\(s\) of the datasets it finished\)"
+    with pytest.raises(OutputError, match=two + "; this run has 1"):
+        check_rank_layout(tmp_path, similarity, 1, resume=True, overwrite=False)
+    check_rank_layout(tmp_path, similarity, 2, resume=True, overwrite=False)
+    check_rank_layout(tmp_path, similarity, 1, resume=False, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [scores.format(rank=".self")]
+    (tmp_path / similarity.format(rank=".finished0")).write_bytes(b"of one process, whose snapshot is gone")
+    with pytest.raises(OutputError, match=r"1 rank\(s\) \(similarity.partial.finished0.safetensors\); this run has 2"):
+        check_rank_layout(tmp_path, similarity, 2, resume=True, overwrite=False)
+    check_rank_layout(tmp_path, similarity, 2, resume=False, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [scores.format(rank=".self")]
 
 
 HOLD_LOCK = """
@@ -686,3 +701,115 @@ def test_datasets_progress_round_trips_and_ranks_resume_at_the_furthest_dataset(
     ahead.agree(_TwoRanks(1, behind))  # type: ignore[arg-type]
     assert len(ahead.finished) == 2 and ahead.resumed_from(["a", "b", "c"]) == "dataset 'c', batch 0 (2 of 3 datasets done)"
     assert DatasetsProgress(PassCheckpoint(tmp_path / "none.safetensors", {}, 1)).resumed_from(["a"]) is None
+    assert not (tmp_path / "p0.finished1.safetensors").exists()
+    behind.save(1, {"sum.fc.0": torch.zeros(2, 3)})  # the result it was sent goes to its own file, at its next save
+    again = DatasetsProgress(behind.checkpoint, behind.checkpoint.check_start(True, False))
+    assert [int(r["count"]) for r in again.finished] == [10, 11] and again.batches_done == 1
+    assert_same_tensors(tmp_path / "p0.finished1.safetensors", tmp_path / "p1.finished1.safetensors")
+
+
+def _results(n: int, size: int = 1000) -> list[dict[str, torch.Tensor]]:
+    """`n` finished datasets' results of two float64 [size] tensors each, as dataset-similarity keeps them."""
+    return [{"mean.fc": torch.full((size,), float(i), dtype=torch.float64), "diagonal.fc": torch.rand(size, dtype=torch.float64),
+             "count": torch.tensor(10 + i)} for i in range(n)]  # fmt: skip
+
+
+def test_each_finished_dataset_is_written_once_and_the_snapshot_does_not_grow(tmp_path, monkeypatch):
+    """Saves after k finished datasets write the snapshot (the current dataset's state and the count) and only the
+    results finished since the last save, each once, to its own file beside the snapshot."""
+    writes: list[tuple[str, list[str]]] = []
+    save_tensors = storage.save_tensors
+    monkeypatch.setattr(storage, "save_tensors", lambda path, tensors, meta, **kw: (writes.append((path.name, sorted(tensors))), save_tensors(path, tensors, meta, **kw))[1])
+    saved = DatasetsProgress(PassCheckpoint(tmp_path / "similarity.partial.safetensors", {"a": 1}, 2))
+    state = {"sum.fc": torch.ones(1000)}
+    results, sizes = _results(3), []
+    for r in results:
+        saved.save(2, state)
+        saved.save(4, state)
+        sizes.append((tmp_path / "similarity.partial.safetensors").stat().st_size)
+        saved.finish(r, more=True)
+    first = (tmp_path / "similarity.partial.finished0.safetensors").stat()
+    saved.save(2, state)
+    assert len(set(sizes)) == 1, sizes  # after 0, 1 and 2 finished datasets
+    assert (tmp_path / "similarity.partial.safetensors").stat().st_size == sizes[0]
+    snapshots = [keys for name, keys in writes if name == "similarity.partial.safetensors"]
+    assert len(snapshots) == 10 and all(keys in ([], ["state.sum.fc"]) for keys in snapshots)
+    finished = [name for name, _ in writes if name != "similarity.partial.safetensors"]
+    assert finished == [f"similarity.partial.finished{i}.safetensors" for i in range(3)]  # once each
+    again = (tmp_path / "similarity.partial.finished0.safetensors").stat()
+    assert (again.st_ino, again.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)
+    resumed = DatasetsProgress(saved.checkpoint, saved.checkpoint.check_start(True, False))
+    assert len(resumed.finished) == 3 and resumed.written == 3 and resumed.batches_done == 2
+    for got, expected in zip(resumed.finished, results, strict=True):
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+    resumed.save(4, state)
+    assert len(writes) == 14  # the snapshot only: the files of the datasets read back are not written again
+    resumed.clear()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_missing_unreadable_or_foreign_finished_file_is_refused_by_name(tmp_path):
+    settings = {"a": 1, "dataset_order": ["x", "y", "z"]}
+    saved = DatasetsProgress(PassCheckpoint(tmp_path / "spectrum.partial.safetensors", settings, 1))
+    for r in _results(2, 4):
+        saved.finish(r, more=True)
+    second = tmp_path / "spectrum.partial.finished1.safetensors"
+    kept = second.read_bytes()
+
+    def resume() -> DatasetsProgress:
+        return DatasetsProgress(saved.checkpoint, saved.checkpoint.check_start(True, False))
+
+    second.unlink()
+    with pytest.raises(OutputError, match=r"finished1.safetensors' is missing: it held the result of dataset 'y', which spectrum.partial.safetensors counts as finished") as info:
+        resume()
+    assert "--overwrite" in info.value.hint
+    second.write_bytes(kept[: len(kept) // 2])
+    with pytest.raises(OutputError, match="finished1.safetensors' is not a readable safetensors file") as info:
+        resume()
+    assert "--overwrite" in info.value.hint
+    PassCheckpoint(second, settings | {"a": 2}, 1).save("finished:1", 0, {"count": torch.tensor(1)})
+    with pytest.raises(OutputError, match=r"finished1.safetensors' is progress of a run with other settings \(a 2 -> 1\)"):
+        resume()
+    second.write_bytes((tmp_path / "spectrum.partial.finished0.safetensors").read_bytes())
+    with pytest.raises(OutputError, match=r"does not hold the result of dataset 'y'.*'finished:0'"):
+        resume()
+    second.write_bytes(kept)
+    assert len(resume().finished) == 2
+
+
+def test_a_snapshot_that_holds_the_finished_results_still_resumes(tmp_path):
+    """Snapshots of earlier versions hold the finished datasets' results as tensors finished.<i>.*: they are read from
+    it, and the next save writes them to their files, once, and a snapshot without them."""
+    checkpoint = PassCheckpoint(tmp_path / "similarity.partial.safetensors", {"a": 1}, 1)
+    results = _results(2, 4)
+    old = {f"finished.{i}.{k}": v for i, r in enumerate(results) for k, v in r.items()} | {"state.sum.fc": torch.ones(4)}
+    checkpoint.save("dataset:2", 3, old)
+    saved = DatasetsProgress(checkpoint, checkpoint.check_start(True, False))
+    assert saved.batches_done == 3 and torch.equal(saved.state["sum.fc"], torch.ones(4)) and saved.written == 0
+    assert [int(r["count"]) for r in saved.finished] == [10, 11] and torch.equal(saved.finished[1]["mean.fc"], results[1]["mean.fc"])
+    saved.save(4, saved.state)
+    tensors, meta = storage.load_tensors(checkpoint.path)
+    assert list(tensors) == ["state.sum.fc"] and meta["phase"] == "dataset:2"
+    again = DatasetsProgress(checkpoint, checkpoint.check_start(True, False))
+    assert again.written == 2 and all(torch.equal(a["diagonal.fc"], b["diagonal.fc"]) for a, b in zip(again.finished, results, strict=True))
+
+
+def test_start_removes_the_finished_files_no_snapshot_counts(tmp_path):
+    """A run killed between writing a finished dataset's file and its snapshot leaves a file the snapshot does not
+    count; --overwrite starts over: both are removed when the run starts, with the temporary files of killed writers."""
+    output = tmp_path / storage.SIMILARITY_FILE
+
+    def start(**kw) -> DatasetsProgress:
+        return DatasetsProgress.start(output, storage.SIMILARITY_PARTIAL, DistState(), {"a": 1}, ["x", "y", "z"], batch_size=8, every=1, **kw)
+
+    saved = start(resume=False, overwrite=False)
+    results = _results(3, 4)
+    saved.finish(results[0], more=True)
+    saved.finished.append(results[1])
+    saved.checkpoint.save("finished:1", 0, results[1], saved.finished_path(1))  # killed before the snapshot that counts it
+    (tmp_path / ".similarity.partial.finished2.safetensors.k1ll3d.tmp").write_bytes(b"half")
+    resumed = start(resume=True, overwrite=False)
+    assert len(resumed.finished) == 1 and resumed.resumed_from(["x", "y", "z"]) == "dataset 'y', batch 0 (1 of 3 datasets done)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["similarity.partial.finished0.safetensors", "similarity.partial.safetensors"]
+    start(resume=False, overwrite=True)
+    assert list(tmp_path.iterdir()) == []

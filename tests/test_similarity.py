@@ -14,7 +14,7 @@ import torch
 from exact import ConvHead, SeqModel, batches_of, empirical_vectors, fisher_vectors, fit, per_example_layer_grads, tiny_mlp
 from mnist_files import IMAGES, LABELS, requires_mnist
 from PIL import Image
-from stopping import assert_same_tensors, interrupt
+from stopping import SavesSpy, StopAt, as_earlier_snapshot, assert_same_tensors, interrupt, progress_files
 from typer.testing import CliRunner
 
 from influence_cli import storage
@@ -541,16 +541,21 @@ def test_temporary_files_of_killed_writers_are_removed(digits_run, tmp_path):
 # ----------------------------------------------------------------------------- interrupted runs
 
 
-@pytest.mark.parametrize("title,after", [("zeros_sixes", 200), ("ones_sevens_heldout", 32)])
+@pytest.mark.parametrize("title,after", [("zeros_sixes", 200), ("ones_sevens", 96), ("zeros_sixes_heldout", 32), ("ones_sevens_heldout", 32)])
 def test_an_interrupted_run_resumes_to_the_same_result(digits_run, tmp_path, title, after):
-    """Stopped inside the first or the last dataset (progress saved every 2 batches of 32, and after each dataset),
-    --resume streams only what is left and gives the uninterrupted run's tensors bit for bit."""
+    """Stopped inside each dataset (progress saved every 2 batches of 32, and after each dataset), --resume streams
+    only what is left and gives the uninterrupted run's tensors bit for bit. The snapshot holds the current dataset's
+    sums and the count of finished datasets, whose statistics are in files of their own beside it."""
     factors, _ = digits_run
     (tmp_path / storage.FACTORS_FILE).write_bytes((factors / storage.FACTORS_FILE).read_bytes())
     sets = [f"output_dir={tmp_path}", "device=cpu", "data.batch_size=32", "factors.checkpoint_every=2"]
     cfg = load_config(DIGITS, sets)
     partial = tmp_path / storage.SIMILARITY_PARTIAL.format(rank="")
     interrupt(lambda **kw: dataset_similarity(cfg, **kw), title, after, partial, tmp_path / SIMILARITY_FILE)
+    done = list(cfg.similarity.datasets).index(title)
+    assert progress_files(partial) == sorted([partial.name, *(f"similarity.partial.finished{i}.safetensors" for i in range(done))])
+    snapshot, meta = load_tensors(partial)
+    assert meta["phase"] == f"dataset:{done}" and all(k.startswith("state.") for k in snapshot), list(snapshot)
     with pytest.raises(OutputError, match=r"other settings \(batch size 32 -> 64\)"):
         dataset_similarity(load_config(DIGITS, [*sets, "data.batch_size=64"]), resume=True)
     with pytest.raises(OutputError, match=r"other settings \(similarity.fisher ggn -> empirical\)"):
@@ -561,12 +566,65 @@ def test_an_interrupted_run_resumes_to_the_same_result(digits_run, tmp_path, tit
     report = dataset_similarity(cfg, resume=True)
     assert report.resumed_from is not None and report.resumed_from.startswith(f"dataset {title!r}, batch ")
     assert ("of 4 datasets done" in report.resumed_from) == (title != "zeros_sixes")
-    assert not partial.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [storage.FACTORS_FILE, SIMILARITY_FILE]  # no progress left
     reference = tmp_path / "reference"
     reference.mkdir()
     (reference / storage.FACTORS_FILE).write_bytes((factors / storage.FACTORS_FILE).read_bytes())
     dataset_similarity(load_config(DIGITS, [*sets, f"output_dir={reference}"]))
     assert_same_tensors(tmp_path / SIMILARITY_FILE, reference / SIMILARITY_FILE)
+
+
+@pytest.mark.parametrize("earlier", [False, True], ids=["files", "earlier-snapshot"])
+def test_resumes_in_the_second_and_third_dataset_write_each_finished_dataset_once(digits_run, tmp_path, monkeypatch, earlier):
+    """Stopped in the second dataset, resumed and stopped in the third, resumed to the end: each finished dataset's
+    statistics are written once, to a file of their own, the snapshot (saved every batch) holds the current dataset's
+    sums only, the same size however many datasets are done, and the result is the uninterrupted run's bit for bit.
+    `earlier`: the first stop's progress as earlier versions saved it (the finished statistics inside the snapshot)
+    resumes too, its finished statistics written to their files once, at the first save."""
+    factors, _ = digits_run
+    (tmp_path / storage.FACTORS_FILE).write_bytes((factors / storage.FACTORS_FILE).read_bytes())
+    sets = [f"output_dir={tmp_path}", "device=cpu", "data.batch_size=32", "factors.checkpoint_every=1"]
+    cfg = load_config(DIGITS, sets)
+    partial = tmp_path / storage.SIMILARITY_PARTIAL.format(rank="")
+    finished = [partial.with_suffix(f".finished{i}.safetensors") for i in range(4)]
+    spy = SavesSpy(monkeypatch)
+    interrupt(lambda **kw: dataset_similarity(cfg, **kw), "ones_sevens", 96, partial, tmp_path / SIMILARITY_FILE)
+    assert len(spy.of(finished[0].name)) == 1 and progress_files(partial) == [finished[0].name, partial.name]
+    if earlier:
+        as_earlier_snapshot(partial)
+        assert progress_files(partial) == [partial.name]
+    kept = finished[0].stat() if not earlier else None
+    spy.writes.clear()
+    with pytest.raises(KeyboardInterrupt):
+        dataset_similarity(cfg, resume=True, progress=StopAt("zeros_sixes_heldout", 32))
+    assert progress_files(partial) == [finished[0].name, finished[1].name, partial.name]
+    if kept is not None:  # not written again
+        assert (finished[0].stat().st_ino, finished[0].stat().st_mtime_ns) == (kept.st_ino, kept.st_mtime_ns)
+    report = dataset_similarity(cfg, resume=True)
+    assert report.resumed_from == "dataset 'zeros_sixes_heldout', batch 1 (2 of 4 datasets done)"
+    assert [len(spy.of(p.name)) for p in finished] == [int(earlier), 1, 1, 0]  # the last one is the result
+    snapshots = spy.of(partial.name)
+    assert len(snapshots) > 5 and all(all(k.startswith("state.") for k in keys) for keys, _ in snapshots)
+    assert len({size for keys, size in snapshots if keys}) == 1  # after 1, 2 or 3 finished datasets
+    assert sorted(p.name for p in tmp_path.iterdir()) == [storage.FACTORS_FILE, SIMILARITY_FILE]
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    (reference / storage.FACTORS_FILE).write_bytes((factors / storage.FACTORS_FILE).read_bytes())
+    dataset_similarity(load_config(DIGITS, [*sets, f"output_dir={reference}"]))
+    assert_same_tensors(tmp_path / SIMILARITY_FILE, reference / SIMILARITY_FILE)
+
+
+def test_overwrite_removes_the_progress_and_the_finished_datasets_files(digits_run, tmp_path):
+    factors, _ = digits_run
+    (tmp_path / storage.FACTORS_FILE).write_bytes((factors / storage.FACTORS_FILE).read_bytes())
+    cfg = load_config(DIGITS, [f"output_dir={tmp_path}", "device=cpu", "data.batch_size=32", "factors.checkpoint_every=2"])
+    partial = tmp_path / storage.SIMILARITY_PARTIAL.format(rank="")
+    interrupt(lambda **kw: dataset_similarity(cfg, **kw), "zeros_sixes_heldout", 32, partial, tmp_path / SIMILARITY_FILE)
+    with pytest.raises(KeyboardInterrupt):  # --overwrite starts over: the files of the finished datasets go at once
+        dataset_similarity(cfg, overwrite=True, progress=StopAt("zeros_sixes", 64))
+    assert progress_files(partial) == [partial.name]
+    assert dataset_similarity(cfg, overwrite=True).resumed_from is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == [storage.FACTORS_FILE, SIMILARITY_FILE]
 
 
 def test_resume_with_nothing_saved_starts_over_and_a_finished_result_is_shown(digits_run, tmp_path):
@@ -588,7 +646,8 @@ _stream = similarity.stream_gradients
 def stream(*args, **kwargs):
     for batch in _stream(*args, **kwargs):
         time.sleep(0.02)
-        if os.environ.get("STOP") and os.environ["RANK"] == "1" and kwargs["dataset_name"].endswith(".ones_sevens") and batch.index == 7:
+        name, _, index = os.environ.get("STOP", ":").partition(":")  # "<dataset>:<batch>"
+        if name and os.environ["RANK"] == "1" and kwargs["dataset_name"].endswith("." + name) and batch.index == int(index):
             raise KeyboardInterrupt
         yield batch
 
@@ -600,7 +659,11 @@ main()
 
 
 @pytest.mark.distributed
-def test_two_ranks_interrupted_resume_to_the_uninterrupted_result(digits_run, tmp_path):
+@pytest.mark.parametrize("behind", [False, True], ids=["both-saved", "rank-1-behind"])
+def test_two_ranks_interrupted_resume_to_the_uninterrupted_result(digits_run, tmp_path, behind):
+    """Each rank saves its own snapshot and its own copy of each finished dataset's statistics (the same on both).
+    `behind`: rank 1's progress is gone (as if it had stopped before its first save): it takes the finished dataset
+    from rank 0, writes it to its own file at its next save, and a second stop and resume still give the result."""
     import subprocess
     import sys
 
@@ -610,28 +673,40 @@ def test_two_ranks_interrupted_resume_to_the_uninterrupted_result(digits_run, tm
     script.write_text(STOPPING_RANK_CLI)
     factors, _ = digits_run
 
-    def run(out: Path, *extra: str, stop: bool = False) -> subprocess.CompletedProcess:
+    def run(out: Path, *extra: str, stop: str = "") -> subprocess.CompletedProcess:
         out.mkdir(exist_ok=True)
         if not (out / storage.FACTORS_FILE).exists():
             (out / storage.FACTORS_FILE).write_bytes((factors / storage.FACTORS_FILE).read_bytes())
         sets = [f"output_dir={out}", "device=cpu", "data.batch_size=8", "factors.checkpoint_every=2"]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
                "dataset-similarity", str(DIGITS), *[a for s in sets for a in ("--set", s)], *extra]  # fmt: skip
-        env = subprocess_env() | ({"STOP": "1"} if stop else {})
+        env = subprocess_env() | ({"STOP": stop} if stop else {})
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, cwd=ROOT)
 
-    stopped = run(tmp_path / "resumed", stop=True)
-    assert stopped.returncode != 0 and not (tmp_path / "resumed" / SIMILARITY_FILE).exists(), stopped.stderr
-    saved = sorted(p.name for p in (tmp_path / "resumed").glob("similarity.partial*"))
-    assert saved == ["similarity.partial.rank0.safetensors", "similarity.partial.rank1.safetensors"], stopped.stderr
-    resumed = run(tmp_path / "resumed", "--resume", "--json")
+    out = tmp_path / "resumed"
+    stopped = run(out, stop="ones_sevens:7")
+    assert stopped.returncode != 0 and not (out / SIMILARITY_FILE).exists(), stopped.stderr
+    saved = sorted(p.name for p in out.glob("similarity.partial*"))
+    assert saved == [f"similarity.partial.rank{r}{f}.safetensors" for r in (0, 1) for f in (".finished0", "")], stopped.stderr
+    assert_same_tensors(out / "similarity.partial.rank1.finished0.safetensors", out / "similarity.partial.rank0.finished0.safetensors")
+    if behind:
+        for p in out.glob("similarity.partial.rank1*"):
+            p.unlink()
+        stopped = run(out, "--resume", stop="zeros_sixes_heldout:2")
+        assert stopped.returncode != 0 and not (out / SIMILARITY_FILE).exists(), stopped.stderr
+        saved = sorted(p.name for p in out.glob("similarity.partial.rank1*"))
+        assert saved == [f"similarity.partial.rank1{f}.safetensors" for f in (".finished0", ".finished1", "")], stopped.stderr
+        for i in (0, 1):
+            assert_same_tensors(out / f"similarity.partial.rank1.finished{i}.safetensors", out / f"similarity.partial.rank0.finished{i}.safetensors")
+    resumed = run(out, "--resume", "--json")
     assert resumed.returncode == 0, resumed.stderr
     where = json.loads(resumed.stdout)["resumed_from"]
-    assert where.startswith("rank 0: dataset 'ones_sevens', batch ") and "; rank 1: dataset 'ones_sevens', batch " in where, where
-    assert not list((tmp_path / "resumed").glob("similarity.partial*"))
+    name = "zeros_sixes_heldout" if behind else "ones_sevens"
+    assert where.startswith(f"rank 0: dataset {name!r}, batch ") and f"; rank 1: dataset {name!r}, batch " in where, where
+    assert sorted(p.name for p in out.iterdir()) == [storage.FACTORS_FILE, SIMILARITY_FILE]  # no progress left on any rank
     reference = run(tmp_path / "reference")
     assert reference.returncode == 0, reference.stderr
-    assert_same_tensors(tmp_path / "resumed" / SIMILARITY_FILE, tmp_path / "reference" / SIMILARITY_FILE)
+    assert_same_tensors(out / SIMILARITY_FILE, tmp_path / "reference" / SIMILARITY_FILE)
 
 
 def test_a_finished_result_of_an_image_folder_read_in_another_colour_mode_is_refused(tmp_path):

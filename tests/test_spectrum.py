@@ -14,7 +14,7 @@ import torch
 from exact import ConvHead, batches_of, empirical_vectors, fit, per_example_layer_grads, tiny_mlp
 from mnist_files import IMAGES, LABELS, requires_mnist
 from PIL import Image
-from stopping import assert_same_tensors, interrupt
+from stopping import SavesSpy, StopAt, as_earlier_snapshot, assert_same_tensors, interrupt, progress_files
 from test_models import TiedLM
 from typer.testing import CliRunner, Result
 
@@ -872,9 +872,45 @@ def test_an_interrupted_spectrum_resumes_to_the_same_result(digits, tmp_path, ti
         spectrum(reordered, resume=True)
     with pytest.raises(OutputError, match=r"other settings \(order kfac -> ekfac\)"):  # the bands' order is another setting
         spectrum(cfg, order="ekfac", resume=True)
+    done = int(title == "heldout")
+    assert progress_files(partial) == sorted([partial.name, *(["spectrum.partial.finished0.safetensors"] if done else [])])
     report = spectrum(cfg, resume=True)
-    assert report.resumed_from == f"dataset {title!r}, batch {after // 32 // 2 * 2}" + (" (1 of 2 datasets done)" if title == "heldout" else "")
-    assert not partial.exists()
+    assert report.resumed_from == f"dataset {title!r}, batch {after // 32 // 2 * 2}" + (" (1 of 2 datasets done)" if done else "")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [FACTORS_FILE, SPECTRUM_FILE]  # no progress left
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    (reference / FACTORS_FILE).write_bytes((factors / FACTORS_FILE).read_bytes())
+    spectrum(load_config(DIGITS, [*overrides, f"output_dir={reference}"]))
+    assert_same_tensors(tmp_path / SPECTRUM_FILE, reference / SPECTRUM_FILE)
+
+
+@pytest.mark.parametrize("earlier", [False, True], ids=["files", "earlier-snapshot"])
+def test_spectrum_resumed_in_the_second_and_third_dataset_writes_each_finished_dataset_once(digits, tmp_path, monkeypatch, earlier):
+    """Three datasets, stopped in the second, resumed and stopped in the third, resumed to the end: each finished
+    dataset's energies are written once, to a file of their own (not into every snapshot), and the result is the
+    uninterrupted run's bit for bit. `earlier`: the first stop's progress as earlier versions saved it resumes too."""
+    factors, sets = digits
+    (tmp_path / FACTORS_FILE).write_bytes((factors / FACTORS_FILE).read_bytes())
+    overrides = [v for k, v in zip(sets[::2], sets[1::2], strict=True) if k == "--set" and not v.startswith(("output_dir=", "spectrum.datasets="))]
+    more = "{source: tensors, path: ../sample_data/digits.safetensors, range: [1700, 1797], transform: {scale: 16.0}}"
+    overrides += [f"spectrum.datasets={{noisy_train: {NOISY_SPEC}, heldout: {HELD_SPEC}, more: {more}}}", "data.batch_size=32", "factors.checkpoint_every=2"]
+    cfg = load_config(DIGITS, [*overrides, f"output_dir={tmp_path}"])
+    partial = tmp_path / storage.SPECTRUM_PARTIAL.format(rank="")
+    finished = [partial.with_suffix(f".finished{i}.safetensors") for i in range(3)]
+    spy = SavesSpy(monkeypatch)
+    interrupt(lambda **kw: spectrum(cfg, **kw), "heldout", 96, partial, tmp_path / SPECTRUM_FILE)
+    assert progress_files(partial) == [finished[0].name, partial.name]
+    if earlier:
+        as_earlier_snapshot(partial)
+    spy.writes.clear()
+    with pytest.raises(KeyboardInterrupt):
+        spectrum(cfg, resume=True, progress=StopAt("more", 64))
+    assert progress_files(partial) == [finished[0].name, finished[1].name, partial.name]
+    report = spectrum(cfg, resume=True)
+    assert report.resumed_from == "dataset 'more', batch 2 (2 of 3 datasets done)"
+    assert [len(spy.of(p.name)) for p in finished] == [int(earlier), 1, 0]
+    assert all(all(k.startswith("state.") for k in keys) for keys, _ in spy.of(partial.name))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [FACTORS_FILE, SPECTRUM_FILE]
     reference = tmp_path / "reference"
     reference.mkdir()
     (reference / FACTORS_FILE).write_bytes((factors / FACTORS_FILE).read_bytes())
