@@ -789,6 +789,41 @@ def test_image_folder_errors(tmp_path: Path) -> None:
     assert "c2.png" in info.value.message and "zero.png" in info.value.message and "remove or replace" in info.value.hint
 
 
+def test_images_whose_pixels_cannot_be_decoded_are_named_together(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Headers are read when the folder opens, pixels only in the pass: a truncated image was found
+    one per run, the run stopping at the first."""
+    from PIL import Image
+
+    from influence_cli.data import torchvision_sets
+
+    root = tmp_path / "imgs"
+    for cls in ("cat", "dog"):
+        (root / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.effect_noise((32, 32), 60).save(root / cls / f"{i}.png")  # noise: the pixel data is most of the file
+    for name in ("cat/1.png", "dog/0.png", "dog/3.png"):  # headers intact, pixel data cut
+        data = (root / name).read_bytes()
+        (root / name).write_bytes(data[: len(data) // 2])
+    ds = load_dataset(DataSpec(source="image_folder", root="imgs"), tmp_path)  # opens: headers only
+    assert ds[0][0].shape == (1, 32, 32)
+    with pytest.raises(DataError) as info:
+        ds[1]
+    message = info.value.message
+    assert message.startswith(f"data.train.root: cannot read image {str(root / 'cat' / '1.png')!r}"), message
+    assert message.endswith(f"; 2 of the other 7 images cannot be decoded either: {str(root / 'dog' / '0.png')!r}, {str(root / 'dog' / '3.png')!r}")
+    assert "remove or replace" in info.value.hint
+    (root / "dog" / "0.png").unlink()
+    (root / "dog" / "3.png").unlink()
+    ds = load_dataset(DataSpec(source="image_folder", root="imgs"), tmp_path)
+    with pytest.raises(DataError) as info:
+        ds[1]
+    assert info.value.message.endswith("(image file is truncated); the other 5 images decode"), info.value.message
+    monkeypatch.setattr(torchvision_sets, "DECODE_CHECK_SECONDS", 0.0)  # a large folder: the search stops at its time limit
+    with pytest.raises(DataError) as info:
+        ds[1]
+    assert re.search(r"; the first \d of the other 5 images \(decoded for 0 s\) decode$", info.value.message), info.value.message
+
+
 def test_image_suffixes_are_torchvisions_gif_and_the_other_jpeg_names() -> None:
     import torchvision.datasets as tvd
 

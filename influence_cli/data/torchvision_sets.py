@@ -7,6 +7,7 @@ import functools
 import hashlib
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +140,10 @@ def open_torchvision(spec: DataSpec, base_dir: Path, name: str) -> Source:
 # ------------------------------------------------------------------ image folders
 
 
+UNREADABLE_HINT = "remove or replace the unreadable files (or move them out of the class folders)"
+DECODE_CHECK_SECONDS = 60.0  # how long a failed decode spends looking for the other unreadable images
+
+
 class _ImageFolderItems:
     """Loads image `i` of an ImageFolder as uint8 [C, H, W] (resized if asked); picklable for workers."""
 
@@ -159,7 +164,34 @@ class _ImageFolderItems:
                     img = img.resize((self.resize[1], self.resize[0]), Image.Resampling.BILINEAR)
                 return pil_to_tensor(img), target
         except OSError as exc:
-            raise DataError(f"{self.key}: cannot read image {path!r} ({exc})") from None
+            raise DataError(f"{self.key}: cannot read image {path!r} ({exc}){self._others_unreadable(index)}", hint=UNREADABLE_HINT) from None
+
+    def _others_unreadable(self, failed: int) -> str:
+        """The other images whose pixel data cannot be decoded either, in words ("" when there are no others), so that
+        one run names them all: the headers were read when the folder was opened, the pixels only now.
+        Decodes the images after `failed` (then those before it) for at most `DECODE_CHECK_SECONDS`."""
+        from PIL import Image
+
+        order = [*range(failed + 1, len(self.samples)), *range(failed)]
+        bad: list[str] = []
+        deadline = time.monotonic() + DECODE_CHECK_SECONDS
+        checked = 0
+        for i in order:
+            if time.monotonic() > deadline:
+                break
+            checked += 1
+            try:
+                with Image.open(self.samples[i][0]) as img:
+                    img.load()
+            except OSError:
+                bad.append(self.samples[i][0])
+        if not order:
+            return ""
+        which = f"the other {len(order)} images" if checked == len(order) else f"the first {checked} of the other {len(order)} images (decoded for {DECODE_CHECK_SECONDS:g} s)"
+        if not bad:
+            return f"; {which} decode"
+        shown = ", ".join(repr(p) for p in bad[:5]) + (", ..." if len(bad) > 5 else "")
+        return f"; {len(bad)} of {which} cannot be decoded either: {shown}"
 
 
 _GRAY_MODES = ("1", "L", "LA")  # palette images (P) are gray when their palette is
@@ -193,10 +225,7 @@ def _folder_mode(samples: list[tuple[str, int]], key: str) -> str:
     if unreadable:
         path, exc = unreadable[0]
         others = f"; {len(unreadable) - 1} more: {', '.join(repr(p) for p, _ in unreadable[1:6])}{', ...' if len(unreadable) > 6 else ''}" if len(unreadable) > 1 else ""
-        raise DataError(
-            f"{key}: cannot read image {path!r} ({exc}){others}",
-            hint="remove or replace the unreadable files (or move them out of the class folders)",
-        )
+        raise DataError(f"{key}: cannot read image {path!r} ({exc}){others}", hint=UNREADABLE_HINT)
     return "L" if gray else "RGB"
 
 
