@@ -521,7 +521,7 @@ class _Running:
         self.k, self.sign = k, sign
         self.values = torch.empty(rows, 0)
         self.positions = torch.empty(rows, 0, dtype=torch.int64)
-        self.index: dict[int, tuple[int, Any]] = {}
+        self.index: dict[int, tuple[int, torch.Tensor | None]] = {}  # position -> (global index, label)
 
     def update(self, block: ScoreBlock) -> None:
         width = block.train_stop - block.train_start
@@ -530,7 +530,7 @@ class _Running:
         self.values, self.positions = _best(torch.cat([self.values, v], 1), torch.cat([self.positions, p], 1), self.k)
         for q in p.unique().tolist():
             local = q - block.train_start
-            label = None if block.train_labels is None else _plain(block.train_labels[local])
+            label = None if block.train_labels is None else block.train_labels[local].clone()  # made plain in `ranked`, for the few kept
             self.index[q] = (int(block.train_indices[local]), label)
         keep = set(self.positions.unique().tolist())
         self.index = {q: v for q, v in self.index.items() if q in keep}
@@ -542,7 +542,7 @@ class _Running:
             if not v > 0:  # values are sorted descending (times the sign); NaN never reaches here (_check_no_nan)
                 break
             idx, label = self.index[q]
-            out.append(RankedExample(r, idx, q, label, v * self.sign))
+            out.append(RankedExample(r, idx, q, _plain(label), v * self.sign))
         return out
 
 
