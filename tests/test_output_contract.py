@@ -5,6 +5,7 @@ dim 0, targets shaped like the outputs (regression), one class index per example
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -277,6 +278,18 @@ def test_labels_of_up_to_16_values_and_token_ids_are_given_in_full():
     assert label_json([0.5] * 17) == {"shape": [17], "mean": 0.5, "min": 0.5, "max": 0.5}
     assert label_json([[1.0, float("nan")]] * 9)["mean"] != label_json([[1.0, float("nan")]] * 9)["mean"]  # NaN: null in JSON
     assert label_text([0.25] * 17) == "[17] mean 0.25 in [0.25, 0.25]" and label_text([0.25, 0.5]) == "[0.25, 0.5]"
+
+
+def test_a_dense_label_with_infinities_or_huge_values_is_summarised():
+    """+inf and -inf among a dense target's values (or float64 values near the maximum) crashed its
+    summary: math.fsum raised ValueError ('-inf + inf in fsum') or OverflowError."""
+    from influence_cli.cli.render import label_json, label_text
+
+    both = label_json([float("inf"), float("-inf")] + [0.0] * 15)
+    assert math.isnan(both["mean"]) and (both["min"], both["max"]) == (float("-inf"), float("inf"))
+    assert label_text([float("inf"), float("-inf")] + [0.0] * 15) == "[17] mean nan in [-inf, inf]"
+    assert label_json([float("inf")] + [0.0] * 16)["mean"] == float("inf")
+    assert label_json([1e308] * 17)["mean"] == pytest.approx(1e308)
 
 
 def test_class_labels_stored_as_floats_are_named_as_such():

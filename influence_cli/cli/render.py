@@ -427,7 +427,8 @@ def _shape(values: Any) -> list[int]:
 def label_summary(label: Any) -> dict[str, Any] | None:
     """`shape`, `mean`, `min` and `max` of a regression target or prediction of more than
     LABEL_VALUES_IN_FULL values (a tensor's nested `tolist()`); None for any other label: a number, a
-    shorter list, integer ids (a language model's token sequence). A NaN makes all three NaN."""
+    shorter list, integer ids (a language model's token sequence). A NaN makes all three NaN; +inf
+    and -inf together make the mean NaN."""
     if not isinstance(label, list):
         return None
     flat = _flat(label)
@@ -435,7 +436,11 @@ def label_summary(label: Any) -> dict[str, Any] | None:
         return None
     if any(math.isnan(v) for v in flat):
         return {"shape": _shape(label), "mean": math.nan, "min": math.nan, "max": math.nan}
-    return {"shape": _shape(label), "mean": math.fsum(flat) / len(flat), "min": float(min(flat)), "max": float(max(flat))}
+    try:
+        mean = math.fsum(v / len(flat) for v in flat)  # each term divided first: float64 values near the maximum do not overflow the sum
+    except ValueError:  # +inf and -inf
+        mean = math.nan
+    return {"shape": _shape(label), "mean": mean, "min": float(min(flat)), "max": float(max(flat))}
 
 
 def label_json(label: Any) -> Any:
