@@ -51,15 +51,19 @@ def _has_glyph(getmask: Callable[[str], Any], char: str) -> bool:
     return mask.size != missing.size or bytes(mask) != bytes(missing)
 
 
+_STAND_INS = {"×": "x"}  # symbols the tool itself writes (a dense label's shape, [2×3×3]), spelled in ASCII
+
+
 def drawable(text: str, has_glyph: Callable[[str], bool]) -> str:
     """`text` with each character the font lacks replaced by its letters without accents (é → e,
-    ü → u), or by '?' when it has none (猫)."""
+    ü → u), by an ASCII stand-in (× → x), or by '?' when it has none (猫)."""
     out = []
     for char in unicodedata.normalize("NFC", text):  # "u" + a combining diaeresis (macOS file names) is "ü"
         if has_glyph(char):
             out.append(char)
             continue
         plain = "".join(c for c in unicodedata.normalize("NFKD", char) if not unicodedata.combining(c) and has_glyph(c))
+        plain = plain or _STAND_INS.get(char, "")
         out.append(plain or ("" if unicodedata.combining(char) else "?"))
     return "".join(out)
 

@@ -280,6 +280,16 @@ def test_labels_of_up_to_16_values_and_token_ids_are_given_in_full():
     assert label_text([0.25] * 17) == "[17] mean 0.25 in [0.25, 0.25]" and label_text([0.25, 0.5]) == "[0.25, 0.5]"
 
 
+def test_a_dense_labels_shape_is_spelled_in_image_grids():
+    """The image grids' font has no '×': a dense target's caption '[2×3×3] mean ...' was drawn as '[2?3?3] mean ...'."""
+    from influence_cli.cli.render import label_text
+    from influence_cli.drawing import default_font, drawable
+
+    assert drawable(label_text([0.5] * 18), str.isascii).startswith("[18] mean") and drawable("[2×3×3]", str.isascii) == "[2x3x3]"
+    font = default_font(12)
+    assert bytes(font.getmask("label [2×3×3]")) == bytes(font.getmask("label [2x3x3]"))
+
+
 def test_a_dense_label_with_infinities_or_huge_values_is_summarised():
     """+inf and -inf among a dense target's values (or float64 values near the maximum) crashed its
     summary: math.fsum raised ValueError ('-inf + inf in fsum') or OverflowError."""
