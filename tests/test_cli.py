@@ -738,6 +738,19 @@ def test_info_on_a_file_that_is_not_an_output(runner: CliRunner, tmp_path: Path,
     assert_clean_error(invoke(runner, "info", path), EXIT["output"], name)
 
 
+def test_info_on_a_plain_state_dict_says_it_records_no_metadata(runner: CliRunner, tmp_path: Path):
+    """A .pt written by edit (torch.save) was 'not a readable safetensors file (... header too large)',
+    with a hint to point info at a file written by this tool, which it was."""
+    import torch
+
+    torch.save({"w": torch.ones(2)}, tmp_path / "edited.pt")
+    torch.save({"w": torch.ones(2)}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    for name in ("edited.pt", "legacy.pth"):
+        result = invoke(runner, "info", tmp_path / name)
+        assert_clean_error(result, EXIT["output"], f"{name}' is a torch.save file", "records no metadata")
+        assert "header too large" not in result.stderr and "edit --json" in result.stderr
+
+
 def test_unreadable_outputs_name_the_command_that_writes_them_again(runner: CliRunner, fitted: tuple[Path, Result], tmp_path: Path):
     """A truncated factors or scores file: the hint names the command that writes it again, not a flag of this one."""
     out, _ = fitted

@@ -23,7 +23,7 @@ INFO_EPILOG = """\
 
 @command("info", rank_0=True, epilog=INFO_EPILOG)
 def info_cmd(
-    path: Annotated[Path, typer.Argument(metavar="FILE", help="A factors, scores (or scores.index.json), self-influence, similarity or spectrum file, or a checkpoint written by `influence edit`.")],
+    path: Annotated[Path, typer.Argument(metavar="FILE", help="A factors, scores (or scores.index.json), self-influence, similarity or spectrum file, or a .safetensors checkpoint written by `influence edit`.")],
     json_: JsonOpt = False,
 ) -> None:
     """Show what produced an output: format, versions, strategy, fingerprints, the resolved config, tensors."""
@@ -48,6 +48,11 @@ def info_cmd(
             raise OutputError(f"{str(path)!r} is not a scores index written by this tool ({why})") from None
         storage.check_shards_present(path, [path.parent / name for name in shapes])  # as top-k refuses it
     else:
+        if _written_by_torch_save(path):  # edit --out *.pt / *.pth: a plain state dict
+            raise OutputError(
+                f"{str(path)!r} is a torch.save file (a plain state dict, as edit writes to .pt / .pth), which records no metadata",
+                hint="edit --json reports such an edit; write it to a .safetensors file to keep its metadata for info",
+            )
         decoded = storage.read_metadata(path, hint="point info at a .safetensors file or scores.index.json written by this tool")
         with safe_open(str(path), framework="pt") as fh:
             shapes = {k: list(fh.get_slice(k).get_shape()) for k in fh.keys()}
@@ -72,3 +77,11 @@ def info_cmd(
     for title, value in [*nested.items(), *([(f"resolved config (relative paths resolve against {against})", config)] if config is not None else [])]:
         print_line(f"{title}:")
         print_line(textwrap.indent(yaml.safe_dump(value, sort_keys=False, default_flow_style=None, width=100).rstrip(), "  "))
+
+
+def _written_by_torch_save(path: Path) -> bool:
+    """Whether `path` begins as torch.save writes: a zip archive, or a legacy pickle (not a safetensors
+    header: an 8-byte length, whose first byte may be 0x80, then '{')."""
+    with path.open("rb") as fh:
+        head = fh.read(9)
+    return head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[8:9] != b"{")
