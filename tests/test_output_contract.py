@@ -269,12 +269,55 @@ def test_dense_regression_targets_are_summarised_not_repeated(tmp_path):
     assert "[2×3×3] mean " in _invoke("spectrum", path, "--top", "2").stdout
 
 
+def test_dense_integer_regression_targets_are_summarised_like_their_predictions(tmp_path):
+    """A regression target of integers (a uint8 target image) was given in full for every ranked example,
+    while its prediction beside it was summarised: only a float list counted as a regression target."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 4, generator=g), torch.randint(0, 256, (16, 2, 3, 3), generator=g, dtype=torch.uint8)
+    save_file({"inputs": x, "labels": y}, tmp_path / "d.safetensors")
+    (tmp_path / "dense_model.py").write_text("from torch import nn\n\ndef make():\n    return nn.Sequential(nn.Linear(4, 18), nn.Unflatten(1, (2, 3, 3)))\n")
+    config = {
+        "model": {"architecture": "dense_model:make"},
+        "task": {"kind": "regression"},
+        "data": {
+            "train": {"source": "tensors", "path": "d.safetensors", "range": [0, 13]},
+            "query": {"source": "tensors", "path": "d.safetensors", "range": [13, 16]},
+            "batch_size": 4,
+        },
+        "factors": {"fisher": "empirical"},
+        "output_dir": "out",
+        "device": "cpu",
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    path = str(tmp_path / "c.yaml")
+    for command in (["fit-factors"], ["compute-scores"], ["compute-scores", "--self"]):
+        result = _invoke(command[0], path, *command[1:])
+        assert result.exit_code == 0, result.stderr
+
+    def summary(i: int) -> dict:
+        v = y[i].double()
+        return {"shape": [2, 3, 3], "mean": pytest.approx(float(v.mean())), "min": float(v.min()), "max": float(v.max())}
+
+    ranked = json.loads(_invoke("top-k", path, "--query", "0", "--k", "2", "--json").stdout)["queries"][0]
+    assert ranked["query_label"] == summary(13) and ranked["query_prediction"]["shape"] == [2, 3, 3]
+    assert all(e["train_label"] == summary(e["train_index"]) for e in ranked["proponents"] + ranked["opponents"])
+    rows = json.loads(_invoke("top-k", path, "--self", "--k", "2", "--json").stdout)["self_influence"]
+    assert rows and all(r["train_label"] == summary(r["train_index"]) for r in rows)
+    table = _invoke("top-k", path, "--query", "0", "--k", "2").stdout
+    assert table.count("[2×3×3] mean ") == 6 and "[[" not in table
+    rows = json.loads(_invoke("spectrum", path, "--top", "2", "--json").stdout)["top_examples"]["train"]
+    assert rows and all(r["label"] == summary(r["global_index"]) for r in rows)
+    assert "[[" not in _invoke("spectrum", path, "--top", "2").stdout
+
+
 def test_labels_of_up_to_16_values_and_token_ids_are_given_in_full():
     from influence_cli.cli.render import label_json, label_text
 
     small = torch.arange(16, dtype=torch.float32).reshape(1, 4, 4).tolist()
     assert label_json(small) == small and label_json(0.5) == 0.5 and label_json(3) == 3 and label_json(None) is None
     assert label_json(list(range(100))) == list(range(100))  # a language model's token ids
+    assert label_json(list(range(100)), token_ids=True) == list(range(100)) and label_text(list(range(100)), token_ids=True).startswith("[0, 1, 2")
+    assert label_json(list(range(100)), token_ids=False) == {"shape": [100], "mean": 49.5, "min": 0.0, "max": 99.0}  # a regression target
     assert label_json([0.5] * 17) == {"shape": [17], "mean": 0.5, "min": 0.5, "max": 0.5}
     assert label_json([[1.0, float("nan")]] * 9)["mean"] != label_json([[1.0, float("nan")]] * 9)["mean"]  # NaN: null in JSON
     assert label_text([0.25] * 17) == "[17] mean 0.25 in [0.25, 0.25]" and label_text([0.25, 0.5]) == "[0.25, 0.5]"

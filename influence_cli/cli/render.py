@@ -424,15 +424,17 @@ def _shape(values: Any) -> list[int]:
     return shape
 
 
-def label_summary(label: Any) -> dict[str, Any] | None:
+def label_summary(label: Any, token_ids: bool | None = None) -> dict[str, Any] | None:
     """`shape`, `mean`, `min` and `max` of a regression target or prediction of more than
-    LABEL_VALUES_IN_FULL values (a tensor's nested `tolist()`); None for any other label: a number, a
-    shorter list, integer ids (a language model's token sequence). A NaN makes all three NaN; +inf
-    and -inf together make the mean NaN."""
-    if not isinstance(label, list):
+    LABEL_VALUES_IN_FULL values (a tensor's nested `tolist()`, integer values too: a uint8 target
+    image); None for any other label: a number, a shorter list, a language model's token ids.
+    `token_ids`: whether the label is a language model's (task.kind); None when unknown, where a
+    list of integers is taken for token ids. A NaN makes all three NaN; +inf and -inf together make
+    the mean NaN."""
+    if not isinstance(label, list) or token_ids:
         return None
     flat = _flat(label)
-    if len(flat) <= LABEL_VALUES_IN_FULL or not any(isinstance(v, float) for v in flat):
+    if len(flat) <= LABEL_VALUES_IN_FULL or (token_ids is None and not any(isinstance(v, float) for v in flat)):
         return None
     if any(math.isnan(v) for v in flat):
         return {"shape": _shape(label), "mean": math.nan, "min": math.nan, "max": math.nan}
@@ -443,22 +445,23 @@ def label_summary(label: Any) -> dict[str, Any] | None:
     return {"shape": _shape(label), "mean": mean, "min": float(min(flat)), "max": float(max(flat))}
 
 
-def label_json(label: Any) -> Any:
+def label_json(label: Any, token_ids: bool | None = None) -> Any:
     """A label or prediction as JSON gives it: as it is (a number, a list of at most LABEL_VALUES_IN_FULL
-    values nested as its shape, token ids), or `label_summary` for a larger regression target."""
-    summary = label_summary(label)
+    values nested as its shape, token ids), or `label_summary` for a larger regression target
+    (`token_ids` as there)."""
+    summary = label_summary(label, token_ids)
     return label if summary is None else summary
 
 
-def label_text(label: Any, class_names: list[str] | None = None) -> str:
+def label_text(label: Any, class_names: list[str] | None = None, token_ids: bool | None = None) -> str:
     """A label for a table cell: class index (with its name), regression value(s) to 4 digits (a
     target of more than LABEL_VALUES_IN_FULL values as its shape, mean and range), a language model's
-    token ids at the counted positions (without the -100s), or '-'."""
+    token ids at the counted positions (without the -100s), or '-' (`token_ids` as `label_summary`'s)."""
     if label is None:
         return "-"
     if isinstance(label, float):
         return f"{label:.4g}"
-    summary = label_summary(label)
+    summary = label_summary(label, token_ids)
     if summary is not None:
         shape = "×".join(str(n) for n in summary["shape"])
         return f"[{shape}] mean {summary['mean']:.4g} in [{summary['min']:.4g}, {summary['max']:.4g}]"

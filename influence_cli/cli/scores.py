@@ -203,7 +203,7 @@ def top_k_cmd(
         grid_path = _self_grid(train, ranked, image_grid, predicted) if image_grid is not None else None
         if json_:
             rows = [
-                dataclasses.asdict(r) | {"train_label": label_json(r.train_label)}
+                dataclasses.asdict(r) | {"train_label": label_json(r.train_label, train.token_data)}
                 | ({"train_input": train.input_ids(r.train_position)} if train.token_data else {})
                 | ({"train_prediction": int(predicted[r.train_position])} if predicted is not None else {})
                 | ({"train_file": train.file(r.train_position)} if train.has_files else {})
@@ -260,8 +260,8 @@ def top_k_cmd(
             row = dataclasses.asdict(r)
             for side in ("proponents", "opponents"):
                 for e, entry in zip(getattr(r, side), row[side], strict=True):
-                    entry |= {"train_label": label_json(e.train_label)} | _json_extras(train, e.train_position, "train", files)
-            labels = {"query_label": label_json(r.query_label), "query_prediction": label_json(r.query_prediction)}
+                    entry |= {"train_label": label_json(e.train_label, token_data)} | _json_extras(train, e.train_position, "train", files)
+            labels = {"query_label": label_json(r.query_label, token_data), "query_prediction": label_json(r.query_prediction, token_data)}
             rows.append(row | labels | _json_extras(queries, r.query_position, "query", files))
         print_json(
             {
@@ -286,8 +286,8 @@ def top_k_cmd(
         shown = f"input {label_text(queries.input_ids(r.query_position))} · " if token_data else ""
         shown += f"file {queries.file(r.query_position) if queries is not None else '-'} · " if files else ""
         title = (
-            f"query {r.query_position} · index {r.query_index} · {shown}label {label_text(r.query_label, names)} · "
-            f"predicted {label_text(r.query_prediction, names)}"
+            f"query {r.query_position} · index {r.query_index} · {shown}label {label_text(r.query_label, names, token_data)} · "
+            f"predicted {label_text(r.query_prediction, names, token_data)}"
         )
         columns = [("", "left"), ("rank", "right"), ("train index", "right")] + ([("file", "left")] if files else [])
         table = new_table(title, [*columns, ("input" if token_data else "label", "left"), (variant, "right")])
@@ -308,7 +308,7 @@ def top_k_cmd(
 
 def _shown(view: ExampleView, position: int, label) -> str:
     """An example's cell in a table: its input ids for token data, else its label (by class name where known)."""
-    return label_text(view.input_ids(position) if view.token_data else label, view.class_names)
+    return label_text(view.input_ids(position) if view.token_data else label, view.class_names, view.token_data)
 
 
 def _json_extras(view: ExampleView | None, position: int, side: str, files: bool) -> dict:
@@ -331,7 +331,7 @@ def _train_tiles(train: ExampleView, entries, kind: str, noise: bool = False, pr
     tiles = []
     for e in entries:
         was = train.clean_label(e.train_position) if noise else None
-        label = f"#{e.train_index} · {label_text(e.train_label, names)}" + ("" if was is None else f" (was {label_text(was, names)})")
+        label = f"#{e.train_index} · {label_text(e.train_label, names, train.token_data)}" + ("" if was is None else f" (was {label_text(was, names)})")
         guess = [] if predicted is None else [f"pred {label_text(int(predicted[e.train_position]), names)}"]
         tiles.append(Tile(train.image(e.train_position), [label, *guess, f"{e.score:+.3g}"], kind))
     return tiles
@@ -349,7 +349,7 @@ def _pairwise_grid(
         for r in ranks:
             q = Tile(
                 queries.image(r.query_position),
-                [f"query #{r.query_index}", f"label {label_text(r.query_label, queries.class_names)}", f"pred {label_text(r.query_prediction, queries.class_names)}"],
+                [f"query #{r.query_index}", *(f"{what} {label_text(value, queries.class_names, queries.token_data)}" for what, value in (("label", r.query_label), ("pred", r.query_prediction)))],
                 "query",
             )
             out.append(GridRow(q, _train_tiles(train, r.proponents, "proponent"), _train_tiles(train, r.opponents, "opponent")))

@@ -113,11 +113,12 @@ def spectrum_cmd(
     if plot is not None:
         save_spectrum_plot(plot, report)
     views = _views(cfg) if top else {}  # a language model's examples are shown by their input ids, an image folder's by their files
+    tokens = cfg.task.kind == "language_modeling"  # labels of token ids, never summarised
     if json_:
         data = report.to_dict(top)
         for name, rows in data.get("top_examples", {}).items():
             for row in rows:
-                row |= {"label": label_json(row["label"])} | _shown_extras(views.get(name), row["global_index"])
+                row |= {"label": label_json(row["label"], tokens)} | _shown_extras(views.get(name), row["global_index"])
         if plot is not None:
             data["plot"] = str(Path(plot).resolve())
         print_json(data)
@@ -159,7 +160,7 @@ def spectrum_cmd(
             ds = next(d for d in report.datasets if d.name == ds_name)
             noisy = bool(ds.noisy.any())
             view = views.get(ds_name)
-            files, tokens = view is not None and view.has_files, view is not None and view.token_data
+            files = view is not None and view.has_files
             table = titled_table(
                 f"most memorization-like examples of {ds_name} (largest {names[0]} share)",
                 [("rank", "right"), ("global index", "right")] + ([("file", "left")] if files else [])
@@ -168,7 +169,7 @@ def spectrum_cmd(
             )  # fmt: skip
             for r, row in enumerate(rows, start=1):
                 extras = _shown_extras(view, row["global_index"])
-                shown = label_text(extras["input"] if tokens else row["label"], None if view is None else view.class_names)
+                shown = label_text(extras["input"] if tokens else row["label"], None if view is None else view.class_names, tokens)
                 cells = [str(r), str(row["global_index"]), *([extras["file"]] if files else []), shown] + (["yes" if row["noisy"] else ""] if noisy else [])
                 table.add_row(*cells, _pct(row["bottom_share"]), f"{row['energy']:.3g}")
             print_table(table)
