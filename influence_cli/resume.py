@@ -41,18 +41,20 @@ def check_rank_layout(folder: Path, pattern: str, world_size: int, *, resume: bo
     """Refuses progress of this pass saved by a run with another number of ranks (its files,
     `pattern` with {rank} = ".rank<r>" + kind, or kind alone for one process, and the files of the
     datasets each finished beside them, are not this run's names, so it would silently start over
-    and leave them behind); --overwrite removes them.
+    and leave them behind); --overwrite removes them. The temporary files that killed writers of those
+    names left hold no progress: they are removed unless the progress is refused (the caller holds the lock).
 
     Raises:
         OutputError: naming the files and the number of ranks that saved them.
     """
     mine = {pattern.format(rank=kind)} if world_size == 1 else {pattern.format(rank=f".rank{r}{kind}") for r in range(world_size)}
     others = [p for p in progress_files(folder, pattern, kind) if snapshot_of(p.name, pattern) not in mine]
-    if not others:
-        return
-    if overwrite and not resume:
+    if not others or (overwrite and not resume):
         for p in others:
             p.unlink(missing_ok=True)
+        for tmp, name in storage.temp_files(folder / pattern.format(rank="*")):
+            if _is_progress_name(name, pattern, kind) and snapshot_of(name, pattern) not in mine:
+                tmp.unlink(missing_ok=True)
         return
     ranks = sum(".rank" in name for name in {snapshot_of(p.name, pattern) for p in others}) or 1
     snapshots = [p.name for p in others if snapshot_of(p.name, pattern) == p.name] or [p.name for p in others]
@@ -87,8 +89,13 @@ def progress_files(folder: Path, pattern: str, kind: str = "") -> list[Path]:
     """The progress files of one pass in `folder`, saved by any number of ranks: `pattern` with
     {rank} = "" or ".rank<r>", followed by `kind` (".self" for self-influence), and the files of
     the datasets each finished (".finished<i>" after that: dataset-similarity, spectrum)."""
+    return [p for p in sorted(folder.glob(pattern.format(rank="*"))) if _is_progress_name(p.name, pattern, kind)]
+
+
+def _is_progress_name(name: str, pattern: str, kind: str) -> bool:
+    """Whether `name` (a name of `pattern`) is a progress file of the pass `kind` (`progress_files`)."""
     own = re.compile(r"(\.rank\d+)?" + re.escape(kind) + f"({_FINISHED})?")  # "", ".rank1", ".self", ".rank0.self", ".finished2"
-    return [p for p in sorted(folder.glob(pattern.format(rank="*"))) if own.fullmatch(_middle(p.name, pattern))]
+    return own.fullmatch(_middle(name, pattern)) is not None
 
 
 def clear_progress_of_finished(folder: Path, pattern: str, kind: str = "", main: bool = True, outputs: Sequence[Path] = ()) -> None:

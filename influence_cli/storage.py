@@ -97,6 +97,11 @@ def remove_stale_temp_files(path: Path, older_than_s: float = 0.0) -> None:
             pass
 
 
+def temp_files(path: Path) -> list[tuple[Path, str]]:
+    """The temporary files that writers of `path` (its name may be a glob) left, each with the name of the file it was for."""
+    return [(tmp, tmp.name[1:].rsplit(".", 2)[0]) for tmp in sorted(Path(path).parent.glob(_temp_pattern(path)))]  # .<name>.<random>.tmp
+
+
 UNLOCKED_TEMP_AGE_S = 600.0  # a temporary file of an unlocked output this old is a killed writer's
 
 

@@ -464,6 +464,31 @@ def test_progress_of_another_number_of_ranks_is_refused_not_dropped(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [scores.format(rank=".self")]
 
 
+def test_temporary_files_of_another_number_of_ranks_are_removed_with_their_progress(tmp_path):
+    """A killed writer of another rank layout's progress (a snapshot, a finished dataset's file) leaves a temporary
+    file that no name of this run covers: it goes when that progress does (--overwrite), or at once when there is
+    none to refuse, so a run that finishes leaves none; a refusal leaves everything, and other passes' files stay."""
+    from influence_cli.resume import check_rank_layout
+
+    similarity = storage.SIMILARITY_PARTIAL
+    left = [f".{similarity.format(rank=f'.rank1{f}')}.k1ll3d.tmp" for f in ("", ".finished2")]
+    mine = f".{similarity.format(rank='')}.l1ve01.tmp"  # this layout's own: PassCheckpoint's and DatasetsProgress's business
+    kept = [mine, f".{storage.SCORES_PARTIAL.format(rank='.rank1.self')}.k1ll3d.tmp", f".{storage.SPECTRUM_PARTIAL.format(rank='.rank1')}.k1ll3d.tmp"]
+    for name in [*left, *kept, similarity.format(rank=".rank1")]:
+        (tmp_path / name).write_bytes(b"half")
+    with pytest.raises(OutputError, match="progress saved by a run with"):
+        check_rank_layout(tmp_path, similarity, 1, resume=True, overwrite=False)
+    assert {p.name for p in tmp_path.iterdir()} == {*left, *kept, similarity.format(rank=".rank1")}
+    check_rank_layout(tmp_path, similarity, 1, resume=False, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+    for name in left:  # a layout killed in its first write: no progress, only temporary files
+        (tmp_path / name).write_bytes(b"half")
+    check_rank_layout(tmp_path, similarity, 1, resume=False, overwrite=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+    check_rank_layout(tmp_path, storage.SCORES_PARTIAL, 1, resume=False, overwrite=False)  # pairwise scores: --self's are not its own
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+
+
 HOLD_LOCK = """
 import fcntl, os, socket, sys, time
 fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
