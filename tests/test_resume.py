@@ -512,8 +512,10 @@ def test_the_lock_of_a_killed_writer_held_by_its_orphaned_workers_is_waited_for(
     lock = out / storage.LOCK_FILE.format(what="factors")
     orphan = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(lock), str(dead_pid), "1.0"], stdout=subprocess.PIPE, text=True)
     assert orphan.stdout.readline().strip() == "held"
+    start = time.monotonic()
     with storage.output_dir_lock(out, "factors"):  # waits about a second, then holds it
-        assert orphan.poll() is not None
+        assert time.monotonic() - start > 0.9  # until the orphan let go: it sleeps 1 s, then exits
+        assert orphan.wait(timeout=30) == 0  # (its exit status may lag the release of its lock by a moment)
     live = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(lock), str(os.getpid()), "30"], stdout=subprocess.PIPE, text=True)
     try:
         assert live.stdout.readline().strip() == "held"
