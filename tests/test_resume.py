@@ -496,6 +496,8 @@ fcntl.flock(fd, fcntl.LOCK_EX)
 os.pwrite(fd, f"pid {sys.argv[2]} on {socket.gethostname()}: fit-factors cfg".encode(), 0)
 print("held", flush=True)
 time.sleep(float(sys.argv[3]))
+if len(sys.argv) > 4:
+    open(sys.argv[4], "w").close()  # about to exit, and so to release the lock
 """
 
 
@@ -510,12 +512,12 @@ def test_the_lock_of_a_killed_writer_held_by_its_orphaned_workers_is_waited_for(
     out = tmp_path / "run"
     out.mkdir()
     lock = out / storage.LOCK_FILE.format(what="factors")
-    orphan = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(lock), str(dead_pid), "1.0"], stdout=subprocess.PIPE, text=True)
+    exiting = tmp_path / "exiting"
+    orphan = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(lock), str(dead_pid), "1.0", str(exiting)], stdout=subprocess.PIPE, text=True)
     assert orphan.stdout.readline().strip() == "held"
-    start = time.monotonic()
     with storage.output_dir_lock(out, "factors"):  # waits about a second, then holds it
-        assert time.monotonic() - start > 0.9  # until the orphan let go: it sleeps 1 s, then exits
-        assert orphan.wait(timeout=30) == 0  # (its exit status may lag the release of its lock by a moment)
+        assert exiting.exists()  # the orphan slept its second and let go
+        assert orphan.wait(timeout=30) == 0  # (its exit status may lag the release of its lock by a moment: not poll())
     live = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(lock), str(os.getpid()), "30"], stdout=subprocess.PIPE, text=True)
     try:
         assert live.stdout.readline().strip() == "held"
