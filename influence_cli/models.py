@@ -524,6 +524,17 @@ def _match_extra_prefix(state: dict[str, torch.Tensor], expected: set[str], tied
     return max(candidates, key=lambda c: (set(_with_tied(c, tied)) == expected, len(set(c) & expected)))
 
 
+def _with_versions(state: dict[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` carrying the built model's module versions (`state_dict()._metadata`), which a
+    safetensors file cannot hold and the unwrapping drops: modules that convert older layouts in
+    `_load_from_state_dict` read them (torchvision's MNASNet refuses a state dict without one)."""
+    out = OrderedDict(state)
+    metadata = getattr(own, "_metadata", None)
+    if metadata is not None:
+        out._metadata = metadata  # type: ignore[attr-defined]
+    return out
+
+
 def load_checkpoint(model: nn.Module, path: str | Path, key: str = "model.checkpoint") -> None:
     """Loads a checkpoint into `model` in place, strictly (every key and shape must match).
 
@@ -546,7 +557,7 @@ def load_checkpoint(model: nn.Module, path: str | Path, key: str = "model.checkp
     state = _with_tied(state, tied)
     if lazy_layers(model):  # lazy layers take their shapes from the checkpoint (torch's own load hook)
         lazy_keys = {k for k, v in own.items() if isinstance(v, nn.parameter.UninitializedTensorMixin)}
-        model.load_state_dict({k: v for k, v in state.items() if k in lazy_keys}, strict=False)
+        model.load_state_dict(_with_versions({k: v for k, v in state.items() if k in lazy_keys}, own), strict=False)
         own = model.state_dict()
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]  # BatchNorm fills it in, as torch does
     unexpected = [k for k in state if k not in own]
@@ -576,7 +587,7 @@ def load_checkpoint(model: nn.Module, path: str | Path, key: str = "model.checkp
             parts.append(_listing(mismatched, "shape mismatch").replace("mismatchs", "mismatches"))
         raise ModelError(f"{key}: {str(Path(path))!r} does not match the model: " + "; ".join(parts), hint=_KWARGS_HINT)
     try:
-        model.load_state_dict(state, strict=not any(k not in state for k in own))
+        model.load_state_dict(_with_versions(state, own), strict=not any(k not in state for k in own))
     except RuntimeError as exc:  # pragma: no cover - keys and shapes were checked above
         raise ModelError(f"{key}: {str(Path(path))!r} cannot be loaded: {exc}", hint=_KWARGS_HINT) from None
 

@@ -645,3 +645,34 @@ def test_a_typed_error_raised_by_a_factory_keeps_its_hint_apart(tmp_path, monkey
     with pytest.raises(ModelError) as info:
         build_model(ModelConfig(architecture="vocabmodel:make"), tmp_path)
     assert info.value.message.endswith("raised DataError: vocab file missing") and info.value.hint == "run make_vocab.py"
+
+
+class _Versioned(nn.Linear):
+    """A layer that reads its version when loading, as torchvision's MNASNet does (it refuses None)."""
+
+    _version = 3
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args) -> None:  # noqa: ANN001
+        if local_metadata.get("version") != 3:
+            raise ValueError(f"version should be 3 instead of {local_metadata.get('version')}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_modules_that_read_their_version_load_a_checkpoint(tmp_path: Path, suffix: str) -> None:
+    """A safetensors file holds no module versions and unwrapping a torch.save'd dict drops them:
+    the built model's versions are passed on, so torchvision's mnasnet0_5 loads (it raised ValueError)."""
+    source = nn.Sequential(_Versioned(3, 2), nn.BatchNorm1d(2))
+    state = {f"module.{k}": v for k, v in source.state_dict().items()}  # a prefix to strip
+    path = tmp_path / f"w{suffix}"
+    save_file(state, str(path)) if suffix == ".safetensors" else torch.save(state, path)
+    target = nn.Sequential(_Versioned(3, 2), nn.BatchNorm1d(2))
+    load_checkpoint(target, path)
+    _assert_same_weights(source, target)
+    import torchvision
+
+    torch.manual_seed(0)
+    save_file(torchvision.models.mnasnet0_5(num_classes=3).state_dict(), str(tmp_path / "mnasnet.safetensors"))
+    model = load_model(ModelConfig(architecture="torchvision:mnasnet0_5", kwargs={"num_classes": 3}, checkpoint="mnasnet.safetensors"), tmp_path)
+    with safe_open(str(tmp_path / "mnasnet.safetensors"), "pt") as f:
+        assert torch.equal(model.classifier[1].weight, f.get_tensor("classifier.1.weight"))
