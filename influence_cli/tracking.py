@@ -437,8 +437,9 @@ class Capture:
         if uncalled:  # all of them at once: one rerun, not one per layer
             shown = ", ".join(repr(n) for n in uncalled[:6]) + (f", ... ({len(uncalled)} in all)" if len(uncalled) > 6 else "")
             raise ModelError(
-                f"layer{'s' if len(uncalled) > 1 else ''} {shown} {'were' if len(uncalled) > 1 else 'was'} not called in the forward pass "
-                "(a weight applied another way, e.g. passed to F.linear by the module that holds the layer)",
+                f"layer{'s' if len(uncalled) > 1 else ''} {shown} {'were' if len(uncalled) > 1 else 'was'} not called in the forward pass, "
+                "which runs in eval mode (a branch used only in training, such as the auxiliary classifiers of torchvision's googlenet "
+                "and inception_v3, or a weight applied another way, e.g. passed to F.linear by the module that holds the layer)",
                 hint="leave them out of factors.modules: list patterns that match only the layers the model calls (`influence inspect` lists them)",
             )
         out = {}

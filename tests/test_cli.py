@@ -263,6 +263,42 @@ def test_a_swin_transformer_is_attributed_through_the_layers_it_calls(runner: Cl
     assert untracked["features.3.0.attn.cpb_mlp.2"].startswith("part of the position-bias MLP (cpb_mlp) of torchvision's ShiftedWindowAttentionV2")
 
 
+AUX_MODULE = """
+from torch import nn
+
+
+class WithAux(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.aux, self.fc = nn.Linear(64, 8), nn.Linear(8, 10), nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = self.body(x.flatten(1))
+        return (self.fc(h), self.aux(h)) if self.training else self.fc(h)
+
+
+def make():
+    return WithAux()
+"""
+
+
+def test_a_head_used_only_in_training_is_named_with_eval_mode(runner: CliRunner, tmp_path: Path, monkeypatch):
+    """googlenet and inception_v3 call their auxiliary classifiers only in training; the tool runs the
+    model in eval mode, so '*' matches layers the forward never calls: one clean error says why."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "with_aux.py").write_text(AUX_MODULE)
+    import with_aux
+
+    save_file(with_aux.make().state_dict(), tmp_path / "aux.safetensors")
+    sets = ["--set", "model.architecture=with_aux:make", "--set", "model.kwargs={}", "--set", f"model.checkpoint={tmp_path / 'aux.safetensors'}",
+            "--set", f"output_dir={tmp_path / 'out'}", "--set", "data.train.range=[0, 16]", "--set", "data.batch_size=8"]  # fmt: skip
+    result = invoke(runner, "fit-factors", DIGITS, *sets)
+    assert_clean_error(result, EXIT["model"], "layer 'aux' was not called in the forward pass, which runs in eval mode", "used only in training")
+    assert not (tmp_path / "out" / FACTORS).exists()
+    result = invoke(runner, "fit-factors", DIGITS, *sets, "--set", "factors.modules=[body, fc]")
+    assert result.exit_code == 0, result.stderr
+
+
 def test_fit_factors_cnn_with_margin_and_ggn(runner: CliRunner, tmp_path: Path):
     result = invoke(runner, "fit-factors", DIGITS_CNN, "--set", f"output_dir={tmp_path}", "--set", "data.train.range=[0, 64]",
                     "--set", "data.batch_size=32", "--json")  # fmt: skip
