@@ -44,16 +44,23 @@ BATCHES_PER_PASS = 24
 SLOW = ["device=cpu", "data.batch_size=32", "factors.checkpoint_every=5"]
 BATCH_DELAY_S = 0.03
 
-# The real CLI with each batch slowed down, so that a signal lands mid-pass whatever the machine.
+# The real CLI with each batch slowed down, so that a signal lands mid-pass whatever the machine;
+# with HOLD_AT=n it also stops after its n-th batch until a signal comes (however loaded the machine).
 SLOW_CLI = f"""
-import sys, time
+import os, sys, time
 import influence_cli.fit as fit
 
 _stream = fit.stream_gradients
+_hold_at = int(os.environ.get("HOLD_AT", "0"))
+_seen = 0
 
 def slow_stream(*args, **kwargs):
+    global _seen
     for batch in _stream(*args, **kwargs):
         time.sleep({BATCH_DELAY_S})
+        _seen += 1
+        if _seen == _hold_at:
+            time.sleep(600)
         yield batch
 
 fit.stream_gradients = slow_stream
@@ -290,9 +297,11 @@ def run_cli(out: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=120)
 
 
-def start_slow_cli(out: Path, *extra: str) -> subprocess.Popen:
+def start_slow_cli(out: Path, *extra: str, hold_at: int = 0) -> subprocess.Popen:
+    """The CLI under SLOW_CLI; `hold_at`: the batch after which it waits for a signal (0: none)."""
     cmd = [sys.executable, "-c", SLOW_CLI, *_cli_args(out, *extra)]
-    return subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = subprocess_env() | {"HOLD_AT": str(hold_at)}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def progress_of(partial: Path) -> tuple[str, int] | None:
@@ -361,7 +370,7 @@ def progress_of_message(stderr: str) -> tuple[str, int]:
 
 
 def test_ctrl_c_exits_130_with_a_resume_hint(tmp_path):
-    proc = start_slow_cli(tmp_path)
+    proc = start_slow_cli(tmp_path, hold_at=7)  # after the first save (batch 5): the signal lands mid-pass
     wait_for_progress(proc, tmp_path / PARTIAL, "covariance")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
