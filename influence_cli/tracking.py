@@ -80,10 +80,13 @@ SWIN_POSITION_BIAS = (
 )
 
 
-def attention_projections(model: nn.Module) -> dict[int, str]:
-    """{id: reason} of the Linears that attention modules apply without a call a hook sees, or
-    not per example; subclasses with their own forward (or, for `cpb_mlp`, their own
-    `get_relative_position_bias`) are left alone.
+AUXILIARY_CLASSIFIER = "part of the auxiliary classifier of torchvision's {cls}, which runs only in training (the model runs in eval mode)"
+
+
+def unrecorded_layers(model: nn.Module) -> dict[int, str]:
+    """{id: reason} of the Linear / Conv2d layers whose calls the hooks cannot record per example
+    (the modules that hold them are recognised by class; subclasses with their own forward, or
+    for `cpb_mlp` their own `get_relative_position_bias`, are left alone):
 
     - nn.MultiheadAttention passes `out_proj.weight` to F.multi_head_attention_forward and never
       calls `out_proj`.
@@ -91,20 +94,28 @@ def attention_projections(model: nn.Module) -> dict[int, str]:
       F.linear and never calls `qkv` or `proj`.
     - ShiftedWindowAttentionV2 runs `cpb_mlp` on its relative-coordinates table [1, 2Wh-1, 2Ww-1, 2],
       the same for every example: the hooks would see one input and the batch's summed output gradient.
+    - torchvision's GoogLeNet (`aux1`, `aux2`) and Inception3 (`AuxLogits`) call their auxiliary
+      classifiers only in training.
 
-    torchvision is not imported here: a model holding Swin attention has imported its module already.
+    torchvision is not imported here: a model holding its modules has imported them already.
     """
     out = {
         id(m.out_proj): ATTENTION_OUTPUT
         for m in model.modules()
         if isinstance(m, nn.MultiheadAttention) and type(m).forward is nn.MultiheadAttention.forward
     }
+    return out | _swin_layers(model) | _auxiliary_classifiers(model)
+
+
+def _swin_layers(model: nn.Module) -> dict[int, str]:
+    """`unrecorded_layers` of torchvision's Swin attention: qkv and proj, and V2's cpb_mlp."""
     swin = sys.modules.get("torchvision.models.swin_transformer")
     v1 = getattr(swin, "ShiftedWindowAttention", None)
     if v1 is None:
-        return out
+        return {}
     v2 = getattr(swin, "ShiftedWindowAttentionV2", None)
     stock = {v1.forward: v1.__name__} | ({v2.forward: v2.__name__} if v2 is not None else {})
+    out: dict[int, str] = {}
     for m in model.modules():
         if not isinstance(m, v1):
             continue
@@ -116,10 +127,30 @@ def attention_projections(model: nn.Module) -> dict[int, str]:
     return out
 
 
-def unsupported_reason(module: nn.Module, attention_layers: dict[int, str] | None = None) -> str | None:
-    """Why a Linear / Conv2d cannot be tracked (None if it can); `attention_layers` from `attention_projections`."""
-    if attention_layers and id(module) in attention_layers:
-        return attention_layers[id(module)]
+def _auxiliary_classifiers(model: nn.Module) -> dict[int, str]:
+    """`unrecorded_layers` of torchvision's GoogLeNet and Inception3: their auxiliary classifiers."""
+    families = [
+        (sys.modules.get("torchvision.models.googlenet"), "GoogLeNet", ("aux1", "aux2")),
+        (sys.modules.get("torchvision.models.inception"), "Inception3", ("AuxLogits",)),
+    ]
+    out: dict[int, str] = {}
+    for module, name, heads in families:
+        cls = getattr(module, name, None)
+        if cls is None:
+            continue
+        for m in model.modules():
+            if isinstance(m, cls) and type(m)._forward is cls._forward:
+                reason = AUXILIARY_CLASSIFIER.format(cls=name)
+                for head in (getattr(m, h, None) for h in heads):
+                    if isinstance(head, nn.Module):
+                        out |= {id(layer): reason for layer in head.modules() if isinstance(layer, (nn.Linear, nn.Conv2d))}
+    return out
+
+
+def unsupported_reason(module: nn.Module, unrecorded: dict[int, str] | None = None) -> str | None:
+    """Why a Linear / Conv2d cannot be tracked (None if it can); `unrecorded` from `unrecorded_layers`."""
+    if unrecorded and id(module) in unrecorded:
+        return unrecorded[id(module)]
     if not isinstance(module, nn.Conv2d):
         return None
     if module.groups != 1:
@@ -154,9 +185,10 @@ def find_tracked_modules(model: nn.Module, patterns: Sequence[str], key: str = "
     """The supported layers whose names match any fnmatch pattern, in model order.
 
     A layer the factors cannot model (a grouped Conv2d, non-zero padding modes, asymmetric
-    'same' padding; the `out_proj` of nn.MultiheadAttention and the `qkv` and `proj` of torchvision's
-    Swin attention, which are never called, and Swin V2's `cpb_mlp`, whose input is shared by the
-    batch: `attention_projections`) is skipped when only a wildcard pattern matches it, and an
+    'same' padding; the layers of `unrecorded_layers`: nn.MultiheadAttention's `out_proj` and the
+    `qkv` and `proj` of torchvision's Swin attention, which are never called, Swin V2's `cpb_mlp`,
+    whose input is shared by the batch, the auxiliary classifiers of GoogLeNet and Inception3, run
+    only in training) is skipped when only a wildcard pattern matches it, and an
     error when named. A subclass with its own forward is skipped by wildcards and tracked when
     named (its gradient is checked on the first batch). Every name without wildcards must be a
     tracked layer.
@@ -176,13 +208,13 @@ def find_tracked_modules(model: nn.Module, patterns: Sequence[str], key: str = "
     trackable: list[str] = []  # those that can be tracked (what messages list)
     owners: dict[int, str] = {}
     skipped: list[str] = []  # matched by a wildcard but not trackable, with the reason
-    attention_layers = attention_projections(model)
+    unrecorded = unrecorded_layers(model)
     for name, module in model.named_modules():
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             continue
         supported_names.append(name)
         lazy = unmaterialized(module)
-        reason = None if lazy else unsupported_reason(module, attention_layers)
+        reason = None if lazy else unsupported_reason(module, unrecorded)
         if not lazy and reason is None:
             trackable.append(name)
         matched = [p for p in patterns if fnmatch.fnmatchcase(name, p)]
@@ -203,7 +235,9 @@ def find_tracked_modules(model: nn.Module, patterns: Sequence[str], key: str = "
             if any(_is_name(p) for p in matched):
                 if reason == SWIN_POSITION_BIAS:
                     detail = f"Linear {name!r} is {reason}: its hooks would see the batch's summed output gradient, not each example's"
-                elif id(module) in attention_layers:
+                elif reason.startswith(AUXILIARY_CLASSIFIER.partition("{")[0]):
+                    detail = f"{type(module).__name__} {name!r} is {reason}: it is never called"
+                elif id(module) in unrecorded:
                     detail = f"Linear {name!r} is {reason}, so its inputs cannot be recorded"
                 else:
                     detail = f"Conv2d {name!r} uses {reason}; only groups=1 with zero padding (numbers, 'valid' or symmetric 'same') is supported"
@@ -266,7 +300,7 @@ def untracked_modules(model: nn.Module, tracked: Sequence[TrackedModule], key: s
     """Modules with parameters of their own (trainable or not) outside every tracked layer, in model order."""
     owner = {id(p): tm for tm in tracked for p in tm.module.parameters(recurse=False)}
     tracked_names = {tm.name for tm in tracked}
-    attention_layers = attention_projections(model)
+    unrecorded = unrecorded_layers(model)
     out = []
     for name, module in model.named_modules():
         own = list(module.parameters(recurse=False))
@@ -279,7 +313,7 @@ def untracked_modules(model: nn.Module, tracked: Sequence[TrackedModule], key: s
             continue
         parent, _, attr = name.rpartition(".parametrizations.")
         if isinstance(module, (nn.Linear, nn.Conv2d)):
-            reason = unsupported_reason(module, attention_layers) or custom_forward_reason(module) or f"not matched by {key}"
+            reason = unsupported_reason(module, unrecorded) or custom_forward_reason(module) or f"not matched by {key}"
         elif parent in tracked_names:  # weight_norm & co: the layer is scored in its effective weight
             reason = f"parametrizes the {attr} of tracked {parent!r}, which is scored as its effective {attr}"
         elif isinstance(module, nn.MultiheadAttention):
@@ -438,8 +472,8 @@ class Capture:
             shown = ", ".join(repr(n) for n in uncalled[:6]) + (f", ... ({len(uncalled)} in all)" if len(uncalled) > 6 else "")
             raise ModelError(
                 f"layer{'s' if len(uncalled) > 1 else ''} {shown} {'were' if len(uncalled) > 1 else 'was'} not called in the forward pass, "
-                "which runs in eval mode (a branch used only in training, such as the auxiliary classifiers of torchvision's googlenet "
-                "and inception_v3, or a weight applied another way, e.g. passed to F.linear by the module that holds the layer)",
+                "which runs in eval mode (a branch used only in training, such as an auxiliary classifier, or a weight applied "
+                "another way, e.g. passed to F.linear by the module that holds the layer)",
                 hint="leave them out of factors.modules: list patterns that match only the layers the model calls (`influence inspect` lists them)",
             )
         out = {}

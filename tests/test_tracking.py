@@ -464,3 +464,43 @@ def test_pattern_errors_list_only_the_layers_that_can_be_tracked():
         find_tracked_modules(model, ["nomatch*"])
     with pytest.raises(ModelError, match=r"pattern 'nomatch\*' matches no nn.Linear or nn.Conv2d layer \(layers: 2\)"):
         find_tracked_modules(model, ["2", "nomatch*"])
+
+
+@pytest.mark.parametrize("family", ["googlenet", "inception_v3"])
+def test_auxiliary_classifiers_run_only_in_training_are_skipped_by_wildcards(family):
+    """torchvision's GoogLeNet and Inception3 call their auxiliary classifiers only in training: under '*'
+    the first batch stopped at them ("not called"); wildcards leave them out, naming one is refused."""
+    import torchvision
+
+    build = getattr(torchvision.models, family)
+    model = build(weights=None, num_classes=3, aux_logits=True, init_weights=False).eval()
+    heads = ("aux1.", "aux2.") if family == "googlenet" else ("AuxLogits.",)
+    cls = "GoogLeNet" if family == "googlenet" else "Inception3"
+    reason = f"part of the auxiliary classifier of torchvision's {cls}, which runs only in training (the model runs in eval mode)"
+    tracked = find_tracked_modules(model, ["*"])
+    skipped = skipped_layers(model, tracked, ["*"])
+    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    assert [u.name for u in skipped] == [n for n in layers if n.startswith(heads)] and skipped
+    assert {u.reason for u in skipped} == {reason}
+    assert [tm.name for tm in tracked] == [n for n in layers if not n.startswith(heads)]
+    with pytest.raises(ModelError, match=re.escape(f"factors.modules: Conv2d {skipped[0].name!r} is {reason}: it is never called")):
+        find_tracked_modules(model, ["fc", skipped[0].name])
+
+    class OwnForward(type(model)):  # may call its heads: left to the first batch's check
+        def _forward(self, x):
+            return super()._forward(x)
+
+    model.__class__ = OwnForward
+    assert len(find_tracked_modules(model, ["*"])) == len(layers)
+
+
+def test_a_googlenet_with_its_auxiliary_classifiers_is_fitted_under_wildcards():
+    """The fit runs through the layers the eval-mode forward calls (its first-batch checks included)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.googlenet(weights=None, num_classes=3, aux_logits=True, init_weights=False).eval()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 3, (4,), generator=g)
+    tracked, layers = fit(model, x, y, strategy="kfac", fisher="empirical", batch_size=4)
+    assert not any(tm.name.startswith("aux") for tm in tracked) and set(layers) == {tm.name for tm in tracked}
