@@ -245,8 +245,9 @@ def dataset_spectrum(
             parts[k].append(saved.state[k].to(device))  # type: ignore[union-attr]
     watch = NonFiniteWatch(device)
     progress.start(title or name, num_examples)
-    if start:
-        progress.advance(len(parts["global_indices"][0]))
+    seen = len(parts["global_indices"][0]) if start else 0  # examples of this rank's shard done
+    if seen:
+        progress.advance(seen)
     for batch in stream_gradients(
         model, layers, batches, task_kind=task_kind, mode="loss", device=device, start_batch=start, dataset_name=name,
         padding_value=padding_value,
@@ -265,7 +266,8 @@ def dataset_spectrum(
         parts["global_indices"].append(batch.global_indices)
         parts["labels"].append(batch.targets)
         done = batch.index + 1
-        if saved is not None and saved.due(done):
+        seen += len(batch.global_indices)
+        if saved is not None and saved.due(done) and (num_examples is None or seen < num_examples):  # the last batch: `finish` saves
             watch.check(name)  # never save progress past a non-finite batch
             parts = {k: [torch.cat(v)] for k, v in parts.items()}  # saved as they are joined, joined once per save
             saved.save(done, {k: v[0] for k, v in parts.items()})

@@ -924,3 +924,20 @@ def test_band_names_keep_the_shares_as_set():
 
     shares = (0.5, 0.1, 0.125, 0.004, 1 - 0.004 - 0.125, 1 - 0.5 - 0.1, 1e-7, 0.99999, 1 / 3)
     assert [_percent(x) for x in shares] == ["50%", "10%", "12.5%", "0.4%", "87.1%", "40%", "0.00001%", "99.999%", "33.333%"]
+
+
+def test_the_last_batch_of_a_dataset_is_not_saved_twice(digits, tmp_path, monkeypatch):
+    """The snapshot due at a dataset's last batch was written, then written again by the save after the
+    dataset (or never needed: the last dataset's result is the output)."""
+    from influence_cli.data.dataset import load_dataset
+
+    factors, sets = digits
+    (tmp_path / FACTORS_FILE).write_bytes((factors / FACTORS_FILE).read_bytes())
+    overrides = [v for k, v in zip(sets[::2], sets[1::2], strict=True) if k == "--set" and not v.startswith("output_dir=")]
+    cfg = load_config(DIGITS, [*overrides, f"output_dir={tmp_path}", "data.batch_size=32", "factors.checkpoint_every=1"])
+    spy = SavesSpy(monkeypatch)
+    spectrum(cfg)
+    batches = [-(-len(load_dataset(spec, cfg.base_dir, name=key)) // 32) for key, spec in cfg.spectrum.datasets.items()]
+    partial = storage.SPECTRUM_PARTIAL.format(rank="")
+    states = [keys for keys, _ in spy.of(partial)]
+    assert len(states) == sum(n - 1 for n in batches) + len(batches) - 1, (batches, len(states))  # every batch but the last, and after each dataset but the last
