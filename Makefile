@@ -55,6 +55,7 @@ bench: $(STAMP) mnist-model ## Run the CPU benchmarks (results go to stdout; see
 	$(PY) benchmarks/bench_conv.py --skip-kronfluence
 	$(PY) benchmarks/bench_lm.py
 	$(PY) benchmarks/bench_memory.py
+	$(PY) benchmarks/bench_progress.py
 	$(PY) benchmarks/memorization.py
 	$(PY) tests/test_exactness.py
 
