@@ -824,6 +824,41 @@ def test_images_whose_pixels_cannot_be_decoded_are_named_together(tmp_path: Path
     assert re.search(r"; the first \d of the other 5 images \(decoded for 0 s\) decode$", info.value.message), info.value.message
 
 
+def test_images_pil_fails_on_with_other_errors_than_oserror_are_named(tmp_path: Path) -> None:
+    """PIL raises ValueError for a truncated 16-bit PPM's pixels and DecompressionBombError for an image of
+    too many pixels: each is named as unreadable (they escaped as tracebacks, also while the other
+    images were decoded to name them with a truncated PNG)."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    for cls in ("cat", "dog"):
+        (root / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.effect_noise((32, 32), 60).save(root / cls / f"{i}.png")
+    png = (root / "cat" / "1.png").read_bytes()
+    (root / "cat" / "1.png").write_bytes(png[: len(png) // 2])  # OSError, in the pass
+    (root / "dog" / "9.ppm").write_bytes(b"P6\n32 32\n65535\n" + bytes(32 * 32 * 3))  # half its pixels: ValueError, in the pass
+    ds = load_dataset(DataSpec(source="image_folder", root="imgs"), tmp_path)
+    with pytest.raises(DataError) as info:
+        ds[1]
+    assert info.value.message.endswith(f"; 1 of the other 4 images cannot be decoded either: {str(root / 'dog' / '9.ppm')!r}"), info.value.message
+    with pytest.raises(DataError) as info:
+        ds[4]
+    assert info.value.message.startswith(f"data.train.root: cannot read image {str(root / 'dog' / '9.ppm')!r} (not enough image data)"), info.value.message
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)  # 4e8 pixels: beyond PIL's limit, refused when opened
+    (root / "dog" / "big.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b""))
+    with pytest.raises(DataError) as info:
+        load_dataset(DataSpec(source="image_folder", root="imgs"), tmp_path)  # headers: read when the folder opens
+    assert info.value.message.startswith(f"data.train.root: cannot read image {str(root / 'dog' / 'big.png')!r} (Image size (400000000 pixels) exceeds"), info.value.message
+
+
 def test_image_suffixes_are_torchvisions_gif_and_the_other_jpeg_names() -> None:
     import torchvision.datasets as tvd
 

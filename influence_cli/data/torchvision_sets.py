@@ -6,6 +6,7 @@ import contextlib
 import functools
 import hashlib
 import os
+import struct
 import sys
 import time
 from pathlib import Path
@@ -144,6 +145,15 @@ UNREADABLE_HINT = "remove or replace the unreadable files (or move them out of t
 DECODE_CHECK_SECONDS = 60.0  # how long a failed decode spends looking for the other unreadable images
 
 
+def _unreadable_errors() -> tuple[type[Exception], ...]:
+    """What PIL raises for a file it cannot open or decode: OSError mostly, but some plugins raise
+    ValueError (a truncated 16-bit PPM: "not enough image data"), SyntaxError, EOFError or
+    struct.error, and an image of too many pixels DecompressionBombError."""
+    from PIL import Image
+
+    return (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+
+
 class _ImageFolderItems:
     """Loads image `i` of an ImageFolder as uint8 [C, H, W] (resized if asked); picklable for workers."""
 
@@ -163,7 +173,7 @@ class _ImageFolderItems:
                 if self.resize is not None and (img.height, img.width) != self.resize:
                     img = img.resize((self.resize[1], self.resize[0]), Image.Resampling.BILINEAR)
                 return pil_to_tensor(img), target
-        except OSError as exc:
+        except _unreadable_errors() as exc:
             raise DataError(f"{self.key}: cannot read image {path!r} ({exc}){self._others_unreadable(index)}", hint=UNREADABLE_HINT) from None
 
     def _others_unreadable(self, failed: int) -> str:
@@ -183,7 +193,7 @@ class _ImageFolderItems:
             try:
                 with Image.open(self.samples[i][0]) as img:
                     img.load()
-            except OSError:
+            except _unreadable_errors():
                 bad.append(self.samples[i][0])
         if not order:
             return ""
@@ -207,7 +217,8 @@ def _folder_mode(samples: list[tuple[str, int]], key: str) -> str:
     from PIL import Image
 
     gray = True
-    unreadable: list[tuple[str, OSError]] = []  # every one, so that one run names them all
+    unreadable: list[tuple[str, Exception]] = []  # every one, so that one run names them all
+    errors = _unreadable_errors()
     for path, _ in samples:
         try:
             with Image.open(path) as img:
@@ -220,7 +231,7 @@ def _folder_mode(samples: list[tuple[str, int]], key: str) -> str:
                     gray = gray and _palette_is_gray(img)
                 else:
                     gray = gray and img.mode in _GRAY_MODES
-        except OSError as exc:
+        except errors as exc:
             unreadable.append((path, exc))
     if unreadable:
         path, exc = unreadable[0]
