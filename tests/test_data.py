@@ -812,6 +812,10 @@ def test_images_whose_pixels_cannot_be_decoded_are_named_together(tmp_path: Path
     assert message.startswith(f"data.train.root: cannot read image {str(root / 'cat' / '1.png')!r}"), message
     assert message.endswith(f"; 2 of the other 7 images cannot be decoded either: {str(root / 'dog' / '0.png')!r}, {str(root / 'dog' / '3.png')!r}")
     assert "remove or replace" in info.value.hint
+    subset = load_dataset(DataSpec(source="image_folder", root="imgs", range=(0, 4)), tmp_path)  # the cats: dog/0 and dog/3 are not read
+    with pytest.raises(DataError) as info:
+        subset[1]
+    assert info.value.message.endswith("(image file is truncated); the other 3 images decode"), info.value.message
     (root / "dog" / "0.png").unlink()
     (root / "dog" / "3.png").unlink()
     ds = load_dataset(DataSpec(source="image_folder", root="imgs"), tmp_path)

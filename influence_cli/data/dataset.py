@@ -19,7 +19,7 @@ from influence_cli.data.idx import open_idx
 from influence_cli.data.source import Source, item_label
 from influence_cli.data.subsets import apply_label_noise, labels_of, select_indices
 from influence_cli.data.tensors_file import open_tensors
-from influence_cli.data.torchvision_sets import TORCHVISION_SOURCES, open_image_folder, open_torchvision
+from influence_cli.data.torchvision_sets import TORCHVISION_SOURCES, ImageFolderItems, open_image_folder, open_torchvision
 from influence_cli.data.transforms import Transform, resize_images
 from influence_cli.errors import DataError, InfluenceError
 
@@ -361,7 +361,7 @@ def load_dataset(
         noisy_mask=noisy_mask,
         transform=transform,
         inputs=inputs,
-        items=src.items,
+        items=src.items.kept(sel) if isinstance(src.items, ImageFolderItems) else src.items,  # a failed read checks the kept images only
         canonical=canonical,
         source_description=src.desc,
         class_names=src.class_names,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import hashlib
 import os
@@ -154,7 +155,7 @@ def _unreadable_errors() -> tuple[type[Exception], ...]:
     return (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
 
 
-class _ImageFolderItems:
+class ImageFolderItems:
     """Loads image `i` of an ImageFolder as uint8 [C, H, W] (resized if asked); picklable for workers."""
 
     def __init__(self, samples: list[tuple[str, int]], mode: str, resize: tuple[int, int] | None, key: str):
@@ -162,6 +163,13 @@ class _ImageFolderItems:
         self.mode = mode
         self.resize = resize
         self.key = key
+        self.scope: list[int] | None = None  # the folder indices a dataset keeps (`kept`): those a failed read checks
+
+    def kept(self, indices: torch.Tensor) -> ImageFolderItems:
+        """The same loader for a dataset that keeps only the folder indices `indices` (its subset)."""
+        out = copy.copy(self)
+        out.scope = indices.tolist()
+        return out
 
     def __call__(self, index: int) -> tuple[torch.Tensor, int]:
         from PIL import Image
@@ -179,10 +187,13 @@ class _ImageFolderItems:
     def _others_unreadable(self, failed: int) -> str:
         """The other images whose pixel data cannot be decoded either, in words ("" when there are no others), so that
         one run names them all: the headers were read when the folder was opened, the pixels only now.
-        Decodes the images after `failed` (then those before it) for at most `DECODE_CHECK_SECONDS`."""
+        Decodes the dataset's images (`scope`) after `failed`, then those before it, for at most
+        `DECODE_CHECK_SECONDS`."""
         from PIL import Image
 
-        order = [*range(failed + 1, len(self.samples)), *range(failed)]
+        scope = self.scope if self.scope is not None else range(len(self.samples))
+        later = [i for i in scope if i > failed]
+        order = later + [i for i in scope if i < failed]
         bad: list[str] = []
         deadline = time.monotonic() + DECODE_CHECK_SECONDS
         checked = 0
@@ -364,7 +375,7 @@ def open_image_folder(spec: DataSpec, base_dir: Path, name: str) -> Source:
         n=len(samples),
         desc=f"image folder {root.name or str(root)}" + (f" ({_skipped_text(skipped)} skipped)" if skipped else ""),
         labels=torch.tensor([t for _, t in samples], dtype=torch.int64),
-        items=_ImageFolderItems(samples, mode, resize, f"{name}.root"),  # type: ignore[arg-type]
+        items=ImageFolderItems(samples, mode, resize, f"{name}.root"),  # type: ignore[arg-type]
         files={
             "root": root.resolve().name,
             "samples": hashlib.sha256("\n".join(rel).encode("utf-8", "surrogateescape")).hexdigest(),  # a name that is not UTF-8: its bytes
