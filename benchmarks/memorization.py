@@ -6,7 +6,9 @@
    label_noise) until the random labels are memorized, and saves model.checkpoint.
 2. fit-factors (EKFAC, sampled Fisher) on the same training set.
 3. spectrum: share of each example's loss-gradient energy in the low-curvature band, for the
-   memorized random labels (train:noisy), the clean rest (train:clean) and held-out images.
+   memorized random labels (train:noisy), the clean rest (train:clean) and held-out images; how
+   well each example's bottom-band energy (the ranking of `spectrum --top`), its share, its whole
+   gradient energy and its self-influence (compute-scores --self) single out the random labels.
 4. edit: removes the low-curvature components of every layer and measures accuracy on the
    memorized random labels, on the clean training labels and on held-out images 9000..10000.
 
@@ -28,8 +30,10 @@ from influence_cli.data import load_dataset, make_loader
 from influence_cli.edit import edit_checkpoint
 from influence_cli.fit import fit_factors
 from influence_cli.models import build_model, load_model
+from influence_cli.scores import compute_scores
 from influence_cli.spectrum_plot import save_spectrum_plot
 from influence_cli.storage import save_tensors
+from influence_cli.topk import load_self_influence
 from influence_cli.training import TrainRecipe, accuracy, train_model
 
 CONFIG = ROOT / "configs" / "mnist_memorization.yaml"
@@ -101,6 +105,12 @@ def run(seed: int, epochs: int, weight_decay: float, out_dir: Path | None) -> di
     head = ds.band_energy[:, report.layers.index("head")]  # the score of `influence spectrum --layers head`
     head_score = head[:, 0] / head.sum(1).clamp_min(1e-300)
     top_k = 100
+    t0 = time.perf_counter()
+    compute_scores(cfg, self_influence=True, overwrite=True)  # the other detector: self-influence
+    t_self = time.perf_counter() - t0
+    own = load_self_influence(cfg.output_path)
+    at = {int(g): i for i, g in enumerate(own.train_indices.tolist())}
+    self_influence = own.values[[at[int(g)] for g in ds.global_indices.tolist()]]
 
     # 4. edits
     edits = []
@@ -114,10 +124,12 @@ def run(seed: int, epochs: int, weight_decay: float, out_dir: Path | None) -> di
         path.unlink()
     return {
         "cfg": cfg, "report": report, "ekfac": ekfac, "plot": plot, "n": len(x), "n_noisy": int(noisy.sum()),
-        "auroc": auroc(score, ds.noisy), "top_noisy": sum(row["noisy"] for row in report.top_examples(top_k)["train"]) / top_k,
-        "auroc_head": auroc(head_score, ds.noisy), "top_noisy_head": float(ds.noisy[torch.topk(head_score, top_k).indices].double().mean()),
+        "auroc_energy": auroc(ds.bottom_energy(), ds.noisy), "auroc": auroc(score, ds.noisy), "auroc_head": auroc(head_score, ds.noisy),
+        "auroc_total": auroc(ds.band_energy.sum(dim=(1, 2)), ds.noisy), "auroc_self": auroc(self_influence, ds.noisy),
+        "top_noisy": sum(row["noisy"] for row in report.top_examples(top_k)["train"]) / top_k,
+        "top_noisy_share": sum(row["noisy"] for row in report.top_examples(top_k, "share")["train"]) / top_k,
         "top_k": top_k, "base_rate": float(noisy.double().mean()), "base": base, "edits": edits,
-        "seconds": {"train": t_train, "fit": t_fit, "spectrum": t_spec, "total": time.perf_counter() - t_all},
+        "seconds": {"train": t_train, "fit": t_fit, "spectrum": t_spec, "self": t_self, "total": time.perf_counter() - t_all},
     }  # fmt: skip
 
 
@@ -126,7 +138,7 @@ def print_details(r: dict, epochs: int, weight_decay: float) -> None:
     t = r["seconds"]
     print(f"seed {cfg.seed}: MLP {cfg.model.kwargs['hidden']} trained {epochs} epochs (Adam 1e-3, weight decay {weight_decay:g}) on "
           f"{r['n']:,} MNIST images with {r['n_noisy']} random labels: {t['train']:.1f}s; fit-factors {t['fit']:.1f}s; "
-          f"spectrum {t['spectrum']:.1f}s; total {t['total']:.1f}s")  # fmt: skip
+          f"spectrum {t['spectrum']:.1f}s; self-influence {t['self']:.1f}s; total {t['total']:.1f}s")  # fmt: skip
     print()
     groups = {g.name: g for g in report.groups}
     names = report.band_names()
@@ -148,9 +160,11 @@ def print_details(r: dict, epochs: int, weight_decay: float) -> None:
     eg = {g.name: g for g in r["ekfac"].groups}
     row(f"ekfac order: {names[0]}, all layers", [float(eg[c].share[0]) for c in cols])
     print()
-    print(f"per-example score (bottom-band share), all layers: AUROC noisy vs clean {r['auroc']:.3f}, random labels among the "
-          f"{r['top_k']} top-scored training examples {r['top_noisy']:.0%}; head only (--layers head): AUROC {r['auroc_head']:.3f}, "
-          f"top-{r['top_k']} {r['top_noisy_head']:.0%} (base rate {r['base_rate']:.0%}); plot {r['plot']}")  # fmt: skip
+    print(f"per-example detectors of the random labels, AUROC noisy vs clean: bottom-band energy (spectrum --top) {r['auroc_energy']:.3f}, "
+          f"bottom-band share (--rank-by share) {r['auroc']:.3f}, head only {r['auroc_head']:.3f}; the whole gradient energy "
+          f"{r['auroc_total']:.3f}; self-influence (compute-scores --self) {r['auroc_self']:.3f}. Random labels among the {r['top_k']} "
+          f"top-ranked training examples: by energy {r['top_noisy']:.0%}, by share {r['top_noisy_share']:.0%} (base rate "
+          f"{r['base_rate']:.0%}); plot {r['plot']}")  # fmt: skip
     print()
     print("| edit (every layer) | directions kept | ‖W‖² removed (fc1, head) | memorized random labels | same images, true labels "
           "| clean train | held-out 9000..10000 |")  # fmt: skip
@@ -180,9 +194,10 @@ def main() -> None:
     print_details(results[args.seeds[0]], args.epochs, args.weight_decay)
     print()
     share = EDITS.index(("share", 0.1))
-    print("| seed | bottom 90% share noisy / clean, all layers | ratio | ratio, ekfac order | ratio, head | AUROC all / head "
-          "| top-100 noisy all / head | keep share 0.1: memorized labels | true labels | clean train | held-out |")  # fmt: skip
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| seed | bottom 90% share noisy / clean, all layers | ratio | ratio, ekfac order | ratio, head "
+          "| AUROC bottom energy / share / head share | AUROC all energy / self-influence | top-100 noisy by energy / share "
+          "| keep share 0.1: memorized labels | true labels | clean train | held-out |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for seed in args.seeds:
         r = results[seed]
         g = {x.name: x for x in r["report"].groups}
@@ -193,7 +208,8 @@ def main() -> None:
         h = r["report"].layers.index("head")
         hn, hc = float(g["train:noisy"].layer_share[h, 0]), float(g["train:clean"].layer_share[h, 0])
         print(f"| {seed} | {100 * n:.2f}% / {100 * c:.2f}% | {100 * (n / c - 1):+.0f}% | {100 * (en / ec - 1):+.0f}% | {100 * (hn / hc - 1):+.0f}% "
-              f"| {r['auroc']:.3f} / {r['auroc_head']:.3f} | {r['top_noisy']:.0%} / {r['top_noisy_head']:.0%} "
+              f"| {r['auroc_energy']:.3f} / {r['auroc']:.3f} / {r['auroc_head']:.3f} | {r['auroc_total']:.3f} / {r['auroc_self']:.3f} "
+              f"| {r['top_noisy']:.0%} / {r['top_noisy_share']:.0%} "
               f"| {b['noisy']:.0%} → {a['noisy']:.0%} | {b['noisy_true']:.0%} → {a['noisy_true']:.0%} "
               f"| {b['clean']:.1%} → {a['clean']:.1%} | {b['heldout']:.1%} → {a['heldout']:.1%} |")  # fmt: skip
     print()

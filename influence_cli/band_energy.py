@@ -36,7 +36,7 @@ from influence_cli.bands import LayerBands, check_order, layer_bands, load_krone
 from influence_cli.config import Config, DataSpec
 from influence_cli.context import RunContext, prepare
 from influence_cli.distributed import DistState
-from influence_cli.errors import ConfigError
+from influence_cli.errors import ConfigError, UsageError
 from influence_cli.factors import LayerFactors, Rotation
 from influence_cli.notices import warn
 from influence_cli.passes import NonFiniteWatch, accumulator_dtype, stream_gradients
@@ -51,6 +51,7 @@ from influence_cli.squares import weighted_squares
 from influence_cli.tracking import TrackedModule
 
 BANDS = ("bottom", "middle", "top")
+RANKINGS = ("energy", "share")  # how `top_examples` ranks: the bottom band's gradient energy, or its share
 _MAX_ELEMENTS = 1 << 25  # bound on the intermediates of one masked GEMM
 
 
@@ -103,6 +104,10 @@ class DatasetSpectrum:
     @property
     def size(self) -> int:
         return int(self.global_indices.numel())
+
+    def bottom_energy(self) -> torch.Tensor:
+        """[N] each example's gradient energy in the bottom bands, summed over the layers."""
+        return self.band_energy[:, :, 0].sum(1)
 
     def bottom_share(self) -> torch.Tensor:
         """[N] each example's share of gradient energy in the bottom bands (all layers; 0 for a zero gradient)."""
@@ -380,30 +385,41 @@ class SpectrumReport:
             any(b.counts[k] for b in self.bands) and all(b.without_curvature[k] for b in self.bands if b.counts[k]) for k in range(3)
         ]
 
-    def top_examples(self, n: int) -> dict[str, list[dict[str, Any]]]:
-        """Per dataset, its n examples with the largest bottom-band share (most memorization-like; ties by
-        position), among those with any energy there; none when the bottom band has no curvature (`flat_bands`)."""
+    def top_examples(self, n: int, rank_by: str = "energy") -> dict[str, list[dict[str, Any]]]:
+        """Per dataset, its n most memorization-like examples (ties by position), among those with any
+        energy in the bottom band; none when that band has no curvature (`flat_bands`).
+
+        Args:
+            rank_by: "energy": the largest gradient energy in the bottom band (a memorized example's
+                large gradient along directions the rest of the data leaves flat; on MNIST with 5%
+                random labels it finds them with AUROC 0.93 to 0.95, docs/MEMORIZATION.md), or
+                "share": the largest share of its own energy there (AUROC 0.56 to 0.58; an example the
+                model fits almost exactly, whose tiny gradient falls where it may, can rank first).
+        """
+        if rank_by not in RANKINGS:
+            raise UsageError(f"--rank-by: {rank_by!r} is not one of {', '.join(RANKINGS)}")
         out = {}
         flat = self.flat_bands()[0]
         for ds in self.datasets:
             total = ds.band_energy.sum(dim=(1, 2))
-            score = ds.bottom_share()
+            energy, share = ds.bottom_energy(), ds.bottom_share()
+            score = energy if rank_by == "energy" else share
             k = 0 if flat else min(n, int((score > 0).sum()))
-            pos = torch.sort(score, descending=True, stable=True).indices[:k]
-            values = score[pos]
+            pos = torch.sort(score, descending=True, stable=True).indices[:k].tolist()
             out[ds.name] = [
                 {
                     "global_index": int(ds.global_indices[p]),
                     "label": ds.labels[p].tolist(),
                     "noisy": bool(ds.noisy[p]),
-                    "bottom_share": float(v),
+                    "bottom_energy": float(energy[p]),
+                    "bottom_share": float(share[p]),
                     "energy": float(total[p]),
                 }
-                for v, p in zip(values.tolist(), pos.tolist(), strict=True)
+                for p in pos
             ]
         return out
 
-    def to_dict(self, top: int = 0) -> dict[str, Any]:
+    def to_dict(self, top: int = 0, rank_by: str = "energy") -> dict[str, Any]:
         """Plain data for JSON."""
         data = {
             "path": str(self.path),
@@ -435,7 +451,8 @@ class SpectrumReport:
             "resumed_from": self.resumed_from,
         }
         if top:
-            data["top_examples"] = self.top_examples(top)
+            data["rank_by"] = rank_by
+            data["top_examples"] = self.top_examples(top, rank_by)
         return data
 
 
@@ -630,10 +647,12 @@ def _save(report: SpectrumReport, ctx: RunContext, fingerprints: dict[str, str],
 
 
 def load_spectrum_scores(path: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """Per-example scores of a spectrum file: {dataset: {global_indices, labels, noisy, bottom_share}}."""
+    """Per-example scores of a spectrum file: {dataset: {global_indices, labels, noisy, bottom_share,
+    bottom_energy}} (bottom_energy [N]: the bottom band's gradient energy, summed over the layers)."""
     tensors, meta = storage.load_tensors(Path(path), storage.SPECTRUM_FORMAT)
     return {
         name: {k: tensors[f"{name}.{k}"] for k in ("global_indices", "labels", "noisy", "bottom_share")}
+        | {"bottom_energy": tensors[f"{name}.band_energy"][:, :, 0].sum(1)}
         for name in meta.get("names", [])
     }
 

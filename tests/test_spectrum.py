@@ -421,13 +421,23 @@ def test_cli_spectrum_json(digits):
         assert sum(g["share"].values()) == pytest.approx(1.0)
         assert sum(g["bin_share"]) == pytest.approx(1.0)
     assert set(data["ratio_vs_baseline"]) == {"noisy_train", "noisy_train:noisy", "heldout"}
-    assert [len(v) for v in data["top_examples"].values()] == [2, 2]
+    assert [len(v) for v in data["top_examples"].values()] == [2, 2] and data["rank_by"] == "energy"
     stored = load_spectrum_scores(out / SPECTRUM_FILE)
-    for name, rows in data["top_examples"].items():  # the largest bottom shares, in order, by global index
-        share = stored[name]["bottom_share"].double()
-        best = torch.sort(share, descending=True, stable=True).indices[:2]
-        assert [r["global_index"] for r in rows] == stored[name]["global_indices"][best].tolist()
-        assert [r["bottom_share"] for r in rows] == pytest.approx(share[best].tolist(), rel=1e-6)
+    by_share = invoke("spectrum", DIGITS, *sets, "--set", "spectrum.baseline=noisy_train:clean", "--layers", "fc2", "--layers", "head",
+                      "--order", "ekfac", "--top", "2", "--json", "--rank-by", "share")  # fmt: skip
+    assert by_share.exit_code == 0, by_share.stderr
+    shown = {"energy": data, "share": json.loads(by_share.stdout)}
+    for rank_by, key in (("energy", "bottom_energy"), ("share", "bottom_share")):
+        assert shown[rank_by]["rank_by"] == rank_by
+        for name, rows in shown[rank_by]["top_examples"].items():  # the largest bottom energies (shares), in order, by global index
+            score = stored[name][key].double()
+            best = torch.sort(score, descending=True, stable=True).indices[:2]
+            assert [r["global_index"] for r in rows] == stored[name]["global_indices"][best].tolist()
+            assert [r[key] for r in rows] == pytest.approx(score[best].tolist(), rel=1e-6)
+            energy, share = stored[name]["bottom_energy"].double(), stored[name]["bottom_share"].double()
+            assert [r["bottom_energy"] for r in rows] == pytest.approx(energy[best].tolist(), rel=1e-6)
+            assert [r["bottom_share"] for r in rows] == pytest.approx(share[best].tolist(), rel=1e-6)
+    assert shown["energy"]["top_examples"] != shown["share"]["top_examples"]
     assert data["layer_bands"][0]["shape"] == [32, 65]  # fc2: 32 × (64 + bias) directions
     assert data["layer_bands"][0]["directions"] == {"bottom": 1040, "middle": 832, "top": 208}
 
@@ -941,3 +951,25 @@ def test_the_last_batch_of_a_dataset_is_not_saved_twice(digits, tmp_path, monkey
     partial = storage.SPECTRUM_PARTIAL.format(rank="")
     states = [keys for keys, _ in spy.of(partial)]
     assert len(states) == sum(n - 1 for n in batches) + len(batches) - 1, (batches, len(states))  # every batch but the last, and after each dataset but the last
+
+
+def test_top_examples_rank_by_bottom_band_energy_or_share():
+    """By share, an example the model fits almost exactly (a gradient of 1e-12, whose directions are
+    rounding) ranked first; by energy (the default) the example with the most energy in the bottom band does."""
+    from influence_cli.band_energy import DatasetSpectrum, LayerBandInfo, SpectrumReport
+    from influence_cli.errors import UsageError
+
+    band_energy = torch.tensor([[[1e-12, 0.0, 1e-13]], [[5.0, 0.0, 15.0]], [[2.0, 0.0, 2.0]], [[0.0, 0.0, 3.0]]], dtype=torch.float64)
+    ds = DatasetSpectrum(
+        "train", torch.arange(10, 14), torch.tensor([0, 1, 0, 1]), torch.tensor([False, True, False, False]),
+        band_energy, torch.zeros(4, 1, 2), torch.zeros(4, 1, 3),
+    )  # fmt: skip
+    bands = [LayerBandInfo("head", (2, 3), [3, 0, 3], [0.1, 0.0, 0.9], [1, 1, 1], [False, False, False])]
+    report = SpectrumReport(Path("spectrum.safetensors"), ["head"], "kfac", 0.5, 0.5, False, 2, bands, [ds], [], "train", "ekfac", "sampled")
+    by_energy = report.top_examples(4)["train"]
+    assert [r["global_index"] for r in by_energy] == [11, 12, 10]  # 13 has no energy in the bottom band
+    assert [r["bottom_energy"] for r in by_energy] == [5.0, 2.0, 1e-12]
+    assert [r["bottom_share"] for r in by_energy] == pytest.approx([0.25, 0.5, 1 / 1.1])
+    assert [r["global_index"] for r in report.top_examples(4, "share")["train"]] == [10, 12, 11]
+    with pytest.raises(UsageError, match=r"--rank-by: 'shares' is not one of energy, share"):
+        report.top_examples(2, "shares")

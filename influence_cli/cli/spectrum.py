@@ -76,7 +76,11 @@ def spectrum_cmd(
     config: ConfigArg,
     layers: LayersOpt = None,
     order: OrderOpt = None,
-    top: Annotated[int, typer.Option("--top", min=0, metavar="N", help="List each dataset's N most memorization-like examples (largest bottom-band share).")] = 0,
+    top: Annotated[int, typer.Option("--top", min=0, metavar="N", help="List each dataset's N most memorization-like examples (by --rank-by).")] = 0,
+    rank_by: Annotated[
+        Literal["energy", "share"],
+        typer.Option("--rank-by", help="How --top ranks: energy (the largest gradient energy in the bottom band; the better detector of memorized labels) or share (the largest share of the example's own energy there)."),
+    ] = "energy",
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a picture of the energy per curvature percentile, one line per dataset (PNG, or any format Pillow writes, by the suffix).")] = None,
     set_: SetOpt = None,
     overwrite: OverwriteOpt = False,
@@ -91,8 +95,9 @@ def spectrum_cmd(
     once; the table shows, per band, the mean share of an example's loss-gradient energy that
     falls in it, and how much larger or smaller it is than on the baseline dataset. Datasets
     with label noise are also split into name:noisy and name:clean. Memorized examples lean on
-    low-curvature directions (Merullo et al. 2025). Per-example scores (bottom-band share) go
-    to OUTPUT_DIR/spectrum.safetensors; run again with the same settings, the command shows that
+    low-curvature directions (Merullo et al. 2025). Per-example band energies go to
+    OUTPUT_DIR/spectrum.safetensors, and --top lists the examples with the most gradient energy
+    in the bottom band (--rank-by share: the largest share of their own energy there); run again with the same settings, the command shows that
     result (with any --top, --plot or spectrum.baseline) without recomputing it, and --overwrite
     recomputes. An interrupted run continues with --resume (progress is saved every
     factors.checkpoint_every batches and after each dataset).
@@ -115,7 +120,7 @@ def spectrum_cmd(
     views = _views(cfg) if top else {}  # a language model's examples are shown by their input ids, an image folder's by their files
     tokens = cfg.task.kind == "language_modeling"  # labels of token ids, never summarised
     if json_:
-        data = report.to_dict(top)
+        data = report.to_dict(top, rank_by)
         for name, rows in data.get("top_examples", {}).items():
             for row in rows:
                 row |= {"label": label_json(row["label"], tokens)} | _shown_extras(views.get(name), row["global_index"])
@@ -152,7 +157,7 @@ def spectrum_cmd(
     for o in others:
         print_line(f"{names[0]}: {_ratio(ratios[o][0])} on {o} vs {report.baseline}")
     if top:
-        for ds_name, rows in report.top_examples(top).items():
+        for ds_name, rows in report.top_examples(top, rank_by).items():
             if not rows:
                 why = "the bottom band has no curvature" if report.flat_bands()[0] else "no example has gradient energy in the bottom band"
                 print_line(f"{ds_name}: no example ranked ({why})")
@@ -162,16 +167,16 @@ def spectrum_cmd(
             view = views.get(ds_name)
             files = view is not None and view.has_files
             table = titled_table(
-                f"most memorization-like examples of {ds_name} (largest {names[0]} share)",
+                f"most memorization-like examples of {ds_name} (largest {names[0]} {rank_by})",
                 [("rank", "right"), ("global index", "right")] + ([("file", "left")] if files else [])
                 + [("input", "left") if tokens else ("label", "right")]
-                + ([("noisy", "left")] if noisy else []) + [("bottom share", "right"), ("gradient energy", "right")],
+                + ([("noisy", "left")] if noisy else []) + [("bottom energy", "right"), ("bottom share", "right"), ("gradient energy", "right")],
             )  # fmt: skip
             for r, row in enumerate(rows, start=1):
                 extras = _shown_extras(view, row["global_index"])
                 shown = label_text(extras["input"] if tokens else row["label"], None if view is None else view.class_names, tokens)
                 cells = [str(r), str(row["global_index"]), *([extras["file"]] if files else []), shown] + (["yes" if row["noisy"] else ""] if noisy else [])
-                table.add_row(*cells, _pct(row["bottom_share"]), f"{row['energy']:.3g}")
+                table.add_row(*cells, f"{row['bottom_energy']:.3g}", _pct(row["bottom_share"]), f"{row['energy']:.3g}")
             print_table(table)
     extra = f" and {plot}" if plot is not None else ""
     if report.from_file:
