@@ -828,6 +828,28 @@ def test_images_whose_pixels_cannot_be_decoded_are_named_together(tmp_path: Path
     assert re.search(r"; the first \d of the other 5 images \(decoded for 0 s\) decode$", info.value.message), info.value.message
 
 
+
+@pytest.mark.parametrize("subset", [{"range": (0, 4)}, {"labels_in": [0]}, {"indices": [0, 2]}, {"limit": 2}], ids=lambda s: next(iter(s)))
+def test_a_subsets_first_image_that_fails_to_decode_names_only_the_subsets_others(tmp_path: Path, subset: dict) -> None:
+    """The first kept image is read when the dataset loads (for its shape): when its pixels fail, the search
+    for the other unreadable images covered the whole folder, naming dog images a cats-only subset never reads."""
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    for cls in ("cat", "dog"):
+        (root / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.effect_noise((32, 32), 60).save(root / cls / f"{i}.png")
+    for name in ("cat/0.png", "dog/0.png", "dog/3.png"):  # headers intact, pixel data cut
+        data = (root / name).read_bytes()
+        (root / name).write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError) as info:
+        load_dataset(DataSpec(source="image_folder", root="imgs", **subset), tmp_path)
+    message = info.value.message
+    assert message.startswith(f"data.train.root: cannot read image {str(root / 'cat' / '0.png')!r}"), message
+    others = {"range": 3, "labels_in": 3, "indices": 1, "limit": 1}[next(iter(subset))]
+    assert message.endswith(f"(image file is truncated); the other {others} images decode"), message
+
 def test_images_pil_fails_on_with_other_errors_than_oserror_are_named(tmp_path: Path) -> None:
     """PIL raises ValueError for a truncated 16-bit PPM's pixels and DecompressionBombError for an image of
     too many pixels: each is named as unreadable (they escaped as tracebacks, also while the other

@@ -331,14 +331,15 @@ def load_dataset(
         labels = labels.clone().contiguous()
         clean = labels if clean is None or not bool(noisy_mask.any()) else clean.clone().contiguous()
     inputs = None
+    items = src.items.kept(sel) if isinstance(src.items, ImageFolderItems) else src.items  # a failed read checks the kept images only
     if src.inputs is not None:
         start = int(sel[0])
         contiguous = bool((sel == torch.arange(start, start + n)).all())
         inputs = src.inputs[start : start + n] if contiguous else src.inputs[sel]
         raw_shape, raw_dtype = tuple(src.inputs.shape[1:]), src.inputs.dtype
     else:
-        assert src.items is not None
-        first, _ = src.items(int(sel[0]))
+        assert items is not None
+        first, _ = items(int(sel[0]))
         raw_shape, raw_dtype = tuple(first.shape), first.dtype
         src.raw_255 = src.raw_255 or first.dtype == torch.uint8
     transform = Transform(spec.transform, name, raw_shape, src.resize_in_items, raw_dtype, embedding_model)
@@ -361,7 +362,7 @@ def load_dataset(
         noisy_mask=noisy_mask,
         transform=transform,
         inputs=inputs,
-        items=src.items.kept(sel) if isinstance(src.items, ImageFolderItems) else src.items,  # a failed read checks the kept images only
+        items=items,
         canonical=canonical,
         source_description=src.desc,
         class_names=src.class_names,
