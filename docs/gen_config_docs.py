@@ -403,7 +403,7 @@ fingerprint hashes its
 spec, its files' names and sizes (not their folders, so a project moved to another machine keeps
 its outputs), the kept indices and the labels; an image folder's also the colour mode its images
 are read in (grayscale or RGB: its own, or data.train's when it takes data.train's classes), so
-outputs of image folders written by versions before this was part of it are refused as of another
+outputs of image folders written by influence_cli 0.1.0, before this was part of it, are refused as of another
 dataset: run them again (`--overwrite`). The inputs themselves are not read for it: a
 tensors file rewritten with the same size, or a factory that changes its preprocessing, keeps
 its fingerprint, so refit (`--overwrite`) after changing data in place. Files are written under

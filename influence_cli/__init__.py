@@ -7,7 +7,7 @@ The Python API mirrors the commands::
     report = fit_factors(cfg)
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from influence_cli.config import Config, config_from_dict, load_config  # noqa: E402
 from influence_cli.errors import InfluenceError  # noqa: E402

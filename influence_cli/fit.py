@@ -533,7 +533,7 @@ def check_factors_match(
         ).everywhere()
     if dataset_fingerprint is not None and meta.get("dataset_fingerprint") != dataset_fingerprint:
         raise OutputError(
-            f"{str(path)!r} was fitted on another training set than data.train",
+            f"{str(path)!r} was fitted on another training set than data.train{storage.other_version(meta)}",
             hint="use the data.train of fit-factors, or refit with --overwrite",
         ).everywhere()
     fitted_n = meta.get("num_examples")

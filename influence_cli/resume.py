@@ -241,7 +241,8 @@ def finished_result(path: Path, result: dict[str, Any], what: str, *, overwrite:
         storage.check_can_write(path, overwrite, what)  # raises: a finished run whose settings are unknown
     if recorded["result_key"] not in run_keys(result):
         raise OutputError(
-            f"{str(path)!r} holds {what} of other settings ({changed_settings(recorded.get('result'), as_recorded(result), names)})",
+            f"{str(path)!r} holds {what} of other settings ({changed_settings(recorded.get('result'), as_recorded(result), names)})"
+            + storage.other_version(recorded),
             hint="pass --overwrite to replace it",
         ).everywhere()
     return recorded

@@ -568,6 +568,17 @@ def decode_metadata(meta: dict[str, str]) -> dict[str, Any]:
     return decoded
 
 
+def other_version(metadata: dict[str, Any]) -> str:
+    """" (written by influence_cli 0.1.0; this is 0.2.0, ...)" when another version of the tool wrote
+    an output (its `tool_version`), else "": for refusals that a change of version may explain."""
+    from influence_cli import __version__
+
+    written = metadata.get("tool_version")
+    if not isinstance(written, str) or written == __version__:
+        return ""
+    return f" (written by influence_cli {written}; this is {__version__}, and versions may fingerprint data differently)"
+
+
 def read_metadata(path: Path, hint: str | None = None) -> dict[str, Any]:
     """The decoded metadata of a safetensors file (OutputError naming the command that writes it again)."""
     try:

@@ -257,7 +257,7 @@ def check_scores_match(metadata: dict[str, Any], cfg: Config, path: Path, *, pai
             embedding_model = takes_token_ids(load_model(cfg.model, cfg.base_dir))
         loaded[key] = load_dataset(spec, cfg.base_dir, name=key, seed=cfg.seed, embedding_model=embedding_model)
         if recorded != loaded[key].fingerprint():
-            raise OutputError(f"{str(path)!r} holds scores computed on another {key}", hint=hint)
+            raise OutputError(f"{str(path)!r} holds scores computed on another {key}{storage.other_version(metadata)}", hint=hint)
     return loaded
 
 

@@ -449,6 +449,24 @@ def test_mismatched_or_missing_factors_are_refused(project, change, needle):
     assert not (cfg.output_path / storage.SCORES_FILE).exists()
 
 
+def test_a_training_set_refused_in_factors_of_another_version_names_both_versions(project):
+    """Versions may fingerprint data differently (image folders' colour mode since 0.2.0): the refusal says
+    which version wrote the factors, so that an upgrade is not taken for a change of data."""
+    from influence_cli import __version__
+
+    cfg = make_cfg(project, "older-version", "data.train.range=[0, 40]")
+    path = cfg.output_path / storage.FACTORS_FILE
+    tensors, meta = storage.load_tensors(path)
+    storage.save_tensors(path, tensors, meta | {"tool_version": "0.1.0"})
+    with pytest.raises(OutputError) as info:
+        compute_scores(cfg)
+    assert info.value.message.endswith(
+        f"was fitted on another training set than data.train (written by influence_cli 0.1.0; this is {__version__}, "
+        "and versions may fingerprint data differently)"
+    ), info.value.message
+    assert storage.other_version({"tool_version": __version__}) == storage.other_version({}) == ""
+
+
 def test_finished_scores_are_not_replaced_without_overwrite(project):
     cfg = make_cfg(project, "existing")
     compute_scores(cfg)
