@@ -84,8 +84,8 @@ device: auto
 seed: 0
 ```
 
-Only `model.architecture` and `data.train` (with its `source`) are required; every other key
-has the default listed below.
+Only `model.architecture` is always required, and `data.train` (with its `source`) by the commands
+that read it (above); every other key has the default listed below.
 
 ## Paths
 
