@@ -249,7 +249,9 @@ def finished_result(path: Path, result: dict[str, Any], what: str, *, overwrite:
 
 
 def changed_settings(old: dict[str, Any] | None, new: dict[str, Any], names: dict[str, str] | None = None) -> str:
-    """Which settings differ, in words: "batch size 256 -> 64, model" (`names`: the command's own words for some keys)."""
+    """Which settings differ, in words: "batch size 256 -> 64, model, seed (unset) -> 0" (`names`: the
+    command's own words for some keys; a setting only one side records, such as the seed of a sampled
+    Fisher, is "(unset)" on the other)."""
     if not isinstance(old, dict):
         return "model, data, strategy or batch size changed"
     parts = []
@@ -257,8 +259,9 @@ def changed_settings(old: dict[str, Any] | None, new: dict[str, Any], names: dic
         a, b = old.get(key), new.get(key)
         if a != b:
             name = (names or {}).get(key) or _NAMES.get(key, key)
-            short = all(isinstance(v, (int, float, str, bool)) and len(str(v)) <= 12 for v in (a, b))
-            parts.append(f"{name} {a} -> {b}" if short else name)
+            shown = ["(unset)" if k not in side else v for k, side, v in ((key, old, a), (key, new, b))]
+            short = all(isinstance(v, (int, float, str, bool)) and len(str(v)) <= 12 for v in shown)
+            parts.append(f"{name} {shown[0]} -> {shown[1]}" if short else name)
     return ", ".join(parts) or "unknown change"
 
 

@@ -851,3 +851,12 @@ def test_start_removes_the_finished_files_no_snapshot_counts(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["similarity.partial.finished0.safetensors", "similarity.partial.safetensors"]
     start(resume=False, overwrite=True)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_setting_only_one_side_records_is_shown_unset_on_the_other():
+    """ggn -> sampled adds the seed (it counts only for a sampled Fisher): "seed None -> 0" read as a seed changed."""
+    from influence_cli.resume import changed_settings
+
+    assert changed_settings({"fisher": "ggn"}, {"fisher": "sampled", "seed": 0}) == "factors.fisher ggn -> sampled, seed (unset) -> 0"
+    assert changed_settings({"fisher": "sampled", "seed": 0}, {"fisher": "ggn"}) == "factors.fisher sampled -> ggn, seed 0 -> (unset)"
+    assert changed_settings({"bs": 256}, {"bs": 64}) == "batch size 256 -> 64"
