@@ -645,6 +645,10 @@ def test_fingerprint_stable_and_sensitive(idx_files: tuple[Path, Path], tmp_path
 def test_range_outside_source(idx_files: tuple[Path, Path]) -> None:
     msg = error_of(idx_spec(idx_files, range=[0, 200]))
     assert msg == "data.train.range: [0, 200] is outside the 30 examples of imgs-idx3-ubyte.gz"
+    for r, hint in (([0, 200], "give a range within [0, 30], e.g. [0, 30]"), ([40, 50], "give a range within [0, 30]")):
+        with pytest.raises(DataError) as info:
+            load_dataset(idx_spec(idx_files, range=r), ".")
+        assert info.value.hint == hint
 
 
 @pytest.mark.parametrize(

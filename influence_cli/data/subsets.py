@@ -86,7 +86,10 @@ def select_indices(spec: DataSpec, src: Source, base_dir: Path, name: str) -> tu
         if len(r) != 2 or not all(isinstance(v, int) for v in r) or r[0] < 0 or r[1] <= r[0]:
             raise DataError(f"{key}: expected [start, stop) with 0 <= start < stop, got {r}")
         if r[1] > src.n:
-            raise DataError(f"{key}: {r} is outside the {src.n} examples of {src.desc}")
+            raise DataError(
+                f"{key}: {r} is outside the {src.n} examples of {src.desc}",
+                hint=f"give a range within [0, {src.n}]" + (f", e.g. [{r[0]}, {src.n}]" if r[0] < src.n else ""),
+            )
         info["range"] = r
         return torch.arange(r[0], r[1], dtype=torch.int64), info
     if spec.indices is not None:
