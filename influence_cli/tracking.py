@@ -342,16 +342,39 @@ def skipped_layers(model: nn.Module, tracked: Sequence[TrackedModule], patterns:
     return out
 
 
+UNFOLD_ELEMENTS = 1 << 22  # conv patches unfolded at once by `layer_activations` (16 MiB in float32)
+
+
 def layer_activations(tm: TrackedModule, x: torch.Tensor) -> torch.Tensor:
     """The layer's input as activations [B, T, d_in] (bias column of ones appended)."""
-    m = tm.module
     if tm.kind == "conv2d":
-        cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=_conv_padding(m), stride=m.stride)  # type: ignore[arg-type]
-        a = cols.transpose(1, 2)
-    else:
-        a = x.reshape(x.shape[0], -1, x.shape[-1])
+        return _conv_activations(tm, x)
+    a = x.reshape(x.shape[0], -1, x.shape[-1])
     if tm.has_bias:
         a = torch.cat([a, a.new_ones(a.shape[0], a.shape[1], 1)], dim=2)
+    return a
+
+
+def _conv_activations(tm: TrackedModule, x: torch.Tensor) -> torch.Tensor:
+    """A conv layer's unfolded patches [B, T, d_in] of its input x [B, C, H, W] (KFC).
+
+    With a bias, the patches are unfolded `UNFOLD_ELEMENTS` at a time into the result, which
+    holds the ones column too: the patches (T·d_in per example, a conv net's largest tensor of a
+    batch) then exist once, not twice (unfolded, then copied beside the ones).
+    """
+    m = tm.module
+
+    def patches(part: torch.Tensor) -> torch.Tensor:  # [b, T, d_in]
+        return F.unfold(part, m.kernel_size, dilation=m.dilation, padding=_conv_padding(m), stride=m.stride).transpose(1, 2)  # type: ignore[arg-type]
+
+    if not tm.has_bias:
+        return patches(x)
+    _, t, d = patches(x[:1]).shape
+    a = x.new_empty(x.shape[0], t, d + 1)
+    a[..., d] = 1
+    step = max(1, UNFOLD_ELEMENTS // max(1, t * d))
+    for s in range(0, x.shape[0], step):
+        a[s : s + step, :, :d] = patches(x[s : s + step])
     return a
 
 
@@ -460,8 +483,11 @@ class Capture:
                 tm.copy_io = found = True
         return found
 
-    def activations(self, batch_size: int | None = None) -> dict[str, torch.Tensor]:
+    def activations(self, batch_size: int | None = None, rows: int | None = None) -> dict[str, torch.Tensor]:
         """{name: a [B, T, d_in]}; several calls of one layer are concatenated along T.
+
+        `rows`: only the first `rows` examples' activations, [rows, T, d_in] (a conv layer's
+        unfolded patches are T·d_in per example: the model checks compare one row, not the batch).
 
         Raises:
             ModelError: a layer not called, or (given `batch_size`) called on an input whose dim 0
@@ -486,7 +512,7 @@ class Capture:
                         f"{batch_size}: a tracked layer must see one example per row of dim 0 ([batch, ..., features])",
                         hint="leave it out of factors.modules, or keep the batch first in the model (e.g. batch_first=True, no reshape(-1, features) before it)",
                     )
-            parts = [layer_activations(tm, x) for x in xs]
+            parts = [layer_activations(tm, x if rows is None else x[:rows]) for x in xs]
             out[tm.name] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         return out
 

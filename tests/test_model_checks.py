@@ -186,6 +186,44 @@ def test_models_that_mix_the_examples_of_a_batch_are_refused(model, shape, needl
     assert "batch_first=True" in exc.value.hint
 
 
+class BatchCentredConv(nn.Module):
+    """A conv layer after a batch mean: its unfolded patches of example 0 depend on the other examples."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.conv2, self.head = nn.Conv2d(1, 3, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv1(x))
+        return self.head(self.conv2(h - h.mean(0, keepdim=True)).flatten(1))
+
+
+def test_the_independence_check_unfolds_one_example_of_the_copies(monkeypatch):
+    """Of the batch of copies, only row 0's activations are formed (a conv layer's unfolded patches are
+    T·d_in per example: all of them would be a second copy of the batch's largest tensors), and a conv
+    model that mixes the examples is still refused."""
+    import influence_cli.model_checks as model_checks
+    import influence_cli.tracking as tracking
+
+    rows: list[int] = []
+    real = tracking.layer_activations
+    check = model_checks.check_examples_independent
+
+    def recording(*args, **kwargs):
+        monkeypatch.setattr(tracking, "layer_activations", lambda tm, x: rows.append(x.shape[0]) or real(tm, x))
+        try:
+            return check(*args, **kwargs)
+        finally:
+            monkeypatch.setattr(tracking, "layer_activations", real)
+
+    monkeypatch.setattr(model_checks, "check_examples_independent", recording)
+    x, y = _data((1, 6, 6))
+    with pytest.raises(ModelError, match="layer 'conv2' receives inputs for the batch's first example that change"):
+        fit(BatchCentredConv().eval(), x, y, batch_size=4)
+    assert rows and set(rows) == {1}
+
+
 def test_the_checks_change_no_number(monkeypatch):
     """A plain model passes every check, and factors and scores are bit for bit those of a run without them."""
     import influence_cli.model_checks as model_checks

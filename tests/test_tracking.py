@@ -504,3 +504,25 @@ def test_a_googlenet_with_its_auxiliary_classifiers_is_fitted_under_wildcards():
     x, y = torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 3, (4,), generator=g)
     tracked, layers = fit(model, x, y, strategy="kfac", fisher="empirical", batch_size=4)
     assert not any(tm.name.startswith("aux") for tm in tracked) and set(layers) == {tm.name for tm in tracked}
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_patches_are_unfolded_a_few_examples_at_a_time(monkeypatch, bias):
+    """A conv layer's activations are the unfolded patches with a ones column, bit for bit; with a bias
+    they are unfolded `UNFOLD_ELEMENTS` at a time into the result, so the batch's patches are not held twice."""
+    import torch.nn.functional as F
+
+    import influence_cli.tracking as tracking
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1, stride=2, bias=bias)
+    (tm,) = find_tracked_modules(nn.Sequential(conv), ["*"])
+    x = torch.randn(7, 3, 9, 9)
+    cols = F.unfold(x, 3, padding=1, stride=2).transpose(1, 2)  # [7, 25, 27]
+    want = torch.cat([cols, torch.ones(7, 25, 1)], dim=2) if bias else cols
+    sizes: list[int] = []
+    real = F.unfold
+    monkeypatch.setattr(tracking.F, "unfold", lambda part, *a, **k: sizes.append(part.shape[0]) or real(part, *a, **k))
+    monkeypatch.setattr(tracking, "UNFOLD_ELEMENTS", 2 * 25 * 27)
+    assert torch.equal(tracking.layer_activations(tm, x), want)
+    assert max(sizes) == (2 if bias else 7)
