@@ -342,7 +342,8 @@ def skipped_layers(model: nn.Module, tracked: Sequence[TrackedModule], patterns:
     return out
 
 
-UNFOLD_ELEMENTS = 1 << 22  # conv patches unfolded at once by `layer_activations` (16 MiB in float32)
+UNFOLD_ELEMENTS = 1 << 22  # conv patches unfolded at once by `layer_activations` on the CPU (16 MiB in float32)
+UNFOLD_ELEMENTS_GPU = 1 << 26  # on a GPU (256 MiB): fewer, larger unfolds, as each costs kernel launches
 
 
 def layer_activations(tm: TrackedModule, x: torch.Tensor) -> torch.Tensor:
@@ -358,7 +359,7 @@ def layer_activations(tm: TrackedModule, x: torch.Tensor) -> torch.Tensor:
 def _conv_activations(tm: TrackedModule, x: torch.Tensor) -> torch.Tensor:
     """A conv layer's unfolded patches [B, T, d_in] of its input x [B, C, H, W] (KFC).
 
-    With a bias, the patches are unfolded `UNFOLD_ELEMENTS` at a time into the result, which
+    With a bias, the patches are unfolded `UNFOLD_ELEMENTS` (on a GPU `UNFOLD_ELEMENTS_GPU`) at a time into the result, which
     holds the ones column too: the patches (T·d_in per example, a conv net's largest tensor of a
     batch) then exist once, not twice (unfolded, then copied beside the ones).
     """
@@ -372,7 +373,7 @@ def _conv_activations(tm: TrackedModule, x: torch.Tensor) -> torch.Tensor:
     _, t, d = patches(x[:1]).shape
     a = x.new_empty(x.shape[0], t, d + 1)
     a[..., d] = 1
-    step = max(1, UNFOLD_ELEMENTS // max(1, t * d))
+    step = max(1, (UNFOLD_ELEMENTS if x.device.type == "cpu" else UNFOLD_ELEMENTS_GPU) // max(1, t * d))
     for s in range(0, x.shape[0], step):
         a[s : s + step, :, :d] = patches(x[s : s + step])
     return a
