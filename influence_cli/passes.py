@@ -187,6 +187,10 @@ def stream_gradients(
 ) -> Iterator[BatchGradients]:
     """Yields, batch by batch, each tracked layer's activations and output gradients.
 
+    A batch's `activations` and `gradients` are emptied when the next batch comes (the pass then
+    holds one batch, not two; the last batch keeps them): a caller that keeps them across batches
+    keeps its own references to the dicts (`dataclasses.replace(batch)`).
+
     Args:
         batches: (inputs, targets, global_indices) triples, in a fixed order.
         mode: "fisher" (vectors of `fisher`: sampled / empirical / ggn),
@@ -211,7 +215,11 @@ def stream_gradients(
     check_ids = TokenIdCheck(model, device)
     tol = model_checks.tolerance(dtype, amp, device)  # of the first-batch model checks
     lossless = IndexSample()  # language-model examples without a counted position
+    previous: BatchGradients | None = None
     for offset, (x, y, idx) in enumerate(batches):
+        if previous is not None:  # the consumer asked for this batch, so it is done with the last: whoever still holds
+            previous.activations, previous.gradients = {}, []  # that object (a loop variable, zip's tuple), its tensors go
+            previous = None
         if max_examples is not None:
             if seen >= max_examples:
                 _warn_lossless(lossless, dataset_name)
@@ -271,6 +279,8 @@ def stream_gradients(
         batch = BatchGradients(start_batch + offset, idx, y, out_f.detach(), acts, grads, positions)
         x = out = out_f = vectors = cap = g = extra = mask = host_mask = None  # a suspended stream (one per ensemble member) holds only the batch
         yield batch
+        previous, batch = batch, None
+        acts = grads = positions = None
     _warn_lossless(lossless, dataset_name)
 
 

@@ -277,3 +277,29 @@ def test_wide_covariances_summed_by_upper_blocks_are_exact(width):
     got_a, got_g = acc.covariances("layer")
     torch.testing.assert_close(got_a, a.T @ a, rtol=1e-12, atol=1e-10)
     torch.testing.assert_close(got_g, g.T @ g / 2, rtol=1e-12, atol=1e-10)
+
+
+def test_a_pass_holds_one_batch_the_previous_ones_tensors_go_when_the_next_comes():
+    """The consumer's loop variable (or zip's tuple) kept the previous batch's activations and gradients
+    alive through the next batch's forward and backward: two batches in memory, not one."""
+    import dataclasses
+    import weakref
+
+    from influence_cli.passes import stream_gradients
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(12, 4), torch.randint(0, 3, (12,))
+    tracked = find_tracked_modules(model, ["*"])
+    alive_at_forward: list[bool] = []
+    refs: list[weakref.ref] = []
+    model.register_forward_pre_hook(lambda *_: alive_at_forward.append(any(r() is not None for r in refs)))
+    batches = [(x[i : i + 4], y[i : i + 4], torch.arange(i, i + 4)) for i in range(0, 12, 4)]
+    for batch in stream_gradients(model, tracked, batches, task_kind="classification", mode="fisher", fisher="empirical"):
+        refs[:] = [weakref.ref(batch.activations["0"]), weakref.ref(batch.gradients[0]["2"])]
+    assert len(alive_at_forward) > 3 and not any(alive_at_forward), alive_at_forward
+    assert batch.activations and batch.gradients  # the last batch keeps its tensors
+    refs.clear()
+    stream = stream_gradients(model, tracked, batches, task_kind="classification", mode="fisher", fisher="empirical")
+    kept = [dataclasses.replace(b) for b in stream]  # a caller that keeps batches keeps its own references
+    assert [b.activations["0"].shape[0] for b in kept] == [4, 4, 4] and all(b.gradients for b in kept)
