@@ -217,16 +217,15 @@ def stream_gradients(
     lossless = IndexSample()  # language-model examples without a counted position
     previous: BatchGradients | None = None
     for offset, (x, y, idx) in enumerate(batches):
+        if max_examples is not None and seen >= max_examples:
+            _warn_lossless(lossless, dataset_name)
+            return  # the last batch handed out keeps its tensors
         if previous is not None:  # the consumer asked for this batch, so it is done with the last: whoever still holds
             previous.activations, previous.gradients = {}, []  # that object (a loop variable, zip's tuple), its tensors go
             previous = None
-        if max_examples is not None:
-            if seen >= max_examples:
-                _warn_lossless(lossless, dataset_name)
-                return
-            if seen + len(idx) > max_examples:
-                keep = max_examples - seen
-                x, y, idx = x[:keep], y[:keep], idx[:keep]
+        if max_examples is not None and seen + len(idx) > max_examples:
+            keep = max_examples - seen
+            x, y, idx = x[:keep], y[:keep], idx[:keep]
         seen += len(idx)
         y_cpu, idx_cpu = y, idx
         if offset == 0:

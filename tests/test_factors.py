@@ -303,3 +303,5 @@ def test_a_pass_holds_one_batch_the_previous_ones_tensors_go_when_the_next_comes
     stream = stream_gradients(model, tracked, batches, task_kind="classification", mode="fisher", fisher="empirical")
     kept = [dataclasses.replace(b) for b in stream]  # a caller that keeps batches keeps its own references
     assert [b.activations["0"].shape[0] for b in kept] == [4, 4, 4] and all(b.gradients for b in kept)
+    cut = list(stream_gradients(model, tracked, batches, task_kind="classification", mode="loss", max_examples=6))
+    assert [len(b.global_indices) for b in cut] == [4, 2] and cut[-1].activations and cut[-1].gradients  # also when max_examples ends it
