@@ -224,11 +224,9 @@ def test_regression_labels_and_the_root_layer_show_in_tables(tmp_path):
     assert data
 
 
-def test_dense_regression_targets_are_summarised_not_repeated(tmp_path):
-    """A [C, H, W] target per example (a U-Net's) was printed in full for every ranked example by
-    top-k --json and spectrum --json, and as a nest of cut lists in the tables."""
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(16, 4, generator=g), torch.randn(16, 2, 3, 3, generator=g)
+def _dense_regression_project(tmp_path, x: torch.Tensor, y: torch.Tensor) -> str:
+    """A regression project whose model maps x [16, 4] to targets y [16, 2, 3, 3] (13 train, 3 queries),
+    fitted and scored (pairwise and --self) through the CLI; returns its config's path."""
     save_file({"inputs": x, "labels": y}, tmp_path / "d.safetensors")
     (tmp_path / "dense_model.py").write_text("from torch import nn\n\ndef make():\n    return nn.Sequential(nn.Linear(4, 18), nn.Unflatten(1, (2, 3, 3)))\n")
     config = {
@@ -243,11 +241,20 @@ def test_dense_regression_targets_are_summarised_not_repeated(tmp_path):
         "output_dir": "out",
         "device": "cpu",
     }
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     path = str(tmp_path / "c.yaml")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     for command in (["fit-factors"], ["compute-scores"], ["compute-scores", "--self"]):
         result = _invoke(command[0], path, *command[1:])
         assert result.exit_code == 0, result.stderr
+    return path
+
+
+def test_dense_regression_targets_are_summarised_not_repeated(tmp_path):
+    """A [C, H, W] target per example (a U-Net's) was printed in full for every ranked example by
+    top-k --json and spectrum --json, and as a nest of cut lists in the tables."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 4, generator=g), torch.randn(16, 2, 3, 3, generator=g)
+    path = _dense_regression_project(tmp_path, x, y)
 
     def summary(i: int) -> dict:
         return {"shape": [2, 3, 3], "mean": pytest.approx(float(y[i].double().mean())), "min": float(y[i].min()), "max": float(y[i].max())}
@@ -274,25 +281,7 @@ def test_dense_integer_regression_targets_are_summarised_like_their_predictions(
     while its prediction beside it was summarised: only a float list counted as a regression target."""
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(16, 4, generator=g), torch.randint(0, 256, (16, 2, 3, 3), generator=g, dtype=torch.uint8)
-    save_file({"inputs": x, "labels": y}, tmp_path / "d.safetensors")
-    (tmp_path / "dense_model.py").write_text("from torch import nn\n\ndef make():\n    return nn.Sequential(nn.Linear(4, 18), nn.Unflatten(1, (2, 3, 3)))\n")
-    config = {
-        "model": {"architecture": "dense_model:make"},
-        "task": {"kind": "regression"},
-        "data": {
-            "train": {"source": "tensors", "path": "d.safetensors", "range": [0, 13]},
-            "query": {"source": "tensors", "path": "d.safetensors", "range": [13, 16]},
-            "batch_size": 4,
-        },
-        "factors": {"fisher": "empirical"},
-        "output_dir": "out",
-        "device": "cpu",
-    }
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
-    path = str(tmp_path / "c.yaml")
-    for command in (["fit-factors"], ["compute-scores"], ["compute-scores", "--self"]):
-        result = _invoke(command[0], path, *command[1:])
-        assert result.exit_code == 0, result.stderr
+    path = _dense_regression_project(tmp_path, x, y)
 
     def summary(i: int) -> dict:
         v = y[i].double()

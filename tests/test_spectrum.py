@@ -7,7 +7,9 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -282,20 +284,18 @@ def make():
 """
 
 
-def test_an_edited_tied_checkpoint_loads_with_safetensors_load_model(tmp_path, monkeypatch):
-    """A tied model saved with save_model, fitted and edited through the CLI: the edited file keeps
-    one name per tied tensor, as save_model does, so load_model and the tool both read it."""
-    from safetensors.torch import load_model, save_model
-
+def _fitted_tied_project(tmp_path, monkeypatch, checkpoint: str, save: Callable[[torch.nn.Module, Path], None]) -> ModuleType:
+    """A model of TIED_MODULE (its module, returned) saved by `save(model, path)` as `checkpoint`, with
+    token data and a config.yaml in tmp_path, fitted through the CLI."""
     monkeypatch.syspath_prepend(str(tmp_path))
     (tmp_path / "tied_model.py").write_text(TIED_MODULE)
     import tied_model
 
-    save_model(tied_model.make(), str(tmp_path / "tied.safetensors"))
+    save(tied_model.make(), tmp_path / checkpoint)
     g = torch.Generator().manual_seed(0)
     torch.save({"inputs": torch.randint(0, 6, (40, 1), generator=g), "labels": torch.randint(0, 6, (40,), generator=g)}, tmp_path / "ids.pt")
     config = {
-        "model": {"architecture": "tied_model:make", "checkpoint": "tied.safetensors"},
+        "model": {"architecture": "tied_model:make", "checkpoint": checkpoint},
         "data": {"train": {"source": "tensors", "path": "ids.pt"}, "batch_size": 8},
         "factors": {"fisher": "empirical"},
         "output_dir": "out",
@@ -303,6 +303,15 @@ def test_an_edited_tied_checkpoint_loads_with_safetensors_load_model(tmp_path, m
     }
     (tmp_path / "config.yaml").write_text(json.dumps(config))
     assert invoke("fit-factors", tmp_path / "config.yaml").exit_code == 0
+    return tied_model
+
+
+def test_an_edited_tied_checkpoint_loads_with_safetensors_load_model(tmp_path, monkeypatch):
+    """A tied model saved with save_model, fitted and edited through the CLI: the edited file keeps
+    one name per tied tensor, as save_model does, so load_model and the tool both read it."""
+    from safetensors.torch import load_model, save_model
+
+    tied_model = _fitted_tied_project(tmp_path, monkeypatch, "tied.safetensors", lambda model, path: save_model(model, str(path)))
     result = invoke("edit", tmp_path / "config.yaml", "--out", tmp_path / "edited.safetensors", "--keep-share", "0.5", "--layers", "head")
     assert result.exit_code == 0, result.stderr
     assert "edit: head.weight is tied to embed.weight" in result.stderr
@@ -609,22 +618,7 @@ def test_cli_edit_writes_a_plain_state_dict_to_pt_and_pth(tmp_path, digits):
 
 def test_an_edited_tied_weight_is_one_tensor_in_a_pt_file(tmp_path, monkeypatch):
     """A .pt edit of a tied model holds every name, as model.state_dict() does, the tied pair stored once."""
-    monkeypatch.syspath_prepend(str(tmp_path))
-    (tmp_path / "tied_model.py").write_text(TIED_MODULE)
-    import tied_model
-
-    torch.save(tied_model.make().state_dict(), tmp_path / "tied.pt")
-    g = torch.Generator().manual_seed(0)
-    torch.save({"inputs": torch.randint(0, 6, (40, 1), generator=g), "labels": torch.randint(0, 6, (40,), generator=g)}, tmp_path / "ids.pt")
-    config = {
-        "model": {"architecture": "tied_model:make", "checkpoint": "tied.pt"},
-        "data": {"train": {"source": "tensors", "path": "ids.pt"}, "batch_size": 8},
-        "factors": {"fisher": "empirical"},
-        "output_dir": "out",
-        "device": "cpu",
-    }
-    (tmp_path / "config.yaml").write_text(json.dumps(config))
-    assert invoke("fit-factors", tmp_path / "config.yaml").exit_code == 0
+    tied_model = _fitted_tied_project(tmp_path, monkeypatch, "tied.pt", lambda model, path: torch.save(model.state_dict(), path))
     result = invoke("edit", tmp_path / "config.yaml", "--out", tmp_path / "edited.pt", "--keep-share", "0.5", "--layers", "head")
     assert result.exit_code == 0, result.stderr
     state = torch.load(tmp_path / "edited.pt", weights_only=True)
