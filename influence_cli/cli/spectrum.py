@@ -97,9 +97,9 @@ def spectrum_cmd(
     with label noise are also split into name:noisy and name:clean. Memorized examples lean on
     low-curvature directions (Merullo et al. 2025). Per-example band energies go to
     OUTPUT_DIR/spectrum.safetensors, and --top lists the examples with the most gradient energy
-    in the bottom band (--rank-by share: the largest share of their own energy there); run again with the same settings, the command shows that
-    result (with any --top, --plot or spectrum.baseline) without recomputing it, and --overwrite
-    recomputes. An interrupted run continues with --resume (progress is saved every
+    in the bottom band (--rank-by share: the largest share of their own energy there); run again
+    with the same settings, the command shows that result (with any --top, --plot or
+    spectrum.baseline) without recomputing it, and --overwrite recomputes. An interrupted run continues with --resume (progress is saved every
     factors.checkpoint_every batches and after each dataset).
     """
     from influence_cli.band_energy import BANDS, spectrum

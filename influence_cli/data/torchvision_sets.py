@@ -194,6 +194,8 @@ class ImageFolderItems:
         scope = self.scope if self.scope is not None else range(len(self.samples))
         later = [i for i in scope if i > failed]
         order = later + [i for i in scope if i < failed]
+        if not order:
+            return ""
         bad: list[str] = []
         deadline = time.monotonic() + DECODE_CHECK_SECONDS
         checked = 0
@@ -206,8 +208,6 @@ class ImageFolderItems:
                     img.load()
             except _unreadable_errors():
                 bad.append(self.samples[i][0])
-        if not order:
-            return ""
         which = f"the other {len(order)} images" if checked == len(order) else f"the first {checked} of the other {len(order)} images (decoded for {DECODE_CHECK_SECONDS:g} s)"
         if not bad:
             return f"; {which} decode"
