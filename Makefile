@@ -11,6 +11,8 @@ BENCH_PY := $(BENCH_VENV)/bin/python
 BENCH_STAMP := $(BENCH_VENV)/.installed
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 DEMO := configs/digits.yaml
+# Threads of every benchmark process (torch reads OMP_NUM_THREADS at start-up); each result records it.
+BENCH_THREADS ?= $(shell nproc)
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo test test-all lint bench bench-install bench-field gpu-check mnist-model clean
@@ -49,7 +51,10 @@ lint: $(STAMP) ## ruff
 mnist-model: $(STAMP) ## Train the MNIST MLP of configs/mnist.yaml and mnist_similarity.yaml (runs/mnist/model.safetensors)
 	$(PY) benchmarks/train_mnist.py --out runs/mnist/model.safetensors
 
-bench: $(STAMP) mnist-model ## Run the CPU benchmarks (results go to stdout; see docs/BENCHMARKS.md)
+bench bench-field: export OMP_NUM_THREADS = $(BENCH_THREADS)
+bench bench-field: export MKL_NUM_THREADS = $(BENCH_THREADS)
+
+bench: $(STAMP) mnist-model ## Run the CPU benchmarks (results go to stdout; see docs/BENCHMARKS.md; BENCH_THREADS=n pins the threads, default all cores)
 	$(PY) benchmarks/bench_fit.py --amp none,bfloat16
 	$(PY) benchmarks/bench_scores.py --amp bfloat16
 	$(PY) benchmarks/bench_conv.py --skip-kronfluence
