@@ -154,6 +154,15 @@ class PassCheckpoint:
         """
         path = path or self.path
         tensors, meta = storage.load_tensors(path, storage.PARTIAL_FORMAT)
+        self.check_settings(path, meta)
+        return Snapshot(meta["phase"], int(meta["batches_done"]), tensors)
+
+    def check_settings(self, path: Path, meta: dict[str, Any]) -> None:
+        """Refuses progress at `path` (`meta`: its metadata) of other settings than this run's.
+
+        Raises:
+            OutputError: naming the settings that changed.
+        """
         if meta.get("run_key") not in run_keys(self.settings):
             old = meta.get("settings")
             changed = changed_settings(old, self.settings, self.names)
@@ -163,7 +172,6 @@ class PassCheckpoint:
                 size = chunks[0][1] - chunks[0][0]  # only the query chunks differ (a budget or a version that sized them otherwise)
                 hint = f"resume with --set scores.query_chunk={size} (the interrupted run's chunks; the scores are the same), or pass --overwrite"
             raise OutputError(f"{str(path)!r} is progress of a run with other settings ({changed})", hint=hint)
-        return Snapshot(meta["phase"], int(meta["batches_done"]), tensors)
 
     def due(self, batches_done: int) -> bool:
         return self.every > 0 and batches_done % self.every == 0
@@ -271,23 +279,31 @@ class DatasetsProgress:
     (tensors, the same on every rank: they are all-reduced or gathered) once, in a file of its own
     (`finished_path`), and every `factors.checkpoint_every` batches the snapshot: this rank's state of the
     dataset in progress and how many are finished, never their results (so a save costs the same after
-    any number of datasets). Each rank keeps its own files, as it keeps its own snapshot.
+    any number of datasets). Each rank keeps its own files, as it keeps its own snapshot, so a rank that
+    lost one (missing or unreadable) is sent another rank's copy when it resumes (`agree`).
 
     Phase "dataset:<i>": datasets 0..i-1 are finished, each in its file; `batches_done` batches of dataset
     i are in `state`. A snapshot of earlier versions holds the finished results as its tensors
     finished.<j>.*: they are read from it, and written to their files at the next save.
     """
 
-    def __init__(self, checkpoint: PassCheckpoint, snapshot: Snapshot | None = None) -> None:
+    def __init__(self, checkpoint: PassCheckpoint, snapshot: Snapshot | None = None, *, lost_ok: bool = False) -> None:
         """Continues `snapshot` (of `checkpoint`; none: from the start), reading the finished datasets' files.
 
+        Args:
+            lost_ok: A finished dataset's file that is missing, unreadable or holds another dataset is kept
+                in `lost` (its refusal) instead of refused, its result left empty: under torchrun another
+                rank's copy can take its place (`agree`, which refuses when no rank holds one).
+
         Raises:
-            OutputError: a finished dataset's file is missing, unreadable, or of other settings (named):
-                the snapshot cannot be continued without it.
+            OutputError: a finished dataset's file is of other settings (named), or without `lost_ok`
+                missing, unreadable, or of another dataset: the snapshot cannot be continued without it.
         """
         self.checkpoint = checkpoint
         self.finished: list[dict[str, torch.Tensor]] = []
         self.written = 0  # how many of `finished` are in their files
+        self.unwritten: list[int] = []  # datasets below `written` whose file was lost: another rank's copy is written at the next save
+        self.lost: dict[int, OutputError] = {}  # datasets whose file is lost (lost_ok), until `agree` takes another rank's copy
         self.batches_done = 0
         self.state: dict[str, torch.Tensor] = {}
         if snapshot is not None and snapshot.phase.startswith("dataset:"):
@@ -295,7 +311,7 @@ class DatasetsProgress:
             if any(k.startswith("finished.") for k in snapshot.tensors):  # an earlier version's snapshot holds them
                 self.finished = [prefixed(snapshot.tensors, f"finished.{i}.") for i in range(done)]
             else:
-                self.finished = [self._read_finished(i) for i in range(done)]
+                self.finished = [self._read_finished(i, lost_ok) for i in range(done)]
                 self.written = done
             self.batches_done = snapshot.batches_done
             self.state = prefixed(snapshot.tensors, "state.")
@@ -307,10 +323,11 @@ class DatasetsProgress:
     ) -> DatasetsProgress:
         """The progress this rank continues from (none without `resume`) towards `output`, saved as `pattern`
         (with {rank}) every `every` batches: every rank checks it at once (`distributed.agree`: a refusal is
-        said once), the ranks agree on the dataset to continue at (`agree`), and with `overwrite` the finished
-        `output` is removed (an interrupted --overwrite run must not leave the old result looking current).
-        Files of finished datasets that the snapshot does not count (a run killed between writing one and
-        its snapshot, or started over) are removed.
+        said once), the ranks agree on the dataset to continue at and take the finished results a rank lacks
+        from another rank's copy (`agree`), and with `overwrite` the finished `output` is removed (an
+        interrupted --overwrite run must not leave the old result looking current). Files of finished datasets
+        that the snapshot does not count (a run killed between writing one and its snapshot, or started over)
+        are removed.
 
         Args:
             dist: The DistState. result: the settings the result depends on; the batch size, the ranks and
@@ -322,7 +339,7 @@ class DatasetsProgress:
 
         def start_checks() -> DatasetsProgress:
             check_rank_layout(folder, pattern, dist.world_size, resume=resume, overwrite=overwrite)
-            progress = cls(checkpoint, checkpoint.check_start(resume, overwrite))
+            progress = cls(checkpoint, checkpoint.check_start(resume, overwrite), lost_ok=dist.distributed)
             storage.remove_stale_temp_files(progress.finished_path("*"))  # what a killed writer left
             progress._remove_finished(progress.written)
             return progress
@@ -339,18 +356,34 @@ class DatasetsProgress:
         path = self.checkpoint.path
         return path.with_suffix(storage.PARTIAL_FINISHED.format(index=index) + path.suffix)
 
-    def _read_finished(self, index: int) -> dict[str, torch.Tensor]:
-        path = self.finished_path(index)
+    def dataset_name(self, index: int) -> str:
+        """Dataset `index` in words: its name in the run's order ('zeros_sixes'), else its place."""
         order = self.checkpoint.settings.get("dataset_order")
-        name = repr(order[index]) if isinstance(order, list) and index < len(order) else str(index)
-        what = f"the result of dataset {name}, which {self.checkpoint.path.name} counts as finished"
+        return repr(order[index]) if isinstance(order, list) and index < len(order) else str(index)
+
+    def _read_finished(self, index: int, lost_ok: bool = False) -> dict[str, torch.Tensor]:
+        """The result in finished dataset `index`'s file; with `lost_ok` an empty one when the file is lost (`lost`)."""
+        path = self.finished_path(index)
+        what = f"the result of dataset {self.dataset_name(index)}, which {self.checkpoint.path.name} counts as finished"
         hint = "pass --overwrite to start over (the saved progress cannot continue without it)"
+        lost = None
         if not path.is_file():
-            raise OutputError(f"{str(path)!r} is missing: it held {what}", hint=hint)
-        saved = self.checkpoint.read(path)  # unreadable, or of other settings: refused by name
-        if saved.phase != f"finished:{index}":
-            raise OutputError(f"{str(path)!r} does not hold {what} (it holds {saved.phase!r})", hint=hint)
-        return saved.tensors
+            lost = OutputError(f"{str(path)!r} is missing: it held {what}", hint=hint)
+        else:
+            try:
+                tensors, meta = storage.load_tensors(path, storage.PARTIAL_FORMAT)
+            except OutputError as exc:  # unreadable, or not progress at all
+                lost = exc
+            else:
+                self.checkpoint.check_settings(path, meta)  # of other settings: refused by name, whatever other ranks hold
+                if meta.get("phase") != f"finished:{index}":
+                    lost = OutputError(f"{str(path)!r} does not hold {what} (it holds {meta.get('phase')!r})", hint=hint)
+        if lost is None:
+            return tensors
+        if not lost_ok:
+            raise lost
+        self.lost[index] = lost
+        return {}
 
     def _remove_finished(self, start: int = 0) -> None:
         """Removes this rank's files of finished datasets from index `start` on."""
@@ -372,10 +405,11 @@ class DatasetsProgress:
 
     def save(self, batches_done: int, state: dict[str, torch.Tensor]) -> None:
         """Saves `batches_done` batches of the dataset in progress (`state`: what they added up to) in the snapshot,
-        after writing each dataset finished since the last save to its file (every finished result is written once)."""
-        for i in range(self.written, len(self.finished)):
+        after writing each dataset finished since the last save to its file (every finished result is written once),
+        and the results of the files this rank had lost (`unwritten`) again."""
+        for i in [*self.unwritten, *range(self.written, len(self.finished))]:
             self.checkpoint.save(f"finished:{i}", 0, self.finished[i], self.finished_path(i))
-        self.written = len(self.finished)
+        self.written, self.unwritten = len(self.finished), []
         self.checkpoint.save(f"dataset:{len(self.finished)}", batches_done, {f"state.{k}": v for k, v in state.items()})
 
     def finish(self, result: dict[str, torch.Tensor], more: bool) -> None:
@@ -386,20 +420,51 @@ class DatasetsProgress:
             self.save(0, {})
 
     def agree(self, dist: Any) -> None:
-        """Every rank (`dist`: a DistState) resumes at the same dataset: after the most any rank finished,
-        whose results that rank sends to the others; a rank that saved fewer starts that dataset over on
-        its shard (its state is its own), and writes the results it was sent to its own files at its next save."""
+        """Every rank (`dist`: a DistState) resumes at the same dataset: after the most any rank finished. A finished
+        dataset's result is the same on every rank that saved it (all-reduced or gathered), so a rank that lacks it
+        (it saved fewer, or its file is `lost`) is sent the copy of the first rank that holds one, once every rank
+        that holds one found it the same (a digest of its tensors; each rank checked its own files against this
+        run's settings). A rank that saved fewer starts that dataset over on its shard (its state is its own); a
+        rank that lost a file keeps its state. Each writes the results it was sent to its own files at its next save.
+        Every rank takes the same decisions from the same gathered counts, so all go on, or all refuse alike.
+
+        Raises:
+            OutputError: (every rank alike, said once) no rank holds a usable copy of a finished dataset's result
+                (the lost file is named), or the ranks' copies of one differ.
+        """
         if not dist.distributed:
+            if self.lost:  # pragma: no cover - one process reads its files without lost_ok
+                raise next(iter(self.lost.values()))
             return
-        counts = [int(c) for c in dist.all_gather_object(len(self.finished))]
-        most = max(counts)
-        if min(counts) == most:
-            return
-        src = counts.index(most)
-        finished = dist.broadcast_object(self.finished if dist.rank == src else None, src=src)
+        views = dist.all_gather_object((len(self.finished), {i: (e.message, e.hint) for i, e in self.lost.items()}))
+        counts = [int(count) for count, _ in views]
+        lost: list[dict[int, tuple[str, str | None]]] = [dict(gone) for _, gone in views]
+        most, ranks = max(counts), range(dist.world_size)
+        holders = [[r for r in ranks if counts[r] > i and i not in lost[r]] for i in range(most)]
+        needed = [i for i in range(most) if len(holders[i]) < dist.world_size]  # a rank lacks it
+        for i in needed:
+            if not holders[i]:
+                raise _no_usable_copy(i, lost)
+        shared = [i for i in needed if len(holders[i]) > 1]
+        if shared:
+            digests: list[dict[int, str]] = dist.all_gather_object({i: _digest(self.finished[i]) for i in shared if dist.rank in holders[i]})
+            for i in shared:
+                if len({digests[r][i] for r in holders[i]}) > 1:
+                    raise OutputError(
+                        f"the ranks' saved results of dataset {self.dataset_name(i)} differ (ranks {', '.join(map(str, holders[i]))} "
+                        "hold one each): the saved progress cannot be continued",
+                        hint="pass --overwrite to start over",
+                    ).everywhere()
+        finished = self.finished + [{} for _ in range(most - len(self.finished))]
+        for i in needed:
+            src = holders[i][0]
+            copy = dist.broadcast_object(finished[i] if dist.rank == src else None, src=src)
+            if dist.rank not in holders[i]:
+                finished[i] = copy
         if len(self.finished) < most:
             self.batches_done, self.state = 0, {}
-        self.finished = list(finished)
+        self.unwritten = sorted(self.lost)  # all below `written`: the snapshot counted them
+        self.finished, self.lost = finished, {}
 
     def resumed_from(self, names: list[str], dist: Any = None) -> str | None:
         """Where this rank continues, in words ("dataset 'b', batch 6 (1 of 3 datasets done)"), or None;
@@ -412,6 +477,26 @@ class DatasetsProgress:
             return where
         views = dist.all_gather_object(where)
         return "; ".join(f"rank {r}: {v}" for r, v in enumerate(views) if v is not None) or None
+
+
+def _no_usable_copy(index: int, lost: list[dict[int, tuple[str, str | None]]]) -> OutputError:
+    """The refusal, the same on every rank, when no rank holds a usable copy of finished dataset `index`'s result
+    (`lost`: per rank, the refusal of each of its lost files): the lowest such rank's, and who else lost theirs."""
+    ranks = [r for r, gone in enumerate(lost) if index in gone]
+    message, hint = lost[ranks[0]][index]
+    others = ranks[1:]
+    also = f" (rank {others[0]} lost its copy too)" if len(others) == 1 else f" (ranks {', '.join(map(str, others))} lost theirs too)" if others else ""
+    return OutputError(f"{message}; no other rank holds a usable copy{also}", hint=hint).everywhere()
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    """A hash of named tensors (names, dtypes, shapes and bytes), to compare copies held by different ranks."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

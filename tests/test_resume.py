@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import influence_cli.fit as fit
 from influence_cli import storage
 from influence_cli.config import load_config
 from influence_cli.distributed import DistState
-from influence_cli.errors import OutputError
+from influence_cli.errors import DistributedError, OutputError
 from influence_cli.resume import DatasetsProgress, PassCheckpoint, Snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -702,20 +703,53 @@ def test_a_missing_factors_dir_is_named_and_not_created(tmp_path):
     assert list(tmp_path.iterdir()) == []  # neither folder left behind
 
 
-class _TwoRanks:
-    """all_gather_object / broadcast_object of two ranks, seen from `rank` (the other rank's progress given)."""
+class _Group:
+    """Ranks as threads of this process: the collectives of `_ThreadRank` exchange objects through `slots`, each
+    rank waiting for the others at a barrier (a rank that skips a collective the others take fails them all at
+    its timeout, as a deadlock would hang torchrun)."""
 
-    distributed, world_size = True, 2
+    def __init__(self, world_size: int) -> None:
+        self.slots: list[object] = [None] * world_size
+        self.barrier = threading.Barrier(world_size, timeout=20)
 
-    def __init__(self, rank: int, other: DatasetsProgress) -> None:
-        self.rank, self.other = rank, other
 
-    def all_gather_object(self, obj):
-        theirs = len(self.other.finished)
-        return [obj, theirs] if self.rank == 0 else [theirs, obj]
+class _ThreadRank(DistState):
+    """One rank of a `_Group`: all_gather_object, broadcast_object and barrier as torch.distributed has them."""
 
-    def broadcast_object(self, obj, src: int = 0):
-        return obj if src == self.rank else list(self.other.finished)
+    def __init__(self, group: _Group, rank: int) -> None:
+        super().__init__(rank=rank, world_size=len(group.slots))
+        self.group = group
+
+    def all_gather_object(self, obj: object) -> list[object]:
+        self.group.slots[self.rank] = obj
+        self.group.barrier.wait()
+        out = list(self.group.slots)
+        self.group.barrier.wait()
+        return out
+
+    def broadcast_object(self, obj: object, src: int = 0) -> object:
+        return self.all_gather_object(obj)[src]
+
+    def barrier(self) -> None:
+        self.group.barrier.wait()
+
+
+def on_every_rank(world_size: int, fn) -> list:
+    """`fn(state)` on `world_size` ranks at once (threads; `state` a DistState of its rank): each rank's result, or its exception."""
+    group, out = _Group(world_size), [None] * world_size
+
+    def run(rank: int) -> None:
+        try:
+            out[rank] = fn(_ThreadRank(group, rank))
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            out[rank] = exc
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world_size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
 
 
 def test_datasets_progress_round_trips_and_ranks_resume_at_the_furthest_dataset(tmp_path):
@@ -733,10 +767,9 @@ def test_datasets_progress_round_trips_and_ranks_resume_at_the_furthest_dataset(
     assert behind.batches_done == 3 and torch.equal(behind.state["sum.fc.0"], torch.ones(2, 3))
     assert [int(r["count"]) for r in ahead.finished] == [10, 11] and torch.equal(ahead.finished[1]["mean.fc.0"], results[1]["mean.fc.0"])
     assert behind.resumed_from(["a", "b", "c"]) == "dataset 'b', batch 3 (1 of 3 datasets done)"
-    behind.agree(_TwoRanks(0, ahead))  # type: ignore[arg-type]
+    assert on_every_rank(2, lambda st: [behind, ahead][st.rank].agree(st)) == [None, None]
     assert [int(r["count"]) for r in behind.finished] == [10, 11] and behind.batches_done == 0 and behind.state == {}
     assert behind.resumed_from(["a", "b", "c"]) == "dataset 'c', batch 0 (2 of 3 datasets done)"
-    ahead.agree(_TwoRanks(1, behind))  # type: ignore[arg-type]
     assert len(ahead.finished) == 2 and ahead.resumed_from(["a", "b", "c"]) == "dataset 'c', batch 0 (2 of 3 datasets done)"
     assert DatasetsProgress(PassCheckpoint(tmp_path / "none.safetensors", {}, 1)).resumed_from(["a"]) is None
     assert not (tmp_path / "p0.finished1.safetensors").exists()
@@ -851,6 +884,117 @@ def test_start_removes_the_finished_files_no_snapshot_counts(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["similarity.partial.finished0.safetensors", "similarity.partial.safetensors"]
     start(resume=False, overwrite=True)
     assert list(tmp_path.iterdir()) == []
+
+
+def _start_rank(folder: Path, st: DistState, resume: bool = True) -> DatasetsProgress:
+    """`DatasetsProgress.start` of dataset-similarity's files in `folder` on rank `st`, datasets x, y, z, a save every batch."""
+    output = folder / storage.SIMILARITY_FILE
+    return DatasetsProgress.start(output, storage.SIMILARITY_PARTIAL, st, {"a": 1}, ["x", "y", "z"], batch_size=8, every=1, resume=resume, overwrite=False)
+
+
+def _saved_by_ranks(folder: Path, counts: list[int], results: list[dict[str, torch.Tensor]]) -> list[Path]:
+    """Progress of len(counts) ranks in `folder`: rank r finished `counts[r]` of `results` and is 3 batches into the next
+    dataset (its state: its rank, in a float64 [4]). Returns the files, sorted."""
+
+    def run(st: DistState) -> None:
+        saved = _start_rank(folder, st, resume=False)
+        for r in results[: counts[st.rank]]:
+            saved.finish(r, more=True)
+        saved.save(3, {"sum.fc": torch.full((4,), float(st.rank), dtype=torch.float64)})
+
+    assert on_every_rank(len(counts), run) == [None] * len(counts)
+    return sorted(folder.iterdir())
+
+
+def _damage(path: Path, how: str) -> None:
+    """Makes a finished dataset's file `path` missing, unreadable (half of it) or a copy of another dataset's."""
+    if how == "missing":
+        path.unlink()
+    elif how == "unreadable":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        path.write_bytes(path.with_name(path.name.replace(".finished0.", ".finished1.")).read_bytes())
+
+
+@pytest.mark.parametrize("how", ["missing", "unreadable", "another dataset's"])
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_rank_that_lost_a_finished_datasets_file_resumes_with_another_ranks_copy(tmp_path, rank, how):
+    """Each rank's finished results are the same (all-reduced or gathered): a rank whose file of one is missing or
+    unreadable is sent another rank's copy (rank 0's, or rank 1's when rank 0 lost it), keeps its own state of the
+    dataset in progress, and writes the copy to its own file at its next save; it used to be refused (--overwrite)."""
+    results = _results(3, 4)
+    _saved_by_ranks(tmp_path, [2, 2], results)
+    lost = tmp_path / f"similarity.partial.rank{rank}.finished0.safetensors"
+    other = tmp_path / f"similarity.partial.rank{1 - rank}.finished0.safetensors"
+    _damage(lost, how)
+    got = on_every_rank(2, lambda st: _start_rank(tmp_path, st))
+    assert all(isinstance(saved, DatasetsProgress) for saved in got), got
+    for r, saved in enumerate(got):
+        assert len(saved.finished) == 2 and saved.lost == {}
+        for mine, expected in zip(saved.finished, results, strict=False):
+            assert mine.keys() == expected.keys() and all(torch.equal(mine[k], expected[k]) for k in expected)
+        assert saved.batches_done == 3 and torch.equal(saved.state["sum.fc"], torch.full((4,), float(r), dtype=torch.float64))
+        assert saved.resumed_from(["x", "y", "z"]) == "dataset 'z', batch 3 (2 of 3 datasets done)"
+    assert got[rank].unwritten == [0] and got[1 - rank].unwritten == []
+    got[rank].save(4, {"sum.fc": torch.zeros(4, dtype=torch.float64)})  # the copy goes to its own file
+    assert_same_tensors(lost, other)
+    again = on_every_rank(2, lambda st: _start_rank(tmp_path, st))
+    assert [s.batches_done for s in again] == [4 if r == rank else 3 for r in range(2)] and all(s.lost == {} for s in again)
+
+
+def test_a_finished_datasets_file_no_rank_holds_is_refused_alike_on_every_rank(tmp_path):
+    """No rank holds a usable copy (both lost theirs; or the other rank had not finished that dataset): every rank
+    refuses alike (said once), naming the lowest rank's lost file, and no file is touched."""
+    results = _results(3, 4)
+    files = _saved_by_ranks(tmp_path, [2, 2], results)
+    _damage(tmp_path / "similarity.partial.rank0.finished1.safetensors", "missing")
+    _damage(tmp_path / "similarity.partial.rank1.finished1.safetensors", "unreadable")
+    left = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    got = on_every_rank(2, lambda st: _start_rank(tmp_path, st))
+    assert all(isinstance(e, OutputError) and e.same_on_every_rank for e in got), got
+    assert got[0].message == got[1].message and got[0].hint == got[1].hint
+    assert got[0].message == (
+        f"{str(tmp_path / 'similarity.partial.rank0.finished1.safetensors')!r} is missing: it held the result of dataset 'y', "
+        "which similarity.partial.rank0.safetensors counts as finished; no other rank holds a usable copy (rank 1 lost its copy too)"
+    )
+    assert "--overwrite" in got[0].hint
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == left
+
+    behind = tmp_path / "behind"
+    behind.mkdir()
+    files = _saved_by_ranks(behind, [1, 2], results)  # rank 0 had not finished dataset y
+    _damage(behind / "similarity.partial.rank1.finished1.safetensors", "unreadable")
+    got = on_every_rank(2, lambda st: _start_rank(behind, st))
+    assert all(isinstance(e, OutputError) and e.same_on_every_rank for e in got), got
+    assert "rank1.finished1.safetensors' is not a readable safetensors file" in got[0].message
+    assert got[0].message.endswith("; no other rank holds a usable copy") and got[1].message == got[0].message
+    assert sorted(behind.iterdir()) == files
+
+
+def test_a_finished_datasets_file_of_other_settings_is_still_refused_by_name(tmp_path):
+    """A rank's file of other settings is refused by that rank, naming them, though the other rank holds a copy (the
+    other rank stops naming it), as before."""
+    _saved_by_ranks(tmp_path, [2, 2], _results(3, 4))
+    path = tmp_path / "similarity.partial.rank1.finished0.safetensors"
+    settings = {"a": 2, "bs": 8, "world": 2, "dataset_order": ["x", "y", "z"]}
+    PassCheckpoint(path, settings, 1).save("finished:0", 0, {"count": torch.tensor(1)})
+    got = on_every_rank(2, lambda st: _start_rank(tmp_path, st))
+    assert isinstance(got[1], OutputError) and "rank1.finished0.safetensors' is progress of a run with other settings (a 2 -> 1)" in got[1].message
+    assert isinstance(got[0], DistributedError) and got[0].message.startswith("rank 1 stopped: ") and "other settings (a 2 -> 1)" in got[0].message
+
+
+def test_copies_of_a_finished_result_that_differ_are_refused(tmp_path):
+    """Three ranks: rank 2 lost its file of dataset x, and ranks 0 and 1 hold copies that differ (a file changed that
+    still reads): no copy is trusted, every rank refuses alike."""
+    _saved_by_ranks(tmp_path, [2, 2, 2], _results(3, 4))
+    first = tmp_path / "similarity.partial.rank1.finished0.safetensors"
+    tensors, meta = storage.load_tensors(first)
+    storage.save_tensors(first, tensors | {"count": torch.tensor(99)}, meta)
+    _damage(tmp_path / "similarity.partial.rank2.finished0.safetensors", "missing")
+    got = on_every_rank(3, lambda st: _start_rank(tmp_path, st))
+    assert all(isinstance(e, OutputError) and e.same_on_every_rank for e in got), got
+    assert got[0].message == "the ranks' saved results of dataset 'x' differ (ranks 0, 1 hold one each): the saved progress cannot be continued"
+    assert {e.message for e in got} == {got[0].message}
 
 
 def test_a_setting_only_one_side_records_is_shown_unset_on_the_other():
