@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from influence_cli import storage
+from influence_cli import notices, storage
 from influence_cli.distributed import agree
 from influence_cli.errors import OutputError
 
@@ -385,6 +385,11 @@ class DatasetsProgress:
         self.lost[index] = lost
         return {}
 
+    def _copy_path(self, index: int) -> Path:
+        """Where this rank's copy of finished dataset `index`'s result was read from: its file, or the snapshot of an
+        earlier version that holds it."""
+        return self.finished_path(index) if index < self.written else self.checkpoint.path
+
     def _remove_finished(self, start: int = 0) -> None:
         """Removes this rank's files of finished datasets from index `start` on."""
         glob = self.finished_path("*")
@@ -425,12 +430,13 @@ class DatasetsProgress:
         (it saved fewer, or its file is `lost`) is sent the copy of the first rank that holds one, once every rank
         that holds one found it the same (a digest of its tensors; each rank checked its own files against this
         run's settings). A rank that saved fewer starts that dataset over on its shard (its state is its own); a
-        rank that lost a file keeps its state. Each writes the results it was sent to its own files at its next save.
-        Every rank takes the same decisions from the same gathered counts, so all go on, or all refuse alike.
+        rank that lost a file keeps its state, and each lost file is said (a warning naming it and the rank whose copy
+        takes its place). Each writes the results it was sent to its own files at its next save. Every rank takes the
+        same decisions from the same gathered counts, so all go on, or all refuse alike.
 
         Raises:
             OutputError: (every rank alike, said once) no rank holds a usable copy of a finished dataset's result
-                (the lost file is named), or the ranks' copies of one differ.
+                (the lost file is named), or the ranks' copies of one differ (two of them named).
         """
         if not dist.distributed:
             if self.lost:  # pragma: no cover - one process reads its files without lost_ok
@@ -446,13 +452,16 @@ class DatasetsProgress:
             if not holders[i]:
                 raise _no_usable_copy(i, lost)
         shared = [i for i in needed if len(holders[i]) > 1]
-        if shared:
-            digests: list[dict[int, str]] = dist.all_gather_object({i: _digest(self.finished[i]) for i in shared if dist.rank in holders[i]})
+        if shared:  # every rank takes part, those that hold none of them too
+            mine = {i: (_digest(self.finished[i]), str(self._copy_path(i))) for i in shared if dist.rank in holders[i]}
+            digests: list[dict[int, tuple[str, str]]] = dist.all_gather_object(mine)
             for i in shared:
-                if len({digests[r][i] for r in holders[i]}) > 1:
+                first, *others = [digests[r][i] for r in holders[i]]
+                other = next((o for o in others if o[0] != first[0]), None)
+                if other is not None:
                     raise OutputError(
-                        f"the ranks' saved results of dataset {self.dataset_name(i)} differ (ranks {', '.join(map(str, holders[i]))} "
-                        "hold one each): the saved progress cannot be continued",
+                        f"{other[1]!r} and {first[1]!r} hold different results of dataset {self.dataset_name(i)} (every rank's "
+                        "copy should be the same): the saved progress cannot be continued",
                         hint="pass --overwrite to start over",
                     ).everywhere()
         finished = self.finished + [{} for _ in range(most - len(self.finished))]
@@ -461,6 +470,10 @@ class DatasetsProgress:
             copy = dist.broadcast_object(finished[i] if dist.rank == src else None, src=src)
             if dist.rank not in holders[i]:
                 finished[i] = copy
+            del copy  # a holder's duplicate goes at once (a spectrum's energies can be large)
+            for r, gone in enumerate(lost):
+                if i in gone:  # a damaged or deleted file is said, not silently replaced
+                    notices.warn(f"{gone[i][0]}; rank {src}'s copy takes its place (written to rank {r}'s file at its next save)")
         if len(self.finished) < most:
             self.batches_done, self.state = 0, {}
         self.unwritten = sorted(self.lost)  # all below `written`: the snapshot counted them
@@ -495,7 +508,7 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the tensor's own bytes, not a copy
     return h.hexdigest()
 
 

@@ -468,13 +468,14 @@ def test_agree_prints_an_error_once_only_when_every_rank_met_it(others, printed_
 
 
 # ----------------------------------------------------------------------------- a rank that lost a finished dataset's file
+# What the ranks decide, in every case of lost files, is tested with ranks as threads (test_resume.py), and a
+# similarity result rank 0 wrote from rank 1's copy in test_similarity.py; here, the spectrum of real processes.
 
 # The real CLI; rank 1 stops (Ctrl-C) at batch <index> of dataset <name> (STOP="<name>:<index>"), once rank 0's snapshot
 # (SNAPSHOT) counts the datasets before it as finished, so that both ranks hold their copies of them.
 STOPPING_RANK_CLI = """
 import os, sys, time
 import influence_cli.band_energy as band_energy
-import influence_cli.similarity as similarity
 from influence_cli import storage
 
 
@@ -496,7 +497,6 @@ def stopping(stream):
     return wrapped
 
 
-similarity.stream_gradients = stopping(similarity.stream_gradients)
 band_energy.stream_gradients = stopping(band_energy.stream_gradients)
 from influence_cli.cli import main
 sys.argv[0] = "influence"
@@ -514,109 +514,91 @@ data:
   train: {{source: tensors, path: {sample}/digits.safetensors, range: [0, 240], transform: {{scale: 16.0}}}}
   batch_size: 8
 factors: {{checkpoint_every: 1}}
-similarity:
-  datasets: &three
+spectrum:
+  datasets:
     a: {{source: tensors, path: {sample}/digits.safetensors, range: [0, 48], transform: {{scale: 16.0}}}}
     b: {{source: tensors, path: {sample}/digits.safetensors, range: [48, 96], transform: {{scale: 16.0}}}}
     c: {{source: tensors, path: {sample}/digits.safetensors, range: [96, 144], transform: {{scale: 16.0}}}}
-spectrum:
-  datasets: *three
 device: cpu
 """
 
-OUTPUTS = {"dataset-similarity": (storage.SIMILARITY_FILE, storage.SIMILARITY_PARTIAL), "spectrum": (storage.SPECTRUM_FILE, storage.SPECTRUM_PARTIAL)}
+PARTIAL = storage.SPECTRUM_PARTIAL
 
 
 @pytest.fixture(scope="module")
-def stopped_with_two_datasets_finished(tmp_path_factory):
-    """command -> (a run's output_dir after rank 1 stopped in dataset c, both ranks holding their copies of a and b; the
-    output_dir of the uninterrupted run; a function that runs the command under torchrun on an output_dir)."""
+def spectrum_stopped_with_two_datasets_finished(tmp_path_factory):
+    """(a spectrum run's output_dir after rank 1 stopped in dataset c, both ranks holding their copies of a and b; the
+    output_dir of the uninterrupted run; a function that runs spectrum under torchrun on an output_dir)."""
     root = tmp_path_factory.mktemp("lost-files")
     config = root / "tiny.yaml"
     config.write_text(TINY.format(sample=SAMPLE))
     fit.fit_factors(load_config(config, [f"output_dir={root / 'factors'}"]))
     script = root / "stopping.py"
     script.write_text(STOPPING_RANK_CLI)
-    runs: dict[str, tuple[Path, Path, object]] = {}
 
-    def get(command: str):
-        if command in runs:
-            return runs[command]
-        output, partial = OUTPUTS[command]
+    def run(out: Path, *args: str, stop: str = "") -> subprocess.CompletedProcess:
+        out.mkdir(exist_ok=True)
+        if not (out / storage.FACTORS_FILE).exists():
+            (out / storage.FACTORS_FILE).write_bytes((root / "factors" / storage.FACTORS_FILE).read_bytes())
+        env = subprocess_env() | {"STOP": stop, "SNAPSHOT": str(out / PARTIAL.format(rank=".rank0")), "PHASE": "dataset:2"}
+        cmd = _torchrun_cmd("spectrum", str(config), "--set", f"output_dir={out}", *args, script=script)
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
 
-        def run(out: Path, *args: str, stop: str = "") -> subprocess.CompletedProcess:
-            out.mkdir(exist_ok=True)
-            if not (out / storage.FACTORS_FILE).exists():
-                (out / storage.FACTORS_FILE).write_bytes((root / "factors" / storage.FACTORS_FILE).read_bytes())
-            env = subprocess_env() | {"STOP": stop, "SNAPSHOT": str(out / partial.format(rank=".rank0")), "PHASE": "dataset:2"}
-            cmd = _torchrun_cmd(command, str(config), "--set", f"output_dir={out}", *args, script=script)
-            return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
-
-        stopped = root / f"{command}-stopped"
-        result = run(stopped, stop="c:1")
-        assert result.returncode != 0 and not (stopped / output).exists(), result.stderr
-        saved = sorted(p.name for p in stopped.glob(partial.format(rank="*")))
-        assert saved == [partial.format(rank=f".rank{r}{f}") for r in (0, 1) for f in (".finished0", ".finished1", "")], result.stderr
-        reference = root / f"{command}-reference"
-        result = run(reference)
-        assert result.returncode == 0, result.stderr
-        runs[command] = (stopped, reference, run)
-        return runs[command]
-
-    return get
+    stopped = root / "stopped"
+    result = run(stopped, stop="c:1")
+    assert result.returncode != 0 and not (stopped / storage.SPECTRUM_FILE).exists(), result.stderr
+    saved = sorted(p.name for p in stopped.glob(PARTIAL.format(rank="*")))
+    assert saved == [PARTIAL.format(rank=f".rank{r}{f}") for r in (0, 1) for f in (".finished0", ".finished1", "")], result.stderr
+    reference = root / "reference"
+    result = run(reference)
+    assert result.returncode == 0, result.stderr
+    return stopped, reference, run
 
 
-def _lose(out: Path, partial: str, rank: int, index: int, how: str) -> None:
-    """Deletes (`how`="missing") or truncates ("unreadable") rank `rank`'s file of finished dataset `index`."""
-    path = out / partial.format(rank=f".rank{rank}.finished{index}")
+def _lose(out: Path, rank: int, index: int, how: str) -> Path:
+    """Deletes (`how`="missing") or truncates ("unreadable") rank `rank`'s file of finished dataset `index`; returns it."""
+    path = out / PARTIAL.format(rank=f".rank{rank}.finished{index}")
     if how == "missing":
         path.unlink()
     else:
         path.write_bytes(path.read_bytes()[:100])
+    return path
 
 
-@pytest.mark.parametrize(
-    "command, lost",
-    [
-        ("dataset-similarity", [(0, 0, "missing"), (0, 1, "missing")]),  # rank 0 lost both: rank 1 sends its copies
-        ("dataset-similarity", [(1, 1, "unreadable")]),
-        ("spectrum", [(1, 0, "missing")]),
-    ],
-    ids=["similarity-rank0-missing", "similarity-rank1-unreadable", "spectrum-rank1-missing"],
-)
-def test_a_rank_that_lost_a_finished_datasets_file_resumes_to_the_uninterrupted_result(tmp_path, stopped_with_two_datasets_finished, command, lost):
-    """Both ranks hold the same finished results (all-reduced or gathered): a rank whose files of them are missing or
-    unreadable takes the other rank's copies, and --resume ends with the uninterrupted run's result, bit for bit (it was
-    refused, naming the file, and --overwrite dropped every rank's progress)."""
-    stopped, reference, run = stopped_with_two_datasets_finished(command)
-    output, partial = OUTPUTS[command]
+def test_ranks_that_lost_finished_datasets_files_resume_to_the_uninterrupted_spectrum(tmp_path, spectrum_stopped_with_two_datasets_finished):
+    """Rank 0 (which writes the result) lost its file of dataset a, rank 1 its file of b: each takes the other's copy
+    (sent over gloo both ways), each loss is said once, and --resume ends with the uninterrupted run's spectrum, bit for
+    bit, continuing in dataset c (it was refused, naming the file, and --overwrite dropped every rank's progress)."""
+    stopped, reference, run = spectrum_stopped_with_two_datasets_finished
     out = tmp_path / "out"
     shutil.copytree(stopped, out)
-    for rank, index, how in lost:
-        _lose(out, partial, rank, index, how)
+    _lose(out, 0, 0, "missing")
+    _lose(out, 1, 1, "unreadable")
     resumed = run(out, "--resume", "--json")
     assert resumed.returncode == 0, resumed.stderr
     where = json.loads(resumed.stdout)["resumed_from"]
     assert where.startswith("rank 0: dataset 'c', batch ") and "; rank 1: dataset 'c', batch 1 (2 of 3 datasets done)" in where, where
-    assert sorted(p.name for p in out.iterdir()) == [storage.FACTORS_FILE, output]  # no progress left on any rank
-    assert_same_tensors(out / output, reference / output)
+    warned = [line for line in resumed.stderr.splitlines() if "copy takes its place" in line]
+    assert len(warned) == 2 and "rank0.finished0.safetensors' is missing: it held the result of dataset 'a'" in warned[0], resumed.stderr
+    assert "rank1.finished1.safetensors' is not a readable safetensors file" in warned[1] and "rank 0's copy takes its place" in warned[1]
+    assert sorted(p.name for p in out.iterdir()) == [storage.FACTORS_FILE, storage.SPECTRUM_FILE]  # no progress left on any rank
+    assert_same_tensors(out / storage.SPECTRUM_FILE, reference / storage.SPECTRUM_FILE)
 
 
-def test_resume_refuses_when_no_rank_holds_a_finished_datasets_file(tmp_path, stopped_with_two_datasets_finished):
-    """Both ranks lost their file of dataset b: every rank refuses, said once (rank 0), naming the file, and the
-    progress is left as it is."""
-    stopped, _, run = stopped_with_two_datasets_finished("dataset-similarity")
-    _, partial = OUTPUTS["dataset-similarity"]
+def test_resume_refuses_when_no_rank_holds_a_finished_datasets_file(tmp_path, spectrum_stopped_with_two_datasets_finished):
+    """Both ranks lost their file of dataset b: every rank refuses, said once (rank 0), naming the file; every rank
+    exits with 5 (none waits in a collective); the progress is left as it is."""
+    stopped, _, run = spectrum_stopped_with_two_datasets_finished
     out = tmp_path / "out"
     shutil.copytree(stopped, out)
-    _lose(out, partial, 0, 1, "missing")
-    _lose(out, partial, 1, 1, "unreadable")
-    left = sorted(out.iterdir())
+    _lose(out, 0, 1, "missing")
+    _lose(out, 1, 1, "unreadable")
+    left = {p.name: p.read_bytes() for p in out.iterdir()}
     refused = run(out, "--resume")
     assert refused.returncode != 0
-    name = partial.format(rank=".rank0.finished1")
-    message = f"{name}' is missing: it held the result of dataset 'b', which {partial.format(rank='.rank0')} counts as finished; no other rank holds a usable copy (rank 1 lost its copy too)"
+    name = PARTIAL.format(rank=".rank0.finished1")
+    message = f"{name}' is missing: it held the result of dataset 'b', which {PARTIAL.format(rank='.rank0')} counts as finished; no other rank holds a usable copy (rank 1 lost its copy too)"
     assert refused.stderr.count(message) == 1 and "output error: " in refused.stderr and "[rank" not in refused.stderr, refused.stderr
     assert "hint: pass --overwrite" in refused.stderr and "[rank0]: Traceback" not in refused.stderr, refused.stderr
     assert len(re.findall(r"exitcode\s+: 5 ", refused.stderr)) == 2, refused.stderr  # every rank refused (output error), none waits
-    assert sorted(out.iterdir()) == left
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == left

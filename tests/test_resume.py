@@ -10,6 +10,7 @@ labels depend only on (seed, example index).
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -706,32 +707,39 @@ def test_a_missing_factors_dir_is_named_and_not_created(tmp_path):
 class _Group:
     """Ranks as threads of this process: the collectives of `_ThreadRank` exchange objects through `slots`, each
     rank waiting for the others at a barrier (a rank that skips a collective the others take fails them all at
-    its timeout, as a deadlock would hang torchrun)."""
+    its timeout, as a deadlock would hang torchrun; ranks that meet in different collectives fail at once)."""
 
     def __init__(self, world_size: int) -> None:
-        self.slots: list[object] = [None] * world_size
+        self.slots: list[tuple[str, bytes] | None] = [None] * world_size
         self.barrier = threading.Barrier(world_size, timeout=20)
 
 
 class _ThreadRank(DistState):
-    """One rank of a `_Group`: all_gather_object, broadcast_object and barrier as torch.distributed has them."""
+    """One rank of a `_Group`: all_gather_object, broadcast_object and barrier as torch.distributed has them (the
+    objects pickled, so that no rank holds another's tensors)."""
 
     def __init__(self, group: _Group, rank: int) -> None:
         super().__init__(rank=rank, world_size=len(group.slots))
         self.group = group
 
+    def _exchange(self, kind: str, obj: object) -> list[object]:
+        self.group.slots[self.rank] = (kind, pickle.dumps(obj))
+        self.group.barrier.wait()
+        slots = list(self.group.slots)
+        self.group.barrier.wait()
+        kinds = [k for k, _ in slots]  # type: ignore[misc]
+        if len(set(kinds)) > 1:  # torch.distributed would hang, or mix up the objects
+            raise AssertionError(f"rank {self.rank}: the ranks met in different collectives: {kinds}")
+        return [pickle.loads(b) for _, b in slots]  # type: ignore[misc]
+
     def all_gather_object(self, obj: object) -> list[object]:
-        self.group.slots[self.rank] = obj
-        self.group.barrier.wait()
-        out = list(self.group.slots)
-        self.group.barrier.wait()
-        return out
+        return self._exchange("all_gather_object", obj)
 
     def broadcast_object(self, obj: object, src: int = 0) -> object:
-        return self.all_gather_object(obj)[src]
+        return self._exchange(f"broadcast_object from rank {src}", obj if self.rank == src else None)[src]
 
     def barrier(self) -> None:
-        self.group.barrier.wait()
+        self._exchange("barrier", None)
 
 
 def on_every_rank(world_size: int, fn) -> list:
@@ -971,10 +979,13 @@ def test_a_finished_datasets_file_no_rank_holds_is_refused_alike_on_every_rank(t
     assert sorted(behind.iterdir()) == files
 
 
-def test_a_finished_datasets_file_of_other_settings_is_still_refused_by_name(tmp_path):
+@pytest.mark.parametrize("other_lost", [False, True], ids=["other-holds-it", "other-lost-it"])
+def test_a_finished_datasets_file_of_other_settings_is_still_refused_by_name(tmp_path, other_lost):
     """A rank's file of other settings is refused by that rank, naming them, though the other rank holds a copy (the
-    other rank stops naming it), as before."""
+    other rank stops naming it), as before; also when the other rank lost its own (it waits in no collective)."""
     _saved_by_ranks(tmp_path, [2, 2], _results(3, 4))
+    if other_lost:
+        (tmp_path / "similarity.partial.rank0.finished0.safetensors").unlink()
     path = tmp_path / "similarity.partial.rank1.finished0.safetensors"
     settings = {"a": 2, "bs": 8, "world": 2, "dataset_order": ["x", "y", "z"]}
     PassCheckpoint(path, settings, 1).save("finished:0", 0, {"count": torch.tensor(1)})
@@ -993,8 +1004,112 @@ def test_copies_of_a_finished_result_that_differ_are_refused(tmp_path):
     _damage(tmp_path / "similarity.partial.rank2.finished0.safetensors", "missing")
     got = on_every_rank(3, lambda st: _start_rank(tmp_path, st))
     assert all(isinstance(e, OutputError) and e.same_on_every_rank for e in got), got
-    assert got[0].message == "the ranks' saved results of dataset 'x' differ (ranks 0, 1 hold one each): the saved progress cannot be continued"
-    assert {e.message for e in got} == {got[0].message}
+    assert got[0].message == (
+        f"{str(first)!r} and {str(tmp_path / 'similarity.partial.rank0.finished0.safetensors')!r} hold different results of "
+        "dataset 'x' (every rank's copy should be the same): the saved progress cannot be continued"
+    )
+    assert {e.message for e in got} == {got[0].message} and got[0].hint == "pass --overwrite to start over"
+
+
+def _load(folder: Path, rank: int, index: int) -> dict[str, torch.Tensor]:
+    return storage.load_tensors(folder / f"similarity.partial.rank{rank}.finished{index}.safetensors")[0]
+
+
+def _same(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> bool:
+    return got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_three_ranks_one_behind_and_each_with_a_lost_file_resume_with_every_result(tmp_path, caplog):
+    """Rank 2 saved 1 of 3 datasets and lost its file of it (x), so it holds none of them and still takes part in
+    the comparison of the copies of x; rank 0 lost y's (its file holds x); rank 1 lost z's (half of it). Every rank
+    takes what it lacks from the first rank that holds it (x: rank 0, y: rank 1, z: rank 0), each lost file is warned
+    about, naming it and the rank whose copy replaces it; the rank behind starts z over, the others keep their state;
+    and after one save each, every rank's files hold every result and a resume finds nothing lost."""
+    results = _results(4, 4)
+    _saved_by_ranks(tmp_path, [3, 3, 1], results)
+    (tmp_path / "similarity.partial.rank2.finished0.safetensors").unlink()
+    mixed = tmp_path / "similarity.partial.rank0.finished1.safetensors"
+    mixed.write_bytes((tmp_path / "similarity.partial.rank0.finished0.safetensors").read_bytes())
+    _damage(tmp_path / "similarity.partial.rank1.finished2.safetensors", "unreadable")
+    with caplog.at_level("WARNING", logger="influence_cli"):
+        got = on_every_rank(3, lambda st: _start_rank(tmp_path, st))
+    assert all(isinstance(saved, DatasetsProgress) for saved in got), got
+    for r, saved in enumerate(got):
+        assert len(saved.finished) == 3 and all(_same(mine, expected) for mine, expected in zip(saved.finished, results, strict=False))
+        assert saved.lost == {} and saved.batches_done == (0 if r == 2 else 3)
+    assert [s.unwritten for s in got] == [[1], [2], [0]] and [s.written for s in got] == [3, 3, 1]
+    warned = sorted(set(caplog.messages))
+    assert len(warned) == 3 and len(caplog.messages) == 9, caplog.messages  # each rank says each (the CLI prints rank 0's)
+    assert warned[0].startswith(f"{str(mixed)!r} does not hold the result of dataset 'y'") and warned[0].endswith(
+        "; rank 1's copy takes its place (written to rank 0's file at its next save)"
+    )
+    assert "rank1.finished2.safetensors' is not a readable safetensors file" in warned[1] and warned[1].endswith(
+        "; rank 0's copy takes its place (written to rank 1's file at its next save)"
+    )
+    assert warned[2].startswith(f"{str(tmp_path / 'similarity.partial.rank2.finished0.safetensors')!r} is missing: it held the result of dataset 'x'")
+    assert warned[2].endswith("; rank 0's copy takes its place (written to rank 2's file at its next save)")
+    for r, saved in enumerate(got):
+        saved.save(5, {"sum.fc": torch.full((4,), float(r), dtype=torch.float64)})
+    assert all(_same(_load(tmp_path, r, i), results[i]) for r in range(3) for i in range(3))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="influence_cli"):
+        again = on_every_rank(3, lambda st: _start_rank(tmp_path, st))
+    assert [(len(s.finished), s.batches_done, s.lost, s.unwritten) for s in again] == [(3, 5, {}, [])] * 3 and caplog.messages == []
+
+
+def test_a_recovered_result_is_written_by_the_save_of_the_next_finished_dataset(tmp_path):
+    """`finish` right after the resume (the dataset in progress ends at once): its save writes the recovered file as well
+    as the new one, and the snapshot then counts both; a last dataset is not saved (it is the result) and `clear`
+    removes every file, the recovered one too."""
+    results = _results(3, 4)
+    _saved_by_ranks(tmp_path, [1, 1], results)
+    (tmp_path / "similarity.partial.rank1.finished0.safetensors").unlink()
+    got = on_every_rank(2, lambda st: _start_rank(tmp_path, st))
+    got[1].finish(results[1], more=True)
+    assert got[1].written == 2 and got[1].unwritten == []
+    assert all(_same(_load(tmp_path, 1, i), results[i]) for i in range(2))
+    assert storage.read_metadata(tmp_path / "similarity.partial.rank1.safetensors")["phase"] == "dataset:2"
+    _saved_by_ranks(tmp_path / "last", [2, 2], results)
+    (tmp_path / "last" / "similarity.partial.rank1.finished1.safetensors").unlink()
+    got = on_every_rank(2, lambda st: _start_rank(tmp_path / "last", st))
+    got[1].finish(results[2], more=False)
+    assert got[1].unwritten == [1] and not (tmp_path / "last" / "similarity.partial.rank1.finished1.safetensors").exists()
+    got[1].clear()
+    assert sorted(p.name for p in (tmp_path / "last").glob("*rank1*")) == []
+
+
+@pytest.mark.parametrize("behind", [False, True], ids=["lost-only", "behind-too"])
+def test_a_rank_killed_after_rewriting_a_lost_file_before_its_snapshot_resumes_consistently(tmp_path, monkeypatch, behind):
+    """Rank 1 lost its file of x (and with `behind` saved only x as finished): it is killed at its first save after
+    the resume, once the files are rewritten and before its snapshot is. The rewritten file of x holds the result and
+    is read as its own at the next resume (not lost again); a file of y that no snapshot counts is removed and sent
+    again; and the result is every rank's after all."""
+    results = _results(3, 4)
+    _saved_by_ranks(tmp_path, [2, 1 if behind else 2], results)
+    snapshot = tmp_path / "similarity.partial.rank1.safetensors"
+    before = snapshot.read_bytes()
+    (tmp_path / "similarity.partial.rank1.finished0.safetensors").unlink()
+    got = on_every_rank(2, lambda st: _start_rank(tmp_path, st))
+    assert got[1].unwritten == [0] and got[1].written == (1 if behind else 2)
+    save = got[1].checkpoint.save
+
+    def killed_at_the_snapshot(phase, batches_done, tensors, path=None):
+        if path is None:
+            raise KeyboardInterrupt
+        save(phase, batches_done, tensors, path)
+
+    monkeypatch.setattr(got[1].checkpoint, "save", killed_at_the_snapshot)
+    with pytest.raises(KeyboardInterrupt):
+        got[1].save(4, {"sum.fc": torch.zeros(4, dtype=torch.float64)})
+    assert snapshot.read_bytes() == before and _same(_load(tmp_path, 1, 0), results[0])
+    assert (tmp_path / "similarity.partial.rank1.finished1.safetensors").exists()  # written, then the kill
+    again = on_every_rank(2, lambda st: _start_rank(tmp_path, st))
+    assert all(isinstance(s, DatasetsProgress) for s in again), again
+    assert again[1].lost == {} and again[1].unwritten == [] and again[1].written == (1 if behind else 2)
+    assert again[1].batches_done == (0 if behind else 3) and all(_same(m, e) for m, e in zip(again[1].finished, results[:2], strict=True))
+    assert (tmp_path / "similarity.partial.rank1.finished1.safetensors").exists() != behind  # not counted: removed
+    again[1].save(4, {"sum.fc": torch.zeros(4, dtype=torch.float64)})
+    assert all(_same(_load(tmp_path, 1, i), results[i]) for i in range(2))
 
 
 def test_a_setting_only_one_side_records_is_shown_unset_on_the_other():

@@ -659,10 +659,11 @@ main()
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("behind", [False, True], ids=["both-saved", "rank-1-behind"])
+@pytest.mark.parametrize("behind", [False, True], ids=["rank-0-lost-its-copy", "rank-1-behind"])
 def test_two_ranks_interrupted_resume_to_the_uninterrupted_result(digits_run, tmp_path, behind):
     """Each rank saves its own snapshot and its own copy of each finished dataset's statistics (the same on both).
-    `behind`: rank 1's progress is gone (as if it had stopped before its first save): it takes the finished dataset
+    Without `behind`, rank 0 (which writes the result) lost its copy: it takes rank 1's, sent over gloo, and says so
+    once. `behind`: rank 1's progress is gone (as if it had stopped before its first save): it takes the finished dataset
     from rank 0, writes it to its own file at its next save, and a second stop and resume still give the result."""
     import subprocess
     import sys
@@ -698,8 +699,13 @@ def test_two_ranks_interrupted_resume_to_the_uninterrupted_result(digits_run, tm
         assert saved == [f"similarity.partial.rank1{f}.safetensors" for f in (".finished0", ".finished1", "")], stopped.stderr
         for i in (0, 1):
             assert_same_tensors(out / f"similarity.partial.rank1.finished{i}.safetensors", out / f"similarity.partial.rank0.finished{i}.safetensors")
+    else:
+        (out / "similarity.partial.rank0.finished0.safetensors").unlink()
     resumed = run(out, "--resume", "--json")
     assert resumed.returncode == 0, resumed.stderr
+    lost = "similarity.partial.rank0.finished0.safetensors' is missing: it held the result of dataset 'zeros_sixes', which "
+    lost += "similarity.partial.rank0.safetensors counts as finished; rank 1's copy takes its place (written to rank 0's file at its next save)"
+    assert resumed.stderr.count(lost) == (0 if behind else 1), resumed.stderr  # said once, by rank 0
     where = json.loads(resumed.stdout)["resumed_from"]
     name = "zeros_sixes_heldout" if behind else "ones_sevens"
     assert where.startswith(f"rank 0: dataset {name!r}, batch ") and f"; rank 1: dataset {name!r}, batch " in where, where
