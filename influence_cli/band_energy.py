@@ -38,6 +38,7 @@ from influence_cli.context import RunContext, prepare
 from influence_cli.distributed import DistState
 from influence_cli.errors import ConfigError, UsageError
 from influence_cli.factors import LayerFactors, Rotation
+from influence_cli.fit import check_finite_factors
 from influence_cli.notices import warn
 from influence_cli.passes import NonFiniteWatch, accumulator_dtype, stream_gradients
 from influence_cli.progress import NullProgress, Progress, for_rank
@@ -499,6 +500,7 @@ def spectrum(
         OutputError: no factors, factors of another model or without an eigenbasis, or the output exists
             without `overwrite`; progress of an interrupted run without `resume` or `overwrite`, or of other settings.
         ConfigError: the layer patterns match no tracked layer, or spectrum.baseline names no dataset.
+        NumericalError: the chosen layers' factors hold NaN/Inf.
     """
     t_start = time.perf_counter()
     sp = cfg.spectrum
@@ -509,8 +511,9 @@ def spectrum(
     out_dir = cfg.output_path
     path = out_dir / storage.SPECTRUM_FILE
     ctx = prepare(cfg, state)
-    factors, _ = load_kronecker_factors(ctx, order, order_key)
+    factors, factors_path = load_kronecker_factors(ctx, order, order_key)
     chosen = select_layers(ctx.tracked, layers or sp.layers, "--layers" if layers else "spectrum.layers", cfg.source)
+    check_finite_factors(factors, factors_path, [tm.name for tm in chosen])
     if ctx.state.is_main:
         storage.remove_stale_temp_files(path)  # what a killed writer left
     storage.ensure_writable_dir(out_dir)

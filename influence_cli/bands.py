@@ -198,6 +198,8 @@ def select_layers(tracked: list[TrackedModule], patterns: list[str], key: str, s
 def load_kronecker_factors(ctx: RunContext, order: str, order_key: str) -> tuple[Factors, Path]:
     """The factors of fit-factors for this model, checked to hold a Kronecker eigenbasis and, for
     `order` ekfac, the corrected eigenvalues Λ* (`order_key`: the flag or key that set the order).
+    Not yet checked to be finite: the caller checks the layers it chose (`fit.check_finite_factors`),
+    so that the others are never read.
 
     Raises:
         OutputError: missing, of another model or layers, or fitted with strategy diagonal / identity.
@@ -205,7 +207,7 @@ def load_kronecker_factors(ctx: RunContext, order: str, order_key: str) -> tuple
             eigenvalues are the products λ_G·λ_A: the directions would be ordered by kfac under the ekfac name).
     """
     path = ctx.cfg.factors_path / storage.FACTORS_FILE
-    factors = load_factors(path)
+    factors = load_factors(path, check_finite=False)  # the caller checks the layers it chose (`check_finite_factors`)
     check_factors_match(factors, ctx, path)
     if factors.strategy not in ("kfac", "ekfac"):
         raise OutputError(

@@ -43,6 +43,7 @@ from influence_cli.context import checked_config, prepare, typed_arguments
 from influence_cli.distributed import DistState
 from influence_cli.errors import ModelError, UsageError, first_line
 from influence_cli.factors import LayerFactors
+from influence_cli.fit import check_finite_factors
 from influence_cli.models import model_fingerprint, read_state_dict, tied_keys
 from influence_cli.tracking import TrackedModule
 
@@ -231,6 +232,7 @@ def edit_checkpoint(
         UsageError: impossible --rho / --keep-share / --out.
         OutputError: no matching kfac/ekfac factors, or `out` exists without `overwrite`.
         ConfigError: the layer patterns match no tracked layer.
+        NumericalError: the chosen layers' factors hold NaN/Inf.
     """
     t0 = time.perf_counter()
     cfg = checked_config(cfg, "edit_checkpoint", reads=())  # the model and its factors only
@@ -283,6 +285,7 @@ def edit_checkpoint(
     else:
         patterns, key = cfg.spectrum.layers, "spectrum.layers"
     chosen = select_layers(ctx.tracked, patterns, key, cfg.source)
+    check_finite_factors(factors, factors_path, [tm.name for tm in chosen])
     storage.check_can_write(out, overwrite, "a checkpoint")
     if ctx.state.is_main:
         storage.remove_stale_temp_files(out, storage.UNLOCKED_TEMP_AGE_S)  # what a killed writer left (no lock guards --out)

@@ -30,6 +30,31 @@ from influence_cli.passes import BatchGradients
 from influence_cli.squares import add_squared_gradients_
 from influence_cli.tracking import TrackedModule
 
+STORED_KEYS = (storage.EIGENVALUES, storage.A_EIGENVECTORS, storage.G_EIGENVECTORS, storage.A_EIGENVALUES, storage.G_EIGENVALUES)
+"""The curvature tensors a factors file holds per layer (besides the count), in the order they are checked."""
+
+FINITE_CHUNK_ELEMENTS = 1 << 20  # entries `all_finite` tests at once
+
+
+def all_finite(t: torch.Tensor, chunk: int | None = None) -> bool:
+    """Whether every entry of `t` (any shape) is finite, tested `chunk` entries at a time
+    (default `FINITE_CHUNK_ELEMENTS`; a strided tensor's rows are not split, so at least one row).
+
+    torch.isfinite forms |t| and two masks of t's size, 2.5 bytes per float32 entry beside the
+    tensor itself (950 MB for a 12,545-wide eigenbasis); a chunk's temporaries are a few MB. No copy
+    of `t` is made, whatever its layout, and the answer costs one host sync.
+    """
+    if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
+        return True
+    flat = t.view(-1) if t.is_contiguous() else t  # a strided tensor is split along its first dimension
+    if flat.dim() == 0:
+        return bool(torch.isfinite(flat))
+    rows = max(1, (chunk or FINITE_CHUNK_ELEMENTS) // max(1, flat[0].numel()))
+    ok = torch.ones((), dtype=torch.bool, device=t.device)
+    for part in flat.split(rows):
+        ok &= torch.isfinite(part).all()
+    return bool(ok)
+
 
 @dataclass
 class LayerFactors:
@@ -78,6 +103,15 @@ class LayerFactors:
             eps,
         )
 
+    def nonfinite(self) -> str | None:
+        """The name of the first of the layer's tensors (`STORED_KEYS`, then the covariances) that holds
+        a NaN or Inf, None when every one is finite (`all_finite`: no temporary the size of a tensor)."""
+        for key in (*STORED_KEYS, "a_covariance", "g_covariance"):
+            value = getattr(self, key)
+            if value is not None and not all_finite(value):
+                return key
+        return None
+
     def rounding(self) -> float | None:
         """`eps`, else the machine epsilon of the eigenvalues' dtype (None without eigenvalues)."""
         if self.eps is not None:
@@ -120,12 +154,12 @@ class LayerFactors:
         """
         if self.eigenvalues is None:
             return None
-        lam = self.eigenvalues.double()
-        shifted = lam + damping
-        tol = float(lam.abs().max()) * (self.rounding() or 0.0) * max(lam.shape) if damping <= 0 else 0.0
-        keep = shifted > tol
-        inverse = torch.where(keep, shifted, 1.0).pow(-power).masked_fill_(~keep, 0.0)
-        return inverse.to(dtype or self.eigenvalues.dtype)
+        lam = self.eigenvalues
+        tol = float(lam.abs().max()) * (self.rounding() or 0.0) * max(lam.shape) if damping <= 0 else 0.0  # |Λ| is exact in its own dtype
+        shifted = lam.to(torch.float64, copy=True).add_(damping)  # one float64 copy, worked on in place
+        drop = (shifted > tol).logical_not_()
+        inverse = shifted.masked_fill_(drop, 1.0).pow_(-power).masked_fill_(drop, 0.0)
+        return inverse.to(dtype or lam.dtype)
 
     def precondition(self, v: torch.Tensor, damping: float) -> torch.Tensor:
         """(F + λ)⁻¹ V for V [..., d_out, d_in] (George et al. 2018: rotate, divide, rotate back)."""
@@ -141,13 +175,7 @@ class LayerFactors:
         halves the file (docs/CONFIG.md, the output folder: eigenvectors, eigenvalues, corrected eigenvalues, counts).
         """
         out = {f"{self.name}.{storage.NUM_EXAMPLES}": torch.tensor([self.num_examples], dtype=torch.int64)}
-        for key in (
-            storage.EIGENVALUES,
-            storage.A_EIGENVECTORS,
-            storage.G_EIGENVECTORS,
-            storage.A_EIGENVALUES,
-            storage.G_EIGENVALUES,
-        ):
+        for key in STORED_KEYS:
             value = getattr(self, key)
             if value is not None:
                 out[f"{self.name}.{key}"] = value.float()
@@ -454,7 +482,7 @@ class Rotation:
         if k and len(vectors) >= self.MIN_WIDTH and k >= self.MIN_NULL_FRACTION * len(vectors):
             self.null = vectors[:, :k].abs().argmax(dim=0)
             self.rest = _complement(self.null, len(vectors))
-            self.block = vectors[self.rest][:, k:].contiguous()
+            self.block = vectors[:, k:].index_select(0, self.rest)  # U[rest, k:], contiguous, copied once
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.null is None:

@@ -25,6 +25,7 @@ from influence_cli.distributed import DistState, agree
 from influence_cli.ensemble import Member, describe_member, ensemble_members, prepare_member, refuse_same_weights
 from influence_cli.errors import NumericalError, OutputError
 from influence_cli.factors import (
+    STORED_KEYS,
     CovarianceAccumulator,
     DiagonalAccumulator,
     Factors,
@@ -468,17 +469,69 @@ def _fit_member(
     return FitReport(path, cfg.factors.strategy, cfg.factors.fisher, n, layers_info, seconds, resumed_from, member=member.index, skipped=skipped)
 
 
-def load_factors(path: str | Path) -> Factors:
-    """Reads a factors file written by fit-factors (`path`: the file, e.g. cfg.factors_path / "factors.safetensors")."""
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def load_factors(
+    path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None, *, check_finite: bool = True
+) -> Factors:
+    """Reads a factors file written by fit-factors (`path`: the file, e.g. cfg.factors_path / "factors.safetensors").
+
+    Layer by layer: each layer's tensors are checked to be finite (`LayerFactors.nonfinite`, a few
+    MB at a time) and moved to `device` and `dtype` (`LayerFactors.to`, as `kernel.build_kernel`
+    does) before the next layer is read, so that memory holds the factors once plus one layer's
+    file pages while a copy is made. Without a copy (as stored: float32 on the CPU) the tensors
+    are views of a memory map of the file: nothing is read twice.
+
+    Args:
+        path: The factors file.
+        device, dtype: Where and in which dtype the factors are wanted (None: as stored).
+        check_finite: Refuse a file holding NaN or Inf. compute-scores and dataset-similarity, which use
+            every layer, check them here; spectrum and edit check the layers they chose
+            (`check_finite_factors`), leaving the others' pages unread.
+
+    Raises:
+        OutputError: no file there, or not a readable factors file.
+        NumericalError: a tensor of the file holds NaN or Inf (named `<layer>.<factor>`).
+    """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"load_factors() takes the path of a factors file (cfg.factors_path / 'factors.safetensors'), not {type(path).__name__}")
     path = Path(path)
     if not path.is_file():
         raise OutputError(f"no factors at {str(path)!r}", hint="run `influence fit-factors` with this config first").everywhere()
-    tensors, meta = storage.load_tensors(path, storage.FACTORS_FORMAT)
+    meta, dtypes = storage.read_contents(path, storage.FACTORS_FORMAT)
     names = meta.get("modules", [])
-    layers = {name: LayerFactors.from_tensors(name, tensors) for name in names}
+    groups = [[k for k in (f"{name}.{key}" for key in (*STORED_KEYS, storage.NUM_EXAMPLES)) if k in dtypes] for name in names]
+    moved = device is not None or dtype is not None
+    target = torch.device("cpu") if device is None else torch.device(device)
+    float_dtypes = {d for d in dtypes.values() if d.startswith(("F", "BF"))}
+    copies = target.type != "cpu" or (dtype is not None and bool(float_dtypes - {_SAFETENSORS_DTYPES.get(dtype)}))
+    layers: dict[str, LayerFactors] = {}
+    groups_read = storage.read_groups(path, groups, separate=copies)
+    for name in names:  # not zip(): its reused result tuple would keep the previous group alive during the next read
+        lf = LayerFactors.from_tensors(name, next(groups_read))
+        if check_finite:
+            _refuse_nonfinite(lf, path)
+        layers[name] = lf.to(target, dtype) if moved else lf
+        del lf  # a copy's source (its file pages) goes before the next layer is read
     return Factors(meta.get("strategy", ""), meta.get("fisher", ""), layers, meta)
+
+
+def check_finite_factors(factors: Factors, path: Path, layers: Iterable[str] | None = None) -> None:
+    """Refuses factors read with `load_factors(check_finite=False)` that hold NaN or Inf in `layers`
+    (None: every layer), a few MB at a time (`LayerFactors.nonfinite`).
+
+    Raises:
+        NumericalError: naming the first such tensor, `<layer>.<factor>`, in layer order.
+    """
+    for name in factors.layers if layers is None else layers:
+        _refuse_nonfinite(factors.layers[name], path)
+
+
+def _refuse_nonfinite(lf: LayerFactors, path: Path) -> None:
+    bad = lf.nonfinite()
+    if bad is not None:
+        raise NumericalError(f"{str(path)!r}: {lf.name}.{bad} holds NaN/Inf", hint="refit with `influence fit-factors --overwrite`").everywhere()
 
 
 def num_fit_examples(cfg: Config, n_train: int) -> int:

@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from influence_cli.factors import LayerFactors, Rotation, deflated_columns, layer_damping, low_precision_mm
+from influence_cli.factors import LayerFactors, Rotation, all_finite, deflated_columns, layer_damping, low_precision_mm
 from influence_cli.passes import BatchGradients, accumulator_dtype, fan_out, matmul_dtype, stream_gradients
 from influence_cli.squares import weighted_squares
 from influence_cli.tracking import TrackedModule, per_example_gradients
@@ -374,7 +374,7 @@ def _inverse_weights(lf: LayerFactors, damping: float) -> tuple[torch.Tensor | N
     underflow, as in deep squeeze-excitation layers: Λ ~ 1e-40), the `_scaled_weights` pair, whose
     scale multiplies the preconditioned gradients instead (their values fit)."""
     inverse = lf.inverse_eigenvalues(damping, 1)
-    if inverse is None or bool(torch.isfinite(inverse).all()):
+    if inverse is None or all_finite(inverse):
         return inverse, 1.0
     return _scaled_weights(lf, damping, 1)
 
@@ -389,7 +389,7 @@ def _scaled_weights(lf: LayerFactors, damping: float, power: int) -> tuple[torch
     if w is None:
         return None, 1.0
     scale = float(w.max()) if bool((w > 0).any()) else 1.0
-    return (w / scale).to(lf.eigenvalues.dtype), scale  # type: ignore[union-attr]
+    return w.div_(scale).to(lf.eigenvalues.dtype), scale  # type: ignore[union-attr]
 
 
 def _piece_scores(out: torch.Tensor | None, q: torch.Tensor | list[torch.Tensor], t: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | _Positions) -> torch.Tensor:

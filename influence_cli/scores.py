@@ -254,7 +254,7 @@ def _load_layers(ctx: RunContext, train: IndexedDataset, member: Member) -> tupl
             else "run `influence fit-factors` with this config and --resume: it fits the factors of every checkpoint in "
             "scores.checkpoints that has none",
         )
-    factors = load_factors(path)
+    factors = load_factors(path, ctx.device, accumulator_dtype(ctx.model))  # as build_kernel wants them: no second copy
     try:
         check_factors_match(factors, ctx, path, train.fingerprint(), num_fit_examples(cfg, len(train)), same_fit=True, same_kind=True)
     except OutputError as exc:
@@ -511,16 +511,6 @@ def _check_storable(block: torch.Tensor, dtype: str, what: str = "scores") -> No
         )
 
 
-def _check_factors_finite(layers: dict[str, LayerFactors], path: Path) -> None:
-    for name, lf in layers.items():
-        for key in ("eigenvalues", "a_eigenvectors", "g_eigenvectors"):
-            t = getattr(lf, key)
-            if t is not None and not bool(torch.isfinite(t).all()):
-                raise NumericalError(
-                    f"{str(path)!r}: {name}.{key} holds NaN/Inf", hint="refit with `influence fit-factors --overwrite`"
-                )
-
-
 def _snapshot_phase(snapshot: Snapshot | None, prefix: str) -> list[int] | None:
     if snapshot is None or not snapshot.phase.startswith(prefix):
         return None
@@ -552,7 +542,8 @@ def compute_scores(
         OutputError: factors missing or fitted for another model, layers or training set;
             finished scores exist (without `overwrite`); leftover progress without
             `resume`/`overwrite`.
-        NumericalError: a non-finite loss or gradient (names the batch and examples).
+        NumericalError: a non-finite loss or gradient (names the batch and examples), or factors
+            holding NaN/Inf (names the tensor).
     """
     t_start = time.perf_counter()
     if self_influence and relative is not None:
@@ -570,8 +561,7 @@ def compute_scores(
         mctx = ctx if member.index == 0 else prepare_member(cfg, member, ctx.state)
         weights.append((member.key, mctx.model_fingerprint))
         refuse_same_weights(weights, cfg.source)  # before its factors: those of a copy would match it
-        layers, factors_info = _load_layers(mctx, train, member)
-        _check_factors_finite(layers, member.factors_path)
+        layers, factors_info = _load_layers(mctx, train, member)  # checked to be finite, in the kernel's device and dtype
         s = cfg.scores
         kernel = build_kernel(mctx.model, layers, s.damping, s.damping_factor, mctx.device, s.damping_scope, cfg.factors.amp)
         members.append(_ScoringMember(mctx, kernel))

@@ -588,26 +588,82 @@ def read_metadata(path: Path, hint: str | None = None) -> dict[str, Any]:
         raise OutputError(f"{str(path)!r} is not a readable safetensors file ({exc})", hint=hint or remake_hint(path)) from None
 
 
+def _check_format(path: Path, meta: dict[str, Any], expected_format: str | None) -> None:
+    if expected_format is not None and meta.get(FORMAT_KEY) != expected_format:
+        raise OutputError(
+            f"{str(path)!r} is not a {expected_format} file (format: {meta.get(FORMAT_KEY)!r})",
+            hint="point the command at the output_dir of a matching run",
+        )
+
+
+def _unreadable(path: Path, exc: Exception) -> OutputError:
+    return OutputError(f"{str(path)!r} is not a readable safetensors file ({exc})", hint=remake_hint(path))
+
+
 def load_tensors(path: Path, expected_format: str | None = None, keys: list[str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Reads tensors (all, or `keys`) and decoded metadata; checks the `format` field when asked."""
+    """Reads tensors (all, or `keys`) and decoded metadata; checks the `format` field when asked.
+
+    The tensors are views of one memory map of the file (safetensors'): a page is read when first used.
+    """
     path = Path(path)
     if not path.is_file():
         raise OutputError(f"{str(path)!r} does not exist")
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = decode_metadata(dict(fh.metadata() or {}))
-            if expected_format is not None and meta.get(FORMAT_KEY) != expected_format:
-                raise OutputError(
-                    f"{str(path)!r} is not a {expected_format} file (format: {meta.get(FORMAT_KEY)!r})",
-                    hint="point the command at the output_dir of a matching run",
-                )
+            _check_format(path, meta, expected_format)
             names = list(fh.keys()) if keys is None else keys
             tensors = {k: fh.get_tensor(k) for k in names}
     except OutputError:
         raise
     except Exception as exc:
-        raise OutputError(f"{str(path)!r} is not a readable safetensors file ({exc})", hint=remake_hint(path)) from None
+        raise _unreadable(path, exc) from None
     return tensors, meta
+
+
+def read_contents(path: Path, expected_format: str | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """The decoded metadata of a safetensors file and its tensors' dtypes by name (safetensors' names:
+    "F32", "I64", ...), read from its header alone; checks the `format` field when asked."""
+    path = Path(path)
+    if not path.is_file():
+        raise OutputError(f"{str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = decode_metadata(dict(fh.metadata() or {}))
+            dtypes = {k: fh.get_slice(k).get_dtype() for k in fh.keys()}
+    except Exception as exc:
+        raise _unreadable(path, exc) from None
+    _check_format(path, meta, expected_format)
+    return meta, dtypes
+
+
+def read_groups(path: Path, groups: list[list[str]], *, separate: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """The tensors of a safetensors file, one group of names at a time (`read_contents` lists them).
+
+    The tensors are views of a memory map of the file, whose pages are read when first used and
+    stay resident while the map lives. With `separate`, each group comes from a map of its own,
+    unmapped once the caller has dropped the group's tensors: for a caller that copies each group
+    (to another dtype or device), so that the file is never resident in full beside its copies.
+    Without, one map serves every group (a map per group of tensors kept as they are would hold
+    the file's size of address space per group).
+    """
+    path = Path(path)
+    if not separate:
+        tensors = _read(path, [k for keys in groups for k in keys])
+        for keys in groups:
+            yield {k: tensors.pop(k) for k in keys}
+        return
+    for keys in groups:
+        yield _read(path, keys)  # no reference kept here: the group's map goes with the caller's last use of it
+
+
+def _read(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
+    """`keys` of `path` through a handle (and a memory map) of their own."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return {k: fh.get_tensor(k) for k in keys}
+    except Exception as exc:
+        raise _unreadable(path, exc) from None
 
 
 def member_dir(out_dir: Path, member: int) -> Path:

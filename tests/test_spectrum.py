@@ -646,6 +646,26 @@ def test_cli_spectrum_similarity_and_edit_read_factors_from_factors_dir(tmp_path
     assert sorted(p.name for p in elsewhere.iterdir()) == [SIMILARITY_FILE, SPECTRUM_FILE]
 
 
+def test_nonfinite_factors_are_refused_in_the_layers_a_command_reads(tmp_path, digits):
+    """spectrum and edit check the layers they chose (the others' factors are never read);
+    dataset-similarity, which uses every layer, checks them all."""
+    out, sets = digits
+    tensors, meta = load_tensors(out / FACTORS_FILE)
+    poisoned = {k: v.clone() for k, v in tensors.items()}
+    poisoned["fc2.a_eigenvectors"][3, 4] = float("nan")
+    save_tensors(tmp_path / "factors" / FACTORS_FILE, poisoned, meta)
+    moved = [*sets, "--set", f"output_dir={tmp_path / 'reports'}", "--set", f"factors_dir={tmp_path / 'factors'}"]
+    needle = f"{str(tmp_path / 'factors' / FACTORS_FILE)!r}: fc2.a_eigenvectors holds NaN/Inf"
+    result = invoke("edit", DIGITS, *moved, "--out", tmp_path / "fc1.safetensors", "--layers", "fc1", "--keep-share", "0.5")
+    assert result.exit_code == 0, result.stderr
+    result = invoke("edit", DIGITS, *moved, "--out", tmp_path / "fc2.safetensors", "--layers", "fc2", "--keep-share", "0.5")
+    assert_error(result, 6, needle)
+    assert not (tmp_path / "fc2.safetensors").exists()
+    assert_error(invoke("spectrum", DIGITS, *moved, "--layers", "fc2"), 6, needle)
+    pair = f"{{a: {HELD_SPEC}, b: {NOISY_SPEC}}}"
+    assert_error(invoke("dataset-similarity", DIGITS, *moved, "--set", f"similarity.datasets={pair}"), 6, needle)
+
+
 def test_cli_errors(tmp_path, digits):
     out, sets = digits
     empty = ["--set", f"output_dir={tmp_path / 'nothing'}"]
