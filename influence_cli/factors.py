@@ -40,16 +40,15 @@ def all_finite(t: torch.Tensor, chunk: int | None = None) -> bool:
     """Whether every entry of `t` (any shape) is finite, tested `chunk` entries at a time
     (default `FINITE_CHUNK_ELEMENTS`; a strided tensor's rows are not split, so at least one row).
 
-    torch.isfinite forms |t| and two masks of t's size, 2.5 bytes per float32 entry beside the
-    tensor itself (950 MB for a 12,545-wide eigenbasis); a chunk's temporaries are a few MB. No copy
-    of `t` is made, whatever its layout, and the answer costs one host sync.
+    torch.isfinite over a whole tensor forms |t| and three boolean masks of t's size, 7 bytes per
+    float32 entry beside the tensor itself (1,053 MiB for a 12,545-wide eigenbasis); a chunk's
+    temporaries are a few MB. No copy of `t` is made, whatever its layout, and the answer costs one
+    host sync.
     """
     if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
         return True
-    flat = t.view(-1) if t.is_contiguous() else t  # a strided tensor is split along its first dimension
-    if flat.dim() == 0:
-        return bool(torch.isfinite(flat))
-    rows = max(1, (chunk or FINITE_CHUNK_ELEMENTS) // max(1, flat[0].numel()))
+    flat = t.view(-1) if t.is_contiguous() else t  # a strided tensor (never 0-d) is split along its first dimension
+    rows = max(1, (chunk or FINITE_CHUNK_ELEMENTS) // flat[0].numel())
     ok = torch.ones((), dtype=torch.bool, device=t.device)
     for part in flat.split(rows):
         ok &= torch.isfinite(part).all()

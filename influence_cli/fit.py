@@ -473,7 +473,12 @@ _SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16
 
 
 def load_factors(
-    path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None, *, check_finite: bool = True
+    path: str | Path,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    *,
+    check_finite: bool = True,
+    match: Callable[[Factors], None] | None = None,
 ) -> Factors:
     """Reads a factors file written by fit-factors (`path`: the file, e.g. cfg.factors_path / "factors.safetensors").
 
@@ -486,12 +491,16 @@ def load_factors(
     Args:
         path: The factors file.
         device, dtype: Where and in which dtype the factors are wanted (None: as stored).
-        check_finite: Refuse a file holding NaN or Inf. compute-scores and dataset-similarity, which use
-            every layer, check them here; spectrum and edit check the layers they chose
-            (`check_finite_factors`), leaving the others' pages unread.
+        check_finite: Refuse a file holding NaN or Inf. compute-scores, which uses every layer, checks
+            them here; spectrum, edit and dataset-similarity check the layers they use
+            (`check_finite_factors`) once they have matched the factors to the model.
+        match: Called before any tensor is read, with the file's metadata as a `Factors` whose layers
+            hold no tensors yet (e.g. `check_factors_match`): factors of another model or training set
+            are refused for that, the more useful message, before their values are checked or copied.
 
     Raises:
-        OutputError: no file there, or not a readable factors file.
+        OutputError: no file there, or not a readable factors file; what `match` raises; the file
+            replaced while it was read (its header and its layers are read through separate opens).
         NumericalError: a tensor of the file holds NaN or Inf (named `<layer>.<factor>`).
     """
     if not isinstance(path, (str, os.PathLike)):
@@ -499,8 +508,12 @@ def load_factors(
     path = Path(path)
     if not path.is_file():
         raise OutputError(f"no factors at {str(path)!r}", hint="run `influence fit-factors` with this config first").everywhere()
+    found = storage.file_identity(path)
     meta, dtypes = storage.read_contents(path, storage.FACTORS_FORMAT)
     names = meta.get("modules", [])
+    strategy, fisher = meta.get("strategy", ""), meta.get("fisher", "")
+    if match is not None:
+        match(Factors(strategy, fisher, {name: LayerFactors(name) for name in names}, meta))
     groups = [[k for k in (f"{name}.{key}" for key in (*STORED_KEYS, storage.NUM_EXAMPLES)) if k in dtypes] for name in names]
     moved = device is not None or dtype is not None
     target = torch.device("cpu") if device is None else torch.device(device)
@@ -514,7 +527,11 @@ def load_factors(
             _refuse_nonfinite(lf, path)
         layers[name] = lf.to(target, dtype) if moved else lf
         del lf  # a copy's source (its file pages) goes before the next layer is read
-    return Factors(meta.get("strategy", ""), meta.get("fisher", ""), layers, meta)
+    if storage.file_identity(path) != found:  # the header and the layers come from separate opens of the path
+        raise OutputError(
+            f"{str(path)!r} was replaced while it was read", hint="rerun once `influence fit-factors` has finished writing it"
+        )
+    return Factors(strategy, fisher, layers, meta)
 
 
 def check_finite_factors(factors: Factors, path: Path, layers: Iterable[str] | None = None) -> None:

@@ -32,7 +32,7 @@ from influence_cli.data import IndexedDataset, make_loader
 from influence_cli.distributed import DistState, agree
 from influence_cli.ensemble import Member, describe_member, ensemble_members, prepare_member, refuse_same_weights
 from influence_cli.errors import NumericalError, OutputError, UsageError
-from influence_cli.factors import LayerFactors
+from influence_cli.factors import Factors, LayerFactors
 from influence_cli.fit import check_factors_match, load_factors, num_fit_examples
 from influence_cli.kernel import ScoreKernel, StoredQueries, build_kernel, safe_norms
 from influence_cli.passes import (
@@ -254,14 +254,18 @@ def _load_layers(ctx: RunContext, train: IndexedDataset, member: Member) -> tupl
             else "run `influence fit-factors` with this config and --resume: it fits the factors of every checkpoint in "
             "scores.checkpoints that has none",
         )
-    factors = load_factors(path, ctx.device, accumulator_dtype(ctx.model))  # as build_kernel wants them: no second copy
-    try:
-        check_factors_match(factors, ctx, path, train.fingerprint(), num_fit_examples(cfg, len(train)), same_fit=True, same_kind=True)
-    except OutputError as exc:
-        if member.index:  # say which listed checkpoint the factors do not match
-            exc.message = f"{member.key} ({member.checkpoint}): {exc.message}"
-            exc.args = (exc.message,)
-        raise
+
+    def match(factors: Factors) -> None:
+        try:
+            check_factors_match(factors, ctx, path, train.fingerprint(), num_fit_examples(cfg, len(train)), same_fit=True, same_kind=True)
+        except OutputError as exc:
+            if member.index:  # say which listed checkpoint the factors do not match
+                exc.message = f"{member.key} ({member.checkpoint}): {exc.message}"
+                exc.args = (exc.message,)
+            raise
+
+    # matched first (metadata only), then read as build_kernel wants them (no second copy), checked to be finite
+    factors = load_factors(path, ctx.device, accumulator_dtype(ctx.model), match=match)
     meta = factors.metadata
     stat = path.stat()
     info = {

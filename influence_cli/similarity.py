@@ -39,7 +39,7 @@ from influence_cli.context import prepare
 from influence_cli.distributed import DistState
 from influence_cli.errors import ConfigError, NumericalError, UsageError
 from influence_cli.factors import DiagonalAccumulator, LayerFactors, layer_damping
-from influence_cli.fit import PassPlan, check_factors_match, load_factors, plan_for
+from influence_cli.fit import PassPlan, check_factors_match, check_finite_factors, load_factors, plan_for
 from influence_cli.passes import BatchGradients, NonFiniteWatch, accumulator_dtype, stream_gradients
 from influence_cli.progress import NullProgress, Progress, for_rank
 from influence_cli.resume import (
@@ -407,11 +407,12 @@ def dataset_similarity(
     out_dir = cfg.output_path
     path = out_dir / storage.SIMILARITY_FILE
     factors_path = cfg.factors_path / storage.FACTORS_FILE
-    factors = load_factors(factors_path)
+    factors = load_factors(factors_path, check_finite=False)  # checked once matched to the model: a mismatch is the more useful message
     ctx = prepare(cfg, state)
     if ctx.state.is_main:
         storage.remove_stale_temp_files(path)  # what a killed writer left
     check_factors_match(factors, ctx, factors_path, same_kind=True)
+    check_finite_factors(factors, factors_path)
     if cfg.scores.checkpoints:
         notices.warn(f"dataset-similarity: only model.checkpoint is compared with, not the {len(cfg.scores.checkpoints)} model(s) of scores.checkpoints")
     ignored = [k for k, used in (("task.measurement: margin", cfg.task.measurement == "margin"), ("scores.relative: true", cfg.scores.relative)) if used]

@@ -637,6 +637,16 @@ def read_contents(path: Path, expected_format: str | None = None) -> tuple[dict[
     return meta, dtypes
 
 
+def file_identity(path: Path) -> tuple[int, int, int, int] | None:
+    """What tells a file from the one renamed over it, or rewritten: (device, inode, size, mtime in
+    ns); None when there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def read_groups(path: Path, groups: list[list[str]], *, separate: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """The tensors of a safetensors file, one group of names at a time (`read_contents` lists them).
 

@@ -11,7 +11,7 @@ import torch
 
 from influence_cli import factors as factors_lib
 from influence_cli import storage
-from influence_cli.errors import NumericalError
+from influence_cli.errors import NumericalError, OutputError
 from influence_cli.factors import LayerFactors, all_finite
 from influence_cli.fit import load_factors
 
@@ -140,3 +140,39 @@ def test_a_converted_layer_releases_its_file_pages_before_the_next_layer_is_read
     alive_at_read.clear()
     factors = load_factors(path, "cpu", torch.float32)  # as stored: views of one map, nothing copied
     assert alive_at_read == [0] and sum(r() is not None for r in read) == 5 * len(SHAPES)  # all but the counts
+
+
+def test_factors_read_as_stored_are_a_private_map_an_in_place_change_never_reaches_the_file(tmp_path):
+    """As stored, the factors are views of safetensors' memory map of the file: copy-on-write, so an
+    in-place operation on them (none is meant to happen downstream) changes this process's copy only,
+    never the file that other commands read."""
+    path = write_factors(tmp_path / "factors.safetensors")
+    stored = path.read_bytes()
+    lf = load_factors(path).layers["fc1"]
+    assert lf.a_eigenvectors.dtype == torch.float32  # a view of the map, not a copy
+    lf.a_eigenvectors.mul_(2.0)
+    lf.eigenvalues.fill_(float("nan"))
+    assert path.read_bytes() == stored
+    assert load_factors(path).layers["fc1"].nonfinite() is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_file_replaced_while_it_is_read_is_refused_not_mixed(tmp_path, monkeypatch, dtype):
+    """The header and the layers are read through separate opens of the path (with a copy to make,
+    one per layer): a file renamed over it in between (fit-factors --overwrite, outside the locks of
+    the commands) would give one file's metadata with another's tensors, or layers of both."""
+    path = write_factors(tmp_path / "factors.safetensors")
+    replacement = tmp_path / "replacement.safetensors"
+    write_factors(replacement, {"head.eigenvalues": 7.0})
+    real = storage._read
+    calls: list[int] = []
+
+    def replacing_read(p, keys):
+        calls.append(len(keys))
+        if len(calls) == 1:  # after the header was read, before the first tensors are
+            replacement.replace(path)
+        return real(p, keys)
+
+    monkeypatch.setattr(storage, "_read", replacing_read)
+    with pytest.raises(OutputError, match="was replaced while it was read"):
+        load_factors(path, "cpu", dtype)

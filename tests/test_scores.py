@@ -598,13 +598,12 @@ def test_non_finite_gradient_names_batch_and_examples(project, tmp_path):
 
 def test_non_finite_factors_are_refused_naming_the_tensor_checked_a_chunk_at_a_time(project, monkeypatch):
     """The finite check over the factors never forms a temporary the size of a factor (a 12,545-wide
-    eigenbasis took 950 MB more for torch.isfinite's |U| and masks): here every torch.isfinite call
+    eigenbasis took 1,053 MiB more for torch.isfinite's |U| and masks): here every torch.isfinite call
     of compute-scores, factors and batches alike, sees at most 8 entries."""
     import influence_cli.factors as factors_lib
 
     cfg = make_cfg(project, "nonfinite_factors")
     path = cfg.output_path / storage.FACTORS_FILE
-    good = path.read_bytes()
     tensors, meta = storage.load_tensors(path, storage.FACTORS_FORMAT)
     largest = max((k for k in tensors if tensors[k].is_floating_point()), key=lambda k: tensors[k].numel())
     assert tensors[largest].numel() > 8
@@ -623,8 +622,26 @@ def test_non_finite_factors_are_refused_naming_the_tensor_checked_a_chunk_at_a_t
                 compute_scores(cfg, overwrite=True, self_influence=self_influence)
             assert caught.value.message == f"{str(path)!r}: {largest} holds NaN/Inf"
             assert caught.value.hint == "refit with `influence fit-factors --overwrite`"
-    path.write_bytes(good)
+    storage.save_tensors(path, tensors, meta)  # replaced, as fit-factors does: not rewritten under the maps `caught` keeps
     compute_scores(cfg, overwrite=True)
+
+
+def test_factors_of_another_model_are_refused_for_that_before_their_values_are_read(project, monkeypatch):
+    """The match (metadata only) comes before the finite check and the copy to the kernel's dtype:
+    factors of another model that also hold NaN are refused for the mismatch, the more useful
+    message, without reading a page of them."""
+    cfg = make_cfg(project, "foreign_factors")
+    path = cfg.output_path / storage.FACTORS_FILE
+    tensors, meta = storage.load_tensors(path, storage.FACTORS_FORMAT)
+    poisoned = {k: v.clone() for k, v in tensors.items()}
+    next(v for v in poisoned.values() if v.is_floating_point()).view(-1)[0] = float("nan")
+    storage.save_tensors(path, poisoned, {**meta, "model_fingerprint": "another"})
+    read: list[list[str]] = []
+    real = storage._read
+    monkeypatch.setattr(storage, "_read", lambda p, keys: read.append(keys) or real(p, keys))
+    with pytest.raises(OutputError, match="was fitted for another model"):
+        compute_scores(cfg)
+    assert read == []
 
 
 def test_relative_scores_with_zero_damping_are_finite(tmp_path):

@@ -664,6 +664,12 @@ def test_nonfinite_factors_are_refused_in_the_layers_a_command_reads(tmp_path, d
     assert_error(invoke("spectrum", DIGITS, *moved, "--layers", "fc2"), 6, needle)
     pair = f"{{a: {HELD_SPEC}, b: {NOISY_SPEC}}}"
     assert_error(invoke("dataset-similarity", DIGITS, *moved, "--set", f"similarity.datasets={pair}"), 6, needle)
+    # factors of another model that also hold NaN: refused for the mismatch (exit 5), the more useful message
+    save_tensors(tmp_path / "factors" / FACTORS_FILE, poisoned, {**meta, "model_fingerprint": "another"})
+    other = "was fitted for another model"
+    assert_error(invoke("dataset-similarity", DIGITS, *moved, "--set", f"similarity.datasets={pair}"), 5, other)
+    assert_error(invoke("spectrum", DIGITS, *moved, "--layers", "fc2"), 5, other)
+    assert_error(invoke("edit", DIGITS, *moved, "--out", tmp_path / "fc2.safetensors", "--layers", "fc2", "--keep-share", "0.5"), 5, other)
 
 
 def test_cli_errors(tmp_path, digits):
