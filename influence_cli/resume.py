@@ -13,7 +13,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 
@@ -56,7 +56,7 @@ def check_rank_layout(folder: Path, pattern: str, world_size: int, *, resume: bo
             if _is_progress_name(name, pattern, kind) and snapshot_of(name, pattern) not in mine:
                 tmp.unlink(missing_ok=True)
         return
-    ranks = sum(".rank" in name for name in {snapshot_of(p.name, pattern) for p in others}) or 1
+    ranks = _saved_ranks(others, pattern)
     snapshots = [p.name for p in others if snapshot_of(p.name, pattern) == p.name] or [p.name for p in others]
     more = len(others) - len(snapshots)
     raise OutputError(
@@ -66,6 +66,23 @@ def check_rank_layout(folder: Path, pattern: str, world_size: int, *, resume: bo
         hint=(f"resume with the same number of ranks (torchrun --nproc_per_node {ranks})" if ranks > 1 else "resume without torchrun")
         + ", or pass --overwrite to start over",
     ).everywhere()
+
+
+def _saved_ranks(files: list[Path], pattern: str) -> int:
+    """The number of ranks that saved the progress files `files` (of `pattern`): the number their run recorded (its
+    "world" setting, in the first file that reads), else as their names show it (a rank whose files are all gone
+    leaves no name: one process names none, the highest rank r says at least r + 1, and any at least 2)."""
+    numbers = [int(m.group(1)) for p in files if (m := re.match(r"\.rank(\d+)", _middle(p.name, pattern)))]
+    if not numbers:
+        return 1
+    for p in files:
+        try:
+            world = storage.read_metadata(p).get("settings", {}).get("world")
+        except (OutputError, AttributeError):  # unreadable, or not progress with settings
+            continue
+        if isinstance(world, int) and world > max(numbers):
+            return world
+    return max(2, max(numbers) + 1)
 
 
 _FINISHED = re.escape(storage.PARTIAL_FINISHED.split("{")[0]) + r"\d+"  # ".finished<i>": a finished dataset's file (DatasetsProgress)
@@ -131,8 +148,23 @@ class PassCheckpoint:
     def exists(self) -> bool:
         return self.path.exists()
 
-    def check_start(self, resume: bool, overwrite: bool) -> Snapshot | None:
-        """The snapshot to resume from, None to start fresh; refuses to silently drop progress."""
+    @overload
+    def check_start(self, resume: bool, overwrite: bool, *, lost_ok: Literal[False] = False) -> Snapshot | None: ...
+    @overload
+    def check_start(self, resume: bool, overwrite: bool, *, lost_ok: bool) -> Snapshot | OutputError | None: ...
+
+    def check_start(self, resume: bool, overwrite: bool, *, lost_ok: bool = False) -> Snapshot | OutputError | None:
+        """The snapshot to resume from, None to start fresh; refuses to silently drop progress.
+
+        Args:
+            lost_ok: A snapshot that cannot be read (damaged, or not progress at all) is returned as its refusal
+                instead of raised: under torchrun the other ranks' snapshots can go on without it (`DatasetsProgress`).
+                One of other settings is refused all the same.
+
+        Raises:
+            OutputError: progress without --resume or --overwrite; progress of other settings (named); without
+                `lost_ok`, not a readable progress file.
+        """
         storage.remove_stale_temp_files(self.path)
         if not self.path.exists():
             return None
@@ -144,17 +176,13 @@ class PassCheckpoint:
                 f"{str(self.path)!r} holds progress of an interrupted run",
                 hint="pass --resume to continue it, or --overwrite to start over",
             )
-        return self.read()
-
-    def read(self, path: Path | None = None) -> Snapshot:
-        """The progress saved at `path` (default: the snapshot), which must be of this run's settings.
-
-        Raises:
-            OutputError: not a readable progress file, or progress of other settings (named).
-        """
-        path = path or self.path
-        tensors, meta = storage.load_tensors(path, storage.PARTIAL_FORMAT)
-        self.check_settings(path, meta)
+        try:
+            tensors, meta = storage.load_tensors(self.path, storage.PARTIAL_FORMAT)
+        except OutputError as exc:
+            if not lost_ok:
+                raise
+            return exc
+        self.check_settings(self.path, meta)
         return Snapshot(meta["phase"], int(meta["batches_done"]), tensors)
 
     def check_settings(self, path: Path, meta: dict[str, Any]) -> None:
@@ -280,17 +308,21 @@ class DatasetsProgress:
     (`finished_path`), and every `factors.checkpoint_every` batches the snapshot: this rank's state of the
     dataset in progress and how many are finished, never their results (so a save costs the same after
     any number of datasets). Each rank keeps its own files, as it keeps its own snapshot, so a rank that
-    lost one (missing or unreadable) is sent another rank's copy when it resumes (`agree`).
+    lost one (missing or unreadable) is sent another rank's copy when it resumes (`agree`), and a rank that
+    lost its snapshot resumes as one that saved nothing.
 
     Phase "dataset:<i>": datasets 0..i-1 are finished, each in its file; `batches_done` batches of dataset
     i are in `state`. A snapshot of earlier versions holds the finished results as its tensors
     finished.<j>.*: they are read from it, and written to their files at the next save.
     """
 
-    def __init__(self, checkpoint: PassCheckpoint, snapshot: Snapshot | None = None, *, lost_ok: bool = False) -> None:
+    def __init__(self, checkpoint: PassCheckpoint, snapshot: Snapshot | OutputError | None = None, *, lost_ok: bool = False) -> None:
         """Continues `snapshot` (of `checkpoint`; none: from the start), reading the finished datasets' files.
 
         Args:
+            snapshot: An OutputError: the refusal of a snapshot that could not be read (`check_start` with
+                `lost_ok`), kept in `snapshot_lost`: this rank starts from nothing, and `agree` goes on only when
+                another rank's snapshot reads.
             lost_ok: A finished dataset's file that is missing, unreadable or holds another dataset is kept
                 in `lost` (its refusal) instead of refused, its result left empty: under torchrun another
                 rank's copy can take its place (`agree`, which refuses when no rank holds one).
@@ -304,8 +336,12 @@ class DatasetsProgress:
         self.written = 0  # how many of `finished` are in their files
         self.unwritten: list[int] = []  # datasets below `written` whose file was lost: another rank's copy is written at the next save
         self.lost: dict[int, OutputError] = {}  # datasets whose file is lost (lost_ok), until `agree` takes another rank's copy
+        # this rank's snapshot is "unreadable", or "missing" under --resume (`start`), until `agree`: (how, in words)
+        self.snapshot_lost: tuple[str, str] | None = None
         self.batches_done = 0
         self.state: dict[str, torch.Tensor] = {}
+        if isinstance(snapshot, OutputError):
+            self.snapshot_lost, snapshot = ("unreadable", snapshot.message), None
         if snapshot is not None and snapshot.phase.startswith("dataset:"):
             done = int(snapshot.phase.removeprefix("dataset:"))
             if any(k.startswith("finished.") for k in snapshot.tensors):  # an earlier version's snapshot holds them
@@ -324,10 +360,11 @@ class DatasetsProgress:
         """The progress this rank continues from (none without `resume`) towards `output`, saved as `pattern`
         (with {rank}) every `every` batches: every rank checks it at once (`distributed.agree`: a refusal is
         said once), the ranks agree on the dataset to continue at and take the finished results a rank lacks
-        from another rank's copy (`agree`), and with `overwrite` the finished `output` is removed (an
-        interrupted --overwrite run must not leave the old result looking current). Files of finished datasets
-        that the snapshot does not count (a run killed between writing one and its snapshot, or started over)
-        are removed.
+        from another rank's copy (`agree`; under torchrun a rank whose snapshot is missing or unreadable while
+        another rank's reads resumes as one that saved nothing), and with `overwrite` the finished `output` is
+        removed (an interrupted --overwrite run must not leave the old result looking current). Files of finished
+        datasets that the snapshot does not count (a run killed between writing one and its snapshot, started over,
+        or a rank's whose snapshot is lost) are removed once the ranks agreed to go on (a refusal leaves every file).
 
         Args:
             dist: The DistState. result: the settings the result depends on; the batch size, the ranks and
@@ -339,13 +376,16 @@ class DatasetsProgress:
 
         def start_checks() -> DatasetsProgress:
             check_rank_layout(folder, pattern, dist.world_size, resume=resume, overwrite=overwrite)
-            progress = cls(checkpoint, checkpoint.check_start(resume, overwrite), lost_ok=dist.distributed)
+            snapshot = checkpoint.check_start(resume, overwrite, lost_ok=dist.distributed)
+            progress = cls(checkpoint, snapshot, lost_ok=dist.distributed)
+            if snapshot is None and resume and dist.distributed:  # none: fine when no rank has one, recovered when another has
+                progress.snapshot_lost = ("missing", f"{str(checkpoint.path)!r} is missing")
             storage.remove_stale_temp_files(progress.finished_path("*"))  # what a killed writer left
-            progress._remove_finished(progress.written)
             return progress
 
         saved = agree(dist, start_checks)
         saved.agree(dist)
+        saved._remove_finished(saved.written)
         if overwrite and dist.is_main:
             output.unlink(missing_ok=True)
         return saved
@@ -431,21 +471,32 @@ class DatasetsProgress:
         that holds one found it the same (a digest of its tensors; each rank checked its own files against this
         run's settings). A rank that saved fewer starts that dataset over on its shard (its state is its own); a
         rank that lost a file keeps its state, and each lost file is said (a warning naming it and the rank whose copy
-        takes its place). Each writes the results it was sent to its own files at its next save. Every rank takes the
-        same decisions from the same gathered counts, so all go on, or all refuse alike.
+        takes its place). Each writes the results it was sent to its own files at its next save. A rank whose snapshot
+        is missing or unreadable (`snapshot_lost`) while another rank's reads saved nothing that can be continued: it
+        is sent every finished result and starts the dataset in progress over on its shard (said in a warning naming
+        its snapshot); when no rank's snapshot reads, they all start from the beginning if every one is missing (no
+        rank saved any progress), and refuse otherwise. Every rank takes the same decisions from the same gathered
+        counts, so all go on, or all refuse alike.
 
         Raises:
             OutputError: (every rank alike, said once) no rank holds a usable copy of a finished dataset's result
-                (the lost file is named), or the ranks' copies of one differ (two of them named).
+                (the lost file is named), the ranks' copies of one differ (two of them named), or no rank holds a
+                snapshot that reads, and one is unreadable (named).
         """
         if not dist.distributed:
             if self.lost:  # pragma: no cover - one process reads its files without lost_ok
                 raise next(iter(self.lost.values()))
             return
-        views = dist.all_gather_object((len(self.finished), {i: (e.message, e.hint) for i, e in self.lost.items()}))
-        counts = [int(count) for count, _ in views]
-        lost: list[dict[int, tuple[str, str | None]]] = [dict(gone) for _, gone in views]
+        views = dist.all_gather_object((len(self.finished), {i: (e.message, e.hint) for i, e in self.lost.items()}, self.snapshot_lost))
+        counts = [int(count) for count, _, _ in views]
+        lost: list[dict[int, tuple[str, str | None]]] = [dict(gone) for _, gone, _ in views]
+        without = {r: snapshot for r, (_, _, snapshot) in enumerate(views) if snapshot is not None}  # counted 0, hold no state
+        self.snapshot_lost = None
         most, ranks = max(counts), range(dist.world_size)
+        if len(without) == dist.world_size:
+            if any(how == "unreadable" for how, _ in without.values()):
+                raise _no_usable_snapshot(without)
+            without = {}  # no rank saved any progress: every rank starts from the beginning, as without --resume
         holders = [[r for r in ranks if counts[r] > i and i not in lost[r]] for i in range(most)]
         needed = [i for i in range(most) if len(holders[i]) < dist.world_size]  # a rank lacks it
         for i in needed:
@@ -474,10 +525,27 @@ class DatasetsProgress:
             for r, gone in enumerate(lost):
                 if i in gone:  # a damaged or deleted file is said, not silently replaced
                     notices.warn(f"{gone[i][0]}; rank {src}'s copy takes its place (written to rank {r}'s file at its next save)")
+        for r, (_, said) in without.items():  # a lost snapshot is said, as a lost file is
+            notices.warn(f"{said}; rank {r} resumes as a rank that saved nothing: {self._recovered(most, holders)}")
         if len(self.finished) < most:
             self.batches_done, self.state = 0, {}
         self.unwritten = sorted(self.lost)  # all below `written`: the snapshot counted them
         self.finished, self.lost = finished, {}
+
+    def _recovered(self, most: int, holders: list[list[int]]) -> str:
+        """What a rank whose snapshot is lost is given, in words (`most`: the finished datasets; `holders`: the ranks that
+        hold each): "it is sent rank 0's copies of the 2 finished datasets (written to its files at its next save) and
+        starts dataset 'c' over on its shard"."""
+        restart = f"starts dataset {self.dataset_name(most)} over on its shard"
+        if not most:
+            return f"it {restart}"
+        sources = sorted({holders[i][0] for i in range(most)})
+        sent = (
+            f"rank {sources[0]}'s copy of the finished dataset" if most == 1
+            else f"rank {sources[0]}'s copies of the {most} finished datasets" if len(sources) == 1
+            else f"copies from ranks {', '.join(map(str, sources))} of the {most} finished datasets"
+        )  # fmt: skip
+        return f"it is sent {sent} (written to its files at its next save) and {restart}"
 
     def resumed_from(self, names: list[str], dist: Any = None) -> str | None:
         """Where this rank continues, in words ("dataset 'b', batch 6 (1 of 3 datasets done)"), or None;
@@ -500,6 +568,17 @@ def _no_usable_copy(index: int, lost: list[dict[int, tuple[str, str | None]]]) -
     others = ranks[1:]
     also = f" (rank {others[0]} lost its copy too)" if len(others) == 1 else f" (ranks {', '.join(map(str, others))} lost theirs too)" if others else ""
     return OutputError(f"{message}; no other rank holds a usable copy{also}", hint=hint).everywhere()
+
+
+def _no_usable_snapshot(lost: dict[int, tuple[str, str]]) -> OutputError:
+    """The refusal, the same on every rank, when no rank's snapshot reads and one is unreadable (`lost`: by rank, how its
+    snapshot is lost, "missing" or "unreadable", and that in words): the lowest unreadable one's, and what the others are."""
+    first = min(r for r, (how, _) in lost.items() if how == "unreadable")
+    others = ", ".join(f"rank {r}'s is {how}" for r, (how, _) in sorted(lost.items()) if r != first)
+    return OutputError(
+        f"{lost[first][1]}; no other rank holds a snapshot that reads ({others}): the saved progress cannot be continued",
+        hint="pass --overwrite to start over",
+    ).everywhere()
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:

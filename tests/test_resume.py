@@ -1119,3 +1119,165 @@ def test_a_setting_only_one_side_records_is_shown_unset_on_the_other():
     assert changed_settings({"fisher": "ggn"}, {"fisher": "sampled", "seed": 0}) == "factors.fisher ggn -> sampled, seed (unset) -> 0"
     assert changed_settings({"fisher": "sampled", "seed": 0}, {"fisher": "ggn"}) == "factors.fisher sampled -> ggn, seed 0 -> (unset)"
     assert changed_settings({"bs": 256}, {"bs": 64}) == "batch size 256 -> 64"
+
+
+def _lose_snapshot(folder: Path, rank: int, how: str) -> Path:
+    """Makes rank `rank`'s snapshot in `folder` missing or unreadable (its first 50 bytes); returns it."""
+    path = folder / f"similarity.partial.rank{rank}.safetensors"
+    if how == "missing":
+        path.unlink()
+    else:
+        path.write_bytes(path.read_bytes()[:50])
+    return path
+
+
+@pytest.mark.parametrize("how", ["missing", "truncated"])
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_rank_whose_snapshot_is_lost_resumes_as_one_that_saved_nothing(tmp_path, caplog, rank, how):
+    """A rank's snapshot is missing or unreadable while the other's reads: that rank resumes as one that saved nothing
+    (it was refused when unreadable, and went on silently when missing): it is sent every finished result, starts the
+    dataset in progress over on its shard (the other keeps its state), the loss is said in a warning naming the
+    snapshot and what was recovered, and its next save writes its files again, so a second resume finds nothing lost."""
+    results = _results(3, 4)
+    _saved_by_ranks(tmp_path, [2, 2], results)
+    lost = _lose_snapshot(tmp_path, rank, how)
+    kept = {p.name: p.read_bytes() for p in tmp_path.iterdir() if f".rank{1 - rank}" in p.name}
+    with caplog.at_level("WARNING", logger="influence_cli"):
+        got = on_every_rank(2, lambda st: _start_rank(tmp_path, st))
+    assert all(isinstance(saved, DatasetsProgress) for saved in got), got
+    for r, saved in enumerate(got):
+        assert len(saved.finished) == 2 and all(_same(mine, expected) for mine, expected in zip(saved.finished, results, strict=False))
+        assert saved.lost == {} and saved.snapshot_lost is None and saved.unwritten == []
+        assert saved.resumed_from(["x", "y", "z"]) == f"dataset 'z', batch {0 if r == rank else 3} (2 of 3 datasets done)"
+    assert got[rank].state == {} and got[rank].written == 0
+    assert torch.equal(got[1 - rank].state["sum.fc"], torch.full((4,), float(1 - rank), dtype=torch.float64))
+    said = "is missing" if how == "missing" else "is not a readable safetensors file"
+    assert caplog.messages == [caplog.messages[0]] * 2, caplog.messages  # each rank says it (the CLI prints rank 0's)
+    assert caplog.messages[0].startswith(f"{str(lost)!r} {said}") and caplog.messages[0].endswith(
+        f"; rank {rank} resumes as a rank that saved nothing: it is sent rank {1 - rank}'s copies of the 2 finished datasets "
+        "(written to its files at its next save) and starts dataset 'z' over on its shard"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir() if f".rank{rank}" in p.name) == ([] if how == "missing" else [lost.name])
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if f".rank{1 - rank}" in p.name} == kept  # the other's untouched
+    got[rank].save(1, {"sum.fc": torch.zeros(4, dtype=torch.float64)})
+    assert all(_same(_load(tmp_path, rank, i), results[i]) for i in range(2))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="influence_cli"):
+        again = on_every_rank(2, lambda st: _start_rank(tmp_path, st))
+    assert [(len(s.finished), s.batches_done) for s in again] == [(2, 1 if r == rank else 3) for r in range(2)] and caplog.messages == []
+
+
+def test_a_lost_snapshot_among_three_ranks_takes_each_result_from_a_rank_that_holds_it(tmp_path, caplog):
+    """Rank 1's snapshot is unreadable, rank 0 lost its file of x and rank 2 saved x only: rank 1 is sent x by rank 2 and
+    y by rank 0 (the only holders), and starts z over with rank 2; every warning is said, and the result is each rank's."""
+    results = _results(3, 4)
+    _saved_by_ranks(tmp_path, [2, 2, 1], results)
+    lost = _lose_snapshot(tmp_path, 1, "truncated")
+    (tmp_path / "similarity.partial.rank0.finished0.safetensors").unlink()
+    with caplog.at_level("WARNING", logger="influence_cli"):
+        got = on_every_rank(3, lambda st: _start_rank(tmp_path, st))
+    assert all(isinstance(saved, DatasetsProgress) for saved in got), got
+    assert all(len(s.finished) == 2 and all(_same(m, e) for m, e in zip(s.finished, results, strict=False)) for s in got)
+    assert [s.batches_done for s in got] == [3, 0, 0] and [s.unwritten for s in got] == [[0], [], []]
+    warned = sorted(set(caplog.messages))
+    assert len(warned) == 2 and len(caplog.messages) == 6, caplog.messages
+    assert "rank0.finished0.safetensors' is missing" in warned[0] and warned[0].endswith("rank 2's copy takes its place (written to rank 0's file at its next save)")
+    assert warned[1].startswith(f"{str(lost)!r} is not a readable safetensors file") and warned[1].endswith(
+        "; rank 1 resumes as a rank that saved nothing: it is sent copies from ranks 0, 2 of the 2 finished datasets "
+        "(written to its files at its next save) and starts dataset 'z' over on its shard"
+    )
+
+
+def test_a_lost_snapshot_in_the_first_dataset_starts_it_over(tmp_path, caplog):
+    """No dataset is finished yet: the rank whose snapshot is lost is sent nothing and starts the first one over."""
+    _saved_by_ranks(tmp_path, [0, 0], _results(3, 4))
+    lost = _lose_snapshot(tmp_path, 1, "truncated")
+    with caplog.at_level("WARNING", logger="influence_cli"):
+        got = on_every_rank(2, lambda st: _start_rank(tmp_path, st))
+    assert [(len(s.finished), s.batches_done) for s in got] == [(0, 3), (0, 0)], got
+    assert set(caplog.messages) == {caplog.messages[0]} and caplog.messages[0].startswith(repr(str(lost)))
+    assert caplog.messages[0].endswith("; rank 1 resumes as a rank that saved nothing: it starts dataset 'x' over on its shard")
+
+
+@pytest.mark.parametrize("lost", ["none", "truncated"], ids=["other-reads", "other-truncated"])
+def test_a_snapshot_of_other_settings_is_still_refused_by_name(tmp_path, lost):
+    """Rank 1's snapshot is of other settings: rank 1 refuses it by name, and rank 0 stops naming rank 1, whether its own
+    snapshot reads or not (an unreadable one is not a reason to go on without rank 1's)."""
+    _saved_by_ranks(tmp_path, [2, 2], _results(3, 4))
+    settings = {"a": 2, "bs": 8, "world": 2, "dataset_order": ["x", "y", "z"]}
+    PassCheckpoint(tmp_path / "similarity.partial.rank1.safetensors", settings, 1).save("dataset:2", 3, {})
+    if lost != "none":
+        _lose_snapshot(tmp_path, 0, lost)
+    left = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    got = on_every_rank(2, lambda st: _start_rank(tmp_path, st))
+    assert isinstance(got[1], OutputError) and "rank1.safetensors' is progress of a run with other settings (a 2 -> 1)" in got[1].message
+    assert isinstance(got[0], DistributedError) and got[0].message.startswith("rank 1 stopped: ") and "other settings (a 2 -> 1)" in got[0].message
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == left
+
+
+def test_without_a_snapshot_that_reads_resume_starts_over_only_when_no_rank_saved_any(tmp_path, caplog):
+    """No rank's snapshot reads: when every one is missing no rank saved progress, and every rank starts from the
+    beginning, as before (the finished files no snapshot counts are removed); when one is unreadable every rank refuses
+    alike, said once, naming the lowest such rank's and what the others' are, and no file is touched."""
+    for hows in (["truncated", "missing"], ["missing", "truncated"], ["truncated", "truncated"]):
+        folder = tmp_path / "-".join(hows)
+        folder.mkdir()
+        _saved_by_ranks(folder, [2, 1], _results(3, 4))
+        paths = [_lose_snapshot(folder, r, how) for r, how in enumerate(hows)]
+        left = {p.name: p.read_bytes() for p in folder.iterdir()}
+        got = on_every_rank(2, lambda st, folder=folder: _start_rank(folder, st))
+        assert all(isinstance(e, OutputError) and e.same_on_every_rank for e in got), got
+        first = hows.index("truncated")
+        assert got[0].message.startswith(f"{str(paths[first])!r} is not a readable safetensors file") and got[0].message.endswith(
+            f"; no other rank holds a snapshot that reads (rank {1 - first}'s is {'unreadable' if hows[1 - first] == 'truncated' else 'missing'}): the saved progress cannot be continued"
+        )
+        assert got[1].message == got[0].message and got[0].hint == got[1].hint == "pass --overwrite to start over"
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == left
+    folder = tmp_path / "missing-missing"
+    folder.mkdir()
+    _saved_by_ranks(folder, [2, 1], _results(3, 4))
+    for r in (0, 1):
+        _lose_snapshot(folder, r, "missing")
+    with caplog.at_level("WARNING", logger="influence_cli"):
+        got = on_every_rank(2, lambda st: _start_rank(folder, st))
+    assert [(len(s.finished), s.batches_done, s.resumed_from(["x", "y", "z"])) for s in got] == [(0, 0, None)] * 2
+    assert list(folder.iterdir()) == [] and caplog.messages == []
+
+
+def test_a_lost_snapshot_does_not_let_another_number_of_ranks_resume(tmp_path):
+    """A rank whose files are all gone leaves no name: progress of 2 ranks with only rank 0's left is still refused in one
+    process as progress of 2 ranks (it read "1 rank(s)" and "resume without torchrun"), taking the number the run recorded
+    when a file reads (3); under torchrun with 3 ranks, progress of 2 (rank 2 has no snapshot) is refused as of other
+    settings, and with 2 ranks, progress of 3 whose rank 2 left nothing too: no rank resumes as one that saved nothing."""
+    from influence_cli.resume import check_rank_layout
+
+    pattern = storage.SIMILARITY_PARTIAL
+    two = tmp_path / "two"
+    two.mkdir()
+    _saved_by_ranks(two, [1, 1], _results(3, 4))
+    for p in two.glob("*rank1*"):
+        p.unlink()
+    with pytest.raises(OutputError, match=r"a run with 2 rank\(s\) \(similarity.partial.rank0.safetensors, and 1 file\(s\) .*; this run has 1") as info:
+        check_rank_layout(two, pattern, 1, resume=True, overwrite=False)
+    assert "--nproc_per_node 2" in info.value.hint
+    for p in two.iterdir():
+        p.write_bytes(b"damaged")  # no recorded number: the names say at least 2
+    with pytest.raises(OutputError, match=r"a run with 2 rank\(s\)") as info:
+        check_rank_layout(two, pattern, 1, resume=True, overwrite=False)
+    three = tmp_path / "three"
+    three.mkdir()
+    _saved_by_ranks(three, [1, 1, 1], _results(3, 4))
+    for p in three.glob("*rank[12]*"):
+        p.unlink()
+    with pytest.raises(OutputError, match=r"a run with 3 rank\(s\)") as info:
+        check_rank_layout(three, pattern, 1, resume=True, overwrite=False)
+    assert "--nproc_per_node 3" in info.value.hint
+    _saved_by_ranks(tmp_path / "to-three", [2, 2], _results(3, 4))
+    got = on_every_rank(3, lambda st: _start_rank(tmp_path / "to-three", st))
+    assert [type(e) for e in got] == [OutputError, OutputError, DistributedError], got
+    assert all("other settings (number of ranks 2 -> 3)" in e.message for e in got)
+    _saved_by_ranks(tmp_path / "to-two", [2, 2, 2], _results(3, 4))
+    for p in (tmp_path / "to-two").glob("*rank2*"):
+        p.unlink()
+    got = on_every_rank(2, lambda st: _start_rank(tmp_path / "to-two", st))
+    assert all(isinstance(e, OutputError) and "other settings (number of ranks 3 -> 2)" in e.message for e in got), got
