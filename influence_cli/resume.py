@@ -69,9 +69,9 @@ def check_rank_layout(folder: Path, pattern: str, world_size: int, *, resume: bo
 
 
 def _saved_ranks(files: list[Path], pattern: str) -> int:
-    """The number of ranks that saved the progress files `files` (of `pattern`): the number their run recorded (its
-    "world" setting, in the first file that reads), else as their names show it (a rank whose files are all gone
-    leaves no name: one process names none, the highest rank r says at least r + 1, and any at least 2)."""
+    """The number of ranks that saved the progress files `files` (of `pattern`): the number their run recorded (the first
+    "world" setting that reads and is above their highest rank), else as their names show it (a rank whose files are all
+    gone leaves no name: one process names none, the highest rank r says at least r + 1, and any at least 2)."""
     numbers = [int(m.group(1)) for p in files if (m := re.match(r"\.rank(\d+)", _middle(p.name, pattern)))]
     if not numbers:
         return 1
@@ -124,6 +124,9 @@ def clear_progress_of_finished(folder: Path, pattern: str, kind: str = "", main:
             p.unlink(missing_ok=True)
         for output in outputs:
             storage.remove_stale_temp_files(output)
+
+
+_LostFiles = list[dict[int, tuple[str, str | None]]]  # by rank: its lost finished files' refusals (message, hint)
 
 
 @dataclass
@@ -316,13 +319,10 @@ class DatasetsProgress:
     finished.<j>.*: they are read from it, and written to their files at the next save.
     """
 
-    def __init__(self, checkpoint: PassCheckpoint, snapshot: Snapshot | OutputError | None = None, *, lost_ok: bool = False) -> None:
+    def __init__(self, checkpoint: PassCheckpoint, snapshot: Snapshot | None = None, *, lost_ok: bool = False) -> None:
         """Continues `snapshot` (of `checkpoint`; none: from the start), reading the finished datasets' files.
 
         Args:
-            snapshot: An OutputError: the refusal of a snapshot that could not be read (`check_start` with
-                `lost_ok`), kept in `snapshot_lost`: this rank starts from nothing, and `agree` goes on only when
-                another rank's snapshot reads.
             lost_ok: A finished dataset's file that is missing, unreadable or holds another dataset is kept
                 in `lost` (its refusal) instead of refused, its result left empty: under torchrun another
                 rank's copy can take its place (`agree`, which refuses when no rank holds one).
@@ -336,12 +336,10 @@ class DatasetsProgress:
         self.written = 0  # how many of `finished` are in their files
         self.unwritten: list[int] = []  # datasets below `written` whose file was lost: another rank's copy is written at the next save
         self.lost: dict[int, OutputError] = {}  # datasets whose file is lost (lost_ok), until `agree` takes another rank's copy
-        # this rank's snapshot is "unreadable", or "missing" under --resume (`start`), until `agree`: (how, in words)
+        # under torchrun, this rank's snapshot when it is lost (`start`), until `agree`: ("missing" or "unreadable", in words)
         self.snapshot_lost: tuple[str, str] | None = None
         self.batches_done = 0
         self.state: dict[str, torch.Tensor] = {}
-        if isinstance(snapshot, OutputError):
-            self.snapshot_lost, snapshot = ("unreadable", snapshot.message), None
         if snapshot is not None and snapshot.phase.startswith("dataset:"):
             done = int(snapshot.phase.removeprefix("dataset:"))
             if any(k.startswith("finished.") for k in snapshot.tensors):  # an earlier version's snapshot holds them
@@ -358,13 +356,13 @@ class DatasetsProgress:
         batch_size: int, every: int, resume: bool, overwrite: bool, names: dict[str, str] | None = None,
     ) -> DatasetsProgress:
         """The progress this rank continues from (none without `resume`) towards `output`, saved as `pattern`
-        (with {rank}) every `every` batches: every rank checks it at once (`distributed.agree`: a refusal is
-        said once), the ranks agree on the dataset to continue at and take the finished results a rank lacks
-        from another rank's copy (`agree`; under torchrun a rank whose snapshot is missing or unreadable while
-        another rank's reads resumes as one that saved nothing), and with `overwrite` the finished `output` is
-        removed (an interrupted --overwrite run must not leave the old result looking current). Files of finished
-        datasets that the snapshot does not count (a run killed between writing one and its snapshot, started over,
-        or a rank's whose snapshot is lost) are removed once the ranks agreed to go on (a refusal leaves every file).
+        (with {rank}) every `every` batches: every rank checks its own at once (`distributed.agree`: a refusal is
+        said once), then the ranks agree on where to continue and send each other the finished results a rank
+        lacks (`agree`). Under torchrun a snapshot that is missing (under `resume`) or unreadable is not refused
+        here: `agree` decides. With `overwrite` the finished `output` is removed (an interrupted --overwrite run
+        must not leave the old result looking current). Files of finished datasets that this rank's snapshot does
+        not count (a run killed between writing one and its snapshot, started over, or the snapshot is lost) are
+        removed once the ranks agreed to go on: a refusal leaves them.
 
         Args:
             dist: The DistState. result: the settings the result depends on; the batch size, the ranks and
@@ -377,8 +375,10 @@ class DatasetsProgress:
         def start_checks() -> DatasetsProgress:
             check_rank_layout(folder, pattern, dist.world_size, resume=resume, overwrite=overwrite)
             snapshot = checkpoint.check_start(resume, overwrite, lost_ok=dist.distributed)
-            progress = cls(checkpoint, snapshot, lost_ok=dist.distributed)
-            if snapshot is None and resume and dist.distributed:  # none: fine when no rank has one, recovered when another has
+            progress = cls(checkpoint, None if isinstance(snapshot, OutputError) else snapshot, lost_ok=dist.distributed)
+            if isinstance(snapshot, OutputError):
+                progress.snapshot_lost = ("unreadable", snapshot.message)
+            elif snapshot is None and resume and dist.distributed:  # `agree`: no progress at all when no rank has one
                 progress.snapshot_lost = ("missing", f"{str(checkpoint.path)!r} is missing")
             storage.remove_stale_temp_files(progress.finished_path("*"))  # what a killed writer left
             return progress
@@ -465,23 +465,16 @@ class DatasetsProgress:
             self.save(0, {})
 
     def agree(self, dist: Any) -> None:
-        """Every rank (`dist`: a DistState) resumes at the same dataset: after the most any rank finished. A finished
-        dataset's result is the same on every rank that saved it (all-reduced or gathered), so a rank that lacks it
-        (it saved fewer, or its file is `lost`) is sent the copy of the first rank that holds one, once every rank
-        that holds one found it the same (a digest of its tensors; each rank checked its own files against this
-        run's settings). A rank that saved fewer starts that dataset over on its shard (its state is its own); a
-        rank that lost a file keeps its state, and each lost file is said (a warning naming it and the rank whose copy
-        takes its place). Each writes the results it was sent to its own files at its next save. A rank whose snapshot
-        is missing or unreadable (`snapshot_lost`) while another rank's reads saved nothing that can be continued: it
-        is sent every finished result and starts the dataset in progress over on its shard (said in a warning naming
-        its snapshot); when no rank's snapshot reads, they all start from the beginning if every one is missing (no
-        rank saved any progress), and refuse otherwise. Every rank takes the same decisions from the same gathered
-        counts, so all go on, or all refuse alike.
+        """Every rank (`dist`: a DistState) resumes after the most datasets any rank finished, holding every finished
+        result: what a rank lacks (it saved fewer, lost a file, or lost its snapshot) is sent by the first rank that holds
+        it (`_send_copies`). A rank that saved fewer, or whose snapshot is lost (`snapshot_lost`: it resumes as a rank
+        that saved nothing, said in a warning), starts the dataset in progress over on its shard; the others keep their
+        state. When every snapshot is missing, no rank saved progress, and all start from the beginning. Every rank
+        decides from the same gathered views, so all go on, or all refuse alike.
 
         Raises:
-            OutputError: (every rank alike, said once) no rank holds a usable copy of a finished dataset's result
-                (the lost file is named), the ranks' copies of one differ (two of them named), or no rank holds a
-                snapshot that reads, and one is unreadable (named).
+            OutputError: (every rank alike, said once) no rank's snapshot reads and one is unreadable
+                (`_saved_nothing`), or a finished result has no usable copy, or its copies differ (`_check_copies`).
         """
         if not dist.distributed:
             if self.lost:  # pragma: no cover - one process reads its files without lost_ok
@@ -489,19 +482,30 @@ class DatasetsProgress:
             return
         views = dist.all_gather_object((len(self.finished), {i: (e.message, e.hint) for i, e in self.lost.items()}, self.snapshot_lost))
         counts = [int(count) for count, _, _ in views]
-        lost: list[dict[int, tuple[str, str | None]]] = [dict(gone) for _, gone, _ in views]
-        without = {r: snapshot for r, (_, _, snapshot) in enumerate(views) if snapshot is not None}  # counted 0, hold no state
+        lost: _LostFiles = [dict(gone) for _, gone, _ in views]
+        saved_nothing = _saved_nothing([snapshot for _, _, snapshot in views])
         self.snapshot_lost = None
-        most, ranks = max(counts), range(dist.world_size)
-        if len(without) == dist.world_size:
-            if any(how == "unreadable" for how, _ in without.values()):
-                raise _no_usable_snapshot(without)
-            without = {}  # no rank saved any progress: every rank starts from the beginning, as without --resume
-        holders = [[r for r in ranks if counts[r] > i and i not in lost[r]] for i in range(most)]
+        most = max(counts)
+        holders = [[r for r in range(dist.world_size) if counts[r] > i and i not in lost[r]] for i in range(most)]
         needed = [i for i in range(most) if len(holders[i]) < dist.world_size]  # a rank lacks it
+        self._check_copies(dist, needed, holders, lost, saved_nothing)
+        finished = self._send_copies(dist, needed, holders, lost)
+        for r, (_, said) in saved_nothing.items():  # a lost snapshot is said, as a lost file is
+            notices.warn(f"{said}; rank {r} resumes as a rank that saved nothing: {self._recovered(most, holders)}")
+        if len(self.finished) < most:
+            self.batches_done, self.state = 0, {}
+        self.unwritten = sorted(self.lost)  # all below `written`: the snapshot counted them
+        self.finished, self.lost = finished, {}
+
+    def _check_copies(
+        self, dist: Any, needed: list[int], holders: list[list[int]], lost: _LostFiles, saved_nothing: dict[int, tuple[str, str]]
+    ) -> None:
+        """Refuses, every rank alike, when a finished dataset that a rank lacks (`needed`) has no holder (`holders`: the
+        ranks that hold each; `lost`: by rank, its lost files' refusals; `saved_nothing`: the ranks whose snapshot is lost),
+        or its holders' copies differ (a digest of each holder's, gathered: each rank checked its files' settings)."""
         for i in needed:
             if not holders[i]:
-                raise _no_usable_copy(i, lost)
+                raise _no_usable_copy(i, lost, saved_nothing)
         shared = [i for i in needed if len(holders[i]) > 1]
         if shared:  # every rank takes part, those that hold none of them too
             mine = {i: (_digest(self.finished[i]), str(self._copy_path(i))) for i in shared if dist.rank in holders[i]}
@@ -515,7 +519,11 @@ class DatasetsProgress:
                         "copy should be the same): the saved progress cannot be continued",
                         hint="pass --overwrite to start over",
                     ).everywhere()
-        finished = self.finished + [{} for _ in range(most - len(self.finished))]
+
+    def _send_copies(self, dist: Any, needed: list[int], holders: list[list[int]], lost: _LostFiles) -> list[dict[str, torch.Tensor]]:
+        """This rank's finished results, the ones a rank lacks (`needed`) broadcast by their first holder (`holders`); each
+        lost file (`lost`: by rank) is said, naming the rank whose copy takes its place (written at that rank's next save)."""
+        finished = self.finished + [{} for _ in range(len(holders) - len(self.finished))]
         for i in needed:
             src = holders[i][0]
             copy = dist.broadcast_object(finished[i] if dist.rank == src else None, src=src)
@@ -525,12 +533,7 @@ class DatasetsProgress:
             for r, gone in enumerate(lost):
                 if i in gone:  # a damaged or deleted file is said, not silently replaced
                     notices.warn(f"{gone[i][0]}; rank {src}'s copy takes its place (written to rank {r}'s file at its next save)")
-        for r, (_, said) in without.items():  # a lost snapshot is said, as a lost file is
-            notices.warn(f"{said}; rank {r} resumes as a rank that saved nothing: {self._recovered(most, holders)}")
-        if len(self.finished) < most:
-            self.batches_done, self.state = 0, {}
-        self.unwritten = sorted(self.lost)  # all below `written`: the snapshot counted them
-        self.finished, self.lost = finished, {}
+        return finished
 
     def _recovered(self, most: int, holders: list[list[int]]) -> str:
         """What a rank whose snapshot is lost is given, in words (`most`: the finished datasets; `holders`: the ranks that
@@ -560,23 +563,38 @@ class DatasetsProgress:
         return "; ".join(f"rank {r}: {v}" for r, v in enumerate(views) if v is not None) or None
 
 
-def _no_usable_copy(index: int, lost: list[dict[int, tuple[str, str | None]]]) -> OutputError:
+def _no_usable_copy(index: int, lost: _LostFiles, saved_nothing: dict[int, tuple[str, str]]) -> OutputError:
     """The refusal, the same on every rank, when no rank holds a usable copy of finished dataset `index`'s result
-    (`lost`: per rank, the refusal of each of its lost files): the lowest such rank's, and who else lost theirs."""
+    (`lost`: per rank, the refusal of each of its lost files): the lowest such rank's, who else lost theirs, and
+    whose files were not read because its snapshot is lost (`saved_nothing`: by rank, how)."""
     ranks = [r for r, gone in enumerate(lost) if index in gone]
     message, hint = lost[ranks[0]][index]
     others = ranks[1:]
     also = f" (rank {others[0]} lost its copy too)" if len(others) == 1 else f" (ranks {', '.join(map(str, others))} lost theirs too)" if others else ""
+    if saved_nothing:  # its files may hold a copy, but no snapshot counts them
+        said = ", ".join(f"rank {r}'s snapshot is {how}" for r, (how, _) in saved_nothing.items())
+        also += f"; {said}: {'its' if len(saved_nothing) == 1 else 'their'} files are not read"
     return OutputError(f"{message}; no other rank holds a usable copy{also}", hint=hint).everywhere()
 
 
-def _no_usable_snapshot(lost: dict[int, tuple[str, str]]) -> OutputError:
-    """The refusal, the same on every rank, when no rank's snapshot reads and one is unreadable (`lost`: by rank, how its
-    snapshot is lost, "missing" or "unreadable", and that in words): the lowest unreadable one's, and what the others are."""
-    first = min(r for r, (how, _) in lost.items() if how == "unreadable")
-    others = ", ".join(f"rank {r}'s is {how}" for r, (how, _) in sorted(lost.items()) if r != first)
-    return OutputError(
-        f"{lost[first][1]}; no other rank holds a snapshot that reads ({others}): the saved progress cannot be continued",
+def _saved_nothing(snapshots: list[tuple[str, str] | None]) -> dict[int, tuple[str, str]]:
+    """The ranks that resume as ranks that saved nothing, each with its lost snapshot (`snapshots`: by rank, None when
+    it reads, else ("missing" or "unreadable", that in words)); none when every one is missing: no rank saved any
+    progress, and all start from the beginning.
+
+    Raises:
+        OutputError: (the same on every rank) no snapshot reads and one is unreadable: the lowest such rank's is named,
+            and what the others' are.
+    """
+    lost = {r: snapshot for r, snapshot in enumerate(snapshots) if snapshot is not None}
+    if len(lost) < len(snapshots):
+        return lost
+    unreadable = [r for r, (how, _) in lost.items() if how == "unreadable"]
+    if not unreadable:
+        return {}
+    others = ", ".join(f"rank {r}'s is {how}" for r, (how, _) in lost.items() if r != unreadable[0])
+    raise OutputError(
+        f"{lost[unreadable[0]][1]}; no other rank holds a snapshot that reads ({others}): the saved progress cannot be continued",
         hint="pass --overwrite to start over",
     ).everywhere()
 

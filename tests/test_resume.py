@@ -1281,3 +1281,39 @@ def test_a_lost_snapshot_does_not_let_another_number_of_ranks_resume(tmp_path):
         p.unlink()
     got = on_every_rank(2, lambda st: _start_rank(tmp_path / "to-two", st))
     assert all(isinstance(e, OutputError) and "other settings (number of ranks 3 -> 2)" in e.message for e in got), got
+
+
+def test_one_process_refuses_an_unreadable_snapshot_and_starts_over_without_one(tmp_path, caplog):
+    """Without torchrun no other rank's snapshot can stand in: an unreadable one is refused by name, every file left (not
+    silently started over); a missing one under --resume is no saved progress: the run starts over, unsaid, and the
+    finished files no snapshot counts are removed."""
+    _saved_by_ranks(tmp_path, [2], _results(3, 4))
+    snapshot = tmp_path / "similarity.partial.safetensors"
+    snapshot.write_bytes(snapshot.read_bytes()[:50])
+    left = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(OutputError, match=r"similarity.partial.safetensors' is not a readable safetensors file") as info:
+        _start_rank(tmp_path, DistState())
+    assert "--overwrite" in info.value.hint and {p.name: p.read_bytes() for p in tmp_path.iterdir()} == left
+    snapshot.unlink()
+    with caplog.at_level("WARNING", logger="influence_cli"):
+        saved = _start_rank(tmp_path, DistState())
+    assert (len(saved.finished), saved.batches_done, saved.snapshot_lost) == (0, 0, None)
+    assert list(tmp_path.iterdir()) == [] and caplog.messages == []
+
+
+@pytest.mark.parametrize("how", ["missing", "truncated"])
+def test_no_usable_copy_beside_a_lost_snapshot_says_why_its_files_are_not_read_and_leaves_them(tmp_path, how):
+    """Rank 0's snapshot is lost and rank 1 lost its file of x: every rank refuses alike, naming rank 1's file and that
+    rank 0's files are not read (its intact copy of x is on disk: "no other rank holds a usable copy" alone was not
+    true), and rank 0's files, which no snapshot counts but may be the last copies, are left with every other file."""
+    _saved_by_ranks(tmp_path, [2, 2], _results(3, 4))
+    _lose_snapshot(tmp_path, 0, how)
+    (tmp_path / "similarity.partial.rank1.finished0.safetensors").unlink()
+    left = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    got = on_every_rank(2, lambda st: _start_rank(tmp_path, st))
+    assert all(isinstance(e, OutputError) and e.same_on_every_rank for e in got), got
+    assert got[0].message == got[1].message and got[0].message.endswith(
+        "no other rank holds a usable copy; rank 0's snapshot is " + ("missing" if how == "missing" else "unreadable") + ": its files are not read"
+    ), got[0].message
+    assert "rank1.finished0.safetensors' is missing: it held the result of dataset 'x'" in got[0].message
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == left
