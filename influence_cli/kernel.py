@@ -24,7 +24,9 @@ column blocks), so the [B, P] gradient matrix never round-trips through memory a
 the pass runs within about 10% of 2·Q·N·P FLOPs at the machine's GEMM rate
 (docs/BENCHMARKS.md); with fewer queries than d_in the queries are contracted with
 the activations first and nothing per example is formed (`contracts`), and so are
-layers with positions when Q·T is small (`contracts_positions`). In the
+layers with positions when Q·T is small (`contracts_positions`); otherwise their per-example
+gradients are formed `GRADIENT_ELEMENTS` entries (a chunk of the batch's examples) at a time
+into one kept buffer, so that it does not grow with the batch. In the
 eigenbasis, the rows and columns deflated at the fit (units and inputs that were 0
 on every example) are exact zeros of every training gradient of the fit; they are
 split off (`_Piece`) and multiplied only on batches that are nonzero there.
@@ -58,6 +60,9 @@ _BLOCK_ELEMENTS = 1 << 13  # per-example gradient elements formed at once in the
 _CONTRACT_ELEMENTS = 1 << 20  # query entries per block in the contracted scoring form (few queries)
 _MIN_SPLIT = 1 / 64  # split a layer into pieces when its deflated rows and columns hold at least this share of P
 QUERY_STEP_BYTES = 16 << 20  # one layer's preconditioned query rows formed at once (`store_queries`): their transient copies stay small
+GRADIENT_ELEMENTS = 1 << 25  # per-example gradients [b, P] of a layer with positions formed at once on the CPU (128 MiB in float32)
+GRADIENT_ELEMENTS_GPU = 1 << 26  # on a GPU (256 MiB)
+_CHUNK_EXAMPLES = 64  # ... in whole multiples of 64 examples, at least 64: the GEMM slows down with fewer (and with a ragged tail)
 
 StoredQueries = dict[str, list[Any]]
 """{layer: one entry per piece (`_Piece`): the row blocks [Q, rows·cols] of a layer without positions, or V' [Q, P]}."""
@@ -91,11 +96,13 @@ def _pieces(d_out: int, d_in: int, k_g: int, k_a: int) -> list[_Piece]:
 
 
 class _Scratch:
-    """One reusable buffer for the largest per-batch temporary, a layer's [B, P] per-example gradients.
+    """One reusable buffer for the largest per-batch temporary, a layer's per-example gradients [b, P]
+    (a chunk of a batch's examples, `GRADIENT_ELEMENTS` entries at most: `_positions_scores`).
 
-    A fresh allocation of that size each batch costs more than filling it: glibc maps every block
+    A fresh allocation of that size each time costs more than filling it: glibc maps every block
     over 32 MB anew, so each of its pages faults on first write (a ResNet's third stage at batch 64:
-    151 MB, 81 ms to form against 8 ms into a reused buffer).
+    151 MB, 81 ms to form against 8 ms into a reused buffer; a 128/256-channel CNN's conv2 at batch
+    256, four chunks of 64 examples, 72 MiB: about 110 ms more per batch than into the kept buffer).
     """
 
     def __init__(self) -> None:
@@ -116,7 +123,7 @@ class _Positions:
     """The per-example gradients ∇W_b = Σ_t g_bt a_btᵀ of a layer with positions, not formed yet.
 
     a [B, T, d_in], g [B, T, d_out]; `matmul_dtype`: the scoring GEMMs' dtype (None: a's own);
-    `scratch`: where `flat` forms them (valid until the next layer's `flat`).
+    `scratch`: where `flat` forms them (valid until the next `flat`).
     """
 
     a: torch.Tensor
@@ -124,12 +131,20 @@ class _Positions:
     matmul_dtype: torch.dtype | None = None
     scratch: _Scratch | None = None
 
-    def flat(self) -> torch.Tensor:
-        """[B, P] (row-major vec of [d_out, d_in]), in the scoring GEMMs' dtype."""
-        a, g = (self.a, self.g) if self.matmul_dtype is None else (self.a.to(self.matmul_dtype), self.g.to(self.matmul_dtype))
+    def flat(self, examples: slice = slice(None)) -> torch.Tensor:
+        """[b, P] (row-major vec of [d_out, d_in]) of the `examples`, in the scoring GEMMs' dtype."""
+        a, g = self.a[examples], self.g[examples]
+        a, g = (a, g) if self.matmul_dtype is None else (a.to(self.matmul_dtype), g.to(self.matmul_dtype))
         shape = (a.shape[0], g.shape[-1], a.shape[-1])
         out = (self.scratch or _Scratch()).get(shape, a.dtype, a.device)
         return torch.bmm(g.transpose(1, 2), a, out=out).view(shape[0], -1)
+
+    def chunk(self) -> int:
+        """Examples whose [b, P] gradients are formed at once: the most whole multiples of
+        `_CHUNK_EXAMPLES` within `GRADIENT_ELEMENTS` (on a GPU `GRADIENT_ELEMENTS_GPU`) entries,
+        at least one multiple (a layer whose P exceeds the bound / 64 keeps 64 examples' worth)."""
+        limit = GRADIENT_ELEMENTS if self.a.device.type == "cpu" else GRADIENT_ELEMENTS_GPU
+        return max(1, limit // max(1, self.a.shape[-1] * self.g.shape[-1]) // _CHUNK_EXAMPLES) * _CHUNK_EXAMPLES
 
 
 def support_entries(lf: LayerFactors, d_out: int, d_in: int) -> int:
@@ -214,8 +229,9 @@ class ScoreKernel:
         """{layer: [∇W of every example, per `_Piece`]} in the layer's basis, for `pairwise`.
 
         Layers with positions: their (a, g) (`_Positions`), from which `pairwise` forms the matrix
-        [B, P] (row-major vec of [d_out, d_in], P = d_out·d_in) right before the layer's GEMM, or
-        contracts the queries with a first (few queries).
+        [B, P] (row-major vec of [d_out, d_in], P = d_out·d_in) right before the layer's GEMM, a
+        chunk of examples at a time (`GRADIENT_ELEMENTS`), or contracts the queries with a first
+        (few queries).
         Layers without (T = 1): per piece, the factors (g [B, rows], a [B, cols]) of the outer
         products ∇W = g aᵀ, which `pairwise` forms block by block next to its GEMM; None for a
         piece outside the support on which this batch's gradients are 0 (one host sync per batch).
@@ -228,7 +244,7 @@ class ScoreKernel:
             pieces = self._layer_pieces(name, a, g.shape[-1])
             if self._in_eigenbasis(name, a):
                 a, g = self._rotated(name, a, g)
-            if a.shape[1] != 1 and self.flat[name]:  # formed (if at all) when its GEMM runs, so only one layer's [B, P] exists at a time
+            if a.shape[1] != 1 and self.flat[name]:  # formed (if at all) when its GEMM runs, a chunk of examples at a time (`_positions_scores`)
                 out[name] = [_Positions(a, g, self.matmul_dtype, self._scratch)]
                 continue
             if a.shape[1] != 1:  # queries of one position, stored in pieces: this batch's gradients cut the same way
@@ -403,8 +419,8 @@ def _piece_scores(out: torch.Tensor | None, q: torch.Tensor | list[torch.Tensor]
             if contracts_positions(q.shape[0], t.a.shape[1]):
                 part = _contracted_positions(q, t.a, t.g)
                 return part if out is None else out.add_(part)
-            t = t.flat()
-        elif isinstance(t, tuple):
+            return _positions_scores(out, q, t)
+        if isinstance(t, tuple):
             t = (t[0][:, :, None] * t[1][:, None, :]).reshape(t[0].shape[0], -1)
         return _add_scores(out, q, t.T)
     buf: torch.Tensor | None = None
@@ -431,6 +447,28 @@ def _piece_scores(out: torch.Tensor | None, q: torch.Tensor | list[torch.Tensor]
         out = _add_scores(out, block, grad.T)
     assert out is not None
     return out
+
+
+def _positions_scores(out: torch.Tensor | None, q: torch.Tensor, t: _Positions) -> torch.Tensor:
+    """out + V' ∇Wᵀ [Q, B] of a layer with positions, its [B, P] gradients formed a chunk of examples
+    at a time (`_Positions.chunk`) into the kernel's scratch, each chunk multiplied by all of V' [Q, P].
+
+    Column b of the scores depends on example b alone, so the chunks' columns are the batch's scores
+    (up to the GEMM's summation order). The kept buffer then holds [b, P], not [B, P] (a 128/256-channel
+    CNN's conv2 at batch 256: 64 of its 256 examples, 72 MiB instead of 288), at the cost of reading
+    V' once per chunk: the GEMM slows as b shrinks (docs/BENCHMARKS.md, Memory, has the figures).
+    """
+    n, step = t.a.shape[0], t.chunk()
+    if step >= n:
+        return _add_scores(out, q, t.flat().T)
+    columns = []
+    for b0 in range(0, n, step):
+        grad = t.flat(slice(b0, b0 + step))
+        if out is None:
+            columns.append(_add_scores(None, q, grad.T))
+        else:
+            _add_scores(out[:, b0 : b0 + step], q, grad.T)  # in place, into the columns of these examples
+    return torch.cat(columns, dim=1) if out is None else out
 
 
 def _add_scores(out: torch.Tensor | None, q: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ compute-scores forms a training batch's per-example gradients g ãᵀ a block of
 [d_out, d_in] at a time, against the matching column block of the preconditioned queries
 (ScoreKernel.store_queries / pairwise). Here the blocks are made tiny (one or two rows),
 so every layer is cut in many; float64 against the dense math, float32 against the unblocked pipeline.
+Layers with positions form theirs a chunk of examples at a time (`GRADIENT_ELEMENTS`), here two.
 """
 
 from __future__ import annotations
@@ -101,6 +102,63 @@ def test_layers_with_positions_score_the_same_in_both_forms(monkeypatch, arch, c
     got = pairwise_scores(model, tracked, layers, batches_of(xq, yq, 3)(0), batches_of(x, y, 4)(0), damping=0.05)
     ref = explicit_scores(layers, explicit_grads(model, tracked, xq, yq), explicit_grads(model, tracked, x, y), 0.05)
     torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-10)
+
+
+def two_conv_cnn(dtype: torch.dtype = torch.float64) -> nn.Module:
+    """conv1 (P = 3·19 = 57) and conv2 (P = 2·28 = 56), 16 positions each, then a linear head."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)).to(dtype)
+
+
+def test_chunks_of_examples_are_whole_multiples_of_64_within_the_bound(monkeypatch):
+    """b: the most multiples of 64 examples whose [b, P] fit GRADIENT_ELEMENTS, at least 64."""
+    t = kernel_mod._Positions(torch.zeros(300, 4, 10), torch.zeros(300, 4, 3))  # P = 30
+    for elements, examples in [(30 * 64, 64), (30 * 128 - 1, 64), (30 * 200, 192), (30 * 256, 256), (30 * 63, 64), (1, 64)]:
+        monkeypatch.setattr(kernel_mod, "GRADIENT_ELEMENTS", elements)
+        assert t.chunk() == examples
+
+
+@pytest.mark.parametrize("amp", ["none", "bfloat16"])
+@pytest.mark.parametrize("basis", ["parameter", "eigen"])
+def test_conv_gradients_are_formed_a_few_examples_at_a_time(monkeypatch, basis, amp):
+    """A layer with positions forms its per-example gradients `GRADIENT_ELEMENTS` at a time, in whole
+    multiples of `_CHUNK_EXAMPLES` (64; here 2): two examples of a batch of 5 (chunks of 2, 2, 1; a last batch of one at once), for the first layer
+    scored (conv1: its columns are new) and a later one (conv2: added into the scores so far).
+    The buffer never holds more, and the scores are those of the whole batch at once (and, in
+    float64, the dense math's)."""
+    monkeypatch.setattr(kernel_mod, "contracts_positions", lambda n_query, positions: False)
+    monkeypatch.setattr(kernel_mod, "eigenbasis_cheaper", lambda workload, positions, d_out, d_in: basis == "eigen")
+    formed: list[tuple[int, ...]] = []
+    get = kernel_mod._Scratch.get
+
+    def recording(self, shape, dtype, device):
+        formed.append(shape)
+        return get(self, shape, dtype, device)
+
+    monkeypatch.setattr(kernel_mod._Scratch, "get", recording)
+    dtype = torch.float64 if amp == "none" else torch.float32
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randn(11, 2, 4, 4, generator=g, dtype=dtype), torch.randint(0, 3, (11,), generator=g)
+    xq, yq = torch.randn(4, 2, 4, 4, generator=g, dtype=dtype), torch.randint(0, 3, (4,), generator=g)
+    model = two_conv_cnn(dtype)
+    tracked, layers = fit(model, x, y, strategy="ekfac", fisher="empirical", batch_size=4)
+
+    def scores() -> torch.Tensor:
+        return pairwise_scores(model, tracked, layers, batches_of(xq, yq, 3)(0), batches_of(x, y, 5)(0), damping=0.05, amp=amp)
+
+    monkeypatch.setattr(kernel_mod, "GRADIENT_ELEMENTS", 1 << 30)
+    whole = scores()
+    assert [shape[0] for shape in formed] == [5, 5] * 2 + [1, 1]  # unbounded: each batch at once, conv1 then conv2
+    formed.clear()
+    monkeypatch.setattr(kernel_mod, "GRADIENT_ELEMENTS", 2 * 57 + 1)
+    monkeypatch.setattr(kernel_mod, "_CHUNK_EXAMPLES", 2)
+    chunked = scores()
+    assert [shape[0] for shape in formed] == [2, 2, 1] * 4 + [1, 1]
+    assert max(shape[0] * shape[1] * shape[2] for shape in formed) <= 2 * 57 + 1
+    torch.testing.assert_close(chunked, whole, rtol=1e-12 if amp == "none" else 1e-5, atol=0)
+    if amp == "none":
+        ref = explicit_scores(layers, explicit_grads(model, tracked, xq, yq), explicit_grads(model, tracked, x, y), 0.05)
+        torch.testing.assert_close(chunked, ref, rtol=1e-9, atol=1e-10)
 
 
 @pytest.mark.parametrize("overrides", [[], ["scores.query_chunk=3"]], ids=["one-chunk", "query-chunks"])
