@@ -3,10 +3,11 @@
     python benchmarks/bench_scoring_buffer.py setup DIR            # writes the configs, fits the factors (~11 min)
     python benchmarks/bench_scoring_buffer.py study DIR --before TREE [--rounds 2] [--only before,default]
     python benchmarks/bench_scoring_buffer.py kernel [--repeats 7]  # conv2's scoring alone, in process
+    python benchmarks/bench_scoring_buffer.py whole [--batch 100] [--repeats 7]  # a batch within the bound: whole or 64 + rest
 
 A layer with positions is scored by forming its per-example gradients [b, P] and multiplying them
 by the stored preconditioned queries [Q, P] (kernel.py, `_positions_scores`), b examples at a time:
-`kernel.GRADIENT_ELEMENTS` entries (64 MiB in float32) on the CPU. `study` runs `influence
+`kernel.GRADIENT_ELEMENTS` entries (128 MiB in float32) on the CPU. `study` runs `influence
 compute-scores` under `/usr/bin/time -v` (OMP_NUM_THREADS=1) on real MNIST, 1,024 training images,
 batch 256, 50 and 500 queries, for three models: the built-in `cnn` with 128/256 channels (conv2:
 196 positions × 1,153 inputs, P = 295,168, so [256, P] is 288 MiB), with 32/64 channels (P = 18,496,
@@ -29,6 +30,10 @@ query chunk of the 500, as scores.max_memory_mb = 1024 splits them), by buffer s
 rule, as in `study`, and the default rule), kept or fresh,
 then its two halves (forming the gradients, the GEMM) by examples per chunk; medians of `--repeats`
 calls after one warm-up round, the variants interleaved.
+
+`whole` scores conv2 for one batch of `--batch` examples (65 to 113 fit the 2^25 bound whole) as
+the rule first committed cut it, 64 examples and the rest, and whole, as `_Positions.chunk` now
+forms it; medians of `--repeats` calls after a warm-up, interleaved, and the scores compared.
 """
 
 from __future__ import annotations
@@ -226,6 +231,43 @@ def kernel_times(repeats: int) -> None:
         print(f"| {b} | {' | '.join(cells)} |")
 
 
+def whole_batch(batch: int, repeats: int) -> None:
+    import statistics
+    import time
+
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    import influence_cli.kernel as kernel
+
+    torch.manual_seed(0)
+    a, g = torch.randn(batch, 196, 1153), torch.randn(batch, 196, 256)
+    p = 256 * 1153
+    now = kernel._Positions.chunk
+
+    def cut(self: kernel._Positions) -> int:  # the rule as first committed: multiples of 64 even when the batch fits
+        return max(1, kernel.GRADIENT_ELEMENTS // p // kernel._CHUNK_EXAMPLES) * kernel._CHUNK_EXAMPLES
+
+    for n_query in (50, 244):
+        q = torch.randn(n_query, p)
+        scratch = {"64 + rest": kernel._Scratch(), "whole": kernel._Scratch()}
+        times: dict[str, list[float]] = {v: [] for v in scratch}
+        scores: dict[str, torch.Tensor] = {}
+        for r in range(repeats + 1):
+            for variant, kept in scratch.items():
+                kernel._Positions.chunk = cut if variant == "64 + rest" else now  # type: ignore[method-assign]
+                out = torch.zeros(n_query, batch)
+                start = time.perf_counter()
+                kernel._positions_scores(out, q, kernel._Positions(a, g, None, kept))
+                if r:
+                    times[variant].append(1000 * (time.perf_counter() - start))
+                scores[variant] = out
+        kernel._Positions.chunk = now  # type: ignore[method-assign]
+        same = "bit for bit" if torch.equal(scores["64 + rest"], scores["whole"]) else "differ"
+        cells = ", ".join(f"{v} {statistics.median(t):,.0f} ms" for v, t in times.items())
+        print(f"batch {batch}, {n_query} queries: {cells}; scores {same}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -236,6 +278,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--only", help="the variants to run, comma-separated (default: all): before,default")
     sub.add_parser("kernel").add_argument("--repeats", type=int, default=7)
+    p = sub.add_parser("whole")
+    p.add_argument("--batch", type=int, default=100)
+    p.add_argument("--repeats", type=int, default=7)
     p = sub.add_parser("cli")
     p.add_argument("elements", type=int)
     p.add_argument("--fresh", action="store_true")
@@ -247,6 +292,8 @@ def main() -> None:
         study(a.folder, a.before, a.rounds, a.only.split(",") if a.only else None)
     elif a.command == "kernel":
         kernel_times(a.repeats)
+    elif a.command == "whole":
+        whole_batch(a.batch, a.repeats)
     else:
         cli(a.elements, a.fresh, a.args)
 

@@ -60,8 +60,8 @@ _BLOCK_ELEMENTS = 1 << 13  # per-example gradient elements formed at once in the
 _CONTRACT_ELEMENTS = 1 << 20  # query entries per block in the contracted scoring form (few queries)
 _MIN_SPLIT = 1 / 64  # split a layer into pieces when its deflated rows and columns hold at least this share of P
 QUERY_STEP_BYTES = 16 << 20  # one layer's preconditioned query rows formed at once (`store_queries`): their transient copies stay small
-GRADIENT_ELEMENTS = 1 << 25  # per-example gradients [b, P] of a layer with positions formed at once on the CPU (128 MiB in float32)
-GRADIENT_ELEMENTS_GPU = 1 << 26  # on a GPU (256 MiB)
+GRADIENT_ELEMENTS = 1 << 25  # per-example gradients [b, P] of a layer with positions formed at once on the CPU (128 MiB in float32, 256 in float64)
+GRADIENT_ELEMENTS_GPU = 1 << 26  # on a GPU, or any device other than the CPU (256 MiB in float32)
 _CHUNK_EXAMPLES = 64  # ... in whole multiples of 64 examples, at least 64: the GEMM slows down with fewer (and with a ragged tail)
 
 StoredQueries = dict[str, list[Any]]
@@ -97,7 +97,8 @@ def _pieces(d_out: int, d_in: int, k_g: int, k_a: int) -> list[_Piece]:
 
 class _Scratch:
     """One reusable buffer for the largest per-batch temporary, a layer's per-example gradients [b, P]
-    (a chunk of a batch's examples, `GRADIENT_ELEMENTS` entries at most: `_positions_scores`).
+    (a chunk of a batch's examples, `GRADIENT_ELEMENTS` entries at most, or 64 examples' worth where
+    one example's P is above a 64th of that: `_Positions.chunk`, `_positions_scores`).
 
     A fresh allocation of that size each time costs more than filling it: glibc maps every block
     over 32 MB anew, so each of its pages faults on first write (a ResNet's third stage at batch 64:
@@ -140,11 +141,15 @@ class _Positions:
         return torch.bmm(g.transpose(1, 2), a, out=out).view(shape[0], -1)
 
     def chunk(self) -> int:
-        """Examples whose [b, P] gradients are formed at once: the most whole multiples of
-        `_CHUNK_EXAMPLES` within `GRADIENT_ELEMENTS` (on a GPU `GRADIENT_ELEMENTS_GPU`) entries,
-        at least one multiple (a layer whose P exceeds the bound / 64 keeps 64 examples' worth)."""
+        """Examples whose [b, P] gradients are formed at once: the whole batch when its [B, P] fits
+        `GRADIENT_ELEMENTS` entries (on any other device than the CPU, `GRADIENT_ELEMENTS_GPU`), else
+        the most whole multiples of `_CHUNK_EXAMPLES` within that bound, at least one multiple (a
+        layer whose P exceeds the bound / 64 keeps 64 examples' worth, above the bound)."""
         limit = GRADIENT_ELEMENTS if self.a.device.type == "cpu" else GRADIENT_ELEMENTS_GPU
-        return max(1, limit // max(1, self.a.shape[-1] * self.g.shape[-1]) // _CHUNK_EXAMPLES) * _CHUNK_EXAMPLES
+        fits = limit // max(1, self.a.shape[-1] * self.g.shape[-1])
+        if self.a.shape[0] <= fits:  # one GEMM: cutting it would only add a ragged chunk and re-read the queries
+            return self.a.shape[0]
+        return max(1, fits // _CHUNK_EXAMPLES) * _CHUNK_EXAMPLES
 
 
 def support_entries(lf: LayerFactors, d_out: int, d_in: int) -> int:

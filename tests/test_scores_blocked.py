@@ -111,11 +111,32 @@ def two_conv_cnn(dtype: torch.dtype = torch.float64) -> nn.Module:
 
 
 def test_chunks_of_examples_are_whole_multiples_of_64_within_the_bound(monkeypatch):
-    """b: the most multiples of 64 examples whose [b, P] fit GRADIENT_ELEMENTS, at least 64."""
+    """b: the whole batch when its [B, P] fits GRADIENT_ELEMENTS, else the most multiples of 64
+    examples whose [b, P] fit, at least 64."""
     t = kernel_mod._Positions(torch.zeros(300, 4, 10), torch.zeros(300, 4, 3))  # P = 30
-    for elements, examples in [(30 * 64, 64), (30 * 128 - 1, 64), (30 * 200, 192), (30 * 256, 256), (30 * 63, 64), (1, 64)]:
+    for elements, examples in [(30 * 64, 64), (30 * 128 - 1, 64), (30 * 200, 192), (30 * 256, 256), (30 * 299, 256), (30 * 300, 300), (30 * 63, 64), (1, 64)]:
         monkeypatch.setattr(kernel_mod, "GRADIENT_ELEMENTS", elements)
         assert t.chunk() == examples
+
+
+@pytest.mark.parametrize("batch", [65, 100, 113])
+def test_a_batch_within_the_bound_is_formed_whole(monkeypatch, batch):
+    """A batch of 65 to 113 examples whose [B, P] fits the bound (113 examples' worth, as the 128/256-channel
+    CNN's conv2 at 2^25) is one chunk, not 64 and a ragged rest: cutting it saves nothing within the
+    bound and costs one more pass over the queries (batch 100, 244 queries: 299 against 277 ms)."""
+    t = kernel_mod._Positions(torch.zeros(batch, 4, 10), torch.zeros(batch, 4, 3))  # P = 30
+    monkeypatch.setattr(kernel_mod, "GRADIENT_ELEMENTS", 30 * 113)
+    assert t.chunk() == batch
+    t = kernel_mod._Positions(torch.zeros(114, 4, 10), torch.zeros(114, 4, 3))
+    assert t.chunk() == 64
+
+
+def test_the_bound_off_the_cpu_is_the_gpu_one(monkeypatch):
+    """Any device other than the CPU (CUDA, MPS; here `meta`, which allocates nothing) takes GRADIENT_ELEMENTS_GPU."""
+    monkeypatch.setattr(kernel_mod, "GRADIENT_ELEMENTS", 30 * 64)
+    monkeypatch.setattr(kernel_mod, "GRADIENT_ELEMENTS_GPU", 30 * 200)
+    t = kernel_mod._Positions(torch.zeros(300, 4, 10, device="meta"), torch.zeros(300, 4, 3, device="meta"))
+    assert t.chunk() == 192
 
 
 @pytest.mark.parametrize("amp", ["none", "bfloat16"])
@@ -159,6 +180,34 @@ def test_conv_gradients_are_formed_a_few_examples_at_a_time(monkeypatch, basis, 
     if amp == "none":
         ref = explicit_scores(layers, explicit_grads(model, tracked, xq, yq), explicit_grads(model, tracked, x, y), 0.05)
         torch.testing.assert_close(chunked, ref, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("basis", ["parameter", "eigen"])
+def test_sequence_layers_are_scored_a_chunk_of_examples_at_a_time(monkeypatch, basis):
+    """Linear layers applied to [B, T, d] (SeqModel: proj, P = 5·5, and head, P = 3·6; 6 positions
+    each) take the same chunked path as a conv: chunks of two examples score as the dense math,
+    both bases, in float64."""
+    monkeypatch.setattr(kernel_mod, "contracts_positions", lambda n_query, positions: False)
+    monkeypatch.setattr(kernel_mod, "eigenbasis_cheaper", lambda workload, positions, d_out, d_in: basis == "eigen")
+    formed: list[tuple[int, ...]] = []
+    get = kernel_mod._Scratch.get
+
+    def recording(self, shape, dtype, device):
+        formed.append(shape)
+        return get(self, shape, dtype, device)
+
+    monkeypatch.setattr(kernel_mod._Scratch, "get", recording)
+    monkeypatch.setattr(kernel_mod, "GRADIENT_ELEMENTS", 2 * 25 + 1)
+    monkeypatch.setattr(kernel_mod, "_CHUNK_EXAMPLES", 2)
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(9, 6, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (9,), generator=g)
+    xq, yq = torch.randn(4, 6, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (4,), generator=g)
+    model = SeqModel().double()
+    tracked, layers = fit(model, x, y, strategy="ekfac", fisher="empirical", batch_size=3)
+    got = pairwise_scores(model, tracked, layers, batches_of(xq, yq, 3)(0), batches_of(x, y, 4)(0), damping=0.05)
+    assert [shape[0] for shape in formed] == [2, 2] * 4 + [1, 1]  # batches of 4, 4, 1: proj then head
+    ref = explicit_scores(layers, explicit_grads(model, tracked, xq, yq), explicit_grads(model, tracked, x, y), 0.05)
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-10)
 
 
 @pytest.mark.parametrize("overrides", [[], ["scores.query_chunk=3"]], ids=["one-chunk", "query-chunks"])
