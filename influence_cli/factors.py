@@ -20,6 +20,7 @@ no curvature at all (plain gradient dot products).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -281,12 +282,16 @@ def add_gram_(acc: torch.Tensor, x: torch.Tensor, matmul_dtype: torch.dtype | No
 
 def symmetric(acc: torch.Tensor) -> torch.Tensor:
     """The full symmetric matrix of an `add_gram_` accumulator (a copy; its lower blocks mirrored)."""
-    out = acc.clone()
+    return mirror_(acc.clone())
+
+
+def mirror_(acc: torch.Tensor) -> torch.Tensor:
+    """Fills the blocks below the diagonal of an `add_gram_` accumulator [w, w] from those above, in place; returns it."""
     blocks = gram_blocks(acc.shape[0])
     for i, (r0, r1) in enumerate(blocks):
         for c0, c1 in blocks[i + 1 :]:
-            out[c0:c1, r0:r1] = out[r0:r1, c0:c1].T
-    return out
+            acc[c0:c1, r0:r1] = acc[r0:r1, c0:c1].T
+    return acc
 
 
 class CovarianceAccumulator:
@@ -321,6 +326,17 @@ class CovarianceAccumulator:
     def covariances(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(Σ a aᵀ, Σ (1/T) g gᵀ) of one layer as full symmetric matrices (sums, not yet means)."""
         return symmetric(self.a[name]), symmetric(self.g[name])
+
+    def means(self, name: str, count: float, *, release: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, G) of one layer: its sums / `count` as full symmetric matrices [d_in, d_in], [d_out, d_out].
+
+        One new tensor per factor (the quotient, mirrored in place), or with `release` none: the
+        sums are divided and mirrored in their own memory and the layer leaves the accumulator (its
+        `state` no longer holds them). A 12,545-wide A is 630 MB in float32.
+        """
+        if not release:
+            return mirror_(self.a[name] / count), mirror_(self.g[name] / count)
+        return mirror_(self.a.pop(name).div_(count)), mirror_(self.g.pop(name).div_(count))
 
     def state(self) -> dict[str, torch.Tensor]:
         out = {f"{k}.a": v for k, v in self.a.items()} | {f"{k}.g": v for k, v in self.g.items()}
@@ -384,41 +400,104 @@ def null_rows(matrix: torch.Tensor) -> torch.Tensor:
     A covariance has one for every input (or output) that is zero on every example:
     MNIST's blank border pixels, a dead ReLU unit, an unused one-hot column.
     """
-    return (matrix.abs().amax(dim=1) == 0).nonzero().flatten()
+    rows = _ROW_BLOCK  # a block of rows at a time: no temporary as large as the matrix
+    zero = [matrix[i : i + rows].abs().amax(dim=1) == 0 for i in range(0, len(matrix), rows)]
+    return torch.cat(zero).nonzero().flatten() if zero else torch.zeros(0, dtype=torch.int64, device=matrix.device)
 
 
-def eigendecompose(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+_ROW_BLOCK = 1024  # rows (or block width) of the blockwise passes over a square matrix here
+
+
+def eigendecompose(matrix: torch.Tensor, vectors_dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues [n] (ascending, clamped at 0) and eigenvectors [n, n] of a symmetric matrix, in float64.
 
-    The k exactly-zero rows (`null_rows`) are deflated: their eigenvectors are the unit vectors
-    e_i (eigenvalue exactly 0, the first k columns, in row order), and eigh runs on the remaining
-    (n − k)² block only, so that its cost falls by ((n − k) / n)³. It is an exact eigendecomposition
-    of the same matrix, with exact zeros where LAPACK would return rounding noise.
+    The k exactly-zero rows (`null_rows` of the symmetrised matrix) are deflated: their
+    eigenvectors are the unit vectors e_i (eigenvalue exactly 0, the first k columns, in row
+    order), and eigh runs on the remaining (n − k)² block only, so that its cost falls by
+    ((n − k) / n)³. It is an exact eigendecomposition of the same matrix, with exact zeros where
+    LAPACK would return rounding noise.
+
+    Memory: `matrix` is read, never written. The only float64 matrix is the symmetrised
+    (n − k)² block, gathered from `matrix` a block of rows at a time (the full n² one is never
+    formed), which LAPACK overwrites with the eigenvectors (eigh in place), plus LAPACK's
+    workspace (syevd: about 2 (n − k)² float64 more; that is the floor). `vectors_dtype`: of the
+    eigenvectors returned (rounded from float64; the eigenvalues stay float64), so that a float32
+    eigenbasis is built without a float64 one of full size.
     """
-    sym = matrix.double()
-    sym = 0.5 * (sym + sym.T)
-    null = null_rows(sym)
+    n = len(matrix)
+    null = _symmetrised_null_rows(matrix)
     if len(null) == 0:
-        return _eigh(sym)
-    keep = _complement(null, len(sym))
-    values, vectors = torch.zeros_like(sym[0]), torch.zeros_like(sym)
+        values, vectors = _eigh(symmetrised_float64(matrix), lambda: symmetrised_float64(matrix))
+        return values, vectors.to(vectors_dtype)
+    keep = _complement(null, n)
     k = len(null)
-    vectors[null, torch.arange(k, device=sym.device)] = 1.0
     if len(keep):
-        sub_values, sub_vectors = _eigh(sym[keep][:, keep])
-        values[k:] = sub_values
-        vectors[keep.unsqueeze(1), torch.arange(k, len(sym), device=sym.device)] = sub_vectors
+        sub_values, sub_vectors = _eigh(symmetrised_float64(matrix, keep), lambda: symmetrised_float64(matrix, keep))
+    else:
+        sub_values, sub_vectors = torch.zeros(0, dtype=torch.float64, device=matrix.device), None
+    values = torch.zeros(n, dtype=torch.float64, device=matrix.device)
+    values[k:] = sub_values
+    vectors = torch.zeros(n, n, dtype=vectors_dtype, device=matrix.device)
+    vectors[null, torch.arange(k, device=matrix.device)] = 1.0
+    for c in range(0, n - k, _ROW_BLOCK):  # a block of columns at a time, rounded to vectors_dtype on the way
+        block = sub_vectors[:, c : c + _ROW_BLOCK]
+        vectors[keep.unsqueeze(1), torch.arange(k + c, k + c + block.shape[1], device=matrix.device)] = block.to(vectors_dtype)
     return values, vectors
 
 
-def _eigh(sym: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """eigh of a symmetric PSD matrix, with two fall-backs: the CPU (some device builds lack a
-    float64 eigh), then the SVD (LAPACK's divide-and-conquer eigh can fail to converge on
-    matrices with many repeated eigenvalues; a PSD matrix's SVD U S Uᵀ is its eigendecomposition)."""
-    attempts = [lambda: torch.linalg.eigh(sym)]
-    if sym.device.type != "cpu":
-        attempts.append(lambda: torch.linalg.eigh(sym.cpu()))
-    attempts.append(lambda: _eigh_by_svd(sym.cpu()))
+def symmetrised_float64(matrix: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """S = 0.5 · (M + Mᵀ) in float64 [n, n], or its rows and columns `keep` [m] (ascending) only,
+    S[keep][:, keep] [m, m]: a new tensor (also for a float64 M), bit for bit those expressions.
+
+    The kept block is gathered a block of rows at a time and symmetrised in place one pair of
+    blocks at a time: no n² temporary.
+    """
+    if keep is None:
+        sym = matrix.to(torch.float64, copy=True)
+    else:
+        sym = torch.empty(len(keep), len(keep), dtype=torch.float64, device=matrix.device)
+        for i in range(0, len(keep), _ROW_BLOCK):
+            sym[i : i + _ROW_BLOCK] = matrix.index_select(0, keep[i : i + _ROW_BLOCK]).index_select(1, keep)
+    m, b = len(sym), _ROW_BLOCK
+    for i in range(0, m, b):
+        for j in range(i, m, b):
+            upper, lower = sym[i : i + b, j : j + b], sym[j : j + b, i : i + b]
+            half = (upper + lower.T).mul_(0.5)
+            upper.copy_(half)
+            lower.copy_(half.T)
+    return sym
+
+
+def _symmetrised_null_rows(matrix: torch.Tensor) -> torch.Tensor:
+    """`null_rows` of 0.5 · (M + Mᵀ) in float64 [k], read from M a block of rows (and columns) at a time."""
+    zero = []
+    for i in range(0, len(matrix), _ROW_BLOCK):
+        rows = matrix[i : i + _ROW_BLOCK].double() + matrix[:, i : i + _ROW_BLOCK].T.double()
+        zero.append(rows.mul_(0.5).abs_().amax(dim=1) == 0)
+    return torch.cat(zero).nonzero().flatten() if zero else torch.zeros(0, dtype=torch.int64, device=matrix.device)
+
+
+def _eigh(sym: torch.Tensor, again: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """eigh of a symmetric PSD matrix [n, n], exactly symmetric, which it overwrites with the
+    eigenvectors (LAPACK in place: no copy of it); `again()` makes the matrix anew for the fall-backs.
+
+    Two fall-backs: the CPU (some device builds lack a float64 eigh), then the SVD (LAPACK's
+    divide-and-conquer eigh can fail to converge on matrices with many repeated eigenvalues; a PSD
+    matrix's SVD U S Uᵀ is its eigendecomposition). The eigenvectors come back column-major, as
+    torch.linalg.eigh returns them.
+    """
+    device = sym.device
+
+    def in_place() -> tuple[torch.Tensor, torch.Tensor]:
+        # sym is symmetric bit for bit, so its column-major view holds the same matrix; eigh writes
+        # the eigenvectors into the tensor passed as `out`, and copies nothing when it is the input.
+        vectors = sym.mT
+        return torch.linalg.eigh(vectors, out=(torch.empty(len(sym), dtype=sym.dtype, device=device), vectors))
+
+    attempts = [in_place]
+    if device.type != "cpu":
+        attempts.append(lambda: torch.linalg.eigh(again().cpu()))
+    attempts.append(lambda: _eigh_by_svd(again().cpu()))
     for attempt in attempts:
         try:
             values, vectors = attempt()
@@ -427,7 +506,7 @@ def _eigh(sym: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             error = exc
     else:
         raise error
-    return values.to(sym.device).clamp_min(0.0), vectors.to(sym.device)
+    return values.to(device).clamp_min(0.0), vectors.to(device)
 
 
 def _eigh_by_svd(sym: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -489,9 +568,9 @@ class Rotation:
         return torch.cat([x.index_select(-1, self.null), x.index_select(-1, self.rest) @ self.block], dim=-1)
 
 
-def _layer_eigendecompose(layer: str, which: str, matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _layer_eigendecompose(layer: str, which: str, matrix: torch.Tensor, vectors_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     try:
-        return eigendecompose(matrix)
+        return eigendecompose(matrix, vectors_dtype)
     except RuntimeError as exc:  # LAPACK's "failed to converge" (torch.linalg.LinAlgError)
         if out_of_memory(exc) is not None:
             raise
@@ -504,14 +583,18 @@ def _layer_eigendecompose(layer: str, which: str, matrix: torch.Tensor) -> tuple
 def kronecker_layer_factors(
     name: str, a_cov: torch.Tensor, g_cov: torch.Tensor, num_examples: int, out_dtype: torch.dtype
 ) -> LayerFactors:
-    """K-FAC factors of one layer from its mean covariances (eigenvalues = λ_G λ_Aᵀ)."""
-    a_vals, a_vecs = _layer_eigendecompose(name, "A", a_cov)
-    g_vals, g_vecs = _layer_eigendecompose(name, "G", g_cov)
+    """K-FAC factors of one layer from its mean covariances (eigenvalues = λ_G λ_Aᵀ).
+
+    Each eigendecomposition runs in float64 and hands back its eigenvectors in `out_dtype`: A's
+    float64 eigenbasis is gone before G's eigendecomposition starts.
+    """
+    a_vals, a_vecs = _layer_eigendecompose(name, "A", a_cov, out_dtype)
+    g_vals, g_vecs = _layer_eigendecompose(name, "G", g_cov, out_dtype)
     return LayerFactors(
         name=name,
         eigenvalues=torch.outer(g_vals, a_vals).to(out_dtype),
-        a_eigenvectors=a_vecs.to(out_dtype),
-        g_eigenvectors=g_vecs.to(out_dtype),
+        a_eigenvectors=a_vecs,
+        g_eigenvectors=g_vecs,
         a_eigenvalues=a_vals.to(out_dtype),
         g_eigenvalues=g_vals.to(out_dtype),
         a_covariance=a_cov.to(out_dtype),

@@ -262,11 +262,17 @@ def compute_factors(
             # not redo pass 1, and so that all ranks' progress is from the same pass.
             checkpoint.save("correction", 0, {f"covariance.{k}": v for k, v in cov.state().items()})
     count = float(cov.count)
+    # The sums are kept only for snapshots of the correction pass (a run resumed from one decomposes
+    # them again), which are written when it has more than `every` batches; otherwise each layer's
+    # sums become its mean covariances in place (a 12,545-wide A is 630 MB in float32).
+    keep_sums = strategy == "ekfac" and checkpoint is not None and 0 < checkpoint.every < plan.num_batches
     t0 = time.perf_counter()
     start_progress(progress, "eigendecomposition", len(tracked), unit="layers")  # minutes for wide layers (ViT, ConvNeXt): say it is working
     layers = {}
-    for tm in tracked:
-        layers[tm.name] = kronecker_layer_factors(tm.name, *(c / count for c in cov.covariances(tm.name)), int(count), dtype)
+    for tm in tracked:  # one layer's float64 matrices at a time (factors.eigendecompose)
+        a_cov, g_cov = cov.means(tm.name, count, release=not keep_sums)
+        layers[tm.name] = kronecker_layer_factors(tm.name, a_cov, g_cov, int(count), dtype)
+        del a_cov, g_cov
         progress.advance(1)
     progress.stop()
     seconds["eigendecomposition"] = time.perf_counter() - t0
@@ -275,7 +281,7 @@ def compute_factors(
 
     bases = {name: (lf.a_eigenvectors, lf.g_eigenvectors) for name, lf in layers.items()}
     corr = DiagonalAccumulator(tracked, bases, dtype, device, low)
-    timed("correction", corr, {f"covariance.{k}": v for k, v in cov.state().items()})
+    timed("correction", corr, {f"covariance.{k}": v for k, v in cov.state().items()} if keep_sums else {})
     count2 = float(corr.count)
     for name, lf in layers.items():
         lf.eigenvalues = (corr.sums[name] / count2).clamp_min(0)  # the position-pair sums can round below 0

@@ -134,7 +134,7 @@ def test_when_eigh_does_not_converge_the_svd_gives_the_eigendecomposition(monkey
     m = psd_with_zero_rows(12, [])
     expected = torch.linalg.eigvalsh(m)
 
-    def fail(_):
+    def fail(*_, **__):
         raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
 
     monkeypatch.setattr(torch.linalg, "eigh", fail)
@@ -148,7 +148,7 @@ def test_an_eigendecomposition_that_fails_is_a_one_line_numerical_error(monkeypa
     from influence_cli.errors import NumericalError
     from influence_cli.factors import kronecker_layer_factors
 
-    def fail(_):
+    def fail(*_, **__):
         raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
 
     monkeypatch.setattr(torch.linalg, "eigh", fail)

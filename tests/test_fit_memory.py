@@ -1,0 +1,160 @@
+"""What fit-factors holds while it eigendecomposes: one layer's float64 matrix at a time, LAPACK
+working in place, and the covariance sums turned into the means in their own memory when no
+snapshot of the correction pass needs them (factors.eigendecompose, CovarianceAccumulator.means)."""
+
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from exact import fit
+from torch import nn
+
+from influence_cli.factors import CovarianceAccumulator, symmetric
+from influence_cli.fit import PassPlan, compute_factors
+from influence_cli.resume import PassCheckpoint
+from influence_cli.tracking import find_tracked_modules
+
+
+def _big_tensors(dtype: torch.dtype, min_elements: int) -> dict[int, int]:
+    """{storage address: bytes} of the live tensors of `dtype` with at least `min_elements` (views counted once)."""
+    gc.collect()
+    found = {}
+    with warnings.catch_warnings():  # isinstance on some of torch's deprecated module attributes warns
+        warnings.simplefilter("ignore", FutureWarning)
+        tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+    for obj in tensors:
+        if obj.dtype == dtype and obj.numel() >= min_elements:
+            storage = obj.untyped_storage()
+            found[storage.data_ptr()] = storage.nbytes()
+    return found
+
+
+def _wide_model_and_data() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """300 → 40 → 30 in float32; 60 of the 300 inputs are 0 on every example (deflated rows of A)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(300, 40), nn.ReLU(), nn.Linear(40, 30)).float()
+    x = torch.randn(64, 300)
+    x[:, 200:260] = 0.0
+    return model, x, torch.randint(0, 30, (64,))
+
+
+def _spy_on_eigh(monkeypatch) -> list[dict]:
+    """Records, at every torch.linalg.eigh, the large float64 and float32 tensors alive."""
+    calls = []
+    eigh = torch.linalg.eigh
+
+    def spy(matrix, *args, **kwargs):
+        calls.append(
+            {
+                "n": len(matrix),
+                "input": matrix.untyped_storage().data_ptr(),
+                "float64": _big_tensors(torch.float64, 30 * 30),
+                "float32": _big_tensors(torch.float32, 300 * 300),
+            }
+        )
+        return eigh(matrix, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigh", spy)
+    return calls
+
+
+def test_one_float64_matrix_is_alive_at_each_eigendecomposition(monkeypatch):
+    """The full symmetrised A is gone before its deflated block is decomposed, no eigenbasis is
+    preallocated, and A's eigenvectors are float32 before G's eigendecomposition starts."""
+    model, x, y = _wide_model_and_data()
+    calls = _spy_on_eigh(monkeypatch)
+    fit(model, x, y, strategy="ekfac", batch_size=16)
+    assert [c["n"] for c in calls][:1] == [241]  # fc0's A (300 inputs and the bias) without its 60 zero rows
+    assert len(calls) == 4
+    for call in calls:
+        assert set(call["float64"]) <= {call["input"]}, call
+
+
+def test_the_sums_become_the_means_without_a_copy(monkeypatch):
+    """Without snapshots of the correction pass, fc0's [300, 300] sums and its mean A are one tensor."""
+    model, x, y = _wide_model_and_data()
+    calls = _spy_on_eigh(monkeypatch)
+    fit(model, x, y, strategy="ekfac", batch_size=16)
+    assert len(calls[0]["float32"]) == 1
+
+
+def test_the_sums_are_kept_for_snapshots_of_the_correction_pass(monkeypatch, tmp_path: Path):
+    model, x, y = _wide_model_and_data()
+    tracked = find_tracked_modules(model, ["*"])
+    batches = lambda start: [(x[i : i + 16], y[i : i + 16], torch.arange(i, i + 16)) for i in range(16 * start, 64, 16)]  # noqa: E731
+    plan = PassPlan(batches, 4, 64, "classification", "empirical")
+    saved = []
+    checkpoint = PassCheckpoint(tmp_path / "partial.safetensors", {"n": 64}, every=2)
+    monkeypatch.setattr(checkpoint, "save", lambda phase, done, tensors, path=None: saved.append((phase, done, set(tensors))))
+    compute_factors(model, tracked, "ekfac", plan, checkpoint=checkpoint)
+    assert [(phase, done) for phase, done, _ in saved] == [("covariance", 2), ("correction", 0), ("correction", 2)]
+    assert {"covariance.0.a", "covariance.2.g", "0.diag"} <= saved[-1][2]
+
+
+@pytest.mark.parametrize("release", [False, True])
+def test_means_are_the_mirrored_sums_over_the_count_bit_for_bit(release):
+    torch.manual_seed(1)
+    model, x, y = _wide_model_and_data()
+    tracked = find_tracked_modules(model, ["*"])
+    cov = CovarianceAccumulator(tracked, torch.float32, torch.device("cpu"))
+    cov.a["0"].copy_(torch.randn(301, 301))  # the inputs and the bias column
+    expected = symmetric(cov.a["0"]) / 3.0
+    before = cov.a["0"].data_ptr()
+    a, g = cov.means("0", 3.0, release=release)
+    assert torch.equal(a, expected)
+    assert (a.data_ptr() == before) == release
+    assert ("0.a" in cov.state()) != release
+
+
+_MEASURE = """
+import ctypes, gc, sys
+from pathlib import Path
+ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD fixed at 1 MiB: what is freed leaves the resident set
+import torch
+from influence_cli.factors import kronecker_layer_factors
+
+def vm(key):
+    return next(int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(key + ":"))
+
+def peak_growth(fn):
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM reset to VmRSS
+    base = vm("VmRSS")
+    fn()
+    return vm("VmHWM") - base
+
+torch.set_num_threads(1)
+torch.manual_seed(0)
+n, k = int(sys.argv[1]), int(sys.argv[2])
+x = torch.randn(n + 100, n)
+x[:, :k] = 0.0  # k zero rows and columns in the covariance
+m = x.T @ x
+del x
+block = m[k:, k:].double()
+torch.linalg.eigh(torch.eye(8, dtype=torch.float64))  # LAPACK loaded
+square = (n - k) ** 2 * 8
+print(peak_growth(lambda: torch.linalg.eigh(block.clone())) / square, peak_growth(lambda: kronecker_layer_factors("fc", m, torch.eye(4), 1, torch.float32)) / square)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists() or not any(Path(p).exists() for p in ("/lib/x86_64-linux-gnu/libc.so.6", "/usr/lib64/libc.so.6", "/lib64/libc.so.6")), reason="needs Linux's /proc/self/clear_refs and glibc")
+@pytest.mark.parametrize("zero_rows", [0, 500])
+def test_eigendecompose_peaks_at_lapacks_own_need(zero_rows):
+    """A layer's factors (kronecker_layer_factors, float32) from a 2,000-wide float32 covariance, with some zero rows or none: the peak is the float64
+    (n − k)² block, which LAPACK overwrites with the eigenvectors, plus LAPACK's workspace. The
+    reference is torch.linalg.eigh of that block (a copy of it, the workspace); the peak was 1
+    (n − k)² float64 more than that without zero rows (the symmetrised matrix and eigh's copy of
+    it), and 2 n² more with them (the full symmetrised matrix and a preallocated eigenbasis). Each
+    measured in a process of its own: peak resident set growth, in units of (n − k)² float64."""
+    root = Path(__file__).resolve().parents[1]
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", _MEASURE, "2000", str(zero_rows)], capture_output=True, text=True, env=env, check=True)
+    lapack, ours = map(float, out.stdout.split())
+    assert ours <= lapack - 0.5, (ours, lapack)
