@@ -20,6 +20,7 @@ no curvature at all (plain gradient dot products).
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -409,7 +410,7 @@ _ROW_BLOCK = 1024  # rows (or block width) of the blockwise passes over a square
 
 
 def eigendecompose(matrix: torch.Tensor, vectors_dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues [n] (ascending, clamped at 0) and eigenvectors [n, n] of a symmetric matrix, in float64.
+    """Eigenvalues [n] (float64, ascending, clamped at 0) and eigenvectors [n, n] (`vectors_dtype`) of a symmetric matrix [n, n].
 
     The k exactly-zero rows (`null_rows` of the symmetrised matrix) are deflated: their
     eigenvectors are the unit vectors e_i (eigenvalue exactly 0, the first k columns, in row
@@ -427,12 +428,12 @@ def eigendecompose(matrix: torch.Tensor, vectors_dtype: torch.dtype = torch.floa
     n = len(matrix)
     null = _symmetrised_null_rows(matrix)
     if len(null) == 0:
-        values, vectors = _eigh(symmetrised_float64(matrix), lambda: symmetrised_float64(matrix))
+        values, vectors = _eigh(lambda: symmetrised_float64(matrix))
         return values, vectors.to(vectors_dtype)
     keep = _complement(null, n)
     k = len(null)
     if len(keep):
-        sub_values, sub_vectors = _eigh(symmetrised_float64(matrix, keep), lambda: symmetrised_float64(matrix, keep))
+        sub_values, sub_vectors = _eigh(lambda: symmetrised_float64(matrix, keep))
     else:
         sub_values, sub_vectors = torch.zeros(0, dtype=torch.float64, device=matrix.device), None
     values = torch.zeros(n, dtype=torch.float64, device=matrix.device)
@@ -477,36 +478,47 @@ def _symmetrised_null_rows(matrix: torch.Tensor) -> torch.Tensor:
     return torch.cat(zero).nonzero().flatten() if zero else torch.zeros(0, dtype=torch.int64, device=matrix.device)
 
 
-def _eigh(sym: torch.Tensor, again: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """eigh of a symmetric PSD matrix [n, n], exactly symmetric, which it overwrites with the
-    eigenvectors (LAPACK in place: no copy of it); `again()` makes the matrix anew for the fall-backs.
+def _eigh(make: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues [n] (ascending, clamped at 0) and eigenvectors [n, n] (column-major, as
+    torch.linalg.eigh returns them) of the exactly symmetric PSD float64 matrix that `make()` forms.
 
-    Two fall-backs: the CPU (some device builds lack a float64 eigh), then the SVD (LAPACK's
-    divide-and-conquer eigh can fail to converge on matrices with many repeated eigenvalues; a PSD
-    matrix's SVD U S Uᵀ is its eigendecomposition). The eigenvectors come back column-major, as
-    torch.linalg.eigh returns them.
+    LAPACK overwrites that matrix with the eigenvectors (in place: no copy of it). Should it fail,
+    the matrix it wrote into is released and `make()` forms it anew, copied to the CPU, for the
+    fall-backs there: torch.linalg.eigh (some device builds lack a float64 eigh, or the device lacks
+    the memory for its workspace), then the SVD (LAPACK's divide-and-conquer eigh can fail to
+    converge on matrices with many repeated eigenvalues; a PSD matrix's SVD U S Uᵀ is its
+    eigendecomposition). So one such matrix is alive at a time (the fall-backs' on the CPU).
     """
+    sym = make()
     device = sym.device
-
-    def in_place() -> tuple[torch.Tensor, torch.Tensor]:
-        # sym is symmetric bit for bit, so its column-major view holds the same matrix; eigh writes
-        # the eigenvectors into the tensor passed as `out`, and copies nothing when it is the input.
-        vectors = sym.mT
-        return torch.linalg.eigh(vectors, out=(torch.empty(len(sym), dtype=sym.dtype, device=device), vectors))
-
-    attempts = [in_place]
-    if device.type != "cpu":
-        attempts.append(lambda: torch.linalg.eigh(again().cpu()))
-    attempts.append(lambda: _eigh_by_svd(again().cpu()))
-    for attempt in attempts:
+    try:
+        values, vectors = _eigh_in_place(sym)
+        return values.clamp_min(0.0), vectors
+    except RuntimeError as exc:  # torch.linalg.LinAlgError included
+        error = exc
+    del sym
+    traceback.clear_frames(error.__traceback__)  # the failed call's frames hold the matrix too
+    matrix = make().cpu()
+    attempts = [torch.linalg.eigh] if device.type != "cpu" else []
+    for attempt in [*attempts, _eigh_by_svd]:
         try:
-            values, vectors = attempt()
+            values, vectors = attempt(matrix)
             break
-        except RuntimeError as exc:  # torch.linalg.LinAlgError included
+        except RuntimeError as exc:
             error = exc
     else:
         raise error
     return values.to(device).clamp_min(0.0), vectors.to(device)
+
+
+def _eigh_in_place(sym: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.linalg.eigh of `sym` [n, n], exactly symmetric, writing the eigenvectors into it.
+
+    Its column-major view holds the same matrix; eigh writes the eigenvectors into the tensor
+    passed as `out`, and copies nothing when that is its input.
+    """
+    vectors = sym.mT
+    return torch.linalg.eigh(vectors, out=(sym.new_empty(len(sym)), vectors))
 
 
 def _eigh_by_svd(sym: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,9 +16,9 @@ import torch
 from exact import fit
 from torch import nn
 
-from influence_cli.factors import CovarianceAccumulator, symmetric
+from influence_cli.factors import CovarianceAccumulator, eigendecompose, gram_blocks
 from influence_cli.fit import PassPlan, compute_factors
-from influence_cli.resume import PassCheckpoint
+from influence_cli.resume import PassCheckpoint, Snapshot
 from influence_cli.tracking import find_tracked_modules
 
 
@@ -74,7 +74,7 @@ def test_one_float64_matrix_is_alive_at_each_eigendecomposition(monkeypatch):
     assert [c["n"] for c in calls][:1] == [241]  # fc0's A (300 inputs and the bias) without its 60 zero rows
     assert len(calls) == 4
     for call in calls:
-        assert set(call["float64"]) <= {call["input"]}, call
+        assert set(call["float64"]) == {call["input"]}, call
 
 
 def test_the_sums_become_the_means_without_a_copy(monkeypatch):
@@ -100,17 +100,94 @@ def test_the_sums_are_kept_for_snapshots_of_the_correction_pass(monkeypatch, tmp
 
 @pytest.mark.parametrize("release", [False, True])
 def test_means_are_the_mirrored_sums_over_the_count_bit_for_bit(release):
+    """A 701-wide A is summed in 2 × 2 blocks (`gram_blocks`), the one below the diagonal left
+    stale: the mean mirrors the one above it into it."""
     torch.manual_seed(1)
-    model, x, y = _wide_model_and_data()
-    tracked = find_tracked_modules(model, ["*"])
+    tracked = find_tracked_modules(nn.Sequential(nn.Linear(700, 3)), ["*"])
     cov = CovarianceAccumulator(tracked, torch.float32, torch.device("cpu"))
-    cov.a["0"].copy_(torch.randn(301, 301))  # the inputs and the bias column
-    expected = symmetric(cov.a["0"]) / 3.0
+    x = torch.randn(701, 701)
+    full = x + x.T
+    (_, cut), _ = gram_blocks(701)
+    upper = full.clone()
+    upper[cut:, :cut] = float("nan")  # the stale block below the diagonal
+    cov.a["0"].copy_(upper)
     before = cov.a["0"].data_ptr()
     a, g = cov.means("0", 3.0, release=release)
-    assert torch.equal(a, expected)
+    assert torch.equal(a, full / 3.0)
     assert (a.data_ptr() == before) == release
     assert ("0.a" in cov.state()) != release
+
+
+def _float64_matrices(shape: tuple[int, int]) -> int:
+    """How many float64 storages of tensors shaped `shape` are alive."""
+    return len({ptr for ptr, _ in _tensors_of(torch.float64, shape)})
+
+
+def _tensors_of(dtype: torch.dtype, shape: tuple[int, int]) -> list[tuple[int, torch.Tensor]]:
+    gc.collect()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+    return [(t.untyped_storage().data_ptr(), t) for t in tensors if t.dtype == dtype and tuple(t.shape) == shape]
+
+
+def test_after_a_failed_eigh_in_place_the_svd_gets_the_matrix_anew_and_it_alone(monkeypatch):
+    """LAPACK may have written into the matrix before it failed: the SVD fall-back decomposes the
+    matrix formed again, and the overwritten one is gone by then (one 39² float64 matrix alive,
+    not two)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(100, 40, generator=g, dtype=torch.float64)
+    x[:, 3] = 0.0  # one null row: eigh runs on the 39² block
+    m = x.T @ x
+    alive = []
+
+    def fail(matrix, *, out):
+        out[1].fill_(7.0)
+        raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+
+    svd = torch.linalg.svd
+
+    def spy(matrix, *args, **kwargs):
+        alive.append(_float64_matrices((39, 39)))
+        return svd(matrix, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigh", fail)
+    monkeypatch.setattr(torch.linalg, "svd", spy)
+    values, vectors = eigendecompose(m)
+    assert alive == [1]
+    torch.testing.assert_close(vectors @ torch.diag(values) @ vectors.T, m, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(values, torch.linalg.eigvalsh(m).clamp_min(0), rtol=1e-12, atol=1e-10)
+
+
+def _record_saves(checkpoint: PassCheckpoint) -> list[tuple[str, int, dict[str, torch.Tensor]]]:
+    saved = []
+    checkpoint.save = lambda phase, done, tensors, path=None: saved.append((phase, done, {k: v.clone() for k, v in tensors.items()}))  # type: ignore[method-assign]
+    return saved
+
+
+@pytest.mark.parametrize("every", [0, 2, 8])
+@pytest.mark.parametrize("snapshot_at", [0, 2])
+def test_a_run_resumed_in_the_correction_pass_has_the_uninterrupted_factors_and_mean_covariances(tmp_path: Path, every, snapshot_at):
+    """Resumed from the summed covariances a snapshot of the correction pass holds (after pass 1,
+    or after its batch 2) by a run that writes correction snapshots (every 2 of its 4 batches) or
+    none (0, 8): every factor, A and G included, is the uninterrupted run's, the means divided once."""
+    model, x, y = _wide_model_and_data()
+    tracked = find_tracked_modules(model, ["*"])
+    batches = lambda start: [(x[i : i + 16], y[i : i + 16], torch.arange(i, i + 16)) for i in range(16 * start, 64, 16)]  # noqa: E731
+    plan = PassPlan(batches, 4, 64, "classification", "empirical")
+    reference = compute_factors(model, tracked, "ekfac", plan)
+    first = PassCheckpoint(tmp_path / "first.safetensors", {"n": 64}, every=2)
+    saves = _record_saves(first)
+    compute_factors(model, tracked, "ekfac", plan, checkpoint=first)
+    phase, done, tensors = next(s for s in saves if s[:2] == ("correction", snapshot_at))
+    resumed = PassCheckpoint(tmp_path / "resumed.safetensors", {"n": 64}, every=every)
+    later = _record_saves(resumed)
+    got = compute_factors(model, tracked, "ekfac", plan, checkpoint=resumed, snapshot=Snapshot(phase, done, tensors))
+    for name, lf in reference.items():
+        for key in ("eigenvalues", "a_eigenvectors", "g_eigenvectors", "a_eigenvalues", "g_eigenvalues", "a_covariance", "g_covariance"):
+            assert torch.equal(getattr(got[name], key), getattr(lf, key)), (name, key)
+    for _, _, written in later:  # the correction snapshots hold the sums, as the first run's did
+        assert all(torch.equal(written[k], tensors[k]) for k in tensors if k.startswith("covariance."))
 
 
 _MEASURE = """

@@ -154,6 +154,25 @@ def test_interrupted_run_resumes_bit_identically(tmp_path, monkeypatch, referenc
     assert sorted(p.name for p in tmp_path.iterdir()) == [storage.FACTORS_FILE]
 
 
+@pytest.mark.parametrize(
+    ("first", "then", "resumed_from"),
+    [(BATCHES_PER_PASS, BATCHES_PER_PASS, "correction pass, batch 0"), (2, 0, "correction pass, batch 6"), (BATCHES_PER_PASS, 2, "correction pass, batch 0")],
+    ids=["no-correction-snapshots", "resumed-without-snapshots", "resumed-with-snapshots"],
+)
+def test_correction_pass_resumes_whether_or_not_its_runs_keep_the_sums(tmp_path, monkeypatch, reference, first, then, resumed_from):
+    """A run that writes no snapshot of the correction pass (checkpoint_every >= its batches, or 0)
+    turns the summed covariances into the means in place once the one after pass 1 is written; the
+    interrupted run and the resumed one may differ in that (checkpoint_every is not a setting of
+    the result): the factors are the uninterrupted ones."""
+    interrupt_after(monkeypatch, BATCHES_PER_PASS + 7)
+    with pytest.raises(KeyboardInterrupt):
+        fit.fit_factors(config(tmp_path, f"factors.checkpoint_every={first}"))
+    monkeypatch.undo()
+    report = fit.fit_factors(config(tmp_path, f"factors.checkpoint_every={then}"), resume=True)
+    assert report.resumed_from == resumed_from
+    assert_bit_identical(factors_of(tmp_path), reference["ekfac"])
+
+
 def test_resume_survives_a_second_interruption(tmp_path, monkeypatch, reference):
     cfg = config(tmp_path)
     interrupt_after(monkeypatch, 5)
