@@ -413,7 +413,7 @@ class DatasetsProgress:
             try:
                 tensors, meta = storage.load_tensors(path, storage.PARTIAL_FORMAT)
             except OutputError as exc:  # unreadable, or not progress at all
-                lost = exc
+                lost = OutputError(f"{exc.message}: it held {what}", hint=hint)
             else:
                 self.checkpoint.check_settings(path, meta)  # of other settings: refused by name, whatever other ranks hold
                 if meta.get("phase") != f"finished:{index}":

@@ -862,7 +862,7 @@ def test_a_missing_unreadable_or_foreign_finished_file_is_refused_by_name(tmp_pa
         resume()
     assert "--overwrite" in info.value.hint
     second.write_bytes(kept[: len(kept) // 2])
-    with pytest.raises(OutputError, match="finished1.safetensors' is not a readable safetensors file") as info:
+    with pytest.raises(OutputError, match=r"finished1.safetensors' is not a readable safetensors file \(.*\): it held the result of dataset 'y'") as info:
         resume()
     assert "--overwrite" in info.value.hint
     PassCheckpoint(second, settings | {"a": 2}, 1).save("finished:1", 0, {"count": torch.tensor(1)})
