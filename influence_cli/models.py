@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from influence_cli import notices
+from influence_cli import notices, storage
 from influence_cli.config import ModelConfig, resolve_path
 from influence_cli.errors import ModelError, first_line, message_of, out_of_memory
 from influence_cli.tracking import unmaterialized
@@ -650,16 +650,7 @@ def model_fingerprint(model: nn.Module) -> str:
     Returns:
         The first 16 hex characters of a sha256 digest; any weight change changes it.
     """
-    h = hashlib.sha256()
-    state = model.state_dict()
-    for name in sorted(state):
-        t = state[name].detach()
-        h.update(f"{name}|{list(t.shape)}|{str(t.dtype).removeprefix('torch.')}\n".encode())
-        if t.numel() == 0:
-            continue
-        flat = t.to("cpu").contiguous().reshape(-1)
-        h.update(memoryview(flat.view(torch.uint8).numpy()))
-    return h.hexdigest()[:16]
+    return storage.tensors_digest(model.state_dict())[:16]
 
 
 def model_definition(cfg: ModelConfig, model: nn.Module) -> dict[str, Any]:

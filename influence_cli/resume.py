@@ -508,7 +508,7 @@ class DatasetsProgress:
                 raise _no_usable_copy(i, lost, saved_nothing)
         shared = [i for i in needed if len(holders[i]) > 1]
         if shared:  # every rank takes part, those that hold none of them too
-            mine = {i: (_digest(self.finished[i]), str(self._copy_path(i))) for i in shared if dist.rank in holders[i]}
+            mine = {i: (storage.tensors_digest(self.finished[i]), str(self._copy_path(i))) for i in shared if dist.rank in holders[i]}
             digests: list[dict[int, tuple[str, str]]] = dist.all_gather_object(mine)
             for i in shared:
                 first, *others = [digests[r][i] for r in holders[i]]
@@ -597,16 +597,6 @@ def _saved_nothing(snapshots: list[tuple[str, str] | None]) -> dict[int, tuple[s
         f"{lost[unreadable[0]][1]}; no other rank holds a snapshot that reads ({others}): the saved progress cannot be continued",
         hint="pass --overwrite to start over",
     ).everywhere()
-
-
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
-    """A hash of named tensors (names, dtypes, shapes and bytes), to compare copies held by different ranks."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the tensor's own bytes, not a copy
-    return h.hexdigest()
 
 
 def prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

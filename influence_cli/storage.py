@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import functools
+import hashlib
 import io
 import json
 import os
@@ -18,7 +19,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -568,6 +569,18 @@ def decode_metadata(meta: dict[str, str]) -> dict[str, Any]:
     return decoded
 
 
+def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """The sha256 hex digest of named tensors: each one's name, shape, dtype and bytes, in name order
+    (any change of a value changes it; the model fingerprint is its first 16 characters)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach()
+        h.update(f"{name}|{list(t.shape)}|{str(t.dtype).removeprefix('torch.')}\n".encode())
+        if t.numel():
+            h.update(memoryview(t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()))  # the bytes, not a copy
+    return h.hexdigest()
+
+
 def other_version(metadata: dict[str, Any]) -> str:
     """" (written by influence_cli 0.1.0; this is 0.2.0, ...)" when another version of the tool wrote
     an output (its `tool_version`), else "": for refusals that a change of version may explain."""
@@ -600,6 +613,19 @@ def _unreadable(path: Path, exc: Exception) -> OutputError:
     return OutputError(f"{str(path)!r} is not a readable safetensors file ({exc})", hint=remake_hint(path))
 
 
+@contextmanager
+def _opened(path: Path) -> Iterator[Any]:
+    """safe_open's handle of `path` (its tensors: views of one memory map); a failure to read it, there or in the
+    body, is an OutputError naming the file (`_unreadable`), and the OutputErrors the body raises pass as they are."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            yield fh
+    except OutputError:
+        raise
+    except Exception as exc:
+        raise _unreadable(path, exc) from None
+
+
 def load_tensors(path: Path, expected_format: str | None = None, keys: list[str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Reads tensors (all, or `keys`) and decoded metadata; checks the `format` field when asked.
 
@@ -608,16 +634,11 @@ def load_tensors(path: Path, expected_format: str | None = None, keys: list[str]
     path = Path(path)
     if not path.is_file():
         raise OutputError(f"{str(path)!r} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = decode_metadata(dict(fh.metadata() or {}))
-            _check_format(path, meta, expected_format)
-            names = list(fh.keys()) if keys is None else keys
-            tensors = {k: fh.get_tensor(k) for k in names}
-    except OutputError:
-        raise
-    except Exception as exc:
-        raise _unreadable(path, exc) from None
+    with _opened(path) as fh:
+        meta = decode_metadata(dict(fh.metadata() or {}))
+        _check_format(path, meta, expected_format)
+        names = list(fh.keys()) if keys is None else keys
+        tensors = {k: fh.get_tensor(k) for k in names}
     return tensors, meta
 
 
@@ -627,12 +648,9 @@ def read_contents(path: Path, expected_format: str | None = None) -> tuple[dict[
     path = Path(path)
     if not path.is_file():
         raise OutputError(f"{str(path)!r} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = decode_metadata(dict(fh.metadata() or {}))
-            dtypes = {k: fh.get_slice(k).get_dtype() for k in fh.keys()}
-    except Exception as exc:
-        raise _unreadable(path, exc) from None
+    with _opened(path) as fh:
+        meta = decode_metadata(dict(fh.metadata() or {}))
+        dtypes = {k: fh.get_slice(k).get_dtype() for k in fh.keys()}
     _check_format(path, meta, expected_format)
     return meta, dtypes
 
@@ -669,11 +687,8 @@ def read_groups(path: Path, groups: list[list[str]], *, separate: bool = False) 
 
 def _read(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
     """`keys` of `path` through a handle (and a memory map) of their own."""
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            return {k: fh.get_tensor(k) for k in keys}
-    except Exception as exc:
-        raise _unreadable(path, exc) from None
+    with _opened(path) as fh:
+        return {k: fh.get_tensor(k) for k in keys}
 
 
 def member_dir(out_dir: Path, member: int) -> Path:

@@ -139,14 +139,10 @@ def test_the_bound_off_the_cpu_is_the_gpu_one(monkeypatch):
     assert t.chunk() == 192
 
 
-@pytest.mark.parametrize("amp", ["none", "bfloat16"])
-@pytest.mark.parametrize("basis", ["parameter", "eigen"])
-def test_conv_gradients_are_formed_a_few_examples_at_a_time(monkeypatch, basis, amp):
-    """A layer with positions forms its per-example gradients `GRADIENT_ELEMENTS` at a time, in whole
-    multiples of `_CHUNK_EXAMPLES` (64; here 2): two examples of a batch of 5 (chunks of 2, 2, 1; a last batch of one at once), for the first layer
-    scored (conv1: its columns are new) and a later one (conv2: added into the scores so far).
-    The buffer never holds more, and the scores are those of the whole batch at once (and, in
-    float64, the dense math's)."""
+def _record_formed_chunks(monkeypatch, basis: str) -> list[tuple[int, ...]]:
+    """Has layers with positions form their per-example gradients (never the contracted form), in
+    `basis` ("parameter" or "eigen"), and returns the list that records the shape of every buffer
+    the kernel asks its scratch for."""
     monkeypatch.setattr(kernel_mod, "contracts_positions", lambda n_query, positions: False)
     monkeypatch.setattr(kernel_mod, "eigenbasis_cheaper", lambda workload, positions, d_out, d_in: basis == "eigen")
     formed: list[tuple[int, ...]] = []
@@ -157,6 +153,18 @@ def test_conv_gradients_are_formed_a_few_examples_at_a_time(monkeypatch, basis, 
         return get(self, shape, dtype, device)
 
     monkeypatch.setattr(kernel_mod._Scratch, "get", recording)
+    return formed
+
+
+@pytest.mark.parametrize("amp", ["none", "bfloat16"])
+@pytest.mark.parametrize("basis", ["parameter", "eigen"])
+def test_conv_gradients_are_formed_a_few_examples_at_a_time(monkeypatch, basis, amp):
+    """A layer with positions forms its per-example gradients `GRADIENT_ELEMENTS` at a time, in whole
+    multiples of `_CHUNK_EXAMPLES` (64; here 2): two examples of a batch of 5 (chunks of 2, 2, 1; a last batch of one at once), for the first layer
+    scored (conv1: its columns are new) and a later one (conv2: added into the scores so far).
+    The buffer never holds more, and the scores are those of the whole batch at once (and, in
+    float64, the dense math's)."""
+    formed = _record_formed_chunks(monkeypatch, basis)
     dtype = torch.float64 if amp == "none" else torch.float32
     g = torch.Generator().manual_seed(7)
     x, y = torch.randn(11, 2, 4, 4, generator=g, dtype=dtype), torch.randint(0, 3, (11,), generator=g)
@@ -187,16 +195,7 @@ def test_sequence_layers_are_scored_a_chunk_of_examples_at_a_time(monkeypatch, b
     """Linear layers applied to [B, T, d] (SeqModel: proj, P = 5·5, and head, P = 3·6; 6 positions
     each) take the same chunked path as a conv: chunks of two examples score as the dense math,
     both bases, in float64."""
-    monkeypatch.setattr(kernel_mod, "contracts_positions", lambda n_query, positions: False)
-    monkeypatch.setattr(kernel_mod, "eigenbasis_cheaper", lambda workload, positions, d_out, d_in: basis == "eigen")
-    formed: list[tuple[int, ...]] = []
-    get = kernel_mod._Scratch.get
-
-    def recording(self, shape, dtype, device):
-        formed.append(shape)
-        return get(self, shape, dtype, device)
-
-    monkeypatch.setattr(kernel_mod._Scratch, "get", recording)
+    formed = _record_formed_chunks(monkeypatch, basis)
     monkeypatch.setattr(kernel_mod, "GRADIENT_ELEMENTS", 2 * 25 + 1)
     monkeypatch.setattr(kernel_mod, "_CHUNK_EXAMPLES", 2)
     g = torch.Generator().manual_seed(5)
