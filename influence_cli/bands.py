@@ -197,9 +197,10 @@ def select_layers(tracked: list[TrackedModule], patterns: list[str], key: str, s
 
 def load_kronecker_factors(ctx: RunContext, order: str, order_key: str) -> tuple[Factors, Path]:
     """The factors of fit-factors for this model, checked to hold a Kronecker eigenbasis and, for
-    `order` ekfac, the corrected eigenvalues Λ* (`order_key`: the flag or key that set the order).
-    Not yet checked to be finite: the caller checks the layers it chose (`fit.check_finite_factors`),
-    so that the others are never read.
+    `order` ekfac, the corrected eigenvalues Λ* (`order_key`: the flag or key that set the order),
+    from the file's metadata before any tensor is read (factors of another model that also hold NaN
+    are refused for the mismatch). Not yet checked to be finite: the caller checks the layers it
+    chose (`fit.check_finite_factors`), so that the others are never read.
 
     Raises:
         OutputError: missing, of another model or layers, or fitted with strategy diagonal / identity.
@@ -207,18 +208,20 @@ def load_kronecker_factors(ctx: RunContext, order: str, order_key: str) -> tuple
             eigenvalues are the products λ_G·λ_A: the directions would be ordered by kfac under the ekfac name).
     """
     path = ctx.cfg.factors_path / storage.FACTORS_FILE
-    factors = load_factors(path, check_finite=False)  # the caller checks the layers it chose (`check_finite_factors`)
-    check_factors_match(factors, ctx, path)
-    if factors.strategy not in ("kfac", "ekfac"):
-        raise OutputError(
-            f"{str(path)!r} holds {factors.strategy or 'unknown'} factors; the curvature eigenbasis needs kfac or ekfac factors",
-            hint="rerun `influence fit-factors` with --set factors.strategy=ekfac --overwrite",
-        ).everywhere()
-    if order == "ekfac" and factors.strategy != "ekfac":
-        message = f"{order_key} ekfac: {str(path)!r} holds {factors.strategy} factors, without the corrected eigenvalues Λ* that order ekfac ranks by"
-        hint = "use --order kfac (λ_G·λ_A), or refit with --set factors.strategy=ekfac --overwrite"
-        raise UsageError(message, hint=hint) if order_key.startswith("--") else ConfigError(message, source=ctx.cfg.source, hint=hint)
-    return factors, path
+
+    def match(factors: Factors) -> None:
+        check_factors_match(factors, ctx, path)
+        if factors.strategy not in ("kfac", "ekfac"):
+            raise OutputError(
+                f"{str(path)!r} holds {factors.strategy or 'unknown'} factors; the curvature eigenbasis needs kfac or ekfac factors",
+                hint="rerun `influence fit-factors` with --set factors.strategy=ekfac --overwrite",
+            ).everywhere()
+        if order == "ekfac" and factors.strategy != "ekfac":
+            message = f"{order_key} ekfac: {str(path)!r} holds {factors.strategy} factors, without the corrected eigenvalues Λ* that order ekfac ranks by"
+            hint = "use --order kfac (λ_G·λ_A), or refit with --set factors.strategy=ekfac --overwrite"
+            raise UsageError(message, hint=hint) if order_key.startswith("--") else ConfigError(message, source=ctx.cfg.source, hint=hint)
+
+    return load_factors(path, check_finite=False, match=match), path
 
 
 def check_order(order: str, key: str) -> None:

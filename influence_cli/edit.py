@@ -224,13 +224,14 @@ def edit_checkpoint(
     ending in .safetensors holds the edit's metadata (format, provenance, source checkpoint, layers),
     one ending in .pt or .pth a plain state dict (torch.save; no metadata: the report has it).
 
-    Needs the factors of fit-factors for the config's model. Settings default to
+    Needs the factors of fit-factors for the config's model, which it holds a shared lock on until
+    the checkpoint is written (fit-factors is refused meanwhile). Settings default to
     spectrum.edit (keep, rho, share, layers, which default to spectrum.layers) and spectrum.order;
     `rho` alone implies keep mass, `share` alone keep share.
 
     Raises:
         UsageError: impossible --rho / --keep-share / --out.
-        OutputError: no matching kfac/ekfac factors, or `out` exists without `overwrite`.
+        OutputError: no matching kfac/ekfac factors, fit-factors writing them, or `out` exists without `overwrite`.
         ConfigError: the layer patterns match no tracked layer.
         NumericalError: the chosen layers' factors hold NaN/Inf.
     """
@@ -274,55 +275,60 @@ def edit_checkpoint(
             hint="write the edited weights to a file of their own, e.g. edited.safetensors",
         )
     ctx = prepare(cfg, state)
-    reading = cfg.factors_path.is_dir() and ctx.state.is_main  # the factors are not refitted while they are read
+    reading = cfg.factors_path.is_dir() and ctx.state.is_main
     lock = storage.output_dir_lock(cfg.factors_path, "factors", shared=True, key=cfg.factors_key)
+    # held until the checkpoint is written, as the other readers hold theirs for their whole run: the factors are read
+    # (checked, projected) through their map well after they were opened, and the checkpoint names their file. A refit
+    # would not change what the map holds (it renames a new file over the path), but the file named would then hold
+    # other factors. It guards the factors only: --out takes no lock (an atomic write; a killed writer's temporary
+    # files are removed by age)
     with lock if reading else contextlib.nullcontext():
         factors, factors_path = load_kronecker_factors(ctx, order, order_key)
-    if layers:
-        patterns, key = layers, "--layers"
-    elif e.layers is not None:
-        patterns, key = e.layers, "spectrum.edit.layers"
-    else:
-        patterns, key = cfg.spectrum.layers, "spectrum.layers"
-    chosen = select_layers(ctx.tracked, patterns, key, cfg.source)
-    check_finite_factors(factors, factors_path, [tm.name for tm in chosen])
-    storage.check_can_write(out, overwrite, "a checkpoint")
-    if ctx.state.is_main:
-        storage.remove_stale_temp_files(out, storage.UNLOCKED_TEMP_AGE_S)  # what a killed writer left (no lock guards --out)
-    state_dict, edits = edit_model(ctx.model, chosen, factors.layers, keep=keep, rho=rho, share=share, order=order)
-    _check_something_kept(edits, keep, share, explicit=share_given is not None)
-    _warn_if_most_weight_removed(edits)
-    tied = tied_keys(ctx.model)
-    if source is not None:
-        state_dict = _in_source_precision(state_dict, source, tied)
-    if cfg.scores.checkpoints:
-        n = len(cfg.scores.checkpoints)
-        notices.warn(
-            f"edit: only model.checkpoint is edited, not the {n} model{'s' if n > 1 else ''} of scores.checkpoints "
-            "(edit each with --set model.checkpoint=<it>, after fitting its own factors)"
-        )
-    fingerprint = _fingerprint(ctx.model, state_dict)
-    if ctx.state.is_main and out.suffix != ".safetensors":  # .pt / .pth: a plain state dict, which holds no metadata
-        storage.save_state_dict(out, _tied_as_one(state_dict, tied), key="--out")
-    elif ctx.state.is_main:
-        storage.save_tensors(
-            out,
-            _one_name_per_tensor(state_dict, tied),
-            {
-                storage.FORMAT_KEY: storage.EDITED_CHECKPOINT_FORMAT,
-                **ctx.provenance(),
-                "source_checkpoint": str(source) if source is not None else "",
-                "source_fingerprint": ctx.model_fingerprint,
-                "model_fingerprint": fingerprint,
-                "factors": str(factors_path),
-                "keep": keep,
-                "rho": rho if keep == "mass" else None,
-                "share": share if keep == "share" else None,
-                "order": order,
-                "layers": [ed.to_dict() for ed in edits],
-            },
-            key="--out",
-        )
+        if layers:
+            patterns, key = layers, "--layers"
+        elif e.layers is not None:
+            patterns, key = e.layers, "spectrum.edit.layers"
+        else:
+            patterns, key = cfg.spectrum.layers, "spectrum.layers"
+        chosen = select_layers(ctx.tracked, patterns, key, cfg.source)
+        check_finite_factors(factors, factors_path, [tm.name for tm in chosen])
+        storage.check_can_write(out, overwrite, "a checkpoint")
+        if ctx.state.is_main:
+            storage.remove_stale_temp_files(out, storage.UNLOCKED_TEMP_AGE_S)  # what a killed writer left (no lock guards --out)
+        state_dict, edits = edit_model(ctx.model, chosen, factors.layers, keep=keep, rho=rho, share=share, order=order)
+        _check_something_kept(edits, keep, share, explicit=share_given is not None)
+        _warn_if_most_weight_removed(edits)
+        tied = tied_keys(ctx.model)
+        if source is not None:
+            state_dict = _in_source_precision(state_dict, source, tied)
+        if cfg.scores.checkpoints:
+            n = len(cfg.scores.checkpoints)
+            notices.warn(
+                f"edit: only model.checkpoint is edited, not the {n} model{'s' if n > 1 else ''} of scores.checkpoints "
+                "(edit each with --set model.checkpoint=<it>, after fitting its own factors)"
+            )
+        fingerprint = _fingerprint(ctx.model, state_dict)
+        if ctx.state.is_main and out.suffix != ".safetensors":  # .pt / .pth: a plain state dict, which holds no metadata
+            storage.save_state_dict(out, _tied_as_one(state_dict, tied), key="--out")
+        elif ctx.state.is_main:
+            storage.save_tensors(
+                out,
+                _one_name_per_tensor(state_dict, tied),
+                {
+                    storage.FORMAT_KEY: storage.EDITED_CHECKPOINT_FORMAT,
+                    **ctx.provenance(),
+                    "source_checkpoint": str(source) if source is not None else "",
+                    "source_fingerprint": ctx.model_fingerprint,
+                    "model_fingerprint": fingerprint,
+                    "factors": str(factors_path),
+                    "keep": keep,
+                    "rho": rho if keep == "mass" else None,
+                    "share": share if keep == "share" else None,
+                    "order": order,
+                    "layers": [ed.to_dict() for ed in edits],
+                },
+                key="--out",
+            )
     ctx.state.barrier()
     return EditReport(
         out, str(source) if source is not None else "", keep, rho if keep == "mass" else None, share if keep == "share" else None,

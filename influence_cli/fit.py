@@ -497,9 +497,9 @@ def load_factors(
     Args:
         path: The factors file.
         device, dtype: Where and in which dtype the factors are wanted (None: as stored).
-        check_finite: Refuse a file holding NaN or Inf. compute-scores, which uses every layer, checks
-            them here; spectrum, edit and dataset-similarity check the layers they use
-            (`check_finite_factors`) once they have matched the factors to the model.
+        check_finite: Refuse a file holding NaN or Inf. compute-scores and dataset-similarity, which use
+            every layer, check them here; spectrum and edit read without it and check the layers they
+            chose (`check_finite_factors`), so that the others' pages are never read.
         match: Called before any tensor is read, with the file's metadata as a `Factors` whose layers
             hold no tensors yet (e.g. `check_factors_match`): factors of another model or training set
             are refused for that, the more useful message, before their values are checked or copied.

@@ -39,7 +39,7 @@ from influence_cli.context import prepare
 from influence_cli.distributed import DistState
 from influence_cli.errors import ConfigError, NumericalError, UsageError
 from influence_cli.factors import DiagonalAccumulator, LayerFactors, layer_damping
-from influence_cli.fit import PassPlan, check_factors_match, check_finite_factors, load_factors, plan_for
+from influence_cli.fit import PassPlan, check_factors_match, load_factors, plan_for
 from influence_cli.passes import BatchGradients, NonFiniteWatch, accumulator_dtype, stream_gradients
 from influence_cli.progress import NullProgress, Progress, for_rank
 from influence_cli.resume import (
@@ -407,12 +407,12 @@ def dataset_similarity(
     out_dir = cfg.output_path
     path = out_dir / storage.SIMILARITY_FILE
     factors_path = cfg.factors_path / storage.FACTORS_FILE
-    factors = load_factors(factors_path, check_finite=False)  # checked once matched to the model: a mismatch is the more useful message
     ctx = prepare(cfg, state)
+    # matched to the model first (metadata only: factors of another model are refused for that, the more useful message,
+    # before a page of them is read), then every layer checked to be finite
+    factors = load_factors(factors_path, match=lambda f: check_factors_match(f, ctx, factors_path, same_kind=True))
     if ctx.state.is_main:
         storage.remove_stale_temp_files(path)  # what a killed writer left
-    check_factors_match(factors, ctx, factors_path, same_kind=True)
-    check_finite_factors(factors, factors_path)
     if cfg.scores.checkpoints:
         notices.warn(f"dataset-similarity: only model.checkpoint is compared with, not the {len(cfg.scores.checkpoints)} model(s) of scores.checkpoints")
     ignored = [k for k, used in (("task.measurement: margin", cfg.task.measurement == "margin"), ("scores.relative: true", cfg.scores.relative)) if used]
@@ -423,8 +423,8 @@ def dataset_similarity(
     datasets = {name: ctx.dataset(spec, keys[name]) for name, spec in specs.items()}
     fisher = cfg.similarity.fisher or factors.fisher  # the Task2Vec diagonals' Fisher; the kernel uses the factors
     plans = {name: dataclasses.replace(plan_for(ctx, ds), fisher=fisher) for name, ds in datasets.items()}
-    tracked_layers = {tm.name: factors.layers[tm.name] for tm in ctx.tracked}
-    damping = layer_damping(tracked_layers, cfg.scores.damping, cfg.scores.damping_factor, cfg.scores.damping_scope)
+    # from the values as stored, so that λ (and the result's key) is the same whichever device runs the passes
+    damping = layer_damping(factors.layers, cfg.scores.damping, cfg.scores.damping_factor, cfg.scores.damping_scope)
     result_fields = {  # what the matrices are of (not the headline --method: both are saved)
         "model": ctx.model_fingerprint, "definition": ctx.model_definition, "factors": factors.metadata.get("result_key"),
         "datasets": {n: ds.fingerprint() for n, ds in datasets.items()}, "fisher": fisher, "damping": damping,
@@ -441,7 +441,8 @@ def dataset_similarity(
     )  # fmt: skip
     resumed_from = saved.resumed_from(list(plans), st)
     progress = for_rank(progress, st.rank, st.world_size)
-    layers = {tm.name: factors.layers[tm.name].to(ctx.device) for tm in ctx.tracked}
+    factors = factors.to(ctx.device)  # off the CPU, nothing is left of the file's memory map: its pages are not kept resident
+    layers = factors.layers
     t0 = time.perf_counter()
     result = compute_similarity(ctx.model, ctx.tracked, layers, plans, damping, progress=progress, keys=keys, saved=saved)
     seconds = {"passes": time.perf_counter() - t0}

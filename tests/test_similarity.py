@@ -22,8 +22,8 @@ from influence_cli.cli import app
 from influence_cli.config import ModelConfig, config_from_dict, load_config
 from influence_cli.data import load_dataset, make_loader
 from influence_cli.errors import NumericalError, OutputError
-from influence_cli.factors import LayerFactors
-from influence_cli.fit import PassPlan, fit_factors
+from influence_cli.factors import LayerFactors, layer_damping
+from influence_cli.fit import PassPlan, fit_factors, load_factors
 from influence_cli.models import build_model
 from influence_cli.similarity import (
     compute_similarity,
@@ -419,6 +419,50 @@ def test_kernel_agrees_with_compute_scores_end_to_end(digits_run, tmp_path):
     matrix0 = load_tensors(tmp_path / "scores.safetensors")[0]["scores"].double()
     report0 = dataset_similarity(cfg0, overwrite=True)
     assert abs(float(report0.kernel[0, 1]) - float(matrix0.mean())) <= 1e-3 * float(matrix0.abs().mean())
+
+
+def test_off_the_cpu_no_memory_map_of_the_factors_outlives_their_copy_on_the_device(digits_run, tmp_path, monkeypatch):
+    """On a GPU the passes use the factors' copies on the device: nothing of the file's memory map (whose
+    pages the finite check read) is kept alive beside them. The device here is `meta` (no GPU needed);
+    the passes are stopped where they start, and λ comes from the values as stored, on any device."""
+    import weakref
+
+    import influence_cli.similarity as similarity_lib
+
+    out, _ = digits_run
+    cfg = load_config(DIGITS, [f"factors_dir={out}", "device=cpu", f"output_dir={tmp_path / 'run'}"])
+    mapped: list[weakref.ref] = []
+    real_read, real_prepare = storage._read, similarity_lib.prepare
+
+    def read(path, keys):
+        tensors = real_read(path, keys)
+        mapped.extend(weakref.ref(t) for t in tensors.values())
+        return tensors
+
+    def prepare(cfg, state):
+        ctx = real_prepare(cfg, state)
+        ctx.state = dataclasses.replace(ctx.state, device=torch.device("meta"))
+        return ctx
+
+    seen = {}
+
+    class PassesStart(Exception):
+        pass
+
+    def passes(model, tracked, layers, plans, damping, **kwargs):
+        seen["alive"] = sum(r() is not None for r in mapped)
+        seen["devices"] = {t.device.type for lf in layers.values() for t in lf.tensors().values() if t.is_floating_point()}
+        seen["damping"] = damping
+        raise PassesStart
+
+    monkeypatch.setattr(storage, "_read", read)
+    monkeypatch.setattr(similarity_lib, "prepare", prepare)
+    monkeypatch.setattr(similarity_lib, "compute_similarity", passes)
+    with pytest.raises(PassesStart):
+        dataset_similarity(cfg)
+    assert mapped and seen["alive"] == 0 and seen["devices"] == {"meta"}
+    stored = load_factors(out / storage.FACTORS_FILE).layers
+    assert seen["damping"] == layer_damping(stored, cfg.scores.damping, cfg.scores.damping_factor, cfg.scores.damping_scope)
 
 
 def test_cli_errors(digits_run, tmp_path):

@@ -664,12 +664,74 @@ def test_nonfinite_factors_are_refused_in_the_layers_a_command_reads(tmp_path, d
     assert_error(invoke("spectrum", DIGITS, *moved, "--layers", "fc2"), 6, needle)
     pair = f"{{a: {HELD_SPEC}, b: {NOISY_SPEC}}}"
     assert_error(invoke("dataset-similarity", DIGITS, *moved, "--set", f"similarity.datasets={pair}"), 6, needle)
-    # factors of another model that also hold NaN: refused for the mismatch (exit 5), the more useful message
-    save_tensors(tmp_path / "factors" / FACTORS_FILE, poisoned, {**meta, "model_fingerprint": "another"})
-    other = "was fitted for another model"
-    assert_error(invoke("dataset-similarity", DIGITS, *moved, "--set", f"similarity.datasets={pair}"), 5, other)
+
+
+def test_factors_of_another_model_are_refused_for_that_before_a_tensor_is_read(tmp_path, digits, monkeypatch):
+    """dataset-similarity, spectrum and edit match the factors to the model from the file's metadata
+    (load_factors' `match`, as compute-scores does) before any tensor of the file is read: factors of
+    another model that also hold NaN are refused for the mismatch (exit 5), the more useful message,
+    not for the NaN (exit 6); so are factors without an eigenbasis, for spectrum and edit."""
+    out, sets = digits
+    tensors, meta = load_tensors(out / FACTORS_FILE)
+    poisoned = {k: v.clone() for k, v in tensors.items()}
+    for name in ("fc1.a_eigenvectors", "fc2.a_eigenvectors", "fc2.eigenvalues"):
+        poisoned[name][0, 0] = float("nan")
+    factors = tmp_path / "factors" / FACTORS_FILE
+    moved = [*sets, "--set", f"output_dir={tmp_path / 'reports'}", "--set", f"factors_dir={tmp_path / 'factors'}"]
+    pair = ["--set", f"similarity.datasets={{a: {HELD_SPEC}, b: {NOISY_SPEC}}}"]
+    edit = ["--out", tmp_path / "fc2.safetensors", "--layers", "fc2", "--keep-share", "0.5"]
+    read: list[list[str]] = []
+    real = storage._read
+    monkeypatch.setattr(storage, "_read", lambda p, keys: read.append(keys) or real(p, keys))
+    save_tensors(factors, poisoned, {**meta, "model_fingerprint": "another"})
+    other = f"{str(factors)!r} was fitted for another model (fingerprint another vs "
+    assert_error(invoke("dataset-similarity", DIGITS, *moved, *pair), 5, other)
     assert_error(invoke("spectrum", DIGITS, *moved, "--layers", "fc2"), 5, other)
-    assert_error(invoke("edit", DIGITS, *moved, "--out", tmp_path / "fc2.safetensors", "--layers", "fc2", "--keep-share", "0.5"), 5, other)
+    assert_error(invoke("edit", DIGITS, *moved, *edit), 5, other)
+    save_tensors(factors, poisoned, {**meta, "strategy": "diagonal"})
+    assert_error(invoke("spectrum", DIGITS, *moved, "--layers", "fc2"), 5, f"{str(factors)!r} holds diagonal factors")
+    assert_error(invoke("edit", DIGITS, *moved, *edit), 5, f"{str(factors)!r} holds diagonal factors")
+    assert read == [] and not (tmp_path / "fc2.safetensors").exists()
+    save_tensors(factors, poisoned, meta)  # of this model: the NaN is found, so the tensors were read
+    assert_error(invoke("spectrum", DIGITS, *moved, "--layers", "fc2"), 6, "fc2.eigenvalues holds NaN/Inf")
+    assert read
+
+
+def test_edit_holds_the_factors_lock_until_the_checkpoint_is_written(tmp_path, digits, monkeypatch):
+    """The factors are views of a map of the file, read (checked, projected) after they were opened,
+    and the checkpoint names their file: fit-factors (an exclusive lock on them) is refused until edit
+    has written it, as for the commands that lock for their whole run."""
+    import influence_cli.edit as edit_lib
+    from influence_cli.storage import OutputDirBusy, output_dir_lock
+
+    out, sets = digits
+    refused: list[str] = []
+
+    def refit_attempt() -> None:
+        try:
+            with output_dir_lock(out, "factors"):  # what fit-factors takes
+                refused.append("")
+        except OutputDirBusy as exc:
+            refused.append(exc.message)
+
+    real_edit, real_save = edit_lib.edit_model, storage.save_tensors
+
+    def edit_model(*args, **kwargs):
+        refit_attempt()
+        return real_edit(*args, **kwargs)
+
+    def save_tensors(path, *args, **kwargs):
+        if Path(path).name == "edited.safetensors":
+            refit_attempt()
+        return real_save(path, *args, **kwargs)
+
+    monkeypatch.setattr(edit_lib, "edit_model", edit_model)
+    monkeypatch.setattr(storage, "save_tensors", save_tensors)
+    result = invoke("edit", DIGITS, *sets, "--out", tmp_path / "edited.safetensors", "--rho", "0.9")
+    assert result.exit_code == 0, result.stderr
+    assert len(refused) == 2 and all("is in use by another run reading its factors" in m for m in refused), refused
+    refit_attempt()  # released once the edit is done
+    assert refused[-1] == ""
 
 
 def test_cli_errors(tmp_path, digits):
