@@ -312,7 +312,7 @@ class DatasetsProgress:
     dataset in progress and how many are finished, never their results (so a save costs the same after
     any number of datasets). Each rank keeps its own files, as it keeps its own snapshot, so a rank that
     lost one (missing or unreadable) is sent another rank's copy when it resumes (`agree`), and a rank that
-    lost its snapshot resumes as one that saved nothing.
+    lost its snapshot resumes as one that saved nothing, its own files of the finished datasets read as copies.
 
     Phase "dataset:<i>": datasets 0..i-1 are finished, each in its file; `batches_done` batches of dataset
     i are in `state`. A snapshot of earlier versions holds the finished results as its tensors
@@ -334,8 +334,7 @@ class DatasetsProgress:
         self.checkpoint = checkpoint
         self.finished: list[dict[str, torch.Tensor]] = []
         self.written = 0  # how many of `finished` are in their files
-        self.unwritten: list[int] = []  # datasets below `written` whose file was lost: another rank's copy is written at the next save
-        self.lost: dict[int, OutputError] = {}  # datasets whose file is lost (lost_ok), until `agree` takes another rank's copy
+        self.lost: dict[int, OutputError] = {}  # datasets whose file is lost (lost_ok), until `agree` writes another rank's copy
         # under torchrun, this rank's snapshot when it is lost (`start`), until `agree`: ("missing" or "unreadable", in words)
         self.snapshot_lost: tuple[str, str] | None = None
         self.batches_done = 0
@@ -361,8 +360,9 @@ class DatasetsProgress:
         lacks (`agree`). Under torchrun a snapshot that is missing (under `resume`) or unreadable is not refused
         here: `agree` decides. With `overwrite` the finished `output` is removed (an interrupted --overwrite run
         must not leave the old result looking current). Files of finished datasets that this rank's snapshot does
-        not count (a run killed between writing one and its snapshot, started over, or the snapshot is lost) are
-        removed once the ranks agreed to go on: a refusal leaves them.
+        not count (a run killed between writing one and its snapshot, started over; when the snapshot is lost,
+        those past the datasets the other ranks finished) are removed once the ranks agreed to go on: a refusal
+        leaves them.
 
         Args:
             dist: The DistState. result: the settings the result depends on; the batch size, the ranks and
@@ -401,22 +401,33 @@ class DatasetsProgress:
         order = self.checkpoint.settings.get("dataset_order")
         return repr(order[index]) if isinstance(order, list) and index < len(order) else str(index)
 
-    def _read_finished(self, index: int, lost_ok: bool = False) -> dict[str, torch.Tensor]:
-        """The result in finished dataset `index`'s file; with `lost_ok` an empty one when the file is lost (`lost`)."""
+    def _read_finished(self, index: int, lost_ok: bool = False, counted: bool = True) -> dict[str, torch.Tensor]:
+        """The result in finished dataset `index`'s file; with `lost_ok` an empty one when the file is lost (`lost`).
+
+        Args:
+            counted: Whether this rank's snapshot counts the dataset as finished. A file that is not counted (the
+                snapshot is lost: `agree`) and is of other settings is lost too, not refused.
+        """
         path = self.finished_path(index)
-        what = f"the result of dataset {self.dataset_name(index)}, which {self.checkpoint.path.name} counts as finished"
+        what = f"the result of dataset {self.dataset_name(index)}" + (f", which {self.checkpoint.path.name} counts as finished" if counted else "")
+        held = f": it held {what}" if counted else ""
         hint = "pass --overwrite to start over (the saved progress cannot continue without it)"
         lost = None
         if not path.is_file():
-            lost = OutputError(f"{str(path)!r} is missing: it held {what}", hint=hint)
+            lost = OutputError(f"{str(path)!r} is missing{held}", hint=hint)
         else:
             try:
                 tensors, meta = storage.load_tensors(path, storage.PARTIAL_FORMAT)
             except OutputError as exc:  # unreadable, or not progress at all
-                lost = OutputError(f"{exc.message}: it held {what}", hint=hint)
+                lost = OutputError(f"{exc.message}{held}", hint=hint)
             else:
-                self.checkpoint.check_settings(path, meta)  # of other settings: refused by name, whatever other ranks hold
-                if meta.get("phase") != f"finished:{index}":
+                try:
+                    self.checkpoint.check_settings(path, meta)  # of other settings: refused by name, whatever other ranks hold
+                except OutputError as exc:
+                    if counted:
+                        raise
+                    lost = OutputError(exc.message, hint=hint)
+                if lost is None and meta.get("phase") != f"finished:{index}":
                     lost = OutputError(f"{str(path)!r} does not hold {what} (it holds {meta.get('phase')!r})", hint=hint)
         if lost is None:
             return tensors
@@ -450,12 +461,15 @@ class DatasetsProgress:
 
     def save(self, batches_done: int, state: dict[str, torch.Tensor]) -> None:
         """Saves `batches_done` batches of the dataset in progress (`state`: what they added up to) in the snapshot,
-        after writing each dataset finished since the last save to its file (every finished result is written once),
-        and the results of the files this rank had lost (`unwritten`) again."""
-        for i in [*self.unwritten, *range(self.written, len(self.finished))]:
-            self.checkpoint.save(f"finished:{i}", 0, self.finished[i], self.finished_path(i))
-        self.written, self.unwritten = len(self.finished), []
+        after writing each dataset finished since the last save to its file (every finished result is written once)."""
+        for i in range(self.written, len(self.finished)):
+            self._write_finished(i)
+        self.written = len(self.finished)
         self.checkpoint.save(f"dataset:{len(self.finished)}", batches_done, {f"state.{k}": v for k, v in state.items()})
+
+    def _write_finished(self, index: int) -> None:
+        """Writes finished dataset `index`'s result to its file."""
+        self.checkpoint.save(f"finished:{index}", 0, self.finished[index], self.finished_path(index))
 
     def finish(self, result: dict[str, torch.Tensor], more: bool) -> None:
         """Records a finished dataset, and saves it when `more` datasets follow (the last one is the command's result)."""
@@ -467,10 +481,14 @@ class DatasetsProgress:
     def agree(self, dist: Any) -> None:
         """Every rank (`dist`: a DistState) resumes after the most datasets any rank finished, holding every finished
         result: what a rank lacks (it saved fewer, lost a file, or lost its snapshot) is sent by the first rank that holds
-        it (`_send_copies`). A rank that saved fewer, or whose snapshot is lost (`snapshot_lost`: it resumes as a rank
-        that saved nothing, said in a warning), starts the dataset in progress over on its shard; the others keep their
-        state. When every snapshot is missing, no rank saved progress, and all start from the beginning. Every rank
-        decides from the same gathered views, so all go on, or all refuse alike.
+        it (`_send_copies`). A rank whose snapshot is lost (`snapshot_lost`) resumes as a rank that saved nothing, said in
+        a warning: its own files of those datasets are read then (`_read_own_copies`), and each that holds its dataset's
+        result under this run's settings is a copy like any other rank's (kept, and sent to a rank that lacks it). A rank
+        that saved fewer, or whose snapshot is lost, starts the dataset in progress over on its shard; the others keep
+        their state. Each copy that takes the place of a rank's lost file (or, beside a lost snapshot, of a file it lacks)
+        is written to that file at once, whatever `factors.checkpoint_every` is, so no save need follow. When every
+        snapshot is missing, no rank saved progress, and all start from the beginning. Every rank decides from the same
+        gathered views, so all go on, or all refuse alike, touching no file.
 
         Raises:
             OutputError: (every rank alike, said once) no rank's snapshot reads and one is unreadable
@@ -486,27 +504,47 @@ class DatasetsProgress:
         saved_nothing = _saved_nothing([snapshot for _, _, snapshot in views])
         self.snapshot_lost = None
         most = max(counts)
-        holders = [[r for r in range(dist.world_size) if counts[r] > i and i not in lost[r]] for i in range(most)]
-        needed = [i for i in range(most) if len(holders[i]) < dist.world_size]  # a rank lacks it
-        self._check_copies(dist, needed, holders, lost, saved_nothing)
-        finished = self._send_copies(dist, needed, holders, lost)
+        lacking = self._read_own_copies(dist, most, saved_nothing)
+
+        def holds(r: int, i: int) -> bool:  # a rank whose snapshot is lost holds what its files hold, another what it counts
+            return i not in lacking[r] if r in lacking else counts[r] > i and i not in lost[r]
+
+        holders = [[r for r in range(dist.world_size) if holds(r, i)] for i in range(most)]
+        self._check_copies(dist, holders, lost, saved_nothing, lacking)
+        finished = self._send_copies(dist, holders, lost)
         for r, (_, said) in saved_nothing.items():  # a lost snapshot is said, as a lost file is
-            notices.warn(f"{said}; rank {r} resumes as a rank that saved nothing: {self._recovered(most, holders)}")
+            notices.warn(f"{said}; rank {r} resumes as a rank that saved nothing: {self._recovered(r, most, holders)}")
         if len(self.finished) < most:
             self.batches_done, self.state = 0, {}
-        self.unwritten = sorted(self.lost)  # all below `written`: the snapshot counted them
-        self.finished, self.lost = finished, {}
+        self.finished, recovered, self.lost = finished, sorted(self.lost), {}  # all below `written`
+        agree(dist, lambda: [self._write_finished(i) for i in recovered])  # a rank that cannot write stops every rank
+
+    def _read_own_copies(self, dist: Any, most: int, saved_nothing: dict[int, tuple[str, str]]) -> dict[int, dict[int, tuple[str, str]]]:
+        """The ranks whose snapshot is lost (`saved_nothing`) read their own files of the `most` finished datasets (every
+        rank takes part in the gathering). Returns, by such rank, the datasets of which it holds no usable copy, each
+        with why (message, hint): the file is missing, unreadable, or holds another dataset or other settings."""
+        if not saved_nothing or not most:
+            return {r: {} for r in saved_nothing}
+        if dist.rank in saved_nothing:
+            self.finished = [self._read_finished(i, lost_ok=True, counted=False) for i in range(most)]
+            self.written = most  # its files: those it lacks are written once the copies are sent
+        mine = {i: (e.message, e.hint) for i, e in self.lost.items()} if dist.rank in saved_nothing else None
+        gathered: list[dict[int, tuple[str, str]] | None] = dist.all_gather_object(mine)
+        return {r: dict(gathered[r] or {}) for r in saved_nothing}
 
     def _check_copies(
-        self, dist: Any, needed: list[int], holders: list[list[int]], lost: _LostFiles, saved_nothing: dict[int, tuple[str, str]]
+        self, dist: Any, holders: list[list[int]], lost: _LostFiles, saved_nothing: dict[int, tuple[str, str]],
+        lacking: dict[int, dict[int, tuple[str, str]]],
     ) -> None:
-        """Refuses, every rank alike, when a finished dataset that a rank lacks (`needed`) has no holder (`holders`: the
-        ranks that hold each; `lost`: by rank, its lost files' refusals; `saved_nothing`: the ranks whose snapshot is lost),
-        or its holders' copies differ (a digest of each holder's, gathered: each rank checked its files' settings)."""
-        for i in needed:
-            if not holders[i]:
-                raise _no_usable_copy(i, lost, saved_nothing)
-        shared = [i for i in needed if len(holders[i]) > 1]
+        """Refuses, every rank alike, when a finished dataset that a rank lacks has no holder (`holders`: the ranks that
+        hold each; `lost`: by rank, its lost files' refusals; `saved_nothing`: the ranks whose snapshot is lost, `lacking`:
+        the files each of them lacks), or its holders' copies differ (a digest of each holder's, gathered: each rank
+        checked its files' settings). The copies are compared where a rank lacks the dataset, or a rank whose snapshot
+        is lost holds it (no snapshot counts that file)."""  # fmt: skip
+        for i, held in enumerate(holders):
+            if not held:
+                raise _no_usable_copy(i, lost, saved_nothing, lacking)
+        shared = [i for i, held in enumerate(holders) if len(held) > 1 and (len(held) < dist.world_size or any(r in saved_nothing for r in held))]
         if shared:  # every rank takes part, those that hold none of them too
             mine = {i: (storage.tensors_digest(self.finished[i]), str(self._copy_path(i))) for i in shared if dist.rank in holders[i]}
             digests: list[dict[int, tuple[str, str]]] = dist.all_gather_object(mine)
@@ -520,35 +558,45 @@ class DatasetsProgress:
                         hint="pass --overwrite to start over",
                     ).everywhere()
 
-    def _send_copies(self, dist: Any, needed: list[int], holders: list[list[int]], lost: _LostFiles) -> list[dict[str, torch.Tensor]]:
-        """This rank's finished results, the ones a rank lacks (`needed`) broadcast by their first holder (`holders`); each
-        lost file (`lost`: by rank) is said, naming the rank whose copy takes its place (written at that rank's next save)."""
+    def _send_copies(self, dist: Any, holders: list[list[int]], lost: _LostFiles) -> list[dict[str, torch.Tensor]]:
+        """This rank's finished results, those a rank lacks broadcast by their first holder (`holders`); each lost file
+        (`lost`: by rank) is said, naming the rank whose copy takes its place (written to that file at once, `agree`)."""
         finished = self.finished + [{} for _ in range(len(holders) - len(self.finished))]
-        for i in needed:
-            src = holders[i][0]
+        for i, held in enumerate(holders):
+            if len(held) == dist.world_size:
+                continue
+            src = held[0]
             copy = dist.broadcast_object(finished[i] if dist.rank == src else None, src=src)
-            if dist.rank not in holders[i]:
+            if dist.rank not in held:
                 finished[i] = copy
             del copy  # a holder's duplicate goes at once (a spectrum's energies can be large)
             for r, gone in enumerate(lost):
                 if i in gone:  # a damaged or deleted file is said, not silently replaced
-                    notices.warn(f"{gone[i][0]}; rank {src}'s copy takes its place (written to rank {r}'s file at its next save)")
+                    notices.warn(f"{gone[i][0]}; rank {src}'s copy takes its place (written to rank {r}'s file)")
         return finished
 
-    def _recovered(self, most: int, holders: list[list[int]]) -> str:
-        """What a rank whose snapshot is lost is given, in words (`most`: the finished datasets; `holders`: the ranks that
-        hold each): "it is sent rank 0's copies of the 2 finished datasets (written to its files at its next save) and
-        starts dataset 'c' over on its shard"."""
-        restart = f"starts dataset {self.dataset_name(most)} over on its shard"
-        if not most:
-            return f"it {restart}"
-        sources = sorted({holders[i][0] for i in range(most)})
-        sent = (
-            f"rank {sources[0]}'s copy of the finished dataset" if most == 1
-            else f"rank {sources[0]}'s copies of the {most} finished datasets" if len(sources) == 1
-            else f"copies from ranks {', '.join(map(str, sources))} of the {most} finished datasets"
-        )  # fmt: skip
-        return f"it is sent {sent} (written to its files at its next save) and {restart}"
+    def _recovered(self, rank: int, most: int, holders: list[list[int]]) -> str:
+        """What `rank`, whose snapshot is lost, keeps and is given, in words (`most`: the finished datasets; `holders`:
+        the ranks that hold each): "it keeps its own copy of dataset 'a', is sent rank 0's copy of dataset 'b' (written
+        to its file) and starts dataset 'c' over on its shard"."""
+        kept = [i for i in range(most) if rank in holders[i]]
+        sent = [i for i in range(most) if rank not in holders[i]]
+        parts = ["keeps its own {} of {}".format(*self._copies_of(kept, most))] if kept else []
+        if sent:
+            sources = sorted({holders[i][0] for i in sent})
+            noun, what = self._copies_of(sent, most)
+            whose = f"rank {sources[0]}'s {noun}" if len(sources) == 1 else f"{noun} from ranks {', '.join(map(str, sources))}"
+            parts.append(f"is sent {whose} of {what} (written to its file{'s' if len(sent) > 1 else ''})")
+        parts.append(f"starts dataset {self.dataset_name(most)} over on its shard")
+        return "it " + (f"{', '.join(parts[:-1])} and " if len(parts) > 1 else "") + parts[-1]
+
+    def _copies_of(self, indices: list[int], most: int) -> tuple[str, str]:
+        """("copy", "the finished dataset"), ("copies", "the 2 finished datasets") (`indices`: all `most` of them), or by
+        name: ("copy", "dataset 'a'"), ("copies", "datasets 'a', 'b'")."""
+        noun = "copy" if len(indices) == 1 else "copies"
+        if len(indices) == most:
+            return noun, "the finished dataset" if most == 1 else f"the {most} finished datasets"
+        return noun, ("dataset " if len(indices) == 1 else "datasets ") + ", ".join(self.dataset_name(i) for i in indices)
 
     def resumed_from(self, names: list[str], dist: Any = None) -> str | None:
         """Where this rank continues, in words ("dataset 'b', batch 6 (1 of 3 datasets done)"), or None;
@@ -563,17 +611,19 @@ class DatasetsProgress:
         return "; ".join(f"rank {r}: {v}" for r, v in enumerate(views) if v is not None) or None
 
 
-def _no_usable_copy(index: int, lost: _LostFiles, saved_nothing: dict[int, tuple[str, str]]) -> OutputError:
+def _no_usable_copy(
+    index: int, lost: _LostFiles, saved_nothing: dict[int, tuple[str, str]], lacking: dict[int, dict[int, tuple[str, str]]]
+) -> OutputError:
     """The refusal, the same on every rank, when no rank holds a usable copy of finished dataset `index`'s result
-    (`lost`: per rank, the refusal of each of its lost files): the lowest such rank's, who else lost theirs, and
-    whose files were not read because its snapshot is lost (`saved_nothing`: by rank, how)."""
+    (`lost`: per rank, the refusal of each of its lost files): the lowest such rank's, who else lost theirs, and why
+    each rank whose snapshot is lost (`saved_nothing`: by rank, how) holds none (`lacking`: by such rank, why each
+    file it lacks is not a copy)."""
     ranks = [r for r, gone in enumerate(lost) if index in gone]
     message, hint = lost[ranks[0]][index]
     others = ranks[1:]
-    also = f" (rank {others[0]} lost its copy too)" if len(others) == 1 else f" (ranks {', '.join(map(str, others))} lost theirs too)" if others else ""
-    if saved_nothing:  # its files may hold a copy, but no snapshot counts them
-        said = ", ".join(f"rank {r}'s snapshot is {how}" for r, (how, _) in saved_nothing.items())
-        also += f"; {said}: {'its' if len(saved_nothing) == 1 else 'their'} files are not read"
+    notes = [f"rank {others[0]} lost its copy too"] if len(others) == 1 else [f"ranks {', '.join(map(str, others))} lost theirs too"] if others else []
+    notes += [f"rank {r}, whose snapshot is {how}, holds none either: {lacking[r][index][0]}" for r, (how, _) in saved_nothing.items()]
+    also = f" ({'; '.join(notes)})" if notes else ""
     return OutputError(f"{message}; no other rank holds a usable copy{also}", hint=hint).everywhere()
 
 

@@ -913,10 +913,11 @@ def test_start_removes_the_finished_files_no_snapshot_counts(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def _start_rank(folder: Path, st: DistState, resume: bool = True) -> DatasetsProgress:
-    """`DatasetsProgress.start` of dataset-similarity's files in `folder` on rank `st`, datasets x, y, z, a save every batch."""
+def _start_rank(folder: Path, st: DistState, resume: bool = True, every: int = 1) -> DatasetsProgress:
+    """`DatasetsProgress.start` of dataset-similarity's files in `folder` on rank `st`, datasets x, y, z, a save every
+    `every` batches (0: none)."""
     output = folder / storage.SIMILARITY_FILE
-    return DatasetsProgress.start(output, storage.SIMILARITY_PARTIAL, st, {"a": 1}, ["x", "y", "z"], batch_size=8, every=1, resume=resume, overwrite=False)
+    return DatasetsProgress.start(output, storage.SIMILARITY_PARTIAL, st, {"a": 1}, ["x", "y", "z"], batch_size=8, every=every, resume=resume, overwrite=False)
 
 
 def _saved_by_ranks(folder: Path, counts: list[int], results: list[dict[str, torch.Tensor]]) -> list[Path]:
@@ -948,7 +949,7 @@ def _damage(path: Path, how: str) -> None:
 def test_a_rank_that_lost_a_finished_datasets_file_resumes_with_another_ranks_copy(tmp_path, rank, how):
     """Each rank's finished results are the same (all-reduced or gathered): a rank whose file of one is missing or
     unreadable is sent another rank's copy (rank 0's, or rank 1's when rank 0 lost it), keeps its own state of the
-    dataset in progress, and writes the copy to its own file at its next save; it used to be refused (--overwrite)."""
+    dataset in progress, and writes the copy to its own file at once; it used to be refused (--overwrite)."""
     results = _results(3, 4)
     _saved_by_ranks(tmp_path, [2, 2], results)
     lost = tmp_path / f"similarity.partial.rank{rank}.finished0.safetensors"
@@ -962,8 +963,8 @@ def test_a_rank_that_lost_a_finished_datasets_file_resumes_with_another_ranks_co
             assert mine.keys() == expected.keys() and all(torch.equal(mine[k], expected[k]) for k in expected)
         assert saved.batches_done == 3 and torch.equal(saved.state["sum.fc"], torch.full((4,), float(r), dtype=torch.float64))
         assert saved.resumed_from(["x", "y", "z"]) == "dataset 'z', batch 3 (2 of 3 datasets done)"
-    assert got[rank].unwritten == [0] and got[1 - rank].unwritten == []
-    got[rank].save(4, {"sum.fc": torch.zeros(4, dtype=torch.float64)})  # the copy goes to its own file
+    assert_same_tensors(lost, other)  # the copy is in its own file, before any save
+    got[rank].save(4, {"sum.fc": torch.zeros(4, dtype=torch.float64)})
     assert_same_tensors(lost, other)
     again = on_every_rank(2, lambda st: _start_rank(tmp_path, st))
     assert [s.batches_done for s in again] == [4 if r == rank else 3 for r in range(2)] and all(s.lost == {} for s in again)
@@ -1030,8 +1031,13 @@ def test_copies_of_a_finished_result_that_differ_are_refused(tmp_path):
     assert {e.message for e in got} == {got[0].message} and got[0].hint == "pass --overwrite to start over"
 
 
+def _path(folder: Path, rank: int, index: int) -> Path:
+    """Rank `rank`'s file of finished dataset `index` in `folder`."""
+    return folder / f"similarity.partial.rank{rank}.finished{index}.safetensors"
+
+
 def _load(folder: Path, rank: int, index: int) -> dict[str, torch.Tensor]:
-    return storage.load_tensors(folder / f"similarity.partial.rank{rank}.finished{index}.safetensors")[0]
+    return storage.load_tensors(_path(folder, rank, index))[0]
 
 
 def _same(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> bool:
@@ -1042,8 +1048,9 @@ def test_three_ranks_one_behind_and_each_with_a_lost_file_resume_with_every_resu
     """Rank 2 saved 1 of 3 datasets and lost its file of it (x), so it holds none of them and still takes part in
     the comparison of the copies of x; rank 0 lost y's (its file holds x); rank 1 lost z's (half of it). Every rank
     takes what it lacks from the first rank that holds it (x: rank 0, y: rank 1, z: rank 0), each lost file is warned
-    about, naming it and the rank whose copy replaces it; the rank behind starts z over, the others keep their state;
-    and after one save each, every rank's files hold every result and a resume finds nothing lost."""
+    about, naming it and the rank whose copy replaces it, which is written to that file at once; the rank behind starts
+    z over, the others keep their state; and after one save each, every rank's files hold every result and a resume
+    finds nothing lost."""
     results = _results(4, 4)
     _saved_by_ranks(tmp_path, [3, 3, 1], results)
     (tmp_path / "similarity.partial.rank2.finished0.safetensors").unlink()
@@ -1056,60 +1063,70 @@ def test_three_ranks_one_behind_and_each_with_a_lost_file_resume_with_every_resu
     for r, saved in enumerate(got):
         assert len(saved.finished) == 3 and all(_same(mine, expected) for mine, expected in zip(saved.finished, results, strict=False))
         assert saved.lost == {} and saved.batches_done == (0 if r == 2 else 3)
-    assert [s.unwritten for s in got] == [[1], [2], [0]] and [s.written for s in got] == [3, 3, 1]
+    assert [s.written for s in got] == [3, 3, 1] and all(_same(_load(tmp_path, r, i), results[i]) for r, i in ((0, 1), (1, 2), (2, 0)))
+    assert not (tmp_path / "similarity.partial.rank2.finished1.safetensors").exists()  # not lost: written at the next save
     warned = sorted(set(caplog.messages))
     assert len(warned) == 3 and len(caplog.messages) == 9, caplog.messages  # each rank says each (the CLI prints rank 0's)
     assert warned[0].startswith(f"{str(mixed)!r} does not hold the result of dataset 'y'") and warned[0].endswith(
-        "; rank 1's copy takes its place (written to rank 0's file at its next save)"
+        "; rank 1's copy takes its place (written to rank 0's file)"
     )
     assert "rank1.finished2.safetensors' is not a readable safetensors file" in warned[1] and warned[1].endswith(
-        "; rank 0's copy takes its place (written to rank 1's file at its next save)"
+        "; rank 0's copy takes its place (written to rank 1's file)"
     )
     assert warned[2].startswith(f"{str(tmp_path / 'similarity.partial.rank2.finished0.safetensors')!r} is missing: it held the result of dataset 'x'")
-    assert warned[2].endswith("; rank 0's copy takes its place (written to rank 2's file at its next save)")
+    assert warned[2].endswith("; rank 0's copy takes its place (written to rank 2's file)")
     for r, saved in enumerate(got):
         saved.save(5, {"sum.fc": torch.full((4,), float(r), dtype=torch.float64)})
     assert all(_same(_load(tmp_path, r, i), results[i]) for r in range(3) for i in range(3))
     caplog.clear()
     with caplog.at_level("WARNING", logger="influence_cli"):
         again = on_every_rank(3, lambda st: _start_rank(tmp_path, st))
-    assert [(len(s.finished), s.batches_done, s.lost, s.unwritten) for s in again] == [(3, 5, {}, [])] * 3 and caplog.messages == []
+    assert [(len(s.finished), s.batches_done, s.lost) for s in again] == [(3, 5, {})] * 3 and caplog.messages == []
 
 
-def test_a_recovered_result_is_written_by_the_save_of_the_next_finished_dataset(tmp_path):
-    """`finish` right after the resume (the dataset in progress ends at once): its save writes the recovered file as well
-    as the new one, and the snapshot then counts both; a last dataset is not saved (it is the result) and `clear`
-    removes every file, the recovered one too."""
+@pytest.mark.parametrize("every", [0, 1])
+def test_a_recovered_result_is_written_at_once_whether_or_not_a_save_follows(tmp_path, caplog, every):
+    """The copy that takes the place of a lost file is written to that file when the ranks resume, also with
+    factors.checkpoint_every 0, under which no save follows (the warning said "written ... at its next save" and the
+    file stayed lost, with nothing but the other rank's copy left); the warning says it is written. The next finished
+    dataset's save then writes only its own file (none with 0); a last dataset is not saved (it is the result), and
+    `clear` removes every file."""
     results = _results(3, 4)
     _saved_by_ranks(tmp_path, [1, 1], results)
-    (tmp_path / "similarity.partial.rank1.finished0.safetensors").unlink()
-    got = on_every_rank(2, lambda st: _start_rank(tmp_path, st))
+    lost = tmp_path / "similarity.partial.rank1.finished0.safetensors"
+    lost.unlink()
+    snapshot = tmp_path / "similarity.partial.rank1.safetensors"
+    before = snapshot.read_bytes()
+    with caplog.at_level("WARNING", logger="influence_cli"):
+        got = on_every_rank(2, lambda st: _start_rank(tmp_path, st, every=every))
+    assert all(isinstance(s, DatasetsProgress) for s in got), got
+    assert caplog.messages == [
+        f"{str(lost)!r} is missing: it held the result of dataset 'x', which similarity.partial.rank1.safetensors counts as "
+        "finished; rank 0's copy takes its place (written to rank 1's file)"
+    ] * 2  # each rank says it (the CLI prints rank 0's)
+    assert _same(_load(tmp_path, 1, 0), results[0]) and snapshot.read_bytes() == before  # the snapshot counted it already
     got[1].finish(results[1], more=True)
-    assert got[1].written == 2 and got[1].unwritten == []
-    assert all(_same(_load(tmp_path, 1, i), results[i]) for i in range(2))
-    assert storage.read_metadata(tmp_path / "similarity.partial.rank1.safetensors")["phase"] == "dataset:2"
-    _saved_by_ranks(tmp_path / "last", [2, 2], results)
-    (tmp_path / "last" / "similarity.partial.rank1.finished1.safetensors").unlink()
-    got = on_every_rank(2, lambda st: _start_rank(tmp_path / "last", st))
+    assert (tmp_path / "similarity.partial.rank1.finished1.safetensors").exists() == bool(every)
+    assert storage.read_metadata(snapshot)["phase"] == ("dataset:2" if every else "dataset:1")
     got[1].finish(results[2], more=False)
-    assert got[1].unwritten == [1] and not (tmp_path / "last" / "similarity.partial.rank1.finished1.safetensors").exists()
+    assert not (tmp_path / "similarity.partial.rank1.finished2.safetensors").exists()
     got[1].clear()
-    assert sorted(p.name for p in (tmp_path / "last").glob("*rank1*")) == []
+    assert sorted(p.name for p in tmp_path.glob("*rank1*")) == []
 
 
 @pytest.mark.parametrize("behind", [False, True], ids=["lost-only", "behind-too"])
-def test_a_rank_killed_after_rewriting_a_lost_file_before_its_snapshot_resumes_consistently(tmp_path, monkeypatch, behind):
-    """Rank 1 lost its file of x (and with `behind` saved only x as finished): it is killed at its first save after
-    the resume, once the files are rewritten and before its snapshot is. The rewritten file of x holds the result and
-    is read as its own at the next resume (not lost again); a file of y that no snapshot counts is removed and sent
-    again; and the result is every rank's after all."""
+def test_a_rank_killed_at_its_first_save_after_recovering_a_lost_file_resumes_consistently(tmp_path, monkeypatch, behind):
+    """Rank 1 lost its file of x (and with `behind` saved only x as finished): the resume writes x's file again at once
+    (its snapshot counts it), and rank 1 is killed at its first save, once the files are written and before its snapshot
+    is. The rewritten file of x holds the result and is read as its own at the next resume (not lost again); a file of y
+    that no snapshot counts is removed and sent again; and the result is every rank's after all."""
     results = _results(3, 4)
     _saved_by_ranks(tmp_path, [2, 1 if behind else 2], results)
     snapshot = tmp_path / "similarity.partial.rank1.safetensors"
     before = snapshot.read_bytes()
     (tmp_path / "similarity.partial.rank1.finished0.safetensors").unlink()
     got = on_every_rank(2, lambda st: _start_rank(tmp_path, st))
-    assert got[1].unwritten == [0] and got[1].written == (1 if behind else 2)
+    assert _same(_load(tmp_path, 1, 0), results[0]) and got[1].written == (1 if behind else 2)
     save = got[1].checkpoint.save
 
     def killed_at_the_snapshot(phase, batches_done, tensors, path=None):
@@ -1124,7 +1141,7 @@ def test_a_rank_killed_after_rewriting_a_lost_file_before_its_snapshot_resumes_c
     assert (tmp_path / "similarity.partial.rank1.finished1.safetensors").exists()  # written, then the kill
     again = on_every_rank(2, lambda st: _start_rank(tmp_path, st))
     assert all(isinstance(s, DatasetsProgress) for s in again), again
-    assert again[1].lost == {} and again[1].unwritten == [] and again[1].written == (1 if behind else 2)
+    assert again[1].lost == {} and again[1].written == (1 if behind else 2)
     assert again[1].batches_done == (0 if behind else 3) and all(_same(m, e) for m, e in zip(again[1].finished, results[:2], strict=True))
     assert (tmp_path / "similarity.partial.rank1.finished1.safetensors").exists() != behind  # not counted: removed
     again[1].save(4, {"sum.fc": torch.zeros(4, dtype=torch.float64)})
@@ -1150,60 +1167,84 @@ def _lose_snapshot(folder: Path, rank: int, how: str) -> Path:
     return path
 
 
+@pytest.mark.parametrize("files", ["kept", "lost"])
 @pytest.mark.parametrize("how", ["missing", "truncated"])
 @pytest.mark.parametrize("rank", [0, 1])
-def test_a_rank_whose_snapshot_is_lost_resumes_as_one_that_saved_nothing(tmp_path, caplog, rank, how):
+def test_a_rank_whose_snapshot_is_lost_resumes_as_one_that_saved_nothing(tmp_path, caplog, rank, how, files):
     """A rank's snapshot is missing or unreadable while the other's reads: that rank resumes as one that saved nothing
-    (it was refused when unreadable, and went on silently when missing): it is sent every finished result, starts the
-    dataset in progress over on its shard (the other keeps its state), the loss is said in a warning naming the
-    snapshot and what was recovered, and its next save writes its files again, so a second resume finds nothing lost."""
+    (it was refused when unreadable, and went on silently when missing) and starts the dataset in progress over on its
+    shard (the other keeps its state). Its own files of the finished datasets are read: when they hold the results it
+    keeps them (they were removed, and the other rank's copies sent and written at its next save), else it is sent the
+    other rank's copies, written to its files at once; a file past the finished datasets is removed. The loss is said in
+    a warning naming the snapshot and what was recovered, and a second resume after a save finds nothing lost."""
     results = _results(3, 4)
     _saved_by_ranks(tmp_path, [2, 2], results)
     lost = _lose_snapshot(tmp_path, rank, how)
-    kept = {p.name: p.read_bytes() for p in tmp_path.iterdir() if f".rank{1 - rank}" in p.name}
+    beyond = tmp_path / f"similarity.partial.rank{rank}.finished2.safetensors"
+    beyond.write_bytes(_path(tmp_path, rank, 1).read_bytes())  # not counted by any snapshot
+    if files == "lost":
+        _path(tmp_path, rank, 0).unlink()
+        _damage(_path(tmp_path, rank, 1), "unreadable")
+    kept = {p.name: p.read_bytes() for p in tmp_path.iterdir() if f".rank{rank}.finished" in p.name and p != beyond}
+    other = {p.name: p.read_bytes() for p in tmp_path.iterdir() if f".rank{1 - rank}" in p.name}
     with caplog.at_level("WARNING", logger="influence_cli"):
         got = on_every_rank(2, lambda st: _start_rank(tmp_path, st))
     assert all(isinstance(saved, DatasetsProgress) for saved in got), got
     for r, saved in enumerate(got):
         assert len(saved.finished) == 2 and all(_same(mine, expected) for mine, expected in zip(saved.finished, results, strict=False))
-        assert saved.lost == {} and saved.snapshot_lost is None and saved.unwritten == []
+        assert saved.lost == {} and saved.snapshot_lost is None and saved.written == 2
         assert saved.resumed_from(["x", "y", "z"]) == f"dataset 'z', batch {0 if r == rank else 3} (2 of 3 datasets done)"
-    assert got[rank].state == {} and got[rank].written == 0
-    assert torch.equal(got[1 - rank].state["sum.fc"], torch.full((4,), float(1 - rank), dtype=torch.float64))
+    assert got[rank].state == {} and torch.equal(got[1 - rank].state["sum.fc"], torch.full((4,), float(1 - rank), dtype=torch.float64))
     said = "is missing" if how == "missing" else "is not a readable safetensors file"
+    recovered = (
+        "it keeps its own copies of the 2 finished datasets" if files == "kept"
+        else f"it is sent rank {1 - rank}'s copies of the 2 finished datasets (written to its files)"
+    )  # fmt: skip
     assert caplog.messages == [caplog.messages[0]] * 2, caplog.messages  # each rank says it (the CLI prints rank 0's)
     assert caplog.messages[0].startswith(f"{str(lost)!r} {said}") and caplog.messages[0].endswith(
-        f"; rank {rank} resumes as a rank that saved nothing: it is sent rank {1 - rank}'s copies of the 2 finished datasets "
-        "(written to its files at its next save) and starts dataset 'z' over on its shard"
+        f"; rank {rank} resumes as a rank that saved nothing: {recovered} and starts dataset 'z' over on its shard"
     )
-    assert sorted(p.name for p in tmp_path.iterdir() if f".rank{rank}" in p.name) == ([] if how == "missing" else [lost.name])
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if f".rank{1 - rank}" in p.name} == kept  # the other's untouched
-    got[rank].save(1, {"sum.fc": torch.zeros(4, dtype=torch.float64)})
+    names = [_path(tmp_path, rank, i).name for i in range(2)] + ([] if how == "missing" else [lost.name])
+    assert sorted(p.name for p in tmp_path.iterdir() if f".rank{rank}" in p.name) == sorted(names)
     assert all(_same(_load(tmp_path, rank, i), results[i]) for i in range(2))
+    if files == "kept":  # not written again
+        assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if f".rank{rank}.finished" in p.name} == kept
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if f".rank{1 - rank}" in p.name} == other  # the other's untouched
+    got[rank].save(1, {"sum.fc": torch.zeros(4, dtype=torch.float64)})
     caplog.clear()
     with caplog.at_level("WARNING", logger="influence_cli"):
         again = on_every_rank(2, lambda st: _start_rank(tmp_path, st))
     assert [(len(s.finished), s.batches_done) for s in again] == [(2, 1 if r == rank else 3) for r in range(2)] and caplog.messages == []
 
 
-def test_a_lost_snapshot_among_three_ranks_takes_each_result_from_a_rank_that_holds_it(tmp_path, caplog):
-    """Rank 1's snapshot is unreadable, rank 0 lost its file of x and rank 2 saved x only: rank 1 is sent x by rank 2 and
-    y by rank 0 (the only holders), and starts z over with rank 2; every warning is said, and the result is each rank's."""
+@pytest.mark.parametrize("own", ["none", "y"])
+def test_a_lost_snapshot_among_three_ranks_takes_each_result_from_a_rank_that_holds_it(tmp_path, caplog, own):
+    """Rank 1's snapshot is unreadable, rank 0 lost its file of x and rank 2 saved x only; rank 1's own file of x is
+    unreadable, and of y too, or (`own` y) it holds y. Rank 1 is sent x by rank 2 (the only holder) and y by rank 0, or
+    keeps its own y (compared with rank 0's), and starts z over with rank 2; every warning is said, each copy is
+    written to the file it replaces, and the result is each rank's."""
     results = _results(3, 4)
     _saved_by_ranks(tmp_path, [2, 2, 1], results)
     lost = _lose_snapshot(tmp_path, 1, "truncated")
     (tmp_path / "similarity.partial.rank0.finished0.safetensors").unlink()
+    _damage(_path(tmp_path, 1, 0), "unreadable")
+    if own == "none":
+        _damage(_path(tmp_path, 1, 1), "unreadable")
     with caplog.at_level("WARNING", logger="influence_cli"):
         got = on_every_rank(3, lambda st: _start_rank(tmp_path, st))
     assert all(isinstance(saved, DatasetsProgress) for saved in got), got
     assert all(len(s.finished) == 2 and all(_same(m, e) for m, e in zip(s.finished, results, strict=False)) for s in got)
-    assert [s.batches_done for s in got] == [3, 0, 0] and [s.unwritten for s in got] == [[0], [], []]
+    assert [s.batches_done for s in got] == [3, 0, 0] and [s.written for s in got] == [2, 2, 1]
+    assert all(_same(_load(tmp_path, r, i), results[i]) for r, i in ((0, 0), (0, 1), (1, 0), (1, 1), (2, 0)))
     warned = sorted(set(caplog.messages))
     assert len(warned) == 2 and len(caplog.messages) == 6, caplog.messages
-    assert "rank0.finished0.safetensors' is missing" in warned[0] and warned[0].endswith("rank 2's copy takes its place (written to rank 0's file at its next save)")
+    assert "rank0.finished0.safetensors' is missing" in warned[0] and warned[0].endswith("rank 2's copy takes its place (written to rank 0's file)")
+    recovered = (
+        "it is sent copies from ranks 0, 2 of the 2 finished datasets (written to its files)" if own == "none"
+        else "it keeps its own copy of dataset 'y', is sent rank 2's copy of dataset 'x' (written to its file)"
+    )  # fmt: skip
     assert warned[1].startswith(f"{str(lost)!r} is not a readable safetensors file") and warned[1].endswith(
-        "; rank 1 resumes as a rank that saved nothing: it is sent copies from ranks 0, 2 of the 2 finished datasets "
-        "(written to its files at its next save) and starts dataset 'z' over on its shard"
+        f"; rank 1 resumes as a rank that saved nothing: {recovered} and starts dataset 'z' over on its shard"
     )
 
 
@@ -1321,18 +1362,73 @@ def test_one_process_refuses_an_unreadable_snapshot_and_starts_over_without_one(
 
 
 @pytest.mark.parametrize("how", ["missing", "truncated"])
-def test_no_usable_copy_beside_a_lost_snapshot_says_why_its_files_are_not_read_and_leaves_them(tmp_path, how):
-    """Rank 0's snapshot is lost and rank 1 lost its file of x: every rank refuses alike, naming rank 1's file and that
-    rank 0's files are not read (its intact copy of x is on disk: "no other rank holds a usable copy" alone was not
-    true), and rank 0's files, which no snapshot counts but may be the last copies, are left with every other file."""
-    _saved_by_ranks(tmp_path, [2, 2], _results(3, 4))
+def test_the_files_of_a_rank_whose_snapshot_is_lost_are_copies_like_any_other_ranks(tmp_path, caplog, how):
+    """Rank 0's snapshot is lost and rank 1 lost its file of x: rank 0's own file of x holds the result, so it keeps it
+    and sends it to rank 1, which writes it to its file at once (every rank refused: rank 0's files were not read)."""
+    results = _results(3, 4)
+    _saved_by_ranks(tmp_path, [2, 2], results)
     _lose_snapshot(tmp_path, 0, how)
-    (tmp_path / "similarity.partial.rank1.finished0.safetensors").unlink()
+    lost = _path(tmp_path, 1, 0)
+    lost.unlink()
+    with caplog.at_level("WARNING", logger="influence_cli"):
+        got = on_every_rank(2, lambda st: _start_rank(tmp_path, st))
+    assert all(isinstance(saved, DatasetsProgress) for saved in got), got
+    assert [(len(s.finished), s.batches_done) for s in got] == [(2, 0), (2, 3)]
+    assert all(_same(m, e) for s in got for m, e in zip(s.finished, results, strict=False))
+    assert all(_same(_load(tmp_path, r, i), results[i]) for r in range(2) for i in range(2))
+    warned = list(dict.fromkeys(caplog.messages))  # in the order said: the lost file's, then the snapshot's
+    assert len(warned) == 2 and len(caplog.messages) == 4, caplog.messages
+    assert warned[0].startswith(f"{str(lost)!r} is missing: it held the result of dataset 'x'") and warned[0].endswith(
+        "; rank 0's copy takes its place (written to rank 1's file)"
+    )
+    assert warned[1].endswith(
+        "; rank 0 resumes as a rank that saved nothing: it keeps its own copies of the 2 finished datasets and starts dataset 'z' over on its shard"
+    )
+
+
+@pytest.mark.parametrize("own", ["missing", "unreadable", "another dataset's", "other settings"])
+def test_no_usable_copy_beside_a_lost_snapshot_says_why_its_file_is_none_and_leaves_every_file(tmp_path, own):
+    """Rank 0's snapshot is lost, rank 1 lost its file of x, and rank 0's file of x holds no result of x under this
+    run's settings (missing, unreadable, another dataset's, or of other settings: not refused, as no snapshot counts
+    it): every rank refuses alike, naming rank 1's file and why rank 0's is no copy, and no file is touched."""
+    _saved_by_ranks(tmp_path, [2, 2], _results(3, 4))
+    _lose_snapshot(tmp_path, 0, "missing")
+    _path(tmp_path, 1, 0).unlink()
+    mine = _path(tmp_path, 0, 0)
+    if own == "other settings":
+        settings = {"a": 2, "bs": 8, "world": 2, "dataset_order": ["x", "y", "z"]}
+        PassCheckpoint(mine, settings, 1).save("finished:0", 0, {"count": torch.tensor(1)})
+    else:
+        _damage(mine, own)
     left = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     got = on_every_rank(2, lambda st: _start_rank(tmp_path, st))
     assert all(isinstance(e, OutputError) and e.same_on_every_rank for e in got), got
-    assert got[0].message == got[1].message and got[0].message.endswith(
-        "no other rank holds a usable copy; rank 0's snapshot is " + ("missing" if how == "missing" else "unreadable") + ": its files are not read"
+    why = {
+        "missing": "is missing", "unreadable": "is not a readable safetensors file (",
+        "another dataset's": "does not hold the result of dataset 'x' (it holds 'finished:1')",
+        "other settings": "is progress of a run with other settings (a 2 -> 1)",
+    }[own]  # fmt: skip
+    assert got[0].message == got[1].message and got[0].message.startswith(
+        f"{str(_path(tmp_path, 1, 0))!r} is missing: it held the result of dataset 'x', which similarity.partial.rank1.safetensors "
+        f"counts as finished; no other rank holds a usable copy (rank 0, whose snapshot is missing, holds none either: {str(mine)!r} {why}"
     ), got[0].message
-    assert "rank1.finished0.safetensors' is missing: it held the result of dataset 'x'" in got[0].message
+    assert got[0].message.endswith(")") and "--overwrite" in got[0].hint
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == left
+
+
+def test_a_lost_snapshots_copy_that_differs_is_refused_though_no_rank_lacks_it(tmp_path):
+    """Rank 0's snapshot is lost and its file of x, which still reads, differs from rank 1's: no snapshot counts that
+    file, so it is compared even though every rank holds x, and every rank refuses alike, touching no file."""
+    _saved_by_ranks(tmp_path, [2, 2], _results(3, 4))
+    _lose_snapshot(tmp_path, 0, "truncated")
+    mine = _path(tmp_path, 0, 0)
+    tensors, meta = storage.load_tensors(mine)
+    storage.save_tensors(mine, tensors | {"count": torch.tensor(99)}, meta)
+    left = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    got = on_every_rank(2, lambda st: _start_rank(tmp_path, st))
+    assert all(isinstance(e, OutputError) and e.same_on_every_rank for e in got), got
+    assert got[0].message == got[1].message == (
+        f"{str(_path(tmp_path, 1, 0))!r} and {str(mine)!r} hold different results of dataset 'x' (every rank's copy should be "
+        "the same): the saved progress cannot be continued"
+    )
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == left

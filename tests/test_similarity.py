@@ -708,9 +708,9 @@ def test_two_ranks_interrupted_resume_to_the_uninterrupted_result(digits_run, tm
     """Each rank saves its own snapshot and its own copy of each finished dataset's statistics (the same on both).
     Without `behind`, rank 0 (which writes the result) lost its copy: it takes rank 1's, sent over gloo, and says so
     once. `behind`: rank 1's snapshot is damaged (truncated; its file of the finished dataset is left): it resumes as a
-    rank that saved nothing (said once), takes the finished dataset from rank 0, starts the dataset in progress over on
-    its shard, writes the finished one to its own file at its next save, and a second stop and resume still give the
-    result (a damaged snapshot was refused; a missing one, tested with thread ranks, went on unsaid)."""
+    rank that saved nothing (said once), keeps its own copy of the finished dataset (compared with rank 0's; it was
+    removed, and rank 0's sent), starts the dataset in progress over on its shard, and a second stop and resume still
+    give the result (a damaged snapshot was refused; a missing one, tested with thread ranks, went on unsaid)."""
     import subprocess
     import sys
 
@@ -739,16 +739,19 @@ def test_two_ranks_interrupted_resume_to_the_uninterrupted_result(digits_run, tm
     if behind:
         snapshot = out / "similarity.partial.rank1.safetensors"
         snapshot.write_bytes(snapshot.read_bytes()[:100])
+        own = (out / "similarity.partial.rank1.finished0.safetensors").stat()
         stopped = run(out, "--resume", stop="zeros_sixes_heldout:2")
         assert stopped.returncode != 0 and not (out / SIMILARITY_FILE).exists(), stopped.stderr
         said = [line for line in stopped.stderr.splitlines() if "resumes as a rank that saved nothing" in line]
         assert len(said) == 1 and f"{str(snapshot)!r} is not a readable safetensors file (" in said[0], stopped.stderr  # by rank 0
         assert said[0].endswith(
-            "; rank 1 resumes as a rank that saved nothing: it is sent rank 0's copy of the finished dataset (written to its "
-            "files at its next save) and starts dataset 'ones_sevens' over on its shard"
+            "; rank 1 resumes as a rank that saved nothing: it keeps its own copy of the finished dataset and starts dataset "
+            "'ones_sevens' over on its shard"
         ), said
         saved = sorted(p.name for p in out.glob("similarity.partial.rank1*"))
         assert saved == [f"similarity.partial.rank1{f}.safetensors" for f in (".finished0", ".finished1", "")], stopped.stderr
+        again = (out / "similarity.partial.rank1.finished0.safetensors").stat()
+        assert (again.st_ino, again.st_mtime_ns) == (own.st_ino, own.st_mtime_ns)  # kept: neither removed nor written again
         for i in (0, 1):
             assert_same_tensors(out / f"similarity.partial.rank1.finished{i}.safetensors", out / f"similarity.partial.rank0.finished{i}.safetensors")
     else:
@@ -756,7 +759,7 @@ def test_two_ranks_interrupted_resume_to_the_uninterrupted_result(digits_run, tm
     resumed = run(out, "--resume", "--json")
     assert resumed.returncode == 0, resumed.stderr
     lost = "similarity.partial.rank0.finished0.safetensors' is missing: it held the result of dataset 'zeros_sixes', which "
-    lost += "similarity.partial.rank0.safetensors counts as finished; rank 1's copy takes its place (written to rank 0's file at its next save)"
+    lost += "similarity.partial.rank0.safetensors counts as finished; rank 1's copy takes its place (written to rank 0's file)"
     assert resumed.stderr.count(lost) == (0 if behind else 1), resumed.stderr  # said once, by rank 0
     where = json.loads(resumed.stdout)["resumed_from"]
     name = "zeros_sixes_heldout" if behind else "ones_sevens"
