@@ -275,14 +275,21 @@ def edit_checkpoint(
             hint="write the edited weights to a file of their own, e.g. edited.safetensors",
         )
     ctx = prepare(cfg, state)
-    reading = cfg.factors_path.is_dir() and ctx.state.is_main
-    lock = storage.output_dir_lock(cfg.factors_path, "factors", shared=True, key=cfg.factors_key)
     # held until the checkpoint is written, as the other readers hold theirs for their whole run: the factors are read
     # (checked, projected) through their map well after they were opened, and the checkpoint names their file. A refit
     # would not change what the map holds (it renames a new file over the path), but the file named would then hold
     # other factors. It guards the factors only: --out takes no lock (an atomic write; a killed writer's temporary
-    # files are removed by age)
-    with lock if reading else contextlib.nullcontext():
+    # files are removed by age). Under torchrun rank 0 takes it and tells the others whether it got it
+    with contextlib.ExitStack() as held:
+        busy = None
+        if cfg.factors_path.is_dir() and ctx.state.is_main:
+            try:
+                held.enter_context(storage.output_dir_lock(cfg.factors_path, "factors", shared=True, key=cfg.factors_key))
+            except storage.OutputDirBusy as exc:
+                busy = exc
+        busy, _ = storage.refusal_of_rank_0(ctx.state, busy)  # every rank stops, before any reads the factors
+        if busy is not None:
+            raise busy
         factors, factors_path = load_kronecker_factors(ctx, order, order_key)
         if layers:
             patterns, key = layers, "--layers"

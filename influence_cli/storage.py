@@ -249,10 +249,7 @@ def guards_output_dir(what: str | Callable[[dict[str, Any]], str], reads: str | 
                                 elsewhere = False
                     except OutputDirBusy as exc:
                         busy = exc
-                    if state is not None and state.distributed:  # every rank stops if rank 0 did not get the locks
-                        shared = state.broadcast_object(None if busy is None else (busy.message, busy.hint, elsewhere))
-                        if shared is not None:
-                            busy, elsewhere = busy or OutputDirBusy(shared[0], hint=shared[1]).everywhere(), shared[2]
+                    busy, elsewhere = refusal_of_rank_0(state, busy, elsewhere)  # every rank stops if rank 0 did not get the locks
                     if busy is not None:
                         raise busy
                     return run(cfg, *args, **kwargs)
@@ -271,6 +268,19 @@ def guards_output_dir(what: str | Callable[[dict[str, Any]], str], reads: str | 
         return wrapper  # type: ignore[return-value]
 
     return decorate
+
+
+def refusal_of_rank_0(state: Any, busy: OutputDirBusy | None, detail: Any = None) -> tuple[OutputDirBusy | None, Any]:
+    """Rank 0's outcome of taking the locks (`busy`: refused; None: it holds them; `detail` goes with a
+    refusal) on every rank of a torchrun job, where only rank 0 takes them: the other ranks get the
+    same refusal (printed once, by rank 0), so that none goes on to touch a file. Without a
+    distributed `state` (None: one process), `busy` and `detail` as given."""
+    if state is None or not state.distributed:
+        return busy, detail
+    shared = state.broadcast_object(None if busy is None else (busy.message, busy.hint, detail))
+    if shared is None:
+        return busy, detail
+    return busy or OutputDirBusy(shared[0], hint=shared[1]).everywhere(), shared[2]
 
 
 def _folder_of(cfg: Any, what: str) -> tuple[Path, str]:

@@ -734,6 +734,28 @@ def test_edit_holds_the_factors_lock_until_the_checkpoint_is_written(tmp_path, d
     assert refused[-1] == ""
 
 
+def test_under_torchrun_every_rank_of_edit_stops_when_rank_0_cannot_lock_the_factors(tmp_path, digits, monkeypatch):
+    """Only rank 0 takes the factors' lock: refused (fit-factors is writing them), it tells the other ranks,
+    which stop with the same refusal (printed once, by rank 0) before reading the factors, instead of
+    editing on and failing at the final barrier. The ranks are threads (`on_every_rank`)."""
+    from test_resume import on_every_rank
+
+    import influence_cli.edit as edit_lib
+    from influence_cli.edit import edit_checkpoint
+    from influence_cli.storage import OutputDirBusy, output_dir_lock
+
+    out, _ = digits
+    cfg = load_config(DIGITS, [f"output_dir={out}", "data.train.range=[0, 600]", "device=cpu"])
+    read: list[int] = []
+    real = edit_lib.load_kronecker_factors
+    monkeypatch.setattr(edit_lib, "load_kronecker_factors", lambda ctx, *a: read.append(ctx.state.rank) or real(ctx, *a))
+    with output_dir_lock(out, "factors"):  # what fit-factors takes
+        outcomes = on_every_rank(2, lambda st: edit_checkpoint(cfg, tmp_path / "e.safetensors", rho=0.9, state=st))
+    assert all(isinstance(o, OutputDirBusy) and "in use by another run writing its factors" in o.message for o in outcomes), outcomes
+    assert [o.same_on_every_rank for o in outcomes] == [False, True]  # rank 0 says it for the job
+    assert read == [] and not (tmp_path / "e.safetensors").exists()
+
+
 def test_cli_errors(tmp_path, digits):
     out, sets = digits
     empty = ["--set", f"output_dir={tmp_path / 'nothing'}"]
