@@ -697,6 +697,48 @@ def test_factors_of_another_model_are_refused_for_that_before_a_tensor_is_read(t
     assert read
 
 
+def test_off_the_cpu_no_memory_map_of_the_factors_outlives_their_copy_on_the_device(tmp_path, digits, monkeypatch):
+    """On a GPU spectrum streams with the chosen layers' copies on the device, made once for every dataset:
+    nothing of the file's memory map (whose pages the finite check read) is kept alive beside them. The
+    device here is `meta` (no GPU needed); the passes are stopped where the first dataset's starts."""
+    import weakref
+
+    import influence_cli.band_energy as band_energy_lib
+
+    out, sets = digits
+    cfg = load_config(DIGITS, [*(s for s in sets if s != "--set"), f"factors_dir={out}", f"output_dir={tmp_path / 'run'}"])
+    mapped: list[weakref.ref] = []
+    real_read, real_prepare = storage._read, band_energy_lib.prepare
+
+    def read(path, keys):
+        tensors = real_read(path, keys)
+        mapped.extend(weakref.ref(t) for t in tensors.values())
+        return tensors
+
+    def prepare(cfg, state):
+        ctx = real_prepare(cfg, state)
+        ctx.state = dataclasses.replace(ctx.state, device=torch.device("meta"))
+        return ctx
+
+    seen = {}
+
+    class PassesStart(Exception):
+        pass
+
+    def passes(model, layers, factors, bands, batches, **kwargs):
+        seen["alive"] = sum(r() is not None for r in mapped)
+        seen["devices"] = {t.device.type for lf in factors.values() for t in lf.tensors().values() if t.is_floating_point()}
+        seen["layers"] = sorted(factors)
+        raise PassesStart
+
+    monkeypatch.setattr(storage, "_read", read)
+    monkeypatch.setattr(band_energy_lib, "prepare", prepare)
+    monkeypatch.setattr(band_energy_lib, "dataset_spectrum", passes)
+    with pytest.raises(PassesStart):
+        spectrum(cfg, layers="fc2")
+    assert mapped and seen["alive"] == 0 and seen["devices"] == {"meta"} and seen["layers"] == ["fc2"]
+
+
 def test_edit_holds_the_factors_lock_until_the_checkpoint_is_written(tmp_path, digits, monkeypatch):
     """The factors are views of a map of the file, read (checked, projected) after they were opened,
     and the checkpoint names their file: fit-factors (an exclusive lock on them) is refused until edit
