@@ -195,7 +195,7 @@ class FactorsConfig(_Section):
         "(PyTorch's default TF32 convolutions moved the bundled CNN's scores by 1% to 5% of the largest on an H200).",
         default="none",
     )
-    checkpoint_every: int = _help("Save resumable progress every N batches of fit-factors' passes, of compute-scores (pairwise and --self), dataset-similarity and spectrum; 0 = never.", default=50)
+    checkpoint_every: int = _help("Save resumable progress every N batches of fit-factors' passes, of compute-scores (pairwise and --self), dataset-similarity and spectrum; 0 = never (under torchrun, their --resume still rewrites a rank's lost file of a finished dataset, from another rank's copy).", default=50)
 
 
 @dataclass

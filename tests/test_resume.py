@@ -27,7 +27,7 @@ from stopping import assert_same_tensors
 
 import influence_cli.fit as fit
 from influence_cli import storage
-from influence_cli.config import load_config
+from influence_cli.config import FactorsConfig, load_config
 from influence_cli.distributed import DistState
 from influence_cli.errors import DistributedError, OutputError
 from influence_cli.resume import DatasetsProgress, PassCheckpoint, Snapshot
@@ -1088,9 +1088,9 @@ def test_three_ranks_one_behind_and_each_with_a_lost_file_resume_with_every_resu
 def test_a_recovered_result_is_written_at_once_whether_or_not_a_save_follows(tmp_path, caplog, every):
     """The copy that takes the place of a lost file is written to that file when the ranks resume, also with
     factors.checkpoint_every 0, under which no save follows (the warning said "written ... at its next save" and the
-    file stayed lost, with nothing but the other rank's copy left); the warning says it is written. The next finished
-    dataset's save then writes only its own file (none with 0); a last dataset is not saved (it is the result), and
-    `clear` removes every file."""
+    file stayed lost, with nothing but the other rank's copy left), as the setting's help says ("0 = never" alone was
+    not true); the warning says it is written. The next finished dataset's save then writes only its own file (none
+    with 0); a last dataset is not saved (it is the result), and `clear` removes every file."""
     results = _results(3, 4)
     _saved_by_ranks(tmp_path, [1, 1], results)
     lost = tmp_path / "similarity.partial.rank1.finished0.safetensors"
@@ -1105,6 +1105,8 @@ def test_a_recovered_result_is_written_at_once_whether_or_not_a_save_follows(tmp
         "finished; rank 0's copy takes its place (written to rank 1's file)"
     ] * 2  # each rank says it (the CLI prints rank 0's)
     assert _same(_load(tmp_path, 1, 0), results[0]) and snapshot.read_bytes() == before  # the snapshot counted it already
+    if not every:  # the setting's help said "0 = never" alone
+        assert "--resume still rewrites a rank's lost file of a finished dataset" in FactorsConfig.__dataclass_fields__["checkpoint_every"].metadata["help"]
     got[1].finish(results[1], more=True)
     assert (tmp_path / "similarity.partial.rank1.finished1.safetensors").exists() == bool(every)
     assert storage.read_metadata(snapshot)["phase"] == ("dataset:2" if every else "dataset:1")
