@@ -74,7 +74,7 @@ class TransformSpec(_Section):
     resize: list[int] | None = _help("Resize images to [height, width] (image sources).", default=None)
     dtype: Literal["auto", "float32", "int64"] = _help(
         "Dtype the model receives: auto (integer inputs other than uint8 stay int64 token ids when the model has an "
-        "nn.Embedding and no scale, normalize or resize is set; everything else float32) | float32 | int64 (token ids, "
+        "nn.Embedding and no scale, normalize, resize or channels is set; everything else float32) | float32 | int64 (token ids, "
         "e.g. uint8 bytes).",
         default="auto",
     )
@@ -91,7 +91,7 @@ class DataSpec(_Section):
     images: str | None = _help("IDX images file (source: idx).", default=None)
     labels: str | None = _help("IDX labels file (source: idx).", default=None)
     root: str | None = _help("Dataset root folder (torchvision sources, image_folder).", default=None)
-    path: str | None = _help("Tensors file: .safetensors, .npz or .pt (source: tensors).", default=None)
+    path: str | None = _help("Tensors file: .safetensors, .npz, .pt or .pth (source: tensors).", default=None)
     inputs_key: str = _help("Key of the inputs tensor in a tensors file.", default="inputs")
     labels_key: str = _help("Key of the labels tensor in a tensors file.", default="labels")
     split: Literal["train", "test"] = _help("Split of a torchvision dataset.", default="train")
@@ -128,7 +128,13 @@ class ModelConfig(_Section):
         "| package.module:function",
         default="",
     )
-    kwargs: dict[str, Any] = _help("Keyword arguments of the architecture.", default_factory=dict)
+    kwargs: dict[str, Any] = _help(
+        "Keyword arguments of the architecture; the built-ins', with their defaults: mlp: input_dim (required), hidden "
+        "([128, 128], the hidden layers' widths), num_classes (10), activation (relu, or tanh, gelu); cnn: in_channels (1), "
+        "num_classes (10), channels ([16, 32], one conv block each), image_size (28, or [height, width]), kernel_size (3), "
+        "padding (1), fc_dim (64).",
+        default_factory=dict,
+    )
     checkpoint: str | None = _help(
         "Weights: a safetensors or torch.save file of a state dict, told apart by content (.safetensors, .pt, .pth, .bin, .ckpt, ...); "
         "wrappers state_dict / model / model_state_dict / module / state_dict_ema / model_ema / ema (the first that holds "
@@ -1258,7 +1264,7 @@ def _check_spectrum(cfg: Config, check_files: bool) -> list[str]:
 
 
 def field_docs(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
-    """(key, type, default, help) for every documented key, for docs and `--help`."""
+    """(key, type, default, help) for every documented key, for docs/CONFIG.md (docs/gen_config_docs.py)."""
     rows: list[tuple[str, str, str, str]] = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):

@@ -153,7 +153,7 @@ def top_k_cmd(
     config: ConfigArg,
     query: Annotated[
         list[str] | None,
-        typer.Option("--query", "-q", metavar="ROWS", help="Query positions (rows of the scores): 3, 0:10, 5: (repeatable; default: all)."),
+        typer.Option("--query", "-q", metavar="ROWS", help="Query positions (rows of the scores): 3, 0:10, 5:, or several joined by commas, 3,7,0:2 (repeatable; default: all)."),
     ] = None,
     k: Annotated[int, typer.Option("--k", "-k", min=1, metavar="N", help="Examples per ranking (at most: proponents are positive scores, opponents negative).")] = 5,
     self_: Annotated[bool, typer.Option("--self", metavar="", help="Rank training examples by self-influence (from compute-scores --self).")] = False,

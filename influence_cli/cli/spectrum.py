@@ -98,7 +98,7 @@ def spectrum_cmd(
     low-curvature directions (Merullo et al. 2025). Per-example band energies go to
     OUTPUT_DIR/spectrum.safetensors, and --top lists the examples with the most gradient energy
     in the bottom band (--rank-by share: the largest share of their own energy there); run again
-    with the same settings, the command shows that result (with any --top, --plot or
+    with the same settings, the command shows that result (with any --top, --rank-by, --plot or
     spectrum.baseline) without recomputing it, and --overwrite recomputes. An interrupted run continues with --resume (progress is saved every
     factors.checkpoint_every batches and after each dataset).
     """
@@ -212,9 +212,9 @@ def edit_cmd(
     config: ConfigArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="The edited checkpoint to write: .safetensors (with the edit's metadata), or .pt / .pth (a plain state dict for torch.load, without metadata).", show_default=False)],
     rho: Annotated[
-        float | None, typer.Option("--rho", help="Keep the smallest set of highest-curvature directions holding this share of the curvature mass (directions of zero curvature are dropped even at 1; --keep-share 1 keeps every weight).")
+        float | None, typer.Option("--rho", help="Keep the smallest set of highest-curvature directions holding this share of the curvature mass (directions of zero curvature are dropped even at 1; --keep-share 1 keeps every weight). Without --rho or --keep-share, spectrum.edit.keep, .rho and .share decide.")
     ] = None,
-    keep_share: Annotated[float | None, typer.Option("--keep-share", help="Keep this share of the directions, highest curvature first.")] = None,
+    keep_share: Annotated[float | None, typer.Option("--keep-share", help="Keep this share of the directions, highest curvature first (instead of --rho).")] = None,
     layers: EditLayersOpt = None,
     order: OrderOpt = None,
     set_: SetOpt = None,
