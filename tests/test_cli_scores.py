@@ -236,6 +236,8 @@ def test_plain_ranks_relative_scores_by_plain_influence(runner, project, tmp_pat
     refused = invoke(runner, "top-k", project, *plain, "--plain")
     assert refused.exit_code == 2 and "--plain: the scores in" in refused.stderr and "are plain influence already" in refused.stderr
     assert invoke(runner, "top-k", project, *rel, "--plain", "--self").exit_code == 2
+    refused = invoke(runner, "top-k", project, *rel, "--no-opponents", "--self")
+    assert refused.exit_code == 2 and "--no-opponents: not used with --self" in refused.stderr
 
 
 def test_a_pass_that_fails_midway_leaves_no_bar_drawn(runner, project, monkeypatch, tmp_path):

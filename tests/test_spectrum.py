@@ -809,6 +809,7 @@ def test_cli_errors(tmp_path, digits):
     assert_error(invoke("edit", DIGITS, *sets, "--out", tmp_path / "e.safetensors", "--rho", "1.5"), 2, "--rho")
     assert_error(invoke("edit", DIGITS, *sets, "--out", tmp_path / "e.safetensors", "--keep-share", "0"), 2, "--keep-share", "(0, 1]")
     assert_error(invoke("spectrum", DIGITS, *sets, "--plot", tmp_path / "plot.txt"), 5, "--plot", "unknown image format")
+    assert_error(invoke("spectrum", DIGITS, *sets, "--rank-by", "share"), 2, "--rank-by", "add --top N")
     (tmp_path / "a_folder.png").mkdir()
     assert_error(invoke("spectrum", DIGITS, *sets, "--plot", tmp_path / "a_folder.png"), 5, "--plot", "is a folder")
     for name in ("e.bin", "e.ckpt", "e"):

@@ -194,6 +194,8 @@ def top_k_cmd(
             raise UsageError("--query: not used with --self (self-influence ranks the training set)")
         if plain:
             raise UsageError("--plain: not used with --self (self-influence is not relative)")
+        if not opponents:
+            raise UsageError("--no-opponents: not used with --self (self-influence is never negative, so it lists no opponents)")
         self_influence = topk.load_self_influence(out_dir)
         loaded = topk.check_scores_match(self_influence.metadata, cfg, out_dir / storage.SELF_INFLUENCE_FILE, pairwise=False)
         ranked = topk.self_top_k(self_influence, k)

@@ -22,6 +22,7 @@ from influence_cli.cli.render import (
     print_resumed,
     print_table,
 )
+from influence_cli.errors import UsageError
 
 LayersOpt = Annotated[
     list[str] | None, typer.Option("--layers", metavar="PATTERN", help="fnmatch pattern of the layers analysed (repeatable; default: spectrum.layers).")
@@ -107,6 +108,8 @@ def spectrum_cmd(
     from influence_cli.spectrum_plot import save_spectrum_plot
 
     cfg = load(config, set_, "spectrum")
+    if rank_by != "energy" and not top:
+        raise UsageError("--rank-by: it orders the list of --top, which is not asked for; add --top N")
     if plot is not None:
         from influence_cli.storage import check_image_path
 
