@@ -367,7 +367,9 @@ OUTPUT_PROSE = """\
 Every command writes into `output_dir` (relative to the config file) and reads what earlier
 commands wrote there; only `edit --out` and the pictures of `--image-grid`, `--heatmap` and `--plot`
 are written elsewhere, where their paths point, and the factors live in `factors_dir` when the
-config sets it:
+config sets it. Both folders' paths must be UTF-8 (the outputs are safetensors files, which open
+only UTF-8 paths; the config, checkpoint and data files may have any name), and a folder this
+user cannot read or enter is refused by its key before any work:
 
 | file | written by | what |
 |---|---|---|

@@ -256,35 +256,37 @@ def dataset_spectrum(
             parts[k].append(saved.state[k].to(device))  # type: ignore[union-attr]
     watch = NonFiniteWatch(device)
     progress.start(title or name, num_examples)
-    seen = len(parts["global_indices"][0]) if start else 0  # examples of this rank's shard done
-    if seen:
-        progress.advance(seen)
-    for batch in stream_gradients(
-        model, layers, batches, task_kind=task_kind, mode="loss", device=device, start_batch=start, dataset_name=name,
-        padding_value=padding_value,
-    ):
-        watch.observe(batch)
-        per_layer, per_input = [], []
-        for tm in layers:
-            rot_a, rot_g = rot[tm.name]
-            a_rot, g_rot = rot_a(batch.activations[tm.name]), rot_g(batch.gradients[0][tm.name])
-            per_layer.append(energy[tm.name](a_rot, g_rot))
-            per_input.append(a_rot.square().sum(1) @ input_masks[tm.name])
-        e = torch.stack(per_layer, dim=1)  # [B, L, 3 + bins]
-        parts["band_energy"].append(e[:, :, :3])
-        parts["bin_energy"].append(e[:, :, 3:])
-        parts["input_energy"].append(torch.stack(per_input, dim=1))
-        parts["global_indices"].append(batch.global_indices)
-        parts["labels"].append(batch.targets)
-        done = batch.index + 1
-        seen += len(batch.global_indices)
-        if saved is not None and saved.due(done) and (num_examples is None or seen < num_examples):  # the last batch: `finish` saves
-            watch.check(name)  # never save progress past a non-finite batch
-            parts = {k: [torch.cat(v)] for k, v in parts.items()}  # saved as they are joined, joined once per save
-            saved.save(done, {k: v[0] for k, v in parts.items()})
-        progress.advance(len(batch.global_indices))
-    progress.stop()
-    watch.check(name)
+    try:
+        seen = len(parts["global_indices"][0]) if start else 0  # examples of this rank's shard done
+        if seen:
+            progress.advance(seen)
+        for batch in stream_gradients(
+            model, layers, batches, task_kind=task_kind, mode="loss", device=device, start_batch=start, dataset_name=name,
+            padding_value=padding_value,
+        ):
+            watch.observe(batch)
+            per_layer, per_input = [], []
+            for tm in layers:
+                rot_a, rot_g = rot[tm.name]
+                a_rot, g_rot = rot_a(batch.activations[tm.name]), rot_g(batch.gradients[0][tm.name])
+                per_layer.append(energy[tm.name](a_rot, g_rot))
+                per_input.append(a_rot.square().sum(1) @ input_masks[tm.name])
+            e = torch.stack(per_layer, dim=1)  # [B, L, 3 + bins]
+            parts["band_energy"].append(e[:, :, :3])
+            parts["bin_energy"].append(e[:, :, 3:])
+            parts["input_energy"].append(torch.stack(per_input, dim=1))
+            parts["global_indices"].append(batch.global_indices)
+            parts["labels"].append(batch.targets)
+            done = batch.index + 1
+            seen += len(batch.global_indices)
+            if saved is not None and saved.due(done) and (num_examples is None or seen < num_examples):  # the last batch: `finish` saves
+                watch.check(name)  # never save progress past a non-finite batch
+                parts = {k: [torch.cat(v)] for k, v in parts.items()}  # saved as they are joined, joined once per save
+                saved.save(done, {k: v[0] for k, v in parts.items()})
+            progress.advance(len(batch.global_indices))
+        watch.check(name)  # before the bar stops: a failed pass leaves no finished bar
+    finally:
+        progress.stop()  # also on errors and Ctrl-C, so the terminal is clean for the message
     idx_parts, label_parts = parts["global_indices"], parts["labels"]
     band_parts, bin_parts, input_parts = parts["band_energy"], parts["bin_energy"], parts["input_energy"]
     if not idx_parts:

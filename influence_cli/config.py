@@ -1222,7 +1222,21 @@ def validate(cfg: Config, check_files: bool = True, reads: Collection[str] | Non
         problems.append("output_dir: must not be empty")
     if cfg.factors_dir is not None and not cfg.factors_dir:
         problems.append("factors_dir: must not be empty (null = output_dir)")
+    for key in ("output_dir", "factors_dir"):  # outputs are safetensors files, which open only UTF-8 paths
+        folder = getattr(cfg, key) and str(cfg.resolve(getattr(cfg, key)))
+        if folder and not utf8_text(folder):
+            problems.append(f"{key}: {folder!r} is not valid UTF-8, which the outputs' files (safetensors) need; choose a folder of UTF-8 names")
     return problems
+
+
+def utf8_text(text: str) -> bool:
+    """Whether `text` is valid UTF-8 text: a path of other bytes holds Python's surrogate escapes, which safetensors can
+    neither store in its metadata nor open as a file name."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _yaml_repr(value: Any) -> str:

@@ -400,7 +400,10 @@ def read_state_dict(path: str | Path, key: str = "model.checkpoint", strip: bool
     where = f"{key}: {str(path)!r}"
     if not path.is_file():
         raise ModelError(f"{where} does not exist")
-    suffix = _checkpoint_format(path)
+    try:
+        suffix = _checkpoint_format(path)
+    except OSError as exc:  # permission denied, an I/O error
+        raise ModelError(f"{where}: cannot read the checkpoint ({exc.strerror or exc})", hint="check that this user may read the file") from None
     if suffix != ".safetensors" and _is_torchscript(path):  # torch.load would hand it to torch.jit.load
         raise ModelError(
             f"{where}: cannot read the checkpoint (a TorchScript archive, written by torch.jit.save)",
@@ -408,9 +411,7 @@ def read_state_dict(path: str | Path, key: str = "model.checkpoint", strip: bool
         )
     try:
         if suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj: Any = load_file(str(path), device="cpu")
+            obj: Any = storage.load_safetensors(path)
         else:
             with path.open("rb") as fh:  # a file object: torch.load hands a path named *.safetensors to safetensors
                 obj = torch.load(fh, map_location="cpu", weights_only=True)

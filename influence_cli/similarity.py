@@ -211,10 +211,12 @@ def dataset_statistics(
                 watch.check(name)  # never save progress past a non-finite batch
                 saved.save(done, sums)
             progress.advance(len(batch.global_indices))
+        # Before the all-reduce, as fit-factors does: the rank whose shard holds the NaN names its examples, and the
+        # others stop with a lost-peer error; and before the bar stops, so that a failed pass leaves no finished bar.
+        watch.check(name)
     finally:
         progress.stop()  # also on errors and Ctrl-C, so the terminal is clean for the message
-    watch.check(name)  # before the all-reduce, as fit-factors does: the rank whose shard holds the NaN names its examples,
-    for t in [*grad_sum.values(), *diag.sums.values(), diag.count]:  # and the others stop with a lost-peer error
+    for t in [*grad_sum.values(), *diag.sums.values(), diag.count]:
         plan.all_reduce(t)
     count = float(diag.count)
     if count == 0:  # pragma: no cover - load_dataset refuses empty datasets

@@ -29,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from influence_cli import notices
+from influence_cli.config import utf8_text
 from influence_cli.errors import OutputError, UsageError, first_line
 
 FACTORS_FILE = "factors.safetensors"
@@ -185,13 +186,37 @@ def _temp_beside(path: Path, key: str) -> Path:
 
 
 def ensure_writable_dir(folder: Path, key: str = "output_dir") -> None:
-    """Creates `folder` if needed; OutputError naming `key` when it cannot be written."""
+    """Creates `folder` if needed; OutputError naming `key` when it cannot be written (or read)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as exc:  # a file, or a symbolic link to nothing, in the way: of `folder` or a folder above it
+        blocker = Path(exc.filename or folder)
+        what = f"a symbolic link to {os.readlink(blocker)!r}, which leads to no folder" if blocker.is_symlink() else "a file, not a folder"
+        where = f"{str(folder)!r} is" if blocker == folder else f"cannot create {str(folder)!r}: {str(blocker)!r} is"
+        raise OutputError(f"{key}: {where} {what}", hint=f"set {key} to a writable folder") from None
     except OSError as exc:
         raise OutputError(f"{key}: cannot create {str(folder)!r} ({exc.strerror})", hint=f"set {key} to a writable folder") from None
+    check_readable_dir(folder, key)
     if not os.access(folder, os.W_OK):
         raise OutputError(f"{key}: {str(folder)!r} is not writable", hint=f"set {key} to a writable folder")
+
+
+def check_readable_dir(folder: Path, key: str = "output_dir") -> None:
+    """OutputError naming `key` when `folder`, a folder or nothing yet, cannot be reached or its files listed and opened
+    (no read or search permission on it, or no search permission on a folder above it)."""
+    try:
+        os.stat(folder)
+    except PermissionError:
+        reachable = False
+    except (OSError, ValueError):  # nothing there (yet): the caller says so, or creates it
+        return
+    else:
+        reachable = not os.path.isdir(folder) or os.access(folder, os.R_OK | os.X_OK)
+    if not reachable:
+        raise OutputError(
+            f"{key}: {str(folder)!r} cannot be read (permission denied)",
+            hint=f"give this user read and search permission on it and the folders above it (chmod u+rx), or set {key} to another folder",
+        )
 
 
 _Run = TypeVar("_Run", bound=Callable[..., Any])
@@ -232,6 +257,7 @@ def guards_output_dir(what: str | Callable[[dict[str, Any]], str], reads: str | 
                 raise UsageError("--resume, --overwrite: pass one (--resume continues saved progress, --overwrite starts over)")
             name = what(kwargs) if callable(what) else what
             folder, key = _folder_of(cfg, name)
+            check_readable_dir(folder, key)  # also a folder above it: exists() below would raise
             created = [p for p in (folder, *folder.parents) if not p.exists()]  # innermost first
             state = kwargs.get("state")  # the DistState the CLI (or a Python caller) passes
             main = state is None or state.rank == 0  # without a state every process runs alone (as `prepare` does) and locks
@@ -243,6 +269,7 @@ def guards_output_dir(what: str | Callable[[dict[str, Any]], str], reads: str | 
                         locks.enter_context(output_dir_lock(folder, name, hold=main, key=key))
                         if reads is not None:
                             read_folder, read_key = _folder_of(cfg, reads)
+                            check_readable_dir(read_folder, read_key)
                             if read_folder.is_dir():  # else nothing to read: the command says so
                                 elsewhere = read_folder != folder
                                 locks.enter_context(output_dir_lock(read_folder, reads, hold=main, shared=True, key=read_key))
@@ -342,6 +369,7 @@ def output_dir_lock(
     Raises:
         OutputDirBusy: another run holds a conflicting lock (a writer is named by pid, host and command).
     """
+    check_readable_dir(folder, key)
     if shared and folder.is_dir() and not os.access(folder, os.W_OK):
         yield
         return
@@ -551,12 +579,21 @@ def file_format(path: Path) -> str:
 
 
 def _encode(value: Any) -> str:
-    if isinstance(value, str):
+    if isinstance(value, str) and utf8_text(value):
         try:
             json.loads(value)
         except ValueError:
             return value  # plain text, stored as it is: "ekfac", a path, a hex digest with a letter
+    # JSON's escapes are ASCII: a path of non-UTF-8 bytes (Python's surrogate escapes) is stored, and read back, as it is
     return json.dumps(value, sort_keys=True, default=str)  # default: a YAML date or set in the kwargs, as text
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a .safetensors file, on the CPU; a path that is not valid UTF-8 (which safetensors cannot
+    open) is read through Python."""
+    from safetensors.torch import load, load_file
+
+    return load_file(str(path), device="cpu") if utf8_text(str(path)) else load(Path(path).read_bytes())
 
 
 _TEXT_KEYS = frozenset({  # always text; files of earlier versions stored them as they are, even "1234567890123456"
@@ -608,7 +645,7 @@ def read_metadata(path: Path, hint: str | None = None) -> dict[str, Any]:
         with safe_open(str(path), framework="pt") as fh:
             return decode_metadata(dict(fh.metadata() or {}))
     except Exception as exc:  # safetensors raises several types for corrupt files
-        raise OutputError(f"{str(path)!r} is not a readable safetensors file ({exc})", hint=hint or remake_hint(path)) from None
+        raise unreadable(path, exc, hint=hint) from None
 
 
 def _check_format(path: Path, meta: dict[str, Any], expected_format: str | None) -> None:
@@ -619,21 +656,29 @@ def _check_format(path: Path, meta: dict[str, Any], expected_format: str | None)
         )
 
 
-def _unreadable(path: Path, exc: Exception) -> OutputError:
-    return OutputError(f"{str(path)!r} is not a readable safetensors file ({exc})", hint=remake_hint(path))
+def unreadable(path: Path, exc: Exception, what: str = "safetensors file", hint: str | None = None) -> OutputError:
+    """The OutputError of an output `path` that safetensors failed to open (`exc`): a path that is not UTF-8 and a file
+    this user may not read are named as such, anything else is `what` unreadable, with `hint` (by default the command
+    that writes it again)."""
+    if not utf8_text(str(path)):
+        return OutputError(f"{str(path)!r} cannot be opened: its path is not valid UTF-8, which safetensors needs",
+                           hint="rename the file (or the folders above it) to UTF-8 names")  # fmt: skip
+    if os.path.exists(path) and not os.access(path, os.R_OK):  # safetensors says "No such file or directory" of it too
+        return OutputError(f"{str(path)!r} cannot be read (permission denied)", hint="give this user read permission on it (chmod)")
+    return OutputError(f"{str(path)!r} is not a readable {what} ({exc})", hint=hint or remake_hint(path))
 
 
 @contextmanager
 def _opened(path: Path) -> Iterator[Any]:
     """safe_open's handle of `path` (its tensors: views of one memory map); a failure to read it, there or in the
-    body, is an OutputError naming the file (`_unreadable`), and the OutputErrors the body raises pass as they are."""
+    body, is an OutputError naming the file (`unreadable`), and the OutputErrors the body raises pass as they are."""
     try:
         with safe_open(str(path), framework="pt") as fh:
             yield fh
     except OutputError:
         raise
     except Exception as exc:
-        raise _unreadable(path, exc) from None
+        raise unreadable(path, exc) from None
 
 
 def load_tensors(path: Path, expected_format: str | None = None, keys: list[str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

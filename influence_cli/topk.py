@@ -119,11 +119,14 @@ def _folder_of(path: str | Path, caller: str, *names: str) -> Path:
 
     Raises:
         TypeError: `path` is no path (a Config: its output_path is the folder), naming `caller`.
+        OutputError: the folder cannot be read (permission denied).
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"{caller}() takes the output folder (cfg.output_path) or a file in it, not {type(path).__name__}")
     p = Path(path)
-    return p.parent if p.name in names and p.is_file() else p
+    folder = p.parent if p.name in names and os.path.isfile(p) else p
+    storage.check_readable_dir(folder)
+    return folder
 
 
 def load_scores_meta(output_dir: str | Path) -> ScoresMeta:
@@ -344,7 +347,7 @@ def select_queries(
             q = int(item)
             if not 0 <= q < n_query:
                 hint = None
-                if query_indices is not None and bool((query_indices == q).any()):
+                if query_indices is not None and -(2**63) <= q < 2**63 and bool((query_indices == q).any()):  # an int64 index
                     hint = f"--query takes positions (rows of the scores), not dataset indices: index {q} is at position {int((query_indices == q).nonzero()[0])}"
                 raise UsageError(f"--query {q}: outside the {n_query} queries ({valid})", hint=hint)
             out.append(q)
@@ -463,7 +466,7 @@ def _open_scores(path: Path, required: Sequence[str]) -> Any:
         fh = safe_open(str(path), framework="pt")
         keys = set(fh.keys())
     except Exception as exc:  # safetensors raises its own SafetensorError, OSError and others
-        raise OutputError(f"{str(path)!r} is not a readable scores file ({exc})", hint=storage.remake_hint(path)) from None
+        raise storage.unreadable(path, exc, "scores file") from None
     _check_holds(path, keys, required, "compute-scores")
     return fh
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -363,6 +364,16 @@ def _output_under_a_file(tmp: Path) -> list[str]:
     return [str(DIGITS), "--set", f"output_dir={tmp / 'a_file' / 'out'}"]
 
 
+def _output_dir_a_file(tmp: Path) -> list[str]:
+    (tmp / "a_file").write_text("not a folder")
+    return [str(DIGITS), "--set", f"output_dir={tmp / 'a_file'}"]
+
+
+def _output_dir_a_dangling_link(tmp: Path) -> list[str]:
+    (tmp / "link").symlink_to(tmp / "gone")
+    return [str(DIGITS), "--set", f"output_dir={tmp / 'link' / 'out'}"]
+
+
 def _checkpoint_of_input_dim(dim: int) -> Callable[[Path], list[str]]:
     """A config whose model (and its checkpoint) takes `dim` features, not the digits' 64."""
 
@@ -419,6 +430,9 @@ BAD_INPUTS = [
     ("nan-input", _train_file("nan.safetensors", _nan_inputs(), torch.arange(40) % 10), EXIT["numerical"],
      ["covariance pass", "batch 2", "global indices 33)"]),  # fmt: skip
     ("output-under-a-file", _output_under_a_file, EXIT["output"], ["output_dir", "a_file"]),
+    ("output-dir-a-file", _output_dir_a_file, EXIT["output"], ["output_dir: ", "a_file' is a file, not a folder"]),
+    ("output-under-a-dangling-link", _output_dir_a_dangling_link, EXIT["output"],
+     ["output_dir: cannot create ", "link' is a symbolic link to ", "gone', which leads to no folder"]),  # fmt: skip
 ]
 
 
@@ -445,6 +459,89 @@ def test_read_only_output_dir(runner: CliRunner, tmp_path: Path):
         assert_clean_error(result, EXIT["output"], "output_dir")
     finally:
         locked.chmod(0o700)
+
+
+def unprivileged(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    """`python -m influence_cli ARGS` bound by file permissions: under root, without the capabilities that pass over
+    them (setpriv drops CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the bounding set), so that chmod applies."""
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        prefix = [setpriv or "setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
+        if setpriv is None or subprocess.run([*prefix, "true"], capture_output=True).returncode != 0:
+            pytest.skip("root, and no setpriv that drops the capabilities passing over file permissions")
+    env = {**os.environ, "COLUMNS": "120", "OMP_NUM_THREADS": "1"}
+    env.pop("INFLUENCE_DEBUG", None)
+    command = [*prefix, sys.executable, "-m", "influence_cli", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+
+def assert_one_error_line(done: subprocess.CompletedProcess[str], code: int, *needles: str) -> None:
+    """A subprocess's typed error: its exit code, the message line and its hint on stderr, nothing on stdout, no traceback."""
+    assert done.returncode == code and done.stdout == "" and "Traceback" not in done.stderr, (done.returncode, done.stderr)
+    lines = done.stderr.splitlines()
+    assert len(lines) == 2 and lines[1].startswith("hint: "), done.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def test_files_and_folders_this_user_may_not_read(fitted: tuple[Path, Result], tmp_path: Path):
+    """A checkpoint, factors file or output_dir without read permission: one line naming it and the permission (not
+    a PermissionError traceback, nor safetensors' "No such file or directory" with a hint to recompute)."""
+    out, _ = fitted
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / FACTORS).write_bytes((out / FACTORS).read_bytes())
+    checkpoint = tmp_path / "mlp.safetensors"
+    checkpoint.write_bytes((ROOT / "sample_data" / "mlp.safetensors").read_bytes())
+    checkpoint.chmod(0)
+    (run / FACTORS).chmod(0)
+    try:
+        done = unprivileged("fit-factors", DIGITS, "--set", f"output_dir={tmp_path / 'fit'}", "--set", f"model.checkpoint={checkpoint}")
+        assert_one_error_line(done, EXIT["model"], f"model.checkpoint: {str(checkpoint)!r}: cannot read the checkpoint (Permission denied)")
+        done = unprivileged("compute-scores", DIGITS, "--set", f"output_dir={run}")
+        assert_one_error_line(done, EXIT["output"], f"{str(run / FACTORS)!r} cannot be read (permission denied)")
+        run.chmod(0)
+        for command in ("top-k", "compute-scores"):
+            done = unprivileged(command, DIGITS, "--set", f"output_dir={run}")
+            assert_one_error_line(done, EXIT["output"], f"output_dir: {str(run)!r} cannot be read (permission denied)")
+    finally:
+        run.chmod(0o700)
+        (run / FACTORS).chmod(0o600)
+        checkpoint.chmod(0o600)
+    assert not (tmp_path / "fit").exists()
+
+
+def _non_utf8_folder(parent: Path) -> Path:
+    """parent/café with the é as Latin-1, a byte that is not UTF-8 (Python's surrogate escape '\\udce9')."""
+    folder = parent / os.fsdecode(b"caf\xe9")
+    try:
+        folder.mkdir()
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this filesystem refuses file names that are not UTF-8")
+    return folder
+
+
+def test_a_config_in_a_folder_whose_name_is_not_utf8(runner: CliRunner, tmp_path: Path):
+    """Its checkpoint and data beside it are read (safetensors opens only UTF-8 paths: Python reads them), and the
+    folder is recorded in the outputs' metadata as it is; an output_dir of such a name is refused before any work,
+    since safetensors could not open its outputs again, and such an output file is named as such."""
+    folder = _non_utf8_folder(tmp_path)
+    for name in ("mlp.safetensors", "digits.safetensors"):
+        (folder / name).write_bytes((ROOT / "sample_data" / name).read_bytes())
+    config = folder / "digits.yaml"
+    config.write_text(DIGITS.read_text().replace("../sample_data/", ""))
+    out = tmp_path / "out"
+    result = invoke(runner, "fit-factors", config, "--set", f"output_dir={out}", "--set", "data.train.range=[0, 300]")
+    assert result.exit_code == 0, result.stderr
+    _, meta = load_tensors(out / FACTORS)
+    assert meta["base_dir"] == str(config.resolve().parent) and meta["config"]["model"]["checkpoint"] == "mlp.safetensors"
+    assert invoke(runner, "compute-scores", config, "--set", f"output_dir={out}", "--set", "data.train.range=[0, 300]").exit_code == 0
+    refused = invoke(runner, "fit-factors", config, "--set", "output_dir=runs")  # relative: in the folder
+    assert_clean_error(refused, EXIT["config"], "output_dir: ", "is not valid UTF-8")
+    assert not (folder / "runs").exists()
+    (folder / FACTORS).write_bytes((out / FACTORS).read_bytes())
+    assert_clean_error(invoke(runner, "info", folder / FACTORS), EXIT["output"], "its path is not valid UTF-8")
 
 
 def test_debug_shows_the_traceback_and_does_not_stick(runner: CliRunner, tmp_path: Path):

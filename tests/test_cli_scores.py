@@ -121,6 +121,9 @@ def test_top_k_query_out_of_range_is_one_line(runner, project):
     assert "usage error: --query 99: outside the 7 queries (valid: 0..6)" in result.stderr
     result = invoke(runner, "top-k", project, "--query", "two")
     assert result.exit_code == 2 and "--query 'two'" in result.stderr
+    result = invoke(runner, "top-k", project, "--query", "1,99999999999999999999999")  # beyond int64: no OverflowError
+    assert result.exit_code == 2 and result.stdout == "" and "Traceback" not in result.stderr
+    assert "usage error: --query 99999999999999999999999: outside the 7 queries" in result.stderr
 
 
 def test_top_k_without_scores_hints_compute_scores(runner, tmp_path):

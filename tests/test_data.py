@@ -696,6 +696,11 @@ def test_an_indices_file_may_be_a_numpy_array(idx_files: tuple[Path, Path], tmp_
     assert ds.global_indices.tolist() == [3, 1, 4]
     np.save(tmp_path / "floats.npy", np.array([3.0, 1.0]))
     assert "expected a 1-D integer array" in error_of(idx_spec(idx_files, indices_file="floats.npy"), tmp_path)
+    (tmp_path / "text.npy").write_text("3\n1\n")  # not numpy's: it would call it pickled data, to be loaded unsafely
+    with pytest.raises(DataError) as info:
+        load_dataset(idx_spec(idx_files, indices_file="text.npy"), tmp_path)
+    assert info.value.message == "data.train.indices_file: text.npy is not a .npy file (no NumPy header)"
+    assert "numpy.save" in info.value.hint and "pickle" not in str(info.value)
 
 
 def test_idx_file_errors(tmp_path: Path) -> None:

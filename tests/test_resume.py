@@ -709,7 +709,7 @@ def test_factors_dir_holds_the_fit_and_its_locks(tmp_path, monkeypatch):
     compute_scores(cfg)
     assert storage.SCORES_FILE in {p.name for p in queries.iterdir()} and storage.FACTORS_FILE not in {p.name for p in queries.iterdir()}
     assert sorted(p.name for p in shared.iterdir()) == [storage.FACTORS_FILE]  # the readers' lock files removed
-    monkeypatch.setattr(storage.os, "access", lambda path, mode: Path(path) != shared)  # factors shared read-only
+    monkeypatch.setattr(storage.os, "access", lambda path, mode: Path(path) != shared or not mode & os.W_OK)  # shared read-only
     compute_scores(cfg, overwrite=True)  # reads them unlocked, without a warning
     assert sorted(p.name for p in shared.iterdir()) == [storage.FACTORS_FILE]
 

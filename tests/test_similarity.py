@@ -519,6 +519,29 @@ def test_cli_errors(digits_run, tmp_path):
     assert other_layers.exit_code == 5 and "tracks layers" in other_layers.stderr
 
 
+def _digits_with_nan(path: Path) -> str:
+    """20 digits, the 4th of them NaN, saved to `path`; their data spec."""
+    tensors, _ = load_tensors(ROOT / "sample_data" / "digits.safetensors")
+    x = tensors["inputs"][:20].clone()
+    x[3] = float("nan")
+    save_tensors(path, {"inputs": x, "labels": tensors["labels"][:20].clone()}, {})
+    return f"{{source: tensors, path: {path}}}"
+
+
+def test_a_dataset_of_nan_inputs_leaves_the_error_line_alone(digits_run, tmp_path):
+    """The failed pass's bar is stopped after its non-finite check, not drawn as finished above the error."""
+    out, _ = digits_run
+    spec = _digits_with_nan(tmp_path / "nan.safetensors")
+    result = invoke("dataset-similarity", str(DIGITS), "--set", f"factors_dir={out}", "--set", f"output_dir={tmp_path / 'run'}",
+                    "--set", "device=cpu", "--set", f"similarity.datasets.zeros_sixes={spec}")  # fmt: skip
+    assert result.exit_code == 6 and result.stdout == "", result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 2 and lines[1].startswith("hint: "), result.stderr
+    assert lines[0].startswith("numerical error: non-finite loss or gradient in the similarity.datasets.zeros_sixes pass")
+    assert "global indices 3)" in lines[0]
+    assert not (tmp_path / "run").exists()  # nothing written, the folder it made removed
+
+
 def test_help_explains_the_numbers():
     result = invoke("dataset-similarity", "--help")
     assert result.exit_code == 0

@@ -798,6 +798,21 @@ def test_under_torchrun_every_rank_of_edit_stops_when_rank_0_cannot_lock_the_fac
     assert read == [] and not (tmp_path / "e.safetensors").exists()
 
 
+def test_cli_spectrum_of_nan_inputs_leaves_the_error_line_alone(tmp_path, digits):
+    """The failed pass's bar is stopped after its non-finite check, not drawn as finished above the error."""
+    out, sets = digits
+    tensors, _ = load_tensors(ROOT / "sample_data" / "digits.safetensors")
+    x = tensors["inputs"][:20].clone()
+    x[3] = float("nan")
+    save_tensors(tmp_path / "nan.safetensors", {"inputs": x, "labels": tensors["labels"][:20].clone()}, {})
+    spec = f"{{source: tensors, path: {tmp_path / 'nan.safetensors'}}}"
+    result = invoke("spectrum", DIGITS, *sets, "--set", f"factors_dir={out}", "--set", f"output_dir={tmp_path / 'run'}",
+                    "--set", f"spectrum.datasets={{nan: {spec}}}")  # fmt: skip
+    line = assert_error(result, 6, "non-finite loss or gradient in the spectrum.datasets.nan pass", "global indices 3)")
+    assert line.startswith("numerical error:") and len(result.stderr.splitlines()) == 2, result.stderr
+    assert not (tmp_path / "run").exists()  # nothing written, the folder it made removed
+
+
 def test_cli_errors(tmp_path, digits):
     out, sets = digits
     empty = ["--set", f"output_dir={tmp_path / 'nothing'}"]

@@ -136,6 +136,14 @@ def test_a_dataset_index_given_as_a_position_is_pointed_out():
     assert "not dataset indices: index 1501 is at position 1" in info.value.hint
 
 
+def test_a_position_beyond_int64_is_out_of_range_not_a_crash():
+    """--query 99999999999999999999999 is compared with the int64 dataset indices only when it is one."""
+    for position in (2**70, -(2**70), 2**63):
+        with pytest.raises(UsageError, match=f"--query {position}: outside the 3 queries") as info:
+            select_queries(3, position, torch.tensor([1500, 1501, 1502]))
+        assert info.value.hint is None
+
+
 def test_query_selection_forms(caplog):
     with caplog.at_level("WARNING", logger="influence_cli"):
         assert select_queries(5, None) == [0, 1, 2, 3, 4]

@@ -23,6 +23,10 @@ def _read_indices_file(spec: DataSpec, base_dir: Path, key: str) -> tuple[list[i
         import numpy as np
 
         try:
+            with open(path, "rb") as fh:
+                magic = fh.read(6)
+            if magic != b"\x93NUMPY":  # numpy would call anything else a pickle, and suggest loading it unsafely
+                raise DataError(f"{key}: {path.name} is not a .npy file (no NumPy header)", hint="save it with numpy.save, or list the indices in a text or .json file")
             array = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise DataError(f"{key}: cannot read {path.name} ({exc})") from None

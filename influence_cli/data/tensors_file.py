@@ -21,9 +21,9 @@ def open_tensors(spec: DataSpec, base_dir: Path, name: str) -> Source:
     content: dict[str, Any]
     try:
         if suffix == ".safetensors":
-            from safetensors.torch import load_file
+            from influence_cli.storage import load_safetensors
 
-            content = dict(load_file(str(path)))
+            content = dict(load_safetensors(path))
         elif suffix == ".npz":
             with open(path, "rb") as f:
                 magic = f.read(6)
