@@ -526,10 +526,6 @@ def spectrum(
     specs = dataset_specs(cfg)
     keys = {name: key for name, (_, key) in specs.items()}
     progress = for_rank(progress, ctx.state.rank, ctx.state.world_size)
-    # the chosen layers' factors, moved to the device once for every dataset; off the CPU nothing of the file's
-    # memory map (whose pages the finite check read) is kept beside them: only the metadata stays
-    layer_factors = {tm.name: factors.layers[tm.name].to(ctx.device, accumulator_dtype(ctx.model)) for tm in chosen}
-    factors = dataclasses.replace(factors, layers={})
     datasets = {name: ctx.dataset(spec, key) for name, (spec, key) in specs.items()}
     fitted_on = factors.metadata.get("dataset_fingerprint")
     if not sp.datasets and fitted_on is not None and datasets["train"].fingerprint() != fitted_on:
@@ -557,6 +553,10 @@ def spectrum(
         "mass": sp.mass, "bins": sp.bins, "task": cfg.task.kind, "padding_value": cfg.data.padding_value,
     }  # fmt: skip
     from_file = finished_result(path, result_fields, "a spectrum result", overwrite=overwrite) is not None
+    # the chosen layers' factors, moved to the device once for every dataset (not for a result read back); off the CPU
+    # nothing of the file's memory map (whose pages the finite check read) is kept beside them: only the metadata stays
+    layer_factors = {} if from_file else {tm.name: factors.layers[tm.name].to(ctx.device, accumulator_dtype(ctx.model)) for tm in chosen}
+    factors = dataclasses.replace(factors, layers={})
     st = ctx.state
     resumed_from = None
     if from_file:

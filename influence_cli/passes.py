@@ -577,7 +577,7 @@ def _input_hint(x: torch.Tensor, reason: str, dataset_name: str) -> str:
     if not x.is_floating_point():
         return f"the inputs are int64 token ids; for a model that takes numbers set {dataset_name}.transform.dtype: float32"
     if any(word in reason for word in ("indices", "index", "Long")):
-        return f"the model seems to take token ids; set {dataset_name}.transform.dtype: int64 (without scale, normalize or resize, which make floats)"
+        return f"the model seems to take token ids; set {dataset_name}.transform.dtype: int64 (without scale, normalize, resize or channels, which make floats)"
     if "channel" in reason:
         return (
             f"for images the model takes with another number of channels, set {dataset_name}.transform.channels: 1 or 3 "

@@ -739,6 +739,28 @@ def test_off_the_cpu_no_memory_map_of_the_factors_outlives_their_copy_on_the_dev
     assert mapped and seen["alive"] == 0 and seen["devices"] == {"meta"} and seen["layers"] == ["fc2"]
 
 
+def test_a_result_read_back_moves_no_factors_to_the_device(tmp_path, digits, monkeypatch):
+    """A finished result shown again runs no pass, so the chosen layers' factors are not copied to the device
+    (on a GPU a copy of them all, for nothing); the run that computes it moves each once."""
+    from influence_cli.factors import LayerFactors
+
+    out, sets = digits
+    cfg = load_config(DIGITS, [*(s for s in sets if s != "--set"), f"factors_dir={out}", f"output_dir={tmp_path / 'run'}"])
+    moved: list[str] = []
+    real_to = LayerFactors.to
+
+    def to(self, device, dtype=None):
+        moved.append(self.name)
+        return real_to(self, device, dtype)
+
+    monkeypatch.setattr(LayerFactors, "to", to)
+    assert not spectrum(cfg, layers="fc*").from_file
+    assert sorted(set(moved)) == ["fc1", "fc2"]
+    moved.clear()
+    assert spectrum(cfg, layers="fc*").from_file
+    assert moved == []
+
+
 def test_edit_holds_the_factors_lock_until_the_checkpoint_is_written(tmp_path, digits, monkeypatch):
     """The factors are views of a map of the file, read (checked, projected) after they were opened,
     and the checkpoint names their file: fit-factors (an exclusive lock on them) is refused until edit
@@ -824,7 +846,12 @@ def test_cli_errors(tmp_path, digits):
     assert_error(invoke("edit", DIGITS, *sets, "--out", tmp_path / "e.safetensors", "--rho", "1.5"), 2, "--rho")
     assert_error(invoke("edit", DIGITS, *sets, "--out", tmp_path / "e.safetensors", "--keep-share", "0"), 2, "--keep-share", "(0, 1]")
     assert_error(invoke("spectrum", DIGITS, *sets, "--plot", tmp_path / "plot.txt"), 5, "--plot", "unknown image format")
-    assert_error(invoke("spectrum", DIGITS, *sets, "--rank-by", "share"), 2, "--rank-by", "add --top N")
+    refused = invoke("spectrum", DIGITS, *sets, "--rank-by", "share")
+    assert_error(refused, 2, "--rank-by share: not used without --top")
+    assert "hint: add --top N" in refused.stderr
+    fresh = [*sets, "--set", f"output_dir={tmp_path / 'refused'}", "--set", f"factors_dir={out}"]
+    assert_error(invoke("spectrum", DIGITS, *fresh, "--rank-by", "share", "--plot", tmp_path / "p.png"), 2, "--rank-by share")
+    assert not (tmp_path / "refused").exists() and not (tmp_path / "p.png").exists()  # before any pass or file
     (tmp_path / "a_folder.png").mkdir()
     assert_error(invoke("spectrum", DIGITS, *sets, "--plot", tmp_path / "a_folder.png"), 5, "--plot", "is a folder")
     for name in ("e.bin", "e.ckpt", "e"):

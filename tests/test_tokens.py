@@ -256,7 +256,7 @@ def test_token_ids_fed_to_a_float_model_name_the_key(token_project):
     result = _runner().invoke(app, ["fit-factors", token_project, *as_floats, "--set", "data.padding_value=null"])
     assert result.exit_code == 3
     assert "data.train: inputs of shape [8, 6] do not fit the model" in result.stderr
-    assert "set data.train.transform.dtype: int64" in result.stderr
+    assert "set data.train.transform.dtype: int64 (without scale, normalize, resize or channels, which make floats)" in result.stderr
 
 
 def test_token_ids_fed_to_a_model_that_takes_numbers_name_the_key(tmp_path):

@@ -109,7 +109,7 @@ def spectrum_cmd(
 
     cfg = load(config, set_, "spectrum")
     if rank_by != "energy" and not top:
-        raise UsageError("--rank-by: it orders the list of --top, which is not asked for; add --top N")
+        raise UsageError(f"--rank-by {rank_by}: not used without --top (it orders the list --top asks for)", hint="add --top N")
     if plot is not None:
         from influence_cli.storage import check_image_path
 
