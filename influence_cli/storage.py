@@ -650,10 +650,21 @@ def read_metadata(path: Path, hint: str | None = None) -> dict[str, Any]:
 
 def _check_format(path: Path, meta: dict[str, Any], expected_format: str | None) -> None:
     if expected_format is not None and meta.get(FORMAT_KEY) != expected_format:
-        raise OutputError(
-            f"{str(path)!r} is not a {expected_format} file (format: {meta.get(FORMAT_KEY)!r})",
-            hint="point the command at the output_dir of a matching run",
+        raise format_mismatch(path, meta.get(FORMAT_KEY), expected_format)
+
+
+def format_mismatch(path: Path, found: Any, expected: str, hint: str | None = None) -> OutputError:
+    """The OutputError of an output whose format (`found`, from its metadata) is not `expected`: one of another
+    version of the same kind is to be written again, any other file is not the output looked for."""
+    if isinstance(found, str) and found.split("/")[0] == expected.split("/")[0]:
+        return OutputError(
+            f"{str(path)!r} holds format {found}, written by another version of influence_cli (this one reads {expected})",
+            hint=hint or "run the command that wrote it again, with --overwrite",
         )
+    return OutputError(
+        f"{str(path)!r} is not an output of format {expected} (its format: {found!r})",
+        hint=hint or "point the command at the output_dir of a matching run",
+    )
 
 
 def unreadable(path: Path, exc: Exception, what: str = "safetensors file", hint: str | None = None) -> OutputError:

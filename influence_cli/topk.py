@@ -146,12 +146,12 @@ def load_scores_meta(output_dir: str | Path) -> ScoresMeta:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise OutputError(f"{str(index)!r} is not a readable scores index ({exc})", hint="rerun compute-scores with --overwrite") from None
         if data.get(storage.FORMAT_KEY) != storage.SCORES_FORMAT:
-            raise OutputError(f"{str(index)!r} is not a {storage.SCORES_FORMAT} index", hint="rerun compute-scores with --overwrite")
+            raise storage.format_mismatch(index, data.get(storage.FORMAT_KEY), storage.SCORES_FORMAT, hint="rerun compute-scores with --overwrite")
         storage.check_shards_present(index, [f.path for f in files])
     elif single.is_file():
         metadata = storage.read_metadata(single)
         if metadata.get(storage.FORMAT_KEY) != storage.SCORES_FORMAT:
-            raise OutputError(f"{str(single)!r} is not a {storage.SCORES_FORMAT} file", hint="rerun compute-scores with --overwrite")
+            raise storage.format_mismatch(single, metadata.get(storage.FORMAT_KEY), storage.SCORES_FORMAT, hint="rerun compute-scores with --overwrite")
         with _open_scores(single, ("scores", "train_indices")) as fh:
             n_query, n_train = fh.get_slice("scores").get_shape()
         files = [ScoreFile(single, 0, n_train)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -288,3 +289,34 @@ def test_top_k_names_image_folder_examples_by_file_and_class(tmp_path):
     rows = json.loads(runner.invoke(app, ["top-k", str(tmp_path / "c.yaml"), "--self", "--k", "5", "--json"]).stdout)["self_influence"]
     assert sorted(r["train_file"] for r in rows) == ["cat/0.png", "cat/1.png", "cat/2.png", "dog/0.png", "dog/1.png"]
     assert "(cat)" in runner.invoke(app, ["top-k", str(tmp_path / "c.yaml"), "--self", "--k", "5"]).stdout
+
+
+@pytest.mark.parametrize("shard_len", [None, 2], ids=["one file", "shards"])
+def test_scores_of_another_format_say_whether_another_version_wrote_them(tmp_path, shard_len):
+    """Scores whose format names another version are to be written again; a file of another kind is not scores."""
+    write_scores(tmp_path, torch.randn(3, 4), shard_len)
+    path = tmp_path / (storage.SCORES_FILE if shard_len is None else storage.SCORES_INDEX)
+    for found, message in (
+        ("influence_cli.scores/0", "holds format influence_cli.scores/0, written by another version of influence_cli (this one reads influence_cli.scores/1)"),
+        ("influence_cli.factors/1", "is not an output of format influence_cli.scores/1 (its format: 'influence_cli.factors/1')"),
+    ):
+        if shard_len is None:
+            tensors, meta = storage.load_tensors(path)
+            storage.save_tensors(path, tensors, {**meta, storage.FORMAT_KEY: found})
+        else:
+            storage.save_json(path, {**json.loads(path.read_text()), storage.FORMAT_KEY: found})
+        with pytest.raises(OutputError) as exc:
+            load_scores_meta(tmp_path)
+        assert exc.value.message == f"{str(path)!r} {message}" and exc.value.hint == "rerun compute-scores with --overwrite"
+
+
+def test_an_output_of_another_kind_or_version_is_named_as_such(tmp_path):
+    path = tmp_path / "f.safetensors"
+    storage.save_tensors(path, {"x": torch.zeros(1)}, {storage.FORMAT_KEY: "influence_cli.factors/0"})
+    with pytest.raises(OutputError, match=r"holds format influence_cli.factors/0, written by another version") as exc:
+        storage.load_tensors(path, storage.FACTORS_FORMAT)
+    assert exc.value.hint == "run the command that wrote it again, with --overwrite"
+    storage.save_tensors(path, {"x": torch.zeros(1)}, {})
+    with pytest.raises(OutputError, match=r"is not an output of format influence_cli.factors/1 \(its format: None\)") as exc:
+        storage.load_tensors(path, storage.FACTORS_FORMAT)
+    assert exc.value.hint == "point the command at the output_dir of a matching run"

@@ -31,7 +31,7 @@ def _read_indices_file(spec: DataSpec, base_dir: Path, key: str) -> tuple[list[i
         except (OSError, ValueError) as exc:
             raise DataError(f"{key}: cannot read {path.name} ({exc})") from None
         if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
-            raise DataError(f"{key}: {path.name} holds a {array.dtype} array of shape {list(array.shape)}; expected a 1-D integer array")
+            raise DataError(f"{key}: {path.name} holds an array of {array.dtype} of shape {list(array.shape)}; expected a 1-D integer array")
         return [int(v) for v in array.tolist()], file_info(path)
     try:
         text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not part of line 1
