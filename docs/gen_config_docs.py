@@ -369,7 +369,8 @@ commands wrote there; only `edit --out` and the pictures of `--image-grid`, `--h
 are written elsewhere, where their paths point, and the factors live in `factors_dir` when the
 config sets it. Both folders' paths must be UTF-8 (the outputs are safetensors files, which open
 only UTF-8 paths; the config, checkpoint and data files may have any name), and a folder this
-user cannot read or enter is refused by its key before any work:
+user cannot enter, or cannot list where the command writes (it finds its progress there), is
+refused by its key before any work:
 
 | file | written by | what |
 |---|---|---|

@@ -260,6 +260,7 @@ def edit_checkpoint(
             f"--out: {str(out)!r} must end in {', '.join(EDIT_SUFFIXES[:-1])} or {EDIT_SUFFIXES[-1]}",
             hint="e.g. edited.safetensors (with the edit's metadata), or edited.pt (a plain state dict)",
         )
+    storage.check_readable_dir(out.parent, "--out", listed=False)  # is_dir() would raise PermissionError
     if out.is_dir():
         raise UsageError(f"--out: {str(out)!r} is a folder", hint="give a file name ending in .safetensors, .pt or .pth")
     storage.check_creatable_dir(out.parent, key="--out")  # created only when the edited weights are written

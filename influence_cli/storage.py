@@ -149,6 +149,7 @@ def check_image_path(path: Path, key: str) -> str:
     from PIL import Image
 
     path = Path(path)
+    check_readable_dir(path.parent, key, listed=False)  # is_dir() would raise PermissionError
     if path.is_dir():
         raise OutputError(f"{key}: {str(path)!r} is a folder", hint="give a file name ending in .png")
     Image.init()
@@ -196,14 +197,17 @@ def ensure_writable_dir(folder: Path, key: str = "output_dir") -> None:
         raise OutputError(f"{key}: {where} {what}", hint=f"set {key} to a writable folder") from None
     except OSError as exc:
         raise OutputError(f"{key}: cannot create {str(folder)!r} ({exc.strerror})", hint=f"set {key} to a writable folder") from None
-    check_readable_dir(folder, key)
+    check_readable_dir(folder, key, listed=False)  # an output folder is checked `listed` by guards_output_dir
     if not os.access(folder, os.W_OK):
         raise OutputError(f"{key}: {str(folder)!r} is not writable", hint=f"set {key} to a writable folder")
 
 
-def check_readable_dir(folder: Path, key: str = "output_dir") -> None:
-    """OutputError naming `key` when `folder`, a folder or nothing yet, cannot be reached or its files listed and opened
-    (no read or search permission on it, or no search permission on a folder above it)."""
+def check_readable_dir(folder: Path, key: str = "output_dir", *, listed: bool = True) -> None:
+    """OutputError naming `key` when `folder`, a folder or nothing yet, cannot be reached or its files opened (no
+    search permission on it or on a folder above it), or, with `listed`, its files listed (no read permission on it).
+    A folder a command writes its outputs and progress into is `listed` (it finds its own files there); one it only
+    reads named files from (shared factors, top-k's scores), or writes one file into (a picture, `edit --out`), need
+    not be: a folder that may be entered but not listed (a drop box, a shared folder that hides its names) serves."""
     try:
         os.stat(folder)
     except PermissionError:
@@ -211,12 +215,11 @@ def check_readable_dir(folder: Path, key: str = "output_dir") -> None:
     except (OSError, ValueError):  # nothing there (yet): the caller says so, or creates it
         return
     else:
-        reachable = not os.path.isdir(folder) or os.access(folder, os.R_OK | os.X_OK)
+        reachable = not os.path.isdir(folder) or os.access(folder, (os.R_OK | os.X_OK) if listed else os.X_OK)
     if not reachable:
-        raise OutputError(
-            f"{key}: {str(folder)!r} cannot be read (permission denied)",
-            hint=f"give this user read and search permission on it and the folders above it (chmod u+rx), or set {key} to another folder",
-        )
+        need = "read and search permission on it and search permission on the folders above it (chmod u+rx)" if listed else (
+            "search permission on it and the folders above it (chmod u+x)")  # fmt: skip
+        raise OutputError(f"{key}: {str(folder)!r} cannot be read (permission denied)", hint=f"give this user {need}, or choose another folder for {key}")
 
 
 _Run = TypeVar("_Run", bound=Callable[..., Any])
@@ -269,7 +272,7 @@ def guards_output_dir(what: str | Callable[[dict[str, Any]], str], reads: str | 
                         locks.enter_context(output_dir_lock(folder, name, hold=main, key=key))
                         if reads is not None:
                             read_folder, read_key = _folder_of(cfg, reads)
-                            check_readable_dir(read_folder, read_key)
+                            check_readable_dir(read_folder, read_key, listed=False)  # only its named files are read
                             if read_folder.is_dir():  # else nothing to read: the command says so
                                 elsewhere = read_folder != folder
                                 locks.enter_context(output_dir_lock(read_folder, reads, hold=main, shared=True, key=read_key))
@@ -369,7 +372,7 @@ def output_dir_lock(
     Raises:
         OutputDirBusy: another run holds a conflicting lock (a writer is named by pid, host and command).
     """
-    check_readable_dir(folder, key)
+    check_readable_dir(folder, key, listed=not shared)
     if shared and folder.is_dir() and not os.access(folder, os.W_OK):
         yield
         return

@@ -125,7 +125,7 @@ def _folder_of(path: str | Path, caller: str, *names: str) -> Path:
         raise TypeError(f"{caller}() takes the output folder (cfg.output_path) or a file in it, not {type(path).__name__}")
     p = Path(path)
     folder = p.parent if p.name in names and os.path.isfile(p) else p
-    storage.check_readable_dir(folder)
+    storage.check_readable_dir(folder, listed=False)  # its files are read by name
     return folder
 
 

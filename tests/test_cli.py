@@ -512,6 +512,40 @@ def test_files_and_folders_this_user_may_not_read(fitted: tuple[Path, Result], t
     assert not (tmp_path / "fit").exists()
 
 
+def test_folders_that_may_be_entered_but_not_listed(runner: CliRunner, fitted: tuple[Path, Result], tmp_path: Path):
+    """A folder this user may enter but not list serves what is read or written there by name: factors shared through
+    factors_dir, top-k's scores, a picture, `edit --out`; the output_dir a command writes is listed (its progress and
+    temporary files are found there), and a folder that cannot be entered is refused, one line, before any work."""
+    out, _ = fitted
+    shared, scored, drop, closed, run = (tmp_path / name for name in ("shared", "scored", "drop", "closed", "run"))
+    for folder in (shared, scored, drop, closed):
+        folder.mkdir()
+    (shared / FACTORS).write_bytes((out / FACTORS).read_bytes())
+    assert invoke(runner, "compute-scores", DIGITS, "--set", f"factors_dir={shared}", "--set", f"output_dir={scored}").exit_code == 0
+    shared.chmod(0o100)  # search only
+    scored.chmod(0o300)  # write and search: a drop box
+    drop.chmod(0o300)
+    closed.chmod(0)
+    factors = ["--set", f"factors_dir={shared}"]
+    try:
+        done = unprivileged("compute-scores", DIGITS, *factors, "--set", f"output_dir={run}")
+        assert done.returncode == 0, done.stderr
+        done = unprivileged("top-k", DIGITS, "--set", f"output_dir={scored}", "--query", "0", "--image-grid", drop / "grid.png")
+        assert done.returncode == 0, done.stderr
+        done = unprivileged("edit", DIGITS, *factors, "--set", f"output_dir={run}", "--out", drop / "edited.safetensors")
+        assert done.returncode == 0, done.stderr
+        done = unprivileged("compute-scores", DIGITS, *factors, "--set", f"output_dir={drop}")
+        assert_one_error_line(done, EXIT["output"], f"output_dir: {str(drop)!r} cannot be read (permission denied)")
+        done = unprivileged("top-k", DIGITS, "--set", f"output_dir={scored}", "--query", "0", "--image-grid", closed / "grid.png")
+        assert_one_error_line(done, EXIT["output"], f"--image-grid: {str(closed)!r} cannot be read (permission denied)")
+        done = unprivileged("edit", DIGITS, *factors, "--set", f"output_dir={run}", "--out", closed / "sub" / "edited.safetensors")
+        assert_one_error_line(done, EXIT["output"], f"--out: {str(closed / 'sub')!r} cannot be read (permission denied)")
+    finally:
+        for folder in (shared, scored, drop, closed):
+            folder.chmod(0o700)
+    assert sorted(p.name for p in drop.iterdir()) == ["edited.safetensors", "grid.png"] and not any(closed.iterdir())
+
+
 def _non_utf8_folder(parent: Path) -> Path:
     """parent/café with the é as Latin-1, a byte that is not UTF-8 (Python's surrogate escape '\\udce9')."""
     folder = parent / os.fsdecode(b"caf\xe9")
