@@ -12,8 +12,10 @@ timed by wrapping the functions that run them:
 - pass 1 (`fit._run_pass`, phase `covariance`), the progress snapshot after it
   (`PassCheckpoint.save`), every eigendecomposition (`factors.eigendecompose`, per layer and
   factor, with its width and the zero rows it deflates) and the LAPACK call inside it
-  (`torch.linalg.eigh`), pass 2 (`_run_pass`, phase `correction`) and the factors file
-  (`storage.save_tensors` from `fit._fit_member`).
+  (`torch.linalg.eigh`), pass 2 (`_run_pass`, phase `correction`), within it the accumulation of
+  Λ* (`DiagonalAccumulator.update`: the rotations into the eigenbasis and the sums; one row for all
+  batches, its peak the highest of theirs, so the rest of pass 2's is its forward and backward)
+  and the factors file (`storage.save_tensors` from `fit._fit_member`).
 
 Each row: wall and CPU seconds (the process's, the sampler included: on a shared machine the
 wall time counts the other processes' turns), VmRSS when the phase began, the highest sample in
@@ -67,6 +69,9 @@ class Sampler(threading.Thread):
 
     def peak(self, t0: float, t1: float) -> float:
         return max((r for t, r in self.samples if t0 <= t <= t1), default=0.0)
+
+
+UPDATE = "  Λ* accumulation, all batches (its peak: the highest)"
 
 
 def main() -> None:
@@ -125,6 +130,7 @@ def main() -> None:
 
     factors_module.eigendecompose = timed(eig_label, factors_module.eigendecompose)
     torch.linalg.eigh = timed(lambda m, *a, **k: f"  eigh {tuple(m.shape)} {str(m.dtype)[6:]}", torch.linalg.eigh)
+    factors_module.DiagonalAccumulator.update = timed(lambda *a, **k: UPDATE, factors_module.DiagonalAccumulator.update)
     resume_module.PassCheckpoint.save = timed(lambda self, phase, *a, **k: f"progress snapshot ({phase})", resume_module.PassCheckpoint.save)
     storage.save_tensors = timed(lambda path, *a, **k: f"save {Path(path).name}", storage.save_tensors)
 
@@ -138,6 +144,11 @@ def main() -> None:
     sampler.join()
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
+    updates = [e for e in events if e["phase"] == UPDATE]
+    events = [e for e in events if e["phase"] != UPDATE]
+    if updates:
+        events.append({"phase": UPDATE, "t0": updates[0]["t0"], "t1": updates[-1]["t1"], "cpu": sum(e["cpu"] for e in updates), "rss0": updates[0]["rss0"],
+                       "seconds": sum(e["t1"] - e["t0"] for e in updates), "peak": max(sampler.peak(e["t0"], e["t1"]) for e in updates)})
     eig_start = min((e["t0"] for e in events if e["phase"].startswith("eigendecompose")), default=None)
     eig_end = max((e["t1"] for e in events if e["phase"].startswith("eigendecompose")), default=None)
     if eig_start is not None:
@@ -146,7 +157,10 @@ def main() -> None:
         events.append({"phase": "eigendecompositions, all layers", "t0": eig_start, "t1": eig_end, "cpu": cpu, "rss0": rss0})
     events.sort(key=lambda e: (e["t0"], -e["t1"]))
     rows = [
-        {"phase": e["phase"], "seconds": e["t1"] - e["t0"], "cpu_seconds": e["cpu"], "rss_start_mb": e["rss0"], "rss_peak_mb": max(e["rss0"], sampler.peak(e["t0"], e["t1"]))}
+        {
+            "phase": e["phase"], "seconds": e.get("seconds", e["t1"] - e["t0"]), "cpu_seconds": e["cpu"], "rss_start_mb": e["rss0"],
+            "rss_peak_mb": max(e["rss0"], e.get("peak", sampler.peak(e["t0"], e["t1"]))),
+        }  # fmt: skip
         for e in events
     ]
     rows.append({"phase": "whole fit_factors", "seconds": t_end - t_start, "cpu_seconds": c_end - c_start, "rss_start_mb": base, "rss_peak_mb": sampler.peak(t_start, t_end)})

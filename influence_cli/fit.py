@@ -31,7 +31,6 @@ from influence_cli.factors import (
     Factors,
     LayerFactors,
     kronecker_layer_factors,
-    null_rows,
 )
 from influence_cli.models import definition_change, load_model, model_fingerprint
 from influence_cli.passes import NonFiniteWatch, accumulator_dtype, matmul_dtype, stream_gradients
@@ -225,10 +224,15 @@ def compute_factors(
     snapshot: Snapshot | None = None,
     progress: Progress | None = None,
     seconds: dict[str, float] | None = None,
+    keep_covariances: bool = False,
 ) -> dict[str, LayerFactors]:
     """Runs the passes `strategy` needs and returns every tracked layer's factors.
 
-    Accumulators are float32 (float64 for a float64 model); eigendecompositions float64.
+    Accumulators are float32 (float64 for a float64 model); eigendecompositions float64. Each
+    layer's A and G are released once decomposed (only their zero rows are counted, `zero_inputs`
+    and `zero_outputs`); `keep_covariances` keeps them on the factors (`a_covariance`,
+    `g_covariance`), except in a run resumed from a snapshot of the correction pass past its start,
+    which holds the eigenbases, not A and G.
     """
     progress = progress or NullProgress()
     seconds = seconds if seconds is not None else {}
@@ -250,41 +254,89 @@ def compute_factors(
         count = float(diag.count)
         return {name: LayerFactors(name, eigenvalues=(s / count).clamp_min(0), num_examples=int(count)) for name, s in diag.sums.items()}
 
-    cov = CovarianceAccumulator(tracked, dtype, device, low)
-    if snapshot is not None and snapshot.phase == "correction":
-        for k, v in cov.state().items():
-            v.copy_(snapshot.tensors[f"covariance.{k}"])
+    if snapshot is not None and snapshot.phase == "correction" and BASIS_COUNT in snapshot.tensors:
+        layers = layers_from_basis(tracked, snapshot.tensors, device)  # the interrupted run's eigenbases: no eigendecomposition
+        count = snapshot.tensors[BASIS_COUNT]
     else:
-        timed("covariance", cov, {})
-        if strategy == "ekfac" and checkpoint is not None and checkpoint.every > 0:
-            # The summed covariances exist only now: keep them at once, so that a run stopped
-            # before the first correction snapshot (e.g. in a long eigendecomposition) does
-            # not redo pass 1, and so that all ranks' progress is from the same pass.
-            checkpoint.save("correction", 0, {f"covariance.{k}": v for k, v in cov.state().items()})
-    count = float(cov.count)
-    # The sums are kept only for snapshots of the correction pass (a run resumed from one decomposes
-    # them again), which are written when it has more than `every` batches; otherwise each layer's
-    # sums become its mean covariances in place (a 12,545-wide A is 630 MB in float32).
-    keep_sums = strategy == "ekfac" and checkpoint is not None and 0 < checkpoint.every < plan.num_batches
-    t0 = time.perf_counter()
-    start_progress(progress, "eigendecomposition", len(tracked), unit="layers")  # minutes for wide layers (ViT, ConvNeXt): say it is working
-    layers = {}
-    for tm in tracked:  # one layer's float64 matrices at a time (factors.eigendecompose)
-        a_cov, g_cov = cov.means(tm.name, count, release=not keep_sums)
-        layers[tm.name] = kronecker_layer_factors(tm.name, a_cov, g_cov, int(count), dtype)
-        del a_cov, g_cov
-        progress.advance(1)
-    progress.stop()
-    seconds["eigendecomposition"] = time.perf_counter() - t0
+        cov = CovarianceAccumulator(tracked, dtype, device, low)
+        if snapshot is not None and snapshot.phase == "correction":  # the summed covariances after pass 1
+            for k, v in cov.state().items():
+                v.copy_(snapshot.tensors[f"covariance.{k}"])
+        else:
+            timed("covariance", cov, {})
+            if strategy == "ekfac" and checkpoint is not None and checkpoint.every > 0:
+                # The summed covariances exist only now: keep them at once, so that a run stopped
+                # before the first correction snapshot (e.g. in a long eigendecomposition) does
+                # not redo pass 1, and so that all ranks' progress is from the same pass.
+                checkpoint.save("correction", 0, {f"covariance.{k}": v for k, v in cov.state().items()})
+        count = cov.count
+        t0 = time.perf_counter()
+        start_progress(progress, "eigendecomposition", len(tracked), unit="layers")  # minutes for wide layers (ViT, ConvNeXt): say it is working
+        layers = {}
+        for tm in tracked:  # one layer's float64 matrices at a time (factors.eigendecompose)
+            # The sums become the mean covariances in their own memory and leave the accumulator: once
+            # decomposed nothing holds them (a 12,545-wide A is 630 MB in float32), unless asked to.
+            a_cov, g_cov = cov.means(tm.name, float(count), release=True)
+            layers[tm.name] = kronecker_layer_factors(tm.name, a_cov, g_cov, int(count), dtype, keep_covariances=keep_covariances)
+            del a_cov, g_cov
+            progress.advance(1)
+        progress.stop()
+        seconds["eigendecomposition"] = time.perf_counter() - t0
+        del cov
     if strategy == "kfac":
         return layers
 
     bases = {name: (lf.a_eigenvectors, lf.g_eigenvectors) for name, lf in layers.items()}
     corr = DiagonalAccumulator(tracked, bases, dtype, device, low)
-    timed("correction", corr, {f"covariance.{k}": v for k, v in cov.state().items()} if keep_sums else {})
+    for lf in layers.values():
+        lf.eigenvalues = None  # K-FAC's λ_G λ_Aᵀ [d_out, d_in]: Λ* replaces it
+    # Snapshots of this pass hold the eigenbases (alive anyway) with its sums: a resumed run decomposes nothing.
+    timed("correction", corr, basis_tensors(layers, count))
     count2 = float(corr.count)
     for name, lf in layers.items():
         lf.eigenvalues = (corr.sums[name] / count2).clamp_min(0)  # the position-pair sums can round below 0
+    return layers
+
+
+BASIS = "basis."
+"""Prefix of the eigendecomposition's tensors in snapshots of the correction pass (`basis_tensors`)."""
+BASIS_COUNT = f"{BASIS}count"
+_BASIS_KEYS = (storage.A_EIGENVECTORS, storage.G_EIGENVECTORS, storage.A_EIGENVALUES, storage.G_EIGENVALUES)
+
+
+def basis_tensors(layers: dict[str, LayerFactors], count: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What snapshots of the correction pass keep of the eigendecomposition, keyed `basis.<layer>.<factor>`:
+    every layer's U_A, U_G, λ_A, λ_G (the tensors themselves, no copies), its zero rows of A and G
+    (`basis.<layer>.zero_rows`, int64 [2]), and pass 1's example count (`basis.count`, float64 []).
+
+    A column-major eigenbasis (LAPACK's, where nothing was deflated) is kept as its transpose,
+    `<factor>.mT`, so that `layers_from_basis` gives it back in that layout: the rotations' GEMMs
+    round alike only with operands laid out alike.
+    """
+    out = {BASIS_COUNT: count}
+    for name, lf in layers.items():
+        for key in _BASIS_KEYS:
+            t = getattr(lf, key)
+            column_major = t.dim() == 2 and not t.is_contiguous() and t.mT.is_contiguous()
+            out[f"{BASIS}{name}.{key}{'.mT' if column_major else ''}"] = t.mT if column_major else t
+        out[f"{BASIS}{name}.zero_rows"] = torch.tensor([lf.zero_inputs, lf.zero_outputs], dtype=torch.int64)
+    return out
+
+
+def layers_from_basis(tracked: list[TrackedModule], tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, LayerFactors]:
+    """The layers' factors before the correction pass from a snapshot's `basis_tensors`, copied to
+    `device` in their layout (a copy: new memory, aligned as the eigendecomposition's was, not the
+    snapshot file's map; GEMMs can round otherwise on unaligned operands)."""
+    count = int(tensors[BASIS_COUNT])
+    layers = {}
+    for tm in tracked:
+        prefix = f"{BASIS}{tm.name}."
+        zero_inputs, zero_outputs = tensors[f"{prefix}zero_rows"].tolist()
+        basis = {}
+        for key in _BASIS_KEYS:
+            t = tensors[prefix + key] if prefix + key in tensors else tensors[f"{prefix}{key}.mT"].mT
+            basis[key] = t.to(device, copy=True)  # strides kept
+        layers[tm.name] = LayerFactors(tm.name, num_examples=count, zero_inputs=zero_inputs, zero_outputs=zero_outputs, **basis)
     return layers
 
 
@@ -331,7 +383,8 @@ def _agree_on_progress(state: DistState, snapshot: Snapshot | None) -> Snapshot 
 
     When some ranks saved progress in the correction pass and others only in the covariance pass
     (a rank stopped while the others wrote the summed covariances), every rank restarts the
-    correction pass from the summed covariances of the first rank that holds them.
+    correction pass from what the first rank that holds its progress resumes from: the summed
+    covariances (its snapshot after pass 1) or the eigenbases decomposed from them (a later one).
     """
     if not state.distributed:
         return snapshot
@@ -340,10 +393,10 @@ def _agree_on_progress(state: DistState, snapshot: Snapshot | None) -> Snapshot 
         return snapshot
     src = phases.index("correction")
     mine = None
-    if snapshot is not None and state.rank == src:
-        mine = {k: v.cpu() for k, v in snapshot.tensors.items() if k.startswith("covariance.")}
-    covariances = state.broadcast_object(mine, src=src)
-    return Snapshot("correction", 0, covariances)  # type: ignore[arg-type]
+    if snapshot is not None and state.rank == src:  # the summed covariances (at batch 0), or the eigenbases (later)
+        mine = {k: v.cpu() for k, v in snapshot.tensors.items() if k.startswith(("covariance.", BASIS))}
+    start = state.broadcast_object(mine, src=src)
+    return Snapshot("correction", 0, start)  # type: ignore[arg-type]
 
 
 @storage.guards_output_dir("factors")
@@ -459,9 +512,7 @@ def _fit_member(
     )
     factors = Factors(cfg.factors.strategy, cfg.factors.fisher, layers)
     for info in layers_info:
-        lf = layers[info.name]
-        if lf.a_covariance is not None and lf.g_covariance is not None:
-            info.zero_inputs, info.zero_outputs = len(null_rows(lf.a_covariance)), len(null_rows(lf.g_covariance))
+        info.zero_inputs, info.zero_outputs = layers[info.name].zero_inputs, layers[info.name].zero_outputs
     if ctx.state.is_main:
         tensors: dict[str, torch.Tensor] = {}
         for lf in factors.layers.values():

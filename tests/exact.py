@@ -35,10 +35,13 @@ def singletons(seqs, labels):
     return make
 
 
-def fit(model: nn.Module, x, y, *, strategy="ekfac", fisher="empirical", batch_size=4, kind="classification", seed=0, modules=("*",)):
+def fit(
+    model: nn.Module, x, y, *, strategy="ekfac", fisher="empirical", batch_size=4, kind="classification", seed=0, modules=("*",), keep_covariances=True
+):
+    """compute_factors on in-memory batches; the factors keep A and G (`keep_covariances`) for the checks that read them."""
     tracked = find_tracked_modules(model, list(modules))
     plan = PassPlan(batches_of(x, y, batch_size), -(-len(x) // batch_size), len(x), kind, fisher, seed)
-    return tracked, compute_factors(model, tracked, strategy, plan)
+    return tracked, compute_factors(model, tracked, strategy, plan, keep_covariances=keep_covariances)
 
 
 def per_example_layer_grads(model, tracked: list[TrackedModule], x, y, vectors_fn):

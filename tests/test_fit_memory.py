@@ -1,6 +1,7 @@
-"""What fit-factors holds while it eigendecomposes: one layer's float64 matrix at a time, LAPACK
-working in place, and the covariance sums turned into the means in their own memory when no
-snapshot of the correction pass needs them (factors.eigendecompose, CovarianceAccumulator.means)."""
+"""What fit-factors holds: while it eigendecomposes, one layer's float64 matrix at a time, LAPACK
+working in place, and the covariance sums turned into the means in their own memory
+(factors.eigendecompose, CovarianceAccumulator.means); in the correction pass, no covariance (the
+snapshots hold the eigenbases) and the rotated activations of a few examples at a time."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ import torch
 from exact import fit
 from torch import nn
 
-from influence_cli.factors import CovarianceAccumulator, eigendecompose, gram_blocks
-from influence_cli.fit import PassPlan, compute_factors
+from influence_cli import factors as factors_lib
+from influence_cli import squares as squares_lib
+from influence_cli.factors import CovarianceAccumulator, DiagonalAccumulator, Rotation, eigendecompose, gram_blocks
+from influence_cli.fit import PassPlan, compute_factors, layers_from_basis
 from influence_cli.resume import PassCheckpoint, Snapshot
 from influence_cli.tracking import find_tracked_modules
 
@@ -85,17 +88,52 @@ def test_the_sums_become_the_means_without_a_copy(monkeypatch):
     assert len(calls[0]["float32"]) == 1
 
 
-def test_the_sums_are_kept_for_snapshots_of_the_correction_pass(monkeypatch, tmp_path: Path):
+def _plan(x: torch.Tensor, y: torch.Tensor, batch_size: int = 16) -> PassPlan:
+    batches = lambda start: [(x[i : i + batch_size], y[i : i + batch_size], torch.arange(i, i + batch_size)) for i in range(batch_size * start, len(x), batch_size)]  # noqa: E731
+    return PassPlan(batches, -(-len(x) // batch_size), len(x), "classification", "empirical")
+
+
+@pytest.mark.parametrize("every", [0, 2])
+def test_no_covariance_is_alive_in_the_correction_pass(monkeypatch, tmp_path: Path, every):
+    """At pass 2's first batch the only [300+, 300+] float32 tensor alive is fc0's eigenbasis U_A: its
+    A (the sums and the mean) is gone once decomposed, also when snapshots of the correction pass
+    are written (every 2 of its 4 batches), which hold the eigenbases instead of the sums. Its zero
+    rows are counted all the same."""
     model, x, y = _wide_model_and_data()
     tracked = find_tracked_modules(model, ["*"])
-    batches = lambda start: [(x[i : i + 16], y[i : i + 16], torch.arange(i, i + 16)) for i in range(16 * start, 64, 16)]  # noqa: E731
-    plan = PassPlan(batches, 4, 64, "classification", "empirical")
-    saved = []
+    checkpoint = PassCheckpoint(tmp_path / "partial.safetensors", {"n": 64}, every=every)
+    monkeypatch.setattr(checkpoint, "save", lambda *args, **kwargs: None)
+    alive = []
+    update = DiagonalAccumulator.update
+
+    def spy(self, batch):
+        alive.append(len(_big_tensors(torch.float32, 300 * 300)))
+        return update(self, batch)
+
+    monkeypatch.setattr(DiagonalAccumulator, "update", spy)
+    layers = compute_factors(model, tracked, "ekfac", _plan(x, y), checkpoint=checkpoint)
+    assert alive[0] == 1
+    assert layers["0"].a_covariance is None and layers["0"].zero_inputs == 60
+
+
+def test_snapshots_of_the_correction_pass_hold_the_eigenbases_not_the_sums(monkeypatch, tmp_path: Path):
+    model, x, y = _wide_model_and_data()
+    tracked = find_tracked_modules(model, ["*"])
     checkpoint = PassCheckpoint(tmp_path / "partial.safetensors", {"n": 64}, every=2)
-    monkeypatch.setattr(checkpoint, "save", lambda phase, done, tensors, path=None: saved.append((phase, done, set(tensors))))
-    compute_factors(model, tracked, "ekfac", plan, checkpoint=checkpoint)
+    saved = _record_saves(checkpoint)
+    layers = compute_factors(model, tracked, "ekfac", _plan(x, y), checkpoint=checkpoint)
     assert [(phase, done) for phase, done, _ in saved] == [("covariance", 2), ("correction", 0), ("correction", 2)]
-    assert {"covariance.0.a", "covariance.2.g", "0.diag"} <= saved[-1][2]
+    assert {"covariance.0.a", "covariance.2.g", "covariance.count"} <= set(saved[1][2])  # after pass 1: the sums
+    last = saved[-1][2]
+    assert not any(k.startswith("covariance.") for k in last)
+    assert last["basis.count"] == 64 and "0.diag" in last
+    back = layers_from_basis(tracked, last, torch.device("cpu"))
+    assert not layers["2"].a_eigenvectors.is_contiguous()  # LAPACK's column-major basis (nothing deflated): given back as such
+    for name, lf in layers.items():
+        for key in ("a_eigenvectors", "g_eigenvectors", "a_eigenvalues", "g_eigenvalues"):
+            assert torch.equal(getattr(back[name], key), getattr(lf, key)), (name, key)
+            assert getattr(back[name], key).stride() == getattr(lf, key).stride(), (name, key)
+        assert (back[name].zero_inputs, back[name].zero_outputs, back[name].num_examples) == (lf.zero_inputs, lf.zero_outputs, 64)
 
 
 @pytest.mark.parametrize("release", [False, True])
@@ -165,29 +203,101 @@ def _record_saves(checkpoint: PassCheckpoint) -> list[tuple[str, int, dict[str, 
     return saved
 
 
+_FACTOR_KEYS = ("eigenvalues", "a_eigenvectors", "g_eigenvectors", "a_eigenvalues", "g_eigenvalues", "zero_inputs", "zero_outputs", "num_examples")
+
+
+def _count_eighs(monkeypatch) -> list[int]:
+    calls = []
+    eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda m, *a, **k: calls.append(len(m)) or eigh(m, *a, **k))
+    return calls
+
+
 @pytest.mark.parametrize("every", [0, 2, 8])
 @pytest.mark.parametrize("snapshot_at", [0, 2])
-def test_a_run_resumed_in_the_correction_pass_has_the_uninterrupted_factors_and_mean_covariances(tmp_path: Path, every, snapshot_at):
-    """Resumed from the summed covariances a snapshot of the correction pass holds (after pass 1,
-    or after its batch 2) by a run that writes correction snapshots (every 2 of its 4 batches) or
-    none (0, 8): every factor, A and G included, is the uninterrupted run's, the means divided once."""
+def test_a_run_resumed_in_the_correction_pass_has_the_uninterrupted_factors(tmp_path: Path, monkeypatch, every, snapshot_at):
+    """Resumed from a snapshot of the correction pass (after pass 1: the summed covariances, decomposed
+    again; after its batch 2: the eigenbases, decomposed by no one) by a run that writes correction
+    snapshots (every 2 of its 8 batches) or none (0, 8): every factor is the uninterrupted run's,
+    and the resumed run's snapshots hold the same eigenbases. A and G, when asked for, are there
+    only from the sums (divided once)."""
     model, x, y = _wide_model_and_data()
     tracked = find_tracked_modules(model, ["*"])
-    batches = lambda start: [(x[i : i + 16], y[i : i + 16], torch.arange(i, i + 16)) for i in range(16 * start, 64, 16)]  # noqa: E731
-    plan = PassPlan(batches, 4, 64, "classification", "empirical")
-    reference = compute_factors(model, tracked, "ekfac", plan)
+    plan = _plan(x, y, 8)
+    reference = compute_factors(model, tracked, "ekfac", plan, keep_covariances=True)
     first = PassCheckpoint(tmp_path / "first.safetensors", {"n": 64}, every=2)
     saves = _record_saves(first)
     compute_factors(model, tracked, "ekfac", plan, checkpoint=first)
     phase, done, tensors = next(s for s in saves if s[:2] == ("correction", snapshot_at))
     resumed = PassCheckpoint(tmp_path / "resumed.safetensors", {"n": 64}, every=every)
     later = _record_saves(resumed)
-    got = compute_factors(model, tracked, "ekfac", plan, checkpoint=resumed, snapshot=Snapshot(phase, done, tensors))
+    eighs = _count_eighs(monkeypatch)
+    got = compute_factors(model, tracked, "ekfac", plan, checkpoint=resumed, snapshot=Snapshot(phase, done, tensors), keep_covariances=True)
+    assert len(eighs) == (4 if snapshot_at == 0 else 0)
     for name, lf in reference.items():
-        for key in ("eigenvalues", "a_eigenvectors", "g_eigenvectors", "a_eigenvalues", "g_eigenvalues", "a_covariance", "g_covariance"):
-            assert torch.equal(getattr(got[name], key), getattr(lf, key)), (name, key)
-    for _, _, written in later:  # the correction snapshots hold the sums, as the first run's did
-        assert all(torch.equal(written[k], tensors[k]) for k in tensors if k.startswith("covariance."))
+        for key in _FACTOR_KEYS:
+            assert torch.equal(torch.as_tensor(getattr(got[name], key)), torch.as_tensor(getattr(lf, key))), (name, key)
+        for key in ("a_covariance", "g_covariance"):
+            if snapshot_at == 0:
+                assert torch.equal(getattr(got[name], key), getattr(lf, key)), (name, key)
+            else:
+                assert getattr(got[name], key) is None
+    bases = {k: v for k, v in saves[-1][2].items() if k.startswith("basis.")}
+    assert [done for _, done, _ in later] == ([2, 4, 6][snapshot_at // 2 :] if every == 2 else [])
+    for _, _, written in later:
+        assert all(torch.equal(written[k], v) for k, v in bases.items())
+
+
+def test_a_snapshot_of_the_correction_pass_that_holds_the_sums_still_resumes(tmp_path: Path, monkeypatch):
+    """Snapshots of the correction pass written before they held the eigenbases hold the summed
+    covariances beside pass 2's sums: the run decomposes them again and goes on from its batch."""
+    model, x, y = _wide_model_and_data()
+    tracked = find_tracked_modules(model, ["*"])
+    plan = _plan(x, y)
+    reference = compute_factors(model, tracked, "ekfac", plan)
+    first = PassCheckpoint(tmp_path / "first.safetensors", {"n": 64}, every=2)
+    saves = _record_saves(first)
+    compute_factors(model, tracked, "ekfac", plan, checkpoint=first)
+    (_, _, summed), (_, done, later) = saves[1], saves[2]
+    old_format = {k: v for k, v in later.items() if not k.startswith("basis.")} | summed
+    eighs = _count_eighs(monkeypatch)
+    resumed = PassCheckpoint(tmp_path / "resumed.safetensors", {"n": 64}, every=0)
+    got = compute_factors(model, tracked, "ekfac", plan, checkpoint=resumed, snapshot=Snapshot("correction", done, old_format))
+    assert len(eighs) == 4
+    for name, lf in reference.items():
+        for key in _FACTOR_KEYS:
+            assert torch.equal(torch.as_tensor(getattr(got[name], key)), torch.as_tensor(getattr(lf, key))), (name, key)
+
+
+def _conv_model_and_data() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """float32: a 3×3 conv with 36 positions (the bmm route of squares.py), one with 4 (position pairs), a linear head."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, stride=3), nn.Flatten(), nn.Linear(16, 3))
+    return model, torch.randn(40, 3, 6, 6), torch.randint(0, 3, (40,))
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "ggn"])
+@pytest.mark.parametrize("amp", ["none", "bfloat16"])
+def test_pass_2_rotates_a_few_examples_at_a_time_to_the_same_bits(monkeypatch, fisher, amp):
+    """With squares.py summing 2 examples at a time into Λ* on the 36-position conv (1 on the
+    4-position one) and `ROTATED_ELEMENTS` at its least, pass 2 rotates their activations and
+    gradients that many examples at a time, not the batch's 20, and Λ* is bit for bit that of whole
+    batches. With the GGN's several vectors per example, the whole batch, once (as the linear
+    head's, summed in one GEMM)."""
+    model, x, y = _conv_model_and_data()
+    tracked = find_tracked_modules(model, ["*"])
+    plan = PassPlan(_plan(x, y, 20).batches, 2, 40, "classification", fisher, amp=amp)
+    monkeypatch.setattr(squares_lib, "_CHUNK_ELEMENTS", 2 * 28 * 8)  # conv 0: d_in 28, d_out 8
+    monkeypatch.setattr(factors_lib, "ROTATED_ELEMENTS", 1 << 40)
+    whole = compute_factors(model, tracked, "ekfac", plan)
+    monkeypatch.setattr(factors_lib, "ROTATED_ELEMENTS", 1)
+    rows: dict[int, set[int]] = {}
+    call = Rotation.__call__
+    monkeypatch.setattr(Rotation, "__call__", lambda self, v: rows.setdefault(v.shape[1], set()).add(v.shape[0]) or call(self, v))
+    chunked = compute_factors(model, tracked, "ekfac", plan)
+    for name, lf in whole.items():
+        assert torch.equal(chunked[name].eigenvalues, lf.eigenvalues), name
+    assert rows == ({36: {20}, 4: {20}, 1: {20}} if fisher == "ggn" else {36: {2}, 4: {1}, 1: {20}})
 
 
 _MEASURE = """

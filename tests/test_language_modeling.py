@@ -173,8 +173,8 @@ def test_gradient_dot_products_equal_autograd_on_padded_batches():
 def _factors_equal_to_each_sequence_alone(model, tracked, tokens, labels, alone, fisher):
     """EKFAC factors of the padded batches of (tokens, labels), checked equal to those of the sequences fed one by one."""
     n = len(alone)
-    padded = compute_factors(model, tracked, "ekfac", PassPlan(batches_of(tokens, labels, 4), 3, n, LM, fisher, 0, padding_value=PAD))
-    single = compute_factors(model, tracked, "ekfac", PassPlan(_singletons(alone), n, n, LM, fisher, 0))
+    padded = compute_factors(model, tracked, "ekfac", PassPlan(batches_of(tokens, labels, 4), 3, n, LM, fisher, 0, padding_value=PAD), keep_covariances=True)
+    single = compute_factors(model, tracked, "ekfac", PassPlan(_singletons(alone), n, n, LM, fisher, 0), keep_covariances=True)
     for name in ("mix", "head"):
         for key in ("a_covariance", "g_covariance", "eigenvalues"):
             torch.testing.assert_close(getattr(padded[name], key), getattr(single[name], key), rtol=1e-10, atol=1e-12)

@@ -36,7 +36,7 @@ def _problem(n=96, d=12):
 def _fit(model, x, y, amp, strategy="ekfac"):
     tracked = find_tracked_modules(model, ["*"])
     plan = PassPlan(batches_of(x, y, 16), -(-len(x) // 16), len(x), "classification", "empirical", 0, amp=amp)
-    return tracked, compute_factors(model, tracked, strategy, plan)
+    return tracked, compute_factors(model, tracked, strategy, plan, keep_covariances=True)
 
 
 def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -20,7 +20,7 @@ from influence_cli.tracking import find_tracked_modules, padding_mask
 def _fit(model, batches, n, num_batches, *, fisher, strategy="ekfac", padding_value=None):
     tracked = find_tracked_modules(model, ["*"])
     plan = PassPlan(batches, num_batches, n, "classification", fisher, 0, padding_value=padding_value)
-    return tracked, compute_factors(model, tracked, strategy, plan)
+    return tracked, compute_factors(model, tracked, strategy, plan, keep_covariances=True)
 
 
 @pytest.mark.parametrize("fisher", ["empirical", "ggn", "sampled"])

@@ -159,9 +159,9 @@ def test_interrupted_run_resumes_bit_identically(tmp_path, monkeypatch, referenc
     [(BATCHES_PER_PASS, BATCHES_PER_PASS, "correction pass, batch 0"), (2, 0, "correction pass, batch 6"), (BATCHES_PER_PASS, 2, "correction pass, batch 0")],
     ids=["no-correction-snapshots", "resumed-without-snapshots", "resumed-with-snapshots"],
 )
-def test_correction_pass_resumes_whether_or_not_its_runs_keep_the_sums(tmp_path, monkeypatch, reference, first, then, resumed_from):
-    """A run that writes no snapshot of the correction pass (checkpoint_every >= its batches, or 0)
-    turns the summed covariances into the means in place once the one after pass 1 is written; the
+def test_correction_pass_resumes_whether_or_not_its_runs_snapshot_it(tmp_path, monkeypatch, reference, first, then, resumed_from):
+    """A run writes snapshots of the correction pass (which hold the eigenbases) or none
+    (checkpoint_every >= its batches, or 0: only the summed covariances after pass 1); the
     interrupted run and the resumed one may differ in that (checkpoint_every is not a setting of
     the result): the factors are the uninterrupted ones."""
     interrupt_after(monkeypatch, BATCHES_PER_PASS + 7)
@@ -286,16 +286,18 @@ def test_ranks_in_the_same_pass_resume_their_own_progress(phases):
     assert fit._agree_on_progress(_FakeRanks(phases), snapshot) is snapshot
 
 
+@pytest.mark.parametrize("kind", ["covariance", "basis"])
 @pytest.mark.parametrize("phases", [["correction", "covariance"], [None, "correction"]])
-def test_ranks_in_different_passes_restart_the_correction_from_the_summed_covariances(phases):
+def test_ranks_in_different_passes_restart_the_correction_from_the_summed_covariances(phases, kind):
     """A rank stopped while the others wrote the summed covariances: every rank restarts the
-    correction pass at batch 0 from those of the first rank that holds them."""
+    correction pass at batch 0 from what the first rank that holds its progress resumes from: the
+    summed covariances (its snapshot after pass 1) or the eigenbases (a later one)."""
     src = phases.index("correction")
-    summed = {"covariance.fc1.a": torch.full((2, 2), 3.0), "covariance.count": torch.tensor(8.0)}
-    held = Snapshot("correction", 7, {**summed, "correction.fc1": torch.ones(2)})
+    summed = {f"{kind}.fc1.a": torch.full((2, 2), 3.0), f"{kind}.count": torch.tensor(8.0)}
+    held = Snapshot("correction", 7 if kind == "basis" else 0, {**summed, "fc1.diag": torch.ones(2)})
     for rank in (0, 1):
         mine = held if rank == src else (None if phases[rank] is None else Snapshot(phases[rank], 4, {"covariance.fc1.a": torch.zeros(2, 2)}))
-        sent = {src: {k: v for k, v in held.tensors.items() if k.startswith("covariance.")}}
+        sent = {src: {k: v for k, v in held.tensors.items() if k != "fc1.diag"}}
         got = fit._agree_on_progress(_FakeRanks(phases, rank=rank, sent=sent), mine)
         assert (got.phase, got.batches_done) == ("correction", 0)
         assert sorted(got.tensors) == sorted(summed) and all(torch.equal(got.tensors[k], v) for k, v in summed.items())

@@ -60,7 +60,7 @@ def test_padded_token_batches_give_the_numbers_of_unpadded_sequences():
 
     def fit(batches, num_batches, padding_value):
         plan = PassPlan(batches, num_batches, n, "classification", "ggn", 0, padding_value=padding_value)
-        return compute_factors(model, tracked, "ekfac", plan)
+        return compute_factors(model, tracked, "ekfac", plan, keep_covariances=True)
 
     masked = fit(batches_of(padded, labels, 5), 3, PAD)
     alone = fit(singletons(seqs, labels), n, None)
@@ -132,8 +132,8 @@ def test_padded_transformer_batches_are_exact():
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
     n = len(seqs)
-    masked = compute_factors(model, tracked, "ekfac", PassPlan(batches_of(padded, labels, 5), 3, n, "classification", "ggn", 0, padding_value=PAD))
-    alone = compute_factors(model, tracked, "ekfac", PassPlan(singletons(seqs, labels), n, n, "classification", "ggn", 0))
+    masked = compute_factors(model, tracked, "ekfac", PassPlan(batches_of(padded, labels, 5), 3, n, "classification", "ggn", 0, padding_value=PAD), keep_covariances=True)
+    alone = compute_factors(model, tracked, "ekfac", PassPlan(singletons(seqs, labels), n, n, "classification", "ggn", 0), keep_covariances=True)
     for name in masked:
         for key in ("a_covariance", "g_covariance", "eigenvalues"):
             torch.testing.assert_close(getattr(masked[name], key), getattr(alone[name], key), rtol=1e-9, atol=1e-12)
