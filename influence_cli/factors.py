@@ -29,14 +29,13 @@ import torch
 from influence_cli import storage
 from influence_cli.errors import NumericalError, out_of_memory
 from influence_cli.passes import BatchGradients
-from influence_cli.squares import add_squared_gradients_, summed_examples
+from influence_cli.squares import add_squared_gradients_
 from influence_cli.tracking import TrackedModule
 
 STORED_KEYS = (storage.EIGENVALUES, storage.A_EIGENVECTORS, storage.G_EIGENVECTORS, storage.A_EIGENVALUES, storage.G_EIGENVALUES)
 """The curvature tensors a factors file holds per layer (besides the count), in the order they are checked."""
 
 FINITE_CHUNK_ELEMENTS = 1 << 20  # entries `all_finite` tests at once
-ROTATED_ELEMENTS = 1 << 22  # rotated activations pass 2 forms at once on the CPU (16 MiB in float32), `rotated_examples`
 
 
 def all_finite(t: torch.Tensor, chunk: int | None = None) -> bool:
@@ -376,45 +375,19 @@ class DiagonalAccumulator:
         self.count = torch.zeros((), dtype=torch.float64, device=device)
 
     def update(self, batch: BatchGradients) -> None:
+        low = self.matmul_dtype
         for name, acc in self.sums.items():
             rot_a, rot_g = self.rotations[name]
-            a = batch.activations[name]
-            gs = [grads[name] for grads in batch.gradients]
-            if not gs:
-                continue
-            step = rotated_examples(a, gs[0].shape[2], len(gs))
-            for s in range(0, len(a), step):
-                a_rot = self._rotated(a[s : s + step], rot_a)
-                for g in gs:
-                    accumulate_squared_gradients(acc, a_rot, self._rotated(g[s : s + step], rot_g))
+            a = batch.activations[name] if low is None else batch.activations[name].to(low)
+            a_rot = rot_a(a) if rot_a is not None else a
+            for grads in batch.gradients:
+                g = grads[name] if low is None else grads[name].to(low)
+                g_rot = rot_g(g) if rot_g is not None else g
+                accumulate_squared_gradients(acc, a_rot, g_rot)
         self.count += len(batch.global_indices)
-
-    def _rotated(self, x: torch.Tensor, rotation: Rotation | None) -> torch.Tensor:
-        """x U [..., n] in the products' dtype (x itself without a basis)."""
-        x = x if self.matmul_dtype is None else x.to(self.matmul_dtype)
-        return x if rotation is None else rotation(x)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {f"{k}.diag": v for k, v in self.sums.items()} | {"count": self.count}
-
-
-def rotated_examples(a: torch.Tensor, d_out: int, vectors: int) -> int:
-    """How many examples of a batch (a [B, T, d_in], `vectors` gradients g [B, T, d_out] per example) pass 2
-    rotates into the eigenbasis at once: on the CPU with one vector, about `ROTATED_ELEMENTS` of ã, a
-    multiple of the examples `add_squared_gradients_` sums at once (`squares.summed_examples`), so Λ*
-    is bit for bit that of the whole batch; else the whole batch.
-
-    The rows of a GEMM over fewer rows come out the same (MKL, float32 and bfloat16, tested; the
-    sums are then the same additions in the same order). A conv layer's ã is the size of its unfolded
-    patches (the 128/256-channel CNN's conv2: 231 MB at batch 256). With several vectors (the GGN's),
-    ã serves each of them and the sums run vector by vector: formed whole, once. On a GPU the
-    whole batch too: cuBLAS picks its kernels by shape, and fewer rows were not shown to give the same bits.
-    """
-    b, t, d_in = a.shape
-    if vectors != 1 or a.device.type != "cpu":
-        return b
-    step = summed_examples(b, t, d_in, d_out)
-    return step * max(1, ROTATED_ELEMENTS // (step * t * d_in))
 
 
 def accumulate_squared_gradients(acc: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> None:

@@ -39,28 +39,13 @@ def add_squared_gradients_(acc: torch.Tensor, a: torch.Tensor, g: torch.Tensor) 
         acc.addmm_(g[:, 0].square().T, a[:, 0].square())
         return
     if t <= PAIR_MAX_POSITIONS:
-        step = summed_examples(b, t, d_in, d_out)
+        step = max(1, _CHUNK_ELEMENTS // (t * (t + 1) // 2 * (d_in + d_out)))
         for s in range(0, b, step):
             gg, aa = position_pairs(a[s : s + step], g[s : s + step])
             acc.addmm_(gg.reshape(-1, d_out).T, aa.reshape(-1, d_in))
         return
     for squares in _squared_gradients(a, g):
         acc.add_(squares.sum(dim=0))
-
-
-def summed_examples(b: int, t: int, d_in: int, d_out: int) -> int:
-    """How many examples of a batch of `b` (a [b, T, d_in], g [b, T, d_out]) `add_squared_gradients_`
-    adds into its accumulator at once: `b` for T = 1 (one GEMM), else a cache-sized chunk.
-
-    Calls on consecutive slices of a batch, each a multiple of this many examples long (the last
-    one the rest), make the same additions in the same order as one call on the whole batch: the
-    same bits.
-    """
-    if t == 1:
-        return b
-    if t <= PAIR_MAX_POSITIONS:
-        return max(1, _CHUNK_ELEMENTS // (t * (t + 1) // 2 * (d_in + d_out)))
-    return _bmm_step(d_out * d_in)
 
 
 def weighted_squares(a: torch.Tensor, g: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:

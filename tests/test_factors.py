@@ -305,3 +305,24 @@ def test_a_pass_holds_one_batch_the_previous_ones_tensors_go_when_the_next_comes
     assert [b.activations["0"].shape[0] for b in kept] == [4, 4, 4] and all(b.gradients for b in kept)
     cut = list(stream_gradients(model, tracked, batches, task_kind="classification", mode="loss", max_examples=6))
     assert [len(b.global_indices) for b in cut] == [4, 2] and cut[-1].activations and cut[-1].gradients  # also when max_examples ends it
+
+
+def test_pass_2_rotates_each_batch_at_once():
+    """Λ* of a batch is Σ_n (U_Gᵀ G_n U_A)² from the batch's a and g rotated whole, in float32. Rotated in
+    pieces it would depend on where the batch was cut: a GEMM's rows are not those of a GEMM over more
+    rows (MKL: a piece of 1 example × 3 positions rounds otherwise than those rows of the batch's)."""
+    from types import SimpleNamespace
+
+    from influence_cli.factors import DiagonalAccumulator, accumulate_squared_gradients
+    from influence_cli.passes import BatchGradients
+
+    torch.manual_seed(0)
+    b, t, d_in, d_out = 673, 3, 2049, 16  # a piece of 672 examples (its squares summed 84 at a time) would leave 1
+    u_a, u_g = (torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))[0].float() for d in (d_in, d_out))  # column-major, as eigh's
+    a, g = torch.randn(b, t, d_in, dtype=torch.float32), torch.randn(b, t, d_out, dtype=torch.float32)
+    layer = SimpleNamespace(name="proj", d_in=d_in, d_out=d_out)
+    acc = DiagonalAccumulator([layer], {"proj": (u_a, u_g)}, torch.float32, torch.device("cpu"))  # type: ignore[list-item]
+    acc.update(BatchGradients(0, torch.arange(b), torch.zeros(b), torch.zeros(b, 4), {"proj": a}, [{"proj": g}]))
+    want = torch.zeros(d_out, d_in, dtype=torch.float32)
+    accumulate_squared_gradients(want, a @ u_a, g @ u_g)
+    assert torch.equal(acc.sums["proj"], want)

@@ -1,7 +1,7 @@
 """What fit-factors holds: while it eigendecomposes, one layer's float64 matrix at a time, LAPACK
 working in place, and the covariance sums turned into the means in their own memory
 (factors.eigendecompose, CovarianceAccumulator.means); in the correction pass, no covariance (the
-snapshots hold the eigenbases) and the rotated activations of a few examples at a time."""
+snapshots hold the eigenbases)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,7 @@ import torch
 from exact import fit
 from torch import nn
 
-from influence_cli import factors as factors_lib
-from influence_cli import squares as squares_lib
-from influence_cli.factors import CovarianceAccumulator, DiagonalAccumulator, Rotation, eigendecompose, gram_blocks
+from influence_cli.factors import CovarianceAccumulator, DiagonalAccumulator, eigendecompose, gram_blocks
 from influence_cli.fit import PassPlan, compute_factors, layers_from_basis
 from influence_cli.resume import PassCheckpoint, Snapshot
 from influence_cli.tracking import find_tracked_modules
@@ -267,37 +265,6 @@ def test_a_snapshot_of_the_correction_pass_that_holds_the_sums_still_resumes(tmp
     for name, lf in reference.items():
         for key in _FACTOR_KEYS:
             assert torch.equal(torch.as_tensor(getattr(got[name], key)), torch.as_tensor(getattr(lf, key))), (name, key)
-
-
-def _conv_model_and_data() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    """float32: a 3×3 conv with 36 positions (the bmm route of squares.py), one with 4 (position pairs), a linear head."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, stride=3), nn.Flatten(), nn.Linear(16, 3))
-    return model, torch.randn(40, 3, 6, 6), torch.randint(0, 3, (40,))
-
-
-@pytest.mark.parametrize("fisher", ["empirical", "ggn"])
-@pytest.mark.parametrize("amp", ["none", "bfloat16"])
-def test_pass_2_rotates_a_few_examples_at_a_time_to_the_same_bits(monkeypatch, fisher, amp):
-    """With squares.py summing 2 examples at a time into Λ* on the 36-position conv (1 on the
-    4-position one) and `ROTATED_ELEMENTS` at its least, pass 2 rotates their activations and
-    gradients that many examples at a time, not the batch's 20, and Λ* is bit for bit that of whole
-    batches. With the GGN's several vectors per example, the whole batch, once (as the linear
-    head's, summed in one GEMM)."""
-    model, x, y = _conv_model_and_data()
-    tracked = find_tracked_modules(model, ["*"])
-    plan = PassPlan(_plan(x, y, 20).batches, 2, 40, "classification", fisher, amp=amp)
-    monkeypatch.setattr(squares_lib, "_CHUNK_ELEMENTS", 2 * 28 * 8)  # conv 0: d_in 28, d_out 8
-    monkeypatch.setattr(factors_lib, "ROTATED_ELEMENTS", 1 << 40)
-    whole = compute_factors(model, tracked, "ekfac", plan)
-    monkeypatch.setattr(factors_lib, "ROTATED_ELEMENTS", 1)
-    rows: dict[int, set[int]] = {}
-    call = Rotation.__call__
-    monkeypatch.setattr(Rotation, "__call__", lambda self, v: rows.setdefault(v.shape[1], set()).add(v.shape[0]) or call(self, v))
-    chunked = compute_factors(model, tracked, "ekfac", plan)
-    for name, lf in whole.items():
-        assert torch.equal(chunked[name].eigenvalues, lf.eigenvalues), name
-    assert rows == ({36: {20}, 4: {20}, 1: {20}} if fisher == "ggn" else {36: {2}, 4: {1}, 1: {20}})
 
 
 _MEASURE = """

@@ -152,6 +152,8 @@ def test_interrupted_run_resumes_bit_identically(tmp_path, monkeypatch, referenc
     assert report.resumed_from == resumed_from
     assert_bit_identical(factors_of(tmp_path), reference[strategy])
     assert sorted(p.name for p in tmp_path.iterdir()) == [storage.FACTORS_FILE]
+    phases = {"covariance pass, batch 6": ["covariance", "eigendecomposition", "correction"], "correction pass, batch 0": ["eigendecomposition", "correction"]}
+    assert list(report.seconds) == phases.get(resumed_from, [resumed_from.split()[0]])  # the phases this run went through (docs/JSON.md)
 
 
 @pytest.mark.parametrize(
