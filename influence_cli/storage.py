@@ -766,6 +766,13 @@ def member_dir(out_dir: Path, member: int) -> Path:
 
 
 def check_can_write(path: Path, overwrite: bool, what: str) -> None:
-    """Refuses to replace a finished output unless `overwrite`."""
+    """Refuses to replace a finished output unless `overwrite`; a .safetensors file whose header does not read
+    (damaged from outside, or another program's) is said to be that, not a finished run's output."""
     if path.exists() and not overwrite:
-        raise OutputError(f"{str(path)!r} already holds {what} from a finished run", hint="pass --overwrite to replace it").everywhere()
+        detail = f"already holds {what} from a finished run"
+        if path.suffix == ".safetensors" and not path.is_dir():
+            try:
+                read_metadata(path)
+            except OutputError:
+                detail = "already exists and is not a readable safetensors file (damaged, or not written by influence_cli)"
+        raise OutputError(f"{str(path)!r} {detail}", hint="pass --overwrite to replace it").everywhere()

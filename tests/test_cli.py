@@ -154,6 +154,17 @@ def test_fit_factors_refuses_to_overwrite(runner: CliRunner, fitted: tuple[Path,
     assert (out / FACTORS).read_bytes() == before
 
 
+def test_a_damaged_factors_file_is_not_called_a_finished_run(runner: CliRunner, fitted: tuple[Path, Result], tmp_path: Path):
+    """A factors file cut short from outside is refused as what it is, still with the --overwrite hint."""
+    out, _ = fitted
+    damaged = tmp_path / FACTORS
+    damaged.write_bytes((out / FACTORS).read_bytes()[:100])
+    result = invoke(runner, "fit-factors", DIGITS, "--set", f"output_dir={tmp_path}")
+    line = assert_clean_error(result, EXIT["output"], "already exists and is not a readable safetensors file", str(damaged))
+    assert "finished run" not in line and "--overwrite" in result.stderr.split(line, 1)[1]
+    assert damaged.read_bytes() == (out / FACTORS).read_bytes()[:100]
+
+
 def test_fit_factors_json_and_overwrite(runner: CliRunner, tmp_path: Path):
     out = tmp_path
     first = invoke(runner, "fit-factors", DIGITS, "--set", f"output_dir={out}", "--set", "data.train.range=[0, 100]", "--json")

@@ -867,7 +867,7 @@ def test_cli_errors(tmp_path, digits):
     assert_error(invoke("edit", DIGITS, *sets, "--out", renamed, "--overwrite"), 2, "(it holds influence_cli.factors/1)")
     taken = tmp_path / "taken.safetensors"
     taken.write_bytes(b"x")
-    assert_error(invoke("edit", DIGITS, *sets, "--out", taken), 5, "already holds")
+    assert_error(invoke("edit", DIGITS, *sets, "--out", taken), 5, "already exists and is not a readable safetensors file")
     (tmp_path / "dir.safetensors").mkdir()
     assert_error(invoke("edit", DIGITS, *sets, "--out", tmp_path / "dir.safetensors", "--overwrite"), 2, "--out", "is a folder")
     assert_error(invoke("edit", DIGITS, *sets, "--out", taken / "e.safetensors"), 5, "--out: cannot create")
