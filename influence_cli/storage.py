@@ -659,7 +659,7 @@ def _check_format(path: Path, meta: dict[str, Any], expected_format: str | None)
 def format_mismatch(path: Path, found: Any, expected: str, hint: str | None = None) -> OutputError:
     """The OutputError of an output whose format (`found`, from its metadata) is not `expected`: one of another
     version of the same kind is to be written again, any other file is not the output looked for."""
-    if isinstance(found, str) and found.split("/")[0] == expected.split("/")[0]:
+    if isinstance(found, str) and found.isprintable() and found.split("/")[0] == expected.split("/")[0]:  # else quoted: one line
         return OutputError(
             f"{str(path)!r} holds format {found}, written by another version of influence_cli (this one reads {expected})",
             hint=hint or "run the command that wrote it again, with --overwrite",
@@ -767,10 +767,12 @@ def member_dir(out_dir: Path, member: int) -> Path:
 
 def check_can_write(path: Path, overwrite: bool, what: str) -> None:
     """Refuses to replace a finished output unless `overwrite`; a .safetensors file whose header does not read
-    (damaged from outside, or another program's) is said to be that, not a finished run's output."""
+    (damaged from outside, or another program's) is said to be that, not a finished run's output. Only a regular
+    file that safetensors can open is read (a FIFO would block; a file that is not readable or has a non-UTF-8
+    path fails to open whatever it holds, so it is not called damaged)."""
     if path.exists() and not overwrite:
         detail = f"already holds {what} from a finished run"
-        if path.suffix == ".safetensors" and not path.is_dir():
+        if path.suffix == ".safetensors" and path.is_file() and utf8_text(str(path)) and os.access(path, os.R_OK):
             try:
                 read_metadata(path)
             except OutputError:

@@ -21,9 +21,10 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner, Result
 
-from influence_cli import __version__
+from influence_cli import __version__, storage
 from influence_cli.cli import app
 from influence_cli.cli.render import err_console
+from influence_cli.errors import OutputError
 from influence_cli.models import mlp
 from influence_cli.storage import load_tensors
 
@@ -163,6 +164,29 @@ def test_a_damaged_factors_file_is_not_called_a_finished_run(runner: CliRunner, 
     line = assert_clean_error(result, EXIT["output"], "already exists and is not a readable safetensors file", str(damaged))
     assert "finished run" not in line and "--overwrite" in result.stderr.split(line, 1)[1]
     assert damaged.read_bytes() == (out / FACTORS).read_bytes()[:100]
+
+
+def test_an_output_that_does_not_open_is_not_read_to_be_called_damaged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Only a regular, readable .safetensors file with a UTF-8 path is read to tell a damaged one: a non-UTF-8 path and a
+    file without read permission fail to open whatever they hold, and a FIFO would block the command."""
+    good = tmp_path / "f.safetensors"
+    storage.save_tensors(good, {"x": torch.zeros(1)}, {storage.FORMAT_KEY: storage.FACTORS_FORMAT})
+    odd = Path(os.fsdecode(os.fsencode(tmp_path) + b"/\xff.safetensors"))
+    os.link(good, odd)
+    with pytest.raises(OutputError, match="already holds factors from a finished run\nhint") as exc:
+        storage.check_can_write(odd, False, "factors")
+    assert exc.value.hint == "pass --overwrite to replace it"
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good.read_bytes()[:10])
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False)  # as a user without read permission (tests run as root)
+    with pytest.raises(OutputError, match="already holds factors from a finished run\nhint"):
+        storage.check_can_write(cut, False, "factors")
+    monkeypatch.undo()
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    monkeypatch.setattr(storage, "read_metadata", lambda *a, **kw: pytest.fail("a FIFO was opened"))
+    with pytest.raises(OutputError, match="already holds factors from a finished run\nhint"):
+        storage.check_can_write(fifo, False, "factors")
 
 
 def test_fit_factors_json_and_overwrite(runner: CliRunner, tmp_path: Path):

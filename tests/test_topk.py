@@ -320,3 +320,9 @@ def test_an_output_of_another_kind_or_version_is_named_as_such(tmp_path):
     with pytest.raises(OutputError, match=r"is not an output of format influence_cli.factors/1 \(its format: None\)") as exc:
         storage.load_tensors(path, storage.FACTORS_FORMAT)
     assert exc.value.hint == "point the command at the output_dir of a matching run"
+
+
+def test_a_format_that_is_not_one_line_is_quoted(tmp_path):
+    """A format that is not printable (a newline in another program's metadata) is quoted: the error stays one line."""
+    error = storage.format_mismatch(tmp_path / "f.safetensors", "influence_cli.factors/0\nX", storage.FACTORS_FORMAT)
+    assert "\n" not in error.message and error.message.endswith("(its format: 'influence_cli.factors/0\\nX')")
