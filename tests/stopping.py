@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -82,3 +84,39 @@ def as_earlier_snapshot(partial: Path) -> None:
         tensors |= {f"finished.{i}.{k}": v for k, v in finished.items()}
         path.unlink()
     storage.save_tensors(partial, tensors, meta)
+
+
+class PassesStart(Exception):
+    """Raised by a stand-in for a command's passes: the command is stopped where they start."""
+
+
+class MetaDeviceRun:
+    """A command of `lib` (a module that calls `prepare`) run on the `meta` device (no GPU needed), every
+    tensor read from a safetensors file (`storage._read`, the factors file's memory map) watched by a weak
+    reference: `alive()` counts those still referenced, to show that none outlives its copy on the device."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, lib: object) -> None:
+        self.mapped: list[weakref.ref] = []
+        real_read, real_prepare = storage._read, lib.prepare  # type: ignore[attr-defined]
+
+        def read(path, keys):
+            tensors = real_read(path, keys)
+            self.mapped.extend(weakref.ref(t) for t in tensors.values())
+            return tensors
+
+        def prepare(cfg, state):
+            ctx = real_prepare(cfg, state)
+            ctx.state = dataclasses.replace(ctx.state, device=torch.device("meta"))
+            return ctx
+
+        monkeypatch.setattr(storage, "_read", read)
+        monkeypatch.setattr(lib, "prepare", prepare)
+
+    def alive(self) -> int:
+        """How many tensors read from a file are still referenced (none read: -1, which no test expects)."""
+        return sum(r() is not None for r in self.mapped) if self.mapped else -1
+
+
+def device_types(layers: dict) -> set[str]:
+    """The device types of the floating-point tensors of {layer: LayerFactors}."""
+    return {t.device.type for lf in layers.values() for t in lf.tensors().values() if t.is_floating_point()}

@@ -14,7 +14,17 @@ import torch
 from exact import ConvHead, SeqModel, batches_of, empirical_vectors, fisher_vectors, fit, per_example_layer_grads, tiny_mlp
 from mnist_files import IMAGES, LABELS, requires_mnist
 from PIL import Image
-from stopping import SavesSpy, StopAt, as_earlier_snapshot, assert_same_tensors, interrupt, progress_files
+from stopping import (
+    MetaDeviceRun,
+    PassesStart,
+    SavesSpy,
+    StopAt,
+    as_earlier_snapshot,
+    assert_same_tensors,
+    device_types,
+    interrupt,
+    progress_files,
+)
 from typer.testing import CliRunner
 
 from influence_cli import storage
@@ -425,42 +435,21 @@ def test_off_the_cpu_no_memory_map_of_the_factors_outlives_their_copy_on_the_dev
     """On a GPU the passes use the factors' copies on the device: nothing of the file's memory map (whose
     pages the finite check read) is kept alive beside them. The device here is `meta` (no GPU needed);
     the passes are stopped where they start, and λ comes from the values as stored, on any device."""
-    import weakref
-
     import influence_cli.similarity as similarity_lib
 
     out, _ = digits_run
     cfg = load_config(DIGITS, [f"factors_dir={out}", "device=cpu", f"output_dir={tmp_path / 'run'}"])
-    mapped: list[weakref.ref] = []
-    real_read, real_prepare = storage._read, similarity_lib.prepare
-
-    def read(path, keys):
-        tensors = real_read(path, keys)
-        mapped.extend(weakref.ref(t) for t in tensors.values())
-        return tensors
-
-    def prepare(cfg, state):
-        ctx = real_prepare(cfg, state)
-        ctx.state = dataclasses.replace(ctx.state, device=torch.device("meta"))
-        return ctx
-
+    run = MetaDeviceRun(monkeypatch, similarity_lib)
     seen = {}
 
-    class PassesStart(Exception):
-        pass
-
     def passes(model, tracked, layers, plans, damping, **kwargs):
-        seen["alive"] = sum(r() is not None for r in mapped)
-        seen["devices"] = {t.device.type for lf in layers.values() for t in lf.tensors().values() if t.is_floating_point()}
-        seen["damping"] = damping
+        seen["alive"], seen["devices"], seen["damping"] = run.alive(), device_types(layers), damping
         raise PassesStart
 
-    monkeypatch.setattr(storage, "_read", read)
-    monkeypatch.setattr(similarity_lib, "prepare", prepare)
     monkeypatch.setattr(similarity_lib, "compute_similarity", passes)
     with pytest.raises(PassesStart):
         dataset_similarity(cfg)
-    assert mapped and seen["alive"] == 0 and seen["devices"] == {"meta"}
+    assert seen["alive"] == 0 and seen["devices"] == {"meta"}
     stored = load_factors(out / storage.FACTORS_FILE).layers
     assert seen["damping"] == layer_damping(stored, cfg.scores.damping, cfg.scores.damping_factor, cfg.scores.damping_scope)
 

@@ -16,7 +16,17 @@ import torch
 from exact import ConvHead, batches_of, empirical_vectors, fit, per_example_layer_grads, tiny_mlp
 from mnist_files import IMAGES, LABELS, requires_mnist
 from PIL import Image
-from stopping import SavesSpy, StopAt, as_earlier_snapshot, assert_same_tensors, interrupt, progress_files
+from stopping import (
+    MetaDeviceRun,
+    PassesStart,
+    SavesSpy,
+    StopAt,
+    as_earlier_snapshot,
+    assert_same_tensors,
+    device_types,
+    interrupt,
+    progress_files,
+)
 from test_models import TiedLM
 from typer.testing import CliRunner, Result
 
@@ -701,42 +711,21 @@ def test_off_the_cpu_no_memory_map_of_the_factors_outlives_their_copy_on_the_dev
     """On a GPU spectrum streams with the chosen layers' copies on the device, made once for every dataset:
     nothing of the file's memory map (whose pages the finite check read) is kept alive beside them. The
     device here is `meta` (no GPU needed); the passes are stopped where the first dataset's starts."""
-    import weakref
-
     import influence_cli.band_energy as band_energy_lib
 
     out, sets = digits
     cfg = load_config(DIGITS, [*(s for s in sets if s != "--set"), f"factors_dir={out}", f"output_dir={tmp_path / 'run'}"])
-    mapped: list[weakref.ref] = []
-    real_read, real_prepare = storage._read, band_energy_lib.prepare
-
-    def read(path, keys):
-        tensors = real_read(path, keys)
-        mapped.extend(weakref.ref(t) for t in tensors.values())
-        return tensors
-
-    def prepare(cfg, state):
-        ctx = real_prepare(cfg, state)
-        ctx.state = dataclasses.replace(ctx.state, device=torch.device("meta"))
-        return ctx
-
+    run = MetaDeviceRun(monkeypatch, band_energy_lib)
     seen = {}
 
-    class PassesStart(Exception):
-        pass
-
     def passes(model, layers, factors, bands, batches, **kwargs):
-        seen["alive"] = sum(r() is not None for r in mapped)
-        seen["devices"] = {t.device.type for lf in factors.values() for t in lf.tensors().values() if t.is_floating_point()}
-        seen["layers"] = sorted(factors)
+        seen["alive"], seen["devices"], seen["layers"] = run.alive(), device_types(factors), sorted(factors)
         raise PassesStart
 
-    monkeypatch.setattr(storage, "_read", read)
-    monkeypatch.setattr(band_energy_lib, "prepare", prepare)
     monkeypatch.setattr(band_energy_lib, "dataset_spectrum", passes)
     with pytest.raises(PassesStart):
         spectrum(cfg, layers="fc2")
-    assert mapped and seen["alive"] == 0 and seen["devices"] == {"meta"} and seen["layers"] == ["fc2"]
+    assert seen["alive"] == 0 and seen["devices"] == {"meta"} and seen["layers"] == ["fc2"]
 
 
 def test_a_result_read_back_moves_no_factors_to_the_device(tmp_path, digits, monkeypatch):
