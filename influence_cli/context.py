@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import functools
 import inspect
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -63,8 +61,6 @@ def checked_config(cfg: Config, caller: str, reads: tuple[str, ...] | None = Non
     return rebuilt(cfg, reads)
 
 
-_Run = TypeVar("_Run", bound=Callable[..., Any])
-
 _SIMPLE_TYPES: dict[str, Callable[[object], bool]] = {
     "bool": lambda v: isinstance(v, bool),
     "int": lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool),
@@ -108,17 +104,6 @@ def check_arguments(run: Callable[..., object], args: tuple[object, ...], kwargs
             raise TypeError(f"{run.__name__}(): {name} takes {' or '.join(arms)}, not {value!r}")
         bound.arguments[name] = plain
     return bound
-
-
-def typed_arguments(run: _Run) -> _Run:
-    """Decorates a run function so that its arguments are checked (`check_arguments`) before it starts."""
-
-    @functools.wraps(run)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        bound = check_arguments(run, args, kwargs)
-        return run(*bound.args, **bound.kwargs)
-
-    return wrapper  # type: ignore[return-value]
 
 
 @dataclass

@@ -17,7 +17,6 @@ checkpoint has every other weight unchanged and loads with the same config.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import time
@@ -39,7 +38,7 @@ from influence_cli.bands import (
     select_layers,
 )
 from influence_cli.config import EDIT_KEEP, Config
-from influence_cli.context import checked_config, prepare, typed_arguments
+from influence_cli.context import prepare
 from influence_cli.distributed import DistState
 from influence_cli.errors import ModelError, UsageError, first_line
 from influence_cli.factors import LayerFactors
@@ -207,7 +206,12 @@ def _layer_state(tm: TrackedModule, weight: torch.Tensor, bias: torch.Tensor | N
     return {prefix + k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
-@typed_arguments
+# the factors' shared lock is held for the whole run, as the other readers hold theirs: the factors are read (checked,
+# projected) through their map well after they were opened, and the checkpoint names their file. A refit would not
+# change what the map holds (it renames a new file over the path), but the file named would then hold other factors.
+# It guards the factors only: --out takes no lock (an atomic write; a killed writer's temporary files are removed by
+# age). Under torchrun rank 0 takes it and tells the others whether it got it, before any rank reads the factors
+@storage.guards_output_dir(None, reads="factors")
 def edit_checkpoint(
     cfg: Config,
     out: str | Path,
@@ -225,7 +229,7 @@ def edit_checkpoint(
     one ending in .pt or .pth a plain state dict (torch.save; no metadata: the report has it).
 
     Needs the factors of fit-factors for the config's model, which it holds a shared lock on until
-    the checkpoint is written (fit-factors is refused meanwhile). Settings default to
+    the checkpoint is written (fit-factors is refused meanwhile; `storage.guards_output_dir`). Settings default to
     spectrum.edit (keep, rho, share, layers, which default to spectrum.layers) and spectrum.order;
     `rho` alone implies keep mass, `share` alone keep share.
 
@@ -236,7 +240,6 @@ def edit_checkpoint(
         NumericalError: the chosen layers' factors hold NaN/Inf.
     """
     t0 = time.perf_counter()
-    cfg = checked_config(cfg, "edit_checkpoint", reads=())  # the model and its factors only
     layers = [layers] if isinstance(layers, str) else layers
     e = cfg.spectrum.edit
     if rho is not None and share is not None:
@@ -276,67 +279,52 @@ def edit_checkpoint(
             hint="write the edited weights to a file of their own, e.g. edited.safetensors",
         )
     ctx = prepare(cfg, state)
-    # held until the checkpoint is written, as the other readers hold theirs for their whole run: the factors are read
-    # (checked, projected) through their map well after they were opened, and the checkpoint names their file. A refit
-    # would not change what the map holds (it renames a new file over the path), but the file named would then hold
-    # other factors. It guards the factors only: --out takes no lock (an atomic write; a killed writer's temporary
-    # files are removed by age). Under torchrun rank 0 takes it and tells the others whether it got it
-    with contextlib.ExitStack() as held:
-        busy = None
-        if cfg.factors_path.is_dir() and ctx.state.is_main:
-            try:
-                held.enter_context(storage.output_dir_lock(cfg.factors_path, "factors", shared=True, key=cfg.factors_key))
-            except storage.OutputDirBusy as exc:
-                busy = exc
-        busy, _ = storage.refusal_of_rank_0(ctx.state, busy)  # every rank stops, before any reads the factors
-        if busy is not None:
-            raise busy
-        factors, factors_path = load_kronecker_factors(ctx, order, order_key)
-        if layers:
-            patterns, key = layers, "--layers"
-        elif e.layers is not None:
-            patterns, key = e.layers, "spectrum.edit.layers"
-        else:
-            patterns, key = cfg.spectrum.layers, "spectrum.layers"
-        chosen = select_layers(ctx.tracked, patterns, key, cfg.source)
-        check_finite_factors(factors, factors_path, [tm.name for tm in chosen])
-        storage.check_can_write(out, overwrite, "a checkpoint")
-        if ctx.state.is_main:
-            storage.remove_stale_temp_files(out, storage.UNLOCKED_TEMP_AGE_S)  # what a killed writer left (no lock guards --out)
-        state_dict, edits = edit_model(ctx.model, chosen, factors.layers, keep=keep, rho=rho, share=share, order=order)
-        _check_something_kept(edits, keep, share, explicit=share_given is not None)
-        _warn_if_most_weight_removed(edits)
-        tied = tied_keys(ctx.model)
-        if source is not None:
-            state_dict = _in_source_precision(state_dict, source, tied)
-        if cfg.scores.checkpoints:
-            n = len(cfg.scores.checkpoints)
-            notices.warn(
-                f"edit: only model.checkpoint is edited, not the {n} model{'s' if n > 1 else ''} of scores.checkpoints "
-                "(edit each with --set model.checkpoint=<it>, after fitting its own factors)"
-            )
-        fingerprint = _fingerprint(ctx.model, state_dict)
-        if ctx.state.is_main and out.suffix != ".safetensors":  # .pt / .pth: a plain state dict, which holds no metadata
-            storage.save_state_dict(out, _tied_as_one(state_dict, tied), key="--out")
-        elif ctx.state.is_main:
-            storage.save_tensors(
-                out,
-                _one_name_per_tensor(state_dict, tied),
-                {
-                    storage.FORMAT_KEY: storage.EDITED_CHECKPOINT_FORMAT,
-                    **ctx.provenance(),
-                    "source_checkpoint": str(source) if source is not None else "",
-                    "source_fingerprint": ctx.model_fingerprint,
-                    "model_fingerprint": fingerprint,
-                    "factors": str(factors_path),
-                    "keep": keep,
-                    "rho": rho if keep == "mass" else None,
-                    "share": share if keep == "share" else None,
-                    "order": order,
-                    "layers": [ed.to_dict() for ed in edits],
-                },
-                key="--out",
-            )
+    factors, factors_path = load_kronecker_factors(ctx, order, order_key)
+    if layers:
+        patterns, key = layers, "--layers"
+    elif e.layers is not None:
+        patterns, key = e.layers, "spectrum.edit.layers"
+    else:
+        patterns, key = cfg.spectrum.layers, "spectrum.layers"
+    chosen = select_layers(ctx.tracked, patterns, key, cfg.source)
+    check_finite_factors(factors, factors_path, [tm.name for tm in chosen])
+    storage.check_can_write(out, overwrite, "a checkpoint")
+    if ctx.state.is_main:
+        storage.remove_stale_temp_files(out, storage.UNLOCKED_TEMP_AGE_S)  # what a killed writer left (no lock guards --out)
+    state_dict, edits = edit_model(ctx.model, chosen, factors.layers, keep=keep, rho=rho, share=share, order=order)
+    _check_something_kept(edits, keep, share, explicit=share_given is not None)
+    _warn_if_most_weight_removed(edits)
+    tied = tied_keys(ctx.model)
+    if source is not None:
+        state_dict = _in_source_precision(state_dict, source, tied)
+    if cfg.scores.checkpoints:
+        n = len(cfg.scores.checkpoints)
+        notices.warn(
+            f"edit: only model.checkpoint is edited, not the {n} model{'s' if n > 1 else ''} of scores.checkpoints "
+            "(edit each with --set model.checkpoint=<it>, after fitting its own factors)"
+        )
+    fingerprint = _fingerprint(ctx.model, state_dict)
+    if ctx.state.is_main and out.suffix != ".safetensors":  # .pt / .pth: a plain state dict, which holds no metadata
+        storage.save_state_dict(out, _tied_as_one(state_dict, tied), key="--out")
+    elif ctx.state.is_main:
+        storage.save_tensors(
+            out,
+            _one_name_per_tensor(state_dict, tied),
+            {
+                storage.FORMAT_KEY: storage.EDITED_CHECKPOINT_FORMAT,
+                **ctx.provenance(),
+                "source_checkpoint": str(source) if source is not None else "",
+                "source_fingerprint": ctx.model_fingerprint,
+                "model_fingerprint": fingerprint,
+                "factors": str(factors_path),
+                "keep": keep,
+                "rho": rho if keep == "mass" else None,
+                "share": share if keep == "share" else None,
+                "order": order,
+                "layers": [ed.to_dict() for ed in edits],
+            },
+            key="--out",
+        )
     ctx.state.barrier()
     return EditReport(
         out, str(source) if source is not None else "", keep, rho if keep == "mass" else None, share if keep == "share" else None,

@@ -231,11 +231,13 @@ class OutputDirBusy(OutputError):
     """Another run holds the lock of the outputs this run would write."""
 
 
-def guards_output_dir(what: str | Callable[[dict[str, Any]], str], reads: str | None = None) -> Callable[[_Run], _Run]:
+def guards_output_dir(what: str | Callable[[dict[str, Any]], str] | None, reads: str | None = None) -> Callable[[_Run], _Run]:
     """Decorates a command's core function `run(cfg, ...)` that writes the outputs `what` (a name,
     or a function of run's keyword arguments: compute-scores writes "scores" or "self_influence")
     into cfg.output_dir (the factors into cfg.factors_dir), reading the outputs `reads`
-    ("factors") from their folder.
+    ("factors") from their folder. With `what` None the command writes no outputs of a kind (edit,
+    whose one file, --out, takes no lock): only what it reads is locked, and no folder is created
+    or removed.
 
     While it runs, its outputs are locked exclusively and what it reads is locked shared
     (`output_dir_lock`; rank 0 of a torchrun job holds the locks and tells the other ranks whether
@@ -259,9 +261,12 @@ def guards_output_dir(what: str | Callable[[dict[str, Any]], str], reads: str | 
             if kwargs.get("resume") and kwargs.get("overwrite"):
                 raise UsageError("--resume, --overwrite: pass one (--resume continues saved progress, --overwrite starts over)")
             name = what(kwargs) if callable(what) else what
-            folder, key = _folder_of(cfg, name)
-            check_readable_dir(folder, key)  # also a folder above it: exists() below would raise
-            created = [p for p in (folder, *folder.parents) if not p.exists()]  # innermost first
+            folder: Path | None = None  # this run's output folder; None: it writes none
+            created: list[Path] = []  # the folders it creates, innermost first
+            if name is not None:
+                folder, key = _folder_of(cfg, name)
+                check_readable_dir(folder, key)  # also a folder above it: exists() below would raise
+                created = [p for p in (folder, *folder.parents) if not p.exists()]
             state = kwargs.get("state")  # the DistState the CLI (or a Python caller) passes
             main = state is None or state.rank == 0  # without a state every process runs alone (as `prepare` does) and locks
             elsewhere = False  # refused by a lock on the factors in another folder: this run's own folder is cleaned up
@@ -269,7 +274,8 @@ def guards_output_dir(what: str | Callable[[dict[str, Any]], str], reads: str | 
                 with contextlib.ExitStack() as locks:
                     busy: OutputDirBusy | None = None
                     try:
-                        locks.enter_context(output_dir_lock(folder, name, hold=main, key=key))
+                        if name is not None:
+                            locks.enter_context(output_dir_lock(folder, name, hold=main, key=key))
                         if reads is not None:
                             read_folder, read_key = _folder_of(cfg, reads)
                             check_readable_dir(read_folder, read_key, listed=False)  # only its named files are read
@@ -286,7 +292,7 @@ def guards_output_dir(what: str | Callable[[dict[str, Any]], str], reads: str | 
             except BaseException as exc:
                 if isinstance(exc, OutputDirBusy) and not elsewhere:
                     raise  # the folder is the other run's: leave everything as it is
-                if created and created[0] == folder and folder.is_dir():
+                if created and created[0] == folder and folder is not None and folder.is_dir():
                     for sub, _, _ in os.walk(folder, topdown=False):  # empty subfolders first (members/<i>/)
                         if Path(sub) != folder:
                             _rmdir_if_empty(Path(sub))

@@ -550,7 +550,8 @@ def test_files_and_folders_this_user_may_not_read(fitted: tuple[Path, Result], t
 def test_folders_that_may_be_entered_but_not_listed(runner: CliRunner, fitted: tuple[Path, Result], tmp_path: Path):
     """A folder this user may enter but not list serves what is read or written there by name: factors shared through
     factors_dir, top-k's scores, a picture, `edit --out`; the output_dir a command writes is listed (its progress and
-    temporary files are found there), and a folder that cannot be entered is refused, one line, before any work."""
+    temporary files are found there), and a folder that cannot be entered (or one below it) is refused, one line,
+    before any work."""
     out, _ = fitted
     shared, scored, drop, closed, run = (tmp_path / name for name in ("shared", "scored", "drop", "closed", "run"))
     for folder in (shared, scored, drop, closed):
@@ -575,6 +576,8 @@ def test_folders_that_may_be_entered_but_not_listed(runner: CliRunner, fitted: t
         assert_one_error_line(done, EXIT["output"], f"--image-grid: {str(closed)!r} cannot be read (permission denied)")
         done = unprivileged("edit", DIGITS, *factors, "--set", f"output_dir={run}", "--out", closed / "sub" / "edited.safetensors")
         assert_one_error_line(done, EXIT["output"], f"--out: {str(closed / 'sub')!r} cannot be read (permission denied)")
+        done = unprivileged("edit", DIGITS, "--set", f"factors_dir={closed / 'sub'}", "--set", f"output_dir={run}", "--out", drop / "e.pt")
+        assert_one_error_line(done, EXIT["output"], f"factors_dir: {str(closed / 'sub')!r} cannot be read (permission denied)")
     finally:
         for folder in (shared, scored, drop, closed):
             folder.chmod(0o700)
