@@ -649,12 +649,9 @@ def other_version(metadata: dict[str, Any]) -> str:
 
 
 def read_metadata(path: Path, hint: str | None = None) -> dict[str, Any]:
-    """The decoded metadata of a safetensors file (OutputError naming the command that writes it again)."""
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            return decode_metadata(dict(fh.metadata() or {}))
-    except Exception as exc:  # safetensors raises several types for corrupt files
-        raise unreadable(path, exc, hint=hint) from None
+    """The decoded metadata of a safetensors file (OutputError naming the command that writes it again, or with `hint`)."""
+    with _opened(path, hint) as fh:
+        return decode_metadata(dict(fh.metadata() or {}))
 
 
 def _check_format(path: Path, meta: dict[str, Any], expected_format: str | None) -> None:
@@ -689,16 +686,17 @@ def unreadable(path: Path, exc: Exception, what: str = "safetensors file", hint:
 
 
 @contextmanager
-def _opened(path: Path) -> Iterator[Any]:
+def _opened(path: Path, hint: str | None = None) -> Iterator[Any]:
     """safe_open's handle of `path` (its tensors: views of one memory map); a failure to read it, there or in the
-    body, is an OutputError naming the file (`unreadable`), and the OutputErrors the body raises pass as they are."""
+    body, is an OutputError naming the file (`unreadable`, with `hint`), and the OutputErrors the body raises pass
+    as they are."""
     try:
         with safe_open(str(path), framework="pt") as fh:
             yield fh
     except OutputError:
         raise
-    except Exception as exc:
-        raise unreadable(path, exc) from None
+    except Exception as exc:  # safetensors raises several types for corrupt files
+        raise unreadable(path, exc, hint=hint) from None
 
 
 def load_tensors(path: Path, expected_format: str | None = None, keys: list[str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
