@@ -206,12 +206,66 @@ def _layer_state(tm: TrackedModule, weight: torch.Tensor, bias: torch.Tensor | N
     return {prefix + k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
+def _settings(
+    cfg: Config, out: str | Path, keep: str | None, rho: float | None, share: float | None, order: str | None
+) -> tuple[Path, str, float, float, str, str]:
+    """edit's flags checked and filled in from spectrum.edit and spectrum.order: (out, keep, rho, share, order, the
+    key that names order). Checked before the factors' lock is taken (`_check_flags`), and again where they are used.
+
+    Raises:
+        UsageError: impossible --rho / --keep-share / --out.
+        OutputError: --out's folder cannot be entered or created.
+    """
+    e = cfg.spectrum.edit
+    if rho is not None and share is not None:
+        raise UsageError("--rho and --keep-share: give one (keep a share of the curvature mass, or a share of the directions)")
+    keep = keep or ("mass" if rho is not None else "share" if share is not None else e.keep)
+    if keep not in EDIT_KEEP:
+        raise UsageError(f"keep: expected one of {', '.join(EDIT_KEEP)}, got {keep!r}")
+    rho = e.rho if rho is None else rho
+    share = e.share if share is None else share
+    if not 0.0 < rho <= 1.0:
+        raise UsageError(f"--rho: must be in (0, 1], got {rho}")
+    if not 0.0 < share <= 1.0:
+        raise UsageError(f"--keep-share: must be in (0, 1] (0 would zero every edited weight), got {share}")
+    order_key = "--order" if order else "spectrum.order"
+    order = order or cfg.spectrum.order
+    check_order(order, "--order")
+    out = Path(out)
+    if out.suffix not in EDIT_SUFFIXES:
+        raise UsageError(
+            f"--out: {str(out)!r} must end in {', '.join(EDIT_SUFFIXES[:-1])} or {EDIT_SUFFIXES[-1]}",
+            hint="e.g. edited.safetensors (with the edit's metadata), or edited.pt (a plain state dict)",
+        )
+    storage.check_readable_dir(out.parent, "--out", listed=False)  # is_dir() would raise PermissionError
+    if out.is_dir():
+        raise UsageError(f"--out: {str(out)!r} is a folder", hint="give a file name ending in .safetensors, .pt or .pth")
+    storage.check_creatable_dir(out.parent, key="--out")  # created only when the edited weights are written
+    read = cfg.input_files().get(out.resolve())
+    if read is not None:
+        what = "the model's own checkpoint" if read == "model.checkpoint" else f"a file the config reads ({read})"
+        raise UsageError(f"--out: {str(out)!r} is {what}", hint="write the edited weights to a new file")
+    made = storage.file_format(out)
+    if storage.is_output_name(out.name) or (made.startswith("influence_cli.") and made != storage.EDITED_CHECKPOINT_FORMAT):
+        raise UsageError(
+            f"--out: {str(out)!r} is the name of an output of the other commands" + (f" (it holds {made})" if made else ""),
+            hint="write the edited weights to a file of their own, e.g. edited.safetensors",
+        )
+    return out, keep, rho, share, order, order_key
+
+
+def _check_flags(cfg: Config, arguments: dict[str, Any]) -> None:
+    """`_settings` of edit_checkpoint's arguments (by name, as given), before the factors' lock is taken: a usage
+    error is not hidden behind a busy factors folder (it would still be there once fit-factors is done)."""
+    _settings(cfg, arguments["out"], arguments.get("keep"), arguments.get("rho"), arguments.get("share"), arguments.get("order"))
+
+
 # the factors' shared lock is held for the whole run, as the other readers hold theirs: the factors are read (checked,
 # projected) through their map well after they were opened, and the checkpoint names their file. A refit would not
 # change what the map holds (it renames a new file over the path), but the file named would then hold other factors.
 # It guards the factors only: --out takes no lock (an atomic write; a killed writer's temporary files are removed by
 # age). Under torchrun rank 0 takes it and tells the others whether it got it, before any rank reads the factors
-@storage.guards_output_dir(None, reads="factors")
+@storage.guards_output_dir(None, reads="factors", checks=_check_flags)
 def edit_checkpoint(
     cfg: Config,
     out: str | Path,
@@ -242,42 +296,9 @@ def edit_checkpoint(
     t0 = time.perf_counter()
     layers = [layers] if isinstance(layers, str) else layers
     e = cfg.spectrum.edit
-    if rho is not None and share is not None:
-        raise UsageError("--rho and --keep-share: give one (keep a share of the curvature mass, or a share of the directions)")
-    keep = keep or ("mass" if rho is not None else "share" if share is not None else e.keep)
-    if keep not in EDIT_KEEP:
-        raise UsageError(f"keep: expected one of {', '.join(EDIT_KEEP)}, got {keep!r}")
     share_given = share
-    rho = e.rho if rho is None else rho
-    share = e.share if share is None else share
-    if not 0.0 < rho <= 1.0:
-        raise UsageError(f"--rho: must be in (0, 1], got {rho}")
-    if not 0.0 < share <= 1.0:
-        raise UsageError(f"--keep-share: must be in (0, 1] (0 would zero every edited weight), got {share}")
-    order_key = "--order" if order else "spectrum.order"
-    order = order or cfg.spectrum.order
-    check_order(order, "--order")
-    out = Path(out)
-    if out.suffix not in EDIT_SUFFIXES:
-        raise UsageError(
-            f"--out: {str(out)!r} must end in {', '.join(EDIT_SUFFIXES[:-1])} or {EDIT_SUFFIXES[-1]}",
-            hint="e.g. edited.safetensors (with the edit's metadata), or edited.pt (a plain state dict)",
-        )
-    storage.check_readable_dir(out.parent, "--out", listed=False)  # is_dir() would raise PermissionError
-    if out.is_dir():
-        raise UsageError(f"--out: {str(out)!r} is a folder", hint="give a file name ending in .safetensors, .pt or .pth")
-    storage.check_creatable_dir(out.parent, key="--out")  # created only when the edited weights are written
+    out, keep, rho, share, order, order_key = _settings(cfg, out, keep, rho, share, order)
     source = cfg.resolve(cfg.model.checkpoint)
-    read = cfg.input_files().get(out.resolve())
-    if read is not None:
-        what = "the model's own checkpoint" if read == "model.checkpoint" else f"a file the config reads ({read})"
-        raise UsageError(f"--out: {str(out)!r} is {what}", hint="write the edited weights to a new file")
-    made = storage.file_format(out)
-    if storage.is_output_name(out.name) or (made.startswith("influence_cli.") and made != storage.EDITED_CHECKPOINT_FORMAT):
-        raise UsageError(
-            f"--out: {str(out)!r} is the name of an output of the other commands" + (f" (it holds {made})" if made else ""),
-            hint="write the edited weights to a file of their own, e.g. edited.safetensors",
-        )
     ctx = prepare(cfg, state)
     factors, factors_path = load_kronecker_factors(ctx, order, order_key)
     if layers:

@@ -231,13 +231,19 @@ class OutputDirBusy(OutputError):
     """Another run holds the lock of the outputs this run would write."""
 
 
-def guards_output_dir(what: str | Callable[[dict[str, Any]], str] | None, reads: str | None = None) -> Callable[[_Run], _Run]:
+def guards_output_dir(
+    what: str | Callable[[dict[str, Any]], str] | None,
+    reads: str | None = None,
+    checks: Callable[[Any, dict[str, Any]], object] | None = None,
+) -> Callable[[_Run], _Run]:
     """Decorates a command's core function `run(cfg, ...)` that writes the outputs `what` (a name,
     or a function of run's keyword arguments: compute-scores writes "scores" or "self_influence")
     into cfg.output_dir (the factors into cfg.factors_dir), reading the outputs `reads`
     ("factors") from their folder. With `what` None the command writes no outputs of a kind (edit,
     whose one file, --out, takes no lock): only what it reads is locked, and no folder is created
-    or removed.
+    or removed. `checks(cfg, arguments)` (the checked cfg; run's arguments by name, as given) checks
+    the command's own flags before any lock is taken or folder created, so a usage error comes
+    before a busy folder (edit).
 
     While it runs, its outputs are locked exclusively and what it reads is locked shared
     (`output_dir_lock`; rank 0 of a torchrun job holds the locks and tells the other ranks whether
@@ -260,6 +266,8 @@ def guards_output_dir(what: str | Callable[[dict[str, Any]], str] | None, reads:
             cfg = checked_config(cfg, run.__name__, data_read)  # a Config changed after loading is checked before any file is touched
             if kwargs.get("resume") and kwargs.get("overwrite"):
                 raise UsageError("--resume, --overwrite: pass one (--resume continues saved progress, --overwrite starts over)")
+            if checks is not None:
+                checks(cfg, bound.arguments)
             name = what(kwargs) if callable(what) else what
             folder: Path | None = None  # this run's output folder; None: it writes none
             created: list[Path] = []  # the folders it creates, innermost first

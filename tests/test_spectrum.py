@@ -865,6 +865,10 @@ def test_cli_errors(tmp_path, digits):
 
     with output_dir_lock(out, "factors"):  # a refit running there
         assert_error(invoke("edit", DIGITS, *sets, "--out", tmp_path / "e.safetensors"), 5, "in use by another run writing its factors")
+        # its flags are checked first: a usage error would still be there once the refit is done
+        assert_error(invoke("edit", DIGITS, *sets, "--out", tmp_path / "e.safetensors", "--rho", "2"), 2, "--rho: must be in (0, 1]")
+        assert_error(invoke("edit", DIGITS, *sets, "--out", tmp_path / "e.bin"), 2, "--out", "must end in .safetensors, .pt or .pth")
+        assert_error(invoke("edit", DIGITS, *sets, "--out", out / FACTORS_FILE, "--overwrite"), 2, "--out", "an output of the other commands")
     assert not (tmp_path / "new").exists()  # a failed edit creates no folder
     assert assert_error(invoke("spectrum", DIGITS, *sets, "--layers", "conv*"), 2, "--layers", "matches none").startswith("usage error")
     assert assert_error(invoke("spectrum", DIGITS, *sets, "--set", "spectrum.layers=[conv*]"), 2, "spectrum.layers").startswith(
