@@ -484,14 +484,14 @@ def _fit_member(
     if resume and not overwrite and path.exists():
         recorded = storage.read_metadata(path)
         if recorded.get("result_key") not in run_keys(result):
-            refuse_other_finished_result(path, recorded.get("result"), result, "factors")
+            refuse_other_finished_result(path, recorded.get("result"), result, "factors", cfg.factors_key)
         clear_progress_of_finished(out_dir, storage.FACTORS_PARTIAL, main=ctx.state.is_main, outputs=[path])
         return FitReport(path, cfg.factors.strategy, cfg.factors.fisher, n, layers_info, {}, "already complete", member=member.index, skipped=skipped)
     rank_suffix = f".rank{ctx.state.rank}" if ctx.state.distributed else ""
     checkpoint = PassCheckpoint(out_dir / storage.FACTORS_PARTIAL.format(rank=rank_suffix), settings, cfg.factors.checkpoint_every)
 
     def start_checks() -> Snapshot | None:
-        storage.check_can_write(path, overwrite, "factors")
+        storage.check_can_write(path, overwrite, "factors", cfg.factors_key)
         storage.ensure_writable_dir(out_dir, key=cfg.factors_key)
         check_rank_layout(out_dir, storage.FACTORS_PARTIAL, ctx.state.world_size, resume=resume, overwrite=overwrite)
         return checkpoint.check_start(resume, overwrite)  # a rank's own progress file may refuse on that rank alone

@@ -252,13 +252,15 @@ def as_recorded(fields: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(fields, sort_keys=True, default=str))
 
 
-def refuse_other_finished_result(path: Path, recorded: dict[str, Any] | None, result: dict[str, Any], what: str) -> None:
+def refuse_other_finished_result(path: Path, recorded: dict[str, Any] | None, result: dict[str, Any], what: str, key: str = "output_dir") -> None:
     """--resume on a finished output of other settings (`recorded`: its metadata's "result"):
-    there is nothing to continue, and recomputing would replace it.
+    there is nothing to continue, and recomputing would replace it (`key`: the config key that names its folder).
 
     Raises:
-        OutputError: naming what changed.
+        OutputError: naming what changed; another program's file at `path` is refused as that.
     """
+    if recorded is None and path.suffix == ".safetensors" and not storage.written_by_influence_cli(storage.read_metadata(path)):
+        storage.check_can_write(path, False, what, key)
     raise OutputError(
         f"{str(path)!r} holds {what} of a finished run with other settings ({changed_settings(recorded, as_recorded(result))})",
         hint="--resume continues interrupted runs only: pass --overwrite to recompute with these settings",
@@ -277,7 +279,7 @@ def finished_result(path: Path, result: dict[str, Any], what: str, *, overwrite:
         return None
     recorded = storage.read_metadata(path)
     if recorded.get("result_key") is None:
-        storage.check_can_write(path, overwrite, what)  # raises: a finished run whose settings are unknown
+        storage.check_can_write(path, overwrite, what, "output_dir")  # raises: a finished run whose settings are unknown, or another program's file
     if recorded["result_key"] not in run_keys(result):
         raise OutputError(
             f"{str(path)!r} holds {what} of other settings ({changed_settings(recorded.get('result'), as_recorded(result), names)})"

@@ -727,8 +727,8 @@ def _start_pairwise(st: DistState, checkpoint: PassCheckpoint, single: Path, ind
     out_dir = single.parent
 
     def start_checks() -> Snapshot | None:
-        storage.check_can_write(single, overwrite, "scores")
-        storage.check_can_write(index, overwrite, "scores")
+        storage.check_can_write(single, overwrite, "scores", "output_dir")
+        storage.check_can_write(index, overwrite, "scores", "output_dir")
         check_rank_layout(out_dir, storage.SCORES_PARTIAL, st.world_size, resume=resume, overwrite=overwrite)
         snap = checkpoint.check_start(resume, overwrite)
         leftovers = sorted(out_dir.glob(storage.SCORES_SHARD_GLOB))
@@ -923,7 +923,7 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
     checkpoint = PassCheckpoint(out_dir / storage.SCORES_PARTIAL.format(rank=rank_suffix), settings, cfg.factors.checkpoint_every)
 
     def start_checks() -> Snapshot | None:
-        storage.check_can_write(path, overwrite, "self-influence scores")
+        storage.check_can_write(path, overwrite, "self-influence scores", "output_dir")
         check_rank_layout(out_dir, storage.SCORES_PARTIAL, st.world_size, resume=resume, overwrite=overwrite, kind=".self")
         return checkpoint.check_start(resume, overwrite)
 

@@ -777,16 +777,59 @@ def member_dir(out_dir: Path, member: int) -> Path:
     return Path(out_dir) if member == 0 else Path(out_dir) / MEMBERS_DIR / str(member)
 
 
-def check_can_write(path: Path, overwrite: bool, what: str) -> None:
-    """Refuses to replace a finished output unless `overwrite`; a .safetensors file whose header does not read
-    (damaged from outside, or another program's) is said to be that, not a finished run's output. Only a regular
-    file that safetensors can open is read (a FIFO would block; a file that is not readable or has a non-UTF-8
-    path fails to open whatever it holds, so it is not called damaged)."""
-    if path.exists() and not overwrite:
-        detail = f"already holds {what} from a finished run"
-        if path.suffix == ".safetensors" and path.is_file() and utf8_text(str(path)) and os.access(path, os.R_OK):
-            try:
-                read_metadata(path)
-            except OutputError:
-                detail = "already exists and is not a readable safetensors file (damaged, or not written by influence_cli)"
-        raise OutputError(f"{str(path)!r} {detail}", hint="pass --overwrite to replace it").everywhere()
+def check_can_write(path: Path, overwrite: bool, what: str, key: str | None = None) -> None:
+    """Refuses to replace an existing output unless `overwrite`, saying what the file is: a finished run's output
+    (`what`), one of another version of influence_cli, a safetensors file of another program (a checkpoint, say:
+    to keep, so the hint names another place first; `key` is the flag or config key that names `path`), a file whose
+    header does not read (damaged from outside), or a file that records nothing of what wrote it (edit's .pt state
+    dict). Only a regular file that safetensors can open is read (a FIFO would block; a file that is not readable or
+    has a non-UTF-8 path fails to open whatever it holds, so it is taken for a finished run's output, by its name)."""
+    if not path.exists() or overwrite:
+        return
+    detail, hint = f"already holds {what} from a finished run", "pass --overwrite to replace it"
+    elsewhere = (f"give {key} another path" if key.startswith("-") else f"set {key} to another place") if key else "write to another place"
+    if path.suffix == ".safetensors" and path.is_file() and utf8_text(str(path)) and os.access(path, os.R_OK):
+        try:
+            meta = read_metadata(path)
+        except OutputError:
+            meta = None
+            detail = "already exists and is not a readable safetensors file (damaged, or not written by influence_cli)"
+        if meta is not None and not written_by_influence_cli(meta):
+            made = meta.get(FORMAT_KEY)
+            detail = "already exists and was not written by influence_cli (a safetensors file of another program"
+            detail += f", format {_shown(made)})" if made else ")"
+            hint = f"{elsewhere}, or pass --overwrite to replace that file"
+        elif meta is not None and (version := _other_writer(meta)):
+            detail = f"already holds {what} {version}"
+    elif path.suffix != ".safetensors" and not is_output_name(path.name):
+        detail = f"already exists (a {path.suffix or 'file'} file records nothing of what wrote it: it may be another program's)"
+        hint = f"{elsewhere}, or pass --overwrite to replace it"
+    raise OutputError(f"{str(path)!r} {detail}", hint=hint).everywhere()
+
+
+_FORMATS = frozenset({FACTORS_FORMAT, SCORES_FORMAT, SELF_FORMAT, SIMILARITY_FORMAT, SPECTRUM_FORMAT, EDITED_CHECKPOINT_FORMAT, PARTIAL_FORMAT})
+
+
+def written_by_influence_cli(metadata: dict[str, Any]) -> bool:
+    """Whether a safetensors file's decoded metadata is that of an influence_cli output (any version): every one
+    records a format "influence_cli.<kind>/<n>"; another program's file has none, or its own ("pt" for Hugging Face's)."""
+    made = metadata.get(FORMAT_KEY)
+    return isinstance(made, str) and made.startswith("influence_cli.")
+
+
+def _other_writer(metadata: dict[str, Any]) -> str:
+    """"written by influence_cli 0.1.0 (this is 0.2.0)" (or by a version that writes a format this one does not) for
+    an influence_cli output of another version; "" for one of this version."""
+    from influence_cli import __version__
+
+    made, written = metadata.get(FORMAT_KEY), metadata.get("tool_version")
+    if isinstance(written, str) and written != __version__:
+        return f"written by influence_cli {_shown(written)} (this is {__version__})"
+    if made not in _FORMATS:
+        return f"in format {_shown(made)}, written by another version of influence_cli (this is {__version__})"
+    return ""
+
+
+def _shown(value: Any) -> str:
+    """A metadata value in a one-line message: printable text as it is, anything else quoted."""
+    return value if isinstance(value, str) and value.isprintable() else repr(value)

@@ -166,6 +166,69 @@ def test_a_damaged_factors_file_is_not_called_a_finished_run(runner: CliRunner, 
     assert damaged.read_bytes() == (out / FACTORS).read_bytes()[:100]
 
 
+def test_another_programs_safetensors_file_is_not_called_a_finished_run(runner: CliRunner, fitted: tuple[Path, Result], tmp_path: Path):
+    """A valid safetensors file that influence_cli did not write (no format, or its own: Hugging Face's "pt") in the way of
+    fit-factors, compute-scores or edit --out is refused as another program's, naming a place of its own first; replacing
+    it takes --overwrite. A .pt file at --out records nothing of what wrote it, and is said to."""
+    out, _ = fitted
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    checkpoint = {"weight": torch.arange(6.0).reshape(2, 3)}
+    save_file(checkpoint, str(mine / FACTORS))  # no metadata at all
+    before = (mine / FACTORS).read_bytes()
+    result = invoke(runner, "fit-factors", DIGITS, "--set", f"output_dir={mine}")
+    line = assert_clean_error(result, EXIT["output"], str(mine / FACTORS), "already exists and was not written by influence_cli")
+    assert "finished run" not in line
+    assert result.stderr.split(line, 1)[1].strip() == "hint: set output_dir to another place, or pass --overwrite to replace that file"
+    assert (mine / FACTORS).read_bytes() == before
+    save_file(checkpoint, str(mine / "scores.safetensors"), metadata={"format": "pt"})  # as Hugging Face writes its checkpoints
+    result = invoke(runner, "compute-scores", DIGITS, "--set", f"factors_dir={out}", "--set", f"output_dir={mine}")
+    line = assert_clean_error(result, EXIT["output"], "already exists and was not written by influence_cli (a safetensors file of another program, format pt)")
+    assert "set output_dir to another place, or pass --overwrite" in result.stderr.split(line, 1)[1]
+    hf = tmp_path / "model.safetensors"
+    save_file(checkpoint, str(hf), metadata={"format": "pt"})
+    result = invoke(runner, "edit", DIGITS, "--set", f"output_dir={out}", "--out", hf)
+    line = assert_clean_error(result, EXIT["output"], str(hf), "was not written by influence_cli")
+    assert "hint: give --out another path, or pass --overwrite to replace that file" in result.stderr.split(line, 1)[1]
+    assert load_tensors(hf)[0]["weight"].equal(checkpoint["weight"])
+    pt = tmp_path / "model.pt"
+    torch.save(checkpoint, pt)
+    result = invoke(runner, "edit", DIGITS, "--set", f"output_dir={out}", "--out", pt)
+    line = assert_clean_error(result, EXIT["output"], f"{str(pt)!r} already exists (a .pt file records nothing of what wrote it")
+    assert "finished run" not in line and "give --out another path, or pass --overwrite" in result.stderr
+    result = invoke(runner, "edit", DIGITS, "--set", f"output_dir={out}", "--out", hf, "--overwrite")
+    assert result.exit_code == 0, result.stderr
+    assert storage.file_format(hf) == storage.EDITED_CHECKPOINT_FORMAT
+    result = invoke(runner, "edit", DIGITS, "--set", f"output_dir={out}", "--out", hf)  # its own output now
+    assert_clean_error(result, EXIT["output"], str(hf), "already holds a checkpoint from a finished run")
+
+
+def test_an_output_of_another_version_is_said_to_be(runner: CliRunner, fitted: tuple[Path, Result], tmp_path: Path):
+    """Factors in the way that another version of influence_cli wrote (its tool_version, or a format this one does not
+    write) are refused as that: a finished run's output, of that version, with the --overwrite hint."""
+    out, _ = fitted
+    tensors, meta = load_tensors(out / FACTORS)
+    for changed, needle in (
+        ({"tool_version": "0.1.0"}, f"already holds factors written by influence_cli 0.1.0 (this is {__version__})"),
+        ({storage.FORMAT_KEY: "influence_cli.factors/9"}, "already holds factors in format influence_cli.factors/9, written by another version of influence_cli"),
+    ):
+        storage.save_tensors(tmp_path / FACTORS, tensors, meta | changed)
+        result = invoke(runner, "fit-factors", DIGITS, "--set", f"output_dir={tmp_path}")
+        line = assert_clean_error(result, EXIT["output"], str(tmp_path / FACTORS), needle)
+        assert result.stderr.split(line, 1)[1].strip() == "hint: pass --overwrite to replace it"
+    result = invoke(runner, "fit-factors", DIGITS, "--set", f"output_dir={out}")  # this version's own
+    line = assert_clean_error(result, EXIT["output"], f"{str(out / FACTORS)!r} already holds factors from a finished run")
+    assert line.endswith("from a finished run")
+
+
+def test_resume_on_another_programs_file_is_refused_as_that(runner: CliRunner, tmp_path: Path):
+    """--resume over another program's safetensors file says what it is, not "a finished run with other settings"."""
+    save_file({"weight": torch.zeros(2)}, str(tmp_path / FACTORS), metadata={"format": "pt"})
+    result = invoke(runner, "fit-factors", DIGITS, "--set", f"output_dir={tmp_path}", "--resume")
+    line = assert_clean_error(result, EXIT["output"], str(tmp_path / FACTORS), "was not written by influence_cli")
+    assert "finished run" not in line and "pass --overwrite" in result.stderr.split(line, 1)[1]
+
+
 def test_an_output_that_does_not_open_is_not_read_to_be_called_damaged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Only a regular, readable .safetensors file with a UTF-8 path is read to tell a damaged one: a non-UTF-8 path and a
     file without read permission fail to open whatever they hold, and a FIFO would block the command."""

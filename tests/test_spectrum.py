@@ -622,7 +622,7 @@ def test_cli_edit_writes_a_plain_state_dict_to_pt_and_pth(tmp_path, digits):
         assert all(torch.equal(loaded[k], want[k]) for k in want)
         assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(f"edited{suffix}")) == [path.name]  # no temporary file left
     again = invoke("edit", DIGITS, *sets, "--out", tmp_path / "edited.pt", *args)
-    assert_error(again, 5, "already holds")
+    assert_error(again, 5, "already exists (a .pt file records nothing of what wrote it")  # a plain state dict: whose, it does not say
     assert invoke("edit", DIGITS, *sets, "--out", tmp_path / "edited.pt", *args, "--overwrite").exit_code == 0
 
 
