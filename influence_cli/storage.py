@@ -606,11 +606,30 @@ def _encode(value: Any) -> str:
 
 
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a .safetensors file, on the CPU; a path that is not valid UTF-8 (which safetensors cannot
-    open) is read through Python."""
+    """All tensors of a .safetensors file, on the CPU, as views of safetensors' memory map of it. A path that is not
+    valid UTF-8 (which safetensors cannot open by name) is opened here and mapped through its descriptor's UTF-8 name
+    (/proc/self/fd/N, Linux), which is closed again once the map is made (the map lives on); where there is no
+    /proc/self/fd the file is read into memory through Python, and briefly held twice."""
     from safetensors.torch import load, load_file
 
-    return load_file(str(path), device="cpu") if utf8_text(str(path)) else load(Path(path).read_bytes())
+    if utf8_text(str(path)):
+        return load_file(str(path), device="cpu")
+    with _descriptor_path(path) as alias:
+        if alias is not None:
+            return load_file(alias, device="cpu")
+    return load(Path(path).read_bytes())
+
+
+@contextmanager
+def _descriptor_path(path: Path) -> Iterator[str | None]:
+    """A UTF-8 name of `path`, open for reading while the context lasts: /proc/self/fd/N of a descriptor opened here
+    (closed on leaving); None where /proc/self/fd is not there (not Linux). Opening fails as reading would (OSError)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        alias = f"/proc/self/fd/{fd}"
+        yield alias if os.path.exists(alias) else None
+    finally:
+        os.close(fd)
 
 
 _TEXT_KEYS = frozenset({  # always text; files of earlier versions stored them as they are, even "1234567890123456"

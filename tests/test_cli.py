@@ -658,7 +658,8 @@ def _non_utf8_folder(parent: Path) -> Path:
 
 
 def test_a_config_in_a_folder_whose_name_is_not_utf8(runner: CliRunner, tmp_path: Path):
-    """Its checkpoint and data beside it are read (safetensors opens only UTF-8 paths: Python reads them), and the
+    """Its checkpoint and data beside it are read (safetensors opens only UTF-8 paths: they are mapped through
+    /proc/self/fd), and the
     folder is recorded in the outputs' metadata as it is; an output_dir of such a name is refused before any work,
     since safetensors could not open its outputs again, and such an output file is named as such."""
     folder = _non_utf8_folder(tmp_path)

@@ -322,6 +322,57 @@ def test_missing_and_non_state_dict_files(tmp_path: Path) -> None:
         load_checkpoint(_mlp(), path)
 
 
+def _mapped_ranges(name: bytes) -> list[tuple[int, int]]:
+    """The address ranges of this process's memory maps of the file `name` (/proc/self/maps)."""
+    with open("/proc/self/maps", "rb") as fh:
+        lines = [line.split(None, 5) for line in fh]
+    return [tuple(int(x, 16) for x in parts[0].split(b"-")) for parts in lines if len(parts) == 6 and parts[5].rstrip(b"\n") == name]
+
+
+def test_a_checkpoint_whose_path_is_not_utf8_is_memory_mapped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A path of other bytes than UTF-8 (which safetensors cannot open by name) is mapped through /proc/self/fd/N, not
+    read into memory: the same tensors, views of a map of the file that outlives the descriptor, which is closed."""
+    import os
+
+    import safetensors.torch
+
+    from influence_cli import storage
+    from influence_cli.models import read_state_dict
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("no /proc/self/fd")
+    state = {"w": torch.randn(64, 32, dtype=torch.float64), "b": torch.arange(32, dtype=torch.int64)}
+    plain = tmp_path / "model.safetensors"
+    save_file(state, str(plain))
+    name = os.fsencode(tmp_path) + b"/caf\xe9.safetensors"
+    os.link(plain, name)
+    odd = Path(os.fsdecode(name))
+    monkeypatch.setattr(safetensors.torch, "load", lambda *a, **kw: pytest.fail("read into memory through Python"))
+    fds = sorted(os.listdir("/proc/self/fd"))
+    loaded = storage.load_safetensors(odd)
+    assert sorted(os.listdir("/proc/self/fd")) == fds  # the descriptor is closed
+    ranges = _mapped_ranges(name)
+    assert ranges, "no map of the file"
+    for key, tensor in loaded.items():
+        start = tensor.data_ptr()
+        assert any(lo <= start < hi for lo, hi in ranges), key  # a view of the map, not a copy
+        assert torch.equal(tensor, state[key]) and tensor.dtype == state[key].dtype
+    os.unlink(name)
+    os.unlink(plain)
+    assert all(torch.equal(loaded[k], state[k]) for k in state)  # the map outlives the descriptor, and the file's names
+    save_file(state, str(plain))
+    os.link(plain, name)
+    read = read_state_dict(odd)
+    assert read.keys() == state.keys() and all(torch.equal(read[k], state[k]) for k in state)
+    assert sorted(os.listdir("/proc/self/fd")) == fds
+    monkeypatch.undo()
+    exists = os.path.exists
+    monkeypatch.setattr(os.path, "exists", lambda p: False if str(p).startswith("/proc/self/fd/") else exists(p))  # no /proc/self/fd
+    read = storage.load_safetensors(odd)  # read through Python
+    assert read.keys() == state.keys() and all(torch.equal(read[k], state[k]) for k in state)
+    assert sorted(os.listdir("/proc/self/fd")) == fds
+
+
 # ----------------------------------------------------------------------------- fingerprint
 
 
