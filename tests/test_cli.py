@@ -221,6 +221,28 @@ def test_an_output_of_another_version_is_said_to_be(runner: CliRunner, fitted: t
     assert line.endswith("from a finished run")
 
 
+@pytest.mark.parametrize(
+    ("args", "name"),
+    [
+        (("compute-scores", "--resume"), "scores.safetensors"),
+        (("compute-scores", "--self"), "self_influence.safetensors"),
+        (("compute-scores", "--self", "--resume"), "self_influence.safetensors"),
+        (("dataset-similarity",), "similarity.safetensors"),
+        (("spectrum", "--resume"), "spectrum.safetensors"),
+    ],
+)
+def test_every_output_refuses_another_programs_file_by_its_key(runner: CliRunner, fitted: tuple[Path, Result], tmp_path: Path, args: tuple[str, ...], name: str):
+    """Another program's safetensors file at compute-scores' (--self, --resume), dataset-similarity's or spectrum's output is
+    refused as that, naming output_dir as the place to change, and left as it is."""
+    out, _ = fitted
+    save_file({"weight": torch.zeros(2)}, str(tmp_path / name), metadata={"format": "pt"})
+    before = (tmp_path / name).read_bytes()
+    result = invoke(runner, args[0], DIGITS, *args[1:], "--set", f"factors_dir={out}", "--set", f"output_dir={tmp_path}")
+    line = assert_clean_error(result, EXIT["output"], str(tmp_path / name), "already exists and was not written by influence_cli (a safetensors file of another program, format pt)")
+    assert result.stderr.split(line, 1)[1].strip() == "hint: set output_dir to another place, or pass --overwrite to replace that file"
+    assert (tmp_path / name).read_bytes() == before
+
+
 def test_resume_on_another_programs_file_is_refused_as_that(runner: CliRunner, tmp_path: Path):
     """--resume over another program's safetensors file says what it is, not "a finished run with other settings"."""
     save_file({"weight": torch.zeros(2)}, str(tmp_path / FACTORS), metadata={"format": "pt"})
