@@ -127,6 +127,8 @@ def clear_progress_of_finished(folder: Path, pattern: str, kind: str = "", main:
 
 
 _LostFiles = list[dict[int, tuple[str, str | None]]]  # by rank: its lost finished files' refusals (message, hint)
+# by rank whose snapshot is lost: the files of finished datasets it holds no copy in, each (why, hint, whether the file is there)
+_Lacking = dict[int, dict[int, tuple[str, str, bool]]]
 
 
 @dataclass
@@ -318,7 +320,10 @@ class DatasetsProgress:
 
     Phase "dataset:<i>": datasets 0..i-1 are finished, each in its file; `batches_done` batches of dataset
     i are in `state`. A snapshot of earlier versions holds the finished results as its tensors
-    finished.<j>.*: they are read from it, and written to their files at the next save.
+    finished.<j>.*: they are read from it, and written to their files at the next save. A save writes the
+    files before the snapshot, so a run killed in between leaves the file of dataset i that no snapshot
+    counts: `--resume` counts it as finished when it holds that result under this run's settings
+    (`_read_unsaved`, `agree`), instead of streaming dataset i again.
     """
 
     def __init__(self, checkpoint: PassCheckpoint, snapshot: Snapshot | None = None, *, lost_ok: bool = False) -> None:
@@ -337,6 +342,8 @@ class DatasetsProgress:
         self.finished: list[dict[str, torch.Tensor]] = []
         self.written = 0  # how many of `finished` are in their files
         self.lost: dict[int, OutputError] = {}  # datasets whose file is lost (lost_ok), until `agree` writes another rank's copy
+        # results of the datasets after those the snapshot counts, from files it does not count (`_read_unsaved`), until `agree`
+        self.unsaved: list[dict[str, torch.Tensor]] = []
         # under torchrun, this rank's snapshot when it is lost (`start`), until `agree`: ("missing" or "unreadable", in words)
         self.snapshot_lost: tuple[str, str] | None = None
         self.batches_done = 0
@@ -361,10 +368,13 @@ class DatasetsProgress:
         said once), then the ranks agree on where to continue and send each other the finished results a rank
         lacks (`agree`). Under torchrun a snapshot that is missing (under `resume`) or unreadable is not refused
         here: `agree` decides. With `overwrite` the finished `output` is removed (an interrupted --overwrite run
-        must not leave the old result looking current). Files of finished datasets that this rank's snapshot does
-        not count (a run killed between writing one and its snapshot, started over; when the snapshot is lost,
-        those past the datasets the other ranks finished) are removed once the ranks agreed to go on: a refusal
-        leaves them.
+        must not leave the old result looking current). Under `resume` the files of the datasets right after those
+        this rank's snapshot (one that reads) counts, written by a run killed before the snapshot that counts them,
+        are counted as finished when they hold their results under this run's settings (and, under torchrun, agree
+        with every other rank's copy: `agree`). Files of finished datasets that this rank's snapshot does not count
+        and that are not so counted (a run started over; one of them does not hold its result; when the snapshot is
+        lost, those past the datasets the other ranks finished) are removed once the ranks agreed to go on: a
+        refusal leaves them.
 
         Args:
             dist: The DistState. result: the settings the result depends on; the batch size, the ranks and
@@ -382,6 +392,8 @@ class DatasetsProgress:
                 progress.snapshot_lost = ("unreadable", snapshot.message)
             elif snapshot is None and resume and dist.distributed:  # `agree`: no progress at all when no rank has one
                 progress.snapshot_lost = ("missing", f"{str(checkpoint.path)!r} is missing")
+            elif snapshot is not None and snapshot.phase.startswith("dataset:"):  # it reads (one only under `resume`)
+                progress._read_unsaved()
             storage.remove_stale_temp_files(progress.finished_path("*"))  # what a killed writer left
             return progress
 
@@ -438,6 +450,52 @@ class DatasetsProgress:
         self.lost[index] = lost
         return {}
 
+    def _read_unsaved(self) -> None:
+        """Reads this rank's files of the datasets after those its snapshot counts into `unsaved`, in order, up to the
+        first that does not hold its dataset's result under this run's settings (missing, unreadable, another dataset's
+        or of other settings, checked as any file no snapshot counts: `_read_finished`); never the last dataset's (its
+        result is the command's). A save writes such a file before the snapshot that counts it, so a run killed in
+        between leaves it complete (written atomically). Not for a snapshot of earlier versions (no file was written
+        beside it)."""
+        order = self.checkpoint.settings.get("dataset_order")
+        last = len(order) - 1 if isinstance(order, list) else 0
+        if self.written != len(self.finished):
+            return
+        while (index := len(self.finished) + len(self.unsaved)) < last:
+            result = self._read_finished(index, lost_ok=True, counted=False)
+            if self.lost.pop(index, None) is not None:
+                return
+            self.unsaved.append(result)
+
+    def _adopt(self, count: int) -> None:
+        """Counts the first `count` results of `unsaved` as finished (each is in its file) and drops the rest; the state
+        of the dataset in progress goes, as the first of them finished it."""
+        if count:
+            self.finished += self.unsaved[:count]
+            self.written = len(self.finished)
+            self.batches_done, self.state = 0, {}
+        self.unsaved = []
+
+    def _adopt_agreed(self, dist: Any, counts: list[int], unsaved: list[int]) -> list[int]:
+        """Under torchrun, each rank adopts its `unsaved` results (`unsaved`: how many each rank read) as far as every
+        copy of each agrees: the digests of the unsaved copies of a dataset and of the copies of the ranks that count it
+        (`counts`: by rank, the datasets its snapshot counts; not its lost files) are gathered, and a rank adopts up to
+        its first result whose copies differ (that file and those after it are then removed, as any file no snapshot
+        counts is). Returns how many datasets each rank holds as finished then (the same list on every rank)."""
+        if not any(unsaved):
+            return counts
+        spans = [range(count, count + n) for count, n in zip(counts, unsaved, strict=True)]
+        mine: dict[int, str] = {}
+        for i in sorted({i for span in spans for i in span}):  # every rank takes part, those that hold none of them too
+            if i in spans[dist.rank]:
+                mine[i] = storage.tensors_digest(self.unsaved[i - counts[dist.rank]])
+            elif i < counts[dist.rank] and i not in self.lost:
+                mine[i] = storage.tensors_digest(self.finished[i])
+        digests: list[dict[int, str]] = dist.all_gather_object(mine)
+        taken = [next((n for n, i in enumerate(span) if len({d[i] for d in digests if i in d}) > 1), len(span)) for span in spans]
+        self._adopt(taken[dist.rank])
+        return [count + n for count, n in zip(counts, taken, strict=True)]
+
     def _copy_path(self, index: int) -> Path:
         """Where this rank's copy of finished dataset `index`'s result was read from: its file, or the snapshot of an
         earlier version that holds it."""
@@ -482,15 +540,19 @@ class DatasetsProgress:
 
     def agree(self, dist: Any) -> None:
         """Every rank (`dist`: a DistState) resumes after the most datasets any rank finished, holding every finished
-        result: what a rank lacks (it saved fewer, lost a file, or lost its snapshot) is sent by the first rank that holds
-        it (`_send_copies`). A rank whose snapshot is lost (`snapshot_lost`) resumes as a rank that saved nothing, said in
-        a warning: its own files of those datasets are read then (`_read_own_copies`), and each that holds its dataset's
-        result under this run's settings is a copy like any other rank's (kept, and sent to a rank that lacks it). A rank
-        that saved fewer, or whose snapshot is lost, starts the dataset in progress over on its shard; the others keep
-        their state. Each copy that takes the place of a rank's lost file (or, beside a lost snapshot, of a file it lacks)
-        is written to that file at once, whatever `factors.checkpoint_every` is, so no save need follow. When every
-        snapshot is missing, no rank saved progress, and all start from the beginning. Every rank decides from the same
-        gathered views, so all go on, or all refuse alike, touching no file.
+        result. First each rank counts as finished the results in its files that its snapshot did not count yet
+        (`unsaved`; under torchrun as far as every rank's copies of them agree, `_adopt_agreed`). What a rank lacks (it
+        saved fewer, lost a file, or lost its snapshot) is sent by the first rank that holds it (`_send_copies`), and
+        each of its files so replaced is said in a warning (one its snapshot counts that is lost, or one that is there
+        but holds no copy). A rank whose snapshot is
+        lost (`snapshot_lost`) resumes as a rank that saved nothing, said in a warning: its own files of those datasets
+        are read then (`_read_own_copies`), and each that holds its dataset's result under this run's settings is a copy
+        like any other rank's (kept, and sent to a rank that lacks it). A rank that saved fewer, or whose snapshot is
+        lost, starts the dataset in progress over on its shard; the others keep their state. Each copy that takes the
+        place of a rank's lost file (or, beside a lost snapshot, of a file it lacks) is written to that file at once,
+        whatever `factors.checkpoint_every` is, so no save need follow. When every snapshot is missing, no rank saved
+        progress, and all start from the beginning. Every rank decides from the same gathered views, so all go on, or
+        all refuse alike, touching no file.
 
         Raises:
             OutputError: (every rank alike, said once) no rank's snapshot reads and one is unreadable
@@ -499,11 +561,13 @@ class DatasetsProgress:
         if not dist.distributed:
             if self.lost:  # pragma: no cover - one process reads its files without lost_ok
                 raise next(iter(self.lost.values()))
+            self._adopt(len(self.unsaved))
             return
-        views = dist.all_gather_object((len(self.finished), {i: (e.message, e.hint) for i, e in self.lost.items()}, self.snapshot_lost))
-        counts = [int(count) for count, _, _ in views]
-        lost: _LostFiles = [dict(gone) for _, gone, _ in views]
-        saved_nothing = _saved_nothing([snapshot for _, _, snapshot in views])
+        mine = (len(self.finished), {i: (e.message, e.hint) for i, e in self.lost.items()}, self.snapshot_lost, len(self.unsaved))
+        views = dist.all_gather_object(mine)
+        lost: _LostFiles = [dict(gone) for _, gone, _, _ in views]
+        saved_nothing = _saved_nothing([snapshot for _, _, snapshot, _ in views])
+        counts = self._adopt_agreed(dist, [int(count) for count, _, _, _ in views], [int(n) for *_, n in views])
         self.snapshot_lost = None
         most = max(counts)
         lacking = self._read_own_copies(dist, most, saved_nothing)
@@ -513,7 +577,7 @@ class DatasetsProgress:
 
         holders = [[r for r in range(dist.world_size) if holds(r, i)] for i in range(most)]
         self._check_copies(dist, holders, lost, saved_nothing, lacking)
-        finished = self._send_copies(dist, holders, lost)
+        finished = self._send_copies(dist, holders, lost, lacking)
         for r, (_, said) in saved_nothing.items():  # a lost snapshot is said, as a lost file is
             notices.warn(f"{said}; rank {r} resumes as a rank that saved nothing: {self._recovered(r, most, holders)}")
         if len(self.finished) < most:
@@ -521,22 +585,22 @@ class DatasetsProgress:
         self.finished, recovered, self.lost = finished, sorted(self.lost), {}  # all below `written`
         agree(dist, lambda: [self._write_finished(i) for i in recovered])  # a rank that cannot write stops every rank
 
-    def _read_own_copies(self, dist: Any, most: int, saved_nothing: dict[int, tuple[str, str]]) -> dict[int, dict[int, tuple[str, str]]]:
+    def _read_own_copies(self, dist: Any, most: int, saved_nothing: dict[int, tuple[str, str]]) -> _Lacking:
         """The ranks whose snapshot is lost (`saved_nothing`) read their own files of the `most` finished datasets (every
         rank takes part in the gathering). Returns, by such rank, the datasets of which it holds no usable copy, each
-        with why (message, hint): the file is missing, unreadable, or holds another dataset or other settings."""
+        with why (message, hint) and whether the file is there: it is missing, unreadable, or holds another dataset or
+        other settings."""
         if not saved_nothing or not most:
             return {r: {} for r in saved_nothing}
         if dist.rank in saved_nothing:
             self.finished = [self._read_finished(i, lost_ok=True, counted=False) for i in range(most)]
             self.written = most  # its files: those it lacks are written once the copies are sent
-        mine = {i: (e.message, e.hint) for i, e in self.lost.items()} if dist.rank in saved_nothing else None
-        gathered: list[dict[int, tuple[str, str]] | None] = dist.all_gather_object(mine)
+        mine = {i: (e.message, e.hint, self.finished_path(i).is_file()) for i, e in self.lost.items()} if dist.rank in saved_nothing else None
+        gathered: list[dict[int, tuple[str, str, bool]] | None] = dist.all_gather_object(mine)
         return {r: dict(gathered[r] or {}) for r in saved_nothing}
 
     def _check_copies(
-        self, dist: Any, holders: list[list[int]], lost: _LostFiles, saved_nothing: dict[int, tuple[str, str]],
-        lacking: dict[int, dict[int, tuple[str, str]]],
+        self, dist: Any, holders: list[list[int]], lost: _LostFiles, saved_nothing: dict[int, tuple[str, str]], lacking: _Lacking,
     ) -> None:
         """Refuses, every rank alike, when a finished dataset that a rank lacks has no holder (`holders`: the ranks that
         hold each; `lost`: by rank, its lost files' refusals; `saved_nothing`: the ranks whose snapshot is lost, `lacking`:
@@ -560,9 +624,11 @@ class DatasetsProgress:
                         hint="pass --overwrite to start over",
                     ).everywhere()
 
-    def _send_copies(self, dist: Any, holders: list[list[int]], lost: _LostFiles) -> list[dict[str, torch.Tensor]]:
+    def _send_copies(self, dist: Any, holders: list[list[int]], lost: _LostFiles, lacking: _Lacking) -> list[dict[str, torch.Tensor]]:
         """This rank's finished results, those a rank lacks broadcast by their first holder (`holders`); each lost file
-        (`lost`: by rank) is said, naming the rank whose copy takes its place (written to that file at once, `agree`)."""
+        (`lost`: by rank), and each file of a rank whose snapshot is lost that is there but holds no copy (`lacking`:
+        damaged, another dataset's, other settings), is said, naming the rank whose copy takes its place (written to
+        that file at once, `agree`)."""
         finished = self.finished + [{} for _ in range(len(holders) - len(self.finished))]
         for i, held in enumerate(holders):
             if len(held) == dist.world_size:
@@ -573,8 +639,9 @@ class DatasetsProgress:
                 finished[i] = copy
             del copy  # a holder's duplicate goes at once (a spectrum's energies can be large)
             for r, gone in enumerate(lost):
-                if i in gone:  # a damaged or deleted file is said, not silently replaced
-                    notices.warn(f"{gone[i][0]}; rank {src}'s copy takes its place (written to rank {r}'s file)")
+                why = gone[i][0] if i in gone else lacking[r][i][0] if i in lacking.get(r, {}) and lacking[r][i][2] else None
+                if why is not None:  # a damaged or deleted file is said, not silently replaced
+                    notices.warn(f"{why}; rank {src}'s copy takes its place (written to rank {r}'s file)")
         return finished
 
     def _recovered(self, rank: int, most: int, holders: list[list[int]]) -> str:
@@ -613,9 +680,7 @@ class DatasetsProgress:
         return "; ".join(f"rank {r}: {v}" for r, v in enumerate(views) if v is not None) or None
 
 
-def _no_usable_copy(
-    index: int, lost: _LostFiles, saved_nothing: dict[int, tuple[str, str]], lacking: dict[int, dict[int, tuple[str, str]]]
-) -> OutputError:
+def _no_usable_copy(index: int, lost: _LostFiles, saved_nothing: dict[int, tuple[str, str]], lacking: _Lacking) -> OutputError:
     """The refusal, the same on every rank, when no rank holds a usable copy of finished dataset `index`'s result
     (`lost`: per rank, the refusal of each of its lost files): the lowest such rank's, who else lost theirs, and why
     each rank whose snapshot is lost (`saved_nothing`: by rank, how) holds none (`lacking`: by such rank, why each

@@ -13,6 +13,7 @@ import torch
 from influence_cli import storage
 from influence_cli.errors import OutputError
 from influence_cli.progress import NullProgress
+from influence_cli.resume import PassCheckpoint
 from influence_cli.storage import load_tensors
 
 
@@ -29,6 +30,32 @@ class StopAt(NullProgress):
         self.done += n
         if self.current == self.title and self.done >= self.after:
             raise KeyboardInterrupt
+
+
+class Streamed(NullProgress):
+    """Records the passes a run streams: [title, examples], in order (a resumed pass counts its saved examples too)."""
+
+    def __init__(self) -> None:
+        self.passes: list[list] = []
+
+    def start(self, title: str, total: int, unit: str = "examples") -> None:
+        self.passes.append([title, 0])
+
+    def advance(self, n: int = 1) -> None:
+        self.passes[-1][1] += n
+
+
+def killed_before_the_snapshot(monkeypatch: pytest.MonkeyPatch, phase: str) -> None:
+    """Stops every run (as a kill would) once it has written the files of the datasets it finished and before its
+    snapshot of `phase` ("dataset:<i>": dataset-similarity's or spectrum's after dataset i - 1)."""
+    save = PassCheckpoint.save
+
+    def killed(self, phase_: str, batches_done: int, tensors: dict[str, torch.Tensor], path: Path | None = None) -> None:
+        if path is None and phase_ == phase:
+            raise KeyboardInterrupt
+        save(self, phase_, batches_done, tensors, path)
+
+    monkeypatch.setattr(PassCheckpoint, "save", killed)
 
 
 def interrupt(run: Callable[..., object], title: str, after: int, partial: Path, output: Path) -> None:

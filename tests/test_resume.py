@@ -896,9 +896,15 @@ def test_a_snapshot_that_holds_the_finished_results_still_resumes(tmp_path):
     assert again.written == 2 and all(torch.equal(a["diagonal.fc"], b["diagonal.fc"]) for a, b in zip(again.finished, results, strict=True))
 
 
-def test_start_removes_the_finished_files_no_snapshot_counts(tmp_path):
-    """A run killed between writing a finished dataset's file and its snapshot leaves a file the snapshot does not
-    count; --overwrite starts over: both are removed when the run starts, with the temporary files of killed writers."""
+@pytest.mark.parametrize("how", ["holds-it", "unreadable", "another dataset's", "other settings"])
+def test_a_finished_file_no_snapshot_counts_yet_is_counted_when_it_holds_its_result(tmp_path, how):
+    """A run killed between writing a finished dataset's file and the snapshot that counts it leaves a file the snapshot
+    does not count. --resume counts it as finished when it holds its dataset's result under this run's settings, as it
+    is (not written again; the snapshot's state of that dataset goes: it was finished); it was removed and the dataset
+    streamed again from the snapshot's batch. A file that does not hold it (damaged, another dataset's, other settings)
+    is removed and the snapshot continued, as before, and so is a file of the last dataset, whose result is the
+    command's. --overwrite starts over: every file is removed when the run starts, with the temporary files of killed
+    writers."""
     output = tmp_path / storage.SIMILARITY_FILE
 
     def start(**kw) -> DatasetsProgress:
@@ -907,12 +913,36 @@ def test_start_removes_the_finished_files_no_snapshot_counts(tmp_path):
     saved = start(resume=False, overwrite=False)
     results = _results(3, 4)
     saved.finish(results[0], more=True)
+    saved.save(3, {"sum.fc": torch.ones(4, dtype=torch.float64)})
     saved.finished.append(results[1])
-    saved.checkpoint.save("finished:1", 0, results[1], saved.finished_path(1))  # killed before the snapshot that counts it
+    saved._write_finished(1)  # killed before the snapshot that counts it
+    unsaved = saved.finished_path(1)
+    if how == "unreadable":
+        _damage(unsaved, how)
+    elif how == "another dataset's":
+        unsaved.write_bytes(saved.finished_path(0).read_bytes())
+    elif how == "other settings":
+        settings = {"a": 2, "bs": 8, "world": 1, "dataset_order": ["x", "y", "z"]}
+        PassCheckpoint(unsaved, settings, 1).save("finished:1", 0, results[1])
+    written = unsaved.stat()
+    saved.checkpoint.save("finished:2", 0, results[2], saved.finished_path(2))  # the last dataset's: never counted
     (tmp_path / ".similarity.partial.finished2.safetensors.k1ll3d.tmp").write_bytes(b"half")
     resumed = start(resume=True, overwrite=False)
-    assert len(resumed.finished) == 1 and resumed.resumed_from(["x", "y", "z"]) == "dataset 'y', batch 0 (1 of 3 datasets done)"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["similarity.partial.finished0.safetensors", "similarity.partial.safetensors"]
+    names = ["similarity.partial.finished0.safetensors", "similarity.partial.safetensors"]
+    if how == "holds-it":
+        assert len(resumed.finished) == 2 and resumed.written == 2 and _same(resumed.finished[1], results[1]) and resumed.state == {}
+        assert resumed.resumed_from(["x", "y", "z"]) == "dataset 'z', batch 0 (2 of 3 datasets done)"
+        assert (unsaved.stat().st_ino, unsaved.stat().st_mtime_ns) == (written.st_ino, written.st_mtime_ns)
+        names.insert(1, unsaved.name)
+    else:
+        assert len(resumed.finished) == 1 and resumed.written == 1 and torch.equal(resumed.state["sum.fc"], torch.ones(4, dtype=torch.float64))
+        assert resumed.resumed_from(["x", "y", "z"]) == "dataset 'y', batch 3 (1 of 3 datasets done)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
+    resumed.save(1, {"sum.fc": torch.zeros(4, dtype=torch.float64)})
+    assert storage.read_metadata(resumed.checkpoint.path)["phase"] == f"dataset:{len(resumed.finished)}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
+    if how == "holds-it":  # counted by the snapshot now, not written again
+        assert (unsaved.stat().st_ino, unsaved.stat().st_mtime_ns) == (written.st_ino, written.st_mtime_ns)
     start(resume=False, overwrite=True)
     assert list(tmp_path.iterdir()) == []
 
@@ -1124,8 +1154,9 @@ def test_a_recovered_result_is_written_at_once_whether_or_not_a_save_follows(tmp
 def test_a_rank_killed_at_its_first_save_after_recovering_a_lost_file_resumes_consistently(tmp_path, monkeypatch, behind):
     """Rank 1 lost its file of x (and with `behind` saved only x as finished): the resume writes x's file again at once
     (its snapshot counts it), and rank 1 is killed at its first save, once the files are written and before its snapshot
-    is. The rewritten file of x holds the result and is read as its own at the next resume (not lost again); a file of y
-    that no snapshot counts is removed and sent again; and the result is every rank's after all."""
+    is. The rewritten file of x holds the result and is read as its own at the next resume (not lost again); the file of
+    y that no snapshot counts yet holds y's result, the same as rank 0's copy: it is counted as finished, not written
+    again (it was removed and sent again); and the result is every rank's after all."""
     results = _results(3, 4)
     _saved_by_ranks(tmp_path, [2, 1 if behind else 2], results)
     snapshot = tmp_path / "similarity.partial.rank1.safetensors"
@@ -1144,14 +1175,57 @@ def test_a_rank_killed_at_its_first_save_after_recovering_a_lost_file_resumes_co
     with pytest.raises(KeyboardInterrupt):
         got[1].save(4, {"sum.fc": torch.zeros(4, dtype=torch.float64)})
     assert snapshot.read_bytes() == before and _same(_load(tmp_path, 1, 0), results[0])
-    assert (tmp_path / "similarity.partial.rank1.finished1.safetensors").exists()  # written, then the kill
+    unsaved = tmp_path / "similarity.partial.rank1.finished1.safetensors"
+    written = unsaved.stat()  # written, then the kill
     again = on_every_rank(2, lambda st: _start_rank(tmp_path, st))
     assert all(isinstance(s, DatasetsProgress) for s in again), again
-    assert again[1].lost == {} and again[1].written == (1 if behind else 2)
+    assert again[1].lost == {} and again[1].written == 2
     assert again[1].batches_done == (0 if behind else 3) and all(_same(m, e) for m, e in zip(again[1].finished, results[:2], strict=True))
-    assert (tmp_path / "similarity.partial.rank1.finished1.safetensors").exists() != behind  # not counted: removed
+    assert (unsaved.stat().st_ino, unsaved.stat().st_mtime_ns) == (written.st_ino, written.st_mtime_ns)
     again[1].save(4, {"sum.fc": torch.zeros(4, dtype=torch.float64)})
     assert all(_same(_load(tmp_path, 1, i), results[i]) for i in range(2))
+
+
+def _unsaved(folder: Path, rank: int, index: int, result: dict[str, torch.Tensor]) -> Path:
+    """Rank `rank`'s file of dataset `index` in `folder` (two ranks, datasets x, y, z), holding `result`, as a save killed
+    before the snapshot that counts it leaves it."""
+    settings = {"a": 1, "bs": 8, "world": 2, "dataset_order": ["x", "y", "z"]}
+    PassCheckpoint(_path(folder, rank, index), settings, 1).save(f"finished:{index}", 0, result)
+    return _path(folder, rank, index)
+
+
+@pytest.mark.parametrize("case", ["both-unsaved", "one-behind", "differs-from-the-counted-copy", "unsaved-copies-differ"])
+def test_ranks_count_the_files_a_kill_left_before_their_snapshots_when_every_copy_agrees(tmp_path, caplog, case):
+    """Under torchrun a rank's file of y that its snapshot does not count yet (a kill between the two writes) is counted
+    as finished when every rank's copy of y agrees (by digest): both ranks' uncounted files, or rank 1's and rank 0's
+    counted one (`one-behind`); neither is written again, and a rank that counted one starts z at its start (the other
+    keeps its state). A copy that differs is not counted, and is removed as before: rank 1 is sent rank 0's counted copy
+    (written at its next save), or, when no snapshot counts y and the ranks' copies differ, both continue y from their
+    snapshots. No warning, no refusal."""
+    results = _results(3, 4)
+    counts = [1, 1] if case in ("both-unsaved", "unsaved-copies-differ") else [2, 1]
+    _saved_by_ranks(tmp_path, counts, results)
+    other = results[1] | {"count": torch.tensor(99)}
+    for r in (r for r in range(2) if counts[r] == 1):
+        _unsaved(tmp_path, r, 1, other if case == "differs-from-the-counted-copy" or (case == "unsaved-copies-differ" and r == 1) else results[1])
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in tmp_path.iterdir()}
+    with caplog.at_level("WARNING", logger="influence_cli"):
+        got = on_every_rank(2, lambda st: _start_rank(tmp_path, st))
+    assert all(isinstance(s, DatasetsProgress) for s in got), got
+    assert caplog.messages == []
+    counted = case != "unsaved-copies-differ"
+    assert all(len(s.finished) == 1 + counted and all(_same(m, e) for m, e in zip(s.finished, results, strict=False)) for s in got)
+    kept = counts[0] == 2 or not counted  # rank 0's state: of z (its snapshot counts y), or of y (neither file counted)
+    assert [s.batches_done for s in got] == [3 if kept else 0, 0 if counted else 3]
+    assert [s.written for s in got] == [1 + counted, 1 + (case != "differs-from-the-counted-copy") * counted]
+    after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in tmp_path.iterdir()}
+    gone = {_path(tmp_path, 1, 1).name} if case == "differs-from-the-counted-copy" else set() if counted else {_path(tmp_path, r, 1).name for r in range(2)}
+    assert after == {name: v for name, v in before.items() if name not in gone}  # nothing written again
+    got[1].save(1, {"sum.fc": torch.zeros(4, dtype=torch.float64)})
+    if counted:
+        assert _same(_load(tmp_path, 1, 1), results[1])
+    again = on_every_rank(2, lambda st: _start_rank(tmp_path, st))
+    assert [(len(s.finished), s.batches_done) for s in again] == [(len(s.finished), s.batches_done) for s in got[:1]] + [(1 + counted, 1)]
 
 
 def test_a_setting_only_one_side_records_is_shown_unset_on_the_other():
@@ -1182,7 +1256,8 @@ def test_a_rank_whose_snapshot_is_lost_resumes_as_one_that_saved_nothing(tmp_pat
     shard (the other keeps its state). Its own files of the finished datasets are read: when they hold the results it
     keeps them (they were removed, and the other rank's copies sent and written at its next save), else it is sent the
     other rank's copies, written to its files at once; a file past the finished datasets is removed. The loss is said in
-    a warning naming the snapshot and what was recovered, and a second resume after a save finds nothing lost."""
+    a warning naming the snapshot and what was recovered, an own file that is there but unreadable in a warning of its
+    own, as a lost file is (it was replaced unsaid), and a second resume after a save finds nothing lost."""
     results = _results(3, 4)
     _saved_by_ranks(tmp_path, [2, 2], results)
     lost = _lose_snapshot(tmp_path, rank, how)
@@ -1206,8 +1281,13 @@ def test_a_rank_whose_snapshot_is_lost_resumes_as_one_that_saved_nothing(tmp_pat
         "it keeps its own copies of the 2 finished datasets" if files == "kept"
         else f"it is sent rank {1 - rank}'s copies of the 2 finished datasets (written to its files)"
     )  # fmt: skip
-    assert caplog.messages == [caplog.messages[0]] * 2, caplog.messages  # each rank says it (the CLI prints rank 0's)
-    assert caplog.messages[0].startswith(f"{str(lost)!r} {said}") and caplog.messages[0].endswith(
+    warned = list(dict.fromkeys(caplog.messages))  # in the order said
+    assert len(warned) == 1 + (files == "lost") and caplog.messages == warned * 2, caplog.messages  # each rank says each (the CLI prints rank 0's)
+    if files == "lost":  # its file of x, missing, is no more said than the rest of what it lost with its snapshot
+        assert warned[0].startswith(f"{str(_path(tmp_path, rank, 1))!r} is not a readable safetensors file (") and warned[0].endswith(
+            f"; rank {1 - rank}'s copy takes its place (written to rank {rank}'s file)"
+        )
+    assert warned[-1].startswith(f"{str(lost)!r} {said}") and warned[-1].endswith(
         f"; rank {rank} resumes as a rank that saved nothing: {recovered} and starts dataset 'z' over on its shard"
     )
     names = [_path(tmp_path, rank, i).name for i in range(2)] + ([] if how == "missing" else [lost.name])
@@ -1227,8 +1307,9 @@ def test_a_rank_whose_snapshot_is_lost_resumes_as_one_that_saved_nothing(tmp_pat
 def test_a_lost_snapshot_among_three_ranks_takes_each_result_from_a_rank_that_holds_it(tmp_path, caplog, own):
     """Rank 1's snapshot is unreadable, rank 0 lost its file of x and rank 2 saved x only; rank 1's own file of x is
     unreadable, and of y too, or (`own` y) it holds y. Rank 1 is sent x by rank 2 (the only holder) and y by rank 0, or
-    keeps its own y (compared with rank 0's), and starts z over with rank 2; every warning is said, each copy is
-    written to the file it replaces, and the result is each rank's."""
+    keeps its own y (compared with rank 0's), and starts z over with rank 2; every warning is said (rank 1's unreadable
+    files too, each naming the rank whose copy replaces it), each copy is written to the file it replaces, and the
+    result is each rank's."""
     results = _results(3, 4)
     _saved_by_ranks(tmp_path, [2, 2, 1], results)
     lost = _lose_snapshot(tmp_path, 1, "truncated")
@@ -1242,14 +1323,19 @@ def test_a_lost_snapshot_among_three_ranks_takes_each_result_from_a_rank_that_ho
     assert all(len(s.finished) == 2 and all(_same(m, e) for m, e in zip(s.finished, results, strict=False)) for s in got)
     assert [s.batches_done for s in got] == [3, 0, 0] and [s.written for s in got] == [2, 2, 1]
     assert all(_same(_load(tmp_path, r, i), results[i]) for r, i in ((0, 0), (0, 1), (1, 0), (1, 1), (2, 0)))
-    warned = sorted(set(caplog.messages))
-    assert len(warned) == 2 and len(caplog.messages) == 6, caplog.messages
+    warned = list(dict.fromkeys(caplog.messages))  # in the order said: by dataset, then the snapshot's
+    assert len(warned) == (4 if own == "none" else 3) and len(caplog.messages) == 3 * len(warned), caplog.messages
     assert "rank0.finished0.safetensors' is missing" in warned[0] and warned[0].endswith("rank 2's copy takes its place (written to rank 0's file)")
+    damaged = [f"{str(_path(tmp_path, 1, 0))!r} is not a readable safetensors file (", "; rank 2's copy takes its place (written to rank 1's file)"]
+    if own == "none":
+        damaged += [f"{str(_path(tmp_path, 1, 1))!r} is not a readable safetensors file (", "; rank 0's copy takes its place (written to rank 1's file)"]
+    for said, (start, end) in zip(warned[1:-1], zip(damaged[::2], damaged[1::2], strict=True), strict=True):
+        assert said.startswith(start) and said.endswith(end), said
     recovered = (
         "it is sent copies from ranks 0, 2 of the 2 finished datasets (written to its files)" if own == "none"
         else "it keeps its own copy of dataset 'y', is sent rank 2's copy of dataset 'x' (written to its file)"
     )  # fmt: skip
-    assert warned[1].startswith(f"{str(lost)!r} is not a readable safetensors file") and warned[1].endswith(
+    assert warned[-1].startswith(f"{str(lost)!r} is not a readable safetensors file") and warned[-1].endswith(
         f"; rank 1 resumes as a rank that saved nothing: {recovered} and starts dataset 'z' over on its shard"
     )
 

@@ -19,10 +19,12 @@ from stopping import (
     PassesStart,
     SavesSpy,
     StopAt,
+    Streamed,
     as_earlier_snapshot,
     assert_same_tensors,
     device_types,
     interrupt,
+    killed_before_the_snapshot,
     progress_files,
 )
 from typer.testing import CliRunner
@@ -670,6 +672,35 @@ def test_resumes_in_the_second_and_third_dataset_write_each_finished_dataset_onc
     assert_same_tensors(tmp_path / SIMILARITY_FILE, reference / SIMILARITY_FILE)
 
 
+def test_a_run_killed_between_a_finished_datasets_file_and_its_snapshot_does_not_stream_that_dataset_again(digits_run, tmp_path, monkeypatch):
+    """Killed once ones_sevens' statistics are in their file and before the snapshot that counts them (which still says
+    ones_sevens, batch 8): --resume counts that file as finished (it holds them, under this run's settings) and streams
+    only the two datasets left (it streamed ones_sevens again from batch 8), and the result is the uninterrupted run's
+    bit for bit."""
+    factors, _ = digits_run
+    (tmp_path / storage.FACTORS_FILE).write_bytes((factors / storage.FACTORS_FILE).read_bytes())
+    sets = [f"output_dir={tmp_path}", "device=cpu", "data.batch_size=32", "factors.checkpoint_every=2"]
+    cfg = load_config(DIGITS, sets)
+    partial = tmp_path / storage.SIMILARITY_PARTIAL.format(rank="")
+    with monkeypatch.context() as m:
+        killed_before_the_snapshot(m, "dataset:2")  # once ones_sevens' file is written
+        with pytest.raises(KeyboardInterrupt):
+            dataset_similarity(cfg)
+    assert progress_files(partial) == [*(f"similarity.partial.finished{i}.safetensors" for i in range(2)), partial.name]
+    meta = storage.read_metadata(partial)
+    assert (meta["phase"], meta["batches_done"]) == ("dataset:1", 8)
+    streamed = Streamed()
+    report = dataset_similarity(cfg, resume=True, progress=streamed)
+    assert report.resumed_from == "dataset 'zeros_sixes_heldout', batch 0 (2 of 4 datasets done)"
+    assert [title for title, _ in streamed.passes] == ["zeros_sixes_heldout", "ones_sevens_heldout"], streamed.passes
+    assert sorted(p.name for p in tmp_path.iterdir()) == [storage.FACTORS_FILE, SIMILARITY_FILE]
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    (reference / storage.FACTORS_FILE).write_bytes((factors / storage.FACTORS_FILE).read_bytes())
+    dataset_similarity(load_config(DIGITS, [*sets, f"output_dir={reference}"]))
+    assert_same_tensors(tmp_path / SIMILARITY_FILE, reference / SIMILARITY_FILE)
+
+
 def test_overwrite_removes_the_progress_and_the_finished_datasets_files(digits_run, tmp_path):
     factors, _ = digits_run
     (tmp_path / storage.FACTORS_FILE).write_bytes((factors / storage.FACTORS_FILE).read_bytes())
@@ -692,55 +723,83 @@ def test_resume_with_nothing_saved_starts_over_and_a_finished_result_is_shown(di
     assert again.from_file and again.resumed_from is None
 
 
-# Rank 1 of the real CLI stops in the second dataset (as a preempted rank would); torchrun then stops rank 0.
+# The real CLI, stopped as a preempted rank would be: with STOP="<dataset>:<batch>", rank 1 stops in that batch (torchrun
+# then stops rank 0); with KILLED_AT="<phase>", every rank stops once it has written the files of the datasets it finished
+# and before the snapshot of that phase. With STREAMED="<file>", each rank appends the batches it streams to it.
 STOPPING_RANK_CLI = """
 import os, sys, time
 import influence_cli.similarity as similarity
+from influence_cli.resume import PassCheckpoint
 
 _stream = similarity.stream_gradients
 
 def stream(*args, **kwargs):
     for batch in _stream(*args, **kwargs):
         time.sleep(0.02)
+        if os.environ.get("STREAMED"):
+            with open(os.environ["STREAMED"], "a") as log:
+                log.write(f"{os.environ['RANK']} {kwargs['dataset_name']} {batch.index}\\n")
         name, _, index = os.environ.get("STOP", ":").partition(":")  # "<dataset>:<batch>"
         if name and os.environ["RANK"] == "1" and kwargs["dataset_name"].endswith("." + name) and batch.index == int(index):
             raise KeyboardInterrupt
         yield batch
 
+_save = PassCheckpoint.save
+
+def save(self, phase, batches_done, tensors, path=None):
+    if path is None and phase == os.environ.get("KILLED_AT"):
+        raise KeyboardInterrupt
+    _save(self, phase, batches_done, tensors, path)
+
 similarity.stream_gradients = stream
+PassCheckpoint.save = save
 from influence_cli.cli import main
 sys.argv[0] = "influence"
 main()
 """
 
 
+def _two_ranks(factors: Path, out: Path, *extra: str, **env: str):
+    """dataset-similarity of the digits config under torchrun, 2 CPU ranks (gloo), into `out` (given `factors`' factors
+    file), batches of 8, a save every 2, through STOPPING_RANK_CLI (`env`: its variables)."""
+    import subprocess
+    import sys
+
+    from launch import subprocess_env
+
+    out.mkdir(exist_ok=True)
+    script = out.parent / "stopping.py"
+    script.write_text(STOPPING_RANK_CLI)
+    if not (out / storage.FACTORS_FILE).exists():
+        (out / storage.FACTORS_FILE).write_bytes((factors / storage.FACTORS_FILE).read_bytes())
+    sets = [f"output_dir={out}", "device=cpu", "data.batch_size=8", "factors.checkpoint_every=2"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           "dataset-similarity", str(DIGITS), *[a for s in sets for a in ("--set", s)], *extra]  # fmt: skip
+    return subprocess.run(cmd, env=subprocess_env() | env, capture_output=True, text=True, timeout=180, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def two_ranks_reference(digits_run, tmp_path_factory) -> Path:
+    """The uninterrupted result of `_two_ranks`."""
+    out = tmp_path_factory.mktemp("reference") / "out"
+    done = _two_ranks(digits_run[0], out)
+    assert done.returncode == 0, done.stderr
+    return out / SIMILARITY_FILE
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("behind", [False, True], ids=["rank-0-lost-its-copy", "rank-1-lost-its-snapshot"])
-def test_two_ranks_interrupted_resume_to_the_uninterrupted_result(digits_run, tmp_path, behind):
+def test_two_ranks_interrupted_resume_to_the_uninterrupted_result(digits_run, two_ranks_reference, tmp_path, behind):
     """Each rank saves its own snapshot and its own copy of each finished dataset's statistics (the same on both).
     Without `behind`, rank 0 (which writes the result) lost its copy: it takes rank 1's, sent over gloo, and says so
     once. `behind`: rank 1's snapshot is damaged (truncated; its file of the finished dataset is left): it resumes as a
     rank that saved nothing (said once), keeps its own copy of the finished dataset (compared with rank 0's; it was
     removed, and rank 0's sent), starts the dataset in progress over on its shard, and a second stop and resume still
     give the result (a damaged snapshot was refused; a missing one, tested with thread ranks, went on unsaid)."""
-    import subprocess
-    import sys
-
-    from launch import subprocess_env
-
-    script = tmp_path / "stopping.py"
-    script.write_text(STOPPING_RANK_CLI)
     factors, _ = digits_run
 
-    def run(out: Path, *extra: str, stop: str = "") -> subprocess.CompletedProcess:
-        out.mkdir(exist_ok=True)
-        if not (out / storage.FACTORS_FILE).exists():
-            (out / storage.FACTORS_FILE).write_bytes((factors / storage.FACTORS_FILE).read_bytes())
-        sets = [f"output_dir={out}", "device=cpu", "data.batch_size=8", "factors.checkpoint_every=2"]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-               "dataset-similarity", str(DIGITS), *[a for s in sets for a in ("--set", s)], *extra]  # fmt: skip
-        env = subprocess_env() | ({"STOP": stop} if stop else {})
-        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, cwd=ROOT)
+    def run(out: Path, *extra: str, stop: str = ""):
+        return _two_ranks(factors, out, *extra, **({"STOP": stop} if stop else {}))
 
     out = tmp_path / "resumed"
     stopped = run(out, stop="ones_sevens:7")
@@ -777,9 +836,31 @@ def test_two_ranks_interrupted_resume_to_the_uninterrupted_result(digits_run, tm
     name = "zeros_sixes_heldout" if behind else "ones_sevens"
     assert where.startswith(f"rank 0: dataset {name!r}, batch ") and f"; rank 1: dataset {name!r}, batch " in where, where
     assert sorted(p.name for p in out.iterdir()) == [storage.FACTORS_FILE, SIMILARITY_FILE]  # no progress left on any rank
-    reference = run(tmp_path / "reference")
-    assert reference.returncode == 0, reference.stderr
-    assert_same_tensors(out / SIMILARITY_FILE, tmp_path / "reference" / SIMILARITY_FILE)
+    assert_same_tensors(out / SIMILARITY_FILE, two_ranks_reference)
+
+
+@pytest.mark.distributed
+def test_two_ranks_killed_between_a_finished_datasets_files_and_their_snapshots_do_not_stream_it_again(digits_run, two_ranks_reference, tmp_path):
+    """Both ranks are killed once each has written its file of ones_sevens' statistics and before the snapshot that
+    counts it: --resume counts each rank's file as finished (it holds them under this run's settings, and the two copies
+    agree), so no rank streams ones_sevens again (each did, from its snapshot's batch), nothing is said, and the result
+    is the uninterrupted run's bit for bit."""
+    out = tmp_path / "resumed"
+    killed = _two_ranks(digits_run[0], out, KILLED_AT="dataset:2")
+    assert killed.returncode != 0 and not (out / SIMILARITY_FILE).exists(), killed.stderr
+    saved = sorted(p.name for p in out.glob("similarity.partial*"))
+    assert saved == [f"similarity.partial.rank{r}{f}.safetensors" for r in (0, 1) for f in (".finished0", ".finished1", "")], killed.stderr
+    assert {storage.read_metadata(out / f"similarity.partial.rank{r}.safetensors")["phase"] for r in (0, 1)} == {"dataset:1"}
+    streamed = tmp_path / "streamed.txt"
+    resumed = _two_ranks(digits_run[0], out, "--resume", "--json", STREAMED=str(streamed))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "warning" not in resumed.stderr, resumed.stderr
+    where = "dataset 'zeros_sixes_heldout', batch 0 (2 of 4 datasets done)"
+    assert json.loads(resumed.stdout)["resumed_from"] == f"rank 0: {where}; rank 1: {where}"
+    names = {line.split()[1].rpartition(".")[2] for line in streamed.read_text().splitlines()}
+    assert names == {"zeros_sixes_heldout", "ones_sevens_heldout"}, names
+    assert sorted(p.name for p in out.iterdir()) == [storage.FACTORS_FILE, SIMILARITY_FILE]
+    assert_same_tensors(out / SIMILARITY_FILE, two_ranks_reference)
 
 
 def test_a_finished_result_of_an_image_folder_read_in_another_colour_mode_is_refused(tmp_path):

@@ -21,10 +21,12 @@ from stopping import (
     PassesStart,
     SavesSpy,
     StopAt,
+    Streamed,
     as_earlier_snapshot,
     assert_same_tensors,
     device_types,
     interrupt,
+    killed_before_the_snapshot,
     progress_files,
 )
 from test_models import TiedLM
@@ -1102,6 +1104,34 @@ def test_spectrum_resumed_in_the_second_and_third_dataset_writes_each_finished_d
     assert report.resumed_from == "dataset 'more', batch 2 (2 of 3 datasets done)"
     assert [len(spy.of(p.name)) for p in finished] == [int(earlier), 1, 0]
     assert all(all(k.startswith("state.") for k in keys) for keys, _ in spy.of(partial.name))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [FACTORS_FILE, SPECTRUM_FILE]
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    (reference / FACTORS_FILE).write_bytes((factors / FACTORS_FILE).read_bytes())
+    spectrum(load_config(DIGITS, [*overrides, f"output_dir={reference}"]))
+    assert_same_tensors(tmp_path / SPECTRUM_FILE, reference / SPECTRUM_FILE)
+
+
+def test_a_spectrum_killed_between_a_finished_datasets_file_and_its_snapshot_does_not_stream_that_dataset_again(digits, tmp_path, monkeypatch):
+    """Killed once noisy_train's energies are in their file and before the snapshot that counts them: --resume counts
+    that file as finished (it streamed noisy_train again from the snapshot's batch) and streams heldout only, and the
+    result is the uninterrupted run's bit for bit."""
+    factors, sets = digits
+    (tmp_path / FACTORS_FILE).write_bytes((factors / FACTORS_FILE).read_bytes())
+    overrides = [v for k, v in zip(sets[::2], sets[1::2], strict=True) if k == "--set" and not v.startswith("output_dir=")]
+    overrides += [f"output_dir={tmp_path}", "data.batch_size=32", "factors.checkpoint_every=2"]
+    cfg = load_config(DIGITS, overrides)
+    partial = tmp_path / storage.SPECTRUM_PARTIAL.format(rank="")
+    with monkeypatch.context() as m:
+        killed_before_the_snapshot(m, "dataset:1")
+        with pytest.raises(KeyboardInterrupt):
+            spectrum(cfg)
+    assert progress_files(partial) == ["spectrum.partial.finished0.safetensors", partial.name]
+    assert storage.read_metadata(partial)["phase"] == "dataset:0"
+    streamed = Streamed()
+    report = spectrum(cfg, resume=True, progress=streamed)
+    assert report.resumed_from == "dataset 'heldout', batch 0 (1 of 2 datasets done)"
+    assert [title for title, _ in streamed.passes] == ["heldout"], streamed.passes
     assert sorted(p.name for p in tmp_path.iterdir()) == [FACTORS_FILE, SPECTRUM_FILE]
     reference = tmp_path / "reference"
     reference.mkdir()
