@@ -478,10 +478,12 @@ class DatasetsProgress:
 
     def _adopt_agreed(self, dist: Any, counts: list[int], unsaved: list[int]) -> list[int]:
         """Under torchrun, each rank adopts its `unsaved` results (`unsaved`: how many each rank read) as far as every
-        copy of each agrees: the digests of the unsaved copies of a dataset and of the copies of the ranks that count it
-        (`counts`: by rank, the datasets its snapshot counts; not its lost files) are gathered, and a rank adopts up to
-        its first result whose copies differ (that file and those after it are then removed, as any file no snapshot
-        counts is). Returns how many datasets each rank holds as finished then (the same list on every rank)."""
+        copy of each agrees: the digests of the unsaved copies of a dataset, of the copies of the ranks that count it
+        (`counts`: by rank, the datasets its snapshot counts; not its lost files) and of the files of the ranks whose
+        snapshot is lost that hold it (once adopted, they would be compared with it, and a difference refused:
+        `_check_copies`) are gathered, and a rank adopts up to its first result whose copies differ (that file and
+        those after it are then removed, as any file no snapshot counts is). Returns how many datasets each rank holds
+        as finished then (the same list on every rank)."""
         if not any(unsaved):
             return counts
         spans = [range(count, count + n) for count, n in zip(counts, unsaved, strict=True)]
@@ -491,6 +493,11 @@ class DatasetsProgress:
                 mine[i] = storage.tensors_digest(self.unsaved[i - counts[dist.rank]])
             elif i < counts[dist.rank] and i not in self.lost:
                 mine[i] = storage.tensors_digest(self.finished[i])
+            elif self.snapshot_lost is not None:  # its own file, when it holds a copy (as `_read_own_copies` reads it)
+                copy = self._read_finished(i, lost_ok=True, counted=False)
+                if self.lost.pop(i, None) is None:
+                    mine[i] = storage.tensors_digest(copy)
+                del copy
         digests: list[dict[int, str]] = dist.all_gather_object(mine)
         taken = [next((n for n, i in enumerate(span) if len({d[i] for d in digests if i in d}) > 1), len(span)) for span in spans]
         self._adopt(taken[dist.rank])

@@ -1228,6 +1228,30 @@ def test_ranks_count_the_files_a_kill_left_before_their_snapshots_when_every_cop
     assert [(len(s.finished), s.batches_done) for s in again] == [(len(s.finished), s.batches_done) for s in got[:1]] + [(1 + counted, 1)]
 
 
+@pytest.mark.parametrize("copy", ["same", "differs"])
+def test_a_lost_snapshots_own_copy_takes_part_in_counting_a_file_no_snapshot_counts_yet(tmp_path, caplog, copy):
+    """Rank 1's snapshot counts x and its file of y is there uncounted (a kill between the two writes); rank 0's snapshot
+    is missing, and its own file of y holds y's result under this run's settings: the same as rank 1's, or not. Rank 0's
+    copy is one of y's copies: when they agree rank 1 counts y as finished and rank 0 keeps its copy; when they differ
+    rank 1 does not count y (removed as before, continuing y from its snapshot; it counted it, and then refused every
+    rank, rank 0's copy differing), and rank 0's file of y, past the finished datasets, is removed."""
+    results = _results(3, 4)
+    _saved_by_ranks(tmp_path, [1, 1], results)
+    _unsaved(tmp_path, 1, 1, results[1])
+    _unsaved(tmp_path, 0, 1, results[1] if copy == "same" else results[1] | {"count": torch.tensor(99)})
+    lost = _lose_snapshot(tmp_path, 0, "missing")
+    with caplog.at_level("WARNING", logger="influence_cli"):
+        got = on_every_rank(2, lambda st: _start_rank(tmp_path, st))
+    assert all(isinstance(s, DatasetsProgress) for s in got), got
+    counted = copy == "same"
+    assert all(len(s.finished) == 1 + counted and all(_same(m, e) for m, e in zip(s.finished, results, strict=False)) for s in got)
+    assert [s.batches_done for s in got] == [0, 0 if counted else 3] and [s.written for s in got] == [1 + counted] * 2
+    files = {p.name for p in tmp_path.iterdir()}
+    assert all((_path(tmp_path, r, 1).name in files) == counted for r in range(2)), files
+    warned = list(dict.fromkeys(caplog.messages))
+    assert len(warned) == 1 and warned[0].startswith(f"{str(lost)!r} is missing; rank 0 resumes as a rank that saved nothing"), warned
+
+
 def test_a_setting_only_one_side_records_is_shown_unset_on_the_other():
     """ggn -> sampled adds the seed (it counts only for a sampled Fisher): "seed None -> 0" read as a seed changed."""
     from influence_cli.resume import changed_settings
