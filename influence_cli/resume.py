@@ -646,7 +646,8 @@ class DatasetsProgress:
                 finished[i] = copy
             del copy  # a holder's duplicate goes at once (a spectrum's energies can be large)
             for r, gone in enumerate(lost):
-                why = gone[i][0] if i in gone else lacking[r][i][0] if i in lacking.get(r, {}) and lacking[r][i][2] else None
+                no_copy = lacking.get(r, {}).get(i)  # (why, hint, whether the file is there)
+                why = gone[i][0] if i in gone else no_copy[0] if no_copy is not None and no_copy[2] else None
                 if why is not None:  # a damaged or deleted file is said, not silently replaced
                     notices.warn(f"{why}; rank {src}'s copy takes its place (written to rank {r}'s file)")
         return finished
