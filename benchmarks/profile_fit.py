@@ -11,8 +11,9 @@ timed by wrapping the functions that run them:
 
 - pass 1 (`fit._run_pass`, phase `covariance`), the progress snapshot after it
   (`PassCheckpoint.save`), every eigendecomposition (`factors.eigendecompose`, per layer and
-  factor, with its width and the zero rows it deflates) and the LAPACK call inside it
-  (`torch.linalg.eigh`), pass 2 (`_run_pass`, phase `correction`), within it the accumulation of
+  factor, with its width and the zero rows it deflates), the LAPACK call inside it
+  (`torch.linalg.eigh`) and the spill of a large A or G to the factors' folder before it
+  (`factors._spill`, where the version has one), pass 2 (`_run_pass`, phase `correction`), within it the accumulation of
   Λ* (`DiagonalAccumulator.update`: the rotations into the eigenbasis and the sums; one row for all
   batches, its peak the highest of theirs, so the rest of pass 2's is its forward and backward)
   and the factors file (`storage.save_tensors` from `fit._fit_member`).
@@ -124,11 +125,15 @@ def main() -> None:
     order = iter("AGAGAGAGAGAGAGAG")
 
     def eig_label(matrix, *a, **k):
+        matrix = getattr(matrix, "tensor", matrix)  # a Handover lends its matrix
         n = len(matrix)  # zero rows counted 1,024 rows at a time (no full-size temporary)
         zero = sum(int((matrix[i : i + 1024].abs().amax(dim=1) == 0).sum()) for i in range(0, n, 1024))
         return f"eigendecompose {layer['name']}.{next(order)} ({n:,}, {zero:,} zero rows)"
 
     factors_module.eigendecompose = timed(eig_label, factors_module.eigendecompose)
+    if hasattr(factors_module, "_spill"):  # versions that spill a large A or G to factors_dir during its eigh
+        factors_module._spill = timed(lambda m, *a, **k: f"  spill {tuple(m.shape)} {str(m.dtype)[6:]} to a file", factors_module._spill)
+        factors_module._read_spilled = timed(lambda *a, **k: "  read back from the file (fall-back)", factors_module._read_spilled)
     torch.linalg.eigh = timed(lambda m, *a, **k: f"  eigh {tuple(m.shape)} {str(m.dtype)[6:]}", torch.linalg.eigh)
     factors_module.DiagonalAccumulator.update = timed(lambda *a, **k: UPDATE, factors_module.DiagonalAccumulator.update)
     resume_module.PassCheckpoint.save = timed(lambda self, phase, *a, **k: f"progress snapshot ({phase})", resume_module.PassCheckpoint.save)

@@ -20,9 +20,11 @@ no curvature at all (plain gradient dot products).
 
 from __future__ import annotations
 
+import tempfile
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -416,7 +418,37 @@ def null_rows(matrix: torch.Tensor) -> torch.Tensor:
 _ROW_BLOCK = 1024  # rows (or block width) of the blockwise passes over a square matrix here
 
 
-def eigendecompose(matrix: torch.Tensor, vectors_dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+class Handover:
+    """A tensor handed to a callee with its last reference: `take()` gives it up once, so that the
+    callee can release it (`eigendecompose`: a mean covariance, while its own eigh runs)."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self._tensor: torch.Tensor | None = tensor
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        """The tensor, lent (still held here)."""
+        if self._tensor is None:
+            raise RuntimeError("the tensor was already taken")
+        return self._tensor
+
+    def take(self) -> torch.Tensor:
+        tensor, self._tensor = self.tensor, None
+        return tensor
+
+
+def _lent(matrix: torch.Tensor | Handover) -> torch.Tensor:
+    return matrix.tensor if isinstance(matrix, Handover) else matrix
+
+
+SPILL_BYTES = 64 << 20
+"""A matrix handed over to `eigendecompose` with a `spill_dir` is written there while its eigh runs
+when it is larger than this (a 12,545-wide float32 A: 630 MB); smaller ones stay in memory."""
+
+
+def eigendecompose(
+    matrix: torch.Tensor | Handover, vectors_dtype: torch.dtype = torch.float64, *, spill_dir: Path | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues [n] (float64, ascending, clamped at 0) and eigenvectors [n, n] (`vectors_dtype`) of a symmetric matrix [n, n].
 
     The k exactly-zero rows (`null_rows` of the symmetrised matrix) are deflated: their
@@ -431,26 +463,112 @@ def eigendecompose(matrix: torch.Tensor, vectors_dtype: torch.dtype = torch.floa
     workspace (syevd: about 2 (n − k)² float64 more; that is the floor). `vectors_dtype`: of the
     eigenvectors returned (rounded from float64; the eigenvalues stay float64), so that a float32
     eigenbasis is built without a float64 one of full size.
+
+    `matrix` as a `Handover` is released here; with `spill_dir`, one larger than `SPILL_BYTES` is
+    not in memory while eigh runs: it is written to an anonymous temporary file in `spill_dir`
+    (gone when closed, or with the process), read back only if the fall-backs need it (`_eigh`),
+    and the file is closed before this returns or raises. Without a directory, or if the file
+    cannot be written, it stays in memory until the eigenvectors are there.
     """
-    n = len(matrix)
-    null = _symmetrised_null_rows(matrix)
+    owned = isinstance(matrix, Handover)  # a matrix the caller holds is in memory anyway: never spilled
+    source = _Symmetrised(matrix.take() if isinstance(matrix, Handover) else matrix)
+    try:
+        return _eigendecompose(source, vectors_dtype, spill_dir if owned else None)
+    finally:
+        source.close()
+
+
+def _eigendecompose(source: _Symmetrised, vectors_dtype: torch.dtype, spill_dir: Path | None) -> tuple[torch.Tensor, torch.Tensor]:
+    n, device = source.shape[0], source.device
+    null = _symmetrised_null_rows(source.lent())
     if len(null) == 0:
-        values, vectors = _eigh(lambda: symmetrised_float64(matrix))
+        values, vectors = _eigh(source, spill_dir)
         return values, vectors.to(vectors_dtype)
-    keep = _complement(null, n)
+    keep = source.keep = _complement(null, n)
     k = len(null)
     if len(keep):
-        sub_values, sub_vectors = _eigh(lambda: symmetrised_float64(matrix, keep))
+        sub_values, sub_vectors = _eigh(source, spill_dir)
     else:
-        sub_values, sub_vectors = torch.zeros(0, dtype=torch.float64, device=matrix.device), None
-    values = torch.zeros(n, dtype=torch.float64, device=matrix.device)
+        sub_values, sub_vectors = torch.zeros(0, dtype=torch.float64, device=device), None
+    values = torch.zeros(n, dtype=torch.float64, device=device)
     values[k:] = sub_values
-    vectors = torch.zeros(n, n, dtype=vectors_dtype, device=matrix.device)
-    vectors[null, torch.arange(k, device=matrix.device)] = 1.0
+    vectors = torch.zeros(n, n, dtype=vectors_dtype, device=device)
+    vectors[null, torch.arange(k, device=device)] = 1.0
     for c in range(0, n - k, _ROW_BLOCK):  # a block of columns at a time, rounded to vectors_dtype on the way
         block = sub_vectors[:, c : c + _ROW_BLOCK]
-        vectors[keep.unsqueeze(1), torch.arange(k + c, k + c + block.shape[1], device=matrix.device)] = block.to(vectors_dtype)
+        vectors[keep.unsqueeze(1), torch.arange(k + c, k + c + block.shape[1], device=device)] = block.to(vectors_dtype)
     return values, vectors
+
+
+class _Symmetrised:
+    """The float64 matrix eigh decomposes, `symmetrised_float64(M, keep)`, formed from M on demand;
+    M [n, n] can be moved to a file in the meantime (`spill`) and is then read back to form it."""
+
+    def __init__(self, matrix: torch.Tensor) -> None:
+        self.matrix: torch.Tensor | None = matrix
+        self.keep: torch.Tensor | None = None
+        self.shape, self.dtype, self.device = matrix.shape, matrix.dtype, matrix.device
+        self.file: BinaryIO | None = None
+
+    def lent(self) -> torch.Tensor:
+        assert self.matrix is not None, "M is in its file"
+        return self.matrix
+
+    def form(self) -> torch.Tensor:
+        """S = symmetrised_float64(M, keep): on M's device, or, once M was spilled, on the CPU from
+        M read back (M [n, n] alive beside S only until S is formed)."""
+        if self.matrix is not None:
+            return symmetrised_float64(self.matrix, self.keep)
+        assert self.file is not None
+        keep = None if self.keep is None else self.keep.cpu()
+        return symmetrised_float64(_read_spilled(self.file, self.shape, self.dtype), keep)
+
+    def spill(self, directory: Path) -> None:
+        """Moves M, when larger than `SPILL_BYTES`, to an anonymous temporary file in `directory`
+        and lets it go; it stays if the file cannot be written (a full disk: the spill only saves memory)."""
+        m = self.lent()
+        if m.numel() * m.element_size() <= SPILL_BYTES:
+            return
+        try:
+            self.file = _spill(m, directory)
+        except OSError:
+            return
+        self.matrix = None
+
+    def close(self) -> None:
+        self.matrix = None
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+def _spill(matrix: torch.Tensor, directory: Path) -> BinaryIO:
+    """`matrix` [n, m]'s bytes, row-major, written to an anonymous temporary file in `directory`
+    (removed once closed: the caller closes it) a block of rows at a time; the file is returned."""
+    file = tempfile.TemporaryFile(dir=directory)
+    try:
+        for i in range(0, len(matrix), _ROW_BLOCK):
+            rows = matrix[i : i + _ROW_BLOCK].contiguous().cpu()  # a contiguous CPU matrix's own rows: no copy
+            file.write(memoryview(rows.reshape(-1).view(torch.uint8).numpy()))
+        file.flush()
+    except BaseException:
+        file.close()
+        raise
+    return file
+
+
+def _read_spilled(file: BinaryIO, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """The matrix `_spill` wrote to `file`, read into a new CPU tensor of `shape` and `dtype`."""
+    out = torch.empty(shape, dtype=dtype)
+    buffer = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+    file.seek(0)
+    done = 0
+    while done < len(buffer):
+        got = file.readinto(buffer[done:])
+        if not got:
+            raise OSError(f"the spilled matrix's file ended after {done} of {len(buffer)} bytes")
+        done += got
+    return out
 
 
 def symmetrised_float64(matrix: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -485,19 +603,23 @@ def _symmetrised_null_rows(matrix: torch.Tensor) -> torch.Tensor:
     return torch.cat(zero).nonzero().flatten() if zero else torch.zeros(0, dtype=torch.int64, device=matrix.device)
 
 
-def _eigh(make: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def _eigh(source: _Symmetrised, spill_dir: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues [n] (ascending, clamped at 0) and eigenvectors [n, n] (column-major, as
-    torch.linalg.eigh returns them) of the exactly symmetric PSD float64 matrix that `make()` forms.
+    torch.linalg.eigh returns them) of the exactly symmetric PSD float64 matrix S that `source` forms.
 
-    LAPACK overwrites that matrix with the eigenvectors (in place: no copy of it). Should it fail,
-    the matrix it wrote into is released and `make()` forms it anew, copied to the CPU, for the
-    fall-backs there: torch.linalg.eigh (some device builds lack a float64 eigh, or the device lacks
-    the memory for its workspace), then the SVD (LAPACK's divide-and-conquer eigh can fail to
-    converge on matrices with many repeated eigenvalues; a PSD matrix's SVD U S Uᵀ is its
-    eigendecomposition). So one such matrix is alive at a time (the fall-backs' on the CPU).
+    LAPACK overwrites S with the eigenvectors (in place: no copy of it); with `spill_dir`, M
+    (`source`'s matrix) is spilled there first when large (`_Symmetrised.spill`). Should LAPACK
+    fail, the matrix it wrote into is released and `source` forms S anew, copied to the CPU (from M read
+    back if spilled), for the fall-backs there: torch.linalg.eigh (some device builds lack a
+    float64 eigh, or the device lacks the memory for its workspace), then the SVD (LAPACK's
+    divide-and-conquer eigh can fail to converge on matrices with many repeated eigenvalues; a PSD
+    matrix's SVD U S Uᵀ is its eigendecomposition). So one such matrix is alive at a time (the
+    fall-backs' on the CPU).
     """
-    sym = make()
+    sym = source.form()
     device = sym.device
+    if spill_dir is not None:
+        source.spill(spill_dir)
     try:
         values, vectors = _eigh_in_place(sym)
         return values.clamp_min(0.0), vectors
@@ -505,7 +627,7 @@ def _eigh(make: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]
         error = exc
     del sym
     traceback.clear_frames(error.__traceback__)  # the failed call's frames hold the matrix too
-    matrix = make().cpu()
+    matrix = source.form().cpu()
     attempts = [torch.linalg.eigh] if device.type != "cpu" else []
     for attempt in [*attempts, _eigh_by_svd]:
         try:
@@ -587,20 +709,30 @@ class Rotation:
         return torch.cat([x.index_select(-1, self.null), x.index_select(-1, self.rest) @ self.block], dim=-1)
 
 
-def _layer_eigendecompose(layer: str, which: str, matrix: torch.Tensor, vectors_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _layer_eigendecompose(
+    layer: str, which: str, matrix: torch.Tensor | Handover, vectors_dtype: torch.dtype, spill_dir: Path | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    n = len(_lent(matrix))
     try:
-        return eigendecompose(matrix, vectors_dtype)
+        return eigendecompose(matrix, vectors_dtype, spill_dir=spill_dir)
     except RuntimeError as exc:  # LAPACK's "failed to converge" (torch.linalg.LinAlgError)
         if out_of_memory(exc) is not None:
             raise
         raise NumericalError(
-            f"the float64 eigendecomposition of layer {layer!r}'s {which} ({len(matrix)}×{len(matrix)}) did not converge",
+            f"the float64 eigendecomposition of layer {layer!r}'s {which} ({n}×{n}) did not converge",
             hint="fit on more examples, or leave the layer out of factors.modules (`influence inspect CONFIG` lists the layers)",
         ) from exc
 
 
 def kronecker_layer_factors(
-    name: str, a_cov: torch.Tensor, g_cov: torch.Tensor, num_examples: int, out_dtype: torch.dtype, *, keep_covariances: bool = False
+    name: str,
+    a_cov: torch.Tensor | Handover,
+    g_cov: torch.Tensor | Handover,
+    num_examples: int,
+    out_dtype: torch.dtype,
+    *,
+    keep_covariances: bool = False,
+    spill_dir: Path | None = None,
 ) -> LayerFactors:
     """K-FAC factors of one layer from its mean covariances (eigenvalues = λ_G λ_Aᵀ).
 
@@ -608,11 +740,15 @@ def kronecker_layer_factors(
     float64 eigenbasis is gone before G's eigendecomposition starts. The factors count the zero rows
     of A and G (`zero_inputs`, `zero_outputs`) and hold A and G themselves only with
     `keep_covariances` (in `out_dtype`): otherwise nothing of them outlives the caller's references
-    (a 12,545-wide A is 630 MB in float32).
+    (a 12,545-wide A is 630 MB in float32). Handed over (`Handover`, without `keep_covariances`),
+    each is released for its own eigendecomposition, and with `spill_dir` a large one is not in
+    memory while its eigh runs (`eigendecompose`).
     """
-    zero_inputs, zero_outputs = len(null_rows(a_cov)), len(null_rows(g_cov))
-    a_vals, a_vecs = _layer_eigendecompose(name, "A", a_cov, out_dtype)
-    g_vals, g_vecs = _layer_eigendecompose(name, "G", g_cov, out_dtype)
+    if keep_covariances:
+        a_cov, g_cov = (c.take() if isinstance(c, Handover) else c for c in (a_cov, g_cov))
+    zero_inputs, zero_outputs = len(null_rows(_lent(a_cov))), len(null_rows(_lent(g_cov)))
+    a_vals, a_vecs = _layer_eigendecompose(name, "A", a_cov, out_dtype, spill_dir)
+    g_vals, g_vecs = _layer_eigendecompose(name, "G", g_cov, out_dtype, spill_dir)
     return LayerFactors(
         name=name,
         eigenvalues=torch.outer(g_vals, a_vals).to(out_dtype),
@@ -620,8 +756,8 @@ def kronecker_layer_factors(
         g_eigenvectors=g_vecs,
         a_eigenvalues=a_vals.to(out_dtype),
         g_eigenvalues=g_vals.to(out_dtype),
-        a_covariance=a_cov.to(out_dtype) if keep_covariances else None,
-        g_covariance=g_cov.to(out_dtype) if keep_covariances else None,
+        a_covariance=_lent(a_cov).to(out_dtype) if keep_covariances else None,
+        g_covariance=_lent(g_cov).to(out_dtype) if keep_covariances else None,
         num_examples=num_examples,
         zero_inputs=zero_inputs,
         zero_outputs=zero_outputs,

@@ -29,6 +29,7 @@ from influence_cli.factors import (
     CovarianceAccumulator,
     DiagonalAccumulator,
     Factors,
+    Handover,
     LayerFactors,
     kronecker_layer_factors,
 )
@@ -225,6 +226,7 @@ def compute_factors(
     progress: Progress | None = None,
     seconds: dict[str, float] | None = None,
     keep_covariances: bool = False,
+    spill_dir: Path | None = None,
 ) -> dict[str, LayerFactors]:
     """Runs the passes `strategy` needs and returns every tracked layer's factors.
 
@@ -232,7 +234,9 @@ def compute_factors(
     layer's A and G are released once decomposed (only their zero rows are counted, `zero_inputs`
     and `zero_outputs`); `keep_covariances` keeps them on the factors (`a_covariance`,
     `g_covariance`), except in a run resumed from a snapshot of the correction pass past its start,
-    which holds the eigenbases, not A and G.
+    which holds the eigenbases, not A and G. With `spill_dir` (fit-factors: the factors' folder), an
+    A or G larger than `factors.SPILL_BYTES` is written to an anonymous temporary file there while
+    its own eigh runs, instead of being held in memory for the fall-backs (`factors.eigendecompose`).
     """
     progress = progress or NullProgress()
     seconds = seconds if seconds is not None else {}
@@ -274,10 +278,15 @@ def compute_factors(
         start_progress(progress, "eigendecomposition", len(tracked), unit="layers")  # minutes for wide layers (ViT, ConvNeXt): say it is working
         layers = {}
         for tm in tracked:  # one layer's float64 matrices at a time (factors.eigendecompose)
-            # The sums become the mean covariances in their own memory and leave the accumulator: once
-            # decomposed nothing holds them (a 12,545-wide A is 630 MB in float32), unless asked to.
+            # The sums become the mean covariances in their own memory and leave the accumulator: they are
+            # handed over, so that each is released for its own eigendecomposition (a 12,545-wide A is
+            # 630 MB in float32), unless asked to keep them.
             a_cov, g_cov = cov.means(tm.name, float(count), release=True)
-            layers[tm.name] = kronecker_layer_factors(tm.name, a_cov, g_cov, int(count), dtype, keep_covariances=keep_covariances)
+            if not keep_covariances:
+                a_cov, g_cov = Handover(a_cov), Handover(g_cov)
+            layers[tm.name] = kronecker_layer_factors(
+                tm.name, a_cov, g_cov, int(count), dtype, keep_covariances=keep_covariances, spill_dir=spill_dir
+            )
             del a_cov, g_cov
             progress.advance(1)
         progress.stop()
@@ -508,8 +517,9 @@ def _fit_member(
     progress = for_rank(progress, ctx.state.rank, ctx.state.world_size)
     plan = plan_for(ctx, dataset, cfg.factors.max_examples)
     layers = compute_factors(
-        ctx.model, ctx.tracked, cfg.factors.strategy, plan, checkpoint=checkpoint, snapshot=snapshot, progress=progress, seconds=seconds
-    )
+        ctx.model, ctx.tracked, cfg.factors.strategy, plan, checkpoint=checkpoint, snapshot=snapshot, progress=progress, seconds=seconds,
+        spill_dir=out_dir,
+    )  # fmt: skip
     factors = Factors(cfg.factors.strategy, cfg.factors.fisher, layers)
     for info in layers_info:
         info.zero_inputs, info.zero_outputs = layers[info.name].zero_inputs, layers[info.name].zero_outputs

@@ -1,7 +1,8 @@
 """What fit-factors holds: while it eigendecomposes, one layer's float64 matrix at a time, LAPACK
 working in place, and the covariance sums turned into the means in their own memory
-(factors.eigendecompose, CovarianceAccumulator.means); in the correction pass, no covariance (the
-snapshots hold the eigenbases)."""
+(factors.eigendecompose, CovarianceAccumulator.means); a large mean A or G spilled to a file in the
+factors' folder while its own eigh runs, read back only for the fall-backs; in the correction pass,
+no covariance (the snapshots hold the eigenbases)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import gc
 import os
 import subprocess
 import sys
+import tempfile
 import warnings
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,9 +21,19 @@ import torch
 from exact import fit
 from torch import nn
 
-from influence_cli.factors import CovarianceAccumulator, DiagonalAccumulator, eigendecompose, gram_blocks
-from influence_cli.fit import PassPlan, compute_factors, layers_from_basis
+from influence_cli import factors as factors_lib
+from influence_cli.config import load_config
+from influence_cli.factors import (
+    CovarianceAccumulator,
+    DiagonalAccumulator,
+    Handover,
+    eigendecompose,
+    gram_blocks,
+    symmetrised_float64,
+)
+from influence_cli.fit import PassPlan, compute_factors, fit_factors, layers_from_basis
 from influence_cli.resume import PassCheckpoint, Snapshot
+from influence_cli.storage import FACTORS_FILE, load_tensors
 from influence_cli.tracking import find_tracked_modules
 
 
@@ -312,3 +326,183 @@ def test_eigendecompose_peaks_at_lapacks_own_need(zero_rows):
     out = subprocess.run([sys.executable, "-c", _MEASURE, "2000", str(zero_rows)], capture_output=True, text=True, env=env, check=True)
     lapack, ours = map(float, out.stdout.split())
     assert ours <= lapack - 0.5, (ours, lapack)
+
+
+DIGITS = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
+
+
+def _spy_on_temporary_files(monkeypatch) -> list:
+    """The files tempfile.TemporaryFile opens, with the folder each was asked for."""
+    opened = []
+    temporary_file = tempfile.TemporaryFile
+
+    def spy(*args, **kwargs):
+        f = temporary_file(*args, **kwargs)
+        opened.append((kwargs.get("dir"), f))
+        return f
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", spy)
+    return opened
+
+
+def _fit_digits(tmp_path: Path, name: str, monkeypatch, spill_bytes: int | None = None) -> tuple[list[list[bool]], list, Path]:
+    """fit-factors on the digits MLP (3 layers: 6 eigendecompositions), factors_dir apart from
+    output_dir, with `factors.SPILL_BYTES` at `spill_bytes` (None: its default). Returns, at each
+    eigh, which mean covariances handed out so far are alive (in the order A, G of each layer), the
+    temporary files opened, and the factors' folder. Every patch is undone at the end."""
+    if spill_bytes is not None:
+        monkeypatch.setattr(factors_lib, "SPILL_BYTES", spill_bytes, raising=False)
+    refs: list[weakref.ref] = []
+    means = CovarianceAccumulator.means
+
+    def spy_means(self, *args, **kwargs):
+        a_cov, g_cov = means(self, *args, **kwargs)
+        refs.extend([weakref.ref(a_cov), weakref.ref(g_cov)])
+        return a_cov, g_cov
+
+    alive: list[list[bool]] = []
+    eigh = torch.linalg.eigh
+
+    def spy_eigh(*args, **kwargs):
+        gc.collect()
+        alive.append([r() is not None for r in refs])
+        return eigh(*args, **kwargs)
+
+    monkeypatch.setattr(CovarianceAccumulator, "means", spy_means)
+    monkeypatch.setattr(torch.linalg, "eigh", spy_eigh)
+    opened = _spy_on_temporary_files(monkeypatch)
+    folder = tmp_path / name / "factors"
+    overrides = [f"output_dir={tmp_path / name / 'out'}", f"factors_dir={folder}", "device=cpu", "data.train.range=[0,300]"]
+    fit_factors(load_config(DIGITS, overrides))
+    monkeypatch.undo()
+    return alive, opened, folder
+
+
+def test_fit_factors_spills_each_large_mean_covariance_for_its_own_eigh(tmp_path: Path, monkeypatch):
+    """With every matrix above the threshold (`factors.SPILL_BYTES` 0), no mean A or G is in memory
+    during its own eigh (G waits while A's runs): each went to an anonymous file in factors_dir,
+    closed by the end. The factors are bit for bit those of a fit that spills nothing (the
+    default threshold, above these 65-wide layers: each stays alive for the fall-backs)."""
+    alive, opened, folder = _fit_digits(tmp_path, "spilled", monkeypatch, spill_bytes=0)
+    assert len(alive) == 6
+    for j, flags in enumerate(alive):
+        layer_a, layer_g = 2 * (j // 2), 2 * (j // 2) + 1
+        assert flags[layer_a] is False, (j, flags)  # A: spilled, during its own eigh and after
+        assert flags[layer_g] is (j % 2 == 0), (j, flags)  # G: held while A's eigh runs, spilled for its own
+    assert len(opened) == 6 and all(d == folder for d, _ in opened) and all(f.closed for _, f in opened)
+    assert sorted(p.name for p in folder.iterdir()) == [FACTORS_FILE]
+
+    kept, opened_default, folder_default = _fit_digits(tmp_path, "default", monkeypatch)
+    assert opened_default == []
+    assert [flags[j] for j, flags in enumerate(kept)] == [True] * 6  # each alive during its own eigh
+    spilled_factors, _ = load_tensors(folder / FACTORS_FILE)
+    default_factors, _ = load_tensors(folder_default / FACTORS_FILE)
+    assert spilled_factors.keys() == default_factors.keys()
+    for key, t in default_factors.items():
+        assert torch.equal(spilled_factors[key], t), key
+
+
+def _psd_float32(n: int, null: list[int], seed: int = 0) -> torch.Tensor:
+    """An exactly symmetric float32 PSD matrix [n, n] with the rows and columns `null` exactly 0."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3 * n, n, generator=g)
+    x[:, null] = 0.0
+    m = x.T @ x
+    return 0.5 * (m + m.T)
+
+
+def _failing_in_place_eigh(monkeypatch, before: Callable[[], None] = lambda: None) -> None:
+    """LAPACK's in-place eigh writes into the matrix and fails (`before()` called first)."""
+
+    def fail(matrix, *, out):
+        before()
+        out[1].fill_(7.0)
+        raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "eigh", fail)
+
+
+@pytest.mark.parametrize("null", [[], [3, 17]])
+def test_a_spilled_matrix_is_read_back_for_the_fall_backs(tmp_path: Path, monkeypatch, null):
+    """After a failed in-place eigh of a spilled matrix, the SVD gets the same float64 matrix as
+    without the spill (formed from M read back from the file), the source M is not in memory while
+    eigh runs, and the results are bit for bit those of the fall-back from M held in memory."""
+    m = _psd_float32(40, null)
+    source = m.clone()
+    gone = weakref.ref(source)
+    alive = []
+    _failing_in_place_eigh(monkeypatch, lambda: (gc.collect(), alive.append(gone() is not None)))
+    seen = []
+    svd = torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "svd", lambda matrix, *a, **k: seen.append(matrix.clone()) or svd(matrix, *a, **k))
+    in_memory = eigendecompose(m, torch.float32)
+    monkeypatch.setattr(factors_lib, "SPILL_BYTES", 0)
+    opened = _spy_on_temporary_files(monkeypatch)
+    handed = Handover(source)
+    del source
+    spilled = eigendecompose(handed, torch.float32, spill_dir=tmp_path)
+    assert alive == [True, False]  # held by the test at the first eigh, spilled at the second
+    keep = torch.tensor([i for i in range(40) if i not in null])
+    assert torch.equal(seen[0], seen[1]) and torch.equal(seen[1], symmetrised_float64(m, keep if null else None))
+    assert all(torch.equal(a, b) for a, b in zip(spilled, in_memory, strict=True))
+    assert len(opened) == 1 and opened[0][0] == tmp_path and opened[0][1].closed
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_when_every_fall_back_fails_the_spilled_file_is_closed(tmp_path: Path, monkeypatch):
+    _failing_in_place_eigh(monkeypatch)
+
+    def fail(*_, **__):
+        raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "svd", fail)
+    monkeypatch.setattr(factors_lib, "SPILL_BYTES", 0)
+    opened = _spy_on_temporary_files(monkeypatch)
+    with pytest.raises(torch.linalg.LinAlgError, match="svd"):
+        eigendecompose(Handover(_psd_float32(20, [])), spill_dir=tmp_path)
+    assert len(opened) == 1 and opened[0][1].closed
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("threshold, spills", [(40 * 40 * 4, False), (40 * 40 * 4 - 1, True)])
+def test_only_a_matrix_larger_than_the_threshold_is_spilled_and_only_when_handed_over(tmp_path: Path, monkeypatch, threshold, spills):
+    """A [40, 40] float32 matrix is 6,400 bytes: spilled above a threshold below that. A matrix the
+    caller still holds (not a `Handover`) is never spilled: nothing would be released."""
+    monkeypatch.setattr(factors_lib, "SPILL_BYTES", threshold)
+    opened = _spy_on_temporary_files(monkeypatch)
+    m = _psd_float32(40, [5])
+    expected = eigendecompose(m)
+    got = eigendecompose(Handover(m.clone()), spill_dir=tmp_path)
+    assert len(opened) == int(spills)
+    eigendecompose(m, spill_dir=tmp_path)
+    assert len(opened) == int(spills)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+def test_a_spill_that_cannot_be_written_keeps_the_matrix_in_memory(tmp_path: Path, monkeypatch):
+    """A full disk (the file's write fails) or a folder that cannot hold the file: the matrix stays
+    in memory for the fall-backs, the half-written file is closed, and the result is the same."""
+    _failing_in_place_eigh(monkeypatch)
+    monkeypatch.setattr(factors_lib, "SPILL_BYTES", 0)
+    opened = []
+    m = _psd_float32(30, [2])
+    expected = eigendecompose(m)
+
+    class Full:
+        def __init__(self, f):
+            self.f, self.closed = f, False
+
+        def write(self, _):
+            raise OSError(28, "No space left on device")
+
+        def close(self):
+            self.closed = True
+            self.f.close()
+
+    temporary_file = tempfile.TemporaryFile
+    monkeypatch.setattr(tempfile, "TemporaryFile", lambda *a, **k: opened.append((k.get("dir"), Full(temporary_file(*a, **k)))) or opened[-1][1])
+    got = eigendecompose(Handover(m.clone()), spill_dir=tmp_path)
+    assert len(opened) == 1 and opened[0][1].closed
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    got = eigendecompose(Handover(m.clone()), spill_dir=tmp_path / "missing")
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
