@@ -387,8 +387,10 @@ While fit-factors eigendecomposes a mean covariance A or G larger than 64 MiB (w
 in float32), that covariance waits in `factors_dir`, in an anonymous temporary file (it has no
 name there and is gone once that eigendecomposition ends, or with the process), instead of in
 memory beside LAPACK's work; it is read back only if LAPACK fails. The folder needs that much
-free space for a while (630 MB for a 12,545-wide A, less than the factors file will take); where
-the file cannot be written, the covariance stays in memory.
+free space for a while (630 MB for a 12,545-wide A, less than the factors file will take; under
+torchrun every rank decomposes, and each writes its own); where the file cannot be written, the
+covariance stays in memory, and where it cannot be read back when LAPACK failed, fit-factors stops
+with an output error naming the layer and the folder.
 
 To score several query sets (or plain and relative scores) against one fit, give each config
 its own `output_dir` and the fit's folder as `factors_dir` (or pass `--set factors_dir=FOLDER`):

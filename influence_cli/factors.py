@@ -29,7 +29,7 @@ from typing import BinaryIO
 import torch
 
 from influence_cli import storage
-from influence_cli.errors import NumericalError, out_of_memory
+from influence_cli.errors import NumericalError, OutputError, out_of_memory
 from influence_cli.passes import BatchGradients
 from influence_cli.squares import add_squared_gradients_
 from influence_cli.tracking import TrackedModule
@@ -537,9 +537,12 @@ class _Symmetrised:
 
     def close(self) -> None:
         self.matrix = None
-        if self.file is not None:
-            self.file.close()
-            self.file = None
+        file, self.file = self.file, None
+        if file is not None:
+            try:
+                file.close()  # the descriptor is released, and the file gone, however this ends
+            except OSError:  # a late write error (a network folder reports them on close): nothing reads it now
+                pass
 
 
 def _spill(matrix: torch.Tensor, directory: Path) -> BinaryIO:
@@ -721,6 +724,12 @@ def _layer_eigendecompose(
         raise NumericalError(
             f"the float64 eigendecomposition of layer {layer!r}'s {which} ({n}×{n}) did not converge",
             hint="fit on more examples, or leave the layer out of factors.modules (`influence inspect CONFIG` lists the layers)",
+        ) from exc
+    except OSError as exc:  # the only I/O here: a spilled matrix read back for the fall-backs of a failed eigh
+        raise OutputError(
+            f"layer {layer!r}'s {which} ({n}×{n}) cannot be read back from its temporary file in {str(spill_dir)!r} for the "
+            f"fall-backs of its failed float64 eigendecomposition ({exc.strerror or exc})",
+            hint="check the disk that folder is on, then rerun with --resume",
         ) from exc
 
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from influence_cli import factors as factors_lib
 from influence_cli.config import load_config
+from influence_cli.errors import OutputError
 from influence_cli.factors import (
     CovarianceAccumulator,
     DiagonalAccumulator,
@@ -505,4 +506,53 @@ def test_a_spill_that_cannot_be_written_keeps_the_matrix_in_memory(tmp_path: Pat
     assert len(opened) == 1 and opened[0][1].closed
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
     got = eigendecompose(Handover(m.clone()), spill_dir=tmp_path / "missing")
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+def test_a_spilled_matrix_that_cannot_be_read_back_is_a_one_line_output_error(tmp_path: Path, monkeypatch):
+    """LAPACK fails and the file the fall-backs need cannot be read (a failing disk, a network
+    folder gone): an OutputError (exit 5) naming the layer, the factor and the folder, not a
+    traceback of an OSError; the file is closed."""
+    _failing_in_place_eigh(monkeypatch)
+    monkeypatch.setattr(factors_lib, "SPILL_BYTES", 0)
+    opened = _spy_on_temporary_files(monkeypatch)
+
+    def unreadable(*_, **__):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(factors_lib, "_read_spilled", unreadable)
+    with pytest.raises(OutputError) as caught:
+        factors_lib.kronecker_layer_factors(
+            "fc", Handover(_psd_float32(20, [])), Handover(_psd_float32(10, [])), 60, torch.float32, spill_dir=tmp_path
+        )
+    message = caught.value.message
+    assert caught.value.exit_code == 5 and "\n" not in message
+    assert "'fc'" in message and "A (20×20)" in message and repr(str(tmp_path)) in message and "Input/output error" in message
+    assert len(opened) == 1 and opened[0][1].closed
+
+
+def test_a_late_write_error_on_closing_the_spilled_file_is_not_the_results(tmp_path: Path, monkeypatch):
+    """A network folder can report a failed write only when the file is closed: the spill only
+    saved memory, the eigendecomposition succeeded without reading it back, and its results stand."""
+    monkeypatch.setattr(factors_lib, "SPILL_BYTES", 0)
+    closed = []
+    temporary_file = tempfile.TemporaryFile
+
+    class LateError:
+        def __init__(self, f):
+            self.f = f
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def close(self):
+            self.f.close()
+            closed.append(True)
+            raise OSError(122, "Disk quota exceeded")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", lambda *a, **k: LateError(temporary_file(*a, **k)))
+    m = _psd_float32(30, [4])
+    expected = eigendecompose(m)
+    got = eigendecompose(Handover(m.clone()), spill_dir=tmp_path)
+    assert closed == [True]
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
