@@ -383,14 +383,15 @@ refused by its key before any work:
 | `spectrum.safetensors` | `spectrum` | each example's gradient energy per curvature band, per dataset of `spectrum.datasets` |
 | `factors.partial*.safetensors`, `scores.partial*.safetensors`, `similarity.partial*.safetensors`, `spectrum.partial*.safetensors` | an interrupted run | saved progress, every `factors.checkpoint_every` batches (dataset-similarity and spectrum also after each dataset, whose result goes once into a file of its own beside it, `similarity.partial*.finished<i>.safetensors`, `spectrum.partial*.finished<i>.safetensors`); `--resume` continues from it, and the finished command removes it |
 
-While fit-factors eigendecomposes a mean covariance A or G larger than 64 MiB (wider than 4,096
-in float32), that covariance waits in `factors_dir`, in an anonymous temporary file (it has no
+While fit-factors eigendecomposes (on the CPU) a mean covariance A or G larger than 64 MiB (wider
+than 4,096 in float32), that covariance waits in `factors_dir`, in an anonymous temporary file (it has no
 name there and is gone once that eigendecomposition ends, or with the process), instead of in
 memory beside LAPACK's work; it is read back only if LAPACK fails. The folder needs that much
 free space for a while (630 MB for a 12,545-wide A, less than the factors file will take; under
 torchrun every rank decomposes, and each writes its own); where the file cannot be written, the
 covariance stays in memory, and where it cannot be read back when LAPACK failed, fit-factors stops
-with an output error naming the layer and the folder.
+with an output error naming the layer and the folder. On a GPU it waits in host memory instead
+(no disk is written), leaving the GPU's memory to the eigendecomposition.
 
 To score several query sets (or plain and relative scores) against one fit, give each config
 its own `output_dir` and the fit's folder as `factors_dir` (or pass `--set factors_dir=FOLDER`):

@@ -466,7 +466,7 @@ def eigendecompose(
 
     `matrix` as a `Handover` is released here; with `spill_dir`, one larger than `SPILL_BYTES` is
     not in memory while eigh runs: it is written to an anonymous temporary file in `spill_dir`
-    (gone when closed, or with the process), read back only if the fall-backs need it (`_eigh`),
+    (gone when closed, or with the process; a GPU's matrix is copied to host memory instead), read back only if the fall-backs need it (`_eigh`),
     and the file is closed before this returns or raises. Without a directory, or if the file
     cannot be written, it stays in memory until the eigenvectors are there.
     """
@@ -502,13 +502,15 @@ def _eigendecompose(source: _Symmetrised, vectors_dtype: torch.dtype, spill_dir:
 
 class _Symmetrised:
     """The float64 matrix eigh decomposes, `symmetrised_float64(M, keep)`, formed from M on demand;
-    M [n, n] can be moved to a file in the meantime (`spill`) and is then read back to form it."""
+    M [n, n] can be moved off its device in the meantime (`spill`: a CPU matrix to a file, a GPU's
+    to host memory) and is then read from there to form it."""
 
     def __init__(self, matrix: torch.Tensor) -> None:
         self.matrix: torch.Tensor | None = matrix
         self.keep: torch.Tensor | None = None
         self.shape, self.dtype, self.device = matrix.shape, matrix.dtype, matrix.device
         self.file: BinaryIO | None = None
+        self.host: torch.Tensor | None = None
 
     def lent(self) -> torch.Tensor:
         assert self.matrix is not None, "M is in its file"
@@ -519,15 +521,21 @@ class _Symmetrised:
         M read back (M [n, n] alive beside S only until S is formed)."""
         if self.matrix is not None:
             return symmetrised_float64(self.matrix, self.keep)
-        assert self.file is not None
         keep = None if self.keep is None else self.keep.cpu()
+        if self.host is not None:
+            return symmetrised_float64(self.host, keep)
+        assert self.file is not None
         return symmetrised_float64(_read_spilled(self.file, self.shape, self.dtype), keep)
 
     def spill(self, directory: Path) -> None:
-        """Moves M, when larger than `SPILL_BYTES`, to an anonymous temporary file in `directory`
-        and lets it go; it stays if the file cannot be written (a full disk: the spill only saves memory)."""
+        """Moves M, when larger than `SPILL_BYTES`, off its device and lets it go there: a GPU's M to host
+        memory (a copy; no disk written), a CPU M to an anonymous temporary file in
+        `directory`; it stays if the file cannot be written (a full disk: the spill only saves memory)."""
         m = self.lent()
         if m.numel() * m.element_size() <= SPILL_BYTES:
+            return
+        if self.device.type != "cpu":
+            self.host, self.matrix = m.cpu(), None
             return
         try:
             self.file = _spill(m, directory)
@@ -536,7 +544,7 @@ class _Symmetrised:
         self.matrix = None
 
     def close(self) -> None:
-        self.matrix = None
+        self.matrix = self.host = None
         file, self.file = self.file, None
         if file is not None:
             try:

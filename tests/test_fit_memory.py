@@ -556,3 +556,19 @@ def test_a_late_write_error_on_closing_the_spilled_file_is_not_the_results(tmp_p
     got = eigendecompose(Handover(m.clone()), spill_dir=tmp_path)
     assert closed == [True]
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+def test_a_gpus_matrix_is_moved_to_host_memory_not_to_a_file(tmp_path: Path, monkeypatch):
+    """Off the CPU, a large M goes to host memory while its eigh runs (no disk written): the device's
+    copy is let go, and the fall-backs form S from the host's copy, bit for bit the same."""
+    monkeypatch.setattr(factors_lib, "SPILL_BYTES", 0)
+    opened = _spy_on_temporary_files(monkeypatch)
+    m = _psd_float32(30, [2, 9])
+    source = factors_lib._Symmetrised(m.clone())
+    source.device = torch.device("cuda")  # where M lives is all that decides (this machine may have no GPU)
+    source.keep = torch.tensor([i for i in range(30) if i not in (2, 9)])
+    source.spill(tmp_path)
+    assert opened == [] and source.matrix is None and source.host is not None
+    assert torch.equal(source.form(), symmetrised_float64(m, source.keep))
+    source.close()
+    assert source.host is None and list(tmp_path.iterdir()) == []
