@@ -414,12 +414,18 @@ records `model.architecture`, `model.kwargs` and a hash of its module tree (a ch
 that keeps every weight's shape, such as attention heads, still changes the model); a dataset's
 fingerprint hashes its
 spec, its files' names and sizes (not their folders, so a project moved to another machine keeps
-its outputs), the kept indices and the labels; an image folder's also the colour mode its images
+its outputs; a `package.module:function` source's files are its module's, so an edit anywhere in
+that module, even of a model defined beside the factory, counts as a change of the data), the kept
+indices and the labels; an image folder's also the colour mode its images
 are read in (grayscale or RGB: its own, or data.train's when it takes data.train's classes), so
 outputs of image folders written by influence_cli 0.1.0, before this was part of it, are refused as of another
 dataset: run them again (`--overwrite`). The inputs themselves are not read for it: a
-tensors file rewritten with the same size, or a factory that changes its preprocessing, keeps
-its fingerprint, so refit (`--overwrite`) after changing data in place. Files are written under
+tensors file rewritten with the same size, or a factory whose preprocessing lives in another module
+that changes, keeps its fingerprint, so refit (`--overwrite`) after changing data in place. Outputs
+also record the parts of each fingerprint (`dataset_parts` of the factors, `train_parts` and
+`query_parts` of the scores), so that a refusal of another dataset says what changed: a setting
+(`range: [0, 200] then, [0, 150] now`), a file's size, the number of examples, the kept indices or
+the labels. Files are written under
 a temporary name and renamed, so a file with a final name is complete; a finished output is only
 replaced with `--overwrite` (which removes it, and with `scores.checkpoints` every model's,
 as the new run starts, so an interrupted `--overwrite` run resumes with `--resume`), and later

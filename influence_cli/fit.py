@@ -21,6 +21,7 @@ from influence_cli import storage
 from influence_cli.config import Config, yaml_text
 from influence_cli.context import RunContext
 from influence_cli.data import IndexedDataset
+from influence_cli.data.dataset import data_change
 from influence_cli.distributed import DistState, agree
 from influence_cli.ensemble import Member, describe_member, ensemble_members, prepare_member, refuse_same_weights
 from influence_cli.errors import NumericalError, OutputError
@@ -380,6 +381,7 @@ def factors_metadata(ctx: RunContext, dataset: IndexedDataset, num_examples: int
         "model_fingerprint": ctx.model_fingerprint,
         "model_definition": ctx.model_definition,
         "dataset_fingerprint": dataset.fingerprint(),
+        "dataset_parts": dataset.fingerprint_parts(),  # what a refusal names as changed (data_change)
         "num_examples": num_examples,
         "modules": [tm.name for tm in ctx.tracked],
         "seed": cfg.seed,
@@ -627,14 +629,14 @@ def check_factors_match(
     factors: Factors,
     ctx: RunContext,
     path: Path,
-    dataset_fingerprint: str | None = None,
+    train: IndexedDataset | None = None,
     num_examples: int | None = None,
     *,
     same_fit: bool = False,
     same_kind: bool = False,
 ) -> None:
     """Refuses factors of another model, task, other layers, other padding, or (when given) another
-    training set or number of examples (factors.max_examples); with `same_fit` (compute-scores,
+    training set than `train` (naming what changed, where the factors recorded it) or number of examples (factors.max_examples); with `same_fit` (compute-scores,
     whose scores record the factors' settings) also another seed for sampled labels; with
     `same_kind` another strategy or Fisher than the config's. Every rank of a torchrun job reads
     the same file and config: the refusal is printed once."""
@@ -668,9 +670,9 @@ def check_factors_match(
             f"{str(path)!r} tracks layers {list(factors.layers)}, the config tracks {names}",
             hint="use the same factors.modules as fit-factors, or refit with --overwrite",
         ).everywhere()
-    if dataset_fingerprint is not None and meta.get("dataset_fingerprint") != dataset_fingerprint:
+    if train is not None and meta.get("dataset_fingerprint") != train.fingerprint():
         raise OutputError(
-            f"{str(path)!r} was fitted on another training set than data.train{storage.other_version(meta)}",
+            f"{str(path)!r} was fitted on another training set than data.train{storage.other_version(meta)}{data_change(meta.get('dataset_parts'), train)}",
             hint="use the data.train of fit-factors, or refit with --overwrite",
         ).everywhere()
     fitted_n = meta.get("num_examples")

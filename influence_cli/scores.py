@@ -257,7 +257,7 @@ def _load_layers(ctx: RunContext, train: IndexedDataset, member: Member) -> tupl
 
     def match(factors: Factors) -> None:
         try:
-            check_factors_match(factors, ctx, path, train.fingerprint(), num_fit_examples(cfg, len(train)), same_fit=True, same_kind=True)
+            check_factors_match(factors, ctx, path, train, num_fit_examples(cfg, len(train)), same_fit=True, same_kind=True)
         except OutputError as exc:
             if member.index:  # say which listed checkpoint the factors do not match
                 exc.message = f"{member.key} ({member.checkpoint}): {exc.message}"
@@ -585,6 +585,7 @@ def compute_scores(
         "model_fingerprint": ctx.model_fingerprint,
         "model_definition": ctx.model_definition,
         "train_fingerprint": train.fingerprint(),
+        "train_parts": train.fingerprint_parts(),  # what top-k names as changed (data_change)
         "factors": described[0]["factors"],
         "modules": [tm.name for tm in ctx.tracked],
     }
@@ -706,6 +707,7 @@ def _pairwise_keys(
         "measurement": cfg.task.measurement,
         "relative": relative,
         "query_fingerprint": queries.fingerprint(),
+        "query_parts": queries.fingerprint_parts(),
         "n_query": len(queries),
         "n_train": len(scorer.train),
         "dtype": cfg.scores.dtype,

@@ -197,6 +197,7 @@ def check_scores_match(metadata: dict[str, Any], cfg: Config, path: Path, *, pai
         OutputError: naming the first setting that differs.
     """
     from influence_cli.data import load_dataset
+    from influence_cli.data.dataset import data_change
     from influence_cli.models import definition_change, load_model, model_definition, model_fingerprint, takes_token_ids
     from influence_cli.tracking import find_tracked_modules
 
@@ -250,17 +251,18 @@ def check_scores_match(metadata: dict[str, Any], cfg: Config, path: Path, *, pai
             raise OutputError(f"{str(path)!r} holds scores of layers {metadata['modules']}; the config tracks {names}", hint=hint)
         _check_members(metadata.get("members"), cfg, path, hint)
     _check_current_factors(metadata, cfg, path, command)
-    specs = [("data.train", cfg.data.train, "train_fingerprint")] + ([("data.query", cfg.data.query, "query_fingerprint")] if pairwise else [])
+    specs = [("data.train", cfg.data.train, "train")] + ([("data.query", cfg.data.query, "query")] if pairwise else [])
     loaded = {}
-    for key, spec, field_name in specs:
-        recorded = metadata.get(field_name)
+    for key, spec, side in specs:
+        recorded = metadata.get(f"{side}_fingerprint")
         if recorded is None or spec is None:
             continue
         if embedding_model is None:
             embedding_model = takes_token_ids(load_model(cfg.model, cfg.base_dir))
         loaded[key] = load_dataset(spec, cfg.base_dir, name=key, seed=cfg.seed, embedding_model=embedding_model)
         if recorded != loaded[key].fingerprint():
-            raise OutputError(f"{str(path)!r} holds scores computed on another {key}{storage.other_version(metadata)}", hint=hint)
+            change = data_change(metadata.get(f"{side}_parts"), loaded[key])
+            raise OutputError(f"{str(path)!r} holds scores computed on another {key}{storage.other_version(metadata)}{change}", hint=hint)
     return loaded
 
 

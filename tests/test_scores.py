@@ -31,7 +31,7 @@ from influence_cli.fit import fit_factors, load_factors
 from influence_cli.kernel import pairwise_scores, self_influence_scores
 from influence_cli.models import mlp
 from influence_cli.scores import compute_scores, plan_layout, plan_shards
-from influence_cli.topk import iter_score_blocks, top_k
+from influence_cli.topk import check_scores_match, iter_score_blocks, load_scores_meta, top_k
 from influence_cli.tracking import find_tracked_modules
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -449,6 +449,45 @@ def test_mismatched_or_missing_factors_are_refused(project, change, needle):
     assert not (cfg.output_path / storage.SCORES_FILE).exists()
 
 
+def test_a_refused_training_set_is_told_what_changed(tmp_path):
+    """A factory's module counts among its files by size: an edit of it anywhere (here, a comment) refuses the
+    factors and scores of the same data.train, and the refusal names the module and its sizes, as it names a
+    changed setting, rather than leaving "another training set" to be guessed at."""
+    from influence_cli.data import load_dataset
+    from influence_cli.data.dataset import data_change
+
+    data = write_project(tmp_path)
+    (tmp_path / "rows.py").write_text(
+        "from safetensors.torch import load_file\n\n\ndef load(path):\n    d = load_file(path)\n    return d['inputs'], d['labels']\n"
+    )
+    data["data"]["train"] = {"source": "rows:load", "kwargs": {"path": str(tmp_path / "data.safetensors")}, "range": [0, N_TRAIN]}
+    cfg = config_from_dict(data, base_dir=tmp_path)
+    fit_factors(cfg)
+    compute_scores(cfg)
+    size = (tmp_path / "rows.py").stat().st_size
+    with open(tmp_path / "rows.py", "a") as fh:
+        fh.write("# the same data\n")
+    with pytest.raises(OutputError) as info:
+        compute_scores(cfg, overwrite=True)
+    assert info.value.message.endswith(
+        f"was fitted on another training set than data.train; what changed: rows.py: {size:,} bytes then, {size + 16:,} now "
+        "(the factory's module counts by its size: any edit of that file is taken for a change of the data)"
+    ), info.value.message
+    with pytest.raises(OutputError) as info:
+        check_scores_match(load_scores_meta(cfg.output_path).metadata, cfg, cfg.output_path / storage.SCORES_FILE)  # as top-k checks them
+    assert "holds scores computed on another data.train; what changed: rows.py:" in info.value.message, info.value.message
+    fit_factors(cfg, overwrite=True)
+    narrower = config_from_dict(data, ["data.train.range=[0, 30]"], base_dir=tmp_path)
+    with pytest.raises(OutputError) as info:
+        compute_scores(narrower)
+    assert info.value.message.endswith(
+        f"another training set than data.train; what changed: range: [0, {N_TRAIN}] then, [0, 30] now; {N_TRAIN} examples then, 30 now"
+    ), info.value.message
+    recorded = load_factors(cfg.output_path / storage.FACTORS_FILE).metadata["dataset_parts"]
+    assert data_change(recorded, load_dataset(cfg.data.train, tmp_path)) == ""  # the same data: nothing to name
+    assert data_change(None, load_dataset(narrower.data.train, tmp_path)) == ""  # an output written before the parts were recorded
+
+
 def test_a_training_set_refused_in_factors_of_another_version_names_both_versions(project):
     """Versions may fingerprint data differently (image folders' colour mode since 0.2.0): the refusal says
     which version wrote the factors, so that an upgrade is not taken for a change of data."""
@@ -457,7 +496,8 @@ def test_a_training_set_refused_in_factors_of_another_version_names_both_version
     cfg = make_cfg(project, "older-version", "data.train.range=[0, 40]")
     path = cfg.output_path / storage.FACTORS_FILE
     tensors, meta = storage.load_tensors(path)
-    storage.save_tensors(path, tensors, meta | {"tool_version": "0.1.0"})
+    older = {k: v for k, v in meta.items() if k != "dataset_parts"}  # 0.1.0 recorded the fingerprint alone
+    storage.save_tensors(path, tensors, older | {"tool_version": "0.1.0"})
     with pytest.raises(OutputError) as info:
         compute_scores(cfg)
     assert info.value.message.endswith(

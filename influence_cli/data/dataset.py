@@ -253,6 +253,22 @@ class IndexedDataset(Dataset):
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
 
+    def fingerprint_parts(self) -> dict[str, Any]:
+        """What the fingerprint hashes, part by part and small enough for an output's metadata (`data_change`
+        compares them): `spec` (source, subset and transform settings), `files` (names and sizes; a
+        factory's module file among them), `n`, and short hashes of the kept `indices` and the `labels`."""
+        labels = b""
+        if self.labels is not None:  # float64 targets as float32, as the fingerprint hashes them
+            labels = self.labels.to(torch.float32 if self.labels.dtype == torch.float64 else self.labels.dtype).contiguous().numpy().tobytes()
+        parts = {
+            "spec": {k: v for k, v in self._canonical.items() if k != "files"},
+            "files": self._canonical["files"],
+            "n": len(self),
+            "indices": hashlib.sha256(self.global_indices.contiguous().numpy().tobytes()).hexdigest()[:16],
+            "labels": hashlib.sha256(labels).hexdigest()[:16],
+        }
+        return json.loads(json.dumps(parts, sort_keys=True, default=str))  # as the metadata reads back
+
     def raw_example(self, position: int) -> torch.Tensor:
         """The untransformed (but channels-first and resized, as the model sees it) input of one example, float32 [*image_shape]."""
         p = self._position(position)
@@ -263,6 +279,52 @@ class IndexedDataset(Dataset):
         if self._transform.resize is not None:
             x = resize_images(x, self._transform.resize)
         return x[0]
+
+
+def _is_file_info(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
+
+
+def _changes(then: Any, now: Any, path: str, out: list[str]) -> None:
+    """Appends "<path>: <then> then, <now> now" for each leaf that differs between two JSON values
+    ("<name>: <size> bytes then, <size> now" for a file's `file_info`)."""
+    if isinstance(then, dict) and isinstance(now, dict):
+        for key in sorted(set(then) | set(now)):
+            _changes(then.get(key), now.get(key), f"{path}.{key}" if path else str(key), out)
+    elif then != now:
+        path = path.removeprefix("subset.")  # the spec's own key names: range, labels_in, ...
+        if path in ("samples", "indices"):  # hashed: an image folder's files, an index list
+            out.append("the image files (names or sizes)" if path == "samples" else "the indices list")
+        elif _is_file_info(then) and _is_file_info(now):
+            out.append(f"{now[0]}: {then[1]:,} bytes then, {now[1]:,} now" if then[0] == now[0] else f"{then[0]} ({then[1]:,} bytes) then, {now[0]} ({now[1]:,} bytes) now")
+        else:
+            out.append(f"{path}: {json.dumps(then, default=str)} then, {json.dumps(now, default=str)} now")
+
+
+def data_change(recorded: Any, dataset: IndexedDataset) -> str:
+    """What differs between the `fingerprint_parts` an output recorded and `dataset`'s now, as
+    "; what changed: ..." for a refusal's message ("" for an output written before they were recorded).
+
+    A factory source's module file counts among its files by name and size, so an edit of that module
+    anywhere (the model's code, when it lives there too) changes the data's fingerprint: the message says so."""
+    if not isinstance(recorded, dict):
+        return ""
+    now = dataset.fingerprint_parts()
+    changes: list[str] = []
+    _changes(recorded.get("spec"), now["spec"], "", changes)
+    _changes(recorded.get("files"), now["files"], "", changes)
+    if recorded.get("n") != now["n"]:
+        changes.append(f"{recorded.get('n')} examples then, {now['n']} now")
+    elif recorded.get("indices") != now["indices"]:
+        changes.append("the kept indices")
+    if recorded.get("labels") != now["labels"] and recorded.get("n") == now["n"]:
+        changes.append("the labels")
+    if not changes:
+        return ""
+    shown = "; ".join(changes[:4]) + (f"; {len(changes) - 4} more" if len(changes) > 4 else "")
+    module = isinstance(recorded.get("files"), dict) and recorded["files"].get("module") != now["files"].get("module")
+    note = " (the factory's module counts by its size: any edit of that file is taken for a change of the data)" if module else ""
+    return f"; what changed: {shown}{note}"
 
 
 def load_dataset(
