@@ -449,7 +449,8 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         return _FAIL
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            problems.append(f"{key}: expected {_type_name(tp)}, got {_shown(value)}")
+            one = f" (a single one is written as a list: [{_shown(value)}])" if isinstance(value, str) and typing.get_args(tp)[0] is str else ""
+            problems.append(f"{key}: expected {_type_name(tp)}, got {_shown(value)}{one}")
             return _FAIL
         (arg,) = typing.get_args(tp)
         out = [_coerce(v, arg, f"{key}[{i}]", problems) for i, v in enumerate(value)]
@@ -460,6 +461,13 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
             return _FAIL
         _, varg = typing.get_args(tp)
         if not _names_are_distinct(value, key, problems):
+            return _FAIL
+        glued = [k for k, v in value.items() if v is None and isinstance(k, str) and re.fullmatch(r"[^\s:]+:[^\s:].*", k)]
+        if glued:  # {input_dim:784}: YAML reads one key "input_dim:784" with no value
+            problems.append(
+                f"{key}: {_shown(glued[0])} reads as one key with no value (YAML needs a space after the colon: "
+                f"{glued[0].replace(':', ': ', 1)})"
+            )
             return _FAIL
         out = {str(k): _coerce(v, varg, f"{key}.{k}", problems) for k, v in value.items()}
         return _FAIL if any(v is _FAIL for v in out.values()) else out

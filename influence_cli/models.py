@@ -31,7 +31,7 @@ from influence_cli import notices, storage
 from influence_cli.config import ModelConfig, resolve_path
 from influence_cli.errors import ModelError, first_line, message_of, out_of_memory
 from influence_cli.tracking import unmaterialized
-from influence_cli.user_code import import_from, missing_function_hint
+from influence_cli.user_code import import_failure_hint, import_from, missing_function_hint
 
 __all__ = [
     "BUILTIN_ARCHITECTURES",
@@ -176,13 +176,11 @@ def _import_factory(spec: str, base_dir: Path) -> Callable[..., Any]:
     try:
         module = import_from(module_name, base_dir)
     except ModuleNotFoundError as exc:
-        raise ModelError(
-            f"model.architecture: cannot import {module_name!r} ({exc})",
-            hint=f"put {module_name.replace('.', '/')}.py beside the config ({base_dir}) or on PYTHONPATH",
-        ) from None
+        raise ModelError(f"model.architecture: cannot import {module_name!r} ({exc})", hint=import_failure_hint(module_name, base_dir, exc, func_name)) from None
     except Exception as exc:  # any import-time failure is reported the same way
         raise ModelError(
-            f"model.architecture: importing {module_name!r} failed: {type(exc).__name__}: {message_of(exc)}", hint=getattr(exc, "hint", None)
+            f"model.architecture: importing {module_name!r} failed: {type(exc).__name__}: {message_of(exc)}",
+            hint=import_failure_hint(module_name, base_dir, exc, func_name) or getattr(exc, "hint", None),
         ) from exc
     func: Any = module
     for part in func_name.split("."):

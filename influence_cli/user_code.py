@@ -58,6 +58,24 @@ def import_from(module_name: str, folder: Path) -> ModuleType:
         return importlib.import_module(module_name)
 
 
+def import_failure_hint(module_name: str, folder: Path, exc: BaseException, function: str = "<function>") -> str | None:
+    """A hint for the failed import of the user's `module_name` (the part of `package.module:function`
+    before the colon), or None when there is nothing to add to the error itself.
+
+    A file path (`models.py`, `pkg/models.py`) is not a module name; a module missing from `folder` and
+    the Python path is to be put there; a module that was found but imports a package that is not
+    installed names that package."""
+    if module_name.endswith(".py") or any(sep in module_name for sep in ("/", "\\")):
+        dotted = module_name.removesuffix(".py").replace("\\", "/").strip("./").replace("/", ".")
+        return f"name the module as Python imports it, with dots and without .py: {dotted}:{function} (looked up beside the config, in {folder}, then on PYTHONPATH)"
+    if isinstance(exc, ModuleNotFoundError):
+        missing = exc.name or ""
+        if missing and not (module_name == missing or module_name.startswith(missing + ".")):
+            return f"{module_name} imports {missing!r}, which is not installed in this Python environment"
+        return f"put {module_name.replace('.', '/')}.py beside the config ({folder}) or on PYTHONPATH"
+    return None
+
+
 def missing_function_hint(module: ModuleType, name: str) -> str:
     """A hint for `name` missing from the user's `module`: the closest of its public callables, or their list."""
     own = module.__name__

@@ -1036,10 +1036,12 @@ def test_info_on_a_plain_state_dict_says_it_records_no_metadata(runner: CliRunne
 
     torch.save({"w": torch.ones(2)}, tmp_path / "edited.pt")
     torch.save({"w": torch.ones(2)}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
-    for name in ("edited.pt", "legacy.pth"):
+    torch.save({"state_dict": {"module.w": torch.ones(2)}, "epoch": 3}, tmp_path / "trained.ckpt")  # not a plain state dict
+    for name in ("edited.pt", "legacy.pth", "trained.ckpt"):
         result = invoke(runner, "info", tmp_path / name)
         assert_clean_error(result, EXIT["output"], f"{name}' is a torch.save file", "records no metadata")
         assert "header too large" not in result.stderr and "edit --json" in result.stderr
+        assert "a plain state dict, as edit writes" not in result.stderr  # a training checkpoint was called one
 
 
 def test_unreadable_outputs_name_the_command_that_writes_them_again(runner: CliRunner, fitted: tuple[Path, Result], tmp_path: Path):

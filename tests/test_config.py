@@ -190,6 +190,9 @@ def test_numbers_read_as_yaml_1_2_reads_them(text: str, value: object):
         ("seed='5'", "seed: expected an integer, got '5'"),
         ("data.batch_size='08'", "data.batch_size: expected an integer, got '08'"),  # quoted: unquoted it would read as a number
         ("seed='1e3'", "seed: expected an integer, got '1e3'"),
+        ("factors.modules=fc*", "factors.modules: expected a list of strings, got fc* (a single one is written as a list: [fc*])"),
+        ("model.kwargs={input_dim:64, hidden: [8]}", "model.kwargs: input_dim:64 reads as one key with no value (YAML needs a space after the colon: input_dim: 64)"),
+        ("data.train.kwargs={n:5}", "data.train.kwargs: n:5 reads as one key with no value"),
     ],
 )
 def test_problems_are_said_in_the_config_s_own_terms(override: str, expected: str):

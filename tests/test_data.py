@@ -778,6 +778,22 @@ def test_factory_errors(tmp_path: Path) -> None:
     assert info.value.hint == "did you mean 'mapping'?"
 
 
+def test_a_factory_import_failure_hints_at_its_cause(tmp_path: Path) -> None:
+    """The module beside the config named as a file gets its import name, not "put it beside the config"."""
+    mod = write_module(tmp_path, "def make():\n    return [[0.0]], [0]\n")
+    needs = write_module(tmp_path, "import no_such_package_xyz\n")
+
+    def hint_of(source: str) -> str:
+        with pytest.raises(DataError) as info:
+            load_dataset(DataSpec(source=source), tmp_path)
+        return info.value.hint
+
+    assert f"{mod}:make" in hint_of(f"{mod}.py:make") and "beside the config file" not in hint_of(f"{mod}.py:make")
+    assert hint_of(f"{needs}:make") == f"{needs} imports 'no_such_package_xyz', which is not installed in this Python environment"
+    assert hint_of("no_such_module_xyz:make").startswith("put no_such_module_xyz.py beside the config")
+    assert len(load_dataset(DataSpec(source=f"{mod}:make"), tmp_path)) == 1
+
+
 def test_image_folder_errors(tmp_path: Path) -> None:
     from PIL import Image
 
@@ -1224,13 +1240,16 @@ def test_factory_returning_lists_of_inputs_and_labels(tmp_path: Path) -> None:
     assert len(load_dataset(DataSpec(source=f"{mod}:tensor_dataset_subclass"), tmp_path)) == 2  # its own __len__
     for bad, needle in (
         ("huge_label", "cannot form one tensor"),
-        ("ragged", "the inputs returned by .* differ in shape"),
+        ("ragged", r"the inputs returned by .* differ in shape \(example 0: \[1\], example 1: \[2\]\)\n"),  # then the hint
         ("unequal", "returned 5 inputs but 4 labels"),
         ("words", "the labels returned by .* are not all numbers"),
         ("nothing", "returned no examples"),
     ):
         with pytest.raises(DataError, match=needle):
             load_dataset(DataSpec(source=f"{mod}:{bad}"), tmp_path)
+    with pytest.raises(DataError) as err:  # token ids of several lengths: padded by the factory, with data.padding_value set
+        load_dataset(DataSpec(source=f"{mod}:ragged"), tmp_path)
+    assert err.value.hint == f"pad the sequences to one length in {mod}:ragged and set data.padding_value to the pad id"
     items = load_dataset(DataSpec(source=f"{mod}:tensor_pairs"), tmp_path)
     assert len(items) == 2 and items[1][0].tolist() == [1.0, 1.0, 1.0] and int(items[1][1]) == 1
 

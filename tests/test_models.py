@@ -206,6 +206,25 @@ def test_a_misspelled_factory_is_pointed_at_the_closest_function(tmp_path: Path)
     assert exc.value.hint == "did you mean 'make'?"
 
 
+def test_an_import_failure_hints_at_its_cause(tmp_path: Path) -> None:
+    """A file path where the module's name belongs, a missing module, and a module that imports an
+    absent package each get their own hint (a path was told to become `pkg/models/py.py`)."""
+    (tmp_path / "mypkg").mkdir()
+    (tmp_path / "mypkg" / "__init__.py").write_text("")
+    _write_factory(tmp_path / "mypkg", "models", FACTORY)
+    _write_factory(tmp_path, "needs_more", "import no_such_package_xyz\n")
+    hints = {}
+    for arch in ("mypkg/models.py:make", "mypkg.models.py:make", "./mypkg/models:make", "no_such_module_xyz:make", "needs_more:make"):
+        with pytest.raises(ModelError) as exc:
+            build_model(ModelConfig(arch), tmp_path)
+        hints[arch] = exc.value.hint
+    for arch in ("mypkg/models.py:make", "mypkg.models.py:make", "./mypkg/models:make"):
+        assert "mypkg.models:make" in hints[arch] and "py.py" not in hints[arch], hints[arch]
+    assert hints["no_such_module_xyz:make"].startswith("put no_such_module_xyz.py beside the config")
+    assert hints["needs_more:make"] == "needs_more imports 'no_such_package_xyz', which is not installed in this Python environment"
+    assert isinstance(build_model(ModelConfig("mypkg.models:make"), tmp_path), nn.Module)  # the name the hint gives works
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 

@@ -48,9 +48,9 @@ def info_cmd(
             raise OutputError(f"{str(path)!r} is not a scores index written by this tool ({why})") from None
         storage.check_shards_present(path, [path.parent / name for name in shapes])  # as top-k refuses it
     else:
-        if _written_by_torch_save(path):  # edit --out *.pt / *.pth: a plain state dict
+        if _written_by_torch_save(path):  # edit --out *.pt / *.pth (a plain state dict), or a training checkpoint
             raise OutputError(
-                f"{str(path)!r} is a torch.save file (a plain state dict, as edit writes to .pt / .pth), which records no metadata",
+                f"{str(path)!r} is a torch.save file (a checkpoint, or the plain state dict edit writes to .pt / .pth), which records no metadata",
                 hint="edit --json reports such an edit; write it to a .safetensors file to keep its metadata for info",
             )
         decoded = storage.read_metadata(path, hint="point info at a .safetensors file or scores.index.json written by this tool")

@@ -13,7 +13,7 @@ import torch
 from influence_cli.config import DataSpec
 from influence_cli.data.source import Source, file_info, item_input, item_label, to_inputs, to_labels
 from influence_cli.errors import DataError, first_line
-from influence_cli.user_code import import_from, missing_function_hint, on_sys_path
+from influence_cli.user_code import import_failure_hint, import_from, missing_function_hint, on_sys_path
 
 
 class _FactoryItems:
@@ -131,9 +131,15 @@ def _stack_pair(result: Any, key: str, source: str) -> tuple[Any, Any] | None:
     if len(inputs) == 0:
         raise DataError(f"{key}: {source} returned no examples")
     if input_shape == "ragged":
+        assert inputs_list is not None
+        first = inputs_list[0]
+        odd = next(i for i, t in enumerate(inputs_list) if t.shape != first.shape)
+        tokens = first.ndim == 1 and not first.is_floating_point()
         raise DataError(
-            f"{key}: the inputs returned by {source} differ in shape",
-            hint="pad token sequences to one length (and set data.padding_value), or resize images to one size",
+            f"{key}: the inputs returned by {source} differ in shape (example 0: {list(first.shape)}, example {odd}: {list(inputs_list[odd].shape)})",
+            hint=f"pad the sequences to one length in {source} and set data.padding_value to the pad id"
+            if tokens
+            else f"return inputs of one shape from {source}: pad sequences (and set data.padding_value), resize images",
         )
     if label_shape == "ragged":
         raise DataError(f"{key}: the labels returned by {source} differ in shape")
@@ -157,7 +163,7 @@ def open_factory(spec: DataSpec, base_dir: Path, name: str) -> Source:
         reason = first_line(exc, type(exc).__name__)
         raise DataError(
             f"{key}: cannot import {module_name!r} ({type(exc).__name__}: {reason})",
-            hint=f"put {module_name.split('.')[0]}.py beside the config file or on PYTHONPATH",
+            hint=import_failure_hint(module_name, base_dir, exc, func_name) or getattr(exc, "hint", None),
         ) from None
     with on_sys_path(base_dir):  # the factory may import its neighbours when called
         func = getattr(module, func_name, None)
