@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import importlib
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,11 +63,15 @@ def import_failure_hint(module_name: str, folder: Path, exc: BaseException, func
     """A hint for the failed import of the user's `module_name` (the part of `package.module:function`
     before the colon), or None when there is nothing to add to the error itself.
 
-    A file path (`models.py`, `pkg/models.py`) is not a module name; a module missing from `folder` and
-    the Python path is to be put there; a module that was found but imports a package that is not
+    A file path (`models.py`, `pkg/models.py`, an absolute one) is not a module name; a module missing from
+    `folder` and the Python path is to be put there; a module that was found but imports a package that is not
     installed names that package."""
     if module_name.endswith(".py") or any(sep in module_name for sep in ("/", "\\")):
-        dotted = module_name.removesuffix(".py").replace("\\", "/").strip("./").replace("/", ".")
+        file = Path(os.path.abspath(folder / module_name.removesuffix(".py").replace("\\", "/")))  # an absolute path stays itself
+        try:
+            dotted = ".".join(file.relative_to(os.path.abspath(folder)).parts)
+        except ValueError:  # outside the config's folder: importable by its name with its folder on PYTHONPATH
+            return f"name the module as Python imports it, without its folder and .py: {file.name}:{function}, with {file.parent} on PYTHONPATH"
         return f"name the module as Python imports it, with dots and without .py: {dotted}:{function} (looked up beside the config, in {folder}, then on PYTHONPATH)"
     if isinstance(exc, ModuleNotFoundError):
         missing = exc.name or ""

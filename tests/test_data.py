@@ -792,6 +792,36 @@ def test_a_factory_import_failure_hints_at_its_cause(tmp_path: Path) -> None:
     assert hint_of(f"{needs}:make") == f"{needs} imports 'no_such_package_xyz', which is not installed in this Python environment"
     assert hint_of("no_such_module_xyz:make").startswith("put no_such_module_xyz.py beside the config")
     assert len(load_dataset(DataSpec(source=f"{mod}:make"), tmp_path)) == 1
+    # an absolute path, or one leading out of the config's folder, is no dotted name of its folders
+    assert f": {mod}:make (looked up beside the config" in hint_of(f"{tmp_path / mod}.py:make")
+    (tmp_path / "conf").mkdir()
+    assert f": {mod}:make (looked up beside the config" in hint_of(f"../{tmp_path.name}/{mod}.py:make")
+    with pytest.raises(DataError) as info:
+        load_dataset(DataSpec(source=f"{tmp_path / mod}.py:make"), tmp_path / "conf")
+    assert info.value.hint == f"name the module as Python imports it, without its folder and .py: {mod}:make, with {tmp_path} on PYTHONPATH"
+
+
+def test_a_refusal_of_a_dataset_names_only_what_changed(tmp_path: Path) -> None:
+    """`data_change` names a factory's edited module with the note that its size counts, but not when the
+    source is another module or another kind (the note would blame an edit that was not made); a source's
+    `function` is not named beside `source`; a kwarg that looks like [name, size] is a value, not a file."""
+    from influence_cli.data.dataset import data_change
+
+    body = "import torch\n\ndef make(pair=None):\n    return torch.zeros(4, 2), torch.arange(4)\n"
+    mod, other = write_module(tmp_path, body), write_module(tmp_path, body + "# another\n")
+    parts = load_dataset(DataSpec(source=f"{mod}:make"), tmp_path).fingerprint_parts()
+    (tmp_path / f"{mod}.py").write_text(body + "# edited\n")
+    edited = data_change(parts, load_dataset(DataSpec(source=f"{mod}:make"), tmp_path))
+    assert edited.startswith(f"; what changed: {mod}.py: {len(body)} bytes then, {len(body) + 9} now (the factory's module counts by its size"), edited
+    moved = data_change(parts, load_dataset(DataSpec(source=f"{other}:make"), tmp_path))
+    assert moved.startswith(f'; what changed: source: "{mod}:make" then, "{other}:make" now; {mod}.py (') and "function" not in moved, moved
+    assert "module counts by its size" not in moved, moved
+    save_file({"inputs": torch.zeros(4, 2), "labels": torch.arange(4)}, tmp_path / "t.safetensors")
+    assert "module counts by its size" not in data_change(parts, load_dataset(DataSpec(source="tensors", path="t.safetensors"), tmp_path))
+    spec = DataSpec(source=f"{mod}:make", kwargs={"pair": ["a", 1]})
+    kwargs_parts = load_dataset(spec, tmp_path).fingerprint_parts()
+    changed = data_change(kwargs_parts, load_dataset(dataclasses.replace(spec, kwargs={"pair": ["a", 2]}), tmp_path))
+    assert changed == '; what changed: kwargs.pair: ["a", 1] then, ["a", 2] now', changed
 
 
 def test_image_folder_errors(tmp_path: Path) -> None:

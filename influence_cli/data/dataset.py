@@ -287,7 +287,8 @@ def _is_file_info(value: Any) -> bool:
 
 def _changes(then: Any, now: Any, path: str, out: list[str]) -> None:
     """Appends "<path>: <then> then, <now> now" for each leaf that differs between two JSON values
-    ("<name>: <size> bytes then, <size> now" for a file's `file_info`)."""
+    ("<name>: <size> bytes then, <size> now" for a file's `file_info`; not for a factory's kwargs, whose
+    values are the user's own)."""
     if isinstance(then, dict) and isinstance(now, dict):
         for key in sorted(set(then) | set(now)):
             _changes(then.get(key), now.get(key), f"{path}.{key}" if path else str(key), out)
@@ -295,7 +296,7 @@ def _changes(then: Any, now: Any, path: str, out: list[str]) -> None:
         path = path.removeprefix("subset.")  # the spec's own key names: range, labels_in, ...
         if path in ("samples", "indices"):  # hashed: an image folder's files, an index list
             out.append("the image files (names or sizes)" if path == "samples" else "the indices list")
-        elif _is_file_info(then) and _is_file_info(now):
+        elif _is_file_info(then) and _is_file_info(now) and not path.startswith("kwargs."):
             out.append(f"{now[0]}: {then[1]:,} bytes then, {now[1]:,} now" if then[0] == now[0] else f"{then[0]} ({then[1]:,} bytes) then, {now[0]} ({now[1]:,} bytes) now")
         else:
             out.append(f"{path}: {json.dumps(then, default=str)} then, {json.dumps(now, default=str)} now")
@@ -312,7 +313,10 @@ def data_change(recorded: Any, dataset: IndexedDataset) -> str:
     now = dataset.fingerprint_parts()
     changes: list[str] = []
     _changes(recorded.get("spec"), now["spec"], "", changes)
-    _changes(recorded.get("files"), now["files"], "", changes)
+    files_then = recorded.get("files")
+    if isinstance(files_then, dict):  # a factory's `function` is its spec's `source`, named above
+        files_then = {k: v for k, v in files_then.items() if k != "function"}
+    _changes(files_then, {k: v for k, v in now["files"].items() if k != "function"}, "", changes)
     if recorded.get("n") != now["n"]:
         changes.append(f"{recorded.get('n')} examples then, {now['n']} now")
     elif recorded.get("indices") != now["indices"]:
@@ -322,7 +326,8 @@ def data_change(recorded: Any, dataset: IndexedDataset) -> str:
     if not changes:
         return ""
     shown = "; ".join(changes[:4]) + (f"; {len(changes) - 4} more" if len(changes) > 4 else "")
-    module = isinstance(recorded.get("files"), dict) and recorded["files"].get("module") != now["files"].get("module")
+    module_then, module_now = (isinstance(files_then, dict) and files_then.get("module")), now["files"].get("module")
+    module = _is_file_info(module_then) and _is_file_info(module_now) and module_then[0] == module_now[0] and module_then != module_now
     note = " (the factory's module counts by its size: any edit of that file is taken for a change of the data)" if module else ""
     return f"; what changed: {shown}{note}"
 
