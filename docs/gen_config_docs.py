@@ -376,9 +376,9 @@ refused by its key before any work:
 |---|---|---|
 | `factors.safetensors` | `fit-factors` | per layer `<module>.<factor>` tensors: the eigenvectors and eigenvalues of A and G, the corrected eigenvalues, the example count (A and G themselves are U diag(λ) Uᵀ) |
 | `members/<i>/factors.safetensors` | `fit-factors` (with `scores.checkpoints`) | the factors of ensemble member i, i.e. of `scores.checkpoints[i - 1]` |
-| `scores.safetensors` | `compute-scores` | the [queries × train] score matrix with both sides' global indices |
+| `scores.safetensors` | `compute-scores` | the [queries × train] score matrix with both sides' global indices (with `scores.by_layer`, also `scores_by_layer`, each tracked layer's part [layers × queries × train], the layers in order in the metadata's `by_layer`) |
 | `scores.index.json` + `scores.shard-NNNNN.safetensors` | `compute-scores` | the same, as shards by training range, for runs larger than `scores.max_memory_mb` or under torchrun |
-| `self_influence.safetensors` | `compute-scores --self` | I(x, x) for every training example, with its label and (classification) model.checkpoint's predicted class |
+| `self_influence.safetensors` | `compute-scores --self` | I(x, x) for every training example, with its label and (classification) model.checkpoint's predicted class (with `scores.by_layer`, also `self_influence_by_layer` [layers × train]) |
 | `similarity.safetensors` | `dataset-similarity` | the kernel between the datasets of `similarity.datasets` |
 | `spectrum.safetensors` | `spectrum` | each example's gradient energy per curvature band, per dataset of `spectrum.datasets` |
 | `factors.partial*.safetensors`, `scores.partial*.safetensors`, `similarity.partial*.safetensors`, `spectrum.partial*.safetensors` | an interrupted run | saved progress, every `factors.checkpoint_every` batches (dataset-similarity and spectrum also after each dataset, whose result goes once into a file of its own beside it, `similarity.partial*.finished<i>.safetensors`, `spectrum.partial*.finished<i>.safetensors`); `--resume` continues from it, and the finished command removes it |

@@ -215,8 +215,16 @@ class ScoresConfig(_Section):
         default="layer",
     )
     relative: bool = _help("RelatIF: divide by the norm of the train example's preconditioned gradient.", default=False)
+    by_layer: bool = _help(
+        "Also store each tracked layer's part of every score (compute-scores --by-layer): scores_by_layer [L, n_query, "
+        "n_train] beside scores (self_influence_by_layer [L, n_train] with --self), the parts summing to the score "
+        "(relative ones too: each part is divided by the same norm); top-k then shows the leading layers of each pair. "
+        "The score block held in memory, and the files, grow (1 + L)-fold (max_memory_mb counts it).",
+        default=False,
+    )
     max_memory_mb: float = _help(
-        "Memory budget (MB), each on its own, for the score matrix held at a time (larger runs are written as shards) and for the "
+        "Memory budget (MB), each on its own, for the score matrix held at a time (with by_layer, its per-layer parts too; larger "
+        "runs are written as shards) and for the "
         "preconditioned queries held at a time (more queries are scored in chunks, each chunk streaming the training set once).",
         default=1024.0,
     )

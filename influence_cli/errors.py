@@ -14,6 +14,7 @@ _PYTHON_ARGUMENTS = {
     "--resume": "resume=True",
     "--self": "self_influence=True",
     "--relative": "relative=True",
+    "--by-layer": "by_layer=True",
     "--plain": "plain=True",
     "--query": "queries=",
     "--layers": "layers=",

@@ -362,6 +362,28 @@ class ScoreKernel:
         assert out is not None
         return out
 
+    @staticmethod
+    def pairwise_by_layer(queries: StoredQueries, train: dict[str, list[Any]], layers: Sequence[str]) -> torch.Tensor:
+        """The parts V'_q,l ∇W_x,lᵀ of `pairwise` per layer: [L, Q, B], in the order of `layers`.
+
+        The same GEMMs as `pairwise`, each layer's pieces summed into its own [Q, B] plane instead of
+        one; a piece on which the batch is 0 (None in `train`) adds nothing to its layer. The planes
+        sum to `pairwise` up to the order of the float additions.
+        """
+        out: torch.Tensor | None = None
+        for i, name in enumerate(layers):
+            for q, t in zip(queries[name], train[name], strict=True):
+                if t is None:
+                    continue
+                if out is None:
+                    first = _piece_scores(None, q, t)
+                    out = first.new_zeros(len(layers), *first.shape)
+                    out[i] = first
+                else:
+                    _piece_scores(out[i], q, t)  # in place: every form adds into a given `out`
+        assert out is not None
+        return out
+
     def quadratic(self, batch: BatchGradients, power: int) -> torch.Tensor:
         """Σ_layers Σ_ij R_ij² (Λ* + λ)_ij^-power per example: [B], R = U_Gᵀ ∇W U_A.
 
@@ -370,16 +392,24 @@ class ScoreKernel:
         """
         total: torch.Tensor | None = None
         dtype = None
-        for name, lf in self.layers.items():
-            if (name, power) not in self._quadratic_weights:
-                self._quadratic_weights[name, power] = _scaled_weights(lf, self.damping[name], power)
-            w, scale = self._quadratic_weights[name, power]
-            value = weighted_squares(*self._rotated(name, batch.activations[name], batch.gradients[0][name]), None if w is None else w[:, None, :])[:, 0]
-            dtype = value.dtype
-            value = value.double() * scale  # the weights were divided by `scale`: multiplied back in float64
+        for name in self.layers:
+            value, dtype = self._layer_quadratic(batch, name, power)
             total = value if total is None else total + value
         assert total is not None and dtype is not None
         return total.to(dtype)
+
+    def _layer_quadratic(self, batch: BatchGradients, name: str, power: int) -> tuple[torch.Tensor, torch.dtype]:
+        """(Σ_ij R_ij² (Λ* + λ)_ij^-power of one layer per example, in float64 [B]; the dtype it was computed in)."""
+        if (name, power) not in self._quadratic_weights:
+            self._quadratic_weights[name, power] = _scaled_weights(self.layers[name], self.damping[name], power)
+        w, scale = self._quadratic_weights[name, power]
+        value = weighted_squares(*self._rotated(name, batch.activations[name], batch.gradients[0][name]), None if w is None else w[:, None, :])[:, 0]
+        return value.double() * scale, value.dtype  # the weights were divided by `scale`: multiplied back in float64
+
+    def self_influence_by_layer(self, batch: BatchGradients, layers: Sequence[str]) -> torch.Tensor:
+        """Each layer's part ∇W_lᵀ (F_l + λ_l)⁻¹ ∇W_l of `self_influence`: [L, B] in float64, in the order
+        of `layers` (their sum, cast to the model's dtype, is `self_influence`)."""
+        return torch.stack([self._layer_quadratic(batch, name, 1)[0] for name in layers])
 
     def self_influence(self, batch: BatchGradients) -> torch.Tensor:
         """∇L(x)ᵀ (F + λ)⁻¹ ∇L(x) per example: [B]."""
@@ -580,7 +610,7 @@ def pairwise_scores(
         layers: {layer: LayerFactors} (converted to the model's dtype and device here).
         query_batches, train_batches: (inputs, targets, global_indices) triples.
         options: task_kind, measurement, damping, damping_factor, damping_scope, relative,
-            device, padding_value, amp, as in `ensemble_pairwise_scores`.
+            device, padding_value, amp, by_layer, as in `ensemble_pairwise_scores`.
     """
     return ensemble_pairwise_scores([(model, tracked, layers)], query_batches, train_batches, **options)
 
@@ -599,6 +629,7 @@ def ensemble_pairwise_scores(
     device: torch.device | None = None,
     padding_value: float | None = None,
     amp: str = "none",
+    by_layer: bool = False,
 ) -> torch.Tensor:
     """In-memory scores averaged over an ensemble of models, each with its own factors: [n_query, n_train].
 
@@ -608,6 +639,9 @@ def ensemble_pairwise_scores(
     Args:
         members: (model, tracked layers, {layer: LayerFactors}) of every member.
         query_batches, train_batches: (inputs, targets, global_indices) triples.
+        by_layer: Return each layer's part instead, [L, n_query, n_train] in the order of the first
+            member's layers; the parts sum to the scores (relative ones too: each part is divided by
+            the example's whole norm).
     """
     kernels = [build_kernel(model, layers, damping, damping_factor, device, damping_scope, amp) for model, _, layers in members]
     kw: dict[str, Any] = {"task_kind": task_kind, "device": device, "padding_value": padding_value, "amp": amp}
@@ -629,16 +663,18 @@ def ensemble_pairwise_scores(
         raise ValueError("no query batches")
     stacked = [k.blocked({name: torch.cat(v) for name, v in out.items()}, b) for k, out, b in zip(kernels, queries, last, strict=True)]
     columns = []
+    names = list(kernels[0].layers) if by_layer else None
     for batches in per_member(train_batches, mode="loss", dataset_name="data.train"):
         total: torch.Tensor | None = None
         for kernel, vq, batch in zip(kernels, stacked, batches, strict=True):
-            s = kernel.pairwise(vq, kernel.gradients(batch))
+            grads = kernel.gradients(batch)
+            s = kernel.pairwise(vq, grads) if names is None else kernel.pairwise_by_layer(vq, grads, names)
             if relative:
                 s = s / safe_norms(kernel.norms(batch))
             total = s if total is None else total + s
         assert total is not None
         columns.append(total / len(members))
-    return torch.cat(columns, dim=1)
+    return torch.cat(columns, dim=-1)
 
 
 def self_influence_scores(
@@ -653,16 +689,19 @@ def self_influence_scores(
     damping_scope: str = "layer",
     device: torch.device | None = None,
     padding_value: float | None = None,
+    by_layer: bool = False,
 ) -> torch.Tensor:
-    """In-memory self-influence ∇L(x)ᵀ (F + λ)⁻¹ ∇L(x) of every training example: [n_train]."""
+    """In-memory self-influence ∇L(x)ᵀ (F + λ)⁻¹ ∇L(x) of every training example: [n_train]; with
+    `by_layer`, each layer's part instead, [L, n_train] in the order of `layers` (in the model's dtype)."""
     kernel = build_kernel(model, layers, damping, damping_factor, device, damping_scope)
+    names = list(kernel.layers)
     out = [
-        kernel.self_influence(batch)
+        kernel.self_influence(batch) if not by_layer else kernel.self_influence_by_layer(batch, names).to(accumulator_dtype(model))
         for batch in stream_gradients(
             model, tracked, train_batches, task_kind=task_kind, mode="loss", device=device, padding_value=padding_value
         )
     ]
-    return torch.cat(out)
+    return torch.cat(out, dim=-1)
 
 
 def build_kernel(

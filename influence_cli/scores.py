@@ -148,22 +148,24 @@ def plan_layout(
     query_chunk: int | None = None,
     element_bytes: int = 4,
     score_bytes: int = 4,
+    score_planes: int = 1,
 ) -> ScoresLayout:
     """Chunks and shards that keep each in-memory block within `max_memory_mb`.
 
     The preconditioned query chunk is [chunk, num_params] (`element_bytes` each) and the score
-    block [n_query, shard_len] (`score_bytes` each: float32, or float64 for a float64 model);
-    each one fits the budget on its own.
+    block [n_query, shard_len] (`score_bytes` each: float32, or float64 for a float64 model) times
+    `score_planes` (1, or 1 + L with each layer's part, scores.by_layer); each one fits the budget
+    on its own.
     Each chunk streams each train range once; with several chunks the query
     gradients are recomputed per range (one query pass per chunk and shard).
     """
     budget = int(max_memory_mb * 2**20)
     chunk = max(1, min(queries_per_chunk(num_params, max_memory_mb, element_bytes, query_chunk), n_query))
     chunks = [(q0, min(q0 + chunk, n_query)) for q0 in range(0, n_query, chunk)]
-    fits = n_query * n_train * score_bytes <= budget
+    fits = n_query * n_train * score_bytes * score_planes <= budget
     shard_len = None
     if not fits:
-        per_shard = budget // (n_query * score_bytes)
+        per_shard = budget // (n_query * score_bytes * score_planes)
         shard_len = max(batch_size, per_shard // batch_size * batch_size)
     return ScoresLayout(chunks, plan_shards(n_train, world_size, batch_size, shard_len), sharded=world_size > 1 or not fits)
 
@@ -188,6 +190,8 @@ class ScoresReport:
         examples_per_second: Training examples scored against every query per second of the scoring
             passes (all ranks together).
         layer_params: {layer: parameters (d_out × d_in, bias included)}.
+        by_layer: The layers whose parts of the scores were stored too (scores.by_layer), in their
+            order; None without them.
     """
 
     kind: str
@@ -206,6 +210,7 @@ class ScoresReport:
     resumed_from: str | None = None
     layer_params: dict[str, int] = field(default_factory=dict)
     members: int = 1  # models averaged over (ensemble.py): 1 + len(scores.checkpoints)
+    by_layer: list[str] | None = None
 
 
 def _members_key(common: dict[str, Any]) -> dict[str, Any]:
@@ -213,6 +218,12 @@ def _members_key(common: dict[str, Any]) -> dict[str, Any]:
     if "members" not in common:
         return {}
     return {"members": [(m["model_fingerprint"], m["factors"].get("created"), m["damping"]) for m in common["members"]]}
+
+
+def _by_layer(scorer: _Scorer) -> dict[str, Any]:
+    """What the per-layer parts add to an output's metadata and to its result: {"by_layer": [their layers, in
+    order]} (storage.BY_LAYER); nothing without them, so that a run without keeps the keys it always had."""
+    return {} if scorer.by_layer is None else {storage.BY_LAYER: list(scorer.by_layer)}
 
 
 def _finished_metadata(path: Path) -> dict[str, Any]:
@@ -325,11 +336,13 @@ class _Scorer:
 
     With an ensemble (ensemble.py), every batch of examples is run through every member
     (`member_batches`) and the members' scores are averaged (`pairwise`, `self_influence`).
-    `ctx` and `kernel` are member 0's (model.checkpoint).
+    `ctx` and `kernel` are member 0's (model.checkpoint). `by_layer`: the layers whose parts
+    are scored too (scores.by_layer), in their order; None without.
     """
 
-    def __init__(self, members: list[_ScoringMember], train: IndexedDataset, progress: Progress) -> None:
+    def __init__(self, members: list[_ScoringMember], train: IndexedDataset, progress: Progress, by_layer: list[str] | None = None) -> None:
         self.members = members
+        self.by_layer = by_layer
         self.ctx = members[0].ctx
         self.cfg = self.ctx.cfg
         self.kernel = members[0].kernel
@@ -386,15 +399,18 @@ class _Scorer:
     def pairwise(
         self, queries: list[StoredQueries], batches: list[BatchGradients], norms: torch.Tensor | None, c0: int, first: bool
     ) -> torch.Tensor:
-        """The [Q, B] block of one training batch, averaged over the members.
+        """The [Q, B] block of one training batch, averaged over the members; with `by_layer`, its
+        parts per layer instead, [L, Q, B], which sum to it.
 
         RelatIF (`norms` [M, width] given): each member's scores are divided by its own
-        ‖(F_m + λ_m)⁻¹∇L_m(x)‖, computed into `norms` on the `first` query chunk.
+        ‖(F_m + λ_m)⁻¹∇L_m(x)‖, computed into `norms` on the `first` query chunk (its parts too,
+        by the same norm).
         """
         total: torch.Tensor | None = None
         n = len(batches[0].global_indices)
         for m, (member, vq, batch) in enumerate(zip(self.members, queries, batches, strict=True)):
-            s = member.kernel.pairwise(vq, member.kernel.gradients(batch))
+            kernel, grads = member.kernel, member.kernel.gradients(batch)
+            s = kernel.pairwise(vq, grads) if self.by_layer is None else kernel.pairwise_by_layer(vq, grads, self.by_layer)
             if norms is not None:
                 if first:
                     norms[m, c0 : c0 + n] = member.kernel.norms(batch)
@@ -404,7 +420,11 @@ class _Scorer:
         return total if len(self.members) == 1 else total.div_(len(self.members))
 
     def self_influence(self, batches: list[BatchGradients]) -> torch.Tensor:
-        """∇L(x)ᵀ (F + λ)⁻¹ ∇L(x) of one training batch, averaged over the members: [B]."""
+        """∇L(x)ᵀ (F + λ)⁻¹ ∇L(x) of one training batch, averaged over the members: [B]; with
+        `by_layer`, its parts per layer instead, [L, B] in float64 (their sum is the value)."""
+        if self.by_layer is not None:
+            parts = [m.kernel.self_influence_by_layer(b, self.by_layer) for m, b in zip(self.members, batches, strict=True)]
+            return parts[0] if len(parts) == 1 else torch.stack(parts).mean(0)
         values = [m.kernel.self_influence(b) for m, b in zip(self.members, batches, strict=True)]
         return values[0] if len(values) == 1 else torch.stack(values).mean(0)
 
@@ -482,19 +502,23 @@ def _zero_gradient_indices(batch: BatchGradients) -> list[int]:
     return batch.global_indices[zero.to(batch.global_indices.device)].tolist()
 
 
-def _check_storable(block: torch.Tensor, dtype: str, what: str = "scores") -> None:
-    """Refuses to store non-finite scores, or scores that overflow the storage dtype (float16 tops out at 65504)."""
+def _check_storable(block: torch.Tensor, dtype: str, what: str = "scores", layers: list[str] | None = None) -> None:
+    """Refuses to store non-finite scores, or scores that overflow the storage dtype (float16 tops out at 65504).
+
+    `layers`: the block holds per-layer parts ([L, ...], their names): its first axis is named as
+    the layer, and an all-zero block is not warned about again (its total was)."""
     if not block.numel():
         return
     peak = float(block.abs().max())  # NaN when any score is NaN
     if not math.isfinite(peak):
         first = [int(i) for i in torch.nonzero(~torch.isfinite(block))[0]]
-        where = f"query row {first[0]}, training position {first[1]}" if block.ndim == 2 else f"training position {first[0]}"
+        layer = "" if layers is None else f"layer {layers[first.pop(0)]!r}, "
+        where = f"query row {first[0]}, training position {first[1]}" if len(first) == 2 else f"training position {first[0]}"
         raise NumericalError(
-            f"{what}: non-finite values ({where})",
+            f"{what}: non-finite values ({layer}{where})",
             hint="check the factors (`influence info`: NaN/Inf, or eigenvalues near 0) and set a larger scores.damping (a number)",
         )
-    if peak == 0.0 and block.numel() > 1:
+    if peak == 0.0 and block.numel() > 1 and layers is None:
         notices.warn(
             f"{what}: every value of a block is exactly 0: the gradients are 0 (a model whose loss is "
             "saturated) or the damping is so large that (F + λ)⁻¹ rounds them away; rankings of zeros mean nothing",
@@ -529,6 +553,7 @@ def compute_scores(
     resume: bool = False,
     self_influence: bool = False,
     relative: bool | None = None,
+    by_layer: bool | None = None,
     state: DistState | None = None,
     progress: Progress | None = None,
 ) -> ScoresReport:
@@ -541,6 +566,10 @@ def compute_scores(
 
     Args:
         relative: RelatIF scores (None = `scores.relative` of the config); not with `self_influence`.
+        by_layer: Also store each tracked layer's part of the scores (None = `scores.by_layer`):
+            `scores_by_layer` [L, n_query, n_train] (in each shard, its train range), or with
+            `self_influence` `self_influence_by_layer` [L, n_train], the layers named in order by
+            the metadata's `by_layer`; the parts sum to the scores.
 
     Raises:
         OutputError: factors missing or fitted for another model, layers or training set;
@@ -556,6 +585,7 @@ def compute_scores(
     out_dir = cfg.output_path
     storage.ensure_writable_dir(out_dir)
     relative = cfg.scores.relative if relative is None else relative
+    by_layer = cfg.scores.by_layer if by_layer is None else by_layer
     progress = for_rank(progress, ctx.state.rank, ctx.state.world_size)
     train = ctx.dataset(cfg.data.train, "data.train")
     members: list[_ScoringMember] = []
@@ -570,7 +600,7 @@ def compute_scores(
         kernel = build_kernel(mctx.model, layers, s.damping, s.damping_factor, mctx.device, s.damping_scope, cfg.factors.amp)
         members.append(_ScoringMember(mctx, kernel))
         described.append(describe_member(member, mctx) | {"factors": factors_info, "damping": kernel.damping})
-    scorer = _Scorer(members, train, progress)
+    scorer = _Scorer(members, train, progress, list(members[0].kernel.layers) if by_layer else None)
     seconds = {"setup": time.perf_counter() - t_start}
     common = {
         **ctx.provenance(),
@@ -615,6 +645,7 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
         query_chunk=cfg.scores.query_chunk,
         element_bytes=element_bytes,
         score_bytes=8 if scorer.dtype == torch.float64 else 4,  # the score block's dtype
+        score_planes=1 + len(scorer.by_layer or ()),  # each layer's part beside the total
     )
     chunk = max(q1 - q0 for q0, q1 in layout.query_chunks)
     for member in scorer.members:  # each chunk of queries is streamed against this rank's share of the training set
@@ -632,7 +663,7 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
         return ScoresReport(
             "pairwise", done, n_q, n_t, finished[0] == index, num_shards, int(recorded[finished[0]].get("query_chunks") or 1), relative,
             cfg.factors.strategy, cfg.task.measurement, common["damping"], {}, 0.0, "already complete",
-            {tm.name: tm.num_params for tm in ctx.tracked}, n_members,
+            {tm.name: tm.num_params for tm in ctx.tracked}, n_members, scorer.by_layer,
         )
     rank_suffix = f".rank{st.rank}" if st.distributed else ""
     checkpoint = PassCheckpoint(out_dir / storage.SCORES_PARTIAL.format(rank=rank_suffix), settings, cfg.factors.checkpoint_every)
@@ -692,6 +723,7 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
         resumed_from,
         {tm.name: tm.num_params for tm in ctx.tracked},
         n_members,
+        scorer.by_layer,
     )
 
 
@@ -711,11 +743,12 @@ def _pairwise_keys(
         "n_query": len(queries),
         "n_train": len(scorer.train),
         "dtype": cfg.scores.dtype,
-    }
+    } | _by_layer(scorer)
     result = (
         {k: metadata[k] for k in ("model_fingerprint", "model_definition", "train_fingerprint", "query_fingerprint", "damping", "relative", "measurement", "strategy", "dtype")}
         | {"factors": common["factors"].get("created"), "amp": cfg.factors.amp}
         | _members_key(common)
+        | _by_layer(scorer)
     )
     settings = result | {"bs": scorer.bs, "world": st.world_size, "chunks": layout.query_chunks, "shards": [(s.start, s.stop) for s in layout.shards]}
     metadata["run_key"], metadata["result_key"], metadata["result"] = run_key(settings), run_key(result), result
@@ -794,6 +827,7 @@ class _PairwisePass:
         n_q, n_members = len(self.queries), len(scorer.members)
         width = shard.stop - shard.start
         block = torch.zeros(n_q, width, dtype=scorer.dtype, device=ctx.device)
+        parts = None if scorer.by_layer is None else torch.zeros(len(scorer.by_layer), n_q, width, dtype=scorer.dtype, device=ctx.device)
         norms = torch.zeros(n_members, width, dtype=scorer.dtype, device=ctx.device) if self.relative else None
         labels = _known_labels(train, shard.start, shard.stop, ctx.device)
         collect = labels is None
@@ -805,6 +839,9 @@ class _PairwisePass:
             done = min(width, start_batch * scorer.bs)
             block[:q0] = snapshot.tensors["rows_done"].to(block)
             block[q0 : chunks[start_chunk][1], :done] = snapshot.tensors["current"].to(block)
+            if parts is not None:  # the settings include by_layer: a snapshot of this run holds them
+                parts[:, :q0] = snapshot.tensors["parts_done"].to(parts)
+                parts[:, q0 : chunks[start_chunk][1], :done] = snapshot.tensors["parts_current"].to(parts)
             if norms is not None:
                 norms.copy_(snapshot.tensors["norms"])
             if collect and "labels" in snapshot.tensors:
@@ -823,7 +860,12 @@ class _PairwisePass:
                 j = batch.index - shard.first_batch
                 c0 = j * scorer.bs
                 n = len(batch.global_indices)
-                block[q0:q1, c0 : c0 + n] = scorer.pairwise(vq, batches, norms, c0, first=ci == 0)
+                if parts is None:
+                    block[q0:q1, c0 : c0 + n] = scorer.pairwise(vq, batches, norms, c0, first=ci == 0)
+                else:
+                    part = scorer.pairwise(vq, batches, norms, c0, first=ci == 0)  # [L, Q, B]
+                    parts[:, q0:q1, c0 : c0 + n] = part
+                    block[q0:q1, c0 : c0 + n] = part.sum(0)
                 if collect:
                     labels = _collect(labels, width, c0, batch.targets)
                 for b in batches:
@@ -837,6 +879,8 @@ class _PairwisePass:
                         state_tensors["labels"] = labels
                     if norms is not None:
                         state_tensors["norms"] = norms
+                    if parts is not None:
+                        state_tensors |= {"parts_done": parts[:, :q0], "parts_current": parts[:, q0:q1, : c0 + n]}
                     self.checkpoint.save(f"scores:{shard.number}:{ci}", j + 1, state_tensors)
                 scorer.progress.advance(n)
             self.watch.check("scoring")
@@ -848,6 +892,9 @@ class _PairwisePass:
             "scores": block.to(getattr(torch, cfg.scores.dtype)),
             "train_indices": train.global_indices[shard.start : shard.stop].clone(),
         }
+        if parts is not None:
+            _check_storable(parts, cfg.scores.dtype, "per-layer scores (scores.by_layer)", layers=scorer.by_layer)
+            tensors[storage.SCORES_BY_LAYER] = parts.to(getattr(torch, cfg.scores.dtype))
         if labels is not None:
             tensors["train_labels"] = labels
         if norms is not None:
@@ -904,11 +951,12 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
     out_dir = cfg.output_path
     n_t = len(train)
     path = out_dir / storage.SELF_INFLUENCE_FILE
-    metadata = common | {storage.FORMAT_KEY: storage.SELF_FORMAT, "kind": "self", "n_train": n_t}
+    metadata = common | {storage.FORMAT_KEY: storage.SELF_FORMAT, "kind": "self", "n_train": n_t} | _by_layer(scorer)
     result = (
         {k: common[k] for k in ("model_fingerprint", "model_definition", "train_fingerprint", "damping", "strategy")}
         | {"factors": common["factors"].get("created"), "amp": cfg.factors.amp, "kind": "self"}
         | _members_key(common)
+        | _by_layer(scorer)
     )
     settings = result | {"bs": scorer.bs, "world": st.world_size}
     metadata["run_key"], metadata["result_key"], metadata["result"] = run_key(settings), run_key(result), result
@@ -919,7 +967,7 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
         clear_progress_of_finished(out_dir, storage.SCORES_PARTIAL, ".self", main=st.is_main, outputs=[path])
         return ScoresReport(
             "self", [path], 0, n_t, False, 1, 0, False, cfg.factors.strategy, "loss", common["damping"],
-            {}, 0.0, "already complete", {tm.name: tm.num_params for tm in ctx.tracked}, len(scorer.members),
+            {}, 0.0, "already complete", {tm.name: tm.num_params for tm in ctx.tracked}, len(scorer.members), scorer.by_layer,
         )
     rank_suffix = (f".rank{st.rank}" if st.distributed else "") + ".self"
     checkpoint = PassCheckpoint(out_dir / storage.SCORES_PARTIAL.format(rank=rank_suffix), settings, cfg.factors.checkpoint_every)
@@ -937,12 +985,15 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
     start, stop = st.shard(n_t)
     shard = ShardSpec(st.rank, st.rank, start, stop, 0, -(-(stop - start) // scorer.bs))
     values = torch.zeros(n_t, dtype=scorer.dtype, device=ctx.device)
+    parts = None if scorer.by_layer is None else torch.zeros(len(scorer.by_layer), n_t, dtype=scorer.dtype, device=ctx.device)
     labels = _known_labels(train, 0, n_t, ctx.device)  # all of them; else each rank collects its own range
     collect = labels is None
     skip, resumed_from = 0, None
     if snapshot is not None and snapshot.phase == "self":
         skip = snapshot.batches_done
         values.copy_(snapshot.tensors["values"])
+        if parts is not None:  # the settings include by_layer: a snapshot of this run holds them
+            parts.copy_(snapshot.tensors["values_by_layer"])
         if collect and "labels" in snapshot.tensors:
             labels = snapshot.tensors["labels"].to(ctx.device)
         resumed_from = f"batch {skip}"
@@ -963,7 +1014,12 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
         batch = batches[0]
         c0 = batch.index * scorer.bs
         n = len(batch.global_indices)
-        values[start + c0 : start + c0 + n] = scorer.self_influence(batches)
+        if parts is None:
+            values[start + c0 : start + c0 + n] = scorer.self_influence(batches)
+        else:
+            part = scorer.self_influence(batches)  # [L, B] in float64
+            parts[:, start + c0 : start + c0 + n] = part
+            values[start + c0 : start + c0 + n] = part.sum(0)
         if predictions is not None:
             predictions[start + c0 : start + c0 + n] = batch.outputs.argmax(-1)
         if collect:
@@ -975,6 +1031,7 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
         if checkpoint.due(steps):
             watch.check("self-influence")
             saved = {"values": values} | ({"labels": labels} if collect and labels is not None else {})
+            saved |= {} if parts is None else {"values_by_layer": parts}
             checkpoint.save("self", batch.index + 1, saved | ({"predictions": predictions} if predictions is not None else {}))
         scorer.progress.advance(n)
     watch.check("self-influence")
@@ -982,14 +1039,20 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
     scorer.progress.stop()
     rate, resumed_from = _job_view(st, scored, seconds["self"], resumed_from)
     st.all_reduce_(values)
+    if parts is not None:
+        st.all_reduce_(parts)
     if predictions is not None:
         st.all_reduce_(predictions)  # each rank wrote its own range, zeros elsewhere
     if collect and st.distributed:  # each rank collected its own range
         parts = [p for p in st.all_gather_object(None if labels is None else labels.cpu()) if p is not None]
         labels = torch.cat(parts) if parts else None  # type: ignore[arg-type]
     _check_storable(values, str(values.dtype).removeprefix("torch."), "self-influence")  # stored as computed (scores.dtype is the pairwise matrix's)
+    if parts is not None:
+        _check_storable(parts, str(parts.dtype).removeprefix("torch."), "per-layer self-influence (scores.by_layer)", layers=scorer.by_layer)
     if st.is_main:
         tensors = {"self_influence": values, "train_indices": train.global_indices.clone()}
+        if parts is not None:
+            tensors[storage.SELF_BY_LAYER] = parts
         if labels is not None:
             tensors["train_labels"] = labels
         if predictions is not None:
@@ -999,7 +1062,7 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
     checkpoint.clear()
     return ScoresReport(
         "self", [path], 0, n_t, False, 1, 0, False, cfg.factors.strategy, "loss", common["damping"], seconds, rate,
-        resumed_from, {tm.name: tm.num_params for tm in ctx.tracked}, len(scorer.members),
+        resumed_from, {tm.name: tm.num_params for tm in ctx.tracked}, len(scorer.members), scorer.by_layer,
     )
 
 

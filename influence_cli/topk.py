@@ -50,6 +50,8 @@ class ScoresMeta:
         query_labels: [n_query, ...] labels, or None.
         query_predictions: [n_query] arg-max predictions (classification) or [n_query, K] outputs, or None.
         has_norms: The files hold `train_norms` (relative runs), so plain scores can be recovered.
+        by_layer: The layers, in order, whose parts of every score the files hold too
+            (`scores_by_layer`, compute-scores --by-layer); None when they hold none.
     """
 
     output_dir: Path
@@ -62,6 +64,7 @@ class ScoresMeta:
     query_labels: torch.Tensor | None
     query_predictions: torch.Tensor | None
     has_norms: bool = False
+    by_layer: list[str] | None = None
 
     @property
     def sharded(self) -> bool:
@@ -87,13 +90,18 @@ class ScoreBlock:
 
 @dataclass
 class RankedExample:
-    """One training example in a ranking (score: its influence on the query, or its self-influence)."""
+    """One training example in a ranking (score: its influence on the query, or its self-influence).
+
+    `by_layer`: {layer: its part of the score}, in the layers' order, summing to the score, when
+    the scores hold their parts (compute-scores --by-layer); None otherwise.
+    """
 
     rank: int
     train_index: int
     train_position: int
     train_label: Any
     score: float
+    by_layer: dict[str, float] | None = None
 
 
 @dataclass
@@ -174,8 +182,23 @@ def load_scores_meta(output_dir: str | Path) -> ScoresMeta:
         query_indices = torch.arange(n_query)
     return ScoresMeta(
         out, files, int(n_query), int(n_train), bool(metadata.get("relative", False)), metadata, query_indices, labels, preds,
-        has_norms="train_norms" in keys,
+        has_norms="train_norms" in keys, by_layer=_layer_names(files[0].path, metadata, keys, storage.SCORES_BY_LAYER),
     )
+
+
+def _layer_names(path: Path, metadata: dict[str, Any], keys: set[str], tensor: str) -> list[str] | None:
+    """The layers of the per-layer parts a scores file holds (`tensor`, named in order by the metadata's
+    `by_layer`); None when it holds none.
+
+    Raises:
+        OutputError: the parts without their layers' names (written by something else).
+    """
+    if tensor not in keys:
+        return None
+    names = metadata.get(storage.BY_LAYER)
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise OutputError(f"{str(path)!r} holds {tensor} without the names of its layers, which compute-scores always writes", hint=storage.remake_hint(path))
+    return names
 
 
 def check_scores_match(metadata: dict[str, Any], cfg: Config, path: Path, *, pairwise: bool = True) -> dict[str, IndexedDataset]:
@@ -606,6 +629,44 @@ def top_k(
                 worst.ranked(i) if worst is not None else [],
             )
         )
+    if meta.by_layer is not None:
+        ranked = [(r.query_position, e) for r in out for e in (*r.proponents, *r.opponents)]
+        for (_, e), parts in zip(ranked, pair_parts(meta, [(q, e.train_position) for q, e in ranked], plain=plain), strict=True):
+            e.by_layer = parts
+    return out
+
+
+def pair_parts(meta: ScoresMeta, pairs: Sequence[tuple[int, int]], *, plain: bool = False) -> list[dict[str, float]]:
+    """{layer: its part of the score} of each (query position, train position) pair, from scores that
+    hold their parts (`meta.by_layer`), read as `iter_score_blocks` reads the scores (float32; `plain`:
+    a relative run's parts times the example's norm). A few numbers per pair: the rankings' pairs only.
+
+    Raises:
+        UsageError: the scores hold no per-layer parts (compute-scores --by-layer stores them).
+    """
+    names = meta.by_layer
+    if names is None:
+        raise UsageError(
+            f"the scores in {str(meta.output_dir)!r} hold no per-layer parts", hint="rerun compute-scores with --by-layer (scores.by_layer: true) and --overwrite"
+        )
+    out: list[dict[str, float]] = [{} for _ in pairs]
+    undo = plain and meta.relative
+    for f in meta.files:
+        mine = [(i, q, t - f.train_start) for i, (q, t) in enumerate(pairs) if f.train_start <= t < f.train_stop]
+        if not mine:
+            continue
+        with _open_scores(f.path, (storage.SCORES_BY_LAYER, *(["train_norms"] if undo else []))) as fh:
+            parts = fh.get_slice(storage.SCORES_BY_LAYER)
+            if parts.get_shape()[0] != len(names):
+                raise OutputError(
+                    f"{str(f.path)!r} holds {storage.SCORES_BY_LAYER} of {parts.get_shape()[0]} layers, its metadata names {len(names)}",
+                    hint=storage.remake_hint(f.path),
+                )
+            for i, q, c in mine:
+                values = parts[:, q : q + 1, c : c + 1].reshape(-1).float()
+                if undo:
+                    values = values * fh.get_slice("train_norms")[c : c + 1].float()
+                out[i] = dict(zip(names, values.tolist(), strict=True))
     return out
 
 
@@ -618,6 +679,8 @@ class SelfInfluence:
     train_labels: torch.Tensor | None
     metadata: dict[str, Any]
     train_predictions: torch.Tensor | None = None  # [n_train] model.checkpoint's predicted classes (classification)
+    by_layer: torch.Tensor | None = None  # [L, n_train] each layer's part (compute-scores --self --by-layer), summing to values
+    layers: list[str] | None = None  # the layers of `by_layer`, in order
 
 
 def load_self_influence(output_dir: str | Path) -> SelfInfluence:
@@ -634,7 +697,13 @@ def load_self_influence(output_dir: str | Path) -> SelfInfluence:
     tensors, meta = storage.load_tensors(path, storage.SELF_FORMAT)
     _check_holds(path, set(tensors), ("self_influence", "train_indices"), "compute-scores --self")
     _check_no_nan(tensors["self_influence"], path)
-    return SelfInfluence(tensors["self_influence"], tensors["train_indices"], tensors.get("train_labels"), meta, tensors.get("train_predictions"))
+    layers = _layer_names(path, meta, set(tensors), storage.SELF_BY_LAYER)
+    parts = tensors.get(storage.SELF_BY_LAYER)
+    if parts is not None and (parts.ndim != 2 or parts.shape != (len(layers or ()), tensors["self_influence"].numel())):
+        raise OutputError(f"{str(path)!r} holds {storage.SELF_BY_LAYER} of shape {list(parts.shape)}, not [layers, n_train]", hint=storage.remake_hint(path))
+    return SelfInfluence(
+        tensors["self_influence"], tensors["train_indices"], tensors.get("train_labels"), meta, tensors.get("train_predictions"), parts, layers
+    )
 
 
 def self_top_k(source: str | Path | SelfInfluence, k: int = 5, *, largest: bool = True) -> list[RankedExample]:
@@ -654,6 +723,7 @@ def self_top_k(source: str | Path | SelfInfluence, k: int = 5, *, largest: bool 
             q,
             None if si.train_labels is None else _plain(si.train_labels[q]),
             float(val) * sign,
+            None if si.by_layer is None or si.layers is None else dict(zip(si.layers, si.by_layer[:, q].double().tolist(), strict=True)),
         )
         for r, (val, q) in enumerate(zip(v[0].tolist(), p[0].tolist(), strict=True), start=1)
     ]
@@ -669,6 +739,7 @@ __all__ = [
     "iter_score_blocks",
     "load_scores_meta",
     "load_self_influence",
+    "pair_parts",
     "select_queries",
     "self_top_k",
     "top_k",

@@ -368,6 +368,27 @@ def _rank_main(rank: int, world: int, port: int, config: str, out: str, extra: l
 
 
 @pytest.mark.distributed
+def test_two_processes_write_the_per_layer_parts_of_their_shards(project, tmp_path, runner):
+    """scores.by_layer under torchrun: each rank's shards hold their range of the parts, and --self's parts
+    are gathered from every rank's range, as the scores are."""
+    out, single = tmp_path / "dist", tmp_path / "single"
+    for folder in (out, single):
+        folder.mkdir()
+        (folder / storage.FACTORS_FILE).write_bytes((project.parent / "out" / storage.FACTORS_FILE).read_bytes())
+    mp.spawn(_rank_main, args=(2, _free_port(), str(project), str(out), ["scores.by_layer=true"]), nprocs=2)
+    for args in ([], ["--self"]):
+        assert invoke(runner, "compute-scores", project, "--by-layer", *args, "--set", f"output_dir={single}").exit_code == 0
+    index = json.loads((out / storage.SCORES_INDEX).read_text())
+    assert index["metadata"][storage.BY_LAYER] == ["fc1", "head"] and len(index["shards"]) == 2
+    got = torch.cat([load_file(out / s["file"])[storage.SCORES_BY_LAYER] for s in index["shards"]], dim=2)
+    ref = load_file(single / storage.SCORES_FILE)[storage.SCORES_BY_LAYER]
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
+    a, b = load_file(out / storage.SELF_INFLUENCE_FILE), load_file(single / storage.SELF_INFLUENCE_FILE)
+    torch.testing.assert_close(a[storage.SELF_BY_LAYER], b[storage.SELF_BY_LAYER], rtol=1e-5, atol=1e-6 * float(b["self_influence"].max()))
+    torch.testing.assert_close(a[storage.SELF_BY_LAYER].sum(0), a["self_influence"], rtol=1e-5, atol=0)
+
+
+@pytest.mark.distributed
 def test_two_processes_write_rank_shards_matching_one_process(project, tmp_path, runner):
     out = tmp_path / "dist"
     out.mkdir()

@@ -289,6 +289,25 @@ def test_ensemble_self_influence_is_the_mean_of_the_members(project):
     torch.testing.assert_close(got, torch.stack(singles).mean(0), rtol=1e-5, atol=1e-6 * float(got.abs().max()))
 
 
+@pytest.mark.parametrize("self_influence", [False, True], ids=["pairwise", "self"])
+def test_ensemble_per_layer_parts_are_averaged_over_the_members(project, self_influence):
+    """scores.by_layer with an ensemble: each layer's part is the mean of the members' parts (RelatIF: each
+    divided by its member's own norm), and the parts sum to the averaged scores."""
+    key, total = (storage.SELF_BY_LAYER, "self_influence") if self_influence else (storage.SCORES_BY_LAYER, "scores")
+    flags = [] if self_influence else ["scores.relative=true"]
+    report = compute_scores(ensemble_cfg(project, f"ens_by_layer_{total}", *flags), self_influence=self_influence, by_layer=True)
+    tensors = storage.load_tensors(report.paths[0])[0]
+    parts = tensors[key]
+    assert report.by_layer == ["fc1", "head"] and parts.shape[0] == 2
+    peak = float(tensors[total].abs().max())
+    torch.testing.assert_close(parts.sum(0), tensors[total], rtol=1e-5, atol=1e-6 * peak)
+    singles = []
+    for i in range(len(SEEDS)):
+        single = single_cfg(project, i, *flags)
+        singles.append(storage.load_tensors(compute_scores(single, self_influence=self_influence, by_layer=True, overwrite=True).paths[0])[0][key])
+    torch.testing.assert_close(parts, torch.stack(singles).mean(0), rtol=1e-5, atol=1e-6 * peak)
+
+
 def test_sharded_and_chunked_ensemble_equals_one_block(project):
     whole = ensemble_cfg(project, "ens_whole")
     compute_scores(whole)

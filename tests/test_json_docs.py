@@ -67,3 +67,28 @@ def test_every_command_prints_the_documented_keys(tmp_path):
     assert "queries" in printed["top-k"] and "self_influence" in self_top
     for name, key in (("top-k", "image_grid"), ("dataset-similarity", "heatmap"), ("spectrum", "plot"), ("edit", "path"), ("info", "path")):
         assert Path(printed[name][key]).is_absolute(), (name, key)
+
+
+def row_names(command: str, key: str) -> set[str]:
+    """The `names` a row of docs/JSON.md's table of `command` mentions (`key`'s row)."""
+    text = (ROOT / "docs" / "JSON.md").read_text(encoding="utf-8").split(f"## `influence {command}`", 1)[1]
+    row = next(line for line in text.splitlines() if line.startswith(f"| `{key}` |"))
+    return set(re.findall(r"`([a-z_0-9]+)`", row))
+
+
+def test_the_rows_of_rankings_and_their_per_layer_parts_are_documented(tmp_path):
+    """Each query's keys and each ranked example's, with the per-layer parts (compute-scores --by-layer)."""
+    runner = CliRunner(env={"COLUMNS": "120", "INFLUENCE_DEBUG": None, "RANK": None, "WORLD_SIZE": None})
+    sets = [str(DIGITS), "--set", f"output_dir={tmp_path}", "--set", "data.train.range=[0, 200]"]
+    assert runner.invoke(app, ["fit-factors", *sets]).exit_code == 0
+    result = runner.invoke(app, ["compute-scores", *sets, "--by-layer", "--json"])
+    always, optional = documented()["compute-scores"]
+    assert "by_layer" in json.loads(result.stdout) and set(json.loads(result.stdout)) <= always | optional
+    queries = json.loads(runner.invoke(app, ["top-k", *sets, "--query", "0", "--k", "2", "--json"]).stdout)["queries"]
+    names = row_names("top-k", "queries")
+    assert set(queries[0]) <= names
+    entries = queries[0]["proponents"] + queries[0]["opponents"]
+    assert all("by_layer" in e and set(e) <= names for e in entries)
+    assert runner.invoke(app, ["compute-scores", *sets, "--self", "--by-layer"]).exit_code == 0
+    rows = json.loads(runner.invoke(app, ["top-k", *sets, "--self", "--k", "2", "--json"]).stdout)["self_influence"]
+    assert all("by_layer" in r and set(r) <= names | row_names("top-k", "self_influence") for r in rows)

@@ -47,6 +47,9 @@ def info_cmd(
             why = f"no {exc.args[0]!r} key" if isinstance(exc, KeyError) else str(exc)
             raise OutputError(f"{str(path)!r} is not a scores index written by this tool ({why})") from None
         storage.check_shards_present(path, [path.parent / name for name in shapes])  # as top-k refuses it
+        layers = decoded.get(storage.BY_LAYER)
+        if isinstance(layers, list):  # each shard holds its range of the per-layer parts too
+            shapes = {key: value for name, shape in shapes.items() for key, value in ((name, shape), (f"{name}:{storage.SCORES_BY_LAYER}", [len(layers), *shape]))}
     else:
         if _written_by_torch_save(path):  # edit --out *.pt / *.pth (a plain state dict), or a training checkpoint
             raise OutputError(

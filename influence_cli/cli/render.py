@@ -408,6 +408,31 @@ def layer_label(name: str) -> str:
     return name or "(model)"
 
 
+LAYERS_SHOWN = 3  # layers named in a ranking's "layers" cell (`layer_shares`)
+
+
+def layer_shares(parts: dict[str, float], score: float, shown: int = LAYERS_SHOWN) -> str:
+    """The leading layers of a score's per-layer parts, largest |part| first: "fc2 71% · fc1 -24%".
+
+    A share is the layer's |part| over the sum of every layer's |part|, so the shares of all layers
+    add to 100% whatever their signs (a part larger than the score itself, offset by others, is
+    not shown above 100%); "-" marks a part of the other sign than the score (that layer pulls the
+    other way). At most `shown` layers; after the first, those under 0.5% are left out. "-" alone:
+    every part is 0.
+    """
+    mass = sum(abs(v) for v in parts.values())
+    if not mass > 0:
+        return "-"
+    cells: list[str] = []
+    for name, value in sorted(parts.items(), key=lambda item: -abs(item[1]))[:shown]:  # stable: ties in layer order
+        share = abs(value) / mass
+        if cells and share < 0.005:
+            break
+        against = value != 0 and (value < 0) != (score < 0)
+        cells.append(f"{layer_label(name)} {'-' if against else ''}{share:.0%}")
+    return " · ".join(cells)
+
+
 LABEL_VALUES_IN_FULL = 16  # a regression target or prediction of more values (a dense one, [C, H, W]) is summarised
 
 

@@ -18,6 +18,7 @@ from influence_cli.cli.render import (
     label_json,
     label_text,
     layer_label,
+    layer_shares,
     new_table,
     print_json,
     print_line,
@@ -68,6 +69,16 @@ def compute_scores_cmd(
             show_default=False,
         ),
     ] = None,
+    by_layer: Annotated[
+        bool | None,
+        typer.Option(
+            "--by-layer/--no-by-layer",
+            metavar="",
+            help="Also store each tracked layer's part of every score (they sum to it), for top-k to show which layers carry a pair "
+            "(default: scores.by_layer); the score block in memory and the files grow (1 + layers)-fold.",
+            show_default=False,
+        ),
+    ] = None,
     overwrite: OverwriteOpt = False,
     resume: ResumeOpt = False,
     json_: JsonOpt = False,
@@ -93,13 +104,16 @@ def compute_scores_cmd(
     cfg = load(config, set_, "compute_scores", self_influence=self_)
     state = init_distributed(cfg.device, cfg.source)
     report = compute_scores(
-        cfg, overwrite=overwrite, resume=resume, self_influence=self_, relative=relative, state=state, progress=RichProgress(not json_)
+        cfg, overwrite=overwrite, resume=resume, self_influence=self_, relative=relative, by_layer=by_layer, state=state,
+        progress=RichProgress(not json_),
     )
     if not state.is_main:
         return
     if json_:
         data = dataclasses.asdict(report)
         data["paths"] = [str(p) for p in report.paths]
+        if report.by_layer is None:  # a key only of runs that store the parts
+            del data["by_layer"]
         print_json(data)
         return
     if report.resumed_from == "already complete":
@@ -116,6 +130,8 @@ def compute_scores_cmd(
         )
     if report.members > 1:
         title += f", averaged over an ensemble of {report.members} models (damping below: model.checkpoint's)"
+    if report.by_layer is not None:
+        title += f", with each of the {len(report.by_layer)} layers' parts"
     print_line(title)
     table = new_table("", [("layer", "left"), ("parameters", "right"), ("damping λ", "right")])
     for name, lam in report.damping.items():
@@ -205,7 +221,7 @@ def top_k_cmd(
         grid_path = _self_grid(train, ranked, image_grid, predicted) if image_grid is not None else None
         if json_:
             rows = [
-                dataclasses.asdict(r) | {"train_label": label_json(r.train_label, train.token_data)}
+                _ranked_json(r) | {"train_label": label_json(r.train_label, train.token_data)}
                 | ({"train_input": train.input_ids(r.train_position)} if train.token_data else {})
                 | ({"train_prediction": int(predicted[r.train_position])} if predicted is not None else {})
                 | ({"train_file": train.file(r.train_position)} if train.has_files else {})
@@ -221,13 +237,14 @@ def top_k_cmd(
         table = new_table(f"most self-influential training examples (top {len(ranked)})", [("rank", "right"), ("train index", "right")]
                           + ([("file", "left")] if train.has_files else []) + [("input" if train.token_data else "label", "left")]
                           + ([("predicted", "left")] if predicted is not None else [])
-                          + ([("label noise", "left")] if noise else []) + [("self-influence", "right")])  # fmt: skip
+                          + ([("label noise", "left")] if noise else []) + [("self-influence", "right")]
+                          + ([("layers", "left")] if self_influence.layers is not None else []))  # fmt: skip
         for r in ranked:
             was = train.clean_label(r.train_position) if noise else None
             flipped = [] if not noise else ["" if was is None else f"flipped from {label_text(was, train.class_names)}"]
             guess = [] if predicted is None else [label_text(int(predicted[r.train_position]), train.class_names)]
             table.add_row(str(r.rank), str(r.train_index), *([train.file(r.train_position)] if train.has_files else []),
-                          _shown(train, r.train_position, r.train_label), *guess, *flipped, f"{r.score:.5g}")  # fmt: skip
+                          _shown(train, r.train_position, r.train_label), *guess, *flipped, f"{r.score:.5g}", *_layers_cell(r))  # fmt: skip
         print_table(table)
         if noise:
             print_line(
@@ -261,6 +278,7 @@ def top_k_cmd(
         for r in rankings:
             row = dataclasses.asdict(r)
             for side in ("proponents", "opponents"):
+                row[side] = [_ranked_json(e) for e in getattr(r, side)]
                 for e, entry in zip(getattr(r, side), row[side], strict=True):
                     entry |= {"train_label": label_json(e.train_label, token_data)} | _json_extras(train, e.train_position, "train", files)
             labels = {"query_label": label_json(r.query_label, token_data), "query_prediction": label_json(r.query_prediction, token_data)}
@@ -284,6 +302,7 @@ def top_k_cmd(
         return ([train.file(e.train_position)] if files else []) + [_shown(train, e.train_position, e.train_label)]
 
     blank = [""] * (2 if files else 1)
+    layers = [("layers", "left")] if meta.by_layer is not None else []  # each pair's leading layers (compute-scores --by-layer)
     for r in rankings:
         shown = f"input {label_text(queries.input_ids(r.query_position))} · " if token_data else ""
         shown += f"file {queries.file(r.query_position) if queries is not None else '-'} · " if files else ""
@@ -292,20 +311,33 @@ def top_k_cmd(
             f"predicted {label_text(r.query_prediction, names, token_data)}"
         )
         columns = [("", "left"), ("rank", "right"), ("train index", "right")] + ([("file", "left")] if files else [])
-        table = new_table(title, [*columns, ("input" if token_data else "label", "left"), (variant, "right")])
+        table = new_table(title, [*columns, ("input" if token_data else "label", "left"), (variant, "right"), *layers])
         for e in r.proponents:
-            table.add_row(Text("proponent", style="green"), str(e.rank), str(e.train_index), *cells(e), f"{e.score:+.5g}")
+            table.add_row(Text("proponent", style="green"), str(e.rank), str(e.train_index), *cells(e), f"{e.score:+.5g}", *_layers_cell(e))
         if not r.proponents:
             table.add_row(Text("proponent", style="green"), "-", "", *blank, "no positive score")
         if opponents:
             table.add_section()
         for e in r.opponents:
-            table.add_row(Text("opponent", style="red"), str(e.rank), str(e.train_index), *cells(e), f"{e.score:+.5g}")
+            table.add_row(Text("opponent", style="red"), str(e.rank), str(e.train_index), *cells(e), f"{e.score:+.5g}", *_layers_cell(e))
         if opponents and not r.opponents:
             table.add_row(Text("opponent", style="red"), "-", "", *blank, "no negative score")
         print_table(table)
     if grid_path:
         err_console.print(f"[green]saved[/] {escape(str(grid_path))}")
+
+
+def _ranked_json(e) -> dict:
+    """A ranked example's JSON row: `by_layer` only where the scores hold the parts."""
+    row = dataclasses.asdict(e)
+    if row["by_layer"] is None:
+        del row["by_layer"]
+    return row
+
+
+def _layers_cell(e) -> list[str]:
+    """The "layers" cell of a ranked example (`layer_shares`), none where the scores hold no parts."""
+    return [] if e.by_layer is None else [layer_shares(e.by_layer, e.score)]
 
 
 def _shown(view: ExampleView, position: int, label) -> str:
