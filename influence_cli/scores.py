@@ -1044,8 +1044,8 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
     if predictions is not None:
         st.all_reduce_(predictions)  # each rank wrote its own range, zeros elsewhere
     if collect and st.distributed:  # each rank collected its own range
-        parts = [p for p in st.all_gather_object(None if labels is None else labels.cpu()) if p is not None]
-        labels = torch.cat(parts) if parts else None  # type: ignore[arg-type]
+        ranges = [p for p in st.all_gather_object(None if labels is None else labels.cpu()) if p is not None]
+        labels = torch.cat(ranges) if ranges else None  # type: ignore[arg-type]
     _check_storable(values, str(values.dtype).removeprefix("torch."), "self-influence")  # stored as computed (scores.dtype is the pairwise matrix's)
     if parts is not None:
         _check_storable(parts, str(parts.dtype).removeprefix("torch."), "per-layer self-influence (scores.by_layer)", layers=scorer.by_layer)

@@ -388,6 +388,77 @@ def test_two_processes_write_the_per_layer_parts_of_their_shards(project, tmp_pa
     torch.testing.assert_close(a[storage.SELF_BY_LAYER].sum(0), a["self_influence"], rtol=1e-5, atol=0)
 
 
+LAZY_DATA = """
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+
+class Lazy(torch.utils.data.Dataset):
+    \"\"\"The project's examples, their labels only through the examples (no `targets`).\"\"\"
+
+    def __init__(self):
+        tensors = load_file(Path(__file__).with_name("data.safetensors"))
+        self.x, self.y = tensors["inputs"], tensors["labels"]
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])
+
+
+def make():
+    return Lazy()
+"""
+
+
+def _self_rank_main(rank: int, world: int, port: int, config: str, outs: list[str]) -> None:
+    """One rank: --self into each of `outs`, without and with the per-layer parts, as under torchrun."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from influence_cli.config import load_config
+        from influence_cli.distributed import DistState
+        from influence_cli.scores import compute_scores
+
+        for out, by_layer in zip(outs, (False, True), strict=True):
+            compute_scores(load_config(config, [f"output_dir={out}"]), state=DistState(rank=rank, world_size=world), self_influence=True, by_layer=by_layer)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_two_processes_gather_the_labels_of_a_lazy_training_set_for_self_influence(tmp_path, runner):
+    """A training set that knows its labels only through its examples (a factory dataset without `targets`):
+    under torchrun each rank collects its range's labels for --self and rank 0 joins them, with and without
+    the per-layer parts, which stay a tensor of their own beside the labels."""
+    data = write_project(tmp_path, dim=16)
+    (tmp_path / "lazy_train_data.py").write_text(LAZY_DATA)
+    data["data"]["train"] = {"source": "lazy_train_data:make", "range": [0, N_TRAIN]}
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(data))
+    assert invoke(runner, "fit-factors", config).exit_code == 0
+    outs = [tmp_path / name for name in ("plain", "parts")]
+    for out in outs:
+        out.mkdir()
+        shutil.copy(tmp_path / "out" / storage.FACTORS_FILE, out / storage.FACTORS_FILE)
+    mp.spawn(_self_rank_main, args=(2, _free_port(), str(config), [str(o) for o in outs]), nprocs=2)
+    result = invoke(runner, "compute-scores", config, "--self", "--by-layer")
+    assert result.exit_code == 0, result.stderr
+    ref = load_file(tmp_path / "out" / storage.SELF_INFLUENCE_FILE)
+    assert ref["train_labels"].tolist() == load_file(tmp_path / "data.safetensors")["labels"][:N_TRAIN].tolist()
+    for out in outs:
+        got = load_file(out / storage.SELF_INFLUENCE_FILE)
+        assert torch.equal(got["train_labels"], ref["train_labels"])
+        torch.testing.assert_close(got["self_influence"], ref["self_influence"], rtol=1e-5, atol=0)
+    parts = load_file(outs[1] / storage.SELF_INFLUENCE_FILE)[storage.SELF_BY_LAYER]
+    torch.testing.assert_close(parts, ref[storage.SELF_BY_LAYER], rtol=1e-5, atol=1e-6 * float(ref["self_influence"].max()))
+    assert storage.SELF_BY_LAYER not in load_file(outs[0] / storage.SELF_INFLUENCE_FILE)
+
+
 @pytest.mark.distributed
 def test_two_processes_write_rank_shards_matching_one_process(project, tmp_path, runner):
     out = tmp_path / "dist"
