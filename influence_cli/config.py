@@ -229,7 +229,11 @@ class ScoresConfig(_Section):
         default=1024.0,
     )
     query_chunk: int | None = _help("Queries preconditioned and scored together (null = fit the budget).", default=None)
-    dtype: Literal["float32", "bfloat16", "float16"] = _help("Storage dtype of the pairwise scores (self-influence is stored as computed: float32, or float64 for a float64 model).", default="float32")
+    dtype: Literal["float32", "bfloat16", "float16"] = _help(
+        "Storage dtype of the pairwise scores and of their per-layer parts (scores.by_layer), which then sum to the stored scores up to "
+        "its rounding (self-influence is stored as computed: float32, or float64 for a float64 model).",
+        default="float32",
+    )
     checkpoints: list[str] = _help(
         "Extra checkpoints of the same architecture to ensemble over: fit-factors fits each one's factors, "
         "compute-scores averages the scores of all models.",

@@ -401,3 +401,66 @@ def test_cli_by_layer_end_to_end(digits):
     result = runner.invoke(app, ["top-k", *digits, "--query", "0", "--k", "3", "--json"])
     assert all("by_layer" not in e for e in json.loads(result.stdout)["queries"][0]["proponents"])
     assert "layers" not in runner.invoke(app, ["top-k", *digits, "--query", "0", "--k", "3"]).stdout
+
+
+RESNET = [f"backbone.encoder.{n}" for n in ["conv1", *(f"layer{i}.{b}.conv{c}" for i in range(1, 5) for b in (0, 1) for c in (1, 2)), "layer4.0.downsample.0", "fc"]]
+
+
+def ranking_lines(monkeypatch, columns: int | None, rows) -> list[str]:
+    """The lines of a ranking's table with a "layers" column, printed at `columns` (None: to a pipe)."""
+    import io
+
+    from influence_cli.cli import render
+    from influence_cli.cli.scores import _ranking_table
+    from influence_cli.topk import RankedExample
+
+    if columns is None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+    else:
+        monkeypatch.setenv("COLUMNS", str(columns))
+    out = io.StringIO()
+    monkeypatch.setattr("sys.stdout", out)
+    ranked = [(["proponent", str(rank), str(index), "7", f"{sum(parts.values()):+.5g}"], RankedExample(rank, index, index, 7, sum(parts.values()), parts))
+              for rank, (index, parts) in enumerate(rows, start=1)]  # fmt: skip
+    head = [("", "left"), ("rank", "right"), ("train index", "right"), ("label", "left"), ("influence", "right")]
+    render.print_table(_ranking_table("query 0", head, ranked, None, True))
+    return out.getvalue().splitlines()[4:-1]  # the rows: below the title and the header, above the bottom border
+
+
+def test_the_layers_column_keeps_to_the_terminal_with_long_layer_names(monkeypatch):
+    """A ResNet's layers inside a wrapper ("backbone.encoder.layer4.0.downsample.0"): the rows keep to the
+    terminal's width, one form for the whole column: the three leading layers by name, then without the
+    prefix every name shares, then fewer layers, down to the first alone cut from the left; a pipe gets
+    them whole."""
+    first = dict.fromkeys(RESNET, 0.0) | {RESNET[-2]: 0.5, RESNET[-3]: -0.3, RESNET[10]: 0.2}
+    second = dict.fromkeys(RESNET, 0.0) | {RESNET[3]: 0.6, RESNET[-1]: 0.25, RESNET[1]: 0.15}
+    rows = [(1234, first), (77, second)]
+    whole = ranking_lines(monkeypatch, None, rows)
+    assert "backbone.encoder.layer4.0.downsample.0 50% · backbone.encoder.layer4.1.conv2 -30% · backbone.encoder.layer3.0.conv2 20%" in whole[0]
+    expected = {
+        200: ["backbone.encoder.layer4.0.downsample.0 50% · backbone.encoder.layer4.1.conv2 -30% · backbone.encoder.layer3.0.conv2 20%",
+              "backbone.encoder.layer1.1.conv1 60% · backbone.encoder.fc 25% · backbone.encoder.layer1.0.conv1 15%"],
+        160: ["…layer4.0.downsample.0 50% · …layer4.1.conv2 -30% · …layer3.0.conv2 20%", "…layer1.1.conv1 60% · …fc 25% · …layer1.0.conv1 15%"],
+        120: ["…layer4.0.downsample.0 50% · …layer4.1.conv2 -30%", "…layer1.1.conv1 60% · …fc 25%"],
+        100: ["backbone.encoder.layer4.0.downsample.0 50%", "backbone.encoder.layer1.1.conv1 60%"],
+        80: ["…0.downsample.0 50%", "…layer1.1.conv1 60%"],  # the first alone, cut at a dot to fit
+    }  # fmt: skip
+    for columns, cells in expected.items():
+        lines = ranking_lines(monkeypatch, columns, rows)
+        assert all(len(line) <= columns for line in lines), (columns, lines)
+        assert [line.split("│")[-2].strip() for line in lines] == cells, columns
+    lines = ranking_lines(monkeypatch, 60, rows)  # no room left: the first layer, at least 8 characters of its name
+    assert [line.split("│")[-2].strip() for line in lines] == ["…sample.0 50%", "…1.conv1 60%"]
+
+
+def test_fitted_layer_shares_without_a_shared_prefix():
+    from influence_cli.cli.render import fitted_layer_shares
+
+    rows = [({"conv1": 1.0, "layer4.1.conv2": 2.0, "fc": -1.0}, 2.0)]
+    assert fitted_layer_shares(rows, None) == ["layer4.1.conv2 50% · conv1 25% · fc -25%"]
+    assert fitted_layer_shares(rows, 40) == ["layer4.1.conv2 50% · conv1 25% · fc -25%"]
+    assert fitted_layer_shares(rows, 30) == ["layer4.1.conv2 50% · conv1 25%"]
+    assert fitted_layer_shares(rows, 18) == ["layer4.1.conv2 50%"]
+    assert fitted_layer_shares(rows, 16) == ["…1.conv2 50%"]  # at a dot
+    assert fitted_layer_shares(rows, 5) == ["…1.conv2 50%"]  # 8 characters at least, a leading dot left out
+    assert fitted_layer_shares([({"a.x": 0.0, "a.y": 0.0}, 0.0)], 5) == ["-"]

@@ -409,28 +409,99 @@ def layer_label(name: str) -> str:
 
 
 LAYERS_SHOWN = 3  # layers named in a ranking's "layers" cell (`layer_shares`)
+LAYER_NAME_KEPT = 8  # characters of a layer's name kept, at least, when a narrow terminal cuts it ("…1.conv2")
 
 
-def layer_shares(parts: dict[str, float], score: float, shown: int = LAYERS_SHOWN) -> str:
+def layer_shares(parts: dict[str, float], score: float, shown: int = LAYERS_SHOWN, prefix: str = "") -> str:
     """The leading layers of a score's per-layer parts, largest |part| first: "fc2 71% · fc1 -24%".
 
     A share is the layer's |part| over the sum of every layer's |part|, so the shares of all layers
     add to 100% whatever their signs (a part larger than the score itself, offset by others, is
     not shown above 100%); "-" marks a part of the other sign than the score (that layer pulls the
     other way). At most `shown` layers; after the first, those under 0.5% are left out. "-" alone:
-    every part is 0.
+    every part is 0. `prefix`: a start of every layer's name left out, marked "…" ("…layer4.1.conv2").
     """
+    return " · ".join(f"{_short_label(name, prefix)} {share}" for name, share in _leading_layers(parts, score, shown)) or "-"
+
+
+def _leading_layers(parts: dict[str, float], score: float, shown: int) -> list[tuple[str, str]]:
+    """(layer, its share as `layer_shares` shows it) of the leading layers; [] when every part is 0."""
     mass = sum(abs(v) for v in parts.values())
     if not mass > 0:
-        return "-"
-    cells: list[str] = []
+        return []
+    leading: list[tuple[str, str]] = []
     for name, value in sorted(parts.items(), key=lambda item: -abs(item[1]))[:shown]:  # stable: ties in layer order
         share = abs(value) / mass
-        if cells and share < 0.005:
+        if leading and share < 0.005:
             break
         against = value != 0 and (value < 0) != (score < 0)
-        cells.append(f"{layer_label(name)} {'-' if against else ''}{share:.0%}")
-    return " · ".join(cells)
+        leading.append((name, f"{'-' if against else ''}{share:.0%}"))
+    return leading
+
+
+def _short_label(name: str, prefix: str) -> str:
+    return f"…{name[len(prefix):]}" if prefix else layer_label(name)
+
+
+def fitted_layer_shares(rows: list[tuple[dict[str, float], float]], width: int | None) -> list[str]:
+    """`layer_shares` of each (parts, score) of a table's rows, all in one form, the most detailed whose
+    every cell fits `width` characters (None: no limit): the leading three layers by their names, then
+    without the dotted prefix every layer's name shares ("…layer4.1.conv2" for "backbone.layer4.1.conv2"),
+    then fewer layers, down to the first alone, its name cut from the left to fit ("…0.downsample.0 71%",
+    at dots where it can; at least `LAYER_NAME_KEPT` characters of it)."""
+    if width is None:
+        return [layer_shares(parts, score) for parts, score in rows]
+    prefix = _shared_prefix(list(rows[0][0])) if rows else ""
+    for shown in range(LAYERS_SHOWN, 0, -1):
+        for cut in ("", prefix) if prefix else ("",):
+            cells = [layer_shares(parts, score, shown, cut) for parts, score in rows]
+            if all(Text(cell).cell_len <= width for cell in cells):
+                return cells
+    cells = []
+    for parts, score in rows:
+        leading = _leading_layers(parts, score, 1)
+        if not leading:
+            cells.append("-")
+            continue
+        name, share = layer_label(leading[0][0][len(prefix) :]), leading[0][1]
+        kept = max(width - len(share) - 2, LAYER_NAME_KEPT)  # "…" and the space before the share
+        cells.append(f"…{_name_end(name, kept)} {share}" if len(name) > kept else f"{_short_label(leading[0][0], prefix)} {share}")
+    return cells
+
+
+def _name_end(name: str, kept: int) -> str:
+    """The end of a layer's name in at most `kept` characters: its last dotted components that fit, two at
+    least ("0.downsample.0", "1.conv2"), else its last `kept` characters (a dot they start with left out:
+    "sample.0")."""
+    pieces = name.split(".")
+    for i in range(1, len(pieces)):
+        end = ".".join(pieces[i:])
+        if len(end) <= kept:
+            break
+    else:
+        end = ""
+    return end if "." in end else name[-kept:].lstrip(".")
+
+
+def _shared_prefix(names: list[str]) -> str:
+    """The leading dotted components every name shares, each name keeping one of its own ("backbone." of
+    "backbone.fc1" and "backbone.head"); "" when they share none, or for a single layer."""
+    if len(names) < 2:
+        return ""
+    split = [name.split(".") for name in names]
+    common: list[str] = []
+    for pieces in zip(*(s[:-1] for s in split), strict=False):  # as far as the shortest
+        if len(set(pieces)) > 1:
+            break
+        common.append(pieces[0])
+    return "".join(f"{piece}." for piece in common)
+
+
+def room_beside(table: Table) -> int:
+    """Characters a column added after `table`'s columns may fill (its padding and border apart) with the
+    table, drawn at its natural width, still within the terminal's (a pipe's or a file's is unbounded)."""
+    natural = _drawn_width(out_console(10_000), table)
+    return out_console().width - natural - 3  # the new column's padding (2) and its border (1)
 
 
 LABEL_VALUES_IN_FULL = 16  # a regression target or prediction of more values (a dense one, [C, H, W]) is summarised

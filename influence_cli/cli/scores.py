@@ -4,31 +4,34 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
+from rich.table import Table
 from rich.text import Text
 
 from influence_cli.cli.app import ConfigArg, JsonOpt, OverwriteOpt, ResumeOpt, SetOpt, command, load
 from influence_cli.cli.render import (
     RichProgress,
     err_console,
+    fitted_layer_shares,
     human_bytes,
     label_json,
     label_text,
     layer_label,
-    layer_shares,
     new_table,
     print_json,
     print_line,
     print_resumed,
     print_table,
+    room_beside,
 )
 from influence_cli.errors import UsageError
 
 if TYPE_CHECKING:  # the CLI imports torch only when a command runs
     from influence_cli.example_views import ExampleView
+    from influence_cli.topk import RankedExample
 
 SCORES_EPILOG = """\
 **Examples**
@@ -234,18 +237,18 @@ def top_k_cmd(
                 | ({"image_grid": str(Path(grid_path).resolve())} if grid_path else {})
             )
             return
-        table = new_table(f"most self-influential training examples (top {len(ranked)})", [("rank", "right"), ("train index", "right")]
-                          + ([("file", "left")] if train.has_files else []) + [("input" if train.token_data else "label", "left")]
-                          + ([("predicted", "left")] if predicted is not None else [])
-                          + ([("label noise", "left")] if noise else []) + [("self-influence", "right")]
-                          + ([("layers", "left")] if self_influence.layers is not None else []))  # fmt: skip
+        rows: list[tuple[list[Any], RankedExample | None]] = []
         for r in ranked:
             was = train.clean_label(r.train_position) if noise else None
             flipped = [] if not noise else ["" if was is None else f"flipped from {label_text(was, train.class_names)}"]
             guess = [] if predicted is None else [label_text(int(predicted[r.train_position]), train.class_names)]
-            table.add_row(str(r.rank), str(r.train_index), *([train.file(r.train_position)] if train.has_files else []),
-                          _shown(train, r.train_position, r.train_label), *guess, *flipped, f"{r.score:.5g}", *_layers_cell(r))  # fmt: skip
-        print_table(table)
+            rows.append(([str(r.rank), str(r.train_index), *([train.file(r.train_position)] if train.has_files else []),
+                          _shown(train, r.train_position, r.train_label), *guess, *flipped, f"{r.score:.5g}"], r))  # fmt: skip
+        print_table(_ranking_table(f"most self-influential training examples (top {len(ranked)})", [("rank", "right"), ("train index", "right")]
+                                   + ([("file", "left")] if train.has_files else []) + [("input" if train.token_data else "label", "left")]
+                                   + ([("predicted", "left")] if predicted is not None else [])
+                                   + ([("label noise", "left")] if noise else []) + [("self-influence", "right")],
+                                   rows, None, self_influence.layers is not None))  # fmt: skip
         if noise:
             print_line(
                 f"label noise: {noise.in_ranking} of these {len(ranked)} carry a flipped label "
@@ -302,7 +305,6 @@ def top_k_cmd(
         return ([train.file(e.train_position)] if files else []) + [_shown(train, e.train_position, e.train_label)]
 
     blank = [""] * (2 if files else 1)
-    layers = [("layers", "left")] if meta.by_layer is not None else []  # each pair's leading layers (compute-scores --by-layer)
     for r in rankings:
         shown = f"input {label_text(queries.input_ids(r.query_position))} · " if token_data else ""
         shown += f"file {queries.file(r.query_position) if queries is not None else '-'} · " if files else ""
@@ -311,18 +313,16 @@ def top_k_cmd(
             f"predicted {label_text(r.query_prediction, names, token_data)}"
         )
         columns = [("", "left"), ("rank", "right"), ("train index", "right")] + ([("file", "left")] if files else [])
-        table = new_table(title, [*columns, ("input" if token_data else "label", "left"), (variant, "right"), *layers])
-        for e in r.proponents:
-            table.add_row(Text("proponent", style="green"), str(e.rank), str(e.train_index), *cells(e), f"{e.score:+.5g}", *_layers_cell(e))
-        if not r.proponents:
-            table.add_row(Text("proponent", style="green"), "-", "", *blank, "no positive score")
+        rows: list[tuple[list[Any], RankedExample | None]] = [
+            ([Text("proponent", style="green"), str(e.rank), str(e.train_index), *cells(e), f"{e.score:+.5g}"], e) for e in r.proponents
+        ] or [([Text("proponent", style="green"), "-", "", *blank, "no positive score"], None)]
+        section = len(rows) if opponents else None
         if opponents:
-            table.add_section()
-        for e in r.opponents:
-            table.add_row(Text("opponent", style="red"), str(e.rank), str(e.train_index), *cells(e), f"{e.score:+.5g}", *_layers_cell(e))
-        if opponents and not r.opponents:
-            table.add_row(Text("opponent", style="red"), "-", "", *blank, "no negative score")
-        print_table(table)
+            rows += [
+                ([Text("opponent", style="red"), str(e.rank), str(e.train_index), *cells(e), f"{e.score:+.5g}"], e) for e in r.opponents
+            ] or [([Text("opponent", style="red"), "-", "", *blank, "no negative score"], None)]
+        head = [*columns, ("input" if token_data else "label", "left"), (variant, "right")]
+        print_table(_ranking_table(title, head, rows, section, meta.by_layer is not None))  # each pair's leading layers (--by-layer)
     if grid_path:
         err_console.print(f"[green]saved[/] {escape(str(grid_path))}")
 
@@ -335,9 +335,28 @@ def _ranked_json(e) -> dict:
     return row
 
 
-def _layers_cell(e) -> list[str]:
-    """The "layers" cell of a ranked example (`layer_shares`), none where the scores hold no parts."""
-    return [] if e.by_layer is None else [layer_shares(e.by_layer, e.score)]
+def _ranking_table(
+    title: str, columns: list[tuple[str, str]], rows: list[tuple[list[Any], RankedExample | None]], section: int | None, layers: bool
+) -> Table:
+    """A ranking's table: each row's cells, a section line before row `section` (None: none); with `layers`
+    (scores that hold their per-layer parts) a last "layers" column, each row's leading layers
+    (`layer_shares`; none for a row without its ranked example) made to fit the width the other
+    columns leave in the terminal, so that a row stays one line: long names are shortened, fewer
+    layers named."""
+    examples = {i: e for i, (_, e) in enumerate(rows) if layers and e is not None and e.by_layer is not None}
+    shares: dict[int, str] = {}
+    if examples:
+        probe = new_table("", columns)  # the other columns alone, for the width they leave
+        for cells, _ in rows:
+            probe.add_row(*cells)
+        fitted = fitted_layer_shares([(e.by_layer or {}, e.score) for e in examples.values()], room_beside(probe))
+        shares = dict(zip(examples, fitted, strict=True))
+    table = new_table(title, columns + ([("layers", "left")] if layers else []))
+    for i, (cells, _) in enumerate(rows):
+        if i == section:
+            table.add_section()
+        table.add_row(*cells, *([shares[i]] if i in shares else []))
+    return table
 
 
 def _shown(view: ExampleView, position: int, label) -> str:
