@@ -526,8 +526,9 @@ def _check_storable(block: torch.Tensor, dtype: str, what: str = "scores", layer
         )
     limit = torch.finfo(getattr(torch, dtype)).max
     if peak > limit:
-        raise NumericalError(
-            f"scores.dtype: {dtype} cannot hold scores up to {peak:.3g} (its max is {limit:.3g})",
+        layer = "" if layers is None else f"layer {layers[int(block.abs().flatten(1).amax(1).argmax())]!r}, "
+        raise NumericalError(  # parts can pass the limit where the scores they sum to do not (layers pulling both ways)
+            f"scores.dtype: {dtype} cannot hold {what} up to {peak:.3g} ({layer}its max is {limit:.3g})",
             hint="set scores.dtype: float32 (or bfloat16) and rerun with --overwrite",
         )
     smallest = torch.finfo(getattr(torch, dtype)).tiny  # float16's subnormals keep fewer digits (0 at 6e-8)

@@ -311,6 +311,14 @@ def test_progress_without_parts_is_not_resumed_with_them(project, monkeypatch): 
     compute_scores(cfg, resume=True)
 
 
+def test_parts_too_large_for_float16_are_named_as_the_parts():
+    """Layers that pull both ways: their parts can pass float16's 65504 where the score they sum to does not."""
+    parts = torch.tensor([[[1e5, 2.0]], [[-1e5 + 1.0, 1.0]], [[0.5, 0.5]]])
+    scores_mod._check_storable(parts.sum(0), "float16")
+    with pytest.raises(scores_mod.NumericalError, match=r"float16 cannot hold per-layer scores \(scores.by_layer\) up to 1e\+05 \(layer 'fc1', its max"):
+        scores_mod._check_storable(parts, "float16", "per-layer scores (scores.by_layer)", layers=["fc1", "fc2", "head"])
+
+
 def test_self_influence_parts_are_stored_and_resumed(project, monkeypatch):  # noqa: F811
     ref_cfg = make_cfg(project, "bl-self-ref")
     report = compute_scores(ref_cfg, self_influence=True, by_layer=True)
