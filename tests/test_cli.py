@@ -1176,6 +1176,29 @@ def test_numbers_stay_whole_in_a_narrow_terminal(tmp_path: Path, monkeypatch):
         assert all(line.endswith(("│", "┃", "┓", "┩", "┘", "┛", "┤")) or not line.strip() or "scores" in line for line in text.splitlines()), text
 
 
+BOX = tuple("┏┃┡│├└")  # the first character of a table's lines
+
+
+def test_tables_fold_their_text_to_keep_to_the_terminal(fitted: tuple[Path, Result], tmp_path: Path):
+    """A table whose text cells can fold is drawn within the terminal's width (a header "train index" on two
+    lines), its numbers whole; at 120 columns the usual tables are drawn at their own width, as before."""
+    out, _ = fitted
+    sets = ["--set", f"output_dir={tmp_path}", "--set", f"factors_dir={out}"]
+    assert invoke(CliRunner(env={"COLUMNS": "120"}), "compute-scores", DIGITS, *sets).exit_code == 0
+    commands = [("top-k", DIGITS, *sets, "--query", "0"), ("inspect", DIGITS),
+                ("info", out / FACTORS), ("info", tmp_path / "scores.safetensors")]  # fmt: skip
+    for width in (50, 80, 120):
+        runner = CliRunner(env={"COLUMNS": str(width), "INFLUENCE_DEBUG": None, "RANK": None})
+        for args in commands:
+            result = invoke(runner, *args)
+            assert result.exit_code == 0, (args, result.stderr)
+            table = [line for line in result.stdout.splitlines() if line.startswith(BOX)]
+            assert table and all(len(line) <= width for line in table), (width, args, result.stdout)
+            if args[0] == "top-k":
+                assert len(table[0]) == min(width, 54), (width, result.stdout)  # folded to 50; else its own width
+                assert all(number in result.stdout for number in ("+35993", "-33772", "1495"))
+
+
 def test_a_long_title_is_one_line_on_a_pipe(monkeypatch):
     from influence_cli.cli import render
 

@@ -306,23 +306,62 @@ def print_table(table: Table) -> None:
         if column.justify == "right":
             column.min_width = max((_cell_width(cell) for cell in column.cells), default=None)
     console = out_console()
-    for _ in range(8):  # drawn wider than the terminal (which wraps the lines) rather than cropped
-        needed = _drawn_width(console, table)
-        if needed <= console.width:
-            break
-        console = out_console(needed)
+    widths, drawn = _column_widths(console, table)
+    if drawn > console.width:  # its numbers cannot fit: drawn wider than the terminal (which wraps the lines) rather than cropped
+        console = out_console(drawn)
+    for column, width in zip(table.columns, widths or [], strict=False):
+        column.width = width
     title, table.title = table.title, None  # a line of its own, not wrapped to the table's width (a pipe reads it whole)
     if title:
         console.print(title, style="table.title", soft_wrap=True)
     console.print(table)
 
 
-def _drawn_width(console: Console, table: Table) -> int:
-    """The width rich draws `table` at on `console`; more than console.width when it cannot fit (rich would crop it)."""
-    try:  # rich's own layout (private API, stable since rich 10)
-        return sum(table._calculate_column_widths(console, console.options)) + table._extra_width
-    except (AttributeError, TypeError):  # pragma: no cover - another rich: its measured minimum
-        return Measurement.get(console, console.options.update(max_width=10_000), table).minimum
+def _column_widths(console: Console, table: Table) -> tuple[list[int] | None, int]:
+    """(the widths of `table`'s columns' text that fit it in console.width, or None where it fits as it is; the
+    width it is drawn at, its padding and borders included).
+
+    A table wider than the terminal has its widest columns narrowed first, as far as the rest allow: a column of
+    text folds between words where it can (and anywhere where it must), a number (a right-justified column's cell)
+    never does, nor a no_wrap column. When even that does not fit, it is drawn at the width that does, wider than
+    the terminal.
+    """
+    extra = table._extra_width if hasattr(table, "_extra_width") else 0  # rich's borders (private API, stable since rich 10)
+    try:
+        pads = [table._get_padding_width(i) for i in range(len(table.columns))]
+        unbounded = console.options.update_width(10_000)
+        measured = [table._measure_column(console, unbounded, column) for column in table.columns]
+    except (AttributeError, TypeError):  # pragma: no cover - another rich: its own layout, at its measured minimum
+        return None, Measurement.get(console, console.options.update(max_width=10_000), table).minimum
+    natural = [m.maximum - pad for m, pad in zip(measured, pads, strict=True)]
+    room = console.width - extra - sum(pads)
+    if sum(natural) <= room:
+        return None, sum(natural) + sum(pads) + extra
+    whole = [bool(c.no_wrap) for c in table.columns]  # a right-justified column's numbers are kept whole by its min_width
+    anywhere = [n if w else min(n, max(c.min_width or 0, 1)) for n, w, c in zip(natural, whole, table.columns, strict=True)]
+    between_words = [n if w else max(a, m.minimum - pad) for n, w, a, m, pad in zip(natural, whole, anywhere, measured, pads, strict=True)]
+    for least in (between_words, anywhere):
+        if sum(least) <= room:
+            return _narrowed(natural, least, room), console.width
+    return anywhere, sum(anywhere) + sum(pads) + extra
+
+
+def _narrowed(natural: list[int], least: list[int], room: int) -> list[int]:
+    """Widths summing to `room` (sum(least) <= room < sum(natural)): every column wider than a level cut to it,
+    none below its `least`, the level as high as the room allows (the widest columns give up width first)."""
+
+    def cut(level: int) -> list[int]:
+        return [max(lo, min(n, level)) for n, lo in zip(natural, least, strict=True)]
+
+    low, high = 0, max(natural)  # sum(cut(low)) <= room < sum(cut(high))
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if sum(cut(mid)) <= room else (low, mid)
+    widths = cut(low)
+    for i in range(len(widths)):  # what is left goes one each to the columns cut below their natural width
+        if sum(widths) < room and widths[i] < natural[i]:
+            widths[i] += 1
+    return widths
 
 
 def _cell_width(cell: Any) -> int:
@@ -500,7 +539,7 @@ def _shared_prefix(names: list[str]) -> str:
 def room_beside(table: Table) -> int:
     """Characters a column added after `table`'s columns may fill (its padding and border apart) with the
     table, drawn at its natural width, still within the terminal's (a pipe's or a file's is unbounded)."""
-    natural = _drawn_width(out_console(10_000), table)
+    natural = _column_widths(out_console(10_000), table)[1]
     return out_console().width - natural - 3  # the new column's padding (2) and its border (1)
 
 
