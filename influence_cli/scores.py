@@ -31,7 +31,7 @@ from influence_cli.context import RunContext, prepare
 from influence_cli.data import IndexedDataset, make_loader
 from influence_cli.distributed import DistState, agree
 from influence_cli.ensemble import Member, describe_member, ensemble_members, prepare_member, refuse_same_weights
-from influence_cli.errors import NumericalError, OutputError, UsageError
+from influence_cli.errors import ConfigError, NumericalError, OutputError, UsageError
 from influence_cli.factors import Factors, LayerFactors
 from influence_cli.fit import check_factors_match, load_factors, num_fit_examples
 from influence_cli.kernel import ScoreKernel, StoredQueries, build_kernel, safe_norms
@@ -546,7 +546,18 @@ def _snapshot_phase(snapshot: Snapshot | None, prefix: str) -> list[int] | None:
     return [int(p) for p in snapshot.phase[len(prefix) :].split(":") if p]
 
 
-@storage.guards_output_dir(lambda kw: "self_influence" if kw.get("self_influence") else "scores", reads="factors")
+def _check_query_set(cfg: Config, arguments: dict[str, Any]) -> None:
+    """A pairwise run's queries are set: a config without data.query is refused for that before any output
+    or factors are looked at (`storage.guards_output_dir`'s checks)."""
+    if not arguments.get("self_influence") and cfg.data.query is None:
+        raise ConfigError(
+            "data.query: missing (the queries compute-scores scores against data.train)",
+            source=cfg.source,
+            hint="add a data.query block with a source: key, or pass --self for the self-influence of data.train",
+        )
+
+
+@storage.guards_output_dir(lambda kw: "self_influence" if kw.get("self_influence") else "scores", reads="factors", checks=_check_query_set)
 def compute_scores(
     cfg: Config,
     *,
@@ -573,6 +584,7 @@ def compute_scores(
             the metadata's `by_layer`; the parts sum to the scores.
 
     Raises:
+        ConfigError: no data.query (without `self_influence`), before any file is looked at.
         OutputError: factors missing or fitted for another model, layers or training set;
             finished scores exist (without `overwrite`); leftover progress without
             `resume`/`overwrite`.

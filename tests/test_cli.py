@@ -951,6 +951,17 @@ def test_a_yaml_date_in_the_kwargs_is_recorded_as_text(runner: CliRunner, tmp_pa
     assert meta["config"]["model"]["kwargs"]["trained_on"] == "2024-01-01"
 
 
+def test_compute_scores_without_a_query_set_says_so_before_the_missing_factors(runner: CliRunner, tmp_path: Path):
+    """The config's problem comes first: no data.query is named (with the fix), not the factors not fitted yet."""
+    out = tmp_path / "out"
+    result = invoke(runner, "compute-scores", DIGITS, "--set", "data.query=null", "--set", f"output_dir={out}")
+    assert_clean_error(result, EXIT["config"], "digits.yaml", "data.query: missing")
+    assert "add a data.query block" in result.stderr and "--self" in result.stderr and "factors" not in result.stderr
+    assert not out.exists()
+    result = invoke(runner, "compute-scores", DIGITS, "--set", "data.query=null", "--set", f"output_dir={out}", "--self")
+    assert_clean_error(result, EXIT["output"], "no factors")  # self-influence reads no queries
+
+
 def test_top_k_refuses_scores_of_factors_fitted_with_another_seed(runner: CliRunner, tmp_path: Path):
     """With the sampled Fisher the seed draws the factors' labels: compute-scores refuses another, so does top-k."""
     sets = ["--set", f"output_dir={tmp_path}", "--set", "data.train.range=[0, 200]"]
