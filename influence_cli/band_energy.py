@@ -35,6 +35,7 @@ from influence_cli import notices, storage
 from influence_cli.bands import LayerBands, check_order, layer_bands, load_kronecker_factors, select_layers
 from influence_cli.config import Config, DataSpec
 from influence_cli.context import RunContext, prepare
+from influence_cli.data.dataset import data_change
 from influence_cli.distributed import DistState
 from influence_cli.errors import ConfigError, UsageError
 from influence_cli.factors import LayerFactors, Rotation
@@ -529,9 +530,10 @@ def spectrum(
     datasets = {name: ctx.dataset(spec, key) for name, (spec, key) in specs.items()}
     fitted_on = factors.metadata.get("dataset_fingerprint")
     if not sp.datasets and fitted_on is not None and datasets["train"].fingerprint() != fitted_on:
+        change = data_change(factors.metadata.get("dataset_parts"), datasets["train"])  # as compute-scores' refusal names it
         notices.warn(
             "spectrum: data.train is not the training set the factors were fitted on, so its group `train` is measured "
-            "in another set's curvature (fit-factors on this data.train, or name the datasets in spectrum.datasets)"
+            f"in another set's curvature (fit-factors on this data.train, or name the datasets in spectrum.datasets){change}"
         )
     if cfg.scores.checkpoints:
         notices.warn(f"spectrum: only model.checkpoint is analysed, not the {len(cfg.scores.checkpoints)} model(s) of scores.checkpoints")

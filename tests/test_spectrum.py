@@ -506,6 +506,7 @@ def test_cli_spectrum_by_mass_defaults_to_data_train(tmp_path, digits):
     result = invoke("spectrum", DIGITS, *other, "--overwrite")
     assert result.exit_code == 0, result.stderr
     assert "warning: spectrum: data.train is not the training set the factors were fitted on" in result.stderr
+    assert "; what changed: range: [0, 600] then, [0, 500] now; 600 examples then, 500 now" in " ".join(result.stderr.split())  # as refusals name it
     assert "warning: spectrum: only model.checkpoint is analysed, not the 1 model(s) of scores.checkpoints" in result.stderr
 
 
