@@ -879,6 +879,36 @@ def test_info_table(runner: CliRunner, fitted: tuple[Path, Result]):
     assert __version__ in text
 
 
+def _table_cell(stdout: str, field: str) -> str:
+    """The value of `field` in `info`'s table, its folded lines joined by spaces."""
+    rows = [line.split("│") for line in stdout.splitlines() if line.startswith("│")]
+    start = next(i for i, row in enumerate(rows) if row[1].strip() == field)
+    end = next((i for i in range(start + 1, len(rows)) if rows[i][1].strip()), len(rows))
+    return " ".join(row[2].strip() for row in rows[start:end])
+
+
+def test_info_groups_the_tensors_by_layer(runner: CliRunner, fitted: tuple[Path, Result], tmp_path: Path):
+    """The tensors row names each layer's tensors once, the layers holding the same ones together, within 120
+    columns; --json lists every tensor. A scores index lists its shard files."""
+    out, _ = fitted
+    result = invoke(runner, "info", out / FACTORS)
+    assert all(len(line) <= 120 for line in result.stdout.splitlines() if line.startswith(BOX)), result.stdout
+    tensors = "18: {fc1, fc2, head}.{a_eigenvalues, a_eigenvectors, eigenvalues, g_eigenvalues, g_eigenvectors, num_examples}"
+    assert _table_cell(result.stdout, "tensors") == tensors
+    assert len(json.loads(invoke(runner, "info", out / FACTORS, "--json").stdout)["tensors"]) == 18
+    from influence_cli.cli.info import tensor_names
+
+    layers = [f"backbone.layer{i}.{b}.conv{c}" for i in range(1, 5) for b in (0, 1) for c in (1, 2)]
+    assert tensor_names([f"{layer}.{t}" for layer in layers for t in ("a_eigenvalues", "num_examples")] + ["scale"]) == (
+        "33: scale\n{backbone.layer1.0.conv1, backbone.layer1.0.conv2, backbone.layer1.1.conv1, … (16 in all)}.{a_eigenvalues, num_examples}"
+    )
+    assert tensor_names([f"d{i}.x{i}" for i in range(12)]).splitlines()[-1] == "… and 5 more groups (--json lists every tensor)"
+    sets = ["--set", f"output_dir={tmp_path}", "--set", f"factors_dir={out}", "--set", "scores.max_memory_mb=0.02"]
+    assert invoke(runner, "compute-scores", DIGITS, *sets, "--by-layer").exit_code == 0
+    shards = _table_cell(invoke(runner, "info", tmp_path / "scores.index.json").stdout, "shards")
+    assert shards == "6 files: scores.shard-00000.safetensors, scores.shard-00001.safetensors, … (6 in all); each with its scores_by_layer"
+
+
 def test_info_json(runner: CliRunner, fitted: tuple[Path, Result]):
     out, _ = fitted
     result = invoke(runner, "info", out / FACTORS, "--json")

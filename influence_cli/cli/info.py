@@ -74,12 +74,52 @@ def info_cmd(
     table = new_table(str(path), [("field", "left"), ("value", "left")])
     for key, value in sorted(decoded.items()):
         table.add_row(key, yaml_text(value))
-    table.add_row("tensors", f"{len(shapes)} ({', '.join(list(shapes)[:6])}{', …' if len(shapes) > 6 else ''})")
+    if path.suffix == ".json":
+        table.add_row("shards", shard_files(list(shapes)))
+    else:
+        table.add_row("tensors", tensor_names(list(shapes)))
     print_table(table)
     against = base if isinstance(base, str) else "its config file's folder, not recorded by earlier versions"
     for title, value in [*nested.items(), *([(f"resolved config (relative paths resolve against {against})", config)] if config is not None else [])]:
         print_line(f"{title}:")
         print_line(textwrap.indent(yaml.safe_dump(value, sort_keys=False, default_flow_style=None, width=100).rstrip(), "  "))
+
+
+NAMES_SHOWN = 3  # of a long list in the tensors row, these and then their number ("… (53 in all)"); --json lists every one
+GROUPS_SHOWN = 8  # lines of the tensors row
+
+
+def _some(names: list[str], shown: int = NAMES_SHOWN) -> str:
+    return ", ".join(names if len(names) <= shown + 1 else [*names[:shown], f"… ({len(names)} in all)"])
+
+
+def tensor_names(names: list[str]) -> str:
+    """The tensors row of `info`: their number, then the names without a dot, then the others grouped by
+    what comes before their last dot, the groups holding the same names on one line:
+    "18: {fc1, fc2, head}.{a_eigenvalues, ..., num_examples}" (--json lists every tensor with its shape)."""
+    plain = [n for n in names if not n.rpartition(".")[0]]
+    leaves: dict[str, list[str]] = {}
+    for name in names:
+        prefix, _, leaf = name.rpartition(".")
+        if prefix:
+            leaves.setdefault(prefix, []).append(leaf)
+    alike: dict[tuple[str, ...], list[str]] = {}  # the same tensors of several layers (or datasets): one line
+    for prefix, held in leaves.items():
+        alike.setdefault(tuple(held), []).append(prefix)
+    lines = [_some(plain, 2 * NAMES_SHOWN)] if plain else []
+    for held, prefixes in alike.items():
+        head = prefixes[0] if len(prefixes) == 1 else f"{{{_some(prefixes)}}}"
+        lines.append(f"{head}.{held[0] if len(held) == 1 else '{' + ', '.join(held) + '}'}")
+    if len(lines) > GROUPS_SHOWN:
+        lines[GROUPS_SHOWN - 1 :] = [f"… and {len(lines) - GROUPS_SHOWN + 1} more groups (--json lists every tensor)"]
+    return f"{len(names)}: " + "\n".join(lines)
+
+
+def shard_files(names: list[str]) -> str:
+    """The shards row of `info` on a scores index: its shard files, and whether each holds the per-layer parts."""
+    files = [n for n in names if ":" not in n]
+    parts = len(files) < len(names)
+    return f"{len(files)} files: {_some(files, 2)}" + ("; each with its scores_by_layer" if parts else "")
 
 
 def _written_by_torch_save(path: Path) -> bool:
