@@ -604,7 +604,7 @@ def spectrum(
     if from_file:
         return report
     if st.is_main:
-        _save(report, ctx, fingerprints, result_fields)
+        _save(report, ctx, fingerprints, result_fields, {"spectrum.order": order} | ({"spectrum.layers": layers} if layers else {}))
     st.barrier()
     saved.clear()
     report.seconds["total"] = time.perf_counter() - t_start
@@ -623,7 +623,8 @@ def _load_energies(path: Path, names: list[str]) -> list[DatasetSpectrum]:
     ]
 
 
-def _save(report: SpectrumReport, ctx: RunContext, fingerprints: dict[str, str], result: dict[str, Any]) -> None:
+def _save(report: SpectrumReport, ctx: RunContext, fingerprints: dict[str, str], result: dict[str, Any], flags: dict[str, object]) -> None:
+    """Writes the spectrum file; `flags`: what --order and --layers gave spectrum.order and spectrum.layers (`provenance`)."""
     tensors: dict[str, torch.Tensor] = {
         "band_directions": torch.tensor([b.counts for b in report.bands], dtype=torch.int64),
         "band_curvature_share": torch.tensor([b.mass for b in report.bands], dtype=torch.float32),
@@ -641,7 +642,7 @@ def _save(report: SpectrumReport, ctx: RunContext, fingerprints: dict[str, str],
         tensors,
         {
             storage.FORMAT_KEY: storage.SPECTRUM_FORMAT,
-            **ctx.provenance(),
+            **ctx.provenance(flags),
             "layers": report.layers,
             "order": report.order,
             "bottom": report.bottom,

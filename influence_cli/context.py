@@ -125,16 +125,25 @@ class RunContext:
     def output_dir(self) -> Path:
         return self.cfg.output_path
 
-    def provenance(self) -> dict[str, object]:
-        """What every output records about the run that produced it (read by `influence info`)."""
+    def provenance(self, flags: dict[str, object] | None = None) -> dict[str, object]:
+        """What every output records about the run that produced it (read by `influence info`): the config
+        is the effective one, with `flags`, the values a command's flags gave config keys
+        ({"scores.relative": True} for --relative), in place, as --set overrides are."""
         from influence_cli import __version__
 
+        config = self.cfg.to_dict()
+        for key, value in (flags or {}).items():
+            *parents, leaf = key.split(".")
+            node = config
+            for parent in parents:
+                node = node[parent]
+            node[leaf] = value
         return {
             "tool_version": __version__,
             "torch_version": torch.__version__,
             "device": str(self.device),
             "world_size": self.state.world_size,
-            "config": self.cfg.to_dict(),
+            "config": config,
             "base_dir": str(self.cfg.base_dir),  # absolute: the folder the config's relative paths resolve against (its file's)
         }
 

@@ -254,6 +254,13 @@ def _settings(
     return out, keep, rho, share, order, order_key
 
 
+def _flags(keep: str, rho: float, share: float, order: str, layers: list[str] | None) -> dict[str, object]:
+    """The config keys edit's flags set, with the values the edit used (`provenance`: the recorded config is the
+    effective one): spectrum.edit's keep, rho and share, spectrum.order, and spectrum.edit.layers (--layers)."""
+    flags: dict[str, object] = {"spectrum.edit.keep": keep, "spectrum.edit.rho": rho, "spectrum.edit.share": share, "spectrum.order": order}
+    return flags | ({"spectrum.edit.layers": layers} if layers else {})
+
+
 def _check_flags(cfg: Config, arguments: dict[str, Any]) -> None:
     """`_settings` of edit_checkpoint's arguments (by name, as given), before the factors' lock is taken: a usage
     error is not hidden behind a busy factors folder (it would still be there once fit-factors is done)."""
@@ -333,7 +340,7 @@ def edit_checkpoint(
             _one_name_per_tensor(state_dict, tied),
             {
                 storage.FORMAT_KEY: storage.EDITED_CHECKPOINT_FORMAT,
-                **ctx.provenance(),
+                **ctx.provenance(_flags(keep, rho, share, order, layers)),
                 "source_checkpoint": str(source) if source is not None else "",
                 "source_fingerprint": ctx.model_fingerprint,
                 "model_fingerprint": fingerprint,

@@ -615,8 +615,9 @@ def compute_scores(
         described.append(describe_member(member, mctx) | {"factors": factors_info, "damping": kernel.damping})
     scorer = _Scorer(members, train, progress, list(members[0].kernel.layers) if by_layer else None)
     seconds = {"setup": time.perf_counter() - t_start}
+    flags: dict[str, object] = {"scores.by_layer": by_layer} | ({} if self_influence else {"scores.relative": relative})  # --by-layer, --relative
     common = {
-        **ctx.provenance(),
+        **ctx.provenance(flags),
         "strategy": cfg.factors.strategy,
         "fisher": cfg.factors.fisher,
         "task_kind": cfg.task.kind,

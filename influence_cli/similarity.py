@@ -471,7 +471,7 @@ def dataset_similarity(
             tensors,
             {
                 storage.FORMAT_KEY: storage.SIMILARITY_FORMAT,
-                **ctx.provenance(),
+                **ctx.provenance({"similarity.method": method}),  # --method
                 "method": method,
                 "names": names,
                 "sizes": sizes,

@@ -925,6 +925,45 @@ def test_info_json(runner: CliRunner, fitted: tuple[Path, Result]):
     assert all(key.split(".", 1)[0] in ("fc1", "fc2", "head") for key in data["tensors"])
 
 
+def _recorded_config(runner: CliRunner, path: Path) -> dict:
+    return json.loads(invoke(runner, "info", path, "--json").stdout)["metadata"]["config"]
+
+
+def test_outputs_record_the_config_the_flags_made(runner: CliRunner, fitted: tuple[Path, Result], tmp_path: Path):
+    """The config an output records is the run's effective one: the flags that set config keys are in it, as
+    --set overrides are. The keys --resume and read-backs go by are unchanged: an output whose config says
+    what the config file did (as earlier versions recorded it) is still this run's finished result."""
+    out, _ = fitted
+    sets = ["--set", f"output_dir={tmp_path}", "--set", f"factors_dir={out}"]
+    scores = tmp_path / "scores.safetensors"
+    assert invoke(runner, "compute-scores", DIGITS, *sets, "--relative", "--by-layer").exit_code == 0
+    recorded = _recorded_config(runner, scores)["scores"]
+    assert recorded["relative"] is True and recorded["by_layer"] is True  # the file's scores.relative is false, by_layer unset
+    assert invoke(runner, "compute-scores", DIGITS, *sets, "--self", "--by-layer").exit_code == 0
+    recorded = _recorded_config(runner, tmp_path / "self_influence.safetensors")["scores"]
+    assert recorded["by_layer"] is True and recorded["relative"] is False  # --self is never relative
+    tensors, metadata = storage.load_tensors(scores)
+    metadata["config"]["scores"] |= {"relative": False, "by_layer": False}  # as earlier versions recorded the same run
+    storage.save_tensors(scores, tensors, metadata)
+    result = invoke(runner, "compute-scores", DIGITS, *sets, "--relative", "--by-layer", "--resume")
+    assert result.exit_code == 0 and "already complete" in result.stderr, result.stderr
+
+    result = invoke(runner, "spectrum", DIGITS, *sets, "--order", "ekfac", "--layers", "fc1", "--layers", "fc2")
+    assert result.exit_code == 0, result.stderr
+    recorded = _recorded_config(runner, tmp_path / "spectrum.safetensors")["spectrum"]
+    assert recorded["order"] == "ekfac" and recorded["layers"] == ["fc1", "fc2"]  # the file's: kfac, ["*"]
+    again = invoke(runner, "spectrum", DIGITS, *sets, "--order", "ekfac", "--layers", "fc1", "--layers", "fc2")
+    assert again.exit_code == 0 and "read from" in again.stderr, again.stderr
+
+    assert invoke(runner, "dataset-similarity", DIGITS, *sets, "--method", "task2vec").exit_code == 0
+    assert _recorded_config(runner, tmp_path / "similarity.safetensors")["similarity"]["method"] == "task2vec"
+
+    edited = tmp_path / "edited.safetensors"
+    assert invoke(runner, "edit", DIGITS, *sets, "--out", edited, "--keep-share", "0.3", "--layers", "head").exit_code == 0
+    recorded = _recorded_config(runner, edited)["spectrum"]
+    assert recorded["edit"] | {"order": recorded["order"]} == {"keep": "share", "rho": 0.6, "share": 0.3, "layers": ["head"], "order": "kfac"}
+
+
 def test_info_names_the_folder_the_configs_relative_paths_resolve_against(runner: CliRunner, fitted: tuple[Path, Result], tmp_path: Path):
     """The resolved config keeps its paths as written (../sample_data/digits.safetensors), which info showed
     without the folder they resolve against: the config file's, recorded as base_dir."""
