@@ -426,7 +426,8 @@ dataset: run them again (`--overwrite`). The inputs themselves are not read for 
 tensors file rewritten with the same size, or a factory whose preprocessing lives in another module
 that changes, keeps its fingerprint, so refit (`--overwrite`) after changing data in place. Outputs
 also record the parts of each fingerprint (`dataset_parts` of the factors, `train_parts` and
-`query_parts` of the scores), so that a refusal of another dataset says what changed: a setting
+`query_parts` of the scores), so that a refusal of another dataset (and spectrum's warning that
+data.train is not the factors' training set) says what changed: a setting
 (`range: [0, 200] then, [0, 150] now`), a file's size, the number of examples, the kept indices or
 the labels. Files are written under
 a temporary name and renamed, so a file with a final name is complete; a finished output is only
