@@ -89,6 +89,7 @@ def fit_factors_cmd(
         title,
         columns + ([("always 0: in / out", "right")] if zeros else []),
     )
+    table.columns[2].no_wrap = True  # a shape folded in a narrow terminal ("64×6" / "4") would read as another
     for layer in report.layers:
         row = [
             layer_label(layer.name),
@@ -174,6 +175,7 @@ def inspect_cmd(config: ConfigArg, set_: SetOpt = None, json_: JsonOpt = False) 
         [("layer", "left"), ("kind", "left"), ("weight", "left"), ("[W | b]", "right"), ("params", "right"), ("factors", "right")],
     )
     table.columns[0].overflow = "fold"
+    table.columns[2].no_wrap = True  # a shape folded in a narrow terminal ("64×6" / "4") would read as another
     for r in rows:
         table.add_row(
             layer_label(r.name), r.kind, "×".join(map(str, r.weight_shape)), f"{r.d_out}×{r.d_in}", f"{r.d_in * r.d_out:,}", human_bytes(r.factor_bytes())

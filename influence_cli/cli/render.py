@@ -317,14 +317,18 @@ def print_table(table: Table) -> None:
     console.print(table)
 
 
+FOLDED_WIDTH = 6  # characters a column of text keeps, at least, when it must fold inside its words ("propon" / "ent")
+
+
 def _column_widths(console: Console, table: Table) -> tuple[list[int] | None, int]:
     """(the widths of `table`'s columns' text that fit it in console.width, or None where it fits as it is; the
     width it is drawn at, its padding and borders included).
 
     A table wider than the terminal has its widest columns narrowed first, as far as the rest allow: a column of
-    text folds between words where it can (and anywhere where it must), a number (a right-justified column's cell)
-    never does, nor a no_wrap column. When even that does not fit, it is drawn at the width that does, wider than
-    the terminal.
+    text folds between words where it can, else anywhere, down to `FOLDED_WIDTH` characters where that is enough,
+    down to one where it must; a number (a right-justified column's cell) never folds, nor does a no_wrap column.
+    A table whose numbers do not fit even so is drawn wider than the terminal, at the width where its text folds
+    between words only.
     """
     extra = table._extra_width if hasattr(table, "_extra_width") else 0  # rich's borders (private API, stable since rich 10)
     try:
@@ -340,10 +344,11 @@ def _column_widths(console: Console, table: Table) -> tuple[list[int] | None, in
     whole = [bool(c.no_wrap) for c in table.columns]  # a right-justified column's numbers are kept whole by its min_width
     anywhere = [n if w else min(n, max(c.min_width or 0, 1)) for n, w, c in zip(natural, whole, table.columns, strict=True)]
     between_words = [n if w else max(a, m.minimum - pad) for n, w, a, m, pad in zip(natural, whole, anywhere, measured, pads, strict=True)]
-    for least in (between_words, anywhere):
+    readable = [min(b, max(a, min(n, FOLDED_WIDTH))) for n, a, b in zip(natural, anywhere, between_words, strict=True)]
+    for least in (between_words, readable, anywhere):
         if sum(least) <= room:
             return _narrowed(natural, least, room), console.width
-    return anywhere, sum(anywhere) + sum(pads) + extra
+    return between_words, sum(between_words) + sum(pads) + extra
 
 
 def _narrowed(natural: list[int], least: list[int], room: int) -> list[int]:
