@@ -941,7 +941,7 @@ def test_outputs_record_the_config_the_flags_made(runner: CliRunner, fitted: tup
     assert recorded["relative"] is True and recorded["by_layer"] is True  # the file's scores.relative is false, by_layer unset
     assert invoke(runner, "compute-scores", DIGITS, *sets, "--self", "--by-layer").exit_code == 0
     recorded = _recorded_config(runner, tmp_path / "self_influence.safetensors")["scores"]
-    assert recorded["by_layer"] is True and recorded["relative"] is False  # --self is never relative
+    assert recorded["by_layer"] is True and recorded["relative"] is False  # as the file has it: --self does not use it
     tensors, metadata = storage.load_tensors(scores)
     metadata["config"]["scores"] |= {"relative": False, "by_layer": False}  # as earlier versions recorded the same run
     storage.save_tensors(scores, tensors, metadata)
