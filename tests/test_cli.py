@@ -1258,6 +1258,23 @@ def test_numbers_stay_whole_in_a_narrow_terminal(tmp_path: Path, monkeypatch):
         assert all(line.endswith(("│", "┃", "┓", "┩", "┘", "┛", "┤")) or not line.strip() or "scores" in line for line in text.splitlines()), text
 
 
+def test_a_right_justified_cell_is_measured_as_written(monkeypatch):
+    """Tables are printed without markup, so a class name in brackets ("[draft]", "[/x]") is as wide as written:
+    the cell stays whole in a narrow terminal (it was measured without its "tag", or raised MarkupError)."""
+    from influence_cli.cli import render
+
+    table = render.new_table("examples", [("rank", "right"), ("label", "right"), ("note", "left")])
+    table.add_row("1", "3 ([draft])", "a long note that folds between its words")
+    table.add_row("2", "7 ([/x])", "another")
+    monkeypatch.setenv("COLUMNS", "30")
+    out = io.StringIO()
+    monkeypatch.setattr("sys.stdout", out)
+    render.print_table(table)
+    lines = out.getvalue().splitlines()
+    assert any("3 ([draft])" in line for line in lines) and any("7 ([/x])" in line for line in lines), out.getvalue()
+    assert all(len(line) <= 30 for line in lines[1:]), out.getvalue()
+
+
 BOX = tuple("┏┃┡│├└")  # the first character of a table's lines
 
 
@@ -1281,6 +1298,18 @@ def test_tables_fold_their_text_to_keep_to_the_terminal(fitted: tuple[Path, Resu
             if args[0] == "top-k":
                 assert len(table[0]) == min(width, 54), (width, result.stdout)  # folded to 50; else its own width
                 assert all(number in result.stdout for number in ("+35993", "-33772", "1495"))
+
+
+def test_edits_shapes_never_fold(fitted: tuple[Path, Result], tmp_path: Path):
+    """edit's [W | b] column keeps a shape on one line in a narrow terminal ("6" / "4" / "×" / "6" / "5" read as
+    numbers of their own); the table is drawn wider where its numbers and shapes do not fit."""
+    out, _ = fitted
+    sets = ["--set", f"output_dir={tmp_path}", "--set", f"factors_dir={out}"]
+    runner = CliRunner(env={"COLUMNS": "50", "INFLUENCE_DEBUG": None, "RANK": None})
+    result = invoke(runner, "edit", DIGITS, *sets, "--out", tmp_path / "edited.safetensors")
+    assert result.exit_code == 0, result.stderr
+    assert all(shape in result.stdout for shape in ("64×65", "32×65", "10×33")), result.stdout
+    assert all(number in result.stdout for number in ("4,160", "2,080", "330")), result.stdout
 
 
 def test_a_long_title_is_one_line_on_a_pipe(monkeypatch):

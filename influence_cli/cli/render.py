@@ -15,6 +15,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from rich.cells import cell_len
 from rich.console import Console
 from rich.markup import escape
 from rich.measure import Measurement
@@ -370,7 +371,8 @@ def _narrowed(natural: list[int], least: list[int], room: int) -> list[int]:
 
 
 def _cell_width(cell: Any) -> int:
-    return cell.cell_len if isinstance(cell, Text) else Text.from_markup(cell).cell_len if isinstance(cell, str) else 0
+    """Columns a cell takes: a string as written (tables are printed without markup: "[draft]" is 7 wide)."""
+    return cell.cell_len if isinstance(cell, Text) else cell_len(cell) if isinstance(cell, str) else 0
 
 
 def new_table(title: str, columns: list[tuple[str, str]]) -> Table:

@@ -250,6 +250,7 @@ def edit_cmd(
         [("layer", "left"), ("[W | b]", "left"), ("directions", "right"), ("removed", "right"), ("removed %", "right"),
          ("‖W‖² removed", "right"), ("curvature kept", "right")],
     )  # fmt: skip
+    table.columns[1].no_wrap = True  # a shape folded in a narrow terminal ("64×6" / "5") would read as another
     for layer in report.layers:
         table.add_row(
             layer_label(layer.name), f"{layer.shape[0]}×{layer.shape[1]}", f"{layer.directions:,}", f"{layer.removed:,}",
