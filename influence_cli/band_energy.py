@@ -554,7 +554,7 @@ def spectrum(
         "datasets": fingerprints, "layers": [tm.name for tm in chosen], "order": order, "bottom": sp.bottom, "top": sp.top,
         "mass": sp.mass, "bins": sp.bins, "task": cfg.task.kind, "padding_value": cfg.data.padding_value,
     }  # fmt: skip
-    from_file = finished_result(path, result_fields, "a spectrum result", overwrite=overwrite) is not None
+    from_file = finished_result(path, result_fields, "a spectrum result", storage.SPECTRUM_FORMAT, overwrite=overwrite) is not None
     # the chosen layers' factors, moved to the device once for every dataset (not for a result read back); off the CPU
     # nothing of the file's memory map (whose pages the finite check read) is kept beside them: only the metadata stays
     layer_factors = {} if from_file else {tm.name: factors.layers[tm.name].to(ctx.device, accumulator_dtype(ctx.model)) for tm in chosen}

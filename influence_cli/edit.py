@@ -316,7 +316,7 @@ def edit_checkpoint(
         patterns, key = cfg.spectrum.layers, "spectrum.layers"
     chosen = select_layers(ctx.tracked, patterns, key, cfg.source)
     check_finite_factors(factors, factors_path, [tm.name for tm in chosen])
-    storage.check_can_write(out, overwrite, "a checkpoint", "--out")
+    storage.check_can_write(out, overwrite, "a checkpoint", "--out", storage.EDITED_CHECKPOINT_FORMAT)
     if ctx.state.is_main:
         storage.remove_stale_temp_files(out, storage.UNLOCKED_TEMP_AGE_S)  # what a killed writer left (no lock guards --out)
     state_dict, edits = edit_model(ctx.model, chosen, factors.layers, keep=keep, rho=rho, share=share, order=order)

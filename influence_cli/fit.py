@@ -428,17 +428,26 @@ def fit_factors(
 
     Raises:
         OutputError: the factors exist (without `overwrite`), or leftover progress
-            exists without `resume`/`overwrite`, or it belongs to other settings.
+            exists without `resume`/`overwrite`, or it belongs to other settings. Every model's
+            factors file is checked before any model is fitted: a file that is no factors
+            (another program's, a damaged one, another output), or, without `resume`, finished
+            factors, in any model's place refuses the run before it computes anything.
     """
-    first, *others = ensemble_members(cfg)
-    unfitted = [m for m in others if not (m.out_dir / storage.FACTORS_FILE).is_file()]
-    if not resume and not overwrite and (first.out_dir / storage.FACTORS_FILE).is_file() and unfitted:
-        path = first.out_dir / storage.FACTORS_FILE
+    members = ensemble_members(cfg)
+    first, *others = members
+    if not overwrite:  # what is no factors refuses first: with --resume, a model's finished factors are compared at its turn
+        for m in members:
+            storage.check_can_write(m.factors_path, False, "factors", cfg.factors_key, storage.FACTORS_FORMAT, resume=True)
+    unfitted = [m for m in others if not m.factors_path.is_file()]
+    if not resume and not overwrite and first.factors_path.is_file() and unfitted:
         raise OutputError(
-            f"{str(path)!r} already holds factors from a finished run; {', '.join(m.key for m in unfitted)} of the ensemble "
+            f"{str(first.factors_path)!r} already holds factors from a finished run; {', '.join(m.key for m in unfitted)} of the ensemble "
             f"{'has' if len(unfitted) == 1 else 'have'} none yet",
             hint="pass --resume to fit only the models without factors (keeping the others), or --overwrite to refit every model",
         ).everywhere()
+    if not resume and not overwrite:
+        for m in members:
+            storage.check_can_write(m.factors_path, False, "factors", cfg.factors_key, storage.FACTORS_FORMAT)
     if others:  # each checkpoint fits the model, and holds weights of its own, before model 0's passes run
         fingerprints = [(first.key, model_fingerprint(load_model(cfg.model, cfg.base_dir)))]
         for m in others:
@@ -495,14 +504,14 @@ def _fit_member(
     if resume and not overwrite and path.exists():
         recorded = storage.read_metadata(path)
         if recorded.get("result_key") not in run_keys(result):
-            refuse_other_finished_result(path, recorded.get("result"), result, "factors", cfg.factors_key)
+            refuse_other_finished_result(path, recorded.get("result"), result, "factors", cfg.factors_key, storage.FACTORS_FORMAT)
         clear_progress_of_finished(out_dir, storage.FACTORS_PARTIAL, main=ctx.state.is_main, outputs=[path])
         return FitReport(path, cfg.factors.strategy, cfg.factors.fisher, n, layers_info, {}, "already complete", member=member.index, skipped=skipped)
     rank_suffix = f".rank{ctx.state.rank}" if ctx.state.distributed else ""
     checkpoint = PassCheckpoint(out_dir / storage.FACTORS_PARTIAL.format(rank=rank_suffix), settings, cfg.factors.checkpoint_every)
 
     def start_checks() -> Snapshot | None:
-        storage.check_can_write(path, overwrite, "factors", cfg.factors_key)
+        storage.check_can_write(path, overwrite, "factors", cfg.factors_key, storage.FACTORS_FORMAT)
         storage.ensure_writable_dir(out_dir, key=cfg.factors_key)
         check_rank_layout(out_dir, storage.FACTORS_PARTIAL, ctx.state.world_size, resume=resume, overwrite=overwrite)
         return checkpoint.check_start(resume, overwrite)  # a rank's own progress file may refuse on that rank alone

@@ -254,34 +254,40 @@ def as_recorded(fields: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(fields, sort_keys=True, default=str))
 
 
-def refuse_other_finished_result(path: Path, recorded: dict[str, Any] | None, result: dict[str, Any], what: str, key: str = "output_dir") -> None:
+def refuse_other_finished_result(
+    path: Path, recorded: dict[str, Any] | None, result: dict[str, Any], what: str, key: str = "output_dir", fmt: str | None = None
+) -> None:
     """--resume on a finished output of other settings (`recorded`: its metadata's "result"):
-    there is nothing to continue, and recomputing would replace it (`key`: the config key that names its folder).
+    there is nothing to continue, and recomputing would replace it (`key`: the config key that names its folder;
+    `fmt`: the format of the output expected there).
 
     Raises:
-        OutputError: naming what changed; another program's file at `path` is refused as that.
+        OutputError: naming what changed; another program's file at `path`, or an output of another kind, is refused
+            as that (`storage.check_can_write`).
     """
-    if recorded is None and path.suffix == ".safetensors" and not storage.written_by_influence_cli(storage.read_metadata(path)):
-        storage.check_can_write(path, False, what, key)
+    storage.check_can_write(path, False, what, key, fmt, resume=True)
     raise OutputError(
         f"{str(path)!r} holds {what} of a finished run with other settings ({changed_settings(recorded, as_recorded(result))})",
         hint="--resume continues interrupted runs only: pass --overwrite to recompute with these settings",
     ).everywhere()
 
 
-def finished_result(path: Path, result: dict[str, Any], what: str, *, overwrite: bool, names: dict[str, str] | None = None) -> dict[str, Any] | None:
-    """The metadata of the finished output at `path` when it holds `result` (a command that shows
-    it again instead of recomputing it); None when there is none, or with `overwrite`.
+def finished_result(
+    path: Path, result: dict[str, Any], what: str, fmt: str, *, overwrite: bool, names: dict[str, str] | None = None
+) -> dict[str, Any] | None:
+    """The metadata of the finished output at `path` (format `fmt`) when it holds `result` (a command that
+    shows it again instead of recomputing it); None when there is none, or with `overwrite`.
 
     Raises:
         OutputError: it holds the result of other settings (named, through `names` too), or of a
-            version that did not record them.
+            version that did not record them; it is not an output of `fmt`'s kind (`storage.check_can_write`).
     """
     if overwrite or not path.exists():
         return None
+    storage.check_can_write(path, False, what, "output_dir", fmt, resume=True)  # another program's file, a damaged one, another kind
     recorded = storage.read_metadata(path)
     if recorded.get("result_key") is None:
-        storage.check_can_write(path, overwrite, what, "output_dir")  # raises: a finished run whose settings are unknown, or another program's file
+        storage.check_can_write(path, overwrite, what, "output_dir", fmt)  # raises: a finished run whose settings are unknown (of this version or another)
     if recorded["result_key"] not in run_keys(result):
         raise OutputError(
             f"{str(path)!r} holds {what} of other settings ({changed_settings(recorded.get('result'), as_recorded(result), names)})"

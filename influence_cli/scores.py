@@ -667,10 +667,13 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
     single, index = out_dir / storage.SCORES_FILE, out_dir / storage.SCORES_INDEX
     metadata, result, settings = _pairwise_keys(scorer, common, queries, layout, relative)
     paths = ([index] + [out_dir / storage.SCORES_SHARD.format(shard=s.number) for s in layout.shards]) if layout.sharded else [single]
-    recorded = {p: _finished_metadata(p) for p in (single, index)}  # {} where there is none
-    finished = [p for p in (single, index) if recorded[p].get("result_key") in run_keys(result)]
+    recorded: dict[Path, dict[str, Any]] = {}  # for --resume: the metadata of each finished output ({} where there is none)
+    if resume and not overwrite:  # a file that holds no scores is refused as what it is, before it is read as scores
+        storage.check_can_write(single, False, "scores", "output_dir", storage.SCORES_FORMAT, resume=True)
+        recorded = {p: _finished_metadata(p) for p in (single, index)}
+    finished = [p for p in recorded if recorded[p].get("result_key") in run_keys(result)]
     if resume and not overwrite and not finished and (other := next((p for p in (single, index) if p.exists()), None)):
-        refuse_other_finished_result(other, recorded[other].get("result"), result, "scores")
+        refuse_other_finished_result(other, recorded[other].get("result"), result, "scores", fmt=storage.SCORES_FORMAT)
     if resume and not overwrite and finished:  # a requeued job whose scores are done
         clear_progress_of_finished(out_dir, storage.SCORES_PARTIAL, main=st.is_main, outputs=[single, index, out_dir / storage.SCORES_SHARD_GLOB])
         done, num_shards = _finished_files(finished[0])  # the layout on disk, whatever this run's would be
@@ -776,7 +779,7 @@ def _start_pairwise(st: DistState, checkpoint: PassCheckpoint, single: Path, ind
     out_dir = single.parent
 
     def start_checks() -> Snapshot | None:
-        storage.check_can_write(single, overwrite, "scores", "output_dir")
+        storage.check_can_write(single, overwrite, "scores", "output_dir", storage.SCORES_FORMAT)
         storage.check_can_write(index, overwrite, "scores", "output_dir")
         check_rank_layout(out_dir, storage.SCORES_PARTIAL, st.world_size, resume=resume, overwrite=overwrite)
         snap = checkpoint.check_start(resume, overwrite)
@@ -975,9 +978,10 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
     settings = result | {"bs": scorer.bs, "world": st.world_size}
     metadata["run_key"], metadata["result_key"], metadata["result"] = run_key(settings), run_key(result), result
     if resume and not overwrite and path.exists():  # a requeued job whose scores are done, or other settings
+        storage.check_can_write(path, False, "self-influence scores", "output_dir", storage.SELF_FORMAT, resume=True)
         recorded = _finished_metadata(path)
         if recorded.get("result_key") not in run_keys(result):
-            refuse_other_finished_result(path, recorded.get("result"), result, "self-influence scores")
+            refuse_other_finished_result(path, recorded.get("result"), result, "self-influence scores", fmt=storage.SELF_FORMAT)
         clear_progress_of_finished(out_dir, storage.SCORES_PARTIAL, ".self", main=st.is_main, outputs=[path])
         return ScoresReport(
             "self", [path], 0, n_t, False, 1, 0, False, cfg.factors.strategy, "loss", common["damping"],
@@ -987,7 +991,7 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
     checkpoint = PassCheckpoint(out_dir / storage.SCORES_PARTIAL.format(rank=rank_suffix), settings, cfg.factors.checkpoint_every)
 
     def start_checks() -> Snapshot | None:
-        storage.check_can_write(path, overwrite, "self-influence scores", "output_dir")
+        storage.check_can_write(path, overwrite, "self-influence scores", "output_dir", storage.SELF_FORMAT)
         check_rank_layout(out_dir, storage.SCORES_PARTIAL, st.world_size, resume=resume, overwrite=overwrite, kind=".self")
         return checkpoint.check_start(resume, overwrite)
 

@@ -432,7 +432,7 @@ def dataset_similarity(
         "datasets": {n: ds.fingerprint() for n, ds in datasets.items()}, "fisher": fisher, "damping": damping,
         "amp": cfg.factors.amp, "seed": cfg.seed if fisher == "sampled" else None,  # the passes' precision; sampled labels
     }  # fmt: skip
-    recorded = finished_result(path, result_fields, "a similarity result", overwrite=overwrite, names={"fisher": "similarity.fisher"})
+    recorded = finished_result(path, result_fields, "a similarity result", storage.SIMILARITY_FORMAT, overwrite=overwrite, names={"fisher": "similarity.fisher"})
     if recorded is not None:
         clear_progress_of_finished(out_dir, storage.SIMILARITY_PARTIAL, main=ctx.state.is_main)  # a kill right after the final rename
         return _finished_report(path, method, recorded)

@@ -674,10 +674,17 @@ def other_version(metadata: dict[str, Any]) -> str:
     an output (its `tool_version`), else "": for refusals that a change of version may explain."""
     from influence_cli import __version__
 
+    written = _version_written(metadata)
+    return "" if written is None else f" (written by influence_cli {written}; this is {__version__}, and versions may fingerprint data differently)"
+
+
+def _version_written(metadata: dict[str, Any]) -> str | None:
+    """The `tool_version` of an output that another version of influence_cli wrote, as a message shows it
+    (`_shown`); None for one of this version, or one that records none."""
+    from influence_cli import __version__
+
     written = metadata.get("tool_version")
-    if not isinstance(written, str) or written == __version__:
-        return ""
-    return f" (written by influence_cli {written}; this is {__version__}, and versions may fingerprint data differently)"
+    return _shown(written) if isinstance(written, str) and written != __version__ else None
 
 
 def read_metadata(path: Path, hint: str | None = None) -> dict[str, Any]:
@@ -801,37 +808,64 @@ def member_dir(out_dir: Path, member: int) -> Path:
     return Path(out_dir) if member == 0 else Path(out_dir) / MEMBERS_DIR / str(member)
 
 
-def check_can_write(path: Path, overwrite: bool, what: str, key: str | None = None) -> None:
+def check_can_write(path: Path, overwrite: bool, what: str, key: str | None = None, fmt: str | None = None, *, resume: bool = False) -> None:
     """Refuses to replace an existing output unless `overwrite`, saying what the file is: a finished run's output
-    (`what`), one of another version of influence_cli, a safetensors file of another program (a checkpoint, say:
-    to keep, so the hint names another place first; `key` is the flag or config key that names `path`), a file whose
-    header does not read (damaged from outside), or a file that records nothing of what wrote it (edit's .pt state
-    dict). Only a regular file that safetensors can open is read (a FIFO would block; a file that is not readable or
-    has a non-UTF-8 path fails to open whatever it holds, so it is taken for a finished run's output, by its name)."""
+    (`what`, in format `fmt`), one of another kind (its format's, when `fmt` is given), one of another version of
+    influence_cli, a safetensors file of another program (a checkpoint, say: to keep), a file whose header does not
+    read (damaged from outside), or a file that records nothing of what wrote it (edit's .pt state dict); the hint of
+    a file that may be another program's names another place first (`key`: the flag or config key that names `path`).
+    With `resume`, an influence_cli output of `fmt`'s kind, of any version, passes: --resume compares its settings.
+    Only a regular file that safetensors can open is read (a FIFO would block; a file that is not readable or has a
+    non-UTF-8 path fails to open whatever it holds, so it is taken for a finished run's output, by its name)."""
     if not path.exists() or overwrite:
         return
-    detail, hint = f"already holds {what} from a finished run", "pass --overwrite to replace it"
-    elsewhere = (f"give {key} another path" if key.startswith("-") else f"set {key} to another place") if key else "write to another place"
-    if path.suffix == ".safetensors" and path.is_file() and utf8_text(str(path)) and os.access(path, os.R_OK):
-        try:
-            meta = read_metadata(path)
-        except OutputError:
-            meta = None
-            detail = "already exists and is not a readable safetensors file (damaged, or not written by influence_cli)"
-        if meta is not None and not written_by_influence_cli(meta):
-            made = meta.get(FORMAT_KEY)
-            detail = "already exists and was not written by influence_cli (a safetensors file of another program"
-            detail += f", format {_shown(made)})" if made else ")"
-            hint = f"{elsewhere}, or pass --overwrite to replace that file"
-        elif meta is not None and (version := _other_writer(meta)):
-            detail = f"already holds {what} {version}"
-    elif path.suffix != ".safetensors" and not is_output_name(path.name):
-        detail = f"already exists (a {path.suffix or 'file'} file records nothing of what wrote it: it may be another program's)"
-        hint = f"{elsewhere}, or pass --overwrite to replace it"
+    found = _found(path, what, key, fmt, resume=resume)
+    if found is None and resume:
+        return
+    detail, hint = found or (f"already holds {what} from a finished run", "pass --overwrite to replace it")
     raise OutputError(f"{str(path)!r} {detail}", hint=hint).everywhere()
 
 
 _FORMATS = frozenset({FACTORS_FORMAT, SCORES_FORMAT, SELF_FORMAT, SIMILARITY_FORMAT, SPECTRUM_FORMAT, EDITED_CHECKPOINT_FORMAT, PARTIAL_FORMAT})
+_KINDS = {  # what an output of each kind (its format's name before "/") holds, in a message
+    "factors": "factors", "scores": "scores", "self_influence": "self-influence scores", "similarity": "a similarity result",
+    "spectrum": "a spectrum result", "edited_checkpoint": "an edited checkpoint", "partial": "the progress of an interrupted run",
+}  # fmt: skip
+
+
+def _found(path: Path, what: str, key: str | None, fmt: str | None, *, resume: bool) -> tuple[str, str] | None:
+    """(detail, hint) of check_can_write's refusal of the file at `path` where it is not (or may not be) a finished
+    run's output of `what` of this version (with `resume`, of any version); None where it is, or is taken to be."""
+    from influence_cli import __version__
+
+    elsewhere = (f"give {key} another path" if key.startswith("-") else f"set {key} to another place") if key else "write to another place"
+    if path.suffix != ".safetensors":
+        if is_output_name(path.name):
+            return None
+        detail = f"already exists (a {path.suffix or 'file'} file records nothing of what wrote it: it may be another program's)"
+        return detail, f"{elsewhere}, or pass --overwrite to replace it"
+    if not (path.is_file() and utf8_text(str(path)) and os.access(path, os.R_OK)):
+        return None
+    keep = f"{elsewhere}, or pass --overwrite to replace that file"  # a file that may be another program's
+    try:
+        meta = read_metadata(path)
+    except OutputError:
+        return "already exists and is not a readable safetensors file (damaged, or not written by influence_cli)", keep
+    made = meta.get(FORMAT_KEY)
+    if not written_by_influence_cli(meta):
+        detail = "already exists and was not written by influence_cli (a safetensors file of another program"
+        return detail + (f", format {_shown(made)})" if made else ")"), keep
+    kind = made.removeprefix("influence_cli.").split("/")[0]
+    if fmt is not None and kind != fmt.removeprefix("influence_cli.").split("/")[0]:
+        held = _KINDS.get(kind, "an influence_cli output of another kind")
+        return f"already holds {held} (format {_shown(made)}), not {what}", "pass --overwrite to replace it"
+    if resume:
+        return None
+    if (written := _version_written(meta)) is not None:
+        return f"already holds {what} written by influence_cli {written} (this is {__version__})", "pass --overwrite to replace it"
+    if (made != fmt) if fmt is not None else (made not in _FORMATS):
+        return f"already holds {what} in format {_shown(made)}, written by another version of influence_cli (this is {__version__})", "pass --overwrite to replace it"
+    return None
 
 
 def written_by_influence_cli(metadata: dict[str, Any]) -> bool:
@@ -839,19 +873,6 @@ def written_by_influence_cli(metadata: dict[str, Any]) -> bool:
     records a format "influence_cli.<kind>/<n>"; another program's file has none, or its own ("pt" for Hugging Face's)."""
     made = metadata.get(FORMAT_KEY)
     return isinstance(made, str) and made.startswith("influence_cli.")
-
-
-def _other_writer(metadata: dict[str, Any]) -> str:
-    """"written by influence_cli 0.1.0 (this is 0.2.0)" (or by a version that writes a format this one does not) for
-    an influence_cli output of another version; "" for one of this version."""
-    from influence_cli import __version__
-
-    made, written = metadata.get(FORMAT_KEY), metadata.get("tool_version")
-    if isinstance(written, str) and written != __version__:
-        return f"written by influence_cli {_shown(written)} (this is {__version__})"
-    if made not in _FORMATS:
-        return f"in format {_shown(made)}, written by another version of influence_cli (this is {__version__})"
-    return ""
 
 
 def _shown(value: Any) -> str:

@@ -156,14 +156,46 @@ def test_fit_factors_refuses_to_overwrite(runner: CliRunner, fitted: tuple[Path,
 
 
 def test_a_damaged_factors_file_is_not_called_a_finished_run(runner: CliRunner, fitted: tuple[Path, Result], tmp_path: Path):
-    """A factors file cut short from outside is refused as what it is, still with the --overwrite hint."""
+    """A factors file cut short from outside (or another program's file that does not read) is refused as what it is,
+    with or without --resume; as it may be another program's, the hint names another place before --overwrite, in the
+    words of another program's file."""
     out, _ = fitted
     damaged = tmp_path / FACTORS
     damaged.write_bytes((out / FACTORS).read_bytes()[:100])
-    result = invoke(runner, "fit-factors", DIGITS, "--set", f"output_dir={tmp_path}")
-    line = assert_clean_error(result, EXIT["output"], "already exists and is not a readable safetensors file", str(damaged))
-    assert "finished run" not in line and "--overwrite" in result.stderr.split(line, 1)[1]
+    for resume in ((), ("--resume",)):
+        result = invoke(runner, "fit-factors", DIGITS, "--set", f"output_dir={tmp_path}", *resume)
+        line = assert_clean_error(result, EXIT["output"], str(damaged), "already exists and is not a readable safetensors file (damaged, or not written by influence_cli)")
+        assert "finished run" not in line
+        assert result.stderr.split(line, 1)[1].strip() == "hint: set output_dir to another place, or pass --overwrite to replace that file"
     assert damaged.read_bytes() == (out / FACTORS).read_bytes()[:100]
+
+
+@pytest.mark.parametrize(
+    ("command", "name"),
+    [
+        (("compute-scores",), "scores.safetensors"),
+        (("compute-scores", "--self"), "self_influence.safetensors"),
+        (("dataset-similarity",), "similarity.safetensors"),
+        (("spectrum",), "spectrum.safetensors"),
+    ],
+)
+def test_a_damaged_output_is_refused_as_that_and_overwrite_replaces_it(runner: CliRunner, fitted: tuple[Path, Result], tmp_path: Path,
+                                                                        command: tuple[str, ...], name: str):  # fmt: skip
+    """compute-scores (pairwise or --self), dataset-similarity and spectrum, with or without --resume, refuse a damaged
+    file at their output as what it is, before reading it as their output, naming another place before --overwrite;
+    --overwrite replaces it."""
+    out, _ = fitted
+    damaged = tmp_path / name
+    damaged.write_bytes((out / FACTORS).read_bytes()[:100])
+    args = (command[0], DIGITS, *command[1:], "--set", f"factors_dir={out}", "--set", f"output_dir={tmp_path}")
+    for resume in ((), ("--resume",)):
+        result = invoke(runner, *args, *resume)
+        line = assert_clean_error(result, EXIT["output"], f"{str(damaged)!r} already exists and is not a readable safetensors file (damaged")
+        assert result.stderr.split(line, 1)[1].strip() == "hint: set output_dir to another place, or pass --overwrite to replace that file"
+    assert damaged.read_bytes() == (out / FACTORS).read_bytes()[:100]
+    result = invoke(runner, *args, "--overwrite")
+    assert result.exit_code == 0, result.stderr
+    assert storage.file_format(damaged).startswith("influence_cli.")
 
 
 def test_another_programs_safetensors_file_is_not_called_a_finished_run(runner: CliRunner, fitted: tuple[Path, Result], tmp_path: Path):
@@ -219,6 +251,29 @@ def test_an_output_of_another_version_is_said_to_be(runner: CliRunner, fitted: t
     result = invoke(runner, "fit-factors", DIGITS, "--set", f"output_dir={out}")  # this version's own
     line = assert_clean_error(result, EXIT["output"], f"{str(out / FACTORS)!r} already holds factors from a finished run")
     assert line.endswith("from a finished run")
+
+
+def test_an_output_of_another_kind_is_said_to_be(runner: CliRunner, fitted: tuple[Path, Result], tmp_path: Path):
+    """An output of this version of influence_cli but of another kind in an output's place (scores renamed to
+    factors.safetensors, a similarity result where spectrum writes) is refused as what it holds, the kind its format
+    names, with or without --resume, with the --overwrite hint, and left as it is."""
+    out, _ = fitted
+    for command in ("compute-scores", "dataset-similarity"):
+        made = invoke(runner, command, DIGITS, "--set", f"factors_dir={out}", "--set", f"output_dir={tmp_path}")
+        assert made.exit_code == 0, made.stderr
+    (tmp_path / "scores.safetensors").rename(tmp_path / FACTORS)
+    (tmp_path / "similarity.safetensors").rename(tmp_path / "spectrum.safetensors")
+    before = {name: (tmp_path / name).read_bytes() for name in (FACTORS, "spectrum.safetensors")}
+    for args, name, needle in (
+        (("fit-factors",), FACTORS, f"already holds scores (format {storage.SCORES_FORMAT}), not factors"),
+        (("spectrum", "--set", f"factors_dir={out}"), "spectrum.safetensors",
+         f"already holds a similarity result (format {storage.SIMILARITY_FORMAT}), not a spectrum result"),
+    ):  # fmt: skip
+        for resume in ((), ("--resume",)):
+            result = invoke(runner, args[0], DIGITS, *args[1:], *resume, "--set", f"output_dir={tmp_path}")
+            line = assert_clean_error(result, EXIT["output"], f"{str(tmp_path / name)!r} {needle}")
+            assert result.stderr.split(line, 1)[1].strip() == "hint: pass --overwrite to replace it"
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
 
 
 @pytest.mark.parametrize(

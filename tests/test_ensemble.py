@@ -195,6 +195,59 @@ def test_adding_a_checkpoint_later_fits_only_its_factors_with_resume(tmp_path):
     assert compute_scores(cfg).members == 3
 
 
+class _Fitted(Exception):
+    """Raised by a stand-in of fit's compute_factors: a model's passes were reached."""
+
+
+@pytest.mark.parametrize(
+    ("flags", "member", "held", "refusal"),
+    [
+        ({}, 2, "program", "was not written by influence_cli (a safetensors file of another program, format pt)"),
+        ({"resume": True}, 2, "program", "was not written by influence_cli"),
+        ({"resume": True}, 1, "damaged", "is not a readable safetensors file (damaged, or not written by influence_cli)"),
+        ({"resume": True}, 1, "scores", f"already holds scores (format {storage.SCORES_FORMAT}), not factors"),
+        ({}, 2, "factors", "already holds factors from a finished run"),
+        ({"resume": True}, 2, "factors", None),  # finished factors: compared with the settings at that model's turn
+        ({"overwrite": True}, 2, "program", None),  # replaced
+    ],
+    ids=["program", "program-resume", "damaged-resume", "scores-resume", "factors", "factors-resume", "program-overwrite"],
+)
+def test_a_file_in_any_models_place_refuses_the_run_before_any_model_is_fitted(tmp_path, monkeypatch, flags, member, held, refusal):
+    """fit-factors checks every model's factors file before it fits any: a file in a later model's place is refused as
+    check_can_write says what it is, before model 0's passes run; with --resume, finished factors there pass (their
+    settings are compared at that model's turn), and --overwrite replaces whatever is there."""
+    import influence_cli.fit as fit_mod
+
+    data = write_project(tmp_path)
+    data["scores"] = {"checkpoints": write_members(tmp_path)}
+    cfg = config_from_dict(data, base_dir=tmp_path)
+    path = storage.member_dir(cfg.factors_path, member) / storage.FACTORS_FILE
+    path.parent.mkdir(parents=True)
+    if held == "program":
+        save_file({"weight": torch.zeros(2)}, str(path), metadata={"format": "pt"})
+    elif held == "damaged":
+        path.write_bytes(b"damaged")
+    else:
+        fmt = storage.SCORES_FORMAT if held == "scores" else storage.FACTORS_FORMAT
+        storage.save_tensors(path, {"x": torch.zeros(1)}, {storage.FORMAT_KEY: fmt})
+    before = path.read_bytes()
+
+    def stand_in(*args, **kwargs):
+        raise _Fitted
+
+    monkeypatch.setattr(fit_mod, "compute_factors", stand_in)
+    if refusal is None:
+        with pytest.raises(_Fitted):
+            fit_factors(cfg, **flags)
+        return
+    with pytest.raises(OutputError) as exc:
+        fit_factors(cfg, **flags)
+    assert exc.value.message.startswith(f"{str(path)!r} ") and refusal in exc.value.message
+    assert exc.value.hint.startswith("set output_dir to another place") == (held in ("program", "damaged"))
+    assert path.read_bytes() == before
+    assert not (cfg.factors_path / storage.FACTORS_FILE).exists()
+
+
 @pytest.mark.parametrize("relative", [False, True], ids=["plain", "relative"])
 def test_ensemble_scores_equal_the_mean_of_single_model_runs(project, relative):
     flag = f"scores.relative={str(relative).lower()}"
