@@ -432,9 +432,9 @@ data.train is not the factors' training set) says what changed: a setting
 the labels. Files are written under
 a temporary name and renamed, so a file with a final name is complete; a finished output is only
 replaced with `--overwrite` (which removes it, and with `scores.checkpoints` every model's,
-as the new run starts, so an interrupted `--overwrite` run resumes with `--resume`; without it, fit-factors checks
-every model's place before it fits the first, so a file there that it refuses, any file, or with `--resume` one that
-holds no factors, stops it before any pass), and later
+as the new run starts, so an interrupted `--overwrite` run resumes with `--resume`; fit-factors checks every model's
+place before it fits the first, so any file there without a flag, one that holds no factors with `--resume`, and a
+folder even with `--overwrite` stop it before any pass), and later
 commands (`top-k` included) refuse factors or scores of another model, dataset or setting.
 While a command writes its outputs into an output_dir (factors: into factors_dir) it holds a lock on them there
 (`.influence.factors.lock`, `.influence.scores.lock`, `.influence.self_influence.lock`,

@@ -431,23 +431,31 @@ def fit_factors(
             exists without `resume`/`overwrite`, or it belongs to other settings. Every model's
             factors file is checked before any model is fitted: a file that is no factors
             (another program's, a damaged one, another output), or, without `resume`, finished
-            factors, in any model's place refuses the run before it computes anything.
+            factors, in any model's place refuses the run before it computes anything, as a
+            folder there does even with `overwrite`.
     """
     members = ensemble_members(cfg)
     first, *others = members
-    if not overwrite:  # what is no factors refuses first: with --resume, a model's finished factors are compared at its turn
-        for m in members:
-            storage.check_can_write(m.factors_path, False, "factors", cfg.factors_key, storage.FACTORS_FORMAT, resume=True)
-    unfitted = [m for m in others if not m.factors_path.is_file()]
-    if not resume and not overwrite and first.factors_path.is_file() and unfitted:
-        raise OutputError(
-            f"{str(first.factors_path)!r} already holds factors from a finished run; {', '.join(m.key for m in unfitted)} of the ensemble "
-            f"{'has' if len(unfitted) == 1 else 'have'} none yet",
-            hint="pass --resume to fit only the models without factors (keeping the others), or --overwrite to refit every model",
-        ).everywhere()
-    if not resume and not overwrite:
-        for m in members:
-            storage.check_can_write(m.factors_path, False, "factors", cfg.factors_key, storage.FACTORS_FORMAT)
+
+    def up_front() -> None:  # every model's place, before any model is fitted
+        for m in members:  # what is no factors refuses first (a folder even with --overwrite); with --resume, a model's
+            # finished factors are compared at its turn
+            storage.check_can_write(m.factors_path, overwrite, "factors", cfg.factors_key, storage.FACTORS_FORMAT, resume=True)
+        unfitted = [m for m in others if not m.factors_path.is_file()]
+        if not resume and not overwrite and first.factors_path.is_file() and unfitted:
+            raise OutputError(
+                f"{str(first.factors_path)!r} already holds factors from a finished run; {', '.join(m.key for m in unfitted)} of the ensemble "
+                f"{'has' if len(unfitted) == 1 else 'have'} none yet",
+                hint="pass --resume to fit only the models without factors (keeping the others), or --overwrite to refit every model",
+            ).everywhere()
+        if not resume and not overwrite:
+            for m in members:
+                storage.check_can_write(m.factors_path, False, "factors", cfg.factors_key, storage.FACTORS_FORMAT)
+
+    if state is None:
+        up_front()
+    else:  # a file that only some ranks see stops every rank here, none left waiting in a collective
+        agree(state, up_front)
     if others:  # each checkpoint fits the model, and holds weights of its own, before model 0's passes run
         fingerprints = [(first.key, model_fingerprint(load_model(cfg.model, cfg.base_dir)))]
         for m in others:

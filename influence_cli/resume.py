@@ -282,9 +282,12 @@ def finished_result(
         OutputError: it holds the result of other settings (named, through `names` too), or of a
             version that did not record them; it is not an output of `fmt`'s kind (`storage.check_can_write`).
     """
-    if overwrite or not path.exists():
+    if not path.exists():
         return None
-    storage.check_can_write(path, False, what, "output_dir", fmt, resume=True)  # another program's file, a damaged one, another kind
+    # a folder (even with --overwrite); another program's file, a damaged one, another kind, a FIFO (without it)
+    storage.check_can_write(path, overwrite, what, "output_dir", fmt, resume=True)
+    if overwrite:
+        return None
     recorded = storage.read_metadata(path)
     if recorded.get("result_key") is None:
         storage.check_can_write(path, overwrite, what, "output_dir", fmt)  # raises: a finished run whose settings are unknown (of this version or another)

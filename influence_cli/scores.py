@@ -670,6 +670,7 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
     recorded: dict[Path, dict[str, Any]] = {}  # for --resume: the metadata of each finished output ({} where there is none)
     if resume and not overwrite:  # a file that holds no scores is refused as what it is, before it is read as scores
         storage.check_can_write(single, False, "scores", "output_dir", storage.SCORES_FORMAT, resume=True)
+        storage.check_can_write(index, False, "scores", "output_dir", resume=True)  # a FIFO: never opened
         recorded = {p: _finished_metadata(p) for p in (single, index)}
     finished = [p for p in recorded if recorded[p].get("result_key") in run_keys(result)]
     if resume and not overwrite and not finished and (other := next((p for p in (single, index) if p.exists()), None)):

@@ -593,7 +593,10 @@ def is_output_name(name: str) -> bool:
 
 
 def file_format(path: Path) -> str:
-    """The `format` metadata of an existing safetensors file ("" when absent or unreadable)."""
+    """The `format` metadata of an existing safetensors file ("" when absent or unreadable, or no regular file: a FIFO
+    is not opened, which would block)."""
+    if not path.is_file():
+        return ""
     try:
         return read_metadata(path).get(FORMAT_KEY, "")
     except OutputError:  # not a file, or not safetensors
@@ -815,9 +818,19 @@ def check_can_write(path: Path, overwrite: bool, what: str, key: str | None = No
     read (damaged from outside), or a file that records nothing of what wrote it (edit's .pt state dict); the hint of
     a file that may be another program's names another place first (`key`: the flag or config key that names `path`).
     With `resume`, an influence_cli output of `fmt`'s kind, of any version, passes: --resume compares its settings.
-    Only a regular file that safetensors can open is read (a FIFO would block; a file that is not readable or has a
-    non-UTF-8 path fails to open whatever it holds, so it is taken for a finished run's output, by its name)."""
-    if not path.exists() or overwrite:
+    Only a regular file that safetensors can open is read (a file that is not readable or has a non-UTF-8 path fails
+    to open whatever it holds, so it is taken for a finished run's output, by its name); what is no regular file is
+    refused as that, so no caller reads it (a FIFO would block), and a folder even with `overwrite` (never removed)."""
+    if not path.exists():
+        return
+    if not path.is_file():
+        elsewhere = _elsewhere(key)
+        if path.is_dir():
+            raise OutputError(f"{str(path)!r} is a folder, not a file", hint=f"{elsewhere}, or move that folder away").everywhere()
+        if not overwrite:
+            detail = "already exists and is not a regular file (a FIFO, socket or device)"
+            raise OutputError(f"{str(path)!r} {detail}", hint=f"{elsewhere}, or pass --overwrite to replace it").everywhere()
+    if overwrite:
         return
     found = _found(path, what, key, fmt, resume=resume)
     if found is None and resume:
@@ -833,18 +846,25 @@ _KINDS = {  # what an output of each kind (its format's name before "/") holds, 
 }  # fmt: skip
 
 
+def _elsewhere(key: str | None) -> str:
+    """The hint's way to write elsewhere: by `key`, the flag or config key that names the path."""
+    if not key:
+        return "write to another place"
+    return f"give {key} another path" if key.startswith("-") else f"set {key} to another place"
+
+
 def _found(path: Path, what: str, key: str | None, fmt: str | None, *, resume: bool) -> tuple[str, str] | None:
     """(detail, hint) of check_can_write's refusal of the file at `path` where it is not (or may not be) a finished
     run's output of `what` of this version (with `resume`, of any version); None where it is, or is taken to be."""
     from influence_cli import __version__
 
-    elsewhere = (f"give {key} another path" if key.startswith("-") else f"set {key} to another place") if key else "write to another place"
+    elsewhere = _elsewhere(key)
     if path.suffix != ".safetensors":
         if is_output_name(path.name):
             return None
         detail = f"already exists (a {path.suffix or 'file'} file records nothing of what wrote it: it may be another program's)"
         return detail, f"{elsewhere}, or pass --overwrite to replace it"
-    if not (path.is_file() and utf8_text(str(path)) and os.access(path, os.R_OK)):
+    if not (utf8_text(str(path)) and os.access(path, os.R_OK)):
         return None
     keep = f"{elsewhere}, or pass --overwrite to replace that file"  # a file that may be another program's
     try:

@@ -198,6 +198,68 @@ def test_a_damaged_output_is_refused_as_that_and_overwrite_replaces_it(runner: C
     assert storage.file_format(damaged).startswith("influence_cli.")
 
 
+@pytest.mark.parametrize(
+    ("command", "name"),
+    [
+        (("fit-factors",), FACTORS),
+        (("compute-scores",), "scores.safetensors"),
+        (("compute-scores",), "scores.index.json"),
+        (("compute-scores", "--self"), "self_influence.safetensors"),
+        (("dataset-similarity",), "similarity.safetensors"),
+        (("spectrum",), "spectrum.safetensors"),
+    ],
+)
+def test_what_is_no_regular_file_at_an_output_is_refused_as_that(runner: CliRunner, fitted: tuple[Path, Result], tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch, command: tuple[str, ...], name: str):  # fmt: skip
+    """A FIFO at an output is never opened (it would block the command: dataset-similarity and spectrum read their
+    output without any flag, every command with --resume), and is refused as what it is unless --overwrite replaces
+    it; a folder there is refused as a folder even with --overwrite (no IsADirectoryError from removing it), and kept."""
+    out, _ = fitted
+    shared = () if command[0] == "fit-factors" else ("--set", f"factors_dir={out}")
+    args = (command[0], DIGITS, *command[1:], *shared, "--set", f"output_dir={tmp_path}")
+    fifo = tmp_path / name
+    os.mkfifo(fifo)
+    read, read_text = storage.read_metadata, Path.read_text
+    monkeypatch.setattr(storage, "read_metadata", lambda path, *a, **kw: pytest.fail("a FIFO was opened") if Path(path) == fifo else read(path, *a, **kw))
+    monkeypatch.setattr(Path, "read_text", lambda path, *a, **kw: pytest.fail("a FIFO was opened") if path == fifo else read_text(path, *a, **kw))
+    for resume in ((), ("--resume",)):
+        result = invoke(runner, *args, *resume)
+        line = assert_clean_error(result, EXIT["output"], f"{str(fifo)!r} already exists and is not a regular file (a FIFO, socket or device)")
+        assert result.stderr.split(line, 1)[1].strip() == "hint: set output_dir to another place, or pass --overwrite to replace it"
+    assert fifo.is_fifo()
+    result = invoke(runner, *args, "--overwrite")
+    assert result.exit_code == 0, result.stderr
+    monkeypatch.undo()
+    assert not fifo.exists() if name.endswith(".json") else storage.file_format(fifo).startswith("influence_cli.")  # unsharded: no index
+    for made in (fifo, *tmp_path.glob("*.safetensors")):  # what --overwrite wrote
+        made.unlink(missing_ok=True)
+    (tmp_path / name / "kept").mkdir(parents=True)
+    for flags in ((), ("--resume",), ("--overwrite",)):
+        result = invoke(runner, *args, *flags)
+        line = assert_clean_error(result, EXIT["output"], f"{str(tmp_path / name)!r} is a folder, not a file")
+        assert result.stderr.split(line, 1)[1].strip() == "hint: set output_dir to another place, or move that folder away"
+    assert (tmp_path / name / "kept").is_dir()
+
+
+def test_edit_never_opens_a_fifo_at_out(runner: CliRunner, fitted: tuple[Path, Result], tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A FIFO given as edit --out blocked the command in the check that --out is no other command's output; it is
+    refused as what it is, and --overwrite replaces it."""
+    out, _ = fitted
+    fifo = tmp_path / "edited.safetensors"
+    os.mkfifo(fifo)
+    read = storage.read_metadata
+    monkeypatch.setattr(storage, "read_metadata", lambda path, *a, **kw: pytest.fail("a FIFO was opened") if Path(path) == fifo else read(path, *a, **kw))
+    args = ("edit", DIGITS, "--set", f"output_dir={out}", "--out", fifo, "--keep-share", "0.5")
+    result = invoke(runner, *args)
+    line = assert_clean_error(result, EXIT["output"], f"{str(fifo)!r} already exists and is not a regular file (a FIFO, socket or device)")
+    assert result.stderr.split(line, 1)[1].strip() == "hint: give --out another path, or pass --overwrite to replace it"
+    assert fifo.is_fifo()
+    result = invoke(runner, *args, "--overwrite")
+    assert result.exit_code == 0, result.stderr
+    monkeypatch.undo()
+    assert storage.file_format(fifo) == storage.EDITED_CHECKPOINT_FORMAT
+
+
 def test_another_programs_safetensors_file_is_not_called_a_finished_run(runner: CliRunner, fitted: tuple[Path, Result], tmp_path: Path):
     """A valid safetensors file that influence_cli did not write (no format, or its own: Hugging Face's "pt") in the way of
     fit-factors, compute-scores or edit --out is refused as another program's, naming a place of its own first; replacing
@@ -308,7 +370,8 @@ def test_resume_on_another_programs_file_is_refused_as_that(runner: CliRunner, t
 
 def test_an_output_that_does_not_open_is_not_read_to_be_called_damaged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Only a regular, readable .safetensors file with a UTF-8 path is read to tell a damaged one: a non-UTF-8 path and a
-    file without read permission fail to open whatever they hold, and a FIFO would block the command."""
+    file without read permission fail to open whatever they hold, and a FIFO would block the command (it is refused as
+    what it is, with --resume too, whose callers would read it next)."""
     good = tmp_path / "f.safetensors"
     storage.save_tensors(good, {"x": torch.zeros(1)}, {storage.FORMAT_KEY: storage.FACTORS_FORMAT})
     odd = Path(os.fsdecode(os.fsencode(tmp_path) + b"/\xff.safetensors"))
@@ -325,8 +388,11 @@ def test_an_output_that_does_not_open_is_not_read_to_be_called_damaged(tmp_path:
     fifo = tmp_path / "pipe.safetensors"
     os.mkfifo(fifo)
     monkeypatch.setattr(storage, "read_metadata", lambda *a, **kw: pytest.fail("a FIFO was opened"))
-    with pytest.raises(OutputError, match="already holds factors from a finished run\nhint"):
-        storage.check_can_write(fifo, False, "factors")
+    for resume in (False, True):
+        with pytest.raises(OutputError, match="already exists and is not a regular file \\(a FIFO, socket or device\\)\nhint") as exc:
+            storage.check_can_write(fifo, False, "factors", "output_dir", storage.FACTORS_FORMAT, resume=resume)
+        assert exc.value.hint == "set output_dir to another place, or pass --overwrite to replace it"
+    storage.check_can_write(fifo, True, "factors")  # replaced
 
 
 def test_fit_factors_json_and_overwrite(runner: CliRunner, tmp_path: Path):

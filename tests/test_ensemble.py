@@ -9,6 +9,7 @@ the metadata, the refusals, and a CLI round trip.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -209,13 +210,16 @@ class _Fitted(Exception):
         ({}, 2, "factors", "already holds factors from a finished run"),
         ({"resume": True}, 2, "factors", None),  # finished factors: compared with the settings at that model's turn
         ({"overwrite": True}, 2, "program", None),  # replaced
+        ({"resume": True}, 1, "fifo", "already exists and is not a regular file (a FIFO, socket or device)"),  # never opened
+        ({"overwrite": True}, 2, "folder", "is a folder, not a file"),  # never removed: model 0's factors are kept
     ],
-    ids=["program", "program-resume", "damaged-resume", "scores-resume", "factors", "factors-resume", "program-overwrite"],
-)
+    ids=["program", "program-resume", "damaged-resume", "scores-resume", "factors", "factors-resume", "program-overwrite", "fifo-resume",
+         "folder-overwrite"],
+)  # fmt: skip
 def test_a_file_in_any_models_place_refuses_the_run_before_any_model_is_fitted(tmp_path, monkeypatch, flags, member, held, refusal):
     """fit-factors checks every model's factors file before it fits any: a file in a later model's place is refused as
     check_can_write says what it is, before model 0's passes run; with --resume, finished factors there pass (their
-    settings are compared at that model's turn), and --overwrite replaces whatever is there."""
+    settings are compared at that model's turn), and --overwrite replaces whatever is there but a folder."""
     import influence_cli.fit as fit_mod
 
     data = write_project(tmp_path)
@@ -227,10 +231,16 @@ def test_a_file_in_any_models_place_refuses_the_run_before_any_model_is_fitted(t
         save_file({"weight": torch.zeros(2)}, str(path), metadata={"format": "pt"})
     elif held == "damaged":
         path.write_bytes(b"damaged")
+    elif held == "fifo":
+        os.mkfifo(path)
+        monkeypatch.setattr(storage, "read_metadata", lambda *a, **kw: pytest.fail("a FIFO was opened"))
+    elif held == "folder":
+        path.mkdir()
+        storage.save_tensors(cfg.factors_path / storage.FACTORS_FILE, {"x": torch.zeros(1)}, {storage.FORMAT_KEY: storage.FACTORS_FORMAT})
     else:
         fmt = storage.SCORES_FORMAT if held == "scores" else storage.FACTORS_FORMAT
         storage.save_tensors(path, {"x": torch.zeros(1)}, {storage.FORMAT_KEY: fmt})
-    before = path.read_bytes()
+    before = path.read_bytes() if path.is_file() else None
 
     def stand_in(*args, **kwargs):
         raise _Fitted
@@ -243,9 +253,9 @@ def test_a_file_in_any_models_place_refuses_the_run_before_any_model_is_fitted(t
     with pytest.raises(OutputError) as exc:
         fit_factors(cfg, **flags)
     assert exc.value.message.startswith(f"{str(path)!r} ") and refusal in exc.value.message
-    assert exc.value.hint.startswith("set output_dir to another place") == (held in ("program", "damaged"))
-    assert path.read_bytes() == before
-    assert not (cfg.factors_path / storage.FACTORS_FILE).exists()
+    assert exc.value.hint.startswith("set output_dir to another place") == (held in ("program", "damaged", "fifo", "folder"))
+    assert (path.read_bytes() == before) if before is not None else (path.is_fifo() or path.is_dir())
+    assert (cfg.factors_path / storage.FACTORS_FILE).exists() == (held == "folder")
 
 
 @pytest.mark.parametrize("relative", [False, True], ids=["plain", "relative"])
@@ -554,3 +564,54 @@ def test_a_failed_ensemble_overwrite_keeps_the_old_factors(project):
         fit_factors(ensemble_cfg(project, "typo", "factors.modules=[nope]"), overwrite=True)
     assert sorted(str(p.relative_to(cfg.output_path)) for p in cfg.output_path.rglob("factors.safetensors")) == before == [
         "factors.safetensors", "members/1/factors.safetensors", "members/2/factors.safetensors"]
+
+
+def _rank_seeing_alone(rank: int, world: int, port: int, data: dict, folder: str, seen: str) -> None:
+    """One rank of fit-factors where only rank 0 sees the file at `seen` (a later model's place: a file that appeared
+    between the ranks' checks, or a folder not shared by every rank); each rank's error goes to <folder>/rank<r>.json."""
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    import influence_cli.fit as fit_mod
+    from influence_cli.distributed import DistState
+    from influence_cli.errors import InfluenceError
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    check = storage.check_can_write
+    if rank == 1:  # this rank does not see the file
+        storage.check_can_write = lambda path, *a, **k: None if str(path) == seen else check(path, *a, **k)  # type: ignore[assignment]
+    fit_mod.compute_factors = lambda *a, **k: (_ for _ in ()).throw(_Fitted())  # no model is fitted
+    outcome: dict = {}
+    try:
+        fit_factors(config_from_dict(data, base_dir=folder), state=DistState(rank=rank, world_size=world))
+    except InfluenceError as exc:
+        outcome = {"type": type(exc).__name__, "message": exc.message, "everywhere": exc.same_on_every_rank}
+    except _Fitted:
+        outcome = {"type": "fitted"}
+    finally:
+        Path(folder, f"rank{rank}.json").write_text(json.dumps(outcome))
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_a_file_in_a_later_models_place_that_only_rank_0_sees_stops_every_rank_before_any_pass(tmp_path):
+    """The ensemble's up-front check of every model's place runs as one agreed step: when only rank 0 refuses a file
+    there, rank 1 stops with a DistributedError naming rank 0's refusal, instead of going on to its model loads and
+    failing in the next collective once rank 0 has left."""
+    import torch.multiprocessing as mp
+
+    data = write_project(tmp_path)
+    data["scores"] = {"checkpoints": write_members(tmp_path)}
+    cfg = config_from_dict(data, base_dir=tmp_path)
+    path = storage.member_dir(cfg.factors_path, 2) / storage.FACTORS_FILE
+    path.parent.mkdir(parents=True)
+    save_file({"weight": torch.zeros(2)}, str(path), metadata={"format": "pt"})
+    mp.spawn(_rank_seeing_alone, args=(2, _free_port(), data, str(tmp_path), str(path)), nprocs=2)
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0["type"] == "OutputError" and rank0["message"].startswith(f"{str(path)!r} already exists and was not written by influence_cli")
+    assert rank1 == {"type": "DistributedError", "message": f"rank 0 stopped: {rank0['message']}", "everywhere": False}
+    assert not (cfg.factors_path / storage.FACTORS_FILE).exists()
