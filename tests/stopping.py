@@ -147,3 +147,20 @@ class MetaDeviceRun:
 def device_types(layers: dict) -> set[str]:
     """The device types of the floating-point tensors of {layer: LayerFactors}."""
     return {t.device.type for lf in layers.values() for t in lf.tensors().values() if t.is_floating_point()}
+
+
+def interrupt_after(monkeypatch, method: str, calls: int) -> None:
+    """KeyboardInterrupt on the `calls`-th call of ScoreKernel.<method> (after `calls` batches were scored);
+    the pairwise methods are static."""
+    from influence_cli.kernel import ScoreKernel
+
+    real = getattr(ScoreKernel, method)
+    seen = [0]
+
+    def wrapped(*args, **kwargs):
+        if seen[0] == calls:
+            raise KeyboardInterrupt
+        seen[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ScoreKernel, method, staticmethod(wrapped) if method.startswith("pairwise") else wrapped)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from exact import ConvHead, SeqModel, batches_of, fit, tiny_mlp
+from stopping import interrupt_after
 from test_deflation import GatedUnitMLP
 from test_scores import (  # noqa: F401 (data and project are fixtures)
     N_QUERY,
@@ -261,20 +262,6 @@ def test_top_k_plain_undoes_the_relative_division_of_the_parts(project):  # noqa
     assert all(e.by_layer is None for r in top_k(plain.output_path, [0], 2) for e in r.proponents)
 
 
-def interrupt(monkeypatch, method: str, calls: int) -> None:
-    """KeyboardInterrupt on the `calls`-th call of ScoreKernel.<method>."""
-    real = getattr(scores_mod.ScoreKernel, method)
-    seen = [0]
-
-    def wrapped(*args, **kwargs):
-        if seen[0] == calls:
-            raise KeyboardInterrupt
-        seen[0] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(scores_mod.ScoreKernel, method, staticmethod(wrapped) if method.startswith("pairwise") else wrapped)
-
-
 @pytest.mark.parametrize(
     "name,overrides,cut",
     [("single", [], 3), ("sharded-chunked", [f"scores.max_memory_mb={7 * 48 * 4 / 2**20}", "scores.query_chunk=4"], 9), ("relative", ["scores.relative=true"], 4)],
@@ -284,7 +271,7 @@ def test_resume_continues_the_parts_and_refuses_a_changed_by_layer(project, monk
     compute_scores(ref_cfg, by_layer=True)
     cfg = make_cfg(project, f"bl-resume-{name}", *overrides)
     with monkeypatch.context() as m:
-        interrupt(m, "pairwise_by_layer", cut)
+        interrupt_after(m, "pairwise_by_layer", cut)
         with pytest.raises(KeyboardInterrupt):
             compute_scores(cfg, by_layer=True)
     with pytest.raises(OutputError, match=r"progress of a run with other settings \(scores.by_layer \(--by-layer\)") as info:
@@ -303,7 +290,7 @@ def test_resume_continues_the_parts_and_refuses_a_changed_by_layer(project, monk
 def test_progress_without_parts_is_not_resumed_with_them(project, monkeypatch):  # noqa: F811
     cfg = make_cfg(project, "bl-resume-off")
     with monkeypatch.context() as m:
-        interrupt(m, "pairwise", 3)
+        interrupt_after(m, "pairwise", 3)
         with pytest.raises(KeyboardInterrupt):
             compute_scores(cfg)
     with pytest.raises(OutputError, match=r"other settings \(scores.by_layer"):
@@ -335,7 +322,7 @@ def test_self_influence_parts_are_stored_and_resumed(project, monkeypatch):  # n
     assert all(sum(e.by_layer.values()) == pytest.approx(e.score, rel=1e-5) for e in ranked)
     cfg = make_cfg(project, "bl-self-resume")
     with monkeypatch.context() as m:
-        interrupt(m, "self_influence_by_layer", 4)
+        interrupt_after(m, "self_influence_by_layer", 4)
         with pytest.raises(KeyboardInterrupt):
             compute_scores(cfg, self_influence=True, by_layer=True)
     with pytest.raises(OutputError, match=r"other settings \(scores.by_layer"):

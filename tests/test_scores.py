@@ -17,6 +17,7 @@ import pytest
 import torch
 from exact import SeqModel, batches_of, fit, kron_dense, per_example_layer_grads, tiny_mlp
 from safetensors.torch import load_file, save_file
+from stopping import interrupt_after
 from torch import nn
 
 import influence_cli.scores as scores_mod
@@ -523,20 +524,6 @@ def test_finished_scores_are_not_replaced_without_overwrite(project):
     compute_scores(cfg, overwrite=True)
     assert (cfg.output_path / storage.SCORES_FILE).exists() and not (cfg.output_path / storage.SCORES_INDEX).exists()
     assert not list(cfg.output_path.glob("scores.shard-*"))
-
-
-def interrupt_after(monkeypatch, method: str, calls: int) -> None:
-    """KeyboardInterrupt on the `calls`-th call of ScoreKernel.<method> (after `calls` batches were scored)."""
-    real = getattr(scores_mod.ScoreKernel, method)
-    seen = [0]
-
-    def wrapped(*args, **kwargs):
-        if seen[0] == calls:
-            raise KeyboardInterrupt
-        seen[0] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(scores_mod.ScoreKernel, method, staticmethod(wrapped) if method == "pairwise" else wrapped)
 
 
 @pytest.mark.parametrize(
