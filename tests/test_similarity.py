@@ -625,11 +625,7 @@ def test_an_interrupted_run_resumes_to_the_same_result(digits_run, tmp_path, tit
     assert report.resumed_from is not None and report.resumed_from.startswith(f"dataset {title!r}, batch ")
     assert ("of 4 datasets done" in report.resumed_from) == (title != "zeros_sixes")
     assert sorted(p.name for p in tmp_path.iterdir()) == [storage.FACTORS_FILE, SIMILARITY_FILE]  # no progress left
-    reference = tmp_path / "reference"
-    reference.mkdir()
-    (reference / storage.FACTORS_FILE).write_bytes((factors / storage.FACTORS_FILE).read_bytes())
-    dataset_similarity(load_config(DIGITS, [*sets, f"output_dir={reference}"]))
-    assert_same_tensors(tmp_path / SIMILARITY_FILE, reference / SIMILARITY_FILE)
+    assert_same_as_an_uninterrupted_run(tmp_path, factors, sets)
 
 
 @pytest.mark.parametrize("earlier", [False, True], ids=["files", "earlier-snapshot"])
@@ -665,11 +661,16 @@ def test_resumes_in_the_second_and_third_dataset_write_each_finished_dataset_onc
     assert len(snapshots) > 5 and all(all(k.startswith("state.") for k in keys) for keys, _ in snapshots)
     assert len({size for keys, size in snapshots if keys}) == 1  # after 1, 2 or 3 finished datasets
     assert sorted(p.name for p in tmp_path.iterdir()) == [storage.FACTORS_FILE, SIMILARITY_FILE]
-    reference = tmp_path / "reference"
+    assert_same_as_an_uninterrupted_run(tmp_path, factors, sets)
+
+
+def assert_same_as_an_uninterrupted_run(out: Path, factors: Path, sets: list[str]) -> None:
+    """out's similarity.safetensors holds bit for bit what an uninterrupted run of the same settings writes."""
+    reference = out / "reference"
     reference.mkdir()
     (reference / storage.FACTORS_FILE).write_bytes((factors / storage.FACTORS_FILE).read_bytes())
     dataset_similarity(load_config(DIGITS, [*sets, f"output_dir={reference}"]))
-    assert_same_tensors(tmp_path / SIMILARITY_FILE, reference / SIMILARITY_FILE)
+    assert_same_tensors(out / SIMILARITY_FILE, reference / SIMILARITY_FILE)
 
 
 def test_a_run_killed_between_a_finished_datasets_file_and_its_snapshot_does_not_stream_that_dataset_again(digits_run, tmp_path, monkeypatch):
@@ -694,11 +695,7 @@ def test_a_run_killed_between_a_finished_datasets_file_and_its_snapshot_does_not
     assert report.resumed_from == "dataset 'zeros_sixes_heldout', batch 0 (2 of 4 datasets done)"
     assert [title for title, _ in streamed.passes] == ["zeros_sixes_heldout", "ones_sevens_heldout"], streamed.passes
     assert sorted(p.name for p in tmp_path.iterdir()) == [storage.FACTORS_FILE, SIMILARITY_FILE]
-    reference = tmp_path / "reference"
-    reference.mkdir()
-    (reference / storage.FACTORS_FILE).write_bytes((factors / storage.FACTORS_FILE).read_bytes())
-    dataset_similarity(load_config(DIGITS, [*sets, f"output_dir={reference}"]))
-    assert_same_tensors(tmp_path / SIMILARITY_FILE, reference / SIMILARITY_FILE)
+    assert_same_as_an_uninterrupted_run(tmp_path, factors, sets)
 
 
 def test_overwrite_removes_the_progress_and_the_finished_datasets_files(digits_run, tmp_path):

@@ -36,7 +36,7 @@ from influence_cli import storage
 from influence_cli.band_energy import dataset_spectrum, groups_of, load_spectrum_scores, spectrum
 from influence_cli.bands import band_labels, band_sizes, direction_curvature, keep_mask, layer_bands
 from influence_cli.cli import app
-from influence_cli.config import load_config
+from influence_cli.config import Config, load_config
 from influence_cli.data import load_dataset, make_loader
 from influence_cli.edit import edit_model, project_weights
 from influence_cli.errors import ConfigError, OutputError
@@ -1051,15 +1051,20 @@ def test_spectrum_names_an_image_folders_examples_by_their_files(tmp_path):
     assert "file" in table and rows[0]["file"] in table and ("cat" in table or "dog" in table)
 
 
+def resumable_config(digits, out: Path) -> Config:
+    """The digits spectrum config writing into `out` (a copy of the fitted factors there), in batches of 32 with
+    progress saved every 2 batches."""
+    factors, sets = digits
+    (out / FACTORS_FILE).write_bytes((factors / FACTORS_FILE).read_bytes())
+    overrides = [v for k, v in zip(sets[::2], sets[1::2], strict=True) if k == "--set" and not v.startswith("output_dir=")]
+    return load_config(DIGITS, [*overrides, f"output_dir={out}", "data.batch_size=32", "factors.checkpoint_every=2"])
+
+
 @pytest.mark.parametrize("title,after", [("noisy_train", 200), ("heldout", 96)])
 def test_an_interrupted_spectrum_resumes_to_the_same_result(digits, tmp_path, title, after):
     """Stopped inside the first or the second dataset (progress saved every 2 batches of 32, and after each dataset),
     --resume streams only what is left and gives the uninterrupted run's tensors bit for bit."""
-    factors, sets = digits
-    (tmp_path / FACTORS_FILE).write_bytes((factors / FACTORS_FILE).read_bytes())
-    overrides = [v for k, v in zip(sets[::2], sets[1::2], strict=True) if k == "--set" and not v.startswith("output_dir=")]
-    overrides += [f"output_dir={tmp_path}", "data.batch_size=32", "factors.checkpoint_every=2"]
-    cfg = load_config(DIGITS, overrides)
+    cfg = resumable_config(digits, tmp_path)
     partial = tmp_path / storage.SPECTRUM_PARTIAL.format(rank="")
     interrupt(lambda **kw: spectrum(cfg, **kw), title, after, partial, tmp_path / SPECTRUM_FILE)
     reordered = dataclasses.replace(cfg, spectrum=dataclasses.replace(cfg.spectrum, datasets=dict(reversed(cfg.spectrum.datasets.items()))))
@@ -1074,8 +1079,7 @@ def test_an_interrupted_spectrum_resumes_to_the_same_result(digits, tmp_path, ti
     assert sorted(p.name for p in tmp_path.iterdir()) == [FACTORS_FILE, SPECTRUM_FILE]  # no progress left
     reference = tmp_path / "reference"
     reference.mkdir()
-    (reference / FACTORS_FILE).write_bytes((factors / FACTORS_FILE).read_bytes())
-    spectrum(load_config(DIGITS, [*overrides, f"output_dir={reference}"]))
+    spectrum(resumable_config(digits, reference))
     assert_same_tensors(tmp_path / SPECTRUM_FILE, reference / SPECTRUM_FILE)
 
 
@@ -1117,11 +1121,7 @@ def test_a_spectrum_killed_between_a_finished_datasets_file_and_its_snapshot_doe
     """Killed once noisy_train's energies are in their file and before the snapshot that counts them: --resume counts
     that file as finished (it streamed noisy_train again from the snapshot's batch) and streams heldout only, and the
     result is the uninterrupted run's bit for bit."""
-    factors, sets = digits
-    (tmp_path / FACTORS_FILE).write_bytes((factors / FACTORS_FILE).read_bytes())
-    overrides = [v for k, v in zip(sets[::2], sets[1::2], strict=True) if k == "--set" and not v.startswith("output_dir=")]
-    overrides += [f"output_dir={tmp_path}", "data.batch_size=32", "factors.checkpoint_every=2"]
-    cfg = load_config(DIGITS, overrides)
+    cfg = resumable_config(digits, tmp_path)
     partial = tmp_path / storage.SPECTRUM_PARTIAL.format(rank="")
     with monkeypatch.context() as m:
         killed_before_the_snapshot(m, "dataset:1")
@@ -1136,8 +1136,7 @@ def test_a_spectrum_killed_between_a_finished_datasets_file_and_its_snapshot_doe
     assert sorted(p.name for p in tmp_path.iterdir()) == [FACTORS_FILE, SPECTRUM_FILE]
     reference = tmp_path / "reference"
     reference.mkdir()
-    (reference / FACTORS_FILE).write_bytes((factors / FACTORS_FILE).read_bytes())
-    spectrum(load_config(DIGITS, [*overrides, f"output_dir={reference}"]))
+    spectrum(resumable_config(digits, reference))
     assert_same_tensors(tmp_path / SPECTRUM_FILE, reference / SPECTRUM_FILE)
 
 
