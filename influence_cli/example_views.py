@@ -1,4 +1,5 @@
-"""How ranked examples are shown: their input token ids (language models), files and class names
+"""How ranked examples are shown: their input token ids (language models and other models over
+token ids), files and class names
 (image folders), the label planted label noise replaced, and their images.
 
 `top-k` and `spectrum` rank examples by position or global index; this module turns those into
@@ -23,7 +24,8 @@ class ExampleView:
 
     Attributes:
         dataset: The examples.
-        token_data: A language model's examples, shown by their input ids.
+        token_data: A language model's examples, shown by their input ids (their labels are the
+            same ids shifted by one); other models' token ids show beside their labels (`token_inputs`).
         padding_value: data.padding_value, left out of the ids shown.
     """
 
@@ -43,8 +45,15 @@ class ExampleView:
     def has_label_noise(self) -> bool:
         return bool(self.dataset.noisy_mask.any())
 
+    @property
+    def token_inputs(self) -> bool:
+        """Whether the inputs are integer token ids, shown as such: a language model's, or those of
+        another model with an embedding table (`data.IndexedDataset.token_inputs`); never float
+        features or images."""
+        return self.token_data or self.dataset.token_inputs
+
     def input_ids(self, position: int) -> list[int]:
-        """The example's input token ids without its padding (the labels are the same ids shifted by one)."""
+        """The example's input token ids without its padding (a language model's labels are the same ids shifted by one)."""
         x = self.dataset[position][0].reshape(-1)
         return [int(v) for v in (x if self.padding_value is None else x[x != self.padding_value]).tolist()]
 
@@ -53,8 +62,8 @@ class ExampleView:
         return self.dataset.example_file(position) or "-"
 
     def extras(self, position: int) -> dict[str, Any]:
-        """What a JSON row adds to an example's label: `input` (token data) and `file` (image folders)."""
-        return ({"input": self.input_ids(position)} if self.token_data else {}) | ({"file": self.file(position)} if self.has_files else {})
+        """What a JSON row adds to an example's label: `input` (token ids) and `file` (image folders)."""
+        return ({"input": self.input_ids(position)} if self.token_inputs else {}) | ({"file": self.file(position)} if self.has_files else {})
 
     def clean_label(self, position: int) -> Any:
         """The label before label noise replaced it (int, or list), None where it was not replaced."""

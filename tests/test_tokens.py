@@ -508,3 +508,35 @@ def test_a_model_that_packs_its_batch_as_a_nested_tensor_is_named():
     with pytest.raises(ModelError, match="layer 'proj' received a NestedTensor") as info, Capture(tracked):
         model(torch.randn(2, 3, 4))
     assert "data.padding_value" in info.value.hint
+
+
+def _table_rows(stdout: str) -> list[list[str]]:
+    """A printed table's header and body rows as their stripped cells."""
+    lines = [line.replace("┃", "│") for line in stdout.splitlines() if line.startswith(("│", "┃"))]
+    return [[cell.strip() for cell in line.strip("│").split("│")] for line in lines]
+
+
+def test_top_k_shows_a_token_classifiers_input_ids_beside_its_labels(token_project):
+    runner = _runner()
+    for command in (["fit-factors", token_project], ["compute-scores", token_project], ["compute-scores", token_project, "--self"]):
+        assert runner.invoke(app, command).exit_code == 0
+    _, seqs, labels = token_sequences(n=24)
+    ids = [s[0].tolist() for s in seqs]  # each example's input ids without the padding
+    query = json.loads(runner.invoke(app, ["top-k", token_project, "--k", "2", "--json"]).stdout)["queries"][1]
+    assert query["query_input"] == ids[21] and query["query_label"] == int(labels[21])
+    ranked = query["proponents"] + query["opponents"]
+    assert len(ranked) == 4
+    assert all(row["train_input"] == ids[row["train_index"]] and row["train_label"] == int(labels[row["train_index"]]) for row in ranked)
+    table = runner.invoke(app, ["top-k", token_project, "--k", "2", "--query", "1"])
+    assert table.exit_code == 0, table.stderr
+    assert table.stdout.startswith(f"query 1 · index 21 · input {ids[21]} · label {int(labels[21])} · ")
+    head, *body = _table_rows(table.stdout)
+    assert head == ["", "rank", "train index", "input", "label", "influence"]  # the ids in a column of their own, the labels kept
+    assert [row[2:5] for row in body] == [[str(r["train_index"]), str(r["train_input"]), str(r["train_label"])] for r in ranked]
+    top_self = json.loads(runner.invoke(app, ["top-k", token_project, "--self", "--k", "2", "--json"]).stdout)["self_influence"]
+    assert all(row["train_input"] == ids[row["train_index"]] and row["train_label"] == int(labels[row["train_index"]]) for row in top_self)
+    table = runner.invoke(app, ["top-k", token_project, "--self", "--k", "2"])
+    assert table.exit_code == 0, table.stderr
+    head, *body = _table_rows(table.stdout)
+    assert head == ["rank", "train index", "input", "label", "predicted", "self-influence"]
+    assert [row[1:4] for row in body] == [[str(r["train_index"]), str(r["train_input"]), str(r["train_label"])] for r in top_self]
