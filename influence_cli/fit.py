@@ -516,7 +516,7 @@ def _fit_member(
         clear_progress_of_finished(out_dir, storage.FACTORS_PARTIAL, main=ctx.state.is_main, outputs=[path])
         return FitReport(path, cfg.factors.strategy, cfg.factors.fisher, n, layers_info, {}, "already complete", member=member.index, skipped=skipped)
     rank_suffix = f".rank{ctx.state.rank}" if ctx.state.distributed else ""
-    checkpoint = PassCheckpoint(out_dir / storage.FACTORS_PARTIAL.format(rank=rank_suffix), settings, cfg.factors.checkpoint_every)
+    checkpoint = PassCheckpoint(out_dir / storage.FACTORS_PARTIAL.format(rank=rank_suffix), settings, cfg.factors.checkpoint_every, folder_key=cfg.factors_key)
 
     def start_checks() -> Snapshot | None:
         storage.check_can_write(path, overwrite, "factors", cfg.factors_key, storage.FACTORS_FORMAT)

@@ -49,6 +49,8 @@ def check_rank_layout(folder: Path, pattern: str, world_size: int, *, resume: bo
     """
     mine = {pattern.format(rank=kind)} if world_size == 1 else {pattern.format(rank=f".rank{r}{kind}") for r in range(world_size)}
     others = [p for p in progress_files(folder, pattern, kind) if snapshot_of(p.name, pattern) not in mine]
+    for p in others:  # never opened (a FIFO would block), nor a folder removed
+        storage.refuse_irregular(p, overwrite and not resume)
     if not others or (overwrite and not resume):
         for p in others:
             p.unlink(missing_ok=True)
@@ -121,6 +123,7 @@ def clear_progress_of_finished(folder: Path, pattern: str, kind: str = "", main:
     left (the caller holds their lock); on rank 0 only (`main`)."""
     if main:
         for p in progress_files(folder, pattern, kind):
+            storage.refuse_irregular(p, True)  # a folder is never removed
             p.unlink(missing_ok=True)
         for output in outputs:
             storage.remove_stale_temp_files(output)
@@ -141,14 +144,18 @@ class Snapshot:
 class PassCheckpoint:
     """Saves and restores one rank's progress to `path` (atomic writes)."""
 
-    def __init__(self, path: Path, settings: dict[str, Any], every: int, names: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, path: Path, settings: dict[str, Any], every: int, names: dict[str, str] | None = None, folder_key: str = "output_dir"
+    ) -> None:
         """`settings`: everything the pass's result depends on (its `run_key` identifies the run);
-        `names`: the command's own words for some of them, in refusals (`changed_settings`)."""
+        `names`: the command's own words for some of them, in refusals (`changed_settings`);
+        `folder_key`: the config key that names its folder, in refusals."""
         self.path = path
         self.settings = as_recorded(settings)
         self.key = run_key(settings)
         self.every = every
         self.names = names
+        self.folder_key = folder_key
 
     def exists(self) -> bool:
         return self.path.exists()
@@ -173,6 +180,7 @@ class PassCheckpoint:
         storage.remove_stale_temp_files(self.path)
         if not self.path.exists():
             return None
+        storage.refuse_irregular(self.path, overwrite and not resume, self.folder_key)  # never opened; a FIFO removed by --overwrite
         if overwrite and not resume:
             self.clear()
             return None

@@ -785,6 +785,8 @@ def _start_pairwise(st: DistState, checkpoint: PassCheckpoint, single: Path, ind
         check_rank_layout(out_dir, storage.SCORES_PARTIAL, st.world_size, resume=resume, overwrite=overwrite)
         snap = checkpoint.check_start(resume, overwrite)
         leftovers = sorted(out_dir.glob(storage.SCORES_SHARD_GLOB))
+        for shard in leftovers:  # never opened (a FIFO would block); --overwrite (without --resume) removes a FIFO, never a folder
+            storage.refuse_irregular(shard, overwrite and not resume, "output_dir")
         if leftovers and not resume and not overwrite:
             raise OutputError(
                 f"{str(leftovers[0].parent)!r} holds {len(leftovers)} score shard(s) of an interrupted run",

@@ -816,20 +816,15 @@ def check_can_write(path: Path, overwrite: bool, what: str, key: str | None = No
     (`what`, in format `fmt`), one of another kind (its format's, when `fmt` is given), one of another version of
     influence_cli, a safetensors file of another program (a checkpoint, say: to keep), a file whose header does not
     read (damaged from outside), or a file that records nothing of what wrote it (edit's .pt state dict); the hint of
-    a file that may be another program's names another place first (`key`: the flag or config key that names `path`).
+    a file that may be another program's, or an output of another kind, names another place first (`key`: the flag or
+    config key that names `path`).
     With `resume`, an influence_cli output of `fmt`'s kind, of any version, passes: --resume compares its settings.
     Only a regular file that safetensors can open is read (a file that is not readable or has a non-UTF-8 path fails
     to open whatever it holds, so it is taken for a finished run's output, by its name); what is no regular file is
     refused as that, so no caller reads it (a FIFO would block), and a folder even with `overwrite` (never removed)."""
     if not path.exists():
         return
-    if not path.is_file():
-        elsewhere = _elsewhere(key)
-        if path.is_dir():
-            raise OutputError(f"{str(path)!r} is a folder, not a file", hint=f"{elsewhere}, or move that folder away").everywhere()
-        if not overwrite:
-            detail = "already exists and is not a regular file (a FIFO, socket or device)"
-            raise OutputError(f"{str(path)!r} {detail}", hint=f"{elsewhere}, or pass --overwrite to replace it").everywhere()
+    refuse_irregular(path, overwrite, key)
     if overwrite:
         return
     found = _found(path, what, key, fmt, resume=resume)
@@ -837,6 +832,20 @@ def check_can_write(path: Path, overwrite: bool, what: str, key: str | None = No
         return
     detail, hint = found or (f"already holds {what} from a finished run", "pass --overwrite to replace it")
     raise OutputError(f"{str(path)!r} {detail}", hint=hint).everywhere()
+
+
+def refuse_irregular(path: Path, overwrite: bool, key: str | None = None) -> None:
+    """Refuses what is at `path` where it is no regular file, never opening it (a FIFO would block its reader): a
+    folder even with `overwrite` (never removed), a FIFO, socket or device without it (`key`: as check_can_write's).
+    Output paths (`check_can_write`) and progress files (snapshots, score shards, finished datasets) both use it."""
+    if not path.exists() or path.is_file():
+        return
+    elsewhere = _elsewhere(key)
+    if path.is_dir():
+        raise OutputError(f"{str(path)!r} is a folder, not a file", hint=f"{elsewhere}, or move that folder away").everywhere()
+    if not overwrite:
+        detail = "already exists and is not a regular file (a FIFO, socket or device)"
+        raise OutputError(f"{str(path)!r} {detail}", hint=f"{elsewhere}, or pass --overwrite to replace it").everywhere()
 
 
 _FORMATS = frozenset({FACTORS_FORMAT, SCORES_FORMAT, SELF_FORMAT, SIMILARITY_FORMAT, SPECTRUM_FORMAT, EDITED_CHECKPOINT_FORMAT, PARTIAL_FORMAT})
@@ -878,7 +887,7 @@ def _found(path: Path, what: str, key: str | None, fmt: str | None, *, resume: b
     kind = made.removeprefix("influence_cli.").split("/")[0]
     if fmt is not None and kind != fmt.removeprefix("influence_cli.").split("/")[0]:
         held = _KINDS.get(kind, "an influence_cli output of another kind")
-        return f"already holds {held} (format {_shown(made)}), not {what}", "pass --overwrite to replace it"
+        return f"already holds {held} (format {_shown(made)}), not {what}", keep
     if resume:
         return None
     if (written := _version_written(meta)) is not None:

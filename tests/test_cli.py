@@ -318,7 +318,8 @@ def test_an_output_of_another_version_is_said_to_be(runner: CliRunner, fitted: t
 def test_an_output_of_another_kind_is_said_to_be(runner: CliRunner, fitted: tuple[Path, Result], tmp_path: Path):
     """An output of this version of influence_cli but of another kind in an output's place (scores renamed to
     factors.safetensors, a similarity result where spectrum writes) is refused as what it holds, the kind its format
-    names, with or without --resume, with the --overwrite hint, and left as it is."""
+    names, with or without --resume, its hint naming output_dir as the place to change first, as for another
+    program's file, and left as it is."""
     out, _ = fitted
     for command in ("compute-scores", "dataset-similarity"):
         made = invoke(runner, command, DIGITS, "--set", f"factors_dir={out}", "--set", f"output_dir={tmp_path}")
@@ -334,7 +335,7 @@ def test_an_output_of_another_kind_is_said_to_be(runner: CliRunner, fitted: tupl
         for resume in ((), ("--resume",)):
             result = invoke(runner, args[0], DIGITS, *args[1:], *resume, "--set", f"output_dir={tmp_path}")
             line = assert_clean_error(result, EXIT["output"], f"{str(tmp_path / name)!r} {needle}")
-            assert result.stderr.split(line, 1)[1].strip() == "hint: pass --overwrite to replace it"
+            assert result.stderr.split(line, 1)[1].strip() == "hint: set output_dir to another place, or pass --overwrite to replace that file"
     assert {name: (tmp_path / name).read_bytes() for name in before} == before
 
 
@@ -1778,3 +1779,40 @@ def test_results_wait_for_a_non_blocking_stdout(monkeypatch):
     thread.join(timeout=60)
     os.close(read_end)
     assert got.decode() == text
+
+
+@pytest.mark.parametrize(
+    ("command", "name"),
+    [("fit-factors", "factors.partial.safetensors"), ("compute-scores", "scores.partial.safetensors"),
+     ("compute-scores", "scores.shard-00000.safetensors"), ("dataset-similarity", "similarity.partial.safetensors")],
+)  # fmt: skip
+def test_a_fifo_or_folder_at_a_progress_path_is_refused_as_that(
+    runner: CliRunner, fitted: tuple[Path, Result], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str, name: str
+):
+    """A FIFO at a snapshot's or a score shard's path is never opened (a shard's blocked --resume for good, a snapshot
+    was said not to exist), refused as what it is with or without --resume and removed by --overwrite; a folder there
+    is refused even with --overwrite (it gave a traceback), and never removed."""
+    out, _ = fitted
+    path = tmp_path / name
+    os.mkfifo(path)
+    opened = storage._opened
+    monkeypatch.setattr(storage, "_opened", lambda p, *a, **kw: pytest.fail("a FIFO was opened") if Path(p) == path else opened(p, *a, **kw))
+    args = (command, DIGITS, "--set", f"factors_dir={out}", "--set", f"output_dir={tmp_path}")
+    if command == "fit-factors":
+        args = (command, DIGITS, "--set", f"output_dir={tmp_path}")
+    for flags in ((), ("--resume",)):
+        result = invoke(runner, *args, *flags)
+        line = assert_clean_error(result, EXIT["output"], f"{str(path)!r} already exists and is not a regular file (a FIFO, socket or device)")
+        assert result.stderr.split(line, 1)[1].strip().endswith("or pass --overwrite to replace it")
+        assert path.is_fifo()
+    result = invoke(runner, *args, "--overwrite")
+    assert result.exit_code == 0, result.stderr
+    assert not path.exists()
+    if "shard" in name:
+        (tmp_path / "scores.safetensors").unlink()  # a shard's folder beside finished scores is no shard of theirs: left alone
+    path.mkdir()
+    for flags in (("--overwrite",), ("--resume",)):
+        result = invoke(runner, *args, *flags)
+        line = assert_clean_error(result, EXIT["output"], f"{str(path)!r} is a folder, not a file")
+        assert result.stderr.split(line, 1)[1].strip().endswith("or move that folder away")
+        assert path.is_dir()
