@@ -253,7 +253,7 @@ def test_a_file_in_any_models_place_refuses_the_run_before_any_model_is_fitted(t
     with pytest.raises(OutputError) as exc:
         fit_factors(cfg, **flags)
     assert exc.value.message.startswith(f"{str(path)!r} ") and refusal in exc.value.message
-    assert exc.value.hint.startswith("set output_dir to another place") == (held in ("program", "damaged", "fifo", "folder"))
+    assert exc.value.hint.startswith("set output_dir to another place") == (held in ("program", "damaged", "scores", "fifo", "folder"))
     assert (path.read_bytes() == before) if before is not None else (path.is_fifo() or path.is_dir())
     assert (cfg.factors_path / storage.FACTORS_FILE).exists() == (held == "folder")
 
