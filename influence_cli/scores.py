@@ -422,10 +422,10 @@ class _Scorer:
     def self_influence(self, batches: list[BatchGradients]) -> torch.Tensor:
         """∇L(x)ᵀ (F + λ)⁻¹ ∇L(x) of one training batch, averaged over the members: [B]; with
         `by_layer`, its parts per layer instead, [L, B] in float64 (their sum is the value)."""
-        if self.by_layer is not None:
-            parts = [m.kernel.self_influence_by_layer(b, self.by_layer) for m, b in zip(self.members, batches, strict=True)]
-            return parts[0] if len(parts) == 1 else torch.stack(parts).mean(0)
-        values = [m.kernel.self_influence(b) for m, b in zip(self.members, batches, strict=True)]
+        values = [
+            m.kernel.self_influence(b) if self.by_layer is None else m.kernel.self_influence_by_layer(b, self.by_layer)
+            for m, b in zip(self.members, batches, strict=True)
+        ]
         return values[0] if len(values) == 1 else torch.stack(values).mean(0)
 
     @torch.no_grad()

@@ -884,8 +884,8 @@ def _found(path: Path, what: str, key: str | None, fmt: str | None, *, resume: b
     if not written_by_influence_cli(meta):
         detail = "already exists and was not written by influence_cli (a safetensors file of another program"
         return detail + (f", format {_shown(made)})" if made else ")"), keep
-    kind = made.removeprefix("influence_cli.").split("/")[0]
-    if fmt is not None and kind != fmt.removeprefix("influence_cli.").split("/")[0]:
+    kind = _kind(made)
+    if fmt is not None and kind != _kind(fmt):
         held = _KINDS.get(kind, "an influence_cli output of another kind")
         return f"already holds {held} (format {_shown(made)}), not {what}", keep
     if resume:
@@ -895,6 +895,11 @@ def _found(path: Path, what: str, key: str | None, fmt: str | None, *, resume: b
     if (made != fmt) if fmt is not None else (made not in _FORMATS):
         return f"already holds {what} in format {_shown(made)}, written by another version of influence_cli (this is {__version__})", "pass --overwrite to replace it"
     return None
+
+
+def _kind(fmt: str) -> str:
+    """The kind of output an influence_cli format names: "scores" of "influence_cli.scores/1"."""
+    return fmt.removeprefix("influence_cli.").split("/")[0]
 
 
 def written_by_influence_cli(metadata: dict[str, Any]) -> bool:
