@@ -89,32 +89,47 @@ def count_label_noise(view: ExampleView, positions: list[int]) -> LabelNoiseCoun
     return LabelNoiseCount(int(mask[positions].sum()) if positions else 0, int(mask.sum()), len(mask))
 
 
-def example_views(cfg: Any, loaded: dict[str, IndexedDataset], which: list[str], *, required: bool = True) -> list[ExampleView | None]:
-    """Views of the data specs named in `which` ("data.train", "data.query"): the datasets in
-    `loaded` (those `topk.check_scores_match` matched to the scores), the others loaded here.
+def spec_views(cfg: Any, specs: dict[str, tuple[Any, str]], loaded: dict[str, IndexedDataset] | None = None) -> dict[str, ExampleView]:
+    """Views of the data specs `specs` ({name: (data spec, its config key)}), by name: the datasets
+    in `loaded` (by config key), the others loaded here as the model receives them, so that the
+    integer inputs of a model with an embedding table are its token ids (`models.takes_token_ids`;
+    the model is loaded once, and only when a spec is loaded here).
 
-    Raises:
-        ConfigError: a spec in `which` is missing from the config (with `required`; else its view is None).
+    Every command that shows examples builds its views here, so which inputs show as token ids
+    (`ExampleView.token_inputs`) is decided alike for all.
     """
     from influence_cli.models import load_model, takes_token_ids
 
-    views: list[ExampleView | None] = []
+    views: dict[str, ExampleView] = {}
     token_ids: bool | None = None
-    for key in which:
-        spec = cfg.data.train if key == "data.train" else cfg.data.query
-        if spec is None:
-            if required:
-                raise ConfigError(f"{key}: missing in the config (top-k reads its examples)", source=cfg.source)
-            views.append(None)
-            continue
-        if key in loaded:
+    for name, (spec, key) in specs.items():
+        if loaded is not None and key in loaded:
             dataset = loaded[key]
         else:
             if token_ids is None:  # integer inputs of a model with an embedding table are token ids, not images
                 token_ids = takes_token_ids(load_model(cfg.model, cfg.base_dir))
             dataset = load_dataset(spec, cfg.base_dir, name=key, seed=cfg.seed, embedding_model=token_ids)
-        views.append(ExampleView(dataset, cfg.task.kind == "language_modeling", cfg.data.padding_value))
+        views[name] = ExampleView(dataset, cfg.task.kind == "language_modeling", cfg.data.padding_value)
     return views
 
 
-__all__ = ["ExampleView", "LabelNoiseCount", "count_label_noise", "example_views"]
+def example_views(cfg: Any, loaded: dict[str, IndexedDataset], which: list[str], *, required: bool = True) -> list[ExampleView | None]:
+    """Views of the data specs named in `which` ("data.train", "data.query"): the datasets in
+    `loaded` (those `topk.check_scores_match` matched to the scores), the others loaded here (`spec_views`).
+
+    Raises:
+        ConfigError: a spec in `which` is missing from the config (with `required`; else its view is None).
+    """
+    specs = {}
+    for key in which:
+        spec = cfg.data.train if key == "data.train" else cfg.data.query
+        if spec is None:
+            if required:
+                raise ConfigError(f"{key}: missing in the config (top-k reads its examples)", source=cfg.source)
+            continue
+        specs[key] = (spec, key)
+    views = spec_views(cfg, specs, loaded)
+    return [views.get(key) for key in which]
+
+
+__all__ = ["ExampleView", "LabelNoiseCount", "count_label_noise", "example_views", "spec_views"]

@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 from exact import batches_of, sequence_project, singletons
+from test_json_docs import row_names
 from torch import nn
 from typer.testing import CliRunner
 
@@ -540,3 +541,78 @@ def test_top_k_shows_a_token_classifiers_input_ids_beside_its_labels(token_proje
     head, *body = _table_rows(table.stdout)
     assert head == ["rank", "train index", "input", "label", "predicted", "self-influence"]
     assert [row[1:4] for row in body] == [[str(r["train_index"]), str(r["train_input"]), str(r["train_label"])] for r in top_self]
+
+
+def test_spectrum_shows_a_token_classifiers_input_ids_beside_its_labels_as_top_k_does(token_project):
+    runner = _runner()
+    assert runner.invoke(app, ["fit-factors", token_project]).exit_code == 0
+    _, seqs, labels = token_sequences(n=24)
+    ids = [s[0].tolist() for s in seqs]  # each example's input ids without the padding
+    result = runner.invoke(app, ["spectrum", token_project, "--top", "3", "--json"])
+    assert result.exit_code == 0, result.stderr
+    rows = json.loads(result.stdout)["top_examples"]["train"]
+    assert len(rows) == 3 and set(rows[0]) <= row_names("spectrum", "top_examples")  # as docs/JSON.md gives them
+    assert all(row["input"] == ids[row["global_index"]] and row["label"] == int(labels[row["global_index"]]) for row in rows)
+    table = runner.invoke(app, ["spectrum", token_project, "--top", "3"])
+    assert table.exit_code == 0, table.stderr
+    head, *body = _table_rows(table.stdout.split("most memorization-like examples of train")[1])
+    assert head[:4] == ["rank", "global index", "input", "label"]  # the ids in a column of their own, the labels kept
+    assert [row[1:4] for row in body] == [[str(r["global_index"]), str(r["input"]), str(r["label"])] for r in rows]
+
+
+PIXEL_MODULE = """
+import torch
+from torch import nn
+
+
+class Pixels(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(256, 4)
+        self.proj = nn.Linear(4, 5)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, pixels):
+        return self.head(torch.tanh(self.proj(self.embed(pixels)))).mean(dim=1)
+
+
+def make():
+    return Pixels()
+"""
+
+
+def test_an_image_folder_read_as_token_ids_shows_its_ids_and_files_in_top_k_and_spectrum(tmp_path, monkeypatch):
+    """transform.dtype: int64 gives a model over pixel ids its images as token ids: top-k and spectrum both
+    show them as ids (an input column beside file and label), not as images."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for cls in ("cat", "dog"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray((torch.rand(2, 2, generator=g) * 255).to(torch.uint8).numpy()).save(tmp_path / "imgs" / cls / f"{i}.png")
+    project = sequence_project(tmp_path, monkeypatch, "pixmod_cli", PIXEL_MODULE, torch.zeros(1, 1), torch.zeros(1), "unused.pt")
+    config = yaml.safe_load(open(project))
+    spec = {"source": "image_folder", "root": "imgs", "transform": {"dtype": "int64", "flatten": True}}
+    config["data"] = {"train": spec, "query": {**spec, "indices": [0, 11]}, "batch_size": 4}
+    config["factors"] = {"fisher": "empirical"}
+    (tmp_path / "pixels.yaml").write_text(yaml.safe_dump(config))
+    project = str(tmp_path / "pixels.yaml")
+    runner = _runner()
+    for command in (["fit-factors", project], ["compute-scores", project]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 0, result.stderr
+    files = [f"{cls}/{i}.png" for cls in ("cat", "dog") for i in range(6)]
+    ids = [torch.tensor(np.array(Image.open(tmp_path / "imgs" / f))).reshape(-1).tolist() for f in files]
+    query = json.loads(runner.invoke(app, ["top-k", project, "--k", "2", "--json"]).stdout)["queries"][1]
+    assert query["query_input"] == ids[11] and query["query_file"] == files[11]
+    assert all(r["train_input"] == ids[r["train_index"]] and r["train_file"] == files[r["train_index"]] for r in query["proponents"])
+    head, *_ = _table_rows(runner.invoke(app, ["top-k", project, "--k", "2", "--query", "1"]).stdout)
+    assert head == ["", "rank", "train index", "file", "input", "label", "influence"]
+    rows = json.loads(runner.invoke(app, ["spectrum", project, "--top", "3", "--json"]).stdout)["top_examples"]["train"]
+    assert len(rows) == 3 and all(row["input"] == ids[row["global_index"]] and row["file"] == files[row["global_index"]] for row in rows)
+    table = runner.invoke(app, ["spectrum", project, "--top", "3"])
+    assert table.exit_code == 0, table.stderr
+    head, *body = _table_rows(table.stdout.split("most memorization-like examples of train")[1])
+    assert head[:5] == ["rank", "global index", "file", "input", "label"]
+    assert [row[2:5] for row in body] == [[r["file"], str(r["input"]), f"{r['label']} ({('cat', 'dog')[r['label']]})"] for r in rows]

@@ -13,7 +13,7 @@ import select
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.cells import cell_len
 from rich.console import Console
@@ -32,6 +32,9 @@ from rich.progress import (
 )
 from rich.table import Table
 from rich.text import Text
+
+if TYPE_CHECKING:  # the CLI imports torch only when a command runs
+    from influence_cli.example_views import ExampleView
 
 MIN_COLUMNS = 20  # a narrower $COLUMNS (0, -5, 4) is not a width results can be drawn at
 
@@ -617,6 +620,23 @@ def label_text(label: Any, class_names: list[str] | None = None, token_ids: bool
     if class_names is not None and isinstance(label, int) and 0 <= label < len(class_names):
         return f"{label} ({class_names[label]})"
     return str(label)
+
+
+def example_columns(view: ExampleView | None, label_justify: str = "left") -> list[tuple[str, str]]:
+    """The columns `example_cells` fills for a ranked example: its input ids where its inputs are
+    token ids (`ExampleView.token_inputs`), and its label but for a language model's (the same ids
+    shifted by one); the label alone without a view."""
+    ids = view is not None and view.token_inputs
+    return [("input", "left")] * ids + [("label", label_justify)] * (view is None or not view.token_data)
+
+
+def example_cells(view: ExampleView | None, position: int | None, label: Any) -> list[str]:
+    """A ranked example's cells (`example_columns`): its input ids without padding, its label (by
+    class name where known); `position` in the view's dataset (unused without a view)."""
+    if view is None:
+        return [label_text(label, None, False)]
+    ids = [label_text(view.input_ids(position), None, True)] if view.token_inputs else []  # type: ignore[arg-type]
+    return ids + ([] if view.token_data else [label_text(label, view.class_names, False)])
 
 
 def print_read_back(path: Path, picture: Path | None = None) -> None:

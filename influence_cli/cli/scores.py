@@ -15,6 +15,8 @@ from influence_cli.cli.app import ConfigArg, JsonOpt, OverwriteOpt, ResumeOpt, S
 from influence_cli.cli.render import (
     RichProgress,
     err_console,
+    example_cells,
+    example_columns,
     fitted_layer_shares,
     human_bytes,
     label_json,
@@ -243,9 +245,9 @@ def top_k_cmd(
             flipped = [] if not noise else ["" if was is None else f"flipped from {label_text(was, train.class_names)}"]
             guess = [] if predicted is None else [label_text(int(predicted[r.train_position]), train.class_names)]
             rows.append(([str(r.rank), str(r.train_index), *([train.file(r.train_position)] if train.has_files else []),
-                          *_shown(train, r.train_position, r.train_label), *guess, *flipped, f"{r.score:.5g}"], r))  # fmt: skip
+                          *example_cells(train, r.train_position, r.train_label), *guess, *flipped, f"{r.score:.5g}"], r))  # fmt: skip
         print_table(_ranking_table(f"most self-influential training examples (top {len(ranked)})", [("rank", "right"), ("train index", "right")]
-                                   + ([("file", "left")] if train.has_files else []) + _shown_columns(train)
+                                   + ([("file", "left")] if train.has_files else []) + example_columns(train)
                                    + ([("predicted", "left")] if predicted is not None else [])
                                    + ([("label noise", "left")] if noise else []) + [("self-influence", "right")],
                                    rows, None, self_influence.layers is not None))  # fmt: skip
@@ -302,9 +304,9 @@ def top_k_cmd(
     names = None if queries is None else queries.class_names
 
     def cells(e) -> list[str]:
-        return ([train.file(e.train_position)] if files else []) + _shown(train, e.train_position, e.train_label)
+        return ([train.file(e.train_position)] if files else []) + example_cells(train, e.train_position, e.train_label)
 
-    blank = [""] * ((1 if files else 0) + len(_shown_columns(train)))
+    blank = [""] * ((1 if files else 0) + len(example_columns(train)))
     for r in rankings:
         shown = f"input {label_text(queries.input_ids(r.query_position))} · " if queries is not None and queries.token_inputs else ""
         shown += f"file {queries.file(r.query_position) if queries is not None else '-'} · " if files else ""
@@ -321,7 +323,7 @@ def top_k_cmd(
             rows += [
                 ([Text("opponent", style="red"), str(e.rank), str(e.train_index), *cells(e), f"{e.score:+.5g}"], e) for e in r.opponents
             ] or [([Text("opponent", style="red"), "-", "", *blank, "no negative score"], None)]
-        head = [*columns, *_shown_columns(train), (variant, "right")]
+        head = [*columns, *example_columns(train), (variant, "right")]
         print_table(_ranking_table(title, head, rows, section, meta.by_layer is not None))  # each pair's leading layers (--by-layer)
     if grid_path:
         err_console.print(f"[green]saved[/] {escape(str(grid_path))}")
@@ -357,19 +359,6 @@ def _ranking_table(
             table.add_section()
         table.add_row(*cells, *([shares[i]] if i in shares else []))
     return table
-
-
-def _shown_columns(view: ExampleView) -> list[tuple[str, str]]:
-    """The columns `_shown` fills: a language model's input ids (its labels are the same ids shifted
-    by one), other token ids beside the label, or the label alone."""
-    return [("input", "left")] * view.token_inputs + [("label", "left")] * (not view.token_data)
-
-
-def _shown(view: ExampleView, position: int, label) -> list[str]:
-    """An example's cells in a table (`_shown_columns`): its input ids for token inputs, its label
-    (by class name where known) but for a language model's."""
-    ids = [label_text(view.input_ids(position), None, True)] if view.token_inputs else []
-    return ids + ([] if view.token_data else [label_text(label, view.class_names, False)])
 
 
 def _json_extras(view: ExampleView | None, position: int, side: str, files: bool) -> dict:

@@ -12,8 +12,9 @@ from influence_cli.cli.app import ConfigArg, JsonOpt, OverwriteOpt, ResumeOpt, S
 from influence_cli.cli.render import (
     RichProgress,
     err_console,
+    example_cells,
+    example_columns,
     label_json,
-    label_text,
     layer_label,
     new_table,
     print_json,
@@ -120,7 +121,7 @@ def spectrum_cmd(
         return
     if plot is not None:
         save_spectrum_plot(plot, report)
-    views = _views(cfg) if top else {}  # a language model's examples are shown by their input ids, an image folder's by their files
+    views = _views(cfg) if top else {}  # examples over token ids are shown by their input ids, an image folder's by their files
     tokens = cfg.task.kind == "language_modeling"  # labels of token ids, never summarised
     if json_:
         data = report.to_dict(top, rank_by)
@@ -172,13 +173,13 @@ def spectrum_cmd(
             table = titled_table(
                 f"most memorization-like examples of {ds_name} (largest {names[0]} {rank_by})",
                 [("rank", "right"), ("global index", "right")] + ([("file", "left")] if files else [])
-                + [("input", "left") if tokens else ("label", "right")]
+                + example_columns(view, label_justify="right")
                 + ([("noisy", "left")] if noisy else []) + [("bottom energy", "right"), ("bottom share", "right"), ("gradient energy", "right")],
             )  # fmt: skip
             for r, row in enumerate(rows, start=1):
-                extras = _shown_extras(view, row["global_index"])
-                shown = label_text(extras["input"] if tokens else row["label"], None if view is None else view.class_names, tokens)
-                cells = [str(r), str(row["global_index"]), *([extras["file"]] if files else []), shown] + (["yes" if row["noisy"] else ""] if noisy else [])
+                position = _position(view, row["global_index"])
+                shown = example_cells(view, position, row["label"])
+                cells = [str(r), str(row["global_index"]), *([view.file(position)] if files else []), *shown] + (["yes" if row["noisy"] else ""] if noisy else [])
                 table.add_row(*cells, f"{row['bottom_energy']:.3g}", _pct(row["bottom_share"]), f"{row['energy']:.3g}")
             print_table(table)
     extra = f" and {plot}" if plot is not None else ""
@@ -190,24 +191,23 @@ def spectrum_cmd(
 
 
 def _views(cfg) -> dict:
-    """The spectrum's datasets by name, as tables show their examples (`example_views.ExampleView`), for
-    token data and image folders; {} for other sources, whose rows show the label alone."""
+    """The spectrum's datasets by name, as top-k shows examples (`example_views.spec_views`): those
+    whose inputs are token ids (`ExampleView.token_inputs`) or files of an image folder; the others'
+    rows show the label alone."""
     from influence_cli.band_energy import dataset_specs
-    from influence_cli.data import load_dataset
-    from influence_cli.example_views import ExampleView
+    from influence_cli.example_views import spec_views
 
-    tokens = cfg.task.kind == "language_modeling"
-    views = {}
-    for name, (spec, key) in dataset_specs(cfg).items():
-        if tokens or spec.source == "image_folder":
-            dataset = load_dataset(spec, cfg.base_dir, name=key, seed=cfg.seed, embedding_model=tokens)
-            views[name] = ExampleView(dataset, tokens, cfg.data.padding_value)
-    return views
+    return {name: view for name, view in spec_views(cfg, dataset_specs(cfg)).items() if view.token_inputs or view.has_files}
+
+
+def _position(view, global_index: int) -> int | None:
+    """A ranked example's position in its view's dataset, by its global index (None without a view)."""
+    return None if view is None else int(view.dataset.position_of([global_index])[0])
 
 
 def _shown_extras(view, global_index: int) -> dict:
-    """`input` (token data) and `file` (image folders) of a ranked example, by its global index."""
-    return {} if view is None else view.extras(int(view.dataset.position_of([global_index])[0]))
+    """`input` (token ids) and `file` (image folders) of a ranked example, by its global index."""
+    return {} if view is None else view.extras(_position(view, global_index))
 
 
 @command("edit", epilog=EDIT_EPILOG)
