@@ -35,7 +35,7 @@ from influence_cli import notices, storage
 from influence_cli.bands import LayerBands, check_order, layer_bands, load_kronecker_factors, select_layers
 from influence_cli.config import Config, DataSpec
 from influence_cli.context import RunContext, prepare
-from influence_cli.data.dataset import data_change
+from influence_cli.data.dataset import IndexedDataset, data_change
 from influence_cli.distributed import DistState
 from influence_cli.errors import ConfigError, UsageError
 from influence_cli.factors import LayerFactors, Rotation
@@ -361,6 +361,7 @@ class SpectrumReport:
     seconds: dict[str, float] = field(default_factory=dict)
     from_file: bool = False  # read from the finished result of the same settings, not computed
     resumed_from: str | None = None  # where --resume continued this rank's interrupted run
+    loaded: dict[str, IndexedDataset] = field(default_factory=dict, repr=False)  # the datasets measured, by config key: what --top shows their examples from
 
     def band_names(self) -> list[str]:
         """Row labels: "bottom 50%", "middle 40%", "top 10%" (by mass: "bottom ≤50% of curvature", ...)."""
@@ -595,6 +596,7 @@ def spectrum(
     report = SpectrumReport(
         path, [tm.name for tm in chosen], order, sp.bottom, sp.top, sp.mass, sp.bins, infos, results, groups, baseline,
         factors.strategy, factors.fisher, {} if from_file else seconds, from_file=from_file, resumed_from=resumed_from,
+        loaded={keys[name]: ds for name, ds in datasets.items()},
     )  # fmt: skip
     if report.flat_bands()[0]:
         warn(

@@ -616,3 +616,32 @@ def test_an_image_folder_read_as_token_ids_shows_its_ids_and_files_in_top_k_and_
     head, *body = _table_rows(table.stdout.split("most memorization-like examples of train")[1])
     assert head[:5] == ["rank", "global index", "file", "input", "label"]
     assert [row[2:5] for row in body] == [[r["file"], str(r["input"]), f"{r['label']} ({('cat', 'dog')[r['label']]})"] for r in rows]
+
+
+def test_spectrum_top_shows_ids_without_loading_the_model_or_the_data_again(token_project, monkeypatch):
+    """--top shows the examples of the datasets the pass measured: one model and one load of each dataset,
+    whether the result is computed or read back, as without --top."""
+    from influence_cli import context, example_views, models
+
+    runner = _runner()
+    assert runner.invoke(app, ["fit-factors", token_project]).exit_code == 0
+    loads = {"model": 0, "data": 0}
+    build, load = models.build_model, context.load_dataset
+
+    def counted_build(*args, **kwargs):
+        loads["model"] += 1
+        return build(*args, **kwargs)
+
+    def counted_load(*args, **kwargs):
+        loads["data"] += 1
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(models, "build_model", counted_build)
+    monkeypatch.setattr(context, "load_dataset", counted_load)
+    monkeypatch.setattr(example_views, "load_dataset", counted_load)
+    for command in (["spectrum", token_project, "--top", "3", "--json"], ["spectrum", token_project, "--top", "3"]):
+        loads.update(model=0, data=0)
+        result = runner.invoke(app, command)
+        assert result.exit_code == 0, result.stderr
+        assert loads == {"model": 1, "data": 1}
+    assert "input" in json.loads(runner.invoke(app, ["spectrum", token_project, "--top", "3", "--json"]).stdout)["top_examples"]["train"][0]
