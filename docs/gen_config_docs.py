@@ -367,8 +367,9 @@ OUTPUT_PROSE = """\
 Every command writes into `output_dir` (relative to the config file) and reads what earlier
 commands wrote there; only `edit --out` and the pictures of `--image-grid`, `--heatmap` and `--plot`
 are written elsewhere, where their paths point, and the factors live in `factors_dir` when the
-config sets it. Both folders' paths must be UTF-8 (the outputs are safetensors files, which open
-only UTF-8 paths; the config, checkpoint and data files may have any name), and a folder this
+config sets it. These paths, like those of the config, checkpoint and data files, may hold bytes
+that are not UTF-8 (a folder named in another system's encoding: a YAML file cannot spell such
+bytes, so they come from the config file's own folder, from `--set` or from a flag), and a folder this
 user cannot enter, or cannot list where the command writes (it finds its progress there), is
 refused by its key before any work:
 

@@ -593,6 +593,30 @@ def _yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
+_ESCAPED_BYTES = range(0xDC80, 0xDD00)  # Python's surrogate escapes of bytes that are not UTF-8 (argv, file names)
+_STAND_IN = 0x10FF00 - _ESCAPED_BYTES.start  # each stands in YAML as a private-use character, U+10FF00 + (byte - 0x80)
+
+
+def _yaml_load_argument(text: str) -> Any:
+    """A command-line value read as YAML; bytes that are not UTF-8 in it (a path of other bytes: Python's surrogate
+    escapes, which YAML refuses) are read as the characters they are, into the strings that hold them."""
+    stand_ins = text.translate({c: c + _STAND_IN for c in _ESCAPED_BYTES})
+    if stand_ins == text or any(ord(c) - _STAND_IN in _ESCAPED_BYTES for c in text):  # none, or a stand-in is in the text
+        return _yaml_load(text)
+    return _escaped_back(_yaml_load(stand_ins))
+
+
+def _escaped_back(value: Any) -> Any:
+    """`value` (as YAML read it) with the stand-ins of `_yaml_load_argument` back as the surrogate escapes they were."""
+    if isinstance(value, str):
+        return value.translate({c + _STAND_IN: c for c in _ESCAPED_BYTES})
+    if isinstance(value, list):
+        return [_escaped_back(v) for v in value]
+    if isinstance(value, dict):
+        return {_escaped_back(k): _escaped_back(v) for k, v in value.items()}
+    return value
+
+
 def yaml_text(value: Any) -> str:
     """A config value as it is written in YAML (None is null), for messages."""
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
@@ -622,7 +646,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         whole = key.split("[", 1)[0]
         raise ConfigError(f"--set {shown}: list elements cannot be set one by one; give the whole list ({whole}=[a, b])")
     try:
-        value = _yaml_load(raw) if raw.strip() else ""
+        value = _yaml_load_argument(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {shown}: the value is not valid YAML ({_yaml_reason(exc)})") from None
     except RecursionError:
@@ -1242,21 +1266,7 @@ def validate(cfg: Config, check_files: bool = True, reads: Collection[str] | Non
         problems.append("output_dir: must not be empty")
     if cfg.factors_dir is not None and not cfg.factors_dir:
         problems.append("factors_dir: must not be empty (null = output_dir)")
-    for key in ("output_dir", "factors_dir"):  # outputs are safetensors files, which open only UTF-8 paths
-        folder = getattr(cfg, key) and str(cfg.resolve(getattr(cfg, key)))
-        if folder and not utf8_text(folder):
-            problems.append(f"{key}: {folder!r} is not valid UTF-8, which the outputs' files (safetensors) need; choose a folder of UTF-8 names")
     return problems
-
-
-def utf8_text(text: str) -> bool:
-    """Whether `text` is valid UTF-8 text: a path of other bytes holds Python's surrogate escapes, which safetensors can
-    neither store in its metadata nor open as a file name."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _yaml_repr(value: Any) -> str:

@@ -29,7 +29,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from influence_cli import notices
-from influence_cli.config import utf8_text
 from influence_cli.errors import OutputError, UsageError, first_line
 
 FACTORS_FILE = "factors.safetensors"
@@ -68,6 +67,16 @@ G_EIGENVECTORS = "g_eigenvectors"
 G_EIGENVALUES = "g_eigenvalues"
 EIGENVALUES = "eigenvalues"  # curvature diagonal in the eigenbasis: EKFAC-corrected, K-FAC product or diagonal
 NUM_EXAMPLES = "num_examples"
+
+
+def utf8_text(text: str) -> bool:
+    """Whether `text` is valid UTF-8 text: a path of other bytes holds Python's surrogate escapes, which safetensors can
+    neither store in its metadata nor open as a file name."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -526,7 +535,7 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     meta.setdefault("created", created_now())
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with atomic_path(path, key) as tmp:
-        save_file(cpu, str(tmp), metadata=meta)
+        save_file(cpu, str(tmp), metadata=meta)  # any bytes of a name (safetensors' readers alone need UTF-8)
 
 
 def save_state_dict(path: Path, tensors: dict[str, torch.Tensor], *, key: str = "output_dir") -> None:
@@ -613,6 +622,17 @@ def _encode(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)  # default: a YAML date or set in the kwargs, as text
 
 
+def open_safetensors(path: Path) -> Any:
+    """safetensors' `safe_open` handle of `path` (framework "pt"; its tensors: views of one memory map). A path that is
+    not valid UTF-8 (which safetensors cannot open by name) is opened through its descriptor's UTF-8 name
+    (/proc/self/fd/N, Linux), closed again once the map is made (the handle keeps its own); where there is no
+    /proc/self/fd it fails as safetensors does (`unreadable` names why). Raises what safe_open raises."""
+    if utf8_text(str(path)):
+        return safe_open(str(path), framework="pt")
+    with _descriptor_path(path) as alias:
+        return safe_open(alias or str(path), framework="pt")
+
+
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a .safetensors file, on the CPU, as views of safetensors' memory map of it. A path that is not
     valid UTF-8 (which safetensors cannot open by name) is opened here and mapped through its descriptor's UTF-8 name
@@ -634,8 +654,7 @@ def _descriptor_path(path: Path) -> Iterator[str | None]:
     (closed on leaving); None where /proc/self/fd is not there (not Linux). Opening fails as reading would (OSError)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        alias = f"/proc/self/fd/{fd}"
-        yield alias if os.path.exists(alias) else None
+        yield f"/proc/self/fd/{fd}" if _descriptor_names() else None
     finally:
         os.close(fd)
 
@@ -716,15 +735,25 @@ def format_mismatch(path: Path, found: Any, expected: str, hint: str | None = No
 
 
 def unreadable(path: Path, exc: Exception, what: str = "safetensors file", hint: str | None = None) -> OutputError:
-    """The OutputError of an output `path` that safetensors failed to open (`exc`): a path that is not UTF-8 and a file
-    this user may not read are named as such, anything else is `what` unreadable, with `hint` (by default the command
+    """The OutputError of an output `path` that safetensors failed to open (`exc`): a path that is not UTF-8 where
+    there is no /proc/self/fd to open it through, and a file this user may not read, are named as such, anything else is `what` unreadable, with `hint` (by default the command
     that writes it again)."""
-    if not utf8_text(str(path)):
-        return OutputError(f"{str(path)!r} cannot be opened: its path is not valid UTF-8, which safetensors needs",
-                           hint="rename the file (or the folders above it) to UTF-8 names")  # fmt: skip
+    if not _openable_name(path):
+        return OutputError(f"{str(path)!r} cannot be opened: its path is not valid UTF-8, which safetensors needs (and "
+                           "there is no /proc/self/fd to open it through)", hint="rename the file (or the folders above it) to UTF-8 names")  # fmt: skip
     if os.path.exists(path) and not os.access(path, os.R_OK):  # safetensors says "No such file or directory" of it too
         return OutputError(f"{str(path)!r} cannot be read (permission denied)", hint="give this user read permission on it (chmod)")
     return OutputError(f"{str(path)!r} is not a readable {what} ({exc})", hint=hint or remake_hint(path))
+
+
+def _openable_name(path: Path) -> bool:
+    """Whether safetensors can open `path` (`open_safetensors`): a UTF-8 path, or any path where /proc/self/fd is."""
+    return utf8_text(str(path)) or _descriptor_names()
+
+
+def _descriptor_names() -> bool:
+    """Whether this system names a process's open descriptors as files, /proc/self/fd/N (Linux)."""
+    return os.path.isdir("/proc/self/fd")
 
 
 @contextmanager
@@ -733,7 +762,7 @@ def _opened(path: Path, hint: str | None = None) -> Iterator[Any]:
     body, is an OutputError naming the file (`unreadable`, with `hint`), and the OutputErrors the body raises pass
     as they are."""
     try:
-        with safe_open(str(path), framework="pt") as fh:
+        with open_safetensors(path) as fh:
             yield fh
     except OutputError:
         raise
@@ -819,8 +848,9 @@ def check_can_write(path: Path, overwrite: bool, what: str, key: str | None = No
     a file that may be another program's, or an output of another kind, names another place first (`key`: the flag or
     config key that names `path`).
     With `resume`, an influence_cli output of `fmt`'s kind, of any version, passes: --resume compares its settings.
-    Only a regular file that safetensors can open is read (a file that is not readable or has a non-UTF-8 path fails
-    to open whatever it holds, so it is taken for a finished run's output, by its name); what is no regular file is
+    Only a regular file that safetensors can open is read (a file that is not readable, or has a non-UTF-8 path where
+    there is no /proc/self/fd, fails to open whatever it holds, so it is taken for a finished run's output, by its
+    name); what is no regular file is
     refused as that, so no caller reads it (a FIFO would block), and a folder even with `overwrite` (never removed)."""
     if not path.exists():
         return
@@ -873,7 +903,7 @@ def _found(path: Path, what: str, key: str | None, fmt: str | None, *, resume: b
             return None
         detail = f"already exists (a {path.suffix or 'file'} file records nothing of what wrote it: it may be another program's)"
         return detail, f"{elsewhere}, or pass --overwrite to replace it"
-    if not (utf8_text(str(path)) and os.access(path, os.R_OK)):
+    if not (_openable_name(path) and os.access(path, os.R_OK)):
         return None
     keep = f"{elsewhere}, or pass --overwrite to replace that file"  # a file that may be another program's
     try:

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from influence_cli import notices, storage
 from influence_cli.config import Config, yaml_text
@@ -488,7 +487,7 @@ def _open_scores(path: Path, required: Sequence[str]) -> Any:
         OutputError: the file is gone, unreadable, or lacks one of them (written by something else).
     """
     try:
-        fh = safe_open(str(path), framework="pt")
+        fh = storage.open_safetensors(path)
         keys = set(fh.keys())
     except Exception as exc:  # safetensors raises its own SafetensorError, OSError and others
         raise storage.unreadable(path, exc, "scores file") from None

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from stopping import assert_same_tensors
 from typer.testing import CliRunner, Result
 
 from influence_cli import __version__, storage
@@ -370,16 +371,21 @@ def test_resume_on_another_programs_file_is_refused_as_that(runner: CliRunner, t
 
 
 def test_an_output_that_does_not_open_is_not_read_to_be_called_damaged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """Only a regular, readable .safetensors file with a UTF-8 path is read to tell a damaged one: a non-UTF-8 path and a
-    file without read permission fail to open whatever they hold, and a FIFO would block the command (it is refused as
-    what it is, with --resume too, whose callers would read it next)."""
+    """Only a regular, readable .safetensors file that safetensors can open is read to tell a damaged one: a non-UTF-8
+    path where there is no /proc/self/fd to open it through and a file without read permission fail to open whatever
+    they hold, and a FIFO would block the command (it is refused as what it is, with --resume too, whose callers would
+    read it next)."""
     good = tmp_path / "f.safetensors"
     storage.save_tensors(good, {"x": torch.zeros(1)}, {storage.FORMAT_KEY: storage.FACTORS_FORMAT})
     odd = Path(os.fsdecode(os.fsencode(tmp_path) + b"/\xff.safetensors"))
-    os.link(good, odd)
+    odd.write_bytes(good.read_bytes()[:10])
+    with pytest.raises(OutputError, match="already exists and is not a readable safetensors file"):  # read: /proc/self/fd
+        storage.check_can_write(odd, False, "factors")
+    monkeypatch.setattr(storage, "_descriptor_names", lambda: False)
     with pytest.raises(OutputError, match="already holds factors from a finished run\nhint") as exc:
         storage.check_can_write(odd, False, "factors")
     assert exc.value.hint == "pass --overwrite to replace it"
+    monkeypatch.undo()
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(good.read_bytes()[:10])
     monkeypatch.setattr(os, "access", lambda path, mode, **kw: False)  # as a user without read permission (tests run as root)
@@ -803,9 +809,8 @@ def _non_utf8_folder(parent: Path) -> Path:
 
 def test_a_config_in_a_folder_whose_name_is_not_utf8(runner: CliRunner, tmp_path: Path):
     """Its checkpoint and data beside it are read (safetensors opens only UTF-8 paths: they are mapped through
-    /proc/self/fd), and the
-    folder is recorded in the outputs' metadata as it is; an output_dir of such a name is refused before any work,
-    since safetensors could not open its outputs again, and such an output file is named as such."""
+    /proc/self/fd), and the folder is recorded in the outputs' metadata as it is; a relative output_dir, in that
+    folder, holds the outputs, read back as well (it was refused as a config error)."""
     folder = _non_utf8_folder(tmp_path)
     for name in ("mlp.safetensors", "digits.safetensors"):
         (folder / name).write_bytes((ROOT / "sample_data" / name).read_bytes())
@@ -817,11 +822,69 @@ def test_a_config_in_a_folder_whose_name_is_not_utf8(runner: CliRunner, tmp_path
     _, meta = load_tensors(out / FACTORS)
     assert meta["base_dir"] == str(config.resolve().parent) and meta["config"]["model"]["checkpoint"] == "mlp.safetensors"
     assert invoke(runner, "compute-scores", config, "--set", f"output_dir={out}", "--set", "data.train.range=[0, 300]").exit_code == 0
-    refused = invoke(runner, "fit-factors", config, "--set", "output_dir=runs")  # relative: in the folder
-    assert_clean_error(refused, EXIT["config"], "output_dir: ", "is not valid UTF-8")
-    assert not (folder / "runs").exists()
-    (folder / FACTORS).write_bytes((out / FACTORS).read_bytes())
-    assert_clean_error(invoke(runner, "info", folder / FACTORS), EXIT["output"], "its path is not valid UTF-8")
+    inside = ["--set", "output_dir=runs", "--set", "data.train.range=[0, 300]"]  # relative: in the folder
+    for command in ("fit-factors", "compute-scores"):
+        done = invoke(runner, command, config, *inside)
+        assert done.exit_code == 0, done.stderr
+    assert sorted(p.name for p in (folder / "runs").iterdir()) == [FACTORS, "scores.safetensors"]
+    assert_same_tensors(folder / "runs" / FACTORS, out / FACTORS)
+    shown = invoke(runner, "info", folder / "runs" / FACTORS, "--json")
+    assert shown.exit_code == 0 and json.loads(shown.stdout)["path"] == str(folder / "runs" / FACTORS)
+
+
+def test_every_output_is_written_and_read_back_in_a_folder_whose_name_is_not_utf8(runner: CliRunner, tmp_path: Path):
+    """An output_dir given by --set as the shell passes a byte that is not UTF-8 (b"\\xff"; YAML refused the value,
+    and the config such an output_dir) holds every command's outputs, score shards among them, and each is read back
+    by the next command (safetensors opens only UTF-8 paths: through /proc/self/fd); paths print in --json as JSON's
+    escapes of Python's surrogate escapes, which give the path's bytes back; a finished output there is refused as
+    one, read like any other."""
+    out = Path(os.fsdecode(os.fsencode(tmp_path) + b"/out\xff"))
+    sets = ["--set", f"output_dir={out}", "--set", "data.train.range=[0, 300]"]
+
+    def run(*args: str | Path) -> Result:
+        done = invoke(runner, *args[:1], DIGITS, *sets, *args[1:])
+        assert done.exit_code == 0, (args, done.stderr)
+        return done
+
+    run("fit-factors")
+    paths = json.loads(run("compute-scores", "--set", "scores.max_memory_mb=0.02", "--json").stdout)["paths"]
+    assert len(paths) > 2 and all(os.fsencode(p).startswith(os.fsencode(out) + b"/scores.") for p in paths)
+    run("compute-scores", "--self")
+    ranked = json.loads(run("top-k", "--query", "0", "--k", "3", "--json", "--image-grid", out / "grid.png").stdout)
+    assert os.fsencode(ranked["output_dir"]) == os.fsencode(tmp_path) + b"/out\xff"
+    assert len(ranked["queries"][0]["proponents"]) == 3
+    assert "proponent" in run("top-k", "--query", "0", "--k", "3").stdout
+    run("top-k", "--self", "--k", "2")
+    assert json.loads(run("dataset-similarity", "--json", "--heatmap", out / "similarity.png").stdout)["path"] == str(out / "similarity.safetensors")
+    assert json.loads(run("dataset-similarity", "--json").stdout)["from_file"]  # read back
+    run("spectrum", "--plot", out / "spectrum.png")
+    assert json.loads(run("spectrum", "--json", "--top", "2").stdout)["from_file"]
+    edited = out / os.fsdecode(b"edited\xfe.safetensors")
+    assert json.loads(run("edit", "--out", edited, "--json").stdout)["path"] == str(edited)
+    run("edit", "--out", out / "edited.pt")
+    assert json.loads(invoke(runner, "info", edited, "--json").stdout)["metadata"]["format"] == storage.EDITED_CHECKPOINT_FORMAT
+    assert "influence_cli.factors/1" in invoke(runner, "info", out / FACTORS).stdout
+    names = {"grid.png", "similarity.png", "spectrum.png", edited.name, "edited.pt", FACTORS, "self_influence.safetensors",
+             "similarity.safetensors", "spectrum.safetensors", "scores.index.json"}  # fmt: skip
+    assert {p.name for p in out.iterdir()} == names | {Path(p).name for p in paths}
+    refused = invoke(runner, "fit-factors", DIGITS, *sets)
+    assert_clean_error(refused, EXIT["output"], "already holds factors from a finished run")
+    (out / FACTORS).write_bytes(b"damaged")
+    refused = invoke(runner, "fit-factors", DIGITS, *sets)
+    assert_clean_error(refused, EXIT["output"], "is not a readable safetensors file (damaged")
+
+
+def test_outputs_whose_path_is_not_utf8_without_proc_self_fd_are_one_line_errors(runner: CliRunner, tmp_path: Path,
+                                                                                monkeypatch: pytest.MonkeyPatch):  # fmt: skip
+    """Without /proc/self/fd (not Linux) safetensors cannot open such a path: the outputs are still written, and
+    reading one back is one line naming the file and the fix, never a traceback."""
+    monkeypatch.setattr(storage, "_descriptor_names", lambda: False)
+    out = tmp_path / os.fsdecode(b"out\xff")
+    sets = ["--set", f"output_dir={out}", "--set", "data.train.range=[0, 300]"]
+    assert invoke(runner, "fit-factors", DIGITS, *sets).exit_code == 0
+    for args in (["compute-scores", DIGITS, *sets], ["info", out / FACTORS]):
+        line = assert_clean_error(invoke(runner, *args), EXIT["output"], repr(str(out / FACTORS)), "its path is not valid UTF-8")
+        assert "no /proc/self/fd" in line
 
 
 def test_debug_shows_the_traceback_and_does_not_stick(runner: CliRunner, tmp_path: Path):
@@ -1745,6 +1808,23 @@ def test_results_name_files_that_are_not_utf8_by_their_bytes(monkeypatch, tmp_pa
         render.write_results(os.fsdecode(b"cat/\xff.png") + "\n")
         monkeypatch.undo()
     assert path.read_bytes() == b"cat/\xff.png\n"
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-16"])
+def test_results_name_files_that_are_not_utf8_on_a_stdout_without_a_descriptor(monkeypatch, encoding: str):
+    """Written through sys.stdout (a test runner's buffer; an encoding with a byte-order mark), such a name raised
+    "surrogates not allowed": its bytes go through the stream's buffer, or in UTF-16 (whose text they are not) its escape."""
+    from influence_cli.cli import render
+
+    raw = io.BytesIO()  # no descriptor
+    stdout = io.TextIOWrapper(raw, encoding=encoding)
+    monkeypatch.setattr("sys.stdout", stdout)
+    render.write_results("λ 0\n")
+    render.write_results(os.fsdecode(b"cat/\xff.png") + "\n")
+    stdout.flush()
+    monkeypatch.undo()
+    expected = "λ 0\ncat/\\udcff.png\n".encode(encoding) if encoding == "utf-16" else "λ 0\n".encode() + b"cat/\xff.png\n"
+    assert raw.getvalue() == expected
 
 
 def test_help_with_a_columns_that_is_no_width():

@@ -652,6 +652,11 @@ def test_nesting_too_deep_for_the_parser(tmp_path: Path):
         pytest.param(" seed = 3", ["seed"], 3, id="spaces"),
         pytest.param("output_dir=", ["output_dir"], "", id="empty-value"),
         pytest.param("data.train.transform.flatten=true", ["data", "train", "transform", "flatten"], True, id="bool"),
+        # bytes that are not UTF-8, as Python reads them from the command line (surrogate escapes), which YAML refuses
+        pytest.param(os.fsdecode(b"output_dir=runs/\xff"), ["output_dir"], os.fsdecode(b"runs/\xff"), id="not-utf8"),
+        pytest.param(os.fsdecode(b"scores.checkpoints=[a\x80.pt, 'b \xfe.pt']"), ["scores", "checkpoints"],
+                     [os.fsdecode(b"a\x80.pt"), os.fsdecode(b"b \xfe.pt")], id="not-utf8-list"),  # fmt: skip
+        pytest.param(os.fsdecode(b"model.kwargs={\xff: \xfe}"), ["model", "kwargs"], {os.fsdecode(b"\xff"): os.fsdecode(b"\xfe")}, id="not-utf8-mapping"),
     ],
 )
 def test_parse_override(text: str, parts: list[str], value: object):
@@ -668,6 +673,7 @@ def test_parse_override(text: str, parts: list[str], value: object):
         pytest.param(".seed=3", "not a dotted key path", id="leading-dot"),
         pytest.param("model.kwargs=[1, 2", "not valid YAML", id="bad-yaml"),
         pytest.param("seed=" + "[" * 5000, "--set", id="deep-yaml"),
+        pytest.param(os.fsdecode(b"output_dir=[\xff"), "not valid YAML", id="bad-yaml-not-utf8"),
     ],
 )
 def test_malformed_overrides(text: str, match: str):

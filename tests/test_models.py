@@ -385,11 +385,37 @@ def test_a_checkpoint_whose_path_is_not_utf8_is_memory_mapped(tmp_path: Path, mo
     assert read.keys() == state.keys() and all(torch.equal(read[k], state[k]) for k in state)
     assert sorted(os.listdir("/proc/self/fd")) == fds
     monkeypatch.undo()
-    exists = os.path.exists
-    monkeypatch.setattr(os.path, "exists", lambda p: False if str(p).startswith("/proc/self/fd/") else exists(p))  # no /proc/self/fd
+    monkeypatch.setattr(storage, "_descriptor_names", lambda: False)  # no /proc/self/fd
     read = storage.load_safetensors(odd)  # read through Python
     assert read.keys() == state.keys() and all(torch.equal(read[k], state[k]) for k in state)
     assert sorted(os.listdir("/proc/self/fd")) == fds
+
+
+def test_an_output_whose_path_is_not_utf8_is_opened_through_its_descriptor(tmp_path: Path):
+    """safe_open's handle of such a path (top-k keeps one while it reads the scores a slice at a time) and read_groups'
+    tensors: views of a map of the file, the descriptor closed, and the handle reads its own file after another file
+    took that descriptor's number."""
+    import os
+
+    from influence_cli import storage
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("no /proc/self/fd")
+    odd = Path(os.fsdecode(os.fsencode(tmp_path) + b"/\xff.safetensors"))
+    values = torch.arange(4096, dtype=torch.float64)
+    storage.save_tensors(odd, {"x": values}, {storage.FORMAT_KEY: storage.SCORES_FORMAT, "base_dir": str(odd.parent)})
+    fds = sorted(os.listdir("/proc/self/fd"))
+    handle = storage.open_safetensors(odd)
+    assert sorted(os.listdir("/proc/self/fd")) == fds
+    other = tmp_path / "other.safetensors"
+    save_file({"x": torch.zeros(4096, dtype=torch.float64)}, str(other))
+    with open(other, "rb"):  # the freed descriptor number, most likely
+        assert torch.equal(handle.get_slice("x")[10:20], values[10:20]) and list(handle.keys()) == ["x"]
+    (group,) = storage.read_groups(odd, [["x"]], separate=True)
+    start = group["x"].data_ptr()
+    assert any(lo <= start < hi for lo, hi in _mapped_ranges(os.fsencode(odd))) and torch.equal(group["x"], values)
+    meta = storage.read_metadata(odd)
+    assert meta["base_dir"] == str(odd.parent) and meta[storage.FORMAT_KEY] == storage.SCORES_FORMAT
 
 
 # ----------------------------------------------------------------------------- fingerprint

@@ -628,6 +628,24 @@ def test_an_interrupted_run_resumes_to_the_same_result(digits_run, tmp_path, tit
     assert_same_as_an_uninterrupted_run(tmp_path, factors, sets)
 
 
+def test_an_interrupted_run_resumes_in_an_output_dir_whose_name_is_not_utf8(digits_run, tmp_path):
+    """An output_dir of a byte that is not UTF-8 (b"\\xff", which safetensors cannot open by name) holds the snapshot
+    and the finished datasets' files, which --resume reads back (it was refused as a config error)."""
+    factors, _ = digits_run
+    out = tmp_path / os.fsdecode(b"out\xff")
+    out.mkdir()
+    (out / storage.FACTORS_FILE).write_bytes((factors / storage.FACTORS_FILE).read_bytes())
+    sets = [f"output_dir={out}", "device=cpu", "data.batch_size=32", "factors.checkpoint_every=2"]
+    cfg = load_config(DIGITS, sets)
+    partial = out / storage.SIMILARITY_PARTIAL.format(rank="")
+    interrupt(lambda **kw: dataset_similarity(cfg, **kw), "ones_sevens", 96, partial, out / SIMILARITY_FILE)
+    assert progress_files(partial) == sorted([partial.name, "similarity.partial.finished0.safetensors"])
+    report = dataset_similarity(cfg, resume=True)
+    assert report.resumed_from is not None and report.resumed_from.startswith("dataset 'ones_sevens', batch ")
+    assert sorted(p.name for p in out.iterdir()) == [storage.FACTORS_FILE, SIMILARITY_FILE]
+    assert_same_as_an_uninterrupted_run(out, factors, sets)
+
+
 @pytest.mark.parametrize("earlier", [False, True], ids=["files", "earlier-snapshot"])
 def test_resumes_in_the_second_and_third_dataset_write_each_finished_dataset_once(digits_run, tmp_path, monkeypatch, earlier):
     """Stopped in the second dataset, resumed and stopped in the third, resumed to the end: each finished dataset's

@@ -29,8 +29,6 @@ def info_cmd(
     """Show what produced an output: format, versions, strategy, fingerprints, the resolved config, tensors."""
     import json
 
-    from safetensors import safe_open
-
     from influence_cli import storage
     from influence_cli.errors import OutputError
 
@@ -57,7 +55,7 @@ def info_cmd(
                 hint="edit --json reports such an edit; write it to a .safetensors file to keep its metadata for info",
             )
         decoded = storage.read_metadata(path, hint="point info at a .safetensors file or scores.index.json written by this tool")
-        with safe_open(str(path), framework="pt") as fh:
+        with storage.open_safetensors(path) as fh:
             shapes = {k: list(fh.get_slice(k).get_shape()) for k in fh.keys()}
     if json_:
         print_json({"path": str(path.resolve()), "metadata": decoded, "tensors": shapes})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import contextlib
 import io
 import json
 import logging
@@ -198,7 +199,7 @@ def write_results(text: str) -> None:
     to a non-blocking pipe could end short without an error, and the command exit 0 with its
     results cut. Here a reader gone raises BrokenPipeError, a non-blocking pipe is waited on, and
     any other failure (a full disk) is an OutputError. Without a descriptor (a test runner's
-    buffer), or in an encoding that starts with a byte-order mark, sys.stdout is written as it is.
+    buffer), or in an encoding that starts with a byte-order mark, sys.stdout is written as it is (`_write_text`).
     """
     encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
     try:
@@ -207,7 +208,7 @@ def write_results(text: str) -> None:
             raise io.UnsupportedOperation
     except (AttributeError, LookupError, OSError, ValueError, io.UnsupportedOperation):
         try:
-            sys.stdout.write(text)
+            _write_text(text, encoding)
             sys.stdout.flush()
         except BrokenPipeError:
             raise
@@ -228,6 +229,26 @@ def write_results(text: str) -> None:
         raise
     except OSError as exc:
         raise unwritable(exc) from None
+
+
+def _write_text(text: str, encoding: str) -> None:
+    """`text` through sys.stdout, a file name that is not UTF-8 in it (Python's surrogate escapes, which a strict
+    encoder refuses) as its bytes, through the stream's binary buffer, as the descriptor gets it; in an encoding that
+    starts with a byte-order mark (whose text such bytes are not), or without a buffer, as Python's escape (\\udcff)."""
+    try:
+        sys.stdout.write(text)
+        return
+    except UnicodeEncodeError:  # nothing is written: the whole text is encoded first
+        pass
+    buffer = getattr(sys.stdout, "buffer", None)
+    if buffer is not None and codecs.lookup(encoding).name not in _BOM_ENCODINGS:
+        with contextlib.suppress(UnicodeEncodeError):  # else a character the encoding lacks too: escaped below
+            data = text.encode(encoding, errors="surrogateescape")
+            sys.stdout.flush()
+            buffer.write(data)
+            buffer.flush()
+            return
+    sys.stdout.write(text.encode(encoding, errors="backslashreplace").decode(encoding))
 
 
 def unwritable(exc: OSError) -> Exception:
