@@ -599,19 +599,31 @@ _STAND_IN = 0x10FF00 - _ESCAPED_BYTES.start  # each stands in YAML as a private-
 
 def _yaml_load_argument(text: str) -> Any:
     """A command-line value read as YAML; bytes that are not UTF-8 in it (a path of other bytes: Python's surrogate
-    escapes, which YAML refuses) are read as the characters they are, into the strings that hold them."""
+    escapes, which YAML refuses) are read as the characters they are, into the strings that hold them, and YAML's
+    errors name them so too."""
     stand_ins = text.translate({c: c + _STAND_IN for c in _ESCAPED_BYTES})
     if stand_ins == text or any(ord(c) - _STAND_IN in _ESCAPED_BYTES for c in text):  # none, or a stand-in is in the text
         return _yaml_load(text)
-    return _escaped_back(_yaml_load(stand_ins))
+    try:
+        return _escaped_back(_yaml_load(stand_ins))
+    except yaml.MarkedYAMLError as exc:  # its words name a character as the value has it, not as its stand-in
+        exc.context, exc.problem = (_escaped_back(_STAND_IN_REPR.sub(_repr_back, t)) if t else t for t in (exc.context, exc.problem))
+        raise
+
+
+_STAND_IN_REPR = re.compile(r"\\U0010ff([0-7][0-9a-f])")  # a stand-in as repr() shows it (YAML's messages quote characters)
+
+
+def _repr_back(found: re.Match[str]) -> str:
+    return f"\\u{int(found[1], 16) + _ESCAPED_BYTES.start:x}"
 
 
 def _escaped_back(value: Any) -> Any:
     """`value` (as YAML read it) with the stand-ins of `_yaml_load_argument` back as the surrogate escapes they were."""
     if isinstance(value, str):
         return value.translate({c + _STAND_IN: c for c in _ESCAPED_BYTES})
-    if isinstance(value, list):
-        return [_escaped_back(v) for v in value]
+    if isinstance(value, (list, tuple, set, frozenset)):  # tuples: !!pairs and !!omap; sets: !!set
+        return type(value)(_escaped_back(v) for v in value)
     if isinstance(value, dict):
         return {_escaped_back(k): _escaped_back(v) for k, v in value.items()}
     return value

@@ -657,6 +657,8 @@ def test_nesting_too_deep_for_the_parser(tmp_path: Path):
         pytest.param(os.fsdecode(b"scores.checkpoints=[a\x80.pt, 'b \xfe.pt']"), ["scores", "checkpoints"],
                      [os.fsdecode(b"a\x80.pt"), os.fsdecode(b"b \xfe.pt")], id="not-utf8-list"),  # fmt: skip
         pytest.param(os.fsdecode(b"model.kwargs={\xff: \xfe}"), ["model", "kwargs"], {os.fsdecode(b"\xff"): os.fsdecode(b"\xfe")}, id="not-utf8-mapping"),
+        pytest.param(os.fsdecode(b"model.kwargs={a: !!set {\xff}, b: !!pairs [c: \xfe]}"), ["model", "kwargs"],
+                     {"a": {os.fsdecode(b"\xff")}, "b": [("c", os.fsdecode(b"\xfe"))]}, id="not-utf8-set-and-pairs"),  # fmt: skip
     ],
 )
 def test_parse_override(text: str, parts: list[str], value: object):
@@ -674,6 +676,7 @@ def test_parse_override(text: str, parts: list[str], value: object):
         pytest.param("model.kwargs=[1, 2", "not valid YAML", id="bad-yaml"),
         pytest.param("seed=" + "[" * 5000, "--set", id="deep-yaml"),
         pytest.param(os.fsdecode(b"output_dir=[\xff"), "not valid YAML", id="bad-yaml-not-utf8"),
+        pytest.param(os.fsdecode(b"output_dir=&\xff x"), r"but found '\\udcff' at line 1, column 2\)", id="bad-yaml-names-the-byte"),
     ],
 )
 def test_malformed_overrides(text: str, match: str):
