@@ -149,12 +149,7 @@ class RunContext:
 
     def dataset(self, spec: DataSpec | None, name: str) -> IndexedDataset:
         """Loads one data spec of the config (`name` is its key, e.g. data.train)."""
-        if spec is None:
-            from influence_cli.errors import ConfigError
-
-            raise ConfigError(f"{name}: missing in the config", source=self.cfg.source, hint=f"add a {name} block with a source: key")
-        embedding = takes_token_ids(self.model)  # every rank reads the whole spec: a refusal they all meet is printed once
-        return agree(self.state, lambda: load_dataset(spec, self.cfg.base_dir, name=name, seed=self.cfg.seed, embedding_model=embedding))
+        return read_dataset(self.cfg, self.state, spec, name, tokens=takes_token_ids(self.model))
 
     def batches(self, dataset: IndexedDataset, start_batch: int = 0, limit: int | None = None):
         """This rank's contiguous shard of `dataset` (optionally its first `limit` examples) as batches."""
@@ -172,6 +167,17 @@ class RunContext:
         n = len(dataset) if limit is None else min(limit, len(dataset))
         start, stop = self.state.shard(n)
         return -(-(stop - start) // self.cfg.data.batch_size)
+
+
+def read_dataset(cfg: Config, state: DistState, spec: DataSpec | None, name: str, *, tokens: bool) -> IndexedDataset:
+    """Loads one data spec of `cfg` (`name` is its key, e.g. data.train) for a model that takes token ids
+    or not (`tokens`: `models.takes_token_ids`), on every rank of `state` at once (`agree`)."""
+    if spec is None:
+        from influence_cli.errors import ConfigError
+
+        raise ConfigError(f"{name}: missing in the config", source=cfg.source, hint=f"add a {name} block with a source: key")
+    # every rank reads the whole spec: a refusal they all meet is printed once
+    return agree(state, lambda: load_dataset(spec, cfg.base_dir, name=name, seed=cfg.seed, embedding_model=tokens))
 
 
 def prepare(

@@ -19,7 +19,7 @@ from torch import nn
 
 from influence_cli import storage
 from influence_cli.config import Config, yaml_text
-from influence_cli.context import RunContext
+from influence_cli.context import RunContext, read_dataset
 from influence_cli.data import IndexedDataset
 from influence_cli.data.dataset import data_change
 from influence_cli.distributed import DistState, agree
@@ -34,7 +34,7 @@ from influence_cli.factors import (
     LayerFactors,
     kronecker_layer_factors,
 )
-from influence_cli.models import definition_change, load_model, model_fingerprint
+from influence_cli.models import definition_change, load_model, model_definition, model_fingerprint, takes_token_ids
 from influence_cli.passes import NonFiniteWatch, accumulator_dtype, matmul_dtype, stream_gradients
 from influence_cli.progress import NullProgress, Progress, for_rank
 from influence_cli.progress import start as start_progress
@@ -48,7 +48,7 @@ from influence_cli.resume import (
     run_key,
     run_keys,
 )
-from influence_cli.tracking import TrackedModule, UntrackedModule, skipped_layers
+from influence_cli.tracking import TrackedModule, UntrackedModule, find_tracked_modules, skipped_layers
 
 
 @dataclass
@@ -432,14 +432,17 @@ def fit_factors(
             factors file is checked before any model is fitted: a file that is no factors
             (another program's, a damaged one, another output), or, without `resume`, finished
             factors, in any model's place refuses the run before it computes anything, as a
-            folder there does even with `overwrite`.
+            folder there does even with `overwrite`; with `resume`, so do a later model's finished
+            factors of other settings, its progress saved by another number of ranks and this
+            rank's snapshot of other settings (read from their headers; data.train is read then,
+            once for every model).
     """
     members = ensemble_members(cfg)
     first, *others = members
 
     def up_front() -> None:  # every model's place, before any model is fitted
-        for m in members:  # what is no factors refuses first (a folder even with --overwrite); with --resume, a model's
-            # finished factors are compared at its turn
+        for m in members:  # what is no factors refuses first (a folder even with --overwrite); with --resume, the later
+            # models' finished factors are compared once the models and data.train are read (_check_later_models)
             storage.check_can_write(m.factors_path, overwrite, "factors", cfg.factors_key, storage.FACTORS_FORMAT, resume=True)
         unfitted = [m for m in others if not m.factors_path.is_file()]
         if not resume and not overwrite and first.factors_path.is_file() and unfitted:
@@ -456,18 +459,92 @@ def fit_factors(
         up_front()
     else:  # a file that only some ranks see stops every rank here, none left waiting in a collective
         agree(state, up_front)
+    described: list[_Described] = []
     if others:  # each checkpoint fits the model, and holds weights of its own, before model 0's passes run
-        fingerprints = [(first.key, model_fingerprint(load_model(cfg.model, cfg.base_dir)))]
-        for m in others:
-            fingerprints.append((m.key, model_fingerprint(load_model(cfg.model, cfg.base_dir, checkpoint=m.checkpoint, key=m.key))))
-        refuse_same_weights(fingerprints, cfg.source)
+        described = [_describe(cfg, m) for m in members]
+        refuse_same_weights([(m.key, d.fingerprint) for m, d in zip(members, described, strict=True)], cfg.source)
+    shared: IndexedDataset | None = None  # data.train, read once for every model that takes its inputs as model 0 does
+    if others and resume:  # a later model's finished factors or progress of other settings refuse the run now, not at its turn
+        dist = state or DistState()
+        train = read_dataset(cfg, dist, cfg.data.train, "data.train", tokens=described[0].tokens)
+        agree(dist, lambda: _check_later_models(cfg, [(m, described[m.index]) for m in others], train, dist))
+        shared = train
     # with --overwrite, removed once model 0's checks pass: the other models' factors and progress
     replaced = [p for m in others for p in (m.out_dir / storage.FACTORS_FILE, *progress_files(m.out_dir, storage.FACTORS_PARTIAL))]
-    report = _fit_member(cfg, first, overwrite=overwrite, resume=resume, state=state, progress=progress, also_replaced=replaced)
-    report.members = [
-        _fit_member(cfg, m, overwrite=overwrite, resume=resume, state=state, progress=progress) for m in others
-    ]
+
+    def fit(m: Member, also_replaced: list[Path] | None = None) -> FitReport:
+        dataset = shared if shared is not None and described[m.index].tokens == described[0].tokens else None
+        return _fit_member(cfg, m, overwrite=overwrite, resume=resume, state=state, progress=progress, also_replaced=also_replaced, dataset=dataset)
+
+    report = fit(first, replaced)
+    report.members = [fit(m) for m in others]
     return report
+
+
+@dataclass(frozen=True)
+class _Described:
+    """What the factors of one model of an ensemble record of it (`_fit_result`), and whether it takes token ids
+    (`models.takes_token_ids`: how data.train is read for it)."""
+
+    fingerprint: str
+    definition: dict[str, object]
+    modules: list[str]
+    tokens: bool
+
+
+def _describe(cfg: Config, member: Member) -> _Described:
+    """`member`'s model, loaded on the CPU and described (the model itself is not kept)."""
+    model = load_model(cfg.model, cfg.base_dir, checkpoint=member.checkpoint, key=member.key)
+    tracked = [tm.name for tm in find_tracked_modules(model, cfg.factors.modules)]
+    return _Described(model_fingerprint(model), model_definition(cfg.model, model), tracked, takes_token_ids(model))
+
+
+def _check_later_models(cfg: Config, later: list[tuple[Member, _Described]], dataset: IndexedDataset, state: DistState) -> None:
+    """--resume's refusals of the later models of an ensemble (`later`: each with its description), before any model
+    is fitted, each the refusal that model's turn would give: finished factors of other settings, progress saved by
+    another number of ranks, and this rank's snapshot of other settings. Header reads only: no tensor is loaded."""
+    for member, d in later:
+        result = _fit_result(cfg, d.fingerprint, d.definition, d.modules, dataset)
+        if member.factors_path.is_file():  # finished: its progress is removed at its turn, not compared
+            _check_finished(cfg, member.factors_path, result)
+            continue
+        check_rank_layout(member.out_dir, storage.FACTORS_PARTIAL, state.world_size, resume=True, overwrite=False)
+        _snapshot_of(cfg, member.out_dir, result, state).check_header()
+
+
+def _fit_result(
+    cfg: Config, fingerprint: str, definition: dict[str, object], modules: list[str], dataset: IndexedDataset
+) -> dict[str, object]:
+    """The settings a model's factors depend on (their `result_key` hashes them): the model's fingerprint and
+    definition (`models.model_definition`), the tracked layers' names, the training set and the fit's settings."""
+    return {
+        "model": fingerprint,
+        "definition": definition,
+        "data": dataset.fingerprint(),
+        "strategy": cfg.factors.strategy,
+        "fisher": cfg.factors.fisher,
+        "task": cfg.task.kind,
+        "modules": modules,
+        "n": num_fit_examples(cfg, len(dataset)),
+        "seed": cfg.seed,
+        "amp": cfg.factors.amp,
+        "padding_value": cfg.data.padding_value,
+    }
+
+
+def _snapshot_of(cfg: Config, out_dir: Path, result: dict[str, object], state: DistState) -> PassCheckpoint:
+    """This rank's progress of the fit of `result` into `out_dir`. Progress is only resumable with the same batches
+    on the same ranks; a finished result is "the same" whatever the batch size and rank count were."""
+    settings = result | {"batch_size": cfg.data.batch_size, "world": state.world_size}
+    suffix = f".rank{state.rank}" if state.distributed else ""
+    return PassCheckpoint(out_dir / storage.FACTORS_PARTIAL.format(rank=suffix), settings, cfg.factors.checkpoint_every, folder_key=cfg.factors_key)
+
+
+def _check_finished(cfg: Config, path: Path, result: dict[str, object]) -> None:
+    """--resume on finished factors at `path`: refused when they hold the result of other settings than `result` (named)."""
+    recorded = storage.read_metadata(path)
+    if recorded.get("result_key") not in run_keys(result):
+        refuse_other_finished_result(path, recorded.get("result"), result, "factors", cfg.factors_key, storage.FACTORS_FORMAT)
 
 
 def _fit_member(
@@ -479,44 +556,27 @@ def _fit_member(
     state: DistState | None = None,
     progress: Progress | None = None,
     also_replaced: list[Path] | None = None,
+    dataset: IndexedDataset | None = None,
 ) -> FitReport:
     """fit-factors for one model of the ensemble (member 0: model.checkpoint into factors_dir).
 
     With `overwrite`, its old factors, and `also_replaced` (the other models' factors and
     progress), are removed once its checks pass: an interrupted run then resumes past the models
-    it did not reach.
+    it did not reach. `dataset`: data.train as read already for this model (else read here).
     """
     ctx = prepare_member(cfg, member, state)
     out_dir = member.out_dir
     path = out_dir / storage.FACTORS_FILE
-    dataset = ctx.dataset(cfg.data.train, "data.train")
+    dataset = dataset if dataset is not None else ctx.dataset(cfg.data.train, "data.train")
     n = num_fit_examples(cfg, len(dataset))
-    result = {
-        "model": ctx.model_fingerprint,
-        "definition": ctx.model_definition,
-        "data": dataset.fingerprint(),
-        "strategy": cfg.factors.strategy,
-        "fisher": cfg.factors.fisher,
-        "task": cfg.task.kind,
-        "modules": [tm.name for tm in ctx.tracked],
-        "n": n,
-        "seed": cfg.seed,
-        "amp": cfg.factors.amp,
-        "padding_value": cfg.data.padding_value,
-    }
-    # Progress is only resumable with the same batches on the same ranks; a finished result is
-    # "the same" whatever the batch size and rank count were.
-    settings = result | {"batch_size": cfg.data.batch_size, "world": ctx.state.world_size}
+    result = _fit_result(cfg, ctx.model_fingerprint, ctx.model_definition, [tm.name for tm in ctx.tracked], dataset)
     layers_info = describe_layers(ctx.tracked, cfg.factors.strategy)
     skipped = skipped_layers(ctx.model, ctx.tracked, cfg.factors.modules)
     if resume and not overwrite and path.exists():
-        recorded = storage.read_metadata(path)
-        if recorded.get("result_key") not in run_keys(result):
-            refuse_other_finished_result(path, recorded.get("result"), result, "factors", cfg.factors_key, storage.FACTORS_FORMAT)
+        _check_finished(cfg, path, result)
         clear_progress_of_finished(out_dir, storage.FACTORS_PARTIAL, main=ctx.state.is_main, outputs=[path])
         return FitReport(path, cfg.factors.strategy, cfg.factors.fisher, n, layers_info, {}, "already complete", member=member.index, skipped=skipped)
-    rank_suffix = f".rank{ctx.state.rank}" if ctx.state.distributed else ""
-    checkpoint = PassCheckpoint(out_dir / storage.FACTORS_PARTIAL.format(rank=rank_suffix), settings, cfg.factors.checkpoint_every, folder_key=cfg.factors_key)
+    checkpoint = _snapshot_of(cfg, out_dir, result, ctx.state)
 
     def start_checks() -> Snapshot | None:
         storage.check_can_write(path, overwrite, "factors", cfg.factors_key, storage.FACTORS_FORMAT)

@@ -198,6 +198,20 @@ class PassCheckpoint:
         self.check_settings(self.path, meta)
         return Snapshot(meta["phase"], int(meta["batches_done"]), tensors)
 
+    def check_header(self) -> None:
+        """What `check_start(resume=True, overwrite=False)` refuses, from the snapshot's header alone (no tensor
+        is read, no file removed): for the progress of a pass that runs later (a later model of an ensemble), so
+        that it refuses the run before the earlier passes, with the refusal it would meet at its turn.
+
+        Raises:
+            OutputError: what is no regular file (never opened), not a readable progress file, progress of other
+                settings (named).
+        """
+        if self.path.exists():
+            storage.refuse_irregular(self.path, False, self.folder_key)
+            meta, _ = storage.read_contents(self.path, storage.PARTIAL_FORMAT)
+            self.check_settings(self.path, meta)
+
     def check_settings(self, path: Path, meta: dict[str, Any]) -> None:
         """Refuses progress at `path` (`meta`: its metadata) of other settings than this run's.
 

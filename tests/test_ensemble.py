@@ -38,6 +38,7 @@ from influence_cli.errors import ModelError, OutputError, UsageError
 from influence_cli.fit import fit_factors
 from influence_cli.kernel import ensemble_pairwise_scores, pairwise_scores
 from influence_cli.models import mlp
+from influence_cli.resume import PassCheckpoint
 from influence_cli.scores import compute_scores
 from influence_cli.topk import check_scores_match, load_scores_meta, load_self_influence, top_k
 
@@ -208,7 +209,7 @@ class _Fitted(Exception):
         ({"resume": True}, 1, "damaged", "is not a readable safetensors file (damaged, or not written by influence_cli)"),
         ({"resume": True}, 1, "scores", f"already holds scores (format {storage.SCORES_FORMAT}), not factors"),
         ({}, 2, "factors", "already holds factors from a finished run"),
-        ({"resume": True}, 2, "factors", None),  # finished factors: compared with the settings at that model's turn
+        ({"resume": True}, 2, "factors", "holds factors of a finished run with other settings"),  # they record none
         ({"overwrite": True}, 2, "program", None),  # replaced
         ({"resume": True}, 1, "fifo", "already exists and is not a regular file (a FIFO, socket or device)"),  # never opened
         ({"overwrite": True}, 2, "folder", "is a folder, not a file"),  # never removed: model 0's factors are kept
@@ -218,8 +219,8 @@ class _Fitted(Exception):
 )  # fmt: skip
 def test_a_file_in_any_models_place_refuses_the_run_before_any_model_is_fitted(tmp_path, monkeypatch, flags, member, held, refusal):
     """fit-factors checks every model's factors file before it fits any: a file in a later model's place is refused as
-    check_can_write says what it is, before model 0's passes run; with --resume, finished factors there pass (their
-    settings are compared at that model's turn), and --overwrite replaces whatever is there but a folder."""
+    check_can_write says what it is, before model 0's passes run; with --resume, finished factors there are compared
+    with this run's settings (these record none), and --overwrite replaces whatever is there but a folder."""
     import influence_cli.fit as fit_mod
 
     data = write_project(tmp_path)
@@ -256,6 +257,97 @@ def test_a_file_in_any_models_place_refuses_the_run_before_any_model_is_fitted(t
     assert exc.value.hint.startswith("set output_dir to another place") == (held in ("program", "damaged", "scores", "fifo", "folder"))
     assert (path.read_bytes() == before) if before is not None else (path.is_fifo() or path.is_dir())
     assert (cfg.factors_path / storage.FACTORS_FILE).exists() == (held == "folder")
+
+
+def _refusal_at_its_turn(cfg, member: int) -> OutputError:
+    """What fit-factors --resume refuses when it reaches model `member` (fit's step for one model alone, without the
+    ensemble's checks before model 0)."""
+    import influence_cli.fit as fit_mod
+
+    with pytest.raises(OutputError) as exc:
+        fit_mod._fit_member(cfg, ensemble_members(cfg)[member], resume=True)
+    return exc.value
+
+
+def _no_model_is_fitted(monkeypatch) -> None:
+    """A model's passes raise _Fitted; no tensor of a factors file or snapshot may be read (header reads only)."""
+    import influence_cli.fit as fit_mod
+
+    monkeypatch.setattr(fit_mod, "compute_factors", lambda *a, **k: (_ for _ in ()).throw(_Fitted()))
+    monkeypatch.setattr(storage, "load_tensors", lambda path, *a, **k: pytest.fail(f"{path} was loaded"))
+    monkeypatch.setattr(storage, "read_groups", lambda path, *a, **k: pytest.fail(f"{path} was loaded"))
+
+
+@pytest.mark.parametrize(
+    ("other", "changed"),
+    [
+        ("factors.strategy=kfac", "factors.strategy kfac -> ekfac"),
+        ("factors.fisher=sampled", "factors.fisher sampled -> empirical"),
+        ("data.train.range=[0, 30]", f"data.train, examples (factors.max_examples) 30 -> {N_TRAIN}"),
+    ],
+    ids=["strategy", "fisher", "dataset"],
+)
+def test_resume_refuses_a_later_models_factors_of_other_settings_before_any_model_is_fitted(project, monkeypatch, other, changed):
+    """A later model's finished factors of other settings are refused up front, with the refusal its turn gives (the
+    file, what changed, the fix), before model 0 is fitted: not once model 0's passes have run."""
+    cfg = ensemble_cfg(project, f"later_{other.split('=')[0]}")
+    fit_factors(ensemble_cfg(project, cfg.output_dir, other), overwrite=True)
+    model_0 = cfg.factors_path / storage.FACTORS_FILE
+    model_0.unlink()  # model 0 is to be fitted first
+    later = storage.member_dir(cfg.factors_path, 1) / storage.FACTORS_FILE
+    at_its_turn = _refusal_at_its_turn(cfg, 1)
+    _no_model_is_fitted(monkeypatch)
+    with pytest.raises(OutputError) as exc:
+        fit_factors(cfg, resume=True)
+    assert exc.value.message == at_its_turn.message == f"{str(later)!r} holds factors of a finished run with other settings ({changed})"
+    assert exc.value.hint == at_its_turn.hint == "--resume continues interrupted runs only: pass --overwrite to recompute with these settings"
+    assert exc.value.same_on_every_rank and not model_0.exists()
+
+
+def test_resume_refuses_a_later_models_progress_of_other_settings_before_any_model_is_fitted(project, monkeypatch):
+    """A later model's snapshot of another run (an interrupted kfac fit, resumed as ekfac) is refused up front, from its
+    header, with the refusal its turn gives; so are its progress saved by another number of ranks and a damaged one."""
+    cfg = ensemble_cfg(project, "later_progress")
+    kfac = ensemble_cfg(project, "later_progress", "factors.strategy=kfac")
+    snapshot = storage.member_dir(cfg.factors_path, 1) / storage.FACTORS_PARTIAL.format(rank="")
+    save = PassCheckpoint.save
+
+    def interrupted(self, *args, **kwargs):
+        save(self, *args, **kwargs)
+        if self.path == snapshot:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(PassCheckpoint, "save", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            fit_factors(kfac, overwrite=True)  # model 0 fitted, model 1 stopped after its first batch
+    model_0 = cfg.factors_path / storage.FACTORS_FILE
+    model_0.unlink()
+    at_its_turn = _refusal_at_its_turn(cfg, 1)
+    with monkeypatch.context() as patched:
+        _no_model_is_fitted(patched)
+        with pytest.raises(OutputError) as exc:
+            fit_factors(cfg, resume=True)
+    assert exc.value.message == at_its_turn.message == f"{str(snapshot)!r} is progress of a run with other settings (factors.strategy kfac -> ekfac)"
+    assert exc.value.hint == at_its_turn.hint
+    assert snapshot.is_file() and not model_0.exists()
+    ranks = snapshot.with_name(storage.FACTORS_PARTIAL.format(rank=".rank1"))
+    snapshot.rename(ranks)  # as a rank of a 2-rank job saved it
+    at_its_turn = _refusal_at_its_turn(cfg, 1)
+    with monkeypatch.context() as patched:
+        _no_model_is_fitted(patched)
+        with pytest.raises(OutputError) as exc:
+            fit_factors(cfg, resume=True)
+    assert exc.value.message == at_its_turn.message and "holds progress saved by a run with 2 rank(s)" in exc.value.message
+    ranks.unlink()
+    snapshot.write_bytes(b"damaged")
+    at_its_turn = _refusal_at_its_turn(cfg, 1)
+    with monkeypatch.context() as patched:
+        _no_model_is_fitted(patched)
+        with pytest.raises(OutputError) as exc:
+            fit_factors(cfg, resume=True)
+    assert exc.value.message == at_its_turn.message and exc.value.message.startswith(f"{str(snapshot)!r} ")
+    assert not model_0.exists()
 
 
 @pytest.mark.parametrize("relative", [False, True], ids=["plain", "relative"])
@@ -615,3 +707,66 @@ def test_a_file_in_a_later_models_place_that_only_rank_0_sees_stops_every_rank_b
     assert rank0["type"] == "OutputError" and rank0["message"].startswith(f"{str(path)!r} already exists and was not written by influence_cli")
     assert rank1 == {"type": "DistributedError", "message": f"rank 0 stopped: {rank0['message']}", "everywhere": False}
     assert not (cfg.factors_path / storage.FACTORS_FILE).exists()
+
+
+def _rank_resuming(rank: int, world: int, port: int, data: dict, folder: str) -> None:
+    """One rank of fit-factors --resume on the ensemble of `data`, whose passes raise _Fitted; each rank's outcome goes to
+    <folder>/rank<r>.json."""
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    import influence_cli.fit as fit_mod
+    from influence_cli.distributed import DistState
+    from influence_cli.errors import InfluenceError
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    fit_mod.compute_factors = lambda *a, **k: (_ for _ in ()).throw(_Fitted())  # no model is fitted
+    outcome: dict = {}
+    try:
+        fit_factors(config_from_dict(data, base_dir=folder), resume=True, state=DistState(rank=rank, world_size=world))
+    except InfluenceError as exc:
+        outcome = {"type": type(exc).__name__, "message": exc.message, "everywhere": exc.same_on_every_rank}
+    except _Fitted:
+        outcome = {"type": "fitted"}
+    finally:
+        Path(folder, f"rank{rank}.json").write_text(json.dumps(outcome))
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("held", ["factors", "snapshot"])
+def test_two_ranks_refuse_a_later_models_files_of_other_settings_before_any_pass(tmp_path, held):
+    """Under torchrun, --resume's up-front check of the later models is one agreed step: finished factors of other
+    settings stop both ranks alike (said once); rank 1's own snapshot of another run stops rank 1 with its refusal and
+    rank 0 with a DistributedError naming it, before model 0's passes on either rank."""
+    import torch.multiprocessing as mp
+
+    data = write_project(tmp_path)
+    data["scores"] = {"checkpoints": write_members(tmp_path)}
+    cfg = config_from_dict(data, base_dir=tmp_path)
+    kfac = config_from_dict(data, ["factors.strategy=kfac"], base_dir=tmp_path)
+    fit_factors(kfac)
+    (cfg.factors_path / storage.FACTORS_FILE).unlink()  # model 0 is to be fitted first
+    member = ensemble_members(cfg)[1]
+    if held == "factors":
+        path = member.factors_path
+        expected = f"{str(path)!r} holds factors of a finished run with other settings (factors.strategy kfac -> ekfac)"
+    else:  # what rank 1 of an interrupted 2-rank kfac fit of model 1 saved (its header: no tensor is read up front)
+        result = storage.read_metadata(member.factors_path)["result"]
+        for m in ensemble_members(cfg)[1:]:
+            m.factors_path.unlink()
+        path = member.out_dir / storage.FACTORS_PARTIAL.format(rank=".rank1")
+        PassCheckpoint(path, result | {"batch_size": kfac.data.batch_size, "world": 2}, 1).save("covariance", 1, {})
+        expected = f"{str(path)!r} is progress of a run with other settings (factors.strategy kfac -> ekfac)"
+    mp.spawn(_rank_resuming, args=(2, _free_port(), data, str(tmp_path)), nprocs=2)
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank1 == {"type": "OutputError", "message": expected, "everywhere": held == "factors"}
+    if held == "factors":
+        assert rank0 == rank1
+    else:
+        assert rank0 == {"type": "DistributedError", "message": f"rank 1 stopped: {expected}", "everywhere": False}
+    assert path.is_file() and not (cfg.factors_path / storage.FACTORS_FILE).exists()
