@@ -439,6 +439,7 @@ def fit_factors(
     """
     members = ensemble_members(cfg)
     first, *others = members
+    dist = state or DistState()  # the ranks (the device is no concern before a model is fitted)
 
     def up_front() -> None:  # every model's place, before any model is fitted
         for m in members:  # what is no factors refuses first (a folder even with --overwrite); with --resume, the later
@@ -454,6 +455,9 @@ def fit_factors(
         if not resume and not overwrite:
             for m in members:
                 storage.check_can_write(m.factors_path, False, "factors", cfg.factors_key, storage.FACTORS_FORMAT)
+            for m in others:  # a later model's leftover progress, refused as at its turn (no settings are compared)
+                check_rank_layout(m.out_dir, storage.FACTORS_PARTIAL, dist.world_size, resume=False, overwrite=False)
+                PassCheckpoint(_progress_path(m.out_dir, dist), {}, 0, folder_key=cfg.factors_key).check_start(False, False)
 
     if state is None:
         up_front()
@@ -465,7 +469,6 @@ def fit_factors(
         refuse_same_weights([(m.key, d.fingerprint) for m, d in zip(members, described, strict=True)], cfg.source)
     shared: IndexedDataset | None = None  # data.train, read once for every model that takes its inputs as model 0 does
     if others and resume:  # a later model's finished factors or progress of other settings refuse the run now, not at its turn
-        dist = state or DistState()
         train = read_dataset(cfg, dist, cfg.data.train, "data.train", tokens=described[0].tokens)
         agree(dist, lambda: _check_later_models(cfg, [(m, described[m.index]) for m in others], train, dist))
         shared = train
@@ -536,8 +539,12 @@ def _snapshot_of(cfg: Config, out_dir: Path, result: dict[str, object], state: D
     """This rank's progress of the fit of `result` into `out_dir`. Progress is only resumable with the same batches
     on the same ranks; a finished result is "the same" whatever the batch size and rank count were."""
     settings = result | {"batch_size": cfg.data.batch_size, "world": state.world_size}
-    suffix = f".rank{state.rank}" if state.distributed else ""
-    return PassCheckpoint(out_dir / storage.FACTORS_PARTIAL.format(rank=suffix), settings, cfg.factors.checkpoint_every, folder_key=cfg.factors_key)
+    return PassCheckpoint(_progress_path(out_dir, state), settings, cfg.factors.checkpoint_every, folder_key=cfg.factors_key)
+
+
+def _progress_path(out_dir: Path, state: DistState) -> Path:
+    """This rank's snapshot of a fit into `out_dir`."""
+    return out_dir / storage.FACTORS_PARTIAL.format(rank=f".rank{state.rank}" if state.distributed else "")
 
 
 def _check_finished(cfg: Config, path: Path, result: dict[str, object]) -> None:

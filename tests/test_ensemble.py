@@ -350,6 +350,35 @@ def test_resume_refuses_a_later_models_progress_of_other_settings_before_any_mod
     assert not model_0.exists()
 
 
+@pytest.mark.parametrize("saved_by", ["one process", "2 ranks", "fifo"])
+def test_a_later_models_leftover_progress_refuses_the_run_before_any_model_is_fitted(project, monkeypatch, saved_by):
+    """Without --resume or --overwrite, a later model's leftover progress (a snapshot, one saved by another number of
+    ranks, a FIFO in its place) is refused before model 0 is fitted, with the refusal its turn gives: not once model 0's
+    passes have run (--overwrite would then refit model 0 too)."""
+    import influence_cli.fit as fit_mod
+
+    cfg = ensemble_cfg(project, f"leftover_{saved_by.replace(' ', '_')}")
+    for m in ensemble_members(cfg):
+        m.factors_path.unlink()
+    later = storage.member_dir(cfg.factors_path, 2)
+    snapshot = later / storage.FACTORS_PARTIAL.format(rank=".rank1" if saved_by == "2 ranks" else "")
+    if saved_by == "fifo":
+        os.mkfifo(snapshot)
+    else:
+        PassCheckpoint(snapshot, {}, 1).save("covariance", 1, {})
+    with pytest.raises(OutputError) as at_its_turn:
+        fit_mod._fit_member(cfg, ensemble_members(cfg)[2])
+    _no_model_is_fitted(monkeypatch)
+    with pytest.raises(OutputError) as exc:
+        fit_factors(cfg)
+    assert exc.value.message == at_its_turn.value.message and exc.value.hint == at_its_turn.value.hint
+    assert exc.value.message.startswith(repr(str(later if saved_by == "2 ranks" else snapshot)))
+    assert not (cfg.factors_path / storage.FACTORS_FILE).exists() and (snapshot.is_file() or snapshot.is_fifo())
+    snapshot.unlink()
+    with pytest.raises(_Fitted):
+        fit_factors(cfg)
+
+
 @pytest.mark.parametrize("relative", [False, True], ids=["plain", "relative"])
 def test_ensemble_scores_equal_the_mean_of_single_model_runs(project, relative):
     flag = f"scores.relative={str(relative).lower()}"
