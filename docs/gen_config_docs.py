@@ -435,9 +435,10 @@ a temporary name and renamed, so a file with a final name is complete; a finishe
 replaced with `--overwrite` (which removes it, and with `scores.checkpoints` every model's,
 as the new run starts, so an interrupted `--overwrite` run resumes with `--resume`; fit-factors checks every model's
 place before it fits the first, so any file there without a flag, one that holds no factors with `--resume`, and a
-folder even with `--overwrite` stop it before any pass; with `--resume`, so do a later model's finished factors of
+folder even with `--overwrite` stop it before any pass; so do a later model's folder that cannot be created or written,
+its saved progress without a flag (a folder there even with `--overwrite`), and with `--resume` its finished factors of
 other settings and its saved progress of another run (other settings, another number of ranks), read from their
-headers, with the message that model's turn would give), and later
+headers, each with the message that model's turn would give), and later
 commands (`top-k` included) refuse factors or scores of another model, dataset or setting.
 While a command writes its outputs into an output_dir (factors: into factors_dir) it holds a lock on them there
 (`.influence.factors.lock`, `.influence.scores.lock`, `.influence.self_influence.lock`,

@@ -432,10 +432,11 @@ def fit_factors(
             factors file is checked before any model is fitted: a file that is no factors
             (another program's, a damaged one, another output), or, without `resume`, finished
             factors, in any model's place refuses the run before it computes anything, as a
-            folder there does even with `overwrite`; with `resume`, so do a later model's finished
-            factors of other settings, its progress saved by another number of ranks and this
-            rank's snapshot of other settings (read from their headers; data.train is read then,
-            once for every model).
+            folder there does even with `overwrite`, and so do a later model's folder that cannot be
+            created or written and its progress (without a flag; a folder with `overwrite`); with
+            `resume`, so do a later model's finished factors of other settings, its progress saved
+            by another number of ranks and this rank's snapshot of other settings (read from their
+            headers; data.train is read then, once for every model).
     """
     members = ensemble_members(cfg)
     first, *others = members
@@ -455,7 +456,12 @@ def fit_factors(
         if not resume and not overwrite:
             for m in members:
                 storage.check_can_write(m.factors_path, False, "factors", cfg.factors_key, storage.FACTORS_FORMAT)
-            for m in others:  # a later model's leftover progress, refused as at its turn (no settings are compared)
+        for m in others:  # a later model's folder (a file in its way, not writable), as at its turn
+            storage.ensure_writable_dir(m.out_dir, key=cfg.factors_key)
+            if overwrite:  # its progress, removed at model 0's turn: never a folder
+                for p in progress_files(m.out_dir, storage.FACTORS_PARTIAL):
+                    storage.refuse_irregular(p, True, cfg.factors_key)
+            elif not resume:  # its leftover progress, refused as at its turn (no settings are compared)
                 check_rank_layout(m.out_dir, storage.FACTORS_PARTIAL, dist.world_size, resume=False, overwrite=False)
                 PassCheckpoint(_progress_path(m.out_dir, dist), {}, 0, folder_key=cfg.factors_key).check_start(False, False)
 

@@ -379,6 +379,36 @@ def test_a_later_models_leftover_progress_refuses_the_run_before_any_model_is_fi
         fit_factors(cfg)
 
 
+@pytest.mark.parametrize("flags", [{}, {"resume": True}, {"overwrite": True}], ids=["no-flag", "resume", "overwrite"])
+def test_a_file_in_the_way_of_a_later_models_folder_refuses_the_run_before_any_model_is_fitted(project, monkeypatch, flags):
+    """A file where a later model's folder goes (<factors_dir>/members) is refused before model 0 is fitted, as that
+    model's turn refuses it; with --overwrite it gave a traceback (model 0's removal of the other models' factors)."""
+    cfg = ensemble_cfg(project, f"in_the_way_{'_'.join(flags) or 'none'}")
+    shutil.rmtree(cfg.factors_path / storage.MEMBERS_DIR)
+    (cfg.factors_path / storage.MEMBERS_DIR).write_text("not a folder")
+    model_0 = cfg.factors_path / storage.FACTORS_FILE
+    model_0.unlink()
+    _no_model_is_fitted(monkeypatch)
+    with pytest.raises(OutputError) as exc:
+        fit_factors(cfg, **flags)
+    assert exc.value.message == f"output_dir: cannot create {str(storage.member_dir(cfg.factors_path, 1))!r} (Not a directory)"
+    assert not model_0.exists() and (cfg.factors_path / storage.MEMBERS_DIR).read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("rank", ["", ".rank1"], ids=["one-process", "rank1"])
+def test_overwrite_refuses_a_folder_at_a_later_models_progress_before_anything_is_removed(project, monkeypatch, rank):
+    """--overwrite removes the later models' factors and progress once model 0's checks pass, but never a folder: one at
+    a later model's progress path is refused before any model is fitted or any file removed (it gave a traceback)."""
+    cfg = ensemble_cfg(project, f"progress_folder{rank}")
+    folder = storage.member_dir(cfg.factors_path, 2) / storage.FACTORS_PARTIAL.format(rank=rank)
+    folder.mkdir()
+    _no_model_is_fitted(monkeypatch)
+    with pytest.raises(OutputError) as exc:
+        fit_factors(cfg, overwrite=True)
+    assert exc.value.message == f"{str(folder)!r} is a folder, not a file"
+    assert folder.is_dir() and all(m.factors_path.is_file() for m in ensemble_members(cfg))
+
+
 @pytest.mark.parametrize("relative", [False, True], ids=["plain", "relative"])
 def test_ensemble_scores_equal_the_mean_of_single_model_runs(project, relative):
     flag = f"scores.relative={str(relative).lower()}"
