@@ -462,7 +462,7 @@ def fit_factors(
                 for p in progress_files(m.out_dir, storage.FACTORS_PARTIAL):
                     storage.refuse_irregular(p, True, cfg.factors_key)
             elif not resume:  # its leftover progress, refused as at its turn (no settings are compared)
-                check_rank_layout(m.out_dir, storage.FACTORS_PARTIAL, dist.world_size, resume=False, overwrite=False)
+                check_rank_layout(m.out_dir, storage.FACTORS_PARTIAL, dist.world_size, resume=False, overwrite=False, key=cfg.factors_key)
                 PassCheckpoint(_progress_path(m.out_dir, dist), {}, 0, folder_key=cfg.factors_key).check_start(False, False)
 
     if state is None:
@@ -517,7 +517,7 @@ def _check_later_models(cfg: Config, later: list[tuple[Member, _Described]], dat
         if member.factors_path.is_file():  # finished: its progress is removed at its turn, not compared
             _check_finished(cfg, member.factors_path, result)
             continue
-        check_rank_layout(member.out_dir, storage.FACTORS_PARTIAL, state.world_size, resume=True, overwrite=False)
+        check_rank_layout(member.out_dir, storage.FACTORS_PARTIAL, state.world_size, resume=True, overwrite=False, key=cfg.factors_key)
         _snapshot_of(cfg, member.out_dir, result, state).check_header()
 
 
@@ -587,14 +587,14 @@ def _fit_member(
     skipped = skipped_layers(ctx.model, ctx.tracked, cfg.factors.modules)
     if resume and not overwrite and path.exists():
         _check_finished(cfg, path, result)
-        clear_progress_of_finished(out_dir, storage.FACTORS_PARTIAL, main=ctx.state.is_main, outputs=[path])
+        clear_progress_of_finished(out_dir, storage.FACTORS_PARTIAL, main=ctx.state.is_main, outputs=[path], key=cfg.factors_key)
         return FitReport(path, cfg.factors.strategy, cfg.factors.fisher, n, layers_info, {}, "already complete", member=member.index, skipped=skipped)
     checkpoint = _snapshot_of(cfg, out_dir, result, ctx.state)
 
     def start_checks() -> Snapshot | None:
         storage.check_can_write(path, overwrite, "factors", cfg.factors_key, storage.FACTORS_FORMAT)
         storage.ensure_writable_dir(out_dir, key=cfg.factors_key)
-        check_rank_layout(out_dir, storage.FACTORS_PARTIAL, ctx.state.world_size, resume=resume, overwrite=overwrite)
+        check_rank_layout(out_dir, storage.FACTORS_PARTIAL, ctx.state.world_size, resume=resume, overwrite=overwrite, key=cfg.factors_key)
         return checkpoint.check_start(resume, overwrite)  # a rank's own progress file may refuse on that rank alone
 
     snapshot = agree(ctx.state, start_checks)  # every rank stops together, none left waiting in a collective

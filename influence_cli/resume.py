@@ -37,12 +37,15 @@ def run_keys(fields: dict[str, Any]) -> set[str]:
     return {run_key(fields), run_key({k: v for k, v in fields.items() if k not in LATER_FIELDS})}
 
 
-def check_rank_layout(folder: Path, pattern: str, world_size: int, *, resume: bool, overwrite: bool, kind: str = "") -> None:
+def check_rank_layout(
+    folder: Path, pattern: str, world_size: int, *, resume: bool, overwrite: bool, kind: str = "", key: str = "output_dir"
+) -> None:
     """Refuses progress of this pass saved by a run with another number of ranks (its files,
     `pattern` with {rank} = ".rank<r>" + kind, or kind alone for one process, and the files of the
     datasets each finished beside them, are not this run's names, so it would silently start over
     and leave them behind); --overwrite removes them. The temporary files that killed writers of those
     names left hold no progress: they are removed unless the progress is refused (the caller holds the lock).
+    What is no regular file there is refused as that (`storage.refuse_irregular`; `key`: the config key of `folder`).
 
     Raises:
         OutputError: naming the files and the number of ranks that saved them.
@@ -50,7 +53,7 @@ def check_rank_layout(folder: Path, pattern: str, world_size: int, *, resume: bo
     mine = {pattern.format(rank=kind)} if world_size == 1 else {pattern.format(rank=f".rank{r}{kind}") for r in range(world_size)}
     others = [p for p in progress_files(folder, pattern, kind) if snapshot_of(p.name, pattern) not in mine]
     for p in others:  # never opened (a FIFO would block), nor a folder removed
-        storage.refuse_irregular(p, overwrite and not resume)
+        storage.refuse_irregular(p, overwrite and not resume, key)
     if not others or (overwrite and not resume):
         for p in others:
             p.unlink(missing_ok=True)
@@ -117,13 +120,16 @@ def _is_progress_name(name: str, pattern: str, kind: str) -> bool:
     return own.fullmatch(_middle(name, pattern)) is not None
 
 
-def clear_progress_of_finished(folder: Path, pattern: str, kind: str = "", main: bool = True, outputs: Sequence[Path] = ()) -> None:
+def clear_progress_of_finished(
+    folder: Path, pattern: str, kind: str = "", main: bool = True, outputs: Sequence[Path] = (), key: str = "output_dir"
+) -> None:
     """Removes the progress a run killed right after renaming its finished output left beside it
-    (the finished output holds all of it), and the temporary files a killed writer of `outputs`
+    (the finished output holds all of it: a FIFO there goes too, never opened, while a folder is refused,
+    `key` naming `folder` in its hint), and the temporary files a killed writer of `outputs`
     left (the caller holds their lock); on rank 0 only (`main`)."""
     if main:
         for p in progress_files(folder, pattern, kind):
-            storage.refuse_irregular(p, True)  # a folder is never removed
+            storage.refuse_irregular(p, True, key)  # a folder is never removed
             p.unlink(missing_ok=True)
         for output in outputs:
             storage.remove_stale_temp_files(output)
@@ -405,7 +411,9 @@ class DatasetsProgress:
         with every other rank's copy: `agree`). Files of finished datasets that this rank's snapshot does not count
         and that are not so counted (a run started over; one of them does not hold its result; when the snapshot is
         lost, those past the datasets the other ranks finished) are removed once the ranks agreed to go on: a
-        refusal leaves them.
+        refusal leaves them. What is no regular file at the path of one of them is refused as that before any is read
+        or removed (`storage.refuse_irregular`: a FIFO is never opened, and removed by `overwrite` without `resume`;
+        a folder is never removed).
 
         Args:
             dist: The DistState. result: the settings the result depends on; the batch size, the ranks and
@@ -417,6 +425,8 @@ class DatasetsProgress:
 
         def start_checks() -> DatasetsProgress:
             check_rank_layout(folder, pattern, dist.world_size, resume=resume, overwrite=overwrite)
+            for path in _finished_files(checkpoint.path).values():  # never opened (a FIFO would block), nor a folder removed
+                storage.refuse_irregular(path, overwrite and not resume, checkpoint.folder_key)
             snapshot = checkpoint.check_start(resume, overwrite, lost_ok=dist.distributed)
             progress = cls(checkpoint, None if isinstance(snapshot, OutputError) else snapshot, lost_ok=dist.distributed)
             if isinstance(snapshot, OutputError):
@@ -438,8 +448,7 @@ class DatasetsProgress:
     def finished_path(self, index: int | str) -> Path:
         """The file of finished dataset `index` (from 0; "*": a glob of them all), beside the snapshot:
         similarity.partial.rank0.safetensors -> similarity.partial.rank0.finished2.safetensors."""
-        path = self.checkpoint.path
-        return path.with_suffix(storage.PARTIAL_FINISHED.format(index=index) + path.suffix)
+        return _finished_path(self.checkpoint.path, index)
 
     def dataset_name(self, index: int) -> str:
         """Dataset `index` in words: its name in the run's order ('zeros_sixes'), else its place."""
@@ -541,11 +550,8 @@ class DatasetsProgress:
 
     def _remove_finished(self, start: int = 0) -> None:
         """Removes this rank's files of finished datasets from index `start` on."""
-        glob = self.finished_path("*")
-        head, tail = glob.name.split("*")
-        for p in glob.parent.glob(glob.name):
-            index = p.name[len(head) : len(p.name) - len(tail)]
-            if index.isdigit() and int(index) >= start:
+        for index, p in _finished_files(self.checkpoint.path).items():
+            if index >= start:
                 p.unlink(missing_ok=True)
 
     def clear(self) -> None:
@@ -717,6 +723,19 @@ class DatasetsProgress:
             return where
         views = dist.all_gather_object(where)
         return "; ".join(f"rank {r}: {v}" for r, v in enumerate(views) if v is not None) or None
+
+
+def _finished_path(snapshot: Path, index: int | str) -> Path:
+    """The file of finished dataset `index` beside `snapshot` (`DatasetsProgress.finished_path`)."""
+    return snapshot.with_suffix(storage.PARTIAL_FINISHED.format(index=index) + snapshot.suffix)
+
+
+def _finished_files(snapshot: Path) -> dict[int, Path]:
+    """The files of finished datasets beside `snapshot` (whatever each is: a FIFO or folder too), by index."""
+    glob = _finished_path(snapshot, "*")
+    head, tail = glob.name.split("*")
+    found = {p.name[len(head) : len(p.name) - len(tail)]: p for p in glob.parent.glob(glob.name)}
+    return dict(sorted((int(index), p) for index, p in found.items() if index.isdigit()))
 
 
 def _no_usable_copy(index: int, lost: _LostFiles, saved_nothing: dict[int, tuple[str, str]], lacking: _Lacking) -> OutputError:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import weakref
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import Result
 
 from influence_cli import storage
 from influence_cli.errors import OutputError
@@ -164,3 +166,30 @@ def interrupt_after(monkeypatch, method: str, calls: int) -> None:
         return real(*args, **kwargs)
 
     monkeypatch.setattr(ScoreKernel, method, staticmethod(wrapped) if method.startswith("pairwise") else wrapped)
+
+
+def make_irregular(path: Path, kind: str) -> None:
+    """A FIFO (`kind` "fifo") or an empty folder ("folder") at `path`, in place of the file there."""
+    path.unlink(missing_ok=True)
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
+
+
+def never_open_fifos(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fails the test where a command opens a FIFO to read it (it would block for good)."""
+    opened = storage._opened
+    monkeypatch.setattr(storage, "_opened", lambda p, *a, **kw: pytest.fail(f"{p} was opened") if Path(p).is_fifo() else opened(p, *a, **kw))
+
+
+def assert_refused_as_irregular(result: Result, path: Path, kind: str) -> None:
+    """`result` (a CLI run) is the one-line refusal of the FIFO or folder (`kind`, as `make_irregular`'s) at the progress
+    path `path`, with its one-line hint naming output_dir and the fix, and `path` is left as it is."""
+    detail, fix = {
+        "fifo": ("already exists and is not a regular file (a FIFO, socket or device)", "pass --overwrite to replace it"),
+        "folder": ("is a folder, not a file", "move that folder away"),
+    }[kind]
+    assert (result.exit_code, result.stdout, "Traceback" in result.stderr) == (5, "", False), (result.exit_code, result.output)
+    assert result.stderr.splitlines() == [f"output error: {str(path)!r} {detail}", f"hint: set output_dir to another place, or {fix}"]
+    assert path.is_fifo() if kind == "fifo" else path.is_dir()

@@ -1864,7 +1864,8 @@ def test_results_wait_for_a_non_blocking_stdout(monkeypatch):
 @pytest.mark.parametrize(
     ("command", "name"),
     [("fit-factors", "factors.partial.safetensors"), ("compute-scores", "scores.partial.safetensors"),
-     ("compute-scores", "scores.shard-00000.safetensors"), ("dataset-similarity", "similarity.partial.safetensors")],
+     ("compute-scores", "scores.shard-00000.safetensors"), ("compute-scores --self", "scores.partial.self.safetensors"),
+     ("dataset-similarity", "similarity.partial.safetensors")],
 )  # fmt: skip
 def test_a_fifo_or_folder_at_a_progress_path_is_refused_as_that(
     runner: CliRunner, fitted: tuple[Path, Result], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str, name: str
@@ -1877,7 +1878,7 @@ def test_a_fifo_or_folder_at_a_progress_path_is_refused_as_that(
     os.mkfifo(path)
     opened = storage._opened
     monkeypatch.setattr(storage, "_opened", lambda p, *a, **kw: pytest.fail("a FIFO was opened") if Path(p) == path else opened(p, *a, **kw))
-    args = (command, DIGITS, "--set", f"factors_dir={out}", "--set", f"output_dir={tmp_path}")
+    args = (*command.split(), DIGITS, "--set", f"factors_dir={out}", "--set", f"output_dir={tmp_path}")
     if command == "fit-factors":
         args = (command, DIGITS, "--set", f"output_dir={tmp_path}")
     for flags in ((), ("--resume",)):
@@ -1896,3 +1897,25 @@ def test_a_fifo_or_folder_at_a_progress_path_is_refused_as_that(
         line = assert_clean_error(result, EXIT["output"], f"{str(path)!r} is a folder, not a file")
         assert result.stderr.split(line, 1)[1].strip().endswith("or move that folder away")
         assert path.is_dir()
+
+
+def test_a_fifo_or_folder_among_the_factors_progress_names_factors_dir(runner: CliRunner, fitted: tuple[Path, Result], tmp_path: Path):
+    """fit-factors into factors_dir names that key in the refusal of a FIFO at another rank's progress path, and of a
+    folder at a progress path beside finished factors (both said "write to another place")."""
+    out, _ = fitted
+    factors = tmp_path / "factors"
+    factors.mkdir()
+    args = ("fit-factors", DIGITS, "--set", f"output_dir={tmp_path / 'out'}", "--set", f"factors_dir={factors}")
+    fifo = factors / "factors.partial.rank1.safetensors"
+    os.mkfifo(fifo)
+    result = invoke(runner, *args)
+    line = assert_clean_error(result, EXIT["output"], f"{str(fifo)!r} already exists and is not a regular file (a FIFO, socket or device)")
+    assert result.stderr.split(line, 1)[1].strip() == "hint: set factors_dir to another place, or pass --overwrite to replace it"
+    fifo.unlink()
+    (factors / storage.FACTORS_FILE).write_bytes((out / storage.FACTORS_FILE).read_bytes())
+    folder = factors / "factors.partial.safetensors"
+    folder.mkdir()
+    result = invoke(runner, *args, "--resume")  # finished factors: the progress beside them is cleared
+    line = assert_clean_error(result, EXIT["output"], f"{str(folder)!r} is a folder, not a file")
+    assert result.stderr.split(line, 1)[1].strip() == "hint: set factors_dir to another place, or move that folder away"
+    assert folder.is_dir()

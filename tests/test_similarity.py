@@ -21,10 +21,13 @@ from stopping import (
     StopAt,
     Streamed,
     as_earlier_snapshot,
+    assert_refused_as_irregular,
     assert_same_tensors,
     device_types,
     interrupt,
     killed_before_the_snapshot,
+    make_irregular,
+    never_open_fifos,
     progress_files,
 )
 from typer.testing import CliRunner
@@ -736,6 +739,42 @@ def test_resume_with_nothing_saved_starts_over_and_a_finished_result_is_shown(di
     assert dataset_similarity(cfg, resume=True).resumed_from is None
     again = dataset_similarity(cfg, resume=True)
     assert again.from_file and again.resumed_from is None
+
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+def test_a_fifo_or_folder_at_a_finished_datasets_path_is_refused_as_that(digits_run, tmp_path, monkeypatch, kind):
+    """A FIFO or a folder at the path of a finished dataset's file is refused as what it is, never opened, with or
+    without --resume, its hint naming output_dir: one the snapshot counts (--resume said it was missing), the next one
+    (--resume would read it) and one without a snapshot (a FIFO there was removed, a folder gave a traceback), another
+    rank's (its hint said "write to another place"); --overwrite removes a FIFO and refuses a folder (it gave a
+    traceback). Beside a finished result shown again, a FIFO goes with the progress a kill left (as a FIFO snapshot
+    does) and a folder is refused, with --overwrite too (a traceback)."""
+    factors, _ = digits_run
+    never_open_fifos(monkeypatch)
+    sets = [f"factors_dir={factors}", "device=cpu", "data.batch_size=32", "factors.checkpoint_every=2"]
+    interrupted, finished = tmp_path / "interrupted", tmp_path / "finished"
+    with pytest.raises(KeyboardInterrupt):  # 2 of 4 datasets done
+        dataset_similarity(load_config(DIGITS, [*sets, f"output_dir={interrupted}"]), progress=StopAt("zeros_sixes_heldout", 32))
+    dataset_similarity(load_config(DIGITS, [*sets, f"output_dir={finished}"]))
+    cases = {
+        "counted": (interrupted, "similarity.partial.finished0.safetensors"),
+        "next": (interrupted, "similarity.partial.finished2.safetensors"),
+        "no-snapshot": (None, "similarity.partial.finished0.safetensors"),
+        "another-rank": (None, "similarity.partial.rank1.finished0.safetensors"),
+        "finished": (finished, "similarity.partial.finished0.safetensors"),
+    }
+    for case, (template, name) in cases.items():
+        for flags in ((), ("--resume",), ("--overwrite",)):
+            out = tmp_path / "runs" / f"{case}{''.join(flags)}"
+            shutil.copytree(template, out) if template else out.mkdir(parents=True)
+            make_irregular(out / name, kind)
+            result = invoke("dataset-similarity", str(DIGITS), *[a for s in [*sets, f"output_dir={out}"] for a in ("--set", s)], *flags)
+            if kind == "folder" or (flags != ("--overwrite",) and case != "finished"):
+                assert_refused_as_irregular(result, out / name, kind)
+                continue
+            assert result.exit_code == 0, (case, flags, result.output)
+            assert sorted(p.name for p in out.iterdir()) == [SIMILARITY_FILE], (case, flags)  # the FIFO gone, no progress left
 
 
 # The real CLI, stopped as a preempted rank would be: with STOP="<dataset>:<batch>", rank 1 stops in that batch (torchrun

@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,10 +24,13 @@ from stopping import (
     StopAt,
     Streamed,
     as_earlier_snapshot,
+    assert_refused_as_irregular,
     assert_same_tensors,
     device_types,
     interrupt,
     killed_before_the_snapshot,
+    make_irregular,
+    never_open_fifos,
     progress_files,
 )
 from test_models import TiedLM
@@ -1138,6 +1142,44 @@ def test_a_spectrum_killed_between_a_finished_datasets_file_and_its_snapshot_doe
     reference.mkdir()
     spectrum(resumable_config(digits, reference))
     assert_same_tensors(tmp_path / SPECTRUM_FILE, reference / SPECTRUM_FILE)
+
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+def test_a_fifo_or_folder_at_a_progress_path_of_spectrum_is_refused_as_that(digits, tmp_path, monkeypatch, kind):
+    """A FIFO or a folder at spectrum's snapshot path, or at the path of a finished dataset's file (one the snapshot
+    counts: --resume said it was missing; the next one, the last dataset's, and one without a snapshot: a FIFO there
+    was removed, a folder gave a traceback; another rank's: its hint said "write to another place") is refused as what
+    it is, never opened, with or without --resume, its hint naming output_dir; --overwrite removes a FIFO and refuses a
+    folder (it gave a traceback). Beside a finished result shown again, a FIFO goes with the progress a kill left and a
+    folder is refused, with --overwrite too (a traceback)."""
+    factors, sets = digits
+    never_open_fifos(monkeypatch)
+    overrides = [v for k, v in zip(sets[::2], sets[1::2], strict=True) if k == "--set" and not v.startswith("output_dir=")]
+    overrides += [f"factors_dir={factors}", "data.batch_size=32", "factors.checkpoint_every=2"]
+    interrupted, finished = tmp_path / "interrupted", tmp_path / "finished"
+    with pytest.raises(KeyboardInterrupt):  # 1 of 2 datasets done
+        spectrum(load_config(DIGITS, [*overrides, f"output_dir={interrupted}"]), progress=StopAt("heldout", 96))
+    spectrum(load_config(DIGITS, [*overrides, f"output_dir={finished}"]))
+    cases = {
+        "snapshot": (None, "spectrum.partial.safetensors"),
+        "counted": (interrupted, "spectrum.partial.finished0.safetensors"),
+        "next": (interrupted, "spectrum.partial.finished1.safetensors"),
+        "no-snapshot": (None, "spectrum.partial.finished0.safetensors"),
+        "another-rank": (None, "spectrum.partial.rank1.finished0.safetensors"),
+        "finished": (finished, "spectrum.partial.finished0.safetensors"),
+    }
+    for case, (template, name) in cases.items():
+        for flags in ((), ("--resume",), ("--overwrite",)):
+            out = tmp_path / "runs" / f"{case}{''.join(flags)}"
+            shutil.copytree(template, out) if template else out.mkdir(parents=True)
+            make_irregular(out / name, kind)
+            result = invoke("spectrum", DIGITS, *[a for s in [*overrides, f"output_dir={out}"] for a in ("--set", s)], *flags)
+            if kind == "folder" or (flags != ("--overwrite",) and case != "finished"):
+                assert_refused_as_irregular(result, out / name, kind)
+                continue
+            assert result.exit_code == 0, (case, flags, result.output)
+            assert sorted(p.name for p in out.iterdir()) == [SPECTRUM_FILE], (case, flags)  # the FIFO gone, no progress left
 
 
 def test_band_names_keep_the_shares_as_set():
