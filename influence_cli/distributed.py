@@ -179,7 +179,8 @@ def agree(state: DistState, fn: Callable[[], _T]) -> _T:
 
     When any rank fails with a typed error, every rank raises, so none waits in a later collective:
     the same error on every rank is marked to be printed once (by rank 0); a failure of some ranks
-    only is printed by those, and each other rank stops with a DistributedError naming it.
+    only is printed by those (with its hint, even one marked as met alike, such as a rank's own
+    progress file refused), and each other rank stops with a DistributedError naming it.
     """
     failure: InfluenceError | None = None
     result = None
@@ -195,6 +196,8 @@ def agree(state: DistState, fn: Callable[[], _T]) -> _T:
                     raise DistributedError(f"rank {rank} stopped: {message}")
         elif all(m == failure.message for m in messages):
             failure.everywhere()
+        else:
+            failure.same_on_every_rank = False  # else no rank says it with its hint: the others say "rank N stopped: ..."
     if failure is not None:
         raise failure
     return result  # type: ignore[return-value]

@@ -442,10 +442,13 @@ def test_a_scores_report_speaks_for_the_whole_job():
     assert _job_view(TwoRanks([(100, 1.0, None), (100, 2.0, None)]), 100, 1.0, None) == (100.0, None)
 
 
+@pytest.mark.parametrize("marked", [False, True], ids=["unmarked", "marked-as-met-alike"])
 @pytest.mark.parametrize("others, printed_once", [(["no examples"], True), ([None], False), (["other"], False)])
-def test_agree_prints_an_error_once_only_when_every_rank_met_it(others, printed_once):
+def test_agree_prints_an_error_once_only_when_every_rank_met_it(others, printed_once, marked):
     """A dataset spec refused on every rank is said once (rank 0); refused on some ranks only (node-local
-    data), each failing rank says it, and the others stop naming it instead of staying silent."""
+    data), each failing rank says it, and the others stop naming it instead of staying silent. So is an error
+    raised as one every rank meets alike (`everywhere`, a FIFO at a progress path) that only this rank met, such
+    as its own progress file: no rank said it with its hint (it said nothing, rank 0 only "rank 1 stopped: ...")."""
     from influence_cli.distributed import agree
     from influence_cli.errors import DataError, DistributedError
 
@@ -456,7 +459,8 @@ def test_agree_prints_an_error_once_only_when_every_rank_met_it(others, printed_
             return [obj, *others]
 
     def fail():
-        raise DataError("no examples")
+        error = DataError("no examples")
+        raise error.everywhere() if marked else error
 
     with pytest.raises(DataError) as info:
         agree(Ranks(), fail)

@@ -894,6 +894,27 @@ def test_two_ranks_interrupted_resume_to_the_uninterrupted_result(digits_run, tw
 
 
 @pytest.mark.distributed
+def test_two_ranks_a_fifo_at_one_ranks_finished_datasets_path_is_said_with_its_hint_by_that_rank(digits_run, tmp_path):
+    """A FIFO at the file of a finished dataset of one rank only is refused by that rank, which says the whole refusal
+    with its hint, once; the other rank stops naming it. (Rank 1 said nothing, and rank 0 only "rank 1 stopped: ...",
+    without the hint.)"""
+    interrupted = tmp_path / "interrupted"
+    stopped = _two_ranks(digits_run[0], interrupted, STOP="ones_sevens:7")
+    assert stopped.returncode != 0 and (interrupted / "similarity.partial.rank1.finished0.safetensors").is_file(), stopped.stderr
+    for rank in (0, 1):
+        out = tmp_path / f"rank{rank}"
+        shutil.copytree(interrupted, out)
+        fifo = out / f"similarity.partial.rank{rank}.finished0.safetensors"
+        make_irregular(fifo, "fifo")
+        refused = _two_ranks(digits_run[0], out, "--resume")
+        assert refused.returncode != 0 and fifo.is_fifo() and not (out / SIMILARITY_FILE).exists(), refused.stderr
+        said = f"[rank {rank}] output error: {str(fifo)!r} already exists and is not a regular file (a FIFO, socket or device)"
+        assert refused.stderr.count(said) == 1, refused.stderr
+        assert refused.stderr.count("hint: set output_dir to another place, or pass --overwrite to replace it") == 1, refused.stderr
+        assert f"[rank {1 - rank}] distributed error: rank {rank} stopped: {str(fifo)!r} already exists" in refused.stderr, refused.stderr
+
+
+@pytest.mark.distributed
 def test_two_ranks_killed_between_a_finished_datasets_files_and_their_snapshots_do_not_stream_it_again(digits_run, two_ranks_reference, tmp_path):
     """Both ranks are killed once each has written its file of ones_sevens' statistics and before the snapshot that
     counts it: --resume counts each rank's file as finished (it holds them under this run's settings, and the two copies
