@@ -1,6 +1,7 @@
 """How ranked examples are shown: their input token ids (language models and other models over
-token ids), files and class names
-(image folders), the label planted label noise replaced, and their images.
+token ids), files (image folders), class names (sources that have them: image folders,
+torchvision's sets, a factory's Dataset with `classes`), the label planted label noise replaced,
+and their images.
 
 `top-k` and `spectrum` rank examples by position or global index; this module turns those into
 what a table, a JSON row or a picture shows, reading the datasets the scores were checked against

@@ -1055,6 +1055,70 @@ def test_spectrum_names_an_image_folders_examples_by_their_files(tmp_path):
     assert "file" in table and rows[0]["file"] in table and ("cat" in table or "dog" in table)
 
 
+PETS_FACTORY = """
+import torch
+
+
+class Pets(torch.utils.data.Dataset):
+    classes = ["cat", "dog", "owl"]
+
+    def __init__(self):
+        self.x = torch.randn(24, 8, generator=torch.Generator().manual_seed(0))
+        self.targets = torch.arange(24) % 3
+
+    def __len__(self):
+        return 24
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.targets[i])
+
+
+def pets():
+    return Pets()
+"""
+
+
+def _label_cells(table: str) -> dict[str, str]:
+    """{global or train index: label cell} of a ranking table whose first three columns are rank, index and label."""
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in table.splitlines()]
+    return {cells[1]: cells[2] for cells in rows if len(cells) > 2 and cells[0].isdigit()}
+
+
+def test_spectrum_top_shows_class_names_as_top_k_does(tmp_path):
+    """A source with class names (a factory's Dataset with `classes`, as torchvision's sets): spectrum --top
+    labels each example "1 (dog)" as top-k does (it showed a bare 1); the JSON keeps the label as a number, as
+    top-k's does."""
+    import yaml
+    from safetensors.torch import save_file
+
+    from influence_cli.models import mlp
+
+    (tmp_path / "pets.py").write_text(PETS_FACTORY)
+    torch.manual_seed(0)
+    save_file({k: v.contiguous() for k, v in mlp(8, [6], 3).state_dict().items()}, tmp_path / "model.safetensors")
+    config = {
+        "model": {"architecture": "mlp", "kwargs": {"input_dim": 8, "hidden": [6], "num_classes": 3}, "checkpoint": "model.safetensors"},
+        "data": {"train": {"source": "pets:pets"}, "batch_size": 8},
+        "factors": {"fisher": "empirical"},
+        "output_dir": "out",
+        "device": "cpu",
+    }
+    config_path = tmp_path / "c.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    for command in (["fit-factors"], ["compute-scores", "--self"]):
+        assert invoke(command[0], config_path, *command[1:]).exit_code == 0
+    result = invoke("spectrum", config_path, "--top", "24", "--json")
+    assert result.exit_code == 0, result.stderr
+    rows = json.loads(result.stdout)["top_examples"]["train"]
+    assert len(rows) > 3 and all(set(row) == {"global_index", "label", "noisy", "bottom_energy", "bottom_share", "energy"} for row in rows)
+    assert all(row["label"] == row["global_index"] % 3 for row in rows)
+    names = ["cat", "dog", "owl"]
+    shown = _label_cells(invoke("spectrum", config_path, "--top", "24").stdout)
+    assert shown == {str(row["global_index"]): f"{row['label']} ({names[row['label']]})" for row in rows}
+    by_top_k = _label_cells(invoke("top-k", config_path, "--self", "--k", "24").stdout)
+    assert {index: by_top_k.get(index) for index in shown} == shown  # the same examples' labels, as top-k --self shows them
+
+
 def resumable_config(digits, out: Path) -> Config:
     """The digits spectrum config writing into `out` (a copy of the fitted factors there), in batches of 32 with
     progress saved every 2 batches."""

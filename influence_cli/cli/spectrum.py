@@ -121,7 +121,7 @@ def spectrum_cmd(
         return
     if plot is not None:
         save_spectrum_plot(plot, report)
-    views = _views(cfg, report.loaded) if top else {}  # examples over token ids are shown by their input ids, an image folder's by their files
+    views = _views(cfg, report.loaded) if top else {}  # shown as top-k shows them: input ids, files, class names
     tokens = cfg.task.kind == "language_modeling"  # labels of token ids, never summarised
     if json_:
         data = report.to_dict(top, rank_by)
@@ -193,13 +193,13 @@ def spectrum_cmd(
 def _views(cfg, loaded: dict) -> dict:
     """The spectrum's datasets by name, as top-k shows examples (`example_views.spec_views`), from
     those the pass measured (`loaded`, by config key: neither the model nor a dataset is loaded
-    again): those whose inputs are token ids (`ExampleView.token_inputs`) or files of an image
-    folder; the others' rows show the label alone."""
+    again): input ids where the inputs are token ids (`ExampleView.token_inputs`), an image
+    folder's files, and labels with their class names where the source has them
+    (`render.example_cells`)."""
     from influence_cli.band_energy import dataset_specs
     from influence_cli.example_views import spec_views
 
-    views = spec_views(cfg, dataset_specs(cfg), loaded)
-    return {name: view for name, view in views.items() if view.token_inputs or view.has_files}
+    return spec_views(cfg, dataset_specs(cfg), loaded)
 
 
 def _position(view, global_index: int) -> int | None:
