@@ -1449,6 +1449,8 @@ def test_a_factory_that_cannot_find_a_relative_file_says_where_it_looked(tmp_pat
 
 
 def test_mnist_in_torchvisions_old_processed_layout_still_loads(tmp_path: Path) -> None:
+    """Read by torchvision's reader, MNIST's classes are named as when its IDX files are read ("3", which
+    tables show as the number alone), not torchvision's "3 - three"."""
     processed = tmp_path / "MNIST" / "processed"
     processed.mkdir(parents=True)
     images, labels = torch.randint(0, 256, (10, 28, 28), dtype=torch.uint8), torch.arange(10) % 10
@@ -1456,6 +1458,7 @@ def test_mnist_in_torchvisions_old_processed_layout_still_loads(tmp_path: Path) 
         torch.save((images, labels), processed / name)
     ds = load_dataset(DataSpec(source="mnist", root=str(tmp_path), split="test"), ".")
     assert len(ds) == 10 and ds.labels.tolist() == labels.tolist()
+    assert ds.class_names == [str(i) for i in range(10)]
 
 
 def test_a_query_folder_takes_data_trains_colours_when_a_train_class_folder_is_empty(tmp_path: Path) -> None:

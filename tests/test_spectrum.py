@@ -1079,26 +1079,26 @@ def pets():
 
 
 def _label_cells(table: str) -> dict[str, str]:
-    """{global or train index: label cell} of a ranking table whose first three columns are rank, index and label."""
-    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in table.splitlines()]
-    return {cells[1]: cells[2] for cells in rows if len(cells) > 2 and cells[0].isdigit()}
+    """{global or train index: label cell} of the ranking table in `table` (its first two columns: rank and index)."""
+    lines = table.splitlines()
+    heads = next(cells for cells in ([c.strip() for c in line.split("┃")[1:-1]] for line in lines) if "label" in cells)
+    rows = ([c.strip() for c in line.split("│")[1:-1]] for line in lines)
+    return {cells[1]: cells[heads.index("label")] for cells in rows if len(cells) == len(heads) and cells[0].isdigit()}
 
 
-def test_spectrum_top_shows_class_names_as_top_k_does(tmp_path):
-    """A source with class names (a factory's Dataset with `classes`, as torchvision's sets): spectrum --top
-    labels each example "1 (dog)" as top-k does (it showed a bare 1); the JSON keeps the label as a number, as
-    top-k's does."""
+def _ranked_labels(tmp_path: Path, train: dict, input_dim: int, num_classes: int) -> tuple[list[dict], dict[str, str], dict[str, str]]:
+    """(spectrum --top's JSON rows, its label cells, top-k --self's label cells for the same examples) of every
+    example of `train` (a data spec), ranked with an MLP over `input_dim` features."""
     import yaml
     from safetensors.torch import save_file
 
     from influence_cli.models import mlp
 
-    (tmp_path / "pets.py").write_text(PETS_FACTORY)
     torch.manual_seed(0)
-    save_file({k: v.contiguous() for k, v in mlp(8, [6], 3).state_dict().items()}, tmp_path / "model.safetensors")
+    save_file({k: v.contiguous() for k, v in mlp(input_dim, [6], num_classes).state_dict().items()}, tmp_path / "model.safetensors")
     config = {
-        "model": {"architecture": "mlp", "kwargs": {"input_dim": 8, "hidden": [6], "num_classes": 3}, "checkpoint": "model.safetensors"},
-        "data": {"train": {"source": "pets:pets"}, "batch_size": 8},
+        "model": {"architecture": "mlp", "kwargs": {"input_dim": input_dim, "hidden": [6], "num_classes": num_classes}, "checkpoint": "model.safetensors"},
+        "data": {"train": train, "batch_size": 8},
         "factors": {"fisher": "empirical"},
         "output_dir": "out",
         "device": "cpu",
@@ -1107,16 +1107,49 @@ def test_spectrum_top_shows_class_names_as_top_k_does(tmp_path):
     config_path.write_text(yaml.safe_dump(config))
     for command in (["fit-factors"], ["compute-scores", "--self"]):
         assert invoke(command[0], config_path, *command[1:]).exit_code == 0
-    result = invoke("spectrum", config_path, "--top", "24", "--json")
+    result = invoke("spectrum", config_path, "--top", "100", "--json")
     assert result.exit_code == 0, result.stderr
     rows = json.loads(result.stdout)["top_examples"]["train"]
+    shown = _label_cells(invoke("spectrum", config_path, "--top", "100").stdout)
+    by_top_k = _label_cells(invoke("top-k", config_path, "--self", "--k", "100").stdout)
+    return rows, shown, {index: by_top_k.get(index) for index in shown}
+
+
+def test_spectrum_top_shows_class_names_as_top_k_does(tmp_path):
+    """A source with class names (a factory's Dataset with `classes`, as torchvision's sets): spectrum --top
+    labels each example "1 (dog)" as top-k does (it showed a bare 1); the JSON keeps the label as a number, as
+    top-k's does."""
+    (tmp_path / "pets.py").write_text(PETS_FACTORY)
+    rows, shown, by_top_k = _ranked_labels(tmp_path, {"source": "pets:pets"}, 8, 3)
     assert len(rows) > 3 and all(set(row) == {"global_index", "label", "noisy", "bottom_energy", "bottom_share", "energy"} for row in rows)
     assert all(row["label"] == row["global_index"] % 3 for row in rows)
     names = ["cat", "dog", "owl"]
-    shown = _label_cells(invoke("spectrum", config_path, "--top", "24").stdout)
     assert shown == {str(row["global_index"]): f"{row['label']} ({names[row['label']]})" for row in rows}
-    by_top_k = _label_cells(invoke("top-k", config_path, "--self", "--k", "24").stdout)
-    assert {index: by_top_k.get(index) for index in shown} == shown  # the same examples' labels, as top-k --self shows them
+    assert by_top_k == shown  # the same examples' labels, as top-k --self shows them
+
+
+def test_numbered_classes_show_their_number_alone(tmp_path):
+    """MNIST's classes (named "0".."9" when its IDX files are read, "0 - zero".. by torchvision's reader) and the
+    classes of a folder named by their numbers show as the number alone in top-k's and spectrum --top's tables,
+    never "3 (3)" (as they did)."""
+    from test_data import synthetic_images, write_idx
+
+    (tmp_path / "mnist").mkdir()
+    write_idx(tmp_path / "mnist" / "t10k-images-idx3-ubyte", synthetic_images(20))
+    write_idx(tmp_path / "mnist" / "t10k-labels-idx1-ubyte", (torch.arange(20) % 10).to(torch.uint8).numpy())
+    spec = {"source": "mnist", "root": "mnist", "split": "test", "transform": {"scale": 255.0, "flatten": True}}
+    rows, shown, by_top_k = _ranked_labels(tmp_path, spec, 16, 10)
+    assert len(rows) > 3 and shown == {str(row["global_index"]): str(row["label"]) for row in rows} and by_top_k == shown
+
+    numbered = tmp_path / "numbered"
+    g = torch.Generator().manual_seed(0)
+    for cls in ("0", "1", "2"):
+        (numbered / "imgs" / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray((torch.rand(4, 4, generator=g) * 255).to(torch.uint8).numpy()).save(numbered / "imgs" / cls / f"{i}.png")
+    spec = {"source": "image_folder", "root": "imgs", "transform": {"scale": 255.0, "flatten": True}}
+    rows, shown, by_top_k = _ranked_labels(numbered, spec, 16, 3)
+    assert len(rows) > 3 and shown == {str(row["global_index"]): str(row["label"]) for row in rows} and by_top_k == shown
 
 
 def resumable_config(digits, out: Path) -> Config:

@@ -620,9 +620,10 @@ def label_json(label: Any, token_ids: bool | None = None) -> Any:
 
 
 def label_text(label: Any, class_names: list[str] | None = None, token_ids: bool | None = None) -> str:
-    """A label for a table cell: class index (with its name), regression value(s) to 4 digits (a
-    target of more than LABEL_VALUES_IN_FULL values as its shape, mean and range), a language model's
-    token ids at the counted positions (without the -100s), or '-' (`token_ids` as `label_summary`'s)."""
+    """A label for a table cell: class index (with its name, unless the name only repeats the number:
+    class folders "0", "1", ...), regression value(s) to 4 digits (a target of more than
+    LABEL_VALUES_IN_FULL values as its shape, mean and range), a language model's token ids at the
+    counted positions (without the -100s), or '-' (`token_ids` as `label_summary`'s)."""
     if label is None:
         return "-"
     if isinstance(label, float):
@@ -638,7 +639,7 @@ def label_text(label: Any, class_names: list[str] | None = None, token_ids: bool
             label = [v for v in label if v != IGNORE_INDEX]
         shown = 12 if all(isinstance(v, int) for v in label) else 4  # token ids: a phrase; regression targets: a few numbers
         return "[" + ", ".join(label_text(v) for v in label[:shown]) + (", …]" if len(label) > shown else "]")
-    if class_names is not None and isinstance(label, int) and 0 <= label < len(class_names):
+    if class_names is not None and isinstance(label, int) and 0 <= label < len(class_names) and class_names[label] != str(label):
         return f"{label} ({class_names[label]})"
     return str(label)
 

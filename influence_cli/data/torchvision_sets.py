@@ -22,7 +22,7 @@ from influence_cli.data.idx import idx_images, read_idx
 from influence_cli.data.source import Source, file_info, pil_to_tensor, to_inputs, to_labels
 from influence_cli.errors import DataError
 
-_MNIST_CLASSES = [str(i) for i in range(10)]
+_MNIST_CLASSES = [str(i) for i in range(10)]  # torchvision's "3 - three" only spells the number out; tables show the number alone
 _FASHION_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]  # fmt: skip
@@ -133,7 +133,7 @@ def open_torchvision(spec: DataSpec, base_dir: Path, name: str) -> Source:
         inputs=to_inputs(data, f"{name}.root", desc),
         labels=targets,
         files={"root": root.resolve().name, "split": spec.split},
-        class_names=[str(c) for c in getattr(ds, "classes", [])] or None,
+        class_names=_MNIST_CLASSES if spec.source == "mnist" else [str(c) for c in getattr(ds, "classes", [])] or None,
         raw_255=True,
         label_key="root",
     )
