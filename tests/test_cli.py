@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from rich.cells import cell_len
 from safetensors.torch import save_file
 from stopping import assert_same_tensors
 from typer.testing import CliRunner, Result
@@ -1423,24 +1425,29 @@ def test_tables_survive_odd_terminals(tmp_path: Path, monkeypatch):
 
 
 def test_numbers_stay_whole_in_a_narrow_terminal(tmp_path: Path, monkeypatch):
-    """Text cells fold; a number never does (a folded "+3599 / 3" reads as another number) and is never
-    cut: a table that cannot fit is drawn wider than the terminal, which wraps its lines."""
+    """Text cells fold between words; a number never folds (a folded "+3599 / 3" reads as another number) and is
+    never cut: a table that cannot fit so is drawn as records, one "column: value" line each, never wider than
+    the terminal (which would wrap every line of the grid)."""
     from influence_cli.cli import render
 
-    table = render.new_table("scores", [("kind", "left"), ("train index", "right"), ("influence", "right")])
-    for row in (("proponent", "1495", "+35993"), ("opponent", "77", "-0.00012345")):
-        table.add_row(*row)
     for width in (24, 30, 40, 120):
+        table = render.new_table("scores", [("kind", "left"), ("train index", "right"), ("influence", "right")])
+        for row in (("proponent", "1495", "+35993"), ("opponent", "77", "-0.00012345")):
+            table.add_row(*row)
         monkeypatch.setenv("COLUMNS", str(width))
         out = io.StringIO()
         monkeypatch.setattr("sys.stdout", out)
         render.print_table(table)
-        text = out.getvalue()
+        lines = out.getvalue().splitlines()
         for number in ("1495", "+35993", "-0.00012345"):
-            assert any(number in line for line in text.splitlines()), (width, text)
-        if width < 26:  # the numbers alone do not fit: drawn wider, its text folded between words only, not squeezed
-            assert any("proponent" in line for line in text.splitlines()), (width, text)
-        assert all(line.endswith(("│", "┃", "┓", "┩", "┘", "┛", "┤")) or not line.strip() or "scores" in line for line in text.splitlines()), text
+            assert any(number in line for line in lines), (width, lines)
+        assert all(len(line) <= width for line in lines), (width, lines)
+        if width < 35:  # its words and numbers alone need 35 columns as a grid
+            assert lines[1:] == ["kind: proponent", "  train index: 1495", "  influence: +35993",
+                                 "kind: opponent", "  train index: 77", "  influence: -0.00012345"], lines  # fmt: skip
+        else:
+            assert all(line.endswith(("│", "┃", "┓", "┩", "┘", "┛", "┤")) for line in lines[1:]), lines
+            assert any("proponent" in line for line in lines), lines
 
 
 def test_a_right_justified_cell_is_measured_as_written(monkeypatch):
@@ -1464,8 +1471,9 @@ BOX = tuple("┏┃┡│├└")  # the first character of a table's lines
 
 
 def test_tables_fold_their_text_to_keep_to_the_terminal(fitted: tuple[Path, Result], tmp_path: Path):
-    """A table whose text cells can fold is drawn within the terminal's width (a header "train index" on two
-    lines), its numbers whole; at 120 columns the usual tables are drawn at their own width, as before."""
+    """A table whose text cells can fold between words is drawn within the terminal's width (a header "train
+    index" on two lines), its numbers whole; at 120 columns the usual tables are drawn at their own width, as
+    before. inspect's table, whose words do not fit in 50 columns, is drawn as records there."""
     out, _ = fitted
     sets = ["--set", f"output_dir={tmp_path}", "--set", f"factors_dir={out}"]
     assert invoke(CliRunner(env={"COLUMNS": "120"}), "compute-scores", DIGITS, *sets).exit_code == 0
@@ -1477,7 +1485,8 @@ def test_tables_fold_their_text_to_keep_to_the_terminal(fitted: tuple[Path, Resu
             result = invoke(runner, *args)
             assert result.exit_code == 0, (args, result.stderr)
             table = [line for line in result.stdout.splitlines() if line.startswith(BOX)]
-            assert table and all(len(line) <= width for line in table), (width, args, result.stdout)
+            assert all(len(line) <= width for line in table), (width, args, result.stdout)
+            assert table or (width == 50 and args[0] == "inspect" and "layer: fc1" in result.stdout), (width, args, result.stdout)
             if args[0] == "inspect":
                 assert all(shape in result.stdout for shape in ("64×64", "32×64", "10×32")), result.stdout  # shapes never fold
             if args[0] == "top-k":
@@ -1495,6 +1504,49 @@ def test_edits_shapes_never_fold(fitted: tuple[Path, Result], tmp_path: Path):
     assert result.exit_code == 0, result.stderr
     assert all(shape in result.stdout for shape in ("64×65", "32×65", "10×33")), result.stdout
     assert all(number in result.stdout for number in ("4,160", "2,080", "330")), result.stdout
+
+
+def _words(text: str) -> set[str]:
+    """The words of a command's stdout, without a table's borders or the colon after a record's key."""
+    return {word.removesuffix(":") for word in re.sub(r"[\u2500-\u257f]", " ", text).split()}
+
+
+def test_narrow_terminals_break_no_word(fitted: tuple[Path, Result], tmp_path: Path):
+    """At 40 and 60 columns every table-printing command shows the words of its 200-column tables, none broken
+    ("pro" / "pon" / "ent" was what a squeezed grid showed) and none left out, in lines that fit the terminal
+    (a grid whose words do not fit is drawn as records); the one exception: a grid's "layers" column names
+    fewer layers where its room is short (`fitted_layer_shares`). --json is the same at any width."""
+    out, _ = fitted
+    sets = ["--set", f"output_dir={tmp_path}", "--set", f"factors_dir={out}"]
+    refit = ["--set", f"output_dir={tmp_path / 'fit'}", "--overwrite"]
+    runners = {width: CliRunner(env={"COLUMNS": str(width), "INFLUENCE_DEBUG": None, "RANK": None}) for width in (200, 40, 60)}
+    for args in (("compute-scores", DIGITS, *sets, "--self"), ("dataset-similarity", DIGITS, *sets), ("spectrum", DIGITS, *sets)):
+        assert invoke(runners[200], *args).exit_code == 0, args  # written once; the others read them back, tables and all
+    commands = [("fit-factors", DIGITS, *refit), ("compute-scores", DIGITS, *sets, "--by-layer", "--overwrite"),
+                ("inspect", DIGITS), ("info", out / FACTORS), ("info", tmp_path / "scores.safetensors"),
+                ("top-k", DIGITS, *sets, "--query", "0:2"), ("top-k", DIGITS, *sets, "--self"),
+                ("dataset-similarity", DIGITS, *sets), ("spectrum", DIGITS, *sets)]  # fmt: skip
+    for args in commands:
+        wide = invoke(runners[200], *args)
+        assert wide.exit_code == 0 and "┃" in wide.stdout, (args, wide.stderr)
+        if args[0] == "top-k" and "--self" not in args:
+            assert "fc1 66% · fc2 22% · head 12%" in wide.stdout, wide.stdout  # the layers of the scores --by-layer
+        for width in (40, 60):
+            result = invoke(runners[width], *args)
+            assert result.exit_code == 0, (width, args, result.stderr)
+            shown, expected = _words(result.stdout), _words(wide.stdout)
+            assert shown <= expected, (width, args, sorted(shown - expected), result.stdout)  # no word broken
+            missing = expected - shown
+            if args[0] == "top-k" and "--self" not in args and width == 60:
+                assert missing <= {"·", "fc1", "fc2", "head"} | {w for w in missing if w.endswith("%")}, (missing, result.stdout)
+            else:
+                assert not missing, (width, args, sorted(missing), result.stdout)  # nothing left out
+            kept = set(wide.stdout.splitlines())  # titles and lines of text: one line each, as on a pipe
+            assert all(cell_len(line) <= width for line in result.stdout.splitlines() if line not in kept), (width, args, result.stdout)
+    at_40 = invoke(runners[40], "top-k", DIGITS, *sets, "--query", "0").stdout  # a record's line has room for every layer
+    assert "proponent\n  rank: 1\n  train index: 485\n  label: 1\n  influence: +35993\n  layers: fc1 66% · fc2 22% · head 12%\n" in at_40
+    json_args = ("top-k", DIGITS, *sets, "--query", "0", "--json")
+    assert invoke(runners[40], *json_args).stdout == invoke(runners[200], *json_args).stdout
 
 
 def test_a_long_title_is_one_line_on_a_pipe(monkeypatch):

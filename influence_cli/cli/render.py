@@ -323,37 +323,56 @@ def print_line(text: str) -> None:
 
 
 def print_table(table: Table) -> None:
-    for column in table.columns:  # text from files and configs is shown, never acted on by the terminal
-        column._cells = [printable(c) if isinstance(c, str) else c for c in column._cells]  # rich's cells (stable since rich 10)
-    if isinstance(table.title, str):
-        table.title = printable(table.title)
-    for column in table.columns:  # numbers stay whole on one line in a narrow terminal: a folded "+3599 / 3" reads as another number
-        if column.justify == "right":
-            column.min_width = max((_cell_width(cell) for cell in column.cells), default=None)
+    """`table` on stdout: as a grid where it fits the terminal without breaking a word (see `_column_widths`),
+    else as records, one block of "column: value" lines per row (`_records`); a title on a line of its own."""
+    _prepared(table)
     console = out_console()
-    widths, drawn = _column_widths(console, table)
-    if drawn > console.width:  # its numbers cannot fit: drawn wider than the terminal (which wraps the lines) rather than cropped
-        console = out_console(drawn)
-    for column, width in zip(table.columns, widths or [], strict=False):
-        column.width = width
+    layout = _column_widths(console, table)
     title, table.title = table.title, None  # a line of its own, not wrapped to the table's width (a pipe reads it whole)
     if title:
         console.print(title, style="table.title", soft_wrap=True)
+    if layout is None:
+        for line in _records(console, table):
+            console.print(line, soft_wrap=True)
+        return
+    widths, drawn = layout
+    if drawn > console.width:  # another rich's measured minimum (`_column_widths`): drawn wider (the terminal wraps the lines) rather than cropped
+        console = out_console(drawn)
+    for column, width in zip(table.columns, widths or [], strict=False):
+        column.width = width
     console.print(table)
 
 
-FOLDED_WIDTH = 6  # characters a column of text keeps, at least, when it must fold inside its words ("propon" / "ent")
+def _prepared(table: Table) -> Table:
+    """`table` as printed: its text shown, never acted on by the terminal (`printable`), and its numbers
+    (a right-justified column's cells) whole on one line (a folded "+3599 / 3" reads as another number)."""
+    for column in table.columns:
+        column._cells = [printable(c) if isinstance(c, str) else c for c in column._cells]  # rich's cells (stable since rich 10)
+        if column.justify == "right":
+            column.min_width = max((_cell_width(cell) for cell in column.cells), default=None)
+    if isinstance(table.title, str):
+        table.title = printable(table.title)
+    return table
 
 
-def _column_widths(console: Console, table: Table) -> tuple[list[int] | None, int]:
+TOKEN_KEPT = 10  # characters a line of a folded token keeps, at least ("c68cec0ec6" / "2af203")
+_WORD = re.compile(r"[^\W\d_]+(?:['-][^\W\d_]+)*")  # a word of the language ("proponent", "self-influence"): read whole, never folded
+_PUNCTUATION = "\"'()[]{}.,:;!?"  # around a word ("(predicted)", "linear,"): still a word
+
+
+def _column_widths(console: Console, table: Table) -> tuple[list[int] | None, int] | None:
     """(the widths of `table`'s columns' text that fit it in console.width, or None where it fits as it is; the
-    width it is drawn at, its padding and borders included).
+    width it is drawn at, its padding and borders included), or None where it cannot be drawn as a grid
+    without breaking a word: `print_table` draws it as records.
 
     A table wider than the terminal has its widest columns narrowed first, as far as the rest allow: a column of
-    text folds between words where it can, else anywhere, down to `FOLDED_WIDTH` characters where that is enough,
-    down to one where it must; a number (a right-justified column's cell) never folds, nor does a no_wrap column.
-    A table whose numbers do not fit even so is drawn wider than the terminal, at the width where its text folds
-    between words only.
+    text folds between words; where that is not enough, a token (a path, a fingerprint, a snake_case or dotted
+    name: anything but letters) folds inside itself, in lines of at least `TOKEN_KEPT` characters, which read
+    as well as a terminal's wrapped path, while a word of the language never breaks ("pro" / "pon" / "ent" is
+    unreadable); a number (a right-justified column's cell) never folds, nor does a no_wrap column. A table of
+    two columns (a name and its value) folds no token either: its records, "name: value" lines, lose nothing.
+    Where a table does not fit so, it is drawn as records rather than squeezed, or drawn wider than the
+    terminal, which would wrap every line of the grid.
     """
     extra = table._extra_width if hasattr(table, "_extra_width") else 0  # rich's borders (private API, stable since rich 10)
     try:
@@ -369,11 +388,17 @@ def _column_widths(console: Console, table: Table) -> tuple[list[int] | None, in
     whole = [bool(c.no_wrap) for c in table.columns]  # a right-justified column's numbers are kept whole by its min_width
     anywhere = [n if w else min(n, max(c.min_width or 0, 1)) for n, w, c in zip(natural, whole, table.columns, strict=True)]
     between_words = [n if w else max(a, m.minimum - pad) for n, w, a, m, pad in zip(natural, whole, anywhere, measured, pads, strict=True)]
-    readable = [min(b, max(a, min(n, FOLDED_WIDTH))) for n, a, b in zip(natural, anywhere, between_words, strict=True)]
-    for least in (between_words, readable, anywhere):
+    tokens_folded = [min(b, max(a, _unbroken(c))) for a, b, c in zip(anywhere, between_words, table.columns, strict=True)]
+    for least in (between_words, tokens_folded) if len(table.columns) > 2 else (between_words,):
         if sum(least) <= room:
             return _narrowed(natural, least, room), console.width
-    return between_words, sum(between_words) + sum(pads) + extra
+    return None
+
+
+def _unbroken(column: Any) -> int:
+    """The width `column` needs for its words of the language whole and its tokens in lines of `TOKEN_KEPT`."""
+    words = (word for cell in (column.header, *column.cells) for word in (cell.plain if isinstance(cell, Text) else str(cell)).split())
+    return max((cell_len(w) if _WORD.fullmatch(w.strip(_PUNCTUATION)) else min(cell_len(w), TOKEN_KEPT) for w in words), default=0)
 
 
 def _narrowed(natural: list[int], least: list[int], room: int) -> list[int]:
@@ -397,6 +422,76 @@ def _narrowed(natural: list[int], least: list[int], room: int) -> list[int]:
 def _cell_width(cell: Any) -> int:
     """Columns a cell takes: a string as written (tables are printed without markup: "[draft]" is 7 wide)."""
     return cell.cell_len if isinstance(cell, Text) else cell_len(cell) if isinstance(cell, str) else 0
+
+
+RECORD_INDENT = 2  # a record's fields, below its first column's line
+
+
+def _records(console: Console, table: Table) -> list[Text]:
+    """The lines of `table` drawn as records, in console.width: each row a block, its first column's
+    "header: cell" (the cell alone under an empty header: top-k's "proponent"), then each other column's
+    "header: cell" indented by `RECORD_INDENT`, empty cells left out, a blank line where the grid has a
+    section line. A table of two columns (info's field and value) is already such pairs: each row is one
+    "cell: cell" line, under the headers' own "header: header" line.
+
+    This is psql's expanded display (`\\x auto`: "expanded mode when the normal output would be wider than
+    the screen"), chosen over the ways other tools narrow a table: rich's own fold or ellipsis, which leave
+    "pro" / "pon" / "ent" or "propo…", and gh's table printer, which cuts the widest cells with "..." (gh
+    can: its scripts read tab-separated values; here the cells are the numbers a command is run for, and
+    --json is what scripts read). Every cell is shown whole and no word is broken, except one longer than
+    the terminal's line. Keys are bold, cells keep their own style.
+    """
+    headers = [Text(c.header) if isinstance(c.header, str) else Text(str(c.header)) for c in table.columns]
+    key_style = table.header_style or "bold"
+    for header in headers:
+        header.stylize(key_style)
+    rows = list(zip(*(list(c.cells) for c in table.columns), strict=True))
+    cells = [[c if isinstance(c, Text) else Text(str(c)) for c in row] for row in rows]
+    lines: list[Text] = []
+    if len(headers) == 2:
+        if any(h.plain for h in headers):
+            lines += _pair(console, headers[0], headers[1], 0)
+        for key, value in cells:
+            lines += _pair(console, key, value, 0)
+        return lines
+    for i, row in enumerate(cells):
+        lines += _pair(console, headers[0], row[0], 0) if headers[0].plain else row[0].wrap(console, console.width, overflow="fold")
+        for header, cell in zip(headers[1:], row[1:], strict=True):
+            if cell.plain.strip():
+                lines += _pair(console, header, cell, RECORD_INDENT)
+        if table.rows[i].end_section and i + 1 < len(cells):
+            lines.append(Text(""))
+    return lines
+
+
+def _pair(console: Console, key: Text, value: Text, indent: int) -> list[Text]:
+    """"key: value" at `indent`, the value wrapped between words under its first line's start; where a word of
+    it does not fit there, the value goes below the key, indented 2 more (folding only a word longer than that line)."""
+    head = Text(" " * indent).append_text(key).append(":")
+    room = console.width - head.cell_len - 1
+    if max((cell_len(word) for word in value.plain.split()), default=0) <= room:
+        wrapped = _wrapped(console, value, room)
+        first = head.copy().append(" ").append_text(wrapped[0]) if wrapped[0].plain else head
+        return [first] + [Text(" " * (head.cell_len + 1)).append_text(line) for line in wrapped[1:]]
+    below = " " * (indent + 2)
+    return [head] + [Text(below).append_text(line) for line in _wrapped(console, value, console.width - len(below))]
+
+
+def _wrapped(console: Console, text: Text, width: int) -> list[Text]:
+    """`text`'s lines wrapped between words in `width` characters (a longer word folded), trailing spaces left out."""
+    lines = list(text.wrap(console, max(width, 1), overflow="fold")) or [Text("")]
+    for line in lines:
+        line.rstrip()
+    return lines
+
+
+def record_room(table: Table, header: str) -> int | None:
+    """Characters a cell under `header` has on its line where `table` is drawn as records at the terminal's
+    width (`print_table`); None where it is drawn as a grid."""
+    console = out_console()
+    if _column_widths(console, _prepared(table)) is not None:
+        return None
+    return console.width - (0 if len(table.columns) == 2 else RECORD_INDENT) - cell_len(header) - 2  # ": "
 
 
 def new_table(title: str, columns: list[tuple[str, str]]) -> Table:
@@ -570,7 +665,8 @@ def _shared_prefix(names: list[str]) -> str:
 def room_beside(table: Table) -> int:
     """Characters a column added after `table`'s columns may fill (its padding and border apart) with the
     table, drawn at its natural width, still within the terminal's (a pipe's or a file's is unbounded)."""
-    natural = _column_widths(out_console(10_000), table)[1]
+    layout = _column_widths(out_console(10_000), table)
+    natural = 10_000 if layout is None else layout[1]
     return out_console().width - natural - 3  # the new column's padding (2) and its border (1)
 
 

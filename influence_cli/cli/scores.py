@@ -27,6 +27,7 @@ from influence_cli.cli.render import (
     print_line,
     print_resumed,
     print_table,
+    record_room,
     room_beside,
 )
 from influence_cli.errors import UsageError
@@ -344,21 +345,26 @@ def _ranking_table(
     (scores that hold their per-layer parts) a last "layers" column, each row's leading layers
     (`layer_shares`; none for a row without its ranked example) made to fit the width the other
     columns leave in the terminal, so that a row stays one line: long names are shortened, fewer
-    layers named."""
+    layers named; in a table drawn as records (a narrow terminal), the width of a record's line."""
     examples = {i: e for i, (_, e) in enumerate(rows) if layers and e is not None and e.by_layer is not None}
-    shares: dict[int, str] = {}
-    if examples:
-        probe = new_table("", columns)  # the other columns alone, for the width they leave
-        for cells, _ in rows:
-            probe.add_row(*cells)
-        fitted = fitted_layer_shares([(e.by_layer or {}, e.score) for e in examples.values()], room_beside(probe))
-        shares = dict(zip(examples, fitted, strict=True))
-    table = new_table(title, columns + ([("layers", "left")] if layers else []))
-    for i, (cells, _) in enumerate(rows):
-        if i == section:
-            table.add_section()
-        table.add_row(*cells, *([shares[i]] if i in shares else []))
-    return table
+    parts = [(e.by_layer or {}, e.score) for e in examples.values()]
+
+    def drawn(shares: dict[int, str]) -> Table:
+        table = new_table(title, columns + ([("layers", "left")] if layers else []))
+        for i, (cells, _) in enumerate(rows):
+            if i == section:
+                table.add_section()
+            table.add_row(*cells, *([shares[i]] if i in shares else []))
+        return table
+
+    if not examples:
+        return drawn({})
+    probe = new_table("", columns)  # the other columns alone, for the width they leave
+    for cells, _ in rows:
+        probe.add_row(*cells)
+    table = drawn(dict(zip(examples, fitted_layer_shares(parts, room_beside(probe)), strict=True)))
+    room = record_room(table, "layers")
+    return table if room is None else drawn(dict(zip(examples, fitted_layer_shares(parts, room), strict=True)))
 
 
 def _json_extras(view: ExampleView | None, position: int, side: str, files: bool) -> dict:
