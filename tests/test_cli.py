@@ -1450,6 +1450,48 @@ def test_numbers_stay_whole_in_a_narrow_terminal(tmp_path: Path, monkeypatch):
             assert any("proponent" in line for line in lines), lines
 
 
+def _printed(table, width: int, monkeypatch) -> list[str]:
+    from influence_cli.cli import render
+
+    monkeypatch.setenv("COLUMNS", str(width))
+    out = io.StringIO()
+    monkeypatch.setattr("sys.stdout", out)
+    render.print_table(table)
+    return out.getvalue().splitlines()
+
+
+def test_a_path_longer_than_a_record_line_folds_in_a_two_column_grid(monkeypatch):
+    """A two-column table (info's) is drawn as "name: value" lines where they show whole a token the grid would
+    fold (a path on a line of its own, which a terminal lets one copy); a path longer than such a line folds in
+    them too, so it folds in the grid instead, as it did, where the grid's other tokens fit whole."""
+    from influence_cli.cli import render
+
+    def info(path: str):
+        table = render.new_table("edited.safetensors", [("field", "left"), ("value", "left")])
+        table.add_row("factors", path)
+        table.add_row("format", "influence_cli.edited_checkpoint/1")
+        return table
+
+    long = "/home/someone/" + "experiments_with_a_long_name/" * 5 + "factors.safetensors"  # 178 characters
+    for width in (60, 80, 120):
+        lines = _printed(info(long), width, monkeypatch)
+        assert lines[1].startswith("┏") and all(len(line) <= width for line in lines), (width, lines)
+        assert long in "".join(line.split("│")[2].strip() for line in lines if line.startswith("│")), lines
+    assert _printed(info(long), 40, monkeypatch)[1:4] == ["field: value", "factors:", f"  {long[:38]}"]  # format's value does not fit
+    short = "/home/someone/experiments/digits_mlp_sweep_with_damping/factors.safetensors"  # 75: whole on a record's line
+    assert _printed(info(short), 80, monkeypatch)[1:] == ["field: value", "factors:", f"  {short}", "format: influence_cli.edited_checkpoint/1"]
+
+
+def test_a_record_key_wider_than_the_terminal_wraps(monkeypatch):
+    """A record's key longer than its line (COLUMNS=20, the narrowest) wraps between words, its value below it:
+    no line wider than the terminal."""
+    from influence_cli.cli import render
+
+    table = render.new_table("scores", [("", "left"), ("train index", "right"), ("relative influence", "right")])
+    table.add_row("proponent", "1288", "+7.0562")
+    assert _printed(table, 20, monkeypatch)[1:] == ["proponent", "  train index: 1288", "  relative", "  influence:", "    +7.0562"]
+
+
 def test_a_right_justified_cell_is_measured_as_written(monkeypatch):
     """Tables are printed without markup, so a class name in brackets ("[draft]", "[/x]") is as wide as written:
     the cell stays whole in a narrow terminal (it was measured without its "tag", or raised MarkupError)."""

@@ -356,6 +356,7 @@ def _prepared(table: Table) -> Table:
 
 
 TOKEN_KEPT = 10  # characters a line of a folded token keeps, at least ("c68cec0ec6" / "2af203")
+RECORD_INDENT = 2  # a record's fields, below its first column's line; a value, below a key it does not fit beside
 _WORD = re.compile(r"[^\W\d_]+(?:['-][^\W\d_]+)*")  # a word of the language ("proponent", "self-influence"): read whole, never folded
 _PUNCTUATION = "\"'()[]{}.,:;!?"  # around a word ("(predicted)", "linear,"): still a word
 
@@ -370,7 +371,8 @@ def _column_widths(console: Console, table: Table) -> tuple[list[int] | None, in
     name: anything but letters) folds inside itself, in lines of at least `TOKEN_KEPT` characters, which read
     as well as a terminal's wrapped path, while a word of the language never breaks ("pro" / "pon" / "ent" is
     unreadable); a number (a right-justified column's cell) never folds, nor does a no_wrap column. A table of
-    two columns (a name and its value) folds no token either: its records, "name: value" lines, lose nothing.
+    two columns (a name and its value) folds only a token its records would fold too, one longer than a
+    record's line (a long path in `info`): its records, "name: value" lines, show the others whole.
     Where a table does not fit so, it is drawn as records rather than squeezed, or drawn wider than the
     terminal, which would wrap every line of the grid.
     """
@@ -388,17 +390,19 @@ def _column_widths(console: Console, table: Table) -> tuple[list[int] | None, in
     whole = [bool(c.no_wrap) for c in table.columns]  # a right-justified column's numbers are kept whole by its min_width
     anywhere = [n if w else min(n, max(c.min_width or 0, 1)) for n, w, c in zip(natural, whole, table.columns, strict=True)]
     between_words = [n if w else max(a, m.minimum - pad) for n, w, a, m, pad in zip(natural, whole, anywhere, measured, pads, strict=True)]
-    tokens_folded = [min(b, max(a, _unbroken(c))) for a, b, c in zip(anywhere, between_words, table.columns, strict=True)]
-    for least in (between_words, tokens_folded) if len(table.columns) > 2 else (between_words,):
+    kept = console.width - RECORD_INDENT if len(table.columns) == 2 else TOKEN_KEPT  # a record's line, below its key (`_pair`)
+    tokens_folded = [min(b, max(a, _unbroken(c, kept))) for a, b, c in zip(anywhere, between_words, table.columns, strict=True)]
+    for least in (between_words, tokens_folded):
         if sum(least) <= room:
             return _narrowed(natural, least, room), console.width
     return None
 
 
-def _unbroken(column: Any) -> int:
-    """The width `column` needs for its words of the language whole and its tokens in lines of `TOKEN_KEPT`."""
+def _unbroken(column: Any, kept: int) -> int:
+    """The width `column` needs for its words of the language and its tokens of up to `kept` characters
+    whole, its longer tokens in lines of `TOKEN_KEPT`."""
     words = (word for cell in (column.header, *column.cells) for word in (cell.plain if isinstance(cell, Text) else str(cell)).split())
-    return max((cell_len(w) if _WORD.fullmatch(w.strip(_PUNCTUATION)) else min(cell_len(w), TOKEN_KEPT) for w in words), default=0)
+    return max((cell_len(w) if cell_len(w) <= kept or _WORD.fullmatch(w.strip(_PUNCTUATION)) else TOKEN_KEPT for w in words), default=0)
 
 
 def _narrowed(natural: list[int], least: list[int], room: int) -> list[int]:
@@ -424,9 +428,6 @@ def _cell_width(cell: Any) -> int:
     return cell.cell_len if isinstance(cell, Text) else cell_len(cell) if isinstance(cell, str) else 0
 
 
-RECORD_INDENT = 2  # a record's fields, below its first column's line
-
-
 def _records(console: Console, table: Table) -> list[Text]:
     """The lines of `table` drawn as records, in console.width: each row a block, its first column's
     "header: cell" (the cell alone under an empty header: top-k's "proponent"), then each other column's
@@ -441,7 +442,7 @@ def _records(console: Console, table: Table) -> list[Text]:
     --json is what scripts read). Every cell is shown whole and no word is broken, except one longer than
     the terminal's line. Keys are bold, cells keep their own style.
     """
-    headers = [Text(c.header) if isinstance(c.header, str) else Text(str(c.header)) for c in table.columns]
+    headers = [Text(str(c.header)) for c in table.columns]
     key_style = table.header_style or "bold"
     for header in headers:
         header.stylize(key_style)
@@ -455,7 +456,7 @@ def _records(console: Console, table: Table) -> list[Text]:
             lines += _pair(console, key, value, 0)
         return lines
     for i, row in enumerate(cells):
-        lines += _pair(console, headers[0], row[0], 0) if headers[0].plain else row[0].wrap(console, console.width, overflow="fold")
+        lines += _pair(console, headers[0], row[0], 0) if headers[0].plain else _wrapped(console, row[0], console.width)
         for header, cell in zip(headers[1:], row[1:], strict=True):
             if cell.plain.strip():
                 lines += _pair(console, header, cell, RECORD_INDENT)
@@ -466,15 +467,17 @@ def _records(console: Console, table: Table) -> list[Text]:
 
 def _pair(console: Console, key: Text, value: Text, indent: int) -> list[Text]:
     """"key: value" at `indent`, the value wrapped between words under its first line's start; where a word of
-    it does not fit there, the value goes below the key, indented 2 more (folding only a word longer than that line)."""
-    head = Text(" " * indent).append_text(key).append(":")
+    it does not fit there, or the key takes more than its line (wrapped between words), the value goes below
+    the key, indented `RECORD_INDENT` more (folding only a word longer than that line)."""
+    heads = [Text(" " * indent).append_text(line) for line in _wrapped(console, key.copy().append(":"), console.width - indent)]
+    head = heads[0]
     room = console.width - head.cell_len - 1
-    if max((cell_len(word) for word in value.plain.split()), default=0) <= room:
+    if len(heads) == 1 and max((cell_len(word) for word in value.plain.split()), default=0) <= room:
         wrapped = _wrapped(console, value, room)
-        first = head.copy().append(" ").append_text(wrapped[0]) if wrapped[0].plain else head
-        return [first] + [Text(" " * (head.cell_len + 1)).append_text(line) for line in wrapped[1:]]
-    below = " " * (indent + 2)
-    return [head] + [Text(below).append_text(line) for line in _wrapped(console, value, console.width - len(below))]
+        rest = [Text(" " * (head.cell_len + 1)).append_text(line) for line in wrapped[1:]]
+        return [head.append(" ").append_text(wrapped[0]) if wrapped[0].plain else head, *rest]
+    below = " " * (indent + RECORD_INDENT)
+    return heads + [Text(below).append_text(line) for line in _wrapped(console, value, console.width - len(below))]
 
 
 def _wrapped(console: Console, text: Text, width: int) -> list[Text]:
@@ -486,12 +489,12 @@ def _wrapped(console: Console, text: Text, width: int) -> list[Text]:
 
 
 def record_room(table: Table, header: str) -> int | None:
-    """Characters a cell under `header` has on its line where `table` is drawn as records at the terminal's
-    width (`print_table`); None where it is drawn as a grid."""
+    """Characters a cell under `header` (a column after the first, of more than two) has on its line where
+    `table` is drawn as records at the terminal's width (`print_table`); None where it is drawn as a grid."""
     console = out_console()
     if _column_widths(console, _prepared(table)) is not None:
         return None
-    return console.width - (0 if len(table.columns) == 2 else RECORD_INDENT) - cell_len(header) - 2  # ": "
+    return console.width - RECORD_INDENT - cell_len(header) - 2  # ": "
 
 
 def new_table(title: str, columns: list[tuple[str, str]]) -> Table:
