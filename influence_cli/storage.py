@@ -105,7 +105,7 @@ def remove_stale_temp_files(path: Path, older_than_s: float = 0.0) -> None:
     spares the files another live run may be writing now.
     """
     now = time.time()
-    for tmp in Path(path).parent.glob(_temp_pattern(path)):
+    for tmp, _ in temp_files(path):
         try:
             if older_than_s <= 0 or now - tmp.stat().st_mtime > older_than_s:
                 tmp.unlink(missing_ok=True)
@@ -114,8 +114,10 @@ def remove_stale_temp_files(path: Path, older_than_s: float = 0.0) -> None:
 
 
 def temp_files(path: Path) -> list[tuple[Path, str]]:
-    """The temporary files that writers of `path` (its name may be a glob) left, each with the name of the file it was for."""
-    return [(tmp, tmp.name[1:].rsplit(".", 2)[0]) for tmp in sorted(Path(path).parent.glob(_temp_pattern(path)))]  # .<name>.<random>.tmp
+    """The temporary files that writers of `path` (its name may be a glob) left, each with the name of the file it was for;
+    a folder of such a name is no writer's, and is left alone."""
+    found = sorted(Path(path).parent.glob(_temp_pattern(path)))  # .<name>.<random>.tmp
+    return [(tmp, tmp.name[1:].rsplit(".", 2)[0]) for tmp in found if tmp.is_symlink() or not tmp.is_dir()]
 
 
 UNLOCKED_TEMP_AGE_S = 600.0  # a temporary file of an unlocked output this old is a killed writer's
