@@ -202,20 +202,34 @@ def _temp_beside(path: Path, key: str) -> Path:
     return Path(name)
 
 
-def ensure_writable_dir(folder: Path, key: str = "output_dir") -> None:
-    """Creates `folder` if needed; OutputError naming `key` when it cannot be written (or read)."""
+def ensure_writable_dir(folder: Path, key: str = "output_dir", *, create: bool = True) -> None:
+    """Creates `folder` if needed; OutputError naming `key` when it cannot be written (or read). Without `create`, a
+    folder not there yet is only checked to be creatable (its nearest existing folder above it writable), and is
+    left uncreated: for a folder a later step of the run writes into, so that a run refused before then leaves none."""
+    if not create and not os.path.lexists(folder):
+        above = next(p for p in folder.parents if os.path.lexists(p))
+        if not os.path.isdir(above):
+            raise _blocked(folder, above, key)
+        check_readable_dir(above, key, listed=False)
+        if not os.access(above, os.W_OK):
+            raise OutputError(f"{key}: cannot create {str(folder)!r}: {str(above)!r} is not writable", hint=f"set {key} to a writable folder")
+        return
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except FileExistsError as exc:  # a file, or a symbolic link to nothing, in the way: of `folder` or a folder above it
-        blocker = Path(exc.filename or folder)
-        what = f"a symbolic link to {os.readlink(blocker)!r}, which leads to no folder" if blocker.is_symlink() else "a file, not a folder"
-        where = f"{str(folder)!r} is" if blocker == folder else f"cannot create {str(folder)!r}: {str(blocker)!r} is"
-        raise OutputError(f"{key}: {where} {what}", hint=f"set {key} to a writable folder") from None
+        raise _blocked(folder, Path(exc.filename or folder), key) from None
     except OSError as exc:
         raise OutputError(f"{key}: cannot create {str(folder)!r} ({exc.strerror})", hint=f"set {key} to a writable folder") from None
     check_readable_dir(folder, key, listed=False)  # an output folder is checked `listed` by guards_output_dir
     if not os.access(folder, os.W_OK):
         raise OutputError(f"{key}: {str(folder)!r} is not writable", hint=f"set {key} to a writable folder")
+
+
+def _blocked(folder: Path, blocker: Path, key: str) -> OutputError:
+    """The refusal of `folder` when `blocker` (it, or a path above it) is a file or a symbolic link to nothing."""
+    what = f"a symbolic link to {os.readlink(blocker)!r}, which leads to no folder" if blocker.is_symlink() else "a file, not a folder"
+    where = f"{str(folder)!r} is" if blocker == folder else f"cannot create {str(folder)!r}: {str(blocker)!r} is"
+    return OutputError(f"{key}: {where} {what}", hint=f"set {key} to a writable folder")
 
 
 def check_readable_dir(folder: Path, key: str = "output_dir", *, listed: bool = True) -> None:

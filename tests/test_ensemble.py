@@ -391,8 +391,21 @@ def test_a_file_in_the_way_of_a_later_models_folder_refuses_the_run_before_any_m
     _no_model_is_fitted(monkeypatch)
     with pytest.raises(OutputError) as exc:
         fit_factors(cfg, **flags)
-    assert exc.value.message == f"output_dir: cannot create {str(storage.member_dir(cfg.factors_path, 1))!r} (Not a directory)"
-    assert not model_0.exists() and (cfg.factors_path / storage.MEMBERS_DIR).read_text() == "not a folder"
+    in_the_way = cfg.factors_path / storage.MEMBERS_DIR
+    assert exc.value.message == f"output_dir: cannot create {str(storage.member_dir(cfg.factors_path, 1))!r}: {str(in_the_way)!r} is a file, not a folder"
+    assert not model_0.exists() and in_the_way.read_text() == "not a folder"
+
+
+def test_a_run_refused_before_its_later_models_leaves_no_folder_for_them(project, monkeypatch):
+    """The later models' folders are checked up front but created only at their turns: a run refused before then
+    (here: model 0 cannot be fitted) leaves none behind in a factors_dir that was there before it."""
+    cfg = ensemble_cfg(project, "no_member_folders")
+    shutil.rmtree(cfg.factors_path / storage.MEMBERS_DIR)
+    (cfg.factors_path / storage.FACTORS_FILE).unlink()
+    _no_model_is_fitted(monkeypatch)
+    with pytest.raises(_Fitted):
+        fit_factors(cfg)
+    assert not (cfg.factors_path / storage.MEMBERS_DIR).exists()
 
 
 @pytest.mark.parametrize("rank", ["", ".rank1"], ids=["one-process", "rank1"])
