@@ -12,7 +12,10 @@ is built from them on two assumptions (DESIGN.md: per-example gradients Σₜ g�
    (weight standardization), or `F.linear(x, layer.weight)` elsewhere in the model, breaks it.
 
 Each pass checks both on its first batch: one extra forward of a batch of copies of its first
-example, and one forward and backward of its first 8 examples to the tracked weights. Weights shared with untracked modules (tied input
+example, and one forward and backward of its first 8 examples to the tracked weights. A first
+batch of the same examples that the same model passed them on earlier in the command (compute-scores
+streams a query chunk again for each train shard, and a shard again for each chunk) is not
+checked again (`stream_gradients(checked=...)`): the same inputs give the same outcome. Weights shared with untracked modules (tied input
 embeddings, attributed through the tracked use only) and parametrized weights (weight_norm,
 whose weight is recomputed at each access) are left out of the second check.
 """

@@ -184,6 +184,7 @@ def stream_gradients(
     dataset_name: str = "data.train",
     padding_value: float | None = None,
     tensor_dtype: torch.dtype | None = None,
+    checked: set[tuple[Any, ...]] | None = None,
 ) -> Iterator[BatchGradients]:
     """Yields, batch by batch, each tracked layer's activations and output gradients.
 
@@ -205,6 +206,11 @@ def stream_gradients(
             has them, so they are left out of the factors and of every gradient.
         tensor_dtype: dtype of the yielded a and g (default: the accumulators' dtype); the fit
             passes under `factors.amp` take them in bfloat16 / float16, as their products use them.
+        checked: The batches this model passed the model checks on in earlier passes over the same
+            data (compute-scores streams a query chunk or a train shard again for each shard or
+            chunk), shared by those passes and filled in here: a batch of the same examples of
+            `dataset_name`, in the same mode and settings, is not checked again (the same inputs
+            through the same model and loss give the same outcome). None: every pass checks.
     """
     device = device or torch.device("cpu")
     dtype = model_dtype(model)
@@ -243,6 +249,10 @@ def stream_gradients(
         y = y.to(device, non_blocking=True)
         idx = idx.to(device, non_blocking=True)
         first = offset == 0  # the first batch also checks the model against what the factors assume (model_checks)
+        key = None  # of a batch checked (`checked`): its examples, and what the checks' outcome depends on besides the model
+        if checked is not None and (first or (host_mask is not None and not padding_checked)):
+            key = (dataset_name, mode, fisher, measurement, seed, amp, padding_value, tuple(idx_cpu.tolist()))
+        check_model = first and (key is None or key not in checked)
         with tracked_grad_enabled(tracked), ieee_float32(device, amp):
             out, cap = _forward(model, tracked, x, idx, amp, first=first, dataset_name=dataset_name)
             out_f = out.to(acc_dtype) if out.is_floating_point() else out
@@ -257,10 +267,10 @@ def stream_gradients(
             else:
                 vectors = task_lib.loss_output_gradient(out_f, y, task_kind, measurement)[None]
             acts = {k: v.to(out_dtype) for k, v in cap.activations(len(idx)).items()}
-            if first and len(idx) > 1:
+            if check_model and len(idx) > 1:
                 with autocast_context(device, amp):
                     model_checks.check_examples_independent(model, tracked, x, out, acts, tol)
-            if first:
+            if check_model:
                 model_checks.check_weight_gradients(model, tracked, x, vectors[0], tol, autocast_context(device, amp))
             grads = []
             for k in range(vectors.shape[0]):
@@ -269,12 +279,15 @@ def stream_gradients(
         # the first batch with an example that has both padding and real positions (one of padding alone shows nothing); on the host
         check = host_mask is not None and not padding_checked and bool(((~host_mask).any(1) & host_mask.any(1)).any())
         padding_checked = padding_checked or check
+        check = check and (key is None or ("padding", key) not in checked)  # checked on this batch in an earlier pass
         if check:  # the check reads the gradients at padded positions: a NaN there is a NaN, not a use of padding
             check_finite(out_f, grads, idx, start_batch + offset, dataset_name)
         positions = {} if mask is None else mask_padding(tracked, mask, acts, grads, check=check, dataset_name=dataset_name)
         if check:  # and through the untracked layers too
             with autocast_context(device, amp):
                 model_checks.check_padding_alone(model, x, out, mask, idx, tol, dataset_name)
+        if checked is not None and key is not None:
+            checked.update(([key] if check_model else []) + ([("padding", key)] if check else []))
         batch = BatchGradients(start_batch + offset, idx, y, out_f.detach(), acts, grads, positions)
         x = out = out_f = vectors = cap = g = extra = mask = host_mask = None  # a suspended stream (one per ensemble member) holds only the batch
         yield batch

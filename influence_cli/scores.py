@@ -9,7 +9,13 @@ are averaged, in one pass over the training set.
 
 Large runs: the score matrix is written as shards by train range (each
 [n_query, shard_len]) plus an index; queries are processed in chunks that fit
-`scores.max_memory_mb`, each chunk streaming the training range again.
+`scores.max_memory_mb`, each chunk streaming the training range again. A rank scores its
+shards one after another (each shard's block is complete, and written, before the next
+one's exists: several shards' blocks would not fit the budget), every chunk of queries
+against each. The preconditioned queries of every chunk are computed once and kept for
+all of a rank's shards when they fit the budget together (`ScoresLayout.keep_queries`) and it
+has several shards left to score; otherwise one chunk is in memory at a time, let go before the next is computed, and each
+chunk is computed again for each of the rank's shards.
 """
 
 from __future__ import annotations
@@ -109,11 +115,16 @@ class ScoresLayout:
         query_chunks: [(q0, q1)] query positions preconditioned together.
         shards: Every rank's train ranges (numbers are global).
         sharded: Written as shard files plus an index (else one scores file).
+        keep_queries: The preconditioned queries of every chunk can be held together (one chunk,
+            or all of them within the budget): a rank with several shards left to score computes
+            each chunk once for all of them. Otherwise one chunk is held at a time, and computed
+            again for each shard.
     """
 
     query_chunks: list[tuple[int, int]]
     shards: list[ShardSpec]
     sharded: bool
+    keep_queries: bool = False
 
 
 def queries_per_chunk(num_params: int, max_memory_mb: float, element_bytes: int = 4, query_chunk: int | None = None) -> int:
@@ -131,7 +142,7 @@ def query_element_bytes(amp: str, model: torch.nn.Module) -> int:
 
 def query_memory(cfg: Config, model: torch.nn.Module, num_params: int) -> tuple[int, int]:
     """(bytes of one query's preconditioned gradients over `num_params` weights, for every model of the
-    ensemble; queries compute-scores holds at a time), as `_run_pairwise` sizes them (for `inspect`)."""
+    ensemble; queries compute-scores preconditions and scores together), as `_run_pairwise` sizes them (for `inspect`)."""
     element_bytes = query_element_bytes(cfg.factors.amp, model)
     numbers = num_params * (1 + len(cfg.scores.checkpoints))
     return numbers * element_bytes, queries_per_chunk(numbers, cfg.scores.max_memory_mb, element_bytes, cfg.scores.query_chunk)
@@ -156,8 +167,10 @@ def plan_layout(
     block [n_query, shard_len] (`score_bytes` each: float32, or float64 for a float64 model) times
     `score_planes` (1, or 1 + L with each layer's part, scores.by_layer); each one fits the budget
     on its own.
-    Each chunk streams each train range once; with several chunks the query
-    gradients are recomputed per range (one query pass per chunk and shard).
+    Each chunk streams each train range once. `keep_queries`: the query gradients are one chunk,
+    or every chunk's fit the budget together (a scores.query_chunk below what the budget holds),
+    so a rank with several ranges to score computes each chunk once for all of them; otherwise
+    one chunk is held at a time and computed once per range.
     """
     budget = int(max_memory_mb * 2**20)
     chunk = max(1, min(queries_per_chunk(num_params, max_memory_mb, element_bytes, query_chunk), n_query))
@@ -167,7 +180,8 @@ def plan_layout(
     if not fits:
         per_shard = budget // (n_query * score_bytes * score_planes)
         shard_len = max(batch_size, per_shard // batch_size * batch_size)
-    return ScoresLayout(chunks, plan_shards(n_train, world_size, batch_size, shard_len), sharded=world_size > 1 or not fits)
+    keep = len(chunks) == 1 or queries_per_chunk(num_params, max_memory_mb, element_bytes) >= n_query
+    return ScoresLayout(chunks, plan_shards(n_train, world_size, batch_size, shard_len), sharded=world_size > 1 or not fits, keep_queries=keep)
 
 
 # ----------------------------------------------------------------------------- the command
@@ -325,10 +339,15 @@ def _collect(labels: torch.Tensor | None, length: int, c0: int, targets: torch.T
 
 @dataclass
 class _ScoringMember:
-    """One model of the ensemble (the only one without scores.checkpoints): its context and kernel."""
+    """One model of the ensemble (the only one without scores.checkpoints): its context and kernel.
+
+    `checked`: the batches the model passed the first-batch model checks on (`stream_gradients`), shared
+    by the passes of the command, so a query chunk or train shard streamed again is not checked again.
+    """
 
     ctx: RunContext
     kernel: ScoreKernel
+    checked: set[tuple[Any, ...]] = field(default_factory=set)
 
 
 class _Scorer:
@@ -363,7 +382,8 @@ class _Scorer:
         )
 
     def stream(self, batches, *, mode: str, start_batch: int, name: str, member: _ScoringMember | None = None) -> Iterator[BatchGradients]:
-        ctx = (member or self.members[0]).ctx
+        member = member or self.members[0]
+        ctx = member.ctx
         return stream_gradients(
             ctx.model,
             ctx.tracked,
@@ -377,6 +397,7 @@ class _Scorer:
             start_batch=start_batch,
             dataset_name=name,
             padding_value=self.cfg.data.padding_value,
+            checked=member.checked,
         )
 
     def member_batches(self, batches, *, mode: str, start_batch: int, name: str) -> Iterator[list[BatchGradients]]:
@@ -695,9 +716,16 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
             f"{len(layout.query_chunks)} times, once per chunk of queries; a larger scores.max_memory_mb streams it fewer times"
         )
     t0 = time.perf_counter()
+    query_info = scorer.query_info(queries)
+    mine = [(s, out_dir / storage.SCORES_SHARD.format(shard=s.number) if layout.sharded else single) for s in layout.shards if s.rank == st.rank]
+    left = [  # not finished by the interrupted run
+        (s, path) for s, path in mine
+        if not (layout.sharded and resume and path.is_file() and storage.read_metadata(path).get("run_key") in run_keys(settings))
+    ]
     unwritten = "no index was written (finished shards stay for --resume)" if layout.sharded else "no scores were written"
     run = _PairwisePass(
-        scorer, queries, layout, metadata, checkpoint, relative, seconds, scorer.query_info(queries), NonFiniteWatch(ctx.device, unwritten)
+        scorer, queries, layout, metadata, checkpoint, relative, seconds, query_info, NonFiniteWatch(ctx.device, unwritten),
+        keep=layout.keep_queries and len(left) > 1,  # with one shard left, each chunk is used once
     )
     seconds.update(queries=time.perf_counter() - t0, scores=0.0, write=0.0)
     resumed_from, kept = None, 0  # kept: shards the interrupted run finished
@@ -705,15 +733,15 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
     def kept_note() -> str:
         return f" ({kept} finished shard{'s' if kept > 1 else ''} kept)" if kept else ""
 
-    for shard in (s for s in layout.shards if s.rank == st.rank):
-        shard_path = out_dir / storage.SCORES_SHARD.format(shard=shard.number) if layout.sharded else single
-        if layout.sharded and resume and shard_path.is_file() and storage.read_metadata(shard_path).get("run_key") in run_keys(settings):
+    for shard, shard_path in mine:
+        if (shard, shard_path) not in left:
             kept += 1  # finished by the interrupted run
             continue
         if kept and resumed_from is None:
             resumed_from = f"shard {shard.number}{kept_note()}"
         if (where := run.score_shard(shard, shard_path, snapshot)) is not None:
             resumed_from = where + kept_note()
+    run.held.clear()  # no shard of this rank is left to score against them
     if kept and resumed_from is None:  # every shard of this rank was finished: only the index was missing
         resumed_from = f"the index{kept_note()}"
     rate, resumed_from = _job_view(st, run.scored // len(layout.query_chunks), seconds["scores"], resumed_from)
@@ -813,7 +841,12 @@ def _start_pairwise(st: DistState, checkpoint: PassCheckpoint, single: Path, ind
 
 @dataclass
 class _PairwisePass:
-    """This rank's pairwise pass: each of its shards scored against every chunk of queries, resumable."""
+    """This rank's pairwise pass: each of its shards scored against every chunk of queries, resumable.
+
+    `held` keeps the preconditioned queries of every chunk for the rank's later shards when `keep` (the
+    layout's `keep_queries`, and several shards left to score); otherwise a chunk's are let go before the
+    next chunk's are computed, so one chunk is in memory.
+    """
 
     scorer: _Scorer
     queries: IndexedDataset
@@ -824,19 +857,21 @@ class _PairwisePass:
     seconds: dict[str, float]
     query_info: dict[str, torch.Tensor]
     watch: NonFiniteWatch
-    cached: list[StoredQueries] | None = None  # the preconditioned queries, when they are one chunk
+    keep: bool = False
+    held: dict[tuple[int, int], list[StoredQueries]] = field(default_factory=dict)  # (q0, q1) → the chunk's queries per member
     steps: int = 0
     scored: int = 0  # training examples scored, counted once per query chunk
 
     def chunk_queries(self, q0: int, q1: int) -> list[StoredQueries]:
-        """The preconditioned queries [q0, q1), per member (computed once when they are one chunk)."""
-        if self.cached is not None:
-            return self.cached
+        """The preconditioned queries [q0, q1), per member: held, or computed (one query pass), and held
+        when `keep`."""
+        if (q0, q1) in self.held:
+            return self.held[q0, q1]
         tq = time.perf_counter()
         vq = self.scorer.precondition(self.queries, q0, q1, f"query gradients {q0:,}..{q1:,}")
         self.seconds["queries"] += time.perf_counter() - tq
-        if len(self.layout.query_chunks) == 1:
-            self.cached = vq
+        if self.keep:
+            self.held[q0, q1] = vq
         return vq
 
     def score_shard(self, shard: ShardSpec, path: Path, snapshot: Snapshot | None) -> str | None:
@@ -906,6 +941,7 @@ class _PairwisePass:
             self.watch.check("scoring")
             self.seconds["scores"] += time.perf_counter() - tp
             scorer.progress.stop()
+            del vq  # unless `held` keeps them, let go before the next chunk's are computed
         tw = time.perf_counter()
         _check_storable(block, cfg.scores.dtype)
         tensors = dict(self.query_info) | {

@@ -264,7 +264,13 @@ def test_top_k_plain_undoes_the_relative_division_of_the_parts(project):  # noqa
 
 @pytest.mark.parametrize(
     "name,overrides,cut",
-    [("single", [], 3), ("sharded-chunked", [f"scores.max_memory_mb={7 * 48 * 4 / 2**20}", "scores.query_chunk=4"], 9), ("relative", ["scores.relative=true"], 4)],
+    [
+        ("single", [], 3),
+        ("sharded-chunked", [f"scores.max_memory_mb={7 * 48 * 4 / 2**20}", "scores.query_chunk=4"], 9),
+        # 4 chunks of 2 queries, all held (keep_queries) for 3 shards: killed in shard 1, chunk 2, whose queries were kept
+        ("kept", [f"scores.max_memory_mb={2000 / 2**20}", "scores.query_chunk=2"], 11),
+        ("relative", ["scores.relative=true"], 4),
+    ],
 )
 def test_resume_continues_the_parts_and_refuses_a_changed_by_layer(project, monkeypatch, name, overrides, cut):  # noqa: F811
     ref_cfg = make_cfg(project, f"bl-resume-ref-{name}", *overrides)

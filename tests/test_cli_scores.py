@@ -55,7 +55,10 @@ def test_help_states_sign_convention_and_examples(runner):
         assert "positive score means the training example helps the query" in text
         assert "up-weighting it lowers the query's loss" in text and "+score/N" in text
         assert "Examples" in text
-    assert "torchrun --nproc_per_node=4 -m influence_cli compute-scores" in " ".join(invoke(runner, "compute-scores", "--help").stdout.split())
+    text = " ".join(invoke(runner, "compute-scores", "--help").stdout.split())
+    assert "torchrun --nproc_per_node=4 -m influence_cli compute-scores" in text
+    # when the query gradients are preconditioned more than once (tests/test_scores.py: test_one_query_chunk_is_in_memory...)
+    assert "preconditions every chunk once, or, with several chunks that the budget cannot hold at once, again for each of its shards" in text
 
 
 def test_another_query_set_scores_against_the_same_fit_through_factors_dir(runner, project):
@@ -461,22 +464,22 @@ def test_two_processes_gather_the_labels_of_a_lazy_training_set_for_self_influen
 
 @pytest.mark.distributed
 def test_two_processes_write_rank_shards_matching_one_process(project, tmp_path, runner):
-    out = tmp_path / "dist"
-    out.mkdir()
-    (out / storage.FACTORS_FILE).write_bytes((project.parent / "out" / storage.FACTORS_FILE).read_bytes())
+    out, single = tmp_path / "dist", tmp_path / "single"
+    for folder in (out, single):
+        folder.mkdir()
+        (folder / storage.FACTORS_FILE).write_bytes((project.parent / "out" / storage.FACTORS_FILE).read_bytes())
     budget = str(N_QUERY * 16 * 4 / 2**20)  # 16 columns per shard: ranks [0, 22) and [22, 45) get 2 shards each
     mp.spawn(_rank_main, args=(2, _free_port(), str(project), str(out), [f"scores.max_memory_mb={budget}"]), nprocs=2)
     index = json.loads((out / storage.SCORES_INDEX).read_text())
     assert [(s["train_start"], s["train_stop"]) for s in index["shards"]] == [(0, 16), (16, 22), (22, 38), (38, 45)]
     assert not list(out.glob("scores.partial*"))
+    for flag in ((), ("--self",)):  # one process: one block of scores, then self-influence
+        result = invoke(runner, "compute-scores", project, *flag, "--set", f"output_dir={single}")
+        assert result.exit_code == 0, result.stderr
     got = torch.cat([b.scores for b in iter_score_blocks(out, range(N_QUERY))], 1)
-    ref = torch.cat([b.scores for b in iter_score_blocks(project.parent / "out", range(N_QUERY))], 1)
+    ref = torch.cat([b.scores for b in iter_score_blocks(single, range(N_QUERY))], 1)
     # float32 sums over other batch shapes: rounding relative to the largest scores, not to each one
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
-    single = tmp_path / "single"
-    single.mkdir()
-    (single / storage.FACTORS_FILE).write_bytes((project.parent / "out" / storage.FACTORS_FILE).read_bytes())
-    assert invoke(runner, "compute-scores", project, "--self", "--set", f"output_dir={single}").exit_code == 0
     a = storage.load_tensors(out / storage.SELF_INFLUENCE_FILE)[0]
     b = storage.load_tensors(single / storage.SELF_INFLUENCE_FILE)[0]
     torch.testing.assert_close(a["self_influence"], b["self_influence"], rtol=1e-5, atol=1e-6)
@@ -488,6 +491,58 @@ def test_two_processes_write_rank_shards_matching_one_process(project, tmp_path,
     with torch.no_grad():
         want = model(load_file(project.parent / "data.safetensors")["inputs"][:N_TRAIN]).argmax(-1)
     assert torch.equal(a["train_predictions"], want) and torch.equal(b["train_predictions"], want)  # each rank wrote its own range
+
+
+def _counted_rank_main(rank: int, world: int, port: int, config: str, out: str, extra: list[str], keep: bool) -> None:
+    """One rank's pairwise scores, each query pass's positions [q0, q1) written to <out>.passes<rank>.json; without
+    `keep`, the layout never keeps the query chunks (each shard computes them again)."""
+    import dataclasses
+
+    import influence_cli.scores as scores_mod
+
+    passes: list[list[int]] = []
+    real, plan = scores_mod._Scorer.precondition, scores_mod.plan_layout
+
+    def counted(self, queries, q0, q1, title):
+        passes.append([q0, q1])
+        return real(self, queries, q0, q1, title)
+
+    scores_mod._Scorer.precondition = counted
+    if not keep:
+        scores_mod.plan_layout = lambda *args, **kwargs: dataclasses.replace(plan(*args, **kwargs), keep_queries=False)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from influence_cli.config import load_config
+        from influence_cli.distributed import DistState
+
+        scores_mod.compute_scores(load_config(config, [f"output_dir={out}", *extra]), state=DistState(rank=rank, world_size=world))
+    finally:
+        dist.destroy_process_group()
+    Path(f"{out}.passes{rank}.json").write_text(json.dumps(passes))
+
+
+@pytest.mark.distributed
+def test_two_processes_keep_the_query_chunks_for_their_shards(project, tmp_path, runner):
+    """Each rank scores 2 shards against 4 query chunks that the budget holds together: each chunk is computed once
+    per rank, and the shards are bit for bit those of ranks that compute every chunk again for each shard."""
+    head = ["--set", "factors.modules=[head]", "--set", f"output_dir={tmp_path / 'fit'}"]  # 18 weights a query: 7 queries in 504 bytes
+    result = invoke(runner, "fit-factors", project, *head)
+    assert result.exit_code == 0, result.stderr
+    extra = ["factors.modules=[head]", f"scores.max_memory_mb={7 * 18 * 4 / 2**20}", "scores.query_chunk=2", "scores.relative=true"]
+    for name, keep in (("kept", True), ("again", False)):
+        (tmp_path / name).mkdir()
+        shutil.copy(tmp_path / "fit" / storage.FACTORS_FILE, tmp_path / name / storage.FACTORS_FILE)
+        mp.spawn(_counted_rank_main, args=(2, _free_port(), str(project), str(tmp_path / name), extra, keep), nprocs=2)
+    passes = {name: [json.loads((tmp_path / f"{name}.passes{r}.json").read_text()) for r in (0, 1)] for name in ("kept", "again")}
+    chunks = [[0, 2], [2, 4], [4, 6], [6, 7]]
+    assert passes == {"kept": [chunks] * 2, "again": [chunks * 2] * 2}
+    shards = json.loads((tmp_path / "kept" / storage.SCORES_INDEX).read_text())["shards"]
+    assert [(s["train_start"], s["train_stop"]) for s in shards] == [(0, 16), (16, 22), (22, 38), (38, 45)]
+    for shard in shards:
+        kept, again = (load_file(tmp_path / name / shard["file"]) for name in ("kept", "again"))
+        assert kept.keys() == again.keys() and all(torch.equal(kept[k], again[k]) for k in kept)
 
 
 def test_image_grid_keeps_an_empty_section_with_its_note(tmp_path):

@@ -535,14 +535,44 @@ def test_ensemble_per_layer_parts_are_averaged_over_the_members(project, self_in
     torch.testing.assert_close(parts, torch.stack(singles).mean(0), rtol=1e-5, atol=1e-6 * peak)
 
 
-def test_sharded_and_chunked_ensemble_equals_one_block(project):
+def test_sharded_and_chunked_ensemble_equals_one_block(project, monkeypatch):
+    """Each member checked (model_checks) once on each distinct first batch, though streamed for every chunk and shard."""
+    import influence_cli.model_checks as model_checks
+
     whole = ensemble_cfg(project, "ens_whole")
     compute_scores(whole)
     cfg = ensemble_cfg(project, "ens_sharded", "scores.query_chunk=3", "scores.max_memory_mb=0.0005")
+    checked: dict[int, int] = {}
+    real = model_checks.check_weight_gradients
+    monkeypatch.setattr(model_checks, "check_weight_gradients", lambda model, *a: checked.update({id(model): checked.get(id(model), 0) + 1}) or real(model, *a))
     report = compute_scores(cfg)
     assert report.sharded and report.query_chunks == 3 and report.members == 3
+    assert list(checked.values()) == [3 + report.num_shards] * 3  # each member: 3 query chunks, each shard
     expected = all_scores(whole.output_path)
     torch.testing.assert_close(all_scores(cfg.output_path), expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+
+
+def test_an_ensemble_scores_the_same_with_its_query_chunks_kept(project, monkeypatch):
+    """Every member's preconditioned queries of each chunk computed once and kept for every shard (the layout's
+    keep_queries, forced here: the budget holds no more than a chunk) score bit for bit as computed for each shard."""
+    import dataclasses
+
+    import influence_cli.scores as scores_mod
+
+    plan, passes = scores_mod.plan_layout, []
+    real = scores_mod._Scorer.precondition
+    monkeypatch.setattr(scores_mod._Scorer, "precondition", lambda self, *args: passes.append(args[1:3]) or real(self, *args))
+    settings = ["scores.query_chunk=3", "scores.max_memory_mb=0.0005", "scores.relative=true"]
+    again = compute_scores(ensemble_cfg(project, "ens_again", *settings), by_layer=True)
+    assert again.num_shards > 1 and again.query_chunks == 3 and len(passes) == 3 * again.num_shards
+    passes.clear()
+    monkeypatch.setattr(scores_mod, "plan_layout", lambda *a, **kw: dataclasses.replace(plan(*a, **kw), keep_queries=True))
+    kept = compute_scores(ensemble_cfg(project, "ens_kept", *settings), by_layer=True)
+    assert passes == [(0, 3), (3, 6), (6, 7)]
+    assert again.paths[0].name == storage.SCORES_INDEX
+    for x, y in zip(again.paths[1:], kept.paths[1:], strict=True):  # the shards
+        a, b = storage.load_tensors(x)[0], storage.load_tensors(y)[0]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_missing_member_factors_are_a_clear_error(project):

@@ -309,3 +309,37 @@ def test_a_model_bound_to_its_batch_size_is_named():
     with pytest.raises(ModelError, match=r"the model runs on a batch of 16 but fails on its first 8 examples") as exc:
         fit(FixedBatch(), x, y, batch_size=16)
     assert "any batch size" in exc.value.hint
+
+
+def test_a_batch_checked_in_an_earlier_pass_is_not_checked_again(monkeypatch):
+    """Passes that share `checked` (compute-scores streams a query chunk or train shard again for each shard or chunk)
+    check a batch of the same examples, in the same mode, once: the first-batch checks and the padding check; a pass
+    from another batch, in another mode, or without `checked` checks again."""
+    from exact import PaddedSeqModel, variable_length_sequences
+
+    import influence_cli.model_checks as model_checks
+    from influence_cli.passes import stream_gradients
+
+    calls: list[str] = []
+    for name in ("check_examples_independent", "check_weight_gradients", "check_padding_alone"):
+        real = getattr(model_checks, name)
+        monkeypatch.setattr(model_checks, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    model = PaddedSeqModel()
+    tracked = find_tracked_modules(model, ["*"])
+    padded, _, labels = variable_length_sequences()
+    checked: set = set()
+
+    def run(start_batch=0, mode="loss", shared=checked) -> list[str]:
+        calls.clear()
+        batches = batches_of(padded, labels, 4)(start_batch)
+        for _ in stream_gradients(model, tracked, batches, task_kind="classification", mode=mode, padding_value=0.0, checked=shared):
+            pass
+        return sorted(calls)
+
+    every = ["check_examples_independent", "check_padding_alone", "check_weight_gradients"]
+    assert run() == every
+    assert run() == []  # the same batches again
+    assert run(mode="measurement") == every  # another loss gradient
+    assert run(start_batch=1) == every  # other examples first
+    assert run(start_batch=1) == []
+    assert run(shared=None) == every

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import weakref
 from pathlib import Path
 
 import pytest
@@ -324,6 +325,22 @@ def project(tmp_path_factory) -> tuple[Path, dict]:
     return folder, data
 
 
+@pytest.fixture(scope="module")
+def project64(tmp_path_factory) -> tuple[Path, dict]:
+    """The tiny project with a float64 checkpoint (scored in float64), its factors fitted once."""
+    folder = tmp_path_factory.mktemp("project64")
+    data = write_project(folder)
+    save_file({k: v.double() for k, v in load_file(folder / "model.safetensors").items()}, folder / "model.safetensors")
+    fit_factors(config_from_dict(data, base_dir=folder))
+    return folder, data
+
+
+@pytest.fixture(params=["float32", "float64"])
+def either_project(request) -> tuple[Path, dict]:
+    """The tiny project scored in float32, then in float64."""
+    return request.getfixturevalue("project" if request.param == "float32" else "project64")
+
+
 def make_cfg(project, out: str, *overrides: str, copy_factors: bool = True):
     """A config of the project writing to <folder>/<out>, with the fitted factors copied there."""
     folder, data = project
@@ -387,6 +404,124 @@ def test_sharded_and_chunked_runs_give_identical_top_k(project):
     assert [[e.train_index for e in r.proponents + r.opponents] for r in got] == [
         [e.train_index for e in r.proponents + r.opponents] for r in ref_top
     ]
+
+
+def tensors_in(value) -> list[torch.Tensor]:
+    """Every tensor in nested lists, tuples and dicts."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list | tuple) else ()
+    return [t for item in items for t in tensors_in(item)]
+
+
+def count_query_passes(monkeypatch) -> tuple[list[tuple[int, int]], list[int]]:
+    """(the query positions [q0, q1) of every query pass (forward, backward and preconditioning of a chunk), in
+    order; how many chunks computed before were still in memory as each pass began)."""
+    passes: list[tuple[int, int]] = []
+    alive: list[int] = []
+    earlier: list[list[weakref.ref]] = []
+    real = scores_mod._Scorer.precondition
+
+    def counted(self, queries, q0, q1, title):
+        passes.append((q0, q1))
+        alive.append(sum(any(r() is not None for r in refs) for refs in earlier))
+        out = real(self, queries, q0, q1, title)
+        earlier.append([weakref.ref(t) for t in tensors_in(out)])
+        return out
+
+    monkeypatch.setattr(scores_mod._Scorer, "precondition", counted)
+    return passes, alive
+
+
+def stored_blocks(monkeypatch) -> list[torch.Tensor]:
+    """Every score block as computed (the model's dtype, before scores.dtype rounds it), in the order written."""
+    blocks: list[torch.Tensor] = []
+    real = scores_mod._check_storable
+
+    def kept(block, dtype, what="scores", layers=None):
+        if what == "scores":
+            blocks.append(block.clone())
+        return real(block, dtype, what, layers)
+
+    monkeypatch.setattr(scores_mod, "_check_storable", kept)
+    return blocks
+
+
+def test_one_query_chunk_is_in_memory_when_the_budget_cannot_hold_them_together(either_project, monkeypatch):
+    """3 shards × 3 query chunks, which the budget cannot hold together: each shard computes every chunk again, and a
+    chunk's preconditioned queries are let go before the next chunk's are computed; the scores are bit for bit those
+    of one block scored chunk by chunk."""
+    plain = make_cfg(either_project, "order-whole", "scores.query_chunk=3")
+    dtype = scores_mod.accumulator_dtype(prepare(plain).model)
+    size = torch.finfo(dtype).bits // 8
+    whole = stored_blocks(monkeypatch)
+    compute_scores(plain)
+    assert len(whole) == 1 and whole[0].dtype == dtype
+    budget = N_QUERY * 16 * size / 2**20  # 16 training columns per shard; the preconditioned gradients of 2 queries (53 weights each)
+    cfg = make_cfg(either_project, "order-sharded", f"scores.max_memory_mb={budget}", "scores.query_chunk=3")
+    (passes, alive), blocks = count_query_passes(monkeypatch), stored_blocks(monkeypatch)
+    report = compute_scores(cfg)
+    assert report.num_shards == 3 and report.query_chunks == 3
+    assert passes == [(0, 3), (3, 6), (6, 7)] * 3  # each shard computes each chunk
+    assert alive == [0] * 9  # the chunk used last is let go before the next is computed: one in memory
+    assert torch.equal(torch.cat(blocks, 1), whole[0])
+    assert torch.equal(all_scores(cfg.output_path), all_scores(plain.output_path))
+
+
+def test_a_query_chunk_or_train_shard_streamed_again_is_not_checked_again(project, monkeypatch):
+    """3 shards × 3 query chunks: each chunk's queries are streamed for each shard and each shard for each chunk, but
+    the first-batch model checks run once per distinct first batch (3 query chunks, 3 shards), in each command."""
+    import influence_cli.model_checks as model_checks
+
+    inputs: list[torch.Tensor] = []
+    real = model_checks.check_weight_gradients
+    monkeypatch.setattr(model_checks, "check_weight_gradients", lambda model, tracked, x, *a: inputs.append(x.clone()) or real(model, tracked, x, *a))
+    for out in ("checked-once", "checked-once-again"):  # a second command checks again
+        inputs.clear()
+        report = compute_scores(make_cfg(project, out, f"scores.max_memory_mb={N_QUERY * 16 * 4 / 2**20}", "scores.query_chunk=3"))
+        assert report.num_shards == 3 and report.query_chunks == 3
+        assert [len(x) for x in inputs] == [3, 8, 3, 1, 8, 8]  # chunk (0, 3), shard 0, then chunks (3, 6) and (6, 7), shards 1 and 2
+        assert all(not torch.equal(x, y) for i, x in enumerate(inputs) for y in inputs[i + 1 :] if x.shape == y.shape)
+
+
+def test_query_chunks_that_fit_the_budget_together_are_preconditioned_once(either_project, monkeypatch):
+    """scores.query_chunk below what the budget holds: the preconditioned queries of every chunk are kept for every
+    shard (4 query passes for 4 chunks, not one per chunk and shard), and score the same."""
+    plain = make_cfg(either_project, "kept-whole", "scores.query_chunk=2")
+    size = torch.finfo(scores_mod.accumulator_dtype(prepare(plain).model)).bits // 8
+    budget = 2000 * size / 4 / 2**20  # every query's 53 weights (1,484 bytes in float32), not the score block with its 2 layers' parts
+    whole = stored_blocks(monkeypatch)
+    compute_scores(plain, by_layer=True)
+    cfg = make_cfg(either_project, "kept-sharded", f"scores.max_memory_mb={budget}", "scores.query_chunk=2")
+    (passes, alive), blocks = count_query_passes(monkeypatch), stored_blocks(monkeypatch)
+    report = compute_scores(cfg, by_layer=True)
+    assert report.num_shards == 3 and report.query_chunks == 4
+    assert passes == [(0, 2), (2, 4), (4, 6), (6, 7)] and alive == [0, 1, 2, 3]
+    assert torch.equal(torch.cat(blocks, 1), whole[0])
+    layout = plan_layout(N_QUERY, N_TRAIN, 53, batch_size=8, max_memory_mb=budget, query_chunk=2, element_bytes=size, score_bytes=size, score_planes=3)
+    assert layout.keep_queries and len(layout.shards) == 3 and len(layout.query_chunks) == 4
+    exact = {"batch_size": 8, "max_memory_mb": 53 * N_QUERY * 4 / 2**20, "query_chunk": 2}  # every query's 53 weights, to the byte
+    assert plan_layout(N_QUERY, N_TRAIN, 53, score_planes=3, **exact).keep_queries
+    assert not plan_layout(N_QUERY, N_TRAIN, 54, score_planes=3, **exact).keep_queries  # a weight more
+    assert plan_layout(N_QUERY, N_TRAIN, 53, batch_size=8, max_memory_mb=1e-6, query_chunk=N_QUERY).keep_queries  # one chunk, whatever the budget
+
+
+def test_a_rank_with_one_shard_left_holds_one_query_chunk_at_a_time(project, monkeypatch):
+    """Query chunks that the budget holds together are kept only while a rank has several shards to score: with one
+    shard, or one left to score on --resume, each chunk is used once and let go before the next is computed."""
+    budget = 2000 / 2**20  # every query's 53 weights, not the score block with its 2 layers' parts: 3 shards
+    cfg = make_cfg(project, "one-left", f"scores.max_memory_mb={budget}", "scores.query_chunk=2", "factors.checkpoint_every=1")
+    with monkeypatch.context() as m:
+        interrupt_after(m, "pairwise_by_layer", 19)  # 8 batches per shard (4 chunks × 2): in shard 2, chunk 2
+        with pytest.raises(KeyboardInterrupt):
+            compute_scores(cfg, by_layer=True)
+    passes, alive = count_query_passes(monkeypatch)
+    report = compute_scores(cfg, resume=True, by_layer=True)
+    assert report.num_shards == 3 and report.resumed_from.startswith("shard 2, query chunk 2/4")
+    assert passes == [(2, 4), (4, 6), (6, 7)] and alive == [0, 0, 0]
+    passes.clear(), alive.clear()
+    report = compute_scores(make_cfg(project, "one-shard", f"scores.max_memory_mb={budget}", "scores.query_chunk=2"))
+    assert report.num_shards == 1 and passes == [(0, 2), (2, 4), (4, 6), (6, 7)] and alive == [0, 0, 0, 0]
 
 
 def test_relative_run_stores_norms_and_matches_the_math(project):
@@ -531,6 +666,7 @@ def test_finished_scores_are_not_replaced_without_overwrite(project):
     [
         ("single", [], 3),
         ("sharded-chunked", [f"scores.max_memory_mb={7 * 16 * 4 / 2**20}", "scores.query_chunk=4"], 9),
+        ("sharded-chunked-relative", [f"scores.max_memory_mb={7 * 16 * 4 / 2**20}", "scores.query_chunk=4", "scores.relative=true"], 7),
         ("relative", ["scores.relative=true", "scores.query_chunk=4"], 8),
     ],
 )

@@ -193,7 +193,7 @@ def inspect_cmd(config: ConfigArg, set_: SetOpt = None, json_: JsonOpt = False) 
     print_line(
         f"{len(rows)} layer{'s' if len(rows) != 1 else ''}, factors {human_bytes(factor_bytes)} in float32"
         + (f" ({models} models, {human_bytes(factor_bytes // models)} each)" if models > 1 else "") + "; "
-        f"{tracked_params:,} of {parameters:,} parameters tracked; compute-scores holds up to {queries_per_chunk:,} "
+        f"{tracked_params:,} of {parameters:,} parameters tracked; compute-scores preconditions and scores up to {queries_per_chunk:,} "
         f"quer{'y' if queries_per_chunk == 1 else 'ies'} at a time ({human_bytes(query_bytes)} each), streaming the training set "
         "once per such chunk of queries"
     )

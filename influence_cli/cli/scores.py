@@ -93,10 +93,12 @@ def compute_scores_cmd(
 
     I(z, x) = ∇L(z)ᵀ (F + λ)⁻¹ ∇L(x), summed over the tracked layers, with z from data.query
     (gradient of task.measurement: loss or margin) and x from data.train. The query gradients are
-    preconditioned once; the training set is streamed with one matrix product per layer and batch.
-    Score matrices larger than scores.max_memory_mb are written as shards by train range plus
-    scores.index.json. Read them with `influence top-k`. With scores.checkpoints (an ensemble), the
-    scores are averaged over model.checkpoint and every listed checkpoint, each with the factors
+    preconditioned in chunks of queries that scores.max_memory_mb holds, and the training set is
+    streamed once per chunk with one matrix product per layer and batch. Score matrices larger than
+    scores.max_memory_mb are written as shards by train range plus scores.index.json: each process
+    preconditions every chunk once, or, with several chunks that the budget cannot hold at once,
+    again for each of its shards. Read the scores with `influence top-k`. With scores.checkpoints (an
+    ensemble), the scores are averaged over model.checkpoint and every listed checkpoint, each with the factors
     fit-factors fitted for it.
 
     Sign convention: a positive score means the training example helps the query: up-weighting it
