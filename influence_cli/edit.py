@@ -240,7 +240,7 @@ def _settings(
     storage.check_readable_dir(out.parent, "--out", listed=False)  # is_dir() would raise PermissionError
     if out.is_dir():
         raise UsageError(f"--out: {str(out)!r} is a folder", hint="give a file name ending in .safetensors, .pt or .pth")
-    storage.check_creatable_dir(out.parent, key="--out")  # created only when the edited weights are written
+    storage.check_creatable_dir(out.parent, "--out", "give --out a path in a writable folder")  # created only when the edited weights are written
     read = cfg.input_files().get(out.resolve())
     if read is not None:
         what = "the model's own checkpoint" if read == "model.checkpoint" else f"a file the config reads ({read})"

@@ -457,7 +457,7 @@ def fit_factors(
             for m in members:
                 storage.check_can_write(m.factors_path, False, "factors", cfg.factors_key, storage.FACTORS_FORMAT)
         for m in others:  # a later model's folder (a file in its way, not writable), as at its turn
-            storage.ensure_writable_dir(m.out_dir, key=cfg.factors_key, create=False)  # created at its turn
+            storage.check_creatable_dir(m.out_dir, cfg.factors_key)  # created at its turn
             if overwrite:  # its progress, removed at model 0's turn: never a folder
                 for p in progress_files(m.out_dir, storage.FACTORS_PARTIAL):
                     storage.refuse_irregular(p, True, cfg.factors_key)

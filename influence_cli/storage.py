@@ -181,7 +181,7 @@ def check_image_path(path: Path, key: str) -> str:
         _temp_beside(path, key).unlink(missing_ok=True)  # the folder can be written
         remove_stale_temp_files(path, UNLOCKED_TEMP_AGE_S)  # what a killed writer of this picture left
     else:
-        check_creatable_dir(path.parent, key)  # created when the picture is written, not by a run that fails first
+        check_creatable_dir(path.parent, key, f"give {key} a path in a writable folder")  # created when the picture is written, not by a run that fails first
     return fmt
 
 
@@ -202,18 +202,8 @@ def _temp_beside(path: Path, key: str) -> Path:
     return Path(name)
 
 
-def ensure_writable_dir(folder: Path, key: str = "output_dir", *, create: bool = True) -> None:
-    """Creates `folder` if needed; OutputError naming `key` when it cannot be written (or read). Without `create`, a
-    folder not there yet is only checked to be creatable (its nearest existing folder above it writable), and is
-    left uncreated: for a folder a later step of the run writes into, so that a run refused before then leaves none."""
-    if not create and not os.path.lexists(folder):
-        above = next(p for p in folder.parents if os.path.lexists(p))
-        if not os.path.isdir(above):
-            raise _blocked(folder, above, key)
-        check_readable_dir(above, key, listed=False)
-        if not os.access(above, os.W_OK):
-            raise OutputError(f"{key}: cannot create {str(folder)!r}: {str(above)!r} is not writable", hint=f"set {key} to a writable folder")
-        return
+def ensure_writable_dir(folder: Path, key: str = "output_dir") -> None:
+    """Creates `folder` if needed; OutputError naming `key` when it cannot be written (or read)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except FileExistsError as exc:  # a file, or a symbolic link to nothing, in the way: of `folder` or a folder above it
@@ -225,11 +215,35 @@ def ensure_writable_dir(folder: Path, key: str = "output_dir", *, create: bool =
         raise OutputError(f"{key}: {str(folder)!r} is not writable", hint=f"set {key} to a writable folder")
 
 
-def _blocked(folder: Path, blocker: Path, key: str) -> OutputError:
+def check_creatable_dir(folder: Path, key: str = "output_dir", hint: str | None = None) -> None:
+    """Checks, without creating anything, what `ensure_writable_dir` would: that `folder` is a folder that can be
+    written (and entered), or can be created (the nearest existing folder above it writable and entered). For a folder
+    a later step of the run creates (a later model's of an ensemble, edit's --out, a picture's), so that a run refused
+    before then leaves none. `hint`: the refusal's (by default: set `key` to a writable folder).
+
+    Raises:
+        OutputError: naming `key`, when a file or a symbolic link to nothing is in the way (of `folder` or a folder
+            above it), or the folder that would hold it cannot be written or entered.
+    """
+    existing = _nearest_existing(folder)
+    if not os.path.isdir(existing):
+        raise _blocked(folder, existing, key, hint)
+    check_readable_dir(existing, key, listed=False)
+    if not os.access(existing, os.W_OK):
+        where = f"{str(folder)!r} is" if existing == folder else f"cannot create {str(folder)!r}: {str(existing)!r} is"
+        raise OutputError(f"{key}: {where} not writable", hint=hint or f"set {key} to a writable folder")
+
+
+def _nearest_existing(path: Path) -> Path:
+    """`path`, or the nearest path above it, that is there (a symbolic link to nothing counts: it is in the way)."""
+    return next(p for p in (path, *path.parents) if os.path.lexists(p))
+
+
+def _blocked(folder: Path, blocker: Path, key: str, hint: str | None = None) -> OutputError:
     """The refusal of `folder` when `blocker` (it, or a path above it) is a file or a symbolic link to nothing."""
     what = f"a symbolic link to {os.readlink(blocker)!r}, which leads to no folder" if blocker.is_symlink() else "a file, not a folder"
     where = f"{str(folder)!r} is" if blocker == folder else f"cannot create {str(folder)!r}: {str(blocker)!r} is"
-    return OutputError(f"{key}: {where} {what}", hint=f"set {key} to a writable folder")
+    return OutputError(f"{key}: {where} {what}", hint=hint or f"set {key} to a writable folder")
 
 
 def check_readable_dir(folder: Path, key: str = "output_dir", *, listed: bool = True) -> None:
@@ -522,19 +536,6 @@ def _rmdir_if_empty(folder: Path) -> bool:
     except OSError:
         return False
     return True
-
-
-def check_creatable_dir(folder: Path, key: str) -> None:
-    """Checks, without creating anything, that `folder` exists or can be created and written.
-
-    Raises:
-        OutputError: naming `key`, when a file is in the way or the nearest existing folder is not writable.
-    """
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    if not existing.is_dir():
-        raise OutputError(f"{key}: cannot create {str(folder)!r} ({str(existing)!r} is a file)", hint=f"give {key} a path in a folder")
-    if not os.access(existing, os.W_OK):
-        raise OutputError(f"{key}: {str(existing)!r} is not writable", hint=f"give {key} a writable place")
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any], *, key: str = "output_dir") -> None:

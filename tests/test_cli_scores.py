@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from influence_cli import storage
 from influence_cli.cli import app
+from influence_cli.errors import OutputError
 from influence_cli.topk import iter_score_blocks, top_k
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -215,13 +216,16 @@ def test_top_k_after_an_interrupted_run_hints_resume(runner, tmp_path):
 def test_picture_paths_are_checked_before_any_work(runner, project, tmp_path):
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "a_folder.png").mkdir()
-    cases = [(tmp_path / "a_file" / "grid.png", "cannot create"), (tmp_path / "a_folder.png", "is a folder"), (tmp_path / "grid.txt", "unknown image format"),
-             (tmp_path / "grid.psd", "Pillow cannot write"), (tmp_path, "is a folder"),
+    (tmp_path / "link").symlink_to(tmp_path / "gone")
+    cases = [(tmp_path / "a_file" / "grid.png", "a_file' is a file, not a folder"), (tmp_path / "a_folder.png", "is a folder"), (tmp_path / "grid.txt", "unknown image format"),
+             (tmp_path / "link" / "grid.png", "link' is a symbolic link to "), (tmp_path / "grid.psd", "Pillow cannot write"), (tmp_path, "is a folder"),
              (tmp_path / "grid.blp", "Pillow cannot write colour pictures as '.blp'"), (tmp_path / "grid.xbm", "cannot write colour")]  # fmt: skip
     for path, needle in cases:
         result = invoke(runner, "top-k", project, "--query", "0", "--image-grid", path)
         assert result.exit_code == 5 and "--image-grid" in result.stderr and needle in result.stderr, result.stderr
         assert result.stdout == ""
+    with pytest.raises(OutputError, match="which leads to no folder"):  # up front, as a file in its way: not once it is drawn
+        storage.check_image_path(tmp_path / "link" / "grid.png", "--image-grid")
     failed = invoke(runner, "top-k", project, "--query", "999999", "--image-grid", tmp_path / "new" / "grid.png")
     assert failed.exit_code in (2, 5) and not (tmp_path / "new").exists()  # a run that fails creates no picture folder
 

@@ -452,6 +452,51 @@ def test_a_failed_first_run_leaves_no_empty_output_dir(tmp_path, monkeypatch):
     assert existing.is_dir()
 
 
+FOLDERS_CREATED_LATER = [  # (folder, refusal) of check_creatable_dir
+    ("new/sub", None),
+    ("real/sub", None),
+    ("to_real/sub", None),
+    ("a_file", "'{t}/a_file' is a file, not a folder"),
+    ("a_file/sub", "cannot create '{t}/a_file/sub': '{t}/a_file' is a file, not a folder"),
+    ("to_a_file/sub", "cannot create '{t}/to_a_file/sub': '{t}/to_a_file' is a symbolic link to 'a_file', which leads to no folder"),
+    ("dangling", "'{t}/dangling' is a symbolic link to 'gone', which leads to no folder"),
+    ("dangling/sub", "cannot create '{t}/dangling/sub': '{t}/dangling' is a symbolic link to 'gone', which leads to no folder"),
+    ("read_only/sub", "cannot create '{t}/read_only/sub': '{t}/read_only' is not writable"),
+    ("read_only", "'{t}/read_only' is not writable"),
+    ("closed/sub", "'{t}/closed' cannot be read (permission denied)"),
+]
+
+
+@pytest.mark.parametrize("where, expected", FOLDERS_CREATED_LATER, ids=[w for w, _ in FOLDERS_CREATED_LATER])
+def test_a_folder_created_later_is_checked_without_creating_it(tmp_path, monkeypatch, where, expected):
+    """check_creatable_dir (a later model's folder of an ensemble, edit's --out, a picture's) refuses what creating
+    the folder would, a symbolic link to nothing in its place included, and creates nothing."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "read_only").mkdir()
+    (tmp_path / "closed").mkdir()
+    (tmp_path / "a_file").write_text("not a folder")
+    (tmp_path / "to_real").symlink_to("real")
+    (tmp_path / "to_a_file").symlink_to("a_file")
+    (tmp_path / "dangling").symlink_to("gone")
+    access = os.access  # root may write and enter anything: these folders say no as they would to a user
+
+    def denied(path, mode, *args, **kwargs):
+        name = Path(path).name
+        if (name == "read_only" and mode & os.W_OK) or (name == "closed" and mode & os.X_OK):
+            return False
+        return access(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", denied)
+    before = sorted(tmp_path.rglob("*"))
+    if expected is None:
+        storage.check_creatable_dir(tmp_path / where, "--out")
+    else:
+        with pytest.raises(OutputError) as exc:
+            storage.check_creatable_dir(tmp_path / where, "--out")
+        assert exc.value.message == "--out: " + expected.format(t=tmp_path)
+    assert sorted(tmp_path.rglob("*")) == before
+
+
 def test_an_interrupted_overwrite_resumes(tmp_path, monkeypatch, reference):
     """--overwrite removes the old factors as the refit starts, so its saved progress is what
     --resume continues (the old factors are not kept looking current either)."""

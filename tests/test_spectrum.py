@@ -866,7 +866,10 @@ def test_cli_errors(tmp_path, digits):
     assert_error(invoke("edit", DIGITS, *sets, "--out", taken), 5, "already exists and is not a readable safetensors file")
     (tmp_path / "dir.safetensors").mkdir()
     assert_error(invoke("edit", DIGITS, *sets, "--out", tmp_path / "dir.safetensors", "--overwrite"), 2, "--out", "is a folder")
-    assert_error(invoke("edit", DIGITS, *sets, "--out", taken / "e.safetensors"), 5, "--out: cannot create")
+    assert_error(invoke("edit", DIGITS, *sets, "--out", taken / "e.safetensors"), 5, "--out: ", "taken.safetensors' is a file, not a folder")
+    (tmp_path / "link").symlink_to(tmp_path / "gone")  # a symbolic link to nothing: refused before the factors are looked for
+    refused = invoke("edit", DIGITS, *empty, "--out", tmp_path / "link" / "e.safetensors")
+    assert_error(refused, 5, "--out: ", "link' is a symbolic link to ", "which leads to no folder")
     assert_error(invoke("edit", DIGITS, *empty, "--out", tmp_path / "new" / "sub" / "e.safetensors"), 5, "no factors")
     from influence_cli.storage import output_dir_lock
 
