@@ -206,8 +206,8 @@ def ensure_writable_dir(folder: Path, key: str = "output_dir") -> None:
     """Creates `folder` if needed; OutputError naming `key` when it cannot be written (or read)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-    except FileExistsError as exc:  # a file, or a symbolic link to nothing, in the way: of `folder` or a folder above it
-        raise _blocked(folder, Path(exc.filename or folder), key) from None
+    except (FileExistsError, NotADirectoryError) as exc:  # a file, or a symbolic link to nothing, in the way: of `folder` or a folder above it
+        raise _blocked(folder, _nearest_existing(Path(exc.filename or folder)), key) from None
     except OSError as exc:
         raise OutputError(f"{key}: cannot create {str(folder)!r} ({exc.strerror})", hint=f"set {key} to a writable folder") from None
     check_readable_dir(folder, key, listed=False)  # an output folder is checked `listed` by guards_output_dir

@@ -679,7 +679,7 @@ BAD_INPUTS = [
     ("dataset-not-safetensors", _train_file("garbage.safetensors", None, None), EXIT["data"], ["data.train.path", "garbage.safetensors"]),
     ("nan-input", _train_file("nan.safetensors", _nan_inputs(), torch.arange(40) % 10), EXIT["numerical"],
      ["covariance pass", "batch 2", "global indices 33)"]),  # fmt: skip
-    ("output-under-a-file", _output_under_a_file, EXIT["output"], ["output_dir", "a_file"]),
+    ("output-under-a-file", _output_under_a_file, EXIT["output"], ["output_dir: cannot create ", "out': ", "a_file' is a file, not a folder"]),
     ("output-dir-a-file", _output_dir_a_file, EXIT["output"], ["output_dir: ", "a_file' is a file, not a folder"]),
     ("output-under-a-dangling-link", _output_dir_a_dangling_link, EXIT["output"],
      ["output_dir: cannot create ", "link' is a symbolic link to ", "gone', which leads to no folder"]),  # fmt: skip

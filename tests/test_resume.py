@@ -470,7 +470,8 @@ FOLDERS_CREATED_LATER = [  # (folder, refusal) of check_creatable_dir
 @pytest.mark.parametrize("where, expected", FOLDERS_CREATED_LATER, ids=[w for w, _ in FOLDERS_CREATED_LATER])
 def test_a_folder_created_later_is_checked_without_creating_it(tmp_path, monkeypatch, where, expected):
     """check_creatable_dir (a later model's folder of an ensemble, edit's --out, a picture's) refuses what creating
-    the folder would, a symbolic link to nothing in its place included, and creates nothing."""
+    the folder would, a symbolic link to nothing in its place included, and creates nothing; creating it
+    (ensure_writable_dir) names what is in its way alike, a file above it included."""
     (tmp_path / "real").mkdir()
     (tmp_path / "read_only").mkdir()
     (tmp_path / "closed").mkdir()
@@ -495,6 +496,10 @@ def test_a_folder_created_later_is_checked_without_creating_it(tmp_path, monkeyp
             storage.check_creatable_dir(tmp_path / where, "--out")
         assert exc.value.message == "--out: " + expected.format(t=tmp_path)
     assert sorted(tmp_path.rglob("*")) == before
+    if expected is not None and not where.startswith(("read_only", "closed")):  # its creation refuses it as the check did
+        with pytest.raises(OutputError) as exc:
+            storage.ensure_writable_dir(tmp_path / where, "--out")
+        assert exc.value.message == "--out: " + expected.format(t=tmp_path)
 
 
 def test_an_interrupted_overwrite_resumes(tmp_path, monkeypatch, reference):
