@@ -572,6 +572,12 @@ def test_temporary_files_of_another_number_of_ranks_are_removed_with_their_progr
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
     check_rank_layout(tmp_path, storage.SCORES_PARTIAL, 1, resume=False, overwrite=False)  # pairwise scores: --self's are not its own
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+    folder = tmp_path / left[0].replace("k1ll3d", "folder")  # a folder of such a name is no writer's: left alone
+    folder.mkdir()
+    (tmp_path / left[1]).symlink_to(folder)  # a link of that name is a writer's leftover: removed, not what it leads to
+    for overwrite in (False, True):
+        check_rank_layout(tmp_path, similarity, 1, resume=False, overwrite=overwrite)
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*kept, folder.name])
 
 
 HOLD_LOCK = """
