@@ -518,8 +518,6 @@ def spectrum(
     factors, factors_path = load_kronecker_factors(ctx, order, order_key)
     chosen = select_layers(ctx.tracked, layers or sp.layers, "--layers" if layers else "spectrum.layers", cfg.source)
     check_finite_factors(factors, factors_path, [tm.name for tm in chosen])
-    if ctx.state.is_main:
-        storage.remove_stale_temp_files(path)  # what a killed writer left
     storage.ensure_writable_dir(out_dir)
     bands = {
         tm.name: layer_bands(factors.layers[tm.name], order=order, bottom=sp.bottom, top=sp.top, mass=sp.mass, bins=sp.bins)
@@ -563,7 +561,7 @@ def spectrum(
     st = ctx.state
     resumed_from = None
     if from_file:
-        clear_progress_of_finished(out_dir, storage.SPECTRUM_PARTIAL, main=st.is_main)  # a kill right after the final rename
+        clear_progress_of_finished(out_dir, storage.SPECTRUM_PARTIAL, main=st.is_main, outputs=[path])  # a kill right after the final rename
         results = _load_energies(path, list(datasets))
     else:
         saved = DatasetsProgress.start(

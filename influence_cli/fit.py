@@ -41,6 +41,7 @@ from influence_cli.progress import start as start_progress
 from influence_cli.resume import (
     PassCheckpoint,
     Snapshot,
+    agreed_start,
     check_rank_layout,
     clear_progress_of_finished,
     progress_files,
@@ -461,7 +462,7 @@ def fit_factors(
             if overwrite:  # its progress, removed at model 0's turn: never a folder
                 for p in progress_files(m.out_dir, storage.FACTORS_PARTIAL):
                     storage.refuse_irregular(p, True, cfg.factors_key)
-            elif not resume:  # its leftover progress, refused as at its turn (no settings are compared)
+            elif not resume:  # its leftover progress, refused as at its turn (no settings are compared; nothing removed)
                 check_rank_layout(m.out_dir, storage.FACTORS_PARTIAL, dist.world_size, resume=False, overwrite=False, key=cfg.factors_key)
                 PassCheckpoint(_progress_path(m.out_dir, dist), {}, 0, folder_key=cfg.factors_key).check_start(False, False)
 
@@ -574,7 +575,7 @@ def _fit_member(
     """fit-factors for one model of the ensemble (member 0: model.checkpoint into factors_dir).
 
     With `overwrite`, its old factors, and `also_replaced` (the other models' factors and
-    progress), are removed once its checks pass: an interrupted run then resumes past the models
+    progress), are removed once its checks pass on every rank: an interrupted run then resumes past the models
     it did not reach. `dataset`: data.train as read already for this model (else read here).
     """
     ctx = prepare_member(cfg, member, state)
@@ -591,13 +592,14 @@ def _fit_member(
         return FitReport(path, cfg.factors.strategy, cfg.factors.fisher, n, layers_info, {}, "already complete", member=member.index, skipped=skipped)
     checkpoint = _snapshot_of(cfg, out_dir, result, ctx.state)
 
-    def start_checks() -> Snapshot | None:
+    def start_checks() -> tuple[Snapshot | None, list[Path]]:
         storage.check_can_write(path, overwrite, "factors", cfg.factors_key, storage.FACTORS_FORMAT)
         storage.ensure_writable_dir(out_dir, key=cfg.factors_key)
-        check_rank_layout(out_dir, storage.FACTORS_PARTIAL, ctx.state.world_size, resume=resume, overwrite=overwrite, key=cfg.factors_key)
-        return checkpoint.check_start(resume, overwrite)  # a rank's own progress file may refuse on that rank alone
+        removed = check_rank_layout(out_dir, storage.FACTORS_PARTIAL, ctx.state.world_size, resume=resume, overwrite=overwrite, key=cfg.factors_key)
+        snapshot, stale = checkpoint.check_start(resume, overwrite)  # a rank's own progress file may refuse on that rank alone
+        return snapshot, removed + stale
 
-    snapshot = agree(ctx.state, start_checks)  # every rank stops together, none left waiting in a collective
+    snapshot = agreed_start(ctx.state, start_checks)  # every rank stops together, none left waiting in a collective
     if ctx.state.is_main:
         if overwrite:  # an interrupted --overwrite run leaves its progress, which --resume continues, and not the old factors
             for old in (path, *(also_replaced or [])):

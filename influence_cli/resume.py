@@ -10,16 +10,18 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, overload
+from typing import Any, Literal, TypeVar, overload
 
 import torch
 
 from influence_cli import notices, storage
-from influence_cli.distributed import agree
+from influence_cli.distributed import DistState, agree
 from influence_cli.errors import OutputError
+
+_T = TypeVar("_T")
 
 
 def run_key(fields: dict[str, Any]) -> str:
@@ -37,15 +39,27 @@ def run_keys(fields: dict[str, Any]) -> set[str]:
     return {run_key(fields), run_key({k: v for k, v in fields.items() if k not in LATER_FIELDS})}
 
 
+def agreed_start(state: DistState, checks: Callable[[], tuple[_T, list[Path]]]) -> _T:
+    """Runs a command's start checks on every rank at once (`distributed.agree`: a refusal every rank meets is said
+    once), and removes what they found the start replaces (`checks` returns its value and those paths: old progress
+    --overwrite lets go, temporary files killed writers left) only once every rank's checks passed, so that a refused
+    start removes nothing, on any rank. Returns the checks' value."""
+    value, removed = agree(state, checks)
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return value
+
+
 def check_rank_layout(
     folder: Path, pattern: str, world_size: int, *, resume: bool, overwrite: bool, kind: str = "", key: str = "output_dir"
-) -> None:
+) -> list[Path]:
     """Refuses progress of this pass saved by a run with another number of ranks (its files,
     `pattern` with {rank} = ".rank<r>" + kind, or kind alone for one process, and the files of the
     datasets each finished beside them, are not this run's names, so it would silently start over
-    and leave them behind); --overwrite removes them. The temporary files that killed writers of those
-    names left hold no progress: they are removed unless the progress is refused (the caller holds the lock).
-    What is no regular file there is refused as that (`storage.refuse_irregular`; `key`: the config key of `folder`).
+    and leave them behind); --overwrite lets them go. What is no regular file there is refused as that
+    (`storage.refuse_irregular`; `key`: the config key of `folder`). Removes nothing: returns what the
+    start removes once every rank's checks passed (`agreed_start`): those files with --overwrite, and the
+    temporary files that killed writers of those names left (they hold no progress; the caller holds the lock).
 
     Raises:
         OutputError: naming the files and the number of ranks that saved them.
@@ -54,23 +68,19 @@ def check_rank_layout(
     others = [p for p in progress_files(folder, pattern, kind) if snapshot_of(p.name, pattern) not in mine]
     for p in others:  # never opened (a FIFO would block), nor a folder removed
         storage.refuse_irregular(p, overwrite and not resume, key)
-    if not others or (overwrite and not resume):
-        for p in others:
-            p.unlink(missing_ok=True)
-        for tmp, name in storage.temp_files(folder / pattern.format(rank="*")):
-            if _is_progress_name(name, pattern, kind) and snapshot_of(name, pattern) not in mine:
-                tmp.unlink(missing_ok=True)
-        return
-    ranks = _saved_ranks(others, pattern)
-    snapshots = [p.name for p in others if snapshot_of(p.name, pattern) == p.name] or [p.name for p in others]
-    more = len(others) - len(snapshots)
-    raise OutputError(
-        f"{str(folder)!r} holds progress saved by a run with {ranks} rank(s) ({', '.join(snapshots)}"
-        + (f", and {more} file(s) of the datasets it finished" if more else "")
-        + f"); this run has {world_size}",
-        hint=(f"resume with the same number of ranks (torchrun --nproc_per_node {ranks})" if ranks > 1 else "resume without torchrun")
-        + ", or pass --overwrite to start over",
-    ).everywhere()
+    if others and not (overwrite and not resume):
+        ranks = _saved_ranks(others, pattern)
+        snapshots = [p.name for p in others if snapshot_of(p.name, pattern) == p.name] or [p.name for p in others]
+        more = len(others) - len(snapshots)
+        raise OutputError(
+            f"{str(folder)!r} holds progress saved by a run with {ranks} rank(s) ({', '.join(snapshots)}"
+            + (f", and {more} file(s) of the datasets it finished" if more else "")
+            + f"); this run has {world_size}",
+            hint=(f"resume with the same number of ranks (torchrun --nproc_per_node {ranks})" if ranks > 1 else "resume without torchrun")
+            + ", or pass --overwrite to start over",
+        ).everywhere()
+    temps = storage.temp_files(folder / pattern.format(rank="*"))
+    return others + [tmp for tmp, name in temps if _is_progress_name(name, pattern, kind) and snapshot_of(name, pattern) not in mine]
 
 
 def _saved_ranks(files: list[Path], pattern: str) -> int:
@@ -124,12 +134,14 @@ def clear_progress_of_finished(
     folder: Path, pattern: str, kind: str = "", main: bool = True, outputs: Sequence[Path] = (), key: str = "output_dir"
 ) -> None:
     """Removes the progress a run killed right after renaming its finished output left beside it
-    (the finished output holds all of it: a FIFO there goes too, never opened, while a folder is refused,
-    `key` naming `folder` in its hint), and the temporary files a killed writer of `outputs`
+    (the finished output holds all of it: a FIFO there goes too, never opened, while a folder is refused before any
+    file is removed, `key` naming `folder` in its hint), and the temporary files a killed writer of `outputs`
     left (the caller holds their lock); on rank 0 only (`main`)."""
     if main:
-        for p in progress_files(folder, pattern, kind):
+        found = progress_files(folder, pattern, kind)
+        for p in found:  # all checked before any is removed
             storage.refuse_irregular(p, True, key)  # a folder is never removed
+        for p in found:
             p.unlink(missing_ok=True)
         for output in outputs:
             storage.remove_stale_temp_files(output)
@@ -167,12 +179,14 @@ class PassCheckpoint:
         return self.path.exists()
 
     @overload
-    def check_start(self, resume: bool, overwrite: bool, *, lost_ok: Literal[False] = False) -> Snapshot | None: ...
+    def check_start(self, resume: bool, overwrite: bool, *, lost_ok: Literal[False] = False) -> tuple[Snapshot | None, list[Path]]: ...
     @overload
-    def check_start(self, resume: bool, overwrite: bool, *, lost_ok: bool) -> Snapshot | OutputError | None: ...
+    def check_start(self, resume: bool, overwrite: bool, *, lost_ok: bool) -> tuple[Snapshot | OutputError | None, list[Path]]: ...
 
-    def check_start(self, resume: bool, overwrite: bool, *, lost_ok: bool = False) -> Snapshot | OutputError | None:
-        """The snapshot to resume from, None to start fresh; refuses to silently drop progress.
+    def check_start(self, resume: bool, overwrite: bool, *, lost_ok: bool = False) -> tuple[Snapshot | OutputError | None, list[Path]]:
+        """The snapshot to resume from (None to start fresh), and what the start removes once every rank's checks
+        passed (`agreed_start`): the temporary files a killed writer left, and with `overwrite` (without `resume`)
+        the snapshot. Refuses to silently drop progress; removes nothing.
 
         Args:
             lost_ok: A snapshot that cannot be read (damaged, or not progress at all) is returned as its refusal
@@ -183,13 +197,12 @@ class PassCheckpoint:
             OutputError: progress without --resume or --overwrite; progress of other settings (named); without
                 `lost_ok`, not a readable progress file.
         """
-        storage.remove_stale_temp_files(self.path)
+        stale = [tmp for tmp, _ in storage.temp_files(self.path)]
         if not self.path.exists():
-            return None
-        storage.refuse_irregular(self.path, overwrite and not resume, self.folder_key)  # never opened; a FIFO removed by --overwrite
+            return None, stale
+        storage.refuse_irregular(self.path, overwrite and not resume, self.folder_key)  # never opened; --overwrite lets a FIFO go
         if overwrite and not resume:
-            self.clear()
-            return None
+            return None, [*stale, self.path]
         if not resume:
             raise OutputError(
                 f"{str(self.path)!r} holds progress of an interrupted run",
@@ -200,9 +213,9 @@ class PassCheckpoint:
         except OutputError as exc:
             if not lost_ok:
                 raise
-            return exc
+            return exc, stale
         self.check_settings(self.path, meta)
-        return Snapshot(meta["phase"], int(meta["batches_done"]), tensors)
+        return Snapshot(meta["phase"], int(meta["batches_done"]), tensors), stale
 
     def check_header(self) -> None:
         """What `check_start(resume=True, overwrite=False)` refuses, from the snapshot's header alone (no tensor
@@ -401,11 +414,11 @@ class DatasetsProgress:
         batch_size: int, every: int, resume: bool, overwrite: bool, names: dict[str, str] | None = None,
     ) -> DatasetsProgress:
         """The progress this rank continues from (none without `resume`) towards `output`, saved as `pattern`
-        (with {rank}) every `every` batches: every rank checks its own at once (`distributed.agree`: a refusal is
-        said once), then the ranks agree on where to continue and send each other the finished results a rank
+        (with {rank}) every `every` batches: every rank checks its own at once (`agreed_start`: a refusal is said
+        once, and what --overwrite lets go is removed only once every rank's checks passed), then the ranks agree on where to continue and send each other the finished results a rank
         lacks (`agree`). Under torchrun a snapshot that is missing (under `resume`) or unreadable is not refused
-        here: `agree` decides. With `overwrite` the finished `output` is removed (an interrupted --overwrite run
-        must not leave the old result looking current). Under `resume` the files of the datasets right after those
+        here: `agree` decides. With `overwrite` the finished `output` is removed once the ranks agreed to go on (an
+        interrupted --overwrite run must not leave the old result looking current). Under `resume` the files of the datasets right after those
         this rank's snapshot (one that reads) counts, written by a run killed before the snapshot that counts them,
         are counted as finished when they hold their results under this run's settings (and, under torchrun, agree
         with every other rank's copy: `agree`). Files of finished datasets that this rank's snapshot does not count
@@ -423,11 +436,11 @@ class DatasetsProgress:
         settings = result | {"bs": batch_size, "world": dist.world_size, "dataset_order": list(datasets)}
         checkpoint = PassCheckpoint(folder / pattern.format(rank=f".rank{dist.rank}" if dist.distributed else ""), settings, every, names)
 
-        def start_checks() -> DatasetsProgress:
-            check_rank_layout(folder, pattern, dist.world_size, resume=resume, overwrite=overwrite)
+        def start_checks() -> tuple[DatasetsProgress, list[Path]]:
+            removed = check_rank_layout(folder, pattern, dist.world_size, resume=resume, overwrite=overwrite)
             for path in _finished_files(checkpoint.path).values():  # never opened (a FIFO would block), nor a folder removed
                 storage.refuse_irregular(path, overwrite and not resume, checkpoint.folder_key)
-            snapshot = checkpoint.check_start(resume, overwrite, lost_ok=dist.distributed)
+            snapshot, stale = checkpoint.check_start(resume, overwrite, lost_ok=dist.distributed)
             progress = cls(checkpoint, None if isinstance(snapshot, OutputError) else snapshot, lost_ok=dist.distributed)
             if isinstance(snapshot, OutputError):
                 progress.snapshot_lost = ("unreadable", snapshot.message)
@@ -435,14 +448,15 @@ class DatasetsProgress:
                 progress.snapshot_lost = ("missing", f"{str(checkpoint.path)!r} is missing")
             elif snapshot is not None and snapshot.phase.startswith("dataset:"):  # it reads (one only under `resume`)
                 progress._read_unsaved()
-            storage.remove_stale_temp_files(progress.finished_path("*"))  # what a killed writer left
-            return progress
+            return progress, removed + stale + [tmp for tmp, _ in storage.temp_files(progress.finished_path("*"))]  # what killed writers left
 
-        saved = agree(dist, start_checks)
+        saved = agreed_start(dist, start_checks)
         saved.agree(dist)
         saved._remove_finished(saved.written)
-        if overwrite and dist.is_main:
-            output.unlink(missing_ok=True)
+        if dist.is_main:
+            if overwrite:
+                output.unlink(missing_ok=True)
+            storage.remove_stale_temp_files(output)  # what a killed writer left
         return saved
 
     def finished_path(self, index: int | str) -> Path:

@@ -59,6 +59,7 @@ from influence_cli.progress import Progress, for_rank
 from influence_cli.resume import (
     PassCheckpoint,
     Snapshot,
+    agreed_start,
     check_rank_layout,
     clear_progress_of_finished,
     progress_files,
@@ -803,15 +804,16 @@ def _pairwise_keys(
 
 
 def _start_pairwise(st: DistState, checkpoint: PassCheckpoint, single: Path, index: Path, overwrite: bool, resume: bool) -> Snapshot | None:
-    """Every rank's checks of the outputs and progress before a pairwise pass (one refusal, said once), then rank 0
-    clears what the run replaces: the finished scores (--overwrite), old shards (without --resume), temp files."""
+    """Every rank's checks of the outputs and progress before a pairwise pass (one refusal, said once), then, once
+    every rank's passed, each rank removes the progress --overwrite lets go (`agreed_start`) and rank 0 clears what
+    the run replaces: the finished scores (--overwrite), old shards (without --resume), temp files."""
     out_dir = single.parent
 
-    def start_checks() -> Snapshot | None:
+    def start_checks() -> tuple[Snapshot | None, list[Path]]:
         storage.check_can_write(single, overwrite, "scores", "output_dir", storage.SCORES_FORMAT)
         storage.check_can_write(index, overwrite, "scores", "output_dir")
-        check_rank_layout(out_dir, storage.SCORES_PARTIAL, st.world_size, resume=resume, overwrite=overwrite)
-        snap = checkpoint.check_start(resume, overwrite)
+        removed = check_rank_layout(out_dir, storage.SCORES_PARTIAL, st.world_size, resume=resume, overwrite=overwrite)
+        snap, stale = checkpoint.check_start(resume, overwrite)
         leftovers = sorted(out_dir.glob(storage.SCORES_SHARD_GLOB))
         for shard in leftovers:  # never opened (a FIFO would block); --overwrite (without --resume) removes a FIFO, never a folder
             storage.refuse_irregular(shard, overwrite and not resume, "output_dir")
@@ -822,9 +824,9 @@ def _start_pairwise(st: DistState, checkpoint: PassCheckpoint, single: Path, ind
             )
         if resume and not overwrite:
             checkpoint.check_leftovers(leftovers, "score shard(s)")
-        return snap
+        return snap, removed + stale
 
-    snapshot = agree(st, start_checks)
+    snapshot = agreed_start(st, start_checks)
     st.barrier()
     if st.is_main:
         if overwrite:
@@ -1029,12 +1031,13 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
     rank_suffix = (f".rank{st.rank}" if st.distributed else "") + ".self"
     checkpoint = PassCheckpoint(out_dir / storage.SCORES_PARTIAL.format(rank=rank_suffix), settings, cfg.factors.checkpoint_every)
 
-    def start_checks() -> Snapshot | None:
+    def start_checks() -> tuple[Snapshot | None, list[Path]]:
         storage.check_can_write(path, overwrite, "self-influence scores", "output_dir", storage.SELF_FORMAT)
-        check_rank_layout(out_dir, storage.SCORES_PARTIAL, st.world_size, resume=resume, overwrite=overwrite, kind=".self")
-        return checkpoint.check_start(resume, overwrite)
+        removed = check_rank_layout(out_dir, storage.SCORES_PARTIAL, st.world_size, resume=resume, overwrite=overwrite, kind=".self")
+        snap, stale = checkpoint.check_start(resume, overwrite)
+        return snap, removed + stale
 
-    snapshot = agree(st, start_checks)
+    snapshot = agreed_start(st, start_checks)
     if st.is_main:
         if overwrite:  # an interrupted --overwrite run must not leave the old values looking current
             path.unlink(missing_ok=True)

@@ -413,8 +413,6 @@ def dataset_similarity(
     # matched to the model first (metadata only: factors of another model are refused for that, the more useful message,
     # before a page of them is read), then every layer checked to be finite
     factors = load_factors(factors_path, match=lambda f: check_factors_match(f, ctx, factors_path, same_kind=True))
-    if ctx.state.is_main:
-        storage.remove_stale_temp_files(path)  # what a killed writer left
     if cfg.scores.checkpoints:
         notices.warn(f"dataset-similarity: only model.checkpoint is compared with, not the {len(cfg.scores.checkpoints)} model(s) of scores.checkpoints")
     ignored = [k for k, used in (("task.measurement: margin", cfg.task.measurement == "margin"), ("scores.relative: true", cfg.scores.relative)) if used]
@@ -434,7 +432,7 @@ def dataset_similarity(
     }  # fmt: skip
     recorded = finished_result(path, result_fields, "a similarity result", storage.SIMILARITY_FORMAT, overwrite=overwrite, names={"fisher": "similarity.fisher"})
     if recorded is not None:
-        clear_progress_of_finished(out_dir, storage.SIMILARITY_PARTIAL, main=ctx.state.is_main)  # a kill right after the final rename
+        clear_progress_of_finished(out_dir, storage.SIMILARITY_PARTIAL, main=ctx.state.is_main, outputs=[path])  # a kill right after the final rename
         return _finished_report(path, method, recorded)
     st = ctx.state
     saved = DatasetsProgress.start(

@@ -1994,6 +1994,41 @@ def test_a_fifo_or_folder_at_a_progress_path_is_refused_as_that(
         assert path.is_dir()
 
 
+@pytest.mark.parametrize(
+    ("command", "pattern", "output", "own"),
+    [(("fit-factors",), storage.FACTORS_PARTIAL, FACTORS, ""), (("compute-scores",), storage.SCORES_PARTIAL, storage.SCORES_FILE, ""),
+     (("compute-scores", "--self"), storage.SCORES_PARTIAL, storage.SELF_INFLUENCE_FILE, ""),
+     (("dataset-similarity",), storage.SIMILARITY_PARTIAL, storage.SIMILARITY_FILE, ".finished0"),
+     (("spectrum",), storage.SPECTRUM_PARTIAL, storage.SPECTRUM_FILE, ".finished0")],
+)  # fmt: skip
+def test_overwrite_refused_at_the_start_removes_nothing(
+    runner: CliRunner, fitted: tuple[Path, Result], tmp_path: Path, command: tuple[str, ...], pattern: str, output: str, own: str
+):
+    """A folder at this run's own progress path (its snapshot, or the file of a dataset it finished) refuses --overwrite
+    before anything is removed: the progress of another number of ranks (it was removed before the refusal), the temporary
+    files killed writers left and the finished output are all still there. Once the folder is gone, --overwrite removes
+    them all."""
+    out, _ = fitted
+    kind = ".self" if "--self" in command else ""
+    folder = tmp_path / pattern.format(rank=kind + own)
+    folder.mkdir()
+    files = [pattern.format(rank=f".rank{r}{kind}") for r in (0, 1)] + [output]
+    files += [f".{name}.k1ll3d.tmp" for name in (pattern.format(rank=f".rank1{kind}"), pattern.format(rank=kind), output)]
+    for name in files:
+        (tmp_path / name).write_bytes(b"left")
+    shared = () if command[0] == "fit-factors" else ("--set", f"factors_dir={out}")
+    args = (command[0], DIGITS, *command[1:], *shared, "--set", f"output_dir={tmp_path}", "--overwrite")
+    result = invoke(runner, *args)
+    assert_clean_error(result, EXIT["output"], f"{str(folder)!r} is a folder, not a file")
+    assert {name: (tmp_path / name).read_bytes() for name in files if (tmp_path / name).is_file()} == dict.fromkeys(files, b"left")
+    assert folder.is_dir()
+    folder.rmdir()
+    result = invoke(runner, *args)
+    assert result.exit_code == 0, result.stderr
+    assert [name for name in files if (tmp_path / name).exists()] == [output]
+    assert storage.file_format(tmp_path / output).startswith("influence_cli.")
+
+
 def test_a_fifo_or_folder_among_the_factors_progress_names_factors_dir(runner: CliRunner, fitted: tuple[Path, Result], tmp_path: Path):
     """fit-factors into factors_dir names that key in the refusal of a FIFO at another rank's progress path, and of a
     folder at a progress path beside finished factors (both said "write to another place")."""

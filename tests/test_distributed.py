@@ -32,6 +32,7 @@ from influence_cli import storage
 from influence_cli.config import load_config
 from influence_cli.distributed import DistState
 from influence_cli.errors import DistributedError
+from influence_cli.resume import PassCheckpoint
 
 pytestmark = [pytest.mark.distributed, pytest.mark.usefixtures("one_thread")]
 
@@ -244,6 +245,26 @@ def test_a_start_check_one_rank_fails_stops_every_rank_at_once(tmp_path):
     assert "[rank 1] output error: " in run.stderr and "holds progress of an interrupted run" in run.stderr, run.stderr
     assert "[rank 0] distributed error: rank 1 stopped: " in run.stderr, run.stderr
     assert "terminated by torchrun" not in run.stderr and "[rank0]: Traceback" not in run.stderr, run.stderr
+    assert not (out / storage.FACTORS_FILE).exists()
+
+
+def test_overwrite_one_rank_refuses_at_the_start_removes_no_ranks_progress(tmp_path):
+    """--overwrite refused by rank 1 alone (a folder at its own snapshot's path, refused even so) stops the job before
+    any rank removes a file: rank 0's snapshot and the progress of one process, which --overwrite lets go, stay (rank
+    0 removed them in the start step while rank 1 refused)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    folder = out / storage.FACTORS_PARTIAL.format(rank=".rank1")
+    folder.mkdir()
+    kept = [out / storage.FACTORS_PARTIAL.format(rank=r) for r in (".rank0", "")]
+    for p in kept:
+        PassCheckpoint(p, {}, 1).save("covariance", 1, {})
+    before = [p.read_bytes() for p in kept]
+    run = torchrun(*fit_args(CONFIG, out, "data.train.range=[0, 200]"), "--overwrite")
+    assert run.returncode != 0
+    assert f"[rank 1] output error: {str(folder)!r} is a folder, not a file" in run.stderr, run.stderr
+    assert "[rank 0] distributed error: rank 1 stopped: " in run.stderr, run.stderr
+    assert [p.read_bytes() for p in kept] == before and folder.is_dir()
     assert not (out / storage.FACTORS_FILE).exists()
 
 

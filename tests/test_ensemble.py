@@ -354,12 +354,16 @@ def test_resume_refuses_a_later_models_progress_of_other_settings_before_any_mod
 def test_a_later_models_leftover_progress_refuses_the_run_before_any_model_is_fitted(project, monkeypatch, saved_by):
     """Without --resume or --overwrite, a later model's leftover progress (a snapshot, one saved by another number of
     ranks, a FIFO in its place) is refused before model 0 is fitted, with the refusal its turn gives: not once model 0's
-    passes have run (--overwrite would then refit model 0 too)."""
+    passes have run (--overwrite would then refit model 0 too). The up-front checks remove nothing: the temporary files
+    killed writers left in model 1's folder, whose checks pass, stay (they were removed before model 2's refusal)."""
     import influence_cli.fit as fit_mod
 
     cfg = ensemble_cfg(project, f"leftover_{saved_by.replace(' ', '_')}")
     for m in ensemble_members(cfg):
         m.factors_path.unlink()
+    temps = [storage.member_dir(cfg.factors_path, 1) / f".{storage.FACTORS_PARTIAL.format(rank=r)}.k1ll3d.tmp" for r in ("", ".rank1")]
+    for tmp in temps:
+        tmp.write_bytes(b"half")
     later = storage.member_dir(cfg.factors_path, 2)
     snapshot = later / storage.FACTORS_PARTIAL.format(rank=".rank1" if saved_by == "2 ranks" else "")
     if saved_by == "fifo":
@@ -374,6 +378,7 @@ def test_a_later_models_leftover_progress_refuses_the_run_before_any_model_is_fi
     assert exc.value.message == at_its_turn.value.message and exc.value.hint == at_its_turn.value.hint
     assert exc.value.message.startswith(repr(str(later if saved_by == "2 ranks" else snapshot)))
     assert not (cfg.factors_path / storage.FACTORS_FILE).exists() and (snapshot.is_file() or snapshot.is_fifo())
+    assert all(tmp.read_bytes() == b"half" for tmp in temps)
     snapshot.unlink()
     with pytest.raises(_Fitted):
         fit_factors(cfg)

@@ -515,37 +515,43 @@ def test_an_interrupted_overwrite_resumes(tmp_path, monkeypatch, reference):
     assert_bit_identical(factors_of(tmp_path), reference["ekfac"])
 
 
-def test_progress_of_another_number_of_ranks_is_refused_not_dropped(tmp_path):
-    from influence_cli.resume import check_rank_layout
+def _layout_started(folder: Path, pattern: str, world_size: int, **kw) -> None:
+    """`check_rank_layout` in one process as a command's start takes it: what it returns is removed once it passed
+    (`agreed_start`)."""
+    from influence_cli.resume import agreed_start, check_rank_layout
 
+    agreed_start(DistState(), lambda: (None, check_rank_layout(folder, pattern, world_size, **kw)))
+
+
+def test_progress_of_another_number_of_ranks_is_refused_not_dropped(tmp_path):
     pattern = storage.FACTORS_PARTIAL
     for r in (0, 1):
         (tmp_path / pattern.format(rank=f".rank{r}")).write_bytes(b"progress")
     for resume in (True, False):
         with pytest.raises(OutputError, match=r"progress saved by a run with 2 rank\(s\) .*; this run has 1") as info:
-            check_rank_layout(tmp_path, pattern, 1, resume=resume, overwrite=False)
+            _layout_started(tmp_path, pattern, 1, resume=resume, overwrite=False)
         assert "--nproc_per_node 2" in info.value.hint
-    check_rank_layout(tmp_path, pattern, 2, resume=True, overwrite=False)  # its own layout: PassCheckpoint's business
+    _layout_started(tmp_path, pattern, 2, resume=True, overwrite=False)  # its own layout: PassCheckpoint's business
     scores = storage.SCORES_PARTIAL
     (tmp_path / scores.format(rank=".self")).write_bytes(b"self-influence progress")
-    check_rank_layout(tmp_path, scores, 2, resume=True, overwrite=False)  # pairwise: the .self file is not its progress
+    _layout_started(tmp_path, scores, 2, resume=True, overwrite=False)  # pairwise: the .self file is not its progress
     with pytest.raises(OutputError, match="with 1 rank"):
-        check_rank_layout(tmp_path, scores, 2, resume=True, overwrite=False, kind=".self")
-    check_rank_layout(tmp_path, pattern, 1, resume=False, overwrite=True)
+        _layout_started(tmp_path, scores, 2, resume=True, overwrite=False, kind=".self")
+    _layout_started(tmp_path, pattern, 1, resume=False, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == [scores.format(rank=".self")]
     similarity = storage.SIMILARITY_PARTIAL  # and the files of the datasets a rank finished, beside its snapshot
     for name in [similarity.format(rank=f".rank{r}{f}") for r in (0, 1) for f in ("", ".finished0", ".finished1")]:
         (tmp_path / name).write_bytes(b"progress")
     two = r"2 rank\(s\) \(similarity.partial.rank0.safetensors, similarity.partial.rank1.safetensors, and 4 file\(s\) of the datasets it finished\)"
     with pytest.raises(OutputError, match=two + "; this run has 1"):
-        check_rank_layout(tmp_path, similarity, 1, resume=True, overwrite=False)
-    check_rank_layout(tmp_path, similarity, 2, resume=True, overwrite=False)
-    check_rank_layout(tmp_path, similarity, 1, resume=False, overwrite=True)
+        _layout_started(tmp_path, similarity, 1, resume=True, overwrite=False)
+    _layout_started(tmp_path, similarity, 2, resume=True, overwrite=False)
+    _layout_started(tmp_path, similarity, 1, resume=False, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == [scores.format(rank=".self")]
     (tmp_path / similarity.format(rank=".finished0")).write_bytes(b"of one process, whose snapshot is gone")
     with pytest.raises(OutputError, match=r"1 rank\(s\) \(similarity.partial.finished0.safetensors\); this run has 2"):
-        check_rank_layout(tmp_path, similarity, 2, resume=True, overwrite=False)
-    check_rank_layout(tmp_path, similarity, 2, resume=False, overwrite=True)
+        _layout_started(tmp_path, similarity, 2, resume=True, overwrite=False)
+    _layout_started(tmp_path, similarity, 2, resume=False, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == [scores.format(rank=".self")]
 
 
@@ -553,8 +559,6 @@ def test_temporary_files_of_another_number_of_ranks_are_removed_with_their_progr
     """A killed writer of another rank layout's progress (a snapshot, a finished dataset's file) leaves a temporary
     file that no name of this run covers: it goes when that progress does (--overwrite), or at once when there is
     none to refuse, so a run that finishes leaves none; a refusal leaves everything, and other passes' files stay."""
-    from influence_cli.resume import check_rank_layout
-
     similarity = storage.SIMILARITY_PARTIAL
     left = [f".{similarity.format(rank=f'.rank1{f}')}.k1ll3d.tmp" for f in ("", ".finished2")]
     mine = f".{similarity.format(rank='')}.l1ve01.tmp"  # this layout's own: PassCheckpoint's and DatasetsProgress's business
@@ -562,21 +566,21 @@ def test_temporary_files_of_another_number_of_ranks_are_removed_with_their_progr
     for name in [*left, *kept, similarity.format(rank=".rank1")]:
         (tmp_path / name).write_bytes(b"half")
     with pytest.raises(OutputError, match="progress saved by a run with"):
-        check_rank_layout(tmp_path, similarity, 1, resume=True, overwrite=False)
+        _layout_started(tmp_path, similarity, 1, resume=True, overwrite=False)
     assert {p.name for p in tmp_path.iterdir()} == {*left, *kept, similarity.format(rank=".rank1")}
-    check_rank_layout(tmp_path, similarity, 1, resume=False, overwrite=True)
+    _layout_started(tmp_path, similarity, 1, resume=False, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
     for name in left:  # a layout killed in its first write: no progress, only temporary files
         (tmp_path / name).write_bytes(b"half")
-    check_rank_layout(tmp_path, similarity, 1, resume=False, overwrite=False)
+    _layout_started(tmp_path, similarity, 1, resume=False, overwrite=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
-    check_rank_layout(tmp_path, storage.SCORES_PARTIAL, 1, resume=False, overwrite=False)  # pairwise scores: --self's are not its own
+    _layout_started(tmp_path, storage.SCORES_PARTIAL, 1, resume=False, overwrite=False)  # pairwise scores: --self's are not its own
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
     folder = tmp_path / left[0].replace("k1ll3d", "folder")  # a folder of such a name is no writer's: left alone
     folder.mkdir()
     (tmp_path / left[1]).symlink_to(folder)  # a link of that name is a writer's leftover: removed, not what it leads to
     for overwrite in (False, True):
-        check_rank_layout(tmp_path, similarity, 1, resume=False, overwrite=overwrite)
+        _layout_started(tmp_path, similarity, 1, resume=False, overwrite=overwrite)
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*kept, folder.name])
 
 
@@ -850,8 +854,8 @@ def test_datasets_progress_round_trips_and_ranks_resume_at_the_furthest_dataset(
     ahead = DatasetsProgress(PassCheckpoint(tmp_path / "p1.safetensors", {"a": 1}, 1))
     for r in results:
         ahead.finish(r, more=True)
-    behind = DatasetsProgress(behind.checkpoint, behind.checkpoint.check_start(True, False))
-    ahead = DatasetsProgress(ahead.checkpoint, ahead.checkpoint.check_start(True, False))
+    behind = DatasetsProgress(behind.checkpoint, behind.checkpoint.check_start(True, False)[0])
+    ahead = DatasetsProgress(ahead.checkpoint, ahead.checkpoint.check_start(True, False)[0])
     assert behind.batches_done == 3 and torch.equal(behind.state["sum.fc.0"], torch.ones(2, 3))
     assert [int(r["count"]) for r in ahead.finished] == [10, 11] and torch.equal(ahead.finished[1]["mean.fc.0"], results[1]["mean.fc.0"])
     assert behind.resumed_from(["a", "b", "c"]) == "dataset 'b', batch 3 (1 of 3 datasets done)"
@@ -862,7 +866,7 @@ def test_datasets_progress_round_trips_and_ranks_resume_at_the_furthest_dataset(
     assert DatasetsProgress(PassCheckpoint(tmp_path / "none.safetensors", {}, 1)).resumed_from(["a"]) is None
     assert not (tmp_path / "p0.finished1.safetensors").exists()
     behind.save(1, {"sum.fc.0": torch.zeros(2, 3)})  # the result it was sent goes to its own file, at its next save
-    again = DatasetsProgress(behind.checkpoint, behind.checkpoint.check_start(True, False))
+    again = DatasetsProgress(behind.checkpoint, behind.checkpoint.check_start(True, False)[0])
     assert [int(r["count"]) for r in again.finished] == [10, 11] and again.batches_done == 1
     assert_same_tensors(tmp_path / "p0.finished1.safetensors", tmp_path / "p1.finished1.safetensors")
 
@@ -897,7 +901,7 @@ def test_each_finished_dataset_is_written_once_and_the_snapshot_does_not_grow(tm
     assert finished == [f"similarity.partial.finished{i}.safetensors" for i in range(3)]  # once each
     again = (tmp_path / "similarity.partial.finished0.safetensors").stat()
     assert (again.st_ino, again.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)
-    resumed = DatasetsProgress(saved.checkpoint, saved.checkpoint.check_start(True, False))
+    resumed = DatasetsProgress(saved.checkpoint, saved.checkpoint.check_start(True, False)[0])
     assert len(resumed.finished) == 3 and resumed.written == 3 and resumed.batches_done == 2
     for got, expected in zip(resumed.finished, results, strict=True):
         assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
@@ -916,7 +920,7 @@ def test_a_missing_unreadable_or_foreign_finished_file_is_refused_by_name(tmp_pa
     kept = second.read_bytes()
 
     def resume() -> DatasetsProgress:
-        return DatasetsProgress(saved.checkpoint, saved.checkpoint.check_start(True, False))
+        return DatasetsProgress(saved.checkpoint, saved.checkpoint.check_start(True, False)[0])
 
     second.unlink()
     with pytest.raises(OutputError, match=r"finished1.safetensors' is missing: it held the result of dataset 'y', which spectrum.partial.safetensors counts as finished") as info:
@@ -943,13 +947,13 @@ def test_a_snapshot_that_holds_the_finished_results_still_resumes(tmp_path):
     results = _results(2, 4)
     old = {f"finished.{i}.{k}": v for i, r in enumerate(results) for k, v in r.items()} | {"state.sum.fc": torch.ones(4)}
     checkpoint.save("dataset:2", 3, old)
-    saved = DatasetsProgress(checkpoint, checkpoint.check_start(True, False))
+    saved = DatasetsProgress(checkpoint, checkpoint.check_start(True, False)[0])
     assert saved.batches_done == 3 and torch.equal(saved.state["sum.fc"], torch.ones(4)) and saved.written == 0
     assert [int(r["count"]) for r in saved.finished] == [10, 11] and torch.equal(saved.finished[1]["mean.fc"], results[1]["mean.fc"])
     saved.save(4, saved.state)
     tensors, meta = storage.load_tensors(checkpoint.path)
     assert list(tensors) == ["state.sum.fc"] and meta["phase"] == "dataset:2"
-    again = DatasetsProgress(checkpoint, checkpoint.check_start(True, False))
+    again = DatasetsProgress(checkpoint, checkpoint.check_start(True, False)[0])
     assert again.written == 2 and all(torch.equal(a["diagonal.fc"], b["diagonal.fc"]) for a, b in zip(again.finished, results, strict=True))
 
 
@@ -1514,6 +1518,30 @@ def test_a_lost_snapshot_does_not_let_another_number_of_ranks_resume(tmp_path):
         p.unlink()
     got = on_every_rank(2, lambda st: _start_rank(tmp_path / "to-two", st))
     assert all(isinstance(e, OutputError) and "other settings (number of ranks 3 -> 2)" in e.message for e in got), got
+
+
+def test_overwrite_that_one_rank_refuses_removes_no_ranks_progress(tmp_path):
+    """--overwrite refused by rank 1 alone (a folder at the path of its finished dataset's file, refused even so) stops
+    both ranks before either removes a file: rank 0's snapshot and finished file were removed in the start step while
+    rank 1 refused. Moved away, --overwrite removes every file of both ranks."""
+    files = _saved_by_ranks(tmp_path, [1, 1], _results(3, 4))
+    folder = tmp_path / storage.SIMILARITY_PARTIAL.format(rank=".rank1.finished0")
+    folder.unlink()
+    folder.mkdir()
+    left = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    output = tmp_path / storage.SIMILARITY_FILE
+
+    def start(st: DistState) -> DatasetsProgress:
+        return DatasetsProgress.start(output, storage.SIMILARITY_PARTIAL, st, {"a": 1}, ["x", "y", "z"], batch_size=8, every=1, resume=False, overwrite=True)
+
+    got = on_every_rank(2, start)
+    assert [type(e) for e in got] == [DistributedError, OutputError], got
+    assert got[1].message == f"{str(folder)!r} is a folder, not a file" and "rank 1 stopped" in got[0].message
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == left and folder.is_dir()
+    assert sorted(left) == sorted(p.name for p in files if p != folder)
+    folder.rmdir()
+    assert all(isinstance(saved, DatasetsProgress) for saved in on_every_rank(2, start))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_one_process_refuses_an_unreadable_snapshot_and_starts_over_without_one(tmp_path, caplog):
