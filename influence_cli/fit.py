@@ -599,7 +599,7 @@ def _fit_member(
         snapshot, stale = checkpoint.check_start(resume, overwrite)  # a rank's own progress file may refuse on that rank alone
         return snapshot, removed + stale
 
-    snapshot = agreed_start(ctx.state, start_checks)  # every rank stops together, none left waiting in a collective
+    snapshot = agreed_start(ctx.state, start_checks, cfg.factors_key)  # every rank stops together, none left waiting in a collective
     if ctx.state.is_main:
         if overwrite:  # an interrupted --overwrite run leaves its progress, which --resume continues, and not the old factors
             for old in (path, *(also_replaced or [])):

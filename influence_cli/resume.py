@@ -39,15 +39,26 @@ def run_keys(fields: dict[str, Any]) -> set[str]:
     return {run_key(fields), run_key({k: v for k, v in fields.items() if k not in LATER_FIELDS})}
 
 
-def agreed_start(state: DistState, checks: Callable[[], tuple[_T, list[Path]]]) -> _T:
+def agreed_start(state: DistState, checks: Callable[[], tuple[_T, list[Path]]], key: str = "output_dir") -> _T:
     """Runs a command's start checks on every rank at once (`distributed.agree`: a refusal every rank meets is said
     once), and removes what they found the start replaces (`checks` returns its value and those paths: old progress
     --overwrite lets go, temporary files killed writers left) only once every rank's checks passed, so that a refused
-    start removes nothing, on any rank. Returns the checks' value."""
+    start removes nothing, on any rank. A file that cannot be removed stops every rank too, named (`key`: the config
+    key of its folder). Returns the checks' value."""
     value, removed = agree(state, checks)
-    for path in removed:
-        path.unlink(missing_ok=True)
+    agree(state, lambda: _remove(removed, key))
     return value
+
+
+def _remove(paths: list[Path], key: str) -> None:
+    """Removes `paths` (one already gone is fine); one that cannot be removed is an output error naming it."""
+    for path in paths:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise OutputError(
+                f"{key}: cannot remove {str(path)!r} ({exc.strerror or exc})", hint=f"remove it yourself, or set {key} to another place"
+            ) from None
 
 
 def check_rank_layout(
@@ -450,7 +461,7 @@ class DatasetsProgress:
                 progress._read_unsaved()
             return progress, removed + stale + [tmp for tmp, _ in storage.temp_files(progress.finished_path("*"))]  # what killed writers left
 
-        saved = agreed_start(dist, start_checks)
+        saved = agreed_start(dist, start_checks, checkpoint.folder_key)
         saved.agree(dist)
         saved._remove_finished(saved.written)
         if dist.is_main:

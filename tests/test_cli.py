@@ -2029,6 +2029,25 @@ def test_overwrite_refused_at_the_start_removes_nothing(
     assert storage.file_format(tmp_path / output).startswith("influence_cli.")
 
 
+def test_progress_overwrite_cannot_remove_is_a_one_line_error(runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """fit-factors --overwrite whose old snapshot cannot be removed (no permission) is an output error naming it and
+    factors_dir, the key of its folder (it gave a traceback)."""
+    snapshot = tmp_path / storage.FACTORS_PARTIAL.format(rank="")
+    snapshot.write_bytes(b"progress")
+    unlink = Path.unlink
+
+    def denied(self: Path, missing_ok: bool = False) -> None:
+        if self == snapshot:
+            raise PermissionError(1, "Operation not permitted", str(self))
+        unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", denied)
+    result = invoke(runner, "fit-factors", DIGITS, "--set", f"factors_dir={tmp_path}", "--set", f"output_dir={tmp_path / 'out'}", "--overwrite")
+    assert_clean_error(result, EXIT["output"], f"factors_dir: cannot remove {str(snapshot)!r} (Operation not permitted)")
+    assert result.stderr.splitlines()[1] == "hint: remove it yourself, or set factors_dir to another place"
+    assert snapshot.read_bytes() == b"progress" and not (tmp_path / FACTORS).exists()
+
+
 def test_a_fifo_or_folder_among_the_factors_progress_names_factors_dir(runner: CliRunner, fitted: tuple[Path, Result], tmp_path: Path):
     """fit-factors into factors_dir names that key in the refusal of a FIFO at another rank's progress path, and of a
     folder at a progress path beside finished factors (both said "write to another place")."""

@@ -1544,6 +1544,35 @@ def test_overwrite_that_one_rank_refuses_removes_no_ranks_progress(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_file_the_start_cannot_remove_stops_every_rank_by_name(tmp_path, monkeypatch):
+    """A file the agreed start cannot remove (no permission) stops every rank with an output error naming it (it
+    raised PermissionError on that rank, while the others went on to wait in their next collective); a file already
+    gone is no error."""
+    from influence_cli.resume import agreed_start
+
+    files = [tmp_path / f"p{r}.safetensors" for r in range(2)]
+    for p in files:
+        p.write_bytes(b"progress")
+    unlink = Path.unlink
+
+    def denied(self: Path, missing_ok: bool = False) -> None:
+        if self == files[1]:
+            raise PermissionError(1, "Operation not permitted", str(self))
+        unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", denied)
+    got = on_every_rank(2, lambda st: agreed_start(st, lambda: (st.rank, [tmp_path / "gone.tmp", files[st.rank]])))
+    assert [type(e) for e in got] == [DistributedError, OutputError], got
+    assert got[1].message == f"output_dir: cannot remove {str(files[1])!r} (Operation not permitted)" and not got[1].same_on_every_rank
+    assert got[1].hint == "remove it yourself, or set output_dir to another place" and got[0].message == "rank 1 stopped: " + got[1].message
+    assert not files[0].exists() and files[1].exists()
+    got = on_every_rank(2, lambda st: agreed_start(st, lambda: (st.rank, [files[1]]), "factors_dir"))  # a file every rank removes
+    assert [type(e) for e in got] == [OutputError, OutputError] and all(e.same_on_every_rank for e in got), got
+    assert got[0].message.startswith("factors_dir: cannot remove ")
+    monkeypatch.undo()
+    assert on_every_rank(2, lambda st: agreed_start(st, lambda: (st.rank, files))) == [0, 1] and list(tmp_path.iterdir()) == []
+
+
 def test_one_process_refuses_an_unreadable_snapshot_and_starts_over_without_one(tmp_path, caplog):
     """Without torchrun no other rank's snapshot can stand in: an unreadable one is refused by name, every file left (not
     silently started over); a missing one under --resume is no saved progress: the run starts over, unsaid, and the
