@@ -384,6 +384,22 @@ def test_a_later_models_leftover_progress_refuses_the_run_before_any_model_is_fi
         fit_factors(cfg)
 
 
+def test_a_later_models_temporary_files_are_removed_at_its_turn(project):
+    """The temporary files killed writers left in a later model's folder (its snapshot's, another number of ranks'
+    snapshot's, its factors'), which the up-front checks leave, are removed at its turn: a finished run leaves only
+    the factors there."""
+    cfg = ensemble_cfg(project, "later_temporary_files")
+    for m in ensemble_members(cfg):
+        m.factors_path.unlink()
+    names = [storage.FACTORS_PARTIAL.format(rank=""), storage.FACTORS_PARTIAL.format(rank=".rank1"), storage.FACTORS_FILE]
+    for index in (1, 2):
+        for name in names:
+            (storage.member_dir(cfg.factors_path, index) / f".{name}.k1ll3d.tmp").write_bytes(b"half")
+    fit_factors(cfg)
+    for index in (1, 2):
+        assert [p.name for p in storage.member_dir(cfg.factors_path, index).iterdir()] == [storage.FACTORS_FILE]
+
+
 @pytest.mark.parametrize("flags", [{}, {"resume": True}, {"overwrite": True}], ids=["no-flag", "resume", "overwrite"])
 def test_a_file_in_the_way_of_a_later_models_folder_refuses_the_run_before_any_model_is_fitted(project, monkeypatch, flags):
     """A file where a later model's folder goes (<factors_dir>/members) is refused before model 0 is fitted, as that
