@@ -781,9 +781,10 @@ def test_a_failed_ensemble_overwrite_keeps_the_old_factors(project):
         "factors.safetensors", "members/1/factors.safetensors", "members/2/factors.safetensors"]
 
 
-def _rank_seeing_alone(rank: int, world: int, port: int, data: dict, folder: str, seen: str) -> None:
-    """One rank of fit-factors where only rank 0 sees the file at `seen` (a later model's place: a file that appeared
-    between the ranks' checks, or a folder not shared by every rank); each rank's error goes to <folder>/rank<r>.json."""
+def _rank_outcome(rank: int, world: int, port: int, data: dict, folder: str, seen: str | None, resume: bool) -> None:
+    """One rank of fit-factors (`resume`) on the ensemble of `data`, whose passes raise _Fitted; with `seen`, only rank 0
+    sees the file there (a later model's place: a file that appeared between the ranks' checks, or a folder not shared
+    by every rank). Each rank's outcome goes to <folder>/rank<r>.json."""
     import datetime
     import os
 
@@ -797,12 +798,12 @@ def _rank_seeing_alone(rank: int, world: int, port: int, data: dict, folder: str
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     check = storage.check_can_write
-    if rank == 1:  # this rank does not see the file
+    if seen is not None and rank == 1:  # this rank does not see the file
         storage.check_can_write = lambda path, *a, **k: None if str(path) == seen else check(path, *a, **k)  # type: ignore[assignment]
     fit_mod.compute_factors = lambda *a, **k: (_ for _ in ()).throw(_Fitted())  # no model is fitted
     outcome: dict = {}
     try:
-        fit_factors(config_from_dict(data, base_dir=folder), state=DistState(rank=rank, world_size=world))
+        fit_factors(config_from_dict(data, base_dir=folder), resume=resume, state=DistState(rank=rank, world_size=world))
     except InfluenceError as exc:
         outcome = {"type": type(exc).__name__, "message": exc.message, "everywhere": exc.same_on_every_rank}
     except _Fitted:
@@ -825,39 +826,11 @@ def test_a_file_in_a_later_models_place_that_only_rank_0_sees_stops_every_rank_b
     path = storage.member_dir(cfg.factors_path, 2) / storage.FACTORS_FILE
     path.parent.mkdir(parents=True)
     save_file({"weight": torch.zeros(2)}, str(path), metadata={"format": "pt"})
-    mp.spawn(_rank_seeing_alone, args=(2, _free_port(), data, str(tmp_path), str(path)), nprocs=2)
+    mp.spawn(_rank_outcome, args=(2, _free_port(), data, str(tmp_path), str(path), False), nprocs=2)
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert rank0["type"] == "OutputError" and rank0["message"].startswith(f"{str(path)!r} already exists and was not written by influence_cli")
     assert rank1 == {"type": "DistributedError", "message": f"rank 0 stopped: {rank0['message']}", "everywhere": False}
     assert not (cfg.factors_path / storage.FACTORS_FILE).exists()
-
-
-def _rank_resuming(rank: int, world: int, port: int, data: dict, folder: str) -> None:
-    """One rank of fit-factors --resume on the ensemble of `data`, whose passes raise _Fitted; each rank's outcome goes to
-    <folder>/rank<r>.json."""
-    import datetime
-    import os
-
-    import torch.distributed as dist
-
-    import influence_cli.fit as fit_mod
-    from influence_cli.distributed import DistState
-    from influence_cli.errors import InfluenceError
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-    fit_mod.compute_factors = lambda *a, **k: (_ for _ in ()).throw(_Fitted())  # no model is fitted
-    outcome: dict = {}
-    try:
-        fit_factors(config_from_dict(data, base_dir=folder), resume=True, state=DistState(rank=rank, world_size=world))
-    except InfluenceError as exc:
-        outcome = {"type": type(exc).__name__, "message": exc.message, "everywhere": exc.same_on_every_rank}
-    except _Fitted:
-        outcome = {"type": "fitted"}
-    finally:
-        Path(folder, f"rank{rank}.json").write_text(json.dumps(outcome))
-        dist.destroy_process_group()
 
 
 @pytest.mark.distributed
@@ -885,7 +858,7 @@ def test_two_ranks_refuse_a_later_models_files_of_other_settings_before_any_pass
         path = member.out_dir / storage.FACTORS_PARTIAL.format(rank=".rank1")
         PassCheckpoint(path, result | {"batch_size": kfac.data.batch_size, "world": 2}, 1).save("covariance", 1, {})
         expected = f"{str(path)!r} is progress of a run with other settings (factors.strategy kfac -> ekfac)"
-    mp.spawn(_rank_resuming, args=(2, _free_port(), data, str(tmp_path)), nprocs=2)
+    mp.spawn(_rank_outcome, args=(2, _free_port(), data, str(tmp_path), None, True), nprocs=2)
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert rank1 == {"type": "OutputError", "message": expected, "everywhere": held == "factors"}
     if held == "factors":
