@@ -210,9 +210,7 @@ def ensure_writable_dir(folder: Path, key: str = "output_dir") -> None:
         raise _blocked(folder, _nearest_existing(Path(exc.filename or folder)), key) from None
     except OSError as exc:
         raise OutputError(f"{key}: cannot create {str(folder)!r} ({exc.strerror})", hint=f"set {key} to a writable folder") from None
-    check_readable_dir(folder, key, listed=False)  # an output folder is checked `listed` by guards_output_dir
-    if not os.access(folder, os.W_OK):
-        raise OutputError(f"{key}: {str(folder)!r} is not writable", hint=f"set {key} to a writable folder")
+    check_creatable_dir(folder, key)  # entered and written (an output folder is checked `listed` by guards_output_dir)
 
 
 def check_creatable_dir(folder: Path, key: str = "output_dir", hint: str | None = None) -> None:
