@@ -642,10 +642,8 @@ def open_safetensors(path: Path) -> Any:
     not valid UTF-8 (which safetensors cannot open by name) is opened through its descriptor's UTF-8 name
     (/proc/self/fd/N, Linux), closed again once the map is made (the handle keeps its own); where there is no
     /proc/self/fd it fails as safetensors does (`unreadable` names why). Raises what safe_open raises."""
-    if utf8_text(str(path)):
-        return safe_open(str(path), framework="pt")
-    with _descriptor_path(path) as alias:
-        return safe_open(alias or str(path), framework="pt")
+    with _safetensors_name(path) as name:
+        return safe_open(name or str(path), framework="pt")
 
 
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -655,18 +653,20 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     /proc/self/fd the file is read into memory through Python, and briefly held twice."""
     from safetensors.torch import load, load_file
 
-    if utf8_text(str(path)):
-        return load_file(str(path), device="cpu")
-    with _descriptor_path(path) as alias:
-        if alias is not None:
-            return load_file(alias, device="cpu")
+    with _safetensors_name(path) as name:
+        if name is not None:
+            return load_file(name, device="cpu")
     return load(Path(path).read_bytes())
 
 
 @contextmanager
-def _descriptor_path(path: Path) -> Iterator[str | None]:
-    """A UTF-8 name of `path`, open for reading while the context lasts: /proc/self/fd/N of a descriptor opened here
-    (closed on leaving); None where /proc/self/fd is not there (not Linux). Opening fails as reading would (OSError)."""
+def _safetensors_name(path: Path) -> Iterator[str | None]:
+    """A name safetensors can open `path` by while the context lasts: the path itself where it is valid UTF-8, else
+    /proc/self/fd/N of a descriptor opened here (closed on leaving); None where /proc/self/fd is not there (not
+    Linux). Opening a path that is not UTF-8 fails as reading would (OSError)."""
+    if utf8_text(str(path)):
+        yield str(path)
+        return
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         yield f"/proc/self/fd/{fd}" if _descriptor_names() else None
