@@ -466,10 +466,7 @@ def fit_factors(
                 check_rank_layout(m.out_dir, storage.FACTORS_PARTIAL, dist.world_size, resume=False, overwrite=False, key=cfg.factors_key)
                 PassCheckpoint(_progress_path(m.out_dir, dist), {}, 0, folder_key=cfg.factors_key).check_start(False, False)
 
-    if state is None:
-        up_front()
-    else:  # a file that only some ranks see stops every rank here, none left waiting in a collective
-        agree(state, up_front)
+    agree(dist, up_front)  # a file that only some ranks see stops every rank here, none left waiting in a collective
     described: list[_Described] = []
     if others:  # each checkpoint fits the model, and holds weights of its own, before model 0's passes run
         described = [_describe(cfg, m) for m in members]
