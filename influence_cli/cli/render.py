@@ -743,20 +743,17 @@ def label_text(label: Any, class_names: list[str] | None = None, token_ids: bool
     return str(label)
 
 
-def example_columns(view: ExampleView | None, label_justify: str = "left") -> list[tuple[str, str]]:
+def example_columns(view: ExampleView, label_justify: str = "left") -> list[tuple[str, str]]:
     """The columns `example_cells` fills for a ranked example: its input ids where its inputs are
     token ids (`ExampleView.token_inputs`), and its label but for a language model's (the same ids
-    shifted by one); the label alone without a view."""
-    ids = view is not None and view.token_inputs
-    return [("input", "left")] * ids + [("label", label_justify)] * (view is None or not view.token_data)
+    shifted by one)."""
+    return [("input", "left")] * view.token_inputs + [("label", label_justify)] * (not view.token_data)
 
 
-def example_cells(view: ExampleView | None, position: int | None, label: Any) -> list[str]:
+def example_cells(view: ExampleView, position: int, label: Any) -> list[str]:
     """A ranked example's cells (`example_columns`): its input ids without padding, its label (by
-    class name where known); `position` in the view's dataset (unused without a view)."""
-    if view is None:
-        return [label_text(label, None, False)]
-    ids = [label_text(view.input_ids(position), None, True)] if view.token_inputs else []  # type: ignore[arg-type]
+    class name where known); `position` in the view's dataset."""
+    ids = [label_text(view.input_ids(position), None, True)] if view.token_inputs else []
     return ids + ([] if view.token_data else [label_text(label, view.class_names, False)])
 
 

@@ -127,7 +127,7 @@ def spectrum_cmd(
         data = report.to_dict(top, rank_by)
         for name, rows in data.get("top_examples", {}).items():
             for row in rows:
-                row |= {"label": label_json(row["label"], tokens)} | _shown_extras(views.get(name), row["global_index"])
+                row |= {"label": label_json(row["label"], tokens)} | _shown_extras(views[name], row["global_index"])
         if plot is not None:
             data["plot"] = str(Path(plot).resolve())
         print_json(data)
@@ -168,8 +168,8 @@ def spectrum_cmd(
                 continue
             ds = next(d for d in report.datasets if d.name == ds_name)
             noisy = bool(ds.noisy.any())
-            view = views.get(ds_name)
-            files = view is not None and view.has_files
+            view = views[ds_name]
+            files = view.has_files
             table = titled_table(
                 f"most memorization-like examples of {ds_name} (largest {names[0]} {rank_by})",
                 [("rank", "right"), ("global index", "right")] + ([("file", "left")] if files else [])
@@ -202,14 +202,14 @@ def _views(cfg, loaded: dict) -> dict:
     return spec_views(cfg, dataset_specs(cfg), loaded)
 
 
-def _position(view, global_index: int) -> int | None:
-    """A ranked example's position in its view's dataset, by its global index (None without a view)."""
-    return None if view is None else int(view.dataset.position_of([global_index])[0])
+def _position(view, global_index: int) -> int:
+    """A ranked example's position in its view's dataset, by its global index."""
+    return int(view.dataset.position_of([global_index])[0])
 
 
 def _shown_extras(view, global_index: int) -> dict:
     """`input` (token ids) and `file` (image folders) of a ranked example, by its global index."""
-    return {} if view is None else view.extras(_position(view, global_index))
+    return view.extras(_position(view, global_index))
 
 
 @command("edit", epilog=EDIT_EPILOG)
