@@ -1539,7 +1539,7 @@ def test_tables_fold_their_text_to_keep_to_the_terminal(fitted: tuple[Path, Resu
 
 def test_edits_shapes_never_fold(fitted: tuple[Path, Result], tmp_path: Path):
     """edit's [W | b] column keeps a shape on one line in a narrow terminal ("6" / "4" / "×" / "6" / "5" read as
-    numbers of their own); the table is drawn wider where its numbers and shapes do not fit."""
+    numbers of their own); the table is drawn as records where its numbers and shapes do not fit a grid."""
     out, _ = fitted
     sets = ["--set", f"output_dir={tmp_path}", "--set", f"factors_dir={out}"]
     runner = CliRunner(env={"COLUMNS": "50", "INFLUENCE_DEBUG": None, "RANK": None})
