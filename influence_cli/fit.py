@@ -46,6 +46,7 @@ from influence_cli.resume import (
     clear_progress_of_finished,
     progress_files,
     refuse_other_finished_result,
+    remove_agreed,
     run_key,
     run_keys,
 )
@@ -597,10 +598,9 @@ def _fit_member(
         return snapshot, removed + stale
 
     snapshot = agreed_start(ctx.state, start_checks, cfg.factors_key)  # every rank stops together, none left waiting in a collective
+    # an interrupted --overwrite run leaves its progress, which --resume continues, and not the old factors
+    remove_agreed(ctx.state, [path, *(also_replaced or [])] if overwrite and ctx.state.is_main else [], cfg.factors_key)
     if ctx.state.is_main:
-        if overwrite:  # an interrupted --overwrite run leaves its progress, which --resume continues, and not the old factors
-            for old in (path, *(also_replaced or [])):
-                old.unlink(missing_ok=True)
         storage.remove_stale_temp_files(path)
     snapshot = _agree_on_progress(ctx.state, snapshot)
     resumed_from = None if snapshot is None else f"{snapshot.phase} pass, batch {snapshot.batches_done}"

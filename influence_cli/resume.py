@@ -46,8 +46,14 @@ def agreed_start(state: DistState, checks: Callable[[], tuple[_T, list[Path]]], 
     start removes nothing, on any rank. A file that cannot be removed stops every rank too, named (`key`: the config
     key of its folder). Returns the checks' value."""
     value, removed = agree(state, checks)
-    agree(state, lambda: _remove(removed, key))
+    remove_agreed(state, removed, key)
     return value
+
+
+def remove_agreed(state: DistState, paths: list[Path], key: str = "output_dir") -> None:
+    """Removes this rank's `paths` (one already gone is fine) in one step every rank takes (`distributed.agree`): a
+    file that cannot be removed stops every rank, named (`key`: the config key of its folder)."""
+    agree(state, lambda: _remove(paths, key))
 
 
 def _remove(paths: list[Path], key: str) -> None:
@@ -464,9 +470,8 @@ class DatasetsProgress:
         saved = agreed_start(dist, start_checks, checkpoint.folder_key)
         saved.agree(dist)
         saved._remove_finished(saved.written)
+        remove_agreed(dist, [output] if overwrite and dist.is_main else [], checkpoint.folder_key)
         if dist.is_main:
-            if overwrite:
-                output.unlink(missing_ok=True)
             storage.remove_stale_temp_files(output)  # what a killed writer left
         return saved
 

@@ -64,6 +64,7 @@ from influence_cli.resume import (
     clear_progress_of_finished,
     progress_files,
     refuse_other_finished_result,
+    remove_agreed,
     run_key,
     run_keys,
 )
@@ -827,14 +828,9 @@ def _start_pairwise(st: DistState, checkpoint: PassCheckpoint, single: Path, ind
         return snap, removed + stale
 
     snapshot = agreed_start(st, start_checks)
-    st.barrier()
+    old = ([single, index] if overwrite else []) + ([] if resume else sorted(out_dir.glob(storage.SCORES_SHARD_GLOB)))
+    remove_agreed(st, old if st.is_main else [])
     if st.is_main:
-        if overwrite:
-            single.unlink(missing_ok=True)
-            index.unlink(missing_ok=True)
-        if not resume:
-            for stale in out_dir.glob(storage.SCORES_SHARD_GLOB):
-                stale.unlink(missing_ok=True)
         for name in (storage.SCORES_FILE, storage.SCORES_INDEX, storage.SCORES_SHARD_GLOB):  # not "scores*": a --self run's progress shares the prefix
             storage.remove_stale_temp_files(out_dir / name)
     st.barrier()
@@ -1038,9 +1034,8 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
         return snap, removed + stale
 
     snapshot = agreed_start(st, start_checks)
+    remove_agreed(st, [path] if overwrite and st.is_main else [])  # an interrupted --overwrite run must not leave the old values looking current
     if st.is_main:
-        if overwrite:  # an interrupted --overwrite run must not leave the old values looking current
-            path.unlink(missing_ok=True)
         storage.remove_stale_temp_files(path)
     start, stop = st.shard(n_t)
     shard = ShardSpec(st.rank, st.rank, start, stop, 0, -(-(stop - start) // scorer.bs))

@@ -2048,6 +2048,40 @@ def test_progress_overwrite_cannot_remove_is_a_one_line_error(runner: CliRunner,
     assert snapshot.read_bytes() == b"progress" and not (tmp_path / FACTORS).exists()
 
 
+@pytest.mark.parametrize(
+    ("command", "name"),
+    [
+        (("fit-factors",), storage.FACTORS_FILE),
+        (("compute-scores",), storage.SCORES_FILE),
+        (("compute-scores", "--self"), storage.SELF_INFLUENCE_FILE),
+        (("dataset-similarity",), storage.SIMILARITY_FILE),
+    ],
+    ids=["fit-factors", "compute-scores", "self", "dataset-similarity"],
+)
+def test_overwrite_that_cannot_remove_the_old_output_is_a_one_line_error(
+    runner: CliRunner, fitted: tuple[Path, Result], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: tuple[str, ...], name: str
+):
+    """--overwrite whose finished output cannot be removed (no permission) is an output error naming it, before any
+    pass (it gave a traceback), and the output is kept."""
+    out, _ = fitted
+    factors = ("--set", f"factors_dir={out}") if command[0] != "fit-factors" else ()
+    args = (*command, DIGITS, "--set", f"output_dir={tmp_path}", *factors)
+    assert invoke(runner, *args).exit_code == 0
+    old = tmp_path / name
+    before = old.read_bytes()
+    unlink = Path.unlink
+
+    def denied(self: Path, missing_ok: bool = False) -> None:
+        if self == old:
+            raise PermissionError(1, "Operation not permitted", str(self))
+        unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", denied)
+    result = invoke(runner, *args, "--overwrite")
+    assert_clean_error(result, EXIT["output"], f"output_dir: cannot remove {str(old)!r} (Operation not permitted)")
+    assert old.read_bytes() == before
+
+
 def test_a_fifo_or_folder_among_the_factors_progress_names_factors_dir(runner: CliRunner, fitted: tuple[Path, Result], tmp_path: Path):
     """fit-factors into factors_dir names that key in the refusal of a FIFO at another rank's progress path, and of a
     folder at a progress path beside finished factors (both said "write to another place")."""
