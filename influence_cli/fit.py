@@ -599,9 +599,8 @@ def _fit_member(
 
     snapshot = agreed_start(ctx.state, start_checks, cfg.factors_key)  # every rank stops together, none left waiting in a collective
     # an interrupted --overwrite run leaves its progress, which --resume continues, and not the old factors
-    remove_agreed(ctx.state, [path, *(also_replaced or [])] if overwrite and ctx.state.is_main else [], cfg.factors_key)
-    if ctx.state.is_main:
-        storage.remove_stale_temp_files(path)
+    old = [path, *(also_replaced or [])] if overwrite else []
+    remove_agreed(ctx.state, old + [tmp for tmp, _ in storage.temp_files(path)] if ctx.state.is_main else [], cfg.factors_key)
     snapshot = _agree_on_progress(ctx.state, snapshot)
     resumed_from = None if snapshot is None else f"{snapshot.phase} pass, batch {snapshot.batches_done}"
     seconds: dict[str, float] = {}

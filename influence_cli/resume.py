@@ -469,10 +469,8 @@ class DatasetsProgress:
 
         saved = agreed_start(dist, start_checks, checkpoint.folder_key)
         saved.agree(dist)
-        saved._remove_finished(saved.written)
-        remove_agreed(dist, [output] if overwrite and dist.is_main else [], checkpoint.folder_key)
-        if dist.is_main:
-            storage.remove_stale_temp_files(output)  # what a killed writer left
+        replaced = ([output] if overwrite else []) + [tmp for tmp, _ in storage.temp_files(output)]  # and what a killed writer left
+        remove_agreed(dist, saved._finished_from(saved.written) + (replaced if dist.is_main else []), checkpoint.folder_key)
         return saved
 
     def finished_path(self, index: int | str) -> Path:
@@ -578,11 +576,14 @@ class DatasetsProgress:
         earlier version that holds it."""
         return self.finished_path(index) if index < self.written else self.checkpoint.path
 
+    def _finished_from(self, start: int = 0) -> list[Path]:
+        """This rank's files of finished datasets from index `start` on."""
+        return [p for index, p in _finished_files(self.checkpoint.path).items() if index >= start]
+
     def _remove_finished(self, start: int = 0) -> None:
         """Removes this rank's files of finished datasets from index `start` on."""
-        for index, p in _finished_files(self.checkpoint.path).items():
-            if index >= start:
-                p.unlink(missing_ok=True)
+        for p in self._finished_from(start):
+            p.unlink(missing_ok=True)
 
     def clear(self) -> None:
         """Removes this rank's progress: the snapshot, then the finished datasets' files (a kill in between

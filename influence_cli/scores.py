@@ -828,12 +828,12 @@ def _start_pairwise(st: DistState, checkpoint: PassCheckpoint, single: Path, ind
         return snap, removed + stale
 
     snapshot = agreed_start(st, start_checks)
-    old = ([single, index] if overwrite else []) + ([] if resume else sorted(out_dir.glob(storage.SCORES_SHARD_GLOB)))
-    remove_agreed(st, old if st.is_main else [])
+    old: list[Path] = []  # what rank 0 removes
     if st.is_main:
+        old = ([single, index] if overwrite else []) + ([] if resume else sorted(out_dir.glob(storage.SCORES_SHARD_GLOB)))
         for name in (storage.SCORES_FILE, storage.SCORES_INDEX, storage.SCORES_SHARD_GLOB):  # not "scores*": a --self run's progress shares the prefix
-            storage.remove_stale_temp_files(out_dir / name)
-    st.barrier()
+            old += [tmp for tmp, _ in storage.temp_files(out_dir / name)]
+    remove_agreed(st, old)  # every rank passes it once rank 0 removed them: no shard is written before
     return snapshot
 
 
@@ -1034,9 +1034,8 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
         return snap, removed + stale
 
     snapshot = agreed_start(st, start_checks)
-    remove_agreed(st, [path] if overwrite and st.is_main else [])  # an interrupted --overwrite run must not leave the old values looking current
-    if st.is_main:
-        storage.remove_stale_temp_files(path)
+    old = [path] if overwrite else []  # an interrupted --overwrite run must not leave the old values looking current
+    remove_agreed(st, old + [tmp for tmp, _ in storage.temp_files(path)] if st.is_main else [])
     start, stop = st.shard(n_t)
     shard = ShardSpec(st.rank, st.rank, start, stop, 0, -(-(stop - start) // scorer.bs))
     values = torch.zeros(n_t, dtype=scorer.dtype, device=ctx.device)

@@ -2082,6 +2082,36 @@ def test_overwrite_that_cannot_remove_the_old_output_is_a_one_line_error(
     assert old.read_bytes() == before
 
 
+@pytest.mark.parametrize(
+    ("command", "left"),
+    [
+        (("dataset-similarity", "--resume"), "similarity.partial.finished1.safetensors"),  # a finished dataset's file no snapshot counts
+        (("dataset-similarity", "--overwrite"), f".{storage.SIMILARITY_FILE}.killed.tmp"),  # what a killed writer of the output left
+        (("compute-scores", "--self", "--overwrite"), f".{storage.SELF_INFLUENCE_FILE}.killed.tmp"),
+    ],
+    ids=["finished-dataset", "similarity-temp", "self-temp"],
+)
+def test_a_start_that_cannot_remove_what_it_replaces_is_a_one_line_error(
+    runner: CliRunner, fitted: tuple[Path, Result], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: tuple[str, ...], left: str
+):
+    """A file the start removes (a finished dataset's file no snapshot counts, a killed writer's temporary file of
+    the output) that cannot be removed (no permission) is an output error naming it, and it is kept."""
+    out, _ = fitted
+    stray = tmp_path / left
+    stray.write_bytes(b"left")
+    unlink = Path.unlink
+
+    def denied(self: Path, missing_ok: bool = False) -> None:
+        if self == stray:
+            raise PermissionError(1, "Operation not permitted", str(self))
+        unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", denied)
+    result = invoke(runner, *command, DIGITS, "--set", f"output_dir={tmp_path}", "--set", f"factors_dir={out}")
+    assert_clean_error(result, EXIT["output"], f"output_dir: cannot remove {str(stray)!r} (Operation not permitted)")
+    assert stray.read_bytes() == b"left"
+
+
 def test_a_fifo_or_folder_among_the_factors_progress_names_factors_dir(runner: CliRunner, fitted: tuple[Path, Result], tmp_path: Path):
     """fit-factors into factors_dir names that key in the refusal of a FIFO at another rank's progress path, and of a
     folder at a progress path beside finished factors (both said "write to another place")."""
