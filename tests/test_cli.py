@@ -2029,19 +2029,24 @@ def test_overwrite_refused_at_the_start_removes_nothing(
     assert storage.file_format(tmp_path / output).startswith("influence_cli.")
 
 
+def deny_removing(monkeypatch: pytest.MonkeyPatch, denied: Path) -> None:
+    """Path.unlink of `denied` fails as without permission (as root, chmod cannot deny it); other paths are removed."""
+    unlink = Path.unlink
+
+    def guarded(self: Path, missing_ok: bool = False) -> None:
+        if self == denied:
+            raise PermissionError(1, "Operation not permitted", str(self))
+        unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", guarded)
+
+
 def test_progress_overwrite_cannot_remove_is_a_one_line_error(runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """fit-factors --overwrite whose old snapshot cannot be removed (no permission) is an output error naming it and
     factors_dir, the key of its folder (it gave a traceback)."""
     snapshot = tmp_path / storage.FACTORS_PARTIAL.format(rank="")
     snapshot.write_bytes(b"progress")
-    unlink = Path.unlink
-
-    def denied(self: Path, missing_ok: bool = False) -> None:
-        if self == snapshot:
-            raise PermissionError(1, "Operation not permitted", str(self))
-        unlink(self, missing_ok=missing_ok)
-
-    monkeypatch.setattr(Path, "unlink", denied)
+    deny_removing(monkeypatch, snapshot)
     result = invoke(runner, "fit-factors", DIGITS, "--set", f"factors_dir={tmp_path}", "--set", f"output_dir={tmp_path / 'out'}", "--overwrite")
     assert_clean_error(result, EXIT["output"], f"factors_dir: cannot remove {str(snapshot)!r} (Operation not permitted)")
     assert result.stderr.splitlines()[1] == "hint: remove it yourself, or set factors_dir to another place"
@@ -2069,14 +2074,7 @@ def test_overwrite_that_cannot_remove_the_old_output_is_a_one_line_error(
     assert invoke(runner, *args).exit_code == 0
     old = tmp_path / name
     before = old.read_bytes()
-    unlink = Path.unlink
-
-    def denied(self: Path, missing_ok: bool = False) -> None:
-        if self == old:
-            raise PermissionError(1, "Operation not permitted", str(self))
-        unlink(self, missing_ok=missing_ok)
-
-    monkeypatch.setattr(Path, "unlink", denied)
+    deny_removing(monkeypatch, old)
     result = invoke(runner, *args, "--overwrite")
     assert_clean_error(result, EXIT["output"], f"output_dir: cannot remove {str(old)!r} (Operation not permitted)")
     assert old.read_bytes() == before
@@ -2099,14 +2097,7 @@ def test_a_start_that_cannot_remove_what_it_replaces_is_a_one_line_error(
     out, _ = fitted
     stray = tmp_path / left
     stray.write_bytes(b"left")
-    unlink = Path.unlink
-
-    def denied(self: Path, missing_ok: bool = False) -> None:
-        if self == stray:
-            raise PermissionError(1, "Operation not permitted", str(self))
-        unlink(self, missing_ok=missing_ok)
-
-    monkeypatch.setattr(Path, "unlink", denied)
+    deny_removing(monkeypatch, stray)
     result = invoke(runner, *command, DIGITS, "--set", f"output_dir={tmp_path}", "--set", f"factors_dir={out}")
     assert_clean_error(result, EXIT["output"], f"output_dir: cannot remove {str(stray)!r} (Operation not permitted)")
     assert stray.read_bytes() == b"left"
