@@ -178,9 +178,11 @@ def make_irregular(path: Path, kind: str) -> None:
 
 
 def never_open_fifos(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fails the test where a command opens a FIFO to read it (it would block for good)."""
-    opened = storage._opened
-    monkeypatch.setattr(storage, "_opened", lambda p, *a, **kw: pytest.fail(f"{p} was opened") if Path(p).is_fifo() else opened(p, *a, **kw))
+    """Fails the test where a command opens a FIFO to read it (it would block for good): as a safetensors file
+    (`storage.open_safetensors`, which every read of an output goes through) or as text (a JSON index)."""
+    opened, read_text = storage.open_safetensors, Path.read_text
+    monkeypatch.setattr(storage, "open_safetensors", lambda p, *a, **kw: pytest.fail(f"{p} was opened") if Path(p).is_fifo() else opened(p, *a, **kw))
+    monkeypatch.setattr(Path, "read_text", lambda p, *a, **kw: pytest.fail(f"{p} was opened") if p.is_fifo() else read_text(p, *a, **kw))
 
 
 def assert_refused_as_irregular(result: Result, path: Path, kind: str) -> None:

@@ -21,7 +21,7 @@ import pytest
 import torch
 from rich.cells import cell_len
 from safetensors.torch import save_file
-from stopping import assert_same_tensors
+from stopping import assert_same_tensors, never_open_fifos
 from typer.testing import CliRunner, Result
 
 from influence_cli import __version__, storage
@@ -222,9 +222,7 @@ def test_what_is_no_regular_file_at_an_output_is_refused_as_that(runner: CliRunn
     args = (command[0], DIGITS, *command[1:], *shared, "--set", f"output_dir={tmp_path}")
     fifo = tmp_path / name
     os.mkfifo(fifo)
-    read, read_text = storage.read_metadata, Path.read_text
-    monkeypatch.setattr(storage, "read_metadata", lambda path, *a, **kw: pytest.fail("a FIFO was opened") if Path(path) == fifo else read(path, *a, **kw))
-    monkeypatch.setattr(Path, "read_text", lambda path, *a, **kw: pytest.fail("a FIFO was opened") if path == fifo else read_text(path, *a, **kw))
+    never_open_fifos(monkeypatch)
     for resume in ((), ("--resume",)):
         result = invoke(runner, *args, *resume)
         line = assert_clean_error(result, EXIT["output"], f"{str(fifo)!r} already exists and is not a regular file (a FIFO, socket or device)")
@@ -250,8 +248,7 @@ def test_edit_never_opens_a_fifo_at_out(runner: CliRunner, fitted: tuple[Path, R
     out, _ = fitted
     fifo = tmp_path / "edited.safetensors"
     os.mkfifo(fifo)
-    read = storage.read_metadata
-    monkeypatch.setattr(storage, "read_metadata", lambda path, *a, **kw: pytest.fail("a FIFO was opened") if Path(path) == fifo else read(path, *a, **kw))
+    never_open_fifos(monkeypatch)
     args = ("edit", DIGITS, "--set", f"output_dir={out}", "--out", fifo, "--keep-share", "0.5")
     result = invoke(runner, *args)
     line = assert_clean_error(result, EXIT["output"], f"{str(fifo)!r} already exists and is not a regular file (a FIFO, socket or device)")
@@ -1971,8 +1968,7 @@ def test_a_fifo_or_folder_at_a_progress_path_is_refused_as_that(
     out, _ = fitted
     path = tmp_path / name
     os.mkfifo(path)
-    opened = storage._opened
-    monkeypatch.setattr(storage, "_opened", lambda p, *a, **kw: pytest.fail("a FIFO was opened") if Path(p) == path else opened(p, *a, **kw))
+    never_open_fifos(monkeypatch)
     args = (*command.split(), DIGITS, "--set", f"factors_dir={out}", "--set", f"output_dir={tmp_path}")
     if command == "fit-factors":
         args = (command, DIGITS, "--set", f"output_dir={tmp_path}")
