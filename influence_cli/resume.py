@@ -576,20 +576,16 @@ class DatasetsProgress:
         earlier version that holds it."""
         return self.finished_path(index) if index < self.written else self.checkpoint.path
 
-    def _finished_from(self, start: int = 0) -> list[Path]:
+    def _finished_from(self, start: int) -> list[Path]:
         """This rank's files of finished datasets from index `start` on."""
         return [p for index, p in _finished_files(self.checkpoint.path).items() if index >= start]
-
-    def _remove_finished(self, start: int = 0) -> None:
-        """Removes this rank's files of finished datasets from index `start` on."""
-        for p in self._finished_from(start):
-            p.unlink(missing_ok=True)
 
     def clear(self) -> None:
         """Removes this rank's progress: the snapshot, then the finished datasets' files (a kill in between
         leaves files that no snapshot counts, which the next start removes)."""
         self.checkpoint.clear()
-        self._remove_finished()
+        for p in self._finished_from(0):
+            p.unlink(missing_ok=True)
 
     def due(self, batches_done: int) -> bool:
         return self.checkpoint.due(batches_done)
