@@ -158,8 +158,7 @@ def clear_progress_of_finished(
         found = progress_files(folder, pattern, kind)
         for p in found:  # all checked before any is removed
             storage.refuse_irregular(p, True, key)  # a folder is never removed
-        for p in found:
-            p.unlink(missing_ok=True)
+        _remove(found, key)
         for output in outputs:
             storage.remove_stale_temp_files(output)
 

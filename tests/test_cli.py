@@ -2099,6 +2099,21 @@ def test_a_start_that_cannot_remove_what_it_replaces_is_a_one_line_error(
     assert stray.read_bytes() == b"left"
 
 
+def test_progress_beside_finished_factors_that_cannot_be_removed_is_a_one_line_error(
+    runner: CliRunner, fitted: tuple[Path, Result], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """fit-factors --resume over finished factors removes the progress a kill right after the final rename left
+    beside them; one that cannot be removed (no permission) is an output error naming it (it gave a traceback)."""
+    out, _ = fitted
+    shutil.copy(out / FACTORS, tmp_path / FACTORS)
+    snapshot = tmp_path / storage.FACTORS_PARTIAL.format(rank="")
+    snapshot.write_bytes(b"progress")
+    deny_removing(monkeypatch, snapshot)
+    result = invoke(runner, "fit-factors", DIGITS, "--set", f"output_dir={tmp_path}", "--resume")
+    assert_clean_error(result, EXIT["output"], f"output_dir: cannot remove {str(snapshot)!r} (Operation not permitted)")
+    assert snapshot.read_bytes() == b"progress"
+
+
 def test_a_fifo_or_folder_among_the_factors_progress_names_factors_dir(runner: CliRunner, fitted: tuple[Path, Result], tmp_path: Path):
     """fit-factors into factors_dir names that key in the refusal of a FIFO at another rank's progress path, and of a
     folder at a progress path beside finished factors (both said "write to another place")."""
