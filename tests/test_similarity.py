@@ -550,10 +550,15 @@ def test_shipped_similarity_configs_load():
 
 
 def test_normalized_matrices_stay_in_their_range_despite_rounding():
-    """A Gram matrix divided by its diagonal's square roots gave 1.0000000000000002 here (math.acos failed on the JSON)."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(4, 50, generator=g, dtype=torch.float64) * 10 ** torch.randn(4, 1, generator=g, dtype=torch.float64)
-    k = x @ x.T
+    """A Gram matrix divided by its diagonal's square roots gave 1.0000000000000002 here (math.acos failed on the JSON).
+
+    The Gram matrix is summed in Python, in a fixed order: a BLAS product rounds differently on
+    other processors, where this one may not show the rounding."""
+    import random
+
+    r = random.Random(0)
+    x = [[r.random() * 10.0 ** r.randint(-3, 3) for _ in range(50)] for _ in range(4)]
+    k = torch.tensor([[sum(a * b for a, b in zip(u, v, strict=True)) for v in x] for u in x], dtype=torch.float64)
     d = k.diagonal().sqrt()
     assert (k / torch.outer(d, d)).max() > 1  # the rounding this guards against
     out = normalize_kernel(torch.cat([torch.cat([k, torch.zeros(4, 1, dtype=k.dtype)], 1), torch.zeros(1, 5, dtype=k.dtype)]))
