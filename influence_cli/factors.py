@@ -267,13 +267,26 @@ def add_product_(acc: torch.Tensor, x: torch.Tensor, y: torch.Tensor, matmul_dty
         acc.add_(low_precision_mm(x, y, matmul_dtype, acc.dtype), alpha=alpha)
 
 
-def gram_blocks(width: int) -> list[tuple[int, int]]:
+LAUNCH_BOUND_MACS = 1 << 30  # off the CPU, products of fewer multiply-adds are bound by kernel launches (~42 µs at an H200's fp32 rate)
+
+
+def launch_bound(device: torch.device, rows: int, width: int) -> bool:
+    """Whether a product of `rows` × `width`² multiply-adds on `device` costs less as one GEMM than
+    as the several smaller kernels that would skip some of its flops (`add_gram_`'s blocks,
+    `Rotation`'s gathers): off the CPU below `LAUNCH_BOUND_MACS`, where a pass waits on the host's
+    kernel launches (the MNIST MLP on an H200: 8% of a fit's time busy on the GPU)."""
+    return device.type != "cpu" and rows * width * width < LAUNCH_BOUND_MACS
+
+
+def gram_blocks(width: int, whole: bool = False) -> list[tuple[int, int]]:
     """Column ranges for accumulating a symmetric xᵀx of `width` columns block by block.
 
     Only the blocks on and above the diagonal are computed, k(k+1)/2 of k² (a BLAS syrk by
-    hand: 2/3 of the flops with 3 blocks); below a width of 512 one GEMM is faster.
+    hand: 2/3 of the flops with 3 blocks); below a width of 512 one GEMM is faster, and so it is
+    for a `launch_bound` product (`whole`). Either way the blocks above the diagonal of the
+    split by width (the finest) are complete sums, which `mirror_` relies on.
     """
-    k = 1 if width < 512 else min(4, width // 256)
+    k = 1 if whole or width < 512 else min(4, width // 256)
     edges = [round(i * width / k) for i in range(k + 1)]
     return [(edges[i], edges[i + 1]) for i in range(k)]
 
@@ -283,7 +296,7 @@ def add_gram_(acc: torch.Tensor, x: torch.Tensor, matmul_dtype: torch.dtype | No
 
     The blocks below the diagonal are left as they are; `symmetric` fills them.
     """
-    blocks = gram_blocks(x.shape[1])
+    blocks = gram_blocks(x.shape[1], whole=launch_bound(x.device, *x.shape))
     for i, (r0, r1) in enumerate(blocks):
         xi = x[:, r0:r1]
         for c0, c1 in blocks[i:]:
@@ -296,7 +309,11 @@ def symmetric(acc: torch.Tensor) -> torch.Tensor:
 
 
 def mirror_(acc: torch.Tensor) -> torch.Tensor:
-    """Fills the blocks below the diagonal of an `add_gram_` accumulator [w, w] from those above, in place; returns it."""
+    """Fills the blocks below the diagonal of an `add_gram_` accumulator [w, w] from those above, in place; returns it.
+
+    The split by width alone: its upper blocks are complete sums also where batches were summed
+    as one GEMM (`launch_bound`: a GPU, or a pass resumed on one, or a smaller last batch).
+    """
     blocks = gram_blocks(acc.shape[0])
     for i, (r0, r1) in enumerate(blocks):
         for c0, c1 in blocks[i + 1 :]:
@@ -696,7 +713,8 @@ class Rotation:
     A ResNet's last stage at 32 × 32 inputs has 90% such rows (the zero padding of a 1 × 1 feature
     map), MNIST's first layer 15% (blank pixels). Exact for any x. The gathers cost more than they
     save below n = `MIN_WIDTH` or k < n · `MIN_NULL_FRACTION` (measured on CPU), where the plain
-    matmul runs.
+    matmul runs, and for an x too small to keep a GPU busy (`launch_bound`), where the gathers'
+    kernel launches cost more than the flops they save.
 
     Attributes:
         deflated: k, the number of leading unit-vector columns of U (whether skipped or not).
@@ -715,7 +733,8 @@ class Rotation:
             self.block = vectors[:, k:].index_select(0, self.rest)  # U[rest, k:], contiguous, copied once
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.null is None:
+        n = len(self.vectors)
+        if self.null is None or launch_bound(x.device, x.numel() // n, n):
             return x @ self.vectors
         return torch.cat([x.index_select(-1, self.null), x.index_select(-1, self.rest) @ self.block], dim=-1)
 

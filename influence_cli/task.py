@@ -107,9 +107,15 @@ def sample_targets(
     among the sequence's real positions, so padding on either side, of any length, draws the
     same tokens as the sequence alone.
 
+    The random numbers are drawn where `global_indices` (and `real`) live, then moved to the
+    outputs' device in one copy: with the indices on the host (as the passes give them) a GPU
+    runs none of the counter hash's ~40 small kernels, and every device draws the same numbers.
+
     Args:
         targets: The real targets; only language modeling reads them (which positions count).
-        real: [B, T] bool, True at real (not padding) positions, or None (no padding).
+        global_indices: [B] the examples' global indices, on the host or on the outputs' device.
+        real: [B, T] bool, True at real (not padding) positions, or None (no padding); on the
+            device of `global_indices`.
 
     Returns:
         [B] class indices, targets shaped like `outputs`, or [B, T] token ids.
@@ -117,14 +123,14 @@ def sample_targets(
     outputs = outputs.detach()
     if kind == "classification":
         u = counter_uniform(seed, global_indices, outputs.shape[1])
-        gumbel = -torch.log(-torch.log(u))
+        gumbel = _moved(-torch.log(-torch.log(u)), outputs.device)
         return (outputs.double() + gumbel).argmax(dim=1)
     if kind == "language_modeling":
         b, t, v = outputs.shape
         ranks = None
         if real is not None and tuple(real.shape) == (b, t):  # the rank of each position among the real ones
             ranks = (real.to(torch.int64).cumsum(1) - 1).clamp_(min=0)
-        u = counter_uniform(seed, global_indices, t, columns=ranks)  # [B, T]
+        u = _moved(counter_uniform(seed, global_indices, t, columns=ranks), outputs.device)  # [B, T]
         drawn = torch.empty(b, t, dtype=torch.int64, device=outputs.device)
         step = max(1, _CHUNK // max(1, b * v))  # positions per chunk: float64 copies of [B, step, V] only
         for s in range(0, t, step):
@@ -137,7 +143,16 @@ def sample_targets(
     width = flat.shape[1]
     u = counter_uniform(seed, global_indices, 2 * width)
     normal = torch.sqrt(-2.0 * torch.log(u[:, :width])) * torch.cos(2.0 * torch.pi * u[:, width:])
-    return (flat + normal.to(flat.dtype) * 0.5**0.5).reshape(outputs.shape)
+    return (flat + _moved(normal.to(flat.dtype), flat.device) * 0.5**0.5).reshape(outputs.shape)
+
+
+def _moved(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device`; from the host to a GPU through pinned memory, so the copy does not wait for the GPU."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 def loss_output_gradient(outputs: torch.Tensor, targets: torch.Tensor, kind: str, measurement: str = "loss") -> torch.Tensor:

@@ -326,3 +326,59 @@ def test_pass_2_rotates_each_batch_at_once():
     want = torch.zeros(d_out, d_in, dtype=torch.float32)
     accumulate_squared_gradients(want, a @ u_a, g @ u_g)
     assert torch.equal(acc.sums["proj"], want)
+
+
+def test_small_products_off_the_cpu_are_one_gemm():
+    """A GPU pass is bound by kernel launches below `LAUNCH_BOUND_MACS`: the MNIST MLP's 785-wide A
+    of a 256-example batch is one GEMM there (three blocks on the CPU), a ResNet layer's 4,609-wide
+    one keeps its blocks; so do Rotation's gathers."""
+    from influence_cli.factors import launch_bound
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
+    assert launch_bound(cuda, 256, 785) and not launch_bound(cpu, 256, 785)
+    assert not launch_bound(cuda, 256, 4609)
+
+
+def test_a_launch_bound_gram_is_one_gemm_and_a_launch_bound_rotation_one_matmul(monkeypatch):
+    """With `launch_bound` true (as for small products on a GPU), add_gram_ makes one product and
+    Rotation skips its gathers; both give the same results as the split routes."""
+    from influence_cli import factors as factors_lib
+    from influence_cli.factors import Rotation, add_gram_, mirror_
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 785, generator=g, dtype=torch.float64)
+    vectors = torch.eye(600, dtype=torch.float64)
+    vectors[120:, 120:], _ = torch.linalg.qr(torch.randn(480, 480, generator=g, dtype=torch.float64))
+    rows = torch.randn(7, 600, generator=g, dtype=torch.float64)
+    split = torch.zeros(785, 785, dtype=torch.float64)
+    add_gram_(split, x, None)
+    rotation = Rotation(vectors)
+    assert rotation.null is not None  # 20% unit vectors: the gathers' route on the CPU
+    gathered = rotation(rows)
+    products = []
+    add_product_ = factors_lib.add_product_
+    monkeypatch.setattr(factors_lib, "add_product_", lambda acc, *args, **kw: products.append(acc.shape) or add_product_(acc, *args, **kw))
+    monkeypatch.setattr(factors_lib, "launch_bound", lambda device, rows, width: True)
+    whole = torch.zeros(785, 785, dtype=torch.float64)
+    add_gram_(whole, x, None)
+    assert products == [(785, 785)]
+    torch.testing.assert_close(whole, mirror_(split), rtol=1e-12, atol=1e-10)
+    rotation.rest = rotation.block = None  # the gathers' route would fail
+    torch.testing.assert_close(rotation(rows), gathered, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("cpu_first", [True, False])
+def test_the_mirror_completes_a_gram_summed_partly_in_blocks_partly_whole(cpu_first):
+    """A pass resumed on another device sums some batches in the CPU's upper blocks and some as one
+    GEMM (the whole matrix): the mirror of the CPU's split gives the full sum either way."""
+    from influence_cli.factors import add_gram_, mirror_
+
+    g = torch.Generator().manual_seed(3)
+    x1, x2 = (torch.randn(40, 785, generator=g, dtype=torch.float64) for _ in range(2))
+    acc = torch.zeros(785, 785, dtype=torch.float64)
+    for x in (x1, x2) if cpu_first else (x2, x1):
+        if x is x1:
+            add_gram_(acc, x, None)  # the CPU: upper blocks only
+        else:
+            acc.addmm_(x.T, x)  # one GEMM, as on a GPU
+    torch.testing.assert_close(mirror_(acc), x1.T @ x1 + x2.T @ x2, rtol=1e-12, atol=1e-10)

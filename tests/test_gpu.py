@@ -4,7 +4,8 @@ host check instead of a device-side assert; the bundled MLP and CNN on the GPU a
 in bf16 against float32; dataset-similarity and spectrum on the GPU against the CPU; a large A or G
 waiting in host memory during its eigh (`factors.SPILL_BYTES`) against one kept on the GPU; the
 in-place float64 eigh and its fall-backs on the GPU; scores with the GPU's chunk bound
-(`kernel.GRADIENT_ELEMENTS_GPU`) lowered, a chunk of examples at a time, against whole batches."""
+(`kernel.GRADIENT_ELEMENTS_GPU`) lowered, a chunk of examples at a time, against whole batches; the
+sampled Fisher's random numbers drawn on the host, the labels the same as the CPU's."""
 
 from __future__ import annotations
 
@@ -322,3 +323,32 @@ def test_scores_on_the_gpu_are_the_same_a_chunk_of_examples_at_a_time(tmp_path, 
     whole, chunked = _scores(tmp_path, "whole"), _scores(tmp_path, "chunked")
     gap = _gap(chunked, whole)
     assert gap <= 1e-4, f"scores formed 64 examples at a time against whole batches: max |difference| {gap:.2e} of the largest"
+
+
+def test_the_sampled_fisher_draws_its_random_numbers_on_the_host(tmp_path, monkeypatch):
+    """A cuda fit draws the sampled Fisher's labels from the host's copy of the indices (no GPU kernels
+    for the counter hash), and the labels are those the CPU draws from the same outputs."""
+    from influence_cli import task as task_lib
+
+    where: list[str] = []
+    counter_uniform = task_lib.counter_uniform
+
+    def spy(seed, global_indices, *args, **kwargs):
+        where.append(global_indices.device.type)
+        return counter_uniform(seed, global_indices, *args, **kwargs)
+
+    monkeypatch.setattr(task_lib, "counter_uniform", spy)
+    fit_factors(load_config(DIGITS, [f"output_dir={tmp_path}", "device=cuda", "factors.fisher=sampled"]))
+    assert where and set(where) == {"cpu"}, f"the counter hash ran on {sorted(set(where))}"
+    g = torch.Generator().manual_seed(0)
+    outputs, idx = torch.randn(300, 10, generator=g), torch.arange(1000, 1300)
+    on_cpu = task_lib.sample_targets(outputs, torch.zeros(300), idx, "classification", seed=4)
+    on_gpu = task_lib.sample_targets(outputs.cuda(), torch.zeros(300).cuda(), idx, "classification", seed=4)
+    assert on_gpu.device.type == "cuda" and torch.equal(on_gpu.cpu(), on_cpu)
+    real = torch.ones(6, 5, dtype=torch.bool)
+    real[:, :2] = False  # left padding
+    logits, labels = torch.randn(6, 5, 7, generator=g), torch.zeros(6, 5, dtype=torch.int64)
+    lm_cpu = task_lib.sample_targets(logits, labels, idx[:6], LM, 0, real=real)
+    lm_gpu = task_lib.sample_targets(logits.cuda(), labels.cuda(), idx[:6], LM, 0, real=real)
+    assert torch.equal(lm_gpu.cpu(), lm_cpu)
+
