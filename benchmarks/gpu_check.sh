@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU check: fit-factors and compute-scores on real MNIST on one GPU (float32 and
 # bf16 autocast), throughput per pass, peak GPU memory and the ratio to one training epoch, and
-# Kronfluence on the same workload when it is installed; ResNet-18 at 64 x 64 fit and scored
+# Kronfluence on the same workload when it is installed; where those passes spend their time
+# (gpu_profile.py); ResNet-18 at 64 x 64 fit and scored
 # against Kronfluence (bench_conv.py); the bundled models' scores on the GPU against the CPU with
 # TF32 off and on (tf32_gap.py); the CUDA tests (tests/test_gpu.py). Also a 2-GPU torchrun
 # smoke run when two GPUs are visible.
@@ -29,6 +30,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 "$PYTHON" -c "import influence_cli" 2>/dev/null || "$PYTHON" -m pip install -q --no-deps -e . || exit 1
 export PYTHONWARNINGS=ignore::FutureWarning  # Kronfluence's GradScaler deprecation, once per call
 step "MNIST MLP: fit-factors and compute-scores, float32 and bf16 (gpu_check.py)" "$PYTHON" benchmarks/gpu_check.py "$@"
+# Where the MNIST passes spend their time: host syncs by line, kernels per batch, the GPU's busy share, a Python profile.
+step "MNIST MLP: syncs, kernels and host time per batch (gpu_profile.py)" "$PYTHON" benchmarks/gpu_profile.py --out "$(dirname "$LOG")"
 # A convolutional network on the GPU: torchvision's ResNet-18 at 64 x 64 (layer4 sees 2 x 2 maps, where Kronfluence fits too).
 step "ResNet-18 at 64 x 64 against Kronfluence (bench_conv.py)" \
   "$PYTHON" benchmarks/bench_conv.py --device cuda --size 64 --train 4096 --queries 8 --repeats 1
