@@ -423,6 +423,11 @@ def test_cli_spectrum_table_top_and_plot(digits):
                    "most memorization-like examples of heldout", "bottom 50%: "):  # fmt: skip
         assert needle in text, needle
     assert "saved" in result.stderr and "saved" not in text
+    lines = text[text.index("most memorization-like examples of heldout"):].splitlines()
+    header = next(line for line in lines if " label " in line)
+    first_row = lines[lines.index(header) + 2]  # below the rule under the header
+    column = header.index(" label ") + 1
+    assert first_row[column].isdigit(), (header, first_row)  # left-aligned, as top-k shows labels
     img = Image.open(plot)
     assert img.format == "PNG" and img.width > 600 and img.height > 400
     scores = load_spectrum_scores(out / SPECTRUM_FILE)

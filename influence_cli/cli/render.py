@@ -743,11 +743,11 @@ def label_text(label: Any, class_names: list[str] | None = None, token_ids: bool
     return str(label)
 
 
-def example_columns(view: ExampleView, label_justify: str = "left") -> list[tuple[str, str]]:
+def example_columns(view: ExampleView) -> list[tuple[str, str]]:
     """The columns `example_cells` fills for a ranked example: its input ids where its inputs are
     token ids (`ExampleView.token_inputs`), and its label but for a language model's (the same ids
     shifted by one)."""
-    return [("input", "left")] * view.token_inputs + [("label", label_justify)] * (not view.token_data)
+    return [("input", "left")] * view.token_inputs + [("label", "left")] * (not view.token_data)
 
 
 def example_cells(view: ExampleView, position: int, label: Any) -> list[str]:

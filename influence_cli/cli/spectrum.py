@@ -173,7 +173,7 @@ def spectrum_cmd(
             table = titled_table(
                 f"most memorization-like examples of {ds_name} (largest {names[0]} {rank_by})",
                 [("rank", "right"), ("global index", "right")] + ([("file", "left")] if files else [])
-                + example_columns(view, label_justify="right")
+                + example_columns(view)
                 + ([("noisy", "left")] if noisy else []) + [("bottom energy", "right"), ("bottom share", "right"), ("gradient energy", "right")],
             )  # fmt: skip
             for r, row in enumerate(rows, start=1):
