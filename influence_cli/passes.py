@@ -300,15 +300,17 @@ def stream_gradients(
 def finite_rows(outputs: torch.Tensor, gradients: list[dict[str, torch.Tensor]]) -> torch.Tensor:
     """[B] bool: the examples whose outputs and every layer's gradients are finite.
 
-    A NaN or Inf anywhere in an example's rows makes the float64 sum of those rows NaN or Inf
-    (float64 cannot overflow on sums of float32 values), and s · 0 is 0 only for a finite s:
-    one reduction per tensor and four small kernels for the batch, where isfinite per tensor took
-    six (a GPU pass is bound by its kernel launches).
+    A NaN or Inf anywhere in an example's row of a tensor makes the float64 sum of that row NaN or
+    Inf (float64 cannot overflow on sums of float32 values), and s · 0 is 0 only for a finite s, so
+    the example's s · 0 summed over its tensors is 0 only if all are finite (the products, not the
+    sums, are added up: a float64 model's large finite sums of two tensors would overflow): one
+    reduction per tensor and four small kernels for the batch, where isfinite per tensor took six
+    (a GPU pass is bound by its kernel launches).
     """
     n = outputs.shape[0]
     tensors = [outputs] + [g for grads in gradients for g in grads.values()]
-    total = torch.stack([t.reshape(n, -1).sum(1, dtype=torch.float64) for t in tensors]).sum(0)
-    return total.mul_(0) == 0
+    sums = torch.stack([t.reshape(n, -1).sum(1, dtype=torch.float64) for t in tensors])  # [tensors, B]
+    return sums.mul_(0).sum(0) == 0
 
 
 def check_finite(outputs: torch.Tensor, gradients: list[dict[str, torch.Tensor]], idx: torch.Tensor, batch: int, dataset_name: str) -> None:

@@ -31,6 +31,15 @@ def test_finite_rows_does_not_call_large_finite_values_infinite():
     assert finite_rows(big, [{"a": big.clone()}]).tolist() == [True, True]
 
 
+def test_finite_rows_does_not_add_up_large_finite_sums_of_a_float64_model():
+    """A float64 model's outputs and gradients are each summed in their own float64 sums; two large
+    finite sums of one example, added, would overflow to Inf."""
+    big = torch.full((2, 1), 1e308, dtype=torch.float64)
+    assert finite_rows(big, [{"a": big.clone()}]).tolist() == [True, True]
+    big[1, 0] = float("inf")
+    assert finite_rows(big, [{"a": -big}]).tolist() == [True, False]  # +Inf and -Inf of one example in two tensors
+
+
 def test_the_watch_names_the_first_bad_batch_and_its_examples_across_batch_sizes():
     watch = NonFiniteWatch(torch.device("cpu"))
     ok = torch.zeros(4, 2)
