@@ -268,14 +268,17 @@ def add_product_(acc: torch.Tensor, x: torch.Tensor, y: torch.Tensor, matmul_dty
 
 
 LAUNCH_BOUND_MACS = 1 << 30  # off the CPU, products of fewer multiply-adds are bound by kernel launches (~42 µs at an H200's fp32 rate)
+LAUNCH_BOUND_WIDTH = 4096  # and of fewer columns: a whole gram's float32 temporary under factors.amp stays within 64 MiB
 
 
 def launch_bound(device: torch.device, rows: int, width: int) -> bool:
     """Whether a product of `rows` × `width`² multiply-adds on `device` costs less as one GEMM than
     as the several smaller kernels that would skip some of its flops (`add_gram_`'s blocks,
     `Rotation`'s gathers): off the CPU below `LAUNCH_BOUND_MACS`, where a pass waits on the host's
-    kernel launches (the MNIST MLP on an H200: 8% of a fit's time busy on the GPU)."""
-    return device.type != "cpu" and rows * width * width < LAUNCH_BOUND_MACS
+    kernel launches (the MNIST MLP on an H200: 8% of a fit's time busy on the GPU), for widths below
+    `LAUNCH_BOUND_WIDTH` (under `factors.amp` a whole gram is a float32 temporary of width² entries
+    beside its accumulator, the blocks' width²/16: a wide layer's last few rows stay in blocks)."""
+    return device.type != "cpu" and width < LAUNCH_BOUND_WIDTH and rows * width * width < LAUNCH_BOUND_MACS
 
 
 def gram_blocks(width: int, whole: bool = False) -> list[tuple[int, int]]:

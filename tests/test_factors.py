@@ -337,6 +337,7 @@ def test_small_products_off_the_cpu_are_one_gemm():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
     assert launch_bound(cuda, 256, 785) and not launch_bound(cpu, 256, 785)
     assert not launch_bound(cuda, 256, 4609)
+    assert not launch_bound(cuda, 3, 12289)  # a wide layer's small last batch: its amp temporary would be 600 MB
 
 
 def test_a_launch_bound_gram_is_one_gemm_and_a_launch_bound_rotation_one_matmul(monkeypatch):
