@@ -317,8 +317,6 @@ def edit_checkpoint(
     chosen = select_layers(ctx.tracked, patterns, key, cfg.source)
     check_finite_factors(factors, factors_path, [tm.name for tm in chosen])
     storage.check_can_write(out, overwrite, "a checkpoint", "--out", storage.EDITED_CHECKPOINT_FORMAT)
-    if ctx.state.is_main:
-        storage.remove_stale_temp_files(out, storage.UNLOCKED_TEMP_AGE_S)  # what a killed writer left (no lock guards --out)
     state_dict, edits = edit_model(ctx.model, chosen, factors.layers, keep=keep, rho=rho, share=share, order=order)
     _check_something_kept(edits, keep, share, explicit=share_given is not None)
     _warn_if_most_weight_removed(edits)
@@ -332,6 +330,8 @@ def edit_checkpoint(
             "(edit each with --set model.checkpoint=<it>, after fitting its own factors)"
         )
     fingerprint = _fingerprint(ctx.model, state_dict)
+    if ctx.state.is_main:  # what a killed writer left (no lock guards --out), once nothing can refuse the run
+        storage.remove_stale_temp_files(out, storage.UNLOCKED_TEMP_AGE_S)
     if ctx.state.is_main and out.suffix != ".safetensors":  # .pt / .pth: a plain state dict, which holds no metadata
         storage.save_state_dict(out, _tied_as_one(state_dict, tied), key="--out")
     elif ctx.state.is_main:

@@ -117,7 +117,5 @@ def save_heatmap(
     """
     path = Path(path)
     img = render_heatmap(matrix, names, title, off_diagonal_scale)
-    fmt = storage.check_image_path(path, "--heatmap")
-    with storage.atomic_path(path, key="--heatmap") as tmp:
-        img.save(tmp, format=fmt)
+    storage.save_picture(img, path, "--heatmap")
     return path

@@ -109,7 +109,7 @@ def save_image_grid(
     """
     path = Path(path)
     groups = [groups] if isinstance(groups, GridGroup) else list(groups)
-    fmt = storage.check_image_path(path, "--image-grid")
+    storage.check_image_path(path, "--image-grid")  # before drawing
     font = default_font(12)  # at 10 px the default font's spaces are 2 px and words run together
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     line_h = max(12, int(probe.textbbox((0, 0), "Hg#0", font=font)[3]) + 3)
@@ -155,7 +155,7 @@ def save_image_grid(
                 if note and not tiles:
                     draw.text((x, y + tile_size // 2), fit_text(draw, note, font, cell_w - _GAP), fill=_TEXT, font=font)
             y += cell_h
-    _save_atomic(canvas, path, fmt)
+    storage.save_picture(canvas, path, "--image-grid")
     return path
 
 
@@ -171,11 +171,6 @@ def _draw_tile(canvas, draw, font, tile: Tile, x: int, y: int, size: int, text_w
     for line in tile.lines:
         draw.text((x, ty), fit_text(draw, line, font, text_w), fill=_TEXT, font=font)
         ty += line_h
-
-
-def _save_atomic(image: Image.Image, path: Path, fmt: str) -> None:
-    with storage.atomic_path(path, key="--image-grid") as tmp:
-        image.save(tmp, format=fmt)
 
 
 __all__ = ["GridGroup", "GridRow", "Tile", "save_image_grid"]

@@ -139,7 +139,5 @@ def save_spectrum_plot(path: str | Path, report: SpectrumReport) -> Path:
     """
     path = Path(path)
     img = render_spectrum_plot(report)
-    fmt = storage.check_image_path(path, "--plot")
-    with storage.atomic_path(path, key="--plot") as tmp:
-        img.save(tmp, format=fmt)
+    storage.save_picture(img, path, "--plot")
     return path

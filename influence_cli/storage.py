@@ -103,6 +103,9 @@ def remove_stale_temp_files(path: Path, older_than_s: float = 0.0) -> None:
     The name of `path` may be a glob (`scores*`) to cover a family of outputs. Under the output's
     exclusive lock every such file is stale; without one (pictures, edit --out), `older_than_s`
     spares the files another live run may be writing now.
+
+    An unlocked output's stale file that cannot be removed (no permission) stays, with a warning:
+    the write goes to a new name beside it.
     """
     now = time.time()
     for tmp, _ in temp_files(path):
@@ -111,6 +114,10 @@ def remove_stale_temp_files(path: Path, older_than_s: float = 0.0) -> None:
                 tmp.unlink(missing_ok=True)
         except FileNotFoundError:
             pass
+        except OSError as exc:
+            if older_than_s <= 0:
+                raise
+            notices.warn(f"cannot remove {str(tmp)!r} ({exc.strerror or exc}), a temporary file a killed writer left: remove it by hand")
 
 
 def temp_files(path: Path) -> list[tuple[Path, str]]:
@@ -179,10 +186,19 @@ def check_image_path(path: Path, key: str) -> str:
         raise OutputError(f"{key} {str(path)!r}: Pillow cannot write colour pictures as {path.suffix!r} ({exc})", hint="use a .png file name") from None
     if path.parent.is_dir():
         _temp_beside(path, key).unlink(missing_ok=True)  # the folder can be written
-        remove_stale_temp_files(path, UNLOCKED_TEMP_AGE_S)  # what a killed writer of this picture left
     else:
         check_creatable_dir(path.parent, key, f"give {key} a path in a writable folder")  # created when the picture is written, not by a run that fails first
     return fmt
+
+
+def save_picture(image: Any, path: Path, key: str) -> None:
+    """Writes a PIL image at `path` atomically, in the format of its suffix (`check_image_path`),
+    after removing the temporary files a killed writer of it left (`UNLOCKED_TEMP_AGE_S`: a picture
+    has no lock), so a run refused before drawing removes nothing."""
+    fmt = check_image_path(path, key)
+    remove_stale_temp_files(path, UNLOCKED_TEMP_AGE_S)
+    with atomic_path(path, key=key) as tmp:
+        image.save(tmp, format=fmt)
 
 
 def _temp_beside(path: Path, key: str) -> Path:

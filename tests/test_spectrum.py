@@ -1332,3 +1332,32 @@ def test_top_examples_rank_by_bottom_band_energy_or_share():
     assert [r["global_index"] for r in report.top_examples(4, "share")["train"]] == [10, 12, 11]
     with pytest.raises(UsageError, match=r"--rank-by: 'shares' is not one of energy, share"):
         report.top_examples(2, "shares")
+
+
+def test_a_refused_run_leaves_the_old_temporary_files_of_its_picture_and_checkpoint(tmp_path, digits, monkeypatch):
+    """Pictures and `edit --out` have no lock: their killed writers' old temporary files are removed right
+    before the write, so a run refused first removes none; one that cannot be removed is a warning."""
+    out, sets = digits
+    plot, edited = tmp_path / "spectrum.png", tmp_path / "edited.safetensors"
+    left = [tmp_path / ".spectrum.png.k1ll3d.tmp", tmp_path / ".edited.safetensors.k1ll3d.tmp"]
+    for p in left:
+        p.write_bytes(b"half")
+        os.utime(p, (time.time() - 3600, time.time() - 3600))
+    refused = invoke("spectrum", DIGITS, *sets, "--plot", plot, "--overwrite", "--set", "spectrum.bottom=2")
+    assert refused.exit_code == 2 and left[0].exists()
+    edited.write_bytes(b"an older edit")
+    refused = invoke("edit", DIGITS, *sets, "--out", edited, "--layers", "head", "--keep-share", "0.5")  # no --overwrite
+    assert refused.exit_code == 5 and left[1].exists()
+    edited.unlink()
+    from test_cli import deny_removing
+
+    from influence_cli import storage
+
+    for p in left:
+        deny_removing(monkeypatch, p)
+    for args in (["spectrum", DIGITS, *sets, "--plot", plot], ["edit", DIGITS, *sets, "--out", edited, "--layers", "head", "--keep-share", "0.5"]):
+        result = invoke(*args)
+        assert result.exit_code == 0, result.stderr
+        assert "a temporary file a killed writer left" in result.stderr and "Traceback" not in result.stderr
+    assert plot.is_file() and edited.is_file() and all(p.exists() for p in left)
+    assert storage.UNLOCKED_TEMP_AGE_S < 3600
