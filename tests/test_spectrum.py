@@ -1343,21 +1343,20 @@ def test_a_refused_run_leaves_the_old_temporary_files_of_its_picture_and_checkpo
     for p in left:
         p.write_bytes(b"half")
         os.utime(p, (time.time() - 3600, time.time() - 3600))
-    refused = invoke("spectrum", DIGITS, *sets, "--plot", plot, "--overwrite", "--set", "spectrum.bottom=2")
-    assert refused.exit_code == 2 and left[0].exists()
-    edited.write_bytes(b"an older edit")
-    refused = invoke("edit", DIGITS, *sets, "--out", edited, "--layers", "head", "--keep-share", "0.5")  # no --overwrite
-    assert refused.exit_code == 5 and left[1].exists()
-    edited.unlink()
+    refused = invoke("spectrum", DIGITS, *sets, "--plot", plot, "--set", f"factors_dir={tmp_path / 'none'}")  # after --plot's check
+    assert refused.exit_code == 5 and "no factors" in refused.stderr and left[0].exists()
+    refused = invoke("edit", DIGITS, *sets, "--out", edited, "--layers", "head", "--keep-share", "0.001")  # once the edit is made
+    assert refused.exit_code == 2 and "keeps none" in refused.stderr and left[1].exists()
     from test_cli import deny_removing
 
     from influence_cli import storage
 
     for p in left:
         deny_removing(monkeypatch, p)
-    for args in (["spectrum", DIGITS, *sets, "--plot", plot], ["edit", DIGITS, *sets, "--out", edited, "--layers", "head", "--keep-share", "0.5"]):
+    for args in (["spectrum", DIGITS, *sets, "--plot", plot, "--json"], ["edit", DIGITS, *sets, "--out", edited, "--layers", "head", "--keep-share", "0.5", "--json"]):
         result = invoke(*args)
         assert result.exit_code == 0, result.stderr
         assert "a temporary file a killed writer left" in result.stderr and "Traceback" not in result.stderr
+        assert json.loads(result.stdout)  # the warning goes to stderr alone
     assert plot.is_file() and edited.is_file() and all(p.exists() for p in left)
     assert storage.UNLOCKED_TEMP_AGE_S < 3600
