@@ -477,8 +477,9 @@ def fit_factors(
         train = read_dataset(cfg, dist, cfg.data.train, "data.train", tokens=described[0].tokens)
         agree(dist, lambda: _check_later_models(cfg, [(m, described[m.index]) for m in others], train, dist))
         shared = train
-    # with --overwrite, removed once model 0's checks pass: the other models' factors and progress
-    replaced = [p for m in others for p in (m.out_dir / storage.FACTORS_FILE, *progress_files(m.out_dir, storage.FACTORS_PARTIAL))]
+    # with --overwrite, removed once model 0's checks pass: the other models' progress, then their factors (a progress
+    # file that cannot be removed, one a finished run left, stops the run with every factors file still there)
+    replaced = [p for m in others for p in progress_files(m.out_dir, storage.FACTORS_PARTIAL)] + [m.out_dir / storage.FACTORS_FILE for m in others]
 
     def fit(m: Member, also_replaced: list[Path] | None = None) -> FitReport:
         dataset = shared if shared is not None and described[m.index].tokens == described[0].tokens else None
@@ -599,7 +600,7 @@ def _fit_member(
 
     snapshot = agreed_start(ctx.state, start_checks, cfg.factors_key)  # every rank stops together, none left waiting in a collective
     # an interrupted --overwrite run leaves its progress, which --resume continues, and not the old factors
-    old = [path, *(also_replaced or [])] if overwrite else []
+    old = [*(also_replaced or []), path] if overwrite else []  # the other models' progress first (`fit_factors`)
     remove_agreed(ctx.state, old + [tmp for tmp, _ in storage.temp_files(path)] if ctx.state.is_main else [], cfg.factors_key)
     snapshot = _agree_on_progress(ctx.state, snapshot)
     resumed_from = None if snapshot is None else f"{snapshot.phase} pass, batch {snapshot.batches_done}"

@@ -67,6 +67,23 @@ def _remove(paths: list[Path], key: str) -> None:
             ) from None
 
 
+def remove_finished_progress(paths: Sequence[Path], what: str = "the progress of a finished run", *, per_rank: bool = False) -> None:
+    """Removes files a run whose output is written no longer needs (`paths`: its progress, `what` they are in words;
+    one already gone is fine). One that cannot be removed (no permission, an immutable file) is said in one warning
+    naming each and why, not raised: the output stands, and a later run with these settings shows it again and tries
+    once more (`clear_progress_of_finished`). `per_rank`: under torchrun each rank says its own files."""
+    left: list[str] = []
+    for path in paths:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            left.append(f"{str(path)!r} ({exc.strerror or exc})")
+    if left:
+        files = ", ".join(left[:-1]) + f" and {left[-1]}" if len(left) > 1 else left[0]
+        by_hand = "the file" if len(left) == 1 else "them"
+        notices.warn(f"cannot remove {files}, {what}: the output stands; remove {by_hand} by hand", per_rank=per_rank)
+
+
 def check_rank_layout(
     folder: Path, pattern: str, world_size: int, *, resume: bool, overwrite: bool, kind: str = "", key: str = "output_dir"
 ) -> list[Path]:
@@ -150,17 +167,18 @@ def _is_progress_name(name: str, pattern: str, kind: str) -> bool:
 def clear_progress_of_finished(
     folder: Path, pattern: str, kind: str = "", main: bool = True, outputs: Sequence[Path] = (), key: str = "output_dir"
 ) -> None:
-    """Removes the progress a run killed right after renaming its finished output left beside it
-    (the finished output holds all of it: a FIFO there goes too, never opened, while a folder is refused before any
-    file is removed, `key` naming `folder` in its hint), and the temporary files a killed writer of `outputs`
-    left (the caller holds their lock); on rank 0 only (`main`)."""
+    """Removes the progress a run killed right after renaming its finished output left beside it, or that a finished
+    run could not remove (the finished output holds all of it: a FIFO there goes too, never opened, while a folder is
+    refused before any file is removed, `key` naming `folder` in its hint), and the temporary files a killed writer of
+    `outputs` left (the caller holds their lock); on rank 0 only (`main`). A file that still cannot be removed is
+    a warning (`remove_finished_progress`): the finished output stands."""
     if main:
         found = progress_files(folder, pattern, kind)
         for p in found:  # all checked before any is removed
             storage.refuse_irregular(p, True, key)  # a folder is never removed
-        _remove(found, key)
-        for output in outputs:
-            storage.remove_stale_temp_files(output)
+        remove_finished_progress(found)
+        temps = [tmp for output in outputs for tmp, _ in storage.temp_files(output)]
+        remove_finished_progress(temps, "left by a killed writer of a finished output")
 
 
 _LostFiles = list[dict[int, tuple[str, str | None]]]  # by rank: its lost finished files' refusals (message, hint)
@@ -275,7 +293,9 @@ class PassCheckpoint:
         storage.save_tensors(path or self.path, tensors, meta)
 
     def clear(self) -> None:
-        self.path.unlink(missing_ok=True)
+        """Removes this rank's snapshot once the run's output is written: one that cannot be removed is a warning
+        (`remove_finished_progress`)."""
+        remove_finished_progress([self.path], per_rank=True)
 
     def check_leftovers(self, paths: list[Path], what: str) -> None:
         """Refuses to resume past outputs of the interrupted run (`paths`, e.g. finished score shards,
@@ -581,10 +601,9 @@ class DatasetsProgress:
 
     def clear(self) -> None:
         """Removes this rank's progress: the snapshot, then the finished datasets' files (a kill in between
-        leaves files that no snapshot counts, which the next start removes)."""
-        self.checkpoint.clear()
-        for p in self._finished_from(0):
-            p.unlink(missing_ok=True)
+        leaves files that no snapshot counts, which the next start removes); those that cannot be removed are one
+        warning (`remove_finished_progress`)."""
+        remove_finished_progress([self.checkpoint.path, *self._finished_from(0)], per_rank=True)
 
     def due(self, batches_done: int) -> bool:
         return self.checkpoint.due(batches_done)

@@ -2099,19 +2099,94 @@ def test_a_start_that_cannot_remove_what_it_replaces_is_a_one_line_error(
     assert stray.read_bytes() == b"left"
 
 
-def test_progress_beside_finished_factors_that_cannot_be_removed_is_a_one_line_error(
+def cannot_remove(path: Path, what: str = "the progress of a finished run") -> str:
+    """The warning line of a file a finished run cannot remove (no permission)."""
+    return f"warning: cannot remove {str(path)!r} (Operation not permitted), {what}: the output stands; remove the file by hand"
+
+
+def test_progress_beside_finished_factors_that_cannot_be_removed_is_a_warning(
     runner: CliRunner, fitted: tuple[Path, Result], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     """fit-factors --resume over finished factors removes the progress a kill right after the final rename left
-    beside them; one that cannot be removed (no permission) is an output error naming it (it gave a traceback)."""
+    beside them, and a killed writer's temporary file of the factors; one that cannot be removed (no permission) is a
+    warning naming it (it gave a traceback, then an error), and the factors are shown as complete."""
     out, _ = fitted
     shutil.copy(out / FACTORS, tmp_path / FACTORS)
-    snapshot = tmp_path / storage.FACTORS_PARTIAL.format(rank="")
-    snapshot.write_bytes(b"progress")
-    deny_removing(monkeypatch, snapshot)
-    result = invoke(runner, "fit-factors", DIGITS, "--set", f"output_dir={tmp_path}", "--resume")
-    assert_clean_error(result, EXIT["output"], f"output_dir: cannot remove {str(snapshot)!r} (Operation not permitted)")
-    assert snapshot.read_bytes() == b"progress"
+    snapshot, temp = tmp_path / storage.FACTORS_PARTIAL.format(rank=""), tmp_path / f".{FACTORS}.k1ll3d.tmp"
+    for path in (snapshot, temp):
+        path.write_bytes(b"left")
+        deny_removing(monkeypatch, path)
+    result = invoke(runner, "fit-factors", DIGITS, "--set", f"output_dir={tmp_path}", "--resume", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["resumed_from"] == "already complete"
+    assert result.stderr.splitlines() == [cannot_remove(snapshot), cannot_remove(temp, "left by a killed writer of a finished output")]
+    assert snapshot.read_bytes() == temp.read_bytes() == b"left"
+
+
+def a_second_model(tmp_path: Path) -> Path:
+    """A checkpoint of the digits MLP with other weights (an ensemble's second model)."""
+    path = tmp_path / "member.safetensors"
+    tensors = load_tensors(ROOT / "sample_data" / "mlp.safetensors")[0]
+    save_file({k: v + 0.01 for k, v in tensors.items()}, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("command", "snapshot", "output"),
+    [
+        (("fit-factors",), storage.FACTORS_PARTIAL.format(rank=""), FACTORS),
+        (("fit-factors",), f"members/1/{storage.FACTORS_PARTIAL.format(rank='')}", f"members/1/{FACTORS}"),
+        (("compute-scores",), storage.SCORES_PARTIAL.format(rank=""), storage.SCORES_FILE),
+        (("compute-scores", "--self"), storage.SCORES_PARTIAL.format(rank=".self"), storage.SELF_INFLUENCE_FILE),
+        (("dataset-similarity",), storage.SIMILARITY_PARTIAL.format(rank=""), storage.SIMILARITY_FILE),
+        (("spectrum",), storage.SPECTRUM_PARTIAL.format(rank=""), storage.SPECTRUM_FILE),
+    ],
+    ids=["fit-factors", "ensemble", "compute-scores", "self", "dataset-similarity", "spectrum"],
+)
+def test_a_finished_run_that_cannot_remove_its_progress_warns(
+    runner: CliRunner, fitted: tuple[Path, Result], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    command: tuple[str, ...], snapshot: str, output: str,
+):  # fmt: skip
+    """A run whose output is written but whose progress file cannot be removed (no permission, an immutable file)
+    exits 0 with one warning naming it (it gave a traceback), its --json output as ever. With the file left: --resume
+    shows the output as complete and warns again; without a flag fit-factors and compute-scores refuse the finished
+    output (pass --overwrite), dataset-similarity and spectrum show it again (warning); --overwrite cannot remove it
+    (an error naming it: the run would save its progress there). Once the file can be removed, --resume removes it."""
+    out, _ = fitted
+    sets = ["--set", f"output_dir={tmp_path}", "--set", "factors.checkpoint_every=1"]
+    if "members/" in snapshot:
+        sets += ["--set", f"scores.checkpoints=[{a_second_model(tmp_path)}]"]
+    elif command[0] != "fit-factors":
+        sets += ["--set", f"factors_dir={out}"]
+    args = (command[0], DIGITS, *command[1:], *sets, "--json")
+    left, path = tmp_path / snapshot, tmp_path / output
+    deny_removing(monkeypatch, left)
+    result = invoke(runner, *args)
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.splitlines() == [cannot_remove(left)]
+    assert json.loads(result.stdout)["resumed_from"] is None
+    assert left.is_file() and storage.file_format(path).startswith("influence_cli.")
+    written = path.read_bytes()
+    assert not list(tmp_path.glob("**/*.finished*"))  # a finished dataset's file is removed all the same
+
+    result = invoke(runner, *args, "--resume")
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.splitlines() == [cannot_remove(left)]
+    assert path.read_bytes() == written and left.is_file()
+    result = invoke(runner, *args)
+    if command[0] in ("dataset-similarity", "spectrum"):
+        assert result.exit_code == 0 and result.stderr.splitlines() == [cannot_remove(left)], result.stderr
+        json.loads(result.stdout)
+    else:
+        assert_clean_error(result, EXIT["output"], "from a finished run")
+    result = invoke(runner, *args, "--overwrite")
+    assert_clean_error(result, EXIT["output"], f"cannot remove {str(left)!r} (Operation not permitted)")
+    assert path.read_bytes() == written
+
+    monkeypatch.undo()
+    result = invoke(runner, *args, "--resume")
+    assert result.exit_code == 0 and result.stderr == "", result.stderr
+    assert not left.exists() and path.read_bytes() == written
 
 
 def test_a_fifo_or_folder_among_the_factors_progress_names_factors_dir(runner: CliRunner, fitted: tuple[Path, Result], tmp_path: Path):

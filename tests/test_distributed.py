@@ -359,6 +359,50 @@ def test_interrupted_job_resumes_to_the_same_factors(tmp_path, distributed_run):
     assert [k for k in ref if not torch.equal(got[k], ref[k])] == []
 
 
+# The real CLI on a rank that cannot remove its own progress files (as in a sticky folder of another user).
+UNREMOVABLE_CLI = """
+import os, sys
+from pathlib import Path
+
+_unlink = Path.unlink
+
+def guarded(self, missing_ok=False):
+    if self.name.endswith(f".partial.rank{os.environ['DENIED_RANK']}.safetensors") and os.environ["RANK"] == os.environ["DENIED_RANK"]:
+        raise PermissionError(1, "Operation not permitted", str(self))
+    _unlink(self, missing_ok=missing_ok)
+
+Path.unlink = guarded
+from influence_cli.cli import main
+sys.argv[0] = "influence"
+main()
+"""
+
+
+@pytest.mark.parametrize("command", ["fit-factors", "dataset-similarity"])
+def test_a_rank_that_cannot_remove_its_progress_says_so_and_the_job_succeeds(tmp_path, distributed_run, command):
+    """Under torchrun each rank removes its own progress once the output is written; rank 1's snapshot that cannot be
+    removed (no permission) is said by rank 1 ("[rank 1] warning: ..."), the job exits 0 with the output written."""
+    script = tmp_path / "unremovable_cli.py"
+    script.write_text(UNREMOVABLE_CLI)
+    out = tmp_path / "out"
+    args = fit_args(CONFIG, out, "data.batch_size=64", "factors.checkpoint_every=1")
+    if command != "fit-factors":
+        fitted, factors = distributed_run("ekfac-sampled")
+        assert fitted.returncode == 0, fitted.stderr
+        args = [command, *args[1:], "--set", f"factors_dir={factors}"]
+    env = subprocess_env() | {"DENIED_RANK": "1"}
+    job = subprocess.run(_torchrun_cmd(*args, script=script), env=env, capture_output=True, text=True, timeout=120)
+    assert job.returncode == 0, job.stderr
+    pattern = {"fit-factors": storage.FACTORS_PARTIAL, "dataset-similarity": storage.SIMILARITY_PARTIAL}[command]
+    left = out / pattern.format(rank=".rank1")
+    assert left.is_file() and not (out / pattern.format(rank=".rank0")).exists()
+    assert not list(out.glob("*.finished*"))  # rank 1's finished datasets' files go all the same
+    said = f"[rank 1] warning: cannot remove {str(left)!r} (Operation not permitted), the progress of a finished run"
+    assert job.stderr.count(said) == 1 and "Traceback" not in job.stderr, job.stderr
+    output = {"fit-factors": storage.FACTORS_FILE, "dataset-similarity": storage.SIMILARITY_FILE}[command]
+    assert storage.file_format(out / output).startswith("influence_cli.")
+
+
 def test_lost_peer_in_a_collective_is_a_distributed_error(monkeypatch):
     """What rank 0 sees when rank 1 died: gloo's RuntimeError becomes one typed message (exit code 7)."""
 
