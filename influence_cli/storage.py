@@ -436,7 +436,7 @@ def output_dir_lock(
     process ends, even by SIGKILL, so a killed run never blocks the next (forked children, the
     DataLoader's workers, close their copy of it; should one still hold it, a writer named in the
     lock that is gone from this host is waited for, up to `_ORPHAN_WAIT_S`); the last holder removes
-    the file. With `hold` False it only creates the folder. Where the filesystem cannot lock (some
+    the file (one it cannot remove stays: the next run locks it). With `hold` False it only creates the folder. Where the filesystem cannot lock (some
     network mounts), the run goes on unlocked, with a warning; a reader of a folder it cannot
     write (factors shared read-only through factors_dir) runs unlocked without one. `key` is the
     config key that names `folder` in messages.
@@ -509,6 +509,8 @@ def output_dir_lock(
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             path.unlink(missing_ok=True)
         except BlockingIOError:
+            pass
+        except OSError:  # a folder where nothing can be removed any more: the file left is harmless, the next run locks it
             pass
         finally:
             os.close(fd)

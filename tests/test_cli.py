@@ -2189,6 +2189,32 @@ def test_a_finished_run_that_cannot_remove_its_progress_warns(
     assert not left.exists() and path.read_bytes() == written
 
 
+@pytest.mark.parametrize("command", ["fit-factors", "dataset-similarity"])
+def test_a_finished_run_in_a_folder_where_nothing_can_be_removed_warns(
+    runner: CliRunner, fitted: tuple[Path, Result], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
+):
+    """A folder that lets files be written but none removed (its write permission taken away once the output was
+    written, a filesystem that forbids removal): the run's lock file stays there too, harmless (the next run takes the
+    lock on it), so the run still exits 0 with its one warning about its progress and its --json (it gave a traceback
+    from the lock); the next run takes the lock on the file left."""
+    out, _ = fitted
+    args = [command, DIGITS, "--set", f"output_dir={tmp_path}", "--set", "factors.checkpoint_every=1", "--json"]
+    if command != "fit-factors":
+        args += ["--set", f"factors_dir={out}"]
+    partial = {"fit-factors": storage.FACTORS_PARTIAL, "dataset-similarity": storage.SIMILARITY_PARTIAL}[command]
+    left, lock = tmp_path / partial.format(rank=""), tmp_path / storage.LOCK_FILE.format(what=command.split("-")[-1])
+    for path in (left, lock):
+        deny_removing(monkeypatch, path)
+    result = invoke(runner, *args)
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.splitlines() == [cannot_remove(left)]
+    assert json.loads(result.stdout)["resumed_from"] is None and lock.is_file()
+    monkeypatch.undo()
+    result = invoke(runner, *args, "--resume")
+    assert result.exit_code == 0 and result.stderr == "", result.stderr
+    assert not left.exists() and not lock.exists()
+
+
 def test_a_fifo_or_folder_among_the_factors_progress_names_factors_dir(runner: CliRunner, fitted: tuple[Path, Result], tmp_path: Path):
     """fit-factors into factors_dir names that key in the refusal of a FIFO at another rank's progress path, and of a
     folder at a progress path beside finished factors (both said "write to another place")."""
