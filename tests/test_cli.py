@@ -2179,9 +2179,11 @@ def test_a_finished_run_that_cannot_remove_its_progress_warns(
         json.loads(result.stdout)
     else:
         assert_clean_error(result, EXIT["output"], "from a finished run")
+    model_0 = (tmp_path / FACTORS).read_bytes() if "members/" in snapshot else b""
     result = invoke(runner, *args, "--overwrite")
     assert_clean_error(result, EXIT["output"], f"cannot remove {str(left)!r} (Operation not permitted)")
     assert path.read_bytes() == written
+    assert not model_0 or (tmp_path / FACTORS).read_bytes() == model_0  # an ensemble's first factors stay too
 
     monkeypatch.undo()
     result = invoke(runner, *args, "--resume")
