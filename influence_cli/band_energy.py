@@ -561,7 +561,7 @@ def spectrum(
     st = ctx.state
     resumed_from = None
     if from_file:
-        clear_progress_of_finished(out_dir, storage.SPECTRUM_PARTIAL, main=st.is_main, outputs=[path])  # a kill right after the final rename
+        clear_progress_of_finished(st, out_dir, storage.SPECTRUM_PARTIAL, outputs=[path])  # a kill right after the final rename
         results = _load_energies(path, list(datasets))
     else:
         saved = DatasetsProgress.start(

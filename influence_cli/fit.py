@@ -587,7 +587,7 @@ def _fit_member(
     skipped = skipped_layers(ctx.model, ctx.tracked, cfg.factors.modules)
     if resume and not overwrite and path.exists():
         _check_finished(cfg, path, result)
-        clear_progress_of_finished(out_dir, storage.FACTORS_PARTIAL, main=ctx.state.is_main, outputs=[path], key=cfg.factors_key)
+        clear_progress_of_finished(ctx.state, out_dir, storage.FACTORS_PARTIAL, outputs=[path], key=cfg.factors_key)
         return FitReport(path, cfg.factors.strategy, cfg.factors.fisher, n, layers_info, {}, "already complete", member=member.index, skipped=skipped)
     checkpoint = _snapshot_of(cfg, out_dir, result, ctx.state)
 

@@ -165,17 +165,23 @@ def _is_progress_name(name: str, pattern: str, kind: str) -> bool:
 
 
 def clear_progress_of_finished(
-    folder: Path, pattern: str, kind: str = "", main: bool = True, outputs: Sequence[Path] = (), key: str = "output_dir"
+    state: DistState, folder: Path, pattern: str, kind: str = "", outputs: Sequence[Path] = (), key: str = "output_dir"
 ) -> None:
     """Removes the progress a run killed right after renaming its finished output left beside it, or that a finished
-    run could not remove (the finished output holds all of it: a FIFO there goes too, never opened, while a folder is
-    refused before any file is removed, `key` naming `folder` in its hint), and the temporary files a killed writer of
-    `outputs` left (the caller holds their lock); on rank 0 only (`main`). A file that still cannot be removed is
-    a warning (`remove_finished_progress`): the finished output stands."""
-    if main:
+    run could not remove (the finished output holds all of it: a FIFO there goes too, never opened), and the temporary
+    files a killed writer of `outputs` left (the caller holds their lock); rank 0 removes them. Every rank first checks
+    the progress at once (`distributed.agree`): a folder there is refused, said once, before any file is removed (`key`
+    naming `folder` in its hint), so that no rank reports the output as finished while another refuses. A file that
+    still cannot be removed is a warning (`remove_finished_progress`): the finished output stands."""
+
+    def checks() -> list[Path]:
         found = progress_files(folder, pattern, kind)
         for p in found:  # all checked before any is removed
             storage.refuse_irregular(p, True, key)  # a folder is never removed
+        return found
+
+    found = agree(state, checks)
+    if state.is_main:
         remove_finished_progress(found)
         temps = [tmp for output in outputs for tmp, _ in storage.temp_files(output)]
         remove_finished_progress(temps, "left by a killed writer of a finished output")
@@ -450,9 +456,10 @@ class DatasetsProgress:
         batch_size: int, every: int, resume: bool, overwrite: bool, names: dict[str, str] | None = None,
     ) -> DatasetsProgress:
         """The progress this rank continues from (none without `resume`) towards `output`, saved as `pattern`
-        (with {rank}) every `every` batches: every rank checks its own at once (`agreed_start`: a refusal is said
-        once, and what --overwrite lets go is removed only once every rank's checks passed), then the ranks agree on where to continue and send each other the finished results a rank
-        lacks (`agree`). Under torchrun a snapshot that is missing (under `resume`) or unreadable is not refused
+        (with {rank}) every `every` batches: every rank checks its own at once (`distributed.agree`: a refusal is said
+        once), then the ranks agree on where to continue and send each other the finished results a rank lacks
+        (`agree`, which can refuse too); only then is anything removed (`remove_agreed`): what --overwrite lets go,
+        and the temporary files killed writers left, so that a refused start, --resume included, removes nothing. Under torchrun a snapshot that is missing (under `resume`) or unreadable is not refused
         here: `agree` decides. With `overwrite` the finished `output` is removed once the ranks agreed to go on (an
         interrupted --overwrite run must not leave the old result looking current). Under `resume` the files of the datasets right after those
         this rank's snapshot (one that reads) counts, written by a run killed before the snapshot that counts them,
@@ -486,10 +493,11 @@ class DatasetsProgress:
                 progress._read_unsaved()
             return progress, removed + stale + [tmp for tmp, _ in storage.temp_files(progress.finished_path("*"))]  # what killed writers left
 
-        saved = agreed_start(dist, start_checks, checkpoint.folder_key)
+        saved, removed = agree(dist, start_checks)  # removes nothing: `agree` below can still refuse
         saved.agree(dist)
         replaced = ([output] if overwrite else []) + [tmp for tmp, _ in storage.temp_files(output)]  # and what a killed writer left
-        remove_agreed(dist, saved._finished_from(saved.written) + (replaced if dist.is_main else []), checkpoint.folder_key)
+        removed += saved._finished_from(saved.written) + (replaced if dist.is_main else [])
+        remove_agreed(dist, removed, checkpoint.folder_key)
         return saved
 
     def finished_path(self, index: int | str) -> Path:

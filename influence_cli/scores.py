@@ -699,7 +699,7 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
     if resume and not overwrite and not finished and (other := next((p for p in (single, index) if p.exists()), None)):
         refuse_other_finished_result(other, recorded[other].get("result"), result, "scores", fmt=storage.SCORES_FORMAT)
     if resume and not overwrite and finished:  # a requeued job whose scores are done
-        clear_progress_of_finished(out_dir, storage.SCORES_PARTIAL, main=st.is_main, outputs=[single, index, out_dir / storage.SCORES_SHARD_GLOB])
+        clear_progress_of_finished(st, out_dir, storage.SCORES_PARTIAL, outputs=[single, index, out_dir / storage.SCORES_SHARD_GLOB])
         done, num_shards = _finished_files(finished[0])  # the layout on disk, whatever this run's would be
         return ScoresReport(
             "pairwise", done, n_q, n_t, finished[0] == index, num_shards, int(recorded[finished[0]].get("query_chunks") or 1), relative,
@@ -1019,7 +1019,7 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
         recorded = _finished_metadata(path)
         if recorded.get("result_key") not in run_keys(result):
             refuse_other_finished_result(path, recorded.get("result"), result, "self-influence scores", fmt=storage.SELF_FORMAT)
-        clear_progress_of_finished(out_dir, storage.SCORES_PARTIAL, ".self", main=st.is_main, outputs=[path])
+        clear_progress_of_finished(st, out_dir, storage.SCORES_PARTIAL, ".self", outputs=[path])
         return ScoresReport(
             "self", [path], 0, n_t, False, 1, 0, False, cfg.factors.strategy, "loss", common["damping"],
             {}, 0.0, "already complete", {tm.name: tm.num_params for tm in ctx.tracked}, len(scorer.members), scorer.by_layer,

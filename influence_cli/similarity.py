@@ -432,7 +432,7 @@ def dataset_similarity(
     }  # fmt: skip
     recorded = finished_result(path, result_fields, "a similarity result", storage.SIMILARITY_FORMAT, overwrite=overwrite, names={"fisher": "similarity.fisher"})
     if recorded is not None:
-        clear_progress_of_finished(out_dir, storage.SIMILARITY_PARTIAL, main=ctx.state.is_main, outputs=[path])  # a kill right after the final rename
+        clear_progress_of_finished(ctx.state, out_dir, storage.SIMILARITY_PARTIAL, outputs=[path])  # a kill right after the final rename
         return _finished_report(path, method, recorded)
     st = ctx.state
     saved = DatasetsProgress.start(

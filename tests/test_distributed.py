@@ -634,6 +634,16 @@ def _lose(out: Path, rank: int, index: int, how: str) -> Path:
     return path
 
 
+def _killed_writers_temp_files(out: Path) -> list[Path]:
+    """Writes temporary files as killed writers of rank 0's snapshot, rank 1's file of dataset a and the spectrum leave
+    them (the start removes them once it goes on); returns them."""
+    names = [PARTIAL.format(rank=".rank0"), PARTIAL.format(rank=".rank1.finished0"), storage.SPECTRUM_FILE]
+    temps = [out / f".{name}.killed.tmp" for name in names]
+    for tmp in temps:
+        tmp.write_bytes(b"half written")
+    return temps
+
+
 def test_ranks_that_lost_finished_datasets_files_resume_to_the_uninterrupted_spectrum(tmp_path, spectrum_stopped_with_two_datasets_finished):
     """Rank 0 (which writes the result) lost its file of dataset a, rank 1 its file of b: each takes the other's copy
     (sent over gloo both ways), each loss is said once, and --resume ends with the uninterrupted run's spectrum, bit for
@@ -643,6 +653,7 @@ def test_ranks_that_lost_finished_datasets_files_resume_to_the_uninterrupted_spe
     shutil.copytree(stopped, out)
     _lose(out, 0, 0, "missing")
     _lose(out, 1, 1, "unreadable")
+    _killed_writers_temp_files(out)
     resumed = run(out, "--resume", "--json")
     assert resumed.returncode == 0, resumed.stderr
     where = json.loads(resumed.stdout)["resumed_from"]
@@ -662,6 +673,7 @@ def test_resume_refuses_when_no_rank_holds_a_finished_datasets_file(tmp_path, sp
     shutil.copytree(stopped, out)
     _lose(out, 0, 1, "missing")
     _lose(out, 1, 1, "unreadable")
+    temps = _killed_writers_temp_files(out)  # refused by `DatasetsProgress.agree`, after every rank's own checks passed
     left = {p.name: p.read_bytes() for p in out.iterdir()}
     refused = run(out, "--resume")
     assert refused.returncode != 0
@@ -671,3 +683,28 @@ def test_resume_refuses_when_no_rank_holds_a_finished_datasets_file(tmp_path, sp
     assert "hint: pass --overwrite" in refused.stderr and "[rank0]: Traceback" not in refused.stderr, refused.stderr
     assert len(re.findall(r"exitcode\s+: 5 ", refused.stderr)) == 2, refused.stderr  # every rank refused (output error), none waits
     assert {p.name: p.read_bytes() for p in out.iterdir()} == left
+    assert all(tmp.read_bytes() == b"half written" for tmp in temps)  # a refused --resume removes nothing
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_folder_at_a_progress_path_beside_a_finished_output_is_refused_by_every_rank(
+    tmp_path, spectrum_stopped_with_two_datasets_finished, resume
+):
+    """spectrum run again (or --resume) on its finished result clears the progress left beside it, but a folder at rank
+    1's progress path is refused first, by every rank alike (said once, every rank exits 5: none reports the result as
+    finished), and nothing is removed: rank 0's leftover snapshot and a killed writer's temporary file stay."""
+    _, reference, run = spectrum_stopped_with_two_datasets_finished
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    (out / PARTIAL.format(rank=".rank1")).mkdir()
+    (out / PARTIAL.format(rank=".rank0")).write_bytes(b"left by a kill")
+    (out / f".{storage.SPECTRUM_FILE}.killed.tmp").write_bytes(b"half written")
+    left = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    refused = run(out, *(["--resume"] if resume else []))
+    assert refused.returncode != 0
+    message = f"{str(out / PARTIAL.format(rank='.rank1'))!r} is a folder, not a file"
+    assert refused.stderr.count(message) == 1 and "output error: " in refused.stderr and "[rank" not in refused.stderr, refused.stderr
+    assert "hint: set output_dir to another place, or move that folder away" in refused.stderr, refused.stderr
+    assert "]: Traceback" not in refused.stderr, refused.stderr  # no rank's own traceback (torchrun prints its summary's)
+    assert len(re.findall(r"exitcode\s+: 5 ", refused.stderr)) == 2, refused.stderr  # every rank refused, none went on
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == left
