@@ -382,7 +382,7 @@ refused by its key before any work:
 | `self_influence.safetensors` | `compute-scores --self` | I(x, x) for every training example, with its label and (classification) model.checkpoint's predicted class (with `scores.by_layer`, also `self_influence_by_layer` [layers × train]) |
 | `similarity.safetensors` | `dataset-similarity` | the kernel between the datasets of `similarity.datasets` |
 | `spectrum.safetensors` | `spectrum` | each example's gradient energy per curvature band, per dataset of `spectrum.datasets` |
-| `factors.partial*.safetensors`, `scores.partial*.safetensors`, `similarity.partial*.safetensors`, `spectrum.partial*.safetensors` | an interrupted run | saved progress, every `factors.checkpoint_every` batches (dataset-similarity and spectrum also after each dataset, whose result goes once into a file of its own beside it, `similarity.partial*.finished<i>.safetensors`, `spectrum.partial*.finished<i>.safetensors`); `--resume` continues from it, and the finished command removes it |
+| `factors.partial*.safetensors`, `scores.partial*.safetensors`, `similarity.partial*.safetensors`, `spectrum.partial*.safetensors` | an interrupted run | saved progress, every `factors.checkpoint_every` batches (dataset-similarity and spectrum also after each dataset, whose result goes once into a file of its own beside it, `similarity.partial*.finished<i>.safetensors`, `spectrum.partial*.finished<i>.safetensors`); `--resume` continues from it, and the finished command removes it (one it cannot remove, for want of permission, is a warning naming it and why: the output stands, and the file can be removed by hand; until then `--resume`, or dataset-similarity and spectrum run again, show the finished output and try again, while `--overwrite` stops with an output error naming it) |
 
 While fit-factors eigendecomposes (on the CPU) a mean covariance A or G larger than 64 MiB (wider
 than 4,096 in float32), that covariance waits in `factors_dir`, in an anonymous temporary file (it has no
@@ -442,10 +442,10 @@ headers, each with the message that model's turn would give), and later
 commands (`top-k` included) refuse factors or scores of another model, dataset or setting.
 While a command writes its outputs into an output_dir (factors: into factors_dir) it holds a lock on them there
 (`.influence.factors.lock`, `.influence.scores.lock`, `.influence.self_influence.lock`,
-`.influence.spectrum.lock`, `.influence.similarity.lock`: removed by the last holder, released
-by the OS if the process is killed), and the commands that read the factors hold a shared lock
-on them. So a second run writing the same outputs into the same folder is refused, and so is
-fit-factors while factors are being read (and the reverse), while compute-scores and
+`.influence.spectrum.lock`, `.influence.similarity.lock`: removed by the last holder, or left, harmless,
+where the folder no longer lets it be removed; released by the OS if the process is killed), and the
+commands that read the factors hold a shared lock on them. So a second run writing the same outputs
+into the same folder is refused, and so is fit-factors while factors are being read (and the reverse), while compute-scores and
 compute-scores --self (or spectrum and dataset-similarity) can run side by side. Under torchrun
 rank 0 takes the locks and every rank stops if it could not. A filesystem that cannot lock gets
 a warning and runs unlocked.
