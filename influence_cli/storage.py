@@ -508,9 +508,7 @@ def output_dir_lock(
             if shared:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             path.unlink(missing_ok=True)
-        except BlockingIOError:
-            pass
-        except OSError:  # a folder where nothing can be removed any more: the file left is harmless, the next run locks it
+        except OSError:  # another reader holds it (BlockingIOError), or nothing can be removed there any more: the file left is harmless
             pass
         finally:
             os.close(fd)
