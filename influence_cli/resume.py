@@ -455,21 +455,22 @@ class DatasetsProgress:
         cls, output: Path, pattern: str, dist: Any, result: dict[str, Any], datasets: list[str], *,
         batch_size: int, every: int, resume: bool, overwrite: bool, names: dict[str, str] | None = None,
     ) -> DatasetsProgress:
-        """The progress this rank continues from (none without `resume`) towards `output`, saved as `pattern`
-        (with {rank}) every `every` batches: every rank checks its own at once (`distributed.agree`: a refusal is said
+        """The progress this rank continues from (none without `resume`) towards `output`, saved as `pattern` (with
+        {rank}) every `every` batches: every rank checks its own at once (`distributed.agree`: a refusal is said
         once), then the ranks agree on where to continue and send each other the finished results a rank lacks
         (`agree`, which can refuse too); only then is anything removed (`remove_agreed`): what --overwrite lets go,
-        and the temporary files killed writers left, so that a refused start, --resume included, removes nothing. Under torchrun a snapshot that is missing (under `resume`) or unreadable is not refused
-        here: `agree` decides. With `overwrite` the finished `output` is removed once the ranks agreed to go on (an
-        interrupted --overwrite run must not leave the old result looking current). Under `resume` the files of the datasets right after those
+        and the temporary files killed writers left, so that a refused start, --resume included, removes nothing.
+        Under torchrun a snapshot that is missing (under `resume`) or unreadable is not refused here: `agree` decides.
+        With `overwrite` the finished `output` is removed once the ranks agreed to go on (an interrupted --overwrite
+        run must not leave the old result looking current). Under `resume` the files of the datasets right after those
         this rank's snapshot (one that reads) counts, written by a run killed before the snapshot that counts them,
         are counted as finished when they hold their results under this run's settings (and, under torchrun, agree
         with every other rank's copy: `agree`). Files of finished datasets that this rank's snapshot does not count
         and that are not so counted (a run started over; one of them does not hold its result; when the snapshot is
-        lost, those past the datasets the other ranks finished) are removed once the ranks agreed to go on: a
-        refusal leaves them. What is no regular file at the path of one of them is refused as that before any is read
-        or removed (`storage.refuse_irregular`: a FIFO is never opened, and removed by `overwrite` without `resume`;
-        a folder is never removed).
+        lost, those past the datasets the other ranks finished) are removed once the ranks agreed to go on: a refusal
+        leaves them. What is no regular file at the path of one of them is refused as that before any is read or
+        removed (`storage.refuse_irregular`: a FIFO is never opened, and removed by `overwrite` without `resume`; a
+        folder is never removed).
 
         Args:
             dist: The DistState. result: the settings the result depends on; the batch size, the ranks and
