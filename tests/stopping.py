@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -183,6 +184,27 @@ def never_open_fifos(monkeypatch: pytest.MonkeyPatch) -> None:
     opened, read_text = storage.open_safetensors, Path.read_text
     monkeypatch.setattr(storage, "open_safetensors", lambda p, *a, **kw: pytest.fail(f"{p} was opened") if Path(p).is_fifo() else opened(p, *a, **kw))
     monkeypatch.setattr(Path, "read_text", lambda p, *a, **kw: pytest.fail(f"{p} was opened") if p.is_fifo() else read_text(p, *a, **kw))
+
+
+def check_irregular_progress(
+    invoke: Callable[..., Result], command: str, config: Path, overrides: list[str], cases: dict[str, tuple[Path | None, str]],
+    output: str, kind: str, runs: Path,
+) -> None:
+    """dataset-similarity or spectrum (`command`, writing `output`) over a FIFO or folder (`kind`) at a progress path:
+    for each case (an output_dir copied from its template, or empty, and the name of the path made irregular there)
+    without a flag, with --resume and with --overwrite. A folder is always refused, a FIFO too except by --overwrite
+    and beside a finished result, where it goes with the progress and only the output stays."""
+    for case, (template, name) in cases.items():
+        for flags in ((), ("--resume",), ("--overwrite",)):
+            out = runs / f"{case}{''.join(flags)}"
+            shutil.copytree(template, out) if template else out.mkdir(parents=True)
+            make_irregular(out / name, kind)
+            result = invoke(command, str(config), *[a for s in [*overrides, f"output_dir={out}"] for a in ("--set", s)], *flags)
+            if kind == "folder" or (flags != ("--overwrite",) and case != "finished"):
+                assert_refused_as_irregular(result, out / name, kind)
+                continue
+            assert result.exit_code == 0, (case, flags, result.output)
+            assert sorted(p.name for p in out.iterdir()) == [output], (case, flags)  # the FIFO gone, no progress left
 
 
 def assert_refused_as_irregular(result: Result, path: Path, kind: str) -> None:

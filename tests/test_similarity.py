@@ -21,8 +21,8 @@ from stopping import (
     StopAt,
     Streamed,
     as_earlier_snapshot,
-    assert_refused_as_irregular,
     assert_same_tensors,
+    check_irregular_progress,
     device_types,
     interrupt,
     killed_before_the_snapshot,
@@ -769,17 +769,7 @@ def test_a_fifo_or_folder_at_a_finished_datasets_path_is_refused_as_that(digits_
         "another-rank": (None, "similarity.partial.rank1.finished0.safetensors"),
         "finished": (finished, "similarity.partial.finished0.safetensors"),
     }
-    for case, (template, name) in cases.items():
-        for flags in ((), ("--resume",), ("--overwrite",)):
-            out = tmp_path / "runs" / f"{case}{''.join(flags)}"
-            shutil.copytree(template, out) if template else out.mkdir(parents=True)
-            make_irregular(out / name, kind)
-            result = invoke("dataset-similarity", str(DIGITS), *[a for s in [*sets, f"output_dir={out}"] for a in ("--set", s)], *flags)
-            if kind == "folder" or (flags != ("--overwrite",) and case != "finished"):
-                assert_refused_as_irregular(result, out / name, kind)
-                continue
-            assert result.exit_code == 0, (case, flags, result.output)
-            assert sorted(p.name for p in out.iterdir()) == [SIMILARITY_FILE], (case, flags)  # the FIFO gone, no progress left
+    check_irregular_progress(invoke, "dataset-similarity", DIGITS, sets, cases, SIMILARITY_FILE, kind, tmp_path / "runs")
 
 
 # The real CLI, stopped as a preempted rank would be: with STOP="<dataset>:<batch>", rank 1 stops in that batch (torchrun

@@ -6,7 +6,6 @@ import copy
 import dataclasses
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,12 +23,11 @@ from stopping import (
     StopAt,
     Streamed,
     as_earlier_snapshot,
-    assert_refused_as_irregular,
     assert_same_tensors,
+    check_irregular_progress,
     device_types,
     interrupt,
     killed_before_the_snapshot,
-    make_irregular,
     never_open_fifos,
     progress_files,
 )
@@ -1274,17 +1272,7 @@ def test_a_fifo_or_folder_at_a_progress_path_of_spectrum_is_refused_as_that(digi
         "another-rank": (None, "spectrum.partial.rank1.finished0.safetensors"),
         "finished": (finished, "spectrum.partial.finished0.safetensors"),
     }
-    for case, (template, name) in cases.items():
-        for flags in ((), ("--resume",), ("--overwrite",)):
-            out = tmp_path / "runs" / f"{case}{''.join(flags)}"
-            shutil.copytree(template, out) if template else out.mkdir(parents=True)
-            make_irregular(out / name, kind)
-            result = invoke("spectrum", DIGITS, *[a for s in [*overrides, f"output_dir={out}"] for a in ("--set", s)], *flags)
-            if kind == "folder" or (flags != ("--overwrite",) and case != "finished"):
-                assert_refused_as_irregular(result, out / name, kind)
-                continue
-            assert result.exit_code == 0, (case, flags, result.output)
-            assert sorted(p.name for p in out.iterdir()) == [SPECTRUM_FILE], (case, flags)  # the FIFO gone, no progress left
+    check_irregular_progress(invoke, "spectrum", DIGITS, overrides, cases, SPECTRUM_FILE, kind, tmp_path / "runs")
 
 
 def test_band_names_keep_the_shares_as_set():
