@@ -46,7 +46,6 @@ from influence_cli.resume import (
     clear_progress_of_finished,
     progress_files,
     refuse_other_finished_result,
-    remove_agreed,
     run_key,
     run_keys,
 )
@@ -596,12 +595,12 @@ def _fit_member(
         storage.ensure_writable_dir(out_dir, key=cfg.factors_key)
         removed = check_rank_layout(out_dir, storage.FACTORS_PARTIAL, ctx.state.world_size, resume=resume, overwrite=overwrite, key=cfg.factors_key)
         snapshot, stale = checkpoint.check_start(resume, overwrite)  # a rank's own progress file may refuse on that rank alone
-        return snapshot, removed + stale
+        # rank 0 also lets go of the old factors: an interrupted --overwrite run leaves its progress, which --resume
+        # continues, and not them (the other models' progress first, `fit_factors`)
+        old = [*(also_replaced or []), path] if overwrite else []
+        return snapshot, removed + stale + (old + storage.temp_paths(path) if ctx.state.is_main else [])
 
     snapshot = agreed_start(ctx.state, start_checks, cfg.factors_key)  # every rank stops together, none left waiting in a collective
-    # an interrupted --overwrite run leaves its progress, which --resume continues, and not the old factors
-    old = [*(also_replaced or []), path] if overwrite else []  # the other models' progress first (`fit_factors`)
-    remove_agreed(ctx.state, old + [tmp for tmp, _ in storage.temp_files(path)] if ctx.state.is_main else [], cfg.factors_key)
     snapshot = _agree_on_progress(ctx.state, snapshot)
     resumed_from = None if snapshot is None else f"{snapshot.phase} pass, batch {snapshot.batches_done}"
     seconds: dict[str, float] = {}

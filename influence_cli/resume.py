@@ -183,7 +183,7 @@ def clear_progress_of_finished(
     found = agree(state, checks)
     if state.is_main:
         remove_finished_progress(found)
-        temps = [tmp for output in outputs for tmp, _ in storage.temp_files(output)]
+        temps = [tmp for output in outputs for tmp in storage.temp_paths(output)]
         remove_finished_progress(temps, "left by a killed writer of a finished output")
 
 
@@ -237,7 +237,7 @@ class PassCheckpoint:
             OutputError: progress without --resume or --overwrite; progress of other settings (named); without
                 `lost_ok`, not a readable progress file.
         """
-        stale = [tmp for tmp, _ in storage.temp_files(self.path)]
+        stale = storage.temp_paths(self.path)
         if not self.path.exists():
             return None, stale
         storage.refuse_irregular(self.path, overwrite and not resume, self.folder_key)  # never opened; --overwrite lets a FIFO go
@@ -492,11 +492,11 @@ class DatasetsProgress:
                 progress.snapshot_lost = ("missing", f"{str(checkpoint.path)!r} is missing")
             elif snapshot is not None and snapshot.phase.startswith("dataset:"):  # it reads (one only under `resume`)
                 progress._read_unsaved()
-            return progress, removed + stale + [tmp for tmp, _ in storage.temp_files(progress.finished_path("*"))]  # what killed writers left
+            return progress, removed + stale + storage.temp_paths(progress.finished_path("*"))  # what killed writers left
 
         saved, removed = agree(dist, start_checks)  # removes nothing: `agree` below can still refuse
         saved.agree(dist)
-        replaced = ([output] if overwrite else []) + [tmp for tmp, _ in storage.temp_files(output)]  # and what a killed writer left
+        replaced = ([output] if overwrite else []) + storage.temp_paths(output)  # and what a killed writer left
         removed += saved._finished_from(saved.written) + (replaced if dist.is_main else [])
         remove_agreed(dist, removed, checkpoint.folder_key)
         return saved

@@ -64,7 +64,6 @@ from influence_cli.resume import (
     clear_progress_of_finished,
     progress_files,
     refuse_other_finished_result,
-    remove_agreed,
     run_key,
     run_keys,
 )
@@ -825,16 +824,14 @@ def _start_pairwise(st: DistState, checkpoint: PassCheckpoint, single: Path, ind
             )
         if resume and not overwrite:
             checkpoint.check_leftovers(leftovers, "score shard(s)")
-        return snap, removed + stale
+        old: list[Path] = []  # what rank 0 removes besides, before any rank writes a shard
+        if st.is_main:
+            old = ([single, index] if overwrite else []) + ([] if resume else leftovers)
+            for name in (storage.SCORES_FILE, storage.SCORES_INDEX, storage.SCORES_SHARD_GLOB):  # not "scores*": a --self run's progress shares the prefix
+                old += storage.temp_paths(out_dir / name)
+        return snap, removed + stale + old
 
-    snapshot = agreed_start(st, start_checks)
-    old: list[Path] = []  # what rank 0 removes
-    if st.is_main:
-        old = ([single, index] if overwrite else []) + ([] if resume else sorted(out_dir.glob(storage.SCORES_SHARD_GLOB)))
-        for name in (storage.SCORES_FILE, storage.SCORES_INDEX, storage.SCORES_SHARD_GLOB):  # not "scores*": a --self run's progress shares the prefix
-            old += [tmp for tmp, _ in storage.temp_files(out_dir / name)]
-    remove_agreed(st, old)  # every rank passes it once rank 0 removed them: no shard is written before
-    return snapshot
+    return agreed_start(st, start_checks)
 
 
 @dataclass
@@ -1031,11 +1028,10 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
         storage.check_can_write(path, overwrite, "self-influence scores", "output_dir", storage.SELF_FORMAT)
         removed = check_rank_layout(out_dir, storage.SCORES_PARTIAL, st.world_size, resume=resume, overwrite=overwrite, kind=".self")
         snap, stale = checkpoint.check_start(resume, overwrite)
-        return snap, removed + stale
+        old = [path] if overwrite else []  # an interrupted --overwrite run must not leave the old values looking current
+        return snap, removed + stale + (old + storage.temp_paths(path) if st.is_main else [])
 
     snapshot = agreed_start(st, start_checks)
-    old = [path] if overwrite else []  # an interrupted --overwrite run must not leave the old values looking current
-    remove_agreed(st, old + [tmp for tmp, _ in storage.temp_files(path)] if st.is_main else [])
     start, stop = st.shard(n_t)
     shard = ShardSpec(st.rank, st.rank, start, stop, 0, -(-(stop - start) // scorer.bs))
     values = torch.zeros(n_t, dtype=scorer.dtype, device=ctx.device)

@@ -108,7 +108,7 @@ def remove_stale_temp_files(path: Path, older_than_s: float = 0.0) -> None:
     the write goes to a new name beside it.
     """
     now = time.time()
-    for tmp, _ in temp_files(path):
+    for tmp in temp_paths(path):
         try:
             if older_than_s <= 0 or now - tmp.stat().st_mtime > older_than_s:
                 tmp.unlink(missing_ok=True)
@@ -125,6 +125,11 @@ def temp_files(path: Path) -> list[tuple[Path, str]]:
     a folder of such a name is no writer's, and is left alone."""
     found = sorted(Path(path).parent.glob(_temp_pattern(path)))  # .<name>.<random>.tmp
     return [(tmp, tmp.name[1:].rsplit(".", 2)[0]) for tmp in found if tmp.is_symlink() or not tmp.is_dir()]
+
+
+def temp_paths(path: Path) -> list[Path]:
+    """The temporary files that writers of `path` left (`temp_files`, without the names they were for)."""
+    return [tmp for tmp, _ in temp_files(path)]
 
 
 UNLOCKED_TEMP_AGE_S = 600.0  # a temporary file of an unlocked output this old is a killed writer's
