@@ -1294,6 +1294,16 @@ def test_info_on_a_file_that_is_not_an_output(runner: CliRunner, tmp_path: Path,
     assert_clean_error(invoke(runner, "info", path), EXIT["output"], name)
 
 
+def test_info_on_an_npz_archive_does_not_call_it_a_torch_save_file(runner: CliRunner, tmp_path: Path):
+    """An .npz (a zip archive, as torch.save writes) was called 'a torch.save file (a checkpoint, ...)'."""
+    import numpy as np
+
+    np.savez(tmp_path / "data.npz", inputs=np.zeros((2, 3)), labels=np.zeros(2))
+    result = invoke(runner, "info", tmp_path / "data.npz")
+    assert_clean_error(result, EXIT["output"], "data.npz' is not a readable safetensors file")
+    assert "torch.save" not in result.stderr
+
+
 def test_info_on_a_plain_state_dict_says_it_records_no_metadata(runner: CliRunner, tmp_path: Path):
     """A .pt written by edit (torch.save) was 'not a readable safetensors file (... header too large)',
     with a hint to point info at a file written by this tool, which it was."""

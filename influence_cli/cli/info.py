@@ -121,8 +121,17 @@ def shard_files(names: list[str]) -> str:
 
 
 def _written_by_torch_save(path: Path) -> bool:
-    """Whether `path` begins as torch.save writes: a zip archive, or a legacy pickle (not a safetensors
-    header: an 8-byte length, whose first byte may be 0x80, then '{')."""
+    """Whether `path` is as torch.save writes it: a zip archive holding a `data.pkl` (other zip archives,
+    such as NumPy's .npz, are not), or a legacy pickle (not a safetensors header: an 8-byte length,
+    whose first byte may be 0x80, then '{')."""
+    import zipfile
+
     with path.open("rb") as fh:
         head = fh.read(9)
-    return head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[8:9] != b"{")
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                return any(name.rpartition("/")[2] == "data.pkl" for name in archive.namelist())
+        except (OSError, zipfile.BadZipFile):
+            return False
+    return head[:1] == b"\x80" and head[8:9] != b"{"
