@@ -94,7 +94,10 @@ Relative paths in the file (`model.checkpoint`, data files and folders, `indices
 working directory, so a config works from wherever the command runs (for a config reached
 through a symbolic link, the folder of the file it links to). `~` expands to the home
 folder. Files the config names are checked when it loads (a torchvision `root` with
-`download: true` may be absent). The `kwargs` of a `package.module:function` model or data
+`download: true` may be absent); a missing one that a relative path names from the working
+directory is named so, with the path to write from the config's folder
+(`model.checkpoint: '/work/configs/model.pt' does not exist (relative paths resolve against the config file's
+folder: model.pt in the working directory is ../model.pt from there)`). The `kwargs` of a `package.module:function` model or data
 source are passed to your function as written: a path among them is yours to resolve (relative
 to the working directory, as Python opens it). Such a module is looked up next to the config
 file first, then on the usual Python path.

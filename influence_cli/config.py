@@ -1098,7 +1098,24 @@ def _named_path_problem(cfg: Config, key: str, value: str, kind: str, unset: str
         return [f"{key}: empty; give the path of a {kind}" + (f" or {unset} to leave it unset" if unset else "")]
     resolved = cfg.resolve(value)
     problem = _path_problem(resolved, kind)
+    if problem == "does not exist":
+        problem += _from_working_directory(value, cfg.base_dir, kind)
     return [f"{key}: {str(resolved)!r} {problem}"] if problem else []
+
+
+def _from_working_directory(value: str, base_dir: str, kind: str) -> str:
+    """'' unless the relative path `value` names a `kind` from the working directory (a path written
+    relative to where the command runs, not to the config's folder); then how to write that one."""
+    if os.path.isabs(os.path.expanduser(value)):
+        return ""
+    try:
+        here = Path.cwd() / value
+        if Path.cwd().resolve() == Path(base_dir).resolve() or _path_problem(here, kind) is not None:
+            return ""
+        fixed = os.path.relpath(os.path.normpath(here), base_dir)
+    except (OSError, ValueError):
+        return ""
+    return f" (relative paths resolve against the config file's folder: {value} in the working directory is {fixed} from there)"
 
 
 def _check_data_spec(cfg: Config, spec: DataSpec, key: str, check_files: bool) -> list[str]:

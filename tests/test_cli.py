@@ -696,6 +696,24 @@ def test_bad_input_gives_one_clear_line_and_writes_nothing(
     assert not out.exists() or list(out.iterdir()) == []
 
 
+def test_a_path_written_from_the_working_directory_is_named_from_the_configs_folder(
+    runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A config in a sub-folder naming model.pt (beside the working directory, not the config) was only
+    'does not exist'; the message now says where relative paths resolve, and how to write this one."""
+    (tmp_path / "configs").mkdir()
+    shutil.copy(ROOT / "sample_data" / "mlp.safetensors", tmp_path / "model.safetensors")
+    config = tmp_path / "configs" / "mine.yaml"
+    config.write_text(DIGITS.read_text())
+    monkeypatch.chdir(tmp_path)
+    sets = ["--set", "model.checkpoint=model.safetensors", "--set", "data.train.path=nope.safetensors"]
+    result = invoke(runner, "fit-factors", config, *sets)
+    line = assert_clean_error(result, EXIT["config"], "model.checkpoint: ", "does not exist")
+    assert "model.safetensors in the working directory is ../model.safetensors from there" in line
+    assert "relative paths resolve against the config file's folder" in line
+    assert "nope.safetensors' does not exist (" not in line  # not in the working directory either
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write into read-only folders")
 def test_read_only_output_dir(runner: CliRunner, tmp_path: Path):
     locked = tmp_path / "locked"
