@@ -646,7 +646,8 @@ def check_outputs(out: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, task_ki
         if outside is not None:
             raise DataError(
                 f"{dataset_name}: label {outside[1]} of example {int(idx[outside[0]])} is outside the model's {out.shape[1]} classes",
-                hint="check model.kwargs.num_classes or filter with labels_in",
+                hint=f"give the model an output per class (model.kwargs: num_classes of mlp, cnn and torchvision models), "
+                f"or keep labels 0..{out.shape[1] - 1} with {dataset_name}.labels_in",
             )
 
 

@@ -696,6 +696,16 @@ def test_bad_input_gives_one_clear_line_and_writes_nothing(
     assert not out.exists() or list(out.iterdir()) == []
 
 
+def test_a_label_outside_the_classes_names_the_labels_in_key_of_its_dataset(runner: CliRunner, tmp_path: Path):
+    """The hint was 'check model.kwargs.num_classes or filter with labels_in': a key that a factory's
+    kwargs need not have, and labels_in of no dataset."""
+    args = _labels_outside(tmp_path)
+    result = invoke(runner, "fit-factors", *args, "--set", f"output_dir={tmp_path / 'out'}")
+    assert_clean_error(result, EXIT["data"], "label 12")
+    hint = result.stderr.splitlines()[1]
+    assert "keep labels 0..9 with data.train.labels_in" in hint and "num_classes of mlp, cnn and torchvision models" in hint
+
+
 def test_a_path_written_from_the_working_directory_is_named_from_the_configs_folder(
     runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
