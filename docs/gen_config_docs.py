@@ -320,11 +320,22 @@ whose Pearson correlation with float32 is 0.997 to 0.999 on the MNIST benchmarks
 LDS (docs/BENCHMARKS.md). Small fits agree less: 0.95 to 0.97 for 400 digits at the default damping,
 mostly from fitting in bf16 (float32 factors scored in bf16: 0.994, and 0.9997 at λ = 1e-2), so
 compare on your data first.
-`float16` is refused: its range (smallest value 6e-8, largest 65504) flushes the output
-gradients of confidently predicted examples to zero, which left some queries' rankings
-uncorrelated with float32's on the MNIST MLP, and preconditioned queries at small damping
-overflow it; `bfloat16` keeps float32's range. A factors file fitted in bf16 or float32 can be
-scored either way.
+`factors.amp: float16`, for GPUs whose matrix units take float16 but not bf16 (T4, V100), runs
+the model's forward under float16 autocast and its backward in float16; every product of the
+passes (covariances, rotations, Λ*, the preconditioned queries and the scoring GEMMs) stays
+float32, as preconditioned queries divided by a small Λ + λ pass float16's largest value, 65504.
+float16's range (normal values from 6e-5, subnormal ones down to 6e-8) would flush the output
+gradients of confidently predicted examples to zero, so each example's backward seed is scaled
+by its own power of two (its largest entry into [2^7, 2^8)) and the example's gradients are
+divided by it in float32; a backward that overflows is run again for the examples it lost with
+seeds 2^4 smaller, down to 2^-8, and what is still not finite there is reported as any NaN
+(exit 6). An example's scale depends on that example alone, not on its batch, so a resumed or
+sharded run gives the bits of an uninterrupted one (under torchrun, as in float32, up to the
+all-reduce's rounding). On the benchmark CPU (where float16 is emulated, so no speed was
+measured) its scores kept a Pearson correlation of 0.9998 with float32's on the MNIST MLP and
+0.9999 on the bundled CNN, closer than bf16's (docs/BENCHMARKS.md); without the per-example
+scaling the CNN's fell to 0.63. A factors file fitted in any of the three precisions can be
+scored in any of them.
 
 ## Damping
 

@@ -194,11 +194,13 @@ class FactorsConfig(_Section):
         default=None,
     )
     amp: Literal["none", "bfloat16", "float16"] = _help(
-        "Low precision for the data passes (fit-factors and compute-scores): the forward runs under autocast and the "
-        "per-batch matrix products (covariances, rotations, scoring GEMMs) in this dtype, summed in float32 accumulators; "
-        "eigendecompositions stay float64. bfloat16 on GPUs and CPUs with bf16 units; float16 is refused (its range loses "
-        "small gradients). none: float32 throughout, with TF32 turned off for the model's forward and backward on CUDA "
-        "(PyTorch's default TF32 convolutions moved the bundled CNN's scores by 1% to 5% of the largest on an H200).",
+        "Low precision for the data passes (fit-factors, compute-scores, dataset-similarity, spectrum): the model's forward "
+        "and backward run under autocast in this dtype. bfloat16 (GPUs and CPUs with bf16 units): the per-batch matrix "
+        "products (covariances, rotations, scoring GEMMs) run in bf16 too, summed in float32 accumulators. float16 (GPUs "
+        "without bf16, such as T4 and V100): each example's backward seed is scaled by its own power of two, so float16's "
+        "range keeps small gradients and a backward that overflows runs again at a smaller scale; the products stay float32. "
+        "Eigendecompositions stay float64. none: float32 throughout, with TF32 turned off for the model's forward and "
+        "backward on CUDA (PyTorch's default TF32 convolutions moved the bundled CNN's scores by 1% to 5% of the largest on an H200).",
         default="none",
     )
     checkpoint_every: int = _help("Save resumable progress every N batches of fit-factors' passes, of compute-scores (pairwise and --self), dataset-similarity and spectrum; 0 = never (under torchrun, their --resume still rewrites a rank's lost file of a finished dataset, from another rank's copy).", default=50)
@@ -1237,11 +1239,6 @@ def validate(cfg: Config, check_files: bool = True, reads: Collection[str] | Non
                     f"{key}: ggn is not available for task.kind: language_modeling (it needs positions x vocabulary "
                     "backward passes per batch); use sampled or empirical"
                 )
-    if cfg.factors.amp == "float16":
-        problems.append(
-            "factors.amp: float16 is refused: its range flushes the output gradients of confidently predicted examples "
-            "(below 6e-8) to zero and can overflow the preconditioned queries; use bfloat16 (same range as float32) or none"
-        )
     d = cfg.data
     if d.batch_size <= 0:
         problems.append(f"data.batch_size: must be > 0, got {d.batch_size}")

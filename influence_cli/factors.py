@@ -327,7 +327,7 @@ def mirror_(acc: torch.Tensor) -> torch.Tensor:
 class CovarianceAccumulator:
     """Pass 1: running sums of Σ_t a aᵀ and (1/T) Σ_t g gᵀ over examples.
 
-    `matmul_dtype` (bfloat16 / float16, `factors.amp`) runs each batch's products in that
+    `matmul_dtype` (bfloat16 under `factors.amp: bfloat16`) runs each batch's products in that
     dtype; the sums stay in `dtype`. Wide factors are summed in their upper block triangle only
     (`add_gram_`): `covariances` returns the full matrices.
     """

@@ -253,7 +253,7 @@ def compute_factors(
         _run_pass(model, tracked, plan, acc, phase, checkpoint, snapshot, extra, progress)
         seconds[phase] = time.perf_counter() - t0
 
-    low = matmul_dtype(plan.amp, dtype)  # factors.amp: the products in bf16 / fp16
+    low = matmul_dtype(plan.amp, dtype)  # factors.amp: bfloat16: the products in bf16 (float16 keeps them float32)
     if strategy == "diagonal":
         diag = DiagonalAccumulator(tracked, {tm.name: (None, None) for tm in tracked}, dtype, device, low)
         timed("diagonal", diag, {})

@@ -175,8 +175,8 @@ class ScoreKernel:
     Args:
         layers: {layer: LayerFactors} on the model's device and in its accumulator dtype.
         damping: {layer: λ}.
-        matmul_dtype: bfloat16 / float16 (`factors.amp`): the preconditioned queries are stored,
-            and the scoring GEMMs run, in that dtype; scores are summed in float32.
+        matmul_dtype: bfloat16 (`factors.amp: bfloat16`; float16 keeps float32 here): the preconditioned
+            queries are stored, and the scoring GEMMs run, in that dtype; scores are summed in float32.
     """
 
     def __init__(self, layers: dict[str, LayerFactors], damping: dict[str, float], matmul_dtype: torch.dtype | None = None) -> None:

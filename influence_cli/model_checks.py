@@ -31,7 +31,7 @@ from torch import nn
 from influence_cli.errors import ModelError, first_line, out_of_memory
 from influence_cli.tracking import Capture, TrackedModule, attention_fastpath_off
 
-_TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-3}  # relative; bf16/fp16 products: 5e-2
+_TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-3}  # relative; under factors.amp (bf16 / fp16 autocast): 5e-2
 _HINT_LAYOUT = (
     "keep the batch first in the model (e.g. batch_first=True), with nothing that mixes the examples of a batch "
     "and no randomness (model.eval() turns off dropout and batch statistics)"
@@ -41,7 +41,7 @@ _HINT_LAYOUT = (
 def tolerance(dtype: torch.dtype, amp: str, device: torch.device | None = None) -> float:
     """Relative agreement expected of two computations of the same quantity: float32 on CUDA gets
     1e-2, a margin for cuDNN's choice of algorithms between a batch and its check (the passes run
-    in IEEE float32 there, `passes.ieee_float32`); bf16/fp16 products 5e-2."""
+    in IEEE float32 there, `passes.ieee_float32`); a forward and backward under bf16 / fp16 autocast 5e-2."""
     if amp != "none":
         return 5e-2
     if dtype == torch.float32 and device is not None and device.type == "cuda":
@@ -204,11 +204,12 @@ def check_weight_gradients(
             hint="the model must accept any batch size (a size written into a view/reshape also fails on a short last batch)",
         ) from exc
     check_model_output(out, n)
-    vector = vector[:n].to(out.dtype)
+    vector = vector[:n]
     peak = float(vector.detach().abs().max()) if vector.numel() else 0.0
     if not 0.0 < peak < math.inf:  # no gradient (confident predictions of the sampled labels): no evidence either way
         return
-    # exact (a power of 2, applied in float64: 2^k itself can exceed float32) and linear: the gradients of saturated outputs would be subnormal
+    # exact (a power of 2, applied in float64: 2^k itself can exceed float32) and linear, before the cast to the outputs' dtype:
+    # the gradients of saturated outputs would be subnormal, and flushed to 0 in float16
     vector = (vector.double() * 2.0 ** -math.floor(math.log2(peak))).to(out.dtype)
     gen = torch.Generator().manual_seed(0)  # ±2^k, k in -2..2: exact in every float format, so bf16 rounds both sides alike
     r = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0).double() * 2.0 ** torch.randint(-2, 3, (n,), generator=gen).double()
@@ -233,7 +234,7 @@ def check_weight_gradients(
         dtype = torch.promote_types(acts[tm.name].dtype, torch.float32)  # float32 (float64 models: float64) is enough for the tolerance
         a, g = acts[tm.name].to(dtype), grads[tm.name].to(dtype)
         hooks = torch.einsum("b,btd,bte->de", r.to(a.device, dtype), g, a)
-        gap = _relative_gap(hooks, auto)
+        gap = _relative_gap(hooks, auto)  # NaN when a backward overflowed (float16): no evidence either way
         if gap > tol:
             raise ModelError(
                 f"layer {tm.name!r}: the gradient of its weight is not Σ g·aᵀ of its own calls (off by {gap:.0%}): the model "

@@ -110,16 +110,67 @@ def accumulator_dtype(model: nn.Module) -> torch.dtype:
 def matmul_dtype(amp: str, accumulator: torch.dtype = torch.float32) -> torch.dtype | None:
     """The dtype of the passes' matrix products under `factors.amp` (None: the accumulators' own).
 
-    Only float32 accumulators take a lower precision; a float64 model (the exactness tests) keeps its own.
+    Only float32 accumulators take a lower precision, and only bfloat16: under float16 the model's
+    forward and backward run in float16 but every product of the passes stays float32 (float16's
+    largest value, 65504, is passed by preconditioned queries divided by a small Λ + λ). A float64
+    model (the exactness tests) keeps its own.
     """
-    return None if amp == "none" or accumulator != torch.float32 else getattr(torch, amp)
+    return torch.bfloat16 if amp == "bfloat16" and accumulator == torch.float32 else None
 
 
 def autocast_context(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    """Autocast for the model's forward under `factors.amp` (CUDA, or bfloat16 on CPU)."""
-    if amp == "none" or device.type not in ("cuda", "cpu") or (device.type == "cpu" and amp != "bfloat16"):
+    """Autocast for the model's forward under `factors.amp` (CUDA or CPU)."""
+    if amp == "none" or device.type not in ("cuda", "cpu"):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=getattr(torch, amp))
+
+
+# Under float16 each example's largest backward seed is scaled into [2^7, 2^8): 256x room below float16's 65504 for
+# the gradients to grow through the layers (at most 14x on the bundled MLP and CNN and the MNIST MLP), while scores
+# came out the same with seeds scaled to 2^4 and to 2^14 (docs/BENCHMARKS.md)
+FLOAT16_SEED_EXPONENT = 8
+FLOAT16_SEED_STEP = 4  # a backward that overflows is run again with the seeds of the examples it lost 2^4 smaller
+FLOAT16_SEED_FLOOR = -8  # down to this exponent; past it the example's non-finite gradient is reported as any other
+
+
+def layer_gradients(
+    cap: Capture, out: torch.Tensor, vector: torch.Tensor, *, amp: str, dtype: torch.dtype, retain_graph: bool
+) -> dict[str, torch.Tensor]:
+    """{layer: g [B, T, d_out]} in `dtype` for dL/d out = `vector` [B, ...] (formed in the accumulators' dtype).
+
+    Under `factors.amp: float16` the backward runs in float16, whose range (normal values from 6e-5,
+    subnormal ones to 6e-8, nothing past 65504) would flush the small gradients of confidently
+    predicted examples, or overflow large ones, under one scale for the batch. Each example's seed
+    is scaled by its own power of two s_b, so that its largest entry lies in [2^7, 2^8)
+    (`FLOAT16_SEED_EXPONENT`, room for the gradients to grow through the layers), and each example's
+    captured rows are divided by s_b in `dtype` (exact: a power of two). An example whose rows come
+    back non-finite while its seed is finite overflowed: the backward runs again with its seed
+    2^4 smaller (`FLOAT16_SEED_STEP`), down to 2^-8 (`FLOAT16_SEED_FLOOR`); what is still
+    non-finite there is left for the passes' non-finite checks to report. The scale of an example
+    depends on that example alone (its seed and its own backward), not on its batch, so resumed
+    and sharded passes give the bits of an uninterrupted one. One host synchronization per
+    backward; under float16 the graph is kept for a backward run again (it goes with `out`).
+    """
+    if amp != "float16":
+        grads = cap.output_gradients(out, vector.to(out.dtype), retain_graph=retain_graph)
+        return {name: g.to(dtype) for name, g in grads.items()}
+    n = vector.shape[0]
+    peak = vector.reshape(n, -1).abs().amax(1) if vector.numel() else vector.new_zeros(n)  # [B]
+    _, exponent = torch.frexp(peak)  # peak = m·2^e, m in [0.5, 1); frexp(0) gives e = 0 (the zero seed stays 0)
+    seed_ok = finite_rows(vector, [])  # [B]
+    exponent = torch.where(seed_ok, exponent, FLOAT16_SEED_EXPONENT)  # a non-finite seed: s = 1
+    target = torch.full_like(exponent, FLOAT16_SEED_EXPONENT)
+    while True:
+        shift = (target - exponent).clamp(-126, 126)  # s_b = 2^shift and 1/s_b are normal float32 numbers
+        scale = torch.ldexp(torch.ones(n, dtype=vector.dtype, device=vector.device), shift)
+        seed = (vector * scale.reshape(n, *[1] * (vector.dim() - 1))).to(out.dtype)
+        grads = cap.output_gradients(out, seed, retain_graph=True)
+        unscale = torch.ldexp(torch.ones(n, dtype=dtype, device=vector.device), -shift).reshape(n, 1, 1)
+        grads = {name: g.to(dtype, copy=True).mul_(unscale) for name, g in grads.items()}
+        retry = seed_ok & ~finite_rows(vector, [grads]) & (target > FLOAT16_SEED_FLOOR)
+        if not bool(retry.any()):
+            return grads
+        target = torch.where(retry, (target - FLOAT16_SEED_STEP).clamp_min(FLOAT16_SEED_FLOOR), target)
 
 
 @contextlib.contextmanager
@@ -206,7 +257,7 @@ def stream_gradients(
             (`data.padding_value`): those positions are zeroed in every layer's a and g that
             has them, so they are left out of the factors and of every gradient.
         tensor_dtype: dtype of the yielded a and g (default: the accumulators' dtype); the fit
-            passes under `factors.amp` take them in bfloat16 / float16, as their products use them.
+            passes under `factors.amp: bfloat16` take them in bfloat16, as their products use them.
         checked: The batches this model passed the model checks on in earlier passes over the same
             data (compute-scores streams a query chunk or a train shard again for each shard or
             chunk), shared by those passes and filled in here: a batch of the same examples of
@@ -273,10 +324,10 @@ def stream_gradients(
                     model_checks.check_examples_independent(model, tracked, x, out, acts, tol)
             if check_model:
                 model_checks.check_weight_gradients(model, tracked, x, vectors[0], tol, autocast_context(device, amp))
-            grads = []
-            for k in range(vectors.shape[0]):
-                g = cap.output_gradients(out, vectors[k].to(out.dtype), retain_graph=k + 1 < vectors.shape[0])
-                grads.append({name: v.to(out_dtype) for name, v in g.items()})
+            grads = [
+                layer_gradients(cap, out, vectors[k], amp=amp, dtype=out_dtype, retain_graph=k + 1 < vectors.shape[0])
+                for k in range(vectors.shape[0])
+            ]
         # the first batch with an example that has both padding and real positions (one of padding alone shows nothing); on the host
         check = host_mask is not None and not padding_checked and bool(((~host_mask).any(1) & host_mask.any(1)).any())
         padding_checked = padding_checked or check
@@ -290,7 +341,7 @@ def stream_gradients(
         if checked is not None and key is not None:
             checked.update(([key] if check_model else []) + ([("padding", key)] if check else []))
         batch = BatchGradients(start_batch + offset, idx, y, out_f.detach(), acts, grads, positions)
-        x = out = out_f = vectors = cap = g = extra = mask = host_mask = None  # a suspended stream (one per ensemble member) holds only the batch
+        x = out = out_f = vectors = cap = extra = mask = host_mask = None  # a suspended stream (one per ensemble member) holds only the batch
         yield batch
         previous, batch = batch, None
         acts = grads = positions = None

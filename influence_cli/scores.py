@@ -136,7 +136,7 @@ def queries_per_chunk(num_params: int, max_memory_mb: float, element_bytes: int 
 
 def query_element_bytes(amp: str, model: torch.nn.Module) -> int:
     """Bytes per number of the stored preconditioned queries: the scoring GEMMs' dtype under
-    `factors.amp` (bf16 / fp16), else the model's accumulator dtype (kernel.build_kernel's choice)."""
+    `factors.amp: bfloat16`, else the model's accumulator dtype (kernel.build_kernel's choice; float16 keeps float32)."""
     dtype = accumulator_dtype(model)
     return torch.finfo(matmul_dtype(amp, dtype) or dtype).bits // 8
 
@@ -669,7 +669,7 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
     queries = ctx.dataset(cfg.data.query, "data.query")
     n_members = len(scorer.members)
     n_q, n_t = len(queries), len(train)
-    element_bytes = query_element_bytes(cfg.factors.amp, ctx.model)  # the stored queries' dtype (bf16 with factors.amp)
+    element_bytes = query_element_bytes(cfg.factors.amp, ctx.model)  # the stored queries' dtype (bf16 with factors.amp: bfloat16)
     query_numbers = sum(tm.num_params for tm in ctx.tracked) * n_members  # every member's preconditioned gradients of one query
     layout = plan_layout(
         n_q,
