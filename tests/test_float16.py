@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from exact import SeqModel, batches_of
 from test_resume import BATCHES_PER_PASS, assert_bit_identical, factors_of, interrupt_after
 from test_resume import config as resume_config
@@ -25,7 +26,7 @@ import influence_cli.fit as fit
 import influence_cli.passes as passes
 from influence_cli.cli import app
 from influence_cli.config import load_config
-from influence_cli.errors import NumericalError
+from influence_cli.errors import ModelError, NumericalError
 from influence_cli.fit import PassPlan, compute_factors
 from influence_cli.kernel import pairwise_scores
 from influence_cli.passes import finite_rows, stream_gradients
@@ -175,6 +176,33 @@ def test_a_float16_backward_that_overflows_runs_again_at_a_smaller_scale(monkeyp
         assert _relative_error(got[layer], want[layer]) < 1e-2, layer
     monkeypatch.setattr(passes, "FLOAT16_SEED_FLOOR", passes.FLOAT16_SEED_EXPONENT)  # not run again: the seeds' scale overflows
     assert not bool(finite_rows(x, [_gradients(model, x, y, "float16")]).all())
+
+
+class _WideHidden(nn.Module):
+    """Hidden units of about 1e4 (fc2's weights 1e4 times smaller, so moderate logits): the weight check's
+    Σ g·aᵀ over 8 examples passes float16's 65504 while every layer-output gradient stays in its range.
+    `reused`: fc2's weight also multiplies the hidden units through F.linear, outside fc2's own call."""
+
+    def __init__(self, reused: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2, self.reused = nn.Linear(4, 16), nn.Linear(16, 3), reused
+        with torch.no_grad():
+            self.fc2.weight.mul_(1e-4)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x)) * 1e4
+        return self.fc2(h) + (0.5 * F.linear(h, self.fc2.weight) if self.reused else 0.0)
+
+
+def test_a_weight_used_outside_its_layer_is_refused_when_the_checks_float16_weight_gradient_overflows():
+    """The check's own float16 backward overflows (no evidence), so it is decided again without autocast."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 4, generator=g), torch.randint(0, 3, (16,), generator=g)
+    got = _gradients(_WideHidden(reused=False), x, y, "float16")
+    assert bool(finite_rows(x, [got]).all())
+    with pytest.raises(ModelError, match=r"layer 'fc2': the gradient of its weight is not Σ g·aᵀ of its own calls"):
+        _gradients(_WideHidden(reused=True), x, y, "float16")
 
 
 def test_a_nan_input_is_still_reported_under_float16():
