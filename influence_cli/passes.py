@@ -133,6 +133,13 @@ FLOAT16_SEED_STEP = 4  # a backward that overflows is run again with the seeds o
 FLOAT16_SEED_FLOOR = -8  # down to this exponent; past it the example's non-finite gradient is reported as any other
 
 
+def powers_of_two(exponents: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """2^e in `dtype` for integer exponents e in [-126, 127] ([B]), exactly on every device: built from
+    float32's exponent bits (torch.ldexp multiplies by pow(2, e), whose exactness is the device math
+    library's)."""
+    return ((exponents.to(torch.int32) + 127) << 23).view(torch.float32).to(dtype)
+
+
 def layer_gradients(
     cap: Capture, out: torch.Tensor, vector: torch.Tensor, *, amp: str, dtype: torch.dtype, retain_graph: bool
 ) -> dict[str, torch.Tensor]:
@@ -162,10 +169,10 @@ def layer_gradients(
     target = torch.full_like(exponent, FLOAT16_SEED_EXPONENT)
     while True:
         shift = (target - exponent).clamp(-126, 126)  # s_b = 2^shift and 1/s_b are normal float32 numbers
-        scale = torch.ldexp(torch.ones(n, dtype=vector.dtype, device=vector.device), shift)
+        scale = powers_of_two(shift, vector.dtype)
         seed = (vector * scale.reshape(n, *[1] * (vector.dim() - 1))).to(out.dtype)
         grads = cap.output_gradients(out, seed, retain_graph=True)
-        unscale = torch.ldexp(torch.ones(n, dtype=dtype, device=vector.device), -shift).reshape(n, 1, 1)
+        unscale = powers_of_two(-shift, dtype).reshape(n, 1, 1)
         grads = {name: g.to(dtype, copy=True).mul_(unscale) for name, g in grads.items()}
         retry = seed_ok & ~finite_rows(vector, [grads]) & (target > FLOAT16_SEED_FLOOR)
         if not bool(retry.any()):

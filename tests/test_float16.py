@@ -289,3 +289,11 @@ def test_dataset_similarity_and_spectrum_run_in_float16(tmp_path):
     assert not torch.equal(*kernels) and float((kernels[1] - kernels[0]).abs().max()) < 2e-3
     shares = [out[amp, "spectrum"]["groups"][0]["share"] for amp in ("none", "float16")]
     assert shares[0] != shares[1] and all(abs(shares[1][band] - shares[0][band]) < 2e-4 for band in shares[0])
+
+
+def test_powers_of_two_are_exact_over_the_seed_scales_range():
+    e = torch.arange(-126, 128)
+    for dtype in (torch.float32, torch.float64):
+        got = passes.powers_of_two(e, dtype)
+        assert got.dtype == dtype
+        assert torch.equal(got.double(), torch.tensor([2.0**k for k in e.tolist()], dtype=torch.float64))
