@@ -194,7 +194,7 @@ class FactorsConfig(_Section):
         default=None,
     )
     amp: Literal["none", "bfloat16", "float16"] = _help(
-        "Low precision for the data passes (fit-factors, compute-scores, dataset-similarity, spectrum): the model's forward "
+        "Low precision for the data passes of fit-factors, compute-scores and dataset-similarity (spectrum's runs in float32): the model's forward "
         "and backward run under autocast in this dtype. bfloat16 (GPUs and CPUs with bf16 units): the per-batch matrix "
         "products (covariances, rotations, scoring GEMMs) run in bf16 too, summed in float32 accumulators. float16 (GPUs "
         "without bf16, such as T4 and V100): each example's backward seed is scaled by its own power of two, so float16's "

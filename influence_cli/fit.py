@@ -187,7 +187,7 @@ def _stream_into(
     progress: Progress,
 ) -> None:
     """The batch loop of `_run_pass`, from batch `start` on."""
-    watch = NonFiniteWatch(plan.device, "no factors were written")
+    watch = NonFiniteWatch(plan.device, "no factors were written", plan.amp)
     for batch in stream_gradients(
         model,
         tracked,

@@ -63,10 +63,16 @@ class NonFiniteWatch:
     Args:
         device: Where the batches' tensors live.
         unwritten: What the error's hint says was not written, e.g. "no factors were written".
+        amp: `factors.amp` of the passes: under float16 the hint also names float16's range.
     """
 
-    def __init__(self, device: torch.device, unwritten: str = "nothing was written") -> None:
+    def __init__(self, device: torch.device, unwritten: str = "nothing was written", amp: str = "none") -> None:
         self.hint = f"check those examples and the checkpoint for NaN/Inf; {unwritten}"
+        if amp == "float16":
+            self.hint += (
+                "; under factors.amp: float16 a value past float16's range (65504) in the model's forward or backward "
+                "is Inf: set factors.amp to bfloat16 or none if the model runs in float32"
+            )
         self.bad_batch = torch.full((), -1, dtype=torch.int64, device=device)
         self.bad_examples = torch.full((0,), -1, dtype=torch.int64, device=device)  # global indices, -1 = none
 

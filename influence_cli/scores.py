@@ -489,7 +489,7 @@ class _Scorer:
         rank says its own errors here: ranks reach a chunk at different times, and one that stayed
         silent could leave before rank 0 got there to say it."""
         outs: list[StoredQueries] = [{} for _ in self.members]
-        watch = NonFiniteWatch(self.ctx.device, "no scores were written")
+        watch = NonFiniteWatch(self.ctx.device, "no scores were written", self.cfg.factors.amp)
         self.progress.start(title, q1 - q0)
         row, zero_gradient = 0, []
         batches = _rows(self.loader(queries, start_batch=q0 // self.bs), q0 % self.bs, q1 - q0)
@@ -725,7 +725,7 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
     ]
     unwritten = "no index was written (finished shards stay for --resume)" if layout.sharded else "no scores were written"
     run = _PairwisePass(
-        scorer, queries, layout, metadata, checkpoint, relative, seconds, query_info, NonFiniteWatch(ctx.device, unwritten),
+        scorer, queries, layout, metadata, checkpoint, relative, seconds, query_info, NonFiniteWatch(ctx.device, unwritten, cfg.factors.amp),
         keep=layout.keep_queries and len(left) > 1,  # with one shard left, each chunk is used once
     )
     seconds.update(queries=time.perf_counter() - t0, scores=0.0, write=0.0)
@@ -1054,7 +1054,7 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
     predictions = torch.zeros(n_t, dtype=torch.int64, device=ctx.device) if predict else None
     if predictions is not None and snapshot is not None and snapshot.phase == "self":
         predictions.copy_(snapshot.tensors["predictions"])
-    watch = NonFiniteWatch(ctx.device, "no scores were written")
+    watch = NonFiniteWatch(ctx.device, "no scores were written", cfg.factors.amp)
     scorer.progress.start("self-influence", stop - start)
     if skip:
         scorer.progress.advance(min(stop - start, skip * scorer.bs))

@@ -195,7 +195,7 @@ def dataset_statistics(
         for k, v in sums.items():
             v.copy_(saved.state[k])
         start = saved.batches_done
-    watch = NonFiniteWatch(device)
+    watch = NonFiniteWatch(device, amp=plan.amp)
     progress.start(title or name, plan.num_examples)
     try:
         if start:

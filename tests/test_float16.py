@@ -213,6 +213,21 @@ def test_a_nan_input_is_still_reported_under_float16():
         _fit(model, x, y, "float16")
 
 
+def test_a_forward_past_float16s_range_names_float16_in_the_hint():
+    """Inputs of 1e5 overflow float16 in the first layer (float32 is finite): the error's hint says so."""
+    model, x, y = _mlp()
+    x = x * 1e5
+    _fit(model, x, y, "none")
+    with pytest.raises(NumericalError) as err:
+        _fit(model, x, y, "float16")
+    assert "float16's range" in err.value.hint and "bfloat16 or none" in err.value.hint
+    nan = x.clone()
+    nan[19, 3] = float("nan")
+    with pytest.raises(NumericalError) as err:
+        _fit(model, nan, y, "none")
+    assert "float16" not in err.value.hint
+
+
 @pytest.mark.parametrize(
     ("cut", "resumed_from"), [(7, "covariance pass, batch 6"), (BATCHES_PER_PASS + 7, "correction pass, batch 6")]
 )
@@ -274,8 +289,9 @@ def test_bundled_cnn_scores_in_float16_agree_with_float32(tmp_path):
 
 
 def test_dataset_similarity_and_spectrum_run_in_float16(tmp_path):
-    """Their passes honour factors.amp too. Measured against float32 on the digits: the normalized
-    Fisher kernel within 1.7e-4, the training set's band shares within 1.2e-5."""
+    """dataset-similarity's passes honour factors.amp too; spectrum's pass runs in float32, on the
+    factors fitted under it. Measured against float32 on the digits: the normalized Fisher kernel
+    within 1.7e-4, the training set's band shares within 1.2e-5."""
     runner = CliRunner(env={"COLUMNS": "120", "INFLUENCE_DEBUG": None, "RANK": None, "WORLD_SIZE": None})
     config = str(ROOT / "configs" / "digits.yaml")
     out = {}
