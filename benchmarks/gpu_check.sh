@@ -29,7 +29,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 "$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no CUDA'; print('torch', torch.__version__, torch.cuda.get_device_name())" || exit 1
 "$PYTHON" -c "import influence_cli" 2>/dev/null || "$PYTHON" -m pip install -q --no-deps -e . || exit 1
 export PYTHONWARNINGS=ignore::FutureWarning  # Kronfluence's GradScaler deprecation, once per call
-step "MNIST MLP: fit-factors and compute-scores, float32 and bf16 (gpu_check.py)" "$PYTHON" benchmarks/gpu_check.py "$@"
+step "MNIST MLP: fit-factors and compute-scores, float32, bf16 and float16 (gpu_check.py)" "$PYTHON" benchmarks/gpu_check.py "$@"
 # Where the MNIST passes spend their time: host syncs by line, kernels per batch, the GPU's busy share, a Python profile.
 step "MNIST MLP: syncs, kernels and host time per batch (gpu_profile.py)" "$PYTHON" benchmarks/gpu_profile.py --out "$(dirname "$LOG")"
 # A convolutional network on the GPU: torchvision's ResNet-18 at 64 x 64 (layer4 sees 2 x 2 maps, where Kronfluence fits too).
