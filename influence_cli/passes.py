@@ -676,10 +676,13 @@ def check_outputs(out: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, task_ki
     """Shape and label checks; `y` and `idx` (global indices) are the CPU copies, so no device sync."""
     if task_kind == "regression":
         if y.dim() == 0 or y[:1].numel() != out[:1].numel():
+            token_labels = out.dim() == 3 and not y.is_floating_point() and y.shape[1:] == out.shape[1:2]
             raise DataError(
                 f"{dataset_name}: regression targets of shape {list(y.shape[1:])} per example do not match the model's "
                 f"outputs of shape {list(out.shape[1:])} per example",
-                hint="store as many target values per example as the model outputs",
+                hint="set task.kind: language_modeling for logits [batch, positions, vocabulary] and token labels [N, positions]"
+                if token_labels
+                else "store as many target values per example as the model outputs",
             )
         return
     if task_kind == "language_modeling":
@@ -751,10 +754,14 @@ def _check_token_labels(out: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, d
     if y.dtype.is_floating_point:
         raise DataError(f"{dataset_name}: language modeling needs integer token labels, got {y.dtype}", hint="store the labels as integers")
     if y.shape[1:] != out.shape[1:2]:
+        transposed = y.shape[1:] == out.shape[2:] and out.shape[1] != out.shape[2]  # [batch, vocabulary, positions]
         raise DataError(
             f"{dataset_name}: language modeling needs one label per output position ({out.shape[1]}), got labels of shape "
             f"{list(y.shape[1:])} per example",
-            hint=f"store labels [N, positions] aligned with the outputs (the next token's id; {task_lib.IGNORE_INDEX} where no loss counts)",
+            hint="the model returns [batch, vocabulary, positions] (the layout F.cross_entropy takes); return "
+            "[batch, positions, vocabulary], e.g. logits.transpose(1, 2)"
+            if transposed
+            else f"store labels [N, positions] aligned with the outputs (the next token's id; {task_lib.IGNORE_INDEX} where no loss counts)",
         )
     outside = _label_outside(y, out.shape[2], task_lib.IGNORE_INDEX)
     if outside is not None:

@@ -318,6 +318,22 @@ def test_outputs_of_the_wrong_kind_are_named():
     with pytest.raises(DataError, match=r"task.kind: classification expects model outputs \[batch, classes\], got \[4, 6, 9\]") as exc:
         _fit_on(TinyLM().double(), tokens, labels, kind="classification")
     assert exc.value.hint == "set task.kind: language_modeling for logits [batch, positions, vocabulary]"
+    with pytest.raises(DataError, match=r"regression targets of shape \[6\] per example do not match the model's outputs of shape \[6, 9\]") as exc:
+        _fit_on(TinyLM().double(), tokens, labels, kind="regression")
+    assert exc.value.hint.startswith("set task.kind: language_modeling"), exc.value.hint
+
+
+def test_logits_in_cross_entropys_layout_are_named():
+    """Logits [batch, vocabulary, positions], as F.cross_entropy takes them, are named as that, not as labels to restore."""
+
+    class Transposed(TinyLM):
+        def forward(self, tokens):
+            return super().forward(tokens).transpose(1, 2)
+
+    tokens, labels, _ = lm_sequences(n=4)
+    with pytest.raises(DataError, match=r"one label per output position \(9\), got labels of shape \[6\]") as exc:
+        _fit_on(Transposed().double(), tokens, labels)
+    assert "the model returns [batch, vocabulary, positions]" in exc.value.hint and "logits.transpose(1, 2)" in exc.value.hint
 
 
 # ----------------------------------------------------------------------------- the CLI, end to end
