@@ -255,7 +255,10 @@ A language model (`task.kind: language_modeling`) returns logits `[batch, positi
 config)
 and its labels are `[N, positions]` token ids aligned with those outputs: for next-token
 prediction, label t is the id at position t + 1, and -100 marks the positions without a loss
-(the last one, padding, a prompt you do not want attributed). An example's loss is the
+(the last one, padding, a prompt you do not want attributed). Nothing shifts them here, so
+Hugging Face's `labels = input_ids` (its models shift inside their loss) asks each position for
+its own token: labels equal to the input ids at every counted position of the first batch get a
+warning. An example's loss is the
 cross-entropy summed over its counted positions, the negative log-likelihood of the sequence,
 so a score says how a training sequence changes the whole query sequence's log-likelihood. The
 sampled Fisher draws one token per counted position from the model; `ggn` (positions ×
@@ -276,7 +279,7 @@ torch.save({"inputs": ids, "labels": labels}, "lm.pt")
 ```
 
 Save the trained model's weights with `safetensors.torch.save_file(model.state_dict(), "lm.safetensors")`
-(or `torch.save(model.state_dict(), "lm.pt")`); with an output head tied to the embeddings,
+(or `torch.save(model.state_dict(), "lm_model.pt")`, not over the data's `lm.pt`); with an output head tied to the embeddings,
 `safetensors.torch.save_model(model, "lm.safetensors")` (save_file refuses shared tensors;
 save_model keeps one name per shared tensor, and the loader fills in the other). `my_lm.py`
 beside the config defines `make()`, which builds the same architecture. A model that returns a

@@ -301,6 +301,8 @@ def stream_gradients(
         y_cpu, idx_cpu = y, idx
         if offset == 0:
             _warn_if_padded(x, dataset_name, padding_value)
+            if task_kind == "language_modeling" and labels_unshifted(x, y):
+                _warn_unshifted(dataset_name)
         if task_kind == "language_modeling" and y.dim() > 1:
             lossless.extend(idx[task_lib.without_counted_position(y)].tolist())
         check_ids(x, idx, dataset_name, padding_value)
@@ -427,6 +429,29 @@ def _warn_if_padded(x: torch.Tensor, dataset_name: str, padding_value: float | N
             f"{dataset_name}: sequences {side} in runs of token {pad} of different lengths, like padding, but data.padding_value "
             f"{setting}, so those positions count in the factors and scores; set data.padding_value={pad} if {pad} is the pad id",
         )  # about the data as a whole: rank 0's first batch says it for the job
+
+
+def labels_unshifted(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Whether a language model's labels y [B, T] equal its token ids x [B, T] at every counted
+    position while not being the next tokens: labels copied from the inputs (Hugging Face's
+    `labels = input_ids`, whose models shift inside the loss) rather than shifted by one."""
+    if x.is_floating_point() or y.is_floating_point() or x.dim() != 2 or x.shape != y.shape:
+        return False
+    counted = y != task_lib.IGNORE_INDEX
+    if not bool(counted.any()) or not bool((y[counted] == x[counted]).all()):
+        return False
+    before_last = counted[:, :-1]  # next-token labels: y[:, t] == x[:, t + 1], nothing counted at the last position
+    shifted = not bool(counted[:, -1].any()) and bool((y[:, :-1][before_last] == x[:, 1:][before_last]).all())
+    return not shifted  # both hold only for runs of one id: no telling, no warning
+
+
+def _warn_unshifted(dataset_name: str) -> None:
+    """Labels equal to the inputs: each position is then asked to predict its own token."""
+    notices.warn(
+        f"{dataset_name}: the labels equal the input ids at every counted position of the first batch, so each position is "
+        f"trained to predict its own token; a language model's label at position t is the next token, the id at t + 1 "
+        f"(labels[:, :-1] = inputs[:, 1:], {task_lib.IGNORE_INDEX} at the last position and at padding)",
+    )  # about the data as a whole: rank 0's first batch says it for the job
 
 
 def _sharded(dataset_name: str) -> bool:

@@ -552,6 +552,36 @@ def test_language_model_examples_without_a_counted_position_are_warned(tmp_path,
     assert "gradient of the query loss is exactly 0" not in text  # said once, by the warning above
 
 
+def test_labels_unshifted_tells_copied_inputs_from_next_token_labels():
+    from influence_cli.passes import labels_unshifted
+
+    tokens, labels, _ = lm_sequences(n=6)
+    copied = torch.where(tokens == PAD, IGNORE, tokens)  # Hugging Face's labels = input_ids, padding ignored
+    assert labels_unshifted(tokens, copied)
+    assert not labels_unshifted(tokens, labels)  # next-token labels
+    assert not labels_unshifted(tokens, torch.full_like(labels, IGNORE))  # nothing counted: nothing to tell
+    runs = torch.tensor([[3, 3, 3, 0], [5, 5, 0, 0]])  # runs of one id: the next token is the token itself
+    assert not labels_unshifted(runs, torch.tensor([[3, 3, IGNORE, IGNORE], [5, IGNORE, IGNORE, IGNORE]]))
+    assert not labels_unshifted(tokens.double(), copied) and not labels_unshifted(tokens, copied[:, :-1])
+
+
+def test_labels_copied_from_the_inputs_are_warned(tmp_path, monkeypatch):
+    """Labels equal to the input ids (not shifted to the next token) train each position on its own token:
+    the commands run, and warn once per dataset."""
+    tokens, _, _ = lm_sequences(n=24)
+    copied = torch.where(tokens == PAD, IGNORE, tokens)
+    config = sequence_project(tmp_path, monkeypatch, "tinylm_unshifted", LM_MODULE, tokens, copied, "lm.safetensors", task={"kind": LM})
+    runner = CliRunner(env={"COLUMNS": "200", "INFLUENCE_DEBUG": None, "RANK": None, "WORLD_SIZE": None})
+    for command in (["fit-factors", config], ["compute-scores", config]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 0, result.stderr
+        text = " ".join(result.stderr.split())
+        warning = "warning: data.train: the labels equal the input ids at every counted position of the first batch"
+        assert text.count(warning) == 1, text
+        assert "the id at t + 1" in text
+    assert "warning: data.query: the labels equal the input ids" in text
+
+
 def test_index_samples_show_what_index_span_shows_in_bounded_memory():
     from influence_cli.passes import IndexSample, index_span
 
