@@ -81,12 +81,15 @@ def check_model_output(out: object, batch_size: int) -> None:
 def check_examples_independent(
     model: nn.Module, tracked: list[TrackedModule], x: torch.Tensor, out: torch.Tensor, acts: dict[str, torch.Tensor], tol: float
 ) -> None:
-    """Row 0 of the batch's outputs and of every layer's inputs is the same in a batch of B copies of example 0.
+    """Row 0 of the batch's outputs and of every layer's inputs is the same in a batch of B copies of example 0,
+    and every row of the copies' outputs is row 0's.
 
     The copies keep the batch's shape, so the products round as in the batch and a model that
     does not mix examples gives the same bits; the other examples being replaced changes what a
     model that mixes them computes (batch statistics; a [seq, batch, ...] layer whose seq equals
-    the batch size sees other rows). Run under the batch's autocast context.
+    the batch size sees other rows). A recurrence along the batch (a sequence-first LSTM fed
+    [batch, seq, ...]) leaves row 0 alone, as the first step of its sequence, but not the rows after it.
+    Run under the batch's autocast context.
 
     Args:
         x: The batch [B, ...] (B > 1); out, acts: its outputs and layer inputs {layer: a [B, T, d_in]}.
@@ -110,6 +113,12 @@ def check_examples_independent(
     if copies.shape != out.shape or _relative_gap(copies[:1], out[:1].detach(), out) > tol:
         raise ModelError(
             "the model's outputs for the batch's first example change with the other examples: they depend on the other examples of the batch",
+            hint=_HINT_LAYOUT,
+        )
+    if _relative_gap(copies, copies[:1].expand_as(copies), out) > tol:  # row 0 comes first in a recurrence over the batch
+        raise ModelError(
+            "the model's outputs differ between the copies of one example in a batch: they depend on the examples before them in "
+            "the batch (a recurrent layer, nn.LSTM or nn.GRU, without batch_first=True runs along the batch as its sequence)",
             hint=_HINT_LAYOUT,
         )
 

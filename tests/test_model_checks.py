@@ -152,6 +152,20 @@ class SequenceFirstEncoder(nn.Module):
         return self.head(self.enc(x).mean(1))
 
 
+class SequenceFirstLSTM(nn.Module):
+    """nn.LSTM with its default batch_first=False, fed [B, T, d]: a recurrence along the batch, whose
+    first example is the first step and depends on no other (T != B: every layer sees the batch on dim 0)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn = nn.LSTM(4, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0].mean(1))
+
+
 class BatchCentred(nn.Module):
     """Subtracts a batch mean, from the head's inputs or from the logits: each example depends on the others."""
 
@@ -175,8 +189,9 @@ class BatchCentred(nn.Module):
         (SequenceFirstEncoder, (4, 4), "layer 'enc.linear1' receives inputs for the batch's first example that change"),
         (BatchCentred, (4,), "layer 'head' receives inputs for the batch's first example that change with the other examples: they depend"),
         (lambda: BatchCentred(logits=True), (4,), "the model's outputs for the batch's first example change with the other examples"),
+        (SequenceFirstLSTM, (5, 4), "the model's outputs differ between the copies of one example in a batch: they depend on the examples before"),
     ],
-    ids=["seq-first-T-equals-B", "encoder-batch_first-False", "batch-mean", "batch-mean-logits"],
+    ids=["seq-first-T-equals-B", "encoder-batch_first-False", "batch-mean", "batch-mean-logits", "lstm-batch_first-False"],
 )
 def test_models_that_mix_the_examples_of_a_batch_are_refused(model, shape, needle):
     """Dim 0 has the batch's size (T == B), so only a batch of copies of one example tells them apart."""
