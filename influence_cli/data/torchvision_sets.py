@@ -7,6 +7,7 @@ import copy
 import functools
 import hashlib
 import os
+import pickle
 import struct
 import sys
 import time
@@ -26,6 +27,8 @@ _MNIST_CLASSES = [str(i) for i in range(10)]  # torchvision's "3 - three" only s
 _FASHION_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]  # fmt: skip
+_CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+_CIFAR_FOLDER = "cifar-10-batches-py"  # torchvision's (and the archive's) folder of pickled batches
 TORCHVISION_SOURCES = {
     "mnist": ("MNIST", "MNIST"),
     "fashion_mnist": ("FashionMNIST", "FashionMNIST"),
@@ -101,6 +104,22 @@ def open_torchvision(spec: DataSpec, base_dir: Path, name: str) -> Source:
             )
         if not spec.download and not (root / cls_name / "processed").is_dir():  # torchvision still reads its old processed/*.pt
             raise _missing_mnist_files(root, spec, name)
+    if spec.source == "cifar10":
+        local_cifar = _find_cifar_files(root, spec.split)
+        if local_cifar is not None:
+            data, labels, class_names = _read_cifar(local_cifar, f"{name}.root")
+            return Source(
+                n=data.shape[0],
+                desc=desc,
+                inputs=to_inputs(data, f"{name}.root", desc),
+                labels=labels,
+                files={"root": root.resolve().name, "split": spec.split},  # as torchvision's reading recorded it
+                class_names=class_names,
+                raw_255=True,
+                label_key="root",
+            )
+        if not spec.download:
+            raise _missing_cifar_files(root, spec, name)
     try:
         import torchvision.datasets as tvd
     except ImportError:
@@ -119,7 +138,7 @@ def open_torchvision(spec: DataSpec, base_dir: Path, name: str) -> Source:
             ) from None
         raise DataError(
             f"{name}.root: cannot read {label} ({spec.split}) under {str(root)!r} ({reason})",
-            hint=f"point {name}.root at the folder holding torchvision's files (checked against their md5 sums), or set {name}.download: true",
+            hint=f"point {name}.root at the folder holding torchvision's files, or set {name}.download: true",
         ) from None
     data = torch.as_tensor(np.asarray(ds.data)) if not isinstance(ds.data, torch.Tensor) else ds.data
     if spec.source == "cifar10":
@@ -137,6 +156,71 @@ def open_torchvision(spec: DataSpec, base_dir: Path, name: str) -> Source:
         raw_255=True,
         label_key="root",
     )
+
+
+def _cifar_names(split: str) -> list[str]:
+    """The batch files of a CIFAR-10 split, as torchvision names them."""
+    return [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+
+
+def _find_cifar_files(root: Path, split: str) -> list[Path] | None:
+    """The split's batch files in root/cifar-10-batches-py (torchvision's layout), or None when one is missing."""
+    files = [root / _CIFAR_FOLDER / n for n in _cifar_names(split)]
+    return files if all(f.is_file() for f in files) else None
+
+
+def _missing_cifar_files(root: Path, spec: DataSpec, name: str) -> DataError:
+    """Names the batch files CIFAR-10 looks for, where, and which of them are there."""
+    folder = root / _CIFAR_FOLDER
+    wanted = _cifar_names(spec.split)
+    present = [n for n in wanted if (folder / n).is_file()]
+    hints = []
+    if all((root / n).is_file() for n in wanted):
+        hints.append(f"{name}.root names the {_CIFAR_FOLDER} folder itself: point it at the folder that holds {_CIFAR_FOLDER}/")
+    hints.append(f"set {name}.download: true to fetch them")
+    return DataError(
+        f"{name}.root: no CIFAR-10 {spec.split} split under {str(root)!r}: expected {', '.join(wanted)} in {str(folder)!r}"
+        + (f" (found only {', '.join(present)})" if present else ""),
+        hint="; ".join(hints),
+    )
+
+
+def _unpickle(path: Path, key: str) -> dict[str, Any]:
+    """A CIFAR pickle as a dict with str keys (the archive's were pickled by Python 2; batches pickled
+    by Python 3 with bytes keys, b"data", read too)."""
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+    except Exception as exc:  # noqa: BLE001 - whatever unpickling a damaged file raises
+        raise DataError(f"{key}: cannot read {str(path)!r} as a CIFAR-10 batch ({type(exc).__name__}: {exc})", hint="replace the file with the dataset's own") from None
+    if not isinstance(entry, dict):
+        raise DataError(f"{key}: {str(path)!r} holds a {type(entry).__name__}, not a CIFAR-10 batch (a dict with data and labels)")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
+
+
+def _read_cifar(files: list[Path], key: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """CIFAR-10 batches read as torchvision reads them (without its md5 check): uint8 images
+    [N, 3, 32, 32], int64 labels [N] and the class names of batches.meta (CIFAR-10's own when absent)."""
+    images, labels = [], []
+    for path in files:
+        entry = _unpickle(path, key)
+        data, targets = entry.get("data"), entry.get("labels", entry.get("fine_labels"))
+        data = np.asarray(data) if data is not None else None
+        if data is None or targets is None or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(targets) != data.shape[0]:
+            what = f"data {list(data.shape)} {data.dtype}" if data is not None else "no data"
+            raise DataError(
+                f"{key}: {str(path)!r} is not a CIFAR-10 batch ({what}, {'no labels' if targets is None else f'{len(targets)} labels'}; "
+                "expected data: uint8 [N, 3072] and labels: N class ids)"
+            )
+        images.append(data.reshape(-1, 3, 32, 32))
+        labels.append(to_labels(np.asarray(targets), key, path.name))
+    class_names = _CIFAR_CLASSES
+    meta = files[0].parent / "batches.meta"
+    if meta.is_file():
+        names = _unpickle(meta, key).get("label_names")
+        if isinstance(names, list) and names:
+            class_names = [n.decode("latin1") if isinstance(n, bytes) else str(n) for n in names]
+    return torch.from_numpy(np.concatenate(images)), torch.cat(labels), class_names
 
 
 # ------------------------------------------------------------------ image folders
