@@ -682,13 +682,25 @@ def test_range_outside_source(idx_files: tuple[Path, Path]) -> None:
         ({"range": [5, 2]}, r"^data\.train\.range: expected \[start, stop\)"),
         ({"label_noise": 0.1, "labels_in": [2]}, r"^data\.train\.label_noise: label noise needs two or more"),
         ({"transform": TransformSpec(normalize=NormalizeSpec([0.1, 0.2], [1.0, 1.0]))},
-         r"^data\.train\.transform\.normalize: 2 values given for inputs with 1 channels"),
+         r"^data\.train\.transform\.normalize: 2 values given for inputs with 1 channel \(shape"),
     ],
     ids=["index-out-of-range", "duplicate", "two-selectors", "labels-empty", "bad-range", "noise-one-class",
          "normalize-channels"],
 )  # fmt: skip
 def test_subset_and_transform_errors(idx_files: tuple[Path, Path], kwargs: dict, pattern: str) -> None:
     assert re.search(pattern, error_of(idx_spec(idx_files, **kwargs)))
+
+
+def test_normalize_of_the_other_colour_mode_names_the_fix(idx_files: tuple[Path, Path]) -> None:
+    """ImageNet's three means on grayscale images (or one on RGB): the hint gives both ways out."""
+    with pytest.raises(DataError) as info:
+        load_dataset(idx_spec(idx_files, transform=TransformSpec(normalize=NormalizeSpec([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]))), ".")
+    assert info.value.message.startswith("data.train.transform.normalize: 3 values given for inputs with 1 channel (shape [1, ")
+    assert info.value.hint == "give 1 mean and std value, or set data.train.transform.channels: 3 if the model takes RGB images"
+    rgb = TransformSpec(channels=3, normalize=NormalizeSpec([0.5, 0.5], [0.5, 0.5]))
+    with pytest.raises(DataError) as info:
+        load_dataset(idx_spec(idx_files, transform=rgb), ".")
+    assert info.value.hint == "give 3 mean and std values (one per channel) or a single one"
 
 
 def test_indices_file_errors(idx_files: tuple[Path, Path], tmp_path: Path) -> None:

@@ -117,10 +117,19 @@ class Transform:
                 )
             elif shape[0] != len(mean):
                 last = shape[-1] == len(mean)
+                if last:
+                    hint = f"set {key}.channels_first: true"
+                elif shape[0] in (1, 3) and len(mean) in (1, 3) and len(shape) == 3:  # grayscale against RGB statistics, or the reverse
+                    hint = (
+                        f"give {shape[0]} mean and std value{'s' if shape[0] != 1 else ''}, or set {key}.channels: {len(mean)} "
+                        f"if the model takes {'RGB' if len(mean) == 3 else 'grayscale'} images"
+                    )
+                else:
+                    hint = f"give {shape[0]} mean and std values (one per channel) or a single one"
                 raise DataError(
-                    f"{key}.normalize: {len(mean)} values given for inputs with {shape[0]} channels "
+                    f"{key}.normalize: {len(mean)} values given for inputs with {shape[0]} channel{'s' if shape[0] != 1 else ''} "
                     f"(shape {list(shape)}, channels first)" + ("; they look channels-last ([H, W, C])" if last else ""),
-                    hint=f"set {key}.channels_first: true" if last else None,
+                    hint=hint,
                 )
             else:
                 view = (len(mean),) + (1,) * (len(shape) - 1)
