@@ -777,6 +777,37 @@ def test_tensors_file_errors(tmp_path: Path) -> None:
     assert "expected a dict of tensors" in error_of(DataSpec(source="tensors", path="list.pt"), tmp_path)
 
 
+def test_text_labels_are_told_to_be_class_numbers(tmp_path: Path) -> None:
+    """Class names (or digits as strings) where class numbers belong: a tensors file's labels, a factory's
+    list of labels, a Dataset's items; each error names the fix."""
+    images = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
+    torch.save({"inputs": images, "labels": ["cat", "dog", "cat", "dog"]}, tmp_path / "names.pt")
+    np.savez(tmp_path / "names.npz", inputs=images.numpy(), labels=np.array(["7", "2", "1", "0"]))
+    mod = write_module(
+        tmp_path,
+        """
+        import torch
+
+        def pair():
+            return torch.zeros(4, 3, 8, 8), ["cat", "dog", "cat", "dog"]
+
+        def items():
+            return [(torch.zeros(3, 8, 8), "cat") for _ in range(4)]
+        """,
+    )
+    cases = [
+        (DataSpec(source="tensors", path="names.pt"), "data.train.labels_key: the labels in names.pt are text ('cat', 'dog', 'cat', ...), not class numbers"),
+        (DataSpec(source="tensors", path="names.npz"), "data.train.labels_key: the labels in names.npz are text ('7', '2', '1', ...), not class numbers"),
+        (DataSpec(source=f"{mod}:pair"), f"data.train.source: the labels returned by {mod}:pair are not all numbers or tensors of numbers (some are text)"),
+        (DataSpec(source=f"{mod}:items"), "data.train.source: item 0: a label must be a number or a tensor, got str ('cat')"),
+    ]
+    for spec, message in cases:
+        with pytest.raises(DataError) as info:
+            load_dataset(spec, tmp_path)
+        assert info.value.message == message
+        assert info.value.hint == "labels must be class numbers 0, 1, ...: for class names, classes = sorted(set(names)) and label = classes.index(name)"
+
+
 def test_factory_errors(tmp_path: Path) -> None:
     mod = write_module(
         tmp_path,

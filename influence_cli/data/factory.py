@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from influence_cli.config import DataSpec
-from influence_cli.data.source import Source, file_info, item_input, item_label, to_inputs, to_labels
+from influence_cli.data.source import LABELS_AS_NUMBERS_HINT, Source, file_info, item_input, item_label, to_inputs, to_labels
 from influence_cli.errors import DataError, first_line
 from influence_cli.user_code import import_failure_hint, import_from, missing_function_hint, on_sys_path
 
@@ -34,7 +34,8 @@ class _FactoryItems:
         try:
             return item_input(item[0]), item_label(item[1])
         except (TypeError, ValueError, OverflowError, RuntimeError) as exc:
-            raise DataError(f"{self.key}: item {index}: {exc}") from None
+            text = isinstance(item[1], (str, bytes))
+            raise DataError(f"{self.key}: item {index}: {exc}" + (f" ({item[1]!r})" if text else ""), hint=LABELS_AS_NUMBERS_HINT if text else None) from None
 
 
 def _targets_match_items(dataset: Any, targets: torch.Tensor, key: str, checks: int = 8) -> bool:
@@ -144,7 +145,11 @@ def _stack_pair(result: Any, key: str, source: str) -> tuple[Any, Any] | None:
     if label_shape == "ragged":
         raise DataError(f"{key}: the labels returned by {source} differ in shape")
     if label_shape is None:
-        raise DataError(f"{key}: the labels returned by {source} are not all numbers or tensors of numbers")
+        text = isinstance(labels, (list, tuple)) and any(isinstance(y, (str, bytes)) for y in labels)
+        raise DataError(
+            f"{key}: the labels returned by {source} are not all numbers or tensors of numbers" + (" (some are text)" if text else ""),
+            hint=LABELS_AS_NUMBERS_HINT if text else None,
+        )
     if input_shape is None:
         raise DataError(f"{key}: the inputs returned by {source} are not all tensors, arrays, images or lists of numbers")
     stacked_inputs = inputs if inputs_list is None else torch.stack(inputs_list)

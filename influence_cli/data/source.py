@@ -76,8 +76,22 @@ def to_inputs(value: Any, key: str, where: str) -> torch.Tensor:
     return value
 
 
+LABELS_AS_NUMBERS_HINT = "labels must be class numbers 0, 1, ...: for class names, classes = sorted(set(names)) and label = classes.index(name)"
+
+
+def _text_labels(value: Any) -> list[str]:
+    """The first few labels of `value` when they are text (str or bytes: class names, digits as strings), else []."""
+    items = value.reshape(-1)[:3].tolist() if isinstance(value, np.ndarray) else list(value[:3]) if isinstance(value, (list, tuple)) else []
+    if items and all(isinstance(v, (str, bytes)) for v in items):
+        return [v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in items]
+    return []
+
+
 def to_labels(value: Any, key: str, where: str) -> torch.Tensor:
     """Labels [N]: int64 for integer (class) labels; regression targets float64 if stored so, else float32."""
+    text = _text_labels(value)
+    if text:
+        raise DataError(f"{key}: the labels in {where} are text ({', '.join(repr(t) for t in text)}, ...), not class numbers", hint=LABELS_AS_NUMBERS_HINT)
     if isinstance(value, np.ndarray):
         if value.dtype.kind not in "biuf":
             raise DataError(f"{key}: the labels in {where} have dtype {value.dtype}, not numbers")
