@@ -69,7 +69,12 @@ class TransformSpec(_Section):
         default=None,
     )
     scale: float | None = _help("Divide raw inputs by this number (255.0 for 8-bit images).", default=None)
-    normalize: NormalizeSpec | None = _help("Per-channel mean/std normalization.", default=None)
+    normalize: NormalizeSpec | None = _help(
+        "Per-channel mean/std normalization, after scale: with scale 255.0 the statistics of inputs in [0, 1] "
+        "(torchvision's, as its Normalize sees them after ToTensor), without it those of the raw values; "
+        "8-bit inputs with statistics of the other range are warned about.",
+        default=None,
+    )
     flatten: bool = _help("Flatten each example to a vector.", default=False)
     resize: list[int] | None = _help("Resize images to [height, width] (image sources).", default=None)
     dtype: Literal["auto", "float32", "int64"] = _help(

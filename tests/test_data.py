@@ -1439,6 +1439,32 @@ def test_unscaled_8_bit_inputs_are_warned_about(tmp_path: Path, caplog: pytest.L
 
 
 @pytest.mark.parametrize(
+    ("scale", "mean", "std", "warning"),
+    [
+        (None, [0.485], [0.229], "data.train: data.train.transform.normalize has the mean [0.485] of inputs in [0, 1] (as torchvision's Normalize "
+         "after ToTensor), but the 8-bit inputs reach it as 0..255 (data.train.transform.scale is not set): set data.train.transform.scale: 255.0"),
+        (255.0, [123.675], [58.395], "data.train: data.train.transform.normalize has the mean [123.675], beyond the inputs' range after "
+         "data.train.transform.scale: 255 (0..1): for statistics of 0..255 pixels leave data.train.transform.scale out, or divide them by 255 too"),
+        (255.0, [0.485], [0.229], None),
+        (None, [123.675], [58.395], None),
+    ],
+    ids=["unit-stats-unscaled", "pixel-stats-scaled", "unit-stats-scaled", "pixel-stats-unscaled"],
+)  # fmt: skip
+def test_normalize_statistics_of_another_range_than_the_8_bit_inputs_are_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, scale: float | None, mean: list, std: list, warning: str | None
+) -> None:
+    """torchvision's Normalize follows ToTensor's division by 255; here transform.scale does it, so statistics of
+    one range with inputs in the other (normalized values near ±1000, or near -2 for every pixel) are warned about."""
+    files = (write_idx(tmp_path / "i", synthetic_images()), write_idx(tmp_path / "l", synthetic_labels()))
+    with caplog.at_level("WARNING", logger="influence_cli"):
+        load_dataset(idx_spec(files, transform=TransformSpec(scale=scale, normalize=NormalizeSpec(mean, std))), tmp_path)
+    if warning is None:
+        assert "normalize" not in caplog.text
+    else:
+        assert warning in caplog.text
+
+
+@pytest.mark.parametrize(
     ("stored", "channels", "shape"),
     [((6, 5, 4), 1, (1, 5, 4)), ((6, 5, 4), 3, (3, 5, 4)), ((6, 1, 5, 4), 3, (3, 5, 4)), ((6, 3, 5, 4), 1, (1, 5, 4)), ((6, 3, 5, 4), 3, (3, 5, 4))],
 )

@@ -43,6 +43,24 @@ def token_inputs(spec: TransformSpec, raw_dtype: torch.dtype, key: str, embeddin
     return integer and embedding_model and not float_ops
 
 
+def _check_normalize_range(spec: TransformSpec, name: str, key: str) -> None:
+    """Warns when normalize's statistics are of another range than the 8-bit inputs reach it in: torchvision's
+    [0, 1] statistics (after its ToTensor) without scale, or 0..255 statistics after scale divided the inputs."""
+    mean, std = [abs(float(v)) for v in spec.normalize.mean], [abs(float(v)) for v in spec.normalize.std]
+    top = 255.0 if spec.scale is None else 255.0 / abs(spec.scale)  # the largest input normalize sees
+    shown = ", ".join(f"{v:g}" for v in spec.normalize.mean)
+    if spec.scale is None and top > 1.0 and max(mean) <= 1.0 and max(std) <= 1.0:
+        notices.warn(
+            f"{name}: {key}.normalize has the mean [{shown}] of inputs in [0, 1] (as torchvision's Normalize after ToTensor), but the "
+            f"8-bit inputs reach it as 0..255 ({key}.scale is not set): set {key}.scale: 255.0"
+        )
+    elif max(mean) > top:
+        notices.warn(
+            f"{name}: {key}.normalize has the mean [{shown}], beyond the inputs' range after {key}.scale: {spec.scale:g} (0..{top:g}): "
+            f"for statistics of 0..255 pixels leave {key}.scale out, or divide them by {spec.scale:g} too"
+        )
+
+
 class Transform:
     """channels_first -> channels -> resize -> scale -> normalize -> flatten, applied out of place on batches [B, *raw_shape].
 
@@ -140,6 +158,8 @@ class Transform:
                 f"{name}: 8-bit inputs reach the model as values 0..255 ({key}.scale is not set); a model trained on "
                 f"inputs in [0, 1] needs {key}.scale: 255.0"
             )
+        if raw_dtype == torch.uint8 and not self.tokens and spec.normalize is not None:
+            _check_normalize_range(spec, name, key)
         self.image_shape = shape  # one example before flattening
         self.out_shape = (math.prod(shape),) if self.flatten else shape
 
