@@ -289,6 +289,15 @@ def test_top_k_names_image_folder_examples_by_file_and_class(tmp_path):
     rows = json.loads(runner.invoke(app, ["top-k", str(tmp_path / "c.yaml"), "--self", "--k", "5", "--json"]).stdout)["self_influence"]
     assert sorted(r["train_file"] for r in rows) == ["cat/0.png", "cat/1.png", "cat/2.png", "dog/0.png", "dog/1.png"]
     assert "(cat)" in runner.invoke(app, ["top-k", str(tmp_path / "c.yaml"), "--self", "--k", "5"]).stdout
+    import influence_cli.image_grid as image_grid
+
+    drawn = []
+    draw_tile = image_grid._draw_tile
+    with pytest.MonkeyPatch.context() as mp:  # the picture's tiles name each example's file too
+        mp.setattr(image_grid, "_draw_tile", lambda canvas, draw, font, tile, *rest: drawn.append(tile.lines) or draw_tile(canvas, draw, font, tile, *rest))
+        for extra in ([], ["--self"]):
+            assert runner.invoke(app, ["top-k", str(tmp_path / "c.yaml"), *extra, "--k", "5", "--image-grid", str(tmp_path / "g.png")]).exit_code == 0
+    assert drawn[0][:2] == ["query #4", "1.png"] and all(lines[1] in ("0.png", "1.png", "2.png") for lines in drawn[1:])
 
 
 @pytest.mark.parametrize("shard_len", [None, 2], ids=["one file", "shards"])

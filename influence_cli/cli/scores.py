@@ -189,7 +189,7 @@ def top_k_cmd(
     ] = True,
     image_grid: Annotated[
         Path | None,
-        typer.Option("--image-grid", help="Also draw the rankings as a picture (PNG, or any format Pillow writes, by the suffix; replaced if it exists): one row per query.", show_default=False),
+        typer.Option("--image-grid", help="Also draw the rankings as a picture (PNG, or any format Pillow writes, by the suffix; replaced if it exists): one row per query; each tile shows the example's index, label (and its file, for an image folder) and score.", show_default=False),
     ] = None,
     set_: SetOpt = None,
     json_: JsonOpt = False,
@@ -380,6 +380,11 @@ def _json_extras(view: ExampleView | None, position: int, side: str, files: bool
 SELF_GRID_COLUMNS = 10  # tiles per row of the --self picture
 
 
+def _file_line(view: ExampleView, position: int) -> list[str]:
+    """A tile's line naming an image folder's example by its file name (its class is on the label line)."""
+    return [view.file(position).rpartition("/")[2]] if view.has_files else []
+
+
 def _train_tiles(train: ExampleView, entries, kind: str, noise: bool = False, predicted=None):
     """Tiles of ranked training examples; with `noise`, a label that label noise replaced shows what it was;
     `predicted`: [n_train] predicted classes, shown on a line of their own."""
@@ -391,7 +396,7 @@ def _train_tiles(train: ExampleView, entries, kind: str, noise: bool = False, pr
         was = train.clean_label(e.train_position) if noise else None
         label = f"#{e.train_index} · {label_text(e.train_label, names, train.token_data)}" + ("" if was is None else f" (was {label_text(was, names)})")
         guess = [] if predicted is None else [f"pred {label_text(int(predicted[e.train_position]), names)}"]
-        tiles.append(Tile(train.image(e.train_position), [label, *guess, f"{e.score:+.3g}"], kind))
+        tiles.append(Tile(train.image(e.train_position), [label, *_file_line(train, e.train_position), *guess, f"{e.score:+.3g}"], kind))
     return tiles
 
 
@@ -407,7 +412,11 @@ def _pairwise_grid(
         for r in ranks:
             q = Tile(
                 queries.image(r.query_position),
-                [f"query #{r.query_index}", *(f"{what} {label_text(value, queries.class_names, queries.token_data)}" for what, value in (("label", r.query_label), ("pred", r.query_prediction)))],
+                [
+                    f"query #{r.query_index}",
+                    *_file_line(queries, r.query_position),
+                    *(f"{what} {label_text(value, queries.class_names, queries.token_data)}" for what, value in (("label", r.query_label), ("pred", r.query_prediction))),
+                ],
                 "query",
             )
             out.append(GridRow(q, _train_tiles(train, r.proponents, "proponent"), _train_tiles(train, r.opponents, "opponent")))
