@@ -81,7 +81,8 @@ def test_gpu_check_script_dry_runs_on_the_cpu(tmp_path):
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| autocast | covariance ex/s |" in out.stdout
-    assert "| bfloat16 |" in out.stdout and "bf16 scores against float32 scores: Pearson" in out.stdout
+    assert "| bfloat16 |" in out.stdout and "| float16 |" in out.stdout
+    assert "scores against float32 scores: bfloat16 Pearson" in out.stdout and ", float16 Pearson" in out.stdout
 
 
 def test_resnet18_benchmark_runs_end_to_end():
