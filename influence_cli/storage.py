@@ -359,7 +359,8 @@ def guards_output_dir(
                     busy, elsewhere = refusal_of_rank_0(state, busy, elsewhere)  # every rank stops if rank 0 did not get the locks
                     if busy is not None:
                         raise busy
-                    return run(cfg, *args, **kwargs)
+                    with caller_autocast_off():  # the precision is factors.amp's, as recorded in the outputs
+                        return run(cfg, *args, **kwargs)
             except BaseException as exc:
                 if isinstance(exc, OutputDirBusy) and not elsewhere:
                     raise  # the folder is the other run's: leave everything as it is
@@ -375,6 +376,14 @@ def guards_output_dir(
         return wrapper  # type: ignore[return-value]
 
     return decorate
+
+
+@contextlib.contextmanager
+def caller_autocast_off() -> Iterator[None]:
+    """Turns off a `torch.autocast` the caller entered (a notebook cell under one) for a run: it would
+    put the passes' products in its dtype, unrecorded; `factors.amp` enters its own autocast inside."""
+    with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+        yield
 
 
 def refusal_of_rank_0(state: Any, busy: OutputDirBusy | None, detail: Any = None) -> tuple[OutputDirBusy | None, Any]:

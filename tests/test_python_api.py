@@ -297,6 +297,24 @@ def test_calls_leave_the_callers_random_state_and_grad_mode_as_they_were(tmp_pat
     assert torch.equal(torch.get_rng_state(), state)
 
 
+def test_a_callers_autocast_does_not_change_the_results(tmp_path):
+    """A notebook cell under torch.autocast ran the passes' products in bfloat16, unrecorded (factors.amp: none)."""
+    from safetensors.torch import load_file
+
+    cfg = _digits(tmp_path)
+    fit_factors(cfg)
+    compute_scores(cfg)
+    plain = load_file(cfg.output_path / "scores.safetensors")["scores"]
+    factors = load_file(cfg.output_path / FACTORS_FILE)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fit_factors(cfg, overwrite=True)
+        compute_scores(cfg, overwrite=True)
+        assert torch.is_autocast_enabled("cpu")  # the caller's context is back after the call
+    refitted = load_file(cfg.output_path / FACTORS_FILE)
+    assert all(torch.equal(refitted[k], v) for k, v in factors.items())
+    assert torch.equal(load_file(cfg.output_path / "scores.safetensors")["scores"], plain)
+
+
 def test_inference_mode_is_named_as_the_callers(tmp_path):
     cfg = _digits(tmp_path)
     with torch.inference_mode(), pytest.raises(UsageError, match=r"fit_factors\(\) was called under torch.inference_mode\(\)"):
