@@ -679,6 +679,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], problems: list[s
     An override that cannot be applied raises ConfigError, or, when `problems` is given, is
     recorded there and skipped, so the others and the file are still checked.
     """
+    if isinstance(overrides, Mapping):  # its keys alone would read as overrides without a value
+        raise TypeError(
+            "overrides: expected a list of 'key.path=value' strings (['factors.strategy=kfac']), not a mapping; "
+            "for {key: value} pass [f'{k}={v}' for k, v in overrides.items()], or set the Config's fields"
+        )
     overrides = overrides if isinstance(overrides, (str, bytes)) else list(overrides)
     if isinstance(overrides, (str, bytes)) or not all(isinstance(text, str) for text in overrides):
         raise TypeError(f"overrides: expected a list of 'key.path=value' strings (['factors.strategy=kfac']), not {overrides!r}")

@@ -429,3 +429,20 @@ def test_progress_objects_with_or_without_a_unit_receive_every_bar(tmp_path):
     assert new.started[1] == ("eigendecomposition", 3, "layers") and new.started[0][2] == "ex"
     for_rank(old, 0, 2).start("pass", 10)  # torchrun's rank 0 labels its bars
     assert old.started[-1] == ("pass (rank 0 of 2)", 10)
+
+
+def test_load_dataset_takes_numpy_and_torch_integer_seeds(tmp_path):
+    cfg = load_config(DIGITS, ["data.train.label_noise=0.2", "data.train.range=[0,100]"])
+    labels = influence_cli.load_dataset(cfg.data.train, cfg.base_dir, seed=3).labels
+    for seed in (np.int64(3), torch.tensor(3)):
+        assert torch.equal(influence_cli.load_dataset(cfg.data.train, cfg.base_dir, seed=seed).labels, labels)
+    for seed in (True, 3.0, "3"):
+        with pytest.raises(TypeError, match=r"load_dataset\(\): seed: expected an int"):
+            influence_cli.load_dataset(cfg.data.train, cfg.base_dir, seed=seed)
+
+
+def test_overrides_given_as_a_mapping_are_a_type_error():
+    """Its keys alone read as overrides without a value (a ConfigError about `--set 'seed'`)."""
+    with pytest.raises(TypeError, match=r"not a mapping; for \{key: value\} pass"):
+        load_config(DIGITS, {"seed": 1})
+    assert load_config(DIGITS, [f"{k}={v}" for k, v in {"seed": 1}.items()]).seed == 1

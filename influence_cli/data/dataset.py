@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import operator
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -348,10 +349,16 @@ def load_dataset(
             `transform.dtype: auto`, integer inputs then stay int64 token ids.
 
     Raises:
-        TypeError: `spec` is no data spec (the whole Config, a path).
+        TypeError: `spec` is no data spec (the whole Config, a path), or `seed` is no integer.
         ConfigError: a field of `spec` changed in code is invalid (checked as the file's are).
         DataError: naming the config key at fault.
     """
+    try:  # a NumPy or torch integer as the int it holds
+        if isinstance(seed, bool):
+            raise TypeError
+        seed = operator.index(seed)
+    except TypeError:
+        raise TypeError(f"load_dataset(): seed: expected an int (cfg.seed), not {type(seed).__name__} {seed!r}") from None
     base = Path(base_dir)
     spec = checked_data_spec(spec, name, base)
     src = open_source(spec, base, name)
