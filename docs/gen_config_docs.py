@@ -312,8 +312,10 @@ it. Sequences that end (or start) in runs of one id of different lengths look pa
 ## Precision
 
 Everything runs in float32 (in float64 for a checkpoint whose floating tensors are all float64,
-or a float64 model from Python, which then also receives float64 inputs and targets as stored;
-the files are written in their usual dtypes: factors and scores in float32), with float64
+for a `package.module:function` model whose floating tensors are all float64 when there is no
+`model.checkpoint`, or for a float64 model given to the in-memory functions; such a model also
+receives float64 inputs and targets as stored; the files are written in their usual dtypes:
+factors and scores in float32, self-influence in the model's), with float64
 eigendecompositions. `factors.amp: bfloat16` runs fit-factors and compute-scores in bfloat16:
 the forward under autocast, and every per-batch matrix product (covariances, eigenbasis
 rotations, the corrected eigenvalues, the scoring GEMMs) on bf16 operands summed into float32

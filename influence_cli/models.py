@@ -602,6 +602,7 @@ def load_model(
 
     The model keeps the precision of its checkpoint when every floating tensor there is
     float64 (its curvature and scores are then computed in float64), else it is float32.
+    Without a checkpoint, a factory's model whose floating tensors are all float64 stays float64.
 
     Args:
         cfg: The model block of the config.
@@ -616,7 +617,7 @@ def load_model(
         model = build_model(cfg, base_dir)
         if checkpoint is None and cfg.checkpoint:
             checkpoint = resolve_path(cfg.checkpoint, base_dir)
-        model = model.to(device="cpu", dtype=torch.float32)
+        model = model.to(device="cpu", dtype=torch.float64 if checkpoint is None and _all_float64(model) else torch.float32)
         if checkpoint is not None:
             load_checkpoint(model, checkpoint, key=key)
     except ModelError as exc:
@@ -629,6 +630,16 @@ def load_model(
             hint="give model.checkpoint (it sets them), or run the model once on a dummy batch in the factory before returning it",
         )
     return model.eval()
+
+
+def _all_float64(model: nn.Module) -> bool:
+    """Every floating parameter and buffer of `model` is float64 (lazy ones, without a dtype yet, aside)."""
+    floating = [
+        t
+        for t in (*model.parameters(), *model.buffers())
+        if not isinstance(t, nn.parameter.UninitializedTensorMixin) and t.is_floating_point()
+    ]
+    return bool(floating) and all(t.dtype == torch.float64 for t in floating)
 
 
 def lazy_layers(model: nn.Module) -> list[str]:

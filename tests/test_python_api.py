@@ -446,3 +446,46 @@ def test_overrides_given_as_a_mapping_are_a_type_error():
     with pytest.raises(TypeError, match=r"not a mapping; for \{key: value\} pass"):
         load_config(DIGITS, {"seed": 1})
     assert load_config(DIGITS, [f"{k}={v}" for k, v in {"seed": 1}.items()]).seed == 1
+
+
+def test_a_float64_model_from_a_factory_runs_in_float64(tmp_path, monkeypatch):
+    """Without model.checkpoint a factory's float64 model was rounded to float32 (docs/CONFIG.md, Precision);
+    least squares with the ggn Fisher against (F + λ)⁻¹ with F = 2·XᵀX/N: only the float32 factors file rounds."""
+    (tmp_path / "lsq.py").write_text(
+        "import torch\n"
+        "def model(weight):\n"
+        "    m = torch.nn.Linear(3, 1).double()\n"
+        "    with torch.no_grad():\n"
+        "        m.weight.copy_(weight[:, :3]); m.bias.copy_(weight[:, 3])\n"
+        "    return m\n"
+        "def data(n):\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    x = torch.randn(n, 3, generator=g, dtype=torch.float64)\n"
+        "    return x, x.sum(1, keepdim=True) + torch.randn(n, 1, generator=g, dtype=torch.float64)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    n, lam = 30, 1e-3
+    weight = torch.tensor([[0.5, -1.0, 2.0, 0.3]], dtype=torch.float64)
+    cfg = config_from_dict(
+        {
+            "model": {"architecture": "lsq:model", "kwargs": {"weight": weight}},
+            "task": {"kind": "regression"},
+            "data": {"train": {"source": "lsq:data", "kwargs": {"n": n}}, "batch_size": 7},
+            "factors": {"fisher": "ggn"},
+            "scores": {"damping": lam},
+            "output_dir": str(tmp_path / "run"),
+            "device": "cpu",
+        }
+    )
+    fit_factors(cfg)
+    compute_scores(cfg, self_influence=True)
+    values = influence_cli.load_self_influence(cfg.output_path).values
+    import lsq
+
+    x, y = lsq.data(n)
+    xa = torch.cat([x, torch.ones(n, 1, dtype=torch.float64)], 1)
+    grads = 2 * (xa @ weight.T - y) * xa  # ∇L(x) = 2(f − y)·[x, 1]
+    curvature = 2 * xa.T @ xa / n + lam * torch.eye(4, dtype=torch.float64)
+    exact = (grads @ torch.linalg.inv(curvature) * grads).sum(1)
+    assert values.dtype == torch.float64
+    torch.testing.assert_close(values, exact, rtol=1e-7, atol=0)  # float32 rounding of the model: 4e-7
