@@ -503,7 +503,8 @@ def spectrum(
     Raises:
         OutputError: no factors, factors of another model or without an eigenbasis, or the output exists
             without `overwrite`; progress of an interrupted run without `resume` or `overwrite`, or of other settings.
-        ConfigError: the layer patterns match no tracked layer, or spectrum.baseline names no dataset.
+        ConfigError: the config's layer patterns (spectrum.layers) match no tracked layer, or spectrum.baseline names no dataset.
+        UsageError: `layers` matches no tracked layer, or `order` is not kfac / ekfac.
         NumericalError: the chosen layers' factors hold NaN/Inf.
     """
     t_start = time.perf_counter()

@@ -295,9 +295,9 @@ def edit_checkpoint(
     `rho` alone implies keep mass, `share` alone keep share.
 
     Raises:
-        UsageError: impossible --rho / --keep-share / --out.
+        UsageError: impossible --rho / --keep-share / --out / --order, or `layers` matching no tracked layer.
         OutputError: no matching kfac/ekfac factors, fit-factors writing them, or `out` exists without `overwrite`.
-        ConfigError: the layer patterns match no tracked layer.
+        ConfigError: the config's layer patterns (spectrum.edit, spectrum.layers) match no tracked layer.
         NumericalError: the chosen layers' factors hold NaN/Inf.
     """
     t0 = time.perf_counter()
