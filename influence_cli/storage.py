@@ -359,7 +359,7 @@ def guards_output_dir(
                     busy, elsewhere = refusal_of_rank_0(state, busy, elsewhere)  # every rank stops if rank 0 did not get the locks
                     if busy is not None:
                         raise busy
-                    with caller_autocast_off():  # the precision is factors.amp's, as recorded in the outputs
+                    with caller_autocast_off(), notices.once_per_call():  # the precision is factors.amp's, as recorded in the outputs
                         return run(cfg, *args, **kwargs)
             except BaseException as exc:
                 if isinstance(exc, OutputDirBusy) and not elsewhere:

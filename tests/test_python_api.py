@@ -489,3 +489,17 @@ def test_a_float64_model_from_a_factory_runs_in_float64(tmp_path, monkeypatch):
     exact = (grads @ torch.linalg.inv(curvature) * grads).sum(1)
     assert values.dtype == torch.float64
     torch.testing.assert_close(values, exact, rtol=1e-7, atol=0)  # float32 rounding of the model: 4e-7
+
+
+def test_a_run_logs_each_warning_once(tmp_path, caplog):
+    """A check run on every block of scores logged its warning per block (4 times here); the CLI showed it once."""
+    cfg = _digits(tmp_path, "scores.dtype=float16", "scores.max_memory_mb=0.01")
+    fit_factors(cfg)
+    with caplog.at_level("WARNING", logger="influence_cli"):
+        report = compute_scores(cfg, by_layer=True)
+        assert report.num_shards > 1
+        messages = [r.getMessage() for r in caplog.records]
+        assert len(messages) == len(set(messages)) and any("float16 stores scores below" in m for m in messages), messages
+        caplog.clear()
+        compute_scores(cfg, by_layer=True, overwrite=True)  # the next call says it again
+        assert any("float16 stores scores below" in r.getMessage() for r in caplog.records)
