@@ -41,7 +41,9 @@ SCORES_EPILOG = """\
 
   influence compute-scores configs/digits.yaml
 
-  influence compute-scores configs/mnist.yaml --relative --set scores.max_memory_mb=256 --overwrite
+  influence compute-scores configs/mnist.yaml --relative --set scores.max_memory_mb=3 --overwrite     # 100 × 8,000 scores, over 3 MB: shards
+
+  influence compute-scores configs/mnist.yaml --self --overwrite
 
   influence compute-scores configs/mnist.yaml --set factors.amp=bfloat16 --overwrite
 
