@@ -57,14 +57,24 @@ def test_every_command_prints_the_documented_keys(tmp_path):
     assert set(json.loads(result.stdout)) == set(printed["compute-scores"])  # --self prints the same keys
     result = runner.invoke(app, ["top-k", str(DIGITS), *sets, "--self", "--k", "2", "--json"])
     self_top = json.loads(result.stdout)
-    for name, data in [*printed.items(), ("top-k", self_top)]:
+    noisy = [str(DIGITS), "--set", f"output_dir={tmp_path / 'noisy'}", "--set", "data.train.range=[0, 200]", "--set", "data.train.label_noise=0.1"]
+    for args in (["fit-factors", *noisy], ["compute-scores", *noisy, "--self"]):
+        assert runner.invoke(app, args).exit_code == 0, args
+    noisy_top = json.loads(runner.invoke(app, ["top-k", *noisy, "--self", "--k", "2", "--json"]).stdout)
+    by_layer = json.loads(runner.invoke(app, ["compute-scores", str(DIGITS), *sets, "--by-layer", "--overwrite", "--json"]).stdout)
+    seen: dict[str, set[str]] = {}
+    for name, data in [*printed.items(), ("top-k", self_top), ("top-k", noisy_top), ("compute-scores", by_layer)]:
         always, optional = docs[name]
         keys = set(data)
+        seen.setdefault(name, set()).update(keys)
         if name == "top-k":  # pairwise queries or self-influence
             always = always - {"queries", "self_influence"}
             keys = keys - {"queries", "self_influence"}
         assert always <= keys <= always | optional, (name, sorted(keys - always - optional), sorted(always - keys))
     assert "queries" in printed["top-k"] and "self_influence" in self_top
+    assert {"relative", "measurement"} <= set(printed["top-k"]) and not {"relative", "measurement"} & set(self_top)  # not with --self
+    for name, (_, optional) in docs.items():  # every optional key is printed in its case
+        assert optional <= seen[name], (name, sorted(optional - seen[name]))
     for name, key in (("top-k", "image_grid"), ("dataset-similarity", "heatmap"), ("spectrum", "plot"), ("edit", "path"), ("info", "path")):
         assert Path(printed[name][key]).is_absolute(), (name, key)
 
@@ -92,3 +102,22 @@ def test_the_rows_of_rankings_and_their_per_layer_parts_are_documented(tmp_path)
     assert runner.invoke(app, ["compute-scores", *sets, "--self", "--by-layer"]).exit_code == 0
     rows = json.loads(runner.invoke(app, ["top-k", *sets, "--self", "--k", "2", "--json"]).stdout)["self_influence"]
     assert all("by_layer" in r and set(r) <= names | row_names("top-k", "self_influence") for r in rows)
+
+
+def test_nothing_but_json_on_stdout_with_a_warning_and_nothing_at_all_with_an_error(tmp_path):
+    """A warning goes to stderr beside the JSON; an error leaves stdout empty and exits with its code."""
+    runner = CliRunner(env={"COLUMNS": "120", "INFLUENCE_DEBUG": None, "RANK": None, "WORLD_SIZE": None})
+    sets = [str(DIGITS), "--set", f"output_dir={tmp_path}", "--set", "data.train.range=[0, 200]"]
+    assert runner.invoke(app, ["fit-factors", *sets]).exit_code == 0
+    result = runner.invoke(app, ["edit", *sets, "--out", str(tmp_path / "e.safetensors"), "--rho", "0.6", "--json"])
+    assert result.exit_code == 0 and "warning: edit" in result.stderr, result.stderr
+    assert json.loads(result.stdout)["rho"] == 0.6
+    for args, code in (
+        (["fit-factors", *sets], 5),  # the factors exist
+        (["top-k", *sets, "--query", "0"], 5),  # no scores yet
+        (["fit-factors", *sets, "--set", "factors.strategy=bogus"], 2),
+        (["top-k", *sets, "--bogus"], 2),  # Click's own usage error
+    ):
+        result = runner.invoke(app, [*args, "--json"])
+        assert (result.exit_code, result.stdout) == (code, ""), (args, result.exit_code, result.stdout)
+        assert result.stderr.strip(), args
