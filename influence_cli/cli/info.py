@@ -17,7 +17,7 @@ INFO_EPILOG = """\
 
   influence info runs/digits/scores.safetensors --json
 
-  influence info runs/mnist/scores.index.json     # scores written as shards (scores.max_memory_mb, torchrun)
+  influence info runs/mnist/scores.index.json   # scores written as shards
 """
 
 
