@@ -32,6 +32,7 @@ from influence_cli.errors import ModelError, first_line, out_of_memory
 from influence_cli.tracking import Capture, TrackedModule, attention_fastpath_off
 
 _TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-3}  # relative; under factors.amp (bf16 / fp16 autocast): 5e-2
+_GAP_ELEMENTS = 1 << 22  # float64 values `_rows_gap` holds at once (32 MiB)
 _HINT_LAYOUT = (
     "keep the batch first in the model (e.g. batch_first=True), with nothing that mixes the examples of a batch "
     "and no randomness (model.eval() turns off dropout and batch statistics)"
@@ -56,6 +57,21 @@ def _relative_gap(got: torch.Tensor, want: torch.Tensor, scale_of: torch.Tensor 
     if scale_of is not None and scale_of.numel():  # max and -min, not abs().max(): no copy of a batch's activations
         scale = max(scale, float(scale_of.detach().max()), -float(scale_of.detach().min()))
     return float((got - want).abs().max()) / scale
+
+
+def _rows_gap(rows: torch.Tensor, scale_of: torch.Tensor) -> float:
+    """max over i of |rows[i] − rows[0]|, relative as `_relative_gap` (to the largest |value| of `rows` or
+    `scale_of`), a chunk of about `_GAP_ELEMENTS` (at least one row) in float64 at a time: a language
+    model's outputs [B, positions, vocabulary] are not copied whole into float64 (four times over)."""
+    if rows.numel() == 0:
+        return 0.0
+    first = rows[:1].double()
+    step = max(1, _GAP_ELEMENTS // max(1, first.numel()))
+    worst = torch.zeros((), dtype=torch.float64, device=rows.device)
+    for start in range(1, rows.shape[0], step):  # torch.maximum keeps a NaN, as _relative_gap's max does
+        worst = torch.maximum(worst, (rows[start : start + step].double() - first).abs().max())
+    scale = max(float(rows.max()), -float(rows.min()), float(scale_of.detach().max()), -float(scale_of.detach().min()), 1e-300)
+    return float(worst) / scale
 
 
 def check_model_output(out: object, batch_size: int) -> None:
@@ -115,7 +131,7 @@ def check_examples_independent(
             "the model's outputs for the batch's first example change with the other examples: they depend on the other examples of the batch",
             hint=_HINT_LAYOUT,
         )
-    if _relative_gap(copies, copies[:1].expand_as(copies), out) > tol:  # row 0 comes first in a recurrence over the batch
+    if _rows_gap(copies, out) > tol:  # row 0 comes first in a recurrence over the batch
         raise ModelError(
             "the model's outputs differ between the copies of one example in a batch: they depend on the examples before them in "
             "the batch (a recurrent layer, nn.LSTM or nn.GRU, without batch_first=True runs along the batch as its sequence)",

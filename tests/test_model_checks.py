@@ -239,6 +239,36 @@ def test_the_independence_check_unfolds_one_example_of_the_copies(monkeypatch):
     assert rows and set(rows) == {1}
 
 
+def test_the_every_row_check_holds_no_float64_copy_of_the_whole_batch():
+    """A language model's copies are [B, positions, vocabulary]: comparing every row to row 0 converted the whole
+    batch to float64 several times over (4 x 8 rows of 2^21 values: 512 MiB here, tens of GB for a real vocabulary)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import influence_cli.model_checks as model_checks
+    from influence_cli.tracking import Capture
+
+    class LargestFloat64(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            for t in result if isinstance(result, (tuple, list)) else [result]:
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
+                    LargestFloat64.largest = max(LargestFloat64.largest, t.numel())
+            return result
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1 << 16)).float().eval()  # logits [B, 32, 65536]
+    tracked = find_tracked_modules(model, ["0"])
+    x = torch.randn(8, 32, 4, dtype=torch.float32)
+    with torch.no_grad(), Capture(tracked) as cap:
+        out = model(x)
+    acts = cap.activations(8)
+    with LargestFloat64():
+        model_checks.check_examples_independent(model, tracked, x, out, acts, 1e-3)
+    assert 0 < LargestFloat64.largest <= out.numel() // 4  # two rows (32 MiB) at a time, not the 8 rows x 4
+
+
 def test_the_checks_change_no_number(monkeypatch):
     """A plain model passes every check, and factors and scores are bit for bit those of a run without them."""
     import influence_cli.model_checks as model_checks
