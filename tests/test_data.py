@@ -1447,8 +1447,10 @@ def test_unscaled_8_bit_inputs_are_warned_about(tmp_path: Path, caplog: pytest.L
          "data.train.transform.scale: 255 (0..1): for statistics of 0..255 pixels leave data.train.transform.scale out, or divide them by 255 too"),
         (255.0, [0.485], [0.229], None),
         (None, [123.675], [58.395], None),
+        (None, [300.0], [1.0], "data.train: data.train.transform.normalize has the mean [300], beyond the 8-bit inputs' range (0..255, "
+         "data.train.transform.scale is not set): give the mean and std of the values normalize sees"),
     ],
-    ids=["unit-stats-unscaled", "pixel-stats-scaled", "unit-stats-scaled", "pixel-stats-unscaled"],
+    ids=["unit-stats-unscaled", "pixel-stats-scaled", "unit-stats-scaled", "pixel-stats-unscaled", "beyond-255-unscaled"],
 )  # fmt: skip
 def test_normalize_statistics_of_another_range_than_the_8_bit_inputs_are_warned_about(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, scale: float | None, mean: list, std: list, warning: str | None

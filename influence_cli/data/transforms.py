@@ -45,7 +45,8 @@ def token_inputs(spec: TransformSpec, raw_dtype: torch.dtype, key: str, embeddin
 
 def _check_normalize_range(spec: TransformSpec, name: str, key: str) -> None:
     """Warns when normalize's statistics are of another range than the 8-bit inputs reach it in: torchvision's
-    [0, 1] statistics (after its ToTensor) without scale, or 0..255 statistics after scale divided the inputs."""
+    [0, 1] statistics (after its ToTensor) without scale, 0..255 statistics after scale divided the inputs, or a mean
+    beyond 0..255 without scale."""
     mean, std = [abs(float(v)) for v in spec.normalize.mean], [abs(float(v)) for v in spec.normalize.std]
     top = 255.0 if spec.scale is None else 255.0 / abs(spec.scale)  # the largest input normalize sees
     shown = ", ".join(f"{v:g}" for v in spec.normalize.mean)
@@ -53,6 +54,11 @@ def _check_normalize_range(spec: TransformSpec, name: str, key: str) -> None:
         notices.warn(
             f"{name}: {key}.normalize has the mean [{shown}] of inputs in [0, 1] (as torchvision's Normalize after ToTensor), but the "
             f"8-bit inputs reach it as 0..255 ({key}.scale is not set): set {key}.scale: 255.0"
+        )
+    elif max(mean) > top and spec.scale is None:
+        notices.warn(
+            f"{name}: {key}.normalize has the mean [{shown}], beyond the 8-bit inputs' range (0..255, {key}.scale is not set): "
+            "give the mean and std of the values normalize sees"
         )
     elif max(mean) > top:
         notices.warn(
