@@ -310,7 +310,8 @@ def guards_output_dir(
 
     While it runs, its outputs are locked exclusively and what it reads is locked shared
     (`output_dir_lock`; rank 0 of a torchrun job holds the locks and tells the other ranks whether
-    it got them, before any rank touches a file). So a second run writing the same outputs is
+    it got them, before any rank touches a file; every rank first checks that its machine can reach
+    and write the folders, agreed with the others, so one that cannot stops every rank, named). So a second run writing the same outputs is
     refused, and so is fit-factors while factors are being read (and the reverse), while commands
     writing other outputs (compute-scores and compute-scores --self, spectrum and
     dataset-similarity) share the folder. When it fails, the folder it created (with its
@@ -333,29 +334,42 @@ def guards_output_dir(
                 checks(cfg, bound.arguments)
             name = what(kwargs) if callable(what) else what
             folder: Path | None = None  # this run's output folder; None: it writes none
+            key = "output_dir"
             created: list[Path] = []  # the folders it creates, innermost first
-            if name is not None:
-                folder, key = _folder_of(cfg, name)
-                check_readable_dir(folder, key)  # also a folder above it: exists() below would raise
-                created = [p for p in (folder, *folder.parents) if not p.exists()]
             state = kwargs.get("state")  # the DistState the CLI (or a Python caller) passes
             main = state is None or state.rank == 0  # without a state every process runs alone (as `prepare` does) and locks
             elsewhere = False  # refused by a lock on the factors in another folder: this run's own folder is cleaned up
             try:
                 with contextlib.ExitStack() as locks:
-                    busy: OutputDirBusy | None = None
-                    try:
+
+                    def take_locks() -> OutputDirBusy | None:
+                        """This rank's checks of the folders (each rank's own: a machine may not see or write them)
+                        and, on rank 0, the locks; a refusal by another run's lock is returned."""
+                        nonlocal folder, key, created, elsewhere
                         if name is not None:
-                            locks.enter_context(output_dir_lock(folder, name, hold=main, key=key))
-                        if reads is not None:
-                            read_folder, read_key = _folder_of(cfg, reads)
-                            check_readable_dir(read_folder, read_key, listed=False)  # only its named files are read
-                            if read_folder.is_dir():  # else nothing to read: the command says so
-                                elsewhere = read_folder != folder
-                                locks.enter_context(output_dir_lock(read_folder, reads, hold=main, shared=True, key=read_key))
-                                elsewhere = False
-                    except OutputDirBusy as exc:
-                        busy = exc
+                            folder, key = _folder_of(cfg, name)
+                            check_readable_dir(folder, key)  # also a folder above it: exists() below would raise
+                            created = [p for p in (folder, *folder.parents) if not p.exists()]
+                        try:
+                            if name is not None:
+                                locks.enter_context(output_dir_lock(folder, name, hold=main, key=key))
+                            if reads is not None:
+                                read_folder, read_key = _folder_of(cfg, reads)
+                                check_readable_dir(read_folder, read_key, listed=False)  # only its named files are read
+                                if read_folder.is_dir():  # else nothing to read: the command says so
+                                    elsewhere = read_folder != folder
+                                    locks.enter_context(output_dir_lock(read_folder, reads, hold=main, shared=True, key=read_key))
+                                    elsewhere = False
+                        except OutputDirBusy as exc:
+                            return exc
+                        return None
+
+                    if state is not None and state.distributed:  # a folder one machine cannot write stops every rank, named
+                        from influence_cli.distributed import agree
+
+                        busy = agree(state, take_locks)
+                    else:
+                        busy = take_locks()
                     busy, elsewhere = refusal_of_rank_0(state, busy, elsewhere)  # every rank stops if rank 0 did not get the locks
                     if busy is not None:
                         raise busy

@@ -248,6 +248,40 @@ def test_a_start_check_one_rank_fails_stops_every_rank_at_once(tmp_path):
     assert not (out / storage.FACTORS_FILE).exists()
 
 
+# The real CLI on a job whose rank 1 cannot write the output folder (its machine mounts it read-only).
+READ_ONLY_ON_RANK_1_CLI = """
+import os, sys
+from pathlib import Path
+
+if os.environ["RANK"] == "1":
+    _access = os.access
+
+    def access(path, mode, *args, **kwargs):
+        if mode & os.W_OK and Path(path).resolve() == Path(os.environ["READ_ONLY"]).resolve():
+            return False
+        return _access(path, mode, *args, **kwargs)
+
+    os.access = access
+from influence_cli.cli import main
+sys.argv[0] = "influence"
+main()
+"""
+
+
+def test_an_output_dir_one_rank_cannot_write_stops_every_rank_naming_it(tmp_path):
+    """Rank 1 cannot write output_dir: it says so, and rank 0 stops naming its error (not a lost peer in a collective)."""
+    script = tmp_path / "read_only_on_rank_1.py"
+    script.write_text(READ_ONLY_ON_RANK_1_CLI)
+    out = tmp_path / "out"
+    out.mkdir()
+    cmd = _torchrun_cmd(*fit_args(CONFIG, out, "data.train.range=[0, 200]"), script=script)
+    run = subprocess.run(cmd, env={**subprocess_env(), "READ_ONLY": str(out)}, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert f"[rank 1] output error: output_dir: {str(out)!r} is not writable" in run.stderr, run.stderr
+    assert f"[rank 0] distributed error: rank 1 stopped: output_dir: {str(out)!r} is not writable" in run.stderr, run.stderr
+    assert sorted(out.iterdir()) == []
+
+
 def test_overwrite_one_rank_refuses_at_the_start_removes_no_ranks_progress(tmp_path):
     """--overwrite refused by rank 1 alone (a folder at its own snapshot's path, refused even so) stops the job before
     any rank removes a file: rank 0's snapshot and the progress of one process, which --overwrite lets go, stay (rank
