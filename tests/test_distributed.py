@@ -248,6 +248,46 @@ def test_a_start_check_one_rank_fails_stops_every_rank_at_once(tmp_path):
     assert not (out / storage.FACTORS_FILE).exists()
 
 
+# The real CLI on a job whose rank 0 starts late (its machine slower to import torch or to read the config).
+LATE_RANK_0_CLI = """
+import os, sys, time
+if os.environ["RANK"] == "0":
+    time.sleep(3)
+from influence_cli.cli import main
+sys.argv[0] = "influence"
+main()
+"""
+
+
+@pytest.mark.parametrize("mistake, said", [(["--set", "factors.strategy=bogus"], "config error: "), (["--bogus"], "usage error: ")], ids=["config", "usage"])
+def test_an_error_every_rank_meets_is_said_when_rank_0_starts_late(tmp_path, mistake, said):
+    """The other ranks leave such an error to rank 0: they wait for rank 0 to exit, so that torchrun does not stop rank 0
+    (SIGTERM) before it said it; the job failed with no message at all when rank 0 ran behind."""
+    script = tmp_path / "late_rank_0.py"
+    script.write_text(LATE_RANK_0_CLI)
+    cmd = _torchrun_cmd(*fit_args(CONFIG, tmp_path / "out"), *mistake, script=script)
+    run = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert run.stderr.count(said) == 1 and re.search(f"^{said}", run.stderr, re.MULTILINE), run.stderr  # once, by rank 0
+    for rank in range(WORLD):  # each rank's own exit code, none stopped by torchrun first
+        assert re.search(rf"rank\s+: {rank} \(local_rank: {rank}\)\s+exitcode\s+: 2 ", run.stderr), run.stderr
+
+
+def test_a_rank_whose_rank_0_does_not_stop_says_the_error_itself(monkeypatch, capsys):
+    """An error every rank should meet alike that rank 0 did not meet (it is still running): after the wait, the rank says it."""
+    import importlib
+
+    from influence_cli.errors import ConfigError
+
+    cli_app = importlib.import_module("influence_cli.cli.app")  # the module (influence_cli.cli.app is also the Typer app's name)
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(cli_app, "RANK_0_GRACE_S", 0.01)
+    assert cli_app.report_error(ConfigError("data.batch_size: must be > 0", source="run.yaml")) == 2
+    assert "[rank 1] config error: run.yaml: data.batch_size: must be > 0" in capsys.readouterr().err
+
+
 # The real CLI on a job whose rank 1 cannot write the output folder (its machine mounts it read-only).
 READ_ONLY_ON_RANK_1_CLI = """
 import os, sys

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +32,7 @@ from influence_cli.errors import InfluenceError, OutputError, out_of_memory
 
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM
+RANK_0_GRACE_S = 30.0  # how long a rank leaving an error every rank meets to rank 0 waits for rank 0 to say it
 
 
 class _PlainHelpFlag:
@@ -106,10 +108,32 @@ def _root(
     _DEBUG["on"] = debug or os.environ.get("INFLUENCE_DEBUG", "") not in ("", "0")
 
 
+def _rank_0_says_it(code: int) -> bool:
+    """Whether this rank (not rank 0) may leave an error every rank meets alike to rank 0 to say. Under torchrun it
+    first waits for rank 0 to go: were it to exit now, torchrun would stop rank 0 (SIGTERM) at once, before rank 0
+    said it when rank 0 runs behind (its machine slower to import or read the config), and the job would fail with no
+    message. torchrun stops this rank once rank 0 has exited; it then exits with `code`. False when rank 0 is still
+    running after RANK_0_GRACE_S seconds (it did not meet the error): this rank says it itself."""
+    if os.environ.get("WORLD_SIZE", "1").strip() in ("", "0", "1"):
+        return True
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    leave = signal.signal(signal.SIGTERM, lambda *_: os._exit(code)), signal.signal(signal.SIGINT, lambda *_: os._exit(code))
+    try:
+        time.sleep(RANK_0_GRACE_S)
+    finally:
+        signal.signal(signal.SIGTERM, leave[0])
+        signal.signal(signal.SIGINT, leave[1])
+    return False
+
+
 def report_error(exc: InfluenceError) -> int:
     """Prints one line (plus the next step) to stderr; returns the exit code."""
     rank = os.environ.get("RANK")
-    if rank not in (None, "", "0") and exc.same_on_every_rank:  # rank 0 says it for the job
+    if rank not in (None, "", "0") and exc.same_on_every_rank and _rank_0_says_it(exc.exit_code):  # rank 0 says it for the job
         return exc.exit_code
     own = rank not in (None, "", "0") or (rank == "0" and os.environ.get("WORLD_SIZE", "1") not in ("", "1") and not exc.same_on_every_rank)
     prefix = escape(f"[rank {rank}] ") if own else ""  # a rank's own error (its shard), rank 0's too; the markup would swallow "[rank 1]"
@@ -261,8 +285,10 @@ def main(argv: list[str] | None = None) -> None:
         if where == "influence":  # an option error seen before the command's context existed
             command_names = {c.name for c in app.registered_commands}
             where = next((f"influence {a}" for a in args if a in command_names), where)
-        if os.environ.get("RANK", "0") in ("", "0"):  # under torchrun every rank parses the same arguments: rank 0 says it
-            err_console.print(f"[bold red]usage error:[/] {escape(exc.format_message())}", highlight=False, soft_wrap=True)
+        rank = os.environ.get("RANK", "0").strip()
+        if rank in ("", "0") or not _rank_0_says_it(exc.exit_code):  # under torchrun every rank parses the same arguments: rank 0 says it
+            prefix = "" if rank in ("", "0") else escape(f"[rank {rank}] ")
+            err_console.print(f"[bold red]{prefix}usage error:[/] {escape(exc.format_message())}", highlight=False, soft_wrap=True)
             err_console.print(f"[dim]hint:[/] {escape(f'{where} --help')} lists the arguments and options", highlight=False, soft_wrap=True)
         code = exc.exit_code
     except click.ClickException as exc:
