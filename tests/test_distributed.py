@@ -433,6 +433,42 @@ def test_interrupted_job_resumes_to_the_same_factors(tmp_path, distributed_run):
     assert [k for k in ref if not torch.equal(got[k], ref[k])] == []
 
 
+def _rank_process(launcher: int, rank: int) -> int:
+    """The pid of torchrun's worker of `rank` (its environment names it)."""
+    for pid in _descendants(launcher):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env:
+            return pid
+    raise AssertionError(f"no process of rank {rank} under {launcher}")
+
+
+def test_a_rank_killed_outright_stops_the_job_and_its_progress_stays(tmp_path):
+    """SIGKILL to rank 1 mid-pass (the out-of-memory killer): it says nothing, torchrun stops rank 0, which says so and
+    points at torchrun's summary (rank 1's -9), and exits 143; no factors, each rank's last progress kept."""
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("finding the ranks to kill needs /proc")
+    script = tmp_path / "slow_cli.py"
+    script.write_text(SLOW_CLI)
+    out = tmp_path / "killed"
+    partials = [out / storage.FACTORS_PARTIAL.format(rank=f".rank{r}") for r in range(WORLD)]
+    proc = _start_slow_job(script, out)
+    try:
+        _wait_until(proc, partials, lambda seen: all(s is not None for s in seen), "the first progress")
+        os.kill(_rank_process(proc.pid, 1), signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert err.count("terminated by torchrun (another rank stopped: see its message above, or its exit code in torchrun's summary") == 1, err
+    assert re.search(r"rank\s+: 1 \(local_rank: 1\)\s+exitcode\s+: -9 ", err), err
+    assert re.search(r"rank\s+: 0 \(local_rank: 0\)\s+exitcode\s+: 143 ", err), err
+    assert all(p.is_file() for p in partials) and not (out / storage.FACTORS_FILE).exists()
+
+
 # The real CLI on a rank that cannot remove its own progress files (as in a sticky folder of another user).
 UNREMOVABLE_CLI = """
 import os, sys

@@ -218,7 +218,7 @@ def command(name: str, resumable: bool = False, rank_0: bool = False, **kwargs: 
                 if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets the signal; say it once
                     what = "terminated" if isinstance(exc, Terminated) else "interrupted"
                     if isinstance(exc, Terminated) and os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
-                        what = "terminated by torchrun (another rank stopped, see its message above, or the job was cancelled)"
+                        what = "terminated by torchrun (another rank stopped: see its message above, or its exit code in torchrun's summary; or the job was cancelled)"
                     more = (
                         " Rerun the same command with --resume to continue from its last save (progress is saved every factors.checkpoint_every batches, never with 0; before the first save --resume starts over)."
                         if resumable
