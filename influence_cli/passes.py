@@ -697,6 +697,14 @@ def _input_hint(x: torch.Tensor, reason: str, dataset_name: str) -> str:
     return "check model.kwargs and data transform (flatten/resize)"
 
 
+def _one_logit_hint(z: str) -> str:
+    """What a binary classifier with one logit per example (z, the code that makes it two-class logits) should return."""
+    return (
+        f"a binary classifier with one logit z (sigmoid, BCE) takes two-class logits: return {z} from a model "
+        "factory (their cross-entropy is the BCE of z), labels 0 and 1"
+    )
+
+
 def check_outputs(out: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, task_kind: str, dataset_name: str) -> None:
     """Shape and label checks; `y` and `idx` (global indices) are the CPU copies, so no device sync."""
     if task_kind == "regression":
@@ -717,7 +725,16 @@ def check_outputs(out: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, task_ki
         if out.dim() != 2:
             raise DataError(
                 f"task.kind: classification expects model outputs [batch, classes], got {list(out.shape)}",
-                hint="set task.kind: language_modeling for logits [batch, positions, vocabulary]" if out.dim() == 3 else "set task.kind: regression or change the model",
+                hint="set task.kind: language_modeling for logits [batch, positions, vocabulary]"
+                if out.dim() == 3
+                else _one_logit_hint("torch.stack([torch.zeros_like(z), z], dim=1)") + "; for predictions set task.kind: regression"
+                if out.dim() == 1
+                else "set task.kind: regression or change the model",
+            )
+        if out.shape[1] == 1:  # softmax of one logit is 1: every loss and gradient would be 0
+            raise DataError(
+                f"task.kind: classification expects two or more logits per example, got outputs {list(out.shape)}",
+                hint=_one_logit_hint("torch.cat([torch.zeros_like(z), z], dim=1)") + "; for predictions set task.kind: regression",
             )
         if y.dtype.is_floating_point:
             whole = bool(torch.isfinite(y).all()) and bool((y == y.round()).all())

@@ -345,3 +345,39 @@ def test_class_labels_stored_as_floats_are_named_as_such():
     with pytest.raises(DataError) as exc:  # one-hot rows: casting them would not help
         _first(nn.Linear(4, 3), x, torch.eye(3)[[0, 2, 1, 1]], kind="classification", fisher="empirical")
     assert exc.value.hint == "store the class indices, labels.argmax(1), as integers [N] (these are one-hot rows)"
+
+
+class OneLogit(nn.Module):
+    """A binary classifier with one logit per example ([B, 1], or [B] with `squeeze`), as trained with BCE."""
+
+    def __init__(self, squeeze: bool = False, two_class: bool = False) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 1)
+        self.squeeze, self.two_class = squeeze, two_class
+
+    def forward(self, x):
+        z = self.fc(x)
+        if self.two_class:  # what the hint says to return
+            return torch.cat([torch.zeros_like(z), z], dim=1)
+        return z.squeeze(-1) if self.squeeze else z
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "sampled", "ggn"])
+def test_a_one_logit_binary_classifier_is_refused_with_its_two_class_form(fisher):
+    """A [B, 1] classifier's softmax is 1, so every loss and gradient is 0: labels all 0 passed silently
+    (zero scores), and a label 1 was refused as outside the model's 1 classes with the hint to keep labels
+    0..0; a squeezed [B] one was told to set task.kind: regression, which scores the squared error of a logit."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 4)
+    for labels in (torch.zeros(6, dtype=torch.int64), torch.tensor([0, 1, 1, 0, 1, 0])):
+        with pytest.raises(DataError, match=r"classification expects two or more logits per example, got outputs \[6, 1\]") as exc:
+            _first(OneLogit(), x, labels, kind="classification", fisher=fisher)
+        assert "return torch.cat([torch.zeros_like(z), z], dim=1)" in exc.value.hint and "BCE" in exc.value.hint
+    with pytest.raises(DataError, match=r"expects model outputs \[batch, classes\], got \[6\]") as exc:
+        _first(OneLogit(squeeze=True), x, labels, kind="classification", fisher=fisher)
+    assert "return torch.stack([torch.zeros_like(z), z], dim=1)" in exc.value.hint
+    model = OneLogit(two_class=True)
+    (batch,) = _first(model, x, labels, kind="classification", fisher="empirical")
+    z = model.fc(x)[:, 0].detach().requires_grad_(True)  # the two-class cross-entropy's gradient is the BCE's
+    (bce,) = torch.autograd.grad(nn.functional.binary_cross_entropy_with_logits(z, labels.float(), reduction="sum"), z)
+    torch.testing.assert_close(batch.gradients[0]["fc"].reshape(-1), bce)
