@@ -799,7 +799,7 @@ def test_text_labels_are_told_to_be_class_numbers(tmp_path: Path) -> None:
         (DataSpec(source="tensors", path="names.pt"), "data.train.labels_key: the labels in names.pt are text ('cat', 'dog', 'cat', ...), not class numbers"),
         (DataSpec(source="tensors", path="names.npz"), "data.train.labels_key: the labels in names.npz are text ('7', '2', '1', ...), not class numbers"),
         (DataSpec(source=f"{mod}:pair"), f"data.train.source: the labels returned by {mod}:pair are not all numbers or tensors of numbers (some are text)"),
-        (DataSpec(source=f"{mod}:items"), "data.train.source: item 0: a label must be a number or a tensor, got str ('cat')"),
+        (DataSpec(source=f"{mod}:items"), "data.train.source: item 0: a label must be a number, a list of numbers or a tensor, got str ('cat')"),
     ]
     for spec, message in cases:
         with pytest.raises(DataError) as info:
@@ -1207,6 +1207,42 @@ def test_factory_pil_images_show_their_colours(tmp_path: Path) -> None:
     ds = load_dataset(DataSpec(source=f"{mod}:make"), tmp_path)
     assert ds[0][0].shape == (3, 2, 2) and ds[0][0][:, 0, 0].tolist() == [255.0, 0.0, 0.0]
     assert ds[1][0].shape == (3, 2, 2) and ds[1][0][:, 0, 0].tolist() == [0.0, 255.0, 0.0]
+
+
+def test_a_factory_gives_regression_targets_as_lists_of_numbers(tmp_path: Path) -> None:
+    """Rows of targets as Python lists (a data frame's .values.tolist()), returned beside the inputs or in a
+    Dataset's items, were refused as "not all numbers" (the inputs were read from the same lists)."""
+    mod = write_module(
+        tmp_path,
+        """
+        import torch
+
+        ROWS = [[float(i), 2.0 * i, -1.0] for i in range(6)]
+
+        def pair():
+            return [[float(i), 1.0] for i in range(6)], ROWS
+
+        class Items(torch.utils.data.Dataset):
+            def __len__(self):
+                return 6
+
+            def __getitem__(self, i):
+                return [float(i), 1.0], tuple(ROWS[i])
+
+        def items():
+            return Items()
+
+        def ragged():
+            return [[float(i), 1.0] for i in range(6)], [[1.0] * (1 + i % 2) for i in range(6)]
+        """,
+    )
+    for source in ("pair", "items"):
+        ds = load_dataset(DataSpec(source=f"{mod}:{source}"), tmp_path)
+        labels = torch.stack([ds[i][1] for i in range(len(ds))])
+        assert labels.dtype == torch.float32 and labels.shape == (6, 3), source
+        assert ds[4][1].tolist() == [4.0, 8.0, -1.0] and ds[4][0].tolist() == [4.0, 1.0], source
+    with pytest.raises(DataError, match="the labels returned by .*ragged differ in shape"):
+        load_dataset(DataSpec(source=f"{mod}:ragged"), tmp_path)
 
 
 def test_factory_returning_lists_of_inputs_and_labels(tmp_path: Path) -> None:

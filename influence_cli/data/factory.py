@@ -70,13 +70,18 @@ def _input_shape(v: Any) -> tuple[int, ...] | None:
 
 
 def _label_shape(v: Any) -> tuple[int, ...] | None:
-    """The shape of one label (number, bool, tensor, array); None if it is not one."""
+    """The shape of one label (number, bool, tensor, array, list of numbers); None if it is not one."""
     if isinstance(v, (bool, int, float, np.number, np.bool_)):
         return ()
     if isinstance(v, torch.Tensor):
         return tuple(v.shape)
     if isinstance(v, np.ndarray):
         return tuple(v.shape) if v.dtype.kind in "biuf" else None
+    if isinstance(v, (list, tuple)):  # a row of regression targets, or a language model's token ids
+        try:
+            return tuple(item_label(v).shape)
+        except (TypeError, ValueError, OverflowError, RuntimeError):
+            return None
     return None
 
 

@@ -113,7 +113,8 @@ def to_labels(value: Any, key: str, where: str) -> torch.Tensor:
 
 
 def item_label(y: Any) -> torch.Tensor:
-    """One example's label: int64 scalar for classes; regression targets float64 if given so, else float32."""
+    """One example's label: int64 scalar for classes; regression targets (a tensor, array or list of numbers)
+    float64 if given so, else float32."""
     if isinstance(y, torch.Tensor):
         if y.dtype == torch.bool or not y.is_floating_point():
             return y.to(torch.int64)
@@ -124,7 +125,15 @@ def item_label(y: Any) -> torch.Tensor:
         return torch.tensor(float(y), dtype=torch.float32)
     if isinstance(y, np.ndarray):
         return item_label(torch.from_numpy(np.ascontiguousarray(y)).reshape(y.shape))
-    raise TypeError(f"a label must be a number or a tensor, got {type(y).__name__}")
+    if isinstance(y, (list, tuple)) and not any(isinstance(v, (str, bytes)) for v in y):  # e.g. a row of regression targets
+        try:
+            value = torch.as_tensor(y)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"a label given as a {type(y).__name__} must hold numbers of one shape") from None
+        if value.is_complex():
+            raise TypeError(f"a label given as a {type(y).__name__} must hold real numbers")
+        return item_label(value)
+    raise TypeError(f"a label must be a number, a list of numbers or a tensor, got {type(y).__name__}")
 
 
 def item_input(x: Any) -> torch.Tensor:
