@@ -143,11 +143,8 @@ class Transform:
                 last = shape[-1] == len(mean)
                 if last:
                     hint = f"set {key}.channels_first: true"
-                elif shape[0] in (1, 3) and len(mean) in (1, 3) and len(shape) == 3:  # grayscale against RGB statistics, or the reverse
-                    hint = (
-                        f"give {shape[0]} mean and std value{'s' if shape[0] != 1 else ''}, or set {key}.channels: {len(mean)} "
-                        f"if the model takes {'RGB' if len(mean) == 3 else 'grayscale'} images"
-                    )
+                elif shape[0] == 1 and len(mean) == 3 and len(shape) == 3:  # grayscale against RGB statistics (one value serves any channels)
+                    hint = f"give 1 mean and std value, or set {key}.channels: 3 if the model takes RGB images"
                 else:
                     hint = f"give {shape[0]} mean and std values (one per channel) or a single one"
                 raise DataError(
