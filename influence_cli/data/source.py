@@ -126,14 +126,19 @@ def item_label(y: Any) -> torch.Tensor:
     if isinstance(y, np.ndarray):
         return item_label(torch.from_numpy(np.ascontiguousarray(y)).reshape(y.shape))
     if isinstance(y, (list, tuple)) and not any(isinstance(v, (str, bytes)) for v in y):  # e.g. a row of regression targets
-        try:
-            value = torch.as_tensor(y)
-        except (TypeError, ValueError, RuntimeError):
-            raise TypeError(f"a label given as a {type(y).__name__} must hold numbers of one shape") from None
-        if value.is_complex():
-            raise TypeError(f"a label given as a {type(y).__name__} must hold real numbers")
-        return item_label(value)
+        return item_label(_numbers(y, "a label"))
     raise TypeError(f"a label must be a number, a list of numbers or a tensor, got {type(y).__name__}")
+
+
+def _numbers(values: list | tuple, what: str) -> torch.Tensor:
+    """A list or tuple of real numbers (nested, of one shape) as a tensor; TypeError naming `what` otherwise."""
+    try:
+        value = torch.as_tensor(values)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{what} given as a {type(values).__name__} must hold numbers of one shape") from None
+    if value.is_complex():
+        raise TypeError(f"{what} given as a {type(values).__name__} must hold real numbers")
+    return value
 
 
 def item_input(x: Any) -> torch.Tensor:
@@ -145,13 +150,7 @@ def item_input(x: Any) -> torch.Tensor:
     if isinstance(x, (int, float, np.number)) and not isinstance(x, bool):
         return torch.tensor(float(x))
     if isinstance(x, (list, tuple)):  # e.g. a list of token ids
-        try:
-            value = torch.as_tensor(x)
-        except (TypeError, ValueError, RuntimeError):
-            raise TypeError(f"an input given as a {type(x).__name__} must hold numbers of one shape") from None
-        if value.is_complex():
-            raise TypeError(f"an input given as a {type(x).__name__} must hold real numbers")
-        return value
+        return _numbers(x, "an input")
     if hasattr(x, "getbands") and hasattr(x, "size"):  # a PIL image
         return pil_to_tensor(x)
     raise TypeError(f"an input must be a tensor, an array or a PIL image, got {type(x).__name__}")
