@@ -283,9 +283,20 @@ def test_a_rank_whose_rank_0_does_not_stop_says_the_error_itself(monkeypatch, ca
 
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # as torchrun's agent sets it
     monkeypatch.setattr(cli_app, "RANK_0_GRACE_S", 0.01)
     assert cli_app.report_error(ConfigError("data.batch_size: must be > 0", source="run.yaml")) == 2
     assert "[rank 1] config error: run.yaml: data.batch_size: must be > 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mistake", [["--set", "factors.strategy=bogus"], ["--bogus"]], ids=["config", "usage"])
+def test_a_rank_launched_without_torchrun_leaves_an_error_every_rank_meets_at_once(tmp_path, mistake):
+    """RANK and WORLD_SIZE set by a Slurm script or a Kubernetes job, no torchrun: no launcher stops this rank once rank 0
+    has said the error (nor rank 0 when this rank exits), so it exits at once, silently, not after RANK_0_GRACE_S."""
+    env = {**subprocess_env(), "RANK": "1", "WORLD_SIZE": str(WORLD)}
+    cmd = [sys.executable, "-m", "influence_cli", *fit_args(CONFIG, tmp_path / "out"), *mistake]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=20)  # the wait would be 30 s
+    assert (run.returncode, run.stdout, run.stderr) == (2, "", "")
 
 
 # The real CLI on a job whose rank 1 cannot write the output folder (its machine mounts it read-only).

@@ -113,9 +113,11 @@ def _rank_0_says_it(code: int) -> bool:
     first waits for rank 0 to go: were it to exit now, torchrun would stop rank 0 (SIGTERM) at once, before rank 0
     said it when rank 0 runs behind (its machine slower to import or read the config), and the job would fail with no
     message. torchrun stops this rank once rank 0 has exited; it then exits with `code`. False when rank 0 is still
-    running after RANK_0_GRACE_S seconds (it did not meet the error): this rank says it itself."""
-    if os.environ.get("WORLD_SIZE", "1").strip() in ("", "0", "1"):
-        return True
+    running after RANK_0_GRACE_S seconds (it did not meet the error): this rank says it itself. Launched otherwise
+    (RANK and WORLD_SIZE set by a Slurm script, a Kubernetes job, by hand), nothing stops this rank when rank 0 exits
+    and nothing stops rank 0 when this rank does: it leaves at once."""
+    if os.environ.get("WORLD_SIZE", "1").strip() in ("", "0", "1") or not os.environ.get("TORCHELASTIC_RUN_ID"):
+        return True  # torchrun's agent names its workers' run in TORCHELASTIC_RUN_ID
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
