@@ -410,7 +410,9 @@ def refusal_of_rank_0(state: Any, busy: OutputDirBusy | None, detail: Any = None
     shared = state.broadcast_object(None if busy is None else (busy.message, busy.hint, detail))
     if shared is None:
         return busy, detail
-    return busy or OutputDirBusy(shared[0], hint=shared[1]).everywhere(), shared[2]
+    refusal = busy or OutputDirBusy(shared[0], hint=shared[1])
+    refusal.everywhere()  # the job's refusal, rank 0's too: said once, without a [rank 0] prefix
+    return refusal, shared[2]
 
 
 def _folder_of(cfg: Any, what: str) -> tuple[Path, str]:

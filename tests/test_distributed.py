@@ -289,6 +289,32 @@ def test_a_rank_whose_rank_0_does_not_stop_says_the_error_itself(monkeypatch, ca
     assert "[rank 1] config error: run.yaml: data.batch_size: must be > 0" in capsys.readouterr().err
 
 
+def test_a_lock_refusal_is_the_jobs_said_once_by_rank_0_without_a_prefix(monkeypatch, capsys):
+    """Rank 0 alone takes the locks: another run's lock refuses the job, so rank 0 says it as the job's error (not as
+    its own, "[rank 0] ...") and the other ranks leave it to rank 0."""
+    import importlib
+
+    cli_app = importlib.import_module("influence_cli.cli.app")
+
+    class Rank:  # a torchrun rank; broadcast_object hands on rank 0's refusal
+        distributed = True
+
+        def __init__(self, rank: int, shared: object = None) -> None:
+            self.rank, self.shared = rank, shared
+
+        def broadcast_object(self, obj: object, src: int = 0) -> object:
+            return obj if self.rank == 0 else self.shared
+
+    busy = storage.OutputDirBusy("output_dir: 'out' is in use by another run writing its factors", hint="wait for it")
+    on_rank_0, _ = storage.refusal_of_rank_0(Rank(0), busy, False)
+    on_rank_1, _ = storage.refusal_of_rank_0(Rank(1, (busy.message, busy.hint, False)), None, False)
+    assert on_rank_0 is busy and on_rank_0.same_on_every_rank and on_rank_1.same_on_every_rank
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli_app.report_error(on_rank_0) == 5
+    assert capsys.readouterr().err.startswith("output error: output_dir: 'out' is in use by another run")
+
+
 @pytest.mark.parametrize("mistake", [["--set", "factors.strategy=bogus"], ["--bogus"]], ids=["config", "usage"])
 def test_a_rank_launched_without_torchrun_leaves_an_error_every_rank_meets_at_once(tmp_path, mistake):
     """RANK and WORLD_SIZE set by a Slurm script or a Kubernetes job, no torchrun: no launcher stops this rank once rank 0

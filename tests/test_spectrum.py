@@ -815,7 +815,7 @@ def test_under_torchrun_every_rank_of_edit_stops_when_rank_0_cannot_lock_the_fac
     with output_dir_lock(out, "factors"):  # what fit-factors takes
         outcomes = on_every_rank(2, lambda st: edit_checkpoint(cfg, tmp_path / "e.safetensors", rho=0.9, state=st))
     assert all(isinstance(o, OutputDirBusy) and "in use by another run writing its factors" in o.message for o in outcomes), outcomes
-    assert [o.same_on_every_rank for o in outcomes] == [False, True]  # rank 0 says it for the job
+    assert [o.same_on_every_rank for o in outcomes] == [True, True]  # the job's refusal: rank 0 says it, unprefixed
     assert read == [] and not (tmp_path / "e.safetensors").exists()
 
 
