@@ -396,6 +396,17 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def _slow_job_files(tmp_path: Path, name: str) -> tuple[Path, Path, list[Path]]:
+    """The slowed CLI's script, the output folder `name` and each rank's fit progress file in it (skips without
+    /proc, which finding the ranks to signal needs)."""
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("finding the ranks to kill needs /proc")
+    script = tmp_path / "slow_cli.py"
+    script.write_text(SLOW_CLI)
+    out = tmp_path / name
+    return script, out, [out / storage.FACTORS_PARTIAL.format(rank=f".rank{r}") for r in range(WORLD)]
+
+
 def _start_slow_job(script: Path, out: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen(
         _torchrun_cmd(*fit_args(CONFIG, out, *SETTINGS["ekfac-sampled"]), *args, script=script),
@@ -421,12 +432,7 @@ def _wait_until(proc: subprocess.Popen, partials: list[Path], ready, what: str) 
 def test_interrupted_job_resumes_to_the_same_factors(tmp_path, distributed_run):
     """Ctrl-C in pass 1, --resume, SIGKILL to the whole job in pass 2, rank 1's pass-1 progress put back (as if it
     had stopped while rank 0 wrote the summed covariances), --resume: the factors of an uninterrupted job."""
-    if not Path("/proc/self/stat").exists():
-        pytest.skip("finding the ranks to kill needs /proc")
-    script = tmp_path / "slow_cli.py"
-    script.write_text(SLOW_CLI)
-    out = tmp_path / "resumed"
-    partials = [out / storage.FACTORS_PARTIAL.format(rank=f".rank{r}") for r in range(WORLD)]
+    script, out, partials = _slow_job_files(tmp_path, "resumed")
 
     # Ctrl-C: torchrun passes SIGINT on to the ranks; one message, progress kept.
     proc = _start_slow_job(script, out)
@@ -485,12 +491,7 @@ def _rank_process(launcher: int, rank: int) -> int:
 def test_a_rank_killed_outright_stops_the_job_and_its_progress_stays(tmp_path):
     """SIGKILL to rank 1 mid-pass (the out-of-memory killer): it says nothing, torchrun stops rank 0, which says so and
     points at torchrun's summary (rank 1's -9), and exits 143; no factors, each rank's last progress kept."""
-    if not Path("/proc/self/stat").exists():
-        pytest.skip("finding the ranks to kill needs /proc")
-    script = tmp_path / "slow_cli.py"
-    script.write_text(SLOW_CLI)
-    out = tmp_path / "killed"
-    partials = [out / storage.FACTORS_PARTIAL.format(rank=f".rank{r}") for r in range(WORLD)]
+    script, out, partials = _slow_job_files(tmp_path, "killed")
     proc = _start_slow_job(script, out)
     try:
         _wait_until(proc, partials, lambda seen: all(s is not None for s in seen), "the first progress")
