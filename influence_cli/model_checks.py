@@ -133,8 +133,9 @@ def check_examples_independent(
         )
     if _rows_gap(copies, out) > tol:  # row 0 comes first in a recurrence over the batch
         raise ModelError(
-            "the model's outputs differ between the copies of one example in a batch: they depend on the examples before them in "
-            "the batch (a recurrent layer, nn.LSTM or nn.GRU, without batch_first=True runs along the batch as its sequence)",
+            "the model's outputs differ between the copies of one example in a batch: they depend on the other examples of the "
+            "batch (a recurrent layer, nn.LSTM or nn.GRU, without batch_first=True runs along the batch as its sequence; a "
+            "mixture of experts with a capacity per batch drops the copies that exceed it)",
             hint=_HINT_LAYOUT,
         )
 

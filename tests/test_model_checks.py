@@ -166,6 +166,22 @@ class SequenceFirstLSTM(nn.Module):
         return self.head(self.rnn(x)[0].mean(1))
 
 
+class CapacityExperts(nn.Module):
+    """Two experts, each taking at most 2 examples of a batch (in batch order); the others pass through
+    unchanged: a mixture of experts with a capacity per batch, whose later copies of an example are dropped."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.gate, self.experts, self.head = nn.Linear(4, 2), nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)]), nn.Linear(4, 3)
+
+    def forward(self, x):
+        choice = self.gate(x).argmax(1)  # [B]
+        rank = torch.stack([(choice[: i + 1] == choice[i]).sum() for i in range(len(x))])  # place in its expert's queue
+        routed = torch.stack([self.experts[k](x) for k in range(2)], 1)[torch.arange(len(x)), choice]
+        return self.head(torch.where((rank <= 2)[:, None], routed, x))
+
+
 class BatchCentred(nn.Module):
     """Subtracts a batch mean, from the head's inputs or from the logits: each example depends on the others."""
 
@@ -189,9 +205,10 @@ class BatchCentred(nn.Module):
         (SequenceFirstEncoder, (4, 4), "layer 'enc.linear1' receives inputs for the batch's first example that change"),
         (BatchCentred, (4,), "layer 'head' receives inputs for the batch's first example that change with the other examples: they depend"),
         (lambda: BatchCentred(logits=True), (4,), "the model's outputs for the batch's first example change with the other examples"),
-        (SequenceFirstLSTM, (5, 4), "the model's outputs differ between the copies of one example in a batch: they depend on the examples before"),
+        (SequenceFirstLSTM, (5, 4), "the model's outputs differ between the copies of one example in a batch: they depend on the other examples"),
+        (CapacityExperts, (4,), r"differ between the copies of one example .* a mixture of experts with a capacity per batch"),
     ],
-    ids=["seq-first-T-equals-B", "encoder-batch_first-False", "batch-mean", "batch-mean-logits", "lstm-batch_first-False"],
+    ids=["seq-first-T-equals-B", "encoder-batch_first-False", "batch-mean", "batch-mean-logits", "lstm-batch_first-False", "experts-capacity"],
 )
 def test_models_that_mix_the_examples_of_a_batch_are_refused(model, shape, needle):
     """Dim 0 has the batch's size (T == B), so only a batch of copies of one example tells them apart."""
