@@ -364,12 +364,12 @@ def guards_output_dir(
                             return exc
                         return None
 
-                    if state is not None and state.distributed:  # a folder one machine cannot write stops every rank, named
+                    if state is None:
+                        busy = take_locks()
+                    else:  # under torchrun a folder one machine cannot write stops every rank, named
                         from influence_cli.distributed import agree
 
                         busy = agree(state, take_locks)
-                    else:
-                        busy = take_locks()
                     busy, elsewhere = refusal_of_rank_0(state, busy, elsewhere)  # every rank stops if rank 0 did not get the locks
                     if busy is not None:
                         raise busy

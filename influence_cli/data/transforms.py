@@ -50,21 +50,18 @@ def _check_normalize_range(spec: TransformSpec, name: str, key: str) -> None:
     mean, std = [abs(float(v)) for v in spec.normalize.mean], [abs(float(v)) for v in spec.normalize.std]
     top = 255.0 if spec.scale is None else 255.0 / abs(spec.scale)  # the largest input normalize sees
     shown = ", ".join(f"{v:g}" for v in spec.normalize.mean)
-    if spec.scale is None and top > 1.0 and max(mean) <= 1.0 and max(std) <= 1.0:
+    if spec.scale is None and max(mean) <= 1.0 and max(std) <= 1.0:
         notices.warn(
             f"{name}: {key}.normalize has the mean [{shown}] of inputs in [0, 1] (as torchvision's Normalize after ToTensor), but the "
             f"8-bit inputs reach it as 0..255 ({key}.scale is not set): set {key}.scale: 255.0"
         )
-    elif max(mean) > top and spec.scale is None:
-        notices.warn(
-            f"{name}: {key}.normalize has the mean [{shown}], beyond the 8-bit inputs' range (0..255, {key}.scale is not set): "
-            "give the mean and std of the values normalize sees"
-        )
     elif max(mean) > top:
-        notices.warn(
-            f"{name}: {key}.normalize has the mean [{shown}], beyond the inputs' range after {key}.scale: {spec.scale:g} (0..{top:g}): "
-            f"for statistics of 0..255 pixels leave {key}.scale out, or divide them by {spec.scale:g} too"
-        )
+        if spec.scale is None:
+            where, fix = f"the 8-bit inputs' range (0..255, {key}.scale is not set)", "give the mean and std of the values normalize sees"
+        else:
+            where = f"the inputs' range after {key}.scale: {spec.scale:g} (0..{top:g})"
+            fix = f"for statistics of 0..255 pixels leave {key}.scale out, or divide them by {spec.scale:g} too"
+        notices.warn(f"{name}: {key}.normalize has the mean [{shown}], beyond {where}: {fix}")
 
 
 class Transform:
