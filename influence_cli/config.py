@@ -52,10 +52,10 @@ class _Section:
 
 @dataclass
 class NormalizeSpec(_Section):
-    """Per-channel normalization applied after scaling: (x - mean) / std."""
+    """Normalization applied after scaling: (x - mean) / std, per channel or per column."""
 
-    mean: list[float] = _help("Per-channel (or single) mean.", default_factory=lambda: [0.0])
-    std: list[float] = _help("Per-channel (or single) standard deviation.", default_factory=lambda: [1.0])
+    mean: list[float] = _help("One mean, or one per channel (per column of feature rows).", default_factory=lambda: [0.0])
+    std: list[float] = _help("One standard deviation, or one per channel (per column of feature rows).", default_factory=lambda: [1.0])
 
 
 @dataclass
@@ -70,7 +70,8 @@ class TransformSpec(_Section):
     )
     scale: float | None = _help("Divide raw inputs by this number (255.0 for 8-bit images).", default=None)
     normalize: NormalizeSpec | None = _help(
-        "Per-channel mean/std normalization, after scale: with scale 255.0 the statistics of inputs in [0, 1] "
+        "Mean/std normalization: one value for every input, one per channel, or for rows of features [F] one per column. "
+        "It runs after scale: with scale 255.0 the statistics of inputs in [0, 1] "
         "(torchvision's, as its Normalize sees them after ToTensor), without it those of the raw values; "
         "8-bit inputs with statistics of the other range are warned about.",
         default=None,

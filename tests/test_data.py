@@ -1556,6 +1556,18 @@ def test_per_channel_normalize_on_images_without_a_channel_axis_says_so(tmp_path
     assert "[H, W] images have no channel axis: give a single mean and std" in error_of(spec, tmp_path)
 
 
+def test_normalize_takes_one_mean_and_std_per_column_of_feature_rows(tmp_path: Path) -> None:
+    """Tabular rows [F]: F values standardize each column on its own scale (one value serves them all)."""
+    x = torch.tensor([[1.0, 2e6, -3.0], [3.0, 4e6, 5.0]])
+    save_file({"inputs": x, "labels": torch.zeros(2)}, tmp_path / "t.safetensors")
+    norm = NormalizeSpec(mean=[2.0, 3e6, 1.0], std=[1.0, 1e6, 4.0])
+    ds = load_dataset(DataSpec(source="tensors", path="t.safetensors", transform=TransformSpec(normalize=norm)), tmp_path)
+    torch.testing.assert_close(torch.stack([ds[i][0] for i in range(2)]), torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]]))
+    two = NormalizeSpec(mean=[0.0, 0.0], std=[1.0, 1.0])
+    spec = DataSpec(source="tensors", path="t.safetensors", transform=TransformSpec(normalize=two))
+    assert error_of(spec, tmp_path) == "data.train.transform.normalize: 2 values given for inputs of shape [3] (3 columns)"
+
+
 def test_a_file_named_npz_that_is_no_archive_is_named_as_such(tmp_path: Path) -> None:
     """numpy reads anything without a zip or .npy header as a pickle, and said "allow_pickle"."""
     (tmp_path / "d.npz").write_bytes(b"not an archive at all")

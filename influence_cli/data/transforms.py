@@ -126,11 +126,15 @@ class Transform:
                 raise DataError(f"{key}.normalize.std: every std must be > 0, got {std}")
             if len(mean) == 1:
                 self.mean, self.std = torch.tensor(mean[0]), torch.tensor(std[0])
-            elif len(shape) < 2:
+            elif len(shape) == 1 and shape[0] == len(mean):  # tabular rows [F]: one mean and std per column
+                self.mean, self.std = torch.tensor(mean), torch.tensor(std)
+            elif len(shape) == 1:
                 raise DataError(
-                    f"{key}.normalize: {len(mean)} values given but the inputs of shape {list(shape)} have no "
-                    "channel dimension; give a single mean and std"
+                    f"{key}.normalize: {len(mean)} values given for inputs of shape {list(shape)} ({shape[0]} columns)",
+                    hint=f"give a single mean and std, or {shape[0]} (one per column)",
                 )
+            elif not shape:
+                raise DataError(f"{key}.normalize: {len(mean)} values given for inputs of one number each; give a single mean and std")
             elif shape[0] != len(mean) and len(shape) == 2:
                 raise DataError(
                     f"{key}.normalize: {len(mean)} values given for inputs of shape {list(shape)}, whose first axis ({shape[0]}) "
