@@ -216,7 +216,12 @@ class FactorsConfig(_Section):
 class ScoresConfig(_Section):
     """How influence scores are computed and stored."""
 
-    damping: float | str = _help("auto (damping_factor x mean eigenvalue, per layer) or a number >= 0 used for every layer.", default="auto")
+    damping: float | str = _help(
+        "auto (damping_factor x mean eigenvalue, per layer) or a number >= 0 used for every layer. fit-factors warns of a layer "
+        "whose input columns are on scales so far apart (one in the millions beside others near 1) that auto damping drowns the "
+        "typical column's curvature, naming the columns and a number to set here instead; standardizing them is the better fix.",
+        default="auto",
+    )
     damping_factor: float = _help("λ = damping_factor x mean eigenvalue of each layer, when damping is auto.", default=0.1)
     damping_scope: Literal["layer", "model"] = _help(
         "auto damping: layer (each layer's own mean eigenvalue) | model (one λ from the mean over all tracked parameters).",

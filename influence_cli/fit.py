@@ -8,6 +8,7 @@ eigenbasis; `diagonal` has one pass (squared gradients in the parameter basis);
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from influence_cli import storage
+from influence_cli import notices, storage
 from influence_cli.config import Config, yaml_text
 from influence_cli.context import RunContext, read_dataset
 from influence_cli.data import IndexedDataset
@@ -27,11 +28,14 @@ from influence_cli.ensemble import Member, describe_member, ensemble_members, pr
 from influence_cli.errors import NumericalError, OutputError
 from influence_cli.factors import (
     STORED_KEYS,
+    ColumnScales,
     CovarianceAccumulator,
     DiagonalAccumulator,
     Factors,
     Handover,
     LayerFactors,
+    basis_diagonal,
+    column_scales,
     kronecker_layer_factors,
 )
 from influence_cli.models import definition_change, load_model, model_definition, model_fingerprint, takes_token_ids
@@ -263,6 +267,8 @@ def compute_factors(
     if snapshot is not None and snapshot.phase == "correction" and BASIS_COUNT in snapshot.tensors:
         layers = layers_from_basis(tracked, snapshot.tensors, device)  # the interrupted run's eigenbases: no eigendecomposition
         count = snapshot.tensors[BASIS_COUNT]
+        diagonals = {n: (basis_diagonal(lf.a_eigenvectors, lf.a_eigenvalues), float(lf.g_eigenvalues.double().mean())) for n, lf in layers.items()}
+        warn_column_scales(model, tracked, diagonals, dtype)
     else:
         cov = CovarianceAccumulator(tracked, dtype, device, low)
         if snapshot is not None and snapshot.phase == "correction":  # the summed covariances after pass 1
@@ -276,6 +282,8 @@ def compute_factors(
                 # not redo pass 1, and so that all ranks' progress is from the same pass.
                 checkpoint.save("correction", 0, {f"covariance.{k}": v for k, v in cov.state().items()})
         count = cov.count
+        diagonals = {n: (a.diagonal() / count, float(cov.g[n].diagonal().double().mean() / count)) for n, a in cov.a.items()}
+        warn_column_scales(model, tracked, diagonals, dtype)
         t0 = time.perf_counter()
         start_progress(progress, "eigendecomposition", len(tracked), unit="layers")  # minutes for wide layers (ViT, ConvNeXt): say it is working
         layers = {}
@@ -307,6 +315,62 @@ def compute_factors(
     for name, lf in layers.items():
         lf.eigenvalues = (corr.sums[name] / count2).clamp_min(0)  # the position-pair sums can round below 0
     return layers
+
+
+def warn_column_scales(
+    model: nn.Module, tracked: list[TrackedModule], diagonals: dict[str, tuple[torch.Tensor, float]], dtype: torch.dtype = torch.float32
+) -> None:
+    """After pass 1: a warning for each layer whose input columns are on scales so far apart that auto
+    damping drowns the typical column's curvature (`factors.column_scales`). `diagonals`: each
+    layer's diag(A) [d_in] and mean(λ_G), the means of pass 1; `dtype`: the factors'."""
+    first = next((m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))), None)
+    for tm in tracked:
+        a_diagonal, g_mean = diagonals[tm.name]
+        found = column_scales(a_diagonal)
+        if found is not None:
+            notices.warn(_column_scales_text(tm, found, g_mean, tm.module is first, dtype), key=f"column scales of {tm.name}")  # once for an ensemble
+
+
+def _column_scales_text(tm: TrackedModule, found: ColumnScales, g_mean: float, first: bool, dtype: torch.dtype) -> str:
+    """The warning of `warn_column_scales` for one layer; `first`: the model's first Linear or Conv2d (in registration order), taken to read the data.
+
+    Damping 0 is said not to help where the pseudo-inverse (`LayerFactors.inverse_eigenvalues`: eigenvalues
+    below max · eps · max(d_out, d_in) count as 0, eps of the factors' `dtype`) comes within 10× of the median column's curvature.
+    """
+    lost = found.ratios[0] * torch.finfo(dtype).eps * max(tm.d_in, tm.d_out) >= 0.1
+    unit = "channel" if tm.kind == "conv2d" else "column"
+    per = math.prod(tm.module.kernel_size) if tm.kind == "conv2d" else 1  # F.unfold's columns: channel-major
+    bias = tm.has_bias and tm.d_in - 1 in found.columns
+    numbers = list(dict.fromkeys(j // per for j in found.columns if not (tm.has_bias and j == tm.d_in - 1)))
+    shown = ", ".join(str(j) for j in numbers[:5]) + (f" and {len(numbers) - 5} more" if len(numbers) > 5 else "")
+    parts = ([f"input {unit}{'s' if len(numbers) > 1 else ''} {shown}"] if numbers else []) + (["the bias column (ones)"] if bias else [])
+    subject, several = " and ".join(parts), len(numbers) + bias > 1
+    name = repr(tm.name or "(model)")
+    fix = (
+        f"the data's {unit}s (one mean and std per {unit} in data.train's and data.query's transform.normalize, or in the data factory)"
+        if first
+        else f"what feeds layer {name}"
+    )
+    plural = "s" if several else ""
+    zero = (
+        f"; scores.damping 0 does not help ({str(dtype).removeprefix('torch.')} factors cannot resolve the other {unit}s beside "
+        f"{'them' if several else 'it'})"
+        if lost
+        else ""
+    )
+    return (
+        f"layer {name}: {subject} {'are' if several else 'is'} on a scale up to {_magnitude(math.sqrt(found.ratios[0]))} times the median "
+        f"{unit}'s (root mean square), so auto damping (0.1 × the layer's mean eigenvalue) is {_magnitude(0.1 * found.spread)} times the "
+        f"median {unit}'s curvature and the scores follow {'those' if several else 'that'} {unit}{plural} almost alone{zero}. "
+        f"Standardize {fix}, or set scores.damping near {_magnitude(0.1 * g_mean * found.median)} "
+        f"(0.1 × the median {unit}'s curvature in {name}; the number serves every layer)"
+    )
+
+
+def _magnitude(value: float) -> str:
+    """A number to one significant digit, exponent without padding: 1e6, 2e-1, 3."""
+    mantissa, exponent = f"{value:.0e}".split("e")
+    return mantissa if int(exponent) == 0 else f"{mantissa}e{int(exponent)}"
 
 
 BASIS = "basis."

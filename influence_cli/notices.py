@@ -17,16 +17,18 @@ logger = logging.getLogger("influence_cli")
 _logged: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar("influence_cli_logged", default=None)
 
 
-def warn(message: str, *, per_rank: bool = False) -> None:
+def warn(message: str, *, per_rank: bool = False, key: str | None = None) -> None:
     """One warning (the CLI prints it as `warning: <message>` on stderr). Under torchrun rank 0 prints
     it, or, with `per_rank` (about the rank's own shard of the data), every rank that sees it. Inside
     `once_per_call`, a message already logged there is not logged again (a check run per block of
-    scores would repeat it)."""
+    scores would repeat it), nor one with the same `key` (the same finding, told with numbers that
+    differ, e.g. for each model of an ensemble)."""
     logged = _logged.get()
     if logged is not None:
-        if message in logged:
+        seen = message if key is None else f"key:{key}"
+        if seen in logged:
             return
-        logged.add(message)
+        logged.add(seen)
     logger.warning(message, extra={"per_rank": per_rank})
 
 

@@ -147,6 +147,7 @@ def test_fit_factors_writes_factors_and_prints_a_summary(fitted: tuple[Path, Res
     assert "65²" in text and "64×65" in text  # fc1: A over 64 inputs + bias, Λ over [64, 65]
     assert "saved" in result.stderr and str(out / FACTORS) in " ".join(result.stderr.split())
     assert "saved" not in text
+    assert "warning" not in result.stderr  # the digits' pixels, 0 to 16, include rare ones: no column-scale warning
 
 
 def test_fit_factors_refuses_to_overwrite(runner: CliRunner, fitted: tuple[Path, Result]):
@@ -553,6 +554,7 @@ def test_fit_factors_cnn_with_margin_and_ggn(runner: CliRunner, tmp_path: Path):
     assert result.exit_code == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["fisher"] == "ggn" and data["num_examples"] == 64
+    assert "warning" not in result.stderr
     assert {layer["kind"] for layer in data["layers"]} == {"conv2d", "linear"}
 
 
