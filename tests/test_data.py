@@ -904,8 +904,12 @@ def test_image_folder_errors(tmp_path: Path) -> None:
         (root / "dog" / name).write_bytes(b"" if name == "zero.png" else b"not a png")
     with pytest.raises(DataError) as info:
         load_dataset(DataSpec(source="image_folder", root="broken"), tmp_path)
-    assert "cannot read image" in info.value.message and "c1.png" in info.value.message and "; 2 more: " in info.value.message
-    assert "c2.png" in info.value.message and "zero.png" in info.value.message and "remove or replace" in info.value.hint
+    dog = root / "dog"
+    assert info.value.message == (
+        f"data.train.root: cannot read image {str(dog / 'c1.png')!r} (cannot identify image file); 2 of the other 7 images cannot be "
+        f"read either: {str(dog / 'c2.png')!r} (cannot identify image file), {str(dog / 'zero.png')!r} (cannot identify image file)"
+    )
+    assert "remove or replace" in info.value.hint
 
 
 def test_images_whose_pixels_cannot_be_decoded_are_named_together(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -929,7 +933,8 @@ def test_images_whose_pixels_cannot_be_decoded_are_named_together(tmp_path: Path
         ds[1]
     message = info.value.message
     assert message.startswith(f"data.train.root: cannot read image {str(root / 'cat' / '1.png')!r}"), message
-    assert message.endswith(f"; 2 of the other 7 images cannot be decoded either: {str(root / 'dog' / '0.png')!r}, {str(root / 'dog' / '3.png')!r}")
+    truncated = "(image file is truncated)"
+    assert message.endswith(f"; 2 of the other 7 images cannot be read either: {str(root / 'dog' / '0.png')!r} {truncated}, {str(root / 'dog' / '3.png')!r} {truncated}")
     assert "remove or replace" in info.value.hint
     subset = load_dataset(DataSpec(source="image_folder", root="imgs", range=(0, 4)), tmp_path)  # the cats: dog/0 and dog/3 are not read
     with pytest.raises(DataError) as info:
@@ -944,8 +949,74 @@ def test_images_whose_pixels_cannot_be_decoded_are_named_together(tmp_path: Path
     monkeypatch.setattr(torchvision_sets, "DECODE_CHECK_SECONDS", 0.0)  # a large folder: the search stops at its time limit
     with pytest.raises(DataError) as info:
         ds[1]
-    assert re.search(r"; the first \d of the other 5 images \(decoded for 0 s\) decode$", info.value.message), info.value.message
+    assert re.search(r"; (\d) of the other 5 images decode \((\d) not decoded: the search stops after 0 s\)$", info.value.message), info.value.message
 
+
+
+def test_a_bad_header_and_truncated_pixels_are_named_in_one_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A header fails when the folder opens, truncated pixels only in the pass: the first run named the bad
+    header alone, and the second the truncated images. Now the failed header check decodes the other images'
+    pixels too, and one error names each file with what is wrong; past `UNREADABLE_SHOWN` it counts them."""
+    from PIL import Image
+
+    from influence_cli.data import torchvision_sets
+
+    root = tmp_path / "imgs"
+    for cls in ("cat", "dog"):
+        (root / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.effect_noise((32, 32), 60).save(root / cls / f"{i}.png")
+    Image.effect_noise((32, 32), 60).convert("RGB").save(root / "dog" / "4.jpg", quality=95)
+    (root / "cat" / "2.png").write_bytes(b"XXXX" + (root / "cat" / "2.png").read_bytes()[4:])  # the PNG signature broken
+    for name in ("dog/1.png", "dog/4.jpg"):  # headers intact, pixel data cut
+        data = (root / name).read_bytes()
+        (root / name).write_bytes(data[: len(data) * 3 // 4])
+    with pytest.raises(DataError) as info:
+        load_dataset(DataSpec(source="image_folder", root="imgs"), tmp_path)
+    dog = root / "dog"
+    assert info.value.message.startswith(
+        f"data.train.root: cannot read image {str(root / 'cat' / '2.png')!r} (cannot identify image file); 2 of the other 8 images cannot "
+        f"be read either: {str(dog / '1.png')!r} (image file is truncated), {str(dog / '4.jpg')!r} (image file is truncated"
+    )  # JPEG's adds "(81 bytes not processed)", or so
+    assert info.value.exit_code == 3 and "remove or replace" in info.value.hint
+    for i in range(4, 10):  # 8 unreadable in all: the first, 5 named, 2 counted
+        (root / "cat" / f"{i}.png").write_bytes(b"")
+    with pytest.raises(DataError) as info:
+        load_dataset(DataSpec(source="image_folder", root="imgs"), tmp_path)
+    assert re.search(r"; 8 of the other 14 images cannot be read either: ('[^']+' \([^)]+\), ){4}'[^']+' \([^)]+\) and 3 more$", info.value.message)
+    assert info.value.message.startswith(f"data.train.root: cannot read image {str(root / 'cat' / '2.png')!r} (cannot identify image file)")
+    monkeypatch.setattr(torchvision_sets, "DECODE_CHECK_SECONDS", 0.0)  # a large folder: the pixels are decoded for a while only
+    with pytest.raises(DataError) as info:
+        load_dataset(DataSpec(source="image_folder", root="imgs"), tmp_path)
+    assert "; 6 of the other 14 images cannot be read either (8 not decoded: the search stops after 0 s): " in info.value.message
+
+
+def test_fit_factors_names_a_bad_header_and_a_truncated_image_at_once_and_writes_nothing(tmp_path: Path) -> None:
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from influence_cli.cli import app
+
+    root = tmp_path / "imgs"
+    for cls in ("cat", "dog"):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.effect_noise((8, 8), 60).save(root / cls / f"{i}.png")
+    (root / "cat" / "0.png").write_bytes(b"GIF89a")  # a header cut short
+    data = (root / "dog" / "2.png").read_bytes()
+    (root / "dog" / "2.png").write_bytes(data[: len(data) // 2])
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "model: {architecture: mlp, kwargs: {input_dim: 64, hidden: [4], num_classes: 2}}\n"
+        "data: {train: {source: image_folder, root: imgs, transform: {scale: 255.0}}, "
+        "query: {source: image_folder, root: imgs, transform: {scale: 255.0}}}\n"
+        "output_dir: out\n"
+    )
+    result = CliRunner(env={"COLUMNS": "120", "INFLUENCE_DEBUG": None, "RANK": None, "WORLD_SIZE": None}).invoke(app, ["fit-factors", str(config)])
+    assert result.exit_code == 3, result.stderr
+    (error,) = [line for line in result.stderr.splitlines() if line.startswith("data error:")]
+    assert "cat/0.png" in error and "dog/2.png' (image file is truncated)" in error and "1 of the other 5 images cannot be read either" in error
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("subset", [{"range": (0, 4)}, {"labels_in": [0]}, {"indices": [0, 2]}, {"limit": 2}], ids=lambda s: next(iter(s)))
@@ -989,7 +1060,7 @@ def test_images_pil_fails_on_with_other_errors_than_oserror_are_named(tmp_path: 
     ds = load_dataset(DataSpec(source="image_folder", root="imgs"), tmp_path)
     with pytest.raises(DataError) as info:
         ds[1]
-    assert info.value.message.endswith(f"; 1 of the other 4 images cannot be decoded either: {str(root / 'dog' / '9.ppm')!r}"), info.value.message
+    assert info.value.message.endswith(f"; 1 of the other 4 images cannot be read either: {str(root / 'dog' / '9.ppm')!r} (not enough image data)"), info.value.message
     with pytest.raises(DataError) as info:
         ds[4]
     assert info.value.message.startswith(f"data.train.root: cannot read image {str(root / 'dog' / '9.ppm')!r} (not enough image data)"), info.value.message
@@ -1000,8 +1071,10 @@ def test_images_pil_fails_on_with_other_errors_than_oserror_are_named(tmp_path: 
     header = struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)  # 4e8 pixels: beyond PIL's limit, refused when opened
     (root / "dog" / "big.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b""))
     with pytest.raises(DataError) as info:
-        load_dataset(DataSpec(source="image_folder", root="imgs"), tmp_path)  # headers: read when the folder opens
-    assert info.value.message.startswith(f"data.train.root: cannot read image {str(root / 'dog' / 'big.png')!r} (Image size (400000000 pixels) exceeds"), info.value.message
+        load_dataset(DataSpec(source="image_folder", root="imgs"), tmp_path)  # headers: read when the folder opens, then the others' pixels
+    message = info.value.message
+    assert message.startswith(f"data.train.root: cannot read image {str(root / 'cat' / '1.png')!r} (image file is truncated); 2 of the other 5"), message
+    assert f"{str(root / 'dog' / 'big.png')!r} (Image size (400000000 pixels) exceeds" in message
 
 
 def test_image_suffixes_are_torchvisions_gif_and_the_other_jpeg_names() -> None:

@@ -266,37 +266,60 @@ class ImageFolderItems:
                     img = img.resize((self.resize[1], self.resize[0]), Image.Resampling.BILINEAR)
                 return pil_to_tensor(img), target
         except _unreadable_errors() as exc:
-            raise DataError(f"{self.key}: cannot read image {path!r} ({exc}){self._others_unreadable(index)}", hint=UNREADABLE_HINT) from None
+            raise unreadable_images(self.key, (path, _reason(exc, path)), *self._others_unreadable(index)) from None
 
-    def _others_unreadable(self, failed: int) -> str:
-        """The other images whose pixel data cannot be decoded either, in words ("" when there are no others), so that
-        one run names them all: the headers were read when the folder was opened, the pixels only now.
-        Decodes the dataset's images (`scope`) after `failed`, then those before it, for at most
-        `DECODE_CHECK_SECONDS`."""
-        from PIL import Image
-
+    def _others_unreadable(self, failed: int) -> tuple[list[tuple[str, str]], int, int]:
+        """The other images whose pixel data cannot be decoded either, so that one run names them all (the
+        headers were read when the folder was opened, the pixels only now): `decode_failures` of the
+        dataset's images (`scope`) after `failed`, then of those before it; with how many others there are."""
         scope = self.scope if self.scope is not None else range(len(self.samples))
-        later = [i for i in scope if i > failed]
-        order = later + [i for i in scope if i < failed]
-        if not order:
-            return ""
-        bad: list[str] = []
-        deadline = time.monotonic() + DECODE_CHECK_SECONDS
-        checked = 0
-        for i in order:
-            if time.monotonic() > deadline:
-                break
-            checked += 1
-            try:
-                with Image.open(self.samples[i][0]) as img:
-                    img.load()
-            except _unreadable_errors():
-                bad.append(self.samples[i][0])
-        which = f"the other {len(order)} images" if checked == len(order) else f"the first {checked} of the other {len(order)} images (decoded for {DECODE_CHECK_SECONDS:g} s)"
-        if not bad:
-            return f"; {which} decode"
-        shown = ", ".join(repr(p) for p in bad[:5]) + (", ..." if len(bad) > 5 else "")
-        return f"; {len(bad)} of {which} cannot be decoded either: {shown}"
+        order = [i for i in scope if i > failed] + [i for i in scope if i < failed]
+        bad, decoded = decode_failures([self.samples[i][0] for i in order])
+        return bad, len(order), decoded
+
+
+def _reason(exc: Exception, path: str) -> str:
+    """What PIL says is wrong with the image at `path`, without the path it repeats ("cannot identify image file")."""
+    text = str(exc).replace(repr(path), "").replace(path, "").strip(" :")
+    return text or type(exc).__name__
+
+
+def decode_failures(paths: list[str]) -> tuple[list[tuple[str, str]], int]:
+    """(path, what is wrong) of each image of `paths` whose header or pixels cannot be read, in their order, and
+    how many were decoded: all of them, or those decoded within `DECODE_CHECK_SECONDS` (a large folder)."""
+    from PIL import Image
+
+    bad: list[tuple[str, str]] = []
+    deadline = time.monotonic() + DECODE_CHECK_SECONDS
+    for decoded, path in enumerate(paths):
+        if time.monotonic() > deadline:
+            return bad, decoded
+        try:
+            with Image.open(path) as img:
+                img.load()
+        except _unreadable_errors() as exc:
+            bad.append((path, _reason(exc, path)))
+    return bad, len(paths)
+
+
+UNREADABLE_SHOWN = 5  # unreadable images an error names, beyond the first (the rest are counted)
+
+
+def unreadable_images(key: str, first: tuple[str, str], bad: list[tuple[str, str]], n_others: int, checked: int) -> DataError:
+    """One error for every unreadable image found: `first` (path, what is wrong), then `bad`, the unreadable
+    ones among the `n_others` other images, of which `checked` were read (fewer when `DECODE_CHECK_SECONDS`
+    ran out). The list names `UNREADABLE_SHOWN` and counts the rest."""
+    path, why = first
+    unread = n_others - checked
+    stopped = f"{unread} not decoded: the search stops after {DECODE_CHECK_SECONDS:g} s"
+    if not n_others:
+        tail = ""
+    elif not bad:
+        tail = f"; the other {n_others} images decode" if not unread else f"; {checked} of the other {n_others} images decode ({stopped})"
+    else:
+        shown = ", ".join(f"{p!r} ({w})" for p, w in bad[:UNREADABLE_SHOWN]) + (f" and {len(bad) - UNREADABLE_SHOWN} more" if len(bad) > UNREADABLE_SHOWN else "")
+        tail = f"; {len(bad)} of the other {n_others} images cannot be read either" + (f" ({stopped})" if unread else "") + f": {shown}"
+    return DataError(f"{key}: cannot read image {path!r} ({why}){tail}", hint=UNREADABLE_HINT)
 
 
 _GRAY_MODES = ("1", "L", "LA")  # palette images (P) are gray when their palette is
@@ -328,10 +351,12 @@ def _folder_mode(samples: list[tuple[str, int]], key: str) -> str:
                     gray = gray and img.mode in _GRAY_MODES
         except errors as exc:
             unreadable.append((path, exc))
-    if unreadable:
-        path, exc = unreadable[0]
-        others = f"; {len(unreadable) - 1} more: {', '.join(repr(p) for p, _ in unreadable[1:6])}{', ...' if len(unreadable) > 6 else ''}" if len(unreadable) > 1 else ""
-        raise DataError(f"{key}: cannot read image {path!r} ({exc}){others}", hint=UNREADABLE_HINT)
+    if unreadable:  # the pixels of the others too, so that one run names a bad header and a truncated file alike
+        headers = {p for p, _ in unreadable}
+        truncated, decoded = decode_failures([p for p, _ in samples if p not in headers])
+        bad = {p: _reason(e, p) for p, e in unreadable} | dict(truncated)
+        order = [(p, bad[p]) for p, _ in samples if p in bad]  # the folder's order
+        raise unreadable_images(key, order[0], order[1:], len(samples) - 1, len(unreadable) + decoded - 1)
     return "L" if gray else "RGB"
 
 
