@@ -217,9 +217,10 @@ class ScoresConfig(_Section):
     """How influence scores are computed and stored."""
 
     damping: float | str = _help(
-        "auto (damping_factor x mean eigenvalue, per layer) or a number >= 0 used for every layer. fit-factors warns of a layer "
-        "whose input columns are on scales so far apart (one in the millions beside others near 1) that auto damping drowns the "
-        "typical column's curvature, naming the columns and a number to set here instead; standardizing them is the better fix.",
+        "auto (damping_factor x mean eigenvalue, per layer) or a number >= 0 used for every layer. With auto, fit-factors warns "
+        "(one line) of layers whose input columns are on scales so far apart (one in the millions beside others near 1) that "
+        "auto damping drowns the typical column's curvature: for the data's columns, naming them and a number to set here "
+        "instead (standardizing them is the better fix); for deeper layers' outlier features, a lower damping_factor.",
         default="auto",
     )
     damping_factor: float = _help("λ = damping_factor x mean eigenvalue of each layer, when damping is auto.", default=0.1)

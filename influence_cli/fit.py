@@ -27,6 +27,7 @@ from influence_cli.distributed import DistState, agree
 from influence_cli.ensemble import Member, describe_member, ensemble_members, prepare_member, refuse_same_weights
 from influence_cli.errors import NumericalError, OutputError
 from influence_cli.factors import (
+    SCALE_SPREAD,
     STORED_KEYS,
     ColumnScales,
     CovarianceAccumulator,
@@ -233,6 +234,7 @@ def compute_factors(
     seconds: dict[str, float] | None = None,
     keep_covariances: bool = False,
     spill_dir: Path | None = None,
+    damping: tuple[float | str, float, str] = ("auto", 0.1, "layer"),
 ) -> dict[str, LayerFactors]:
     """Runs the passes `strategy` needs and returns every tracked layer's factors.
 
@@ -243,6 +245,8 @@ def compute_factors(
     which holds the eigenbases, not A and G. With `spill_dir` (fit-factors: the factors' folder), an
     A or G larger than `factors.SPILL_BYTES` is written to an anonymous temporary file there while
     its own eigh runs, instead of being held in memory for the fall-backs (`factors.eigendecompose`).
+    `damping`: (scores.damping, damping_factor, damping_scope), which the column-scale warning after pass 1 judges
+    (`warn_column_scales`).
     """
     progress = progress or NullProgress()
     seconds = seconds if seconds is not None else {}
@@ -268,7 +272,7 @@ def compute_factors(
         layers = layers_from_basis(tracked, snapshot.tensors, device)  # the interrupted run's eigenbases: no eigendecomposition
         count = snapshot.tensors[BASIS_COUNT]
         diagonals = {n: (basis_diagonal(lf.a_eigenvectors, lf.a_eigenvalues), float(lf.g_eigenvalues.double().mean())) for n, lf in layers.items()}
-        warn_column_scales(model, tracked, diagonals, dtype)
+        warn_column_scales(model, tracked, diagonals, dtype, damping)
     else:
         cov = CovarianceAccumulator(tracked, dtype, device, low)
         if snapshot is not None and snapshot.phase == "correction":  # the summed covariances after pass 1
@@ -283,7 +287,7 @@ def compute_factors(
                 checkpoint.save("correction", 0, {f"covariance.{k}": v for k, v in cov.state().items()})
         count = cov.count
         diagonals = {n: (a.diagonal() / count, float(cov.g[n].diagonal().double().mean() / count)) for n, a in cov.a.items()}
-        warn_column_scales(model, tracked, diagonals, dtype)
+        warn_column_scales(model, tracked, diagonals, dtype, damping)
         t0 = time.perf_counter()
         start_progress(progress, "eigendecomposition", len(tracked), unit="layers")  # minutes for wide layers (ViT, ConvNeXt): say it is working
         layers = {}
@@ -317,26 +321,76 @@ def compute_factors(
     return layers
 
 
+DROWNED = 0.1 * SCALE_SPREAD
+"""`warn_column_scales` speaks of a layer whose auto damping is at least this many times its median column's curvature
+(with the default damping_factor 0.1 and scope `layer`: the layers `column_scales` flags)."""
+SHOWN_LAYERS = 5
+"""Layers the column-scale warning names (the rest are counted)."""
+
+
+@dataclass
+class _Drowned:
+    """A layer `warn_column_scales` speaks of: its columns, and auto damping / its median column's curvature (`over`)."""
+
+    tm: TrackedModule
+    found: ColumnScales
+    curvature: float  # the median column's curvature, mean(λ_G) × median_j E[a_j²]
+    over: float
+
+
 def warn_column_scales(
-    model: nn.Module, tracked: list[TrackedModule], diagonals: dict[str, tuple[torch.Tensor, float]], dtype: torch.dtype = torch.float32
+    model: nn.Module,
+    tracked: list[TrackedModule],
+    diagonals: dict[str, tuple[torch.Tensor, float]],
+    dtype: torch.dtype = torch.float32,
+    damping: tuple[float | str, float, str] = ("auto", 0.1, "layer"),
 ) -> None:
-    """After pass 1: a warning for each layer whose input columns are on scales so far apart that auto
-    damping drowns the typical column's curvature (`factors.column_scales`). `diagonals`: each
-    layer's diag(A) [d_in] and mean(λ_G), the means of pass 1; `dtype`: the factors'."""
-    first = next((m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))), None)
+    """After pass 1: one warning naming the layers whose input columns are on scales so far apart that auto
+    damping drowns the typical column's curvature (`factors.column_scales`). `diagonals`: each layer's diag(A)
+    [d_in] and mean(λ_G), the means of pass 1; `dtype`: the factors'; `damping`: (scores.damping,
+    damping_factor, damping_scope), as compute-scores will read them (a number for scores.damping: nothing to say).
+
+    Auto damping is estimated from pass 1 as K-FAC has it: a layer's mean eigenvalue is mean(λ_G) × mean_j E[a_j²].
+    """
+    value, factor, scope = damping
+    if value != "auto":
+        return
+    means = {tm.name: diagonals[tm.name][1] * float(diagonals[tm.name][0].double().mean()) for tm in tracked}
+    size = sum(tm.d_out * tm.d_in for tm in tracked)
+    model_mean = sum(means[tm.name] * tm.d_out * tm.d_in for tm in tracked) / size if size else 0.0
+    drowned = []
     for tm in tracked:
         a_diagonal, g_mean = diagonals[tm.name]
         found = column_scales(a_diagonal)
-        if found is not None:
-            notices.warn(_column_scales_text(tm, found, g_mean, tm.module is first, dtype), key=f"column scales of {tm.name}")  # once for an ensemble
+        curvature = g_mean * found.median if found is not None else 0.0
+        if found is None or curvature <= 0:
+            continue
+        over = factor * (model_mean if scope == "model" else means[tm.name]) / curvature
+        if over >= DROWNED:
+            drowned.append(_Drowned(tm, found, curvature, over))
+    if not drowned:
+        return
+    first = None if takes_token_ids(model) else next((m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))), None)
+    data = [d for d in drowned if d.tm.module is first]  # the model's first Linear or Conv2d reads the data's columns
+    hidden = [d for d in drowned if d.tm.module is not first]
+    parts = [_data_columns_text(data[0], factor, scope, dtype)] if data else []
+    if hidden:
+        parts.append(_hidden_features_text(hidden, len(tracked), factor, scope, also=bool(data)))
+    notices.warn(". ".join(parts), key="column scales")  # one line for every layer, once for an ensemble
 
 
-def _column_scales_text(tm: TrackedModule, found: ColumnScales, g_mean: float, first: bool, dtype: torch.dtype) -> str:
-    """The warning of `warn_column_scales` for one layer; `first`: the model's first Linear or Conv2d (in registration order), taken to read the data.
+def _auto_damping(factor: float, scope: str, whose: str = "the layer's") -> str:
+    """Auto damping in words, as scores.damping_factor and damping_scope set it."""
+    return f"auto damping ({factor:g} × {'the mean eigenvalue over every layer' if scope == 'model' else whose + ' mean eigenvalue'})"
+
+
+def _data_columns_text(d: _Drowned, factor: float, scope: str, dtype: torch.dtype) -> str:
+    """The warning of `warn_column_scales` for the layer that reads the data: its columns named, and the fixes.
 
     Damping 0 is said not to help where the pseudo-inverse (`LayerFactors.inverse_eigenvalues`: eigenvalues
     below max · eps · max(d_out, d_in) count as 0, eps of the factors' `dtype`) comes within 10× of the median column's curvature.
     """
+    tm, found = d.tm, d.found
     lost = found.ratios[0] * torch.finfo(dtype).eps * max(tm.d_in, tm.d_out) >= 0.1
     unit = "channel" if tm.kind == "conv2d" else "column"
     per = math.prod(tm.module.kernel_size) if tm.kind == "conv2d" else 1  # F.unfold's columns: channel-major
@@ -346,11 +400,6 @@ def _column_scales_text(tm: TrackedModule, found: ColumnScales, g_mean: float, f
     parts = ([f"input {unit}{'s' if len(numbers) > 1 else ''} {shown}"] if numbers else []) + (["the bias column (ones)"] if bias else [])
     subject, several = " and ".join(parts), len(numbers) + bias > 1
     name = repr(tm.name or "(model)")
-    fix = (
-        f"the data's {unit}s (one mean and std per {unit} in data.train's and data.query's transform.normalize, or in the data factory)"
-        if first
-        else f"what feeds layer {name}"
-    )
     plural = "s" if several else ""
     zero = (
         f"; scores.damping 0 does not help ({str(dtype).removeprefix('torch.')} factors cannot resolve the other {unit}s beside "
@@ -360,10 +409,30 @@ def _column_scales_text(tm: TrackedModule, found: ColumnScales, g_mean: float, f
     )
     return (
         f"layer {name}: {subject} {'are' if several else 'is'} on a scale up to {_magnitude(math.sqrt(found.ratios[0]))} times the median "
-        f"{unit}'s (root mean square), so auto damping (0.1 × the layer's mean eigenvalue) is {_magnitude(0.1 * found.spread)} times the "
-        f"median {unit}'s curvature and the scores follow {'those' if several else 'that'} {unit}{plural} almost alone{zero}. "
-        f"Standardize {fix}, or set scores.damping near {_magnitude(0.1 * g_mean * found.median)} "
-        f"(0.1 × the median {unit}'s curvature in {name}; the number serves every layer)"
+        f"{unit}'s (root mean square), so {_auto_damping(factor, scope)} is {_magnitude(d.over)} times the median {unit}'s curvature "
+        f"and the scores follow "
+        f"{'those' if several else 'that'} {unit}{plural} almost alone{zero}. Standardize the data's {unit}s (one mean and std per {unit} in "
+        f"data.train's and data.query's transform.normalize, or in the data factory), or set scores.damping near "
+        f"{_magnitude(factor * d.curvature)} ({factor:g} × the median {unit}'s curvature in {name}; the number serves every layer)"
+    )
+
+
+def _hidden_features_text(hidden: list[_Drowned], n_tracked: int, factor: float, scope: str, *, also: bool) -> str:
+    """The warning of `warn_column_scales` for layers past the first: the model's own features, not the data's
+    columns; the layers named (`SHOWN_LAYERS`, then a count), and the damping_factor that brings the widest
+    one's auto damping down to `factor` × its median feature's curvature."""
+    names = ", ".join(repr(d.tm.name) for d in hidden[:SHOWN_LAYERS])
+    more = f" and {len(hidden) - SHOWN_LAYERS} more" if len(hidden) > SHOWN_LAYERS else ""
+    several = len(hidden) > 1
+    scale = _magnitude(math.sqrt(max(d.found.ratios[0] for d in hidden)))
+    worst = max(d.over for d in hidden)
+    auto = _auto_damping(factor, scope, "a layer's" if several else "the layer's")
+    layers, whose = ("layers", "those layers'") if several else ("layer", "the layer's")
+    return (
+        f"{'Also ' if also else ''}{layers} {names}{more} ({len(hidden)} of {n_tracked} tracked): a few input features (the model's "
+        f"own, such as a transformer's outlier dimensions) are on a scale up to {scale} times the median feature's, so {auto} is up to "
+        f"{_magnitude(worst)} times the median feature's curvature and {whose} scores follow those features almost alone; "
+        f"if the others should count, lower scores.damping_factor (near {_magnitude(factor * factor / worst)})"
     )
 
 
@@ -672,7 +741,7 @@ def _fit_member(
     plan = plan_for(ctx, dataset, cfg.factors.max_examples)
     layers = compute_factors(
         ctx.model, ctx.tracked, cfg.factors.strategy, plan, checkpoint=checkpoint, snapshot=snapshot, progress=progress, seconds=seconds,
-        spill_dir=out_dir,
+        spill_dir=out_dir, damping=(cfg.scores.damping, cfg.scores.damping_factor, cfg.scores.damping_scope),
     )  # fmt: skip
     factors = Factors(cfg.factors.strategy, cfg.factors.fisher, layers)
     for info in layers_info:

@@ -9,6 +9,7 @@ the median column and must not trigger it: MNIST (tests/test_mnist_smoke.py), th
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -175,13 +176,140 @@ def test_fit_factors_warns_once_on_stderr_and_not_once_the_columns_are_standardi
         "output_dir: out\n"
     )
     runner = CliRunner(env={"COLUMNS": "120", "INFLUENCE_DEBUG": None, "RANK": None, "WORLD_SIZE": None})
-    result = runner.invoke(app, ["fit-factors", str(config)])
+    result = runner.invoke(app, ["fit-factors", str(config), "--json"])
     assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["num_examples"] == 150  # the warning is on stderr only
     (warning,) = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
     assert warning.startswith("warning: layer 'fc1': input column 2 is on a scale up to 1e6 times the median column's")
     assert "Standardize the data's columns" in warning
+    advised = re.search(r"set scores.damping near (\S+) ", warning).group(1)
+    result = runner.invoke(app, ["fit-factors", str(config), "--overwrite", "--set", f"scores.damping={advised}"])
+    assert result.exit_code == 0, result.stderr
+    assert "warning" not in result.stderr  # the advice taken: nothing more to say
     mean, std = x[:150].mean(0).tolist(), x[:150].std(0).tolist()
     norm = [f"data.{key}.transform={{normalize: {{mean: {mean}, std: {std}}}}}" for key in ("train", "query")]
     result = runner.invoke(app, ["fit-factors", str(config), "--overwrite", *(a for s in norm for a in ("--set", s))])
     assert result.exit_code == 0, result.stderr
     assert "warning" not in result.stderr
+
+
+class Outliers(nn.Module):
+    """Token embeddings, then `depth` residual blocks whose Linear sees hidden feature 3 about 1000 × the others
+    (as a pretrained transformer's outlier dimensions), and a head."""
+
+    def __init__(self, depth: int = 12, width: int = 16, vocab: int = 20) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(vocab, width)
+        self.blocks = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.head = nn.Linear(width, vocab)
+        boost = torch.ones(width)
+        boost[3] = 1e3
+        self.register_buffer("boost", boost)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        for block in self.blocks:
+            h = h + 0.01 * torch.tanh(block(nn.functional.layer_norm(h, h.shape[-1:]) * self.boost))
+        return self.head(nn.functional.layer_norm(h, h.shape[-1:]))
+
+
+def test_many_layers_with_outlier_features_are_one_warning_that_blames_no_data_column(caplog):
+    """Twelve layers flagged: one line naming five and counting the rest; the first Linear of a model with an
+    embedding reads hidden features, not the data's columns, so nothing is said about standardizing the data."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 20, (32, 6), generator=g), torch.randint(0, 20, (32, 6), generator=g)
+    model = Outliers()
+    tracked = find_tracked_modules(model, ["*"])
+    with caplog.at_level("WARNING", logger="influence_cli"):
+        compute_factors(model, tracked, "kfac", PassPlan(batches_of(x, y, 16), 2, 32, "language_modeling", "empirical"))
+    assert len(caplog.messages) == 1, caplog.messages
+    text = caplog.messages[0]
+    assert text.startswith(
+        "layers 'blocks.0', 'blocks.1', 'blocks.2', 'blocks.3', 'blocks.4' and 7 more (12 of 13 tracked): a few input features "
+        "(the model's own, such as a transformer's outlier dimensions) are on a scale up to 9e2 times the median feature's, "
+        "so auto damping (0.1 × a layer's mean eigenvalue) is up to "
+    ), text
+    advised = re.search(r"those layers' scores follow those features almost alone; if the others should count, lower scores.damping_factor \(near (\de-\d)\)$", text)
+    assert "Standardize" not in text and "data" not in text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="influence_cli"):
+        plan = PassPlan(batches_of(x, y, 16), 2, 32, "language_modeling", "empirical")
+        compute_factors(model, tracked, "kfac", plan, damping=("auto", float(advised.group(1)), "layer"))
+    assert caplog.messages == []  # the advice taken: nothing more to say
+
+
+def test_the_warning_follows_the_damping_settings(caplog):
+    """damping_factor and damping_scope set what auto damping is, so the numbers, the advice and whether the
+    layer is drowned at all follow them; a number for scores.damping leaves nothing to say."""
+    from influence_cli.fit import warn_column_scales
+
+    model = mlp(4, [3], 100)
+    tracked = find_tracked_modules(model, ["*"])
+    fc1 = torch.tensor([1.0, 1.0, 1e3, 1.0, 1.0], dtype=F64)  # 4 columns and the bias: mean 201, median 1
+    diagonals = {"fc1": (fc1, 1.0), "head": (torch.ones(4, dtype=F64), 1e-9)}  # the head: 400 weights of almost no curvature
+
+    def said(damping) -> list[str]:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="influence_cli"):
+            warn_column_scales(model, tracked, diagonals, torch.float32, damping)
+        return list(caplog.messages)
+
+    (text,) = said(("auto", 0.1, "layer"))
+    assert "so auto damping (0.1 × the layer's mean eigenvalue) is 2e1 times the median column's curvature" in text
+    assert text.endswith("or set scores.damping near 1e-1 (0.1 × the median column's curvature in 'fc1'; the number serves every layer)")
+    (text,) = said(("auto", 1.0, "layer"))
+    assert "(1 × the layer's mean eigenvalue) is 2e2 times" in text and "near 1 (1 × the median column's curvature" in text
+    assert said(("auto", 0.01, "layer")) == []  # 2 times: not drowned
+    assert said(("auto", 0.1, "model")) == []  # the head's 400 weights pull the model's mean eigenvalue to 7: 0.7 times
+    diagonals["head"] = (torch.ones(4, dtype=F64), 1e3)
+    (text,) = said(("auto", 0.1, "model"))
+    assert "auto damping (0.1 × the mean eigenvalue over every layer) is 1e2 times the median column's curvature" in text
+    assert said((0.1, 0.1, "layer")) == []
+    assert said((0.0, 0.1, "layer")) == []
+
+
+def test_the_data_layer_and_deeper_layers_share_one_line(caplog):
+    from influence_cli.fit import warn_column_scales
+
+    model = mlp(4, [3], 2)
+    tracked = find_tracked_modules(model, ["*"])
+    wide = torch.tensor([1.0, 1.0, 1e6, 1.0], dtype=F64)
+    diagonals = {"fc1": (torch.cat([wide, torch.ones(1, dtype=F64)]), 1.0), "head": (wide, 1.0)}
+    with caplog.at_level("WARNING", logger="influence_cli"):
+        warn_column_scales(model, tracked, diagonals)
+    (text,) = caplog.messages
+    assert text.startswith("layer 'fc1': input column 2 is on a scale up to 1e3 times the median column's")
+    assert "the number serves every layer). Also layer 'head' (1 of 2 tracked): a few input features (the model's own" in text
+    assert "and the layer's scores follow those features almost alone; if the others should count, lower scores.damping_factor (near 4e-7)" in text
+
+
+@pytest.mark.parametrize("cut", [3, 6], ids=["before-the-correction-snapshots", "with-the-eigenbases-saved"])
+def test_a_resumed_fit_warns_as_the_uninterrupted_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog, cut: int):
+    """A run resumed in the correction pass does not redo pass 1: it judges the summed covariances it saved, or,
+    past the correction's first snapshot, the diagonal of A rebuilt from the saved eigenbasis (`basis_diagonal`)."""
+    from stopping import StopAt
+
+    from influence_cli.config import load_config
+    from influence_cli.fit import fit_factors
+
+    x, y = tabular(96, 0)
+    save_file({"inputs": x.float(), "labels": y.float()}, tmp_path / "rows.safetensors")
+    torch.manual_seed(0)
+    save_file(mlp(6, [8], 1).state_dict(), tmp_path / "model.safetensors")
+    (tmp_path / "tabular.yaml").write_text(
+        "model: {architecture: mlp, kwargs: {input_dim: 6, hidden: [8], num_classes: 1}, checkpoint: model.safetensors}\n"
+        "task: {kind: regression}\n"
+        "data: {train: {source: tensors, path: rows.safetensors}, query: {source: tensors, path: rows.safetensors}, batch_size: 8}\n"
+        "factors: {checkpoint_every: 4}\n"
+        "output_dir: out\n"
+    )
+    cfg = load_config(tmp_path / "tabular.yaml", ["device=cpu"])
+    with caplog.at_level("WARNING", logger="influence_cli"):
+        with pytest.raises(KeyboardInterrupt):
+            fit_factors(cfg, progress=StopAt("eigenvalue correction", cut * 8))
+        (fresh,) = caplog.messages
+        caplog.clear()
+        report = fit_factors(cfg, resume=True)
+    assert report.resumed_from == ("correction pass, batch 0" if cut < 4 else "correction pass, batch 4")
+    assert caplog.messages == [fresh] and fresh.startswith("layer 'fc1': input column 2 is on a scale up to 1e6 times")
