@@ -1641,6 +1641,22 @@ def test_normalize_takes_one_mean_and_std_per_column_of_feature_rows(tmp_path: P
     assert error_of(spec, tmp_path) == "data.train.transform.normalize: 2 values given for inputs of shape [3] (3 columns)"
 
 
+def test_normalize_keeps_float64_inputs_exact(tmp_path: Path) -> None:
+    """A float64 column of timestamps near 1.7e9 with a std of 1414: a mean rounded to float32 (1700001024, not
+    ...037) would shift the column by 0.009 std; float32 inputs are normalized as before."""
+    x = torch.tensor([[1.0, 1_700_000_037.0], [3.0, 1_700_002_037.0]], dtype=torch.float64)
+    save_file({"inputs": x, "labels": torch.zeros(2)}, tmp_path / "t.safetensors")
+    mean, std = x.mean(0).tolist(), x.std(0).tolist()
+    for norm in (NormalizeSpec(mean=mean, std=std), NormalizeSpec(mean=mean[1:], std=std[1:])):
+        ds = load_dataset(DataSpec(source="tensors", path="t.safetensors", transform=TransformSpec(normalize=norm)), tmp_path)
+        got = torch.stack([ds[i][0] for i in range(2)])
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got[:, 1], torch.tensor([-0.5, 0.5], dtype=torch.float64) * 2**0.5, rtol=0, atol=1e-12)
+    save_file({"inputs": x.float(), "labels": torch.zeros(2)}, tmp_path / "t.safetensors")
+    ds = load_dataset(DataSpec(source="tensors", path="t.safetensors", transform=TransformSpec(normalize=NormalizeSpec(mean=mean, std=std))), tmp_path)
+    assert ds[0][0].dtype == torch.float32
+
+
 def test_a_file_named_npz_that_is_no_archive_is_named_as_such(tmp_path: Path) -> None:
     """numpy reads anything without a zip or .npy header as a pickle, and said "allow_pickle"."""
     (tmp_path / "d.npz").write_bytes(b"not an archive at all")

@@ -124,10 +124,11 @@ class Transform:
                 raise DataError(f"{key}.normalize: mean and std need the same non-zero length")
             if any(s <= 0 for s in std):
                 raise DataError(f"{key}.normalize.std: every std must be > 0, got {std}")
+            f64 = torch.float64  # as given: float64 inputs (a column of timestamps near 1.7e9) lose nothing to their rounding
             if len(mean) == 1:
-                self.mean, self.std = torch.tensor(mean[0]), torch.tensor(std[0])
+                self.mean, self.std = torch.tensor(mean[0], dtype=f64), torch.tensor(std[0], dtype=f64)
             elif len(shape) == 1 and shape[0] == len(mean):  # tabular rows [F]: one mean and std per column
-                self.mean, self.std = torch.tensor(mean), torch.tensor(std)
+                self.mean, self.std = torch.tensor(mean, dtype=f64), torch.tensor(std, dtype=f64)
             elif len(shape) == 1:
                 raise DataError(
                     f"{key}.normalize: {len(mean)} values given for inputs of shape {list(shape)} ({shape[0]} columns)",
@@ -155,8 +156,8 @@ class Transform:
                 )
             else:
                 view = (len(mean),) + (1,) * (len(shape) - 1)
-                self.mean = torch.tensor(mean).view(view)
-                self.std = torch.tensor(std).view(view)
+                self.mean = torch.tensor(mean, dtype=f64).view(view)
+                self.std = torch.tensor(std, dtype=f64).view(view)
         if raw_dtype == torch.uint8 and not self.tokens and not embedding_model and spec.scale is None and spec.normalize is None:  # token ids in uint8 are told to set dtype: int64 instead
             notices.warn(
                 f"{name}: 8-bit inputs reach the model as values 0..255 ({key}.scale is not set); a model trained on "
@@ -186,7 +187,7 @@ class Transform:
         if self.scale is not None:
             x = x / self.scale
         if self.mean is not None:
-            x = (x - self.mean) / self.std
+            x = (x - self.mean.to(x)) / self.std.to(x)  # in the inputs' dtype
         if self.flatten:
             x = x.reshape(x.shape[0], -1)
         return x
