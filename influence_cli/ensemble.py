@@ -23,7 +23,7 @@ from influence_cli import storage
 from influence_cli.config import Config
 from influence_cli.context import RunContext, prepare
 from influence_cli.distributed import DistState
-from influence_cli.errors import ConfigError
+from influence_cli.errors import ConfigError, InfluenceError
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,15 @@ def checkpoint_stat(path: Path | None) -> list[int] | None:
     return [stat.st_size, stat.st_mtime_ns]
 
 
+def name_member(exc: InfluenceError, member: Member, cfg: Config) -> InfluenceError:
+    """Prefixes an error met while one model of an ensemble ran with its config key and checkpoint, so that a
+    failure of its own (a non-finite loss or gradient from weights that diverged) says which model it was."""
+    checkpoint = member.checkpoint if member.checkpoint is not None else cfg.resolve(cfg.model.checkpoint)
+    exc.message = f"{member.key} ({checkpoint}): {exc.message}"
+    exc.args = (exc.message,)
+    return exc
+
+
 def refuse_same_weights(fingerprints: list[tuple[str, str]], source: str | None = None) -> None:
     """Refuses two models of an ensemble with the same weights (copies, links): each would weigh twice.
 
@@ -94,4 +103,4 @@ def refuse_same_weights(fingerprints: list[tuple[str, str]], source: str | None 
         seen[fingerprint] = key
 
 
-__all__ = ["Member", "checkpoint_stat", "describe_member", "ensemble_members", "prepare_member", "refuse_same_weights"]
+__all__ = ["Member", "checkpoint_stat", "describe_member", "ensemble_members", "name_member", "prepare_member", "refuse_same_weights"]

@@ -24,7 +24,7 @@ from influence_cli.context import RunContext, read_dataset
 from influence_cli.data import IndexedDataset
 from influence_cli.data.dataset import data_change
 from influence_cli.distributed import DistState, agree
-from influence_cli.ensemble import Member, describe_member, ensemble_members, prepare_member, refuse_same_weights
+from influence_cli.ensemble import Member, describe_member, ensemble_members, name_member, prepare_member, refuse_same_weights
 from influence_cli.errors import NumericalError, OutputError
 from influence_cli.factors import (
     SCALE_SPREAD,
@@ -615,7 +615,14 @@ def fit_factors(
 
     def fit(m: Member, also_replaced: list[Path] | None = None) -> FitReport:
         dataset = shared if shared is not None and described[m.index].tokens == described[0].tokens else None
-        return _fit_member(cfg, m, overwrite=overwrite, resume=resume, state=state, progress=progress, also_replaced=also_replaced, dataset=dataset)
+        try:
+            return _fit_member(cfg, m, overwrite=overwrite, resume=resume, state=state, progress=progress, also_replaced=also_replaced, dataset=dataset)
+        except NumericalError as exc:  # NaN/Inf of one model's own (its weights diverged): say which, and what stands
+            if others:
+                name_member(exc, m, cfg)
+            if m.index and exc.hint:
+                exc.hint = exc.hint.replace("no factors were written", "no factors were written for this model (those of the models before it stand)")
+            raise
 
     report = fit(first, replaced)
     report.members = [fit(m) for m in others]

@@ -36,7 +36,7 @@ from influence_cli.config import Config
 from influence_cli.context import RunContext, prepare
 from influence_cli.data import IndexedDataset, make_loader
 from influence_cli.distributed import DistState, agree
-from influence_cli.ensemble import Member, describe_member, ensemble_members, prepare_member, refuse_same_weights
+from influence_cli.ensemble import Member, describe_member, ensemble_members, name_member, prepare_member, refuse_same_weights
 from influence_cli.errors import ConfigError, NumericalError, OutputError, UsageError
 from influence_cli.factors import Factors, LayerFactors
 from influence_cli.fit import check_factors_match, load_factors, num_fit_examples
@@ -286,8 +286,7 @@ def _load_layers(ctx: RunContext, train: IndexedDataset, member: Member) -> tupl
             check_factors_match(factors, ctx, path, train, num_fit_examples(cfg, len(train)), same_fit=True, same_kind=True)
         except OutputError as exc:
             if member.index:  # say which listed checkpoint the factors do not match
-                exc.message = f"{member.key} ({member.checkpoint}): {exc.message}"
-                exc.args = (exc.message,)
+                name_member(exc, member, cfg)
             raise
 
     # matched first (metadata only), then read as build_kernel wants them (no second copy), checked to be finite
@@ -348,7 +347,30 @@ class _ScoringMember:
 
     ctx: RunContext
     kernel: ScoreKernel
+    member: Member
     checked: set[tuple[Any, ...]] = field(default_factory=set)
+
+
+@dataclass
+class _MembersWatch:
+    """One NonFiniteWatch per model of the ensemble, so that a non-finite pass names the model it came from
+    (its key and checkpoint; a model alone is not named)."""
+
+    watches: list[NonFiniteWatch]
+    members: list[_ScoringMember]
+
+    def observe(self, batches: list[BatchGradients]) -> None:
+        for watch, batch in zip(self.watches, batches, strict=True):
+            watch.observe(batch)
+
+    def check(self, what: str) -> None:
+        for watch, m in zip(self.watches, self.members, strict=True):
+            try:
+                watch.check(what)
+            except NumericalError as exc:
+                if len(self.members) > 1:
+                    name_member(exc, m.member, m.ctx.cfg)
+                raise
 
 
 class _Scorer:
@@ -450,6 +472,10 @@ class _Scorer:
         ]
         return values[0] if len(values) == 1 else torch.stack(values).mean(0)
 
+    def watch(self, unwritten: str) -> _MembersWatch:
+        """A NonFiniteWatch per member, for one pass (`unwritten`: what its error's hint says was not written)."""
+        return _MembersWatch([NonFiniteWatch(self.ctx.device, unwritten, self.cfg.factors.amp) for _ in self.members], self.members)
+
     @torch.no_grad()
     def query_info(self, queries: IndexedDataset) -> dict[str, torch.Tensor]:
         """query_indices [Q], query_labels [Q, ...] and query_predictions (arg-max over the last dim, or the outputs for regression)."""
@@ -489,7 +515,7 @@ class _Scorer:
         rank says its own errors here: ranks reach a chunk at different times, and one that stayed
         silent could leave before rank 0 got there to say it."""
         outs: list[StoredQueries] = [{} for _ in self.members]
-        watch = NonFiniteWatch(self.ctx.device, "no scores were written", self.cfg.factors.amp)
+        watch = self.watch("no scores were written")
         self.progress.start(title, q1 - q0)
         row, zero_gradient = 0, []
         batches = _rows(self.loader(queries, start_batch=q0 // self.bs), q0 % self.bs, q1 - q0)
@@ -497,7 +523,7 @@ class _Scorer:
             n = len(per_member[0].global_indices)
             for member, out, batch in zip(self.members, outs, per_member, strict=True):
                 member.kernel.store_queries(out, row, q1 - q0, batch)
-                watch.observe(batch)
+            watch.observe(per_member)
             zero_gradient += _zero_gradient_indices(per_member[0])
             row += n
             self.progress.advance(n)
@@ -633,7 +659,7 @@ def compute_scores(
         layers, factors_info = _load_layers(mctx, train, member)  # checked to be finite, in the kernel's device and dtype
         s = cfg.scores
         kernel = build_kernel(mctx.model, layers, s.damping, s.damping_factor, mctx.device, s.damping_scope, cfg.factors.amp)
-        members.append(_ScoringMember(mctx, kernel))
+        members.append(_ScoringMember(mctx, kernel, member))
         described.append(describe_member(member, mctx) | {"factors": factors_info, "damping": kernel.damping})
     scorer = _Scorer(members, train, progress, list(members[0].kernel.layers) if by_layer else None)
     seconds = {"setup": time.perf_counter() - t_start}
@@ -725,7 +751,7 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
     ]
     unwritten = "no index was written (finished shards stay for --resume)" if layout.sharded else "no scores were written"
     run = _PairwisePass(
-        scorer, queries, layout, metadata, checkpoint, relative, seconds, query_info, NonFiniteWatch(ctx.device, unwritten, cfg.factors.amp),
+        scorer, queries, layout, metadata, checkpoint, relative, seconds, query_info, scorer.watch(unwritten),
         keep=layout.keep_queries and len(left) > 1,  # with one shard left, each chunk is used once
     )
     seconds.update(queries=time.perf_counter() - t0, scores=0.0, write=0.0)
@@ -851,7 +877,7 @@ class _PairwisePass:
     relative: bool
     seconds: dict[str, float]
     query_info: dict[str, torch.Tensor]
-    watch: NonFiniteWatch
+    watch: _MembersWatch
     keep: bool = False
     held: dict[tuple[int, int], list[StoredQueries]] = field(default_factory=dict)  # (q0, q1) → the chunk's queries per member
     steps: int = 0
@@ -918,8 +944,7 @@ class _PairwisePass:
                     block[q0:q1, c0 : c0 + n] = part.sum(0)
                 if collect:
                     labels = _collect(labels, width, c0, batch.targets)
-                for b in batches:
-                    self.watch.observe(b)
+                self.watch.observe(batches)
                 self.steps += 1
                 self.scored += n
                 if self.checkpoint.due(self.steps):
@@ -1054,7 +1079,7 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
     predictions = torch.zeros(n_t, dtype=torch.int64, device=ctx.device) if predict else None
     if predictions is not None and snapshot is not None and snapshot.phase == "self":
         predictions.copy_(snapshot.tensors["predictions"])
-    watch = NonFiniteWatch(ctx.device, "no scores were written", cfg.factors.amp)
+    watch = scorer.watch("no scores were written")
     scorer.progress.start("self-influence", stop - start)
     if skip:
         scorer.progress.advance(min(stop - start, skip * scorer.bs))
@@ -1074,8 +1099,7 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
             predictions[start + c0 : start + c0 + n] = batch.outputs.argmax(-1)
         if collect:
             labels = _collect(labels, stop - start, c0, batch.targets)
-        for b in batches:
-            watch.observe(b)
+        watch.observe(batches)
         steps += 1
         scored += n
         if checkpoint.due(steps):

@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 from exact import batches_of, tiny_mlp
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from test_scores import (
     N_QUERY,
     N_TRAIN,
@@ -34,7 +34,7 @@ from influence_cli import storage
 from influence_cli.cli import app
 from influence_cli.config import config_from_dict
 from influence_cli.ensemble import ensemble_members
-from influence_cli.errors import ModelError, OutputError, UsageError
+from influence_cli.errors import ModelError, NumericalError, OutputError, UsageError
 from influence_cli.fit import fit_factors
 from influence_cli.kernel import ensemble_pairwise_scores, pairwise_scores
 from influence_cli.models import mlp
@@ -179,6 +179,39 @@ def test_a_member_checkpoint_that_does_not_fit_stops_the_job_before_any_pass(tmp
     with pytest.raises(ModelError, match=r"scores.checkpoints\[1\]: .*other.safetensors' does not match the model"):
         fit_factors(config_from_dict(data, base_dir=tmp_path))
     assert not list((tmp_path / "out").rglob("*.safetensors"))  # model 0 was not fitted first
+
+
+def _with_diverged_member(folder: Path, member: int) -> dict:
+    """The tiny project as a 3-model ensemble whose model `member` has a NaN weight (a seed whose training diverged)."""
+    data = write_project(folder)
+    names = ["model.safetensors", *write_members(folder)]
+    state = {k: v.clone() for k, v in load_file(folder / names[member]).items()}
+    state["fc1.weight"][0, 0] = float("nan")
+    save_file(state, folder / "diverged.safetensors")
+    names[member] = "diverged.safetensors"
+    data["model"]["checkpoint"], data["scores"] = names[0], {"checkpoints": names[1:]}
+    return data
+
+
+@pytest.mark.parametrize("member", [0, 2], ids=["model.checkpoint", "scores.checkpoints[1]"])
+def test_a_model_whose_passes_are_not_finite_is_named_by_its_key_and_file(tmp_path, member):
+    data = _with_diverged_member(tmp_path, member)
+    with pytest.raises(NumericalError) as exc:
+        fit_factors(config_from_dict(data, base_dir=tmp_path))
+    key = "model.checkpoint" if member == 0 else "scores.checkpoints[1]"
+    assert exc.value.message.startswith(f"{key} ({tmp_path / 'diverged.safetensors'}): non-finite loss or gradient")
+    fitted = [m.factors_path.is_file() for m in ensemble_members(config_from_dict(data, base_dir=tmp_path))]
+    assert fitted == ([False, False, False] if member == 0 else [True, True, False])
+    assert ("(those of the models before it stand)" in exc.value.hint) == (member > 0)
+
+
+@pytest.mark.parametrize("self_influence", [False, True], ids=["pairwise", "self"])
+def test_compute_scores_names_the_model_whose_gradients_are_not_finite(tmp_path, self_influence):
+    data = _with_diverged_member(tmp_path, 2)
+    data["factors"]["strategy"] = "identity"  # no factors to fit: the scoring passes meet the NaN
+    with pytest.raises(NumericalError, match=r"^scores.checkpoints\[1\] \(.*diverged.safetensors\): non-finite loss or gradient"):
+        compute_scores(config_from_dict(data, base_dir=tmp_path), self_influence=self_influence)
+    assert not list((tmp_path / "out").glob("*.safetensors"))
 
 
 def test_adding_a_checkpoint_later_fits_only_its_factors_with_resume(tmp_path):
