@@ -48,6 +48,15 @@ _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "tanh": nn.
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module", "state_dict_ema", "model_ema", "ema")  # in this order
 _STRIP_PREFIXES = ("module.", "_orig_mod.")
 _KWARGS_HINT = "check model.architecture and model.kwargs: they must describe the network the checkpoint was saved from"
+_MEMBER_HINT = (  # a checkpoint of scores.checkpoints: model.checkpoint, loaded first, fits model.architecture and model.kwargs
+    "the models of an ensemble share model.architecture and model.kwargs (model.checkpoint's network): "
+    "list in scores.checkpoints only checkpoints of that network, such as other training seeds"
+)
+
+
+def _kwargs_hint(key: str) -> str:
+    """The fix of a checkpoint that does not fit the model, by the config key that named it."""
+    return _MEMBER_HINT if key.startswith("scores.checkpoints") else _KWARGS_HINT
 
 
 # ----------------------------------------------------------------------------- built-in architectures
@@ -584,11 +593,11 @@ def load_checkpoint(model: nn.Module, path: str | Path, key: str = "model.checkp
             parts.append("unexpected " + _listing(unexpected, "key"))
         if mismatched:
             parts.append(_listing(mismatched, "shape mismatch").replace("mismatchs", "mismatches"))
-        raise ModelError(f"{key}: {str(Path(path))!r} does not match the model: " + "; ".join(parts), hint=_KWARGS_HINT)
+        raise ModelError(f"{key}: {str(Path(path))!r} does not match the model: " + "; ".join(parts), hint=_kwargs_hint(key))
     try:
         model.load_state_dict(_with_versions(state, own), strict=not any(k not in state for k in own))
     except RuntimeError as exc:  # pragma: no cover - keys and shapes were checked above
-        raise ModelError(f"{key}: {str(Path(path))!r} cannot be loaded: {exc}", hint=_KWARGS_HINT) from None
+        raise ModelError(f"{key}: {str(Path(path))!r} cannot be loaded: {exc}", hint=_kwargs_hint(key)) from None
 
 
 def load_model(

@@ -176,9 +176,11 @@ def test_a_member_checkpoint_that_does_not_fit_stops_the_job_before_any_pass(tmp
     other = mlp(input_dim=6, hidden=[7], num_classes=3)  # another hidden width
     save_file({k: v.contiguous() for k, v in other.state_dict().items()}, tmp_path / "other.safetensors")
     data["scores"] = {"checkpoints": [write_members(tmp_path)[0], "other.safetensors"]}
-    with pytest.raises(ModelError, match=r"scores.checkpoints\[1\]: .*other.safetensors' does not match the model"):
+    with pytest.raises(ModelError, match=r"scores.checkpoints\[1\]: .*other.safetensors' does not match the model") as exc:
         fit_factors(config_from_dict(data, base_dir=tmp_path))
     assert not list((tmp_path / "out").rglob("*.safetensors"))  # model 0 was not fitted first
+    # model.checkpoint fits model.kwargs: the fix is in scores.checkpoints, not in model.kwargs
+    assert exc.value.hint.startswith("the models of an ensemble share model.architecture and model.kwargs")
 
 
 def _with_diverged_member(folder: Path, member: int) -> dict:
