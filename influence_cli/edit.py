@@ -325,9 +325,11 @@ def edit_checkpoint(
         state_dict = _in_source_precision(state_dict, source, tied)
     if cfg.scores.checkpoints:
         n = len(cfg.scores.checkpoints)
+        members = cfg.factors_path / storage.MEMBERS_DIR  # where fit-factors put the others' factors: no refit needed
         notices.warn(
-            f"edit: only model.checkpoint is edited, not the {n} model{'s' if n > 1 else ''} of scores.checkpoints "
-            "(edit each with --set model.checkpoint=<it>, after fitting its own factors)"
+            f"edit: only model.checkpoint is edited, not the {n} model{'s' if n > 1 else ''} of scores.checkpoints (to edit "
+            f"scores.checkpoints[i - 1], run edit again with --set model.checkpoint=<it> --set scores.checkpoints=[] "
+            f"--set factors_dir={members}/<i>, which holds its factors)"
         )
     fingerprint = _fingerprint(ctx.model, state_dict)
     if ctx.state.is_main:  # what a killed writer left (no lock guards --out), once nothing can refuse the run

@@ -560,6 +560,22 @@ def test_dataset_similarity_says_it_compares_with_model_checkpoint_alone(project
     assert "dataset-similarity: only model.checkpoint is compared with, not the 2 model(s) of scores.checkpoints" in caplog.text
 
 
+def test_edit_says_how_to_edit_another_model_with_the_factors_fit_factors_wrote_for_it(project, caplog):
+    from influence_cli.edit import edit_checkpoint
+
+    folder, data = project
+    cfg = ensemble_cfg(project, "ens_edit")
+    with caplog.at_level("WARNING", logger="influence_cli"):
+        edit_checkpoint(cfg, folder / "edited0.safetensors", share=0.5)
+    members = folder / "ens_edit" / storage.MEMBERS_DIR
+    assert "only model.checkpoint is edited, not the 2 models of scores.checkpoints" in caplog.text
+    assert f"--set model.checkpoint=<it> --set scores.checkpoints=[] --set factors_dir={members}/<i>" in caplog.text
+    second = data["scores"]["checkpoints"][1]  # as told, for scores.checkpoints[1]: its factors, no refit
+    alone = ensemble_cfg(project, "ens_edit", f"model.checkpoint={second}", "scores.checkpoints=[]", f"factors_dir={members}/2")
+    report = edit_checkpoint(alone, folder / "edited2.safetensors", share=0.5)
+    assert report.source_fingerprint == storage.read_metadata(members / "2" / storage.FACTORS_FILE)["model_fingerprint"]
+
+
 def test_ensemble_self_influence_is_the_mean_of_the_members(project):
     cfg = ensemble_cfg(project, "ens_self")
     assert compute_scores(cfg, self_influence=True).members == 3
