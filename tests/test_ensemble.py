@@ -690,6 +690,8 @@ def test_cli_round_trip(tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(data))
 
+    helped = " ".join(runner.invoke(app, ["fit-factors", "--help"]).stdout.split())
+    assert "those of scores.checkpoints[N - 1] into members/N/ beside factors.safetensors" in helped  # where they go, as written
     result = runner.invoke(app, ["fit-factors", str(config), "--json"])
     assert result.exit_code == 0, result.stderr
     fitted_report = json.loads(result.stdout)

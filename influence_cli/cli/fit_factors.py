@@ -46,7 +46,9 @@ def fit_factors_cmd(
 
     Streams the training set in two passes for ekfac (covariances A and G, then the eigenvalue
     correction; one pass for kfac and diagonal, none for identity), with progress bars on stderr,
-    and prints a summary of what was fitted.
+    and prints a summary of what was fitted. With scores.checkpoints (an ensemble), also fits each listed
+    checkpoint's own factors, those of scores.checkpoints[N - 1] into members/N/ beside factors.safetensors;
+    with --resume, only those without factors (a checkpoint added to the list).
     """
     from influence_cli.distributed import init_distributed
     from influence_cli.fit import fit_factors
