@@ -71,6 +71,7 @@ class LayerInfo:
     eigenvalue_size: int
     zero_inputs: int | None = None  # rows of A that are 0 on every example (blank inputs, dead units before)
     zero_outputs: int | None = None  # rows of G that are 0 on every example (dead units)
+    transposed: bool = False  # weight stored [d_in, d_out] (transformers' Conv1D), tracked as the Linear of its transpose
 
     def factor_bytes(self) -> int:
         """Bytes of this layer's tensors in the factors file: the float32 factors (with kfac / ekfac
@@ -121,6 +122,7 @@ def describe_layers(tracked: list[TrackedModule], strategy: str) -> list[LayerIn
                 tm.d_in**2 if kron else 0,
                 tm.d_out**2 if kron else 0,
                 tm.num_params if strategy != "identity" else 0,
+                transposed=tm.transposed,
             )
         )
     return rows

@@ -7,9 +7,10 @@ is built from them on two assumptions (DESIGN.md: per-example gradients Σₜ g�
 1. An example's outputs and layer inputs depend on that example alone, with the examples along
    dim 0. A layer fed [T, B, F] (the sequence-first layout of nn.Transformer's default) when T
    happens to equal the batch size, or a model that mixes examples, breaks it silently.
-2. The gradient of a tracked weight is Σₜ gₜaₜᵀ: the weight is used only by its layer's own
-   call, as nn.Linear / nn.Conv2d use it. A subclass whose forward transforms the weight
-   (weight standardization), or `F.linear(x, layer.weight)` elsewhere in the model, breaks it.
+2. The gradient of a tracked weight is Σₜ gₜaₜᵀ (transposed for transformers' Conv1D): the weight is
+   used only by its layer's own call, as nn.Linear / nn.Conv2d / Conv1D use it. A subclass whose forward
+   transforms the weight (weight standardization), or `F.linear(x, layer.weight)` elsewhere in the
+   model, breaks it.
 
 Each pass checks both on its first batch: one extra forward of a batch of copies of its first
 example, and one forward and backward of its first 8 examples to the tracked weights. A first
@@ -259,12 +260,10 @@ def check_weight_gradients(
         return
     k = 0
     for tm in layers:
-        w = found[k]
-        auto = torch.zeros_like(tm.module.weight) if w is None else w
-        auto = auto.reshape(auto.shape[0], -1)
-        if tm.has_bias:
-            b = found[k + 1]
-            auto = torch.cat([auto, (torch.zeros_like(tm.module.bias) if b is None else b)[:, None]], dim=1)
+        w, b = found[k], found[k + 1] if tm.has_bias else None
+        auto = tm.gradient_matrix(  # [W | b] layout, d_out × d_in (a Conv1D's [in, out] weight transposed)
+            torch.zeros_like(tm.module.weight) if w is None else w, (torch.zeros_like(tm.module.bias) if b is None else b) if tm.has_bias else None
+        )
         k += 1 + tm.has_bias
         dtype = torch.promote_types(acts[tm.name].dtype, torch.float32)  # float32 (float64 models: float64) is enough for the tolerance
         a, g = acts[tm.name].to(dtype), grads[tm.name].to(dtype)

@@ -1,6 +1,8 @@
 """Which layers are tracked, and hooks that capture their inputs and output gradients.
 
-A tracked layer is an nn.Linear (inputs [B, d_in] or [B, ..., d_in]) or an
+A tracked layer is an nn.Linear (inputs [B, d_in] or [B, ..., d_in]), a Hugging Face
+transformers `Conv1D` (GPT-2's projections: a Linear whose weight is stored transposed,
+[d_in, d_out]; recognised without importing transformers, `conv1d_base`) or an
 nn.Conv2d (patches unfolded as in KFC, Grosse & Martens 2016). Each is seen as a
 linear map over positions: activations a [B, T, d_in(+1)] (a ones column folds the
 bias in) and output gradients g [B, T, d_out], so that the per-example gradient
@@ -34,6 +36,7 @@ class TrackedModule:
     d_out: int
     has_bias: bool
     copy_io: bool = False  # set by Capture when the forward modifies this layer's input or output in place
+    transposed: bool = False  # the weight is stored [d_in, d_out] (transformers' Conv1D); gradients and edits transpose it
 
     @property
     def num_params(self) -> int:
@@ -44,22 +47,52 @@ class TrackedModule:
         return tuple(self.module.weight.shape)
 
     def gradient_matrix(self, grad_weight: torch.Tensor, grad_bias: torch.Tensor | None) -> torch.Tensor:
-        """[W | b]-layout matrix (d_out × d_in) from a weight gradient and a bias gradient."""
-        mat = grad_weight.reshape(self.d_out, -1)
+        """[W | b]-layout matrix (d_out × d_in) from a weight gradient and a bias gradient (weight-shaped: a
+        transposed layer's [d_in, d_out] gradient is transposed)."""
+        mat = grad_weight.T if self.transposed else grad_weight.reshape(self.d_out, -1)
         if self.has_bias:
             mat = torch.cat([mat, grad_bias.reshape(self.d_out, 1)], dim=1)  # type: ignore[union-attr]
         return mat
 
     def split_matrix(self, mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Inverse of `gradient_matrix`: (weight-shaped tensor, bias or None)."""
-        if self.has_bias:
-            return mat[:, :-1].reshape(self.weight_shape), mat[:, -1].clone()
-        return mat.reshape(self.weight_shape), None
+        weight = mat[:, :-1] if self.has_bias else mat
+        weight = weight.T.contiguous() if self.transposed else weight.reshape(self.weight_shape)
+        return weight, (mat[:, -1].clone() if self.has_bias else None)
 
 
 def _is_name(pattern: str) -> bool:
     """A pattern without wildcards names one layer."""
     return not any(c in pattern for c in "*?[")
+
+
+LAYER_KINDS = "nn.Linear, nn.Conv2d or transformers Conv1D"  # the layers that can be tracked, as messages name them
+
+
+def conv1d_base(module: nn.Module) -> type | None:
+    """The class named `Conv1D` in the module's MRO when the module is Hugging Face transformers'
+    transposed Linear (None otherwise): integer `nx` (inputs) and `nf` (outputs), a weight [nx, nf]
+    and a bias [nf] or None, its forward `x @ weight + bias` over the last dim of x [..., nx].
+
+    Recognised by that contract, not by importing transformers (which this tool does not need): a
+    copy of the class in other code counts too, and the first batch of every pass checks each
+    tracked weight's gradient (model_checks), which a layer computing anything else fails.
+    """
+    base = next((c for c in type(module).__mro__ if c.__name__ == "Conv1D"), None)
+    if base is None:
+        return None
+    nx, nf = getattr(module, "nx", None), getattr(module, "nf", None)
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    if not (isinstance(nx, int) and isinstance(nf, int) and isinstance(weight, torch.Tensor)) or tuple(weight.shape) != (nx, nf):
+        return None
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (nf,)):
+        return None
+    return base
+
+
+def is_layer(module: nn.Module) -> bool:
+    """An nn.Linear, nn.Conv2d or transformers Conv1D: a layer `find_tracked_modules` considers."""
+    return isinstance(module, (nn.Linear, nn.Conv2d)) or conv1d_base(module) is not None
 
 
 def _conv_padding(module: nn.Conv2d) -> tuple[int, int] | None:
@@ -168,15 +201,15 @@ def unmaterialized(module: nn.Module) -> bool:
 
 
 def custom_forward_reason(module: nn.Module) -> str | None:
-    """Why a wildcard leaves out a Linear / Conv2d subclass with its own forward (None for the stock layers).
+    """Why a wildcard leaves out a Linear / Conv2d / Conv1D subclass with its own forward (None for the stock layers).
 
     Such a forward may use the weight otherwise than the stock layer (weight standardization,
     a scale), so the hooks' Σ g·aᵀ would not be its gradient; naming the layer tracks it, and
     the first batch checks that gradient (model_checks).
     """
-    base = nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d
+    base = nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d if isinstance(module, nn.Conv2d) else conv1d_base(module)
     cls = type(module)
-    if cls.forward is base.forward and (base is nn.Linear or cls._conv_forward is nn.Conv2d._conv_forward):
+    if base is None or (cls.forward is base.forward and (base is not nn.Conv2d or cls._conv_forward is nn.Conv2d._conv_forward)):
         return None
     return f"{cls.__name__} overrides the {base.__name__} forward (name it in factors.modules to track it; its gradient is checked)"
 
@@ -204,13 +237,13 @@ def find_tracked_modules(model: nn.Module, patterns: Sequence[str], key: str = "
             hint="pass the model before torch.compile (its ._orig_mod)",
         )
     tracked: list[TrackedModule] = []
-    supported_names: list[str] = []  # every Linear and Conv2d (a pattern matching any of them is not a typo)
+    supported_names: list[str] = []  # every Linear, Conv2d and Conv1D (a pattern matching any of them is not a typo)
     trackable: list[str] = []  # those that can be tracked (what messages list)
     owners: dict[int, str] = {}
     skipped: list[str] = []  # matched by a wildcard but not trackable, with the reason
     unrecorded = unrecorded_layers(model)
     for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        if not is_layer(module):
             continue
         supported_names.append(name)
         lazy = unmaterialized(module)
@@ -253,6 +286,8 @@ def find_tracked_modules(model: nn.Module, patterns: Sequence[str], key: str = "
         has_bias = module.bias is not None
         if isinstance(module, nn.Linear):
             tracked.append(TrackedModule(name, module, "linear", module.in_features + has_bias, module.out_features, has_bias))
+        elif not isinstance(module, nn.Conv2d):  # a Conv1D: the Linear of its weight's transpose
+            tracked.append(TrackedModule(name, module, "linear", module.nx + has_bias, module.nf, has_bias, transposed=True))
         else:
             kh, kw = module.kernel_size
             d_in = module.in_channels * kh * kw + has_bias
@@ -261,14 +296,14 @@ def find_tracked_modules(model: nn.Module, patterns: Sequence[str], key: str = "
     dead = [p for p in patterns if not _is_name(p) and not any(fnmatch.fnmatchcase(n, p) for n in supported_names)]
     if dead and tracked:  # a typo next to a pattern that works would otherwise drop its layers silently
         raise ModelError(
-            f"{key}: pattern {dead[0]!r} matches no nn.Linear or nn.Conv2d layer (layers: {listed})",
+            f"{key}: pattern {dead[0]!r} matches no {LAYER_KINDS} layer (layers: {listed})",
             hint="fix or remove it (names and patterns are case-sensitive; `influence inspect` lists the layers)",
         )
     named = [p for p in patterns if _is_name(p) and p not in {tm.name for tm in tracked}]
     if named:  # before "matches no layer": the name says what it is (a Conv1d, a typo)
         modules = dict(model.named_modules())
         module = modules.get(named[0])
-        detail = f"is a {type(module).__name__}, not an nn.Linear or nn.Conv2d" if module is not None else "names no module of the model"
+        detail = f"is a {type(module).__name__}, not an {LAYER_KINDS}" if module is not None else "names no module of the model"
         inner = module is not None and any(True for _ in module.children())
         hint = f"{named[0] + '.*'!r} tracks the layers inside it" if inner else f"use names from `influence inspect`, or leave it out of {key}"
         raise ModelError(f"{key}: {named[0]!r} {detail}", hint=hint)
@@ -279,7 +314,7 @@ def find_tracked_modules(model: nn.Module, patterns: Sequence[str], key: str = "
         else:
             detail = f"layers: {listed or 'none'}"
         raise ModelError(
-            f"{key}: {list(patterns)} matches no nn.Linear or nn.Conv2d layer that can be tracked ({detail})",
+            f"{key}: {list(patterns)} matches no {LAYER_KINDS} layer that can be tracked ({detail})",
             hint="use '*' or patterns from `influence inspect`",
         )
     return tracked
@@ -312,21 +347,21 @@ def untracked_modules(model: nn.Module, tracked: Sequence[TrackedModule], key: s
         if not params:
             continue
         parent, _, attr = name.rpartition(".parametrizations.")
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
+        if is_layer(module):
             reason = unsupported_reason(module, unrecorded) or custom_forward_reason(module) or f"not matched by {key}"
         elif parent in tracked_names:  # weight_norm & co: the layer is scored in its effective weight
             reason = f"parametrizes the {attr} of tracked {parent!r}, which is scored as its effective {attr}"
         elif isinstance(module, nn.MultiheadAttention):
             reason = "its query/key/value projections (in_proj_weight, or q/k/v_proj_weight) are applied inside the attention, not by a layer a hook sees"
         else:
-            reason = "not an nn.Linear or nn.Conv2d"
+            reason = f"not an {LAYER_KINDS}"
         out.append(UntrackedModule(name or "(model)", type(module).__name__, sum(p.numel() for p in params), reason))
     return out
 
 
 def skipped_layers(model: nn.Module, tracked: Sequence[TrackedModule], patterns: Sequence[str]) -> list[UntrackedModule]:
     """The layers a user may expect in the scores that a wildcard of `patterns` matched and passed
-    over: Linear and Conv2d layers that cannot be tracked (grouped convs, nn.MultiheadAttention's
+    over: Linear, Conv2d and Conv1D layers that cannot be tracked (grouped convs, nn.MultiheadAttention's
     out_proj, Swin attention's qkv, proj and cpb_mlp, subclasses with their own forward) and
     convolutions of other dimensions; not layers no pattern matches, nor norms, embeddings and
     other parameters (`influence inspect` lists those)."""
@@ -337,7 +372,7 @@ def skipped_layers(model: nn.Module, tracked: Sequence[TrackedModule], patterns:
         module = modules.get("" if u.name == "(model)" else u.name)
         if u.shared_with is not None or module is None or not any(fnmatch.fnmatchcase(u.name, p) for p in wildcards):
             continue
-        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):  # Conv2d among the convs
+        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or conv1d_base(module) is not None:  # Conv2d among the convs
             out.append(u)
     return out
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.markup import escape
 
@@ -19,6 +20,9 @@ from influence_cli.cli.render import (
     print_resumed,
     print_table,
 )
+
+if TYPE_CHECKING:  # the CLI imports torch only when a command runs
+    from influence_cli.fit import LayerInfo
 
 FIT_EPILOG = """\
 **Examples**
@@ -95,7 +99,7 @@ def fit_factors_cmd(
     for layer in report.layers:
         row = [
             layer_label(layer.name),
-            layer.kind,
+            kind_label(layer),
             "×".join(map(str, layer.weight_shape)),
             f"{layer.d_in}²" if layer.a_size else "-",
             f"{layer.d_out}²" if layer.g_size else "-",
@@ -122,6 +126,11 @@ def fit_factors_cmd(
         size = Path(r.path).stat().st_size
         which = f"ensemble member {r.member}: " if report.members else ""
         err_console.print(f"[green]saved[/] {which}{escape(str(r.path))} ({human_bytes(size)}){'; ' + timing if timing else ''}")
+
+
+def kind_label(layer: LayerInfo) -> str:
+    """The kind column: a transformers Conv1D (weight stored in × out) says so beside `linear`."""
+    return f"{layer.kind} (Conv1D)" if layer.transposed else layer.kind
 
 
 def _first_names(names: list[str]) -> str:
@@ -180,7 +189,7 @@ def inspect_cmd(config: ConfigArg, set_: SetOpt = None, json_: JsonOpt = False) 
     table.columns[2].no_wrap = True  # a shape folded in a narrow terminal ("64×6" / "4") would read as another
     for r in rows:
         table.add_row(
-            layer_label(r.name), r.kind, "×".join(map(str, r.weight_shape)), f"{r.d_out}×{r.d_in}", f"{r.d_in * r.d_out:,}", human_bytes(r.factor_bytes())
+            layer_label(r.name), kind_label(r), "×".join(map(str, r.weight_shape)), f"{r.d_out}×{r.d_in}", f"{r.d_in * r.d_out:,}", human_bytes(r.factor_bytes())
         )
     print_table(table)
     if untracked:  # grouped by kind and reason: a deep model has many norms
