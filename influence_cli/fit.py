@@ -25,7 +25,7 @@ from influence_cli.data import IndexedDataset
 from influence_cli.data.dataset import data_change
 from influence_cli.distributed import DistState, agree
 from influence_cli.ensemble import Member, describe_member, ensemble_members, name_member, prepare_member, refuse_same_weights
-from influence_cli.errors import NumericalError, OutputError
+from influence_cli.errors import NumericalError, OutputError, out_of_memory
 from influence_cli.factors import (
     SCALE_SPREAD,
     STORED_KEYS,
@@ -78,6 +78,47 @@ class LayerInfo:
         also λ_A [d_in] and λ_G [d_out]) and the int64 example count."""
         spectra = self.d_in + self.d_out if self.a_size else 0
         return 4 * (self.a_size + self.g_size + self.eigenvalue_size + spectra) + 8
+
+
+LARGE_FACTOR_SIDE = 1 << 15  # a Kronecker factor this wide (4 GiB in float32), such as a large vocabulary's G, gets a warning
+
+
+def _size(n: float) -> str:
+    """Bytes as messages give them: KiB, MiB or GiB, one decimal."""
+    for unit in ("KiB", "MiB"):
+        n /= 1024
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} GiB"
+
+
+def large_factor_warning(layers: list[LayerInfo]) -> str | None:
+    """A warning naming the layer with the widest A or G when it is at least LARGE_FACTOR_SIDE wide (an output head
+    over a large vocabulary: G is vocabulary²), with the memory fit-factors needs for it; None when there is none."""
+    sides = [(side, which, r) for r in layers if r.a_size for side, which in ((r.d_in, "an A"), (r.d_out, "a G")) if side >= LARGE_FACTOR_SIDE]
+    if not sides:
+        return None
+    side, which, r = max(sides, key=lambda s: s[0])
+    many = len({id(s[2]) for s in sides})
+    what = f"{many} layers have factors {LARGE_FACTOR_SIDE:,} or more wide; the widest, {r.name!r}, has" if many > 1 else f"layer {r.name!r} has"
+    return (
+        f"{what} {which} of {side:,}² ({_size(4 * side**2)} in float32; fit-factors eigendecomposes it in float64, "
+        f"{_size(8 * side**2)}, in time growing as its width cubed): with a large vocabulary, leave the output head out of "
+        "factors.modules (`influence inspect` lists the layers), or fit on a machine with that memory"
+    )
+
+
+def factor_memory_hint(layers: list[LayerInfo]) -> str:
+    """The hint of fit-factors running out of memory: the factors' size and the largest layer's, and what lowers each."""
+    total = sum(r.factor_bytes() for r in layers)
+    largest = max(layers, key=lambda r: r.factor_bytes())
+    shapes = f" (A {largest.d_in:,}², G {largest.d_out:,}², eigendecomposed in float64)" if largest.a_size else ""
+    return (
+        f"the factors take {_size(total)} in float32, layer {largest.name!r} {_size(largest.factor_bytes())} of it{shapes}: "
+        "leave large layers out of factors.modules "
+        "(`influence inspect` lists each layer's factors); a smaller data.batch_size lowers the passes' activations; "
+        "fit-factors keeps the progress it saved: rerun it with --resume"
+    )
 
 
 @dataclass
@@ -748,10 +789,18 @@ def _fit_member(
     seconds: dict[str, float] = {}
     progress = for_rank(progress, ctx.state.rank, ctx.state.world_size)
     plan = plan_for(ctx, dataset, cfg.factors.max_examples)
-    layers = compute_factors(
-        ctx.model, ctx.tracked, cfg.factors.strategy, plan, checkpoint=checkpoint, snapshot=snapshot, progress=progress, seconds=seconds,
-        spill_dir=out_dir, damping=(cfg.scores.damping, cfg.scores.damping_factor, cfg.scores.damping_scope),
-    )  # fmt: skip
+    if (large := large_factor_warning(layers_info)) is not None:
+        notices.warn(large)
+    try:
+        layers = compute_factors(
+            ctx.model, ctx.tracked, cfg.factors.strategy, plan, checkpoint=checkpoint, snapshot=snapshot, progress=progress, seconds=seconds,
+            spill_dir=out_dir, damping=(cfg.scores.damping, cfg.scores.damping_factor, cfg.scores.damping_scope),
+        )  # fmt: skip
+    except (RuntimeError, MemoryError) as exc:
+        memory = out_of_memory(exc, factor_memory_hint(layers_info))
+        if memory is None:
+            raise
+        raise memory from exc
     factors = Factors(cfg.factors.strategy, cfg.factors.fisher, layers)
     for info in layers_info:
         info.zero_inputs, info.zero_outputs = layers[info.name].zero_inputs, layers[info.name].zero_outputs

@@ -1822,6 +1822,48 @@ def test_out_of_memory_is_one_line_with_the_settings_to_lower(runner, tmp_path, 
     assert lines[1].startswith("hint: lower data.batch_size") and "--resume" in lines[1]
 
 
+def test_out_of_memory_in_the_passes_names_the_largest_factors(runner, tmp_path, monkeypatch):
+    """fit-factors out of memory while fitting: the hint says how large the factors are and which layer holds most of them."""
+    import influence_cli.fit as fit
+
+    def exhausted(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB")
+
+    monkeypatch.setattr(fit, "compute_factors", exhausted)
+    result = invoke(runner, "fit-factors", DIGITS, "--set", f"output_dir={tmp_path}")
+    assert result.exit_code == 8, result.stderr
+    hint = " ".join(result.stderr.split()).partition("hint: ")[2]
+    assert hint.startswith("the factors take 84.4 KiB in float32, layer 'fc1' 49.3 KiB of it (A 65², G 64², eigendecomposed in float64): leave large layers out of factors.modules")
+    assert "data.batch_size" in hint and "--resume" in hint
+
+
+def test_a_factor_as_wide_as_a_large_vocabulary_gets_a_warning(runner):
+    """A G of 32,768² (a vocabulary's output head) is 4 GiB in float32 and twice that in its float64 eigendecomposition:
+    inspect (which never runs the model) warns, naming the widest factor; 32,767 wide passes without a word."""
+    sets = ["--set", "model.checkpoint=null"]
+    wide = invoke(runner, "inspect", DIGITS, *sets, "--set", "model.kwargs.hidden=[32768]")
+    assert wide.exit_code == 0, wide.stderr
+    assert " ".join(wide.stderr.split()) == (
+        "warning: 2 layers have factors 32,768 or more wide; the widest, 'head', has an A of 32,769² (4.0 GiB in float32; "
+        "fit-factors eigendecomposes it in float64, 8.0 GiB, in time growing as its width cubed): with a large vocabulary, leave the output head out of factors.modules "
+        "(`influence inspect` lists the layers), or fit on a machine with that memory"
+    )
+    narrow = invoke(runner, "inspect", DIGITS, *sets, "--set", "model.kwargs.hidden=[32766]")
+    assert narrow.exit_code == 0 and narrow.stderr == "", narrow.stderr
+    diagonal = invoke(runner, "inspect", DIGITS, *sets, "--set", "model.kwargs.hidden=[32768]", "--set", "factors.strategy=diagonal")
+    assert diagonal.exit_code == 0 and diagonal.stderr == "", diagonal.stderr
+
+
+def test_fit_factors_warns_of_a_factor_as_wide_as_a_large_vocabulary(runner, tmp_path, monkeypatch):
+    """fit-factors says it before its passes (the threshold lowered to the digits MLP's widths, which it then fits)."""
+    import influence_cli.fit as fit
+
+    monkeypatch.setattr(fit, "LARGE_FACTOR_SIDE", 65)
+    result = invoke(runner, "fit-factors", DIGITS, "--set", f"output_dir={tmp_path}")
+    assert result.exit_code == 0, result.stderr
+    assert "warning: 2 layers have factors 65 or more wide; the widest, 'fc1', has an A of 65² (16.5 KiB in float32;" in " ".join(result.stderr.split())
+
+
 def test_json_output_has_no_nan_or_infinity(capsys):
     """Strict parsers (JavaScript, Go, serde) reject NaN: an empty band's ratio and the like print as null."""
     from influence_cli.cli.render import print_json

@@ -154,7 +154,8 @@ def inspect_cmd(config: ConfigArg, set_: SetOpt = None, json_: JsonOpt = False) 
     The list comes from the model's modules; the model is not run, so a layer its forward never
     calls, or calls in a way the factors cannot follow, is named by fit-factors on its first batch.
     """
-    from influence_cli.fit import describe_layers
+    from influence_cli import notices
+    from influence_cli.fit import describe_layers, large_factor_warning
     from influence_cli.models import load_model
     from influence_cli.scores import query_memory
     from influence_cli.tracking import find_tracked_modules, untracked_modules
@@ -169,6 +170,8 @@ def inspect_cmd(config: ConfigArg, set_: SetOpt = None, json_: JsonOpt = False) 
     tracked_params = sum(r.d_in * r.d_out for r in rows)
     parameters = sum(p.numel() for p in model.parameters())  # each once (tied or parametrized weights too)
     query_bytes, queries_per_chunk = query_memory(cfg, model, tracked_params)
+    if (large := large_factor_warning(rows)) is not None:
+        notices.warn(large)
     if json_:
         print_json({
             "strategy": cfg.factors.strategy,
