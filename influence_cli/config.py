@@ -142,7 +142,8 @@ class ModelConfig(_Section):
         default_factory=dict,
     )
     checkpoint: str | None = _help(
-        "Weights: a safetensors or torch.save file of a state dict, told apart by content (.safetensors, .pt, .pth, .bin, .ckpt, ...); "
+        "Weights: a safetensors or torch.save file of a state dict, told apart by content (.safetensors, .pt, .pth, .bin, .ckpt, ...), "
+        "or the index of a sharded one (model.safetensors.index.json, as Hugging Face's save_pretrained writes); "
         "wrappers state_dict / model / model_state_dict / module / state_dict_ema / model_ema / ema (the first that holds "
         "a state dict, in this order, is loaded; a warning names the others) and DDP, torch.compile and Lightning prefixes "
         "accepted.",
@@ -1119,7 +1120,20 @@ def _named_path_problem(cfg: Config, key: str, value: str, kind: str, unset: str
     problem = _path_problem(resolved, kind)
     if problem == "does not exist":
         problem += _from_working_directory(value, cfg.base_dir, kind)
+    elif problem == "is a folder, not a file" and (inside := _weights_in(resolved)) is not None:
+        problem += f" (it holds {inside}, as save_pretrained writes: name that file)"
     return [f"{key}: {str(resolved)!r} {problem}"] if problem else []
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _weights_in(folder: Path) -> str | None:
+    """The first of `WEIGHT_FILES` (Hugging Face's save_pretrained names) in `folder`, or None."""
+    try:
+        return next((name for name in WEIGHT_FILES if (folder / name).is_file()), None)
+    except OSError:
+        return None
 
 
 def _from_working_directory(value: str, base_dir: str, kind: str) -> str:

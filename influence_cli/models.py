@@ -397,7 +397,7 @@ def read_state_dict(path: str | Path, key: str = "model.checkpoint", strip: bool
     """Reads a checkpoint file into a plain state dict on the CPU (wrappers and prefixes removed).
 
     Args:
-        path: A .safetensors, .pt, .pth or .bin file.
+        path: A .safetensors, .pt, .pth or .bin file, or the index of a sharded checkpoint (`*.index.json`).
         key: The config key the path came from, used in error messages.
 
     Raises:
@@ -407,6 +407,8 @@ def read_state_dict(path: str | Path, key: str = "model.checkpoint", strip: bool
     where = f"{key}: {str(path)!r}"
     if not path.is_file():
         raise ModelError(f"{where} does not exist")
+    if path.name.endswith(".index.json"):
+        return _read_sharded(path, where, key, strip)
     try:
         suffix = _checkpoint_format(path)
     except OSError as exc:  # permission denied, an I/O error
@@ -433,6 +435,38 @@ def read_state_dict(path: str | Path, key: str = "model.checkpoint", strip: bool
             f"{where}: cannot read the checkpoint ({type(exc).__name__}: {reason[:300]})", hint=hint
         ) from None
     state = _unwrap(obj, where)
+    return _strip_prefixes(state) if strip else state
+
+
+def _read_sharded(path: Path, where: str, key: str, strip: bool) -> dict[str, torch.Tensor]:
+    """A sharded checkpoint from its index (Hugging Face's `model.safetensors.index.json`, {"weight_map": {name: shard
+    file beside it}}): each shard's tensors that the map assigns to it.
+
+    Raises:
+        ModelError: the index is not such a JSON file, or a shard lacks a tensor the index assigns to it.
+    """
+    try:
+        weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
+        if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError(weight_map)
+    except OSError as exc:
+        raise ModelError(f"{where}: cannot read the checkpoint ({exc.strerror or exc})", hint="check that this user may read the file") from None
+    except (ValueError, KeyError, TypeError):
+        raise ModelError(
+            f"{where}: not the index of a sharded checkpoint (a JSON object whose weight_map maps each tensor name to its shard file)",
+            hint="name the checkpoint's own file (.safetensors, .pt, .bin), or the model.safetensors.index.json save_pretrained wrote",
+        ) from None
+    state: dict[str, torch.Tensor] = {}
+    for shard in dict.fromkeys(weight_map.values()):
+        part = read_state_dict(path.parent / shard, key, strip=False)
+        names = [n for n, f in weight_map.items() if f == shard]
+        missing = [n for n in names if n not in part]
+        if missing:
+            raise ModelError(
+                f"{where}: shard {shard!r} holds no tensor {missing[0]!r}, which the index assigns to it",
+                hint="the index and its shards come from different saves: save the model again",
+            )
+        state.update({n: part[n] for n in names})
     return _strip_prefixes(state) if strip else state
 
 

@@ -446,6 +446,11 @@ def test_checkpoints_of_any_suffix_pass_and_folders_are_named(tmp_path: Path):
     with pytest.raises(ConfigError) as exc:
         config_from_dict(minimal(), ["data.train={source: image_folder, root: a_file}"], base_dir=tmp_path)
     assert problems_of(exc)["data.train.root"].endswith("a_file' is a file, not a folder")
+    (tmp_path / "saved").mkdir()  # what Hugging Face's save_pretrained writes: the weights file is named
+    (tmp_path / "saved" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict(minimal(), ["model.checkpoint=saved"], base_dir=tmp_path)
+    assert problems_of(exc)["model.checkpoint"].endswith("saved' is a folder, not a file (it holds model.safetensors, as save_pretrained writes: name that file)")
 
 
 def test_every_problem_is_reported_together_with_the_file(tmp_path: Path):

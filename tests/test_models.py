@@ -262,6 +262,32 @@ def test_checkpoint_round_trip(tmp_path: Path, suffix: str, wrap) -> None:
     _assert_same_weights(source, target)
 
 
+def test_a_sharded_checkpoint_loads_from_its_index(tmp_path: Path) -> None:
+    """Hugging Face's save_pretrained splits a large model into shards beside an index (model.safetensors.index.json):
+    the index loads every shard's tensors; a shard without a tensor the index assigns to it, or a JSON file that is no
+    index, is named."""
+    source = _mlp()
+    state = _trained_like(source)
+    source.load_state_dict(state)
+    names = list(state)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2], "model-00002-of-00002.pt": names[len(names) // 2 :]}
+    save_file({k: state[k] for k in shards["model-00001-of-00002.safetensors"]}, str(tmp_path / "model-00001-of-00002.safetensors"))
+    torch.save({k: state[k] for k in shards["model-00002-of-00002.pt"]}, tmp_path / "model-00002-of-00002.pt")
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": {k: f for f, ks in shards.items() for k in ks}}))
+    target = _mlp()
+    load_checkpoint(target, index)
+    _assert_same_weights(source, target)
+    moved = names[0]
+    index.write_text(json.dumps({"weight_map": {k: "model-00002-of-00002.pt" if k == moved else f for f, ks in shards.items() for k in ks}}))
+    with pytest.raises(ModelError, match=rf"shard 'model-00002-of-00002.pt' holds no tensor '{moved}', which the index assigns to it"):
+        load_checkpoint(_mlp(), index)
+    index.write_text(json.dumps({"weights": {}}))
+    with pytest.raises(ModelError, match="not the index of a sharded checkpoint") as exc:
+        load_checkpoint(_mlp(), index)
+    assert "model.safetensors.index.json" in exc.value.hint
+
+
 def test_load_model_resolves_against_base_dir(tmp_path: Path) -> None:
     source = _mlp()
     source.load_state_dict(_trained_like(source))
