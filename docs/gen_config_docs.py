@@ -200,7 +200,8 @@ FACTORS_PROSE = """\
 ## Factor strategies and Fisher kinds
 
 The curvature F is approximated block-diagonally, one block per tracked `nn.Linear` /
-`nn.Conv2d` layer (bias folded in; Conv2d through unfolded patches, KFC).
+`nn.Conv2d` layer (bias folded in; Conv2d through unfolded patches, KFC), or Hugging Face
+`Conv1D` (GPT-2's projections), the Linear of its transposed weight.
 
 | `factors.strategy` | curvature per layer | passes over data.train |
 |---|---|---|
@@ -308,6 +309,66 @@ at its padded length cannot be cut, and is not checked this way). An example who
 all -100 has no loss, so its gradient and scores are 0: the commands accept it and warn, naming
 it. Sequences that end (or start) in runs of one id of different lengths look padded: without
 `data.padding_value` those positions count in the factors and scores, and the commands warn.
+
+## Hugging Face models
+
+A `transformers` model is built from its config in a factory (`transformers` is not needed by
+influence_cli, only by your factory) and wrapped so that it takes the token ids of the data and
+returns one tensor: it returns a `ModelOutput` (a mapping of `logits`, `past_key_values`, ...),
+which the commands refuse, naming its keys. The wrapper also gives the model its attention mask,
+which the data do not hold: the ids equal to `data.padding_value` are padding.
+
+```python
+# hf_lm.py, beside the config
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel   # BertForSequenceClassification, ViTForImageClassification, ...
+
+
+class Logits(nn.Module):
+    def __init__(self, model: nn.Module, pad: int):
+        super().__init__()
+        self.model, self.pad = model, pad
+
+    def forward(self, ids):                            # [B, L] int64 -> logits [B, L, vocabulary]
+        return self.model(input_ids=ids, attention_mask=(ids != self.pad).long()).logits
+
+
+def make(pad: int = 0, **config):                      # model.kwargs: the GPT2Config's sizes
+    return Logits(GPT2LMHeadModel(GPT2Config(**config)), pad)
+```
+
+```yaml
+model: {architecture: "hf_lm:make", kwargs: {pad: 0, n_layer: 2, n_embd: 64, n_head: 2, vocab_size: 500},
+        checkpoint: saved/model.safetensors}       # save_pretrained("saved") wrote it
+task: {kind: language_modeling}
+data:
+  train: {source: tensors, path: lm.pt, range: [0, 350]}   # inputs: ids [N, L]; labels: next-token ids, -100 = no loss
+  query: {source: tensors, path: lm.pt, range: [350, 400]}
+  padding_value: 0
+factors: {modules: ["*.h.*"]}                      # the blocks: GPT-2's head over a large vocabulary is too wide
+```
+
+- **Checkpoints.** The weights `save_pretrained` writes load into the wrapper (its attribute
+  name is a prefix the loader matches; the head tied to the embeddings, which it leaves out, is
+  filled in): name the folder's `model.safetensors`, or a sharded checkpoint's
+  `model.safetensors.index.json` (a folder is refused, naming the file it holds). `edit` writes
+  the wrapper's keys (`model.transformer.…`): load them with `safetensors.torch.load_model(wrapper, path)`.
+- **Labels.** Hugging Face's models shift `labels = input_ids` inside their loss; here labels are
+  the next token at each position, with -100 where no loss counts (padding, the last position),
+  as in the language-model section above. GPT-2 has no pad token, and padding with its
+  end-of-text id marks every real end-of-text token as padding too: a sequence's last one (label
+  -100) is left out of the factors and scores, one followed by counted labels is refused (its
+  label is not -100). Pad with an id no sequence uses instead.
+- **Layers.** GPT-2's attention and MLP projections are `transformers.pytorch_utils.Conv1D`, a
+  Linear whose weight is stored in × out; each is tracked as the Linear of its transpose (`inspect`
+  shows `linear (Conv1D)` and the weight as stored; `edit` writes it back as stored). BERT, ViT and
+  most other models use `nn.Linear` (ViT's patch embedding is an `nn.Conv2d`), all tracked.
+  `lm_head` is tied to the token embeddings: tracked as the head, the embedding's use of that weight
+  is left out (`inspect` lists it). Over a vocabulary of 50,257 its G is 9.4 GiB in float32, and
+  its float64 eigendecomposition twice that: `inspect` and `fit-factors` warn of any factor 32,768
+  or more wide, and an out-of-memory error names the largest layer.
+- **Dropout.** The commands run the model in eval mode (no dropout); the in-memory functions leave
+  `model.eval()` to the caller.
 
 ## Precision
 

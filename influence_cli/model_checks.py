@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -83,16 +84,35 @@ def check_model_output(out: object, batch_size: int) -> None:
             `squeeze()` turns the outputs of a one-example batch into those of no batch).
     """
     if not isinstance(out, torch.Tensor):
-        raise ModelError(
-            f"the model returned a {type(out).__name__}, not a tensor of outputs",
-            hint="return one tensor, the logits (classification, language modeling) or predictions (regression): e.g. a factory "
-            'returning a wrapper whose forward is `return self.model(x)["logits"]` (the saved network\'s checkpoint still loads)',
-        )
+        raise ModelError(f"the model returned a {_described(out)}, not a tensor of outputs", hint=_one_tensor_hint(out))
     if out.dim() == 0 or out.shape[0] != batch_size:
         raise ModelError(
             f"the model returned outputs of shape {list(out.shape)} for a batch of {batch_size}: dim 0 must be the batch",
             hint="a final .squeeze() drops it on a batch of one; use .squeeze(-1)",
         )
+
+
+def _described(out: object) -> str:
+    """A non-tensor output for messages: its type, and a mapping's keys (a Hugging Face ModelOutput is one)."""
+    if isinstance(out, Mapping):
+        keys = [str(k) for k in out]
+        shown = ", ".join(repr(k) for k in keys[:4]) + (f", ... ({len(keys)} in all)" if len(keys) > 4 else "")
+        return f"{type(out).__name__} (a mapping of {shown or 'nothing'})"
+    return type(out).__name__
+
+
+def _one_tensor_hint(out: object) -> str:
+    """What a factory's wrapper returns instead of `out`: its logits entry, else its first tensor."""
+    pick = '["logits"]'
+    if isinstance(out, Mapping) and "logits" not in out:
+        pick = next((f"[{k!r}]" for k, v in out.items() if isinstance(v, torch.Tensor)), pick)
+    elif isinstance(out, (tuple, list)):
+        pick = "[0]" if out and isinstance(out[0], torch.Tensor) else pick
+    return (
+        "return one tensor, the logits (classification, language modeling) or predictions (regression): e.g. a factory "
+        f"returning a wrapper whose forward is `return self.model(x){pick}` (the saved network's checkpoint still loads; "
+        "docs/CONFIG.md, \"Hugging Face models\")"
+    )
 
 
 def check_examples_independent(

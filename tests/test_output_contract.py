@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -61,8 +62,40 @@ def test_outputs_that_lose_the_batch_dimension_are_refused():
 
 
 def test_a_model_returning_a_tuple_is_refused():
-    with pytest.raises(ModelError, match="the model returned a tuple, not a tensor of outputs"):
+    with pytest.raises(ModelError, match="the model returned a tuple, not a tensor of outputs") as err:
         _first(Pair(), torch.randn(4, 4), torch.randn(4, 3))
+    assert "`return self.model(x)[0]`" in err.value.hint
+
+
+class CausalLMOutput(OrderedDict):
+    """What a Hugging Face model returns (transformers' ModelOutput is an OrderedDict with attributes)."""
+
+
+class Returns(nn.Module):
+    """Returns its Linear's outputs under `key` of a mapping of class `cls`, beside a cache."""
+
+    def __init__(self, cls: type, key: str):
+        super().__init__()
+        self.fc, self.cls, self.key = nn.Linear(4, 3), cls, key
+
+    def forward(self, x):
+        return self.cls([(self.key, self.fc(x)), ("past_key_values", None)])
+
+
+@pytest.mark.parametrize(
+    ("cls", "key", "described", "pick"),
+    [
+        (CausalLMOutput, "logits", "CausalLMOutput (a mapping of 'logits', 'past_key_values')", '["logits"]'),
+        (dict, "prediction", "dict (a mapping of 'prediction', 'past_key_values')", "['prediction']"),
+    ],
+    ids=["model-output", "dict"],
+)
+def test_a_model_returning_a_mapping_is_refused_naming_its_keys(cls, key, described, pick):
+    """A Hugging Face ModelOutput (or any mapping) is named with its keys, and the hint picks the logits, else its first tensor."""
+    with pytest.raises(ModelError) as err:
+        _first(Returns(cls, key), torch.randn(4, 4), torch.randn(4, 3))
+    assert err.value.message == f"the model returned a {described}, not a tensor of outputs"
+    assert f"`return self.model(x){pick}`" in err.value.hint
 
 
 @pytest.mark.parametrize("fisher", ["empirical", "sampled", "ggn"])
