@@ -290,8 +290,9 @@ def check_weight_gradients(
         hooks = torch.einsum("b,btd,bte->de", r.to(a.device, dtype), g, a)
         gap = _relative_gap(hooks, auto)  # NaN from a model that gives NaN: no evidence either way (the passes report it)
         if gap > tol:
+            conv1d = "a class named Conv1D computing other than transformers' Conv1D (x @ weight + bias), " if tm.transposed else ""
             raise ModelError(
                 f"layer {tm.name!r}: the gradient of its weight is not Σ g·aᵀ of its own calls (off by {gap:.0%}): the model "
-                "uses the weight otherwise (a subclass whose forward changes it, or the weight passed to F.linear / F.conv2d elsewhere)",
+                f"uses the weight otherwise ({conv1d}a subclass whose forward changes it, or the weight passed to F.linear / F.conv2d elsewhere)",
                 hint="leave it out of factors.modules, or use the weight only through the layer's own call",
             )

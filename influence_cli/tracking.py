@@ -548,6 +548,14 @@ class Capture:
                         f"{batch_size}: a tracked layer must see one example per row of dim 0 ([batch, ..., features])",
                         hint="leave it out of factors.modules, or keep the batch first in the model (e.g. batch_first=True, no reshape(-1, features) before it)",
                     )
+            for x, o in zip(xs, self._outputs[tm.name], strict=True) if batch_size is not None and tm.kind == "linear" else ():
+                if x.shape[-1] != tm.d_in - tm.has_bias or o.shape[-1] != tm.d_out:  # a forward that is no x @ Wᵀ over the last dim
+                    what = "is taken for transformers' Conv1D, x @ weight + bias" if tm.transposed else "is tracked as x @ weightᵀ + bias"
+                    raise ModelError(
+                        f"layer {tm.name!r} maps inputs of shape {list(x.shape)} to outputs of shape {list(o.shape)}, not its "
+                        f"{tm.d_in - tm.has_bias} input features to {tm.d_out} outputs along the last dimension: {type(tm.module).__name__} {what}",
+                        hint="leave it out of factors.modules",
+                    )
             parts = [layer_activations(tm, x if rows is None else x[:rows]) for x in xs]
             out[tm.name] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         return out

@@ -205,6 +205,55 @@ def test_a_class_named_conv1d_without_its_weight_layout_is_not_a_layer():
     assert [(u.name, u.reason) for u in untracked_modules(model, tracked)] == [("conv", "not an nn.Linear, nn.Conv2d or transformers Conv1D")]
 
 
+def _named_conv1d(forward) -> type:
+    """A user's class named Conv1D with transformers' attributes (nx, nf, weight [nx, nf], bias [nf]) and another `forward`."""
+
+    def init(self, nf: int, nx: int):
+        nn.Module.__init__(self)
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.randn(nx, nf))
+        self.bias = nn.Parameter(torch.randn(nf))
+
+    return type("Conv1D", (nn.Module,), {"__init__": init, "forward": forward})
+
+
+def _over_time(self, x):
+    """A real 1-d convolution along the positions of x [B, T, nx]: kernel 2, the weight shared by both taps."""
+    return (x + F.pad(x, (0, 0, 1, 0))[:, :-1]) @ self.weight + self.bias
+
+
+def _channels_first(self, x):
+    """x @ weight + bias over dim 1 of x [B, nx, T]: outputs [B, nf, T]."""
+    return (x.transpose(1, 2) @ self.weight + self.bias).transpose(1, 2)
+
+
+class Impostor(nn.Module):
+    """Sequences [B, T, 4] -> a class named Conv1D (4 -> 3; `channels_first`: applied to [B, 4, T]) -> tanh -> mean over T -> 5 classes."""
+
+    def __init__(self, forward, channels_first: bool = False):
+        super().__init__()
+        self.conv, self.head, self.channels_first = _named_conv1d(forward)(3, 4), nn.Linear(3, 5), channels_first
+
+    def forward(self, x):
+        h = self.conv(x.transpose(1, 2)).transpose(1, 2) if self.channels_first else self.conv(x)
+        return self.head(torch.tanh(h)).mean(dim=1)
+
+
+def test_a_class_named_conv1d_computing_another_op_is_refused_on_the_first_batch():
+    """The contract's attributes are all recognition reads, so a user's Conv1D of another op is tracked; the first batch
+    refuses it, naming the layer: a convolution along the positions fails the weight-gradient check, one over the
+    channels of [B, C, T] inputs maps another dimension than its features (4 positions, as many as its 4 inputs, too)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(12, 6, 4), torch.randint(0, 5, (12,))
+    model = Impostor(_over_time).eval()
+    assert [(tm.name, tm.transposed) for tm in find_tracked_modules(model, ["*"])] == [("conv", True), ("head", False)]
+    with pytest.raises(ModelError, match=r"layer 'conv': the gradient of its weight is not Σ g·aᵀ of its own calls .*a class named Conv1D computing other"):
+        fit(model, x, y, strategy="ekfac")
+    for positions in (6, 4):
+        with pytest.raises(ModelError, match=rf"layer 'conv' maps inputs of shape \[4, 4, {positions}\] to outputs of shape \[4, 3, {positions}\], not its 4 input "):
+            fit(Impostor(_channels_first, channels_first=True).eval(), torch.randn(12, positions, 4), y, strategy="ekfac")
+
+
 class Logits(nn.Module):
     """A Hugging Face model's logits, as the factory of a config returns it."""
 
