@@ -443,7 +443,8 @@ def _read_sharded(path: Path, where: str, key: str, strip: bool) -> dict[str, to
     file beside it}}): each shard's tensors that the map assigns to it.
 
     Raises:
-        ModelError: the index is not such a JSON file, or a shard lacks a tensor the index assigns to it.
+        ModelError: the index is not such a JSON file, names an index or a missing file as a shard, or a shard lacks
+            a tensor the index assigns to it.
     """
     try:
         weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
@@ -456,8 +457,19 @@ def _read_sharded(path: Path, where: str, key: str, strip: bool) -> dict[str, to
             f"{where}: not the index of a sharded checkpoint (a JSON object whose weight_map maps each tensor name to its shard file)",
             hint="name the checkpoint's own file (.safetensors, .pt, .bin), or the model.safetensors.index.json save_pretrained wrote",
         ) from None
+    shards = list(dict.fromkeys(weight_map.values()))
+    nested = next((s for s in shards if s.endswith(".index.json")), None)
+    if nested is not None:  # read as an index in turn (the index itself: without end)
+        raise ModelError(f"{where}: the index names {nested!r} as a shard, an index itself", hint="map each tensor name to its shard file (.safetensors, .bin)")
+    absent = [s for s in shards if not (path.parent / s).is_file()]
+    if absent:  # all of them, before any shard is read
+        raise ModelError(
+            f"{where}: shard {absent[0]!r}, which the index names, is not beside it"
+            + (f" ({len(absent)} of its {len(shards)} shards are missing)" if len(absent) > 1 else ""),
+            hint="copy every file save_pretrained wrote into the index's folder",
+        )
     state: dict[str, torch.Tensor] = {}
-    for shard in dict.fromkeys(weight_map.values()):
+    for shard in shards:
         part = read_state_dict(path.parent / shard, key, strip=False)
         names = [n for n, f in weight_map.items() if f == shard]
         missing = [n for n in names if n not in part]

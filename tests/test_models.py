@@ -288,6 +288,36 @@ def test_a_sharded_checkpoint_loads_from_its_index(tmp_path: Path) -> None:
     assert "model.safetensors.index.json" in exc.value.hint
 
 
+def test_a_pytorch_model_bin_index_loads_its_shards_weights_only_and_missing_shards_are_named(tmp_path: Path) -> None:
+    """pytorch_model.bin.index.json: its .bin shards load as tensors only (one holding a pickled module is refused);
+    an index naming shards that are not beside it names the first and how many are missing, before any is read;
+    an index naming an index (itself) as a shard is refused, not followed without end."""
+    source = _mlp()
+    state = _trained_like(source)
+    names = list(state)
+    half = len(names) // 2
+    torch.save({k: state[k] for k in names[:half]}, tmp_path / "pytorch_model-00001-of-00002.bin")
+    torch.save({k: state[k] for k in names[half:]}, tmp_path / "pytorch_model-00002-of-00002.bin")
+    index = tmp_path / "pytorch_model.bin.index.json"
+    shard_of = {k: f"pytorch_model-0000{1 + (i >= half)}-of-00002.bin" for i, k in enumerate(names)}
+    index.write_text(json.dumps({"weight_map": shard_of}))
+    target = _mlp()
+    load_checkpoint(target, index)
+    source.load_state_dict(state)
+    _assert_same_weights(source, target)
+    torch.save({k: state[k] for k in names[half:]} | {"head": nn.Linear(1, 1)}, tmp_path / "pytorch_model-00002-of-00002.bin")
+    with pytest.raises(ModelError, match=r"pytorch_model-00002-of-00002.bin': cannot read the checkpoint \(UnpicklingError") as exc:
+        load_checkpoint(_mlp(), index)
+    assert "pickled objects other than tensors" in exc.value.hint
+    index.write_text(json.dumps({"weight_map": {k: f"gone-{i % 2}.bin" for i, k in enumerate(names)}}))
+    with pytest.raises(ModelError, match=r"shard 'gone-0.bin', which the index names, is not beside it \(2 of its 2 shards are missing\)") as exc:
+        load_checkpoint(_mlp(), index)
+    assert "save_pretrained" in exc.value.hint
+    index.write_text(json.dumps({"weight_map": {names[0]: index.name}}))
+    with pytest.raises(ModelError, match=r"the index names 'pytorch_model.bin.index.json' as a shard, an index itself"):
+        load_checkpoint(_mlp(), index)
+
+
 def test_load_model_resolves_against_base_dir(tmp_path: Path) -> None:
     source = _mlp()
     source.load_state_dict(_trained_like(source))
