@@ -24,6 +24,7 @@ from influence_cli.config import Config
 from influence_cli.context import RunContext, prepare
 from influence_cli.distributed import DistState
 from influence_cli.errors import ConfigError, InfluenceError
+from influence_cli.models import checkpoint_files
 
 
 @dataclass(frozen=True)
@@ -73,11 +74,11 @@ def describe_member(member: Member, ctx: RunContext) -> dict[str, object]:
 
 
 def checkpoint_stat(path: Path | None) -> list[int] | None:
-    """[size, mtime_ns] of a checkpoint file (None without one)."""
+    """[size, mtime_ns] of a checkpoint file, followed by each shard's for a sharded checkpoint's index (None without one)."""
     if path is None or not Path(path).is_file():
         return None
-    stat = Path(path).stat()
-    return [stat.st_size, stat.st_mtime_ns]
+    stats = [f.stat() for f in checkpoint_files(Path(path)) if f.is_file()]
+    return [n for stat in stats for n in (stat.st_size, stat.st_mtime_ns)]
 
 
 def name_member(exc: InfluenceError, member: Member, cfg: Config) -> InfluenceError:

@@ -482,6 +482,18 @@ def _read_sharded(path: Path, where: str, key: str, strip: bool) -> dict[str, to
     return _strip_prefixes(state) if strip else state
 
 
+def checkpoint_files(path: Path) -> list[Path]:
+    """The files a checkpoint is read from: `path`, and for the index of a sharded checkpoint the shards it names
+    (those of an index that cannot be read: none, `read_state_dict` says why)."""
+    if not path.name.endswith(".index.json"):
+        return [path]
+    try:
+        shards = json.loads(path.read_text(encoding="utf-8"))["weight_map"].values()
+        return [path, *(path.parent / s for s in dict.fromkeys(shards) if isinstance(s, str))]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return [path]
+
+
 def torch_load_reason(exc: BaseException) -> tuple[str, bool]:
     """One readable line for a failed `torch.load(..., weights_only=True)`, and whether the file holds
     pickled objects other than tensors (torch's own message is a multi-line preamble of options

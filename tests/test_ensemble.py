@@ -535,6 +535,29 @@ def test_top_k_refuses_ensemble_scores_of_other_member_models_and_plain_without_
         top_k(relative.output_path, [0], 2, plain=True)
 
 
+def test_top_k_refuses_ensemble_scores_when_a_sharded_members_shard_is_replaced(project):
+    """A member named by a sharded checkpoint's index: the scores record the shards' sizes and times too, so a shard
+    replaced by other weights (the index untouched) is hashed again and refused, not passed as the file the scores saw."""
+    from safetensors.torch import load_file
+
+    folder, data = project
+    state = load_file(folder / "model_seed1.safetensors")
+    names = sorted(state)
+    shards = {"seed1-00001-of-00002.safetensors": names[:2], "seed1-00002-of-00002.safetensors": names[2:]}
+    for shard, keys in shards.items():
+        save_file({k: state[k] for k in keys}, folder / shard)
+    (folder / "seed1.safetensors.index.json").write_text(json.dumps({"weight_map": {k: f for f, ks in shards.items() for k in ks}}))
+    members = ["seed1.safetensors.index.json", *data["scores"]["checkpoints"][1:]]
+    cfg = ensemble_cfg(project, "ens_index", f"scores.checkpoints={members}")
+    compute_scores(cfg)
+    meta = load_scores_meta(cfg.output_path)
+    check_scores_match(meta.metadata, cfg, cfg.output_path)
+    other = load_file(folder / "model_seed2.safetensors")
+    save_file({k: other[k] for k in names[2:]}, folder / "seed1-00002-of-00002.safetensors")
+    with pytest.raises(OutputError, match=r"averaged over another model as scores.checkpoints\[0\]"):
+        check_scores_match(meta.metadata, cfg, cfg.output_path)
+
+
 def test_a_member_with_the_same_weights_as_another_is_refused_before_any_pass(project, tmp_path):
     """A copy (or hard link) of model.checkpoint in scores.checkpoints would weigh twice in the average."""
     from influence_cli.errors import ConfigError
