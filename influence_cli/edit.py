@@ -43,7 +43,7 @@ from influence_cli.distributed import DistState
 from influence_cli.errors import ModelError, UsageError, first_line
 from influence_cli.factors import LayerFactors
 from influence_cli.fit import check_finite_factors
-from influence_cli.models import model_fingerprint, read_state_dict, tied_keys
+from influence_cli.models import checkpoint_files, model_fingerprint, read_state_dict, tied_keys
 from influence_cli.tracking import TrackedModule
 
 
@@ -242,8 +242,13 @@ def _settings(
         raise UsageError(f"--out: {str(out)!r} is a folder", hint="give a file name ending in .safetensors, .pt or .pth")
     storage.check_creatable_dir(out.parent, "--out", "give --out a path in a writable folder")  # created only when the edited weights are written
     read = cfg.input_files().get(out.resolve())
+    what = "the model's own checkpoint" if read == "model.checkpoint" else f"a file the config reads ({read})"
+    if read is None:  # a shard of a checkpoint named by its index: the edit would replace it with the whole model
+        named = [("model.checkpoint", cfg.model.checkpoint), *((f"scores.checkpoints[{i}]", c) for i, c in enumerate(cfg.scores.checkpoints))]
+        shards = {f.resolve(): key for key, c in named if c is not None for f in checkpoint_files(cfg.resolve(c))[1:]}
+        read = shards.get(out.resolve())
+        what = f"a shard of {read}"
     if read is not None:
-        what = "the model's own checkpoint" if read == "model.checkpoint" else f"a file the config reads ({read})"
         raise UsageError(f"--out: {str(out)!r} is {what}", hint="write the edited weights to a new file")
     made = storage.file_format(out)
     if storage.is_output_name(out.name) or (made.startswith("influence_cli.") and made != storage.EDITED_CHECKPOINT_FORMAT):

@@ -16,6 +16,7 @@ import torch
 from exact import ConvHead, batches_of, empirical_vectors, fit, per_example_layer_grads, tiny_mlp
 from mnist_files import IMAGES, LABELS, requires_mnist
 from PIL import Image
+from safetensors.torch import save_file
 from stopping import (
     MetaDeviceRun,
     PassesStart,
@@ -573,6 +574,16 @@ def test_cli_edit_refusals(tmp_path, digits):
     data_file = ROOT / "sample_data" / "digits.safetensors"  # a file the config reads: never overwritten
     refused = invoke("edit", DIGITS, *sets, "--out", data_file, "--overwrite")
     assert_error(refused, 2, "is a file the config reads (data.train.path)")
+    state = load_tensors(ROOT / "sample_data" / "mlp.safetensors")[0]  # the model as a sharded checkpoint: its shards are read too
+    names = sorted(state)
+    for k, part in enumerate((names[:2], names[2:])):
+        save_file({n: state[n] for n in part}, tmp_path / f"shard{k}.safetensors")
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {n: f"shard{int(i >= 2)}.safetensors" for i, n in enumerate(names)}}))
+    shard = (tmp_path / "shard1.safetensors").read_bytes()
+    refused = invoke("edit", DIGITS, *sets, "--set", f"model.checkpoint={index}", "--out", tmp_path / "shard1.safetensors", "--overwrite")
+    assert_error(refused, 2, "shard1.safetensors' is a shard of model.checkpoint")
+    assert (tmp_path / "shard1.safetensors").read_bytes() == shard
     member = tmp_path / "member.safetensors"  # another model for scores.checkpoints (model.checkpoint itself is refused there)
     member.write_bytes((ROOT / "sample_data" / "mlp.safetensors").read_bytes())
     members = invoke("edit", DIGITS, *sets, "--out", tmp_path / "m.safetensors", "--set", f"scores.checkpoints=[{member}]", "--layers", "head")
