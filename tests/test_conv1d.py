@@ -143,6 +143,33 @@ def test_factors_and_scores_equal_those_of_the_nn_linear_model(strategy, fisher)
     torch.testing.assert_close(selfs[0], selfs[1], rtol=1e-8, atol=0.0)
 
 
+def test_flat_inputs_and_deflated_rows_match_the_nn_linear_model():
+    """Conv1D layers on [B, features] inputs (EKFAC's one-matmul correction, no positions), with a dead unit and an input
+    that is always 0 (rows deflated from A and G): the scores and self-influence of the nn.Linear twin."""
+
+    def mlp(linear: bool) -> nn.Module:
+        torch.manual_seed(0)
+        proj = (lambda i, o, b=True: nn.Linear(i, o, bias=b)) if linear else (lambda i, o, b=True: Conv1D(o, i, bias=b))
+        return nn.Sequential(proj(5, 6), nn.ReLU(), proj(6, 4, False), nn.Tanh(), proj(4, 3)).eval()
+
+    conv = mlp(linear=False)
+    with torch.no_grad():
+        for p in conv.parameters():
+            p.copy_(torch.randn_like(p))
+        conv[0].weight[:, 2], conv[0].bias[2] = 0.0, -5.0  # unit 2 never fires
+    linear = mlp(linear=True)
+    linear.load_state_dict({k: v.T if v.dim() == 2 else v for k, v in conv.state_dict().items()})
+    x, y = torch.randn(20, 5), torch.randint(0, 3, (20,))
+    x[:, 1] = 0.0
+    fitted = [fit(m, x, y, strategy="ekfac") for m in (conv, linear)]
+    assert [(lf.zero_inputs, lf.zero_outputs) for lf in fitted[0][1].values()] == [(1, 1), (1, 0), (0, 0)]
+    query, train = batches_of(x[:4], y[:4], 2), batches_of(x, y, 6)
+    scores = [pairwise_scores(m, t, f, query(0), train(0), damping=1e-3) for m, (t, f) in zip((conv, linear), fitted, strict=True)]
+    torch.testing.assert_close(scores[0], scores[1], rtol=1e-8, atol=1e-10 * float(scores[1].abs().max()))
+    selfs = [self_influence_scores(m, t, f, train(0), damping=1e-3) for m, (t, f) in zip((conv, linear), fitted, strict=True)]
+    torch.testing.assert_close(selfs[0], selfs[1], rtol=1e-8, atol=0.0)
+
+
 def test_edit_writes_the_transposed_weight():
     """`edit` projects [W | b] and writes each Conv1D weight back as [in, out]: the nn.Linear twin's edit, transposed."""
     conv, linear = twins()
