@@ -304,6 +304,8 @@ def find_tracked_modules(model: nn.Module, patterns: Sequence[str], key: str = "
         modules = dict(model.named_modules())
         module = modules.get(named[0])
         detail = f"is a {type(module).__name__}, not an {LAYER_KINDS}" if module is not None else "names no module of the model"
+        if module is not None and any(c.__name__ == "Conv1D" for c in type(module).__mro__):  # a look-alike: which part differs
+            detail += " (whose weight is [nx, nf] for integer nx and nf, its bias [nf] or None)"
         inner = module is not None and any(True for _ in module.children())
         hint = f"{named[0] + '.*'!r} tracks the layers inside it" if inner else f"use names from `influence inspect`, or leave it out of {key}"
         raise ModelError(f"{key}: {named[0]!r} {detail}", hint=hint)
