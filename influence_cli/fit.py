@@ -83,6 +83,9 @@ class LayerInfo:
 LARGE_FACTOR_SIDE = 1 << 15  # a Kronecker factor this wide (4 GiB in float32), such as a large vocabulary's G, gets a warning
 
 
+LARGE_FACTORS_BYTES = 1 << 30  # factors from this size on, not the batch, are the likely cause of running out of memory
+
+
 def _size(n: float) -> str:
     """Bytes as messages give them: KiB, MiB or GiB, one decimal."""
     for unit in ("KiB", "MiB"):
@@ -109,15 +112,20 @@ def large_factor_warning(layers: list[LayerInfo]) -> str | None:
 
 
 def factor_memory_hint(layers: list[LayerInfo]) -> str:
-    """The hint of fit-factors running out of memory: the factors' size and the largest layer's, and what lowers each."""
+    """The hint of fit-factors running out of memory: the factors' size and the largest layer's, and what lowers each
+    (leaving layers out first when the factors take LARGE_FACTORS_BYTES or more, a smaller batch first otherwise)."""
     total = sum(r.factor_bytes() for r in layers)
     largest = max(layers, key=lambda r: r.factor_bytes())
     shapes = f" (A {largest.d_in:,}², G {largest.d_out:,}², eigendecomposed in float64)" if largest.a_size else ""
+    fixes = [
+        "leave large layers out of factors.modules (`influence inspect` lists each layer's factors)",
+        "a smaller data.batch_size lowers the passes' activations",
+    ]
+    if total < LARGE_FACTORS_BYTES:
+        fixes.reverse()
     return (
         f"the factors take {_size(total)} in float32, layer {largest.name!r} {_size(largest.factor_bytes())} of it{shapes}: "
-        "leave large layers out of factors.modules "
-        "(`influence inspect` lists each layer's factors); a smaller data.batch_size lowers the passes' activations; "
-        "fit-factors keeps the progress it saved: rerun it with --resume"
+        f"{'; '.join(fixes)}; fit-factors keeps the progress it saved: rerun it with --resume"
     )
 
 

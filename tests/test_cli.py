@@ -1833,8 +1833,13 @@ def test_out_of_memory_in_the_passes_names_the_largest_factors(runner, tmp_path,
     result = invoke(runner, "fit-factors", DIGITS, "--set", f"output_dir={tmp_path}")
     assert result.exit_code == 8, result.stderr
     hint = " ".join(result.stderr.split()).partition("hint: ")[2]
-    assert hint.startswith("the factors take 84.4 KiB in float32, layer 'fc1' 49.3 KiB of it (A 65², G 64², eigendecomposed in float64): leave large layers out of factors.modules")
-    assert "data.batch_size" in hint and "--resume" in hint
+    assert hint.startswith("the factors take 84.4 KiB in float32, layer 'fc1' 49.3 KiB of it (A 65², G 64², eigendecomposed in float64): a smaller data.batch_size")
+    assert "leave large layers out of factors.modules" in hint and "--resume" in hint
+    # factors of a GiB or more are the likely cause: leaving layers out comes first
+    large = invoke(runner, "fit-factors", DIGITS, "--set", f"output_dir={tmp_path}", "--set", "model.checkpoint=null", "--set", "model.kwargs.hidden=[16384]")
+    assert large.exit_code == 8, large.stderr
+    hint = " ".join(large.stderr.split()).partition("hint: ")[2]
+    assert hint.startswith("the factors take 2.0 GiB in float32, layer 'fc1' 1.0 GiB of it (A 65², G 16,384², eigendecomposed in float64): leave large layers out"), hint
 
 
 def test_a_factor_as_wide_as_a_large_vocabulary_gets_a_warning(runner):
