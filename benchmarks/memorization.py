@@ -8,7 +8,8 @@
 3. spectrum: share of each example's loss-gradient energy in the low-curvature band, for the
    memorized random labels (train:noisy), the clean rest (train:clean) and held-out images; how
    well each example's bottom-band energy (the ranking of `spectrum --top`), its share, its whole
-   gradient energy and its self-influence (compute-scores --self) single out the random labels.
+   gradient energy and its self-influence (compute-scores --self) single out the random labels,
+   and, for comparison, each example's training loss on its label.
 4. edit: removes the low-curvature components of every layer and measures accuracy on the
    memorized random labels, on the clean training labels and on held-out images 9000..10000.
 
@@ -90,6 +91,8 @@ def run(seed: int, epochs: int, weight_decay: float, out_dir: Path | None) -> di
         }
 
     base = accuracies(model)
+    with torch.no_grad():  # the plainest detector, to compare self-influence with: the loss on the (noisy) label
+        train_loss = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
 
     # 2. factors, 3. spectrum (both orders)
     t0 = time.perf_counter()
@@ -128,6 +131,8 @@ def run(seed: int, epochs: int, weight_decay: float, out_dir: Path | None) -> di
         "auroc_total": auroc(ds.band_energy.sum(dim=(1, 2)), ds.noisy), "auroc_self": auroc(self_influence, ds.noisy),
         "top_noisy": sum(row["noisy"] for row in report.top_examples(top_k)["train"]) / top_k,
         "top_noisy_share": sum(row["noisy"] for row in report.top_examples(top_k, "share")["train"]) / top_k,
+        "auroc_loss": auroc(train_loss, noisy), "top_noisy_loss": float(noisy[torch.argsort(train_loss, descending=True, stable=True)[:top_k]].double().mean()),
+        "top_noisy_self": float(ds.noisy[torch.argsort(self_influence, descending=True, stable=True)[:top_k]].double().mean()),
         "top_k": top_k, "base_rate": float(noisy.double().mean()), "base": base, "edits": edits,
         "seconds": {"train": t_train, "fit": t_fit, "spectrum": t_spec, "self": t_self, "total": time.perf_counter() - t_all},
     }  # fmt: skip
@@ -212,6 +217,13 @@ def main() -> None:
               f"| {r['top_noisy']:.0%} / {r['top_noisy_share']:.0%} "
               f"| {b['noisy']:.0%} → {a['noisy']:.0%} | {b['noisy_true']:.0%} → {a['noisy_true']:.0%} "
               f"| {b['clean']:.1%} → {a['clean']:.1%} | {b['heldout']:.1%} → {a['heldout']:.1%} |")  # fmt: skip
+    print()
+    top_k = results[args.seeds[0]]["top_k"]
+    print(f"| seed | random labels memorized | AUROC self-influence / training loss | top-{top_k} noisy by self-influence / training loss |")
+    print("|---:|---:|---:|---:|")
+    for seed in args.seeds:
+        r = results[seed]
+        print(f"| {seed} | {r['base']['noisy']:.0%} | {r['auroc_self']:.3f} / {r['auroc_loss']:.3f} | {r['top_noisy_self']:.0%} / {r['top_noisy_loss']:.0%} |")
     print()
     print(f"total {time.perf_counter() - t0:.1f}s for {len(args.seeds)} seeds")
 
