@@ -36,7 +36,7 @@ from influence_cli import storage
 from influence_cli.cli import app
 from influence_cli.config import ModelConfig, config_from_dict, load_config
 from influence_cli.data import load_dataset, make_loader
-from influence_cli.errors import NumericalError, OutputError
+from influence_cli.errors import DataError, NumericalError, OutputError
 from influence_cli.factors import LayerFactors, layer_damping
 from influence_cli.fit import PassPlan, fit_factors, load_factors
 from influence_cli.models import build_model
@@ -511,6 +511,21 @@ def test_cli_errors(digits_run, tmp_path):
 
     other_layers = invoke("dataset-similarity", str(DIGITS), *sets, "--overwrite", "--set", 'factors.modules=["fc*"]')
     assert other_layers.exit_code == 5 and "tracks layers" in other_layers.stderr
+
+
+def test_a_later_dataset_that_does_not_fit_the_model_is_refused_before_any_pass(digits_run, tmp_path):
+    """The last dataset's inputs do not fit the model: that is said before the datasets ahead of it are streamed
+    (it was said at its own first batch, once the others' passes were spent, and their saved progress, of a
+    dataset spec since corrected, could not be resumed), and no progress is left."""
+    factors, _ = digits_run
+    small = "{source: tensors, path: ../sample_data/digits.safetensors, range: [0, 10], transform: {scale: 16.0, resize: [4, 4]}}"
+    cfg = load_config(DIGITS, [f"factors_dir={factors}", f"output_dir={tmp_path / 'run'}", "device=cpu", "factors.checkpoint_every=1",
+                               "data.batch_size=32", f"similarity.datasets.ones_sevens_heldout={small}"])  # fmt: skip
+    streamed = Streamed()
+    with pytest.raises(DataError, match=r"^similarity\.datasets\.ones_sevens_heldout: inputs of shape \[10, 1, 4, 4\] do not fit"):
+        dataset_similarity(cfg, progress=streamed)
+    assert streamed.passes == []
+    assert not (tmp_path / "run").exists()  # nothing written, the folder it made removed
 
 
 def _digits_with_nan(path: Path) -> str:
