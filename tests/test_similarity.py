@@ -556,6 +556,9 @@ def test_help_explains_the_numbers():
     assert result.exit_code == 0
     for text in ("fisher-kernel", "task2vec", "torchrun", "--heatmap"):
         assert text in result.stdout
+    said = " ".join(result.stdout.split())  # the self-pairs that keep two samples of one distribution well below 1
+    assert "paired with itself" in said and "two samples of one distribution score well below 1" in said, said
+    assert "a copy with other labels gets the same embedding, except under empirical" in said, said  # Task2Vec reads the inputs only
 
 
 def test_shipped_similarity_configs_load():

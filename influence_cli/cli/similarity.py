@@ -78,10 +78,14 @@ def dataset_similarity_cmd(
     ∇L(s)ᵀ(F+λ)⁻¹∇L(t) over all pairs s in S, t in T, i.e. the datasets' mean loss gradients compared
     through the inverse curvature; the table shows the normalized form K(S,T)/√(K(S,S)·K(T,T)) in [-1, 1]
     (1 = same direction, 0 = unrelated, negative = training on one raises the other's loss) and the raw
-    K(S,S) (how strongly the model would still change to fit S). **task2vec**: each dataset is embedded by
+    K(S,S) (how strongly the model would still change to fit S). K(S,S) includes each example paired with itself
+    (self-influence / n, often most of it), so two samples of one distribution score well below 1: compare by rank,
+    with a second sample of one dataset as baseline. **task2vec**: each dataset is embedded by
     its diagonal Fisher in the eigenbasis; the table shows their cosine similarity in [0, 1] and the
     Task2Vec normalized distance (0 = same). The diagonal uses similarity.fisher (null = the factors'
-    Fisher kind); a one-sample `sampled` Fisher is noisy on small datasets, similarity.fisher=ggn removes that noise. Everything, with
+    Fisher kind); a one-sample `sampled` Fisher is noisy on small datasets, similarity.fisher=ggn removes that noise.
+    Neither reads the datasets' labels (the model's predictions stand in for them): a copy with other labels gets the
+    same embedding, except under `empirical`. Everything, with
     per-dataset embeddings, is saved to OUTPUT_DIR/similarity.safetensors; run again with the same settings, the command
     shows that result (with any --method or --heatmap) without recomputing it, and --overwrite recomputes.
     An interrupted run continues with --resume (progress is saved every factors.checkpoint_every batches and after
