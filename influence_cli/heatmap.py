@@ -30,6 +30,14 @@ def _color(t: float) -> tuple[int, int, int]:
     return tuple(round(x + (y - x) * f) for x, y in zip(a, b, strict=True))  # type: ignore[return-value]
 
 
+def _position(value: float, lo: float, hi: float) -> float:
+    """Where `value` falls on the colour bar from lo to hi (0 to 1 inside it); on a bar of one value (two
+    datasets: one value off the diagonal) that value is in the middle, any other at the end it lies beyond."""
+    if hi > lo:
+        return (value - lo) / (hi - lo)
+    return 0.5 if value == lo else float(value > lo)
+
+
 def _format(value: float) -> str:
     if value != value:  # NaN
         return "nan"
@@ -57,7 +65,6 @@ def render_heatmap(matrix: torch.Tensor, names: Sequence[str], title: str, off_d
     scaled = m[~torch.eye(n, dtype=torch.bool)] if off_diagonal_scale and n > 1 else m.reshape(-1)
     finite = scaled[torch.isfinite(scaled)]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.numel() else (0.0, 1.0)
-    span = hi - lo if hi > lo else 1.0
     legend = ("colours span the values off the diagonal" if off_diagonal_scale and n > 1 else "colours span the values")
     legend_w, legend_h = text_size(probe, f"{_format(lo)} {legend} {_format(hi)}", font)
     legend_w += 2 * _BAR + 2 * _PAD
@@ -79,7 +86,7 @@ def render_heatmap(matrix: torch.Tensor, names: Sequence[str], title: str, off_d
         img.paste(strip, (left + i * _CELL + (_CELL - strip.width) // 2, top - _PAD - strip.height + 4))
         for j in range(n):
             value = float(m[i, j])
-            t = (value - lo) / span if value == value else 0.0
+            t = _position(value, lo, hi) if value == value else 0.0
             fill = _color(t) if value == value else (200, 200, 200)
             x0, y0 = left + j * _CELL, top + i * _CELL
             draw.rectangle([x0, y0, x0 + _CELL - 1, y0 + _CELL - 1], fill=fill, outline="white")

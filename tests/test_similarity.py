@@ -600,6 +600,18 @@ def test_task2vec_noise_floor_follows_the_stored_bases(monkeypatch):
     assert floors == [sim.noise_floor(torch.float64), sim.noise_floor(torch.float32)]
 
 
+def test_a_heatmap_of_two_datasets_clips_the_diagonal_to_the_top_of_its_one_value_scale():
+    """Two datasets have one value off the diagonal, so the colour bar spans no width: that value takes the
+    bar's middle colour and the diagonal, above it, the top colour (it took the colour 1 − 0.25 of the way up
+    a bar that does not show it)."""
+    from influence_cli.heatmap import _color, render_heatmap
+
+    img = render_heatmap(torch.tensor([[1.0, 0.25], [0.25, 1.0]]), ["a", "b"], "similarity")
+    counts = {colour: n for n, colour in img.getcolors(img.width * img.height)}
+    cell = 72 * 72  # two cells of each colour, less their text
+    assert counts.get(_color(1.0), 0) > cell and counts.get(_color(0.5), 0) > cell
+
+
 def test_pictures_spell_the_characters_their_font_lacks():
     """Pillow's default font has ASCII glyphs only: accents are dropped and other characters become '?',
     instead of empty boxes (and the layout is measured on what is drawn)."""
