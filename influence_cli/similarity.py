@@ -442,7 +442,7 @@ def dataset_similarity(
         notices.warn(f"dataset-similarity: only model.checkpoint is compared with, not the {len(cfg.scores.checkpoints)} model(s) of scores.checkpoints")
     ignored = [k for k, used in (("task.measurement: margin", cfg.task.measurement == "margin"), ("scores.relative: true", cfg.scores.relative)) if used]
     if ignored:  # compute-scores' settings in a shared config: said, so that nobody reads a margin kernel into the table
-        notices.warn(f"dataset-similarity: the kernel compares the datasets' mean loss gradients with plain scores; {' and '.join(ignored)} apply to compute-scores only")
+        notices.warn(f"dataset-similarity: the kernel compares the datasets' mean loss gradients with plain scores; {' and '.join(ignored)} {'apply' if len(ignored) > 1 else 'applies'} to compute-scores only")
     storage.ensure_writable_dir(out_dir)
     keys = {name: f"similarity.datasets.{name}" for name in specs}
     datasets = {name: ctx.dataset(spec, keys[name]) for name, spec in specs.items()}

@@ -387,6 +387,8 @@ def test_cli_table_json_and_heatmap(digits_run, tmp_path):
     assert shared.exit_code == 0, shared.output  # the same kernel, read back: neither setting changes it
     assert ("warning: dataset-similarity: the kernel compares the datasets' mean loss gradients with plain scores; "
             "task.measurement: margin and scores.relative: true apply to compute-scores only") in shared.stderr  # fmt: skip
+    margin = invoke("dataset-similarity", str(DIGITS), *sets, "--set", "task.measurement=margin")
+    assert margin.exit_code == 0 and "; task.measurement: margin applies to compute-scores only" in margin.stderr, margin.output
 
     png = tmp_path / "plots" / "similarity.png"
     result = invoke(
