@@ -8,6 +8,7 @@ rule); structured values are stored as JSON.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import functools
 import hashlib
@@ -158,11 +159,17 @@ def atomic_path(path: Path, key: str = "output_dir") -> Iterator[Path]:
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError):
-            raise OutputError(f"{key}: cannot write {str(path)!r} ({exc.strerror or exc})", hint=f"set {key} to a writable place") from None
+            raise OutputError(f"{key}: cannot write {str(path)!r} ({exc.strerror or exc})", hint=write_hint(exc, key, f"set {key} to a writable place")) from None
         if type(exc).__name__ == "SafetensorError":  # safetensors' I/O errors (a full disk) are not OSErrors
-            raise OutputError(f"{key}: cannot write {str(path)!r} ({exc})", hint=f"free space, or set {key} to another place") from None
+            raise OutputError(f"{key}: cannot write {str(path)!r} ({exc})", hint=f"free space, or {_elsewhere(key)}") from None
         raise
     _fsync_dir(path.parent)
+
+
+def write_hint(exc: OSError, key: str, hint: str) -> str:
+    """The hint of a write that failed with `exc`: a full disk or an exceeded quota (ENOSPC, EDQUOT) is freed, or the
+    output written elsewhere (`key`: the config key or flag that names it); any other failure gets `hint`."""
+    return f"free space, or {_elsewhere(key)}" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else hint
 
 
 def check_image_path(path: Path, key: str) -> str:
@@ -218,7 +225,7 @@ def _temp_beside(path: Path, key: str) -> Path:
     try:
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
-        raise OutputError(f"{key}: cannot write in {str(path.parent)!r} ({exc.strerror})", hint=f"set {key} to a writable place") from None
+        raise OutputError(f"{key}: cannot write in {str(path.parent)!r} ({exc.strerror})", hint=write_hint(exc, key, f"set {key} to a writable place")) from None
     os.close(fd)
     return Path(name)
 
@@ -230,7 +237,7 @@ def ensure_writable_dir(folder: Path, key: str = "output_dir") -> None:
     except (FileExistsError, NotADirectoryError) as exc:  # a file, or a symbolic link to nothing, in the way: of `folder` or a folder above it
         raise _blocked(folder, _nearest_existing(Path(exc.filename or folder)), key) from None
     except OSError as exc:
-        raise OutputError(f"{key}: cannot create {str(folder)!r} ({exc.strerror})", hint=f"set {key} to a writable folder") from None
+        raise OutputError(f"{key}: cannot create {str(folder)!r} ({exc.strerror})", hint=write_hint(exc, key, f"set {key} to a writable folder")) from None
     check_creatable_dir(folder, key)  # entered and written (an output folder is checked `listed` by guards_output_dir)
 
 
@@ -526,9 +533,17 @@ def output_dir_lock(
         except FileNotFoundError:
             pass
         os.close(fd)  # the holder removed the file between our open and lock: lock the new one
-    os.ftruncate(fd, 0)  # a reader holds it with readers only: what a killed writer left is stale
-    if not shared:  # a writer says who it is
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}: {_program()}".encode("utf-8", "surrogateescape"), 0)
+    try:
+        os.ftruncate(fd, 0)  # a reader holds it with readers only: what a killed writer left is stale
+        if not shared:  # a writer says who it is
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}: {_program()}".encode("utf-8", "surrogateescape"), 0)
+    except OSError as exc:  # a full disk: the run could write nothing there either
+        if not shared:  # this run holds the lock alone: its file goes
+            path.unlink(missing_ok=True)
+        os.close(fd)
+        raise OutputError(
+            f"{key}: cannot write the lock file {str(path)!r} ({exc.strerror or exc})", hint=write_hint(exc, key, f"set {key} to a writable folder")
+        ) from None
     _HELD_LOCKS.add(fd)
     try:
         yield
@@ -611,11 +626,32 @@ def save_state_dict(path: Path, tensors: dict[str, torch.Tensor], *, key: str = 
     """
     cpu: dict[int, torch.Tensor] = {}
     state = {k: cpu.setdefault(id(v), v.detach().to("cpu").contiguous()) for k, v in tensors.items()}
-    with atomic_path(path, key) as tmp:
+    with atomic_path(path, key) as tmp, open(tmp, "wb") as fh:
+        sink = _Sink(fh)
         try:
-            torch.save(state, tmp)
-        except RuntimeError as exc:  # torch's zip writer: a full disk is no OSError
-            raise OutputError(f"{key}: cannot write {str(path)!r} ({first_line(exc)})", hint=f"free space, or set {key} to another place") from None
+            torch.save(state, sink)
+        except RuntimeError as exc:  # torch's zip writer turns a failed write into "unexpected pos ..."
+            if sink.error is not None:
+                raise sink.error from None  # the OSError itself (a full disk), as atomic_path reports it
+            raise OutputError(f"{key}: cannot write {str(path)!r} ({first_line(exc)})", hint=f"free space, or {_elsewhere(key)}") from None
+
+
+class _Sink:
+    """A file for torch.save that keeps the OSError of a failed write (torch reports only a wrong position)."""
+
+    def __init__(self, fh: io.BufferedWriter) -> None:
+        self.fh = fh
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
 
 
 def created_now() -> str:

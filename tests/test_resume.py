@@ -723,6 +723,57 @@ def test_a_full_disk_is_one_output_error(tmp_path, monkeypatch):
     assert "free space" in info.value.hint and list(tmp_path.iterdir()) == []
 
 
+def no_space(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+
+def test_a_full_disk_under_the_other_writers_says_to_free_space(tmp_path, monkeypatch):
+    """JSON (the scores index), pictures and .pt state dicts are written by Python or torch, whose full disk is an
+    OSError (torch's own: "unexpected pos ..."): the hint is to free space, as for safetensors, and no file is left."""
+    with pytest.raises(OutputError, match=r"output_dir: cannot write .*scores.index.json' \(No space left on device\)") as info:
+        with storage.atomic_path(tmp_path / storage.SCORES_INDEX) as tmp:
+            no_space(tmp)
+    assert info.value.hint == "free space, or set output_dir to another place"
+
+    class SmallDisk:  # a file on a disk with room for its first 64 bytes
+        def __init__(self, fh):
+            self.fh = fh
+
+        def write(self, data):
+            if self.fh.tell() + len(data) > 64:
+                no_space()
+            return self.fh.write(data)
+
+        def flush(self):
+            self.fh.flush()
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+    monkeypatch.setattr(storage, "open", lambda path, mode: SmallDisk(open(path, mode)), raising=False)
+    with pytest.raises(OutputError, match=r"--out: cannot write .*edited.pt' \(No space left on device\)") as info:
+        storage.save_state_dict(tmp_path / "edited.pt", {"w": torch.zeros(1000)}, key="--out")
+    assert info.value.hint == "free space, or give --out another path"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_stops_a_run_at_its_lock_and_leaves_no_lock_file(tmp_path, monkeypatch):
+    """A disk too full for the lock file's few bytes (who holds it) is one output error before any work, not an
+    OSError traceback with the lock file left behind."""
+    monkeypatch.setattr(storage.os, "pwrite", no_space)
+    with pytest.raises(OutputError, match=r"output_dir: cannot write the lock file .*\(No space left on device\)") as info:
+        with storage.output_dir_lock(tmp_path / "out", "scores"):
+            pass
+    assert info.value.hint == "free space, or set output_dir to another place"
+    assert list((tmp_path / "out").iterdir()) == []
+    monkeypatch.undo()
+    with storage.output_dir_lock(tmp_path / "out", "scores"):  # the next run locks as usual
+        assert storage.writer_of(tmp_path / "out", "scores") is not None
+
+
 def test_readers_never_refuse_each_other_and_the_api_without_a_state_locks(tmp_path, monkeypatch):
     """A reader that releases last upgrades its lock to remove the file: another reader opening it
     then must wait a moment, not be refused. A process called without `state` runs alone (RANK
