@@ -21,7 +21,6 @@ chunk is computed again for each of the rank's shards.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import time
 from collections.abc import Iterable, Iterator
@@ -242,13 +241,18 @@ def _by_layer(scorer: _Scorer) -> dict[str, Any]:
 
 
 def _finished_metadata(path: Path) -> dict[str, Any]:
-    """The metadata of a finished scores file or index ({} when absent or unreadable)."""
+    """The metadata of a finished scores file or index ({} when absent, or an index that records none).
+
+    Raises:
+        OutputError: the file cannot be read (no permission: not taken for scores of other settings), or is damaged.
+    """
     if not path.exists():
         return {}
     if path.suffix == ".json":
+        data = storage.load_json(path, "scores index", "rerun compute-scores with --overwrite")
         try:
-            return dict(json.loads(path.read_text()).get("metadata", {}))
-        except (OSError, ValueError, TypeError, AttributeError):
+            return dict(data.get("metadata", {}))
+        except (ValueError, TypeError, AttributeError):
             return {}
     return storage.read_metadata(path)
 
@@ -258,10 +262,11 @@ def _finished_files(path: Path) -> tuple[list[Path], int]:
     index with the shards it lists."""
     if path.suffix != ".json":
         return [path], 1
+    data = storage.load_json(path, "scores index", "rerun compute-scores with --overwrite")
     try:
-        shards = json.loads(path.read_text())["shards"]
+        shards = data["shards"]
         return [path, *(path.parent / s["file"] for s in shards)], len(shards)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (KeyError, TypeError) as exc:
         raise OutputError(f"{str(path)!r} is not a readable scores index ({exc})", hint="rerun compute-scores with --overwrite") from None
 
 

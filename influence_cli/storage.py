@@ -665,6 +665,21 @@ def save_json(path: Path, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
+def load_json(path: Path, what: str, hint: str) -> Any:
+    """The JSON an output file holds (the scores index).
+
+    Raises:
+        OutputError: naming the file: one this user may not read as such, one that does not read as JSON as no
+            readable `what`, with `hint` (the command that writes it again).
+    """
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except PermissionError:
+        raise OutputError(f"{str(path)!r} cannot be read (permission denied)", hint="give this user read permission on it (chmod)") from None
+    except (OSError, ValueError) as exc:
+        raise OutputError(f"{str(path)!r} is not a readable {what} ({exc})", hint=hint) from None
+
+
 _REMAKE = (  # (file name pattern, the command that writes it again), the first match wins
     ("factors.*", "refit with `influence fit-factors CONFIG --overwrite`"),
     ("scores.partial*.self.*", "rerun `influence compute-scores CONFIG --self --overwrite`"),  # --self's progress

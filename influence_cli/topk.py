@@ -9,7 +9,6 @@ unsharded runs of the same scores rank identically.
 
 from __future__ import annotations
 
-import json
 import numbers
 import os
 from collections.abc import Iterator, Sequence
@@ -146,11 +145,11 @@ def load_scores_meta(output_dir: str | Path) -> ScoresMeta:
     out = _folder_of(output_dir, "load_scores_meta", storage.SCORES_INDEX, storage.SCORES_FILE)
     index, single = out / storage.SCORES_INDEX, out / storage.SCORES_FILE
     if index.is_file():
+        data = storage.load_json(index, "scores index", "rerun compute-scores with --overwrite")
         try:
-            data = json.loads(index.read_text())
             files = [ScoreFile(out / s["file"], int(s["train_start"]), int(s["train_stop"])) for s in data["shards"]]
             n_query, n_train, metadata = int(data["n_query"]), int(data["n_train"]), dict(data["metadata"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError) as exc:
             raise OutputError(f"{str(index)!r} is not a readable scores index ({exc})", hint="rerun compute-scores with --overwrite") from None
         if data.get(storage.FORMAT_KEY) != storage.SCORES_FORMAT:
             raise storage.format_mismatch(index, data.get(storage.FORMAT_KEY), storage.SCORES_FORMAT, hint="rerun compute-scores with --overwrite")

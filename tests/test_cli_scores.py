@@ -213,6 +213,31 @@ def test_top_k_after_an_interrupted_run_hints_resume(runner, tmp_path):
     assert result.exit_code == 5 and "rerun it with --resume" in result.stderr
 
 
+def test_a_scores_index_this_user_may_not_read_is_named_as_such(runner, project, tmp_path, monkeypatch):
+    """An index without read permission is refused as that by top-k and by compute-scores --resume, not taken for
+    scores of other settings (whose hint, --overwrite, would recompute finished scores), and nothing is removed."""
+    out = tmp_path / "sharded"
+    sets = ["--set", f"output_dir={out}", "--set", f"factors_dir={project.parent / 'out'}", "--set", "scores.max_memory_mb=0.0001"]
+    assert invoke(runner, "compute-scores", project, *sets).exit_code == 0
+    index = out / storage.SCORES_INDEX
+    before = sorted(out.iterdir())
+    assert len(before) > 2  # the index and its shards
+    read_text = Path.read_text
+
+    def denied(self, *args, **kwargs):
+        if self == index:
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    for command in (["compute-scores", "--resume"], ["top-k"]):
+        result = invoke(runner, command[0], project, *sets, *command[1:])
+        assert result.exit_code == 5, result.stderr
+        assert result.stderr.splitlines() == [
+            f"output error: {str(index)!r} cannot be read (permission denied)", "hint: give this user read permission on it (chmod)"]  # fmt: skip
+    assert sorted(out.iterdir()) == before
+
+
 def test_picture_paths_are_checked_before_any_work(runner, project, tmp_path):
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "a_folder.png").mkdir()
