@@ -789,6 +789,26 @@ def test_files_and_folders_this_user_may_not_read(fitted: tuple[Path, Result], t
     assert not (tmp_path / "fit").exists()
 
 
+def test_data_files_this_user_may_not_read(tmp_path: Path):
+    """A tensors file (safetensors said "No such file or directory") and an indices_file (a PermissionError's text,
+    no hint) without read permission: one line naming the key, the file and the permission, before any pass."""
+    data = tmp_path / "digits.safetensors"
+    data.write_bytes((ROOT / "sample_data" / "digits.safetensors").read_bytes())
+    indices = tmp_path / "indices.txt"
+    indices.write_text("0\n1\n2\n")
+    cases = [(data, "data.train.path", [f"data.train.path={data}"]),
+             (indices, "data.train.indices_file", ["data.train.range=null", f"data.train.indices_file={indices}"])]  # fmt: skip
+    for path, key, sets in cases:
+        path.chmod(0)
+        try:
+            done = unprivileged("fit-factors", DIGITS, *(a for s in [*sets, f"output_dir={tmp_path / 'out'}"] for a in ("--set", s)))
+        finally:
+            path.chmod(0o600)
+        assert_one_error_line(done, EXIT["data"], f"{key}: {str(path)!r} cannot be read (permission denied)")
+        assert done.stderr.splitlines()[1] == "hint: give this user read permission on it (chmod)"
+    assert not (tmp_path / "out").exists()
+
+
 def test_folders_that_may_be_entered_but_not_listed(runner: CliRunner, fitted: tuple[Path, Result], tmp_path: Path):
     """A folder this user may enter but not list serves what is read or written there by name: factors shared through
     factors_dir, top-k's scores, a picture, `edit --out`; the output_dir a command writes is listed (its progress and

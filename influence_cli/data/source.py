@@ -49,6 +49,8 @@ def file_info(path: Path) -> list[Any]:
 
 
 def existing_file(spec_value: str | None, key: str, base_dir: Path, what: str) -> Path:
+    """The data file `spec_value` names (`what`, resolved against `base_dir`); DataError naming `key` when it is unset,
+    missing, no file, or a file this user may not read."""
     if spec_value is None:
         raise DataError(f"{key}: required ({what})")
     path = resolve_path(spec_value, base_dir)
@@ -56,6 +58,13 @@ def existing_file(spec_value: str | None, key: str, base_dir: Path, what: str) -
         raise DataError(f"{key}: {str(path)!r} does not exist", hint="paths resolve against the config file's folder")
     if not path.is_file():
         raise DataError(f"{key}: {str(path)!r} is not a file")
+    try:  # each reader's own failure would say "No such file" (safetensors) or blame the format
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise DataError(f"{key}: {str(path)!r} cannot be read (permission denied)", hint="give this user read permission on it (chmod)") from None
+    except OSError:
+        pass  # the reader says what is wrong
     return path
 
 
