@@ -1011,10 +1011,11 @@ def _share_image_folder_classes(cfg: Config, reads: Collection[str] | None = Non
     if train is None or train.source != "image_folder" or train.root is None:
         return []
     root = cfg.resolve(train.root)
+    denied = False  # data.train.root may not be listed by this user
     try:
         found = image_folder_classes(root) if root.is_dir() else []
-    except OSError:  # a name too long, no permission: not here
-        found = []
+    except OSError as exc:  # a name too long, no permission: not here
+        found, denied = [], isinstance(exc, PermissionError)
     here = bool(found)  # else not read by this command (validate and its own load check it where it is)
     classes = train.classes or found or None
     specs = [("data.query", cfg.data.query)] + [
@@ -1028,16 +1029,21 @@ def _share_image_folder_classes(cfg: Config, reads: Collection[str] | None = Non
             folder = cfg.resolve(spec.root)
             if spec.classes is not None or not _is_dir(folder):  # its own numbering, or a folder not read here
                 continue
-            if classes is not None and not set(image_folder_classes(folder)) <= set(classes):
-                continue  # other classes: an out-of-domain set, numbered by its own folders
+            try:
+                if classes is not None and not set(image_folder_classes(folder)) <= set(classes):
+                    continue  # other classes: an out-of-domain set, numbered by its own folders
+            except OSError:  # no permission to list it: reading it names the folder
+                continue
         if not here:
             if reads_data(cfg, key, reads):
                 known = classes is not None or key == "data.query"  # whether it takes them, or only may
                 what = "takes" if known else "may take (its class folders among data.train's)"
                 other = "" if known else "; data.train.classes would let a folder of other classes through"
+                missing = "cannot be listed (permission denied: give this user read and search permission on it, chmod u+rx" if denied else (
+                    "holds no class folders here (make data.train's images available here")  # fmt: skip
                 problems.append(
                     f"{key}: this image folder {what} data.train's class numbering and colour mode, and data.train.root "
-                    f"{train.root!r} holds no class folders here (make data.train's images available here{other})"
+                    f"{train.root!r} {missing}{other})"
                 )
             continue
         spec.colour_of = str(root)  # read in data.train's colour mode (grayscale or RGB), as the model takes it

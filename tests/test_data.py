@@ -292,6 +292,48 @@ def test_image_folder_says_what_it_does_not_read(tmp_path: Path, caplog) -> None
     assert ".jfif" in info.value.hint
 
 
+def deny_listing(monkeypatch, *folders: Path) -> None:
+    """Listing `folders` fails as without read permission (as root, chmod cannot deny it)."""
+    denied = {str(f) for f in folders}
+    for name in ("scandir", "listdir"):
+        real = getattr(os, name)
+
+        def listing(path=".", _real=real):
+            if os.fspath(path) in denied:
+                raise PermissionError(13, "Permission denied", os.fspath(path))
+            return _real(path)
+
+        monkeypatch.setattr(os, name, listing)
+
+
+@pytest.mark.parametrize("where", ["root", "class folder", "folder in a class folder"])
+def test_an_image_folder_this_user_may_not_list_is_named(tmp_path: Path, monkeypatch, where: str) -> None:
+    """A folder of an image folder without read permission was a traceback (the root), a class "without images" whose
+    examples were left out with a warning, or (below a class folder) left out without a word: now one data error
+    naming it. Loading the config (which lists data.train's classes for other image folders) names nothing yet."""
+    from influence_cli.config import config_from_dict
+
+    root = write_image_folder(tmp_path / "imgs")
+    (root / "dog" / "more").mkdir()
+    shutil.copy(root / "dog" / "0.png", root / "dog" / "more" / "0.png")
+    other = shutil.copytree(root, tmp_path / "other")  # a similarity dataset's folder, never listable here
+    folder = {"root": root, "class folder": root / "dog", "folder in a class folder": root / "dog" / "more"}[where]
+    datasets = {"v": {"source": "image_folder", "root": "imgs"}, "w": {"source": "image_folder", "root": "other"}}
+    data = {"model": {"architecture": "mlp", "kwargs": {"input_dim": 90, "num_classes": 2}},
+            "data": {"train": {"source": "image_folder", "root": "imgs"}}, "similarity": {"datasets": datasets}}  # fmt: skip
+    assert len(load_dataset(DataSpec(source="image_folder", root="imgs"), tmp_path)) == 6
+    deny_listing(monkeypatch, folder, other)
+    if folder == root:  # the config names it among its problems (its similarity dataset would take its classes)
+        with pytest.raises(ConfigError, match=r"data.train.root 'imgs' cannot be listed \(permission denied: give this user read and search"):
+            config_from_dict(data, base_dir=tmp_path)
+        del data["similarity"]
+    cfg = config_from_dict(data, base_dir=tmp_path)
+    with pytest.raises(DataError) as info:
+        load_dataset(cfg.data.train, tmp_path)
+    assert info.value.message == f"data.train.root: folder {str(folder)!r} cannot be read (Permission denied)"
+    assert info.value.hint == "give this user read and search permission on it (chmod u+rx)"
+
+
 # ----------------------------------------------------------------------------- factory source
 
 

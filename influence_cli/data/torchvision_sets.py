@@ -371,14 +371,14 @@ def _root_mode(root: str) -> str:
         DataError: the folder is gone (a Config loaded where it was, run where it is not).
     """
     try:
-        present, is_image, _ = _list_image_folder(Path(root), _IMAGE_SUFFIXES)
+        present, is_image, _ = _list_image_folder(Path(root), _IMAGE_SUFFIXES, "data.train.root")
     except OSError as exc:
         raise DataError(
             f"data.train.root: {root!r}, whose colour mode the image folders of data.train's classes are read in, cannot be read ({exc.strerror or exc})",
             hint="make data.train's images available here",
         ) from None
     try:
-        found, _ = _folder_samples(Path(root), present, {c: i for i, c in enumerate(present)}, is_image)
+        found, _ = _folder_samples(Path(root), present, {c: i for i, c in enumerate(present)}, is_image, "data.train.root")
     except OSError:
         found = []
     if not found:  # no colour mode to take (gray would silently turn RGB images gray)
@@ -391,15 +391,21 @@ def _palette_is_gray(img: Any) -> bool:
     return all(palette[i] == palette[i + 1] == palette[i + 2] for i in range(0, len(palette) - 2, 3))
 
 
-def _list_image_folder(root: Path, suffixes: tuple[str, ...]) -> tuple[list[str], Any, dict[str, int]]:
+def _list_image_folder(root: Path, suffixes: tuple[str, ...], key: str) -> tuple[list[str], Any, dict[str, int]]:
     """The class folders of `root` (sorted; hidden ones left out), a file filter for
     `_folder_samples` (image `suffixes`), and the count of files it leaves out by suffix
     (filled as it runs).
 
     Hidden files and folders (names starting with '.': .ipynb_checkpoints, macOS ._ files) are
     not examples; torchvision's ImageFolder made a hidden folder class 0, shifting every label.
+
+    Raises:
+        DataError: naming `key`, when `root` cannot be listed (no permission).
     """
-    classes = image_folder_classes(root)
+    try:
+        classes = image_folder_classes(root)
+    except PermissionError as exc:
+        raise _unreadable_folder(key, exc) from None
     skipped: dict[str, int] = {}
 
     def is_image(path: str) -> bool:
@@ -415,18 +421,35 @@ def _list_image_folder(root: Path, suffixes: tuple[str, ...]) -> tuple[list[str]
     return classes, is_image, skipped
 
 
-def _folder_samples(root: Path, present: list[str], label: dict[str, int], is_image: Any) -> tuple[list[tuple[str, int]], list[str]]:
+def _folder_samples(root: Path, present: list[str], label: dict[str, int], is_image: Any, key: str) -> tuple[list[tuple[str, int]], list[str]]:
     """(path, label) of every image under each class folder, in torchvision's make_dataset order
-    (classes sorted, then sorted walks with links followed), and the class folders holding none."""
+    (classes sorted, then sorted walks with links followed), and the class folders holding none.
+
+    Raises:
+        DataError: naming `key`, when a class folder, or a folder below one, cannot be listed (its images would
+            silently be left out, or the class taken for one without images).
+    """
+
+    def unreadable(exc: OSError) -> None:
+        raise _unreadable_folder(key, exc)
+
     samples: list[tuple[str, int]] = []
     empty: list[str] = []
     for c in present:
-        found = [str(Path(d) / f) for d, _, files in sorted(os.walk(root / c, followlinks=True)) for f in sorted(files)]
+        found = [str(Path(d) / f) for d, _, files in sorted(os.walk(root / c, onerror=unreadable, followlinks=True)) for f in sorted(files)]
         found = [f for f in found if is_image(f)]
         if not found:
             empty.append(c)
         samples += [(f, label[c]) for f in found]
     return samples, empty
+
+
+def _unreadable_folder(key: str, exc: OSError) -> DataError:
+    """The DataError of an image folder (`exc.filename`) that cannot be listed."""
+    return DataError(
+        f"{key}: folder {str(exc.filename)!r} cannot be read ({exc.strerror or exc})",
+        hint="give this user read and search permission on it (chmod u+rx)",
+    )
 
 
 def _skipped_text(skipped: dict[str, int]) -> str:
@@ -442,7 +465,7 @@ def open_image_folder(spec: DataSpec, base_dir: Path, name: str) -> Source:
     root = resolve_path(spec.root, base_dir)
     if not root.is_dir():
         raise DataError(f"{name}.root: {str(root)!r} is not a folder")
-    present, is_image, skipped = _list_image_folder(root, _IMAGE_SUFFIXES)
+    present, is_image, skipped = _list_image_folder(root, _IMAGE_SUFFIXES, f"{name}.root")
     if not present:
         loose = any(p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES for p in root.iterdir())
         raise DataError(
@@ -458,7 +481,7 @@ def open_image_folder(spec: DataSpec, base_dir: Path, name: str) -> Source:
             + (" (data.train's, whose labels the model predicts)" if shared else ""),
             hint="move those folders out (the model has no label for them)" if shared else f"list every class in {name}.classes (label order), or remove those folders",
         )
-    samples, empty = _folder_samples(root, present, {c: classes.index(c) for c in present}, is_image)
+    samples, empty = _folder_samples(root, present, {c: classes.index(c) for c in present}, is_image, f"{name}.root")
     if not samples:
         raise DataError(
             f"{name}.root: no images in the class folders of {str(root)!r}" + (f" ({_skipped_text(skipped)})" if skipped else ""),
