@@ -93,7 +93,9 @@ Relative paths in the file (`model.checkpoint`, data files and folders, `indices
 `output_dir`, `factors_dir`, `scores.checkpoints`) resolve against **the folder of the config file**, not the
 working directory, so a config works from wherever the command runs (for a config reached
 through a symbolic link, the folder of the file it links to). `~` expands to the home
-folder. Files the config names are checked when it loads (a torchvision `root` with
+folder, here and in the paths given as arguments (CONFIG, `info`'s FILE, `--out`, `--image-grid`,
+`--heatmap`, `--plot`: the shell leaves `--out=~/x` as it is), which are relative to the working
+directory. Files the config names are checked when it loads (a torchvision `root` with
 `download: true` may be absent); a missing one that a relative path names from the working
 directory is named so, with the path to write from the config's folder
 (`model.checkpoint: '/work/configs/model.pt' does not exist (relative paths resolve against the config file's

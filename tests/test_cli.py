@@ -789,6 +789,23 @@ def test_files_and_folders_this_user_may_not_read(fitted: tuple[Path, Result], t
     assert not (tmp_path / "fit").exists()
 
 
+def test_a_tilde_in_path_arguments_is_the_home_folder(runner: CliRunner, fitted: tuple[Path, Result], tmp_path: Path, monkeypatch):
+    """CONFIG, FILE, --out and the pictures' paths expand a leading ~ as the config's paths do: the shell leaves
+    `--out=~/x` (and a quoted ~) as it is, which made a folder named "~" in the working directory."""
+    out, _ = fitted
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("HOME", str(home))
+    (home / "digits.yaml").symlink_to(DIGITS)  # its paths resolve against configs/, the folder of the file it links to
+    result = invoke(runner, "edit", "~/digits.yaml", "--set", f"output_dir={out}", "--out=~/edited.safetensors", "--keep-share", "0.5")
+    assert result.exit_code == 0, result.stderr
+    result = invoke(runner, "info", "~/edited.safetensors", "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["path"] == str(home / "edited.safetensors"), result.stderr
+    assert (home / "edited.safetensors").is_file() and list(work.iterdir()) == []
+
+
 def test_data_files_this_user_may_not_read(tmp_path: Path):
     """A tensors file (safetensors said "No such file or directory") and an indices_file (a PermissionError's text,
     no hint) without read permission: one line naming the key, the file and the permission, before any pass."""

@@ -178,6 +178,12 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise Terminated()
 
 
+def home_expanded(value: Any) -> Any:
+    """A path argument (CONFIG, FILE, --out, a picture's) with a leading `~` expanded, as in the config: the shell
+    leaves `--out=~/x` and a quoted "~/x" as they are, which would make a folder named "~". Other values as given."""
+    return Path(os.path.expanduser(value)) if isinstance(value, Path) else value
+
+
 def command(name: str, resumable: bool = False, rank_0: bool = False, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Registers a command whose typed errors become one message and an exit code.
 
@@ -198,7 +204,7 @@ def command(name: str, resumable: bool = False, rank_0: bool = False, **kwargs: 
             logger.propagate = False
             try:
                 try:
-                    return fn(*args, **kw)
+                    return fn(*args, **{k: home_expanded(v) for k, v in kw.items()})
                 except BaseException:
                     stop_running_bars()  # a pass that failed mid-way would leave its bar drawn under the error line
                     raise
