@@ -1,4 +1,4 @@
-"""fit-factors under torchrun with 2 CPU processes (gloo), against one process (issue 5).
+"""fit-factors under torchrun with 2 CPU processes (gloo), against one process.
 
 Each rank streams a disjoint half of the data and the accumulators are all-reduced,
 so the factors match a single-process run up to float summation order. The sampled

@@ -90,7 +90,7 @@ def test_a_cnn_on_mnist_pixels_gives_no_column_scale_warning(caplog):
 
 
 def test_gpu_check_script_dry_runs_on_the_cpu(tmp_path):
-    """The prepared GPU check (benchmarks/gpu_check.py) runs end to end with --device cpu, so a GPU session finds it working."""
+    """The prepared GPU check (benchmarks/gpu_check.py) runs end to end with --device cpu, so a run on a GPU machine finds it working."""
     import os
     import subprocess
     import sys

@@ -1,4 +1,4 @@
-"""Interruption and resume of fit-factors, atomic outputs, and bit-identical reruns (issue 8).
+"""Interruption and resume of fit-factors, atomic outputs, and bit-identical reruns.
 
 In-process tests interrupt the pass by raising KeyboardInterrupt from inside the
 batch stream; subprocess tests kill a real `influence fit-factors` with SIGKILL or
