@@ -22,7 +22,7 @@ _PYTHON_ARGUMENTS = {
     "--rho": "rho=",
     "--keep-share": "share=",
     "--method": "method=",
-    "--rank-by": "top_examples' rank_by=",
+    "--rank-by": "self_top_k's or top_examples' rank_by=",
     "--out": "edit_checkpoint's out",
     "--set": "load_config's overrides, or a field of the Config",
     "--debug": "the traceback of the exception's __cause__",

@@ -66,7 +66,7 @@ from influence_cli.resume import (
     run_key,
     run_keys,
 )
-from influence_cli.task import IGNORE_INDEX, without_counted_position
+from influence_cli.task import IGNORE_INDEX, per_example_loss, without_counted_position
 from influence_cli.tracking import attention_fastpath_off
 
 # ----------------------------------------------------------------------------- sizing and sharding
@@ -477,6 +477,13 @@ class _Scorer:
         ]
         return values[0] if len(values) == 1 else torch.stack(values).mean(0)
 
+    def losses(self, batches: list[BatchGradients]) -> torch.Tensor:
+        """Each example's training loss L(x) (task.per_example_loss at its real target, from the outputs the
+        self-influence pass already ran), averaged over the members like the self-influence: [B]."""
+        kind = self.cfg.task.kind
+        values = [per_example_loss(b.outputs, b.targets, kind) for b in batches]
+        return values[0] if len(values) == 1 else torch.stack(values).mean(0)
+
     def watch(self, unwritten: str) -> _MembersWatch:
         """A NonFiniteWatch per member, for one pass (`unwritten`: what its error's hint says was not written)."""
         return _MembersWatch([NonFiniteWatch(self.ctx.device, unwritten, self.cfg.factors.amp) for _ in self.members], self.members)
@@ -627,7 +634,9 @@ def compute_scores(
     Pairwise: `<output_dir>/scores.safetensors` with `scores` [n_query, n_train], or,
     when that exceeds `scores.max_memory_mb` or under torchrun, shard files by train
     range plus `scores.index.json`. Self-influence (`self_influence=True`):
-    `<output_dir>/self_influence.safetensors` with `self_influence` [n_train].
+    `<output_dir>/self_influence.safetensors` with `self_influence` [n_train], and beside it, from the
+    same forward, `train_losses` [n_train] (each example's loss at its label, averaged over an
+    ensemble's models) and a classifier's `train_predictions` [n_train].
 
     Args:
         relative: RelatIF scores (None = `scores.relative` of the config); not with `self_influence`.
@@ -1077,13 +1086,20 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
         if collect and "labels" in snapshot.tensors:
             labels = snapshot.tensors["labels"].to(ctx.device)
         resumed_from = f"batch {skip}"
-    # classification: model.checkpoint's predicted class of every example, shown beside its label (mislabel triage)
-    predict = cfg.task.kind == "classification" and (snapshot is None or snapshot.phase != "self" or "predictions" in snapshot.tensors)
-    if st.distributed:  # progress saved before predictions were kept has none for its batches: then no rank keeps them
-        predict = all(st.all_gather_object(predict))
+    # classification: model.checkpoint's predicted class of every example, shown beside its label (mislabel triage);
+    # every task: each example's training loss (top-k --self --rank-by loss), from the outputs the pass computes anyway
+    held = snapshot.tensors if snapshot is not None and snapshot.phase == "self" else None
+    predict = cfg.task.kind == "classification" and (held is None or "predictions" in held)
+    keep_losses = held is None or "losses" in held
+    if st.distributed:  # progress saved before they were kept has none for its batches: then no rank keeps them
+        ranks = st.all_gather_object((predict, keep_losses))
+        predict, keep_losses = all(r[0] for r in ranks), all(r[1] for r in ranks)  # type: ignore[index]
     predictions = torch.zeros(n_t, dtype=torch.int64, device=ctx.device) if predict else None
-    if predictions is not None and snapshot is not None and snapshot.phase == "self":
-        predictions.copy_(snapshot.tensors["predictions"])
+    losses = torch.zeros(n_t, dtype=scorer.dtype, device=ctx.device) if keep_losses else None
+    if predictions is not None and held is not None:
+        predictions.copy_(held["predictions"])
+    if losses is not None and held is not None:
+        losses.copy_(held["losses"])
     watch = scorer.watch("no scores were written")
     scorer.progress.start("self-influence", stop - start)
     if skip:
@@ -1102,6 +1118,8 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
             values[start + c0 : start + c0 + n] = part.sum(0)
         if predictions is not None:
             predictions[start + c0 : start + c0 + n] = batch.outputs.argmax(-1)
+        if losses is not None:
+            losses[start + c0 : start + c0 + n] = scorer.losses(batches)
         if collect:
             labels = _collect(labels, stop - start, c0, batch.targets)
         watch.observe(batches)
@@ -1111,7 +1129,8 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
             watch.check("self-influence")
             saved = {"values": values} | ({"labels": labels} if collect and labels is not None else {})
             saved |= {} if parts is None else {"values_by_layer": parts}
-            checkpoint.save("self", batch.index + 1, saved | ({"predictions": predictions} if predictions is not None else {}))
+            saved |= ({"predictions": predictions} if predictions is not None else {}) | ({"losses": losses} if losses is not None else {})
+            checkpoint.save("self", batch.index + 1, saved)
         scorer.progress.advance(n)
     watch.check("self-influence")
     seconds["self"] = time.perf_counter() - t0
@@ -1120,8 +1139,9 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
     st.all_reduce_(values)
     if parts is not None:
         st.all_reduce_(parts)
-    if predictions is not None:
-        st.all_reduce_(predictions)  # each rank wrote its own range, zeros elsewhere
+    for own in (predictions, losses):
+        if own is not None:
+            st.all_reduce_(own)  # each rank wrote its own range, zeros elsewhere
     if collect and st.distributed:  # each rank collected its own range
         ranges = [p for p in st.all_gather_object(None if labels is None else labels.cpu()) if p is not None]
         labels = torch.cat(ranges) if ranges else None  # type: ignore[arg-type]
@@ -1136,6 +1156,8 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
             tensors["train_labels"] = labels
         if predictions is not None:
             tensors["train_predictions"] = predictions
+        if losses is not None:
+            tensors[storage.SELF_LOSSES] = losses
         storage.save_tensors(path, tensors, metadata)
     st.barrier()
     checkpoint.clear()

@@ -59,6 +59,7 @@ PARTIAL_FORMAT = "influence_cli.partial/1"
 # Per-layer parts of the scores (scores.by_layer), beside the totals; the metadata key BY_LAYER lists their layers in order.
 SCORES_BY_LAYER = "scores_by_layer"  # [L, n_query, n_train] (a shard: its train range), summing over L to "scores"
 SELF_BY_LAYER = "self_influence_by_layer"  # [L, n_train], summing over L to "self_influence"
+SELF_LOSSES = "train_losses"  # [n_train] each example's training loss, beside "self_influence" (absent from files of earlier versions)
 BY_LAYER = "by_layer"
 
 # Per-layer factor keys: "<module>.<name>".

@@ -91,7 +91,9 @@ class RankedExample:
     """One training example in a ranking (score: its influence on the query, or its self-influence).
 
     `by_layer`: {layer: its part of the score}, in the layers' order, summing to the score, when
-    the scores hold their parts (compute-scores --by-layer); None otherwise.
+    the scores hold their parts (compute-scores --by-layer); None otherwise. `loss`: in a
+    self-influence ranking, the example's training loss (`SelfInfluence.train_losses`); None in
+    pairwise rankings and for self-influence files written before it was stored.
     """
 
     rank: int
@@ -100,6 +102,7 @@ class RankedExample:
     train_label: Any
     score: float
     by_layer: dict[str, float] | None = None
+    loss: float | None = None
 
 
 @dataclass
@@ -679,6 +682,8 @@ class SelfInfluence:
     train_predictions: torch.Tensor | None = None  # [n_train] model.checkpoint's predicted classes (classification)
     by_layer: torch.Tensor | None = None  # [L, n_train] each layer's part (compute-scores --self --by-layer), summing to values
     layers: list[str] | None = None  # the layers of `by_layer`, in order
+    train_losses: torch.Tensor | None = None  # [n_train] each example's training loss at its label (None: a file of an earlier version)
+    path: Path | None = None  # the file read
 
 
 def load_self_influence(output_dir: str | Path) -> SelfInfluence:
@@ -699,31 +704,55 @@ def load_self_influence(output_dir: str | Path) -> SelfInfluence:
     parts = tensors.get(storage.SELF_BY_LAYER)
     if parts is not None and (parts.ndim != 2 or parts.shape != (len(layers or ()), tensors["self_influence"].numel())):
         raise OutputError(f"{str(path)!r} holds {storage.SELF_BY_LAYER} of shape {list(parts.shape)}, not [layers, n_train]", hint=storage.remake_hint(path))
+    losses = tensors.get(storage.SELF_LOSSES)
+    if losses is not None and losses.shape != tensors["self_influence"].shape:
+        raise OutputError(f"{str(path)!r} holds {storage.SELF_LOSSES} of shape {list(losses.shape)}, not [n_train]", hint=storage.remake_hint(path))
     return SelfInfluence(
-        tensors["self_influence"], tensors["train_indices"], tensors.get("train_labels"), meta, tensors.get("train_predictions"), parts, layers
-    )
+        tensors["self_influence"], tensors["train_indices"], tensors.get("train_labels"), meta, tensors.get("train_predictions"), parts, layers,
+        losses, path,
+    )  # fmt: skip
 
 
-def self_top_k(source: str | Path | SelfInfluence, k: int = 5, *, largest: bool = True) -> list[RankedExample]:
-    """The k most (or, with largest=False, least) self-influential training examples, ties by position.
+SELF_RANKINGS = ("self-influence", "loss")  # what top-k --self can rank by (--rank-by)
+
+
+def self_top_k(
+    source: str | Path | SelfInfluence, k: int = 5, *, largest: bool = True, rank_by: str = "self-influence"
+) -> list[RankedExample]:
+    """The k training examples with the largest (largest=False: smallest) self-influence, or with
+    rank_by="loss" training loss, ties by position; each carries its self-influence (`score`) and,
+    where the file holds it, its training loss (`loss`).
 
     `source`: an output_dir, or its self-influence already read (`load_self_influence`).
+
+    Raises:
+        UsageError: `rank_by` is neither "self-influence" nor "loss".
+        OutputError: rank_by="loss" on a file without training losses (written by an earlier version).
     """
     _check_k(k)
+    if rank_by not in SELF_RANKINGS:
+        raise UsageError(f"--rank-by: {rank_by!r} is not one of {', '.join(SELF_RANKINGS)}")
     si = source if isinstance(source, SelfInfluence) else load_self_influence(_folder_of(source, "self_top_k"))
+    ranked = si.values if rank_by == "self-influence" else si.train_losses
+    if ranked is None:
+        where = repr(str(si.path)) if si.path is not None else "the self-influence scores"
+        raise OutputError(
+            f"--rank-by loss: {where} holds no {storage.SELF_LOSSES} (written before compute-scores --self stored each example's loss)",
+            hint="rerun `influence compute-scores CONFIG --self --overwrite` to store them",
+        )
     sign = 1.0 if largest else -1.0
-    n = si.values.numel()
-    v, p = _best(si.values.double()[None] * sign, torch.arange(n)[None], k)
+    _, p = _best(ranked.double()[None] * sign, torch.arange(ranked.numel())[None], k)
     return [
         RankedExample(
             r,
             int(si.train_indices[q]),
             q,
             None if si.train_labels is None else _plain(si.train_labels[q]),
-            float(val) * sign,
+            float(si.values[q]),
             None if si.by_layer is None or si.layers is None else dict(zip(si.layers, si.by_layer[:, q].double().tolist(), strict=True)),
+            None if si.train_losses is None else float(si.train_losses[q]),
         )
-        for r, (val, q) in enumerate(zip(v[0].tolist(), p[0].tolist(), strict=True), start=1)
+        for r, q in enumerate(p[0].tolist(), start=1)
     ]
 
 
@@ -732,6 +761,7 @@ __all__ = [
     "RankedExample",
     "ScoreBlock",
     "ScoresMeta",
+    "SELF_RANKINGS",
     "SelfInfluence",
     "check_scores_match",
     "iter_score_blocks",

@@ -206,7 +206,7 @@ def test_a_default_run_stores_what_it_always_stored(project):  # noqa: F811
     assert storage.BY_LAYER not in meta and storage.BY_LAYER not in meta["result"] and report.by_layer is None
     report = compute_scores(make_cfg(project, "bl-default"), self_influence=True)
     tensors, meta = storage.load_tensors(report.paths[0], storage.SELF_FORMAT)
-    assert set(tensors) == {"self_influence", "train_indices", "train_labels", "train_predictions"} and storage.BY_LAYER not in meta
+    assert set(tensors) == {"self_influence", "train_indices", "train_labels", "train_predictions", storage.SELF_LOSSES} and storage.BY_LAYER not in meta
 
 
 @pytest.mark.parametrize("relative", [False, True], ids=["plain", "relative"])

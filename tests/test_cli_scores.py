@@ -333,6 +333,20 @@ def test_self_influence_ranking_says_which_labels_label_noise_flipped(runner, pr
     assert "label noise" in table.stdout and "flipped from" in table.stdout
     assert f"label noise: {in_top} of these 10 carry a flipped label ({data['label_noise']['flipped']} of the {len(train)}" in " ".join(table.stdout.split())
     assert invoke(runner, "top-k", project, "--self", "--k", "10", "--image-grid", tmp_path / "self.png", *sets).exit_code == 0
+    by_loss = json.loads(invoke(runner, "top-k", project, "--self", "--rank-by", "loss", "--k", "10", "--json", *sets).stdout)
+    losses = load_file(tmp_path / "noisy" / "self_influence.safetensors")["train_losses"]
+    order = torch.argsort(losses, descending=True, stable=True)[:10].tolist()
+    assert by_loss["rank_by"] == "loss" and data["rank_by"] == "self-influence"
+    assert [row["train_position"] for row in by_loss["self_influence"]] == order
+    assert all(row["loss"] == float(losses[row["train_position"]]) for row in rows + by_loss["self_influence"])  # both rankings
+    in_top_loss = sum(bool(train.noisy_mask[p]) for p in order)
+    assert by_loss["label_noise"]["in_top_k"] == in_top_loss and all(row["noisy"] is bool(train.noisy_mask[row["train_position"]]) for row in by_loss["self_influence"])
+    table = " ".join(invoke(runner, "top-k", project, "--self", "--rank-by", "loss", "--k", "10", *sets).stdout.split())
+    assert "training examples of the largest loss (top 10)" in table and "self-influence ┃ loss" in table
+    assert f"label noise: {in_top_loss} of these 10 carry a flipped label" in table
+    assert invoke(runner, "top-k", project, "--self", "--rank-by", "loss", "--image-grid", tmp_path / "loss.png", *sets).exit_code == 0
+    refused = invoke(runner, "top-k", project, "--rank-by", "loss", "--query", "0", *sets)
+    assert refused.exit_code == 2 and "--rank-by loss: only with --self" in refused.stderr
     clean = ["--set", f"output_dir={tmp_path / 'clean'}"]  # without label noise: no such keys
     for command in (["fit-factors"], ["compute-scores", "--self"]):
         assert invoke(runner, *command, project, *clean).exit_code == 0
@@ -517,9 +531,55 @@ def test_two_processes_write_rank_shards_matching_one_process(project, tmp_path,
 
     model = mlp(input_dim=16, hidden=[5], num_classes=3)
     model.load_state_dict(load_file(project.parent / "model.safetensors"))
+    data = load_file(project.parent / "data.safetensors")
     with torch.no_grad():
-        want = model(load_file(project.parent / "data.safetensors")["inputs"][:N_TRAIN]).argmax(-1)
+        outputs = model(data["inputs"][:N_TRAIN])
+    want = outputs.argmax(-1)
     assert torch.equal(a["train_predictions"], want) and torch.equal(b["train_predictions"], want)  # each rank wrote its own range
+    loss = torch.nn.functional.cross_entropy(outputs, data["labels"][:N_TRAIN], reduction="none")
+    for stored in (a, b):  # float32 forwards of other batch shapes: rounding only
+        torch.testing.assert_close(stored[storage.SELF_LOSSES], loss, rtol=1e-5, atol=1e-6)
+
+
+def _self_resume_rank_main(rank: int, world: int, port: int, config: str, out: str, stop_after: int, resume: bool) -> None:
+    """One rank of --self, as under torchrun: stopped (Ctrl-C) after `stop_after` of its batches when > 0."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from stopping import interrupt_after
+
+        from influence_cli.config import load_config
+        from influence_cli.distributed import DistState
+        from influence_cli.scores import compute_scores
+
+        cfg, st = load_config(config, [f"output_dir={out}"]), DistState(rank=rank, world_size=world)
+        if stop_after:
+            with pytest.MonkeyPatch.context() as m, pytest.raises(KeyboardInterrupt):  # both ranks stop at the same batch, outside any collective
+                interrupt_after(m, "self_influence", stop_after)
+                compute_scores(cfg, state=st, self_influence=True)
+        else:
+            compute_scores(cfg, state=st, self_influence=True, resume=resume)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_two_processes_resume_self_influence_bit_for_bit(project, tmp_path):
+    """--self under torchrun, interrupted after 2 batches of each rank and resumed: the values, predictions and
+    training losses are those of the uninterrupted run, bit for bit."""
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    for folder in (whole, resumed):
+        folder.mkdir()
+        shutil.copy(project.parent / "out" / storage.FACTORS_FILE, folder / storage.FACTORS_FILE)
+    mp.spawn(_self_resume_rank_main, args=(2, _free_port(), str(project), str(whole), 0, False), nprocs=2)
+    mp.spawn(_self_resume_rank_main, args=(2, _free_port(), str(project), str(resumed), 2, False), nprocs=2)
+    assert len(list(resumed.glob("scores.partial*.self.*"))) == 2 and not (resumed / storage.SELF_INFLUENCE_FILE).exists()
+    mp.spawn(_self_resume_rank_main, args=(2, _free_port(), str(project), str(resumed), 0, True), nprocs=2)
+    a, b = load_file(whole / storage.SELF_INFLUENCE_FILE), load_file(resumed / storage.SELF_INFLUENCE_FILE)
+    assert set(a) == set(b) and storage.SELF_LOSSES in a and "train_predictions" in a
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
 
 
 def _counted_rank_main(rank: int, world: int, port: int, config: str, out: str, extra: list[str], keep: bool) -> None:

@@ -602,13 +602,15 @@ def test_edit_says_how_to_edit_another_model_with_the_factors_fit_factors_wrote_
 def test_ensemble_self_influence_is_the_mean_of_the_members(project):
     cfg = ensemble_cfg(project, "ens_self")
     assert compute_scores(cfg, self_influence=True).members == 3
-    got = load_self_influence(cfg.output_path).values
+    got = load_self_influence(cfg.output_path)
     singles = []
     for i in range(len(SEEDS)):
         single = single_cfg(project, i)
         compute_scores(single, self_influence=True, overwrite=True)
-        singles.append(load_self_influence(single.output_path).values)
-    torch.testing.assert_close(got, torch.stack(singles).mean(0), rtol=1e-5, atol=1e-6 * float(got.abs().max()))
+        singles.append(load_self_influence(single.output_path))
+    want = torch.stack([s.values for s in singles]).mean(0)
+    torch.testing.assert_close(got.values, want, rtol=1e-5, atol=1e-6 * float(got.values.abs().max()))
+    torch.testing.assert_close(got.train_losses, torch.stack([s.train_losses for s in singles]).mean(0))  # so are the training losses
 
 
 @pytest.mark.parametrize("self_influence", [False, True], ids=["pairwise", "self"])

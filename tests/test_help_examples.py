@@ -35,7 +35,7 @@ def example(command: str, *needles: str) -> list[str]:
 
 def test_the_sharded_scores_and_self_influence_examples_give_the_files_info_and_top_k_read(tmp_path, monkeypatch):
     """compute-scores' budget example writes shards (info's scores.index.json example reads them), and
-    its CPU --self example writes what top-k's --self example ranks (an untrained model of configs/mnist.yaml)."""
+    its CPU --self example writes what top-k's --self examples rank, by self-influence and by loss (an untrained model of configs/mnist.yaml)."""
     monkeypatch.chdir(ROOT)  # the examples' paths are relative to the repository root
     cfg = load_config(ROOT / "configs" / "mnist.yaml", check_files=False)
     torch.manual_seed(0)
@@ -60,5 +60,9 @@ def test_the_sharded_scores_and_self_influence_examples_give_the_files_info_and_
     info = json.loads(run(example("info", "runs/mnist/scores.index.json")))
     assert info["path"] == str(tmp_path / "scores.index.json")
     assert json.loads(run(example("compute-scores", "--self")))["kind"] == "self"
-    ranked = json.loads(run(example("top-k", "--self")))
+    ranked = json.loads(run(example("top-k", "--self", "--json")))
     assert len(ranked["self_influence"]) == 20
+    by_loss = json.loads(run(example("top-k", "--rank-by", "loss")))
+    assert by_loss["rank_by"] == "loss" and len(by_loss["self_influence"]) == 20
+    losses = [row["loss"] for row in by_loss["self_influence"]]
+    assert losses == sorted(losses, reverse=True)

@@ -61,6 +61,8 @@ def test_every_command_prints_the_documented_keys(tmp_path):
     for args in (["fit-factors", *noisy], ["compute-scores", *noisy, "--self"]):
         assert runner.invoke(app, args).exit_code == 0, args
     noisy_top = json.loads(runner.invoke(app, ["top-k", *noisy, "--self", "--k", "2", "--json"]).stdout)
+    loss_top = json.loads(runner.invoke(app, ["top-k", *noisy, "--self", "--rank-by", "loss", "--k", "2", "--json"]).stdout)
+    assert set(loss_top) == set(noisy_top) and loss_top["rank_by"] == "loss"  # either ranking prints the same keys
     by_layer = json.loads(runner.invoke(app, ["compute-scores", str(DIGITS), *sets, "--by-layer", "--overwrite", "--json"]).stdout)
     seen: dict[str, set[str]] = {}
     for name, data in [*printed.items(), ("top-k", self_top), ("top-k", noisy_top), ("compute-scores", by_layer)]:
@@ -100,8 +102,9 @@ def test_the_rows_of_rankings_and_their_per_layer_parts_are_documented(tmp_path)
     entries = queries[0]["proponents"] + queries[0]["opponents"]
     assert all("by_layer" in e and set(e) <= names for e in entries)
     assert runner.invoke(app, ["compute-scores", *sets, "--self", "--by-layer"]).exit_code == 0
-    rows = json.loads(runner.invoke(app, ["top-k", *sets, "--self", "--k", "2", "--json"]).stdout)["self_influence"]
-    assert all("by_layer" in r and set(r) <= names | row_names("top-k", "self_influence") for r in rows)
+    for ranking in ("self-influence", "loss"):
+        rows = json.loads(runner.invoke(app, ["top-k", *sets, "--self", "--rank-by", ranking, "--k", "2", "--json"]).stdout)["self_influence"]
+        assert all({"by_layer", "loss"} <= set(r) <= names | row_names("top-k", "self_influence") for r in rows)
 
 
 def test_nothing_but_json_on_stdout_with_a_warning_and_nothing_at_all_with_an_error(tmp_path):

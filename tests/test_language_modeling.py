@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import inspect
 import json
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from exact import batches_of, sequence_project, singletons
+from safetensors.torch import load_file, save_file
 from torch import nn
 from typer.testing import CliRunner
 
+from influence_cli import compute_scores, fit_factors, load_config, load_self_influence
 from influence_cli import task as task_lib
 from influence_cli.cli import app
 from influence_cli.config import config_from_dict
@@ -394,6 +397,24 @@ def test_cli_attributes_a_language_model(lm_project):
     assert f"[{', '.join(map(str, top_spectrum[0]['input']))}" in " ".join(spectrum.stdout.split())
     refused = runner.invoke(app, ["fit-factors", lm_project, "--overwrite", "--set", "factors.fisher=ggn"])
     assert refused.exit_code == 2 and "factors.fisher: ggn is not available" in refused.stderr
+
+
+def test_self_influence_stores_each_sequences_loss_summed_over_its_counted_positions(lm_project):
+    """compute-scores --self's training losses of a float64 language model on padded batches: each sequence's
+    cross-entropy summed over its counted positions, as computed on the sequence alone."""
+    weights = Path(lm_project).parent / "model.safetensors"
+    save_file({k: v.double() for k, v in load_file(weights).items()}, weights)
+    cfg = load_config(lm_project)
+    fit_factors(cfg)
+    compute_scores(cfg, self_influence=True)
+    stored = load_self_influence(cfg.output_path)
+    model = TinyLM().double()
+    model.load_state_dict(load_file(weights))
+    _, _, alone = lm_sequences(n=24)
+    with torch.no_grad():
+        want = torch.stack([F.cross_entropy(model(t)[0], y[0], ignore_index=IGNORE, reduction="sum") for t, y in alone[:20]])
+    assert stored.train_losses is not None and stored.train_losses.dtype == torch.float64
+    torch.testing.assert_close(stored.train_losses, want, rtol=1e-12, atol=0)
 
 
 class ReadsPadding(TinyLM):

@@ -450,7 +450,8 @@ def test_overrides_given_as_a_mapping_are_a_type_error():
 
 def test_a_float64_model_from_a_factory_runs_in_float64(tmp_path, monkeypatch):
     """Without model.checkpoint a factory's float64 model was rounded to float32 (docs/CONFIG.md, Precision);
-    least squares with the ggn Fisher against (F + λ)⁻¹ with F = 2·XᵀX/N: only the float32 factors file rounds."""
+    least squares with the ggn Fisher against (F + λ)⁻¹ with F = 2·XᵀX/N: only the float32 factors file rounds; the
+    training losses stored beside the self-influence are each example's (f − y)²."""
     (tmp_path / "lsq.py").write_text(
         "import torch\n"
         "def model(weight):\n"
@@ -489,6 +490,8 @@ def test_a_float64_model_from_a_factory_runs_in_float64(tmp_path, monkeypatch):
     exact = (grads @ torch.linalg.inv(curvature) * grads).sum(1)
     assert values.dtype == torch.float64
     torch.testing.assert_close(values, exact, rtol=1e-7, atol=0)  # float32 rounding of the model: 4e-7
+    losses = influence_cli.load_self_influence(cfg.output_path).train_losses  # stored beside: each example's (f − y)²
+    torch.testing.assert_close(losses, (xa @ weight.T - y).square().sum(1), rtol=1e-12, atol=0)
 
 
 def test_a_run_logs_each_warning_once(tmp_path, caplog):

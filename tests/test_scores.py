@@ -33,7 +33,7 @@ from influence_cli.fit import fit_factors, load_factors
 from influence_cli.kernel import pairwise_scores, self_influence_scores
 from influence_cli.models import mlp
 from influence_cli.scores import compute_scores, plan_layout, plan_shards
-from influence_cli.topk import check_scores_match, iter_score_blocks, load_scores_meta, top_k
+from influence_cli.topk import check_scores_match, iter_score_blocks, load_scores_meta, self_top_k, top_k
 from influence_cli.tracking import find_tracked_modules
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -546,6 +546,28 @@ def test_self_influence_file(project):
     assert tensors["train_indices"].tolist() == list(range(N_TRAIN)) and tensors["train_labels"].shape == (N_TRAIN,)
 
 
+def test_self_influence_stores_each_examples_training_loss(project64):
+    """Beside I(x, x), each example's cross-entropy at its label, computed directly in float64; top-k --self
+    --rank-by loss ranks by it, the largest first, each example keeping its self-influence."""
+    cfg = make_cfg(project64, "self-loss")
+    report = compute_scores(cfg, self_influence=True)
+    tensors = storage.load_tensors(report.paths[0], storage.SELF_FORMAT)[0]
+    data = load_file(project64[0] / "data.safetensors")
+    x, y = data["inputs"][:N_TRAIN].double(), data["labels"][:N_TRAIN]
+    with torch.no_grad():
+        want = torch.nn.functional.cross_entropy(prepare(cfg).model(x), y, reduction="none")
+    assert tensors[storage.SELF_LOSSES].dtype == F64
+    torch.testing.assert_close(tensors[storage.SELF_LOSSES], want, rtol=1e-12, atol=0)
+    ranked = self_top_k(cfg.output_path, 5, rank_by="loss")
+    order = torch.argsort(want, descending=True, stable=True)[:5].tolist()
+    assert [e.train_position for e in ranked] == order and [e.rank for e in ranked] == [1, 2, 3, 4, 5]
+    assert [e.loss for e in ranked] == tensors[storage.SELF_LOSSES][order].tolist()
+    assert [e.score for e in ranked] == tensors["self_influence"][order].tolist()  # the self-influence, whatever ranks
+    assert [e.loss for e in self_top_k(cfg.output_path, 5)] == tensors[storage.SELF_LOSSES][
+        torch.argsort(tensors["self_influence"], descending=True, stable=True)[:5]
+    ].tolist()
+
+
 def test_identity_needs_no_factors(project):
     cfg = make_cfg(project, "identity", "factors.strategy=identity", copy_factors=False)
     report = compute_scores(cfg)
@@ -699,22 +721,25 @@ def test_self_influence_resume_is_bit_identical(project, monkeypatch):
     report = compute_scores(cfg, self_influence=True, resume=True)
     assert report.resumed_from == "batch 4"
     got = storage.load_tensors(report.paths[0])[0]
-    assert torch.equal(got["self_influence"], ref["self_influence"]) and torch.equal(got["train_predictions"], ref["train_predictions"])
+    for key in ("self_influence", "train_predictions", storage.SELF_LOSSES):
+        assert torch.equal(got[key], ref[key]), key
 
 
-def test_self_influence_progress_saved_without_predictions_resumes_without_them(project, monkeypatch):
-    """Progress of a version that kept no predictions: the values resume, and no predictions are stored (some would be 0)."""
-    cfg = make_cfg(project, "self-old-progress")
+@pytest.mark.parametrize("saved,stored", [("predictions", "train_predictions"), ("losses", storage.SELF_LOSSES)], ids=["predictions", "losses"])
+def test_self_influence_progress_saved_without_predictions_resumes_without_them(project, monkeypatch, saved, stored):
+    """Progress of a version that kept no predictions (or losses): the values resume, and none are stored (some would be 0)."""
+    cfg = make_cfg(project, f"self-old-progress-{saved}")
     with monkeypatch.context() as m:
         interrupt_after(m, "self_influence", 4)
         with pytest.raises(KeyboardInterrupt):
             compute_scores(cfg, self_influence=True)
     progress = cfg.output_path / storage.SCORES_PARTIAL.format(rank=".self")
     tensors, meta = storage.load_tensors(progress)
-    del tensors["predictions"]
+    del tensors[saved]
     storage.save_tensors(progress, tensors, meta)
     report = compute_scores(cfg, self_influence=True, resume=True)
-    assert report.resumed_from == "batch 4" and "train_predictions" not in storage.load_tensors(report.paths[0])[0]
+    written = storage.load_tensors(report.paths[0])[0]
+    assert report.resumed_from == "batch 4" and stored not in written and len(written) == 4  # the other one kept
 
 
 def test_progress_of_other_query_chunks_says_which_chunk_size_resumes_it(project, monkeypatch):

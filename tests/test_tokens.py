@@ -539,7 +539,7 @@ def test_top_k_shows_a_token_classifiers_input_ids_beside_its_labels(token_proje
     table = runner.invoke(app, ["top-k", token_project, "--self", "--k", "2"])
     assert table.exit_code == 0, table.stderr
     head, *body = _table_rows(table.stdout)
-    assert head == ["rank", "train index", "input", "label", "predicted", "self-influence"]
+    assert head == ["rank", "train index", "input", "label", "predicted", "self-influence", "loss"]
     assert [row[1:4] for row in body] == [[str(r["train_index"]), str(r["train_input"]), str(r["train_label"])] for r in top_self]
 
 

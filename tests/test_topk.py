@@ -211,6 +211,30 @@ def test_self_top_k_orders_by_self_influence(tmp_path):
     assert self_top_k(tmp_path / storage.SELF_INFLUENCE_FILE, 3) == got  # the file's path, from Python
 
 
+def test_self_top_k_ranks_by_training_loss_when_asked(tmp_path):
+    """rank_by="loss": the largest losses first (ties by position), each example with its self-influence and loss."""
+    values, losses = torch.tensor([0.5, 3.0, -1.0, 3.0, 2.0]), torch.tensor([2.0, 0.25, 2.0, 7.0, 0.0])
+    tensors = {"self_influence": values, "train_indices": torch.arange(10, 15), storage.SELF_LOSSES: losses}
+    storage.save_tensors(tmp_path / storage.SELF_INFLUENCE_FILE, tensors, {storage.FORMAT_KEY: storage.SELF_FORMAT})
+    got = self_top_k(tmp_path, 3, rank_by="loss")
+    assert [(e.rank, e.train_index, e.score, e.loss) for e in got] == [(1, 13, 3.0, 7.0), (2, 10, 0.5, 2.0), (3, 12, -1.0, 2.0)]
+    assert [e.train_index for e in self_top_k(tmp_path, 2, largest=False, rank_by="loss")] == [14, 11]
+    assert [(e.train_index, e.loss) for e in self_top_k(tmp_path, 2)] == [(11, 0.25), (13, 7.0)]  # by self-influence, with the loss
+    with pytest.raises(UsageError, match=r"--rank-by: 'losses' is not one of self-influence, loss"):
+        self_top_k(tmp_path, 3, rank_by="losses")
+
+
+def test_ranking_by_loss_a_file_without_losses_says_to_rerun_compute_scores(tmp_path):
+    """Self-influence written before the losses were stored: ranked by self-influence as before; by loss, refused with the fix."""
+    tensors = {"self_influence": torch.tensor([0.5, 3.0]), "train_indices": torch.arange(2)}
+    storage.save_tensors(tmp_path / storage.SELF_INFLUENCE_FILE, tensors, {storage.FORMAT_KEY: storage.SELF_FORMAT})
+    assert [(e.train_index, e.loss) for e in self_top_k(tmp_path, 2)] == [(1, None), (0, None)]
+    with pytest.raises(OutputError, match=r"--rank-by loss: '.*self_influence.safetensors' holds no train_losses") as info:
+        self_top_k(tmp_path, 2, rank_by="loss")
+    assert info.value.hint == "rerun `influence compute-scores CONFIG --self --overwrite` to store them"
+    assert "--rank-by is self_top_k's or top_examples' rank_by=" in str(info.value)  # the flag, from Python
+
+
 @pytest.mark.parametrize("shard_len", [None, 16], ids=["one-file", "shards"])
 def test_top_k_takes_the_scores_file_or_index_for_its_folder(tmp_path, shard_len):
     write_scores(tmp_path, torch.randn(3, 40, generator=torch.Generator().manual_seed(1)), shard_len)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 from rich.markup import escape
@@ -58,6 +58,8 @@ TOPK_EPILOG = """\
   influence top-k configs/mnist.yaml --query 3 --query 10:12 --image-grid runs/mnist/top5.png
 
   influence top-k configs/mnist.yaml --self --k 20 --json
+
+  influence top-k configs/mnist.yaml --self --rank-by loss --k 20     # the largest training losses first
 """
 
 
@@ -183,6 +185,14 @@ def top_k_cmd(
     ] = None,
     k: Annotated[int, typer.Option("--k", "-k", min=1, metavar="N", help="Examples per ranking (at most: proponents are positive scores, opponents negative).")] = 5,
     self_: Annotated[bool, typer.Option("--self", metavar="", help="Rank training examples by self-influence (from compute-scores --self).")] = False,
+    rank_by: Annotated[
+        Literal["self-influence", "loss"],
+        typer.Option(
+            "--rank-by",
+            help="With --self, what ranks: self-influence, or loss (each example's training loss at its label, stored by compute-scores --self; "
+            "the better finder of wrong labels while the model has not memorized them, docs/MEMORIZATION.md). Either way, rows show both.",
+        ),
+    ] = "self-influence",
     plain: Annotated[
         bool, typer.Option("--plain", metavar="", help="With relative (RelatIF) scores, rank by plain influence instead (from the norms they keep; an ensemble's keep none).")
     ] = False,
@@ -201,7 +211,8 @@ def top_k_cmd(
     Reads the scores of any size, streaming over shards, and prints one table per query:
     rank, training index, label and score, under a line with the query's index, label and
     prediction. With --self, lists the most self-influential training examples (candidates for
-    mislabeled or memorized data).
+    mislabeled or memorized data), or with --rank-by loss those of the largest training loss,
+    each row showing both.
 
     Sign convention: a positive score means the training example helps the query: up-weighting it
     lowers the query's loss (a proponent); negative means it hurts (an opponent). A score is N × the
@@ -215,6 +226,8 @@ def top_k_cmd(
     out_dir = cfg.output_path
     if image_grid is not None:
         storage.check_image_path(image_grid, "--image-grid")  # before any reading
+    if rank_by != "self-influence" and not self_:
+        raise UsageError(f"--rank-by {rank_by}: only with --self (it orders the training examples --self lists)", hint="add --self")
     if self_:
         if query:
             raise UsageError("--query: not used with --self (self-influence ranks the training set)")
@@ -224,11 +237,13 @@ def top_k_cmd(
             raise UsageError("--no-opponents: not used with --self (self-influence is never negative, so it lists no opponents)")
         self_influence = topk.load_self_influence(out_dir)
         loaded = topk.check_scores_match(self_influence.metadata, cfg, out_dir / storage.SELF_INFLUENCE_FILE, pairwise=False)
-        ranked = topk.self_top_k(self_influence, k)
+        ranked = topk.self_top_k(self_influence, k, rank_by=rank_by)
         (train,) = example_views(cfg, loaded, ["data.train"])
         noise = count_label_noise(train, [r.train_position for r in ranked]) if train.has_label_noise else None
         predicted = self_influence.train_predictions
-        grid_path = _self_grid(train, ranked, image_grid, predicted) if image_grid is not None else None
+        losses = self_influence.train_losses is not None
+        heading = "most self-influential training examples" if rank_by == "self-influence" else "training examples of the largest loss"
+        grid_path = _self_grid(train, ranked, image_grid, predicted, heading) if image_grid is not None else None
         if json_:
             rows = [
                 _ranked_json(r) | {"train_label": label_json(r.train_label, train.token_data)}
@@ -239,7 +254,7 @@ def top_k_cmd(
                 for r in ranked
             ]  # fmt: skip
             print_json(
-                {"output_dir": str(out_dir), "strategy": self_influence.metadata.get("strategy"), "k": k, "self_influence": rows}
+                {"output_dir": str(out_dir), "strategy": self_influence.metadata.get("strategy"), "k": k, "rank_by": rank_by, "self_influence": rows}
                 | ({"label_noise": {"flipped": noise.replaced, "train": noise.size, "in_top_k": noise.in_ranking}} if noise else {})
                 | ({"image_grid": str(Path(grid_path).resolve())} if grid_path else {})
             )
@@ -250,11 +265,13 @@ def top_k_cmd(
             flipped = [] if not noise else ["" if was is None else f"flipped from {label_text(was, train.class_names)}"]
             guess = [] if predicted is None else [label_text(int(predicted[r.train_position]), train.class_names)]
             rows.append(([str(r.rank), str(r.train_index), *([train.file(r.train_position)] if train.has_files else []),
-                          *example_cells(train, r.train_position, r.train_label), *guess, *flipped, f"{r.score:.5g}"], r))  # fmt: skip
-        print_table(_ranking_table(f"most self-influential training examples (top {len(ranked)})", [("rank", "right"), ("train index", "right")]
+                          *example_cells(train, r.train_position, r.train_label), *guess, *flipped, f"{r.score:.5g}",
+                          *([f"{r.loss:.5g}"] if r.loss is not None else [])], r))  # fmt: skip
+        print_table(_ranking_table(f"{heading} (top {len(ranked)})", [("rank", "right"), ("train index", "right")]
                                    + ([("file", "left")] if train.has_files else []) + example_columns(train)
                                    + ([("predicted", "left")] if predicted is not None else [])
-                                   + ([("label noise", "left")] if noise else []) + [("self-influence", "right")],
+                                   + ([("label noise", "left")] if noise else []) + [("self-influence", "right")]
+                                   + ([("loss", "right")] if losses else []),
                                    rows, None, self_influence.layers is not None))  # fmt: skip
         if noise:
             print_line(
@@ -335,11 +352,9 @@ def top_k_cmd(
 
 
 def _ranked_json(e) -> dict:
-    """A ranked example's JSON row: `by_layer` only where the scores hold the parts."""
-    row = dataclasses.asdict(e)
-    if row["by_layer"] is None:
-        del row["by_layer"]
-    return row
+    """A ranked example's JSON row: `by_layer` only where the scores hold the parts, `loss` only where
+    the self-influence file holds the training losses."""
+    return {key: value for key, value in dataclasses.asdict(e).items() if value is not None or key not in ("by_layer", "loss")}
 
 
 def _ranking_table(
@@ -398,7 +413,8 @@ def _train_tiles(train: ExampleView, entries, kind: str, noise: bool = False, pr
         was = train.clean_label(e.train_position) if noise else None
         label = f"#{e.train_index} · {label_text(e.train_label, names, train.token_data)}" + ("" if was is None else f" (was {label_text(was, names)})")
         guess = [] if predicted is None else [f"pred {label_text(int(predicted[e.train_position]), names)}"]
-        tiles.append(Tile(train.image(e.train_position), [label, *_file_line(train, e.train_position), *guess, f"{e.score:+.3g}"], kind))
+        loss = [] if e.loss is None else [f"loss {e.loss:.3g}"]  # self-influence rankings
+        tiles.append(Tile(train.image(e.train_position), [label, *_file_line(train, e.train_position), *guess, f"{e.score:+.3g}", *loss], kind))
     return tiles
 
 
@@ -437,9 +453,9 @@ def _pairwise_grid(
     return save_image_grid(path, groups, title=title)
 
 
-def _self_grid(train: ExampleView, ranked, path: Path, predicted=None) -> Path:
+def _self_grid(train: ExampleView, ranked, path: Path, predicted=None, title: str = "most self-influential training examples") -> Path:
     from influence_cli.image_grid import GridGroup, GridRow, save_image_grid
 
     tiles = _train_tiles(train, ranked, "proponent", noise=train.has_label_noise, predicted=predicted)
     rows = [GridRow(None, tiles[i : i + SELF_GRID_COLUMNS]) for i in range(0, len(tiles), SELF_GRID_COLUMNS)]  # wrapped, in rank order
-    return save_image_grid(path, GridGroup("most self-influential training examples", rows, proponents_label="self-influence"))
+    return save_image_grid(path, GridGroup(title, rows, proponents_label="self-influence"))
