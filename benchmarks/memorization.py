@@ -9,7 +9,8 @@
    memorized random labels (train:noisy), the clean rest (train:clean) and held-out images; how
    well each example's bottom-band energy (the ranking of `spectrum --top`), its share, its whole
    gradient energy and its self-influence (compute-scores --self) single out the random labels,
-   and, for comparison, each example's training loss on its label.
+   and, for comparison, each example's training loss on its label (which compute-scores --self
+   stores beside the self-influence: top-k --self --rank-by loss).
 4. edit: removes the low-curvature components of every layer and measures accuracy on the
    memorized random labels, on the clean training labels and on held-out images 9000..10000.
 
@@ -91,8 +92,6 @@ def run(seed: int, epochs: int, weight_decay: float, out_dir: Path | None) -> di
         }
 
     base = accuracies(model)
-    with torch.no_grad():  # the plainest detector, to compare self-influence with: the loss on the (noisy) label
-        train_loss = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
 
     # 2. factors, 3. spectrum (both orders)
     t0 = time.perf_counter()
@@ -114,6 +113,7 @@ def run(seed: int, epochs: int, weight_decay: float, out_dir: Path | None) -> di
     own = load_self_influence(cfg.output_path)
     at = {int(g): i for i, g in enumerate(own.train_indices.tolist())}
     self_influence = own.values[[at[int(g)] for g in ds.global_indices.tolist()]]
+    train_loss = own.train_losses[[at[int(g)] for g in ds.global_indices.tolist()]]  # the plainest detector: the loss on the (noisy) label
 
     # 4. edits
     edits = []
@@ -131,7 +131,7 @@ def run(seed: int, epochs: int, weight_decay: float, out_dir: Path | None) -> di
         "auroc_total": auroc(ds.band_energy.sum(dim=(1, 2)), ds.noisy), "auroc_self": auroc(self_influence, ds.noisy),
         "top_noisy": sum(row["noisy"] for row in report.top_examples(top_k)["train"]) / top_k,
         "top_noisy_share": sum(row["noisy"] for row in report.top_examples(top_k, "share")["train"]) / top_k,
-        "auroc_loss": auroc(train_loss, noisy), "top_noisy_loss": float(noisy[torch.argsort(train_loss, descending=True, stable=True)[:top_k]].double().mean()),
+        "auroc_loss": auroc(train_loss, ds.noisy), "top_noisy_loss": float(ds.noisy[torch.argsort(train_loss, descending=True, stable=True)[:top_k]].double().mean()),
         "top_noisy_self": float(ds.noisy[torch.argsort(self_influence, descending=True, stable=True)[:top_k]].double().mean()),
         "top_k": top_k, "base_rate": float(noisy.double().mean()), "base": base, "edits": edits,
         "seconds": {"train": t_train, "fit": t_fit, "spectrum": t_spec, "self": t_self, "total": time.perf_counter() - t_all},
