@@ -22,8 +22,9 @@ the bottom bands of all analysed layers together.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ from influence_cli.errors import ConfigError, UsageError
 from influence_cli.factors import LayerFactors, Rotation
 from influence_cli.fit import check_finite_factors
 from influence_cli.notices import warn
-from influence_cli.passes import NonFiniteWatch, accumulator_dtype, stream_gradients
+from influence_cli.passes import BatchGradients, NonFiniteWatch, accumulator_dtype, check_first_batches, stream_gradients
 from influence_cli.progress import NullProgress, Progress, for_rank
 from influence_cli.resume import (
     DatasetsProgress,
@@ -212,6 +213,24 @@ def groups_of(datasets: list[DatasetSpectrum]) -> list[GroupSummary]:
     return out
 
 
+def _stream(
+    model: nn.Module,
+    layers: list[TrackedModule],
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    *,
+    task_kind: str,
+    name: str,
+    device: torch.device,
+    padding_value: float | None,
+    start: int = 0,
+) -> Iterator[BatchGradients]:
+    """Each batch's loss gradients at its labels, {layer: g [B, T, d_out]} in `gradients[0]`, numbered from `start`."""
+    return stream_gradients(
+        model, layers, batches, task_kind=task_kind, mode="loss", device=device, start_batch=start, dataset_name=name,
+        padding_value=padding_value,
+    )  # fmt: skip
+
+
 def dataset_spectrum(
     model: nn.Module,
     layers: list[TrackedModule],
@@ -261,10 +280,7 @@ def dataset_spectrum(
         seen = len(parts["global_indices"][0]) if start else 0  # examples of this rank's shard done
         if seen:
             progress.advance(seen)
-        for batch in stream_gradients(
-            model, layers, batches, task_kind=task_kind, mode="loss", device=device, start_batch=start, dataset_name=name,
-            padding_value=padding_value,
-        ):
+        for batch in _stream(model, layers, batches, task_kind=task_kind, name=name, device=device, padding_value=padding_value, start=start):
             watch.observe(batch)
             per_layer, per_input = [], []
             for tm in layers:
@@ -571,6 +587,10 @@ def spectrum(
         )
         resumed_from = saved.resumed_from(list(datasets), st)
         results = [DatasetSpectrum(name, **t) for name, t in zip(datasets, saved.finished, strict=False)]
+    if not from_file:  # each dataset's first batch before any pass (`passes.check_first_batches`)
+        first_batch = functools.partial(_stream, ctx.model, chosen, task_kind=cfg.task.kind, device=ctx.device, padding_value=cfg.data.padding_value)
+        left = list(datasets.items())[len(results) :]
+        check_first_batches([lambda name=name, ds=ds: first_batch(ctx.batches(ds), name=keys[name]) for name, ds in left], st)
     t0 = time.perf_counter()
     for i, (name, ds) in enumerate(datasets.items() if not from_file else []):
         if i < len(results):

@@ -9,7 +9,7 @@ scores) or the query measurement's gradient (query side).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -18,6 +18,7 @@ from torch import nn
 
 from influence_cli import model_checks, notices
 from influence_cli import task as task_lib
+from influence_cli.distributed import DistState, agree
 from influence_cli.errors import DataError, InfluenceError, ModelError, NumericalError, first_line, out_of_memory
 from influence_cli.tracking import (
     Capture,
@@ -490,6 +491,25 @@ def fan_out(items: Iterable[_Item], copies: int) -> list[Iterator[_Item]]:
             position += 1
 
     return [copy() for _ in range(copies)]
+
+
+def check_first_batches(streams: Sequence[Callable[[], Iterable[Any]]], state: DistState | None) -> None:
+    """The first batch of each stream on this rank (its forward, backward and first-batch checks), before any pass:
+    data that does not fit the model is refused before the passes ahead of it are spent (whose saved progress could not
+    be resumed once the data spec is corrected), each through `distributed.agree` (an error every rank meets is said
+    once). `streams`: functions that open them; every rank passes as many (an empty one where it streams nothing)."""
+    for open_stream in streams:
+
+        def first(open_stream: Callable[[], Iterable[Any]] = open_stream) -> None:
+            stream = iter(open_stream())
+            try:
+                next(stream, None)
+            finally:
+                close = getattr(stream, "close", None)  # a generator: let go of its loader now
+                if close is not None:
+                    close()
+
+        agree(state or DistState(), first)
 
 
 def _forward(

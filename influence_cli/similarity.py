@@ -36,11 +36,11 @@ from torch import nn
 from influence_cli import notices, storage
 from influence_cli.config import SIMILARITY_METHODS, Config
 from influence_cli.context import prepare
-from influence_cli.distributed import DistState, agree
+from influence_cli.distributed import DistState
 from influence_cli.errors import ConfigError, NumericalError, UsageError
 from influence_cli.factors import DiagonalAccumulator, LayerFactors, layer_damping
 from influence_cli.fit import PassPlan, check_factors_match, load_factors, plan_for
-from influence_cli.passes import BatchGradients, NonFiniteWatch, accumulator_dtype, stream_gradients
+from influence_cli.passes import BatchGradients, NonFiniteWatch, accumulator_dtype, check_first_batches, stream_gradients
 from influence_cli.progress import NullProgress, Progress, for_rank
 from influence_cli.resume import (
     DatasetsProgress,
@@ -149,28 +149,6 @@ def _stream(model: nn.Module, tracked: list[TrackedModule], plan: PassPlan, name
         seed=plan.seed, device=plan.device, amp=plan.amp, start_batch=start, dataset_name=name,
         padding_value=plan.padding_value,
     )
-
-
-def check_first_batches(
-    model: nn.Module, tracked: list[TrackedModule], plans: dict[str, PassPlan], keys: dict[str, str], state: DistState | None = None
-) -> None:
-    """Each dataset's first batch on this rank through the model, as its pass will run it (forward, backward, the
-    first-batch checks), before any pass: inputs or labels of a later dataset that do not fit the model are refused
-    before the passes over the datasets ahead of it are spent. With `state`, an error every rank meets is said once
-    (`distributed.agree`)."""
-    for name, plan in plans.items():
-
-        def first_batch(plan: PassPlan = plan, name: str = keys.get(name, name)) -> None:
-            stream = _stream(model, tracked, plan, name)
-            try:
-                next(stream, None)
-            finally:
-                stream.close()
-
-        if state is None:
-            first_batch()
-        else:
-            agree(state, first_batch)
 
 
 def _as_tensors(stats: DatasetStatistics) -> dict[str, torch.Tensor]:
@@ -352,11 +330,12 @@ def compute_similarity(
         damping: {layer: λ} added to Λ* in the kernel.
         keys: {dataset name: config key} named in errors (default: the name).
         saved: resumable progress: the datasets it finished are not streamed again.
-        state: the ranks, which agree on the first-batch checks of the datasets to stream (`check_first_batches`).
+        state: the ranks, which agree on the first-batch checks of the datasets to stream (`passes.check_first_batches`).
     """
     keys = keys or {}
     stats = [_from_tensors(t) for t in saved.finished] if saved is not None else []
-    check_first_batches(model, tracked, dict(list(plans.items())[len(stats):]), keys, state)
+    streamed = list(plans.items())[len(stats) :]  # each dataset's first batch before any pass (`passes.check_first_batches`)
+    check_first_batches([lambda n=n, plan=plan: _stream(model, tracked, plan, keys.get(n, n)) for n, plan in streamed], state)
     for i, (n, plan) in enumerate(plans.items()):
         if i < len(stats):
             continue

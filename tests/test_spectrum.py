@@ -42,7 +42,7 @@ from influence_cli.cli import app
 from influence_cli.config import Config, load_config
 from influence_cli.data import load_dataset, make_loader
 from influence_cli.edit import edit_model, project_weights
-from influence_cli.errors import ConfigError, OutputError
+from influence_cli.errors import ConfigError, DataError, OutputError
 from influence_cli.fit import fit_factors
 from influence_cli.models import build_model, load_model, model_fingerprint
 from influence_cli.squares import weighted_squares
@@ -744,6 +744,7 @@ def test_off_the_cpu_no_memory_map_of_the_factors_outlives_their_copy_on_the_dev
         raise PassesStart
 
     monkeypatch.setattr(band_energy_lib, "dataset_spectrum", passes)
+    monkeypatch.setattr(band_energy_lib, "check_first_batches", lambda streams, state: None)  # a batch on `meta` cannot run
     with pytest.raises(PassesStart):
         spectrum(cfg, layers="fc2")
     assert seen["alive"] == 0 and seen["devices"] == {"meta"} and seen["layers"] == ["fc2"]
@@ -842,6 +843,21 @@ def test_cli_spectrum_of_nan_inputs_leaves_the_error_line_alone(tmp_path, digits
                     "--set", f"spectrum.datasets={{nan: {spec}}}")  # fmt: skip
     line = assert_error(result, 6, "non-finite loss or gradient in the spectrum.datasets.nan pass", "global indices 3)")
     assert line.startswith("numerical error:") and len(result.stderr.splitlines()) == 2, result.stderr
+    assert not (tmp_path / "run").exists()  # nothing written, the folder it made removed
+
+
+def test_a_later_dataset_that_does_not_fit_the_model_is_refused_before_any_pass(tmp_path, digits):
+    """The last dataset's inputs do not fit the model: that is said before the datasets ahead of it are streamed (it
+    was said at its own first batch, once their passes were spent, and their saved progress, of a dataset spec since
+    corrected, could not be resumed), and no progress is left."""
+    factors, _ = digits
+    small = "{source: tensors, path: ../sample_data/digits.safetensors, range: [0, 10], transform: {scale: 16.0, resize: [4, 4]}}"
+    cfg = load_config(DIGITS, [f"factors_dir={factors}", f"output_dir={tmp_path / 'run'}", "device=cpu", "factors.checkpoint_every=1",
+                               "data.batch_size=32", f"spectrum.datasets={{train: {NOISY_SPEC}, small: {small}}}"])  # fmt: skip
+    streamed = Streamed()
+    with pytest.raises(DataError, match=r"^spectrum\.datasets\.small: inputs of shape \[10, 1, 4, 4\] do not fit the model"):
+        spectrum(cfg, progress=streamed)
+    assert streamed.passes == []
     assert not (tmp_path / "run").exists()  # nothing written, the folder it made removed
 
 
