@@ -178,8 +178,9 @@ def agree(state: DistState, fn: Callable[[], _T]) -> _T:
     """Runs a step that every rank takes at the same point (a start-up check, loading a dataset spec).
 
     When any rank fails with a typed error, every rank raises, so none waits in a later collective:
-    the same error on every rank is marked to be printed once (by rank 0); a failure of some ranks
-    only is printed by those (with its hint, even one marked as met alike, such as a rank's own
+    the same error on every rank (the same message, or the same `alike`: a label outside the classes
+    in every rank's own examples) is marked to be printed once (by rank 0, its own message); a failure of
+    some ranks only is printed by those (with its hint, even one marked as met alike, such as a rank's own
     progress file refused), and each other rank stops with a DistributedError naming it.
     """
     failure: InfluenceError | None = None
@@ -189,12 +190,13 @@ def agree(state: DistState, fn: Callable[[], _T]) -> _T:
     except InfluenceError as exc:
         failure = exc
     if state.distributed:
-        messages = state.all_gather_object(None if failure is None else failure.message)
+        alike = None if failure is None else failure.alike or failure.message
+        said = state.all_gather_object(None if failure is None else (failure.message, alike))  # each rank's (message, alike)
         if failure is None:
-            for rank, message in enumerate(messages):
-                if message is not None:
-                    raise DistributedError(f"rank {rank} stopped: {message}")
-        elif all(m == failure.message for m in messages):
+            for rank, other in enumerate(said):
+                if isinstance(other, tuple):
+                    raise DistributedError(f"rank {rank} stopped: {other[0]}")
+        elif all(isinstance(other, tuple) and other[1] == alike for other in said):
             failure.everywhere()
         else:
             failure.same_on_every_rank = False  # else no rank says it with its hint: the others say "rank N stopped: ..."

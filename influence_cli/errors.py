@@ -36,11 +36,16 @@ class InfluenceError(Exception):
     exit_code: int = 1
     kind: str = "error"
     same_on_every_rank: bool = False  # under torchrun every rank meets it alike (config, files): rank 0 alone says it
+    alike: str | None = None  # the message less this rank's own part (its examples, its batch's length), if it has one
 
-    def __init__(self, message: str, hint: str | None = None) -> None:
+    def __init__(self, message: str, hint: str | None = None, *, alike: str | None = None) -> None:
+        """`alike`: the message without what is this rank's own (the examples it names, its batch's length): ranks whose
+        errors have the same `alike` met the same error, which `distributed.agree` then has rank 0 say once."""
         super().__init__(message)
         self.message = message
         self.hint = hint
+        if alike is not None:
+            self.alike = alike
 
     def __str__(self) -> str:
         """For Python tracebacks (the CLI prints message and hint itself): the next step too, and the

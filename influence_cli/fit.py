@@ -40,7 +40,7 @@ from influence_cli.factors import (
     kronecker_layer_factors,
 )
 from influence_cli.models import definition_change, load_model, model_definition, model_fingerprint, takes_token_ids
-from influence_cli.passes import NonFiniteWatch, accumulator_dtype, matmul_dtype, stream_gradients
+from influence_cli.passes import NonFiniteWatch, accumulator_dtype, agreed_first_batch, matmul_dtype, stream_gradients
 from influence_cli.progress import NullProgress, Progress, for_rank
 from influence_cli.progress import start as start_progress
 from influence_cli.resume import (
@@ -188,6 +188,7 @@ class PassPlan:
         task_kind, fisher, seed, amp, padding_value: Settings of the passes.
         device: Where the model lives.
         all_reduce: Sums a tensor over ranks in place (identity in one process).
+        state: The ranks, which take the first batch of each fit pass together (`passes.agreed_first_batch`); None: one process.
     """
 
     batches: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
@@ -200,6 +201,7 @@ class PassPlan:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     padding_value: float | None = None
     all_reduce: Callable[[torch.Tensor], object] = lambda t: t
+    state: DistState | None = None
 
 
 def _run_pass(
@@ -244,7 +246,7 @@ def _stream_into(
 ) -> None:
     """The batch loop of `_run_pass`, from batch `start` on."""
     watch = NonFiniteWatch(plan.device, "no factors were written", plan.amp)
-    for batch in stream_gradients(
+    stream = stream_gradients(
         model,
         tracked,
         plan.batches(start),
@@ -257,7 +259,8 @@ def _stream_into(
         start_batch=start,
         padding_value=plan.padding_value,
         tensor_dtype=accumulator.matmul_dtype,
-    ):
+    )
+    for batch in agreed_first_batch(stream, plan.state):  # a first-batch error every rank meets is said once
         if batch.index == start and start:
             progress.advance(min(plan.num_examples, start * len(batch.global_indices)))
         accumulator.update(batch)
@@ -551,6 +554,7 @@ def plan_for(ctx: RunContext, dataset: IndexedDataset, limit: int | None = None)
         device=ctx.device,
         padding_value=cfg.data.padding_value,
         all_reduce=ctx.state.all_reduce_,
+        state=ctx.state,
     )
 
 

@@ -89,6 +89,7 @@ def check_model_output(out: object, batch_size: int) -> None:
         raise ModelError(
             f"the model returned outputs of shape {list(out.shape)} for a batch of {batch_size}: dim 0 must be the batch",
             hint="a final .squeeze() drops it on a batch of one; use .squeeze(-1)",
+            alike="the model returned outputs whose dim 0 is not the batch",
         )
 
 
@@ -205,6 +206,7 @@ def check_padding_alone(
             f"(by {gap:.1%} of the batch's largest output): the model reads the padded positions",
             hint="mask padding in the model (an attention key mask, a causal mask with right padding, masked pooling), "
             "or pad with a value the model ignores",
+            alike=f"data.padding_value: the model's outputs for examples of {dataset_name} change when their padding is removed",
         )
 
 
@@ -251,6 +253,7 @@ def check_weight_gradients(
         raise ModelError(
             f"the model runs on a batch of {x.shape[0]} but fails on its first {n} examples ({reason[:200]})",
             hint="the model must accept any batch size (a size written into a view/reshape also fails on a short last batch)",
+            alike="the model fails on a smaller batch than the pass's",
         ) from exc
     check_model_output(out, n)
     peak = float(vector[:n].detach().abs().max()) if vector.numel() else 0.0
@@ -295,4 +298,5 @@ def check_weight_gradients(
                 f"layer {tm.name!r}: the gradient of its weight is not Σ g·aᵀ of its own calls (off by {gap:.0%}): the model "
                 f"uses the weight otherwise ({conv1d}a subclass whose forward changes it, or the weight passed to F.linear / F.conv2d elsewhere)",
                 hint="leave it out of factors.modules, or use the weight only through the layer's own call",
+                alike=f"layer {tm.name!r}: the gradient of its weight is not Σ g·aᵀ of its own calls",
             )

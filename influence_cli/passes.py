@@ -493,6 +493,22 @@ def fan_out(items: Iterable[_Item], copies: int) -> list[Iterator[_Item]]:
     return [copy() for _ in range(copies)]
 
 
+_END = object()  # what `next` gives for a stream without batches
+
+
+def agreed_first_batch(stream: Iterable[_Item], state: DistState | None) -> Iterator[_Item]:
+    """`stream`, its first batch taken on every rank at the same point (`distributed.agree`), also on a rank whose
+    shard has none: an error of the first batch's checks (inputs or labels that do not fit the model, the model checks)
+    that every rank meets is said once, and one that only some ranks meet stops every rank, none left waiting in a later
+    collective. For passes that every rank runs, in the same order (fit-factors'); `state` None: one process."""
+    it = iter(stream)
+    first = agree(state or DistState(), lambda: next(it, _END))
+    if first is _END:
+        return
+    yield first  # type: ignore[misc]
+    yield from it
+
+
 def check_first_batches(streams: Sequence[Callable[[], Iterable[Any]]], state: DistState | None) -> None:
     """The first batch of each stream on this rank (its forward, backward and first-batch checks), before any pass:
     data that does not fit the model is refused before the passes ahead of it are spent (whose saved progress could not
@@ -566,10 +582,12 @@ def inputs_named(x: torch.Tensor, idx: torch.Tensor, dataset_name: str, *, first
             raise DataError(  # e.g. a shape mismatch, or table[x] with float x
                 f"{dataset_name}: inputs {_shape_text(x)}{_kind(x)} do not fit the model ({reason})",
                 hint=_input_hint(x, reason, dataset_name),
+                alike=f"{dataset_name}: inputs of shape {list(x.shape[1:])} per example{_kind(x)} do not fit the model",
             ) from exc
         raise ModelError(
             f"{dataset_name}: the model's forward raised {type(exc).__name__} on the batch with global indices {index_span(idx)}: {reason}",
             hint="the model's own code failed on these inputs; --debug shows the traceback",
+            alike=f"{dataset_name}: the model's forward raised {type(exc).__name__}: {reason}",
         ) from exc
 
 
@@ -777,6 +795,7 @@ def check_outputs(out: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, task_ki
                 f"{dataset_name}: label {outside[1]} of example {int(idx[outside[0]])} is outside the model's {out.shape[1]} classes",
                 hint=f"give the model an output per class (model.kwargs: num_classes of mlp, cnn and torchvision models), "
                 f"or keep labels 0..{out.shape[1] - 1} with {dataset_name}.labels_in",
+                alike=f"{dataset_name}: labels outside the model's {out.shape[1]} classes",
             )
 
 
@@ -830,4 +849,5 @@ def _check_token_labels(out: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, d
         raise DataError(
             f"{dataset_name}: label {outside[1]} of example {int(idx[outside[0]])} is outside the model's vocabulary of {out.shape[2]} tokens",
             hint=f"labels are token ids in [0, {out.shape[2]}), or {task_lib.IGNORE_INDEX} for positions without a loss",
+            alike=f"{dataset_name}: labels outside the model's vocabulary of {out.shape[2]} tokens",
         )

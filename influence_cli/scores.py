@@ -46,6 +46,7 @@ from influence_cli.passes import (
     TokenIdCheck,
     accumulator_dtype,
     check_finite,
+    check_first_batches,
     check_outputs,
     fan_out,
     index_span,
@@ -445,6 +446,22 @@ class _Scorer:
         batches = itertools.islice(self.ctx.batches(self.train, start_batch=first), shard.num_batches - skip_batches)
         return self.member_batches(batches, mode="loss", start_batch=first, name="data.train")
 
+    def query_batches(self, queries: IndexedDataset, q0: int, q1: int) -> Iterator[list[BatchGradients]]:
+        """The gradients of the query measurement at query positions [q0, q1), batch by batch (one per member)."""
+        batches = _rows(self.loader(queries, start_batch=q0 // self.bs), q0 % self.bs, q1 - q0)
+        return self.member_batches(batches, mode="measurement", start_batch=q0 // self.bs, name="data.query")
+
+    def check_first_batches(
+        self, shard: ShardSpec | None, skip: int, queries: IndexedDataset | None = None, chunk: tuple[int, int] = (0, 0)
+    ) -> None:
+        """Before any pass, every rank at the same point: the first batch of the query gradients (`queries` at the
+        positions `chunk`) and of this rank's first training pass (`shard` from its `skip`-th batch; None where it scores
+        none), through every member, as the passes take them (`passes.check_first_batches`): an error every rank meets
+        there (data that does not fit the model, the model checks) is said once. The passes do not check them again."""
+        streams = [] if queries is None else [lambda: self.query_batches(queries, *chunk)]
+        streams.append((lambda: iter(())) if shard is None else (lambda: self.train_batches(shard, skip)))
+        check_first_batches(streams, self.ctx.state)
+
     def pairwise(
         self, queries: list[StoredQueries], batches: list[BatchGradients], norms: torch.Tensor | None, c0: int, first: bool
     ) -> torch.Tensor:
@@ -530,8 +547,7 @@ class _Scorer:
         watch = self.watch("no scores were written")
         self.progress.start(title, q1 - q0)
         row, zero_gradient = 0, []
-        batches = _rows(self.loader(queries, start_batch=q0 // self.bs), q0 % self.bs, q1 - q0)
-        for per_member in self.member_batches(batches, mode="measurement", start_batch=q0 // self.bs, name="data.query"):
+        for per_member in self.query_batches(queries, q0, q1):
             n = len(per_member[0].global_indices)
             for member, out, batch in zip(self.members, outs, per_member, strict=True):
                 member.kernel.store_queries(out, row, q1 - q0, batch)
@@ -763,6 +779,11 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
         (s, path) for s, path in mine
         if not (layout.sharded and resume and path.is_file() and storage.read_metadata(path).get("run_key") in run_keys(settings))
     ]
+    first = left[0][0] if left else None  # the shard this rank scores first, from the snapshot's chunk and batch when it resumes it
+    start_chunk, skip, where = 0, 0, _snapshot_phase(snapshot, "scores:")
+    if first is not None and snapshot is not None and where is not None and where[0] == first.number:
+        start_chunk, skip = where[1], snapshot.batches_done
+    scorer.check_first_batches(first, skip, queries, layout.query_chunks[start_chunk])
     unwritten = "no index was written (finished shards stay for --resume)" if layout.sharded else "no scores were written"
     run = _PairwisePass(
         scorer, queries, layout, metadata, checkpoint, relative, seconds, query_info, scorer.watch(unwritten),
@@ -1086,6 +1107,7 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
         if collect and "labels" in snapshot.tensors:
             labels = snapshot.tensors["labels"].to(ctx.device)
         resumed_from = f"batch {skip}"
+    scorer.check_first_batches(shard, skip)
     # classification: model.checkpoint's predicted class of every example, shown beside its label (mislabel triage);
     # every task: each example's training loss (top-k --self --rank-by loss), from the outputs the pass computes anyway
     held = snapshot.tensors if snapshot is not None and snapshot.phase == "self" else None

@@ -21,17 +21,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from exact import fit as exact_fit
+from exact import tiny_mlp
 from launch import subprocess_env
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from stopping import assert_same_tensors
+from test_model_checks import ReusedWeight
 from test_resume import progress_of
 
 import influence_cli.fit as fit
 from influence_cli import storage
 from influence_cli.config import load_config
 from influence_cli.distributed import DistState
-from influence_cli.errors import DistributedError
+from influence_cli.errors import DistributedError, InfluenceError
 from influence_cli.resume import PassCheckpoint
 
 pytestmark = [pytest.mark.distributed, pytest.mark.usefixtures("one_thread")]
@@ -246,6 +249,63 @@ def test_a_start_check_one_rank_fails_stops_every_rank_at_once(tmp_path):
     assert "[rank 0] distributed error: rank 1 stopped: " in run.stderr, run.stderr
     assert "terminated by torchrun" not in run.stderr and "[rank0]: Traceback" not in run.stderr, run.stderr
     assert not (out / storage.FACTORS_FILE).exists()
+
+
+def _labels_outside_config(tmp_path: Path, bad: list[int], fit_examples: int | None) -> Path:
+    """A config of 200 digits in batches of 32 whose examples `bad` hold labels 12, 13, ... the model does not have: example
+    10 falls in rank 0's first batch, 110 in rank 1's (each streams 100 examples); factors fitted on `fit_examples`."""
+    digits = load_file(SAMPLE / "digits.safetensors")
+    labels = digits["labels"][:200].clone()
+    for k, i in enumerate(bad):
+        labels[i] = 12 + k
+    save_file({"inputs": digits["inputs"][:200].contiguous(), "labels": labels}, str(tmp_path / "labels.safetensors"))
+    config = tmp_path / "labels.yaml"
+    config.write_text(
+        f"""\
+model:
+  architecture: mlp
+  kwargs: {{input_dim: 64, hidden: [64, 32], num_classes: 10}}
+  checkpoint: {SAMPLE / "mlp.safetensors"}
+task: {{kind: classification}}
+data:
+  train: {{source: tensors, path: {tmp_path / "labels.safetensors"}, transform: {{scale: 16.0}}}}
+  query: {{source: tensors, path: {SAMPLE / "digits.safetensors"}, range: [1500, 1504], transform: {{scale: 16.0}}}}
+  batch_size: 32
+factors: {{max_examples: {"null" if fit_examples is None else fit_examples}}}
+output_dir: {tmp_path / "out"}
+"""
+    )
+    return config
+
+
+@pytest.mark.parametrize(
+    "command, bad",
+    [("fit-factors", [10, 110]), ("fit-factors", [110]), ("compute-scores", [10, 110]), ("compute-scores --self", [110])],
+    ids=["fit-every-rank", "fit-rank-1", "scores-every-rank", "self-rank-1"],
+)
+def test_a_first_batch_error_every_rank_meets_is_said_once_and_one_rank_meets_stops_every_rank(tmp_path, command, bad):
+    """A label outside the classes in every rank's first batch (each rank's own example) is said once, by rank 0, the
+    job's error (each rank printed its own, "[rank N] data error: ..."); one in rank 1's first batch alone is said by rank
+    1, and rank 0 stops at once naming it (it streamed its whole shard, then lost its peer in the all-reduce)."""
+    scores = command != "fit-factors"
+    config = _labels_outside_config(tmp_path, bad, 4 if scores else None)
+    out = tmp_path / "out"
+    if scores:  # factors of the first 4 examples: the pass over all 200 meets the labels
+        fit.fit_factors(load_config(config, ["device=cpu"]))
+    run = torchrun(*command.split(), str(config), "--set", "device=cpu")
+    said = "data error: data.train: label {} of example {} is outside the model's 10 classes"
+    if len(bad) == 2:
+        assert run.stderr.count("data error: ") == 1 and re.search(f"^{said.format(12, 10)}$", run.stderr, re.MULTILINE), run.stderr
+        assert "[rank" not in run.stderr, run.stderr
+        codes = [3, 3]
+    else:
+        assert f"[rank 1] {said.format(12, 110)}" in run.stderr and run.stderr.count("data error: ") == 1, run.stderr
+        assert f"[rank 0] distributed error: rank 1 stopped: {said.format(12, 110)[len('data error: '):]}" in run.stderr, run.stderr
+        codes = [7, 3]
+    for rank, code in enumerate(codes):  # each rank's own exit code, none stopped by torchrun first
+        assert re.search(rf"rank\s+: {rank} \(local_rank: {rank}\)\s+exitcode\s+: {code} ", run.stderr), run.stderr
+    assert "[rank0]: Traceback" not in run.stderr and "[rank1]: Traceback" not in run.stderr, run.stderr
+    assert sorted(p.name for p in out.glob("*")) == ([storage.FACTORS_FILE] if scores else [])  # nothing written
 
 
 # The real CLI on a job whose rank 0 starts late (its machine slower to import torch or to read the config).
@@ -656,12 +716,17 @@ def test_a_scores_report_speaks_for_the_whole_job():
 
 
 @pytest.mark.parametrize("marked", [False, True], ids=["unmarked", "marked-as-met-alike"])
-@pytest.mark.parametrize("others, printed_once", [(["no examples"], True), ([None], False), (["other"], False)])
+@pytest.mark.parametrize(
+    "others, printed_once",
+    [([("no examples", "no examples")], True), ([None], False), ([("other", "other")], False), ([("no examples in 1..2", "none")], True)],
+    ids=["same", "none", "other", "alike"],
+)
 def test_agree_prints_an_error_once_only_when_every_rank_met_it(others, printed_once, marked):
     """A dataset spec refused on every rank is said once (rank 0); refused on some ranks only (node-local
     data), each failing rank says it, and the others stop naming it instead of staying silent. So is an error
     raised as one every rank meets alike (`everywhere`, a FIFO at a progress path) that only this rank met, such
-    as its own progress file: no rank said it with its hint (it said nothing, rank 0 only "rank 1 stopped: ...")."""
+    as its own progress file: no rank said it with its hint (it said nothing, rank 0 only "rank 1 stopped: ...").
+    Errors whose messages differ only in each rank's own part (its examples) are the same error: their `alike`."""
     from influence_cli.distributed import agree
     from influence_cli.errors import DataError, DistributedError
 
@@ -672,7 +737,7 @@ def test_agree_prints_an_error_once_only_when_every_rank_met_it(others, printed_
             return [obj, *others]
 
     def fail():
-        error = DataError("no examples")
+        error = DataError("no examples", alike="none" if others[0] and others[0][1] == "none" else None)
         raise error.everywhere() if marked else error
 
     with pytest.raises(DataError) as info:
@@ -680,8 +745,66 @@ def test_agree_prints_an_error_once_only_when_every_rank_met_it(others, printed_
     assert info.value.same_on_every_rank is printed_once
     if others == ["other"]:
         return
-    with pytest.raises(DistributedError, match="rank 1 stopped: no examples") if others[0] else contextlib.nullcontext():
+    with pytest.raises(DistributedError, match=f"rank 1 stopped: {others[0][0]}$") if others[0] else contextlib.nullcontext():
         assert agree(Ranks(), lambda: 3) == 3
+
+
+class Sums(torch.nn.Module):
+    """The tiny MLP's outputs summed over the batch: one row for the whole batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = tiny_mlp()
+
+    def forward(self, x):
+        return self.mlp(x).sum(0, keepdim=True)
+
+
+class Fails(torch.nn.Module):
+    """A forward that fails whatever its inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(5, 3).double()
+
+    def forward(self, x):
+        raise RuntimeError("not implemented yet")
+
+
+def _first_batch_error(case: str, rank: int) -> InfluenceError:
+    """The error of one rank's first batch (rank 0: 5 examples, rank 1: 6, other ones) in `case`."""
+    from influence_cli.passes import check_outputs
+
+    gen = torch.Generator().manual_seed(rank)
+    n = 5 + rank
+    x, y = torch.randn(n, 5, generator=gen, dtype=torch.float64), torch.randint(0, 3, (n,), generator=gen)
+    if case == "vocabulary":  # a language model's logits [B, T, 4] and its labels [B, T]
+        y = torch.randint(0, 4, (n, 2), generator=gen)
+        y[rank, 1] = 9 + rank
+        return _raised(lambda: check_outputs(torch.zeros(n, 2, 4), y, torch.arange(n) + 100 * rank, "language_modeling", "data.train"))
+    model = {"inputs": tiny_mlp(d_in=3), "outputs": Sums(), "weights": ReusedWeight().double(), "forward": Fails()}.get(case, tiny_mlp())
+    if case == "classes":
+        y[rank] = 3 + rank
+    if case == "weights":
+        x = x[:, :4]
+    return _raised(lambda: exact_fit(model, x, y, batch_size=n))
+
+
+def _raised(fn) -> InfluenceError:
+    with pytest.raises(InfluenceError) as info:
+        fn()
+    return info.value
+
+
+@pytest.mark.parametrize("case", ["classes", "vocabulary", "inputs", "outputs", "weights", "forward"])
+def test_first_batch_errors_of_two_ranks_own_examples_are_alike(case):
+    """The first-batch refusals that name a rank's own examples, its batch's length or what its data measures (a label
+    outside the classes at example 1 here and at example 102 there, inputs [5, 3] and [6, 3] that do not fit, a gradient
+    off by another share) differ between ranks in their message and agree in their `alike`, so that `agree` has rank 0
+    say them once."""
+    on_0, on_1 = _first_batch_error(case, 0), _first_batch_error(case, 1)
+    assert type(on_0) is type(on_1) and on_0.message != on_1.message, (on_0.message, on_1.message)
+    assert on_0.alike is not None and on_0.alike == on_1.alike, (on_0.alike, on_1.alike)
 
 
 # ----------------------------------------------------------------------------- a rank that lost a finished dataset's file
