@@ -539,8 +539,9 @@ def output_dir_lock(
         if not shared:  # a writer says who it is
             os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}: {_program()}".encode("utf-8", "surrogateescape"), 0)
     except OSError as exc:  # a full disk: the run could write nothing there either
-        if not shared:  # this run holds the lock alone: its file goes
-            path.unlink(missing_ok=True)
+        if not shared:  # this run holds the lock alone: its file goes (one it cannot remove is locked by the next run)
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
         os.close(fd)
         raise OutputError(
             f"{key}: cannot write the lock file {str(path)!r} ({exc.strerror or exc})", hint=write_hint(exc, key, f"set {key} to a writable folder")

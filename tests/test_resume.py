@@ -774,6 +774,27 @@ def test_a_full_disk_stops_a_run_at_its_lock_and_leaves_no_lock_file(tmp_path, m
         assert storage.writer_of(tmp_path / "out", "scores") is not None
 
 
+def test_a_lock_file_that_cannot_be_removed_after_a_full_disk_is_still_one_output_error(tmp_path, monkeypatch):
+    """The lock's write failed and its file cannot be removed (a sticky folder, another user's file): the same output
+    error, not the unlink's OSError traceback, and the lock is released for the next run."""
+    monkeypatch.setattr(storage.os, "pwrite", no_space)
+    real_unlink = Path.unlink
+
+    def denied(self, missing_ok=False):
+        if self.name.endswith(".lock"):
+            raise PermissionError(1, "Operation not permitted", str(self))
+        return real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", denied)
+    with pytest.raises(OutputError, match=r"output_dir: cannot write the lock file .*\(No space left on device\)") as info:
+        with storage.output_dir_lock(tmp_path / "out", "scores"):
+            pass
+    assert info.value.hint == "free space, or set output_dir to another place"
+    monkeypatch.undo()
+    with storage.output_dir_lock(tmp_path / "out", "scores"):  # released: the file left is locked by the next run as usual
+        assert storage.writer_of(tmp_path / "out", "scores") is not None
+
+
 def test_readers_never_refuse_each_other_and_the_api_without_a_state_locks(tmp_path, monkeypatch):
     """A reader that releases last upgrades its lock to remove the file: another reader opening it
     then must wait a moment, not be refused. A process called without `state` runs alone (RANK
