@@ -677,9 +677,14 @@ def load_json(path: Path, what: str, hint: str) -> Any:
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except PermissionError:
-        raise OutputError(f"{str(path)!r} cannot be read (permission denied)", hint="give this user read permission on it (chmod)") from None
+        raise read_denied(path) from None
     except (OSError, ValueError) as exc:
         raise OutputError(f"{str(path)!r} is not a readable {what} ({exc})", hint=hint) from None
+
+
+def read_denied(path: Path) -> OutputError:
+    """The OutputError of an output file this user may not read."""
+    return OutputError(f"{str(path)!r} cannot be read (permission denied)", hint="give this user read permission on it (chmod)")
 
 
 _REMAKE = (  # (file name pattern, the command that writes it again), the first match wins
@@ -856,7 +861,7 @@ def unreadable(path: Path, exc: Exception, what: str = "safetensors file", hint:
         return OutputError(f"{str(path)!r} cannot be opened: its path is not valid UTF-8, which safetensors needs (and "
                            "there is no /proc/self/fd to open it through)", hint="rename the file (or the folders above it) to UTF-8 names")  # fmt: skip
     if os.path.exists(path) and not os.access(path, os.R_OK):  # safetensors says "No such file or directory" of it too
-        return OutputError(f"{str(path)!r} cannot be read (permission denied)", hint="give this user read permission on it (chmod)")
+        return read_denied(path)
     return OutputError(f"{str(path)!r} is not a readable {what} ({exc})", hint=hint or remake_hint(path))
 
 

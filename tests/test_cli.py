@@ -806,6 +806,24 @@ def test_a_tilde_in_path_arguments_is_the_home_folder(runner: CliRunner, fitted:
     assert (home / "edited.safetensors").is_file() and list(work.iterdir()) == []
 
 
+def test_a_scores_index_given_with_a_tilde_that_this_user_may_not_read(runner: CliRunner, fitted: tuple[Path, Result], tmp_path: Path, monkeypatch):
+    """FILE's own readability check passes over a path given with ~ (it looks for a file named "~"): info names an
+    unreadable scores index as such, as top-k and compute-scores do, not as "not a scores index written by this tool"."""
+    out, _ = fitted
+    home = tmp_path / "home"
+    sets = ["--set", f"output_dir={home}", "--set", f"factors_dir={out}", "--set", "scores.max_memory_mb=0.02"]
+    assert invoke(runner, "compute-scores", DIGITS, *sets).exit_code == 0
+    index = home / "scores.index.json"
+    monkeypatch.setenv("HOME", str(home))
+    index.chmod(0)
+    try:
+        done = unprivileged("info", "~/scores.index.json")
+    finally:
+        index.chmod(0o600)
+    assert_one_error_line(done, EXIT["output"], f"{str(index)!r} cannot be read (permission denied)")
+    assert done.stderr.splitlines()[1] == "hint: give this user read permission on it (chmod)"
+
+
 def test_data_files_this_user_may_not_read(tmp_path: Path):
     """A tensors file (safetensors said "No such file or directory") and an indices_file (a PermissionError's text,
     no hint) without read permission: one line naming the key, the file and the permission, before any pass."""
