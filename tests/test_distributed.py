@@ -204,30 +204,11 @@ def test_two_ranks_in_bfloat16_match_one_process(tmp_path):
 
 
 def test_failing_rank_fails_the_job_with_its_message(tmp_path):
-    """Rank 1's half of the data has a label the model does not have: the job fails, nothing is written."""
-    digits = load_file(SAMPLE / "digits.safetensors")
-    labels = digits["labels"][:400].clone()
-    labels[300] = 12  # in the second half: only rank 1 streams it
-    data = tmp_path / "bad_labels.safetensors"
-    save_file({"inputs": digits["inputs"][:400].contiguous(), "labels": labels}, str(data))
-    config = tmp_path / "bad.yaml"
-    config.write_text(
-        f"""\
-model:
-  architecture: mlp
-  kwargs: {{input_dim: 64, hidden: [64, 32], num_classes: 10}}
-  checkpoint: {SAMPLE / "mlp.safetensors"}
-task: {{kind: classification}}
-data:
-  train: {{source: tensors, path: {data}, transform: {{scale: 16.0}}}}
-  batch_size: 64
-factors: {{checkpoint_every: 2}}
-output_dir: {tmp_path / "out"}
-"""
-    )
+    """Rank 1's half of the data has a label the model does not have, past its first batch: the job fails, nothing is written."""
+    config = _labels_outside_config(tmp_path, [150], None, checkpoint_every=2)  # rank 1 streams 100..199, 32 a batch
     run = torchrun(*fit_args(config, tmp_path / "out"))
     assert run.returncode != 0
-    assert "[rank 1] data error: data.train: label 12 of example 300 is outside the model's 10 classes" in run.stderr, run.stderr
+    assert "[rank 1] data error: data.train: label 12 of example 150 is outside the model's 10 classes" in run.stderr, run.stderr
     # rank 1 leaves before rank 0 notices, so torchrun records its own exit code (3), never its SIGTERM
     assert re.search(r"rank\s+: 1 \(local_rank: 1\)\s+exitcode\s+: 3 ", run.stderr), run.stderr
     # Rank 0 stops with a typed error (or torchrun stops it first), never a traceback from the collective.
@@ -251,7 +232,7 @@ def test_a_start_check_one_rank_fails_stops_every_rank_at_once(tmp_path):
     assert not (out / storage.FACTORS_FILE).exists()
 
 
-def _labels_outside_config(tmp_path: Path, bad: list[int], fit_examples: int | None) -> Path:
+def _labels_outside_config(tmp_path: Path, bad: list[int], fit_examples: int | None, checkpoint_every: int | None = None) -> Path:
     """A config of 200 digits in batches of 32 whose examples `bad` hold labels 12, 13, ... the model does not have: example
     10 falls in rank 0's first batch, 110 in rank 1's (each streams 100 examples); factors fitted on `fit_examples`."""
     digits = load_file(SAMPLE / "digits.safetensors")
@@ -271,7 +252,7 @@ data:
   train: {{source: tensors, path: {tmp_path / "labels.safetensors"}, transform: {{scale: 16.0}}}}
   query: {{source: tensors, path: {SAMPLE / "digits.safetensors"}, range: [1500, 1504], transform: {{scale: 16.0}}}}
   batch_size: 32
-factors: {{max_examples: {"null" if fit_examples is None else fit_examples}}}
+factors: {{max_examples: {"null" if fit_examples is None else fit_examples}{"" if checkpoint_every is None else f", checkpoint_every: {checkpoint_every}"}}}
 output_dir: {tmp_path / "out"}
 """
     )
