@@ -73,7 +73,8 @@ class TransformSpec(_Section):
         "Mean/std normalization: one value for every input, one per channel, or for rows of features [F] one per column. "
         "It runs after scale: with scale 255.0 the statistics of inputs in [0, 1] "
         "(torchvision's, as its Normalize sees them after ToTensor), without it those of the raw values; "
-        "8-bit inputs with statistics of the other range are warned about.",
+        "8-bit inputs with statistics of the other range are warned about. int32, int64 and float64 inputs (timestamps, IDs) are "
+        "scaled and normalized in float64, the rest in float32.",
         default=None,
     )
     flatten: bool = _help("Flatten each example to a vector.", default=False)

@@ -1699,6 +1699,30 @@ def test_normalize_keeps_float64_inputs_exact(tmp_path: Path) -> None:
     assert ds[0][0].dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32], ids=["int64", "int32"])
+def test_normalize_and_scale_keep_wide_integer_inputs_exact(tmp_path: Path, dtype: torch.dtype) -> None:
+    """Integer timestamps near 1.7e9, 7 s apart (std 9): float32 holds them to 128 s, so rounding them before
+    normalize made the column all 0, up to 1.16 std off. They are scaled and normalized in float64, as float64
+    inputs are; 8- and 16-bit inputs (images) stay float32."""
+    ts = 1_700_000_000 + 7 * torch.arange(4, dtype=torch.int64)
+    x = torch.stack([torch.arange(4), ts], 1).to(dtype)
+    save_file({"inputs": x, "labels": torch.zeros(4)}, tmp_path / "t.safetensors")
+    exact = x.double()
+    mean, std = exact.mean(0).tolist(), exact.std(0).tolist()
+    expected = (exact - exact.mean(0)) / exact.std(0)
+    for transform in (
+        TransformSpec(normalize=NormalizeSpec(mean=mean, std=std)),
+        TransformSpec(scale=1000.0, normalize=NormalizeSpec(mean=[m / 1000 for m in mean], std=[s / 1000 for s in std])),
+    ):
+        ds = load_dataset(DataSpec(source="tensors", path="t.safetensors", transform=transform), tmp_path)
+        got = torch.stack([ds[i][0] for i in range(4)])
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)  # float64 rounds 1.7e6 (after scale) to 2e-10 = 6e-8 std
+    for small in (torch.uint8, torch.int16):
+        save_file({"inputs": x[:, :1].to(small), "labels": torch.zeros(4)}, tmp_path / "t.safetensors")
+        assert load_dataset(DataSpec(source="tensors", path="t.safetensors", transform=TransformSpec(scale=3.0)), tmp_path)[0][0].dtype == torch.float32
+
+
 def test_a_file_named_npz_that_is_no_archive_is_named_as_such(tmp_path: Path) -> None:
     """numpy reads anything without a zip or .npy header as a pickle, and said "allow_pickle"."""
     (tmp_path / "d.npz").write_bytes(b"not an archive at all")

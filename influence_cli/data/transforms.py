@@ -1,4 +1,5 @@
-"""channels_first -> channels -> resize -> scale -> normalize -> flatten on float32 batches; integer token ids pass through as int64."""
+"""channels_first -> channels -> resize -> scale -> normalize -> flatten on float32 batches (float64 for float64, int32 and int64
+inputs); integer token ids pass through as int64."""
 
 from __future__ import annotations
 
@@ -67,8 +68,8 @@ def _check_normalize_range(spec: TransformSpec, name: str, key: str) -> None:
 class Transform:
     """channels_first -> channels -> resize -> scale -> normalize -> flatten, applied out of place on batches [B, *raw_shape].
 
-    The result is float32, or int64 when the inputs are token ids (`token_inputs`): those are
-    only flattened (when asked).
+    The result is float32 (float64 for float64, int32 and int64 inputs), or int64 when the inputs are token ids
+    (`token_inputs`): those are only flattened (when asked).
     """
 
     def __init__(
@@ -169,15 +170,16 @@ class Transform:
         self.out_shape = (math.prod(shape),) if self.flatten else shape
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Transforms raw inputs [B, *raw_shape] (any real dtype) into float32 [B, *out_shape] (float64 inputs stay
-        float64 for float64 models; passes cast floats to the model's dtype), or int64 token ids."""
+        """Transforms raw inputs [B, *raw_shape] (any real dtype) into float32 [B, *out_shape] (float64, int32 and int64
+        inputs into float64, scaled and normalized exactly; passes cast floats to the model's dtype), or int64 token ids."""
         if self.tokens:
             if x.is_floating_point() and not bool((x == x.round()).all()):
                 bad = x[x != x.round()][0].item()
                 raise DataError(f"{self.key}.dtype: int64 token ids must be whole numbers, the inputs hold {bad}")
             x = x.to(torch.int64)
             return x.reshape(x.shape[0], -1) if self.flatten else x
-        x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+        wide = not x.is_floating_point() and x.dtype.itemsize > 2  # int32/int64 (timestamps, IDs): beyond 2**24 float32 rounds them
+        x = x.to(torch.float64 if x.dtype == torch.float64 or wide else torch.float32)  # 8- and 16-bit images: float32
         if self.channels_first:
             x = x.permute(0, 3, 1, 2).contiguous()
         if self.channels is not None:
