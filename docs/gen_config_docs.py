@@ -202,8 +202,9 @@ FACTORS_PROSE = """\
 ## Factor strategies and Fisher kinds
 
 The curvature F is approximated block-diagonally, one block per tracked `nn.Linear` /
-`nn.Conv2d` layer (bias folded in; Conv2d through unfolded patches, KFC), or Hugging Face
-`Conv1D` (GPT-2's projections), the Linear of its transposed weight.
+`nn.Conv2d` / `nn.Conv1d` layer (bias folded in; convolutions through unfolded patches, KFC, a
+Conv1d as the Conv2d on `[B, C, 1, L]` with kernel `(1, k)`), or Hugging Face `Conv1D` (GPT-2's
+projections), the Linear of its transposed weight.
 
 | `factors.strategy` | curvature per layer | passes over data.train |
 |---|---|---|
@@ -222,7 +223,8 @@ The curvature F is approximated block-diagonally, one block per tracked `nn.Line
 `influence inspect CONFIG` lists them, e.g. `["fc*"]` or `["features.*", "classifier"]`;
 a pattern list that matches no supported layer is an error.
 
-A Linear layer applied to `[batch, seq, features]` counts its positions (so do Conv2d patches).
+A Linear layer applied to `[batch, seq, features]` counts its positions (so do Conv1d / Conv2d patches,
+which padding does not mask).
 For padded sequences set `data.padding_value`: the pad token id of `[batch, seq]` integer inputs,
 or the value that fills every feature of a padded position of `[batch, seq, features]` inputs.
 Padded positions are then zeroed in the activations and output gradients of every layer whose

@@ -54,7 +54,7 @@ from influence_cli.resume import (
     run_key,
     run_keys,
 )
-from influence_cli.tracking import TrackedModule, UntrackedModule, find_tracked_modules, skipped_layers
+from influence_cli.tracking import CONV_KINDS, TrackedModule, UntrackedModule, find_tracked_modules, is_layer, skipped_layers
 
 
 @dataclass
@@ -424,8 +424,8 @@ def warn_column_scales(
             drowned.append(_Drowned(tm, found, curvature, over))
     if not drowned:
         return
-    first = None if takes_token_ids(model) else next((m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))), None)
-    data = [d for d in drowned if d.tm.module is first]  # the model's first Linear or Conv2d reads the data's columns
+    first = None if takes_token_ids(model) else next((m for m in model.modules() if is_layer(m)), None)
+    data = [d for d in drowned if d.tm.module is first]  # the model's first Linear or conv reads the data's columns
     hidden = [d for d in drowned if d.tm.module is not first]
     parts = [_data_columns_text(data[0], factor, scope, dtype)] if data else []
     if hidden:
@@ -446,8 +446,8 @@ def _data_columns_text(d: _Drowned, factor: float, scope: str, dtype: torch.dtyp
     """
     tm, found = d.tm, d.found
     lost = found.ratios[0] * torch.finfo(dtype).eps * max(tm.d_in, tm.d_out) >= 0.1
-    unit = "channel" if tm.kind == "conv2d" else "column"
-    per = math.prod(tm.module.kernel_size) if tm.kind == "conv2d" else 1  # F.unfold's columns: channel-major
+    unit = "channel" if tm.kind in CONV_KINDS else "column"
+    per = math.prod(tm.module.kernel_size) if tm.kind in CONV_KINDS else 1  # F.unfold's columns: channel-major
     bias = tm.has_bias and tm.d_in - 1 in found.columns
     numbers = list(dict.fromkeys(j // per for j in found.columns if not (tm.has_bias and j == tm.d_in - 1)))
     shown = ", ".join(str(j) for j in numbers[:5]) + (f" and {len(numbers) - 5} more" if len(numbers) > 5 else "")

@@ -8,7 +8,7 @@ is built from them on two assumptions (DESIGN.md: per-example gradients Σₜ g�
    dim 0. A layer fed [T, B, F] (the sequence-first layout of nn.Transformer's default) when T
    happens to equal the batch size, or a model that mixes examples, breaks it silently.
 2. The gradient of a tracked weight is Σₜ gₜaₜᵀ (transposed for transformers' Conv1D): the weight is
-   used only by its layer's own call, as nn.Linear / nn.Conv2d / Conv1D use it. A subclass whose forward
+   used only by its layer's own call, as nn.Linear / nn.Conv1d / nn.Conv2d / Conv1D use it. A subclass whose forward
    transforms the weight (weight standardization), or `F.linear(x, layer.weight)` elsewhere in the
    model, breaks it.
 
@@ -296,7 +296,7 @@ def check_weight_gradients(
             conv1d = "a class named Conv1D computing other than transformers' Conv1D (x @ weight + bias), " if tm.transposed else ""
             raise ModelError(
                 f"layer {tm.name!r}: the gradient of its weight is not Σ g·aᵀ of its own calls (off by {gap:.0%}): the model "
-                f"uses the weight otherwise ({conv1d}a subclass whose forward changes it, or the weight passed to F.linear / F.conv2d elsewhere)",
+                f"uses the weight otherwise ({conv1d}a subclass whose forward changes it, or the weight passed to F.{'linear' if tm.kind == 'linear' else tm.kind} elsewhere)",
                 hint="leave it out of factors.modules, or use the weight only through the layer's own call",
                 alike=f"layer {tm.name!r}: the gradient of its weight is not Σ g·aᵀ of its own calls",
             )

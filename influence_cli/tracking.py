@@ -2,8 +2,10 @@
 
 A tracked layer is an nn.Linear (inputs [B, d_in] or [B, ..., d_in]), a Hugging Face
 transformers `Conv1D` (GPT-2's projections: a Linear whose weight is stored transposed,
-[d_in, d_out]; recognised without importing transformers, `conv1d_base`) or an
-nn.Conv2d (patches unfolded as in KFC, Grosse & Martens 2016). Each is seen as a
+[d_in, d_out]; recognised without importing transformers, `conv1d_base`), an
+nn.Conv2d (patches unfolded as in KFC, Grosse & Martens 2016) or an nn.Conv1d (the
+Conv2d on [B, C, 1, L] with kernel (1, k), stride (1, s), padding (0, p), dilation
+(1, d): the same patches, `unfold_arguments`). Each is seen as a
 linear map over positions: activations a [B, T, d_in(+1)] (a ones column folds the
 bias in) and output gradients g [B, T, d_out], so that the per-example gradient
 of the weight matrix [W | b] (d_out × d_in(+1)) is Σ_t g_t a_tᵀ.
@@ -31,7 +33,7 @@ class TrackedModule:
 
     name: str
     module: nn.Module
-    kind: str  # "linear" | "conv2d"
+    kind: str  # "linear" | "conv2d" | "conv1d" (CONV_KINDS: unfolded patches)
     d_in: int  # input features per position, +1 when the layer has a bias
     d_out: int
     has_bias: bool
@@ -66,7 +68,7 @@ def _is_name(pattern: str) -> bool:
     return not any(c in pattern for c in "*?[")
 
 
-LAYER_KINDS = "nn.Linear, nn.Conv2d or transformers Conv1D"  # the layers that can be tracked, as messages name them
+LAYER_KINDS = "nn.Linear, nn.Conv1d, nn.Conv2d or transformers Conv1D"  # the layers that can be tracked, as messages name them
 
 
 def conv1d_base(module: nn.Module) -> type | None:
@@ -90,19 +92,34 @@ def conv1d_base(module: nn.Module) -> type | None:
     return base
 
 
+CONV_LAYERS = (nn.Conv1d, nn.Conv2d)  # the convolutions tracked through unfolded patches (KFC)
+CONV_KINDS = ("conv1d", "conv2d")  # their TrackedModule.kind
+
+
 def is_layer(module: nn.Module) -> bool:
-    """An nn.Linear, nn.Conv2d or transformers Conv1D: a layer `find_tracked_modules` considers."""
-    return isinstance(module, (nn.Linear, nn.Conv2d)) or conv1d_base(module) is not None
+    """An nn.Linear, nn.Conv1d, nn.Conv2d or transformers Conv1D: a layer `find_tracked_modules` considers."""
+    return isinstance(module, (nn.Linear, *CONV_LAYERS)) or conv1d_base(module) is not None
 
 
-def _conv_padding(module: nn.Conv2d) -> tuple[int, int] | None:
-    """The Conv2d's zero padding per side as numbers ('valid' = 0, symmetric 'same'), or None if unsupported."""
+def _conv_padding(module: nn.Conv1d | nn.Conv2d) -> tuple[int, ...] | None:
+    """The conv's zero padding per side of each spatial dim as numbers ('valid' = 0, symmetric 'same'), or None if unsupported."""
     if module.padding == "valid":
-        return (0, 0)
+        return (0,) * len(module.kernel_size)
     if module.padding == "same":
         total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size, strict=True)]
-        return None if any(p % 2 for p in total) else (total[0] // 2, total[1] // 2)
-    return tuple(module.padding)  # type: ignore[return-value]
+        return None if any(p % 2 for p in total) else tuple(p // 2 for p in total)
+    return tuple(module.padding)  # type: ignore[arg-type]
+
+
+def unfold_arguments(module: nn.Conv1d | nn.Conv2d) -> dict[str, tuple[int, int]]:
+    """F.unfold's kernel_size, dilation, padding and stride of a tracked conv: a Conv1d's are those of the
+    Conv2d on its input viewed [B, C, 1, L] (kernel (1, k), dilation (1, d), padding (0, p), stride (1, s)),
+    whose patches [B, C·k, L_out] (channel-major, as the weight [out, C, k] flattens) are the Conv1d's."""
+    pad = _conv_padding(module)
+    assert pad is not None  # unsupported_reason refuses the layer before its patches are unfolded
+    if isinstance(module, nn.Conv1d):
+        return {"kernel_size": (1, *module.kernel_size), "dilation": (1, *module.dilation), "padding": (0, *pad), "stride": (1, *module.stride)}  # type: ignore[dict-item]
+    return {"kernel_size": module.kernel_size, "dilation": module.dilation, "padding": pad, "stride": module.stride}  # type: ignore[dict-item]
 
 
 ATTENTION_OUTPUT = "applied by nn.MultiheadAttention through its weight, never called as a layer"
@@ -181,10 +198,10 @@ def _auxiliary_classifiers(model: nn.Module) -> dict[int, str]:
 
 
 def unsupported_reason(module: nn.Module, unrecorded: dict[int, str] | None = None) -> str | None:
-    """Why a Linear / Conv2d cannot be tracked (None if it can); `unrecorded` from `unrecorded_layers`."""
+    """Why a Linear / Conv1d / Conv2d cannot be tracked (None if it can); `unrecorded` from `unrecorded_layers`."""
     if unrecorded and id(module) in unrecorded:
         return unrecorded[id(module)]
-    if not isinstance(module, nn.Conv2d):
+    if not isinstance(module, CONV_LAYERS):
         return None
     if module.groups != 1:
         return f"groups={module.groups}"
@@ -201,15 +218,15 @@ def unmaterialized(module: nn.Module) -> bool:
 
 
 def custom_forward_reason(module: nn.Module) -> str | None:
-    """Why a wildcard leaves out a Linear / Conv2d / Conv1D subclass with its own forward (None for the stock layers).
+    """Why a wildcard leaves out a Linear / Conv1d / Conv2d / Conv1D subclass with its own forward (None for the stock layers).
 
     Such a forward may use the weight otherwise than the stock layer (weight standardization,
     a scale), so the hooks' Σ g·aᵀ would not be its gradient; naming the layer tracks it, and
     the first batch checks that gradient (model_checks).
     """
-    base = nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d if isinstance(module, nn.Conv2d) else conv1d_base(module)
+    base = next((c for c in (nn.Linear, *CONV_LAYERS) if isinstance(module, c)), None) or conv1d_base(module)
     cls = type(module)
-    if base is None or (cls.forward is base.forward and (base is not nn.Conv2d or cls._conv_forward is nn.Conv2d._conv_forward)):
+    if base is None or (cls.forward is base.forward and (base not in CONV_LAYERS or cls._conv_forward is base._conv_forward)):
         return None
     return f"{cls.__name__} overrides the {base.__name__} forward (name it in factors.modules to track it; its gradient is checked)"
 
@@ -217,7 +234,7 @@ def custom_forward_reason(module: nn.Module) -> str | None:
 def find_tracked_modules(model: nn.Module, patterns: Sequence[str], key: str = "factors.modules") -> list[TrackedModule]:
     """The supported layers whose names match any fnmatch pattern, in model order.
 
-    A layer the factors cannot model (a grouped Conv2d, non-zero padding modes, asymmetric
+    A layer the factors cannot model (a grouped Conv1d / Conv2d, non-zero padding modes, asymmetric
     'same' padding; the layers of `unrecorded_layers`: nn.MultiheadAttention's `out_proj` and the
     `qkv` and `proj` of torchvision's Swin attention, which are never called, Swin V2's `cpb_mlp`,
     whose input is shared by the batch, the auxiliary classifiers of GoogLeNet and Inception3, run
@@ -237,7 +254,7 @@ def find_tracked_modules(model: nn.Module, patterns: Sequence[str], key: str = "
             hint="pass the model before torch.compile (its ._orig_mod)",
         )
     tracked: list[TrackedModule] = []
-    supported_names: list[str] = []  # every Linear, Conv2d and Conv1D (a pattern matching any of them is not a typo)
+    supported_names: list[str] = []  # every Linear, Conv1d, Conv2d and Conv1D (a pattern matching any of them is not a typo)
     trackable: list[str] = []  # those that can be tracked (what messages list)
     owners: dict[int, str] = {}
     skipped: list[str] = []  # matched by a wildcard but not trackable, with the reason
@@ -273,7 +290,9 @@ def find_tracked_modules(model: nn.Module, patterns: Sequence[str], key: str = "
                 elif id(module) in unrecorded:
                     detail = f"Linear {name!r} is {reason}, so its inputs cannot be recorded"
                 else:
-                    detail = f"Conv2d {name!r} uses {reason}; only groups=1 with zero padding (numbers, 'valid' or symmetric 'same') is supported"
+                    detail = (
+                        f"{type(module).__name__} {name!r} uses {reason}; only groups=1 with zero padding (numbers, 'valid' or symmetric 'same') is supported"
+                    )
                 raise ModelError(f"{key}: {detail}", hint=f"leave it out of {key}")
             continue
         for param in module.parameters(recurse=False):
@@ -286,12 +305,12 @@ def find_tracked_modules(model: nn.Module, patterns: Sequence[str], key: str = "
         has_bias = module.bias is not None
         if isinstance(module, nn.Linear):
             tracked.append(TrackedModule(name, module, "linear", module.in_features + has_bias, module.out_features, has_bias))
-        elif not isinstance(module, nn.Conv2d):  # a Conv1D: the Linear of its weight's transpose
+        elif not isinstance(module, CONV_LAYERS):  # a Conv1D: the Linear of its weight's transpose
             tracked.append(TrackedModule(name, module, "linear", module.nx + has_bias, module.nf, has_bias, transposed=True))
         else:
-            kh, kw = module.kernel_size
-            d_in = module.in_channels * kh * kw + has_bias
-            tracked.append(TrackedModule(name, module, "conv2d", d_in, module.out_channels, has_bias))
+            kind = "conv1d" if isinstance(module, nn.Conv1d) else "conv2d"
+            d_in = module.in_channels * math.prod(module.kernel_size) + has_bias
+            tracked.append(TrackedModule(name, module, kind, d_in, module.out_channels, has_bias))
     listed = ", ".join(trackable[:8]) + (f", ... ({len(trackable)} in all)" if len(trackable) > 8 else "")  # for the messages below
     dead = [p for p in patterns if not _is_name(p) and not any(fnmatch.fnmatchcase(n, p) for n in supported_names)]
     if dead and tracked:  # a typo next to a pattern that works would otherwise drop its layers silently
@@ -363,7 +382,7 @@ def untracked_modules(model: nn.Module, tracked: Sequence[TrackedModule], key: s
 
 def skipped_layers(model: nn.Module, tracked: Sequence[TrackedModule], patterns: Sequence[str]) -> list[UntrackedModule]:
     """The layers a user may expect in the scores that a wildcard of `patterns` matched and passed
-    over: Linear, Conv2d and Conv1D layers that cannot be tracked (grouped convs, nn.MultiheadAttention's
+    over: Linear, Conv1d, Conv2d and Conv1D layers that cannot be tracked (grouped convs, nn.MultiheadAttention's
     out_proj, Swin attention's qkv, proj and cpb_mlp, subclasses with their own forward) and
     convolutions of other dimensions; not layers no pattern matches, nor norms, embeddings and
     other parameters (`influence inspect` lists those)."""
@@ -374,7 +393,7 @@ def skipped_layers(model: nn.Module, tracked: Sequence[TrackedModule], patterns:
         module = modules.get("" if u.name == "(model)" else u.name)
         if u.shared_with is not None or module is None or not any(fnmatch.fnmatchcase(u.name, p) for p in wildcards):
             continue
-        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or conv1d_base(module) is not None:  # Conv2d among the convs
+        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or conv1d_base(module) is not None:  # Conv1d and Conv2d among the convs
             out.append(u)
     return out
 
@@ -385,8 +404,8 @@ UNFOLD_ELEMENTS_GPU = 1 << 26  # on a GPU (256 MiB): fewer, larger unfolds, as e
 
 def layer_activations(tm: TrackedModule, x: torch.Tensor) -> torch.Tensor:
     """The layer's input as activations [B, T, d_in] (bias column of ones appended)."""
-    if tm.kind == "conv2d":
-        return _conv_activations(tm, x)
+    if tm.kind in CONV_KINDS:
+        return _conv_activations(tm, x.unsqueeze(2) if tm.kind == "conv1d" else x)
     a = x.reshape(x.shape[0], -1, x.shape[-1])
     if tm.has_bias:
         a = torch.cat([a, a.new_ones(a.shape[0], a.shape[1], 1)], dim=2)
@@ -394,16 +413,16 @@ def layer_activations(tm: TrackedModule, x: torch.Tensor) -> torch.Tensor:
 
 
 def _conv_activations(tm: TrackedModule, x: torch.Tensor) -> torch.Tensor:
-    """A conv layer's unfolded patches [B, T, d_in] of its input x [B, C, H, W] (KFC).
+    """A conv layer's unfolded patches [B, T, d_in] of its input x [B, C, H, W] (KFC; a Conv1d's [B, C, L] as [B, C, 1, L]).
 
     With a bias, the patches are unfolded `UNFOLD_ELEMENTS` (on a GPU `UNFOLD_ELEMENTS_GPU`) at a time into the result, which
     holds the ones column too: the patches (T·d_in per example, a conv net's largest tensor of a
     batch) then exist once, not twice (unfolded, then copied beside the ones).
     """
-    m = tm.module
+    unfold = unfold_arguments(tm.module)  # type: ignore[arg-type]
 
     def patches(part: torch.Tensor) -> torch.Tensor:  # [b, T, d_in]
-        return F.unfold(part, m.kernel_size, dilation=m.dilation, padding=_conv_padding(m), stride=m.stride).transpose(1, 2)  # type: ignore[arg-type]
+        return F.unfold(part, **unfold).transpose(1, 2)
 
     if not tm.has_bias:
         return patches(x)
@@ -417,8 +436,8 @@ def _conv_activations(tm: TrackedModule, x: torch.Tensor) -> torch.Tensor:
 
 
 def output_gradients(tm: TrackedModule, grad_out: torch.Tensor) -> torch.Tensor:
-    """The gradient w.r.t. the layer's output as [B, T, d_out]."""
-    if tm.kind == "conv2d":
+    """The gradient w.r.t. the layer's output as [B, T, d_out] (a conv's [B, d_out, H, W] or [B, d_out, L] with its positions flattened)."""
+    if tm.kind in CONV_KINDS:
         return grad_out.flatten(2).transpose(1, 2)
     return grad_out.reshape(grad_out.shape[0], -1, grad_out.shape[-1])
 
@@ -630,7 +649,7 @@ def mask_padding(
 
     A Linear layer is masked when its positions are the inputs' L positions (or k·L, for a
     layer called k times, in that order); one position means the sequence was pooled before
-    it, and Conv2d positions are patches, so neither is masked.
+    it, and Conv1d / Conv2d positions are patches, so neither is masked.
 
     Args:
         mask: [B, L] bool from `padding_mask`.
@@ -649,7 +668,7 @@ def mask_padding(
     for tm in tracked:
         a = activations[tm.name]
         t = a.shape[1]
-        if tm.kind == "conv2d" or (t == 1 and length != 1):
+        if tm.kind in CONV_KINDS or (t == 1 and length != 1):
             continue
         if t % length:
             raise ModelError(

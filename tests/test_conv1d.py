@@ -229,8 +229,8 @@ def test_a_class_named_conv1d_without_its_weight_layout_is_not_a_layer():
     model = NotTransposed()
     tracked = find_tracked_modules(model, ["*"])
     assert [tm.name for tm in tracked] == ["head"]
-    assert [(u.name, u.reason) for u in untracked_modules(model, tracked)] == [("conv", "not an nn.Linear, nn.Conv2d or transformers Conv1D")]
-    with pytest.raises(ModelError, match=r"'conv' is a Conv1D, not an nn.Linear, nn.Conv2d or transformers Conv1D \(whose weight is \[nx, nf\]"):
+    assert [(u.name, u.reason) for u in untracked_modules(model, tracked)] == [("conv", "not an nn.Linear, nn.Conv1d, nn.Conv2d or transformers Conv1D")]
+    with pytest.raises(ModelError, match=r"'conv' is a Conv1D, not an nn.Linear, nn.Conv1d, nn.Conv2d or transformers Conv1D \(whose weight is \[nx, nf\]"):
         find_tracked_modules(model, ["conv"])  # named: what the layout lacks is said
 
 

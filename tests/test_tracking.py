@@ -195,11 +195,11 @@ def test_skipped_layers_are_the_layers_a_wildcard_passed_over():
     (unsupported convs, convs of other dimensions); not norms, nor layers the patterns exclude."""
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv1d(1, 4, 1), nn.Unflatten(2, (1, 5)), nn.Conv2d(4, 4, 1, groups=2), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(20, 6), nn.Linear(6, 3)
+        nn.Conv3d(1, 4, 1), nn.Flatten(2, 3), nn.Conv2d(4, 4, 1, groups=2), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(20, 6), nn.Linear(6, 3)
     )
     everything = find_tracked_modules(model, ["*"])
     assert [tm.name for tm in everything] == ["5", "6"]
-    assert [(u.name, u.kind, u.reason) for u in skipped_layers(model, everything, ["*"])] == [("0", "Conv1d", "not an nn.Linear, nn.Conv2d or transformers Conv1D"), ("2", "Conv2d", "groups=2")]
+    assert [(u.name, u.kind, u.reason) for u in skipped_layers(model, everything, ["*"])] == [("0", "Conv3d", "not an nn.Linear, nn.Conv1d, nn.Conv2d or transformers Conv1D"), ("2", "Conv2d", "groups=2")]
     assert skipped_layers(model, find_tracked_modules(model, ["6"]), ["6"]) == []  # a name: the layers no pattern matches are the user's choice
     assert [u.name for u in skipped_layers(model, find_tracked_modules(model, ["[2-6]"]), ["[2-6]"])] == ["2"]
 
@@ -287,15 +287,15 @@ def test_swin_factors_of_the_tracked_layers_are_exact(v2):
 
 def test_every_name_without_wildcards_must_be_a_tracked_layer():
     """A named layer is never dropped silently because another pattern matched something."""
-    model = nn.Sequential(nn.Conv1d(2, 2, 1), nn.Flatten(), nn.Sequential(nn.Linear(6, 4), nn.Tanh()), nn.Linear(4, 3))
+    model = nn.Sequential(nn.Conv3d(2, 2, 1), nn.Flatten(), nn.Sequential(nn.Linear(6, 4), nn.Tanh()), nn.Linear(4, 3))
     assert [tm.name for tm in find_tracked_modules(model, ["2.0", "3"])] == ["2.0", "3"]
     cases = [
-        (["0", "3"], "factors.modules: '0' is a Conv1d, not an nn.Linear, nn.Conv2d or transformers Conv1D"),
+        (["0", "3"], "factors.modules: '0' is a Conv3d, not an nn.Linear, nn.Conv1d, nn.Conv2d or transformers Conv1D"),
         (["3", "fc9"], "factors.modules: 'fc9' names no module of the model"),
         (["2", "3"], "factors.modules: '2' is a Sequential"),
-        (["0"], "factors.modules: '0' is a Conv1d, not an nn.Linear, nn.Conv2d or transformers Conv1D"),  # also when nothing else is tracked
+        (["0"], "factors.modules: '0' is a Conv3d, not an nn.Linear, nn.Conv1d, nn.Conv2d or transformers Conv1D"),  # also when nothing else is tracked
         (["fc9"], "factors.modules: 'fc9' names no module of the model"),
-        (["3", "2.*", "Encoder.*"], "factors.modules: pattern 'Encoder.*' matches no nn.Linear, nn.Conv2d or transformers Conv1D layer (layers: 2.0, 3)"),
+        (["3", "2.*", "Encoder.*"], "factors.modules: pattern 'Encoder.*' matches no nn.Linear, nn.Conv1d, nn.Conv2d or transformers Conv1D layer (layers: 2.0, 3)"),
     ]
     for patterns, needle in cases:
         with pytest.raises(ModelError, match=re.escape(needle)) as exc:
@@ -327,7 +327,7 @@ def test_untracked_modules_name_what_the_scores_leave_out():
     model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 3))
     tracked = find_tracked_modules(model, ["0"])
     rows = [(u.name, u.kind, u.num_params, u.reason) for u in untracked_modules(model, tracked)]
-    assert rows == [("1", "LayerNorm", 12, "not an nn.Linear, nn.Conv2d or transformers Conv1D"), ("2", "Linear", 21, "not matched by factors.modules")]
+    assert rows == [("1", "LayerNorm", 12, "not an nn.Linear, nn.Conv1d, nn.Conv2d or transformers Conv1D"), ("2", "Linear", 21, "not matched by factors.modules")]
 
 
 class AuxiliaryHead(nn.Module):
@@ -460,9 +460,9 @@ def test_layers_the_forward_never_calls_are_named_together():
 
 def test_pattern_errors_list_only_the_layers_that_can_be_tracked():
     model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 2))
-    with pytest.raises(ModelError, match=r"matches no nn.Linear, nn.Conv2d or transformers Conv1D layer that can be tracked \(layers: 2\)"):
+    with pytest.raises(ModelError, match=r"matches no nn.Linear, nn.Conv1d, nn.Conv2d or transformers Conv1D layer that can be tracked \(layers: 2\)"):
         find_tracked_modules(model, ["nomatch*"])
-    with pytest.raises(ModelError, match=r"pattern 'nomatch\*' matches no nn.Linear, nn.Conv2d or transformers Conv1D layer \(layers: 2\)"):
+    with pytest.raises(ModelError, match=r"pattern 'nomatch\*' matches no nn.Linear, nn.Conv1d, nn.Conv2d or transformers Conv1D layer \(layers: 2\)"):
         find_tracked_modules(model, ["2", "nomatch*"])
 
 
