@@ -183,6 +183,7 @@ def test_bfloat16_autocast_fits_and_scores_a_conv1d_model():
     x, y = signals(n=32)
     x = x.float()
     tracked = find_tracked_modules(one, ["*"])
+    assert [tm.kind for tm in tracked] == ["conv1d", "conv1d", "conv1d", "linear"]
     scores = []
     for amp in ("none", "bfloat16"):
         factors = compute_factors(one, tracked, "ekfac", PassPlan(batches_of(x, y, 16), 2, 32, "classification", "empirical", 0, amp=amp))
@@ -223,7 +224,7 @@ def test_cli_inspects_fits_scores_and_ranks_a_conv1d_model(tmp_path, monkeypatch
         ("conv3", "conv1d", [4, 4, 3], 4, 13),
         ("fc", "linear", [3, 24], 3, 25),
     ]
-    for command in (["fit-factors", project], ["compute-scores", project], ["top-k", project, "--k", "2", "--query", "0"]):
+    for command in (["fit-factors", project], ["compute-scores", project], ["top-k", project, "--k", "2", "--query", "0"], ["spectrum", project, "--top", "2"]):
         result = runner.invoke(app, command)
         assert result.exit_code == 0, result.stderr
     edited = tmp_path / "edited.safetensors"
