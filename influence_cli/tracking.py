@@ -548,7 +548,7 @@ class Capture:
 
         Raises:
             ModelError: a layer not called, or (given `batch_size`) called on an input whose dim 0
-                is not the batch ([batch, ..., features] or [batch, C, H, W] expected).
+                is not the batch ([batch, ..., features], [batch, C, L] or [batch, C, H, W] expected).
         """
         uncalled = [tm.name for tm in self.tracked if not self._inputs[tm.name]]
         if uncalled:  # all of them at once: one rerun, not one per layer
@@ -563,6 +563,14 @@ class Capture:
         for tm in self.tracked:
             xs = self._inputs[tm.name]
             for x in xs if batch_size is not None else ():
+                conv_dims = {"conv1d": 3, "conv2d": 4}.get(tm.kind)
+                if conv_dims is not None and x.dim() != conv_dims:  # unbatched [C, L] / [C, H, W]: F.unfold would not see patches
+                    layout = "[batch, C, L]" if tm.kind == "conv1d" else "[batch, C, H, W]"
+                    raise ModelError(
+                        f"layer {tm.name!r} receives inputs of shape {list(x.shape)}, one unbatched example: a tracked "
+                        f"{type(tm.module).__name__} must see the batch along dim 0, {layout}",
+                        hint="call the layer on the whole batch (not once per example), or leave it out of factors.modules",
+                    )
                 if x.dim() < 2 or x.shape[0] != batch_size:
                     raise ModelError(
                         f"layer {tm.name!r} receives inputs of shape {list(x.shape)}, whose first dimension is not the batch size "

@@ -234,3 +234,26 @@ def test_cli_inspects_fits_scores_and_ranks_a_conv1d_model(tmp_path, monkeypatch
     assert after["conv1.weight"].shape == before["conv1.weight"].shape == (3, 2, 3)
     assert not torch.equal(after["conv1.weight"], before["conv1.weight"])
     assert all(torch.equal(after[k], before[k]) for k in before if not k.startswith("conv1."))
+
+
+class PerExample(nn.Module):
+    """Calls its conv once per example: the conv sees unbatched [C, L] (or [C, H, W]) inputs."""
+
+    def __init__(self, conv: nn.Module):
+        super().__init__()
+        self.conv = conv
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.stack([self.conv(xi).flatten(1).mean(1) for xi in x]))
+
+
+@pytest.mark.parametrize("two_d", [False, True], ids=["conv1d", "conv2d"])
+def test_a_conv_called_on_unbatched_examples_is_refused_by_name_even_when_channels_equal_the_batch(two_d):
+    """Channels 3 = batch size 3: dim 0 looks like the batch, but F.unfold of [C, L] (viewed [C, L, 1]) fails."""
+    torch.manual_seed(0)
+    model = PerExample(nn.Conv2d(3, 4, (1, 3)) if two_d else nn.Conv1d(3, 4, 3)).eval()
+    x, y = torch.randn(6, 3, 1, 9) if two_d else torch.randn(6, 3, 9), torch.randint(0, 3, (6,))
+    layout = r"\[batch, C, H, W\]" if two_d else r"\[batch, C, L\]"
+    with pytest.raises(ModelError, match=rf"layer 'conv' receives inputs of shape \[3, .*one unbatched example: a tracked Conv[12]d must see the batch along dim 0, {layout}"):
+        fit(model, x, y, strategy="kfac", batch_size=3)
