@@ -74,7 +74,7 @@ class TransformSpec(_Section):
         "It runs after scale: with scale 255.0 the statistics of inputs in [0, 1] "
         "(torchvision's, as its Normalize sees them after ToTensor), without it those of the raw values; "
         "8-bit inputs with statistics of the other range are warned about. int32, int64 and float64 inputs (timestamps, IDs) are "
-        "scaled and normalized in float64, the rest in float32.",
+        "scaled and normalized in float64 (int32 and int64 then become float32), the rest in float32.",
         default=None,
     )
     flatten: bool = _help("Flatten each example to a vector.", default=False)

@@ -1703,7 +1703,7 @@ def test_normalize_keeps_float64_inputs_exact(tmp_path: Path) -> None:
 def test_normalize_and_scale_keep_wide_integer_inputs_exact(tmp_path: Path, dtype: torch.dtype) -> None:
     """Integer timestamps near 1.7e9, 7 s apart (std 9): float32 holds them to 128 s, so rounding them before
     normalize made the column all 0, up to 1.16 std off. They are scaled and normalized in float64, as float64
-    inputs are; 8- and 16-bit inputs (images) stay float32."""
+    inputs are, and handed on as float32 (transform.dtype's); 8- and 16-bit inputs (images) stay float32."""
     ts = 1_700_000_000 + 7 * torch.arange(4, dtype=torch.int64)
     x = torch.stack([torch.arange(4), ts], 1).to(dtype)
     save_file({"inputs": x, "labels": torch.zeros(4)}, tmp_path / "t.safetensors")
@@ -1716,8 +1716,8 @@ def test_normalize_and_scale_keep_wide_integer_inputs_exact(tmp_path: Path, dtyp
     ):
         ds = load_dataset(DataSpec(source="tensors", path="t.safetensors", transform=transform), tmp_path)
         got = torch.stack([ds[i][0] for i in range(4)])
-        assert got.dtype == torch.float64
-        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)  # float64 rounds 1.7e6 (after scale) to 2e-10 = 6e-8 std
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-6)  # values of about 1 in float32: 6e-8
     for small in (torch.uint8, torch.int16):
         save_file({"inputs": x[:, :1].to(small), "labels": torch.zeros(4)}, tmp_path / "t.safetensors")
         assert load_dataset(DataSpec(source="tensors", path="t.safetensors", transform=TransformSpec(scale=3.0)), tmp_path)[0][0].dtype == torch.float32

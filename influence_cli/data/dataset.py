@@ -64,7 +64,7 @@ class WorkerFailure:
 class IndexedDataset(Dataset):
     """Examples of one data spec, each carrying its global index in the original source.
 
-    `ds[i]` is `(x, y, global_index)`: x float32 (transformed; float64 from float64, int32 or int64 inputs) or int64 token ids, y an int64 scalar (class
+    `ds[i]` is `(x, y, global_index)`: x float32 (transformed; float64 from float64 inputs) or int64 token ids, y an int64 scalar (class
     label) or float32 (regression target), global_index an int. Build it with `load_dataset`.
 
     Attributes:

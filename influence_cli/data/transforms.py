@@ -1,5 +1,5 @@
-"""channels_first -> channels -> resize -> scale -> normalize -> flatten on float32 batches (float64 for float64, int32 and int64
-inputs); integer token ids pass through as int64."""
+"""channels_first -> channels -> resize -> scale -> normalize -> flatten on float32 batches (float64 for float64 inputs, and
+for int32 and int64 inputs until the end); integer token ids pass through as int64."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def _check_normalize_range(spec: TransformSpec, name: str, key: str) -> None:
 class Transform:
     """channels_first -> channels -> resize -> scale -> normalize -> flatten, applied out of place on batches [B, *raw_shape].
 
-    The result is float32 (float64 for float64, int32 and int64 inputs), or int64 when the inputs are token ids
+    The result is float32 (float64 for float64 inputs), or int64 when the inputs are token ids
     (`token_inputs`): those are only flattened (when asked).
     """
 
@@ -170,8 +170,9 @@ class Transform:
         self.out_shape = (math.prod(shape),) if self.flatten else shape
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Transforms raw inputs [B, *raw_shape] (any real dtype) into float32 [B, *out_shape] (float64, int32 and int64
-        inputs into float64, scaled and normalized exactly; passes cast floats to the model's dtype), or int64 token ids."""
+        """Transforms raw inputs [B, *raw_shape] (any real dtype) into float32 [B, *out_shape] (float64 inputs stay float64;
+        int32 and int64 inputs are scaled and normalized in float64, then float32; passes cast floats to the model's
+        dtype), or int64 token ids."""
         if self.tokens:
             if x.is_floating_point() and not bool((x == x.round()).all()):
                 bad = x[x != x.round()][0].item()
@@ -192,7 +193,7 @@ class Transform:
             x = (x - self.mean.to(x)) / self.std.to(x)  # in the inputs' dtype
         if self.flatten:
             x = x.reshape(x.shape[0], -1)
-        return x
+        return x.float() if wide else x  # the float32 transform.dtype promises, once the mean is off
 
 
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, the weights of Pillow's convert("L")
