@@ -86,6 +86,19 @@ def kron_dense(lf: LayerFactors, damping: float) -> torch.Tensor:
     return u @ torch.diag(lf.eigenvalues.reshape(-1) + damping) @ u.T
 
 
+def assert_same_curvature(got: dict[str, LayerFactors], want: dict[str, LayerFactors], names, strategy: str) -> None:
+    """Two twin models' factors, layer by layer: the diagonal's eigenvalues, or A, G and the dense block (eigenvectors
+    are defined up to sign and rotation within repeated eigenvalues, so those are not compared)."""
+    for name in names:
+        g, w = got[name], want[name]
+        if strategy == "diagonal":
+            torch.testing.assert_close(g.eigenvalues, w.eigenvalues, rtol=1e-10, atol=1e-14)
+        else:
+            torch.testing.assert_close(g.a_covariance, w.a_covariance, rtol=1e-10, atol=1e-14)
+            torch.testing.assert_close(g.g_covariance, w.g_covariance, rtol=1e-10, atol=1e-14)
+            torch.testing.assert_close(kron_dense(g, 0.0), kron_dense(w, 0.0), rtol=1e-8, atol=1e-12)
+
+
 def tiny_mlp(d_in=5, hidden=4, d_out=3, seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, d_out)).double()

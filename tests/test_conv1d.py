@@ -14,7 +14,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from exact import batches_of, fit, kron_dense, sequence_project
+from exact import assert_same_curvature, batches_of, fit, kron_dense, sequence_project
 from safetensors.torch import load_file
 from torch import nn
 from typer.testing import CliRunner
@@ -125,14 +125,7 @@ def test_factors_and_scores_equal_those_of_the_nn_linear_model(strategy, fisher)
     tokens, labels = sequences()
     fitted = [fit(model, tokens, labels, strategy=strategy, fisher=fisher, kind=LM, batch_size=5) for model in (conv, linear)]
     (conv_tracked, conv_factors), (linear_tracked, linear_factors) = fitted
-    for tm in linear_tracked:
-        got, want = conv_factors[tm.name], linear_factors[tm.name]
-        if strategy == "diagonal":
-            torch.testing.assert_close(got.eigenvalues, want.eigenvalues, rtol=1e-10, atol=1e-14)
-        else:  # eigenvectors are defined up to sign and rotation within repeated eigenvalues: compare the dense blocks
-            torch.testing.assert_close(got.a_covariance, want.a_covariance, rtol=1e-10, atol=1e-14)
-            torch.testing.assert_close(got.g_covariance, want.g_covariance, rtol=1e-10, atol=1e-14)
-            torch.testing.assert_close(kron_dense(got, 0.0), kron_dense(want, 0.0), rtol=1e-8, atol=1e-12)
+    assert_same_curvature(conv_factors, linear_factors, [tm.name for tm in linear_tracked], strategy)
     query = batches_of(tokens[:3], labels[:3], 2)
     train = batches_of(tokens, labels, 5)
     options = {"task_kind": LM, "damping": 1e-3, "padding_value": PAD}

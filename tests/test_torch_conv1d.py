@@ -15,7 +15,7 @@ import re
 import pytest
 import torch
 import yaml
-from exact import batches_of, fit, kron_dense, sequence_project
+from exact import assert_same_curvature, batches_of, fit, sequence_project
 from safetensors.torch import load_file
 from torch import nn
 from typer.testing import CliRunner
@@ -105,14 +105,7 @@ def test_factors_scores_and_self_influence_equal_those_of_the_conv2d_model(strat
     x, y = signals()
     fitted = [fit(model, x, y, strategy=strategy, fisher=fisher, batch_size=6) for model in (one, two)]  # the twin views x as [B, 2, 1, 11]
     (_, got_factors), (tracked, want_factors) = fitted
-    for tm in tracked:
-        got, want = got_factors[tm.name], want_factors[tm.name]
-        if strategy == "diagonal":
-            torch.testing.assert_close(got.eigenvalues, want.eigenvalues, rtol=1e-10, atol=1e-14)
-        else:  # eigenvectors are defined up to sign and rotation within repeated eigenvalues: compare the dense blocks
-            torch.testing.assert_close(got.a_covariance, want.a_covariance, rtol=1e-10, atol=1e-14)
-            torch.testing.assert_close(got.g_covariance, want.g_covariance, rtol=1e-10, atol=1e-14)
-            torch.testing.assert_close(kron_dense(got, 0.0), kron_dense(want, 0.0), rtol=1e-8, atol=1e-12)
+    assert_same_curvature(got_factors, want_factors, [tm.name for tm in tracked], strategy)
     scores = [pairwise_scores(m, t, f, batches_of(x[:4] + 0.1, y[:4], 2)(0), batches_of(x, y, 7)(0), damping=1e-3) for m, (t, f) in zip((one, two), fitted, strict=True)]
     assert scores[1].abs().max() > 1e-3
     torch.testing.assert_close(scores[0], scores[1], rtol=1e-8, atol=1e-10 * float(scores[1].abs().max()))
