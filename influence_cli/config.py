@@ -179,7 +179,8 @@ class DataConfig(_Section):
     padding_value: float | None = _help(
         "Input value marking padding positions of sequence inputs (token ids [batch, seq], or [batch, seq, features] "
         "rows equal to it everywhere); they are left out of every factor and gradient (null = no padding; token data whose "
-        "sequences end or start in runs of one id of different lengths then gets a warning).",
+        "sequences end or start in runs of one id of different lengths then gets a warning). Conv1d / Conv2d patches are not "
+        "masked: leave it null for channels-first signals [batch, C, L], whose C it would read as the sequence axis.",
         default=None,
     )
 
