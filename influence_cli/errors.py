@@ -162,3 +162,12 @@ def out_of_memory(exc: BaseException, hint: str | None = None) -> ResourceError 
         or "lower data.batch_size (and for compute-scores scores.max_memory_mb or scores.query_chunk); "
         "fit-factors and compute-scores keep the progress they saved: rerun them with --resume",
     )
+
+
+def human_bytes(n: float) -> str:
+    """Bytes as messages and tables give them: B, then KiB, MiB, GiB or TiB to one decimal."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"

@@ -25,7 +25,7 @@ from influence_cli.data import IndexedDataset
 from influence_cli.data.dataset import data_change
 from influence_cli.distributed import DistState, agree
 from influence_cli.ensemble import Member, describe_member, ensemble_members, name_member, prepare_member, refuse_same_weights
-from influence_cli.errors import NumericalError, OutputError, out_of_memory
+from influence_cli.errors import NumericalError, OutputError, human_bytes, out_of_memory
 from influence_cli.factors import (
     SCALE_SPREAD,
     STORED_KEYS,
@@ -86,15 +86,6 @@ LARGE_FACTOR_SIDE = 1 << 15  # a Kronecker factor this wide (4 GiB in float32), 
 LARGE_FACTORS_BYTES = 1 << 30  # factors from this size on, not the batch, are the likely cause of running out of memory
 
 
-def _size(n: float) -> str:
-    """Bytes as messages give them: KiB, MiB or GiB, one decimal."""
-    for unit in ("KiB", "MiB"):
-        n /= 1024
-        if n < 1024:
-            return f"{n:.1f} {unit}"
-    return f"{n / 1024:.1f} GiB"
-
-
 def large_factor_warning(layers: list[LayerInfo]) -> str | None:
     """A warning naming the layer with the widest A or G when it is at least LARGE_FACTOR_SIDE wide (an output head
     over a large vocabulary: G is vocabulary²), with the memory fit-factors needs for it; None when there is none."""
@@ -105,8 +96,8 @@ def large_factor_warning(layers: list[LayerInfo]) -> str | None:
     many = len({id(s[2]) for s in sides})
     what = f"{many} layers have factors {LARGE_FACTOR_SIDE:,} or more wide; the widest, {r.name!r}, has" if many > 1 else f"layer {r.name!r} has"
     return (
-        f"{what} {which} of {side:,}² ({_size(4 * side**2)} in float32; fit-factors eigendecomposes it in float64, "
-        f"{_size(8 * side**2)}, in time growing as its width cubed): with a large vocabulary, leave the output head out of "
+        f"{what} {which} of {side:,}² ({human_bytes(4 * side**2)} in float32; fit-factors eigendecomposes it in float64, "
+        f"{human_bytes(8 * side**2)}, in time growing as its width cubed): with a large vocabulary, leave the output head out of "
         "factors.modules (`influence inspect` lists the layers), or fit on a machine with that memory"
     )
 
@@ -124,7 +115,7 @@ def factor_memory_hint(layers: list[LayerInfo]) -> str:
     if total < LARGE_FACTORS_BYTES:
         fixes.reverse()
     return (
-        f"the factors take {_size(total)} in float32, layer {largest.name!r} {_size(largest.factor_bytes())} of it{shapes}: "
+        f"the factors take {human_bytes(total)} in float32, layer {largest.name!r} {human_bytes(largest.factor_bytes())} of it{shapes}: "
         f"{'; '.join(fixes)}; fit-factors keeps the progress it saved: rerun it with --resume"
     )
 

@@ -12,7 +12,6 @@ from influence_cli.cli.app import ConfigArg, JsonOpt, OverwriteOpt, ResumeOpt, S
 from influence_cli.cli.render import (
     RichProgress,
     err_console,
-    human_bytes,
     layer_label,
     new_table,
     print_json,
@@ -20,6 +19,7 @@ from influence_cli.cli.render import (
     print_resumed,
     print_table,
 )
+from influence_cli.errors import human_bytes
 
 if TYPE_CHECKING:  # the CLI imports torch only when a command runs
     from influence_cli.fit import LayerInfo

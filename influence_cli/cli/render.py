@@ -767,11 +767,3 @@ def print_resumed(where: str | None, which: str = "") -> None:
     """The stderr line of a run that continued saved progress (`resumed_from`; `which`: an ensemble member's prefix)."""
     if where:
         err_console.print(f"{which}resumed from {where}", markup=False, highlight=False)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"

@@ -18,7 +18,6 @@ from influence_cli.cli.render import (
     example_cells,
     example_columns,
     fitted_layer_shares,
-    human_bytes,
     label_json,
     label_text,
     layer_label,
@@ -30,7 +29,7 @@ from influence_cli.cli.render import (
     record_room,
     room_beside,
 )
-from influence_cli.errors import UsageError
+from influence_cli.errors import UsageError, human_bytes
 
 if TYPE_CHECKING:  # the CLI imports torch only when a command runs
     from influence_cli.example_views import ExampleView
