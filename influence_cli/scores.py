@@ -379,6 +379,11 @@ class _MembersWatch:
                 raise
 
 
+def _member_mean(values: list[torch.Tensor]) -> torch.Tensor:
+    """The mean over an ensemble's members of one per-example value each ([B] or [L, B]); one member's as is."""
+    return values[0] if len(values) == 1 else torch.stack(values).mean(0)
+
+
 class _Scorer:
     """One run of compute-scores on this rank: the models, their kernels, the datasets and the passes.
 
@@ -492,14 +497,13 @@ class _Scorer:
             m.kernel.self_influence(b) if self.by_layer is None else m.kernel.self_influence_by_layer(b, self.by_layer)
             for m, b in zip(self.members, batches, strict=True)
         ]
-        return values[0] if len(values) == 1 else torch.stack(values).mean(0)
+        return _member_mean(values)
 
     def losses(self, batches: list[BatchGradients]) -> torch.Tensor:
         """Each example's training loss L(x) (task.per_example_loss at its real target, from the outputs the
         self-influence pass already ran), averaged over the members like the self-influence: [B]."""
         kind = self.cfg.task.kind
-        values = [per_example_loss(b.outputs, b.targets, kind) for b in batches]
-        return values[0] if len(values) == 1 else torch.stack(values).mean(0)
+        return _member_mean([per_example_loss(b.outputs, b.targets, kind) for b in batches])
 
     def watch(self, unwritten: str) -> _MembersWatch:
         """A NonFiniteWatch per member, for one pass (`unwritten`: what its error's hint says was not written)."""
