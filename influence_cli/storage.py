@@ -499,7 +499,7 @@ def output_dir_lock(
     orphans_gone = time.monotonic() + _ORPHAN_WAIT_S
     while True:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)  # the umask decides, as for the outputs
         except OSError as exc:
             notices.warn(f"{key}: cannot create the lock file {str(path)!r} ({exc.strerror or exc}); running without it")
             yield

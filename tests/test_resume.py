@@ -1734,3 +1734,17 @@ def test_a_lost_snapshots_copy_that_differs_is_refused_though_no_rank_lacks_it(t
         "the same): the saved progress cannot be continued"
     )
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == left
+
+
+def test_the_lock_file_follows_the_umask_like_the_outputs(tmp_path):
+    """In a folder a group shares (umask 002), a lock file a killed run leaves must stay openable by
+    the group's next run (the OS drops the lock, the file stays); it was created 0644 whatever the
+    umask, so the next user's run went on unlocked."""
+    out = tmp_path / "run"
+    old = os.umask(0o002)
+    try:
+        with storage.output_dir_lock(out, "factors"):
+            mode = (out / storage.LOCK_FILE.format(what="factors")).stat().st_mode & 0o777
+    finally:
+        os.umask(old)
+    assert mode == 0o664
