@@ -216,8 +216,8 @@ projections), the Linear of its transposed weight.
 | `factors.fisher` | which output gradients g build the curvature |
 |---|---|
 | `sampled` (default) | the true Fisher: labels sampled from the model's own predictive distribution, with a generator seeded by `seed` and the example's global index (same factors on every run and any number of GPUs); for regression the targets are drawn from N(f, ½), the Gaussian whose negative log-likelihood is the squared error, so it equals `ggn` in expectation |
-| `empirical` | the real labels (the empirical Fisher) |
-| `ggn` | the exact expectation over the predictive distribution (the Gauss-Newton matrix): no sampling noise, one backward pass per class |
+| `empirical` | the real labels, or a regression's real targets (the empirical Fisher) |
+| `ggn` | the exact expectation over the predictive distribution (the Gauss-Newton matrix): no sampling noise, one backward pass per class (per output of a regression) |
 
 `factors.modules` are shell-style patterns (`fnmatch`) on module names as
 `influence inspect CONFIG` lists them, e.g. `["fc*"]` or `["features.*", "classifier"]`;
@@ -428,11 +428,17 @@ training example x.
 - **Sign**: a positive score means up-weighting x *lowers* the query's loss: x is a
   **proponent** (helpful). A negative score means x raises it: an **opponent**. With
   `task.measurement: margin` the attributed quantity is minus the margin, so positive still
-  means helpful.
-- **Scale**: F is the *mean* over training examples and per-example losses are summed, so a
-  score is **N × the classical per-example influence** (N training examples): removing x
-  changes the query's measurement by about +score / N (leaving out a proponent raises the
-  query's loss).
+  means helpful (x raises the margin). The margin is z_y − log Σ_{k≠y} exp z_k =
+  log(p_y / (1 − p_y)), the log-odds of the query's label (z_y − z_other with two classes): a
+  log-sum-exp, smooth where logits tie, whose gradient does not vanish on confidently right queries.
+- **Scale**: F is the *mean* over training examples (as the Hessian of Koh & Liang, 2017) and
+  every gradient is of one example's loss, never averaged over a batch (no batch size changes a
+  score). A score is **N × the first-order effect of removing x** (N training examples):
+  removing x changes the query's loss by about +score / N (leaving out a proponent raises it),
+  and with `margin` the margin by about −score / N. Its unit is the measurement's: nats for the
+  cross-entropy and the margin, squared target units for regression.
+- A `scores.damping` number λ = wd, for a model trained on the mean loss plus (wd/2)‖θ‖² over
+  every tracked parameter, is the curvature that L2 term adds.
 - `scores.relative: true` divides by ‖(F + λ)⁻¹ ∇L(x)‖ (RelatIF), so examples with huge
   gradients do not top every query's list.
 - `scores.checkpoints` makes an **ensemble**: more checkpoints of the same architecture

@@ -163,7 +163,7 @@ class TaskConfig(_Section):
         default="classification",
     )
     measurement: Literal["loss", "margin"] = _help(
-        "Query quantity differentiated: loss, or margin (classification; minus the margin is used).",
+        "Query quantity differentiated: loss, or margin (classification: z_y − logsumexp of the other logits; minus the margin is used).",
         default="loss",
     )
 

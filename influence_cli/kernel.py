@@ -7,10 +7,11 @@ EKFAC curvature of Grosse et al. 2023),
 
 where ∇L(z) is the gradient of the query measurement (the loss, or minus the
 margin) and ∇L(x) the gradient of the training loss. Positive means up-weighting
-x lowers z's loss (x is a proponent). F is the mean over training examples and
-per-example losses are summed, so a score is N × the classical per-example
-influence: removing x changes the query's measurement by about +score / N (leaving
-out a proponent raises the query's loss; tests/test_scores.py checks this against retraining).
+x lowers z's loss (x is a proponent). F is the mean over training examples (as Koh &
+Liang's Hessian) and each gradient is of one example's loss, so a score is N × the
+first-order effect of removing x: removing x changes the query's measurement (the loss,
+or minus the margin) by about +score / N (leaving out a proponent raises the query's loss;
+tests/test_scores.py and tests/test_measurements.py check this against retraining).
 
 Cost: the query gradients are preconditioned once per layer,
 V' = U_G [(U_Gᵀ V U_A) / (Λ* + λ)] U_Aᵀ, and kept as [Q, P] matrices; the training

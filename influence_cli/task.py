@@ -43,8 +43,9 @@ def per_example_measurement(outputs: torch.Tensor, targets: torch.Tensor, kind: 
     """The loss-like quantity attributed for each query ([B]).
 
     `loss` is the per-example loss; `margin` is minus the margin
-    (correct logit − logsumexp of the other logits), so that a positive influence
-    score always means "lowers this quantity" (Park et al., 2023, TRAK's margin).
+    (correct logit − logsumexp of the other logits = log(p_y / (1 − p_y)), smooth where logits
+    tie), so that a positive influence score always means "lowers this quantity" (Park et al.,
+    2023, TRAK's margin).
     """
     if measurement == "loss":
         return per_example_loss(outputs, targets, kind)
