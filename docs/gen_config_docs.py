@@ -232,9 +232,12 @@ positions are the inputs' (G averages over each example's real positions), so a 
 gives exactly the factors and scores of its sequences run one at a time. That needs a model that
 ignores padding (attention key masks, masked pooling): the first batch with padding checks that
 the loss has no gradient at the masked positions of each masked layer, and refuses a model or
-layer that fails it (a layer that reads the sequence in another order fails it too). Factors and
-scores remember the padding they were computed with, and later commands refuse a config with
-another.
+layer that fails it (a layer that reads the sequence in another order fails it too). A regression
+with outputs per position ([batch, seq, ...]) sums the squared error over every position, so its
+model sets its outputs to 0 at padding (and the targets there are best 0, or `--self`'s stored
+training losses count them); its `sampled` Fisher draws at each real position what the sequence
+alone draws. Factors and scores remember the padding they were computed with, and later commands
+refuse a config with another.
 
 A text classifier on token ids, for example: `tokens.pt` holds `inputs` (int64 `[N, L]`, padded
 with 0) and `labels` (`[N]`), and `my_model.py` (beside the config) builds an `nn.Embedding` →

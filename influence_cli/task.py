@@ -101,10 +101,11 @@ def sample_targets(
 
     Classification: y ~ Categorical(softmax(outputs)) by the Gumbel-max trick.
     Regression: y ~ N(f, 1/2), the distribution whose negative log-likelihood is the
-    loss (f − y)² up to a constant. Language modeling: one token per position,
-    y_t ~ Categorical(softmax(outputs_t)) by inversion of the cumulative distribution (one
-    uniform number per position, not per vocabulary entry); positions whose real label is
-    IGNORE_INDEX keep it. Position t of a padded sequence (`real`) draws the number of its rank
+    loss (f − y)² up to a constant; outputs per position of a padded sequence (`real`) draw
+    at each real position what the sequence alone draws there (_regression_columns).
+    Language modeling: one token per position, y_t ~ Categorical(softmax(outputs_t)) by
+    inversion of the cumulative distribution (one uniform number per position, not per
+    vocabulary entry); positions whose real label is IGNORE_INDEX keep it. Position t of a padded sequence (`real`) draws the number of its rank
     among the sequence's real positions, so padding on either side, of any length, draws the
     same tokens as the sequence alone.
 
@@ -141,10 +142,36 @@ def sample_targets(
         targets = targets.long().reshape(drawn.shape)
         return torch.where(targets == IGNORE_INDEX, targets, drawn)
     flat = outputs.reshape(outputs.shape[0], -1)
-    width = flat.shape[1]
-    u = counter_uniform(seed, global_indices, 2 * width)
-    normal = torch.sqrt(-2.0 * torch.log(u[:, :width])) * torch.cos(2.0 * torch.pi * u[:, width:])
+    cols = _regression_columns(tuple(outputs.shape), real, global_indices.device)  # [B, width]
+    u1 = counter_uniform(seed, global_indices, cols.shape[1], columns=2 * cols)
+    u2 = counter_uniform(seed, global_indices, cols.shape[1], columns=2 * cols + 1)
+    normal = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * torch.pi * u2)
     return (flat + _moved(normal.to(flat.dtype), flat.device) * 0.5**0.5).reshape(outputs.shape)
+
+
+def _regression_columns(shape: tuple[int, ...], real: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """[B, width] int64: the number of each output entry of a regression's outputs `shape` [B, ...]
+    among the example's entries, from which its Gaussian draw is made (Box-Muller: counter columns 2c
+    and 2c + 1, so no entry's draw depends on how many entries there are).
+
+    Outputs per position [B, T, ...] of a padded sequence (`real` [B, T]) number each position by its
+    rank among the real positions (the padding positions after them), so padding on either side, of
+    any length, draws the same targets at the real positions as the sequence alone; otherwise the
+    entries are numbered in order.
+    """
+    b = shape[0]
+    width = 1
+    for d in shape[1:]:
+        width *= d
+    if real is None or len(shape) < 2 or tuple(real.shape) != (b, shape[1]):
+        return torch.arange(width, device=device, dtype=torch.int64)[None, :].expand(b, width)
+    real = real.to(device=device, dtype=torch.bool)
+    n_real = real.sum(1, keepdim=True)
+    real_rank = real.to(torch.int64).cumsum(1) - 1
+    pad_rank = n_real + (~real).to(torch.int64).cumsum(1) - 1
+    rank = torch.where(real, real_rank, pad_rank)  # [B, T]: a permutation of 0..T-1 per example
+    per = width // shape[1]
+    return (rank[:, :, None] * per + torch.arange(per, device=device, dtype=torch.int64)).reshape(b, width)
 
 
 def _moved(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -162,3 +162,43 @@ def test_padding_the_model_does_not_ignore_is_refused(model):
     m = model().double()
     with pytest.raises(ModelError, match="data.padding_value: the loss depends on positions of layer 'proj' that the inputs of data.train mark as padding"):
         _fit(m, batches_of(padded, labels, 4), len(seqs), 3, fisher="empirical", padding_value=0.0)
+
+
+class PositionRegression(SeqModel):
+    """Two regression outputs per position, 0 at padding rows (all zeros), so the loss ignores them."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.proj(x))) * (x != 0).any(dim=-1, keepdim=True).to(x.dtype)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("fisher", ["sampled", "ggn"])
+def test_padded_regression_per_position_gives_the_factors_of_unpadded_sequences(fisher, side):
+    """Targets [N, T, 2] of a regression per position: the sampled Fisher draws at each real
+    position what the sequence alone draws there, whatever the padded length and side (the draws
+    were numbered by the padded output's width, so padding changed them)."""
+    model = PositionRegression().double()
+    _, seqs, _ = variable_length_sequences()
+    g = torch.Generator().manual_seed(3)
+    targets = [torch.randn(1, s.shape[1], 2, generator=g, dtype=torch.float64) for s in seqs]
+    length = 8  # beyond the longest sequence (6)
+    padded, padded_targets = torch.zeros(len(seqs), length, 4, dtype=torch.float64), torch.zeros(len(seqs), length, 2, dtype=torch.float64)
+    for k, (s, t) in enumerate(zip(seqs, targets, strict=True)):
+        at = slice(0, s.shape[1]) if side == "right" else slice(length - s.shape[1], length)
+        padded[k, at], padded_targets[k, at] = s[0], t[0]
+
+    def fitted(batches, num_batches, padding_value):
+        tracked = find_tracked_modules(model, ["*"])
+        plan = PassPlan(batches, num_batches, len(seqs), "regression", fisher, 0, padding_value=padding_value)
+        return compute_factors(model, tracked, "ekfac", plan, keep_covariances=True)
+
+    masked = fitted(batches_of(padded, padded_targets, 4), 3, 0.0)
+    alone = fitted(singletons(seqs, targets), len(seqs), None)
+    for name in ("proj", "head"):
+        for key in ("a_covariance", "g_covariance", "eigenvalues"):
+            torch.testing.assert_close(getattr(masked[name], key), getattr(alone[name], key), rtol=1e-10, atol=1e-12)
