@@ -1,8 +1,9 @@
 """The query measurements and the tasks' losses and Fisher kinds against ground truth (float64).
 
 - margin: its value and gradient against the log-odds of the label;
-- the Fisher kinds of a regression: the sampled targets are N(f, ½), so the sampled Fisher has the
-  `ggn` one's expectation 2·I; the empirical one uses the real targets;
+- the Fisher kinds of a regression: the sampled targets are N(f, ½), independent per output and
+  the same whatever the number of outputs, so the sampled Fisher has the `ggn` one's expectation
+  2·I; the empirical one uses the real targets;
 - least squares with K outputs: the `ggn` Fisher is 2·I ⊗ XᵀX/N, which K-FAC and EKFAC hold exactly;
 - scores do not depend on the batch sizes of the fit, the queries or the training set;
 - a small classifier retrained without each of a few examples (L-BFGS to convergence, L2 on the
@@ -65,6 +66,13 @@ def test_sampled_regression_targets_are_gaussian_with_variance_half():
     cov = torch.cov(noise.T)
     torch.testing.assert_close(cov, 0.5 * torch.eye(k, dtype=F64), rtol=0, atol=5 * 0.5 * (2 / n) ** 0.5)
     assert abs(float(noise.pow(4).mean() / 0.25) - 3) < 0.05  # E[z⁴] = 3 for a standard normal z
+    # independent entries, not only uncorrelated ones: their squares are uncorrelated too (entries
+    # sharing a uniform number have uncorrelated values but squares correlated by about 0.06)
+    squares = torch.corrcoef(noise.square().T)
+    assert float((squares - torch.eye(k, dtype=F64)).abs().max()) < 5 / n**0.5, squares
+    # an entry's draw does not depend on how many entries the example has
+    wider = task_lib.sample_targets(torch.zeros(n, k + 2, dtype=F64), f, torch.arange(n), "regression", seed=5)
+    torch.testing.assert_close(wider[:, :k], noise, rtol=0, atol=1e-14)
     g = task_lib.fisher_output_vectors(f, f, torch.arange(n), "regression", "sampled", 5)[0]
     torch.testing.assert_close(g.T @ g / n, 2 * torch.eye(k, dtype=F64), rtol=0, atol=0.05)
     s = task_lib.fisher_output_vectors(f[:4], f[:4], torch.arange(4), "regression", "ggn", 5)  # [K, B, K]
