@@ -80,7 +80,8 @@ def counter_uniform(
 
     Args:
         columns: [B, width] int64 column numbers per example instead of 0..width-1 (a padded
-            sequence's positions counted from its first real one).
+            sequence's positions numbered by their rank among its real ones; a regression's
+            Box-Muller pairs 2c and 2c + 1).
 
     Returns:
         [B, width] float64 in (0, 1).
