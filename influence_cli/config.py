@@ -24,6 +24,7 @@ from typing import Any, Literal
 import yaml
 
 from influence_cli.errors import ConfigError, first_line
+from influence_cli.user_code import colon_form_hint
 
 SIMILARITY_METHODS = ("fisher-kernel", "task2vec")
 SPECTRUM_ORDERS = ("kfac", "ekfac")
@@ -1165,7 +1166,8 @@ def _check_data_spec(cfg: Config, spec: DataSpec, key: str, check_files: bool) -
     if not spec.source:
         problems.append(f"{key}.source: missing (one of {', '.join(builtin)} or package.module:function)")
     elif spec.source not in builtin and ":" not in spec.source:
-        problems.append(f"{key}.source: {spec.source!r} is not one of {', '.join(builtin)} or package.module:function")
+        own = colon_form_hint(spec.source, Path(cfg.base_dir))
+        problems.append(f"{key}.source: {spec.source!r} is not one of {', '.join(builtin)} or package.module:function" + (f" ({own})" if own else ""))
     required = {
         "idx": ["images", "labels"],
         "tensors": ["path"],

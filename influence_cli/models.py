@@ -31,7 +31,7 @@ from influence_cli import notices, storage
 from influence_cli.config import ModelConfig, resolve_path
 from influence_cli.errors import ModelError, first_line, message_of, out_of_memory
 from influence_cli.tracking import unmaterialized
-from influence_cli.user_code import import_failure_hint, import_from, missing_function_hint
+from influence_cli.user_code import colon_form_hint, import_failure_hint, import_from, missing_function_hint
 
 __all__ = [
     "BUILTIN_ARCHITECTURES",
@@ -292,7 +292,10 @@ def build_model(cfg: ModelConfig, base_dir: str | Path) -> nn.Module:
         label = f"factory {arch!r}"
     else:
         close = difflib.get_close_matches(arch.lower(), list(BUILTIN_ARCHITECTURES), n=3)
-        if close:
+        own = colon_form_hint(arch, base)
+        if own:
+            hint = own
+        elif close:
             hint = f"did you mean {', '.join(close)}?"
         else:
             hint = (

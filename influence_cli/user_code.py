@@ -98,3 +98,19 @@ def missing_function_hint(module: ModuleType, name: str) -> str:
         return f"did you mean {close[0]!r}?"
     shown = ", ".join(found[:10]) + (f", ... ({len(found)} in all)" if len(found) > 10 else "")
     return f"{module.__name__} defines {shown}" if found else f"{module.__name__} defines no function ({getattr(module, '__file__', None) or 'no file'})"
+
+
+def colon_form_hint(spec: str, folder: Path) -> str | None:
+    """A hint for a `model.architecture` or data `source` that names the user's code without the colon of
+    `package.module:function` (`my_model.Net`, or a bare `my_model` whose file is beside the config), else None."""
+    spec = spec.strip()
+    if not spec or ":" in spec or any(sep in spec for sep in ("/", "\\")):
+        return None
+    if "." in spec and not spec.endswith(".py"):
+        module, _, name = spec.rpartition(".")
+        if module and name:
+            return f"your own code is named module:function, a colon before the function or class: {module}:{name}"
+    module = spec.removesuffix(".py")
+    if module.isidentifier() and (folder / f"{module}.py").is_file():
+        return f"name the function or class of {module}.py after a colon: {module}:<function>"
+    return None

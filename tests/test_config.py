@@ -149,6 +149,25 @@ def test_a_misspelt_required_key_is_one_problem_not_two():
     assert "data.train.source" in problems_of(exc)
 
 
+def test_a_data_source_of_own_code_without_its_colon_is_given_the_colon(tmp_path):
+    """`my_data.FashionLike` (a dot where the colon belongs) is pointed at `my_data:FashionLike`; `my_data`
+    alone, with my_data.py in the config's folder, at `my_data:<function>`."""
+    (tmp_path / "my_data.py").write_text("def make():\n    return [], []\n")
+    data = minimal()
+    data["data"]["train"] = {"source": "my_data.FashionLike"}
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict(data, base_dir=tmp_path, check_files=False)
+    assert problems_of(exc)["data.train.source"].endswith("(your own code is named module:function, a colon before the function or class: my_data:FashionLike)")
+    data["data"]["train"] = {"source": "my_data"}
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict(data, base_dir=tmp_path, check_files=False)
+    assert problems_of(exc)["data.train.source"].endswith("my_data:<function>)")
+    data["data"]["train"] = {"source": "tensor"}  # not the user's code: no such hint
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict(data, base_dir=tmp_path, check_files=False)
+    assert "colon" not in problems_of(exc)["data.train.source"]
+
+
 def test_a_misspelt_key_does_not_hide_the_problems_of_the_key_that_is_there():
     """`trian` beside a real `train`: the real one's problems are still reported."""
     data = minimal()

@@ -768,6 +768,21 @@ def test_an_architecture_in_capitals_is_suggested() -> None:
     assert err.value.hint == "did you mean mlp?"
 
 
+def test_own_code_named_without_its_colon_is_given_the_colon(tmp_path: Path) -> None:
+    """`my_model.make` (a dot where the colon belongs), and `my_model` alone with my_model.py beside the
+    config, are pointed at `my_model:make` / `my_model:<function>`."""
+    _write_factory(tmp_path, "my_model", FACTORY)
+    with pytest.raises(ModelError, match="unknown architecture 'my_model.make'") as err:
+        build_model(ModelConfig("my_model.make", {}), tmp_path)
+    assert err.value.hint is not None and err.value.hint.endswith(": my_model:make")
+    with pytest.raises(ModelError) as err:
+        build_model(ModelConfig("my_model", {}), tmp_path)
+    assert err.value.hint is not None and err.value.hint.endswith(": my_model:<function>")
+    with pytest.raises(ModelError) as err:  # no such file: the built-in names, as before
+        build_model(ModelConfig("other_model", {}), tmp_path)
+    assert err.value.hint is not None and "built-in names" in err.value.hint
+
+
 def test_home_paths_resolve_the_same_for_validation_and_loading(tmp_path: Path) -> None:
     """An unknown ~user stays a plain folder name for the model loader as for config validation."""
     folder = tmp_path / "~nosuchuser"
