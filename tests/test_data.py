@@ -396,6 +396,36 @@ def test_factory_returning_dataset(tmp_path: Path) -> None:
     assert filtered.global_indices.tolist() == [2, 5, 8] and filtered.labels.tolist() == [2, 2, 2]
 
 
+def test_a_factory_dataset_of_dicts_is_refused_with_its_keys_and_the_fix(tmp_path: Path) -> None:
+    """Items {"image": ..., "label": ...} (as Hugging Face datasets give them) name their keys and how to
+    return (x, y) instead; an item that is one tensor says what __getitem__ must return."""
+    mod = write_module(
+        tmp_path,
+        """
+        import torch
+
+        class Dicts(torch.utils.data.Dataset):
+            def __len__(self):
+                return 3
+
+            def __getitem__(self, i):
+                return {"image": torch.zeros(2), "label": i}
+
+        class Bare(Dicts):
+            def __getitem__(self, i):
+                return torch.zeros(2)
+        """,
+    )
+    with pytest.raises(DataError) as err:
+        load_dataset(DataSpec(source=f"{mod}:Dicts"), tmp_path)[0]
+    assert str(err.value.message) == "data.train.source: item 0 is a dict (keys 'image', 'label'), expected a pair (x, y)"
+    assert "(item[<input key>], item[<label key>])" in err.value.hint
+    with pytest.raises(DataError) as err:
+        load_dataset(DataSpec(source=f"{mod}:Bare"), tmp_path)[0]
+    assert err.value.message.endswith("is a Tensor, expected a pair (x, y)")
+    assert err.value.hint == "the Dataset's __getitem__ must return (input, label)"
+
+
 def test_factory_dataset_with_targets_and_label_noise(tmp_path: Path) -> None:
     mod = write_module(
         tmp_path,

@@ -30,7 +30,18 @@ class _FactoryItems:
             reason = first_line(exc)
             raise DataError(f"{self.key}: item {index} raised {type(exc).__name__}: {reason}") from None
         if not isinstance(item, (tuple, list)) or len(item) < 2:
-            raise DataError(f"{self.key}: item {index} is a {type(item).__name__}, expected a pair (x, y)")
+            if isinstance(item, dict):  # Hugging Face datasets and many projects' own give {"image": ..., "label": ...}
+                keys = list(item)
+                shown = ", ".join(repr(k) for k in keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
+                raise DataError(
+                    f"{self.key}: item {index} is a dict (keys {shown}), expected a pair (x, y)",
+                    hint="return (input, label) from __getitem__, or have the factory return a Dataset wrapping this one "
+                    "whose __getitem__ returns (item[<input key>], item[<label key>])",
+                )
+            raise DataError(
+                f"{self.key}: item {index} is a {type(item).__name__}, expected a pair (x, y)",
+                hint="the Dataset's __getitem__ must return (input, label)",
+            )
         try:
             return item_input(item[0]), item_label(item[1])
         except (TypeError, ValueError, OverflowError, RuntimeError) as exc:
