@@ -190,6 +190,12 @@ def prepare(
     arch = cfg.model.architecture.strip()
     if checkpoint is None and cfg.model.checkpoint is None and (arch in BUILTIN_ARCHITECTURES or arch.startswith("torchvision:")):
         notices.warn(f"model.checkpoint is not set: {arch} runs with its random initial weights (seed 0), not a trained model's")
+    elif checkpoint is None and cfg.model.checkpoint is None and ":" in arch and type(model).__name__ == arch.rpartition(":")[2].strip():
+        # an nn.Module class named as the factory: built as constructed, which is untrained unless its __init__ loads weights
+        notices.warn(
+            f"model.checkpoint is not set: {arch} is a class, so the model has the weights its __init__ gives it "
+            "(random ones unless it loads trained weights): name the saved state dict in model.checkpoint"
+        )
     fingerprint, definition = model_fingerprint(model), model_definition(cfg.model, model)
     model = model.to(state.device).eval()
     tracked = find_tracked_modules(model, cfg.factors.modules)

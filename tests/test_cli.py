@@ -1320,6 +1320,24 @@ def test_a_model_without_a_checkpoint_is_said_to_be_untrained(runner: CliRunner,
     assert "warning: model.checkpoint is not set: mlp runs with its random initial weights" in result.stderr
 
 
+def test_a_model_class_without_a_checkpoint_is_said_to_have_its_initial_weights(runner: CliRunner, tmp_path: Path):
+    """`architecture: my_net:Net` (an nn.Module class) without model.checkpoint runs as constructed: warned;
+    a factory function without one (which may load its own weights) is not."""
+    (tmp_path / "my_net.py").write_text(
+        "from torch import nn\n\n\nclass Net(nn.Sequential):\n    def __init__(self):\n        super().__init__(nn.Linear(64, 10))\n\n\n"
+        "def make():\n    return Net()\n"
+    )
+    config = tmp_path / "net.yaml"
+    data = {"source": "tensors", "path": str(ROOT / "sample_data" / "digits.safetensors"), "range": [0, 50], "transform": {"scale": 16.0, "flatten": True}}
+    config.write_text(json.dumps({"model": {"architecture": "my_net:Net"}, "data": {"train": data}, "output_dir": "out"}))  # JSON is YAML
+    result = invoke(runner, "fit-factors", str(config))
+    assert result.exit_code == 0, result.stderr
+    assert "warning: model.checkpoint is not set: my_net:Net is a class, so the model has the weights its __init__ gives it" in result.stderr
+    result = invoke(runner, "fit-factors", str(config), "--set", "model.architecture=my_net:make", "--overwrite")
+    assert result.exit_code == 0, result.stderr
+    assert "model.checkpoint is not set" not in result.stderr
+
+
 def test_a_fingerprint_of_digits_passes_every_check(runner: CliRunner, tmp_path: Path, monkeypatch):
     """A model fingerprint of hex digits that reads as a number ("1234e5…") is still a fingerprint
     for compute-scores, top-k and info."""
