@@ -93,7 +93,8 @@ class DataSpec(_Section):
     """One dataset: where it comes from and which of its examples to use."""
 
     source: str = _help(
-        "mnist | fashion_mnist | cifar10 | idx | tensors | image_folder | package.module:function",
+        "mnist | fashion_mnist | cifar10 | idx | tensors | image_folder | package.module:function (your own function "
+        "or Dataset class, e.g. my_data:Images, called with kwargs)",
         default="",
     )
     images: str | None = _help("IDX images file (source: idx).", default=None)
@@ -133,7 +134,8 @@ class ModelConfig(_Section):
 
     architecture: str = _help(
         "Built-in name (mlp, cnn) | torchvision:<name> (built without weights: pretrained ones come from model.checkpoint) "
-        "| package.module:function",
+        "| package.module:function (your own function or nn.Module class, e.g. my_model:Net, called with model.kwargs; "
+        "the module is looked up beside the config, then on PYTHONPATH)",
         default="",
     )
     kwargs: dict[str, Any] = _help(
