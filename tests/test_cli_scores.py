@@ -347,6 +347,11 @@ def test_self_influence_ranking_says_which_labels_label_noise_flipped(runner, pr
     assert invoke(runner, "top-k", project, "--self", "--rank-by", "loss", "--image-grid", tmp_path / "loss.png", *sets).exit_code == 0
     refused = invoke(runner, "top-k", project, "--rank-by", "loss", "--query", "0", *sets)
     assert refused.exit_code == 2 and "--rank-by loss: only with --self" in refused.stderr
+    differ = sum(row["train_prediction"] != row["train_label"] for row in rows)  # most rows mispredicted: --rank-by loss is suggested
+    for args in ([], ["--json"]):
+        stderr = " ".join(invoke(runner, "top-k", project, "--self", "--k", "10", *args, *sets).stderr.split())
+        assert ("--rank-by loss (the largest training losses first) then finds wrong labels better" in stderr) is (2 * differ > 10), stderr
+    assert "then finds wrong labels better" not in invoke(runner, "top-k", project, "--self", "--rank-by", "loss", "--k", "10", *sets).stderr
     clean = ["--set", f"output_dir={tmp_path / 'clean'}"]  # without label noise: no such keys
     for command in (["fit-factors"], ["compute-scores", "--self"]):
         assert invoke(runner, *command, project, *clean).exit_code == 0
@@ -702,3 +707,20 @@ def test_a_nan_query_is_named_before_any_training_example_is_scored(tmp_path, ru
     assert result.exit_code == 6, result.stderr
     assert "data.query: non-finite outputs or gradients in batch 0 (examples with global indices 1503)" in " ".join(result.stderr.split())
     assert not (tmp_path / "run" / storage.SCORES_FILE).exists()
+
+
+def test_rank_by_loss_is_suggested_where_the_model_predicts_another_class_on_most_top_rows():
+    """docs/MEMORIZATION.md: where the predicted class differs from the label on most self-influence rows, the
+    model has not fit them and the loss ranks wrong labels better; on half of them or fewer, or without
+    predictions or losses, nothing is said."""
+    from influence_cli.cli.scores import rank_by_loss_note
+    from influence_cli.topk import RankedExample
+
+    ranked = [RankedExample(rank=i + 1, train_index=10 + i, train_position=i, train_label=i % 3, score=1.0, loss=1.0) for i in range(4)]
+    predicted = torch.tensor([0, 0, 0, 0])  # labels 0, 1, 2, 0: 2 of 4 differ
+    assert rank_by_loss_note(ranked, predicted, True) is None
+    predicted = torch.tensor([1, 0, 0, 0])  # 3 of 4 differ
+    note = rank_by_loss_note(ranked, predicted, True)
+    assert note is not None and note.startswith("the model predicts another class than the label on 3 of these 4: it has not fit them")
+    assert rank_by_loss_note(ranked, None, True) is None and rank_by_loss_note(ranked, predicted, False) is None
+    assert rank_by_loss_note([], predicted, True) is None
