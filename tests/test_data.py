@@ -426,6 +426,57 @@ def test_a_factory_dataset_of_dicts_is_refused_with_its_keys_and_the_fix(tmp_pat
     assert err.value.hint == "the Dataset's __getitem__ must return (input, label)"
 
 
+def test_a_factory_dataset_with_random_augmentation_is_warned_of(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Items that differ between two reads (a random flip, noise) are warned of once, naming the source; the caller's
+    random state is left as it was; items that are the same (NaN included) and items that fail to load are not."""
+    import random
+
+    import numpy as np
+
+    mod = write_module(
+        tmp_path,
+        """
+        import random
+        import numpy as np
+        import torch
+
+        class Augmented(torch.utils.data.Dataset):
+            def __len__(self):
+                return 4
+
+            def __getitem__(self, i):
+                return torch.full((3,), float(i)) + torch.rand(3) + np.random.rand() + random.random(), i % 2
+
+        class Fixed(Augmented):
+            def __getitem__(self, i):
+                return torch.tensor([float(i), float("nan")]), i % 2
+
+        class Broken(Augmented):
+            def __getitem__(self, i):
+                raise OSError("unreadable")
+        """,
+    )
+    with caplog.at_level("WARNING", logger="influence_cli"):
+        load_dataset(DataSpec(source=f"{mod}:Augmented"), tmp_path)
+    assert f"data.train.source: item 0 of {mod}:Augmented differs between two reads (random augmentation?)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="influence_cli"):
+        load_dataset(DataSpec(source=f"{mod}:Fixed"), tmp_path)
+        with pytest.raises(DataError, match="item 0 raised OSError: unreadable"):  # the item's own error, as before
+            load_dataset(DataSpec(source=f"{mod}:Broken"), tmp_path)
+    assert "differs between two reads" not in caplog.text
+    import sys
+
+    from influence_cli.data.factory import _warn_if_items_change
+
+    augmented = sys.modules[mod].Augmented()  # imported by load_dataset
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    expected = (torch.rand(1).item(), np.random.rand(), random.random())
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    _warn_if_items_change(augmented, "data.train.source", f"{mod}:Augmented", 4)  # the check's reads leave the random state as it was
+    assert (torch.rand(1).item(), np.random.rand(), random.random()) == expected
+
+
 def test_factory_dataset_with_targets_and_label_noise(tmp_path: Path) -> None:
     mod = write_module(
         tmp_path,

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import random
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from influence_cli import notices
 from influence_cli.config import DataSpec
 from influence_cli.data.source import LABELS_AS_NUMBERS_HINT, Source, file_info, item_input, item_label, to_inputs, to_labels
 from influence_cli.errors import DataError, first_line
@@ -173,6 +175,34 @@ def _stack_pair(result: Any, key: str, source: str) -> tuple[Any, Any] | None:
     return stacked_inputs, stacked_labels
 
 
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape and values, NaN where NaN."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return torch.equal(a, b) or (a.is_floating_point() and bool(((a == b) | (a.isnan() & b.isnan())).all()))
+
+
+def _warn_if_items_change(dataset: Any, key: str, source: str, n: int) -> None:
+    """Warns when item 0 of the user's Dataset differs between two reads (random augmentation): every pass reads
+    each example anew, so the factors and the scores would each see another version of it. The caller's random
+    state (torch's, NumPy's and Python's) is left as it was; an item that fails to load is left to the passes."""
+    if n == 0:
+        return
+    items = _FactoryItems(dataset, key)
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]), contextlib.suppress(DataError):
+            (x0, y0), (x1, y1) = items(0), items(0)
+            if not (_same_values(x0, x1) and _same_values(y0, y1)):
+                notices.warn(
+                    f"{key}: item 0 of {source} differs between two reads (random augmentation?): each pass reads every example "
+                    "anew, so the factors and scores would see other versions of it; give the Dataset its evaluation transforms"
+                )
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
 def open_factory(spec: DataSpec, base_dir: Path, name: str) -> Source:
     key = f"{name}.source"
     module_name, _, func_name = spec.source.rpartition(":")
@@ -248,6 +278,7 @@ def open_factory(spec: DataSpec, base_dir: Path, name: str) -> Source:
             "or a tuple (inputs, labels)"
         )
     n = len(result)
+    _warn_if_items_change(result, key, spec.source, n)
     labels = None
     targets = getattr(result, "targets", None)
     if targets is not None and getattr(result, "target_transform", None) is None:
