@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import importlib
+import importlib.util
 import os
 import sys
 from collections.abc import Iterator
@@ -100,16 +101,30 @@ def missing_function_hint(module: ModuleType, name: str) -> str:
     return f"{module.__name__} defines {shown}" if found else f"{module.__name__} defines no function ({getattr(module, '__file__', None) or 'no file'})"
 
 
+def _findable(top: str, folder: Path) -> bool:
+    """Whether the top-level module `top` is beside the config (a file or a package folder) or on the Python
+    path, found without importing it."""
+    if (folder / f"{top}.py").is_file() or (folder / top).is_dir():
+        return True
+    try:
+        return importlib.util.find_spec(top) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def colon_form_hint(spec: str, folder: Path) -> str | None:
     """A hint for a `model.architecture` or data `source` that names the user's code without the colon of
-    `package.module:function` (`my_model.Net`, or a bare `my_model` whose file is beside the config), else None."""
+    `package.module:function` (`my_model.Net` whose module `my_model` is beside the config or on the Python
+    path, or a bare `my_model` whose file is beside the config), else None: a dotted name of no module
+    (`mlp.v2`, `cifar10.train`) is no one's code."""
     spec = spec.strip()
     if not spec or ":" in spec or any(sep in spec for sep in ("/", "\\")):
         return None
     if "." in spec and not spec.endswith(".py"):
         module, _, name = spec.rpartition(".")
-        if module and name:
+        if all(part.isidentifier() for part in spec.split(".")) and _findable(spec.split(".")[0], folder):
             return f"your own code is named module:function, a colon before the function or class: {module}:{name}"
+        return None
     module = spec.removesuffix(".py")
     if module.isidentifier() and (folder / f"{module}.py").is_file():
         return f"name the function or class of {module}.py after a colon: {module}:<function>"

@@ -162,10 +162,11 @@ def test_a_data_source_of_own_code_without_its_colon_is_given_the_colon(tmp_path
     with pytest.raises(ConfigError) as exc:
         config_from_dict(data, base_dir=tmp_path, check_files=False)
     assert problems_of(exc)["data.train.source"].endswith("my_data:<function>)")
-    data["data"]["train"] = {"source": "tensor"}  # not the user's code: no such hint
-    with pytest.raises(ConfigError) as exc:
-        config_from_dict(data, base_dir=tmp_path, check_files=False)
-    assert "colon" not in problems_of(exc)["data.train.source"]
+    for source in ("tensor", "cifar10.train", "other_data.Images"):  # not the user's code (no such module): no such hint
+        data["data"]["train"] = {"source": source}
+        with pytest.raises(ConfigError) as exc:
+            config_from_dict(data, base_dir=tmp_path, check_files=False)
+        assert "colon" not in problems_of(exc)["data.train.source"], source
 
 
 def test_a_misspelt_key_does_not_hide_the_problems_of_the_key_that_is_there():

@@ -781,6 +781,12 @@ def test_own_code_named_without_its_colon_is_given_the_colon(tmp_path: Path) -> 
     with pytest.raises(ModelError) as err:  # no such file: the built-in names, as before
         build_model(ModelConfig("other_model", {}), tmp_path)
     assert err.value.hint is not None and "built-in names" in err.value.hint
+    with pytest.raises(ModelError) as err:  # a dotted name of no module: the close built-in name, not a colon
+        build_model(ModelConfig("mlp.v2", {}), tmp_path)
+    assert err.value.hint == "did you mean mlp?"
+    with pytest.raises(ModelError) as err:
+        build_model(ModelConfig("other_model.make", {}), tmp_path)
+    assert err.value.hint is not None and "colon" not in err.value.hint
 
 
 def test_home_paths_resolve_the_same_for_validation_and_loading(tmp_path: Path) -> None:
