@@ -15,7 +15,14 @@ from influence_cli import notices
 from influence_cli.config import Config, DataSpec, rebuilt
 from influence_cli.data import IndexedDataset, load_dataset, make_loader
 from influence_cli.distributed import DistState, agree, resolve_device
-from influence_cli.models import BUILTIN_ARCHITECTURES, load_model, model_definition, model_fingerprint, takes_token_ids
+from influence_cli.models import (
+    BUILTIN_ARCHITECTURES,
+    load_model,
+    model_definition,
+    model_fingerprint,
+    names_a_class,
+    takes_token_ids,
+)
 from influence_cli.tracking import TrackedModule, find_tracked_modules
 
 
@@ -190,8 +197,8 @@ def prepare(
     arch = cfg.model.architecture.strip()
     if checkpoint is None and cfg.model.checkpoint is None and (arch in BUILTIN_ARCHITECTURES or arch.startswith("torchvision:")):
         notices.warn(f"model.checkpoint is not set: {arch} runs with its random initial weights (seed 0), not a trained model's")
-    elif checkpoint is None and cfg.model.checkpoint is None and ":" in arch and type(model).__name__ == arch.rpartition(":")[2].strip():
-        # an nn.Module class named as the factory: built as constructed, which is untrained unless its __init__ loads weights
+    elif checkpoint is None and cfg.model.checkpoint is None and names_a_class(arch, cfg.base_dir):
+        # built as constructed, which is untrained unless its __init__ loads weights
         notices.warn(
             f"model.checkpoint is not set: {arch} is a class, so the model has the weights its __init__ gives it "
             "(random ones unless it loads trained weights): name the saved state dict in model.checkpoint"

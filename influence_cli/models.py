@@ -15,6 +15,7 @@ accepted). Loading is strict: every key and shape must match the built model.
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import inspect
 import json
@@ -40,6 +41,7 @@ __all__ = [
     "load_checkpoint",
     "load_model",
     "model_fingerprint",
+    "names_a_class",
     "read_state_dict",
     "tied_keys",
 ]
@@ -199,6 +201,22 @@ def _import_factory(spec: str, base_dir: Path) -> Callable[..., Any]:
     if not callable(func):
         raise ModelError(f"model.architecture: {spec!r} is not callable")
     return func
+
+
+def names_a_class(architecture: str, base_dir: str | Path) -> bool:
+    """Whether `architecture` names an nn.Module class of the user's code (`my_model:Net`, an alias of it, or a
+    functools.partial of it), which builds the model with the weights its __init__ gives it; False for a
+    function, a classmethod (`Net.pretrained`), a callable instance and anything that does not import."""
+    arch = architecture.strip()
+    if ":" not in arch or arch.startswith("torchvision:"):
+        return False
+    try:
+        func: Any = _import_factory(arch, Path(base_dir))
+    except ModelError:
+        return False
+    while isinstance(func, functools.partial):
+        func = func.func
+    return inspect.isclass(func) and issubclass(func, nn.Module)
 
 
 def _check_signature(func: Callable[..., Any], kwargs: dict[str, Any], label: str) -> bool:

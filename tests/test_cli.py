@@ -1325,7 +1325,7 @@ def test_a_model_class_without_a_checkpoint_is_said_to_have_its_initial_weights(
     a factory function without one (which may load its own weights) is not."""
     (tmp_path / "my_net.py").write_text(
         "from torch import nn\n\n\nclass Net(nn.Sequential):\n    def __init__(self):\n        super().__init__(nn.Linear(64, 10))\n\n\n"
-        "def make():\n    return Net()\n"
+        "def make():\n    return Net()\n\n\nModel = Net\n"
     )
     config = tmp_path / "net.yaml"
     data = {"source": "tensors", "path": str(ROOT / "sample_data" / "digits.safetensors"), "range": [0, 50], "transform": {"scale": 16.0, "flatten": True}}
@@ -1336,6 +1336,9 @@ def test_a_model_class_without_a_checkpoint_is_said_to_have_its_initial_weights(
     result = invoke(runner, "fit-factors", str(config), "--set", "model.architecture=my_net:make", "--overwrite")
     assert result.exit_code == 0, result.stderr
     assert "model.checkpoint is not set" not in result.stderr
+    result = invoke(runner, "fit-factors", str(config), "--set", "model.architecture=my_net:Model", "--overwrite")  # the class by another name
+    assert result.exit_code == 0, result.stderr
+    assert "warning: model.checkpoint is not set: my_net:Model is a class" in result.stderr
 
 
 def test_a_fingerprint_of_digits_passes_every_check(runner: CliRunner, tmp_path: Path, monkeypatch):

@@ -19,6 +19,7 @@ from influence_cli.models import (
     load_checkpoint,
     load_model,
     model_fingerprint,
+    names_a_class,
 )
 from influence_cli.tracking import find_tracked_modules
 
@@ -787,6 +788,23 @@ def test_own_code_named_without_its_colon_is_given_the_colon(tmp_path: Path) -> 
     with pytest.raises(ModelError) as err:
         build_model(ModelConfig("other_model.make", {}), tmp_path)
     assert err.value.hint is not None and "colon" not in err.value.hint
+
+
+def test_a_class_is_told_from_a_factory_by_what_the_architecture_names(tmp_path: Path) -> None:
+    """A class, an alias of it and a functools.partial of it build the model as __init__ leaves it; a function,
+    a classmethod factory and a callable instance may load weights, even when the model they return is of a
+    class of their own name."""
+    _write_factory(
+        tmp_path,
+        "own_classes",
+        "import functools\nfrom torch import nn\n\n\nclass Net(nn.Sequential):\n    def __init__(self, width=4):\n"
+        "        super().__init__(nn.Linear(2, width))\n\n    @classmethod\n    def pretrained(cls):\n        return cls()\n\n\n"
+        "Alias = Net\nnarrow = functools.partial(Net, width=2)\n\n\nclass Builder:\n    def __call__(self):\n        return Net()\n\n\n"
+        "builder = Builder()\n\n\ndef make():\n    return Net()\n\n\nclass Config:\n    pass\n",
+    )
+    named = {name: names_a_class(f"own_classes:{name}", tmp_path) for name in ("Net", "Alias", "narrow", "Net.pretrained", "builder", "make", "Config", "missing")}
+    assert named == {"Net": True, "Alias": True, "narrow": True, "Net.pretrained": False, "builder": False, "make": False, "Config": False, "missing": False}
+    assert not names_a_class("mlp", tmp_path) and not names_a_class("torchvision:resnet18", tmp_path)
 
 
 def test_home_paths_resolve_the_same_for_validation_and_loading(tmp_path: Path) -> None:
