@@ -348,9 +348,15 @@ def test_self_influence_ranking_says_which_labels_label_noise_flipped(runner, pr
     refused = invoke(runner, "top-k", project, "--rank-by", "loss", "--query", "0", *sets)
     assert refused.exit_code == 2 and "--rank-by loss: only with --self" in refused.stderr
     differ = sum(row["train_prediction"] != row["train_label"] for row in rows)  # most rows mispredicted: --rank-by loss is suggested
+    assert 2 * differ > 10, differ  # the fixture's model has not fit its top rows: the note is shown
     for args in ([], ["--json"]):
-        stderr = " ".join(invoke(runner, "top-k", project, "--self", "--k", "10", *args, *sets).stderr.split())
-        assert ("--rank-by loss (the largest training losses first) then finds wrong labels better" in stderr) is (2 * differ > 10), stderr
+        result = invoke(runner, "top-k", project, "--self", "--k", "10", *args, *sets)
+        stderr = " ".join(result.stderr.split())
+        assert f"note: the model predicts another class than the label on {differ} of these 10" in stderr, stderr
+        assert "--rank-by loss (the largest training losses first) then finds wrong labels better" in stderr, stderr
+        assert "--rank-by loss" not in result.stdout  # on stderr only: --json's stdout stays one JSON document
+        if args:
+            assert json.loads(result.stdout)["self_influence"] == rows
     assert "then finds wrong labels better" not in invoke(runner, "top-k", project, "--self", "--rank-by", "loss", "--k", "10", *sets).stderr
     clean = ["--set", f"output_dir={tmp_path / 'clean'}"]  # without label noise: no such keys
     for command in (["fit-factors"], ["compute-scores", "--self"]):
