@@ -1133,6 +1133,8 @@ def _named_path_problem(cfg: Config, key: str, value: str, kind: str, unset: str
         problem += _from_working_directory(value, cfg.base_dir, kind)
     elif problem == "is a folder, not a file" and (inside := _weights_in(resolved)) is not None:
         problem += f" (it holds {inside}, as save_pretrained writes: name that file)"
+    elif problem == "is a folder, not a file" and (adapter := _adapter_in(resolved)) is not None:
+        problem += f" (it holds {adapter}, {ADAPTER_ONLY})"
     return [f"{key}: {str(resolved)!r} {problem}"] if problem else []
 
 
@@ -1143,6 +1145,22 @@ def _weights_in(folder: Path) -> str | None:
     """The first of `WEIGHT_FILES` (Hugging Face's save_pretrained names) in `folder`, or None."""
     try:
         return next((name for name in WEIGHT_FILES if (folder / name).is_file()), None)
+    except OSError:
+        return None
+
+
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")  # peft's save_pretrained: the adapter's weights alone
+ADAPTER_ONLY = (
+    "an adapter's weights alone, without the base model's: load them in the model's factory "
+    "(peft: PeftModel.from_pretrained(base, folder, is_trainable=True)) and leave model.checkpoint null, "
+    "or save the whole fine-tuned model's state_dict() and name that file"
+)
+
+
+def _adapter_in(folder: Path) -> str | None:
+    """The first of `ADAPTER_FILES` in `folder`, or None."""
+    try:
+        return next((name for name in ADAPTER_FILES if (folder / name).is_file()), None)
     except OSError:
         return None
 

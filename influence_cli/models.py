@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from influence_cli import notices, storage
-from influence_cli.config import ModelConfig, resolve_path
+from influence_cli.config import ADAPTER_ONLY, ModelConfig, resolve_path
 from influence_cli.errors import ModelError, first_line, message_of, out_of_memory
 from influence_cli.tracking import unmaterialized
 from influence_cli.user_code import colon_form_hint, import_failure_hint, import_from, missing_function_hint
@@ -622,6 +622,14 @@ def _with_versions(state: dict[str, torch.Tensor], own: Mapping[str, torch.Tenso
     return out
 
 
+def _adapter_only(path: Path, missing: list[str], unexpected: list[str]) -> bool:
+    """Whether a checkpoint that lacks `missing` keys of the model looks like an adapter's weights alone: peft's
+    save_pretrained file (adapter_model.safetensors), or unexpected keys that are all LoRA factors
+    (`...lora_A.weight`: peft leaves the adapter's name out of the keys it saves)."""
+    lora = bool(unexpected) and all(any(part.startswith("lora_") for part in k.split(".")) for k in unexpected)
+    return bool(missing) and (path.name.startswith("adapter_model.") or lora)
+
+
 def load_checkpoint(model: nn.Module, path: str | Path, key: str = "model.checkpoint") -> None:
     """Loads a checkpoint into `model` in place, strictly (every key and shape must match).
 
@@ -672,6 +680,11 @@ def load_checkpoint(model: nn.Module, path: str | Path, key: str = "model.checkp
             parts.append("unexpected " + _listing(unexpected, "key"))
         if mismatched:
             parts.append(_listing(mismatched, "shape mismatch").replace("mismatchs", "mismatches"))
+        if _adapter_only(Path(path), missing, unexpected):  # the keys would only list what an adapter file leaves out
+            raise ModelError(
+                f"{key}: {str(Path(path))!r} holds {_listing(sorted(state), 'key')}, {ADAPTER_ONLY.partition(': ')[0]} (the model has {len(own)} keys)",
+                hint=ADAPTER_ONLY.partition(": ")[2],
+            )
         raise ModelError(f"{key}: {str(Path(path))!r} does not match the model: " + "; ".join(parts), hint=_kwargs_hint(key))
     try:
         model.load_state_dict(_with_versions(state, own), strict=not any(k not in state for k in own))
