@@ -377,6 +377,59 @@ factors: {modules: ["*.h.*"]}                      # the blocks: GPT-2's head ov
 - **Dropout.** The commands run the model in eval mode (no dropout); the in-memory functions leave
   `model.eval()` to the caller.
 
+## Adapters (LoRA) and frozen layers
+
+Fine-tuning that trains part of a model (LoRA adapters beside frozen layers, a head on a frozen
+backbone) changed only the trained parameters, and influence is usually asked of those: the
+frozen weights never moved, so their part of a score answers another question. Set
+`factors.trainable_only: true`: a layer none of whose parameters requires grad is then left out
+wherever a pattern of `factors.modules` matches it (naming one is refused), as the model's factory
+leaves `requires_grad` (loading `model.checkpoint` does not change it). A layer counts as trainable
+when any of its parameters does (a bias alone, as BitFit trains), and its whole `[W | b]` is then
+tracked. Without it, `"*"` tracks the frozen layers too: `inspect` and `fit-factors` warn when a
+wildcard tracks frozen layers of a model that has trainable parameters, and `inspect` lists the
+layers `trainable_only` leaves out. Patterns can also pick the adapters: `["*lora_A*", "*lora_B*"]`.
+
+A LoRA model of `peft` (which influence_cli does not need) is built in a factory:
+
+```python
+# lora.py, beside the config
+from peft import PeftModel
+from my_model import pretrained          # builds the base model and loads its pretrained weights
+
+
+def make(adapter: str):                  # model.kwargs: {adapter: <save_pretrained folder>}, relative to the working directory
+    return PeftModel.from_pretrained(pretrained(), adapter, is_trainable=True)
+```
+
+```yaml
+model: {architecture: "lora:make", kwargs: {adapter: /runs/lora}}   # no model.checkpoint: the factory loads every weight
+factors: {modules: ["*"], trainable_only: true}
+```
+
+- **Layers.** peft replaces each adapted layer by one holding the frozen `base_layer` and, per
+  adapter, `lora_A.<name>` (`[r, d_in]`) and `lora_B.<name>` (`[d_out, r]`), both `nn.Linear`:
+  `trainable_only` tracks these two, each a layer of its own (A's inputs are the layer's, after
+  `lora_dropout`; B's are A's outputs, and B's output gradient carries the scale `lora_alpha / r`),
+  with the same factors and scores as any Linear (tested in float64 against per-example gradients
+  of the adapter weights). The curvature is that of A and B, not of the update `s·B·A` as one weight.
+- **Loading.** `PeftModel.from_pretrained` freezes the adapter unless `is_trainable=True`; without it
+  every layer is frozen, and `trainable_only` is refused naming that. `get_peft_model` leaves the
+  adapter trainable. The model's fingerprint hashes every weight loaded, the adapter's too.
+- **Checkpoints.** peft's `save_pretrained` writes `adapter_model.safetensors`, the adapter's
+  weights alone, keyed without its name (`…fc1.lora_A.weight`): as `model.checkpoint` (or its
+  folder) it is refused, saying so. Load it in the factory as above, or save the whole model
+  (`safetensors.torch.save_file(model.state_dict(), "lora_full.safetensors")`) and name that file
+  beside a factory that builds the same model (`get_peft_model(base, LoraConfig(...))`).
+- **Dropout.** `lora_dropout` is the identity in eval mode, where the commands run the model; in
+  train mode, the first batch's check refuses the model (its outputs are random).
+- **`edit`** removes the low-curvature directions of `lora_A` and `lora_B` each in its own
+  eigenbasis (the update `s·B·A` changes as the product of the two) and writes the whole model's
+  weights under the wrapper's keys (`base_model.model.….lora_A.default.weight`), which load with
+  the same config or `safetensors.torch.load_model(model, path)`; `model.save_pretrained` then
+  writes them as an adapter again. To edit the merged weight `W₀ + s·B·A` instead, let the factory
+  return `model.merge_and_unload()` and edit the base layers.
+
 ## Precision
 
 Everything runs in float32 (in float64 for a checkpoint whose floating tensors are all float64,

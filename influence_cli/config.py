@@ -200,6 +200,13 @@ class FactorsConfig(_Section):
         default="sampled",
     )
     modules: list[str] = _help("fnmatch patterns of module names to track.", default_factory=lambda: ["*"])
+    trainable_only: bool = _help(
+        "Track only the layers training changed: a layer none of whose parameters requires grad (requires_grad=False as "
+        "the model is built and loaded: a frozen backbone, the base layers under LoRA adapters) is left out where a "
+        "pattern of factors.modules matches it, and an error where one names it. false: every matched layer (fit-factors "
+        "warns when a wildcard tracks frozen layers of a model that has trainable ones).",
+        default=False,
+    )
     max_examples: int | None = _help(
         "Cap on the training examples each fit-factors pass sees (null = all); compute-scores still scores all of "
         "data.train, and refuses factors fitted with another cap.",

@@ -205,5 +205,5 @@ def prepare(
         )
     fingerprint, definition = model_fingerprint(model), model_definition(cfg.model, model)
     model = model.to(state.device).eval()
-    tracked = find_tracked_modules(model, cfg.factors.modules)
+    tracked = find_tracked_modules(model, cfg.factors.modules, trainable_only=cfg.factors.trainable_only)
     return RunContext(cfg, state, model, fingerprint, tracked, definition)

@@ -54,7 +54,15 @@ from influence_cli.resume import (
     run_key,
     run_keys,
 )
-from influence_cli.tracking import CONV_KINDS, TrackedModule, UntrackedModule, find_tracked_modules, is_layer, skipped_layers
+from influence_cli.tracking import (
+    CONV_KINDS,
+    TrackedModule,
+    UntrackedModule,
+    find_tracked_modules,
+    frozen_layers_warning,
+    is_layer,
+    skipped_layers,
+)
 
 
 @dataclass
@@ -689,7 +697,7 @@ class _Described:
 def _describe(cfg: Config, member: Member) -> _Described:
     """`member`'s model, loaded on the CPU and described (the model itself is not kept)."""
     model = load_model(cfg.model, cfg.base_dir, checkpoint=member.checkpoint, key=member.key)
-    tracked = [tm.name for tm in find_tracked_modules(model, cfg.factors.modules)]
+    tracked = [tm.name for tm in find_tracked_modules(model, cfg.factors.modules, trainable_only=cfg.factors.trainable_only)]
     return _Described(model_fingerprint(model), model_definition(cfg.model, model), tracked, takes_token_ids(model))
 
 
@@ -769,7 +777,7 @@ def _fit_member(
     n = num_fit_examples(cfg, len(dataset))
     result = _fit_result(cfg, ctx.model_fingerprint, ctx.model_definition, [tm.name for tm in ctx.tracked], dataset)
     layers_info = describe_layers(ctx.tracked, cfg.factors.strategy)
-    skipped = skipped_layers(ctx.model, ctx.tracked, cfg.factors.modules)
+    skipped = skipped_layers(ctx.model, ctx.tracked, cfg.factors.modules, cfg.factors.trainable_only)
     if resume and not overwrite and path.exists():
         _check_finished(cfg, path, result)
         clear_progress_of_finished(ctx.state, out_dir, storage.FACTORS_PARTIAL, outputs=[path], key=cfg.factors_key)
@@ -794,6 +802,8 @@ def _fit_member(
     plan = plan_for(ctx, dataset, cfg.factors.max_examples)
     if (large := large_factor_warning(layers_info)) is not None:
         notices.warn(large)
+    if (frozen := frozen_layers_warning(ctx.model, ctx.tracked, cfg.factors.modules)) is not None:
+        notices.warn(frozen, key="frozen layers")  # once for an ensemble
     try:
         layers = compute_factors(
             ctx.model, ctx.tracked, cfg.factors.strategy, plan, checkpoint=checkpoint, snapshot=snapshot, progress=progress, seconds=seconds,

@@ -270,7 +270,7 @@ def check_scores_match(metadata: dict[str, Any], cfg: Config, path: Path, *, pai
         if recorded_definition is not None and recorded_definition != definition:
             change = definition_change(recorded_definition, definition)
             raise OutputError(f"{str(path)!r} holds scores of another model definition ({change})", hint=hint)
-        names = [tm.name for tm in find_tracked_modules(model, cfg.factors.modules)]
+        names = [tm.name for tm in find_tracked_modules(model, cfg.factors.modules, trainable_only=cfg.factors.trainable_only)]
         if metadata.get("modules") is not None and metadata["modules"] != names:
             raise OutputError(f"{str(path)!r} holds scores of layers {metadata['modules']}; the config tracks {names}", hint=hint)
         _check_members(metadata.get("members"), cfg, path, hint)

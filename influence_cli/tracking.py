@@ -217,6 +217,15 @@ def unmaterialized(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params()
 
 
+def frozen(module: nn.Module) -> bool:
+    """None of the layer's parameters (its parametrizations' too) requires grad: training did not change it
+    (a frozen backbone, the base layer under a LoRA adapter)."""
+    return not any(p.requires_grad for p in module.parameters())
+
+
+FROZEN_REASON = "frozen (no parameter requires grad), left out by factors.trainable_only"
+
+
 def custom_forward_reason(module: nn.Module) -> str | None:
     """Why a wildcard leaves out a Linear / Conv1d / Conv2d / Conv1D subclass with its own forward (None for the stock layers).
 
@@ -231,8 +240,13 @@ def custom_forward_reason(module: nn.Module) -> str | None:
     return f"{cls.__name__} overrides the {base.__name__} forward (name it in factors.modules to track it; its gradient is checked)"
 
 
-def find_tracked_modules(model: nn.Module, patterns: Sequence[str], key: str = "factors.modules") -> list[TrackedModule]:
+def find_tracked_modules(
+    model: nn.Module, patterns: Sequence[str], key: str = "factors.modules", trainable_only: bool = False
+) -> list[TrackedModule]:
     """The supported layers whose names match any fnmatch pattern, in model order.
+
+    With `trainable_only` (factors.trainable_only), a `frozen` layer (no parameter requires grad,
+    as the model is built and loaded) is left out when a wildcard matches it, and an error when named.
 
     A layer the factors cannot model (a grouped Conv1d / Conv2d, non-zero padding modes, asymmetric
     'same' padding; the layers of `unrecorded_layers`: nn.MultiheadAttention's `out_proj` and the
@@ -244,8 +258,8 @@ def find_tracked_modules(model: nn.Module, patterns: Sequence[str], key: str = "
     tracked layer.
 
     Raises:
-        ModelError: when no supported layer matches, a named layer is unsupported, or two
-            tracked layers share a parameter (tied weights: one gradient, not two blocks).
+        ModelError: when no supported layer matches, a named layer is unsupported (or frozen, with
+            `trainable_only`), or two tracked layers share a parameter (tied weights: one gradient, not two blocks).
     """
     compiled = next((name or "(model)" for name, m in model.named_modules() if type(m).__name__ == "OptimizedModule" and hasattr(m, "_orig_mod")), None)
     if compiled is not None:  # the compiled graph bypasses the layers' hooks: the factors would be wrong
@@ -258,6 +272,7 @@ def find_tracked_modules(model: nn.Module, patterns: Sequence[str], key: str = "
     trackable: list[str] = []  # those that can be tracked (what messages list)
     owners: dict[int, str] = {}
     skipped: list[str] = []  # matched by a wildcard but not trackable, with the reason
+    left_frozen: list[str] = []  # matched by a wildcard but frozen, with trainable_only
     unrecorded = unrecorded_layers(model)
     for name, module in model.named_modules():
         if not is_layer(module):
@@ -295,6 +310,15 @@ def find_tracked_modules(model: nn.Module, patterns: Sequence[str], key: str = "
                     )
                 raise ModelError(f"{key}: {detail}", hint=f"leave it out of {key}")
             continue
+        if trainable_only and frozen(module):
+            if any(_is_name(p) for p in matched):
+                raise ModelError(
+                    f"{key}: {type(module).__name__} {name!r} is frozen (none of its parameters requires grad), and factors.trainable_only "
+                    "tracks only layers that training changed",
+                    hint=f"leave it out of {key}, or set factors.trainable_only: false to track it",
+                )
+            left_frozen.append(name)
+            continue
         for param in module.parameters(recurse=False):
             if id(param) in owners:
                 raise ModelError(
@@ -329,6 +353,14 @@ def find_tracked_modules(model: nn.Module, patterns: Sequence[str], key: str = "
         hint = f"{named[0] + '.*'!r} tracks the layers inside it" if inner else f"use names from `influence inspect`, or leave it out of {key}"
         raise ModelError(f"{key}: {named[0]!r} {detail}", hint=hint)
     if not tracked:
+        if left_frozen:
+            shown = ", ".join(left_frozen[:3]) + (f", ... ({len(left_frozen)} in all)" if len(left_frozen) > 3 else "")
+            raise ModelError(
+                f"{key}: {list(patterns)} matches only frozen layers (none of their parameters requires grad: {shown}), and "
+                "factors.trainable_only tracks only layers that training changed",
+                hint="build the model with its trained parameters requiring grad, as in training (peft: PeftModel.from_pretrained(base, "
+                "folder, is_trainable=True)), or set factors.trainable_only: false",
+            )
         if skipped:
             shown = "; ".join(skipped[:3]) + (f"; ... ({len(skipped)} in all)" if len(skipped) > 3 else "")
             detail = f"it matches only layers that cannot be tracked: {shown}"
@@ -352,8 +384,11 @@ class UntrackedModule:
     shared_with: str | None = None  # the tracked layer whose weight this module also uses (its parameters are tracked)
 
 
-def untracked_modules(model: nn.Module, tracked: Sequence[TrackedModule], key: str = "factors.modules") -> list[UntrackedModule]:
-    """Modules with parameters of their own (trainable or not) outside every tracked layer, in model order."""
+def untracked_modules(
+    model: nn.Module, tracked: Sequence[TrackedModule], key: str = "factors.modules", trainable_only: bool = False
+) -> list[UntrackedModule]:
+    """Modules with parameters of their own (trainable or not) outside every tracked layer, in model order
+    (`trainable_only`: factors.trainable_only, which leaves `frozen` layers out)."""
     owner = {id(p): tm for tm in tracked for p in tm.module.parameters(recurse=False)}
     tracked_names = {tm.name for tm in tracked}
     unrecorded = unrecorded_layers(model)
@@ -369,7 +404,11 @@ def untracked_modules(model: nn.Module, tracked: Sequence[TrackedModule], key: s
             continue
         parent, _, attr = name.rpartition(".parametrizations.")
         if is_layer(module):
-            reason = unsupported_reason(module, unrecorded) or custom_forward_reason(module) or f"not matched by {key}"
+            reason = (
+                unsupported_reason(module, unrecorded)
+                or custom_forward_reason(module)
+                or (FROZEN_REASON if trainable_only and frozen(module) else f"not matched by {key}")
+            )
         elif parent in tracked_names:  # weight_norm & co: the layer is scored in its effective weight
             reason = f"parametrizes the {attr} of tracked {parent!r}, which is scored as its effective {attr}"
         elif isinstance(module, nn.MultiheadAttention):
@@ -380,22 +419,42 @@ def untracked_modules(model: nn.Module, tracked: Sequence[TrackedModule], key: s
     return out
 
 
-def skipped_layers(model: nn.Module, tracked: Sequence[TrackedModule], patterns: Sequence[str]) -> list[UntrackedModule]:
+def skipped_layers(model: nn.Module, tracked: Sequence[TrackedModule], patterns: Sequence[str], trainable_only: bool = False) -> list[UntrackedModule]:
     """The layers a user may expect in the scores that a wildcard of `patterns` matched and passed
     over: Linear, Conv1d, Conv2d and Conv1D layers that cannot be tracked (grouped convs, nn.MultiheadAttention's
     out_proj, Swin attention's qkv, proj and cpb_mlp, subclasses with their own forward) and
-    convolutions of other dimensions; not layers no pattern matches, nor norms, embeddings and
-    other parameters (`influence inspect` lists those)."""
+    convolutions of other dimensions; not layers no pattern matches, nor those `trainable_only` left out
+    as frozen, nor norms, embeddings and other parameters (`influence inspect` lists those)."""
     wildcards = [p for p in patterns if not _is_name(p)]
     modules = dict(model.named_modules())
     out = []
-    for u in untracked_modules(model, tracked):
+    for u in untracked_modules(model, tracked, trainable_only=trainable_only):
         module = modules.get("" if u.name == "(model)" else u.name)
         if u.shared_with is not None or module is None or not any(fnmatch.fnmatchcase(u.name, p) for p in wildcards):
+            continue
+        if u.reason == FROZEN_REASON:  # the user's choice, as a layer no pattern matches
             continue
         if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or conv1d_base(module) is not None:  # Conv1d and Conv2d among the convs
             out.append(u)
     return out
+
+
+def frozen_layers_warning(model: nn.Module, tracked: Sequence[TrackedModule], patterns: Sequence[str]) -> str | None:
+    """A warning when wildcards of `patterns` track `frozen` layers of a model that has trainable parameters
+    (a frozen backbone under a trained head or LoRA adapters): their scores measure influence through
+    weights that training did not change, which is rarely what a fine-tuned model's user asks. None
+    otherwise (every parameter trainable, as a model built for inference often is, or none)."""
+    if not any(p.requires_grad for p in model.parameters()):
+        return None
+    names = [tm.name for tm in tracked if frozen(tm.module) and not any(_is_name(p) and p == tm.name for p in patterns)]
+    if not names:
+        return None
+    shown = ", ".join(names[:3]) + (f", ... ({len(names)} in all)" if len(names) > 3 else "")
+    return (
+        f"factors.modules tracks {len(names)} frozen layer{'s' if len(names) > 1 else ''} (no parameter requires grad: {shown}) "
+        "beside trainable parameters: their part of each score is influence through weights the training did not change; "
+        "factors.trainable_only: true tracks only the trainable layers (LoRA adapters, an unfrozen head)"
+    )
 
 
 UNFOLD_ELEMENTS = 1 << 22  # conv patches unfolded at once by `layer_activations` on the CPU (16 MiB in float32)

@@ -158,13 +158,13 @@ def inspect_cmd(config: ConfigArg, set_: SetOpt = None, json_: JsonOpt = False) 
     from influence_cli.fit import describe_layers, large_factor_warning
     from influence_cli.models import load_model
     from influence_cli.scores import query_memory
-    from influence_cli.tracking import find_tracked_modules, untracked_modules
+    from influence_cli.tracking import find_tracked_modules, frozen_layers_warning, untracked_modules
 
     cfg = load(config, set_, "inspect")
     model = load_model(cfg.model, cfg.base_dir)  # on the CPU and unhashed: nothing here runs it
-    tracked = find_tracked_modules(model, cfg.factors.modules)
+    tracked = find_tracked_modules(model, cfg.factors.modules, trainable_only=cfg.factors.trainable_only)
     rows = describe_layers(tracked, cfg.factors.strategy)
-    untracked = untracked_modules(model, tracked)
+    untracked = untracked_modules(model, tracked, trainable_only=cfg.factors.trainable_only)
     models = 1 + len(cfg.scores.checkpoints)  # an ensemble: fit-factors writes each model's factors
     factor_bytes = models * sum(r.factor_bytes() for r in rows)
     tracked_params = sum(r.d_in * r.d_out for r in rows)
@@ -172,6 +172,8 @@ def inspect_cmd(config: ConfigArg, set_: SetOpt = None, json_: JsonOpt = False) 
     query_bytes, queries_per_chunk = query_memory(cfg, model, tracked_params)
     if (large := large_factor_warning(rows)) is not None:
         notices.warn(large)
+    if (frozen := frozen_layers_warning(model, tracked, cfg.factors.modules)) is not None:
+        notices.warn(frozen)
     if json_:
         print_json({
             "strategy": cfg.factors.strategy,
