@@ -413,6 +413,9 @@ factors: {modules: ["*"], trainable_only: true}
   `lora_dropout`; B's are A's outputs, and B's output gradient carries the scale `lora_alpha / r`),
   with the same factors and scores as any Linear (tested in float64 against per-example gradients
   of the adapter weights). The curvature is that of A and B, not of the update `s·B·A` as one weight.
+  A module `modules_to_save` trains whole (a classifier head) is held twice, as the frozen
+  `original_module` and the trained `modules_to_save.<adapter>`, and peft calls one of them: the
+  other is left out by wildcards (`inspect` says why) and refused by name.
 - **Loading.** `PeftModel.from_pretrained` freezes the adapter unless `is_trainable=True`; without it
   every layer is frozen, and `trainable_only` is refused naming that. `get_peft_model` leaves the
   adapter trainable. The model's fingerprint hashes every weight loaded, the adapter's too.

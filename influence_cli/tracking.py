@@ -146,15 +146,18 @@ def unrecorded_layers(model: nn.Module) -> dict[int, str]:
       the same for every example: the hooks would see one input and the batch's summed output gradient.
     - torchvision's GoogLeNet (`aux1`, `aux2`) and Inception3 (`AuxLogits`) call their auxiliary
       classifiers only in training.
+    - peft's ModulesToSaveWrapper (a module that `modules_to_save` fine-tunes whole, such as a
+      classifier head beside LoRA adapters) keeps the frozen `original_module` and a trained copy per
+      adapter, `modules_to_save.<adapter>`, and calls one of them: the others are never called.
 
-    torchvision is not imported here: a model holding its modules has imported them already.
+    torchvision and peft are not imported here: a model holding their modules has imported them already.
     """
     out = {
         id(m.out_proj): ATTENTION_OUTPUT
         for m in model.modules()
         if isinstance(m, nn.MultiheadAttention) and type(m).forward is nn.MultiheadAttention.forward
     }
-    return out | _swin_layers(model) | _auxiliary_classifiers(model)
+    return out | _swin_layers(model) | _auxiliary_classifiers(model) | _peft_saved_copies(model)
 
 
 def _swin_layers(model: nn.Module) -> dict[int, str]:
@@ -194,6 +197,36 @@ def _auxiliary_classifiers(model: nn.Module) -> dict[int, str]:
                 for head in (getattr(m, h, None) for h in heads):
                     if isinstance(head, nn.Module):
                         out |= {id(layer): reason for layer in head.modules() if isinstance(layer, (nn.Linear, nn.Conv2d))}
+    return out
+
+
+PEFT_SAVED_COPY = "a copy of {module!r} that peft's ModulesToSaveWrapper keeps but does not call (it calls {called!r})"
+
+
+def _peft_saved_copies(model: nn.Module) -> dict[int, str]:
+    """`unrecorded_layers` of peft's ModulesToSaveWrapper: the copies of its module its forward does not call. It calls
+    `modules_to_save[active_adapters[0]]`, or `original_module` when adapters are disabled, none is active or an active
+    one has no copy (peft's passthrough); a subclass with its own forward is left alone."""
+    cls = getattr(sys.modules.get("peft.utils.other"), "ModulesToSaveWrapper", None)
+    if cls is None:
+        return {}
+    out: dict[int, str] = {}
+    names = {id(m): name for name, m in model.named_modules()}
+    for m in model.modules():
+        if not isinstance(m, cls) or type(m).forward is not cls.forward or type(m)._forward_wrapped is not cls._forward_wrapped:
+            continue
+        copies = getattr(m, "modules_to_save", None)
+        original = getattr(m, "original_module", None)
+        if not isinstance(copies, nn.ModuleDict) or not isinstance(original, nn.Module):
+            continue
+        active = list(getattr(m, "active_adapters", None) or [])
+        passthrough = bool(getattr(m, "disable_adapters", False)) or not active or any(a not in copies for a in active)
+        called = original if passthrough else copies[active[0]]
+        wrapper = names.get(id(m), "")
+        reason = PEFT_SAVED_COPY.format(module=wrapper or "(model)", called=names.get(id(called), "").removeprefix(wrapper + "."))
+        for copy in [original, *copies.values()]:
+            if copy is not called:
+                out |= {id(layer): reason for layer in copy.modules() if is_layer(layer)}
     return out
 
 
@@ -250,7 +283,8 @@ def find_tracked_modules(
 
     A layer the factors cannot model (a grouped Conv1d / Conv2d, non-zero padding modes, asymmetric
     'same' padding; the layers of `unrecorded_layers`: nn.MultiheadAttention's `out_proj` and the
-    `qkv` and `proj` of torchvision's Swin attention, which are never called, Swin V2's `cpb_mlp`,
+    `qkv` and `proj` of torchvision's Swin attention and the copies of a module that peft's
+    ModulesToSaveWrapper does not call, which are never called, Swin V2's `cpb_mlp`,
     whose input is shared by the batch, the auxiliary classifiers of GoogLeNet and Inception3, run
     only in training) is skipped when only a wildcard pattern matches it, and an
     error when named. A subclass with its own forward is skipped by wildcards and tracked when

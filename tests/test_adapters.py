@@ -295,12 +295,63 @@ def test_adapter_only_checkpoint_is_refused_with_a_hint(tmp_path, lora_module):
         load_config(tmp_path / "config.yaml", reads=[])
 
 
+class ModulesToSaveWrapper(nn.Module):
+    """peft's ModulesToSaveWrapper (modules_to_save: a module fine-tuned whole beside the adapters): the frozen
+    original and one trained copy per adapter, of which the forward calls one."""
+
+    def __init__(self, module: nn.Module, adapters=("default",), active=("default",), disabled=False):
+        super().__init__()
+        import copy
+
+        self.original_module = module.requires_grad_(False)
+        self.modules_to_save = nn.ModuleDict({a: copy.deepcopy(module).requires_grad_(True) for a in adapters})
+        self.active_adapters, self.disable_adapters = list(active), disabled
+
+    def forward(self, x):
+        if self.disable_adapters or any(a not in self.modules_to_save for a in self.active_adapters):
+            return self.original_module(x)
+        return self._forward_wrapped(x)
+
+    def _forward_wrapped(self, x):
+        return self.modules_to_save[self.active_adapters[0]](x) if self.active_adapters else self.original_module(x)
+
+
+@pytest.mark.parametrize(
+    "options,called",
+    [({}, "modules_to_save.default"), ({"adapters": ("a", "b"), "active": ("b",)}, "modules_to_save.b"), ({"disabled": True}, "original_module")],
+    ids=["active", "second-adapter", "disabled"],
+)
+def test_peft_modules_to_save_copies_that_are_not_called(lora_module, monkeypatch, options, called):
+    """Wildcards leave out the copies of a modules_to_save module that its wrapper does not call (tracked, they
+    stopped fit-factors as layers never called), naming one is refused, and the copy it calls is tracked."""
+    import sys
+    import types
+
+    fake = types.ModuleType("peft.utils.other")
+    fake.ModulesToSaveWrapper = ModulesToSaveWrapper
+    monkeypatch.setitem(sys.modules, "peft.utils.other", fake)
+    model = lora_module.make().double()
+    model.head = ModulesToSaveWrapper(model.head, **options)
+    tracked = find_tracked_modules(model, ["*"])
+    heads = [tm.name for tm in tracked if tm.name.startswith("head.")]
+    assert heads == [f"head.{called}"]
+    copies = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("head.") and n != f"head.{called}"]
+    left_out = {u.name: u.reason for u in untracked_modules(model, tracked)}
+    for name in copies:
+        assert left_out[name] == f"a copy of 'head' that peft's ModulesToSaveWrapper keeps but does not call (it calls {called!r})"
+    with pytest.raises(ModelError, match=rf"Linear '{copies[0]}' is a copy of 'head' that peft's ModulesToSaveWrapper keeps but does not call"):
+        find_tracked_modules(model, ["*lora*", copies[0]])
+    x, y = torch.randn(8, 5, dtype=F64), torch.randint(0, 3, (8,))
+    fit(model, x, y, modules=["*"])  # every tracked layer is called
+
+
 # ----------------------------------------------------------------------------- peft itself
 
 
 def test_peft_lora_model():
     """peft's get_peft_model on a small MLP (when peft is installed): trainable_only tracks exactly its lora_A and
-    lora_B layers, and their factors and scores meet the same definitions as above."""
+    lora_B layers, and their factors and scores meet the same definitions as above; of a modules_to_save module,
+    the copy peft calls is tracked."""
     peft = pytest.importorskip("peft", reason="peft is not installed (influence_cli does not need it)")
     torch.manual_seed(0)
     base = nn.Sequential()
@@ -316,6 +367,8 @@ def test_peft_lora_model():
     names = ["base_model.model.fc1.lora_A.default", "base_model.model.fc1.lora_B.default"]
     tracked = find_tracked_modules(model, ["*"], trainable_only=True)
     assert [tm.name for tm in tracked] == names
+    saved = peft.get_peft_model(nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)), peft.LoraConfig(r=2, target_modules=["0"], modules_to_save=["2"]))
+    assert [tm.name for tm in find_tracked_modules(saved, ["*"])][-1] == "base_model.model.2.modules_to_save.default"  # not original_module, never called
     assert [tm.name for tm in find_tracked_modules(model, ["*lora_A*", "*lora_B*"])] == names
     g = torch.Generator().manual_seed(3)
     x, y = torch.randn(12, 5, generator=g, dtype=F64), torch.randint(0, 3, (12,), generator=g)
