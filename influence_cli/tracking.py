@@ -206,20 +206,24 @@ PEFT_SAVED_COPY = "a copy of {module!r} that peft's ModulesToSaveWrapper keeps b
 def _peft_saved_copies(model: nn.Module) -> dict[int, str]:
     """`unrecorded_layers` of peft's ModulesToSaveWrapper: the copies of its module its forward does not call. It calls
     `modules_to_save[active_adapters[0]]`, or `original_module` when adapters are disabled, none is active or an active
-    one has no copy (peft's passthrough); a subclass with its own forward is left alone."""
+    one has no copy (peft's passthrough); a subclass with its own forward is left alone. peft before 0.15 has no
+    `_forward_wrapped` and one `active_adapter`, a string."""
     cls = getattr(sys.modules.get("peft.utils.other"), "ModulesToSaveWrapper", None)
-    if cls is None:
+    if not isinstance(cls, type):
         return {}
     out: dict[int, str] = {}
     names = {id(m): name for name, m in model.named_modules()}
     for m in model.modules():
-        if not isinstance(m, cls) or type(m).forward is not cls.forward or type(m)._forward_wrapped is not cls._forward_wrapped:
+        if not isinstance(m, cls) or any(getattr(type(m), f, None) is not getattr(cls, f, None) for f in ("forward", "_forward_wrapped")):
             continue
         copies = getattr(m, "modules_to_save", None)
         original = getattr(m, "original_module", None)
         if not isinstance(copies, nn.ModuleDict) or not isinstance(original, nn.Module):
             continue
-        active = list(getattr(m, "active_adapters", None) or [])
+        active = getattr(m, "active_adapters", None)
+        if active is None:
+            active = getattr(m, "active_adapter", None)
+        active = [active] if isinstance(active, str) else list(active or [])
         passthrough = bool(getattr(m, "disable_adapters", False)) or not active or any(a not in copies for a in active)
         called = original if passthrough else copies[active[0]]
         wrapper = names.get(id(m), "")

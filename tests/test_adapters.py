@@ -345,6 +345,38 @@ def test_peft_modules_to_save_copies_that_are_not_called(lora_module, monkeypatc
     fit(model, x, y, modules=["*"])  # every tracked layer is called
 
 
+class OldModulesToSaveWrapper(nn.Module):
+    """peft's ModulesToSaveWrapper before 0.15: its forward alone (no _forward_wrapped), one `active_adapter`, a string."""
+
+    def __init__(self, module: nn.Module, active="default", disabled=False):
+        super().__init__()
+        import copy
+
+        self.original_module = module.requires_grad_(False)
+        self.modules_to_save = nn.ModuleDict({"default": copy.deepcopy(module).requires_grad_(True)})
+        self.active_adapter, self.disable_adapters = active, disabled
+
+    def forward(self, x):
+        if self.disable_adapters or self.active_adapter not in self.modules_to_save:
+            return self.original_module(x)
+        return self.modules_to_save[self.active_adapter](x)
+
+
+@pytest.mark.parametrize("options,called", [({}, "modules_to_save.default"), ({"disabled": True}, "original_module")], ids=["active", "disabled"])
+def test_modules_to_save_of_peft_before_0_15(lora_module, monkeypatch, options, called):
+    """Its wrapper has no _forward_wrapped (reading it raised AttributeError) and names its adapter in active_adapter."""
+    import sys
+    import types
+
+    fake = types.ModuleType("peft.utils.other")
+    fake.ModulesToSaveWrapper = OldModulesToSaveWrapper
+    monkeypatch.setitem(sys.modules, "peft.utils.other", fake)
+    model = lora_module.make().double()
+    model.head = OldModulesToSaveWrapper(model.head, **options)
+    assert [tm.name for tm in find_tracked_modules(model, ["*"]) if tm.name.startswith("head.")] == [f"head.{called}"]
+    fit(model, torch.randn(8, 5, dtype=F64), torch.randint(0, 3, (8,)), modules=["*"])
+
+
 # ----------------------------------------------------------------------------- peft itself
 
 
