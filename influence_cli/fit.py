@@ -960,7 +960,7 @@ def check_factors_match(
     if list(factors.layers) != names:
         raise OutputError(
             f"{str(path)!r} tracks layers {list(factors.layers)}, the config tracks {names}",
-            hint="use the same factors.modules as fit-factors, or refit with --overwrite",
+            hint="use the factors.modules and factors.trainable_only of fit-factors, or refit with --overwrite",
         ).everywhere()
     if train is not None and meta.get("dataset_fingerprint") != train.fingerprint():
         raise OutputError(

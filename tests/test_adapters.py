@@ -25,7 +25,7 @@ from torch import nn
 from influence_cli import task as task_lib
 from influence_cli.config import FactorsConfig, load_config
 from influence_cli.edit import edit_checkpoint
-from influence_cli.errors import ConfigError, ModelError
+from influence_cli.errors import ConfigError, ModelError, OutputError
 from influence_cli.fit import fit_factors, load_factors
 from influence_cli.kernel import pairwise_scores
 from influence_cli.models import load_checkpoint
@@ -263,6 +263,15 @@ def test_fit_factors_warns_of_frozen_layers_a_wildcard_tracks(tmp_path, lora_mod
     with caplog.at_level(logging.WARNING, logger="influence_cli"):
         fit_factors(load_config(path), overwrite=True)
     assert not any("frozen" in r.getMessage() for r in caplog.records)
+
+
+def test_factors_of_another_trainable_only_are_refused_naming_it(tmp_path, lora_module):
+    """trainable_only changes the layers tracked: compute-scores refuses factors fitted without it, and says which key."""
+    path = project(tmp_path, lora_module)
+    fit_factors(load_config(path, ["factors.trainable_only=false"]))
+    with pytest.raises(OutputError, match=r"tracks layers \['fc1.base_layer', .*\], the config tracks \['fc1.lora_A.default'") as err:
+        compute_scores(load_config(path))
+    assert "factors.trainable_only" in err.value.hint
 
 
 def test_edit_changes_only_the_adapters(tmp_path, lora_module):
