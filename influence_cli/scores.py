@@ -37,7 +37,7 @@ from influence_cli.data import IndexedDataset, make_loader
 from influence_cli.distributed import DistState, agree
 from influence_cli.ensemble import Member, describe_member, ensemble_members, name_member, prepare_member, refuse_same_weights
 from influence_cli.errors import ConfigError, NumericalError, OutputError, UsageError
-from influence_cli.factors import Factors, LayerFactors
+from influence_cli.factors import FINITE_CHUNK_ELEMENTS, Factors, LayerFactors
 from influence_cli.fit import check_factors_match, load_factors, num_fit_examples
 from influence_cli.kernel import ScoreKernel, StoredQueries, build_kernel, safe_norms
 from influence_cli.passes import (
@@ -589,7 +589,8 @@ def _check_storable(block: torch.Tensor, dtype: str, what: str = "scores", layer
     the layer, and an all-zero block is not warned about again (its total was)."""
     if not block.numel():
         return
-    peak = float(block.abs().max())  # NaN when any score is NaN
+    low, high = torch.aminmax(block)  # no temporary of the block's size (|block| was one); NaN when any score is NaN
+    peak = max(abs(float(low)), abs(float(high)))
     if not math.isfinite(peak):
         first = [int(i) for i in torch.nonzero(~torch.isfinite(block))[0]]
         layer = "" if layers is None else f"layer {layers[first.pop(0)]!r}, "
@@ -612,12 +613,23 @@ def _check_storable(block: torch.Tensor, dtype: str, what: str = "scores", layer
             hint="set scores.dtype: float32 (or bfloat16) and rerun with --overwrite",
         )
     smallest = torch.finfo(getattr(torch, dtype)).tiny  # float16's subnormals keep fewer digits (0 at 6e-8)
-    if dtype == "float16" and bool(((block != 0) & (block.abs() < smallest)).any()):
+    if dtype == "float16" and _any_below(block, smallest):
         notices.warn(
             f"scores.dtype: float16 stores scores below {smallest:.2g} in magnitude with fewer significant digits (some "
             "are that small); scores.dtype: bfloat16 keeps float32's range",
             per_rank=True,
         )
+
+
+def _any_below(block: torch.Tensor, smallest: float) -> bool:
+    """Whether a value of `block` other than 0 is smaller than `smallest` in magnitude, tested a few MB at a time
+    (`factors.FINITE_CHUNK_ELEMENTS`): the masks of the whole block would be 2.5 times its size again."""
+    flat = block.view(-1) if block.is_contiguous() else block
+    rows = max(1, FINITE_CHUNK_ELEMENTS // max(1, flat[0].numel()))
+    found = torch.zeros((), dtype=torch.bool, device=block.device)
+    for part in flat.split(rows):
+        found |= ((part != 0) & (part.abs() < smallest)).any()
+    return bool(found)
 
 
 def _snapshot_phase(snapshot: Snapshot | None, prefix: str) -> list[int] | None:
