@@ -154,7 +154,7 @@ def snapshot_of(name: str, pattern: str) -> str:
 def progress_files(folder: Path, pattern: str, kind: str = "") -> list[Path]:
     """The progress files of one pass in `folder`, saved by any number of ranks: `pattern` with
     {rank} = "" or ".rank<r>", followed by `kind` (".self" for self-influence), and the files of
-    the datasets each finished (".finished<i>" after that: dataset-similarity, spectrum)."""
+    the datasets each finished (".finished<i>" after that: dataset-similarity, spectrum; compute-scores' saved score pieces)."""
     return [p for p in sorted(folder.glob(pattern.format(rank="*"))) if _is_progress_name(p.name, pattern, kind)]
 
 
@@ -299,9 +299,9 @@ class PassCheckpoint:
         storage.save_tensors(path or self.path, tensors, meta)
 
     def clear(self) -> None:
-        """Removes this rank's snapshot once the run's output is written: one that cannot be removed is a warning
-        (`remove_finished_progress`)."""
-        remove_finished_progress([self.path], per_rank=True)
+        """Removes this rank's snapshot once the run's output is written, then the pieces saved beside it (`piece_path`):
+        one that cannot be removed is a warning (`remove_finished_progress`)."""
+        remove_finished_progress([self.path, *pieces_of(self.path)], per_rank=True)
 
     def check_leftovers(self, paths: list[Path], what: str) -> None:
         """Refuses to resume past outputs of the interrupted run (`paths`, e.g. finished score shards,
@@ -782,6 +782,18 @@ class DatasetsProgress:
 def _finished_path(snapshot: Path, index: int | str) -> Path:
     """The file of finished dataset `index` beside `snapshot` (`DatasetsProgress.finished_path`)."""
     return snapshot.with_suffix(storage.PARTIAL_FINISHED.format(index=index) + snapshot.suffix)
+
+
+def piece_path(snapshot: Path, index: int | str) -> Path:
+    """The file of saved piece `index` of a pass's result beside `snapshot` (compute-scores' score pieces; "*": a glob of
+    them all): named as a finished dataset's file (`_finished_path`), so that every check of a pass's progress files
+    (other ranks' layouts, --overwrite, a finished run's leftovers) counts them."""
+    return _finished_path(snapshot, index)
+
+
+def pieces_of(snapshot: Path) -> list[Path]:
+    """The pieces (`piece_path`) beside `snapshot`, in order."""
+    return list(_finished_files(snapshot).values())
 
 
 def _finished_files(snapshot: Path) -> dict[int, Path]:

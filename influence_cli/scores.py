@@ -62,8 +62,11 @@ from influence_cli.resume import (
     agreed_start,
     check_rank_layout,
     clear_progress_of_finished,
+    piece_path,
+    pieces_of,
     progress_files,
     refuse_other_finished_result,
+    remove_finished_progress,
     run_key,
     run_keys,
 )
@@ -891,6 +894,9 @@ def _start_pairwise(st: DistState, checkpoint: PassCheckpoint, single: Path, ind
         storage.check_can_write(index, overwrite, "scores", "output_dir")
         removed = check_rank_layout(out_dir, storage.SCORES_PARTIAL, st.world_size, resume=resume, overwrite=overwrite)
         snap, stale = checkpoint.check_start(resume, overwrite)
+        if snap is None:  # saved scores no snapshot continues (those of an --overwrite run's, of one killed before its first snapshot)
+            stale += pieces_of(checkpoint.path)
+        stale += storage.temp_paths(piece_path(checkpoint.path, "*"))
         leftovers = sorted(out_dir.glob(storage.SCORES_SHARD_GLOB))
         for shard in leftovers:  # never opened (a FIFO would block); --overwrite (without --resume) removes a FIFO, never a folder
             storage.refuse_irregular(shard, overwrite and not resume, "output_dir")
@@ -959,16 +965,21 @@ class _PairwisePass:
         labels = _known_labels(train, shard.start, shard.stop, ctx.device)
         collect = labels is None
         start_chunk, start_batch, resumed_from = 0, 0, None
+        pieces = _ScorePieces(self.checkpoint, shard.number, chunks, width)
         where = _snapshot_phase(snapshot, "scores:")
         if where is not None and snapshot is not None and where[0] == shard.number:
             start_chunk, start_batch = where[1], snapshot.batches_done
             q0 = chunks[start_chunk][0]
             done = min(width, start_batch * scorer.bs)
-            block[:q0] = snapshot.tensors["rows_done"].to(block)
-            block[q0 : chunks[start_chunk][1], :done] = snapshot.tensors["current"].to(block)
-            if parts is not None:  # the settings include by_layer: a snapshot of this run holds them
-                parts[:, :q0] = snapshot.tensors["parts_done"].to(parts)
-                parts[:, q0 : chunks[start_chunk][1], :done] = snapshot.tensors["parts_current"].to(parts)
+            if "pieces" in snapshot.tensors:
+                pieces.read(int(snapshot.tensors["pieces"]), block, parts)
+            else:  # a snapshot of an earlier version holds the scores themselves
+                block[:q0] = snapshot.tensors["rows_done"].to(block)
+                block[q0 : chunks[start_chunk][1], :done] = snapshot.tensors["current"].to(block)
+                if parts is not None:  # the settings include by_layer: a snapshot of this run holds them
+                    parts[:, :q0] = snapshot.tensors["parts_done"].to(parts)
+                    parts[:, q0 : chunks[start_chunk][1], :done] = snapshot.tensors["parts_current"].to(parts)
+            pieces.saved = (start_chunk, done)
             if norms is not None:
                 norms.copy_(snapshot.tensors["norms"])
             if collect and "labels" in snapshot.tensors:
@@ -1000,13 +1011,12 @@ class _PairwisePass:
                 self.scored += n
                 if self.checkpoint.due(self.steps):
                     self.watch.check("scoring")
-                    state_tensors = {"rows_done": block[:q0], "current": block[q0:q1, : c0 + n]}
+                    pieces.write(block, parts, (ci, c0 + n))  # the scores since the last save, each written once
+                    state_tensors = {"pieces": torch.tensor(pieces.count)}
                     if collect and labels is not None:
                         state_tensors["labels"] = labels
                     if norms is not None:
                         state_tensors["norms"] = norms
-                    if parts is not None:
-                        state_tensors |= {"parts_done": parts[:, :q0], "parts_current": parts[:, q0:q1, : c0 + n]}
                     self.checkpoint.save(f"scores:{shard.number}:{ci}", j + 1, state_tensors)
                 scorer.progress.advance(n)
             self.watch.check("scoring")
@@ -1030,8 +1040,66 @@ class _PairwisePass:
             tensors["train_norms"] = norms[0]
         shard_meta = self.metadata | {"train_start": shard.start, "train_stop": shard.stop, "shard": shard.number, "settings": self.checkpoint.settings}
         storage.save_tensors(path, tensors, shard_meta)
+        pieces.remove()  # the shard's file holds them (a snapshot still counting them is of a finished shard: not resumed)
         self.seconds["write"] += time.perf_counter() - tw
         return resumed_from
+
+
+class _ScorePieces:
+    """The scores of one train range a pairwise pass has saved, in files beside its snapshot (`resume.piece_path`:
+    scores.partial.finished<i>.safetensors), each [chunk rows, columns] written once: at each save, the columns
+    scored since the previous one, of every query chunk since. The snapshot counts them (`pieces`) and holds only what
+    is as wide as the range (norms, labels). It held the scores themselves: each save wrote all the rows scored so far
+    again (a copy of the current chunk's, not contiguous), so a range of B batches saved every E batches wrote about
+    B / 2E times its score block, and held it twice at each save.
+    """
+
+    def __init__(self, checkpoint: PassCheckpoint, shard: int, chunks: list[tuple[int, int]], width: int) -> None:
+        self.checkpoint, self.shard, self.chunks, self.width = checkpoint, shard, chunks, width
+        self.count = 0
+        self.saved = (0, 0)  # (query chunk, column): everything before it is in the pieces
+
+    def write(self, block: torch.Tensor, parts: torch.Tensor | None, upto: tuple[int, int]) -> None:
+        """Writes the scores from `saved` up to `upto` (query chunk, column), a piece per query chunk."""
+        (first, start), (last, stop) = self.saved, upto
+        for ci in range(first, last + 1):
+            c0, c1 = (start if ci == first else 0), (stop if ci == last else self.width)
+            if c1 <= c0:
+                continue
+            q0, q1 = self.chunks[ci]
+            tensors = {"scores": block[q0:q1, c0:c1]} | ({} if parts is None else {"parts": parts[:, q0:q1, c0:c1]})
+            self.checkpoint.save(f"piece:{self.shard}:{ci}:{c0}:{c1}", 0, tensors, piece_path(self.checkpoint.path, self.count))
+            self.count += 1
+        self.saved = upto
+
+    def read(self, count: int, block: torch.Tensor, parts: torch.Tensor | None) -> None:
+        """Fills `block` (and `parts`) from the first `count` pieces.
+
+        Raises:
+            OutputError: a piece missing, unreadable, of other settings or of another range.
+        """
+        hint = "pass --overwrite to start over (the saved progress cannot continue without it)"
+        for i in range(count):
+            path = piece_path(self.checkpoint.path, i)
+            if path.exists():
+                storage.refuse_irregular(path, False)  # never opened
+            else:
+                raise OutputError(f"{str(path)!r} is missing: it held scores {self.checkpoint.path.name} counts as saved", hint=hint)
+            tensors, meta = storage.load_tensors(path, storage.PARTIAL_FORMAT)
+            self.checkpoint.check_settings(path, meta)
+            phase = str(meta.get("phase", "")).split(":")
+            if len(phase) != 5 or phase[0] != "piece" or int(phase[1]) != self.shard:
+                raise OutputError(f"{str(path)!r} does not hold scores of train range {self.shard} (it holds {meta.get('phase')!r})", hint=hint)
+            ci, c0, c1 = (int(v) for v in phase[2:])
+            q0, q1 = self.chunks[ci]
+            block[q0:q1, c0:c1] = tensors["scores"].to(block)
+            if parts is not None:
+                parts[:, q0:q1, c0:c1] = tensors["parts"].to(parts)
+        self.count = count
+
+    def remove(self) -> None:
+        """Removes every piece beside the snapshot (those of an earlier run that no snapshot counts too)."""
+        remove_finished_progress(pieces_of(self.checkpoint.path), per_rank=True)
 
 
 def _write_index(index: Path, layout: ScoresLayout, metadata: dict[str, Any]) -> None:

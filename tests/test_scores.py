@@ -710,6 +710,54 @@ def test_resume_after_interruption_is_bit_identical(project, monkeypatch, name, 
     assert not list(cfg.output_path.glob("scores.partial*"))
 
 
+def test_snapshots_write_each_score_once(project, monkeypatch):
+    """A pass saved after every batch (6 batches, 2 query chunks) writes each score to its progress once, in pieces
+    beside a snapshot that holds none: the snapshot held every row scored so far, written again at each save (and the
+    current chunk's rows copied to be written), so the saves of a range of B batches wrote about B/2 score blocks."""
+    written: list[tuple[str, dict[str, torch.Tensor]]] = []
+    real = storage.save_tensors
+
+    def spy(path, tensors, metadata, **kwargs):
+        if "partial" in Path(path).name:
+            written.append((Path(path).name, {k: v.clone() for k, v in tensors.items()}))
+        return real(path, tensors, metadata, **kwargs)
+
+    monkeypatch.setattr(storage, "save_tensors", spy)
+    cfg = make_cfg(project, "saved-once", "scores.query_chunk=4")
+    compute_scores(cfg)
+    pieces = [t for name, t in written if ".finished" in name]
+    snapshots = [t for name, t in written if ".finished" not in name]
+    assert len(snapshots) == 12 and all(set(t) == {"pieces"} for t in snapshots)  # 2 chunks × 6 batches
+    assert sum(t["scores"].numel() for t in pieces) == N_QUERY * N_TRAIN
+    assert not list(cfg.output_path.glob("scores.partial*"))
+
+
+def test_a_snapshot_that_holds_the_scores_still_resumes(project, monkeypatch):
+    """A snapshot of an earlier version (the rows of the finished query chunks and the current one's columns
+    so far, `rows_done` and `current`, no pieces) resumes to the same scores."""
+    ref = all_scores(compute_scores(make_cfg(project, "earlier-ref", "scores.query_chunk=4")).paths[0].parent)
+    cfg = make_cfg(project, "earlier", "scores.query_chunk=4")
+    with monkeypatch.context() as m:
+        interrupt_after(m, "pairwise", 8)  # chunk 2 (rows 4..7), 2 of its batches (16 columns) done
+        with pytest.raises(KeyboardInterrupt):
+            compute_scores(cfg)
+    snapshot = cfg.output_path / storage.SCORES_PARTIAL.format(rank="")
+    tensors, meta = storage.load_tensors(snapshot)
+    block = torch.zeros(N_QUERY, N_TRAIN)
+    for piece in sorted(cfg.output_path.glob("scores.partial.finished*")):
+        held, piece_meta = storage.load_tensors(piece)
+        _, _, ci, c0, c1 = piece_meta["phase"].split(":")
+        q0 = 4 * int(ci)
+        block[q0 : q0 + len(held["scores"]), int(c0) : int(c1)] = held["scores"]
+        piece.unlink()
+    assert meta["phase"] == "scores:0:1" and meta["batches_done"] == 2
+    del tensors["pieces"]
+    storage.save_tensors(snapshot, tensors | {"rows_done": block[:4], "current": block[4:, :16]}, {k: v for k, v in meta.items() if k != "created"})
+    report = compute_scores(cfg, resume=True)
+    assert report.resumed_from == "shard 0, query chunk 2/2, batch 2"
+    assert torch.equal(all_scores(cfg.output_path), ref)
+
+
 def test_self_influence_resume_is_bit_identical(project, monkeypatch):
     ref_cfg = make_cfg(project, "self-ref")
     ref = storage.load_tensors(compute_scores(ref_cfg, self_influence=True).paths[0])[0]
