@@ -973,13 +973,13 @@ class _PairwisePass:
             done = min(width, start_batch * scorer.bs)
             if "pieces" in snapshot.tensors:
                 pieces.read(int(snapshot.tensors["pieces"]), block, parts)
-            else:  # a snapshot of an earlier version holds the scores themselves
+                pieces.saved = (start_chunk, done)
+            else:  # a snapshot of an earlier version holds the scores themselves: the next save writes them all to pieces
                 block[:q0] = snapshot.tensors["rows_done"].to(block)
                 block[q0 : chunks[start_chunk][1], :done] = snapshot.tensors["current"].to(block)
                 if parts is not None:  # the settings include by_layer: a snapshot of this run holds them
                     parts[:, :q0] = snapshot.tensors["parts_done"].to(parts)
                     parts[:, q0 : chunks[start_chunk][1], :done] = snapshot.tensors["parts_current"].to(parts)
-            pieces.saved = (start_chunk, done)
             if norms is not None:
                 norms.copy_(snapshot.tensors["norms"])
             if collect and "labels" in snapshot.tensors:

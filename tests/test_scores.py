@@ -734,7 +734,9 @@ def test_snapshots_write_each_score_once(project, monkeypatch):
 
 def test_a_snapshot_that_holds_the_scores_still_resumes(project, monkeypatch):
     """A snapshot of an earlier version (the rows of the finished query chunks and the current one's columns
-    so far, `rows_done` and `current`, no pieces) resumes to the same scores."""
+    so far, `rows_done` and `current`, no pieces) resumes to the same scores, and so does the run that resumed
+    it when it is stopped in turn: its first save writes the scores that snapshot held to pieces (it wrote only
+    those scored since, and the next resume read zeros in their place)."""
     ref = all_scores(compute_scores(make_cfg(project, "earlier-ref", "scores.query_chunk=4")).paths[0].parent)
     cfg = make_cfg(project, "earlier", "scores.query_chunk=4")
     with monkeypatch.context() as m:
@@ -753,8 +755,12 @@ def test_a_snapshot_that_holds_the_scores_still_resumes(project, monkeypatch):
     assert meta["phase"] == "scores:0:1" and meta["batches_done"] == 2
     del tensors["pieces"]
     storage.save_tensors(snapshot, tensors | {"rows_done": block[:4], "current": block[4:, :16]}, {k: v for k, v in meta.items() if k != "created"})
+    with monkeypatch.context() as m:
+        interrupt_after(m, "pairwise", 2)  # 2 more batches of chunk 2, each saved
+        with pytest.raises(KeyboardInterrupt):
+            compute_scores(cfg, resume=True)
     report = compute_scores(cfg, resume=True)
-    assert report.resumed_from == "shard 0, query chunk 2/2, batch 2"
+    assert report.resumed_from == "shard 0, query chunk 2/2, batch 4"
     assert torch.equal(all_scores(cfg.output_path), ref)
 
 
