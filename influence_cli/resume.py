@@ -88,8 +88,8 @@ def check_rank_layout(
     folder: Path, pattern: str, world_size: int, *, resume: bool, overwrite: bool, kind: str = "", key: str = "output_dir"
 ) -> list[Path]:
     """Refuses progress of this pass saved by a run with another number of ranks (its files,
-    `pattern` with {rank} = ".rank<r>" + kind, or kind alone for one process, and the files of the
-    datasets each finished beside them, are not this run's names, so it would silently start over
+    `pattern` with {rank} = ".rank<r>" + kind, or kind alone for one process, and the files saved beside them
+    (the datasets each finished, compute-scores' score pieces), are not this run's names, so it would silently start over
     and leave them behind); --overwrite lets them go. What is no regular file there is refused as that
     (`storage.refuse_irregular`; `key`: the config key of `folder`). Removes nothing: returns what the
     start removes once every rank's checks passed (`agreed_start`): those files with --overwrite, and the
@@ -108,7 +108,7 @@ def check_rank_layout(
         more = len(others) - len(snapshots)
         raise OutputError(
             f"{str(folder)!r} holds progress saved by a run with {ranks} rank(s) ({', '.join(snapshots)}"
-            + (f", and {more} file(s) of the datasets it finished" if more else "")
+            + (f", and {more} file(s) saved beside {'it' if len(snapshots) == 1 else 'them'}" if more else "")  # finished datasets, score pieces
             + f"); this run has {world_size}",
             hint=(f"resume with the same number of ranks (torchrun --nproc_per_node {ranks})" if ranks > 1 else "resume without torchrun")
             + ", or pass --overwrite to start over",
@@ -134,7 +134,7 @@ def _saved_ranks(files: list[Path], pattern: str) -> int:
     return max(2, max(numbers) + 1)
 
 
-_FINISHED = re.escape(storage.PARTIAL_FINISHED.split("{")[0]) + r"\d+"  # ".finished<i>": a finished dataset's file (DatasetsProgress)
+_FINISHED = re.escape(storage.PARTIAL_FINISHED.split("{")[0]) + r"\d+"  # ".finished<i>": a finished dataset's file (DatasetsProgress), a score piece
 
 
 def _middle(name: str, pattern: str) -> str:

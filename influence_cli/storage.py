@@ -45,7 +45,7 @@ SIMILARITY_FILE = "similarity.safetensors"
 SIMILARITY_PARTIAL = "similarity.partial{rank}.safetensors"
 SPECTRUM_FILE = "spectrum.safetensors"
 SPECTRUM_PARTIAL = "spectrum.partial{rank}.safetensors"
-PARTIAL_FINISHED = ".finished{index}"  # a finished dataset's result, beside the progress of dataset-similarity or spectrum: its name with this before ".safetensors"
+PARTIAL_FINISHED = ".finished{index}"  # a finished dataset's result beside the progress of dataset-similarity or spectrum, or a piece of compute-scores' saved scores: its name with this before ".safetensors"
 
 FORMAT_KEY = "format"
 FACTORS_FORMAT = "influence_cli.factors/1"

@@ -542,11 +542,18 @@ def test_progress_of_another_number_of_ranks_is_refused_not_dropped(tmp_path):
     similarity = storage.SIMILARITY_PARTIAL  # and the files of the datasets a rank finished, beside its snapshot
     for name in [similarity.format(rank=f".rank{r}{f}") for r in (0, 1) for f in ("", ".finished0", ".finished1")]:
         (tmp_path / name).write_bytes(b"progress")
-    two = r"2 rank\(s\) \(similarity.partial.rank0.safetensors, similarity.partial.rank1.safetensors, and 4 file\(s\) of the datasets it finished\)"
+    two = r"2 rank\(s\) \(similarity.partial.rank0.safetensors, similarity.partial.rank1.safetensors, and 4 file\(s\) saved beside them\)"
     with pytest.raises(OutputError, match=two + "; this run has 1"):
         _layout_started(tmp_path, similarity, 1, resume=True, overwrite=False)
     _layout_started(tmp_path, similarity, 2, resume=True, overwrite=False)
     _layout_started(tmp_path, similarity, 1, resume=False, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [scores.format(rank=".self")]
+    for name in (scores.format(rank=".rank1"), scores.format(rank=".rank1.finished0"), scores.format(rank=".rank1.finished1")):
+        (tmp_path / name).write_bytes(b"pairwise progress: a snapshot and the score pieces beside it")
+    pieces = r"2 rank\(s\) \(scores.partial.rank1.safetensors, and 2 file\(s\) saved beside it\); this run has 1"
+    with pytest.raises(OutputError, match=pieces):  # not "of the datasets it finished": compute-scores finishes none
+        _layout_started(tmp_path, scores, 1, resume=True, overwrite=False)
+    _layout_started(tmp_path, scores, 1, resume=False, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == [scores.format(rank=".self")]
     (tmp_path / similarity.format(rank=".finished0")).write_bytes(b"of one process, whose snapshot is gone")
     with pytest.raises(OutputError, match=r"1 rank\(s\) \(similarity.partial.finished0.safetensors\); this run has 2"):
