@@ -972,8 +972,7 @@ class _PairwisePass:
             q0 = chunks[start_chunk][0]
             done = min(width, start_batch * scorer.bs)
             if "pieces" in snapshot.tensors:
-                pieces.read(int(snapshot.tensors["pieces"]), block, parts)
-                pieces.saved = (start_chunk, done)
+                pieces.read(int(snapshot.tensors["pieces"]), block, parts, (start_chunk, done))
             else:  # a snapshot of an earlier version holds the scores themselves: the next save writes them all to pieces
                 block[:q0] = snapshot.tensors["rows_done"].to(block)
                 block[q0 : chunks[start_chunk][1], :done] = snapshot.tensors["current"].to(block)
@@ -1072,13 +1071,16 @@ class _ScorePieces:
             self.count += 1
         self.saved = upto
 
-    def read(self, count: int, block: torch.Tensor, parts: torch.Tensor | None) -> None:
-        """Fills `block` (and `parts`) from the first `count` pieces.
+    def read(self, count: int, block: torch.Tensor, parts: torch.Tensor | None, upto: tuple[int, int]) -> None:
+        """Fills `block` (and `parts`) from the first `count` pieces, which hold every score before `upto` (query
+        chunk, column), each once, in the order `write` wrote them.
 
         Raises:
-            OutputError: a piece missing, unreadable, of other settings or of another range.
+            OutputError: a piece missing, unreadable, of other settings or of another range, or one that does not
+                continue the scores before it (a gap, or scores the pieces before it hold).
         """
         hint = "pass --overwrite to start over (the saved progress cannot continue without it)"
+        at = (0, 0)  # (query chunk, column): the pieces read so far hold every score before it
         for i in range(count):
             path = piece_path(self.checkpoint.path, i)
             if path.exists():
@@ -1091,11 +1093,25 @@ class _ScorePieces:
             if len(phase) != 5 or phase[0] != "piece" or int(phase[1]) != self.shard:
                 raise OutputError(f"{str(path)!r} does not hold scores of train range {self.shard} (it holds {meta.get('phase')!r})", hint=hint)
             ci, c0, c1 = (int(v) for v in phase[2:])
+            follows = (ci, c0) == at or (at[1] == self.width and (ci, c0) == (at[0] + 1, 0))
+            if not (follows and ci < len(self.chunks) and c0 < c1 <= self.width):
+                raise OutputError(
+                    f"{str(path)!r} holds the scores of query chunk {ci + 1}, columns {c0}..{c1} of train range {self.shard}, where "
+                    f"the scores saved before it end at query chunk {at[0] + 1}, column {at[1]}",
+                    hint=hint,
+                )
             q0, q1 = self.chunks[ci]
             block[q0:q1, c0:c1] = tensors["scores"].to(block)
             if parts is not None:
                 parts[:, q0:q1, c0:c1] = tensors["parts"].to(parts)
-        self.count = count
+            at = (ci, c1)
+        if at != upto:
+            raise OutputError(
+                f"{str(self.checkpoint.path)!r} counts {count} score piece(s) that end at query chunk {at[0] + 1}, column {at[1]}, "
+                f"not where it stopped (query chunk {upto[0] + 1}, column {upto[1]})",
+                hint=hint,
+            )
+        self.count, self.saved = count, upto
 
     def remove(self) -> None:
         """Removes every piece beside the snapshot (those of an earlier run that no snapshot counts too)."""

@@ -764,6 +764,31 @@ def test_a_snapshot_that_holds_the_scores_still_resumes(project, monkeypatch):
     assert torch.equal(all_scores(cfg.output_path), ref)
 
 
+def test_saved_pieces_that_do_not_tile_the_scores_so_far_are_refused(project, monkeypatch):
+    """The pieces a snapshot counts hold every score before where it stopped, each once, in order: one that repeats the
+    scores of another (a copy under its name) or a count that stops short is refused by name, not resumed with zeros
+    where the scores were."""
+    cfg = make_cfg(project, "pieces-tile", "scores.query_chunk=4")
+    with monkeypatch.context() as m:
+        interrupt_after(m, "pairwise", 8)  # chunk 2, 2 of its batches done: a piece per save
+        with pytest.raises(KeyboardInterrupt):
+            compute_scores(cfg)
+    snapshot = cfg.output_path / storage.SCORES_PARTIAL.format(rank="")
+    first, second = (cfg.output_path / storage.SCORES_PARTIAL.format(rank=f".finished{i}") for i in (0, 1))
+    held = second.read_bytes()
+    shutil.copy(first, second)
+    with pytest.raises(OutputError, match=r"finished1.safetensors' holds the scores of query chunk 1, columns 0..8 of train range 0, "
+                       r"where the scores saved before it end at query chunk 1, column 8") as info:
+        compute_scores(cfg, resume=True)
+    assert "--overwrite" in info.value.hint
+    second.write_bytes(held)
+    tensors, meta = storage.load_tensors(snapshot)
+    storage.save_tensors(snapshot, tensors | {"pieces": tensors["pieces"] - 1}, {k: v for k, v in meta.items() if k != "created"})
+    with pytest.raises(OutputError, match=r"counts 7 score piece\(s\) that end at query chunk 2, column 8, not where it stopped "
+                       r"\(query chunk 2, column 16\)"):
+        compute_scores(cfg, resume=True)
+
+
 def test_self_influence_resume_is_bit_identical(project, monkeypatch):
     ref_cfg = make_cfg(project, "self-ref")
     ref = storage.load_tensors(compute_scores(ref_cfg, self_influence=True).paths[0])[0]
