@@ -43,7 +43,7 @@ from influence_cli.distributed import DistState
 from influence_cli.errors import ModelError, UsageError, first_line
 from influence_cli.factors import LayerFactors
 from influence_cli.fit import check_finite_factors
-from influence_cli.models import checkpoint_files, model_fingerprint, read_state_dict, tied_keys
+from influence_cli.models import checkpoint_files, checkpoint_under_model_keys, model_fingerprint, tied_keys
 from influence_cli.tracking import TrackedModule
 
 
@@ -327,7 +327,7 @@ def edit_checkpoint(
     _warn_if_most_weight_removed(edits)
     tied = tied_keys(ctx.model)
     if source is not None:
-        state_dict = _in_source_precision(state_dict, source, tied)
+        state_dict = _in_source_precision(state_dict, checkpoint_under_model_keys(ctx.model, source), tied)
     if cfg.scores.checkpoints:
         n = len(cfg.scores.checkpoints)
         members = cfg.factors_path / storage.MEMBERS_DIR  # where fit-factors put the others' factors: no refit needed
@@ -409,11 +409,13 @@ def _check_something_kept(edits: list[LayerEdit], keep: str, share: float, expli
         )
 
 
-def _in_source_precision(state: dict[str, torch.Tensor], source: Path, tied: dict[str, list[str]]) -> dict[str, torch.Tensor]:
+def _in_source_precision(state: dict[str, torch.Tensor], source: dict[str, torch.Tensor], tied: dict[str, list[str]]) -> dict[str, torch.Tensor]:
     """`state` (the float32 model's) with each floating tensor in the floating dtype the source checkpoint
     stored it in (a bfloat16 checkpoint stays bfloat16: the same size, and its untouched tensors bit for bit);
-    a tied name the source left out (it stores one of them) takes the dtype of the one it kept."""
-    stored = {k: v.dtype for k, v in read_state_dict(source).items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    `source`: the checkpoint under the model's keys (`checkpoint_under_model_keys`: also one whose keys
+    carry another prefix, or none where the model wraps the saved network); a tied name the source left
+    out (it stores one of them) takes the dtype of the one it kept."""
+    stored = {k: v.dtype for k, v in source.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
     out = {}
     for k, v in state.items():
         dtype = stored.get(k) or next((stored[a] for a in tied.get(k, []) if a in stored), None)

@@ -630,6 +630,24 @@ def _adapter_only(path: Path, missing: list[str], unexpected: list[str]) -> bool
     return bool(missing) and (path.name.startswith("adapter_model.") or lora)
 
 
+def _under_model_keys(raw: dict[str, torch.Tensor], own: set[str], tied: dict[str, list[str]]) -> dict[str, torch.Tensor]:
+    """A checkpoint's state dict under the model's keys, as `load_checkpoint` loads it: wrapper prefixes
+    ("module.", ...) removed unless the model's own keys carry them, one leading component stripped or
+    added (`_match_extra_prefix`), and tied keys the file left out filled from the one it kept."""
+    state = raw if set(raw) == own else _match_extra_prefix(_strip_prefixes(raw), own, tied)
+    return _with_tied(state, tied)
+
+
+def checkpoint_under_model_keys(model: nn.Module, path: str | Path, key: str = "model.checkpoint") -> dict[str, torch.Tensor]:
+    """The checkpoint at `path` as `load_checkpoint` would load it into `model`, by the model's keys
+    (the tensors as stored, in their own dtypes; keys the model lacks are kept as they are).
+
+    Raises:
+        ModelError: unreadable file.
+    """
+    return _under_model_keys(read_state_dict(path, key, strip=False), set(model.state_dict()), tied_keys(model))
+
+
 def load_checkpoint(model: nn.Module, path: str | Path, key: str = "model.checkpoint") -> None:
     """Loads a checkpoint into `model` in place, strictly (every key and shape must match).
 
@@ -647,9 +665,7 @@ def load_checkpoint(model: nn.Module, path: str | Path, key: str = "model.checkp
         model.double()  # a float64 checkpoint is not rounded to float32
     own = model.state_dict()
     tied = tied_keys(model)
-    # wrapper prefixes ("module.", ...) are removed unless the model's own keys carry them
-    state = raw if set(raw) == set(own) else _match_extra_prefix(_strip_prefixes(raw), set(own), tied)
-    state = _with_tied(state, tied)
+    state = _under_model_keys(raw, set(own), tied)
     if lazy_layers(model):  # lazy layers take their shapes from the checkpoint (torch's own load hook)
         lazy_keys = {k for k, v in own.items() if isinstance(v, nn.parameter.UninitializedTensorMixin)}
         model.load_state_dict(_with_versions({k: v for k, v in state.items() if k in lazy_keys}, own), strict=False)

@@ -549,10 +549,12 @@ def test_cli_edit_warns_when_it_removes_most_of_a_layers_weight(tmp_path, digits
         assert ("warning: edit: removes more than half of the weight (‖[W | b]‖²) of fc1 " in result.stderr) is warned, result.stderr
 
 
-def test_cli_edit_keeps_the_precision_of_a_bfloat16_checkpoint(tmp_path):
+@pytest.mark.parametrize("prefix", ["", "model."], ids=["own-keys", "lightning-prefix"])
+def test_cli_edit_keeps_the_precision_of_a_bfloat16_checkpoint(tmp_path, prefix):
+    """Also of a checkpoint whose keys carry a prefix the loader strips (written under the model's keys, still bfloat16)."""
     original = load_tensors(ROOT / "sample_data" / "mlp.safetensors")[0]
     half = tmp_path / "mlp_bf16.safetensors"
-    save_tensors(half, {k: v.to(torch.bfloat16) for k, v in original.items()}, {})
+    save_tensors(half, {prefix + k: v.to(torch.bfloat16) for k, v in original.items()}, {})
     edited = tmp_path / "edited.safetensors"
     sets = ["--set", f"model.checkpoint={half}", "--set", f"output_dir={tmp_path}", "--set", "data.train.range=[0, 300]"]
     assert invoke("fit-factors", DIGITS, *sets).exit_code == 0
