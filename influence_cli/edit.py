@@ -327,7 +327,9 @@ def edit_checkpoint(
     _warn_if_most_weight_removed(edits)
     tied = tied_keys(ctx.model)
     if source is not None:
-        state_dict = _in_source_precision(state_dict, checkpoint_under_model_keys(ctx.model, source), tied)
+        edited = {k for tm in chosen for k in _layer_keys(tm)}
+        edited |= {other for k in edited for other in tied.get(k, [])}
+        state_dict = _in_source_precision(state_dict, checkpoint_under_model_keys(ctx.model, source), tied, edited)
     if cfg.scores.checkpoints:
         n = len(cfg.scores.checkpoints)
         members = cfg.factors_path / storage.MEMBERS_DIR  # where fit-factors put the others' factors: no refit needed
@@ -409,15 +411,28 @@ def _check_something_kept(edits: list[LayerEdit], keep: str, share: float, expli
         )
 
 
-def _in_source_precision(state: dict[str, torch.Tensor], source: dict[str, torch.Tensor], tied: dict[str, list[str]]) -> dict[str, torch.Tensor]:
-    """`state` (the float32 model's) with each floating tensor in the floating dtype the source checkpoint
-    stored it in (a bfloat16 checkpoint stays bfloat16: the same size, and its untouched tensors bit for bit);
-    `source`: the checkpoint under the model's keys (`checkpoint_under_model_keys`: also one whose keys
-    carry another prefix, or none where the model wraps the saved network); a tied name the source left
+def _layer_keys(tm: TrackedModule) -> list[str]:
+    """The model's state-dict keys of layer `tm` (what `_layer_state` writes)."""
+    prefix = f"{tm.name}." if tm.name else ""
+    return [prefix + k for k in tm.module.state_dict()]
+
+
+def _in_source_precision(
+    state: dict[str, torch.Tensor], source: dict[str, torch.Tensor], tied: dict[str, list[str]], edited: set[str]
+) -> dict[str, torch.Tensor]:
+    """`state` (the float32 model's) with each tensor not in `edited` as the source checkpoint stores it (bit
+    for bit and in its dtype, also a float64 one of a checkpoint the model reads in float32), and each edited
+    floating tensor in the floating dtype the source stored it in (a bfloat16 checkpoint stays bfloat16: the
+    same size). `source`: the checkpoint under the model's keys (`checkpoint_under_model_keys`: also one whose
+    keys carry another prefix, or none where the model wraps the saved network); a tied name the source left
     out (it stores one of them) takes the dtype of the one it kept."""
     stored = {k: v.dtype for k, v in source.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
     out = {}
     for k, v in state.items():
+        kept = source.get(k)
+        if k not in edited and isinstance(kept, torch.Tensor) and kept.shape == v.shape:
+            out[k] = kept
+            continue
         dtype = stored.get(k) or next((stored[a] for a in tied.get(k, []) if a in stored), None)
         out[k] = v.to(dtype) if v.is_floating_point() and dtype is not None and dtype != v.dtype else v
     return out

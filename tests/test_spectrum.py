@@ -567,6 +567,26 @@ def test_cli_edit_keeps_the_precision_of_a_bfloat16_checkpoint(tmp_path, prefix)
     assert model_fingerprint(load_model(cfg.model, cfg.base_dir)) == json.loads(result.stdout)["fingerprint"]
 
 
+def test_cli_edit_copies_untouched_tensors_of_a_mixed_precision_checkpoint_as_stored(tmp_path):
+    """A checkpoint of float64 and float32 tensors is read in float32; the tensors edit leaves alone are
+    written as stored (float64 to the bit), the edited ones in their stored dtype."""
+    original = load_tensors(ROOT / "sample_data" / "mlp.safetensors")[0]
+    g = torch.Generator().manual_seed(0)
+    mixed = {k: v.double() + 1e-12 * torch.randn(v.shape, generator=g, dtype=F64) for k, v in original.items()}  # not float32 values
+    mixed["fc1.weight"] = original["fc1.weight"]  # one float32 tensor: the model is float32
+    source = tmp_path / "mixed.safetensors"
+    save_tensors(source, mixed, {})
+    edited = tmp_path / "edited.safetensors"
+    sets = ["--set", f"model.checkpoint={source}", "--set", f"output_dir={tmp_path}", "--set", "data.train.range=[0, 300]"]
+    assert invoke("fit-factors", DIGITS, *sets).exit_code == 0
+    result = invoke("edit", DIGITS, *sets, "--out", edited, "--layers", "head", "--keep-share", "0.5")
+    assert result.exit_code == 0, result.stderr
+    new, _ = load_tensors(edited)
+    assert {k: v.dtype for k, v in new.items()} == {k: v.dtype for k, v in mixed.items()}
+    assert all(torch.equal(new[k], v) for k, v in mixed.items() if not k.startswith("head."))
+    assert not torch.equal(new["head.weight"], mixed["head.weight"].float().double())
+
+
 def test_cli_edit_refusals(tmp_path, digits):
     out, sets = digits
     tiny = invoke("edit", DIGITS, *sets, "--out", tmp_path / "e.safetensors", "--keep-share", "0.001")
