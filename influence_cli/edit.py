@@ -219,9 +219,13 @@ def _settings(
     e = cfg.spectrum.edit
     if rho is not None and share is not None:
         raise UsageError("--rho and --keep-share: give one (keep a share of the curvature mass, or a share of the directions)")
-    keep = keep or ("mass" if rho is not None else "share" if share is not None else e.keep)
-    if keep not in EDIT_KEEP:
+    if keep is not None and keep not in EDIT_KEEP:
         raise UsageError(f"keep: expected one of {', '.join(EDIT_KEEP)}, got {keep!r}")
+    unused = ("rho", rho, "mass") if keep == "share" and rho is not None else ("share", share, "share") if keep == "mass" and share is not None else None
+    if unused is not None:  # Python callers: the value would be ignored
+        name, value, its_keep = unused
+        raise UsageError(f"keep={keep!r} with {name}={value!r}: {name} is used by keep={its_keep!r} only", hint=f"leave out keep (the {name} implies keep={its_keep!r}) or {name}")
+    keep = keep or ("mass" if rho is not None else "share" if share is not None else e.keep)
     rho = e.rho if rho is None else rho
     share = e.share if share is None else share
     if not 0.0 < rho <= 1.0:
@@ -297,10 +301,12 @@ def edit_checkpoint(
     Needs the factors of fit-factors for the config's model, which it holds a shared lock on until
     the checkpoint is written (fit-factors is refused meanwhile; `storage.guards_output_dir`). Settings default to
     spectrum.edit (keep, rho, share, layers, which default to spectrum.layers) and spectrum.order;
-    `rho` alone implies keep mass, `share` alone keep share.
+    `rho` alone implies keep mass, `share` alone keep share; `keep` with the other one's value
+    (keep "share" with `rho`, keep "mass" with `share`) is refused, as that value would be ignored.
 
     Raises:
-        UsageError: impossible --rho / --keep-share / --out / --order, or `layers` matching no tracked layer.
+        UsageError: impossible --rho / --keep-share / --out / --order, `keep` with the other keep's value, or `layers`
+            matching no tracked layer.
         OutputError: no matching kfac/ekfac factors, fit-factors writing them, or `out` exists without `overwrite`.
         ConfigError: the config's layer patterns (spectrum.edit, spectrum.layers) match no tracked layer.
         NumericalError: the chosen layers' factors hold NaN/Inf.

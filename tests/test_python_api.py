@@ -188,6 +188,12 @@ def test_wrong_argument_types_are_named(tmp_path):
     assert (report.keep, report.share, report.rho) == ("share", 0.5, None)  # not the config's rho, which this edit did not use
     report = influence_cli.edit_checkpoint(cfg, tmp_path / "edited.safetensors", rho=torch.tensor(0.9), layers=np.array(["fc*"]), overwrite=np.True_)
     assert (report.rho, [e.name for e in report.layers]) == (pytest.approx(0.9), ["fc1", "fc2"])
+    for keep, given, said in (("share", {"rho": 0.9}, "keep='share' with rho=0.9: rho is used by keep='mass' only"),
+                              ("mass", {"share": 0.2}, "keep='mass' with share=0.2: share is used by keep='share' only")):  # fmt: skip
+        with pytest.raises(UsageError, match=said):  # not silently ignored
+            influence_cli.edit_checkpoint(cfg, tmp_path / "conflict.safetensors", keep=keep, **given)
+    assert not (tmp_path / "conflict.safetensors").exists()
+    assert influence_cli.edit_checkpoint(cfg, tmp_path / "agreed.safetensors", keep="share", share=0.2).share == 0.2
 
 
 def test_score_blocks_refuse_rows_outside_the_queries(tmp_path):
