@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,3 +67,46 @@ def test_the_sharded_scores_and_self_influence_examples_give_the_files_info_and_
     assert by_loss["rank_by"] == "loss" and len(by_loss["self_influence"]) == 20
     losses = [row["loss"] for row in by_loss["self_influence"]]
     assert losses == sorted(losses, reverse=True)
+
+
+def test_the_spectrum_and_edit_examples_run_and_the_edited_checkpoint_loads(tmp_path, monkeypatch):
+    """Every example of spectrum --help and edit --help runs as written (untrained models of configs/mnist.yaml and
+    configs/mnist_memorization.yaml, on a few hundred images), and edit's last example fits factors of the edited file."""
+    monkeypatch.chdir(ROOT)
+    places = {"memorization": "mnist_memorization", "mnist": "mnist"}
+    for folder, config in places.items():
+        cfg = load_config(ROOT / "configs" / f"{config}.yaml", check_files=False)
+        torch.manual_seed(0)
+        (tmp_path / folder).mkdir()
+        save_tensors(tmp_path / folder / "model.safetensors", build_model(cfg.model, cfg.base_dir).state_dict(), {})
+    small = {
+        "mnist_memorization": [*idx_overrides("data.train", "spectrum.datasets.train", "spectrum.datasets.heldout"), "data.train.range=[0, 300]",
+                               "spectrum.datasets.train.range=[0, 300]", "spectrum.datasets.heldout.range=[9000, 9100]"],
+        "mnist": [*idx_overrides("data.train", "data.query"), "data.train.range=[0, 300]"],
+    }  # fmt: skip
+    runner = CliRunner(env={"COLUMNS": "120", "INFLUENCE_DEBUG": None, "RANK": None, "WORLD_SIZE": None})
+
+    def run(args: list[str]) -> dict:
+        for folder in (*places, "mnist_edited"):  # ../runs/X/ (relative to configs/) and runs/X/ (to the current folder)
+            args = [a.replace(f"../runs/{folder}", str(tmp_path / folder)).replace(f"runs/{folder}", str(tmp_path / folder)) for a in args]
+        config = args[1].split("/")[-1].removesuffix(".yaml")
+        given = {a.split("=", 1)[0] for a in args if "=" in a}
+        sets = [f"model.checkpoint={tmp_path / next(f for f, c in places.items() if c == config) / 'model.safetensors'}",
+                f"output_dir={tmp_path / next(f for f, c in places.items() if c == config)}", "device=cpu", *small[config]]  # fmt: skip
+        args += [x for s in sets if s.split("=", 1)[0] not in given for x in ("--set", s)]
+        result = runner.invoke(app, [*args, *([] if "--json" in args else ["--json"])])
+        assert result.exit_code == 0, (args, result.stderr)
+        return json.loads(result.stdout)
+
+    examples = {command: help_examples(command) for command in ("spectrum", "edit")}
+    assert len(examples["spectrum"]) >= 2 and len(examples["edit"]) >= 2
+    for config in ("configs/mnist_memorization.yaml", "configs/mnist.yaml"):
+        run(["fit-factors", config])
+    for args in examples["spectrum"]:
+        assert run(args)["groups"], args
+    for args in examples["edit"]:
+        report = run(args)
+        if args[0] == "edit":
+            assert Path(report["path"]).is_file() and report["layers"], args
+        else:  # fit-factors of the edited checkpoint
+            assert Path(report["path"]).parent == tmp_path / "mnist_edited", report
