@@ -436,8 +436,8 @@ def _in_source_precision(
     out = {}
     for k, v in state.items():
         kept = source.get(k)
-        if k not in edited and isinstance(kept, torch.Tensor) and kept.shape == v.shape and torch.equal(kept.to(v.dtype), v):
-            out[k] = kept  # what the model was loaded from (not a value a module's load hook converted)
+        if k not in edited and isinstance(kept, torch.Tensor) and kept.shape == v.shape:
+            out[k] = kept  # also where a module's load hook converts it: loading the edited file converts it again
             continue
         dtype = stored.get(k) or next((stored[a] for a in tied.get(k, []) if a in stored), None)
         out[k] = v.to(dtype) if v.is_floating_point() and dtype is not None and dtype != v.dtype else v

@@ -587,6 +587,58 @@ def test_cli_edit_copies_untouched_tensors_of_a_mixed_precision_checkpoint_as_st
     assert not torch.equal(new["head.weight"], mixed["head.weight"].float().double())
 
 
+HOOKED_MODULE = """
+import torch
+from torch import nn
+
+
+def stored_at_half_scale(module, incompatible_keys):
+    module.weight.data.mul_(2)
+
+
+class Hooked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mix, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+        self.mix.register_load_state_dict_post_hook(stored_at_half_scale)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.mix(x)))
+
+
+def make():
+    torch.manual_seed(0)
+    return Hooked()
+"""
+
+
+def test_cli_edit_writes_an_untouched_tensor_a_load_hook_converts_as_stored(tmp_path, monkeypatch):
+    """A module whose load hook converts what the checkpoint stores (doubling mix.weight): the untouched
+    tensor is written as stored, so the edited checkpoint loads to the source's mix (not to twice it)."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "hooked_model.py").write_text(HOOKED_MODULE)
+    import hooked_model
+
+    save_tensors(tmp_path / "hooked.safetensors", hooked_model.make().state_dict(), {})
+    g = torch.Generator().manual_seed(0)
+    torch.save({"inputs": torch.randn(40, 4, generator=g), "labels": torch.randint(0, 3, (40,), generator=g)}, tmp_path / "x.pt")
+    config = {
+        "model": {"architecture": "hooked_model:make", "checkpoint": "hooked.safetensors"},
+        "data": {"train": {"source": "tensors", "path": "x.pt"}, "batch_size": 8},
+        "output_dir": "out",
+        "device": "cpu",
+    }
+    (tmp_path / "config.yaml").write_text(json.dumps(config))
+    assert invoke("fit-factors", tmp_path / "config.yaml").exit_code == 0
+    result = invoke("edit", tmp_path / "config.yaml", "--out", tmp_path / "edited.safetensors", "--keep-share", "0.5", "--layers", "head", "--json")
+    assert result.exit_code == 0, result.stderr
+    cfg = load_config(tmp_path / "config.yaml")
+    source = load_model(cfg.model, cfg.base_dir)
+    edited = load_model(cfg.model, cfg.base_dir, checkpoint=tmp_path / "edited.safetensors")
+    assert torch.equal(edited.mix.weight, source.mix.weight) and not torch.equal(edited.head.weight, source.head.weight)
+    assert model_fingerprint(edited) == json.loads(result.stdout)["fingerprint"]
+
+
 def test_cli_edit_refusals(tmp_path, digits):
     out, sets = digits
     tiny = invoke("edit", DIGITS, *sets, "--out", tmp_path / "e.safetensors", "--keep-share", "0.001")
