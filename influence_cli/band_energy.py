@@ -517,7 +517,7 @@ def spectrum(
     each dataset).
 
     Raises:
-        OutputError: no factors, factors of another model or without an eigenbasis, or the output exists
+        OutputError: no factors, factors of another model or Fisher (factors.fisher) or without an eigenbasis, or the output exists
             without `overwrite`; progress of an interrupted run without `resume` or `overwrite`, or of other settings.
         ConfigError: the config's layer patterns (spectrum.layers) match no tracked layer, or spectrum.baseline names no dataset.
         UsageError: `layers` matches no tracked layer, or `order` is not kfac / ekfac.

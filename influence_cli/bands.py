@@ -196,14 +196,16 @@ def select_layers(tracked: list[TrackedModule], patterns: list[str], key: str, s
 
 
 def load_kronecker_factors(ctx: RunContext, order: str, order_key: str) -> tuple[Factors, Path]:
-    """The factors of fit-factors for this model, checked to hold a Kronecker eigenbasis and, for
-    `order` ekfac, the corrected eigenvalues Λ* (`order_key`: the flag or key that set the order),
-    from the file's metadata before any tensor is read (factors of another model that also hold NaN
-    are refused for the mismatch). Not yet checked to be finite: the caller checks the layers it
-    chose (`fit.check_finite_factors`), so that the others are never read.
+    """The factors of fit-factors for this model, checked to hold a Kronecker eigenbasis of the config's
+    Fisher (factors.fisher, which changes the eigenbasis; kfac and ekfac factors hold the same one, so the
+    config's factors.strategy is not compared) and, for `order` ekfac, the corrected eigenvalues Λ*
+    (`order_key`: the flag or key that set the order), from the file's metadata before any tensor is read
+    (factors of another model that also hold NaN are refused for the mismatch). Not yet checked to be
+    finite: the caller checks the layers it chose (`fit.check_finite_factors`), so that the others are never read.
 
     Raises:
-        OutputError: missing, of another model or layers, or fitted with strategy diagonal / identity.
+        OutputError: missing, of another model or layers, fitted with strategy diagonal / identity, or with
+            another factors.fisher than the config's.
         UsageError (--order) or ConfigError (spectrum.order): order ekfac with kfac factors (whose
             eigenvalues are the products λ_G·λ_A: the directions would be ordered by kfac under the ekfac name).
     """
@@ -215,6 +217,12 @@ def load_kronecker_factors(ctx: RunContext, order: str, order_key: str) -> tuple
             raise OutputError(
                 f"{str(path)!r} holds {factors.strategy or 'unknown'} factors; the curvature eigenbasis needs kfac or ekfac factors",
                 hint="rerun `influence fit-factors` with --set factors.strategy=ekfac --overwrite",
+            ).everywhere()
+        if factors.fisher != ctx.cfg.factors.fisher:  # after the strategy: that refit (with this config) fixes both
+            raise OutputError(
+                f"{str(path)!r} was fitted with factors.fisher={factors.fisher or 'unknown'}, the config has {ctx.cfg.factors.fisher} "
+                "(the Fisher sets the curvature eigenbasis)",
+                hint="use the factors.fisher of fit-factors, or refit with --overwrite",
             ).everywhere()
         if order == "ekfac" and factors.strategy != "ekfac":
             message = f"{order_key} ekfac: {str(path)!r} holds {factors.strategy} factors, without the corrected eigenvalues Λ* that order ekfac ranks by"

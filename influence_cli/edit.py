@@ -307,7 +307,7 @@ def edit_checkpoint(
     Raises:
         UsageError: impossible --rho / --keep-share / --out / --order, `keep` with the other keep's value, or `layers`
             matching no tracked layer.
-        OutputError: no matching kfac/ekfac factors, fit-factors writing them, or `out` exists without `overwrite`.
+        OutputError: no kfac/ekfac factors of this model and factors.fisher, fit-factors writing them, or `out` exists without `overwrite`.
         ConfigError: the config's layer patterns (spectrum.edit, spectrum.layers) match no tracked layer.
         NumericalError: the chosen layers' factors hold NaN/Inf.
     """

@@ -793,9 +793,15 @@ def test_factors_of_another_model_are_refused_for_that_before_a_tensor_is_read(t
     assert_error(invoke("dataset-similarity", DIGITS, *moved, *pair), 5, other)
     assert_error(invoke("spectrum", DIGITS, *moved, "--layers", "fc2"), 5, other)
     assert_error(invoke("edit", DIGITS, *moved, *edit), 5, other)
-    save_tensors(factors, poisoned, {**meta, "strategy": "diagonal"})
+    save_tensors(factors, poisoned, {**meta, "strategy": "diagonal", "fisher": "empirical"})  # the refit this hint asks for fixes both
     assert_error(invoke("spectrum", DIGITS, *moved, "--layers", "fc2"), 5, f"{str(factors)!r} holds diagonal factors")
     assert_error(invoke("edit", DIGITS, *moved, *edit), 5, f"{str(factors)!r} holds diagonal factors")
+    # another Fisher has another eigenbasis: refused as compute-scores refuses it, whatever the order (kfac factors too)
+    save_tensors(factors, poisoned, {**meta, "strategy": "kfac", "fisher": "empirical"})
+    fisher = f"{str(factors)!r} was fitted with factors.fisher=empirical, the config has sampled"
+    for order in ("kfac", "ekfac"):
+        assert_error(invoke("spectrum", DIGITS, *moved, "--layers", "fc2", "--order", order), 5, fisher)
+        assert_error(invoke("edit", DIGITS, *moved, *edit, "--order", order), 5, fisher)
     assert read == [] and not (tmp_path / "fc2.safetensors").exists()
     save_tensors(factors, poisoned, meta)  # of this model: the NaN is found, so the tensors were read
     assert_error(invoke("spectrum", DIGITS, *moved, "--layers", "fc2"), 6, "fc2.eigenvalues holds NaN/Inf")
