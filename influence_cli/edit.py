@@ -434,10 +434,15 @@ def _in_source_precision(
     out (it stores one of them) takes the dtype of the one it kept."""
     stored = {k: v.dtype for k, v in source.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
     out = {}
+    storages: set[int] = set()
     for k, v in state.items():
         kept = source.get(k)
         if k not in edited and isinstance(kept, torch.Tensor) and kept.shape == v.shape:
-            out[k] = kept  # also where a module's load hook converts it: loading the edited file converts it again
+            # also where a module's load hook converts it: loading the edited file converts it again. Tensors of one
+            # storage (views torch.load keeps as such) are copied apart: safetensors refuses tensors that overlap
+            shared = kept.numel() > 0 and kept.untyped_storage().data_ptr() in storages
+            storages.add(kept.untyped_storage().data_ptr())
+            out[k] = kept.clone() if shared else kept
             continue
         dtype = stored.get(k) or next((stored[a] for a in tied.get(k, []) if a in stored), None)
         out[k] = v.to(dtype) if v.is_floating_point() and dtype is not None and dtype != v.dtype else v

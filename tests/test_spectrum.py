@@ -587,7 +587,7 @@ def test_cli_edit_copies_untouched_tensors_of_a_mixed_precision_checkpoint_as_st
     assert not torch.equal(new["head.weight"], mixed["head.weight"].float().double())
 
 
-HOOKED_MODULE = """
+MODULES = """
 import torch
 from torch import nn
 
@@ -597,46 +597,69 @@ def stored_at_half_scale(module, incompatible_keys):
 
 
 class Hooked(nn.Module):
-    def __init__(self):
+    def __init__(self, hook=True):
         super().__init__()
         self.mix, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
-        self.mix.register_load_state_dict_post_hook(stored_at_half_scale)
+        if hook:
+            self.mix.register_load_state_dict_post_hook(stored_at_half_scale)
 
     def forward(self, x):
         return self.head(torch.tanh(self.mix(x)))
 
 
-def make():
+def hooked(hook=True):
     torch.manual_seed(0)
-    return Hooked()
+    return Hooked(hook)
 """
 
 
-def test_cli_edit_writes_an_untouched_tensor_a_load_hook_converts_as_stored(tmp_path, monkeypatch):
-    """A module whose load hook converts what the checkpoint stores (doubling mix.weight): the untouched
-    tensor is written as stored, so the edited checkpoint loads to the source's mix (not to twice it)."""
+def _module_project(tmp_path: Path, monkeypatch, kwargs: dict, state: dict[str, torch.Tensor]) -> Path:
+    """A config.yaml in tmp_path of MODULES' `hooked` model (with `kwargs`), its checkpoint `state` saved
+    with torch.save, and 40 random examples (4 features, 3 classes); fitted through the CLI."""
     monkeypatch.syspath_prepend(str(tmp_path))
-    (tmp_path / "hooked_model.py").write_text(HOOKED_MODULE)
-    import hooked_model
-
-    save_tensors(tmp_path / "hooked.safetensors", hooked_model.make().state_dict(), {})
+    (tmp_path / "edit_models.py").write_text(MODULES)
+    torch.save(state, tmp_path / "model.pt")
     g = torch.Generator().manual_seed(0)
     torch.save({"inputs": torch.randn(40, 4, generator=g), "labels": torch.randint(0, 3, (40,), generator=g)}, tmp_path / "x.pt")
     config = {
-        "model": {"architecture": "hooked_model:make", "checkpoint": "hooked.safetensors"},
+        "model": {"architecture": "edit_models:hooked", "kwargs": kwargs, "checkpoint": "model.pt"},
         "data": {"train": {"source": "tensors", "path": "x.pt"}, "batch_size": 8},
         "output_dir": "out",
         "device": "cpu",
     }
     (tmp_path / "config.yaml").write_text(json.dumps(config))
     assert invoke("fit-factors", tmp_path / "config.yaml").exit_code == 0
-    result = invoke("edit", tmp_path / "config.yaml", "--out", tmp_path / "edited.safetensors", "--keep-share", "0.5", "--layers", "head", "--json")
+    return tmp_path / "config.yaml"
+
+
+def test_cli_edit_writes_an_untouched_tensor_a_load_hook_converts_as_stored(tmp_path, monkeypatch):
+    """A module whose load hook converts what the checkpoint stores (doubling mix.weight): the untouched
+    tensor is written as stored, so the edited checkpoint loads to the source's mix (not to twice it)."""
+    g = torch.Generator().manual_seed(1)
+    state = {"mix.weight": torch.randn(4, 4, generator=g), "mix.bias": torch.zeros(4), "head.weight": torch.randn(3, 4, generator=g), "head.bias": torch.zeros(3)}
+    config = _module_project(tmp_path, monkeypatch, {}, state)
+    result = invoke("edit", config, "--out", tmp_path / "edited.safetensors", "--keep-share", "0.5", "--layers", "head", "--json")
     assert result.exit_code == 0, result.stderr
-    cfg = load_config(tmp_path / "config.yaml")
+    cfg = load_config(config)
     source = load_model(cfg.model, cfg.base_dir)
     edited = load_model(cfg.model, cfg.base_dir, checkpoint=tmp_path / "edited.safetensors")
-    assert torch.equal(edited.mix.weight, source.mix.weight) and not torch.equal(edited.head.weight, source.head.weight)
+    assert torch.equal(source.mix.weight, 2 * state["mix.weight"]) and torch.equal(edited.mix.weight, source.mix.weight)
+    assert not torch.equal(edited.head.weight, source.head.weight)
     assert model_fingerprint(edited) == json.loads(result.stdout)["fingerprint"]
+
+
+def test_cli_edit_writes_apart_untouched_tensors_that_overlap_in_memory(tmp_path, monkeypatch):
+    """A torch.save'd checkpoint whose tensors overlap in memory (mix.bias a view of mix.weight's first row, which
+    torch.load keeps): the untouched ones are written apart (safetensors refuses shared memory), with their values."""
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(4, 4, generator=g)
+    state = {"mix.weight": weight, "mix.bias": weight[0], "head.weight": torch.randn(3, 4, generator=g), "head.bias": torch.zeros(3)}
+    config = _module_project(tmp_path, monkeypatch, {"hook": False}, state)
+    for out in (tmp_path / "edited.safetensors", tmp_path / "edited.pt"):
+        result = invoke("edit", config, "--out", out, "--layers", "head", "--keep-share", "0.5")
+        assert result.exit_code == 0, result.stderr
+        new = load_tensors(out)[0] if out.suffix == ".safetensors" else torch.load(out, weights_only=True)
+        assert torch.equal(new["mix.weight"], weight) and torch.equal(new["mix.bias"], weight[0])
 
 
 def test_cli_edit_refusals(tmp_path, digits):
