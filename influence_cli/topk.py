@@ -514,7 +514,7 @@ def _check_no_nan(values: torch.Tensor, path: Path) -> None:
     Raises:
         OutputError: naming the file.
     """
-    if bool(values.isnan().any()):
+    if values.numel() and bool(torch.aminmax(values).max.isnan()):  # NaN propagates (one pass, no [R, M] mask as isnan().any() makes)
         raise OutputError(f"{str(path)!r} holds NaN scores, which compute-scores never writes", hint=storage.remake_hint(path))
 
 
@@ -543,35 +543,92 @@ def _best(values: torch.Tensor, positions: torch.Tensor, k: int) -> tuple[torch.
     return values.gather(1, order)[:, :k], positions.gather(1, order)[:, :k]
 
 
+def _order(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Column order of each row by (value descending, position ascending): a full sort, for a few candidates per row."""
+    order = positions.argsort(dim=1, stable=True)
+    return order.gather(1, values.gather(1, order).argsort(dim=1, descending=True, stable=True))
+
+
+def _block_best(scores: torch.Tensor, k: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest (`largest`) or smallest scores of each row of a block, ties by column (lower first).
+
+    One `topk` of k + 1 per row decides most rows: where the (k+1)-th value differs from the k-th,
+    the k kept are exactly the values at least the k-th, whichever tied ones `topk` happened to take
+    among them. Rows where they are equal (more ties than places) keep the values beyond the k-th
+    and the first of the tied ones by column, as `_best` does.
+
+    Args:
+        scores: [R, M] float scores, no NaN (`iter_score_blocks` refuses them).
+
+    Returns:
+        values [R, min(k, M)] (negated when not `largest`: larger is better either way) and their
+        int64 columns, sorted by (value descending, column ascending).
+    """
+    rows, m = scores.shape
+    k = min(k, m)
+    if k == m:  # every column is kept
+        values = scores if largest else -scores
+        columns = torch.arange(m).expand(rows, m)
+    else:
+        top = scores.topk(k + 1, dim=1, largest=largest)
+        values, columns = top.values[:, :k], top.indices[:, :k]
+        tied = (top.values[:, k] == top.values[:, k - 1]).nonzero().squeeze(1)
+        if tied.numel():
+            sub, kth = scores[tied], top.values[tied, k - 1 : k]
+            beyond = sub > kth if largest else sub < kth
+            tie = sub == kth
+            tie &= tie.cumsum(1) <= k - beyond.sum(1, keepdim=True)  # the first tied ones, as many as places are left
+            tied_columns = (beyond | tie).nonzero()[:, 1].view(-1, k)  # ascending within each row
+            values, columns = values.clone(), columns.clone()
+            values[tied], columns[tied] = sub.gather(1, tied_columns), tied_columns
+        if not largest:
+            values = -values
+    order = _order(values, columns)
+    return values.gather(1, order), columns.gather(1, order)
+
+
+def _join_labels(first: torch.Tensor | None, second: torch.Tensor | None, n_first: int, n_second: int) -> torch.Tensor:
+    """Labels [R, n_first, ...] and [R, n_second, ...] side by side, zeros standing for the side without any (never both)."""
+    like = first if first is not None else second
+    assert like is not None
+    parts = [t if t is not None else torch.zeros(like.shape[0], n, *like.shape[2:], dtype=like.dtype) for t, n in ((first, n_first), (second, n_second))]
+    return torch.cat(parts, 1)
+
+
 class _Running:
-    """The k best (value, train position) per row seen so far, plus the labels and indices of those positions."""
+    """The k best (value, train position) per row seen so far, with the global indices and labels of those
+    positions: tensors of k per row, merged with each block's k best, whatever the number of blocks."""
 
     def __init__(self, rows: int, k: int, sign: float) -> None:
         self.k, self.sign = k, sign
         self.values = torch.empty(rows, 0)
         self.positions = torch.empty(rows, 0, dtype=torch.int64)
-        self.index: dict[int, tuple[int, torch.Tensor | None]] = {}  # position -> (global index, label)
+        self.indices = torch.empty(rows, 0, dtype=torch.int64)  # global index of each kept position
+        self.labels: torch.Tensor | None = None  # [rows, kept, ...] label of each kept position, where the files hold labels
+        self.labelled = torch.empty(rows, 0, dtype=torch.bool)  # which kept positions have one (shards without labels have none)
 
     def update(self, block: ScoreBlock) -> None:
-        width = block.train_stop - block.train_start
-        pos = torch.arange(block.train_start, block.train_stop).expand(block.scores.shape[0], width)
-        v, p = _best(block.scores if self.sign == 1 else block.scores * self.sign, pos, self.k)
-        self.values, self.positions = _best(torch.cat([self.values, v], 1), torch.cat([self.positions, p], 1), self.k)
-        for q in p.unique().tolist():
-            local = q - block.train_start
-            label = None if block.train_labels is None else block.train_labels[local].clone()  # made plain in `ranked`, for the few kept
-            self.index[q] = (int(block.train_indices[local]), label)
-        keep = set(self.positions.unique().tolist())
-        self.index = {q: v for q, v in self.index.items() if q in keep}
+        v, columns = _block_best(block.scores, self.k, self.sign == 1)
+        rows, kept = columns.shape
+        labels = None if block.train_labels is None else block.train_labels[columns]
+        values, positions = torch.cat([self.values, v], 1), torch.cat([self.positions, columns + block.train_start], 1)
+        indices = torch.cat([self.indices, block.train_indices[columns]], 1)
+        labelled = torch.cat([self.labelled, torch.full((rows, kept), labels is not None)], 1)
+        if labels is not None or self.labels is not None:
+            labels = _join_labels(self.labels, labels, self.values.shape[1], kept)
+        order = _order(values, positions)[:, : self.k]
+        self.values, self.positions, self.indices, self.labelled = (t.gather(1, order) for t in (values, positions, indices, labelled))
+        self.labels = None if labels is None else labels[torch.arange(rows)[:, None], order]
 
     def ranked(self, row: int) -> list[RankedExample]:
         """The row's ranking, cut where the sign turns: a proponent has a positive score, an opponent a negative one."""
         out = []
+        indices, labelled = self.indices[row].tolist(), self.labelled[row].tolist()
         for r, (v, q) in enumerate(zip(self.values[row].tolist(), self.positions[row].tolist(), strict=True), start=1):
             if not v > 0:  # values are sorted descending (times the sign); NaN never reaches here (_check_no_nan)
                 break
-            idx, label = self.index[q]
-            out.append(RankedExample(r, idx, q, _plain(label), v * self.sign))
+            label = _plain(self.labels[row, r - 1]) if self.labels is not None and labelled[r - 1] else None
+            out.append(RankedExample(r, indices[r - 1], q, label, v * self.sign))
         return out
 
 

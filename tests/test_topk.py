@@ -359,3 +359,75 @@ def test_a_format_that_is_not_one_line_is_quoted(tmp_path):
     """A format that is not printable (a newline in another program's metadata) is quoted: the error stays one line."""
     error = storage.format_mismatch(tmp_path / "f.safetensors", "influence_cli.factors/0\nX", storage.FACTORS_FORMAT)
     assert "\n" not in error.message and error.message.endswith("(its format: 'influence_cli.factors/0\\nX')")
+
+
+def full_sort(scores: torch.Tensor, k: int, largest: bool) -> list[list[int]]:
+    """Positions of each row's k best by (score, then position ascending), by Python's sort (-0.0 equals 0.0)."""
+    return [sorted(range(len(row)), key=lambda j: (-row[j] if largest else row[j], j))[:k] for row in scores.tolist()]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_block_merge_equals_a_full_sort(dtype):
+    """The running top-k of `top_k` (a topk of k + 1 per block, merged with the k kept so far) keeps exactly the
+    full sort's k best per row, ties by position, whatever the block widths: many exact ties (more than places,
+    at the k-th and across blocks), signed zeros, infinities, labels of several values and shards without labels."""
+    from influence_cli.topk import ScoreBlock, _Running
+
+    g = torch.Generator().manual_seed(3)
+    rows, n = 7, 53
+    scores = (torch.randint(-3, 4, (rows, n), generator=g) / 2).to(dtype)
+    scores[0] = 1.0  # one value only: ties everywhere
+    scores[1, ::3] = -0.0
+    scores[2, 5], scores[2, 40], scores[3, 7] = float("inf"), float("-inf"), float("inf")
+    scores[4] = torch.randn(n, generator=g, dtype=dtype)  # no ties
+    indices, labels = torch.arange(n) * 3 + 2, torch.stack([torch.arange(n) % 4, torch.arange(n) // 4], 1)
+    for k in (1, 2, 5, 13, n, n + 4):
+        want = {largest: full_sort(scores, k, largest) for largest in (True, False)}
+        for widths in ([n], [1] * n, [2, 3] * 10 + [3], [k] * (n // k) + [n % k] if k < n else [n], [7, 40, 6], [26, 27]):
+            for sign in (1.0, -1.0):
+                running, start, labelled = _Running(rows, k, sign), 0, []
+                for w in (w for w in widths if w):
+                    stop = start + w
+                    unlabelled = 20 <= start < 30  # as from a shard without labels
+                    running.update(ScoreBlock(start, stop, scores[:, start:stop], indices[start:stop], None if unlabelled else labels[start:stop]))
+                    labelled += [not unlabelled] * w
+                    start = stop
+                assert start == n
+                got = running.positions.tolist()
+                assert got == want[sign == 1.0], (k, widths, sign)
+                assert torch.equal(running.values * sign, torch.stack([scores[r, p] for r, p in enumerate(got)]))
+                assert running.indices.tolist() == [[j * 3 + 2 for j in p] for p in got]
+                for r, p in enumerate(got):
+                    for i, j in enumerate(p):
+                        assert bool(running.labelled[r, i]) is labelled[j]
+                        if running.labelled[r, i]:
+                            assert running.labels[r, i].tolist() == [j % 4, j // 4]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_top_k_of_many_queries_equals_a_full_sort(tmp_path, dtype):
+    """top_k over files of another dtype (read as float32), query subsets in any order, shards and block sizes."""
+    g = torch.Generator().manual_seed(4)
+    scores = (torch.randint(-8, 9, (12, 90), generator=g) / 8).to(dtype)
+    scores[::2] += (torch.randn(6, 90, generator=g) * 1e-3).to(dtype)
+    (tmp_path / "one").mkdir()
+    (tmp_path / "shards").mkdir()
+    write_scores(tmp_path / "one", scores)
+    write_scores(tmp_path / "shards", scores, shard_len=23)
+    as_read = scores.float()
+    selection = [9, slice(0, 3), 11, 5]
+    rows = [9, 0, 1, 2, 11, 5]
+    for k in (1, 4, 30):
+        top, low = full_sort(as_read[rows], k, True), full_sort(as_read[rows], k, False)
+        for folder in ("one", "shards"):
+            for max_elements in (6, 6 * 5, 6 * 31, 6 * 90):
+                got = top_k(tmp_path / folder, selection, k, max_elements=max_elements)
+                assert [r.query_position for r in got] == rows
+                for i, r in enumerate(got):
+                    q = rows[i]
+                    want_top = [j for j in top[i] if as_read[q, j] > 0]
+                    want_low = [j for j in low[i] if as_read[q, j] < 0]
+                    assert [e.train_position for e in r.proponents] == want_top
+                    assert [e.train_position for e in r.opponents] == want_low
+                    assert [e.score for e in r.proponents + r.opponents] == [as_read[q, j].item() for j in want_top + want_low]
+                    assert [(e.train_index, e.train_label) for e in r.proponents + r.opponents] == [(2 * j + 1, j % 5) for j in want_top + want_low]
