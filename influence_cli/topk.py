@@ -522,69 +522,59 @@ def _best(values: torch.Tensor, positions: torch.Tensor, k: int) -> tuple[torch.
     """The k best per row by (value descending, position ascending), sorted that way.
 
     Args:
-        values: [R, M] scores; positions: [R, M] int64 train positions.
+        values: [R, M] scores; positions: [R, M] int64 train positions, ascending along each row.
     """
     m = values.shape[1]
     k = min(k, m)
     if m > 4 * k:
-        # positions ascend along each row of a block: among values tied with the k-th, keep the first ones
-        kth = values.topk(k, dim=1).values[:, -1:]
-        better = values > kth
-        tie = values == kth
-        need = k - better.sum(1, keepdim=True)
-        if bool((tie.sum(1, keepdim=True) > need).any()):  # more ties than places (rare): the first ones
-            tie &= tie.cumsum(1) <= need
-        keep = better | tie
-        values = values[keep].view(-1, k)
-        positions = positions[keep].view(-1, k)
-    order = positions.argsort(dim=1, stable=True)
-    values, positions = values.gather(1, order), positions.gather(1, order)
-    order = values.argsort(dim=1, descending=True, stable=True)
-    return values.gather(1, order)[:, :k], positions.gather(1, order)[:, :k]
+        columns = _first_k(values, values.topk(k, dim=1).values[:, -1:], k)
+        values, positions = values.gather(1, columns), positions.gather(1, columns)
+    order = _order(values, positions)[:, :k]
+    return values.gather(1, order), positions.gather(1, order)
+
+
+def _first_k(values: torch.Tensor, kth: torch.Tensor, k: int) -> torch.Tensor:
+    """[R, k] columns, ascending, of each row's values above its k-th best `kth` [R, 1], then of the first ones equal to it."""
+    better = values > kth
+    tie = values == kth
+    tie &= tie.cumsum(1) <= k - better.sum(1, keepdim=True)  # as many as places are left
+    return (better | tie).nonzero()[:, 1].view(-1, k)
 
 
 def _order(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Column order of each row by (value descending, position ascending): a full sort, for a few candidates per row."""
+    """[R, M] column order of each row by (value descending, position ascending): a full sort, for a few candidates per row."""
     order = positions.argsort(dim=1, stable=True)
     return order.gather(1, values.gather(1, order).argsort(dim=1, descending=True, stable=True))
 
 
-def _block_best(scores: torch.Tensor, k: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k largest (`largest`) or smallest scores of each row of a block, ties by column (lower first).
+def _block_best(scores: torch.Tensor, k: int, sign: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best of each row of a block (scores × `sign`: 1 the largest, -1 the smallest), ties by column (lower first).
 
     One `topk` of k + 1 per row decides most rows: where the (k+1)-th value differs from the k-th,
     the k kept are exactly the values at least the k-th, whichever tied ones `topk` happened to take
     among them. Rows where they are equal (more ties than places) keep the values beyond the k-th
-    and the first of the tied ones by column, as `_best` does.
+    and the first of the tied ones by column (`_first_k`), as `_best` does.
 
     Args:
         scores: [R, M] float scores, no NaN (`iter_score_blocks` refuses them).
 
     Returns:
-        values [R, min(k, M)] (negated when not `largest`: larger is better either way) and their
-        int64 columns, sorted by (value descending, column ascending).
+        values [R, min(k, M)] (scores × `sign`) and their int64 columns, sorted by (value descending, column ascending).
     """
     rows, m = scores.shape
     k = min(k, m)
+    columns = torch.arange(m).expand(rows, m)
     if k == m:  # every column is kept
-        values = scores if largest else -scores
-        columns = torch.arange(m).expand(rows, m)
-    else:
-        top = scores.topk(k + 1, dim=1, largest=largest)
-        values, columns = top.values[:, :k], top.indices[:, :k]
-        tied = (top.values[:, k] == top.values[:, k - 1]).nonzero().squeeze(1)
-        if tied.numel():
-            sub, kth = scores[tied], top.values[tied, k - 1 : k]
-            beyond = sub > kth if largest else sub < kth
-            tie = sub == kth
-            tie &= tie.cumsum(1) <= k - beyond.sum(1, keepdim=True)  # the first tied ones, as many as places are left
-            tied_columns = (beyond | tie).nonzero()[:, 1].view(-1, k)  # ascending within each row
-            values, columns = values.clone(), columns.clone()
-            values[tied], columns[tied] = sub.gather(1, tied_columns), tied_columns
-        if not largest:
-            values = -values
-    order = _order(values, columns)
-    return values.gather(1, order), columns.gather(1, order)
+        return _best(scores * sign, columns, k)
+    top = scores.topk(k + 1, dim=1, largest=sign == 1)
+    values, kept = top.values[:, :k] * sign, top.indices[:, :k]
+    tied = (top.values[:, k] == top.values[:, k - 1]).nonzero().squeeze(1)
+    if tied.numel():
+        sub = scores[tied] * sign
+        kept[tied] = _first_k(sub, values[tied, -1:], k)
+        values[tied] = sub.gather(1, kept[tied])
+    order = _order(values, kept)
+    return values.gather(1, order), kept.gather(1, order)
 
 
 def _join_labels(first: torch.Tensor | None, second: torch.Tensor | None, n_first: int, n_second: int) -> torch.Tensor:
@@ -608,7 +598,7 @@ class _Running:
         self.labelled = torch.empty(rows, 0, dtype=torch.bool)  # which kept positions have one (shards without labels have none)
 
     def update(self, block: ScoreBlock) -> None:
-        v, columns = _block_best(block.scores, self.k, self.sign == 1)
+        v, columns = _block_best(block.scores, self.k, self.sign)
         rows, kept = columns.shape
         labels = None if block.train_labels is None else block.train_labels[columns]
         values, positions = torch.cat([self.values, v], 1), torch.cat([self.positions, columns + block.train_start], 1)
