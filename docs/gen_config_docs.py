@@ -236,7 +236,10 @@ layer that fails it (a layer that reads the sequence in another order fails it t
 with outputs per position ([batch, seq, ...]) sums the squared error over every position, so its
 model sets its outputs to 0 at padding (and the targets there are best 0, or `--self`'s stored
 training losses count them); its `sampled` Fisher draws at each real position what the sequence
-alone draws. Factors and scores remember the padding they were computed with, and later commands
+alone draws. Outputs `[batch, seq]` count as per position by their shape: a model that gives one
+vector per sequence whose length happens to equal the padded length, left-padded, draws a
+permutation of what the sequence alone draws (still a draw of the same Fisher); pad on the right,
+or pad to another length, for identical draws. Factors and scores remember the padding they were computed with, and later commands
 refuse a config with another.
 
 A text classifier on token ids, for example: `tokens.pt` holds `inputs` (int64 `[N, L]`, padded
