@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -893,10 +893,7 @@ def _start_pairwise(st: DistState, checkpoint: PassCheckpoint, single: Path, ind
         storage.check_can_write(single, overwrite, "scores", "output_dir", storage.SCORES_FORMAT)
         storage.check_can_write(index, overwrite, "scores", "output_dir")
         removed = check_rank_layout(out_dir, storage.SCORES_PARTIAL, st.world_size, resume=resume, overwrite=overwrite)
-        snap, stale = checkpoint.check_start(resume, overwrite)
-        if snap is None:  # saved scores no snapshot continues (those of an --overwrite run's, of one killed before its first snapshot)
-            stale += pieces_of(checkpoint.path)
-        stale += storage.temp_paths(piece_path(checkpoint.path, "*"))
+        snap, stale = _SavedPieces.check_start(checkpoint, resume, overwrite)
         leftovers = sorted(out_dir.glob(storage.SCORES_SHARD_GLOB))
         for shard in leftovers:  # never opened (a FIFO would block); --overwrite (without --resume) removes a FIFO, never a folder
             storage.refuse_irregular(shard, overwrite and not resume, "output_dir")
@@ -965,14 +962,23 @@ class _PairwisePass:
         labels = _known_labels(train, shard.start, shard.stop, ctx.device)
         collect = labels is None
         start_chunk, start_batch, resumed_from = 0, 0, None
-        pieces = _ScorePieces(self.checkpoint, shard.number, chunks, width)
+        pieces = _SavedPieces(self.checkpoint, shard.number, chunks, width, {"scores"} | ({"parts"} if parts is not None else set()))
+
+        def cut(q0: int, q1: int, c0: int, c1: int) -> dict[str, torch.Tensor]:
+            return {"scores": block[q0:q1, c0:c1]} | ({} if parts is None else {"parts": parts[:, q0:q1, c0:c1]})
+
+        def paste(q0: int, q1: int, c0: int, c1: int, tensors: dict[str, torch.Tensor]) -> None:
+            block[q0:q1, c0:c1] = tensors["scores"].to(block)
+            if parts is not None:
+                parts[:, q0:q1, c0:c1] = tensors["parts"].to(parts)
+
         where = _snapshot_phase(snapshot, "scores:")
         if where is not None and snapshot is not None and where[0] == shard.number:
             start_chunk, start_batch = where[1], snapshot.batches_done
             q0 = chunks[start_chunk][0]
             done = min(width, start_batch * scorer.bs)
             if "pieces" in snapshot.tensors:
-                pieces.read(int(snapshot.tensors["pieces"]), block, parts, (start_chunk, done))
+                pieces.read(int(snapshot.tensors["pieces"]), paste, (start_chunk, done))
             else:  # a snapshot of an earlier version holds the scores themselves: the next save writes them all to pieces
                 block[:q0] = snapshot.tensors["rows_done"].to(block)
                 block[q0 : chunks[start_chunk][1], :done] = snapshot.tensors["current"].to(block)
@@ -1010,7 +1016,7 @@ class _PairwisePass:
                 self.scored += n
                 if self.checkpoint.due(self.steps):
                     self.watch.check("scoring")
-                    pieces.write(block, parts, (ci, c0 + n))  # the scores since the last save, each written once
+                    pieces.write(cut, (ci, c0 + n))  # the scores since the last save, each written once
                     state_tensors = {"pieces": torch.tensor(pieces.count)}
                     if collect and labels is not None:
                         state_tensors["labels"] = labels
@@ -1044,71 +1050,101 @@ class _PairwisePass:
         return resumed_from
 
 
-class _ScorePieces:
-    """The scores of one train range a pairwise pass has saved, in files beside its snapshot (`resume.piece_path`:
-    scores.partial.finished<i>.safetensors), each [chunk rows, columns] written once: at each save, the columns
-    scored since the previous one, of every query chunk since. The snapshot counts them (`pieces`) and holds only what
-    is as wide as the range (norms, labels). It held the scores themselves: each save wrote all the rows scored so far
-    again (a copy of the current chunk's, not contiguous), so a range of B batches saved every E batches wrote about
-    B / 2E times its score block, and held it twice at each save.
+_Cut = Callable[[int, int, int, int], dict[str, torch.Tensor]]  # (q0, q1, c0, c1) → the results of those rows and columns
+_Paste = Callable[[int, int, int, int, dict[str, torch.Tensor]], None]  # puts a piece's results back at (q0, q1, c0, c1)
+
+
+class _SavedPieces:
+    """The results of one train range a pass has saved, in files beside its snapshot (`resume.piece_path`:
+    scores.partial[.self].finished<i>.safetensors), each written once: at each save, those of the columns (training
+    examples) done since the previous one. Pairwise, a piece per query chunk since, its [chunk rows, columns] of the
+    scores (and of their per-layer parts); --self (`chunks` None), one piece: the values of those examples, their
+    per-layer parts, training losses, predictions and collected labels. The snapshot counts the pieces (`pieces`) and
+    holds only what the pieces do not. It held the results themselves: each save wrote all of them so far again, so a
+    range of B batches saved every E batches wrote about B / 2E times its results (quadratic in the range).
     """
 
-    def __init__(self, checkpoint: PassCheckpoint, shard: int, chunks: list[tuple[int, int]], width: int) -> None:
-        self.checkpoint, self.shard, self.chunks, self.width = checkpoint, shard, chunks, width
+    def __init__(
+        self,
+        checkpoint: PassCheckpoint,
+        shard: int,
+        chunks: list[tuple[int, int]] | None,
+        width: int,
+        names: set[str],
+        what: tuple[str, str] = ("scores", "score"),
+    ) -> None:
+        """`names`: the tensors every piece holds; `what`: them in words, and the pieces' kind ("scores", "score")."""
+        self.checkpoint, self.shard, self.width, self.names = checkpoint, shard, width, names
+        self.what, self.kind = what
+        self.by_query = chunks is not None
+        self.chunks = chunks if chunks is not None else [(0, 0)]
         self.count = 0
         self.saved = (0, 0)  # (query chunk, column): everything before it is in the pieces
 
-    def write(self, block: torch.Tensor, parts: torch.Tensor | None, upto: tuple[int, int]) -> None:
-        """Writes the scores from `saved` up to `upto` (query chunk, column), a piece per query chunk."""
+    @staticmethod
+    def check_start(checkpoint: PassCheckpoint, resume: bool, overwrite: bool) -> tuple[Snapshot | None, list[Path]]:
+        """`checkpoint.check_start`, and besides what it removes, the pieces no snapshot continues (those of an
+        --overwrite run's, of one killed before its first snapshot) and the temporary files of killed writers of pieces."""
+        snap, stale = checkpoint.check_start(resume, overwrite)
+        if snap is None:
+            stale += pieces_of(checkpoint.path)
+        return snap, stale + storage.temp_paths(piece_path(checkpoint.path, "*"))
+
+    def _at(self, ci: int, c: int) -> str:
+        return f"query chunk {ci + 1}, column {c}" if self.by_query else f"example {c}"
+
+    def _span(self, ci: int, c0: int, c1: int) -> str:
+        return f"query chunk {ci + 1}, columns {c0}..{c1}" if self.by_query else f"examples {c0}..{c1}"
+
+    def write(self, cut: _Cut, upto: tuple[int, int]) -> None:
+        """Writes the results from `saved` up to `upto` (query chunk, column), a piece per query chunk."""
         (first, start), (last, stop) = self.saved, upto
         for ci in range(first, last + 1):
             c0, c1 = (start if ci == first else 0), (stop if ci == last else self.width)
             if c1 <= c0:
                 continue
-            q0, q1 = self.chunks[ci]
-            tensors = {"scores": block[q0:q1, c0:c1]} | ({} if parts is None else {"parts": parts[:, q0:q1, c0:c1]})
+            tensors = cut(*self.chunks[ci], c0, c1)
             self.checkpoint.save(f"piece:{self.shard}:{ci}:{c0}:{c1}", 0, tensors, piece_path(self.checkpoint.path, self.count))
             self.count += 1
         self.saved = upto
 
-    def read(self, count: int, block: torch.Tensor, parts: torch.Tensor | None, upto: tuple[int, int]) -> None:
-        """Fills `block` (and `parts`) from the first `count` pieces, which hold every score before `upto` (query
-        chunk, column), each once, in the order `write` wrote them.
+    def read(self, count: int, paste: _Paste, upto: tuple[int, int]) -> None:
+        """Puts back (`paste`) the first `count` pieces, which hold every result before `upto` (query chunk, column),
+        each once, in the order `write` wrote them.
 
         Raises:
-            OutputError: a piece missing, unreadable, of other settings or of another range, or one that does not
-                continue the scores before it (a gap, or scores the pieces before it hold).
+            OutputError: a piece missing, unreadable, of other settings or of another range, one that holds other
+                tensors, or one that does not continue the results before it (a gap, or results the pieces before it hold).
         """
         hint = "pass --overwrite to start over (the saved progress cannot continue without it)"
-        at = (0, 0)  # (query chunk, column): the pieces read so far hold every score before it
+        at = (0, 0)  # (query chunk, column): the pieces read so far hold every result before it
         for i in range(count):
             path = piece_path(self.checkpoint.path, i)
             if path.exists():
                 storage.refuse_irregular(path, False)  # never opened
             else:
-                raise OutputError(f"{str(path)!r} is missing: it held scores {self.checkpoint.path.name} counts as saved", hint=hint)
+                raise OutputError(f"{str(path)!r} is missing: it held {self.what} {self.checkpoint.path.name} counts as saved", hint=hint)
             tensors, meta = storage.load_tensors(path, storage.PARTIAL_FORMAT)
             self.checkpoint.check_settings(path, meta)
             phase = str(meta.get("phase", "")).split(":")
             if len(phase) != 5 or phase[0] != "piece" or int(phase[1]) != self.shard:
-                raise OutputError(f"{str(path)!r} does not hold scores of train range {self.shard} (it holds {meta.get('phase')!r})", hint=hint)
+                raise OutputError(f"{str(path)!r} does not hold {self.what} of train range {self.shard} (it holds {meta.get('phase')!r})", hint=hint)
             ci, c0, c1 = (int(v) for v in phase[2:])
             follows = (ci, c0) == at or (at[1] == self.width and (ci, c0) == (at[0] + 1, 0))
             if not (follows and ci < len(self.chunks) and c0 < c1 <= self.width):
                 raise OutputError(
-                    f"{str(path)!r} holds the scores of query chunk {ci + 1}, columns {c0}..{c1} of train range {self.shard}, where "
-                    f"the scores saved before it end at query chunk {at[0] + 1}, column {at[1]}",
+                    f"{str(path)!r} holds the {self.what} of {self._span(ci, c0, c1)} of train range {self.shard}, where "
+                    f"the {self.what} saved before it end at {self._at(*at)}",
                     hint=hint,
                 )
-            q0, q1 = self.chunks[ci]
-            block[q0:q1, c0:c1] = tensors["scores"].to(block)
-            if parts is not None:
-                parts[:, q0:q1, c0:c1] = tensors["parts"].to(parts)
+            if set(tensors) != self.names:
+                raise OutputError(f"{str(path)!r} holds {', '.join(sorted(tensors))}, not {', '.join(sorted(self.names))}", hint=hint)
+            paste(*self.chunks[ci], c0, c1, tensors)
             at = (ci, c1)
         if at != upto:
             raise OutputError(
-                f"{str(self.checkpoint.path)!r} counts {count} score piece(s) that end at query chunk {at[0] + 1}, column {at[1]}, "
-                f"not where it stopped (query chunk {upto[0] + 1}, column {upto[1]})",
+                f"{str(self.checkpoint.path)!r} counts {count} {self.kind} piece(s) that end at "
+                f"{self._at(*at)}, not where it stopped ({self._at(*upto)})",
                 hint=hint,
             )
         self.count, self.saved = count, upto
@@ -1187,7 +1223,7 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
     def start_checks() -> tuple[Snapshot | None, list[Path]]:
         storage.check_can_write(path, overwrite, "self-influence scores", "output_dir", storage.SELF_FORMAT)
         removed = check_rank_layout(out_dir, storage.SCORES_PARTIAL, st.world_size, resume=resume, overwrite=overwrite, kind=".self")
-        snap, stale = checkpoint.check_start(resume, overwrite)
+        snap, stale = _SavedPieces.check_start(checkpoint, resume, overwrite)
         old = [path] if overwrite else []  # an interrupted --overwrite run must not leave the old values looking current
         return snap, removed + stale + (old + storage.temp_paths(path) if st.is_main else [])
 
@@ -1198,30 +1234,53 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
     parts = None if scorer.by_layer is None else torch.zeros(len(scorer.by_layer), n_t, dtype=scorer.dtype, device=ctx.device)
     labels = _known_labels(train, 0, n_t, ctx.device)  # all of them; else each rank collects its own range
     collect = labels is None
-    skip, resumed_from = 0, None
-    if snapshot is not None and snapshot.phase == "self":
-        skip = snapshot.batches_done
-        values.copy_(snapshot.tensors["values"])
-        if parts is not None:  # the settings include by_layer: a snapshot of this run holds them
-            parts.copy_(snapshot.tensors["values_by_layer"])
-        if collect and "labels" in snapshot.tensors:
-            labels = snapshot.tensors["labels"].to(ctx.device)
-        resumed_from = f"batch {skip}"
-    scorer.check_first_batches(shard, skip)
-    # classification: model.checkpoint's predicted class of every example, shown beside its label (mislabel triage);
-    # every task: each example's training loss (top-k --self --rank-by loss), from the outputs the pass computes anyway
     held = snapshot.tensors if snapshot is not None and snapshot.phase == "self" else None
-    predict = cfg.task.kind == "classification" and (held is None or "predictions" in held)
-    keep_losses = held is None or "losses" in held
-    if st.distributed:  # progress saved before they were kept has none for its batches: then no rank keeps them
+    # classification: model.checkpoint's predicted class of every example, shown beside its label (mislabel triage);
+    # every task: each example's training loss (top-k --self --rank-by loss), from the outputs the pass computes anyway.
+    # Progress saved before they were kept has none for its batches: then none are kept (on every rank)
+    if held is not None and "pieces" in held:
+        predict, keep_losses = cfg.task.kind == "classification" and bool(held["with_predictions"]), bool(held["with_losses"])
+    else:
+        predict, keep_losses = cfg.task.kind == "classification" and (held is None or "predictions" in held), held is None or "losses" in held
+    if st.distributed:
         ranks = st.all_gather_object((predict, keep_losses))
         predict, keep_losses = all(r[0] for r in ranks), all(r[1] for r in ranks)  # type: ignore[index]
     predictions = torch.zeros(n_t, dtype=torch.int64, device=ctx.device) if predict else None
     losses = torch.zeros(n_t, dtype=scorer.dtype, device=ctx.device) if keep_losses else None
-    if predictions is not None and held is not None:
-        predictions.copy_(held["predictions"])
-    if losses is not None and held is not None:
-        losses.copy_(held["losses"])
+    per_example = {"values": values, "values_by_layer": parts, "predictions": predictions, "losses": losses}
+    kept = {name: t for name, t in per_example.items() if t is not None}  # [..., n_t] each: this rank writes [start, stop)
+    names = set(kept) | ({"labels"} if collect else set())
+    pieces = _SavedPieces(checkpoint, st.rank, None, stop - start, names, ("self-influence values", "self-influence"))
+
+    def cut(_q0: int, _q1: int, c0: int, c1: int) -> dict[str, torch.Tensor]:
+        collected = {"labels": labels[c0:c1]} if collect and labels is not None else {}  # this rank's range: [0, stop - start)
+        return {name: t[..., start + c0 : start + c1] for name, t in kept.items()} | collected
+
+    def paste(_q0: int, _q1: int, c0: int, c1: int, tensors: dict[str, torch.Tensor]) -> None:
+        nonlocal labels
+        for name, t in kept.items():
+            t[..., start + c0 : start + c1] = tensors[name].to(t)
+        if collect:
+            labels = _collect(labels, stop - start, c0, tensors["labels"].to(ctx.device))
+
+    def restore() -> None:
+        """The values of the snapshot's batches: from its pieces, or from the snapshot itself (an earlier version's:
+        the next save writes them all to pieces), on every rank at once (a refusal stops them all)."""
+        nonlocal labels
+        if held is None:
+            return
+        if "pieces" in held:
+            pieces.read(int(held["pieces"]), paste, (0, min(stop - start, snapshot.batches_done * scorer.bs)))  # type: ignore[union-attr]
+            return
+        for name, t in kept.items():
+            t.copy_(held[name])  # the settings include by_layer: a snapshot of this run holds values_by_layer
+        if collect and "labels" in held:
+            labels = held["labels"].to(ctx.device)
+
+    agree(st, restore)
+    skip = snapshot.batches_done if held is not None else 0  # type: ignore[union-attr]
+    resumed_from = f"batch {skip}" if held is not None else None
+    scorer.check_first_batches(shard, skip)
     watch = scorer.watch("no scores were written")
     scorer.progress.start("self-influence", stop - start)
     if skip:
@@ -1249,10 +1308,9 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
         scored += n
         if checkpoint.due(steps):
             watch.check("self-influence")
-            saved = {"values": values} | ({"labels": labels} if collect and labels is not None else {})
-            saved |= {} if parts is None else {"values_by_layer": parts}
-            saved |= ({"predictions": predictions} if predictions is not None else {}) | ({"losses": losses} if losses is not None else {})
-            checkpoint.save("self", batch.index + 1, saved)
+            pieces.write(cut, (0, c0 + n))  # the values since the last save, each written once
+            flags = {"with_predictions": torch.tensor(predict), "with_losses": torch.tensor(keep_losses)}
+            checkpoint.save("self", batch.index + 1, {"pieces": torch.tensor(pieces.count)} | flags)
         scorer.progress.advance(n)
     watch.check("self-influence")
     seconds["self"] = time.perf_counter() - t0

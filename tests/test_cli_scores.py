@@ -578,15 +578,19 @@ def _self_resume_rank_main(rank: int, world: int, port: int, config: str, out: s
 @pytest.mark.distributed
 def test_two_processes_resume_self_influence_bit_for_bit(project, tmp_path):
     """--self under torchrun, interrupted after 2 batches of each rank and resumed: the values, predictions and
-    training losses are those of the uninterrupted run, bit for bit."""
+    training losses are those of the uninterrupted run, bit for bit, each rank's read back from the pieces it saved
+    beside its snapshot, which the finished run removes."""
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     for folder in (whole, resumed):
         folder.mkdir()
         shutil.copy(project.parent / "out" / storage.FACTORS_FILE, folder / storage.FACTORS_FILE)
     mp.spawn(_self_resume_rank_main, args=(2, _free_port(), str(project), str(whole), 0, False), nprocs=2)
     mp.spawn(_self_resume_rank_main, args=(2, _free_port(), str(project), str(resumed), 2, False), nprocs=2)
-    assert len(list(resumed.glob("scores.partial*.self.*"))) == 2 and not (resumed / storage.SELF_INFLUENCE_FILE).exists()
+    saved = sorted(p.name for p in resumed.glob("scores.partial*.self*"))
+    assert saved == [f"scores.partial.rank{r}.self{piece}.safetensors" for r in (0, 1) for piece in (".finished0", ".finished1", "")]  # a piece per save
+    assert not (resumed / storage.SELF_INFLUENCE_FILE).exists()
     mp.spawn(_self_resume_rank_main, args=(2, _free_port(), str(project), str(resumed), 0, True), nprocs=2)
+    assert not list(resumed.glob("scores.partial*"))
     a, b = load_file(whole / storage.SELF_INFLUENCE_FILE), load_file(resumed / storage.SELF_INFLUENCE_FILE)
     assert set(a) == set(b) and storage.SELF_LOSSES in a and "train_predictions" in a
     for key in a:

@@ -789,36 +789,171 @@ def test_saved_pieces_that_do_not_tile_the_scores_so_far_are_refused(project, mo
         compute_scores(cfg, resume=True)
 
 
-def test_self_influence_resume_is_bit_identical(project, monkeypatch):
-    ref_cfg = make_cfg(project, "self-ref")
-    ref = storage.load_tensors(compute_scores(ref_cfg, self_influence=True).paths[0])[0]
-    cfg = make_cfg(project, "self-resume")
-    with monkeypatch.context() as m:
-        interrupt_after(m, "self_influence", 4)
+def _self_partial(cfg) -> Path:
+    return cfg.output_path / storage.SCORES_PARTIAL.format(rank=".self")
+
+
+def _stop_self(cfg, after: int, resume: bool = False) -> None:
+    """--self stopped (Ctrl-C) after `after` more batches, each saved."""
+    with pytest.MonkeyPatch.context() as m:
+        interrupt_after(m, "self_influence_by_layer" if cfg.scores.by_layer else "self_influence", after)
         with pytest.raises(KeyboardInterrupt):
-            compute_scores(cfg, self_influence=True)
+            compute_scores(cfg, self_influence=True, resume=resume)
+
+
+def _as_earlier_self_snapshot(partial: Path, n_train: int = N_TRAIN) -> None:
+    """Rewrites --self progress (a snapshot counting the pieces saved beside it) as earlier versions saved it: one
+    snapshot holding every value of the run, [..., n_train] each with zeros after those done (collected labels: the
+    range's rows), and no pieces."""
+    tensors, meta = storage.load_tensors(partial)
+    held: dict[str, torch.Tensor] = {}
+    for i in range(int(tensors["pieces"])):
+        piece = partial.with_suffix(f".finished{i}.safetensors")
+        got, piece_meta = storage.load_tensors(piece)
+        c0, c1 = (int(v) for v in piece_meta["phase"].split(":")[3:])  # piece:<range>:0:<c0>:<c1>
+        for name, t in got.items():
+            if name == "labels":
+                held.setdefault(name, torch.zeros(n_train, *t.shape[1:], dtype=t.dtype))[c0:c1] = t
+            else:
+                held.setdefault(name, torch.zeros(*t.shape[:-1], n_train, dtype=t.dtype))[..., c0:c1] = t
+        piece.unlink()
+    if not bool(tensors["with_predictions"]):
+        held.pop("predictions", None)
+    storage.save_tensors(partial, held, {k: v for k, v in meta.items() if k != "created"})
+
+
+def _self_outputs(report) -> dict[str, torch.Tensor]:
+    return storage.load_tensors(report.paths[0])[0]
+
+
+@pytest.mark.parametrize("overrides", [[], ["scores.by_layer=true"]], ids=["values", "by-layer"])
+@pytest.mark.parametrize("cuts", [[1], [4], [5], [2, 1, 2]], ids=lambda c: "stops-after-" + "-".join(map(str, c)))
+def test_self_influence_resume_is_bit_identical(project, overrides, cuts):
+    """--self stopped after each of `cuts` batches in turn (the last of its 6 batches is short), every stop resumed:
+    every stored tensor is that of the uninterrupted run, bit for bit, and no progress is left."""
+    ref = _self_outputs(compute_scores(make_cfg(project, f"self-ref-{len(overrides)}", *overrides), self_influence=True, overwrite=True))
+    cfg = make_cfg(project, f"self-resume-{len(overrides)}-{'-'.join(map(str, cuts))}", *overrides)
+    for i, cut in enumerate(cuts):
+        _stop_self(cfg, cut, resume=i > 0)
     report = compute_scores(cfg, self_influence=True, resume=True)
-    assert report.resumed_from == "batch 4"
-    got = storage.load_tensors(report.paths[0])[0]
-    for key in ("self_influence", "train_predictions", storage.SELF_LOSSES):
+    assert report.resumed_from == f"batch {sum(cuts)}"
+    got = _self_outputs(report)
+    assert got.keys() == ref.keys() and {"self_influence", "train_predictions", storage.SELF_LOSSES} <= set(ref)
+    for key in ref:
+        assert torch.equal(got[key], ref[key]), key
+    assert not list(cfg.output_path.glob("scores.partial*"))
+
+
+def test_self_influence_progress_writes_each_value_once(project, monkeypatch):
+    """--self saved after every batch (6) writes each example's values to its progress once, in pieces beside a snapshot
+    that holds none: the snapshot held every value so far (self-influence, loss, prediction), written again at each save,
+    so the saves of N examples wrote about N²/2 × batch size × checkpoint_every of them."""
+    written: list[tuple[str, dict[str, torch.Tensor]]] = []
+    real = storage.save_tensors
+
+    def spy(path, tensors, metadata, **kwargs):
+        if "partial" in Path(path).name:
+            written.append((Path(path).name, {k: v.clone() for k, v in tensors.items()}))
+        return real(path, tensors, metadata, **kwargs)
+
+    monkeypatch.setattr(storage, "save_tensors", spy)
+    cfg = make_cfg(project, "self-saved-once")
+    compute_scores(cfg, self_influence=True)
+    pieces = [t for name, t in written if ".finished" in name]
+    snapshots = [t for name, t in written if ".finished" not in name]
+    assert len(snapshots) == len(pieces) == 6
+    assert all(set(t) == {"pieces", "with_predictions", "with_losses"} and t["pieces"].numel() == 1 for t in snapshots)
+    assert all(set(t) == {"values", "predictions", "losses"} for t in pieces)
+    for name in ("values", "predictions", "losses"):
+        assert sum(t[name].numel() for t in pieces) == N_TRAIN, name
+    assert not list(cfg.output_path.glob("scores.partial*"))
+
+
+@pytest.mark.parametrize("collected", [False, True], ids=["known-labels", "collected-labels"])
+def test_a_self_snapshot_that_holds_the_values_still_resumes(project, monkeypatch, collected):
+    """--self progress of an earlier version (the snapshot holds every value so far, no pieces) resumes to the same
+    values, and so does the run that resumed it when it is stopped in turn: its first save writes the values that
+    snapshot held to pieces (writing only those since, the next resume would read zeros in their place). Labels the
+    dataset does not know are collected from the batches, and saved and resumed with the rest."""
+    if collected:
+        monkeypatch.setattr(scores_mod, "_known_labels", lambda *args: None)
+    ref = _self_outputs(compute_scores(make_cfg(project, f"self-earlier-ref-{collected}"), self_influence=True))
+    cfg = make_cfg(project, f"self-earlier-{collected}")
+    _stop_self(cfg, 3)
+    if collected:
+        assert "labels" in storage.load_tensors(_self_partial(cfg).with_suffix(".finished0.safetensors"))[0]
+    _as_earlier_self_snapshot(_self_partial(cfg))
+    assert "values" in storage.load_tensors(_self_partial(cfg))[0] and not list(cfg.output_path.glob("*.finished*"))
+    _stop_self(cfg, 2, resume=True)  # 2 more batches, each saved: the first writes the 3 earlier batches' values too
+    report = compute_scores(cfg, self_influence=True, resume=True)
+    assert report.resumed_from == "batch 5"
+    got = _self_outputs(report)
+    assert got.keys() == ref.keys() and "train_labels" in ref
+    for key in ref:
         assert torch.equal(got[key], ref[key]), key
 
 
 @pytest.mark.parametrize("saved,stored", [("predictions", "train_predictions"), ("losses", storage.SELF_LOSSES)], ids=["predictions", "losses"])
 def test_self_influence_progress_saved_without_predictions_resumes_without_them(project, monkeypatch, saved, stored):
-    """Progress of a version that kept no predictions (or losses): the values resume, and none are stored (some would be 0)."""
+    """Progress of a version that kept no predictions (or losses): the values resume, and none are stored (some would be
+    0), also after the resumed run is stopped and resumed in turn (its progress says they are not kept)."""
+    ref = _self_outputs(compute_scores(make_cfg(project, "self-old-progress-ref"), self_influence=True, overwrite=True))
     cfg = make_cfg(project, f"self-old-progress-{saved}")
-    with monkeypatch.context() as m:
-        interrupt_after(m, "self_influence", 4)
-        with pytest.raises(KeyboardInterrupt):
-            compute_scores(cfg, self_influence=True)
-    progress = cfg.output_path / storage.SCORES_PARTIAL.format(rank=".self")
+    _stop_self(cfg, 4)
+    progress = _self_partial(cfg)
+    _as_earlier_self_snapshot(progress)
     tensors, meta = storage.load_tensors(progress)
     del tensors[saved]
     storage.save_tensors(progress, tensors, meta)
+    _stop_self(cfg, 1, resume=True)
     report = compute_scores(cfg, self_influence=True, resume=True)
-    written = storage.load_tensors(report.paths[0])[0]
-    assert report.resumed_from == "batch 4" and stored not in written and len(written) == 4  # the other one kept
+    written = _self_outputs(report)
+    assert report.resumed_from == "batch 5" and stored not in written and len(written) == 4  # the other one kept
+    for key in written:
+        assert torch.equal(written[key], ref[key]), key
+
+
+def test_saved_self_pieces_that_do_not_tile_the_values_so_far_are_refused(project):
+    """The pieces a --self snapshot counts hold every value before where it stopped, each once, in order, with every
+    tensor the run keeps: a piece that repeats another's examples, one short of a tensor, or a count that stops short
+    is refused by name, not resumed with zeros where the values were."""
+    cfg = make_cfg(project, "self-pieces-tile")
+    _stop_self(cfg, 3)
+    snapshot = _self_partial(cfg)
+    first, second = (snapshot.with_suffix(f".finished{i}.safetensors") for i in (0, 1))
+    held = second.read_bytes()
+    shutil.copy(first, second)
+    with pytest.raises(OutputError, match=r"finished1.safetensors' holds the self-influence values of examples 0..8 of train range 0, "
+                       r"where the self-influence values saved before it end at example 8") as info:
+        compute_scores(cfg, self_influence=True, resume=True)
+    assert "--overwrite" in info.value.hint
+    second.write_bytes(held)
+    tensors, meta = storage.load_tensors(second)
+    storage.save_tensors(second, {k: v for k, v in tensors.items() if k != "losses"}, {k: v for k, v in meta.items() if k != "created"})
+    with pytest.raises(OutputError, match=r"finished1.safetensors' holds predictions, values, not losses, predictions, values"):
+        compute_scores(cfg, self_influence=True, resume=True)
+    second.write_bytes(held)
+    tensors, meta = storage.load_tensors(snapshot)
+    storage.save_tensors(snapshot, tensors | {"pieces": tensors["pieces"] - 1}, {k: v for k, v in meta.items() if k != "created"})
+    with pytest.raises(OutputError, match=r"counts 2 self-influence piece\(s\) that end at example 16, not where it stopped \(example 24\)"):
+        compute_scores(cfg, self_influence=True, resume=True)
+
+
+def test_self_influence_overwrite_lets_the_saved_pieces_go(project):
+    """--overwrite over stopped --self progress removes its pieces with its snapshot: stopped in turn after 1 batch, the
+    new run's progress is its snapshot and its one piece, and it resumes to the values of an uninterrupted run."""
+    ref = _self_outputs(compute_scores(make_cfg(project, "self-overwrite-ref"), self_influence=True))
+    cfg = make_cfg(project, "self-overwrite")
+    _stop_self(cfg, 4)
+    assert len(list(cfg.output_path.glob("scores.partial.self.finished*"))) == 4
+    with pytest.MonkeyPatch.context() as m:
+        interrupt_after(m, "self_influence", 1)
+        with pytest.raises(KeyboardInterrupt):
+            compute_scores(cfg, self_influence=True, overwrite=True)
+    assert sorted(p.name for p in cfg.output_path.glob("scores.partial*")) == ["scores.partial.self.finished0.safetensors", "scores.partial.self.safetensors"]
+    got = _self_outputs(compute_scores(cfg, self_influence=True, resume=True))
+    for key in ref:
+        assert torch.equal(got[key], ref[key]), key
 
 
 def test_progress_of_other_query_chunks_says_which_chunk_size_resumes_it(project, monkeypatch):
