@@ -56,6 +56,7 @@ from influence_cli.tracking import TrackedModule
 BANDS = ("bottom", "middle", "top")
 RANKINGS = ("energy", "share")  # how `top_examples` ranks: the bottom band's gradient energy, or its share
 _MAX_ELEMENTS = 1 << 25  # bound on the intermediates of one masked GEMM
+_SUM_ELEMENTS = 1 << 20  # bound on the float64 copy of per-example energies summed at once (`_layer_sum`)
 
 
 # ----------------------------------------------------------------------------- energies
@@ -85,7 +86,10 @@ class LayerEnergy:
 
 @dataclass
 class DatasetSpectrum:
-    """Per-example energies of one dataset (float64, CPU), examples in dataset order.
+    """Per-example energies of one dataset (CPU), examples in dataset order.
+
+    The energies are kept in the dtype the pass computed them in (float32; float64 for a float64 model), as the
+    spectrum file stores them; every sum over them (the shares, the summaries) is taken in float64.
 
     Attributes:
         global_indices: int64 [N].
@@ -109,13 +113,14 @@ class DatasetSpectrum:
         return int(self.global_indices.numel())
 
     def bottom_energy(self) -> torch.Tensor:
-        """[N] each example's gradient energy in the bottom bands, summed over the layers."""
-        return bottom_energy(self.band_energy)
+        """[N] each example's gradient energy in the bottom bands, summed over the layers (float64)."""
+        return bottom_energy(self.band_energy.double())
 
     def bottom_share(self) -> torch.Tensor:
-        """[N] each example's share of gradient energy in the bottom bands (all layers; 0 for a zero gradient)."""
-        total = self.band_energy.sum(dim=(1, 2))
-        return torch.where(total > 0, self.band_energy[:, :, 0].sum(1) / total.clamp_min(torch.finfo(total.dtype).tiny), 0.0)
+        """[N] each example's share of gradient energy in the bottom bands (all layers; 0 for a zero gradient; float64)."""
+        band = self.band_energy.double()
+        total = band.sum(dim=(1, 2))
+        return torch.where(total > 0, band[:, :, 0].sum(1) / total.clamp_min(torch.finfo(total.dtype).tiny), 0.0)
 
 
 def bottom_energy(band_energy: torch.Tensor) -> torch.Tensor:
@@ -137,10 +142,15 @@ def _share(x: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, x / total.clamp_min(torch.finfo(x.dtype).tiny), torch.zeros_like(x))
 
 
-def _mean_share(x: torch.Tensor) -> torch.Tensor:
-    """Mean over dim 0 of x / Σ_last x, over the rows whose sum is > 0 (zeros when none is)."""
+def _mean_share(x: torch.Tensor, own: bool = False) -> torch.Tensor:
+    """Mean over dim 0 of x / Σ_last x, over the rows whose sum is > 0 (zeros when none is). `own`: x is the caller's
+    to overwrite (a temporary), so the shares take its place when every row is kept (no copy of x, as large)."""
     keep = x.sum(-1) > 0
-    return _share(x[keep]).mean(0) if bool(keep.any()) else torch.zeros(x.shape[1:], dtype=x.dtype)
+    if not bool(keep.any()):
+        return torch.zeros(x.shape[1:], dtype=x.dtype)
+    if own and bool(keep.all()):  # the rows' sums are all > 0: _share's x / Σ_last x, in place
+        return x.div_(x.sum(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)).mean(0)
+    return _share(x[keep]).mean(0)
 
 
 @dataclass
@@ -186,20 +196,39 @@ class GroupSummary:
 
 
 def summarize(ds: DatasetSpectrum, name: str | None = None, rows: torch.Tensor | None = None) -> GroupSummary:
-    """Means over the examples of `ds` (or those where the bool mask `rows` is True)."""
+    """Means over the examples of `ds` (or those where the bool mask `rows` is True), in float64, computed from one
+    float64 copy of a few of the energies at a time: all of the band energies only for their mean, then each sum
+    over the layers (`_layer_sum`) and each layer's energies, its shares taking its place (`_mean_share`)."""
     sel = slice(None) if rows is None else rows
-    band, bins, inp = ds.band_energy[sel], ds.bin_energy[sel], ds.input_energy[sel]
+    band = ds.band_energy[sel].double()
     n = int(band.shape[0])
+    energy = band.sum(0) / max(n, 1)
+    del band
+    layers = range(ds.band_energy.shape[1])
     return GroupSummary(
         name or ds.name,
         n,
-        band.sum(0) / max(n, 1),
-        _mean_share(band.sum(1)),
-        torch.stack([_mean_share(band[:, k]) for k in range(band.shape[1])]),
-        _mean_share(bins.sum(1)),
-        _mean_share(inp.sum(1)),
-        torch.stack([_mean_share(inp[:, k]) for k in range(inp.shape[1])]),
+        energy,
+        _mean_share(_layer_sum(ds.band_energy, rows), own=True),
+        torch.stack([_mean_share(ds.band_energy[:, k][sel].to(torch.float64, copy=True), own=True) for k in layers]),
+        _mean_share(_layer_sum(ds.bin_energy, rows), own=True),
+        _mean_share(_layer_sum(ds.input_energy, rows), own=True),
+        torch.stack([_mean_share(ds.input_energy[:, k][sel].to(torch.float64, copy=True), own=True) for k in layers]),
     )
+
+
+def _layer_sum(energy: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """energy.sum(1) in float64 over the examples where the bool mask `rows` is True (all when None), [N, L, K] ->
+    [n, K], a few examples at a time: neither the float64 copy of the energies (twice their size) nor a copy of the
+    rows picked is ever whole."""
+    n = len(energy) if rows is None else int(rows.sum())
+    out = torch.empty(n, *energy.shape[2:], dtype=torch.float64)
+    step, at = max(1, _SUM_ELEMENTS // max(1, energy[0].numel())) if len(energy) else 1, 0
+    for i in range(0, len(energy), step):
+        chunk = energy[i : i + step] if rows is None else energy[i : i + step][rows[i : i + step]]
+        out[at : at + len(chunk)] = chunk.double().sum(1)
+        at += len(chunk)
+    return out
 
 
 def groups_of(datasets: list[DatasetSpectrum]) -> list[GroupSummary]:
@@ -269,15 +298,15 @@ def dataset_spectrum(
     rot = {name: (Rotation(lf.a_eigenvectors), Rotation(lf.g_eigenvectors)) for name, lf in moved.items()}  # type: ignore[arg-type]
     energy = {tm.name: LayerEnergy(bands[tm.name], bins, dtype, device) for tm in layers}
     input_masks = {tm.name: torch.nn.functional.one_hot(bands[tm.name].input_band, 3).to(device, dtype) for tm in layers}
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in _PARTS}
+    rows = {k: _Rows(num_examples) for k in _PARTS}
     start = saved.batches_done if saved is not None else 0
     if start:
         for k in _PARTS:
-            parts[k].append(saved.state[k].to(device))  # type: ignore[union-attr]
+            rows[k].add(saved.state[k].to(device))  # type: ignore[union-attr]
     watch = NonFiniteWatch(device)
     progress.start(title or name, num_examples)
     try:
-        seen = len(parts["global_indices"][0]) if start else 0  # examples of this rank's shard done
+        seen = rows["global_indices"].count  # examples of this rank's shard done
         if seen:
             progress.advance(seen)
         for batch in _stream(model, layers, batches, task_kind=task_kind, name=name, device=device, padding_value=padding_value, start=start):
@@ -289,43 +318,60 @@ def dataset_spectrum(
                 per_layer.append(energy[tm.name](a_rot, g_rot))
                 per_input.append(a_rot.square().sum(1) @ input_masks[tm.name])
             e = torch.stack(per_layer, dim=1)  # [B, L, 3 + bins]
-            parts["band_energy"].append(e[:, :, :3])
-            parts["bin_energy"].append(e[:, :, 3:])
-            parts["input_energy"].append(torch.stack(per_input, dim=1))
-            parts["global_indices"].append(batch.global_indices)
-            parts["labels"].append(batch.targets)
+            rows["band_energy"].add(e[:, :, :3])
+            rows["bin_energy"].add(e[:, :, 3:])
+            rows["input_energy"].add(torch.stack(per_input, dim=1))
+            rows["global_indices"].add(batch.global_indices)
+            rows["labels"].add(batch.targets)
             done = batch.index + 1
             seen += len(batch.global_indices)
             if saved is not None and saved.due(done) and (num_examples is None or seen < num_examples):  # the last batch: `finish` saves
                 watch.check(name)  # never save progress past a non-finite batch
-                parts = {k: [torch.cat(v)] for k, v in parts.items()}  # saved as they are joined, joined once per save
-                saved.save(done, {k: v[0] for k, v in parts.items()})
+                saved.save(done, {k: r.so_far() for k, r in rows.items()})
             progress.advance(len(batch.global_indices))
         watch.check(name)  # before the bar stops: a failed pass leaves no finished bar
     finally:
         progress.stop()  # also on errors and Ctrl-C, so the terminal is clean for the message
-    idx_parts, label_parts = parts["global_indices"], parts["labels"]
-    band_parts, bin_parts, input_parts = parts["band_energy"], parts["bin_energy"], parts["input_energy"]
-    if not idx_parts:
-        empty = torch.zeros(0, len(layers), 3, dtype=torch.float64)
+    if not rows["global_indices"].count:
+        empty = torch.zeros(0, len(layers), 3, dtype=dtype)
         return DatasetSpectrum(
             name, torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.bool),
-            empty, torch.zeros(0, len(layers), bins, dtype=torch.float64), empty.clone(),
+            empty, torch.zeros(0, len(layers), bins, dtype=dtype), empty.clone(),
         )  # fmt: skip
-    idx = torch.cat(idx_parts).cpu()
-    noisy = noisy_of(idx) if noisy_of is not None else torch.zeros(idx.numel(), dtype=torch.bool)
-    return DatasetSpectrum(
-        name,
-        idx,
-        torch.cat(label_parts).cpu(),
-        noisy,
-        torch.cat(band_parts).double().cpu(),
-        torch.cat(bin_parts).double().cpu(),
-        torch.cat(input_parts).double().cpu(),
-    )
+    whole = {k: r.so_far().cpu() for k, r in rows.items()}  # each example's energies in the pass's own dtype
+    noisy = noisy_of(whole["global_indices"]) if noisy_of is not None else torch.zeros(len(whole["global_indices"]), dtype=torch.bool)
+    return DatasetSpectrum(name, whole["global_indices"], whole["labels"], noisy, whole["band_energy"], whole["bin_energy"], whole["input_energy"])
 
 
 _PARTS = ("global_indices", "labels", "band_energy", "bin_energy", "input_energy")  # what a pass adds up, batch by batch
+
+
+class _Rows:
+    """One per-example result of a pass, batch after batch, in dataset order: written into one tensor of `size` rows
+    (its dtype, device and other dims those of the first batch), or, where the size is not known, kept per batch and
+    joined when asked for. Joining parts at the end held them twice (and their float64 copy besides, twice as large)."""
+
+    def __init__(self, size: int | None) -> None:
+        self.size, self.count = size, 0
+        self.whole: torch.Tensor | None = None
+        self.parts: list[torch.Tensor] = []
+
+    def add(self, rows: torch.Tensor) -> None:
+        if self.size is None:
+            self.parts.append(rows)
+        else:
+            if self.whole is None:
+                self.whole = rows.new_empty((self.size, *rows.shape[1:]))
+            self.whole[self.count : self.count + len(rows)] = rows
+        self.count += len(rows)
+
+    def so_far(self) -> torch.Tensor:
+        """The rows added so far, [count, ...] (a view of the whole, or the parts joined once)."""
+        if self.whole is not None:
+            return self.whole[: self.count]
+        if len(self.parts) > 1:
+            self.parts = [torch.cat(self.parts)]
+        return self.parts[0]
 
 
 def _as_tensors(ds: DatasetSpectrum) -> dict[str, torch.Tensor]:
@@ -427,7 +473,7 @@ class SpectrumReport:
         out = {}
         flat = self.flat_bands()[0]
         for ds in self.datasets:
-            total = ds.band_energy.sum(dim=(1, 2))
+            total = ds.band_energy.double().sum(dim=(1, 2))
             energy, share = ds.bottom_energy(), ds.bottom_share()
             score = energy if rank_by == "energy" else share
             k = 0 if flat else min(n, int((score > 0).sum()))
@@ -633,12 +679,13 @@ def spectrum(
 
 
 def _load_energies(path: Path, names: list[str]) -> list[DatasetSpectrum]:
-    """The per-example energies of a finished spectrum file (stored in float32, read as float64)."""
+    """The per-example energies of a finished spectrum file (stored in float32, read as that: sums over them are
+    taken in float64)."""
     tensors, _ = storage.load_tensors(path, storage.SPECTRUM_FORMAT)
     return [
         DatasetSpectrum(
             name, tensors[f"{name}.global_indices"], tensors[f"{name}.labels"], tensors[f"{name}.noisy"],
-            *(tensors[f"{name}.{k}"].double() for k in ("band_energy", "bin_energy", "input_energy")),
+            *(tensors[f"{name}.{k}"] for k in ("band_energy", "bin_energy", "input_energy")),
         )  # fmt: skip
         for name in names
     ]

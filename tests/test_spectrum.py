@@ -228,6 +228,67 @@ def test_shares_sum_to_one_and_groups_split_noisy_examples():
     torch.testing.assert_close(groups[1].share[0], ds.bottom_share()[:3].mean())
 
 
+def _summary_in_float64(ds, rows=None):
+    """The summaries as taken from every energy made float64 first (the way spectrum held them before): [8 tensors]."""
+    sel = slice(None) if rows is None else rows
+    band, bins, inp = (t[sel].double() for t in (ds.band_energy, ds.bin_energy, ds.input_energy))
+
+    def mean_share(x):
+        keep = x.sum(-1) > 0
+        x = x[keep]
+        total = x.sum(-1, keepdim=True)
+        return torch.where(total > 0, x / total.clamp_min(torch.finfo(x.dtype).tiny), torch.zeros_like(x)).mean(0)
+
+    return [
+        band.sum(0) / max(len(band), 1), mean_share(band.sum(1)), torch.stack([mean_share(band[:, k]) for k in range(band.shape[1])]),
+        mean_share(bins.sum(1)), mean_share(inp.sum(1)), torch.stack([mean_share(inp[:, k]) for k in range(inp.shape[1])]),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("without_energy", [False, True], ids=["all-with-energy", "some-without"])
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["float32", "float64"])
+def test_summaries_of_energies_kept_as_computed_are_those_of_their_float64_copy(monkeypatch, dtype, without_energy):
+    """spectrum keeps each example's energies in the dtype its pass computed them in (float32 for a float32 model, as
+    the file stores them), not a float64 copy of them all: every summary, taken from float64 copies of a few energies at
+    a time, equals bit for bit the one taken from all of them made float64 first, for a dataset, its noisy and clean
+    examples (with or without examples of no energy at all), and leaves the energies as they were."""
+    import influence_cli.band_energy as spectrum_module
+    from influence_cli.band_energy import DatasetSpectrum, summarize
+
+    monkeypatch.setattr(spectrum_module, "_SUM_ELEMENTS", 50)  # a few examples at a time
+    g = torch.Generator().manual_seed(0)
+    n, layers, bins = 301, 3, 7
+    energies = [torch.rand(n, layers, k, generator=g, dtype=F64).square().to(dtype) for k in (3, bins, 3)]
+    for e in energies if without_energy else []:
+        e[::17] = 0.0  # examples without energy, left out of the shares
+    noisy = torch.rand(n, generator=g) < 0.2
+    ds = DatasetSpectrum("d", torch.arange(n), torch.zeros(n, dtype=torch.int64), noisy, *energies)
+    kept = [e.clone() for e in energies]
+    for rows in (None, noisy, ~noisy):
+        got = summarize(ds, rows=rows)
+        want = _summary_in_float64(ds, rows)
+        fields = [got.energy, got.share, got.layer_share, got.bin_share, got.input_share, got.layer_input_share]
+        for name, a, b in zip(["energy", "share", "layer_share", "bin_share", "input_share", "layer_input_share"], fields, want, strict=True):
+            assert a.dtype == F64 and torch.equal(a, b), name
+    assert all(torch.equal(a, b) for a, b in zip(energies, kept, strict=True))
+
+
+def test_a_float32_models_energies_are_kept_in_float32():
+    """A float32 model: the pass's energies stay float32 (the file's own dtype), the same written into one tensor of the
+    examples' number as joined from the batches' when that number is not given."""
+    torch.manual_seed(0)
+    model = tiny_mlp().float()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(13, 5, generator=g), torch.randint(0, 3, (13,), generator=g)
+    tracked, factors = fit(model, x, y, strategy="ekfac", fisher="empirical", batch_size=4)
+    bands = {t.name: layer_bands(factors[t.name], order="ekfac", bottom=0.5, top=0.2, mass=False, bins=4) for t in tracked}
+    whole = dataset_spectrum(model, tracked, factors, bands, batches_of(x, y, 4)(0), bins=4, task_kind="classification", name="t", num_examples=13)
+    joined = dataset_spectrum(model, tracked, factors, bands, batches_of(x, y, 4)(0), bins=4, task_kind="classification", name="t")
+    for k in ("band_energy", "bin_energy", "input_energy"):
+        assert getattr(whole, k).dtype == torch.float32 and torch.equal(getattr(whole, k), getattr(joined, k)), k
+    assert torch.equal(whole.global_indices, torch.arange(13)) and torch.equal(whole.labels, y)
+
+
 # ----------------------------------------------------------------------------- edit: the projection is exact
 
 
