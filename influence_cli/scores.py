@@ -814,14 +814,20 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
     def kept_note() -> str:
         return f" ({kept} finished shard{'s' if kept > 1 else ''} kept)" if kept else ""
 
+    # the first range's saved results, read on every rank at once: a rank whose pieces are refused stops every rank,
+    # none left waiting in a later collective (only the first range continues the snapshot)
+    opened = agree(st, lambda: None if first is None else run.open_shard(first, snapshot))
     for shard, shard_path in mine:
         if (shard, shard_path) not in left:
             kept += 1  # finished by the interrupted run
             continue
         if kept and resumed_from is None:
             resumed_from = f"shard {shard.number}{kept_note()}"
-        if (where := run.score_shard(shard, shard_path, snapshot)) is not None:
+        results = opened if shard is first and opened is not None else run.open_shard(shard, None)
+        opened = None
+        if (where := run.score_shard(shard, shard_path, results)) is not None:
             resumed_from = where + kept_note()
+        del results  # let go before the next range's are made
     run.held.clear()  # no shard of this rank is left to score against them
     if kept and resumed_from is None:  # every shard of this rank was finished: only the index was missing
         resumed_from = f"the index{kept_note()}"
@@ -949,47 +955,53 @@ class _PairwisePass:
             self.held[q0, q1] = vq
         return vq
 
-    def score_shard(self, shard: ShardSpec, path: Path, snapshot: Snapshot | None) -> str | None:
-        """Scores one train range [n_query, shard length] and writes it to `path`; where it resumed from the
-        snapshot ("shard s, query chunk c/C, batch b"), or None."""
+    def open_shard(self, shard: ShardSpec, snapshot: Snapshot | None) -> _OpenShard:
+        """One train range's results, zeros, or where `snapshot` is of this range, those it saved (its pieces, or the
+        scores themselves in a snapshot of an earlier version) and where it stopped. The compute-scores run opens its
+        first range on every rank at once (`distributed.agree`): a rank whose pieces are refused stops every rank.
+
+        Raises:
+            OutputError: the snapshot's pieces refused (`_SavedPieces.read`).
+        """
         scorer, chunks = self.scorer, self.layout.query_chunks
-        ctx, cfg, train = scorer.ctx, scorer.cfg, scorer.train
-        n_q, n_members = len(self.queries), len(scorer.members)
-        width = shard.stop - shard.start
+        ctx, train = scorer.ctx, scorer.train
+        n_q, width = len(self.queries), shard.stop - shard.start
         block = torch.zeros(n_q, width, dtype=scorer.dtype, device=ctx.device)
         parts = None if scorer.by_layer is None else torch.zeros(len(scorer.by_layer), n_q, width, dtype=scorer.dtype, device=ctx.device)
-        norms = torch.zeros(n_members, width, dtype=scorer.dtype, device=ctx.device) if self.relative else None
+        norms = torch.zeros(len(scorer.members), width, dtype=scorer.dtype, device=ctx.device) if self.relative else None
         labels = _known_labels(train, shard.start, shard.stop, ctx.device)
-        collect = labels is None
-        start_chunk, start_batch, resumed_from = 0, 0, None
         pieces = _SavedPieces(self.checkpoint, shard.number, chunks, width, {"scores"} | ({"parts"} if parts is not None else set()))
-
-        def cut(q0: int, q1: int, c0: int, c1: int) -> dict[str, torch.Tensor]:
-            return {"scores": block[q0:q1, c0:c1]} | ({} if parts is None else {"parts": parts[:, q0:q1, c0:c1]})
-
-        def paste(q0: int, q1: int, c0: int, c1: int, tensors: dict[str, torch.Tensor]) -> None:
-            block[q0:q1, c0:c1] = tensors["scores"].to(block)
-            if parts is not None:
-                parts[:, q0:q1, c0:c1] = tensors["parts"].to(parts)
-
+        opened = _OpenShard(block, parts, norms, labels, labels is None, pieces)
         where = _snapshot_phase(snapshot, "scores:")
-        if where is not None and snapshot is not None and where[0] == shard.number:
-            start_chunk, start_batch = where[1], snapshot.batches_done
-            q0 = chunks[start_chunk][0]
-            done = min(width, start_batch * scorer.bs)
-            if "pieces" in snapshot.tensors:
-                pieces.read(int(snapshot.tensors["pieces"]), paste, (start_chunk, done))
-            else:  # a snapshot of an earlier version holds the scores themselves: the next save writes them all to pieces
-                block[:q0] = snapshot.tensors["rows_done"].to(block)
-                block[q0 : chunks[start_chunk][1], :done] = snapshot.tensors["current"].to(block)
-                if parts is not None:  # the settings include by_layer: a snapshot of this run holds them
-                    parts[:, :q0] = snapshot.tensors["parts_done"].to(parts)
-                    parts[:, q0 : chunks[start_chunk][1], :done] = snapshot.tensors["parts_current"].to(parts)
-            if norms is not None:
-                norms.copy_(snapshot.tensors["norms"])
-            if collect and "labels" in snapshot.tensors:
-                labels = snapshot.tensors["labels"].to(ctx.device)
-            resumed_from = f"shard {shard.number}, query chunk {start_chunk + 1}/{len(chunks)}, batch {start_batch}"
+        if where is None or snapshot is None or where[0] != shard.number:
+            return opened
+        start_chunk, start_batch = where[1], snapshot.batches_done
+        q0 = chunks[start_chunk][0]
+        done = min(width, start_batch * scorer.bs)
+        if "pieces" in snapshot.tensors:
+            opened.pieces.read(int(snapshot.tensors["pieces"]), opened.paste, (start_chunk, done))
+        else:  # a snapshot of an earlier version holds the scores themselves: the next save writes them all to pieces
+            block[:q0] = snapshot.tensors["rows_done"].to(block)
+            block[q0 : chunks[start_chunk][1], :done] = snapshot.tensors["current"].to(block)
+            if parts is not None:  # the settings include by_layer: a snapshot of this run holds them
+                parts[:, :q0] = snapshot.tensors["parts_done"].to(parts)
+                parts[:, q0 : chunks[start_chunk][1], :done] = snapshot.tensors["parts_current"].to(parts)
+        if norms is not None:
+            norms.copy_(snapshot.tensors["norms"])
+        if opened.collect and "labels" in snapshot.tensors:
+            opened.labels = snapshot.tensors["labels"].to(ctx.device)
+        opened.start_chunk, opened.start_batch = start_chunk, start_batch
+        opened.resumed_from = f"shard {shard.number}, query chunk {start_chunk + 1}/{len(chunks)}, batch {start_batch}"
+        return opened
+
+    def score_shard(self, shard: ShardSpec, path: Path, opened: _OpenShard) -> str | None:
+        """Scores one train range [n_query, shard length] from where `opened` (`open_shard`) stopped and writes it to
+        `path`; where it resumed from ("shard s, query chunk c/C, batch b"), or None."""
+        scorer, chunks = self.scorer, self.layout.query_chunks
+        cfg, train = scorer.cfg, scorer.train
+        n_members, width = len(scorer.members), shard.stop - shard.start
+        block, parts, norms, labels, pieces = opened.block, opened.parts, opened.norms, opened.labels, opened.pieces
+        collect, start_chunk, start_batch = opened.collect, opened.start_chunk, opened.start_batch
         for ci in range(start_chunk, len(chunks)):
             q0, q1 = chunks[ci]
             vq = self.chunk_queries(q0, q1)
@@ -1016,7 +1028,7 @@ class _PairwisePass:
                 self.scored += n
                 if self.checkpoint.due(self.steps):
                     self.watch.check("scoring")
-                    pieces.write(cut, (ci, c0 + n))  # the scores since the last save, each written once
+                    pieces.write(opened.cut, (ci, c0 + n))  # the scores since the last save, each written once
                     state_tensors = {"pieces": torch.tensor(pieces.count)}
                     if collect and labels is not None:
                         state_tensors["labels"] = labels
@@ -1047,7 +1059,32 @@ class _PairwisePass:
         storage.save_tensors(path, tensors, shard_meta)
         pieces.remove()  # the shard's file holds them (a snapshot still counting them is of a finished shard: not resumed)
         self.seconds["write"] += time.perf_counter() - tw
-        return resumed_from
+        return opened.resumed_from
+
+
+@dataclass
+class _OpenShard:
+    """A train range's results as its pass holds them (`_PairwisePass.open_shard`): the scores [n_query, width], their
+    per-layer parts [L, n_query, width], the RelatIF norms [M, width], the labels (None while collected from the
+    batches), the pieces saved, and where the pass continues (query chunk, batch)."""
+
+    block: torch.Tensor
+    parts: torch.Tensor | None
+    norms: torch.Tensor | None
+    labels: torch.Tensor | None
+    collect: bool
+    pieces: _SavedPieces
+    start_chunk: int = 0
+    start_batch: int = 0
+    resumed_from: str | None = None  # "shard s, query chunk c/C, batch b" where it continues a snapshot
+
+    def cut(self, q0: int, q1: int, c0: int, c1: int) -> dict[str, torch.Tensor]:
+        return {"scores": self.block[q0:q1, c0:c1]} | ({} if self.parts is None else {"parts": self.parts[:, q0:q1, c0:c1]})
+
+    def paste(self, q0: int, q1: int, c0: int, c1: int, tensors: dict[str, torch.Tensor]) -> None:
+        self.block[q0:q1, c0:c1] = tensors["scores"].to(self.block)
+        if self.parts is not None:
+            self.parts[:, q0:q1, c0:c1] = tensors["parts"].to(self.parts)
 
 
 _Cut = Callable[[int, int, int, int], dict[str, torch.Tensor]]  # (q0, q1, c0, c1) → the results of those rows and columns

@@ -597,6 +597,71 @@ def test_two_processes_resume_self_influence_bit_for_bit(project, tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
+def _refused_rank_main(rank: int, world: int, port: int, config: str, out: str, stop_after: int) -> None:
+    """One rank of pairwise compute-scores, as under torchrun: stopped (Ctrl-C) after `stop_after` of its batches
+    when > 0, else resumed, its error (type and message) written to <out>/rank<rank>.json; collectives time out
+    after 60 s, so a rank left waiting fails rather than hangs."""
+    from datetime import timedelta
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    try:
+        from stopping import interrupt_after
+
+        from influence_cli.config import load_config
+        from influence_cli.distributed import DistState
+        from influence_cli.errors import InfluenceError
+        from influence_cli.scores import compute_scores
+
+        cfg, st = load_config(config, [f"output_dir={out}"]), DistState(rank=rank, world_size=world)
+        if stop_after:
+            with pytest.MonkeyPatch.context() as m, pytest.raises(KeyboardInterrupt):  # both ranks stop at the same batch
+                interrupt_after(m, "pairwise", stop_after)
+                compute_scores(cfg, state=st)
+            return
+        said = None
+        try:
+            compute_scores(cfg, state=st, resume=True)
+        except InfluenceError as exc:
+            said = (type(exc).__name__, exc.message)
+        Path(out, f"rank{rank}.json").write_text(json.dumps(said))
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn_within(fn, args: tuple, seconds: float) -> None:
+    """Two ranks of `fn`, failed (killed) when they have not both ended within `seconds`."""
+    import time
+
+    ranks = mp.spawn(fn, args=args, nprocs=2, join=False)
+    deadline = time.monotonic() + seconds
+    while not ranks.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail(f"the ranks did not end within {seconds:g} s: one waits for the other in a collective")
+
+
+@pytest.mark.distributed
+def test_a_rank_whose_score_pieces_are_refused_stops_every_rank(project, tmp_path):
+    """Pairwise progress resumed under torchrun where one rank's saved score pieces do not tile its scores (a piece
+    that repeats another's): that rank stops naming its piece, and the other stops with it, saying which rank stopped
+    and why, where it scored on and then waited for it in a collective."""
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(project.parent / "out" / storage.FACTORS_FILE, out / storage.FACTORS_FILE)
+    mp.spawn(_refused_rank_main, args=(2, _free_port(), str(project), str(out), 2), nprocs=2)
+    first, second = (out / f"scores.partial.rank1.finished{i}.safetensors" for i in (0, 1))
+    assert second.exists() and (out / "scores.partial.rank0.finished1.safetensors").exists()
+    shutil.copy(first, second)  # rank 1's second piece repeats its first
+    _spawn_within(_refused_rank_main, (2, _free_port(), str(project), str(out), 0), 90)
+    said = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert said[1][0] == "OutputError" and "scores.partial.rank1.finished1.safetensors' holds the scores of query chunk 1, columns 0..8" in said[1][1]
+    assert said[0] == ["DistributedError", f"rank 1 stopped: {said[1][1]}"]
+    assert not list(out.glob("scores*.safetensors")) or all("partial" in p.name for p in out.glob("scores*.safetensors"))  # no rank wrote scores
+
+
 def _counted_rank_main(rank: int, world: int, port: int, config: str, out: str, extra: list[str], keep: bool) -> None:
     """One rank's pairwise scores, each query pass's positions [q0, q1) written to <out>.passes<rank>.json; without
     `keep`, the layout never keeps the query chunks (each shard computes them again)."""
