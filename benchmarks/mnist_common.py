@@ -29,6 +29,12 @@ def mnist_spec(start: int, stop: int, **extra):
     )
 
 
+def idx_overrides(*keys: str) -> list[str]:
+    """`--set` overrides pointing a config's IDX data specs (e.g. `data.train`) at IMAGES and LABELS, so a
+    shipped config reads the files found here (INFLUENCE_MNIST_DIR) rather than its own relative paths."""
+    return [f"{key}.{part}={path}" for key in keys for part, path in (("images", IMAGES), ("labels", LABELS))]
+
+
 def load_mnist(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Images [n, 784] in [0, 1] and labels [n] of MNIST test-split examples [start, stop)."""
     from influence_cli.data import load_dataset, make_loader
