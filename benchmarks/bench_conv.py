@@ -1,6 +1,6 @@
 """EKFAC on a convolutional network: a torchvision ResNet-18 at 32 × 32, against one training epoch and Kronfluence.
 
-    python benchmarks/bench_conv.py [--train 1024] [--queries 8] [--repeats 2] [--skip-kronfluence] [--inputs mnist|random] [--size 32]
+    python benchmarks/bench_conv.py [--train 1024] [--queries 8] [--repeats 2] [--skip-kronfluence] [--inputs mnist|random] [--size 32] [--arch resnet18|cnn]
     .venv-bench/bin/python benchmarks/bench_conv.py          # with Kronfluence 1.0.x (`make bench-install`)
 
 Real MNIST digits (../shared/data/mnist, test split) padded to 32 × 32 and repeated to 3
@@ -10,6 +10,8 @@ parameters; the positions per example fall from 256 (conv1) to 64, 16, 4 and 1 (
 the late, wide layers have few positions: the case the position-pair route of squares.py is for.
 
 `--size 64` resizes the digits to 64 × 64 (layer4 then sees 2 × 2 maps, and Kronfluence fits).
+`--arch cnn` puts the built-in `cnn` (3 input channels, channels 8 and 16) in the ResNet's place: a
+quick run of the script itself (ResNet-18's float64 eigendecompositions alone take about 15 s).
 
 Reports, median of `--repeats` after a warm-up, per phase: influence_cli's fit-factors (both
 passes and the float64 eigendecompositions) and compute-scores, Kronfluence's fit_all_factors
@@ -39,7 +41,10 @@ from influence_cli.scores import compute_scores
 from influence_cli.storage import SCORES_FILE, load_tensors, save_tensors
 
 BATCH = 64
-ARCH = "torchvision:resnet18"
+ARCHITECTURES = {  # --arch: the model's config entry
+    "resnet18": {"architecture": "torchvision:resnet18", "kwargs": {"num_classes": 10}},
+    "cnn": {"architecture": "cnn", "kwargs": {"in_channels": 3, "channels": [8, 16], "num_classes": 10}},
+}
 
 
 def digits_32(start: int, stop: int, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,10 +71,13 @@ def train_one_epoch(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) ->
     return time.perf_counter() - t0
 
 
-def make_config(tmp: Path, n_train: int, n_query: int, device: str = "cpu") -> dict:
+def make_config(tmp: Path, n_train: int, n_query: int, device: str = "cpu", arch: str = "resnet18", size: int = 32) -> dict:
     data = str(tmp / "data.safetensors")
+    model = ARCHITECTURES[arch] | {"checkpoint": str(tmp / "model.safetensors")}
+    if arch == "cnn":
+        model["kwargs"] = model["kwargs"] | {"image_size": size}
     return {
-        "model": {"architecture": ARCH, "kwargs": {"num_classes": 10}, "checkpoint": str(tmp / "model.safetensors")},
+        "model": model,
         "data": {
             "train": {"source": "tensors", "path": data, "range": [0, n_train]},
             "query": {"source": "tensors", "path": data, "range": [n_train, n_train + n_query]},
@@ -92,6 +100,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=32, help="image side (64: layer4 sees 2 × 2 maps)")
     parser.add_argument("--inputs", choices=("mnist", "random"), default="mnist",
                         help="random: Gaussian images with MNIST's labels (no always-zero inputs, for A/B runs of older versions)")
+    parser.add_argument("--arch", choices=tuple(ARCHITECTURES), default="resnet18", help="cnn: a small built-in CNN instead (a quick run)")
     args = parser.parse_args()
     if not IMAGES.exists():
         raise SystemExit(f"MNIST not found at {IMAGES}")
@@ -108,8 +117,11 @@ def main() -> None:
 
     import torchvision
 
+    from influence_cli.models import cnn
+
+    spec = make_config(tmp, args.train, args.queries, args.device, args.arch, args.size)["model"]
     torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=10)
+    model = torchvision.models.resnet18(num_classes=10) if args.arch == "resnet18" else cnn(**spec["kwargs"])
     device = torch.device(args.device)
     xt, yt = x[: args.train].to(device), y[: args.train].to(device)
     import copy  # a throw-away epoch on a copy first, as every phase below is timed after a warm-up round
@@ -120,7 +132,7 @@ def main() -> None:
     save_tensors(tmp / "model.safetensors", {k: v.contiguous() for k, v in model.state_dict().items()}, {})
     with torch.no_grad():
         accuracy = float((model(x[args.train :]).argmax(1) == y[args.train :]).float().mean())
-    cfg = config_from_dict(make_config(tmp, args.train, args.queries, args.device), base_dir=tmp)
+    cfg = config_from_dict(make_config(tmp, args.train, args.queries, args.device, args.arch, args.size), base_dir=tmp)
 
     ctx = prepare(cfg)
     dataset = ctx.dataset(cfg.data.train, "data.train")
@@ -159,7 +171,9 @@ def main() -> None:
     ours = load_tensors(tmp / "run" / SCORES_FILE)[0]["scores"]
 
     print(header())
-    print(f"\nResNet-18 (11.2M parameters, 21 tracked layers), {args.train:,} training images at {args.size}×{args.size}, {args.queries} queries, "
+    name = "ResNet-18" if args.arch == "resnet18" else f"cnn {spec['kwargs']['channels']}"
+    params = sum(p.numel() for p in model.parameters())
+    print(f"\n{name} ({params / 1e6:.1f}M parameters, {len(ctx.tracked)} tracked layers), {args.train:,} training images at {args.size}×{args.size}, {args.queries} queries, "
           f"batch {BATCH}, empirical Fisher, `auto` damping; one epoch of training: {epoch:.2f} s (query accuracy {accuracy:.2f})\n")
     print("| phase | median s | per example (ms) | / one training epoch |")
     print("|---|---:|---:|---:|")
