@@ -1,6 +1,6 @@
 """Memorization in the curvature spectrum, on real MNIST (configs/mnist_memorization.yaml).
 
-    python benchmarks/memorization.py [--epochs 40] [--out-dir runs/memorization]
+    python benchmarks/memorization.py [--epochs 40] [--out-dir runs/memorization] [--train 6000]
 
 1. Trains the config's MLP on data.train (MNIST images 0..6000, 5% random wrong labels from
    label_noise) until the random labels are memorized, and saves model.checkpoint.
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from mnist_common import IMAGES, LABELS, ROOT, header
+from mnist_common import IMAGES, ROOT, header, idx_overrides
 
 from influence_cli.band_energy import spectrum
 from influence_cli.config import load_config
@@ -60,11 +60,11 @@ def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def run(seed: int, epochs: int, weight_decay: float, out_dir: Path | None) -> dict:
+def run(seed: int, epochs: int, weight_decay: float, out_dir: Path | None, n_train: int | None = None) -> dict:
     """Train, fit, measure and edit for one seed (label noise and data order); returns every number."""
-    overrides = ["device=cpu", f"seed={seed}"]
-    for spec in ("data.train", "spectrum.datasets.train", "spectrum.datasets.heldout"):  # the MNIST files mnist_common found
-        overrides += [f"{spec}.images={IMAGES}", f"{spec}.labels={LABELS}"]
+    overrides = ["device=cpu", f"seed={seed}", *idx_overrides("data.train", "spectrum.datasets.train", "spectrum.datasets.heldout")]
+    if n_train is not None:  # images [0, n_train) instead of the config's 6,000
+        overrides += [f"{spec}.range=[0, {n_train}]" for spec in ("data.train", "spectrum.datasets.train")]
     if out_dir is not None:
         out = out_dir.resolve()
         overrides += [f"output_dir={out}", f"model.checkpoint={out / 'model.safetensors'}"]
@@ -187,13 +187,14 @@ def main() -> None:
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the label noise and data order")
     parser.add_argument("--out-dir", type=Path, default=None, help="output_dir (default: the config's, runs/memorization)")
+    parser.add_argument("--train", type=int, default=None, help="train on images [0, N) (default: the config's 0..6000; fewer for a quick run)")
     args = parser.parse_args()
     if not IMAGES.exists():
         raise SystemExit(f"MNIST not found at {IMAGES} (set INFLUENCE_MNIST_DIR)")
     torch.manual_seed(0)
     t0 = time.perf_counter()
     # the last seed run is the first one, so the checkpoint and factors left on disk are seed seeds[0]'s
-    results = {seed: run(seed, args.epochs, args.weight_decay, args.out_dir) for seed in [*args.seeds[1:], args.seeds[0]]}
+    results = {seed: run(seed, args.epochs, args.weight_decay, args.out_dir, args.train) for seed in [*args.seeds[1:], args.seeds[0]]}
     print(header())
     print()
     print_details(results[args.seeds[0]], args.epochs, args.weight_decay)
