@@ -7,7 +7,8 @@ influence_cli's float32 passes turn it off for the model's forward and backward
 (`passes.ieee_float32`). For each config this runs fit-factors and compute-scores on the CPU, on
 CUDA as shipped, and on CUDA with TF32 left on for cuDNN and cuBLAS, and prints each GPU run's
 largest score difference from the CPU (relative to the largest |score|), the Pearson correlation,
-and the share of each query's top 10 proponents that the GPU run keeps. Needs a CUDA GPU.
+and the share of each query's top 10 proponents that the GPU run keeps. Needs a CUDA GPU
+(`--device cpu --configs configs/digits.yaml` is a dry run of the script itself, the "GPU" runs on the CPU).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def run(config: Path, out: Path, device: str) -> tuple[torch.Tensor, float]:
     t0 = time.perf_counter()
     fit_factors(cfg, overwrite=True)
     compute_scores(cfg, overwrite=True)
-    if device == "cuda":
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     return load_tensors(out / SCORES_FILE)[0]["scores"].double(), seconds
@@ -65,10 +66,12 @@ def top_overlap(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=["configs/digits.yaml", "configs/digits_cnn.yaml"])
+    parser.add_argument("--device", default="cuda", help="the GPU runs' device (cpu: a dry run of the script)")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    gpu = args.device
+    if gpu != "cpu" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device visible")
-    print(header() + f"  gpu: {torch.cuda.get_device_name()}\n")
+    print(header() + f"  gpu: {torch.cuda.get_device_name() if gpu != 'cpu' else 'none (dry run)'}\n")
     print("| config | GPU run | max |Δ| / max |score| | Pearson with CPU | top-10 kept | fit + scores (s) |")
     print("|---|---|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory(prefix="tf32_gap_") as tmp:
@@ -76,16 +79,16 @@ def main() -> None:
             path = ROOT / config
             cpu, cpu_s = run(path, Path(tmp) / "cpu", "cpu")
             print(f"| {config} | (cpu) | | | | {cpu_s:.2f} |")
-            run(path, Path(tmp) / "warm", "cuda")  # CUDA start-up and cuDNN's choice of kernels, untimed
+            run(path, Path(tmp) / "warm", gpu)  # CUDA start-up and cuDNN's choice of kernels, untimed
             shipped = passes.ieee_float32
             for name, guard in (("float32 (TF32 off, as shipped)", shipped), ("TF32 on", tf32_on)):
                 passes.ieee_float32 = guard
                 try:
-                    gpu, secs = run(path, Path(tmp) / "gpu", "cuda")
+                    scores, secs = run(path, Path(tmp) / "gpu", gpu)
                 finally:
                     passes.ieee_float32 = shipped
-                gap = float((gpu - cpu).abs().max()) / float(cpu.abs().max())
-                print(f"| {config} | {name} | {gap:.1e} | {pearson(gpu, cpu):.6f} | {top_overlap(gpu, cpu):.2f} | {secs:.2f} |")
+                gap = float((scores - cpu).abs().max()) / float(cpu.abs().max())
+                print(f"| {config} | {name} | {gap:.1e} | {pearson(scores, cpu):.6f} | {top_overlap(scores, cpu):.2f} | {secs:.2f} |")
 
 
 if __name__ == "__main__":
