@@ -4,6 +4,7 @@
     python benchmarks/bench_scoring_buffer.py study DIR --before TREE [--rounds 2] [--only before,default]
     python benchmarks/bench_scoring_buffer.py kernel [--repeats 7]  # conv2's scoring alone, in process
     python benchmarks/bench_scoring_buffer.py whole [--batch 100] [--repeats 7]  # a batch within the bound: whole or 64 + rest
+    (`kernel` and `whole` take `--shape T,D_IN,D_OUT`, conv2's 196,1153,256 by default; `--shape 4,9,8` is a quick try)
 
 A layer with positions is scored by forming its per-example gradients [b, P] and multiplying them
 by the stored preconditioned queries [Q, P] (kernel.py, `_positions_scores`), b examples at a time:
@@ -170,7 +171,10 @@ def study(folder: Path, before: Path, rounds: int, only: list[str] | None) -> No
                 print(f"| {workload} | {n_query} | {variant} | {' | '.join(cols)} | {', '.join(sorted({x['scores'] for x in rows}))} |")
 
 
-def kernel_times(repeats: int) -> None:
+CONV2 = (196, 1153, 256)  # the 128/256-channel CNN's conv2: positions, inputs (3 × 3 × 128 + 1), outputs
+
+
+def kernel_times(repeats: int, shape: tuple[int, int, int] = CONV2) -> None:
     import statistics
     import time
 
@@ -180,8 +184,9 @@ def kernel_times(repeats: int) -> None:
     import influence_cli.kernel as kernel
 
     torch.manual_seed(0)
-    a, g = torch.randn(256, 196, 1153), torch.randn(256, 196, 256)
-    p = 256 * 1153
+    positions, d_in, d_out = shape
+    a, g = torch.randn(256, positions, d_in), torch.randn(256, positions, d_out)
+    p = d_out * d_in
     variants = [(size, kept) for size in [*SIZES, "default"] for kept in (True, False)]
     default = kernel.GRADIENT_ELEMENTS, kernel._CHUNK_EXAMPLES
     widths = (14, 16, 28, 32, 56, 64, 128, 256)
@@ -204,7 +209,7 @@ def kernel_times(repeats: int) -> None:
                 out, spent = torch.zeros(n_query, 256), [0.0, 0.0]
                 for b0 in range(0, 256, b):
                     n = min(b, 256 - b0)
-                    grad = buf[: n * p].view(n, 256, 1153)
+                    grad = buf[: n * p].view(n, d_out, d_in)
                     start = time.perf_counter()
                     torch.bmm(g[b0 : b0 + n].transpose(1, 2), a[b0 : b0 + n], out=grad)
                     middle = time.perf_counter()
@@ -231,7 +236,7 @@ def kernel_times(repeats: int) -> None:
         print(f"| {b} | {' | '.join(cells)} |")
 
 
-def whole_batch(batch: int, repeats: int) -> None:
+def whole_batch(batch: int, repeats: int, shape: tuple[int, int, int] = CONV2) -> None:
     import statistics
     import time
 
@@ -241,8 +246,9 @@ def whole_batch(batch: int, repeats: int) -> None:
     import influence_cli.kernel as kernel
 
     torch.manual_seed(0)
-    a, g = torch.randn(batch, 196, 1153), torch.randn(batch, 196, 256)
-    p = 256 * 1153
+    positions, d_in, d_out = shape
+    a, g = torch.randn(batch, positions, d_in), torch.randn(batch, positions, d_out)
+    p = d_out * d_in
     now = kernel._Positions.chunk
 
     def cut(self: kernel._Positions) -> int:  # the rule as first committed: multiples of 64 even when the batch fits
@@ -277,10 +283,18 @@ def main() -> None:
     p.add_argument("--before", type=Path, required=True, help="a checkout of the code to compare with (git worktree add DIR HEAD~1)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--only", help="the variants to run, comma-separated (default: all): before,default")
-    sub.add_parser("kernel").add_argument("--repeats", type=int, default=7)
+    def shape(text: str) -> tuple[int, int, int]:
+        positions, d_in, d_out = (int(v) for v in text.split(","))
+        return positions, d_in, d_out
+
+    shape_help = "the layer: positions, inputs, outputs (default: conv2's 196,1153,256)"
+    p = sub.add_parser("kernel")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--shape", type=shape, default=CONV2, help=shape_help)
     p = sub.add_parser("whole")
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--shape", type=shape, default=CONV2, help=shape_help)
     p = sub.add_parser("cli")
     p.add_argument("elements", type=int)
     p.add_argument("--fresh", action="store_true")
@@ -291,9 +305,9 @@ def main() -> None:
     elif a.command == "study":
         study(a.folder, a.before, a.rounds, a.only.split(",") if a.only else None)
     elif a.command == "kernel":
-        kernel_times(a.repeats)
+        kernel_times(a.repeats, a.shape)
     elif a.command == "whole":
-        whole_batch(a.batch, a.repeats)
+        whole_batch(a.batch, a.repeats, a.shape)
     else:
         cli(a.elements, a.fresh, a.args)
 
