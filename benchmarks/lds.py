@@ -1,6 +1,7 @@
 """The linear datamodeling score (LDS) of influence_cli (and Kronfluence) on real MNIST.
 
     .venv-bench/bin/python benchmarks/lds.py [--subsets 100] [--retrain-seeds 3] [--jobs 2] [--skip-kronfluence] [--arch mlp|cnn]
+                                              [--train 5000] [--queries 100] [--out benchmarks/results/lds]
 
 Setup (Park et al. 2023, TRAK; the LDS of Bae et al. 2024): an MLP 784-128-128-10 trained
 with the benchmarks' seeded recipe (10 epochs, Adam 1e-3, batch 64, seed 0) on MNIST
@@ -28,6 +29,9 @@ against the single model.
 `--arch cnn` runs the same protocol with a small CNN (conv 8 and 16 channels, 3×3, max-pooling,
 then a 64-unit linear layer and the head; the same recipe) on [1, 28, 28] images, cached in
 benchmarks/results/lds_cnn/, so that the damping and Fisher choices are checked on conv layers too.
+
+`--train`, `--queries` and `--out` (where the models, the ground truth and the runs are kept) make a
+quick run of the script, e.g. `--train 200 --queries 5 --subsets 4 --retrain-seeds 1 --skip-ensemble --out /tmp/lds`.
 """
 
 from __future__ import annotations
@@ -77,9 +81,9 @@ def margins(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
 _DATA: dict[str, torch.Tensor] = {}
 
 
-def _init_worker(arch: str) -> None:
-    global ARCH
-    ARCH = arch
+def _init_worker(arch: str, n_train: int, queries: tuple[int, int]) -> None:
+    global ARCH, N_TRAIN, QUERIES
+    ARCH, N_TRAIN, QUERIES = arch, n_train, queries
     torch.set_num_threads(1)
     x, y = load_mnist(0, N_TRAIN)
     xq, yq = load_mnist(*QUERIES)
@@ -110,7 +114,7 @@ def ground_truth(n_subsets: int, jobs: int, retrain_seeds: int = 1, seed: int = 
     t0 = time.perf_counter()
     if todo:
         ctx = torch.multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=jobs, initializer=_init_worker, initargs=(ARCH,), mp_context=ctx) as pool:
+        with ProcessPoolExecutor(max_workers=jobs, initializer=_init_worker, initargs=(ARCH, N_TRAIN, QUERIES), mp_context=ctx) as pool:
             new = list(pool.map(_retrain, [(masks[k].nonzero().flatten().tolist(), r) for k, r in todo]))
         for r in range(retrain_seeds):
             extra = [m for (k, rr), m in zip(todo, new, strict=True) if rr == r]
@@ -222,6 +226,7 @@ def kronfluence_scores() -> dict[str, torch.Tensor]:
 
 
 def main() -> None:
+    global ARCH, OUT, N_TRAIN, QUERIES
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--subsets", type=int, default=100, help="Random half subsets retrained (>= 50).")
     parser.add_argument("--retrain-seeds", type=int, default=3, help="Trainings per subset (seeds 0, 1, ...) whose margins are averaged.")
@@ -229,9 +234,12 @@ def main() -> None:
     parser.add_argument("--skip-kronfluence", action="store_true")
     parser.add_argument("--skip-ensemble", action="store_true")
     parser.add_argument("--arch", choices=("mlp", "cnn"), default="mlp", help="The model: the MLP (default) or the small CNN.")
+    parser.add_argument("--train", type=int, default=N_TRAIN, help="Training images [0, N).")
+    parser.add_argument("--queries", type=int, default=QUERIES[1] - QUERIES[0], help="Queries: images 9000 on.")
+    parser.add_argument("--out", type=Path, default=None, help="Folder of the models, ground truth and runs (default: benchmarks/results/lds[_<arch>]).")
     args = parser.parse_args()
-    global ARCH, OUT
-    ARCH, OUT = args.arch, RESULTS / ("lds" if args.arch == "mlp" else f"lds_{args.arch}")
+    ARCH, N_TRAIN, QUERIES = args.arch, args.train, (QUERIES[0], QUERIES[0] + args.queries)
+    OUT = args.out or RESULTS / ("lds" if args.arch == "mlp" else f"lds_{args.arch}")
     if not IMAGES.exists():
         raise SystemExit(f"MNIST not found at {IMAGES} (set INFLUENCE_MNIST_DIR)")
     missing = "--skip-kronfluence was given" if args.skip_kronfluence else kronfluence_missing()
