@@ -2,6 +2,7 @@
 
     make bench-install          # once: .venv-bench with kronfluence (a benchmark-only extra)
     .venv-bench/bin/python benchmarks/compare_kronfluence.py [--repeats 2] [--skip-speed] [--skip-processes]
+                                                             [--fidelity 5000x100] [--speed 9000x1000] [--out DIR]
 
 MLP 784-128-128-10 trained here (seed 0, 10 epochs, Adam 1e-3, batch 64) on real MNIST
 (../shared/data/mnist, test split). Every run is its own process, tools alternating back to
@@ -21,7 +22,9 @@ back (influence_cli, Kronfluence, influence_cli, ...), so peak memory is per run
    start-up included; against one plain training epoch and the GEMM floor
    2 · n_query · n_train · n_params at the machine's measured fp32 GEMM rate.
 
-Without kronfluence installed, the Kronfluence half is skipped with a message.
+Without kronfluence installed, the Kronfluence half is skipped with a message. `--fidelity` and
+`--speed` (training × queries) and `--out` (default benchmarks/results/compare) make a quick run of the
+script, e.g. `--fidelity 300x10 --speed 300x10 --repeats 1 --out /tmp/compare`.
 """
 
 from __future__ import annotations
@@ -39,9 +42,9 @@ from field_common import RESULTS, Timer, idx_spec, peak_rss_mb, pearson, rowwise
 from kronfluence_task import kronfluence_missing
 from mnist_common import IMAGES, MLP_KWARGS, ROOT, header, load_mnist
 
-OUT = RESULTS / "compare"
-FIDELITY = {"train": (0, 5000), "query": (9000, 9100)}
-SPEED = {"train": (0, 9000), "query": (9000, 10000)}
+OUT = RESULTS / "compare"  # --out
+FIDELITY = {"train": (0, 5000), "query": (9000, 9100)}  # --fidelity
+SPEED = {"train": (0, 9000), "query": (9000, 10000)}  # --speed
 BATCH = 256
 FIXED_DAMPING = 1e-3  # absolute λ for the like-for-like comparison (between the layers' 0.1 × mean(Λ), see the table)
 
@@ -198,9 +201,9 @@ def whole_processes(model: Path, repeats: int, with_kf: bool, amp: str = "none")
 
     folder = OUT / ("processes" if amp == "none" else f"processes_{amp}")
     folder.mkdir(parents=True, exist_ok=True)
-    config = folder / "mnist_9000x1000.yaml"
+    config = folder / f"mnist_{_size(SPEED)}.yaml"
     config.write_text(yaml.safe_dump(our_config(folder / "influence_cli", model, SPEED, "sampled", "auto", amp=amp)))
-    script = folder / "kronfluence_9000x1000.py"
+    script = folder / f"kronfluence_{_size(SPEED)}.py"
     script.write_text(
         KRONFLUENCE_SCRIPT.format(
             bench=str(ROOT / "benchmarks"), model=str(model), out=str(folder / "kronfluence"), bs=BATCH,
@@ -219,6 +222,21 @@ def whole_processes(model: Path, repeats: int, with_kf: bool, amp: str = "none")
         if with_kf:
             times["kronfluence"].append(whole_process_seconds([sys.executable, str(script)], env))
     return times
+
+
+def workload(text: str) -> dict:
+    """`NxQ`: training images [0, N), queries images [9000, 9000 + Q)."""
+    n, q = (int(v) for v in text.lower().split("x"))
+    return {"train": (0, n), "query": (9000, 9000 + q)}
+
+
+def _size(w: dict) -> str:
+    return f"{w['train'][1] - w['train'][0]}x{w['query'][1] - w['query'][0]}"
+
+
+def _sizes(w: dict, short: bool = False) -> str:
+    n, q = w["train"][1] - w["train"][0], w["query"][1] - w["query"][0]
+    return f"{n:,} × {q:,}" if short else f"{n:,} training × {q:,} queries"
 
 
 # ----------------------------------------------------------------------------- the machine's GEMM rate
@@ -289,6 +307,7 @@ def low_precision_section(args, tools: list[str], spec, best32: dict, n_train: i
 
 
 def main() -> None:
+    global OUT, FIDELITY, SPEED
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=2, help="Runs of each tool per setting (back to back, alternating).")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -296,8 +315,12 @@ def main() -> None:
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-processes", action="store_true")
     parser.add_argument("--amp", default="none", help="Also time both tools in bf16 (bfloat16): factors.amp vs Kronfluence's smart low precision.")
+    parser.add_argument("--fidelity", type=workload, default=FIDELITY, metavar="NxQ", help="The fidelity workload (default 5000x100).")
+    parser.add_argument("--speed", type=workload, default=SPEED, metavar="NxQ", help="The speed and whole-process workload (default 9000x1000).")
+    parser.add_argument("--out", type=Path, default=OUT, help="Folder of the models, runs and scores (default: benchmarks/results/compare).")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    OUT, FIDELITY, SPEED = args.out, args.fidelity, args.speed
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
@@ -309,9 +332,10 @@ def main() -> None:
     tools = ["influence_cli"] + ([] if missing else ["kronfluence"])
     OUT.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    model_small, acc_small = trained_checkpoint(OUT / "mlp_5000.safetensors", 5000)
-    model_large, acc_large = trained_checkpoint(OUT / "mlp_9000.safetensors", 9000)
-    results: dict = {"threads": args.threads, "accuracy": {"5000": acc_small, "9000": acc_large}}
+    n_small, n_large = FIDELITY["train"][1], SPEED["train"][1]
+    model_small, acc_small = trained_checkpoint(OUT / f"mlp_{n_small}.safetensors", n_small)
+    model_large, acc_large = trained_checkpoint(OUT / f"mlp_{n_large}.safetensors", n_large)
+    results: dict = {"threads": args.threads, "accuracy": {str(n_small): acc_small, str(n_large): acc_large}}
     lines = [header(), ""]
     if not missing:
         from kronfluence_task import kronfluence_version
@@ -328,7 +352,7 @@ def main() -> None:
 
     if not args.skip_fidelity:
         lines += [
-            f"### Fidelity: 5,000 training × 100 queries (MLP test accuracy {acc_small:.3f})",
+            f"### Fidelity: {_sizes(FIDELITY)} (MLP test accuracy {acc_small:.3f})",
             "",
             "| Fisher | damping | tool | fit (runs) | scores (runs) | peak RSS | Pearson vs influence_cli | Spearman vs influence_cli |",
             "|---|---|---|---:|---:|---:|---:|---:|",
@@ -369,7 +393,7 @@ def main() -> None:
         lines += [
             "",
             f"Per query, against the float64 scores of the same factors (empirical Fisher, λ = {FIXED_DAMPING:g}): "
-            "Spearman correlation of each query's row of 5,000 scores.",
+            f"Spearman correlation of each query's row of {n_small:,} scores.",
             "",
             "| tool | mean over queries | worst query | queries below 0.999 |",
             "|---|---:|---:|---:|",
@@ -456,16 +480,16 @@ def main() -> None:
             best = {k: min(v) for k, v in times.items() if v}
             precision = "" if amp == "none" else f", {amp} (`factors.amp` / Kronfluence's smart low precision)"
             lines += [
-                f"### Whole processes, 9,000 × 1,000 (start-up, data loading, files included){precision}",
+                f"### Whole processes, {_sizes(SPEED, short=True)} (start-up, data loading, files included){precision}",
                 "",
                 "| command | wall time (runs) |",
                 "|---|---:|",
-                f"| `influence fit-factors mnist_9000x1000.yaml` | {fmt_runs(times['influence fit-factors'])} |",
-                f"| `influence compute-scores mnist_9000x1000.yaml` | {fmt_runs(times['influence compute-scores'])} |",
+                f"| `influence fit-factors mnist_{_size(SPEED)}.yaml` | {fmt_runs(times['influence fit-factors'])} |",
+                f"| `influence compute-scores mnist_{_size(SPEED)}.yaml` | {fmt_runs(times['influence compute-scores'])} |",
                 f"| both | {fmt_runs(times['influence_cli'])} |",
             ]
             if times["kronfluence"]:
-                lines.append(f"| `python kronfluence_9000x1000.py` (fit + scores) | {fmt_runs(times['kronfluence'])} |")
+                lines.append(f"| `python kronfluence_{_size(SPEED)}.py` (fit + scores) | {fmt_runs(times['kronfluence'])} |")
                 lines.append(f"| ratio (best runs) | **{best['influence_cli'] / best['kronfluence']:.3f}×** (goal ≤ 0.35×) |")
             lines.append("")
     results["seconds_total"] = time.perf_counter() - t_start
