@@ -42,7 +42,7 @@ test: $(STAMP) ## Run the test suite (includes the real-MNIST smoke run and 2-pr
 	$(BIN)/ruff check influence_cli tests benchmarks sample_data docs
 	$(PY) -m pytest -q
 
-test-all: $(STAMP) ## Run every test, including any marked slow (nightly; none are today: the whole suite fits CI)
+test-all: $(STAMP) ## Run every test, including those marked slow (nightly: the benchmark scripts that are mostly process start-ups)
 	$(PY) -m pytest -q -m ''
 
 lint: $(STAMP) ## ruff
