@@ -289,7 +289,8 @@ def dataset_spectrum(
         name: The dataset's config key, named in errors.
         padding_value: Masks padding positions (`data.padding_value`).
         saved: resumable progress: the examples it holds are not streamed again, and the energies
-            are saved every `factors.checkpoint_every` batches.
+            are saved every `factors.checkpoint_every` batches (started with `per_example=_PARTS`: those of
+            the examples since the previous save, in a piece beside the snapshot, each example's once).
     """
     device = device or torch.device("cpu")
     progress = progress or NullProgress()
@@ -302,7 +303,7 @@ def dataset_spectrum(
     start = saved.batches_done if saved is not None else 0
     if start:
         for k in _PARTS:
-            rows[k].add(saved.state[k].to(device))  # type: ignore[union-attr]
+            rows[k].add(saved.state.pop(k).to(device))  # type: ignore[union-attr]  # held once: in `rows`
     watch = NonFiniteWatch(device)
     progress.start(title or name, num_examples)
     try:
@@ -629,7 +630,7 @@ def spectrum(
     else:
         saved = DatasetsProgress.start(
             path, storage.SPECTRUM_PARTIAL, st, result_fields, list(datasets), batch_size=cfg.data.batch_size,
-            every=cfg.factors.checkpoint_every, resume=resume, overwrite=overwrite,
+            every=cfg.factors.checkpoint_every, resume=resume, overwrite=overwrite, per_example=_PARTS,
         )
         resumed_from = saved.resumed_from(list(datasets), st)
         results = [DatasetSpectrum(name, **t) for name, t in zip(datasets, saved.finished, strict=False)]

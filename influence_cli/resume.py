@@ -134,7 +134,7 @@ def _saved_ranks(files: list[Path], pattern: str) -> int:
     return max(2, max(numbers) + 1)
 
 
-_FINISHED = re.escape(storage.PARTIAL_FINISHED.split("{")[0]) + r"\d+"  # ".finished<i>": a finished dataset's file (DatasetsProgress), a score piece
+_FINISHED = "(?:" + "|".join(re.escape(n.split("{")[0]) for n in (storage.PARTIAL_FINISHED, storage.PARTIAL_PIECE)) + r")\d+"  # ".finished<i>": a finished dataset's file (DatasetsProgress), a score piece; ".piece<i>": a piece of spectrum's energies
 
 
 def _middle(name: str, pattern: str) -> str:
@@ -322,6 +322,118 @@ class PassCheckpoint:
             )
 
 
+_Cut = Callable[[int, int, int, int], dict[str, torch.Tensor]]  # (q0, q1, c0, c1) → the results of those rows and columns
+_Paste = Callable[[int, int, int, int, dict[str, torch.Tensor]], None]  # puts a piece's results back at (q0, q1, c0, c1)
+
+
+class SavedPieces:
+    """The per-example results of one range of examples a pass has saved, in files beside its snapshot (`piece_path`),
+    each written once: at each save, those of the columns (examples) done since the previous one. compute-scores
+    (scores.partial[.self].finished<i>.safetensors): pairwise, a piece per query chunk since, its [chunk rows, columns]
+    of the scores (and of their per-layer parts); --self (`chunks` None), one piece: the values of those examples, their
+    per-layer parts, training losses, predictions and collected labels. spectrum (`DatasetsProgress` with `per_example`,
+    spectrum.partial.piece<i>.safetensors): one piece, the energies of those examples of the dataset in progress. The
+    snapshot counts the pieces (`pieces`) and holds only what the pieces do not. It held the results themselves: each
+    save wrote all of them so far again, so a range of B batches saved every E batches wrote about B / 2E times its
+    results (quadratic in the range).
+    """
+
+    def __init__(
+        self,
+        checkpoint: PassCheckpoint,
+        shard: int,
+        chunks: list[tuple[int, int]] | None,
+        width: int,
+        names: set[str],
+        what: tuple[str, str] = ("scores", "score"),
+        *,
+        of: str | None = None,
+        name: str = storage.PARTIAL_FINISHED,
+    ) -> None:
+        """`shard`: the range's number (in each piece's phase); `names`: the tensors every piece holds; `what`: them in
+        words, and the pieces' kind ("scores", "score"); `of`: the range in words (default "train range <shard>");
+        `name`: the pieces' files (`piece_path`)."""
+        self.checkpoint, self.shard, self.width, self.names = checkpoint, shard, width, names
+        self.what, self.kind = what
+        self.of, self.name = of or f"train range {shard}", name
+        self.by_query = chunks is not None
+        self.chunks = chunks if chunks is not None else [(0, 0)]
+        self.count = 0
+        self.saved = (0, 0)  # (query chunk, column): everything before it is in the pieces
+
+    @staticmethod
+    def check_start(checkpoint: PassCheckpoint, resume: bool, overwrite: bool, name: str = storage.PARTIAL_FINISHED) -> tuple[Snapshot | None, list[Path]]:
+        """`checkpoint.check_start`, and besides what it removes, the pieces no snapshot continues (those of an
+        --overwrite run's, of one killed before its first snapshot) and the temporary files of killed writers of pieces."""
+        snap, stale = checkpoint.check_start(resume, overwrite)
+        if snap is None:
+            stale += pieces_of(checkpoint.path, name)
+        return snap, stale + storage.temp_paths(piece_path(checkpoint.path, "*", name))
+
+    def _at(self, ci: int, c: int) -> str:
+        return f"query chunk {ci + 1}, column {c}" if self.by_query else f"example {c}"
+
+    def _span(self, ci: int, c0: int, c1: int) -> str:
+        return f"query chunk {ci + 1}, columns {c0}..{c1}" if self.by_query else f"examples {c0}..{c1}"
+
+    def write(self, cut: _Cut, upto: tuple[int, int]) -> None:
+        """Writes the results from `saved` up to `upto` (query chunk, column), a piece per query chunk."""
+        (first, start), (last, stop) = self.saved, upto
+        for ci in range(first, last + 1):
+            c0, c1 = (start if ci == first else 0), (stop if ci == last else self.width)
+            if c1 <= c0:
+                continue
+            tensors = cut(*self.chunks[ci], c0, c1)
+            self.checkpoint.save(f"piece:{self.shard}:{ci}:{c0}:{c1}", 0, tensors, piece_path(self.checkpoint.path, self.count, self.name))
+            self.count += 1
+        self.saved = upto
+
+    def read(self, count: int, paste: _Paste, upto: tuple[int, int]) -> None:
+        """Puts back (`paste`) the first `count` pieces, which hold every result before `upto` (query chunk, column),
+        each once, in the order `write` wrote them.
+
+        Raises:
+            OutputError: a piece missing, unreadable, of other settings or of another range, one that holds other
+                tensors, or one that does not continue the results before it (a gap, or results the pieces before it hold).
+        """
+        hint = "pass --overwrite to start over (the saved progress cannot continue without it)"
+        at = (0, 0)  # (query chunk, column): the pieces read so far hold every result before it
+        for i in range(count):
+            path = piece_path(self.checkpoint.path, i, self.name)
+            if path.exists():
+                storage.refuse_irregular(path, False)  # never opened
+            else:
+                raise OutputError(f"{str(path)!r} is missing: it held {self.what} {self.checkpoint.path.name} counts as saved", hint=hint)
+            tensors, meta = storage.load_tensors(path, storage.PARTIAL_FORMAT)
+            self.checkpoint.check_settings(path, meta)
+            phase = str(meta.get("phase", "")).split(":")
+            if len(phase) != 5 or phase[0] != "piece" or int(phase[1]) != self.shard:
+                raise OutputError(f"{str(path)!r} does not hold {self.what} of {self.of} (it holds {meta.get('phase')!r})", hint=hint)
+            ci, c0, c1 = (int(v) for v in phase[2:])
+            follows = (ci, c0) == at or (at[1] == self.width and (ci, c0) == (at[0] + 1, 0))
+            if not (follows and ci < len(self.chunks) and c0 < c1 <= self.width):
+                raise OutputError(
+                    f"{str(path)!r} holds the {self.what} of {self._span(ci, c0, c1)} of {self.of}, where "
+                    f"the {self.what} saved before it end at {self._at(*at)}",
+                    hint=hint,
+                )
+            if set(tensors) != self.names:
+                raise OutputError(f"{str(path)!r} holds {', '.join(sorted(tensors))}, not {', '.join(sorted(self.names))}", hint=hint)
+            paste(*self.chunks[ci], c0, c1, tensors)
+            at = (ci, c1)
+        if at != upto:
+            raise OutputError(
+                f"{str(self.checkpoint.path)!r} counts {count} {self.kind} piece(s) that end at "
+                f"{self._at(*at)}, not where it stopped ({self._at(*upto)})",
+                hint=hint,
+            )
+        self.count, self.saved = count, upto
+
+    def remove(self) -> None:
+        """Removes every piece beside the snapshot (those of an earlier run that no snapshot counts too)."""
+        remove_finished_progress(pieces_of(self.checkpoint.path, self.name), per_rank=True)
+
+
 _NAMES = {"bs": "batch size", "batch_size": "batch size", "world": "number of ranks", "n": "examples (factors.max_examples)",
           "chunks": "query chunks (scores.query_chunk, scores.max_memory_mb)", "shards": "score shards (scores.max_memory_mb)",
           "damping": "damping (scores.damping, damping_factor, damping_scope; `auto` follows the factors)", "factors": "factors file (refitted)", "model_fingerprint": "model",
@@ -416,15 +528,24 @@ class DatasetsProgress:
     files before the snapshot, so a run killed in between leaves the file of dataset i that no snapshot
     counts: `--resume` counts it as finished when it holds that result under this run's settings
     (`_read_unsaved`, `agree`), instead of streaming dataset i again.
+
+    `per_example` names the tensors of the state that hold a row per example done (spectrum's energies): they are
+    saved in pieces beside the snapshot (`SavedPieces`, `storage.PARTIAL_PIECE`), each row once, and the snapshot
+    counts the pieces and the rows (`state.pieces`, `state.rows`). A snapshot of earlier versions holds the rows
+    themselves: they are resumed from it, and written to pieces at the next save.
     """
 
-    def __init__(self, checkpoint: PassCheckpoint, snapshot: Snapshot | None = None, *, lost_ok: bool = False) -> None:
+    def __init__(
+        self, checkpoint: PassCheckpoint, snapshot: Snapshot | None = None, *, lost_ok: bool = False, per_example: tuple[str, ...] = ()
+    ) -> None:
         """Continues `snapshot` (of `checkpoint`; none: from the start), reading the finished datasets' files.
 
         Args:
             lost_ok: A finished dataset's file that is missing, unreadable or holds another dataset is kept
                 in `lost` (its refusal) instead of refused, its result left empty: under torchrun another
                 rank's copy can take its place (`agree`, which refuses when no rank holds one).
+            per_example: the state's tensors of a row per example, saved in pieces (their rows are read back by
+                `read_pieces`, which `start` calls).
 
         Raises:
             OutputError: a finished dataset's file is of other settings (named), or without `lost_ok`
@@ -440,6 +561,8 @@ class DatasetsProgress:
         self.snapshot_lost: tuple[str, str] | None = None
         self.batches_done = 0
         self.state: dict[str, torch.Tensor] = {}
+        self.per_example = per_example
+        self.pieces: SavedPieces | None = None  # the dataset in progress's pieces, once read or first written
         if snapshot is not None and snapshot.phase.startswith("dataset:"):
             done = int(snapshot.phase.removeprefix("dataset:"))
             if any(k.startswith("finished.") for k in snapshot.tensors):  # an earlier version's snapshot holds them
@@ -454,6 +577,7 @@ class DatasetsProgress:
     def start(
         cls, output: Path, pattern: str, dist: Any, result: dict[str, Any], datasets: list[str], *,
         batch_size: int, every: int, resume: bool, overwrite: bool, names: dict[str, str] | None = None,
+        per_example: tuple[str, ...] = (),
     ) -> DatasetsProgress:
         """The progress this rank continues from (none without `resume`) towards `output`, saved as `pattern` (with
         {rank}) every `every` batches: every rank checks its own at once (`distributed.agree`: a refusal is said
@@ -470,11 +594,14 @@ class DatasetsProgress:
         lost, those past the datasets the other ranks finished) are removed once the ranks agreed to go on: a refusal
         leaves them. What is no regular file at the path of one of them is refused as that before any is read or
         removed (`storage.refuse_irregular`: a FIFO is never opened, and removed by `overwrite` without `resume`; a
-        folder is never removed).
+        folder is never removed). The pieces of the per-example state (`per_example`) that the snapshot counts are
+        read once the ranks agreed where to continue, on every rank at once (a refusal stops every rank); those of
+        a start without a snapshot are removed.
 
         Args:
             dist: The DistState. result: the settings the result depends on; the batch size, the ranks and
                 the order of `datasets` are added (progress is kept by position). names: words for refusals.
+            per_example: the state's tensors that hold a row per example (saved in pieces, each row once).
         """  # fmt: skip
         folder = output.parent
         settings = result | {"bs": batch_size, "world": dist.world_size, "dataset_order": list(datasets)}
@@ -482,10 +609,14 @@ class DatasetsProgress:
 
         def start_checks() -> tuple[DatasetsProgress, list[Path]]:
             removed = check_rank_layout(folder, pattern, dist.world_size, resume=resume, overwrite=overwrite)
-            for path in _finished_files(checkpoint.path).values():  # never opened (a FIFO would block), nor a folder removed
+            pieces = list(_finished_files(checkpoint.path, storage.PARTIAL_PIECE).values())
+            for path in [*_finished_files(checkpoint.path).values(), *pieces]:  # never opened (a FIFO would block), nor a folder removed
                 storage.refuse_irregular(path, overwrite and not resume, checkpoint.folder_key)
             snapshot, stale = checkpoint.check_start(resume, overwrite, lost_ok=dist.distributed)
-            progress = cls(checkpoint, None if isinstance(snapshot, OutputError) else snapshot, lost_ok=dist.distributed)
+            progress = cls(checkpoint, None if isinstance(snapshot, OutputError) else snapshot, lost_ok=dist.distributed, per_example=per_example)
+            if snapshot is None:  # pieces no snapshot continues (of an --overwrite run's, of one killed before its first snapshot)
+                stale += pieces
+            stale += storage.temp_paths(piece_path(checkpoint.path, "*", storage.PARTIAL_PIECE))
             if isinstance(snapshot, OutputError):
                 progress.snapshot_lost = ("unreadable", snapshot.message)
             elif snapshot is None and resume and dist.distributed:  # `agree`: no progress at all when no rank has one
@@ -496,6 +627,7 @@ class DatasetsProgress:
 
         saved, removed = agree(dist, start_checks)  # removes nothing: `agree` below can still refuse
         saved.agree(dist)
+        agree(dist, saved.read_pieces)  # a rank whose pieces are refused stops every rank
         replaced = ([output] if overwrite else []) + storage.temp_paths(output)  # and what a killed writer left
         removed += saved._finished_from(saved.written) + (replaced if dist.is_main else [])
         remove_agreed(dist, removed, checkpoint.folder_key)
@@ -609,21 +741,61 @@ class DatasetsProgress:
         return [p for index, p in _finished_files(self.checkpoint.path).items() if index >= start]
 
     def clear(self) -> None:
-        """Removes this rank's progress: the snapshot, then the finished datasets' files (a kill in between
-        leaves files that no snapshot counts, which the next start removes); those that cannot be removed are one
-        warning (`remove_finished_progress`)."""
-        remove_finished_progress([self.checkpoint.path, *self._finished_from(0)], per_rank=True)
+        """Removes this rank's progress: the snapshot, then the finished datasets' files and the pieces (a kill in
+        between leaves files that no snapshot counts, which the next start removes); those that cannot be removed are
+        one warning (`remove_finished_progress`)."""
+        pieces = pieces_of(self.checkpoint.path, storage.PARTIAL_PIECE)
+        remove_finished_progress([self.checkpoint.path, *self._finished_from(0), *pieces], per_rank=True)
 
     def due(self, batches_done: int) -> bool:
         return self.checkpoint.due(batches_done)
 
     def save(self, batches_done: int, state: dict[str, torch.Tensor]) -> None:
         """Saves `batches_done` batches of the dataset in progress (`state`: what they added up to) in the snapshot,
-        after writing each dataset finished since the last save to its file (every finished result is written once)."""
+        after writing each dataset finished since the last save to its file (every finished result is written once),
+        and the rows of the per-example state added since the last save to a piece (`per_example`: each row once)."""
         for i in range(self.written, len(self.finished)):
             self._write_finished(i)
         self.written = len(self.finished)
-        self.checkpoint.save(f"dataset:{len(self.finished)}", batches_done, {f"state.{k}": v for k, v in state.items()})
+        rows = [state[k] for k in self.per_example if k in state]
+        held = {f"state.{k}": v for k, v in state.items() if k not in self.per_example}
+        if rows:
+            done = len(rows[0])
+            pieces = self.pieces = self.pieces or self._pieces(done)
+            pieces.write(lambda _q0, _q1, c0, c1: {k: state[k][c0:c1] for k in self.per_example}, (0, done))
+            held |= {"state.pieces": torch.tensor(pieces.count), "state.rows": torch.tensor(done)}
+        self.checkpoint.save(f"dataset:{len(self.finished)}", batches_done, held)
+
+    def _pieces(self, width: int) -> SavedPieces:
+        """The pieces of the per-example state of the dataset in progress (`width`: its rows saved so far)."""
+        i = len(self.finished)
+        return SavedPieces(
+            self.checkpoint, i, None, width, set(self.per_example), ("per-example results", "per-example"),
+            of=f"dataset {self.dataset_name(i)}", name=storage.PARTIAL_PIECE,
+        )  # fmt: skip
+
+    def read_pieces(self) -> None:
+        """Puts the rows of the per-example state that the snapshot's pieces hold back into `state` (joined, in order).
+
+        Raises:
+            OutputError: the pieces refused (`SavedPieces.read`: missing, unreadable, of other settings or another
+                dataset, or not tiling the rows the snapshot counts).
+        """
+        if not self.per_example or "pieces" not in self.state:
+            return
+        done = int(self.state.pop("rows"))
+        pieces = self._pieces(done)
+        parts: dict[str, list[torch.Tensor]] = {k: [] for k in self.per_example}
+
+        def paste(_q0: int, _q1: int, _c0: int, _c1: int, tensors: dict[str, torch.Tensor]) -> None:
+            for k, v in tensors.items():
+                parts[k].append(v)
+
+        pieces.read(int(self.state.pop("pieces")), paste, (0, done))
+        self.pieces = pieces
+        for k, held in parts.items():
+            self.state[k] = torch.cat(held) if len(held) != 1 else held[0]
+            held.clear()
 
     def _write_finished(self, index: int) -> None:
         """Writes finished dataset `index`'s result to its file."""
@@ -635,6 +807,9 @@ class DatasetsProgress:
         self.batches_done, self.state = 0, {}
         if more and self.checkpoint.every > 0:
             self.save(0, {})
+            if self.pieces is not None:  # the finished dataset's file holds them: the snapshot counts none
+                self.pieces.remove()
+        self.pieces = None
 
     def agree(self, dist: Any) -> None:
         """Every rank (`dist`: a DistState) resumes after the most datasets any rank finished, holding every finished
@@ -784,21 +959,24 @@ def _finished_path(snapshot: Path, index: int | str) -> Path:
     return snapshot.with_suffix(storage.PARTIAL_FINISHED.format(index=index) + snapshot.suffix)
 
 
-def piece_path(snapshot: Path, index: int | str) -> Path:
-    """The file of saved piece `index` of a pass's result beside `snapshot` (compute-scores' score pieces; "*": a glob of
-    them all): named as a finished dataset's file (`_finished_path`), so that every check of a pass's progress files
-    (other ranks' layouts, --overwrite, a finished run's leftovers) counts them."""
-    return _finished_path(snapshot, index)
+def piece_path(snapshot: Path, index: int | str, name: str = storage.PARTIAL_FINISHED) -> Path:
+    """The file of saved piece `index` of a pass's per-example results beside `snapshot` (`SavedPieces`; "*": a glob of
+    them all), `name` before ".safetensors": compute-scores' score pieces are named as a finished dataset's file
+    (`_finished_path`), spectrum's pieces of the dataset in progress `storage.PARTIAL_PIECE` (beside the files of the
+    datasets it finished); every check of a pass's progress files (other ranks' layouts, --overwrite, a finished run's
+    leftovers) counts both."""
+    return snapshot.with_suffix(name.format(index=index) + snapshot.suffix)
 
 
-def pieces_of(snapshot: Path) -> list[Path]:
+def pieces_of(snapshot: Path, name: str = storage.PARTIAL_FINISHED) -> list[Path]:
     """The pieces (`piece_path`) beside `snapshot`, in order."""
-    return list(_finished_files(snapshot).values())
+    return list(_finished_files(snapshot, name).values())
 
 
-def _finished_files(snapshot: Path) -> dict[int, Path]:
-    """The files of finished datasets beside `snapshot` (whatever each is: a FIFO or folder too), by index."""
-    glob = _finished_path(snapshot, "*")
+def _finished_files(snapshot: Path, name: str = storage.PARTIAL_FINISHED) -> dict[int, Path]:
+    """The files of finished datasets beside `snapshot` (whatever each is: a FIFO or folder too), by index; with `name`,
+    the pieces of that name (`piece_path`)."""
+    glob = piece_path(snapshot, "*", name)
     head, tail = glob.name.split("*")
     found = {p.name[len(head) : len(p.name) - len(tail)]: p for p in glob.parent.glob(glob.name)}
     return dict(sorted((int(index), p) for index, p in found.items() if index.isdigit()))

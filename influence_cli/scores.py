@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,15 +58,13 @@ from influence_cli.passes import (
 from influence_cli.progress import Progress, for_rank
 from influence_cli.resume import (
     PassCheckpoint,
+    SavedPieces,
     Snapshot,
     agreed_start,
     check_rank_layout,
     clear_progress_of_finished,
-    piece_path,
-    pieces_of,
     progress_files,
     refuse_other_finished_result,
-    remove_finished_progress,
     run_key,
     run_keys,
 )
@@ -899,7 +897,7 @@ def _start_pairwise(st: DistState, checkpoint: PassCheckpoint, single: Path, ind
         storage.check_can_write(single, overwrite, "scores", "output_dir", storage.SCORES_FORMAT)
         storage.check_can_write(index, overwrite, "scores", "output_dir")
         removed = check_rank_layout(out_dir, storage.SCORES_PARTIAL, st.world_size, resume=resume, overwrite=overwrite)
-        snap, stale = _SavedPieces.check_start(checkpoint, resume, overwrite)
+        snap, stale = SavedPieces.check_start(checkpoint, resume, overwrite)
         leftovers = sorted(out_dir.glob(storage.SCORES_SHARD_GLOB))
         for shard in leftovers:  # never opened (a FIFO would block); --overwrite (without --resume) removes a FIFO, never a folder
             storage.refuse_irregular(shard, overwrite and not resume, "output_dir")
@@ -961,7 +959,7 @@ class _PairwisePass:
         first range on every rank at once (`distributed.agree`): a rank whose pieces are refused stops every rank.
 
         Raises:
-            OutputError: the snapshot's pieces refused (`_SavedPieces.read`).
+            OutputError: the snapshot's pieces refused (`SavedPieces.read`).
         """
         scorer, chunks = self.scorer, self.layout.query_chunks
         ctx, train = scorer.ctx, scorer.train
@@ -970,7 +968,7 @@ class _PairwisePass:
         parts = None if scorer.by_layer is None else torch.zeros(len(scorer.by_layer), n_q, width, dtype=scorer.dtype, device=ctx.device)
         norms = torch.zeros(len(scorer.members), width, dtype=scorer.dtype, device=ctx.device) if self.relative else None
         labels = _known_labels(train, shard.start, shard.stop, ctx.device)
-        pieces = _SavedPieces(self.checkpoint, shard.number, chunks, width, {"scores"} | ({"parts"} if parts is not None else set()))
+        pieces = SavedPieces(self.checkpoint, shard.number, chunks, width, {"scores"} | ({"parts"} if parts is not None else set()))
         opened = _OpenShard(block, parts, norms, labels, labels is None, pieces)
         where = _snapshot_phase(snapshot, "scores:")
         if where is None or snapshot is None or where[0] != shard.number:
@@ -1073,7 +1071,7 @@ class _OpenShard:
     norms: torch.Tensor | None
     labels: torch.Tensor | None
     collect: bool
-    pieces: _SavedPieces
+    pieces: SavedPieces
     start_chunk: int = 0
     start_batch: int = 0
     resumed_from: str | None = None  # "shard s, query chunk c/C, batch b" where it continues a snapshot
@@ -1085,110 +1083,6 @@ class _OpenShard:
         self.block[q0:q1, c0:c1] = tensors["scores"].to(self.block)
         if self.parts is not None:
             self.parts[:, q0:q1, c0:c1] = tensors["parts"].to(self.parts)
-
-
-_Cut = Callable[[int, int, int, int], dict[str, torch.Tensor]]  # (q0, q1, c0, c1) → the results of those rows and columns
-_Paste = Callable[[int, int, int, int, dict[str, torch.Tensor]], None]  # puts a piece's results back at (q0, q1, c0, c1)
-
-
-class _SavedPieces:
-    """The results of one train range a pass has saved, in files beside its snapshot (`resume.piece_path`:
-    scores.partial[.self].finished<i>.safetensors), each written once: at each save, those of the columns (training
-    examples) done since the previous one. Pairwise, a piece per query chunk since, its [chunk rows, columns] of the
-    scores (and of their per-layer parts); --self (`chunks` None), one piece: the values of those examples, their
-    per-layer parts, training losses, predictions and collected labels. The snapshot counts the pieces (`pieces`) and
-    holds only what the pieces do not. It held the results themselves: each save wrote all of them so far again, so a
-    range of B batches saved every E batches wrote about B / 2E times its results (quadratic in the range).
-    """
-
-    def __init__(
-        self,
-        checkpoint: PassCheckpoint,
-        shard: int,
-        chunks: list[tuple[int, int]] | None,
-        width: int,
-        names: set[str],
-        what: tuple[str, str] = ("scores", "score"),
-    ) -> None:
-        """`names`: the tensors every piece holds; `what`: them in words, and the pieces' kind ("scores", "score")."""
-        self.checkpoint, self.shard, self.width, self.names = checkpoint, shard, width, names
-        self.what, self.kind = what
-        self.by_query = chunks is not None
-        self.chunks = chunks if chunks is not None else [(0, 0)]
-        self.count = 0
-        self.saved = (0, 0)  # (query chunk, column): everything before it is in the pieces
-
-    @staticmethod
-    def check_start(checkpoint: PassCheckpoint, resume: bool, overwrite: bool) -> tuple[Snapshot | None, list[Path]]:
-        """`checkpoint.check_start`, and besides what it removes, the pieces no snapshot continues (those of an
-        --overwrite run's, of one killed before its first snapshot) and the temporary files of killed writers of pieces."""
-        snap, stale = checkpoint.check_start(resume, overwrite)
-        if snap is None:
-            stale += pieces_of(checkpoint.path)
-        return snap, stale + storage.temp_paths(piece_path(checkpoint.path, "*"))
-
-    def _at(self, ci: int, c: int) -> str:
-        return f"query chunk {ci + 1}, column {c}" if self.by_query else f"example {c}"
-
-    def _span(self, ci: int, c0: int, c1: int) -> str:
-        return f"query chunk {ci + 1}, columns {c0}..{c1}" if self.by_query else f"examples {c0}..{c1}"
-
-    def write(self, cut: _Cut, upto: tuple[int, int]) -> None:
-        """Writes the results from `saved` up to `upto` (query chunk, column), a piece per query chunk."""
-        (first, start), (last, stop) = self.saved, upto
-        for ci in range(first, last + 1):
-            c0, c1 = (start if ci == first else 0), (stop if ci == last else self.width)
-            if c1 <= c0:
-                continue
-            tensors = cut(*self.chunks[ci], c0, c1)
-            self.checkpoint.save(f"piece:{self.shard}:{ci}:{c0}:{c1}", 0, tensors, piece_path(self.checkpoint.path, self.count))
-            self.count += 1
-        self.saved = upto
-
-    def read(self, count: int, paste: _Paste, upto: tuple[int, int]) -> None:
-        """Puts back (`paste`) the first `count` pieces, which hold every result before `upto` (query chunk, column),
-        each once, in the order `write` wrote them.
-
-        Raises:
-            OutputError: a piece missing, unreadable, of other settings or of another range, one that holds other
-                tensors, or one that does not continue the results before it (a gap, or results the pieces before it hold).
-        """
-        hint = "pass --overwrite to start over (the saved progress cannot continue without it)"
-        at = (0, 0)  # (query chunk, column): the pieces read so far hold every result before it
-        for i in range(count):
-            path = piece_path(self.checkpoint.path, i)
-            if path.exists():
-                storage.refuse_irregular(path, False)  # never opened
-            else:
-                raise OutputError(f"{str(path)!r} is missing: it held {self.what} {self.checkpoint.path.name} counts as saved", hint=hint)
-            tensors, meta = storage.load_tensors(path, storage.PARTIAL_FORMAT)
-            self.checkpoint.check_settings(path, meta)
-            phase = str(meta.get("phase", "")).split(":")
-            if len(phase) != 5 or phase[0] != "piece" or int(phase[1]) != self.shard:
-                raise OutputError(f"{str(path)!r} does not hold {self.what} of train range {self.shard} (it holds {meta.get('phase')!r})", hint=hint)
-            ci, c0, c1 = (int(v) for v in phase[2:])
-            follows = (ci, c0) == at or (at[1] == self.width and (ci, c0) == (at[0] + 1, 0))
-            if not (follows and ci < len(self.chunks) and c0 < c1 <= self.width):
-                raise OutputError(
-                    f"{str(path)!r} holds the {self.what} of {self._span(ci, c0, c1)} of train range {self.shard}, where "
-                    f"the {self.what} saved before it end at {self._at(*at)}",
-                    hint=hint,
-                )
-            if set(tensors) != self.names:
-                raise OutputError(f"{str(path)!r} holds {', '.join(sorted(tensors))}, not {', '.join(sorted(self.names))}", hint=hint)
-            paste(*self.chunks[ci], c0, c1, tensors)
-            at = (ci, c1)
-        if at != upto:
-            raise OutputError(
-                f"{str(self.checkpoint.path)!r} counts {count} {self.kind} piece(s) that end at "
-                f"{self._at(*at)}, not where it stopped ({self._at(*upto)})",
-                hint=hint,
-            )
-        self.count, self.saved = count, upto
-
-    def remove(self) -> None:
-        """Removes every piece beside the snapshot (those of an earlier run that no snapshot counts too)."""
-        remove_finished_progress(pieces_of(self.checkpoint.path), per_rank=True)
 
 
 def _write_index(index: Path, layout: ScoresLayout, metadata: dict[str, Any]) -> None:
@@ -1260,7 +1154,7 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
     def start_checks() -> tuple[Snapshot | None, list[Path]]:
         storage.check_can_write(path, overwrite, "self-influence scores", "output_dir", storage.SELF_FORMAT)
         removed = check_rank_layout(out_dir, storage.SCORES_PARTIAL, st.world_size, resume=resume, overwrite=overwrite, kind=".self")
-        snap, stale = _SavedPieces.check_start(checkpoint, resume, overwrite)
+        snap, stale = SavedPieces.check_start(checkpoint, resume, overwrite)
         old = [path] if overwrite else []  # an interrupted --overwrite run must not leave the old values looking current
         return snap, removed + stale + (old + storage.temp_paths(path) if st.is_main else [])
 
@@ -1287,7 +1181,7 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
     per_example = {"values": values, "values_by_layer": parts, "predictions": predictions, "losses": losses}
     kept = {name: t for name, t in per_example.items() if t is not None}  # [..., n_t] each: this rank writes [start, stop)
     names = set(kept) | ({"labels"} if collect else set())
-    pieces = _SavedPieces(checkpoint, st.rank, None, stop - start, names, ("self-influence values", "self-influence"))
+    pieces = SavedPieces(checkpoint, st.rank, None, stop - start, names, ("self-influence values", "self-influence"))
 
     def cut(_q0: int, _q1: int, c0: int, c1: int) -> dict[str, torch.Tensor]:
         collected = {"labels": labels[c0:c1]} if collect and labels is not None else {}  # this rank's range: [0, stop - start)

@@ -46,6 +46,7 @@ SIMILARITY_PARTIAL = "similarity.partial{rank}.safetensors"
 SPECTRUM_FILE = "spectrum.safetensors"
 SPECTRUM_PARTIAL = "spectrum.partial{rank}.safetensors"
 PARTIAL_FINISHED = ".finished{index}"  # a finished dataset's result beside the progress of dataset-similarity or spectrum, or a piece of compute-scores' saved scores: its name with this before ".safetensors"
+PARTIAL_PIECE = ".piece{index}"  # a piece of the per-example energies spectrum saved of the dataset in progress (beside the finished datasets' files)
 
 FORMAT_KEY = "format"
 FACTORS_FORMAT = "influence_cli.factors/1"

@@ -105,14 +105,22 @@ class SavesSpy:
 
 
 def as_earlier_snapshot(partial: Path) -> None:
-    """Rewrites the progress at `partial` (a dataset-similarity or spectrum snapshot and the files of the datasets it
-    counts as finished) as earlier versions saved it: one snapshot that holds the finished results as finished.<i>.*."""
+    """Rewrites the progress at `partial` (a dataset-similarity or spectrum snapshot, the files of the datasets it
+    counts as finished and spectrum's pieces of the dataset in progress) as earlier versions saved it: one snapshot
+    that holds the finished results as finished.<i>.* and the dataset in progress's energies so far as state.<k>."""
     tensors, meta = load_tensors(partial)
     for i in range(int(meta["phase"].removeprefix("dataset:"))):
         path = partial.with_suffix(f".finished{i}.safetensors")
         finished, _ = load_tensors(path)
         tensors |= {f"finished.{i}.{k}": v for k, v in finished.items()}
         path.unlink()
+    if "state.pieces" in tensors:
+        pieces = [partial.with_suffix(f".piece{i}.safetensors") for i in range(int(tensors.pop("state.pieces")))]
+        rows = [load_tensors(piece)[0] for piece in pieces]
+        assert sum(len(next(iter(r.values()))) for r in rows) == int(tensors.pop("state.rows"))
+        tensors |= {f"state.{k}": torch.cat([r[k] for r in rows]) for k in rows[0]}
+        for piece in partial.parent.glob(partial.with_suffix(".piece*.safetensors").name):
+            piece.unlink()
     storage.save_tensors(partial, tensors, meta)
 
 

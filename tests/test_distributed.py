@@ -868,8 +868,9 @@ def spectrum_stopped_with_two_datasets_finished(tmp_path_factory):
     stopped = root / "stopped"
     result = run(stopped, stop="c:1")
     assert result.returncode != 0 and not (stopped / storage.SPECTRUM_FILE).exists(), result.stderr
-    saved = sorted(p.name for p in stopped.glob(PARTIAL.format(rank="*")))
+    saved = sorted(p.name for p in stopped.glob(PARTIAL.format(rank="*")) if ".piece" not in p.name)
     assert saved == [PARTIAL.format(rank=f".rank{r}{f}") for r in (0, 1) for f in (".finished0", ".finished1", "")], result.stderr
+    assert (stopped / PARTIAL.format(rank=".rank1.piece0")).is_file()  # rank 1's energies of c's first batch (rank 0's: as far as it got)
     reference = root / "reference"
     result = run(reference)
     assert result.returncode == 0, result.stderr
@@ -936,6 +937,24 @@ def test_resume_refuses_when_no_rank_holds_a_finished_datasets_file(tmp_path, sp
     assert len(re.findall(r"exitcode\s+: 5 ", refused.stderr)) == 2, refused.stderr  # every rank refused (output error), none waits
     assert {p.name: p.read_bytes() for p in out.iterdir()} == left
     assert all(tmp.read_bytes() == b"half written" for tmp in temps)  # a refused --resume removes nothing
+
+
+def test_a_rank_whose_spectrum_pieces_are_refused_stops_every_rank(tmp_path, spectrum_stopped_with_two_datasets_finished):
+    """Rank 1's piece of the energies of dataset c's first batch is missing: rank 1 refuses, naming it, and rank 0 stops
+    with it, saying which rank stopped and why (the pieces are read at one point every rank takes: a rank that read its
+    own alone would stop while the other streamed on and waited for it in a collective); the progress is left as it is."""
+    stopped, _, run = spectrum_stopped_with_two_datasets_finished
+    out = tmp_path / "out"
+    shutil.copytree(stopped, out)
+    (out / PARTIAL.format(rank=".rank1.piece0")).unlink()
+    left = {p.name: p.read_bytes() for p in out.iterdir()}
+    refused = run(out, "--resume")
+    assert refused.returncode != 0
+    message = f"{PARTIAL.format(rank='.rank1.piece0')}' is missing: it held per-example results {PARTIAL.format(rank='.rank1')} counts as saved"
+    assert f"[rank 1] output error: '{str(out)}/{message}" in refused.stderr, refused.stderr
+    assert f"[rank 0] distributed error: rank 1 stopped: '{str(out)}/{message}" in refused.stderr, refused.stderr
+    assert "]: Traceback" not in refused.stderr, refused.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == left
 
 
 @pytest.mark.parametrize("resume", [False, True])

@@ -1371,7 +1371,8 @@ def test_an_interrupted_spectrum_resumes_to_the_same_result(digits, tmp_path, ti
     with pytest.raises(OutputError, match=r"other settings \(order kfac -> ekfac\)"):  # the bands' order is another setting
         spectrum(cfg, order="ekfac", resume=True)
     done = int(title == "heldout")
-    assert progress_files(partial) == sorted([partial.name, *(["spectrum.partial.finished0.safetensors"] if done else [])])
+    pieces = [f"spectrum.partial.piece{i}.safetensors" for i in range(after // 32 // 2)]  # a save every 2 batches: the energies since
+    assert progress_files(partial) == sorted([partial.name, *(["spectrum.partial.finished0.safetensors"] if done else []), *pieces])
     report = spectrum(cfg, resume=True)
     assert report.resumed_from == f"dataset {title!r}, batch {after // 32 // 2 * 2}" + (" (1 of 2 datasets done)" if done else "")
     assert sorted(p.name for p in tmp_path.iterdir()) == [FACTORS_FILE, SPECTRUM_FILE]  # no progress left
@@ -1396,13 +1397,14 @@ def test_spectrum_resumed_in_the_second_and_third_dataset_writes_each_finished_d
     finished = [partial.with_suffix(f".finished{i}.safetensors") for i in range(3)]
     spy = SavesSpy(monkeypatch)
     interrupt(lambda **kw: spectrum(cfg, **kw), "heldout", 96, partial, tmp_path / SPECTRUM_FILE)
-    assert progress_files(partial) == [finished[0].name, partial.name]
+    piece = partial.with_suffix(".piece0.safetensors").name  # heldout's first 2 batches (its energies since the start)
+    assert progress_files(partial) == [finished[0].name, piece, partial.name]
     if earlier:
         as_earlier_snapshot(partial)
     spy.writes.clear()
     with pytest.raises(KeyboardInterrupt):
         spectrum(cfg, resume=True, progress=StopAt("more", 64))
-    assert progress_files(partial) == [finished[0].name, finished[1].name, partial.name]
+    assert progress_files(partial) == [finished[0].name, finished[1].name, piece, partial.name]  # more's first 2 batches
     report = spectrum(cfg, resume=True)
     assert report.resumed_from == "dataset 'more', batch 2 (2 of 3 datasets done)"
     assert [len(spy.of(p.name)) for p in finished] == [int(earlier), 1, 0]
@@ -1425,7 +1427,8 @@ def test_a_spectrum_killed_between_a_finished_datasets_file_and_its_snapshot_doe
         killed_before_the_snapshot(m, "dataset:1")
         with pytest.raises(KeyboardInterrupt):
             spectrum(cfg)
-    assert progress_files(partial) == ["spectrum.partial.finished0.safetensors", partial.name]
+    pieces = [f"spectrum.partial.piece{i}.safetensors" for i in range(6)]  # noisy_train's 13 batches, saved every 2
+    assert progress_files(partial) == ["spectrum.partial.finished0.safetensors", *pieces, partial.name]
     assert storage.read_metadata(partial)["phase"] == "dataset:0"
     streamed = Streamed()
     report = spectrum(cfg, resume=True, progress=streamed)
@@ -1539,3 +1542,87 @@ def test_a_refused_run_leaves_the_old_temporary_files_of_its_picture_and_checkpo
         assert json.loads(result.stdout)  # the warning goes to stderr alone
     assert plot.is_file() and edited.is_file() and all(p.exists() for p in left)
     assert storage.UNLOCKED_TEMP_AGE_S < 3600
+
+
+
+@pytest.mark.parametrize(
+    "stops",
+    [[("noisy_train", 70)], [("noisy_train", 100), ("noisy_train", 260)], [("noisy_train", 140), ("heldout", 40), ("heldout", 170)]],
+    ids=["once", "twice", "across-datasets"],
+)
+@pytest.mark.parametrize("earlier", [False, True], ids=["pieces", "earlier-snapshot"])
+def test_spectrum_stopped_and_resumed_again_and_again_gives_the_same_result(digits, tmp_path, stops, earlier):
+    """Stopped at each of `stops` in turn (a dataset and how many of its examples are done; progress saved every 64),
+    every stop resumed: the uninterrupted run's tensors bit for bit, and no progress left. `earlier`: the first stop's
+    progress as earlier versions saved it (the energies so far in the snapshot, no pieces) resumes, and so does the
+    run that resumed it when it is stopped in turn (its first save writes the energies that snapshot held to a piece:
+    writing only those since, the next resume would refuse the pieces, which do not start at example 0)."""
+    cfg = resumable_config(digits, tmp_path)
+    partial = tmp_path / storage.SPECTRUM_PARTIAL.format(rank="")
+    for i, (title, after) in enumerate(stops):
+        with pytest.raises(KeyboardInterrupt):
+            spectrum(cfg, resume=i > 0, progress=StopAt(title, after))
+        if i == 0 and earlier:
+            as_earlier_snapshot(partial)
+            assert progress_files(partial) == [partial.name]
+    report = spectrum(cfg, resume=True)
+    title, after = stops[-1]
+    assert report.resumed_from == f"dataset {title!r}, batch {-(-after // 32) // 2 * 2}" + (" (1 of 2 datasets done)" if title == "heldout" else "")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [FACTORS_FILE, SPECTRUM_FILE]
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    spectrum(resumable_config(digits, reference))
+    assert_same_tensors(tmp_path / SPECTRUM_FILE, reference / SPECTRUM_FILE)
+
+
+def test_spectrum_progress_writes_each_examples_energies_once(digits, tmp_path, monkeypatch):
+    """Saved after every batch, spectrum writes each example's energies to its progress once, in pieces beside a
+    snapshot that holds none: the snapshot held every energy of the dataset in progress so far, written again at each
+    save (about 2 GB of writes at 1,000,000 examples). The pieces of a finished dataset go once its file is written."""
+    import influence_cli.band_energy as band_energy_lib
+
+    cfg = resumable_config(digits, tmp_path)
+    cfg = dataclasses.replace(cfg, factors=dataclasses.replace(cfg.factors, checkpoint_every=1))
+    spy = SavesSpy(monkeypatch)
+    seen: list[list[str]] = []
+    real_finish = band_energy_lib.DatasetsProgress.finish
+
+    def finish(self, result, more):
+        real_finish(self, result, more)
+        seen.append(sorted(p.name for p in tmp_path.glob("spectrum.partial.piece*")))
+
+    monkeypatch.setattr(band_energy_lib.DatasetsProgress, "finish", finish)
+    spectrum(cfg)
+    snapshots = spy.of(storage.SPECTRUM_PARTIAL.format(rank=""))
+    assert len(snapshots) == 12 + 1 + 6 and all(set(keys) <= {"state.pieces", "state.rows"} for keys, _ in snapshots)
+    pieces = [size for name, _, size in spy.writes if ".piece" in name]
+    out = load_tensors(tmp_path / SPECTRUM_FILE)[0]
+    parts = ("global_indices", "labels", "band_energy", "bin_energy", "input_energy")
+    saved_rows = {"noisy_train": 384, "heldout": 192}  # every batch of 32 but each dataset's last (the file holds those)
+    expected = sum(out[f"{name}.{k}"][:rows].numel() * out[f"{name}.{k}"].element_size() for name, rows in saved_rows.items() for k in parts)
+    assert len(pieces) == 12 + 6 and sum(pieces) == expected  # each example's energies once
+    assert seen[0] == [] and len(seen[1]) == 6  # noisy_train's pieces went once its file was written; heldout's with the snapshot
+    assert sorted(p.name for p in tmp_path.iterdir()) == [FACTORS_FILE, SPECTRUM_FILE]
+
+
+def test_saved_spectrum_pieces_that_do_not_tile_the_energies_so_far_are_refused(digits, tmp_path):
+    """The pieces a spectrum snapshot counts hold every example's energies before where it stopped, each once, in
+    order: one that repeats another's (a copy under its name), or a count that stops short, is refused by name."""
+    cfg = resumable_config(digits, tmp_path)
+    partial = tmp_path / storage.SPECTRUM_PARTIAL.format(rank="")
+    with pytest.raises(KeyboardInterrupt):
+        spectrum(cfg, progress=StopAt("noisy_train", 200))  # 3 saves: a piece of 64 examples each
+    first, second = (partial.with_suffix(f".piece{i}.safetensors") for i in (0, 1))
+    held = second.read_bytes()
+    second.write_bytes(first.read_bytes())
+    with pytest.raises(OutputError, match=r"piece1.safetensors' holds the per-example results of examples 0..64 of dataset "
+                       r"'noisy_train', where the per-example results saved before it end at example 64") as info:
+        spectrum(cfg, resume=True)
+    assert "--overwrite" in info.value.hint
+    second.write_bytes(held)
+    tensors, meta = load_tensors(partial)
+    save_tensors(partial, tensors | {"state.pieces": tensors["state.pieces"] - 1}, {k: v for k, v in meta.items() if k != "created"})
+    with pytest.raises(OutputError, match=r"counts 2 per-example piece\(s\) that end at example 128, not where it stopped \(example 192\)"):
+        spectrum(cfg, resume=True)
+    report = spectrum(cfg, overwrite=True)  # --overwrite starts over: the pieces go
+    assert report.resumed_from is None and sorted(p.name for p in tmp_path.iterdir()) == [FACTORS_FILE, SPECTRUM_FILE]
