@@ -362,13 +362,18 @@ class SavedPieces:
         self.saved = (0, 0)  # (query chunk, column): everything before it is in the pieces
 
     @staticmethod
-    def check_start(checkpoint: PassCheckpoint, resume: bool, overwrite: bool, name: str = storage.PARTIAL_FINISHED) -> tuple[Snapshot | None, list[Path]]:
-        """`checkpoint.check_start`, and besides what it removes, the pieces no snapshot continues (those of an
-        --overwrite run's, of one killed before its first snapshot) and the temporary files of killed writers of pieces."""
+    def check_start(checkpoint: PassCheckpoint, resume: bool, overwrite: bool) -> tuple[Snapshot | None, list[Path]]:
+        """`checkpoint.check_start`, and besides what it removes, the pieces `stale` names."""
         snap, stale = checkpoint.check_start(resume, overwrite)
-        if snap is None:
-            stale += pieces_of(checkpoint.path, name)
-        return snap, stale + storage.temp_paths(piece_path(checkpoint.path, "*", name))
+        return snap, stale + SavedPieces.stale(checkpoint, snap)
+
+    @staticmethod
+    def stale(checkpoint: PassCheckpoint, snapshot: object, name: str = storage.PARTIAL_FINISHED) -> list[Path]:
+        """What a start removes of the pieces (`name`) beside `checkpoint`'s snapshot: without a `snapshot` (None), the
+        pieces no snapshot continues (those of an --overwrite run's, of one killed before its first snapshot); always the
+        temporary files of killed writers of pieces."""
+        gone = pieces_of(checkpoint.path, name) if snapshot is None else []
+        return gone + storage.temp_paths(piece_path(checkpoint.path, "*", name))
 
     def _at(self, ci: int, c: int) -> str:
         return f"query chunk {ci + 1}, column {c}" if self.by_query else f"example {c}"
@@ -609,14 +614,11 @@ class DatasetsProgress:
 
         def start_checks() -> tuple[DatasetsProgress, list[Path]]:
             removed = check_rank_layout(folder, pattern, dist.world_size, resume=resume, overwrite=overwrite)
-            pieces = list(_finished_files(checkpoint.path, storage.PARTIAL_PIECE).values())
-            for path in [*_finished_files(checkpoint.path).values(), *pieces]:  # never opened (a FIFO would block), nor a folder removed
+            for path in [*_finished_files(checkpoint.path).values(), *pieces_of(checkpoint.path, storage.PARTIAL_PIECE)]:  # never opened (a FIFO would block), nor a folder removed
                 storage.refuse_irregular(path, overwrite and not resume, checkpoint.folder_key)
             snapshot, stale = checkpoint.check_start(resume, overwrite, lost_ok=dist.distributed)
             progress = cls(checkpoint, None if isinstance(snapshot, OutputError) else snapshot, lost_ok=dist.distributed, per_example=per_example)
-            if snapshot is None:  # pieces no snapshot continues (of an --overwrite run's, of one killed before its first snapshot)
-                stale += pieces
-            stale += storage.temp_paths(piece_path(checkpoint.path, "*", storage.PARTIAL_PIECE))
+            stale += SavedPieces.stale(checkpoint, snapshot, storage.PARTIAL_PIECE)
             if isinstance(snapshot, OutputError):
                 progress.snapshot_lost = ("unreadable", snapshot.message)
             elif snapshot is None and resume and dist.distributed:  # `agree`: no progress at all when no rank has one
@@ -779,23 +781,32 @@ class DatasetsProgress:
 
         Raises:
             OutputError: the pieces refused (`SavedPieces.read`: missing, unreadable, of other settings or another
-                dataset, or not tiling the rows the snapshot counts).
+                dataset, or not tiling the rows the snapshot counts), or a snapshot that counts batches done and no
+                rows of them (it cannot be continued).
         """
-        if not self.per_example or "pieces" not in self.state:
+        if not self.per_example or not self.batches_done:
             return
-        done = int(self.state.pop("rows"))
-        pieces = self._pieces(done)
-        parts: dict[str, list[torch.Tensor]] = {k: [] for k in self.per_example}
+        if "pieces" in self.state:  # else a snapshot of earlier versions holds the rows
+            done = int(self.state.pop("rows"))
+            pieces = self._pieces(done)
+            parts: dict[str, list[torch.Tensor]] = {k: [] for k in self.per_example}
 
-        def paste(_q0: int, _q1: int, _c0: int, _c1: int, tensors: dict[str, torch.Tensor]) -> None:
-            for k, v in tensors.items():
-                parts[k].append(v)
+            def paste(_q0: int, _q1: int, _c0: int, _c1: int, tensors: dict[str, torch.Tensor]) -> None:
+                for k, v in tensors.items():
+                    parts[k].append(v)
 
-        pieces.read(int(self.state.pop("pieces")), paste, (0, done))
-        self.pieces = pieces
-        for k, held in parts.items():
-            self.state[k] = torch.cat(held) if len(held) != 1 else held[0]
-            held.clear()
+            pieces.read(int(self.state.pop("pieces")), paste, (0, done))
+            self.pieces = pieces
+            for k, held in parts.items():
+                if held:
+                    self.state[k] = torch.cat(held) if len(held) != 1 else held[0]
+                held.clear()
+        if not all(k in self.state and len(self.state[k]) for k in self.per_example):
+            raise OutputError(
+                f"{str(self.checkpoint.path)!r} counts {self.batches_done} batch(es) of dataset "
+                f"{self.dataset_name(len(self.finished))} as done but holds no per-example results of them",
+                hint="pass --overwrite to start over (the saved progress cannot continue without them)",
+            )
 
     def _write_finished(self, index: int) -> None:
         """Writes finished dataset `index`'s result to its file."""

@@ -1626,3 +1626,21 @@ def test_saved_spectrum_pieces_that_do_not_tile_the_energies_so_far_are_refused(
         spectrum(cfg, resume=True)
     report = spectrum(cfg, overwrite=True)  # --overwrite starts over: the pieces go
     assert report.resumed_from is None and sorted(p.name for p in tmp_path.iterdir()) == [FACTORS_FILE, SPECTRUM_FILE]
+
+
+@pytest.mark.parametrize("edit", ["no-pieces", "no-rows"])
+def test_a_spectrum_snapshot_that_counts_batches_and_no_energies_is_refused(digits, tmp_path, edit):
+    """A snapshot edited to count no pieces (and no rows), or to hold neither pieces nor energies, while it counts
+    batches of the dataset in progress as done, is refused by name: the energies of those batches are nowhere."""
+    cfg = resumable_config(digits, tmp_path)
+    partial = tmp_path / storage.SPECTRUM_PARTIAL.format(rank="")
+    with pytest.raises(KeyboardInterrupt):
+        spectrum(cfg, progress=StopAt("noisy_train", 100))  # a save after 2 batches, then another after 4
+    tensors, meta = load_tensors(partial)
+    held = {k: v for k, v in tensors.items() if k not in ("state.pieces", "state.rows")}
+    edited = held | ({"state.pieces": torch.tensor(0), "state.rows": torch.tensor(0)} if edit == "no-pieces" else {})
+    save_tensors(partial, edited, {k: v for k, v in meta.items() if k != "created"})
+    with pytest.raises(OutputError, match=r"spectrum.partial.safetensors' counts 4 batch\(es\) of dataset 'noisy_train' as done but holds no "
+                       r"per-example results of them") as info:
+        spectrum(cfg, resume=True)
+    assert "--overwrite" in info.value.hint
