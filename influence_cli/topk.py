@@ -689,8 +689,14 @@ def pair_parts(meta: ScoresMeta, pairs: Sequence[tuple[int, int]], *, plain: boo
     hold their parts (`meta.by_layer`), read as `iter_score_blocks` reads the scores (float32; `plain`:
     a relative run's parts times the example's norm). A few numbers per pair: the rankings' pairs only.
 
+    Each file's pairs are read together, in the file's order, by one indexed read of the memory-mapped
+    [L, n_query, train range] parts per `_BLOCK_ELEMENTS` numbers: only the pages holding them are read.
+    A pair whose train position is in no file gets {}.
+
     Raises:
-        UsageError: the scores hold no per-layer parts (compute-scores --by-layer stores them).
+        UsageError: the scores hold no per-layer parts (compute-scores --by-layer stores them), or a
+            query position outside the run's queries.
+        OutputError: a file's parts are not of the shape its metadata and queries say.
     """
     names = meta.by_layer
     if names is None:
@@ -698,23 +704,37 @@ def pair_parts(meta: ScoresMeta, pairs: Sequence[tuple[int, int]], *, plain: boo
             f"the scores in {str(meta.output_dir)!r} hold no per-layer parts", hint="rerun compute-scores with --by-layer (scores.by_layer: true) and --overwrite"
         )
     out: list[dict[str, float]] = [{} for _ in pairs]
+    asked = torch.tensor([(int(q), int(t)) for q, t in pairs], dtype=torch.int64).view(-1, 2)
+    queries, trains = asked[:, 0], asked[:, 1]
+    outside = queries[(queries < 0) | (queries >= meta.n_query)]
+    if outside.numel():
+        valid = f"valid: 0..{meta.n_query - 1}" if meta.n_query else "there are no queries"
+        raise UsageError(f"pairs: query position {int(outside[0])} is outside the {meta.n_query} queries ({valid})")
     undo = plain and meta.relative
+    step = max(1, _BLOCK_ELEMENTS // max(1, len(names)))  # pairs per read: [L, step] numbers
     for f in meta.files:
-        mine = [(i, q, t - f.train_start) for i, (q, t) in enumerate(pairs) if f.train_start <= t < f.train_stop]
-        if not mine:
+        mine = ((trains >= f.train_start) & (trains < f.train_stop)).nonzero().squeeze(1)
+        if not mine.numel():
             continue
         with _open_scores(f.path, (storage.SCORES_BY_LAYER, *(["train_norms"] if undo else []))) as fh:
-            parts = fh.get_slice(storage.SCORES_BY_LAYER)
-            if parts.get_shape()[0] != len(names):
+            parts = fh.get_tensor(storage.SCORES_BY_LAYER)  # a view of the file's memory map, not read yet
+            width = f.train_stop - f.train_start
+            if tuple(parts.shape) != (len(names), meta.n_query, width):
                 raise OutputError(
-                    f"{str(f.path)!r} holds {storage.SCORES_BY_LAYER} of {parts.get_shape()[0]} layers, its metadata names {len(names)}",
+                    f"{str(f.path)!r} holds {storage.SCORES_BY_LAYER} of shape {list(parts.shape)}, "
+                    f"not [{len(names)} layers (its metadata names them), {meta.n_query} queries, {width} train examples]",
                     hint=storage.remake_hint(f.path),
                 )
-            for i, q, c in mine:
-                values = parts[:, q : q + 1, c : c + 1].reshape(-1).float()
+            norms = fh.get_tensor("train_norms") if undo else None
+            rows, columns = queries[mine], trains[mine] - f.train_start
+            order = (rows * width + columns).argsort()  # the file's order: each layer's pages read front to back
+            for s0 in range(0, len(order), step):
+                chosen = order[s0 : s0 + step]
+                values = parts[:, rows[chosen], columns[chosen]].float()  # [L, pairs]
                 if undo:
-                    values = values * fh.get_slice("train_norms")[c : c + 1].float()
-                out[i] = dict(zip(names, values.tolist(), strict=True))
+                    values = values * norms[columns[chosen]].float()
+                for i, row in zip(mine[chosen].tolist(), values.T.tolist(), strict=True):
+                    out[i] = dict(zip(names, row, strict=True))
     return out
 
 

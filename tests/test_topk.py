@@ -9,12 +9,18 @@ import pytest
 import torch
 
 from influence_cli import storage
+from influence_cli import topk as topk_mod
 from influence_cli.errors import OutputError, UsageError
-from influence_cli.topk import _best, iter_score_blocks, load_scores_meta, select_queries, self_top_k, top_k
+from influence_cli.topk import _best, iter_score_blocks, load_scores_meta, pair_parts, select_queries, self_top_k, top_k
 
 
-def write_scores(out: Path, scores: torch.Tensor, shard_len: int | None = None, relative: bool = False) -> None:
-    """A scores run written by hand: one file, or shards of `shard_len` train columns plus the index."""
+def write_scores(
+    out: Path, scores: torch.Tensor, shard_len: int | None = None, relative: bool = False,
+    parts: torch.Tensor | None = None, norms: torch.Tensor | None = None,
+) -> None:  # fmt: skip
+    """A scores run written by hand: one file, or shards of `shard_len` train columns plus the index; with
+    `parts` [L, n_query, n_train] the per-layer parts of layers "l0", "l1", ... (compute-scores --by-layer),
+    with `norms` [n_train] the RelatIF norms."""
     n_query, n_train = scores.shape
     common = {
         "query_indices": torch.arange(100, 100 + n_query),
@@ -22,11 +28,17 @@ def write_scores(out: Path, scores: torch.Tensor, shard_len: int | None = None, 
         "query_predictions": (torch.arange(n_query) + 1) % 3,
     }
     meta = {storage.FORMAT_KEY: storage.SCORES_FORMAT, "relative": relative, "measurement": "loss"}
+    if parts is not None:
+        meta[storage.BY_LAYER] = [f"l{i}" for i in range(parts.shape[0])]
+
+    def extra(c0: int, c1: int) -> dict[str, torch.Tensor]:
+        return ({storage.SCORES_BY_LAYER: parts[:, :, c0:c1]} if parts is not None else {}) | ({"train_norms": norms[c0:c1]} if norms is not None else {})
+
     train_indices = torch.arange(n_train) * 2 + 1  # global indices differ from positions
     if shard_len is None:
         storage.save_tensors(
             out / storage.SCORES_FILE,
-            common | {"scores": scores, "train_indices": train_indices, "train_labels": torch.arange(n_train) % 5},
+            common | {"scores": scores, "train_indices": train_indices, "train_labels": torch.arange(n_train) % 5} | extra(0, n_train),
             meta,
         )
         return
@@ -38,11 +50,11 @@ def write_scores(out: Path, scores: torch.Tensor, shard_len: int | None = None, 
             "scores": scores[:, c0:c1],
             "train_indices": train_indices[c0:c1],
             "train_labels": torch.arange(c0, c1) % 5,
-        }
+        } | extra(c0, c1)
         storage.save_tensors(out / name, tensors, meta)
         shards.append({"file": name, "shard": number, "train_start": c0, "train_stop": c1})
     storage.save_json(out / storage.SCORES_INDEX, {storage.FORMAT_KEY: storage.SCORES_FORMAT, "n_query": n_query, "n_train": n_train,
-                                                   "shards": shards, "metadata": {"relative": relative, "measurement": "loss"}})
+                                                   "shards": shards, "metadata": {k: v for k, v in meta.items() if k != storage.FORMAT_KEY}})
 
 
 def brute_force(scores: torch.Tensor, k: int, largest: bool) -> tuple[list[list[int]], list[list[float]]]:
@@ -431,3 +443,57 @@ def test_top_k_of_many_queries_equals_a_full_sort(tmp_path, dtype):
                     assert [e.train_position for e in r.opponents] == want_low
                     assert [e.score for e in r.proponents + r.opponents] == [as_read[q, j].item() for j in want_top + want_low]
                     assert [(e.train_index, e.train_label) for e in r.proponents + r.opponents] == [(2 * j + 1, j % 5) for j in want_top + want_low]
+
+
+def stored_parts(parts: torch.Tensor, q: int, t: int, norms: torch.Tensor | None = None) -> dict[str, float]:
+    """A pair's parts as the file holds them, read as float32 (times the example's float32 norm for --plain)."""
+    values = parts[:, q, t].float()
+    return dict(zip([f"l{i}" for i in range(parts.shape[0])], (values if norms is None else values * norms[t].float()).tolist(), strict=True))
+
+
+@pytest.mark.parametrize("relative", [False, True], ids=["plain", "relative"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_every_ranked_pair_carries_its_parts_as_stored(tmp_path, dtype, relative):
+    """The parts of every ranked pair, bit for bit as the file holds them, whatever the files (one, shards),
+    the queries chosen and their order, k, either side alone, and --plain of a relative run."""
+    g = torch.Generator().manual_seed(5)
+    scores = (torch.randint(-8, 9, (12, 90), generator=g) / 8).to(dtype)  # many ties
+    parts = (torch.randn(3, 12, 90, generator=g) * 3).to(dtype)
+    norms = torch.rand(90, generator=g) + 0.5 if relative else None
+    for folder, shard_len in (("one", None), ("shards", 23)):
+        (tmp_path / folder).mkdir()
+        write_scores(tmp_path / folder, scores, shard_len, relative=relative, parts=parts, norms=norms)
+    for folder in ("one", "shards"):
+        for selection in (None, [9, slice(0, 3), 11, 5]):
+            for k, largest, smallest in ((1, True, True), (4, True, False), (30, False, True), (30, True, True)):
+                for plain in (False, True) if relative else (False,):
+                    got = top_k(tmp_path / folder, selection, k, largest=largest, smallest=smallest, plain=plain, max_elements=6 * 31)
+                    pairs = [(r.query_position, e) for r in got for e in r.proponents + r.opponents]
+                    assert len(pairs) > len(got)
+                    for q, e in pairs:
+                        assert e.by_layer == stored_parts(parts, q, e.train_position, norms if plain else None)
+
+
+def test_pair_parts_reads_any_pairs_in_blocks(tmp_path, monkeypatch):
+    """Pairs in any order, repeated, across shards, read a few per read; a train position in no file gets {}."""
+    g = torch.Generator().manual_seed(6)
+    parts = torch.randn(2, 5, 30, generator=g)
+    write_scores(tmp_path, parts.sum(0), shard_len=7, parts=parts)
+    meta = load_scores_meta(tmp_path)
+    pairs = [(4, 29), (0, 0), (4, 29), (2, 13), (1, 6), (3, 7), (0, 30), (2, 8), (0, -1), (1, 14)]
+    want = [stored_parts(parts, q, t) if 0 <= t < 30 else {} for q, t in pairs]
+    assert pair_parts(meta, pairs) == want
+    monkeypatch.setattr(topk_mod, "_BLOCK_ELEMENTS", 2 * 2)  # two pairs per read
+    assert pair_parts(meta, pairs) == want
+    assert pair_parts(meta, []) == []
+    with pytest.raises(UsageError, match=r"query position 5 is outside the 5 queries \(valid: 0..4\)"):
+        pair_parts(meta, [(0, 1), (5, 1)])
+
+
+def test_parts_of_another_shape_are_refused(tmp_path):
+    parts = torch.randn(2, 4, 10)
+    write_scores(tmp_path, parts.sum(0), parts=parts)
+    tensors, meta = storage.load_tensors(tmp_path / storage.SCORES_FILE)
+    storage.save_tensors(tmp_path / storage.SCORES_FILE, tensors | {storage.SCORES_BY_LAYER: parts[:, :3]}, meta)
+    with pytest.raises(OutputError, match=r"holds scores_by_layer of shape \[2, 3, 10\], not \[2 layers .*, 4 queries, 10 train examples\]"):
+        top_k(tmp_path, None, 2)
