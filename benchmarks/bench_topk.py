@@ -17,8 +17,9 @@ interleaved round by round:
   are file-backed, not anonymous), and a digest of the rankings (their per-layer parts too), which
   must be the same for both trees; with `--by-layer`, also the seconds of that call spent reading
   the ranked pairs' parts (`pair_parts`);
-- with `--cli`, the whole `influence top-k CONFIG --k K --json` and the table, as a user runs it
-  (a config naming DIR; imports, config, rendering included).
+- with `--cli`, the whole `influence top-k CONFIG --k K --json` and the tables, as a user runs it
+  (a config naming DIR; imports, config, rendering included): wall and CPU seconds, and its output,
+  which must be the same for both trees.
 
 Medians of `--repeats`. `--profile` prints this tree's cProfile of one `top_k` call instead.
 """
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -141,11 +143,13 @@ def run_top_k(tree: Path, out: Path, k: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run_cli(tree: Path, config: Path, k: int, json_: bool) -> tuple[float, str]:
+def run_cli(tree: Path, config: Path, k: int, json_: bool) -> tuple[float, float, str]:
+    """The wall and CPU seconds (user + system, steadier than wall time on a shared machine) of the whole command, and its stdout."""
     args = [sys.executable, "-m", "influence_cli", "top-k", str(config), "--k", str(k), *(["--json"] if json_ else [])]
-    t0 = time.perf_counter()
+    before, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     done = subprocess.run(args, env=env_for(tree) | {"COLUMNS": "120"}, cwd=tree, check=True, capture_output=True, text=True)
-    return time.perf_counter() - t0, done.stdout
+    seconds, after = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
+    return seconds, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, done.stdout
 
 
 def main() -> None:
@@ -173,7 +177,7 @@ def main() -> None:
         return
     trees = {"this tree": ROOT} | ({"before": args.before.resolve()} if args.before else {})
     runs: dict[str, list[dict]] = {name: [] for name in trees}
-    cli: dict[tuple[str, bool], list[float]] = {(name, j): [] for name in trees for j in (True, False)}
+    cli: dict[tuple[str, bool], list[tuple[float, float]]] = {(name, j): [] for name in trees for j in (True, False)}
     outputs: dict[tuple[str, bool], str] = {}
     config = write_config(args.dir)
     for _ in range(args.repeats):
@@ -181,17 +185,19 @@ def main() -> None:
             runs[name].append(run_top_k(tree, args.dir, args.k))
             if args.cli:
                 for json_ in (True, False):
-                    seconds, stdout = run_cli(tree, config, args.k, json_)
-                    cli[name, json_].append(seconds)
+                    seconds, cpu, stdout = run_cli(tree, config, args.k, json_)
+                    cli[name, json_].append((seconds, cpu))
                     outputs[name, json_] = stdout
     parts = " of which `pair_parts` (s) |" if args.by_layer else ""
-    print(f"| tree | top_k (s) |{parts} peak anonymous memory above imports (MB) | rankings digest |" + (" `top-k --json` (s) | `top-k`, tables (s) |" if args.cli else ""))
+    print(f"| tree | top_k (s) |{parts} peak anonymous memory above imports (MB) | rankings digest |" + (" `top-k --json` (s, CPU s) | `top-k`, tables (s, CPU s) |" if args.cli else ""))
     print("|---|---:|" + ("---:|" if args.by_layer else "") + "---:|---|" + ("---:|---:|" if args.cli else ""))
     for name, rows in runs.items():
         parts = f" {statistics.median(r['parts_seconds'] for r in rows):.2f} |" if args.by_layer else ""
         line = f"| {name} | {statistics.median(r['seconds'] for r in rows):.2f} |{parts} {max(r['anon_mb'] for r in rows):.0f} | {rows[0]['digest']} |"
         if args.cli:
-            line += f" {statistics.median(cli[name, True]):.2f} | {statistics.median(cli[name, False]):.2f} |"
+            for json_ in (True, False):
+                wall, cpu = (statistics.median(run[i] for run in cli[name, json_]) for i in (0, 1))
+                line += f" {wall:.2f}, {cpu:.2f} |"
         print(line)
     digests = {r["digest"] for rows in runs.values() for r in rows}
     same_cli = len({outputs[key] for key in outputs if key[1]}) <= 1 and len({outputs[key] for key in outputs if not key[1]}) <= 1
