@@ -1574,6 +1574,89 @@ def _printed(table, width: int, monkeypatch) -> list[str]:
     return out.getvalue().splitlines()
 
 
+PRINTED_TABLES = Path(__file__).parent / "printed_tables.txt"  # as print_table drew them while rich measured every cell itself
+
+
+def printed_tables(monkeypatch) -> str:
+    """A ranking's table, one with a "layers" column of long layer names (compute-scores --by-layer), and one with
+    long paths, each printed to a pipe and at 200 to 30 columns: as they are, narrowed, or as records."""
+    from rich.text import Text
+
+    from influence_cli.cli import render
+    from influence_cli.cli.scores import _ranking_table
+    from influence_cli.topk import RankedExample
+
+    names = [f"backbone.encoder.layer{i}.{b}.conv{c}" for i in (1, 4) for b in (0, 1) for c in (1, 2)] + ["fc"]
+    head = [("", "left"), ("rank", "right"), ("train index", "right"), ("label", "left"), ("influence", "right")]
+
+    def ranking(layers: bool):
+        rows = []
+        for side, sign in (("proponent", 1), ("opponent", -1)):
+            for rank in range(1, 4):
+                parts = {name: sign * (i % 5 - 1.5 + rank) / 7 for i, name in enumerate(names)}
+                score = sum(parts.values())
+                e = RankedExample(rank, 1000 * rank + 7, rank, f"class {rank} (a longer class name)", score, parts if layers else None)
+                rows.append(([Text(side, style="green" if sign > 0 else "red"), str(rank), str(e.train_index), e.train_label, f"{score:+.5g}"], e))
+        return _ranking_table("query 3 · index 103 · label 1 (one) · predicted 7 (seven)", head, rows, 3, layers)
+
+    def paths():
+        table = render.new_table("files", [("name", "left"), ("path", "left"), ("size", "right")])
+        table.add_row("factors", "/home/someone/experiments_with_a_long_name/run_0042/factors.safetensors", "41,234,112")
+        table.add_row("scores", "/home/someone/experiments_with_a_long_name/run_0042/scores_shard_00003.safetensors", "-3")
+        return table
+
+    blocks = []
+    for columns in (None, 200, 120, 100, 80, 60, 40, 30):
+        if columns is None:
+            monkeypatch.delenv("COLUMNS", raising=False)
+        else:
+            monkeypatch.setenv("COLUMNS", str(columns))
+        for name, make in (("ranking", lambda: ranking(False)), ("layers", lambda: ranking(True)), ("paths", paths)):
+            out = io.StringIO()
+            monkeypatch.setattr("sys.stdout", out)
+            render.print_table(make())
+            blocks.append(f"=== {name} at {columns or 'a pipe'}\n{out.getvalue()}")
+    return "".join(blocks)
+
+
+def test_tables_print_as_they_did_while_rich_measured_every_cell_again(monkeypatch):
+    """print_table gives rich the widths it measured (the natural ones where the table fits), and a ranking's
+    table with its "layers" column is measured once for record_room and print_table together: the same
+    bytes as before, in every layout, and rich measures no cell after print_table laid the table out."""
+    from rich.table import Table
+
+    from influence_cli.cli import render
+
+    laid_out, late, inside = [], [], []
+    column_widths, measure_column = render._column_widths, Table._measure_column
+
+    def counted(console, table):
+        laid_out.append(table)
+        inside.append(True)
+        try:
+            return column_widths(console, table)
+        finally:
+            inside.pop()
+
+    def measured(self, console, options, column):
+        if not inside and laid_out and self is laid_out[-1] and column.width is None:
+            late.append(column.header)
+        return measure_column(self, console, options, column)
+
+    monkeypatch.setattr(render, "_column_widths", counted)
+    monkeypatch.setattr(Table, "_measure_column", measured)
+    assert printed_tables(monkeypatch) == PRINTED_TABLES.read_text(encoding="utf-8")
+    assert late == []
+    laid_out.clear()
+    monkeypatch.setenv("COLUMNS", "200")
+    from influence_cli.cli.scores import _ranking_table
+    from influence_cli.topk import RankedExample
+
+    e = RankedExample(1, 7, 7, 3, 0.5, {"fc1": 0.25, "fc2": 0.25})
+    render.print_table(_ranking_table("query 0", [("", "left"), ("influence", "right")], [(["proponent", "+0.5"], e)], None, True))
+    assert len(laid_out) == 2  # the other columns alone (room_beside), then the whole table once
+
+
 def test_a_path_longer_than_a_record_line_folds_in_a_two_column_grid(monkeypatch):
     """A two-column table (info's) is drawn as "name: value" lines where they show whole a token the grid would
     fold (a path on a line of its own, which a terminal lets one copy); a path longer than such a line folds in

@@ -12,6 +12,7 @@ import os
 import re
 import select
 import sys
+import weakref
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -325,9 +326,8 @@ def print_line(text: str) -> None:
 def print_table(table: Table) -> None:
     """`table` on stdout: as a grid where it fits the terminal without breaking a word (see `_column_widths`),
     else as records, one block of "column: value" lines per row (`_records`); a title on a line of its own."""
-    _prepared(table)
     console = out_console()
-    layout = _column_widths(console, table)
+    layout = _laid_out(console, table)
     title, table.title = table.title, None  # a line of its own, not wrapped to the table's width (a pipe reads it whole)
     if title:
         console.print(title, style="table.title", soft_wrap=True)
@@ -341,6 +341,21 @@ def print_table(table: Table) -> None:
     for column, width in zip(table.columns, widths or [], strict=False):
         column.width = width
     console.print(table)
+
+
+_KEPT_LAYOUTS: weakref.WeakKeyDictionary[Table, tuple[int, int, Any]] = weakref.WeakKeyDictionary()
+
+
+def _laid_out(console: Console, table: Table, keep: bool = False) -> tuple[list[int] | None, int] | None:
+    """`_column_widths` of `table`, `_prepared`, in console.width; `keep`: kept for the next call on the
+    same table at the same width and with as many rows (`record_room`, then `print_table`), which takes it."""
+    kept = _KEPT_LAYOUTS.pop(table, None)
+    if kept is not None and kept[:2] == (console.width, len(table.rows)):
+        return kept[2]
+    layout = _column_widths(console, _prepared(table))
+    if keep:
+        _KEPT_LAYOUTS[table] = (console.width, len(table.rows), layout)
+    return layout
 
 
 def _prepared(table: Table) -> Table:
@@ -362,9 +377,10 @@ _PUNCTUATION = "\"'()[]{}.,:;!?"  # around a word ("(predicted)", "linear,"): st
 
 
 def _column_widths(console: Console, table: Table) -> tuple[list[int] | None, int] | None:
-    """(the widths of `table`'s columns' text that fit it in console.width, or None where it fits as it is; the
-    width it is drawn at, its padding and borders included), or None where it cannot be drawn as a grid
-    without breaking a word: `print_table` draws it as records.
+    """(the widths of `table`'s columns' text that fit it in console.width: their natural widths where it fits as it
+    is, which `print_table` sets so that rich does not measure every cell again; None where another rich draws it by
+    its own layout; the width it is drawn at, its padding and borders included), or None where it cannot be drawn as
+    a grid without breaking a word: `print_table` draws it as records.
 
     A table wider than the terminal has its widest columns narrowed first, as far as the rest allow: a column of
     text folds between words; where that is not enough, a token (a path, a fingerprint, a snake_case or dotted
@@ -386,7 +402,7 @@ def _column_widths(console: Console, table: Table) -> tuple[list[int] | None, in
     natural = [m.maximum - pad for m, pad in zip(measured, pads, strict=True)]
     room = console.width - extra - sum(pads)
     if sum(natural) <= room:
-        return None, sum(natural) + sum(pads) + extra
+        return natural, sum(natural) + sum(pads) + extra
     whole = [bool(c.no_wrap) for c in table.columns]  # a right-justified column's numbers are kept whole by its min_width
     anywhere = [n if w else min(n, max(c.min_width or 0, 1)) for n, w, c in zip(natural, whole, table.columns, strict=True)]
     between_words = [n if w else max(a, m.minimum - pad) for n, w, a, m, pad in zip(natural, whole, anywhere, measured, pads, strict=True)]
@@ -492,7 +508,7 @@ def record_room(table: Table, header: str) -> int | None:
     """Characters a cell under `header` (a column after the first, of more than two) has on its line where
     `table` is drawn as records at the terminal's width (`print_table`); None where it is drawn as a grid."""
     console = out_console()
-    if _column_widths(console, _prepared(table)) is not None:
+    if _laid_out(console, table, keep=True) is not None:
         return None
     return console.width - RECORD_INDENT - cell_len(header) - 2  # ": "
 
