@@ -167,7 +167,8 @@ def out_of_memory(exc: BaseException, hint: str | None = None) -> ResourceError 
 def human_bytes(n: float) -> str:
     """Bytes as messages and tables give them: B, then KiB, MiB, GiB or TiB to one decimal."""
     for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        text = f"{n:.0f}" if unit == "B" else f"{n:.1f}"
+        if abs(float(text)) < 1024:  # as rounded: 1,048,575 B is 1.0 MiB, not 1024.0 KiB
+            return f"{text} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"

@@ -1040,13 +1040,30 @@ def test_inspect_says_how_many_queries_compute_scores_takes_at_a_time(runner: Cl
     assert f"compute-scores preconditions and scores up to {chunk:,} queries at a time" in " ".join(table.split())
 
 
-@pytest.mark.parametrize("strategy", ["ekfac", "kfac", "diagonal", "identity"])
-def test_inspect_counts_the_bytes_fit_factors_writes(runner: CliRunner, tmp_path: Path, strategy: str):
+@pytest.mark.parametrize(
+    ("config", "strategy"),
+    [(DIGITS, "ekfac"), (DIGITS, "kfac"), (DIGITS, "diagonal"), (DIGITS, "identity"), (DIGITS_CNN, "ekfac"), (DIGITS_CNN, "diagonal")],
+)
+def test_inspect_counts_the_bytes_fit_factors_writes(runner: CliRunner, tmp_path: Path, config: Path, strategy: str):
+    """The total and each layer's bytes (its tensors `<layer>.*` in the file), for linear and conv2d layers."""
+    from influence_cli.fit import LayerInfo
+
     sets = ["--set", f"factors.strategy={strategy}", "--set", f"output_dir={tmp_path}", "--set", "data.train.range=[0, 200]"]
-    data = json.loads(invoke(runner, "inspect", DIGITS, *sets, "--json").stdout)
-    assert invoke(runner, "fit-factors", DIGITS, *sets).exit_code == 0
+    data = json.loads(invoke(runner, "inspect", config, *sets, "--json").stdout)
+    assert invoke(runner, "fit-factors", config, *sets).exit_code == 0
     tensors, _ = load_tensors(tmp_path / FACTORS)
     assert data["factor_bytes"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    for layer in data["layers"]:
+        written = sum(t.numel() * t.element_size() for key, t in tensors.items() if key.rsplit(".", 1)[0] == layer["name"])
+        assert LayerInfo(**(layer | {"weight_shape": tuple(layer["weight_shape"])})).factor_bytes() == written, layer["name"]
+
+
+def test_human_bytes_moves_to_the_next_unit_when_rounding_reaches_1024():
+    from influence_cli.errors import human_bytes
+
+    assert [human_bytes(n) for n in (0, 1023, 1023.6, 1024, 1535, 2**20 - 52, 2**20 - 1, 2**30 - 1, 2**40 - 1, 2**40)] == [
+        "0 B", "1023 B", "1.0 KiB", "1.0 KiB", "1.5 KiB", "1023.9 KiB", "1.0 MiB", "1.0 GiB", "1.0 TiB", "1.0 TiB",
+    ]  # fmt: skip
 
 
 NORMED_MODULE = """
