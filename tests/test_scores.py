@@ -710,10 +710,8 @@ def test_resume_after_interruption_is_bit_identical(project, monkeypatch, name, 
     assert not list(cfg.output_path.glob("scores.partial*"))
 
 
-def test_snapshots_write_each_score_once(project, monkeypatch):
-    """A pass saved after every batch (6 batches, 2 query chunks) writes each score to its progress once, in pieces
-    beside a snapshot that holds none: the snapshot held every row scored so far, written again at each save (and the
-    current chunk's rows copied to be written), so the saves of a range of B batches wrote about B/2 score blocks."""
+def _progress_writes(monkeypatch) -> list[tuple[str, dict[str, torch.Tensor]]]:
+    """Records every progress file written from now on: (its name, a copy of its tensors), in order."""
     written: list[tuple[str, dict[str, torch.Tensor]]] = []
     real = storage.save_tensors
 
@@ -723,6 +721,14 @@ def test_snapshots_write_each_score_once(project, monkeypatch):
         return real(path, tensors, metadata, **kwargs)
 
     monkeypatch.setattr(storage, "save_tensors", spy)
+    return written
+
+
+def test_snapshots_write_each_score_once(project, monkeypatch):
+    """A pass saved after every batch (6 batches, 2 query chunks) writes each score to its progress once, in pieces
+    beside a snapshot that holds none: the snapshot held every row scored so far, written again at each save (and the
+    current chunk's rows copied to be written), so the saves of a range of B batches wrote about B/2 score blocks."""
+    written = _progress_writes(monkeypatch)
     cfg = make_cfg(project, "saved-once", "scores.query_chunk=4")
     compute_scores(cfg)
     pieces = [t for name, t in written if ".finished" in name]
@@ -848,15 +854,7 @@ def test_self_influence_progress_writes_each_value_once(project, monkeypatch):
     """--self saved after every batch (6) writes each example's values to its progress once, in pieces beside a snapshot
     that holds none: the snapshot held every value so far (self-influence, loss, prediction), written again at each save,
     so the saves of N examples wrote about N²/2 × batch size × checkpoint_every of them."""
-    written: list[tuple[str, dict[str, torch.Tensor]]] = []
-    real = storage.save_tensors
-
-    def spy(path, tensors, metadata, **kwargs):
-        if "partial" in Path(path).name:
-            written.append((Path(path).name, {k: v.clone() for k, v in tensors.items()}))
-        return real(path, tensors, metadata, **kwargs)
-
-    monkeypatch.setattr(storage, "save_tensors", spy)
+    written = _progress_writes(monkeypatch)
     cfg = make_cfg(project, "self-saved-once")
     compute_scores(cfg, self_influence=True)
     pieces = [t for name, t in written if ".finished" in name]
