@@ -92,6 +92,9 @@ JOBS: dict[str, Job] = {  # the longest first: two at a time, they end together
     "bench_lm": job(
         "benchmarks/bench_lm.py --train 16 --queries 2 --repeats 1 --vocab 32 --length 8 --batch-size 8", expect="scores finite: True", mnist=False
     ),
+    "bench_topk": job(
+        "benchmarks/bench_topk.py --queries 20 --train 2000 --by-layer 2 --repeats 1 --cli --dir {tmp}/topk", expect="rankings: the same", mnist=False
+    ),
     "tf32_gap": job("benchmarks/tf32_gap.py --device cpu --configs configs/digits.yaml", expect="| TF32 on |", mnist=False),
     "eigh_precision": job("benchmarks/eigh_precision.py --train 64 --channels 2,4", expect="kfac_solve_rel_error"),
     "profile_fit": job("benchmarks/profile_fit.py --train 64 --channels 2,4 --checkpoint-every 1", expect="ru_maxrss of the process"),
