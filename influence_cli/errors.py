@@ -7,6 +7,7 @@ an optional hint (the next step), and the process exit code the CLI uses.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 # The keyword arguments of the Python API that the messages' command-line flags stand for.
 _PYTHON_ARGUMENTS = {
@@ -162,6 +163,12 @@ def out_of_memory(exc: BaseException, hint: str | None = None) -> ResourceError 
         or "lower data.batch_size (and for compute-scores scores.max_memory_mb or scores.query_chunk); "
         "fit-factors and compute-scores keep the progress they saved: rerun them with --resume",
     )
+
+
+def first_few(items: Sequence[str], most: int, sep: str = ", ") -> str:
+    """`items` joined by `sep` as messages list them: all of them, or the first `most` and then their number
+    ("a, b, c, ... (12 in all)")."""
+    return sep.join(items[:most]) + (f"{sep}... ({len(items)} in all)" if len(items) > most else "")
 
 
 def human_bytes(n: float) -> str:

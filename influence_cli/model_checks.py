@@ -30,7 +30,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from influence_cli.errors import ModelError, first_line, out_of_memory
+from influence_cli.errors import ModelError, first_few, first_line, out_of_memory
 from influence_cli.tracking import Capture, TrackedModule, attention_fastpath_off
 
 _TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-3}  # relative; under factors.amp (bf16 / fp16 autocast): 5e-2
@@ -97,7 +97,7 @@ def _described(out: object) -> str:
     """A non-tensor output for messages: its type, and a mapping's keys (a Hugging Face ModelOutput is one)."""
     if isinstance(out, Mapping):
         keys = [str(k) for k in out]
-        shown = ", ".join(repr(k) for k in keys[:4]) + (f", ... ({len(keys)} in all)" if len(keys) > 4 else "")
+        shown = first_few([repr(k) for k in keys], 4)
         return f"{type(out).__name__} (a mapping of {shown or 'nothing'})"
     return type(out).__name__
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from influence_cli.errors import DataError, ModelError
+from influence_cli.errors import DataError, ModelError, first_few
 
 
 @dataclass
@@ -373,7 +373,7 @@ def find_tracked_modules(
             kind = "conv1d" if isinstance(module, nn.Conv1d) else "conv2d"
             d_in = module.in_channels * math.prod(module.kernel_size) + has_bias
             tracked.append(TrackedModule(name, module, kind, d_in, module.out_channels, has_bias))
-    listed = ", ".join(trackable[:8]) + (f", ... ({len(trackable)} in all)" if len(trackable) > 8 else "")  # for the messages below
+    listed = first_few(trackable, 8)  # for the messages below
     dead = [p for p in patterns if not _is_name(p) and not any(fnmatch.fnmatchcase(n, p) for n in supported_names)]
     if dead and tracked:  # a typo next to a pattern that works would otherwise drop its layers silently
         raise ModelError(
@@ -392,7 +392,7 @@ def find_tracked_modules(
         raise ModelError(f"{key}: {named[0]!r} {detail}", hint=hint)
     if not tracked:
         if left_frozen:
-            shown = ", ".join(left_frozen[:3]) + (f", ... ({len(left_frozen)} in all)" if len(left_frozen) > 3 else "")
+            shown = first_few(left_frozen, 3)
             raise ModelError(
                 f"{key}: {list(patterns)} matches only frozen layers (none of their parameters requires grad: {shown}), and "
                 "factors.trainable_only tracks only layers that training changed",
@@ -400,7 +400,7 @@ def find_tracked_modules(
                 "folder, is_trainable=True)), or set factors.trainable_only: false",
             )
         if skipped:
-            shown = "; ".join(skipped[:3]) + (f"; ... ({len(skipped)} in all)" if len(skipped) > 3 else "")
+            shown = first_few(skipped, 3, "; ")
             detail = f"it matches only layers that cannot be tracked: {shown}"
         else:
             detail = f"layers: {listed or 'none'}"
@@ -487,7 +487,7 @@ def frozen_layers_warning(model: nn.Module, tracked: Sequence[TrackedModule], pa
     names = [tm.name for tm in tracked if frozen(tm.module) and not any(_is_name(p) and p == tm.name for p in patterns)]
     if not names:
         return None
-    shown = ", ".join(names[:3]) + (f", ... ({len(names)} in all)" if len(names) > 3 else "")
+    shown = first_few(names, 3)
     return (
         f"factors.modules tracks {len(names)} frozen layer{'s' if len(names) > 1 else ''} (no parameter requires grad: {shown}) "
         "beside trainable parameters: their part of each score is influence through weights the training did not change; "
@@ -649,7 +649,7 @@ class Capture:
         """
         uncalled = [tm.name for tm in self.tracked if not self._inputs[tm.name]]
         if uncalled:  # all of them at once: one rerun, not one per layer
-            shown = ", ".join(repr(n) for n in uncalled[:6]) + (f", ... ({len(uncalled)} in all)" if len(uncalled) > 6 else "")
+            shown = first_few([repr(n) for n in uncalled], 6)
             raise ModelError(
                 f"layer{'s' if len(uncalled) > 1 else ''} {shown} {'were' if len(uncalled) > 1 else 'was'} not called in the forward pass, "
                 "which runs in eval mode (a branch used only in training, such as an auxiliary classifier, or a weight applied "

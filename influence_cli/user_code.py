@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
+from influence_cli.errors import first_few
+
 
 @contextlib.contextmanager
 def on_sys_path(folder: Path) -> Iterator[None]:
@@ -97,7 +99,7 @@ def missing_function_hint(module: ModuleType, name: str) -> str:
     close = difflib.get_close_matches(name, found, n=1)
     if close:
         return f"did you mean {close[0]!r}?"
-    shown = ", ".join(found[:10]) + (f", ... ({len(found)} in all)" if len(found) > 10 else "")
+    shown = first_few(found, 10)
     return f"{module.__name__} defines {shown}" if found else f"{module.__name__} defines no function ({getattr(module, '__file__', None) or 'no file'})"
 
 

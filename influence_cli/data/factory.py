@@ -14,7 +14,7 @@ import torch
 from influence_cli import notices
 from influence_cli.config import DataSpec
 from influence_cli.data.source import LABELS_AS_NUMBERS_HINT, Source, file_info, item_input, item_label, to_inputs, to_labels
-from influence_cli.errors import DataError, first_line
+from influence_cli.errors import DataError, first_few, first_line
 from influence_cli.user_code import import_failure_hint, import_from, missing_function_hint, on_sys_path
 
 
@@ -34,7 +34,7 @@ class _FactoryItems:
         if not isinstance(item, (tuple, list)) or len(item) < 2:
             if isinstance(item, dict):  # Hugging Face datasets and many projects' own give {"image": ..., "label": ...}
                 keys = list(item)
-                shown = ", ".join(repr(k) for k in keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
+                shown = first_few([repr(k) for k in keys], 6)
                 raise DataError(
                     f"{self.key}: item {index} is a dict (keys {shown}), expected a pair (x, y)",
                     hint="return (input, label) from __getitem__, or have the factory return a Dataset wrapping this one "
