@@ -8,6 +8,7 @@ from torch import nn
 from influence_cli import task as task_lib
 from influence_cli.factors import LayerFactors
 from influence_cli.fit import PassPlan, compute_factors
+from influence_cli.kernel import pairwise_scores, self_influence_scores
 from influence_cli.tracking import Capture, TrackedModule, find_tracked_modules, tracked_grad_enabled
 
 
@@ -97,6 +98,18 @@ def assert_same_curvature(got: dict[str, LayerFactors], want: dict[str, LayerFac
             torch.testing.assert_close(g.a_covariance, w.a_covariance, rtol=1e-10, atol=1e-14)
             torch.testing.assert_close(g.g_covariance, w.g_covariance, rtol=1e-10, atol=1e-14)
             torch.testing.assert_close(kron_dense(g, 0.0), kron_dense(w, 0.0), rtol=1e-8, atol=1e-12)
+
+
+def assert_same_scores(models, fitted, query, train, **options) -> list[torch.Tensor]:
+    """Two twin models' pairwise scores of `query` × `train` (batch factories, `batches_of`) and self-influence of
+    `train`, equal (`fitted`: each model's (tracked, factors); `options`: for `pairwise_scores` and
+    `self_influence_scores`); the pairwise scores of each, [Q, N]."""
+    pairs = list(zip(models, fitted, strict=True))
+    scores = [pairwise_scores(m, t, f, query(0), train(0), **options) for m, (t, f) in pairs]
+    torch.testing.assert_close(scores[0], scores[1], rtol=1e-8, atol=1e-10 * float(scores[1].abs().max()))
+    selfs = [self_influence_scores(m, t, f, train(0), **options) for m, (t, f) in pairs]
+    torch.testing.assert_close(selfs[0], selfs[1], rtol=1e-8, atol=0.0)
+    return scores
 
 
 def tiny_mlp(d_in=5, hidden=4, d_out=3, seed=0):

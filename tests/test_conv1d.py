@@ -14,7 +14,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from exact import assert_same_curvature, batches_of, fit, kron_dense, sequence_project
+from exact import assert_same_curvature, assert_same_scores, batches_of, fit, kron_dense, sequence_project
 from safetensors.torch import load_file
 from torch import nn
 from typer.testing import CliRunner
@@ -23,7 +23,7 @@ from influence_cli.cli import app
 from influence_cli.edit import edit_model
 from influence_cli.errors import ModelError
 from influence_cli.fit import describe_layers
-from influence_cli.kernel import pairwise_scores, self_influence_scores
+from influence_cli.kernel import pairwise_scores
 from influence_cli.tracking import find_tracked_modules, skipped_layers, untracked_modules
 
 pytestmark = pytest.mark.usefixtures("float64_default")
@@ -128,12 +128,8 @@ def test_factors_and_scores_equal_those_of_the_nn_linear_model(strategy, fisher)
     assert_same_curvature(conv_factors, linear_factors, [tm.name for tm in linear_tracked], strategy)
     query = batches_of(tokens[:3], labels[:3], 2)
     train = batches_of(tokens, labels, 5)
-    options = {"task_kind": LM, "damping": 1e-3, "padding_value": PAD}
-    scores = [pairwise_scores(m, t, f, query(0), train(0), **options) for m, t, f in [(conv, *fitted[0]), (linear, *fitted[1])]]
+    scores = assert_same_scores((conv, linear), fitted, query, train, task_kind=LM, damping=1e-3, padding_value=PAD)
     assert scores[1].abs().max() > 1e-3
-    torch.testing.assert_close(scores[0], scores[1], rtol=1e-8, atol=1e-10 * float(scores[1].abs().max()))
-    selfs = [self_influence_scores(m, t, f, train(0), **options) for m, t, f in [(conv, *fitted[0]), (linear, *fitted[1])]]
-    torch.testing.assert_close(selfs[0], selfs[1], rtol=1e-8, atol=0.0)
 
 
 def test_flat_inputs_and_deflated_rows_match_the_nn_linear_model():
@@ -157,10 +153,7 @@ def test_flat_inputs_and_deflated_rows_match_the_nn_linear_model():
     fitted = [fit(m, x, y, strategy="ekfac") for m in (conv, linear)]
     assert [(lf.zero_inputs, lf.zero_outputs) for lf in fitted[0][1].values()] == [(1, 1), (1, 0), (0, 0)]
     query, train = batches_of(x[:4], y[:4], 2), batches_of(x, y, 6)
-    scores = [pairwise_scores(m, t, f, query(0), train(0), damping=1e-3) for m, (t, f) in zip((conv, linear), fitted, strict=True)]
-    torch.testing.assert_close(scores[0], scores[1], rtol=1e-8, atol=1e-10 * float(scores[1].abs().max()))
-    selfs = [self_influence_scores(m, t, f, train(0), damping=1e-3) for m, (t, f) in zip((conv, linear), fitted, strict=True)]
-    torch.testing.assert_close(selfs[0], selfs[1], rtol=1e-8, atol=0.0)
+    assert_same_scores((conv, linear), fitted, query, train, damping=1e-3)
 
 
 def test_edit_writes_the_transposed_weight():
