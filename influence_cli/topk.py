@@ -823,6 +823,20 @@ def self_top_k(
     ]
 
 
+def rank_by_loss_note(ranked: list[RankedExample], predicted: torch.Tensor | None, has_losses: bool) -> str | None:
+    """The note that --rank-by loss suits these self-influence rows better, where the class the model predicts
+    differs from the label on most of them (it has not fit them: docs/MEMORIZATION.md); None otherwise."""
+    if predicted is None or not has_losses or not ranked:
+        return None
+    differ = sum(int(predicted[r.train_position]) != int(r.train_label) for r in ranked)
+    if 2 * differ <= len(ranked):
+        return None
+    return (
+        f"the model predicts another class than the label on {differ} of these {len(ranked)}: it has not fit them, and "
+        "--rank-by loss (the largest training losses first) then finds wrong labels better (docs/MEMORIZATION.md)"
+    )
+
+
 __all__ = [
     "QueryRanking",
     "RankedExample",
@@ -835,6 +849,7 @@ __all__ = [
     "load_scores_meta",
     "load_self_influence",
     "pair_parts",
+    "rank_by_loss_note",
     "select_queries",
     "self_top_k",
     "top_k",

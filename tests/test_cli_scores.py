@@ -788,8 +788,7 @@ def test_rank_by_loss_is_suggested_where_the_model_predicts_another_class_on_mos
     """docs/MEMORIZATION.md: where the predicted class differs from the label on most self-influence rows, the
     model has not fit them and the loss ranks wrong labels better; on half of them or fewer, or without
     predictions or losses, nothing is said."""
-    from influence_cli.cli.scores import rank_by_loss_note
-    from influence_cli.topk import RankedExample
+    from influence_cli.topk import RankedExample, rank_by_loss_note
 
     ranked = [RankedExample(rank=i + 1, train_index=10 + i, train_position=i, train_label=i % 3, score=1.0, loss=1.0) for i in range(4)]
     predicted = torch.tensor([0, 0, 0, 0])  # labels 0, 1, 2, 0: 2 of 4 differ

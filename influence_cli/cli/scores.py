@@ -32,7 +32,6 @@ from influence_cli.cli.render import (
 from influence_cli.errors import UsageError, human_bytes
 
 if TYPE_CHECKING:  # the CLI imports torch only when a command runs
-    import torch
 
     from influence_cli.example_views import ExampleView
     from influence_cli.topk import RankedExample
@@ -248,7 +247,7 @@ def top_k_cmd(
         losses = self_influence.train_losses is not None
         heading = "most self-influential training examples" if rank_by == "self-influence" else "training examples of the largest loss"
         grid_path = _self_grid(train, ranked, image_grid, predicted, heading) if image_grid is not None else None
-        note = rank_by_loss_note(ranked, predicted, losses) if rank_by == "self-influence" and cfg.task.kind == "classification" else None
+        note = topk.rank_by_loss_note(ranked, predicted, losses) if rank_by == "self-influence" and cfg.task.kind == "classification" else None
         if json_:
             if note:
                 err_console.print(f"[bold yellow]note:[/] {escape(note)}", soft_wrap=True)
@@ -358,20 +357,6 @@ def top_k_cmd(
         print_table(_ranking_table(title, head, rows, section, meta.by_layer is not None))  # each pair's leading layers (--by-layer)
     if grid_path:
         err_console.print(f"[green]saved[/] {escape(str(grid_path))}")
-
-
-def rank_by_loss_note(ranked: list[RankedExample], predicted: torch.Tensor | None, has_losses: bool) -> str | None:
-    """The note that --rank-by loss suits these self-influence rows better, where the class the model predicts
-    differs from the label on most of them (it has not fit them: docs/MEMORIZATION.md); None otherwise."""
-    if predicted is None or not has_losses or not ranked:
-        return None
-    differ = sum(int(predicted[r.train_position]) != int(r.train_label) for r in ranked)
-    if 2 * differ <= len(ranked):
-        return None
-    return (
-        f"the model predicts another class than the label on {differ} of these {len(ranked)}: it has not fit them, and "
-        "--rank-by loss (the largest training losses first) then finds wrong labels better (docs/MEMORIZATION.md)"
-    )
 
 
 def _ranked_json(e) -> dict:
