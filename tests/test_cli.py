@@ -80,8 +80,8 @@ def test_root_help_states_the_sign_convention_and_the_flow(runner: CliRunner):
     text = " ".join(result.stdout.split())
     assert "Sign convention: a positive score means up-weighting the training example lowers the query's loss" in text
     assert "proponent" in text and "opponent" in text
-    assert "influence fit-factors CONFIG" in text
-    for command in ("fit-factors", "inspect", "info"):
+    assert "influence fit-factors CONFIG" in text and "influence init FILE --example digits" in text
+    for command in ("init", "fit-factors", "inspect", "info"):
         assert command in text
     assert "--debug" in text and "--version" in text
 
@@ -92,6 +92,7 @@ def test_root_help_states_the_sign_convention_and_the_flow(runner: CliRunner):
         ("fit-factors", "influence fit-factors configs/digits.yaml"),
         ("inspect", "influence inspect configs/digits.yaml"),
         ("info", "influence info runs/digits/factors.safetensors"),
+        ("init", "influence init my_config.yaml --example digits"),
     ],
 )
 def test_command_help_has_examples(runner: CliRunner, command: str, example: str):
@@ -100,7 +101,7 @@ def test_command_help_has_examples(runner: CliRunner, command: str, example: str
     text = " ".join(result.stdout.split())
     assert "Examples" in text and example in text
     assert "--json" in text
-    if command != "info":
+    if command not in ("info", "init"):  # commands that read a config
         assert "--set" in text and "docs/CONFIG.md" in text
 
 

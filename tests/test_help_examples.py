@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 from pathlib import Path
 
 import pytest
 import torch
-from mnist_files import ROOT, idx_overrides, requires_mnist
+from mnist_files import MNIST_DIR, ROOT, idx_overrides, requires_mnist
 from typer.testing import CliRunner
 
 from influence_cli.cli import app
@@ -110,3 +111,31 @@ def test_the_spectrum_and_edit_examples_run_and_the_edited_checkpoint_loads(tmp_
             assert Path(report["path"]).is_file() and report["layers"], args
         else:  # fit-factors of the edited checkpoint
             assert Path(report["path"]).parent == tmp_path / "mnist_edited", report
+
+
+def test_the_mnist_init_example_writes_a_config_that_runs(tmp_path, monkeypatch):
+    """init's MNIST example as written, from a folder beside which ../shared/data/mnist holds the IDX files and
+    runs/mnist/model.safetensors an (untrained) model of configs/mnist.yaml: the written config runs its next commands."""
+    work = tmp_path / "work"
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    (tmp_path / "shared" / "data" / "mnist").symlink_to(MNIST_DIR)
+    (work / "runs" / "mnist").mkdir(parents=True)
+    monkeypatch.chdir(work)
+    cfg = load_config(ROOT / "configs" / "mnist.yaml", check_files=False)
+    torch.manual_seed(0)
+    save_tensors(work / "runs" / "mnist" / "model.safetensors", build_model(cfg.model, cfg.base_dir).state_dict(), {})
+    runner = CliRunner(env={"COLUMNS": "120", "INFLUENCE_DEBUG": None, "RANK": None, "WORLD_SIZE": None})
+    args = example("init", "--example", "mnist")
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+    written = load_config(work / args[1])
+    for key in ("train", "query"):  # configs/mnist.yaml's data, its files named from the written config's folder
+        mine, theirs = getattr(written.data, key), getattr(cfg.data, key)
+        assert dataclasses.replace(mine, images=None, labels=None) == dataclasses.replace(theirs, images=None, labels=None)
+        assert (work / mine.images).resolve() == (MNIST_DIR / "t10k-images-idx3-ubyte.gz").resolve()
+    assert written.model == dataclasses.replace(cfg.model, checkpoint="runs/mnist/model.safetensors")
+    small = ["--set", "data.train.range=[0, 300]", "--set", "device=cpu"]
+    for line in result.stderr.split("next:", 1)[1].strip().splitlines():
+        done = runner.invoke(app, [*shlex.split(line, comments=True)[1:], *small, "--json"])
+        assert done.exit_code == 0, (line, done.stderr)
+    assert len(json.loads(done.stdout)["queries"]) == 3

@@ -61,7 +61,9 @@ app = typer.Typer(
         "approximation of the Fisher, driven by one YAML config.\n\n"
         "Sign convention: a positive score means up-weighting the training example lowers the query's "
         "loss (a proponent, helpful); negative means it raises it (an opponent).\n\n"
-        "Typical flow: influence fit-factors CONFIG, then influence compute-scores CONFIG, then influence top-k CONFIG."
+        "Typical flow: influence fit-factors CONFIG, then influence compute-scores CONFIG, then influence top-k CONFIG. "
+        "A first config: influence init FILE --example digits (the bundled sample), or influence init FILE --model "
+        "my_model:Net --checkpoint model.pt --train my_data:train_set for your own."
     ),
     no_args_is_help=True,
     add_completion=False,

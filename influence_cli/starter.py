@@ -1,0 +1,318 @@
+"""`influence init`: a commented starter config, for the user's own model and data or for a bundled example.
+
+`starter_config` builds the YAML text (every key it sets with a comment; checked with the strict loader
+before it is returned), `write_config` writes it atomically without replacing a file unless told to, and
+`next_commands` lists the commands that follow. The keys are the config's own (config.py); relative paths
+in the text resolve against the folder of the file it is written to, as in any config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import yaml
+
+from influence_cli.errors import ConfigError, UsageError
+
+EXAMPLES = ("digits", "mnist")
+BUILTIN_MODELS = ("mlp", "cnn")
+TENSORS_SUFFIXES = (".safetensors", ".npz", ".pt", ".pth")
+QUERY_LIMIT = 10  # queries of a starter config over the user's own query set: a first result in seconds
+SAMPLE_DATA = Path(__file__).resolve().parents[1] / "sample_data"  # beside the package in a clone (`pip install -e .`)
+MNIST_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")  # the test split, as configs/mnist.yaml reads it
+COMMENT_COLUMN = 36
+_PLAIN = re.compile(r"[A-Za-z0-9_./~-]+")
+_FLAGS = {"model.architecture": "--model", "model.checkpoint": "--checkpoint", "data.train": "--train", "data.query": "--query"}
+
+BLOCK = object()  # the value of a key whose keys follow on lines of their own
+Line = tuple[int, str, object, str]  # indent level, key, value (BLOCK, or what the key is set to), comment
+
+
+def starter_config(
+    config_path: str | Path,
+    *,
+    example: str | None = None,
+    model: str | None = None,
+    checkpoint: str | Path | None = None,
+    train: str | None = None,
+    query: str | None = None,
+    data_dir: str | Path | None = None,
+) -> str:
+    """The text of a starter config to be written at `config_path` ("-": printed, its paths then relative to the
+    working directory).
+
+    Either `example` ("digits": the bundled sample, model and data; "mnist": configs/mnist.yaml's MLP on the IDX
+    files in `data_dir`, with `checkpoint` as its weights), or the user's own `model` (`module:Name`, or a built-in
+    name) with an optional `checkpoint`, and a `train` (and optional `query`) data source: `module:Name`, a tensors
+    file (.safetensors, .npz, .pt, .pth) or an image folder. Paths given are taken from the working directory and
+    written relative to the config's folder.
+
+    Raises:
+        UsageError: naming the flag (--example, --model, --train, --query, --data-dir) whose value cannot make a config.
+    """
+    folder = Path(os.path.abspath(".") if str(config_path) == "-" else os.path.dirname(os.path.abspath(config_path)))
+    stem = "starter" if str(config_path) == "-" else Path(config_path).stem
+    if example is not None:
+        if example not in EXAMPLES:
+            raise UsageError(f"--example: {example!r} is not one of {', '.join(EXAMPLES)}")
+        given = [flag for flag, value in (("--model", model), ("--train", train), ("--query", query)) if value is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)}: not used with --example (it names the model and the data)", hint="leave out --example to name your own")
+        if example == "digits":
+            for flag, value in (("--checkpoint", checkpoint), ("--data-dir", data_dir)):
+                if value is not None:
+                    raise UsageError(f"{flag}: not used with --example digits (the bundled sample has its model and data)")
+            lines = _digits(folder)
+        else:
+            lines = _mnist(folder, data_dir, checkpoint)
+    else:
+        if model is None or train is None:
+            missing = " and ".join(flag for flag, value in (("--model", model), ("--train", train)) if value is None)
+            raise UsageError(f"{missing}: missing", hint="name your model and training data (--model my_model:Net --train my_data:train_set), or use --example digits")
+        if data_dir is not None:
+            raise UsageError("--data-dir: only used with --example mnist")
+        lines = _own(folder, model, checkpoint, train, query)
+    lines += [
+        (0, "output_dir", f"runs/{stem}", "where factors and scores are written"),
+        (0, "device", "auto", "auto | cpu | cuda | cuda:N"),
+        (0, "seed", 0, "seed of the sampled Fisher's labels"),
+    ]
+    text = "\n".join(_header(example) + [_line(*line) for line in lines]) + "\n"
+    _check(text, folder)
+    return text
+
+
+def next_commands(config_shown: str, query: bool = True) -> list[tuple[str, str]]:
+    """The commands to run after `influence init`, each with what it does, for the config at `config_shown` (as the
+    user typed it); without a query set, self-influence instead of the queries' rankings."""
+    steps = [("inspect", "", "the layers tracked"), ("fit-factors", "", "the curvature of the training set")]
+    steps += [
+        ("compute-scores", "", "every training example's influence on every query"),
+        ("top-k", " --query 0:3 --k 5", "each query's strongest proponents and opponents"),
+    ] if query else [
+        ("compute-scores", " --self", "self-influence of every training example"),
+        ("top-k", " --self --k 10", "the most self-influential: likely mislabeled or memorized"),
+    ]  # fmt: skip
+    return [(f"influence {name} {config_shown}{flags}", what) for name, flags, what in steps]
+
+
+def write_config(path: str | Path, text: str, overwrite: bool = False) -> None:
+    """Writes `text` at `path` atomically (a temporary file beside it, renamed over it).
+
+    Raises:
+        UsageError: `path` exists (without `overwrite`) or is a folder.
+        OutputError: it cannot be written.
+    """
+    from influence_cli import storage  # here: it imports torch, which building the text does not need
+
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"FILE: {str(path)!r} is a folder", hint="give the name of the config file to write, e.g. my_config.yaml")
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise UsageError(f"FILE: {str(path)!r} already exists", hint="pass --overwrite to replace it, or give another file name")
+    with storage.atomic_path(path, key="FILE") as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------- the configs
+
+
+def _header(example: str | None) -> list[str]:
+    what = {"digits": "the bundled digits sample (sample_data/)", "mnist": "MNIST's IDX files"}.get(example or "", "your model and data")
+    return [
+        f"# influence_cli config for {what}, written by `influence init`.",
+        "# Relative paths resolve against this file's folder. Every key, with its default: docs/CONFIG.md.",
+    ]
+
+
+def _digits(folder: Path) -> list[Line]:
+    if not (SAMPLE_DATA / "digits.safetensors").is_file():
+        raise UsageError(
+            f"--example digits: the bundled sample is not in {str(SAMPLE_DATA)!r} (an install from a wheel leaves it out)",
+            hint="install from a clone of the repository (pip install -e .), or name your own model and data",
+        )
+    data = _bundled("digits.safetensors", folder)
+    return [
+        (0, "model", BLOCK, "an MLP trained on scikit-learn's 8x8 handwritten digits"),
+        (1, "architecture", "mlp", "built-in; your own: module:Name"),
+        (1, "kwargs", {"input_dim": 64, "hidden": [64, 32], "num_classes": 10}, "arguments of mlp(...)"),
+        (1, "checkpoint", _bundled("mlp.safetensors", folder), "its trained weights"),
+        *_task(),
+        (0, "data", BLOCK, "an example's index is its position in the file"),
+        (1, "train", BLOCK, "the training set"),
+        (2, "source", "tensors", "a file of inputs and labels tensors"),
+        (2, "path", data, "inputs [1797, 64], labels [1797]"),
+        (2, "range", [0, 1500], "examples 0..1499"),
+        (2, "transform", {"scale": 16.0}, "pixels 0..16 divided by 16"),
+        (1, "query", BLOCK, "the examples whose predictions are explained"),
+        (2, "source", "tensors", "the same file"),
+        (2, "path", data, "held-out examples below"),
+        (2, "range", [1500, 1520], "examples 1500..1519 (top-k --query 0 is 1500)"),
+        (2, "transform", {"scale": 16.0}, "as the training set"),
+        (1, "batch_size", 256, "examples per batch in every pass"),
+        *_factors_and_scores(),
+    ]
+
+
+def _mnist(folder: Path, data_dir: str | Path | None, checkpoint: str | Path | None) -> list[Line]:
+    if data_dir is None:
+        raise UsageError("--data-dir: missing (the folder of MNIST's IDX files) for --example mnist", hint="e.g. --data-dir ../shared/data/mnist")
+    files = []
+    for name in MNIST_FILES:
+        found = next((Path(data_dir) / f for f in (f"{name}.gz", name) if (Path(data_dir) / f).is_file()), None)
+        if found is None:
+            raise UsageError(f"--data-dir: no {name}.gz (or {name}) in {str(data_dir)!r}", hint="give the folder that holds MNIST's t10k IDX files")
+        files.append(_relative(found, folder))
+    weights = "trained by `make mnist-model` (runs/mnist/model.safetensors)" if checkpoint is None else "its trained weights"
+    spec = [
+        (2, "source", "idx", "raw IDX files (.gz or not)"),
+        (2, "images", files[0], "MNIST's test split: 10,000 images"),
+        (2, "labels", files[1], "and their labels"),
+    ]
+    return [
+        (0, "model", BLOCK, "the MLP of `make mnist-model`, trained on images 0..7999"),
+        (1, "architecture", "mlp", "built-in; your own: module:Name"),
+        (1, "kwargs", {"input_dim": 784, "hidden": [128, 128], "num_classes": 10}, "arguments of mlp(...)"),
+        (1, "checkpoint", None if checkpoint is None else _relative(Path(checkpoint), folder), weights),
+        *_task(),
+        (0, "data", BLOCK, "an example's index is its position in the files"),
+        (1, "train", BLOCK, "the training set"),
+        *spec,
+        (2, "range", [0, 8000], "images 0..7999"),
+        (2, "transform", {"flatten": True, "scale": 255.0}, "28x28 pixels to 784 values in [0, 1]"),
+        (1, "query", BLOCK, "the examples whose predictions are explained"),
+        *spec,
+        (2, "range", [9000, 9100], "images 9000..9099, held out"),
+        (2, "transform", {"flatten": True, "scale": 255.0}, "as the training set"),
+        (1, "batch_size", 256, "examples per batch in every pass"),
+        *_factors_and_scores(),
+    ]
+
+
+def _own(folder: Path, model: str, checkpoint: str | Path | None, train: str, query: str | None) -> list[Line]:
+    if model not in BUILTIN_MODELS and ":" not in model:
+        from influence_cli.user_code import colon_form_hint
+
+        own = colon_form_hint(model, folder)
+        raise UsageError(f"--model: {model!r} is not module:Name (your nn.Module class or a function returning the model) nor one of {', '.join(BUILTIN_MODELS)}", hint=own)
+    name = model.rpartition(":")[2]
+    weights = (
+        (1, "checkpoint", _relative(Path(checkpoint), folder), "its trained weights: a state dict (torch.save) or .safetensors")
+        if checkpoint is not None
+        else (1, "checkpoint", None, "none: the weights it is built with (set the trained weights' file)")
+    )
+    lines: list[Line] = [
+        (0, "model", BLOCK, "the trained model"),
+        (1, "architecture", model, "looked up beside this file, then on PYTHONPATH" if ":" in model else "built-in"),
+        (1, "kwargs", {}, f"keyword arguments of {name}(...)"),
+        weights,
+        *_task(),
+        (0, "data", BLOCK, "an example's index is its position in its dataset"),
+        (1, "train", BLOCK, "the training set the model learned from"),
+        *_source(folder, train, "--train"),
+    ]
+    if query is not None:
+        lines += [
+            (1, "query", BLOCK, "the examples whose predictions are explained"),
+            *_source(folder, query, "--query"),
+            (2, "limit", QUERY_LIMIT, f"the first {QUERY_LIMIT} (leave it out for all)"),
+        ]
+    return [*lines, (1, "batch_size", 256, "examples per batch in every pass (lower it if memory runs out)"), *_factors_and_scores()]
+
+
+def _source(folder: Path, value: str, flag: str) -> list[Line]:
+    """A data spec's lines for a --train / --query value: `module:Name`, a tensors file or an image folder."""
+    if ":" in value and not os.path.exists(value):
+        name = value.rpartition(":")[2]
+        what = "items (x, y) as the model takes them, no random augmentation" if flag == "--train" else "as the training set's"
+        return [
+            (2, "source", value, f"your Dataset (class or function): {what}"),
+            (2, "kwargs", {}, f"keyword arguments of {name}(...)"),
+        ]
+    if os.path.isdir(value):
+        return [(2, "source", "image_folder", "one sub-folder of images per class"), (2, "root", _relative(Path(value), folder), "the folder")]
+    if value.lower().endswith(TENSORS_SUFFIXES):
+        return [(2, "source", "tensors", "a file of inputs and labels tensors"), (2, "path", _relative(Path(value), folder), "keys inputs and labels")]
+    raise UsageError(
+        f"{flag}: {value!r} is not module:Name (your Dataset class or a function returning one), a tensors file "
+        f"({', '.join(TENSORS_SUFFIXES)}) or a folder of images",
+        hint=f"e.g. {flag} my_data:{'train_set' if flag == '--train' else 'test_set'}",
+    )
+
+
+def _task() -> list[Line]:
+    return [
+        (0, "task", BLOCK, "what the model does"),
+        (1, "kind", "classification", "classification | regression | language_modeling"),
+        (1, "measurement", "loss", "what is attributed for a query: loss | margin"),
+    ]
+
+
+def _factors_and_scores() -> list[Line]:
+    return [
+        (0, "factors", BLOCK, "the curvature (Fisher) approximation"),
+        (1, "strategy", "ekfac", "ekfac | kfac | diagonal | identity"),
+        (1, "fisher", "sampled", "sampled | empirical | ggn"),
+        (1, "modules", ["*"], "layers tracked, fnmatch patterns (influence inspect lists them)"),
+        (0, "scores", BLOCK, "how scores are computed"),
+        (1, "damping", "auto", "auto (0.1 x each layer's mean eigenvalue) or a number"),
+        (1, "relative", False, "true: RelatIF, which keeps high-gradient outliers from leading every list"),
+    ]
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def _relative(path: Path, folder: Path) -> str:
+    """A path given from the working directory as the config names it: relative to the config's folder (an absolute
+    one as it is)."""
+    path = Path(os.path.expanduser(path))
+    return str(path) if path.is_absolute() else os.path.relpath(os.path.abspath(path), folder)
+
+
+def _bundled(name: str, folder: Path) -> str:
+    """A file of sample_data/: relative to a config written inside the repository, else absolute."""
+    inside = os.path.commonpath([folder, SAMPLE_DATA.parent]) == str(SAMPLE_DATA.parent)
+    return os.path.relpath(SAMPLE_DATA / name, folder) if inside else str(SAMPLE_DATA / name)
+
+
+def _scalar(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    text = str(value)
+    return text if _PLAIN.fullmatch(text) and yaml.safe_load(text) == text else json.dumps(text, ensure_ascii=False)
+
+
+def _flow(value: object) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_flow(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_flow(v) for v in value) + "]"
+    return _scalar(value)
+
+
+def _line(indent: int, key: str, value: object, comment: str) -> str:
+    text = "  " * indent + f"{key}:" + ("" if value is BLOCK else f" {_flow(value)}")
+    return f"{text.ljust(COMMENT_COLUMN)} # {comment}"
+
+
+def _check(text: str, folder: Path) -> None:
+    """The text loads with the strict loader (the files it names need not exist yet); a problem is named by its flag."""
+    from influence_cli.config import config_from_dict
+
+    try:
+        config_from_dict(yaml.safe_load(text), base_dir=folder, source="influence init", check_files=False)
+    except ConfigError as exc:
+        problems = []
+        for problem in exc.problems:
+            key = problem.split(":", 1)[0]
+            flag = next((f for k, f in _FLAGS.items() if key == k or key.startswith(f"{k}.")), None)
+            problems.append(f"{flag} ({problem})" if flag else problem)
+        raise UsageError("; ".join(problems)) from None

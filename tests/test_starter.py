@@ -1,0 +1,219 @@
+"""`influence init`: the starter configs load with the strict loader, every key they set has a comment, the file is
+never replaced without --overwrite, and the --help examples run as written through fit-factors, compute-scores and top-k."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shlex
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from test_examples import OWN_DATA, OWN_MODEL
+from typer.testing import CliRunner, Result
+
+from influence_cli import starter
+from influence_cli.cli import app
+from influence_cli.config import config_from_dict, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+OWN_FACTORIES = OWN_DATA + '''
+
+def train_set():
+    return Images("train")
+
+
+def test_set():
+    return Images("test")
+'''
+
+
+@pytest.fixture(scope="module")
+def runner() -> CliRunner:
+    return CliRunner(env={"COLUMNS": "120", "INFLUENCE_DEBUG": None, "RANK": None, "WORLD_SIZE": None})
+
+
+def own_code(folder: Path) -> None:
+    """my_model.py (class Net), my_data.py (train_set, test_set) and model.pt, as README's "Your own model and data"."""
+    (folder / "my_model.py").write_text(OWN_MODEL)
+    (folder / "my_data.py").write_text(OWN_FACTORIES)
+    namespace: dict = {}
+    exec(OWN_MODEL, namespace)
+    torch.manual_seed(0)
+    torch.save(namespace["Net"]().state_dict(), folder / "model.pt")
+
+
+def mnist_files(folder: Path) -> Path:
+    """Empty files named as MNIST's t10k IDX files (the loader checks that they exist, not what they hold)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in starter.MNIST_FILES:
+        (folder / f"{name}.gz").write_bytes(b"")
+    return folder
+
+
+def help_examples() -> list[list[str]]:
+    result = CliRunner(env={"COLUMNS": "250"}).invoke(app, ["init", "--help"])
+    assert result.exit_code == 0, result.stderr
+    text = result.stdout.split("Examples", 1)[1]
+    return [shlex.split(line.strip(), comments=True)[1:] for line in text.splitlines() if line.strip().startswith("influence ")]
+
+
+def assert_usage_error(result: Result, *needles: str) -> str:
+    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr, result.exception)
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert 1 <= len(lines) <= 2 and lines[0].startswith("usage error: "), result.stderr
+    assert len(lines) == 1 or lines[1].startswith("hint: ")
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+MODES = {
+    "digits": ["--example", "digits"],
+    "mnist": ["--example", "mnist", "--data-dir", "mnist", "--checkpoint", "model.pt"],
+    "own": ["--model", "my_model:Net", "--checkpoint", "model.pt", "--train", "my_data:train_set", "--query", "my_data:test_set"],
+    "own without queries": ["--model", "my_model:Net", "--train", "my_data:train_set"],
+    "own files": ["--model", "my_model:Net", "--train", "train.safetensors", "--query", "images"],
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_starter_loads_with_the_strict_loader_and_comments_every_key(runner: CliRunner, tmp_path: Path, monkeypatch, mode: str):
+    """Written in a sub-folder from the working directory (paths given from there are written from the config's
+    folder), the file loads with every file check, and every line that sets a key says what it is."""
+    monkeypatch.chdir(tmp_path)
+    own_code(tmp_path)
+    mnist_files(tmp_path / "mnist")
+    (tmp_path / "train.safetensors").write_bytes(b"")
+    (tmp_path / "images" / "cat").mkdir(parents=True)
+    result = runner.invoke(app, ["init", "configs/starter.yaml", *MODES[mode]])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == ""
+    text = (tmp_path / "configs" / "starter.yaml").read_text()
+    cfg = load_config(tmp_path / "configs" / "starter.yaml")  # every file it names exists, as named from configs/
+    assert cfg.output_path == tmp_path / "configs" / "runs" / "starter"
+    keys = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    assert keys and all(" # " in line and line.split(" # ", 1)[1].strip() for line in keys), text
+    if mode.startswith("own"):
+        assert cfg.model.architecture == "my_model:Net"
+        assert (cfg.model.checkpoint == "../model.pt") == ("--checkpoint" in MODES[mode])
+    if mode == "own files":
+        assert (cfg.data.train.source, cfg.data.train.path, cfg.data.query.source, cfg.data.query.root) == ("tensors", "../train.safetensors", "image_folder", "../images")
+    next_steps = result.stderr.split("next:", 1)[1]
+    assert [line.split("#")[0].split()[1] for line in next_steps.strip().splitlines()] == ["inspect", "fit-factors", "compute-scores", "top-k"]
+    assert ("--self" in next_steps) == (mode == "own without queries")
+    assert "influence fit-factors configs/starter.yaml" in next_steps
+
+
+def test_the_digits_starter_written_in_the_repository_names_the_sample_from_there(tmp_path: Path):
+    """Inside the repository the bundled files are named relative to the config (a clone moves whole); elsewhere absolute."""
+    text = starter.starter_config(ROOT / "my_config.yaml", example="digits")
+    assert "checkpoint: sample_data/mlp.safetensors " in text and "path: sample_data/digits.safetensors " in text
+    config_from_dict(yaml.safe_load(text), base_dir=ROOT)  # with its files checked
+    outside = starter.starter_config(tmp_path / "my_config.yaml", example="digits")
+    assert f"checkpoint: {ROOT / 'sample_data' / 'mlp.safetensors'} " in outside
+
+
+def test_an_existing_file_is_never_replaced_without_overwrite(runner: CliRunner, tmp_path: Path):
+    config = tmp_path / "my_config.yaml"
+    config.write_text("mine\n")
+    line = assert_usage_error(runner.invoke(app, ["init", str(config), "--example", "digits"]), "already exists", "my_config.yaml")
+    assert "--overwrite" not in line and config.read_text() == "mine\n"
+    result = runner.invoke(app, ["init", str(config), "--example", "digits", "--overwrite"])
+    assert result.exit_code == 0, result.stderr
+    assert load_config(config).model.architecture == "mlp"
+    (tmp_path / "folder.yaml").mkdir()
+    assert_usage_error(runner.invoke(app, ["init", str(tmp_path / "folder.yaml"), "--example", "digits", "--overwrite"]), "is a folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.yaml", "my_config.yaml"]  # no temporary file left
+
+
+def test_json_names_the_file_and_the_next_commands(runner: CliRunner, tmp_path: Path):
+    result = runner.invoke(app, ["init", str(tmp_path / "c.yaml"), "--example", "digits", "--json"])
+    assert result.exit_code == 0 and result.stderr == "", result.stderr
+    assert json.loads(result.stdout) == {"path": str(tmp_path / "c.yaml"), "next_commands": [c for c, _ in starter.next_commands(str(tmp_path / "c.yaml"))]}
+
+
+def test_a_failed_write_leaves_the_old_file_whole(runner: CliRunner, tmp_path: Path, monkeypatch):
+    """Written atomically: a disk that fills mid-write leaves the file as it was, and no temporary file."""
+    config = tmp_path / "my_config.yaml"
+    config.write_text("mine\n")
+    real = Path.write_text
+
+    def full_disk(self: Path, text: str, *args, **kwargs):
+        real(self, text[:10], *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    result = runner.invoke(app, ["init", str(config), "--example", "digits", "--overwrite"])
+    assert result.exit_code == 5 and "free space" in result.stderr, result.stderr
+    monkeypatch.undo()
+    assert config.read_text() == "mine\n" and [p.name for p in tmp_path.iterdir()] == ["my_config.yaml"]
+
+
+def test_a_dash_prints_the_config_on_stdout_and_the_next_commands_on_stderr(runner: CliRunner, tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert_usage_error(runner.invoke(app, ["init", "-", "--example", "digits", "--json"]), "--json", "FILE -")
+    result = runner.invoke(app, ["init", "-", "--example", "digits"])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == starter.starter_config("-", example="digits")
+    assert list(tmp_path.iterdir()) == []
+    assert "influence fit-factors CONFIG" in result.stderr and "top-k CONFIG" in result.stderr
+    (tmp_path / "saved.yaml").write_text(result.stdout)
+    assert load_config(tmp_path / "saved.yaml").output_path == tmp_path / "runs" / "starter"
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["--example", "cifar"], ["--example", "'cifar'", "digits, mnist"]),
+        (["--example", "digits", "--model", "my_model:Net"], ["--model", "not used with --example"]),
+        (["--example", "digits", "--checkpoint", "model.pt"], ["--checkpoint", "not used with --example digits"]),
+        (["--example", "mnist"], ["--data-dir", "missing"]),
+        (["--example", "mnist", "--data-dir", "."], ["--data-dir", "t10k-images-idx3-ubyte.gz"]),
+        ([], ["--model and --train", "missing"]),
+        (["--model", "my_model:Net"], ["--train: missing"]),
+        (["--model", "my_model.Net", "--train", "my_data:train_set"], ["--model", "'my_model.Net'", "module:Name"]),
+        (["--model", "my_model:Net", "--train", "train.csv"], ["--train", "'train.csv'", "tensors file"]),
+        (["--model", "my_model:Net", "--train", "my_data:train_set", "--data-dir", "."], ["--data-dir", "--example mnist"]),
+    ],
+    ids=["unknown example", "example and model", "digits and checkpoint", "mnist without data-dir", "mnist without files",
+         "nothing", "no train", "dotted model", "unknown train", "data-dir without mnist"],  # fmt: skip
+)
+def test_flags_that_cannot_make_a_config_are_one_usage_error_naming_the_flag(runner: CliRunner, tmp_path: Path, args: list[str], needles: list[str]):
+    assert_usage_error(runner.invoke(app, ["init", str(tmp_path / "c.yaml"), *args]), *needles)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_help_examples_run_as_written_through_top_k(runner: CliRunner, tmp_path: Path, monkeypatch):
+    """Each example of `init --help` but the MNIST one (tests/test_help_examples.py runs it on real MNIST), in a folder
+    holding README's model and data: the config it writes runs the next commands it prints."""
+    monkeypatch.chdir(tmp_path)
+    own_code(tmp_path)
+    examples = [args for args in help_examples() if "mnist" not in args]
+    assert len(examples) == 3 and any("-" in args for args in examples)
+    for args in examples:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, (args, result.stderr)
+        if args[1] == "-":
+            assert load_config_text(result.stdout, tmp_path).model.architecture == "mlp"
+            continue
+        for line in result.stderr.split("next:", 1)[1].strip().splitlines():
+            command = shlex.split(line, comments=True)[1:]
+            done = runner.invoke(app, [*command, "--json"])
+            assert done.exit_code == 0, (command, done.stderr)
+            assert "warning" not in done.stderr, done.stderr
+        ranked = json.loads(done.stdout)["queries"]
+        assert len(ranked) == 3 and all(q["proponents"] for q in ranked)
+        (tmp_path / args[1]).unlink()  # the next example writes the same config, with the same output_dir
+        shutil.rmtree(tmp_path / "runs")
+
+
+def load_config_text(text: str, folder: Path):
+    return config_from_dict(yaml.safe_load(text), base_dir=folder)
