@@ -1,9 +1,10 @@
-"""docs/examples/causal_lm.py, the worked language-model example, runs as its docstring says."""
+"""docs/examples/causal_lm.py, the worked language-model example, runs as its docstring says; README's examples run as printed."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,23 @@ def test_the_readme_config_of_your_own_model_and_data_runs_as_written(tmp_path):
     run("compute-scores", "--self")
     assert len(run("top-k", "--self", "--k", "5")["self_influence"]) == 5
     assert run("dataset-similarity")["names"] == ["train", "heldout"]
+
+
+def test_the_readme_quick_path_runs_as_printed(tmp_path, monkeypatch):
+    """README's "Quick path": at most 15 lines, init, fit-factors, compute-scores and top-k, each command as printed
+    (from another folder than the repository's, so the config names the bundled sample by its absolute path)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Quick path\n", 1)[1].split("\n## ", 1)[0]
+    assert len(section.strip().splitlines()) <= 15, section
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
+    assert [c[:2] for c in commands] == [["influence", name] for name in ("init", "fit-factors", "compute-scores", "top-k")]
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner(env={"COLUMNS": "120", "INFLUENCE_DEBUG": None, "RANK": None, "WORLD_SIZE": None})
+    for command in commands:
+        result = runner.invoke(app, command[1:])
+        assert result.exit_code == 0, (command, result.stderr)
+        assert "warning" not in result.stderr, result.stderr
+    assert "proponent" in result.stdout and "opponent" in result.stdout
+    ranked = runner.invoke(app, [*commands[-1][1:], "--json"])
+    assert [q["query_index"] for q in json.loads(ranked.stdout)["queries"]] == [1500, 1501, 1502]

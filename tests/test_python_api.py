@@ -1,4 +1,4 @@
-"""The Python API as README's "From Python" uses it: the exported names, configs built in code and
+"""The Python API as docs/GUIDE.md's "From Python" uses it: the exported names, configs built in code and
 changed after loading, argument types, and the caller's global state left alone."""
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def test_readme_python_example_runs_and_reads_results_back(tmp_path):
 
 
 def test_load_dataset_gives_the_examples_and_the_planted_label_noise(tmp_path):
-    """README: train a model on the labels label_noise planted, from a config whose checkpoint does not exist yet."""
+    """docs/GUIDE.md: train a model on the labels label_noise planted, from a config whose checkpoint does not exist yet."""
     cfg = load_config(DIGITS, ["model.checkpoint=not_trained_yet.safetensors", "data.train.label_noise=0.1"], check_files=False)
     ds = influence_cli.load_dataset(cfg.data.train, cfg.base_dir, seed=cfg.seed)
     x, y, index = ds[0]
