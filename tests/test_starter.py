@@ -217,3 +217,10 @@ def test_the_help_examples_run_as_written_through_top_k(runner: CliRunner, tmp_p
 
 def load_config_text(text: str, folder: Path):
     return config_from_dict(yaml.safe_load(text), base_dir=folder)
+
+
+def test_the_digits_example_without_the_bundled_sample_says_where_it_looked(runner: CliRunner, tmp_path: Path, monkeypatch):
+    """An install from a wheel has no sample_data/ beside the package."""
+    monkeypatch.setattr(starter, "SAMPLE_DATA", tmp_path / "sample_data")
+    line = assert_usage_error(runner.invoke(app, ["init", str(tmp_path / "c.yaml"), "--example", "digits"]), "--example digits", str(tmp_path / "sample_data"))
+    assert "pip install -e ." in runner.invoke(app, ["init", str(tmp_path / "c.yaml"), "--example", "digits"]).stderr, line
