@@ -8,9 +8,12 @@ in the text resolve against the folder of the file it is written to, as in any c
 
 from __future__ import annotations
 
+import importlib.machinery
+import inspect
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import yaml
@@ -166,7 +169,7 @@ def _mnist(folder: Path, data_dir: str | Path | None, checkpoint: str | Path | N
         if found is None:
             raise UsageError(f"--data-dir: no {name}.gz (or {name}) in {str(data_dir)!r}", hint="give the folder that holds MNIST's t10k IDX files")
         files.append(_relative(found, folder))
-    weights = "trained by `make mnist-model` (runs/mnist/model.safetensors)" if checkpoint is None else "its trained weights"
+    weights = "none: untrained weights; set the file `make mnist-model` writes (runs/mnist/model.safetensors)" if checkpoint is None else "its trained weights"
     spec = [
         (2, "source", "idx", "raw IDX files (.gz or not)"),
         (2, "images", files[0], "MNIST's test split: 10,000 images"),
@@ -198,7 +201,18 @@ def _own(folder: Path, model: str, checkpoint: str | Path | None, train: str, qu
 
         own = colon_form_hint(model, folder)
         raise UsageError(f"--model: {model!r} is not module:Name (your nn.Module class or a function returning the model) nor one of {', '.join(BUILTIN_MODELS)}", hint=own)
+    torchvision = model.startswith("torchvision:")
+    if ":" in model and not torchvision:
+        _user_code(model, "--model", folder)
     name = model.rpartition(":")[2]
+    if model in BUILTIN_MODELS:
+        from influence_cli.models import BUILTIN_ARCHITECTURES
+
+        required = [p.name for p in inspect.signature(BUILTIN_ARCHITECTURES[model]).parameters.values() if p.default is inspect.Parameter.empty]
+        arguments = f"keyword arguments of {name}(...)" + (f": {', '.join(required)} required, the others: docs/CONFIG.md" if required else ": docs/CONFIG.md")
+    else:
+        arguments = f"keyword arguments of {name}(...)"
+    where = "torchvision's, built without weights" if torchvision else "looked up beside this file, then on PYTHONPATH" if ":" in model else "built-in"
     weights = (
         (1, "checkpoint", _relative(Path(checkpoint), folder), "its trained weights: a state dict (torch.save) or .safetensors")
         if checkpoint is not None
@@ -206,8 +220,8 @@ def _own(folder: Path, model: str, checkpoint: str | Path | None, train: str, qu
     )
     lines: list[Line] = [
         (0, "model", BLOCK, "the trained model"),
-        (1, "architecture", model, "looked up beside this file, then on PYTHONPATH" if ":" in model else "built-in"),
-        (1, "kwargs", {}, f"keyword arguments of {name}(...)"),
+        (1, "architecture", model, where),
+        (1, "kwargs", {}, arguments),
         weights,
         *_task(),
         (0, "data", BLOCK, "an example's index is its position in its dataset"),
@@ -226,6 +240,7 @@ def _own(folder: Path, model: str, checkpoint: str | Path | None, train: str, qu
 def _source(folder: Path, value: str, flag: str) -> list[Line]:
     """A data spec's lines for a --train / --query value: `module:Name`, a tensors file or an image folder."""
     if ":" in value and not os.path.exists(value):
+        _user_code(value, flag, folder)
         name = value.rpartition(":")[2]
         what = "items (x, y) as the model takes them, no random augmentation" if flag == "--train" else "as the training set's"
         return [
@@ -241,6 +256,36 @@ def _source(folder: Path, value: str, flag: str) -> list[Line]:
         f"({', '.join(TENSORS_SUFFIXES)}) or a folder of images",
         hint=f"e.g. {flag} my_data:{'train_set' if flag == '--train' else 'test_set'}",
     )
+
+
+def _user_code(value: str, flag: str, folder: Path) -> None:
+    """A `module:Name` of the user's code as the commands import it: a module name (not a file's path) and a name
+    after the colon, its module beside the config or on the Python path, not only in the working directory (which
+    the commands do not search). A module found nowhere yet is let be: it may be written after the config."""
+    from influence_cli.user_code import import_failure_hint
+
+    module, _, name = value.partition(":")
+    what = "your Dataset class or a function returning one" if flag != "--model" else "your nn.Module class or a function returning the model"
+    if module.endswith(".py") or any(sep in module for sep in ("/", "\\")):
+        raise UsageError(f"{flag}: {value!r} names a file, not a module ({what}: module:Name)", hint=import_failure_hint(module, folder, ModuleNotFoundError(), name or "<Name>"))
+    if not all(part.isidentifier() for part in module.split(".")) or not name or not all(part.isidentifier() for part in name.split(".")):
+        raise UsageError(f"{flag}: {value!r} is not module:Name ({what}, e.g. my_model:Net)")
+    top = module.split(".")[0]
+    cwd = Path.cwd().resolve()
+
+    def holds(where: Path) -> bool:
+        return (where / f"{top}.py").is_file() or (where / top).is_dir()
+
+    pythonpath = {Path(entry).resolve() for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry}
+    if cwd == folder.resolve() or holds(folder) or not holds(cwd) or cwd in pythonpath:
+        return
+    others = [entry for entry in sys.path if entry and Path(entry).resolve() != cwd]  # `python -m` puts the working directory first
+    if importlib.machinery.PathFinder.find_spec(top, others) is None:
+        file = f"{top}.py" if (cwd / f"{top}.py").is_file() else f"{top}/"
+        raise UsageError(
+            f"{flag}: {file} is in the working directory, not beside the config in {str(folder)!r}, where the commands look for it (then on PYTHONPATH)",
+            hint=f"write the config beside {file}, or move {file} beside the config, or add {cwd} to PYTHONPATH",
+        )
 
 
 def _task() -> list[Line]:

@@ -90,6 +90,8 @@ def test_every_starter_loads_with_the_strict_loader_and_comments_every_key(runne
     folder), the file loads with every file check, and every line that sets a key says what it is."""
     monkeypatch.chdir(tmp_path)
     own_code(tmp_path)
+    (tmp_path / "configs").mkdir()
+    own_code(tmp_path / "configs")  # the code beside the config, where the commands import it from
     mnist_files(tmp_path / "mnist")
     (tmp_path / "train.safetensors").write_bytes(b"")
     (tmp_path / "images" / "cat").mkdir(parents=True)
@@ -181,10 +183,14 @@ def test_a_dash_prints_the_config_on_stdout_and_the_next_commands_on_stderr(runn
         (["--model", "my_model:Net"], ["--train: missing"]),
         (["--model", "my_model.Net", "--train", "my_data:train_set"], ["--model", "'my_model.Net'", "module:Name"]),
         (["--model", "my_model:Net", "--train", "train.csv"], ["--train", "'train.csv'", "tensors file"]),
+        (["--model", "my_model.py:Net", "--train", "my_data:train_set"], ["--model", "'my_model.py:Net'", "names a file"]),
+        (["--model", "my_model:", "--train", "my_data:train_set"], ["--model", "'my_model:'", "module:Name"]),
+        (["--model", "my_model:Net", "--train", "data/my_data:train_set"], ["--train", "'data/my_data:train_set'", "names a file"]),
         (["--model", "my_model:Net", "--train", "my_data:train_set", "--data-dir", "."], ["--data-dir", "--example mnist"]),
     ],
     ids=["unknown example", "example and model", "digits and checkpoint", "mnist without data-dir", "mnist without files",
-         "nothing", "no train", "dotted model", "unknown train", "data-dir without mnist"],  # fmt: skip
+         "nothing", "no train", "dotted model", "unknown train", "model file", "model without name", "train file",
+         "data-dir without mnist"],  # fmt: skip
 )
 def test_flags_that_cannot_make_a_config_are_one_usage_error_naming_the_flag(runner: CliRunner, tmp_path: Path, args: list[str], needles: list[str]):
     assert_usage_error(runner.invoke(app, ["init", str(tmp_path / "c.yaml"), *args]), *needles)
@@ -224,3 +230,35 @@ def test_the_digits_example_without_the_bundled_sample_says_where_it_looked(runn
     monkeypatch.setattr(starter, "SAMPLE_DATA", tmp_path / "sample_data")
     line = assert_usage_error(runner.invoke(app, ["init", str(tmp_path / "c.yaml"), "--example", "digits"]), "--example digits", str(tmp_path / "sample_data"))
     assert "pip install -e ." in runner.invoke(app, ["init", str(tmp_path / "c.yaml"), "--example", "digits"]).stderr, line
+
+
+@pytest.mark.parametrize("flag", ["--model", "--train", "--query"])
+def test_code_in_the_working_directory_but_not_beside_the_config_is_refused(runner: CliRunner, tmp_path: Path, monkeypatch, flag: str):
+    """The commands import module:Name from the config's folder, then PYTHONPATH, never the working directory:
+    a config written in a sub-folder would name code that its commands cannot import."""
+    monkeypatch.chdir(tmp_path)
+    own_code(tmp_path)
+    (tmp_path / "configs").mkdir()
+    beside = {"--model": ["my_data.py"], "--train": ["my_model.py"], "--query": ["my_model.py", "my_data.py"]}[flag]
+    for name in beside:  # only the flag's module is left in the working directory alone
+        shutil.copy(tmp_path / name, tmp_path / "configs" / name)
+    args = ["--model", "my_model:Net", "--train", "my_data:train_set"] if flag != "--query" else ["--model", "my_model:Net", "--train", "train.safetensors", "--query", "queries:test_set"]
+    if flag == "--query":
+        shutil.copy(tmp_path / "my_data.py", tmp_path / "queries.py")
+    module = {"--model": "my_model.py", "--train": "my_data.py", "--query": "queries.py"}[flag]
+    assert_usage_error(runner.invoke(app, ["init", "configs/c.yaml", *args]), flag, f"{module} is in the working directory", "configs")
+    assert not (tmp_path / "configs" / "c.yaml").exists()
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # on PYTHONPATH it is found
+    assert runner.invoke(app, ["init", "configs/c.yaml", *args]).exit_code == 0
+
+
+def test_the_comments_say_what_a_config_lacks(tmp_path: Path, monkeypatch):
+    """A starter without trained weights says so (the MNIST one names the file `make mnist-model` writes), and a
+    built-in model's kwargs name its required arguments."""
+    monkeypatch.chdir(tmp_path)
+    mnist_files(tmp_path / "mnist")
+    line = next(line for line in starter.starter_config("c.yaml", example="mnist", data_dir="mnist").splitlines() if "checkpoint:" in line)
+    assert "checkpoint: null" in line and "untrained" in line and "runs/mnist/model.safetensors" in line, line
+    text = starter.starter_config("c.yaml", model="mlp", train="train.safetensors")
+    assert "input_dim required" in next(line for line in text.splitlines() if "kwargs:" in line), text
+    assert "torchvision's" in next(line for line in starter.starter_config("c.yaml", model="torchvision:resnet18", train="t.pt").splitlines() if "architecture:" in line)
