@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,14 @@ def test_the_readme_quick_path_runs_as_printed(tmp_path, monkeypatch):
     assert "proponent" in result.stdout and "opponent" in result.stdout
     ranked = runner.invoke(app, [*commands[-1][1:], "--json"])
     assert [q["query_index"] for q in json.loads(ranked.stdout)["queries"]] == [1500, 1501, 1502]
+
+
+def test_the_quick_path_config_written_at_the_repository_root_is_ignored_by_git():
+    """README's "Quick path" writes its config at the repository root: git leaves it out, as it does runs/."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    section = (root / "README.md").read_text().split("## Quick path\n", 1)[1].split("```bash\n", 1)[1]
+    init = next(shlex.split(line, comments=True) for line in section.splitlines() if line.startswith("influence init "))
+    for path in (init[2], f"runs/{Path(init[2]).stem}/factors.safetensors"):
+        assert subprocess.run(["git", "check-ignore", "-q", path], cwd=root).returncode == 0, path
