@@ -46,7 +46,7 @@ def test_dir_lists_the_lazy_exports_and_the_report_classes():
     assert influence_cli.FitReport.__module__ == "influence_cli.fit" and influence_cli.EditReport.__name__ == "EditReport"
 
 
-def test_readme_python_example_runs_and_reads_results_back(tmp_path):
+def test_the_guide_python_example_runs_and_reads_results_back(tmp_path):
     cfg = _digits(tmp_path)
     fit_factors(cfg)
     report = compute_scores(cfg)
