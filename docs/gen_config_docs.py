@@ -560,7 +560,8 @@ The factors are locked in `factors_dir` (below), so a refit there is refused whi
 output_dirs' commands reads them. A `factors_dir` this user cannot write (a fit shared
 read-only) is read without a lock.
 
-Each file's metadata records the tool and torch versions, the device, the strategy and Fisher
+Each file's metadata records the tool, torch and Python versions, the device, its name (the GPU's,
+or the CPU's model) and the thread count, the strategy and Fisher
 kind, fingerprints of the model and the data, and the resolved config with the folder its
 relative paths resolve against (the config file's). That config is the run's effective one: `--set`
 overrides and the flags that set config keys are in it (`compute-scores --relative`/`--by-layer` as

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import numbers
+import platform
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,7 +149,10 @@ class RunContext:
         return {
             "tool_version": __version__,
             "torch_version": torch.__version__,
+            "python_version": platform.python_version(),
             "device": str(self.device),
+            "device_name": device_name(self.device),
+            "threads": torch.get_num_threads(),  # CPU kernels sum in an order that depends on it
             "world_size": self.state.world_size,
             "config": config,
             "base_dir": str(self.cfg.base_dir),  # absolute: the folder the config's relative paths resolve against (its file's)
@@ -174,6 +178,22 @@ class RunContext:
         n = len(dataset) if limit is None else min(limit, len(dataset))
         start, stop = self.state.shard(n)
         return -(-(stop - start) // self.cfg.data.batch_size)
+
+
+def device_name(device: torch.device) -> str:
+    """The hardware a run's bits depend on: the GPU's name, or the CPU's model where the system says it
+    (/proc/cpuinfo on Linux), else its architecture ("x86_64")."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def read_dataset(cfg: Config, state: DistState, spec: DataSpec | None, name: str, *, tokens: bool) -> IndexedDataset:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -1165,6 +1166,22 @@ def test_info_table(runner: CliRunner, fitted: tuple[Path, Result]):
     for field in ("strategy", "fisher", "model_fingerprint", "dataset_fingerprint", "tool_version", "torch_version", "tensors"):
         assert field in text, field
     assert __version__ in text
+
+
+def test_info_records_the_python_version_hardware_and_threads_the_bits_depend_on(runner: CliRunner, tmp_path: Path):
+    """CPU kernels sum in an order that depends on the thread count, and GPUs and CPUs round differently: an
+    output records them, with the Python version, so a rerun for the same bits can match them."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert invoke(runner, "fit-factors", DIGITS, "--set", f"output_dir={tmp_path}", "--set", "device=cpu").exit_code == 0
+    finally:
+        torch.set_num_threads(before)
+    meta = json.loads(invoke(runner, "info", tmp_path / FACTORS, "--json").stdout)["metadata"]
+    assert meta["threads"] == 2 and meta["python_version"] == platform.python_version()
+    assert isinstance(meta["device_name"], str) and meta["device_name"]
+    table = invoke(runner, "info", tmp_path / FACTORS).stdout
+    assert _table_cell(table, "threads") == "2" and _table_cell(table, "python_version") == platform.python_version()
 
 
 def _table_cell(stdout: str, field: str) -> str:
