@@ -566,7 +566,8 @@ kind, fingerprints of the model and the data, and the resolved config with the f
 relative paths resolve against (the config file's). That config is the run's effective one: `--set`
 overrides and the flags that set config keys are in it (`compute-scores --relative`/`--by-layer` as
 `scores.relative`/`scores.by_layer`, `spectrum --order`/`--layers`, `dataset-similarity --method`,
-`edit --rho`/`--keep-share`/`--layers`/`--order` as `spectrum.edit.*` and `spectrum.order`): `influence info FILE` prints them. The model's fingerprint hashes the checkpoint's tensors, and its definition
+`edit --rho`/`--keep-share`/`--layers`/`--order` as `spectrum.edit.*` and `spectrum.order`): `influence info FILE` prints them, and `influence info FILE --config` the config alone, as YAML that
+runs the same settings again once saved in that folder. The model's fingerprint hashes the checkpoint's tensors, and its definition
 records `model.architecture`, `model.kwargs` and a hash of its module tree (a changed keyword
 that keeps every weight's shape, such as attention heads, still changes the model); a dataset's
 fingerprint hashes its

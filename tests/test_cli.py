@@ -1184,6 +1184,30 @@ def test_info_records_the_python_version_hardware_and_threads_the_bits_depend_on
     assert _table_cell(table, "threads") == "2" and _table_cell(table, "python_version") == platform.python_version()
 
 
+def test_the_config_info_prints_runs_the_same_fit_again(runner: CliRunner, tmp_path: Path):
+    """info --config prints the resolved config (--set overrides in place); saved where its first line says,
+    it fits the same factors, bit for bit. With --json it is a usage error; a file without a config is named."""
+    project = tmp_path / "project"
+    (project / "configs").mkdir(parents=True)
+    shutil.copy(DIGITS, project / "configs")
+    shutil.copytree(ROOT / "sample_data", project / "sample_data", ignore=shutil.ignore_patterns("cnn*", "*.py", "*.md"))
+    first = tmp_path / "first"
+    sets = ["--set", f"output_dir={first}", "--set", "data.batch_size=100", "--set", "factors.fisher=sampled", "--set", "seed=3"]
+    assert invoke(runner, "fit-factors", project / "configs" / "digits.yaml", *sets).exit_code == 0
+    result = invoke(runner, "info", first / FACTORS, "--config")
+    assert result.exit_code == 0, result.stderr
+    head = result.stdout.splitlines()[0]
+    assert head.startswith("#") and head.endswith(f"save it in {project / 'configs'}"), head
+    rerun = project / "configs" / "rerun.yaml"
+    rerun.write_text(result.stdout)
+    again = invoke(runner, "fit-factors", rerun, "--set", f"output_dir={tmp_path / 'again'}")
+    assert again.exit_code == 0, again.stderr
+    assert_same_tensors(tmp_path / "again" / FACTORS, first / FACTORS)
+    assert_clean_error(invoke(runner, "info", first / FACTORS, "--config", "--json"), 2, "--config and --json")
+    save_file({"x": torch.zeros(1)}, tmp_path / "bare.safetensors", metadata={"format": "influence_cli.factors/1"})
+    assert_clean_error(invoke(runner, "info", tmp_path / "bare.safetensors", "--config"), EXIT["output"], "records no config")
+
+
 def _table_cell(stdout: str, field: str) -> str:
     """The value of `field` in `info`'s table, its folded lines joined by spaces."""
     rows = [line.split("│") for line in stdout.splitlines() if line.startswith("│")]

@@ -18,6 +18,8 @@ INFO_EPILOG = """\
   influence info runs/digits/scores.safetensors --json
 
   influence info runs/mnist/scores.index.json   # scores written as shards
+
+  influence info runs/digits/factors.safetensors --config > configs/rerun.yaml   # run it again
 """
 
 
@@ -25,12 +27,24 @@ INFO_EPILOG = """\
 def info_cmd(
     path: Annotated[Path, typer.Argument(metavar="FILE", help="A factors, scores (or scores.index.json), self-influence, similarity or spectrum file, or a .safetensors checkpoint written by `influence edit`.")],
     json_: JsonOpt = False,
+    config_only: Annotated[
+        bool,
+        typer.Option(
+            "--config",
+            metavar="",
+            help="Print only the resolved config, as YAML a command takes: saved in the folder its relative paths resolve "
+            "against (the original config's, named in its first line), it runs the same settings again.",
+        ),
+    ] = False,
 ) -> None:
     """Show what produced an output: format, versions, strategy, fingerprints, the resolved config, tensors."""
     import json
 
     from influence_cli import storage
-    from influence_cli.errors import OutputError
+    from influence_cli.errors import OutputError, UsageError
+
+    if config_only and json_:
+        raise UsageError("--config and --json: give one", hint="--json holds the config too, under metadata.config")
 
     if path.is_dir():
         raise OutputError(f"{str(path)!r} is a folder", hint="give one of its files, such as factors.safetensors")
@@ -62,6 +76,9 @@ def info_cmd(
     if json_:
         print_json({"path": str(path.resolve()), "metadata": decoded, "tensors": shapes})
         return
+    if config_only:
+        print_line(config_yaml(path, decoded))
+        return
     import textwrap
 
     import yaml
@@ -83,6 +100,21 @@ def info_cmd(
     for title, value in [*nested.items(), *([(f"resolved config (relative paths resolve against {against})", config)] if config is not None else [])]:
         print_line(f"{title}:")
         print_line(textwrap.indent(yaml.safe_dump(value, sort_keys=False, default_flow_style=None, width=100).rstrip(), "  "))
+
+
+def config_yaml(path: Path, metadata: dict) -> str:
+    """`info --config`: the resolved config `metadata` records, as YAML, after a comment naming the folder its
+    relative paths (and `package.module:function` factories) resolve against."""
+    import yaml
+
+    from influence_cli.errors import OutputError
+
+    config, base = metadata.get("config"), metadata.get("base_dir")
+    if not isinstance(config, dict):
+        raise OutputError(f"{str(path)!r} records no config", hint="info without --config shows what it records")
+    where = f"save it in {base}" if isinstance(base, str) else "save it in the original config's folder (earlier versions did not record it)"
+    head = f"# the resolved config of {path}; its relative paths resolve against the folder it is read from: {where}"
+    return head + "\n" + yaml.safe_dump(config, sort_keys=False, default_flow_style=None, width=100).rstrip()
 
 
 NAMES_SHOWN = 3  # of a long list in the tensors row, these and then their number ("… (53 in all)"); --json lists every one
