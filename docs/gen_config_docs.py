@@ -215,7 +215,7 @@ projections), the Linear of its transposed weight.
 
 | `factors.fisher` | which output gradients g build the curvature |
 |---|---|
-| `sampled` (default) | the true Fisher: labels sampled from the model's own predictive distribution, with a generator seeded by `seed` and the example's global index (same factors on every run and any number of GPUs); for regression the targets are drawn from N(f, ½), the Gaussian whose negative log-likelihood is the squared error, so it equals `ggn` in expectation |
+| `sampled` (default) | the true Fisher: labels sampled from the model's own predictive distribution, with a generator seeded by `seed` and the example's global index (the same labels on every run, whatever the batch size, the number of GPUs or a resume: the same factors, up to float rounding where the batches or ranks differ; README, "Reproducibility"); for regression the targets are drawn from N(f, ½), the Gaussian whose negative log-likelihood is the squared error, so it equals `ggn` in expectation |
 | `empirical` | the real labels, or a regression's real targets (the empirical Fisher) |
 | `ggn` | the exact expectation over the predictive distribution (the Gauss-Newton matrix): no sampling noise, one backward pass per class (per output of a regression) |
 
@@ -462,8 +462,8 @@ by its own power of two (its largest entry into [2^7, 2^8)) and the example's gr
 divided by it in float32; a backward that overflows is run again for the examples it lost with
 seeds 2^4 smaller, down to 2^-8, and what is still not finite there is reported as any NaN
 (exit 6). An example's scale depends on that example alone, not on its batch, so a resumed or
-sharded run gives the bits of an uninterrupted one (under torchrun, as in float32, up to the
-all-reduce's rounding). On the benchmark CPU (where float16 is emulated, so no speed was
+sharded run gives the bits of an uninterrupted one (under torchrun, as in float32, up to
+rounding: the ranks' batches and the all-reduce sum in another order). On the benchmark CPU (where float16 is emulated, so no speed was
 measured) its scores kept a Pearson correlation of 0.9998 with float32's on the MNIST MLP and
 0.9999 on the bundled CNN, closer than bf16's (docs/BENCHMARKS.md); without the per-example
 scaling the CNN's fell to 0.63. A factors file fitted in any of the three precisions can be
