@@ -890,6 +890,18 @@ def _opened(path: Path, hint: str | None = None) -> Iterator[Any]:
         raise unreadable(path, exc, hint=hint) from None
 
 
+def files_digest(paths: list[Path]) -> str:
+    """`tensors_digest` of the tensors of safetensors files (not their metadata), each file's tensors named by the
+    file's name and their own when there are several (a scores index's shards): two outputs holding the same bits
+    have the same digest, whenever and wherever they were written. One file is read at a time (memory-mapped)."""
+    if len(paths) == 1:
+        return tensors_digest(load_tensors(paths[0])[0])
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(f"{path.name}:{tensors_digest(load_tensors(path)[0])}\n".encode())
+    return h.hexdigest()
+
+
 def load_tensors(path: Path, expected_format: str | None = None, keys: list[str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Reads tensors (all, or `keys`) and decoded metadata; checks the `format` field when asked.
 

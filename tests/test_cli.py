@@ -1204,6 +1204,19 @@ def test_the_config_info_prints_runs_the_same_fit_again(runner: CliRunner, tmp_p
     assert again.exit_code == 0, again.stderr
     assert_same_tensors(tmp_path / "again" / FACTORS, first / FACTORS)
     assert_clean_error(invoke(runner, "info", first / FACTORS, "--config", "--json"), 2, "--config and --json")
+
+    # --digest: the tensors' hash, the same for the two runs (whose metadata differ); a value changed changes it
+    def digest(path: Path) -> str:
+        result = invoke(runner, "info", path, "--digest", "--json")
+        assert result.exit_code == 0, result.stderr
+        return json.loads(result.stdout)["tensors_sha256"]
+
+    assert digest(first / FACTORS) == digest(tmp_path / "again" / FACTORS) == _table_cell(invoke(runner, "info", first / FACTORS, "--digest").stdout, "tensors_sha256")
+    tensors, meta = load_tensors(first / FACTORS)
+    tensors = {k: v.clone() for k, v in tensors.items()}
+    tensors["head.eigenvalues"].view(torch.int32)[0, 0] += 1  # one bit of one value
+    storage.save_tensors(tmp_path / "changed" / FACTORS, tensors, meta)
+    assert digest(tmp_path / "changed" / FACTORS) != digest(first / FACTORS)
     save_file({"x": torch.zeros(1)}, tmp_path / "bare.safetensors", metadata={"format": "influence_cli.factors/1"})
     assert_clean_error(invoke(runner, "info", tmp_path / "bare.safetensors", "--config"), EXIT["output"], "records no config")
 

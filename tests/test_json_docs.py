@@ -45,7 +45,7 @@ def test_every_command_prints_the_documented_keys(tmp_path):
         "dataset-similarity": ["dataset-similarity", DIGITS, *sets, "--heatmap", tmp_path / "heat.png"],
         "spectrum": ["spectrum", DIGITS, *sets, "--top", "2", "--plot", tmp_path / "spectrum.png"],
         "edit": ["edit", DIGITS, *sets, "--out", tmp_path / "edited.safetensors"],
-        "info": ["info", tmp_path / "factors.safetensors"],
+        "info": ["info", tmp_path / "factors.safetensors", "--digest"],
         "init": ["init", tmp_path / "starter.yaml", "--example", "digits"],
     }
     assert set(runs) == set(docs) == {c.name for c in app.registered_commands}

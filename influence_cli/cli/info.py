@@ -20,6 +20,8 @@ INFO_EPILOG = """\
   influence info runs/mnist/scores.index.json   # scores written as shards
 
   influence info runs/digits/factors.safetensors --config > configs/rerun.yaml   # run it again
+
+  influence info runs/digits/factors.safetensors --digest   # the same bits as another run's?
 """
 
 
@@ -36,6 +38,15 @@ def info_cmd(
             "against (the original config's, named in its first line), it runs the same settings again.",
         ),
     ] = False,
+    digest: Annotated[
+        bool,
+        typer.Option(
+            "--digest",
+            metavar="",
+            help="Also show tensors_sha256, a hash of the tensors alone (names, shapes, dtypes, values; of every shard "
+            "of a scores index): two runs that gave the same bits show the same, whatever their metadata.",
+        ),
+    ] = False,
 ) -> None:
     """Show what produced an output: format, versions, strategy, fingerprints, the resolved config, tensors."""
     import json
@@ -43,8 +54,8 @@ def info_cmd(
     from influence_cli import storage
     from influence_cli.errors import OutputError, UsageError
 
-    if config_only and json_:
-        raise UsageError("--config and --json: give one", hint="--json holds the config too, under metadata.config")
+    if config_only and (json_ or digest):
+        raise UsageError(f"--config and {'--json' if json_ else '--digest'}: give one", hint="--config prints the config alone")
 
     if path.is_dir():
         raise OutputError(f"{str(path)!r} is a folder", hint="give one of its files, such as factors.safetensors")
@@ -73,8 +84,10 @@ def info_cmd(
         decoded = storage.read_metadata(path, hint="point info at a .safetensors file or scores.index.json written by this tool")
         with storage.open_safetensors(path) as fh:
             shapes = {k: list(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    files = [path] if path.suffix != ".json" else [path.parent / name for name in shapes if ":" not in name]
+    sha = {"tensors_sha256": storage.files_digest(files)} if digest else {}
     if json_:
-        print_json({"path": str(path.resolve()), "metadata": decoded, "tensors": shapes})
+        print_json({"path": str(path.resolve()), "metadata": decoded, "tensors": shapes, **sha})
         return
     if config_only:
         print_line(config_yaml(path, decoded))
@@ -95,6 +108,8 @@ def info_cmd(
         table.add_row("shards", shard_files(list(shapes)))
     else:
         table.add_row("tensors", tensor_names(list(shapes)))
+    for key, value in sha.items():
+        table.add_row(key, value)
     print_table(table)
     against = base if isinstance(base, str) else "its config file's folder, not recorded by earlier versions"
     for title, value in [*nested.items(), *([(f"resolved config (relative paths resolve against {against})", config)] if config is not None else [])]:
