@@ -89,6 +89,8 @@ def counter_uniform(
     idx = global_indices.to(torch.int64)
     cols = torch.arange(width, device=idx.device, dtype=torch.int64)[None, :] if columns is None else columns.to(torch.int64)
     h = _hash32(torch.full_like(idx, (seed * 0x9E3779B1 + stream * 0x85EBCA77) & _MASK32))
+    if seed >> 32:  # a seed of 2**32 or more draws other numbers than its low 32 bits (smaller seeds: unchanged)
+        h = _hash32(h ^ (seed >> 32))
     h = _hash32(h ^ (idx & _MASK32))
     h = _hash32(h ^ (idx >> 32))
     h = _hash32(h[:, None] ^ (cols * 0x27D4EB2F & _MASK32))

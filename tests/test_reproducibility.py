@@ -44,6 +44,17 @@ def test_sampled_labels_depend_only_on_the_seed_and_the_example(kind):
     assert not torch.equal(task_lib.sample_targets(outputs, targets, indices, kind, seed=6), whole)
 
 
+def test_seeds_that_share_their_low_32_bits_draw_other_labels():
+    """The counter hash takes the seed's bits above 32 too (a config's seed may be up to 2**63 - 1), and seeds below
+    2**32 draw what they always drew."""
+    idx = torch.arange(1000)
+    draws = {seed: task_lib.counter_uniform(seed, idx, 4) for seed in (0, 7, 2**32, 2**32 + 7, 2**62)}
+    assert not torch.equal(draws[0], draws[2**32]) and not torch.equal(draws[7], draws[2**32 + 7])
+    assert not torch.equal(draws[0], draws[2**62])
+    # example 1's numbers under seed 0, as drawn before the high bits were taken in
+    assert draws[0][1].tolist() == [0.14063432381954044, 0.32697531196754426, 0.22536502999719232, 0.789259173325263]
+
+
 def _fit_and_score(out: Path, threads: int, *sets: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     cfg = load_config(CONFIG, [f"output_dir={out}", "device=cpu", "data.train.range=[0, 500]", "data.query.range=[1500, 1510]", *sets])
     before = torch.get_num_threads()
