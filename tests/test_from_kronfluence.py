@@ -1,0 +1,85 @@
+"""docs/FROM_KRONFLUENCE.md names only what exists: its YAML loads with the strict loader and is the
+benchmarked MNIST run, every config key and flag it names is one of this tool's, and (where kronfluence
+can be imported) every Kronfluence argument its tables name is one of Kronfluence's."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import influence_cli
+from influence_cli.cli import app
+from influence_cli.config import field_docs, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = (ROOT / "docs" / "FROM_KRONFLUENCE.md").read_text(encoding="utf-8")
+COMMANDS = ("fit-factors", "compute-scores", "top-k", "inspect", "info", "dataset-similarity", "spectrum", "edit")
+
+
+def _blocks(language: str) -> list[str]:
+    return [b.split("```", 1)[0] for b in DOC.split(f"```{language}\n")[1:]]
+
+
+def _section(title: str) -> str:
+    return DOC.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_the_yaml_loads_strictly_and_is_the_benchmarked_mnist_run(tmp_path):
+    """The one YAML block, beside its own files, holds configs/mnist.yaml's settings (the run that
+    benchmarks/compare_kronfluence.py compares with Kronfluence), its paths and device aside."""
+    (block,) = _blocks("yaml")
+    (tmp_path / "influence.yaml").write_text(block, encoding="utf-8")
+    doc = load_config(tmp_path / "influence.yaml", check_files=False)
+    mnist = load_config(ROOT / "configs" / "mnist.yaml", check_files=False)
+    assert doc.model.checkpoint == "model.pt" and doc.data.train.images == "mnist/t10k-images-idx3-ubyte.gz" and doc.device == "cpu"
+    paths = {"images": None, "labels": None}
+    for part in ("train", "query"):
+        assert dataclasses.replace(getattr(doc.data, part), **paths) == dataclasses.replace(getattr(mnist.data, part), **paths), part
+    assert (doc.model.architecture, doc.model.kwargs) == (mnist.model.architecture, mnist.model.kwargs)
+    assert (doc.task, doc.factors, doc.scores, doc.seed) == (mnist.task, mnist.factors, mnist.scores, mnist.seed)
+    assert (doc.data.batch_size, doc.data.num_workers, doc.data.padding_value) == (mnist.data.batch_size, mnist.data.num_workers, mnist.data.padding_value)
+
+
+def test_every_config_key_flag_command_and_python_name_it_names_exists():
+    keys = {k for k, *_ in field_docs()}
+    tokens = re.findall(r"`((?:model|task|data|factors|scores|similarity|spectrum)\.[a-z_]+(?:\.[a-z_]+)*)", DOC)
+    named = {t for t in tokens if not t.endswith((".safetensors", ".json", ".pt"))}  # file names: factors.safetensors, model.pt
+    assert {"factors.max_examples", "scores.damping_factor", "data.padding_value"} <= named
+    assert sorted(named - keys) == []
+    runner = CliRunner(env={"COLUMNS": "250"})
+    helps = {c: runner.invoke(app, [c, "--help"]) for c in COMMANDS}
+    assert all(r.exit_code == 0 for r in helps.values())
+    flags = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", DOC))
+    assert {"--self", "--by-layer", "--overwrite", "--resume"} <= flags
+    assert sorted(f for f in flags if not any(f in r.stdout for r in helps.values())) == []
+    used = set(re.findall(r"(?:^|`)influence ([a-z-]+)", DOC, flags=re.MULTILINE))
+    assert "fit-factors" in used and sorted(used - set(COMMANDS)) == []
+    imported = {n.strip() for line in re.findall(r"^from influence_cli import ([\w, ]+)$", DOC, flags=re.MULTILINE) for n in line.split(",")}
+    rows = [line.split(" | ") for line in _section("`Analyzer` → commands and the Python API").splitlines() if line.startswith("| `")]
+    python = {n for row in rows for n in re.findall(r"`([a-z_]+)[(`]", row[2])}
+    assert {"load_scores_meta", "load_self_influence"} <= imported | python
+    assert sorted(n for n in imported | python if not hasattr(influence_cli, n)) == []
+
+
+@pytest.mark.skipif(importlib.util.find_spec("kronfluence") is None, reason="kronfluence is not installed (`make bench-install`)")
+def test_every_kronfluence_argument_in_the_tables_is_one_of_kronfluence():
+    from kronfluence.analyzer import Analyzer
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.task import Task
+
+    for title, names in (
+        ("`FactorArguments` → the factors block", {f.name for f in dataclasses.fields(FactorArguments)}),
+        ("`ScoreArguments` → the scores keys and flags", {f.name for f in dataclasses.fields(ScoreArguments)}),
+        ("`Task` → the task block, measurement, layers, padding", {n for n in dir(Task) if not n.startswith("_")} | {"sample"}),
+    ):
+        rows = [line.split(" | ")[0] for line in _section(title).splitlines() if line.startswith("| `")]
+        named = {n for row in rows for n in re.findall(r"`([a-z_]+)", row)}
+        assert named and sorted(named - names - {"prepare_model", "use_empirical_fisher"}) == [], title
+    rows = [line.split(" | ")[0] for line in _section("`Analyzer` → commands and the Python API").splitlines() if line.startswith("| `")]
+    methods = {n for row in rows for n in re.findall(r"`([a-z_]+)\(", row) + re.findall(r"`([a-z_]+)`", row)}
+    assert sorted(n for n in methods if not hasattr(Analyzer, n)) == ["query_indices", "train_indices"]
