@@ -256,6 +256,12 @@ def gemm_gflops(m: int, k: int, n: int, repeats: int = 5) -> float:
 # ----------------------------------------------------------------------------- the report
 
 
+def ls_scale(scores: torch.Tensor, ours: torch.Tensor) -> float:
+    """The least-squares slope of `scores` on influence_cli's `ours`: 1 when both are in the same units."""
+    s, o = scores.double().flatten(), ours.double().flatten()
+    return float((s @ o) / (o @ o))
+
+
 def _corr(value: float) -> str:
     """A correlation, with the distance to 1 shown when it is tiny."""
     return f"1 − {1 - value:.1e}" if value > 0.99999 else f"{value:.6f}"
@@ -354,8 +360,9 @@ def main() -> None:
         lines += [
             f"### Fidelity: {_sizes(FIDELITY)} (MLP test accuracy {acc_small:.3f})",
             "",
-            "| Fisher | damping | tool | fit (runs) | scores (runs) | peak RSS | Pearson vs influence_cli | Spearman vs influence_cli |",
-            "|---|---|---|---:|---:|---:|---:|---:|",
+            "| Fisher | damping | tool | fit (runs) | scores (runs) | peak RSS | Pearson vs influence_cli | Spearman vs influence_cli "
+            "| scale vs influence_cli |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|",
         ]
         fidelity: dict = {}
         for fisher in ("empirical", "sampled"):
@@ -370,23 +377,24 @@ def main() -> None:
                 if fisher == "sampled":
                     run_worker(spec("influence_cli", FIDELITY, fisher, damping, tag + "_seed1", seed=1))
                     ours1 = torch.load(OUT / f"scores_influence_cli_{tag}_seed1.pt")
-                    row["seed_noise"] = {"pearson": pearson(ours, ours1), "spearman": spearman(ours, ours1)}
+                    row["seed_noise"] = {"pearson": pearson(ours, ours1), "spearman": spearman(ours, ours1), "scale": ls_scale(ours1, ours)}
                 for tool in tools:
                     s = torch.load(OUT / f"scores_{tool}_{tag}.pt")
-                    corr = (pearson(ours, s), spearman(ours, s)) if tool != "influence_cli" else None
-                    row[tool] = {"pearson": corr[0], "spearman": corr[1]} if corr else {}
+                    corr = (pearson(ours, s), spearman(ours, s), ls_scale(s, ours)) if tool != "influence_cli" else None
+                    row[tool] = {"pearson": corr[0], "spearman": corr[1], "scale": corr[2]} if corr else {}
                     fits = [r["seconds"]["fit"] for r in runs[tool]]
                     scs = [r["seconds"]["scores"] for r in runs[tool]]
                     mem = max(r["peak_rss_mb"] for r in runs[tool])
                     lam = f"λ = {damping:g}" if damping != "auto" else ("0.1·mean(Λ) (auto)" if tool == "influence_cli" else "0.1·mean(Λ) (None)")
-                    c = f"{_corr(corr[0])} | {_corr(corr[1])}" if corr else "— | —"
+                    c = f"{_corr(corr[0])} | {_corr(corr[1])} | {corr[2]:.6f}" if corr else "— | — | —"
                     lines.append(f"| {fisher} | {lam} | {tool} | {fmt_runs(fits)} | {fmt_runs(scs)} | {mem:.0f} MB | {c} |")
                 if "seed_noise" in row:
                     n = row["seed_noise"]
-                    lines.append(f"| {fisher} | (same) | influence_cli seed 1 vs seed 0 | | | | {_corr(n['pearson'])} | {_corr(n['spearman'])} |")
+                    lines.append(f"| {fisher} | (same) | influence_cli seed 1 vs seed 0 | | | | {_corr(n['pearson'])} | {_corr(n['spearman'])} | {n['scale']:.6f} |")
                 fidelity[tag] = row
         results["fidelity"] = fidelity
-        lines += ["", "Peak RSS: the whole run's process (Python, torch, data, model, factors, scores)."]
+        lines += ["", "Peak RSS: the whole run's process (Python, torch, data, model, factors, scores). Scale: the least-squares "
+                  "slope of the tool's scores on influence_cli's, Σ s·ours / Σ ours² (1: the same units, no factor of N, the same sign)."]
         # Per query, against the same math in float64 (influence_cli's empirical-Fisher factors, λ fixed).
         tag = f"empirical_{FIXED_DAMPING}"
         ref = float64_reference(OUT / "runs" / f"influence_cli_{tag}", model_small, FIXED_DAMPING)
