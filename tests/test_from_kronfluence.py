@@ -4,8 +4,10 @@ can be imported) every Kronfluence argument its tables name is one of Kronfluenc
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib.util
+import inspect
 import re
 from pathlib import Path
 
@@ -46,6 +48,9 @@ def test_the_yaml_loads_strictly_and_is_the_benchmarked_mnist_run(tmp_path):
 
 
 def test_every_config_key_flag_command_and_python_name_it_names_exists():
+    assert len(_blocks("python")) == 2
+    for block in _blocks("python"):  # Kronfluence's script and this tool's Python: both parse
+        ast.parse(block)
     keys = {k for k, *_ in field_docs()}
     tokens = re.findall(r"`((?:model|task|data|factors|scores|similarity|spectrum)\.[a-z_]+(?:\.[a-z_]+)*)", DOC)
     named = {t for t in tokens if not t.endswith((".safetensors", ".json", ".pt"))}  # file names: factors.safetensors, model.pt
@@ -82,4 +87,7 @@ def test_every_kronfluence_argument_in_the_tables_is_one_of_kronfluence():
         assert named and sorted(named - names - {"prepare_model", "use_empirical_fisher"}) == [], title
     rows = [line.split(" | ")[0] for line in _section("`Analyzer` → commands and the Python API").splitlines() if line.startswith("| `")]
     methods = {n for row in rows for n in re.findall(r"`([a-z_]+)\(", row) + re.findall(r"`([a-z_]+)`", row)}
-    assert sorted(n for n in methods if not hasattr(Analyzer, n)) == ["query_indices", "train_indices"]
+    public = [getattr(Analyzer, m) for m in dir(Analyzer) if not m.startswith("_") or m == "__init__"]
+    parameters = {q for f in public if inspect.isfunction(f) for q in inspect.signature(f).parameters}
+    assert {"query_indices", "factors_name"} <= methods
+    assert sorted(n for n in methods if not hasattr(Analyzer, n) and n not in parameters) == []
