@@ -1,5 +1,5 @@
 """docs/FROM_KRONFLUENCE.md names only what exists: its YAML loads with the strict loader and is the
-benchmarked MNIST run, every config key and flag it names is one of this tool's, and (where kronfluence
+MNIST run of configs/mnist.yaml, every config key and flag it names is one of this tool's, and (where kronfluence
 can be imported) every Kronfluence argument its tables name is one of Kronfluence's."""
 
 from __future__ import annotations
@@ -31,9 +31,8 @@ def _section(title: str) -> str:
     return DOC.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
 
 
-def test_the_yaml_loads_strictly_and_is_the_benchmarked_mnist_run(tmp_path):
-    """The one YAML block, beside its own files, holds configs/mnist.yaml's settings (the run that
-    benchmarks/compare_kronfluence.py compares with Kronfluence), its paths and device aside."""
+def test_the_yaml_loads_strictly_and_is_the_mnist_run_of_configs(tmp_path):
+    """The one YAML block, beside its own files, holds configs/mnist.yaml's settings, its paths and device aside."""
     (block,) = _blocks("yaml")
     (tmp_path / "influence.yaml").write_text(block, encoding="utf-8")
     doc = load_config(tmp_path / "influence.yaml", check_files=False)
