@@ -320,19 +320,30 @@ def _fit_examples(max_examples: int | None, n_train: int) -> int:
 
 def _check_current_factors(metadata: dict[str, Any], cfg: Config, path: Path, command: str) -> None:
     """The scores were computed from the factors now in their folder (each ensemble model's), judged by
-    the factors' result key (model, data, strategy, Fisher, task, layers, examples, seed, amp, padding);
-    `command` recomputes them ("compute-scores --self" for self-influence)."""
+    the factors' result key (model, data, strategy, Fisher, task, layers, examples, seed, amp, padding):
+    refused when it differs; when only the factors' `created` differs (refitted since with the same
+    settings, as `compute-scores --resume` sees it too) a warning says the scores are theirs up to float
+    rounding. `command` recomputes them ("compute-scores --self" for self-influence)."""
     from influence_cli.ensemble import ensemble_members
 
     described = metadata.get("members") or [metadata]
     for member, info in zip(ensemble_members(cfg), described, strict=False):
-        recorded = (info.get("factors") or {}).get("result_key") if isinstance(info, dict) else None
+        factors = (info.get("factors") or {}) if isinstance(info, dict) else {}
+        recorded = factors.get("result_key")
         if recorded is None or not member.factors_path.is_file():
             continue
-        if storage.read_metadata(member.factors_path).get("result_key") != recorded:
+        current = storage.read_metadata(member.factors_path)
+        if current.get("result_key") != recorded:
             raise OutputError(
                 f"{str(path)!r} holds scores of other factors than {str(member.factors_path)!r} (refitted since, with other settings)",
                 hint=f"rerun {command} with --overwrite on the current factors",
+            )
+        then, now = factors.get("created"), current.get("created")
+        if then is not None and now is not None and then != now:
+            notices.warn(
+                f"{str(path)!r} holds scores of the factors written at {then}; {str(member.factors_path)!r} was refitted "
+                f"since ({now}) with the same settings, so the scores are its own up to float rounding: rerun {command} "
+                "with --overwrite for its own bits"
             )
 
 

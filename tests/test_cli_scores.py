@@ -204,6 +204,30 @@ def test_top_k_refuses_scores_of_factors_refitted_since(runner, tmp_path, monkey
     assert not (tmp_path / "out" / storage.SELF_INFLUENCE_FILE).exists()
 
 
+def test_top_k_warns_of_scores_of_factors_refitted_since_with_the_same_settings(runner, tmp_path, monkeypatch):
+    """A refit with the same settings keeps the factors' result key but not their bits where the batches, threads,
+    ranks or GPU differ: compute-scores --resume refuses the old scores as of a refitted factors file, and top-k
+    (pairwise and --self) ranks them with a warning naming the two times; scores of the factors there, none."""
+    data = write_project(tmp_path)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(data))
+    for command in (["fit-factors"], ["compute-scores"], ["compute-scores", "--self"]):
+        assert invoke(runner, *command, config).exit_code == 0
+    for extra in ([], ["--self"]):
+        result = invoke(runner, "top-k", config, "--k", "1", *extra)
+        assert result.exit_code == 0 and "refitted" not in result.stderr, result.stderr
+    monkeypatch.setattr(storage, "created_now", lambda: "2099-01-01T00:00:00+0000")
+    assert invoke(runner, "fit-factors", config, "--overwrite", "--set", "data.batch_size=5").exit_code == 0
+    result = invoke(runner, "compute-scores", config, "--resume")
+    assert result.exit_code == 5 and "factors file (refitted)" in result.stderr, result.stderr
+    for extra in ([], ["--self"]):
+        result = invoke(runner, "top-k", config, "--k", "1", *extra)
+        assert result.exit_code == 0, result.stderr
+        warning = " ".join(result.stderr.split())
+        assert "was refitted since (2099-01-01T00:00:00+0000) with the same settings" in warning, warning
+        assert f"rerun {' '.join(['compute-scores', *extra])} with --overwrite" in warning, warning
+
+
 def test_top_k_after_an_interrupted_run_hints_resume(runner, tmp_path):
     data = write_project(tmp_path)
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(data))
