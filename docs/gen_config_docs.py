@@ -215,7 +215,7 @@ projections), the Linear of its transposed weight.
 
 | `factors.fisher` | which output gradients g build the curvature |
 |---|---|
-| `sampled` (default) | the true Fisher: labels sampled from the model's own predictive distribution, with a generator seeded by `seed` and the example's global index (the same labels on every run, whatever the batch size, the number of GPUs or a resume: the same factors, up to float rounding where the batches or ranks differ; README, "Reproducibility"); for regression the targets are drawn from N(f, ½), the Gaussian whose negative log-likelihood is the squared error, so it equals `ggn` in expectation |
+| `sampled` (default) | the true Fisher: labels sampled from the model's own predictive distribution, with a generator seeded by `seed` and the example's global index (the same labels on every run, whatever the batch size, the number of GPUs or a resume: the same factors, up to float rounding where the batches or ranks differ; GUIDE.md, "Reproducibility"); for regression the targets are drawn from N(f, ½), the Gaussian whose negative log-likelihood is the squared error, so it equals `ggn` in expectation |
 | `empirical` | the real labels, or a regression's real targets (the empirical Fisher) |
 | `ggn` | the exact expectation over the predictive distribution (the Gauss-Newton matrix): no sampling noise, one backward pass per class (per output of a regression) |
 

@@ -1,5 +1,5 @@
 """What a rerun gives: the sampled Fisher's labels depend on the seed and the example alone, and the thread
-count and batch size change the factors and scores only by float32 rounding (README, "Reproducibility").
+count and batch size change the factors and scores only by float32 rounding (docs/GUIDE.md, "Reproducibility").
 
 The bit-for-bit claims are pinned where their machinery is tested: the same command twice
 (test_resume.test_same_config_and_seed_give_bit_identical_factors,
@@ -78,8 +78,8 @@ def reference(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor], torch.Te
     ("threads", "batch_size"), [(2, 64), (1, 100), (1, 500)], ids=["2-threads", "batch-size-100", "one-batch"]
 )
 def test_the_thread_count_and_batch_size_change_factors_and_scores_only_by_rounding(tmp_path, reference, threads, batch_size):
-    """float32 sums in another order: the curvature (a basis-free product with it) agrees to 1e-5 of its norm
-    and every score to 1e-4 of the largest (measured on the digits: 2e-6 and 1e-5 at most)."""
+    """float32 sums in another order: the curvature (a basis-free product with it) agrees to 1e-4 of its norm
+    and every score to 1e-4 of the largest (measured on the digits: 5e-6 and 2e-5 at most)."""
     _, ref_factors, ref_scores = reference
     factors, scores = _fit_and_score(tmp_path / "other", threads, f"data.batch_size={batch_size}")
     assert sorted(factors) == sorted(ref_factors)
@@ -87,7 +87,7 @@ def test_the_thread_count_and_batch_size_change_factors_and_scores_only_by_round
         assert torch.equal(factors[f"{layer}.num_examples"], ref_factors[f"{layer}.num_examples"])
         v = torch.randn(ref_factors[f"{layer}.eigenvalues"].shape, generator=torch.Generator().manual_seed(0), dtype=F64)
         a, b = curvature_times(factors, layer, v), curvature_times(ref_factors, layer, v)
-        assert (a - b).norm() <= 1e-5 * b.norm(), layer
+        assert (a - b).norm() <= 1e-4 * b.norm(), layer
     torch.testing.assert_close(scores, ref_scores, rtol=0, atol=1e-4 * float(ref_scores.abs().max()))
 
 

@@ -44,7 +44,7 @@ def info_cmd(
             "--digest",
             metavar="",
             help="Also show tensors_sha256, a hash of the tensors alone (names, shapes, dtypes, values; of every shard "
-            "of a scores index): two runs that gave the same bits show the same, whatever their metadata.",
+            "of a scores index): two runs that gave the same bits in the same layout show the same, whatever their metadata.",
         ),
     ] = False,
 ) -> None:
