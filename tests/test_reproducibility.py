@@ -108,3 +108,20 @@ def test_two_runs_of_the_same_commands_differ_only_in_their_times(tmp_path, refe
             assert a["factors"] | same == b["factors"] | same, (a["factors"], b["factors"])
             for key in ("settings", "result"):
                 assert a[key] | {"factors": None} == b[key] | {"factors": None}, key
+
+
+def test_the_tests_the_docs_cite_exist():
+    """Every `test_file.py::test_name` (and `test_file.py`) README.md and docs/ cite is a test there: a renamed or
+    removed test leaves no claim unpinned."""
+    import re
+
+    cited = set()
+    for doc in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
+        cited |= {(doc.name, *m) for m in re.findall(r"`(test_\w+\.py)(?:::(test_\w+))?", doc.read_text())}
+    assert any(doc == "GUIDE.md" for doc, _, _ in cited)
+    missing = []
+    for doc, file, name in sorted(cited):
+        path = ROOT / "tests" / file
+        if not path.is_file() or (name and not re.search(rf"^def {name}\(", path.read_text(), re.M)):
+            missing.append(f"{doc}: {file}{'::' + name if name else ''}")
+    assert missing == []
