@@ -541,7 +541,8 @@ class DatasetsProgress:
     """
 
     def __init__(
-        self, checkpoint: PassCheckpoint, snapshot: Snapshot | None = None, *, lost_ok: bool = False, per_example: tuple[str, ...] = ()
+        self, checkpoint: PassCheckpoint, snapshot: Snapshot | None = None, *, lost_ok: bool = False, per_example: tuple[str, ...] = (),
+        examples: Sequence[int] = (),
     ) -> None:
         """Continues `snapshot` (of `checkpoint`; none: from the start), reading the finished datasets' files.
 
@@ -551,6 +552,8 @@ class DatasetsProgress:
                 rank's copy can take its place (`agree`, which refuses when no rank holds one).
             per_example: the state's tensors of a row per example, saved in pieces (their rows are read back by
                 `read_pieces`, which `start` calls).
+            examples: this rank's examples of each dataset (its shard), where `per_example` is set: the rows a snapshot
+                holds are those of the batches it counts as done (`read_pieces`).
 
         Raises:
             OutputError: a finished dataset's file is of other settings (named), or without `lost_ok`
@@ -567,6 +570,7 @@ class DatasetsProgress:
         self.batches_done = 0
         self.state: dict[str, torch.Tensor] = {}
         self.per_example = per_example
+        self.examples = list(examples)
         self.pieces: SavedPieces | None = None  # the dataset in progress's pieces, once read or first written
         if snapshot is not None and snapshot.phase.startswith("dataset:"):
             done = int(snapshot.phase.removeprefix("dataset:"))
@@ -582,7 +586,7 @@ class DatasetsProgress:
     def start(
         cls, output: Path, pattern: str, dist: Any, result: dict[str, Any], datasets: list[str], *,
         batch_size: int, every: int, resume: bool, overwrite: bool, names: dict[str, str] | None = None,
-        per_example: tuple[str, ...] = (),
+        per_example: tuple[str, ...] = (), examples: Sequence[int] = (),
     ) -> DatasetsProgress:
         """The progress this rank continues from (none without `resume`) towards `output`, saved as `pattern` (with
         {rank}) every `every` batches: every rank checks its own at once (`distributed.agree`: a refusal is said
@@ -607,6 +611,7 @@ class DatasetsProgress:
             dist: The DistState. result: the settings the result depends on; the batch size, the ranks and
                 the order of `datasets` are added (progress is kept by position). names: words for refusals.
             per_example: the state's tensors that hold a row per example (saved in pieces, each row once).
+            examples: this rank's examples of each dataset, with `per_example` (a snapshot's rows are checked against them).
         """  # fmt: skip
         folder = output.parent
         settings = result | {"bs": batch_size, "world": dist.world_size, "dataset_order": list(datasets)}
@@ -617,7 +622,9 @@ class DatasetsProgress:
             for path in [*_finished_files(checkpoint.path).values(), *pieces_of(checkpoint.path, storage.PARTIAL_PIECE)]:  # never opened (a FIFO would block), nor a folder removed
                 storage.refuse_irregular(path, overwrite and not resume, checkpoint.folder_key)
             snapshot, stale = checkpoint.check_start(resume, overwrite, lost_ok=dist.distributed)
-            progress = cls(checkpoint, None if isinstance(snapshot, OutputError) else snapshot, lost_ok=dist.distributed, per_example=per_example)
+            progress = cls(
+                checkpoint, None if isinstance(snapshot, OutputError) else snapshot, lost_ok=dist.distributed, per_example=per_example, examples=examples
+            )
             stale += SavedPieces.stale(checkpoint, snapshot, storage.PARTIAL_PIECE)
             if isinstance(snapshot, OutputError):
                 progress.snapshot_lost = ("unreadable", snapshot.message)
@@ -782,7 +789,7 @@ class DatasetsProgress:
         Raises:
             OutputError: the pieces refused (`SavedPieces.read`: missing, unreadable, of other settings or another
                 dataset, or not tiling the rows the snapshot counts), or a snapshot that counts batches done and no
-                rows of them (it cannot be continued).
+                rows of them, or other rows than those batches hold (damaged or edited: it cannot be continued).
         """
         if not self.per_example or not self.batches_done:
             return
@@ -806,6 +813,22 @@ class DatasetsProgress:
                 f"{str(self.checkpoint.path)!r} counts {self.batches_done} batch(es) of dataset "
                 f"{self.dataset_name(len(self.finished))} as done but holds no per-example results of them",
                 hint="pass --overwrite to start over (the saved progress cannot continue without them)",
+            )
+        self._check_rows()
+
+    def _check_rows(self) -> None:
+        """Refuses a snapshot whose rows of the dataset in progress are not those of the batches it counts as done: each
+        batch holds the batch size's examples, but the last of this rank's shard (`examples`, where known)."""
+        i, bs, done = len(self.finished), int(self.checkpoint.settings["bs"]), self.batches_done
+        shard = self.examples[i] if i < len(self.examples) else None
+        expected = bs * done if shard is None else min(bs * done, shard)
+        rows = sorted({len(self.state[k]) for k in self.per_example})
+        if rows != [expected] or (shard is not None and bs * (done - 1) >= shard):
+            raise OutputError(
+                f"{str(self.checkpoint.path)!r} counts {done} batch(es) of {bs} of dataset {self.dataset_name(i)} as done, "
+                f"but holds the per-example results of {' / '.join(map(str, rows))} example(s)"
+                + (f" (this rank's shard has {shard})" if shard is not None else ""),
+                hint="pass --overwrite to start over (the saved progress was damaged or edited, and cannot be continued)",
             )
 
     def _write_finished(self, index: int) -> None:

@@ -1644,3 +1644,24 @@ def test_a_spectrum_snapshot_that_counts_batches_and_no_energies_is_refused(digi
                        r"per-example results of them") as info:
         spectrum(cfg, resume=True)
     assert "--overwrite" in info.value.hint
+
+
+@pytest.mark.parametrize("edit", ["batches", "rows"])
+def test_a_spectrum_snapshot_whose_rows_are_not_those_of_its_batches_is_refused(digits, tmp_path, edit):
+    """A snapshot edited to count other batches than its energies' rows (or pieces and rows that stop short of its
+    batches) is refused by name on --resume: continuing it would skip examples or count some twice."""
+    cfg = resumable_config(digits, tmp_path)
+    partial = tmp_path / storage.SPECTRUM_PARTIAL.format(rank="")
+    with pytest.raises(KeyboardInterrupt):
+        spectrum(cfg, progress=StopAt("noisy_train", 200))  # 3 saves: 6 batches of 32, a piece of 64 examples each
+    tensors, meta = load_tensors(partial)
+    meta = {k: v for k, v in meta.items() if k != "created"}
+    if edit == "batches":
+        save_tensors(partial, tensors, meta | {"batches_done": 4})
+        shown = r"counts 4 batch\(es\) of 32 of dataset 'noisy_train' as done, but holds the per-example results of 192 example\(s\)"
+    else:
+        save_tensors(partial, tensors | {"state.pieces": torch.tensor(2), "state.rows": torch.tensor(128)}, meta)
+        shown = r"counts 6 batch\(es\) of 32 of dataset 'noisy_train' as done, but holds the per-example results of 128 example\(s\)"
+    with pytest.raises(OutputError, match=r"spectrum.partial.safetensors' " + shown + r" \(this rank's shard has 400\)") as info:
+        spectrum(cfg, resume=True)
+    assert info.value.message.endswith("(this rank's shard has 400)") and "--overwrite" in info.value.hint
