@@ -7,12 +7,30 @@ import difflib
 import importlib
 import importlib.util
 import os
+import random
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
+import torch
+
 from influence_cli.errors import first_few
+
+
+@contextlib.contextmanager
+def keeps_random_state() -> Iterator[None]:
+    """Leaves the global random generators as they were before the block, whatever the user's code in it draws:
+    torch's (the CPU's, and every CUDA device's where CUDA is initialized), NumPy's and Python's `random`."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
 
 
 @contextlib.contextmanager

@@ -303,6 +303,32 @@ def test_calls_leave_the_callers_random_state_and_grad_mode_as_they_were(tmp_pat
     assert torch.equal(torch.get_rng_state(), state)
 
 
+def test_loading_a_dataset_leaves_the_callers_random_state_as_it_was(tmp_path):
+    """A user's Dataset whose items draw random numbers (torch, NumPy, Python), read while it is loaded (its first
+    item, its labels for label noise, the random-augmentation check), and a factory that draws too: torch's, NumPy's
+    and Python's global generators are where they were."""
+    import random
+    import uuid
+
+    name = f"drawing_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(
+        "import random\nimport numpy as np\nimport torch\n\n"
+        "class Drawing(torch.utils.data.Dataset):\n"
+        "    def __len__(self):\n        return 12\n\n"
+        "    def __getitem__(self, i):\n"
+        "        return torch.full((3,), float(i)) + 0 * (torch.rand(3) + np.random.rand() + random.random()), i % 3\n\n"
+        "def make():\n    torch.rand(5), np.random.rand(5), random.random()\n    return Drawing()\n"
+    )
+    torch.manual_seed(5), np.random.seed(5), random.seed(5)
+    states = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    ds = influence_cli.load_dataset({"source": f"{name}:make", "label_noise": 0.3}, tmp_path, seed=1)
+    assert len(ds) == 12
+    torch_state, numpy_state, python_state = states
+    assert torch.equal(torch.get_rng_state(), torch_state) and random.getstate() == python_state
+    now = np.random.get_state()
+    assert now[0] == numpy_state[0] and np.array_equal(now[1], numpy_state[1]) and now[2:] == numpy_state[2:]
+
+
 def test_a_callers_autocast_does_not_change_the_results(tmp_path):
     """A notebook cell under torch.autocast ran the passes' products in bfloat16, unrecorded (factors.amp: none)."""
     from safetensors.torch import load_file

@@ -23,6 +23,7 @@ from influence_cli.data.tensors_file import open_tensors
 from influence_cli.data.torchvision_sets import TORCHVISION_SOURCES, ImageFolderItems, open_image_folder, open_torchvision
 from influence_cli.data.transforms import Transform, resize_images
 from influence_cli.errors import DataError, InfluenceError
+from influence_cli.user_code import keeps_random_state
 
 BUILTIN_SOURCES = ("mnist", "fashion_mnist", "cifar10", "idx", "tensors", "image_folder")
 
@@ -338,7 +339,8 @@ def load_dataset(
 ) -> IndexedDataset:
     """Opens the source of `spec`, applies its subsets and label noise, and sets up its transforms.
 
-    Subsets apply in the order selector (range | indices | indices_file) -> labels_in -> limit.
+    The global random generators (torch's, NumPy's, Python's) are left as they were, whatever a user's factory or
+    Dataset draws while it is read. Subsets apply in the order selector (range | indices | indices_file) -> labels_in -> limit.
 
     Args:
         spec: The data spec (cfg.data.train, or a mapping of the same keys as the file's).
@@ -359,7 +361,11 @@ def load_dataset(
         seed = operator.index(seed)
     except TypeError:
         raise TypeError(f"load_dataset(): seed: expected an int (cfg.seed), not {type(seed).__name__} {seed!r}") from None
-    base = Path(base_dir)
+    with keeps_random_state():  # the user's factory and the items read here may draw random numbers
+        return _load(spec, Path(base_dir), name, seed, embedding_model)
+
+
+def _load(spec: DataSpec | dict[str, Any], base: Path, name: str, seed: int, embedding_model: bool) -> IndexedDataset:
     spec = checked_data_spec(spec, name, base)
     src = open_source(spec, base, name)
     sel, subset_info = select_indices(spec, src, base, name)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import random
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ from influence_cli import notices
 from influence_cli.config import DataSpec
 from influence_cli.data.source import LABELS_AS_NUMBERS_HINT, Source, file_info, item_input, item_label, to_inputs, to_labels
 from influence_cli.errors import DataError, first_few, first_line
-from influence_cli.user_code import import_failure_hint, import_from, missing_function_hint, on_sys_path
+from influence_cli.user_code import import_failure_hint, import_from, keeps_random_state, missing_function_hint, on_sys_path
 
 
 class _FactoryItems:
@@ -189,18 +188,13 @@ def _warn_if_items_change(dataset: Any, key: str, source: str, n: int) -> None:
     if n == 0:
         return
     items = _FactoryItems(dataset, key)
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    try:
-        with torch.random.fork_rng(devices=[]), contextlib.suppress(DataError):
-            (x0, y0), (x1, y1) = items(0), items(0)
-            if not (_same_values(x0, x1) and _same_values(y0, y1)):
-                notices.warn(
-                    f"{key}: item 0 of {source} differs between two reads (random augmentation?): each pass reads every example "
-                    "anew, so the factors and scores would see other versions of it; give the Dataset its evaluation transforms"
-                )
-    finally:
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
+    with keeps_random_state(), contextlib.suppress(DataError):
+        (x0, y0), (x1, y1) = items(0), items(0)
+        if not (_same_values(x0, x1) and _same_values(y0, y1)):
+            notices.warn(
+                f"{key}: item 0 of {source} differs between two reads (random augmentation?): each pass reads every example "
+                "anew, so the factors and scores would see other versions of it; give the Dataset its evaluation transforms"
+            )
 
 
 def open_factory(spec: DataSpec, base_dir: Path, name: str) -> Source:
