@@ -119,8 +119,16 @@ class DataSpec(_Section):
     )
     limit: int | None = _help("Keep at most this many examples (after the other filters).", default=None)
     label_noise: float = _help(
-        "Share of examples whose label is replaced by a random other class (seeded by `seed`; classification only); 0 = none. `top-k --self` marks and counts them.",
+        "Share of examples whose label is replaced by a random other class of the source (among labels_in when set; "
+        "classification only); 0 = none. Each example is flipped with this probability, drawn from `label_noise_seed` "
+        "and its index in the source, so any subset, order or limit that keeps an example gives it the same label. "
+        "`top-k --self` marks and counts them.",
         default=0.0,
+    )
+    label_noise_seed: int | None = _help(
+        "Seed of label_noise (which examples it flips, and to which class); null = `seed`. Set it to keep the same "
+        "labels while `seed` draws other sampled-Fisher labels.",
+        default=None,
     )
     transform: TransformSpec = _help("Input transforms.", default_factory=TransformSpec)
     colour_of: str | None = field(  # set by _share_image_folder_classes: data.train's root, whose colour mode this folder takes
@@ -334,7 +342,7 @@ class Config(_Section):
         default=None,
     )
     device: str = _help("auto | cpu | cuda | cuda:N", default="auto")
-    seed: int = _help("Seed for sampled labels and label noise.", default=0)
+    seed: int = _help("Seed for sampled labels, and for label noise where a data spec sets no label_noise_seed.", default=0)
     base_dir: str = field(default=".", metadata={"help": "Folder relative paths resolve against.", "internal": True})
     source: str = field(default="<config>", metadata={"help": "Where the config came from.", "internal": True})
 
@@ -1244,6 +1252,8 @@ def _check_data_spec(cfg: Config, spec: DataSpec, key: str, check_files: bool) -
         problems.append(f"{key}.limit: must be > 0, got {spec.limit}")
     if not 0.0 <= spec.label_noise < 1.0:
         problems.append(f"{key}.label_noise: must be in [0, 1), got {spec.label_noise}")
+    if spec.label_noise_seed is not None and not 0 <= spec.label_noise_seed < 2**63:
+        problems.append(f"{key}.label_noise_seed: must be in 0..2**63-1 (or null: seed), got {spec.label_noise_seed}")
     t = spec.transform
     if t.scale is not None and (t.scale == 0 or not math.isfinite(t.scale)):
         problems.append(f"{key}.transform.scale: must be a finite non-zero number, got {t.scale}")

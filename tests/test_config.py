@@ -259,6 +259,7 @@ def test_wrong_types_are_named(override: str, key: str):
         pytest.param("data.train.range=[1, 2, 3]", "data.train.range", id="range-three"),
         pytest.param("data.train.limit=0", "data.train.limit", id="limit-0"),
         pytest.param("data.train.label_noise=1.0", "data.train.label_noise", id="label_noise-1"),
+        pytest.param("data.train.label_noise_seed=-1", "data.train.label_noise_seed", id="label_noise_seed-negative"),
         pytest.param("data.train.transform.normalize={mean: [0.5], std: [0]}", "data.train.transform.normalize.std", id="std-0"),
         pytest.param("data.train.transform.normalize={mean: [.nan], std: [1]}", "data.train.transform.normalize.mean", id="mean-nan"),
         pytest.param("data.train.source=csv", "data.train.source", id="source-unknown"),

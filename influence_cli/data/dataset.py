@@ -18,7 +18,7 @@ from influence_cli.config import DataSpec, checked_data_spec
 from influence_cli.data.factory import open_factory
 from influence_cli.data.idx import open_idx
 from influence_cli.data.source import Source, item_label
-from influence_cli.data.subsets import apply_label_noise, labels_of, select_indices
+from influence_cli.data.subsets import apply_label_noise, labels_of, noise_classes, select_indices
 from influence_cli.data.tensors_file import open_tensors
 from influence_cli.data.torchvision_sets import TORCHVISION_SOURCES, ImageFolderItems, open_image_folder, open_torchvision
 from influence_cli.data.transforms import Transform, resize_images
@@ -346,7 +346,7 @@ def load_dataset(
         spec: The data spec (cfg.data.train, or a mapping of the same keys as the file's).
         base_dir: Folder that relative paths (and factory modules) resolve against.
         name: The spec's config key, used in every error message (e.g. "data.query").
-        seed: Seed of the label-noise generator.
+        seed: Seed of the label noise (cfg.seed) where the spec sets no label_noise_seed.
         embedding_model: The model has an embedding table (`models.takes_token_ids`): with
             `transform.dtype: auto`, integer inputs then stay int64 token ids.
 
@@ -406,7 +406,9 @@ def _load(spec: DataSpec | dict[str, Any], base: Path, name: str, seed: int, emb
         if labels is None:
             labels = labels_of(src, sel)
             clean = labels
-        labels, noisy_mask = apply_label_noise(labels, spec.label_noise, seed, f"{name}.label_noise")  # type: ignore[arg-type]
+        noise_seed = seed if spec.label_noise_seed is None else spec.label_noise_seed
+        classes = noise_classes(src, spec.labels_in)
+        labels, noisy_mask = apply_label_noise(labels, sel, spec.label_noise, noise_seed, f"{name}.label_noise", classes)  # type: ignore[arg-type]
     if labels is not None:
         labels = labels.clone().contiguous()
         clean = labels if clean is None or not bool(noisy_mask.any()) else clean.clone().contiguous()

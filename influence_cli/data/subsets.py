@@ -1,4 +1,4 @@
-"""Subsets of a source (range, indices, indices file) and seeded label noise."""
+"""Subsets of a source (range, indices, indices file) and label noise keyed by each example's global index."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 from influence_cli.config import DataSpec
 from influence_cli.data.source import Source, existing_file, file_info, item_label
 from influence_cli.errors import DataError
+from influence_cli.task import counter_uniform
 
 
 def _read_indices_file(spec: DataSpec, base_dir: Path, key: str) -> tuple[list[int], list[Any]]:
@@ -116,11 +117,42 @@ def labels_of(src: Source, idx: torch.Tensor) -> torch.Tensor | None:
     return torch.stack([item_label(y) for y in ys]) if ys else torch.zeros(0, dtype=torch.int64)
 
 
-def apply_label_noise(labels: torch.Tensor, p: float, seed: int, key: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Replaces the labels of round(p * n) seeded-random positions by a random other class.
+LABEL_NOISE_STREAM = 0x6E6F6973  # the counter hash's stream of label noise: a seed it shares with the sampled Fisher (stream 0) draws other numbers
+
+
+def noise_classes(src: Source, labels_in: Sequence[int] | None) -> torch.Tensor | None:
+    """The classes label noise picks a new label from, the same for every subset of `src`: the labels of its
+    label list and 0..len(class_names)-1 where it names its classes, narrowed to `labels_in`; int64 [C] sorted,
+    or None where the source knows neither (a factory dataset without `targets` or `classes`)."""
+    parts = []
+    if src.labels is not None and src.labels.ndim == 1 and not src.labels.is_floating_point():
+        parts.append(src.labels.to(torch.int64))
+    if src.class_names:
+        parts.append(torch.arange(len(src.class_names), dtype=torch.int64))
+    if not parts:
+        return None
+    classes = torch.unique(torch.cat(parts))
+    if labels_in is not None:
+        classes = classes[torch.isin(classes, torch.as_tensor(list(labels_in), dtype=torch.int64))]
+    return classes
+
+
+def apply_label_noise(
+    labels: torch.Tensor, global_indices: torch.Tensor, p: float, seed: int, key: str, classes: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replaces each example's label, with probability p, by a random other class.
+
+    Keyed by the example's global index: whether example i is flipped and its new label depend only on
+    (seed, i, p, the classes), so a subset that keeps i in any order, beside any others, gives it the same
+    label. Two counter-based uniform numbers per example (`task.counter_uniform` on a stream of its own):
+    u₀ < p flips it, and u₁ picks an offset 1..C-1 from its label's place among the C sorted classes (mod C),
+    each other class with probability 1/(C-1).
 
     Args:
         labels: int64 [n] class labels.
+        global_indices: int64 [n] the examples' indices in the source.
+        classes: int64 [C] the classes to draw from (`noise_classes`); the kept labels join them, and
+            are all of them when None.
 
     Returns:
         (noisy labels int64 [n], mask bool [n] of the changed positions).
@@ -128,17 +160,16 @@ def apply_label_noise(labels: torch.Tensor, p: float, seed: int, key: str) -> tu
     if labels.is_floating_point() or labels.ndim != 1:
         kind = f"{labels.dtype} labels" if labels.ndim == 1 else f"labels of shape {list(labels.shape[1:])} per example"
         raise DataError(f"{key}: label noise needs one integer class label per example (classification), got {kind}")
-    classes = torch.unique(labels)
+    classes = torch.unique(labels if classes is None else torch.cat([classes, labels.to(torch.int64)]))
     if classes.numel() < 2:
         raise DataError(f"{key}: label noise needs two or more classes, the kept examples have {classes.tolist()}")
-    n = labels.numel()
-    k = int(round(p * n))
-    gen = torch.Generator().manual_seed(seed)
-    chosen = torch.randperm(n, generator=gen)[:k]
+    idx = global_indices.to(torch.int64)
+    flip = counter_uniform(seed, idx, 1, LABEL_NOISE_STREAM)[:, 0] < p
+    chosen = torch.nonzero(flip)[:, 0]
+    u = counter_uniform(seed, idx[chosen], 1, LABEL_NOISE_STREAM, columns=torch.ones(chosen.numel(), 1, dtype=torch.int64))[:, 0]
+    c = classes.numel()
+    offset = 1 + (u * (c - 1)).to(torch.int64).clamp_max(c - 2)
     current = torch.searchsorted(classes, labels[chosen])
-    r = torch.randint(0, classes.numel() - 1, (k,), generator=gen)
     noisy = labels.clone()
-    noisy[chosen] = classes[r + (r >= current).to(torch.int64)]
-    mask = torch.zeros(n, dtype=torch.bool)
-    mask[chosen] = True
-    return noisy, mask
+    noisy[chosen] = classes[(current + offset) % c]
+    return noisy, flip
