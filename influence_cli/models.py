@@ -30,7 +30,7 @@ from torch import nn
 
 from influence_cli import notices, storage
 from influence_cli.config import ADAPTER_ONLY, ModelConfig, resolve_path
-from influence_cli.errors import ModelError, first_line, message_of, out_of_memory
+from influence_cli.errors import ModelError, first_line, out_of_memory
 from influence_cli.tracking import unmaterialized
 from influence_cli.user_code import colon_form_hint, import_failure_hint, import_from, missing_function_hint
 
@@ -190,7 +190,7 @@ def _import_factory(spec: str, base_dir: Path) -> Callable[..., Any]:
         raise ModelError(f"model.architecture: cannot import {module_name!r} ({exc})", hint=import_failure_hint(module_name, base_dir, exc, func_name)) from None
     except Exception as exc:  # any import-time failure is reported the same way
         raise ModelError(
-            f"model.architecture: importing {module_name!r} failed: {type(exc).__name__}: {message_of(exc)}",
+            f"model.architecture: importing {module_name!r} failed: {type(exc).__name__}: {first_line(exc)}",
             hint=import_failure_hint(module_name, base_dir, exc, func_name) or getattr(exc, "hint", None),
         ) from exc
     func: Any = module
@@ -245,12 +245,12 @@ def _call_builder(func: Callable[..., Any], kwargs: dict[str, Any], label: str) 
         raise
     except TypeError as exc:
         if signature_checked:  # the arguments fit: the TypeError comes from inside the builder
-            raise ModelError(f"model.architecture: {label} raised TypeError: {exc}") from exc
-        raise ModelError(f"model.kwargs: {label} failed with these keyword arguments: {exc}") from exc
+            raise ModelError(f"model.architecture: {label} raised TypeError: {first_line(exc)}") from exc
+        raise ModelError(f"model.kwargs: {label} failed with these keyword arguments: {first_line(exc)}") from exc
     except Exception as exc:  # user factories can raise anything
         if (memory := out_of_memory(exc, f"building {label} with these model.kwargs needs more memory than this machine has")) is not None:
             raise memory from exc
-        raise ModelError(f"model.architecture: {label} raised {type(exc).__name__}: {message_of(exc)}", hint=getattr(exc, "hint", None)) from exc
+        raise ModelError(f"model.architecture: {label} raised {type(exc).__name__}: {first_line(exc)}", hint=getattr(exc, "hint", None)) from exc
     except SystemExit as exc:  # sys.exit() in a factory: its code would read as one of this tool's exit codes
         raise ModelError(f"model.architecture: {label} called sys.exit({exc.code!r})") from None
 

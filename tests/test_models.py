@@ -763,6 +763,21 @@ def test_models_a_factory_cannot_give(tmp_path: Path, factory: str, match: str) 
         build_model(ModelConfig(f"builders:{factory}", {}), tmp_path)
 
 
+def test_a_builder_error_of_several_lines_is_said_in_its_first(tmp_path: Path) -> None:
+    """torch's own errors can run over many lines (a C++ stack under an overflow): the message keeps the first."""
+    with pytest.raises(ModelError, match=r"model.architecture: built-in 'mlp' raised TypeError: empty\(\)") as err:
+        build_model(ModelConfig("mlp", {"input_dim": 10**30, "hidden": [4], "num_classes": 2}), ".")
+    assert "\n" not in err.value.message
+    _write_factory(tmp_path, "lines", "def make():\n    raise ValueError('first line\\nsecond line')\n")
+    with pytest.raises(ModelError) as err:
+        build_model(ModelConfig("lines:make", {}), tmp_path)
+    assert err.value.message == "model.architecture: factory 'lines:make' raised ValueError: first line"
+    _write_factory(tmp_path, "broken", "raise ValueError('first line\\nsecond line')\n")
+    with pytest.raises(ModelError) as err:
+        build_model(ModelConfig("broken:make", {}), tmp_path)
+    assert err.value.message == "model.architecture: importing 'broken' failed: ValueError: first line"
+
+
 def test_an_architecture_in_capitals_is_suggested() -> None:
     with pytest.raises(ModelError) as err:
         build_model(ModelConfig("MLP", {}), ".")
