@@ -941,6 +941,23 @@ def test_tensors_file_errors(tmp_path: Path) -> None:
     )
     (tmp_path / "junk.pt").write_bytes(b"nope")
     assert error_of(DataSpec(source="tensors", path="junk.pt"), tmp_path).startswith("data.train.path: cannot read")
+
+
+def test_an_unreadable_tensors_file_is_said_with_the_fix(tmp_path: Path) -> None:
+    """An empty file is said to be empty (torch.load says 'EOFError', safetensors 'header too small'), and a file
+    no reader can read, empty, truncated or of text, gets a hint naming what to save."""
+    for name in ("empty.pt", "empty.safetensors"):
+        (tmp_path / name).write_bytes(b"")
+        with pytest.raises(DataError) as info:
+            load_dataset(DataSpec(source="tensors", path=name), tmp_path)
+        assert info.value.message.startswith(f"data.train.path: cannot read {name} (") and info.value.message.endswith(": the file is empty)")
+        assert info.value.hint is not None and info.value.hint.startswith("the file may be truncated or not a tensors file; save a dict")
+    (tmp_path / "text.pt").write_text("hello world\n")
+    with pytest.raises(DataError) as info:
+        load_dataset(DataSpec(source="tensors", path="text.pt"), tmp_path)
+    assert info.value.hint == (
+        "the file may be truncated or not a tensors file; save a dict of tensors {'inputs': ..., 'labels': ...} (torch.save, safetensors or .npz)"
+    )
     (tmp_path / "data.csv").write_text("1,2\n")
     assert "not a .safetensors, .npz, .pt or .pth" in error_of(DataSpec(source="tensors", path="data.csv"), tmp_path)
     torch.save([torch.zeros(2)], tmp_path / "list.pt")
