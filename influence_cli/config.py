@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import sys
 import types
 import typing
 from collections.abc import Collection, Iterable, Mapping
@@ -616,9 +617,14 @@ _Loader.add_implicit_resolver(
 
 def _yaml12_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
     text = str(loader.construct_scalar(node)).replace("_", "")
-    if text[:2] in ("0o", "0x"):
-        return int(text[2:], 8 if text[1] == "o" else 16)
-    return int(text, 10)
+    try:
+        value = int(text[2:], 8 if text[1] == "o" else 16) if text[:2] in ("0o", "0x") else int(text, 10)
+        str(value)  # Python neither reads nor writes decimal integers past sys.get_int_max_str_digits(), which a message would
+    except ValueError:
+        raise yaml.constructor.ConstructorError(
+            None, None, f"an integer of more than {sys.get_int_max_str_digits()} digits", node.start_mark
+        ) from None
+    return value
 
 
 _Loader.add_constructor("tag:yaml.org,2002:int", _yaml12_int)

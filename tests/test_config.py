@@ -199,6 +199,18 @@ def test_numbers_read_as_yaml_1_2_reads_them(text: str, value: object):
     assert _yaml_load(text) == value and type(_yaml_load(text)) is type(value)
 
 
+@pytest.mark.parametrize("digits", ["9" * 5000, "0x" + "f" * 4000], ids=["decimal", "hex"])
+def test_an_integer_too_long_for_python_is_a_yaml_error(tmp_path: Path, digits: str):
+    """Python reads and writes at most sys.get_int_max_str_digits() (4,300) decimal digits: such a number in the
+    file or a --set is refused as YAML with its place, not left to fail in int() or in the message naming it."""
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, f"seed: {digits}\n"))
+    assert exc.value.message.endswith(": not valid YAML (an integer of more than 4300 digits at line 1, column 7)")
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, minimal()), [f"seed={digits}"])
+    assert exc.value.message.endswith(": the value is not valid YAML (an integer of more than 4300 digits at line 1, column 1)")
+
+
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
