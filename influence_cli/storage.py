@@ -681,6 +681,8 @@ def load_json(path: Path, what: str, hint: str) -> Any:
         raise read_denied(path) from None
     except (OSError, ValueError) as exc:
         raise OutputError(f"{str(path)!r} is not a readable {what} ({exc})", hint=hint) from None
+    except RecursionError:
+        raise OutputError(f"{str(path)!r} is not a readable {what} (nested too deeply)", hint=hint) from None
 
 
 def read_denied(path: Path) -> OutputError:

@@ -152,6 +152,8 @@ def load_scores_meta(output_dir: str | Path) -> ScoresMeta:
         try:
             files = [ScoreFile(out / s["file"], int(s["train_start"]), int(s["train_stop"])) for s in data["shards"]]
             n_query, n_train, metadata = int(data["n_query"]), int(data["n_train"]), dict(data["metadata"])
+            if (gap := index_gap(files, n_train)) is not None:
+                raise ValueError(gap)
         except (ValueError, KeyError, TypeError) as exc:
             raise OutputError(f"{str(index)!r} is not a readable scores index ({exc})", hint="rerun compute-scores with --overwrite") from None
         if data.get(storage.FORMAT_KEY) != storage.SCORES_FORMAT:
@@ -173,6 +175,13 @@ def load_scores_meta(output_dir: str | Path) -> ScoresMeta:
         raise OutputError(f"no scores in {str(out)!r} ({storage.SCORES_FILE} or {storage.SCORES_INDEX})", hint=hint)
     with _open_scores(files[0].path, ()) as fh:
         keys = set(fh.keys())
+        shape = list(fh.get_slice("scores").get_shape()) if "scores" in keys else None
+        if index.is_file() and shape is not None and shape != [n_query, files[0].train_stop - files[0].train_start]:
+            raise OutputError(
+                f"{str(index)!r} is not a readable scores index (it lists {n_query} queries and training positions "
+                f"{files[0].train_start}..{files[0].train_stop} for {files[0].path.name}, which holds scores of shape {shape})",
+                hint="rerun compute-scores with --overwrite",
+            )
 
         def get(key: str) -> torch.Tensor | None:
             return fh.get_tensor(key) if key in keys else None
@@ -185,6 +194,19 @@ def load_scores_meta(output_dir: str | Path) -> ScoresMeta:
         out, files, int(n_query), int(n_train), bool(metadata.get("relative", False)), metadata, query_indices, labels, preds,
         has_norms="train_norms" in keys, by_layer=_layer_names(files[0].path, metadata, keys, storage.SCORES_BY_LAYER),
     )
+
+
+def index_gap(files: list[ScoreFile], n_train: int) -> str | None:
+    """What is wrong with a scores index's shards (`files`, in order) as a cover of the training positions
+    [0, n_train), each after the one before it; None when they cover them."""
+    if n_train < 0 or not files:
+        return f"{n_train} training examples in {len(files)} shards"
+    stop = 0
+    for f in files:
+        if f.train_start != stop or f.train_stop < f.train_start:
+            return f"{f.path.name} holds training positions {f.train_start}..{f.train_stop}, not from {stop} on"
+        stop = f.train_stop
+    return None if stop == n_train else f"the shards hold {stop} training positions, not {n_train}"
 
 
 def _layer_names(path: Path, metadata: dict[str, Any], keys: set[str], tensor: str) -> list[str] | None:

@@ -355,6 +355,32 @@ def test_scores_of_another_format_say_whether_another_version_wrote_them(tmp_pat
         assert exc.value.message == f"{str(path)!r} {message}" and exc.value.hint == "rerun compute-scores with --overwrite"
 
 
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        (lambda d: d.update(shards=[]), "200 training examples in 0 shards"),
+        (lambda d: d.update(n_query=10**30), "it lists 1000000000000000000000000000000 queries"),
+        (lambda d: d["shards"][0].update(train_stop=10**30), "holds training positions 100..200, not from 1000000000000000000000000000000 on"),
+        (lambda d: d["shards"].reverse(), "holds training positions 100..200, not from 0 on"),
+        (lambda d: d.update(n_train=300), "the shards hold 200 training positions, not 300"),
+        (lambda d: "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ],
+    ids=["no shards", "queries", "huge stop", "out of order", "train count", "nested"],
+)
+def test_a_scores_index_that_does_not_describe_its_shards_is_refused(tmp_path, change, why):
+    """An index whose numbers do not match its shards (edited or damaged) is refused by name, not left to fail (an
+    overflow, a traceback, a loop over 10**30 positions) when top-k reads it."""
+    write_scores(tmp_path, torch.randn(3, 200), 100)
+    path = tmp_path / storage.SCORES_INDEX
+    data = json.loads(path.read_text())
+    changed = change(data)
+    path.write_text(changed if isinstance(changed, str) else json.dumps(data))
+    with pytest.raises(OutputError) as exc:
+        load_scores_meta(tmp_path)
+    assert exc.value.message.startswith(f"{str(path)!r} is not a readable scores index (") and why in exc.value.message
+    assert exc.value.hint == "rerun compute-scores with --overwrite"
+
+
 def test_an_output_of_another_kind_or_version_is_named_as_such(tmp_path):
     path = tmp_path / "f.safetensors"
     storage.save_tensors(path, {"x": torch.zeros(1)}, {storage.FORMAT_KEY: "influence_cli.factors/0"})
