@@ -1464,6 +1464,22 @@ def test_info_on_a_scores_index_checks_its_shards(runner: CliRunner, fitted: tup
     assert_clean_error(invoke(runner, "info", index), EXIT["output"], f"{sorted(shards)[1]}' (listed in scores.index.json) is missing")
 
 
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ('{"metadata": {}, "n_query": 1, "shards": [{"file": null, "train_start": 0, "train_stop": 1}]}', "a shard's 'file' is not a file name"),
+        ('{"metadata": {}, "n_query": 1, "shards": [{"file": 7, "train_start": 0, "train_stop": 1}]}', "a shard's 'file' is not a file name"),
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ],
+    ids=["null file", "number file", "nested"],
+)
+def test_info_on_a_damaged_scores_index(runner: CliRunner, tmp_path: Path, text: str, why: str):
+    """A shard listed without a file name, or JSON nested past Python's recursion limit, is no scores index: said so (it was a traceback)."""
+    index = tmp_path / "scores.index.json"
+    index.write_text(text)
+    assert_clean_error(invoke(runner, "info", index), EXIT["output"], f"{str(index)!r} is not a scores index written by this tool ({why})")
+
+
 @pytest.mark.parametrize("name", ["missing.safetensors", "config.yaml"])
 def test_info_on_a_file_that_is_not_an_output(runner: CliRunner, tmp_path: Path, name: str):
     path = tmp_path / name

@@ -66,10 +66,12 @@ def info_cmd(
             index = json.loads(path.read_text())
             decoded = dict(index["metadata"]) | {storage.FORMAT_KEY: index.get(storage.FORMAT_KEY)}
             shapes = {s["file"]: [int(index["n_query"]), int(s["train_stop"]) - int(s["train_start"])] for s in index["shards"]}
+            if not all(isinstance(name, str) for name in shapes):
+                raise ValueError("a shard's 'file' is not a file name")
         except PermissionError:  # FILE's own check is skipped for a path given with ~
             raise storage.read_denied(path) from None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            why = f"no {exc.args[0]!r} key" if isinstance(exc, KeyError) else str(exc)
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+            why = f"no {exc.args[0]!r} key" if isinstance(exc, KeyError) else "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
             raise OutputError(f"{str(path)!r} is not a scores index written by this tool ({why})") from None
         storage.check_shards_present(path, [path.parent / name for name in shapes])  # as top-k refuses it
         layers = decoded.get(storage.BY_LAYER)
