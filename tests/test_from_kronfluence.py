@@ -1,18 +1,20 @@
 """docs/FROM_KRONFLUENCE.md names only what exists: its YAML loads with the strict loader and is the
-MNIST run of configs/mnist.yaml, every config key and flag it names is one of this tool's, and (where kronfluence
+MNIST run of configs/mnist.yaml, every config key and flag it names is one of this tool's (each flag it gives a
+command one of that command's, each keyword of a Python call one of that function's), and (where kronfluence
 can be imported) every Kronfluence argument its tables name is one of Kronfluence's."""
 
 from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import importlib.util
 import inspect
 import re
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+import typer
 
 import influence_cli
 from influence_cli.cli import app
@@ -20,11 +22,25 @@ from influence_cli.config import field_docs, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = (ROOT / "docs" / "FROM_KRONFLUENCE.md").read_text(encoding="utf-8")
-COMMANDS = ("fit-factors", "compute-scores", "top-k", "inspect", "info", "dataset-similarity", "spectrum", "edit")
+FLAG = r"(?<![\w-])(--[a-z][a-z-]*)"
 
 
 def _blocks(language: str) -> list[str]:
     return [b.split("```", 1)[0] for b in DOC.split(f"```{language}\n")[1:]]
+
+
+@functools.cache
+def _commands() -> dict:
+    """{name: click command} of every command of the CLI."""
+    return typer.main.get_command(app).commands
+
+
+def _command_lines() -> list[tuple[str, str]]:
+    """(command, what follows it) for each code span, and each line of a bash block, that starts with a command."""
+    spans = re.findall(r"`([^`\n]+)`", DOC) + [line for b in _blocks("bash") for line in b.splitlines()]
+    command = re.compile(rf"(?:influence )?({'|'.join(map(re.escape, _commands()))})(?:\s(.*))?$")
+    found = [command.match(span.split("#")[0].strip()) for span in spans]
+    return [(m[1], m[2] or "") for m in found if m]
 
 
 def _section(title: str) -> str:
@@ -55,19 +71,27 @@ def test_every_config_key_flag_command_and_python_name_it_names_exists():
     named = {t for t in tokens if not t.endswith((".safetensors", ".json", ".pt"))}  # file names: factors.safetensors, model.pt
     assert {"factors.max_examples", "scores.damping_factor", "data.padding_value"} <= named
     assert sorted(named - keys) == []
-    runner = CliRunner(env={"COLUMNS": "250"})
-    helps = {c: runner.invoke(app, [c, "--help"]) for c in COMMANDS}
-    assert all(r.exit_code == 0 for r in helps.values())
-    flags = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", DOC))
+    options = {name: {o for p in c.params for o in (*p.opts, *p.secondary_opts) if o.startswith("--")} for name, c in _commands().items()}
+    flags = set(re.findall(FLAG, DOC))
     assert {"--self", "--by-layer", "--overwrite", "--resume"} <= flags
-    assert sorted(f for f in flags if not any(f in r.stdout for r in helps.values())) == []
+    assert sorted(flags - set().union(*options.values())) == []  # whole names: `--resum` is not `--resume`
+    for command, rest in _command_lines():  # and each one where the text gives it to a command is that command's
+        assert sorted(f for f in re.findall(FLAG, rest) if f not in options[command]) == [], command
     used = set(re.findall(r"(?:^|`)influence ([a-z-]+)", DOC, flags=re.MULTILINE))
-    assert "fit-factors" in used and sorted(used - set(COMMANDS)) == []
+    assert "fit-factors" in used and sorted(used - set(_commands())) == []
+    assert {"top-k", "compute-scores", "fit-factors"} <= {c for c, _ in _command_lines()}
     imported = {n.strip() for line in re.findall(r"^from influence_cli import ([\w, ]+)$", DOC, flags=re.MULTILINE) for n in line.split(",")}
     rows = [line.split(" | ") for line in _section("`Analyzer` → commands and the Python API").splitlines() if line.startswith("| `")]
     python = {n for row in rows for n in re.findall(r"`([a-z_]+)[(`]", row[2])}
     assert {"load_scores_meta", "load_self_influence"} <= imported | python
     assert sorted(n for n in imported | python if not hasattr(influence_cli, n)) == []
+    signatures = {n: inspect.signature(getattr(influence_cli, n)).parameters for n in imported | python}
+    calls = [(n, args) for row in rows for n, args in re.findall(r"`([a-z_]+)\(([^)`]*)\)", row[2])]
+    keywords = {(n, k) for n, args in calls for k in re.findall(r"(\w+)=", args)}
+    assert ("compute_scores", "self_influence") in keywords
+    assert sorted((n, k) for n, k in keywords if k not in signatures[n]) == []
+    bare = {k for row in rows for k in re.findall(r"`(\w+)=[^`(]*`", row[2])}  # `overwrite=True`: a keyword of the calls above
+    assert "overwrite" in bare and sorted(k for k in bare if not any(k in p for p in signatures.values())) == []
 
 
 @pytest.mark.skipif(importlib.util.find_spec("kronfluence") is None, reason="kronfluence is not installed (`make bench-install`)")
@@ -75,6 +99,7 @@ def test_every_kronfluence_argument_in_the_tables_is_one_of_kronfluence():
     from kronfluence.analyzer import Analyzer
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.task import Task
+    from kronfluence.utils.dataset import DataLoaderKwargs
 
     for title, names in (
         ("`FactorArguments` → the factors block", {f.name for f in dataclasses.fields(FactorArguments)}),
@@ -90,3 +115,9 @@ def test_every_kronfluence_argument_in_the_tables_is_one_of_kronfluence():
     parameters = {q for f in public if inspect.isfunction(f) for q in inspect.signature(f).parameters}
     assert {"query_indices", "factors_name"} <= methods
     assert sorted(n for n in methods if not hasattr(Analyzer, n) and n not in parameters) == []
+    classes = {"Analyzer": Analyzer, "DataLoaderKwargs": DataLoaderKwargs}
+    built = re.findall(r"`([A-Z]\w*)\(([^)`]*)\)", " ".join(rows))  # `Analyzer(analysis_name, ..., cpu=...)`
+    assert {c for c, _ in built} == set(classes)
+    for cls, args in built:
+        named = re.findall(r"(\w+)=", args) + [a.strip() for a in args.split(",") if a.strip().isidentifier()]
+        assert sorted(set(named) - set(inspect.signature(classes[cls]).parameters)) == [], cls
