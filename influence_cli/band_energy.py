@@ -40,7 +40,7 @@ from influence_cli.data.dataset import IndexedDataset, data_change
 from influence_cli.distributed import DistState
 from influence_cli.errors import ConfigError, UsageError
 from influence_cli.factors import LayerFactors, Rotation
-from influence_cli.fit import check_finite_factors
+from influence_cli.fit import check_finite_factors, warn_of_refit
 from influence_cli.notices import warn
 from influence_cli.passes import BatchGradients, NonFiniteWatch, accumulator_dtype, check_first_batches, stream_gradients
 from influence_cli.progress import NullProgress, Progress, for_rank
@@ -559,7 +559,8 @@ def spectrum(
         layers: Patterns overriding spectrum.layers (the --layers flag).
         order: kfac | ekfac, overriding spectrum.order (the --order flag).
 
-    A finished result of the same settings is read back instead of recomputed; `resume` continues an
+    A finished result of the same settings is read back instead of recomputed (with a warning when its factors
+    were refitted since with the same settings, `fit.warn_of_refit`); `resume` continues an
     interrupted run from its last saved progress (every `factors.checkpoint_every` batches, and after
     each dataset).
 
@@ -617,7 +618,10 @@ def spectrum(
         "datasets": fingerprints, "layers": [tm.name for tm in chosen], "order": order, "bottom": sp.bottom, "top": sp.top,
         "mass": sp.mass, "bins": sp.bins, "task": cfg.task.kind, "padding_value": cfg.data.padding_value,
     }  # fmt: skip
-    from_file = finished_result(path, result_fields, "a spectrum result", storage.SPECTRUM_FORMAT, overwrite=overwrite) is not None
+    recorded = finished_result(path, result_fields, "a spectrum result", storage.SPECTRUM_FORMAT, overwrite=overwrite)
+    from_file = recorded is not None
+    if recorded is not None:
+        warn_of_refit(path, "a spectrum result", factors_path, recorded.get("factors_created"), factors.metadata.get("created"), "spectrum")
     # the chosen layers' factors, moved to the device once for every dataset (not for a result read back); off the CPU
     # nothing of the file's memory map (whose pages the finite check read) is kept beside them: only the metadata stays
     layer_factors = {} if from_file else {tm.name: factors.layers[tm.name].to(ctx.device, accumulator_dtype(ctx.model)) for tm in chosen}
@@ -673,7 +677,8 @@ def spectrum(
     if from_file:
         return report
     if st.is_main:
-        _save(report, ctx, fingerprints, result_fields, {"spectrum.order": order} | ({"spectrum.layers": layers} if layers else {}))
+        flags = {"spectrum.order": order} | ({"spectrum.layers": layers} if layers else {})
+        _save(report, ctx, fingerprints, result_fields, flags, factors.metadata.get("created"))
     st.barrier()
     saved.clear()
     report.seconds["total"] = time.perf_counter() - t_start
@@ -693,8 +698,11 @@ def _load_energies(path: Path, names: list[str]) -> list[DatasetSpectrum]:
     ]
 
 
-def _save(report: SpectrumReport, ctx: RunContext, fingerprints: dict[str, str], result: dict[str, Any], flags: dict[str, object]) -> None:
-    """Writes the spectrum file; `flags`: what --order and --layers gave spectrum.order and spectrum.layers (`provenance`)."""
+def _save(
+    report: SpectrumReport, ctx: RunContext, fingerprints: dict[str, str], result: dict[str, Any], flags: dict[str, object], factors_created: Any
+) -> None:
+    """Writes the spectrum file; `flags`: what --order and --layers gave spectrum.order and spectrum.layers (`provenance`);
+    `factors_created`: the factors' `created`, so that a refit of the same settings is warned of when the result is shown again."""
     tensors: dict[str, torch.Tensor] = {
         "band_directions": torch.tensor([b.counts for b in report.bands], dtype=torch.int64),
         "band_curvature_share": torch.tensor([b.mass for b in report.bands], dtype=torch.float32),
@@ -726,6 +734,7 @@ def _save(report: SpectrumReport, ctx: RunContext, fingerprints: dict[str, str],
             "strategy": report.strategy,
             "fisher": report.fisher,
             "model_fingerprint": ctx.model_fingerprint,
+            "factors_created": factors_created,
             "result_key": run_key(result),
             "result": result,
         },

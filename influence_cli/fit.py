@@ -912,6 +912,21 @@ def _refuse_nonfinite(lf: LayerFactors, path: Path) -> None:
         raise NumericalError(f"{str(path)!r}: {lf.name}.{bad} holds NaN/Inf", hint="refit with `influence fit-factors --overwrite`").everywhere()
 
 
+def warn_of_refit(path: Path, what: str, factors_path: Path, then: object, now: object, command: str) -> None:
+    """Warns that the finished output at `path` (holding `what`: "scores", "a similarity result") was computed
+    from the factors written at `then`, and `factors_path` was refitted since (`now`, its `created`) with the same
+    settings (the same result key): the output is the refit's up to float rounding. `command` recomputes it.
+    Nothing is said when either time is unknown (an output of a version that did not record it)."""
+    if then is None or now is None or then == now:
+        return
+    subject = "the scores are" if what == "scores" else "it is"
+    notices.warn(
+        f"{str(path)!r} holds {what} of the factors written at {then}; {str(factors_path)!r} was refitted "
+        f"since ({now}) with the same settings, so {subject} its own up to float rounding: rerun {command} "
+        "with --overwrite for its own bits"
+    )
+
+
 def num_fit_examples(cfg: Config, n_train: int) -> int:
     """The training examples each pass of fit-factors sees: all, or the first factors.max_examples."""
     return n_train if cfg.factors.max_examples is None else min(cfg.factors.max_examples, n_train)

@@ -39,7 +39,7 @@ from influence_cli.context import prepare
 from influence_cli.distributed import DistState
 from influence_cli.errors import ConfigError, NumericalError, UsageError
 from influence_cli.factors import DiagonalAccumulator, LayerFactors, layer_damping
-from influence_cli.fit import PassPlan, check_factors_match, load_factors, plan_for
+from influence_cli.fit import PassPlan, check_factors_match, load_factors, plan_for, warn_of_refit
 from influence_cli.passes import BatchGradients, NonFiniteWatch, accumulator_dtype, check_first_batches, stream_gradients
 from influence_cli.progress import NullProgress, Progress, for_rank
 from influence_cli.resume import (
@@ -395,7 +395,8 @@ def dataset_similarity(
             (the datasets need not be the factors' training set); the output exists, of other
             settings, without `overwrite`; progress of an interrupted run without `resume` or
             `overwrite`, or of other settings. A finished result of the same settings is read, not
-            recomputed (`from_file`), whatever the `method`; `resume` continues an interrupted
+            recomputed (`from_file`), whatever the `method`, with a warning when its factors were refitted
+            since with the same settings (`fit.warn_of_refit`); `resume` continues an interrupted
             run from its last saved progress (every `factors.checkpoint_every` batches, and after
             each dataset).
     """
@@ -437,6 +438,7 @@ def dataset_similarity(
     recorded = finished_result(path, result_fields, "a similarity result", storage.SIMILARITY_FORMAT, overwrite=overwrite, names={"fisher": "similarity.fisher"})
     if recorded is not None:
         clear_progress_of_finished(ctx.state, out_dir, storage.SIMILARITY_PARTIAL, outputs=[path])  # a kill right after the final rename
+        warn_of_refit(path, "a similarity result", factors_path, recorded.get("factors_created"), factors.metadata.get("created"), "dataset-similarity")
         return _finished_report(path, method, recorded)
     st = ctx.state
     saved = DatasetsProgress.start(
@@ -485,6 +487,7 @@ def dataset_similarity(
                 "layout": layout,
                 "model_fingerprint": ctx.model_fingerprint,
                 "factors_dataset_fingerprint": factors.metadata.get("dataset_fingerprint", ""),
+                "factors_created": factors.metadata.get("created"),  # a refit of the same settings is warned of when it is shown again
                 "result_key": run_key(result_fields),
                 "result": result_fields,
             },

@@ -347,6 +347,7 @@ def _check_current_factors(metadata: dict[str, Any], cfg: Config, path: Path, co
     settings, as `compute-scores --resume` sees it too) a warning says the scores are theirs up to float
     rounding. `command` recomputes them ("compute-scores --self" for self-influence)."""
     from influence_cli.ensemble import ensemble_members
+    from influence_cli.fit import warn_of_refit
 
     described = metadata.get("members") or [metadata]
     for member, info in zip(ensemble_members(cfg), described, strict=False):
@@ -360,13 +361,7 @@ def _check_current_factors(metadata: dict[str, Any], cfg: Config, path: Path, co
                 f"{str(path)!r} holds scores of other factors than {str(member.factors_path)!r} (refitted since, with other settings)",
                 hint=f"rerun {command} with --overwrite on the current factors",
             )
-        then, now = factors.get("created"), current.get("created")
-        if then is not None and now is not None and then != now:
-            notices.warn(
-                f"{str(path)!r} holds scores of the factors written at {then}; {str(member.factors_path)!r} was refitted "
-                f"since ({now}) with the same settings, so the scores are its own up to float rounding: rerun {command} "
-                "with --overwrite for its own bits"
-            )
+        warn_of_refit(path, "scores", member.factors_path, factors.get("created"), current.get("created"), command)
 
 
 def select_queries(

@@ -228,6 +228,37 @@ def test_top_k_warns_of_scores_of_factors_refitted_since_with_the_same_settings(
         assert f"rerun {' '.join(['compute-scores', *extra])} with --overwrite" in warning, warning
 
 
+def test_similarity_and_spectrum_warn_of_a_result_of_factors_refitted_since_with_the_same_settings(runner, tmp_path, monkeypatch):
+    """A finished dataset-similarity or spectrum result is shown again after a refit of the factors with the same
+    settings (the same result key) as top-k ranks such scores: with a warning naming the two times; a result of the
+    factors there, and one of a version that did not record their time, without one."""
+    data = write_project(tmp_path)
+    two = {"a": data["data"]["train"], "b": data["data"]["query"]}
+    # a fixed damping: `auto` follows the refit's eigenvalues, whose rounding differs, and a result of another λ is refused
+    data |= {"similarity": {"datasets": two}, "spectrum": {"datasets": two}, "scores": {"damping": 0.01}}
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(data))
+    commands = (("dataset-similarity", storage.SIMILARITY_FILE), ("spectrum", storage.SPECTRUM_FILE))
+    assert invoke(runner, "fit-factors", config).exit_code == 0
+    for command, _ in commands:
+        for _ in range(2):  # computed, then shown again
+            result = invoke(runner, command, config)
+            assert result.exit_code == 0 and "refitted" not in result.stderr, result.stderr
+    monkeypatch.setattr(storage, "created_now", lambda: "2099-01-01T00:00:00+0000")
+    assert invoke(runner, "fit-factors", config, "--overwrite", "--set", "data.batch_size=5").exit_code == 0
+    for command, name in commands:
+        result = invoke(runner, command, config)
+        assert result.exit_code == 0, result.stderr
+        warning = " ".join(result.stderr.split())
+        assert "was refitted since (2099-01-01T00:00:00+0000) with the same settings" in warning, warning
+        assert f"rerun {command} with --overwrite" in warning, warning
+        path = tmp_path / "out" / name  # as an older version wrote it, without the factors' time
+        tensors, meta = storage.load_tensors(path)
+        storage.save_tensors(path, tensors, {k: v for k, v in meta.items() if k != "factors_created"})
+        result = invoke(runner, command, config)
+        assert result.exit_code == 0 and "refitted" not in result.stderr, result.stderr
+
+
 def test_top_k_after_an_interrupted_run_hints_resume(runner, tmp_path):
     data = write_project(tmp_path)
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(data))
