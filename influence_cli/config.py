@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
-from influence_cli.errors import ConfigError, first_line
+from influence_cli.errors import ConfigError, first_line, not_utf8
 from influence_cli.user_code import colon_form_hint
 
 SIMILARITY_METHODS = ("fisher-kernel", "task2vec")
@@ -823,7 +823,9 @@ def load_config(
         raise ConfigError(f"not valid YAML ({_yaml_reason(exc)})", source=str(path)) from None
     except RecursionError:
         raise ConfigError("not valid YAML (nested too deeply)", source=str(path)) from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:  # a Latin-1 or UTF-16 file: its byte and line, and the fix
+        raise ConfigError(f"not UTF-8 text ({not_utf8(exc)})", source=str(path), hint="save the file as UTF-8") from None
+    except OSError as exc:
         raise ConfigError(f"cannot read the file ({exc})", source=str(path)) from None
     if data is None:
         data = {}

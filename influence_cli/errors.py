@@ -165,6 +165,15 @@ def out_of_memory(exc: BaseException, hint: str | None = None) -> ResourceError 
     )
 
 
+def not_utf8(exc: UnicodeDecodeError) -> str:
+    """Where a text file that is not UTF-8 fails to decode, for its message: "byte 0xe9 on line 3"."""
+    data = exc.object if isinstance(exc.object, bytes) else b""
+    if exc.start >= len(data):
+        return "an undecodable byte"
+    line = data[: exc.start].count(b"\n") + 1
+    return f"byte 0x{data[exc.start]:02x} on line {line}"
+
+
 def first_few(items: Sequence[str], most: int, sep: str = ", ") -> str:
     """`items` joined by `sep` as messages list them: all of them, or the first `most` and then their number
     ("a, b, c, ... (12 in all)")."""

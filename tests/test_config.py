@@ -638,10 +638,12 @@ def test_a_key_given_twice_is_an_error(tmp_path: Path):
 
 
 def test_not_utf8(tmp_path: Path):
+    """A config saved in Latin-1 is named with the byte and line that fail, and the fix; not Python's codec text."""
     path = tmp_path / "latin1.yaml"
-    path.write_bytes(b"output_dir: caf\xe9\n")
-    with pytest.raises(ConfigError, match=str(path)):
+    path.write_bytes(b"seed: 0\noutput_dir: caf\xe9\n")
+    with pytest.raises(ConfigError) as exc:
         load_config(path)
+    assert str(exc.value).splitlines() == [f"{path}: not UTF-8 text (byte 0xe9 on line 2)", "hint: save the file as UTF-8"]
 
 
 @pytest.mark.parametrize(
