@@ -262,6 +262,20 @@ def check_creatable_dir(folder: Path, key: str = "output_dir", hint: str | None 
         raise OutputError(f"{key}: {where} not writable", hint=hint or f"set {key} to a writable folder")
 
 
+def refuse_file_as_folder(folder: Path, key: str, hint: str) -> None:
+    """OutputError naming `key` when `folder`, or a path above it, is a file: a folder a command reads named files
+    from (the factors of factors_dir), refused as what it is rather than as a folder without those files."""
+    existing = _nearest_existing(folder)
+    if os.path.exists(existing) and not os.path.isdir(existing):
+        where = f"{str(folder)!r} is" if existing == folder else f"{str(folder)!r} lies under {str(existing)!r}, which is"
+        raise OutputError(f"{key}: {where} a file, not a folder", hint=hint)
+
+
+def factors_folder_hint(key: str) -> str:
+    """The fix of a factors folder that is a file (`refuse_file_as_folder`), `key` naming it (factors_dir or output_dir)."""
+    return f"set {key} to the folder of the factors, the one fit-factors wrote them into"
+
+
 def _nearest_existing(path: Path) -> Path:
     """`path`, or the nearest path above it, that is there (a symbolic link to nothing counts: it is in the way)."""
     return next(p for p in (path, *path.parents) if os.path.lexists(p))
@@ -364,6 +378,7 @@ def guards_output_dir(
                                 locks.enter_context(output_dir_lock(folder, name, hold=main, key=key))
                             if reads is not None:
                                 read_folder, read_key = _folder_of(cfg, reads)
+                                refuse_file_as_folder(read_folder, read_key, factors_folder_hint(read_key))  # not "no factors at <file>/..."
                                 check_readable_dir(read_folder, read_key, listed=False)  # only its named files are read
                                 if read_folder.is_dir():  # else nothing to read: the command says so
                                     elsewhere = read_folder != folder

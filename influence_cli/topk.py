@@ -349,6 +349,7 @@ def _check_current_factors(metadata: dict[str, Any], cfg: Config, path: Path, co
     from influence_cli.ensemble import ensemble_members
     from influence_cli.fit import warn_of_refit
 
+    storage.refuse_file_as_folder(cfg.factors_path, cfg.factors_key, storage.factors_folder_hint(cfg.factors_key))  # not skipped as no factors
     described = metadata.get("members") or [metadata]
     for member, info in zip(ensemble_members(cfg), described, strict=False):
         factors = (info.get("factors") or {}) if isinstance(info, dict) else {}

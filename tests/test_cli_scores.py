@@ -259,6 +259,27 @@ def test_similarity_and_spectrum_warn_of_a_result_of_factors_refitted_since_with
         assert result.exit_code == 0 and "refitted" not in result.stderr, result.stderr
 
 
+def test_a_factors_dir_that_is_a_file_is_named_as_such_by_every_command_of_the_factors(runner, project, tmp_path):
+    """factors_dir naming a file (or a path under one): every command that reads the factors says so, with the key
+    to set, rather than "no factors at '<file>/factors.safetensors'" (top-k too, rather than skipping its check of
+    the factors); fit-factors refuses it before any pass."""
+    out, fit = tmp_path / "o", project.parent / "out"
+    assert invoke(runner, "compute-scores", project, "--set", f"output_dir={out}", "--set", f"factors_dir={fit}").exit_code == 0
+    (tmp_path / "a_file").write_text("x")
+    hint = "hint: set factors_dir to the folder of the factors, the one fit-factors wrote them into"
+    for folder, where in ((tmp_path / "a_file", "is"), (tmp_path / "a_file" / "sub", f"lies under {str(tmp_path / 'a_file')!r}, which is")):
+        sets = ["--set", f"output_dir={out}", "--set", f"factors_dir={folder}"]
+        for command in (["compute-scores", "--overwrite"], ["compute-scores", "--self"], ["spectrum"], ["top-k"],
+                        ["edit", "--out", str(tmp_path / "edited.safetensors")]):  # fmt: skip
+            result = invoke(runner, command[0], project, *sets, *command[1:])
+            assert result.exit_code == 5, (command, result.stderr)
+            assert result.stderr.splitlines() == [f"output error: factors_dir: {str(folder)!r} {where} a file, not a folder", hint], command
+        result = invoke(runner, "fit-factors", project, *sets)
+        assert result.exit_code == 5 and len(result.stderr.splitlines()) == 2, result.stderr  # the refusal alone, no pass begun
+        assert result.stderr.startswith("output error: factors_dir: ") and "a file, not a folder" in result.stderr, result.stderr
+    assert (tmp_path / "a_file").read_text() == "x" and (out / storage.SCORES_FILE).is_file()
+
+
 def test_top_k_after_an_interrupted_run_hints_resume(runner, tmp_path):
     data = write_project(tmp_path)
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(data))
