@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
-from influence_cli.errors import ConfigError, first_line, not_utf8
+from influence_cli.errors import ConfigError, first_line, not_utf8, shortened
 from influence_cli.user_code import colon_form_hint
 
 SIMILARITY_METHODS = ("fisher-kernel", "task2vec")
@@ -675,26 +675,20 @@ def yaml_text(value: Any) -> str:
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def _short(text: Any, limit: int = 80) -> str:
-    """repr(text), cut to `limit` characters for one-line messages."""
-    r = repr(text)
-    return r if len(r) <= limit else r[: limit - 4] + "...'"
-
-
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Parses one `--set a.b.c=value` override; the value is read as YAML.
 
     Returns:
         (key path, value).
     """
-    shown = _short(text)
+    shown = shortened(text)
     if "=" not in text:
         raise ConfigError(f"--set {shown}: expected key.path=value (for example factors.strategy=kfac)")
     key, raw = text.split("=", 1)
     key = key.strip()
     parts = key.split(".")
     if not key or any(not p.strip() for p in parts):
-        raise ConfigError(f"--set {shown}: the key {_short(key)} is not a dotted key path")
+        raise ConfigError(f"--set {shown}: the key {shortened(key)} is not a dotted key path")
     if "[" in key:
         whole = key.split("[", 1)[0]
         raise ConfigError(f"--set {shown}: list elements cannot be set one by one; give the whole list ({whole}=[a, b])")
@@ -733,11 +727,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], problems: list[s
                     child = node[part] = {}
                 if not isinstance(child, dict):
                     path = ".".join(parts[: i + 1])
-                    raise ConfigError(f"--set {_short(text)}: {path} is {_short(child)}, not a mapping")
+                    raise ConfigError(f"--set {shortened(text)}: {path} is {shortened(child)}, not a mapping")
                 node = child
             if value is None and dataclasses.is_dataclass(_section_type(parts)):
                 raise ConfigError(
-                    f"--set {_short(text)}: {'.'.join(parts)} is a section, and null would silently reset all of it to the "
+                    f"--set {shortened(text)}: {'.'.join(parts)} is a section, and null would silently reset all of it to the "
                     f"defaults; set its keys instead ({'.'.join(parts)}.<key>=value)"
                 )
             node[_existing_key(node, parts[-1])] = value

@@ -6,8 +6,10 @@ an optional hint (the next step), and the process exit code the CLI uses.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
+from typing import Any
 
 # The keyword arguments of the Python API that the messages' command-line flags stand for.
 _PYTHON_ARGUMENTS = {
@@ -172,6 +174,21 @@ def not_utf8(exc: UnicodeDecodeError) -> str:
         return "an undecodable byte"
     line = data[: exc.start].count(b"\n") + 1
     return f"byte 0x{data[exc.start]:02x} on line {line}"
+
+
+def shortened(value: Any, limit: int = 80, *, quote: bool = True) -> str:
+    """`value` for a one-line message: its repr (its text without `quote`), or, over `limit` characters, the head
+    of that and its length ("'99999999...' (5,000 characters)"), so that a pasted file or number is not repeated."""
+    try:
+        text = str(value)
+        shown = repr(value) if quote else text
+    except ValueError:  # an int past Python's limit of digits for text (sys.get_int_max_str_digits): its head from its value
+        sign, digits = "-" if value < 0 else "", int(math.log10(abs(value))) + 1
+        return f"{sign}{abs(value) // 10 ** (digits - (limit - 4))}... ({len(sign) + digits:,} characters)"
+    if len(shown) <= limit:
+        return shown
+    closing = shown[0] if quote and isinstance(value, str) else ""
+    return f"{shown[: limit - 4 - len(closing)]}...{closing} ({len(text):,} characters)"
 
 
 def first_few(items: Sequence[str], most: int, sep: str = ", ") -> str:

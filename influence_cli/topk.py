@@ -21,7 +21,7 @@ import torch
 from influence_cli import notices, storage
 from influence_cli.config import Config, yaml_text
 from influence_cli.data import IndexedDataset
-from influence_cli.errors import OutputError, UsageError
+from influence_cli.errors import OutputError, UsageError, shortened
 from influence_cli.resume import progress_files
 
 _BLOCK_ELEMENTS = 1 << 22  # scores read at once (16 MiB in float32; the ranking holds a few copies of a block)
@@ -404,7 +404,7 @@ def select_queries(
                 hint = None
                 if query_indices is not None and -(2**63) <= q < 2**63 and bool((query_indices == q).any()):  # an int64 index
                     hint = f"--query takes positions (rows of the scores), not dataset indices: index {q} is at position {int((query_indices == q).nonzero()[0])}"
-                raise UsageError(f"--query {q}: outside the {n_query} queries ({valid})", hint=hint)
+                raise UsageError(f"--query {shortened(q, quote=False)}: outside the {n_query} queries ({valid})", hint=hint)
             out.append(q)
     return list(dict.fromkeys(out))
 
@@ -445,8 +445,12 @@ def _is_position(item: Any) -> bool:
 
 
 def _slice_text(s: slice) -> str:
-    text = f"{'' if s.start is None else s.start}:{'' if s.stop is None else s.stop}"
-    return text + (f":{s.step}" if s.step not in (None, 1) else "")
+    """START:STOP[:STEP] as --query takes it, shortened when it is over-long (`errors.shortened`)."""
+    numbers = [s.start, s.stop] + ([s.step] if s.step not in (None, 1) else [])
+    try:
+        return shortened(":".join("" if v is None else str(v) for v in numbers), quote=False)
+    except ValueError:  # a number past Python's limit of digits for text: each shortened alone
+        return ":".join("" if v is None else shortened(v, 40, quote=False) for v in numbers)
 
 
 def _row_runs(positions: torch.Tensor) -> list[tuple[int, int]]:

@@ -130,6 +130,20 @@ def test_top_k_query_out_of_range_is_one_line(runner, project):
     assert "usage error: --query 99999999999999999999999: outside the 7 queries" in result.stderr
 
 
+def test_an_over_long_query_value_is_shortened_in_its_error(runner, project):
+    """A pasted 5,000-digit number (past Python's 4,300 digits for int()) or 4,000-digit one is shown by its head and
+    its length, not repeated whole."""
+    if not (project.parent / "out" / storage.SCORES_FILE).exists():
+        assert invoke(runner, "compute-scores", project).exit_code == 0
+    for value, shown in (("9" * 5000, f"'{'9' * 74}...' (5,000 characters): expected N or START:STOP"),
+                         ("0:" + "9" * 5000, f"'0:{'9' * 72}...' (5,002 characters): expected N or START:STOP"),
+                         ("9" * 4000, f"{'9' * 76}... (4,000 characters): outside the 7 queries"),
+                         ("9" * 4000 + ":", f"{'9' * 76}... (4,001 characters): an empty range")):  # fmt: skip
+        result = invoke(runner, "top-k", project, "--query", value)
+        assert result.exit_code == 2 and result.stdout == "", result.stderr
+        assert result.stderr.startswith(f"usage error: --query {shown}") and len(result.stderr) < 300, result.stderr
+
+
 def test_top_k_without_scores_hints_compute_scores(runner, tmp_path):
     data = write_project(tmp_path)
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(data))

@@ -157,6 +157,15 @@ def test_a_position_beyond_int64_is_out_of_range_not_a_crash():
         assert info.value.hint is None
 
 
+def test_an_over_long_position_is_shortened_not_a_crash():
+    """A position past Python's digits for text (4,300) is named by its head and length, not a ValueError of str()."""
+    for selection, shown in ((10**5000, f"1{'0' * 75}... (5,001 characters): outside"), (-(10**4000), f"-1{'0' * 74}... (4,002 characters): outside"),
+                             (slice(10**5000, None), f"1{'0' * 35}... (5,001 characters):: an empty range")):  # fmt: skip
+        with pytest.raises(UsageError) as info:
+            select_queries(3, selection)
+        assert info.value.message.startswith(f"--query {shown}"), info.value.message
+
+
 def test_query_selection_forms(caplog):
     with caplog.at_level("WARNING", logger="influence_cli"):
         assert select_queries(5, None) == [0, 1, 2, 3, 4]

@@ -29,7 +29,7 @@ from influence_cli.cli.render import (
     record_room,
     room_beside,
 )
-from influence_cli.errors import UsageError, human_bytes
+from influence_cli.errors import UsageError, human_bytes, shortened
 
 if TYPE_CHECKING:  # the CLI imports torch only when a command runs
 
@@ -172,8 +172,8 @@ def parse_query_option(values: list[str] | None) -> list[int | slice] | None:
                     out.append(slice(int(a) if a.strip() else None, int(b) if b.strip() else None))
                 else:
                     out.append(int(part))
-            except ValueError:
-                raise UsageError(f"--query {text!r}: expected N or START:STOP (e.g. --query 3 or --query 0:10)") from None
+            except ValueError:  # a number past Python's limit of digits (4,300) too: far past any scores' rows
+                raise UsageError(f"--query {shortened(text)}: expected N or START:STOP (e.g. --query 3 or --query 0:10)") from None
     return out
 
 
