@@ -94,6 +94,28 @@ def test_build_is_seeded_and_keeps_global_rng() -> None:
     _assert_same_weights(a, b)
 
 
+def test_build_leaves_numpy_python_and_cuda_generators_as_they_were(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A factory that draws from NumPy and Python's `random` leaves both where they were, and building seeds no CUDA
+    generator: with CUDA not started, torch.manual_seed would queue a seed that reseeds the caller's once it starts."""
+    import random
+    import uuid
+
+    import numpy as np
+
+    seeded: list[int] = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", seeded.append)
+    name = f"drawing_model_{uuid.uuid4().hex[:8]}"
+    _write_factory(tmp_path, name, "import random\nimport numpy as np\nfrom torch import nn\n\n"
+                   "def make():\n    np.random.rand(3), random.random()\n    return nn.Linear(3, 2)\n")  # fmt: skip
+    np.random.seed(5), random.seed(5)
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    a, b = build_model(ModelConfig(f"{name}:make"), tmp_path), build_model(ModelConfig(f"{name}:make"), tmp_path)
+    _assert_same_weights(a, b)
+    now = np.random.get_state()
+    assert now[0] == numpy_state[0] and np.array_equal(now[1], numpy_state[1]) and now[2:] == numpy_state[2:]
+    assert random.getstate() == python_state and seeded == []
+
+
 def test_torchvision_resnet18() -> None:
     model = build_model(ModelConfig("torchvision:resnet18", {"num_classes": 10}), ".")
     assert model.fc.out_features == 10
