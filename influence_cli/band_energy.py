@@ -465,8 +465,8 @@ class SpectrumReport:
         Args:
             rank_by: "energy": the largest gradient energy in the bottom band (a memorized example's
                 large gradient along directions the rest of the data leaves flat; on MNIST with 5%
-                random labels it finds them with AUROC 0.93 to 0.95, docs/MEMORIZATION.md), or
-                "share": the largest share of its own energy there (AUROC 0.56 to 0.58; on the bundled
+                random labels it finds them with AUROC 0.93 to 0.96, docs/MEMORIZATION.md), or
+                "share": the largest share of its own energy there (AUROC 0.53 to 0.56; on the bundled
                 digits its top 10 are examples the model fits almost exactly, of tiny gradients).
         """
         if rank_by not in RANKINGS:
