@@ -682,6 +682,33 @@ def test_label_noise_rate_and_new_classes() -> None:
     assert torch.equal(two[mask], 1 - (torch.arange(n) % 2)[mask])
 
 
+def test_a_refusal_names_the_label_noise_that_changed(idx_files: tuple[Path, Path]) -> None:
+    """An output whose labels the earlier rule of label_noise drew (recording no label_noise_seed) is refused as that,
+    not as labels the user changed; another label_noise_seed (or `seed`, which it defaults to) is named; data without
+    label noise records no seed (its fingerprint stays that of earlier versions)."""
+    from influence_cli.data.dataset import data_change
+
+    noisy = load_dataset(idx_spec(idx_files, label_noise=0.5), ".", seed=3)
+    parts = noisy.fingerprint_parts()
+    assert parts["spec"]["subset"]["label_noise_seed"] == 3
+    earlier = parts | {"spec": parts["spec"] | {"subset": {k: v for k, v in parts["spec"]["subset"].items() if k != "label_noise_seed"}}}
+    earlier["labels"] = "0" * 16  # other labels, drawn by position
+    said = data_change(earlier, noisy)
+    assert said == (
+        "; what changed: the labels label_noise flips (the output's were drawn by an earlier rule, by place in the subset; "
+        "each example's is now drawn from label_noise_seed and its index in the source)"
+    )
+    assert data_change(parts, load_dataset(idx_spec(idx_files, label_noise=0.5), ".", seed=4)) == (
+        "; what changed: label_noise_seed: 3 then, 4 now; the labels"
+    )
+    assert data_change(parts, load_dataset(idx_spec(idx_files, label_noise=0.5, label_noise_seed=3), ".", seed=4)) == ""
+    clean = load_dataset(idx_spec(idx_files), ".", seed=3)
+    assert "label_noise_seed" not in clean.fingerprint_parts()["spec"]["subset"]
+    assert "label_noise: 0.0 then, 0.5 now" in data_change(clean.fingerprint_parts(), noisy)
+    assert "label_noise_seed" not in data_change(clean.fingerprint_parts(), noisy)
+    assert "label_noise_seed" not in data_change(parts, clean) and "label_noise: 0.5 then, 0.0 now" in data_change(parts, clean)
+
+
 # ----------------------------------------------------------------------------- transforms
 
 

@@ -304,6 +304,22 @@ def _changes(then: Any, now: Any, path: str, out: list[str]) -> None:
             out.append(f"{path}: {json.dumps(then, default=str)} then, {json.dumps(now, default=str)} now")
 
 
+def _noise_compared(then: Any, now: dict[str, Any]) -> tuple[Any, bool]:
+    """The spec an output recorded (`then`) as compared with the spec `now`: its label_noise_seed is only compared where
+    both record one (data with label noise does; one side without it names the change of label_noise alone). Also
+    whether `then` had label noise drawn by the earlier rule (label noise, and no label_noise_seed recorded) where `now`
+    has label noise too."""
+    subset_then, subset_now = then.get("subset") if isinstance(then, dict) else None, now.get("subset")
+    if not isinstance(subset_then, dict) or not isinstance(subset_now, dict) or ("label_noise_seed" in subset_then) == ("label_noise_seed" in subset_now):
+        return then, False
+    compared = {k: v for k, v in subset_then.items() if k != "label_noise_seed"}
+    if "label_noise_seed" in subset_now:
+        compared["label_noise_seed"] = subset_now["label_noise_seed"]
+    noise = subset_then.get("label_noise")
+    earlier = "label_noise_seed" in subset_now and isinstance(noise, int | float) and noise > 0
+    return then | {"subset": compared}, earlier
+
+
 def data_change(recorded: Any, dataset: IndexedDataset) -> str:
     """What differs between the `fingerprint_parts` an output recorded and `dataset`'s now, as
     "; what changed: ..." for a refusal's message ("" for an output written before they were recorded).
@@ -314,7 +330,8 @@ def data_change(recorded: Any, dataset: IndexedDataset) -> str:
         return ""
     now = dataset.fingerprint_parts()
     changes: list[str] = []
-    _changes(recorded.get("spec"), now["spec"], "", changes)
+    then_spec, earlier_noise = _noise_compared(recorded.get("spec"), now["spec"])
+    _changes(then_spec, now["spec"], "", changes)
     files_then = recorded.get("files")
     if isinstance(files_then, dict):  # a factory's `function` is its spec's `source`, named above
         files_then = {k: v for k, v in files_then.items() if k != "function"}
@@ -323,7 +340,12 @@ def data_change(recorded: Any, dataset: IndexedDataset) -> str:
         changes.append(f"{recorded.get('n')} examples then, {now['n']} now")
     elif recorded.get("indices") != now["indices"]:
         changes.append("the kept indices")
-    if recorded.get("labels") != now["labels"] and recorded.get("n") == now["n"]:
+    if earlier_noise:
+        changes.append(
+            "the labels label_noise flips (the output's were drawn by an earlier rule, by place in the subset; each "
+            "example's is now drawn from label_noise_seed and its index in the source)"
+        )
+    elif recorded.get("labels") != now["labels"] and recorded.get("n") == now["n"]:
         changes.append("the labels")
     if not changes:
         return ""
@@ -402,11 +424,11 @@ def _load(spec: DataSpec | dict[str, Any], base: Path, name: str, seed: int, emb
     n = sel.numel()
     noisy_mask = torch.zeros(n, dtype=torch.bool)
     clean = labels
+    noise_seed = seed if spec.label_noise_seed is None else spec.label_noise_seed
     if spec.label_noise > 0:
         if labels is None:
             labels = labels_of(src, sel)
             clean = labels
-        noise_seed = seed if spec.label_noise_seed is None else spec.label_noise_seed
         classes = noise_classes(src, spec.labels_in)
         labels, noisy_mask = apply_label_noise(labels, sel, spec.label_noise, noise_seed, f"{name}.label_noise", classes)  # type: ignore[arg-type]
     if labels is not None:
@@ -433,7 +455,8 @@ def _load(spec: DataSpec | dict[str, Any], base: Path, name: str, seed: int, emb
     canonical = {
         "source": spec.source,
         "files": src.files,
-        "subset": {**subset_info, "labels_in": spec.labels_in, "limit": spec.limit, "label_noise": spec.label_noise},
+        "subset": {**subset_info, "labels_in": spec.labels_in, "limit": spec.limit, "label_noise": spec.label_noise}
+        | ({"label_noise_seed": noise_seed} if spec.label_noise > 0 else {}),  # without noise: the fingerprints of earlier versions
         "transform": transform_spec,
     }
     return IndexedDataset(
