@@ -122,7 +122,8 @@ class DataSpec(_Section):
     label_noise: float = _help(
         "Share of examples whose label is replaced by a random other class of the source (among labels_in when set; "
         "classification only); 0 = none. Each example is flipped with this probability, drawn from `label_noise_seed` "
-        "and its index in the source, so any subset, order or limit that keeps an example gives it the same label. "
+        "and its index in the source, so any subset, order or limit that keeps an example gives it the same label (for a "
+        "factory Dataset without `targets` or `classes`, whose classes are those of the kept examples: any that keeps the same classes). "
         "`top-k --self` marks and counts them.",
         default=0.0,
     )

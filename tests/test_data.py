@@ -682,6 +682,15 @@ def test_label_noise_rate_and_new_classes() -> None:
     assert torch.equal(two[mask], 1 - (torch.arange(n) % 2)[mask])
 
 
+def test_label_noise_never_flips_to_a_negative_label(tmp_path: Path) -> None:
+    """A source that marks unlabeled examples -1 (kept out by the range): a flipped label is one of its classes,
+    never -1, which the model would refuse as outside its classes."""
+    labels = torch.cat([torch.arange(60) % 3, torch.full((40,), -1)])
+    save_file({"inputs": torch.randn(100, 4), "labels": labels}, str(tmp_path / "t.safetensors"))
+    ds = load_dataset(DataSpec(source="tensors", path="t.safetensors", range=[0, 60], label_noise=0.5), tmp_path)
+    assert int(ds.noisy_mask.sum()) > 10 and set(ds.labels.tolist()) == {0, 1, 2}
+
+
 def test_a_refusal_names_the_label_noise_that_changed(idx_files: tuple[Path, Path]) -> None:
     """An output whose labels the earlier rule of label_noise drew (recording no label_noise_seed) is refused as that,
     not as labels the user changed; another label_noise_seed (or `seed`, which it defaults to) is named; data without

@@ -123,7 +123,8 @@ LABEL_NOISE_STREAM = 0x6E6F6973  # the counter hash's stream of label noise: a s
 def noise_classes(src: Source, labels_in: Sequence[int] | None) -> torch.Tensor | None:
     """The classes label noise picks a new label from, the same for every subset of `src`: the labels of its
     label list and 0..len(class_names)-1 where it names its classes, narrowed to `labels_in`; int64 [C] sorted,
-    or None where the source knows neither (a factory dataset without `targets` or `classes`)."""
+    or None where the source knows neither (a factory dataset without `targets` or `classes`). A negative label
+    (a source's mark of an unlabeled example, such as -1) is no class to flip to."""
     parts = []
     if src.labels is not None and src.labels.ndim == 1 and not src.labels.is_floating_point():
         parts.append(src.labels.to(torch.int64))
@@ -132,6 +133,7 @@ def noise_classes(src: Source, labels_in: Sequence[int] | None) -> torch.Tensor 
     if not parts:
         return None
     classes = torch.unique(torch.cat(parts))
+    classes = classes[classes >= 0]
     if labels_in is not None:
         classes = classes[torch.isin(classes, torch.as_tensor(list(labels_in), dtype=torch.int64))]
     return classes
