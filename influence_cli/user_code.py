@@ -13,9 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
-import numpy as np
-import torch
-
 from influence_cli.errors import first_few
 
 
@@ -23,6 +20,9 @@ from influence_cli.errors import first_few
 def keeps_random_state() -> Iterator[None]:
     """Leaves the global random generators as they were before the block, whatever the user's code in it draws:
     torch's (the CPU's, and every CUDA device's where CUDA is initialized), NumPy's and Python's `random`."""
+    import numpy as np  # here: the CLI imports this module, and answers --help without loading torch
+    import torch
+
     python_state, numpy_state = random.getstate(), np.random.get_state()
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     try:
