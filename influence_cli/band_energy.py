@@ -635,14 +635,15 @@ def spectrum(
         saved = DatasetsProgress.start(
             path, storage.SPECTRUM_PARTIAL, st, result_fields, list(datasets), batch_size=cfg.data.batch_size,
             every=cfg.factors.checkpoint_every, resume=resume, overwrite=overwrite, per_example=_PARTS,
-            examples=[stop - start for start, stop in (st.shard(len(ds)) for ds in datasets.values())],
-        )
+            examples=[stop - start for start, stop in (st.shard(len(ds)) for ds in datasets.values())], defer_removal=True,
+        )  # the old result and progress go once the first batches below passed their checks
         resumed_from = saved.resumed_from(list(datasets), st)
         results = [DatasetSpectrum(name, **t) for name, t in zip(datasets, saved.finished, strict=False)]
     if not from_file:  # each dataset's first batch before any pass (`passes.check_first_batches`)
         first_batch = functools.partial(_stream, ctx.model, chosen, task_kind=cfg.task.kind, device=ctx.device, padding_value=cfg.data.padding_value)
         left = list(datasets.items())[len(results) :]
         check_first_batches([lambda name=name, ds=ds: first_batch(ctx.batches(ds), name=keys[name]) for name, ds in left], st)
+        saved.remove_replaced()  # on every rank, once every rank's first batches passed
     t0 = time.perf_counter()
     for i, (name, ds) in enumerate(datasets.items() if not from_file else []):
         if i < len(results):

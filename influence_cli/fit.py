@@ -12,7 +12,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -40,13 +40,20 @@ from influence_cli.factors import (
     kronecker_layer_factors,
 )
 from influence_cli.models import definition_change, load_model, model_definition, model_fingerprint, takes_token_ids
-from influence_cli.passes import NonFiniteWatch, accumulator_dtype, agreed_first_batch, matmul_dtype, stream_gradients
+from influence_cli.passes import (
+    BatchGradients,
+    NonFiniteWatch,
+    accumulator_dtype,
+    agreed_first_batch,
+    matmul_dtype,
+    stream_gradients,
+)
 from influence_cli.progress import NullProgress, Progress, for_rank
 from influence_cli.progress import start as start_progress
 from influence_cli.resume import (
     PassCheckpoint,
     Snapshot,
-    agreed_start,
+    agreed_checks,
     check_rank_layout,
     clear_progress_of_finished,
     progress_files,
@@ -188,6 +195,8 @@ class PassPlan:
         device: Where the model lives.
         all_reduce: Sums a tensor over ranks in place (identity in one process).
         state: The ranks, which take the first batch of each fit pass together (`passes.agreed_first_batch`); None: one process.
+        after_first_batch: Run on every rank once every rank's first batch of a pass passed its checks, finite
+            included (fit-factors: `resume.Replaced.remove`, which does its work at the first pass's only).
     """
 
     batches: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
@@ -201,6 +210,7 @@ class PassPlan:
     padding_value: float | None = None
     all_reduce: Callable[[torch.Tensor], object] = lambda t: t
     state: DistState | None = None
+    after_first_batch: Callable[[], None] | None = None
 
 
 def _run_pass(
@@ -259,7 +269,12 @@ def _stream_into(
         padding_value=plan.padding_value,
         tensor_dtype=accumulator.matmul_dtype,
     )
-    for batch in agreed_first_batch(stream, plan.state):  # a first-batch error every rank meets is said once
+    def finite(batch: BatchGradients) -> None:  # a NaN checkpoint stops the run at its first batch, not at the pass's end
+        watch.observe(batch)
+        watch.check(phase)
+
+    # a first-batch error every rank meets is said once; only then does the fit let go of what it replaces
+    for batch in agreed_first_batch(stream, plan.state, check=finite, then=plan.after_first_batch):
         if batch.index == start and start:
             progress.advance(min(plan.num_examples, start * len(batch.global_indices)))
         accumulator.update(batch)
@@ -767,8 +782,9 @@ def _fit_member(
     """fit-factors for one model of the ensemble (member 0: model.checkpoint into factors_dir).
 
     With `overwrite`, its old factors, and `also_replaced` (the other models' factors and
-    progress), are removed once its checks pass on every rank: an interrupted run then resumes past the models
-    it did not reach. `dataset`: data.train as read already for this model (else read here).
+    progress), are removed once its start checks and its first batch passed on every rank (a run refused there
+    leaves them), before any progress is saved: an interrupted run then resumes past the models it did not reach.
+    `dataset`: data.train as read already for this model (else read here).
     """
     ctx = prepare_member(cfg, member, state)
     out_dir = member.out_dir
@@ -794,12 +810,13 @@ def _fit_member(
         old = [*(also_replaced or []), path] if overwrite else []
         return snapshot, removed + stale + (old + storage.temp_paths(path) if ctx.state.is_main else [])
 
-    snapshot = agreed_start(ctx.state, start_checks, cfg.factors_key)  # every rank stops together, none left waiting in a collective
+    # every rank stops together, none left waiting in a collective; what the fit replaces goes once the first batch passed
+    snapshot, replaced = agreed_checks(ctx.state, start_checks, cfg.factors_key)
     snapshot = _agree_on_progress(ctx.state, snapshot)
     resumed_from = None if snapshot is None else f"{snapshot.phase} pass, batch {snapshot.batches_done}"
     seconds: dict[str, float] = {}
     progress = for_rank(progress, ctx.state.rank, ctx.state.world_size)
-    plan = plan_for(ctx, dataset, cfg.factors.max_examples)
+    plan = replace(plan_for(ctx, dataset, cfg.factors.max_examples), after_first_batch=replaced.remove)
     if (large := large_factor_warning(layers_info)) is not None:
         notices.warn(large)
     if (frozen := frozen_layers_warning(ctx.model, ctx.tracked, cfg.factors.modules)) is not None:
@@ -814,6 +831,7 @@ def _fit_member(
         if memory is None:
             raise
         raise memory from exc
+    replaced.remove()  # done at the first batch, but for a fit without passes (identity)
     factors = Factors(cfg.factors.strategy, cfg.factors.fisher, layers)
     for info in layers_info:
         info.zero_inputs, info.zero_outputs = layers[info.name].zero_inputs, layers[info.name].zero_outputs

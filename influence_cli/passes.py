@@ -496,13 +496,26 @@ def fan_out(items: Iterable[_Item], copies: int) -> list[Iterator[_Item]]:
 _END = object()  # what `next` gives for a stream without batches
 
 
-def agreed_first_batch(stream: Iterable[_Item], state: DistState | None) -> Iterator[_Item]:
+def agreed_first_batch(
+    stream: Iterable[_Item], state: DistState | None, check: Callable[[_Item], None] | None = None, then: Callable[[], None] | None = None
+) -> Iterator[_Item]:
     """`stream`, its first batch taken on every rank at the same point (`distributed.agree`), also on a rank whose
-    shard has none: an error of the first batch's checks (inputs or labels that do not fit the model, the model checks)
-    that every rank meets is said once, and one that only some ranks meet stops every rank, none left waiting in a later
-    collective. For passes that every rank runs, in the same order (fit-factors'); `state` None: one process."""
+    shard has none: an error of the first batch's checks (inputs or labels that do not fit the model, the model checks,
+    and `check` of the batch) that every rank meets is said once, and one that only some ranks meet stops every rank,
+    none left waiting in a later collective. `then` runs on every rank once every rank's first batch passed (before
+    the first batch is yielded: fit-factors removes what --overwrite replaces there). For passes that every rank runs,
+    in the same order (fit-factors'); `state` None: one process."""
     it = iter(stream)
-    first = agree(state or DistState(), lambda: next(it, _END))
+
+    def first_batch() -> object:
+        item = next(it, _END)
+        if check is not None and item is not _END:
+            check(item)  # type: ignore[arg-type]
+        return item
+
+    first = agree(state or DistState(), first_batch)
+    if then is not None:
+        then()
     if first is _END:
         return
     yield first  # type: ignore[misc]

@@ -40,14 +40,44 @@ def run_keys(fields: dict[str, Any]) -> set[str]:
 
 
 def agreed_start(state: DistState, checks: Callable[[], tuple[_T, list[Path]]], key: str = "output_dir") -> _T:
-    """Runs a command's start checks on every rank at once (`distributed.agree`: a refusal every rank meets is said
-    once), and removes what they found the start replaces (`checks` returns its value and those paths: old progress
-    --overwrite lets go, temporary files killed writers left) only once every rank's checks passed, so that a refused
-    start removes nothing, on any rank. A file that cannot be removed stops every rank too, named (`key`: the config
-    key of its folder). Returns the checks' value."""
-    value, removed = agree(state, checks)
-    remove_agreed(state, removed, key)
+    """Runs a command's start checks on every rank at once and removes what they found the start replaces at once
+    (`agreed_checks`, then `Replaced.remove`), so that a refused start removes nothing, on any rank. Returns the
+    checks' value."""
+    value, replaced = agreed_checks(state, checks, key)
+    replaced.remove()
     return value
+
+
+def agreed_checks(state: DistState, checks: Callable[[], tuple[_T, list[Path]]], key: str = "output_dir") -> tuple[_T, Replaced]:
+    """Runs a command's start checks on every rank at once (`distributed.agree`: a refusal every rank meets is said
+    once). `checks` returns its value and the paths the start replaces (old progress and outputs --overwrite lets go,
+    temporary files killed writers left); they are removed by the returned `Replaced`, which the command calls once
+    the first batches of its passes passed their checks on every rank, so that a run refused at its start or at a
+    first batch removes nothing, on any rank (`key`: the config key of their folder). Returns the checks' value."""
+    value, removed = agree(state, checks)
+    return value, Replaced(state, removed, key)
+
+
+class Replaced:
+    """What a command's start lets go (`agreed_checks`): this rank's old progress, progress saved by another number of
+    ranks, on rank 0 the finished outputs --overwrite replaces, and the temporary files killed writers left. Nothing is
+    removed before `remove`, which every rank calls at the same point: after the first-batch checks of the passes
+    (`passes.check_first_batches`, `passes.agreed_first_batch`), so that an --overwrite refused there (data that does
+    not fit the model, a task that does not fit its labels, a non-finite first batch) leaves the old outputs as they
+    were, and before the run saves any progress or output of its own."""
+
+    def __init__(self, state: DistState, paths: list[Path], key: str = "output_dir") -> None:
+        self.state = state
+        self.paths = paths
+        self.key = key
+        self.done = False
+
+    def remove(self) -> None:
+        """Removes the paths in one step every rank takes (`remove_agreed`: one that cannot be removed stops every rank,
+        named) the first time it is called; later calls do nothing."""
+        if not self.done:
+            self.done = True
+            remove_agreed(self.state, self.paths, self.key)
 
 
 def remove_agreed(state: DistState, paths: list[Path], key: str = "output_dir") -> None:
@@ -572,6 +602,7 @@ class DatasetsProgress:
         self.per_example = per_example
         self.examples = list(examples)
         self.pieces: SavedPieces | None = None  # the dataset in progress's pieces, once read or first written
+        self.replaced: Replaced | None = None  # what `start` lets go, until removed (its `defer_removal`)
         if snapshot is not None and snapshot.phase.startswith("dataset:"):
             done = int(snapshot.phase.removeprefix("dataset:"))
             if any(k.startswith("finished.") for k in snapshot.tensors):  # an earlier version's snapshot holds them
@@ -586,15 +617,17 @@ class DatasetsProgress:
     def start(
         cls, output: Path, pattern: str, dist: Any, result: dict[str, Any], datasets: list[str], *,
         batch_size: int, every: int, resume: bool, overwrite: bool, names: dict[str, str] | None = None,
-        per_example: tuple[str, ...] = (), examples: Sequence[int] = (),
+        per_example: tuple[str, ...] = (), examples: Sequence[int] = (), defer_removal: bool = False,
     ) -> DatasetsProgress:
         """The progress this rank continues from (none without `resume`) towards `output`, saved as `pattern` (with
         {rank}) every `every` batches: every rank checks its own at once (`distributed.agree`: a refusal is said
         once), then the ranks agree on where to continue and send each other the finished results a rank lacks
-        (`agree`, which can refuse too); only then is anything removed (`remove_agreed`): what --overwrite lets go,
-        and the temporary files killed writers left, so that a refused start, --resume included, removes nothing.
+        (`agree`, which can refuse too); only then is anything removed (`Replaced`, `replaced`): what --overwrite lets
+        go, and the temporary files killed writers left, so that a refused start, --resume included, removes nothing;
+        with `defer_removal` not before the command calls `replaced.remove()` on every rank, once the first batches of
+        the datasets to stream passed their checks (dataset-similarity, spectrum).
         Under torchrun a snapshot that is missing (under `resume`) or unreadable is not refused here: `agree` decides.
-        With `overwrite` the finished `output` is removed once the ranks agreed to go on (an interrupted --overwrite
+        With `overwrite` the finished `output` is removed with them (an interrupted --overwrite
         run must not leave the old result looking current). Under `resume` the files of the datasets right after those
         this rank's snapshot (one that reads) counts, written by a run killed before the snapshot that counts them,
         are counted as finished when they hold their results under this run's settings (and, under torchrun, agree
@@ -612,6 +645,7 @@ class DatasetsProgress:
                 the order of `datasets` are added (progress is kept by position). names: words for refusals.
             per_example: the state's tensors that hold a row per example (saved in pieces, each row once).
             examples: this rank's examples of each dataset, with `per_example` (a snapshot's rows are checked against them).
+            defer_removal: remove nothing until `replaced.remove()` (called on every rank at the same point).
         """  # fmt: skip
         folder = output.parent
         settings = result | {"bs": batch_size, "world": dist.world_size, "dataset_order": list(datasets)}
@@ -639,8 +673,15 @@ class DatasetsProgress:
         agree(dist, saved.read_pieces)  # a rank whose pieces are refused stops every rank
         replaced = ([output] if overwrite else []) + storage.temp_paths(output)  # and what a killed writer left
         removed += saved._finished_from(saved.written) + (replaced if dist.is_main else [])
-        remove_agreed(dist, removed, checkpoint.folder_key)
+        saved.replaced = Replaced(dist, removed, checkpoint.folder_key)
+        if not defer_removal:
+            saved.replaced.remove()
         return saved
+
+    def remove_replaced(self) -> None:
+        """Removes what `start` lets go, if it is not removed yet (`Replaced.remove`: every rank calls it at the same point)."""
+        if self.replaced is not None:
+            self.replaced.remove()
 
     def finished_path(self, index: int | str) -> Path:
         """The file of finished dataset `index` (from 0; "*": a glob of them all), beside the snapshot:

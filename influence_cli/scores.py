@@ -58,9 +58,10 @@ from influence_cli.passes import (
 from influence_cli.progress import Progress, for_rank
 from influence_cli.resume import (
     PassCheckpoint,
+    Replaced,
     SavedPieces,
     Snapshot,
-    agreed_start,
+    agreed_checks,
     check_rank_layout,
     clear_progress_of_finished,
     progress_files,
@@ -780,7 +781,7 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
         )
     rank_suffix = f".rank{st.rank}" if st.distributed else ""
     checkpoint = PassCheckpoint(out_dir / storage.SCORES_PARTIAL.format(rank=rank_suffix), settings, cfg.factors.checkpoint_every)
-    snapshot = _start_pairwise(st, checkpoint, single, index, overwrite, resume)
+    snapshot, replaced = _start_pairwise(st, checkpoint, single, index, overwrite, resume)
 
     if cfg.scores.query_chunk is None and len(layout.query_chunks) > 1 and chunk < 16:
         per_query = query_numbers * element_bytes / 2**20
@@ -801,6 +802,7 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
     if first is not None and snapshot is not None and where is not None and where[0] == first.number:
         start_chunk, skip = where[1], snapshot.batches_done
     scorer.check_first_batches(first, skip, queries, layout.query_chunks[start_chunk])
+    replaced.remove()  # the old scores and progress, on every rank once every rank's first batches passed
     unwritten = "no index was written (finished shards stay for --resume)" if layout.sharded else "no scores were written"
     run = _PairwisePass(
         scorer, queries, layout, metadata, checkpoint, relative, seconds, query_info, scorer.watch(unwritten),
@@ -887,10 +889,13 @@ def _pairwise_keys(
     return metadata, result, settings
 
 
-def _start_pairwise(st: DistState, checkpoint: PassCheckpoint, single: Path, index: Path, overwrite: bool, resume: bool) -> Snapshot | None:
-    """Every rank's checks of the outputs and progress before a pairwise pass (one refusal, said once), then, once
-    every rank's passed, each rank removes the progress --overwrite lets go (`agreed_start`) and rank 0 clears what
-    the run replaces: the finished scores (--overwrite), old shards (without --resume), temp files."""
+def _start_pairwise(
+    st: DistState, checkpoint: PassCheckpoint, single: Path, index: Path, overwrite: bool, resume: bool
+) -> tuple[Snapshot | None, Replaced]:
+    """Every rank's checks of the outputs and progress before a pairwise pass (one refusal, said once), and what
+    the run replaces (`agreed_checks`), removed once the first batches passed their checks on every rank: each
+    rank's progress --overwrite lets go, and on rank 0 the finished scores (--overwrite), old shards (without
+    --resume), temp files."""
     out_dir = single.parent
 
     def start_checks() -> tuple[Snapshot | None, list[Path]]:
@@ -915,7 +920,7 @@ def _start_pairwise(st: DistState, checkpoint: PassCheckpoint, single: Path, ind
                 old += storage.temp_paths(out_dir / name)
         return snap, removed + stale + old
 
-    return agreed_start(st, start_checks)
+    return agreed_checks(st, start_checks)
 
 
 @dataclass
@@ -1158,7 +1163,7 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
         old = [path] if overwrite else []  # an interrupted --overwrite run must not leave the old values looking current
         return snap, removed + stale + (old + storage.temp_paths(path) if st.is_main else [])
 
-    snapshot = agreed_start(st, start_checks)
+    snapshot, replaced = agreed_checks(st, start_checks)  # removed once the first batch below passed its checks
     start, stop = st.shard(n_t)
     shard = ShardSpec(st.rank, st.rank, start, stop, 0, -(-(stop - start) // scorer.bs))
     values = torch.zeros(n_t, dtype=scorer.dtype, device=ctx.device)
@@ -1212,6 +1217,7 @@ def _run_self(scorer: _Scorer, common: dict[str, Any], overwrite: bool, resume: 
     skip = snapshot.batches_done if held is not None else 0  # type: ignore[union-attr]
     resumed_from = f"batch {skip}" if held is not None else None
     scorer.check_first_batches(shard, skip)
+    replaced.remove()  # the old values and progress, on every rank once every rank's first batch passed
     watch = scorer.watch("no scores were written")
     scorer.progress.start("self-influence", stop - start)
     if skip:

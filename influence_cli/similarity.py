@@ -329,13 +329,16 @@ def compute_similarity(
         plans: {dataset name: PassPlan}; `plan.fisher` is the Fisher kind of the diagonal.
         damping: {layer: λ} added to Λ* in the kernel.
         keys: {dataset name: config key} named in errors (default: the name).
-        saved: resumable progress: the datasets it finished are not streamed again.
+        saved: resumable progress: the datasets it finished are not streamed again; what its start lets go
+            (`DatasetsProgress.replaced`) is removed once the first batches passed their checks.
         state: the ranks, which agree on the first-batch checks of the datasets to stream (`passes.check_first_batches`).
     """
     keys = keys or {}
     stats = [_from_tensors(t) for t in saved.finished] if saved is not None else []
     streamed = list(plans.items())[len(stats) :]  # each dataset's first batch before any pass (`passes.check_first_batches`)
     check_first_batches([lambda n=n, plan=plan: _stream(model, tracked, plan, keys.get(n, n)) for n, plan in streamed], state)
+    if saved is not None:  # what its start lets go, on every rank once every rank's first batches passed
+        saved.remove_replaced()
     for i, (n, plan) in enumerate(plans.items()):
         if i < len(stats):
             continue
@@ -441,9 +444,10 @@ def dataset_similarity(
         warn_of_refit(path, "a similarity result", factors_path, recorded.get("factors_created"), factors.metadata.get("created"), "dataset-similarity")
         return _finished_report(path, method, recorded)
     st = ctx.state
+    # the old result and progress go once the first batches passed their checks (`compute_similarity`)
     saved = DatasetsProgress.start(
         path, storage.SIMILARITY_PARTIAL, st, result_fields, list(plans), batch_size=cfg.data.batch_size, every=cfg.factors.checkpoint_every,
-        resume=resume, overwrite=overwrite, names={"fisher": "similarity.fisher"},
+        resume=resume, overwrite=overwrite, names={"fisher": "similarity.fisher"}, defer_removal=True,
     )  # fmt: skip
     resumed_from = saved.resumed_from(list(plans), st)
     progress = for_rank(progress, st.rank, st.world_size)

@@ -28,7 +28,7 @@ from typer.testing import CliRunner, Result
 from influence_cli import __version__, storage
 from influence_cli.cli import app
 from influence_cli.cli.render import err_console
-from influence_cli.errors import OutputError
+from influence_cli.errors import DataError, OutputError
 from influence_cli.models import mlp
 from influence_cli.storage import load_tensors
 
@@ -2357,6 +2357,79 @@ def test_overwrite_refused_at_the_start_removes_nothing(
     assert result.exit_code == 0, result.stderr
     assert [name for name in files if (tmp_path / name).exists()] == [output]
     assert storage.file_format(tmp_path / output).startswith("influence_cli.")
+
+
+@pytest.mark.parametrize(
+    ("command", "pattern", "output", "extra"),
+    [(("fit-factors",), storage.FACTORS_PARTIAL, FACTORS, ()),
+     (("compute-scores",), storage.SCORES_PARTIAL, storage.SCORES_FILE, ()),
+     (("compute-scores",), storage.SCORES_PARTIAL, storage.SCORES_INDEX, ("--set", "scores.max_memory_mb=0.02", "--set", "scores.query_chunk=20")),
+     (("compute-scores", "--self"), storage.SCORES_PARTIAL, storage.SELF_INFLUENCE_FILE, ()),
+     (("dataset-similarity",), storage.SIMILARITY_PARTIAL, storage.SIMILARITY_FILE, ()),
+     (("spectrum",), storage.SPECTRUM_PARTIAL, storage.SPECTRUM_FILE, ())],
+    ids=["fit-factors", "compute-scores", "sharded-scores", "self", "dataset-similarity", "spectrum"],
+)  # fmt: skip
+def test_overwrite_refused_at_a_first_batch_keeps_the_old_output(
+    runner: CliRunner, fitted: tuple[Path, Result], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    command: tuple[str, ...], pattern: str, output: str, extra: tuple[str, ...],
+):  # fmt: skip
+    """--overwrite whose first batch is refused (a data error of the first batch's checks, as for labels outside the
+    model's classes) leaves the finished output (every file of it: a sharded one's shards and index) byte for byte,
+    and the progress --overwrite lets go (of another number of ranks) and the temporary files killed writers left: they
+    were removed in the start step, before the first batch's checks, so the refused run lost the previous result.
+    Without the refusal, --overwrite replaces the output and removes them."""
+    import influence_cli.passes as passes
+
+    out, _ = fitted
+    kind = ".self" if "--self" in command else ""
+    shared = () if command[0] == "fit-factors" else ("--set", f"factors_dir={out}")
+    args = (command[0], DIGITS, *command[1:], *shared, *extra, "--set", f"output_dir={tmp_path}")
+    assert invoke(runner, *args).exit_code == 0
+    finished = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file() and not p.name.startswith(".")}
+    assert output in finished and (output != storage.SCORES_INDEX or len(finished) > 2)
+    left = [pattern.format(rank=f".rank1{kind}"), f".{output}.k1ll3d.tmp"]
+    for name in left:
+        (tmp_path / name).write_bytes(b"left")
+    checks = passes.check_outputs
+
+    def refused(*a, **kw):
+        raise DataError("data.train: label 12 of example 0 is outside the model's 10 classes", hint="keep labels 0..9")
+
+    monkeypatch.setattr(passes, "check_outputs", refused)
+    result = invoke(runner, *args, "--overwrite")
+    assert_clean_error(result, EXIT["data"], "label 12 of example 0 is outside the model's 10 classes")
+    assert {name: (tmp_path / name).read_bytes() for name in finished} == finished
+    assert all((tmp_path / name).read_bytes() == b"left" for name in left)
+    monkeypatch.setattr(passes, "check_outputs", checks)
+    old = tmp_path.parent / f"{tmp_path.name}.old"
+    os.link(tmp_path / output, old)  # keeps the old file's inode in use: the new output cannot reuse it
+    result = invoke(runner, *args, "--overwrite")
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / output).stat().st_ino != old.stat().st_ino and not any((tmp_path / name).exists() for name in left)
+
+
+@pytest.mark.parametrize("change", ["regression", "nan-checkpoint"])
+def test_fit_factors_overwrite_refused_at_its_first_batch_keeps_the_factors(
+    runner: CliRunner, fitted: tuple[Path, Result], tmp_path: Path, change: str
+):
+    """fit-factors --overwrite with a task its labels do not fit (regression on class labels: a data error) or with a
+    checkpoint holding NaN (a numerical error, now met at the first batch: it was met at the end of the pass) stops
+    with the finished factors as they were (they were removed before the first batch)."""
+    out, _ = fitted
+    shutil.copy(out / FACTORS, tmp_path / FACTORS)
+    before = (tmp_path / FACTORS).read_bytes()
+    if change == "regression":
+        sets, code, said = ("task.kind=regression",), EXIT["data"], "data.train: regression targets of shape [] per example"
+    else:
+        weights = load_tensors(ROOT / "sample_data" / "mlp.safetensors")[0]
+        weights = {k: v.clone() for k, v in weights.items()}
+        next(iter(weights.values())).view(-1)[0] = float("nan")
+        save_file(weights, str(tmp_path / "nan.safetensors"))
+        sets = (f"model.checkpoint={tmp_path / 'nan.safetensors'}",)
+        code, said = EXIT["numerical"], "non-finite loss or gradient in the covariance pass at batch 0"
+    result = invoke(runner, "fit-factors", DIGITS, "--set", f"output_dir={tmp_path}", *(a for s in sets for a in ("--set", s)), "--overwrite")
+    assert_clean_error(result, code, said)
+    assert (tmp_path / FACTORS).read_bytes() == before
 
 
 def deny_removing(monkeypatch: pytest.MonkeyPatch, denied: Path) -> None:

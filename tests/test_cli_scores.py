@@ -182,7 +182,8 @@ def test_top_k_refuses_scores_the_config_does_not_describe(runner, project, tmp_
 
 def test_top_k_refuses_scores_of_factors_refitted_since(runner, tmp_path, monkeypatch):
     """Factors refitted with another seed (sampled Fisher) make the pairwise and self-influence scores
-    stale; an interrupted `compute-scores --self --overwrite` leaves no old values behind."""
+    stale; `compute-scores --self --overwrite` interrupted in its pass (past the first batch's checks, which the old
+    values outlive) leaves no old values behind."""
     import influence_cli.scores as scores_mod
 
     data = write_project(tmp_path)
@@ -212,7 +213,7 @@ def test_top_k_refuses_scores_of_factors_refitted_since(runner, tmp_path, monkey
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(scores_mod._Scorer, "train_batches", interrupted)
+    monkeypatch.setattr(scores_mod._Scorer, "self_influence", interrupted)
     result = invoke(runner, "compute-scores", config, "--self", "--overwrite", "--set", "seed=1")
     assert result.exit_code == 130, result.stderr
     assert not (tmp_path / "out" / storage.SELF_INFLUENCE_FILE).exists()

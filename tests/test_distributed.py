@@ -420,6 +420,29 @@ def test_overwrite_one_rank_refuses_at_the_start_removes_no_ranks_progress(tmp_p
     assert not (out / storage.FACTORS_FILE).exists()
 
 
+def test_overwrite_one_rank_refuses_at_its_first_batch_removes_nothing_on_any_rank(tmp_path):
+    """fit-factors --overwrite whose first batch rank 1 alone refuses (a label outside the classes) stops the job with
+    every rank's files as they were: the finished factors (rank 0 removed them, and each rank its own snapshot, in the
+    start step, before the first batch's checks). The factors then replace them once the data is right."""
+    config = _labels_outside_config(tmp_path, [110], None)
+    out = tmp_path / "out"
+    fit.fit_factors(load_config(config, ["device=cpu", "factors.max_examples=100"]))  # rank 1's examples 50..99: none bad
+    snapshots = [out / storage.FACTORS_PARTIAL.format(rank=f".rank{r}") for r in range(WORLD)]
+    for p in snapshots:
+        PassCheckpoint(p, {}, 1).save("covariance", 1, {})
+    kept = [out / storage.FACTORS_FILE, *snapshots]
+    before = [p.read_bytes() for p in kept]
+    run = torchrun(*fit_args(config, out), "--overwrite")
+    assert run.returncode != 0
+    assert "[rank 1] data error: data.train: label 12 of example 110 is outside the model's 10 classes" in run.stderr, run.stderr
+    assert "[rank 0] distributed error: rank 1 stopped: " in run.stderr, run.stderr
+    assert [p.read_bytes() for p in kept] == before
+    run = torchrun(*fit_args(config, out, "factors.max_examples=100"), "--overwrite")
+    assert run.returncode == 0, run.stderr
+    assert sorted(p.name for p in out.iterdir()) == [storage.FACTORS_FILE]  # the snapshots removed, the factors replaced
+    assert (out / storage.FACTORS_FILE).read_bytes() != before[0]
+
+
 def _descendants(pid: int) -> list[int]:
     """Every process below `pid` (torchrun starts each rank in a session of its own)."""
     parents: dict[int, list[int]] = {}
