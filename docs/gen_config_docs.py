@@ -587,7 +587,8 @@ data.train is not the factors' training set) says what changed: a setting
 the labels. Files are written under
 a temporary name and renamed, so a file with a final name is complete; a finished output is only
 replaced with `--overwrite` (which removes it, and with `scores.checkpoints` every model's,
-as the new run starts, so an interrupted `--overwrite` run resumes with `--resume`; fit-factors checks every model's
+once the run's start checks and the first batch of its first pass passed, on every rank, before it saves any progress: a
+run refused there leaves it, and an interrupted `--overwrite` run resumes with `--resume`; fit-factors checks every model's
 place before it fits the first, so any file there without a flag, one that holds no factors with `--resume`, and a
 folder even with `--overwrite` stop it before any pass; so do a later model's folder that cannot be created or written,
 its saved progress without a flag (a folder there even with `--overwrite`), and with `--resume` its finished factors of
