@@ -146,9 +146,30 @@ def message_of(exc: BaseException) -> str:
     return exc.message if isinstance(exc, InfluenceError) else str(exc)
 
 
-def first_line(exc: BaseException, default: str = "") -> str:
-    """The first non-blank line of an exception's text (`message_of`), stripped; `default` when it has none."""
-    return next((line.strip() for line in message_of(exc).splitlines() if line.strip()), default)
+_CPP_STACK = "Exception raised from "  # torch's C++ stack under some errors' text starts with this line
+_VALIDATION_HEADING = re.compile(r"\d+ validation errors? for ")  # pydantic's: the fields and the reasons follow
+
+
+def first_line(exc: BaseException, default: str = "", most: int = 400) -> str:
+    """An exception's text (`message_of`) in one line: its first non-blank line, stripped; where that line only
+    introduces the lines under it (it ends with ':', as torch's "Error(s) in loading state_dict for Net:" above the
+    keys, or is pydantic's "1 validation error for Config"), those lines joined to it, cut to `most` characters; the
+    last line of a traceback quoted in the text. A C++ stack (torch's "Exception raised from ...") is left out;
+    `default` when no line is left."""
+    lines: list[str] = []
+    for line in message_of(exc).splitlines():
+        if line.strip().startswith(_CPP_STACK):
+            break
+        if line.strip():
+            lines.append(line.strip())
+    if not lines:
+        return default
+    if lines[0].startswith("Traceback (most recent call last)"):
+        return lines[-1]
+    if not (lines[0].endswith(":") or _VALIDATION_HEADING.match(lines[0])):
+        return lines[0]
+    joined = " ".join(lines)
+    return joined if len(joined) <= most else joined[: most - 3].rstrip() + "..."
 
 
 def out_of_memory(exc: BaseException, hint: str | None = None) -> ResourceError | None:

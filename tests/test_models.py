@@ -800,6 +800,42 @@ def test_a_builder_error_of_several_lines_is_said_in_its_first(tmp_path: Path) -
     assert err.value.message == "model.architecture: importing 'broken' failed: ValueError: first line"
 
 
+LOADS_WEIGHTS = """
+import torch
+from torch import nn
+
+def make():
+    net = nn.Sequential(nn.Linear(3, 2))
+    net.load_state_dict({"1.weight": torch.zeros(2, 3), "0.bias": torch.zeros(2)})
+    return net
+
+def traced():
+    raise RuntimeError('Traceback (most recent call last):\\n  File "w.py", line 3, in <module>\\nOSError: w.pt is not there')
+
+def validated():
+    raise ValueError("1 validation error for Settings\\nhidden\\n  Input should be a valid integer [type=int_parsing]")
+"""
+
+
+@pytest.mark.parametrize(
+    ("factory", "said"),
+    [
+        ("make", 'Error(s) in loading state_dict for Sequential: Missing key(s) in state_dict: "0.weight". Unexpected key(s) in state_dict: "1.weight".'),
+        ("traced", "OSError: w.pt is not there"),
+        ("validated", "1 validation error for Settings hidden Input should be a valid integer [type=int_parsing]"),
+    ],
+)
+def test_a_builder_error_whose_first_line_only_introduces_the_rest_says_the_rest(tmp_path: Path, factory: str, said: str) -> None:
+    """A factory loading its own weights: torch's key mismatch names the keys on the lines under its first; a quoted
+    traceback says why on its last line; pydantic names the field under its count. One line still, and --debug's
+    traceback (the cause) keeps the text whole."""
+    _write_factory(tmp_path, "loads", LOADS_WEIGHTS)
+    with pytest.raises(ModelError) as err:
+        build_model(ModelConfig(f"loads:{factory}", {}), tmp_path)
+    assert err.value.message.endswith(f" raised {type(err.value.__cause__).__name__}: {said}"), err.value.message
+    assert "\n" not in err.value.message and "\n" in str(err.value.__cause__)
+
+
 def test_an_architecture_in_capitals_is_suggested() -> None:
     with pytest.raises(ModelError) as err:
         build_model(ModelConfig("MLP", {}), ".")
