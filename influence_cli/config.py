@@ -621,10 +621,10 @@ def _yaml12_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
     try:
         value = int(text[2:], 8 if text[1] == "o" else 16) if text[:2] in ("0o", "0x") else int(text, 10)
         str(value)  # Python neither reads nor writes decimal integers past sys.get_int_max_str_digits(), which a message would
-    except ValueError:
-        raise yaml.constructor.ConstructorError(
-            None, None, f"an integer of more than {sys.get_int_max_str_digits()} digits", node.start_mark
-        ) from None
+    except ValueError as exc:  # too long, or text tagged !!int that is no integer
+        long = "Exceeds the limit" in str(exc)  # Python's words for either way past the limit
+        problem = f"an integer of more than {sys.get_int_max_str_digits()} digits" if long else f"{text[:40]!r} is not an integer"
+        raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark) from None
     return value
 
 

@@ -211,6 +211,14 @@ def test_an_integer_too_long_for_python_is_a_yaml_error(tmp_path: Path, digits: 
     assert exc.value.message.endswith(": the value is not valid YAML (an integer of more than 4300 digits at line 1, column 1)")
 
 
+@pytest.mark.parametrize("value", ["!!int abc", "!!int 0x", "!!int 1.5"])
+def test_text_tagged_as_an_integer_is_said_to_be_no_integer(tmp_path: Path, value: str):
+    """An explicit !!int tag on text that is no integer: said as such, not as an integer too long."""
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, f"seed: {value}\n"))
+    assert f"({value.split()[1]!r} is not an integer at line 1, column 7)" in exc.value.message, exc.value.message
+
+
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
