@@ -1911,6 +1911,20 @@ def test_a_file_named_npz_that_is_no_archive_is_named_as_such(tmp_path: Path) ->
     assert msg == "data.train.path: d.npz is not an .npz archive (no zip header)"
 
 
+def test_an_npz_array_of_python_objects_is_named_by_its_key(tmp_path: Path) -> None:
+    """Sequences of different lengths saved with numpy.savez become an object array, as does a pandas text column,
+    which numpy reads only by unpickling: a readable archive, said so with the fix, not as a file that may be truncated."""
+    ragged = np.empty(2, dtype=object)
+    ragged[:] = [np.arange(3), np.arange(5)]
+    np.savez(tmp_path / "seq.npz", inputs=ragged, labels=np.array([0, 1]))
+    with pytest.raises(DataError) as info:
+        load_dataset(DataSpec(source="tensors", path="seq.npz"), tmp_path)
+    assert info.value.message == "data.train.path: the array 'inputs' in seq.npz holds Python objects (sequences of different lengths, or text), not numbers"
+    assert info.value.hint is not None and "data.padding_value" in info.value.hint
+    np.savez(tmp_path / "names.npz", inputs=np.zeros((2, 3)), labels=np.array(["cat", "dog"], dtype=object))  # a pandas column's values
+    assert error_of(DataSpec(source="tensors", path="names.npz"), tmp_path).startswith("data.train.path: the array 'labels' in names.npz holds Python objects")
+
+
 def test_a_factory_that_cannot_find_a_relative_file_says_where_it_looked(tmp_path: Path) -> None:
     mod = write_module(
         tmp_path,

@@ -33,7 +33,7 @@ def open_tensors(spec: DataSpec, base_dir: Path, name: str) -> Source:
             if not isinstance(loaded, np.lib.npyio.NpzFile):
                 raise DataError(f"{name}.path: {where} holds one array, expected an .npz archive of named arrays")
             with loaded:
-                content = {k: loaded[k] for k in loaded.files}
+                content = {k: _npz_array(loaded, k, f"{name}.path", where) for k in loaded.files}
         elif suffix in (".pt", ".pth"):
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
             if not isinstance(obj, dict):
@@ -73,3 +73,17 @@ def open_tensors(spec: DataSpec, base_dir: Path, name: str) -> Source:
         raw_255=inputs.dtype == torch.uint8,
         label_key="labels_key",
     )
+
+
+def _npz_array(archive: Any, key: str, name: str, where: str) -> Any:
+    """The array `key` of an .npz archive; an array of Python objects (numpy saves sequences of different lengths so,
+    and pandas' text columns), which is not read without unpickling, is refused by its key."""
+    try:
+        return archive[key]
+    except ValueError as exc:
+        if "allow_pickle" not in str(exc):
+            raise
+        raise DataError(
+            f"{name}: the array {key!r} in {where} holds Python objects (sequences of different lengths, or text), not numbers",
+            hint="save arrays of numbers: sequences padded to one length (data.padding_value names the pad value), labels as class numbers 0, 1, ...",
+        ) from None
