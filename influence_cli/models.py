@@ -477,7 +477,7 @@ def _read_sharded(path: Path, where: str, key: str, strip: bool) -> dict[str, to
             raise TypeError(weight_map)
     except OSError as exc:
         raise ModelError(f"{where}: cannot read the checkpoint ({exc.strerror or exc})", hint="check that this user may read the file") from None
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: JSON nested too deeply to read
         raise ModelError(
             f"{where}: not the index of a sharded checkpoint (a JSON object whose weight_map maps each tensor name to its shard file)",
             hint="name the checkpoint's own file (.safetensors, .pt, .bin), or the model.safetensors.index.json save_pretrained wrote",
@@ -515,7 +515,7 @@ def checkpoint_files(path: Path) -> list[Path]:
     try:
         shards = json.loads(path.read_text(encoding="utf-8"))["weight_map"].values()
         return [path, *(path.parent / s for s in dict.fromkeys(shards) if isinstance(s, str))]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return [path]
 
 

@@ -918,6 +918,12 @@ def test_indices_file_errors(idx_files: tuple[Path, Path], tmp_path: Path) -> No
     )
     (tmp_path / "bad.json").write_text('{"a": 1}')
     assert error_of(idx_spec(idx_files, indices_file="bad.json"), tmp_path).startswith("data.train.indices_file:")
+    (tmp_path / "long.json").write_text("[" + "9" * 5000 + "]")  # past Python's 4,300 digits: was a traceback
+    assert error_of(idx_spec(idx_files, indices_file="long.json"), tmp_path) == (
+        "data.train.indices_file: long.json is not a JSON list of integers Python can read (an integer of more than 4300 digits)"
+    )
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)  # past Python's recursion limit: was a traceback
+    assert error_of(idx_spec(idx_files, indices_file="deep.json"), tmp_path).endswith("(nested too deeply)")
     assert error_of(idx_spec(idx_files, indices_file="absent.txt"), tmp_path).startswith("data.train.indices_file:")
     (tmp_path / "huge.txt").write_text("99999999999999999999\n")  # beyond int64: was a traceback
     assert error_of(idx_spec(idx_files, indices_file="huge.txt"), tmp_path).startswith(

@@ -16,6 +16,7 @@ from influence_cli.errors import ModelError
 from influence_cli.models import (
     BUILTIN_ARCHITECTURES,
     build_model,
+    checkpoint_files,
     load_checkpoint,
     load_model,
     model_fingerprint,
@@ -309,6 +310,10 @@ def test_a_sharded_checkpoint_loads_from_its_index(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="not the index of a sharded checkpoint") as exc:
         load_checkpoint(_mlp(), index)
     assert "model.safetensors.index.json" in exc.value.hint
+    index.write_text("[" * 100_000 + "]" * 100_000)  # nested past Python's recursion limit: was a traceback
+    assert checkpoint_files(index) == [index]
+    with pytest.raises(ModelError, match="not the index of a sharded checkpoint"):
+        load_checkpoint(_mlp(), index)
 
 
 def test_a_pytorch_model_bin_index_loads_its_shards_weights_only_and_missing_shards_are_named(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,9 @@ def _read_indices_file(spec: DataSpec, base_dir: Path, key: str) -> tuple[list[i
             values = json.loads(text)
         except json.JSONDecodeError as exc:
             raise DataError(f"{key}: {path.name} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        except (ValueError, RecursionError) as exc:  # Python reads neither
+            why = "nested too deeply" if isinstance(exc, RecursionError) else f"an integer of more than {sys.get_int_max_str_digits()} digits"
+            raise DataError(f"{key}: {path.name} is not a JSON list of integers Python can read ({why})") from None
         if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
             raise DataError(f"{key}: {path.name} must hold a JSON list of integers")
         return values, file_info(path)
