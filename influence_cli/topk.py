@@ -149,6 +149,9 @@ def load_scores_meta(output_dir: str | Path) -> ScoresMeta:
     index, single = out / storage.SCORES_INDEX, out / storage.SCORES_FILE
     if index.is_file():
         data = storage.load_json(index, "scores index", "rerun compute-scores with --overwrite")
+        found = data.get(storage.FORMAT_KEY) if isinstance(data, dict) else None
+        if found is not None and found != storage.SCORES_FORMAT:  # another version's index: named so before its fields are read as this one's
+            raise storage.format_mismatch(index, found, storage.SCORES_FORMAT, hint="rerun compute-scores with --overwrite")
         try:
             files = [ScoreFile(out / s["file"], int(s["train_start"]), int(s["train_stop"])) for s in data["shards"]]
             n_query, n_train, metadata = int(data["n_query"]), int(data["n_train"]), dict(data["metadata"])

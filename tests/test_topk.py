@@ -364,6 +364,18 @@ def test_scores_of_another_format_say_whether_another_version_wrote_them(tmp_pat
         assert exc.value.message == f"{str(path)!r} {message}" and exc.value.hint == "rerun compute-scores with --overwrite"
 
 
+def test_a_scores_index_of_another_version_is_named_so_whatever_its_fields(tmp_path):
+    """Another version's index may describe its shards otherwise: its format is checked before they are."""
+    write_scores(tmp_path, torch.randn(3, 200), 100)
+    path = tmp_path / storage.SCORES_INDEX
+    data = json.loads(path.read_text())
+    data.update({storage.FORMAT_KEY: "influence_cli.scores/2", "n_train": 300})
+    del data["n_query"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(OutputError, match="written by another version of influence_cli"):
+        load_scores_meta(tmp_path)
+
+
 @pytest.mark.parametrize(
     ("change", "why"),
     [
