@@ -32,7 +32,14 @@ from influence_cli import notices, storage
 from influence_cli.config import ADAPTER_ONLY, ModelConfig, resolve_path
 from influence_cli.errors import ModelError, first_line, out_of_memory
 from influence_cli.tracking import unmaterialized
-from influence_cli.user_code import colon_form_hint, import_failure_hint, import_from, keeps_random_state, missing_function_hint
+from influence_cli.user_code import (
+    colon_form_hint,
+    import_failure_hint,
+    import_from,
+    keeps_random_state,
+    missing_function_hint,
+    seed_generators,
+)
 
 __all__ = [
     "BUILTIN_ARCHITECTURES",
@@ -171,13 +178,10 @@ BUILTIN_ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "cnn":
 
 @contextmanager
 def _seeded(seed: int = 0) -> Iterator[None]:
-    """Seeds torch's CPU generator for the block (and each CUDA device's, where CUDA is initialized) and leaves every
-    global generator as it was afterwards (`keeps_random_state`), whatever the builder draws. An uninitialized CUDA is
-    not seeded: `torch.manual_seed` would queue a seed that reseeds the caller's CUDA generators once CUDA starts."""
+    """Seeds torch's generators for the block (`seed_generators`: the CPU's, and each CUDA device's where CUDA is
+    initialized) and leaves every global generator as it was afterwards (`keeps_random_state`), whatever the builder draws."""
     with keeps_random_state():
-        torch.default_generator.manual_seed(seed)
-        if torch.cuda.is_initialized():
-            torch.cuda.manual_seed_all(seed)
+        seed_generators(seed, torch_only=True)
         yield
 
 

@@ -16,6 +16,22 @@ from types import ModuleType
 from influence_cli.errors import first_few
 
 
+def seed_generators(seed: int, *, torch_only: bool = False) -> None:
+    """Seeds torch's CPU generator (and each CUDA device's, where CUDA is initialized: an uninitialized CUDA is not
+    seeded, as `torch.manual_seed` would queue a seed that reseeds the caller's CUDA generators once CUDA starts) and,
+    unless `torch_only`, NumPy's global generator and Python's `random`, from `seed` (an int >= 0) taken into each
+    one's seed range. Used inside `keeps_random_state`, which puts the caller's state back afterwards."""
+    import numpy as np  # here: the CLI imports this module, and answers --help without loading torch
+    import torch
+
+    torch.default_generator.manual_seed(seed % 2**64)
+    if torch.cuda.is_initialized():
+        torch.cuda.manual_seed_all(seed % 2**64)
+    if not torch_only:
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+
+
 @contextlib.contextmanager
 def keeps_random_state() -> Iterator[None]:
     """Leaves the global random generators as they were before the block, whatever the user's code in it draws:

@@ -1094,6 +1094,44 @@ def test_inspect_counts_a_parametrized_weight_once(runner: CliRunner, tmp_path: 
     assert data["tracked_parameters"] == 64 * 32 + 32 + 32 * 10 + 10  # the effective weights and biases
 
 
+UNSEEDED_MODULE = """
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+
+def synthetic(n):
+    return TensorDataset(torch.randn(n, 64), torch.randint(0, 3, (n,)))
+
+
+def tiny():
+    return nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 3))
+"""
+
+
+def test_a_query_set_of_an_unseeded_factory_is_not_a_copy_of_the_training_set(runner: CliRunner, tmp_path: Path):
+    """A factory that draws without seeding itself, n=1000 for data.train and n=100 for data.query: each load drew
+    from the same state (the caller's, put back after each), so query i was train i, its top proponent for about a
+    third of the queries (in separate processes compute-scores refused the factors instead, its state at the load not
+    fit-factors')."""
+    (tmp_path / "unseeded_data.py").write_text(UNSEEDED_MODULE)
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "model: {architecture: 'unseeded_data:tiny'}\ntask: {kind: classification}\n"
+        "data:\n  train: {source: 'unseeded_data:synthetic', kwargs: {n: 1000}}\n"
+        "  query: {source: 'unseeded_data:synthetic', kwargs: {n: 100}}\n  num_workers: 0\n"
+        "output_dir: out\ndevice: cpu\n"
+    )
+    for command in ("fit-factors", "compute-scores"):
+        result = invoke(runner, command, config)
+        assert result.exit_code == 0, (command, result.stderr)
+    result = invoke(runner, "top-k", config, "--k", "1", "--json")
+    assert result.exit_code == 0, result.stderr
+    queries = json.loads(result.stdout)["queries"]
+    own = sum(q["proponents"][0]["train_index"] == q["query_index"] for q in queries)
+    assert len(queries) == 100 and own <= 3, own  # chance: 0.1 of 100
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_inspect_needs_no_device(runner: CliRunner, monkeypatch):
     """inspect never runs the model, so it works on a login node without the config's GPU, and it

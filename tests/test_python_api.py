@@ -329,6 +329,44 @@ def test_loading_a_dataset_leaves_the_callers_random_state_as_it_was(tmp_path):
     assert now[0] == numpy_state[0] and np.array_equal(now[1], numpy_state[1]) and now[2:] == numpy_state[2:]
 
 
+def test_a_factory_that_draws_without_seeding_itself_draws_from_its_source_description(tmp_path):
+    """Every load drew from the caller's state, put back after each: a query set of one unseeded factory (n=100) was
+    the training set's (n=1000) first 100 examples, and the data changed with the caller's state. The generators are
+    seeded from the source (factory and kwargs), not from the subset: the same data at every load, in any order, and
+    two ranges of one source are two parts of one draw."""
+    import random
+    import uuid
+
+    name = f"unseeded_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(
+        "import random\nimport numpy as np\nimport torch\nfrom torch.utils.data import TensorDataset\n\n"
+        "def synthetic(n):\n"
+        "    x = torch.randn(n, 4) + torch.from_numpy(np.random.rand(n, 4)).float() + random.random()\n"
+        "    return TensorDataset(x, torch.randint(0, 3, (n,)))\n"
+    )
+
+    def load(n: int, key: str = "data.train", **subset):
+        ds = influence_cli.load_dataset({"source": f"{name}:synthetic", "kwargs": {"n": n}, **subset}, tmp_path, name=key)
+        return torch.stack([ds[i][0] for i in range(len(ds))]), torch.stack([ds[i][1] for i in range(len(ds))])
+
+    torch.manual_seed(5), np.random.seed(5), random.seed(5)
+    states = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    train, query = load(1000), load(100, "data.query")
+    assert not torch.equal(train[0][:100], query[0])  # other kwargs, other data
+    torch.manual_seed(6), np.random.seed(6), random.seed(6)  # another caller's state, the other order
+    query_again, train_again = load(100, "data.query"), load(1000)
+    assert all(torch.equal(a, b) for a, b in zip(query, query_again, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(train, train_again, strict=True))
+    whole, first, rest = load(1100), load(1100, range=[0, 1000]), load(1100, "data.query", range=[1000, 1100], limit=100)
+    assert torch.equal(first[0], whole[0][:1000]) and torch.equal(rest[0], whole[0][1000:])  # one draw, split as asked
+    torch.manual_seed(5), np.random.seed(5), random.seed(5)
+    load(1000)
+    torch_state, numpy_state, python_state = states
+    assert torch.equal(torch.get_rng_state(), torch_state) and random.getstate() == python_state
+    now = np.random.get_state()
+    assert now[0] == numpy_state[0] and np.array_equal(now[1], numpy_state[1]) and now[2:] == numpy_state[2:]
+
+
 def test_a_callers_autocast_does_not_change_the_results(tmp_path):
     """A notebook cell under torch.autocast ran the passes' products in bfloat16, unrecorded (factors.amp: none)."""
     from safetensors.torch import load_file

@@ -23,9 +23,25 @@ from influence_cli.data.tensors_file import open_tensors
 from influence_cli.data.torchvision_sets import TORCHVISION_SOURCES, ImageFolderItems, open_image_folder, open_torchvision
 from influence_cli.data.transforms import Transform, resize_images
 from influence_cli.errors import DataError, InfluenceError
-from influence_cli.user_code import keeps_random_state
+from influence_cli.user_code import keeps_random_state, seed_generators
 
 BUILTIN_SOURCES = ("mnist", "fashion_mnist", "cifar10", "idx", "tensors", "image_folder")
+# The keys of a data spec that say which dataset object its source builds; not the subset, label noise or transforms.
+SOURCE_KEYS = ("source", "images", "labels", "root", "path", "inputs_key", "labels_key", "split", "classes", "kwargs")
+
+
+def canonical_json(value: Any) -> str:
+    """`value` as the fingerprints hash it: JSON with sorted keys, anything JSON has no type for by its str."""
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def source_seed(spec: DataSpec) -> int:
+    """The seed of the global random generators while the source of `spec` is built and read (a user's factory or
+    Dataset that draws without seeding itself draws from it): a 64-bit int from the sha256 of its SOURCE_KEYS, so
+    two specs of one source (train and query ranges of one factory) draw the same data whatever else they keep, other
+    kwargs draw other data, and neither depends on the order the datasets are loaded in or on the command."""
+    described = canonical_json({key: getattr(spec, key) for key in SOURCE_KEYS})
+    return int.from_bytes(hashlib.sha256(described.encode()).digest()[:8], "big")
 
 
 def open_source(spec: DataSpec, base_dir: Path, name: str) -> Source:
@@ -245,7 +261,7 @@ class IndexedDataset(Dataset):
         """Short sha256 hex of the spec, the kept global indices and the labels; never reads the inputs."""
         if self._fingerprint is None:
             h = hashlib.sha256()
-            h.update(json.dumps(self._canonical, sort_keys=True, default=str).encode())
+            h.update(canonical_json(self._canonical).encode())
             h.update(f"|n={len(self)}|".encode())
             h.update(self.global_indices.contiguous().numpy().tobytes())
             if self.labels is not None:
@@ -269,7 +285,7 @@ class IndexedDataset(Dataset):
             "indices": hashlib.sha256(self.global_indices.contiguous().numpy().tobytes()).hexdigest()[:16],
             "labels": hashlib.sha256(labels).hexdigest()[:16],
         }
-        return json.loads(json.dumps(parts, sort_keys=True, default=str))  # as the metadata reads back
+        return json.loads(canonical_json(parts))  # as the metadata reads back
 
     def raw_example(self, position: int) -> torch.Tensor:
         """The untransformed (but channels-first and resized, as the model sees it) input of one example, float32 [*image_shape]."""
@@ -362,7 +378,9 @@ def load_dataset(
     """Opens the source of `spec`, applies its subsets and label noise, and sets up its transforms.
 
     The global random generators (torch's, NumPy's, Python's) are left as they were, whatever a user's factory or
-    Dataset draws while it is read. Subsets apply in the order selector (range | indices | indices_file) -> labels_in -> limit.
+    Dataset draws while it is read; while it is, they are seeded from the source's description (`source_seed`), so a
+    factory that draws without seeding itself builds the same data in every command and run, and two ranges of one
+    factory are parts of one draw. Subsets apply in the order selector (range | indices | indices_file) -> labels_in -> limit.
 
     Args:
         spec: The data spec (cfg.data.train, or a mapping of the same keys as the file's).
@@ -389,6 +407,7 @@ def load_dataset(
 
 def _load(spec: DataSpec | dict[str, Any], base: Path, name: str, seed: int, embedding_model: bool) -> IndexedDataset:
     spec = checked_data_spec(spec, name, base)
+    seed_generators(source_seed(spec))  # before the source is built: its draws are the same in every load of it
     src = open_source(spec, base, name)
     sel, subset_info = select_indices(spec, src, base, name)
     labels = src.labels[sel] if src.labels is not None else None
