@@ -90,16 +90,15 @@ class NonFiniteWatch:
         self.bad_examples = torch.where(first, marked, self.bad_examples)
 
     def check(self, what: str) -> None:
-        """Raises NumericalError naming the batch and the examples if any batch so far was not finite."""
+        """Raises NumericalError naming the batch and the examples if any batch so far was not finite (its `alike`
+        without the examples, each rank's own: a NaN checkpoint every rank meets at its first batch is said once)."""
         batch = int(self.bad_batch)
         if batch < 0:
             return
         bad = [int(i) for i in self.bad_examples.tolist() if i >= 0]
         shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
-        raise NumericalError(
-            f"non-finite loss or gradient in the {what} pass at batch {batch} (examples with global indices {shown})",
-            hint=self.hint,
-        )
+        said = f"non-finite loss or gradient in the {what} pass at batch {batch}"
+        raise NumericalError(f"{said} (examples with global indices {shown})", hint=self.hint, alike=said)
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:

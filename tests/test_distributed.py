@@ -791,6 +791,9 @@ def _first_batch_error(case: str, rank: int) -> InfluenceError:
         y[rank] = 3 + rank
     if case == "weights":
         x = x[:, :4]
+    if case == "nonfinite":  # a checkpoint holding NaN: met at fit-factors' first batch (`passes.agreed_first_batch`)
+        with torch.no_grad():
+            model[0].weight[0, 0] = float("nan")
     return _raised(lambda: exact_fit(model, x, y, batch_size=n))
 
 
@@ -800,11 +803,11 @@ def _raised(fn) -> InfluenceError:
     return info.value
 
 
-@pytest.mark.parametrize("case", ["classes", "vocabulary", "inputs", "outputs", "weights", "forward"])
+@pytest.mark.parametrize("case", ["classes", "vocabulary", "inputs", "outputs", "weights", "forward", "nonfinite"])
 def test_first_batch_errors_of_two_ranks_own_examples_are_alike(case):
     """The first-batch refusals that name a rank's own examples, its batch's length or what its data measures (a label
     outside the classes at example 1 here and at example 102 there, inputs [5, 3] and [6, 3] that do not fit, a gradient
-    off by another share) differ between ranks in their message and agree in their `alike`, so that `agree` has rank 0
+    off by another share, the non-finite gradients of a NaN checkpoint in examples 0..4 and 0..5) differ between ranks in their message and agree in their `alike`, so that `agree` has rank 0
     say them once."""
     on_0, on_1 = _first_batch_error(case, 0), _first_batch_error(case, 1)
     assert type(on_0) is type(on_1) and on_0.message != on_1.message, (on_0.message, on_1.message)
