@@ -678,7 +678,7 @@ def fit_factors(
         train = read_dataset(cfg, dist, cfg.data.train, "data.train", tokens=described[0].tokens)
         agree(dist, lambda: _check_later_models(cfg, [(m, described[m.index]) for m in others], train, dist))
         shared = train
-    # with --overwrite, removed once model 0's checks pass: the other models' progress, then their factors (a progress
+    # with --overwrite, removed once model 0's checks and its first batch pass: the other models' progress, then their factors (a progress
     # file that cannot be removed, one a finished run left, stops the run with every factors file still there)
     replaced = [p for m in others for p in progress_files(m.out_dir, storage.FACTORS_PARTIAL)] + [m.out_dir / storage.FACTORS_FILE for m in others]
 

@@ -122,7 +122,7 @@ def check_rank_layout(
     (the datasets each finished, compute-scores' score pieces), are not this run's names, so it would silently start over
     and leave them behind); --overwrite lets them go. What is no regular file there is refused as that
     (`storage.refuse_irregular`; `key`: the config key of `folder`). Removes nothing: returns what the
-    start removes once every rank's checks passed (`agreed_start`): those files with --overwrite, and the
+    start lets go (`agreed_checks`, removed once every rank's checks and first batches passed): those files with --overwrite, and the
     temporary files that killed writers of those names left (they hold no progress; the caller holds the lock).
 
     Raises:
@@ -254,8 +254,8 @@ class PassCheckpoint:
     def check_start(self, resume: bool, overwrite: bool, *, lost_ok: bool) -> tuple[Snapshot | OutputError | None, list[Path]]: ...
 
     def check_start(self, resume: bool, overwrite: bool, *, lost_ok: bool = False) -> tuple[Snapshot | OutputError | None, list[Path]]:
-        """The snapshot to resume from (None to start fresh), and what the start removes once every rank's checks
-        passed (`agreed_start`): the temporary files a killed writer left, and with `overwrite` (without `resume`)
+        """The snapshot to resume from (None to start fresh), and what the start lets go (`agreed_checks`, removed once
+        every rank's checks and first batches passed): the temporary files a killed writer left, and with `overwrite` (without `resume`)
         the snapshot. Refuses to silently drop progress; removes nothing.
 
         Args:
