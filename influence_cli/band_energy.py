@@ -635,7 +635,7 @@ def spectrum(
         saved = DatasetsProgress.start(
             path, storage.SPECTRUM_PARTIAL, st, result_fields, list(datasets), batch_size=cfg.data.batch_size,
             every=cfg.factors.checkpoint_every, resume=resume, overwrite=overwrite, per_example=_PARTS,
-            examples=[stop - start for start, stop in (st.shard(len(ds)) for ds in datasets.values())], defer_removal=True,
+            examples=[stop - start for start, stop in (st.shard(len(ds)) for ds in datasets.values())],
         )  # the old result and progress go once the first batches below passed their checks
         resumed_from = saved.resumed_from(list(datasets), st)
         results = [DatasetSpectrum(name, **t) for name, t in zip(datasets, saved.finished, strict=False)]

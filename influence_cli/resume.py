@@ -39,15 +39,6 @@ def run_keys(fields: dict[str, Any]) -> set[str]:
     return {run_key(fields), run_key({k: v for k, v in fields.items() if k not in LATER_FIELDS})}
 
 
-def agreed_start(state: DistState, checks: Callable[[], tuple[_T, list[Path]]], key: str = "output_dir") -> _T:
-    """Runs a command's start checks on every rank at once and removes what they found the start replaces at once
-    (`agreed_checks`, then `Replaced.remove`), so that a refused start removes nothing, on any rank. Returns the
-    checks' value."""
-    value, replaced = agreed_checks(state, checks, key)
-    replaced.remove()
-    return value
-
-
 def agreed_checks(state: DistState, checks: Callable[[], tuple[_T, list[Path]]], key: str = "output_dir") -> tuple[_T, Replaced]:
     """Runs a command's start checks on every rank at once (`distributed.agree`: a refusal every rank meets is said
     once). `checks` returns its value and the paths the start replaces (old progress and outputs --overwrite lets go,
@@ -602,7 +593,7 @@ class DatasetsProgress:
         self.per_example = per_example
         self.examples = list(examples)
         self.pieces: SavedPieces | None = None  # the dataset in progress's pieces, once read or first written
-        self.replaced: Replaced | None = None  # what `start` lets go, until removed (its `defer_removal`)
+        self.replaced: Replaced | None = None  # what `start` lets go, until `remove_replaced`
         if snapshot is not None and snapshot.phase.startswith("dataset:"):
             done = int(snapshot.phase.removeprefix("dataset:"))
             if any(k.startswith("finished.") for k in snapshot.tensors):  # an earlier version's snapshot holds them
@@ -617,15 +608,15 @@ class DatasetsProgress:
     def start(
         cls, output: Path, pattern: str, dist: Any, result: dict[str, Any], datasets: list[str], *,
         batch_size: int, every: int, resume: bool, overwrite: bool, names: dict[str, str] | None = None,
-        per_example: tuple[str, ...] = (), examples: Sequence[int] = (), defer_removal: bool = False,
+        per_example: tuple[str, ...] = (), examples: Sequence[int] = (),
     ) -> DatasetsProgress:
         """The progress this rank continues from (none without `resume`) towards `output`, saved as `pattern` (with
         {rank}) every `every` batches: every rank checks its own at once (`distributed.agree`: a refusal is said
         once), then the ranks agree on where to continue and send each other the finished results a rank lacks
         (`agree`, which can refuse too); only then is anything removed (`Replaced`, `replaced`): what --overwrite lets
         go, and the temporary files killed writers left, so that a refused start, --resume included, removes nothing;
-        with `defer_removal` not before the command calls `replaced.remove()` on every rank, once the first batches of
-        the datasets to stream passed their checks (dataset-similarity, spectrum).
+        not before the command calls `remove_replaced()` on every rank, once the first batches of the datasets to
+        stream passed their checks (dataset-similarity, spectrum).
         Under torchrun a snapshot that is missing (under `resume`) or unreadable is not refused here: `agree` decides.
         With `overwrite` the finished `output` is removed with them (an interrupted --overwrite
         run must not leave the old result looking current). Under `resume` the files of the datasets right after those
@@ -645,7 +636,6 @@ class DatasetsProgress:
                 the order of `datasets` are added (progress is kept by position). names: words for refusals.
             per_example: the state's tensors that hold a row per example (saved in pieces, each row once).
             examples: this rank's examples of each dataset, with `per_example` (a snapshot's rows are checked against them).
-            defer_removal: remove nothing until `replaced.remove()` (called on every rank at the same point).
         """  # fmt: skip
         folder = output.parent
         settings = result | {"bs": batch_size, "world": dist.world_size, "dataset_order": list(datasets)}
@@ -674,8 +664,6 @@ class DatasetsProgress:
         replaced = ([output] if overwrite else []) + storage.temp_paths(output)  # and what a killed writer left
         removed += saved._finished_from(saved.written) + (replaced if dist.is_main else [])
         saved.replaced = Replaced(dist, removed, checkpoint.folder_key)
-        if not defer_removal:
-            saved.replaced.remove()
         return saved
 
     def remove_replaced(self) -> None:

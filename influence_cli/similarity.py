@@ -447,7 +447,7 @@ def dataset_similarity(
     # the old result and progress go once the first batches passed their checks (`compute_similarity`)
     saved = DatasetsProgress.start(
         path, storage.SIMILARITY_PARTIAL, st, result_fields, list(plans), batch_size=cfg.data.batch_size, every=cfg.factors.checkpoint_every,
-        resume=resume, overwrite=overwrite, names={"fisher": "similarity.fisher"}, defer_removal=True,
+        resume=resume, overwrite=overwrite, names={"fisher": "similarity.fisher"},
     )  # fmt: skip
     resumed_from = saved.resumed_from(list(plans), st)
     progress = for_rank(progress, st.rank, st.world_size)

@@ -517,10 +517,10 @@ def test_an_interrupted_overwrite_resumes(tmp_path, monkeypatch, reference):
 
 def _layout_started(folder: Path, pattern: str, world_size: int, **kw) -> None:
     """`check_rank_layout` in one process as a command's start takes it: what it returns is removed once it passed
-    (`agreed_start`)."""
-    from influence_cli.resume import agreed_start, check_rank_layout
+    (`agreed_checks`, then `Replaced.remove`)."""
+    from influence_cli.resume import agreed_checks, check_rank_layout
 
-    agreed_start(DistState(), lambda: (None, check_rank_layout(folder, pattern, world_size, **kw)))
+    agreed_checks(DistState(), lambda: (None, check_rank_layout(folder, pattern, world_size, **kw)))[1].remove()
 
 
 def test_progress_of_another_number_of_ranks_is_refused_not_dropped(tmp_path):
@@ -1048,7 +1048,9 @@ def test_a_finished_file_no_snapshot_counts_yet_is_counted_when_it_holds_its_res
     output = tmp_path / storage.SIMILARITY_FILE
 
     def start(**kw) -> DatasetsProgress:
-        return DatasetsProgress.start(output, storage.SIMILARITY_PARTIAL, DistState(), {"a": 1}, ["x", "y", "z"], batch_size=8, every=1, **kw)
+        saved = DatasetsProgress.start(output, storage.SIMILARITY_PARTIAL, DistState(), {"a": 1}, ["x", "y", "z"], batch_size=8, every=1, **kw)
+        saved.remove_replaced()  # as the commands do once their first batches passed
+        return saved
 
     saved = start(resume=False, overwrite=False)
     results = _results(3, 4)
@@ -1091,7 +1093,9 @@ def _start_rank(folder: Path, st: DistState, resume: bool = True, every: int = 1
     """`DatasetsProgress.start` of dataset-similarity's files in `folder` on rank `st`, datasets x, y, z, a save every
     `every` batches (0: none)."""
     output = folder / storage.SIMILARITY_FILE
-    return DatasetsProgress.start(output, storage.SIMILARITY_PARTIAL, st, {"a": 1}, ["x", "y", "z"], batch_size=8, every=every, resume=resume, overwrite=False)
+    saved = DatasetsProgress.start(output, storage.SIMILARITY_PARTIAL, st, {"a": 1}, ["x", "y", "z"], batch_size=8, every=every, resume=resume, overwrite=False)
+    saved.remove_replaced()  # as the commands do once their first batches passed
+    return saved
 
 
 def _saved_by_ranks(folder: Path, counts: list[int], results: list[dict[str, torch.Tensor]]) -> list[Path]:
@@ -1611,7 +1615,9 @@ def test_overwrite_that_one_rank_refuses_removes_no_ranks_progress(tmp_path):
     output = tmp_path / storage.SIMILARITY_FILE
 
     def start(st: DistState) -> DatasetsProgress:
-        return DatasetsProgress.start(output, storage.SIMILARITY_PARTIAL, st, {"a": 1}, ["x", "y", "z"], batch_size=8, every=1, resume=False, overwrite=True)
+        saved = DatasetsProgress.start(output, storage.SIMILARITY_PARTIAL, st, {"a": 1}, ["x", "y", "z"], batch_size=8, every=1, resume=False, overwrite=True)
+        saved.remove_replaced()
+        return saved
 
     got = on_every_rank(2, start)
     assert [type(e) for e in got] == [DistributedError, OutputError], got
@@ -1627,7 +1633,12 @@ def test_a_file_the_start_cannot_remove_stops_every_rank_by_name(tmp_path, monke
     """A file the agreed start cannot remove (no permission) stops every rank with an output error naming it (it
     raised PermissionError on that rank, while the others went on to wait in their next collective); a file already
     gone is no error."""
-    from influence_cli.resume import agreed_start
+    from influence_cli.resume import agreed_checks
+
+    def agreed_start(st: DistState, checks, key: str = "output_dir"):
+        value, replaced = agreed_checks(st, checks, key)
+        replaced.remove()
+        return value
 
     files = [tmp_path / f"p{r}.safetensors" for r in range(2)]
     for p in files:
