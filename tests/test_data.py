@@ -935,6 +935,19 @@ def test_indices_file_errors(idx_files: tuple[Path, Path], tmp_path: Path) -> No
     assert "one index per line" in info.value.hint and ".npy" in info.value.hint
 
 
+def test_an_indices_file_that_is_not_utf8_names_its_byte_and_line(idx_files: tuple[Path, Path], tmp_path: Path) -> None:
+    """An indices file saved in Latin-1 or UTF-16 is named with the byte and line that fail, and the fix, as a config
+    file is; not Python's codec text. A UTF-8 byte-order mark is no line of its own, and shifts no figure."""
+    for name, raw, where in (("latin1.txt", b"1\n# caf\xe9\n2\n", "byte 0xe9 on line 2"),
+                             ("bom.json", b"\xef\xbb\xbf[1,\n2, \xff]", "byte 0xff on line 2"),
+                             ("utf16.txt", "1\n2\n".encode("utf-16"), "byte 0xff on line 1")):  # fmt: skip
+        (tmp_path / name).write_bytes(raw)
+        with pytest.raises(DataError) as info:
+            load_dataset(idx_spec(idx_files, indices_file=name), tmp_path)
+        assert info.value.message == f"data.train.indices_file: {name} is not UTF-8 text ({where})", info.value.message
+        assert info.value.hint == "save the file as UTF-8"
+
+
 def test_an_indices_file_may_be_a_numpy_array(idx_files: tuple[Path, Path], tmp_path: Path) -> None:
     np.save(tmp_path / "keep.npy", np.array([3, 1, 4], dtype=np.int32))
     ds = load_dataset(idx_spec(idx_files, indices_file="keep.npy"), tmp_path)

@@ -13,7 +13,7 @@ import torch
 
 from influence_cli.config import DataSpec
 from influence_cli.data.source import Source, existing_file, file_info, item_label
-from influence_cli.errors import DataError
+from influence_cli.errors import DataError, not_utf8
 from influence_cli.task import counter_uniform
 
 
@@ -37,7 +37,9 @@ def _read_indices_file(spec: DataSpec, base_dir: Path, key: str) -> tuple[list[i
         return [int(v) for v in array.tolist()], file_info(path)
     try:
         text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not part of line 1
-    except (OSError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:  # a Latin-1 or UTF-16 file: its byte and line, and the fix, as a config's
+        raise DataError(f"{key}: {path.name} is not UTF-8 text ({not_utf8(exc)})", hint="save the file as UTF-8") from None
+    except OSError as exc:
         raise DataError(f"{key}: cannot read {path.name} ({exc})") from None
     if path.suffix.lower() == ".json":
         try:
