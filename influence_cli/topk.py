@@ -128,12 +128,15 @@ def _folder_of(path: str | Path, caller: str, *names: str) -> Path:
 
     Raises:
         TypeError: `path` is no path (a Config: its output_path is the folder), naming `caller`.
-        OutputError: the folder cannot be read (permission denied).
+        OutputError: the folder cannot be read (permission denied); with `names`, `path` is another file (or lies
+            under one): refused as that, not as a folder without the scores.
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"{caller}() takes the output folder (cfg.output_path) or a file in it, not {type(path).__name__}")
     p = Path(path)
     folder = p.parent if p.name in names and os.path.isfile(p) else p
+    if names:  # the reader of the files: a caller without names passes the path on to one
+        storage.refuse_file_as_folder(folder, "output_dir", "set output_dir to the folder compute-scores wrote the scores into")
     storage.check_readable_dir(folder, listed=False)  # its files are read by name
     return folder
 

@@ -295,6 +295,25 @@ def test_a_factors_dir_that_is_a_file_is_named_as_such_by_every_command_of_the_f
     assert (tmp_path / "a_file").read_text() == "x" and (out / storage.SCORES_FILE).is_file()
 
 
+def test_an_output_dir_or_factors_dir_that_is_a_file_or_a_link_to_one_is_named_as_such_by_top_k(runner, project, tmp_path):
+    """top-k (and top-k --self) reading scores from an output_dir that names a file, a symbolic link to one or a path
+    under one says so, with the key to set, rather than "no scores in '<file>'"; a factors_dir that is a link to a file
+    is refused as a file by the commands reading the factors."""
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "link").symlink_to(tmp_path / "a_file")
+    hint = "hint: set output_dir to the folder compute-scores wrote the scores into"
+    for folder, where in ((tmp_path / "a_file", "is"), (tmp_path / "link", "is"),
+                          (tmp_path / "link" / "sub", f"lies under {str(tmp_path / 'link')!r}, which is")):  # fmt: skip
+        for extra in ([], ["--self"]):
+            result = invoke(runner, "top-k", project, "--set", f"output_dir={folder}", *extra)
+            assert result.exit_code == 5, (extra, result.stderr)
+            assert result.stderr.splitlines() == [f"output error: output_dir: {str(folder)!r} {where} a file, not a folder", hint], extra
+    for command in ("compute-scores", "spectrum"):
+        result = invoke(runner, command, project, "--set", f"output_dir={tmp_path / 'o'}", "--set", f"factors_dir={tmp_path / 'link'}")
+        assert result.exit_code == 5 and f"factors_dir: {str(tmp_path / 'link')!r} is a file, not a folder" in result.stderr, result.stderr
+    assert (tmp_path / "a_file").read_text() == "x"
+
+
 def test_top_k_after_an_interrupted_run_hints_resume(runner, tmp_path):
     data = write_project(tmp_path)
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(data))
