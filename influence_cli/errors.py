@@ -205,6 +205,7 @@ def shortened(value: Any, limit: int = 80, *, quote: bool = True) -> str:
         shown = repr(value) if quote else text
     except ValueError:  # an int past Python's limit of digits for text (sys.get_int_max_str_digits): its head from its value
         sign, digits = "-" if value < 0 else "", int(math.log10(abs(value))) + 1
+        digits += (10**digits <= abs(value)) - (10 ** (digits - 1) > abs(value))  # log10 rounds 10**k - 1 up to k
         return f"{sign}{abs(value) // 10 ** (digits - (limit - 4))}... ({len(sign) + digits:,} characters)"
     if len(shown) <= limit:
         return shown

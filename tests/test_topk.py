@@ -160,6 +160,8 @@ def test_a_position_beyond_int64_is_out_of_range_not_a_crash():
 def test_an_over_long_position_is_shortened_not_a_crash():
     """A position past Python's digits for text (4,300) is named by its head and length, not a ValueError of str()."""
     for selection, shown in ((10**5000, f"1{'0' * 75}... (5,001 characters): outside"), (-(10**4000), f"-1{'0' * 74}... (4,002 characters): outside"),
+                             (10**5000 - 1, f"{'9' * 76}... (5,000 characters): outside"),  # log10 of 5,000 nines rounds up to 5,000
+                             (-(10**4400 - 1), f"-{'9' * 76}... (4,401 characters): outside"),
                              (slice(10**5000, None), f"1{'0' * 35}... (5,001 characters):: an empty range")):  # fmt: skip
         with pytest.raises(UsageError) as info:
             select_queries(3, selection)
