@@ -632,8 +632,10 @@ def spectrum(
         clear_progress_of_finished(st, out_dir, storage.SPECTRUM_PARTIAL, outputs=[path])  # a kill right after the final rename
         results = _load_energies(path, list(datasets))
     else:
+        # of the factors written then: --resume refuses progress of a refit of the same settings since, as dataset-similarity does
+        progress_fields = result_fields | {"factors_created": factors.metadata.get("created")}
         saved = DatasetsProgress.start(
-            path, storage.SPECTRUM_PARTIAL, st, result_fields, list(datasets), batch_size=cfg.data.batch_size,
+            path, storage.SPECTRUM_PARTIAL, st, progress_fields, list(datasets), batch_size=cfg.data.batch_size,
             every=cfg.factors.checkpoint_every, resume=resume, overwrite=overwrite, per_example=_PARTS,
             examples=[stop - start for start, stop in (st.shard(len(ds)) for ds in datasets.values())],
         )  # the old result and progress go once the first batches below passed their checks

@@ -30,13 +30,16 @@ def run_key(fields: dict[str, Any]) -> str:
 
 
 LATER_FIELDS = ("definition", "model_definition")  # settings recorded since 0.1.0 (outputs before it lack them)
+# recorded later still: the factors' `created` in the progress of dataset-similarity and spectrum (not in their result key)
+_LATEST_FIELDS = ("factors_created",)
 
 
 def run_keys(fields: dict[str, Any]) -> set[str]:
     """`run_key` of `fields`, and of `fields` without the settings outputs of earlier versions did
-    not record (`LATER_FIELDS`): a finished output or progress from before them still matches
-    (unverified for those settings, as `check_factors_match` treats them)."""
-    return {run_key(fields), run_key({k: v for k, v in fields.items() if k not in LATER_FIELDS})}
+    not record (`_LATEST_FIELDS`, and those and `LATER_FIELDS`): a finished output or progress from before
+    them still matches (unverified for those settings, as `check_factors_match` treats them)."""
+    latest = {k: v for k, v in fields.items() if k not in _LATEST_FIELDS}
+    return {run_key(fields), run_key(latest), run_key({k: v for k, v in latest.items() if k not in LATER_FIELDS})}
 
 
 def agreed_checks(state: DistState, checks: Callable[[], tuple[_T, list[Path]]], key: str = "output_dir") -> tuple[_T, Replaced]:
@@ -462,7 +465,8 @@ class SavedPieces:
 
 _NAMES = {"bs": "batch size", "batch_size": "batch size", "world": "number of ranks", "n": "examples (factors.max_examples)",
           "chunks": "query chunks (scores.query_chunk, scores.max_memory_mb)", "shards": "score shards (scores.max_memory_mb)",
-          "damping": "damping (scores.damping, damping_factor, damping_scope; `auto` follows the factors)", "factors": "factors file (refitted)", "model_fingerprint": "model",
+          "damping": "damping (scores.damping, damping_factor, damping_scope; `auto` follows the factors)", "factors": "factors file (refitted)",
+          "factors_created": "factors file (refitted since, with the same settings)", "model_fingerprint": "model",
           "model": "model", "model_definition": "model definition", "definition": "model definition", "train_fingerprint": "data.train",
           "data": "data.train", "query_fingerprint": "data.query", "strategy": "factors.strategy", "fisher": "factors.fisher",
           "amp": "factors.amp", "dtype": "scores.dtype", "relative": "scores.relative", "by_layer": "scores.by_layer (--by-layer)", "measurement": "task.measurement",

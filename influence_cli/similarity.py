@@ -444,9 +444,12 @@ def dataset_similarity(
         warn_of_refit(path, "a similarity result", factors_path, recorded.get("factors_created"), factors.metadata.get("created"), "dataset-similarity")
         return _finished_report(path, method, recorded)
     st = ctx.state
+    # the progress of the factors written then: a refit of the same settings since (the same result key) is refused by --resume
+    # (its name in `resume._NAMES`), so that no datasets of the old factors are combined with ones of the new
+    progress_fields = result_fields | {"factors_created": factors.metadata.get("created")}
     # the old result and progress go once the first batches passed their checks (`compute_similarity`)
     saved = DatasetsProgress.start(
-        path, storage.SIMILARITY_PARTIAL, st, result_fields, list(plans), batch_size=cfg.data.batch_size, every=cfg.factors.checkpoint_every,
+        path, storage.SIMILARITY_PARTIAL, st, progress_fields, list(plans), batch_size=cfg.data.batch_size, every=cfg.factors.checkpoint_every,
         resume=resume, overwrite=overwrite, names={"fisher": "similarity.fisher"},
     )  # fmt: skip
     resumed_from = saved.resumed_from(list(plans), st)

@@ -262,16 +262,48 @@ def test_similarity_and_spectrum_warn_of_a_result_of_factors_refitted_since_with
     monkeypatch.setattr(storage, "created_now", lambda: "2099-01-01T00:00:00+0000")
     assert invoke(runner, "fit-factors", config, "--overwrite", "--set", "data.batch_size=5").exit_code == 0
     for command, name in commands:
-        result = invoke(runner, command, config)
-        assert result.exit_code == 0, result.stderr
-        warning = " ".join(result.stderr.split())
-        assert "was refitted since (2099-01-01T00:00:00+0000) with the same settings" in warning, warning
-        assert f"rerun {command} with --overwrite" in warning, warning
+        for extra in ([], ["--resume"]):  # --resume on a finished result shows it, as a no-op
+            result = invoke(runner, command, config, *extra)
+            assert result.exit_code == 0, result.stderr
+            warning = " ".join(result.stderr.split())
+            assert "was refitted since (2099-01-01T00:00:00+0000) with the same settings" in warning, warning
+            assert f"rerun {command} with --overwrite" in warning and warning.count("refitted") == 1, warning
         path = tmp_path / "out" / name  # as an older version wrote it, without the factors' time
         tensors, meta = storage.load_tensors(path)
         storage.save_tensors(path, tensors, {k: v for k, v in meta.items() if k != "factors_created"})
         result = invoke(runner, command, config)
         assert result.exit_code == 0 and "refitted" not in result.stderr, result.stderr
+        shown = storage.read_metadata(path)  # shown, not recomputed: its key does not hold the factors' time
+        assert "factors_created" not in shown and shown["created"] == meta["created"] != "2099-01-01T00:00:00+0000", shown
+
+
+@pytest.mark.parametrize("command", ["dataset-similarity", "spectrum"])
+def test_resume_refuses_progress_of_factors_refitted_since_with_the_same_settings(tmp_path, monkeypatch, command):
+    """dataset-similarity or spectrum interrupted after its first dataset, the factors then refitted with the same
+    settings (the same result key): --resume refuses the progress, naming the refit, as compute-scores --resume does,
+    rather than combining a dataset of the old factors with ones of the new; --overwrite starts over."""
+    from stopping import StopAt
+
+    from influence_cli.band_energy import spectrum
+    from influence_cli.config import config_from_dict
+    from influence_cli.fit import fit_factors
+    from influence_cli.similarity import dataset_similarity
+
+    data = write_project(tmp_path)
+    two = {"a": data["data"]["train"], "b": data["data"]["query"]}
+    data |= {"similarity": {"datasets": two}, "spectrum": {"datasets": two}, "scores": {"damping": 0.01}}
+    cfg = config_from_dict(data, base_dir=tmp_path)
+    run, partial = {"dataset-similarity": (dataset_similarity, storage.SIMILARITY_PARTIAL), "spectrum": (spectrum, storage.SPECTRUM_PARTIAL)}[command]
+    fit_factors(cfg)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, progress=StopAt("b", 1))  # dataset a finished, in its file beside the snapshot
+    assert (tmp_path / "out" / partial.format(rank="")).is_file()
+    monkeypatch.setattr(storage, "created_now", lambda: "2099-01-01T00:00:00+0000")
+    fit_factors(config_from_dict(data | {"data": data["data"] | {"batch_size": 5}}, base_dir=tmp_path), overwrite=True)
+    with pytest.raises(OutputError, match=r"progress of a run with other settings \(factors file \(refitted since, with the same settings\)\)"):
+        run(cfg, resume=True)
+    assert (tmp_path / "out" / partial.format(rank="")).is_file()  # the refusal removes nothing
+    run(cfg, overwrite=True)
 
 
 def test_a_factors_dir_that_is_a_file_is_named_as_such_by_every_command_of_the_factors(runner, project, tmp_path):
