@@ -304,6 +304,15 @@ def test_resume_refuses_progress_of_factors_refitted_since_with_the_same_setting
         run(cfg, resume=True)
     assert (tmp_path / "out" / partial.format(rank="")).is_file()  # the refusal removes nothing
     run(cfg, overwrite=True)
+    # progress of the version before, which did not record the factors' time, still resumes (unverified for a refit)
+    from influence_cli import resume
+
+    key = resume.run_key
+    monkeypatch.setattr(resume, "run_key", lambda fields: key({k: v for k, v in fields.items() if k != "factors_created"}))
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, overwrite=True, progress=StopAt("b", 1))
+    monkeypatch.setattr(resume, "run_key", key)
+    assert run(cfg, resume=True).resumed_from is not None
 
 
 def test_a_factors_dir_that_is_a_file_is_named_as_such_by_every_command_of_the_factors(runner, project, tmp_path):
