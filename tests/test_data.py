@@ -1470,6 +1470,44 @@ def test_fingerprints_of_other_sources_keep_their_values(tmp_path: Path) -> None
     assert load_dataset(DataSpec(source="tensors", path="t.safetensors"), tmp_path).fingerprint() == "3ff2584ea90740e0"
 
 
+def test_a_set_in_a_factorys_kwargs_draws_the_same_data_in_every_process(tmp_path: Path) -> None:
+    """A set of names in kwargs (YAML's !!set, or the Python API's) was hashed as Python wrote it, its strings in an
+    order that changes with every process: an unseeded factory drew other data in each command and on each torchrun
+    rank, and each command's fingerprint refused the last one's outputs. A set of small ints keeps its text."""
+    import subprocess
+    import sys
+
+    from launch import subprocess_env
+
+    from influence_cli.data.dataset import canonical_json
+
+    mod = write_module(
+        tmp_path,
+        """
+        import torch
+        from torch.utils.data import TensorDataset
+
+        def make(n, tags):
+            return TensorDataset(torch.randn(n, 3), torch.arange(n) % len(tags))
+        """,
+    )
+    code = (
+        "import sys, torch\nfrom influence_cli.data import load_dataset\n"
+        f"ds = load_dataset({{'source': '{mod}:make', 'kwargs': {{'n': 8, 'tags': {{'cat', 'dog', 'bird', 'eel', 'fox'}}}}}}, sys.argv[1])\n"
+        "print(ds.fingerprint(), torch.stack([ds[i][0] for i in range(8)]).sum().item())"
+    )
+    seen = set()
+    for hash_seed in ("1", "2", "3"):
+        env = {**subprocess_env(), "PYTHONHASHSEED": hash_seed}
+        run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+        seen.add(run.stdout.strip())
+    assert len(seen) == 1, seen
+    assert canonical_json({"a": {3, 1, 2}, "b": frozenset({"y", "x"}), "c": set()}) == (
+        '{"a": "{1, 2, 3}", "b": "frozenset({\'x\', \'y\'})", "c": "set()"}'
+    )
+
+
 def test_image_folder_with_a_file_name_that_is_not_utf8(tmp_path: Path) -> None:
     """b"\\xff.png" (a name from another system's encoding) crashed the fingerprint: "surrogates not allowed"."""
     root = write_image_folder(tmp_path / "imgs")
