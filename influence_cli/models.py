@@ -802,7 +802,7 @@ def model_definition(cfg: ModelConfig, model: nn.Module) -> dict[str, Any]:
     tree = "\n".join(f"{name}|{type(m).__module__}.{type(m).__qualname__}" for name, m in model.named_modules())
     return {
         "architecture": cfg.architecture,
-        "kwargs": json.loads(json.dumps(cfg.kwargs, sort_keys=True, default=str)),
+        "kwargs": json.loads(storage.canonical_json(cfg.kwargs)),
         "modules": hashlib.sha256(tree.encode()).hexdigest()[:16],
     }
 

@@ -26,7 +26,7 @@ _T = TypeVar("_T")
 
 def run_key(fields: dict[str, Any]) -> str:
     """A short hash of the settings a result depends on."""
-    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return hashlib.sha256(storage.canonical_json(fields).encode()).hexdigest()[:20]
 
 
 LATER_FIELDS = ("definition", "model_definition")  # settings recorded since 0.1.0 (outputs before it lack them)
@@ -476,7 +476,7 @@ _NAMES = {"bs": "batch size", "batch_size": "batch size", "world": "number of ra
 
 def as_recorded(fields: dict[str, Any]) -> dict[str, Any]:
     """`fields` as metadata records and reads them back (JSON types), for comparisons."""
-    return json.loads(json.dumps(fields, sort_keys=True, default=str))
+    return json.loads(storage.canonical_json(fields))
 
 
 def refuse_other_finished_result(

@@ -749,6 +749,25 @@ def file_format(path: Path) -> str:
         return ""
 
 
+def canonical_json(value: Any) -> str:
+    """`value` as outputs record and hash it (metadata, settings keys, data fingerprints, `source_seed`): JSON with sorted keys, anything JSON has no type for by its
+    str (a set's elements in sorted order: Python's own order of strings changes with every process)."""
+    return json.dumps(value, sort_keys=True, default=_as_text)
+
+
+def _as_text(value: Any) -> str:
+    if type(value) not in (set, frozenset) or not value:
+        return str(value)
+    numbers = all(isinstance(v, (int, float)) for v in value)
+    items = sorted(value) if numbers or all(isinstance(v, str) for v in value) else sorted(value, key=_as_element)
+    text = "{" + ", ".join(_as_element(v) for v in items) + "}"  # as str writes a set of these elements in this order
+    return text if type(value) is set else f"frozenset({text})"
+
+
+def _as_element(value: Any) -> str:
+    return _as_text(value) if type(value) is frozenset else repr(value)
+
+
 def _encode(value: Any) -> str:
     if isinstance(value, str) and utf8_text(value):
         try:
@@ -756,7 +775,7 @@ def _encode(value: Any) -> str:
         except ValueError:
             return value  # plain text, stored as it is: "ekfac", a path, a hex digest with a letter
     # JSON's escapes are ASCII: a path of non-UTF-8 bytes (Python's surrogate escapes) is stored, and read back, as it is
-    return json.dumps(value, sort_keys=True, default=str)  # default: a YAML date or set in the kwargs, as text
+    return canonical_json(value)  # a YAML date or set in the kwargs as text
 
 
 def open_safetensors(path: Path) -> Any:

@@ -1479,7 +1479,7 @@ def test_a_set_in_a_factorys_kwargs_draws_the_same_data_in_every_process(tmp_pat
 
     from launch import subprocess_env
 
-    from influence_cli.data.dataset import canonical_json
+    from influence_cli.storage import canonical_json
 
     mod = write_module(
         tmp_path,

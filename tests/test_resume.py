@@ -1766,3 +1766,26 @@ def test_the_lock_file_follows_the_umask_like_the_outputs(tmp_path):
     finally:
         os.umask(old)
     assert mode == 0o664
+
+
+def test_settings_keys_and_model_definitions_with_a_set_are_the_same_in_every_process() -> None:
+    """A set in model.kwargs or in a command's settings was written in Python's order of its strings, which changes with
+    every process: a --resume in the next process was refused as other settings, and a later command refused the
+    outputs as of another model definition. They are written as the data fingerprints write them (sorted)."""
+    import subprocess
+    import sys
+
+    from launch import subprocess_env
+
+    code = (
+        "from types import SimpleNamespace\nimport torch\nfrom influence_cli import models, resume\n"
+        "tags = {'cat', 'dog', 'bird', 'eel', 'fox'}\n"
+        "cfg = SimpleNamespace(architecture='mlp', kwargs={'tags': tags})\n"
+        "print(resume.run_key({'kwargs': tags}), models.model_definition(cfg, torch.nn.Linear(1, 1))['kwargs'])"
+    )
+    seen = set()
+    for hash_seed in ("1", "2", "3"):
+        run = subprocess.run([sys.executable, "-c", code], env={**subprocess_env(), "PYTHONHASHSEED": hash_seed}, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+        seen.add(run.stdout)
+    assert len(seen) == 1, seen

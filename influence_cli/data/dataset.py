@@ -23,30 +23,12 @@ from influence_cli.data.tensors_file import open_tensors
 from influence_cli.data.torchvision_sets import TORCHVISION_SOURCES, ImageFolderItems, open_image_folder, open_torchvision
 from influence_cli.data.transforms import Transform, resize_images
 from influence_cli.errors import DataError, InfluenceError
+from influence_cli.storage import canonical_json
 from influence_cli.user_code import keeps_random_state, seed_generators
 
 BUILTIN_SOURCES = ("mnist", "fashion_mnist", "cifar10", "idx", "tensors", "image_folder")
 # The keys of a data spec that say which dataset object its source builds; not the subset, label noise or transforms.
 SOURCE_KEYS = ("source", "images", "labels", "root", "path", "inputs_key", "labels_key", "split", "classes", "kwargs")
-
-
-def canonical_json(value: Any) -> str:
-    """`value` as the fingerprints and `source_seed` hash it: JSON with sorted keys, anything JSON has no type for by its
-    str (a set's elements in sorted order: Python's own order of strings changes with every process)."""
-    return json.dumps(value, sort_keys=True, default=_as_text)
-
-
-def _as_text(value: Any) -> str:
-    if type(value) not in (set, frozenset) or not value:
-        return str(value)
-    numbers = all(isinstance(v, (int, float)) for v in value)
-    items = sorted(value) if numbers or all(isinstance(v, str) for v in value) else sorted(value, key=_as_element)
-    text = "{" + ", ".join(_as_element(v) for v in items) + "}"  # as str writes a set of these elements in this order
-    return text if type(value) is set else f"frozenset({text})"
-
-
-def _as_element(value: Any) -> str:
-    return _as_text(value) if type(value) is frozenset else repr(value)
 
 
 def source_seed(spec: DataSpec) -> int:
