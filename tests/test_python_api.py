@@ -3,6 +3,7 @@ changed after loading, argument types, and the caller's global state left alone.
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -576,3 +577,25 @@ def test_a_run_logs_each_warning_once(tmp_path, caplog):
         caplog.clear()
         compute_scores(cfg, by_layer=True, overwrite=True)  # the next call says it again
         assert any("float16 stores scores below" in r.getMessage() for r in caplog.records)
+
+
+def test_a_command_run_in_process_leaves_the_callers_logging_as_it_was(tmp_path, caplog):
+    """A command run in the same process (CliRunner, a notebook calling the app) turned the logger's propagation off
+    for good: the warnings of every later run function bypassed the handlers the user configured."""
+    from typer.testing import CliRunner
+
+    from influence_cli.cli.app import app
+
+    logger = logging.getLogger("influence_cli")
+    assert logger.propagate and not logger.handlers
+    runner = CliRunner(env={"COLUMNS": "120", "INFLUENCE_DEBUG": None, "RANK": None, "WORLD_SIZE": None})
+    for _ in range(3):
+        result = runner.invoke(app, ["top-k", str(tmp_path / "missing"), "--query", "0"])
+        assert result.exit_code != 0
+    assert logger.propagate and not logger.handlers  # nothing added three times either
+    cfg = _digits(tmp_path, "scores.dtype=float16", "scores.max_memory_mb=0.01")
+    fit_factors(cfg)
+    with caplog.at_level("WARNING", logger="influence_cli"):  # caplog's handler sits on the root logger, as logging.basicConfig's
+        compute_scores(cfg)
+    assert any("float16 stores scores below" in r.getMessage() for r in caplog.records)
+

@@ -203,7 +203,7 @@ def command(name: str, resumable: bool = False, rank_0: bool = False, **kwargs: 
             warnings = WarningPrinter(int(rank) if rank.isdigit() else 0)  # under torchrun, each rank about its shard (a bad RANK: init_distributed says)
             logger = logging.getLogger("influence_cli")  # the core's notices (not imported here: it would import torch)
             logger.addHandler(warnings)
-            logger.propagate = False
+            propagated, logger.propagate = logger.propagate, False  # restored below: a program that runs a command in-process keeps its logging
             try:
                 try:
                     return fn(*args, **{k: home_expanded(v) for k, v in kw.items()})
@@ -238,6 +238,7 @@ def command(name: str, resumable: bool = False, rank_0: bool = False, **kwargs: 
                 raise typer.Exit(EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED) from None
             finally:
                 logger.removeHandler(warnings)
+                logger.propagate = propagated
                 if "influence_cli.distributed" in sys.modules:  # never import torch here: a Ctrl-C may have cut its import short
                     sys.modules["influence_cli.distributed"].shutdown_distributed()
 
