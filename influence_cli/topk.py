@@ -12,7 +12,7 @@ from __future__ import annotations
 import numbers
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,18 @@ from influence_cli.resume import progress_files
 
 _BLOCK_ELEMENTS = 1 << 22  # scores read at once (16 MiB in float32; the ranking holds a few copies of a block)
 _NO_SCORES_HINT = "run `influence compute-scores CONFIG` first (with the same output_dir)"
+
+
+def _brief_repr(self: Any) -> str:
+    """A dataclass's repr with each tensor as its shape and dtype: a notebook shows what the object holds, not
+    thousands of numbers (torch prints a tensor of up to 1000 elements in full)."""
+    parts = []
+    for f in fields(self):
+        if f.repr:
+            value = getattr(self, f.name)
+            text = f"tensor(shape={list(value.shape)}, dtype={value.dtype})" if isinstance(value, torch.Tensor) else repr(value)
+            parts.append(f"{f.name}={text}")
+    return f"{type(self).__name__}({', '.join(parts)})"
 
 
 @dataclass
@@ -52,12 +64,14 @@ class ScoresMeta:
             (`scores_by_layer`, compute-scores --by-layer); None when they hold none.
     """
 
+    __repr__ = _brief_repr
+
     output_dir: Path
     files: list[ScoreFile]
     n_query: int
     n_train: int
     relative: bool
-    metadata: dict[str, Any]
+    metadata: dict[str, Any] = field(repr=False)  # the whole config and fingerprints: kept out of the repr
     query_indices: torch.Tensor
     query_labels: torch.Tensor | None
     query_predictions: torch.Tensor | None
@@ -78,6 +92,8 @@ class ScoreBlock:
         train_indices: int64 [train_stop - train_start] global indices.
         train_labels: [train_stop - train_start, ...] or None.
     """
+
+    __repr__ = _brief_repr
 
     train_start: int
     train_stop: int
@@ -781,10 +797,12 @@ def pair_parts(meta: ScoresMeta, pairs: Sequence[tuple[int, int]], *, plain: boo
 class SelfInfluence:
     """A self-influence file: values [n_train] and what produced them."""
 
+    __repr__ = _brief_repr
+
     values: torch.Tensor
     train_indices: torch.Tensor
     train_labels: torch.Tensor | None
-    metadata: dict[str, Any]
+    metadata: dict[str, Any] = field(repr=False)  # the whole config and fingerprints: kept out of the repr
     train_predictions: torch.Tensor | None = None  # [n_train] model.checkpoint's predicted classes (classification)
     by_layer: torch.Tensor | None = None  # [L, n_train] each layer's part (compute-scores --self --by-layer), summing to values
     layers: list[str] | None = None  # the layers of `by_layer`, in order

@@ -599,3 +599,21 @@ def test_a_command_run_in_process_leaves_the_callers_logging_as_it_was(tmp_path,
         compute_scores(cfg)
     assert any("float16 stores scores below" in r.getMessage() for r in caplog.records)
 
+
+def test_the_repr_of_the_score_files_shows_shapes_not_numbers_and_leaves_out_their_metadata(tmp_path):
+    """In a notebook, the repr of load_scores_meta's, iter_score_blocks' and load_self_influence's results printed
+    every number of their tensors (torch prints up to 1000 in full) and the whole config and every fingerprint
+    stored with the scores: tens of thousands of characters. The tensors and the metadata stay attributes."""
+    cfg = _digits(tmp_path)
+    fit_factors(cfg)
+    compute_scores(cfg)
+    compute_scores(cfg, self_influence=True)
+    meta = influence_cli.load_scores_meta(cfg.output_path)
+    block = next(iter(influence_cli.iter_score_blocks(meta, range(3))))
+    values = influence_cli.load_self_influence(cfg.output_path)
+    for result in (meta, block, values):
+        text = repr(result)
+        assert "metadata" not in text and "fingerprint" not in text and len(text) < 800, text
+    assert "values=tensor(shape=[300], dtype=torch.float32)" in repr(values) and "n_train=300" in repr(meta)
+    assert "scores=tensor(shape=[3, 300]" in repr(block)
+    assert values.metadata["n_train"] == 300 and values.values.shape == (300,)
