@@ -38,6 +38,7 @@ from influence_cli.user_code import (
     import_from,
     keeps_random_state,
     missing_function_hint,
+    note_training_modes,
     seed_generators,
 )
 
@@ -335,6 +336,7 @@ def build_model(cfg: ModelConfig, base_dir: str | Path) -> nn.Module:
             f"model.architecture: {label} returned {type(model).__name__}, not a torch.nn.Module",
             hint="the factory must return the model object (an nn.Module)",
         )
+    note_training_modes(model)  # the run puts it in eval mode; its modes are put back when the run ends (it may be the user's own)
     tensors = [(n, t) for n, t in [*model.named_parameters(), *model.named_buffers()] if not isinstance(t, nn.parameter.UninitializedTensorMixin)]
     on_meta = [name for name, t in tensors if t.is_meta]
     if on_meta:

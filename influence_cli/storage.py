@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 
 from influence_cli import notices
 from influence_cli.errors import OutputError, UsageError, first_line
+from influence_cli.user_code import keeps_training_modes
 
 FACTORS_FILE = "factors.safetensors"
 MEMBERS_DIR = "members"  # ensembles: member i >= 1 (scores.checkpoints[i - 1]) keeps its factors in <factors_dir>/members/<i>/ (factors_dir: output_dir unless set)
@@ -397,7 +398,7 @@ def guards_output_dir(
                     busy, elsewhere = refusal_of_rank_0(state, busy, elsewhere)  # every rank stops if rank 0 did not get the locks
                     if busy is not None:
                         raise busy
-                    with caller_autocast_off(), notices.once_per_call():  # the precision is factors.amp's, as recorded in the outputs
+                    with caller_autocast_off(), notices.once_per_call(), keeps_training_modes():  # the precision is factors.amp's, as recorded in the outputs
                         return run(cfg, *args, **kwargs)
             except BaseException as exc:
                 if isinstance(exc, OutputDirBusy) and not elsewhere:

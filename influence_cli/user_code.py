@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import difflib
 import importlib
 import importlib.util
 import os
 import random
 import sys
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -47,6 +49,37 @@ def keeps_random_state() -> Iterator[None]:
     finally:
         random.setstate(python_state)
         np.random.set_state(numpy_state)
+
+
+_training_modes: contextvars.ContextVar[list[tuple[weakref.ref, bool]] | None] = contextvars.ContextVar("influence_cli_training_modes", default=None)
+
+
+def note_training_modes(model: object) -> None:
+    """Inside `keeps_training_modes`, notes the `training` flag of every module of `model` (a factory's result, before
+    the run puts it in eval mode), to be put back when the block ends; outside it, nothing."""
+    noted = _training_modes.get()
+    if noted is not None:
+        noted.extend((weakref.ref(m), m.training) for m in model.modules())  # weak: a model the run drops is freed
+
+
+@contextlib.contextmanager
+def keeps_training_modes() -> Iterator[None]:
+    """Puts back, when the block ends (an error and Ctrl-C too), the `training` flag of every module of each model a
+    factory returned in it (`note_training_modes`): a factory may hand over the user's own model object, whose mode is
+    the user's. Nested blocks share the outer one's."""
+    if _training_modes.get() is not None:
+        yield
+        return
+    token = _training_modes.set([])
+    try:
+        yield
+    finally:
+        noted = _training_modes.get() or []
+        _training_modes.reset(token)
+        for ref, training in reversed(noted):  # the first note of a module (a model built twice) is put back last
+            module = ref()
+            if module is not None:
+                module.training = training
 
 
 @contextlib.contextmanager

@@ -617,3 +617,33 @@ def test_the_repr_of_the_score_files_shows_shapes_not_numbers_and_leaves_out_the
     assert "values=tensor(shape=[300], dtype=torch.float32)" in repr(values) and "n_train=300" in repr(meta)
     assert "scores=tensor(shape=[3, 300]" in repr(block)
     assert values.metadata["n_train"] == 300 and values.values.shape == (300,)
+
+
+def test_a_run_puts_back_the_training_mode_of_the_model_a_factory_handed_over(tmp_path, monkeypatch):
+    """A factory may return the user's own model object (the same each call): the run put it in eval mode and left it
+    there, a notebook's next training step then ran without dropout. Each module's flag is put back when the run
+    ends, an interrupted run's too."""
+    from influence_cli import context
+    from influence_cli.config import ModelConfig
+    from influence_cli.models import mlp
+
+    (tmp_path / "ownmodel.py").write_text("def build(model):\n    return model\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = mlp(64, [64, 32], 10).train()
+    model.act1.eval()  # a mixed state, as a user's frozen part leaves it
+    modes = {name: m.training for name, m in model.named_modules()}
+    cfg = _digits(tmp_path)
+    cfg.model = ModelConfig(architecture="ownmodel:build", kwargs={"model": model}, checkpoint=cfg.model.checkpoint)
+    fit_factors(cfg)
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    compute_scores(cfg)
+    assert {name: m.training for name, m in model.named_modules()} == modes
+
+    def interrupted(*args, **kwargs):
+        assert not model.training  # the run's own model is in eval mode while it runs
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(context, "find_tracked_modules", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        compute_scores(cfg, overwrite=True)
+    assert {name: m.training for name, m in model.named_modules()} == modes
