@@ -29,13 +29,19 @@ _NO_SCORES_HINT = "run `influence compute-scores CONFIG` first (with the same ou
 
 
 def _brief_repr(self: Any) -> str:
-    """A dataclass's repr with each tensor as its shape and dtype: a notebook shows what the object holds, not
-    thousands of numbers (torch prints a tensor of up to 1000 elements in full)."""
+    """A dataclass's repr with each tensor as its shape and dtype, and a long list (the shards of a large run, a large
+    model's layers) as its first and last items and its length: a notebook shows what the object holds, not
+    thousands of numbers (torch prints a tensor of up to 1000 elements in full) or lines."""
     parts = []
     for f in fields(self):
         if f.repr:
             value = getattr(self, f.name)
-            text = f"tensor(shape={list(value.shape)}, dtype={value.dtype})" if isinstance(value, torch.Tensor) else repr(value)
+            if isinstance(value, torch.Tensor):
+                text = f"tensor(shape={list(value.shape)}, dtype={value.dtype})"
+            elif isinstance(value, list) and len(value) > 4:
+                text = f"[{repr(value[0])}, {repr(value[1])}, ..., {repr(value[-1])}] ({len(value)} items)"
+            else:
+                text = repr(value)
             parts.append(f"{f.name}={text}")
     return f"{type(self).__name__}({', '.join(parts)})"
 

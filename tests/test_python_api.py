@@ -647,3 +647,20 @@ def test_a_run_puts_back_the_training_mode_of_the_model_a_factory_handed_over(tm
     with pytest.raises(KeyboardInterrupt):
         compute_scores(cfg, overwrite=True)
     assert {name: m.training for name, m in model.named_modules()} == modes
+
+
+def test_the_repr_of_a_run_of_many_shards_and_layers_stays_short(tmp_path):
+    """The shards of a large run (hundreds of files) and a large model's layers were each listed in full: the repr
+    meant to stay short in a notebook ran to tens of thousands of characters. The lists stay whole as attributes."""
+    from influence_cli.topk import ScoreFile, ScoresMeta, SelfInfluence
+
+    files = [ScoreFile(tmp_path / f"scores.shard-{i:05d}.safetensors", 1000 * i, 1000 * (i + 1)) for i in range(500)]
+    layers = [f"model.layers.{i}.mlp.down_proj" for i in range(300)]
+    meta = ScoresMeta(tmp_path, files, 1, 500_000, False, {}, torch.arange(1), None, None, by_layer=layers)
+    values = SelfInfluence(torch.zeros(5), torch.arange(5), None, {}, by_layer=torch.zeros(300, 5), layers=layers)
+    for result in (meta, values):
+        text = repr(result)
+        assert len(text) < 1000 and "(300 items)" in text and "model.layers.299.mlp.down_proj" in text, text
+    assert "scores.shard-00499" in repr(meta) and "(500 items)" in repr(meta) and len(meta.files) == 500
+    short = ScoresMeta(tmp_path, files[:2], 1, 2000, False, {}, torch.arange(1), None, None, by_layer=["fc1", "head"])
+    assert "by_layer=['fc1', 'head']" in repr(short) and "train_stop=2000)]" in repr(short)
