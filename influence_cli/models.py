@@ -456,15 +456,11 @@ def read_state_dict(path: str | Path, key: str = "model.checkpoint", strip: bool
             with path.open("rb") as fh:  # a file object: torch.load hands a path named *.safetensors to safetensors
                 obj = torch.load(fh, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - corrupt files raise many kinds of errors
-        reason, objects = torch_load_reason(exc)
+        reason, objects = torch_load_reason(exc, path)
         hint = "the file may be truncated or not a checkpoint; re-save it from the trained model"
         if suffix != ".safetensors" and objects:
             hint = "the file holds pickled objects other than tensors (a whole model, or settings beside the weights): save model.state_dict() alone"
-        if path.stat().st_size == 0:
-            reason = "the file is empty"
-        raise ModelError(
-            f"{where}: cannot read the checkpoint ({type(exc).__name__}: {reason[:300]})", hint=hint
-        ) from None
+        raise ModelError(f"{where}: cannot read the checkpoint ({type(exc).__name__}: {reason})", hint=hint) from None
     state = _unwrap(obj, where)
     return _strip_prefixes(state) if strip else state
 
@@ -525,10 +521,13 @@ def checkpoint_files(path: Path) -> list[Path]:
         return [path]
 
 
-def torch_load_reason(exc: BaseException) -> tuple[str, bool]:
-    """One readable line for a failed `torch.load(..., weights_only=True)`, and whether the file holds
-    pickled objects other than tensors (torch's own message is a multi-line preamble of options
-    a user of this tool does not have, with terminal escape codes)."""
+def torch_load_reason(exc: BaseException, path: Path) -> tuple[str, bool]:
+    """One readable line (at most 300 characters) for a failed read of `path` (`torch.load(..., weights_only=True)`,
+    safetensors), and whether the file holds pickled objects other than tensors (torch's own message is a multi-line
+    preamble of options a user of this tool does not have, with terminal escape codes). An empty file is said to be
+    empty (torch.load's EOFError and safetensors' 'header too small' say it less plainly)."""
+    if path.stat().st_size == 0:
+        return "the file is empty", False
     text = str(exc).strip()
     reason = first_line(exc, type(exc).__name__)
     if "WeightsUnpickler error:" in text:  # the line after the preamble says why
@@ -536,7 +535,7 @@ def torch_load_reason(exc: BaseException) -> tuple[str, bool]:
     objects = "Unsupported global" in text
     if objects:
         reason = reason.split(" was not an allowed global", 1)[0] + " (not a tensor)"
-    return reason, objects
+    return reason[:300], objects
 
 
 def _checkpoint_format(path: Path) -> str:

@@ -47,12 +47,10 @@ def open_tensors(spec: DataSpec, base_dir: Path, name: str) -> Source:
     except DataError:
         raise
     except Exception as exc:  # any reader failure on a user file becomes one readable line
-        reason, objects = torch_load_reason(exc)
-        if path.stat().st_size == 0:  # torch.load's EOFError and safetensors' 'header too small' say it less plainly
-            reason = "the file is empty"
+        reason, objects = torch_load_reason(exc, path)
         save = f"save a dict of tensors {{{spec.inputs_key!r}: ..., {spec.labels_key!r}: ...}} (torch.save, safetensors or .npz)"
         hint = save if objects else f"the file may be truncated or not a tensors file; {save}"
-        raise DataError(f"{name}.path: cannot read {where} ({type(exc).__name__}: {reason[:300]})", hint=hint) from None
+        raise DataError(f"{name}.path: cannot read {where} ({type(exc).__name__}: {reason})", hint=hint) from None
     keys = ", ".join(sorted(map(str, content))) or "none"
     for key_name, key in (("inputs_key", spec.inputs_key), ("labels_key", spec.labels_key)):
         if key not in content:
