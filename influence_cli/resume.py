@@ -678,7 +678,7 @@ class DatasetsProgress:
     def finished_path(self, index: int | str) -> Path:
         """The file of finished dataset `index` (from 0; "*": a glob of them all), beside the snapshot:
         similarity.partial.rank0.safetensors -> similarity.partial.rank0.finished2.safetensors."""
-        return _finished_path(self.checkpoint.path, index)
+        return piece_path(self.checkpoint.path, index)  # storage.PARTIAL_FINISHED, as compute-scores' score pieces
 
     def dataset_name(self, index: int) -> str:
         """Dataset `index` in words: its name in the run's order ('zeros_sixes'), else its place."""
@@ -1021,15 +1021,10 @@ class DatasetsProgress:
         return "; ".join(f"rank {r}: {v}" for r, v in enumerate(views) if v is not None) or None
 
 
-def _finished_path(snapshot: Path, index: int | str) -> Path:
-    """The file of finished dataset `index` beside `snapshot` (`DatasetsProgress.finished_path`)."""
-    return snapshot.with_suffix(storage.PARTIAL_FINISHED.format(index=index) + snapshot.suffix)
-
-
 def piece_path(snapshot: Path, index: int | str, name: str = storage.PARTIAL_FINISHED) -> Path:
     """The file of saved piece `index` of a pass's per-example results beside `snapshot` (`SavedPieces`; "*": a glob of
     them all), `name` before ".safetensors": compute-scores' score pieces are named as a finished dataset's file
-    (`_finished_path`), spectrum's pieces of the dataset in progress `storage.PARTIAL_PIECE` (beside the files of the
+    (`DatasetsProgress.finished_path`), spectrum's pieces of the dataset in progress `storage.PARTIAL_PIECE` (beside the files of the
     datasets it finished); every check of a pass's progress files (other ranks' layouts, --overwrite, a finished run's
     leftovers) counts both."""
     return snapshot.with_suffix(name.format(index=index) + snapshot.suffix)

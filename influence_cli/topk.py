@@ -184,8 +184,8 @@ def load_scores_meta(output_dir: str | Path) -> ScoresMeta:
                 raise ValueError(gap)
         except (ValueError, KeyError, TypeError) as exc:
             raise OutputError(f"{str(index)!r} is not a readable scores index ({exc})", hint="rerun compute-scores with --overwrite") from None
-        if data.get(storage.FORMAT_KEY) != storage.SCORES_FORMAT:
-            raise storage.format_mismatch(index, data.get(storage.FORMAT_KEY), storage.SCORES_FORMAT, hint="rerun compute-scores with --overwrite")
+        if found != storage.SCORES_FORMAT:  # an index without its format (one of another version is refused above)
+            raise storage.format_mismatch(index, found, storage.SCORES_FORMAT, hint="rerun compute-scores with --overwrite")
         storage.check_shards_present(index, [f.path for f in files])
     elif single.is_file():
         metadata = storage.read_metadata(single)
