@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shlex
 import shutil
 from pathlib import Path
@@ -262,3 +263,29 @@ def test_the_comments_say_what_a_config_lacks(tmp_path: Path, monkeypatch):
     text = starter.starter_config("c.yaml", model="mlp", train="train.safetensors")
     assert "input_dim required" in next(line for line in text.splitlines() if "kwargs:" in line), text
     assert "torchvision's" in next(line for line in starter.starter_config("c.yaml", model="torchvision:resnet18", train="t.pt").splitlines() if "architecture:" in line)
+
+
+@pytest.mark.parametrize("example", ["digits", "mnist"])
+def test_an_example_starter_runs_what_its_shipped_config_runs(tmp_path: Path, example: str):
+    """`--example digits` and `--example mnist` write the settings of configs/digits.yaml and configs/mnist.yaml
+    (model, task, data, factors, scores, seed) with comments: a change to a shipped config must be made to its
+    starter too, and this says where they part."""
+    shipped = load_config(ROOT / "configs" / f"{example}.yaml", check_files=False)
+    kw = {}
+    if example == "mnist":  # its IDX files, wherever they are (compared by name), and the weights of make mnist-model
+        kw = {"data_dir": tmp_path, "checkpoint": ROOT / "runs" / "mnist" / "model.safetensors"}
+        for name in starter.MNIST_FILES:
+            (tmp_path / f"{name}.gz").write_bytes(b"")
+    text = starter.starter_config(tmp_path / "c.yaml", example=example, **kw)
+    written = config_from_dict(yaml.safe_load(text), base_dir=tmp_path, check_files=False)
+
+    def settings(cfg, base: Path) -> dict:
+        out = cfg.to_dict()
+        out["model"]["checkpoint"] = out["model"]["checkpoint"] and Path(os.path.normpath(base / out["model"]["checkpoint"])).name
+        for split in ("train", "query"):
+            spec = out["data"][split]
+            for key in ("path", "images", "labels"):  # the files by name: the starter names them from its own folder
+                spec[key] = spec[key] and Path(spec[key]).name
+        return {key: out[key] for key in ("model", "task", "data", "factors", "scores", "seed", "device")}
+
+    assert settings(written, tmp_path) == settings(shipped, ROOT / "configs")
