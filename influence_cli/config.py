@@ -94,16 +94,31 @@ class DataSpec(_Section):
     """One dataset: where it comes from and which of its examples to use."""
 
     source: str = _help(
-        "mnist | fashion_mnist | cifar10 | idx | tensors | image_folder | package.module:function (your own function "
+        "mnist | fashion_mnist | cifar10 | idx | tensors | csv | image_folder | package.module:function (your own function "
         "or Dataset class, e.g. my_data:Images, called with kwargs)",
         default="",
     )
     images: str | None = _help("IDX images file (source: idx).", default=None)
     labels: str | None = _help("IDX labels file (source: idx).", default=None)
     root: str | None = _help("Dataset root folder (torchvision sources, image_folder).", default=None)
-    path: str | None = _help("Tensors file: .safetensors, .npz, .pt or .pth (source: tensors).", default=None)
+    path: str | None = _help(
+        "Tensors file: .safetensors, .npz, .pt or .pth (source: tensors). Table of numbers: .csv (comma-separated) or "
+        ".tsv (tab-separated), either gzip-compressed as .csv.gz / .tsv.gz, UTF-8, its first row a header of column names, "
+        "then one example per row (source: csv; an example's index is its row's, 0 the first row after the header).",
+        default=None,
+    )
     inputs_key: str = _help("Key of the inputs tensor in a tensors file.", default="inputs")
     labels_key: str = _help("Key of the labels tensor in a tensors file.", default="labels")
+    label_column: str | list[str] | None = _help(
+        "source: csv: the header name of the label column (a column of integers gives int64 class labels, any other "
+        "numbers float32 regression targets), or a list of names (a multi-output regression's targets, float32 [N, K]).",
+        default=None,
+    )
+    columns: list[str] | None = _help(
+        "source: csv: the feature columns by header name, in the order the model takes them (float32 [N, F]); null: every "
+        "column but the label column(s), in the file's order.",
+        default=None,
+    )
     split: Literal["train", "test"] = _help("Split of a torchvision dataset.", default="train")
     download: bool = _help("Let torchvision download the dataset into root if absent.", default=False)
     kwargs: dict[str, Any] = _help("Keyword arguments for a factory source.", default_factory=dict)
@@ -1200,7 +1215,7 @@ def _from_working_directory(value: str, base_dir: str, kind: str) -> str:
 
 def _check_data_spec(cfg: Config, spec: DataSpec, key: str, check_files: bool) -> list[str]:
     problems: list[str] = []
-    builtin = ("mnist", "fashion_mnist", "cifar10", "idx", "tensors", "image_folder")
+    builtin = ("mnist", "fashion_mnist", "cifar10", "idx", "tensors", "csv", "image_folder")
     if not spec.source:
         problems.append(f"{key}.source: missing (one of {', '.join(builtin)} or package.module:function)")
     elif spec.source not in builtin and ":" not in spec.source:
@@ -1209,6 +1224,7 @@ def _check_data_spec(cfg: Config, spec: DataSpec, key: str, check_files: bool) -
     required = {
         "idx": ["images", "labels"],
         "tensors": ["path"],
+        "csv": ["path", "label_column"],
         "image_folder": ["root"],
         "mnist": ["root"],
         "fashion_mnist": ["root"],
@@ -1217,14 +1233,18 @@ def _check_data_spec(cfg: Config, spec: DataSpec, key: str, check_files: bool) -
     for name in required:
         value = getattr(spec, name)
         if value is None:
-            problems.append(f"{key}.{name}: required for source {spec.source}")
+            what = " (the header name of the label column)" if name == "label_column" else ""
+            problems.append(f"{key}.{name}: required for source {spec.source}{what}")
+        elif name == "label_column":
+            continue
         elif check_files and not (spec.source in ("mnist", "fashion_mnist", "cifar10") and spec.download):
             problems += _named_path_problem(cfg, f"{key}.{name}", value, "folder" if name == "root" else "file")
     if spec.source in builtin or ":" in spec.source:  # a key the source never reads is a mistake, not a no-op
         torchvision = ("mnist", "fashion_mnist", "cifar10")
         readers = {
-            "images": ("idx",), "labels": ("idx",), "path": ("tensors",), "root": (*torchvision, "image_folder"),
+            "images": ("idx",), "labels": ("idx",), "path": ("tensors", "csv"), "root": (*torchvision, "image_folder"),
             "split": torchvision, "download": torchvision, "inputs_key": ("tensors",), "labels_key": ("tensors",),
+            "label_column": ("csv",), "columns": ("csv",),
         }  # fmt: skip
         source = "factory" if ":" in spec.source else spec.source
         defaults = DataSpec()
@@ -1236,6 +1256,8 @@ def _check_data_spec(cfg: Config, spec: DataSpec, key: str, check_files: bool) -
                 )
         if spec.kwargs and source != "factory":
             problems.append(f"{key}.kwargs: not read by source {spec.source} (it is for package.module:function sources; leave it out)")
+    if spec.source == "csv":
+        problems += _csv_column_problems(spec, key)
     if spec.indices_file is not None and check_files:
         problems += _named_path_problem(cfg, f"{key}.indices_file", spec.indices_file, "file")
     if spec.range is not None:
@@ -1272,6 +1294,28 @@ def _check_data_spec(cfg: Config, spec: DataSpec, key: str, check_files: bool) -
         problems.append(f"{key}.transform.channels: must be 1 or 3 (or null), got {t.channels}")
     if t.resize is not None and (len(t.resize) != 2 or min(t.resize) <= 0):
         problems.append(f"{key}.transform.resize: expected [height, width] > 0, got {t.resize}")
+    return problems
+
+
+def _csv_column_problems(spec: DataSpec, key: str) -> list[str]:
+    """label_column and columns of a csv source: names, each once, not both a label and a feature (whether the file's
+    header has them, its reader says)."""
+    problems: list[str] = []
+    labels = [spec.label_column] if isinstance(spec.label_column, str) else list(spec.label_column or [])
+    for name, names in (("label_column", labels), ("columns", spec.columns)):
+        if names is None:
+            continue
+        if isinstance(spec.label_column, list) or name == "columns":
+            if not names:
+                problems.append(f"{key}.{name}: an empty list (name at least one column of the header, or leave it out)")
+        if any(not n.strip() for n in names):
+            problems.append(f"{key}.{name}: a column name is empty (name the header's columns)")
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            problems.append(f"{key}.{name}: {', '.join(map(repr, twice))} named twice (name each column once)")
+    both = [n for n in spec.columns or [] if n in labels]
+    if both:
+        problems.append(f"{key}.columns: {', '.join(map(repr, both))} is the label_column too (a label is no feature: leave it out of columns)")
     return problems
 
 

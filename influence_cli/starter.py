@@ -8,6 +8,8 @@ in the text resolve against the folder of the file it is written to, as in any c
 
 from __future__ import annotations
 
+import csv
+import gzip
 import importlib.machinery
 import inspect
 import json
@@ -23,6 +25,7 @@ from influence_cli.errors import ConfigError, UsageError
 EXAMPLES = ("digits", "mnist")
 BUILTIN_MODELS = ("mlp", "cnn")
 TENSORS_SUFFIXES = (".safetensors", ".npz", ".pt", ".pth")
+CSV_SUFFIXES = (".csv", ".tsv", ".csv.gz", ".tsv.gz")  # as data/csv_file.py reads them
 QUERY_LIMIT = 10  # queries of a starter config over the user's own query set: a first result in seconds
 SAMPLE_DATA = Path(__file__).resolve().parents[1] / "sample_data"  # beside the package in a clone (`pip install -e .`)
 MNIST_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")  # the test split, as configs/mnist.yaml reads it
@@ -43,6 +46,7 @@ def starter_config(
     train: str | None = None,
     query: str | None = None,
     data_dir: str | Path | None = None,
+    label_column: str | None = None,
 ) -> str:
     """The text of a starter config to be written at `config_path` ("-": printed, its paths then relative to the
     working directory).
@@ -50,13 +54,17 @@ def starter_config(
     Either `example` ("digits": the bundled sample, model and data; "mnist": configs/mnist.yaml's MLP on the IDX
     files in `data_dir`, with `checkpoint` as its weights), or the user's own `model` (`module:Name`, or a built-in
     name) with an optional `checkpoint`, and a `train` (and optional `query`) data source: `module:Name`, a tensors
-    file (.safetensors, .npz, .pt, .pth) or an image folder. Paths given are taken from the working directory and
-    written relative to the config's folder.
+    file (.safetensors, .npz, .pt, .pth), a table of numbers with a header row (.csv, .tsv, either .gz: its label
+    column `label_column`, or by default the header's last column) or an image folder. Paths given are taken from the
+    working directory and written relative to the config's folder.
 
     Raises:
-        UsageError: naming the flag (--example, --model, --train, --query, --data-dir) whose value cannot make a config.
+        UsageError: naming the flag (--example, --model, --train, --query, --data-dir, --label-column) whose value
+            cannot make a config.
     """
     folder = Path(os.path.abspath(".") if str(config_path) == "-" else os.path.dirname(os.path.abspath(config_path)))
+    if label_column is not None and not any(value is not None and value.lower().endswith(CSV_SUFFIXES) for value in (train, query)):
+        raise UsageError("--label-column: only used with a --train or --query table (.csv, .tsv)", hint="leave out --label-column")
     stem = "starter" if str(config_path) == "-" else Path(config_path).stem
     if example is not None:
         if example not in EXAMPLES:
@@ -77,7 +85,7 @@ def starter_config(
             raise UsageError(f"{missing}: missing", hint="name your model and training data (--model my_model:Net --train my_data:train_set), or use --example digits")
         if data_dir is not None:
             raise UsageError("--data-dir: only used with --example mnist")
-        lines = _own(folder, model, checkpoint, train, query)
+        lines = _own(folder, model, checkpoint, train, query, label_column)
     lines += [
         (0, "output_dir", f"runs/{stem}", "where factors and scores are written"),
         (0, "device", "auto", "auto | cpu | cuda | cuda:N"),
@@ -195,7 +203,7 @@ def _mnist(folder: Path, data_dir: str | Path | None, checkpoint: str | Path | N
     ]
 
 
-def _own(folder: Path, model: str, checkpoint: str | Path | None, train: str, query: str | None) -> list[Line]:
+def _own(folder: Path, model: str, checkpoint: str | Path | None, train: str, query: str | None, label_column: str | None = None) -> list[Line]:
     if model not in BUILTIN_MODELS and ":" not in model:
         from influence_cli.user_code import colon_form_hint
 
@@ -226,19 +234,20 @@ def _own(folder: Path, model: str, checkpoint: str | Path | None, train: str, qu
         *_task(),
         (0, "data", BLOCK, "an example's index is its position in its dataset"),
         (1, "train", BLOCK, "the training set the model learned from"),
-        *_source(folder, train, "--train"),
+        *_source(folder, train, "--train", label_column),
     ]
     if query is not None:
         lines += [
             (1, "query", BLOCK, "the examples whose predictions are explained"),
-            *_source(folder, query, "--query"),
+            *_source(folder, query, "--query", label_column),
             (2, "limit", QUERY_LIMIT, f"the first {QUERY_LIMIT} (leave it out for all)"),
         ]
     return [*lines, (1, "batch_size", 256, "examples per batch in every pass (lower it if memory runs out)"), *_factors_and_scores()]
 
 
-def _source(folder: Path, value: str, flag: str) -> list[Line]:
-    """A data spec's lines for a --train / --query value: `module:Name`, a tensors file or an image folder."""
+def _source(folder: Path, value: str, flag: str, label_column: str | None = None) -> list[Line]:
+    """A data spec's lines for a --train / --query value: `module:Name`, a tensors file, a CSV or TSV file (its label
+    column `label_column`, by default the header's last) or an image folder."""
     if ":" in value and not os.path.exists(value):
         _user_code(value, flag, folder)
         name = value.rpartition(":")[2]
@@ -251,11 +260,42 @@ def _source(folder: Path, value: str, flag: str) -> list[Line]:
         return [(2, "source", "image_folder", "one sub-folder of images per class"), (2, "root", _relative(Path(value), folder), "the folder")]
     if value.lower().endswith(TENSORS_SUFFIXES):
         return [(2, "source", "tensors", "a file of inputs and labels tensors"), (2, "path", _relative(Path(value), folder), "keys inputs and labels")]
+    if value.lower().endswith(CSV_SUFFIXES):
+        return [
+            (2, "source", "csv", "a table of numbers: a header row, then one example per row"),
+            (2, "path", _relative(Path(value), folder), "an example's index is its row's (0: the first after the header)"),
+            _label_column(value, flag, label_column),
+        ]
     raise UsageError(
         f"{flag}: {value!r} is not module:Name (your Dataset class or a function returning one), a tensors file "
-        f"({', '.join(TENSORS_SUFFIXES)}) or a folder of images",
+        f"({', '.join(TENSORS_SUFFIXES)}), a table ({', '.join(CSV_SUFFIXES)}) or a folder of images",
         hint=f"e.g. {flag} my_data:{'train_set' if flag == '--train' else 'test_set'}",
     )
+
+
+def _label_column(value: str, flag: str, label_column: str | None) -> Line:
+    """The label_column line of a CSV file's data spec: `label_column` (checked against the file's header where it can
+    be read), else the header's last column."""
+    header = _csv_header(value)
+    if label_column is not None:
+        if header is not None and label_column not in header:
+            raise UsageError(f"--label-column: {label_column!r} is not a column of {value} (its header: {', '.join(map(repr, header[:12]))})")
+        return (2, "label_column", label_column, "the labels (--label-column); every other column is a feature")
+    if not header:
+        raise UsageError(f"{flag}: cannot read the header of {value!r} to take its last column as the labels", hint="name the label column with --label-column")
+    return (2, "label_column", header[-1], "the header's last column (--label-column names another); every other column is a feature")
+
+
+def _csv_header(value: str) -> list[str] | None:
+    """The column names of the first row of a CSV or TSV file (gzip too); None when it cannot be read."""
+    lower = value.lower()
+    try:
+        with (gzip.open(value, "rt", encoding="utf-8-sig", newline="") if lower.endswith(".gz") else open(value, encoding="utf-8-sig", newline="")) as f:
+            reader = csv.reader(f, delimiter="\t" if lower.endswith((".tsv", ".tsv.gz")) else ",", skipinitialspace=True)
+            row = next((row for row in reader if row and any(cell.strip() for cell in row)), None)
+    except (OSError, UnicodeDecodeError, csv.Error, EOFError):
+        return None
+    return None if row is None else [cell.strip() for cell in row]
 
 
 def _user_code(value: str, flag: str, folder: Path) -> None:

@@ -18,6 +18,8 @@ INIT_EPILOG = """\
 
   influence init my_config.yaml --model my_model:Net --checkpoint model.pt --train my_data:train_set --query my_data:test_set
 
+  influence init tabular.yaml --model my_model:Net --checkpoint model.pt --train train.csv --query test.csv --label-column price
+
   influence init mnist.yaml --example mnist --data-dir ../shared/data/mnist --checkpoint runs/mnist/model.safetensors
 
   influence init - --example digits     # printed on stdout
@@ -30,8 +32,9 @@ def init_cmd(
     example: Annotated[str | None, typer.Option("--example", metavar="NAME", help="digits (the bundled sample, model and data) | mnist (the MLP of make mnist-model on MNIST's IDX files in --data-dir).")] = None,
     model: Annotated[str | None, typer.Option("--model", metavar="MODULE:NAME", help="Your nn.Module class or a function returning the model (my_model:Net, my_model.py beside the config or on PYTHONPATH), or mlp / cnn.")] = None,
     checkpoint: Annotated[Path | None, typer.Option("--checkpoint", metavar="FILE", help="The model's trained weights (a torch.save state dict or .safetensors).")] = None,
-    train: Annotated[str | None, typer.Option("--train", metavar="SOURCE", help="The training data: your Dataset class or function (my_data:train_set), a tensors file (.safetensors, .npz, .pt, .pth) or a folder of images per class.")] = None,
+    train: Annotated[str | None, typer.Option("--train", metavar="SOURCE", help="The training data: your Dataset class or function (my_data:train_set), a tensors file (.safetensors, .npz, .pt, .pth), a table of numbers with a header row (.csv, .tsv; --label-column) or a folder of images per class.")] = None,
     query: Annotated[str | None, typer.Option("--query", metavar="SOURCE", help="The examples to explain, as --train (the config keeps the first 10). Without it, the next commands are the self-influence ones.")] = None,
+    label_column: Annotated[str | None, typer.Option("--label-column", metavar="NAME", help="The label column of a --train / --query table (.csv, .tsv): a name of its header row. Default: the header's last column.")] = None,
     data_dir: Annotated[Path | None, typer.Option("--data-dir", metavar="DIR", help="The folder of MNIST's t10k IDX files (--example mnist).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", metavar="", help="Replace the file at FILE.")] = False,
     json_: JsonOpt = False,
@@ -47,7 +50,7 @@ def init_cmd(
     stdout = str(path) == "-"
     if stdout and json_:
         raise UsageError("--json: not with FILE - (the config itself is printed on stdout)", hint="give a file name to write, or leave out --json")
-    text = starter_config(path, example=example, model=model, checkpoint=checkpoint, train=train, query=query, data_dir=data_dir)
+    text = starter_config(path, example=example, model=model, checkpoint=checkpoint, train=train, query=query, data_dir=data_dir, label_column=label_column)
     if stdout:
         write_results(text)
     else:

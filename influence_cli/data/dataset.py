@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from influence_cli.config import DataSpec, checked_data_spec
+from influence_cli.data.csv_file import open_csv
 from influence_cli.data.factory import open_factory
 from influence_cli.data.idx import open_idx
 from influence_cli.data.source import Source, item_label
@@ -26,7 +27,7 @@ from influence_cli.errors import DataError, InfluenceError
 from influence_cli.storage import canonical_json
 from influence_cli.user_code import keeps_random_state, seed_generators
 
-BUILTIN_SOURCES = ("mnist", "fashion_mnist", "cifar10", "idx", "tensors", "image_folder")
+BUILTIN_SOURCES = ("mnist", "fashion_mnist", "cifar10", "idx", "tensors", "csv", "image_folder")
 # The keys of a data spec that say which dataset object its source builds; not the subset, label noise or transforms.
 SOURCE_KEYS = ("source", "images", "labels", "root", "path", "inputs_key", "labels_key", "split", "classes", "kwargs")
 
@@ -47,6 +48,8 @@ def open_source(spec: DataSpec, base_dir: Path, name: str) -> Source:
         return open_idx(spec, base_dir, name)
     if source == "tensors":
         return open_tensors(spec, base_dir, name)
+    if source == "csv":
+        return open_csv(spec, base_dir, name)
     if source in TORCHVISION_SOURCES:
         return open_torchvision(spec, base_dir, name)
     if source == "image_folder":
@@ -310,6 +313,8 @@ def _changes(then: Any, now: Any, path: str, out: list[str]) -> None:
         path = path.removeprefix("subset.")  # the spec's own key names: range, labels_in, ...
         if path in ("samples", "indices"):  # hashed: an image folder's files, an index list
             out.append("the image files (names or sizes)" if path == "samples" else "the indices list")
+        elif path == "content":  # hashed: a CSV file's bytes
+            out.append("the file's content")
         elif _is_file_info(then) and _is_file_info(now) and not path.startswith("kwargs."):
             out.append(f"{now[0]}: {then[1]:,} bytes then, {now[1]:,} now" if then[0] == now[0] else f"{then[0]} ({then[1]:,} bytes) then, {now[0]} ({now[1]:,} bytes) now")
         else:
