@@ -282,7 +282,7 @@ def test_wrong_types_are_named(override: str, key: str):
         pytest.param("data.train.label_noise_seed=-1", "data.train.label_noise_seed", id="label_noise_seed-negative"),
         pytest.param("data.train.transform.normalize={mean: [0.5], std: [0]}", "data.train.transform.normalize.std", id="std-0"),
         pytest.param("data.train.transform.normalize={mean: [.nan], std: [1]}", "data.train.transform.normalize.mean", id="mean-nan"),
-        pytest.param("data.train.source=csv", "data.train.source", id="source-unknown"),
+        pytest.param("data.train.source=parquet", "data.train.source", id="source-unknown"),
         pytest.param("factors.modules=[]", "factors.modules", id="modules-empty"),
         pytest.param("device=gpu", "device", id="device-gpu"),
         pytest.param("device=cuda:²", "device", id="device-superscript"),

@@ -183,7 +183,7 @@ def test_a_dash_prints_the_config_on_stdout_and_the_next_commands_on_stderr(runn
         ([], ["--model and --train", "missing"]),
         (["--model", "my_model:Net"], ["--train: missing"]),
         (["--model", "my_model.Net", "--train", "my_data:train_set"], ["--model", "'my_model.Net'", "module:Name"]),
-        (["--model", "my_model:Net", "--train", "train.csv"], ["--train", "'train.csv'", "tensors file"]),
+        (["--model", "my_model:Net", "--train", "train.txt"], ["--train", "'train.txt'", "tensors file", ".csv"]),
         (["--model", "my_model.py:Net", "--train", "my_data:train_set"], ["--model", "'my_model.py:Net'", "names a file"]),
         (["--model", "my_model:", "--train", "my_data:train_set"], ["--model", "'my_model:'", "module:Name"]),
         (["--model", "my_model:Net", "--train", "data/my_data:train_set"], ["--train", "'data/my_data:train_set'", "names a file"]),

@@ -18,8 +18,6 @@ INIT_EPILOG = """\
 
   influence init my_config.yaml --model my_model:Net --checkpoint model.pt --train my_data:train_set --query my_data:test_set
 
-  influence init tabular.yaml --model my_model:Net --checkpoint model.pt --train train.csv --query test.csv --label-column price
-
   influence init mnist.yaml --example mnist --data-dir ../shared/data/mnist --checkpoint runs/mnist/model.safetensors
 
   influence init - --example digits     # printed on stdout

@@ -199,13 +199,13 @@ def _unknown(names: list[str], table: Table, key: str) -> None:
         )
 
 
-def _values(table: Table, column: str, spec_key: str, role: str, *, integers: bool = False) -> np.ndarray:
+def _values(table: Table, column: str, name: str, role: str, *, integers: bool = False) -> np.ndarray:
     """The numbers of `column` (int64 ones with `integers`, where every cell is an integer); DataError naming the line,
     the column and the fix at its first cell that is no finite number."""
     col = table.columns[column]
     if col.problem is not None:
         line, what, cell = col.problem
-        where = f"{spec_key}: line {line} of {table.name}, column {column!r}"
+        where = f"{name}.path: line {line} of {table.name}, column {column!r}"
         if what == "missing":
             shown = f" ({cell!r})" if cell else ""
             raise DataError(f"{where}: no value{shown}", hint="fill in the missing values, or drop the rows that have some (every cell used must be a number)")
@@ -214,7 +214,7 @@ def _values(table: Table, column: str, spec_key: str, role: str, *, integers: bo
         fix = (
             "encode the classes as numbers 0, 1, ... (classes = sorted(set(names)), label = classes.index(name))"
             if role == "label"
-            else "encode categorical columns as numbers (a 0/1 column per category, or a class number), or leave the column out of columns"
+            else f"encode categorical columns as numbers (a 0/1 column per category, or a class number), or leave the column out of {name}.columns"
         )
         raise DataError(f"{where}: {shortened(cell, 40)} is not a number", hint=fix)
     if integers and col.integers is not None:
@@ -243,12 +243,12 @@ def open_csv(spec: DataSpec, base_dir: Path, name: str) -> Source:
     both = [c for c in features if c in labels_named]
     if both:
         raise DataError(f"{name}.columns: {both[0]!r} is the label_column too", hint="leave the label column out of columns")
-    inputs = np.stack([_values(table, c, key, "feature") for c in features], axis=1).astype(np.float32)
+    inputs = np.stack([_values(table, c, name, "feature") for c in features], axis=1).astype(np.float32)
     if isinstance(spec.label_column, str):
-        y = _values(table, spec.label_column, key, "label", integers=True)
+        y = _values(table, spec.label_column, name, "label", integers=True)
         labels = torch.from_numpy(y.copy()) if y.dtype == np.int64 else torch.from_numpy(y.astype(np.float32))
     else:
-        labels = torch.from_numpy(np.stack([_values(table, c, key, "label") for c in labels_named], axis=1).astype(np.float32))
+        labels = torch.from_numpy(np.stack([_values(table, c, name, "label") for c in labels_named], axis=1).astype(np.float32))
     return Source(
         n=table.n,
         desc=table.name,
