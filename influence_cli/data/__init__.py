@@ -2,7 +2,7 @@
 
 Every example keeps its *global index*, its position in the original source before
 any subsetting, so that scores, reports and shards always name the same example.
-In-memory sources (IDX files, tensors files, torchvision arrays, factory tensors)
+In-memory sources (IDX files, tensors files, CSV files, torchvision arrays, factory tensors)
 hold one raw tensor and serve whole batches through `IndexedDataset.__getitems__`;
 lazy sources (image folders, factory datasets) load one example at a time.
 """
