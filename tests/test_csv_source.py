@@ -85,13 +85,60 @@ def test_one_edited_cell_changes_the_fingerprint_and_the_file_is_read_once(tmp_p
 
     reads = []
     parse = csv_file._parse
-    monkeypatch.setattr(csv_file, "_parse", lambda p, key: reads.append(p) or parse(p, key))
+    monkeypatch.setattr(csv_file, "_parse", lambda *args: reads.append(args[1]) or parse(*args))
     train, query = (load_dataset(spec("t.csv", range=r), tmp_path) for r in ([0, 2], [2, 4]))
     assert len(reads) == 1  # two ranges of one file: parsed once
     before = train.fingerprint()
     path.write_text(TABLE.replace("6.25", "6.75"))  # a feature of a row, the same size: not in the labels
     after = load_dataset(spec("t.csv", range=[0, 2]), tmp_path)
     assert len(reads) == 2 and after.fingerprint() != before and query.fingerprint() != before
+
+
+def test_a_file_rewritten_with_the_same_size_and_modification_time_is_read_again(tmp_path: Path) -> None:
+    import os
+
+    from influence_cli.data.csv_file import read_table
+
+    path = tmp_path / "t.csv"
+    path.write_text(TABLE)
+    stat = path.stat()
+    assert read_table(path, "k").columns["f2"].values.tolist() == [-2.0, 0.4, 6.25, 8.0]
+    path.write_text(TABLE.replace("6.25", "6.75"))  # within the file system's time granularity: the same stat
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert read_table(path, "k").columns["f2"].values.tolist() == [-2.0, 0.4, 6.75, 8.0]
+
+
+def test_the_parse_holds_the_numbers_not_the_cells_as_text(tmp_path: Path, monkeypatch) -> None:
+    import tracemalloc
+
+    from influence_cli.data import csv_file
+
+    monkeypatch.setattr(csv_file, "CHUNK_CELLS", 4096)  # a small file in many chunks
+
+    rows = "\n".join(",".join(f"{(i * 31 + j) % 997 / 7:.5f}" for j in range(20)) + f",{i % 10}" for i in range(10_000))
+    path = tmp_path / "wide.csv"
+    path.write_text(",".join(f"f{j}" for j in range(20)) + ",label\n" + rows + "\n")
+    tracemalloc.start()
+    try:
+        table = csv_file.read_table(path, "k")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert table.n == 10_000 and table.columns["f19"].values[1] == round(50 / 7, 5)
+    assert peak < 4 * path.stat().st_size, peak / path.stat().st_size
+
+
+def test_a_delimiter_ending_every_line_is_no_column_and_whole_number_labels_are_classes(tmp_path: Path) -> None:
+    (tmp_path / "t.csv").write_text("a,b,label,\r\n1,2,0,\r\n3,4,1,\r\n")  # a trailing delimiter, CRLF
+    ds = load_dataset(spec("t.csv"), tmp_path)
+    assert ds._inputs.tolist() == [[1.0, 2.0], [3.0, 4.0]] and ds.labels.tolist() == [0, 1]
+    (tmp_path / "t.csv").write_text("a,b,label\n1,2,0,\n3,4,1\n")  # on some rows only
+    assert load_dataset(spec("t.csv"), tmp_path).labels.tolist() == [0, 1]
+    # np.savetxt's default format: class numbers written as floats are int64 class labels still
+    np.savetxt(tmp_path / "s.csv", [[0.5, 1.0], [1.5, 2.0], [2.5, 0.0]], delimiter=",", header="x,label", comments="")
+    ds = load_dataset(spec("s.csv", label_noise=0.5), tmp_path)
+    assert ds.labels.dtype == torch.int64 and set(ds.labels.tolist()) <= {0, 1, 2}
+    assert load_dataset(spec("s.csv", label_column="x"), tmp_path).labels.dtype == torch.float32
 
 
 # ----------------------------------------------------------------------------- the same scores as a tensors file
@@ -173,6 +220,7 @@ BAD_FILES = {
     "no header": ("1,2,0\n3,4,1\n", ["line 1 of t.csv holds numbers", "not a header"], "add one"),
     "duplicate names": ("a,a,label\n1,2,0\n", ["line 1", "t.csv", "'a' twice (columns 1 and 2)"], "its own name"),
     "unnamed column": (",a,label\n0,1,0\n", ["column 1 of the header (line 1)", "t.csv", "no name"], "index=False"),
+    "tab-separated": ("a\tb\tlabel\n1\t2\t0\n", ["the header (line 1) of t.csv is one column", "tabs in it"], "a tab-separated file is named .tsv"),
     "not UTF-8": (b"a,b,label\n1,2,0\n\xe9,3,1\n", ["t.csv is not UTF-8", "on line 3"], "UTF-8"),
 }
 

@@ -1,8 +1,10 @@
 """CSV and TSV files (gzip-compressed too): a header of column names, then one example per row of numbers.
 
-A file is read and parsed once per process (`read_table`, cached by path, size and modification time): data.train and
-data.query as two ranges of one file parse it once. Each column is converted to numbers as it is read; a column that
-holds a cell that is no number keeps the first such cell, to be named only when the column is used.
+A file is read and parsed once per process (`read_table`, cached by its path and the sha256 of its bytes): data.train
+and data.query as two ranges of one file parse it once, and a file rewritten in place is parsed again whatever its
+size and modification time. The text is decoded as it is read and converted to numbers some CHUNK_CELLS cells at a time, so
+that the parse holds the file's bytes, its float64 numbers and one chunk's cells; a column that holds a cell that is no
+number keeps the first such cell, to be named only when the column is used.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ import difflib
 import gzip
 import hashlib
 import io
-import re
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,17 +29,16 @@ from influence_cli.errors import DataError, first_few, not_utf8, shortened
 
 CSV_SUFFIXES = (".csv", ".tsv", ".csv.gz", ".tsv.gz")
 MISSING = frozenset({"", "na", "n/a", "nan", "null", "none"})  # what spreadsheets and pandas write for a missing value
-_INTEGER = re.compile(r"[+-]?[0-9]+")
+CHUNK_CELLS = 1 << 18  # cells held as text (some 15 MB) before they are converted to numbers, a number of rows at a time
 _CACHE_SIZE = 4  # tables kept in memory, the latest read
 
 
 @dataclasses.dataclass
 class Column:
-    """One column's numbers: float64 values, int64 ones too where every cell is an integer, or the first cell that is
-    no number (its line, what is wrong, and the cell as written)."""
+    """One column's numbers (float64), or the first cell that is no number (its line, what is wrong, and the cell as
+    written)."""
 
     values: np.ndarray | None
-    integers: np.ndarray | None = None
     problem: tuple[int, str, str] | None = None
 
 
@@ -49,7 +51,7 @@ class Table:
     digest: str  # sha256 of the file's bytes (16 hex digits): the fingerprint's, so an edit of one cell is a change
 
 
-_tables: dict[tuple[str, int, int], Table] = {}
+_tables: dict[tuple[str, str], Table] = {}
 
 
 def is_csv(path: str | Path) -> bool:
@@ -58,71 +60,102 @@ def is_csv(path: str | Path) -> bool:
 
 
 def read_table(path: Path, key: str) -> Table:
-    """The table of the file at `path` (cached while its size and modification time stay the same); DataError naming
-    `key` (the spec's path key), the file and the line when it is no table of numbers with a header."""
-    stat = path.stat()
-    cache_key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    """The table of the file at `path` (cached by its path and bytes); DataError naming `key` (the spec's path key), the
+    file and the line when it is no table of numbers with a header."""
+    if not is_csv(path.name):
+        raise DataError(
+            f"{key}: {path.name} is not a .csv or .tsv file (or .csv.gz, .tsv.gz)",
+            hint="source csv tells comma-separated (.csv) from tab-separated (.tsv) files by the suffix: rename the file to say which",
+        )
+    raw = path.read_bytes()
+    digest = hashlib.sha256(raw).hexdigest()
+    cache_key = (str(path.resolve()), digest)
     table = _tables.get(cache_key)
     if table is None:
-        table = _parse(path, key)
+        table = _parse(raw, path.name, key, digest[:16])
         while len(_tables) >= _CACHE_SIZE:
             del _tables[next(iter(_tables))]
         _tables[cache_key] = table
     return table
 
 
-def _parse(path: Path, key: str) -> Table:
-    name = path.name
+def _parse(raw: bytes, name: str, key: str, digest: str) -> Table:
+    """The table of a file's bytes `raw` (`name`: the file's name, its suffix saying gzip and the delimiter)."""
     lower = name.lower()
-    if not is_csv(lower):
-        raise DataError(
-            f"{key}: {name} is not a .csv or .tsv file (or .csv.gz, .tsv.gz)",
-            hint="source csv tells comma-separated (.csv) from tab-separated (.tsv) files by the suffix: rename the file to say which",
-        )
-    raw = path.read_bytes()
-    digest = hashlib.sha256(raw).hexdigest()[:16]
-    if lower.endswith(".gz"):
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as exc:
-            raise DataError(f"{key}: cannot read {name} as gzip ({exc})", hint="the file may be truncated; compress it again with gzip, or save it as plain .csv") from None
-    try:
-        text = raw.decode("utf-8-sig")  # a spreadsheet's UTF-8 starts with a byte-order mark
-    except UnicodeDecodeError as exc:
-        raise DataError(
-            f"{key}: {name} is not UTF-8 text ({not_utf8(exc)})",
-            hint="save the file as UTF-8 (a spreadsheet's 'CSV UTF-8'; pandas: to_csv(..., encoding='utf-8'))",
-        ) from None
-    delimiter = "\t" if lower.endswith((".tsv", ".tsv.gz")) else ","
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, skipinitialspace=True, strict=True)
+    gz = lower.endswith(".gz")
+    stream = io.TextIOWrapper(gzip.GzipFile(fileobj=io.BytesIO(raw)) if gz else io.BytesIO(raw), encoding="utf-8-sig", newline="")
+    reader = csv.reader(stream, delimiter="\t" if lower.endswith((".tsv", ".tsv.gz")) else ",", skipinitialspace=True, strict=True)
     header: list[str] | None = None
-    cells: list[list[str]] = []
-    lines: list[int] = []
+    parts: list[list[np.ndarray]] = []
+    problems: list[tuple[int, str, str] | None] = []
+    n = 0
     try:
-        for row in reader:
-            if not row or (len(row) == 1 and not row[0].strip()):
-                continue  # a blank line
-            if header is None:
-                header = [cell.strip() for cell in row]
-                _check_header(header, reader.line_num, name, key)
-                cells = [[] for _ in header]
-                continue
-            if len(row) != len(header):
-                raise DataError(
-                    f"{key}: line {reader.line_num} of {name} has {len(row)} cells, the header {len(header)} columns",
-                    hint="give every row one cell per column of the header (quote a cell that holds the delimiter: \"1,5\")",
-                )
-            for column, cell in zip(cells, row, strict=True):
-                column.append(cell)
-            lines.append(reader.line_num)
+        for header, rows in _chunks(reader, name, key):
+            if not parts:
+                parts, problems = [[] for _ in header], [None for _ in header]
+            lines = [line for line, _ in rows]
+            for j, column in enumerate(parts):
+                if problems[j] is None:
+                    problems[j] = _numbers([row[j] for _, row in rows], lines, column)
+            n += len(rows)
     except csv.Error as exc:
         raise DataError(f"{key}: line {reader.line_num} of {name} is no CSV ({exc})", hint="check that line's quotes") from None
+    except UnicodeDecodeError:
+        try:  # again, whole, for the line of the first byte that is not UTF-8
+            (gzip.decompress(raw) if gz else raw).decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise DataError(
+                f"{key}: {name} is not UTF-8 text ({not_utf8(exc)})",
+                hint="save the file as UTF-8 (a spreadsheet's 'CSV UTF-8'; pandas: to_csv(..., encoding='utf-8'))",
+            ) from None
+        raise  # pragma: no cover
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"{key}: cannot read {name} as gzip ({exc})", hint="the file may be truncated; compress it again with gzip, or save it as plain .csv") from None
     if header is None:
         raise DataError(f"{key}: {name} is empty", hint="write a header row of column names, then one row of numbers per example")
-    if not lines:
+    if not n:
         raise DataError(f"{key}: {name} has a header but no rows", hint="add one row of numbers per example below the header")
-    columns = {label: _column(column, lines) for label, column in zip(header, cells, strict=True)}
-    return Table(name=name, header=header, columns=columns, n=len(lines), digest=digest)
+    columns: dict[str, Column] = {}
+    for label, column, problem in zip(header, parts, problems, strict=True):
+        columns[label] = Column(values=None, problem=problem) if problem is not None else Column(values=np.concatenate(column))
+        column.clear()  # its chunks, one array now
+    return Table(name=name, header=header, columns=columns, n=n, digest=digest)
+
+
+def _chunks(reader: Any, name: str, key: str) -> Iterator[tuple[list[str], list[tuple[int, list[str]]]]]:
+    """The header and the rows after it (each with its line) of a csv.reader, some CHUNK_CELLS cells at a time; blank lines are skipped, and
+    a delimiter ending every line (an empty last cell, the header's too) is no column."""
+    header: list[str] | None = None
+    rows: list[tuple[int, list[str]]] = []
+    for row in reader:
+        if not row or (len(row) == 1 and not row[0].strip()):
+            continue  # a blank line
+        if header is None:
+            header = [cell.strip() for cell in row]
+            if len(header) > 1 and not header[-1]:
+                header.pop()  # a trailing delimiter
+            _check_header(header, reader.line_num, name, key)
+            other = "," if reader.dialect.delimiter == "\t" else "\t"
+            if len(header) == 1 and other in header[0]:
+                which = ("tabs", "tab-separated", ".tsv") if other == "\t" else ("commas", "comma-separated", ".csv")
+                raise DataError(
+                    f"{key}: the header (line {reader.line_num}) of {name} is one column, {shortened(header[0], 40)}, {which[0]} in it",
+                    hint=f"source csv reads a .csv as comma-separated and a .tsv as tab-separated: a {which[1]} file is named {which[2]}",
+                )
+            continue
+        if len(row) == len(header) + 1 and not row[-1].strip():
+            row.pop()  # a trailing delimiter
+        if len(row) != len(header):
+            raise DataError(
+                f"{key}: line {reader.line_num} of {name} has {len(row)} cells, the header {len(header)} columns",
+                hint="give every row one cell per column of the header (quote a cell that holds the delimiter: \"1,5\")",
+            )
+        rows.append((reader.line_num, row))
+        if len(rows) * len(header) >= CHUNK_CELLS:
+            yield header, rows
+            rows = []
+    if header is not None:
+        yield header, rows
 
 
 def _check_header(header: list[str], line: int, name: str, key: str) -> None:
@@ -155,29 +188,25 @@ def _number(cell: str) -> float | None:
         return None
 
 
-def _column(cells: list[str], lines: list[int]) -> Column:
-    """The numbers of one column's cells (`lines`: each cell's line in the file)."""
+def _numbers(cells: list[str], lines: list[int], parts: list[np.ndarray]) -> tuple[int, str, str] | None:
+    """Appends the float64 numbers of `cells` (`lines`: each cell's line in the file) to `parts`; or returns the first
+    cell that is no finite number: its line, what is wrong, and the cell as written."""
     try:
         values = np.array(cells, dtype=np.float64)
     except ValueError:
         values = None
     if values is not None and bool(np.isfinite(values).all()):
-        integers = None
-        if all(_INTEGER.fullmatch(cell.strip()) for cell in cells):
-            try:
-                integers = np.array([int(cell) for cell in cells], dtype=np.int64)
-            except OverflowError:
-                integers = None
-        return Column(values=values, integers=integers)
-    for cell, line in zip(cells, lines, strict=True):  # the first cell that is no finite number
+        parts.append(values)
+        return None
+    for cell, line in zip(cells, lines, strict=True):
         text = cell.strip()
         if text.lower() in MISSING:
-            return Column(values=None, problem=(line, "missing", text))
+            return (line, "missing", text)
         number = _number(text)
         if number is None:
-            return Column(values=None, problem=(line, "text", text))
+            return (line, "text", text)
         if not np.isfinite(number):
-            return Column(values=None, problem=(line, "infinite", text))
+            return (line, "infinite", text)
     raise AssertionError("a column that numpy does not read has a cell that is no finite number")  # pragma: no cover
 
 
@@ -200,7 +229,7 @@ def _unknown(names: list[str], table: Table, key: str) -> None:
 
 
 def _values(table: Table, column: str, name: str, role: str, *, integers: bool = False) -> np.ndarray:
-    """The numbers of `column` (int64 ones with `integers`, where every cell is an integer); DataError naming the line,
+    """The numbers of `column` (int64 ones with `integers`, where every number is a whole one); DataError naming the line,
     the column and the fix at its first cell that is no finite number."""
     col = table.columns[column]
     if col.problem is not None:
@@ -217,15 +246,16 @@ def _values(table: Table, column: str, name: str, role: str, *, integers: bool =
             else f"encode categorical columns as numbers (a 0/1 column per category, or a class number), or leave the column out of {name}.columns"
         )
         raise DataError(f"{where}: {shortened(cell, 40)} is not a number", hint=fix)
-    if integers and col.integers is not None:
-        return col.integers
     assert col.values is not None
-    return col.values
+    values = col.values
+    if integers and bool((np.abs(values) <= 2**53).all()) and bool((values == np.round(values)).all()):
+        return values.astype(np.int64)  # whole numbers, as written (2) or not (2.0, 2e0, np.savetxt's 2.000000000000000000e+00)
+    return values
 
 
 def open_csv(spec: DataSpec, base_dir: Path, name: str) -> Source:
     """Features float32 [N, F] from `columns` (default: every column but the label's); labels int64 [N] from a label
-    column of integers, else float32 [N] (one label_column) or [N, K] (a list of them)."""
+    column of whole numbers, else float32 [N] (one label_column) or [N, K] (a list of them)."""
     key = f"{name}.path"
     path = existing_file(spec.path, key, base_dir, "the .csv or .tsv file of source csv")
     table = read_table(path, key)
@@ -243,10 +273,10 @@ def open_csv(spec: DataSpec, base_dir: Path, name: str) -> Source:
     both = [c for c in features if c in labels_named]
     if both:
         raise DataError(f"{name}.columns: {both[0]!r} is the label_column too", hint="leave the label column out of columns")
-    inputs = np.stack([_values(table, c, name, "feature") for c in features], axis=1).astype(np.float32)
+    inputs = np.stack([_values(table, c, name, "feature") for c in features], axis=1, dtype=np.float32)
     if isinstance(spec.label_column, str):
         y = _values(table, spec.label_column, name, "label", integers=True)
-        labels = torch.from_numpy(y.copy()) if y.dtype == np.int64 else torch.from_numpy(y.astype(np.float32))
+        labels = torch.from_numpy(y if y.dtype == np.int64 else y.astype(np.float32))  # int64: a new array
     else:
         labels = torch.from_numpy(np.stack([_values(table, c, name, "label") for c in labels_named], axis=1).astype(np.float32))
     return Source(
