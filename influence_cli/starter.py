@@ -287,7 +287,8 @@ def _label_column(value: str, flag: str, label_column: str | None) -> Line:
 
 
 def _csv_header(value: str) -> list[str] | None:
-    """The column names of the first row of a CSV or TSV file (gzip too); None when it cannot be read."""
+    """The column names of the first row of a CSV or TSV file (gzip too), as data/csv_file.py reads them; None when it
+    cannot be read."""
     lower = value.lower()
     try:
         with (gzip.open(value, "rt", encoding="utf-8-sig", newline="") if lower.endswith(".gz") else open(value, encoding="utf-8-sig", newline="")) as f:
@@ -295,7 +296,10 @@ def _csv_header(value: str) -> list[str] | None:
             row = next((row for row in reader if row and any(cell.strip() for cell in row)), None)
     except (OSError, UnicodeDecodeError, csv.Error, EOFError):
         return None
-    return None if row is None else [cell.strip() for cell in row]
+    if row is None:
+        return None
+    header = [cell.strip() for cell in row]
+    return header[:-1] if len(header) > 1 and not header[-1] else header  # a delimiter ending the line: no column
 
 
 def _user_code(value: str, flag: str, folder: Path) -> None:

@@ -275,6 +275,9 @@ def test_init_with_a_csv_file_writes_a_config_the_strict_loader_reads(runner: Cl
     assert (cfg.data.train.source, cfg.data.train.path, cfg.data.train.label_column) == ("csv", "../train.csv", "price")
     ds = load_dataset(cfg.data.train, cfg.base_dir)
     assert ds.labels.tolist() == [3.5, 6.5] and ds._inputs.tolist() == [[1.0, 2.0], [4.0, 5.0]]
+    (tmp_path / "trailing.csv").write_text("x1,x2,price,\n1,2,3.5,\n")  # a delimiter ending every line
+    result = invoke(runner, "init", "-", "--model", "mlp", "--train", "trailing.csv")
+    assert result.exit_code == 0 and yaml.safe_load(result.stdout)["data"]["train"]["label_column"] == "price", result.output
     result = invoke(runner, "init", "-", "--model", "mlp", "--train", "train.csv", "--label-column", "x1")
     assert result.exit_code == 0, result.stderr
     assert yaml.safe_load(result.stdout)["data"]["train"]["label_column"] == "x1"
