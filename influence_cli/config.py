@@ -110,8 +110,8 @@ class DataSpec(_Section):
     inputs_key: str = _help("Key of the inputs tensor in a tensors file.", default="inputs")
     labels_key: str = _help("Key of the labels tensor in a tensors file.", default="labels")
     label_column: str | list[str] | None = _help(
-        "source: csv: the header name of the label column (a column of integers gives int64 class labels, any other "
-        "numbers float32 regression targets), or a list of names (a multi-output regression's targets, float32 [N, K]).",
+        "source: csv: the header name of the label column (a column of whole numbers, 2 or 2.0, gives int64 class labels, "
+        "any other numbers float32 regression targets), or a list of names (a multi-output regression's targets, float32 [N, K]).",
         default=None,
     )
     columns: list[str] | None = _help(
