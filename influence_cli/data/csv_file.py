@@ -255,13 +255,12 @@ def _values(table: Table, column: str, name: str, role: str, *, integers: bool =
 
 def open_csv(spec: DataSpec, base_dir: Path, name: str) -> Source:
     """Features float32 [N, F] from `columns` (default: every column but the label's); labels int64 [N] from a label
-    column of whole numbers, else float32 [N] (one label_column) or [N, K] (a list of them)."""
+    column of whole numbers, else float32 [N] (one label_column) or [N, K] (a list of them). The spec is checked
+    (`checked_data_spec`: label_column given, no column both a label and a feature); the header is checked here."""
     key = f"{name}.path"
     path = existing_file(spec.path, key, base_dir, "the .csv or .tsv file of source csv")
     table = read_table(path, key)
     labels_named = _names(spec.label_column)
-    if not labels_named:
-        raise DataError(f"{name}.label_column: required for source csv (the header name of the label column)")
     _unknown(labels_named, table, f"{name}.label_column")
     if spec.columns is not None:
         _unknown(list(spec.columns), table, f"{name}.columns")
@@ -270,9 +269,6 @@ def open_csv(spec: DataSpec, base_dir: Path, name: str) -> Source:
         features = [h for h in table.header if h not in labels_named]
     if not features:
         raise DataError(f"{name}.columns: {table.name} has no column besides the label column(s) {labels_named}", hint="add the feature columns to the file")
-    both = [c for c in features if c in labels_named]
-    if both:
-        raise DataError(f"{name}.columns: {both[0]!r} is the label_column too", hint="leave the label column out of columns")
     inputs = np.stack([_values(table, c, name, "feature") for c in features], axis=1, dtype=np.float32)
     if isinstance(spec.label_column, str):
         y = _values(table, spec.label_column, name, "label", integers=True)
