@@ -8,6 +8,7 @@ rule); structured values are stored as JSON.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import errno
 import fnmatch
 import functools
@@ -19,6 +20,7 @@ import re
 import socket
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -673,9 +675,25 @@ class _Sink:
         self.fh.flush()
 
 
+_last_created: list[datetime.datetime] = []  # the latest time created_now gave in this process
+_created_lock = threading.Lock()
+
+
 def created_now() -> str:
-    """The `created` time every output records, local time with its UTC offset: 2026-11-30T02:10:00+0000."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    """The `created` time every output records, local time to the microsecond with its UTC offset:
+    2026-11-30T02:10:00.123456+0000.
+
+    It is also what identifies a factors file (a refit of the same settings is told from the fit before by it),
+    so no two calls give the same time: one that the clock would give again (a coarse clock, two fits in the same
+    microsecond) is the one before plus a microsecond. Across processes the microseconds part them; two fits of
+    one folder do not run at once (its lock). An output of an older version, to the second, compares as its
+    text: unequal to every time written now."""
+    with _created_lock:
+        now = datetime.datetime.now().astimezone()
+        if _last_created and now <= _last_created[0]:
+            now = _last_created[0] + datetime.timedelta(microseconds=1)
+        _last_created[:] = [now]
+    return now.strftime("%Y-%m-%dT%H:%M:%S.%f%z")
 
 
 def save_json(path: Path, data: Any) -> None:

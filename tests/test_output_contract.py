@@ -414,3 +414,15 @@ def test_a_one_logit_binary_classifier_is_refused_with_its_two_class_form(fisher
     z = model.fc(x)[:, 0].detach().requires_grad_(True)  # the two-class cross-entropy's gradient is the BCE's
     (bce,) = torch.autograd.grad(nn.functional.binary_cross_entropy_with_logits(z, labels.float(), reduction="sum"), z)
     torch.testing.assert_close(batch.gradients[0]["fc"].reshape(-1), bce)
+
+
+def test_created_is_to_the_microsecond_and_never_given_twice():
+    """`created` identifies a factors file (a refit of the same settings is told from the fit before by it): ISO 8601
+    to the microsecond with the UTC offset, later at each call even where the clock has not moved; a time of an older
+    version, to the second, is another text."""
+    import datetime
+
+    times = [storage.created_now() for _ in range(50)]
+    parsed = [datetime.datetime.strptime(t, "%Y-%m-%dT%H:%M:%S.%f%z") for t in times]
+    assert all(a < b for a, b in zip(parsed, parsed[1:], strict=False)), times
+    assert times[0][:19] + times[0][-5:] not in times
