@@ -44,6 +44,7 @@ from influence_cli.fit import check_finite_factors, warn_of_refit
 from influence_cli.notices import warn
 from influence_cli.passes import BatchGradients, NonFiniteWatch, accumulator_dtype, check_first_batches, stream_gradients
 from influence_cli.progress import NullProgress, Progress, for_rank
+from influence_cli.reprs import brief_repr
 from influence_cli.resume import (
     DatasetsProgress,
     clear_progress_of_finished,
@@ -99,6 +100,8 @@ class DatasetSpectrum:
         bin_energy: [N, L, bins] gradient energy per curvature-percentile bin.
         input_energy: [N, L, 3] input energy Σ_t ã_t² per band of A-directions.
     """
+
+    __repr__ = brief_repr
 
     name: str
     global_indices: torch.Tensor
@@ -169,6 +172,8 @@ class GroupSummary:
         input_share: [3] share of input energy per band of A-directions, all layers.
         layer_input_share: [L, 3] the same per layer.
     """
+
+    __repr__ = brief_repr
 
     name: str
     size: int
@@ -407,6 +412,8 @@ class LayerBandInfo:
 @dataclass
 class SpectrumReport:
     """The outcome of `spectrum` (all shares are of gradient energy unless named input_*)."""
+
+    __repr__ = brief_repr
 
     path: Path
     layers: list[str]

@@ -44,6 +44,7 @@ from influence_cli.errors import ModelError, UsageError, first_line
 from influence_cli.factors import LayerFactors
 from influence_cli.fit import check_finite_factors
 from influence_cli.models import checkpoint_files, checkpoint_under_model_keys, model_fingerprint, tied_keys
+from influence_cli.reprs import brief_repr
 from influence_cli.tracking import TrackedModule
 
 
@@ -80,6 +81,8 @@ class LayerEdit:
 @dataclass
 class EditReport:
     """The outcome of `edit`."""
+
+    __repr__ = brief_repr
 
     path: Path
     source: str

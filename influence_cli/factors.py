@@ -31,6 +31,7 @@ import torch
 from influence_cli import storage
 from influence_cli.errors import NumericalError, OutputError, out_of_memory
 from influence_cli.passes import BatchGradients
+from influence_cli.reprs import brief_repr
 from influence_cli.squares import add_squared_gradients_
 from influence_cli.tracking import TrackedModule
 
@@ -76,6 +77,8 @@ class LayerFactors:
         zero_inputs, zero_outputs: How many rows of A (inputs) and of G (outputs) are exactly 0, i.e.
             0 on every example (blank pixels, dead units); None when not known (a factors file).
     """
+
+    __repr__ = brief_repr
 
     name: str
     eigenvalues: torch.Tensor | None = None
@@ -285,10 +288,12 @@ def basis_diagonal(vectors: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 class Factors:
     """Every tracked layer's curvature plus what produced it."""
 
+    __repr__ = brief_repr
+
     strategy: str
     fisher: str
     layers: dict[str, LayerFactors]
-    metadata: dict[str, str] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict, repr=False)  # the whole config and fingerprints: kept out of the repr
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Factors:
         return Factors(self.strategy, self.fisher, {k: v.to(device, dtype) for k, v in self.layers.items()}, self.metadata)

@@ -50,6 +50,7 @@ from influence_cli.passes import (
 )
 from influence_cli.progress import NullProgress, Progress, for_rank
 from influence_cli.progress import start as start_progress
+from influence_cli.reprs import brief_repr
 from influence_cli.resume import (
     PassCheckpoint,
     Snapshot,
@@ -149,6 +150,8 @@ class FitReport:
         members: An ensemble's other models (scores.checkpoints), one report each.
         skipped: Layers the module patterns' wildcards passed over (untracked kinds).
     """
+
+    __repr__ = brief_repr
 
     path: Path
     strategy: str

@@ -56,6 +56,7 @@ from influence_cli.passes import (
     stream_gradients,
 )
 from influence_cli.progress import Progress, for_rank
+from influence_cli.reprs import brief_repr
 from influence_cli.resume import (
     PassCheckpoint,
     Replaced,
@@ -210,6 +211,8 @@ class ScoresReport:
         by_layer: The layers whose parts of the scores were stored too (scores.by_layer), in their
             order; None without them.
     """
+
+    __repr__ = brief_repr
 
     kind: str
     paths: list[Path]

@@ -42,6 +42,7 @@ from influence_cli.factors import DiagonalAccumulator, LayerFactors, layer_dampi
 from influence_cli.fit import PassPlan, check_factors_match, load_factors, plan_for, warn_of_refit
 from influence_cli.passes import BatchGradients, NonFiniteWatch, accumulator_dtype, check_first_batches, stream_gradients
 from influence_cli.progress import NullProgress, Progress, for_rank
+from influence_cli.reprs import brief_repr
 from influence_cli.resume import (
     DatasetsProgress,
     clear_progress_of_finished,
@@ -86,6 +87,8 @@ class SimilarityResult:
 @dataclass
 class SimilarityReport:
     """The outcome of dataset-similarity."""
+
+    __repr__ = brief_repr
 
     path: Path
     method: str

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numbers
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,28 +22,11 @@ from influence_cli import notices, storage
 from influence_cli.config import Config, yaml_text
 from influence_cli.data import IndexedDataset
 from influence_cli.errors import OutputError, UsageError, shortened
+from influence_cli.reprs import brief_repr
 from influence_cli.resume import progress_files
 
 _BLOCK_ELEMENTS = 1 << 22  # scores read at once (16 MiB in float32; the ranking holds a few copies of a block)
 _NO_SCORES_HINT = "run `influence compute-scores CONFIG` first (with the same output_dir)"
-
-
-def _brief_repr(self: Any) -> str:
-    """A dataclass's repr with each tensor as its shape and dtype, and a long list (the shards of a large run, a large
-    model's layers) as its first and last items and its length: a notebook shows what the object holds, not
-    thousands of numbers (torch prints a tensor of up to 1000 elements in full) or lines."""
-    parts = []
-    for f in fields(self):
-        if f.repr:
-            value = getattr(self, f.name)
-            if isinstance(value, torch.Tensor):
-                text = f"tensor(shape={list(value.shape)}, dtype={value.dtype})"
-            elif isinstance(value, list) and len(value) > 4:
-                text = f"[{repr(value[0])}, {repr(value[1])}, ..., {repr(value[-1])}] ({len(value)} items)"
-            else:
-                text = repr(value)
-            parts.append(f"{f.name}={text}")
-    return f"{type(self).__name__}({', '.join(parts)})"
 
 
 @dataclass
@@ -70,7 +53,7 @@ class ScoresMeta:
             (`scores_by_layer`, compute-scores --by-layer); None when they hold none.
     """
 
-    __repr__ = _brief_repr
+    __repr__ = brief_repr
 
     output_dir: Path
     files: list[ScoreFile]
@@ -99,7 +82,7 @@ class ScoreBlock:
         train_labels: [train_stop - train_start, ...] or None.
     """
 
-    __repr__ = _brief_repr
+    __repr__ = brief_repr
 
     train_start: int
     train_stop: int
@@ -803,7 +786,7 @@ def pair_parts(meta: ScoresMeta, pairs: Sequence[tuple[int, int]], *, plain: boo
 class SelfInfluence:
     """A self-influence file: values [n_train] and what produced them."""
 
-    __repr__ = _brief_repr
+    __repr__ = brief_repr
 
     values: torch.Tensor
     train_indices: torch.Tensor

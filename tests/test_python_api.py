@@ -664,3 +664,53 @@ def test_the_repr_of_a_run_of_many_shards_and_layers_stays_short(tmp_path):
     assert "scores.shard-00499" in repr(meta) and "(500 items)" in repr(meta) and len(meta.files) == 500
     short = ScoresMeta(tmp_path, files[:2], 1, 2000, False, {}, torch.arange(1), None, None, by_layer=["fc1", "head"])
     assert "by_layer=['fc1', 'head']" in repr(short) and "train_stop=2000)]" in repr(short)
+
+
+def test_the_repr_of_every_result_shows_its_fields_not_its_numbers(tmp_path):
+    """The results of fit_factors, compute_scores, dataset_similarity, spectrum and edit_checkpoint and the factors
+    load_factors reads printed every number of their tensors (a similarity matrix, a spectrum's energies, the
+    eigenvectors) and every layer of a large model in a notebook. Each shows its fields, a tensor as its shape, a
+    long list or dict as its ends and length, and a row it holds (a layer's, a dataset's) by its name."""
+    import dataclasses
+
+    from influence_cli.band_energy import DatasetSpectrum, GroupSummary, LayerBandInfo
+    from influence_cli.edit import LayerEdit
+    from influence_cli.factors import Factors, LayerFactors
+    from influence_cli.fit import LayerInfo
+
+    layers = [f"model.layers.{i}.mlp.down_proj" for i in range(300)]
+    names = [f"set{i}" for i in range(30)]
+    matrix = torch.rand(30, 30, dtype=torch.float64)  # 900 numbers: torch prints each
+    damping = dict.fromkeys(layers, 0.01)
+    datasets = [DatasetSpectrum(n, torch.arange(900), torch.zeros(900), torch.zeros(900, dtype=torch.bool), torch.rand(900, 300, 3),
+                                torch.rand(900, 300, 20), torch.rand(900, 300, 3)) for n in names[:3]]
+    groups = [GroupSummary(n, 900, torch.rand(3), torch.rand(3), torch.rand(300, 3), torch.rand(20), torch.rand(3), torch.rand(300, 3)) for n in names[:3]]
+    bands = [LayerBandInfo(name, (64, 65), [1, 2, 3], [0.1, 0.2, 0.7], [1, 2, 3], [False] * 3) for name in layers]
+    infos = [LayerInfo(name, "linear", (64, 65), 65, 64, 4225, 4096, 4160) for name in layers]
+    factors = {name: LayerFactors(name, torch.rand(64, 65), torch.rand(65, 65), torch.rand(64, 64), num_examples=900) for name in layers[:20]}
+    fit = influence_cli.FitReport(tmp_path / "factors.safetensors", "ekfac", "empirical", 900, infos)
+    results = [
+        influence_cli.SimilarityReport(tmp_path / "similarity.safetensors", "kernel", names, [100] * 30, matrix, matrix, matrix, matrix,
+                                       damping, "ekfac", "empirical", "empirical", {"kernel": 1.0}),
+        influence_cli.SpectrumReport(tmp_path / "spectrum.safetensors", layers, "eigenvalue", 0.5, 0.1, False, 20, bands, datasets, groups,
+                                     "set0", "ekfac", "empirical"),
+        datasets[0],
+        groups[0],
+        dataclasses.replace(fit, members=[fit]),
+        influence_cli.ScoresReport("pairwise", [tmp_path / f"scores.shard-{i:05d}.safetensors" for i in range(500)], 30, 500_000, True, 500, 1,
+                                   False, "ekfac", "loss", damping, layer_params=dict.fromkeys(layers, 4160), by_layer=layers),
+        influence_cli.EditReport(tmp_path / "edited.safetensors", "model.safetensors", "mass", 0.9, None, "eigenvalue",
+                                 [LayerEdit(name, (64, 65), 4160, 100, 0.01, 0.9) for name in layers], "ab" * 32, "cd" * 32),
+        Factors("ekfac", "empirical", factors, {"config": "x" * 10_000}),
+        factors[layers[0]],
+    ]
+    for result in results:
+        text = repr(result)
+        assert len(text) < 1000 and "tensor([" not in text and "xxx" not in text, text
+        assert text.startswith(type(result).__name__ + "("), text
+        shown = [f.name for f in dataclasses.fields(result) if f.repr]
+        assert all(f"{name}=" in text for name in shown), (shown, text)
+    similarity, spectrum = (repr(r) for r in results[:2])
+    assert "kernel=tensor(shape=[30, 30], dtype=torch.float64)" in similarity and "'set29'] (30 items)" in similarity
+    assert "datasets=[DatasetSpectrum(name='set0', …)," in spectrum and "model.layers.299.mlp.down_proj', …)] (300 items)" in spectrum
+    assert "a_eigenvectors=tensor(shape=[65, 65]" in repr(results[-1]) and "(20 items)" in repr(results[-2])
