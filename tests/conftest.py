@@ -42,3 +42,20 @@ def float64_default():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(old)
+
+
+@pytest.fixture
+def frozen_clock(monkeypatch):
+    """Every `created` of the test is taken at one instant (returned), as two fits within a second, or a microsecond,
+    are: the clock reads 2026-11-30T02:10:00.123456 at every call."""
+    import datetime
+    import types
+
+    from influence_cli import storage
+
+    instant = datetime.datetime(2026, 11, 30, 2, 10, 0, 123456).astimezone()
+    clock = types.SimpleNamespace(now=lambda tz=None: instant)
+    # raising=False: a storage that reads another clock (to the second, time.strftime) gives times the test refuses
+    monkeypatch.setattr(storage, "datetime", types.SimpleNamespace(datetime=clock, timedelta=datetime.timedelta), raising=False)
+    monkeypatch.setattr(storage, "_last_created", [], raising=False)  # nothing given in this process yet (a later time would be kept)
+    return instant
