@@ -190,8 +190,11 @@ class TaskConfig(_Section):
         "cross-entropy summed over positions; label -100 = no loss there)",
         default="classification",
     )
-    measurement: Literal["loss", "margin"] = _help(
-        "Query quantity differentiated: loss, or margin (classification: z_y − logsumexp of the other logits; minus the margin is used).",
+    measurement: str = _help(
+        "Query quantity differentiated: loss | margin (classification: z_y − logsumexp of the other logits; minus the margin is used) "
+        "| package.module:function (your own fn(outputs, targets) returning one value per query, shape [batch], with grad; "
+        "a positive score means up-weighting the training example lowers it; the module is looked up beside the config, "
+        "then on PYTHONPATH).",
         default="loss",
     )
 
@@ -1213,6 +1216,31 @@ def _from_working_directory(value: str, base_dir: str, kind: str) -> str:
     return f" (relative paths resolve against the config file's folder: {value} in the working directory is {fixed} from there)"
 
 
+def _measurement_problems(cfg: Config) -> list[str]:
+    """task.measurement: loss, margin or the package.module:function of the user's own (its form only: it is
+    imported by compute-scores, which calls it)."""
+    value = cfg.task.measurement
+    if value in ("loss", "margin"):
+        return []
+    module, colon, function = value.partition(":")
+
+    def dotted(name: str) -> bool:
+        return bool(name) and all(part.isidentifier() for part in name.split("."))
+
+    if colon and dotted(module) and dotted(function):
+        return []
+    if module.endswith(".py") or any(sep in module for sep in ("/", "\\")):
+        own = f"name the module as Python imports it, without its folder and .py: {Path(module).stem}:{function or '<function>'}"
+    elif not colon and (close := difflib.get_close_matches(value.lower(), ["loss", "margin"], n=1)):
+        own = f"did you mean {close[0]}?"
+    else:
+        own = colon_form_hint(value, Path(cfg.base_dir)) or ""
+    return [
+        f"task.measurement: {value!r} is not loss, margin or package.module:function (your own fn(outputs, targets) "
+        "returning one value per query)" + (f" ({own})" if own else "")
+    ]
+
+
 def _check_data_spec(cfg: Config, spec: DataSpec, key: str, check_files: bool) -> list[str]:
     problems: list[str] = []
     builtin = ("mnist", "fashion_mnist", "cifar10", "idx", "tensors", "csv", "image_folder")
@@ -1354,6 +1382,7 @@ def validate(cfg: Config, check_files: bool = True, reads: Collection[str] | Non
         problems += _named_path_problem(cfg, "model.checkpoint", cfg.model.checkpoint, "file", unset="null")
     if cfg.task.measurement == "margin" and cfg.task.kind != "classification":
         problems.append("task.measurement: margin needs task.kind: classification")
+    problems += _measurement_problems(cfg)
     if cfg.task.kind != "classification":
         noisy = [key for key, spec in _specs_by_key(cfg).items() if spec.label_noise > 0]
         problems += [f"{key}.label_noise: flips class labels, which needs task.kind: classification (set it to 0)" for key in noisy]

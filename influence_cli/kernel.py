@@ -5,12 +5,13 @@ EKFAC curvature of Grosse et al. 2023),
 
     I(z, x) = Σ_layers ∇L(z)ᵀ (F + λ)⁻¹ ∇L(x)
 
-where ∇L(z) is the gradient of the query measurement (the loss, or minus the
-margin) and ∇L(x) the gradient of the training loss. Positive means up-weighting
-x lowers z's loss (x is a proponent). F is the mean over training examples (as Koh &
-Liang's Hessian) and each gradient is of one example's loss, so a score is N × the
-first-order effect of removing x: removing x changes the query's measurement (the loss,
-or minus the margin) by about +score / N (leaving out a proponent raises the query's loss;
+where ∇L(z) is the gradient of the query measurement (the loss, minus the
+margin, or the user's own function of the outputs) and ∇L(x) the gradient of the
+training loss. Positive means up-weighting x lowers z's loss (x is a proponent). F is
+the mean over training examples (as Koh & Liang's Hessian) and each gradient is of one
+example's loss, so a score is N × the first-order effect of removing x: removing x
+changes the query's measurement (the loss, minus the margin, or the user's function)
+by about +score / N (leaving out a proponent raises the query's loss;
 tests/test_scores.py and tests/test_measurements.py check this against retraining).
 
 Cost: the query gradients are preconditioned once per layer,
@@ -45,7 +46,7 @@ in-memory batches (tests, notebooks); scores.py runs it as the command, sharded 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +56,7 @@ from torch import nn
 from influence_cli.factors import LayerFactors, Rotation, all_finite, deflated_columns, layer_damping, low_precision_mm
 from influence_cli.passes import BatchGradients, accumulator_dtype, fan_out, matmul_dtype, stream_gradients
 from influence_cli.squares import weighted_squares
+from influence_cli.task import Measurement, load_measurement
 from influence_cli.tracking import TrackedModule, per_example_gradients
 
 _BLOCK_ELEMENTS = 1 << 13  # per-example gradient elements formed at once in the scoring GEMM (layers without positions)
@@ -622,7 +624,7 @@ def ensemble_pairwise_scores(
     train_batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     *,
     task_kind: str = "classification",
-    measurement: str = "loss",
+    measurement: Measurement | Callable[..., Any] = "loss",
     damping: float | str = "auto",
     damping_factor: float = 0.1,
     damping_scope: str = "layer",
@@ -640,10 +642,13 @@ def ensemble_pairwise_scores(
     Args:
         members: (model, tracked layers, {layer: LayerFactors}) of every member.
         query_batches, train_batches: (inputs, targets, global_indices) triples.
+        measurement: `loss`, `margin`, or the user's own fn(outputs, targets) -> [B] (a function, or its
+            package.module:function imported from the working directory or the Python path).
         by_layer: Return each layer's part instead, [L, n_query, n_train] in the order of the first
             member's layers; the parts sum to the scores (relative ones too: each part is divided by
             the example's whole norm).
     """
+    measurement = load_measurement(measurement)  # imported once for every member's stream
     kernels = [build_kernel(model, layers, damping, damping_factor, device, damping_scope, amp) for model, _, layers in members]
     kw: dict[str, Any] = {"task_kind": task_kind, "device": device, "padding_value": padding_value, "amp": amp}
     queries: list[dict[str, list[torch.Tensor]]] = [{name: [] for name in layers} for _, _, layers in members]

@@ -240,7 +240,7 @@ def stream_gradients(
     task_kind: str,
     mode: str,
     fisher: str = "empirical",
-    measurement: str = "loss",
+    measurement: task_lib.Measurement = "loss",
     seed: int = 0,
     device: torch.device | None = None,
     amp: str = "none",
@@ -261,7 +261,8 @@ def stream_gradients(
         batches: (inputs, targets, global_indices) triples, in a fixed order.
         mode: "fisher" (vectors of `fisher`: sampled / empirical / ggn),
             "loss" (per-example loss gradient at the real targets),
-            "measurement" (gradient of the query measurement) or
+            "measurement" (gradient of the query measurement: `loss`, `margin`, a CustomMeasurement,
+            or a package.module:function imported here from the working directory or the Python path) or
             "loss+fisher" (the loss gradient first, then the Fisher's vectors, from one
             forward pass; for the empirical Fisher the two coincide and only the first is formed).
         start_batch: Number given to the first batch (for resumed passes).
@@ -278,6 +279,8 @@ def stream_gradients(
             through the same model and loss give the same outcome). None: every pass checks.
     """
     device = device or torch.device("cpu")
+    if mode == "measurement":
+        measurement = task_lib.load_measurement(measurement)
     dtype = model_dtype(model)
     acc_dtype = accumulator_dtype(model)
     out_dtype = tensor_dtype or acc_dtype
@@ -332,7 +335,7 @@ def stream_gradients(
                     extra = task_lib.fisher_output_vectors(out_f, y, idx_cpu, task_kind, fisher, seed, host_mask)
                     vectors = torch.cat([vectors, extra.to(vectors.dtype)])
             else:
-                vectors = task_lib.loss_output_gradient(out_f, y, task_kind, measurement)[None]
+                vectors = task_lib.loss_output_gradient(out_f, y, task_kind, measurement, idx_cpu)[None]
             acts = {k: v.to(out_dtype) for k, v in cap.activations(len(idx)).items()}
             if check_model and len(idx) > 1:
                 with autocast_context(device, amp):

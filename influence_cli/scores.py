@@ -70,7 +70,14 @@ from influence_cli.resume import (
     run_key,
     run_keys,
 )
-from influence_cli.task import IGNORE_INDEX, per_example_loss, without_counted_position
+from influence_cli.task import (
+    IGNORE_INDEX,
+    CustomMeasurement,
+    Measurement,
+    load_measurement,
+    per_example_loss,
+    without_counted_position,
+)
 from influence_cli.tracking import attention_fastpath_off
 
 # ----------------------------------------------------------------------------- sizing and sharding
@@ -395,11 +402,20 @@ class _Scorer:
     With an ensemble (ensemble.py), every batch of examples is run through every member
     (`member_batches`) and the members' scores are averaged (`pairwise`, `self_influence`).
     `ctx` and `kernel` are member 0's (model.checkpoint). `by_layer`: the layers whose parts
-    are scored too (scores.by_layer), in their order; None without.
+    are scored too (scores.by_layer), in their order; None without. `measurement`: task.measurement,
+    its package.module:function imported (load_measurement).
     """
 
-    def __init__(self, members: list[_ScoringMember], train: IndexedDataset, progress: Progress, by_layer: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        members: list[_ScoringMember],
+        train: IndexedDataset,
+        progress: Progress,
+        by_layer: list[str] | None = None,
+        measurement: Measurement = "loss",
+    ) -> None:
         self.members = members
+        self.measurement = measurement
         self.by_layer = by_layer
         self.ctx = members[0].ctx
         self.cfg = self.ctx.cfg
@@ -429,7 +445,7 @@ class _Scorer:
             batches,
             task_kind=self.cfg.task.kind,
             mode=mode,
-            measurement=self.cfg.task.measurement,
+            measurement=self.measurement,
             seed=self.cfg.seed,
             device=self.ctx.device,
             amp=self.cfg.factors.amp,
@@ -567,10 +583,16 @@ class _Scorer:
         self.progress.stop()
         watch.check("query gradient")
         if zero_gradient:
+            cause = (
+                f"task.measurement: {self.measurement} does not change with the outputs of those queries (a value of the targets "
+                "alone, a clamp or a constant branch), or saturated outputs"
+                if isinstance(self.measurement, CustomMeasurement)
+                else "saturated outputs are the usual cause"
+            )
             notices.warn(
                 f"data.query: the gradient of the query {self.cfg.task.measurement} is exactly 0 for {len(zero_gradient)} of {q1 - q0} queries "
                 f"(global indices {index_span(zero_gradient)}), so their scores are all 0; "
-                "saturated outputs are the usual cause, such as 8-bit inputs without transform.scale: 255"
+                f"{cause}, such as 8-bit inputs without transform.scale: 255"
             )
         return outs
 
@@ -683,7 +705,9 @@ def compute_scores(
             the metadata's `by_layer`; the parts sum to the scores.
 
     Raises:
-        ConfigError: no data.query (without `self_influence`), before any file is looked at.
+        ConfigError: no data.query (without `self_influence`), before any file is looked at; a
+            package.module:function of task.measurement that does not import, or whose values are not
+            one finite number per query with a gradient to the outputs (NumericalError where not finite).
         OutputError: factors missing or fitted for another model, layers or training set;
             finished scores exist (without `overwrite`); leftover progress without
             `resume`/`overwrite`.
@@ -693,6 +717,7 @@ def compute_scores(
     t_start = time.perf_counter()
     if self_influence and relative is not None:
         raise UsageError("--relative/--no-relative: not used with --self (self-influence is ∇L(x)ᵀ(F+λ)⁻¹∇L(x), one number per example)")
+    measurement = "loss" if self_influence else load_measurement(cfg.task.measurement, cfg.base_dir)  # the user's function imported before any pass
     ctx = prepare(cfg, state)
     out_dir = cfg.output_path
     storage.ensure_writable_dir(out_dir)
@@ -712,7 +737,7 @@ def compute_scores(
         kernel = build_kernel(mctx.model, layers, s.damping, s.damping_factor, mctx.device, s.damping_scope, cfg.factors.amp)
         members.append(_ScoringMember(mctx, kernel, member))
         described.append(describe_member(member, mctx) | {"factors": factors_info, "damping": kernel.damping})
-    scorer = _Scorer(members, train, progress, list(members[0].kernel.layers) if by_layer else None)
+    scorer = _Scorer(members, train, progress, list(members[0].kernel.layers) if by_layer else None, measurement)
     seconds = {"setup": time.perf_counter() - t_start}
     flags: dict[str, object] = {"scores.by_layer": by_layer} | ({} if self_influence else {"scores.relative": relative})  # --by-layer, --relative
     common = {

@@ -426,8 +426,9 @@ def dataset_similarity(
     factors = load_factors(factors_path, match=lambda f: check_factors_match(f, ctx, factors_path, same_kind=True))
     if cfg.scores.checkpoints:
         notices.warn(f"dataset-similarity: only model.checkpoint is compared with, not the {len(cfg.scores.checkpoints)} model(s) of scores.checkpoints")
-    ignored = [k for k, used in (("task.measurement: margin", cfg.task.measurement == "margin"), ("scores.relative: true", cfg.scores.relative)) if used]
-    if ignored:  # compute-scores' settings in a shared config: said, so that nobody reads a margin kernel into the table
+    measured = cfg.task.measurement != "loss"  # margin, or the user's own function
+    ignored = [k for k, used in ((f"task.measurement: {cfg.task.measurement}", measured), ("scores.relative: true", cfg.scores.relative)) if used]
+    if ignored:  # compute-scores' settings in a shared config: said, so that nobody reads a margin (or custom) kernel into the table
         notices.warn(f"dataset-similarity: the kernel compares the datasets' mean loss gradients with plain scores; {' and '.join(ignored)} {'apply' if len(ignored) > 1 else 'applies'} to compute-scores only")
     storage.ensure_writable_dir(out_dir)
     keys = {name: f"similarity.datasets.{name}" for name in specs}

@@ -336,7 +336,7 @@ def _task() -> list[Line]:
     return [
         (0, "task", BLOCK, "what the model does"),
         (1, "kind", "classification", "classification | regression | language_modeling"),
-        (1, "measurement", "loss", "what is attributed for a query: loss | margin"),
+        (1, "measurement", "loss", "what is attributed for a query: loss | margin | package.module:function"),
     ]
 
 

@@ -10,12 +10,118 @@ outputs; positions labelled IGNORE_INDEX (padding, prompts) are left out.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+
+from influence_cli.errors import ConfigError, InfluenceError, NumericalError, first_line
+from influence_cli.user_code import import_failure_hint, import_from, missing_function_hint
 
 _MASK32 = 0xFFFFFFFF
 _CHUNK = 1 << 24  # elements of a [B, positions, V] float64 chunk when sampling a language model's tokens (128 MiB)
 IGNORE_INDEX = -100  # a language model's label for positions without a loss (PyTorch's and Hugging Face's convention)
+BUILTIN_MEASUREMENTS = ("loss", "margin")
+_OWN_FIX = "return one value per example, computed from its own row of the outputs, with grad: a tensor of shape [batch]"
+
+
+class CustomMeasurement:
+    """A per-example quantity of the user's own, attributed like the loss: `fn(outputs, targets)` returns one value
+    per example ([B], floating, computed from the outputs with grad); a positive score means up-weighting the training
+    example lowers it. `spec` names it in messages and in the scores' metadata (task.measurement's
+    package.module:function). Each value is checked (shape, dtype, a gradient to the outputs, finite)."""
+
+    def __init__(self, fn: Callable[..., Any], spec: str) -> None:
+        self.fn = fn
+        self.spec = spec
+
+    def __str__(self) -> str:
+        return self.spec
+
+    def __repr__(self) -> str:
+        return f"CustomMeasurement({self.spec!r})"
+
+    def __call__(self, outputs: torch.Tensor, targets: torch.Tensor, global_indices: torch.Tensor | None = None) -> torch.Tensor:
+        where = f"task.measurement: {self.spec}"
+        try:
+            value = self.fn(outputs, targets)
+        except InfluenceError:
+            raise
+        except Exception as exc:  # the user's code can raise anything
+            error = ConfigError(f"{where} raised {type(exc).__name__}: {first_line(exc)}", hint=f"it is called as fn(outputs {_shape(outputs)}, targets {_shape(targets)}); {_OWN_FIX}")
+            error.same_on_every_rank = False  # it may depend on the batch
+            raise error from exc
+        b = outputs.shape[0]
+        if not isinstance(value, torch.Tensor):
+            raise ConfigError(f"{where} returned {type(value).__name__}, not a tensor", hint=_OWN_FIX)
+        if tuple(value.shape) != (b,):
+            what = "one number (a sum or mean over the batch?)" if value.dim() == 0 else f"shape {list(value.shape)}"
+            raise ConfigError(f"{where} returned {what} for a batch of {b} examples, not shape [{b}]", hint=f"{_OWN_FIX} (.squeeze(-1) or .sum(-1) of a [batch, 1] value)")
+        if not value.is_floating_point():
+            raise ConfigError(f"{where} returned {str(value.dtype).removeprefix('torch.')} values, which have no gradient", hint=f"{_OWN_FIX}, floating point")
+        if not value.requires_grad:
+            raise ConfigError(
+                f"{where} returned values without a gradient: they do not depend on the model's outputs (detached, .item(), "
+                "torch.no_grad, or computed from the targets alone)",
+                hint=_OWN_FIX,
+            )
+        finite = torch.isfinite(value.detach())
+        if not bool(finite.all()):
+            bad = (~finite).nonzero().flatten().cpu()
+            named = bad if global_indices is None else global_indices.cpu()[bad]
+            label = "global indices" if global_indices is not None else "batch positions"
+            raise NumericalError(
+                f"{where} returned non-finite values for {len(bad)} of {b} queries ({label} {', '.join(str(int(i)) for i in named[:10])}"
+                f"{', ...' if len(bad) > 10 else ''})",
+                hint="keep its value finite at every query (a log of a probability that rounds to 0: use log_softmax)",
+            )
+        return value
+
+
+Measurement = str | CustomMeasurement  # loss, margin or the user's own
+
+
+def _shape(t: torch.Tensor) -> str:
+    return f"[{', '.join(str(d) for d in t.shape)}]"
+
+
+def load_measurement(spec: str | Callable[..., Any] | CustomMeasurement, base_dir: str | Path = ".") -> Measurement:
+    """`loss` / `margin` as they are; a `package.module:function` of task.measurement imported (relative to the config's
+    folder `base_dir`, then the Python path) as a CustomMeasurement; a Python function (the in-memory API) wrapped as one.
+
+    Raises:
+        ConfigError: naming task.measurement, for a module that does not import, a missing name or one not callable.
+    """
+    if isinstance(spec, CustomMeasurement):
+        return spec
+    if callable(spec):
+        return CustomMeasurement(spec, f"{getattr(spec, '__module__', None) or '?'}:{getattr(spec, '__qualname__', None) or type(spec).__name__}")
+    if spec in BUILTIN_MEASUREMENTS:
+        return spec
+    module_name, _, func_name = str(spec).partition(":")
+    if not module_name or not func_name:
+        raise ConfigError(f"task.measurement: {spec!r} is not loss, margin or package.module:function")
+    base = Path(base_dir)
+    where = "task.measurement"
+    try:
+        module = import_from(module_name, base)
+    except ModuleNotFoundError as exc:
+        raise ConfigError(f"{where}: cannot import {module_name!r} ({exc})", hint=import_failure_hint(module_name, base, exc, func_name)) from None
+    except Exception as exc:  # any import-time failure is reported the same way
+        raise ConfigError(
+            f"{where}: importing {module_name!r} failed: {type(exc).__name__}: {first_line(exc)}",
+            hint=import_failure_hint(module_name, base, exc, func_name) or getattr(exc, "hint", None),
+        ) from exc
+    fn: Any = module
+    for part in func_name.split("."):
+        if not hasattr(fn, part):
+            raise ConfigError(f"{where}: module {module_name!r} has no function {func_name!r}", hint=missing_function_hint(module, func_name))
+        fn = getattr(fn, part)
+    if not callable(fn):
+        raise ConfigError(f"{where}: {spec!r} is a {type(fn).__name__}, not a function", hint="name a function fn(outputs, targets) that returns one value per example")
+    return CustomMeasurement(fn, str(spec))
 
 
 def per_example_loss(outputs: torch.Tensor, targets: torch.Tensor, kind: str) -> torch.Tensor:
@@ -39,14 +145,19 @@ def per_example_loss(outputs: torch.Tensor, targets: torch.Tensor, kind: str) ->
     return diff.pow(2).reshape(diff.shape[0], -1).sum(dim=1)
 
 
-def per_example_measurement(outputs: torch.Tensor, targets: torch.Tensor, kind: str, measurement: str) -> torch.Tensor:
+def per_example_measurement(
+    outputs: torch.Tensor, targets: torch.Tensor, kind: str, measurement: Measurement, global_indices: torch.Tensor | None = None
+) -> torch.Tensor:
     """The loss-like quantity attributed for each query ([B]).
 
     `loss` is the per-example loss; `margin` is minus the margin
     (correct logit − logsumexp of the other logits = log(p_y / (1 − p_y)), smooth where logits
     tie), so that a positive influence score always means "lowers this quantity" (Park et al.,
-    2023, TRAK's margin).
+    2023, TRAK's margin); a CustomMeasurement is the user's function of (outputs, targets), checked
+    (`global_indices` name the queries of a non-finite value).
     """
+    if isinstance(measurement, CustomMeasurement):
+        return measurement(outputs, targets, global_indices)
     if measurement == "loss":
         return per_example_loss(outputs, targets, kind)
     targets = targets.long()
@@ -186,7 +297,9 @@ def _moved(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device, non_blocking=True)
 
 
-def loss_output_gradient(outputs: torch.Tensor, targets: torch.Tensor, kind: str, measurement: str = "loss") -> torch.Tensor:
+def loss_output_gradient(
+    outputs: torch.Tensor, targets: torch.Tensor, kind: str, measurement: Measurement = "loss", global_indices: torch.Tensor | None = None
+) -> torch.Tensor:
     """d(per-example measurement)/d(outputs), one row per example ([B, ...] like outputs).
 
     For the cross-entropy loss this is p − e_y, with the y entry computed as −Σ_{k≠y} p_k: equal
@@ -194,17 +307,22 @@ def loss_output_gradient(outputs: torch.Tensor, targets: torch.Tensor, kind: str
     the whole residual along the all-ones output direction, which has no curvature, so the
     preconditioned gradient of a confidently classified example would be rounding noise / λ.
     A language model's rows are the same at each position, and 0 at IGNORE_INDEX positions.
+    The margin and a CustomMeasurement are differentiated by autograd (`global_indices`: see
+    per_example_measurement).
     """
+    custom = isinstance(measurement, CustomMeasurement)
     if kind == "classification" and measurement == "loss":
         return _cross_entropy_gradient(outputs, targets.long())
-    if kind == "language_modeling":
+    if kind == "language_modeling" and not custom:
         y = targets.long().reshape(outputs.shape[:-1])
         keep = y != IGNORE_INDEX
         return _cross_entropy_gradient(outputs, torch.where(keep, y, 0)) * keep.unsqueeze(-1).to(outputs.dtype)
     out = outputs.detach().requires_grad_(True)
     with torch.enable_grad():
-        value = per_example_measurement(out, targets, kind, measurement).sum()
-        (grad,) = torch.autograd.grad(value, out)
+        value = per_example_measurement(out, targets, kind, measurement, global_indices).sum()
+        (grad,) = torch.autograd.grad(value, out, allow_unused=custom)
+    if grad is None:  # a custom measurement's value has a gradient, but to something else than the outputs
+        raise ConfigError(f"task.measurement: {measurement} returned values that do not depend on the model's outputs", hint=_OWN_FIX)
     return grad
 
 

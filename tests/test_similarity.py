@@ -389,6 +389,8 @@ def test_cli_table_json_and_heatmap(digits_run, tmp_path):
             "task.measurement: margin and scores.relative: true apply to compute-scores only") in shared.stderr  # fmt: skip
     margin = invoke("dataset-similarity", str(DIGITS), *sets, "--set", "task.measurement=margin")
     assert margin.exit_code == 0 and "; task.measurement: margin applies to compute-scores only" in margin.stderr, margin.output
+    own = invoke("dataset-similarity", str(DIGITS), *sets, "--set", "task.measurement=measures:minus_logit_3")  # never imported here
+    assert own.exit_code == 0 and "; task.measurement: measures:minus_logit_3 applies to compute-scores only" in own.stderr, own.output
 
     png = tmp_path / "plots" / "similarity.png"
     result = invoke(

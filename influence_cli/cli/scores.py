@@ -96,7 +96,8 @@ def compute_scores_cmd(
     """Score every (query, training example) pair with the fitted factors and save OUTPUT_DIR/scores.safetensors.
 
     I(z, x) = ∇L(z)ᵀ (F + λ)⁻¹ ∇L(x), summed over the tracked layers, with z from data.query
-    (gradient of task.measurement: the loss, or minus the margin z_y - logsumexp of the other logits) and x from data.train. The query gradients are
+    (gradient of task.measurement: the loss, minus the margin z_y - logsumexp of the other logits, or your own
+    function's value) and x from data.train. The query gradients are
     preconditioned in chunks of queries that scores.max_memory_mb holds, and the training set is
     streamed once per chunk with one matrix product per layer and batch. Score matrices larger than
     scores.max_memory_mb are written as shards by train range plus scores.index.json: each process
@@ -109,7 +110,8 @@ def compute_scores_cmd(
     lowers the query's loss (a proponent); negative means it hurts (an opponent). A score is N × the
     first-order effect of removing the example (N = training examples), in the query measurement's
     units: removing it changes the query's loss by about +score/N (leaving out a proponent raises it),
-    or with task.measurement: margin the query's margin by about -score/N.
+    with task.measurement: margin the query's margin by about -score/N, and with your own
+    package.module:function its value by about +score/N.
     """
     from influence_cli.distributed import init_distributed
     from influence_cli.scores import compute_scores
@@ -220,7 +222,8 @@ def top_k_cmd(
     lowers the query's loss (a proponent); negative means it hurts (an opponent). A score is N × the
     first-order effect of removing the example (N = training examples), in the query measurement's
     units: removing it changes the query's loss by about +score/N (leaving out a proponent raises it),
-    or with task.measurement: margin the query's margin by about -score/N.
+    with task.measurement: margin the query's margin by about -score/N, and with your own
+    package.module:function its value by about +score/N.
     """
     from influence_cli import storage, topk
     from influence_cli.example_views import count_label_noise, example_views
