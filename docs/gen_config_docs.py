@@ -493,12 +493,15 @@ training example x.
   means helpful (x raises the margin). The margin is z_y − log Σ_{k≠y} exp z_k =
   log(p_y / (1 − p_y)), the log-odds of the query's label (z_y − z_other with two classes): a
   log-sum-exp, smooth where logits tie, whose gradient does not vanish on confidently right queries.
+  With `task.measurement: package.module:function` it is your own function's value (one per query,
+  from the outputs and targets; GUIDE.md, "Your own measurement"): positive means x lowers it.
 - **Scale**: F is the *mean* over training examples (as the Hessian of Koh & Liang, 2017) and
   every gradient is of one example's loss, never averaged over a batch (no batch size changes a
   score). A score is **N × the first-order effect of removing x** (N training examples):
   removing x changes the query's loss by about +score / N (leaving out a proponent raises it),
-  and with `margin` the margin by about −score / N. Its unit is the measurement's: nats for the
-  cross-entropy and the margin, squared target units for regression.
+  with `margin` the margin by about −score / N, and with your own function its value by about
+  +score / N. Its unit is the measurement's: nats for the cross-entropy and the margin, squared
+  target units for regression.
 - A `scores.damping` number λ = wd, for a model trained on the mean loss plus (wd/2)‖θ‖² over
   every tracked parameter, is the curvature that L2 term adds.
 - `scores.relative: true` divides by ‖(F + λ)⁻¹ ∇L(x)‖ (RelatIF), so examples with huge
