@@ -288,3 +288,21 @@ def test_a_function_that_does_not_fit_is_refused_in_one_line(runner, project, me
     lines = result.stderr.strip().splitlines()
     assert len(lines) <= 2 and "task.measurement" in lines[0] and (len(lines) == 1 or lines[1].startswith("hint: ")), result.stderr
     assert not (out / storage.SCORES_FILE).exists()
+
+
+def test_the_guides_functions_index_a_language_models_labels_only_where_they_count():
+    """docs/GUIDE.md's measures.py: minus the logit of class 3, and minus the log-probability of each query's last label
+    whatever -100 labels (padding after it, a prompt before it) surround it; the -100 labels are never used as indices."""
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "GUIDE.md").read_text()
+    source = guide.split("# measures.py, beside the config\n", 1)[1].split("```", 1)[0]
+    measures: dict = {}
+    exec(source, measures)
+    logits = torch.randn(4, 5, dtype=F64)
+    torch.testing.assert_close(measures["minus_logit_3"](logits, torch.zeros(4)), -logits[:, 3])
+    outputs = torch.randn(3, 4, 6, dtype=F64)
+    labels = torch.tensor([[1, 2, 3, 4], [5, 0, -100, -100], [-100, -100, 2, -100]])
+    want = -torch.log_softmax(outputs, -1)[torch.arange(3), torch.tensor([3, 1, 2]), torch.tensor([4, 0, 2])]
+    fn = task_lib.load_measurement(measures["minus_last_token_logprob"])
+    torch.testing.assert_close(fn(outputs.requires_grad_(True), labels), want)
+    grad = task_lib.loss_output_gradient(outputs.detach(), labels, "language_modeling", fn)
+    assert bool((grad[0, :3] == 0).all()) and bool((grad[1, 2:] == 0).all()) and bool((grad[1, 1] != 0).all())
