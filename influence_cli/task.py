@@ -36,6 +36,7 @@ class CustomMeasurement:
     def __init__(self, fn: Callable[..., Any], spec: str) -> None:
         self.fn = fn
         self.spec = spec
+        self.rows_checked = False  # the first batch of two or more checks that a row's value is its own (_check_rows)
 
     def __str__(self) -> str:
         return self.spec
@@ -77,7 +78,31 @@ class CustomMeasurement:
                 f"{', ...' if len(bad) > 10 else ''})",
                 hint="keep its value finite at every query (a log of a probability that rounds to 0: use log_softmax)",
             )
+        if not self.rows_checked and b > 1:
+            self.rows_checked = True
+            self._check_rows(outputs, targets, value, where)
         return value
+
+    def _check_rows(self, outputs: torch.Tensor, targets: torch.Tensor, value: torch.Tensor, where: str) -> None:
+        """Refuses a function whose value for the batch's first example changes when the example is called alone (a batch
+        mean or sum in it: the scores would then depend on the batch size). One call on one row, once per run; a function
+        that cannot take one row is not judged."""
+        with torch.no_grad():
+            try:
+                alone = self.fn(outputs[:1].detach(), targets[:1])
+            except Exception:  # the user's code may need two rows or more: no verdict
+                return
+        if not isinstance(alone, torch.Tensor) or alone.numel() != 1:
+            return
+        a, b = float(alone.reshape(())), float(value[0].detach())
+        if abs(a - b) > 1e-4 * max(1.0, abs(a), abs(b)):
+            error = ConfigError(
+                f"{where}: the value of a query changes with the other queries of its batch ({a:.6g} alone, {b:.6g} in a batch "
+                f"of {value.shape[0]}), so the scores would depend on the batch size",
+                hint="compute each value from its own row of outputs and targets (no mean, sum or normalization over the batch)",
+            )
+            error.same_on_every_rank = False
+            raise error
 
 
 Measurement = str | CustomMeasurement  # loss, margin or the user's own

@@ -192,11 +192,16 @@ def test_values_are_checked(data):
         (lambda o, t: o.detach()[:, 0], ConfigError, "returned values without a gradient"),
         (lambda o, t: torch.where(t == 1, o[:, 0] / 0, o[:, 0]), NumericalError, "returned non-finite values for 1 of 3 queries (global indices 8)"),
         (lambda o, t: o[:, 9], ConfigError, "raised IndexError"),
+        (lambda o, t: o[:, 0] - o[:, 0].mean(), ConfigError, "the value of a query changes with the other queries of its batch"),
+        (lambda o, t: o[:, 0] / len(o), ConfigError, "in a batch of 3), so the scores would depend on the batch size"),
     ]
     for fn, error, needle in cases:
         with pytest.raises(error) as caught:
             task_lib.loss_output_gradient(z, y, "classification", task_lib.load_measurement(fn), torch.tensor([7, 8, 9]))
         assert needle in caught.value.message and caught.value.message.startswith("task.measurement: ") and "\n" not in caught.value.message, caught.value.message
+    pairs = task_lib.load_measurement(lambda o, t: o[:, 0] - o[1:2, 0] if len(o) > 1 else None)  # no verdict on one row
+    task_lib.loss_output_gradient(z, y, "classification", pairs)
+    assert pairs.rows_checked
     grad = task_lib.loss_output_gradient(z, y, "classification", task_lib.load_measurement(lambda o, t: -o[:, 2]))
     torch.testing.assert_close(grad, torch.tensor([[0.0, 0.0, -1.0, 0.0]] * 3, dtype=F64))
 
