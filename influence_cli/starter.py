@@ -30,6 +30,9 @@ QUERY_LIMIT = 10  # queries of a starter config over the user's own query set: a
 SAMPLE_DATA = Path(__file__).resolve().parents[1] / "sample_data"  # beside the package in a clone (`pip install -e .`)
 MNIST_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")  # the test split, as configs/mnist.yaml reads it
 COMMENT_COLUMN = 36
+IMAGE_TRANSFORM = (  # the comment of an image folder's transform: the pixels reach the model as its training fed them
+    "8-bit pixels to [0, 1], as ToTensor; add resize: [H, W] and normalize: {mean: [...], std: [...]} as in training"
+)
 _PLAIN = re.compile(r"[A-Za-z0-9_./~-]+")
 _FLAGS = {"model.architecture": "--model", "model.checkpoint": "--checkpoint", "data.train": "--train", "data.query": "--query"}
 
@@ -210,7 +213,9 @@ def _own(folder: Path, model: str, checkpoint: str | Path | None, train: str, qu
         own = colon_form_hint(model, folder)
         raise UsageError(f"--model: {model!r} is not module:Name (your nn.Module class or a function returning the model) nor one of {', '.join(BUILTIN_MODELS)}", hint=own)
     torchvision = model.startswith("torchvision:")
-    if ":" in model and not torchvision:
+    if torchvision:
+        _torchvision_name(model)
+    elif ":" in model:
         _user_code(model, "--model", folder)
     name = model.rpartition(":")[2]
     if model in BUILTIN_MODELS:
@@ -220,6 +225,11 @@ def _own(folder: Path, model: str, checkpoint: str | Path | None, train: str, qu
         arguments = f"keyword arguments of {name}(...)" + (f": {', '.join(required)} required, the others: docs/CONFIG.md" if required else ": docs/CONFIG.md")
     else:
         arguments = f"keyword arguments of {name}(...)"
+    kwargs: dict[str, object] = {}
+    classes = _folder_classes(train)
+    if classes and (torchvision or model in BUILTIN_MODELS):  # their outputs are num_classes (torchvision's default: 1000)
+        kwargs["num_classes"] = len(classes)
+        arguments += f"; num_classes: the {len(classes)} class folders of --train"
     where = "torchvision's, built without weights" if torchvision else "looked up beside this file, then on PYTHONPATH" if ":" in model else "built-in"
     weights = (
         (1, "checkpoint", _relative(Path(checkpoint), folder), "its trained weights: a state dict (torch.save) or .safetensors")
@@ -229,7 +239,7 @@ def _own(folder: Path, model: str, checkpoint: str | Path | None, train: str, qu
     lines: list[Line] = [
         (0, "model", BLOCK, "the trained model"),
         (1, "architecture", model, where),
-        (1, "kwargs", {}, arguments),
+        (1, "kwargs", kwargs, arguments),
         weights,
         *_task(),
         (0, "data", BLOCK, "an example's index is its position in its dataset"),
@@ -257,7 +267,11 @@ def _source(folder: Path, value: str, flag: str, label_column: str | None = None
             (2, "kwargs", {}, f"keyword arguments of {name}(...)"),
         ]
     if os.path.isdir(value):
-        return [(2, "source", "image_folder", "one sub-folder of images per class"), (2, "root", _relative(Path(value), folder), "the folder")]
+        return [
+            (2, "source", "image_folder", "one sub-folder of images per class"),
+            (2, "root", _relative(Path(value), folder), "the folder"),
+            (2, "transform", {"scale": 255.0}, IMAGE_TRANSFORM if flag == "--train" else "as the training set's"),
+        ]
     if value.lower().endswith(TENSORS_SUFFIXES):
         return [(2, "source", "tensors", "a file of inputs and labels tensors"), (2, "path", _relative(Path(value), folder), "keys inputs and labels")]
     if value.lower().endswith(CSV_SUFFIXES):
@@ -300,6 +314,30 @@ def _csv_header(value: str) -> list[str] | None:
         return None
     header = [cell.strip() for cell in row]
     return header[:-1] if len(header) > 1 and not header[-1] else header  # a delimiter ending the line: no column
+
+
+def _torchvision_name(model: str) -> None:
+    """A `torchvision:<name>` that torchvision builds (a misspelt name is refused now, with its close names, not by
+    the first command)."""
+    from influence_cli.errors import ModelError
+    from influence_cli.models import _torchvision_builder
+
+    try:
+        _torchvision_builder(model.partition(":")[2])
+    except ModelError as exc:
+        raise UsageError(f"--model: {exc.message.partition(': ')[2]}", hint=exc.hint) from None
+
+
+def _folder_classes(value: str) -> list[str]:
+    """The class folders of an image folder given as --train, as the commands number them; none for another source."""
+    if not os.path.isdir(value):
+        return []
+    from influence_cli.config import image_folder_classes
+
+    try:
+        return image_folder_classes(Path(value))
+    except OSError:  # not listable: the commands name it
+        return []
 
 
 def _user_code(value: str, flag: str, folder: Path) -> None:

@@ -188,10 +188,11 @@ def test_a_dash_prints_the_config_on_stdout_and_the_next_commands_on_stderr(runn
         (["--model", "my_model:", "--train", "my_data:train_set"], ["--model", "'my_model:'", "module:Name"]),
         (["--model", "my_model:Net", "--train", "data/my_data:train_set"], ["--train", "'data/my_data:train_set'", "names a file"]),
         (["--model", "my_model:Net", "--train", "my_data:train_set", "--data-dir", "."], ["--data-dir", "--example mnist"]),
+        (["--model", "torchvision:resnet1800", "--train", "my_data:train_set"], ["--model", "torchvision has no model 'resnet1800'"]),
     ],
     ids=["unknown example", "example and model", "digits and checkpoint", "mnist without data-dir", "mnist without files",
          "nothing", "no train", "dotted model", "unknown train", "model file", "model without name", "train file",
-         "data-dir without mnist"],  # fmt: skip
+         "data-dir without mnist", "torchvision typo"],  # fmt: skip
 )
 def test_flags_that_cannot_make_a_config_are_one_usage_error_naming_the_flag(runner: CliRunner, tmp_path: Path, args: list[str], needles: list[str]):
     assert_usage_error(runner.invoke(app, ["init", str(tmp_path / "c.yaml"), *args]), *needles)
@@ -289,3 +290,49 @@ def test_an_example_starter_runs_what_its_shipped_config_runs(tmp_path: Path, ex
         return {key: out[key] for key in ("model", "task", "data", "factors", "scores", "seed", "device")}
 
     assert settings(written, tmp_path) == settings(shipped, ROOT / "configs")
+
+
+def image_folders(folder: Path, classes: list[str], per_class: int = 2) -> Path:
+    """root/<class>/<i>.png: 16x16 RGB images, each class its own brightness."""
+    from PIL import Image
+
+    for c, name in enumerate(classes):
+        (folder / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (16, 16), (40 * c + 10 * i, 80, 120)).save(folder / name / f"{i}.png")
+    return folder
+
+
+def test_a_torchvision_model_on_image_folders_runs_as_written(runner: CliRunner, tmp_path: Path, monkeypatch):
+    """`--model torchvision:<name>` over class folders: the config gives the model an output per class folder (torchvision
+    builds 1000 by default, which a trained checkpoint refuses) and scales the 8-bit pixels to [0, 1] as ToTensor does
+    (the model would see 0..255); the next commands run without a warning and top-k names each file's class."""
+    import torchvision
+
+    monkeypatch.chdir(tmp_path)
+    image_folders(tmp_path / "train", ["cat", "dog", "fox"])
+    image_folders(tmp_path / "query", ["cat", "dog", "fox"], per_class=1)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), tmp_path / "model.pt")
+    args = ["init", "my.yaml", "--model", "torchvision:resnet18", "--checkpoint", "model.pt", "--train", "train", "--query", "query"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+    cfg = load_config(tmp_path / "my.yaml")
+    assert cfg.model.kwargs == {"num_classes": 3}
+    assert cfg.data.train.transform.scale == cfg.data.query.transform.scale == 255.0
+    for line in result.stderr.split("next:", 1)[1].strip().splitlines():
+        command = shlex.split(line, comments=True)[1:]
+        done = runner.invoke(app, [*command, "--set", "factors.modules=[fc]", "--json"])  # one layer: the test stays fast
+        assert done.exit_code == 0, (command, done.stderr)
+        assert "warning" not in done.stderr, done.stderr
+    ranked = json.loads(done.stdout)["queries"]
+    assert [q["query_file"] for q in ranked] == ["cat/0.png", "dog/0.png", "fox/0.png"]
+
+
+def test_a_model_of_its_own_keeps_empty_kwargs_over_image_folders(tmp_path: Path):
+    """num_classes is written only for models known to take it (torchvision's, mlp, cnn); a Net of the user's may not."""
+    image_folders(tmp_path / "train", ["a", "b"])
+    text = starter.starter_config(tmp_path / "c.yaml", model="my_model:Net", train=str(tmp_path / "train"))
+    cfg = load_config_text(text, tmp_path)
+    assert cfg.model.kwargs == {} and cfg.data.train.transform.scale == 255.0
+    assert "kwargs: {num_classes: 2}" in starter.starter_config(tmp_path / "c.yaml", model="cnn", train=str(tmp_path / "train"))
