@@ -28,8 +28,8 @@ SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
 MLP_KWARGS = {"input_dim": 64, "hidden": [64, 32], "num_classes": 10}
 
 
-def _mlp() -> nn.Module:
-    return build_model(ModelConfig(architecture="mlp", kwargs=MLP_KWARGS), ".")
+def _mlp(**kwargs) -> nn.Module:
+    return build_model(ModelConfig(architecture="mlp", kwargs={**MLP_KWARGS, **kwargs}), ".")
 
 
 def _assert_same_weights(a: nn.Module, b: nn.Module) -> None:
@@ -375,6 +375,25 @@ def test_mismatch_lists_keys(tmp_path: Path) -> None:
     assert "unexpected 1 key (extra.weight)" in msg
     assert "fc1.weight: checkpoint [128, 64] vs model [64, 64]" in msg
     assert "model.kwargs" in (info.value.hint or "")
+
+
+def test_a_head_of_another_number_of_classes_names_num_classes(tmp_path: Path) -> None:
+    """A classifier trained on 3 classes loaded into the default 10 (torchvision's 1000): the hint gives the number."""
+    path = tmp_path / "three.pt"
+    torch.save(_mlp(num_classes=3).state_dict(), path)
+    with pytest.raises(ModelError) as info:
+        load_checkpoint(_mlp(), path)
+    assert "head.weight: checkpoint [3, 32] vs model [10, 32]" in info.value.message
+    assert info.value.hint.startswith("the checkpoint's head has 3 outputs, the model's 10: set model.kwargs.num_classes: 3"), info.value.hint
+    with pytest.raises(ModelError) as member:  # an ensemble's member is of model.checkpoint's network: its own hint
+        load_checkpoint(_mlp(), path, key="scores.checkpoints[0]")
+    assert "num_classes" not in member.value.hint
+    state = _mlp(num_classes=3).state_dict()
+    state["fc1.weight"] = torch.zeros(64, 32)  # more than the head differs: the general hint
+    torch.save(state, path)
+    with pytest.raises(ModelError) as other:
+        load_checkpoint(_mlp(), path)
+    assert "num_classes" not in other.value.hint and "model.kwargs" in other.value.hint
 
 
 def test_mismatch_truncates_long_lists(tmp_path: Path) -> None:
