@@ -65,8 +65,11 @@ def test_every_command_prints_the_documented_keys(tmp_path):
     loss_top = json.loads(runner.invoke(app, ["top-k", *noisy, "--self", "--rank-by", "loss", "--k", "2", "--json"]).stdout)
     assert set(loss_top) == set(noisy_top) and loss_top["rank_by"] == "loss"  # either ranking prints the same keys
     by_layer = json.loads(runner.invoke(app, ["compute-scores", str(DIGITS), *sets, "--by-layer", "--overwrite", "--json"]).stdout)
+    folder_top, folder_self = image_folder_top_k(runner, tmp_path / "folders")
+    assert folder_top["classes"] == folder_self["classes"] == ["cat", "dog", "fox"]  # label i is classes[i]
+    assert [q["query_label"] for q in folder_top["queries"]] == [0, 1] and folder_top["queries"][1]["query_file"] == "dog/0.png"
     seen: dict[str, set[str]] = {}
-    for name, data in [*printed.items(), ("top-k", self_top), ("top-k", noisy_top), ("compute-scores", by_layer)]:
+    for name, data in [*printed.items(), ("top-k", self_top), ("top-k", noisy_top), ("compute-scores", by_layer), ("top-k", folder_top), ("top-k", folder_self)]:
         always, optional = docs[name]
         keys = set(data)
         seen.setdefault(name, set()).update(keys)
@@ -80,6 +83,24 @@ def test_every_command_prints_the_documented_keys(tmp_path):
         assert optional <= seen[name], (name, sorted(optional - seen[name]))
     for name, key in (("top-k", "image_grid"), ("dataset-similarity", "heatmap"), ("spectrum", "plot"), ("edit", "path"), ("info", "path")):
         assert Path(printed[name][key]).is_absolute(), (name, key)
+
+
+def image_folder_top_k(runner: CliRunner, folder: Path) -> tuple[dict, dict]:
+    """top-k's JSON, of queries and of self-influence, over class folders (cat, dog, fox) of 8x8 grayscale images that the
+    digits MLP reads flattened."""
+    from PIL import Image
+
+    for c, name in enumerate(["cat", "dog", "fox"]):
+        (folder / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("L", (8, 8), 60 * c + 20 * i).save(folder / name / f"{i}.png")
+    spec = f"{{source: image_folder, root: {folder}, transform: {{flatten: true, scale: 255.0}}}}"
+    args = [str(DIGITS), "--set", f"output_dir={folder.parent / 'folder_runs'}", "--set", f"data.train={spec}", "--set", f"data.query={spec}", "--set", "data.query.indices=[0, 3]"]
+    for command in (["fit-factors", *args], ["compute-scores", *args], ["compute-scores", *args, "--self"]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 0, (command, result.stderr)
+    outputs = [runner.invoke(app, ["top-k", *args, *flags, "--k", "2", "--json"]) for flags in (["--query", "0:2"], ["--self"])]
+    return json.loads(outputs[0].stdout), json.loads(outputs[1].stdout)
 
 
 def row_names(command: str, key: str) -> set[str]:

@@ -265,6 +265,7 @@ def top_k_cmd(
             print_json(
                 {"output_dir": str(out_dir), "strategy": self_influence.metadata.get("strategy"), "k": k, "rank_by": rank_by, "self_influence": rows}
                 | ({"label_noise": {"flipped": noise.replaced, "train": noise.size, "in_top_k": noise.in_ranking}} if noise else {})
+                | _classes_json(train)
                 | ({"image_grid": str(Path(grid_path).resolve())} if grid_path else {})
             )
             return
@@ -330,6 +331,7 @@ def top_k_cmd(
                 "k": k,
                 "queries": rows,
             }
+            | _classes_json(train)
             | ({"image_grid": str(Path(grid_path).resolve())} if grid_path else {})
         )
         return
@@ -360,6 +362,13 @@ def top_k_cmd(
         print_table(_ranking_table(title, head, rows, section, meta.by_layer is not None))  # each pair's leading layers (--by-layer)
     if grid_path:
         err_console.print(f"[green]saved[/] {escape(str(grid_path))}")
+
+
+def _classes_json(train: Any) -> dict[str, Any]:
+    """`classes`, the names of data.train's labels (label i is classes[i]) that the tables show beside the numbers; none
+    for data without class names (features, token ids)."""
+    names = None if train is None or train.token_data else train.class_names
+    return {"classes": list(names)} if names else {}
 
 
 def _ranked_json(e) -> dict:
