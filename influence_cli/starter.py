@@ -267,6 +267,12 @@ def _source(folder: Path, value: str, flag: str, label_column: str | None = None
             (2, "kwargs", {}, f"keyword arguments of {name}(...)"),
         ]
     if os.path.isdir(value):
+        if not _folder_classes(value):
+            parent = os.path.dirname(os.path.abspath(value))
+            raise UsageError(
+                f"{flag}: {value!r} has no class sub-folders; a folder of images is read as root/<class name>/<image files>",
+                hint=f"give the folder that holds one sub-folder per class (such as {parent!r} if {os.path.basename(os.path.abspath(value))!r} is one)",
+            )
         return [
             (2, "source", "image_folder", "one sub-folder of images per class"),
             (2, "root", _relative(Path(value), folder), "the folder"),

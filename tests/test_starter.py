@@ -336,3 +336,13 @@ def test_a_model_of_its_own_keeps_empty_kwargs_over_image_folders(tmp_path: Path
     cfg = load_config_text(text, tmp_path)
     assert cfg.model.kwargs == {} and cfg.data.train.transform.scale == 255.0
     assert "kwargs: {num_classes: 2}" in starter.starter_config(tmp_path / "c.yaml", model="cnn", train=str(tmp_path / "train"))
+
+
+@pytest.mark.parametrize("flag", ["--train", "--query"])
+def test_a_folder_of_images_without_class_folders_is_refused_naming_the_folder_above(runner: CliRunner, tmp_path: Path, flag: str):
+    """A class folder given as the root (train/cat): the commands would refuse it; init names the folder that holds it."""
+    image_folders(tmp_path / "train", ["cat", "dog"])
+    args = ["--train", str(tmp_path / "train" / "cat")] if flag == "--train" else ["--train", str(tmp_path / "train"), "--query", str(tmp_path / "train" / "cat")]
+    line = assert_usage_error(runner.invoke(app, ["init", str(tmp_path / "c.yaml"), "--model", "torchvision:resnet18", *args]), flag, "has no class sub-folders")
+    assert str(tmp_path / "train") in runner.invoke(app, ["init", str(tmp_path / "c.yaml"), "--model", "torchvision:resnet18", *args]).stderr, line
+    assert not (tmp_path / "c.yaml").exists()
