@@ -230,6 +230,7 @@ def _own(folder: Path, model: str, checkpoint: str | Path | None, train: str, qu
     if classes and (torchvision or model in BUILTIN_MODELS):  # their outputs are num_classes (torchvision's default: 1000)
         kwargs["num_classes"] = len(classes)
         arguments += f"; num_classes: the {len(classes)} class folders of --train"
+    gray_to_rgb = torchvision and bool(classes) and _grayscale(train)  # torchvision's image models take RGB
     where = "torchvision's, built without weights" if torchvision else "looked up beside this file, then on PYTHONPATH" if ":" in model else "built-in"
     weights = (
         (1, "checkpoint", _relative(Path(checkpoint), folder), "its trained weights: a state dict (torch.save) or .safetensors")
@@ -244,20 +245,21 @@ def _own(folder: Path, model: str, checkpoint: str | Path | None, train: str, qu
         *_task(),
         (0, "data", BLOCK, "an example's index is its position in its dataset"),
         (1, "train", BLOCK, "the training set the model learned from"),
-        *_source(folder, train, "--train", label_column),
+        *_source(folder, train, "--train", label_column, gray_to_rgb),
     ]
     if query is not None:
         lines += [
             (1, "query", BLOCK, "the examples whose predictions are explained"),
-            *_source(folder, query, "--query", label_column),
+            *_source(folder, query, "--query", label_column, gray_to_rgb),
             (2, "limit", QUERY_LIMIT, f"the first {QUERY_LIMIT} (leave it out for all)"),
         ]
     return [*lines, (1, "batch_size", 256, "examples per batch in every pass (lower it if memory runs out)"), *_factors_and_scores()]
 
 
-def _source(folder: Path, value: str, flag: str, label_column: str | None = None) -> list[Line]:
+def _source(folder: Path, value: str, flag: str, label_column: str | None = None, gray_to_rgb: bool = False) -> list[Line]:
     """A data spec's lines for a --train / --query value: `module:Name`, a tensors file, a CSV or TSV file (its label
-    column `label_column`, by default the header's last) or an image folder."""
+    column `label_column`, by default the header's last) or an image folder (its grayscale images as RGB with
+    `gray_to_rgb`)."""
     if ":" in value and not os.path.exists(value):
         _user_code(value, flag, folder)
         name = value.rpartition(":")[2]
@@ -276,7 +278,7 @@ def _source(folder: Path, value: str, flag: str, label_column: str | None = None
         return [
             (2, "source", "image_folder", "one sub-folder of images per class"),
             (2, "root", _relative(Path(value), folder), "the folder"),
-            (2, "transform", {"scale": 255.0}, IMAGE_TRANSFORM if flag == "--train" else "as the training set's"),
+            (2, "transform", {"scale": 255.0} | ({"channels": 3} if gray_to_rgb else {}), _transform_comment(flag, gray_to_rgb)),
         ]
     if value.lower().endswith(TENSORS_SUFFIXES):
         return [(2, "source", "tensors", "a file of inputs and labels tensors"), (2, "path", _relative(Path(value), folder), "keys inputs and labels")]
@@ -332,6 +334,23 @@ def _torchvision_name(model: str) -> None:
         _torchvision_builder(model.partition(":")[2])
     except ModelError as exc:
         raise UsageError(f"--model: {exc.message.partition(': ')[2]}", hint=exc.hint) from None
+
+
+def _transform_comment(flag: str, gray_to_rgb: bool) -> str:
+    if flag != "--train":
+        return "as the training set's"
+    return ("grayscale images as RGB, as the model takes them; " if gray_to_rgb else "") + IMAGE_TRANSFORM
+
+
+def _grayscale(value: str) -> bool:
+    """Whether every image of the image folder `value` is grayscale (the commands then read it as one channel)."""
+    from influence_cli.data.torchvision_sets import _root_mode
+    from influence_cli.errors import DataError
+
+    try:
+        return _root_mode(os.path.abspath(value)) == "L"
+    except DataError:  # no images, an unreadable one: the commands name it
+        return False
 
 
 def _folder_classes(value: str) -> list[str]:

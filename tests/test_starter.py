@@ -292,14 +292,14 @@ def test_an_example_starter_runs_what_its_shipped_config_runs(tmp_path: Path, ex
     assert settings(written, tmp_path) == settings(shipped, ROOT / "configs")
 
 
-def image_folders(folder: Path, classes: list[str], per_class: int = 2) -> Path:
-    """root/<class>/<i>.png: 16x16 RGB images, each class its own brightness."""
+def image_folders(folder: Path, classes: list[str], per_class: int = 2, mode: str = "RGB") -> Path:
+    """root/<class>/<i>.png: 16x16 images (RGB, or grayscale: mode "L"), each class its own brightness."""
     from PIL import Image
 
     for c, name in enumerate(classes):
         (folder / name).mkdir(parents=True)
         for i in range(per_class):
-            Image.new("RGB", (16, 16), (40 * c + 10 * i, 80, 120)).save(folder / name / f"{i}.png")
+            Image.new("RGB", (16, 16), (40 * c + 10 * i, 80, 120)).convert(mode).save(folder / name / f"{i}.png")
     return folder
 
 
@@ -346,3 +346,23 @@ def test_a_folder_of_images_without_class_folders_is_refused_naming_the_folder_a
     line = assert_usage_error(runner.invoke(app, ["init", str(tmp_path / "c.yaml"), "--model", "torchvision:resnet18", *args]), flag, "has no class sub-folders")
     assert str(tmp_path / "train") in runner.invoke(app, ["init", str(tmp_path / "c.yaml"), "--model", "torchvision:resnet18", *args]).stderr, line
     assert not (tmp_path / "c.yaml").exists()
+
+
+def test_grayscale_folders_reach_a_torchvision_model_as_rgb(runner: CliRunner, tmp_path: Path, monkeypatch):
+    """Every image grayscale: the commands read one channel, which torchvision's image models (3-channel conv1) refuse;
+    the config converts them to RGB (transform.channels: 3) and runs as written. A model of the user's keeps them gray."""
+    import torchvision
+
+    monkeypatch.chdir(tmp_path)
+    image_folders(tmp_path / "train", ["cat", "dog"], mode="L")
+    image_folders(tmp_path / "query", ["cat", "dog"], per_class=1)  # RGB: read as data.train's, then made RGB again
+    torch.save(torchvision.models.resnet18(num_classes=2).state_dict(), tmp_path / "model.pt")
+    result = runner.invoke(app, ["init", "my.yaml", "--model", "torchvision:resnet18", "--checkpoint", "model.pt", "--train", "train", "--query", "query"])
+    assert result.exit_code == 0, result.stderr
+    cfg = load_config(tmp_path / "my.yaml")
+    assert cfg.data.train.transform.channels == cfg.data.query.transform.channels == 3
+    for command in ("fit-factors", "compute-scores"):
+        done = runner.invoke(app, [command, "my.yaml", "--set", "factors.modules=[fc]"])
+        assert done.exit_code == 0, (command, done.stderr)
+    own = starter.starter_config(tmp_path / "c.yaml", model="my_model:Net", train=str(tmp_path / "train"))
+    assert load_config_text(own, tmp_path).data.train.transform.channels is None
