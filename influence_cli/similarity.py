@@ -415,7 +415,8 @@ def dataset_similarity(
         raise ConfigError(
             f"similarity.datasets: needs two or more named datasets, got {len(specs)}",
             source=cfg.source,
-            hint="add named data specs (same keys as data.train) under similarity.datasets",
+            hint="name two or more data specs (the keys of data.train) under similarity.datasets, such as "
+            "similarity: {datasets: {train: <data.train's keys>, query: <data.query's keys>}} (README, \"Your own model and data\")",
         )
     out_dir = cfg.output_path
     path = out_dir / storage.SIMILARITY_FILE

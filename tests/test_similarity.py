@@ -504,6 +504,7 @@ def test_cli_errors(digits_run, tmp_path):
     assert one.exit_code == 2, one.output
     two = invoke("dataset-similarity", str(DIGITS), *sets, "--overwrite", "--set", "similarity.datasets={}")
     assert two.exit_code == 2 and "similarity.datasets: needs two or more" in two.stderr
+    assert "similarity: {datasets: {train: <data.train's keys>, query: <data.query's keys>}}" in two.stderr  # what to write
 
     small = "{source: tensors, path: ../sample_data/digits.safetensors, range: [0, 10], transform: {scale: 16.0, resize: [4, 4]}}"
     bad = invoke("dataset-similarity", str(DIGITS), *sets, "--overwrite", "--set", f"similarity.datasets.zeros_sixes={small}")
