@@ -1417,7 +1417,7 @@ def test_image_folder_colour_and_depth(tmp_path: Path) -> None:
     assert ds[0][0].shape == (3, 4, 4) and ds[1][0][:, 0, 0].tolist() == [255.0, 0.0, 0.0]
     assert ds[0][0][:, 0, 0].tolist() == [100.0, 100.0, 100.0]
     Image.fromarray(np.full((4, 4), 30000, dtype=np.uint16)).save(root / "a" / "2.png")
-    with pytest.raises(DataError, match=r"2.png' is a I;16 image \(16-bit or float\)"):
+    with pytest.raises(DataError, match=r"2.png' is an I;16 image \(16-bit or float\)"):
         load_dataset(DataSpec(source="image_folder", root="imgs"), tmp_path)
 
 

@@ -342,7 +342,7 @@ def _folder_mode(samples: list[tuple[str, int]], key: str) -> str:
             with Image.open(path) as img:
                 if img.mode in _HIGH_BIT_MODES:
                     raise DataError(
-                        f"{key}: {path!r} is a {img.mode} image (16-bit or float); image folders are read as 8-bit",
+                        f"{key}: {path!r} is an {img.mode} image (16-bit or float); image folders are read as 8-bit",
                         hint="export 8-bit images, or save the arrays in a tensors file (source: tensors)",
                     )
                 if img.mode == "P":
