@@ -247,6 +247,12 @@ def _own(folder: Path, model: str, checkpoint: str | Path | None, train: str, qu
         (1, "train", BLOCK, "the training set the model learned from"),
         *_source(folder, train, "--train", label_column, gray_to_rgb),
     ]
+    unknown = [c for c in _folder_classes(query) if c not in classes] if classes and query is not None else []
+    if unknown:  # the commands refuse them: the model has no label for them
+        raise UsageError(
+            f"--query: class folder(s) {unknown[:5]} of {query!r} are not among the class folders of --train {classes[:12]}, whose labels the model predicts",
+            hint="move those folders out of the query folder",
+        )
     if query is not None:
         lines += [
             (1, "query", BLOCK, "the examples whose predictions are explained"),

@@ -366,3 +366,14 @@ def test_grayscale_folders_reach_a_torchvision_model_as_rgb(runner: CliRunner, t
         assert done.exit_code == 0, (command, done.stderr)
     own = starter.starter_config(tmp_path / "c.yaml", model="my_model:Net", train=str(tmp_path / "train"))
     assert load_config_text(own, tmp_path).data.train.transform.channels is None
+
+
+def test_a_query_folder_of_a_class_the_training_folder_lacks_is_refused(runner: CliRunner, tmp_path: Path):
+    """The commands refuse it (the model has no label for it); init says so first. A query folder lacking a class is fine."""
+    image_folders(tmp_path / "train", ["cat", "dog"])
+    image_folders(tmp_path / "query", ["cat", "owl"], per_class=1)
+    args = ["init", str(tmp_path / "c.yaml"), "--model", "torchvision:resnet18", "--train", str(tmp_path / "train"), "--query", str(tmp_path / "query")]
+    assert_usage_error(runner.invoke(app, args), "--query", "['owl']", "['cat', 'dog']")
+    assert not (tmp_path / "c.yaml").exists()
+    shutil.rmtree(tmp_path / "query" / "owl")
+    assert runner.invoke(app, args).exit_code == 0
