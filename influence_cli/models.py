@@ -710,7 +710,7 @@ def load_checkpoint(model: nn.Module, path: str | Path, key: str = "model.checkp
                 f"{key}: {str(Path(path))!r} holds {_listing(sorted(state), 'key')}, {ADAPTER_ONLY.partition(': ')[0]} (the model has {len(own)} keys)",
                 hint=ADAPTER_ONLY.partition(": ")[2],
             )
-        head = None if missing or unexpected or key.startswith("scores.checkpoints") else _output_head(state, own)
+        head = None if missing or unexpected or key.startswith("scores.checkpoints") else _output_head(model, state, own)
         raise ModelError(f"{key}: {str(Path(path))!r} does not match the model: " + "; ".join(parts), hint=head or _kwargs_hint(key))
     try:
         model.load_state_dict(_with_versions(state, own), strict=not any(k not in state for k in own))
@@ -718,13 +718,14 @@ def load_checkpoint(model: nn.Module, path: str | Path, key: str = "model.checkp
         raise ModelError(f"{key}: {str(Path(path))!r} cannot be loaded: {exc}", hint=_kwargs_hint(key)) from None
 
 
-def _output_head(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> str | None:
-    """The fix of a checkpoint whose only mismatch is the outputs of one Linear (a classifier's head of another number of
-    classes, such as torchvision's 1000): its weight [out, in] (and bias [out]) differ in `out` alone."""
+def _output_head(model: nn.Module, state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> str | None:
+    """The fix of a checkpoint whose only mismatch is the outputs of one nn.Linear (a classifier's head of another number
+    of classes, such as torchvision's 1000): its weight [out, in] (and bias [out]) differ in `out` alone. An embedding's
+    table [vocabulary, dim] differs alike in its rows: a vocabulary, not a head."""
     differ = {k for k, v in own.items() if k in state and state[k].shape != v.shape}
     weights = [k for k in differ if k.endswith(".weight")]
     layer = weights[0].rpartition(".")[0] if len(weights) == 1 else ""
-    if not layer or differ - {f"{layer}.weight", f"{layer}.bias"}:
+    if not layer or differ - {f"{layer}.weight", f"{layer}.bias"} or not isinstance(dict(model.named_modules()).get(layer), nn.Linear):
         return None
     ours, theirs = own[f"{layer}.weight"].shape, state[f"{layer}.weight"].shape
     if len(ours) != 2 or ours[1] != theirs[1] or (f"{layer}.bias" in differ and state[f"{layer}.bias"].shape != theirs[:1]):

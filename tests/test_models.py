@@ -964,3 +964,17 @@ def test_modules_that_read_their_version_load_a_checkpoint(tmp_path: Path, suffi
     model = load_model(ModelConfig(architecture="torchvision:mnasnet0_5", kwargs={"num_classes": 3}, checkpoint="mnasnet.safetensors"), tmp_path)
     with safe_open(str(tmp_path / "mnasnet.safetensors"), "pt") as f:
         assert torch.equal(model.classifier[1].weight, f.get_tensor("classifier.1.weight"))
+
+
+def test_an_embedding_of_another_vocabulary_names_no_num_classes(tmp_path: Path) -> None:
+    """An embedding table [vocabulary, dim] differing in its rows alone is no classifier head: the general hint."""
+
+    def net(vocabulary: int) -> nn.Module:
+        return nn.Sequential(nn.Embedding(vocabulary, 4), nn.Flatten(), nn.Linear(8, 3))
+
+    path = tmp_path / "vocab.pt"
+    torch.save(net(50).state_dict(), path)
+    with pytest.raises(ModelError) as info:
+        load_checkpoint(net(40), path)
+    assert "0.weight: checkpoint [50, 4] vs model [40, 4]" in info.value.message
+    assert "num_classes" not in info.value.hint and "model.kwargs" in info.value.hint
