@@ -271,7 +271,8 @@ def test_image_folder_skips_hidden_entries_and_counts_other_files(tmp_path: Path
 
 
 def test_image_folder_says_what_it_does_not_read(tmp_path: Path, caplog) -> None:
-    """Files of other types were dropped without a word; an empty class folder was refused as "no images found"."""
+    """Files of other types were dropped without a word; an empty class folder was refused as "no images found", and
+    refused as a class folder not among `classes` when left out of them, as the warning of it says to."""
     from PIL import Image
 
     root = write_image_folder(tmp_path / "imgs")
@@ -285,6 +286,11 @@ def test_image_folder_says_what_it_does_not_read(tmp_path: Path, caplog) -> None
     warned = " ".join(caplog.messages)
     assert "class folder(s) ['zebra']" in warned and "no examples of those classes" in warned
     assert "1 file of other types (.txt 1) in the class folders and 1 file in the root folder itself" in warned and "are not read" in warned
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="influence_cli"):  # as the warning says: classes without the empty folder
+        listed = load_dataset(DataSpec(source="image_folder", root="imgs", classes=["cat", "dog"]), tmp_path)
+    assert listed.class_names == ["cat", "dog"] and listed.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert "zebra" not in " ".join(caplog.messages)
     (tmp_path / "empty" / "a").mkdir(parents=True)
     (tmp_path / "empty" / "a" / "x.txt").write_text("x")
     with pytest.raises(DataError, match=r"no images in the class folders of .*empty' \(1 file of other types \(.txt 1\)\)") as info:

@@ -473,7 +473,8 @@ def open_image_folder(spec: DataSpec, base_dir: Path, name: str) -> Source:
             hint="image_folder expects root/<class name>/<image files>; for unlabelled images make one class folder",
         )
     classes = spec.classes or present  # label i = classes[i] (data.train's classes, shared by config.py)
-    unknown = [c for c in present if c not in classes]
+    samples, empty = _folder_samples(root, present, {c: classes.index(c) if c in classes else -1 for c in present}, is_image, f"{name}.root")
+    unknown = [c for c in present if c not in classes and c not in empty]  # a folder without images labels nothing
     if unknown:
         shared = name != "data.train" and spec.colour_of is not None  # data.train's classes: the model's labels
         raise DataError(
@@ -481,12 +482,12 @@ def open_image_folder(spec: DataSpec, base_dir: Path, name: str) -> Source:
             + (" (data.train's, whose labels the model predicts)" if shared else ""),
             hint="move those folders out (the model has no label for them)" if shared else f"list every class in {name}.classes (label order), or remove those folders",
         )
-    samples, empty = _folder_samples(root, present, {c: classes.index(c) for c in present}, is_image, f"{name}.root")
     if not samples:
         raise DataError(
             f"{name}.root: no images in the class folders of {str(root)!r}" + (f" ({_skipped_text(skipped)})" if skipped else ""),
             hint=f"image_folder reads {', '.join(_IMAGE_SUFFIXES)} files in root/<class name>/",
         )
+    empty = [c for c in empty if c in classes]  # those left out of `classes` take no label
     if empty and spec.colour_of is None:  # a folder of its own classes (a query folder takes data.train's, and may lack some)
         notices.warn(
             f"{name}.root: class folder(s) {empty[:8]} of {str(root)!r} hold no images: no examples of those classes, which still "
