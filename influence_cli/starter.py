@@ -226,10 +226,11 @@ def _own(folder: Path, model: str, checkpoint: str | Path | None, train: str, qu
     else:
         arguments = f"keyword arguments of {name}(...)"
     kwargs: dict[str, object] = {}
-    classes = _folder_classes(train)
+    folders = _folder_classes(train)
+    classes = _with_images(train, folders)  # an empty folder takes a label unless data.train.classes leaves it out
     if classes and (torchvision or model in BUILTIN_MODELS):  # their outputs are num_classes (torchvision's default: 1000)
         kwargs["num_classes"] = len(classes)
-        arguments += f"; num_classes: the {len(classes)} class folders of --train"
+        arguments += f"; num_classes: the {len(classes)} class folders of --train" + (" with images" if classes != folders else "")
     gray_to_rgb = torchvision and bool(classes) and _grayscale(train)  # torchvision's image models take RGB
     where = "torchvision's, built without weights" if torchvision else "looked up beside this file, then on PYTHONPATH" if ":" in model else "built-in"
     weights = (
@@ -247,7 +248,10 @@ def _own(folder: Path, model: str, checkpoint: str | Path | None, train: str, qu
         (1, "train", BLOCK, "the training set the model learned from"),
         *_source(folder, train, "--train", label_column, gray_to_rgb),
     ]
-    unknown = [c for c in _folder_classes(query) if c not in classes] if classes and query is not None else []
+    if classes and classes != folders:  # torchvision's ImageFolder refuses a class folder without images: no class of the model
+        empty = [c for c in folders if c not in classes]
+        lines.append((2, "classes", classes, f"labels 0, 1, ...: the class folders with images ({', '.join(empty[:5])} without: no label)"))
+    unknown = [c for c in _with_images(query, _folder_classes(query)) if c not in classes] if classes and query is not None else []
     if unknown:  # the commands refuse them: the model has no label for them
         raise UsageError(
             f"--query: class folder(s) {unknown[:5]} of {query!r} are not among the class folders of --train {classes[:12]}, whose labels the model predicts",
@@ -369,6 +373,22 @@ def _folder_classes(value: str) -> list[str]:
         return image_folder_classes(Path(value))
     except OSError:  # not listable: the commands name it
         return []
+
+
+def _with_images(value: str, classes: list[str]) -> list[str]:
+    """The class folders among `classes` of the image folder `value` that hold an image, at any depth, as the commands
+    read them (each walk stops at its first image)."""
+    if not classes:
+        return []
+    from influence_cli.data.torchvision_sets import _IMAGE_SUFFIXES, _list_image_folder
+    from influence_cli.errors import DataError
+
+    root = Path(value)
+    try:
+        is_image = _list_image_folder(root, _IMAGE_SUFFIXES, "root")[1]
+    except DataError:  # not listable: the commands name it
+        return []
+    return [c for c in classes if any(is_image(str(Path(d) / f)) for d, _, files in os.walk(root / c, followlinks=True) for f in files)]
 
 
 def _user_code(value: str, flag: str, folder: Path) -> None:

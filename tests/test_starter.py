@@ -377,3 +377,26 @@ def test_a_query_folder_of_a_class_the_training_folder_lacks_is_refused(runner: 
     assert not (tmp_path / "c.yaml").exists()
     shutil.rmtree(tmp_path / "query" / "owl")
     assert runner.invoke(app, args).exit_code == 0
+
+
+def test_a_class_folder_without_images_gets_no_label(tmp_path: Path):
+    """An empty folder sorted before the others would take label 0 and shift every class after it (a model trained with
+    torchvision's ImageFolder, which refuses an empty class folder, never had it): the config lists the class folders
+    with images as data.train.classes, num_classes their count, and the labels are the model's."""
+    image_folders(tmp_path / "train", ["cat", "dog"])
+    (tmp_path / "train" / "aaa" / "sub").mkdir(parents=True)  # no image at any depth
+    (tmp_path / "train" / "aaa" / "notes.txt").write_text("x")
+    (tmp_path / "train" / "deep" / "sub").mkdir(parents=True)  # an image below a sub-folder: a class
+    shutil.copy(tmp_path / "train" / "cat" / "0.png", tmp_path / "train" / "deep" / "sub" / "0.png")
+    image_folders(tmp_path / "query", ["cat", "dog"], per_class=1)
+    (tmp_path / "query" / "zzz").mkdir()  # empty here too: no class the model lacks
+    text = starter.starter_config(tmp_path / "c.yaml", model="torchvision:resnet18", train=str(tmp_path / "train"), query=str(tmp_path / "query"))
+    cfg = load_config_text(text, tmp_path)
+    assert cfg.model.kwargs == {"num_classes": 3} and cfg.data.train.classes == ["cat", "deep", "dog"]
+    assert "(aaa without: no label)" in text
+    from influence_cli.data.dataset import load_dataset
+
+    assert load_dataset(cfg.data.train, tmp_path).labels.tolist() == [0, 0, 1, 2, 2]
+    assert load_dataset(cfg.data.query, tmp_path, name="data.query").labels.tolist() == [0, 2]
+    full = starter.starter_config(tmp_path / "c.yaml", model="cnn", train=str(image_folders(tmp_path / "full", ["a", "b"])))
+    assert load_config_text(full, tmp_path).data.train.classes is None  # every class folder with images: none listed
