@@ -353,13 +353,17 @@ def _transform_comment(flag: str, gray_to_rgb: bool) -> str:
 
 
 def _grayscale(value: str) -> bool:
-    """Whether every image of the image folder `value` is grayscale (the commands then read it as one channel)."""
-    from influence_cli.data.torchvision_sets import _root_mode
+    """Whether every image of the image folder `value` is grayscale (the commands then read it as one channel); the
+    headers are read up to the first colour image (all of them only where none is)."""
+    from influence_cli.data.torchvision_sets import _IMAGE_SUFFIXES, _folder_mode, _folder_samples, _list_image_folder
     from influence_cli.errors import DataError
 
+    root = Path(os.path.abspath(value))
     try:
-        return _root_mode(os.path.abspath(value)) == "L"
-    except DataError:  # no images, an unreadable one: the commands name it
+        present, is_image, _ = _list_image_folder(root, _IMAGE_SUFFIXES, "--train")
+        found = _folder_samples(root, present, dict.fromkeys(present, 0), is_image, "--train")[0]
+        return bool(found) and _folder_mode(found, "--train", until_colour=True) == "L"
+    except (DataError, OSError):  # no images, an unreadable one: the commands name it
         return False
 
 

@@ -400,3 +400,16 @@ def test_a_class_folder_without_images_gets_no_label(tmp_path: Path):
     assert load_dataset(cfg.data.query, tmp_path, name="data.query").labels.tolist() == [0, 2]
     full = starter.starter_config(tmp_path / "c.yaml", model="cnn", train=str(image_folders(tmp_path / "full", ["a", "b"])))
     assert load_config_text(full, tmp_path).data.train.classes is None  # every class folder with images: none listed
+
+
+def test_the_colour_check_of_a_torchvision_model_reads_headers_up_to_the_first_colour_image(tmp_path: Path, monkeypatch):
+    """Whether to write channels: 3 is settled by the first colour image: init reads no more of a large RGB folder's
+    headers (the commands check every image when they open it)."""
+    from PIL import Image
+
+    image_folders(tmp_path / "train", ["a", "b"], per_class=4)
+    opened = []
+    real = Image.open
+    monkeypatch.setattr(Image, "open", lambda fp, *a, **k: opened.append(fp) or real(fp, *a, **k))
+    text = starter.starter_config(tmp_path / "c.yaml", model="torchvision:resnet18", train=str(tmp_path / "train"))
+    assert load_config_text(text, tmp_path).data.train.transform.channels is None and len(opened) == 1, opened

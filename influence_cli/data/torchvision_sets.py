@@ -326,8 +326,9 @@ _GRAY_MODES = ("1", "L", "LA")  # palette images (P) are gray when their palette
 _HIGH_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
-def _folder_mode(samples: list[tuple[str, int]], key: str) -> str:
-    """"L" when every image is grayscale, else "RGB" (as torchvision's loader); reads the headers only.
+def _folder_mode(samples: list[tuple[str, int]], key: str, until_colour: bool = False) -> str:
+    """"L" when every image is grayscale, else "RGB" (as torchvision's loader); reads the headers only (with
+    `until_colour`, up to the first colour image, checking no more).
 
     Raises:
         DataError: an unreadable image, or 16-bit / float images (8-bit conversion would clip them).
@@ -349,6 +350,8 @@ def _folder_mode(samples: list[tuple[str, int]], key: str) -> str:
                     gray = gray and _palette_is_gray(img)
                 else:
                     gray = gray and img.mode in _GRAY_MODES
+            if until_colour and not gray:
+                return "RGB"
         except errors as exc:
             unreadable.append((path, exc))
     if unreadable:  # the pixels of the others too, so that one run names a bad header and a truncated file alike
