@@ -277,6 +277,12 @@ class ScoresConfig(_Section):
         "The score block held in memory, and the files, grow (1 + L)-fold (max_memory_mb counts it).",
         default=False,
     )
+    sum_queries: bool = _help(
+        "Sum the scores over every query of data.query (compute-scores --sum-queries): scores [1, n_train], each training "
+        "example's total influence on the whole query set, from one pass over the training set (the preconditioned query "
+        "gradients are summed chunk by chunk, exact by linearity) instead of one per chunk of queries.",
+        default=False,
+    )
     max_memory_mb: float = _help(
         "Memory budget (MB), each on its own, for the score matrix held at a time (with by_layer, its per-layer parts too; larger "
         "runs are written as shards) and for the "

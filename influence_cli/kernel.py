@@ -191,6 +191,7 @@ class ScoreKernel:
         self.eigenbasis: dict[str, bool] = {}
         self.pieces: dict[str, list[_Piece]] = {}
         self.flat: dict[str, bool] = {}
+        self.piece_shapes: dict[str, list[tuple[int, int]]] = {}  # {layer: [rows, cols] of each stored piece}, by `_store_layer`
         self._scratch = _Scratch()
         self.workload: tuple[int, int] | None = None
         self._rotations = {
@@ -333,6 +334,7 @@ class ScoreKernel:
             return
         matrix = v.view(n, -1, a.shape[-1])
         parts = [matrix[:, p.rows, p.cols] for p in pieces]
+        self.piece_shapes[name] = [(part.shape[1], part.shape[2]) for part in parts]
         if name not in out:
             out[name] = [[v.new_empty(total, (r1 - r0) * part.shape[2]) for r0, r1 in query_row_blocks(total, *part.shape[1:])] for part in parts]
         for part, blocks in zip(parts, out[name], strict=True):
@@ -341,6 +343,39 @@ class ScoreKernel:
                 r1 = r0 + block.shape[1] // part.shape[2]
                 block[row : row + n] = part[:, r0:r1].reshape(n, -1)
                 r0 = r1
+
+    @staticmethod
+    def add_rows(queries: StoredQueries, into: dict[str, list[torch.Tensor]] | None = None) -> dict[str, list[torch.Tensor]]:
+        """`into` + the sum over the rows (queries) of stored queries: {layer: per piece, the summed vector, [P]
+        or the piece's [rows·cols] in row-major order}, in float32 (float64 for float64 queries) whatever the
+        stored dtype, so that a bfloat16 run sums its queries without rounding each partial sum."""
+        out = {} if into is None else into
+        for name, pieces in queries.items():
+            sums = []
+            for q in pieces:
+                blocks = q if isinstance(q, list) else [q]
+                dtype = torch.float64 if blocks[0].dtype == torch.float64 else torch.float32
+                sums.append(torch.cat([b.sum(0, dtype=dtype) for b in blocks]))
+            if name in out:
+                for acc, add in zip(out[name], sums, strict=True):
+                    acc.add_(add)
+            else:
+                out[name] = sums
+        return out
+
+    def summed_queries(self, sums: dict[str, list[torch.Tensor]]) -> StoredQueries:
+        """The one-row stored queries of summed vectors (`add_rows`), in the layout of `store_queries` with one
+        query and in the stored dtype: what `pairwise` scores as one query, Σ_q V'_q."""
+        out: StoredQueries = {}
+        for name, pieces in sums.items():
+            if self.flat[name]:
+                out[name] = [pieces[0].to(self.matmul_dtype or pieces[0].dtype).view(1, -1)]
+                continue
+            out[name] = []
+            for s, (rows, cols) in zip(pieces, self.piece_shapes[name], strict=True):
+                matrix = s.to(self.matmul_dtype or s.dtype).view(rows, cols)
+                out[name].append([matrix[r0:r1].reshape(1, -1) for r0, r1 in query_row_blocks(1, rows, cols)])
+        return out
 
     @staticmethod
     def pairwise(queries: StoredQueries, train: dict[str, list[Any]]) -> torch.Tensor:

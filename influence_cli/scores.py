@@ -130,12 +130,20 @@ class ScoresLayout:
             or all of them within the budget): a rank with several shards left to score computes
             each chunk once for all of them. Otherwise one chunk is held at a time, and computed
             again for each shard.
+        summed: With scores.sum_queries, the chunks of queries [(q0, q1)] preconditioned one after another and
+            summed into the one row that is scored (`query_chunks` is then [(0, 1)]); None otherwise.
     """
 
     query_chunks: list[tuple[int, int]]
     shards: list[ShardSpec]
     sharded: bool
     keep_queries: bool = False
+    summed: list[tuple[int, int]] | None = None
+
+    @property
+    def rows(self) -> int:
+        """Rows of the score matrix: the queries, or 1 when they are summed."""
+        return 1 if self.summed is not None else (self.query_chunks[-1][1] if self.query_chunks else 0)
 
 
 def queries_per_chunk(num_params: int, max_memory_mb: float, element_bytes: int = 4, query_chunk: int | None = None) -> int:
@@ -171,6 +179,7 @@ def plan_layout(
     element_bytes: int = 4,
     score_bytes: int = 4,
     score_planes: int = 1,
+    sum_queries: bool = False,
 ) -> ScoresLayout:
     """Chunks and shards that keep each in-memory block within `max_memory_mb`.
 
@@ -182,17 +191,24 @@ def plan_layout(
     or every chunk's fit the budget together (a scores.query_chunk below what the budget holds),
     so a rank with several ranges to score computes each chunk once for all of them; otherwise
     one chunk is held at a time and computed once per range.
+
+    `sum_queries` (scores.sum_queries): the chunks are preconditioned one after another and summed into one
+    row (`ScoresLayout.summed`), the score block is [1, shard_len], and each train range is streamed once.
     """
     budget = int(max_memory_mb * 2**20)
     chunk = max(1, min(queries_per_chunk(num_params, max_memory_mb, element_bytes, query_chunk), n_query))
     chunks = [(q0, min(q0 + chunk, n_query)) for q0 in range(0, n_query, chunk)]
-    fits = n_query * n_train * score_bytes * score_planes <= budget
+    rows = 1 if sum_queries else n_query
+    fits = rows * n_train * score_bytes * score_planes <= budget
     shard_len = None
     if not fits:
-        per_shard = budget // (n_query * score_bytes * score_planes)
+        per_shard = budget // (rows * score_bytes * score_planes)
         shard_len = max(batch_size, per_shard // batch_size * batch_size)
+    shards = plan_shards(n_train, world_size, batch_size, shard_len)
+    if sum_queries:  # the summed row is P numbers per model: held for every range
+        return ScoresLayout([(0, 1)], shards, sharded=world_size > 1 or not fits, keep_queries=True, summed=chunks)
     keep = len(chunks) == 1 or queries_per_chunk(num_params, max_memory_mb, element_bytes) >= n_query
-    return ScoresLayout(chunks, plan_shards(n_train, world_size, batch_size, shard_len), sharded=world_size > 1 or not fits, keep_queries=keep)
+    return ScoresLayout(chunks, shards, sharded=world_size > 1 or not fits, keep_queries=keep)
 
 
 # ----------------------------------------------------------------------------- the command
@@ -217,6 +233,8 @@ class ScoresReport:
         layer_params: {layer: parameters (d_out × d_in, bias included)}.
         by_layer: The layers whose parts of the scores were stored too (scores.by_layer), in their
             order; None without them.
+        queries_summed: With scores.sum_queries, the queries of data.query summed into the one row of
+            the scores (`n_query` is then 1); None without.
     """
 
     __repr__ = brief_repr
@@ -238,6 +256,7 @@ class ScoresReport:
     layer_params: dict[str, int] = field(default_factory=dict)
     members: int = 1  # models averaged over (ensemble.py): 1 + len(scores.checkpoints)
     by_layer: list[str] | None = None
+    queries_summed: int | None = None
 
 
 def _members_key(common: dict[str, Any]) -> dict[str, Any]:
@@ -685,6 +704,7 @@ def compute_scores(
     self_influence: bool = False,
     relative: bool | None = None,
     by_layer: bool | None = None,
+    sum_queries: bool | None = None,
     state: DistState | None = None,
     progress: Progress | None = None,
 ) -> ScoresReport:
@@ -703,6 +723,10 @@ def compute_scores(
             `scores_by_layer` [L, n_query, n_train] (in each shard, its train range), or with
             `self_influence` `self_influence_by_layer` [L, n_train], the layers named in order by
             the metadata's `by_layer`; the parts sum to the scores.
+        sum_queries: Sum the scores over every query (None = `scores.sum_queries`): `scores` [1, n_train],
+            Σ_q I(q, x), from the query gradients preconditioned chunk by chunk and summed into one row, and one
+            pass over the training set; the metadata records `sum_queries` and `queries_summed` (the number of
+            queries). Not with `self_influence`.
 
     Raises:
         ConfigError: no data.query (without `self_influence`), before any file is looked at; a
@@ -717,12 +741,15 @@ def compute_scores(
     t_start = time.perf_counter()
     if self_influence and relative is not None:
         raise UsageError("--relative/--no-relative: not used with --self (self-influence is ∇L(x)ᵀ(F+λ)⁻¹∇L(x), one number per example)")
+    if self_influence and sum_queries is not None:
+        raise UsageError("--sum-queries/--no-sum-queries: not used with --self (self-influence has no queries to sum)")
     measurement = "loss" if self_influence else load_measurement(cfg.task.measurement, cfg.base_dir)  # the user's function imported before any pass
     ctx = prepare(cfg, state)
     out_dir = cfg.output_path
     storage.ensure_writable_dir(out_dir)
     relative = cfg.scores.relative if relative is None else relative
     by_layer = cfg.scores.by_layer if by_layer is None else by_layer
+    sum_queries = cfg.scores.sum_queries if sum_queries is None else sum_queries
     progress = for_rank(progress, ctx.state.rank, ctx.state.world_size)
     train = ctx.dataset(cfg.data.train, "data.train")
     members: list[_ScoringMember] = []
@@ -739,7 +766,9 @@ def compute_scores(
         described.append(describe_member(member, mctx) | {"factors": factors_info, "damping": kernel.damping})
     scorer = _Scorer(members, train, progress, list(members[0].kernel.layers) if by_layer else None, measurement)
     seconds = {"setup": time.perf_counter() - t_start}
-    flags: dict[str, object] = {"scores.by_layer": by_layer} | ({} if self_influence else {"scores.relative": relative})  # --by-layer, --relative
+    flags: dict[str, object] = {"scores.by_layer": by_layer} | (
+        {} if self_influence else {"scores.relative": relative, "scores.sum_queries": sum_queries}
+    )  # --by-layer, --relative, --sum-queries
     common = {
         **ctx.provenance(flags),
         "strategy": cfg.factors.strategy,
@@ -761,10 +790,12 @@ def compute_scores(
         common["members"] = described  # fingerprints, factors and damping of every model averaged over
     if self_influence:
         return _run_self(scorer, common, overwrite, resume, seconds)
-    return _run_pairwise(scorer, common, relative, overwrite, resume, seconds)
+    return _run_pairwise(scorer, common, relative, overwrite, resume, seconds, sum_queries)
 
 
-def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overwrite: bool, resume: bool, seconds: dict[str, float]) -> ScoresReport:
+def _run_pairwise(
+    scorer: _Scorer, common: dict[str, Any], relative: bool, overwrite: bool, resume: bool, seconds: dict[str, float], sum_queries: bool = False
+) -> ScoresReport:
     ctx, cfg, train = scorer.ctx, scorer.cfg, scorer.train
     st = ctx.state
     out_dir = cfg.output_path
@@ -784,8 +815,10 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
         element_bytes=element_bytes,
         score_bytes=8 if scorer.dtype == torch.float64 else 4,  # the score block's dtype
         score_planes=1 + len(scorer.by_layer or ()),  # each layer's part beside the total
+        sum_queries=sum_queries,
     )
-    chunk = max(q1 - q0 for q0, q1 in layout.query_chunks)
+    summed = n_q if sum_queries else None  # the queries summed into the one row of the scores
+    chunk = max((q1 - q0 for q0, q1 in layout.summed or layout.query_chunks), default=1)
     for member in scorer.members:  # each chunk of queries is streamed against this rank's share of the training set
         member.kernel.plan(chunk, -(-n_t // st.world_size))
     single, index = out_dir / storage.SCORES_FILE, out_dir / storage.SCORES_INDEX
@@ -803,15 +836,15 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
         clear_progress_of_finished(st, out_dir, storage.SCORES_PARTIAL, outputs=[single, index, out_dir / storage.SCORES_SHARD_GLOB])
         done, num_shards = _finished_files(finished[0])  # the layout on disk, whatever this run's would be
         return ScoresReport(
-            "pairwise", done, n_q, n_t, finished[0] == index, num_shards, int(recorded[finished[0]].get("query_chunks") or 1), relative,
+            "pairwise", done, layout.rows, n_t, finished[0] == index, num_shards, int(recorded[finished[0]].get("query_chunks") or 1), relative,
             cfg.factors.strategy, cfg.task.measurement, common["damping"], {}, 0.0, "already complete",
-            {tm.name: tm.num_params for tm in ctx.tracked}, n_members, scorer.by_layer,
+            {tm.name: tm.num_params for tm in ctx.tracked}, n_members, scorer.by_layer, summed,
         )
     rank_suffix = f".rank{st.rank}" if st.distributed else ""
     checkpoint = PassCheckpoint(out_dir / storage.SCORES_PARTIAL.format(rank=rank_suffix), settings, cfg.factors.checkpoint_every)
     snapshot, replaced = _start_pairwise(st, checkpoint, single, index, overwrite, resume)
 
-    if cfg.scores.query_chunk is None and len(layout.query_chunks) > 1 and chunk < 16:
+    if cfg.scores.query_chunk is None and len(layout.query_chunks) > 1 and chunk < 16:  # never with sum_queries: one pass
         per_query = query_numbers * element_bytes / 2**20
         notices.warn(
             f"scores.max_memory_mb: {cfg.scores.max_memory_mb:g} MB holds the preconditioned gradients of {chunk} "
@@ -820,6 +853,8 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
         )
     t0 = time.perf_counter()
     query_info = scorer.query_info(queries)
+    if sum_queries:  # no row of the scores is one query's: the indices of those summed, no labels or predictions
+        query_info = {storage.SUMMED_QUERY_INDICES: query_info["query_indices"]}
     mine = [(s, out_dir / storage.SCORES_SHARD.format(shard=s.number) if layout.sharded else single) for s in layout.shards if s.rank == st.rank]
     left = [  # not finished by the interrupted run
         (s, path) for s, path in mine
@@ -870,7 +905,7 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
     return ScoresReport(
         "pairwise",
         paths,
-        n_q,
+        layout.rows,
         n_t,
         layout.sharded,
         len(layout.shards),
@@ -885,6 +920,7 @@ def _run_pairwise(scorer: _Scorer, common: dict[str, Any], relative: bool, overw
         {tm.name: tm.num_params for tm in ctx.tracked},
         n_members,
         scorer.by_layer,
+        summed,
     )
 
 
@@ -901,17 +937,23 @@ def _pairwise_keys(
         "relative": relative,
         "query_fingerprint": queries.fingerprint(),
         "query_parts": queries.fingerprint_parts(),
-        "n_query": len(queries),
+        "n_query": layout.rows,
         "n_train": len(scorer.train),
         "dtype": cfg.scores.dtype,
     } | _by_layer(scorer)
+    summed = {} if layout.summed is None else {"sum_queries": True}  # a key only of summed runs: the others keep theirs
+    if summed:
+        metadata |= summed | {"queries_summed": len(queries)}
     result = (
         {k: metadata[k] for k in ("model_fingerprint", "model_definition", "train_fingerprint", "query_fingerprint", "damping", "relative", "measurement", "strategy", "dtype")}
         | {"factors": common["factors"].get("created"), "amp": cfg.factors.amp}
         | _members_key(common)
         | _by_layer(scorer)
+        | summed
     )
     settings = result | {"bs": scorer.bs, "world": st.world_size, "chunks": layout.query_chunks, "shards": [(s.start, s.stop) for s in layout.shards]}
+    if layout.summed is not None:  # the summed row's rounding follows its chunks
+        settings["summed_chunks"] = layout.summed
     metadata["run_key"], metadata["result_key"], metadata["result"] = run_key(settings), run_key(result), result
     metadata["query_chunks"] = len(layout.query_chunks)
     return metadata, result, settings
@@ -976,8 +1018,12 @@ class _PairwisePass:
 
     def chunk_queries(self, q0: int, q1: int) -> list[StoredQueries]:
         """The preconditioned queries [q0, q1), per member: held, or computed (one query pass), and held
-        when `keep`."""
+        when `keep`. With scores.sum_queries (`layout.summed`), the one row Σ_q (F + λ)⁻¹ ∇(measurement) of
+        every query, per member (`summed_queries`)."""
         if (q0, q1) in self.held:
+            return self.held[q0, q1]
+        if self.layout.summed is not None:
+            self.held[q0, q1] = self.summed_queries(self.layout.summed)
             return self.held[q0, q1]
         tq = time.perf_counter()
         vq = self.scorer.precondition(self.queries, q0, q1, f"query gradients {q0:,}..{q1:,}")
@@ -985,6 +1031,21 @@ class _PairwisePass:
         if self.keep:
             self.held[q0, q1] = vq
         return vq
+
+    def summed_queries(self, chunks: list[tuple[int, int]]) -> list[StoredQueries]:
+        """Per member, the preconditioned queries of every chunk summed into one row: each chunk computed
+        (one query pass), its rows added to the sum (float32 at least, `ScoreKernel.add_rows`), and let go
+        before the next one's are computed, so that one chunk [chunk, P] and the sum [P] are in memory.
+        Preconditioning is linear, so the row scores Σ_q I(q, x) exactly."""
+        sums: list[dict[str, list[torch.Tensor]] | None] = [None] * len(self.scorer.members)
+        for q0, q1 in chunks:
+            tq = time.perf_counter()
+            vq = self.scorer.precondition(self.queries, q0, q1, f"query gradients {q0:,}..{q1:,} (summed)")
+            for m, (member, stored) in enumerate(zip(self.scorer.members, vq, strict=True)):
+                sums[m] = member.kernel.add_rows(stored, sums[m])
+            del vq, stored
+            self.seconds["queries"] += time.perf_counter() - tq
+        return [m.kernel.summed_queries(total or {}) for m, total in zip(self.scorer.members, sums, strict=True)]
 
     def open_shard(self, shard: ShardSpec, snapshot: Snapshot | None) -> _OpenShard:
         """One train range's results, zeros, or where `snapshot` is of this range, those it saved (its pieces, or the
@@ -996,7 +1057,7 @@ class _PairwisePass:
         """
         scorer, chunks = self.scorer, self.layout.query_chunks
         ctx, train = scorer.ctx, scorer.train
-        n_q, width = len(self.queries), shard.stop - shard.start
+        n_q, width = self.layout.rows, shard.stop - shard.start
         block = torch.zeros(n_q, width, dtype=scorer.dtype, device=ctx.device)
         parts = None if scorer.by_layer is None else torch.zeros(len(scorer.by_layer), n_q, width, dtype=scorer.dtype, device=ctx.device)
         norms = torch.zeros(len(scorer.members), width, dtype=scorer.dtype, device=ctx.device) if self.relative else None

@@ -65,6 +65,9 @@ SCORES_BY_LAYER = "scores_by_layer"  # [L, n_query, n_train] (a shard: its train
 SELF_BY_LAYER = "self_influence_by_layer"  # [L, n_train], summing over L to "self_influence"
 SELF_LOSSES = "train_losses"  # [n_train] each example's training loss, beside "self_influence" (absent from files of earlier versions)
 BY_LAYER = "by_layer"
+# scores.sum_queries: the global indices [Q] of the queries summed into the one row of "scores" (in place of
+# query_indices / query_labels / query_predictions, which describe one query per row)
+SUMMED_QUERY_INDICES = "summed_query_indices"
 
 # Per-layer factor keys: "<module>.<name>".
 A_EIGENVECTORS = "a_eigenvectors"

@@ -51,6 +51,8 @@ class ScoresMeta:
         has_norms: The files hold `train_norms` (relative runs), so plain scores can be recovered.
         by_layer: The layers, in order, whose parts of every score the files hold too
             (`scores_by_layer`, compute-scores --by-layer); None when they hold none.
+        queries_summed: Scores summed over the queries of data.query (compute-scores --sum-queries): their
+            number, the scores' one row their sum (n_query is 1; no query labels or predictions); None otherwise.
     """
 
     __repr__ = brief_repr
@@ -66,6 +68,7 @@ class ScoresMeta:
     query_predictions: torch.Tensor | None
     has_norms: bool = False
     by_layer: list[str] | None = None
+    queries_summed: int | None = None
 
     @property
     def sharded(self) -> bool:
@@ -112,10 +115,11 @@ class RankedExample:
 
 @dataclass
 class QueryRanking:
-    """The top proponents (largest scores) and opponents (smallest) of one query."""
+    """The top proponents (largest scores) and opponents (smallest) of one query, or of the one row of scores
+    summed over every query (compute-scores --sum-queries: `query_index`, label and prediction None)."""
 
     query_position: int
-    query_index: int
+    query_index: int | None
     query_label: Any
     query_prediction: Any
     proponents: list[RankedExample] = field(default_factory=list)
@@ -201,9 +205,11 @@ def load_scores_meta(output_dir: str | Path) -> ScoresMeta:
         labels, preds = get("query_labels"), get("query_predictions")
     if query_indices is None:
         query_indices = torch.arange(n_query)
+    summed = metadata.get("queries_summed") if metadata.get("sum_queries") else None
     return ScoresMeta(
         out, files, int(n_query), int(n_train), bool(metadata.get("relative", False)), metadata, query_indices, labels, preds,
         has_norms="train_norms" in keys, by_layer=_layer_names(files[0].path, metadata, keys, storage.SCORES_BY_LAYER),
+        queries_summed=None if summed is None else int(summed),
     )
 
 
@@ -374,6 +380,26 @@ def _check_current_factors(metadata: dict[str, Any], cfg: Config, path: Path, co
                 hint=f"rerun {command} with --overwrite on the current factors",
             )
         warn_of_refit(path, "scores", member.factors_path, factors.get("created"), current.get("created"), command)
+
+
+def check_summed_selection(meta: ScoresMeta, queries: slice | int | Sequence[int | slice] | None) -> None:
+    """Scores summed over the queries (`meta.queries_summed`) have one row: a selection other than all of them
+    (None) or row 0 is refused, naming --query.
+
+    Raises:
+        UsageError: naming --query, the number of queries summed and what to pass.
+    """
+    items = [queries] if queries is None or isinstance(queries, slice) or _is_position(queries) else list(queries) if _is_iterable(queries) else [queries]
+    whole = all(
+        item is None or (_is_position(item) and item == 0)
+        or (isinstance(item, slice) and item.start in (None, 0) and item.stop in (None, 1) and item.step in (None, 1))
+        for item in items
+    )
+    if not whole:
+        raise UsageError(
+            f"--query: the scores in {str(meta.output_dir)!r} are the {meta.queries_summed} queries of data.query summed into one row "
+            "(compute-scores --sum-queries): pass --query 0 or no --query (without --sum-queries, each query has its own row)"
+        )
 
 
 def select_queries(
@@ -702,6 +728,9 @@ def top_k(
     _check_k(k)
     _folder_of(output_dir, "top_k")  # the caller named in a TypeError
     meta = load_scores_meta(output_dir)
+    if meta.queries_summed is not None:
+        check_summed_selection(meta, queries)
+        queries = None  # its one row
     rows = select_queries(meta.n_query, queries, meta.query_indices)
     best = _Running(len(rows), k, 1.0) if largest else None
     worst = _Running(len(rows), k, -1.0) if smallest else None
@@ -714,7 +743,7 @@ def top_k(
         out.append(
             QueryRanking(
                 q,
-                int(meta.query_indices[q]),
+                None if meta.queries_summed is not None else int(meta.query_indices[q]),
                 None if meta.query_labels is None else _plain(meta.query_labels[q]),
                 None if meta.query_predictions is None else _plain(meta.query_predictions[q]),
                 best.ranked(i) if best is not None else [],

@@ -89,6 +89,16 @@ def compute_scores_cmd(
             show_default=False,
         ),
     ] = None,
+    sum_queries: Annotated[
+        bool | None,
+        typer.Option(
+            "--sum-queries/--no-sum-queries",
+            metavar="",
+            help="Sum the scores over every query of data.query: one row [1, n_train], each training example's total influence on "
+            "the whole query set (data cleaning, data valuation), from one pass over the training set (default: scores.sum_queries).",
+            show_default=False,
+        ),
+    ] = None,
     overwrite: OverwriteOpt = False,
     resume: ResumeOpt = False,
     json_: JsonOpt = False,
@@ -106,6 +116,10 @@ def compute_scores_cmd(
     ensemble), the scores are averaged over model.checkpoint and every listed checkpoint, each with the factors
     fit-factors fitted for it.
 
+    With --sum-queries (scores.sum_queries), the preconditioned query gradients are summed, chunk by chunk,
+    into one row and the training set is streamed once: scores [1, n_train], each training example's total
+    influence Σ_q I(q, x) on the whole query set (which examples help or hurt the model on it).
+
     Sign convention: a positive score means the training example helps the query: up-weighting it
     lowers the query's loss (a proponent); negative means it hurts (an opponent). A score is N × the
     first-order effect of removing the example (N = training examples), in the query measurement's
@@ -119,7 +133,7 @@ def compute_scores_cmd(
     cfg = load(config, set_, "compute_scores", self_influence=self_)
     state = init_distributed(cfg.device, cfg.source)
     report = compute_scores(
-        cfg, overwrite=overwrite, resume=resume, self_influence=self_, relative=relative, by_layer=by_layer, state=state,
+        cfg, overwrite=overwrite, resume=resume, self_influence=self_, relative=relative, by_layer=by_layer, sum_queries=sum_queries, state=state,
         progress=RichProgress(not json_),
     )
     if not state.is_main:
@@ -129,6 +143,8 @@ def compute_scores_cmd(
         data["paths"] = [str(p) for p in report.paths]
         if report.by_layer is None:  # a key only of runs that store the parts
             del data["by_layer"]
+        if report.queries_summed is None:  # a key only of runs that sum their queries
+            del data["queries_summed"]
         print_json(data)
         return
     if report.resumed_from == "already complete":
@@ -139,8 +155,9 @@ def compute_scores_cmd(
         title = f"self-influence of {report.n_train:,} training examples ({report.strategy})"
     else:
         variant = "relative influence (RelatIF)" if report.relative else "influence"
+        queries = f"{report.n_query:,} queries" if report.queries_summed is None else f"the {report.queries_summed:,} queries summed"
         title = (
-            f"{variant}: {report.n_query:,} queries × {report.n_train:,} training examples "
+            f"{variant}: {queries} × {report.n_train:,} training examples "
             f"({report.strategy}, measurement {report.measurement})"
         )
     if report.members > 1:
@@ -297,6 +314,12 @@ def top_k_cmd(
     selection = parse_query_option(query)
     meta = topk.load_scores_meta(out_dir)
     loaded = topk.check_scores_match(meta.metadata, cfg, meta.files[0].path if len(meta.files) == 1 else out_dir / storage.SCORES_INDEX)
+    summed = meta.queries_summed
+    if summed is not None and image_grid is not None:  # a grid's rows start with their query's tile: the sum has none
+        raise UsageError(
+            f"--image-grid: the scores in {str(out_dir)!r} are the {summed} queries of data.query summed into one row "
+            "(compute-scores --sum-queries), which has no query image to draw; leave --image-grid out"
+        )
     if plain and not meta.relative:
         raise UsageError(f"--plain: the scores in {str(out_dir)!r} are plain influence already (it undoes scores.relative)")
     if cfg.scores.relative != meta.relative and not plain:  # not refused: compute-scores --relative overrides the config
@@ -320,6 +343,9 @@ def top_k_cmd(
                 row[side] = [_ranked_json(e) for e in getattr(r, side)]
                 for e, entry in zip(getattr(r, side), row[side], strict=True):
                     entry |= {"train_label": label_json(e.train_label, token_data)} | _json_extras(train, e.train_position, "train", files)
+            if summed is not None:  # no one query: no label, prediction, file or input
+                rows.append(row)
+                continue
             labels = {"query_label": label_json(r.query_label, token_data), "query_prediction": label_json(r.query_prediction, token_data)}
             rows.append(row | labels | _json_extras(queries, r.query_position, "query", files))
         print_json(
@@ -332,6 +358,7 @@ def top_k_cmd(
                 "queries": rows,
             }
             | _classes_json(train)
+            | ({} if summed is None else {"queries_summed": summed})
             | ({"image_grid": str(Path(grid_path).resolve())} if grid_path else {})
         )
         return
@@ -348,7 +375,7 @@ def top_k_cmd(
         title = (
             f"query {r.query_position} · index {r.query_index} · {shown}label {label_text(r.query_label, names, token_data)} · "
             f"predicted {label_text(r.query_prediction, names, token_data)}"
-        )
+        ) if summed is None else f"the {summed:,} queries of data.query, summed"
         columns = [("", "left"), ("rank", "right"), ("train index", "right")] + ([("file", "left")] if files else [])
         rows: list[tuple[list[Any], RankedExample | None]] = [
             ([Text("proponent", style="green"), str(e.rank), str(e.train_index), *cells(e), f"{e.score:+.5g}"], e) for e in r.proponents
