@@ -68,8 +68,14 @@ def test_every_command_prints_the_documented_keys(tmp_path):
     folder_top, folder_self = image_folder_top_k(runner, tmp_path / "folders")
     assert folder_top["classes"] == folder_self["classes"] == ["cat", "dog", "fox"]  # label i is classes[i]
     assert [q["query_label"] for q in folder_top["queries"]] == [0, 1] and folder_top["queries"][1]["query_file"] == "dog/0.png"
+    summed = json.loads(runner.invoke(app, ["compute-scores", str(DIGITS), *sets, "--sum-queries", "--overwrite", "--json"]).stdout)
+    summed_top = json.loads(runner.invoke(app, ["top-k", str(DIGITS), *sets, "--k", "2", "--json"]).stdout)  # its one row
+    assert summed["n_query"] == 1 and [q["query_index"] for q in summed_top["queries"]] == [None]
     seen: dict[str, set[str]] = {}
-    for name, data in [*printed.items(), ("top-k", self_top), ("top-k", noisy_top), ("compute-scores", by_layer), ("top-k", folder_top), ("top-k", folder_self)]:
+    for name, data in [
+        *printed.items(), ("top-k", self_top), ("top-k", noisy_top), ("compute-scores", by_layer), ("top-k", folder_top),
+        ("top-k", folder_self), ("compute-scores", summed), ("top-k", summed_top),
+    ]:
         always, optional = docs[name]
         keys = set(data)
         seen.setdefault(name, set()).update(keys)
