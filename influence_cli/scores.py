@@ -819,8 +819,9 @@ def _run_pairwise(
     )
     summed = n_q if sum_queries else None  # the queries summed into the one row of the scores
     chunk = max((q1 - q0 for q0, q1 in layout.summed or layout.query_chunks), default=1)
+    streamed_with = n_q if sum_queries else chunk  # summed: every query is preconditioned once for the one pass
     for member in scorer.members:  # each chunk of queries is streamed against this rank's share of the training set
-        member.kernel.plan(chunk, -(-n_t // st.world_size))
+        member.kernel.plan(streamed_with, -(-n_t // st.world_size))
     single, index = out_dir / storage.SCORES_FILE, out_dir / storage.SCORES_INDEX
     metadata, result, settings = _pairwise_keys(scorer, common, queries, layout, relative)
     paths = ([index] + [out_dir / storage.SCORES_SHARD.format(shard=s.number) for s in layout.shards]) if layout.sharded else [single]

@@ -213,3 +213,66 @@ def test_summed_scores_of_a_path_are_read_as_one_row(project):  # noqa: F811
     out = compute_scores(make_cfg(project, "s_meta"), sum_queries=True).paths[0].parent
     meta = load_scores_meta(Path(out))
     assert meta.n_query == 1 and meta.queries_summed == N_QUERY and meta.query_labels is None
+
+
+@pytest.mark.distributed
+def test_two_ranks_sum_the_queries_as_one_process(tmp_path):
+    """Under torchrun each rank sums every chunk of queries into the row it scores its own shards with: the job's
+    index and shards hold the one process's summed row."""
+    from test_distributed import CONFIG, torchrun
+
+    from influence_cli.config import load_config
+
+    sets = ["device=cpu", "data.train.range=[0, 200]", "scores.query_chunk=3"]
+    single = load_config(CONFIG, [*sets, f"output_dir={tmp_path / 'single'}"])
+    fit_factors(single)
+    want = all_scores(compute_scores(single, sum_queries=True).paths[0].parent, 1)
+    (tmp_path / "job").mkdir()
+    shutil.copy(tmp_path / "single" / storage.FACTORS_FILE, tmp_path / "job" / storage.FACTORS_FILE)
+    args = [a for s in [*sets, f"output_dir={tmp_path / 'job'}"] for a in ("--set", s)]
+    run = torchrun("compute-scores", str(CONFIG), *args, "--sum-queries")
+    assert run.returncode == 0, run.stderr
+    meta = load_scores_meta(tmp_path / "job")
+    assert meta.sharded and meta.n_query == 1 and meta.queries_summed == single.data.query.range[1] - single.data.query.range[0]
+    torch.testing.assert_close(all_scores(tmp_path / "job", 1), want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("model_class", ["ConvHead", "SeqModel"])
+@pytest.mark.parametrize("strategy", ["ekfac", "identity"])
+def test_summed_stored_queries_of_layers_with_positions_score_the_sum(model_class, strategy):
+    """`ScoreKernel.add_rows` then `summed_queries` on chunks stored by `store_queries` (a layer with positions keeps
+    [Q, P]; the head is cut into pieces and row blocks), against the in-memory [Q, N] matrix summed over its rows."""
+    import exact
+
+    from influence_cli.factors import LayerFactors
+    from influence_cli.kernel import build_kernel, pairwise_scores
+    from influence_cli.passes import stream_gradients
+    from influence_cli.tracking import find_tracked_modules
+
+    model = getattr(exact, model_class)().double()
+    g = torch.Generator().manual_seed(3)
+    shape = (2, 5, 5) if model_class == "ConvHead" else (4, 4)
+    x, y = torch.randn(13, *shape, generator=g, dtype=torch.float64), torch.randint(0, 3, (13,), generator=g)
+    xq, yq = torch.randn(7, *shape, generator=g, dtype=torch.float64), torch.randint(0, 3, (7,), generator=g)
+    if strategy == "identity":
+        tracked = find_tracked_modules(model, ["*"])
+        layers = {tm.name: LayerFactors(tm.name) for tm in tracked}
+    else:
+        tracked, layers = exact.fit(model, x, y, strategy=strategy, batch_size=5)
+    want = pairwise_scores(model, tracked, layers, exact.batches_of(xq, yq, 3)(0), exact.batches_of(x, y, 4)(0)).sum(0, keepdim=True)
+    kernel = build_kernel(model, layers, "auto", 0.1, None, "layer", "none")
+    kernel.plan(3, 13)
+    sums = None
+    for q0 in range(0, 7, 3):  # chunks of 3, 3 and 1 queries
+        stored: dict = {}
+        q1 = min(q0 + 3, 7)
+        chunk = [(xq[q0:q1], yq[q0:q1], torch.arange(q0, q1))]
+        for batch in stream_gradients(model, tracked, chunk, task_kind="classification", mode="measurement"):
+            kernel.store_queries(stored, 0, q1 - q0, batch)
+        sums = kernel.add_rows(stored, sums)
+    row = kernel.summed_queries(sums)
+    got = torch.cat([
+        kernel.pairwise(row, kernel.gradients(batch))
+        for batch in stream_gradients(model, tracked, exact.batches_of(x, y, 4)(0), task_kind="classification", mode="loss")
+    ], 1)  # fmt: skip
+    assert_rel(got, want, 1e-10)
