@@ -150,6 +150,18 @@ def test_resume_of_interrupted_per_query_progress_with_sum_queries_is_refused(pr
     compute_scores(cfg, resume=True)  # the run it was continues
 
 
+def test_an_interrupted_summed_run_resumes_to_the_same_scores(project):  # noqa: F811
+    from stopping import StopAt
+
+    whole = all_scores(compute_scores(make_cfg(project, "s_uninterrupted", "scores.query_chunk=3"), sum_queries=True).paths[0].parent, 1)
+    cfg = make_cfg(project, "s_resumed", "scores.query_chunk=3", "factors.checkpoint_every=1")
+    with pytest.raises(KeyboardInterrupt):
+        compute_scores(cfg, sum_queries=True, progress=StopAt("scores", 16))
+    report = compute_scores(cfg, resume=True, sum_queries=True)
+    assert report.resumed_from is not None and report.queries_summed == N_QUERY
+    assert torch.equal(all_scores(cfg.output_path, 1), whole)
+
+
 def test_sum_queries_is_refused_with_self(project):  # noqa: F811
     with pytest.raises(UsageError, match="--sum-queries"):
         compute_scores(make_cfg(project, "s_self"), self_influence=True, sum_queries=True)
