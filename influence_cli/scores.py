@@ -952,9 +952,8 @@ def _pairwise_keys(
         | _by_layer(scorer)
         | summed
     )
-    settings = result | {"bs": scorer.bs, "world": st.world_size, "chunks": layout.query_chunks, "shards": [(s.start, s.stop) for s in layout.shards]}
-    if layout.summed is not None:  # the summed row's rounding follows its chunks
-        settings["summed_chunks"] = layout.summed
+    chunks = layout.query_chunks if layout.summed is None else layout.summed  # summed: the row's rounding follows its chunks
+    settings = result | {"bs": scorer.bs, "world": st.world_size, "chunks": chunks, "shards": [(s.start, s.stop) for s in layout.shards]}
     metadata["run_key"], metadata["result_key"], metadata["result"] = run_key(settings), run_key(result), result
     metadata["query_chunks"] = len(layout.query_chunks)
     return metadata, result, settings

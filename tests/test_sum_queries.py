@@ -288,3 +288,17 @@ def test_summed_stored_queries_of_layers_with_positions_score_the_sum(model_clas
         for batch in stream_gradients(model, tracked, exact.batches_of(x, y, 4)(0), task_kind="classification", mode="loss")
     ], 1)  # fmt: skip
     assert_rel(got, want, 1e-10)
+
+
+def test_resume_with_other_query_chunks_is_refused_naming_the_chunks_to_resume_with(project):  # noqa: F811
+    """The summed row's rounding follows its chunks: progress summed in chunks of 3 is not continued with a row summed
+    in chunks of 2, and the refusal names the query chunks and the scores.query_chunk that resumes it."""
+    from stopping import StopAt
+
+    cfg = make_cfg(project, "s_rechunked", "scores.query_chunk=3", "factors.checkpoint_every=1")
+    with pytest.raises(KeyboardInterrupt):
+        compute_scores(cfg, sum_queries=True, progress=StopAt("scores", 16))
+    with pytest.raises(OutputError, match=r"query chunks \(scores\.query_chunk, scores\.max_memory_mb\)") as caught:
+        compute_scores(make_cfg(project, "s_rechunked", "scores.query_chunk=2", "factors.checkpoint_every=1"), resume=True, sum_queries=True)
+    assert "--set scores.query_chunk=3" in caught.value.hint
+    compute_scores(cfg, resume=True, sum_queries=True)
