@@ -582,9 +582,10 @@ class _Scorer:
             "query_predictions": torch.cat(preds),
         }
 
-    def precondition(self, queries: IndexedDataset, q0: int, q1: int, title: str) -> list[StoredQueries]:
+    def precondition(self, queries: IndexedDataset, q0: int, q1: int, title: str, summed: bool = False) -> list[StoredQueries]:
         """Per member, {layer: (F + λ)⁻¹ ∇(measurement) [q1 - q0, P]} for query positions [q0, q1)
-        (layers without positions: in column blocks, ScoreKernel.store_queries). Under torchrun each
+        (layers without positions: in column blocks, ScoreKernel.store_queries); `summed`: for the row of
+        scores.sum_queries (what the warning of queries with a zero gradient says of them). Under torchrun each
         rank says its own errors here: ranks reach a chunk at different times, and one that stayed
         silent could leave before rank 0 got there to say it."""
         outs: list[StoredQueries] = [{} for _ in self.members]
@@ -610,7 +611,7 @@ class _Scorer:
             )
             notices.warn(
                 f"data.query: the gradient of the query {self.cfg.task.measurement} is exactly 0 for {len(zero_gradient)} of {q1 - q0} queries "
-                f"(global indices {index_span(zero_gradient)}), so their scores are all 0; "
+                f"(global indices {index_span(zero_gradient)}), so {'they add nothing to the summed scores' if summed else 'their scores are all 0'}; "
                 f"{cause}, such as 8-bit inputs without transform.scale: 255"
             )
         return outs
@@ -1040,7 +1041,7 @@ class _PairwisePass:
         sums: list[dict[str, list[torch.Tensor]] | None] = [None] * len(self.scorer.members)
         for q0, q1 in chunks:
             tq = time.perf_counter()
-            vq = self.scorer.precondition(self.queries, q0, q1, f"query gradients {q0:,}..{q1:,} (summed)")
+            vq = self.scorer.precondition(self.queries, q0, q1, f"query gradients {q0:,}..{q1:,} (summed)", summed=True)
             for m, (member, stored) in enumerate(zip(self.scorer.members, vq, strict=True)):
                 sums[m] = member.kernel.add_rows(stored, sums[m])
             del vq, stored

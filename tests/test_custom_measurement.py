@@ -311,3 +311,27 @@ def test_the_guides_functions_index_a_language_models_labels_only_where_they_cou
     torch.testing.assert_close(fn(outputs.requires_grad_(True), labels), want)
     grad = task_lib.loss_output_gradient(outputs.detach(), labels, "language_modeling", fn)
     assert bool((grad[0, :3] == 0).all()) and bool((grad[1, 2:] == 0).all()) and bool((grad[1, 1] != 0).all())
+
+
+def test_a_function_summed_over_the_queries(runner, project):
+    """compute-scores --sum-queries of a function beside the config: the per-query scores summed over the queries, the
+    function recorded (top-k of another refused); a function flat at some queries is said to add nothing to the sum."""
+    folder = project.parent
+    runs = {}
+    for name, flags in (("each", []), ("summed", ["--sum-queries"])):
+        out = ["--set", f"output_dir={folder / f'own_{name}'}", "--set", f"factors_dir={folder / 'out'}", "--set", "scores.query_chunk=3"]
+        result = _invoke(runner, "compute-scores", project, *out, "--set", "task.measurement=measures:minus_margin", *flags)
+        assert result.exit_code == 0, result.stderr
+        runs[name] = load_file(folder / f"own_{name}" / storage.SCORES_FILE)["scores"]
+    assert runs["summed"].shape == (1, runs["each"].shape[1])
+    torch.testing.assert_close(runs["summed"], runs["each"].sum(0, keepdim=True), rtol=1e-5, atol=1e-5 * float(runs["summed"].abs().max()))
+    summed = ["--set", f"output_dir={folder / 'own_summed'}", "--set", f"factors_dir={folder / 'out'}"]
+    result = _invoke(runner, "top-k", project, *summed, "--set", "task.measurement=measures:minus_margin", "--k", "2")
+    assert result.exit_code == 0 and "the 7 queries of data.query, summed" in result.stdout, result.stderr
+    result = _invoke(runner, "top-k", project, *summed, "--set", "task.measurement=measures:minus_logit0", "--k", "2")
+    assert result.exit_code == 5 and "computed with task.measurement=measures:minus_margin" in result.stderr, result.stderr
+    flat = ["--set", f"output_dir={folder / 'flat_summed'}", "--set", f"factors_dir={folder / 'out'}", "--set", "task.measurement=measures:flat_for_label_0"]
+    result = _invoke(runner, "compute-scores", project, *flat, "--sum-queries")
+    assert result.exit_code == 0, result.stderr
+    text = " ".join(result.stderr.split())
+    assert "so they add nothing to the summed scores" in text and "all 0" not in text, text

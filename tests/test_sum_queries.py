@@ -50,9 +50,9 @@ def preconditioned_chunks(monkeypatch) -> list[tuple[int, int]]:
     seen: list[tuple[int, int]] = []
     precondition = scores_mod._Scorer.precondition
 
-    def record(self, queries, q0, q1, title):
+    def record(self, queries, q0, q1, title, **kwargs):
         seen.append((q0, q1))
-        return precondition(self, queries, q0, q1, title)
+        return precondition(self, queries, q0, q1, title, **kwargs)
 
     monkeypatch.setattr(scores_mod._Scorer, "precondition", record)
     return seen
