@@ -819,7 +819,7 @@ def _run_pairwise(
         sum_queries=sum_queries,
     )
     summed = n_q if sum_queries else None  # the queries summed into the one row of the scores
-    chunk = max((q1 - q0 for q0, q1 in layout.summed or layout.query_chunks), default=1)
+    chunk = max(q1 - q0 for q0, q1 in layout.query_chunks)
     streamed_with = n_q if sum_queries else chunk  # summed: every query is preconditioned once for the one pass
     for member in scorer.members:  # each chunk of queries is streamed against this rank's share of the training set
         member.kernel.plan(streamed_with, -(-n_t // st.world_size))

@@ -221,6 +221,22 @@ def test_cli_sum_queries_scores_top_k_and_json(project, tmp_path):  # noqa: F811
     assert result.exit_code != 0 and "--sum-queries" in result.stderr
 
 
+def test_sum_queries_of_an_empty_data_query_is_refused_in_one_line_naming_it(project):  # noqa: F811
+    """No query to sum: refused as the per-query run refuses it, one line naming data.query, nothing written."""
+    folder, data = project
+    save_file({"inputs": torch.zeros(0, 6), "labels": torch.zeros(0, dtype=torch.int64)}, folder / "no_queries.safetensors")
+    (folder / "s_empty").mkdir(exist_ok=True)
+    shutil.copy(folder / "out" / storage.FACTORS_FILE, folder / "s_empty" / storage.FACTORS_FILE)
+    config = folder / "s_empty.yaml"
+    config.write_text(json.dumps(data | {"output_dir": "s_empty", "data": data["data"] | {"query": {"source": "tensors", "path": "no_queries.safetensors"}}}))
+    runner = CliRunner(env={"COLUMNS": "160", "INFLUENCE_DEBUG": None, "RANK": None, "WORLD_SIZE": None})
+    for flags in ([], ["--sum-queries"]):
+        result = runner.invoke(app, ["compute-scores", str(config), *flags])
+        assert result.exit_code == 3, result.stderr
+        assert result.stderr.startswith("data error: data.query: the source holds no examples (no_queries.safetensors)\n"), result.stderr
+    assert [p.name for p in (folder / "s_empty").iterdir()] == [storage.FACTORS_FILE]
+
+
 def test_summed_scores_of_a_path_are_read_as_one_row(project):  # noqa: F811
     out = compute_scores(make_cfg(project, "s_meta"), sum_queries=True).paths[0].parent
     meta = load_scores_meta(Path(out))
