@@ -37,7 +37,8 @@ def example(command: str, *needles: str) -> list[str]:
 
 def test_the_sharded_scores_and_self_influence_examples_give_the_files_info_and_top_k_read(tmp_path, monkeypatch):
     """compute-scores' budget example writes shards (info's scores.index.json example reads them), and
-    its CPU --self example writes what top-k's --self examples rank, by self-influence and by loss (an untrained model of configs/mnist.yaml)."""
+    its CPU --self example writes what top-k's --self examples rank, by self-influence and by loss, and its --sum-queries
+    example writes the one summed row into its own output_dir (an untrained model of configs/mnist.yaml)."""
     monkeypatch.chdir(ROOT)  # the examples' paths are relative to the repository root
     cfg = load_config(ROOT / "configs" / "mnist.yaml", check_files=False)
     torch.manual_seed(0)
@@ -68,6 +69,15 @@ def test_the_sharded_scores_and_self_influence_examples_give_the_files_info_and_
     assert by_loss["rank_by"] == "loss" and len(by_loss["self_influence"]) == 20
     losses = [row["loss"] for row in by_loss["self_influence"]]
     assert losses == sorted(losses, reverse=True)
+    summed = [  # its own output_dir beside the per-query scores, the factors read from ../runs/mnist (relative to configs/)
+        a.replace("=../runs/mnist_summed", f"={tmp_path / 'summed'}").replace("=../runs/mnist", f"={tmp_path}")
+        for a in example("compute-scores", "--sum-queries")
+    ]
+    result = runner.invoke(app, [*summed, *[x for s in sets if not s.startswith("output_dir=") for x in ("--set", s)], "--json"])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["n_query"] == 1 and report["queries_summed"] == 100 and report["n_train"] == 8000, report
+    assert report["paths"] == [str(tmp_path / "summed" / "scores.safetensors")] and (tmp_path / "scores.index.json").is_file()
 
 
 def test_the_spectrum_and_edit_examples_run_and_the_edited_checkpoint_loads(tmp_path, monkeypatch):

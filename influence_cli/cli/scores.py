@@ -43,6 +43,8 @@ SCORES_EPILOG = """\
 
   influence compute-scores configs/mnist.yaml --relative --set scores.max_memory_mb=3 --overwrite     # 100 × 8,000 scores, over 3 MB: shards
 
+  influence compute-scores configs/mnist.yaml --sum-queries --set output_dir=../runs/mnist_summed --set factors_dir=../runs/mnist     # one row, 1 × 8,000: the 100 queries summed
+
   influence compute-scores configs/mnist.yaml --self --overwrite
 
   influence compute-scores configs/mnist.yaml --set factors.amp=bfloat16 --overwrite
