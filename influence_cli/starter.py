@@ -231,6 +231,25 @@ def _own(folder: Path, model: str, checkpoint: str | Path | None, train: str, qu
     if classes and (torchvision or model in BUILTIN_MODELS):  # their outputs are num_classes (torchvision's default: 1000)
         kwargs["num_classes"] = len(classes)
         arguments += f"; num_classes: the {len(classes)} class folders of --train" + (" with images" if classes != folders else "")
+    table = _table_labels(train, label_column) if train.lower().endswith(CSV_SUFFIXES) else None
+    regression = table is not None and table[1] is None
+    if model in BUILTIN_MODELS:
+        shapes = _checkpoint_shapes(checkpoint) if checkpoint is not None else None
+        derived = _builtin_kwargs(model, shapes) if shapes is not None else None
+        if derived is not None:  # exact: the layers' shapes are the arguments' values
+            kwargs = derived
+            arguments = f"arguments of {name}(...), read from the checkpoint's layer shapes" + (
+                " (activation: relu unless set)"
+                if model == "mlp"
+                else " (padding: 1 assumed; image_size: the smallest the layers fit)"
+                if "image_size" in derived
+                else " (set image_size: the images' [height, width])"
+            )
+            regression = regression or (table is not None and derived["num_classes"] == 1)
+        elif table is not None and model == "mlp":  # no checkpoint (or not mlp's layers): the table's shape
+            kwargs = {"input_dim": table[0], "num_classes": table[1] if table[1] is not None else 1}
+            what = f"{table[1]} classes: labels 0..{table[1] - 1}" if table[1] is not None else "1 output: a regression's target"
+            arguments = f"arguments of mlp(...): input_dim: the {table[0]} feature columns of --train; num_classes: {what}; hidden: docs/CONFIG.md"
     gray_to_rgb = torchvision and bool(classes) and _grayscale(train)  # torchvision's image models take RGB
     where = "torchvision's, built without weights" if torchvision else "looked up beside this file, then on PYTHONPATH" if ":" in model else "built-in"
     weights = (
@@ -243,7 +262,7 @@ def _own(folder: Path, model: str, checkpoint: str | Path | None, train: str, qu
         (1, "architecture", model, where),
         (1, "kwargs", kwargs, arguments),
         weights,
-        *_task(),
+        *_task("regression" if regression else "classification", table is not None),
         (0, "data", BLOCK, "an example's index is its position in its dataset"),
         (1, "train", BLOCK, "the training set the model learned from"),
         *_source(folder, train, "--train", label_column, gray_to_rgb),
@@ -297,6 +316,7 @@ def _source(folder: Path, value: str, flag: str, label_column: str | None = None
             (2, "source", "csv", "a table of numbers: a header row, then one example per row"),
             (2, "path", _relative(Path(value), folder), "an example's index is its row's (0: the first after the header)"),
             _label_column(value, flag, label_column),
+            *_columns(value, label_column),
         ]
     raise UsageError(
         f"{flag}: {value!r} is not module:Name (your Dataset class or a function returning one), a tensors file "
@@ -318,6 +338,23 @@ def _label_column(value: str, flag: str, label_column: str | None) -> Line:
     return (2, "label_column", header[-1], "the header's last column (--label-column names another); every other column is a feature")
 
 
+def _identifiers(header: list[str]) -> list[str]:
+    """The columns of a table's header named as row identifiers (id, ID, user_id, index, pandas' unnamed index), which
+    are no features."""
+    return [h for h in header if h.lower() in ("id", "index", "unnamed: 0") or h.lower().endswith(("_id", " id"))]
+
+
+def _columns(value: str, label_column: str | None) -> list[Line]:
+    """The columns line of a table whose header names identifier columns: every column but those and the label's."""
+    header = _csv_header(value) or []
+    label = label_column if label_column is not None else header[-1] if header else None
+    ids = [h for h in _identifiers(header) if h != label]
+    if not ids:
+        return []
+    features = [h for h in header if h != label and h not in ids]
+    return [(2, "columns", features, f"the features, in the model's order: every column but the label and {', '.join(ids)} (a row's identifier)")]
+
+
 def _csv_header(value: str) -> list[str] | None:
     """The column names of the first row of a CSV or TSV file (gzip too), as data/csv_file.py reads them; None when it
     cannot be read."""
@@ -332,6 +369,91 @@ def _csv_header(value: str) -> list[str] | None:
         return None
     header = [cell.strip() for cell in row]
     return header[:-1] if len(header) > 1 and not header[-1] else header  # a delimiter ending the line: no column
+
+
+def _table_labels(value: str, label_column: str | None) -> tuple[int, int | None] | None:
+    """The feature count of a --train table (every column but the label column) and its number of classes (the
+    largest label + 1 where the label column holds class numbers: whole numbers from 0 that cover at least half of
+    0..largest), None for a regression's targets; None when the table cannot be read (the commands name why)."""
+    from influence_cli.data.csv_file import read_table
+    from influence_cli.errors import DataError
+
+    try:
+        table = read_table(Path(value), "--train")
+    except (DataError, OSError):
+        return None
+    column = label_column if label_column is not None else table.header[-1]
+    if column not in table.columns or table.columns[column].values is None:
+        return None
+    labels = table.columns[column].values
+    assert labels is not None
+    whole = bool((labels == labels.round()).all()) and float(labels.min()) >= 0
+    largest = int(labels.max()) if whole else 0
+    classes = largest + 1 if whole and largest >= 1 and len(set(labels.tolist())) * 2 >= largest + 1 else None
+    return len([h for h in table.header if h != column and h not in _identifiers(table.header)]), classes
+
+
+def _checkpoint_shapes(path: str | Path) -> dict[str, list[int]] | None:
+    """The tensor shapes of a checkpoint by key (a .safetensors file's header alone, which reads no tensor; another
+    file as the commands load it, wrappers removed), or None when it cannot be read (the commands name why)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    if path.name.lower().endswith(".safetensors"):
+        try:
+            with path.open("rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size)) if 0 < size < 1 << 30 else None
+        except (OSError, ValueError):
+            return None
+        if not isinstance(header, dict):
+            return None
+        return {k: list(v["shape"]) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict) and "shape" in v}
+    from influence_cli.errors import ModelError
+    from influence_cli.models import read_state_dict
+
+    try:
+        state = read_state_dict(path, "--checkpoint")
+    except ModelError:
+        return None
+    return {k: list(v.shape) for k, v in state.items() if hasattr(v, "shape")}
+
+
+def _builtin_kwargs(model: str, shapes: dict[str, list[int]]) -> dict[str, object] | None:
+    """The kwargs of the built-in `model` (mlp, cnn) whose layers have these shapes (models.py names them fc1..fcN and
+    head, or conv1..convN, fc and head; any common prefix, such as a wrapper's, is left out), or None when the keys are
+    not that model's."""
+    head = next((k for k in shapes if k == "head.weight" or k.endswith(".head.weight")), None)
+    if head is None:
+        return None
+    prefix = head[: -len("head.weight")]
+    own = {k[len(prefix) :]: v for k, v in shapes.items() if k.startswith(prefix)}
+    if len(own["head.weight"]) != 2:
+        return None
+    num_classes, width = own["head.weight"]
+    layer = "fc" if model == "mlp" else "conv"
+    count = 0
+    while f"{layer}{count + 1}.weight" in own:
+        count += 1
+    weights = [own[f"{layer}{i}.weight"] for i in range(1, count + 1)]
+    if model == "mlp":
+        if any(len(w) != 2 for w in weights) or any(weights[i][1] != weights[i - 1][0] for i in range(1, count)) or (weights and weights[-1][0] != width):
+            return None
+        return {"input_dim": weights[0][1] if weights else width, "hidden": [w[0] for w in weights], "num_classes": num_classes}
+    fc = own.get("fc.weight")
+    if not weights or fc is None or len(fc) != 2 or fc[0] != width or any(len(w) != 4 or w[2] != w[3] or w[2] != weights[0][2] for w in weights):
+        return None
+    channels, kernel = [w[0] for w in weights], weights[0][2]
+    kwargs: dict[str, object] = {"in_channels": weights[0][1], "num_classes": num_classes, "channels": channels, "kernel_size": kernel, "fc_dim": fc[0]}
+    side = round((fc[1] / channels[-1]) ** 0.5) if fc[1] % channels[-1] == 0 else 0
+    for size in range(1, 4097) if side and side * side * channels[-1] == fc[1] else ():
+        h = size
+        for _ in channels:
+            h = (h + 2 - kernel + 1) // 2  # padding 1, as cnn's default
+        if h == side:
+            kwargs["image_size"] = size  # the smallest size the layers fit: any other that does builds the same model
+            break
+    return kwargs
 
 
 def _torchvision_name(model: str) -> None:
@@ -425,10 +547,11 @@ def _user_code(value: str, flag: str, folder: Path) -> None:
         )
 
 
-def _task() -> list[Line]:
+def _task(kind: str = "classification", table: bool = False) -> list[Line]:
+    why = {"classification": ": the label column holds class numbers 0, 1, ...", "regression": ": the label column holds targets, not class numbers"}
     return [
         (0, "task", BLOCK, "what the model does"),
-        (1, "kind", "classification", "classification | regression | language_modeling"),
+        (1, "kind", kind, "classification | regression | language_modeling" + (why[kind] if table else "")),
         (1, "measurement", "loss", "what is attributed for a query: loss | margin | package.module:function"),
     ]
 

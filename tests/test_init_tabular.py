@@ -1,0 +1,98 @@
+"""`influence init` over tables and the built-in models: mlp's and cnn's kwargs read from the checkpoint's layer shapes
+(or, without one, from the table), the task's kind from the label column, identifier columns left out of the features."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+from typer.testing import CliRunner, Result
+
+from influence_cli.cli import app
+from influence_cli.config import load_config
+from influence_cli.models import cnn, load_model, mlp
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def runner() -> CliRunner:
+    return CliRunner(env={"COLUMNS": "120", "INFLUENCE_DEBUG": None, "RANK": None, "WORLD_SIZE": None})
+
+
+def init(runner: CliRunner, *args: str) -> dict:
+    result: Result = runner.invoke(app, ["init", "c.yaml", "--overwrite", *args])
+    assert result.exit_code == 0, result.output
+    return yaml.safe_load(Path("c.yaml").read_text())
+
+
+def table(path: Path, header: list[str], rows: list[list[object]]) -> None:
+    path.write_text("\n".join(",".join(map(str, row)) for row in [header, *rows]) + "\n")
+
+
+def test_mlp_kwargs_come_from_the_checkpoint_and_the_model_loads(runner: CliRunner, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    table(tmp_path / "t.csv", ["a", "b", "c", "label"], [[i, i + 1, -i, i % 3] for i in range(12)])
+    torch.manual_seed(0)
+    net = mlp(3, [7, 5], 3)
+    torch.save(net.state_dict(), tmp_path / "m.pt")
+    torch.save({"state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}}, tmp_path / "wrapped.pt")  # a DDP wrapper
+    save_file(net.state_dict(), str(tmp_path / "m.safetensors"))
+    for checkpoint in ("m.pt", "wrapped.pt", "m.safetensors"):
+        config = init(runner, "--model", "mlp", "--checkpoint", checkpoint, "--train", "t.csv")
+        assert config["model"]["kwargs"] == {"input_dim": 3, "hidden": [7, 5], "num_classes": 3}, checkpoint
+        assert config["task"]["kind"] == "classification"
+        cfg = load_config(tmp_path / "c.yaml")
+        model = load_model(cfg.model, cfg.base_dir)  # strict: every key and shape fits
+        assert torch.equal(model.head.weight, net.head.weight)
+    torch.save(mlp(3, [], 1).state_dict(), tmp_path / "linear.pt")  # no hidden layer; one output: a regression
+    config = init(runner, "--model", "mlp", "--checkpoint", "linear.pt", "--train", "t.csv")
+    assert config["model"]["kwargs"] == {"input_dim": 3, "hidden": [], "num_classes": 1} and config["task"]["kind"] == "regression"
+    torch.save({"w": torch.zeros(2, 2)}, tmp_path / "other.pt")  # not mlp's layers: left to the user, as before
+    assert init(runner, "--model", "mlp", "--checkpoint", "other.pt", "--train", "t.csv")["model"]["kwargs"] == {"input_dim": 3, "num_classes": 3}
+
+
+def test_cnn_kwargs_come_from_the_checkpoint(runner: CliRunner, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    net = cnn(in_channels=3, num_classes=4, channels=[4, 6], image_size=32, kernel_size=5, fc_dim=9)
+    torch.save(net.state_dict(), tmp_path / "cnn.pt")
+    torch.save({"inputs": torch.zeros(2, 3, 32, 32), "labels": torch.zeros(2, dtype=torch.int64)}, tmp_path / "d.pt")
+    config = init(runner, "--model", "cnn", "--checkpoint", "cnn.pt", "--train", "d.pt")
+    kwargs = config["model"]["kwargs"]
+    assert {k: v for k, v in kwargs.items() if k != "image_size"} == {"in_channels": 3, "num_classes": 4, "channels": [4, 6], "kernel_size": 5, "fc_dim": 9}
+    cfg = load_config(tmp_path / "c.yaml")
+    model = load_model(cfg.model, cfg.base_dir)
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 4)  # the images it was trained on go through
+    assert kwargs["image_size"] == 30  # the smallest size whose feature map after both blocks is 6x6, as 32's
+
+
+def test_without_a_checkpoint_the_table_gives_mlp_its_kwargs_and_the_task(runner: CliRunner, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    table(tmp_path / "cls.csv", ["id", "x1", "x2", "label"], [[1000 + i, i, -i, i % 3] for i in range(9)])
+    table(tmp_path / "houses.csv", ["house_id", "rooms", "area", "price"], [[i, 2 + i % 3, 50 + i, 180000 + 1375 * i] for i in range(9)])
+    config = init(runner, "--model", "mlp", "--train", "cls.csv", "--query", "cls.csv")
+    assert config["model"]["kwargs"] == {"input_dim": 2, "num_classes": 3} and config["task"]["kind"] == "classification"
+    assert config["data"]["train"]["columns"] == ["x1", "x2"] and config["data"]["query"]["columns"] == ["x1", "x2"]  # the id is no feature
+    config = init(runner, "--model", "mlp", "--train", "houses.csv", "--label-column", "price")
+    assert config["model"]["kwargs"] == {"input_dim": 2, "num_classes": 1}
+    assert config["task"]["kind"] == "regression"  # whole numbers, but prices: no class numbers 0, 1, ...
+    assert config["data"]["train"]["columns"] == ["rooms", "area"]
+
+
+def test_a_regression_table_runs_as_init_writes_it(runner: CliRunner, tmp_path: Path, monkeypatch) -> None:
+    """init's config of a 1-output mlp over a table of large whole-number targets runs fit-factors and compute-scores
+    as written (it wrote kwargs: {} and task.kind: classification, which the first command refused)."""
+    monkeypatch.chdir(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 3, generator=g)
+    table(tmp_path / "houses.csv", ["id", "a", "b", "c", "price"], [[7000 + i, *(f"{v:.4f}" for v in x[i].tolist()), 250000 + int(1000 * x[i].sum())] for i in range(40)])
+    torch.manual_seed(0)
+    torch.save(mlp(3, [4], 1).state_dict(), tmp_path / "m.pt")
+    init(runner, "--model", "mlp", "--checkpoint", "m.pt", "--train", "houses.csv", "--query", "houses.csv", "--label-column", "price")
+    for command in ("fit-factors", "compute-scores"):
+        result = runner.invoke(app, [command, "c.yaml"])
+        assert result.exit_code == 0, (command, result.output)
