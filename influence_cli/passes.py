@@ -327,6 +327,8 @@ def stream_gradients(
             out, cap = _forward(model, tracked, x, idx, amp, first=first, dataset_name=dataset_name)
             out_f = out.to(acc_dtype) if out.is_floating_point() else out
             check_outputs(out_f, y_cpu, idx_cpu, task_kind, dataset_name)
+            if first and task_kind == "regression":
+                warn_far_targets(out_f, y_cpu, dataset_name)
             if mode == "fisher":  # the sampled Fisher draws its random numbers from the host's copies of idx and the mask
                 vectors = task_lib.fisher_output_vectors(out_f, y, idx_cpu, task_kind, fisher, seed, host_mask)
             elif mode in ("loss", "loss+fisher"):
@@ -812,6 +814,27 @@ def check_outputs(out: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, task_ki
                 f"or keep labels 0..{out.shape[1] - 1} with {dataset_name}.labels_in",
                 alike=f"{dataset_name}: labels outside the model's {out.shape[1]} classes",
             )
+
+
+def warn_far_targets(out: torch.Tensor, y: torch.Tensor, dataset_name: str) -> None:
+    """Warns when a regression's predictions on a batch miss its targets (root mean square) by twice the targets' own
+    spread, or by as much as it on another scale (a spread of predictions 100 times smaller or larger): a model trained on
+    standardized features or targets fed the file's, whose scores then explain that miss. Predicting the targets' mean
+    misses by their spread alone."""
+    if y.numel() != out.numel() or y.numel() < 2 or not out.is_floating_point():
+        return
+    pred, target = out.detach().double().cpu().flatten(), y.double().flatten()
+    miss = float((pred - target).square().mean().sqrt())
+    spread = float(target.std())
+    if not spread > 0 or not (miss > 2 * spread or (miss > spread and not 0.01 < float(pred.std()) / spread < 100)):
+        return
+    notices.warn(
+        f"{dataset_name}: the model's predictions (mean {float(pred.mean()):.4g}, std {float(pred.std()):.4g}) miss the targets "
+        f"(mean {float(target.mean()):.4g}, std {spread:.4g}) by {miss / spread:.3g} times the targets' spread on the first batch: "
+        f"a model trained on standardized features needs their per-column mean and std as {dataset_name}.transform.normalize, "
+        "and one trained on standardized or rescaled targets needs the labels in those units (a column of its own)",
+        key=f"far-targets:{dataset_name}",
+    )
 
 
 def _label_outside(y: torch.Tensor, size: int, ignored: int | None = None) -> tuple[int, int] | None:

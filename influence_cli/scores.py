@@ -54,6 +54,7 @@ from influence_cli.passes import (
     matmul_dtype,
     model_dtype,
     stream_gradients,
+    warn_far_targets,
 )
 from influence_cli.progress import Progress, for_rank
 from influence_cli.reprs import brief_repr
@@ -569,6 +570,8 @@ class _Scorer:
             model_checks.check_model_output(out, x.shape[0])
             check_outputs(out, y, idx, self.cfg.task.kind, queries.name)  # labels the model cannot have, NaN outputs:
             check_finite(out, [], idx, offset, queries.name)  # said here, where every rank meets them alike
+            if offset == 0 and self.cfg.task.kind == "regression":
+                warn_far_targets(out, y, queries.name)
             pred = out.cpu() if self.cfg.task.kind == "regression" else out.argmax(-1).cpu()
             if self.cfg.task.kind == "regression" and pred.shape != y.shape and pred.numel() == y.numel():
                 pred = pred.reshape(y.shape)  # [B] targets of a one-output model: a number per query, like its label

@@ -57,6 +57,9 @@ def test_the_diagonal_from_an_eigenbasis_is_the_matrix_diagonal():
     torch.testing.assert_close(basis_diagonal(vectors, values), a.diagonal(), rtol=1e-9, atol=1e-12)
 
 
+MISS = "miss the targets"  # the untrained models' predictions on the raw columns: the warning of passes.warn_far_targets
+
+
 def tabular(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Six columns of scale 1 but column 2, on a scale of 1e6; y a noisy linear function [n, 1] (float64)."""
     g = torch.Generator().manual_seed(seed)
@@ -179,18 +182,18 @@ def test_fit_factors_warns_once_on_stderr_and_not_once_the_columns_are_standardi
     result = runner.invoke(app, ["fit-factors", str(config), "--json"])
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["num_examples"] == 150  # the warning is on stderr only
-    (warning,) = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    (warning,) = [line for line in result.stderr.splitlines() if line.startswith("warning:") and MISS not in line]
     assert warning.startswith("warning: layer 'fc1': input column 2 is on a scale up to 1e6 times the median column's")
     assert "Standardize the data's columns" in warning
     advised = re.search(r"set scores.damping near (\S+) ", warning).group(1)
     result = runner.invoke(app, ["fit-factors", str(config), "--overwrite", "--set", f"scores.damping={advised}"])
     assert result.exit_code == 0, result.stderr
-    assert "warning" not in result.stderr  # the advice taken: nothing more to say
+    assert "warning: layer" not in result.stderr  # the advice taken: nothing more to say of the columns
     mean, std = x[:150].mean(0).tolist(), x[:150].std(0).tolist()
     norm = [f"data.{key}.transform={{normalize: {{mean: {mean}, std: {std}}}}}" for key in ("train", "query")]
     result = runner.invoke(app, ["fit-factors", str(config), "--overwrite", *(a for s in norm for a in ("--set", s))])
     assert result.exit_code == 0, result.stderr
-    assert "warning" not in result.stderr
+    assert "warning: layer" not in result.stderr
 
 
 class Outliers(nn.Module):
@@ -308,8 +311,8 @@ def test_a_resumed_fit_warns_as_the_uninterrupted_one(tmp_path: Path, monkeypatc
     with caplog.at_level("WARNING", logger="influence_cli"):
         with pytest.raises(KeyboardInterrupt):
             fit_factors(cfg, progress=StopAt("eigenvalue correction", cut * 8))
-        (fresh,) = caplog.messages
+        (fresh,) = [m for m in caplog.messages if MISS not in m]
         caplog.clear()
         report = fit_factors(cfg, resume=True)
     assert report.resumed_from == ("correction pass, batch 0" if cut < 4 else "correction pass, batch 4")
-    assert caplog.messages == [fresh] and fresh.startswith("layer 'fc1': input column 2 is on a scale up to 1e6 times")
+    assert [m for m in caplog.messages if MISS not in m] == [fresh] and fresh.startswith("layer 'fc1': input column 2 is on a scale up to 1e6 times")

@@ -1,5 +1,6 @@
-"""`influence init` over tables and the built-in models: mlp's and cnn's kwargs read from the checkpoint's layer shapes
-(or, without one, from the table), the task's kind from the label column, identifier columns left out of the features."""
+"""Tables and the built-in models: `influence init` reads mlp's and cnn's kwargs from the checkpoint's layer shapes (or,
+without one, from the table), the task's kind from the label column and leaves identifier columns out of the features;
+a regression whose predictions are on another scale than its targets is warned of."""
 
 from __future__ import annotations
 
@@ -96,3 +97,34 @@ def test_a_regression_table_runs_as_init_writes_it(runner: CliRunner, tmp_path: 
     for command in ("fit-factors", "compute-scores"):
         result = runner.invoke(app, [command, "c.yaml"])
         assert result.exit_code == 0, (command, result.output)
+
+
+def test_predictions_on_another_scale_than_the_targets_are_warned_of(runner: CliRunner, tmp_path: Path, monkeypatch) -> None:
+    """A model trained on standardized targets, fed a table of prices: fit-factors and compute-scores warn, naming
+    transform.normalize and the targets' units; the targets in the model's units are not warned of."""
+    monkeypatch.chdir(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 3, generator=g)
+    z = x.sum(1) / 3**0.5
+    table(tmp_path / "houses.csv", ["a", "b", "c", "price", "price_std"], [[*(f"{v:.4f}" for v in x[i].tolist()), 250000 + int(40000 * z[i]), f"{z[i]:.6f}"] for i in range(40)])
+    net = mlp(3, [], 1)
+    with torch.no_grad():  # the least-squares fit of the standardized target
+        net.head.weight.fill_(3**-0.5)
+        net.head.bias.zero_()
+    torch.save(net.state_dict(), tmp_path / "m.pt")
+    spec = {"source": "csv", "path": "houses.csv", "columns": ["a", "b", "c"]}
+    config = {"model": {"architecture": "mlp", "kwargs": {"input_dim": 3, "hidden": [], "num_classes": 1}, "checkpoint": "m.pt"},
+              "task": {"kind": "regression"}, "output_dir": "runs", "device": "cpu",
+              "data": {"train": {**spec, "label_column": "price"}, "query": {**spec, "label_column": "price", "range": [0, 4]}}}  # fmt: skip
+    Path("c.yaml").write_text(yaml.safe_dump(config))
+    for command, name in (("fit-factors", "data.train"), ("compute-scores", "data.query")):
+        result = runner.invoke(app, [command, "c.yaml"])
+        assert result.exit_code == 0, result.output
+        warning = next((line for line in result.stderr.splitlines() if "miss the targets" in line), "")
+        assert warning.startswith(f"warning: {name}: the model's predictions") and f"{name}.transform.normalize" in warning, result.stderr
+    for key in ("train", "query"):
+        config["data"][key]["label_column"] = "price_std"
+    Path("c.yaml").write_text(yaml.safe_dump(config))
+    for command in ("fit-factors", "compute-scores"):
+        result = runner.invoke(app, [command, "c.yaml", "--overwrite"])
+        assert result.exit_code == 0 and "miss the targets" not in result.stderr, result.output
