@@ -749,6 +749,11 @@ def _input_hint(x: torch.Tensor, reason: str, dataset_name: str) -> str:
             f"for images the model takes with another number of channels, set {dataset_name}.transform.channels: 1 or 3 "
             "([H, W] gains its channel axis; grayscale and RGB convert); channels_first: true for [H, W, C]"
         )
+    if x.dim() == 2:  # rows of features, such as a table's
+        return (
+            f"check model.kwargs (the model takes another number of values than these {x.shape[1]}); a table's (source csv) "
+            f"features are every column but the label's unless {dataset_name}.columns names them: leave out an id column"
+        )
     return "check model.kwargs and data transform (flatten/resize)"
 
 

@@ -128,3 +128,15 @@ def test_predictions_on_another_scale_than_the_targets_are_warned_of(runner: Cli
     for command in ("fit-factors", "compute-scores"):
         result = runner.invoke(app, [command, "c.yaml", "--overwrite"])
         assert result.exit_code == 0 and "miss the targets" not in result.stderr, result.output
+
+
+def test_a_table_whose_id_column_the_model_does_not_take_names_columns(runner: CliRunner, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    table(tmp_path / "t.csv", ["row", "x1", "x2", "label"], [[100 + i, i, -i, i % 2] for i in range(8)])
+    torch.save(mlp(2, [3], 2).state_dict(), tmp_path / "m.pt")
+    config = {"model": {"architecture": "mlp", "kwargs": {"input_dim": 2, "hidden": [3], "num_classes": 2}, "checkpoint": "m.pt"},
+              "data": {"train": {"source": "csv", "path": "t.csv", "label_column": "label"}}, "output_dir": "runs", "device": "cpu"}  # fmt: skip
+    Path("c.yaml").write_text(yaml.safe_dump(config))
+    result = runner.invoke(app, ["fit-factors", "c.yaml"])
+    assert result.exit_code == 3 and "inputs of shape [8, 3] do not fit the model" in result.stderr, result.output
+    assert "data.train.columns names them: leave out an id column" in result.stderr and "these 3" in result.stderr, result.stderr
