@@ -140,3 +140,10 @@ def test_a_table_whose_id_column_the_model_does_not_take_names_columns(runner: C
     result = runner.invoke(app, ["fit-factors", "c.yaml"])
     assert result.exit_code == 3 and "inputs of shape [8, 3] do not fit the model" in result.stderr, result.output
     assert "data.train.columns names them: leave out an id column" in result.stderr and "these 3" in result.stderr, result.stderr
+
+
+def test_init_help_names_torchvision_models_and_where_the_builtin_kwargs_come_from(runner: CliRunner) -> None:
+    """The help is markdown: `torchvision:<name>` was shown as `torchvision:` (the <name> read as an HTML tag)."""
+    result = runner.invoke(app, ["init", "--help"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0
+    assert "torchvision:NAME (torchvision:resnet18)" in result.stdout and "--checkpoint's layer shapes" in result.stdout, result.stdout
