@@ -179,6 +179,10 @@ def test_a_csv_file_gives_the_scores_of_the_same_numbers_in_a_tensors_file(runne
         top = json.loads(result.stdout)
         del top["output_dir"]
         tops.append(top)
+    for query in tops[0]["queries"]:  # a row's place in the file, beside its index (the header on line 1)
+        assert query.pop("query_file") == f"data.csv:{query['query_index'] + 2}"
+        for entry in query["proponents"] + query["opponents"]:
+            assert entry.pop("train_file") == f"data.csv:{entry['train_index'] + 2}"
     assert tops[0] == tops[1]
     assert tops[0]["queries"][0]["query_index"] == 28
     scores = [load_tensors(tmp_path / "runs" / name / "scores.safetensors")[0]["scores"] for name in ("csv", "npz")]

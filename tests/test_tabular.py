@@ -147,3 +147,13 @@ def test_init_help_names_torchvision_models_and_where_the_builtin_kwargs_come_fr
     result = runner.invoke(app, ["init", "--help"], env={"COLUMNS": "250"})
     assert result.exit_code == 0
     assert "torchvision:NAME (torchvision:resnet18)" in result.stdout and "--checkpoint's layer shapes" in result.stdout, result.stdout
+
+
+def test_a_rows_place_in_its_file_is_shown_beside_its_index(tmp_path: Path) -> None:
+    """top-k names a CSV row by its file and line ("t.csv:5"), which blank lines and a quoted line break put past
+    index + 2; the lines are the parse's, made into text only when shown."""
+    from influence_cli.data import load_dataset
+
+    (tmp_path / "t.csv").write_text('a,"b\nc",label\n1,2,0\n\n3,4,1\n5,6,0\n')  # the header spans lines 1-2
+    ds = load_dataset({"source": "csv", "path": "t.csv", "label_column": "label", "range": [1, 3]}, tmp_path)
+    assert ds.has_files and [ds.example_file(i) for i in range(len(ds))] == ["t.csv:5", "t.csv:6"]

@@ -16,7 +16,7 @@ import gzip
 import hashlib
 import io
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,23 @@ class Table:
     columns: dict[str, Column]
     n: int
     digest: str  # sha256 of the file's bytes (16 hex digits): the fingerprint's, so an edit of one cell is a change
+    lines: np.ndarray  # [n] int64: each row's line in the file (1: the header's, when no blank line precedes it)
+
+
+class RowLines(Sequence[str]):
+    """Each row's place in its file, as top-k shows it beside the row's index: "houses.csv:57" (the file's name, then the
+    row's line, which blank lines and quoted line breaks put past index + 2), made when asked."""
+
+    def __init__(self, name: str, lines: np.ndarray) -> None:
+        self._name, self._lines = name, lines
+
+    def __len__(self) -> int:
+        return len(self._lines)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return f"{self._name}:{int(self._lines[i])}"
 
 
 _tables: dict[tuple[str, str], Table] = {}
@@ -88,12 +105,14 @@ def _parse(raw: bytes, name: str, key: str, digest: str) -> Table:
     header: list[str] | None = None
     parts: list[list[np.ndarray]] = []
     problems: list[tuple[int, str, str] | None] = []
+    line_parts: list[np.ndarray] = []
     n = 0
     try:
         for header, rows in _chunks(reader, name, key):
             if not parts:
                 parts, problems = [[] for _ in header], [None for _ in header]
             lines = [line for line, _ in rows]
+            line_parts.append(np.array(lines, dtype=np.int64))
             for j, column in enumerate(parts):
                 if problems[j] is None:
                     problems[j] = _numbers([row[j] for _, row in rows], lines, column)
@@ -119,7 +138,7 @@ def _parse(raw: bytes, name: str, key: str, digest: str) -> Table:
     for label, column, problem in zip(header, parts, problems, strict=True):
         columns[label] = Column(values=None, problem=problem) if problem is not None else Column(values=np.concatenate(column))
         column.clear()  # its chunks, one array now
-    return Table(name=name, header=header, columns=columns, n=n, digest=digest)
+    return Table(name=name, header=header, columns=columns, n=n, digest=digest, lines=np.concatenate(line_parts))
 
 
 def _chunks(reader: Any, name: str, key: str) -> Iterator[tuple[list[str], list[tuple[int, list[str]]]]]:
@@ -281,5 +300,6 @@ def open_csv(spec: DataSpec, base_dir: Path, name: str) -> Source:
         inputs=torch.from_numpy(inputs),
         labels=labels,
         files={"path": file_info(path), "content": table.digest, "label_column": spec.label_column, "columns": features},
+        files_of_examples=RowLines(table.name, table.lines),
         label_key="label_column",
     )

@@ -7,7 +7,7 @@ import hashlib
 import json
 import math
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +110,7 @@ class IndexedDataset(Dataset):
         source_description: str,
         class_names: list[str] | None,
         raw_255: bool,
-        files_of_examples: list[str] | None = None,
+        files_of_examples: Sequence[str] | None = None,
     ) -> None:
         self.name = name
         self.global_indices = global_indices
@@ -130,11 +130,12 @@ class IndexedDataset(Dataset):
 
     @property
     def has_files(self) -> bool:
-        """Whether `example_file` names each example's file (image folders)."""
+        """Whether `example_file` names each example's file (image folders) or its place in one (a CSV file's row)."""
         return self._files is not None
 
     def example_file(self, position: int) -> str | None:
-        """The file an example was read from (image folders: its path relative to the root, e.g. "dog/3.png"); None for other sources."""
+        """The file an example was read from (image folders: its path relative to the root, e.g. "dog/3.png"; a CSV file: its name
+        and the row's line, "houses.csv:57"); None for other sources."""
         if self._files is None:
             return None
         return self._files[int(self.global_indices[self._position(position)])]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ class Source:
     items: Callable[[int], tuple[torch.Tensor, Any]] | None = None
     files: dict[str, Any] = dataclasses.field(default_factory=dict)  # canonical file info for the fingerprint
     class_names: list[str] | None = None
-    files_of_examples: list[str] | None = None  # by source index: each example's file (image folders), shown by top-k
+    files_of_examples: Sequence[str] | None = None  # by source index: each example's file (image folders) or place in it (a CSV's row: "t.csv:57"), shown by top-k
     raw_255: bool = False  # raw values are 8-bit pixel values (0..255)
     resize_in_items: bool = False  # `items` already applies transform.resize
     label_key: str = "source"  # spec key blamed for bad labels
