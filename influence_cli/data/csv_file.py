@@ -3,7 +3,7 @@
 A file is read and parsed once per process (`read_table`, cached by its path and the sha256 of its bytes): data.train
 and data.query as two ranges of one file parse it once, and a file rewritten in place is parsed again whatever its
 size and modification time. The text is decoded as it is read and converted to numbers some CHUNK_CELLS cells at a time, so
-that the parse holds the file's bytes, its float64 numbers and one chunk's cells; a column that holds a cell that is no
+that the parse holds the file's bytes, its float64 numbers, each row's line (for top-k) and one chunk's cells; a column that holds a cell that is no
 number keeps the first such cell, to be named only when the column is used.
 """
 
