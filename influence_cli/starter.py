@@ -317,6 +317,8 @@ def _source(folder: Path, value: str, flag: str, label_column: str | None = None
             (2, "path", _relative(Path(value), folder), "an example's index is its row's (0: the first after the header)"),
             _label_column(value, flag, label_column),
             *_columns(value, label_column),
+            (2, "transform", {}, "the features as the file holds them: add normalize: {mean: [...], std: [...]}, one per column, if training standardized them"
+             if flag == "--train" else "as the training set's"),
         ]
     raise UsageError(
         f"{flag}: {value!r} is not module:Name (your Dataset class or a function returning one), a tensors file "

@@ -82,6 +82,8 @@ def test_without_a_checkpoint_the_table_gives_mlp_its_kwargs_and_the_task(runner
     assert config["model"]["kwargs"] == {"input_dim": 2, "num_classes": 1}
     assert config["task"]["kind"] == "regression"  # whole numbers, but prices: no class numbers 0, 1, ...
     assert config["data"]["train"]["columns"] == ["rooms", "area"]
+    transform = next(line for line in Path("c.yaml").read_text().splitlines() if line.strip().startswith("transform:"))
+    assert config["data"]["train"]["transform"] == {} and "add normalize: {mean: [...], std: [...]}, one per column" in transform  # as in training
 
 
 def test_a_regression_table_runs_as_init_writes_it(runner: CliRunner, tmp_path: Path, monkeypatch) -> None:
