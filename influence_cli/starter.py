@@ -13,10 +13,12 @@ import gzip
 import importlib.machinery
 import inspect
 import json
+import math
 import os
 import re
 import sys
 from pathlib import Path
+from typing import IO
 
 import yaml
 
@@ -357,13 +359,23 @@ def _columns(value: str, label_column: str | None) -> list[Line]:
     return [(2, "columns", features, f"the features, in the model's order: every column but the label and {', '.join(ids)} (a row's identifier)")]
 
 
+def _open_table(value: str) -> IO[str]:
+    """A CSV or TSV file (gzip too) opened as text, as data/csv_file.py decodes it."""
+    if value.lower().endswith(".gz"):
+        return gzip.open(value, "rt", encoding="utf-8-sig", newline="")
+    return open(value, encoding="utf-8-sig", newline="")
+
+
+def _delimiter(value: str) -> str:
+    return "\t" if value.lower().endswith((".tsv", ".tsv.gz")) else ","
+
+
 def _csv_header(value: str) -> list[str] | None:
     """The column names of the first row of a CSV or TSV file (gzip too), as data/csv_file.py reads them; None when it
     cannot be read."""
-    lower = value.lower()
     try:
-        with (gzip.open(value, "rt", encoding="utf-8-sig", newline="") if lower.endswith(".gz") else open(value, encoding="utf-8-sig", newline="")) as f:
-            reader = csv.reader(f, delimiter="\t" if lower.endswith((".tsv", ".tsv.gz")) else ",", skipinitialspace=True)
+        with _open_table(value) as f:
+            reader = csv.reader(f, delimiter=_delimiter(value), skipinitialspace=True)
             row = next((row for row in reader if row and any(cell.strip() for cell in row)), None)
     except (OSError, UnicodeDecodeError, csv.Error, EOFError):
         return None
@@ -374,25 +386,31 @@ def _csv_header(value: str) -> list[str] | None:
 
 
 def _table_labels(value: str, label_column: str | None) -> tuple[int, int | None] | None:
-    """The feature count of a --train table (every column but the label column) and its number of classes (the
-    largest label + 1 where the label column holds class numbers: whole numbers from 0 that cover at least half of
-    0..largest), None for a regression's targets; None when the table cannot be read (the commands name why)."""
-    from influence_cli.data.csv_file import read_table
-    from influence_cli.errors import DataError
-
+    """The feature count of a --train table (every column but the label column and identifier columns) and its number
+    of classes (the largest label + 1 where the label column holds class numbers: whole numbers from 0 that cover at
+    least half of 0..largest), None for a regression's targets; None when the table cannot be read or a label is no
+    number (the commands name why). Read with the csv module, as `_csv_header`, so that init imports no torch."""
+    header = _csv_header(value)
+    column = label_column if label_column is not None else header[-1] if header else None
+    if not header or column not in header:
+        return None
+    at = header.index(column)
+    seen: set[float] = set()
     try:
-        table = read_table(Path(value), "--train")
-    except (DataError, OSError):
+        with _open_table(value) as f:
+            rows = csv.reader(f, delimiter=_delimiter(value), skipinitialspace=True)
+            next((row for row in rows if row and any(cell.strip() for cell in row)), None)  # the header
+            for row in rows:
+                if row and any(cell.strip() for cell in row):
+                    seen.add(float(row[at]))
+    except (OSError, UnicodeDecodeError, csv.Error, EOFError, ValueError, IndexError):
         return None
-    column = label_column if label_column is not None else table.header[-1]
-    if column not in table.columns or table.columns[column].values is None:
+    if not seen or not all(math.isfinite(v) for v in seen):
         return None
-    labels = table.columns[column].values
-    assert labels is not None
-    whole = bool((labels == labels.round()).all()) and float(labels.min()) >= 0
-    largest = int(labels.max()) if whole else 0
-    classes = largest + 1 if whole and largest >= 1 and len(set(labels.tolist())) * 2 >= largest + 1 else None
-    return len([h for h in table.header if h != column and h not in _identifiers(table.header)]), classes
+    whole = all(v == round(v) for v in seen) and min(seen) >= 0
+    largest = int(max(seen)) if whole else 0
+    classes = largest + 1 if whole and largest >= 1 and len(seen) * 2 >= largest + 1 else None
+    return len([h for h in header if h != column and h not in _identifiers(header)]), classes
 
 
 def _checkpoint_shapes(path: str | Path) -> dict[str, list[int]] | None:

@@ -159,3 +159,20 @@ def test_a_rows_place_in_its_file_is_shown_beside_its_index(tmp_path: Path) -> N
     (tmp_path / "t.csv").write_text('a,"b\nc",label\n1,2,0\n\n3,4,1\n5,6,0\n')  # the header spans lines 1-2
     ds = load_dataset({"source": "csv", "path": "t.csv", "label_column": "label", "range": [1, 3]}, tmp_path)
     assert ds.has_files and [ds.example_file(i) for i in range(len(ds))] == ["t.csv:5", "t.csv:6"]
+
+
+def test_init_over_a_table_for_your_own_model_imports_no_torch(tmp_path: Path) -> None:
+    """Reading the label column for task.kind (and the feature count) uses the csv module: `influence init` for a
+    model of your own stays free of torch's import, as it was before it read the table's labels."""
+    import subprocess
+    import sys
+
+    table(tmp_path / "houses.csv", ["id", "rooms", "price"], [[i, 2 + i % 3, 180000 + 1375 * i] for i in range(9)])
+    code = (
+        "import sys\nfrom influence_cli.starter import starter_config\n"
+        "text = starter_config('c.yaml', model='my_model:Net', train='houses.csv')\n"
+        "assert 'kind: regression' in text, text\nprint('torch' in sys.modules)"
+    )
+    root = str(Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env={"PYTHONPATH": root, "PATH": ""}, check=False)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
