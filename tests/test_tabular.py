@@ -156,9 +156,9 @@ def test_a_rows_place_in_its_file_is_shown_beside_its_index(tmp_path: Path) -> N
     index + 2; the lines are the parse's, made into text only when shown."""
     from influence_cli.data import load_dataset
 
-    (tmp_path / "t.csv").write_text('a,"b\nc",label\n1,2,0\n\n3,4,1\n5,6,0\n')  # the header spans lines 1-2
-    ds = load_dataset({"source": "csv", "path": "t.csv", "label_column": "label", "range": [1, 3]}, tmp_path)
-    assert ds.has_files and [ds.example_file(i) for i in range(len(ds))] == ["t.csv:5", "t.csv:6"]
+    (tmp_path / "t.csv").write_text('a,"b\nc",label\n1,2,0\n\n3,4,1\n5,6,0\n7,"8\n",1\n9,10,0\n')  # the header spans lines 1-2
+    ds = load_dataset({"source": "csv", "path": "t.csv", "label_column": "label", "range": [1, 5]}, tmp_path)
+    assert ds.has_files and [ds.example_file(i) for i in range(len(ds))] == ["t.csv:5", "t.csv:6", "t.csv:7", "t.csv:9"]  # a row's first line
 
 
 def test_init_over_a_table_for_your_own_model_imports_no_torch(tmp_path: Path) -> None:

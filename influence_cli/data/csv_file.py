@@ -146,7 +146,9 @@ def _chunks(reader: Any, name: str, key: str) -> Iterator[tuple[list[str], list[
     a delimiter ending every line (an empty last cell, the header's too) is no column."""
     header: list[str] | None = None
     rows: list[tuple[int, list[str]]] = []
+    end = 0  # the line the previous row ended on: a row's first is the next (a quoted line break ends it further on)
     for row in reader:
+        first, end = end + 1, reader.line_num
         if not row or (len(row) == 1 and not row[0].strip()):
             continue  # a blank line
         if header is None:
@@ -169,7 +171,7 @@ def _chunks(reader: Any, name: str, key: str) -> Iterator[tuple[list[str], list[
                 f"{key}: line {reader.line_num} of {name} has {len(row)} cells, the header {len(header)} columns",
                 hint="give every row one cell per column of the header (quote a cell that holds the delimiter: \"1,5\")",
             )
-        rows.append((reader.line_num, row))
+        rows.append((first, row))
         if len(rows) * len(header) >= CHUNK_CELLS:
             yield header, rows
             rows = []
