@@ -235,6 +235,7 @@ def _own(folder: Path, model: str, checkpoint: str | Path | None, train: str, qu
         arguments += f"; num_classes: the {len(classes)} class folders of --train" + (" with images" if classes != folders else "")
     table = _table_labels(train, label_column) if train.lower().endswith(CSV_SUFFIXES) else None
     regression = table is not None and table[1] is None
+    identifiers = True  # columns named as a row's identifier left out of the features
     if model in BUILTIN_MODELS:
         shapes = _checkpoint_shapes(checkpoint) if checkpoint is not None else None
         derived = _builtin_kwargs(model, shapes) if shapes is not None else None
@@ -248,7 +249,12 @@ def _own(folder: Path, model: str, checkpoint: str | Path | None, train: str, qu
                 else " (set image_size: the images' [height, width])"
             )
             regression = regression or (table is not None and derived["num_classes"] == 1)
-        elif table is not None and model == "mlp":  # no checkpoint (or not mlp's layers): the table's shape
+            header = (_csv_header(train) or []) if table is not None else []
+            if model == "mlp" and derived["input_dim"] == len(header) - 1:  # the model takes every column but the label:
+                identifiers = False  # one named as an identifier (a feature `index`) is one of them
+        elif shapes and checkpoint is not None:
+            raise _not_builtin(model, Path(checkpoint), shapes)
+        elif table is not None and model == "mlp":  # no checkpoint (or one the commands will name the fault of): the table's shape
             kwargs = {"input_dim": table[0], "num_classes": table[1] if table[1] is not None else 1}
             what = f"{table[1]} classes: labels 0..{table[1] - 1}" if table[1] is not None else "1 output: a regression's target"
             arguments = f"arguments of mlp(...): input_dim: the {table[0]} feature columns of --train; num_classes: {what}; hidden: docs/CONFIG.md"
@@ -267,7 +273,7 @@ def _own(folder: Path, model: str, checkpoint: str | Path | None, train: str, qu
         *_task("regression" if regression else "classification", table is not None),
         (0, "data", BLOCK, "an example's index is its position in its dataset"),
         (1, "train", BLOCK, "the training set the model learned from"),
-        *_source(folder, train, "--train", label_column, gray_to_rgb),
+        *_source(folder, train, "--train", label_column, gray_to_rgb, identifiers),
     ]
     if classes and classes != folders:  # torchvision's ImageFolder refuses a class folder without images: no class of the model
         empty = [c for c in folders if c not in classes]
@@ -281,16 +287,16 @@ def _own(folder: Path, model: str, checkpoint: str | Path | None, train: str, qu
     if query is not None:
         lines += [
             (1, "query", BLOCK, "the examples whose predictions are explained"),
-            *_source(folder, query, "--query", label_column, gray_to_rgb),
+            *_source(folder, query, "--query", label_column, gray_to_rgb, identifiers),
             (2, "limit", QUERY_LIMIT, f"the first {QUERY_LIMIT} (leave it out for all)"),
         ]
     return [*lines, (1, "batch_size", 256, "examples per batch in every pass (lower it if memory runs out)"), *_factors_and_scores()]
 
 
-def _source(folder: Path, value: str, flag: str, label_column: str | None = None, gray_to_rgb: bool = False) -> list[Line]:
+def _source(folder: Path, value: str, flag: str, label_column: str | None = None, gray_to_rgb: bool = False, identifiers: bool = True) -> list[Line]:
     """A data spec's lines for a --train / --query value: `module:Name`, a tensors file, a CSV or TSV file (its label
-    column `label_column`, by default the header's last) or an image folder (its grayscale images as RGB with
-    `gray_to_rgb`)."""
+    column `label_column`, by default the header's last; with `identifiers`, the columns named as a row's identifier
+    left out of the features) or an image folder (its grayscale images as RGB with `gray_to_rgb`)."""
     if ":" in value and not os.path.exists(value):
         _user_code(value, flag, folder)
         name = value.rpartition(":")[2]
@@ -318,7 +324,7 @@ def _source(folder: Path, value: str, flag: str, label_column: str | None = None
             (2, "source", "csv", "a table of numbers: a header row, then one example per row"),
             (2, "path", _relative(Path(value), folder), "an example's index is its row's (0: the first after the header)"),
             _label_column(value, flag, label_column),
-            *_columns(value, label_column),
+            *(_columns(value, label_column) if identifiers else []),
             (2, "transform", {}, "the features as the file holds them: add normalize: {mean: [...], std: [...]}, one per column, if training standardized them"
              if flag == "--train" else "as the training set's"),
         ]
@@ -439,6 +445,18 @@ def _checkpoint_shapes(path: str | Path) -> dict[str, list[int]] | None:
     return {k: list(v.shape) for k, v in state.items() if hasattr(v, "shape")}
 
 
+def _not_builtin(model: str, checkpoint: Path, shapes: dict[str, list[int]]) -> UsageError:
+    """The refusal of a --checkpoint whose layers are not those of the built-in --model (the other built-in's if they are)."""
+    from influence_cli.errors import first_few
+
+    layers = "fc1..fcN and head" if model == "mlp" else "conv1..convN, fc and head"
+    other = next((m for m in BUILTIN_MODELS if m != model and _builtin_kwargs(m, shapes) is not None), None)
+    return UsageError(
+        f"--checkpoint: {checkpoint.name}'s layers are not those of the built-in {model} ({layers}): it holds {first_few(sorted(shapes), 4)}",
+        hint=f"it is {other}'s: --model {other}" if other else "give --model the network it was saved from (module:Name, your nn.Module class)",
+    )
+
+
 def _builtin_kwargs(model: str, shapes: dict[str, list[int]]) -> dict[str, object] | None:
     """The kwargs of the built-in `model` (mlp, cnn) whose layers have these shapes (models.py names them fc1..fcN and
     head, or conv1..convN, fc and head; any common prefix, such as a wrapper's, is left out), or None when the keys are
@@ -447,7 +465,9 @@ def _builtin_kwargs(model: str, shapes: dict[str, list[int]]) -> dict[str, objec
     if head is None:
         return None
     prefix = head[: -len("head.weight")]
-    own = {k[len(prefix) :]: v for k, v in shapes.items() if k.startswith(prefix)}
+    if not all(k.startswith(prefix) for k in shapes):  # other layers beside these: another network's head
+        return None
+    own = {k[len(prefix) :]: v for k, v in shapes.items()}
     if len(own["head.weight"]) != 2:
         return None
     num_classes, width = own["head.weight"]
@@ -455,6 +475,9 @@ def _builtin_kwargs(model: str, shapes: dict[str, list[int]]) -> dict[str, objec
     count = 0
     while f"{layer}{count + 1}.weight" in own:
         count += 1
+    names = [f"{layer}{i}" for i in range(1, count + 1)] + ([] if model == "mlp" else ["fc"]) + ["head"]
+    if set(own) != {f"{n}.{p}" for n in names for p in ("weight", "bias")}:  # every layer of the model, and nothing else
+        return None
     weights = [own[f"{layer}{i}.weight"] for i in range(1, count + 1)]
     if model == "mlp":
         if any(len(w) != 2 for w in weights) or any(weights[i][1] != weights[i - 1][0] for i in range(1, count)) or (weights and weights[-1][0] != width):

@@ -52,8 +52,41 @@ def test_mlp_kwargs_come_from_the_checkpoint_and_the_model_loads(runner: CliRunn
     torch.save(mlp(3, [], 1).state_dict(), tmp_path / "linear.pt")  # no hidden layer; one output: a regression
     config = init(runner, "--model", "mlp", "--checkpoint", "linear.pt", "--train", "t.csv")
     assert config["model"]["kwargs"] == {"input_dim": 3, "hidden": [], "num_classes": 1} and config["task"]["kind"] == "regression"
-    torch.save({"w": torch.zeros(2, 2)}, tmp_path / "other.pt")  # not mlp's layers: left to the user, as before
-    assert init(runner, "--model", "mlp", "--checkpoint", "other.pt", "--train", "t.csv")["model"]["kwargs"] == {"input_dim": 3, "num_classes": 3}
+
+
+def test_a_checkpoint_of_another_network_is_refused_by_init(runner: CliRunner, tmp_path: Path, monkeypatch) -> None:
+    """A checkpoint whose layers are not the built-in model's, a head among them too (cnn's, another network's with a
+    `heads.head`), was read as a linear mlp of its head's width; init refuses it in one line, naming the other built-in
+    where its layers are that one's, and writes nothing."""
+    monkeypatch.chdir(tmp_path)
+    table(tmp_path / "t.csv", ["a", "b", "c", "label"], [[i, i + 1, -i, i % 3] for i in range(12)])
+    save_file(cnn().state_dict(), str(tmp_path / "cnn.safetensors"))
+    other = torch.nn.Module()
+    other.enc, other.heads = torch.nn.Linear(3, 5), torch.nn.Sequential()
+    other.heads.add_module("head", torch.nn.Linear(5, 3))
+    torch.save(other.state_dict(), tmp_path / "other.pt")
+    torch.save({"w": torch.zeros(2, 2)}, tmp_path / "w.pt")
+    for checkpoint, hint in (("cnn.safetensors", "--model cnn"), ("other.pt", "module:Name"), ("w.pt", "module:Name")):
+        result = runner.invoke(app, ["init", "c.yaml", "--model", "mlp", "--checkpoint", checkpoint, "--train", "t.csv"])
+        assert result.exit_code == 2 and not Path("c.yaml").exists(), result.output
+        assert result.stderr.startswith(f"usage error: --checkpoint: {checkpoint}'s layers are not those of the built-in mlp"), result.stderr
+        assert hint in result.stderr and "Traceback" not in result.stderr, result.stderr
+    save_file(mlp(4, [3]).state_dict(), str(tmp_path / "mlp.safetensors"))
+    result = runner.invoke(app, ["init", "c.yaml", "--model", "cnn", "--checkpoint", "mlp.safetensors", "--train", "t.csv"])
+    assert result.exit_code == 2 and "not those of the built-in cnn" in result.stderr and "--model mlp" in result.stderr, result.output
+
+
+def test_an_index_column_the_checkpoint_takes_stays_a_feature(runner: CliRunner, tmp_path: Path, monkeypatch) -> None:
+    """A column named `index` is left out of the features as a row's identifier, unless the checkpoint's input_dim
+    counts every column but the label: then it is one of the model's features, and init writes no columns."""
+    monkeypatch.chdir(tmp_path)
+    table(tmp_path / "t.csv", ["index", "a", "b", "y"], [[i % 4, i, -i, i * 0.5] for i in range(12)])
+    torch.save(mlp(3, [4], 1).state_dict(), tmp_path / "all.pt")
+    config = init(runner, "--model", "mlp", "--checkpoint", "all.pt", "--train", "t.csv", "--query", "t.csv")
+    assert "columns" not in config["data"]["train"] and "columns" not in config["data"]["query"], config
+    torch.save(mlp(2, [4], 1).state_dict(), tmp_path / "two.pt")
+    config = init(runner, "--model", "mlp", "--checkpoint", "two.pt", "--train", "t.csv", "--query", "t.csv")
+    assert config["data"]["train"]["columns"] == config["data"]["query"]["columns"] == ["a", "b"], config
 
 
 def test_cnn_kwargs_come_from_the_checkpoint(runner: CliRunner, tmp_path: Path, monkeypatch) -> None:
