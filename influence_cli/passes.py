@@ -821,17 +821,21 @@ def check_outputs(out: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, task_ki
             )
 
 
+FAR_TARGETS_ROWS = 8  # the fewest targets whose spread warn_far_targets measures a miss by
+
+
 def warn_far_targets(out: torch.Tensor, y: torch.Tensor, dataset_name: str) -> None:
-    """Warns when a regression's predictions on a batch miss its targets (root mean square) by twice the targets' own
-    spread, or by as much as it on another scale (a spread of predictions 100 times smaller or larger): a model trained on
-    standardized features or targets fed the file's, whose scores then explain that miss. Predicting the targets' mean
-    misses by their spread alone."""
-    if y.numel() != out.numel() or y.numel() < 2 or not out.is_floating_point():
+    """Warns when a regression's predictions on a batch miss its targets (root mean square) by more than twice the
+    targets' own spread: a model trained on standardized features or targets fed the file's, whose scores then explain
+    that miss. Predicting the targets' mean misses by their spread alone, so a model that predicts about their mean (an
+    early or collapsed one) is not warned of; nor a batch of fewer than FAR_TARGETS_ROWS examples, whose spread says
+    little, nor a miss under a thousandth of the targets' size (targets of a tiny spread, float32's rounding)."""
+    if y.numel() != out.numel() or y.ndim == 0 or y.shape[0] < FAR_TARGETS_ROWS or not out.is_floating_point():
         return
-    pred, target = out.detach().double().cpu().flatten(), y.double().flatten()
+    pred, target = out.detach().double().cpu().flatten(), y.double().cpu().flatten()
     miss = float((pred - target).square().mean().sqrt())
     spread = float(target.std())
-    if not spread > 0 or not (miss > 2 * spread or (miss > spread and not 0.01 < float(pred.std()) / spread < 100)):
+    if not spread > 0 or not miss > 2 * spread or not miss > 1e-3 * float(target.square().mean().sqrt()):
         return
     notices.warn(
         f"{dataset_name}: the model's predictions (mean {float(pred.mean()):.4g}, std {float(pred.std()):.4g}) miss the targets "

@@ -150,19 +150,45 @@ def test_predictions_on_another_scale_than_the_targets_are_warned_of(runner: Cli
     spec = {"source": "csv", "path": "houses.csv", "columns": ["a", "b", "c"]}
     config = {"model": {"architecture": "mlp", "kwargs": {"input_dim": 3, "hidden": [], "num_classes": 1}, "checkpoint": "m.pt"},
               "task": {"kind": "regression"}, "output_dir": "runs", "device": "cpu",
-              "data": {"train": {**spec, "label_column": "price"}, "query": {**spec, "label_column": "price", "range": [0, 4]}}}  # fmt: skip
+              "data": {"train": {**spec, "label_column": "price"}, "query": {**spec, "label_column": "price", "range": [0, 8]}}}  # fmt: skip
     Path("c.yaml").write_text(yaml.safe_dump(config))
     for command, name in (("fit-factors", "data.train"), ("compute-scores", "data.query")):
         result = runner.invoke(app, [command, "c.yaml"])
         assert result.exit_code == 0, result.output
-        warning = next((line for line in result.stderr.splitlines() if "miss the targets" in line), "")
-        assert warning.startswith(f"warning: {name}: the model's predictions") and f"{name}.transform.normalize" in warning, result.stderr
+        warnings = [line for line in result.stderr.splitlines() if line.startswith(f"warning: {name}: the model's predictions")]
+        assert len(warnings) == 1, result.stderr  # once, whatever the passes over the first batch
+        assert "miss the targets" in warnings[0] and f"{name}.transform.normalize" in warnings[0], result.stderr
     for key in ("train", "query"):
         config["data"][key]["label_column"] = "price_std"
     Path("c.yaml").write_text(yaml.safe_dump(config))
     for command in ("fit-factors", "compute-scores"):
         result = runner.invoke(app, [command, "c.yaml", "--overwrite"])
         assert result.exit_code == 0 and "miss the targets" not in result.stderr, result.output
+
+
+def test_predictions_about_the_targets_are_not_warned_of(caplog) -> None:
+    """The warning is of predictions on another scale: not of an early model that predicts about the targets' mean
+    (a constant was warned of when a batch's mean strayed from it by a third of the spread), nor of a batch of a few
+    targets whose spread is too small to measure by (two close targets), nor of targets of a tiny spread about a large
+    value missed by float32's rounding."""
+    import logging
+
+    from influence_cli.passes import warn_far_targets
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(32, generator=g)
+    z = (z - z.mean()) / z.std()
+    cases = [
+        (torch.zeros(32, 1), z + 0.5),  # a constant at the targets' mean, the batch's half a spread off it
+        (torch.tensor([[1.05], [1.06], [1.05], [1.06]]), torch.tensor([1.0, 1.001, 1.0005, 1.0002])),  # four targets
+        (1e5 + 1e-3 * z.double().unsqueeze(1) + 0.01, 1e5 + 1e-3 * z.double()),  # 10 spreads, a ten-millionth of the targets
+    ]
+    with caplog.at_level(logging.WARNING, logger="influence_cli"):
+        for out, y in cases:
+            warn_far_targets(out, y, "data.train")
+        assert not caplog.records, [r.getMessage() for r in caplog.records]
+        warn_far_targets(z.unsqueeze(1), 250000 + 40000 * z, "data.train")  # standardized predictions of prices
+        assert len(caplog.records) == 1 and "miss the targets" in caplog.records[0].getMessage()
 
 
 def test_a_table_whose_id_column_the_model_does_not_take_names_columns(runner: CliRunner, tmp_path: Path, monkeypatch) -> None:
