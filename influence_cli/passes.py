@@ -751,8 +751,8 @@ def _input_hint(x: torch.Tensor, reason: str, dataset_name: str) -> str:
         )
     if x.dim() == 2:  # rows of features, such as a table's
         return (
-            f"check model.kwargs (the model takes another number of values than these {x.shape[1]}); a table's (source csv) "
-            f"features are every column but the label's unless {dataset_name}.columns names them: leave out an id column"
+            f"check model.kwargs and {dataset_name}.transform (flatten, resize): the model does not take rows of these {x.shape[1]} values; "
+            f"a table's (source csv) features are every column but the label's unless {dataset_name}.columns names them: leave out an id column"
         )
     return "check model.kwargs and data transform (flatten/resize)"
 

@@ -201,6 +201,10 @@ def test_a_table_whose_id_column_the_model_does_not_take_names_columns(runner: C
     result = runner.invoke(app, ["fit-factors", "c.yaml"])
     assert result.exit_code == 3 and "inputs of shape [8, 3] do not fit the model" in result.stderr, result.output
     assert "data.train.columns names them: leave out an id column" in result.stderr and "these 3" in result.stderr, result.stderr
+    config["model"] = {"architecture": "cnn", "kwargs": {"image_size": 4}}  # images flattened to rows: the transform's to change
+    Path("c.yaml").write_text(yaml.safe_dump(config))
+    result = runner.invoke(app, ["fit-factors", "c.yaml", "--overwrite"])
+    assert result.exit_code == 3 and "check model.kwargs and data.train.transform (flatten, resize)" in result.stderr, result.output
 
 
 def test_init_help_names_torchvision_models_and_where_the_builtin_kwargs_come_from(runner: CliRunner) -> None:
