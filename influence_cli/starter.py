@@ -320,11 +320,14 @@ def _source(folder: Path, value: str, flag: str, label_column: str | None = None
     if value.lower().endswith(TENSORS_SUFFIXES):
         return [(2, "source", "tensors", "a file of inputs and labels tensors"), (2, "path", _relative(Path(value), folder), "keys inputs and labels")]
     if value.lower().endswith(CSV_SUFFIXES):
+        label, columns = _label_column(value, flag, label_column), _columns(value, label_column) if identifiers else []
+        if columns:  # the columns line names the features
+            label = (*label[:3], label[3].replace("; every other column is a feature", ""))
         return [
             (2, "source", "csv", "a table of numbers: a header row, then one example per row"),
             (2, "path", _relative(Path(value), folder), "an example's index is its row's (0: the first after the header)"),
-            _label_column(value, flag, label_column),
-            *(_columns(value, label_column) if identifiers else []),
+            label,
+            *columns,
             (2, "transform", {}, "the features as the file holds them: add normalize: {mean: [...], std: [...]}, one per column, if training standardized them"
              if flag == "--train" else "as the training set's"),
         ]

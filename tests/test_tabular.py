@@ -87,6 +87,8 @@ def test_an_index_column_the_checkpoint_takes_stays_a_feature(runner: CliRunner,
     torch.save(mlp(2, [4], 1).state_dict(), tmp_path / "two.pt")
     config = init(runner, "--model", "mlp", "--checkpoint", "two.pt", "--train", "t.csv", "--query", "t.csv")
     assert config["data"]["train"]["columns"] == config["data"]["query"]["columns"] == ["a", "b"], config
+    text = Path("c.yaml").read_text()  # the label's comment no longer says every other column is a feature
+    assert "every other column is a feature" not in text and "every column but the label and index (a row's identifier)" in text, text
 
 
 def test_cnn_kwargs_come_from_the_checkpoint(runner: CliRunner, tmp_path: Path, monkeypatch) -> None:
