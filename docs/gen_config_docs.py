@@ -532,7 +532,7 @@ refused by its key before any work:
 |---|---|---|
 | `factors.safetensors` | `fit-factors` | per layer `<module>.<factor>` tensors: the eigenvectors and eigenvalues of A and G, the corrected eigenvalues, the example count (A and G themselves are U diag(λ) Uᵀ) |
 | `members/<i>/factors.safetensors` | `fit-factors` (with `scores.checkpoints`) | the factors of ensemble member i, i.e. of `scores.checkpoints[i - 1]` |
-| `scores.safetensors` | `compute-scores` | the [queries × train] score matrix with both sides' global indices (with `scores.by_layer`, also `scores_by_layer`, each tracked layer's part [layers × queries × train], the layers in order in the metadata's `by_layer`) |
+| `scores.safetensors` | `compute-scores` | the [queries × train] score matrix with both sides' global indices (with `scores.by_layer`, also `scores_by_layer`, each tracked layer's part [layers × queries × train], the layers in order in the metadata's `by_layer`; with `scores.per_token`, also `scores_per_token`, each training position's part [queries × train × T], T in the metadata's `per_token`) |
 | `scores.index.json` + `scores.shard-NNNNN.safetensors` | `compute-scores` | the same, as shards by training range, for runs larger than `scores.max_memory_mb` or under torchrun |
 | `self_influence.safetensors` | `compute-scores --self` | I(x, x) for every training example, with its label, its training loss (`train_losses`) and (classification) model.checkpoint's predicted class (with `scores.by_layer`, also `self_influence_by_layer` [layers × train]) |
 | `similarity.safetensors` | `dataset-similarity` | the kernel between the datasets of `similarity.datasets` |
@@ -567,8 +567,8 @@ Each file's metadata records the tool, torch and Python versions, the device, it
 or the CPU's model) and the thread count, the strategy and Fisher
 kind, fingerprints of the model and the data, and the resolved config with the folder its
 relative paths resolve against (the config file's). That config is the run's effective one: `--set`
-overrides and the flags that set config keys are in it (`compute-scores --relative`/`--by-layer` as
-`scores.relative`/`scores.by_layer`, `spectrum --order`/`--layers`, `dataset-similarity --method`,
+overrides and the flags that set config keys are in it (`compute-scores --relative`/`--by-layer`/`--per-token` as
+`scores.relative`/`scores.by_layer`/`scores.per_token`, `spectrum --order`/`--layers`, `dataset-similarity --method`,
 `edit --rho`/`--keep-share`/`--layers`/`--order` as `spectrum.edit.*` and `spectrum.order`): `influence info FILE` prints them, and `influence info FILE --config` the config alone, as YAML that
 runs the same settings again once saved in that folder. The model's fingerprint hashes the checkpoint's tensors, and its definition
 records `model.architecture`, `model.kwargs` and a hash of its module tree (a changed keyword

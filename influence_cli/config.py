@@ -283,6 +283,14 @@ class ScoresConfig(_Section):
         "gradients are summed chunk by chunk, exact by linearity) instead of one per chunk of queries.",
         default=False,
     )
+    per_token: bool = _help(
+        "Also store each training position's part of every score (compute-scores --per-token): scores_per_token [n_query, "
+        "n_train, T] beside scores (T: data.train's sequence length; padding positions 0), summing over T to the score; "
+        "top-k then shows each ranked example's leading tokens. For models whose tracked layers are all Linear layers over "
+        "the inputs' positions (language models, [batch, seq, features] inputs); not with relative, by_layer or checkpoints. "
+        "The score block held in memory, and the files, grow (1 + T)-fold (max_memory_mb counts it).",
+        default=False,
+    )
     max_memory_mb: float = _help(
         "Memory budget (MB), each on its own, for the score matrix held at a time (with by_layer, its per-layer parts too; larger "
         "runs are written as shards) and for the "
@@ -1434,6 +1442,8 @@ def validate(cfg: Config, check_files: bool = True, reads: Collection[str] | Non
         problems.append(f"scores.max_memory_mb: must be a finite number > 0, got {s.max_memory_mb}")
     if s.query_chunk is not None and s.query_chunk <= 0:
         problems.append(f"scores.query_chunk: must be > 0, got {s.query_chunk}")
+    if s.per_token and (clash := [k for k, on in (("relative", s.relative), ("by_layer", s.by_layer), ("checkpoints", bool(s.checkpoints))) if on]):
+        problems.append(f"scores.per_token: not available with scores.{' or scores.'.join(clash)} (set those to their defaults, or per_token: false)")
     for i, ckpt_path in enumerate(s.checkpoints if check_files else []):
         problems += _named_path_problem(cfg, f"scores.checkpoints[{i}]", ckpt_path, "file")
     seen: dict[str, str] = {} if cfg.model.checkpoint is None else {os.path.realpath(cfg.resolve(cfg.model.checkpoint)): "model.checkpoint"}

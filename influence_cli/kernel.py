@@ -182,8 +182,11 @@ class ScoreKernel:
             queries are stored, and the scoring GEMMs run, in that dtype; scores are summed in float32.
     """
 
-    def __init__(self, layers: dict[str, LayerFactors], damping: dict[str, float], matmul_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self, layers: dict[str, LayerFactors], damping: dict[str, float], matmul_dtype: torch.dtype | None = None, per_token: bool = False
+    ) -> None:
         self.layers = layers
+        self.per_token = per_token  # queries stored as whole [Q, P] matrices, for `pairwise_per_token`
         self.damping = damping
         self.matmul_dtype = matmul_dtype
         self._inverse = {name: _inverse_weights(lf, damping[name]) for name, lf in layers.items()}
@@ -221,7 +224,7 @@ class ScoreKernel:
         that layout whatever their own number of positions.
         """
         if name not in self.pieces:
-            self.flat[name] = a.shape[1] != 1
+            self.flat[name] = a.shape[1] != 1 or self.per_token
             if self._in_eigenbasis(name, a) and not self.flat[name]:
                 k_a, k_g = (0 if r is None else r.deflated for r in self._rotations[name])
                 self.pieces[name] = _pieces(d_out, a.shape[-1], k_g, k_a)
@@ -422,6 +425,28 @@ class ScoreKernel:
         assert out is not None
         return out
 
+    def pairwise_per_token(self, queries: StoredQueries, batch: BatchGradients) -> torch.Tensor:
+        """Each training position's part of `pairwise`: [Q, B, T], Σ_layers g_btᵀ V'_q a_bt, summing over T to the scores.
+
+        A layer's per-example gradient Σ_t g_bt a_btᵀ is a sum over its positions, so its score
+        ⟨V'_q, Σ_t g_bt a_btᵀ⟩ splits exactly into one term per position (in either basis: the
+        eigenbasis rotates a and g alike on both sides). Needs the kernel built with `per_token`
+        (queries stored whole) and every layer at the same T positions (the caller checks it);
+        padding positions, whose a and g the pass zeroed, are exact zeros.
+        """
+        out: torch.Tensor | None = None
+        for name in self.layers:
+            a, g = batch.activations[name], batch.gradients[0][name]
+            self._layer_pieces(name, a, g.shape[-1])
+            if not self.flat[name]:
+                raise ValueError(f"layer {name!r}: queries stored in pieces; build the kernel with per_token=True")
+            if self._in_eigenbasis(name, a):
+                a, g = self._rotated(name, a, g)
+            part = _per_position_scores(queries[name][0], a, g)
+            out = part if out is None else out.add_(part)
+        assert out is not None
+        return out
+
     def quadratic(self, batch: BatchGradients, power: int) -> torch.Tensor:
         """Σ_layers Σ_ij R_ij² (Λ* + λ)_ij^-power per example: [B], R = U_Gᵀ ∇W U_A.
 
@@ -598,6 +623,27 @@ def _contracted_positions(q: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> 
     return (va.view(n, d_out, b * t) * g.reshape(b * t, d_out).T.to(va.dtype)).sum(dim=1).view(n, b, t).sum(dim=2)
 
 
+def _per_position_scores(q: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """g_btᵀ V'_q a_bt: [Q, B, T] from q [Q, d_out·d_in], a [B, T, d_in], g [B, T, d_out] (float32 for a
+    bfloat16 q). V'_q is contracted with the vectors of the narrower side first, `GRADIENT_ELEMENTS`
+    intermediate entries ([Q, min(d_in, d_out), rows]) at a time."""
+    n, (b, t, d_in), d_out = q.shape[0], a.shape, g.shape[-1]
+    dtype = q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32
+    v = q.view(n, d_out, d_in)
+    rows_a, rows_g = a.reshape(b * t, d_in), g.reshape(b * t, d_out).to(dtype)
+    out = torch.empty(n, b * t, dtype=dtype, device=q.device)
+    step = max(1, GRADIENT_ELEMENTS // max(1, n * min(d_in, d_out)))
+    for r0 in range(0, b * t, step):
+        ra, rg = rows_a[r0 : r0 + step], rows_g[r0 : r0 + step]
+        if d_in <= d_out:  # V a: [Q, d_out, rows], then its dot with g
+            va = torch.matmul(v, ra.T.to(v.dtype)).to(dtype)
+            out[:, r0 : r0 + step] = (va * rg.T[None]).sum(1)
+        else:  # gᵀ V: [Q, rows, d_in], then its dot with a
+            gv = torch.matmul(rg.to(v.dtype)[None], v).to(dtype)
+            out[:, r0 : r0 + step] = (gv * ra.to(dtype)[None]).sum(-1)
+    return out.view(n, b, t)
+
+
 def eigenbasis_cheaper(workload: tuple[int, int] | None, positions: int, d_out: int, d_in: int) -> bool:
     """True when a layer with positions costs less scored in its Kronecker eigenbasis than in the parameter basis.
 
@@ -753,12 +799,14 @@ def build_kernel(
     device: torch.device | None,
     scope: str = "layer",
     amp: str = "none",
+    per_token: bool = False,
 ) -> ScoreKernel:
     """The ScoreKernel of `model`: its factors on `device` in the model's accumulator dtype, λ per
-    layer (`factors.layer_damping`) and the scoring GEMMs' dtype under `factors.amp`."""
+    layer (`factors.layer_damping`) and the scoring GEMMs' dtype under `factors.amp`; `per_token`:
+    queries stored whole, for `ScoreKernel.pairwise_per_token`."""
     dtype = accumulator_dtype(model)
     moved = {name: lf.to(device or torch.device("cpu"), dtype) for name, lf in layers.items()}
-    return ScoreKernel(moved, layer_damping(moved, damping, factor, scope), matmul_dtype(amp, dtype))
+    return ScoreKernel(moved, layer_damping(moved, damping, factor, scope), matmul_dtype(amp, dtype), per_token)
 
 
 __all__ = [

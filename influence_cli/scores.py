@@ -36,7 +36,7 @@ from influence_cli.context import RunContext, prepare
 from influence_cli.data import IndexedDataset, make_loader
 from influence_cli.distributed import DistState, agree
 from influence_cli.ensemble import Member, describe_member, ensemble_members, name_member, prepare_member, refuse_same_weights
-from influence_cli.errors import ConfigError, NumericalError, OutputError, UsageError
+from influence_cli.errors import ConfigError, ModelError, NumericalError, OutputError, UsageError
 from influence_cli.factors import FINITE_CHUNK_ELEMENTS, Factors, LayerFactors
 from influence_cli.fit import check_factors_match, load_factors, num_fit_examples
 from influence_cli.kernel import ScoreKernel, StoredQueries, build_kernel, safe_norms
@@ -79,7 +79,7 @@ from influence_cli.task import (
     per_example_loss,
     without_counted_position,
 )
-from influence_cli.tracking import attention_fastpath_off
+from influence_cli.tracking import CONV_KINDS, attention_fastpath_off
 
 # ----------------------------------------------------------------------------- sizing and sharding
 
@@ -236,6 +236,8 @@ class ScoresReport:
             order; None without them.
         queries_summed: With scores.sum_queries, the queries of data.query summed into the one row of
             the scores (`n_query` is then 1); None without.
+        per_token: T, when each training position's part of the scores was stored too
+            (scores.per_token, `scores_per_token` [n_query, n_train, T]); None without.
     """
 
     __repr__ = brief_repr
@@ -258,6 +260,7 @@ class ScoresReport:
     members: int = 1  # models averaged over (ensemble.py): 1 + len(scores.checkpoints)
     by_layer: list[str] | None = None
     queries_summed: int | None = None
+    per_token: int | None = None  # T, the positions of each example whose parts were stored too (scores.per_token); None without
 
 
 def _members_key(common: dict[str, Any]) -> dict[str, Any]:
@@ -271,6 +274,11 @@ def _by_layer(scorer: _Scorer) -> dict[str, Any]:
     """What the per-layer parts add to an output's metadata and to its result: {"by_layer": [their layers, in
     order]} (storage.BY_LAYER); nothing without them, so that a run without keeps the keys it always had."""
     return {} if scorer.by_layer is None else {storage.BY_LAYER: list(scorer.by_layer)}
+
+
+def _per_token(scorer: _Scorer) -> dict[str, Any]:
+    """What the per-token parts add to a pairwise output's metadata and result: {"per_token": T}; nothing without them."""
+    return {} if scorer.per_token is None else {storage.PER_TOKEN: scorer.per_token}
 
 
 def _finished_metadata(path: Path) -> dict[str, Any]:
@@ -433,8 +441,10 @@ class _Scorer:
         progress: Progress,
         by_layer: list[str] | None = None,
         measurement: Measurement = "loss",
+        per_token: int | None = None,
     ) -> None:
         self.members = members
+        self.per_token = per_token
         self.measurement = measurement
         self.by_layer = by_layer
         self.ctx = members[0].ctx
@@ -530,6 +540,23 @@ class _Scorer:
             total = s if total is None else total.add_(s)
         assert total is not None
         return total if len(self.members) == 1 else total.div_(len(self.members))
+
+    def pairwise_per_token(self, queries: list[StoredQueries], batches: list[BatchGradients]) -> torch.Tensor:
+        """The [Q, B, T] per-position parts of one training batch's scores (one model: per_token refuses ensembles).
+
+        Raises:
+            ModelError: a tracked layer whose positions are not data.train's T (a pooled head, a layer
+                called twice), whose parts would not be the tokens'.
+        """
+        batch, t = batches[0], self.per_token
+        for name, a in batch.activations.items():
+            if a.shape[1] != t:
+                raise ModelError(
+                    f"scores.per_token: layer {name!r} sees {a.shape[1]} position{'s' if a.shape[1] != 1 else ''} per example, "
+                    f"data.train's inputs have {t}: per-token scores need every tracked layer at the inputs' positions",
+                    hint=f"leave {name!r} out of factors.modules (and refit), or set scores.per_token: false",
+                )
+        return self.members[0].kernel.pairwise_per_token(queries[0], batch)
 
     def self_influence(self, batches: list[BatchGradients]) -> torch.Tensor:
         """∇L(x)ᵀ (F + λ)⁻¹ ∇L(x) of one training batch, averaged over the members: [B]; with
@@ -709,6 +736,7 @@ def compute_scores(
     relative: bool | None = None,
     by_layer: bool | None = None,
     sum_queries: bool | None = None,
+    per_token: bool | None = None,
     state: DistState | None = None,
     progress: Progress | None = None,
 ) -> ScoresReport:
@@ -731,6 +759,11 @@ def compute_scores(
             Σ_q I(q, x), from the query gradients preconditioned chunk by chunk and summed into one row, and one
             pass over the training set; the metadata records `sum_queries` and `queries_summed` (the number of
             queries). Not with `self_influence`.
+        per_token: Also store each training position's part of the scores (None = `scores.per_token`):
+            `scores_per_token` [n_query, n_train, T] (in each shard, its train range), T data.train's
+            sequence length (the metadata's `per_token`), padding positions 0; the parts sum over T to
+            the scores. Only for Linear layers all at the inputs' positions; not with `self_influence`,
+            `relative`, `by_layer` or scores.checkpoints.
 
     Raises:
         ConfigError: no data.query (without `self_influence`), before any file is looked at; a
@@ -754,8 +787,12 @@ def compute_scores(
     relative = cfg.scores.relative if relative is None else relative
     by_layer = cfg.scores.by_layer if by_layer is None else by_layer
     sum_queries = cfg.scores.sum_queries if sum_queries is None else sum_queries
+    per_token = cfg.scores.per_token if per_token is None else per_token
+    if per_token:
+        _check_per_token(cfg, self_influence, relative, by_layer)
     progress = for_rank(progress, ctx.state.rank, ctx.state.world_size)
     train = ctx.dataset(cfg.data.train, "data.train")
+    positions = _token_positions(ctx, train) if per_token else None  # refused before any factors are read
     members: list[_ScoringMember] = []
     described: list[dict[str, Any]] = []
     weights: list[tuple[str, str]] = []
@@ -765,14 +802,16 @@ def compute_scores(
         refuse_same_weights(weights, cfg.source)  # before its factors: those of a copy would match it
         layers, factors_info = _load_layers(mctx, train, member)  # checked to be finite, in the kernel's device and dtype
         s = cfg.scores
-        kernel = build_kernel(mctx.model, layers, s.damping, s.damping_factor, mctx.device, s.damping_scope, cfg.factors.amp)
+        kernel = build_kernel(mctx.model, layers, s.damping, s.damping_factor, mctx.device, s.damping_scope, cfg.factors.amp, per_token)
         members.append(_ScoringMember(mctx, kernel, member))
         described.append(describe_member(member, mctx) | {"factors": factors_info, "damping": kernel.damping})
-    scorer = _Scorer(members, train, progress, list(members[0].kernel.layers) if by_layer else None, measurement)
+    scorer = _Scorer(members, train, progress, list(members[0].kernel.layers) if by_layer else None, measurement, positions)
     seconds = {"setup": time.perf_counter() - t_start}
     flags: dict[str, object] = {"scores.by_layer": by_layer} | (
         {} if self_influence else {"scores.relative": relative, "scores.sum_queries": sum_queries}
     )  # --by-layer, --relative, --sum-queries
+    if per_token or cfg.scores.per_token:  # --per-token / --no-per-token (a run without keeps the keys it always had)
+        flags["scores.per_token"] = per_token
     common = {
         **ctx.provenance(flags),
         "strategy": cfg.factors.strategy,
@@ -797,6 +836,53 @@ def compute_scores(
     return _run_pairwise(scorer, common, relative, overwrite, resume, seconds, sum_queries)
 
 
+def _check_per_token(cfg: Config, self_influence: bool, relative: bool, by_layer: bool) -> None:
+    """Refuses per-token scores with what they do not combine with, in one line naming the keys and flags."""
+    if self_influence:
+        raise UsageError("--per-token (scores.per_token): not with --self (per-token parts are of pairwise scores)", hint="leave out one of them")
+    clash = [
+        key for key, on in (("scores.relative (--relative)", relative), ("scores.by_layer (--by-layer)", by_layer), ("scores.checkpoints", bool(cfg.scores.checkpoints)))
+        if on
+    ]
+    if clash:
+        raise ConfigError(
+            f"scores.per_token (--per-token): not available with {' or '.join(clash)}",
+            source=cfg.source,
+            hint="score per token without them, or leave out --per-token (scores.per_token: false)",
+        )
+
+
+def _token_positions(ctx: RunContext, train: IndexedDataset) -> int:
+    """T, the positions of data.train's examples that per-token scores split each score into: the length of
+    token ids [T] or of features [T, F]; every tracked layer must be a Linear layer (checked again per batch
+    for being at those positions, `_Scorer.pairwise_per_token`).
+
+    Raises:
+        ConfigError: a convolution among the tracked layers, or inputs without positions.
+    """
+    cfg = ctx.cfg
+    conv = [tm for tm in ctx.tracked if tm.kind in CONV_KINDS]
+    if conv:
+        raise ConfigError(
+            f"scores.per_token: layer {conv[0].name!r} is a {type(conv[0].module).__name__}, whose positions are patches, not tokens; "
+            "per-token scores need Linear layers over the inputs' positions",
+            source=cfg.source,
+            hint="set scores.per_token: false, or track only Linear layers (factors.modules) and refit",
+        )
+    if not len(train):
+        raise ConfigError("scores.per_token: data.train holds no examples", source=cfg.source)
+    x = train[0][0]
+    tokens = not x.is_floating_point() and x.dim() == 1
+    if not (tokens or (x.is_floating_point() and x.dim() == 2)):
+        raise ConfigError(
+            f"scores.per_token: data.train's inputs of shape {list(x.shape)} ({str(x.dtype).removeprefix('torch.')}) have no positions; "
+            "per-token scores need token ids [seq] or features [seq, features] per example",
+            source=cfg.source,
+            hint="set scores.per_token: false",
+        )
+    return int(x.shape[0])
+
+
 def _run_pairwise(
     scorer: _Scorer, common: dict[str, Any], relative: bool, overwrite: bool, resume: bool, seconds: dict[str, float], sum_queries: bool = False
 ) -> ScoresReport:
@@ -818,7 +904,7 @@ def _run_pairwise(
         query_chunk=cfg.scores.query_chunk,
         element_bytes=element_bytes,
         score_bytes=8 if scorer.dtype == torch.float64 else 4,  # the score block's dtype
-        score_planes=1 + len(scorer.by_layer or ()),  # each layer's part beside the total
+        score_planes=1 + len(scorer.by_layer or ()) + (scorer.per_token or 0),  # each layer's or position's part beside the total
         sum_queries=sum_queries,
     )
     summed = n_q if sum_queries else None  # the queries summed into the one row of the scores
@@ -843,7 +929,7 @@ def _run_pairwise(
         return ScoresReport(
             "pairwise", done, layout.rows, n_t, finished[0] == index, num_shards, int(recorded[finished[0]].get("query_chunks") or 1), relative,
             cfg.factors.strategy, cfg.task.measurement, common["damping"], {}, 0.0, "already complete",
-            {tm.name: tm.num_params for tm in ctx.tracked}, n_members, scorer.by_layer, summed,
+            {tm.name: tm.num_params for tm in ctx.tracked}, n_members, scorer.by_layer, summed, scorer.per_token,
         )
     rank_suffix = f".rank{st.rank}" if st.distributed else ""
     checkpoint = PassCheckpoint(out_dir / storage.SCORES_PARTIAL.format(rank=rank_suffix), settings, cfg.factors.checkpoint_every)
@@ -926,6 +1012,7 @@ def _run_pairwise(
         n_members,
         scorer.by_layer,
         summed,
+        scorer.per_token,
     )
 
 
@@ -945,7 +1032,7 @@ def _pairwise_keys(
         "n_query": layout.rows,
         "n_train": len(scorer.train),
         "dtype": cfg.scores.dtype,
-    } | _by_layer(scorer)
+    } | _by_layer(scorer) | _per_token(scorer)
     summed = {} if layout.summed is None else {"sum_queries": True}  # a key only of summed runs: the others keep theirs
     if summed:
         metadata |= summed | {"queries_summed": len(queries)}
@@ -955,6 +1042,7 @@ def _pairwise_keys(
         | _members_key(common)
         | _by_layer(scorer)
         | summed
+        | _per_token(scorer)
     )
     chunks = layout.query_chunks if layout.summed is None else layout.summed  # summed: the row's rounding follows its chunks
     settings = result | {"bs": scorer.bs, "world": st.world_size, "chunks": chunks, "shards": [(s.start, s.stop) for s in layout.shards]}
@@ -1064,10 +1152,12 @@ class _PairwisePass:
         n_q, width = self.layout.rows, shard.stop - shard.start
         block = torch.zeros(n_q, width, dtype=scorer.dtype, device=ctx.device)
         parts = None if scorer.by_layer is None else torch.zeros(len(scorer.by_layer), n_q, width, dtype=scorer.dtype, device=ctx.device)
+        tokens = None if scorer.per_token is None else torch.zeros(n_q, width, scorer.per_token, dtype=scorer.dtype, device=ctx.device)
         norms = torch.zeros(len(scorer.members), width, dtype=scorer.dtype, device=ctx.device) if self.relative else None
         labels = _known_labels(train, shard.start, shard.stop, ctx.device)
-        pieces = SavedPieces(self.checkpoint, shard.number, chunks, width, {"scores"} | ({"parts"} if parts is not None else set()))
-        opened = _OpenShard(block, parts, norms, labels, labels is None, pieces)
+        names = {"scores"} | ({"parts"} if parts is not None else set()) | ({"tokens"} if tokens is not None else set())
+        pieces = SavedPieces(self.checkpoint, shard.number, chunks, width, names)
+        opened = _OpenShard(block, parts, norms, labels, labels is None, pieces, tokens=tokens)
         where = _snapshot_phase(snapshot, "scores:")
         if where is None or snapshot is None or where[0] != shard.number:
             return opened
@@ -1097,6 +1187,7 @@ class _PairwisePass:
         cfg, train = scorer.cfg, scorer.train
         n_members, width = len(scorer.members), shard.stop - shard.start
         block, parts, norms, labels, pieces = opened.block, opened.parts, opened.norms, opened.labels, opened.pieces
+        tokens = opened.tokens
         collect, start_chunk, start_batch = opened.collect, opened.start_chunk, opened.start_batch
         for ci in range(start_chunk, len(chunks)):
             q0, q1 = chunks[ci]
@@ -1111,7 +1202,11 @@ class _PairwisePass:
                 j = batch.index - shard.first_batch
                 c0 = j * scorer.bs
                 n = len(batch.global_indices)
-                if parts is None:
+                if tokens is not None:
+                    per_position = scorer.pairwise_per_token(vq, batches)  # [Q, B, T]
+                    tokens[q0:q1, c0 : c0 + n] = per_position
+                    block[q0:q1, c0 : c0 + n] = per_position.sum(-1)
+                elif parts is None:
                     block[q0:q1, c0 : c0 + n] = scorer.pairwise(vq, batches, norms, c0, first=ci == 0)
                 else:
                     part = scorer.pairwise(vq, batches, norms, c0, first=ci == 0)  # [L, Q, B]
@@ -1145,6 +1240,9 @@ class _PairwisePass:
         if parts is not None:
             _check_storable(parts, cfg.scores.dtype, "per-layer scores (scores.by_layer)", layers=scorer.by_layer)
             tensors[storage.SCORES_BY_LAYER] = parts.to(getattr(torch, cfg.scores.dtype))
+        if tokens is not None:
+            _check_storable(tokens, cfg.scores.dtype, "per-token scores (scores.per_token)")
+            tensors[storage.SCORES_PER_TOKEN] = tokens.to(getattr(torch, cfg.scores.dtype))
         if labels is not None:
             tensors["train_labels"] = labels
         if norms is not None:
@@ -1173,14 +1271,18 @@ class _OpenShard:
     start_chunk: int = 0
     start_batch: int = 0
     resumed_from: str | None = None  # "shard s, query chunk c/C, batch b" where it continues a snapshot
+    tokens: torch.Tensor | None = None  # [n_query, width, T] each position's part (scores.per_token)
 
     def cut(self, q0: int, q1: int, c0: int, c1: int) -> dict[str, torch.Tensor]:
-        return {"scores": self.block[q0:q1, c0:c1]} | ({} if self.parts is None else {"parts": self.parts[:, q0:q1, c0:c1]})
+        out = {"scores": self.block[q0:q1, c0:c1]} | ({} if self.parts is None else {"parts": self.parts[:, q0:q1, c0:c1]})
+        return out | ({} if self.tokens is None else {"tokens": self.tokens[q0:q1, c0:c1]})
 
     def paste(self, q0: int, q1: int, c0: int, c1: int, tensors: dict[str, torch.Tensor]) -> None:
         self.block[q0:q1, c0:c1] = tensors["scores"].to(self.block)
         if self.parts is not None:
             self.parts[:, q0:q1, c0:c1] = tensors["parts"].to(self.parts)
+        if self.tokens is not None:
+            self.tokens[q0:q1, c0:c1] = tensors["tokens"].to(self.tokens)
 
 
 def _write_index(index: Path, layout: ScoresLayout, metadata: dict[str, Any]) -> None:

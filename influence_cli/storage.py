@@ -68,6 +68,9 @@ BY_LAYER = "by_layer"
 # scores.sum_queries: the global indices [Q] of the queries summed into the one row of "scores" (in place of
 # query_indices / query_labels / query_predictions, which describe one query per row)
 SUMMED_QUERY_INDICES = "summed_query_indices"
+# Each training position's part of the scores (scores.per_token); the metadata key PER_TOKEN records T.
+SCORES_PER_TOKEN = "scores_per_token"  # [n_query, n_train, T] (a shard: its train range), summing over T to "scores"
+PER_TOKEN = "per_token"
 
 # Per-layer factor keys: "<module>.<name>".
 A_EIGENVECTORS = "a_eigenvectors"

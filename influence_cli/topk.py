@@ -53,6 +53,8 @@ class ScoresMeta:
             (`scores_by_layer`, compute-scores --by-layer); None when they hold none.
         queries_summed: Scores summed over the queries of data.query (compute-scores --sum-queries): their
             number, the scores' one row their sum (n_query is 1; no query labels or predictions); None otherwise.
+        per_token: T, when the files hold each training position's part of every score too
+            (`scores_per_token` [n_query, train range, T], compute-scores --per-token); None otherwise.
     """
 
     __repr__ = brief_repr
@@ -69,6 +71,7 @@ class ScoresMeta:
     has_norms: bool = False
     by_layer: list[str] | None = None
     queries_summed: int | None = None
+    per_token: int | None = None
 
     @property
     def sharded(self) -> bool:
@@ -99,7 +102,8 @@ class RankedExample:
     """One training example in a ranking (score: its influence on the query, or its self-influence).
 
     `by_layer`: {layer: its part of the score}, in the layers' order, summing to the score, when
-    the scores hold their parts (compute-scores --by-layer); None otherwise. `loss`: in a
+    the scores hold their parts (compute-scores --by-layer); None otherwise. `per_token`: each of the
+    example's T positions' part of the score (compute-scores --per-token; padding 0), summing to it; None otherwise. `loss`: in a
     self-influence ranking, the example's training loss (`SelfInfluence.train_losses`); None in
     pairwise rankings and for self-influence files written before it was stored.
     """
@@ -111,6 +115,7 @@ class RankedExample:
     score: float
     by_layer: dict[str, float] | None = None
     loss: float | None = None
+    per_token: list[float] | None = None
 
 
 @dataclass
@@ -210,7 +215,22 @@ def load_scores_meta(output_dir: str | Path) -> ScoresMeta:
         out, files, int(n_query), int(n_train), bool(metadata.get("relative", False)), metadata, query_indices, labels, preds,
         has_norms="train_norms" in keys, by_layer=_layer_names(files[0].path, metadata, keys, storage.SCORES_BY_LAYER),
         queries_summed=None if summed is None else int(summed),
+        per_token=_token_count(files[0].path, metadata, keys),
     )
+
+
+def _token_count(path: Path, metadata: dict[str, Any], keys: set[str]) -> int | None:
+    """T of the per-token parts a scores file holds (the metadata's `per_token`); None when it holds none.
+
+    Raises:
+        OutputError: the parts without their T (written by something else).
+    """
+    if storage.SCORES_PER_TOKEN not in keys:
+        return None
+    t = metadata.get(storage.PER_TOKEN)
+    if not isinstance(t, int) or isinstance(t, bool) or t < 1:
+        raise OutputError(f"{str(path)!r} holds {storage.SCORES_PER_TOKEN} without its number of positions, which compute-scores always writes", hint=storage.remake_hint(path))
+    return t
 
 
 def index_gap(files: list[ScoreFile], n_train: int) -> str | None:
@@ -754,6 +774,49 @@ def top_k(
         ranked = [(r.query_position, e) for r in out for e in (*r.proponents, *r.opponents)]
         for (_, e), parts in zip(ranked, pair_parts(meta, [(q, e.train_position) for q, e in ranked], plain=plain), strict=True):
             e.by_layer = parts
+    if meta.per_token is not None:
+        ranked = [(r.query_position, e) for r in out for e in (*r.proponents, *r.opponents)]
+        for (_, e), values in zip(ranked, pair_tokens(meta, [(q, e.train_position) for q, e in ranked]), strict=True):
+            e.per_token = values
+    return out
+
+
+def pair_tokens(meta: ScoresMeta, pairs: Sequence[tuple[int, int]]) -> list[list[float]]:
+    """Each (query position, train position) pair's per-position parts [T] (float32 values as floats), from
+    scores that hold them (`meta.per_token`): each file's pairs by one indexed read of its memory-mapped
+    [n_query, train range, T] parts (only the pages holding them are read). A pair in no file gets [].
+
+    Raises:
+        UsageError: the scores hold no per-token parts (compute-scores --per-token stores them), or a query
+            position outside the run's queries.
+        OutputError: a file's parts are not of the shape its metadata and queries say.
+    """
+    t = meta.per_token
+    if t is None:
+        raise UsageError(f"the scores in {str(meta.output_dir)!r} hold no per-token parts", hint="rerun compute-scores with --per-token and --overwrite")
+    out: list[list[float]] = [[] for _ in pairs]
+    asked = torch.tensor([(int(q), int(x)) for q, x in pairs], dtype=torch.int64).view(-1, 2)
+    queries, trains = asked[:, 0], asked[:, 1]
+    outside = queries[(queries < 0) | (queries >= meta.n_query)]
+    if outside.numel():
+        valid = f"valid: 0..{meta.n_query - 1}" if meta.n_query else "there are no queries"
+        raise UsageError(f"pairs: query position {int(outside[0])} is outside the {meta.n_query} queries ({valid})")
+    for f in meta.files:
+        mine = ((trains >= f.train_start) & (trains < f.train_stop)).nonzero().squeeze(1)
+        if not mine.numel():
+            continue
+        with _open_scores(f.path, (storage.SCORES_PER_TOKEN,)) as fh:
+            parts = fh.get_tensor(storage.SCORES_PER_TOKEN)
+            width = f.train_stop - f.train_start
+            if tuple(parts.shape) != (meta.n_query, width, t):
+                raise OutputError(
+                    f"{str(f.path)!r} holds {storage.SCORES_PER_TOKEN} of shape {list(parts.shape)}, "
+                    f"not [{meta.n_query} queries, {width} train examples, {t} positions (its metadata says)]",
+                    hint=storage.remake_hint(f.path),
+                )
+            values = parts[queries[mine], trains[mine] - f.train_start].float()  # [pairs, T]
+            for i, row in zip(mine.tolist(), values.tolist(), strict=True):
+                out[i] = row
     return out
 
 
@@ -924,6 +987,7 @@ __all__ = [
     "load_scores_meta",
     "load_self_influence",
     "pair_parts",
+    "pair_tokens",
     "rank_by_loss_note",
     "select_queries",
     "self_top_k",

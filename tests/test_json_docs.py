@@ -33,7 +33,7 @@ def documented() -> dict[str, tuple[set[str], set[str]]]:
     return out
 
 
-def test_every_command_prints_the_documented_keys(tmp_path):
+def test_every_command_prints_the_documented_keys(tmp_path, monkeypatch):
     docs = documented()
     runner = CliRunner(env={"COLUMNS": "120", "INFLUENCE_DEBUG": None, "RANK": None, "WORLD_SIZE": None})
     sets = ["--set", f"output_dir={tmp_path}", "--set", "data.train.range=[0, 200]"]
@@ -65,6 +65,7 @@ def test_every_command_prints_the_documented_keys(tmp_path):
     loss_top = json.loads(runner.invoke(app, ["top-k", *noisy, "--self", "--rank-by", "loss", "--k", "2", "--json"]).stdout)
     assert set(loss_top) == set(noisy_top) and loss_top["rank_by"] == "loss"  # either ranking prints the same keys
     by_layer = json.loads(runner.invoke(app, ["compute-scores", str(DIGITS), *sets, "--by-layer", "--overwrite", "--json"]).stdout)
+    per_token = per_token_scores(runner, tmp_path / "lm", monkeypatch)
     folder_top, folder_self = image_folder_top_k(runner, tmp_path / "folders")
     assert folder_top["classes"] == folder_self["classes"] == ["cat", "dog", "fox"]  # label i is classes[i]
     assert [q["query_label"] for q in folder_top["queries"]] == [0, 1] and folder_top["queries"][1]["query_file"] == "dog/0.png"
@@ -73,8 +74,8 @@ def test_every_command_prints_the_documented_keys(tmp_path):
     assert summed["n_query"] == 1 and [q["query_index"] for q in summed_top["queries"]] == [None]
     seen: dict[str, set[str]] = {}
     for name, data in [
-        *printed.items(), ("top-k", self_top), ("top-k", noisy_top), ("compute-scores", by_layer), ("top-k", folder_top),
-        ("top-k", folder_self), ("compute-scores", summed), ("top-k", summed_top),
+        *printed.items(), ("top-k", self_top), ("top-k", noisy_top), ("compute-scores", by_layer), ("compute-scores", per_token),
+        ("top-k", folder_top), ("top-k", folder_self), ("compute-scores", summed), ("top-k", summed_top),
     ]:
         always, optional = docs[name]
         keys = set(data)
@@ -89,6 +90,18 @@ def test_every_command_prints_the_documented_keys(tmp_path):
         assert optional <= seen[name], (name, sorted(optional - seen[name]))
     for name, key in (("top-k", "image_grid"), ("dataset-similarity", "heatmap"), ("spectrum", "plot"), ("edit", "path"), ("info", "path")):
         assert Path(printed[name][key]).is_absolute(), (name, key)
+
+
+def per_token_scores(runner: CliRunner, folder: Path, monkeypatch) -> dict:
+    """compute-scores --per-token's JSON, on the tiny language model of tests/test_language_modeling.py."""
+    from exact import sequence_project
+    from test_language_modeling import LM, LM_MODULE, lm_sequences
+
+    folder.mkdir()
+    tokens, labels, _ = lm_sequences(n=24)
+    config = sequence_project(folder, monkeypatch, "tinylm_json", LM_MODULE, tokens, labels, "lm.safetensors", task={"kind": LM})
+    assert runner.invoke(app, ["fit-factors", config]).exit_code == 0
+    return json.loads(runner.invoke(app, ["compute-scores", config, "--per-token", "--json"]).stdout)
 
 
 def image_folder_top_k(runner: CliRunner, folder: Path) -> tuple[dict, dict]:

@@ -101,6 +101,17 @@ def compute_scores_cmd(
             show_default=False,
         ),
     ] = None,
+    per_token: Annotated[
+        bool | None,
+        typer.Option(
+            "--per-token/--no-per-token",
+            metavar="",
+            help="Also store each training position's part of every score (they sum to it; padding 0), for top-k to show which "
+            "tokens carry a pair (default: scores.per_token); Linear layers over the inputs' positions only; the score block in "
+            "memory and the files grow (1 + sequence length)-fold.",
+            show_default=False,
+        ),
+    ] = None,
     overwrite: OverwriteOpt = False,
     resume: ResumeOpt = False,
     json_: JsonOpt = False,
@@ -135,18 +146,17 @@ def compute_scores_cmd(
     cfg = load(config, set_, "compute_scores", self_influence=self_)
     state = init_distributed(cfg.device, cfg.source)
     report = compute_scores(
-        cfg, overwrite=overwrite, resume=resume, self_influence=self_, relative=relative, by_layer=by_layer, sum_queries=sum_queries, state=state,
-        progress=RichProgress(not json_),
+        cfg, overwrite=overwrite, resume=resume, self_influence=self_, relative=relative, by_layer=by_layer, sum_queries=sum_queries,
+        per_token=per_token, state=state, progress=RichProgress(not json_),
     )
     if not state.is_main:
         return
     if json_:
         data = dataclasses.asdict(report)
         data["paths"] = [str(p) for p in report.paths]
-        if report.by_layer is None:  # a key only of runs that store the parts
-            del data["by_layer"]
-        if report.queries_summed is None:  # a key only of runs that sum their queries
-            del data["queries_summed"]
+        for key in ("by_layer", "queries_summed", "per_token"):  # keys only of runs that store the parts or sum their queries
+            if data[key] is None:
+                del data[key]
         print_json(data)
         return
     if report.resumed_from == "already complete":
@@ -166,6 +176,8 @@ def compute_scores_cmd(
         title += f", averaged over an ensemble of {report.members} models (damping below: model.checkpoint's)"
     if report.by_layer is not None:
         title += f", with each of the {len(report.by_layer)} layers' parts"
+    if report.per_token is not None:
+        title += f", with each of the {report.per_token} positions' parts"
     print_line(title)
     table = new_table("", [("layer", "left"), ("parameters", "right"), ("damping λ", "right")])
     for name, lam in report.damping.items():
@@ -345,6 +357,8 @@ def top_k_cmd(
                 row[side] = [_ranked_json(e) for e in getattr(r, side)]
                 for e, entry in zip(getattr(r, side), row[side], strict=True):
                     entry |= {"train_label": label_json(e.train_label, token_data)} | _json_extras(train, e.train_position, "train", files)
+                    if e.per_token is not None:
+                        entry["top_tokens"] = _top_tokens(e, train)
             if summed is not None:  # no one query: no label, prediction, file or input
                 rows.append(row)
                 continue
@@ -388,6 +402,9 @@ def top_k_cmd(
                 ([Text("opponent", style="red"), str(e.rank), str(e.train_index), *cells(e), f"{e.score:+.5g}"], e) for e in r.opponents
             ] or [([Text("opponent", style="red"), "-", "", *blank, "no negative score"], None)]
         head = [*columns, *example_columns(train), (variant, "right")]
+        if meta.per_token is not None:  # each pair's leading positions (--per-token)
+            head.append(("tokens", "left"))
+            rows = [(cells + ([_tokens_cell(e, train)] if e is not None else [""]), e) for cells, e in rows]
         print_table(_ranking_table(title, head, rows, section, meta.by_layer is not None))  # each pair's leading layers (--by-layer)
     if grid_path:
         err_console.print(f"[green]saved[/] {escape(str(grid_path))}")
@@ -401,9 +418,32 @@ def _classes_json(train: Any) -> dict[str, Any]:
 
 
 def _ranked_json(e) -> dict:
-    """A ranked example's JSON row: `by_layer` only where the scores hold the parts, `loss` only where
+    """A ranked example's JSON row: `by_layer` / `per_token` only where the scores hold the parts, `loss` only where
     the self-influence file holds the training losses."""
-    return {key: value for key, value in dataclasses.asdict(e).items() if value is not None or key not in ("by_layer", "loss")}
+    return {key: value for key, value in dataclasses.asdict(e).items() if value is not None or key not in ("by_layer", "loss", "per_token")}
+
+
+TOP_TOKENS = 3  # positions shown per ranked example (--per-token)
+
+
+def _top_tokens(e: RankedExample, train: ExampleView | None) -> list[dict[str, Any]]:
+    """The positions carrying most of a ranked example's score, in its direction (the largest parts of a positive
+    score, the most negative of a negative one), up to `TOP_TOKENS`: {position, token (token inputs only), value,
+    share (of the score)}; none where no part points the score's way."""
+    values = e.per_token or []
+    sign = 1.0 if e.score >= 0 else -1.0
+    order = sorted((t for t, v in enumerate(values) if v * sign > 0), key=lambda t: -values[t] * sign)[:TOP_TOKENS]
+    ids = train.dataset[e.train_position][0].reshape(-1).tolist() if train is not None and train.token_inputs and order else None
+    return [
+        {"position": t} | ({"token": int(ids[t])} if ids is not None and t < len(ids) else {})
+        | {"value": values[t], "share": values[t] / e.score if e.score else 0.0}
+        for t in order
+    ]
+
+
+def _tokens_cell(e: RankedExample, train: ExampleView | None) -> str:
+    """A ranking row's leading positions: `id@position share` (`@position` for inputs without token ids)."""
+    return ", ".join(f"{top.get('token', '')}@{top['position']} {top['share']:.0%}" for top in _top_tokens(e, train)) or "-"
 
 
 def _ranking_table(
