@@ -192,6 +192,9 @@ def test_cli_stores_per_token_scores_and_top_k_shows_the_leading_tokens(lm_proje
     assert len(index["shards"]) > 1
     shards = torch.cat([load_file(tmp_path / "out" / s["file"])["scores_per_token"] for s in index["shards"]], dim=1)
     torch.testing.assert_close(shards, parts)
+    info = json.loads(_invoke(runner, "info", str(tmp_path / "out" / "scores.index.json"), "--json").stdout)["tensors"]
+    assert info[f"{index['shards'][0]['file']}:scores_per_token"] == [4, index["shards"][0]["train_stop"], tokens.shape[1]]
+    assert "each with its scores_per_token" in _invoke(runner, "info", str(tmp_path / "out" / "scores.index.json")).stdout
     json_top = json.loads(_invoke(runner, "top-k", lm_project, "--k", "2", "--json").stdout)
     assert json_top["queries"][0]["proponents"][0]["per_token"] == pytest.approx(first["per_token"])
 

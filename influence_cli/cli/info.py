@@ -77,6 +77,13 @@ def info_cmd(
         layers = decoded.get(storage.BY_LAYER)
         if isinstance(layers, list):  # each shard holds its range of the per-layer parts too
             shapes = {key: value for name, shape in shapes.items() for key, value in ((name, shape), (f"{name}:{storage.SCORES_BY_LAYER}", [len(layers), *shape]))}
+        positions = decoded.get(storage.PER_TOKEN)
+        if isinstance(positions, int) and not isinstance(positions, bool):  # each shard holds its range of the per-token parts too
+            shapes = {
+                key: value
+                for name, shape in shapes.items()
+                for key, value in ((name, shape), *(((f"{name}:{storage.SCORES_PER_TOKEN}", [*shape, positions]),) if ":" not in name else ()))
+            }
     else:
         if _written_by_torch_save(path):  # edit --out *.pt / *.pth (a plain state dict), or a training checkpoint
             raise OutputError(
@@ -165,10 +172,10 @@ def tensor_names(names: list[str]) -> str:
 
 
 def shard_files(names: list[str]) -> str:
-    """The shards row of `info` on a scores index: its shard files, and whether each holds the per-layer parts."""
+    """The shards row of `info` on a scores index: its shard files, and whether each holds the per-layer or per-token parts."""
     files = [n for n in names if ":" not in n]
-    parts = len(files) < len(names)
-    return f"{len(files)} files: {_some(files, 2)}" + ("; each with its scores_by_layer" if parts else "")
+    held = [key for key in ("scores_by_layer", "scores_per_token") if any(n.endswith(f":{key}") for n in names)]  # storage's names (the CLI imports it lazily)
+    return f"{len(files)} files: {_some(files, 2)}" + (f"; each with its {' and '.join(held)}" if held else "")
 
 
 def _written_by_torch_save(path: Path) -> bool:
