@@ -671,7 +671,11 @@ def _check_storable(block: torch.Tensor, dtype: str, what: str = "scores", layer
     if not math.isfinite(peak):
         first = [int(i) for i in torch.nonzero(~torch.isfinite(block))[0]]
         layer = "" if layers is None else f"layer {layers[first.pop(0)]!r}, "
-        where = f"query row {first[0]}, training position {first[1]}" if len(first) == 2 else f"training position {first[0]}"
+        where = (
+            f"query row {first[0]}, training position {first[1]}" + (f", position {first[2]} of its sequence" if len(first) == 3 else "")
+            if len(first) >= 2
+            else f"training position {first[0]}"
+        )
         raise NumericalError(
             f"{what}: non-finite values ({layer}{where})",
             hint="check the factors (`influence info`: NaN/Inf, or eigenvalues near 0) and set a larger scores.damping (a number)",

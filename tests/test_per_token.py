@@ -270,3 +270,11 @@ def test_an_interrupted_per_token_run_resumes_to_the_same_parts(lm_project, tmp_
     assert report.resumed_from is not None and report.per_token == 6
     resumed = load_file(tmp_path / "out" / "scores.safetensors")
     assert torch.equal(resumed["scores_per_token"], whole["scores_per_token"]) and torch.equal(resumed["scores"], whole["scores"])
+
+
+def test_convolutions_are_refused_before_any_factors_are_read(tmp_path, monkeypatch):
+    conv = "from torch import nn\n\n\ndef make():\n    return nn.Sequential(nn.Conv1d(6, 3, 2), nn.Flatten(), nn.Linear(3 * 3, 2))\n"
+    path = sequence_project(tmp_path, monkeypatch, "conv_pertok", conv, torch.randn(24, 6, 4), torch.randint(0, 2, (24,)), "d.safetensors")
+    cfg = load_config(path, ["data.padding_value=null"])
+    with pytest.raises(ConfigError, match=r"scores.per_token: layer '0' is a Conv1d, whose positions are patches"):
+        compute_scores(cfg, per_token=True)
