@@ -625,8 +625,9 @@ def _contracted_positions(q: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> 
 
 def _per_position_scores(q: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """g_btᵀ V'_q a_bt: [Q, B, T] from q [Q, d_out·d_in], a [B, T, d_in], g [B, T, d_out] (float32 for a
-    bfloat16 q). V'_q is contracted with the vectors of the narrower side first, `GRADIENT_ELEMENTS`
-    intermediate entries ([Q, min(d_in, d_out), rows]) at a time."""
+    bfloat16 q). V'_q is contracted with the vectors of the wider side first, so that the intermediate is
+    [Q, min(d_in, d_out), rows] (a language model's head: [Q, d_in, rows], not [Q, vocabulary, rows]),
+    `GRADIENT_ELEMENTS` entries at a time."""
     n, (b, t, d_in), d_out = q.shape[0], a.shape, g.shape[-1]
     dtype = q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32
     v = q.view(n, d_out, d_in)
@@ -635,12 +636,12 @@ def _per_position_scores(q: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> t
     step = max(1, GRADIENT_ELEMENTS // max(1, n * min(d_in, d_out)))
     for r0 in range(0, b * t, step):
         ra, rg = rows_a[r0 : r0 + step], rows_g[r0 : r0 + step]
-        if d_in <= d_out:  # V a: [Q, d_out, rows], then its dot with g
-            va = torch.matmul(v, ra.T.to(v.dtype)).to(dtype)
-            out[:, r0 : r0 + step] = (va * rg.T[None]).sum(1)
-        else:  # gᵀ V: [Q, rows, d_in], then its dot with a
+        if d_out > d_in:  # gᵀ V: [Q, rows, d_in], then its dot with a
             gv = torch.matmul(rg.to(v.dtype)[None], v).to(dtype)
             out[:, r0 : r0 + step] = (gv * ra.to(dtype)[None]).sum(-1)
+        else:  # V a: [Q, d_out, rows], then its dot with g
+            va = torch.matmul(v, ra.T.to(v.dtype)).to(dtype)
+            out[:, r0 : r0 + step] = (va * rg.T[None]).sum(1)
     return out.view(n, b, t)
 
 

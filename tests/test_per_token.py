@@ -65,9 +65,12 @@ def _setup(kind):
     return model, tracked, factors, (x, y), (qx, qy)
 
 
-def _per_token(model, tracked, factors, kind, train, queries, batch_size=4):
-    """[Q, N, T] from the kernel as compute-scores runs it (queries stored whole, training batches streamed)."""
+def _per_token(model, tracked, factors, kind, train, queries, batch_size=4, eigenbasis=False):
+    """[Q, N, T] from the kernel as compute-scores runs it (queries stored whole, training batches streamed; with
+    `eigenbasis`, a workload whose layers are scored in their Kronecker eigenbasis, a and g rotated as the queries are)."""
     kernel = build_kernel(model, factors, DAMPING, 0.1, None, per_token=True)
+    if eigenbasis:
+        kernel.plan(len(queries[0]), 1)
     stored: dict = {}
     qx, qy = queries
     for b in stream_gradients(model, tracked, batches_of(qx, qy, 2)(0), task_kind=kind, mode="measurement", padding_value=PAD):
@@ -77,6 +80,8 @@ def _per_token(model, tracked, factors, kind, train, queries, batch_size=4):
         kernel.pairwise_per_token(stored, b)
         for b in stream_gradients(model, tracked, batches_of(x, y, batch_size)(0), task_kind=kind, mode="loss", padding_value=PAD)
     ]
+    if eigenbasis:
+        assert all(kernel.eigenbasis.values())
     return torch.cat(parts, dim=1)
 
 
@@ -144,6 +149,34 @@ def test_per_token_parts_are_the_layer_position_decomposition_and_sum_to_the_sco
     assert (parts[:, ~padding] != 0).any()
     rebatched = _per_token(model, tracked, factors, kind, train, queries, batch_size=3)  # independent of the batching
     torch.testing.assert_close(rebatched, parts, rtol=1e-12, atol=1e-14 * float(parts.abs().max()))
+    rotated = _per_token(model, tracked, factors, kind, train, queries, eigenbasis=True)  # the same parts in the eigenbasis
+    torch.testing.assert_close(rotated, parts, rtol=1e-9, atol=1e-12 * float(parts.abs().max()))
+    assert (rotated[:, padding] == 0).all()
+
+
+@pytest.mark.parametrize(("d_in", "d_out"), [(3, 40), (40, 3)])
+def test_per_position_parts_hold_the_narrower_intermediate(monkeypatch, d_in, d_out):
+    """V'_q is contracted with the wider side's vectors first: [Q, min(d_in, d_out), rows] at a time, within
+    GRADIENT_ELEMENTS (a language model's head, d_out its vocabulary, would otherwise hold [Q, vocabulary, rows])."""
+    from influence_cli import kernel
+
+    g = torch.Generator().manual_seed(0)
+    q, a, grad = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((2, d_out * d_in), (3, 4, d_in), (3, 4, d_out)))
+    monkeypatch.setattr(kernel, "GRADIENT_ELEMENTS", 2 * 3 * 4)
+    sizes: list[int] = []
+    matmul = torch.matmul
+
+    def counted(x, y):
+        out = matmul(x, y)
+        sizes.append(out.numel())
+        return out
+
+    monkeypatch.setattr(kernel.torch, "matmul", counted)
+    parts = kernel._per_position_scores(q, a, grad)
+    monkeypatch.undo()
+    expected = torch.einsum("bto,qoi,bti->qbt", grad, q.view(2, d_out, d_in), a)
+    torch.testing.assert_close(parts, expected, rtol=1e-12, atol=1e-12)
+    assert sizes and max(sizes) <= 2 * 3 * 4
 
 
 def test_the_memory_plan_counts_the_per_token_block():
