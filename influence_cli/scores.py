@@ -20,6 +20,7 @@ chunk is computed again for each of the rank's shards.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import time
@@ -515,8 +516,27 @@ class _Scorer:
         none), through every member, as the passes take them (`passes.check_first_batches`): an error every rank meets
         there (data that does not fit the model, the model checks) is said once. The passes do not check them again."""
         streams = [] if queries is None else [lambda: self.query_batches(queries, *chunk)]
-        streams.append((lambda: iter(())) if shard is None else (lambda: self.train_batches(shard, skip)))
+        streams.append((lambda: iter(())) if shard is None else (lambda: self._positions_checked(self.train_batches(shard, skip))))
         check_first_batches(streams, self.ctx.state)
+
+    def _positions_checked(self, batches: Iterator[list[BatchGradients]]) -> Iterator[list[BatchGradients]]:
+        """`batches`, each one's tracked layers checked first to be at data.train's T positions (scores.per_token), so that
+        a pooled head is refused at the first batch, before --overwrite removes the old scores.
+
+        Raises:
+            ModelError: a tracked layer whose positions are not data.train's T (a pooled head, a layer
+                called twice), whose parts would not be the tokens'.
+        """
+        with contextlib.closing(batches):  # closed with this generator: its loader let go of
+            for members in batches:
+                for name, a in members[0].activations.items():
+                    if self.per_token is not None and a.shape[1] != self.per_token:
+                        raise ModelError(
+                            f"scores.per_token: layer {name!r} sees {a.shape[1]} position{'s' if a.shape[1] != 1 else ''} per example, "
+                            f"data.train's inputs have {self.per_token}: per-token scores need every tracked layer at the inputs' positions",
+                            hint=f"leave {name!r} out of factors.modules (and refit), or set scores.per_token: false",
+                        )
+                yield members
 
     def pairwise(
         self, queries: list[StoredQueries], batches: list[BatchGradients], norms: torch.Tensor | None, c0: int, first: bool
@@ -542,21 +562,9 @@ class _Scorer:
         return total if len(self.members) == 1 else total.div_(len(self.members))
 
     def pairwise_per_token(self, queries: list[StoredQueries], batches: list[BatchGradients]) -> torch.Tensor:
-        """The [Q, B, T] per-position parts of one training batch's scores (one model: per_token refuses ensembles).
-
-        Raises:
-            ModelError: a tracked layer whose positions are not data.train's T (a pooled head, a layer
-                called twice), whose parts would not be the tokens'.
-        """
-        batch, t = batches[0], self.per_token
-        for name, a in batch.activations.items():
-            if a.shape[1] != t:
-                raise ModelError(
-                    f"scores.per_token: layer {name!r} sees {a.shape[1]} position{'s' if a.shape[1] != 1 else ''} per example, "
-                    f"data.train's inputs have {t}: per-token scores need every tracked layer at the inputs' positions",
-                    hint=f"leave {name!r} out of factors.modules (and refit), or set scores.per_token: false",
-                )
-        return self.members[0].kernel.pairwise_per_token(queries[0], batch)
+        """The [Q, B, T] per-position parts of one training batch's scores (one model: per_token refuses ensembles;
+        its layers' positions checked at the first batch, `check_first_batches`)."""
+        return self.members[0].kernel.pairwise_per_token(queries[0], batches[0])
 
     def self_influence(self, batches: list[BatchGradients]) -> torch.Tensor:
         """∇L(x)ᵀ (F + λ)⁻¹ ∇L(x) of one training batch, averaged over the members: [B]; with

@@ -275,8 +275,11 @@ def make():
     path = sequence_project(tmp_path, monkeypatch, "pooled_pertok", pooled, tokens, tokens[:, 0] % 3, "d.safetensors", task={"kind": "classification"})
     cfg = load_config(path, ["data.padding_value=null"])
     fit_factors(cfg)
+    compute_scores(cfg)
+    old = (tmp_path / "out" / "scores.safetensors").read_bytes()
     with pytest.raises(ModelError, match=r"layer 'head' sees 1 position per example, data.train's inputs have 6"):
-        compute_scores(cfg, per_token=True)
+        compute_scores(cfg, per_token=True, overwrite=True)
+    assert (tmp_path / "out" / "scores.safetensors").read_bytes() == old  # refused at the first batch, before --overwrite removes them
     flat = tmp_path / "flat"
     flat.mkdir()
     mlp = "import torch\nfrom torch import nn\n\n\ndef make():\n    return nn.Sequential(nn.Linear(6, 3))\n"
