@@ -314,3 +314,26 @@ def test_convolutions_are_refused_before_any_factors_are_read(tmp_path, monkeypa
     cfg = load_config(path, ["data.padding_value=null"])
     with pytest.raises(ConfigError, match=r"scores.per_token: layer '0' is a Conv1d, whose positions are patches"):
         compute_scores(cfg, per_token=True)
+
+
+@pytest.mark.distributed
+def test_two_ranks_store_the_same_per_token_parts_as_one_process(lm_project, tmp_path):
+    """torchrun with 2 CPU ranks (gloo): each rank's shard holds its training range's parts, the same as one process's."""
+    import subprocess
+    import sys
+
+    from launch import subprocess_env
+
+    runner = CliRunner(env={"INFLUENCE_DEBUG": None, "RANK": None, "WORLD_SIZE": None})
+    _invoke(runner, "fit-factors", lm_project)
+    _invoke(runner, "compute-scores", lm_project, "--per-token")
+    whole = load_file(tmp_path / "out" / "scores.safetensors")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "influence_cli"]
+    run = subprocess.run([*cmd, "compute-scores", lm_project, "--per-token", "--overwrite"], env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    index = json.loads((tmp_path / "out" / "scores.index.json").read_text())
+    assert len(index["shards"]) == 2 and not (tmp_path / "out" / "scores.safetensors").exists()
+    shards = [load_file(tmp_path / "out" / s["file"]) for s in index["shards"]]
+    parts = torch.cat([s["scores_per_token"] for s in shards], dim=1)
+    torch.testing.assert_close(parts, whole["scores_per_token"], rtol=1e-5, atol=1e-6 * float(parts.abs().max()))
+    torch.testing.assert_close(torch.cat([s["scores"] for s in shards], dim=1), whole["scores"], rtol=1e-5, atol=1e-6 * float(parts.abs().max()))
