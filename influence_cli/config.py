@@ -299,7 +299,7 @@ class ScoresConfig(_Section):
     )
     query_chunk: int | None = _help("Queries preconditioned and scored together (null = fit the budget).", default=None)
     dtype: Literal["float32", "bfloat16", "float16"] = _help(
-        "Storage dtype of the pairwise scores and of their per-layer parts (scores.by_layer), which then sum to the stored scores up to "
+        "Storage dtype of the pairwise scores and of their per-layer (scores.by_layer) or per-token (scores.per_token) parts, which then sum to the stored scores up to "
         "its rounding (self-influence is stored as computed: float32, or float64 for a float64 model).",
         default="float32",
     )

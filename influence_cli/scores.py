@@ -84,6 +84,8 @@ from influence_cli.tracking import CONV_KINDS, attention_fastpath_off
 
 # ----------------------------------------------------------------------------- sizing and sharding
 
+PER_TOKEN_NOTE_BYTES = 10**9  # per-token parts on disk (n_query × n_train × T) from which compute-scores says their size before it runs
+
 
 @dataclass
 class ShardSpec:
@@ -953,6 +955,12 @@ def _run_pairwise(
             f"scores.max_memory_mb: {cfg.scores.max_memory_mb:g} MB holds the preconditioned gradients of {chunk} "
             f"quer{'y' if chunk == 1 else 'ies'} at a time ({per_query:.3g} MB each), so the training set is streamed "
             f"{len(layout.query_chunks)} times, once per chunk of queries; a larger scores.max_memory_mb streams it fewer times"
+        )
+    if scorer.per_token is not None and (size := n_q * n_t * scorer.per_token * getattr(torch, cfg.scores.dtype).itemsize) >= PER_TOKEN_NOTE_BYTES:
+        notices.warn(
+            f"scores.per_token: the scores files will hold {size / 1e9:.3g} GB of per-token parts ({n_q:,} queries × {n_t:,} training "
+            f"examples × {scorer.per_token:,} positions, {cfg.scores.dtype}); fewer queries, a shorter data.train.range or "
+            "scores.dtype: bfloat16 make them smaller"
         )
     t0 = time.perf_counter()
     query_info = scorer.query_info(queries)

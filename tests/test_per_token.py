@@ -292,6 +292,23 @@ def make():
         compute_scores(cfg, per_token=True, self_influence=True)
 
 
+def test_the_size_of_large_per_token_files_is_said_before_the_pass(lm_project, monkeypatch, caplog):
+    from influence_cli import scores
+
+    cfg = load_config(lm_project)
+    fit_factors(cfg)
+    monkeypatch.setattr(scores, "PER_TOKEN_NOTE_BYTES", 4 * 20 * 6 * 4)  # 4 queries x 20 examples x 6 positions, float32
+    with caplog.at_level("WARNING", logger="influence_cli"):
+        compute_scores(cfg, per_token=True)
+    said = [r.getMessage() for r in caplog.records if "per-token parts" in r.getMessage()]
+    assert said == ["scores.per_token: the scores files will hold 1.92e-06 GB of per-token parts (4 queries × 20 training examples × 6 "
+                    "positions, float32); fewer queries, a shorter data.train.range or scores.dtype: bfloat16 make them smaller"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="influence_cli"):
+        compute_scores(load_config(lm_project, ["scores.dtype=bfloat16"]), per_token=True, overwrite=True)
+    assert not [r for r in caplog.records if "per-token parts" in r.getMessage()]  # half the bytes: below
+
+
 def test_an_interrupted_per_token_run_resumes_to_the_same_parts(lm_project, tmp_path):
     from stopping import StopAt
 
