@@ -287,7 +287,7 @@ class ScoresConfig(_Section):
         "Also store each training position's part of every score (compute-scores --per-token): scores_per_token [n_query, "
         "n_train, T] beside scores (T: data.train's sequence length; padding positions 0), summing over T to the score; "
         "top-k then shows each ranked example's leading tokens. For models whose tracked layers are all Linear layers over "
-        "the inputs' positions (language models, [batch, seq, features] inputs); not with relative, by_layer or checkpoints. "
+        "the inputs' positions (language models, [batch, seq, features] inputs); not with relative, by_layer or checkpoints (compute-scores --self leaves it aside). "
         "The score block held in memory, and the files, grow (1 + T)-fold (max_memory_mb counts it).",
         default=False,
     )

@@ -773,7 +773,8 @@ def compute_scores(
             Σ_q I(q, x), from the query gradients preconditioned chunk by chunk and summed into one row, and one
             pass over the training set; the metadata records `sum_queries` and `queries_summed` (the number of
             queries). Not with `self_influence`.
-        per_token: Also store each training position's part of the scores (None = `scores.per_token`):
+        per_token: Also store each training position's part of the scores (None = `scores.per_token`, which
+            `self_influence` leaves aside as it does `scores.relative`):
             `scores_per_token` [n_query, n_train, T] (in each shard, its train range), T data.train's
             sequence length (the metadata's `per_token`), padding positions 0; the parts sum over T to
             the scores. Only for Linear layers all at the inputs' positions; not with `self_influence`,
@@ -801,7 +802,7 @@ def compute_scores(
     relative = cfg.scores.relative if relative is None else relative
     by_layer = cfg.scores.by_layer if by_layer is None else by_layer
     sum_queries = cfg.scores.sum_queries if sum_queries is None else sum_queries
-    per_token = cfg.scores.per_token if per_token is None else per_token
+    per_token = (cfg.scores.per_token and not self_influence) if per_token is None else per_token  # a pairwise setting, as relative is
     if per_token:
         _check_per_token(cfg, self_influence, relative, by_layer)
     progress = for_rank(progress, ctx.state.rank, ctx.state.world_size)
@@ -824,7 +825,7 @@ def compute_scores(
     flags: dict[str, object] = {"scores.by_layer": by_layer} | (
         {} if self_influence else {"scores.relative": relative, "scores.sum_queries": sum_queries}
     )  # --by-layer, --relative, --sum-queries
-    if per_token or cfg.scores.per_token:  # --per-token / --no-per-token (a run without keeps the keys it always had)
+    if not self_influence and (per_token or cfg.scores.per_token):  # --per-token / --no-per-token (a run without keeps the keys it always had)
         flags["scores.per_token"] = per_token
     common = {
         **ctx.provenance(flags),

@@ -290,6 +290,9 @@ def make():
         compute_scores(cfg, per_token=True)
     with pytest.raises(UsageError, match="not with --self"):
         compute_scores(cfg, per_token=True, self_influence=True)
+    # scores.per_token in the config is a pairwise setting: --self leaves it aside, as it does scores.relative
+    report = compute_scores(load_config(path, ["data.padding_value=null", "scores.per_token=true"]), self_influence=True)
+    assert report.kind == "self" and report.per_token is None
 
 
 def test_the_size_of_large_per_token_files_is_said_before_the_pass(lm_project, monkeypatch, caplog):
