@@ -515,7 +515,7 @@ def _piece_scores(out: torch.Tensor | None, q: torch.Tensor | list[torch.Tensor]
     if not isinstance(q, list):
         if isinstance(t, _Positions):
             if contracts_positions(q.shape[0], t.a.shape[1]):
-                part = _contracted_positions(q, t.a, t.g)
+                part = _per_position_scores(q, t.a, t.g).sum(dim=2)  # Σ_t g_btᵀ V'_q a_bt
                 return part if out is None else out.add_(part)
             return _positions_scores(out, q, t)
         if isinstance(t, tuple):
@@ -613,14 +613,6 @@ def contracts_positions(n_query: int, positions: int) -> bool:
     of Q·T·B·P. Measured on CPU, contracting wins while Q·T ≤ 32.
     """
     return n_query * positions <= 32
-
-
-def _contracted_positions(q: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Σ_t Σ_ij V'_q[i, j] g_bt[i] a_bt[j]: [Q, B] from q [Q, d_out·d_in], a [B, T, d_in], g [B, T, d_out]."""
-    n, (b, t, d_in), d_out = q.shape[0], a.shape, g.shape[-1]
-    flat, rows = q.view(n * d_out, d_in), a.reshape(b * t, d_in).T
-    va = flat @ rows.to(flat.dtype) if flat.dtype in (torch.float32, torch.float64) else low_precision_mm(flat, rows, flat.dtype, torch.float32)
-    return (va.view(n, d_out, b * t) * g.reshape(b * t, d_out).T.to(va.dtype)).sum(dim=1).view(n, b, t).sum(dim=2)
 
 
 def _per_position_scores(q: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
