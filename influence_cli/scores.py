@@ -957,11 +957,12 @@ def _run_pairwise(
             f"quer{'y' if chunk == 1 else 'ies'} at a time ({per_query:.3g} MB each), so the training set is streamed "
             f"{len(layout.query_chunks)} times, once per chunk of queries; a larger scores.max_memory_mb streams it fewer times"
         )
-    if scorer.per_token is not None and (size := n_q * n_t * scorer.per_token * getattr(torch, cfg.scores.dtype).itemsize) >= PER_TOKEN_NOTE_BYTES:
+    if scorer.per_token is not None and (size := layout.rows * n_t * scorer.per_token * getattr(torch, cfg.scores.dtype).itemsize) >= PER_TOKEN_NOTE_BYTES:
+        rows = f"the {n_q:,} queries summed into 1 row" if sum_queries else f"{n_q:,} queries"  # summed: one row, whatever their number
         notices.warn(
-            f"scores.per_token: the scores files will hold {size / 1e9:.3g} GB of per-token parts ({n_q:,} queries × {n_t:,} training "
-            f"examples × {scorer.per_token:,} positions, {cfg.scores.dtype}); fewer queries, a shorter data.train.range or "
-            "scores.dtype: bfloat16 make them smaller"
+            f"scores.per_token: the scores files will hold {size / 1e9:.3g} GB of per-token parts ({rows} × {n_t:,} training "
+            f"examples × {scorer.per_token:,} positions, {cfg.scores.dtype}); {'' if sum_queries else 'fewer queries, '}a shorter "
+            "data.train.range or scores.dtype: bfloat16 make them smaller"
         )
     t0 = time.perf_counter()
     query_info = scorer.query_info(queries)

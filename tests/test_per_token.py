@@ -312,6 +312,43 @@ def test_the_size_of_large_per_token_files_is_said_before_the_pass(lm_project, m
     assert not [r for r in caplog.records if "per-token parts" in r.getMessage()]  # half the bytes: below
 
 
+def test_per_token_parts_of_summed_queries_are_the_per_query_parts_summed(lm_project, tmp_path):
+    """--per-token with --sum-queries: the summed row's parts [1, N, T] are Σ_q of each query's parts (linearity), summing over T
+    to the summed scores; top-k shows the row's leading tokens."""
+    runner = CliRunner(env={"COLUMNS": "160", "INFLUENCE_DEBUG": None, "RANK": None, "WORLD_SIZE": None})
+    _invoke(runner, "fit-factors", lm_project)
+    _invoke(runner, "compute-scores", lm_project, "--per-token")
+    per_query = load_file(tmp_path / "out" / "scores.safetensors")["scores_per_token"].double()
+    _invoke(runner, "compute-scores", lm_project, "--sum-queries", "--overwrite")
+    summed = load_file(tmp_path / "out" / "scores.safetensors")["scores"].double()
+    report = json.loads(_invoke(runner, "compute-scores", lm_project, "--per-token", "--sum-queries", "--overwrite", "--json").stdout)
+    assert report["n_query"] == 1 and report["queries_summed"] == 4 and report["per_token"] == per_query.shape[-1]
+    stored = load_file(tmp_path / "out" / "scores.safetensors")
+    parts = stored["scores_per_token"]
+    assert parts.shape == (1, *per_query.shape[1:])
+    torch.testing.assert_close(parts[0].double(), per_query.sum(0), rtol=1e-4, atol=1e-5 * float(per_query.abs().max()))
+    torch.testing.assert_close(stored["scores"], parts.sum(-1))
+    torch.testing.assert_close(parts.double().sum(-1), summed, rtol=1e-4, atol=1e-5 * float(summed.abs().max()))
+    top = json.loads(_invoke(runner, "top-k", lm_project, "--k", "2", "--json").stdout)
+    [row] = top["queries"]
+    first = row["proponents"][0]
+    assert row["query_index"] is None and first["per_token"] == pytest.approx(parts[0, first["train_position"]].tolist())
+    assert first["top_tokens"] and "tokens" in _invoke(runner, "top-k", lm_project, "--k", "2").stdout
+
+
+def test_the_size_of_summed_per_token_files_counts_their_one_row(lm_project, monkeypatch, caplog):
+    from influence_cli import scores
+
+    cfg = load_config(lm_project)
+    fit_factors(cfg)
+    monkeypatch.setattr(scores, "PER_TOKEN_NOTE_BYTES", 1 * 20 * 6 * 4)  # 1 summed row x 20 examples x 6 positions, float32
+    with caplog.at_level("WARNING", logger="influence_cli"):
+        compute_scores(cfg, per_token=True, sum_queries=True)
+    said = [r.getMessage() for r in caplog.records if "per-token parts" in r.getMessage()]
+    assert said == ["scores.per_token: the scores files will hold 4.8e-07 GB of per-token parts (the 4 queries summed into 1 row × 20 "
+                    "training examples × 6 positions, float32); a shorter data.train.range or scores.dtype: bfloat16 make them smaller"]
+
+
 def test_an_interrupted_per_token_run_resumes_to_the_same_parts(lm_project, tmp_path):
     from stopping import StopAt
 
