@@ -619,21 +619,30 @@ def _per_position_scores(q: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> t
     """g_btᵀ V'_q a_bt: [Q, B, T] from q [Q, d_out·d_in], a [B, T, d_in], g [B, T, d_out] (float32 for a
     bfloat16 q). V'_q is contracted with the vectors of the wider side first, so that the intermediate is
     [Q, min(d_in, d_out), rows] (a language model's head: [Q, d_in, rows], not [Q, vocabulary, rows]),
-    `GRADIENT_ELEMENTS` entries at a time."""
+    `GRADIENT_ELEMENTS` entries at a time. A bfloat16 / float16 q is multiplied in 2-D products by
+    `low_precision_mm`, whose result on CUDA is the GEMM's float32 accumulation, not rounded to q's dtype first."""
     n, (b, t, d_in), d_out = q.shape[0], a.shape, g.shape[-1]
-    dtype = q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32
-    v = q.view(n, d_out, d_in)
+    low = q.dtype not in (torch.float32, torch.float64)
+    dtype = torch.float32 if low else q.dtype
     rows_a, rows_g = a.reshape(b * t, d_in), g.reshape(b * t, d_out).to(dtype)
     out = torch.empty(n, b * t, dtype=dtype, device=q.device)
     step = max(1, GRADIENT_ELEMENTS // max(1, n * min(d_in, d_out)))
+    wide = d_out > d_in  # gᵀ V first: [Q, rows, d_in]; otherwise V a: [Q, d_out, rows]
+    v = q.view(n, d_out, d_in)
+    if wide and low:  # [d_out, Q·d_in], once: gᵀ V of every query in one 2-D product per block of rows
+        v = v.transpose(0, 1).reshape(d_out, n * d_in)
     for r0 in range(0, b * t, step):
         ra, rg = rows_a[r0 : r0 + step], rows_g[r0 : r0 + step]
-        if d_out > d_in:  # gᵀ V: [Q, rows, d_in], then its dot with a
-            gv = torch.matmul(rg.to(v.dtype)[None], v).to(dtype)
+        if wide and low:
+            gv = low_precision_mm(rg, v, q.dtype, torch.float32).view(-1, n, d_in)  # [rows, Q, d_in]
+            out[:, r0 : r0 + step] = (gv * ra.to(dtype)[:, None]).sum(-1).T
+        elif wide:
+            gv = torch.matmul(rg[None], v)  # [Q, rows, d_in], then its dot with a
             out[:, r0 : r0 + step] = (gv * ra.to(dtype)[None]).sum(-1)
-        else:  # V a: [Q, d_out, rows], then its dot with g
-            va = torch.matmul(v, ra.T.to(v.dtype)).to(dtype)
-            out[:, r0 : r0 + step] = (va * rg.T[None]).sum(1)
+        else:
+            flat = v.view(n * d_out, d_in)
+            va = torch.matmul(flat, ra.T.to(dtype)) if not low else low_precision_mm(flat, ra.T, q.dtype, torch.float32)  # [Q·d_out, rows]
+            out[:, r0 : r0 + step] = (va.view(n, d_out, -1) * rg.T[None]).sum(1)
     return out.view(n, b, t)
 
 

@@ -100,6 +100,25 @@ def test_bfloat16_conv_scores_agree_with_float32_in_both_forms(monkeypatch, cont
     assert torch.corrcoef(torch.stack([ref.flatten(), low.flatten()]))[0, 1] > 0.995
 
 
+@pytest.mark.parametrize(("d_in", "d_out"), [(3, 40), (40, 3)])
+def test_per_position_products_of_bfloat16_queries_keep_the_gemm_accumulation(monkeypatch, d_in, d_out):
+    """The per-token parts (and the few-queries form of layers with positions) multiply bfloat16 queries through
+    `low_precision_mm`, whose product off the CPU is the GEMM's float32 accumulation: with it standing in for
+    CUDA's, the parts are those of the bfloat16 operands to float32's precision, not rounded to 8 bits first."""
+    from influence_cli import kernel
+
+    def accumulated(x, y, dtype, out_dtype):  # CUDA's mm(out_dtype=float32): products of the rounded operands, summed in float32
+        return torch.mm(x.to(dtype).float(), y.to(dtype).float()).to(out_dtype)
+
+    monkeypatch.setattr(kernel, "low_precision_mm", accumulated)
+    g = torch.Generator().manual_seed(0)
+    q, a, grad = (torch.randn(*shape, generator=g).bfloat16() for shape in ((2, d_out * d_in), (3, 4, d_in), (3, 4, d_out)))
+    parts = kernel._per_position_scores(q, a, grad)
+    want = torch.einsum("bto,qoi,bti->qbt", grad.double(), q.double().view(2, d_out, d_in), a.double())
+    assert parts.dtype == torch.float32
+    assert _relative_error(parts.double(), want) < 1e-6  # rounded to bfloat16 before the dot with the other side: ~1e-3
+
+
 def test_scoring_gemm_runs_on_bfloat16_queries():
     model, x, y = _problem(n=32)
     _, factors = _fit(model, x, y, "none")
