@@ -567,8 +567,8 @@ Each file's metadata records the tool, torch and Python versions, the device, it
 or the CPU's model) and the thread count, the strategy and Fisher
 kind, fingerprints of the model and the data, and the resolved config with the folder its
 relative paths resolve against (the config file's). That config is the run's effective one: `--set`
-overrides and the flags that set config keys are in it (`compute-scores --relative`/`--by-layer`/`--per-token` as
-`scores.relative`/`scores.by_layer`/`scores.per_token`, `spectrum --order`/`--layers`, `dataset-similarity --method`,
+overrides and the flags that set config keys are in it (`compute-scores --relative`/`--by-layer`/`--per-token`/`--sum-queries` as
+`scores.relative`/`scores.by_layer`/`scores.per_token`/`scores.sum_queries`, `spectrum --order`/`--layers`, `dataset-similarity --method`,
 `edit --rho`/`--keep-share`/`--layers`/`--order` as `spectrum.edit.*` and `spectrum.order`): `influence info FILE` prints them, and `influence info FILE --config` the config alone, as YAML that
 runs the same settings again once saved in that folder. The model's fingerprint hashes the checkpoint's tensors, and its definition
 records `model.architecture`, `model.kwargs` and a hash of its module tree (a changed keyword
