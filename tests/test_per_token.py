@@ -336,6 +336,21 @@ def test_per_token_parts_of_summed_queries_are_the_per_query_parts_summed(lm_pro
     assert first["top_tokens"] and "tokens" in _invoke(runner, "top-k", lm_project, "--k", "2").stdout
 
 
+def test_an_interrupted_summed_per_token_run_resumes_to_the_same_parts(lm_project, tmp_path):
+    from stopping import StopAt
+
+    cfg = load_config(lm_project, ["factors.checkpoint_every=1", "data.batch_size=4", "scores.query_chunk=2"])  # two chunks summed
+    fit_factors(cfg)
+    compute_scores(cfg, per_token=True, sum_queries=True)
+    whole = load_file(tmp_path / "out" / "scores.safetensors")
+    with pytest.raises(KeyboardInterrupt):
+        compute_scores(cfg, per_token=True, sum_queries=True, overwrite=True, progress=StopAt("scores", 12))
+    report = compute_scores(cfg, per_token=True, sum_queries=True, resume=True)
+    assert report.resumed_from is not None and report.per_token == 6 and report.queries_summed == 4
+    resumed = load_file(tmp_path / "out" / "scores.safetensors")
+    assert torch.equal(resumed["scores_per_token"], whole["scores_per_token"]) and torch.equal(resumed["scores"], whole["scores"])
+
+
 def test_the_size_of_summed_per_token_files_counts_their_one_row(lm_project, monkeypatch, caplog):
     from influence_cli import scores
 
