@@ -34,10 +34,8 @@ from influence_cli.errors import ModelError, first_line, out_of_memory
 from influence_cli.tracking import unmaterialized
 from influence_cli.user_code import (
     colon_form_hint,
-    import_failure_hint,
-    import_from,
+    import_attribute,
     keeps_random_state,
-    missing_function_hint,
     note_training_modes,
     seed_generators,
 )
@@ -193,20 +191,7 @@ def _import_factory(spec: str, base_dir: Path) -> Callable[..., Any]:
             f"model.architecture: {spec!r} is not a built-in name, torchvision:<name> or package.module:function",
             hint=f"built-in architectures: {', '.join(BUILTIN_ARCHITECTURES)}",
         )
-    try:
-        module = import_from(module_name, base_dir)
-    except ModuleNotFoundError as exc:
-        raise ModelError(f"model.architecture: cannot import {module_name!r} ({exc})", hint=import_failure_hint(module_name, base_dir, exc, func_name)) from None
-    except Exception as exc:  # any import-time failure is reported the same way
-        raise ModelError(
-            f"model.architecture: importing {module_name!r} failed: {type(exc).__name__}: {first_line(exc)}",
-            hint=import_failure_hint(module_name, base_dir, exc, func_name) or getattr(exc, "hint", None),
-        ) from exc
-    func: Any = module
-    for part in func_name.split("."):
-        if not hasattr(func, part):
-            raise ModelError(f"model.architecture: module {module_name!r} has no attribute {func_name!r}", hint=missing_function_hint(module, func_name))
-        func = getattr(func, part)
+    func = import_attribute(module_name, func_name, base_dir, "model.architecture", ModelError, missing="attribute")
     if not callable(func):
         raise ModelError(f"model.architecture: {spec!r} is not callable")
     return func

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from influence_cli.errors import ConfigError, InfluenceError, NumericalError, first_line
-from influence_cli.user_code import import_failure_hint, import_from, missing_function_hint
+from influence_cli.user_code import import_attribute
 
 _MASK32 = 0xFFFFFFFF
 _CHUNK = 1 << 24  # elements of a [B, positions, V] float64 chunk when sampling a language model's tokens (128 MiB)
@@ -130,20 +130,7 @@ def load_measurement(spec: str | Callable[..., Any] | CustomMeasurement, base_di
         raise ConfigError(f"task.measurement: {spec!r} is not loss, margin or package.module:function")
     base = Path(base_dir)
     where = "task.measurement"
-    try:
-        module = import_from(module_name, base)
-    except ModuleNotFoundError as exc:
-        raise ConfigError(f"{where}: cannot import {module_name!r} ({exc})", hint=import_failure_hint(module_name, base, exc, func_name)) from None
-    except Exception as exc:  # any import-time failure is reported the same way
-        raise ConfigError(
-            f"{where}: importing {module_name!r} failed: {type(exc).__name__}: {first_line(exc)}",
-            hint=import_failure_hint(module_name, base, exc, func_name) or getattr(exc, "hint", None),
-        ) from exc
-    fn: Any = module
-    for part in func_name.split("."):
-        if not hasattr(fn, part):
-            raise ConfigError(f"{where}: module {module_name!r} has no function {func_name!r}", hint=missing_function_hint(module, func_name))
-        fn = getattr(fn, part)
+    fn = import_attribute(module_name, func_name, base, where, ConfigError)
     if not callable(fn):
         raise ConfigError(f"{where}: {spec!r} is a {type(fn).__name__}, not a function", hint="name a function fn(outputs, targets) that returns one value per example")
     return CustomMeasurement(fn, str(spec))

@@ -1,4 +1,4 @@
-"""The user's own code (model and data factories), imported from the config file's folder."""
+"""The user's own code (model and data factories, measurements), imported from the config file's folder."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
-from influence_cli.errors import first_few
+from influence_cli.errors import InfluenceError, first_few, first_line
 
 
 def seed_generators(seed: int, *, torch_only: bool = False) -> None:
@@ -127,6 +128,30 @@ def import_from(module_name: str, folder: Path) -> ModuleType:
         forget_stale_module(module_name, folder)
         importlib.invalidate_caches()
         return importlib.import_module(module_name)
+
+
+def import_attribute(module_name: str, name: str, folder: Path, key: str, error: type[InfluenceError], missing: str = "function") -> Any:
+    """What `module_name:name` names (a dotted `name` walks attributes), the module imported beside `folder` first.
+
+    Raises:
+        error: naming the config `key`, for a module that does not import (with `import_failure_hint`) or a name it
+            lacks (`missing`: what the name should be, in words; with `missing_function_hint`).
+    """
+    try:
+        module = import_from(module_name, folder)
+    except ModuleNotFoundError as exc:
+        raise error(f"{key}: cannot import {module_name!r} ({exc})", hint=import_failure_hint(module_name, folder, exc, name)) from None
+    except Exception as exc:  # any import-time failure is reported the same way
+        raise error(
+            f"{key}: importing {module_name!r} failed: {type(exc).__name__}: {first_line(exc)}",
+            hint=import_failure_hint(module_name, folder, exc, name) or getattr(exc, "hint", None),
+        ) from exc
+    found: Any = module
+    for part in name.split("."):
+        if not hasattr(found, part):
+            raise error(f"{key}: module {module_name!r} has no {missing} {name!r}", hint=missing_function_hint(module, name))
+        found = getattr(found, part)
+    return found
 
 
 def import_failure_hint(module_name: str, folder: Path, exc: BaseException, function: str = "<function>") -> str | None:
