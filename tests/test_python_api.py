@@ -706,7 +706,7 @@ def test_the_repr_of_every_result_shows_its_fields_not_its_numbers(tmp_path):
     ]
     for result in results:
         text = repr(result)
-        assert len(text) < 1000 and "tensor([" not in text and "xxx" not in text, text
+        assert len(text) < 1500 and "tensor([" not in text and "xxx" not in text, text  # three paths of tmp_path and every field
         assert text.startswith(type(result).__name__ + "("), text
         shown = [f.name for f in dataclasses.fields(result) if f.repr]
         assert all(f"{name}=" in text for name in shown), (shown, text)
