@@ -781,6 +781,21 @@ def top_k(
     return out
 
 
+def _pair_positions(meta: ScoresMeta, pairs: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The query and train positions of (query position, train position) pairs, as int64 tensors [pairs] each.
+
+    Raises:
+        UsageError: a query position outside the run's queries.
+    """
+    asked = torch.tensor([(int(q), int(t)) for q, t in pairs], dtype=torch.int64).view(-1, 2)
+    queries, trains = asked[:, 0], asked[:, 1]
+    outside = queries[(queries < 0) | (queries >= meta.n_query)]
+    if outside.numel():
+        valid = f"valid: 0..{meta.n_query - 1}" if meta.n_query else "there are no queries"
+        raise UsageError(f"pairs: query position {int(outside[0])} is outside the {meta.n_query} queries ({valid})")
+    return queries, trains
+
+
 def pair_tokens(meta: ScoresMeta, pairs: Sequence[tuple[int, int]]) -> list[list[float]]:
     """Each (query position, train position) pair's per-position parts [T] (float32 values as floats), from
     scores that hold them (`meta.per_token`): each file's pairs by one indexed read of its memory-mapped
@@ -795,12 +810,7 @@ def pair_tokens(meta: ScoresMeta, pairs: Sequence[tuple[int, int]]) -> list[list
     if t is None:
         raise UsageError(f"the scores in {str(meta.output_dir)!r} hold no per-token parts", hint="rerun compute-scores with --per-token and --overwrite")
     out: list[list[float]] = [[] for _ in pairs]
-    asked = torch.tensor([(int(q), int(x)) for q, x in pairs], dtype=torch.int64).view(-1, 2)
-    queries, trains = asked[:, 0], asked[:, 1]
-    outside = queries[(queries < 0) | (queries >= meta.n_query)]
-    if outside.numel():
-        valid = f"valid: 0..{meta.n_query - 1}" if meta.n_query else "there are no queries"
-        raise UsageError(f"pairs: query position {int(outside[0])} is outside the {meta.n_query} queries ({valid})")
+    queries, trains = _pair_positions(meta, pairs)
     for f in meta.files:
         mine = ((trains >= f.train_start) & (trains < f.train_stop)).nonzero().squeeze(1)
         if not mine.numel():
@@ -840,12 +850,7 @@ def pair_parts(meta: ScoresMeta, pairs: Sequence[tuple[int, int]], *, plain: boo
             f"the scores in {str(meta.output_dir)!r} hold no per-layer parts", hint="rerun compute-scores with --by-layer (scores.by_layer: true) and --overwrite"
         )
     out: list[dict[str, float]] = [{} for _ in pairs]
-    asked = torch.tensor([(int(q), int(t)) for q, t in pairs], dtype=torch.int64).view(-1, 2)
-    queries, trains = asked[:, 0], asked[:, 1]
-    outside = queries[(queries < 0) | (queries >= meta.n_query)]
-    if outside.numel():
-        valid = f"valid: 0..{meta.n_query - 1}" if meta.n_query else "there are no queries"
-        raise UsageError(f"pairs: query position {int(outside[0])} is outside the {meta.n_query} queries ({valid})")
+    queries, trains = _pair_positions(meta, pairs)
     undo = plain and meta.relative
     step = max(1, _BLOCK_ELEMENTS // max(1, len(names)))  # pairs per read: [L, step] numbers
     for f in meta.files:
