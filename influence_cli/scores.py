@@ -869,8 +869,8 @@ def _check_per_token(cfg: Config, self_influence: bool, relative: bool, by_layer
 
 def _token_positions(ctx: RunContext, train: IndexedDataset) -> int:
     """T, the positions of data.train's examples that per-token scores split each score into: the length of
-    token ids [T] or of features [T, F]; every tracked layer must be a Linear layer (checked again per batch
-    for being at those positions, `_Scorer.pairwise_per_token`).
+    token ids [T] or of features [T, F]; every tracked layer must be a Linear layer (checked again at the
+    first training batch for being at those positions, `_Scorer._positions_checked`).
 
     Raises:
         ConfigError: a convolution among the tracked layers, or inputs without positions.
