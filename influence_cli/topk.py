@@ -409,7 +409,7 @@ def check_summed_selection(meta: ScoresMeta, queries: slice | int | Sequence[int
     Raises:
         UsageError: naming --query, the number of queries summed and what to pass.
     """
-    items = [queries] if queries is None or isinstance(queries, slice) or _is_position(queries) else list(queries) if _is_iterable(queries) else [queries]
+    items = _selection_items(queries)  # None: [None]
     whole = all(
         item is None or (_is_position(item) and item == 0)
         or (isinstance(item, slice) and item.start in (None, 0) and item.stop in (None, 1) and item.step in (None, 1))
@@ -436,7 +436,7 @@ def select_queries(
     """
     if queries is None:
         return list(range(n_query))
-    items = [queries] if isinstance(queries, slice) or _is_position(queries) else list(queries) if _is_iterable(queries) else [queries]
+    items = _selection_items(queries)
     for item in items:  # True would read as row 1 and 0.5 as row 0
         if not (isinstance(item, slice) or _is_position(item)):
             raise TypeError(f"queries: expected an int, a slice or a list of them (slice(0, 3) for 0:3), not {item!r}")
@@ -464,6 +464,11 @@ def select_queries(
                 raise UsageError(f"--query {shortened(q, quote=False)}: outside the {n_query} queries ({valid})", hint=hint)
             out.append(q)
     return list(dict.fromkeys(out))
+
+
+def _selection_items(queries: Any) -> list[Any]:
+    """The items of a query selection: an int or a slice (or anything that is not a list of them) alone, a list's items."""
+    return [queries] if isinstance(queries, slice) or _is_position(queries) else list(queries) if _is_iterable(queries) else [queries]
 
 
 def _is_iterable(value: Any) -> bool:
@@ -770,13 +775,13 @@ def top_k(
                 worst.ranked(i) if worst is not None else [],
             )
         )
+    ranked = [e for r in out for e in (*r.proponents, *r.opponents)]
+    pairs = [(r.query_position, e.train_position) for r in out for e in (*r.proponents, *r.opponents)]
     if meta.by_layer is not None:
-        ranked = [(r.query_position, e) for r in out for e in (*r.proponents, *r.opponents)]
-        for (_, e), parts in zip(ranked, pair_parts(meta, [(q, e.train_position) for q, e in ranked], plain=plain), strict=True):
+        for e, parts in zip(ranked, pair_parts(meta, pairs, plain=plain), strict=True):
             e.by_layer = parts
     if meta.per_token is not None:
-        ranked = [(r.query_position, e) for r in out for e in (*r.proponents, *r.opponents)]
-        for (_, e), values in zip(ranked, pair_tokens(meta, [(q, e.train_position) for q, e in ranked]), strict=True):
+        for e, values in zip(ranked, pair_tokens(meta, pairs), strict=True):
             e.per_token = values
     return out
 
