@@ -1230,6 +1230,12 @@ def _from_working_directory(value: str, base_dir: str, kind: str) -> str:
     return f" (relative paths resolve against the config file's folder: {value} in the working directory is {fixed} from there)"
 
 
+def per_token_clashes(relative: bool, by_layer: bool, checkpoints: Collection[str]) -> list[str]:
+    """The scores settings, among those set, that per-token scores do not combine with: relative, by_layer, checkpoints (their keys
+    under scores, in that order)."""
+    return [key for key, on in (("relative", relative), ("by_layer", by_layer), ("checkpoints", bool(checkpoints))) if on]
+
+
 def _measurement_problems(cfg: Config) -> list[str]:
     """task.measurement: loss, margin or the package.module:function of the user's own (its form only: it is
     imported by compute-scores, which calls it)."""
@@ -1442,7 +1448,7 @@ def validate(cfg: Config, check_files: bool = True, reads: Collection[str] | Non
         problems.append(f"scores.max_memory_mb: must be a finite number > 0, got {s.max_memory_mb}")
     if s.query_chunk is not None and s.query_chunk <= 0:
         problems.append(f"scores.query_chunk: must be > 0, got {s.query_chunk}")
-    if s.per_token and (clash := [k for k, on in (("relative", s.relative), ("by_layer", s.by_layer), ("checkpoints", bool(s.checkpoints))) if on]):
+    if s.per_token and (clash := per_token_clashes(s.relative, s.by_layer, s.checkpoints)):
         problems.append(f"scores.per_token: not available with scores.{' or scores.'.join(clash)} (set those to their defaults, or per_token: false)")
     for i, ckpt_path in enumerate(s.checkpoints if check_files else []):
         problems += _named_path_problem(cfg, f"scores.checkpoints[{i}]", ckpt_path, "file")

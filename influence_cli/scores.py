@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from influence_cli import model_checks, notices, storage
-from influence_cli.config import Config
+from influence_cli.config import Config, per_token_clashes
 from influence_cli.context import RunContext, prepare
 from influence_cli.data import IndexedDataset, make_loader
 from influence_cli.distributed import DistState, agree
@@ -855,10 +855,8 @@ def _check_per_token(cfg: Config, self_influence: bool, relative: bool, by_layer
     """Refuses per-token scores with what they do not combine with, in one line naming the keys and flags."""
     if self_influence:
         raise UsageError("--per-token (scores.per_token): not with --self (per-token parts are of pairwise scores)", hint="leave out one of them")
-    clash = [
-        key for key, on in (("scores.relative (--relative)", relative), ("scores.by_layer (--by-layer)", by_layer), ("scores.checkpoints", bool(cfg.scores.checkpoints)))
-        if on
-    ]
+    flags = {"relative": " (--relative)", "by_layer": " (--by-layer)"}
+    clash = [f"scores.{key}{flags.get(key, '')}" for key in per_token_clashes(relative, by_layer, cfg.scores.checkpoints)]
     if clash:
         raise ConfigError(
             f"scores.per_token (--per-token): not available with {' or '.join(clash)}",
