@@ -23,11 +23,11 @@ from typing import IO
 import yaml
 
 from influence_cli.errors import ConfigError, UsageError
+from influence_cli.tables import CSV_SUFFIXES, delimiter, header_names, is_csv
 
 EXAMPLES = ("digits", "mnist")
 BUILTIN_MODELS = ("mlp", "cnn")
 TENSORS_SUFFIXES = (".safetensors", ".npz", ".pt", ".pth")
-CSV_SUFFIXES = (".csv", ".tsv", ".csv.gz", ".tsv.gz")  # as data/csv_file.py reads them
 QUERY_LIMIT = 10  # queries of a starter config over the user's own query set: a first result in seconds
 SAMPLE_DATA = Path(__file__).resolve().parents[1] / "sample_data"  # beside the package in a clone (`pip install -e .`)
 MNIST_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")  # the test split, as configs/mnist.yaml reads it
@@ -68,7 +68,7 @@ def starter_config(
             cannot make a config.
     """
     folder = Path(os.path.abspath(".") if str(config_path) == "-" else os.path.dirname(os.path.abspath(config_path)))
-    if label_column is not None and not any(value is not None and value.lower().endswith(CSV_SUFFIXES) for value in (train, query)):
+    if label_column is not None and not any(value is not None and is_csv(value) for value in (train, query)):
         raise UsageError("--label-column: only used with a --train or --query table (.csv, .tsv)", hint="leave out --label-column")
     stem = "starter" if str(config_path) == "-" else Path(config_path).stem
     if example is not None:
@@ -233,7 +233,7 @@ def _own(folder: Path, model: str, checkpoint: str | Path | None, train: str, qu
     if classes and (torchvision or model in BUILTIN_MODELS):  # their outputs are num_classes (torchvision's default: 1000)
         kwargs["num_classes"] = len(classes)
         arguments += f"; num_classes: the {len(classes)} class folders of --train" + (" with images" if classes != folders else "")
-    table = _table_labels(train, label_column) if train.lower().endswith(CSV_SUFFIXES) else None
+    table = _table_labels(train, label_column) if is_csv(train) else None
     regression = table is not None and table[1] is None
     identifiers = True  # columns named as a row's identifier left out of the features
     if model in BUILTIN_MODELS:
@@ -319,7 +319,7 @@ def _source(folder: Path, value: str, flag: str, label_column: str | None = None
         ]
     if value.lower().endswith(TENSORS_SUFFIXES):
         return [(2, "source", "tensors", "a file of inputs and labels tensors"), (2, "path", _relative(Path(value), folder), "keys inputs and labels")]
-    if value.lower().endswith(CSV_SUFFIXES):
+    if is_csv(value):
         label, columns = _label_column(value, flag, label_column), _columns(value, label_column) if identifiers else []
         if columns:  # the columns line names the features
             label = (*label[:3], label[3].replace("; every other column is a feature", ""))
@@ -375,23 +375,18 @@ def _open_table(value: str) -> IO[str]:
     return open(value, encoding="utf-8-sig", newline="")
 
 
-def _delimiter(value: str) -> str:
-    return "\t" if value.lower().endswith((".tsv", ".tsv.gz")) else ","
-
-
 def _csv_header(value: str) -> list[str] | None:
     """The column names of the first row of a CSV or TSV file (gzip too), as data/csv_file.py reads them; None when it
     cannot be read."""
     try:
         with _open_table(value) as f:
-            reader = csv.reader(f, delimiter=_delimiter(value), skipinitialspace=True)
+            reader = csv.reader(f, delimiter=delimiter(value), skipinitialspace=True)
             row = next((row for row in reader if row and any(cell.strip() for cell in row)), None)
     except (OSError, UnicodeDecodeError, csv.Error, EOFError):
         return None
     if row is None:
         return None
-    header = [cell.strip() for cell in row]
-    return header[:-1] if len(header) > 1 and not header[-1] else header  # a delimiter ending the line: no column
+    return header_names(row)
 
 
 def _table_labels(value: str, label_column: str | None) -> tuple[int, int | None] | None:
@@ -407,7 +402,7 @@ def _table_labels(value: str, label_column: str | None) -> tuple[int, int | None
     seen: set[float] = set()
     try:
         with _open_table(value) as f:
-            rows = csv.reader(f, delimiter=_delimiter(value), skipinitialspace=True)
+            rows = csv.reader(f, delimiter=delimiter(value), skipinitialspace=True)
             next((row for row in rows if row and any(cell.strip() for cell in row)), None)  # the header
             for row in rows:
                 if row and any(cell.strip() for cell in row):

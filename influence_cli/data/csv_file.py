@@ -26,8 +26,8 @@ import torch
 from influence_cli.config import DataSpec
 from influence_cli.data.source import Source, existing_file, file_info
 from influence_cli.errors import DataError, first_few, not_utf8, shortened
+from influence_cli.tables import delimiter, header_names, is_csv
 
-CSV_SUFFIXES = (".csv", ".tsv", ".csv.gz", ".tsv.gz")
 MISSING = frozenset({"", "na", "n/a", "nan", "null", "none"})  # what spreadsheets and pandas write for a missing value
 CHUNK_CELLS = 1 << 18  # cells held as text (some 15 MB) before they are converted to numbers, a number of rows at a time
 _CACHE_SIZE = 4  # tables kept in memory, the latest read
@@ -71,11 +71,6 @@ class RowLines(Sequence[str]):
 _tables: dict[tuple[str, str], Table] = {}
 
 
-def is_csv(path: str | Path) -> bool:
-    """Whether `path` names a file source csv reads (by its suffix)."""
-    return str(path).lower().endswith(CSV_SUFFIXES)
-
-
 def read_table(path: Path, key: str) -> Table:
     """The table of the file at `path` (cached by its path and bytes); DataError naming `key` (the spec's path key), the
     file and the line when it is no table of numbers with a header."""
@@ -98,10 +93,9 @@ def read_table(path: Path, key: str) -> Table:
 
 def _parse(raw: bytes, name: str, key: str, digest: str) -> Table:
     """The table of a file's bytes `raw` (`name`: the file's name, its suffix saying gzip and the delimiter)."""
-    lower = name.lower()
-    gz = lower.endswith(".gz")
+    gz = name.lower().endswith(".gz")
     stream = io.TextIOWrapper(gzip.GzipFile(fileobj=io.BytesIO(raw)) if gz else io.BytesIO(raw), encoding="utf-8-sig", newline="")
-    reader = csv.reader(stream, delimiter="\t" if lower.endswith((".tsv", ".tsv.gz")) else ",", skipinitialspace=True, strict=True)
+    reader = csv.reader(stream, delimiter=delimiter(name), skipinitialspace=True, strict=True)
     header: list[str] | None = None
     parts: list[list[np.ndarray]] = []
     problems: list[tuple[int, str, str] | None] = []
@@ -152,9 +146,7 @@ def _chunks(reader: Any, name: str, key: str) -> Iterator[tuple[list[str], list[
         if not row or (len(row) == 1 and not row[0].strip()):
             continue  # a blank line
         if header is None:
-            header = [cell.strip() for cell in row]
-            if len(header) > 1 and not header[-1]:
-                header.pop()  # a trailing delimiter
+            header = header_names(row)  # a trailing delimiter is no column
             _check_header(header, reader.line_num, name, key)
             other = "," if reader.dialect.delimiter == "\t" else "\t"
             if len(header) == 1 and other in header[0]:
