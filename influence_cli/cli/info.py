@@ -79,11 +79,12 @@ def info_cmd(
             shapes = {key: value for name, shape in shapes.items() for key, value in ((name, shape), (f"{name}:{storage.SCORES_BY_LAYER}", [len(layers), *shape]))}
         positions = decoded.get(storage.PER_TOKEN)
         if isinstance(positions, int) and not isinstance(positions, bool):  # each shard holds its range of the per-token parts too
-            shapes = {
-                key: value
-                for name, shape in shapes.items()
-                for key, value in ((name, shape), *(((f"{name}:{storage.SCORES_PER_TOKEN}", [*shape, positions]),) if ":" not in name else ()))
-            }
+            with_tokens: dict[str, list[int]] = {}
+            for name, shape in shapes.items():
+                with_tokens[name] = shape
+                if ":" not in name:  # a shard file, not its per-layer parts
+                    with_tokens[f"{name}:{storage.SCORES_PER_TOKEN}"] = [*shape, positions]
+            shapes = with_tokens
     else:
         if _written_by_torch_save(path):  # edit --out *.pt / *.pth (a plain state dict), or a training checkpoint
             raise OutputError(
