@@ -469,7 +469,7 @@ _NAMES = {"bs": "batch size", "batch_size": "batch size", "world": "number of ra
           "factors_created": "factors file (refitted since, with the same settings)", "model_fingerprint": "model",
           "model": "model", "model_definition": "model definition", "definition": "model definition", "train_fingerprint": "data.train",
           "data": "data.train", "query_fingerprint": "data.query", "strategy": "factors.strategy", "fisher": "factors.fisher",
-          "amp": "factors.amp", "dtype": "scores.dtype", "relative": "scores.relative", "by_layer": "scores.by_layer (--by-layer)", "sum_queries": "scores.sum_queries (--sum-queries)", "measurement": "task.measurement",
+          "amp": "factors.amp", "dtype": "scores.dtype", "relative": "scores.relative", "by_layer": "scores.by_layer (--by-layer)", "sum_queries": "scores.sum_queries (--sum-queries)", "per_token": "scores.per_token (--per-token)", "measurement": "task.measurement",
           "task": "task.kind", "modules": "layers (factors.modules, factors.trainable_only)", "padding_value": "data.padding_value",
           "dataset_order": "the order of the datasets"}  # fmt: skip
 

@@ -409,3 +409,9 @@ def test_two_ranks_store_the_same_per_token_parts_as_one_process(lm_project, tmp
     parts = torch.cat([s["scores_per_token"] for s in shards], dim=1)
     torch.testing.assert_close(parts, whole["scores_per_token"], rtol=1e-5, atol=1e-6 * float(parts.abs().max()))
     torch.testing.assert_close(torch.cat([s["scores"] for s in shards], dim=1), whole["scores"], rtol=1e-5, atol=1e-6 * float(parts.abs().max()))
+
+
+def test_a_changed_per_token_setting_is_named_by_its_key_and_flag():
+    from influence_cli.resume import changed_settings
+
+    assert changed_settings({"per_token": 6}, {}) == "scores.per_token (--per-token) 6 -> (unset)"
