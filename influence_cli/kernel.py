@@ -180,13 +180,15 @@ class ScoreKernel:
         damping: {layer: λ}.
         matmul_dtype: bfloat16 (`factors.amp: bfloat16`; float16 keeps float32 here): the preconditioned
             queries are stored, and the scoring GEMMs run, in that dtype; scores are summed in float32.
+        per_token: Store every layer's queries as one [Q, P] matrix, whatever their positions, for
+            `pairwise_per_token` (scores.per_token).
     """
 
     def __init__(
         self, layers: dict[str, LayerFactors], damping: dict[str, float], matmul_dtype: torch.dtype | None = None, per_token: bool = False
     ) -> None:
         self.layers = layers
-        self.per_token = per_token  # queries stored as whole [Q, P] matrices, for `pairwise_per_token`
+        self.per_token = per_token
         self.damping = damping
         self.matmul_dtype = matmul_dtype
         self._inverse = {name: _inverse_weights(lf, damping[name]) for name, lf in layers.items()}
@@ -220,7 +222,7 @@ class ScoreKernel:
         """The layer's `_Piece`s and query layout, fixed at the first batch it is seen (the query side).
 
         Queries with one position are stored cut into pieces and row blocks (`flat[name]` False),
-        queries with positions as one [Q, P] matrix (`flat[name]` True); training batches follow
+        queries with positions, or any with `per_token`, as one [Q, P] matrix (`flat[name]` True); training batches follow
         that layout whatever their own number of positions.
         """
         if name not in self.pieces:
