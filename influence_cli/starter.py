@@ -8,6 +8,7 @@ in the text resolve against the folder of the file it is written to, as in any c
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import importlib.machinery
@@ -17,8 +18,8 @@ import math
 import os
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
 
 import yaml
 
@@ -368,20 +369,20 @@ def _columns(value: str, label_column: str | None) -> list[Line]:
     return [(2, "columns", features, f"the features, in the model's order: every column but the label and {', '.join(ids)} (a row's identifier)")]
 
 
-def _open_table(value: str) -> IO[str]:
-    """A CSV or TSV file (gzip too) opened as text, as data/csv_file.py decodes it."""
-    if value.lower().endswith(".gz"):
-        return gzip.open(value, "rt", encoding="utf-8-sig", newline="")
-    return open(value, encoding="utf-8-sig", newline="")
+def _table_rows(value: str) -> Iterator[list[str]]:
+    """The rows of a CSV or TSV file (gzip too) that hold a cell, the header's first, decoded as data/csv_file.py
+    decodes them."""
+    opened = gzip.open(value, "rt", encoding="utf-8-sig", newline="") if value.lower().endswith(".gz") else open(value, encoding="utf-8-sig", newline="")
+    with opened as f:
+        yield from (row for row in csv.reader(f, delimiter=delimiter(value), skipinitialspace=True) if row and any(cell.strip() for cell in row))
 
 
 def _csv_header(value: str) -> list[str] | None:
     """The column names of the first row of a CSV or TSV file (gzip too), as data/csv_file.py reads them; None when it
     cannot be read."""
     try:
-        with _open_table(value) as f:
-            reader = csv.reader(f, delimiter=delimiter(value), skipinitialspace=True)
-            row = next((row for row in reader if row and any(cell.strip() for cell in row)), None)
+        with contextlib.closing(_table_rows(value)) as rows:
+            row = next(rows, None)
     except (OSError, UnicodeDecodeError, csv.Error, EOFError):
         return None
     if row is None:
@@ -401,12 +402,10 @@ def _table_labels(value: str, label_column: str | None) -> tuple[int, int | None
     at = header.index(column)
     seen: set[float] = set()
     try:
-        with _open_table(value) as f:
-            rows = csv.reader(f, delimiter=delimiter(value), skipinitialspace=True)
-            next((row for row in rows if row and any(cell.strip() for cell in row)), None)  # the header
+        with contextlib.closing(_table_rows(value)) as rows:
+            next(rows, None)  # the header
             for row in rows:
-                if row and any(cell.strip() for cell in row):
-                    seen.add(float(row[at]))
+                seen.add(float(row[at]))
     except (OSError, UnicodeDecodeError, csv.Error, EOFError, ValueError, IndexError):
         return None
     if not seen or not all(math.isfinite(v) for v in seen):
