@@ -9,6 +9,7 @@ a tensor of up to 1000 elements in full) or lines. The values stay whole as attr
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,13 +27,18 @@ def _brief(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return f"tensor(shape={list(value.shape)}, dtype={value.dtype})"
     if isinstance(value, list):
-        items = [_item(v) for v in (value if len(value) <= _SHOWN else (value[0], value[1], value[-1]))]
-        return f"[{', '.join(items)}]" if len(value) <= _SHOWN else f"[{items[0]}, {items[1]}, ..., {items[2]}] ({len(value)} items)"
+        return _ends(value, _item, "[]")
     if isinstance(value, dict):
-        pairs = list(value.items())
-        items = [f"{k!r}: {_item(v)}" for k, v in (pairs if len(pairs) <= _SHOWN else (pairs[0], pairs[1], pairs[-1]))]
-        return f"{{{', '.join(items)}}}" if len(pairs) <= _SHOWN else f"{{{items[0]}, {items[1]}, ..., {items[2]}}} ({len(pairs)} items)"
+        return _ends(list(value.items()), lambda pair: f"{pair[0]!r}: {_item(pair[1])}", "{}")
     return _item(value)
+
+
+def _ends(items: list[Any], show: Callable[[Any], str], brackets: str) -> str:
+    """`items` shown in `brackets`: all of them, or of more than `_SHOWN` the first two, `...` and the last, then their count."""
+    if len(items) <= _SHOWN:
+        return f"{brackets[0]}{', '.join(show(v) for v in items)}{brackets[1]}"
+    first, second, last = (show(v) for v in (items[0], items[1], items[-1]))
+    return f"{brackets[0]}{first}, {second}, ..., {last}{brackets[1]} ({len(items)} items)"
 
 
 def _item(value: Any) -> str:
