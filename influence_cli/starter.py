@@ -237,28 +237,9 @@ def _own(folder: Path, model: str, checkpoint: str | Path | None, train: str, qu
     table = _table_labels(train, label_column) if is_csv(train) else None
     regression = table is not None and table[1] is None
     identifiers = True  # columns named as a row's identifier left out of the features
-    if model in BUILTIN_MODELS:
-        shapes = _checkpoint_shapes(checkpoint) if checkpoint is not None else None
-        derived = _builtin_kwargs(model, shapes) if shapes is not None else None
-        if derived is not None:  # exact: the layers' shapes are the arguments' values
-            kwargs = derived
-            arguments = f"arguments of {name}(...), read from the checkpoint's layer shapes" + (
-                " (activation: relu unless set)"
-                if model == "mlp"
-                else " (padding: 1 assumed; image_size: the smallest the layers fit)"
-                if "image_size" in derived
-                else " (set image_size: the images' [height, width])"
-            )
-            regression = regression or (table is not None and derived["num_classes"] == 1)
-            header = (_csv_header(train) or []) if table is not None else []
-            if model == "mlp" and derived["input_dim"] == len(header) - 1:  # the model takes every column but the label:
-                identifiers = False  # one named as an identifier (a feature `index`) is one of them
-        elif shapes and checkpoint is not None:
-            raise _not_builtin(model, Path(checkpoint), shapes)
-        elif table is not None and model == "mlp":  # no checkpoint (or one the commands will name the fault of): the table's shape
-            kwargs = {"input_dim": table[0], "num_classes": table[1] if table[1] is not None else 1}
-            what = f"{table[1]} classes: labels 0..{table[1] - 1}" if table[1] is not None else "1 output: a regression's target"
-            arguments = f"arguments of mlp(...): input_dim: the {table[0]} feature columns of --train; num_classes: {what}; hidden: docs/CONFIG.md"
+    if model in BUILTIN_MODELS and (read := _builtin_arguments(model, checkpoint, train, table)) is not None:
+        kwargs, arguments, identifiers = read
+        regression = regression or (table is not None and kwargs["num_classes"] == 1)  # a one-output model of a table
     gray_to_rgb = torchvision and bool(classes) and _grayscale(train)  # torchvision's image models take RGB
     where = "torchvision's, built without weights" if torchvision else "looked up beside this file, then on PYTHONPATH" if ":" in model else "built-in"
     weights = (
@@ -292,6 +273,36 @@ def _own(folder: Path, model: str, checkpoint: str | Path | None, train: str, qu
             (2, "limit", QUERY_LIMIT, f"the first {QUERY_LIMIT} (leave it out for all)"),
         ]
     return [*lines, (1, "batch_size", 256, "examples per batch in every pass (lower it if memory runs out)"), *_factors_and_scores()]
+
+
+def _builtin_arguments(model: str, checkpoint: str | Path | None, train: str, table: tuple[int, int | None] | None) -> tuple[dict[str, object], str, bool] | None:
+    """The kwargs of the built-in `model` (mlp, cnn), their comment and whether a table's identifier columns stay out of
+    its features: read from the checkpoint's layer shapes, or for mlp without one from the --train `table`'s feature
+    count and classes (`_table_labels`); None when neither says them.
+
+    Raises:
+        UsageError: a checkpoint whose layers are not `model`'s (`_not_builtin`).
+    """
+    shapes = _checkpoint_shapes(checkpoint) if checkpoint is not None else None
+    derived = _builtin_kwargs(model, shapes) if shapes is not None else None
+    if derived is not None:  # exact: the layers' shapes are the arguments' values
+        arguments = f"arguments of {model}(...), read from the checkpoint's layer shapes" + (
+            " (activation: relu unless set)"
+            if model == "mlp"
+            else " (padding: 1 assumed; image_size: the smallest the layers fit)"
+            if "image_size" in derived
+            else " (set image_size: the images' [height, width])"
+        )
+        header = (_csv_header(train) or []) if table is not None else []
+        # the model takes every column but the label: one named as an identifier (a feature `index`) is one of them
+        return derived, arguments, not (model == "mlp" and derived["input_dim"] == len(header) - 1)
+    if shapes and checkpoint is not None:
+        raise _not_builtin(model, Path(checkpoint), shapes)
+    if table is not None and model == "mlp":  # no checkpoint (or one the commands will name the fault of): the table's shape
+        what = f"{table[1]} classes: labels 0..{table[1] - 1}" if table[1] is not None else "1 output: a regression's target"
+        arguments = f"arguments of mlp(...): input_dim: the {table[0]} feature columns of --train; num_classes: {what}; hidden: docs/CONFIG.md"
+        return {"input_dim": table[0], "num_classes": table[1] if table[1] is not None else 1}, arguments, True
+    return None
 
 
 def _source(folder: Path, value: str, flag: str, label_column: str | None = None, gray_to_rgb: bool = False, identifiers: bool = True) -> list[Line]:
