@@ -410,7 +410,7 @@ def top_k_cmd(
         err_console.print(f"[green]saved[/] {escape(str(grid_path))}")
 
 
-def _classes_json(train: Any) -> dict[str, Any]:
+def _classes_json(train: ExampleView | None) -> dict[str, Any]:
     """`classes`, the names of data.train's labels (label i is classes[i]) that the tables show beside the numbers; none
     for data without class names (features, token ids)."""
     names = None if train is None or train.token_data else train.class_names
