@@ -34,7 +34,7 @@ from influence_cli.errors import UsageError, human_bytes, shortened
 if TYPE_CHECKING:  # the CLI imports torch only when a command runs
 
     from influence_cli.example_views import ExampleView
-    from influence_cli.topk import RankedExample
+    from influence_cli.topk import QueryRanking, RankedExample
 
 SCORES_EPILOG = """\
 **Examples**
@@ -350,20 +350,7 @@ def top_k_cmd(
     grid_path = _pairwise_grid(cfg, meta, selection, k, opponents, rankings, image_grid, train, queries, plain) if image_grid is not None else None
     files = train.has_files or (queries is not None and queries.has_files)
     if json_:
-        rows = []
-        for r in rankings:
-            row = dataclasses.asdict(r)
-            for side in ("proponents", "opponents"):
-                row[side] = [_ranked_json(e) for e in getattr(r, side)]
-                for e, entry in zip(getattr(r, side), row[side], strict=True):
-                    entry |= {"train_label": label_json(e.train_label, token_data)} | _json_extras(train, e.train_position, "train", files)
-                    if e.per_token is not None:
-                        entry["top_tokens"] = _top_tokens(e, train)
-            if summed is not None:  # no one query: no label, prediction, file or input
-                rows.append(row)
-                continue
-            labels = {"query_label": label_json(r.query_label, token_data), "query_prediction": label_json(r.query_prediction, token_data)}
-            rows.append(row | labels | _json_extras(queries, r.query_position, "query", files))
+        rows = [_query_ranking_json(r, train, queries, token_data, files, summed is not None) for r in rankings]
         print_json(
             {
                 "output_dir": str(out_dir),
@@ -408,6 +395,23 @@ def top_k_cmd(
         print_table(_ranking_table(title, head, rows, section, meta.by_layer is not None))  # each pair's leading layers (--by-layer)
     if grid_path:
         err_console.print(f"[green]saved[/] {escape(str(grid_path))}")
+
+
+def _query_ranking_json(r: QueryRanking, train: ExampleView | None, queries: ExampleView | None, token_data: bool, files: bool, summed: bool) -> dict[str, Any]:
+    """One query's ranking as top-k --json lists it: each ranked example with its train label, file and input (and its
+    `top_tokens` with per-token parts), then the query's label, prediction, file and input (none for the `summed` row of
+    compute-scores --sum-queries, which is no one query)."""
+    row = dataclasses.asdict(r)
+    for side in ("proponents", "opponents"):
+        row[side] = [_ranked_json(e) for e in getattr(r, side)]
+        for e, entry in zip(getattr(r, side), row[side], strict=True):
+            entry |= {"train_label": label_json(e.train_label, token_data)} | _json_extras(train, e.train_position, "train", files)
+            if e.per_token is not None:
+                entry["top_tokens"] = _top_tokens(e, train)
+    if summed:
+        return row
+    labels = {"query_label": label_json(r.query_label, token_data), "query_prediction": label_json(r.query_prediction, token_data)}
+    return row | labels | _json_extras(queries, r.query_position, "query", files)
 
 
 def _classes_json(train: ExampleView | None) -> dict[str, Any]:
