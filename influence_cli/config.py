@@ -1236,11 +1236,14 @@ def per_token_clashes(relative: bool, by_layer: bool, checkpoints: Collection[st
     return [key for key, on in (("relative", relative), ("by_layer", by_layer), ("checkpoints", bool(checkpoints))) if on]
 
 
+BUILTIN_MEASUREMENTS = ("loss", "margin")  # task.measurement's own values; any other is a package.module:function
+
+
 def _measurement_problems(cfg: Config) -> list[str]:
     """task.measurement: loss, margin or the package.module:function of the user's own (its form only: it is
     imported by compute-scores, which calls it)."""
     value = cfg.task.measurement
-    if value in ("loss", "margin"):
+    if value in BUILTIN_MEASUREMENTS:
         return []
     module, colon, function = value.partition(":")
 
@@ -1251,7 +1254,7 @@ def _measurement_problems(cfg: Config) -> list[str]:
         return []
     if module.endswith(".py") or any(sep in module for sep in ("/", "\\")):
         own = f"name the module as Python imports it, without its folder and .py: {Path(module).stem}:{function or '<function>'}"
-    elif not colon and (close := difflib.get_close_matches(value.lower(), ["loss", "margin"], n=1)):
+    elif not colon and (close := difflib.get_close_matches(value.lower(), BUILTIN_MEASUREMENTS, n=1)):
         own = f"did you mean {close[0]}?"
     else:
         own = colon_form_hint(value, Path(cfg.base_dir)) or ""

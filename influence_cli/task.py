@@ -17,13 +17,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from influence_cli.config import BUILTIN_MEASUREMENTS
 from influence_cli.errors import ConfigError, InfluenceError, NumericalError, first_line
 from influence_cli.user_code import import_attribute
 
 _MASK32 = 0xFFFFFFFF
 _CHUNK = 1 << 24  # elements of a [B, positions, V] float64 chunk when sampling a language model's tokens (128 MiB)
 IGNORE_INDEX = -100  # a language model's label for positions without a loss (PyTorch's and Hugging Face's convention)
-BUILTIN_MEASUREMENTS = ("loss", "margin")
 _OWN_FIX = "return one value per example, computed from its own row of the outputs, with grad: a tensor of shape [batch]"
 
 
