@@ -820,7 +820,9 @@ def compute_scores(
         kernel = build_kernel(mctx.model, layers, s.damping, s.damping_factor, mctx.device, s.damping_scope, cfg.factors.amp, per_token)
         members.append(_ScoringMember(mctx, kernel, member))
         described.append(describe_member(member, mctx) | {"factors": factors_info, "damping": kernel.damping})
-    scorer = _Scorer(members, train, progress, list(members[0].kernel.layers) if by_layer else None, measurement, positions)
+    scorer = _Scorer(
+        members, train, progress, by_layer=list(members[0].kernel.layers) if by_layer else None, measurement=measurement, per_token=positions
+    )
     seconds = {"setup": time.perf_counter() - t_start}
     flags: dict[str, object] = {"scores.by_layer": by_layer} | (
         {} if self_influence else {"scores.relative": relative, "scores.sum_queries": sum_queries}
