@@ -391,7 +391,7 @@ def top_k_cmd(
         head = [*columns, *example_columns(train), (variant, "right")]
         if meta.per_token is not None:  # each pair's leading positions (--per-token)
             head.append(("tokens", "left"))
-            rows = [(cells + ([_tokens_cell(e, train)] if e is not None else [""]), e) for cells, e in rows]
+            rows = [(shown + ([_tokens_cell(e, train)] if e is not None else [""]), e) for shown, e in rows]
         print_table(_ranking_table(title, head, rows, section, meta.by_layer is not None))  # each pair's leading layers (--by-layer)
     if grid_path:
         err_console.print(f"[green]saved[/] {escape(str(grid_path))}")
