@@ -824,13 +824,8 @@ def compute_scores(
         members, train, progress, by_layer=list(members[0].kernel.layers) if by_layer else None, measurement=measurement, per_token=positions
     )
     seconds = {"setup": time.perf_counter() - t_start}
-    flags: dict[str, object] = {"scores.by_layer": by_layer} | (
-        {} if self_influence else {"scores.relative": relative, "scores.sum_queries": sum_queries}
-    )  # --by-layer, --relative, --sum-queries
-    if not self_influence and (per_token or cfg.scores.per_token):  # --per-token / --no-per-token (a run without keeps the keys it always had)
-        flags["scores.per_token"] = per_token
     common = {
-        **ctx.provenance(flags),
+        **ctx.provenance(_flag_settings(cfg, self_influence, by_layer, relative, sum_queries, per_token)),
         "strategy": cfg.factors.strategy,
         "fisher": cfg.factors.fisher,
         "task_kind": cfg.task.kind,
@@ -851,6 +846,18 @@ def compute_scores(
     if self_influence:
         return _run_self(scorer, common, overwrite, resume, seconds)
     return _run_pairwise(scorer, common, relative, overwrite, resume, seconds, sum_queries)
+
+
+def _flag_settings(cfg: Config, self_influence: bool, by_layer: bool, relative: bool, sum_queries: bool, per_token: bool) -> dict[str, object]:
+    """The scores settings that compute-scores' flags may set (--by-layer, --relative, --sum-queries, --per-token), as the
+    effective config of its outputs records them: a self-influence run's by_layer alone; scores.per_token only where
+    the run or the config sets it (a run without keeps the keys it always had)."""
+    if self_influence:
+        return {"scores.by_layer": by_layer}
+    flags: dict[str, object] = {"scores.by_layer": by_layer, "scores.relative": relative, "scores.sum_queries": sum_queries}
+    if per_token or cfg.scores.per_token:
+        flags["scores.per_token"] = per_token
+    return flags
 
 
 def _check_per_token(cfg: Config, self_influence: bool, relative: bool, by_layer: bool) -> None:
