@@ -133,7 +133,19 @@ class DataSpec(_Section):
         "among them; else this root's sorted sub-folders.",
         default=None,
     )
-    limit: int | None = _help("Keep at most this many examples (after the other filters).", default=None)
+    limit: int | None = _help(
+        "Keep at most this many examples (after the other filters): the FIRST ones, so on a sorted source (an image "
+        "folder, read class folder by class folder) only its first classes; `sample` draws a random part instead.",
+        default=None,
+    )
+    sample: int | None = _help(
+        "Keep this many examples drawn uniformly at random, without replacement, from those range / indices / "
+        "indices_file and labels_in keep, in source order (ascending global index). The draw depends only on "
+        "`sample_seed` and the kept global indices (not on batch size, ranks or workers); more than are kept is refused; "
+        "not with `limit` (use one).",
+        default=None,
+    )
+    sample_seed: int | None = _help("Seed of `sample`; null = `seed`.", default=None)
     label_noise: float = _help(
         "Share of examples whose label is replaced by a random other class of the source (among labels_in when set; "
         "classification only); 0 = none. Each example is flipped with this probability, drawn from `label_noise_seed` "
@@ -376,7 +388,7 @@ class Config(_Section):
         default=None,
     )
     device: str = _help("auto | cpu | cuda | cuda:N", default="auto")
-    seed: int = _help("Seed for sampled labels, and for label noise where a data spec sets no label_noise_seed.", default=0)
+    seed: int = _help("Seed for sampled labels, and for label noise and `sample` where a data spec sets no label_noise_seed / sample_seed.", default=0)
     base_dir: str = field(default=".", metadata={"help": "Folder relative paths resolve against.", "internal": True})
     source: str = field(default="<config>", metadata={"help": "Where the config came from.", "internal": True})
 
@@ -1326,6 +1338,12 @@ def _check_data_spec(cfg: Config, spec: DataSpec, key: str, check_files: bool) -
         problems.append(f"{key}.classes: {what}, got {spec.classes}")
     if spec.limit is not None and spec.limit <= 0:
         problems.append(f"{key}.limit: must be > 0, got {spec.limit}")
+    if spec.sample is not None and spec.sample <= 0:
+        problems.append(f"{key}.sample: must be > 0, got {spec.sample}")
+    if spec.sample is not None and spec.limit is not None:
+        problems.append(f"{key}: use one of sample, limit (sample {spec.sample} keeps that many examples already; limit takes the first ones)")
+    if spec.sample_seed is not None and not 0 <= spec.sample_seed < 2**63:
+        problems.append(f"{key}.sample_seed: must be in 0..2**63-1 (or null: seed), got {spec.sample_seed}")
     if not 0.0 <= spec.label_noise < 1.0:
         problems.append(f"{key}.label_noise: must be in [0, 1), got {spec.label_noise}")
     if spec.label_noise_seed is not None and not 0 <= spec.label_noise_seed < 2**63:

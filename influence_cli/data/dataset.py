@@ -19,7 +19,7 @@ from influence_cli.data.csv_file import open_csv
 from influence_cli.data.factory import open_factory
 from influence_cli.data.idx import open_idx
 from influence_cli.data.source import Source, item_label
-from influence_cli.data.subsets import apply_label_noise, labels_of, noise_classes, select_indices
+from influence_cli.data.subsets import apply_label_noise, labels_of, noise_classes, sample_positions, select_indices
 from influence_cli.data.tensors_file import open_tensors
 from influence_cli.data.torchvision_sets import TORCHVISION_SOURCES, ImageFolderItems, open_image_folder, open_torchvision
 from influence_cli.data.transforms import Transform, resize_images
@@ -382,13 +382,13 @@ def load_dataset(
     The global random generators (torch's, NumPy's, Python's) are left as they were, whatever a user's factory or
     Dataset draws while it is read; while it is, they are seeded from the source's description (`source_seed`), so a
     factory that draws without seeding itself builds the same data in every command and run, and two ranges of one
-    factory are parts of one draw. Subsets apply in the order selector (range | indices | indices_file) -> labels_in -> limit.
+    factory are parts of one draw. Subsets apply in the order selector (range | indices | indices_file) -> labels_in -> sample | limit.
 
     Args:
         spec: The data spec (cfg.data.train, or a mapping of the same keys as the file's).
         base_dir: Folder that relative paths (and factory modules) resolve against.
         name: The spec's config key, used in every error message (e.g. "data.query").
-        seed: Seed of the label noise (cfg.seed) where the spec sets no label_noise_seed.
+        seed: Seed of the label noise and of `sample` (cfg.seed) where the spec sets no label_noise_seed / sample_seed.
         embedding_model: The model has an embedding table (`models.takes_token_ids`): with
             `transform.dtype: auto`, integer inputs then stay int64 token ids.
 
@@ -430,6 +430,13 @@ def _load(spec: DataSpec | dict[str, Any], base: Path, name: str, seed: int, emb
                 hint=f"the selected examples have labels {shown}",
             )
         sel, labels = sel[keep], labels[keep]
+    sample_seed = seed if spec.sample_seed is None else spec.sample_seed
+    if spec.sample is not None:
+        if spec.limit is not None:
+            raise DataError(f"{name}: use one of sample, limit (sample {spec.sample} keeps that many examples already; limit takes the first ones)")
+        keep = sample_positions(sel, spec.sample, sample_seed, f"{name}.sample")
+        sel = sel[keep]
+        labels = labels[keep] if labels is not None else None
     if spec.limit is not None:
         if spec.limit <= 0:
             raise DataError(f"{name}.limit: must be > 0, got {spec.limit}")
@@ -439,7 +446,7 @@ def _load(spec: DataSpec | dict[str, Any], base: Path, name: str, seed: int, emb
         hint = f"relative paths in {name}.kwargs are the factory's own: they resolve against the working folder" if ":" in spec.source else None
         raise DataError(f"{name}: the source holds no examples ({src.desc})", hint=hint)
     if sel.numel() == 0:
-        raise DataError(f"{name}: no examples left after range/labels_in/limit (source: {src.desc}, {src.n} examples)")
+        raise DataError(f"{name}: no examples left after range/labels_in/sample/limit (source: {src.desc}, {src.n} examples)")
     if not 0.0 <= spec.label_noise < 1.0:
         raise DataError(f"{name}.label_noise: must be in [0, 1), got {spec.label_noise}")
     n = sel.numel()
@@ -477,7 +484,8 @@ def _load(spec: DataSpec | dict[str, Any], base: Path, name: str, seed: int, emb
         "source": spec.source,
         "files": src.files,
         "subset": {**subset_info, "labels_in": spec.labels_in, "limit": spec.limit, "label_noise": spec.label_noise}
-        | ({"label_noise_seed": noise_seed} if spec.label_noise > 0 else {}),  # without noise: the fingerprints of earlier versions
+        | ({"label_noise_seed": noise_seed} if spec.label_noise > 0 else {})  # without noise: the fingerprints of earlier versions
+        | ({"sample": spec.sample, "sample_seed": sample_seed} if spec.sample is not None else {}),  # without a sample: as well
         "transform": transform_spec,
     }
     return IndexedDataset(

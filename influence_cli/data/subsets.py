@@ -1,4 +1,4 @@
-"""Subsets of a source (range, indices, indices file) and label noise keyed by each example's global index."""
+"""Subsets of a source (range, indices, indices file, a random sample) and label noise keyed by each example's global index."""
 
 from __future__ import annotations
 
@@ -121,6 +121,37 @@ def labels_of(src: Source, idx: torch.Tensor) -> torch.Tensor | None:
         return None
     ys = [src.items(int(i))[1] for i in idx]
     return torch.stack([item_label(y) for y in ys]) if ys else torch.zeros(0, dtype=torch.int64)
+
+
+SAMPLE_STREAM = 0x73616D70  # the counter hash's stream of `sample`: other numbers than label noise's and the sampled Fisher's
+
+
+def sample_positions(global_indices: torch.Tensor, n: int, seed: int, key: str) -> torch.Tensor:
+    """Positions in `global_indices` of `n` of them drawn uniformly without replacement, in ascending global index.
+
+    Each example gets a counter-based uniform number from (seed, its global index) (`task.counter_uniform` on a
+    stream of its own) and the `n` smallest are kept (ties by global index), so the draw depends only on the seed
+    and the set of kept indices: not on their order, the batch size, ranks or workers; and a larger `n` keeps
+    the examples a smaller one keeps.
+
+    Args:
+        global_indices: int64 [m] distinct indices in the source.
+
+    Returns:
+        int64 [n] positions into `global_indices`.
+
+    Raises:
+        DataError: `n` is not in 1..m.
+    """
+    m = global_indices.numel()
+    if n <= 0:
+        raise DataError(f"{key}: must be > 0, got {n}")
+    if n > m:
+        raise DataError(f"{key}: {n} is more than the {m} examples kept", hint=f"give a sample of at most {m}, or leave it out to keep them all")
+    order = torch.argsort(global_indices, stable=True)
+    u = counter_uniform(seed, global_indices[order], 1, SAMPLE_STREAM)[:, 0]
+    chosen = order[torch.argsort(u, stable=True)[:n]]  # ties (a 32-bit hash) broken by global index
+    return chosen[torch.argsort(global_indices[chosen])]
 
 
 LABEL_NOISE_STREAM = 0x6E6F6973  # the counter hash's stream of label noise: a seed it shares with the sampled Fisher (stream 0) draws other numbers
