@@ -157,7 +157,15 @@ A key that the spec's source does not read (`root` or `split` on a tensors sourc
 mnist) is refused rather than ignored.
 
 Subsets apply in this order: one selector (`range`, `indices` or `indices_file`, at most one),
-then `labels_in`, then `limit`. Then `label_noise` (seeded by `seed`) may flip labels, for
+then `labels_in`, then `sample` or `limit` (not both). `limit: N` keeps the *first* N examples, which
+on a source sorted by class (an image folder, read class folder by class folder) are its first classes
+only; `sample: N` keeps N examples drawn uniformly at random, without replacement, from the kept ones,
+in source order (ascending global index). The draw depends only on `sample_seed` (null: `seed`) and the
+set of kept global indices, so every command, batch size, rank and worker sees the same sample, and a
+larger `sample` keeps the examples of a smaller one; a `sample` larger than what is kept is refused
+(`data.train.sample: 5000 is more than the 1000 examples kept`). The fingerprint of a dataset records
+`sample` and its seed, and the kept indices themselves, so outputs of another sample are refused.
+Then `label_noise` (seeded by `seed`) may flip labels, for
 experiments that plant mislabeled examples. Transforms apply as channels_first → channels →
 resize → scale → normalize → flatten. `channels: 1` or `3` fits images to a Conv2d's input: `[H, W]`
 arrays gain their channel axis, and grayscale and RGB convert (`channels_first` first turns
@@ -179,7 +187,7 @@ data:
     labels: ../../shared/data/mnist/t10k-labels-idx1-ubyte.gz
     range: [0, 8000]                 # examples 0..7999
     labels_in: [3, 8]                # of those, only threes and eights
-    limit: 1000                      # and at most 1000 of them
+    sample: 1000                     # and 1000 of them at random (seeded by sample_seed, or seed)
     transform: {flatten: true, scale: 255.0}
   query:
     source: tensors
