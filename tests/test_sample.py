@@ -138,3 +138,12 @@ def test_cli_fit_factors_and_top_k_on_samples_rank_the_sampled_examples(sorted_s
     assert [q["query_index"] for q in queries] == query
     ranked = {e["train_index"] for q in queries for side in ("proponents", "opponents") for e in q[side]}
     assert ranked and ranked <= set(train) and max(train) >= PER_CLASS  # global indices from the sample, past the first class
+
+
+def test_the_draw_has_no_ties_however_many_examples() -> None:
+    from influence_cli.data.subsets import SAMPLE_STREAM
+    from influence_cli.task import counter_uniform
+
+    for seed in (0, 2**40 + 7):  # a 32-bit number per example, yet one-to-one on indices below 2**32
+        u = counter_uniform(seed, torch.arange(2**20), 1, SAMPLE_STREAM)[:, 0]
+        assert torch.unique(u).numel() == 2**20

@@ -431,9 +431,7 @@ def _load(spec: DataSpec | dict[str, Any], base: Path, name: str, seed: int, emb
             )
         sel, labels = sel[keep], labels[keep]
     sample_seed = seed if spec.sample_seed is None else spec.sample_seed
-    if spec.sample is not None:
-        if spec.limit is not None:
-            raise DataError(f"{name}: use one of sample, limit (sample {spec.sample} keeps that many examples already; limit takes the first ones)")
+    if spec.sample is not None:  # not beside limit: checked_data_spec refuses both
         keep = sample_positions(sel, spec.sample, sample_seed, f"{name}.sample")
         sel = sel[keep]
         labels = labels[keep] if labels is not None else None

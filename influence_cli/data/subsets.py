@@ -130,9 +130,11 @@ def sample_positions(global_indices: torch.Tensor, n: int, seed: int, key: str) 
     """Positions in `global_indices` of `n` of them drawn uniformly without replacement, in ascending global index.
 
     Each example gets a counter-based uniform number from (seed, its global index) (`task.counter_uniform` on a
-    stream of its own) and the `n` smallest are kept (ties by global index), so the draw depends only on the seed
+    stream of its own) and the `n` smallest are kept, so the draw depends only on the seed
     and the set of kept indices: not on their order, the batch size, ranks or workers; and a larger `n` keeps
-    the examples a smaller one keeps.
+    the examples a smaller one keeps. Below 2**32 the counter hash maps distinct indices to distinct numbers (each
+    of its steps is one-to-one on 32 bits), so no two examples tie however many there are; above, ties go to the
+    smaller global index.
 
     Args:
         global_indices: int64 [m] distinct indices in the source.
@@ -150,7 +152,7 @@ def sample_positions(global_indices: torch.Tensor, n: int, seed: int, key: str) 
         raise DataError(f"{key}: {n} is more than the {m} examples kept", hint=f"give a sample of at most {m}, or leave it out to keep them all")
     order = torch.argsort(global_indices, stable=True)
     u = counter_uniform(seed, global_indices[order], 1, SAMPLE_STREAM)[:, 0]
-    chosen = order[torch.argsort(u, stable=True)[:n]]  # ties (a 32-bit hash) broken by global index
+    chosen = order[torch.argsort(u, stable=True)[:n]]  # no ties below 2**32 (the hash of an index is one-to-one); above, by global index
     return chosen[torch.argsort(global_indices[chosen])]
 
 
