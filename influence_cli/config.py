@@ -61,8 +61,17 @@ class NormalizeSpec(_Section):
 
 
 @dataclass
+class TargetNormalizeSpec(_Section):
+    """Standardization of a regression's targets as they are loaded: (y - mean) / std, per label column."""
+
+    mean: list[float] = _help("One mean, or one per label column (a list label_column, a multi-output regression).", default_factory=lambda: [0.0])
+    std: list[float] = _help("One standard deviation (> 0), or one per label column.", default_factory=lambda: [1.0])
+
+
+@dataclass
 class TransformSpec(_Section):
-    """Basic input transforms, applied in the order channels_first -> channels -> resize -> scale -> normalize -> flatten."""
+    """Basic input transforms, applied in the order channels_first -> channels -> resize -> scale -> normalize -> flatten;
+    target_normalize standardizes a regression's targets as they are loaded."""
 
     channels_first: bool = _help("Move the channels of channels-last images [H, W, C] first ([C, H, W], as Conv2d takes them).", default=False)
     channels: int | None = _help(
@@ -86,6 +95,13 @@ class TransformSpec(_Section):
         "nn.Embedding and no scale, normalize, resize or channels is set; everything else float32) | float32 | int64 (token ids, "
         "e.g. uint8 bytes).",
         default="auto",
+    )
+    target_normalize: TargetNormalizeSpec | None = _help(
+        "Standardize a regression's targets as they are loaded, (y - mean) / std in float64, then float32 (float64 "
+        "targets stay float64), for a model trained on standardized targets while the file holds raw ones (prices): one "
+        "mean and std for every target, or one per label column. Needs task.kind: regression; the scores and the labels "
+        "top-k shows are of the targets as loaded (standardized). Part of the dataset's fingerprint.",
+        default=None,
     )
 
 
@@ -1359,6 +1375,14 @@ def _check_data_spec(cfg: Config, spec: DataSpec, key: str, check_files: bool) -
             problems.append(f"{key}.transform.normalize.mean: every mean must be a finite number")
         if not all(math.isfinite(s) and s > 0 for s in n.std):
             problems.append(f"{key}.transform.normalize.std: every std must be a finite number > 0")
+    if t.target_normalize is not None:
+        n = t.target_normalize
+        if len(n.mean) != len(n.std) or not n.mean:
+            problems.append(f"{key}.transform.target_normalize: mean and std need the same non-zero length (one, or one per label column)")
+        if not all(math.isfinite(m) for m in n.mean):
+            problems.append(f"{key}.transform.target_normalize.mean: every mean must be a finite number")
+        if not all(math.isfinite(s) and s > 0 for s in n.std):
+            problems.append(f"{key}.transform.target_normalize.std: every std must be a finite number > 0, got {n.std}")
     if t.channels is not None and t.channels not in (1, 3):
         problems.append(f"{key}.transform.channels: must be 1 or 3 (or null), got {t.channels}")
     if t.resize is not None and (len(t.resize) != 2 or min(t.resize) <= 0):
@@ -1427,6 +1451,13 @@ def validate(cfg: Config, check_files: bool = True, reads: Collection[str] | Non
     if cfg.task.kind != "classification":
         noisy = [key for key, spec in _specs_by_key(cfg).items() if spec.label_noise > 0]
         problems += [f"{key}.label_noise: flips class labels, which needs task.kind: classification (set it to 0)" for key in noisy]
+    if cfg.task.kind != "regression":
+        standardized = [key for key, spec in _specs_by_key(cfg).items() if isinstance(spec.transform, TransformSpec) and spec.transform.target_normalize is not None]
+        problems += [
+            f"{key}.transform.target_normalize: standardizes a regression's targets, which needs task.kind: regression "
+            f"(task.kind is {cfg.task.kind}; leave it out)"
+            for key in standardized
+        ]
     if cfg.task.kind == "language_modeling":
         for key, fisher in (("factors.fisher", cfg.factors.fisher), ("similarity.fisher", cfg.similarity.fisher)):
             if fisher == "ggn":

@@ -826,7 +826,8 @@ FAR_TARGETS_ROWS = 8  # the fewest targets whose spread warn_far_targets measure
 
 def warn_far_targets(out: torch.Tensor, y: torch.Tensor, dataset_name: str) -> None:
     """Warns when a regression's predictions on a batch miss its targets (root mean square) by more than twice the
-    targets' own spread: a model trained on standardized features or targets fed the file's, whose scores then explain
+    targets' own spread: a model trained on standardized features or targets fed the file's (`transform.normalize`,
+    `transform.target_normalize` fix it), whose scores then explain
     that miss. Predicting the targets' mean misses by their spread alone, so a model that predicts about their mean (an
     early or collapsed one) is not warned of; nor a batch of fewer than FAR_TARGETS_ROWS examples, whose spread says
     little, nor a miss under a thousandth of the targets' size (targets of a tiny spread, float32's rounding)."""
@@ -841,7 +842,8 @@ def warn_far_targets(out: torch.Tensor, y: torch.Tensor, dataset_name: str) -> N
         f"{dataset_name}: the model's predictions (mean {float(pred.mean()):.4g}, std {float(pred.std()):.4g}) miss the targets "
         f"(mean {float(target.mean()):.4g}, std {spread:.4g}) by {miss / spread:.3g} times the targets' spread on the first batch: "
         f"a model trained on standardized features needs their per-column mean and std as {dataset_name}.transform.normalize, "
-        "and one trained on standardized or rescaled targets needs the labels in those units (a column of its own)",
+        f"and one trained on standardized targets their mean and std as {dataset_name}.transform.target_normalize (rescaled "
+        "targets: mean 0 and the scale as std)",
         key=f"far-targets:{dataset_name}",
     )
 

@@ -255,7 +255,7 @@ def _own(folder: Path, model: str, checkpoint: str | Path | None, train: str, qu
         *_task("regression" if regression else "classification", table is not None),
         (0, "data", BLOCK, "an example's index is its position in its dataset"),
         (1, "train", BLOCK, "the training set the model learned from"),
-        *_source(folder, train, "--train", label_column, gray_to_rgb, identifiers),
+        *_source(folder, train, "--train", label_column, gray_to_rgb, identifiers, regression),
     ]
     if classes and classes != folders:  # torchvision's ImageFolder refuses a class folder without images: no class of the model
         empty = [c for c in folders if c not in classes]
@@ -269,7 +269,7 @@ def _own(folder: Path, model: str, checkpoint: str | Path | None, train: str, qu
     if query is not None:
         lines += [
             (1, "query", BLOCK, "the examples whose predictions are explained"),
-            *_source(folder, query, "--query", label_column, gray_to_rgb, identifiers),
+            *_source(folder, query, "--query", label_column, gray_to_rgb, identifiers, regression),
             (2, "limit", QUERY_LIMIT, f"the first {QUERY_LIMIT} (leave it out for all)"),
         ]
     return [*lines, (1, "batch_size", 256, "examples per batch in every pass (lower it if memory runs out)"), *_factors_and_scores()]
@@ -305,7 +305,9 @@ def _builtin_arguments(model: str, checkpoint: str | Path | None, train: str, ta
     return None
 
 
-def _source(folder: Path, value: str, flag: str, label_column: str | None = None, gray_to_rgb: bool = False, identifiers: bool = True) -> list[Line]:
+def _source(
+    folder: Path, value: str, flag: str, label_column: str | None = None, gray_to_rgb: bool = False, identifiers: bool = True, regression: bool = False
+) -> list[Line]:
     """A data spec's lines for a --train / --query value: `module:Name`, a tensors file, a CSV or TSV file (its label
     column `label_column`, by default the header's last; with `identifiers`, the columns named as a row's identifier
     left out of the features) or an image folder (its grayscale images as RGB with `gray_to_rgb`)."""
@@ -340,14 +342,25 @@ def _source(folder: Path, value: str, flag: str, label_column: str | None = None
             (2, "path", _relative(Path(value), folder), "an example's index is its row's (0: the first after the header)"),
             label,
             *columns,
-            (2, "transform", {}, "the features as the file holds them: add normalize: {mean: [...], std: [...]}, one per column, if training standardized them"
-             if flag == "--train" else "as the training set's"),
+            (2, "transform", {}, _table_transform_comment(flag, regression)),
         ]
     raise UsageError(
         f"{flag}: {value!r} is not module:Name (your Dataset class or a function returning one), a tensors file "
         f"({', '.join(TENSORS_SUFFIXES)}), a table ({', '.join(CSV_SUFFIXES)}) or a folder of images",
         hint=f"e.g. {flag} my_data:{'train_set' if flag == '--train' else 'test_set'}",
     )
+
+
+def _table_transform_comment(flag: str, regression: bool) -> str:
+    """The comment on a CSV file's transform line: the features (and a regression's targets) as the file holds them."""
+    if flag != "--train":
+        return "as the training set's"
+    if regression:
+        return (
+            "the features and targets as the file holds them: add normalize: {mean: [...], std: [...]}, one per column, if "
+            "training standardized the features, target_normalize: {mean: [...], std: [...]} if it standardized the targets"
+        )
+    return "the features as the file holds them: add normalize: {mean: [...], std: [...]}, one per column, if training standardized them"
 
 
 def _label_column(value: str, flag: str, label_column: str | None) -> Line:

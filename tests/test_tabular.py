@@ -112,6 +112,8 @@ def test_without_a_checkpoint_the_table_gives_mlp_its_kwargs_and_the_task(runner
     table(tmp_path / "houses.csv", ["house_id", "rooms", "area", "price"], [[i, 2 + i % 3, 50 + i, 180000 + 1375 * i] for i in range(9)])
     config = init(runner, "--model", "mlp", "--train", "cls.csv", "--query", "cls.csv")
     assert config["model"]["kwargs"] == {"input_dim": 2, "num_classes": 3} and config["task"]["kind"] == "classification"
+    transform = next(line for line in Path("c.yaml").read_text().splitlines() if line.strip().startswith("transform:"))
+    assert "add normalize: {mean: [...], std: [...]}" in transform and "target_normalize" not in transform  # class labels
     assert config["data"]["train"]["columns"] == ["x1", "x2"] and config["data"]["query"]["columns"] == ["x1", "x2"]  # the id is no feature
     config = init(runner, "--model", "mlp", "--train", "houses.csv", "--label-column", "price")
     assert config["model"]["kwargs"] == {"input_dim": 2, "num_classes": 1}
@@ -119,6 +121,7 @@ def test_without_a_checkpoint_the_table_gives_mlp_its_kwargs_and_the_task(runner
     assert config["data"]["train"]["columns"] == ["rooms", "area"]
     transform = next(line for line in Path("c.yaml").read_text().splitlines() if line.strip().startswith("transform:"))
     assert config["data"]["train"]["transform"] == {} and "add normalize: {mean: [...], std: [...]}, one per column" in transform  # as in training
+    assert "target_normalize: {mean: [...], std: [...]} if it standardized the targets" in transform  # a regression's targets too
 
 
 def test_a_regression_table_runs_as_init_writes_it(runner: CliRunner, tmp_path: Path, monkeypatch) -> None:
@@ -241,3 +244,130 @@ def test_init_over_a_table_for_your_own_model_imports_no_torch(tmp_path: Path) -
     root = str(Path(__file__).resolve().parents[1])
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env={"PYTHONPATH": root, "PATH": ""}, check=False)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
+
+
+# ----------------------------------------------------------------------------- transform.target_normalize
+
+
+def houses(path: Path, n: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
+    """A table of features a, b, c, whole-number prices (exact in float32) and a second target, rooms; returns the
+    features and the targets [n, 2] (float64)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 3, generator=g)
+    price = (250000 + 40000 * x.sum(1) / 3**0.5).round().double()
+    rooms = (3 + x[:, 0]).round().double() + 0.5
+    table(path, ["a", "b", "c", "price", "rooms"], [[*(f"{v:.4f}" for v in x[i].tolist()), int(price[i]), float(rooms[i])] for i in range(n)])
+    return x, torch.stack([price, rooms], 1)
+
+
+def test_target_normalize_standardizes_the_labels_as_loaded(tmp_path: Path) -> None:
+    """(y - mean) / std in float32, one mean and std for a single target, one per label column for several."""
+    from influence_cli.data import load_dataset, make_loader
+
+    _, y = houses(tmp_path / "houses.csv")
+    spec = {"source": "csv", "path": "houses.csv", "columns": ["a", "b", "c"]}
+    ds = load_dataset({**spec, "label_column": "price", "transform": {"target_normalize": {"mean": [250000.0], "std": [40000.0]}}}, tmp_path)
+    expected = ((y[:, 0] - 250000.0) / 40000.0).float()
+    assert ds.labels.dtype == torch.float32 and torch.equal(ds.labels, expected)
+    _, labels, _ = next(iter(make_loader(ds, batch_size=40)))
+    assert torch.equal(labels, expected) and torch.equal(ds[5][1], expected[5])  # the batches, one example
+    stats = {"mean": [250000.0, 3.0], "std": [40000.0, 2.0]}
+    ds = load_dataset({**spec, "label_column": ["price", "rooms"], "transform": {"target_normalize": stats}}, tmp_path)
+    expected = ((y - torch.tensor(stats["mean"], dtype=torch.float64)) / torch.tensor(stats["std"], dtype=torch.float64)).float()
+    assert ds.labels.dtype == torch.float32 and ds.labels.shape == (40, 2) and torch.equal(ds.labels, expected)
+    ds = load_dataset({**spec, "label_column": ["price", "rooms"], "transform": {"target_normalize": {"mean": [1.0], "std": [2.0]}}}, tmp_path)
+    assert torch.equal(ds.labels, ((y - 1.0) / 2.0).float())  # one mean and std for every target
+    plain = load_dataset({**spec, "label_column": "price"}, tmp_path)
+    standardized = load_dataset({**spec, "label_column": "price", "transform": {"target_normalize": {"mean": [0.0], "std": [2.0]}}}, tmp_path)
+    assert "target_normalize" not in plain.fingerprint_parts()["spec"]["transform"]  # unset: the fingerprints written before the key
+    assert plain.fingerprint() != standardized.fingerprint()
+
+
+def regression_config(tmp_path: Path, label: str, transform: dict | None = None) -> dict:
+    if not (tmp_path / "m.pt").exists():
+        torch.manual_seed(0)
+        torch.save(mlp(3, [4], 1).state_dict(), tmp_path / "m.pt")
+    spec = {"source": "csv", "path": "houses.csv", "columns": ["a", "b", "c"], "label_column": label} | ({"transform": transform} if transform else {})
+    return {"model": {"architecture": "mlp", "kwargs": {"input_dim": 3, "hidden": [4], "num_classes": 1}, "checkpoint": "m.pt"},
+            "task": {"kind": "regression"}, "output_dir": "runs", "device": "cpu",
+            "data": {"train": spec, "query": {**spec, "range": [0, 8]}}}  # fmt: skip
+
+
+def test_scores_with_target_normalize_are_those_of_a_file_of_standardized_targets(runner: CliRunner, tmp_path: Path, monkeypatch) -> None:
+    """A run on the file's prices with target_normalize scores as one on a column holding the standardized prices does;
+    a model trained on standardized targets fed the prices is warned of with the key to set, and not once it is set."""
+    from influence_cli.storage import load_tensors
+
+    monkeypatch.chdir(tmp_path)
+    x, y = houses(tmp_path / "houses.csv")
+    z = (y[:, 0] - 250000.0) / 40000.0
+    text = (tmp_path / "houses.csv").read_text().splitlines()
+    (tmp_path / "houses.csv").write_text("\n".join([text[0] + ",price_std", *(f"{row},{z[i].item()!r}" for i, row in enumerate(text[1:]))]) + "\n")
+    stats = {"target_normalize": {"mean": [250000.0], "std": [40000.0]}}
+    scores = []
+    for label, transform, out in (("price", stats, "a"), ("price_std", None, "b")):
+        config = regression_config(tmp_path, label, transform) | {"output_dir": out}
+        Path("c.yaml").write_text(yaml.safe_dump(config))
+        for command in ("fit-factors", "compute-scores"):
+            result = runner.invoke(app, [command, "c.yaml"])
+            assert result.exit_code == 0 and "miss the targets" not in result.stderr, (command, result.output)
+        scores.append(load_tensors(tmp_path / out / "scores.safetensors")[0]["scores"])
+    assert scores[0].abs().max() > 0
+    torch.testing.assert_close(scores[0], scores[1], rtol=1e-6, atol=1e-6 * float(scores[1].abs().max()))
+    net = mlp(3, [], 1)  # the least-squares fit of the standardized prices
+    with torch.no_grad():
+        net.head.weight.fill_(3**-0.5)
+        net.head.bias.zero_()
+    torch.save(net.state_dict(), tmp_path / "m.pt")
+    config["model"]["kwargs"]["hidden"] = []
+    config["data"]["train"]["label_column"] = "price"
+    Path("c.yaml").write_text(yaml.safe_dump(config))
+    result = runner.invoke(app, ["fit-factors", "c.yaml", "--overwrite"])
+    assert result.exit_code == 0 and "data.train.transform.target_normalize" in result.stderr, result.output  # the fix, named
+    result = runner.invoke(app, ["fit-factors", "c.yaml", "--overwrite", "--set", "data.train.transform.target_normalize={mean: [250000.0], std: [40000.0]}"])
+    assert result.exit_code == 0 and "miss the targets" not in result.stderr, result.output
+
+
+def test_target_normalize_refusals_are_one_line_each(runner: CliRunner, tmp_path: Path, monkeypatch) -> None:
+    """Another task than a regression, a std of 0, and as many values as the label columns or one: one line each,
+    naming the key (and the file's label columns)."""
+    from test_cli import EXIT, assert_clean_error
+
+    from influence_cli.data import load_dataset
+    from influence_cli.errors import DataError
+
+    monkeypatch.chdir(tmp_path)
+    houses(tmp_path / "houses.csv")
+    config = regression_config(tmp_path, "price", {"target_normalize": {"mean": [250000.0], "std": [40000.0]}})
+    Path("c.yaml").write_text(yaml.safe_dump(config))
+    cases = [
+        (["--set", "task.kind=classification"], "config", ["data.train.transform.target_normalize: standardizes a regression's targets", "task.kind: regression"]),
+        (["--set", "data.train.transform.target_normalize.std=[0.0]"], "config", ["data.train.transform.target_normalize.std: every std must be a finite number > 0"]),
+        (["--set", "data.train.transform.target_normalize={mean: [1.0, 2.0], std: [1.0, 2.0]}"], "data",
+         ["data.train.transform.target_normalize: 2 mean and std values given for the 1 label column of houses.csv"]),
+    ]
+    for args, kind, needles in cases:
+        result = runner.invoke(app, ["fit-factors", "c.yaml", *args])
+        assert_clean_error(result, EXIT[kind], *needles)  # data.query's, where it is refused too, in the same line
+        assert not Path("runs").exists()  # nothing half written
+    spec = config["data"]["train"] | {"label_column": ["price", "rooms"], "transform": {"target_normalize": {"mean": [1.0, 2.0, 3.0], "std": [1.0, 2.0, 3.0]}}}
+    with pytest.raises(DataError) as info:
+        load_dataset(spec, tmp_path)
+    assert info.value.message.startswith("data.train.transform.target_normalize: 3 mean and std values given for the 2 label columns of houses.csv")
+    assert "\n" not in info.value.message and "one per label column" in (info.value.hint or "")
+
+
+def test_a_changed_target_normalize_refuses_a_stale_rerun(runner: CliRunner, tmp_path: Path, monkeypatch) -> None:
+    """The statistics are part of the dataset's fingerprint: factors fitted with one mean are refused by compute-scores
+    with another, as a changed transform.normalize is, naming what changed."""
+    from test_cli import EXIT, assert_clean_error
+
+    monkeypatch.chdir(tmp_path)
+    houses(tmp_path / "houses.csv")
+    Path("c.yaml").write_text(yaml.safe_dump(regression_config(tmp_path, "price", {"target_normalize": {"mean": [250000.0], "std": [40000.0]}})))
+    assert runner.invoke(app, ["fit-factors", "c.yaml"]).exit_code == 0
+    for key, value in (("target_normalize.mean", "[200000.0]"), ("normalize", "{mean: [1.0], std: [2.0]}")):
+        result = runner.invoke(app, ["compute-scores", "c.yaml", "--set", f"data.train.transform.{key}={value}"])
+        line = assert_clean_error(result, EXIT["output"], "another training set than data.train", "what changed")
+        assert key.split(".")[0] in line, line
+    assert runner.invoke(app, ["compute-scores", "c.yaml"]).exit_code == 0

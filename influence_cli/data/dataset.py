@@ -22,7 +22,7 @@ from influence_cli.data.source import Source, item_label
 from influence_cli.data.subsets import apply_label_noise, labels_of, noise_classes, sample_positions, select_indices
 from influence_cli.data.tensors_file import open_tensors
 from influence_cli.data.torchvision_sets import TORCHVISION_SOURCES, ImageFolderItems, open_image_folder, open_torchvision
-from influence_cli.data.transforms import Transform, resize_images
+from influence_cli.data.transforms import TargetTransform, Transform, resize_images
 from influence_cli.errors import DataError, InfluenceError
 from influence_cli.storage import canonical_json
 from influence_cli.user_code import keeps_random_state, seed_generators
@@ -111,6 +111,7 @@ class IndexedDataset(Dataset):
         class_names: list[str] | None,
         raw_255: bool,
         files_of_examples: Sequence[str] | None = None,
+        target_transform: TargetTransform | None = None,
     ) -> None:
         self.name = name
         self.global_indices = global_indices
@@ -127,6 +128,7 @@ class IndexedDataset(Dataset):
         self._sorted: tuple[torch.Tensor, torch.Tensor] | None = None
         self._fingerprint: str | None = None
         self._files = files_of_examples  # by source index
+        self._target_transform = target_transform  # applied to `labels` already; to the labels items give here
 
     @property
     def has_files(self) -> bool:
@@ -173,8 +175,10 @@ class IndexedDataset(Dataset):
         """Raw input and label of position p (lazy sources)."""
         assert self._items is not None
         x, y = self._items(int(self.global_indices[p]))
-        label = self.labels[p] if self.labels is not None else item_label(y)
-        return x, label
+        if self.labels is not None:
+            return x, self.labels[p]
+        label = item_label(y)
+        return x, label if self._target_transform is None else self._target_transform(label)
 
     def __getitem__(self, position: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """One example: (x float32 [*input_shape], y int64 [] or float32, global index)."""
@@ -469,13 +473,23 @@ def _load(spec: DataSpec | dict[str, Any], base: Path, name: str, seed: int, emb
         raw_shape, raw_dtype = tuple(src.inputs.shape[1:]), src.inputs.dtype
     else:
         assert items is not None
-        first, _ = items(int(sel[0]))
+        first, first_label = items(int(sel[0]))
         raw_shape, raw_dtype = tuple(first.shape), first.dtype
         src.raw_255 = src.raw_255 or first.dtype == torch.uint8
     transform = Transform(spec.transform, name, raw_shape, src.resize_in_items, raw_dtype, embedding_model)
+    target_transform = None
+    if spec.transform.target_normalize is not None:
+        label = labels[0] if labels is not None else item_label(first_label) if src.inputs is None else None
+        if label is None:
+            raise DataError(f"{name}.transform.target_normalize: {src.desc} holds no labels to standardize", hint=f"leave out {name}.transform.target_normalize")
+        target_transform = TargetTransform(spec.transform, name, tuple(label.shape), label.dtype, src.desc)
+        if labels is not None:  # as loaded: the fingerprint, the passes and top-k see the standardized targets
+            standardized = target_transform(labels)
+            clean = standardized if clean is labels else target_transform(clean)
+            labels = standardized
     transform_spec = dataclasses.asdict(spec.transform)
     del transform_spec["dtype"]  # how the model receives the inputs does not change which data they are
-    for unset_key, unset in (("channels_first", False), ("channels", None)):
+    for unset_key, unset in (("channels_first", False), ("channels", None), ("target_normalize", None)):
         if transform_spec[unset_key] == unset:
             del transform_spec[unset_key]  # unset: the fingerprints of outputs written before the key existed still match
     canonical = {
@@ -500,6 +514,7 @@ def _load(spec: DataSpec | dict[str, Any], base: Path, name: str, seed: int, emb
         class_names=src.class_names,
         raw_255=src.raw_255,
         files_of_examples=src.files_of_examples,
+        target_transform=target_transform,
     )
 
 

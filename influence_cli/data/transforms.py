@@ -196,6 +196,40 @@ class Transform:
         return x.float() if wide else x  # the float32 transform.dtype promises, once the mean is off
 
 
+class TargetTransform:
+    """`transform.target_normalize`: a regression's targets standardized as they are loaded, (y - mean) / std in float64,
+    then float32 (float64 targets stay float64); one mean and std for every target, or one per label column of
+    targets [K]."""
+
+    def __init__(self, spec: TransformSpec, name: str, label_shape: tuple[int, ...], dtype: torch.dtype, source: str):
+        """Checks the statistics against the targets of one example (`label_shape`, [] or [K]; `dtype` theirs, `source`
+        the file as messages name it)."""
+        key = f"{name}.transform.target_normalize"
+        n = spec.target_normalize
+        assert n is not None
+        mean, std = [float(v) for v in n.mean], [float(v) for v in n.std]
+        if len(mean) != len(std) or not mean:
+            raise DataError(f"{key}: mean and std need the same non-zero length (one, or one per label column)")
+        if not all(math.isfinite(s) and s > 0 for s in std):
+            raise DataError(f"{key}.std: every std must be a finite number > 0, got {std}")
+        if dtype == torch.bool or dtype.is_complex:
+            raise DataError(f"{key}: standardizes a regression's number targets; {source} has {dtype} labels", hint=f"leave out {key}")
+        width = label_shape[0] if len(label_shape) == 1 else 1 if not label_shape else None
+        if len(mean) != 1 and len(mean) != width:
+            held = f"{width} label column{'s' if width != 1 else ''}" if width is not None else f"labels of shape {list(label_shape)} per example"
+            raise DataError(
+                f"{key}: {len(mean)} mean and std values given for the {held} of {source}",
+                hint=f"give one mean and std, or {width} (one per label column)" if width is not None and width > 1 else "give one mean and std",
+            )
+        self.dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        self.mean = torch.tensor(mean if len(mean) > 1 else mean[0], dtype=torch.float64)
+        self.std = torch.tensor(std if len(std) > 1 else std[0], dtype=torch.float64)
+
+    def __call__(self, y: torch.Tensor) -> torch.Tensor:
+        """Standardized targets: y [B] or [B, K] (any real dtype), or one example's [] or [K]."""
+        return ((y.to(torch.float64) - self.mean) / self.std).to(self.dtype)
+
+
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, the weights of Pillow's convert("L")
 
 
