@@ -99,8 +99,8 @@ class TransformSpec(_Section):
     target_normalize: TargetNormalizeSpec | None = _help(
         "Standardize a regression's targets as they are loaded, (y - mean) / std in float64, then float32 (float64 "
         "targets stay float64), for a model trained on standardized targets while the file holds raw ones (prices): one "
-        "mean and std for every target, or one per label column. Needs task.kind: regression; the scores and the labels "
-        "top-k shows are of the targets as loaded (standardized). Part of the dataset's fingerprint.",
+        "mean and std for every target, or one per label column. Needs task.kind: regression; the labels top-k shows are "
+        "the standardized targets, and the scores (of the squared error) in their squared units. Part of the dataset's fingerprint.",
         default=None,
     )
 

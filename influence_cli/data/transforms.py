@@ -207,11 +207,7 @@ class TargetTransform:
         key = f"{name}.transform.target_normalize"
         n = spec.target_normalize
         assert n is not None
-        mean, std = [float(v) for v in n.mean], [float(v) for v in n.std]
-        if len(mean) != len(std) or not mean:
-            raise DataError(f"{key}: mean and std need the same non-zero length (one, or one per label column)")
-        if not all(math.isfinite(s) and s > 0 for s in std):
-            raise DataError(f"{key}.std: every std must be a finite number > 0, got {std}")
+        mean, std = [float(v) for v in n.mean], [float(v) for v in n.std]  # lengths and stds checked with the spec
         if dtype == torch.bool or dtype.is_complex:
             raise DataError(f"{key}: standardizes a regression's number targets; {source} has {dtype} labels", hint=f"leave out {key}")
         width = label_shape[0] if len(label_shape) == 1 else 1 if not label_shape else None
