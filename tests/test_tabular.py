@@ -334,7 +334,7 @@ def test_target_normalize_refusals_are_one_line_each(runner: CliRunner, tmp_path
     from test_cli import EXIT, assert_clean_error
 
     from influence_cli.data import load_dataset
-    from influence_cli.errors import DataError
+    from influence_cli.errors import ConfigError, DataError
 
     monkeypatch.chdir(tmp_path)
     houses(tmp_path / "houses.csv")
@@ -355,6 +355,9 @@ def test_target_normalize_refusals_are_one_line_each(runner: CliRunner, tmp_path
         load_dataset(spec, tmp_path)
     assert info.value.message.startswith("data.train.transform.target_normalize: 3 mean and std values given for the 2 label columns of houses.csv")
     assert "\n" not in info.value.message and "one per label column" in (info.value.hint or "")
+    for stats, needle in (({"mean": [1.0], "std": [0.0]}, "target_normalize.std: every std"), ({"mean": [1.0, 2.0], "std": [1.0]}, "the same non-zero length")):
+        with pytest.raises(ConfigError, match=needle):  # a spec given in code is checked as the file's
+            load_dataset(spec | {"transform": {"target_normalize": stats}}, tmp_path)
 
 
 def test_a_changed_target_normalize_refuses_a_stale_rerun(runner: CliRunner, tmp_path: Path, monkeypatch) -> None:
@@ -371,3 +374,53 @@ def test_a_changed_target_normalize_refuses_a_stale_rerun(runner: CliRunner, tmp
         line = assert_clean_error(result, EXIT["output"], "another training set than data.train", "what changed")
         assert key.split(".")[0] in line, line
     assert runner.invoke(app, ["compute-scores", "c.yaml"]).exit_code == 0
+
+
+TARGETS_MODULE = '''
+import torch
+
+
+class Rows(torch.utils.data.Dataset):
+    """Ten rows whose items give the targets (float32 or float64, [] or [2] each), with or without `targets`."""
+
+    def __init__(self, dtype, k, with_targets):
+        g = torch.Generator().manual_seed(1)
+        self.x = torch.randn(10, 3, generator=g)
+        y = (100 + 10 * torch.randn(10, *([k] if k else []), generator=g)).to(getattr(torch, dtype))
+        if with_targets:
+            self.targets = y
+        self.y = y
+
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def rows(dtype="float32", k=0, with_targets=True):
+    return Rows(dtype, k, with_targets)
+'''
+
+
+def test_target_normalize_standardizes_a_factorys_targets_read_with_its_items(tmp_path: Path, monkeypatch) -> None:
+    """A Dataset with `targets` (labels loaded at once) and one without (each item's label, as it is read): the same
+    standardized targets in the batches and in one example, float64 ones kept float64, one mean and std per column."""
+    import importlib
+
+    from influence_cli.data import load_dataset, make_loader
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "standardized_rows.py").write_text(TARGETS_MODULE)
+    for dtype in ("float32", "float64"):
+        for k, mean, std in ((0, [100.0], [10.0]), (2, [100.0, 90.0], [10.0, 5.0])):
+            y = importlib.import_module("standardized_rows").rows(dtype, k).y
+            expected = ((y.double() - torch.tensor(mean, dtype=torch.float64)) / torch.tensor(std, dtype=torch.float64)).to(y.dtype)
+            for with_targets in (True, False):
+                spec = {"source": "standardized_rows:rows", "kwargs": {"dtype": dtype, "k": k, "with_targets": with_targets},
+                        "transform": {"target_normalize": {"mean": mean, "std": std}}}  # fmt: skip
+                ds = load_dataset(spec, tmp_path)
+                assert (ds.labels is not None) == with_targets, "the factory's targets are its labels; without them, its items'"
+                _, labels, _ = next(iter(make_loader(ds, batch_size=10)))
+                assert labels.dtype == getattr(torch, dtype) and torch.equal(labels, expected), (dtype, k, with_targets)
+                assert torch.equal(ds[3][1], expected[3])
