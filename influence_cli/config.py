@@ -1367,22 +1367,15 @@ def _check_data_spec(cfg: Config, spec: DataSpec, key: str, check_files: bool) -
     t = spec.transform
     if t.scale is not None and (t.scale == 0 or not math.isfinite(t.scale)):
         problems.append(f"{key}.transform.scale: must be a finite non-zero number, got {t.scale}")
-    if t.normalize is not None:
-        n = t.normalize
+    for name, n, length in (("normalize", t.normalize, ""), ("target_normalize", t.target_normalize, " (one, or one per label column)")):
+        if n is None:
+            continue
         if len(n.mean) != len(n.std) or not n.mean:
-            problems.append(f"{key}.transform.normalize: mean and std need the same non-zero length")
+            problems.append(f"{key}.transform.{name}: mean and std need the same non-zero length{length}")
         if not all(math.isfinite(m) for m in n.mean):
-            problems.append(f"{key}.transform.normalize.mean: every mean must be a finite number")
+            problems.append(f"{key}.transform.{name}.mean: every mean must be a finite number")
         if not all(math.isfinite(s) and s > 0 for s in n.std):
-            problems.append(f"{key}.transform.normalize.std: every std must be a finite number > 0")
-    if t.target_normalize is not None:
-        n = t.target_normalize
-        if len(n.mean) != len(n.std) or not n.mean:
-            problems.append(f"{key}.transform.target_normalize: mean and std need the same non-zero length (one, or one per label column)")
-        if not all(math.isfinite(m) for m in n.mean):
-            problems.append(f"{key}.transform.target_normalize.mean: every mean must be a finite number")
-        if not all(math.isfinite(s) and s > 0 for s in n.std):
-            problems.append(f"{key}.transform.target_normalize.std: every std must be a finite number > 0, got {n.std}")
+            problems.append(f"{key}.transform.{name}.std: every std must be a finite number > 0, got {n.std}")
     if t.channels is not None and t.channels not in (1, 3):
         problems.append(f"{key}.transform.channels: must be 1 or 3 (or null), got {t.channels}")
     if t.resize is not None and (len(t.resize) != 2 or min(t.resize) <= 0):
