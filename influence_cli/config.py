@@ -161,7 +161,9 @@ class DataSpec(_Section):
         "not with `limit` (use one).",
         default=None,
     )
-    sample_seed: int | None = _help("Seed of `sample`; null = `seed`.", default=None)
+    sample_seed: int | None = _help(
+        "Seed of `sample`; null = `seed`. Set it to keep the same sample while `seed` draws other sampled-Fisher labels.", default=None
+    )
     label_noise: float = _help(
         "Share of examples whose label is replaced by a random other class of the source (among labels_in when set; "
         "classification only); 0 = none. Each example is flipped with this probability, drawn from `label_noise_seed` "
